@@ -12,12 +12,16 @@ struct Cli {
 enum Command {
     /// Acceptance policies: list, check, add, remove, new, replay, bench.
     Policy(verdict::cli::policy::PolicyArgs),
+    /// Benchmarks, measured side by side in one run (results go to BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(verdict::cli::bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(args) => verdict::cli::policy::run(args),
+        Command::Bench(cmd) => verdict::cli::bench::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
