@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
 /// verdict: speculative decoding with acceptance policies as WebAssembly components.
@@ -9,9 +11,22 @@ struct Cli {
 }
 
 #[derive(clap::Subcommand)]
-enum Command {}
+enum Command {
+    /// Generate text from a prompt with one model (no speculation); text on stdout.
+    Generate(verdict::cli::generate::Args),
+}
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    let result = match cli.command {
+        Command::Generate(args) => verdict::cli::generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain: "loading x.gguf: reading header: ...".
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

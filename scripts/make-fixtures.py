@@ -14,6 +14,14 @@ Writes (default: all three):
 
 Needs llama-cpp-python (and jinja2, which it depends on). Models are read from $VERDICT_MODELS or
 ~/.cache/verdict/models (scripts/fetch-models puts them there).
+
+On a CPU that reports AMX inside a VM, a native llama.cpp build may die with SIGILL in its AMX
+kernels (seen on a KVM Sapphire Rapids guest); build llama-cpp-python without them:
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+    -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+    -DGGML_AMX_BF16=OFF" pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+The committed fixtures were made that way (llama-cpp-python 0.3.36, 2 threads).
 """
 import json
 import os
