@@ -1,4 +1,5 @@
 //! The `verdict` command line: one file per subcommand.
 
-pub mod policy;
 pub mod bench;
+pub mod generate;
+pub mod policy;
