@@ -1,4 +1,5 @@
-//! `verdict generate`: one prompt in, generated text out, on one model without speculation.
+//! `verdict generate`: one prompt in, generated text out: autoregressive, or speculative with
+//! `--draft` and `--policy`.
 //!
 //! stdout carries only the generated text, streamed and flushed token by token; everything else
 //! (`--stats`, errors) goes to stderr, so `verdict generate ... > out.txt` captures just the text.
@@ -12,8 +13,13 @@ use clap::Args as ClapArgs;
 
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::tokenizer::Tokenizer;
-use crate::models::{Forward, Model, Rows};
-use crate::sample::{Rng64, SamplingParams, sample_logits};
+use std::sync::Arc;
+
+use crate::decide::{PolicyLimits, PolicyRegistry};
+use crate::draft::DrafterSpec;
+use crate::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Speculation};
+use crate::models::Model;
+use crate::sample::SamplingParams;
 
 /// Arguments of `verdict generate`.
 #[derive(ClapArgs, Debug, Clone)]
@@ -65,6 +71,50 @@ pub struct Args {
     /// Print one JSON line of timings and counts on stderr at the end.
     #[arg(long)]
     pub stats: bool,
+
+    /// Speculate: a draft GGUF sharing the model's tokenizer, `prompt-lookup`, or `self:N`
+    /// (the model's own first N layers).
+    #[arg(long, value_name = "PATH|prompt-lookup|self:N")]
+    pub draft: Option<String>,
+
+    /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
+    /// one registered in --policy-dir.
+    #[arg(long, default_value = "strict")]
+    pub policy: String,
+
+    /// A policy parameter override, `key=value` (repeatable).
+    #[arg(long = "policy-param", value_name = "KEY=VALUE", value_parser = parse_param)]
+    pub policy_params: Vec<(String, f64)>,
+
+    /// Tokens drafted per step (the maximum when --adaptive).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=crate::engine::MAX_K as i64))]
+    pub k: u32,
+
+    /// Adapt k per step from the acceptance history (k is then the maximum).
+    #[arg(long)]
+    pub adaptive: bool,
+
+    /// Directory of registered policies (see `verdict policy add`).
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+
+    /// Write each speculation step's features as JSON Lines (input of `verdict policy replay`).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+}
+
+fn parse_param(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))?;
+    let v: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{k}: expected a number, got {v:?}"))?;
+    if !v.is_finite() {
+        return Err(format!("{k}: expected a finite number, got {v}"));
+    }
+    Ok((k.trim().to_string(), v))
 }
 
 /// A device as named on the command line.
@@ -183,14 +233,6 @@ fn emit(out: &mut impl Write, text: &str) -> Result<bool> {
     }
 }
 
-fn logits_of(f: &Forward) -> Result<Vec<f32>> {
-    f.logits
-        .flatten_all()
-        .and_then(|t| t.to_dtype(candle_core::DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .context("reading the logits")
-}
-
 /// Runs `verdict generate`. Must be called before any other thread starts (see --threads).
 pub fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
@@ -237,8 +279,7 @@ pub fn run(args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty (0 tokens): give --prompt some text");
     }
-    let mut session = model.session();
-    let ctx = session.max_len();
+    let ctx = model.config().context_length;
     if prompt.len() >= ctx {
         bail!(
             "the prompt is {} tokens but {} has a context of {ctx} tokens: nothing is left to \
@@ -248,43 +289,91 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    let mut rng = Rng64::new(args.seed);
+    let (draft_model, drafter) = match args.draft.as_deref() {
+        None => (None, None),
+        Some(d) if d == "prompt-lookup" || d.starts_with("self:") => {
+            (None, Some(DrafterSpec::parse(d).context("--draft")?))
+        }
+        Some(d) => {
+            let m = Model::load_gguf(std::path::Path::new(d), &device)
+                .with_context(|| format!("loading the draft model {d}"))?;
+            (Some(m), Some(DrafterSpec::Model))
+        }
+    };
+    let speculating = drafter.is_some();
+    let registry = match &args.policy_dir {
+        Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())?,
+        None => PolicyRegistry::in_memory(PolicyLimits::default())?,
+    };
+    let engine = Engine::new(EngineConfig {
+        target: model,
+        draft: draft_model,
+        registry: Arc::new(registry),
+        default_policy: args.policy.clone(),
+        default_drafter: drafter,
+        default_k: args.k as usize,
+        adaptive: args.adaptive,
+    })?;
+    let trace: Option<Box<dyn Write + Send>> = match &args.trace {
+        Some(p) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--trace: cannot create {}", p.display()))?,
+        ))),
+        None => None,
+    };
+    let mut generation = engine
+        .start(GenerateRequest {
+            prompt: prompt.clone(),
+            max_tokens: args.max_tokens as usize,
+            sampling: params,
+            seed: Some(args.seed),
+            stop_tokens: if args.ignore_eos { Vec::new() } else { tok.eos_ids().to_vec() },
+            speculation: Speculation::Default,
+            policy: speculating.then(|| args.policy.clone()),
+            policy_params: args.policy_params.clone(),
+            adaptive: Some(args.adaptive),
+            trace,
+        })
+        .map_err(|e| match &e.param {
+            Some(p) => anyhow::anyhow!("{p}: {}", e.message),
+            None => anyhow::anyhow!("{}", e.message),
+        })?;
+
     let mut stdout = std::io::stdout().lock();
     let mut stream = tok.stream(true);
     let t_start = Instant::now();
-    let first = session
-        .forward(&prompt, Rows::Last)
-        .context("prompt forward")?;
-    let mut next = sample_logits(&logits_of(&first)?, &params, &mut rng);
+    let first = generation.step().context("prompt forward")?;
     let prefill_s = t_start.elapsed().as_secs_f64();
     let t_decode = Instant::now();
-    let mut generated = 0usize;
-    let mut steps = 0usize;
+    let mut pending = first;
     let mut last_newline = false;
-    let stop = loop {
-        if !args.ignore_eos && tok.is_eos(next) {
-            break Stop::Eos;
+    let stop = 'outer: loop {
+        for t in pending.drain(..) {
+            let piece = stream.push(&tok, t)?;
+            if !piece.is_empty() {
+                last_newline = piece.ends_with('\n');
+            }
+            if !emit(&mut stdout, &piece)? {
+                break 'outer Stop::Closed;
+            }
         }
-        generated += 1;
-        let piece = stream.push(&tok, next)?;
-        if !piece.is_empty() {
-            last_newline = piece.ends_with('\n');
+        match generation.finished() {
+            Some(FinishReason::Stop) => break Stop::Eos,
+            Some(FinishReason::Length) => {
+                break if generation.output().len() >= args.max_tokens as usize {
+                    Stop::MaxTokens
+                } else {
+                    Stop::Context
+                };
+            }
+            None => {}
         }
-        if !emit(&mut stdout, &piece)? {
-            break Stop::Closed;
-        }
-        if generated >= args.max_tokens as usize {
-            break Stop::MaxTokens;
-        }
-        if session.len() >= ctx {
-            break Stop::Context;
-        }
-        let f = session
-            .forward(&[next], Rows::Last)
-            .with_context(|| format!("forward at position {}", session.len()))?;
-        steps += 1;
-        next = sample_logits(&logits_of(&f)?, &params, &mut rng);
+        pending = generation
+            .step()
+            .with_context(|| format!("step at position {}", prompt.len() + generation.output().len()))?;
     };
+    let generated = generation.output().len();
+    let spec = generation.stats().clone();
+    let steps = spec.steps as usize;
     let decode_s = t_decode.elapsed().as_secs_f64();
     let seconds = t_start.elapsed().as_secs_f64();
     let mut ends_in_newline = true;
@@ -308,12 +397,20 @@ pub fn run(args: Args) -> Result<()> {
             "tokens": generated,
             "prompt_tokens": prompt.len(),
             "seconds": seconds,
-            // Decode rate: tokens after the first (one forward each) per second of decoding.
-            "tokens_per_s": if decode_s > 0.0 { steps as f64 / decode_s } else { 0.0 },
+            // Decode rate: tokens after the first per second of decoding.
+            "tokens_per_s": if decode_s > 0.0 { generated.saturating_sub(1) as f64 / decode_s } else { 0.0 },
             "prefill_s": prefill_s,
             "prefill_tokens_per_s": prompt.len() as f64 / prefill_s.max(f64::MIN_POSITIVE),
             "decode_s": decode_s,
             "decode_steps": steps,
+            "steps": spec.steps,
+            "drafted": spec.drafted,
+            "accepted": spec.accepted,
+            "tokens_per_step": spec.tokens_per_step(),
+            "accepted_per_position": spec.accepted_per_position,
+            "policy_faults": spec.policy_faults,
+            "policy": spec.policy,
+            "drafter": spec.drafter,
             "load_s": load_s,
             "stop": stop.name(),
             "device": args.device.to_string(),
