@@ -2,7 +2,11 @@
 //! identical to autoregressive; sampled output follows the target's distribution), rollback is
 //! exact, statistics add up, and bad requests are refused with the field named.
 
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::Arc;
 
 use verdict::decide::{PolicyLimits, PolicyRegistry};
@@ -332,4 +336,69 @@ fn a_draft_with_another_tokenizer_is_refused_at_load() {
     .expect("a vocabulary mismatch must be refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("290") && msg.contains("300") && msg.contains("d.gguf"), "{msg}");
+}
+
+/// A `Write` into shared memory, for capturing a trace.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_policy_that_faults_every_step_falls_back_to_strict_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let draft = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let plain = engine(target.clone(), None, None, 4);
+    let (reference, _) = run(&plain, greedy(PROMPTS[1], 30, Speculation::Off));
+    let e = engine(target, Some(draft), Some(DrafterSpec::Model), 4);
+    e.registry().register(None, &common::hostile("")).unwrap();
+    // mode 3 traps, 4 answers accepted > k, 5 a token outside the vocabulary.
+    for mode in [3.0, 4.0, 5.0] {
+        let mut req = greedy(PROMPTS[1], 30, Speculation::Default);
+        req.policy = Some("hostile".into());
+        req.policy_params = vec![("mode".into(), mode)];
+        let (out, stats) = run(&e, req);
+        assert_eq!(out, reference, "mode {mode}: the fallback must be strict");
+        assert!(stats.steps > 0);
+        assert_eq!(
+            stats.policy_faults, stats.drafted_per_position[0],
+            "mode {mode}: every step faulted and was counted: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn the_trace_replays_to_the_same_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(3, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(4, 1));
+    let e = engine(target, Some(draft), Some(DrafterSpec::Model), 5);
+    let buf = Shared::default();
+    let mut req = greedy(&[9, 8, 7], 30, Speculation::Default);
+    req.sampling.temperature = 0.7;
+    req.trace = Some(Box::new(buf.clone()));
+    let (_, stats) = run(&e, req);
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let steps = verdict::decide::trace::parse_trace(text.as_bytes(), "trace").unwrap();
+    // One line per speculative step (a final one-token step is plain: nothing left to draft).
+    assert_eq!(steps.len() as u64, stats.drafted_per_position[0], "{stats:?}");
+    let strict = e.registry().resolve("strict").unwrap();
+    let mut inst = strict.instance();
+    let mut accepted = 0u64;
+    for s in &steps {
+        assert!((s.temperature - 0.7).abs() < 1e-6);
+        let d = inst.verify(s);
+        assert!(d.fault.is_none());
+        accepted += d.verdict.accepted as u64;
+    }
+    assert_eq!(accepted, stats.accepted, "replaying strict over the trace gives the same acceptances");
 }
