@@ -789,8 +789,48 @@ fn trace_round_trip_and_replay() {
 // ---------------------------------------------------------------------------------------------
 // CLI
 
+/// The `verdict` binary of this build. Several checkouts sharing one CARGO_TARGET_DIR overwrite
+/// each other's uplifted `target/debug/verdict`; then fall back to the newest hashed copy in
+/// `deps/` that has the `policy` command.
+fn verdict_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let has_policy = |p: &Path| {
+            Command::new(p)
+                .args(["policy", "--help"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let main = PathBuf::from(env!("CARGO_BIN_EXE_verdict"));
+        if has_policy(&main) {
+            return main;
+        }
+        let deps = main.parent().expect("bin dir").join("deps");
+        let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("verdict-") && !n.contains('.'))
+            })
+            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+            .collect();
+        candidates.sort();
+        candidates
+            .into_iter()
+            .rev()
+            .map(|(_, p)| p)
+            .find(|p| has_policy(p))
+            .unwrap_or(main)
+    })
+    .clone()
+}
+
 fn verdict_cmd(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_verdict"));
+    let mut c = Command::new(verdict_bin());
     c.env("VERDICT_POLICY_DIR", dir);
     c
 }

@@ -29,6 +29,7 @@ pub struct PolicyLimits {
     /// Linear-memory cap per instance, bytes.
     pub memory_bytes: usize,
     /// Pooling allocator: instances that may be live at once (one per in-flight request).
+    /// Beyond it instantiation fails: those steps fall back to strict (`instantiate` faults).
     pub pool_instances: u32,
 }
 
