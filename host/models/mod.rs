@@ -8,9 +8,11 @@
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
 
+mod attention;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+mod requant;
 pub mod safetensors;
 pub mod testing;
 pub mod transformer;
