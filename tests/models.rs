@@ -265,13 +265,18 @@ fn quantized_tiny_models_run_and_track_f32() {
         let all = rows(&a.forward(&PROMPT, Rows::All).unwrap().logits);
         let mut b = m.session();
         let inc = one_by_one(&mut b, &PROMPT);
-        // Quantized kernels quantize the activations per row too: batched vs single agree
-        // closely but not to f32 rounding.
+        // Quantized matmuls and the attention op are row-wise with a fixed arithmetic order:
+        // batched and single-token forwards agree exactly. (F16 weights are dequantized to an
+        // f32 gemm, whose blocking depends on the row count: close, not bit-equal.)
         let mut worst = 0f32;
         for j in 0..PROMPT.len() {
             worst = worst.max(max_diff(&all[j], &inc[j]));
         }
-        assert!(worst < 1e-3, "{dtype:?}: batched vs single {worst}");
+        if dtype == GgmlDType::F16 {
+            assert!(worst < 1e-4, "{dtype:?}: batched vs single {worst}");
+        } else {
+            assert_eq!(worst, 0.0, "{dtype:?}: batched vs single");
+        }
         // The quantized model tracks the f32 one (same weights before quantization).
         let err = max_diff(&all[8], &reference[8]);
         let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -10,10 +10,12 @@
 //! - [`tokenizer`]: the GGUF's byte-level BPE tokenizer, ids equal to llama.cpp's.
 //! - [`chat`]: the GGUF's chat template, rendered as Hugging Face renders it.
 
+mod attention;
 pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+mod requant;
 pub mod safetensors;
 pub mod testing;
 pub mod tokenizer;

@@ -5,14 +5,16 @@
 //! same model are independent, so a drafter and a verifier (or several requests) share weights.
 //!
 //! Weights stay in their GGUF quantization (`QMatMul`): the CPU kernels dot quantized rows against
-//! the activations directly. GQA never copies K/V: the query heads of one group are stacked as
-//! extra rows of one matmul against their shared K/V head.
+//! the activations directly. Attention (see `attention`) reads K/V from the cache in place, with
+//! no repeat_kv copies for GQA. Every step is row-wise with a fixed arithmetic order, so a
+//! k-token forward and k single-token forwards give the same logits.
 
+use super::attention::CausalAttention;
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,11 +23,47 @@ use std::sync::Arc;
 pub(crate) struct Linear {
     pub(crate) w: QMatMul,
     pub(crate) b: Option<Tensor>,
+    /// See [`needs_row_padding`].
+    pub(crate) pad_single_row: bool,
+}
+
+/// candle runs Q6_K matrices through its compact gemv for one row but through repacked
+/// AVX2/VNNI tiles for several rows (x86, k % 256 == 0, n % 16 == 0); the two round differently.
+/// Feeding single rows as two keeps a row's result independent of the batch size, which makes a
+/// k-token verification forward agree exactly with k single-token forwards. (All other types
+/// take one kernel per type for every row count.)
+pub(crate) fn needs_row_padding(w: &QMatMul) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use candle_core::quantized::GgmlDType;
+        if let QMatMul::QTensor(t) = w
+            && t.dtype() == GgmlDType::Q6K
+            && t.device().is_cpu()
+            && let Ok((n, k)) = t.shape().dims2()
+        {
+            return n % 16 == 0
+                && k % 256 == 0
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+        }
+        false
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = w;
+        false
+    }
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = if self.pad_single_row && x.dim(0)? == 1 {
+            // Run one row as two so that it takes the same kernel as a multi-row forward.
+            let x2 = Tensor::cat(&[x, x], 0)?;
+            self.w.forward(&x2)?.narrow(0, 0, 1)?
+        } else {
+            self.w.forward(x)?
+        };
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -52,7 +90,7 @@ pub(crate) struct Weights {
     pub(crate) embed: QMatMul,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
-    pub(crate) lm_head: QMatMul,
+    pub(crate) lm_head: Linear,
     /// 1 / theta^(2i/d) for i in 0..d/2: the rotary angle per position of each pair.
     pub(crate) inv_freq: Vec<f32>,
     pub(crate) device: Device,
@@ -121,6 +159,15 @@ pub(crate) fn check_shape(src: &dyn WeightSource, name: &str, expect: &[usize]) 
     }
 }
 
+/// A weight in the form with the fastest kernel on its device (see `requant`).
+fn fast_matmul(src: &dyn WeightSource, name: &str, w: QMatMul) -> Result<QMatMul> {
+    super::requant::for_matmul(w).map_err(|e| ModelError::Tensor {
+        path: src.path().to_path_buf(),
+        tensor: name.to_string(),
+        reason: format!("re-encoding for the CPU kernels: {}", candle_msg(&e)),
+    })
+}
+
 impl Weights {
     /// Builds the weights of `cfg` from `src`, checking every shape against the config.
     pub(crate) fn build(
@@ -140,10 +187,15 @@ impl Weights {
         check_shape(src, names.embed, &[c.vocab_size, h])?;
         let embed = src.matrix(names.embed, device)?;
         let lm_head = if c.tied_embeddings {
-            embed.clone()
+            fast_matmul(src, names.embed, embed.clone())?
         } else {
             check_shape(src, names.lm_head, &[c.vocab_size, h])?;
-            src.matrix(names.lm_head, device)?
+            fast_matmul(src, names.lm_head, src.matrix(names.lm_head, device)?)?
+        };
+        let lm_head = Linear {
+            pad_single_row: needs_row_padding(&lm_head),
+            w: lm_head,
+            b: None,
         };
         check_shape(src, names.norm, &[h])?;
         let norm = src.vector(names.norm, device)?;
@@ -160,8 +212,10 @@ impl Weights {
                     }
                     _ => None,
                 };
+                let w = fast_matmul(src, &wn, src.matrix(&wn, device)?)?;
                 Ok(Linear {
-                    w: src.matrix(&wn, device)?,
+                    pad_single_row: needs_row_padding(&w),
+                    w,
                     b: bias,
                 })
             };
@@ -398,17 +452,16 @@ impl Session {
         let dev = &w.device;
         let n = tokens.len();
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let group = nh / nkv;
 
         let ids = Tensor::new(tokens, dev)?;
         let mut x = w.embed.embedding(&ids)?; // [n, hidden]
         let (cos, sin) = rope_tables(&w.inv_freq, pos, n, dev)?;
-        let mask = if n > 1 {
-            Some(causal_mask(n, pos, dev)?)
-        } else {
-            None
+        let attn = CausalAttention {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
         };
-        let scale = 1.0 / (hd as f64).sqrt();
 
         for (li, layer) in w.layers.iter().take(self.n_layers).enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
@@ -442,25 +495,7 @@ impl Session {
                 .cache
                 .append(li, &k, &v)
                 .map_err(candle_core::Error::wrap)?;
-            // The `group` query heads sharing one kv head become rows of one matmul.
-            let q = (q.reshape((nkv, group * n, hd))? * scale)?;
-            let att = q.matmul(&k_all.t()?)?; // [nkv, group*n, L]
-            let att = match &mask {
-                Some(m) => {
-                    let l = att.dim(D::Minus1)?;
-                    att.reshape((nkv, group, n, l))?
-                        .broadcast_add(m)?
-                        .reshape((nkv, group * n, l))?
-                }
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v_all)?; // [nkv, group*n, hd]
-            let y = y
-                .reshape((nh, n, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((n, nh * hd))?;
+            let y = attn.forward(&q.squeeze(0)?, &k_all, &v_all)?; // [n, nh*hd]
             x = (x + layer.o.forward(&y)?)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
@@ -501,16 +536,4 @@ fn rope_tables(
         Tensor::from_vec(cos, (n, half), dev)?,
         Tensor::from_vec(sin, (n, half), dev)?,
     ))
-}
-
-/// `[n, pos+n]`: 0 where new row i may attend key j (j <= pos + i), -inf after.
-fn causal_mask(n: usize, pos: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let l = pos + n;
-    let mut m = vec![0f32; n * l];
-    for i in 0..n {
-        for v in &mut m[i * l + pos + i + 1..(i + 1) * l] {
-            *v = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_vec(m, (n, l), dev)
 }
