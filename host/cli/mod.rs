@@ -1,1 +1,3 @@
 //! The `verdict` command line: one file per subcommand.
+
+pub mod policy;
