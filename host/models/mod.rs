@@ -1,2 +1,20 @@
 //! Models: GGUF and safetensors loading, the llama/qwen2 transformer with a truncatable KV cache,
 //! the tokenizer and chat template. Knows nothing of drafting, policies or HTTP.
+//!
+//! - [`gguf`]: open a GGUF file, read its metadata into a [`ModelConfig`], with errors that name
+//!   the file and the reason.
+//! - [`transformer`]: [`Model`] (shared, quantized weights) and [`Session`] (one sequence's KV
+//!   cache; `forward`, `truncate` for speculation rollback).
+//! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
+//! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
+
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod safetensors;
+pub mod testing;
+pub mod transformer;
+
+pub use error::{ModelError, Result};
+pub use gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
+pub use transformer::{Forward, Model, Rows, Session};

@@ -1,1 +1,345 @@
-//! (filled by its issue)
+//! Sampling: logits -> probabilities (temperature, top-k, top-p), seeded uniforms, drawing a token,
+//! and the residual distribution norm(max(0, p - q)) that speculative sampling resamples from on a
+//! rejection. Pure Rust on `&[f32]`; the same functions serve plain generation and speculation, so
+//! both draw from exactly the same distribution.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// How to turn logits into a distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy: the distribution is one-hot on the argmax.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 = no limit.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose mass reaches top_p; 1.0 = no limit.
+    pub top_p: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// Checks the ranges an API request may set; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest value (the first one on ties; NaN never wins). 0 for an empty slice.
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in xs.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Softmax of `logits / temperature` restricted by top-k and top-p, as a full-vocabulary vector
+/// (zeros outside the kept set). Temperature 0 gives a one-hot at the argmax.
+pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
+    let n = logits.len();
+    let mut p = vec![0f32; n];
+    if n == 0 {
+        return p;
+    }
+    if params.is_greedy() {
+        p[argmax(logits) as usize] = 1.0;
+        return p;
+    }
+    let inv_t = 1.0 / params.temperature;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        // All -inf (or NaN): nothing to prefer, fall back to the argmax rule.
+        p[argmax(logits) as usize] = 1.0;
+        return p;
+    }
+    let mut sum = 0f64;
+    for (pi, &l) in p.iter_mut().zip(logits) {
+        let e = ((l - max) * inv_t).exp();
+        let e = if e.is_finite() { e } else { 0.0 };
+        *pi = e;
+        sum += e as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    p.iter_mut().for_each(|x| *x *= inv);
+
+    let limit_k = params.top_k > 0 && params.top_k < n;
+    let limit_p = params.top_p < 1.0;
+    if !(limit_k || limit_p) {
+        return p;
+    }
+    // Candidate order: probability descending, then id ascending (deterministic on ties).
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let by_prob = |a: &u32, b: &u32| {
+        p[*b as usize]
+            .total_cmp(&p[*a as usize])
+            .then_with(|| a.cmp(b))
+    };
+    let keep_k = if limit_k { params.top_k } else { n };
+    if keep_k < n {
+        order.select_nth_unstable_by(keep_k - 1, by_prob);
+        order.truncate(keep_k);
+    }
+    order.sort_unstable_by(by_prob);
+    let mut kept = order.len();
+    if limit_p {
+        let mass: f64 = order.iter().map(|&i| p[i as usize] as f64).sum();
+        let target = params.top_p as f64 * mass;
+        let mut acc = 0f64;
+        for (j, &i) in order.iter().enumerate() {
+            acc += p[i as usize] as f64;
+            if acc >= target {
+                kept = j + 1;
+                break;
+            }
+        }
+    }
+    let mut out = vec![0f32; n];
+    let total: f64 = order[..kept].iter().map(|&i| p[i as usize] as f64).sum();
+    for &i in &order[..kept] {
+        out[i as usize] = (p[i as usize] as f64 / total) as f32;
+    }
+    out
+}
+
+/// Draws a token from `probs` with the uniform `u` in [0, 1): the first token whose cumulative
+/// mass exceeds `u * total` (so unnormalised inputs work too). Zero-probability tokens are
+/// never drawn; an all-zero vector gives its argmax (0).
+pub fn sample(probs: &[f32], u: f32) -> u32 {
+    let total: f64 = probs.iter().map(|&x| x.max(0.0) as f64).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return argmax(probs);
+    }
+    let target = (u.clamp(0.0, 1.0) as f64) * total;
+    let mut acc = 0f64;
+    let mut last_nonzero = 0u32;
+    for (i, &x) in probs.iter().enumerate() {
+        if x > 0.0 {
+            acc += x as f64;
+            last_nonzero = i as u32;
+            if acc > target {
+                return i as u32;
+            }
+        }
+    }
+    // Rounding left target at the very top: the last token with mass.
+    last_nonzero
+}
+
+/// The residual distribution norm(max(0, p - q)): what speculative sampling draws from after
+/// rejecting a drafted token, so that the output follows p exactly. When p <= q everywhere (no
+/// residual mass, e.g. p == q) it falls back to p.
+pub fn residual(p: &[f32], q: &[f32]) -> Vec<f32> {
+    let mut r: Vec<f32> = p
+        .iter()
+        .zip(q.iter().chain(std::iter::repeat(&0.0)))
+        .map(|(&a, &b)| (a - b).max(0.0))
+        .collect();
+    let mass: f64 = r.iter().map(|&x| x as f64).sum();
+    if mass <= 0.0 || !mass.is_finite() {
+        return p.to_vec();
+    }
+    let inv = (1.0 / mass) as f32;
+    r.iter_mut().for_each(|x| *x *= inv);
+    r
+}
+
+/// A request's random stream: ChaCha20 seeded from the request seed, so a (seed, request) pair
+/// reproduces the same tokens.
+#[derive(Debug, Clone)]
+pub struct Rng64 {
+    rng: ChaCha20Rng,
+}
+
+impl Rng64 {
+    pub fn new(seed: u64) -> Self {
+        Rng64 {
+            rng: ChaCha20Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// A uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+}
+
+/// One-call sampling: probabilities with `params`, then a draw with the next uniform from `rng`
+/// (greedy consumes no randomness).
+pub fn sample_logits(logits: &[f32], params: &SamplingParams, rng: &mut Rng64) -> u32 {
+    if params.is_greedy() {
+        return argmax(logits);
+    }
+    let p = probabilities(logits, params);
+    sample(&p, rng.uniform())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, k: usize, p: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+        }
+    }
+
+    #[test]
+    fn argmax_first_max_and_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.5, 0.1]), 1);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn greedy_is_one_hot() {
+        let p = probabilities(&[0.1, 2.0, -1.0, 1.9], &params(0.0, 0, 1.0));
+        assert_eq!(p, vec![0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn softmax_with_temperature() {
+        let logits = [0.0f32, (2.0f32).ln()];
+        let p = probabilities(&logits, &params(1.0, 0, 1.0));
+        assert!((p[0] - 1.0 / 3.0).abs() < 1e-6 && (p[1] - 2.0 / 3.0).abs() < 1e-6);
+        // T = 0.5 squares the odds: 1 : 4.
+        let p = probabilities(&logits, &params(0.5, 0, 1.0));
+        assert!(
+            (p[0] - 0.2).abs() < 1e-6 && (p[1] - 0.8).abs() < 1e-6,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn top_k_keeps_k_and_renormalises() {
+        let logits = [1.0f32, 4.0, 3.0, 2.0];
+        let p = probabilities(&logits, &params(1.0, 2, 1.0));
+        assert_eq!(p[0], 0.0);
+        assert_eq!(p[3], 0.0);
+        let e = (1.0f32).exp();
+        assert!((p[1] - e / (e + 1.0)).abs() < 1e-6, "{p:?}");
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_prefix_reaching_mass() {
+        // probabilities 0.5, 0.3, 0.2 (as logits ln p).
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let p = probabilities(&logits, &params(1.0, 0, 0.5));
+        assert_eq!(p, vec![1.0, 0.0, 0.0]);
+        let p = probabilities(&logits, &params(1.0, 0, 0.75));
+        assert!((p[0] - 0.625).abs() < 1e-6 && (p[1] - 0.375).abs() < 1e-6 && p[2] == 0.0);
+        let p = probabilities(&logits, &params(1.0, 0, 1.0));
+        assert!((p[2] - 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sample_inverts_the_cdf() {
+        let p = [0.25f32, 0.0, 0.5, 0.25];
+        assert_eq!(sample(&p, 0.0), 0);
+        assert_eq!(sample(&p, 0.2499), 0);
+        assert_eq!(sample(&p, 0.25), 2);
+        assert_eq!(sample(&p, 0.7499), 2);
+        assert_eq!(sample(&p, 0.75), 3);
+        assert_eq!(sample(&p, 0.99999), 3);
+        assert_eq!(sample(&p, 1.0), 3);
+        assert_eq!(sample(&[0.0, 0.0], 0.5), 0);
+        // unnormalised input
+        assert_eq!(sample(&[1.0, 3.0], 0.3), 1);
+    }
+
+    #[test]
+    fn residual_normalises_positive_part_and_falls_back() {
+        let p = [0.5f32, 0.3, 0.2];
+        let q = [0.2f32, 0.5, 0.3];
+        let r = residual(&p, &q);
+        assert!(
+            (r[0] - 1.0).abs() < 1e-6 && r[1] == 0.0 && r[2] == 0.0,
+            "{r:?}"
+        );
+        let q2 = [0.4f32, 0.1, 0.5];
+        let r = residual(&p, &q2);
+        // max(0, p-q) = [0.1, 0.2, 0] -> [1/3, 2/3, 0]
+        assert!((r[0] - 1.0 / 3.0).abs() < 1e-6 && (r[1] - 2.0 / 3.0).abs() < 1e-6);
+        assert_eq!(residual(&p, &p), p.to_vec());
+    }
+
+    #[test]
+    fn seeded_stream_is_reproducible_and_in_range() {
+        let mut a = Rng64::new(42);
+        let mut b = Rng64::new(42);
+        let mut c = Rng64::new(43);
+        let xs: Vec<f32> = (0..100).map(|_| a.uniform()).collect();
+        let ys: Vec<f32> = (0..100).map(|_| b.uniform()).collect();
+        let zs: Vec<f32> = (0..100).map(|_| c.uniform()).collect();
+        assert_eq!(xs, ys);
+        assert_ne!(xs, zs);
+        assert!(xs.iter().all(|&u| (0.0..1.0).contains(&u)));
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_probabilities() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let prm = params(1.0, 0, 1.0);
+        let p = probabilities(&logits, &prm);
+        let mut rng = Rng64::new(7);
+        let mut counts = [0usize; 3];
+        let n = 20_000;
+        for _ in 0..n {
+            counts[sample_logits(&logits, &prm, &mut rng) as usize] += 1;
+        }
+        for i in 0..3 {
+            let f = counts[i] as f32 / n as f32;
+            assert!((f - p[i]).abs() < 0.015, "token {i}: {f} vs {}", p[i]);
+        }
+    }
+
+    #[test]
+    fn validate_names_field() {
+        assert!(
+            params(-1.0, 0, 1.0)
+                .validate()
+                .unwrap_err()
+                .contains("temperature")
+        );
+        assert!(
+            params(1.0, 0, 0.0)
+                .validate()
+                .unwrap_err()
+                .contains("top_p")
+        );
+        assert!(params(0.7, 40, 0.9).validate().is_ok());
+    }
+}

@@ -1,0 +1,75 @@
+//! One error type for the model layer. Every variant that comes from a file names the file, so
+//! that "which of my three models is broken" never needs a debugger.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot open model file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a GGUF file: {reason}")]
+    NotGguf { path: PathBuf, reason: String },
+    #[error("{path} is truncated: {reason}")]
+    Truncated { path: PathBuf, reason: String },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path}: unknown architecture {arch:?} (general.architecture); verdict supports llama and qwen2"
+    )]
+    UnknownArch { path: PathBuf, arch: String },
+    #[error("{path}: unsupported tensor type {reason}")]
+    UnsupportedQuant { path: PathBuf, reason: String },
+    #[error("{path}: metadata key {key}: {reason}")]
+    Metadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("{path}: tensor {tensor}: {reason}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+    #[error(
+        "context overflow: {len} tokens in the session + {new} new exceed the model's context length {max}"
+    )]
+    ContextOverflow { len: usize, new: usize, max: usize },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(source: candle_core::Error) -> Self {
+        ModelError::Candle {
+            context: "tensor operation failed".into(),
+            source,
+        }
+    }
+}
+
+/// Adds a context line to candle errors (`.ctx("layer 3 attention")`).
+pub(crate) trait CandleContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| ModelError::Candle {
+            context: context(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,465 @@
+//! GGUF files: open with checks that name the file and the reason, read metadata, derive the
+//! [`ModelConfig`], read tensors.
+//!
+//! candle's `gguf_file::Content` does the parsing; this module adds the checks it lacks (magic,
+//! truncation of tensor data, which tensor type is unsupported) and typed metadata accessors.
+//! The tokenizer and chat template read `tokenizer.*` keys through [`GgufFile::content`].
+
+use super::error::{ModelError, Result};
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// The decoder families verdict runs. Both are pre-norm RMSNorm + SwiGLU + RoPE with GQA;
+/// qwen2 adds biases to q/k/v.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Arch> {
+        match s {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// How rotary embeddings pair the dimensions of a head. llama.cpp's converter permutes llama's
+/// q/k rows so that adjacent pairs rotate together (interleaved); qwen2 GGUFs and every
+/// Hugging Face checkpoint rotate the two halves of the head (neox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    Interleaved,
+    Neox,
+}
+
+/// Hyper-parameters of a decoder, read from GGUF metadata or a Hugging Face config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub tied_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub rope: RopeStyle,
+}
+
+impl ModelConfig {
+    /// Checks the relations the transformer relies on; `source` names the file for errors.
+    pub fn validate(&self, source: &Path) -> Result<()> {
+        let bad = |key: &str, reason: String| ModelError::Metadata {
+            path: source.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate", self.intermediate),
+            ("context_length", self.context_length),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(bad(k, "must be positive, got 0".into()));
+            }
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(bad(
+                "n_kv_heads",
+                format!(
+                    "{} query heads are not a multiple of {} kv heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "head_dim",
+                format!("{} is odd; rotary embeddings need pairs", self.head_dim),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(bad(
+                "rope_theta",
+                format!("{} is not positive", self.rope_theta),
+            ));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
+            return Err(bad("rms_eps", format!("{} is not positive", self.rms_eps)));
+        }
+        Ok(())
+    }
+}
+
+/// An open GGUF file: parsed header and metadata, tensor data read on demand.
+#[derive(Debug)]
+pub struct GgufFile {
+    path: PathBuf,
+    file: File,
+    file_len: u64,
+    content: gguf_file::Content,
+}
+
+/// ggml type ids that candle cannot read, by name, so the error says "IQ2_XXS" not "16".
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        4 => "Q4_2 (removed from ggml)",
+        5 => "Q4_3 (removed from ggml)",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
+const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
+
+impl GgufFile {
+    /// Opens and parses a GGUF file. Errors name the file and say what is wrong with it.
+    pub fn open(path: &Path) -> Result<GgufFile> {
+        let file = File::open(path).map_err(|source| ModelError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| ModelError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let mut head = [0u8; 8];
+        let mut r = &file;
+        if file_len < 8 {
+            return Err(ModelError::Truncated {
+                path: path.to_path_buf(),
+                reason: format!("{file_len} bytes, a GGUF header needs at least 24"),
+            });
+        }
+        r.read_exact(&mut head).map_err(|source| ModelError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if &head[..4] != b"GGUF" {
+            return Err(ModelError::NotGguf {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "bad magic {:02x?} (expected \"GGUF\" = 47 47 55 46)",
+                    &head[..4]
+                ),
+            });
+        }
+        let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if !(1..=3).contains(&version) {
+            return Err(ModelError::NotGguf {
+                path: path.to_path_buf(),
+                reason: format!("unsupported GGUF version {version} (1, 2 and 3 are known)"),
+            });
+        }
+        let mut reader = BufReader::new(&file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| classify_header_error(path, file_len, e))?;
+        let this = GgufFile {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            content,
+        };
+        this.check_tensor_extents()?;
+        Ok(this)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed header: `metadata` (all keys, including `tokenizer.ggml.*` and
+    /// `tokenizer.chat_template`) and `tensor_infos`.
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    pub fn into_content(self) -> gguf_file::Content {
+        self.content
+    }
+
+    fn check_tensor_extents(&self) -> Result<()> {
+        for (name, info) in &self.content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if !elems.is_multiple_of(block) {
+                return Err(ModelError::Tensor {
+                    path: self.path.clone(),
+                    tensor: name.clone(),
+                    reason: format!(
+                        "{elems} elements are not a whole number of {:?} blocks of {block}",
+                        info.ggml_dtype
+                    ),
+                });
+            }
+            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = self
+                .content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > self.file_len {
+                return Err(ModelError::Truncated {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor {name} ends at byte {end}, the file has only {} bytes",
+                        self.file_len
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `general.architecture`, checked against the supported families.
+    pub fn arch(&self) -> Result<Arch> {
+        let s = self.get_str("general.architecture")?;
+        Arch::parse(s).ok_or_else(|| ModelError::UnknownArch {
+            path: self.path.clone(),
+            arch: s.to_string(),
+        })
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Shape of a tensor in candle order (rows first: `[out, in]` for a weight matrix).
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        self.content.tensor_infos.get(name).map(|i| i.shape.dims())
+    }
+
+    pub fn tensor_dtype(&self, name: &str) -> Option<GgmlDType> {
+        self.content.tensor_infos.get(name).map(|i| i.ggml_dtype)
+    }
+
+    /// Reads one tensor onto `device`.
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                reason: "missing from the file".into(),
+            });
+        }
+        let mut reader = BufReader::new(&self.file);
+        self.content
+            .tensor(&mut reader, name, device)
+            .map_err(|e| ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| self.meta_err(key, "missing".into()))
+    }
+
+    fn meta_err(&self, key: &str, reason: String) -> ModelError {
+        ModelError::Metadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason,
+        }
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str> {
+        match self.meta(key)? {
+            gguf_file::Value::String(s) => Ok(s),
+            v => Err(self.meta_err(
+                key,
+                format!("expected a string, found {:?}", v.value_type()),
+            )),
+        }
+    }
+
+    /// An unsigned integer stored as any GGUF integer type.
+    pub fn get_usize(&self, key: &str) -> Result<usize> {
+        use gguf_file::Value as V;
+        let v = self.meta(key)?;
+        let n: i128 = match v {
+            V::U8(x) => *x as i128,
+            V::I8(x) => *x as i128,
+            V::U16(x) => *x as i128,
+            V::I16(x) => *x as i128,
+            V::U32(x) => *x as i128,
+            V::I32(x) => *x as i128,
+            V::U64(x) => *x as i128,
+            V::I64(x) => *x as i128,
+            other => {
+                return Err(self.meta_err(
+                    key,
+                    format!("expected an integer, found {:?}", other.value_type()),
+                ));
+            }
+        };
+        usize::try_from(n).map_err(|_| self.meta_err(key, format!("{n} is out of range")))
+    }
+
+    pub fn get_f32(&self, key: &str) -> Result<f32> {
+        use gguf_file::Value as V;
+        match self.meta(key)? {
+            V::F32(x) => Ok(*x),
+            V::F64(x) => Ok(*x as f32),
+            other => Err(self.meta_err(
+                key,
+                format!("expected a float, found {:?}", other.value_type()),
+            )),
+        }
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        if self.content.metadata.contains_key(key) {
+            self.get_usize(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Reads the decoder hyper-parameters (`{arch}.*` keys, llama.cpp's names).
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.arch()?;
+        let a = arch.name();
+        let hidden_size = self.get_usize(&format!("{a}.embedding_length"))?;
+        let n_layers = self.get_usize(&format!("{a}.block_count"))?;
+        let n_heads = self.get_usize(&format!("{a}.attention.head_count"))?;
+        let n_kv_heads = self
+            .opt_usize(&format!("{a}.attention.head_count_kv"))?
+            .unwrap_or(n_heads);
+        let intermediate = self.get_usize(&format!("{a}.feed_forward_length"))?;
+        let context_length = self.get_usize(&format!("{a}.context_length"))?;
+        let rope_key = format!("{a}.rope.freq_base");
+        let rope_theta = if self.content.metadata.contains_key(&rope_key) {
+            self.get_f32(&rope_key)?
+        } else {
+            10_000.0 // llama.cpp's default when the key is absent
+        };
+        let rms_eps = self.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?;
+        if n_heads == 0 {
+            return Err(self.meta_err(&format!("{a}.attention.head_count"), "is 0".into()));
+        }
+        let head_dim = self
+            .opt_usize(&format!("{a}.attention.key_length"))?
+            .unwrap_or(hidden_size / n_heads);
+        let embd = self
+            .tensor_shape("token_embd.weight")
+            .ok_or_else(|| ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: "token_embd.weight".into(),
+                reason: "missing from the file".into(),
+            })?;
+        let vocab_size = match self.opt_usize(&format!("{a}.vocab_size"))? {
+            Some(v) => v,
+            None => embd.first().copied().unwrap_or(0),
+        };
+        let tied_embeddings = !self.has_tensor("output.weight");
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            match self.opt_usize(key)? {
+                None => Ok(None),
+                Some(v) => u32::try_from(v)
+                    .map(Some)
+                    .map_err(|_| self.meta_err(key, format!("{v} does not fit in u32"))),
+            }
+        };
+        let cfg = ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            intermediate,
+            rope_theta,
+            rms_eps,
+            context_length,
+            tied_embeddings,
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
+            rope: match arch {
+                Arch::Llama => RopeStyle::Interleaved,
+                Arch::Qwen2 => RopeStyle::Neox,
+            },
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+}
+
+/// Turns candle's header parse errors into the variants users can act on.
+fn classify_header_error(path: &Path, file_len: u64, e: candle_core::Error) -> ModelError {
+    let msg = e.to_string();
+    let path = path.to_path_buf();
+    if let Some(rest) = msg.split("unknown dtype for tensor ").nth(1) {
+        let id: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let name = id.parse().map(ggml_type_name).unwrap_or("unknown");
+        return ModelError::UnsupportedQuant {
+            path,
+            reason: format!("ggml type {id} ({name}); supported: {SUPPORTED_TYPES}"),
+        };
+    }
+    let truncated = msg.contains("failed to fill whole buffer")
+        || msg.contains("exceeds remaining")
+        || msg.contains("remaining");
+    if truncated {
+        ModelError::Truncated {
+            path,
+            reason: format!("the header ends early ({file_len} bytes): {msg}"),
+        }
+    } else {
+        ModelError::Corrupt {
+            path,
+            reason: format!("cannot parse the header: {msg}"),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Hugging Face checkpoints: `config.json` + `*.safetensors` with llama / qwen2 tensor names.
+//! Weights are held as f32 (this path serves tests and unquantized checkpoints; GGUF is the
+//! production path).
+
+use super::error::{ModelError, Result};
+use super::gguf::{Arch, ModelConfig, RopeStyle};
+use super::transformer::{Names, WeightSource, Weights};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+struct StSource {
+    dir: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl WeightSource for StSource {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn matrix(&self, name: &str, device: &Device) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(self.vector(name, device)?))
+    }
+    fn vector(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| ModelError::Tensor {
+            path: self.dir.clone(),
+            tensor: name.to_string(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.to_device(device))
+            .map_err(|e| ModelError::Tensor {
+                path: self.dir.clone(),
+                tensor: name.to_string(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// GGUF-style layer names (as used by `Weights::build`) -> Hugging Face names.
+pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
+    let p = format!("model.layers.{i}");
+    let (base, suffix) = match s.strip_suffix(".bias") {
+        Some(b) => (b, "bias"),
+        None => (s, "weight"),
+    };
+    let hf = match base {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        other => other,
+    };
+    format!("{p}.{hf}.{suffix}")
+}
+
+fn config_from_json(path: &Path, v: &Value, has_lm_head: bool) -> Result<ModelConfig> {
+    let err = |key: &str, reason: String| ModelError::Metadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        reason,
+    };
+    let uint = |key: &str| -> Result<usize> {
+        let x = v.get(key).ok_or_else(|| err(key, "missing".into()))?;
+        x.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| err(key, format!("expected a non-negative integer, found {x}")))
+    };
+    let opt_uint = |key: &str| -> Result<Option<usize>> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => uint(key).map(Some),
+        }
+    };
+    let float = |key: &str, default: f64| -> Result<f32> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(default as f32),
+            Some(x) => x
+                .as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| err(key, format!("expected a number, found {x}"))),
+        }
+    };
+    // eos_token_id may be one id or a list (first is the primary).
+    let token = |key: &str| -> Result<Option<u32>> {
+        let x = match v.get(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(a)) => match a.first() {
+                Some(x) => x,
+                None => return Ok(None),
+            },
+            Some(x) => x,
+        };
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| err(key, format!("expected a token id, found {x}")))
+    };
+    let model_type = v
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err("model_type", "missing or not a string".into()))?;
+    let arch = Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {
+        path: path.to_path_buf(),
+        arch: model_type.to_string(),
+    })?;
+    let hidden_size = uint("hidden_size")?;
+    let n_heads = uint("num_attention_heads")?;
+    if n_heads == 0 {
+        return Err(err("num_attention_heads", "is 0".into()));
+    }
+    let tie = v
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let cfg = ModelConfig {
+        arch,
+        vocab_size: uint("vocab_size")?,
+        hidden_size,
+        n_layers: uint("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads: opt_uint("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim: opt_uint("head_dim")?.unwrap_or(hidden_size / n_heads),
+        intermediate: uint("intermediate_size")?,
+        rope_theta: float("rope_theta", 10_000.0)?,
+        rms_eps: float("rms_norm_eps", 1e-6)?,
+        context_length: uint("max_position_embeddings")?,
+        tied_embeddings: tie || !has_lm_head,
+        bos_token_id: token("bos_token_id")?,
+        eos_token_id: token("eos_token_id")?,
+        rope: RopeStyle::Neox,
+    };
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Open {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
+        path: cfg_path.clone(),
+        reason: format!("invalid JSON: {e}"),
+    })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Open {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Open {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no *.safetensors files in the directory",
+            ),
+        });
+    }
+    let mut tensors = HashMap::new();
+    for f in &files {
+        let part =
+            candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::Corrupt {
+                path: f.clone(),
+                reason: format!("cannot read safetensors: {e}"),
+            })?;
+        tensors.extend(part);
+    }
+    let cfg = config_from_json(&cfg_path, &json, tensors.contains_key("lm_head.weight"))?;
+    let src = StSource {
+        dir: dir.to_path_buf(),
+        tensors,
+    };
+    let names = Names {
+        embed: "model.embed_tokens.weight",
+        norm: "model.norm.weight",
+        lm_head: "lm_head.weight",
+        layer: hf_layer_name,
+    };
+    Weights::build(cfg, &src, &names, device, None)
+}

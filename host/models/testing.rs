@@ -1,0 +1,389 @@
+//! Tiny random models for tests and benches: a GGUF with every key llama.cpp expects (including a
+//! small byte-level BPE tokenizer and a ChatML template), and the same weights as a Hugging Face
+//! safetensors checkpoint.
+//!
+//! Weights are drawn from a seeded ChaCha RNG, so one [`TinySpec`] always gives the same model.
+//! Magnitudes are scaled by 1/sqrt(fan_in) so activations stay O(1) through the layers.
+
+use super::error::{ModelError, Result};
+use super::gguf::Arch;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Shape and storage of a tiny model.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub arch: Arch,
+    /// Total token count: 256 byte tokens + merges + 3 specials. Between
+    /// [`TinySpec::MIN_VOCAB`] and [`TinySpec::MAX_VOCAB`].
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    /// Storage type of every matrix (norms and biases are always F32, as in llama.cpp files).
+    /// K-quants need `hidden`, `intermediate` multiples of 256; Q4_0/Q8_0 ... multiples of 32.
+    pub dtype: GgmlDType,
+    pub seed: u64,
+    pub context_length: usize,
+    /// No `output.weight`: the lm_head reuses the token embedding.
+    pub tied: bool,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            arch: Arch::Qwen2,
+            vocab: 320,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 128,
+            dtype: GgmlDType::F32,
+            seed: 0,
+            context_length: 256,
+            tied: false,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-6,
+        }
+    }
+}
+
+/// Special tokens of the tiny tokenizer, in id order after the merges.
+pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// ChatML, as Qwen2.5 ships it minus the tool-calling branches.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Merges every tiny tokenizer starts with (each uses only tokens that exist before it).
+const BASE_MERGES: [(&str, &str); 12] = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    ("Ġ", "s"),
+    ("r", "e"),
+    ("Ċ", "Ċ"),
+    ("Ġ", "Ġ"),
+    ("ĠĠ", "ĠĠ"),
+];
+
+impl TinySpec {
+    pub const MIN_VOCAB: usize = 256 + BASE_MERGES.len() + SPECIALS.len();
+    pub const MAX_VOCAB: usize = Self::MIN_VOCAB + 26 * 26 - 4;
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads.max(1)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Invalid(format!("TinySpec: {m}")));
+        if !(Self::MIN_VOCAB..=Self::MAX_VOCAB).contains(&self.vocab) {
+            return bad(format!(
+                "vocab {} outside {}..={}",
+                self.vocab,
+                Self::MIN_VOCAB,
+                Self::MAX_VOCAB
+            ));
+        }
+        if self.heads == 0 || self.kv_heads == 0 || self.layers == 0 {
+            return bad("heads, kv_heads and layers must be positive".into());
+        }
+        if !self.hidden.is_multiple_of(self.heads) || !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "hidden {} / heads {} / kv_heads {} do not divide",
+                self.hidden, self.heads, self.kv_heads
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return bad(format!("head_dim {} is odd", self.head_dim()));
+        }
+        let block = self.dtype.block_size();
+        if !self.hidden.is_multiple_of(block) || !self.intermediate.is_multiple_of(block) {
+            return bad(format!(
+                "{:?} needs hidden ({}) and intermediate ({}) to be multiples of {block}",
+                self.dtype, self.hidden, self.intermediate
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// GPT-2's byte -> printable char map: printable Latin-1 bytes map to themselves, the rest to
+/// U+0100 upwards. Returned in GPT-2's vocabulary order (token id = index).
+pub fn byte_level_alphabet() -> Vec<(u8, char)> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut out: Vec<(u8, char)> = bs
+        .iter()
+        .filter_map(|&b| Some((b as u8, char::from_u32(b)?)))
+        .collect();
+    let mut n = 0u32;
+    for b in 0u32..256 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            if let Some(c) = char::from_u32(256 + n) {
+                out.push((b as u8, c));
+            }
+            n += 1;
+        }
+    }
+    out
+}
+
+/// The tiny tokenizer: tokens (in id order), their types, and merges ("a b").
+pub fn tiny_vocab(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
+    let mut tokens: Vec<String> = byte_level_alphabet()
+        .into_iter()
+        .map(|(_, c)| c.to_string())
+        .collect();
+    let mut merges: Vec<String> = Vec::new();
+    let n_merges = vocab.saturating_sub(256 + SPECIALS.len());
+    let push = |a: &str, b: &str, tokens: &mut Vec<String>, merges: &mut Vec<String>| {
+        let t = format!("{a}{b}");
+        if merges.len() < n_merges && !tokens.contains(&t) {
+            merges.push(format!("{a} {b}"));
+            tokens.push(t);
+        }
+    };
+    for (a, b) in BASE_MERGES {
+        push(a, b, &mut tokens, &mut merges);
+    }
+    for a in 'a'..='z' {
+        for b in 'a'..='z' {
+            push(&a.to_string(), &b.to_string(), &mut tokens, &mut merges);
+        }
+    }
+    let mut types = vec![1i32; tokens.len()];
+    for s in SPECIALS {
+        tokens.push(s.to_string());
+        types.push(3);
+    }
+    (tokens, types, merges)
+}
+
+/// Random f32 weights in Hugging Face layout, keyed by GGUF tensor name.
+/// Each tensor has its own stream (seed, name), so models that differ only in layer count share
+/// the weights they have in common.
+fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
+    let stream = |name: &str| {
+        // FNV-1a of the name, mixed with the seed.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        ChaCha8Rng::seed_from_u64(h ^ spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    };
+    // A matrix with uniform(-a, a) entries, variance 1/cols.
+    let mat = |name: String, rows: usize, cols: usize| -> Result<(String, Tensor)> {
+        let rng = &mut stream(&name);
+        let a = (3.0 / cols as f32).sqrt();
+        let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+        Ok((name, Tensor::from_vec(data, (rows, cols), &Device::Cpu)?))
+    };
+    // A vector of center +- spread (norm weights near 1, biases near 0).
+    let vector = |name: String, center: f32, spread: f32, n: usize| -> Result<(String, Tensor)> {
+        let rng = &mut stream(&name);
+        let data: Vec<f32> = (0..n)
+            .map(|_| center + rng.random_range(-spread..spread))
+            .collect();
+        Ok((name, Tensor::from_vec(data, n, &Device::Cpu)?))
+    };
+    let hd = spec.head_dim();
+    let (h, q_out, kv_out) = (spec.hidden, spec.heads * hd, spec.kv_heads * hd);
+    let mut out = vec![mat("token_embd.weight".into(), spec.vocab, h)?];
+    for i in 0..spec.layers {
+        let b = format!("blk.{i}");
+        out.push(vector(format!("{b}.attn_norm.weight"), 1.0, 0.2, h)?);
+        out.push(mat(format!("{b}.attn_q.weight"), q_out, h)?);
+        out.push(mat(format!("{b}.attn_k.weight"), kv_out, h)?);
+        out.push(mat(format!("{b}.attn_v.weight"), kv_out, h)?);
+        if spec.arch == Arch::Qwen2 {
+            out.push(vector(format!("{b}.attn_q.bias"), 0.0, 0.5, q_out)?);
+            out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
+            out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
+        }
+        out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
+        out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
+        out.push(mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?);
+        out.push(mat(format!("{b}.ffn_up.weight"), spec.intermediate, h)?);
+        out.push(mat(format!("{b}.ffn_down.weight"), h, spec.intermediate)?);
+    }
+    out.push(vector("output_norm.weight".into(), 1.0, 0.2, h)?);
+    if !spec.tied {
+        out.push(mat("output.weight".into(), spec.vocab, h)?);
+    }
+    Ok(out)
+}
+
+/// HF q/k rows -> llama.cpp's order for llama (adjacent pairs rotate together): within each
+/// head, row `j * d/2 + i` moves to `2 i + j`.
+fn permute_for_interleaved(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let d = rows / heads;
+    t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+/// Writes a random-weight GGUF for `spec` at `path`, with llama.cpp's metadata keys and the tiny
+/// tokenizer (`tokenizer.ggml.model = "gpt2"`, `pre = "qwen2"`, ChatML template).
+pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
+    spec.check()?;
+    let a = spec.arch.name();
+    let (tokens, types, merges) = tiny_vocab(spec.vocab);
+    let id = |s: &str| tokens.iter().position(|t| t == s).unwrap_or(0) as u32;
+    let (eot, im_end) = (id("<|endoftext|>"), id("<|im_end|>"));
+    use gguf_file::Value as V;
+    let strs = |v: &[String]| V::Array(v.iter().map(|s| V::String(s.clone())).collect());
+    let meta: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(a.into())),
+        (
+            "general.name".into(),
+            V::String(format!("verdict-tiny-{a}")),
+        ),
+        ("general.alignment".into(), V::U32(32)),
+        (
+            format!("{a}.context_length"),
+            V::U32(spec.context_length as u32),
+        ),
+        (format!("{a}.embedding_length"), V::U32(spec.hidden as u32)),
+        (format!("{a}.block_count"), V::U32(spec.layers as u32)),
+        (
+            format!("{a}.feed_forward_length"),
+            V::U32(spec.intermediate as u32),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            V::U32(spec.heads as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            V::U32(spec.kv_heads as u32),
+        ),
+        (format!("{a}.rope.freq_base"), V::F32(spec.rope_theta)),
+        (
+            format!("{a}.rope.dimension_count"),
+            V::U32(spec.head_dim() as u32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            V::F32(spec.rms_eps),
+        ),
+        (format!("{a}.vocab_size"), V::U32(spec.vocab as u32)),
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), V::String("qwen2".into())),
+        ("tokenizer.ggml.tokens".into(), strs(&tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(types.iter().map(|&t| V::I32(t)).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), strs(&merges)),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(eot)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(im_end)),
+        ("tokenizer.ggml.padding_token_id".into(), V::U32(eot)),
+        ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
+        (
+            "tokenizer.chat_template".into(),
+            V::String(CHATML_TEMPLATE.into()),
+        ),
+    ];
+    let mut qts: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in tiny_weights(spec)? {
+        let t = if spec.arch == Arch::Llama && name.ends_with("attn_q.weight") {
+            permute_for_interleaved(&t, spec.heads)?
+        } else if spec.arch == Arch::Llama && name.ends_with("attn_k.weight") {
+            permute_for_interleaved(&t, spec.kv_heads)?
+        } else {
+            t
+        };
+        let dtype = if t.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            spec.dtype
+        };
+        let q = QTensor::quantize(&t, dtype).map_err(|e| ModelError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            reason: format!("cannot quantize to {dtype:?}: {e}"),
+        })?;
+        qts.push((name, q));
+    }
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).map_err(|source| ModelError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    gguf_file::write(&mut f, &meta_refs, &t_refs).map_err(|e| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("writing GGUF failed: {e}"),
+    })
+}
+
+/// Writes the same f32 weights as [`write_tiny_gguf`] (before quantization) as a Hugging Face
+/// checkpoint: `dir/config.json` + `dir/model.safetensors`.
+pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
+    spec.check()?;
+    let io = |source| ModelError::Open {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in tiny_weights(spec)? {
+        let hf = match name.as_str() {
+            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+            "output_norm.weight" => "model.norm.weight".to_string(),
+            "output.weight" => "lm_head.weight".to_string(),
+            n => {
+                let rest = n.strip_prefix("blk.").unwrap_or(n);
+                let (i, s) = rest.split_once('.').unwrap_or(("0", rest));
+                let i: usize = i.parse().unwrap_or(0);
+                let s = s.strip_suffix(".weight").unwrap_or(s);
+                super::safetensors::hf_layer_name(i, s)
+            }
+        };
+        map.insert(hf, t);
+    }
+    let (tokens, _, _) = tiny_vocab(spec.vocab);
+    let id = |s: &str| tokens.iter().position(|t| t == s).unwrap_or(0);
+    let config = serde_json::json!({
+        "architectures": [match spec.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+        "model_type": spec.arch.name(),
+        "vocab_size": spec.vocab,
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "intermediate_size": spec.intermediate,
+        "rope_theta": spec.rope_theta,
+        "rms_norm_eps": spec.rms_eps,
+        "max_position_embeddings": spec.context_length,
+        "tie_word_embeddings": spec.tied,
+        "bos_token_id": id("<|endoftext|>"),
+        "eos_token_id": id("<|im_end|>"),
+        "torch_dtype": "float32",
+    });
+    let cfg_text = serde_json::to_string_pretty(&config)
+        .map_err(|e| ModelError::Invalid(format!("config.json: {e}")))?;
+    std::fs::write(dir.join("config.json"), cfg_text).map_err(io)?;
+    let st = dir.join("model.safetensors");
+    candle_core::safetensors::save(&map, &st).map_err(|e| ModelError::Corrupt {
+        path: st.clone(),
+        reason: format!("writing safetensors failed: {e}"),
+    })
+}

@@ -1,0 +1,427 @@
+//! The model layer on tiny random models written by the tests themselves: batched vs incremental
+//! forwards, KV rollback, layer-skip sessions, GGUF vs safetensors, and every bad-input error.
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use std::path::Path;
+use verdict::models::testing::{TinySpec, write_tiny_gguf, write_tiny_safetensors};
+use verdict::models::{Arch, Model, ModelError, Rows, Session};
+
+fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().expect("logits are a 2-D f32 tensor")
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn tiny(dir: &Path, spec: &TinySpec) -> Model {
+    let p = dir.join(format!("tiny-{:?}-{}.gguf", spec.arch, spec.seed));
+    write_tiny_gguf(&p, spec).expect("write tiny gguf");
+    Model::load_gguf(&p, &Device::Cpu).expect("load tiny gguf")
+}
+
+/// Logits of each token fed one at a time.
+fn one_by_one(s: &mut Session, toks: &[u32]) -> Vec<Vec<f32>> {
+    toks.iter()
+        .map(|&t| rows(&s.forward(&[t], Rows::Last).expect("forward").logits).remove(0))
+        .collect()
+}
+
+const PROMPT: [u32; 9] = [5, 17, 250, 3, 99, 260, 7, 1, 42];
+
+#[test]
+fn batched_forward_equals_single_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Arch::Qwen2, Arch::Llama] {
+        let m = tiny(
+            dir.path(),
+            &TinySpec {
+                arch,
+                ..TinySpec::default()
+            },
+        );
+        let mut a = m.session();
+        let all = a.forward(&PROMPT, Rows::All).unwrap();
+        assert_eq!(all.logits.dims(), &[PROMPT.len(), 320]);
+        assert_eq!(all.hidden.dims(), &[PROMPT.len(), 64]);
+        let mut b = m.session();
+        let singles = one_by_one(&mut b, &PROMPT);
+        for (i, (x, y)) in rows(&all.logits).iter().zip(&singles).enumerate() {
+            let d = max_diff(x, y);
+            assert!(d < 1e-4, "{arch:?} position {i}: max diff {d}");
+        }
+        // Rows::Last equals the last row of Rows::All, for logits and hidden.
+        let mut c = m.session();
+        let last = c.forward(&PROMPT, Rows::Last).unwrap();
+        assert_eq!(last.logits.dims(), &[1, 320]);
+        let d = max_diff(&rows(&last.logits)[0], &rows(&all.logits)[PROMPT.len() - 1]);
+        assert!(d < 1e-5, "{d}");
+        let d = max_diff(&rows(&last.hidden)[0], &rows(&all.hidden)[PROMPT.len() - 1]);
+        assert!(d < 1e-5, "{d}");
+        assert_eq!(a.len(), PROMPT.len());
+        // The logits depend on the context (not a constant function of the token).
+        let d = max_diff(&singles[0], &singles[1]);
+        assert!(d > 1e-2, "logits do not vary with input: {d}");
+    }
+}
+
+#[test]
+fn truncate_then_reforward_equals_fresh_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path(), &TinySpec::default());
+    let mut s = m.session();
+    s.forward(&PROMPT[..5], Rows::Last).unwrap();
+    // Speculate 4 tokens, reject all but one, then continue differently.
+    s.forward(&[100, 101, 102, 103], Rows::All).unwrap();
+    s.truncate(6).unwrap();
+    assert_eq!(s.len(), 6);
+    let got = s.forward(&[200, 201], Rows::All).unwrap();
+
+    let mut fresh = m.session();
+    let want = fresh
+        .forward(
+            &[
+                PROMPT[0], PROMPT[1], PROMPT[2], PROMPT[3], PROMPT[4], 100, 200, 201,
+            ],
+            Rows::All,
+        )
+        .unwrap();
+    let (g, w) = (rows(&got.logits), rows(&want.logits));
+    for i in 0..2 {
+        let d = max_diff(&g[i], &w[6 + i]);
+        assert!(d < 1e-4, "row {i}: {d}");
+    }
+    // A fork is independent: continuing it does not disturb the original.
+    let mut f = s.fork().unwrap();
+    let fa = f.forward(&[7], Rows::Last).unwrap();
+    let sa = s.forward(&[9], Rows::Last).unwrap();
+    let mut fresh_f = m.session();
+    let mut ctx = vec![
+        PROMPT[0], PROMPT[1], PROMPT[2], PROMPT[3], PROMPT[4], 100, 200, 201, 7,
+    ];
+    let want_f = fresh_f.forward(&ctx, Rows::Last).unwrap();
+    assert!(max_diff(&rows(&fa.logits)[0], &rows(&want_f.logits)[0]) < 1e-4);
+    *ctx.last_mut().unwrap() = 9;
+    let want_s = m.session().forward(&ctx, Rows::Last).unwrap();
+    assert!(max_diff(&rows(&sa.logits)[0], &rows(&want_s.logits)[0]) < 1e-4);
+    s.truncate(8).unwrap();
+
+    let err = s.truncate(100).unwrap_err().to_string();
+    assert!(err.contains("100") && err.contains("holds only 8"), "{err}");
+}
+
+#[test]
+fn kv_cache_grows_past_its_first_chunk() {
+    // 300 positions cross the 256-position growth chunk; incremental after growth == batched.
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(
+        dir.path(),
+        &TinySpec {
+            context_length: 512,
+            layers: 1,
+            ..TinySpec::default()
+        },
+    );
+    let toks: Vec<u32> = (0..300u32).map(|i| (i * 7 + 3) % 320).collect();
+    let mut a = m.session();
+    a.forward(&toks[..250], Rows::Last).unwrap();
+    let inc = one_by_one(&mut a, &toks[250..]);
+    let mut b = m.session();
+    let all = rows(&b.forward(&toks, Rows::All).unwrap().logits);
+    for (i, r) in inc.iter().enumerate() {
+        let d = max_diff(r, &all[250 + i]);
+        assert!(d < 1e-4, "position {}: {d}", 250 + i);
+    }
+}
+
+#[test]
+fn session_layers_skips_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        layers: 3,
+        ..TinySpec::default()
+    };
+    let m = tiny(dir.path(), &spec);
+    let full = rows(&m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    let all3 = rows(
+        &m.session_layers(3)
+            .unwrap()
+            .forward(&PROMPT, Rows::All)
+            .unwrap()
+            .logits,
+    );
+    for i in 0..PROMPT.len() {
+        assert_eq!(full[i], all3[i]);
+    }
+    let mut s1 = m.session_layers(1).unwrap();
+    assert_eq!(s1.n_layers(), 1);
+    let one = rows(&s1.forward(&PROMPT, Rows::All).unwrap().logits);
+    assert!(
+        max_diff(&one[8], &full[8]) > 1e-2,
+        "1 layer should differ from 3"
+    );
+
+    // Weights are drawn per tensor name, so a 1-layer model of the same seed has the same
+    // embedding, layer 0, final norm and lm_head: session_layers(1) must equal its full forward.
+    let one_layer = tiny(
+        &dir.path().join("one"),
+        &TinySpec {
+            layers: 1,
+            ..spec.clone()
+        },
+    );
+    let want = rows(
+        &one_layer
+            .session()
+            .forward(&PROMPT, Rows::All)
+            .unwrap()
+            .logits,
+    );
+    for i in 0..PROMPT.len() {
+        assert!(max_diff(&one[i], &want[i]) < 1e-5, "position {i}");
+    }
+    let mut s1b = m.session_layers(1).unwrap();
+    let inc = one_by_one(&mut s1b, &PROMPT);
+    for i in 0..PROMPT.len() {
+        assert!(max_diff(&one[i], &inc[i]) < 1e-4);
+    }
+    for bad in [0, 4] {
+        let e = m.session_layers(bad).unwrap_err().to_string();
+        assert!(e.contains("3 layers"), "{e}");
+    }
+}
+
+#[test]
+fn safetensors_matches_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, tied) in [(Arch::Qwen2, false), (Arch::Llama, true)] {
+        let spec = TinySpec {
+            arch,
+            tied,
+            seed: 3,
+            ..TinySpec::default()
+        };
+        let g = tiny(dir.path(), &spec);
+        let st_dir = dir.path().join(format!("hf-{arch:?}"));
+        write_tiny_safetensors(&st_dir, &spec).unwrap();
+        let s = Model::load_safetensors(&st_dir, &Device::Cpu).unwrap();
+        assert_eq!(g.config().tied_embeddings, tied);
+        assert_eq!(s.config().tied_embeddings, tied);
+        assert_eq!(g.config().vocab_size, s.config().vocab_size);
+        assert!(s.gguf_metadata().is_none() && g.gguf_metadata().is_some());
+        let a = rows(&g.session().forward(&PROMPT, Rows::All).unwrap().logits);
+        let b = rows(&s.session().forward(&PROMPT, Rows::All).unwrap().logits);
+        for i in 0..PROMPT.len() {
+            let d = max_diff(&a[i], &b[i]);
+            assert!(d < 1e-4, "{arch:?} position {i}: {d}");
+        }
+    }
+}
+
+#[test]
+fn quantized_tiny_models_run_and_track_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = TinySpec {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 256,
+        layers: 2,
+        seed: 11,
+        ..TinySpec::default()
+    };
+    let f32m = tiny(dir.path(), &base);
+    let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    for (i, dtype) in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_K,
+        GgmlDType::Q6K,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::F16,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = dir.path().join(format!("q{i}.gguf"));
+        write_tiny_gguf(
+            &p,
+            &TinySpec {
+                dtype,
+                ..base.clone()
+            },
+        )
+        .unwrap();
+        let m = Model::load_gguf(&p, &Device::Cpu).unwrap();
+        let mut a = m.session();
+        let all = rows(&a.forward(&PROMPT, Rows::All).unwrap().logits);
+        let mut b = m.session();
+        let inc = one_by_one(&mut b, &PROMPT);
+        // Quantized kernels quantize the activations per row too: batched vs single agree
+        // closely but not to f32 rounding.
+        let mut worst = 0f32;
+        for j in 0..PROMPT.len() {
+            worst = worst.max(max_diff(&all[j], &inc[j]));
+        }
+        assert!(worst < 1e-3, "{dtype:?}: batched vs single {worst}");
+        // The quantized model tracks the f32 one (same weights before quantization).
+        let err = max_diff(&all[8], &reference[8]);
+        let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(err < 0.25 * scale, "{dtype:?}: {err} vs scale {scale}");
+    }
+}
+
+fn expect_err(r: Result<Model, ModelError>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_files_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_tiny_gguf(&good, &TinySpec::default()).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+
+    // missing
+    let missing = dir.path().join("nope.gguf");
+    let e = expect_err(Model::load_gguf(&missing, &Device::Cpu));
+    assert!(e.contains("nope.gguf") && e.contains("cannot open"), "{e}");
+
+    // truncated in the tensor data
+    let trunc = dir.path().join("trunc.gguf");
+    std::fs::write(&trunc, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = expect_err(Model::load_gguf(&trunc, &Device::Cpu));
+    assert!(e.contains("trunc.gguf") && e.contains("truncated"), "{e}");
+
+    // truncated in the header
+    let trunc2 = dir.path().join("trunc2.gguf");
+    std::fs::write(&trunc2, &bytes[..200]).unwrap();
+    let e = expect_err(Model::load_gguf(&trunc2, &Device::Cpu));
+    assert!(e.contains("trunc2.gguf") && e.contains("truncated"), "{e}");
+
+    // corrupt magic
+    let mut b = bytes.clone();
+    b[..4].copy_from_slice(b"GGML");
+    let bad = dir.path().join("magic.gguf");
+    std::fs::write(&bad, &b).unwrap();
+    let e = expect_err(Model::load_gguf(&bad, &Device::Cpu));
+    assert!(
+        e.contains("magic.gguf") && e.contains("not a GGUF file") && e.contains("magic"),
+        "{e}"
+    );
+
+    // unknown architecture: same length string so offsets stay valid
+    let arch = dir.path().join("arch.gguf");
+    let pos = find(&bytes, b"qwen2").expect("arch string in file");
+    let mut b = bytes.clone();
+    b[pos..pos + 5].copy_from_slice(b"mamba");
+    std::fs::write(&arch, &b).unwrap();
+    let e = expect_err(Model::load_gguf(&arch, &Device::Cpu));
+    assert!(
+        e.contains("arch.gguf") && e.contains("unknown architecture") && e.contains("mamba"),
+        "{e}"
+    );
+
+    // unsupported quant type: patch the first tensor's ggml type (F32 = 0) to IQ2_XXS = 16.
+    let quant = dir.path().join("quant.gguf");
+    let mut b = bytes.clone();
+    let name = b"token_embd.weight";
+    let pos = find(&b, name).expect("tensor name in header") + name.len();
+    // n_dims (u32) + 2 dims (u64 each), then the type (u32)
+    let tpos = pos + 4 + 16;
+    assert_eq!(&b[tpos..tpos + 4], &[0, 0, 0, 0]);
+    b[tpos] = 16;
+    std::fs::write(&quant, &b).unwrap();
+    let e = expect_err(Model::load_gguf(&quant, &Device::Cpu));
+    assert!(
+        e.contains("quant.gguf") && e.contains("IQ2_XXS") && e.contains("unsupported"),
+        "{e}"
+    );
+
+    // not a file at all
+    let e = expect_err(Model::load_gguf(dir.path(), &Device::Cpu));
+    assert!(e.contains(&dir.path().display().to_string()), "{e}");
+
+    // safetensors directory without config.json
+    let e = expect_err(Model::load_safetensors(dir.path(), &Device::Cpu));
+    assert!(e.contains("config.json"), "{e}");
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn context_overflow_and_bad_tokens_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(
+        dir.path(),
+        &TinySpec {
+            context_length: 16,
+            ..TinySpec::default()
+        },
+    );
+    let mut s = m.session();
+    assert_eq!(s.max_len(), 16);
+    let long: Vec<u32> = (0..17).collect();
+    let e = s.forward(&long, Rows::Last).unwrap_err().to_string();
+    assert!(e.contains("context") && e.contains("16"), "{e}");
+    assert_eq!(s.len(), 0, "a failed forward leaves the session unchanged");
+    s.forward(&long[..10], Rows::Last).unwrap();
+    let e = s.forward(&long[..7], Rows::Last).unwrap_err().to_string();
+    assert!(e.contains("10 tokens") && e.contains("7 new"), "{e}");
+    s.forward(&long[..6], Rows::Last).unwrap();
+    assert_eq!(s.len(), 16);
+    let e = s.forward(&[1], Rows::Last).unwrap_err().to_string();
+    assert!(e.contains("context"), "{e}");
+    let e = m
+        .session()
+        .forward(&[320], Rows::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("320") && e.contains("out of range"), "{e}");
+    let e = m
+        .session()
+        .forward(&[], Rows::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("zero tokens"), "{e}");
+}
+
+#[test]
+fn tiny_gguf_carries_tokenizer_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path(), &TinySpec::default());
+    let meta = &m.gguf_metadata().unwrap().metadata;
+    let tokens = meta["tokenizer.ggml.tokens"].to_vec().unwrap();
+    assert_eq!(tokens.len(), m.config().vocab_size);
+    assert_eq!(tokens[0].to_string().unwrap(), "!");
+    assert_eq!(tokens[319].to_string().unwrap(), "<|im_end|>");
+    assert_eq!(meta["tokenizer.ggml.model"].to_string().unwrap(), "gpt2");
+    assert_eq!(meta["tokenizer.ggml.pre"].to_string().unwrap(), "qwen2");
+    assert_eq!(m.config().eos_token_id, Some(319));
+    assert_eq!(m.config().bos_token_id, Some(317));
+    let types = meta["tokenizer.ggml.token_type"].to_vec().unwrap();
+    assert_eq!(types[318].to_i32().unwrap(), 3);
+    assert_eq!(types[100].to_i32().unwrap(), 1);
+    let merges = meta["tokenizer.ggml.merges"].to_vec().unwrap();
+    assert_eq!(merges.len(), 320 - 259);
+    assert!(
+        meta["tokenizer.chat_template"]
+            .to_string()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
+    // Model and session are shareable across threads.
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Model>();
+    send_sync::<Session>();
+}
