@@ -12,12 +12,15 @@ struct Cli {
 enum Command {
     /// Acceptance policies: list, check, add, remove, new, replay, bench.
     Policy(verdict::cli::policy::PolicyArgs),
+    /// The OpenAI-compatible HTTP server (completions, chat, policy management, metrics).
+    Serve(verdict::cli::serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(args) => verdict::cli::policy::run(args),
+        Command::Serve(args) => verdict::cli::serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

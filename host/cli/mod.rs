@@ -1,3 +1,4 @@
 //! The `verdict` command line: one file per subcommand.
 
 pub mod policy;
+pub mod serve;

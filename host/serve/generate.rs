@@ -9,9 +9,10 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
+use super::http::Served;
 use super::metrics::{Metrics, PolicyLabel, PolicyPosition};
 use super::stop::StopMatcher;
-use crate::engine::{Engine, FinishReason, GenerateRequest, SpecStats};
+use crate::engine::{FinishReason, GenerateRequest, SpecStats};
 
 /// What a generation reports to its HTTP handler, in order: `Started` or `Failed`, then
 /// `Delta`s, then `Done` (or `Failed`).
@@ -35,37 +36,40 @@ pub struct Outcome {
 /// The `speculation` field of every response.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SpeculationReport {
-    pub policy: String,
+    /// `name@version`; null when the request ran without speculation.
+    pub policy: Option<String>,
+    /// `model`, `prompt-lookup` or `self:N`; null without speculation.
+    pub drafter: Option<String>,
     pub steps: u64,
     pub drafted: u64,
     pub accepted: u64,
     /// accepted_per_position[i]: steps whose (i+1)-th drafted token was accepted.
     pub accepted_per_position: Vec<u64>,
-    /// Completion tokens per step (1.0 without speculation).
+    /// drafted_per_position[i]: steps that drafted an (i+1)-th token.
+    pub drafted_per_position: Vec<u64>,
+    /// Generated tokens per target forward after the prefill (1.0 without speculation).
     pub tokens_per_step: f64,
     pub policy_faults: u64,
 }
 
 impl SpeculationReport {
-    fn new(stats: &SpecStats, completion_tokens: usize) -> Self {
+    fn new(stats: &SpecStats) -> Self {
         SpeculationReport {
             policy: stats.policy.clone(),
+            drafter: stats.drafter.clone(),
             steps: stats.steps,
             drafted: stats.drafted,
             accepted: stats.accepted,
             accepted_per_position: stats.accepted_per_position.clone(),
-            tokens_per_step: if stats.steps == 0 {
-                0.0
-            } else {
-                completion_tokens as f64 / stats.steps as f64
-            },
+            drafted_per_position: stats.drafted_per_position.clone(),
+            tokens_per_step: stats.tokens_per_step(),
             policy_faults: stats.policy_faults,
         }
     }
 }
 
 pub struct Job {
-    pub engine: Engine,
+    pub served: Arc<Served>,
     pub request: GenerateRequest,
     pub stop: Vec<String>,
     pub arrived: Instant,
@@ -80,13 +84,39 @@ struct Seen {
     drafted: u64,
     accepted: u64,
     faults: u64,
-    per_position: Vec<u64>,
+    accepted_pos: Vec<u64>,
+    drafted_pos: Vec<u64>,
+}
+
+fn add_by_position(
+    family: &prometheus_client::metrics::family::Family<
+        PolicyPosition,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    policy: &str,
+    now: &[u64],
+    before: &mut Vec<u64>,
+) {
+    for (i, &n) in now.iter().enumerate() {
+        let b = before.get(i).copied().unwrap_or(0);
+        if n > b {
+            family
+                .get_or_create(&PolicyPosition {
+                    policy: policy.to_string(),
+                    position: i as u32,
+                })
+                .inc_by(n - b);
+        }
+    }
+    before.clone_from(&now.to_vec());
 }
 
 impl Seen {
     fn publish(&mut self, m: &Metrics, s: &SpecStats) {
+        // Plain decoding has no policy: its steps are counted under "none".
+        let policy = s.policy.as_deref().unwrap_or("none");
         let label = PolicyLabel {
-            policy: s.policy.clone(),
+            policy: policy.to_string(),
         };
         m.steps
             .get_or_create(&label)
@@ -101,22 +131,22 @@ impl Seen {
         if faults > 0 {
             m.policy_faults.get_or_create(&label).inc_by(faults);
         }
-        for (i, &n) in s.accepted_per_position.iter().enumerate() {
-            let before = self.per_position.get(i).copied().unwrap_or(0);
-            if n > before {
-                m.accepted_by_position
-                    .get_or_create(&PolicyPosition {
-                        policy: s.policy.clone(),
-                        position: i as u32,
-                    })
-                    .inc_by(n - before);
-            }
-        }
+        add_by_position(
+            &m.accepted_by_position,
+            policy,
+            &s.accepted_per_position,
+            &mut self.accepted_pos,
+        );
+        add_by_position(
+            &m.drafted_by_position,
+            policy,
+            &s.drafted_per_position,
+            &mut self.drafted_pos,
+        );
         self.steps = s.steps;
         self.drafted = s.drafted;
         self.accepted = s.accepted;
         self.faults = s.policy_faults;
-        self.per_position.clone_from(&s.accepted_per_position);
     }
 }
 
@@ -125,7 +155,7 @@ impl Job {
     /// become a `Failed` event.
     pub fn run(self) {
         let Job {
-            engine,
+            served,
             request,
             stop,
             arrived,
@@ -138,7 +168,7 @@ impl Job {
         }
         let prompt_tokens = request.prompt.len();
         let max_tokens = request.max_tokens;
-        let mut generation = match engine.start(request) {
+        let mut generation = match served.engine.start(request) {
             Ok(g) => g,
             Err(e) => {
                 let err = match e.param {
@@ -154,7 +184,7 @@ impl Job {
             metrics.finished("cancelled");
             return;
         }
-        let tokenizer = engine.tokenizer();
+        let tokenizer = &*served.tokenizer;
         let mut text = tokenizer.stream(true);
         let mut stopper = StopMatcher::new(stop);
         let mut seen = Seen::default();
@@ -229,7 +259,7 @@ impl Job {
             }
             if ended.is_none() {
                 ended = match generation.finished() {
-                    Some(FinishReason::Eos) => Some("stop"),
+                    Some(FinishReason::Stop) => Some("stop"),
                     Some(FinishReason::Length) => Some("length"),
                     None if produced >= max_tokens => Some("length"),
                     None => None,
@@ -261,7 +291,7 @@ impl Job {
             finish_reason,
             prompt_tokens,
             completion_tokens: produced,
-            speculation: SpeculationReport::new(stats, produced),
+            speculation: SpeculationReport::new(stats),
         }));
     }
 }

@@ -26,7 +26,11 @@ use super::generate::{Event, Job, Outcome};
 use super::metrics::Metrics;
 use super::pool::Pool;
 use crate::decide::PolicyRegistry;
+use crate::draft::DrafterSpec;
 use crate::engine::{self, Engine, GenerateRequest};
+use crate::models::chat::{ChatTemplate, Message};
+use crate::models::tokenizer::Tokenizer;
+use crate::sample::SamplingParams;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -68,13 +72,21 @@ impl ServeOptions {
     }
 }
 
+/// What the server generates with: the engine, and the target's tokenizer and chat template
+/// (text in, text out; the engine works on token ids).
+pub struct Served {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat: Arc<ChatTemplate>,
+}
+
 /// Loads the engine (models, tokenizer, drafter) after the port is bound, so `/health` answers
 /// while weights load and `/ready` says when they have.
-pub type Loader = Box<dyn FnOnce() -> anyhow::Result<Engine> + Send + 'static>;
+pub type Loader = Box<dyn FnOnce() -> anyhow::Result<Served> + Send + 'static>;
 
 struct App {
     opts: ServeOptions,
-    engine: OnceLock<Engine>,
+    served: OnceLock<Arc<Served>>,
     registry: Arc<PolicyRegistry>,
     pool: Pool,
     metrics: Arc<Metrics>,
@@ -124,7 +136,7 @@ async fn serve(
         .context("cannot start the generation workers")?;
     let app = Arc::new(App {
         opts,
-        engine: OnceLock::new(),
+        served: OnceLock::new(),
         registry,
         pool,
         metrics,
@@ -145,8 +157,8 @@ async fn serve(
         tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             match loader() {
-                Ok(engine) => {
-                    let _ = app.engine.set(engine);
+                Ok(served) => {
+                    let _ = app.served.set(Arc::new(served));
                     tracing::info!("model loaded in {:.1} s; ready", t0.elapsed().as_secs_f64());
                     eprintln!("verdict: ready ({:.1} s)", t0.elapsed().as_secs_f64());
                 }
@@ -409,7 +421,7 @@ fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 fn ready(app: &App) -> Response<Body> {
-    let loaded = app.engine.get().is_some();
+    let loaded = app.served.get().is_some();
     let draining = app.draining.load(Ordering::SeqCst);
     let (status, state) = match (loaded, draining) {
         (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -441,8 +453,8 @@ fn models(app: &App) -> Response<Body> {
                 "object": "model",
                 "created": app.created,
                 "owned_by": "verdict",
-                "ready": app.engine.get().is_some(),
-                "max_context": app.engine.get().map(Engine::max_context),
+                "ready": app.served.get().is_some(),
+                "max_context": app.served.get().map(|s| s.engine.max_context()),
             }]
         }),
     )
@@ -461,11 +473,11 @@ async fn read_body(req: Request<Incoming>, limit: usize, what: &str) -> Result<B
     }
 }
 
-fn engine_or_unavailable(app: &App) -> Result<Engine, ApiError> {
+fn served_or_unavailable(app: &App) -> Result<Arc<Served>, ApiError> {
     if app.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
-    app.engine.get().cloned().ok_or_else(|| {
+    app.served.get().cloned().ok_or_else(|| {
         ApiError::unavailable("the model is still loading; retry shortly (GET /ready says when)")
     })
 }
@@ -476,7 +488,7 @@ async fn completion(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let arrived = Instant::now();
-    let engine = engine_or_unavailable(app)?;
+    let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
     if let Some(m) = &parsed.model
@@ -495,15 +507,15 @@ async fn completion(
     // Tokenizing and template rendering are CPU work: off the async threads.
     let prepared = {
         let app = app.clone();
-        let engine = engine.clone();
+        let served = served.clone();
         let parsed = parsed.clone();
-        tokio::task::spawn_blocking(move || prepare(&app, &engine, &parsed))
+        tokio::task::spawn_blocking(move || prepare(&app, &served, &parsed))
             .await
             .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let job = Job {
-        engine,
+        served,
         request: prepared,
         stop: parsed.stop.clone(),
         arrived,
@@ -570,8 +582,9 @@ async fn completion(
 /// Turns a parsed request into an engine request: renders the chat, tokenizes, and checks
 /// everything that can be checked before queueing (context length, policy and its parameters)
 /// so that a bad request never waits in the queue for its 400.
-fn prepare(app: &App, engine: &Engine, p: &ParsedRequest) -> Result<GenerateRequest, ApiError> {
-    let tokenizer = engine.tokenizer();
+fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequest, ApiError> {
+    let tokenizer = &*served.tokenizer;
+    let engine = &served.engine;
     let (prompt, field) = match p.endpoint {
         Endpoint::Completions => match p.prompt.as_ref() {
             Some(PromptInput::Text(t)) => (
@@ -601,15 +614,12 @@ fn prepare(app: &App, engine: &Engine, p: &ParsedRequest) -> Result<GenerateRequ
             }
         },
         Endpoint::Chat => {
-            let msgs: Vec<engine::ChatMessage> = p
+            let msgs: Vec<Message> = p
                 .messages
                 .iter()
-                .map(|m| engine::ChatMessage {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
-                })
+                .map(|m| Message::new(m.role.clone(), m.content.clone()))
                 .collect();
-            let text = engine.render_chat(&msgs).map_err(|e| {
+            let text = served.chat.render(&msgs, true).map_err(|e| {
                 ApiError::invalid(
                     "messages",
                     format!("the chat template rejected the messages: {e:#}"),
@@ -664,12 +674,13 @@ fn prepare(app: &App, engine: &Engine, p: &ParsedRequest) -> Result<GenerateRequ
     Ok(GenerateRequest {
         prompt,
         max_tokens,
-        sampling: engine::SamplingParams {
+        sampling: SamplingParams {
             temperature: p.temperature,
             top_p: p.top_p,
             top_k: p.top_k,
-            seed: p.seed,
         },
+        seed: p.seed,
+        stop_tokens: tokenizer.eos_ids().to_vec(),
         speculation: match &p.speculation {
             SpeculationChoice::Default => engine::Speculation::Default,
             SpeculationChoice::Off => engine::Speculation::Off,
@@ -680,14 +691,15 @@ fn prepare(app: &App, engine: &Engine, p: &ParsedRequest) -> Result<GenerateRequ
         },
         policy: p.policy.clone(),
         policy_params: p.policy_params.clone(),
+        ..GenerateRequest::default()
     })
 }
 
-fn drafter_spec(d: &DraftChoice) -> engine::DrafterSpec {
+fn drafter_spec(d: &DraftChoice) -> DrafterSpec {
     match d {
-        DraftChoice::Model => engine::DrafterSpec::Model,
-        DraftChoice::PromptLookup => engine::DrafterSpec::PromptLookup,
-        DraftChoice::SelfLayers(n) => engine::DrafterSpec::SelfDraft { layers: *n },
+        DraftChoice::Model => DrafterSpec::Model,
+        DraftChoice::PromptLookup => DrafterSpec::PromptLookup,
+        DraftChoice::SelfLayers(n) => DrafterSpec::SelfDraft(*n),
     }
 }
 

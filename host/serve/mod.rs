@@ -24,4 +24,4 @@ pub mod stop;
 
 pub use auth::AdminToken;
 pub use error::ApiError;
-pub use http::{Loader, ServeOptions, run};
+pub use http::{Loader, ServeOptions, Served, run};
