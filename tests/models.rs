@@ -20,7 +20,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn tiny(dir: &Path, spec: &TinySpec) -> Model {
-    let p = dir.join(format!("tiny-{:?}-{}.gguf", spec.arch, spec.seed));
+    let p = dir.join(format!(
+        "tiny-{:?}-s{}-l{}-{:?}.gguf",
+        spec.arch, spec.seed, spec.layers, spec.dtype
+    ));
     write_tiny_gguf(&p, spec).expect("write tiny gguf");
     Model::load_gguf(&p, &Device::Cpu).expect("load tiny gguf")
 }
@@ -169,7 +172,7 @@ fn session_layers_skips_the_tail() {
     // Weights are drawn per tensor name, so a 1-layer model of the same seed has the same
     // embedding, layer 0, final norm and lm_head: session_layers(1) must equal its full forward.
     let one_layer = tiny(
-        &dir.path().join("one"),
+        dir.path(),
         &TinySpec {
             layers: 1,
             ..spec.clone()
@@ -239,7 +242,7 @@ fn quantized_tiny_models_run_and_track_f32() {
     let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
     for (i, dtype) in [
         GgmlDType::Q8_0,
-        GgmlDType::Q4_K,
+        GgmlDType::Q4K,
         GgmlDType::Q6K,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,

@@ -43,7 +43,7 @@ pub enum ModelError {
     ContextOverflow { len: usize, new: usize, max: usize },
     #[error("invalid argument: {0}")]
     Invalid(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", candle_msg(source))]
     Candle {
         context: String,
         #[source]
@@ -71,5 +71,14 @@ impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
             context: context(),
             source,
         })
+    }
+}
+
+/// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set.
+pub(crate) fn candle_msg(e: &candle_core::Error) -> String {
+    let s = e.to_string();
+    match s.find("\n   0: ") {
+        Some(i) => s[..i].trim_end().to_string(),
+        None => s,
     }
 }

@@ -5,11 +5,11 @@
 //! truncation of tensor data, which tensor type is unsupported) and typed metadata accessors.
 //! The tokenizer and chat template read `tokenizer.*` keys through [`GgufFile::content`].
 
-use super::error::{ModelError, Result};
+use super::error::{ModelError, Result, candle_msg};
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// The decoder families verdict runs. Both are pre-norm RMSNorm + SwiGLU + RoPE with GQA;
@@ -197,6 +197,11 @@ impl GgufFile {
                 reason: format!("unsupported GGUF version {version} (1, 2 and 3 are known)"),
             });
         }
+        r.seek(SeekFrom::Start(0))
+            .map_err(|source| ModelError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let mut reader = BufReader::new(&file);
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| classify_header_error(path, file_len, e))?;
@@ -294,7 +299,7 @@ impl GgufFile {
             .map_err(|e| ModelError::Tensor {
                 path: self.path.clone(),
                 tensor: name.to_string(),
-                reason: e.to_string(),
+                reason: candle_msg(&e),
             })
     }
 
@@ -438,7 +443,7 @@ impl GgufFile {
 
 /// Turns candle's header parse errors into the variants users can act on.
 fn classify_header_error(path: &Path, file_len: u64, e: candle_core::Error) -> ModelError {
-    let msg = e.to_string();
+    let msg = candle_msg(&e);
     let path = path.to_path_buf();
     if let Some(rest) = msg.split("unknown dtype for tensor ").nth(1) {
         let id: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();

@@ -2,7 +2,7 @@
 //! Weights are held as f32 (this path serves tests and unquantized checkpoints; GGUF is the
 //! production path).
 
-use super::error::{ModelError, Result};
+use super::error::{ModelError, Result, candle_msg};
 use super::gguf::{Arch, ModelConfig, RopeStyle};
 use super::transformer::{Names, WeightSource, Weights};
 use candle_core::quantized::QMatMul;
@@ -40,7 +40,7 @@ impl WeightSource for StSource {
             .map_err(|e| ModelError::Tensor {
                 path: self.dir.clone(),
                 tensor: name.to_string(),
-                reason: e.to_string(),
+                reason: candle_msg(&e),
             })
     }
 }
@@ -180,7 +180,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
         let part =
             candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| ModelError::Corrupt {
                 path: f.clone(),
-                reason: format!("cannot read safetensors: {e}"),
+                reason: format!("cannot read safetensors: {}", candle_msg(&e)),
             })?;
         tensors.extend(part);
     }

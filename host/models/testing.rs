@@ -5,7 +5,7 @@
 //! Weights are drawn from a seeded ChaCha RNG, so one [`TinySpec`] always gives the same model.
 //! Magnitudes are scaled by 1/sqrt(fan_in) so activations stay O(1) through the layers.
 
-use super::error::{ModelError, Result};
+use super::error::{ModelError, Result, candle_msg};
 use super::gguf::Arch;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
@@ -318,7 +318,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         let q = QTensor::quantize(&t, dtype).map_err(|e| ModelError::Tensor {
             path: path.to_path_buf(),
             tensor: name.clone(),
-            reason: format!("cannot quantize to {dtype:?}: {e}"),
+            reason: format!("cannot quantize to {dtype:?}: {}", candle_msg(&e)),
         })?;
         qts.push((name, q));
     }
@@ -330,7 +330,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     })?;
     gguf_file::write(&mut f, &meta_refs, &t_refs).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
-        reason: format!("writing GGUF failed: {e}"),
+        reason: format!("writing GGUF failed: {}", candle_msg(&e)),
     })
 }
 
@@ -384,6 +384,6 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     let st = dir.join("model.safetensors");
     candle_core::safetensors::save(&map, &st).map_err(|e| ModelError::Corrupt {
         path: st.clone(),
-        reason: format!("writing safetensors failed: {e}"),
+        reason: format!("writing safetensors failed: {}", candle_msg(&e)),
     })
 }

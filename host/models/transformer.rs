@@ -8,7 +8,7 @@
 //! the activations directly. GQA never copies K/V: the query heads of one group are stacked as
 //! extra rows of one matmul against their shared K/V head.
 
-use super::error::{CandleContext, ModelError, Result};
+use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
@@ -218,7 +218,7 @@ impl WeightSource for GgufSource<'_> {
         QMatMul::from_arc(Arc::new(t)).map_err(|e| ModelError::Tensor {
             path: self.path().to_path_buf(),
             tensor: name.to_string(),
-            reason: e.to_string(),
+            reason: candle_msg(&e),
         })
     }
     fn vector(&self, name: &str, device: &Device) -> Result<Tensor> {
@@ -226,7 +226,7 @@ impl WeightSource for GgufSource<'_> {
         t.dequantize(device).map_err(|e| ModelError::Tensor {
             path: self.path().to_path_buf(),
             tensor: name.to_string(),
-            reason: e.to_string(),
+            reason: candle_msg(&e),
         })
     }
 }
