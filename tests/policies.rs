@@ -935,3 +935,23 @@ fn scaffold_and_example_build_and_check() {
         assert_eq!(d.verdict.accepted, want);
     }
 }
+
+#[test]
+fn refresh_picks_up_changes_from_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = PolicyRegistry::open(dir.path(), limits()).unwrap();
+    server.register(None, &hostile("")).unwrap();
+    let kept = server.resolve("hostile").unwrap();
+    // Another process (e.g. `verdict policy add`, or a replica on shared storage) adds v2.
+    {
+        let other = PolicyRegistry::open(dir.path(), limits()).unwrap();
+        other.register(None, &hostile("v2")).unwrap();
+    }
+    assert_eq!(server.resolve("hostile").unwrap().version(), "1.0.0");
+    assert!(server.refresh().unwrap().is_empty());
+    assert_eq!(server.resolve("hostile").unwrap().version(), "2.0.0");
+    // The already-loaded v1 was reused, not reloaded.
+    let v1 = server.resolve("hostile@1.0.0").unwrap();
+    assert_eq!(v1.sha256(), kept.sha256());
+    assert_eq!(v1.counters().calls(), kept.counters().calls());
+}

@@ -377,9 +377,48 @@ impl PolicyRegistry {
         Ok(())
     }
 
+    /// Re-reads the manifest and publishes what it lists (another process, e.g. `verdict
+    /// policy add` or a replica sharing the directory, may have changed it). Versions already
+    /// loaded are reused; new ones are loaded and validated; a version that fails is skipped and
+    /// returned as an error message while the rest is published. No-op without a directory.
+    pub fn refresh(&self) -> Result<Vec<String>> {
+        let Some(dir) = &self.dir else {
+            return Ok(Vec::new());
+        };
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let manifest = read_manifest(dir)?;
+        let old = self.state.load_full();
+        let mut next = Snapshot::default();
+        let mut errors = Vec::new();
+        for p in manifest.policies {
+            let prev = old.slots.get(&p.name);
+            let counters = prev.map(|s| s.counters.clone()).unwrap_or_default();
+            let mut versions = Vec::new();
+            for v in p.versions {
+                let reuse = prev.and_then(|s| {
+                    s.versions
+                        .iter()
+                        .find(|l| l.sha256 == v.sha256 && l.info.version == v.version)
+                });
+                match reuse {
+                    Some(l) => versions.push(l.clone()),
+                    None => match self.load_stored(&p.name, &v, &counters) {
+                        Ok(l) => versions.push(l),
+                        Err(e) => errors.push(format!("policy `{}@{}`: {e:#}", p.name, v.version)),
+                    },
+                }
+            }
+            if !versions.is_empty() {
+                next.slots.insert(p.name, Slot { versions, counters });
+            }
+        }
+        self.state.store(Arc::new(next));
+        Ok(errors)
+    }
+
     fn load_stored(
         &self,
-        name: &str,
+        _name: &str,
         v: &ManifestVersion,
         counters: &Arc<PolicyCounters>,
     ) -> Result<Arc<LoadedPolicy>> {
@@ -399,7 +438,6 @@ impl PolicyRegistry {
                 v.version
             );
         }
-        let _ = name;
         Ok(Arc::new(l))
     }
 

@@ -183,6 +183,7 @@ impl PolicyRuntime {
         };
         // Type-check both exports once here; later calls use the unchecked typed handles.
         let mut store = compiled.store();
+        compiled.arm(&mut store);
         let instance = compiled
             .pre
             .instantiate(&mut store)

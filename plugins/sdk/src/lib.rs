@@ -181,7 +181,7 @@ pub fn in_top_k(pos: &Position, k: usize) -> bool {
 /// min(1, p(x) / q(x)), the speculative-sampling acceptance probability. A token the drafter
 /// gave probability 0 (or a deterministic drafter's q = 1) is handled without dividing by 0.
 pub fn acceptance_probability(target_prob: f32, draft_prob: f32) -> f32 {
-    if !(draft_prob > 0.0) {
+    if draft_prob.is_nan() || draft_prob <= 0.0 {
         return if target_prob > 0.0 { 1.0 } else { 0.0 };
     }
     (target_prob / draft_prob).min(1.0)

@@ -18,7 +18,8 @@ impl Policy for Hostile {
             spin();
         }
         let name = if cfg!(feature = "huge-info") {
-            "x".repeat(8 << 20)
+            // Big enough to exceed every host limit, small enough to build within the fuel budget.
+            "x".repeat(256 << 10)
         } else {
             "hostile".to_string()
         };
@@ -37,10 +38,12 @@ impl Policy for Hostile {
         match param_or(&step, "mode", 0.0) as i64 {
             1 => spin(),
             2 => {
+                // Reserve (not touch) 16 MiB at a time: memory.grow until the host says no.
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(vec![1u8; 1 << 20]);
-                    std::hint::black_box(&hoard);
+                    let mut v = Vec::with_capacity(16 << 20);
+                    v.push(1u8);
+                    hoard.push(std::hint::black_box(v));
                 }
             }
             3 => panic!("hostile policy panics"),
