@@ -30,7 +30,11 @@ fn tiny_server(context: usize, extra: &[&str]) -> Server {
 fn wait_for(what: &str, server: &Server, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}\nserver log:\n{}", server.log_text());
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out waiting for {what}\nserver log:\n{}",
+            server.log_text()
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -49,7 +53,10 @@ fn completions_chat_streaming_stop_and_stats() {
     let s = tiny_server(256, &[]);
     assert_eq!(s.get("/health").status, 200);
     let ready = s.get("/ready");
-    assert_eq!((ready.status, ready.json()["status"].as_str()), (200, Some("ready")));
+    assert_eq!(
+        (ready.status, ready.json()["status"].as_str()),
+        (200, Some("ready"))
+    );
     let models = s.get("/v1/models").json();
     assert_eq!(models["data"][0]["id"], "tiny-target");
 
@@ -64,7 +71,10 @@ fn completions_chat_streaming_stop_and_stats() {
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
     let text = text_of(&v);
     let u = &v["usage"];
-    let (pt, ct) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+    let (pt, ct) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
     assert!(pt > 0);
     assert_eq!(u["total_tokens"].as_u64().unwrap(), pt + ct);
     match v["choices"][0]["finish_reason"].as_str() {
@@ -76,9 +86,19 @@ fn completions_chat_streaming_stop_and_stats() {
     assert_eq!(spec["drafter"], "model");
     assert_eq!(spec["policy"], "strict@0.1.0");
     assert!(spec["steps"].as_u64().unwrap() >= 1);
-    let per_pos: u64 = spec["drafted_per_position"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum();
+    let per_pos: u64 = spec["drafted_per_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
     assert_eq!(per_pos, spec["drafted"].as_u64().unwrap());
-    let acc_pos: u64 = spec["accepted_per_position"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum();
+    let acc_pos: u64 = spec["accepted_per_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
     assert_eq!(acc_pos, spec["accepted"].as_u64().unwrap());
     assert!(spec["drafted_per_position"].as_array().unwrap().len() <= 3);
 
@@ -105,7 +125,12 @@ fn completions_chat_streaming_stop_and_stats() {
     let ids: std::collections::HashSet<String> = events
         .iter()
         .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str::<Value>(e).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(ids.len(), 1, "one id per stream");
 
@@ -118,7 +143,10 @@ fn completions_chat_streaming_stop_and_stats() {
     let cv = c.json();
     assert_eq!(cv["object"], "chat.completion");
     assert_eq!(cv["choices"][0]["message"]["role"], "assistant");
-    assert!(cv["speculation"]["policy"].is_null(), "speculation off: no policy");
+    assert!(
+        cv["speculation"]["policy"].is_null(),
+        "speculation off: no policy"
+    );
     let mut cs = chat.clone();
     cs["stream"] = json!(true);
     let events = s.open_stream("/v1/chat/completions", &cs).collect();
@@ -138,7 +166,8 @@ fn completions_chat_streaming_stop_and_stats() {
     );
 
     // Stop strings: the output ends right before the first occurrence, finish_reason stop.
-    let long = json!({"prompt": "once upon", "max_tokens": 40, "temperature": 0, "speculation": "off"});
+    let long =
+        json!({"prompt": "once upon", "max_tokens": 40, "temperature": 0, "speculation": "off"});
     let full = text_of(&s.post_json("/v1/completions", &long).json());
     let chars: Vec<char> = full.chars().collect();
     assert!(chars.len() >= 12, "need some text to cut: {full:?}");
@@ -155,7 +184,10 @@ fn completions_chat_streaming_stop_and_stats() {
             let v = s.post_json("/v1/completions", &r).json();
             (text_of(&v), v["choices"][0]["finish_reason"].clone())
         };
-        assert_eq!(got, expected, "stream={stream}, stop={stop:?}, full={full:?}");
+        assert_eq!(
+            got, expected,
+            "stream={stream}, stop={stop:?}, full={full:?}"
+        );
         assert_eq!(reason, "stop");
     }
 
@@ -186,39 +218,177 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
         ("/v1/completions", "{not json".into(), 400, None),
         ("/v1/completions", "[1,2]".into(), 400, None),
         ("/v1/completions", "".into(), 400, None),
-        ("/v1/completions", r#"{"prompt": 5}"#.into(), 400, Some("prompt")),
-        ("/v1/completions", r#"{"max_tokens": 5}"#.into(), 400, Some("prompt")),
-        ("/v1/completions", r#"{"prompt": "x", "max_tokens": "9"}"#.into(), 400, Some("max_tokens")),
-        ("/v1/completions", r#"{"prompt": "x", "max_tokens": 0}"#.into(), 400, Some("max_tokens")),
-        ("/v1/completions", r#"{"prompt": "x", "max_tokens": 100000}"#.into(), 400, Some("max_tokens")),
-        ("/v1/completions", r#"{"prompt": "x", "temperature": -1}"#.into(), 400, Some("temperature")),
-        ("/v1/completions", r#"{"prompt": "x", "top_p": 1.5}"#.into(), 400, Some("top_p")),
-        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#.into(), 400, Some("n")),
-        ("/v1/completions", r#"{"prompt": "x", "stop": [1]}"#.into(), 400, Some("stop[0]")),
-        ("/v1/completions", r#"{"prompt": "x", "model": "gpt-4"}"#.into(), 404, Some("model")),
-        ("/v1/completions", r#"{"prompt": "x", "policy": "nosuch"}"#.into(), 400, Some("policy")),
-        ("/v1/completions", r#"{"prompt": "x", "policy": "strict@9.9.9"}"#.into(), 400, Some("policy")),
-        ("/v1/completions", r#"{"prompt": "x", "policy": "threshold", "policy_params": {"bogus": 1}}"#.into(), 400, Some("policy_params.bogus")),
-        ("/v1/completions", r#"{"prompt": "x", "policy": "threshold", "policy_params": {"eps": 1e9}}"#.into(), 400, Some("policy_params.eps")),
-        ("/v1/completions", r#"{"prompt": "x", "policy_params": {"eps": "big"}}"#.into(), 400, Some("policy_params.eps")),
-        ("/v1/completions", r#"{"prompt": "x", "speculation": {"draft": "self:99"}}"#.into(), 400, Some("speculation.draft")),
-        ("/v1/completions", r#"{"prompt": "x", "speculation": {"k": 1000}}"#.into(), 400, Some("speculation.k")),
-        ("/v1/completions", r#"{"prompt": "x", "speculation": "fast"}"#.into(), 400, Some("speculation")),
-        ("/v1/completions", r#"{"prompt": "x", "tempreature": 1}"#.into(), 400, Some("tempreature")),
-        ("/v1/completions", json!({"prompt": long_prompt}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", r#"{"prompt": [1, 99999]}"#.into(), 400, Some("prompt[1]")),
-        ("/v1/chat/completions", r#"{"messages": "hi"}"#.into(), 400, Some("messages")),
-        ("/v1/chat/completions", r#"{"messages": []}"#.into(), 400, Some("messages")),
-        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": 3}]}"#.into(), 400, Some("messages[0].content")),
-        ("/v1/chat/completions", r#"{"messages": [{"content": "x"}]}"#.into(), 400, Some("messages[0].role")),
-        ("/v1/chat/completions", r#"{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}"#.into(), 400, Some("prompt")),
+        (
+            "/v1/completions",
+            r#"{"prompt": 5}"#.into(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"max_tokens": 5}"#.into(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": "9"}"#.into(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 0}"#.into(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 100000}"#.into(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": -1}"#.into(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "top_p": 1.5}"#.into(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "n": 2}"#.into(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "stop": [1]}"#.into(),
+            400,
+            Some("stop[0]"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "model": "gpt-4"}"#.into(),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "nosuch"}"#.into(),
+            400,
+            Some("policy"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "strict@9.9.9"}"#.into(),
+            400,
+            Some("policy"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "threshold", "policy_params": {"bogus": 1}}"#.into(),
+            400,
+            Some("policy_params.bogus"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "threshold", "policy_params": {"eps": 1e9}}"#.into(),
+            400,
+            Some("policy_params.eps"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy_params": {"eps": "big"}}"#.into(),
+            400,
+            Some("policy_params.eps"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "speculation": {"draft": "self:99"}}"#.into(),
+            400,
+            Some("speculation.draft"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "speculation": {"k": 1000}}"#.into(),
+            400,
+            Some("speculation.k"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "speculation": "fast"}"#.into(),
+            400,
+            Some("speculation"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "tempreature": 1}"#.into(),
+            400,
+            Some("tempreature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": long_prompt}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [1, 99999]}"#.into(),
+            400,
+            Some("prompt[1]"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": "hi"}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": []}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": 3}]}"#.into(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"content": "x"}]}"#.into(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}"#.into(),
+            400,
+            Some("prompt"),
+        ),
     ];
     for (path, body, status, param) in &cases {
-        let r = s.request("POST", path, &[("Content-Type", "application/json")], body.as_bytes());
+        let r = s.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
         assert_eq!(r.status, *status, "{path} {body}: {}", r.text());
         let e = r.json();
         let err = &e["error"];
-        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}: {e}");
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}: {e}"
+        );
         assert!(err["type"].is_string(), "{e}");
         assert!(err.get("code").is_some(), "{e}");
         assert_eq!(err["param"].as_str(), *param, "{body}: {e}");
@@ -228,7 +398,11 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
     assert_eq!(s.get("/v1/completions").status, 405);
     let big = vec![b'x'; 9 << 20];
     assert_eq!(s.request("POST", "/v1/completions", &[], &big).status, 413);
-    for garbage in [&b"\x00\x01\x02 garbage\r\n\r\n"[..], b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro"] {
+    for garbage in [
+        &b"\x00\x01\x02 garbage\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro",
+    ] {
         let mut c = s.connect();
         c.set_read_timeout(Some(Duration::from_secs(5))).ok();
         let _ = c.write_all(garbage);
@@ -252,16 +426,42 @@ fn a_client_that_disconnects_cancels_its_generation() {
     assert!(st.next_event().is_some());
     drop(st);
     let cancelled = "verdict_generations_finished_total{reason=\"cancelled\"}";
-    wait_for("the stream's cancellation", &s, Duration::from_secs(60), || s.metric(cancelled) >= 1.0);
+    wait_for(
+        "the stream's cancellation",
+        &s,
+        Duration::from_secs(60),
+        || s.metric(cancelled) >= 1.0,
+    );
     // Non-streamed: the client sends and leaves.
     let mut c = s.connect();
-    http_common::write_request(&mut c, "POST", "/v1/completions", &[], json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off"}).to_string().as_bytes()).unwrap();
-    wait_for("the request to start", &s, Duration::from_secs(60), || s.metric("verdict_active_generations") >= 1.0);
+    http_common::write_request(
+        &mut c,
+        "POST",
+        "/v1/completions",
+        &[],
+        json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off"})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    wait_for("the request to start", &s, Duration::from_secs(60), || {
+        s.metric("verdict_active_generations") >= 1.0
+    });
     drop(c);
-    wait_for("the request's cancellation", &s, Duration::from_secs(60), || s.metric(cancelled) >= 2.0);
+    wait_for(
+        "the request's cancellation",
+        &s,
+        Duration::from_secs(60),
+        || s.metric(cancelled) >= 2.0,
+    );
     let generated = s.metric("verdict_completion_tokens_total");
-    assert!(generated < 8000.0, "cancelled generations ran on: {generated} tokens");
-    wait_for("idle workers", &s, Duration::from_secs(10), || s.metric("verdict_active_generations") == 0.0);
+    assert!(
+        generated < 8000.0,
+        "cancelled generations ran on: {generated} tokens"
+    );
+    wait_for("idle workers", &s, Duration::from_secs(10), || {
+        s.metric("verdict_active_generations") == 0.0
+    });
 }
 
 #[test]
@@ -272,11 +472,24 @@ fn a_full_queue_answers_429_with_retry_after() {
     assert!(running.next_event().is_some());
     // The second waits in the queue (its response only starts when a worker takes it).
     let mut queued = s.connect();
-    http_common::write_request(&mut queued, "POST", "/v1/completions", &[], long.to_string().as_bytes()).unwrap();
-    wait_for("the queued request", &s, Duration::from_secs(30), || s.metric("verdict_queue_depth") >= 1.0);
+    http_common::write_request(
+        &mut queued,
+        "POST",
+        "/v1/completions",
+        &[],
+        long.to_string().as_bytes(),
+    )
+    .unwrap();
+    wait_for("the queued request", &s, Duration::from_secs(30), || {
+        s.metric("verdict_queue_depth") >= 1.0
+    });
     let r = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
     assert_eq!(r.status, 429, "{}", r.text());
-    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry));
     assert_eq!(r.json()["error"]["code"], "queue_full");
     drop(running);
@@ -285,7 +498,11 @@ fn a_full_queue_answers_429_with_retry_after() {
         s.metric("verdict_generations_finished_total{reason=\"cancelled\"}") >= 2.0
     });
     // Capacity is back.
-    assert_eq!(s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).status, 200);
+    assert_eq!(
+        s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}))
+            .status,
+        200
+    );
 }
 
 #[test]
@@ -314,8 +531,16 @@ fn admin_routes_need_the_token_and_policies_upload_and_delete() {
     assert_eq!(r.json()["version"], "0.1.0");
     // Listing is open.
     let list = s.get("/v1/policies").json();
-    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"mine") && names.contains(&"strict"), "{names:?}");
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"mine") && names.contains(&"strict"),
+        "{names:?}"
+    );
     // Requests can use it, with its parameters checked.
     let use_it = json!({"prompt": "abc", "max_tokens": 6, "temperature": 0, "policy": "mine",
                         "policy_params": {"eps": 0.2}, "speculation": {"draft": "model", "k": 2}});
@@ -341,7 +566,9 @@ fn admin_routes_need_the_token_and_policies_upload_and_delete() {
     assert_eq!(r.json()["error"]["param"], "policy");
     assert_eq!(del(Some("let-me-in"), "mine").status, 404);
     assert_eq!(del(Some("let-me-in"), "strict").status, 409);
-    assert!(s.metric("verdict_requests_total{route=\"/v1/policies/{name}\",status=\"401\"}") >= 4.0);
+    assert!(
+        s.metric("verdict_requests_total{route=\"/v1/policies/{name}\",status=\"401\"}") >= 4.0
+    );
 }
 
 #[test]
@@ -374,14 +601,19 @@ fn hot_swap_while_16_streams_run() {
             })
             .collect();
         for _ in 0..16 {
-            started_rx.recv_timeout(Duration::from_secs(120)).expect("all 16 streams start");
+            started_rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("all 16 streams start");
         }
         // Every stream is generating: swap in version 2.
         let r = put(&v2);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["previous"], "1.0.0");
         swapped_at.set(Instant::now()).unwrap();
-        handles.into_iter().map(|h| h.join().expect("stream thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("stream thread"))
+            .collect()
     });
     let swapped = *swapped_at.get().unwrap();
     let mut overlapped = 0;
@@ -399,7 +631,10 @@ fn hot_swap_while_16_streams_run() {
         assert_eq!(spec["policy_faults"], 0);
         overlapped += (*ended > swapped) as usize;
     }
-    assert!(overlapped > 0, "no stream was still running when the swap landed");
+    assert!(
+        overlapped > 0,
+        "no stream was still running when the swap landed"
+    );
     // Later requests get version 2.
     let r = s.post_json("/v1/completions", &json!({"prompt": "the", "max_tokens": 20, "temperature": 0,
                                                    "policy": "hs", "speculation": {"draft": "model", "k": 4}}));
@@ -420,7 +655,9 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     let last = last.expect("final chunk");
     assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
     assert_eq!(last["usage"]["completion_tokens"], 600);
-    let status = s.wait_exit(Duration::from_secs(30)).expect("the server exits after draining");
+    let status = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits after draining");
     assert!(status.success(), "exit status {status}\n{}", s.log_text());
     assert!(s.log_text().contains("draining"));
 }
@@ -428,7 +665,10 @@ fn sigterm_drains_in_flight_requests_then_exits() {
 fn models_dir() -> std::path::PathBuf {
     std::env::var_os("VERDICT_MODELS")
         .map(Into::into)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/verdict/models"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/verdict/models")
+        })
 }
 
 #[test]
@@ -437,7 +677,11 @@ fn smollm2_chat_real_text() {
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().to_path_buf();
     let m = model.display().to_string();
-    let s = Server::start(&["--model", &m, "--draft", "prompt-lookup"], Some(dir), &log_dir);
+    let s = Server::start(
+        &["--model", &m, "--draft", "prompt-lookup"],
+        Some(dir),
+        &log_dir,
+    );
     let req = json!({"model": "SmolLM2-135M-Instruct.Q4_1",
                      "messages": [{"role": "user", "content": "Say hello."}],
                      "max_tokens": 8, "temperature": 0});
@@ -445,7 +689,10 @@ fn smollm2_chat_real_text() {
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     let text = text_of(&v);
-    assert!(text.chars().any(char::is_alphabetic), "no words in {text:?}");
+    assert!(
+        text.chars().any(char::is_alphabetic),
+        "no words in {text:?}"
+    );
     assert!(!text.contains("<|im_"), "special tokens leaked: {text:?}");
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
     let mut sreq = req.clone();

@@ -27,7 +27,10 @@ fn official_openai_client() {
     let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     let py = python();
     let out = Command::new(&py)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_client.py"
+        ))
         .arg(s.url())
         .arg("tiny-target")
         .output()

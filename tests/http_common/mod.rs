@@ -40,7 +40,10 @@ pub fn tiny_models(dir: &Path, context: usize) -> (PathBuf, PathBuf) {
 impl Server {
     /// Starts `verdict serve --port 0 ARGS...` and waits until `/ready` answers 200.
     pub fn start(args: &[&str], dir: Option<tempfile::TempDir>, log_dir: &Path) -> Server {
-        let log = log_dir.join(format!("server-{}.log", std::process::id() as u64 * 1000 + rand_suffix()));
+        let log = log_dir.join(format!(
+            "server-{}.log",
+            std::process::id() as u64 * 1000 + rand_suffix()
+        ));
         let err = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_verdict"))
             .arg("serve")
@@ -123,7 +126,13 @@ impl Server {
         Ok(parse_response(&raw))
     }
 
-    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         self.try_request(method, path, headers, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\nserver log:\n{}", self.log_text()))
     }
@@ -187,7 +196,9 @@ impl Server {
         text.lines()
             .find_map(|l| {
                 let (k, v) = l.rsplit_once(' ')?;
-                (k == name_and_labels).then(|| v.parse::<f64>().ok()).flatten()
+                (k == name_and_labels)
+                    .then(|| v.parse::<f64>().ok())
+                    .flatten()
             })
             .unwrap_or(0.0)
     }
@@ -303,12 +314,13 @@ pub fn parse_response(raw: &[u8]) -> Response {
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(
-            String::from_utf8_lossy(&b[..eol]).split(';').next().unwrap_or("0").trim(),
+            String::from_utf8_lossy(&b[..eol])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
             16,
         )
         .unwrap_or(0);
@@ -422,7 +434,13 @@ pub fn hostile_guest(features: &str) -> Vec<u8> {
     let dir = target_root.join("wasm-plugins");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "--target", "wasm32-wasip2", "--profile", "wasm-plugin"])
+        .args([
+            "build",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "wasm-plugin",
+        ])
         .arg("--target-dir")
         .arg(&dir)
         .args(["-p", "verdict-test-hostile-policy"]);
