@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
 /// verdict: speculative decoding with acceptance policies as WebAssembly components.
@@ -10,24 +12,31 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Command {
+    /// Generate text from a prompt (optionally speculative); text on stdout.
+    Generate(verdict::cli::generate::Args),
     /// Acceptance policies: list, check, add, remove, new, replay, bench.
     Policy(verdict::cli::policy::PolicyArgs),
     /// The OpenAI-compatible HTTP server (completions, chat, policy management, metrics).
     Serve(verdict::cli::serve::ServeArgs),
+    /// Benchmarks, measured side by side in one run (results go to BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(verdict::cli::bench::BenchCommand),
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(args) => verdict::cli::generate::run(args),
         Command::Policy(args) => verdict::cli::policy::run(args),
         Command::Serve(args) => verdict::cli::serve::run(args),
+        Command::Bench(cmd) => verdict::cli::bench::run(cmd),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the whole anyhow chain: "what failed: because: root cause".
+            // `{:#}` prints the whole context chain: "loading x.gguf: reading header: ...".
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

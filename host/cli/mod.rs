@@ -1,4 +1,6 @@
 //! The `verdict` command line: one file per subcommand.
 
+pub mod bench;
+pub mod generate;
 pub mod policy;
 pub mod serve;

@@ -1,1 +1,525 @@
-//! (filled by its issue)
+//! The engine: the one place that joins drafters, the target, features and policies. A
+//! [`Generation`] is one request; each [`Generation::step`] is one speculation step:
+//!
+//! 1. draft k tokens ([`crate::draft`]);
+//! 2. verify them in one target forward and compute per-position features ([`crate::verify`]);
+//! 3. ask the request's policy for a verdict ([`crate::decide`]; faults fall back to strict);
+//! 4. commit: keep the accepted prefix, add the correction (or the bonus token when all k pass),
+//!    and roll the target's KV cache back to what was kept (the drafter rolls its own back the
+//!    next time it drafts).
+
+pub mod adaptive;
+mod stats;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
+use crate::draft::{Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
+use crate::models::{Model, Rows, Session};
+use crate::sample::{self, Rng64, SamplingParams};
+use crate::verify;
+pub use adaptive::AdaptiveK;
+pub use stats::SpecStats;
+
+/// Largest speculation length a request may ask for.
+pub const MAX_K: usize = 64;
+
+/// How the engine is set up at start-up.
+pub struct EngineConfig {
+    pub target: Model,
+    /// A separate draft model (same tokenizer as the target; checked here).
+    pub draft: Option<Model>,
+    pub registry: Arc<PolicyRegistry>,
+    /// Policy used when a request names none.
+    pub default_policy: String,
+    /// Drafter used when a request does not say; `None` = autoregressive by default.
+    pub default_drafter: Option<DrafterSpec>,
+    /// k (the maximum k when adaptive).
+    pub default_k: usize,
+    /// Adapt k per request from its acceptance history.
+    pub adaptive: bool,
+}
+
+/// A shareable handle on the loaded models and policies.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineConfig>,
+}
+
+/// What a request asks of the speculation machinery.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Speculation {
+    /// The engine's defaults.
+    #[default]
+    Default,
+    /// Plain autoregressive decoding.
+    Off,
+    /// Speculate with this drafter and k (each falls back to the default when `None`).
+    Draft {
+        drafter: Option<DrafterSpec>,
+        k: Option<usize>,
+    },
+}
+
+/// One generation request, already tokenized.
+#[derive(Default)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Same seed + same request = same output. `None` draws one.
+    pub seed: Option<u64>,
+    /// Tokens that end the generation (not emitted).
+    pub stop_tokens: Vec<u32>,
+    pub speculation: Speculation,
+    /// `name` or `name@version`; `None` = the engine's default policy.
+    pub policy: Option<String>,
+    pub policy_params: Vec<(String, f64)>,
+    /// Adapt k (`None` = the engine's default).
+    pub adaptive: Option<bool>,
+    /// Write each step's features (the policy's input) as JSON Lines.
+    pub trace: Option<Box<dyn Write + Send>>,
+}
+
+/// A request the engine refuses, naming the offending field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    pub param: Option<String>,
+    pub message: String,
+}
+
+impl RequestError {
+    fn new(param: &str, message: impl Into<String>) -> Self {
+        RequestError {
+            param: Some(param.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// max_tokens reached, or the context is full.
+    Length,
+    /// A stop token was produced.
+    Stop,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Result<Engine> {
+        if let Some(draft) = &cfg.draft {
+            check_same_tokenizer(&cfg.target, draft)?;
+        }
+        if cfg.default_k == 0 || cfg.default_k > MAX_K {
+            anyhow::bail!("k must be in 1..={MAX_K}, got {}", cfg.default_k);
+        }
+        if let Some(DrafterSpec::SelfDraft(n)) = cfg.default_drafter {
+            check_self_layers(&cfg.target, n).map_err(|e| anyhow!(e.message))?;
+        }
+        if cfg.default_drafter == Some(DrafterSpec::Model) && cfg.draft.is_none() {
+            anyhow::bail!("the default drafter is `model` but no draft model was loaded");
+        }
+        cfg.registry
+            .resolve(&cfg.default_policy)
+            .with_context(|| format!("default policy `{}`", cfg.default_policy))?;
+        Ok(Engine {
+            inner: Arc::new(cfg),
+        })
+    }
+
+    pub fn target(&self) -> &Model {
+        &self.inner.target
+    }
+
+    pub fn draft(&self) -> Option<&Model> {
+        self.inner.draft.as_ref()
+    }
+
+    pub fn registry(&self) -> &Arc<PolicyRegistry> {
+        &self.inner.registry
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner
+    }
+
+    /// The target's context length.
+    pub fn max_context(&self) -> usize {
+        self.inner.target.config().context_length
+    }
+
+    /// Validates a request and sets up its state. Errors name the request field.
+    pub fn start(&self, req: GenerateRequest) -> Result<Generation, RequestError> {
+        let cfg = &*self.inner;
+        let target = cfg.target.session();
+        let ctx = target.max_len();
+        if req.prompt.is_empty() {
+            return Err(RequestError::new("prompt", "the prompt is empty"));
+        }
+        if req.prompt.len() >= ctx {
+            return Err(RequestError::new(
+                "prompt",
+                format!(
+                    "the prompt has {} tokens but the model's context holds {ctx} (prompt + at least one generated token)",
+                    req.prompt.len()
+                ),
+            ));
+        }
+        let vocab = cfg.target.config().vocab_size;
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RequestError::new(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        if req.max_tokens == 0 {
+            return Err(RequestError::new("max_tokens", "max_tokens must be at least 1"));
+        }
+        req.sampling
+            .validate()
+            .map_err(|m| RequestError::new(sampling_field(&m), m))?;
+
+        let (drafter_spec, k) = match &req.speculation {
+            Speculation::Off => (None, cfg.default_k),
+            Speculation::Default => (cfg.default_drafter.clone(), cfg.default_k),
+            Speculation::Draft { drafter, k } => (
+                drafter
+                    .clone()
+                    .or_else(|| cfg.default_drafter.clone())
+                    .or_else(|| cfg.draft.as_ref().map(|_| DrafterSpec::Model))
+                    .or(Some(DrafterSpec::PromptLookup)),
+                k.unwrap_or(cfg.default_k),
+            ),
+        };
+        if k == 0 || k > MAX_K {
+            return Err(RequestError::new(
+                "speculation.k",
+                format!("k must be in 1..={MAX_K}, got {k}"),
+            ));
+        }
+        let drafter: Option<Box<dyn Drafter>> = match drafter_spec {
+            None => None,
+            Some(DrafterSpec::PromptLookup) => Some(Box::new(PromptLookup::default())),
+            Some(DrafterSpec::Model) => {
+                let draft = cfg.draft.as_ref().ok_or_else(|| {
+                    RequestError::new(
+                        "speculation.draft",
+                        "no draft model is loaded (start with --draft PATH, or use prompt-lookup or self:N)",
+                    )
+                })?;
+                Some(Box::new(ModelDrafter::new("model", draft.session())))
+            }
+            Some(DrafterSpec::SelfDraft(n)) => {
+                check_self_layers(&cfg.target, n)?;
+                let session = cfg
+                    .target
+                    .session_layers(n)
+                    .map_err(|e| RequestError::new("speculation.draft", e.to_string()))?;
+                Some(Box::new(ModelDrafter::new(format!("self:{n}"), session)))
+            }
+        };
+
+        let policy_name = req.policy.as_deref().unwrap_or(&cfg.default_policy);
+        let (policy, params, top_k) = if drafter.is_some() {
+            let handle = cfg
+                .registry
+                .resolve(policy_name)
+                .map_err(|e| RequestError::new("policy", format!("{e:#}")))?;
+            let params = handle
+                .resolve_params(&req.policy_params)
+                .map_err(|e| RequestError::new("policy_params", format!("{e:#}")))?;
+            let top_k = handle.info().top_k_to_send();
+            (Some(handle.instance()), params, top_k)
+        } else {
+            if !req.policy_params.is_empty() && req.policy.is_some() {
+                // Checked even without speculation so a typo is not silently ignored.
+                let handle = cfg
+                    .registry
+                    .resolve(policy_name)
+                    .map_err(|e| RequestError::new("policy", format!("{e:#}")))?;
+                handle
+                    .resolve_params(&req.policy_params)
+                    .map_err(|e| RequestError::new("policy_params", format!("{e:#}")))?;
+            }
+            (None, Vec::new(), 1)
+        };
+
+        let seed = req.seed.unwrap_or_else(rand::random);
+        let adaptive = req.adaptive.unwrap_or(cfg.adaptive);
+        let mut stats = SpecStats::default();
+        if let Some(d) = &drafter {
+            stats.drafter = Some(d.name());
+            stats.policy = policy.as_ref().map(|p| {
+                let i = p.info();
+                format!("{}@{}", i.name, i.version)
+            });
+        }
+        Ok(Generation {
+            vocab_size: vocab as u32,
+            target,
+            drafter,
+            policy,
+            params,
+            top_k,
+            k_max: k,
+            adaptive: adaptive.then(|| AdaptiveK::new(k)),
+            sampling: req.sampling,
+            rng: Rng64::new(seed),
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            max_tokens: req.max_tokens,
+            stop: req.stop_tokens,
+            finished: None,
+            stats,
+            trace: req.trace,
+        })
+    }
+}
+
+fn sampling_field(message: &str) -> &'static str {
+    ["temperature", "top_p", "top_k"]
+        .into_iter()
+        .find(|f| message.starts_with(f))
+        .unwrap_or("sampling")
+}
+
+fn check_self_layers(target: &Model, n: usize) -> Result<(), RequestError> {
+    let layers = target.config().n_layers;
+    if n == 0 || n >= layers {
+        return Err(RequestError::new(
+            "speculation.draft",
+            format!("self:{n}: the self-draft must use 1..{layers} of the target's {layers} layers"),
+        ));
+    }
+    Ok(())
+}
+
+/// A draft model must speak the target's tokenizer: same vocabulary size and the same tokens.
+pub fn check_same_tokenizer(target: &Model, draft: &Model) -> Result<()> {
+    let (tv, dv) = (target.config().vocab_size, draft.config().vocab_size);
+    let names = || {
+        format!(
+            "draft {} vs target {}",
+            draft.source().display(),
+            target.source().display()
+        )
+    };
+    if tv != dv {
+        anyhow::bail!(
+            "the draft model's vocabulary ({dv} tokens) differs from the target's ({tv}): {}",
+            names()
+        );
+    }
+    let tokens = |m: &Model| {
+        m.gguf_metadata()
+            .and_then(|c| c.metadata.get("tokenizer.ggml.tokens"))
+            .map(|v| format!("{v:?}"))
+    };
+    if let (Some(a), Some(b)) = (tokens(target), tokens(draft))
+        && a != b
+    {
+        anyhow::bail!(
+            "the draft model's tokenizer differs from the target's (same size, different tokens): {}",
+            names()
+        );
+    }
+    Ok(())
+}
+
+/// One running request.
+pub struct Generation {
+    target: Session,
+    drafter: Option<Box<dyn Drafter>>,
+    policy: Option<PolicyInstance>,
+    params: Vec<(String, f64)>,
+    top_k: usize,
+    k_max: usize,
+    adaptive: Option<AdaptiveK>,
+    sampling: SamplingParams,
+    rng: Rng64,
+    vocab_size: u32,
+    /// Prompt followed by every emitted token. All but the last are in the target's cache.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    stop: Vec<u32>,
+    finished: Option<FinishReason>,
+    stats: SpecStats,
+    trace: Option<Box<dyn Write + Send>>,
+}
+
+impl Generation {
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    pub fn stats(&self) -> &SpecStats {
+        &self.stats
+    }
+
+    /// The emitted tokens so far (stop tokens excluded).
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Runs one step and returns the tokens it emitted (empty once finished).
+    pub fn step(&mut self) -> Result<Vec<u32>> {
+        if self.finished.is_some() {
+            return Ok(Vec::new());
+        }
+        if self.target.is_empty() {
+            // Prefill: the whole prompt in one forward, then the first token.
+            let prompt = self.tokens.clone();
+            let out = self.target.forward(&prompt, Rows::Last)?;
+            let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
+            let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
+            return Ok(self.emit(&[t]));
+        }
+        let emitted = self.tokens.len() - self.prompt_len;
+        let remaining = self.max_tokens - emitted;
+        // After feeding the last token, this many positions are left in the context.
+        let room = self.target.max_len().saturating_sub(self.target.len() + 1);
+        if room == 0 {
+            self.finished = Some(FinishReason::Length);
+            return Ok(Vec::new());
+        }
+        let k = match &self.adaptive {
+            Some(a) => a.next_k(),
+            None => self.k_max,
+        }
+        // Drafting past max_tokens is wasted; the bonus/correction token needs no slot.
+        .min(remaining.saturating_sub(1))
+        .min(room - 1);
+        if self.drafter.is_none() || k == 0 {
+            return self.plain_step();
+        }
+        self.speculative_step(k)
+    }
+
+    /// One autoregressive token.
+    fn plain_step(&mut self) -> Result<Vec<u32>> {
+        let last = *self.tokens.last().context("no tokens")?;
+        let out = self.target.forward(&[last], Rows::Last)?;
+        let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
+        let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
+        self.stats.steps += 1;
+        Ok(self.emit(&[t]))
+    }
+
+    fn speculative_step(&mut self, k: usize) -> Result<Vec<u32>> {
+        let t0 = Instant::now();
+        let drafter = self.drafter.as_mut().context("no drafter")?;
+        let mut draft: Draft = drafter.propose(&self.tokens, k, &self.sampling, &mut self.rng)?;
+        draft.tokens.truncate(k);
+        if draft.tokens.is_empty() {
+            // Nothing to verify (e.g. prompt lookup found no match): a plain step.
+            return self.plain_step();
+        }
+        let t_draft = t0.elapsed().as_secs_f64();
+        let kd = draft.tokens.len();
+        let base = self.target.len();
+        let last = *self.tokens.last().context("no tokens")?;
+
+        let t1 = Instant::now();
+        let v = verify::verify(
+            &mut self.target,
+            last,
+            &draft,
+            &self.sampling,
+            self.top_k,
+            None,
+            &mut self.rng,
+        )?;
+        let step = Step {
+            positions: v.positions,
+            temperature: self.sampling.temperature,
+            vocab_size: self.vocab_size,
+            params: self.params.clone(),
+        };
+        let policy = self.policy.as_mut().context("no policy")?;
+        let decision = policy.verify(&step);
+        if let Some(w) = self.trace.as_mut() {
+            trace::write_step(w, &step).context("cannot write the step trace")?;
+        }
+        let n = (decision.verdict.accepted as usize).min(kd);
+        let next = if n == kd {
+            // Everything accepted: the bonus token from the target's next distribution.
+            self.draw(&v.logits[kd], v.probs.get(kd))
+        } else {
+            let (logits, p) = (&v.logits[n], v.probs.get(n));
+            match decision.verdict.correction {
+                Correction::Argmax => sample::argmax(logits),
+                Correction::Token(t) => t,
+                Correction::Sample => self.draw(logits, p),
+                Correction::Residual => match p {
+                    // T = 0: the residual of a one-hot p is that one-hot.
+                    None => sample::argmax(logits),
+                    Some(p) => {
+                        let q_row;
+                        let q: &[f32] = match draft.q_rows.get(n) {
+                            Some(q) => q,
+                            None => {
+                                let mut one_hot = vec![0f32; p.len()];
+                                if let Some(x) = one_hot.get_mut(draft.tokens[n] as usize) {
+                                    *x = 1.0;
+                                }
+                                q_row = one_hot;
+                                &q_row
+                            }
+                        };
+                        sample::sample(&sample::residual(p, q), self.rng.uniform())
+                    }
+                },
+            }
+        };
+        // Keep the last committed token and the accepted drafts in the cache; the new token is
+        // fed at the next step.
+        self.target.truncate(base + 1 + n)?;
+        let t_verify = t1.elapsed().as_secs_f64();
+
+        self.stats.record_step(kd, n, decision.fault.is_some());
+        if let Some(a) = self.adaptive.as_mut() {
+            a.observe(kd, n, t_draft, t_verify);
+        }
+        let mut out: Vec<u32> = draft.tokens[..n].to_vec();
+        out.push(next);
+        Ok(self.emit(&out))
+    }
+
+    /// A token from p (sampled) or the logits' argmax at T = 0.
+    fn draw(&mut self, logits: &[f32], p: Option<&Vec<f32>>) -> u32 {
+        match p {
+            Some(p) => sample::sample(p, self.rng.uniform()),
+            None => sample::argmax(logits),
+        }
+    }
+
+    /// Appends tokens up to a stop token or max_tokens; returns what was appended.
+    fn emit(&mut self, tokens: &[u32]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(tokens.len());
+        for &t in tokens {
+            if self.stop.contains(&t) {
+                self.finished = Some(FinishReason::Stop);
+                break;
+            }
+            self.tokens.push(t);
+            out.push(t);
+            if self.tokens.len() - self.prompt_len >= self.max_tokens {
+                self.finished = Some(FinishReason::Length);
+                break;
+            }
+        }
+        self.stats.tokens += out.len() as u64;
+        out
+    }
+}

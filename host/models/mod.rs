@@ -7,12 +7,16 @@
 //!   cache; `forward`, `truncate` for speculation rollback).
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
+//! - [`tokenizer`]: the GGUF's byte-level BPE tokenizer, ids equal to llama.cpp's.
+//! - [`chat`]: the GGUF's chat template, rendered as Hugging Face renders it.
 
+pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
 pub mod safetensors;
 pub mod testing;
+pub mod tokenizer;
 pub mod transformer;
 
 pub use error::{ModelError, Result};

@@ -1,1 +1,145 @@
-//! (filled by its issue)
+//! Stages 2-3, verify: one target forward over the last committed token plus the k drafts, then
+//! the per-position features a policy sees. Only these few numbers per position cross into the
+//! policy; the whole rows stay here for the host-side correction (residual / sample / argmax).
+
+use anyhow::Result;
+
+use crate::decide::Position;
+use crate::draft::Draft;
+use crate::models::{Rows, Session};
+use crate::sample::{self, Rng64, SamplingParams};
+
+/// The target's view of one step.
+pub struct Verification {
+    /// Logit rows, k + 1 of them: row i scores position i (row k is the bonus position).
+    pub logits: Vec<Vec<f32>>,
+    /// The request's sampling distribution p_i per row (T > 0 only; at T = 0 corrections use the
+    /// argmax of `logits`).
+    pub probs: Vec<Vec<f32>>,
+    /// Features of the k drafted positions, ready for the policy.
+    pub positions: Vec<Position>,
+    /// Last hidden states `[k + 1, hidden]` (the judge head's input).
+    pub hidden: candle_core::Tensor,
+}
+
+/// Runs the target over `[last, drafts...]`, appending them to its cache (the caller truncates
+/// the rejected ones afterwards).
+pub fn verify(
+    target: &mut Session,
+    last: u32,
+    draft: &Draft,
+    sampling: &SamplingParams,
+    top_k: usize,
+    judge: Option<&dyn Fn(&candle_core::Tensor) -> Result<Vec<f32>>>,
+    rng: &mut Rng64,
+) -> Result<Verification> {
+    let mut input = Vec::with_capacity(draft.tokens.len() + 1);
+    input.push(last);
+    input.extend_from_slice(&draft.tokens);
+    let out = target.forward(&input, Rows::All)?;
+    let logits = out.logits.to_vec2::<f32>()?;
+    let judge_logits = match judge {
+        Some(f) => Some(f(&out.hidden)?),
+        None => None,
+    };
+    let feature_params = feature_params(sampling);
+    let mut probs = Vec::new();
+    let mut positions = Vec::with_capacity(draft.tokens.len());
+    for (i, row) in logits.iter().enumerate() {
+        let p = sample::probabilities(row, &feature_params);
+        if let Some(&x) = draft.tokens.get(i) {
+            positions.push(features(&p, x, draft.q_token[i], top_k, rng.uniform()));
+            if let Some(j) = &judge_logits {
+                positions[i].judge = j.get(i).copied();
+            }
+        }
+        if !sampling.is_greedy() {
+            probs.push(p);
+        }
+    }
+    Ok(Verification {
+        logits,
+        probs,
+        positions,
+        hidden: out.hidden,
+    })
+}
+
+/// The distribution features are computed from: the request's own at T > 0; the model's softmax
+/// (T = 1) at T = 0, where the sampling distribution would be a one-hot that tells a lossy policy
+/// nothing (strict compares the drafted token with the top-1, which is the argmax either way).
+pub fn feature_params(sampling: &SamplingParams) -> SamplingParams {
+    if sampling.is_greedy() {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    } else {
+        *sampling
+    }
+}
+
+/// One position's features from its distribution `p`.
+pub fn features(p: &[f32], token: u32, draft_prob: f32, top_k: usize, uniform: f32) -> Position {
+    Position {
+        token,
+        draft_prob,
+        target_prob: p.get(token as usize).copied().unwrap_or(0.0),
+        target_top: top_entries(p, top_k.max(1)),
+        entropy: entropy(p),
+        judge: None,
+        uniform,
+    }
+}
+
+/// The k largest (id, p), most likely first (ties: lower id first).
+pub fn top_entries(p: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(p.len());
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in p.iter().enumerate() {
+        if top.len() == k && top.last().is_some_and(|&(_, m)| v <= m) {
+            continue;
+        }
+        let at = top.partition_point(|&(_, m)| m >= v);
+        top.insert(at, (i as u32, v));
+        top.truncate(k);
+    }
+    top
+}
+
+/// H(p) in nats.
+pub fn entropy(p: &[f32]) -> f32 {
+    -p.iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| x as f64 * (x as f64).ln())
+        .sum::<f64>() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_entries_sorted_with_ties_by_id() {
+        let p = [0.1, 0.4, 0.1, 0.3, 0.1];
+        assert_eq!(top_entries(&p, 3), vec![(1, 0.4), (3, 0.3), (0, 0.1)]);
+        assert_eq!(top_entries(&p, 9).len(), 5);
+        assert_eq!(top_entries(&[], 2), vec![]);
+    }
+
+    #[test]
+    fn entropy_of_uniform_and_one_hot() {
+        assert!((entropy(&[0.25; 4]) - 4f32.ln()).abs() < 1e-6);
+        assert_eq!(entropy(&[0.0, 1.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn features_read_p_of_the_token() {
+        let p = [0.2, 0.5, 0.3];
+        let f = features(&p, 2, 0.9, 2, 0.25);
+        assert_eq!(f.target_prob, 0.3);
+        assert_eq!(f.target_top, vec![(1, 0.5), (2, 0.3)]);
+        assert_eq!((f.draft_prob, f.uniform, f.judge), (0.9, 0.25, None));
+    }
+}

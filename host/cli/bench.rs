@@ -1,0 +1,247 @@
+//! `verdict bench spec`: speculative vs autoregressive decoding side by side, in one run on one
+//! machine, on HumanEval prompts. Prints a markdown table of tokens/s, tokens per step and the
+//! speed ratio to autoregressive decoding for every drafter x policy x k asked for.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args as ClapArgs, Subcommand};
+
+use crate::decide::{PolicyLimits, PolicyRegistry};
+use crate::draft::DrafterSpec;
+use crate::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
+use crate::models::chat::{ChatTemplate, Message};
+use crate::models::tokenizer::Tokenizer;
+use crate::models::Model;
+use crate::sample::SamplingParams;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Speculative vs autoregressive decoding on HumanEval prompts.
+    Spec(SpecArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct SpecArgs {
+    /// Target GGUF (default: the fetched Qwen2.5-Coder-1.5B-Instruct).
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Draft GGUF (default: the fetched Qwen2.5-Coder-0.5B-Instruct).
+    #[arg(long)]
+    pub draft: Option<PathBuf>,
+    /// Drafters to compare, comma separated: model, prompt-lookup, self:N.
+    #[arg(long, default_value = "model,prompt-lookup")]
+    pub drafters: String,
+    /// Policies to compare, comma separated (name or name@version).
+    #[arg(long, default_value = "strict")]
+    pub policies: String,
+    /// Speculation lengths, comma separated.
+    #[arg(long, default_value = "4,8")]
+    pub k: String,
+    /// Also run each configuration with adaptive k (k_max = the largest k).
+    #[arg(long)]
+    pub adaptive: bool,
+    /// How many HumanEval prompts (taken from the held-out second half).
+    #[arg(long, default_value_t = 4)]
+    pub prompts: usize,
+    /// Tokens to generate per prompt (generation also stops at end of turn).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// HumanEval file (default: the fetched HumanEval.jsonl.gz).
+    #[arg(long)]
+    pub humaneval: Option<PathBuf>,
+    /// Write one JSON object per configuration here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Spec(a) => spec(a),
+    }
+}
+
+/// The fetch cache (scripts/fetch-models).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("VERDICT_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache/verdict/models")
+        })
+}
+
+/// HumanEval prompts (`prompt` field) of the held-out half (task ids 82..163), in order.
+pub fn humaneval_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
+    let f = std::fs::File::open(path).with_context(|| {
+        format!("cannot open {} (run scripts/fetch-models humaneval)", path.display())
+    })?;
+    let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
+    let mut out = Vec::new();
+    for (i, line) in r.lines().enumerate() {
+        let line = line.with_context(|| format!("{}: cannot read line {}", path.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        if i >= 82 {
+            let p = v["prompt"].as_str().context("a HumanEval line without `prompt`")?;
+            out.push(p.to_string());
+        }
+        if out.len() == n {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
+}
+
+struct Row {
+    name: String,
+    tokens: u64,
+    seconds: f64,
+    steps: u64,
+    drafted: u64,
+    accepted: u64,
+}
+
+fn spec(a: SpecArgs) -> Result<()> {
+    let dir = models_dir();
+    let target_path = a.target.unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
+    let draft_path = a.draft.unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
+    let device = candle_core::Device::Cpu;
+    let target = Model::load_gguf(&target_path, &device)?;
+    let drafters: Vec<DrafterSpec> =
+        list(&a.drafters).iter().map(|d| DrafterSpec::parse(d)).collect::<Result<_>>()?;
+    let draft = if drafters.contains(&DrafterSpec::Model) {
+        Some(Model::load_gguf(&draft_path, &device)?)
+    } else {
+        None
+    };
+    let ks: Vec<usize> = list(&a.k)
+        .iter()
+        .map(|k| k.parse::<usize>().with_context(|| format!("--k: `{k}` is not a number")))
+        .collect::<Result<_>>()?;
+    if ks.is_empty() {
+        bail!("--k: give at least one speculation length");
+    }
+    let content = target.gguf_metadata().context("the target has no GGUF metadata")?;
+    let tokenizer = Tokenizer::from_gguf(content)?;
+    let template = ChatTemplate::from_gguf(content, &tokenizer)?;
+    let he = a.humaneval.unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
+    let prompts: Vec<Vec<u32>> = humaneval_prompts(&he, a.prompts)?
+        .iter()
+        .map(|p| {
+            let text = template.render(
+                &[Message::user(format!(
+                    "Complete this Python function. Reply with code only.\n```python\n{p}```"
+                ))],
+                true,
+            )?;
+            tokenizer.encode(&text, true)
+        })
+        .collect::<Result<_>>()?;
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
+    let engine = Engine::new(EngineConfig {
+        target,
+        draft,
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: None,
+        default_k: *ks.iter().max().unwrap_or(&8),
+        adaptive: false,
+    })?;
+
+    let mut configs: Vec<(String, Speculation, Option<String>, bool)> =
+        vec![("autoregressive".into(), Speculation::Off, None, false)];
+    for d in &drafters {
+        for p in list(&a.policies) {
+            for &k in &ks {
+                configs.push((
+                    format!("{} / {p} / k={k}", d.name()),
+                    Speculation::Draft { drafter: Some(d.clone()), k: Some(k) },
+                    Some(p.clone()),
+                    false,
+                ));
+            }
+            if a.adaptive {
+                let k = *ks.iter().max().unwrap_or(&8);
+                configs.push((
+                    format!("{} / {p} / adaptive k<={k}", d.name()),
+                    Speculation::Draft { drafter: Some(d.clone()), k: Some(k) },
+                    Some(p.clone()),
+                    true,
+                ));
+            }
+        }
+    }
+    let eos = tokenizer.eos_ids().to_vec();
+    let mut json = match &a.json {
+        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?),
+        None => None,
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, speculation, policy, adaptive) in configs {
+        let mut row = Row { name: name.clone(), tokens: 0, seconds: 0.0, steps: 0, drafted: 0, accepted: 0 };
+        for prompt in &prompts {
+            let mut g = engine
+                .start(GenerateRequest {
+                    prompt: prompt.clone(),
+                    max_tokens: a.max_tokens,
+                    sampling: SamplingParams::greedy(),
+                    seed: Some(0),
+                    stop_tokens: eos.clone(),
+                    speculation: speculation.clone(),
+                    policy: policy.clone(),
+                    adaptive: Some(adaptive),
+                    ..Default::default()
+                })
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            // The prefill is the same for every configuration: time the decode only.
+            g.step()?;
+            let t = Instant::now();
+            while g.finished().is_none() {
+                g.step()?;
+            }
+            row.seconds += t.elapsed().as_secs_f64();
+            let s = g.stats();
+            row.tokens += s.tokens.saturating_sub(1);
+            row.steps += s.steps;
+            row.drafted += s.drafted;
+            row.accepted += s.accepted;
+        }
+        eprintln!("bench: {name}: {} tokens in {:.2}s", row.tokens, row.seconds);
+        if let Some(f) = json.as_mut() {
+            writeln!(
+                f,
+                "{}",
+                serde_json::json!({"config": name, "tokens": row.tokens, "seconds": row.seconds,
+                    "steps": row.steps, "drafted": row.drafted, "accepted": row.accepted})
+            )?;
+        }
+        rows.push(row);
+    }
+    let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
+    println!(
+        "| configuration | tokens | tok/s | tokens/step | accepted/drafted | speed vs autoregressive |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let tps = r.tokens as f64 / r.seconds.max(1e-9);
+        let per_step = r.tokens as f64 / r.steps.max(1) as f64;
+        let rate = if r.drafted > 0 {
+            format!("{:.2}", r.accepted as f64 / r.drafted as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {} | {:.1} | {:.2} | {} | {:.2}x |",
+            r.name, r.tokens, tps, per_step, rate, tps / base
+        );
+    }
+    Ok(())
+}

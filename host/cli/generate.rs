@@ -1,0 +1,423 @@
+//! `verdict generate`: one prompt in, generated text out: autoregressive, or speculative with
+//! `--draft` and `--policy`.
+//!
+//! stdout carries only the generated text, streamed and flushed token by token; everything else
+//! (`--stats`, errors) goes to stderr, so `verdict generate ... > out.txt` captures just the text.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args as ClapArgs;
+
+use crate::models::chat::{ChatTemplate, Message};
+use crate::models::tokenizer::Tokenizer;
+use std::sync::Arc;
+
+use crate::decide::{PolicyLimits, PolicyRegistry};
+use crate::draft::DrafterSpec;
+use crate::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Speculation};
+use crate::models::Model;
+use crate::sample::SamplingParams;
+
+/// Arguments of `verdict generate`.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct Args {
+    /// GGUF model file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+
+    /// The prompt: a user message, wrapped in the model's chat template (see --raw).
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    pub prompt: String,
+
+    /// Feed the prompt verbatim, recognising special tokens such as <|im_start|> in it.
+    #[arg(long)]
+    pub raw: bool,
+
+    /// Most tokens to generate (at least 1).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), allow_hyphen_values = true)]
+    pub max_tokens: u32,
+
+    /// Sampling temperature; 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature, allow_hyphen_values = true)]
+    pub temperature: f32,
+
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (0 < P <= 1).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_top_p, allow_hyphen_values = true)]
+    pub top_p: f32,
+
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub top_k: u32,
+
+    /// Seed of the sampling RNG (the same seed gives the same text).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub seed: u64,
+
+    /// Keep generating after an end-of-turn token (for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
+
+    /// CPU threads for the matrix kernels (default: one per physical core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), allow_hyphen_values = true)]
+    pub threads: Option<u32>,
+
+    /// Print one JSON line of timings and counts on stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Speculate: a draft GGUF sharing the model's tokenizer, `prompt-lookup`, or `self:N`
+    /// (the model's own first N layers).
+    #[arg(long, value_name = "PATH|prompt-lookup|self:N")]
+    pub draft: Option<String>,
+
+    /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
+    /// one registered in --policy-dir.
+    #[arg(long, default_value = "strict")]
+    pub policy: String,
+
+    /// A policy parameter override, `key=value` (repeatable).
+    #[arg(long = "policy-param", value_name = "KEY=VALUE", value_parser = parse_param)]
+    pub policy_params: Vec<(String, f64)>,
+
+    /// Tokens drafted per step (the maximum when --adaptive).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=crate::engine::MAX_K as i64))]
+    pub k: u32,
+
+    /// Adapt k per step from the acceptance history (k is then the maximum).
+    #[arg(long)]
+    pub adaptive: bool,
+
+    /// Directory of registered policies (see `verdict policy add`).
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+
+    /// Write each speculation step's features as JSON Lines (input of `verdict policy replay`).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+}
+
+fn parse_param(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))?;
+    let v: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{k}: expected a number, got {v:?}"))?;
+    if !v.is_finite() {
+        return Err(format!("{k}: expected a finite number, got {v}"));
+    }
+    Ok((k.trim().to_string(), v))
+}
+
+/// A device as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceArg {
+    /// Opens the device; a CUDA device in a build without CUDA is an error that says so.
+    pub fn open(self) -> Result<candle_core::Device> {
+        match self {
+            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceArg::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    bail!(
+                        "--device cuda:{n}: this verdict was built without CUDA support \
+                         (rebuild with `cargo build --release --features cuda`)"
+                    );
+                }
+                candle_core::Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
+            }
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    match s {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+            _ => Err(format!("expected cpu, cuda or cuda:N, got {s:?}")),
+        },
+    }
+}
+
+fn parse_finite(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|_| format!("expected a number, got {s:?}"))?;
+    if !v.is_finite() {
+        return Err(format!("expected a finite number, got {s}"));
+    }
+    Ok(v)
+}
+
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let v = parse_finite(s)?;
+    if v < 0.0 {
+        return Err(format!("temperature must be >= 0, got {v}"));
+    }
+    Ok(v)
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    let v = parse_finite(s)?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("top-p must be in (0, 1], got {v}"));
+    }
+    Ok(v)
+}
+
+/// Sets the CPU thread count for candle before any of its thread pools exists: rayon's global
+/// pool and candle's own pools read `RAYON_NUM_THREADS`, its quantized kernels'
+/// barrier pool `CANDLE_NUM_THREADS`, each once, when first used.
+fn configure_threads(threads: u32) {
+    // SAFETY: called by `run` before anything in this process starts a thread (`main` parses
+    // the command line and calls `run` first), so no other thread can read the environment.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Eos,
+    MaxTokens,
+    Context,
+    /// stdout was closed (e.g. piped into `head`).
+    Closed,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Eos => "eos",
+            Stop::MaxTokens => "max_tokens",
+            Stop::Context => "context",
+            Stop::Closed => "stdout_closed",
+        }
+    }
+}
+
+/// Writes to stdout and flushes; `Ok(false)` when the reader has gone away.
+fn emit(out: &mut impl Write, text: &str) -> Result<bool> {
+    if text.is_empty() {
+        return Ok(true);
+    }
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
+}
+
+/// Runs `verdict generate`. Must be called before any other thread starts (see --threads).
+pub fn run(args: Args) -> Result<()> {
+    if let Some(n) = args.threads {
+        configure_threads(n);
+    }
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k as usize,
+        top_p: args.top_p,
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let device = args.device.open()?;
+    let path = &args.model;
+
+    let t_load = Instant::now();
+    let model = Model::load_gguf(path, &device)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    let content = model
+        .gguf_metadata()
+        .with_context(|| format!("{}: no GGUF metadata", path.display()))?;
+    let tok = Tokenizer::from_gguf(content)
+        .with_context(|| format!("{}: reading the tokenizer", path.display()))?;
+    let n_logits = model.config().vocab_size;
+    if n_logits > tok.vocab_size() {
+        bail!(
+            "{}: the model has {n_logits} output logits but the tokenizer only {} tokens",
+            path.display(),
+            tok.vocab_size()
+        );
+    }
+    let text = if args.raw {
+        args.prompt.clone()
+    } else {
+        ChatTemplate::from_gguf(content, &tok)
+            .with_context(|| format!("{}: chat template", path.display()))?
+            .render(&[Message::user(args.prompt.as_str())], true)?
+    };
+    // Special tokens are parsed in the rendered template (that is how it marks turns) and in a
+    // raw prompt (by request), as Hugging Face and llama.cpp do.
+    let prompt = tok
+        .encode_prompt(&text, true)
+        .context("tokenizing the prompt")?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    if prompt.is_empty() {
+        bail!("the prompt is empty (0 tokens): give --prompt some text");
+    }
+    let ctx = model.config().context_length;
+    if prompt.len() >= ctx {
+        bail!(
+            "the prompt is {} tokens but {} has a context of {ctx} tokens: nothing is left to \
+             generate into",
+            prompt.len(),
+            path.display()
+        );
+    }
+
+    let (draft_model, drafter) = match args.draft.as_deref() {
+        None => (None, None),
+        Some(d) if d == "prompt-lookup" || d.starts_with("self:") => {
+            (None, Some(DrafterSpec::parse(d).context("--draft")?))
+        }
+        Some(d) => {
+            let m = Model::load_gguf(std::path::Path::new(d), &device)
+                .with_context(|| format!("loading the draft model {d}"))?;
+            (Some(m), Some(DrafterSpec::Model))
+        }
+    };
+    let speculating = drafter.is_some();
+    let registry = match &args.policy_dir {
+        Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())?,
+        None => PolicyRegistry::in_memory(PolicyLimits::default())?,
+    };
+    let engine = Engine::new(EngineConfig {
+        target: model,
+        draft: draft_model,
+        registry: Arc::new(registry),
+        default_policy: args.policy.clone(),
+        default_drafter: drafter,
+        default_k: args.k as usize,
+        adaptive: args.adaptive,
+    })?;
+    let trace: Option<Box<dyn Write + Send>> = match &args.trace {
+        Some(p) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--trace: cannot create {}", p.display()))?,
+        ))),
+        None => None,
+    };
+    let mut generation = engine
+        .start(GenerateRequest {
+            prompt: prompt.clone(),
+            max_tokens: args.max_tokens as usize,
+            sampling: params,
+            seed: Some(args.seed),
+            stop_tokens: if args.ignore_eos { Vec::new() } else { tok.eos_ids().to_vec() },
+            speculation: Speculation::Default,
+            policy: speculating.then(|| args.policy.clone()),
+            policy_params: args.policy_params.clone(),
+            adaptive: Some(args.adaptive),
+            trace,
+        })
+        .map_err(|e| match &e.param {
+            Some(p) => anyhow::anyhow!("{p}: {}", e.message),
+            None => anyhow::anyhow!("{}", e.message),
+        })?;
+
+    let mut stdout = std::io::stdout().lock();
+    let mut stream = tok.stream(true);
+    let t_start = Instant::now();
+    let first = generation.step().context("prompt forward")?;
+    let prefill_s = t_start.elapsed().as_secs_f64();
+    let t_decode = Instant::now();
+    let mut pending = first;
+    let mut last_newline = false;
+    let stop = 'outer: loop {
+        for t in pending.drain(..) {
+            let piece = stream.push(&tok, t)?;
+            if !piece.is_empty() {
+                last_newline = piece.ends_with('\n');
+            }
+            if !emit(&mut stdout, &piece)? {
+                break 'outer Stop::Closed;
+            }
+        }
+        match generation.finished() {
+            Some(FinishReason::Stop) => break Stop::Eos,
+            Some(FinishReason::Length) => {
+                break if generation.output().len() >= args.max_tokens as usize {
+                    Stop::MaxTokens
+                } else {
+                    Stop::Context
+                };
+            }
+            None => {}
+        }
+        pending = generation
+            .step()
+            .with_context(|| format!("step at position {}", prompt.len() + generation.output().len()))?;
+    };
+    let generated = generation.output().len();
+    let spec = generation.stats().clone();
+    let steps = spec.steps as usize;
+    let decode_s = t_decode.elapsed().as_secs_f64();
+    let seconds = t_start.elapsed().as_secs_f64();
+    let mut ends_in_newline = true;
+    if stop != Stop::Closed {
+        let rest = stream.finish();
+        emit(&mut stdout, &rest)?;
+        ends_in_newline = if rest.is_empty() {
+            generated == 0 || last_newline
+        } else {
+            rest.ends_with('\n')
+        };
+    }
+    drop(stdout);
+
+    if args.stats {
+        // On a terminal the stats line would otherwise continue the text's last line.
+        if !ends_in_newline && std::io::stdout().is_terminal() {
+            eprintln!();
+        }
+        let line = serde_json::json!({
+            "tokens": generated,
+            "prompt_tokens": prompt.len(),
+            "seconds": seconds,
+            // Decode rate: tokens after the first per second of decoding.
+            "tokens_per_s": if decode_s > 0.0 { generated.saturating_sub(1) as f64 / decode_s } else { 0.0 },
+            "prefill_s": prefill_s,
+            "prefill_tokens_per_s": prompt.len() as f64 / prefill_s.max(f64::MIN_POSITIVE),
+            "decode_s": decode_s,
+            "decode_steps": steps,
+            "steps": spec.steps,
+            "drafted": spec.drafted,
+            "accepted": spec.accepted,
+            "tokens_per_step": spec.tokens_per_step(),
+            "accepted_per_position": spec.accepted_per_position,
+            "policy_faults": spec.policy_faults,
+            "policy": spec.policy,
+            "drafter": spec.drafter,
+            "load_s": load_s,
+            "stop": stop.name(),
+            "device": args.device.to_string(),
+            "threads": candle_core::utils::get_num_threads(),
+            "model": path.display().to_string(),
+        });
+        eprintln!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Drafting with a model: a separate small model, or the target's first N layers (self-draft).
+//! Both are a [`Session`] with its own KV cache that follows the sequence: before drafting, the
+//! cache is rolled back to the longest prefix it shares with the context, then fed the rest.
+
+use anyhow::{Context, Result};
+
+use super::{Draft, Drafter};
+use crate::models::{Rows, Session};
+use crate::sample::{self, Rng64, SamplingParams};
+
+pub struct ModelDrafter {
+    name: String,
+    session: Session,
+    /// The tokens whose keys/values are in `session`'s cache, in order.
+    cached: Vec<u32>,
+}
+
+impl ModelDrafter {
+    pub fn new(name: impl Into<String>, session: Session) -> Self {
+        ModelDrafter {
+            name: name.into(),
+            session,
+            cached: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let out = self.session.forward(tokens, Rows::Last)?;
+        self.cached.extend_from_slice(tokens);
+        let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
+        Ok(row)
+    }
+}
+
+impl Drafter for ModelDrafter {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        rng: &mut Rng64,
+    ) -> Result<Draft> {
+        let mut draft = Draft::default();
+        if k == 0 || context.is_empty() {
+            return Ok(draft);
+        }
+        // Keep the shared prefix, but always feed at least one token to get logits.
+        let common = self
+            .cached
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(context.len() - 1);
+        self.session.truncate(common)?;
+        self.cached.truncate(common);
+        // Leave room in the draft's context; a draft that cannot continue just proposes less.
+        let room = self.session.max_len().saturating_sub(context.len());
+        let k = k.min(room);
+        if k == 0 {
+            return Ok(draft);
+        }
+        let mut logits = self
+            .feed(&context[common..])
+            .with_context(|| format!("drafter {} failed", self.name))?;
+        for i in 0..k {
+            let (x, qx) = if sampling.is_greedy() {
+                // Greedy drafting proposes the argmax; q(x) is still the model's own softmax so
+                // that lossy policies see a meaningful draft confidence.
+                let x = sample::argmax(&logits);
+                (x, softmax_at(&logits, x))
+            } else {
+                let q = sample::probabilities(&logits, sampling);
+                let x = sample::sample(&q, rng.uniform());
+                let qx = q[x as usize];
+                draft.q_rows.push(q);
+                (x, qx)
+            };
+            draft.tokens.push(x);
+            draft.q_token.push(qx);
+            if i + 1 < k {
+                logits = self.feed(&[x])?;
+            }
+        }
+        Ok(draft)
+    }
+}
+
+/// softmax(logits)[x] at temperature 1, without materialising the distribution.
+pub fn softmax_at(logits: &[f32], x: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits
+        .get(x as usize)
+        .map_or(0.0, |&l| (l - max).exp() / sum)
+}

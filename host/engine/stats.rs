@@ -1,0 +1,55 @@
+//! Per-request speculation statistics (the `--stats` line, the HTTP response's `speculation`
+//! field, the metrics).
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SpecStats {
+    /// Generated tokens (stop tokens excluded).
+    pub tokens: u64,
+    /// Target forwards after the prefill (speculative or plain).
+    pub steps: u64,
+    /// Drafted tokens proposed to the target.
+    pub drafted: u64,
+    /// Drafted tokens accepted.
+    pub accepted: u64,
+    /// Steps whose position i was accepted, per i.
+    pub accepted_per_position: Vec<u64>,
+    /// Steps that drafted a position i, per i.
+    pub drafted_per_position: Vec<u64>,
+    /// Steps the policy faulted on (strict decided instead).
+    pub policy_faults: u64,
+    /// `name@version` of the policy, when speculating.
+    pub policy: Option<String>,
+    /// The drafter, when speculating.
+    pub drafter: Option<String>,
+}
+
+impl SpecStats {
+    pub(crate) fn record_step(&mut self, drafted: usize, accepted: usize, fault: bool) {
+        self.steps += 1;
+        self.drafted += drafted as u64;
+        self.accepted += accepted as u64;
+        if self.drafted_per_position.len() < drafted {
+            self.drafted_per_position.resize(drafted, 0);
+            self.accepted_per_position.resize(drafted, 0);
+        }
+        for i in 0..drafted {
+            self.drafted_per_position[i] += 1;
+            if i < accepted {
+                self.accepted_per_position[i] += 1;
+            }
+        }
+        self.policy_faults += fault as u64;
+    }
+
+    /// Generated tokens per target forward (1.0 for plain decoding).
+    pub fn tokens_per_step(&self) -> f64 {
+        if self.steps == 0 {
+            0.0
+        } else {
+            // The prefill's token is not a step of its own.
+            (self.tokens.saturating_sub(1)) as f64 / self.steps as f64
+        }
+    }
+}

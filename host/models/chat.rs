@@ -1,0 +1,347 @@
+//! Chat templates: the model's own Jinja template (`tokenizer.chat_template` in the GGUF),
+//! rendered with minijinja configured like Hugging Face's `apply_chat_template` (trim_blocks,
+//! lstrip_blocks, Python string methods, `raise_exception`, a Python-compatible `tojson`), so a
+//! conversation becomes exactly the text the model was trained on. Models without a template
+//! get ChatML.
+
+use anyhow::{Context, Result, anyhow};
+use candle_core::quantized::gguf_file::Content;
+use minijinja::value::Kwargs;
+use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior, Value};
+use serde::{Deserialize, Serialize};
+
+use super::tokenizer::Tokenizer;
+
+/// ChatML, for models that ship no template: `<|im_start|>role\ncontent<|im_end|>\n` per message.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' \
++ message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}\
+{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    fallback: bool,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// Compiles `source`. `bos_token` / `eos_token` are the texts the template may insert.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        Self::build(source, bos_token, eos_token, false)
+    }
+
+    /// ChatML (see [`CHATML`]).
+    pub fn chatml(bos_token: &str, eos_token: &str) -> Self {
+        // The constant is known to compile (tested), so this cannot fail.
+        Self::build(CHATML, bos_token, eos_token, true)
+            .unwrap_or_else(|e| unreachable!("the built-in ChatML template is valid: {e:#}"))
+    }
+
+    /// The template stored in the GGUF (`tokenizer.chat_template`), or ChatML when there is none.
+    pub fn from_gguf(content: &Content, tokenizer: &Tokenizer) -> Result<Self> {
+        let text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.token_text(id))
+                .unwrap_or_default()
+        };
+        let (bos, eos) = (text(tokenizer.bos_id()), text(tokenizer.eos_id()));
+        match content.metadata.get("tokenizer.chat_template") {
+            None => Ok(Self::chatml(&bos, &eos)),
+            Some(v) => {
+                let source = v
+                    .to_string()
+                    .map_err(|e| anyhow!("GGUF metadata tokenizer.chat_template: {e}"))?;
+                Self::new(source, &bos, &eos)
+                    .context("compiling the GGUF's tokenizer.chat_template")
+            }
+        }
+    }
+
+    fn build(source: &str, bos_token: &str, eos_token: &str, fallback: bool) -> Result<Self> {
+        let mut env = Environment::new();
+        // Hugging Face (and llama.cpp) render chat templates with these two on.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // Jinja2's default: an undefined value is falsy and prints as nothing.
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| anyhow!("chat template does not compile: {e:#}"))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            fallback,
+        })
+    }
+
+    /// Whether this is the ChatML fallback (the model shipped no template).
+    pub fn is_fallback(&self) -> bool {
+        self.fallback
+    }
+
+    /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's
+    /// reply begins.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| anyhow!("chat template: {e:#}"))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| anyhow!("rendering the chat template: {e:#}"))
+    }
+}
+
+/// Templates call `raise_exception("...")` to reject a conversation (e.g. roles out of order).
+fn raise_exception(msg: String) -> Result<Value, Error> {
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("the chat template rejected the conversation: {msg}"),
+    ))
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)`, which
+/// is what Hugging Face's `tojson` is: `", "` and `": "` separators, non-ASCII kept as is.
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent = match indent {
+        Some(v) => Some(v),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => Some(usize::try_from(v.clone()).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: indent must be a non-negative integer, got {v}"),
+            )
+        })?),
+    };
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter::new(indent));
+    let written = if sort_keys {
+        // serde_json's own map type keeps keys sorted, so a round trip through it sorts them.
+        serde_json::to_value(value).and_then(|v| v.serialize(&mut ser))
+    } else {
+        // Straight from the template value, which keeps Python's insertion order.
+        value.serialize(&mut ser)
+    };
+    written.map_err(|e| {
+        Error::new(ErrorKind::InvalidOperation, "tojson: cannot serialize").with_source(e)
+    })?;
+    let s = String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, "tojson: not UTF-8").with_source(e))?;
+    // Marked safe so that an auto-escaping template does not escape the JSON again.
+    Ok(Value::from_safe_string(s))
+}
+
+/// serde_json formatter that writes what Python's json module writes.
+struct PyFormatter {
+    indent: Option<usize>,
+    level: usize,
+    has_value: bool,
+}
+
+impl PyFormatter {
+    fn new(indent: Option<usize>) -> Self {
+        Self {
+            indent,
+            level: 0,
+            has_value: false,
+        }
+    }
+
+    fn separator<W: ?Sized + std::io::Write>(&self, w: &mut W, first: bool) -> std::io::Result<()> {
+        match self.indent {
+            None if first => Ok(()),
+            None => w.write_all(b", "),
+            Some(n) => {
+                if !first {
+                    w.write_all(b",")?;
+                }
+                w.write_all(b"\n")?;
+                w.write_all(" ".repeat(n * self.level).as_bytes())
+            }
+        }
+    }
+
+    fn close<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.level -= 1;
+        if let (Some(n), true) = (self.indent, self.has_value) {
+            w.write_all(b"\n")?;
+            w.write_all(" ".repeat(n * self.level).as_bytes())?;
+        }
+        self.has_value = true;
+        w.write_all(bracket)
+    }
+}
+
+impl serde_json::ser::Formatter for PyFormatter {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(b"[")
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.separator(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(b"{")
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.separator(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _w: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_fallback_renders() {
+        let t = ChatTemplate::chatml("", "");
+        let s = t
+            .render(&[Message::system("be brief"), Message::user("hi")], true)
+            .unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        let s = t.render(&[Message::user("hi")], false).unwrap();
+        assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n");
+    }
+
+    #[test]
+    fn tojson_matches_python() {
+        let t = ChatTemplate::new(
+            "{% set x = {'name': 'f', 'args': [1, 'é', {'a': none}]} %}{{ x | tojson }}|\
+             {{ x | tojson(indent=2) }}|{{ y | tojson }}|{{ e | tojson }}|{{ x | tojson(sort_keys=true) }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let env = &t.env;
+        let out = env
+            .get_template(NAME)
+            .unwrap()
+            .render(minijinja::context! {
+                y => vec![1.5, 2.0],
+                e => Vec::<u8>::new(),
+            })
+            .unwrap();
+        // json.dumps(x), json.dumps(x, indent=2), json.dumps([1.5, 2.0]), json.dumps([]),
+        // json.dumps(x, sort_keys=True)
+        assert_eq!(
+            out,
+            "{\"name\": \"f\", \"args\": [1, \"é\", {\"a\": null}]}|{\n  \"name\": \"f\",\n  \
+             \"args\": [\n    1,\n    \"é\",\n    {\n      \"a\": null\n    }\n  ]\n}|[1.5, 2.0]|[]|\
+             {\"args\": [1, \"é\", {\"a\": null}], \"name\": \"f\"}"
+        );
+    }
+
+    #[test]
+    fn raise_exception_is_an_error_with_the_message() {
+        let t = ChatTemplate::new(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t.render(&[Message::assistant("x")], true).unwrap_err();
+        assert!(format!("{err:#}").contains("first must be user"), "{err:#}");
+        assert!(t.render(&[Message::user("x")], true).is_ok());
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", "", "").unwrap();
+        assert_eq!(t.render(&[Message::user("  hi ")], false).unwrap(), "HI");
+    }
+
+    #[test]
+    fn broken_template_is_a_clear_error() {
+        let err = ChatTemplate::new("{% for %}", "", "").unwrap_err();
+        assert!(format!("{err:#}").contains("does not compile"), "{err:#}");
+    }
+}

@@ -1,0 +1,335 @@
+//! The speculation engine on tiny random models: strict speculation is lossless (greedy output
+//! identical to autoregressive; sampled output follows the target's distribution), rollback is
+//! exact, statistics add up, and bad requests are refused with the field named.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use verdict::decide::{PolicyLimits, PolicyRegistry};
+use verdict::draft::DrafterSpec;
+use verdict::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
+use verdict::models::testing::{TinySpec, write_tiny_gguf};
+use verdict::models::{Model, Rows};
+use verdict::sample::SamplingParams;
+
+fn tiny(dir: &Path, name: &str, spec: TinySpec) -> Model {
+    let path: PathBuf = dir.join(name);
+    write_tiny_gguf(&path, &spec).unwrap();
+    Model::load_gguf(&path, &candle_core::Device::Cpu).unwrap()
+}
+
+/// Sharper than the default random model so that sampling tests have structure to find.
+fn spec(seed: u64, layers: usize) -> TinySpec {
+    TinySpec {
+        seed,
+        layers,
+        vocab: 300,
+        ..TinySpec::default()
+    }
+}
+
+fn engine(target: Model, draft: Option<Model>, drafter: Option<DrafterSpec>, k: usize) -> Engine {
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+    Engine::new(EngineConfig {
+        target,
+        draft,
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: drafter,
+        default_k: k,
+        adaptive: false,
+    })
+    .unwrap()
+}
+
+fn run(engine: &Engine, req: GenerateRequest) -> (Vec<u32>, verdict::engine::SpecStats) {
+    let mut g = engine.start(req).unwrap();
+    while g.finished().is_none() {
+        g.step().unwrap();
+    }
+    (g.output().to_vec(), g.stats().clone())
+}
+
+fn greedy(prompt: &[u32], max_tokens: usize, speculation: Speculation) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        seed: Some(1),
+        speculation,
+        ..Default::default()
+    }
+}
+
+const PROMPTS: [&[u32]; 3] = [&[1, 2, 3], &[40, 41, 42, 40, 41], &[7; 9]];
+
+#[test]
+fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let drafters = [
+        (Some(other.clone()), DrafterSpec::Model),
+        (Some(target.clone()), DrafterSpec::Model), // a perfect draft: every step takes the bonus path
+        (None, DrafterSpec::PromptLookup),
+        (None, DrafterSpec::SelfDraft(1)),
+        (None, DrafterSpec::SelfDraft(2)),
+    ];
+    let plain = engine(target.clone(), None, None, 4);
+    for prompt in PROMPTS {
+        let (reference, _) = run(&plain, greedy(prompt, 40, Speculation::Off));
+        assert_eq!(reference.len(), 40);
+        for (draft, spec) in &drafters {
+            for k in [1, 3, 8] {
+                let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
+                let (out, stats) = run(&e, greedy(prompt, 40, Speculation::Default));
+                assert_eq!(out, reference, "drafter {spec:?}, k = {k}, prompt {prompt:?}");
+                // Every emitted token after the first came from a step: accepted + 1 per step.
+                assert!(stats.accepted <= stats.drafted);
+                assert!(stats.steps >= 1 && stats.tokens == 40);
+                assert!(
+                    stats.accepted + stats.steps >= 39,
+                    "{stats:?}: steps must account for the tokens"
+                );
+                for w in stats.accepted_per_position.windows(2) {
+                    assert!(w[0] >= w[1], "acceptance per position is a prefix count: {stats:?}");
+                }
+            }
+        }
+    }
+    // A perfect draft is accepted in full.
+    let e = engine(target.clone(), Some(target.clone()), Some(DrafterSpec::Model), 4);
+    let (_, stats) = run(&e, greedy(PROMPTS[0], 41, Speculation::Default));
+    assert_eq!(stats.accepted, stats.drafted, "{stats:?}");
+    assert_eq!(stats.steps, 8, "40 tokens in steps of 5: {stats:?}");
+}
+
+#[test]
+fn rollback_leaves_the_target_cache_as_if_only_accepted_tokens_were_fed() {
+    // After a speculative generation, the next-token logits equal those of a fresh session fed the
+    // same tokens: what the rejected drafts wrote into the cache is gone.
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(3, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(4, 1));
+    let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 6);
+    let (out, stats) = run(&e, greedy(&[5, 6, 7], 25, Speculation::Default));
+    assert!(stats.drafted > stats.accepted, "the test needs rejections: {stats:?}");
+    let mut all = vec![5, 6, 7];
+    all.extend(&out);
+    let mut fresh = target.session();
+    let a = fresh.forward(&all, Rows::Last).unwrap().logits;
+    let mut stepwise = target.session();
+    stepwise.forward(&all[..10], Rows::All).unwrap();
+    stepwise.forward(&[1, 2, 3, 4], Rows::All).unwrap();
+    stepwise.truncate(10).unwrap();
+    let b = stepwise.forward(&all[10..], Rows::Last).unwrap().logits;
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-4, "max diff {d}");
+}
+
+/// Exact distribution of the second generated token: sum over the first.
+fn second_token_distribution(target: &Model, prompt: &[u32], s: &SamplingParams) -> Vec<f64> {
+    let mut sess = target.session();
+    let l1 = sess.forward(prompt, Rows::Last).unwrap().logits.squeeze(0).unwrap();
+    let p1 = verdict::sample::probabilities(&l1.to_vec1::<f32>().unwrap(), s);
+    let mut out = vec![0f64; p1.len()];
+    for (t1, &w) in p1.iter().enumerate() {
+        if w == 0.0 {
+            continue;
+        }
+        sess.truncate(prompt.len()).unwrap();
+        let l2 = sess.forward(&[t1 as u32], Rows::Last).unwrap().logits.squeeze(0).unwrap();
+        let p2 = verdict::sample::probabilities(&l2.to_vec1::<f32>().unwrap(), s);
+        for (o, &p) in out.iter_mut().zip(&p2) {
+            *o += w as f64 * p as f64;
+        }
+    }
+    out
+}
+
+/// Pearson chi-square of counts against probabilities, bins with expected < 5 pooled; returns
+/// (statistic, degrees of freedom).
+fn chi_square(counts: &[u64], p: &[f64]) -> (f64, usize) {
+    let n: u64 = counts.iter().sum();
+    let (mut stat, mut bins) = (0.0, 0usize);
+    let (mut pool_o, mut pool_e) = (0.0, 0.0);
+    for (&c, &pi) in counts.iter().zip(p) {
+        let e = pi * n as f64;
+        if e < 5.0 {
+            pool_o += c as f64;
+            pool_e += e;
+        } else {
+            stat += (c as f64 - e).powi(2) / e;
+            bins += 1;
+        }
+    }
+    if pool_e > 0.0 {
+        stat += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+        bins += 1;
+    }
+    (stat, bins.saturating_sub(1))
+}
+
+/// Upper 0.1% point of chi-square with `dof` degrees of freedom (Wilson-Hilferty).
+fn chi2_critical(dof: usize) -> f64 {
+    let k = dof as f64;
+    let z = 3.09;
+    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+}
+
+#[test]
+fn speculative_sampling_follows_the_target_distribution() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(5, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
+    let prompt = [10u32, 11, 12];
+    // A low temperature sharpens the random models so p and q really differ.
+    let s = SamplingParams {
+        temperature: 0.15,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let exact = second_token_distribution(&target, &prompt, &s);
+    let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
+    let n = 3000u64;
+    let mut counts = vec![0u64; exact.len()];
+    let mut drafted_but_rejected = 0;
+    for seed in 0..n {
+        let req = GenerateRequest {
+            prompt: prompt.to_vec(),
+            max_tokens: 4,
+            sampling: s,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        let mut g = e.start(req).unwrap();
+        g.step().unwrap(); // prefill: token 1
+        g.step().unwrap(); // first speculative step: token 2 onwards
+        counts[g.output()[1] as usize] += 1;
+        let st = g.stats();
+        drafted_but_rejected += (st.drafted - st.accepted > 0) as u64;
+    }
+    assert!(drafted_but_rejected > n / 10, "p and q must differ for this test to mean anything");
+    let (stat, dof) = chi_square(&counts, &exact);
+    assert!(dof >= 5, "dof {dof}");
+    assert!(stat < chi2_critical(dof), "chi-square {stat:.1} with {dof} dof");
+    // The same check must reject the draft's distribution (the test has power).
+    let draft_model = tiny(dir.path(), "d2.gguf", spec(6, 1));
+    let wrong = second_token_distribution(&draft_model, &prompt, &s);
+    let (stat_wrong, dof_wrong) = chi_square(&counts, &wrong);
+    assert!(stat_wrong > chi2_critical(dof_wrong), "chi-square vs q {stat_wrong:.1}");
+}
+
+#[test]
+fn seeded_requests_reproduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(7, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(8, 1));
+    let e = engine(target, Some(draft), Some(DrafterSpec::Model), 4);
+    let req = |seed| GenerateRequest {
+        prompt: vec![1, 2, 3],
+        max_tokens: 30,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+        },
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let a = run(&e, req(9)).0;
+    assert_eq!(a, run(&e, req(9)).0);
+    assert_ne!(a, run(&e, req(10)).0);
+}
+
+#[test]
+fn stop_tokens_and_max_tokens_end_the_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let e = engine(target.clone(), Some(target), Some(DrafterSpec::Model), 8);
+    let (full, _) = run(&e, greedy(&[1, 2, 3], 20, Speculation::Default));
+    let stop = full[6];
+    let first = full.iter().position(|&t| t == stop).unwrap();
+    let mut req = greedy(&[1, 2, 3], 20, Speculation::Default);
+    req.stop_tokens = vec![stop];
+    let mut g = e.start(req).unwrap();
+    while g.finished().is_none() {
+        g.step().unwrap();
+    }
+    assert_eq!(g.output(), &full[..first]);
+    assert_eq!(g.finished(), Some(verdict::engine::FinishReason::Stop));
+    let (three, _) = run(&e, greedy(&[1, 2, 3], 3, Speculation::Default));
+    assert_eq!(three, full[..3]);
+}
+
+#[test]
+fn bad_requests_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 2));
+    let e = engine(target, None, None, 4);
+    let err = |req: GenerateRequest| e.start(req).err().expect("must be refused");
+    let base = || greedy(&[1, 2], 5, Speculation::Off);
+
+    let r = err(GenerateRequest { prompt: vec![], ..base() });
+    assert_eq!(r.param.as_deref(), Some("prompt"));
+    let r = err(GenerateRequest { prompt: vec![1; 300], ..base() });
+    assert!(r.message.contains("300 tokens") && r.message.contains("256"), "{r:?}");
+    let r = err(GenerateRequest { prompt: vec![1, 99_999], ..base() });
+    assert!(r.message.contains("99999"), "{r:?}");
+    let r = err(GenerateRequest { max_tokens: 0, ..base() });
+    assert_eq!(r.param.as_deref(), Some("max_tokens"));
+    let mut bad_t = base();
+    bad_t.sampling.temperature = -1.0;
+    assert_eq!(err(bad_t).param.as_deref(), Some("temperature"));
+    let spec_k = |k| Speculation::Draft { drafter: Some(DrafterSpec::PromptLookup), k: Some(k) };
+    for k in [0, 65] {
+        let r = err(GenerateRequest { speculation: spec_k(k), ..base() });
+        assert_eq!(r.param.as_deref(), Some("speculation.k"), "{r:?}");
+    }
+    let r = err(GenerateRequest {
+        speculation: Speculation::Draft { drafter: Some(DrafterSpec::Model), k: None },
+        ..base()
+    });
+    assert!(r.message.contains("no draft model"), "{r:?}");
+    let r = err(GenerateRequest {
+        speculation: Speculation::Draft { drafter: Some(DrafterSpec::SelfDraft(2)), k: None },
+        ..base()
+    });
+    assert!(r.message.contains("self:2"), "{r:?}");
+    let r = err(GenerateRequest {
+        speculation: spec_k(4),
+        policy: Some("nonesuch".into()),
+        ..base()
+    });
+    assert_eq!(r.param.as_deref(), Some("policy"));
+    assert!(r.message.contains("nonesuch"), "{r:?}");
+    let r = err(GenerateRequest {
+        speculation: spec_k(4),
+        policy: Some("threshold".into()),
+        policy_params: vec![("no_such_param".into(), 1.0)],
+        ..base()
+    });
+    assert_eq!(r.param.as_deref(), Some("policy_params"));
+    assert!(r.message.contains("no_such_param"), "{r:?}");
+}
+
+#[test]
+fn a_draft_with_another_tokenizer_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 2));
+    let draft = tiny(dir.path(), "d.gguf", TinySpec { vocab: 290, ..spec(2, 1) });
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+    let err = Engine::new(EngineConfig {
+        target,
+        draft: Some(draft),
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: Some(DrafterSpec::Model),
+        default_k: 4,
+        adaptive: false,
+    })
+    .err()
+    .expect("a vocabulary mismatch must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("290") && msg.contains("300") && msg.contains("d.gguf"), "{msg}");
+}
