@@ -120,10 +120,32 @@ impl Server {
     ) -> std::io::Result<Response> {
         let mut s = TcpStream::connect(&self.addr)?;
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        write_request(&mut s, method, path, headers, body)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        Ok(parse_response(&raw))
+        let mut w = s.try_clone()?;
+        // The server may answer (413) and close before the whole body is sent: write on the
+        // side, and keep whatever response arrived even if the connection is then reset.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _ = write_request(&mut w, method, path, headers, body);
+            });
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 16384];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    Err(e) if raw.windows(4).any(|w| w == b"\r\n\r\n") => {
+                        let _ = e;
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                        return Err(e);
+                    }
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            Ok(parse_response(&raw))
+        })
     }
 
     pub fn request(
