@@ -32,13 +32,6 @@ pub struct Reason {
     pub reason: String,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn policy_latency_histogram() -> Histogram {
-    // 10 us .. ~1.3 s
-    Histogram::new(exponential_buckets(1e-5, 2.0, 18))
-}
-
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RouteStatus, Counter>,
@@ -50,7 +43,6 @@ pub struct Metrics {
     pub accepted_by_position: Family<PolicyPosition, Counter>,
     pub drafted_by_position: Family<PolicyPosition, Counter>,
     pub tokens_per_step: Histogram,
-    pub policy_call_seconds: HistogramFamily<PolicyLabel>,
     pub policy_faults: Family<PolicyLabel, Counter>,
     pub queue_depth: Gauge<i64>,
     pub active: Gauge<i64>,
@@ -80,7 +72,6 @@ impl Metrics {
             accepted_by_position: Family::default(),
             drafted_by_position: Family::default(),
             tokens_per_step: Histogram::new(linear_buckets(1.0, 1.0, 17)),
-            policy_call_seconds: Family::new_with_constructor(policy_latency_histogram),
             policy_faults: Family::default(),
             queue_depth: Gauge::default(),
             active: Gauge::default(),
@@ -138,11 +129,6 @@ impl Metrics {
             "tokens_per_step",
             "Tokens emitted per speculation step",
             m.tokens_per_step.clone(),
-        );
-        r.register(
-            "policy_call_seconds",
-            "Policy verify call latency by policy",
-            m.policy_call_seconds.clone(),
         );
         r.register(
             "policy_faults",
