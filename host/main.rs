@@ -16,6 +16,8 @@ enum Command {
     Generate(verdict::cli::generate::Args),
     /// Acceptance policies: list, check, add, remove, new, replay, bench.
     Policy(verdict::cli::policy::PolicyArgs),
+    /// The OpenAI-compatible HTTP server (completions, chat, policy management, metrics).
+    Serve(verdict::cli::serve::ServeArgs),
     /// Benchmarks, measured side by side in one run (results go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(verdict::cli::bench::BenchCommand),
@@ -26,6 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => verdict::cli::generate::run(args),
         Command::Policy(args) => verdict::cli::policy::run(args),
+        Command::Serve(args) => verdict::cli::serve::run(args),
         Command::Bench(cmd) => verdict::cli::bench::run(cmd),
     };
     match result {

@@ -1,1 +1,27 @@
-//! (filled by its issue)
+//! Serve: the OpenAI-compatible HTTP server (hyper 1 + tokio). Talks to the engine and, for the
+//! admin routes, to the policy registry; never to models directly.
+//!
+//! - [`api`]: request parsing and validation (every error names its field).
+//! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
+//! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
+//! - [`pool`]: the generation worker threads and the bounded queue behind 429.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`auth`]: the admin bearer token (constant-time compare).
+//! - [`error`]: OpenAI-style error bodies.
+//!
+//! Policy versions: a request resolves its policy once, when it starts; an upload or delete
+//! while it runs does not affect it, and every request that starts afterwards gets the new
+//! version.
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod generate;
+pub mod http;
+pub mod metrics;
+pub mod pool;
+pub mod stop;
+
+pub use auth::AdminToken;
+pub use error::ApiError;
+pub use http::{Loader, ServeOptions, Served, run};

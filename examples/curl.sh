@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# verdict's HTTP API with curl. Start a server first (scripts/serve, or
+# `verdict serve --model FILE.gguf --draft prompt-lookup`), then run this script or copy lines.
+#   VERDICT_URL (default http://127.0.0.1:8080), VERDICT_ADMIN_TOKEN (if --admin-token-file).
+set -euo pipefail
+URL=${VERDICT_URL:-http://127.0.0.1:8080}
+MODEL=$(curl -s "$URL/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
+AUTH=()
+[ -n "${VERDICT_ADMIN_TOKEN:-}" ] && AUTH=(-H "Authorization: Bearer $VERDICT_ADMIN_TOKEN")
+
+echo "== liveness, readiness, models"
+curl -s "$URL/health"; echo
+curl -s "$URL/ready"; echo
+curl -s "$URL/v1/models"; echo
+
+echo "== a completion (default policy and drafter); the response's \"speculation\" has the stats"
+curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"prompt\": \"def is_prime(n):\", \"max_tokens\": 48, \"temperature\": 0,
+  \"stop\": [\"\\n\\n\"]
+}"; echo
+
+echo "== chat, streamed (server-sent events ending in data: [DONE]), judge policy, k = 8"
+curl -sN "$URL/v1/chat/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"stream\": true, \"max_tokens\": 64, \"temperature\": 0,
+  \"messages\": [{\"role\": \"user\", \"content\": \"Write a Python function that reverses a string.\"}],
+  \"policy\": \"judge\", \"policy_params\": {\"threshold\": 0.5},
+  \"speculation\": {\"draft\": \"model\", \"k\": 8}
+}"; echo
+
+echo "== the lossy threshold policy with prompt lookup, and plain decoding for comparison"
+for spec in '{"draft": "prompt-lookup", "k": 6}' '"off"'; do
+  curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
+    \"model\": \"$MODEL\", \"prompt\": \"for i in range(10):\", \"max_tokens\": 32, \"temperature\": 0,
+    \"policy\": \"threshold\", \"speculation\": $spec
+  }" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["speculation"])'
+done
+
+echo "== a bad request: a 400 naming the field"
+curl -s "$URL/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"prompt": "x", "policy": "threshold", "policy_params": {"epsilon": 1}}'; echo
+
+echo "== policies: list, upload a component as a new version (no restart), delete"
+curl -s "$URL/v1/policies" | python3 -m json.tool | head -30
+WASM=${POLICY_WASM:-examples/custom-policy/target/wasm32-wasip2/release/custom_policy.wasm}
+if [ -f "$WASM" ]; then
+  curl -s -X PUT "$URL/v1/policies/custom" "${AUTH[@]}" -H 'Content-Type: application/wasm' \
+    --data-binary @"$WASM"; echo
+  curl -s -X DELETE "$URL/v1/policies/custom" "${AUTH[@]}"; echo
+else
+  echo "(build examples/custom-policy or set POLICY_WASM to try PUT /v1/policies/NAME)"
+fi
+
+echo "== Prometheus metrics (excerpt)"
+curl -s "$URL/metrics" | grep -E '^verdict_(requests|accepted_tokens|speculation_steps|queue_depth)' | head -20

@@ -1,0 +1,212 @@
+//! `verdict serve`: the OpenAI-compatible HTTP server (see host/serve).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+
+use crate::decide::{PolicyLimits, PolicyRegistry};
+use crate::draft::DrafterSpec;
+use crate::engine::{Engine, EngineConfig, MAX_K};
+use crate::models::Model;
+use crate::models::chat::ChatTemplate;
+use crate::models::tokenizer::Tokenizer;
+use crate::serve::{AdminToken, ServeOptions, Served};
+
+/// The default pair, as `scripts/fetch-models default` leaves it in the model cache.
+pub const DEFAULT_TARGET: &str = "qwen2.5-coder-1.5b.gguf";
+pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b.gguf";
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The target model (GGUF). Without it: the default pair (Qwen2.5-Coder-1.5B, drafted by
+    /// -0.5B) from the model cache, fetched first if missing.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The default drafter: a draft model (GGUF path, same tokenizer), `prompt-lookup` or
+    /// `self:N` (the target's first N layers). Without it requests decode autoregressively
+    /// unless they ask for speculation.
+    #[arg(long)]
+    pub draft: Option<String>,
+    /// Default speculation length k (requests may override with speculation.k).
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// Adapt k per request from its acceptance rate (k is then the maximum).
+    #[arg(long)]
+    pub adaptive: bool,
+    /// The policy of requests that name none.
+    #[arg(long, default_value = "strict")]
+    pub policy: String,
+    /// Policy directory (registered components and manifest; shared with `verdict policy`).
+    /// Uploads persist there. Without it uploads live in memory only.
+    #[arg(long, env = "VERDICT_POLICY_DIR")]
+    pub policy_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed on stdout as `listening on http://ADDR`).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// File holding the bearer token the policy admin routes (PUT, DELETE) require.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Requests that may wait for a generation worker; more are answered 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Generation worker threads (requests generating at once).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Seconds SIGTERM waits for in-flight requests before exiting.
+    #[arg(long, default_value_t = 60)]
+    pub drain_timeout: u64,
+}
+
+fn model_cache() -> PathBuf {
+    if let Some(d) = std::env::var_os("VERDICT_MODELS") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache/verdict/models")
+}
+
+/// Runs `scripts/fetch-models default` from the checkout verdict was built in.
+fn fetch_default_pair(cache: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-models");
+    if !script.exists() {
+        bail!(
+            "the default models are not in {} and the fetch script {} is not there; run \
+             scripts/fetch-models default from a verdict checkout, or pass --model PATH",
+            cache.display(),
+            script.display()
+        );
+    }
+    eprintln!(
+        "verdict: fetching the default model pair into {}",
+        cache.display()
+    );
+    let status = std::process::Command::new(&script)
+        .arg("default")
+        .env("VERDICT_MODELS", cache)
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        bail!("{} default failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+/// `(target, draft)` paths and the default drafter.
+fn resolve_models(args: &ServeArgs) -> Result<(PathBuf, Option<PathBuf>, Option<DrafterSpec>)> {
+    let (target, implied_draft) = match &args.model {
+        Some(m) => (m.clone(), None),
+        None => {
+            let cache = model_cache();
+            let (t, d) = (cache.join(DEFAULT_TARGET), cache.join(DEFAULT_DRAFT));
+            if !t.exists() || (args.draft.is_none() && !d.exists()) {
+                fetch_default_pair(&cache)?;
+            }
+            (t, args.draft.is_none().then_some(d))
+        }
+    };
+    if !target.is_file() {
+        bail!("--model {}: no such file", target.display());
+    }
+    match args.draft.as_deref() {
+        None => match implied_draft {
+            Some(d) => Ok((target, Some(d), Some(DrafterSpec::Model))),
+            None => Ok((target, None, None)),
+        },
+        Some(s) if s == "prompt-lookup" || s.starts_with("self:") => {
+            let spec = DrafterSpec::parse(s).with_context(|| format!("--draft {s}"))?;
+            Ok((target, None, Some(spec)))
+        }
+        Some(path) => {
+            let p = PathBuf::from(path);
+            if !p.is_file() {
+                bail!("--draft {path}: not a file, and not `prompt-lookup` or `self:N`");
+            }
+            Ok((target, Some(p), Some(DrafterSpec::Model)))
+        }
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.k == 0 || args.k > MAX_K {
+        bail!("--k must be in 1..={MAX_K}, got {}", args.k);
+    }
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let admin_token = match &args.admin_token_file {
+        None => None,
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--admin-token-file {}", f.display()))?;
+            Some(AdminToken::new(&text).with_context(|| {
+                format!("--admin-token-file {}: the file is empty", f.display())
+            })?)
+        }
+    };
+    let (target_path, draft_path, default_drafter) = resolve_models(&args)?;
+    let registry = Arc::new(match &args.policy_dir {
+        Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())
+            .with_context(|| format!("--policy-dir {}", dir.display()))?,
+        None => PolicyRegistry::in_memory(PolicyLimits::default())?,
+    });
+    for e in registry.load_errors() {
+        eprintln!("verdict: warning: {e}");
+    }
+    let model_id = target_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let opts = ServeOptions {
+        host: args.host.clone(),
+        port: args.port,
+        workers: args.workers,
+        max_queue: args.max_queue,
+        admin_token,
+        model_id,
+        default_policy: args.policy.clone(),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        ..ServeOptions::new("")
+    };
+    let reg = registry.clone();
+    let (k, adaptive, policy) = (args.k, args.adaptive, args.policy.clone());
+    let loader = Box::new(move || -> Result<Served> {
+        let target = Model::load_gguf(&target_path, &Device::Cpu)
+            .with_context(|| format!("loading the target {}", target_path.display()))?;
+        let draft = match &draft_path {
+            Some(p) => Some(
+                Model::load_gguf(p, &Device::Cpu)
+                    .with_context(|| format!("loading the draft {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let content = target
+            .gguf_metadata()
+            .with_context(|| format!("{}: no GGUF metadata (tokenizer)", target_path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(content)
+            .with_context(|| format!("the tokenizer of {}", target_path.display()))?;
+        let chat = ChatTemplate::from_gguf(content, &tokenizer)
+            .with_context(|| format!("the chat template of {}", target_path.display()))?;
+        let engine = Engine::new(EngineConfig {
+            target,
+            draft,
+            registry: reg,
+            default_policy: policy,
+            default_drafter,
+            default_k: k,
+            adaptive,
+        })?;
+        Ok(Served {
+            engine,
+            tokenizer: Arc::new(tokenizer),
+            chat: Arc::new(chat),
+        })
+    });
+    crate::serve::run(opts, registry, loader)
+}

@@ -1,0 +1,769 @@
+//! Request parsing for `/v1/completions` and `/v1/chat/completions`. The body is read as a JSON
+//! value and checked field by field, so that each error names the field and what was wrong with
+//! it (serde's derive reports the first error only, and in its own words). Engine-free: the
+//! result is converted to an engine request in `generate.rs`.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+
+/// Which endpoint a request came through; it decides the response shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Chat => "/v1/chat/completions",
+        }
+    }
+}
+
+/// A completion prompt: text, or token ids (OpenAI accepts both).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// The drafter a request asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DraftChoice {
+    /// The draft model the server was started with.
+    Model,
+    /// N-gram lookup in the prompt and output.
+    PromptLookup,
+    /// The first N layers of the target.
+    SelfLayers(usize),
+}
+
+impl DraftChoice {
+    /// Parses the CLI / API spelling: `model`, `prompt-lookup` or `self:N`.
+    pub fn parse(s: &str) -> Result<DraftChoice, String> {
+        match s {
+            "model" => Ok(DraftChoice::Model),
+            "prompt-lookup" => Ok(DraftChoice::PromptLookup),
+            _ => match s.strip_prefix("self:") {
+                Some(n) => match n.parse::<usize>() {
+                    Ok(n) if n >= 1 => Ok(DraftChoice::SelfLayers(n)),
+                    _ => Err(format!(
+                        "`{s}`: self:N needs a layer count N >= 1 (e.g. self:4)"
+                    )),
+                },
+                None => Err(format!(
+                    "unknown drafter `{s}` (expected \"model\", \"prompt-lookup\" or \"self:N\")"
+                )),
+            },
+        }
+    }
+}
+
+/// What the request says about speculation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SpeculationChoice {
+    /// The server's default drafter and k.
+    Default,
+    Off,
+    Draft {
+        draft: Option<DraftChoice>,
+        k: Option<usize>,
+    },
+}
+
+/// The largest k a request may ask for.
+pub const MAX_K: usize = 64;
+/// At most this many stop strings (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    pub model: Option<String>,
+    /// Completions only.
+    pub prompt: Option<PromptInput>,
+    /// Chat only.
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub policy: Option<String>,
+    pub policy_params: Vec<(String, f64)>,
+    pub speculation: SpeculationChoice,
+}
+
+/// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
+/// are 400s naming the field.
+pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e} (send a JSON object with Content-Type: application/json)"
+        ))
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::bad_request(format!(
+            "the request body must be a JSON object, got {}",
+            type_name(&value)
+        )));
+    };
+    parse_object(endpoint, &obj)
+}
+
+fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+    let mut r = ParsedRequest {
+        endpoint,
+        model: None,
+        prompt: None,
+        messages: Vec::new(),
+        max_tokens: None,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: None,
+        stop: Vec::new(),
+        stream: false,
+        include_usage: false,
+        policy: None,
+        policy_params: Vec::new(),
+        speculation: SpeculationChoice::Default,
+    };
+    let chat = endpoint == Endpoint::Chat;
+    for (key, v) in obj {
+        let k = key.as_str();
+        match k {
+            "model" => r.model = opt(v, |v| string(k, v))?,
+            "prompt" if !chat => r.prompt = Some(prompt(v)?),
+            "messages" if chat => r.messages = messages(v)?,
+            "max_tokens" => {
+                if let Some(n) = opt(v, |v| int_range(k, v, 1, u32::MAX as i64))? {
+                    r.max_tokens = Some(n as usize);
+                }
+            }
+            "max_completion_tokens" if chat => {
+                if let Some(n) = opt(v, |v| int_range(k, v, 1, u32::MAX as i64))? {
+                    r.max_tokens = Some(n as usize);
+                }
+            }
+            "temperature" => {
+                if let Some(t) = opt(v, |v| num_range(k, v, 0.0, 2.0))? {
+                    r.temperature = t as f32;
+                }
+            }
+            "top_p" => {
+                if let Some(p) = opt(v, |v| number(k, v))? {
+                    if !(p > 0.0 && p <= 1.0) {
+                        return Err(ApiError::invalid(
+                            k,
+                            format!("top_p must be in (0, 1], got {p}"),
+                        ));
+                    }
+                    r.top_p = p as f32;
+                }
+            }
+            "top_k" => {
+                if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
+                    r.top_k = n as usize;
+                }
+            }
+            "seed" => r.seed = opt(v, |v| int_range(k, v, i64::MIN, i64::MAX))?.map(|s| s as u64),
+            "stop" => r.stop = stop(v)?,
+            "stream" => r.stream = opt(v, |v| boolean(k, v))?.unwrap_or(false),
+            "stream_options" => {
+                if let Some(o) = opt(v, |v| object(k, v))? {
+                    for (sk, sv) in o {
+                        let name = format!("stream_options.{sk}");
+                        match sk.as_str() {
+                            "include_usage" => {
+                                r.include_usage = opt(sv, |v| boolean(&name, v))?.unwrap_or(false)
+                            }
+                            _ => return Err(unknown_field(&name)),
+                        }
+                    }
+                }
+            }
+            "n" | "best_of" => {
+                if let Some(n) = opt(v, |v| int_range(k, v, i64::MIN, i64::MAX))?
+                    && n != 1
+                {
+                    return Err(ApiError::invalid(
+                        k,
+                        format!(
+                            "{k} must be 1 (this server returns one choice per request), got {n}"
+                        ),
+                    ));
+                }
+            }
+            "frequency_penalty" | "presence_penalty" => {
+                if let Some(x) = opt(v, |v| num_range(k, v, -2.0, 2.0))?
+                    && x != 0.0
+                {
+                    return Err(ApiError::invalid(
+                        k,
+                        format!("{k} is not supported (only 0), got {x}"),
+                    ));
+                }
+            }
+            "logit_bias" => {
+                if let Some(o) = opt(v, |v| object(k, v))?
+                    && !o.is_empty()
+                {
+                    return Err(ApiError::invalid(
+                        k,
+                        "logit_bias is not supported (send {} or null)",
+                    ));
+                }
+            }
+            "logprobs" | "top_logprobs" => {
+                let wants = match v {
+                    Value::Null | Value::Bool(false) => false,
+                    Value::Number(n) => n.as_f64() != Some(0.0),
+                    _ => true,
+                };
+                if wants {
+                    return Err(ApiError::invalid(
+                        k,
+                        format!("{k} is not supported by this server"),
+                    ));
+                }
+            }
+            "echo" => {
+                if opt(v, |v| boolean(k, v))?.unwrap_or(false) {
+                    return Err(ApiError::invalid(k, "echo is not supported by this server"));
+                }
+            }
+            "suffix" => {
+                if let Some(s) = opt(v, |v| string(k, v))?
+                    && !s.is_empty()
+                {
+                    return Err(ApiError::invalid(
+                        k,
+                        "suffix is not supported by this server",
+                    ));
+                }
+            }
+            "tools" | "functions" => {
+                if let Some(a) = opt(v, |v| array(k, v))?
+                    && !a.is_empty()
+                {
+                    return Err(ApiError::invalid(
+                        k,
+                        format!("{k} are not supported by this server"),
+                    ));
+                }
+            }
+            "response_format" => {
+                if let Some(o) = opt(v, |v| object(k, v))? {
+                    let t = o.get("type").and_then(Value::as_str);
+                    if t != Some("text") {
+                        return Err(ApiError::invalid(
+                            k,
+                            "only response_format {\"type\": \"text\"} is supported",
+                        ));
+                    }
+                }
+            }
+            // Accepted and without effect here.
+            "user"
+            | "metadata"
+            | "store"
+            | "service_tier"
+            | "tool_choice"
+            | "function_call"
+            | "parallel_tool_calls" => {}
+            "policy" => {
+                if let Some(p) = opt(v, |v| string(k, v))? {
+                    if p.trim().is_empty() {
+                        return Err(ApiError::invalid(
+                            k,
+                            "policy must be a non-empty \"name\" or \"name@version\"",
+                        ));
+                    }
+                    r.policy = Some(p);
+                }
+            }
+            "policy_params" => {
+                if let Some(o) = opt(v, |v| object(k, v))? {
+                    for (pk, pv) in o {
+                        let name = format!("policy_params.{pk}");
+                        let x = number(&name, pv)?;
+                        r.policy_params.push((pk.clone(), x));
+                    }
+                }
+            }
+            "speculation" => r.speculation = speculation(v)?,
+            _ => return Err(unknown_field(k)),
+        }
+    }
+    match endpoint {
+        Endpoint::Completions if r.prompt.is_none() => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "missing required field `prompt`",
+            ));
+        }
+        Endpoint::Chat if !obj.contains_key("messages") => {
+            return Err(ApiError::invalid(
+                "messages",
+                "missing required field `messages`",
+            ));
+        }
+        Endpoint::Chat if r.messages.is_empty() => {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        _ => {}
+    }
+    Ok(r)
+}
+
+fn unknown_field(name: &str) -> ApiError {
+    ApiError::invalid(name, format!("unknown field `{name}`")).with_code("unknown_parameter")
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(name: &str, want: &str, v: &Value) -> ApiError {
+    ApiError::invalid(name, format!("{name} must be {want}, got {}", type_name(v)))
+}
+
+/// `null` counts as absent.
+fn opt<'a, T>(
+    v: &'a Value,
+    f: impl FnOnce(&'a Value) -> Result<T, ApiError>,
+) -> Result<Option<T>, ApiError> {
+    if v.is_null() {
+        Ok(None)
+    } else {
+        f(v).map(Some)
+    }
+}
+
+fn string(name: &str, v: &Value) -> Result<String, ApiError> {
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| wrong_type(name, "a string", v))
+}
+
+fn boolean(name: &str, v: &Value) -> Result<bool, ApiError> {
+    v.as_bool().ok_or_else(|| wrong_type(name, "a boolean", v))
+}
+
+fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
+    v.as_object()
+        .ok_or_else(|| wrong_type(name, "an object", v))
+}
+
+fn array<'a>(name: &str, v: &'a Value) -> Result<&'a Vec<Value>, ApiError> {
+    v.as_array().ok_or_else(|| wrong_type(name, "an array", v))
+}
+
+fn number(name: &str, v: &Value) -> Result<f64, ApiError> {
+    let x = v.as_f64().ok_or_else(|| wrong_type(name, "a number", v))?;
+    if !x.is_finite() {
+        return Err(ApiError::invalid(name, format!("{name} must be finite")));
+    }
+    Ok(x)
+}
+
+fn num_range(name: &str, v: &Value, lo: f64, hi: f64) -> Result<f64, ApiError> {
+    let x = number(name, v)?;
+    if x < lo || x > hi {
+        return Err(ApiError::invalid(
+            name,
+            format!("{name} must be in [{lo}, {hi}], got {x}"),
+        ));
+    }
+    Ok(x)
+}
+
+/// An integer (a float with no fraction, like 16.0, is accepted as OpenAI does).
+fn int_range(name: &str, v: &Value, lo: i64, hi: i64) -> Result<i64, ApiError> {
+    let n = match v {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| f as i64)
+        }),
+        _ => None,
+    };
+    let Some(n) = n else {
+        return Err(match v {
+            Value::Number(n) => {
+                ApiError::invalid(name, format!("{name} must be an integer, got {n}"))
+            }
+            _ => wrong_type(name, "an integer", v),
+        });
+    };
+    if n < lo || n > hi {
+        return Err(ApiError::invalid(
+            name,
+            format!("{name} must be in [{lo}, {hi}], got {n}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn token_ids(name: &str, a: &[Value]) -> Result<Vec<u32>, ApiError> {
+    a.iter()
+        .enumerate()
+        .map(|(i, t)| int_range(&format!("{name}[{i}]"), t, 0, u32::MAX as i64).map(|t| t as u32))
+        .collect()
+}
+
+fn prompt(v: &Value) -> Result<PromptInput, ApiError> {
+    const P: &str = "prompt";
+    match v {
+        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+        Value::Array(a) if a.is_empty() => Err(ApiError::invalid(P, "prompt must not be empty")),
+        Value::Array(a) => match &a[0] {
+            Value::String(_) | Value::Array(_) if a.len() > 1 => Err(ApiError::invalid(
+                P,
+                format!(
+                    "prompt holds {} prompts; this server answers one prompt per request",
+                    a.len()
+                ),
+            )),
+            Value::String(s) => Ok(PromptInput::Text(s.clone())),
+            Value::Array(inner) => Ok(PromptInput::Tokens(token_ids("prompt[0]", inner)?)),
+            Value::Number(_) => Ok(PromptInput::Tokens(token_ids(P, a)?)),
+            other => Err(ApiError::invalid(
+                P,
+                format!(
+                    "prompt must be a string, an array of token ids or a one-element array of either, got an array of {}",
+                    type_name(other)
+                ),
+            )),
+        },
+        _ => Err(wrong_type(P, "a string or an array of token ids", v)),
+    }
+}
+
+fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let a = array("messages", v)?;
+    let mut out = Vec::with_capacity(a.len());
+    for (i, m) in a.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let o = object(&at, m)?;
+        let mut role = None;
+        let mut content = None;
+        for (k, mv) in o {
+            let name = format!("{at}.{k}");
+            match k.as_str() {
+                "role" => {
+                    let r = string(&name, mv)?;
+                    if r.is_empty() {
+                        return Err(ApiError::invalid(name, "role must not be empty"));
+                    }
+                    role = Some(r);
+                }
+                "content" => content = Some(message_content(&name, mv)?),
+                // Accepted and not used by chat templates we render.
+                "name" | "tool_calls" | "tool_call_id" | "function_call" | "refusal" => {}
+                _ => return Err(unknown_field(&name)),
+            }
+        }
+        let role = role.ok_or_else(|| {
+            ApiError::invalid(format!("{at}.role"), format!("{at} has no `role`"))
+        })?;
+        out.push(ChatMessage {
+            role,
+            content: content.unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// A string, null, or an array of `{"type": "text", "text": ...}` parts (joined).
+fn message_content(name: &str, v: &Value) -> Result<String, ApiError> {
+    match v {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut s = String::new();
+            for (i, p) in parts.iter().enumerate() {
+                let pn = format!("{name}[{i}]");
+                let o = object(&pn, p)?;
+                match o.get("type").and_then(Value::as_str) {
+                    Some("text") => {}
+                    Some(t) => {
+                        return Err(ApiError::invalid(
+                            format!("{pn}.type"),
+                            format!("content part type `{t}` is not supported (only \"text\")"),
+                        ));
+                    }
+                    None => {
+                        return Err(ApiError::invalid(
+                            format!("{pn}.type"),
+                            "content part has no string `type`",
+                        ));
+                    }
+                }
+                let t = o.get("text").ok_or_else(|| {
+                    ApiError::invalid(format!("{pn}.text"), "text part has no `text`")
+                })?;
+                s.push_str(&string(&format!("{pn}.text"), t)?);
+            }
+            Ok(s)
+        }
+        _ => Err(wrong_type(name, "a string or an array of text parts", v)),
+    }
+}
+
+fn stop(v: &Value) -> Result<Vec<String>, ApiError> {
+    let list = match v {
+        Value::Null => return Ok(Vec::new()),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => {
+            if a.len() > MAX_STOP {
+                return Err(ApiError::invalid(
+                    "stop",
+                    format!("at most {MAX_STOP} stop strings, got {}", a.len()),
+                ));
+            }
+            a.iter()
+                .enumerate()
+                .map(|(i, s)| string(&format!("stop[{i}]"), s))
+                .collect::<Result<_, _>>()?
+        }
+        _ => return Err(wrong_type("stop", "a string or an array of strings", v)),
+    };
+    if let Some(i) = list.iter().position(String::is_empty) {
+        return Err(ApiError::invalid(
+            format!("stop[{i}]"),
+            "stop strings must not be empty",
+        ));
+    }
+    Ok(list)
+}
+
+fn speculation(v: &Value) -> Result<SpeculationChoice, ApiError> {
+    const S: &str = "speculation";
+    match v {
+        Value::Null => Ok(SpeculationChoice::Default),
+        Value::String(s) if s == "off" => Ok(SpeculationChoice::Off),
+        Value::String(s) if s == "default" => Ok(SpeculationChoice::Default),
+        Value::Bool(false) => Ok(SpeculationChoice::Off),
+        Value::String(s) => Err(ApiError::invalid(
+            S,
+            format!(
+                "speculation must be \"off\" or an object {{\"draft\": ..., \"k\": N}}, got \"{s}\""
+            ),
+        )),
+        Value::Object(o) => {
+            let mut draft = None;
+            let mut k = None;
+            for (key, kv) in o {
+                let name = format!("{S}.{key}");
+                match key.as_str() {
+                    "draft" => {
+                        if let Some(d) = opt(kv, |v| string(&name, v))? {
+                            draft = Some(
+                                DraftChoice::parse(&d).map_err(|m| ApiError::invalid(&name, m))?,
+                            );
+                        }
+                    }
+                    "k" => {
+                        if let Some(n) = opt(kv, |v| int_range(&name, v, 1, MAX_K as i64))? {
+                            k = Some(n as usize);
+                        }
+                    }
+                    _ => return Err(unknown_field(&name)),
+                }
+            }
+            Ok(SpeculationChoice::Draft { draft, k })
+        }
+        _ => Err(wrong_type(
+            S,
+            "\"off\" or an object {\"draft\": ..., \"k\": N}",
+            v,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(endpoint: Endpoint, body: &str) -> ApiError {
+        match parse(endpoint, body.as_bytes()) {
+            Ok(r) => panic!("{body} parsed: {r:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn full_completion_request() {
+        let r = parse(
+            Endpoint::Completions,
+            br#"{"model":"m","prompt":"hi","max_tokens":8,"temperature":0,"top_p":0.9,"seed":-1,
+                "stop":["\n"],"stream":true,"stream_options":{"include_usage":true},"n":1,
+                "policy":"judge@0.1.0","policy_params":{"threshold":0.7},
+                "speculation":{"draft":"self:4","k":6}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt, Some(PromptInput::Text("hi".into())));
+        assert_eq!(r.max_tokens, Some(8));
+        assert_eq!(r.temperature, 0.0);
+        assert_eq!(r.seed, Some(u64::MAX));
+        assert_eq!(r.stop, vec!["\n".to_string()]);
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.policy.as_deref(), Some("judge@0.1.0"));
+        assert_eq!(r.policy_params, vec![("threshold".to_string(), 0.7)]);
+        assert_eq!(
+            r.speculation,
+            SpeculationChoice::Draft {
+                draft: Some(DraftChoice::SelfLayers(4)),
+                k: Some(6)
+            }
+        );
+    }
+
+    #[test]
+    fn prompt_forms() {
+        let p = |b: &str| {
+            parse(Endpoint::Completions, b.as_bytes())
+                .unwrap()
+                .prompt
+                .unwrap()
+        };
+        assert_eq!(p(r#"{"prompt":["x"]}"#), PromptInput::Text("x".into()));
+        assert_eq!(p(r#"{"prompt":[1,2]}"#), PromptInput::Tokens(vec![1, 2]));
+        assert_eq!(p(r#"{"prompt":[[3]]}"#), PromptInput::Tokens(vec![3]));
+        assert_eq!(
+            err(Endpoint::Completions, r#"{"prompt":["a","b"]}"#)
+                .param
+                .as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            err(Endpoint::Completions, r#"{"prompt":[1,-2]}"#)
+                .param
+                .as_deref(),
+            Some("prompt[1]")
+        );
+    }
+
+    #[test]
+    fn chat_messages_with_parts() {
+        let r = parse(
+            Endpoint::Chat,
+            br#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages[1].content, "ab");
+        assert_eq!(
+            err(
+                Endpoint::Chat,
+                r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#
+            )
+            .param
+            .as_deref(),
+            Some("messages[0].content[0].type")
+        );
+        assert_eq!(
+            err(Endpoint::Chat, r#"{"messages":[{"content":"x"}]}"#)
+                .param
+                .as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            err(Endpoint::Chat, r#"{"messages":[]}"#).param.as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            err(
+                Endpoint::Chat,
+                r#"{"prompt":"x","messages":[{"role":"user","content":"x"}]}"#
+            )
+            .param
+            .as_deref(),
+            Some("prompt")
+        );
+    }
+
+    #[test]
+    fn each_error_names_its_field() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"prompt":"x","max_tokens":"8"}"#, "max_tokens"),
+            (r#"{"prompt":"x","max_tokens":0}"#, "max_tokens"),
+            (r#"{"prompt":"x","max_tokens":1.5}"#, "max_tokens"),
+            (r#"{"prompt":"x","temperature":3}"#, "temperature"),
+            (r#"{"prompt":"x","top_p":0}"#, "top_p"),
+            (r#"{"prompt":"x","n":2}"#, "n"),
+            (r#"{"prompt":"x","stop":[""]}"#, "stop[0]"),
+            (r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#, "stop"),
+            (r#"{"prompt":"x","stop":5}"#, "stop"),
+            (r#"{"prompt":"x","stream":"yes"}"#, "stream"),
+            (r#"{"prompt":"x","policy":7}"#, "policy"),
+            (
+                r#"{"prompt":"x","policy_params":{"t":"high"}}"#,
+                "policy_params.t",
+            ),
+            (r#"{"prompt":"x","policy_params":[1]}"#, "policy_params"),
+            (r#"{"prompt":"x","speculation":"fast"}"#, "speculation"),
+            (
+                r#"{"prompt":"x","speculation":{"draft":"bogus"}}"#,
+                "speculation.draft",
+            ),
+            (r#"{"prompt":"x","speculation":{"k":0}}"#, "speculation.k"),
+            (r#"{"prompt":"x","speculation":{"kk":1}}"#, "speculation.kk"),
+            (r#"{"prompt":"x","polcy":"strict"}"#, "polcy"),
+            (r#"{"prompt":"x","logprobs":2}"#, "logprobs"),
+            (r#"{"prompt":7}"#, "prompt"),
+            (r#"{"max_tokens":3}"#, "prompt"),
+            (r#"{"prompt":"x","model":1}"#, "model"),
+        ];
+        for (body, field) in cases {
+            let e = err(Endpoint::Completions, body);
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(*field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        for body in ["", "{", "[1]", "null", "\"x\"", "{\"prompt\": \"x\",}"] {
+            let e = err(Endpoint::Completions, body);
+            assert_eq!(e.status, 400);
+            assert!(e.param.is_none());
+        }
+    }
+
+    #[test]
+    fn drafter_spellings() {
+        assert_eq!(DraftChoice::parse("model"), Ok(DraftChoice::Model));
+        assert_eq!(
+            DraftChoice::parse("prompt-lookup"),
+            Ok(DraftChoice::PromptLookup)
+        );
+        assert_eq!(
+            DraftChoice::parse("self:12"),
+            Ok(DraftChoice::SelfLayers(12))
+        );
+        assert!(DraftChoice::parse("self:0").is_err());
+        assert!(DraftChoice::parse("self:").is_err());
+        assert!(DraftChoice::parse("draft").is_err());
+    }
+}

@@ -1,0 +1,297 @@
+//! One request's generation, run on a pool worker: start it on the engine, step until it ends,
+//! turn tokens into text (UTF-8 safe, stop strings applied) and send events to the HTTP side.
+//! A closed event channel means the client went away: the generation stops at the next step.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::error::ApiError;
+use super::http::Served;
+use super::metrics::{Metrics, PolicyLabel, PolicyPosition};
+use super::stop::StopMatcher;
+use crate::engine::{FinishReason, GenerateRequest, SpecStats};
+
+/// What a generation reports to its HTTP handler, in order: `Started` or `Failed`, then
+/// `Delta`s, then `Done` (or `Failed`).
+#[derive(Debug)]
+pub enum Event {
+    Started,
+    Delta(String),
+    Done(Outcome),
+    Failed(ApiError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// OpenAI's `finish_reason`: "stop" (EOS or a stop string) or "length".
+    pub finish_reason: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub speculation: SpeculationReport,
+}
+
+/// The `speculation` field of every response.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SpeculationReport {
+    /// `name@version`; null when the request ran without speculation.
+    pub policy: Option<String>,
+    /// `model`, `prompt-lookup` or `self:N`; null without speculation.
+    pub drafter: Option<String>,
+    pub steps: u64,
+    pub drafted: u64,
+    pub accepted: u64,
+    /// accepted_per_position[i]: steps whose (i+1)-th drafted token was accepted.
+    pub accepted_per_position: Vec<u64>,
+    /// drafted_per_position[i]: steps that drafted an (i+1)-th token.
+    pub drafted_per_position: Vec<u64>,
+    /// Generated tokens per target forward after the prefill (1.0 without speculation).
+    pub tokens_per_step: f64,
+    pub policy_faults: u64,
+}
+
+impl SpeculationReport {
+    fn new(stats: &SpecStats) -> Self {
+        SpeculationReport {
+            policy: stats.policy.clone(),
+            drafter: stats.drafter.clone(),
+            steps: stats.steps,
+            drafted: stats.drafted,
+            accepted: stats.accepted,
+            accepted_per_position: stats.accepted_per_position.clone(),
+            drafted_per_position: stats.drafted_per_position.clone(),
+            tokens_per_step: stats.tokens_per_step(),
+            policy_faults: stats.policy_faults,
+        }
+    }
+}
+
+pub struct Job {
+    pub served: Arc<Served>,
+    pub request: GenerateRequest,
+    pub stop: Vec<String>,
+    pub arrived: Instant,
+    pub events: UnboundedSender<Event>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counters already added to the metrics, so each step adds only its difference.
+#[derive(Default)]
+struct Seen {
+    steps: u64,
+    drafted: u64,
+    accepted: u64,
+    faults: u64,
+    accepted_pos: Vec<u64>,
+    drafted_pos: Vec<u64>,
+}
+
+fn add_by_position(
+    family: &prometheus_client::metrics::family::Family<
+        PolicyPosition,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    policy: &str,
+    now: &[u64],
+    before: &mut Vec<u64>,
+) {
+    for (i, &n) in now.iter().enumerate() {
+        let b = before.get(i).copied().unwrap_or(0);
+        if n > b {
+            family
+                .get_or_create(&PolicyPosition {
+                    policy: policy.to_string(),
+                    position: i as u32,
+                })
+                .inc_by(n - b);
+        }
+    }
+    before.clone_from(&now.to_vec());
+}
+
+impl Seen {
+    fn publish(&mut self, m: &Metrics, s: &SpecStats) {
+        // Plain decoding has no policy: its steps are counted under "none".
+        let policy = s.policy.as_deref().unwrap_or("none");
+        let label = PolicyLabel {
+            policy: policy.to_string(),
+        };
+        m.steps
+            .get_or_create(&label)
+            .inc_by(s.steps.saturating_sub(self.steps));
+        m.drafted
+            .get_or_create(&label)
+            .inc_by(s.drafted.saturating_sub(self.drafted));
+        m.accepted
+            .get_or_create(&label)
+            .inc_by(s.accepted.saturating_sub(self.accepted));
+        let faults = s.policy_faults.saturating_sub(self.faults);
+        if faults > 0 {
+            m.policy_faults.get_or_create(&label).inc_by(faults);
+        }
+        add_by_position(
+            &m.accepted_by_position,
+            policy,
+            &s.accepted_per_position,
+            &mut self.accepted_pos,
+        );
+        add_by_position(
+            &m.drafted_by_position,
+            policy,
+            &s.drafted_per_position,
+            &mut self.drafted_pos,
+        );
+        self.steps = s.steps;
+        self.drafted = s.drafted;
+        self.accepted = s.accepted;
+        self.faults = s.policy_faults;
+    }
+}
+
+impl Job {
+    /// Runs to the end (or until the client leaves). Never panics on bad input; engine errors
+    /// become a `Failed` event.
+    pub fn run(self) {
+        let Job {
+            served,
+            request,
+            stop,
+            arrived,
+            events,
+            metrics,
+        } = self;
+        if events.is_closed() {
+            metrics.finished("cancelled");
+            return;
+        }
+        let prompt_tokens = request.prompt.len();
+        let max_tokens = request.max_tokens;
+        let mut generation = match served.engine.start(request) {
+            Ok(g) => g,
+            Err(e) => {
+                let err = match e.param {
+                    Some(p) => ApiError::invalid(p, e.message),
+                    None => ApiError::bad_request(e.message),
+                };
+                let _ = events.send(Event::Failed(err));
+                return;
+            }
+        };
+        metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        if events.send(Event::Started).is_err() {
+            metrics.finished("cancelled");
+            return;
+        }
+        let tokenizer = &*served.tokenizer;
+        let mut text = tokenizer.stream(true);
+        let mut stopper = StopMatcher::new(stop);
+        let mut seen = Seen::default();
+        let mut produced = 0usize;
+        let mut last_emit: Option<Instant> = None;
+        let finish_reason = 'steps: loop {
+            if events.is_closed() {
+                seen.publish(&metrics, generation.stats());
+                metrics.completion_tokens.inc_by(produced as u64);
+                metrics.finished("cancelled");
+                return;
+            }
+            let tokens = match generation.step() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!("generation step failed: {e:#}");
+                    seen.publish(&metrics, generation.stats());
+                    metrics.finished("error");
+                    let _ = events.send(Event::Failed(ApiError::internal(format!(
+                        "generation failed: {e:#}"
+                    ))));
+                    return;
+                }
+            };
+            seen.publish(&metrics, generation.stats());
+            if !tokens.is_empty() {
+                metrics.tokens_per_step.observe(tokens.len() as f64);
+                let now = Instant::now();
+                match last_emit {
+                    None => metrics
+                        .ttft_seconds
+                        .observe(now.duration_since(arrived).as_secs_f64()),
+                    Some(t) => {
+                        let gap = now.duration_since(t).as_secs_f64() / tokens.len() as f64;
+                        for _ in 0..tokens.len() {
+                            metrics.inter_token_seconds.observe(gap);
+                        }
+                    }
+                }
+                last_emit = Some(now);
+            }
+            let mut delta = String::new();
+            let mut ended = None;
+            for &t in &tokens {
+                if produced >= max_tokens {
+                    ended = Some("length");
+                    break;
+                }
+                produced += 1;
+                if tokenizer.is_eos(t) {
+                    ended = Some("stop");
+                    break;
+                }
+                let piece = match text.push(tokenizer, t) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        metrics.finished("error");
+                        let _ = events.send(Event::Failed(ApiError::internal(format!(
+                            "cannot decode token {t}: {e:#}"
+                        ))));
+                        return;
+                    }
+                };
+                let pushed = stopper.push(&piece);
+                delta.push_str(&pushed.emit);
+                if pushed.stopped {
+                    if !delta.is_empty() {
+                        let _ = events.send(Event::Delta(std::mem::take(&mut delta)));
+                    }
+                    break 'steps "stop";
+                }
+            }
+            if ended.is_none() {
+                ended = match generation.finished() {
+                    Some(FinishReason::Stop) => Some("stop"),
+                    Some(FinishReason::Length) => Some("length"),
+                    None if produced >= max_tokens => Some("length"),
+                    None => None,
+                };
+            }
+            if let Some(reason) = ended {
+                // What the decoder and the stop matcher still hold belongs to the output.
+                let tail = text.finish();
+                delta.push_str(&stopper.push(&tail).emit);
+                delta.push_str(&stopper.finish());
+                if !delta.is_empty() {
+                    let _ = events.send(Event::Delta(delta));
+                }
+                break reason;
+            }
+            if !delta.is_empty() && events.send(Event::Delta(delta)).is_err() {
+                // The client left; the check at the top of the loop records it.
+                continue;
+            }
+        };
+        let stats = generation.stats();
+        seen.publish(&metrics, stats);
+        metrics.completion_tokens.inc_by(produced as u64);
+        metrics
+            .request_seconds
+            .observe(arrived.elapsed().as_secs_f64());
+        metrics.finished(finish_reason);
+        let _ = events.send(Event::Done(Outcome {
+            finish_reason,
+            prompt_tokens,
+            completion_tokens: produced,
+            speculation: SpeculationReport::new(stats),
+        }));
+    }
+}

@@ -1,0 +1,1040 @@
+//! The HTTP side: routes, request preparation, JSON and server-sent-event responses, the admin
+//! policy routes, and the accept loop with graceful drain on SIGTERM.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+
+use super::api::{self, DraftChoice, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
+use super::auth::AdminToken;
+use super::error::ApiError;
+use super::generate::{Event, Job, Outcome};
+use super::metrics::Metrics;
+use super::pool::Pool;
+use crate::decide::PolicyRegistry;
+use crate::draft::DrafterSpec;
+use crate::engine::{self, Engine, GenerateRequest};
+use crate::models::chat::{ChatTemplate, Message};
+use crate::models::tokenizer::Tokenizer;
+use crate::sample::SamplingParams;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// How `verdict serve` runs (the CLI fills it).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 picks a free port; the chosen address is printed as `listening on http://ADDR`.
+    pub port: u16,
+    /// Generation worker threads (requests generating at once).
+    pub workers: usize,
+    /// Requests that may wait for a worker; more get 429.
+    pub max_queue: usize,
+    pub admin_token: Option<AdminToken>,
+    /// The id `/v1/models` lists and requests name in `model`.
+    pub model_id: String,
+    /// The policy a request gets when it names none.
+    pub default_policy: String,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_policy_bytes: usize,
+}
+
+impl ServeOptions {
+    pub fn new(model_id: impl Into<String>) -> Self {
+        ServeOptions {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            workers: 2,
+            max_queue: 64,
+            admin_token: None,
+            model_id: model_id.into(),
+            default_policy: "strict".into(),
+            drain_timeout: Duration::from_secs(60),
+            max_body_bytes: 8 << 20,
+            max_policy_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What the server generates with: the engine, and the target's tokenizer and chat template
+/// (text in, text out; the engine works on token ids).
+pub struct Served {
+    pub engine: Engine,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat: Arc<ChatTemplate>,
+}
+
+/// Loads the engine (models, tokenizer, drafter) after the port is bound, so `/health` answers
+/// while weights load and `/ready` says when they have.
+pub type Loader = Box<dyn FnOnce() -> anyhow::Result<Served> + Send + 'static>;
+
+struct App {
+    opts: ServeOptions,
+    served: OnceLock<Arc<Served>>,
+    registry: Arc<PolicyRegistry>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the server until SIGTERM / SIGINT (then drains) or until the engine fails to load.
+pub fn run(
+    opts: ServeOptions,
+    registry: Arc<PolicyRegistry>,
+    loader: Loader,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("verdict-http")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(opts, registry, loader))
+}
+
+async fn serve(
+    opts: ServeOptions,
+    registry: Arc<PolicyRegistry>,
+    loader: Loader,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((opts.host.as_str(), opts.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+    let addr = listener.local_addr().context("no local address")?;
+    if opts.admin_token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            "listening on {addr} without --admin-token-file: anyone who reaches it can replace policies"
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(opts.workers, opts.max_queue, metrics.clone())
+        .context("cannot start the generation workers")?;
+    let app = Arc::new(App {
+        opts,
+        served: OnceLock::new(),
+        registry,
+        pool,
+        metrics,
+        draining: AtomicBool::new(false),
+        created: unix_now(),
+        next_id: AtomicU64::new(0),
+    });
+    // Tests and scripts read this line to find the port.
+    println!("verdict: listening on http://{addr}");
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+
+    let (load_tx, mut load_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            match loader() {
+                Ok(served) => {
+                    let _ = app.served.set(Arc::new(served));
+                    tracing::info!("model loaded in {:.1} s; ready", t0.elapsed().as_secs_f64());
+                    eprintln!("verdict: ready ({:.1} s)", t0.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    let _ = load_tx.send(e);
+                }
+            }
+        });
+    }
+
+    let mut terminate = shutdown_signal()?;
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    let load_error = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection from {peer}: {e}");
+                    }
+                });
+            }
+            e = &mut load_rx => {
+                match e {
+                    Ok(e) => break Some(e),
+                    // The loader finished without error: keep serving.
+                    Err(_) => load_rx = tokio::sync::oneshot::channel().1,
+                }
+            }
+            _ = terminate.recv() => break None,
+        }
+    };
+    drop(listener);
+    app.draining.store(true, Ordering::SeqCst);
+    if let Some(e) = load_error {
+        return Err(e.context("cannot load the model"));
+    }
+    eprintln!(
+        "verdict: draining ({} running, {} queued)",
+        app.pool.busy(),
+        app.pool.queued()
+    );
+    let drain_timeout = app.opts.drain_timeout;
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain_timeout) => {
+            eprintln!("verdict: drain timed out after {} s; exiting", drain_timeout.as_secs());
+        }
+        _ = terminate.recv() => eprintln!("verdict: second signal; exiting now"),
+    }
+    let app2 = app.clone();
+    let drained = tokio::task::spawn_blocking(move || app2.pool.drain(Duration::from_secs(5)))
+        .await
+        .unwrap_or(false);
+    eprintln!(
+        "verdict: stopped{}",
+        if drained { "" } else { " (workers still busy)" }
+    );
+    Ok(())
+}
+
+/// SIGTERM or SIGINT, as a stream (a second one forces the exit).
+fn shutdown_signal() -> anyhow::Result<mpsc::UnboundedReceiver<()>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+async fn handle(
+    app: Arc<App>,
+    _peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (route, result) = route(&app, method, &path, req).await;
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::error!("{route}: {e}");
+            } else {
+                tracing::debug!("{route}: {e}");
+            }
+            error_response(&e)
+        }
+    };
+    app.metrics.request(route, resp.status().as_u16());
+    Ok(resp)
+}
+
+async fn route(
+    app: &Arc<App>,
+    method: Method,
+    path: &str,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let allow = |allowed: &str| {
+        Err(ApiError::method_not_allowed(format!(
+            "{method} is not allowed on {path} (allowed: {allowed})"
+        )))
+    };
+    match path {
+        "/health" => (
+            "/health",
+            match method {
+                Method::GET | Method::HEAD => {
+                    Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+                }
+                _ => allow("GET"),
+            },
+        ),
+        "/ready" => (
+            "/ready",
+            match method {
+                Method::GET | Method::HEAD => Ok(ready(app)),
+                _ => allow("GET"),
+            },
+        ),
+        "/metrics" => (
+            "/metrics",
+            match method {
+                Method::GET => Ok(metrics(app)),
+                _ => allow("GET"),
+            },
+        ),
+        "/v1/models" => (
+            "/v1/models",
+            match method {
+                Method::GET => Ok(models(app)),
+                _ => allow("GET"),
+            },
+        ),
+        "/v1/completions" => (
+            "/v1/completions",
+            match method {
+                Method::POST => completion(app, Endpoint::Completions, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/v1/chat/completions" => (
+            "/v1/chat/completions",
+            match method {
+                Method::POST => completion(app, Endpoint::Chat, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/v1/policies" => (
+            "/v1/policies",
+            match method {
+                Method::GET => list_policies(app).await,
+                _ => allow("GET"),
+            },
+        ),
+        p if p.starts_with("/v1/policies/") => {
+            let name = percent_decode(&p["/v1/policies/".len()..]);
+            (
+                "/v1/policies/{name}",
+                match method {
+                    Method::PUT => put_policy(app, name, req).await,
+                    Method::DELETE => delete_policy(app, name, req).await,
+                    Method::GET => get_policy(app, name).await,
+                    _ => allow("GET, PUT, DELETE"),
+                },
+            )
+        }
+        _ => (
+            "other",
+            Err(ApiError::not_found(format!("no route for {method} {path}"))),
+        ),
+    }
+}
+
+/// Decodes %XX escapes (a policy spec's `@` may arrive as %40); invalid escapes stay as they are.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = json_response(e.status, &e.body());
+    if let Some(s) = e.retry_after
+        && let Ok(v) = HeaderValue::from_str(&s.to_string())
+    {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    if e.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn ready(app: &App) -> Response<Body> {
+    let loaded = app.served.get().is_some();
+    let draining = app.draining.load(Ordering::SeqCst);
+    let (status, state) = match (loaded, draining) {
+        (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        (true, false) => (StatusCode::OK, "ready"),
+    };
+    json_response(
+        status,
+        &json!({"status": state, "model": app.opts.model_id}),
+    )
+}
+
+fn metrics(app: &App) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())).boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+fn models(app: &App) -> Response<Body> {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": [{
+                "id": app.opts.model_id,
+                "object": "model",
+                "created": app.created,
+                "owned_by": "verdict",
+                "ready": app.served.get().is_some(),
+                "max_context": app.served.get().map(|s| s.engine.max_context()),
+            }]
+        }),
+    )
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(
+            what,
+            format!("the request body is larger than {limit} bytes"),
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+fn served_or_unavailable(app: &App) -> Result<Arc<Served>, ApiError> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    app.served.get().cloned().ok_or_else(|| {
+        ApiError::unavailable("the model is still loading; retry shortly (GET /ready says when)")
+    })
+}
+
+async fn completion(
+    app: &Arc<App>,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let arrived = Instant::now();
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let parsed = api::parse(endpoint, &body)?;
+    if let Some(m) = &parsed.model
+        && m != &app.opts.model_id
+    {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "the model `{m}` does not exist; this server serves `{}` (GET /v1/models)",
+                app.opts.model_id
+            ),
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("model_not_found"));
+    }
+    // Tokenizing and template rendering are CPU work: off the async threads.
+    let prepared = {
+        let app = app.clone();
+        let served = served.clone();
+        let parsed = parsed.clone();
+        tokio::task::spawn_blocking(move || prepare(&app, &served, &parsed))
+            .await
+            .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job {
+        served,
+        request: prepared,
+        stop: parsed.stop.clone(),
+        arrived,
+        events: tx,
+        metrics: app.metrics.clone(),
+    };
+    app.pool.submit(Box::new(move || job.run())).map_err(|f| {
+        ApiError::overloaded(
+            f.retry_after_s,
+            format!(
+                "the server is at capacity ({} requests waiting); retry later",
+                f.queued
+            ),
+        )
+    })?;
+    match rx.recv().await {
+        Some(Event::Started) => {}
+        Some(Event::Failed(e)) => return Err(e),
+        Some(_) | None => {
+            return Err(ApiError::internal(
+                "the generation worker stopped before starting",
+            ));
+        }
+    }
+    let id = format!(
+        "{}-{:08x}{:08x}",
+        if endpoint == Endpoint::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        unix_now() as u32,
+        app.next_id.fetch_add(1, Ordering::Relaxed) as u32 ^ rand::random::<u32>()
+    );
+    let meta = ResponseMeta {
+        id,
+        created: unix_now(),
+        model: app.opts.model_id.clone(),
+        endpoint,
+        include_usage: parsed.include_usage,
+    };
+    if parsed.stream {
+        Ok(sse_response(meta, rx))
+    } else {
+        let mut text = String::new();
+        loop {
+            match rx.recv().await {
+                Some(Event::Delta(d)) => text.push_str(&d),
+                Some(Event::Done(o)) => {
+                    return Ok(json_response(StatusCode::OK, &meta.full(&text, &o)));
+                }
+                Some(Event::Failed(e)) => return Err(e),
+                Some(Event::Started) => {}
+                None => {
+                    return Err(ApiError::internal(
+                        "the generation worker stopped unexpectedly",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Turns a parsed request into an engine request: renders the chat, tokenizes, and checks
+/// everything that can be checked before queueing (context length, policy and its parameters)
+/// so that a bad request never waits in the queue for its 400.
+fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequest, ApiError> {
+    let tokenizer = &*served.tokenizer;
+    let engine = &served.engine;
+    let (prompt, field) = match p.endpoint {
+        Endpoint::Completions => match p.prompt.as_ref() {
+            Some(PromptInput::Text(t)) => (
+                tokenizer.encode_prompt(t, true).map_err(|e| {
+                    ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}"))
+                })?,
+                "prompt",
+            ),
+            Some(PromptInput::Tokens(ids)) => {
+                let vocab = tokenizer.vocab_size();
+                if let Some(i) = ids.iter().position(|&t| t as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        format!("prompt[{i}]"),
+                        format!(
+                            "token id {} is outside the vocabulary (size {vocab})",
+                            ids[i]
+                        ),
+                    ));
+                }
+                (ids.clone(), "prompt")
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "missing required field `prompt`",
+                ));
+            }
+        },
+        Endpoint::Chat => {
+            let msgs: Vec<Message> = p
+                .messages
+                .iter()
+                .map(|m| Message::new(m.role.clone(), m.content.clone()))
+                .collect();
+            let text = served.chat.render(&msgs, true).map_err(|e| {
+                ApiError::invalid(
+                    "messages",
+                    format!("the chat template rejected the messages: {e:#}"),
+                )
+            })?;
+            (
+                tokenizer.encode_prompt(&text, true).map_err(|e| {
+                    ApiError::invalid(
+                        "messages",
+                        format!("cannot tokenize the conversation: {e:#}"),
+                    )
+                })?,
+                "messages",
+            )
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} is empty (no tokens)"),
+        ));
+    }
+    let ctx = engine.max_context();
+    if prompt.len() >= ctx {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the {field} is {} tokens; this model's context holds {ctx}, and at least one must be left to generate",
+                prompt.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = ctx - prompt.len();
+    let max_tokens = match p.max_tokens {
+        Some(n) if n > room => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "max_tokens = {n} but the {field} ({} tokens) leaves room for {room} in this model's context of {ctx}",
+                    prompt.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Some(n) => n,
+        // OpenAI's defaults: 16 for completions, the rest of the context for chat.
+        None if p.endpoint == Endpoint::Completions => room.min(16),
+        None => room,
+    };
+    check_policy(app, p)?;
+    Ok(GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+        },
+        seed: p.seed,
+        stop_tokens: tokenizer.eos_ids().to_vec(),
+        speculation: match &p.speculation {
+            SpeculationChoice::Default => engine::Speculation::Default,
+            SpeculationChoice::Off => engine::Speculation::Off,
+            SpeculationChoice::Draft { draft, k } => engine::Speculation::Draft {
+                drafter: draft.as_ref().map(drafter_spec),
+                k: *k,
+            },
+        },
+        policy: p.policy.clone(),
+        policy_params: p.policy_params.clone(),
+        ..GenerateRequest::default()
+    })
+}
+
+fn drafter_spec(d: &DraftChoice) -> DrafterSpec {
+    match d {
+        DraftChoice::Model => DrafterSpec::Model,
+        DraftChoice::PromptLookup => DrafterSpec::PromptLookup,
+        DraftChoice::SelfLayers(n) => DrafterSpec::SelfDraft(*n),
+    }
+}
+
+/// The policy must exist and each parameter must be one it declares, in range.
+fn check_policy(app: &App, p: &ParsedRequest) -> Result<(), ApiError> {
+    let spec = p.policy.as_deref().unwrap_or(&app.opts.default_policy);
+    let handle = app
+        .registry
+        .resolve(spec)
+        .map_err(|e| ApiError::invalid("policy", format!("{e:#}")).with_code("unknown_policy"))?;
+    for (name, value) in &p.policy_params {
+        handle
+            .resolve_params(&[(name.clone(), *value)])
+            .map_err(|e| {
+                ApiError::invalid(format!("policy_params.{name}"), format!("{e:#}"))
+                    .with_code("invalid_policy_param")
+            })?;
+    }
+    Ok(())
+}
+
+struct ResponseMeta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    include_usage: bool,
+}
+
+fn usage(o: &Outcome) -> Value {
+    json!({
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": o.completion_tokens,
+        "total_tokens": o.prompt_tokens + o.completion_tokens,
+    })
+}
+
+impl ResponseMeta {
+    fn full(&self, text: &str, o: &Outcome) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": o.finish_reason,
+            }),
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": o.finish_reason,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(o),
+            "speculation": o.speculation,
+        })
+    }
+
+    fn chunk(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    fn delta_chunk(&self, text: &str, first: bool) -> Value {
+        match self.endpoint {
+            Endpoint::Completions => self.chunk(json!([{
+                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
+            }])),
+            Endpoint::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                self.chunk(
+                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                )
+            }
+        }
+    }
+
+    fn final_chunks(&self, o: &Outcome, first: bool) -> Vec<Value> {
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": "", "logprobs": null, "finish_reason": o.finish_reason,
+            }),
+            Endpoint::Chat => json!({
+                "index": 0,
+                "delta": if first { json!({"role": "assistant", "content": ""}) } else { json!({}) },
+                "logprobs": null,
+                "finish_reason": o.finish_reason,
+            }),
+        };
+        let mut last = self.chunk(json!([choice]));
+        last["usage"] = usage(o);
+        last["speculation"] = serde_json::to_value(&o.speculation).unwrap_or(Value::Null);
+        let mut out = vec![last];
+        if self.include_usage {
+            let mut u = self.chunk(json!([]));
+            u["usage"] = usage(o);
+            out.push(u);
+        }
+        out
+    }
+}
+
+fn sse_data(v: &Value) -> Bytes {
+    let mut s = String::from("data: ");
+    s.push_str(&v.to_string());
+    s.push_str("\n\n");
+    Bytes::from(s)
+}
+
+/// Server-sent events from the generation's channel, ending in `data: [DONE]`. Dropping this
+/// body (the client went away) closes the channel, which stops the generation.
+fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>) -> Response<Body> {
+    struct S {
+        meta: ResponseMeta,
+        rx: UnboundedReceiver<Event>,
+        first: bool,
+        done: bool,
+    }
+    let state = S {
+        meta,
+        rx,
+        first: true,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let bytes = loop {
+            match s.rx.recv().await {
+                Some(Event::Delta(d)) => {
+                    let b = sse_data(&s.meta.delta_chunk(&d, s.first));
+                    s.first = false;
+                    break b;
+                }
+                Some(Event::Started) => continue,
+                Some(Event::Done(o)) => {
+                    let mut out = Vec::new();
+                    for c in s.meta.final_chunks(&o, s.first) {
+                        out.extend_from_slice(&sse_data(&c));
+                    }
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    s.done = true;
+                    break Bytes::from(out);
+                }
+                Some(Event::Failed(e)) => {
+                    let mut out = sse_data(&e.body()).to_vec();
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    s.done = true;
+                    break Bytes::from(out);
+                }
+                None => {
+                    let e = ApiError::internal("the generation worker stopped unexpectedly");
+                    let mut out = sse_data(&e.body()).to_vec();
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    s.done = true;
+                    break Bytes::from(out);
+                }
+            }
+        };
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+// ---- policy management -------------------------------------------------------------------
+
+fn require_admin<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
+    match &app.opts.admin_token {
+        None => Ok(()),
+        Some(t) => {
+            let h = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes);
+            if t.accepts(h) {
+                Ok(())
+            } else if h.is_none() {
+                Err(ApiError::unauthorized(
+                    "this route needs `Authorization: Bearer <admin token>`",
+                ))
+            } else {
+                Err(ApiError::unauthorized("the admin token is wrong"))
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("background task failed: {e}")))
+}
+
+async fn list_policies(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let registry = app.registry.clone();
+    let list = blocking(move || registry.list()).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "default": app.opts.default_policy, "data": list}),
+    ))
+}
+
+async fn get_policy(app: &Arc<App>, name: String) -> Result<Response<Body>, ApiError> {
+    let registry = app.registry.clone();
+    let list = blocking(move || registry.list()).await?;
+    let base = name.split('@').next().unwrap_or_default();
+    match list.into_iter().find(|l| l.name == base) {
+        Some(l) => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::to_value(l).unwrap_or(Value::Null),
+        )),
+        None => {
+            Err(ApiError::not_found(format!("unknown policy `{name}`")).with_code("unknown_policy"))
+        }
+    }
+}
+
+async fn put_policy(
+    app: &Arc<App>,
+    name: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, &req)?;
+    if name.contains('@') {
+        return Err(ApiError::invalid(
+            "name",
+            "PUT /v1/policies/{name} takes a bare name; the version comes from the component's info",
+        ));
+    }
+    let wasm = read_body(req, app.opts.max_policy_bytes, "body").await?;
+    if wasm.is_empty() {
+        return Err(ApiError::invalid(
+            "body",
+            "the body must be a WebAssembly component (got 0 bytes)",
+        ));
+    }
+    let registry = app.registry.clone();
+    let n = name.clone();
+    let had = blocking({
+        let registry = registry.clone();
+        let n = n.clone();
+        move || registry.resolve(&n).ok().map(|h| h.version().to_string())
+    })
+    .await?;
+    let handle = blocking(move || registry.register(Some(&n), &wasm))
+        .await?
+        .map_err(|e| {
+            let msg = format!("{e:#}");
+            if msg.contains("built-in policy name") {
+                ApiError::invalid("name", msg)
+                    .with_status(StatusCode::CONFLICT)
+                    .with_code("builtin_policy")
+            } else if msg.contains("invalid policy name") {
+                ApiError::invalid("name", msg)
+            } else {
+                ApiError::invalid("body", format!("the component was rejected: {msg}"))
+                    .with_code("invalid_policy")
+            }
+        })?;
+    app.metrics.policy_swaps.inc();
+    tracing::info!("policy `{name}` is now version {}", handle.version());
+    Ok(json_response(
+        if had.is_some() {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        },
+        &json!({
+            "name": name,
+            "version": handle.version(),
+            "sha256": handle.sha256(),
+            "previous": had,
+            "info": handle.info(),
+        }),
+    ))
+}
+
+async fn delete_policy(
+    app: &Arc<App>,
+    name: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    require_admin(app, &req)?;
+    let registry = app.registry.clone();
+    let n = name.clone();
+    blocking(move || registry.remove(&n)).await?.map_err(|e| {
+        let msg = format!("{e:#}");
+        if msg.contains("built-in") {
+            ApiError::invalid("name", msg)
+                .with_status(StatusCode::CONFLICT)
+                .with_code("builtin_policy")
+        } else if msg.contains("unknown policy") || msg.contains("has no version") {
+            ApiError::invalid("name", msg)
+                .with_status(StatusCode::NOT_FOUND)
+                .with_code("unknown_policy")
+        } else {
+            ApiError::invalid("name", msg)
+        }
+    })?;
+    app.metrics.policy_swaps.inc();
+    Ok(json_response(StatusCode::OK, &json!({"deleted": name})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("judge%400.2.0"), "judge@0.2.0");
+        assert_eq!(percent_decode("a%4"), "a%4");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+        assert_eq!(percent_decode("plain"), "plain");
+    }
+}

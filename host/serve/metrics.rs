@@ -1,0 +1,200 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text). Updated from the HTTP tasks and the
+//! generation workers; every metric is atomic, so no lock is held across a step.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyPosition {
+    pub policy: String,
+    pub position: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
+    pub steps: Family<PolicyLabel, Counter>,
+    pub drafted: Family<PolicyLabel, Counter>,
+    pub accepted: Family<PolicyLabel, Counter>,
+    pub accepted_by_position: Family<PolicyPosition, Counter>,
+    pub drafted_by_position: Family<PolicyPosition, Counter>,
+    pub tokens_per_step: Histogram,
+    pub policy_faults: Family<PolicyLabel, Counter>,
+    pub queue_depth: Gauge<i64>,
+    pub active: Gauge<i64>,
+    pub ttft_seconds: Histogram,
+    pub inter_token_seconds: Histogram,
+    pub request_seconds: Histogram,
+    pub finished: Family<Reason, Counter>,
+    pub policy_swaps: Counter<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("verdict");
+        let m = Metrics {
+            requests: Family::default(),
+            prompt_tokens: Counter::default(),
+            completion_tokens: Counter::default(),
+            steps: Family::default(),
+            drafted: Family::default(),
+            accepted: Family::default(),
+            accepted_by_position: Family::default(),
+            drafted_by_position: Family::default(),
+            tokens_per_step: Histogram::new(linear_buckets(1.0, 1.0, 17)),
+            policy_faults: Family::default(),
+            queue_depth: Gauge::default(),
+            active: Gauge::default(),
+            // 5 ms .. ~80 s
+            ttft_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            // 0.5 ms .. ~8 s
+            inter_token_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
+            finished: Family::default(),
+            policy_swaps: Counter::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "HTTP requests by route and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of admitted generations",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "completion_tokens",
+            "Generated tokens",
+            m.completion_tokens.clone(),
+        );
+        r.register(
+            "speculation_steps",
+            "Speculation steps by policy",
+            m.steps.clone(),
+        );
+        r.register(
+            "drafted_tokens",
+            "Drafted tokens by policy",
+            m.drafted.clone(),
+        );
+        r.register(
+            "accepted_tokens",
+            "Accepted drafted tokens by policy",
+            m.accepted.clone(),
+        );
+        r.register(
+            "accepted_by_position",
+            "Accepted drafted tokens by policy and draft position (0 = first drafted token)",
+            m.accepted_by_position.clone(),
+        );
+        r.register(
+            "drafted_by_position",
+            "Drafted tokens by policy and draft position (steps that drafted at least position+1 tokens)",
+            m.drafted_by_position.clone(),
+        );
+        r.register(
+            "tokens_per_step",
+            "Tokens emitted per speculation step",
+            m.tokens_per_step.clone(),
+        );
+        r.register(
+            "policy_faults",
+            "Policy faults (trap, fuel, deadline, bad verdict) answered by the strict fallback",
+            m.policy_faults.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Requests waiting for a generation worker",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "active_generations",
+            "Generations running on workers",
+            m.active.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "From request arrival to the first token",
+            m.ttft_seconds.clone(),
+        );
+        r.register(
+            "inter_token_seconds",
+            "Time between consecutive tokens",
+            m.inter_token_seconds.clone(),
+        );
+        r.register(
+            "request_seconds",
+            "Generation request latency, arrival to last token",
+            m.request_seconds.clone(),
+        );
+        r.register(
+            "generations_finished",
+            "Generations by how they ended",
+            m.finished.clone(),
+        );
+        r.register(
+            "policy_swaps",
+            "Policies uploaded or removed at run time",
+            m.policy_swaps.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn request(&self, route: &str, status: u16) {
+        self.requests
+            .get_or_create(&RouteStatus {
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn finished(&self, reason: &str) {
+        self.finished
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}

@@ -1,0 +1,118 @@
+//! Stop strings on streamed text. Text that could still grow into a stop string is held back
+//! until it either completes one (the generation ends before it) or cannot any more, so a client
+//! never sees the start of a stop string.
+
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+/// What a piece of new text produced.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pushed {
+    /// Text safe to send now.
+    pub emit: String,
+    /// A stop string was completed: the generation ends after `emit`.
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> Pushed {
+        if self.stops.is_empty() {
+            return Pushed {
+                emit: text.to_string(),
+                stopped: false,
+            };
+        }
+        self.held.push_str(text);
+        // The earliest stop string wins.
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = first {
+            let emit = self.held[..at].to_string();
+            self.held.clear();
+            return Pushed {
+                emit,
+                stopped: true,
+            };
+        }
+        // Hold the longest suffix that is a proper prefix of some stop string.
+        let keep = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let emit = self.held[..keep].to_string();
+        self.held.drain(..keep);
+        Pushed {
+            emit,
+            stopped: false,
+        }
+    }
+
+    /// The generation ended without a stop string: release what was held.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for p in pieces {
+            let r = m.push(p);
+            out.push_str(&r.emit);
+            if r.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&m.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stops_across_pieces() {
+        assert_eq!(
+            run(&["END"], &["abc E", "N", "D tail"]),
+            ("abc ".into(), true)
+        );
+        assert_eq!(
+            run(&["\n\n"], &["a\n", "b\n", "\nc"]),
+            ("a\nb".into(), true)
+        );
+    }
+
+    #[test]
+    fn releases_false_starts() {
+        assert_eq!(run(&["END"], &["E", "N", "d"]), ("ENd".into(), false));
+        let mut m = StopMatcher::new(vec!["xyz".into()]);
+        assert_eq!(m.push("abx").emit, "ab");
+        assert_eq!(m.push("q").emit, "xq");
+    }
+
+    #[test]
+    fn earliest_stop_wins_and_unicode() {
+        assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), true));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+    }
+}

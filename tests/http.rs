@@ -1,0 +1,703 @@
+//! End-to-end tests of `verdict serve`: the real binary on a free port, tiny random models
+//! written by the test (and SmolLM2 for real text), driven with raw HTTP/1.1.
+
+mod http_common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use http_common::{Server, hostile_guest, stream_text, tiny_models};
+use serde_json::{Value, json};
+
+fn tiny_server(context: usize, extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (target, draft) = tiny_models(dir.path(), context);
+    let mut args: Vec<String> = vec![
+        "--model".into(),
+        target.display().to_string(),
+        "--draft".into(),
+        draft.display().to_string(),
+        "--policy-dir".into(),
+        dir.path().join("policies").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log_dir = dir.path().to_path_buf();
+    Server::start(&args, Some(dir), &log_dir)
+}
+
+fn wait_for(what: &str, server: &Server, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out waiting for {what}\nserver log:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    let c = &v["choices"][0];
+    c["text"]
+        .as_str()
+        .or_else(|| c["message"]["content"].as_str())
+        .unwrap_or_else(|| panic!("no text in {v}"))
+        .to_string()
+}
+
+#[test]
+fn completions_chat_streaming_stop_and_stats() {
+    let s = tiny_server(256, &[]);
+    assert_eq!(s.get("/health").status, 200);
+    let ready = s.get("/ready");
+    assert_eq!(
+        (ready.status, ready.json()["status"].as_str()),
+        (200, Some("ready"))
+    );
+    let models = s.get("/v1/models").json();
+    assert_eq!(models["data"][0]["id"], "tiny-target");
+
+    // Non-streamed completion with the draft model.
+    let req = json!({"model": "tiny-target", "prompt": "the cat sat on", "max_tokens": 12,
+                     "temperature": 0, "speculation": {"draft": "model", "k": 3}});
+    let r = s.post_json("/v1/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    let text = text_of(&v);
+    let u = &v["usage"];
+    let (pt, ct) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(pt > 0);
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), pt + ct);
+    match v["choices"][0]["finish_reason"].as_str() {
+        Some("length") => assert_eq!(ct, 12),
+        Some("stop") => assert!(ct <= 12),
+        other => panic!("finish_reason {other:?}"),
+    }
+    let spec = &v["speculation"];
+    assert_eq!(spec["drafter"], "model");
+    assert_eq!(spec["policy"], "strict@0.1.0");
+    assert!(spec["steps"].as_u64().unwrap() >= 1);
+    let per_pos: u64 = spec["drafted_per_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(per_pos, spec["drafted"].as_u64().unwrap());
+    let acc_pos: u64 = spec["accepted_per_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(acc_pos, spec["accepted"].as_u64().unwrap());
+    assert!(spec["drafted_per_position"].as_array().unwrap().len() <= 3);
+
+    // Greedy is deterministic, and the stream carries exactly the same text.
+    assert_eq!(text_of(&s.post_json("/v1/completions", &req).json()), text);
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let st = s.open_stream("/v1/completions", &sreq);
+    assert_eq!(st.status, 200);
+    assert_eq!(st.header("content-type"), Some("text/event-stream"));
+    let events = st.collect();
+    let (streamed, last, done) = stream_text(&events);
+    assert!(done, "no [DONE]: {events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(streamed, text);
+    let last = last.expect("a final chunk");
+    assert_eq!(last["usage"]["completion_tokens"].as_u64(), Some(ct));
+    assert_eq!(last["speculation"]["drafter"], "model");
+    // include_usage: a last chunk with no choices and the usage.
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["total_tokens"].as_u64(), Some(pt + ct));
+    let ids: std::collections::HashSet<String> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one id per stream");
+
+    // Chat, streamed and not, with the model's chat template.
+    let chat = json!({"messages": [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "hi there"}],
+                      "max_tokens": 10, "temperature": 0, "speculation": "off"});
+    let c = s.post_json("/v1/chat/completions", &chat);
+    assert_eq!(c.status, 200, "{}", c.text());
+    let cv = c.json();
+    assert_eq!(cv["object"], "chat.completion");
+    assert_eq!(cv["choices"][0]["message"]["role"], "assistant");
+    assert!(
+        cv["speculation"]["policy"].is_null(),
+        "speculation off: no policy"
+    );
+    let mut cs = chat.clone();
+    cs["stream"] = json!(true);
+    let events = s.open_stream("/v1/chat/completions", &cs).collect();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let (ctext, clast, cdone) = stream_text(&events);
+    assert!(cdone);
+    assert_eq!(ctext, text_of(&cv));
+    assert!(clast.is_some());
+
+    // A seed makes sampling reproducible.
+    let sampled = json!({"prompt": "a", "max_tokens": 16, "temperature": 1.0, "seed": 7});
+    assert_eq!(
+        text_of(&s.post_json("/v1/completions", &sampled).json()),
+        text_of(&s.post_json("/v1/completions", &sampled).json())
+    );
+
+    // Stop strings: the output ends right before the first occurrence, finish_reason stop.
+    let long =
+        json!({"prompt": "once upon", "max_tokens": 40, "temperature": 0, "speculation": "off"});
+    let full = text_of(&s.post_json("/v1/completions", &long).json());
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 12, "need some text to cut: {full:?}");
+    let stop: String = chars[8..10].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let mut r = long.clone();
+        r["stop"] = json!([stop.clone(), "\u{1F600}never"]);
+        r["stream"] = json!(stream);
+        let (got, reason) = if stream {
+            let (t, last, _) = stream_text(&s.open_stream("/v1/completions", &r).collect());
+            (t, last.unwrap()["choices"][0]["finish_reason"].clone())
+        } else {
+            let v = s.post_json("/v1/completions", &r).json();
+            (text_of(&v), v["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(
+            got, expected,
+            "stream={stream}, stop={stop:?}, full={full:?}"
+        );
+        assert_eq!(reason, "stop");
+    }
+
+    // Metrics saw all of it.
+    let m = s.get("/metrics");
+    assert_eq!(m.status, 200);
+    let text = m.text();
+    for name in [
+        "verdict_requests_total{route=\"/v1/completions\",status=\"200\"}",
+        "verdict_speculation_steps_total{policy=\"strict@0.1.0\"}",
+        "verdict_drafted_tokens_total{policy=\"strict@0.1.0\"}",
+        "verdict_accepted_by_position_total{policy=\"strict@0.1.0\",position=\"0\"}",
+        "verdict_time_to_first_token_seconds_count",
+        "verdict_inter_token_seconds_count",
+        "verdict_tokens_per_step_count",
+        "verdict_queue_depth",
+        "verdict_completion_tokens_total",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+}
+
+#[test]
+fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
+    let s = tiny_server(64, &[]);
+    let long_prompt: Vec<u32> = (0..64).map(|i| 40 + i % 50).collect();
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        ("/v1/completions", "{not json".into(), 400, None),
+        ("/v1/completions", "[1,2]".into(), 400, None),
+        ("/v1/completions", "".into(), 400, None),
+        (
+            "/v1/completions",
+            r#"{"prompt": 5}"#.into(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"max_tokens": 5}"#.into(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": "9"}"#.into(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 0}"#.into(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 100000}"#.into(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": -1}"#.into(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "top_p": 1.5}"#.into(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "n": 2}"#.into(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "stop": [1]}"#.into(),
+            400,
+            Some("stop[0]"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "model": "gpt-4"}"#.into(),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "nosuch"}"#.into(),
+            400,
+            Some("policy"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "strict@9.9.9"}"#.into(),
+            400,
+            Some("policy"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "threshold", "policy_params": {"bogus": 1}}"#.into(),
+            400,
+            Some("policy_params.bogus"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy": "threshold", "policy_params": {"eps": 1e9}}"#.into(),
+            400,
+            Some("policy_params.eps"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "policy_params": {"eps": "big"}}"#.into(),
+            400,
+            Some("policy_params.eps"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "speculation": {"draft": "self:99"}}"#.into(),
+            400,
+            Some("speculation.draft"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "speculation": {"k": 1000}}"#.into(),
+            400,
+            Some("speculation.k"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "speculation": "fast"}"#.into(),
+            400,
+            Some("speculation"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "tempreature": 1}"#.into(),
+            400,
+            Some("tempreature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": long_prompt}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": [1, 99999]}"#.into(),
+            400,
+            Some("prompt[1]"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": "hi"}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": []}"#.into(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": 3}]}"#.into(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"content": "x"}]}"#.into(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}"#.into(),
+            400,
+            Some("prompt"),
+        ),
+    ];
+    for (path, body, status, param) in &cases {
+        let r = s.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, *status, "{path} {body}: {}", r.text());
+        let e = r.json();
+        let err = &e["error"];
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}: {e}"
+        );
+        assert!(err["type"].is_string(), "{e}");
+        assert!(err.get("code").is_some(), "{e}");
+        assert_eq!(err["param"].as_str(), *param, "{body}: {e}");
+    }
+    // Routing and transport-level abuse.
+    assert_eq!(s.get("/v1/nothing").status, 404);
+    assert_eq!(s.get("/v1/completions").status, 405);
+    let big = vec![b'x'; 9 << 20];
+    assert_eq!(s.request("POST", "/v1/completions", &[], &big).status, 413);
+    for garbage in [
+        &b"\x00\x01\x02 garbage\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro",
+    ] {
+        let mut c = s.connect();
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let _ = c.write_all(garbage);
+        let _ = c.shutdown(Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c, &mut sink);
+    }
+    // Still alive and still generating.
+    assert_eq!(s.get("/health").status, 200);
+    let ok = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert!(s.metric("verdict_requests_total{route=\"/v1/completions\",status=\"400\"}") >= 20.0);
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let s = tiny_server(4096, &[]);
+    let body = json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off", "stream": true});
+    let mut st = s.open_stream("/v1/completions", &body);
+    assert_eq!(st.status, 200);
+    assert!(st.next_event().is_some());
+    drop(st);
+    let cancelled = "verdict_generations_finished_total{reason=\"cancelled\"}";
+    wait_for(
+        "the stream's cancellation",
+        &s,
+        Duration::from_secs(60),
+        || s.metric(cancelled) >= 1.0,
+    );
+    // Non-streamed: the client sends and leaves.
+    let mut c = s.connect();
+    http_common::write_request(
+        &mut c,
+        "POST",
+        "/v1/completions",
+        &[],
+        json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off"})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    wait_for("the request to start", &s, Duration::from_secs(60), || {
+        s.metric("verdict_active_generations") >= 1.0
+    });
+    drop(c);
+    wait_for(
+        "the request's cancellation",
+        &s,
+        Duration::from_secs(60),
+        || s.metric(cancelled) >= 2.0,
+    );
+    let generated = s.metric("verdict_completion_tokens_total");
+    assert!(
+        generated < 8000.0,
+        "cancelled generations ran on: {generated} tokens"
+    );
+    wait_for("idle workers", &s, Duration::from_secs(10), || {
+        s.metric("verdict_active_generations") == 0.0
+    });
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = tiny_server(4096, &["--workers", "1", "--max-queue", "1"]);
+    let long = json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off", "stream": true});
+    let mut running = s.open_stream("/v1/completions", &long);
+    assert!(running.next_event().is_some());
+    // The second waits in the queue (its response only starts when a worker takes it).
+    let mut queued = s.connect();
+    http_common::write_request(
+        &mut queued,
+        "POST",
+        "/v1/completions",
+        &[],
+        long.to_string().as_bytes(),
+    )
+    .unwrap();
+    wait_for("the queued request", &s, Duration::from_secs(30), || {
+        s.metric("verdict_queue_depth") >= 1.0
+    });
+    let r = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(r.status, 429, "{}", r.text());
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(r.json()["error"]["code"], "queue_full");
+    drop(running);
+    drop(queued);
+    wait_for("both cancelled", &s, Duration::from_secs(60), || {
+        s.metric("verdict_generations_finished_total{reason=\"cancelled\"}") >= 2.0
+    });
+    // Capacity is back.
+    assert_eq!(
+        s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}))
+            .status,
+        200
+    );
+}
+
+#[test]
+fn admin_routes_need_the_token_and_policies_upload_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "let-me-in\n").unwrap();
+    let tf = token_file.display().to_string();
+    let s = tiny_server(256, &["--admin-token-file", &tf]);
+    let wasm = verdict::decide::builtin_wasm("threshold").expect("built-in threshold compiled in");
+    let put = |auth: Option<&str>, name: &str, body: &[u8]| {
+        let h = auth.map(|a| format!("Bearer {a}"));
+        let mut headers = vec![("Content-Type", "application/wasm")];
+        if let Some(h) = &h {
+            headers.push(("Authorization", h.as_str()));
+        }
+        s.request("PUT", &format!("/v1/policies/{name}"), &headers, body)
+    };
+    let r = put(None, "mine", wasm);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(put(Some("let-me-i"), "mine", wasm).status, 401);
+    assert_eq!(put(Some("let-me-inn"), "mine", wasm).status, 401);
+    let r = put(Some("let-me-in"), "mine", wasm);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["version"], "0.1.0");
+    // Listing is open.
+    let list = s.get("/v1/policies").json();
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"mine") && names.contains(&"strict"),
+        "{names:?}"
+    );
+    // Requests can use it, with its parameters checked.
+    let use_it = json!({"prompt": "abc", "max_tokens": 6, "temperature": 0, "policy": "mine",
+                        "policy_params": {"eps": 0.2}, "speculation": {"draft": "model", "k": 2}});
+    let r = s.post_json("/v1/completions", &use_it);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["speculation"]["policy"], "threshold@0.1.0");
+    // A bad upload is refused and the old version keeps serving.
+    let r = put(Some("let-me-in"), "mine", b"\0asm not really");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_policy");
+    assert_eq!(s.post_json("/v1/completions", &use_it).status, 200);
+    assert_eq!(put(Some("let-me-in"), "strict", wasm).status, 409);
+    // Delete.
+    let del = |auth: Option<&str>, name: &str| {
+        let h = auth.map(|a| format!("Bearer {a}"));
+        let headers: Vec<(&str, &str)> = h.iter().map(|h| ("Authorization", h.as_str())).collect();
+        s.request("DELETE", &format!("/v1/policies/{name}"), &headers, b"")
+    };
+    assert_eq!(del(None, "mine").status, 401);
+    assert_eq!(del(Some("let-me-in"), "mine").status, 200);
+    let r = s.post_json("/v1/completions", &use_it);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "policy");
+    assert_eq!(del(Some("let-me-in"), "mine").status, 404);
+    assert_eq!(del(Some("let-me-in"), "strict").status, 409);
+    assert!(
+        s.metric("verdict_requests_total{route=\"/v1/policies/{name}\",status=\"401\"}") >= 4.0
+    );
+}
+
+#[test]
+fn hot_swap_while_16_streams_run() {
+    let v1 = hostile_guest("");
+    let v2 = hostile_guest("v2");
+    let s = tiny_server(4096, &["--workers", "16", "--max-queue", "16"]);
+    let put = |wasm: &[u8]| s.request("PUT", "/v1/policies/hs", &[], wasm);
+    let r = put(&v1);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let body = json!({"prompt": "the", "max_tokens": 300, "temperature": 0, "stream": true,
+                      "policy": "hs", "speculation": {"draft": "model", "k": 4}});
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let swapped_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let tx = started_tx.clone();
+                let s = &s;
+                let body = &body;
+                scope.spawn(move || {
+                    let mut st = s.open_stream("/v1/completions", body);
+                    assert_eq!(st.status, 200);
+                    let first = st.next_event().expect("first event");
+                    tx.send(()).unwrap();
+                    let mut events = vec![first];
+                    events.extend(st.collect());
+                    (events, Instant::now())
+                })
+            })
+            .collect();
+        for _ in 0..16 {
+            started_rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("all 16 streams start");
+        }
+        // Every stream is generating: swap in version 2.
+        let r = put(&v2);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["previous"], "1.0.0");
+        swapped_at.set(Instant::now()).unwrap();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("stream thread"))
+            .collect()
+    });
+    let swapped = *swapped_at.get().unwrap();
+    let mut overlapped = 0;
+    for (events, ended) in &results {
+        let (_, last, done) = stream_text(events);
+        assert!(done, "a stream did not complete: {events:?}");
+        let last = last.expect("final chunk");
+        assert!(!last["choices"][0]["finish_reason"].is_null(), "{last}");
+        let spec = &last["speculation"];
+        // Streams keep the version they started with.
+        assert_eq!(spec["policy"], "hostile@1.0.0", "{spec}");
+        // Version 1 accepts at most one draft per step.
+        let acc = spec["accepted_per_position"].as_array().unwrap();
+        assert!(acc.iter().skip(1).all(|x| x == 0), "{spec}");
+        assert_eq!(spec["policy_faults"], 0);
+        overlapped += (*ended > swapped) as usize;
+    }
+    assert!(
+        overlapped > 0,
+        "no stream was still running when the swap landed"
+    );
+    // Later requests get version 2.
+    let r = s.post_json("/v1/completions", &json!({"prompt": "the", "max_tokens": 20, "temperature": 0,
+                                                   "policy": "hs", "speculation": {"draft": "model", "k": 4}}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["speculation"]["policy"], "hostile@2.0.0");
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits() {
+    let mut s = tiny_server(4096, &[]);
+    // Greedy on the tiny model: it never emits its stop token from this prompt.
+    let body = json!({"prompt": "go", "max_tokens": 600, "temperature": 0, "speculation": "off", "stream": true});
+    let mut st = s.open_stream("/v1/completions", &body);
+    assert!(st.next_event().is_some());
+    s.terminate();
+    let (text, last, done) = stream_text(&st.collect());
+    assert!(done, "the in-flight stream was cut: {text:?}");
+    let last = last.expect("final chunk");
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], 600);
+    let status = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits after draining");
+    assert!(status.success(), "exit status {status}\n{}", s.log_text());
+    assert!(s.log_text().contains("draining"));
+}
+
+fn models_dir() -> std::path::PathBuf {
+    std::env::var_os("VERDICT_MODELS")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/verdict/models")
+        })
+}
+
+#[test]
+fn smollm2_chat_real_text() {
+    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let m = model.display().to_string();
+    let s = Server::start(
+        &["--model", &m, "--draft", "prompt-lookup"],
+        Some(dir),
+        &log_dir,
+    );
+    let req = json!({"model": "SmolLM2-135M-Instruct.Q4_1",
+                     "messages": [{"role": "user", "content": "Say hello."}],
+                     "max_tokens": 8, "temperature": 0});
+    let r = s.post_json("/v1/chat/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let text = text_of(&v);
+    assert!(
+        text.chars().any(char::is_alphabetic),
+        "no words in {text:?}"
+    );
+    assert!(!text.contains("<|im_"), "special tokens leaked: {text:?}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let (streamed, _, done) = stream_text(&s.open_stream("/v1/chat/completions", &sreq).collect());
+    assert!(done);
+    assert_eq!(streamed, text);
+}

@@ -1,0 +1,84 @@
+"""Drives a running `verdict serve` with the official `openai` package (run by tests/http_openai.rs).
+
+    python tests/openai_client.py BASE_URL MODEL_ID
+
+Checks completions and chat, streamed and not, with verdict's extra fields passed through
+`extra_body`, and that an unknown policy is a 400 the client raises as BadRequestError.
+Exits non-zero (AssertionError) on the first mismatch.
+"""
+
+import sys
+
+import openai
+
+base_url, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+assert model in [m.id for m in client.models.list().data], "model not listed"
+
+extra = {"policy": "strict", "speculation": {"draft": "model", "k": 3}}
+
+# Completions, non-streamed and streamed: same greedy text.
+c = client.completions.create(
+    model=model, prompt="the cat sat", max_tokens=12, temperature=0, extra_body=extra
+)
+text = c.choices[0].text
+assert isinstance(text, str)
+assert c.usage.completion_tokens >= 1
+assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+spec = c.model_extra["speculation"]
+assert spec["policy"] == "strict@0.1.0", spec
+assert spec["drafter"] == "model", spec
+assert spec["steps"] >= 1, spec
+
+streamed = ""
+finish = None
+for chunk in client.completions.create(
+    model=model, prompt="the cat sat", max_tokens=12, temperature=0, stream=True, extra_body=extra
+):
+    streamed += chunk.choices[0].text
+    finish = chunk.choices[0].finish_reason or finish
+assert streamed == text, (streamed, text)
+assert finish in ("length", "stop"), finish
+
+# Chat, non-streamed and streamed, with another policy and parameters.
+extra_chat = {"policy": "threshold", "policy_params": {"eps": 0.2}, "speculation": {"draft": "model", "k": 2}}
+messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+r = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=10, temperature=0, extra_body=extra_chat
+)
+reply = r.choices[0].message.content
+assert r.choices[0].message.role == "assistant"
+assert r.model_extra["speculation"]["policy"] == "threshold@0.1.0", r.model_extra
+
+streamed = ""
+usage = None
+for chunk in client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=10,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+    extra_body=extra_chat,
+):
+    if chunk.choices:
+        streamed += chunk.choices[0].delta.content or ""
+    if chunk.usage is not None:
+        usage = chunk.usage
+assert streamed == reply, (streamed, reply)
+assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+
+# Errors arrive as the client's typed exceptions, naming the field.
+try:
+    client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})
+    raise AssertionError("an unknown policy was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "policy", e.body
+try:
+    client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
+
+print("openai client: all checks passed")
