@@ -6,8 +6,8 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use verdict::decide::{PolicyLimits, PolicyRegistry};
 use verdict::draft::DrafterSpec;
@@ -87,7 +87,10 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
             for k in [1, 3, 8] {
                 let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
                 let (out, stats) = run(&e, greedy(prompt, 40, Speculation::Default));
-                assert_eq!(out, reference, "drafter {spec:?}, k = {k}, prompt {prompt:?}");
+                assert_eq!(
+                    out, reference,
+                    "drafter {spec:?}, k = {k}, prompt {prompt:?}"
+                );
                 // Every emitted token after the first came from a step: accepted + 1 per step.
                 assert!(stats.accepted <= stats.drafted);
                 assert!(stats.steps >= 1 && stats.tokens == 40);
@@ -96,13 +99,21 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
                     "{stats:?}: steps must account for the tokens"
                 );
                 for w in stats.accepted_per_position.windows(2) {
-                    assert!(w[0] >= w[1], "acceptance per position is a prefix count: {stats:?}");
+                    assert!(
+                        w[0] >= w[1],
+                        "acceptance per position is a prefix count: {stats:?}"
+                    );
                 }
             }
         }
     }
     // A perfect draft is accepted in full.
-    let e = engine(target.clone(), Some(target.clone()), Some(DrafterSpec::Model), 4);
+    let e = engine(
+        target.clone(),
+        Some(target.clone()),
+        Some(DrafterSpec::Model),
+        4,
+    );
     let (_, stats) = run(&e, greedy(PROMPTS[0], 41, Speculation::Default));
     assert_eq!(stats.accepted, stats.drafted, "{stats:?}");
     assert_eq!(stats.steps, 8, "40 tokens in steps of 5: {stats:?}");
@@ -117,7 +128,10 @@ fn rollback_leaves_the_target_cache_as_if_only_accepted_tokens_were_fed() {
     let draft = tiny(dir.path(), "d.gguf", spec(4, 1));
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 6);
     let (out, stats) = run(&e, greedy(&[5, 6, 7], 25, Speculation::Default));
-    assert!(stats.drafted > stats.accepted, "the test needs rejections: {stats:?}");
+    assert!(
+        stats.drafted > stats.accepted,
+        "the test needs rejections: {stats:?}"
+    );
     let mut all = vec![5, 6, 7];
     all.extend(&out);
     let mut fresh = target.session();
@@ -127,14 +141,26 @@ fn rollback_leaves_the_target_cache_as_if_only_accepted_tokens_were_fed() {
     stepwise.forward(&[1, 2, 3, 4], Rows::All).unwrap();
     stepwise.truncate(10).unwrap();
     let b = stepwise.forward(&all[10..], Rows::Last).unwrap().logits;
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-4, "max diff {d}");
 }
 
 /// Exact distribution of the second generated token: sum over the first.
 fn second_token_distribution(target: &Model, prompt: &[u32], s: &SamplingParams) -> Vec<f64> {
     let mut sess = target.session();
-    let l1 = sess.forward(prompt, Rows::Last).unwrap().logits.squeeze(0).unwrap();
+    let l1 = sess
+        .forward(prompt, Rows::Last)
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap();
     let p1 = verdict::sample::probabilities(&l1.to_vec1::<f32>().unwrap(), s);
     let mut out = vec![0f64; p1.len()];
     for (t1, &w) in p1.iter().enumerate() {
@@ -142,7 +168,12 @@ fn second_token_distribution(target: &Model, prompt: &[u32], s: &SamplingParams)
             continue;
         }
         sess.truncate(prompt.len()).unwrap();
-        let l2 = sess.forward(&[t1 as u32], Rows::Last).unwrap().logits.squeeze(0).unwrap();
+        let l2 = sess
+            .forward(&[t1 as u32], Rows::Last)
+            .unwrap()
+            .logits
+            .squeeze(0)
+            .unwrap();
         let p2 = verdict::sample::probabilities(&l2.to_vec1::<f32>().unwrap(), s);
         for (o, &p) in out.iter_mut().zip(&p2) {
             *o += w as f64 * p as f64;
@@ -213,15 +244,24 @@ fn speculative_sampling_follows_the_target_distribution() {
         let st = g.stats();
         drafted_but_rejected += (st.drafted - st.accepted > 0) as u64;
     }
-    assert!(drafted_but_rejected > n / 10, "p and q must differ for this test to mean anything");
+    assert!(
+        drafted_but_rejected > n / 10,
+        "p and q must differ for this test to mean anything"
+    );
     let (stat, dof) = chi_square(&counts, &exact);
     assert!(dof >= 5, "dof {dof}");
-    assert!(stat < chi2_critical(dof), "chi-square {stat:.1} with {dof} dof");
+    assert!(
+        stat < chi2_critical(dof),
+        "chi-square {stat:.1} with {dof} dof"
+    );
     // The same check must reject the draft's distribution (the test has power).
     let draft_model = tiny(dir.path(), "d2.gguf", spec(6, 1));
     let wrong = second_token_distribution(&draft_model, &prompt, &s);
     let (stat_wrong, dof_wrong) = chi_square(&counts, &wrong);
-    assert!(stat_wrong > chi2_critical(dof_wrong), "chi-square vs q {stat_wrong:.1}");
+    assert!(
+        stat_wrong > chi2_critical(dof_wrong),
+        "chi-square vs q {stat_wrong:.1}"
+    );
 }
 
 #[test]
@@ -274,29 +314,56 @@ fn bad_requests_name_the_field() {
     let err = |req: GenerateRequest| e.start(req).err().expect("must be refused");
     let base = || greedy(&[1, 2], 5, Speculation::Off);
 
-    let r = err(GenerateRequest { prompt: vec![], ..base() });
+    let r = err(GenerateRequest {
+        prompt: vec![],
+        ..base()
+    });
     assert_eq!(r.param.as_deref(), Some("prompt"));
-    let r = err(GenerateRequest { prompt: vec![1; 300], ..base() });
-    assert!(r.message.contains("300 tokens") && r.message.contains("256"), "{r:?}");
-    let r = err(GenerateRequest { prompt: vec![1, 99_999], ..base() });
+    let r = err(GenerateRequest {
+        prompt: vec![1; 300],
+        ..base()
+    });
+    assert!(
+        r.message.contains("300 tokens") && r.message.contains("256"),
+        "{r:?}"
+    );
+    let r = err(GenerateRequest {
+        prompt: vec![1, 99_999],
+        ..base()
+    });
     assert!(r.message.contains("99999"), "{r:?}");
-    let r = err(GenerateRequest { max_tokens: 0, ..base() });
+    let r = err(GenerateRequest {
+        max_tokens: 0,
+        ..base()
+    });
     assert_eq!(r.param.as_deref(), Some("max_tokens"));
     let mut bad_t = base();
     bad_t.sampling.temperature = -1.0;
     assert_eq!(err(bad_t).param.as_deref(), Some("temperature"));
-    let spec_k = |k| Speculation::Draft { drafter: Some(DrafterSpec::PromptLookup), k: Some(k) };
+    let spec_k = |k| Speculation::Draft {
+        drafter: Some(DrafterSpec::PromptLookup),
+        k: Some(k),
+    };
     for k in [0, 65] {
-        let r = err(GenerateRequest { speculation: spec_k(k), ..base() });
+        let r = err(GenerateRequest {
+            speculation: spec_k(k),
+            ..base()
+        });
         assert_eq!(r.param.as_deref(), Some("speculation.k"), "{r:?}");
     }
     let r = err(GenerateRequest {
-        speculation: Speculation::Draft { drafter: Some(DrafterSpec::Model), k: None },
+        speculation: Speculation::Draft {
+            drafter: Some(DrafterSpec::Model),
+            k: None,
+        },
         ..base()
     });
     assert!(r.message.contains("no draft model"), "{r:?}");
     let r = err(GenerateRequest {
-        speculation: Speculation::Draft { drafter: Some(DrafterSpec::SelfDraft(2)), k: None },
+        speculation: Speculation::Draft {
+            drafter: Some(DrafterSpec::SelfDraft(2)),
+            k: None,
+        },
         ..base()
     });
     assert!(r.message.contains("self:2"), "{r:?}");
@@ -321,7 +388,14 @@ fn bad_requests_name_the_field() {
 fn a_draft_with_another_tokenizer_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
     let target = tiny(dir.path(), "t.gguf", spec(1, 2));
-    let draft = tiny(dir.path(), "d.gguf", TinySpec { vocab: 290, ..spec(2, 1) });
+    let draft = tiny(
+        dir.path(),
+        "d.gguf",
+        TinySpec {
+            vocab: 290,
+            ..spec(2, 1)
+        },
+    );
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
     let err = Engine::new(EngineConfig {
         target,
@@ -335,7 +409,10 @@ fn a_draft_with_another_tokenizer_is_refused_at_load() {
     .err()
     .expect("a vocabulary mismatch must be refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("290") && msg.contains("300") && msg.contains("d.gguf"), "{msg}");
+    assert!(
+        msg.contains("290") && msg.contains("300") && msg.contains("d.gguf"),
+        "{msg}"
+    );
 }
 
 /// A `Write` into shared memory, for capturing a trace.
@@ -390,7 +467,11 @@ fn the_trace_replays_to_the_same_verdicts() {
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     let steps = verdict::decide::trace::parse_trace(text.as_bytes(), "trace").unwrap();
     // One line per speculative step (a final one-token step is plain: nothing left to draft).
-    assert_eq!(steps.len() as u64, stats.drafted_per_position[0], "{stats:?}");
+    assert_eq!(
+        steps.len() as u64,
+        stats.drafted_per_position[0],
+        "{stats:?}"
+    );
     let strict = e.registry().resolve("strict").unwrap();
     let mut inst = strict.instance();
     let mut accepted = 0u64;
@@ -400,5 +481,8 @@ fn the_trace_replays_to_the_same_verdicts() {
         assert!(d.fault.is_none());
         accepted += d.verdict.accepted as u64;
     }
-    assert_eq!(accepted, stats.accepted, "replaying strict over the trace gives the same acceptances");
+    assert_eq!(
+        accepted, stats.accepted,
+        "replaying strict over the trace gives the same acceptances"
+    );
 }

@@ -21,7 +21,9 @@ const NEAR_TIE: f32 = 0.25;
 fn models_dir() -> PathBuf {
     std::env::var_os("VERDICT_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/verdict/models"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/verdict/models")
+        })
 }
 
 fn load(name: &str) -> Model {
@@ -32,7 +34,12 @@ fn load(name: &str) -> Model {
 
 fn top2_gap(target: &Model, tokens: &[u32]) -> f32 {
     let mut s = target.session();
-    let l = s.forward(tokens, Rows::Last).unwrap().logits.squeeze(0).unwrap();
+    let l = s
+        .forward(tokens, Rows::Last)
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap();
     let mut v = l.to_vec1::<f32>().unwrap();
     v.sort_by(|a, b| b.total_cmp(a));
     v[0] - v[1]
@@ -80,7 +87,10 @@ fn check(target: &Model, draft: Option<Model>, drafters: &[DrafterSpec], k: usiz
         let prompt = tok.encode(&rendered, true).unwrap();
         let (reference, _) = generate(&prompt, Speculation::Off);
         for d in drafters {
-            let spec = Speculation::Draft { drafter: Some(d.clone()), k: Some(k) };
+            let spec = Speculation::Draft {
+                drafter: Some(d.clone()),
+                k: Some(k),
+            };
             let (out, stats) = generate(&prompt, spec);
             assert!(stats.drafted > 0, "{d:?} drafted nothing");
             if let Some(i) = out.iter().zip(&reference).position(|(a, b)| a != b) {
@@ -106,7 +116,13 @@ fn check(target: &Model, draft: Option<Model>, drafters: &[DrafterSpec], k: usiz
 fn strict_speculation_on_the_real_pair_parts_from_greedy_only_at_near_ties() {
     let target = load("qwen2.5-coder-1.5b.gguf");
     let draft = load("qwen2.5-coder-0.5b.gguf");
-    check(&target, Some(draft), &[DrafterSpec::Model, DrafterSpec::PromptLookup], 6, 24);
+    check(
+        &target,
+        Some(draft),
+        &[DrafterSpec::Model, DrafterSpec::PromptLookup],
+        6,
+        24,
+    );
 }
 
 #[test]

@@ -13,9 +13,9 @@ use clap::{Args as ClapArgs, Subcommand};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
+use crate::models::Model;
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::tokenizer::Tokenizer;
-use crate::models::Model;
 use crate::sample::SamplingParams;
 
 #[derive(Subcommand, Debug)]
@@ -77,16 +77,22 @@ pub fn models_dir() -> PathBuf {
 /// HumanEval prompts (`prompt` field) of the held-out half (task ids 82..163), in order.
 pub fn humaneval_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
     let f = std::fs::File::open(path).with_context(|| {
-        format!("cannot open {} (run scripts/fetch-models humaneval)", path.display())
+        format!(
+            "cannot open {} (run scripts/fetch-models humaneval)",
+            path.display()
+        )
     })?;
     let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
     let mut out = Vec::new();
     for (i, line) in r.lines().enumerate() {
-        let line = line.with_context(|| format!("{}: cannot read line {}", path.display(), i + 1))?;
+        let line =
+            line.with_context(|| format!("{}: cannot read line {}", path.display(), i + 1))?;
         let v: serde_json::Value = serde_json::from_str(&line)
             .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
         if i >= 82 {
-            let p = v["prompt"].as_str().context("a HumanEval line without `prompt`")?;
+            let p = v["prompt"]
+                .as_str()
+                .context("a HumanEval line without `prompt`")?;
             out.push(p.to_string());
         }
         if out.len() == n {
@@ -97,7 +103,11 @@ pub fn humaneval_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>
 }
 
 fn list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 struct Row {
@@ -111,12 +121,18 @@ struct Row {
 
 fn spec(a: SpecArgs) -> Result<()> {
     let dir = models_dir();
-    let target_path = a.target.unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
-    let draft_path = a.draft.unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
+    let target_path = a
+        .target
+        .unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
+    let draft_path = a
+        .draft
+        .unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
     let device = candle_core::Device::Cpu;
     let target = Model::load_gguf(&target_path, &device)?;
-    let drafters: Vec<DrafterSpec> =
-        list(&a.drafters).iter().map(|d| DrafterSpec::parse(d)).collect::<Result<_>>()?;
+    let drafters: Vec<DrafterSpec> = list(&a.drafters)
+        .iter()
+        .map(|d| DrafterSpec::parse(d))
+        .collect::<Result<_>>()?;
     let draft = if drafters.contains(&DrafterSpec::Model) {
         Some(Model::load_gguf(&draft_path, &device)?)
     } else {
@@ -124,15 +140,22 @@ fn spec(a: SpecArgs) -> Result<()> {
     };
     let ks: Vec<usize> = list(&a.k)
         .iter()
-        .map(|k| k.parse::<usize>().with_context(|| format!("--k: `{k}` is not a number")))
+        .map(|k| {
+            k.parse::<usize>()
+                .with_context(|| format!("--k: `{k}` is not a number"))
+        })
         .collect::<Result<_>>()?;
     if ks.is_empty() {
         bail!("--k: give at least one speculation length");
     }
-    let content = target.gguf_metadata().context("the target has no GGUF metadata")?;
+    let content = target
+        .gguf_metadata()
+        .context("the target has no GGUF metadata")?;
     let tokenizer = Tokenizer::from_gguf(content)?;
     let template = ChatTemplate::from_gguf(content, &tokenizer)?;
-    let he = a.humaneval.unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
+    let he = a
+        .humaneval
+        .unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
     let prompts: Vec<Vec<u32>> = humaneval_prompts(&he, a.prompts)?
         .iter()
         .map(|p| {
@@ -163,7 +186,10 @@ fn spec(a: SpecArgs) -> Result<()> {
             for &k in &ks {
                 configs.push((
                     format!("{} / {p} / k={k}", d.name()),
-                    Speculation::Draft { drafter: Some(d.clone()), k: Some(k) },
+                    Speculation::Draft {
+                        drafter: Some(d.clone()),
+                        k: Some(k),
+                    },
                     Some(p.clone()),
                     false,
                 ));
@@ -172,7 +198,10 @@ fn spec(a: SpecArgs) -> Result<()> {
                 let k = *ks.iter().max().unwrap_or(&8);
                 configs.push((
                     format!("{} / {p} / adaptive k<={k}", d.name()),
-                    Speculation::Draft { drafter: Some(d.clone()), k: Some(k) },
+                    Speculation::Draft {
+                        drafter: Some(d.clone()),
+                        k: Some(k),
+                    },
                     Some(p.clone()),
                     true,
                 ));
@@ -181,12 +210,21 @@ fn spec(a: SpecArgs) -> Result<()> {
     }
     let eos = tokenizer.eos_ids().to_vec();
     let mut json = match &a.json {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
         None => None,
     };
     let mut rows: Vec<Row> = Vec::new();
     for (name, speculation, policy, adaptive) in configs {
-        let mut row = Row { name: name.clone(), tokens: 0, seconds: 0.0, steps: 0, drafted: 0, accepted: 0 };
+        let mut row = Row {
+            name: name.clone(),
+            tokens: 0,
+            seconds: 0.0,
+            steps: 0,
+            drafted: 0,
+            accepted: 0,
+        };
         for prompt in &prompts {
             let mut g = engine
                 .start(GenerateRequest {
@@ -214,7 +252,10 @@ fn spec(a: SpecArgs) -> Result<()> {
             row.drafted += s.drafted;
             row.accepted += s.accepted;
         }
-        eprintln!("bench: {name}: {} tokens in {:.2}s", row.tokens, row.seconds);
+        eprintln!(
+            "bench: {name}: {} tokens in {:.2}s",
+            row.tokens, row.seconds
+        );
         if let Some(f) = json.as_mut() {
             writeln!(
                 f,
@@ -240,7 +281,12 @@ fn spec(a: SpecArgs) -> Result<()> {
         };
         println!(
             "| {} | {} | {:.1} | {:.2} | {} | {:.2}x |",
-            r.name, r.tokens, tps, per_step, rate, tps / base
+            r.name,
+            r.tokens,
+            tps,
+            per_step,
+            rate,
+            tps / base
         );
     }
     Ok(())

@@ -316,7 +316,8 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let trace: Option<Box<dyn Write + Send>> = match &args.trace {
         Some(p) => Some(Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("--trace: cannot create {}", p.display()))?,
+            std::fs::File::create(p)
+                .with_context(|| format!("--trace: cannot create {}", p.display()))?,
         ))),
         None => None,
     };
@@ -326,7 +327,11 @@ pub fn run(args: Args) -> Result<()> {
             max_tokens: args.max_tokens as usize,
             sampling: params,
             seed: Some(args.seed),
-            stop_tokens: if args.ignore_eos { Vec::new() } else { tok.eos_ids().to_vec() },
+            stop_tokens: if args.ignore_eos {
+                Vec::new()
+            } else {
+                tok.eos_ids().to_vec()
+            },
             speculation: Speculation::Default,
             policy: speculating.then(|| args.policy.clone()),
             policy_params: args.policy_params.clone(),
@@ -367,9 +372,12 @@ pub fn run(args: Args) -> Result<()> {
             }
             None => {}
         }
-        pending = generation
-            .step()
-            .with_context(|| format!("step at position {}", prompt.len() + generation.output().len()))?;
+        pending = generation.step().with_context(|| {
+            format!(
+                "step at position {}",
+                prompt.len() + generation.output().len()
+            )
+        })?;
     };
     let generated = generation.output().len();
     let spec = generation.stats().clone();

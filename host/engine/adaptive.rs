@@ -70,7 +70,8 @@ impl AdaptiveK {
         if predicted > 0.0 && verify_s > 0.0 {
             let scale = verify_s / predicted;
             self.t_verify_fixed += ALPHA * (self.t_verify_fixed * scale - self.t_verify_fixed);
-            self.t_verify_per_pos += ALPHA * (self.t_verify_per_pos * scale - self.t_verify_per_pos);
+            self.t_verify_per_pos +=
+                ALPHA * (self.t_verify_per_pos * scale - self.t_verify_per_pos);
         }
     }
 }

@@ -179,7 +179,10 @@ impl Engine {
             ));
         }
         if req.max_tokens == 0 {
-            return Err(RequestError::new("max_tokens", "max_tokens must be at least 1"));
+            return Err(RequestError::new(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
         }
         req.sampling
             .validate()
@@ -294,7 +297,9 @@ fn check_self_layers(target: &Model, n: usize) -> Result<(), RequestError> {
     if n == 0 || n >= layers {
         return Err(RequestError::new(
             "speculation.draft",
-            format!("self:{n}: the self-draft must use 1..{layers} of the target's {layers} layers"),
+            format!(
+                "self:{n}: the self-draft must use 1..{layers} of the target's {layers} layers"
+            ),
         ));
     }
     Ok(())
@@ -437,7 +442,6 @@ impl Generation {
             &draft,
             &self.sampling,
             self.top_k,
-            None,
             &mut self.rng,
         )?;
         let step = Step {

@@ -30,7 +30,6 @@ pub fn verify(
     draft: &Draft,
     sampling: &SamplingParams,
     top_k: usize,
-    judge: Option<&dyn Fn(&candle_core::Tensor) -> Result<Vec<f32>>>,
     rng: &mut Rng64,
 ) -> Result<Verification> {
     let mut input = Vec::with_capacity(draft.tokens.len() + 1);
@@ -38,10 +37,6 @@ pub fn verify(
     input.extend_from_slice(&draft.tokens);
     let out = target.forward(&input, Rows::All)?;
     let logits = out.logits.to_vec2::<f32>()?;
-    let judge_logits = match judge {
-        Some(f) => Some(f(&out.hidden)?),
-        None => None,
-    };
     let feature_params = feature_params(sampling);
     let mut probs = Vec::new();
     let mut positions = Vec::with_capacity(draft.tokens.len());
@@ -49,9 +44,6 @@ pub fn verify(
         let p = sample::probabilities(row, &feature_params);
         if let Some(&x) = draft.tokens.get(i) {
             positions.push(features(&p, x, draft.q_token[i], top_k, rng.uniform()));
-            if let Some(j) = &judge_logits {
-                positions[i].judge = j.get(i).copied();
-            }
         }
         if !sampling.is_greedy() {
             probs.push(p);

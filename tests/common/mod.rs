@@ -42,7 +42,13 @@ pub fn hostile(features: &str) -> Vec<u8> {
     let dir = target_root().join("wasm-plugins");
     let mut cmd = cargo_wasm();
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "--target", "wasm32-wasip2", "--profile", "wasm-plugin"])
+        .args([
+            "build",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "wasm-plugin",
+        ])
         .arg("--target-dir")
         .arg(&dir)
         .args(["-p", "verdict-test-hostile-policy"]);
@@ -56,8 +62,9 @@ pub fn hostile(features: &str) -> Vec<u8> {
          `rustup target add wasm32-wasip2`):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let wasm = std::fs::read(dir.join("wasm32-wasip2/wasm-plugin/verdict_test_hostile_policy.wasm"))
-        .expect("hostile wasm");
+    let wasm =
+        std::fs::read(dir.join("wasm32-wasip2/wasm-plugin/verdict_test_hostile_policy.wasm"))
+            .expect("hostile wasm");
     cache.insert(features.to_string(), wasm.clone());
     wasm
 }
