@@ -27,6 +27,17 @@ fn next(s: &mut Session, toks: &[u32]) -> Result<u32> {
     Ok(argmax(&row))
 }
 
+/// Process CPU time (user + system, all threads) from /proc/self/stat, in seconds; None off
+/// Linux. On a shared machine this is steadier than wall time (it excludes time spent waiting
+/// for a core), though spinning pool workers count as busy.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -100,14 +111,19 @@ fn main() -> Result<()> {
     let mut tok = next(&mut s, &prompt)?;
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut out = vec![tok];
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     for _ in 0..n_dec {
         tok = next(&mut s, &[tok])?;
         out.push(tok);
     }
     let dec = t.elapsed().as_secs_f64();
+    let cpu = match (cpu0, cpu_seconds()) {
+        (Some(a), Some(b)) => format!("; CPU {:.1} ms/tok", (b - a) * 1e3 / n_dec as f64),
+        _ => String::new(),
+    };
     println!(
-        "prefill {} tok {prefill_ms:.1} ms; decode {n_dec} tok {dec:.3} s = {:.2} tok/s",
+        "prefill {} tok {prefill_ms:.1} ms; decode {n_dec} tok {dec:.3} s = {:.2} tok/s{cpu}",
         prompt.len(),
         n_dec as f64 / dec
     );

@@ -433,3 +433,41 @@ fn tiny_gguf_carries_tokenizer_metadata() {
     send_sync::<Model>();
     send_sync::<Session>();
 }
+
+#[test]
+fn random_like_copies_layout_not_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        hidden: 256,
+        intermediate: 512,
+        dtype: GgmlDType::Q4K,
+        ..TinySpec::default()
+    };
+    let real = dir.path().join("real.gguf");
+    write_tiny_gguf(&real, &spec).unwrap();
+    let fake = dir.path().join("fake.gguf");
+    verdict::models::testing::write_random_like(&real, &fake, 9).unwrap();
+    let (a, b) = (
+        Model::load_gguf(&real, &Device::Cpu).unwrap(),
+        Model::load_gguf(&fake, &Device::Cpu).unwrap(),
+    );
+    assert_eq!(a.config(), b.config());
+    let (ca, cb) = (a.gguf_metadata().unwrap(), b.gguf_metadata().unwrap());
+    assert_eq!(ca.tensor_infos.len(), cb.tensor_infos.len());
+    for (name, ti) in &ca.tensor_infos {
+        let tj = &cb.tensor_infos[name];
+        assert_eq!(
+            (ti.ggml_dtype, ti.shape.dims()),
+            (tj.ggml_dtype, tj.shape.dims()),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        ca.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len(),
+        cb.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len()
+    );
+    let la = rows(&a.session().forward(&PROMPT, Rows::Last).unwrap().logits);
+    let lb = rows(&b.session().forward(&PROMPT, Rows::Last).unwrap().logits);
+    assert!(max_diff(&la[0], &lb[0]) > 1e-2, "weights should differ");
+    assert!(lb[0].iter().all(|x| x.is_finite()));
+}

@@ -43,7 +43,9 @@ pub(crate) fn for_matmul(w: QMatMul) -> candle_core::Result<QMatMul> {
     let QMatMul::QTensor(t) = &w else {
         return Ok(w);
     };
-    if t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
+    // VERDICT_KEEP_Q5_0=1 keeps the stored encoding (for A/B speed measurements).
+    let keep = std::env::var("VERDICT_KEEP_Q5_0").is_ok_and(|v| v == "1");
+    if keep || t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
         return Ok(w);
     }
     let raw = t.data()?;

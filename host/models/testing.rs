@@ -387,3 +387,67 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         reason: format!("writing safetensors failed: {}", candle_msg(&e)),
     })
 }
+
+/// Writes a GGUF with the metadata, tensor names, shapes and quantization types of `reference`
+/// but random weights (for speed benches of a real model's layout without its weights). Each
+/// tensor repeats one randomly drawn, quantized chunk of up to 64 Ki values, so even a
+/// multi-gigabyte layout is written in seconds; norm weights are near 1.
+pub fn write_random_like(reference: &Path, out: &Path, seed: u64) -> Result<()> {
+    let src = super::gguf::GgufFile::open(reference)?;
+    let content = src.content();
+    let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(_, i)| i.offset);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let dims = info.shape.dims().to_vec();
+        let elems = info.shape.elem_count();
+        let dtype = info.ggml_dtype;
+        let q = if dims.len() == 1 {
+            let center = if name.contains("norm") { 1.0 } else { 0.0 };
+            let data: Vec<f32> = (0..elems)
+                .map(|_| center + rng.random_range(-0.1f32..0.1))
+                .collect();
+            QTensor::quantize(&Tensor::from_vec(data, elems, &Device::Cpu)?, dtype)
+        } else {
+            let cols = dims.last().copied().unwrap_or(1).max(1);
+            let rows = (65_536 / cols).clamp(1, elems / cols);
+            let a = (3.0 / cols as f32).sqrt();
+            let chunk: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+            let chunk =
+                QTensor::quantize(&Tensor::from_vec(chunk, (rows, cols), &Device::Cpu)?, dtype)
+                    .and_then(|c| c.data().map(|d| d.into_owned()));
+            chunk.and_then(|bytes| {
+                let total = elems / dtype.block_size() * dtype.type_size();
+                let data: Vec<u8> = bytes.iter().copied().cycle().take(total).collect();
+                let storage = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(data),
+                    &Device::Cpu,
+                    dtype,
+                )?;
+                QTensor::new(storage, dims.clone())
+            })
+        }
+        .map_err(|e| ModelError::Tensor {
+            path: reference.to_path_buf(),
+            tensor: name.clone(),
+            reason: format!("cannot draw random {dtype:?} weights: {}", candle_msg(&e)),
+        })?;
+        tensors.push((name.clone(), q));
+    }
+    let meta: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment") // candle's writer aligns to 32
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(out).map_err(|source| ModelError::Open {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    gguf_file::write(&mut f, &meta, &t_refs).map_err(|e| ModelError::Corrupt {
+        path: out.to_path_buf(),
+        reason: format!("writing GGUF failed: {}", candle_msg(&e)),
+    })
+}
