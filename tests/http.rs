@@ -205,9 +205,14 @@ fn completions_chat_streaming_stop_and_stats() {
         "verdict_tokens_per_step_count",
         "verdict_queue_depth",
         "verdict_completion_tokens_total",
+        "verdict_policy_call_seconds_count",
     ] {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
     }
+    assert!(
+        s.metric("verdict_policy_call_seconds_count") >= 1.0,
+        "speculative steps call the policy and time it:\n{text}"
+    );
 }
 
 #[test]

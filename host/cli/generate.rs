@@ -86,13 +86,14 @@ pub struct Args {
     #[arg(long = "policy-param", value_name = "KEY=VALUE", value_parser = parse_param)]
     pub policy_params: Vec<(String, f64)>,
 
-    /// Tokens drafted per step (the maximum when --adaptive).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=crate::engine::MAX_K as i64))]
+    /// Tokens drafted per step: the maximum, adapted per step from the acceptance history,
+    /// unless --fixed-k.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=crate::engine::MAX_K as i64))]
     pub k: u32,
 
-    /// Adapt k per step from the acceptance history (k is then the maximum).
+    /// Draft exactly k tokens every step (adaptive k measured at least as fast: BENCHMARKS.md).
     #[arg(long)]
-    pub adaptive: bool,
+    pub fixed_k: bool,
 
     /// Directory of registered policies (see `verdict policy add`).
     #[arg(long, value_name = "DIR")]
@@ -312,7 +313,7 @@ pub fn run(args: Args) -> Result<()> {
         default_policy: args.policy.clone(),
         default_drafter: drafter,
         default_k: args.k as usize,
-        adaptive: args.adaptive,
+        adaptive: !args.fixed_k,
     })?;
     let trace: Option<Box<dyn Write + Send>> = match &args.trace {
         Some(p) => Some(Box::new(std::io::BufWriter::new(
@@ -335,7 +336,7 @@ pub fn run(args: Args) -> Result<()> {
             speculation: Speculation::Default,
             policy: speculating.then(|| args.policy.clone()),
             policy_params: args.policy_params.clone(),
-            adaptive: Some(args.adaptive),
+            adaptive: Some(!args.fixed_k),
             trace,
         })
         .map_err(|e| match &e.param {

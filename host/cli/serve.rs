@@ -30,12 +30,14 @@ pub struct ServeArgs {
     /// unless they ask for speculation.
     #[arg(long)]
     pub draft: Option<String>,
-    /// Default speculation length k (requests may override with speculation.k).
-    #[arg(long, default_value_t = 4)]
+    /// Speculation length k; the maximum k unless --fixed-k (requests may override with
+    /// speculation.k).
+    #[arg(long, default_value_t = 16)]
     pub k: usize,
-    /// Adapt k per request from its acceptance rate (k is then the maximum).
+    /// Draft exactly k tokens every step instead of adapting k per request from its acceptance
+    /// history (adaptive measured at least as fast: BENCHMARKS.md).
     #[arg(long)]
-    pub adaptive: bool,
+    pub fixed_k: bool,
     /// The policy of requests that name none.
     #[arg(long, default_value = "strict")]
     pub policy: String,
@@ -175,7 +177,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..ServeOptions::new("")
     };
     let reg = registry.clone();
-    let (k, adaptive, policy) = (args.k, args.adaptive, args.policy.clone());
+    let (k, adaptive, policy) = (args.k, !args.fixed_k, args.policy.clone());
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &Device::Cpu)
             .with_context(|| format!("loading the target {}", target_path.display()))?;

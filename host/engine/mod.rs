@@ -281,6 +281,7 @@ impl Engine {
             finished: None,
             stats,
             trace: req.trace,
+            last_policy_seconds: None,
         })
     }
 }
@@ -357,9 +358,16 @@ pub struct Generation {
     finished: Option<FinishReason>,
     stats: SpecStats,
     trace: Option<Box<dyn Write + Send>>,
+    last_policy_seconds: Option<f64>,
 }
 
 impl Generation {
+    /// How long the last step's policy call took (once per call; `None` after reading it or
+    /// when the step called no policy). Feeds the policy latency histogram.
+    pub fn take_policy_latency(&mut self) -> Option<f64> {
+        self.last_policy_seconds.take()
+    }
+
     pub fn finished(&self) -> Option<FinishReason> {
         self.finished
     }
@@ -451,7 +459,11 @@ impl Generation {
             params: self.params.clone(),
         };
         let policy = self.policy.as_mut().context("no policy")?;
+        let t_policy = Instant::now();
         let decision = policy.verify(&step);
+        let policy_s = t_policy.elapsed().as_secs_f64();
+        self.stats.policy_seconds += policy_s;
+        self.last_policy_seconds = Some(policy_s);
         if let Some(w) = self.trace.as_mut() {
             trace::write_step(w, &step).context("cannot write the step trace")?;
         }

@@ -19,6 +19,8 @@ pub struct SpecStats {
     pub drafted_per_position: Vec<u64>,
     /// Steps the policy faulted on (strict decided instead).
     pub policy_faults: u64,
+    /// Time spent in policy calls, seconds.
+    pub policy_seconds: f64,
     /// `name@version` of the policy, when speculating.
     pub policy: Option<String>,
     /// The drafter, when speculating.

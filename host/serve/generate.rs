@@ -210,6 +210,9 @@ impl Job {
                 }
             };
             seen.publish(&metrics, generation.stats());
+            if let Some(s) = generation.take_policy_latency() {
+                metrics.policy_call_seconds.observe(s);
+            }
             if !tokens.is_empty() {
                 metrics.tokens_per_step.observe(tokens.len() as f64);
                 let now = Instant::now();

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub request_seconds: Histogram,
     pub finished: Family<Reason, Counter>,
     pub policy_swaps: Counter<u64, AtomicU64>,
+    pub policy_call_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -82,6 +83,8 @@ impl Metrics {
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             finished: Family::default(),
             policy_swaps: Counter::default(),
+            // 1 us .. ~16 ms: one wasm `verify` call
+            policy_call_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 15)),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -134,6 +137,11 @@ impl Metrics {
             "policy_faults",
             "Policy faults (trap, fuel, deadline, bad verdict) answered by the strict fallback",
             m.policy_faults.clone(),
+        );
+        r.register(
+            "policy_call_seconds",
+            "Latency of one policy verify call (wasm, including fault handling)",
+            m.policy_call_seconds.clone(),
         );
         r.register(
             "queue_depth",
