@@ -4,13 +4,15 @@
 //! Guests other than the built-ins are built here with cargo for wasm32-wasip2 (the target must
 //! be installed: `rustup target add wasm32-wasip2`).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{cargo_wasm, hostile, target_root};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use verdict::decide::trace;
@@ -32,31 +34,6 @@ fn registry() -> PolicyRegistry {
     PolicyRegistry::in_memory(limits()).expect("registry")
 }
 
-fn target_root() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf()
-}
-
-fn cargo_wasm(cmd: &mut Command) -> &mut Command {
-    for v in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd
-}
-
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
-}
-
 fn run_ok(cmd: &mut Command, what: &str) {
     let out = cmd
         .output()
@@ -67,41 +44,6 @@ fn run_ok(cmd: &mut Command, what: &str) {
          wasm32-wasip2`):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The hostile test guest built with `features` (cached per process).
-fn hostile(features: &str) -> Vec<u8> {
-    static CACHE: Mutex<BTreeMap<String, Vec<u8>>> = Mutex::new(BTreeMap::new());
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(w) = cache.get(features) {
-        return w.clone();
-    }
-    // Same target dir and profile as build.rs: the SDK and wit-bindgen are already built there.
-    let dir = target_root().join("wasm-plugins");
-    let mut cmd = Command::new(cargo());
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "--target",
-            "wasm32-wasip2",
-            "--profile",
-            "wasm-plugin",
-        ])
-        .arg("--target-dir")
-        .arg(&dir)
-        .args(["-p", "verdict-test-hostile-policy"]);
-    if !features.is_empty() {
-        cmd.args(["--features", features]);
-    }
-    run_ok(
-        cargo_wasm(&mut cmd),
-        &format!("building the hostile guest ({features})"),
-    );
-    let wasm =
-        std::fs::read(dir.join("wasm32-wasip2/wasm-plugin/verdict_test_hostile_policy.wasm"))
-            .expect("hostile wasm");
-    cache.insert(features.to_string(), wasm.clone());
-    wasm
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -937,14 +879,11 @@ fn scaffold_and_example_build_and_check() {
         (&crate_dir, "my_rule.wasm"),
         (&example, "custom_policy.wasm"),
     ] {
-        let mut cmd = Command::new(cargo());
+        let mut cmd = cargo_wasm();
         cmd.current_dir(krate)
             .args(["build", "--release", "--target-dir"])
             .arg(&target);
-        run_ok(
-            cargo_wasm(&mut cmd),
-            &format!("cargo build in {}", krate.display()),
-        );
+        run_ok(&mut cmd, &format!("cargo build in {}", krate.display()));
         let wasm = target.join("wasm32-wasip2/release").join(file);
         let (ok, out, err) = output(verdict_cmd(dir.path()).args(["policy", "check"]).arg(&wasm));
         assert!(ok, "{err}");

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -442,49 +445,8 @@ pub fn stream_text(events: &[String]) -> (String, Option<Value>, bool) {
     (text, last, done)
 }
 
-/// Builds the policy tests' hostile guest (tests/hostile-policy) with `features`, the same way
-/// tests/policies.rs does (wasm32-wasip2 target required). Versions: 1.0.0, or 2.0.0 with `v2`;
-/// with mode 0 it accepts min(k, tag) drafts and corrects with token `tag` (1, or 2 with v2).
-pub fn hostile_guest(features: &str) -> Vec<u8> {
-    // One build at a time: each build of the guest overwrites the same output file.
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let target_root = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let dir = target_root.join("wasm-plugins");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "--target",
-            "wasm32-wasip2",
-            "--profile",
-            "wasm-plugin",
-        ])
-        .arg("--target-dir")
-        .arg(&dir)
-        .args(["-p", "verdict-test-hostile-policy"]);
-    if !features.is_empty() {
-        cmd.args(["--features", features]);
-    }
-    for v in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(v);
-    }
-    let out = cmd.output().expect("run cargo for the hostile guest");
-    assert!(
-        out.status.success(),
-        "building the hostile guest ({features}) failed (rustup target add wasm32-wasip2?):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(dir.join("wasm32-wasip2/wasm-plugin/verdict_test_hostile_policy.wasm"))
-        .expect("hostile wasm")
-}
+/// The policy tests' hostile guest (tests/hostile-policy) built with `features`. Versions:
+/// 1.0.0, or 2.0.0 with `v2`; with mode 0 it accepts min(k, tag) drafts and corrects with token
+/// `tag` (1, or 2 with v2).
+#[allow(unused_imports)] // not every test binary that includes this module uses it
+pub use common::hostile as hostile_guest;
