@@ -7,11 +7,12 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot open model file {path}: {source}")]
+    /// The I/O error is part of the message, not a `source`: printing the error chain would
+    /// otherwise repeat it.
+    #[error("cannot open model file {path}: {cause}")]
     Open {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is not a GGUF file: {reason}")]
     NotGguf { path: PathBuf, reason: String },

@@ -160,13 +160,13 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file = File::open(path).map_err(|source| ModelError::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let file_len = file
             .metadata()
             .map_err(|source| ModelError::Open {
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             })?
             .len();
         let mut head = [0u8; 8];
@@ -179,7 +179,7 @@ impl GgufFile {
         }
         r.read_exact(&mut head).map_err(|source| ModelError::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         if &head[..4] != b"GGUF" {
             return Err(ModelError::NotGguf {
@@ -200,7 +200,7 @@ impl GgufFile {
         r.seek(SeekFrom::Start(0))
             .map_err(|source| ModelError::Open {
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             })?;
         let mut reader = BufReader::new(&file);
         let content = gguf_file::Content::read(&mut reader)

@@ -151,7 +151,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Open {
         path: cfg_path.clone(),
-        source,
+        cause: source,
     })?;
     let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
         path: cfg_path.clone(),
@@ -159,7 +159,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
     })?;
     let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Open {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -169,7 +169,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
     if files.is_empty() {
         return Err(ModelError::Open {
             path: dir.to_path_buf(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "no *.safetensors files in the directory",
             ),

@@ -326,7 +326,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).map_err(|source| ModelError::Open {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     gguf_file::write(&mut f, &meta_refs, &t_refs).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
@@ -340,7 +340,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     spec.check()?;
     let io = |source| ModelError::Open {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut map: HashMap<String, Tensor> = HashMap::new();
@@ -444,7 +444,7 @@ pub fn write_random_like(reference: &Path, out: &Path, seed: u64) -> Result<()> 
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(out).map_err(|source| ModelError::Open {
         path: out.to_path_buf(),
-        source,
+        cause: source,
     })?;
     gguf_file::write(&mut f, &meta, &t_refs).map_err(|e| ModelError::Corrupt {
         path: out.to_path_buf(),
