@@ -19,6 +19,7 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
 use crate::draft::{Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
+use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
 use crate::verify;
@@ -228,8 +229,12 @@ impl Engine {
             }
         };
 
+        // The policy is resolved when speculating, and also when a request names one with
+        // parameters but no speculation, so that a typo is not silently ignored.
         let policy_name = req.policy.as_deref().unwrap_or(&cfg.default_policy);
-        let (policy, params, top_k) = if drafter.is_some() {
+        let wants_policy =
+            drafter.is_some() || (req.policy.is_some() && !req.policy_params.is_empty());
+        let (policy, params, top_k) = if wants_policy {
             let handle = cfg
                 .registry
                 .resolve(policy_name)
@@ -238,18 +243,8 @@ impl Engine {
                 .resolve_params(&req.policy_params)
                 .map_err(|e| RequestError::new("policy_params", format!("{e:#}")))?;
             let top_k = handle.info().top_k_to_send();
-            (Some(handle.instance()), params, top_k)
+            (drafter.is_some().then(|| handle.instance()), params, top_k)
         } else {
-            if !req.policy_params.is_empty() && req.policy.is_some() {
-                // Checked even without speculation so a typo is not silently ignored.
-                let handle = cfg
-                    .registry
-                    .resolve(policy_name)
-                    .map_err(|e| RequestError::new("policy", format!("{e:#}")))?;
-                handle
-                    .resolve_params(&req.policy_params)
-                    .map_err(|e| RequestError::new("policy_params", format!("{e:#}")))?;
-            }
             (None, Vec::new(), 1)
         };
 
@@ -322,18 +317,15 @@ pub fn check_same_tokenizer(target: &Model, draft: &Model) -> Result<()> {
             names()
         );
     }
-    let tokens = |m: &Model| {
-        m.gguf_metadata()
-            .and_then(|c| c.metadata.get("tokenizer.ggml.tokens"))
-            .map(|v| format!("{v:?}"))
-    };
-    if let (Some(a), Some(b)) = (tokens(target), tokens(draft))
-        && a != b
-    {
-        anyhow::bail!(
-            "the draft model's tokenizer differs from the target's (same size, different tokens): {}",
-            names()
-        );
+    // Same size, so compare the tokenizers themselves (tokens, merges, specials, pre-tokenizer).
+    if let (Some(t), Some(d)) = (target.gguf_metadata(), draft.gguf_metadata()) {
+        let (t, d) = (Tokenizer::from_gguf(t)?, Tokenizer::from_gguf(d)?);
+        t.ensure_same(&d).with_context(|| {
+            format!(
+                "the draft model's tokenizer differs from the target's: {}",
+                names()
+            )
+        })?;
     }
     Ok(())
 }
