@@ -15,6 +15,8 @@ use verdict::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
 use verdict::models::testing::{TinySpec, write_tiny_gguf};
 use verdict::models::{Model, Rows};
 use verdict::sample::SamplingParams;
+use verdict::verify::JudgeHead;
+use verdict::verify::judge::TargetIdentity;
 
 fn tiny(dir: &Path, name: &str, spec: TinySpec) -> Model {
     let path: PathBuf = dir.join(name);
@@ -35,6 +37,7 @@ fn spec(seed: u64, layers: usize) -> TinySpec {
 fn engine(target: Model, draft: Option<Model>, drafter: Option<DrafterSpec>, k: usize) -> Engine {
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
     Engine::new(EngineConfig {
+        judge: None,
         target,
         draft,
         registry,
@@ -398,6 +401,7 @@ fn a_draft_with_another_tokenizer_is_refused_at_load() {
     );
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
     let err = Engine::new(EngineConfig {
+        judge: None,
         target,
         draft: Some(draft),
         registry,
@@ -485,4 +489,149 @@ fn the_trace_replays_to_the_same_verdicts() {
         accepted, stats.accepted,
         "replaying strict over the trace gives the same acceptances"
     );
+}
+
+fn engine_with_head(
+    target: Model,
+    draft: Model,
+    head: Option<JudgeHead>,
+) -> anyhow::Result<Engine> {
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+    Engine::new(EngineConfig {
+        judge: head,
+        target,
+        draft: Some(draft),
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: Some(DrafterSpec::Model),
+        default_k: 4,
+        adaptive: false,
+    })
+}
+
+/// A head for `model` with a fixed pseudo-random direction and the given bias.
+fn head_for(model: &Model, bias: f32, threshold: f32) -> JudgeHead {
+    let h = model.config().hidden_size;
+    JudgeHead {
+        weight: (0..h).map(|i| (i as f32 * 0.618).sin()).collect(),
+        bias,
+        mean: (0..h).map(|i| (i as f32 * 0.3).cos() * 0.1).collect(),
+        scale: (0..h).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect(),
+        threshold,
+        target: TargetIdentity::of(model).unwrap(),
+        provenance: Default::default(),
+    }
+}
+
+#[test]
+fn judge_logits_are_the_head_applied_to_the_drafted_tokens_hidden_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(11, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(12, 1));
+    let head = head_for(&target, 0.0, 0.6);
+    let e = engine_with_head(target.clone(), draft, Some(head.clone())).unwrap();
+    let buf = Shared::default();
+    let prompt = [5u32, 6, 7, 8];
+    let mut req = greedy(&prompt, 24, Speculation::Default);
+    req.policy = Some("judge".into());
+    req.trace = Some(Box::new(buf.clone()));
+    let (out, _) = run(&e, req);
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let steps = verdict::decide::trace::parse_trace(text.as_bytes(), "trace").unwrap();
+    assert!(!steps.is_empty());
+    let all: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+    let judge = e.registry().resolve("judge").unwrap();
+    let mut inst = judge.instance();
+    // The committed length before each step: the prompt plus the prefill's token.
+    let mut len = prompt.len() + 1;
+    for (s, step) in steps.iter().enumerate() {
+        assert!(
+            step.params
+                .iter()
+                .any(|(n, v)| n == "threshold" && (*v - 0.6).abs() < 1e-6),
+            "the head's threshold is the policy's default: {:?}",
+            step.params
+        );
+        let drafts: Vec<u32> = step.positions.iter().map(|p| p.token).collect();
+        let mut session = target.session();
+        let input: Vec<u32> = all[..len].iter().chain(&drafts).copied().collect();
+        let f = session.forward(&input, Rows::All).unwrap();
+        let hidden = f.hidden.to_vec2::<f32>().unwrap();
+        for (i, pos) in step.positions.iter().enumerate() {
+            let want = head.logit(&hidden[len + i]);
+            let got = pos.judge.expect("a judge logit for every position");
+            assert!(
+                (got - want).abs() < 1e-3,
+                "step {s} position {i}: {got} vs {want}"
+            );
+        }
+        len += inst.verify(step).verdict.accepted as usize + 1;
+    }
+}
+
+#[test]
+fn a_judge_that_accepts_everything_overturns_strict_and_one_that_accepts_nothing_is_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(21, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(22, 1));
+    let prompt = [3u32, 1, 4, 1, 5];
+    let plain = engine(target.clone(), None, None, 4);
+    let (reference, _) = run(&plain, greedy(&prompt, 30, Speculation::Off));
+    let mut outputs = Vec::new();
+    for bias in [-100.0, 100.0] {
+        let e = engine_with_head(
+            target.clone(),
+            draft.clone(),
+            Some(head_for(&target, bias, 0.5)),
+        )
+        .unwrap();
+        let mut req = greedy(&prompt, 30, Speculation::Default);
+        req.policy = Some("judge".into());
+        let (out, stats) = run(&e, req);
+        outputs.push((out, stats));
+    }
+    let (never, never_stats) = &outputs[0];
+    assert_eq!(
+        never, &reference,
+        "a judge that never accepts leaves strict's output"
+    );
+    assert_eq!(never_stats.accepted_off_argmax, 0);
+    let (always, always_stats) = &outputs[1];
+    assert_eq!(
+        always_stats.accepted, always_stats.drafted,
+        "{always_stats:?}"
+    );
+    assert!(always_stats.accepted_off_argmax > 0, "{always_stats:?}");
+    assert_eq!(always_stats.rejections, 0);
+    assert!((always_stats.overturned_share() - 1.0).abs() < 1e-9);
+    assert_ne!(
+        always, &reference,
+        "the random draft disagrees with the target somewhere"
+    );
+}
+
+#[test]
+fn a_head_for_another_target_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(31, 2));
+    let other = tiny(dir.path(), "o.gguf", spec(32, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(33, 1));
+    let err = engine_with_head(
+        target.clone(),
+        draft.clone(),
+        Some(head_for(&other, 0.0, 0.5)),
+    )
+    .err()
+    .expect("a head trained on other weights is refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("sha256") && msg.contains("t.gguf"), "{msg}");
+    let mut wrong_size = head_for(&target, 0.0, 0.5);
+    wrong_size.target.hidden_size = 128;
+    wrong_size.weight = vec![0.1; 128];
+    wrong_size.mean = vec![0.0; 128];
+    wrong_size.scale = vec![1.0; 128];
+    let err = engine_with_head(target, draft, Some(wrong_size))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("hidden size 128"), "{err:#}");
 }

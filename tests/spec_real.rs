@@ -56,6 +56,7 @@ fn check(target: &Model, draft: Option<Model>, drafters: &[DrafterSpec], k: usiz
     ];
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
     let engine = Engine::new(EngineConfig {
+        judge: None,
         target: target.clone(),
         draft,
         registry,

@@ -53,6 +53,10 @@ pub struct SpecArgs {
     /// HumanEval file (default: the fetched HumanEval.jsonl.gz).
     #[arg(long)]
     pub humaneval: Option<PathBuf>,
+    /// Judge head for policies that need judge logits: `auto` (the shipped head when it matches
+    /// the target), `none`, or a head file (safetensors, from `verdict judge train`).
+    #[arg(long, value_name = "auto|none|PATH", default_value = "auto")]
+    pub judge_head: String,
     /// Write one JSON object per configuration here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -169,7 +173,9 @@ fn spec(a: SpecArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
+    let judge = crate::verify::HeadChoice::parse(&a.judge_head).load(&target)?;
     let engine = Engine::new(EngineConfig {
+        judge,
         target,
         draft,
         registry,

@@ -24,6 +24,10 @@ use crate::sample::SamplingParams;
 /// Arguments of `verdict generate`.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct Args {
+    /// Judge head for policies that need judge logits: `auto` (the shipped head when it matches
+    /// the target), `none`, or a head file (safetensors, from `verdict judge train`).
+    #[arg(long, value_name = "auto|none|PATH", default_value = "auto")]
+    pub judge_head: String,
     /// GGUF model file.
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
@@ -306,7 +310,9 @@ pub fn run(args: Args) -> Result<()> {
         Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())?,
         None => PolicyRegistry::in_memory(PolicyLimits::default())?,
     };
+    let judge = crate::verify::HeadChoice::parse(&args.judge_head).load(&model)?;
     let engine = Engine::new(EngineConfig {
+        judge,
         target: model,
         draft: draft_model,
         registry: Arc::new(registry),

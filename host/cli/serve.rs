@@ -21,6 +21,10 @@ pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b.gguf";
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Judge head for policies that need judge logits: `auto` (the shipped head when it matches
+    /// the target), `none`, or a head file (safetensors, from `verdict judge train`).
+    #[arg(long, value_name = "auto|none|PATH", default_value = "auto")]
+    pub judge_head: String,
     /// The target model (GGUF). Without it: the default pair (Qwen2.5-Coder-1.5B, drafted by
     /// -0.5B) from the model cache, fetched first if missing.
     #[arg(long)]
@@ -178,6 +182,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let reg = registry.clone();
     let (k, adaptive, policy) = (args.k, !args.fixed_k, args.policy.clone());
+    let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &Device::Cpu)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
@@ -195,6 +200,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("the tokenizer of {}", target_path.display()))?;
         let chat = ChatTemplate::from_gguf(content, &tokenizer)
             .with_context(|| format!("the chat template of {}", target_path.display()))?;
+        let judge = head_choice.load(&target)?;
         let engine = Engine::new(EngineConfig {
             target,
             draft,
@@ -203,6 +209,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             default_drafter,
             default_k: k,
             adaptive,
+            judge,
         })?;
         Ok(Served {
             engine,

@@ -22,7 +22,7 @@ use crate::draft::{Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
-use crate::verify;
+use crate::verify::{self, JudgeHead, JudgeScorer};
 pub use adaptive::AdaptiveK;
 pub use stats::SpecStats;
 
@@ -43,12 +43,16 @@ pub struct EngineConfig {
     pub default_k: usize,
     /// Adapt k per request from its acceptance history.
     pub adaptive: bool,
+    /// The target's judge head (checked against the target here), scored for policies that
+    /// declare `needs-judge`.
+    pub judge: Option<JudgeHead>,
 }
 
 /// A shareable handle on the loaded models and policies.
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<EngineConfig>,
+    judge: Option<Arc<JudgeScorer>>,
 }
 
 /// What a request asks of the speculation machinery.
@@ -129,8 +133,16 @@ impl Engine {
         cfg.registry
             .resolve(&cfg.default_policy)
             .with_context(|| format!("default policy `{}`", cfg.default_policy))?;
+        let judge = match &cfg.judge {
+            Some(head) => {
+                head.check_target(&cfg.target, "the judge head")?;
+                Some(Arc::new(JudgeScorer::new(head, cfg.target.device())?))
+            }
+            None => None,
+        };
         Ok(Engine {
             inner: Arc::new(cfg),
+            judge,
         })
     }
 
@@ -234,18 +246,37 @@ impl Engine {
         let policy_name = req.policy.as_deref().unwrap_or(&cfg.default_policy);
         let wants_policy =
             drafter.is_some() || (req.policy.is_some() && !req.policy_params.is_empty());
-        let (policy, params, top_k) = if wants_policy {
+        let (policy, params, top_k, judge) = if wants_policy {
             let handle = cfg
                 .registry
                 .resolve(policy_name)
                 .map_err(|e| RequestError::new("policy", format!("{e:#}")))?;
+            let mut overrides = req.policy_params.clone();
+            // The head's calibrated threshold is the default of a judge policy's `threshold`.
+            if let Some(j) = &self.judge
+                && handle.info().needs_judge
+                && handle.info().params.iter().any(|p| p.name == "threshold")
+                && !overrides.iter().any(|(n, _)| n == "threshold")
+            {
+                overrides.push(("threshold".into(), j.threshold as f64));
+            }
             let params = handle
-                .resolve_params(&req.policy_params)
+                .resolve_params(&overrides)
                 .map_err(|e| RequestError::new("policy_params", format!("{e:#}")))?;
             let top_k = handle.info().top_k_to_send();
-            (drafter.is_some().then(|| handle.instance()), params, top_k)
+            let judge = handle
+                .info()
+                .needs_judge
+                .then(|| self.judge.clone())
+                .flatten();
+            (
+                drafter.is_some().then(|| handle.instance()),
+                params,
+                top_k,
+                judge,
+            )
         } else {
-            (None, Vec::new(), 1)
+            (None, Vec::new(), 1, None)
         };
 
         let seed = req.seed.unwrap_or_else(rand::random);
@@ -265,6 +296,7 @@ impl Engine {
             policy,
             params,
             top_k,
+            judge,
             k_max: k,
             adaptive: adaptive.then(|| AdaptiveK::new(k)),
             sampling: req.sampling,
@@ -337,6 +369,7 @@ pub struct Generation {
     policy: Option<PolicyInstance>,
     params: Vec<(String, f64)>,
     top_k: usize,
+    judge: Option<Arc<JudgeScorer>>,
     k_max: usize,
     adaptive: Option<AdaptiveK>,
     sampling: SamplingParams,
@@ -442,6 +475,7 @@ impl Generation {
             &draft,
             &self.sampling,
             self.top_k,
+            self.judge.as_deref(),
             &mut self.rng,
         )?;
         let step = Step {
@@ -495,7 +529,11 @@ impl Generation {
         self.target.truncate(base + 1 + n)?;
         let t_verify = t1.elapsed().as_secs_f64();
 
-        self.stats.record_step(kd, n, decision.fault.is_some());
+        let off_argmax = (0..n)
+            .filter(|&i| draft.tokens[i] != sample::argmax(&v.logits[i]))
+            .count();
+        self.stats
+            .record_step(kd, n, off_argmax, decision.fault.is_some());
         if let Some(a) = self.adaptive.as_mut() {
             a.observe(kd, n, t_draft, t_verify);
         }

@@ -17,6 +17,11 @@ pub struct SpecStats {
     pub accepted_per_position: Vec<u64>,
     /// Steps that drafted a position i, per i.
     pub drafted_per_position: Vec<u64>,
+    /// Accepted drafted tokens that were not the target's argmax: what a lossy policy accepted
+    /// beyond what strict greedy verification would (at T = 0, strict's rejections overturned).
+    pub accepted_off_argmax: u64,
+    /// Steps that stopped before the end of the draft (a drafted token was rejected).
+    pub rejections: u64,
     /// Steps the policy faulted on (strict decided instead).
     pub policy_faults: u64,
     /// Time spent in policy calls, seconds.
@@ -28,8 +33,16 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
-    pub(crate) fn record_step(&mut self, drafted: usize, accepted: usize, fault: bool) {
+    pub(crate) fn record_step(
+        &mut self,
+        drafted: usize,
+        accepted: usize,
+        off_argmax: usize,
+        fault: bool,
+    ) {
         self.steps += 1;
+        self.accepted_off_argmax += off_argmax as u64;
+        self.rejections += (accepted < drafted) as u64;
         self.drafted += drafted as u64;
         self.accepted += accepted as u64;
         if self.drafted_per_position.len() < drafted {
@@ -43,6 +56,17 @@ impl SpecStats {
             }
         }
         self.policy_faults += fault as u64;
+    }
+
+    /// Share of the positions strict greedy verification rejects that the policy accepted:
+    /// overturned / (overturned + rejections that stood).
+    pub fn overturned_share(&self) -> f64 {
+        let all = self.accepted_off_argmax + self.rejections;
+        if all == 0 {
+            0.0
+        } else {
+            self.accepted_off_argmax as f64 / all as f64
+        }
     }
 
     /// Generated tokens per target forward (1.0 for plain decoding).

@@ -2,12 +2,15 @@
 //! the per-position features a policy sees. Only these few numbers per position cross into the
 //! policy; the whole rows stay here for the host-side correction (residual / sample / argmax).
 
+pub mod judge;
+
 use anyhow::Result;
 
 use crate::decide::Position;
 use crate::draft::Draft;
 use crate::models::{Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
+pub use judge::{HeadChoice, JudgeHead, JudgeScorer};
 
 /// The target's view of one step.
 pub struct Verification {
@@ -23,13 +26,15 @@ pub struct Verification {
 }
 
 /// Runs the target over `[last, drafts...]`, appending them to its cache (the caller truncates
-/// the rejected ones afterwards).
+/// the rejected ones afterwards). With a `judge`, each drafted position also gets its judge logit,
+/// scored on the hidden state at the drafted token (row i + 1: the row where x_i is the input).
 pub fn verify(
     target: &mut Session,
     last: u32,
     draft: &Draft,
     sampling: &SamplingParams,
     top_k: usize,
+    judge: Option<&JudgeScorer>,
     rng: &mut Rng64,
 ) -> Result<Verification> {
     let mut input = Vec::with_capacity(draft.tokens.len() + 1);
@@ -47,6 +52,12 @@ pub fn verify(
         }
         if !sampling.is_greedy() {
             probs.push(p);
+        }
+    }
+    if let Some(j) = judge {
+        let scores = j.score(&out.hidden.narrow(0, 1, draft.tokens.len())?)?;
+        for (pos, s) in positions.iter_mut().zip(scores) {
+            pos.judge = Some(s);
         }
     }
     Ok(Verification {
