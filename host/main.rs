@@ -21,6 +21,9 @@ enum Command {
     /// Benchmarks, measured side by side in one run (results go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(verdict::cli::bench::BenchCommand),
+    /// Judge heads: mine labels, train a head.
+    #[command(subcommand)]
+    Judge(verdict::cli::judge::JudgeCommand),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => verdict::cli::policy::run(args),
         Command::Serve(args) => verdict::cli::serve::run(args),
         Command::Bench(cmd) => verdict::cli::bench::run(cmd),
+        Command::Judge(cmd) => verdict::cli::judge::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod generate;
+pub mod judge;
 pub mod policy;
 pub mod serve;
