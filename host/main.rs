@@ -21,6 +21,9 @@ enum Command {
     /// Benchmarks, measured side by side in one run (results go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(verdict::cli::bench::BenchCommand),
+    /// Quality and speed of policies on HumanEval (tests executed).
+    #[command(subcommand)]
+    Eval(verdict::cli::eval::EvalCommand),
     /// Judge heads: mine labels, train a head.
     #[command(subcommand)]
     Judge(verdict::cli::judge::JudgeCommand),
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => verdict::cli::serve::run(args),
         Command::Bench(cmd) => verdict::cli::bench::run(cmd),
         Command::Judge(cmd) => verdict::cli::judge::run(cmd),
+        Command::Eval(cmd) => verdict::cli::eval::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

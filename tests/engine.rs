@@ -635,3 +635,48 @@ fn a_head_for_another_target_is_refused() {
         .unwrap();
     assert!(format!("{err:#}").contains("hidden size 128"), "{err:#}");
 }
+
+#[test]
+fn the_target_log_likelihood_of_the_output_is_accounted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(41, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(42, 1));
+    let prompt = [2u32, 7, 1, 8];
+    let plain = engine(target.clone(), None, None, 4);
+    let (out, stats) = run(&plain, greedy(&prompt, 20, Speculation::Off));
+    // Reference: one forward over prompt + output, log-softmax at each generated position.
+    let input: Vec<u32> = prompt
+        .iter()
+        .chain(&out[..out.len() - 1])
+        .copied()
+        .collect();
+    let rows = target
+        .session()
+        .forward(&input, Rows::All)
+        .unwrap()
+        .logits
+        .to_vec2::<f32>()
+        .unwrap();
+    let want: f64 = out
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let row = &rows[prompt.len() - 1 + i];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            row[t as usize] as f64 - max - z.ln()
+        })
+        .sum();
+    assert!(want < 0.0);
+    assert!(
+        (stats.target_logprob - want).abs() < 1e-3,
+        "{} vs {want}",
+        stats.target_logprob
+    );
+    // Strict speculation emits the same tokens, so the same likelihood.
+    let spec_e = engine(target, Some(draft), Some(DrafterSpec::Model), 4);
+    let (out2, stats2) = run(&spec_e, greedy(&prompt, 20, Speculation::Default));
+    assert_eq!(out2, out);
+    assert!((stats2.target_logprob - want).abs() < 1e-3);
+    assert!((stats2.mean_target_logprob() - want / out.len() as f64).abs() < 1e-4);
+}

@@ -95,8 +95,14 @@ pub fn parse_range(s: &str) -> Result<std::ops::Range<usize>> {
     let (a, b) = s
         .split_once("..")
         .with_context(|| format!("range `{s}`: expected A..B, e.g. 0..82"))?;
-    let a: usize = a.trim().parse().with_context(|| format!("range `{s}`: `{a}` is not a number"))?;
-    let b: usize = b.trim().parse().with_context(|| format!("range `{s}`: `{b}` is not a number"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .with_context(|| format!("range `{s}`: `{a}` is not a number"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .with_context(|| format!("range `{s}`: `{b}` is not a number"))?;
     if a >= b {
         bail!("range `{s}` is empty");
     }
@@ -105,9 +111,12 @@ pub fn parse_range(s: &str) -> Result<std::ops::Range<usize>> {
 
 /// The target's tokenizer and chat template.
 pub fn text_tools(target: &Model) -> Result<(Tokenizer, ChatTemplate)> {
-    let content = target
-        .gguf_metadata()
-        .with_context(|| format!("{}: no GGUF metadata (tokenizer)", target.source().display()))?;
+    let content = target.gguf_metadata().with_context(|| {
+        format!(
+            "{}: no GGUF metadata (tokenizer)",
+            target.source().display()
+        )
+    })?;
     let tok = Tokenizer::from_gguf(content)?;
     let template = ChatTemplate::from_gguf(content, &tok)?;
     Ok((tok, template))
@@ -116,8 +125,12 @@ pub fn text_tools(target: &Model) -> Result<(Tokenizer, ChatTemplate)> {
 fn run_mine(a: MineArgs) -> Result<()> {
     let dir = super::bench::models_dir();
     let device = candle_core::Device::Cpu;
-    let target_path = a.target.unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
-    let draft_path = a.draft.unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
+    let target_path = a
+        .target
+        .unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
+    let draft_path = a
+        .draft
+        .unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
     let problems_path = a.problems.unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
     let range = parse_range(&a.range).context("--range")?;
     let rule = match a.rule.as_str() {
@@ -131,7 +144,10 @@ fn run_mine(a: MineArgs) -> Result<()> {
     }
     let problems = humaneval::load(&problems_path, range.clone())?;
     if problems.is_empty() {
-        bail!("{}: no problems in lines {range:?}", problems_path.display());
+        bail!(
+            "{}: no problems in lines {range:?}",
+            problems_path.display()
+        );
     }
     if problems.iter().any(|p| {
         p.task_id
@@ -172,11 +188,15 @@ fn run_mine(a: MineArgs) -> Result<()> {
         "problems".into(),
         format!(
             "{} lines {}",
-            problems_path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            problems_path
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             a.range
         ),
     );
-    data.meta.insert("max_tokens".into(), a.max_tokens.to_string());
+    data.meta
+        .insert("max_tokens".into(), a.max_tokens.to_string());
     data.save(&a.out)?;
     println!(
         "wrote {}: {} samples ({} acceptable) from {} prompts",

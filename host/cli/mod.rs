@@ -1,6 +1,7 @@
 //! The `verdict` command line: one file per subcommand.
 
 pub mod bench;
+pub mod eval;
 pub mod generate;
 pub mod judge;
 pub mod policy;

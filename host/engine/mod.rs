@@ -421,7 +421,8 @@ impl Generation {
             let out = self.target.forward(&prompt, Rows::Last)?;
             let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
             let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
-            return Ok(self.emit(&[t]));
+            let lp = [log_prob(&row, t)];
+            return Ok(self.emit(&[t], &lp));
         }
         let emitted = self.tokens.len() - self.prompt_len;
         let remaining = self.max_tokens - emitted;
@@ -451,7 +452,8 @@ impl Generation {
         let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
         let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
         self.stats.steps += 1;
-        Ok(self.emit(&[t]))
+        let lp = [log_prob(&row, t)];
+        Ok(self.emit(&[t], &lp))
     }
 
     fn speculative_step(&mut self, k: usize) -> Result<Vec<u32>> {
@@ -539,7 +541,12 @@ impl Generation {
         }
         let mut out: Vec<u32> = draft.tokens[..n].to_vec();
         out.push(next);
-        Ok(self.emit(&out))
+        let lps: Vec<f64> = out
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| log_prob(&v.logits[i], t))
+            .collect();
+        Ok(self.emit(&out, &lps))
     }
 
     /// A token from p (sampled) or the logits' argmax at T = 0.
@@ -551,15 +558,17 @@ impl Generation {
     }
 
     /// Appends tokens up to a stop token or max_tokens; returns what was appended.
-    fn emit(&mut self, tokens: &[u32]) -> Vec<u32> {
+    /// `logprobs[i]` is the target's log-probability of `tokens[i]` (for the statistics).
+    fn emit(&mut self, tokens: &[u32], logprobs: &[f64]) -> Vec<u32> {
         let mut out = Vec::with_capacity(tokens.len());
-        for &t in tokens {
+        for (&t, &lp) in tokens.iter().zip(logprobs) {
             if self.stop.contains(&t) {
                 self.finished = Some(FinishReason::Stop);
                 break;
             }
             self.tokens.push(t);
             out.push(t);
+            self.stats.target_logprob += lp;
             if self.tokens.len() - self.prompt_len >= self.max_tokens {
                 self.finished = Some(FinishReason::Length);
                 break;
@@ -568,4 +577,13 @@ impl Generation {
         self.stats.tokens += out.len() as u64;
         out
     }
+}
+
+/// ln softmax(logits)[t] at temperature 1: the target model's own log-likelihood of `t`.
+fn log_prob(logits: &[f32], t: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    logits
+        .get(t as usize)
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln())
 }

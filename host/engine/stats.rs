@@ -22,6 +22,9 @@ pub struct SpecStats {
     pub accepted_off_argmax: u64,
     /// Steps that stopped before the end of the draft (a drafted token was rejected).
     pub rejections: u64,
+    /// Sum of the target's log-probabilities (T = 1, natural log) of the generated tokens: how
+    /// likely the target finds the output, whatever policy produced it.
+    pub target_logprob: f64,
     /// Steps the policy faulted on (strict decided instead).
     pub policy_faults: u64,
     /// Time spent in policy calls, seconds.
@@ -66,6 +69,15 @@ impl SpecStats {
             0.0
         } else {
             self.accepted_off_argmax as f64 / all as f64
+        }
+    }
+
+    /// Mean target log-likelihood per generated token.
+    pub fn mean_target_logprob(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.target_logprob / self.tokens as f64
         }
     }
 

@@ -74,7 +74,9 @@ pub fn prompt_ids(p: &Problem, template: &ChatTemplate, tok: &Tokenizer) -> Resu
 /// The program to test: the reply's first fenced code block (or the whole reply), completed
 /// with the prompt when the reply holds only a body, then the tests and `check(entry_point)`.
 pub fn program(p: &Problem, reply: &str) -> String {
-    let code = fenced_block(reply).unwrap_or(reply);
+    // Python refuses NUL bytes in source; a reply holding one is still judged on the rest.
+    let reply = reply.replace('\0', "");
+    let code = fenced_block(&reply).unwrap_or(&reply);
     let defines = code.contains(&format!("def {}", p.entry_point));
     // The prompt's imports (typing, math ...) precede its signature.
     let imports: String = p
@@ -229,8 +231,9 @@ mod tests {
     fn problem() -> Problem {
         Problem {
             task_id: "t/0".into(),
-            prompt: "from typing import List\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Sum.\"\"\"\n"
-                .into(),
+            prompt:
+                "from typing import List\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Sum.\"\"\"\n"
+                    .into(),
             test: "def check(candidate):\n    assert candidate(2, 3) == 5\n".into(),
             entry_point: "add".into(),
         }
@@ -248,7 +251,9 @@ mod tests {
             Outcome::Pass
         );
         let bad = "```python\ndef add(a, b):\n    return a - b\n```";
-        assert!(matches!(sb.run(&program(&p, bad)).unwrap(), Outcome::Fail(m) if m.contains("AssertionError")));
+        assert!(
+            matches!(sb.run(&program(&p, bad)).unwrap(), Outcome::Fail(m) if m.contains("AssertionError"))
+        );
     }
 
     #[test]

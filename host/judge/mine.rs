@@ -123,11 +123,21 @@ impl Dataset {
         let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            ("hidden", Dtype::F32, vec![n, self.hidden_size], f32s(&self.hidden)),
+            (
+                "hidden",
+                Dtype::F32,
+                vec![n, self.hidden_size],
+                f32s(&self.hidden),
+            ),
             ("label", Dtype::U8, vec![n], self.label.clone()),
             ("group", Dtype::U32, vec![n], u32s(&self.group)),
             ("draft_token", Dtype::U32, vec![n], u32s(&self.draft_token)),
-            ("target_token", Dtype::U32, vec![n], u32s(&self.target_token)),
+            (
+                "target_token",
+                Dtype::U32,
+                vec![n],
+                u32s(&self.target_token),
+            ),
         ];
         let views = data
             .iter()
@@ -147,8 +157,12 @@ impl Dataset {
             .map_err(|e| anyhow::anyhow!("{what}: not a safetensors file: {e}"))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{what}: not a safetensors file: {e}"))?;
-        let meta: BTreeMap<String, String> =
-            meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        let meta: BTreeMap<String, String> = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         ensure!(
             meta.get("format").map(String::as_str) == Some("verdict-judge-dataset"),
             "{what}: not a verdict judge dataset (metadata `format`)"
@@ -157,11 +171,17 @@ impl Dataset {
             let t = st
                 .tensor(name)
                 .map_err(|e| anyhow::anyhow!("{what}: tensor `{name}`: {e}"))?;
-            ensure!(t.dtype() == dt, "{what}: tensor `{name}` is {:?}, expected {dt:?}", t.dtype());
+            ensure!(
+                t.dtype() == dt,
+                "{what}: tensor `{name}` is {:?}, expected {dt:?}",
+                t.dtype()
+            );
             Ok((t.shape().to_vec(), t.data().to_vec()))
         };
         let words = |b: Vec<u8>| -> Vec<[u8; 4]> {
-            b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+            b.chunks_exact(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect()
         };
         let (shape, h) = tensor("hidden", safetensors::Dtype::F32)?;
         ensure!(shape.len() == 2, "{what}: `hidden` must be 2-d");
@@ -172,8 +192,14 @@ impl Dataset {
             Ok(words(b).into_iter().map(u32::from_le_bytes).collect())
         };
         let (ls, label) = tensor("label", safetensors::Dtype::U8)?;
-        ensure!(ls == [n], "{what}: `label` has shape {ls:?}, expected [{n}]");
-        ensure!(label.iter().all(|&l| l <= 1), "{what}: labels must be 0 or 1");
+        ensure!(
+            ls == [n],
+            "{what}: `label` has shape {ls:?}, expected [{n}]"
+        );
+        ensure!(
+            label.iter().all(|&l| l <= 1),
+            "{what}: labels must be 0 or 1"
+        );
         Ok(Dataset {
             hidden_size: shape[1],
             hidden: words(h).into_iter().map(f32::from_le_bytes).collect(),
@@ -403,7 +429,9 @@ pub fn greedy_lookup(
         let mut drafts = lookup(&seq, hint, 8);
         drafts.truncate((max_new - out.len() - 1).min(room));
         let base = session.len();
-        let input: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
+        let input: Vec<u32> = std::iter::once(last)
+            .chain(drafts.iter().copied())
+            .collect();
         let f = session.forward(&input, Rows::All)?;
         if hidden_first.is_none() {
             hidden_first = Some(f.hidden.get(0)?.to_vec1::<f32>()?);
@@ -430,7 +458,11 @@ pub fn greedy_lookup(
     }
     let h = match hidden_first {
         Some(h) => h,
-        None => session.forward(&[first], Rows::All)?.hidden.get(0)?.to_vec1::<f32>()?,
+        None => session
+            .forward(&[first], Rows::All)?
+            .hidden
+            .get(0)?
+            .to_vec1::<f32>()?,
     };
     Ok((h, out, None))
 }
@@ -443,7 +475,10 @@ fn lookup(seq: &[u32], hint: &[u32], n: usize) -> Vec<u32> {
             continue;
         }
         let tail = &seq[seq.len() - g..];
-        if let Some(j) = (0..=hint.len() - g).rev().find(|&j| &hint[j..j + g] == tail) {
+        if let Some(j) = (0..=hint.len() - g)
+            .rev()
+            .find(|&j| &hint[j..j + g] == tail)
+        {
             let from = j + g;
             if from < hint.len() {
                 return hint[from..(from + n).min(hint.len())].to_vec();
@@ -459,7 +494,7 @@ pub fn mine_all(miner: &Miner, problems: &[Problem]) -> Result<Dataset> {
         humaneval::check_python()?;
     }
     let mut data = miner.dataset()?;
-    let (mut mismatches, mut tokens) = (0, 0);
+    let (mut mismatches, mut tokens, mut skipped) = (0, 0, 0);
     for (g, p) in problems.iter().enumerate() {
         let t = Instant::now();
         let r = miner
@@ -467,6 +502,7 @@ pub fn mine_all(miner: &Miner, problems: &[Problem]) -> Result<Dataset> {
             .with_context(|| format!("mining {}", p.task_id))?;
         mismatches += r.mismatches;
         tokens += r.tokens;
+        skipped += r.skipped.is_some() as usize;
         eprintln!(
             "mine: {} [{}/{}]: {} tokens, {} mismatches, {} labelled, {} acceptable{} ({:.1}s)",
             p.task_id,
@@ -476,24 +512,31 @@ pub fn mine_all(miner: &Miner, problems: &[Problem]) -> Result<Dataset> {
             r.mismatches,
             r.labelled,
             r.acceptable,
-            r.skipped.map(|s| format!("; skipped: {s}")).unwrap_or_default(),
+            r.skipped
+                .map(|s| format!("; skipped: {s}"))
+                .unwrap_or_default(),
             t.elapsed().as_secs_f64()
         );
     }
     if data.is_empty() {
+        if skipped == problems.len() {
+            bail!(
+                "no samples: all {skipped} prompts were skipped (the target's own answers fail their tests), nothing written"
+            );
+        }
         if mismatches == 0 {
             bail!(
                 "no mismatches: the draft agreed with the target at all {tokens} positions of {} prompts, so there is nothing to learn (nothing written)",
                 problems.len()
             );
         }
-        bail!(
-            "no samples: {mismatches} mismatches but every prompt was skipped (nothing written)"
-        );
+        bail!("no samples from {mismatches} mismatches (nothing written)");
     }
-    data.meta.insert("prompts".into(), problems.len().to_string());
+    data.meta
+        .insert("prompts".into(), problems.len().to_string());
     data.meta.insert("positions".into(), tokens.to_string());
-    data.meta.insert("mismatches".into(), mismatches.to_string());
+    data.meta
+        .insert("mismatches".into(), mismatches.to_string());
     Ok(data)
 }
 
@@ -507,6 +550,10 @@ mod tests {
         assert_eq!(lookup(&[7, 2, 3], &hint, 2), vec![4, 5]);
         assert_eq!(lookup(&[8, 9], &hint, 3), vec![1, 2, 3]);
         assert_eq!(lookup(&[6], &hint, 3), Vec::<u32>::new());
-        assert_eq!(lookup(&[5], &hint, 3), Vec::<u32>::new(), "nothing after the match");
+        assert_eq!(
+            lookup(&[5], &hint, 3),
+            Vec::<u32>::new(),
+            "nothing after the match"
+        );
     }
 }

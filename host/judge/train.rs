@@ -81,13 +81,16 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
     groups.dedup();
     let is_val = |g: u32| -> bool {
         // A fixed pseudo-random choice per group (splitmix64 of group + seed).
-        let mut z = (g as u64).wrapping_add(cfg.seed).wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = (g as u64)
+            .wrapping_add(cfg.seed)
+            .wrapping_add(0x9E3779B97F4A7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
         z ^= z >> 31;
         (z as f64 / u64::MAX as f64) < cfg.validation
     };
-    let (mut tr, mut va): (Vec<usize>, Vec<usize>) = (0..data.len()).partition(|&i| !is_val(data.group[i]));
+    let (mut tr, mut va): (Vec<usize>, Vec<usize>) =
+        (0..data.len()).partition(|&i| !is_val(data.group[i]));
     if groups.len() < 2 || tr.is_empty() || va.is_empty() {
         // Too few prompts to hold any out: validate on the training samples (printed as such).
         tr = (0..data.len()).collect();
@@ -115,7 +118,12 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
     let standardised = |idx: &[usize]| -> Vec<f32> {
         let mut out = Vec::with_capacity(idx.len() * h);
         for &i in idx {
-            out.extend(data.row(i).iter().enumerate().map(|(j, &x)| (x - mean[j]) / scale[j]));
+            out.extend(
+                data.row(i)
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &x)| (x - mean[j]) / scale[j]),
+            );
         }
         out
     };
@@ -127,7 +135,13 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
     // Class weights so both classes weigh half of the loss.
     let sw: Vec<f32> = y
         .iter()
-        .map(|&v| if v > 0.5 { 0.5 * y.len() as f32 / n_pos } else { 0.5 * y.len() as f32 / n_neg })
+        .map(|&v| {
+            if v > 0.5 {
+                0.5 * y.len() as f32 / n_pos
+            } else {
+                0.5 * y.len() as f32 / n_neg
+            }
+        })
         .collect();
     let y = Tensor::from_vec(y, tr.len(), &dev)?;
     let sw = Tensor::from_vec(sw, tr.len(), &dev)?;
@@ -142,9 +156,14 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
         },
     )?;
     for _ in 0..cfg.epochs {
-        let z = x.matmul(&w.as_tensor().unsqueeze(1)?)?.squeeze(1)?.broadcast_add(b.as_tensor())?;
+        let z = x
+            .matmul(&w.as_tensor().unsqueeze(1)?)?
+            .squeeze(1)?
+            .broadcast_add(b.as_tensor())?;
         // Weighted binary cross-entropy with logits: softplus(z) - y z, stable form.
-        let softplus = z.relu()?.add(&z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
+        let softplus = z
+            .relu()?
+            .add(&z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
         let loss = softplus.sub(&y.mul(&z)?)?.mul(&sw)?.mean(D::Minus1)?;
         opt.backward_step(&loss)?;
     }
@@ -155,7 +174,11 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
         "training diverged (non-finite weights); try a lower --lr"
     );
     let target = TargetIdentity {
-        architecture: data.meta.get("target.architecture").cloned().unwrap_or_default(),
+        architecture: data
+            .meta
+            .get("target.architecture")
+            .cloned()
+            .unwrap_or_default(),
         hidden_size: h,
         sha256: data.meta.get("target.sha256").cloned().unwrap_or_default(),
     };
@@ -232,8 +255,16 @@ pub fn metrics(scores: &[(f64, bool)], threshold: f64) -> Metrics {
         n: scores.len(),
         positives,
         threshold,
-        precision: if accepted == 0 { 0.0 } else { tp as f64 / accepted as f64 },
-        recall: if positives == 0 { 0.0 } else { tp as f64 / positives as f64 },
+        precision: if accepted == 0 {
+            0.0
+        } else {
+            tp as f64 / accepted as f64
+        },
+        recall: if positives == 0 {
+            0.0
+        } else {
+            tp as f64 / positives as f64
+        },
         auc: auc(scores),
     }
 }
@@ -248,7 +279,13 @@ pub fn auc(scores: &[(f64, bool)]) -> f64 {
     let mut wins = 0.0;
     for &p in &pos {
         for &n in &neg {
-            wins += if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 };
+            wins += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
         }
     }
     wins / (pos.len() * neg.len()) as f64
@@ -260,7 +297,13 @@ mod tests {
 
     #[test]
     fn auc_and_threshold_on_known_scores() {
-        let s = [(0.9, true), (0.8, true), (0.7, false), (0.6, true), (0.2, false)];
+        let s = [
+            (0.9, true),
+            (0.8, true),
+            (0.7, false),
+            (0.6, true),
+            (0.2, false),
+        ];
         assert!((auc(&s) - 5.0 / 6.0).abs() < 1e-12);
         // Precision 1.0 needs the threshold at 0.8; 0.75 precision is reached at 0.6.
         assert_eq!(choose_threshold(&s, 1.0), 0.8);
@@ -281,7 +324,9 @@ mod tests {
         d.meta.insert("target.sha256".into(), "00".repeat(32));
         let mut rng = crate::sample::Rng64::new(7);
         for i in 0..600 {
-            let x: Vec<f32> = (0..h).map(|j| rng.uniform() * 4.0 - 2.0 + j as f32).collect();
+            let x: Vec<f32> = (0..h)
+                .map(|j| rng.uniform() * 4.0 - 2.0 + j as f32)
+                .collect();
             // Positive when dims 0 and 3 say so; imbalanced (about 30% positive).
             let label = (x[0]) - 0.5 * (x[3] - 3.0) > 0.6;
             d.hidden.extend_from_slice(&x);
@@ -309,6 +354,9 @@ mod tests {
             ..Default::default()
         };
         let e = train(&d, &TrainConfig::default()).err().unwrap();
-        assert!(e.to_string().contains("both acceptable and unacceptable"), "{e}");
+        assert!(
+            e.to_string().contains("both acceptable and unacceptable"),
+            "{e}"
+        );
     }
 }

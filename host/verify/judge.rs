@@ -68,11 +68,11 @@ impl JudgeHead {
 
     /// The logit for one hidden state (host-side reference of [`JudgeScorer::score`]).
     pub fn logit(&self, h: &[f32]) -> f32 {
-        let mut s = self.bias as f64;
-        for i in 0..self.weight.len() {
-            s += (self.weight[i] as f64) * ((h[i] - self.mean[i]) / self.scale[i]) as f64;
-        }
-        s as f32
+        let terms = self.weight.iter().zip(&self.mean).zip(&self.scale).zip(h);
+        let s: f64 = terms
+            .map(|(((&w, &m), &sc), &x)| w as f64 * ((x - m) / sc) as f64)
+            .sum();
+        (s + self.bias as f64) as f32
     }
 
     fn validate(&self, what: &str) -> Result<()> {
