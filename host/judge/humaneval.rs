@@ -71,22 +71,16 @@ pub fn prompt_ids(p: &Problem, template: &ChatTemplate, tok: &Tokenizer) -> Resu
     tok.encode(&text, true)
 }
 
-/// The program to test: the reply's first fenced code block (or the whole reply), completed
-/// with the prompt when the reply holds only a body, then the tests and `check(entry_point)`.
+/// The program to test: the prompt, then the reply's first fenced code block (or the whole
+/// reply: a full definition or only a body), then the tests and `check(entry_point)`.
 pub fn program(p: &Problem, reply: &str) -> String {
     // Python refuses NUL bytes in source; a reply holding one is still judged on the rest.
     let reply = reply.replace('\0', "");
     let code = fenced_block(&reply).unwrap_or(&reply);
-    let defines = code.contains(&format!("def {}", p.entry_point));
-    // The prompt's imports (typing, math ...) precede its signature.
-    let imports: String = p
-        .prompt
-        .lines()
-        .filter(|l| l.starts_with("import ") || l.starts_with("from "))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let body = if defines {
-        format!("{imports}{code}")
+    // The prompt stays in front either way: its docstring-only stub is valid Python that a full
+    // definition in the reply overrides, and it carries the imports and helper functions.
+    let body = if code.contains(&format!("def {}", p.entry_point)) {
+        format!("{}\n{code}", p.prompt)
     } else {
         format!("{}{code}", p.prompt)
     };
@@ -254,6 +248,19 @@ mod tests {
         assert!(
             matches!(sb.run(&program(&p, bad)).unwrap(), Outcome::Fail(m) if m.contains("AssertionError"))
         );
+    }
+
+    #[test]
+    fn helpers_defined_by_the_prompt_stay_available() {
+        let p = Problem {
+            prompt: "def helper(x):\n    return x * 2\n\n\ndef twice(x):\n    \"\"\"Use helper.\"\"\"\n"
+                .into(),
+            test: "def check(c):\n    assert c(4) == 8\n".into(),
+            entry_point: "twice".into(),
+            ..problem()
+        };
+        let reply = "```python\ndef twice(x):\n    return helper(x)\n```";
+        assert_eq!(Sandbox::default().run(&program(&p, reply)).unwrap(), Outcome::Pass);
     }
 
     #[test]
