@@ -84,7 +84,7 @@ fn positions(step: &Step) -> Vec<Pos> {
             target_prob: step.target_probs[i],
             entropy: step.entropies[i],
             uniform: step.uniforms[i],
-            judge: step.judge.get(i).copied(),
+            judge: step.judge.as_ref().map(|j| j[i]),
             top: (i * kk..(i + 1) * kk)
                 .map(|j| (step.top_ids[j], step.top_probs[j]))
                 .collect(),
@@ -509,7 +509,7 @@ fn bad_steps_are_faults_not_calls() {
         (|s| s.entropies.truncate(s.k() - 1), "`entropies` has"),
         (|s| s.top_ids.truncate(s.top_ids.len() - 1), "`top_ids` has"),
         (|s| s.top_k = 0, "`top_k` is 0"),
-        (|s| s.judge = vec![0.5; s.k() + 1], "`judge` has"),
+        (|s| s.judge = Some(vec![0.5; s.k() + 1]), "`judge` has"),
     ];
     for (breaker, needle) in cases {
         let mut step = good.clone();

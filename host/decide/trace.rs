@@ -5,12 +5,12 @@
 //! One line (k = 2, top-K 2, parameters of `threshold` abbreviated):
 //!
 //! ```json
-//! {"tokens":[42,9],"draft_probs":[0.61,0.3],"target_probs":[0.55,0.01],"entropies":[1.3,0.7],"uniforms":[0.18,0.93],"judge":[],"top_k":2,"top_ids":[42,7,11,9],"top_probs":[0.55,0.2,0.8,0.01],"temperature":0.8,"vocab_size":151936,"params":[0,0.09]}
+//! {"tokens":[42,9],"draft_probs":[0.61,0.3],"target_probs":[0.55,0.01],"entropies":[1.3,0.7],"uniforms":[0.18,0.93],"judge":null,"top_k":2,"top_ids":[42,7,11,9],"top_probs":[0.55,0.2,0.8,0.01],"temperature":0.8,"vocab_size":151936,"params":[0,0.09]}
 //! ```
 //!
 //! The fields are those of `step` in wit/policy.wit (snake_case), one list per feature: position
 //! i is entry i of `tokens` (x_i), `draft_probs` (q_i(x_i)), `target_probs` (p_i(x_i)),
-//! `entropies` (H(p_i), nats), `uniforms` (u_i in [0, 1)) and `judge` (logits, or empty); its
+//! `entropies` (H(p_i), nats), `uniforms` (u_i in [0, 1)) and `judge` (logits, or null); its
 //! top-K is `top_ids` / `top_probs` [i*K, (i+1)*K) with K = `top_k`, most likely first;
 //! `params` are the recording policy's parameter values in the order of its `info` (replay
 //! replaces them with the replaying policy's). `judge` and `params` may be omitted.

@@ -27,9 +27,10 @@ pub struct Step {
     pub entropies: Vec<f32>,
     /// k entries: a uniform draw in [0, 1) from the request's seeded generator.
     pub uniforms: Vec<f32>,
-    /// k judge logits when the policy asked for them and the target has a head; else empty.
+    /// k judge logits when the policy asked for them and the target has a head. (An option
+    /// rather than an empty list: `none` costs the guest no allocation.)
     #[serde(default)]
-    pub judge: Vec<f32>,
+    pub judge: Option<Vec<f32>>,
     /// K, the top entries per position (>= 1).
     #[component(name = "top-k")]
     pub top_k: u32,
@@ -108,7 +109,9 @@ impl Step {
         self.target_probs.clear();
         self.entropies.clear();
         self.uniforms.clear();
-        self.judge.clear();
+        if let Some(j) = self.judge.as_mut() {
+            j.clear();
+        }
         self.top_ids.clear();
         self.top_probs.clear();
     }
@@ -123,9 +126,10 @@ impl Step {
         self.target_probs.push(f.target_prob);
         self.entropies.push(f.entropy);
         self.uniforms.push(f.uniform);
-        match f.judge {
-            Some(j) if first || !self.judge.is_empty() => self.judge.push(j),
-            _ => self.judge.clear(),
+        match (f.judge, self.judge.as_mut()) {
+            (Some(j), Some(all)) if first || !all.is_empty() => all.push(j),
+            (Some(j), None) if first => self.judge = Some(vec![j]),
+            _ => self.judge = None,
         }
         self.top_ids.extend(top.iter().map(|&(id, _)| id));
         self.top_probs.extend(top.iter().map(|&(_, p)| p));
@@ -140,7 +144,7 @@ impl Step {
             target_prob: self.target_probs[i],
             entropy: self.entropies[i],
             uniform: self.uniforms[i],
-            judge: self.judge.get(i).copied(),
+            judge: self.judge.as_ref().and_then(|j| j.get(i).copied()),
             top_ids: &self.top_ids[i * kk..(i + 1) * kk],
             top_probs: &self.top_probs[i * kk..(i + 1) * kk],
         }
@@ -161,7 +165,7 @@ impl Step {
         Ok(())
     }
 
-    /// The positions' shape: k >= 1, every per-position list of length k, judge empty or k,
+    /// The positions' shape: k >= 1, every per-position list of length k, judge none or k,
     /// top-k >= 1, k * top-k top entries (what [`Step::position`] needs).
     pub fn check_shape(&self) -> Result<(), String> {
         let k = self.tokens.len();
@@ -178,10 +182,12 @@ impl Step {
                 return Err(format!("`{name}` has {len} entries but k = {k}"));
             }
         }
-        if !self.judge.is_empty() && self.judge.len() != k {
+        if let Some(j) = &self.judge
+            && j.len() != k
+        {
             return Err(format!(
-                "`judge` has {} entries: it must be empty or k = {k}",
-                self.judge.len()
+                "`judge` has {} entries: it must be absent or k = {k}",
+                j.len()
             ));
         }
         if self.top_k == 0 {

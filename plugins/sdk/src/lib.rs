@@ -250,7 +250,7 @@ pub fn position(step: &Step, i: usize) -> Position<'_> {
         target_prob: step.target_probs[i],
         entropy: step.entropies[i],
         uniform: step.uniforms[i],
-        judge: step.judge.get(i).copied(),
+        judge: step.judge.as_ref().and_then(|j| j.get(i).copied()),
         top_ids,
         top_probs,
     }
