@@ -545,21 +545,21 @@ fn judge_logits_are_the_head_applied_to_the_drafted_tokens_hidden_states() {
     // The committed length before each step: the prompt plus the prefill's token.
     let mut len = prompt.len() + 1;
     for (s, step) in steps.iter().enumerate() {
+        // The judge policy declares one parameter, `threshold`.
         assert!(
-            step.params
-                .iter()
-                .any(|(n, v)| n == "threshold" && (*v - 0.6).abs() < 1e-6),
+            step.params.len() == 1 && (step.params[0] - 0.6).abs() < 1e-6,
             "the head's threshold is the policy's default: {:?}",
             step.params
         );
-        let drafts: Vec<u32> = step.positions.iter().map(|p| p.token).collect();
+        let drafts: Vec<u32> = step.tokens.clone();
         let mut session = target.session();
         let input: Vec<u32> = all[..len].iter().chain(&drafts).copied().collect();
         let f = session.forward(&input, Rows::All).unwrap();
         let hidden = f.hidden.to_vec2::<f32>().unwrap();
-        for (i, pos) in step.positions.iter().enumerate() {
+        let judge = step.judge.as_ref().expect("judge logits");
+        assert_eq!(judge.len(), drafts.len());
+        for (i, &got) in judge.iter().enumerate() {
             let want = head.logit(&hidden[len + i]);
-            let got = pos.judge.expect("a judge logit for every position");
             assert!(
                 (got - want).abs() < 1e-3,
                 "step {s} position {i}: {got} vs {want}"

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use verdict::decide::trace;
 use verdict::decide::{
-    Correction, FaultKind, PolicyLimits, PolicyRegistry, Position, Step, Verdict,
+    Correction, FaultKind, Features, Info, PolicyLimits, PolicyRegistry, Step, Verdict,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -63,17 +63,46 @@ fn ref_ratio(p: f32, q: f32) -> f32 {
     }
 }
 
-fn ref_strict_ok(pos: &Position, t: f32) -> bool {
+/// One position, read from the step's flat lists by index (independently of the host's and the
+/// SDK's views): position i is entry i of each list, its top-K entries [i*K, (i+1)*K).
+struct Pos {
+    token: u32,
+    draft_prob: f32,
+    target_prob: f32,
+    entropy: f32,
+    uniform: f32,
+    judge: Option<f32>,
+    top: Vec<(u32, f32)>,
+}
+
+fn positions(step: &Step) -> Vec<Pos> {
+    let kk = step.top_k as usize;
+    (0..step.tokens.len())
+        .map(|i| Pos {
+            token: step.tokens[i],
+            draft_prob: step.draft_probs[i],
+            target_prob: step.target_probs[i],
+            entropy: step.entropies[i],
+            uniform: step.uniforms[i],
+            judge: step.judge.as_ref().map(|j| j[i]),
+            top: (i * kk..(i + 1) * kk)
+                .map(|j| (step.top_ids[j], step.top_probs[j]))
+                .collect(),
+        })
+        .collect()
+}
+
+fn ref_strict_ok(pos: &Pos, t: f32) -> bool {
     if t <= 0.0 {
-        pos.target_top[0].0 == pos.token
+        pos.top[0].0 == pos.token
     } else {
         pos.uniform < ref_ratio(pos.target_prob, pos.draft_prob)
     }
 }
 
-fn prefix(step: &Step, f: impl Fn(&Position) -> bool) -> u32 {
+fn prefix(step: &Step, f: impl Fn(&Pos) -> bool) -> u32 {
     let mut n = 0;
-    for p in &step.positions {
+    for p in &positions(step) {
         if !f(p) {
             break;
         }
@@ -82,12 +111,14 @@ fn prefix(step: &Step, f: impl Fn(&Position) -> bool) -> u32 {
     n
 }
 
-fn param(step: &Step, name: &str) -> f64 {
-    step.params
+/// The value of parameter `name`: `step.params` follows the order of `info.params`.
+fn param(step: &Step, info: &Info, name: &str) -> f64 {
+    let i = info
+        .params
         .iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("param {name} missing"))
-        .1
+        .position(|p| p.name == name)
+        .unwrap_or_else(|| panic!("param {name} not declared"));
+    step.params[i]
 }
 
 fn lossy_correction(step: &Step) -> Correction {
@@ -109,8 +140,8 @@ fn ref_strict(step: &Step) -> Verdict {
     }
 }
 
-fn ref_judge(step: &Step) -> Verdict {
-    let thr = param(step, "threshold") as f32;
+fn ref_judge(step: &Step, info: &Info) -> Verdict {
+    let thr = param(step, info, "threshold") as f32;
     Verdict {
         accepted: prefix(step, |p| {
             ref_strict_ok(p, step.temperature) || p.judge.is_some_and(|j| sigmoid(j) >= thr)
@@ -119,26 +150,27 @@ fn ref_judge(step: &Step) -> Verdict {
     }
 }
 
-fn ref_threshold(step: &Step) -> Verdict {
-    let accepted = match param(step, "rule") as i64 {
+fn ref_threshold(step: &Step, info: &Info) -> Verdict {
+    let param = |name| param(step, info, name);
+    let accepted = match param("rule") as i64 {
         0 => {
-            let (eps, delta) = (param(step, "eps") as f32, param(step, "delta") as f32);
+            let (eps, delta) = (param("eps") as f32, param("delta") as f32);
             prefix(step, |p| {
                 p.target_prob > eps.min(delta * (-p.entropy).exp())
             })
         }
         1 => {
-            let k = param(step, "topk") as usize;
-            let d = param(step, "topk_delta") as f32;
+            let k = param("topk") as usize;
+            let d = param("topk_delta") as f32;
             prefix(step, |p| {
-                p.target_top[..k.min(p.target_top.len())]
+                p.top[..k.min(p.top.len())]
                     .iter()
                     .any(|&(id, _)| id == p.token)
-                    && p.target_prob >= p.target_top[0].1 - d
+                    && p.target_prob >= p.top[0].1 - d
             })
         }
         2 => {
-            let floor = param(step, "floor") as f32;
+            let floor = param("floor") as f32;
             prefix(step, |p| {
                 p.target_prob >= floor || ref_strict_ok(p, step.temperature)
             })
@@ -152,58 +184,53 @@ fn ref_threshold(step: &Step) -> Verdict {
 }
 
 /// A random step: tokens often the target's top-1, sometimes elsewhere in the top-K, sometimes
-/// outside; edge cases (q = 0, q = 1, T = 0, no judge) included.
-fn random_step(rng: &mut ChaCha8Rng, top_k: usize, params: Vec<(String, f64)>) -> Step {
+/// outside; edge cases (q = 0, q = 1, T = 0, no judge logits) included.
+fn random_step(rng: &mut ChaCha8Rng, top_k: usize, params: Vec<f64>) -> Step {
     let k = rng.random_range(1..=16);
     let temperature = if rng.random_bool(0.3) {
         0.0
     } else {
         rng.random_range(0.3..1.5)
     };
-    let positions = (0..k)
-        .map(|_| {
-            let mut probs: Vec<f32> = (0..top_k).map(|_| rng.random::<f32>()).collect();
-            probs.sort_by(|a, b| b.total_cmp(a));
-            let scale: f32 = rng.random_range(0.3..1.0) / probs.iter().sum::<f32>();
-            let ids: Vec<u32> = rand::seq::index::sample(rng, 1000, top_k)
-                .into_iter()
-                .map(|i| i as u32)
-                .collect();
-            let target_top: Vec<(u32, f32)> = ids
-                .iter()
-                .zip(&probs)
-                .map(|(&i, &p)| (i, p * scale))
-                .collect();
-            let r: f64 = rng.random();
-            let (token, target_prob) = if r < 0.5 {
-                target_top[0]
-            } else if r < 0.8 {
-                target_top[rng.random_range(0..top_k)]
-            } else {
-                (1000 + rng.random_range(0..500), rng.random::<f32>() * 0.05)
-            };
-            let draft_prob = match rng.random_range(0..20) {
-                0 => 0.0,
-                1 => 1.0,
-                _ => rng.random::<f32>(),
-            };
-            Position {
-                token,
-                draft_prob,
-                target_prob,
-                target_top,
-                entropy: rng.random_range(0.0..6.0),
-                judge: rng.random_bool(0.8).then(|| rng.random_range(-4.0..4.0)),
-                uniform: rng.random(),
-            }
-        })
-        .collect();
-    Step {
-        positions,
-        temperature,
-        vocab_size: 1500,
-        params,
+    let with_judge = rng.random_bool(0.8);
+    let mut step = Step::new(top_k, temperature, 1500, params);
+    for _ in 0..k {
+        let mut probs: Vec<f32> = (0..top_k).map(|_| rng.random::<f32>()).collect();
+        probs.sort_by(|a, b| b.total_cmp(a));
+        let scale: f32 = rng.random_range(0.3..1.0) / probs.iter().sum::<f32>();
+        let ids: Vec<u32> = rand::seq::index::sample(rng, 1000, top_k)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let top: Vec<(u32, f32)> = ids
+            .iter()
+            .zip(&probs)
+            .map(|(&i, &p)| (i, p * scale))
+            .collect();
+        let r: f64 = rng.random();
+        let (token, target_prob) = if r < 0.5 {
+            top[0]
+        } else if r < 0.8 {
+            top[rng.random_range(0..top_k)]
+        } else {
+            (1000 + rng.random_range(0..500), rng.random::<f32>() * 0.05)
+        };
+        let draft_prob = match rng.random_range(0..20) {
+            0 => 0.0,
+            1 => 1.0,
+            _ => rng.random::<f32>(),
+        };
+        let f = Features {
+            token,
+            draft_prob,
+            target_prob,
+            entropy: rng.random_range(0.0..6.0),
+            uniform: rng.random(),
+            judge: with_judge.then(|| rng.random_range(-4.0..4.0)),
+        };
+        step.push(f, &top);
     }
+    step
 }
 
 /// Random values inside each declared range (integers integral).
@@ -223,7 +250,7 @@ fn random_params(rng: &mut ChaCha8Rng, info: &verdict::decide::Info) -> Vec<(Str
 // ---------------------------------------------------------------------------------------------
 // built-ins
 
-fn conformance(name: &str, reference: fn(&Step) -> Verdict, seed: u64) {
+fn conformance(name: &str, reference: fn(&Step, &Info) -> Verdict, seed: u64) {
     let reg = registry();
     let h = reg.resolve(name).expect("built-in");
     assert!(h.is_builtin());
@@ -237,7 +264,11 @@ fn conformance(name: &str, reference: fn(&Step) -> Verdict, seed: u64) {
         let step = random_step(&mut rng, info.top_k_to_send().max(8), params);
         let d = inst.verify(&step);
         assert!(d.fault.is_none(), "{name} step {i} faulted: {:?}", d.fault);
-        assert_eq!(d.verdict, reference(&step), "{name} step {i}: {step:?}");
+        assert_eq!(
+            d.verdict,
+            reference(&step, &info),
+            "{name} step {i}: {step:?}"
+        );
         accepted_hist[d.verdict.accepted as usize] += 1;
     }
     // The random steps must exercise the rule: both rejections at 0 and long prefixes.
@@ -252,7 +283,7 @@ fn conformance(name: &str, reference: fn(&Step) -> Verdict, seed: u64) {
 
 #[test]
 fn strict_matches_reference() {
-    conformance("strict", ref_strict, 1);
+    conformance("strict", |s, _| ref_strict(s), 1);
 }
 
 #[test]
@@ -329,20 +360,16 @@ fn strict_sampling_reproduces_target() {
     for _ in 0..n {
         let x = draw(&mut rng, &q);
         draft_hist[x] += 1;
-        let step = Step {
-            positions: vec![Position {
-                token: x as u32,
-                draft_prob: q[x],
-                target_prob: p[x],
-                target_top: vec![(0, p[0])],
-                entropy,
-                judge: None,
-                uniform: rng.random(),
-            }],
-            temperature: 1.0,
-            vocab_size: 6,
-            params: Vec::new(),
+        let mut step = Step::new(1, 1.0, 6, Vec::new());
+        let f = Features {
+            token: x as u32,
+            draft_prob: q[x],
+            target_prob: p[x],
+            entropy,
+            uniform: rng.random(),
+            judge: None,
         };
+        step.push(f, &[(0, p[0])]);
         let d = inst.verify(&step);
         assert!(d.fault.is_none());
         let out = match d.verdict.accepted {
@@ -378,9 +405,12 @@ fn strict_sampling_reproduces_target() {
 
 fn mode_step(mode: f64) -> Step {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
-    let mut step = random_step(&mut rng, 4, vec![("mode".into(), mode)]);
-    step.positions.truncate(4);
-    step
+    loop {
+        let step = random_step(&mut rng, 4, vec![mode]);
+        if step.k() <= 4 {
+            return step;
+        }
+    }
 }
 
 #[test]
@@ -456,15 +486,59 @@ fn bad_steps_are_faults_not_calls() {
     let h = reg.resolve("threshold").unwrap();
     let mut inst = h.instance();
     let mut step = mode_step(0.0);
-    step.params = vec![("eps".into(), f64::NAN)];
+    step.params = h.resolve_params(&[]).unwrap();
+    assert!(inst.verify(&step).fault.is_none());
+    let good = step.clone();
+    step.params[1] = f64::NAN;
     let d = inst.verify(&step);
-    assert_eq!(d.fault.map(|f| f.kind), Some(FaultKind::BadStep));
+    let f = d.fault.unwrap();
+    assert_eq!(f.kind, FaultKind::BadStep);
+    assert!(f.detail.contains("parameter #1 is NaN"), "{f}");
     assert_eq!(d.verdict, ref_strict(&step));
-    step.positions.clear();
+    step.params = good.params[..5].to_vec();
     let d = inst.verify(&step);
-    assert_eq!(d.fault.map(|f| f.kind), Some(FaultKind::BadStep));
-    assert_eq!(d.verdict.accepted, 0);
-    assert_eq!(h.counters().faults(FaultKind::BadStep), 2);
+    let f = d.fault.unwrap();
+    assert_eq!(f.kind, FaultKind::BadStep);
+    assert!(f.detail.contains("5 parameter values"), "{f}");
+    assert_eq!(d.verdict, ref_strict(&step));
+    // Malformed positions: each is a fault naming the field, and strict accepts nothing on a
+    // step it cannot read.
+    type Breaker = fn(&mut Step);
+    let cases: [(Breaker, &str); 5] = [
+        (|s| s.clear_positions(), "no drafted positions"),
+        (|s| s.entropies.truncate(s.k() - 1), "`entropies` has"),
+        (|s| s.top_ids.truncate(s.top_ids.len() - 1), "`top_ids` has"),
+        (|s| s.top_k = 0, "`top_k` is 0"),
+        (|s| s.judge = Some(vec![0.5; s.k() + 1]), "`judge` has"),
+    ];
+    for (breaker, needle) in cases {
+        let mut step = good.clone();
+        breaker(&mut step);
+        let d = inst.verify(&step);
+        let f = d.fault.unwrap();
+        assert_eq!(f.kind, FaultKind::BadStep);
+        assert!(f.detail.contains(needle), "{needle}: {f}");
+        assert_eq!(d.verdict.accepted, 0, "{needle}");
+    }
+    assert_eq!(h.counters().faults(FaultKind::BadStep), 7);
+}
+
+/// A component built against the previous contract (verdict:policy@0.1.0: the built-in strict
+/// of that release, kept as a fixture) is refused with an error naming both versions.
+#[test]
+fn components_of_another_contract_version_are_refused() {
+    let old = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/strict-policy-0.1.0.wasm"),
+    )
+    .unwrap();
+    let reg = registry();
+    let err = format!("{:#}", reg.register(Some("old"), &old).unwrap_err());
+    assert!(
+        err.contains("built against verdict:policy@0.1.0")
+            && err.contains("speaks verdict:policy@0.2.0"),
+        "{err}"
+    );
+    assert!(reg.resolve("old").is_err());
 }
 
 #[test]
@@ -649,12 +723,11 @@ fn params_are_validated() {
     let reg = registry();
     let h = reg.resolve("threshold").unwrap();
     let defaults = h.resolve_params(&[]).unwrap();
-    assert_eq!(defaults[1], ("eps".to_string(), 0.09));
+    assert_eq!(defaults, [0.0, 0.09, 0.3, 8.0, 0.5, 0.1]);
     let p = h
         .resolve_params(&[("delta".into(), 0.5), ("rule".into(), 2.0)])
         .unwrap();
-    assert_eq!(p[0], ("rule".to_string(), 2.0));
-    assert_eq!(p[2], ("delta".to_string(), 0.5));
+    assert_eq!(p, [2.0, 0.09, 0.5, 8.0, 0.5, 0.1]);
     let cases: [(&str, f64, &str); 5] = [
         (
             "epsilon",
@@ -684,7 +757,7 @@ fn params_are_validated() {
 fn trace_round_trip_and_replay() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let steps: Vec<Step> = (0..200)
-        .map(|_| random_step(&mut rng, 8, vec![("eps".into(), 0.09)]))
+        .map(|_| random_step(&mut rng, 8, vec![0.0, 0.09]))
         .collect();
     let mut buf = Vec::new();
     for s in &steps {
@@ -692,11 +765,10 @@ fn trace_round_trip_and_replay() {
     }
     let text = String::from_utf8(buf.clone()).unwrap();
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert!(
-        first["params"].is_object(),
-        "params are a JSON object: {first}"
-    );
-    assert!(first["positions"][0]["target_top"][0].is_array());
+    assert_eq!(first["params"], serde_json::json!([0.0, 0.09]), "{first}");
+    assert_eq!(first["top_k"], 8, "{first}");
+    let k = first["tokens"].as_array().unwrap().len();
+    assert_eq!(first["top_ids"].as_array().unwrap().len(), 8 * k, "{first}");
     let back = trace::parse_trace(&buf[..], "mem").unwrap();
     assert_eq!(back, steps);
 
@@ -715,15 +787,24 @@ fn trace_round_trip_and_replay() {
 
     let err = format!(
         "{:#}",
-        trace::parse_trace(&b"{\"positions\":[]}\n"[..], "t.jsonl").unwrap_err()
+        trace::parse_trace(
+            &b"{\"tokens\":[1],\"draft_probs\":[1],\"target_probs\":[1],\"entropies\":[1],\
+               \"uniforms\":[0.5],\"top_k\":2,\"top_ids\":[1],\"top_probs\":[1],\
+               \"temperature\":1,\"vocab_size\":9}\n"[..],
+            "t.jsonl"
+        )
+        .unwrap_err()
     );
-    assert!(err.contains("t.jsonl:1"), "{err}");
+    assert!(
+        err.contains("t.jsonl:1: malformed step: `top_ids` has 1 entries but k * top_k"),
+        "{err}"
+    );
     let err = format!(
         "{:#}",
         trace::parse_trace(&b"\n{\"temperature\":1}\n"[..], "t.jsonl").unwrap_err()
     );
     assert!(
-        err.contains("t.jsonl:2: not a step") && err.contains("positions"),
+        err.contains("t.jsonl:2: not a step") && err.contains("tokens"),
         "{err}"
     );
 }
@@ -901,13 +982,14 @@ fn scaffold_and_example_build_and_check() {
     assert_eq!(h.name(), "topk-entropy");
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let params = h.resolve_params(&[]).unwrap();
-    let bound = params.iter().find(|p| p.0 == "max_entropy").unwrap().1 as f32;
-    let k = params.iter().find(|p| p.0 == "k").unwrap().1 as usize;
+    let declared = |name| h.info().params.iter().position(|p| p.name == name).unwrap();
+    let bound = params[declared("max_entropy")] as f32;
+    let k = params[declared("k")] as usize;
     let mut inst = h.instance();
     for _ in 0..500 {
         let step = random_step(&mut rng, 8, params.clone());
         let want = prefix(&step, |p| {
-            p.entropy < bound && p.target_top.iter().take(k).any(|&(id, _)| id == p.token)
+            p.entropy < bound && p.top.iter().take(k).any(|&(id, _)| id == p.token)
         });
         let d = inst.verify(&step);
         assert!(d.fault.is_none());

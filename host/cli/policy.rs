@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::decide::trace::{self, ReplayReport};
-use crate::decide::{Correction, Info, PolicyHandle, PolicyLimits, PolicyRegistry, Position, Step};
+use crate::decide::{Correction, Features, Info, PolicyHandle, PolicyLimits, PolicyRegistry, Step};
 
 #[derive(clap::Args, Debug)]
 pub struct PolicyArgs {
@@ -451,7 +451,7 @@ export_policy!(Policy_);
 "#;
 
 /// A random-looking but deterministic step with `k` positions and top-K `top_k`.
-fn bench_step(k: usize, top_k: usize, params: Vec<(String, f64)>, seed: u32) -> Step {
+fn bench_step(k: usize, top_k: usize, params: Vec<f64>, seed: u32) -> Step {
     let mut x = seed.wrapping_mul(2654435761).max(1);
     let mut next = move || {
         x ^= x << 13;
@@ -459,28 +459,22 @@ fn bench_step(k: usize, top_k: usize, params: Vec<(String, f64)>, seed: u32) -> 
         x ^= x << 5;
         (x >> 8) as f32 / (1u32 << 24) as f32
     };
-    let positions = (0..k)
-        .map(|i| {
-            let target_top: Vec<(u32, f32)> = (0..top_k)
-                .map(|j| ((i * 31 + j) as u32, 0.6 / (j + 1) as f32))
-                .collect();
-            Position {
-                token: (i * 31) as u32,
-                draft_prob: 0.5 + 0.5 * next(),
-                target_prob: 0.6,
-                target_top,
-                entropy: 1.0 + next(),
-                judge: Some(next() * 4.0 - 2.0),
-                uniform: next() * 0.5,
-            }
-        })
-        .collect();
-    Step {
-        positions,
-        temperature: 1.0,
-        vocab_size: 151_936,
-        params,
+    let mut step = Step::new(top_k, 1.0, 151_936, params);
+    for i in 0..k {
+        let top: Vec<(u32, f32)> = (0..top_k)
+            .map(|j| ((i * 31 + j) as u32, 0.6 / (j + 1) as f32))
+            .collect();
+        let f = Features {
+            token: (i * 31) as u32,
+            draft_prob: 0.5 + 0.5 * next(),
+            target_prob: 0.6,
+            entropy: 1.0 + next(),
+            uniform: next() * 0.5,
+            judge: Some(next() * 4.0 - 2.0),
+        };
+        step.push(f, &top);
     }
+    step
 }
 
 /// Median over `samples` of the mean ns per call over `batch` calls.

@@ -13,22 +13,24 @@ pub fn acceptance_probability(target_prob: f32, draft_prob: f32) -> f32 {
 
 fn strict_accepts(pos: &Position, temperature: f32) -> bool {
     if temperature <= 0.0 {
-        pos.target_top
-            .first()
-            .is_some_and(|&(id, _)| id == pos.token)
+        pos.top_ids.first() == Some(&pos.token)
     } else {
         pos.uniform < acceptance_probability(pos.target_prob, pos.draft_prob)
     }
 }
 
 /// Strict speculative verification: the accepted prefix and the residual (argmax at T = 0).
+/// On a step whose positions are malformed ([`Step::check_shape`]) it accepts nothing (it must
+/// never panic: it is what a malformed step falls back to).
 pub fn strict_verdict(step: &Step) -> Verdict {
     let t = step.temperature;
-    let accepted = step
-        .positions
-        .iter()
-        .take_while(|pos| strict_accepts(pos, t))
-        .count() as u32;
+    let accepted = if step.check_shape().is_ok() {
+        step.positions()
+            .take_while(|pos| strict_accepts(pos, t))
+            .count() as u32
+    } else {
+        0
+    };
     let correction = if t <= 0.0 {
         Correction::Argmax
     } else {

@@ -33,5 +33,6 @@ pub use policy::{PolicyCounters, PolicyHandle, PolicyInstance};
 pub use registry::{PolicyListing, PolicyRegistry};
 pub use runtime::PolicyLimits;
 pub use types::{
-    Correction, Decision, Fault, FaultKind, Info, ParamKind, ParamSpec, Position, Step, Verdict,
+    Correction, Decision, Fault, FaultKind, Features, Info, ParamKind, ParamSpec, Position, Step,
+    Verdict,
 };

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Result, bail};
 
 use super::fallback;
-use super::runtime::{Compiled, Live, check_step};
+use super::runtime::{Compiled, Live};
 use super::types::{Decision, Fault, FaultKind, Info, ParamKind, Step, Verdict};
 
 /// Call and fault counters of one policy name (shared by all its versions, kept across swaps).
@@ -88,16 +88,12 @@ impl PolicyHandle {
         }
     }
 
-    /// Every declared parameter in declaration order, with `overrides` applied. Fails, naming
-    /// the parameter, on an unknown name, a duplicate, a non-finite or out-of-range value, a
-    /// fractional integer or a boolean other than 0 / 1.
-    pub fn resolve_params(&self, overrides: &[(String, f64)]) -> Result<Vec<(String, f64)>> {
+    /// The value of every declared parameter in declaration order (`Step::params`), with
+    /// `overrides` applied. Fails, naming the parameter, on an unknown name, a duplicate, a
+    /// non-finite or out-of-range value, a fractional integer or a boolean other than 0 / 1.
+    pub fn resolve_params(&self, overrides: &[(String, f64)]) -> Result<Vec<f64>> {
         let info = &self.inner.info;
-        let mut out: Vec<(String, f64)> = info
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.default))
-            .collect();
+        let mut out: Vec<f64> = info.params.iter().map(|p| p.default).collect();
         for (i, (name, value)) in overrides.iter().enumerate() {
             let Some(idx) = info.params.iter().position(|p| &p.name == name) else {
                 let known: Vec<&str> = info.params.iter().map(|p| p.name.as_str()).collect();
@@ -135,7 +131,7 @@ impl PolicyHandle {
                     spec.max
                 );
             }
-            out[idx].1 = v;
+            out[idx] = v;
         }
         Ok(out)
     }
@@ -179,7 +175,7 @@ impl PolicyInstance {
     }
 
     fn try_verify(&mut self, step: &Step) -> Result<Verdict, (FaultKind, String)> {
-        check_step(step).map_err(|e| (FaultKind::BadStep, e.to_string()))?;
+        check_step(step, &self.policy.info).map_err(|e| (FaultKind::BadStep, e))?;
         let compiled = &self.policy.compiled;
         if self.live.is_none() {
             self.live = Some(compiled.instantiate()?);
@@ -191,9 +187,24 @@ impl PolicyInstance {
     }
 }
 
+/// What the host checks before calling the guest: the step's shape and one value per declared
+/// parameter.
+fn check_step(step: &Step, info: &Info) -> Result<(), String> {
+    step.check()?;
+    if step.params.len() != info.params.len() {
+        return Err(format!(
+            "the step has {} parameter values, policy `{}` declares {}",
+            step.params.len(),
+            info.name,
+            info.params.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The host's range checks on a verdict.
 pub(crate) fn check_verdict(v: &Verdict, step: &Step) -> Result<(), String> {
-    let k = step.positions.len();
+    let k = step.k();
     if v.accepted as usize > k {
         return Err(format!("accepted = {} but k = {k}", v.accepted));
     }
@@ -231,31 +242,26 @@ impl LoadedPolicy {
 
 /// A plausible step shaped as `info` asks (top-K entries, judge logits, default parameters).
 pub(crate) fn probe_step(info: &Info) -> Step {
-    let k = info.top_k_to_send();
-    let positions = (0..4u32)
-        .map(|i| {
-            let target_top: Vec<(u32, f32)> = (0..k as u32)
-                .map(|j| (i * 7 + j, 0.5f32 / (1 << j) as f32))
-                .collect();
-            super::types::Position {
-                token: i * 7,
-                draft_prob: 0.4,
-                target_prob: 0.5,
-                target_top,
-                entropy: 1.2,
-                judge: info.needs_judge.then_some(0.3),
-                uniform: 0.25 * i as f32,
-            }
-        })
-        .collect();
-    Step {
-        positions,
-        temperature: 1.0,
-        vocab_size: 32_000,
-        params: info
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.default))
-            .collect(),
+    let kk = info.top_k_to_send();
+    let mut step = Step::new(
+        kk,
+        1.0,
+        32_000,
+        info.params.iter().map(|p| p.default).collect(),
+    );
+    for i in 0..4u32 {
+        let top: Vec<(u32, f32)> = (0..kk as u32)
+            .map(|j| (i * 7 + j, 0.5f32 / (1u64 << j.min(40)) as f32))
+            .collect();
+        let f = super::types::Features {
+            token: i * 7,
+            draft_prob: 0.4,
+            target_prob: 0.5,
+            entropy: 1.2,
+            uniform: 0.25 * i as f32,
+            judge: info.needs_judge.then_some(0.3),
+        };
+        step.push(f, &top);
     }
+    step
 }

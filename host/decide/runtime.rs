@@ -161,6 +161,7 @@ impl PolicyRuntime {
     /// that it exports `info` and `verify` with the contract's types.
     pub(crate) fn compile(self: &Arc<Self>, wasm: &[u8], sha256: &str) -> Result<Compiled> {
         let component = self.component(wasm, sha256)?;
+        check_contract_version(&component, &self.engine)?;
         let mut linker: Linker<StoreState> = Linker::new(&self.engine);
         // std Rust guests for wasm32-wasip2 import a few WASI interfaces; policies get none of
         // them: every import is defined as a function that traps when called.
@@ -170,12 +171,20 @@ impl PolicyRuntime {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| anyhow!("cannot link the component: {e}"))?;
-        let info_idx = component.get_export_index(None, "info").context(
-            "the component does not export `info` (is it built against wit/policy.wit?)",
-        )?;
-        let verify_idx = component.get_export_index(None, "verify").context(
-            "the component does not export `verify` (is it built against wit/policy.wit?)",
-        )?;
+        let info_idx = component.get_export_index(None, "info").with_context(|| {
+            format!(
+                "the component does not export `info` (is it built against wit/policy.wit, \
+             verdict:policy@{CONTRACT_VERSION}?)"
+            )
+        })?;
+        let verify_idx = component
+            .get_export_index(None, "verify")
+            .with_context(|| {
+                format!(
+                    "the component does not export `verify` (is it built against wit/policy.wit, \
+             verdict:policy@{CONTRACT_VERSION}?)"
+                )
+            })?;
         let compiled = Compiled {
             runtime: self.clone(),
             pre,
@@ -192,13 +201,15 @@ impl PolicyRuntime {
         let f = instance
             .get_func(&mut store, compiled.info_idx)
             .context("`info` is not a function")?;
-        f.typed::<(), (Info,)>(&store)
-            .map_err(|e| anyhow!("`info` has the wrong type: {e}"))?;
+        f.typed::<(), (Info,)>(&store).map_err(|e| {
+            anyhow!("`info` has the wrong type for verdict:policy@{CONTRACT_VERSION}: {e}")
+        })?;
         let f = instance
             .get_func(&mut store, compiled.verify_idx)
             .context("`verify` is not a function")?;
-        f.typed::<(&Step,), (Verdict,)>(&store)
-            .map_err(|e| anyhow!("`verify` has the wrong type: {e}"))?;
+        f.typed::<(&Step,), (Verdict,)>(&store).map_err(|e| {
+            anyhow!("`verify` has the wrong type for verdict:policy@{CONTRACT_VERSION}: {e}")
+        })?;
         Ok(compiled)
     }
 
@@ -379,13 +390,27 @@ fn classify(
     (kind, msg)
 }
 
-/// Fails unless `k` is a usable parameter set for `info` (used by `verify` before the call).
-pub(crate) fn check_step(step: &Step) -> Result<()> {
-    if step.positions.is_empty() {
-        bail!("the step has no drafted positions");
-    }
-    if let Some((name, v)) = step.params.iter().find(|(_, v)| !v.is_finite()) {
-        bail!("parameter `{name}` is {v}");
+/// The version of `wit/policy.wit` this host speaks (its `package verdict:policy@...`).
+pub const CONTRACT_VERSION: &str = "0.2.0";
+
+/// Refuses a component built against another version of the contract, naming both versions.
+/// A guest that uses the contract's types imports the (types-only) interface
+/// `verdict:policy/types@VERSION`; its exports would also fail the type check below, but with a
+/// message about record fields instead of the cause.
+fn check_contract_version(component: &Component, engine: &Engine) -> Result<()> {
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        let Some(rest) = name.strip_prefix("verdict:policy/") else {
+            continue;
+        };
+        let version = rest.split_once('@').map_or("(none)", |(_, v)| v);
+        if version != CONTRACT_VERSION {
+            bail!(
+                "the component is built against verdict:policy@{version} (it imports `{name}`), \
+                 this verdict speaks verdict:policy@{CONTRACT_VERSION}: rebuild it against the \
+                 current wit/policy.wit (plugins/sdk)"
+            );
+        }
     }
     Ok(())
 }

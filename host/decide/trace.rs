@@ -5,13 +5,15 @@
 //! One line (k = 2, top-K 2, parameters of `threshold` abbreviated):
 //!
 //! ```json
-//! {"positions":[{"token":42,"draft_prob":0.61,"target_prob":0.55,"target_top":[[42,0.55],[7,0.2]],"entropy":1.3,"judge":null,"uniform":0.18},{"token":9,"draft_prob":0.3,"target_prob":0.01,"target_top":[[11,0.8],[9,0.01]],"entropy":0.7,"judge":-2.5,"uniform":0.93}],"temperature":0.8,"vocab_size":151936,"params":{"rule":0,"eps":0.09}}
+//! {"tokens":[42,9],"draft_probs":[0.61,0.3],"target_probs":[0.55,0.01],"entropies":[1.3,0.7],"uniforms":[0.18,0.93],"judge":null,"top_k":2,"top_ids":[42,7,11,9],"top_probs":[0.55,0.2,0.8,0.01],"temperature":0.8,"vocab_size":151936,"params":[0,0.09]}
 //! ```
 //!
-//! Fields: `positions[i]` = {`token` x_i, `draft_prob` q_i(x_i), `target_prob` p_i(x_i),
-//! `target_top` [[id, p], ...] most likely first, `entropy` H(p_i) in nats, `judge` logit or
-//! null, `uniform` u_i in [0, 1)}; `temperature`; `vocab_size`; `params` {name: value} as the
-//! recording policy received them. `judge` and `params` may be omitted.
+//! The fields are those of `step` in wit/policy.wit (snake_case), one list per feature: position
+//! i is entry i of `tokens` (x_i), `draft_probs` (q_i(x_i)), `target_probs` (p_i(x_i)),
+//! `entropies` (H(p_i), nats), `uniforms` (u_i in [0, 1)) and `judge` (logits, or null); its
+//! top-K is `top_ids` / `top_probs` [i*K, (i+1)*K) with K = `top_k`, most likely first;
+//! `params` are the recording policy's parameter values in the order of its `info` (replay
+//! replaces them with the replaying policy's). `judge` and `params` may be omitted.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -45,8 +47,8 @@ pub fn parse_trace(r: impl BufRead, source: &str) -> Result<Vec<Step>> {
         }
         let step: Step = serde_json::from_str(&line)
             .with_context(|| format!("{source}:{}: not a step", i + 1))?;
-        if step.positions.is_empty() {
-            bail!("{source}:{}: a step needs at least one position", i + 1);
+        if let Err(e) = step.check() {
+            bail!("{source}:{}: malformed step: {e}", i + 1);
         }
         steps.push(step);
     }
@@ -71,6 +73,7 @@ pub struct ReplayedStep {
 pub struct ReplayReport {
     pub policy: String,
     pub version: String,
+    /// The replaying policy's parameters, name and value, in declaration order.
     pub params: Vec<(String, f64)>,
     pub steps: Vec<ReplayedStep>,
     /// Per drafted position i: (steps where position i was accepted, steps that had a position i).
@@ -95,7 +98,7 @@ impl ReplayReport {
 
 /// Runs `policy` over `steps`, with `params` (from [`PolicyHandle::resolve_params`]) replacing
 /// the recorded ones: the recorded parameters belonged to the policy that recorded the trace.
-pub fn replay(policy: &PolicyHandle, params: &[(String, f64)], steps: &[Step]) -> ReplayReport {
+pub fn replay(policy: &PolicyHandle, params: &[f64], steps: &[Step]) -> ReplayReport {
     let mut inst = policy.instance();
     let mut out = Vec::with_capacity(steps.len());
     let mut per_position: Vec<(u64, u64)> = Vec::new();
@@ -104,7 +107,7 @@ pub fn replay(policy: &PolicyHandle, params: &[(String, f64)], steps: &[Step]) -
         let mut step = recorded.clone();
         step.params = params.to_vec();
         let d = inst.verify(&step);
-        let k = step.positions.len();
+        let k = step.k();
         if per_position.len() < k {
             per_position.resize(k, (0, 0));
         }
@@ -119,10 +122,7 @@ pub fn replay(policy: &PolicyHandle, params: &[(String, f64)], steps: &[Step]) -
             k,
             accepted: d.verdict.accepted,
             correction: d.verdict.correction,
-            tokens: step.positions[..d.verdict.accepted as usize]
-                .iter()
-                .map(|p| p.token)
-                .collect(),
+            tokens: step.tokens[..(d.verdict.accepted as usize).min(k)].to_vec(),
             emitted: d.verdict.accepted + 1,
             fault: d.fault.map(|f| f.to_string()),
         });
@@ -130,7 +130,13 @@ pub fn replay(policy: &PolicyHandle, params: &[(String, f64)], steps: &[Step]) -
     ReplayReport {
         policy: policy.name().to_string(),
         version: policy.version().to_string(),
-        params: params.to_vec(),
+        params: policy
+            .info()
+            .params
+            .iter()
+            .zip(params)
+            .map(|(p, &v)| (p.name.clone(), v))
+            .collect(),
         steps: out,
         per_position,
         faults,

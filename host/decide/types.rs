@@ -6,45 +6,207 @@
 use serde::{Deserialize, Serialize};
 use wasmtime::component::{ComponentType, Lift, Lower};
 
-/// One drafted position as the target saw it (`position` in the WIT).
-#[derive(Clone, Debug, PartialEq, ComponentType, Lower, Lift, Serialize, Deserialize)]
-#[component(record)]
-pub struct Position {
-    /// The drafted token x_i.
-    pub token: u32,
-    /// q_i(x_i): the drafter's probability of its own token (1.0 for deterministic drafters).
-    #[component(name = "draft-prob")]
-    pub draft_prob: f32,
-    /// p_i(x_i): the target's probability of the drafted token.
-    #[component(name = "target-prob")]
-    pub target_prob: f32,
-    /// The target's top-K (id, probability), most likely first; K = max(1, info.top_k).
-    #[component(name = "target-top")]
-    pub target_top: Vec<(u32, f32)>,
-    /// Entropy H(p_i) in nats.
-    pub entropy: f32,
-    /// The judge head's logit, when the policy asked for it and the target has a head.
-    #[serde(default)]
-    pub judge: Option<f32>,
-    /// A uniform draw in [0, 1) from the request's seeded generator.
-    pub uniform: f32,
-}
-
-/// Everything a policy sees for one speculation step (`step` in the WIT).
-#[derive(Clone, Debug, PartialEq, ComponentType, Lower, Lift, Serialize, Deserialize)]
+/// Everything a policy sees for one speculation step (`step` in the WIT): one flat list per
+/// feature ("structure of arrays"), so that lowering it into the guest is a handful of
+/// allocations and copies whatever k is. Position i is entry i of each per-position list; its
+/// top-K is `top_ids` / `top_probs` [i*K, (i+1)*K) with K = `top_k`. [`Step::position`] gives a
+/// per-position view. Build one with [`Step::new`] and [`Step::push`]; [`Step::check`] is the
+/// shape check the host applies before every call.
+#[derive(Clone, Debug, Default, PartialEq, ComponentType, Lower, Lift, Serialize, Deserialize)]
 #[component(record)]
 pub struct Step {
-    /// The k drafted positions, in order (k >= 1).
-    pub positions: Vec<Position>,
+    /// k entries: the drafted tokens x_i.
+    pub tokens: Vec<u32>,
+    /// k entries: q_i(x_i) (1.0 for deterministic drafters).
+    #[component(name = "draft-probs")]
+    pub draft_probs: Vec<f32>,
+    /// k entries: p_i(x_i).
+    #[component(name = "target-probs")]
+    pub target_probs: Vec<f32>,
+    /// k entries: H(p_i) in nats.
+    pub entropies: Vec<f32>,
+    /// k entries: a uniform draw in [0, 1) from the request's seeded generator.
+    pub uniforms: Vec<f32>,
+    /// k judge logits when the policy asked for them and the target has a head. (An option
+    /// rather than an empty list: `none` costs the guest no allocation.)
+    #[serde(default)]
+    pub judge: Option<Vec<f32>>,
+    /// K, the top entries per position (>= 1).
+    #[component(name = "top-k")]
+    pub top_k: u32,
+    /// k * K token ids: position i's top-K at [i*K, (i+1)*K), most likely first.
+    #[component(name = "top-ids")]
+    pub top_ids: Vec<u32>,
+    /// k * K probabilities, parallel to `top_ids`.
+    #[component(name = "top-probs")]
+    pub top_probs: Vec<f32>,
     /// Sampling temperature; 0 means greedy.
     pub temperature: f32,
     /// Vocabulary size: a `Correction::Token` must be below it.
     #[component(name = "vocab-size")]
     pub vocab_size: u32,
-    /// Every declared parameter with the request's overrides applied, in declaration order
-    /// (from [`super::PolicyHandle::resolve_params`]). In JSON an object `{"name": value}`.
-    #[serde(with = "params_as_object", default)]
-    pub params: Vec<(String, f64)>,
+    /// One value per declared parameter, in `Info::params` order, with the request's overrides
+    /// applied (from [`super::PolicyHandle::resolve_params`]).
+    #[serde(default)]
+    pub params: Vec<f64>,
+}
+
+/// One drafted position of a [`Step`], as a view.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Position<'a> {
+    pub token: u32,
+    pub draft_prob: f32,
+    pub target_prob: f32,
+    pub entropy: f32,
+    pub uniform: f32,
+    pub judge: Option<f32>,
+    /// The target's top-K ids, most likely first (K >= 1 in a checked step).
+    pub top_ids: &'a [u32],
+    /// Their probabilities.
+    pub top_probs: &'a [f32],
+}
+
+impl Position<'_> {
+    /// The target's most likely token and its probability.
+    pub fn top1(&self) -> Option<(u32, f32)> {
+        Some((*self.top_ids.first()?, *self.top_probs.first()?))
+    }
+}
+
+/// A position's features, for [`Step::push`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Features {
+    pub token: u32,
+    pub draft_prob: f32,
+    pub target_prob: f32,
+    pub entropy: f32,
+    pub uniform: f32,
+    pub judge: Option<f32>,
+}
+
+impl Step {
+    /// An empty step (no positions yet) whose positions will carry `top_k` entries (at least 1).
+    pub fn new(top_k: usize, temperature: f32, vocab_size: u32, params: Vec<f64>) -> Step {
+        Step {
+            top_k: top_k.max(1) as u32,
+            temperature,
+            vocab_size,
+            params,
+            ..Step::default()
+        }
+    }
+
+    /// The number of drafted positions.
+    pub fn k(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Removes every position, keeping the buffers, `top_k`, temperature, vocabulary size and
+    /// parameters (the engine reuses one step per request).
+    pub fn clear_positions(&mut self) {
+        self.tokens.clear();
+        self.draft_probs.clear();
+        self.target_probs.clear();
+        self.entropies.clear();
+        self.uniforms.clear();
+        if let Some(j) = self.judge.as_mut() {
+            j.clear();
+        }
+        self.top_ids.clear();
+        self.top_probs.clear();
+    }
+
+    /// Appends a position. `top` should hold exactly `top_k` (id, p) entries, most likely first
+    /// (a shorter or longer one makes the step fail [`Step::check`]). A judge logit is kept only
+    /// when every position has one.
+    pub fn push(&mut self, f: Features, top: &[(u32, f32)]) {
+        let first = self.tokens.is_empty();
+        self.tokens.push(f.token);
+        self.draft_probs.push(f.draft_prob);
+        self.target_probs.push(f.target_prob);
+        self.entropies.push(f.entropy);
+        self.uniforms.push(f.uniform);
+        match (f.judge, self.judge.as_mut()) {
+            (Some(j), Some(all)) if first || !all.is_empty() => all.push(j),
+            (Some(j), None) if first => self.judge = Some(vec![j]),
+            _ => self.judge = None,
+        }
+        self.top_ids.extend(top.iter().map(|&(id, _)| id));
+        self.top_probs.extend(top.iter().map(|&(_, p)| p));
+    }
+
+    /// Position `i`'s view. Panics if `i >= k()` or the step fails [`Step::check_shape`].
+    pub fn position(&self, i: usize) -> Position<'_> {
+        let kk = self.top_k as usize;
+        Position {
+            token: self.tokens[i],
+            draft_prob: self.draft_probs[i],
+            target_prob: self.target_probs[i],
+            entropy: self.entropies[i],
+            uniform: self.uniforms[i],
+            judge: self.judge.as_ref().and_then(|j| j.get(i).copied()),
+            top_ids: &self.top_ids[i * kk..(i + 1) * kk],
+            top_probs: &self.top_probs[i * kk..(i + 1) * kk],
+        }
+    }
+
+    /// Every position's view, in order (the step must pass [`Step::check_shape`]).
+    pub fn positions(&self) -> impl Iterator<Item = Position<'_>> {
+        (0..self.k()).map(|i| self.position(i))
+    }
+
+    /// What the WIT promises a policy: [`Step::check_shape`] and finite parameters. Errors
+    /// name the field.
+    pub fn check(&self) -> Result<(), String> {
+        self.check_shape()?;
+        if let Some((i, v)) = self.params.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("parameter #{i} is {v}"));
+        }
+        Ok(())
+    }
+
+    /// The positions' shape: k >= 1, every per-position list of length k, judge none or k,
+    /// top-k >= 1, k * top-k top entries (what [`Step::position`] needs).
+    pub fn check_shape(&self) -> Result<(), String> {
+        let k = self.tokens.len();
+        if k == 0 {
+            return Err("the step has no drafted positions (`tokens` is empty)".into());
+        }
+        for (name, len) in [
+            ("draft_probs", self.draft_probs.len()),
+            ("target_probs", self.target_probs.len()),
+            ("entropies", self.entropies.len()),
+            ("uniforms", self.uniforms.len()),
+        ] {
+            if len != k {
+                return Err(format!("`{name}` has {len} entries but k = {k}"));
+            }
+        }
+        if let Some(j) = &self.judge
+            && j.len() != k
+        {
+            return Err(format!(
+                "`judge` has {} entries: it must be absent or k = {k}",
+                j.len()
+            ));
+        }
+        if self.top_k == 0 {
+            return Err("`top_k` is 0: every position carries at least its top-1".into());
+        }
+        let want = k.saturating_mul(self.top_k as usize);
+        for (name, len) in [
+            ("top_ids", self.top_ids.len()),
+            ("top_probs", self.top_probs.len()),
+        ] {
+            if len != want {
+                return Err(format!(
+                    "`{name}` has {len} entries but k * top_k = {k} * {} = {want}",
+                    self.top_k
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the host picks the token after the accepted prefix.
@@ -107,17 +269,18 @@ pub struct ParamSpec {
 pub struct Info {
     pub name: String,
     pub version: String,
-    /// The policy reads `Position::judge`: the engine computes judge logits only for these.
+    /// The policy reads `Step::judge`: the engine computes judge logits only for these.
     #[component(name = "needs-judge")]
     pub needs_judge: bool,
     /// How many top target entries each position must carry (0 means the top-1 only).
+    /// `Step::top_k` is max(1, this).
     #[component(name = "top-k")]
     pub top_k: u32,
     pub params: Vec<ParamSpec>,
 }
 
 impl Info {
-    /// The number of `target_top` entries the engine must send per position: max(1, top_k).
+    /// The number of top entries the engine must send per position (`Step::top_k`): max(1, top_k).
     pub fn top_k_to_send(&self) -> usize {
         self.top_k.max(1) as usize
     }
@@ -197,37 +360,4 @@ impl std::fmt::Display for Fault {
 pub struct Decision {
     pub verdict: Verdict,
     pub fault: Option<Fault>,
-}
-
-/// `params` as a JSON object in declaration order (`{"eps": 0.09, "delta": 0.3}`).
-mod params_as_object {
-    use serde::de::{MapAccess, Visitor};
-    use serde::ser::SerializeMap;
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(params: &[(String, f64)], s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(params.len()))?;
-        for (name, value) in params {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, f64)>, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Vec<(String, f64)>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of parameter name -> number")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, f64>()? {
-                    out.push((k, v));
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_map(V)
-    }
 }

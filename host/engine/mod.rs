@@ -290,13 +290,17 @@ impl Engine {
             });
         }
         Ok(Generation {
-            vocab_size: vocab as u32,
             target,
             drafter,
             policy,
-            params,
-            top_k,
             judge,
+            // One step buffer per request: each speculation step refills its positions.
+            step: Step::new(
+                top_k.min(vocab),
+                req.sampling.temperature,
+                vocab as u32,
+                params,
+            ),
             k_max: k,
             adaptive: adaptive.then(|| AdaptiveK::new(k)),
             sampling: req.sampling,
@@ -367,14 +371,14 @@ pub struct Generation {
     target: Session,
     drafter: Option<Box<dyn Drafter>>,
     policy: Option<PolicyInstance>,
-    params: Vec<(String, f64)>,
-    top_k: usize,
     judge: Option<Arc<JudgeScorer>>,
+    /// The policy's step, reused: parameters, top-K, temperature and vocabulary size are set
+    /// once per request, the positions refilled by every speculation step.
+    step: Step,
     k_max: usize,
     adaptive: Option<AdaptiveK>,
     sampling: SamplingParams,
     rng: Rng64,
-    vocab_size: u32,
     /// Prompt followed by every emitted token. All but the last are in the target's cache.
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -476,24 +480,19 @@ impl Generation {
             last,
             &draft,
             &self.sampling,
-            self.top_k,
+            &mut self.step,
             self.judge.as_deref(),
             &mut self.rng,
         )?;
-        let step = Step {
-            positions: v.positions,
-            temperature: self.sampling.temperature,
-            vocab_size: self.vocab_size,
-            params: self.params.clone(),
-        };
+        let step = &self.step;
         let policy = self.policy.as_mut().context("no policy")?;
         let t_policy = Instant::now();
-        let decision = policy.verify(&step);
+        let decision = policy.verify(step);
         let policy_s = t_policy.elapsed().as_secs_f64();
         self.stats.policy_seconds += policy_s;
         self.last_policy_seconds = Some(policy_s);
         if let Some(w) = self.trace.as_mut() {
-            trace::write_step(w, &step).context("cannot write the step trace")?;
+            trace::write_step(w, step).context("cannot write the step trace")?;
         }
         let n = (decision.verdict.accepted as usize).min(kd);
         let next = if n == kd {

@@ -253,14 +253,18 @@ mod tests {
     #[test]
     fn helpers_defined_by_the_prompt_stay_available() {
         let p = Problem {
-            prompt: "def helper(x):\n    return x * 2\n\n\ndef twice(x):\n    \"\"\"Use helper.\"\"\"\n"
-                .into(),
+            prompt:
+                "def helper(x):\n    return x * 2\n\n\ndef twice(x):\n    \"\"\"Use helper.\"\"\"\n"
+                    .into(),
             test: "def check(c):\n    assert c(4) == 8\n".into(),
             entry_point: "twice".into(),
             ..problem()
         };
         let reply = "```python\ndef twice(x):\n    return helper(x)\n```";
-        assert_eq!(Sandbox::default().run(&program(&p, reply)).unwrap(), Outcome::Pass);
+        assert_eq!(
+            Sandbox::default().run(&program(&p, reply)).unwrap(),
+            Outcome::Pass
+        );
     }
 
     #[test]

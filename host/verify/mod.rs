@@ -6,7 +6,7 @@ pub mod judge;
 
 use anyhow::Result;
 
-use crate::decide::Position;
+use crate::decide::{Features, Step};
 use crate::draft::Draft;
 use crate::models::{Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
@@ -19,21 +19,21 @@ pub struct Verification {
     /// The request's sampling distribution p_i per row (T > 0 only; at T = 0 corrections use the
     /// argmax of `logits`).
     pub probs: Vec<Vec<f32>>,
-    /// Features of the k drafted positions, ready for the policy.
-    pub positions: Vec<Position>,
     /// Last hidden states `[k + 1, hidden]` (the judge head's input).
     pub hidden: candle_core::Tensor,
 }
 
 /// Runs the target over `[last, drafts...]`, appending them to its cache (the caller truncates
-/// the rejected ones afterwards). With a `judge`, each drafted position also gets its judge logit,
-/// scored on the hidden state at the drafted token (row i + 1: the row where x_i is the input).
+/// the rejected ones afterwards). The drafted positions' features replace `step`'s positions
+/// (`step.top_k` entries of top-K each; its other fields are left as they are). With a `judge`,
+/// each drafted position also gets its judge logit, scored on the hidden state at the drafted
+/// token (row i + 1: the row where x_i is the input).
 pub fn verify(
     target: &mut Session,
     last: u32,
     draft: &Draft,
     sampling: &SamplingParams,
-    top_k: usize,
+    step: &mut Step,
     judge: Option<&JudgeScorer>,
     rng: &mut Rng64,
 ) -> Result<Verification> {
@@ -44,26 +44,24 @@ pub fn verify(
     let logits = out.logits.to_vec2::<f32>()?;
     let feature_params = feature_params(sampling);
     let mut probs = Vec::new();
-    let mut positions = Vec::with_capacity(draft.tokens.len());
+    step.clear_positions();
+    let mut top = Vec::with_capacity(step.top_k as usize + 1);
     for (i, row) in logits.iter().enumerate() {
         let p = sample::probabilities(row, &feature_params);
         if let Some(&x) = draft.tokens.get(i) {
-            positions.push(features(&p, x, draft.q_token[i], top_k, rng.uniform()));
+            top_entries_into(&p, step.top_k as usize, &mut top);
+            step.push(features(&p, x, draft.q_token[i], rng.uniform()), &top);
         }
         if !sampling.is_greedy() {
             probs.push(p);
         }
     }
     if let Some(j) = judge {
-        let scores = j.score(&out.hidden.narrow(0, 1, draft.tokens.len())?)?;
-        for (pos, s) in positions.iter_mut().zip(scores) {
-            pos.judge = Some(s);
-        }
+        step.judge = Some(j.score(&out.hidden.narrow(0, 1, draft.tokens.len())?)?);
     }
     Ok(Verification {
         logits,
         probs,
-        positions,
         hidden: out.hidden,
     })
 }
@@ -83,23 +81,29 @@ pub fn feature_params(sampling: &SamplingParams) -> SamplingParams {
     }
 }
 
-/// One position's features from its distribution `p`.
-pub fn features(p: &[f32], token: u32, draft_prob: f32, top_k: usize, uniform: f32) -> Position {
-    Position {
+/// One position's features from its distribution `p` (no judge logit).
+pub fn features(p: &[f32], token: u32, draft_prob: f32, uniform: f32) -> Features {
+    Features {
         token,
         draft_prob,
         target_prob: p.get(token as usize).copied().unwrap_or(0.0),
-        target_top: top_entries(p, top_k.max(1)),
         entropy: entropy(p),
-        judge: None,
         uniform,
+        judge: None,
     }
 }
 
 /// The k largest (id, p), most likely first (ties: lower id first).
 pub fn top_entries(p: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut top = Vec::with_capacity(k.min(p.len()) + 1);
+    top_entries_into(p, k, &mut top);
+    top
+}
+
+/// [`top_entries`] into a reused buffer.
+pub fn top_entries_into(p: &[f32], k: usize, top: &mut Vec<(u32, f32)>) {
+    top.clear();
     let k = k.min(p.len());
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     for (i, &v) in p.iter().enumerate() {
         if top.len() == k && top.last().is_some_and(|&(_, m)| v <= m) {
             continue;
@@ -108,7 +112,6 @@ pub fn top_entries(p: &[f32], k: usize) -> Vec<(u32, f32)> {
         top.insert(at, (i as u32, v));
         top.truncate(k);
     }
-    top
 }
 
 /// H(p) in nats.
@@ -140,9 +143,13 @@ mod tests {
     #[test]
     fn features_read_p_of_the_token() {
         let p = [0.2, 0.5, 0.3];
-        let f = features(&p, 2, 0.9, 2, 0.25);
+        let f = features(&p, 2, 0.9, 0.25);
         assert_eq!(f.target_prob, 0.3);
-        assert_eq!(f.target_top, vec![(1, 0.5), (2, 0.3)]);
         assert_eq!((f.draft_prob, f.uniform, f.judge), (0.9, 0.25, None));
+        let mut step = Step::new(2, 1.0, 3, Vec::new());
+        step.push(f, &top_entries(&p, 2));
+        step.check().unwrap();
+        let pos = step.position(0);
+        assert_eq!((pos.top_ids, pos.top_probs), (&[1, 2][..], &[0.5, 0.3][..]));
     }
 }

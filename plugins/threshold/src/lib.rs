@@ -84,8 +84,10 @@ impl Policy for Threshold {
             _ => {
                 let eps = param_or(&step, "eps", 0.09) as f32;
                 let delta = param_or(&step, "delta", 0.3) as f32;
+                // p > min(eps, delta * e^-H), with the exp (a libm call in wasm, the costliest
+                // part of this rule) only where p <= eps.
                 accept_prefix(&step, |_, pos| {
-                    pos.target_prob > eps.min(delta * (-pos.entropy).exp())
+                    pos.target_prob > eps || pos.target_prob > delta * (-pos.entropy).exp()
                 })
             }
         };

@@ -34,7 +34,7 @@ impl Policy for Hostile {
     }
 
     fn verify(step: Step) -> Verdict {
-        let k = step.positions.len() as u32;
+        let k = k(&step) as u32;
         match param_or(&step, "mode", 0.0) as i64 {
             1 => spin(),
             2 => {
