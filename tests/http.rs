@@ -350,6 +350,24 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
             Some("prompt[1]"),
         ),
         (
+            "/v1/completions",
+            r#"{"prompt": "x", "logprobs": 6}"#.into(),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}"#.into(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#.into(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
             "/v1/chat/completions",
             r#"{"messages": "hi"}"#.into(),
             400,
@@ -705,4 +723,297 @@ fn smollm2_chat_real_text() {
     let (streamed, _, done) = stream_text(&s.open_stream("/v1/chat/completions", &sreq).collect());
     assert!(done);
     assert_eq!(streamed, text);
+}
+
+/// ln softmax(row) in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-4
+}
+
+/// A chat response's (or chunk's) `logprobs.content` list.
+fn chat_content(choice: &Value) -> Vec<Value> {
+    choice["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs.content in {choice}"))
+        .clone()
+}
+
+/// Joins the completions-shaped logprobs of streamed chunks into one object.
+fn join_completion_logprobs(events: &[String]) -> Value {
+    let mut joined =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    let mut text_len = 0usize;
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
+        text_len += c["text"].as_str().unwrap().chars().count();
+        let lp = &c["logprobs"];
+        if !c["finish_reason"].is_null() {
+            assert!(lp.is_null(), "the final chunk carries no tokens: {v}");
+            continue;
+        }
+        // Each chunk carries the tokens whose text it completes.
+        for off in lp["text_offset"].as_array().unwrap() {
+            assert!(off.as_u64().unwrap() as usize <= text_len, "{v}");
+        }
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let items = lp[key].as_array().unwrap_or_else(|| panic!("{key} in {v}"));
+            joined[key]
+                .as_array_mut()
+                .unwrap()
+                .extend(items.iter().cloned());
+        }
+    }
+    joined
+}
+
+#[test]
+fn logprobs_match_a_fresh_target_forward_in_every_mode() {
+    use candle_core::quantized::GgmlDType;
+    use verdict::models::testing::{TinySpec, write_tiny_gguf};
+    use verdict::models::tokenizer::Tokenizer;
+    use verdict::models::{Model, Rows};
+
+    // Quantized weights, as real models have: candle's quantized matmul scores each row on its
+    // own, so a k-row verification forward gives the same logits as k single-token forwards,
+    // bit for bit (F32 weights go through a GEMM whose rounding depends on the row count).
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        dtype: GgmlDType::Q8_0,
+        ..TinySpec::default()
+    };
+    let (target, draft) = (
+        dir.path().join("q-target.gguf"),
+        dir.path().join("q-draft.gguf"),
+    );
+    write_tiny_gguf(&target, &spec).unwrap();
+    let dspec = TinySpec {
+        seed: 1,
+        layers: 1,
+        ..spec
+    };
+    write_tiny_gguf(&draft, &dspec).unwrap();
+    let model = Model::load_gguf(&target, &candle_core::Device::Cpu).unwrap();
+    let (t, d) = (target.display().to_string(), draft.display().to_string());
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    let piece = |id: u32| tok.piece(id, false).unwrap().to_vec();
+    let by_bytes: std::collections::HashMap<Vec<u8>, u32> = (0..tok.vocab_size() as u32)
+        .map(|id| (piece(id), id))
+        .collect();
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    // Completions, greedy, five alternatives.
+    let prompt: Vec<u32> = vec![40, 41, 42, 43, 40, 41];
+    let max_tokens = 12;
+    let req = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                     "logprobs": 5, "speculation": "off"});
+    let r = s.post_json("/v1/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let lp = v["choices"][0]["logprobs"].clone();
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), n, "{lp}");
+    assert!(n >= 1);
+
+    // The output ids, decoded greedily on a session of our own.
+    let mut session = model.session();
+    let mut row = session.forward(&prompt, Rows::Last).unwrap().logits;
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let r = row.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        let id = verdict::sample::argmax(&r);
+        assert!(!tok.is_eos(id), "the server emitted past EOS");
+        ids.push(id);
+        row = session.forward(&[id], Rows::Last).unwrap().logits;
+    }
+    // One fresh forward over prompt + output scores every output position.
+    let mut all: Vec<u32> = prompt.clone();
+    all.extend(&ids);
+    let rows = model
+        .session()
+        .forward(&all[..all.len() - 1], Rows::All)
+        .unwrap()
+        .logits
+        .to_vec2::<f32>()
+        .unwrap();
+    // text_offset: where the decoded text stood when the token arrived (a character cut between
+    // tokens appears with its last byte).
+    let mut offset = 0;
+    let mut stream = tok.stream(true);
+    for (j, &id) in ids.iter().enumerate() {
+        let want = log_softmax(&rows[prompt.len() - 1 + j]);
+        assert_eq!(tokens[j].as_str().unwrap(), lossy(&piece(id)), "token {j}");
+        let got = lp["token_logprobs"][j].as_f64().unwrap();
+        assert!(
+            close(got, want[id as usize]),
+            "token {j}: {got} vs {}",
+            want[id as usize]
+        );
+        // The five most likely, the chosen (argmax) one among them with its own value.
+        let top = lp["top_logprobs"][j].as_object().unwrap();
+        assert!((1..=5).contains(&top.len()), "{top:?}");
+        assert_eq!(top[tokens[j].as_str().unwrap()].as_f64(), Some(got));
+        let mut order: Vec<usize> = (0..want.len()).collect();
+        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        let mut seen = std::collections::HashSet::new();
+        for &i in order.iter().take(5) {
+            let key = lossy(&piece(i as u32));
+            if seen.insert(key.clone()) {
+                let g = top[&key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{key:?} not in {top:?}"));
+                assert!(close(g, want[i]), "{key:?}: {g} vs {}", want[i]);
+            }
+        }
+        assert!(top.values().all(|x| x.as_f64().unwrap() <= got));
+        assert_eq!(lp["text_offset"][j].as_u64(), Some(offset as u64));
+        offset += stream.push(&tok, id).unwrap().chars().count();
+    }
+
+    // Speculation scores positions from the verification forward: the same values.
+    for spec in [
+        json!({"draft": "model", "k": 3}),
+        json!({"draft": "prompt-lookup", "k": 4}),
+    ] {
+        let mut sreq = req.clone();
+        sreq["speculation"] = spec.clone();
+        let sv = s.post_json("/v1/completions", &sreq).json();
+        assert!(sv["speculation"]["drafted"].as_u64().unwrap() > 0 || spec["draft"] != "model");
+        assert_eq!(sv["choices"][0]["logprobs"], lp, "speculation {spec}");
+    }
+    // Streamed: the chunks' logprobs join into the same object.
+    let mut st = req.clone();
+    st["stream"] = json!(true);
+    st["speculation"] = json!({"draft": "model", "k": 3});
+    let events = s.open_stream("/v1/completions", &st).collect();
+    assert_eq!(join_completion_logprobs(&events), lp);
+    // logprobs: 0 gives the chosen tokens only; none asked: null.
+    let mut zero = req.clone();
+    zero["logprobs"] = json!(0);
+    let z = s.post_json("/v1/completions", &zero).json();
+    assert!(z["choices"][0]["logprobs"]["top_logprobs"].is_null());
+    assert_eq!(
+        z["choices"][0]["logprobs"]["token_logprobs"],
+        lp["token_logprobs"]
+    );
+    let mut none = req.clone();
+    none.as_object_mut().unwrap().remove("logprobs");
+    assert!(s.post_json("/v1/completions", &none).json()["choices"][0]["logprobs"].is_null());
+
+    // Chat, greedy, three alternatives: plain, speculative and streamed agree.
+    // The first of a few conversations whose greedy reply varies enough to cut with a stop
+    // string further down (a random model often repeats one token).
+    let (chat, cv, text) = [
+        "tell me a story",
+        "hello",
+        "abc def",
+        "the cat sat on the mat",
+    ]
+    .iter()
+    .map(|m| {
+        let chat = json!({"messages": [{"role": "user", "content": m}],
+                              "max_tokens": 16, "temperature": 0, "logprobs": true,
+                              "top_logprobs": 3, "speculation": "off"});
+        let cv = s.post_json("/v1/chat/completions", &chat).json();
+        let text = text_of(&cv);
+        (chat, cv, text)
+    })
+    .find(|(_, _, text)| {
+        let chars: Vec<char> = text.chars().collect();
+        chars.len() >= 8 && chars[3..].iter().any(|c| *c != chars[0])
+    })
+    .expect("a varied reply");
+    let content = chat_content(&cv["choices"][0]);
+    assert_eq!(
+        content.len() as u64,
+        cv["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let mut bytes = Vec::new();
+    for t in &content {
+        let b: Vec<u8> = serde_json::from_value(t["bytes"].clone()).unwrap();
+        assert_eq!(t["token"].as_str().unwrap(), lossy(&b));
+        let id = by_bytes[&b];
+        if !tok.token_kind(id).unwrap().is_special() {
+            bytes.extend(&b);
+        }
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        let vals: Vec<f64> = top.iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
+        assert!(vals.windows(2).all(|w| w[0] >= w[1]), "sorted: {vals:?}");
+        // T = 0: the chosen token is the argmax, first among the alternatives.
+        assert_eq!(top[0]["bytes"], t["bytes"]);
+        assert_eq!(top[0]["logprob"], t["logprob"]);
+    }
+    assert_eq!(lossy(&bytes), text);
+    let mut spec_chat = chat.clone();
+    spec_chat["speculation"] = json!({"draft": "model", "k": 4});
+    let sv = s.post_json("/v1/chat/completions", &spec_chat).json();
+    assert_eq!(sv["choices"][0]["logprobs"], cv["choices"][0]["logprobs"]);
+    spec_chat["stream"] = json!(true);
+    let events = s.open_stream("/v1/chat/completions", &spec_chat).collect();
+    let mut streamed = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        if c["finish_reason"].is_null() {
+            streamed.extend(chat_content(c));
+        }
+    }
+    assert_eq!(streamed, content);
+
+    // A stop string: the kept tokens are those that reached the text, streamed or not.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 10, "need text to cut: {text:?}");
+    // Two characters that first occur a few characters in, so that some text is kept.
+    let stop: String = (3..chars.len() - 1)
+        .map(|i| chars[i..i + 2].iter().collect::<String>())
+        .find(|st| text.find(st.as_str()).is_some_and(|at| at > 0))
+        .unwrap_or_else(|| panic!("no stop string to cut {text:?} with"));
+    let cut = &text[..text.find(&stop).unwrap()];
+    let mut stopped = chat.clone();
+    stopped["stop"] = json!([stop]);
+    let sv = s.post_json("/v1/chat/completions", &stopped).json();
+    assert_eq!(text_of(&sv), cut);
+    let kept = chat_content(&sv["choices"][0]);
+    assert_eq!(kept[..], content[..kept.len()]);
+    let join = |ts: &[Value]| {
+        let mut b = Vec::new();
+        for t in ts {
+            b.extend(serde_json::from_value::<Vec<u8>>(t["bytes"].clone()).unwrap());
+        }
+        lossy(&b)
+    };
+    assert!(join(&kept).starts_with(cut), "{:?} vs {cut:?}", join(&kept));
+    assert!(
+        !join(&kept[..kept.len() - 1]).starts_with(cut),
+        "one token too many"
+    );
+    stopped["stream"] = json!(true);
+    let events = s.open_stream("/v1/chat/completions", &stopped).collect();
+    let mut streamed = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(c) = v["choices"].get(0)
+            && c["finish_reason"].is_null()
+        {
+            streamed.extend(chat_content(c));
+        }
+    }
+    assert_eq!(streamed, kept);
 }

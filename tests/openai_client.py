@@ -69,6 +69,25 @@ for chunk in client.chat.completions.create(
 assert streamed == reply, (streamed, reply)
 assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
 
+# Per-token logprobs in OpenAI's chat shape, parsed by the client's own types.
+r = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=6,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=2,
+    extra_body=extra,  # strict: lossless, so at T = 0 every token is the target's argmax
+)
+content = r.choices[0].logprobs.content
+assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+for t in content:
+    assert isinstance(t.token, str) and t.logprob <= 0.0 and isinstance(t.bytes, list), t
+    assert len(t.top_logprobs) == 2, t
+    assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob, t
+    # Greedy: the chosen token is the most likely one.
+    assert t.top_logprobs[0].bytes == t.bytes and t.top_logprobs[0].logprob == t.logprob, t
+
 # Errors arrive as the client's typed exceptions, naming the field.
 try:
     client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})
@@ -80,5 +99,10 @@ try:
     raise AssertionError("an unknown model was accepted")
 except openai.NotFoundError as e:
     assert e.body["code"] == "model_not_found", e.body
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=2, top_logprobs=2)
+    raise AssertionError("top_logprobs without logprobs was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "top_logprobs", e.body
 
 print("openai client: all checks passed")

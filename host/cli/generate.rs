@@ -344,6 +344,7 @@ pub fn run(args: Args) -> Result<()> {
             policy_params: args.policy_params.clone(),
             adaptive: Some(!args.fixed_k),
             trace,
+            logprobs: None,
         })
         .map_err(|e| match &e.param {
             Some(p) => anyhow::anyhow!("{p}: {}", e.message),

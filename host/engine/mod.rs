@@ -29,6 +29,9 @@ pub use stats::SpecStats;
 /// Largest speculation length a request may ask for.
 pub const MAX_K: usize = 64;
 
+/// Most alternatives a request may ask for per emitted token (OpenAI's chat limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// How the engine is set up at start-up.
 pub struct EngineConfig {
     pub target: Model,
@@ -88,6 +91,25 @@ pub struct GenerateRequest {
     pub adaptive: Option<bool>,
     /// Write each step's features (the policy's input) as JSON Lines.
     pub trace: Option<Box<dyn Write + Send>>,
+    /// Record each emitted token's log-probability and this many most likely alternatives
+    /// (0..=[`MAX_TOP_LOGPROBS`]); read them with [`Generation::take_logprobs`]. `None`: not
+    /// recorded.
+    pub logprobs: Option<usize>,
+}
+
+/// The target's log-probability of one emitted token, at temperature 1 (log-softmax of the
+/// target's raw logits at that position, whatever the request's sampling transforms).
+/// Speculative steps score a position from the verification forward, plain steps from a
+/// one-token forward: the same values, bit for bit with quantized weights (candle scores each
+/// row on its own); F32 weights go through a GEMM whose rounding depends on the row count
+/// (differences around 1e-6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f64,
+    /// The most likely tokens at that position with their log-probabilities, most likely first
+    /// (ties: lower id first, as the greedy argmax picks).
+    pub top: Vec<(u32, f64)>,
 }
 
 /// A request the engine refuses, naming the offending field.
@@ -200,6 +222,14 @@ impl Engine {
         req.sampling
             .validate()
             .map_err(|m| RequestError::new(sampling_field(&m), m))?;
+        if let Some(n) = req.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(RequestError::new(
+                "logprobs",
+                format!("at most {MAX_TOP_LOGPROBS} alternatives per token, got {n}"),
+            ));
+        }
 
         let (drafter_spec, k) = match &req.speculation {
             Speculation::Off => (None, cfg.default_k),
@@ -313,6 +343,8 @@ impl Engine {
             stats,
             trace: req.trace,
             last_policy_seconds: None,
+            logprobs_top: req.logprobs.map(|n| n.min(vocab)),
+            logprobs: Vec::new(),
         })
     }
 }
@@ -388,6 +420,10 @@ pub struct Generation {
     stats: SpecStats,
     trace: Option<Box<dyn Write + Send>>,
     last_policy_seconds: Option<f64>,
+    /// Alternatives to record per emitted token; `None` records no logprobs.
+    logprobs_top: Option<usize>,
+    /// Logprobs of the tokens emitted since the last `take_logprobs`.
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Generation {
@@ -414,6 +450,13 @@ impl Generation {
         self.prompt_len
     }
 
+    /// The logprobs of the tokens emitted since the last call, one per token in order (what
+    /// the `step` calls since then returned, concatenated). Empty unless the request set
+    /// `logprobs`.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
+    }
+
     /// Runs one step and returns the tokens it emitted (empty once finished).
     pub fn step(&mut self) -> Result<Vec<u32>> {
         if self.finished.is_some() {
@@ -425,8 +468,7 @@ impl Generation {
             let out = self.target.forward(&prompt, Rows::Last)?;
             let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
             let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
-            let lp = [log_prob(&row, t)];
-            return Ok(self.emit(&[t], &lp));
+            return Ok(self.emit(&[t], &[&row]));
         }
         let emitted = self.tokens.len() - self.prompt_len;
         let remaining = self.max_tokens - emitted;
@@ -456,8 +498,7 @@ impl Generation {
         let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
         let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
         self.stats.steps += 1;
-        let lp = [log_prob(&row, t)];
-        Ok(self.emit(&[t], &lp))
+        Ok(self.emit(&[t], &[&row]))
     }
 
     fn speculative_step(&mut self, k: usize) -> Result<Vec<u32>> {
@@ -540,12 +581,10 @@ impl Generation {
         }
         let mut out: Vec<u32> = draft.tokens[..n].to_vec();
         out.push(next);
-        let lps: Vec<f64> = out
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| log_prob(&v.logits[i], t))
-            .collect();
-        Ok(self.emit(&out, &lps))
+        // Position i of the verification scores out[i]: the accepted drafts and the correction
+        // or bonus token after them.
+        let rows: Vec<&[f32]> = v.logits[..out.len()].iter().map(Vec::as_slice).collect();
+        Ok(self.emit(&out, &rows))
     }
 
     /// A token from p (sampled) or the logits' argmax at T = 0.
@@ -557,17 +596,26 @@ impl Generation {
     }
 
     /// Appends tokens up to a stop token or max_tokens; returns what was appended.
-    /// `logprobs[i]` is the target's log-probability of `tokens[i]` (for the statistics).
-    fn emit(&mut self, tokens: &[u32], logprobs: &[f64]) -> Vec<u32> {
+    /// `rows[i]` is the target's logit row that scored `tokens[i]` (for the statistics and the
+    /// request's logprobs).
+    fn emit(&mut self, tokens: &[u32], rows: &[&[f32]]) -> Vec<u32> {
         let mut out = Vec::with_capacity(tokens.len());
-        for (&t, &lp) in tokens.iter().zip(logprobs) {
+        for (&t, &row) in tokens.iter().zip(rows) {
             if self.stop.contains(&t) {
                 self.finished = Some(FinishReason::Stop);
                 break;
             }
             self.tokens.push(t);
             out.push(t);
+            let (lp, top) = token_logprobs(row, t, self.logprobs_top.unwrap_or(0));
             self.stats.target_logprob += lp;
+            if self.logprobs_top.is_some() {
+                self.logprobs.push(TokenLogprob {
+                    token: t,
+                    logprob: lp,
+                    top,
+                });
+            }
             if self.tokens.len() - self.prompt_len >= self.max_tokens {
                 self.finished = Some(FinishReason::Length);
                 break;
@@ -578,11 +626,64 @@ impl Generation {
     }
 }
 
-/// ln softmax(logits)[t] at temperature 1: the target model's own log-likelihood of `t`.
-fn log_prob(logits: &[f32], t: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    logits
+/// ln softmax(logits)[t] at temperature 1 (the target model's own log-likelihood of `t`), and
+/// the `top_n` most likely tokens with theirs, most likely first (ties: lower id first).
+/// Two passes over the row whatever `top_n` (it is at most [`MAX_TOP_LOGPROBS`], so keeping the
+/// best few in a sorted vector beats sorting the vocabulary).
+pub fn token_logprobs(logits: &[f32], t: u32, top_n: usize) -> (f64, Vec<(u32, f64)>) {
+    let mut max = f32::NEG_INFINITY;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top_n + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        max = max.max(x);
+        // Strictly greater: an equal logit at a higher id stays behind the earlier one.
+        if top_n > 0 && (best.len() < top_n || best.last().is_some_and(|&(_, b)| x > b)) {
+            let at = best.partition_point(|&(_, b)| b >= x);
+            best.insert(at, (i as u32, x));
+            best.truncate(top_n);
+        }
+    }
+    let max = max as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = logits
         .get(t as usize)
-        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln())
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - lse);
+    let top = best.into_iter().map(|(i, x)| (i, x as f64 - lse)).collect();
+    (lp, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_logprobs;
+
+    #[test]
+    fn logprobs_and_sorted_alternatives() {
+        let row = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        let (lp, top) = token_logprobs(&row, 4, 3);
+        assert!((lp - (0.5 - lse)).abs() < 1e-12);
+        let ids: Vec<u32> = top.iter().map(|&(i, _)| i).collect();
+        // The tie at 3.0 keeps the lower id first, as argmax does.
+        assert_eq!(ids, [1, 3, 0]);
+        assert!((top[0].1 - (3.0 - lse)).abs() < 1e-12);
+        assert_eq!(top[0].1, top[1].1);
+        let total: f64 = row
+            .iter()
+            .enumerate()
+            .map(|(i, _)| token_logprobs(&row, i as u32, 0).0.exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert!(token_logprobs(&row, 2, 0).1.is_empty());
+        assert_eq!(token_logprobs(&row, 9, 0).0, f64::NEG_INFINITY);
+        // More alternatives than tokens: all of them, sorted.
+        let (_, all) = token_logprobs(&row, 0, 20);
+        assert_eq!(
+            all.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
+            [1, 3, 0, 4, 2]
+        );
+    }
 }

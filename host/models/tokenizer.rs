@@ -654,6 +654,11 @@ impl TextStream {
         Ok(out)
     }
 
+    /// Whether bytes of an incomplete character wait for the next token.
+    pub fn is_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Whatever is left at the end of the generation (an incomplete character becomes U+FFFD).
     pub fn finish(&mut self) -> String {
         let s = String::from_utf8_lossy(&self.pending).into_owned();

@@ -84,6 +84,10 @@ pub enum SpeculationChoice {
 pub const MAX_K: usize = 64;
 /// At most this many stop strings (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
+/// `logprobs: N` on `/v1/completions` goes up to this (OpenAI's legacy limit).
+pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+/// `top_logprobs` on `/v1/chat/completions` goes up to this (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = crate::engine::MAX_TOP_LOGPROBS;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParsedRequest {
@@ -104,6 +108,9 @@ pub struct ParsedRequest {
     pub policy: Option<String>,
     pub policy_params: Vec<(String, f64)>,
     pub speculation: SpeculationChoice,
+    /// Per-token logprobs with this many alternatives each (completions: `logprobs: N`; chat:
+    /// `logprobs: true` with `top_logprobs: N`, N = 0 when absent). `None`: not asked for.
+    pub logprobs: Option<usize>,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -140,8 +147,12 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         policy: None,
         policy_params: Vec::new(),
         speculation: SpeculationChoice::Default,
+        logprobs: None,
     };
     let chat = endpoint == Endpoint::Chat;
+    // Chat's two logprobs fields are checked together after the loop.
+    let mut chat_logprobs = false;
+    let mut top_logprobs = None;
     for (key, v) in obj {
         let k = key.as_str();
         match k {
@@ -227,18 +238,13 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                     ));
                 }
             }
-            "logprobs" | "top_logprobs" => {
-                let wants = match v {
-                    Value::Null | Value::Bool(false) => false,
-                    Value::Number(n) => n.as_f64() != Some(0.0),
-                    _ => true,
-                };
-                if wants {
-                    return Err(ApiError::invalid(
-                        k,
-                        format!("{k} is not supported by this server"),
-                    ));
-                }
+            "logprobs" if chat => chat_logprobs = opt(v, |v| boolean(k, v))?.unwrap_or(false),
+            "top_logprobs" if chat => {
+                top_logprobs = opt(v, |v| int_range(k, v, 0, MAX_TOP_LOGPROBS as i64))?;
+            }
+            "logprobs" => {
+                r.logprobs = opt(v, |v| int_range(k, v, 0, MAX_COMPLETION_LOGPROBS as i64))?
+                    .map(|n| n as usize);
             }
             "echo" => {
                 if opt(v, |v| boolean(k, v))?.unwrap_or(false) {
@@ -307,6 +313,15 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             "speculation" => r.speculation = speculation(v)?,
             _ => return Err(unknown_field(k)),
         }
+    }
+    if chat {
+        if top_logprobs.is_some() && !chat_logprobs {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs \"logprobs\": true",
+            ));
+        }
+        r.logprobs = chat_logprobs.then(|| top_logprobs.unwrap_or(0) as usize);
     }
     match endpoint {
         Endpoint::Completions if r.prompt.is_none() => {
@@ -730,7 +745,10 @@ mod tests {
             (r#"{"prompt":"x","speculation":{"k":0}}"#, "speculation.k"),
             (r#"{"prompt":"x","speculation":{"kk":1}}"#, "speculation.kk"),
             (r#"{"prompt":"x","polcy":"strict"}"#, "polcy"),
-            (r#"{"prompt":"x","logprobs":2}"#, "logprobs"),
+            (r#"{"prompt":"x","logprobs":6}"#, "logprobs"),
+            (r#"{"prompt":"x","logprobs":-1}"#, "logprobs"),
+            (r#"{"prompt":"x","logprobs":true}"#, "logprobs"),
+            (r#"{"prompt":"x","top_logprobs":2}"#, "top_logprobs"),
             (r#"{"prompt":7}"#, "prompt"),
             (r#"{"max_tokens":3}"#, "prompt"),
             (r#"{"prompt":"x","model":1}"#, "model"),
@@ -739,6 +757,46 @@ mod tests {
             let e = err(Endpoint::Completions, body);
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(*field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn logprobs_fields() {
+        let lp = |e, b: &str| parse(e, b.as_bytes()).unwrap().logprobs;
+        let chat =
+            |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        assert_eq!(lp(Endpoint::Completions, r#"{"prompt":"x"}"#), None);
+        assert_eq!(
+            lp(Endpoint::Completions, r#"{"prompt":"x","logprobs":null}"#),
+            None
+        );
+        assert_eq!(
+            lp(Endpoint::Completions, r#"{"prompt":"x","logprobs":0}"#),
+            Some(0)
+        );
+        assert_eq!(
+            lp(Endpoint::Completions, r#"{"prompt":"x","logprobs":5}"#),
+            Some(5)
+        );
+        assert_eq!(lp(Endpoint::Chat, &chat("")), None);
+        assert_eq!(lp(Endpoint::Chat, &chat(r#","logprobs":false"#)), None);
+        assert_eq!(lp(Endpoint::Chat, &chat(r#","logprobs":true"#)), Some(0));
+        assert_eq!(
+            lp(
+                Endpoint::Chat,
+                &chat(r#","top_logprobs":20,"logprobs":true"#)
+            ),
+            Some(20)
+        );
+        for (extra, field) in [
+            (r#","top_logprobs":21,"logprobs":true"#, "top_logprobs"),
+            (r#","top_logprobs":2"#, "top_logprobs"),
+            (r#","top_logprobs":0,"logprobs":false"#, "top_logprobs"),
+            (r#","logprobs":3"#, "logprobs"),
+        ] {
+            let e = err(Endpoint::Chat, &chat(extra));
+            assert_eq!(e.status, 400, "{extra}: {e}");
+            assert_eq!(e.param.as_deref(), Some(field), "{extra}: {e}");
         }
     }
 

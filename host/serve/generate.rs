@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
 use super::http::Served;
+use super::logprobs::{Aligner, TokenEntry};
 use super::metrics::{Metrics, PolicyLabel, PolicyPosition};
 use super::stop::StopMatcher;
 use crate::engine::{FinishReason, GenerateRequest, SpecStats};
@@ -19,7 +20,9 @@ use crate::engine::{FinishReason, GenerateRequest, SpecStats};
 #[derive(Debug)]
 pub enum Event {
     Started,
-    Delta(String),
+    /// New text, and the logprobs of the tokens it completes (empty unless the request asked;
+    /// see [`super::logprobs`] for how they line up with held-back text).
+    Delta(String, Vec<TokenEntry>),
     Done(Outcome),
     Failed(ApiError),
 }
@@ -168,6 +171,7 @@ impl Job {
         }
         let prompt_tokens = request.prompt.len();
         let max_tokens = request.max_tokens;
+        let mut aligner = request.logprobs.is_some().then(Aligner::default);
         let mut generation = match served.engine.start(request) {
             Ok(g) => g,
             Err(e) => {
@@ -209,6 +213,8 @@ impl Job {
                     return;
                 }
             };
+            // One per token in `tokens` (when the request asked for logprobs).
+            let logprobs = generation.take_logprobs();
             seen.publish(&metrics, generation.stats());
             if let Some(s) = generation.take_policy_latency() {
                 metrics.policy_call_seconds.observe(s);
@@ -231,7 +237,7 @@ impl Job {
             }
             let mut delta = String::new();
             let mut ended = None;
-            for &t in &tokens {
+            for (i, &t) in tokens.iter().enumerate() {
                 if produced >= max_tokens {
                     ended = Some("length");
                     break;
@@ -251,11 +257,18 @@ impl Job {
                         return;
                     }
                 };
+                if let (Some(a), Some(lp)) = (aligner.as_mut(), logprobs.get(i)) {
+                    a.pushed(tokenizer, lp, &piece, text.is_pending());
+                }
                 let pushed = stopper.push(&piece);
                 delta.push_str(&pushed.emit);
+                if let Some(a) = aligner.as_mut() {
+                    a.emitted(&pushed.emit);
+                }
                 if pushed.stopped {
-                    if !delta.is_empty() {
-                        let _ = events.send(Event::Delta(std::mem::take(&mut delta)));
+                    let entries = release(&mut aligner, Aligner::release_stopped);
+                    if !delta.is_empty() || !entries.is_empty() {
+                        let _ = events.send(Event::Delta(std::mem::take(&mut delta), entries));
                     }
                     break 'steps "stop";
                 }
@@ -270,15 +283,28 @@ impl Job {
             }
             if let Some(reason) = ended {
                 // What the decoder and the stop matcher still hold belongs to the output.
-                let tail = text.finish();
-                delta.push_str(&stopper.push(&tail).emit);
-                delta.push_str(&stopper.finish());
-                if !delta.is_empty() {
-                    let _ = events.send(Event::Delta(delta));
+                let tail = stopper.push(&text.finish());
+                let rest = stopper.finish();
+                if let Some(a) = aligner.as_mut() {
+                    a.emitted(&tail.emit);
+                    a.emitted(&rest);
+                }
+                delta.push_str(&tail.emit);
+                delta.push_str(&rest);
+                let entries = if tail.stopped {
+                    release(&mut aligner, Aligner::release_stopped)
+                } else {
+                    release(&mut aligner, Aligner::release_all)
+                };
+                if !delta.is_empty() || !entries.is_empty() {
+                    let _ = events.send(Event::Delta(delta, entries));
                 }
                 break reason;
             }
-            if !delta.is_empty() && events.send(Event::Delta(delta)).is_err() {
+            let entries = release(&mut aligner, Aligner::release);
+            if (!delta.is_empty() || !entries.is_empty())
+                && events.send(Event::Delta(delta, entries)).is_err()
+            {
                 // The client left; the check at the top of the loop records it.
                 continue;
             }
@@ -297,4 +323,12 @@ impl Job {
             speculation: SpeculationReport::new(stats),
         }));
     }
+}
+
+/// The logprobs to send with a delta (none when the request did not ask).
+fn release(
+    aligner: &mut Option<Aligner>,
+    how: impl FnOnce(&mut Aligner) -> Vec<TokenEntry>,
+) -> Vec<TokenEntry> {
+    aligner.as_mut().map(how).unwrap_or_default()
 }

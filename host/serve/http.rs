@@ -23,6 +23,7 @@ use super::api::{self, DraftChoice, Endpoint, ParsedRequest, PromptInput, Specul
 use super::auth::AdminToken;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
+use super::logprobs::{self, TokenEntry};
 use super::metrics::Metrics;
 use super::pool::Pool;
 use crate::decide::PolicyRegistry;
@@ -556,16 +557,24 @@ async fn completion(
         model: app.opts.model_id.clone(),
         endpoint,
         include_usage: parsed.include_usage,
+        logprobs: parsed.logprobs,
     };
     if parsed.stream {
         Ok(sse_response(meta, rx))
     } else {
         let mut text = String::new();
+        let mut entries = Vec::new();
         loop {
             match rx.recv().await {
-                Some(Event::Delta(d)) => text.push_str(&d),
+                Some(Event::Delta(d, e)) => {
+                    text.push_str(&d);
+                    entries.extend(e);
+                }
                 Some(Event::Done(o)) => {
-                    return Ok(json_response(StatusCode::OK, &meta.full(&text, &o)));
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &meta.full(&text, &entries, &o),
+                    ));
                 }
                 Some(Event::Failed(e)) => return Err(e),
                 Some(Event::Started) => {}
@@ -691,6 +700,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         },
         policy: p.policy.clone(),
         policy_params: p.policy_params.clone(),
+        logprobs: p.logprobs,
         ..GenerateRequest::default()
     })
 }
@@ -727,6 +737,8 @@ struct ResponseMeta {
     model: String,
     endpoint: Endpoint,
     include_usage: bool,
+    /// The request's number of alternatives per token; `None`: no logprobs asked.
+    logprobs: Option<usize>,
 }
 
 fn usage(o: &Outcome) -> Value {
@@ -738,15 +750,25 @@ fn usage(o: &Outcome) -> Value {
 }
 
 impl ResponseMeta {
-    fn full(&self, text: &str, o: &Outcome) -> Value {
+    /// The choice's `logprobs` for these tokens (null when the request asked for none).
+    fn logprobs(&self, entries: &[TokenEntry]) -> Value {
+        match (self.logprobs, self.endpoint) {
+            (None, _) => Value::Null,
+            (Some(n), Endpoint::Completions) => logprobs::completions_json(entries, n),
+            (Some(_), Endpoint::Chat) => logprobs::chat_json(entries),
+        }
+    }
+
+    fn full(&self, text: &str, entries: &[TokenEntry], o: &Outcome) -> Value {
+        let lp = self.logprobs(entries);
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": o.finish_reason,
+                "index": 0, "text": text, "logprobs": lp, "finish_reason": o.finish_reason,
             }),
             Endpoint::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": lp,
                 "finish_reason": o.finish_reason,
             }),
         };
@@ -771,10 +793,11 @@ impl ResponseMeta {
         })
     }
 
-    fn delta_chunk(&self, text: &str, first: bool) -> Value {
+    fn delta_chunk(&self, text: &str, entries: &[TokenEntry], first: bool) -> Value {
+        let lp = self.logprobs(entries);
         match self.endpoint {
             Endpoint::Completions => self.chunk(json!([{
-                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
+                "index": 0, "text": text, "logprobs": lp, "finish_reason": null,
             }])),
             Endpoint::Chat => {
                 let delta = if first {
@@ -783,7 +806,7 @@ impl ResponseMeta {
                     json!({"content": text})
                 };
                 self.chunk(
-                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                    json!([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": null}]),
                 )
             }
         }
@@ -842,8 +865,8 @@ fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>) -> Response<Bo
         }
         let bytes = loop {
             match s.rx.recv().await {
-                Some(Event::Delta(d)) => {
-                    let b = sse_data(&s.meta.delta_chunk(&d, s.first));
+                Some(Event::Delta(d, e)) => {
+                    let b = sse_data(&s.meta.delta_chunk(&d, &e, s.first));
                     s.first = false;
                     break b;
                 }

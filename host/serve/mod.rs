@@ -4,6 +4,7 @@
 //! - [`api`]: request parsing and validation (every error names its field).
 //! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
+//! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
 //! - [`pool`]: the generation worker threads and the bounded queue behind 429.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`auth`]: the admin bearer token (constant-time compare).
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod error;
 pub mod generate;
 pub mod http;
+pub mod logprobs;
 pub mod metrics;
 pub mod pool;
 pub mod stop;
