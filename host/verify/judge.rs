@@ -24,7 +24,10 @@ const FORMAT_VERSION: &str = "1";
 
 /// The head shipped for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF as fetched by
 /// scripts/fetch-models); see heads/README.md for the commands that produced it.
-pub const SHIPPED_HEADS: &[(&str, &[u8])] = &[];
+pub const SHIPPED_HEADS: &[(&str, &[u8])] = &[(
+    "qwen2.5-coder-1.5b-instruct",
+    include_bytes!("../../heads/qwen2.5-coder-1.5b-instruct.judge.safetensors"),
+)];
 
 /// Which target weights a head belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,6 +393,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     std::io::Write::write_all(&mut tmp, bytes)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // Readable like any file the user writes (a temporary file starts as 0600).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = tmp
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("cannot sync {}", path.display()))?;
