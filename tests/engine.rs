@@ -680,3 +680,63 @@ fn the_target_log_likelihood_of_the_output_is_accounted_exactly() {
     assert!((stats2.target_logprob - want).abs() < 1e-3);
     assert!((stats2.mean_target_logprob() - want / out.len() as f64).abs() < 1e-4);
 }
+
+/// Rewrites a GGUF with two vocabulary entries swapped: same size, different tokenizer.
+fn swap_two_tokens(src: &Path, dst: &Path) {
+    use candle_core::quantized::gguf_file;
+    let mut f = std::fs::File::open(src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in meta.iter_mut() {
+        if k == "tokenizer.ggml.tokens" {
+            if let gguf_file::Value::Array(tokens) = v {
+                tokens.swap(70, 80);
+            }
+        }
+    }
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let t = content
+                .tensor(&mut f, name, &candle_core::Device::Cpu)
+                .unwrap();
+            (name.clone(), t)
+        })
+        .collect();
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+}
+
+#[test]
+fn a_draft_with_the_same_vocabulary_size_but_other_tokens_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 2));
+    write_tiny_gguf(&dir.path().join("d0.gguf"), &spec(2, 1)).unwrap();
+    swap_two_tokens(&dir.path().join("d0.gguf"), &dir.path().join("d.gguf"));
+    let draft = Model::load_gguf(&dir.path().join("d.gguf"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(draft.config().vocab_size, target.config().vocab_size);
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+    let err = Engine::new(EngineConfig {
+        judge: None,
+        target,
+        draft: Some(draft),
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: Some(DrafterSpec::Model),
+        default_k: 4,
+        adaptive: false,
+    })
+    .err()
+    .expect("a different tokenizer of the same size must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("tokenizer") && msg.contains("d.gguf"), "{msg}");
+}
