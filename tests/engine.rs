@@ -692,10 +692,8 @@ fn swap_two_tokens(src: &Path, dst: &Path) {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (k, v) in meta.iter_mut() {
-        if k == "tokenizer.ggml.tokens" {
-            if let gguf_file::Value::Array(tokens) = v {
-                tokens.swap(70, 80);
-            }
+        if let (true, gguf_file::Value::Array(tokens)) = (k == "tokenizer.ggml.tokens", v) {
+            tokens.swap(70, 80);
         }
     }
     let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
