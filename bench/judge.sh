@@ -18,10 +18,10 @@ if [[ $step == all || $step == mine ]]; then
 fi
 if [[ $step == all || $step == train ]]; then
   "$verdict" judge train --data "$OUT/humaneval-train.safetensors,$OUT/extra.safetensors" \
-    --precision 0.95 --out heads/qwen2.5-coder-1.5b-instruct.judge.safetensors
+    --precision 0.9 --weight-decay 100 --epochs 400 --out heads/qwen2.5-coder-1.5b-instruct.judge.safetensors
 fi
 if [[ $step == all || $step == eval ]]; then
   "$verdict" eval humaneval --range 82..164 --limit "${PROBLEMS:-20}" --k 16 --max-tokens 256 \
-    --configs "${CONFIGS:-target;strict;judge;judge:threshold=0.5;judge:threshold=0.9;threshold:rule=0}" \
+    --configs "${CONFIGS:-target;strict;judge;judge:threshold=0.9;judge:threshold=0;threshold:rule=0}" \
     --json "$OUT/eval.json" --svg "$OUT/judge-tradeoff.svg"
 fi
