@@ -399,19 +399,9 @@ fn a_draft_with_another_tokenizer_is_refused_at_load() {
             ..spec(2, 1)
         },
     );
-    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
-    let err = Engine::new(EngineConfig {
-        judge: None,
-        target,
-        draft: Some(draft),
-        registry,
-        default_policy: "strict".into(),
-        default_drafter: Some(DrafterSpec::Model),
-        default_k: 4,
-        adaptive: false,
-    })
-    .err()
-    .expect("a vocabulary mismatch must be refused");
+    let err = engine_with_head(target, draft, None)
+        .err()
+        .expect("a vocabulary mismatch must be refused");
     let msg = format!("{err:#}");
     assert!(
         msg.contains("290") && msg.contains("300") && msg.contains("d.gguf"),
@@ -722,19 +712,9 @@ fn a_draft_with_the_same_vocabulary_size_but_other_tokens_is_refused() {
     swap_two_tokens(&dir.path().join("d0.gguf"), &dir.path().join("d.gguf"));
     let draft = Model::load_gguf(&dir.path().join("d.gguf"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(draft.config().vocab_size, target.config().vocab_size);
-    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
-    let err = Engine::new(EngineConfig {
-        judge: None,
-        target,
-        draft: Some(draft),
-        registry,
-        default_policy: "strict".into(),
-        default_drafter: Some(DrafterSpec::Model),
-        default_k: 4,
-        adaptive: false,
-    })
-    .err()
-    .expect("a different tokenizer of the same size must be refused");
+    let err = engine_with_head(target, draft, None)
+        .err()
+        .expect("a different tokenizer of the same size must be refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("tokenizer") && msg.contains("d.gguf"), "{msg}");
 }

@@ -26,12 +26,8 @@ pub enum BenchCommand {
 
 #[derive(ClapArgs, Debug)]
 pub struct SpecArgs {
-    /// Target GGUF (default: the fetched Qwen2.5-Coder-1.5B-Instruct).
-    #[arg(long)]
-    pub target: Option<PathBuf>,
-    /// Draft GGUF (default: the fetched Qwen2.5-Coder-0.5B-Instruct).
-    #[arg(long)]
-    pub draft: Option<PathBuf>,
+    #[command(flatten)]
+    pub pair: ModelPair,
     /// Drafters to compare, comma separated: model, prompt-lookup, self:N.
     #[arg(long, default_value = "model,prompt-lookup")]
     pub drafters: String,
@@ -65,6 +61,33 @@ pub struct SpecArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Spec(a) => spec(a),
+    }
+}
+
+/// The target and draft GGUFs of a benchmark or judge command; the default pair from the fetch
+/// cache when not given.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct ModelPair {
+    /// Target GGUF (default: the fetched Qwen2.5-Coder-1.5B-Instruct).
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Draft GGUF (default: the fetched Qwen2.5-Coder-0.5B-Instruct).
+    #[arg(long)]
+    pub draft: Option<PathBuf>,
+}
+
+impl ModelPair {
+    /// (target, draft) paths.
+    pub fn paths(&self) -> (PathBuf, PathBuf) {
+        let dir = models_dir();
+        (
+            self.target
+                .clone()
+                .unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf")),
+            self.draft
+                .clone()
+                .unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf")),
+        )
     }
 }
 
@@ -125,12 +148,7 @@ struct Row {
 
 fn spec(a: SpecArgs) -> Result<()> {
     let dir = models_dir();
-    let target_path = a
-        .target
-        .unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
-    let draft_path = a
-        .draft
-        .unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
+    let (target_path, draft_path) = a.pair.paths();
     let device = candle_core::Device::Cpu;
     let target = Model::load_gguf(&target_path, &device)?;
     let drafters: Vec<DrafterSpec> = list(&a.drafters)

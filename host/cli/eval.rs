@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 
+use super::bench::ModelPair;
+
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig};
@@ -23,12 +25,8 @@ pub enum EvalCommand {
 
 #[derive(ClapArgs, Debug)]
 pub struct HumanevalArgs {
-    /// Target GGUF (default: the fetched Qwen2.5-Coder-1.5B-Instruct).
-    #[arg(long)]
-    pub target: Option<PathBuf>,
-    /// Draft GGUF (default: the fetched Qwen2.5-Coder-0.5B-Instruct).
-    #[arg(long)]
-    pub draft: Option<PathBuf>,
+    #[command(flatten)]
+    pub pair: ModelPair,
     /// Problems file (HumanEval's format); default: the fetched HumanEval.jsonl.gz.
     #[arg(long)]
     pub problems: Option<PathBuf>,
@@ -73,12 +71,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 fn run_humaneval(a: HumanevalArgs) -> Result<()> {
     let dir = super::bench::models_dir();
     let device = candle_core::Device::Cpu;
-    let target_path = a
-        .target
-        .unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
-    let draft_path = a
-        .draft
-        .unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
+    let (target_path, draft_path) = a.pair.paths();
     let problems_path = a.problems.unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
     let range = super::judge::parse_range(&a.range).context("--range")?;
     let configs: Vec<EvalConfig> = a

@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 
+use super::bench::ModelPair;
+
 use crate::judge::humaneval::{self, Sandbox};
 use crate::judge::mine::{self, Dataset, MineConfig, Miner, Rule};
 use crate::judge::train::{self, TrainConfig};
@@ -23,12 +25,8 @@ pub enum JudgeCommand {
 
 #[derive(ClapArgs, Debug)]
 pub struct MineArgs {
-    /// Target GGUF (default: the fetched Qwen2.5-Coder-1.5B-Instruct).
-    #[arg(long)]
-    pub target: Option<PathBuf>,
-    /// Draft GGUF (default: the fetched Qwen2.5-Coder-0.5B-Instruct).
-    #[arg(long)]
-    pub draft: Option<PathBuf>,
+    #[command(flatten)]
+    pub pair: ModelPair,
     /// Problems file in HumanEval's format (task_id, prompt, test, entry_point; .jsonl or .gz).
     /// Default: the fetched HumanEval.jsonl.gz.
     #[arg(long)]
@@ -125,12 +123,7 @@ pub fn text_tools(target: &Model) -> Result<(Tokenizer, ChatTemplate)> {
 fn run_mine(a: MineArgs) -> Result<()> {
     let dir = super::bench::models_dir();
     let device = candle_core::Device::Cpu;
-    let target_path = a
-        .target
-        .unwrap_or_else(|| dir.join("qwen2.5-coder-1.5b.gguf"));
-    let draft_path = a
-        .draft
-        .unwrap_or_else(|| dir.join("qwen2.5-coder-0.5b.gguf"));
+    let (target_path, draft_path) = a.pair.paths();
     let problems_path = a.problems.unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
     let range = parse_range(&a.range).context("--range")?;
     let rule = match a.rule.as_str() {
