@@ -101,6 +101,10 @@ fn completions_chat_streaming_stop_and_stats() {
         .sum();
     assert_eq!(acc_pos, spec["accepted"].as_u64().unwrap());
     assert!(spec["drafted_per_position"].as_array().unwrap().len() <= 3);
+    // Strict at T = 0 keeps only the target's argmax; the output's likelihood is reported.
+    assert_eq!(spec["accepted_off_argmax"], 0);
+    let lp = spec["mean_target_logprob"].as_f64().unwrap();
+    assert!(lp < 0.0 && lp.is_finite(), "{lp}");
 
     // Greedy is deterministic, and the stream carries exactly the same text.
     assert_eq!(text_of(&s.post_json("/v1/completions", &req).json()), text);

@@ -53,6 +53,12 @@ pub struct SpeculationReport {
     /// Generated tokens per target forward after the prefill (1.0 without speculation).
     pub tokens_per_step: f64,
     pub policy_faults: u64,
+    /// Accepted drafted tokens that were not the target's argmax: what a lossy policy kept
+    /// beyond strict greedy verification (0 for strict at T = 0).
+    pub accepted_off_argmax: u64,
+    /// The target's mean log-probability (T = 1) of the generated tokens: how likely the target
+    /// finds the output, whatever policy produced it.
+    pub mean_target_logprob: f64,
 }
 
 impl SpeculationReport {
@@ -67,6 +73,8 @@ impl SpeculationReport {
             drafted_per_position: stats.drafted_per_position.clone(),
             tokens_per_step: stats.tokens_per_step(),
             policy_faults: stats.policy_faults,
+            accepted_off_argmax: stats.accepted_off_argmax,
+            mean_target_logprob: stats.mean_target_logprob(),
         }
     }
 }
