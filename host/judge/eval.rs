@@ -72,46 +72,48 @@ pub struct ProblemResult {
     pub output: Vec<u32>,
 }
 
-/// One configuration's totals.
+/// One configuration: its per-problem results; the totals are sums over them.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConfigResult {
     pub config: String,
-    pub problems: usize,
-    pub passed: usize,
-    /// Decoded tokens (after the prefill's first one): the numerator of tokens/s and
-    /// tokens/step.
-    pub tokens: u64,
-    pub steps: u64,
-    pub seconds: f64,
-    /// Sum over every generated token.
-    pub target_logprob: f64,
-    pub overturned: u64,
-    pub rejections: u64,
     pub results: Vec<ProblemResult>,
 }
 
 impl ConfigResult {
+    fn sum(&self, f: impl Fn(&ProblemResult) -> f64) -> f64 {
+        self.results.iter().map(f).sum()
+    }
+    pub fn problems(&self) -> usize {
+        self.results.len()
+    }
+    pub fn passed(&self) -> usize {
+        self.results.iter().filter(|r| r.passed).count()
+    }
     pub fn pass_at_1(&self) -> f64 {
-        self.passed as f64 / self.problems.max(1) as f64
+        self.passed() as f64 / self.problems().max(1) as f64
+    }
+    /// Decoded tokens (after each prefill's first one): the numerator of tokens/s and
+    /// tokens/step.
+    pub fn decoded(&self) -> f64 {
+        self.sum(|r| r.tokens.saturating_sub(1) as f64)
     }
     pub fn tokens_per_step(&self) -> f64 {
-        self.tokens as f64 / self.steps.max(1) as f64
+        self.decoded() / self.sum(|r| r.steps as f64).max(1.0)
     }
     pub fn tokens_per_second(&self) -> f64 {
-        self.tokens as f64 / self.seconds.max(1e-9)
+        self.decoded() / self.sum(|r| r.seconds).max(1e-9)
     }
     /// Mean over every generated token (the prefill's first one included).
     pub fn mean_logprob(&self) -> f64 {
-        let generated: u64 = self.results.iter().map(|x| x.tokens).sum();
-        self.target_logprob / generated.max(1) as f64
+        self.sum(|r| r.target_logprob) / self.sum(|r| r.tokens as f64).max(1.0)
     }
+    pub fn overturned(&self) -> u64 {
+        self.results.iter().map(|r| r.overturned).sum()
+    }
+    /// overturned / (overturned + rejections that stood), as `SpecStats::overturned_share`.
     pub fn overturned_share(&self) -> f64 {
-        let all = self.overturned + self.rejections;
-        if all == 0 {
-            0.0
-        } else {
-            self.overturned as f64 / all as f64
-        }
+        let all = self.overturned() + self.results.iter().map(|r| r.rejections).sum::<u64>();
+        self.overturned() as f64 / all.max(1) as f64
     }
 }
 
@@ -128,14 +130,6 @@ impl Evaluator<'_> {
     pub fn run(&self, cfg: &EvalConfig, problems: &[Problem]) -> Result<ConfigResult> {
         let mut r = ConfigResult {
             config: cfg.label.clone(),
-            problems: problems.len(),
-            passed: 0,
-            tokens: 0,
-            steps: 0,
-            seconds: 0.0,
-            target_logprob: 0.0,
-            overturned: 0,
-            rejections: 0,
             results: Vec::new(),
         };
         for p in problems {
@@ -173,14 +167,6 @@ impl Evaluator<'_> {
             let reply = self.tokenizer.decode(g.output(), true)?;
             let outcome = self.sandbox.run(&humaneval::program(p, &reply))?;
             let passed = outcome == Outcome::Pass;
-            let decoded = s.tokens.saturating_sub(1);
-            r.passed += passed as usize;
-            r.tokens += decoded;
-            r.steps += s.steps;
-            r.seconds += seconds;
-            r.target_logprob += s.target_logprob;
-            r.overturned += s.accepted_off_argmax;
-            r.rejections += s.rejections;
             eprintln!(
                 "eval: {} {}: {} ({} tokens, {:.2} tokens/step, {:.1}s)",
                 cfg.label,
@@ -230,8 +216,8 @@ pub fn table(rows: &[ConfigResult]) -> String {
             "| {} | {:.1}% ({}/{}) | {:.2} | {} | {:.2} | {:.2}x | {:.4} | {} |",
             r.config,
             100.0 * r.pass_at_1(),
-            r.passed,
-            r.problems,
+            r.passed(),
+            r.problems(),
             r.tokens_per_step(),
             vs,
             r.tokens_per_second(),
@@ -243,8 +229,8 @@ pub fn table(rows: &[ConfigResult]) -> String {
                 format!(
                     "{:.0}% ({}/{})",
                     100.0 * r.overturned_share(),
-                    r.overturned,
-                    r.overturned + r.rejections
+                    r.overturned(),
+                    r.overturned() + r.results.iter().map(|x| x.rejections).sum::<u64>()
                 )
             }
         );

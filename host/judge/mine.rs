@@ -329,36 +329,31 @@ impl Miner<'_> {
         stop: &[u32],
     ) -> Result<(bool, Vec<f32>)> {
         let hint = &full[(i + 1).min(full.len())..];
-        match self.cfg.rule {
+        // A stop token ends the answer there: nothing follows it.
+        let stops = stop.contains(&d);
+        let window = match self.cfg.rule {
+            Rule::Rejoin { m } => m,
+            Rule::Tests => self.cfg.max_tokens.saturating_sub(i + 1),
+        };
+        let max_new = if stops { 0 } else { window };
+        let (hidden, f, _) = greedy_lookup(target, d, history, hint, max_new, stop)?;
+        let forced: Vec<u32> = if stops {
+            Vec::new()
+        } else {
+            std::iter::once(d).chain(f).collect()
+        };
+        let label = match self.cfg.rule {
+            // Stopping early never re-joins a continuation that went on.
             Rule::Rejoin { m } => {
-                if stop.contains(&d) {
-                    // Stopping early never re-joins a continuation that went on.
-                    let f = target.forward(&[d], Rows::All)?;
-                    return Ok((false, f.hidden.get(0)?.to_vec1::<f32>()?));
-                }
-                let (hidden, f, _) = greedy_lookup(target, d, history, hint, m, stop)?;
-                let forced: Vec<u32> = std::iter::once(d).chain(f).collect();
-                let original = &full[i..(i + m + 4).min(full.len())];
-                Ok((self.rejoins(&forced, original)?, hidden))
+                !stops && self.rejoins(&forced, &full[i..(i + m + 4).min(full.len())])?
             }
             Rule::Tests => {
-                let budget = self.cfg.max_tokens.saturating_sub(i + 1);
-                let (hidden, f) = if stop.contains(&d) {
-                    let f = target.forward(&[d], Rows::All)?;
-                    (f.hidden.get(0)?.to_vec1::<f32>()?, Vec::new())
-                } else if budget == 0 {
-                    let f = target.forward(&[d], Rows::All)?;
-                    (f.hidden.get(0)?.to_vec1::<f32>()?, vec![d])
-                } else {
-                    let (h, f, _) = greedy_lookup(target, d, history, hint, budget, stop)?;
-                    (h, std::iter::once(d).chain(f).collect())
-                };
-                let answer: Vec<u32> = c[..i].iter().chain(&f).copied().collect();
+                let answer: Vec<u32> = c[..i].iter().chain(&forced).copied().collect();
                 let reply = self.tokenizer.decode(&answer, true)?;
-                let outcome = self.cfg.sandbox.run(&humaneval::program(p, &reply))?;
-                Ok((outcome == Outcome::Pass, hidden))
+                self.cfg.sandbox.run(&humaneval::program(p, &reply))? == Outcome::Pass
             }
-        }
+        };
+        Ok((label, hidden))
     }
 
     /// Some prefix of the forced tokens spells the same text as some prefix of the original's.

@@ -19,8 +19,6 @@ pub struct Verification {
     /// The request's sampling distribution p_i per row (T > 0 only; at T = 0 corrections use the
     /// argmax of `logits`).
     pub probs: Vec<Vec<f32>>,
-    /// Last hidden states `[k + 1, hidden]` (the judge head's input).
-    pub hidden: candle_core::Tensor,
 }
 
 /// Runs the target over `[last, drafts...]`, appending them to its cache (the caller truncates
@@ -59,11 +57,7 @@ pub fn verify(
     if let Some(j) = judge {
         step.judge = Some(j.score(&out.hidden.narrow(0, 1, draft.tokens.len())?)?);
     }
-    Ok(Verification {
-        logits,
-        probs,
-        hidden: out.hidden,
-    })
+    Ok(Verification { logits, probs })
 }
 
 /// The distribution features are computed from: the request's own at T > 0; the model's softmax
