@@ -2,7 +2,8 @@
 //! shared/experiments/cpu-candle-vs-llamacpp (so the numbers compare with stock candle and
 //! llama.cpp there): warm-up, prefill the prompt, time N greedy single-token steps; then the
 //! median of R runs of one 8-token forward vs 8 single-token forwards on top of a ~230-token
-//! context.
+//! context; then one batched forward of B sequences (one new token each, as B concurrent
+//! requests decoding) vs B single forwards, for B = 2, 4, 8.
 //!
 //! usage: decode_speed <model.gguf> [tokens.json key] [n_decode=128] [reps=5]
 //!   tokens.json: {"<key>": {"prompt": [...], "ctx": [...], "draft": [8 ids]}} (the experiment's
@@ -18,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use std::path::PathBuf;
 use std::time::Instant;
-use verdict::models::{Model, Rows, Session};
+use verdict::models::{BatchItem, Model, Rows, Session, forward_batch};
 use verdict::sample::argmax;
 
 fn next(s: &mut Session, toks: &[u32]) -> Result<u32> {
@@ -160,5 +161,44 @@ fn main() -> Result<()> {
         m1 / draft.len() as f64,
         m8 / (m1 / draft.len() as f64)
     );
+
+    // Concurrent requests: B sequences decoding one token each, batched vs one by one.
+    let mut base = model.session();
+    next(&mut base, &ctx)?;
+    for b in [2usize, 4, 8] {
+        let (mut tb, mut ts) = (vec![], vec![]);
+        for _ in 0..reps {
+            let mut seqs = (0..b).map(|_| base.fork()).collect::<Result<Vec<_>, _>>()?;
+            let toks: Vec<[u32; 1]> = (0..b).map(|i| [draft[i % draft.len()]]).collect();
+            let mut items: Vec<BatchItem<'_>> = seqs
+                .iter_mut()
+                .zip(&toks)
+                .map(|(session, t)| BatchItem {
+                    session,
+                    tokens: t,
+                    rows: Rows::Last,
+                })
+                .collect();
+            let t = Instant::now();
+            for r in forward_batch(&mut items) {
+                r?;
+            }
+            tb.push(t.elapsed().as_secs_f64() * 1e3);
+            drop(items);
+            for s in &mut seqs {
+                s.truncate(l)?;
+            }
+            let t = Instant::now();
+            for (s, tok) in seqs.iter_mut().zip(&toks) {
+                next(s, tok)?;
+            }
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (mb, ms) = (median(tb), median(ts));
+        println!(
+            "batch of {b} sequences: one forward {mb:.1} ms vs {b} forwards {ms:.1} ms = {:.2}x throughput",
+            ms / mb
+        );
+    }
     Ok(())
 }

@@ -5,7 +5,7 @@ use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use std::path::Path;
 use verdict::models::testing::{TinySpec, write_tiny_gguf, write_tiny_safetensors};
-use verdict::models::{Arch, Model, ModelError, Rows, Session};
+use verdict::models::{Arch, BatchItem, Model, ModelError, Rows, Session, forward_batch};
 
 fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().expect("logits are a 2-D f32 tensor")
@@ -71,6 +71,182 @@ fn batched_forward_equals_single_steps() {
         let d = max_diff(&singles[0], &singles[1]);
         assert!(d > 1e-2, "logits do not vary with input: {d}");
     }
+}
+
+/// Three sequences at different positions, one of them verifying several tokens, in one
+/// batched forward: each gets the logits (and hidden rows) its own forward gives. Q8_0 weights
+/// take the same row-wise kernel for any row count, so the match is exact.
+#[test]
+fn forward_batch_equals_each_sequence_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(
+        dir.path(),
+        &TinySpec {
+            dtype: GgmlDType::Q8_0,
+            ..TinySpec::default()
+        },
+    );
+    let prefixes: [&[u32]; 3] = [&PROMPT[..3], &PROMPT, &PROMPT[2..7]];
+    let inputs: [&[u32]; 3] = [&[11], &[12, 13, 14, 15], &[16]];
+    let rows_of = [Rows::Last, Rows::All, Rows::All];
+    let mut alone = Vec::new();
+    let mut batched_sessions = Vec::new();
+    for i in 0..3 {
+        let mut s = m.session();
+        s.forward(prefixes[i], Rows::Last).unwrap();
+        let b = s.fork().unwrap();
+        let f = s.forward(inputs[i], rows_of[i]).unwrap();
+        alone.push((rows(&f.logits), rows(&f.hidden)));
+        batched_sessions.push(b);
+    }
+    let [a, b, c] = &mut batched_sessions[..] else {
+        unreachable!()
+    };
+    let mut items = [
+        BatchItem {
+            session: a,
+            tokens: inputs[0],
+            rows: rows_of[0],
+        },
+        BatchItem {
+            session: b,
+            tokens: inputs[1],
+            rows: rows_of[1],
+        },
+        BatchItem {
+            session: c,
+            tokens: inputs[2],
+            rows: rows_of[2],
+        },
+    ];
+    let outs = forward_batch(&mut items);
+    for (i, out) in outs.into_iter().enumerate() {
+        let out = out.unwrap();
+        assert_eq!(rows(&out.logits), alone[i].0, "sequence {i}: logits");
+        assert_eq!(rows(&out.hidden), alone[i].1, "sequence {i}: hidden");
+    }
+    for (i, s) in batched_sessions.iter().enumerate() {
+        assert_eq!(s.len(), prefixes[i].len() + inputs[i].len());
+    }
+    // The caches hold what they should: a next step continues exactly as alone.
+    let mut x = batched_sessions.remove(1);
+    let mut y = m.session();
+    y.forward(&[PROMPT.as_slice(), inputs[1]].concat(), Rows::Last)
+        .unwrap();
+    let (gx, gy) = (
+        rows(&x.forward(&[21], Rows::Last).unwrap().logits),
+        rows(&y.forward(&[21], Rows::Last).unwrap().logits),
+    );
+    assert!(max_diff(&gx[0], &gy[0]) < 1e-4);
+}
+
+/// A bad sequence in a batch gets its own error; the others run, and its cache is untouched.
+#[test]
+fn forward_batch_isolates_bad_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        context_length: 16,
+        ..TinySpec::default()
+    };
+    let m = tiny(dir.path(), &spec);
+    let other = tiny(
+        dir.path(),
+        &TinySpec {
+            seed: 9,
+            ..spec.clone()
+        },
+    );
+    let (mut good, mut bad_token, mut full, mut foreign) =
+        (m.session(), m.session(), m.session(), other.session());
+    full.forward(&[1; 14], Rows::Last).unwrap();
+    let mut items = [
+        BatchItem {
+            session: &mut bad_token,
+            tokens: &[5, 100_000],
+            rows: Rows::Last,
+        },
+        BatchItem {
+            session: &mut good,
+            tokens: &[5, 6],
+            rows: Rows::All,
+        },
+        BatchItem {
+            session: &mut full,
+            tokens: &[1, 2, 3],
+            rows: Rows::Last,
+        },
+        BatchItem {
+            session: &mut foreign,
+            tokens: &[1],
+            rows: Rows::Last,
+        },
+        BatchItem {
+            session: &mut m.session(),
+            tokens: &[],
+            rows: Rows::Last,
+        },
+    ];
+    let outs = forward_batch(&mut items);
+    let errs: Vec<String> = outs
+        .iter()
+        .map(|r| r.as_ref().err().map(|e| e.to_string()).unwrap_or_default())
+        .collect();
+    assert!(errs[0].contains("100000"), "{}", errs[0]);
+    assert!(outs[1].is_ok());
+    assert!(errs[2].contains("context"), "{}", errs[2]);
+    assert!(errs[3].contains("one model"), "{}", errs[3]);
+    assert!(errs[4].contains("zero tokens"), "{}", errs[4]);
+    assert_eq!(
+        (bad_token.len(), good.len(), full.len(), foreign.len()),
+        (0, 2, 14, 0)
+    );
+}
+
+/// Sessions of a batching model on several threads: their forwards run together (the batcher
+/// counts fewer forwards than sequences) and each thread gets what it gets alone.
+#[test]
+fn batching_model_shares_forwards_across_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(
+        dir.path(),
+        &TinySpec {
+            dtype: GgmlDType::Q8_0,
+            ..TinySpec::default()
+        },
+    );
+    let batching = m.with_batching(4).unwrap();
+    let threads = 4;
+    let steps = 12;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (m, batching, barrier) = (m.clone(), batching.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let toks: Vec<u32> = (0..steps)
+                    .map(|i| (7 * t + 3 * i + 1) as u32 % 300)
+                    .collect();
+                let mut alone = m.session();
+                let want = one_by_one(&mut alone, &toks);
+                let mut s = batching.session();
+                let mut got = Vec::new();
+                for &tok in &toks {
+                    // Step in lockstep, as concurrent requests do.
+                    barrier.wait();
+                    got.push(rows(&s.forward(&[tok], Rows::Last).unwrap().logits).remove(0));
+                }
+                assert_eq!(got, want, "thread {t}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let st = batching.batch_stats().unwrap();
+    assert_eq!(st.sequences, (threads * steps) as u64);
+    assert!(st.forwards < st.sequences, "no forward was shared: {st:?}");
+    assert_eq!(st.members, 0, "sessions ended, memberships too");
+    assert!(m.batch_stats().is_none());
+    assert!(m.with_batching(1).unwrap().batch_stats().is_none());
 }
 
 #[test]

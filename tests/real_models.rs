@@ -7,7 +7,7 @@
 
 use candle_core::Device;
 use std::path::PathBuf;
-use verdict::models::{Model, Rows, Session};
+use verdict::models::{BatchItem, Model, Rows, Session, forward_batch};
 use verdict::sample::argmax;
 
 fn models_dir() -> PathBuf {
@@ -142,6 +142,44 @@ fn qwen05_greedy_matches_llama_cpp_and_batched_equals_single() {
     // Every kernel is row-wise with a fixed order, so verification sees exactly the logits
     // that autoregressive decoding would (greedy speculation is then output-identical).
     assert_eq!(worst, 0.0, "batched vs single logits differ by {worst}");
+}
+
+/// Concurrent requests share target forwards: three sequences of the real 0.5B (Q4_K, Q6_K and
+/// re-encoded Q5_0 weights) at different positions, one verifying 5 drafted tokens, in one
+/// batched forward give exactly the logits of their own forwards.
+#[test]
+fn qwen05_batched_sequences_equal_their_own_forwards() {
+    let m = load("qwen2.5-coder-0.5b.gguf");
+    let prefixes: [&[u32]; 3] = [&QWEN_PROMPT, &QWEN_PROMPT[..9], &QWEN_PROMPT[4..]];
+    let inputs: [&[u32]; 3] = [&[262], &[707, 374, 73310, 36058, 1141], &[25]];
+    let mut alone = Vec::new();
+    let mut lent = Vec::new();
+    for (p, x) in prefixes.iter().zip(&inputs) {
+        let mut s = m.session();
+        s.forward(p, Rows::Last).unwrap();
+        let copy = s.fork().unwrap();
+        alone.push(
+            s.forward(x, Rows::All)
+                .unwrap()
+                .logits
+                .to_vec2::<f32>()
+                .unwrap(),
+        );
+        lent.push(copy);
+    }
+    let mut items: Vec<BatchItem<'_>> = lent
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(session, tokens)| BatchItem {
+            session,
+            tokens,
+            rows: Rows::All,
+        })
+        .collect();
+    for (i, out) in forward_batch(&mut items).into_iter().enumerate() {
+        let got = out.unwrap().logits.to_vec2::<f32>().unwrap();
+        assert_eq!(got, alone[i], "sequence {i}");
+    }
 }
 
 #[test]

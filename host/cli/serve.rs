@@ -61,8 +61,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
     /// Generation worker threads (requests generating at once).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Most requests whose forwards run as one batched forward (target and draft model each;
+    /// outputs are the same as unbatched). 1 turns batching off.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
     /// Seconds SIGTERM waits for in-flight requests before exiting.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
@@ -146,6 +150,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1 (1 turns batching off)");
+    }
     let admin_token = match &args.admin_token_file {
         None => None,
         Some(f) => {
@@ -183,6 +190,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let reg = registry.clone();
     let (k, adaptive, policy) = (args.k, !args.fixed_k, args.policy.clone());
     let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
+    let max_batch = args.max_batch;
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &Device::Cpu)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
@@ -201,6 +209,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let chat = ChatTemplate::from_gguf(content, &tokenizer)
             .with_context(|| format!("the chat template of {}", target_path.display()))?;
         let judge = head_choice.load(&target)?;
+        // Concurrent requests share forwards; a lone request runs exactly as unbatched.
+        let target = target.with_batching(max_batch)?;
+        let draft = draft.map(|d| d.with_batching(max_batch)).transpose()?;
         let engine = Engine::new(EngineConfig {
             target,
             draft,

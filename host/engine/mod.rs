@@ -79,7 +79,8 @@ pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
-    /// Same seed + same request = same output. `None` draws one.
+    /// Same seed + same request = same output (a seed also fixes k unless `adaptive` is set).
+    /// `None` draws one.
     pub seed: Option<u64>,
     /// Tokens that end the generation (not emitted).
     pub stop_tokens: Vec<u32>,
@@ -310,7 +311,9 @@ impl Engine {
         };
 
         let seed = req.seed.unwrap_or_else(rand::random);
-        let adaptive = req.adaptive.unwrap_or(cfg.adaptive);
+        // Adaptive k follows measured timings, and k decides which positions are drafted and
+        // which sampled by the target: a seeded request keeps a fixed k so that it reproduces.
+        let adaptive = req.adaptive.unwrap_or(cfg.adaptive && req.seed.is_none());
         let mut stats = SpecStats::default();
         if let Some(d) = &drafter {
             stats.drafter = Some(d.name());

@@ -6,11 +6,13 @@
 //! - [`transformer`]: [`Model`] (shared, quantized weights) and [`Session`] (one sequence's KV
 //!   cache; `forward`, `truncate` for speculation rollback).
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
+//! - [`batch`]: forwards of concurrent sessions run as one batched forward (same logits).
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
 //! - [`tokenizer`]: the GGUF's byte-level BPE tokenizer, ids equal to llama.cpp's.
 //! - [`chat`]: the GGUF's chat template, rendered as Hugging Face renders it.
 
 mod attention;
+pub mod batch;
 pub mod chat;
 pub mod error;
 pub mod gguf;
@@ -21,6 +23,7 @@ pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
 
+pub use batch::BatchStats;
 pub use error::{ModelError, Result};
 pub use gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
-pub use transformer::{Forward, Model, Rows, Session};
+pub use transformer::{BatchItem, Forward, Model, Rows, Session, forward_batch};

@@ -10,6 +10,7 @@
 //! k-token forward and k single-token forwards give the same logits.
 
 use super::attention::CausalAttention;
+use super::batch::{Batcher, Membership};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
@@ -120,6 +121,8 @@ pub struct Forward {
 #[derive(Debug, Clone)]
 pub struct Model {
     w: Arc<Weights>,
+    /// Set by [`Model::with_batching`]: sessions run their forwards through it.
+    batcher: Option<Arc<Batcher>>,
 }
 
 /// Where a weight comes from: GGUF tensors or safetensors, behind one interface so that both
@@ -312,6 +315,7 @@ impl Model {
                 gguf: Some(content),
                 ..w
             }),
+            batcher: None,
         })
     }
 
@@ -319,7 +323,31 @@ impl Model {
     /// qwen2 tensor names). Weights are converted to f32.
     pub fn load_safetensors(dir: &Path, device: &Device) -> Result<Model> {
         let w = super::safetensors::load(dir, device)?;
-        Ok(Model { w: Arc::new(w) })
+        Ok(Model {
+            w: Arc::new(w),
+            batcher: None,
+        })
+    }
+
+    /// The same weights, with the forwards of all its full-depth sessions that arrive together
+    /// (from any thread) run as one batched forward of up to `max_batch` sequences (see
+    /// [`super::batch`]). Each sequence gets the same logits as it would alone. `max_batch <= 1`
+    /// turns batching off.
+    pub fn with_batching(&self, max_batch: usize) -> Result<Model> {
+        let batcher = if max_batch > 1 {
+            Some(Batcher::start(max_batch)?)
+        } else {
+            None
+        };
+        Ok(Model {
+            w: self.w.clone(),
+            batcher,
+        })
+    }
+
+    /// Statistics of the batcher, when batching is on.
+    pub fn batch_stats(&self) -> Option<super::batch::BatchStats> {
+        self.batcher.as_ref().map(|b| b.stats())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -342,16 +370,25 @@ impl Model {
 
     /// A new sequence over all layers.
     pub fn session(&self) -> Session {
+        let mut s = self.unbatched_session(self.w.cfg.n_layers);
+        if let Some(b) = &self.batcher {
+            s.batch = Some(b.join());
+        }
+        s
+    }
+
+    fn unbatched_session(&self, n_layers: usize) -> Session {
         Session {
             w: self.w.clone(),
-            n_layers: self.w.cfg.n_layers,
+            n_layers,
             cache: KvCache::new(
-                self.w.cfg.n_layers,
+                n_layers,
                 self.w.cfg.n_kv_heads,
                 self.w.cfg.head_dim,
                 self.w.cfg.context_length,
                 &self.w.device,
             ),
+            batch: None,
         }
     }
 
@@ -364,16 +401,8 @@ impl Model {
                 "session_layers({n}): the model has {total} layers, choose 1..={total}"
             )));
         }
-        let mut s = self.session();
-        s.n_layers = n;
-        s.cache = KvCache::new(
-            n,
-            self.w.cfg.n_kv_heads,
-            self.w.cfg.head_dim,
-            self.w.cfg.context_length,
-            &self.w.device,
-        );
-        Ok(s)
+        // Not batched: a batch runs one depth, and a self-draft runs a different one.
+        Ok(self.unbatched_session(n))
     }
 }
 
@@ -383,6 +412,8 @@ pub struct Session {
     w: Arc<Weights>,
     n_layers: usize,
     cache: KvCache,
+    /// Membership of the model's batcher: forwards go through it.
+    batch: Option<Membership>,
 }
 
 impl Session {
@@ -416,6 +447,7 @@ impl Session {
             w: self.w.clone(),
             n_layers: self.n_layers,
             cache: self.cache.fork()?,
+            batch: self.batch.as_ref().map(Membership::join_again),
         })
     }
 
@@ -425,7 +457,44 @@ impl Session {
     }
 
     /// Runs `tokens` at positions `len()..len() + tokens.len()` and appends them to the cache.
+    /// On a batching model the forward may run together with other sessions' (same result).
     pub fn forward(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
+        match self.batch.as_ref().map(|m| m.batcher().clone()) {
+            Some(b) => b.forward(self, tokens, rows),
+            None => self.forward_alone(tokens, rows),
+        }
+    }
+
+    /// [`Session::forward`] on this thread, never batched.
+    pub(crate) fn forward_alone(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
+        let mut one = [BatchItem {
+            session: self,
+            tokens,
+            rows,
+        }];
+        forward_batch(&mut one)
+            .pop()
+            .unwrap_or_else(|| Err(ModelError::Invalid("empty batch".into())))
+    }
+
+    /// An empty stand-in holding this session's place while the session itself is lent to the
+    /// batcher's thread (no cache memory, no batch membership).
+    pub(crate) fn placeholder(&self) -> Session {
+        Session {
+            w: self.w.clone(),
+            n_layers: self.n_layers,
+            cache: KvCache::new(
+                self.n_layers,
+                self.w.cfg.n_kv_heads,
+                self.w.cfg.head_dim,
+                self.w.cfg.context_length,
+                &self.w.device,
+            ),
+            batch: None,
+        }
+    }
+
+    fn check_input(&self, tokens: &[u32]) -> Result<()> {
         let cfg = &self.w.cfg;
         if tokens.is_empty() {
             return Err(ModelError::Invalid("forward over zero tokens".into()));
@@ -436,82 +505,218 @@ impl Session {
                 cfg.vocab_size
             )));
         }
-        let n = tokens.len();
-        let pos = self.cache.len();
-        self.cache.reserve(n)?;
-        let out = self
-            .run(tokens, pos, rows)
-            .ctx(|| format!("forward of {n} tokens at position {pos}"))?;
-        self.cache.commit(n);
-        Ok(out)
+        Ok(())
     }
+}
 
-    fn run(&mut self, tokens: &[u32], pos: usize, rows: Rows) -> candle_core::Result<Forward> {
-        let w = self.w.clone();
-        let cfg = &w.cfg;
-        let dev = &w.device;
-        let n = tokens.len();
-        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+/// One sequence's part of [`forward_batch`].
+pub struct BatchItem<'a> {
+    pub session: &'a mut Session,
+    pub tokens: &'a [u32],
+    pub rows: Rows,
+}
 
-        let ids = Tensor::new(tokens, dev)?;
-        let mut x = w.embed.embedding(&ids)?; // [n, hidden]
-        let (cos, sin) = rope_tables(&w.inv_freq, pos, n, dev)?;
-        let attn = CausalAttention {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
+/// Runs several sessions' forwards as one: the matmuls (the weight-bound part) over all new
+/// rows at once, attention and the KV cache per sequence. Every step is row-wise, so each
+/// sequence gets exactly the logits its own [`Session::forward`] would give. Sessions must share
+/// one model and depth; a session whose input is bad (or whose context is full) gets its own
+/// error and the others still run. Returns one result per item, in order.
+pub fn forward_batch(items: &mut [BatchItem<'_>]) -> Vec<Result<Forward>> {
+    let mut results: Vec<Option<Result<Forward>>> = (0..items.len()).map(|_| None).collect();
+    let mut ok = Vec::with_capacity(items.len());
+    let first = items
+        .first()
+        .map(|it| (it.session.w.clone(), it.session.n_layers));
+    for (i, it) in items.iter_mut().enumerate() {
+        let check = it
+            .session
+            .check_input(it.tokens)
+            .and_then(|()| match &first {
+                Some((w, n)) if !Arc::ptr_eq(w, &it.session.w) || *n != it.session.n_layers => {
+                    Err(ModelError::Invalid(
+                        "a batched forward needs sessions of one model and depth".into(),
+                    ))
+                }
+                _ => Ok(()),
+            });
+        match check.and_then(|()| it.session.cache.reserve(it.tokens.len())) {
+            Ok(()) => ok.push(i),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    if let Some((w, n_layers)) = first.filter(|_| !ok.is_empty()) {
+        let mut segs: Vec<Seg<'_>> = Vec::with_capacity(ok.len());
+        for (i, it) in items.iter_mut().enumerate() {
+            if ok.contains(&i) {
+                segs.push(Seg {
+                    pos: it.session.cache.len(),
+                    cache: &mut it.session.cache,
+                    tokens: it.tokens,
+                    rows: it.rows,
+                });
+            }
+        }
+        // Context for an error, worked out before `run` borrows the sequences.
+        let (n_seqs, n_tokens) = (
+            segs.len(),
+            segs.iter().map(|s| s.tokens.len()).sum::<usize>(),
+        );
+        let first_pos = segs.first().map_or(0, |s| s.pos);
+        let what = || match n_seqs {
+            1 => format!("forward of {n_tokens} tokens at position {first_pos}"),
+            _ => format!("batched forward of {n_seqs} sequences ({n_tokens} tokens)"),
         };
+        match run(&w, n_layers, &mut segs).ctx(what) {
+            Ok(outs) => {
+                for ((seg, out), &i) in segs.iter_mut().zip(outs).zip(&ok) {
+                    seg.cache.commit(seg.tokens.len());
+                    results[i] = Some(Ok(out));
+                }
+            }
+            Err(e) if ok.len() == 1 => results[ok[0]] = Some(Err(e)),
+            Err(e) => {
+                let msg = e.to_string();
+                for &i in &ok {
+                    results[i] = Some(Err(ModelError::Invalid(msg.clone())));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(ModelError::Invalid("not run".into()))))
+        .collect()
+}
 
-        for (li, layer) in w.layers.iter().take(self.n_layers).enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
-            let v = layer.v.forward(&h)?;
+/// A sequence inside [`run`]: its cache, new tokens at `pos..`, and the rows it wants back.
+struct Seg<'a> {
+    cache: &'a mut KvCache,
+    tokens: &'a [u32],
+    rows: Rows,
+    pos: usize,
+}
+
+fn run(w: &Weights, n_layers: usize, segs: &mut [Seg<'_>]) -> candle_core::Result<Vec<Forward>> {
+    let cfg = &w.cfg;
+    let dev = &w.device;
+    let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let single = segs.len() == 1;
+    // Row offset of each sequence in the stacked rows.
+    let mut offsets = Vec::with_capacity(segs.len());
+    let mut all = Vec::with_capacity(segs.iter().map(|s| s.tokens.len()).sum());
+    for s in segs.iter() {
+        offsets.push(all.len());
+        all.extend_from_slice(s.tokens);
+    }
+    let ids = Tensor::new(all.as_slice(), dev)?;
+    let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
+    let ropes = segs
+        .iter()
+        .map(|s| rope_tables(&w.inv_freq, s.pos, s.tokens.len(), dev))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let attn = CausalAttention {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let part = |t: &Tensor, off: usize, n: usize| -> candle_core::Result<Tensor> {
+        if single {
+            Ok(t.clone())
+        } else {
+            t.narrow(0, off, n)
+        }
+    };
+
+    for (li, layer) in w.layers.iter().take(n_layers).enumerate() {
+        let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+        let q_all = layer.q.forward(&h)?;
+        let k_all = layer.k.forward(&h)?;
+        let v_all = layer.v.forward(&h)?;
+        let mut ys = Vec::with_capacity(segs.len());
+        for ((s, &off), (cos, sin)) in segs.iter_mut().zip(&offsets).zip(&ropes) {
+            let n = s.tokens.len();
             // [n, heads*hd] -> [1, heads, n, hd]
-            let q = q
+            let q = part(&q_all, off, n)?
                 .reshape((n, nh, hd))?
                 .transpose(0, 1)?
                 .contiguous()?
                 .unsqueeze(0)?;
-            let k = k
+            let k = part(&k_all, off, n)?
                 .reshape((n, nkv, hd))?
                 .transpose(0, 1)?
                 .contiguous()?
                 .unsqueeze(0)?;
-            let v = v.reshape((n, nkv, hd))?.transpose(0, 1)?.contiguous()?;
+            let v = part(&v_all, off, n)?
+                .reshape((n, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?;
             let (q, k) = match cfg.rope {
                 RopeStyle::Interleaved => (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
                 ),
                 RopeStyle::Neox => (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
                 ),
             };
             let k = k.squeeze(0)?;
-            let (k_all, v_all) = self
+            let (k_seq, v_seq) = s
                 .cache
                 .append(li, &k, &v)
                 .map_err(candle_core::Error::wrap)?;
-            let y = attn.forward(&q.squeeze(0)?, &k_all, &v_all)?; // [n, nh*hd]
-            x = (x + layer.o.forward(&y)?)?;
-
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let g = layer.gate.forward(&h)?;
-            let u = layer.up.forward(&h)?;
-            let m = (g.silu()? * u)?;
-            x = (x + layer.down.forward(&m)?)?;
+            ys.push(attn.forward(&q.squeeze(0)?, &k_seq, &v_seq)?); // [n, nh*hd]
         }
-        let x = match rows {
-            Rows::Last if n > 1 => x.narrow(0, n - 1, 1)?.contiguous()?,
-            _ => x,
+        let y = if single {
+            ys.swap_remove(0)
+        } else {
+            Tensor::cat(&ys, 0)?
         };
-        let hidden = candle_nn::ops::rms_norm(&x, &w.norm, cfg.rms_eps)?;
-        let logits = w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?;
-        Ok(Forward { logits, hidden })
+        x = (x + layer.o.forward(&y)?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+        let g = layer.gate.forward(&h)?;
+        let u = layer.up.forward(&h)?;
+        let m = (g.silu()? * u)?;
+        x = (x + layer.down.forward(&m)?)?;
     }
+    // The rows each sequence wants, stacked, through the final norm and lm_head in one go.
+    let mut picked = Vec::with_capacity(segs.len());
+    let mut counts = Vec::with_capacity(segs.len());
+    for (s, &off) in segs.iter().zip(&offsets) {
+        let n = s.tokens.len();
+        let (start, len) = match s.rows {
+            Rows::Last => (off + n - 1, 1),
+            Rows::All => (off, n),
+        };
+        counts.push(len);
+        picked.push(if single && len == n {
+            x.clone()
+        } else {
+            x.narrow(0, start, len)?.contiguous()?
+        });
+    }
+    let x = if single {
+        picked.swap_remove(0)
+    } else {
+        Tensor::cat(&picked, 0)?
+    };
+    let hidden = candle_nn::ops::rms_norm(&x, &w.norm, cfg.rms_eps)?;
+    let logits = w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?;
+    if single {
+        return Ok(vec![Forward { logits, hidden }]);
+    }
+    let mut outs = Vec::with_capacity(segs.len());
+    let mut at = 0;
+    for len in counts {
+        outs.push(Forward {
+            logits: logits.narrow(0, at, len)?,
+            hidden: hidden.narrow(0, at, len)?,
+        });
+        at += len;
+    }
+    Ok(outs)
 }
 
 /// cos/sin `[n, head_dim/2]` for positions `pos..pos+n`.

@@ -436,6 +436,14 @@ fn ready(app: &App) -> Response<Body> {
 }
 
 fn metrics(app: &App) -> Response<Body> {
+    if let Some(served) = app.served.get() {
+        let e = &served.engine;
+        for (name, model) in [("target", Some(e.target())), ("draft", e.draft())] {
+            if let Some(stats) = model.and_then(|m| m.batch_stats()) {
+                app.metrics.sync_batches(name, stats);
+            }
+        }
+    }
     let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())).boxed());
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -28,6 +28,12 @@ pub struct PolicyPosition {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// `target` or `draft`.
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: String,
 }
@@ -52,6 +58,10 @@ pub struct Metrics {
     pub finished: Family<Reason, Counter>,
     pub policy_swaps: Counter<u64, AtomicU64>,
     pub policy_call_seconds: Histogram,
+    pub batched_forwards: Family<ModelLabel, Counter>,
+    pub batched_sequences: Family<ModelLabel, Counter>,
+    /// Serialises [`Metrics::sync_batches`] (it adds differences).
+    batch_sync: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -85,6 +95,9 @@ impl Metrics {
             policy_swaps: Counter::default(),
             // 1 us .. ~16 ms: one wasm `verify` call
             policy_call_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 15)),
+            batched_forwards: Family::default(),
+            batched_sequences: Family::default(),
+            batch_sync: std::sync::Mutex::new(()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -178,7 +191,32 @@ impl Metrics {
             "Policies uploaded or removed at run time",
             m.policy_swaps.clone(),
         );
+        r.register(
+            "batched_forwards",
+            "Forwards run by a model's batcher (each over one or more requests' sequences)",
+            m.batched_forwards.clone(),
+        );
+        r.register(
+            "batched_sequences",
+            "Sequences in those forwards (divided by batched_forwards: the mean batch size)",
+            m.batched_sequences.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Brings the batch counters up to a model's batcher statistics (called before encoding).
+    pub fn sync_batches(&self, model: &str, stats: crate::models::BatchStats) {
+        let _guard = self.batch_sync.lock().unwrap_or_else(|p| p.into_inner());
+        let label = ModelLabel {
+            model: model.to_string(),
+        };
+        for (family, now) in [
+            (&self.batched_forwards, stats.forwards),
+            (&self.batched_sequences, stats.sequences),
+        ] {
+            let c = family.get_or_create(&label);
+            c.inc_by(now.saturating_sub(c.get()));
+        }
     }
 
     pub fn request(&self, route: &str, status: u16) {

@@ -24,10 +24,20 @@ pub struct Server {
 
 /// A tiny random target (and, with `draft`, a tiny draft with the same tokenizer) in `dir`.
 pub fn tiny_models(dir: &Path, context: usize) -> (PathBuf, PathBuf) {
+    tiny_models_of(dir, context, TinySpec::default().dtype)
+}
+
+/// [`tiny_models`] with weights of `dtype` (Q8_0: every forward row-exact whatever the batch).
+pub fn tiny_models_of(
+    dir: &Path,
+    context: usize,
+    dtype: candle_core::quantized::GgmlDType,
+) -> (PathBuf, PathBuf) {
     let target = dir.join("tiny-target.gguf");
     let draft = dir.join("tiny-draft.gguf");
     let spec = TinySpec {
         context_length: context,
+        dtype,
         ..TinySpec::default()
     };
     write_tiny_gguf(&target, &spec).expect("write tiny target");
