@@ -72,6 +72,11 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), allow_hyphen_values = true)]
     pub threads: Option<u32>,
 
+    /// Split the target over N tensor-parallel ranks (threads on the CPU; GPU ranks need the
+    /// NCCL communicator, not built yet).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub shards: u32,
+
     /// Print one JSON line of timings and counts on stderr at the end.
     #[arg(long)]
     pub stats: bool,
@@ -154,6 +159,16 @@ impl DeviceArg {
             }
         }
     }
+}
+
+/// `--shards N`: the target split over N tensor-parallel ranks.
+pub(crate) fn shard_target(model: Model, n: usize, device: &candle_core::Device) -> Result<Model> {
+    if n > 1 && !device.is_cpu() {
+        anyhow::bail!(
+            "--shards {n} on {device:?}: GPU ranks need the NCCL communicator, which this build              does not have yet; shards run on the CPU"
+        );
+    }
+    model.shard(n).with_context(|| format!("--shards {n}"))
 }
 
 fn parse_device(s: &str) -> Result<DeviceArg, String> {
@@ -255,6 +270,7 @@ pub fn run(args: Args) -> Result<()> {
     let t_load = Instant::now();
     let model = Model::load_gguf(path, &device)
         .with_context(|| format!("loading the model {}", path.display()))?;
+    let model = shard_target(model, args.shards as usize, &device)?;
     let content = model
         .gguf_metadata()
         .with_context(|| format!("{}: no GGUF metadata", path.display()))?;

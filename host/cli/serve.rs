@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// Generation worker threads (requests generating at once).
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Split the target over N tensor-parallel ranks (threads on the CPU). A sharded target
+    /// does not batch across requests yet.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub shards: u32,
     /// Most requests whose forwards run as one batched forward (target and draft model each;
     /// outputs are the same as unbatched). 1 turns batching off.
     #[arg(long, default_value_t = 8)]
@@ -191,6 +195,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let (k, adaptive, policy) = (args.k, !args.fixed_k, args.policy.clone());
     let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
     let max_batch = args.max_batch;
+    let shards = args.shards as usize;
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &Device::Cpu)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
@@ -209,6 +214,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let chat = ChatTemplate::from_gguf(content, &tokenizer)
             .with_context(|| format!("the chat template of {}", target_path.display()))?;
         let judge = head_choice.load(&target)?;
+        let target = crate::cli::generate::shard_target(target, shards, &Device::Cpu)?;
         // Concurrent requests share forwards; a lone request runs exactly as unbatched.
         let target = target.with_batching(max_batch)?;
         let draft = draft.map(|d| d.with_batching(max_batch)).transpose()?;

@@ -14,12 +14,32 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 /// Attention of `n` new rows at positions `pos..pos + n` against `pos + n` cached keys.
+///
+/// A tensor-parallel shard holds query heads `head_offset..head_offset + n_heads` of the model
+/// and the kv heads they read (`group` query heads per kv head in the whole model): local head
+/// h reads local kv head `(head_offset + h) / group - head_offset / group`. Unsharded:
+/// `head_offset = 0`, `group = n_heads / n_kv_heads`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalAttention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    pub group: usize,
+    pub head_offset: usize,
+}
+
+impl CausalAttention {
+    /// Local kv head of local query head `h`.
+    #[inline]
+    fn kv_of(&self, h: usize) -> usize {
+        (self.head_offset + h) / self.group - self.head_offset / self.group
+    }
+
+    /// Whether the kv heads match the query heads this op holds.
+    fn consistent(&self) -> bool {
+        self.group > 0 && self.n_heads > 0 && self.n_kv_heads == self.kv_of(self.n_heads - 1) + 1
+    }
 }
 
 impl CausalAttention {
@@ -37,7 +57,12 @@ impl CausalAttention {
     fn forward_tensors(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         let (nh, n, hd) = q.dims3()?;
         let l = k.dim(1)?;
-        let (nkv, group) = (self.n_kv_heads, self.n_heads / self.n_kv_heads);
+        let (nkv, group) = (self.n_kv_heads, self.group);
+        if !self.head_offset.is_multiple_of(group) || nh != nkv * group {
+            candle_core::bail!(
+                "attention: a shard whose query heads split a kv group runs on the CPU only ({self:?})"
+            );
+        }
         // The query heads sharing one kv head become rows of one matmul.
         let q = (q.reshape((nkv, group * n, hd))? * self.scale as f64)?;
         let att = q.matmul(&k.t()?)?; // [nkv, group*n, l]
@@ -146,7 +171,7 @@ impl CustomOp3 for CausalAttention {
             || khd != hd
             || v.dims != k.dims
             || l < n
-            || nh % nkv != 0
+            || !self.consistent()
         {
             candle_core::bail!(
                 "attention: shapes q {:?} k {:?} v {:?} do not fit {self:?}",
@@ -155,7 +180,6 @@ impl CustomOp3 for CausalAttention {
                 v.dims
             );
         }
-        let group = nh / nkv;
         let pos = l - n;
         let row_len = nh * hd;
         let mut out = vec![0f32; n * row_len];
@@ -166,7 +190,7 @@ impl CustomOp3 for CausalAttention {
             let mut scores: Vec<f32> = Vec::with_capacity(l);
             for u in range {
                 let (i, h) = (u / nh, u % nh);
-                let g = h / group;
+                let g = self.kv_of(h);
                 let qrow = q.row(h, i);
                 let len = pos + i + 1; // causal: keys 0..=pos+i
                 scores.clear();
@@ -236,6 +260,8 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 20,
             scale: 0.3,
+            group: 3,
+            head_offset: 0,
         };
         // A cache buffer of capacity 16 holding 11 positions, viewed like the KV cache does.
         let kbuf = rand((2, 16, 20), 1);

@@ -6,6 +6,8 @@
 //! - [`transformer`]: [`Model`] (shared, quantized weights) and [`Session`] (one sequence's KV
 //!   cache; `forward`, `truncate` for speculation rollback).
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
+//! - [`shard`]: tensor parallelism: a model split over ranks (Megatron layout) and the
+//!   communicator that sums their partial outputs.
 //! - [`batch`]: forwards of concurrent sessions run as one batched forward (same logits).
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
 //! - [`tokenizer`]: the GGUF's byte-level BPE tokenizer, ids equal to llama.cpp's.
@@ -19,6 +21,7 @@ pub mod gguf;
 pub mod kv_cache;
 mod requant;
 pub mod safetensors;
+pub mod shard;
 pub mod testing;
 pub mod tokenizer;
 pub mod transformer;

@@ -14,6 +14,7 @@ use super::batch::{Batcher, Membership};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
+use super::shard::{Communicator, TpSession};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
@@ -95,8 +96,32 @@ pub(crate) struct Weights {
     /// 1 / theta^(2i/d) for i in 0..d/2: the rotary angle per position of each pair.
     pub(crate) inv_freq: Vec<f32>,
     pub(crate) device: Device,
-    pub(crate) gguf: Option<gguf_file::Content>,
+    pub(crate) gguf: Option<Arc<gguf_file::Content>>,
     pub(crate) source: PathBuf,
+    /// The attention heads these weights hold: all of them, or a tensor-parallel shard's.
+    pub(crate) heads: HeadLayout,
+    /// The other ranks of a tensor-parallel model (this one is rank 0); empty unsharded.
+    pub(crate) peers: Vec<Arc<Weights>>,
+}
+
+/// Which query and kv heads a copy of the weights holds (see `CausalAttention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeadLayout {
+    pub(crate) n_heads: usize,
+    pub(crate) n_kv_heads: usize,
+    pub(crate) head_offset: usize,
+    pub(crate) group: usize,
+}
+
+impl HeadLayout {
+    pub(crate) fn full(cfg: &ModelConfig) -> HeadLayout {
+        HeadLayout {
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_offset: 0,
+            group: cfg.n_heads / cfg.n_kv_heads.max(1),
+        }
+    }
 }
 
 /// Which rows of logits a forward returns.
@@ -178,7 +203,7 @@ impl Weights {
         src: &dyn WeightSource,
         names: &Names,
         device: &Device,
-        gguf: Option<gguf_file::Content>,
+        gguf: Option<Arc<gguf_file::Content>>,
     ) -> Result<Weights> {
         let c = &cfg;
         let (h, d, q_out, kv_out) = (
@@ -243,6 +268,8 @@ impl Weights {
             .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / d as f32))
             .collect();
         Ok(Weights {
+            heads: HeadLayout::full(&cfg),
+            peers: Vec::new(),
             cfg,
             embed,
             layers,
@@ -312,7 +339,7 @@ impl Model {
         let content = file.into_content();
         Ok(Model {
             w: Arc::new(Weights {
-                gguf: Some(content),
+                gguf: Some(Arc::new(content)),
                 ..w
             }),
             batcher: None,
@@ -334,7 +361,8 @@ impl Model {
     /// [`super::batch`]). Each sequence gets the same logits as it would alone. `max_batch <= 1`
     /// turns batching off.
     pub fn with_batching(&self, max_batch: usize) -> Result<Model> {
-        let batcher = if max_batch > 1 {
+        // A sharded model's ranks step together already; batching them is not built yet.
+        let batcher = if max_batch > 1 && self.w.peers.is_empty() {
             Some(Batcher::start(max_batch)?)
         } else {
             None
@@ -365,13 +393,13 @@ impl Model {
 
     /// GGUF metadata (tokenizer, chat template); `None` for safetensors models.
     pub fn gguf_metadata(&self) -> Option<&gguf_file::Content> {
-        self.w.gguf.as_ref()
+        self.w.gguf.as_deref()
     }
 
     /// A new sequence over all layers.
     pub fn session(&self) -> Session {
         let mut s = self.unbatched_session(self.w.cfg.n_layers);
-        if let Some(b) = &self.batcher {
+        if let Some(b) = self.batcher.as_ref().filter(|_| s.tp.is_none()) {
             s.batch = Some(b.join());
         }
         s
@@ -383,13 +411,112 @@ impl Model {
             n_layers,
             cache: KvCache::new(
                 n_layers,
-                self.w.cfg.n_kv_heads,
+                self.w.heads.n_kv_heads,
                 self.w.cfg.head_dim,
                 self.w.cfg.context_length,
                 &self.w.device,
             ),
             batch: None,
+            tp: (!self.w.peers.is_empty()).then(|| TpSession::new(&self.w.peers, n_layers)),
         }
+    }
+
+    /// The same model split over `n` tensor-parallel ranks (Megatron layout: query heads and MLP
+    /// columns split, the kv heads a rank's query heads read held by that rank, one all-reduce
+    /// after the attention output and one after the MLP), each rank run by its own thread and
+    /// summed through an in-process communicator. Logits equal the unsharded model's up to the
+    /// order of the partial sums. `n = 1` returns the model as it is.
+    pub fn shard(&self, n: usize) -> Result<Model> {
+        if n == 1 {
+            return Ok(self.clone());
+        }
+        if !self.w.peers.is_empty() || self.batcher.is_some() {
+            return Err(ModelError::Invalid(
+                "shard() takes a plain model (not already sharded or batching)".into(),
+            ));
+        }
+        let mut ranks = super::shard::split(&self.w, n)?;
+        let first = ranks.remove(0);
+        Ok(Model {
+            w: Arc::new(Weights {
+                peers: ranks.into_iter().map(Arc::new).collect(),
+                ..first
+            }),
+            batcher: None,
+        })
+    }
+
+    /// The same model with every matrix dequantized to f32 (4 bytes per weight). Quantized
+    /// kernels round each activation row to int8 per block, which turns a 1e-7 change in a sum
+    /// (another summation order) into a flipped rounding and visible logit changes; f32 weights
+    /// keep such changes at the size of f32 rounding, which is what comparisons of summation
+    /// orders (tensor-parallel ranks) need.
+    pub fn dequantized(&self) -> Result<Model> {
+        let w = &self.w;
+        let deq = |m: &QMatMul| -> Result<QMatMul> {
+            Ok(match m {
+                QMatMul::QTensor(t) => QMatMul::Tensor(t.dequantize(&w.device)?),
+                other => other.clone(),
+            })
+        };
+        let lin = |l: &Linear| -> Result<Linear> {
+            let w = deq(&l.w)?;
+            Ok(Linear {
+                pad_single_row: needs_row_padding(&w),
+                w,
+                b: l.b.clone(),
+            })
+        };
+        let embed = deq(&w.embed)?;
+        // A tied lm_head is the embedding's own tensor: dequantize it once.
+        let tied = matches!((&w.embed, &w.lm_head.w), (QMatMul::QTensor(a), QMatMul::QTensor(b)) if Arc::ptr_eq(a, b));
+        let lm_head = if tied {
+            Linear {
+                pad_single_row: false,
+                w: embed.clone(),
+                b: None,
+            }
+        } else {
+            lin(&w.lm_head)?
+        };
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| -> Result<Layer> {
+                Ok(Layer {
+                    attn_norm: l.attn_norm.clone(),
+                    q: lin(&l.q)?,
+                    k: lin(&l.k)?,
+                    v: lin(&l.v)?,
+                    o: lin(&l.o)?,
+                    ffn_norm: l.ffn_norm.clone(),
+                    gate: lin(&l.gate)?,
+                    up: lin(&l.up)?,
+                    down: lin(&l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            w: Arc::new(Weights {
+                cfg: w.cfg.clone(),
+                embed,
+                layers,
+                norm: w.norm.clone(),
+                lm_head,
+                inv_freq: w.inv_freq.clone(),
+                device: w.device.clone(),
+                gguf: w.gguf.clone(),
+                source: w.source.clone(),
+                heads: w.heads,
+                peers: Vec::new(),
+            }),
+            batcher: None,
+        })
+    }
+
+    /// Tensor-parallel ranks (1 unsharded).
+    pub fn shards(&self) -> usize {
+        1 + self.w.peers.len()
     }
 
     /// A sequence that runs only the first `n` layers, then the final norm and lm_head (the
@@ -414,6 +541,8 @@ pub struct Session {
     cache: KvCache,
     /// Membership of the model's batcher: forwards go through it.
     batch: Option<Membership>,
+    /// The other ranks of a tensor-parallel model, each with its part of this sequence's cache.
+    tp: Option<TpSession>,
 }
 
 impl Session {
@@ -448,17 +577,25 @@ impl Session {
             n_layers: self.n_layers,
             cache: self.cache.fork()?,
             batch: self.batch.as_ref().map(Membership::join_again),
+            tp: self.tp.as_ref().map(TpSession::fork).transpose()?,
         })
     }
 
     /// Rolls the KV cache back to `len` positions (speculation rejected the rest).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        self.cache.truncate(len)
+        self.cache.truncate(len)?;
+        match &self.tp {
+            Some(tp) => tp.truncate(len),
+            None => Ok(()),
+        }
     }
 
     /// Runs `tokens` at positions `len()..len() + tokens.len()` and appends them to the cache.
     /// On a batching model the forward may run together with other sessions' (same result).
     pub fn forward(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
+        if self.tp.is_some() {
+            return self.forward_sharded(tokens, rows);
+        }
         match self.batch.as_ref().map(|m| m.batcher().clone()) {
             Some(b) => b.forward(self, tokens, rows),
             None => self.forward_alone(tokens, rows),
@@ -485,13 +622,54 @@ impl Session {
             n_layers: self.n_layers,
             cache: KvCache::new(
                 self.n_layers,
-                self.w.cfg.n_kv_heads,
+                self.w.heads.n_kv_heads,
                 self.w.cfg.head_dim,
                 self.w.cfg.context_length,
                 &self.w.device,
             ),
             batch: None,
+            tp: None,
         }
+    }
+
+    /// Rank 0 runs here while the other ranks run the same tokens on their threads.
+    fn forward_sharded(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
+        self.check_input(tokens)?;
+        self.cache.reserve(tokens.len())?;
+        let pos = self.cache.len();
+        let tp = self
+            .tp
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("not a sharded session".into()))?;
+        tp.start(tokens, rows)?;
+        let mine = run(
+            &self.w,
+            self.n_layers,
+            &mut [Seg {
+                cache: &mut self.cache,
+                tokens,
+                rows,
+                pos,
+            }],
+            Some(tp.comm()),
+        );
+        if mine.is_err() {
+            // Wake the other ranks waiting in a collective.
+            tp.comm().abort();
+        }
+        let peers = tp.finish();
+        let out = mine
+            .ctx(|| {
+                format!(
+                    "rank 0: forward of {} tokens at position {pos}",
+                    tokens.len()
+                )
+            })?
+            .pop()
+            .ok_or_else(|| ModelError::Invalid("no output".into()))?;
+        peers?;
+        self.cache.commit(tokens.len());
+        Ok(out)
     }
 
     fn check_input(&self, tokens: &[u32]) -> Result<()> {
@@ -532,6 +710,9 @@ pub fn forward_batch(items: &mut [BatchItem<'_>]) -> Vec<Result<Forward>> {
             .session
             .check_input(it.tokens)
             .and_then(|()| match &first {
+                _ if it.session.tp.is_some() => Err(ModelError::Invalid(
+                    "a sharded session runs its forwards alone, not in a batch".into(),
+                )),
                 Some((w, n)) if !Arc::ptr_eq(w, &it.session.w) || *n != it.session.n_layers => {
                     Err(ModelError::Invalid(
                         "a batched forward needs sessions of one model and depth".into(),
@@ -566,7 +747,7 @@ pub fn forward_batch(items: &mut [BatchItem<'_>]) -> Vec<Result<Forward>> {
             1 => format!("forward of {n_tokens} tokens at position {first_pos}"),
             _ => format!("batched forward of {n_seqs} sequences ({n_tokens} tokens)"),
         };
-        match run(&w, n_layers, &mut segs).ctx(what) {
+        match run(&w, n_layers, &mut segs, None).ctx(what) {
             Ok(outs) => {
                 for ((seg, out), &i) in segs.iter_mut().zip(outs).zip(&ok) {
                     seg.cache.commit(seg.tokens.len());
@@ -589,17 +770,31 @@ pub fn forward_batch(items: &mut [BatchItem<'_>]) -> Vec<Result<Forward>> {
 }
 
 /// A sequence inside [`run`]: its cache, new tokens at `pos..`, and the rows it wants back.
-struct Seg<'a> {
-    cache: &'a mut KvCache,
-    tokens: &'a [u32],
-    rows: Rows,
-    pos: usize,
+pub(crate) struct Seg<'a> {
+    pub(crate) cache: &'a mut KvCache,
+    pub(crate) tokens: &'a [u32],
+    pub(crate) rows: Rows,
+    pub(crate) pos: usize,
 }
 
-fn run(w: &Weights, n_layers: usize, segs: &mut [Seg<'_>]) -> candle_core::Result<Vec<Forward>> {
+/// The forward itself. On a tensor-parallel shard, `comm` sums the partial outputs of the two
+/// row-split projections (attention output, MLP down) over the ranks, and only rank 0 computes
+/// logits (the others return `[rows, 0]`).
+pub(crate) fn run(
+    w: &Weights,
+    n_layers: usize,
+    segs: &mut [Seg<'_>],
+    comm: Option<&dyn Communicator>,
+) -> candle_core::Result<Vec<Forward>> {
     let cfg = &w.cfg;
     let dev = &w.device;
-    let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let (nh, nkv, hd) = (w.heads.n_heads, w.heads.n_kv_heads, cfg.head_dim);
+    let reduce = |t: Tensor| -> candle_core::Result<Tensor> {
+        match comm {
+            Some(c) => c.all_reduce_sum(&t),
+            None => Ok(t),
+        }
+    };
     let single = segs.len() == 1;
     // Row offset of each sequence in the stacked rows.
     let mut offsets = Vec::with_capacity(segs.len());
@@ -619,6 +814,8 @@ fn run(w: &Weights, n_layers: usize, segs: &mut [Seg<'_>]) -> candle_core::Resul
         n_kv_heads: nkv,
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
+        group: w.heads.group,
+        head_offset: w.heads.head_offset,
     };
     let part = |t: &Tensor, off: usize, n: usize| -> candle_core::Result<Tensor> {
         if single {
@@ -673,13 +870,13 @@ fn run(w: &Weights, n_layers: usize, segs: &mut [Seg<'_>]) -> candle_core::Resul
         } else {
             Tensor::cat(&ys, 0)?
         };
-        x = (x + layer.o.forward(&y)?)?;
+        x = (x + reduce(layer.o.forward(&y)?)?)?;
 
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
         let g = layer.gate.forward(&h)?;
         let u = layer.up.forward(&h)?;
         let m = (g.silu()? * u)?;
-        x = (x + layer.down.forward(&m)?)?;
+        x = (x + reduce(layer.down.forward(&m)?)?)?;
     }
     // The rows each sequence wants, stacked, through the final norm and lm_head in one go.
     let mut picked = Vec::with_capacity(segs.len());
@@ -703,7 +900,10 @@ fn run(w: &Weights, n_layers: usize, segs: &mut [Seg<'_>]) -> candle_core::Resul
         Tensor::cat(&picked, 0)?
     };
     let hidden = candle_nn::ops::rms_norm(&x, &w.norm, cfg.rms_eps)?;
-    let logits = w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?;
+    let logits = match comm {
+        Some(c) if c.rank() > 0 => Tensor::zeros((hidden.dim(0)?, 0), DType::F32, dev)?,
+        _ => w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?,
+    };
     if single {
         return Ok(vec![Forward { logits, hidden }]);
     }

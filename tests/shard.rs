@@ -1,0 +1,220 @@
+//! Tensor parallelism on CPU ranks: a model split over 2 and 3 ranks (threads joined by the
+//! in-process communicator) gives the unsharded logits within 1e-4 relative, on tiny models
+//! whose kv heads do not divide by the rank count and on the real Qwen2.5-Coder-1.5B (12 query
+//! heads, 2 kv heads: with 3 ranks the middle one reads both kv heads).
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use std::path::{Path, PathBuf};
+use verdict::models::testing::{TinySpec, write_tiny_gguf};
+use verdict::models::{Arch, Model, Rows, Session};
+
+fn rows(s: &mut Session, toks: &[u32], r: Rows) -> Vec<Vec<f32>> {
+    s.forward(toks, r)
+        .expect("forward")
+        .logits
+        .to_vec2::<f32>()
+        .expect("2-D logits")
+}
+
+/// max |a - b| / max |b| over all rows.
+fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let (mut d, mut m) = (0f32, 0f32);
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (p, q) in x.iter().zip(y) {
+            d = d.max((p - q).abs());
+            m = m.max(q.abs());
+        }
+    }
+    d / m
+}
+
+/// Prefill, a speculative-style 4-token forward, rollback, then single steps, and a fork: the
+/// sharded session must follow the unsharded one at every call.
+fn check_same(full: &Model, sharded: &Model, prompt: &[u32], more: &[u32], what: &str) {
+    let (mut a, mut b) = (full.session(), sharded.session());
+    let mut worst = rel_diff(
+        &rows(&mut b, prompt, Rows::All),
+        &rows(&mut a, prompt, Rows::All),
+    );
+    let step = &more[..4];
+    worst = worst.max(rel_diff(
+        &rows(&mut b, step, Rows::All),
+        &rows(&mut a, step, Rows::All),
+    ));
+    a.truncate(prompt.len() + 1).unwrap();
+    b.truncate(prompt.len() + 1).unwrap();
+    for &t in &more[4..] {
+        worst = worst.max(rel_diff(
+            &rows(&mut b, &[t], Rows::Last),
+            &rows(&mut a, &[t], Rows::Last),
+        ));
+    }
+    let (mut fa, mut fb) = (a.fork().unwrap(), b.fork().unwrap());
+    worst = worst.max(rel_diff(
+        &rows(&mut fb, &more[..2], Rows::All),
+        &rows(&mut fa, &more[..2], Rows::All),
+    ));
+    // The original is untouched by its fork's step.
+    worst = worst.max(rel_diff(
+        &rows(&mut b, &[more[3]], Rows::Last),
+        &rows(&mut a, &[more[3]], Rows::Last),
+    ));
+    assert_eq!(a.len(), b.len());
+    eprintln!("{what}: max relative logit difference {worst:e}");
+    assert!(
+        worst < 1e-4,
+        "{what}: sharded logits differ by {worst:e} (relative)"
+    );
+}
+
+fn tiny(dir: &Path, spec: &TinySpec) -> Model {
+    let p = dir.join(format!(
+        "tiny-{:?}-{:?}-{}.gguf",
+        spec.arch, spec.dtype, spec.heads
+    ));
+    write_tiny_gguf(&p, spec).expect("write tiny gguf");
+    Model::load_gguf(&p, &Device::Cpu).expect("load tiny gguf")
+}
+
+#[test]
+fn tiny_models_on_2_and_3_ranks_match_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = [5u32, 17, 250, 3, 99, 260, 7, 1, 42];
+    let more = [11u32, 12, 13, 14, 15, 16, 17];
+    for (arch, dtype) in [
+        (Arch::Qwen2, GgmlDType::F32),
+        (Arch::Llama, GgmlDType::F32),
+        (Arch::Qwen2, GgmlDType::Q8_0),
+        (Arch::Qwen2, GgmlDType::Q4K),
+        (Arch::Qwen2, GgmlDType::Q6K),
+    ] {
+        let k = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
+        // 6 query heads over 2 kv heads: with 3 ranks, rank 1 holds heads 2-3 and reads both.
+        let spec = TinySpec {
+            arch,
+            dtype,
+            hidden: if k { 768 } else { 96 },
+            heads: 6,
+            kv_heads: 2,
+            intermediate: if k { 768 } else { 192 },
+            ..TinySpec::default()
+        };
+        let full = tiny(dir.path(), &spec);
+        for n in [2, 3] {
+            let sharded = full.shard(n).unwrap();
+            assert_eq!(sharded.shards(), n);
+            assert_eq!(
+                sharded.config(),
+                full.config(),
+                "the config stays the model's"
+            );
+            check_same(
+                &full,
+                &sharded,
+                &prompt,
+                &more,
+                &format!("{arch:?} {dtype:?} x{n}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn impossible_splits_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = tiny(
+        dir.path(),
+        &TinySpec {
+            heads: 4,
+            kv_heads: 2,
+            ..TinySpec::default()
+        },
+    );
+    let err = full.shard(5).unwrap_err().to_string();
+    assert!(
+        err.contains("over 5 ranks") && err.contains("4 heads"),
+        "{err}"
+    );
+    let err = full.shard(0).unwrap_err().to_string();
+    assert!(err.contains("at least 1"), "{err}");
+    let err = full.shard(2).unwrap().shard(2).unwrap_err().to_string();
+    assert!(err.contains("already sharded"), "{err}");
+    // Q8_0 blocks hold 32 values: heads of 16 move in pairs, so 4 heads allow 2 ranks, not 3.
+    let q8 = tiny(
+        dir.path(),
+        &TinySpec {
+            dtype: GgmlDType::Q8_0,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ..TinySpec::default()
+        },
+    );
+    assert!(q8.shard(2).is_ok());
+    let err = q8.shard(3).unwrap_err().to_string();
+    assert!(
+        err.contains("32-value") && err.contains("at most 2"),
+        "{err}"
+    );
+    // One rank is the model itself.
+    assert_eq!(full.shard(1).unwrap().shards(), 1);
+}
+
+/// A sharded model serves batching requests one by one: batching is refused quietly (the
+/// sessions run alone) and a sharded session never joins a batch.
+#[test]
+fn a_sharded_model_does_not_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        heads: 6,
+        hidden: 96,
+        intermediate: 192,
+        ..TinySpec::default()
+    };
+    let full = tiny(dir.path(), &spec);
+    let m = full.shard(2).unwrap().with_batching(4).unwrap();
+    assert!(m.batch_stats().is_none());
+    let mut s = m.session();
+    assert_eq!(rows(&mut s, &[1, 2, 3], Rows::Last).len(), 1);
+}
+
+fn models_dir() -> PathBuf {
+    match std::env::var("VERDICT_MODELS") {
+        Ok(d) => PathBuf::from(d),
+        Err(_) => PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+            .join(".cache/verdict/models"),
+    }
+}
+
+/// The real 1.5B, its weights dequantized to f32: with the GGUF's K-quants the kernels round
+/// each activation to int8 per block, so the ranks' other summation order (1e-7) flips
+/// roundings and the logits part by up to a few percent after 28 layers; that is a property of
+/// int8 activations, not of the split, which f32 weights show exactly.
+#[test]
+fn qwen15_on_2_and_3_ranks_matches_one() {
+    let p = models_dir().join("qwen2.5-coder-1.5b.gguf");
+    let full = Model::load_gguf(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models first)"))
+        .dequantized()
+        .unwrap();
+    let c = full.config();
+    assert_eq!((c.n_heads, c.n_kv_heads), (12, 2));
+    // "<|im_start|>user\nWrite a function" and a few code tokens.
+    let prompt = [
+        151644u32, 872, 198, 7985, 264, 729, 13, 151645, 198, 151644, 77091, 198,
+    ];
+    let more = [750u32, 912, 7, 77, 1648, 262, 470];
+    for n in [2, 3] {
+        let sharded = full.shard(n).unwrap();
+        check_same(
+            &full,
+            &sharded,
+            &prompt,
+            &more,
+            &format!("qwen2.5-coder-1.5b f32 x{n}"),
+        );
+    }
+}
