@@ -81,6 +81,8 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
         (None, DrafterSpec::PromptLookup),
         (None, DrafterSpec::SelfDraft(1)),
         (None, DrafterSpec::SelfDraft(2)),
+        (Some(other.clone()), DrafterSpec::Auto),
+        (None, DrafterSpec::Auto), // prompt lookup as the only candidate
     ];
     let plain = engine(target.clone(), None, None, 4);
     for prompt in PROMPTS {
@@ -120,6 +122,50 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
     let (_, stats) = run(&e, greedy(PROMPTS[0], 41, Speculation::Default));
     assert_eq!(stats.accepted, stats.drafted, "{stats:?}");
     assert_eq!(stats.steps, 8, "40 tokens in steps of 5: {stats:?}");
+}
+
+/// `auto` picks prompt lookup or the draft model per step from their measured payoff; under
+/// strict at T = 0 whatever it picks emits the target's own greedy tokens.
+#[test]
+fn auto_drafter_picks_per_step_and_stays_lossless() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let plain = engine(target.clone(), None, None, 4);
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+    // Adaptive, with the target itself as a (perfect, costly) draft model.
+    let auto = Engine::new(EngineConfig {
+        judge: None,
+        target: target.clone(),
+        draft: Some(target.clone()),
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: Some(DrafterSpec::Auto),
+        default_k: 8,
+        adaptive: true,
+    })
+    .unwrap();
+    for prompt in PROMPTS {
+        let (reference, _) = run(&plain, greedy(prompt, 60, Speculation::Off));
+        let mut req = greedy(prompt, 60, Speculation::Default);
+        req.seed = None; // a seed would fix the choices; let it adapt
+        let (out, stats) = run(&auto, req);
+        assert_eq!(out, reference, "prompt {prompt:?}");
+        assert_eq!(stats.drafter.as_deref(), Some("auto"));
+        let by: u64 = stats.drafter_steps.values().sum();
+        assert!(by >= 1 && by <= stats.steps, "{stats:?}");
+        assert!(
+            stats
+                .drafter_steps
+                .keys()
+                .all(|k| k == "model" || k == "prompt-lookup"),
+            "{stats:?}"
+        );
+        // The perfect model draft always has a proposal, so it drafts at least once.
+        assert!(
+            stats.drafter_steps.get("model").copied().unwrap_or(0) >= 1,
+            "{stats:?}"
+        );
+    }
 }
 
 #[test]

@@ -155,7 +155,7 @@ fn spec(a: SpecArgs) -> Result<()> {
         .iter()
         .map(|d| DrafterSpec::parse(d))
         .collect::<Result<_>>()?;
-    let draft = if drafters.contains(&DrafterSpec::Model) {
+    let draft = if drafters.contains(&DrafterSpec::Model) || drafters.contains(&DrafterSpec::Auto) {
         Some(Model::load_gguf(&draft_path, &device)?)
     } else {
         None

@@ -81,9 +81,10 @@ pub struct Args {
     #[arg(long)]
     pub stats: bool,
 
-    /// Speculate: a draft GGUF sharing the model's tokenizer, `prompt-lookup`, or `self:N`
-    /// (the model's own first N layers).
-    #[arg(long, value_name = "PATH|prompt-lookup|self:N")]
+    /// Speculate: a draft GGUF sharing the model's tokenizer, `prompt-lookup`, `self:N` (the
+    /// model's own first N layers), or `auto:PATH` (per step, prompt lookup or the draft model
+    /// at PATH, whichever is expected to be faster).
+    #[arg(long, value_name = "PATH|prompt-lookup|self:N|auto:PATH")]
     pub draft: Option<String>,
 
     /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
@@ -314,6 +315,12 @@ pub fn run(args: Args) -> Result<()> {
         None => (None, None),
         Some(d) if d == "prompt-lookup" || d.starts_with("self:") => {
             (None, Some(DrafterSpec::parse(d).context("--draft")?))
+        }
+        Some(d) if d.starts_with("auto:") => {
+            let p = &d["auto:".len()..];
+            let m = Model::load_gguf(std::path::Path::new(p), &device)
+                .with_context(|| format!("loading the draft model {p}"))?;
+            (Some(m), Some(DrafterSpec::Auto))
         }
         Some(d) => {
             let m = Model::load_gguf(std::path::Path::new(d), &device)

@@ -29,9 +29,10 @@ pub struct ServeArgs {
     /// -0.5B) from the model cache, fetched first if missing.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The default drafter: a draft model (GGUF path, same tokenizer), `prompt-lookup` or
-    /// `self:N` (the target's first N layers). Without it requests decode autoregressively
-    /// unless they ask for speculation.
+    /// The default drafter: a draft model (GGUF path, same tokenizer), `prompt-lookup`,
+    /// `self:N` (the target's first N layers), or `auto` / `auto:PATH` (per step, prompt lookup
+    /// or the draft model, whichever is expected to be faster). Without it requests decode
+    /// autoregressively unless they ask for speculation.
     #[arg(long)]
     pub draft: Option<String>,
     /// Speculation length k; the maximum k unless --fixed-k (requests may override with
@@ -119,10 +120,12 @@ fn resolve_models(args: &ServeArgs) -> Result<(PathBuf, Option<PathBuf>, Option<
         None => {
             let cache = model_cache();
             let (t, d) = (cache.join(DEFAULT_TARGET), cache.join(DEFAULT_DRAFT));
-            if !t.exists() || (args.draft.is_none() && !d.exists()) {
+            // No --draft, or --draft auto: the default pair's draft model.
+            let wants_draft = matches!(args.draft.as_deref(), None | Some("auto"));
+            if !t.exists() || (wants_draft && !d.exists()) {
                 fetch_default_pair(&cache)?;
             }
-            (t, args.draft.is_none().then_some(d))
+            (t, wants_draft.then_some(d))
         }
     };
     if !target.is_file() {
@@ -133,6 +136,15 @@ fn resolve_models(args: &ServeArgs) -> Result<(PathBuf, Option<PathBuf>, Option<
             Some(d) => Ok((target, Some(d), Some(DrafterSpec::Model))),
             None => Ok((target, None, None)),
         },
+        // Auto: prompt lookup or the draft model (the default pair's, or auto:PATH), per step.
+        Some("auto") => Ok((target, implied_draft, Some(DrafterSpec::Auto))),
+        Some(s) if s.starts_with("auto:") => {
+            let p = PathBuf::from(&s["auto:".len()..]);
+            if !p.is_file() {
+                bail!("--draft {s}: {} is not a file", p.display());
+            }
+            Ok((target, Some(p), Some(DrafterSpec::Auto)))
+        }
         Some(s) if s == "prompt-lookup" || s.starts_with("self:") => {
             let spec = DrafterSpec::parse(s).with_context(|| format!("--draft {s}"))?;
             Ok((target, None, Some(spec)))

@@ -3,13 +3,16 @@
 //! Three drafters behind one trait: a separate draft model sharing the target's tokenizer
 //! ([`ModelDrafter`]), the target's own first layers (self-draft / layer skip: the same type over a
 //! layer-limited session), and prompt lookup ([`PromptLookup`], n-gram copy, no model).
+//! [`AutoDrafter`] picks among them per step.
 
+mod auto;
 mod model;
 pub mod prompt_lookup;
 
 use anyhow::{Result, bail};
 
 use crate::sample::{Rng64, SamplingParams};
+pub use auto::AutoDrafter;
 pub use model::ModelDrafter;
 
 /// A drafter's proposal for one step.
@@ -40,6 +43,21 @@ pub trait Drafter: Send {
         sampling: &SamplingParams,
         rng: &mut Rng64,
     ) -> Result<Draft>;
+
+    /// Whether the drafter picks k itself (up to the `k` it is given) instead of the engine's
+    /// adaptive k.
+    fn chooses_k(&self) -> bool {
+        false
+    }
+
+    /// The outcome of the last proposal: `drafted` tokens verified, `accepted` of them kept, and
+    /// what drafting and verifying took.
+    fn observe(&mut self, _drafted: usize, _accepted: usize, _draft_s: f64, _verify_s: f64) {}
+
+    /// Which drafter made the last proposal (for a drafter that delegates; `None`: itself).
+    fn last_choice(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Which drafter a request or the command line asks for.
@@ -51,6 +69,8 @@ pub enum DrafterSpec {
     PromptLookup,
     /// The target's first N layers.
     SelfDraft(usize),
+    /// Per step, prompt lookup or the draft model, whichever is expected to be faster.
+    Auto,
 }
 
 impl DrafterSpec {
@@ -59,6 +79,7 @@ impl DrafterSpec {
         match s {
             "model" | "draft" => Ok(DrafterSpec::Model),
             "prompt-lookup" | "prompt_lookup" => Ok(DrafterSpec::PromptLookup),
+            "auto" => Ok(DrafterSpec::Auto),
             _ => {
                 if let Some(n) = s.strip_prefix("self:") {
                     match n.parse::<usize>() {
@@ -66,7 +87,7 @@ impl DrafterSpec {
                         _ => bail!("`{s}`: self:N needs a layer count N >= 1"),
                     }
                 } else {
-                    bail!("unknown drafter `{s}` (expected model, prompt-lookup or self:N)")
+                    bail!("unknown drafter `{s}` (expected model, prompt-lookup, self:N or auto)")
                 }
             }
         }
@@ -77,6 +98,7 @@ impl DrafterSpec {
             DrafterSpec::Model => "model".into(),
             DrafterSpec::PromptLookup => "prompt-lookup".into(),
             DrafterSpec::SelfDraft(n) => format!("self:{n}"),
+            DrafterSpec::Auto => "auto".into(),
         }
     }
 }

@@ -39,6 +39,11 @@ impl AdaptiveK {
 
     /// The k that maximises expected tokens per unit time.
     pub fn next_k(&self) -> usize {
+        self.best().0
+    }
+
+    /// That k and its expected tokens per second.
+    pub fn best(&self) -> (usize, f64) {
         let a = self.rate.clamp(0.0, 0.999);
         let mut best = (1usize, f64::MIN);
         for k in 1..=self.k_max {
@@ -51,7 +56,7 @@ impl AdaptiveK {
                 best = (k, speed);
             }
         }
-        best.0
+        best
     }
 
     /// Record one step: `drafted` positions proposed, `accepted` of them kept (a prefix), and the

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow};
 
 use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
-use crate::draft::{Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
+use crate::draft::{AutoDrafter, Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
@@ -250,8 +250,19 @@ impl Engine {
                 format!("k must be in 1..={MAX_K}, got {k}"),
             ));
         }
+        // Adaptive k follows measured timings, and k decides which positions are drafted and
+        // which sampled by the target: a seeded request keeps a fixed k so that it reproduces.
+        let adaptive = req.adaptive.unwrap_or(cfg.adaptive && req.seed.is_none());
         let drafter: Option<Box<dyn Drafter>> = match drafter_spec {
             None => None,
+            Some(DrafterSpec::Auto) => {
+                // Prompt lookup first: it is free whenever it has a proposal.
+                let mut candidates: Vec<Box<dyn Drafter>> = vec![Box::new(PromptLookup::default())];
+                if let Some(draft) = &cfg.draft {
+                    candidates.push(Box::new(ModelDrafter::new("model", draft.session())));
+                }
+                Some(Box::new(AutoDrafter::new(candidates, k, adaptive)))
+            }
             Some(DrafterSpec::PromptLookup) => Some(Box::new(PromptLookup::default())),
             Some(DrafterSpec::Model) => {
                 let draft = cfg.draft.as_ref().ok_or_else(|| {
@@ -311,9 +322,6 @@ impl Engine {
         };
 
         let seed = req.seed.unwrap_or_else(rand::random);
-        // Adaptive k follows measured timings, and k decides which positions are drafted and
-        // which sampled by the target: a seeded request keeps a fixed k so that it reproduces.
-        let adaptive = req.adaptive.unwrap_or(cfg.adaptive && req.seed.is_none());
         let mut stats = SpecStats::default();
         if let Some(d) = &drafter {
             stats.drafter = Some(d.name());
@@ -481,9 +489,10 @@ impl Generation {
             self.finished = Some(FinishReason::Length);
             return Ok(Vec::new());
         }
+        let chooses_k = self.drafter.as_ref().is_some_and(|d| d.chooses_k());
         let k = match &self.adaptive {
-            Some(a) => a.next_k(),
-            None => self.k_max,
+            Some(a) if !chooses_k => a.next_k(),
+            _ => self.k_max,
         }
         // Drafting past max_tokens is wasted; the bonus/correction token needs no slot.
         .min(remaining.saturating_sub(1))
@@ -514,6 +523,8 @@ impl Generation {
             return self.plain_step();
         }
         let t_draft = t0.elapsed().as_secs_f64();
+        let used = drafter.last_choice().unwrap_or_else(|| drafter.name());
+        *self.stats.drafter_steps.entry(used).or_default() += 1;
         let kd = draft.tokens.len();
         let base = self.target.len();
         let last = *self.tokens.last().context("no tokens")?;
@@ -579,8 +590,11 @@ impl Generation {
             .count();
         self.stats
             .record_step(kd, n, off_argmax, decision.fault.is_some());
-        if let Some(a) = self.adaptive.as_mut() {
-            a.observe(kd, n, t_draft, t_verify);
+        if let Some(d) = self.drafter.as_mut() {
+            d.observe(kd, n, t_draft, t_verify);
+            if let Some(a) = self.adaptive.as_mut().filter(|_| !d.chooses_k()) {
+                a.observe(kd, n, t_draft, t_verify);
+            }
         }
         let mut out: Vec<u32> = draft.tokens[..n].to_vec();
         out.push(next);

@@ -33,6 +33,8 @@ pub struct SpecStats {
     pub policy: Option<String>,
     /// The drafter, when speculating.
     pub drafter: Option<String>,
+    /// Speculative steps per drafter that proposed them (several only for `auto`).
+    pub drafter_steps: std::collections::BTreeMap<String, u64>,
 }
 
 impl SpecStats {

@@ -45,14 +45,17 @@ pub enum DraftChoice {
     PromptLookup,
     /// The first N layers of the target.
     SelfLayers(usize),
+    /// Per step, prompt lookup or the draft model, whichever is expected to be faster.
+    Auto,
 }
 
 impl DraftChoice {
-    /// Parses the CLI / API spelling: `model`, `prompt-lookup` or `self:N`.
+    /// Parses the CLI / API spelling: `model`, `prompt-lookup`, `self:N` or `auto`.
     pub fn parse(s: &str) -> Result<DraftChoice, String> {
         match s {
             "model" => Ok(DraftChoice::Model),
             "prompt-lookup" => Ok(DraftChoice::PromptLookup),
+            "auto" => Ok(DraftChoice::Auto),
             _ => match s.strip_prefix("self:") {
                 Some(n) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => Ok(DraftChoice::SelfLayers(n)),
@@ -61,7 +64,7 @@ impl DraftChoice {
                     )),
                 },
                 None => Err(format!(
-                    "unknown drafter `{s}` (expected \"model\", \"prompt-lookup\" or \"self:N\")"
+                    "unknown drafter `{s}` (expected \"model\", \"prompt-lookup\", \"self:N\" or \"auto\")"
                 )),
             },
         }
@@ -812,6 +815,7 @@ mod tests {
     #[test]
     fn drafter_spellings() {
         assert_eq!(DraftChoice::parse("model"), Ok(DraftChoice::Model));
+        assert_eq!(DraftChoice::parse("auto"), Ok(DraftChoice::Auto));
         assert_eq!(
             DraftChoice::parse("prompt-lookup"),
             Ok(DraftChoice::PromptLookup)

@@ -59,6 +59,8 @@ pub struct SpeculationReport {
     /// The target's mean log-probability (T = 1) of the generated tokens: how likely the target
     /// finds the output, whatever policy produced it.
     pub mean_target_logprob: f64,
+    /// Speculative steps by the drafter that proposed them (`auto` picks one per step).
+    pub drafter_steps: std::collections::BTreeMap<String, u64>,
 }
 
 impl SpeculationReport {
@@ -75,6 +77,7 @@ impl SpeculationReport {
             policy_faults: stats.policy_faults,
             accepted_off_argmax: stats.accepted_off_argmax,
             mean_target_logprob: stats.mean_target_logprob(),
+            drafter_steps: stats.drafter_steps.clone(),
         }
     }
 }

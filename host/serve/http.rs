@@ -718,6 +718,7 @@ fn drafter_spec(d: &DraftChoice) -> DrafterSpec {
         DraftChoice::Model => DrafterSpec::Model,
         DraftChoice::PromptLookup => DrafterSpec::PromptLookup,
         DraftChoice::SelfLayers(n) => DrafterSpec::SelfDraft(*n),
+        DraftChoice::Auto => DrafterSpec::Auto,
     }
 }
 

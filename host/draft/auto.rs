@@ -1,0 +1,197 @@
+//! Automatic drafter choice: per request and per step, the drafter expected to give the most
+//! tokens per second, from each candidate's own acceptance history and measured costs (the
+//! estimates adaptive k keeps, see [`crate::engine::AdaptiveK`]).
+//!
+//! Prompt lookup drafts for free but only when the text repeats itself; a draft model always
+//! has a proposal but costs a forward per token. So each step tries the candidates from the
+//! best expected speed down and takes the first that has something to propose. Every
+//! [`EXPLORE_EVERY`]-th step tries the least recently used candidate first, so an estimate that
+//! turned pessimistic can recover when the text changes.
+//!
+//! Without adaptation (a seeded request keeps its choices reproducible), the order is fixed:
+//! the candidates as given, each proposing the full k.
+
+use anyhow::Result;
+
+use super::{Draft, Drafter};
+use crate::engine::AdaptiveK;
+use crate::sample::{Rng64, SamplingParams};
+
+/// One step in this many explores the least recently used candidate.
+pub const EXPLORE_EVERY: u64 = 16;
+
+struct Candidate {
+    drafter: Box<dyn Drafter>,
+    estimate: AdaptiveK,
+    last_used: u64,
+}
+
+/// Chooses among drafters per step (`auto`).
+pub struct AutoDrafter {
+    candidates: Vec<Candidate>,
+    adaptive: bool,
+    steps: u64,
+    /// The candidate that made the last proposal.
+    last: Option<usize>,
+}
+
+impl AutoDrafter {
+    /// `candidates` in their order of preference when not adapting; `k_max` caps every k.
+    pub fn new(candidates: Vec<Box<dyn Drafter>>, k_max: usize, adaptive: bool) -> Self {
+        AutoDrafter {
+            candidates: candidates
+                .into_iter()
+                .map(|drafter| Candidate {
+                    drafter,
+                    estimate: AdaptiveK::new(k_max),
+                    last_used: 0,
+                })
+                .collect(),
+            adaptive,
+            steps: 0,
+            last: None,
+        }
+    }
+
+    /// The order to try the candidates in this step.
+    fn order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.candidates.len()).collect();
+        if !self.adaptive {
+            return order;
+        }
+        // Best expected speed first (a stable sort keeps the given order on ties).
+        order.sort_by(|&a, &b| {
+            let (sa, sb) = (
+                self.candidates[a].estimate.best().1,
+                self.candidates[b].estimate.best().1,
+            );
+            sb.total_cmp(&sa)
+        });
+        if self.steps % EXPLORE_EVERY == EXPLORE_EVERY - 1
+            && let Some(stale) =
+                (0..self.candidates.len()).min_by_key(|&i| self.candidates[i].last_used)
+        {
+            order.retain(|&i| i != stale);
+            order.insert(0, stale);
+        }
+        order
+    }
+}
+
+impl Drafter for AutoDrafter {
+    fn name(&self) -> String {
+        "auto".into()
+    }
+
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        rng: &mut Rng64,
+    ) -> Result<Draft> {
+        self.steps += 1;
+        self.last = None;
+        for i in self.order() {
+            let c = &mut self.candidates[i];
+            let k_i = if self.adaptive {
+                c.estimate.next_k().min(k)
+            } else {
+                k
+            };
+            let draft = c.drafter.propose(context, k_i, sampling, rng)?;
+            if !draft.tokens.is_empty() {
+                c.last_used = self.steps;
+                self.last = Some(i);
+                return Ok(draft);
+            }
+        }
+        Ok(Draft::default())
+    }
+
+    fn chooses_k(&self) -> bool {
+        self.adaptive
+    }
+
+    fn observe(&mut self, drafted: usize, accepted: usize, draft_s: f64, verify_s: f64) {
+        if let Some(i) = self.last {
+            self.candidates[i]
+                .estimate
+                .observe(drafted, accepted, draft_s, verify_s);
+        }
+    }
+
+    fn last_choice(&self) -> Option<String> {
+        self.last.map(|i| self.candidates[i].drafter.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::draft::PromptLookup;
+
+    /// A drafter that always proposes `k` copies of one token.
+    struct Fixed(u32);
+
+    impl Drafter for Fixed {
+        fn name(&self) -> String {
+            format!("fixed:{}", self.0)
+        }
+        fn propose(
+            &mut self,
+            _: &[u32],
+            k: usize,
+            _: &SamplingParams,
+            _: &mut Rng64,
+        ) -> Result<Draft> {
+            Ok(Draft {
+                tokens: vec![self.0; k],
+                q_token: vec![1.0; k],
+                q_rows: Vec::new(),
+            })
+        }
+    }
+
+    fn step(a: &mut AutoDrafter, ctx: &[u32]) -> (Option<String>, usize) {
+        let d = a
+            .propose(ctx, 8, &SamplingParams::default(), &mut Rng64::new(1))
+            .unwrap();
+        (a.last_choice(), d.tokens.len())
+    }
+
+    #[test]
+    fn falls_through_to_a_drafter_that_has_a_proposal() {
+        let mut a = AutoDrafter::new(
+            vec![Box::new(PromptLookup::default()), Box::new(Fixed(7))],
+            8,
+            false,
+        );
+        // No repetition: prompt lookup has nothing, the fixed drafter proposes.
+        assert_eq!(step(&mut a, &[1, 2, 3]), (Some("fixed:7".into()), 8));
+        // A repeat: prompt lookup comes first when not adapting.
+        assert_eq!(
+            step(&mut a, &[1, 2, 3, 1, 2]).0.as_deref(),
+            Some("prompt-lookup")
+        );
+        assert!(!a.chooses_k());
+    }
+
+    #[test]
+    fn learns_which_candidate_pays_and_still_explores() {
+        let mut a = AutoDrafter::new(vec![Box::new(Fixed(1)), Box::new(Fixed(2))], 8, true);
+        let mut uses = [0usize; 2];
+        for _ in 0..200 {
+            let (name, n) = step(&mut a, &[5]);
+            let i = usize::from(name.as_deref() == Some("fixed:2"));
+            uses[i] += 1;
+            // Candidate 2's drafts are all accepted, candidate 1's never; same costs.
+            let accepted = if i == 1 { n } else { 0 };
+            a.observe(n, accepted, 0.001 * n as f64, 0.01);
+        }
+        assert!(uses[1] > 150, "{uses:?}");
+        // Exploration keeps trying the losing one now and then.
+        assert!(uses[0] >= 200 / EXPLORE_EVERY as usize / 2, "{uses:?}");
+        assert!(a.chooses_k());
+    }
+}
