@@ -28,7 +28,7 @@ pub enum BenchCommand {
 pub struct SpecArgs {
     #[command(flatten)]
     pub pair: ModelPair,
-    /// Drafters to compare, comma separated: model, prompt-lookup, self:N.
+    /// Drafters to compare, comma separated: model, prompt-lookup, self:N, auto.
     #[arg(long, default_value = "model,prompt-lookup")]
     pub drafters: String,
     /// Policies to compare, comma separated (name or name@version).
