@@ -11,6 +11,8 @@
 
 #define BLOCK 1024
 #define WARPS (BLOCK / 32)
+// The reductions finish in one warp: one lane per warp of the block.
+static_assert(WARPS == 32, "BLOCK must be 1024 threads");
 
 // (value, id) ordered as the CPU's top-K and argmax order them: larger value first, then lower id.
 struct Entry {

@@ -10,7 +10,11 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{CudaDevice, DType, Device, Layout, Storage, Tensor};
-use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use crate::decide::{Features, Step};
 use crate::sample::SamplingParams;
@@ -36,8 +40,9 @@ pub fn device() -> std::result::Result<Device, String> {
 /// they order with the model's own kernels without extra synchronisation).
 pub struct StepKernels {
     dev: CudaDevice,
-    features: candle_core::cuda_backend::CudaFunc,
-    sample: candle_core::cuda_backend::CudaFunc,
+    stream: Arc<CudaStream>,
+    features: CudaFunction,
+    sample: CudaFunction,
 }
 
 /// One step's inputs, all on the kernels' device.
@@ -116,11 +121,13 @@ impl StepKernels {
             .clone();
         let load = |name: &str| {
             dev.get_or_load_custom_func(name, MODULE, PTX)
+                .map(|f| f.into_cuda_function())
                 .with_context(|| format!("loading kernel {name} from kernels/step.cu"))
         };
         Ok(StepKernels {
             features: load("step_features")?,
             sample: load("step_sample")?,
+            stream: dev.cuda_stream(),
             dev,
         })
     }
@@ -223,13 +230,12 @@ impl StepKernels {
         let null = 0u64;
         let zero_u = 0u32;
         let zero_f = 0f32;
-        let stream = self.dev.cuda_stream();
         {
             // The regions of `out` as raw pointers (cudarc has no way to hand out several
             // mutable views of one buffer); `out` lives on this stream until the copy below.
-            let (base, _sync) = out.device_ptr_mut(&stream);
+            let (base, _sync) = out.device_ptr_mut(&self.stream);
             let at: Vec<u64> = (0..7).map(|i| base + 4 * lay.range(i).start as u64).collect();
-            let mut b = self.features.builder();
+            let mut b = self.stream.launch_builder(&self.features);
             b.arg(&logits)
                 .arg(&rows_u)
                 .arg(&vocab_u)
@@ -356,7 +362,7 @@ impl StepKernels {
         let mut out = self.dev.alloc_zeros::<u32>(draws.len())?;
         let null = 0u64;
         {
-            let mut b = self.sample.builder();
+            let mut b = self.stream.launch_builder(&self.sample);
             b.arg(&features.probs).arg(&vocab_u).arg(&rows);
             match &q_view {
                 Some(v) => b.arg(v),
