@@ -4,13 +4,15 @@
 # SmolLM2-135M against the same on CPU, as one table.
 #
 # Here (the build machine):
-#   CARGO_TARGET_DIR=/work/target-cuda scripts/build-cuda tests   # binaries, gzipped
-#   bench/gpu.sh pack       # copies them and the model (in two parts) to bench/out/gpu/
-# The device tool carries the working tree plus at most 8 ignored paths, 64 MiB per call, and
-# keeps ignored files on a warm machine between calls; so, as `pack` prints:
-#   run 1: carry ["bench/out/gpu/model.part-aa"], command "true"
-#   run 2: carry [the rest, as printed], command "bash bench/gpu.sh", timeout_s 400
-# then give the machine back. The table and the full log come back as $OUT/gpu.log.
+#   CARGO_TARGET_DIR=/work/target-cuda scripts/build-cuda tests   # the two binaries
+#   CARGO_TARGET_DIR=/work/target-cuda bench/gpu.sh pack          # -> bench/out/gpu/
+# The device tool carries the working tree plus at most 8 ignored paths, 64 MiB in all per call,
+# and keeps ignored files on a warm machine between calls. The binaries (xz: 83 + 40 MB stripped,
+# ~18 MB packed) and SmolLM2 (94 MiB) take two calls; `pack` prints both carry lists:
+#   run 1: carry [binaries, model.part-aa], command "true"
+#   run 2: carry [the other model parts], command "bash bench/gpu.sh", timeout_s 400
+# run 2 right after run 1 (a machine idle for about 30 s is given back, with the files), then
+# give the machine back. The table and the whole log come back as $OUT/gpu.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=bench/out/gpu
@@ -21,16 +23,19 @@ if [ "${1:-}" = pack ]; then
     set -e
     gpu=${CARGO_TARGET_DIR:-target}/gpu
     mkdir -p "$dir"
-    cp "$gpu/verdict.gz" "$gpu/kernels-test.gz" "$dir/"
-    rm -f "$dir"/model.part-*
-    split -b 60M "$model_src" "$dir/model.part-"
+    rm -f "$dir"/*.xz "$dir"/model.part-*
+    for b in verdict kernels-test; do
+        [ -f "$gpu/$b" ] || { echo "pack: no $gpu/$b (run scripts/build-cuda tests)" >&2; exit 1; }
+        xz -6 -T2 -c "$gpu/$b" >"$dir/$b.xz"
+    done
+    # Run 1 carries the binaries and as much of the model as fits in 60 MiB.
+    bin_mib=$(du -cm "$dir"/*.xz | tail -1 | cut -f1)
+    split -b "$((60 - bin_mib))M" "$model_src" "$dir/model.part-"
     rest=$(ls "$dir"/model.part-* | tail -n +2)
-    mib=$(du -cm "$dir/verdict.gz" "$dir/kernels-test.gz" $rest | tail -1 | cut -f1)
-    [ "$mib" -lt 64 ] || { echo "pack: run 2 would carry $mib MiB (> 64)" >&2; exit 1; }
-    echo "run 1 carry: [\"$dir/model.part-aa\"]"
-    printf 'run 2 carry: ["%s/verdict.gz", "%s/kernels-test.gz"' "$dir" "$dir"
-    for f in $rest; do printf ', "%s"' "$f"; done
-    echo "]   ($mib MiB)"
+    mib=$(du -cm $rest | tail -1 | cut -f1)
+    [ "$mib" -le 60 ] || { echo "pack: run 2 would carry $mib MiB" >&2; exit 1; }
+    echo "run 1 carry: [\"$dir/verdict.xz\", \"$dir/kernels-test.xz\", \"$dir/model.part-aa\"]"
+    printf 'run 2 carry: [%s]\n' "$(for f in $rest; do printf '"%s", ' "$f"; done | sed 's/, $//')"
     exit 0
 fi
 
@@ -45,8 +50,14 @@ export LD_LIBRARY_PATH="$libs:/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1
 
 bin=$(mktemp -d)
+unxz() { # xz, else python's lzma (the torch venv has one)
+    if command -v xz >/dev/null; then xz -dc "$1"; else
+        py=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
+        "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1"
+    fi
+}
 for b in verdict kernels-test; do
-    gunzip -c "$dir/$b.gz" >"$bin/$b" && chmod +x "$bin/$b" || echo "missing $dir/$b.gz"
+    unxz "$dir/$b.xz" >"$bin/$b" && chmod +x "$bin/$b" || echo "missing $dir/$b.xz"
 done
 model=""
 if ls "$dir"/model.part-* >/dev/null 2>&1; then
