@@ -224,7 +224,11 @@ impl StepKernels {
         let lay = OutLayout::new(rows, drafted, top_k);
         let mut out = self.dev.alloc_zeros::<u32>(lay.len)?;
         let mut probs = self.dev.alloc_zeros::<f32>(rows * vocab)?;
-        let tokens = self.dev.clone_htod(if drafted > 0 { input.tokens } else { &[0u32][..] })?;
+        let tokens = self.dev.clone_htod(if drafted > 0 {
+            input.tokens
+        } else {
+            &[0u32][..]
+        })?;
         let inv_t = 1.0 / input.temperature; // f32, as sample::probabilities computes it
         let (drafted_u, top_k_u) = (u32_of(drafted, "drafted")?, u32_of(top_k, "top_k")?);
         let null = 0u64;
@@ -234,7 +238,9 @@ impl StepKernels {
             // The regions of `out` as raw pointers (cudarc has no way to hand out several
             // mutable views of one buffer); `out` lives on this stream until the copy below.
             let (base, _sync) = out.device_ptr_mut(&self.stream);
-            let at: Vec<u64> = (0..7).map(|i| base + 4 * lay.range(i).start as u64).collect();
+            let at: Vec<u64> = (0..7)
+                .map(|i| base + 4 * lay.range(i).start as u64)
+                .collect();
             let mut b = self.stream.launch_builder(&self.features);
             b.arg(&logits)
                 .arg(&rows_u)
@@ -453,7 +459,10 @@ impl OutLayout {
             at += s;
             *e = at;
         }
-        OutLayout { ends, len: at.max(1) }
+        OutLayout {
+            ends,
+            len: at.max(1),
+        }
     }
 
     fn range(&self, i: usize) -> std::ops::Range<usize> {
