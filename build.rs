@@ -1,6 +1,9 @@
 //! Builds the built-in policies (plugins/strict, judge, threshold) for wasm32-wasip2 with a
 //! nested cargo and embeds them (host/decide/builtin.rs). Without the wasm target the server
 //! still builds: it warns here and reports a clear error when a built-in is requested.
+//!
+//! With the `cuda` feature only (scripts/build-cuda sets the environment): compiles kernels/*.cu
+//! to PTX with nvcc and links the CUDA runtime statically (see `cuda_build`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +32,10 @@ fn main() {
         "cargo:rustc-env=VERDICT_WIT_DIR={}",
         manifest_dir.join("wit").display()
     );
+
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        cuda_build(&manifest_dir, &out_dir);
+    }
 
     let result = if std::env::var_os("VERDICT_SKIP_PLUGINS").is_some() {
         Err("VERDICT_SKIP_PLUGINS is set".to_string())
@@ -96,6 +103,13 @@ fn build_plugins(manifest_dir: &Path, out_dir: &Path) -> Result<Vec<(String, Pat
         .arg(&target_dir);
     for (_, package) in PLUGINS {
         cmd.args(["-p", package]);
+    }
+    // scripts/build-cuda builds with a patched candle-core (`--config patch...`): the nested
+    // cargo resolves the same workspace, so it gets the same patch, or it would rewrite
+    // Cargo.lock back under the outer build.
+    println!("cargo:rerun-if-env-changed=VERDICT_NESTED_CARGO_CONFIG");
+    if let Some(config) = std::env::var_os("VERDICT_NESTED_CARGO_CONFIG") {
+        cmd.arg("--config").arg(config);
     }
     // The host's flags (target-cpu=native, coverage, clippy's wrapper...) are not for wasm.
     for var in [
@@ -169,4 +183,94 @@ fn wasm_target_dir(out_dir: &Path) -> PathBuf {
         dir = parent;
     }
     out_dir.join("wasm-plugins")
+}
+
+/// The `cuda` feature's build steps.
+///
+/// 1. kernels/*.cu -> `$OUT_DIR/<name>.ptx` with nvcc (warnings are errors), embedded by
+///    host/verify/cuda.rs and loaded with cudarc at run time. PTX for compute_$CUDA_COMPUTE_CAP
+///    (default 90: H100/H200); the driver JIT-compiles it for the GPU it runs on.
+/// 2. candle-kernels' quantized-matmul objects ask the linker for `cudart`; the CUDA runtime from
+///    pip ships only `libcudart.so.13`. A one-line linker script named `libcudart.so` in OUT_DIR
+///    pulls in `libcudart_static.a` instead, so the binary needs no CUDA library to start (cudarc
+///    dlopens the driver and the rest where it runs).
+fn cuda_build(manifest_dir: &Path, out_dir: &Path) {
+    for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "NVCC"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let cuda_home = std::env::var_os("CUDA_HOME")
+        .or_else(|| std::env::var_os("CUDA_PATH"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "the cuda feature needs CUDA_HOME (the CUDA toolkit root); \
+                 scripts/build-cuda installs one from pip and sets it"
+            )
+        });
+
+    // 1. kernels -> PTX
+    let nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cuda_home.join("bin/nvcc"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap = cap.trim().replace('.', "");
+    assert!(
+        !cap.is_empty() && cap.chars().all(|c| c.is_ascii_digit()),
+        "CUDA_COMPUTE_CAP must be like 90 or 8.9, got {cap:?}"
+    );
+    let kernels = manifest_dir.join("kernels");
+    println!("cargo:rerun-if-changed={}", kernels.display());
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", kernels.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    for src in &sources {
+        let stem = src.file_stem().expect("a .cu file has a name");
+        let ptx = out_dir.join(stem).with_extension("ptx");
+        let out = Command::new(&nvcc)
+            .arg("--ptx")
+            .arg(format!("-arch=compute_{cap}"))
+            .args(["-O3", "-std=c++17", "-Werror", "all-warnings", "-o"])
+            .arg(&ptx)
+            .arg(src)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run nvcc ({}): {e}; scripts/build-cuda installs it",
+                    nvcc.display()
+                )
+            });
+        assert!(
+            out.status.success(),
+            "nvcc failed on {}:\n{}{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // 2. the static CUDA runtime behind the name `cudart`
+    let static_rt = ["lib", "lib64"]
+        .iter()
+        .map(|d| cuda_home.join(d).join("libcudart_static.a"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "libcudart_static.a is not in {}/lib or lib64 (pip package nvidia-cuda-runtime)",
+                cuda_home.display()
+            )
+        });
+    let dir = out_dir.join("cudart-link");
+    std::fs::create_dir_all(&dir).expect("cannot create OUT_DIR/cudart-link");
+    let script = format!("INPUT ( {} )\n", static_rt.display());
+    let so = dir.join("libcudart.so");
+    if std::fs::read_to_string(&so).ok().as_deref() != Some(script.as_str()) {
+        std::fs::write(&so, script).expect("cannot write OUT_DIR/cudart-link/libcudart.so");
+    }
+    println!("cargo:rustc-link-search=native={}", dir.display());
+    for lib in ["rt", "dl", "pthread"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
 }

@@ -153,7 +153,16 @@ impl DeviceArg {
                 if !candle_core::utils::cuda_is_available() {
                     bail!(
                         "--device cuda:{n}: this verdict was built without CUDA support \
-                         (rebuild with `cargo build --release --features cuda`)"
+                         (rebuild with scripts/build-cuda)"
+                    );
+                }
+                // cudarc loads the driver on first use and panics when it is missing.
+                #[cfg(feature = "cuda")]
+                // SAFETY: only tries to dlopen the driver library by its usual names.
+                if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                    bail!(
+                        "--device cuda:{n}: no CUDA driver library (libcuda.so.1) found; \
+                         is LD_LIBRARY_PATH pointing at the driver's folder?"
                     );
                 }
                 candle_core::Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))

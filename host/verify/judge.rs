@@ -324,6 +324,16 @@ impl JudgeScorer {
         })
     }
 
+    /// `[H, 1]`: the head's weights with the standardisation folded in (on the scorer's device).
+    pub fn weight(&self) -> &Tensor {
+        &self.w
+    }
+
+    /// The bias with the standardisation folded in: a logit is `weight . h + bias`.
+    pub fn bias(&self) -> f32 {
+        self.b
+    }
+
     /// Logits for each row of `hidden` (`[rows, H]`).
     pub fn score(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         let h = hidden.to_dtype(DType::F32)?;

@@ -2,6 +2,8 @@
 //! the per-position features a policy sees. Only these few numbers per position cross into the
 //! policy; the whole rows stay here for the host-side correction (residual / sample / argmax).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod judge;
 
 use anyhow::Result;

@@ -1,0 +1,350 @@
+//! The step kernels (kernels/step.cu through host/verify/cuda.rs) against their CPU twin (the
+//! functions `verify::verify` and the engine's corrections use) on random rows: within 1e-4
+//! relative, top-K ids and draws equal except where the CPU's own numbers are a near-tie.
+//!
+//! Needs the `cuda` feature (`scripts/build-cuda tests` builds this binary) and a CUDA device.
+//! Without a device the GPU test says SKIPPED on stderr and passes; the checks that need no
+//! device (errors instead of panics) run everywhere.
+#![cfg(feature = "cuda")]
+
+use std::io::Write;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use verdict::decide::Step;
+use verdict::sample::{self, SamplingParams};
+use verdict::verify::cuda::{self, Draw, JudgeInput, StepInput, StepKernels};
+use verdict::verify::judge::TargetIdentity;
+use verdict::verify::{self, JudgeHead, JudgeScorer};
+
+/// `a` equals the reference `b` within 1e-4 relative (1e-7 absolute near zero, where a relative
+/// bound means nothing: entropies of near one-hot rows, probabilities that underflow).
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-4 * b.abs() + 1e-7
+}
+
+fn skip(why: &str) {
+    // Straight to stderr, past the test harness's capture, so a skipped run says so.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED step kernels vs CPU: {why} (needs a CUDA device)"
+    );
+}
+
+struct Case {
+    name: &'static str,
+    rows: usize,
+    vocab: usize,
+    hidden: usize,
+    temperature: f32,
+    top_k: usize,
+    with_q: bool,
+    /// Hand-made rows first: ties, -inf, all -inf, near one-hot.
+    special: bool,
+}
+
+fn random_logits(rng: &mut StdRng, case: &Case) -> Vec<Vec<f32>> {
+    let mut rows: Vec<Vec<f32>> = (0..case.rows)
+        .map(|_| {
+            (0..case.vocab)
+                .map(|_| rng.random_range(-8.0f32..8.0))
+                .collect()
+        })
+        .collect();
+    if case.special {
+        let v = case.vocab;
+        rows[0] = vec![0.5; v]; // every p equal: top-K and argmax by id
+        rows[1][3] = f32::NEG_INFINITY;
+        rows[1][v - 1] = 9.0;
+        rows[1][7] = 9.0; // duplicated maximum
+        rows[2] = vec![f32::NEG_INFINITY; v]; // no finite maximum: one-hot at id 0
+        rows[3][v / 2] = 60.0; // near one-hot: entropy ~ 0
+    }
+    rows
+}
+
+fn random_probs(rng: &mut StdRng, vocab: usize) -> Vec<f32> {
+    let l: Vec<f32> = (0..vocab).map(|_| rng.random_range(-6.0f32..6.0)).collect();
+    sample::probabilities(&l, &params(1.0))
+}
+
+fn params(t: f32) -> SamplingParams {
+    SamplingParams {
+        temperature: t,
+        top_k: 0,
+        top_p: 1.0,
+    }
+}
+
+/// The CPU's walk to the token `sample::sample` picked and the one the GPU picked: they may part
+/// only where u * total sits on a boundary between them, within rounding.
+fn assert_draw(weights: &[f32], u: f32, cpu: u32, gpu: u32, what: &str) {
+    if cpu == gpu {
+        return;
+    }
+    let total: f64 = weights.iter().map(|&x| x.max(0.0) as f64).sum();
+    let target = u.clamp(0.0, 1.0) as f64 * total;
+    let lo = cpu.min(gpu) as usize;
+    let cum: f64 = weights[..=lo]
+        .iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| x as f64)
+        .sum();
+    assert!(
+        (cum - target).abs() <= 1e-5 * total,
+        "{what}: CPU drew {cpu}, GPU {gpu} at u = {u}, not at a boundary \
+         (mass up to {lo}: {cum}, u * total: {target})"
+    );
+}
+
+#[test]
+fn step_kernels_match_the_cpu() {
+    let device = match cuda::device() {
+        Ok(d) => d,
+        Err(why) => return skip(&why),
+    };
+    let kernels = StepKernels::new(&device).expect("loading the step kernels");
+    let cases = [
+        Case {
+            name: "qwen2.5 vocab, k = 8, with q and judge",
+            rows: 9,
+            vocab: 151_936,
+            hidden: 1536,
+            temperature: 1.0,
+            top_k: 8,
+            with_q: true,
+            special: false,
+        },
+        Case {
+            name: "smollm2 vocab, k = 16, T = 0.7, no q",
+            rows: 17,
+            vocab: 49_152,
+            hidden: 576,
+            temperature: 0.7,
+            top_k: 20,
+            with_q: false,
+            special: false,
+        },
+        Case {
+            name: "hand-made rows",
+            rows: 6,
+            vocab: 3000,
+            hidden: 64,
+            temperature: 1.3,
+            top_k: 5,
+            with_q: true,
+            special: true,
+        },
+        Case {
+            name: "vocab below one block, K above it",
+            rows: 2,
+            vocab: 5,
+            hidden: 3,
+            temperature: 1.0,
+            top_k: 9,
+            with_q: false,
+            special: false,
+        },
+    ];
+    let mut rng = StdRng::seed_from_u64(7);
+    for case in &cases {
+        check_case(&kernels, &device, case, &mut rng);
+    }
+}
+
+fn check_case(kernels: &StepKernels, device: &Device, case: &Case, rng: &mut StdRng) {
+    let name = case.name;
+    let (rows, v) = (case.rows, case.vocab);
+    let drafted = rows - 1;
+    let logits = random_logits(rng, case);
+    let tokens: Vec<u32> = (0..drafted)
+        .map(|i| {
+            // Mostly the argmax (the common case), else anything.
+            if i % 3 == 0 {
+                sample::argmax(&logits[i])
+            } else {
+                rng.random_range(0..v as u32)
+            }
+        })
+        .collect();
+    let q: Option<Vec<Vec<f32>>> = case
+        .with_q
+        .then(|| (0..drafted).map(|_| random_probs(rng, v)).collect());
+    let hidden: Vec<f32> = (0..rows * case.hidden)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect();
+    let head = JudgeHead {
+        weight: (0..case.hidden)
+            .map(|_| rng.random_range(-0.1f32..0.1))
+            .collect(),
+        bias: 0.3,
+        mean: (0..case.hidden)
+            .map(|_| rng.random_range(-0.5f32..0.5))
+            .collect(),
+        scale: (0..case.hidden)
+            .map(|_| rng.random_range(0.5f32..2.0))
+            .collect(),
+        threshold: 0.5,
+        target: TargetIdentity {
+            architecture: "test".into(),
+            hidden_size: case.hidden,
+            sha256: String::new(),
+        },
+        provenance: Default::default(),
+    };
+
+    let flat = |rows: &[Vec<f32>]| rows.concat();
+    let logits_t = Tensor::from_vec(flat(&logits), (rows, v), device).unwrap();
+    let q_t = q
+        .as_ref()
+        .map(|q| Tensor::from_vec(flat(q), (drafted, v), device).unwrap());
+    let hidden_t = Tensor::from_vec(hidden.clone(), (rows, case.hidden), device).unwrap();
+    let scorer = JudgeScorer::new(&head, device).unwrap();
+    let f = kernels
+        .features(&StepInput {
+            logits: &logits_t,
+            temperature: case.temperature,
+            tokens: &tokens,
+            top_k: case.top_k,
+            q: q_t.as_ref(),
+            judge: Some(JudgeInput {
+                hidden: &hidden_t,
+                row0: 1,
+                weight: scorer.weight(),
+                bias: scorer.bias(),
+            }),
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+
+    // The judge: the CPU scorer's folded weights, summed in f64.
+    let w_eff: Vec<f32> = scorer
+        .weight()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let judge = f.judge.as_ref().expect("judge logits");
+    for i in 0..drafted {
+        let h = &hidden[(i + 1) * case.hidden..(i + 2) * case.hidden];
+        let want = h
+            .iter()
+            .zip(&w_eff)
+            .map(|(&x, &w)| x as f64 * w as f64)
+            .sum::<f64>()
+            + scorer.bias() as f64;
+        assert!(
+            close(judge[i], want as f32),
+            "{name}: judge[{i}] {} vs {want}",
+            judge[i]
+        );
+        // and the unfolded head, as trained
+        let unfolded = head.logit(h);
+        assert!(
+            (judge[i] - unfolded).abs() <= 1e-3 * unfolded.abs().max(1.0),
+            "{name}: judge[{i}] {} vs head {unfolded}",
+            judge[i]
+        );
+    }
+
+    let k = f.top_k;
+    assert_eq!(k, case.top_k.min(v), "{name}: K");
+    let mut cpu_step = Step::new(k, case.temperature, v as u32, Vec::new());
+    let mut gpu_step = cpu_step.clone();
+    let uniforms: Vec<f32> = (0..drafted).map(|_| rng.random::<f32>()).collect();
+    let q_token: Vec<f32> = (0..drafted).map(|i| 0.25 + i as f32 * 0.01).collect();
+    let mut draws = Vec::new();
+    let mut cpu_weights = Vec::new();
+    for r in 0..rows {
+        let row = &logits[r];
+        let p = sample::probabilities(row, &params(case.temperature));
+        assert_eq!(f.argmax[r], sample::argmax(row), "{name}: argmax row {r}");
+        let gp = f.probs_row(r).unwrap();
+        for (j, (&a, &b)) in gp.iter().zip(&p).enumerate() {
+            assert!(close(a, b), "{name}: p[{r}][{j}] {a} vs {b}");
+        }
+        let h = verify::entropy(&p);
+        assert!(
+            close(f.entropy[r], h),
+            "{name}: entropy row {r}: {} vs {h}",
+            f.entropy[r]
+        );
+        let top = verify::top_entries(&p, k);
+        for (j, &(id, tp)) in top.iter().enumerate() {
+            let (gid, gprob) = (f.top_ids[r * k + j], f.top_probs[r * k + j]);
+            assert!(close(gprob, tp), "{name}: top[{r}][{j}] p {gprob} vs {tp}");
+            // Ids part only at a near-tie of the CPU's own probabilities.
+            assert!(
+                gid == id || close(p[gid as usize], tp),
+                "{name}: top[{r}][{j}] id {gid} (p {}) vs {id} (p {tp})",
+                p[gid as usize]
+            );
+        }
+        if r < drafted {
+            let x = tokens[r];
+            let dp = q.as_ref().map_or(q_token[r], |q| q[r][x as usize]);
+            let cpu = verify::features(&p, x, dp, uniforms[r]);
+            assert!(
+                close(f.target_prob[r], cpu.target_prob),
+                "{name}: p(x) row {r}: {} vs {}",
+                f.target_prob[r],
+                cpu.target_prob
+            );
+            if let Some(d) = &f.draft_prob {
+                assert_eq!(d[r], dp, "{name}: q(x) row {r}");
+            }
+            let mut with_judge = cpu;
+            with_judge.judge = Some(judge[r]);
+            cpu_step.push(with_judge, &top);
+        }
+        // Draws: p (bonus / sample), and on drafted rows the residuals.
+        for u in [0.0, 0.37, rng.random::<f32>(), 0.999_999] {
+            draws.push((r, Draw::P, u));
+            cpu_weights.push(p.clone());
+            if r < drafted {
+                let x = tokens[r];
+                let mut one_hot = vec![0f32; v];
+                one_hot[x as usize] = 1.0;
+                draws.push((r, Draw::ResidualOneHot(x), u));
+                cpu_weights.push(sample::residual(&p, &one_hot));
+                if let Some(q) = &q {
+                    draws.push((r, Draw::Residual(r), u));
+                    cpu_weights.push(sample::residual(&p, &q[r]));
+                }
+            }
+        }
+    }
+
+    // The step a policy would see.
+    f.push_into(&mut gpu_step, &q_token, &uniforms).unwrap();
+    gpu_step.check().unwrap();
+    assert_eq!(gpu_step.tokens, cpu_step.tokens, "{name}: step tokens");
+    assert_eq!(gpu_step.draft_probs, cpu_step.draft_probs, "{name}");
+    assert_eq!(gpu_step.uniforms, cpu_step.uniforms, "{name}");
+    assert_eq!(gpu_step.judge, cpu_step.judge, "{name}");
+    for (a, b) in gpu_step.target_probs.iter().zip(&cpu_step.target_probs) {
+        assert!(close(*a, *b), "{name}: step target prob {a} vs {b}");
+    }
+
+    let got = kernels.sample(&f, q_t.as_ref(), &draws).unwrap();
+    assert_eq!(got.len(), draws.len());
+    for ((&(r, draw, u), w), &g) in draws.iter().zip(&cpu_weights).zip(&got) {
+        let cpu = sample::sample(w, u);
+        assert_draw(w, u, cpu, g, &format!("{name}: row {r} {draw:?}"));
+    }
+}
+
+#[test]
+fn kernels_refuse_a_cpu_device() {
+    let err = StepKernels::new(&Device::Cpu).err().expect("a CPU device");
+    assert!(format!("{err:#}").contains("CUDA device"), "{err:#}");
+}
+
+#[test]
+fn device_probe_never_panics() {
+    // On a machine without a driver this is the skip path; with one it opens device 0.
+    match cuda::device() {
+        Ok(d) => assert!(d.is_cuda()),
+        Err(why) => assert!(why.contains("CUDA"), "{why}"),
+    }
+}
