@@ -753,6 +753,35 @@ fn concurrent_requests_share_forwards_and_get_their_own_outputs() {
     assert!(s.metric("verdict_batched_sequences_total{model=\"draft\"}") > 0.0);
 }
 
+/// CPU seconds (user + system) the process has used, from /proc (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// An idle server sleeps. (Its accept loop once kept polling a closed channel after the models
+/// loaded, burning a core that generation needed: single-stream decoding ran at a third of the
+/// CLI's speed.)
+#[test]
+fn an_idle_server_uses_no_cpu() {
+    let s = tiny_server(256, &[]);
+    let pid = s.child.id();
+    let Some(before) = cpu_seconds(pid) else {
+        eprintln!("SKIPPED: no /proc/{pid}/stat on this system");
+        return;
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid).unwrap() - before;
+    assert!(
+        used < 0.3,
+        "idle for 2 s, the server used {used:.2} CPU seconds"
+    );
+    // And it still answers.
+    assert_eq!(s.get("/ready").status, 200);
+}
+
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits() {
     let mut s = tiny_server(4096, &[]);

@@ -4,9 +4,10 @@
 //!
 //! Prompt lookup drafts for free but only when the text repeats itself; a draft model always
 //! has a proposal but costs a forward per token. So each step tries the candidates from the
-//! best expected speed down and takes the first that has something to propose. Every
-//! [`EXPLORE_EVERY`]-th step tries the least recently used candidate first, so an estimate that
-//! turned pessimistic can recover when the text changes.
+//! best expected speed down and takes the first that has something to propose, skipping those
+//! expected to be slower than a plain step (no draft at all: then the step is plain). Every
+//! [`EXPLORE_EVERY`]-th step tries the least recently used candidate first, whatever its
+//! estimate, so an estimate that turned pessimistic can recover when the text changes.
 //!
 //! Without adaptation (a seeded request keeps its choices reproducible), the order is fixed:
 //! the candidates as given, each proposing the full k.
@@ -59,6 +60,11 @@ impl AutoDrafter {
         if !self.adaptive {
             return order;
         }
+        // Drafting that is not expected to beat a plain step is not tried.
+        order.retain(|&i| {
+            let e = &self.candidates[i].estimate;
+            e.best().1 >= e.plain_speed()
+        });
         // Best expected speed first (a stable sort keeps the given order on ties).
         order.sort_by(|&a, &b| {
             let (sa, sb) = (
@@ -72,7 +78,7 @@ impl AutoDrafter {
                 (0..self.candidates.len()).min_by_key(|&i| self.candidates[i].last_used)
         {
             order.retain(|&i| i != stale);
-            order.insert(0, stale);
+            order.insert(0, stale); // explored even when its estimate says plain is faster
         }
         order
     }
@@ -193,5 +199,26 @@ mod tests {
         // Exploration keeps trying the losing one now and then.
         assert!(uses[0] >= 200 / EXPLORE_EVERY as usize / 2, "{uses:?}");
         assert!(a.chooses_k());
+    }
+
+    #[test]
+    fn a_candidate_slower_than_plain_decoding_is_skipped_but_explored() {
+        let mut a = AutoDrafter::new(vec![Box::new(Fixed(3))], 8, true);
+        let (mut drafted_steps, mut plain_steps) = (0, 0);
+        for _ in 0..160 {
+            let (name, n) = step(&mut a, &[5]);
+            if name.is_some() {
+                drafted_steps += 1;
+                // Nothing accepted, and each drafted token costs as much as a verification.
+                a.observe(n, 0, 0.01 * n as f64, 0.01);
+            } else {
+                plain_steps += 1;
+            }
+        }
+        assert!(
+            plain_steps > 120,
+            "{drafted_steps} drafted, {plain_steps} plain"
+        );
+        assert!(drafted_steps >= 160 / EXPLORE_EVERY as usize / 2);
     }
 }

@@ -37,6 +37,12 @@ impl AdaptiveK {
         self.rate
     }
 
+    /// Expected tokens per unit time of a plain step (no draft: one token per one-position
+    /// verify), to compare drafting against.
+    pub fn plain_speed(&self) -> f64 {
+        1.0 / (self.t_verify_fixed + self.t_verify_per_pos).max(1e-12)
+    }
+
     /// The k that maximises expected tokens per unit time.
     pub fn next_k(&self) -> usize {
         self.best().0

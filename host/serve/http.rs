@@ -177,6 +177,7 @@ async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
+    let mut loading = true;
     let load_error = loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -200,11 +201,12 @@ async fn serve(
                     }
                 });
             }
-            e = &mut load_rx => {
+            e = &mut load_rx, if loading => {
                 match e {
                     Ok(e) => break Some(e),
-                    // The loader finished without error: keep serving.
-                    Err(_) => load_rx = tokio::sync::oneshot::channel().1,
+                    // The loader finished without error: keep serving, and stop polling the
+                    // closed channel (it would answer at once, every time: a busy loop).
+                    Err(_) => loading = false,
                 }
             }
             _ = terminate.recv() => break None,
