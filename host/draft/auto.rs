@@ -3,7 +3,9 @@
 //! estimates adaptive k keeps, see [`crate::engine::AdaptiveK`]).
 //!
 //! Prompt lookup drafts for free but only when the text repeats itself; a draft model always
-//! has a proposal but costs a forward per token. So each step tries the candidates from the
+//! has a proposal but costs a forward per token. The target's verify cost is one fit over all
+//! candidates' verifications (`VerifyFit`): drafts of different lengths are what separate its
+//! fixed part from its per-position part. So each step tries the candidates from the
 //! best expected speed down and takes the first that has something to propose, skipping those
 //! expected to be slower than a plain step (no draft at all: then the step is plain). Every
 //! [`EXPLORE_EVERY`]-th step tries the least recently used candidate first, whatever its
@@ -21,6 +23,49 @@ use crate::sample::{Rng64, SamplingParams};
 /// One step in this many explores the least recently used candidate.
 pub const EXPLORE_EVERY: u64 = 16;
 
+/// Seconds to verify n positions, `fixed + per_position * n`, fitted by least squares over the
+/// verifications of every candidate (decayed, so it follows load changes). The target's cost
+/// does not depend on who drafted, and only drafts of different lengths tell the fixed part
+/// from the per-position part.
+#[derive(Debug, Clone, Default)]
+struct VerifyFit {
+    w: f64,
+    sn: f64,
+    snn: f64,
+    st: f64,
+    snt: f64,
+}
+
+impl VerifyFit {
+    const DECAY: f64 = 0.97;
+
+    fn observe(&mut self, positions: usize, seconds: f64) {
+        let n = positions as f64;
+        let d = Self::DECAY;
+        self.w = d * self.w + 1.0;
+        self.sn = d * self.sn + n;
+        self.snn = d * self.snn + n * n;
+        self.st = d * self.st + seconds;
+        self.snt = d * self.snt + n * seconds;
+    }
+
+    /// `(fixed, per_position)`, once the verifications seen differ enough in length.
+    fn fit(&self) -> Option<(f64, f64)> {
+        if self.w < 2.0 {
+            return None;
+        }
+        let mean_n = self.sn / self.w;
+        let var_n = self.snn / self.w - mean_n * mean_n;
+        if var_n < 0.25 {
+            return None;
+        }
+        let mean_t = self.st / self.w;
+        let per = ((self.snt / self.w - mean_n * mean_t) / var_n).max(0.0);
+        let fixed = (mean_t - per * mean_n).max(0.0);
+        Some((fixed, per))
+    }
+}
+
 struct Candidate {
     drafter: Box<dyn Drafter>,
     estimate: AdaptiveK,
@@ -34,6 +79,7 @@ pub struct AutoDrafter {
     steps: u64,
     /// The candidate that made the last proposal.
     last: Option<usize>,
+    verify: VerifyFit,
 }
 
 impl AutoDrafter {
@@ -51,6 +97,7 @@ impl AutoDrafter {
             adaptive,
             steps: 0,
             last: None,
+            verify: VerifyFit::default(),
         }
     }
 
@@ -60,19 +107,26 @@ impl AutoDrafter {
         if !self.adaptive {
             return order;
         }
+        // Expected tokens per second of each candidate and of a plain step: with the shared
+        // verify cost once it is known, else each candidate's own estimate.
+        let fit = self.verify.fit();
+        let speed = |i: usize| -> (f64, f64) {
+            let e = &self.candidates[i].estimate;
+            match fit {
+                Some((fixed, per)) => (
+                    e.best_with(|n| fixed + per * n as f64).1,
+                    1.0 / (fixed + per).max(1e-12),
+                ),
+                None => (e.best().1, e.plain_speed()),
+            }
+        };
         // Drafting that is not expected to beat a plain step is not tried.
         order.retain(|&i| {
-            let e = &self.candidates[i].estimate;
-            e.best().1 >= e.plain_speed()
+            let (s, plain) = speed(i);
+            s >= plain
         });
         // Best expected speed first (a stable sort keeps the given order on ties).
-        order.sort_by(|&a, &b| {
-            let (sa, sb) = (
-                self.candidates[a].estimate.best().1,
-                self.candidates[b].estimate.best().1,
-            );
-            sb.total_cmp(&sa)
-        });
+        order.sort_by(|&a, &b| speed(b).0.total_cmp(&speed(a).0));
         if self.steps % EXPLORE_EVERY == EXPLORE_EVERY - 1
             && let Some(stale) =
                 (0..self.candidates.len()).min_by_key(|&i| self.candidates[i].last_used)
@@ -120,6 +174,9 @@ impl Drafter for AutoDrafter {
     }
 
     fn observe(&mut self, drafted: usize, accepted: usize, draft_s: f64, verify_s: f64) {
+        if drafted > 0 {
+            self.verify.observe(drafted + 1, verify_s);
+        }
         if let Some(i) = self.last {
             self.candidates[i]
                 .estimate
@@ -199,6 +256,21 @@ mod tests {
         // Exploration keeps trying the losing one now and then.
         assert!(uses[0] >= 200 / EXPLORE_EVERY as usize / 2, "{uses:?}");
         assert!(a.chooses_k());
+    }
+
+    #[test]
+    fn the_verify_fit_separates_fixed_and_per_position_costs() {
+        let mut f = VerifyFit::default();
+        f.observe(3, 0.1 + 3.0 * 0.02);
+        assert!(f.fit().is_none(), "one length tells nothing apart");
+        for n in [3, 9, 3, 9, 5] {
+            f.observe(n, 0.1 + n as f64 * 0.02);
+        }
+        let (fixed, per) = f.fit().unwrap();
+        assert!(
+            (fixed - 0.1).abs() < 1e-9 && (per - 0.02).abs() < 1e-9,
+            "{fixed} {per}"
+        );
     }
 
     #[test]

@@ -50,13 +50,17 @@ impl AdaptiveK {
 
     /// That k and its expected tokens per second.
     pub fn best(&self) -> (usize, f64) {
+        self.best_with(|positions| self.t_verify_fixed + positions as f64 * self.t_verify_per_pos)
+    }
+
+    /// [`Self::best`] with the seconds of verifying n positions given by `verify(n)` (a cost
+    /// model fitted elsewhere) instead of this estimate's own.
+    pub fn best_with(&self, verify: impl Fn(usize) -> f64) -> (usize, f64) {
         let a = self.rate.clamp(0.0, 0.999);
         let mut best = (1usize, f64::MIN);
         for k in 1..=self.k_max {
             let tokens = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
-            let cost = k as f64 * self.t_draft
-                + self.t_verify_fixed
-                + (k as f64 + 1.0) * self.t_verify_per_pos;
+            let cost = k as f64 * self.t_draft + verify(k + 1);
             let speed = tokens / cost.max(1e-12);
             if speed > best.1 * (1.0 + 1e-9) {
                 best = (k, speed);
