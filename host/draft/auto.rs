@@ -110,23 +110,21 @@ impl AutoDrafter {
         // Expected tokens per second of each candidate and of a plain step: with the shared
         // verify cost once it is known, else each candidate's own estimate.
         let fit = self.verify.fit();
-        let speed = |i: usize| -> (f64, f64) {
-            let e = &self.candidates[i].estimate;
-            match fit {
+        let speeds: Vec<(f64, f64)> = self
+            .candidates
+            .iter()
+            .map(|c| match fit {
                 Some((fixed, per)) => (
-                    e.best_with(|n| fixed + per * n as f64).1,
+                    c.estimate.best_with(|n| fixed + per * n as f64).1,
                     1.0 / (fixed + per).max(1e-12),
                 ),
-                None => (e.best().1, e.plain_speed()),
-            }
-        };
+                None => (c.estimate.best().1, c.estimate.plain_speed()),
+            })
+            .collect();
         // Drafting that is not expected to beat a plain step is not tried.
-        order.retain(|&i| {
-            let (s, plain) = speed(i);
-            s >= plain
-        });
+        order.retain(|&i| speeds[i].0 >= speeds[i].1);
         // Best expected speed first (a stable sort keeps the given order on ties).
-        order.sort_by(|&a, &b| speed(b).0.total_cmp(&speed(a).0));
+        order.sort_by(|&a, &b| speeds[b].0.total_cmp(&speeds[a].0));
         if self.steps % EXPLORE_EVERY == EXPLORE_EVERY - 1
             && let Some(stale) =
                 (0..self.candidates.len()).min_by_key(|&i| self.candidates[i].last_used)

@@ -36,8 +36,6 @@ pub struct BatchStats {
     pub forwards: u64,
     /// Sequences in them (sequences / forwards = mean batch size).
     pub sequences: u64,
-    /// New tokens in them.
-    pub tokens: u64,
     /// Sessions alive now that may join a batch.
     pub members: u64,
 }
@@ -54,7 +52,6 @@ struct Shared {
     members: AtomicUsize,
     forwards: AtomicU64,
     sequences: AtomicU64,
-    tokens: AtomicU64,
 }
 
 /// The batching thread's handle. Dropping the last handle (model clones and sessions hold one)
@@ -98,7 +95,6 @@ impl Batcher {
         BatchStats {
             forwards: s.forwards.load(Ordering::Relaxed),
             sequences: s.sequences.load(Ordering::Relaxed),
-            tokens: s.tokens.load(Ordering::Relaxed),
             members: s.members.load(Ordering::Relaxed) as u64,
         }
     }
@@ -211,10 +207,6 @@ fn batch_loop(rx: &mpsc::Receiver<Job>, shared: &Shared, max_batch: usize) {
         shared
             .sequences
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        shared.tokens.fetch_add(
-            jobs.iter().map(|j| j.tokens.len() as u64).sum(),
-            Ordering::Relaxed,
-        );
         for (job, result) in jobs.into_iter().zip(results) {
             // A requester that went away (its thread ended) simply drops its session.
             let _ = job.reply.send((job.session, result));

@@ -24,7 +24,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
-use super::transformer::{HeadLayout, Layer, Linear, Rows, Seg, Weights, needs_row_padding, run};
+use super::transformer::{HeadLayout, Layer, Linear, Rows, Weights, needs_row_padding, run_rank};
 
 /// Collective operations between the ranks of one sharded sequence. Every rank calls the same
 /// collectives in the same order.
@@ -373,32 +373,11 @@ fn peer_loop(
 ) {
     for cmd in rx {
         let reply = match cmd {
-            Cmd::Forward(tokens, rows) => {
-                let r = cache.reserve(tokens.len()).and_then(|()| {
-                    let pos = cache.len();
-                    run(
-                        &w,
-                        n_layers,
-                        &mut [Seg {
-                            cache: &mut cache,
-                            tokens: &tokens,
-                            rows,
-                            pos,
-                        }],
-                        Some(&comm),
-                    )
-                    .map_err(ModelError::from)
-                });
-                if r.is_err() {
-                    comm.abort();
-                } else {
-                    cache.commit(tokens.len());
-                }
-                Reply::Done(
-                    r.map(|_| ())
-                        .map_err(|e| format!("rank {}: {e}", comm.rank())),
-                )
-            }
+            Cmd::Forward(tokens, rows) => Reply::Done(
+                run_rank(&w, n_layers, &mut cache, &tokens, rows, &comm)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            ),
             Cmd::Truncate(len) => Reply::Done(cache.truncate(len).map_err(|e| e.to_string())),
             Cmd::Fork => Reply::Forked(cache.fork().map_err(|e| e.to_string())),
         };

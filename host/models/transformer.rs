@@ -635,41 +635,28 @@ impl Session {
     /// Rank 0 runs here while the other ranks run the same tokens on their threads.
     fn forward_sharded(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
         self.check_input(tokens)?;
+        // A full context is refused before any rank starts (the session stays usable).
         self.cache.reserve(tokens.len())?;
-        let pos = self.cache.len();
+        let before = self.cache.len();
         let tp = self
             .tp
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("not a sharded session".into()))?;
         tp.start(tokens, rows)?;
-        let mine = run(
+        let mine = run_rank(
             &self.w,
             self.n_layers,
-            &mut [Seg {
-                cache: &mut self.cache,
-                tokens,
-                rows,
-                pos,
-            }],
-            Some(tp.comm()),
+            &mut self.cache,
+            tokens,
+            rows,
+            tp.comm(),
         );
-        if mine.is_err() {
-            // Wake the other ranks waiting in a collective.
-            tp.comm().abort();
+        if let Err(e) = tp.finish() {
+            // Keep rank 0's cache where the others' are.
+            self.cache.truncate(before)?;
+            return Err(e);
         }
-        let peers = tp.finish();
-        let out = mine
-            .ctx(|| {
-                format!(
-                    "rank 0: forward of {} tokens at position {pos}",
-                    tokens.len()
-                )
-            })?
-            .pop()
-            .ok_or_else(|| ModelError::Invalid("no output".into()))?;
-        peers?;
-        self.cache.commit(tokens.len());
-        Ok(out)
+        mine
     }
 
     fn check_input(&self, tokens: &[u32]) -> Result<()> {
@@ -769,18 +756,63 @@ pub fn forward_batch(items: &mut [BatchItem<'_>]) -> Vec<Result<Forward>> {
         .collect()
 }
 
+/// One rank's part of a sharded sequence's forward: reserve, run, and move the cache only on
+/// success. A failure aborts the communicator so that no other rank waits for this one.
+pub(crate) fn run_rank(
+    w: &Weights,
+    n_layers: usize,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    rows: Rows,
+    comm: &dyn Communicator,
+) -> Result<Forward> {
+    let out = cache.reserve(tokens.len()).and_then(|()| {
+        let pos = cache.len();
+        run(
+            w,
+            n_layers,
+            &mut [Seg {
+                cache: &mut *cache,
+                tokens,
+                rows,
+                pos,
+            }],
+            Some(comm),
+        )
+        .ctx(|| {
+            format!(
+                "rank {}: forward of {} tokens at position {pos}",
+                comm.rank(),
+                tokens.len()
+            )
+        })?
+        .pop()
+        .ok_or_else(|| ModelError::Invalid("no output".into()))
+    });
+    match out {
+        Ok(f) => {
+            cache.commit(tokens.len());
+            Ok(f)
+        }
+        Err(e) => {
+            comm.abort();
+            Err(e)
+        }
+    }
+}
+
 /// A sequence inside [`run`]: its cache, new tokens at `pos..`, and the rows it wants back.
-pub(crate) struct Seg<'a> {
-    pub(crate) cache: &'a mut KvCache,
-    pub(crate) tokens: &'a [u32],
-    pub(crate) rows: Rows,
-    pub(crate) pos: usize,
+struct Seg<'a> {
+    cache: &'a mut KvCache,
+    tokens: &'a [u32],
+    rows: Rows,
+    pos: usize,
 }
 
 /// The forward itself. On a tensor-parallel shard, `comm` sums the partial outputs of the two
 /// row-split projections (attention output, MLP down) over the ranks, and only rank 0 computes
 /// logits (the others return `[rows, 0]`).
-pub(crate) fn run(
+fn run(
     w: &Weights,
     n_layers: usize,
     segs: &mut [Seg<'_>],
