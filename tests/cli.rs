@@ -247,3 +247,68 @@ fn smollm2_answers_like_llama_cpp() {
     assert_eq!(st["stop"], "eos", "{st}");
     assert_eq!(st["prompt_tokens"], 42, "{st}");
 }
+
+/// `verdict bench synth` / `bench spec`: bad values are named, and a synthesized model serves
+/// `generate` like the file it was made from.
+#[test]
+fn bench_synth_and_spec_check_their_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let bench = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out.stderr))
+    };
+    let fails = |args: &[&str], needle: &str| {
+        let (ok, err) = bench(args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    };
+    let m = model.to_str().unwrap();
+    let header = dir.path().join("h.hdr");
+    let synth = dir.path().join("s.gguf");
+    let (h, s) = (header.to_str().unwrap(), synth.to_str().unwrap());
+    fails(
+        &["spec", "--target", m, "--synthetic-acceptance", "1.5"],
+        "not a probability",
+    );
+    fails(
+        &["spec", "--target", m, "--device", "tpu"],
+        "expected cpu, cuda or cuda:N",
+    );
+    fails(
+        &["synth", "--from", m, "--out", s, "--shape", "gpt-5"],
+        "llama-3.1-8b",
+    );
+    fails(
+        &["synth", "--from", m, "--out", s, "--dtype", "q9_z"],
+        "unknown tensor type",
+    );
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "not a model").unwrap();
+    fails(
+        &["synth", "--from", notes.to_str().unwrap(), "--out", s],
+        "notes.txt",
+    );
+
+    let (ok, err) = bench(&["synth", "--from", m, "--out", h, "--header-only"]);
+    assert!(ok, "{err}");
+    let (ok, err) = bench(&["synth", "--from", h, "--out", s, "--seed", "7"]);
+    assert!(ok, "{err}");
+    let out = verdict(&[
+        "--model",
+        s,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--stats",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(stats(&out)["tokens"], 5);
+}

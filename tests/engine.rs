@@ -45,6 +45,7 @@ fn engine(target: Model, draft: Option<Model>, drafter: Option<DrafterSpec>, k: 
         default_drafter: drafter,
         default_k: k,
         adaptive: false,
+        synthetic_acceptance: None,
     })
     .unwrap()
 }
@@ -142,6 +143,7 @@ fn auto_drafter_picks_per_step_and_stays_lossless() {
         default_drafter: Some(DrafterSpec::Auto),
         default_k: 8,
         adaptive: true,
+        synthetic_acceptance: None,
     })
     .unwrap();
     for prompt in PROMPTS {
@@ -542,6 +544,7 @@ fn engine_with_head(
         default_drafter: Some(DrafterSpec::Model),
         default_k: 4,
         adaptive: false,
+        synthetic_acceptance: None,
     })
 }
 
@@ -763,4 +766,64 @@ fn a_draft_with_the_same_vocabulary_size_but_other_tokens_is_refused() {
         .expect("a different tokenizer of the same size must be refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("tokenizer") && msg.contains("d.gguf"), "{msg}");
+}
+
+/// `bench spec --synthetic-acceptance`: the rate replaces the verdict (a random draft against
+/// a random target keeps everything at 1, nothing at 0, about `rate` per position between), and
+/// a step still drafts, verifies and rolls back like any other.
+#[test]
+fn synthetic_acceptance_replaces_the_verdict_for_speed_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 2));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let with_rate = |rate: f64| {
+        let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+        Engine::new(EngineConfig {
+            judge: None,
+            target: target.clone(),
+            draft: Some(other.clone()),
+            registry,
+            default_policy: "strict".into(),
+            default_drafter: Some(DrafterSpec::Model),
+            default_k: 4,
+            adaptive: false,
+            synthetic_acceptance: Some(rate),
+        })
+        .unwrap()
+    };
+    let req = || greedy(&[1, 2, 3], 61, Speculation::Default);
+    let plain = engine(
+        target.clone(),
+        Some(other.clone()),
+        Some(DrafterSpec::Model),
+        4,
+    );
+    let (_, real) = run(&plain, req());
+    assert!(
+        real.accepted < real.drafted,
+        "the random pair must disagree somewhere for this test to mean anything: {real:?}"
+    );
+    let (out, all) = run(&with_rate(1.0), req());
+    assert_eq!(out.len(), 61);
+    assert_eq!(all.accepted, all.drafted);
+    assert_eq!(all.steps, 12, "5 tokens per step after the first: {all:?}");
+    let (_, none) = run(&with_rate(0.0), req());
+    assert_eq!(none.accepted, 0);
+    assert_eq!(none.steps, 60);
+    // Per step of 4 drafts, E[accepted] = 0.5 + 0.25 + 0.125 + 0.0625; ~300 steps.
+    let half = with_rate(0.5);
+    let (mut accepted, mut steps) = (0, 0);
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let mut r = greedy(p, 200, Speculation::Default);
+        r.seed = Some(i as u64);
+        let (_, s) = run(&half, r);
+        assert!(s.accepted < s.drafted && s.accepted > 0, "{s:?}");
+        accepted += s.accepted;
+        steps += s.steps;
+    }
+    let per_step = accepted as f64 / steps as f64;
+    assert!(
+        (per_step - 0.9375).abs() < 0.2,
+        "{per_step} accepted per step"
+    );
 }

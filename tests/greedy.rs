@@ -49,6 +49,27 @@ struct Run {
     gaps: Vec<f32>,
 }
 
+/// `VERDICT_TEST_DEVICE=cuda` runs these checks on the GPU (bench/gpu.sh does, with a binary
+/// from `scripts/build-cuda tests`); the CPU otherwise.
+fn device() -> candle_core::Device {
+    match std::env::var("VERDICT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => candle_core::Device::new_cuda(0).expect("VERDICT_TEST_DEVICE=cuda: a GPU"),
+        Ok("cpu") | Err(_) => candle_core::Device::Cpu,
+        Ok(other) => panic!("VERDICT_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
+/// The fixture, also where the test binary was carried to another machine (bench/gpu.sh runs
+/// it from the repository root there).
+fn fixture_path() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/greedy.json");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures/greedy.json")
+    }
+}
+
 fn last_logits(f: &verdict::models::Forward) -> Vec<f32> {
     f.logits
         .flatten_all()
@@ -61,12 +82,12 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn check(key: &str) {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/greedy.json");
+    let path = fixture_path();
     let fx: Fixture =
         serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("parses");
     let m = &fx.models[key];
     let file = models_dir().join(&m.file);
-    let model = Model::load_gguf(&file, &candle_core::Device::Cpu)
+    let model = Model::load_gguf(&file, &device())
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models)", file.display()));
     let tok = Tokenizer::from_gguf(model.gguf_metadata().expect("GGUF metadata")).unwrap();
 

@@ -3,11 +3,17 @@
 //! relative, top-K ids and draws equal except where the CPU's own numbers are a near-tie.
 //!
 //! Needs the `cuda` feature (`scripts/build-cuda tests` builds this binary) and a CUDA device.
+//! Also holds tests/greedy.rs as `greedy::`, run on the GPU by bench/gpu.sh.
 //! Without a device the GPU test says SKIPPED on stderr and passes; the checks that need no
 //! device (errors instead of panics) run everywhere.
 #![cfg(feature = "cuda")]
 
 use std::io::Write;
+
+// The real-model greedy checks ride along in this binary (one test binary travels to the GPU
+// machine; bench/gpu.sh runs `greedy::` with VERDICT_TEST_DEVICE=cuda).
+#[path = "greedy.rs"]
+mod greedy;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;

@@ -647,3 +647,71 @@ fn random_like_copies_layout_not_weights() {
     assert!(max_diff(&la[0], &lb[0]) > 1e-2, "weights should differ");
     assert!(lb[0].iter().all(|x| x.is_finite()));
 }
+
+/// `verdict bench synth`: a header alone (metadata, tokenizer, tensor infos) becomes a model of
+/// the same layout with random weights whose forward is finite, and `--dtype` retypes the
+/// matrices; the header itself is refused as a model, naming the truncation.
+#[test]
+fn synthesized_models_keep_the_layout_and_run() {
+    use verdict::models::synth::{SynthShape, synthesize, write_header};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        hidden: 256,
+        intermediate: 512,
+        dtype: GgmlDType::Q4K,
+        ..TinySpec::default()
+    };
+    let real = dir.path().join("real.gguf");
+    write_tiny_gguf(&real, &spec).unwrap();
+    let header = dir.path().join("real.hdr");
+    let n = write_header(&real, &header).unwrap();
+    assert!(n < std::fs::metadata(&real).unwrap().len());
+    let err = expect_err(Model::load_gguf(&header, &Device::Cpu));
+    assert!(
+        err.contains("real.hdr") && err.contains("truncated"),
+        "{err}"
+    );
+
+    let types = |p: &Path| -> Vec<(String, GgmlDType, Vec<usize>)> {
+        let mut f = std::fs::File::open(p).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let mut v: Vec<_> = c
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n.clone(), i.ggml_dtype, i.shape.dims().to_vec()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    for (matrices, seed) in [
+        (None, 0),
+        (Some(GgmlDType::Q8_0), 1),
+        (Some(GgmlDType::BF16), 2),
+    ] {
+        let out = dir.path().join(format!("synth-{seed}.gguf"));
+        synthesize(&header, &out, SynthShape::Like, matrices, seed).unwrap();
+        let want: Vec<_> = types(&real)
+            .into_iter()
+            .map(|(n, t, d)| match matrices {
+                Some(m) if d.len() == 2 => (n, m, d),
+                _ => (n, t, d),
+            })
+            .collect();
+        assert_eq!(types(&out), want);
+        let model = Model::load_gguf(&out, &Device::Cpu).unwrap();
+        let original = Model::load_gguf(&real, &Device::Cpu).unwrap();
+        assert_eq!(
+            format!("{:?}", model.config()),
+            format!("{:?}", original.config())
+        );
+        let mut s = model.session();
+        let f = s.forward(&[1, 2, 3, 4], Rows::All).unwrap();
+        let logits = rows(&f.logits);
+        assert!(
+            logits.iter().flatten().all(|x| x.is_finite()),
+            "{matrices:?}: non-finite logits"
+        );
+        // Noise, but not constant noise.
+        assert!(max_diff(&logits[0], &logits[3]) > 1e-4, "{matrices:?}");
+    }
+}

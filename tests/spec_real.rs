@@ -64,6 +64,7 @@ fn check(target: &Model, draft: Option<Model>, drafters: &[DrafterSpec], k: usiz
         default_drafter: None,
         default_k: k,
         adaptive: false,
+        synthetic_acceptance: None,
     })
     .unwrap();
     let generate = |prompt: &[u32], speculation: Speculation| {

@@ -10,18 +10,55 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 
+use crate::cli::generate::{DeviceArg, parse_device};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
 use crate::models::Model;
 use crate::models::chat::{ChatTemplate, Message};
+use crate::models::synth::{self, SynthShape};
 use crate::models::tokenizer::Tokenizer;
 use crate::sample::SamplingParams;
+use candle_core::quantized::GgmlDType;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Speculative vs autoregressive decoding on HumanEval prompts.
     Spec(SpecArgs),
+    /// A GGUF with random weights at a real model's layout (GPU speed runs where the real
+    /// weights cannot travel), or just the header of a GGUF (metadata, tokenizer, tensor infos).
+    Synth(SynthArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct SynthArgs {
+    /// A GGUF, or a header written by `--header-only`.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Where to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write only the header of --from (a few MB) instead of a model.
+    #[arg(long)]
+    pub header_only: bool,
+    /// `like`: --from's own tensors; `llama-3.1-8b`: that model's dimensions (Q4_K) with
+    /// --from's tokenizer.
+    #[arg(long, default_value = "like", value_parser = parse_shape)]
+    pub shape: SynthShape,
+    /// The type of every matrix instead of the layout's (f32, f16, bf16, q8_0, q4_k, q6_k, ...).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<GgmlDType>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn parse_dtype(s: &str) -> Result<GgmlDType, String> {
+    synth::parse_dtype(s).ok_or_else(|| format!("`{s}`: unknown tensor type"))
+}
+
+fn parse_shape(s: &str) -> Result<SynthShape, String> {
+    SynthShape::parse(s).ok_or_else(|| format!("`{s}`: expected like or llama-3.1-8b"))
 }
 
 #[derive(ClapArgs, Debug)]
@@ -56,12 +93,47 @@ pub struct SpecArgs {
     /// Write one JSON object per configuration here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
+    /// Speed runs on random weights (`verdict bench synth`) only: accept each drafted token
+    /// with this probability instead of the policy's verdict, e.g. the rate measured on the
+    /// real pair (vLLM and llama.cpp offer the same mode). The output is not the target's; the
+    /// table labels these rows.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub synthetic_acceptance: Option<f64>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a probability in [0, 1]")),
+    }
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Spec(a) => spec(a),
+        BenchCommand::Synth(a) => synth(a),
     }
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    if a.header_only {
+        let n = synth::write_header(&a.from, &a.out)?;
+        eprintln!("synth: {} ({n} bytes of header)", a.out.display());
+        return Ok(());
+    }
+    let t = Instant::now();
+    let r = synth::synthesize(&a.from, &a.out, a.shape, a.dtype, a.seed)?;
+    eprintln!(
+        "synth: {} ({} tensors, {:.1} MB of random weights, {:.1}s)",
+        a.out.display(),
+        r.tensors,
+        r.tensor_bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The target and draft GGUFs of a benchmark or judge command; the default pair from the fetch
@@ -149,7 +221,7 @@ struct Row {
 fn spec(a: SpecArgs) -> Result<()> {
     let dir = models_dir();
     let (target_path, draft_path) = a.pair.paths();
-    let device = candle_core::Device::Cpu;
+    let device = a.device.open()?;
     let target = Model::load_gguf(&target_path, &device)?;
     let drafters: Vec<DrafterSpec> = list(&a.drafters)
         .iter()
@@ -201,15 +273,20 @@ fn spec(a: SpecArgs) -> Result<()> {
         default_drafter: None,
         default_k: *ks.iter().max().unwrap_or(&8),
         adaptive: false,
+        synthetic_acceptance: a.synthetic_acceptance,
     })?;
 
     let mut configs: Vec<(String, Speculation, Option<String>, bool)> =
         vec![("autoregressive".into(), Speculation::Off, None, false)];
     for d in &drafters {
         for p in list(&a.policies) {
+            let label = match a.synthetic_acceptance {
+                Some(r) => format!("{} / synthetic acceptance {r}", d.name()),
+                None => format!("{} / {p}", d.name()),
+            };
             for &k in &ks {
                 configs.push((
-                    format!("{} / {p} / k={k}", d.name()),
+                    format!("{label} / k={k}"),
                     Speculation::Draft {
                         drafter: Some(d.clone()),
                         k: Some(k),
@@ -221,7 +298,7 @@ fn spec(a: SpecArgs) -> Result<()> {
             if a.adaptive {
                 let k = *ks.iter().max().unwrap_or(&8);
                 configs.push((
-                    format!("{} / {p} / adaptive k<={k}", d.name()),
+                    format!("{label} / adaptive k<={k}"),
                     Speculation::Draft {
                         drafter: Some(d.clone()),
                         k: Some(k),

@@ -120,6 +120,7 @@ fn run_humaneval(a: HumanevalArgs) -> Result<()> {
         default_drafter: Some(DrafterSpec::Model),
         default_k: a.k,
         adaptive: false,
+        synthetic_acceptance: None,
         judge,
     })?;
     let ev = Evaluator {

@@ -181,7 +181,7 @@ pub(crate) fn shard_target(model: Model, n: usize, device: &candle_core::Device)
     model.shard(n).with_context(|| format!("--shards {n}"))
 }
 
-fn parse_device(s: &str) -> Result<DeviceArg, String> {
+pub(crate) fn parse_device(s: &str) -> Result<DeviceArg, String> {
     match s {
         "cpu" => Ok(DeviceArg::Cpu),
         "cuda" => Ok(DeviceArg::Cuda(0)),
@@ -352,6 +352,7 @@ pub fn run(args: Args) -> Result<()> {
         default_drafter: drafter,
         default_k: args.k as usize,
         adaptive: !args.fixed_k,
+        synthetic_acceptance: None,
     })?;
     let trace: Option<Box<dyn Write + Send>> = match &args.trace {
         Some(p) => Some(Box::new(std::io::BufWriter::new(

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
@@ -64,6 +63,9 @@ pub struct ServeArgs {
     /// Generation worker threads (requests generating at once).
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Where the models run: cpu, cuda or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::generate::parse_device)]
+    pub device: crate::cli::generate::DeviceArg,
     /// Split the target over N tensor-parallel ranks (threads on the CPU). A sharded target
     /// does not batch across requests yet.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -208,12 +210,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
     let max_batch = args.max_batch;
     let shards = args.shards as usize;
+    let device = args.device.open()?;
     let loader = Box::new(move || -> Result<Served> {
-        let target = Model::load_gguf(&target_path, &Device::Cpu)
+        let target = Model::load_gguf(&target_path, &device)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
         let draft = match &draft_path {
             Some(p) => Some(
-                Model::load_gguf(p, &Device::Cpu)
+                Model::load_gguf(p, &device)
                     .with_context(|| format!("loading the draft {}", p.display()))?,
             ),
             None => None,
@@ -226,7 +229,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let chat = ChatTemplate::from_gguf(content, &tokenizer)
             .with_context(|| format!("the chat template of {}", target_path.display()))?;
         let judge = head_choice.load(&target)?;
-        let target = crate::cli::generate::shard_target(target, shards, &Device::Cpu)?;
+        let target = crate::cli::generate::shard_target(target, shards, &device)?;
         // Concurrent requests share forwards; a lone request runs exactly as unbatched.
         let target = target.with_batching(max_batch)?;
         let draft = draft.map(|d| d.with_batching(max_batch)).transpose()?;
@@ -238,6 +241,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             default_drafter,
             default_k: k,
             adaptive,
+            synthetic_acceptance: None,
             judge,
         })?;
         Ok(Served {

@@ -49,6 +49,11 @@ pub struct EngineConfig {
     /// The target's judge head (checked against the target here), scored for policies that
     /// declare `needs-judge`.
     pub judge: Option<JudgeHead>,
+    /// Benchmarks only (`verdict bench spec --synthetic-acceptance`): accept each drafted
+    /// position with this probability instead of the policy's verdict (the policy still runs,
+    /// so a step costs what it costs). For speed runs on random weights, where drafts never
+    /// match; the output is not the target's. The server never sets it.
+    pub synthetic_acceptance: Option<f64>,
 }
 
 /// A shareable handle on the loaded models and policies.
@@ -356,6 +361,9 @@ impl Engine {
             last_policy_seconds: None,
             logprobs_top: req.logprobs.map(|n| n.min(vocab)),
             logprobs: Vec::new(),
+            synthetic: cfg
+                .synthetic_acceptance
+                .map(|r| (r, Rng64::new(seed ^ 0x5717))),
         })
     }
 }
@@ -435,6 +443,8 @@ pub struct Generation {
     logprobs_top: Option<usize>,
     /// Logprobs of the tokens emitted since the last `take_logprobs`.
     logprobs: Vec<TokenLogprob>,
+    /// [`EngineConfig::synthetic_acceptance`] and its own draws (the request's stay untouched).
+    synthetic: Option<(f64, Rng64)>,
 }
 
 impl Generation {
@@ -549,13 +559,21 @@ impl Generation {
         if let Some(w) = self.trace.as_mut() {
             trace::write_step(w, step).context("cannot write the step trace")?;
         }
-        let n = (decision.verdict.accepted as usize).min(kd);
+        let mut n = (decision.verdict.accepted as usize).min(kd);
+        let mut correction = decision.verdict.correction;
+        if let Some((rate, rng)) = self.synthetic.as_mut() {
+            n = 0;
+            while n < kd && f64::from(rng.uniform()) < *rate {
+                n += 1;
+            }
+            correction = Correction::Sample;
+        }
         let next = if n == kd {
             // Everything accepted: the bonus token from the target's next distribution.
             self.draw(&v.logits[kd], v.probs.get(kd))
         } else {
             let (logits, p) = (&v.logits[n], v.probs.get(n));
-            match decision.verdict.correction {
+            match correction {
                 Correction::Argmax => sample::argmax(logits),
                 Correction::Token(t) => t,
                 Correction::Sample => self.draw(logits, p),

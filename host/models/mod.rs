@@ -8,6 +8,7 @@
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
 //! - [`shard`]: tensor parallelism: a model split over ranks (Megatron layout) and the
 //!   communicator that sums their partial outputs.
+//! - [`synth`]: random weights at a real layout (GPU benchmarks without carrying weights).
 //! - [`batch`]: forwards of concurrent sessions run as one batched forward (same logits).
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
 //! - [`tokenizer`]: the GGUF's byte-level BPE tokenizer, ids equal to llama.cpp's.
@@ -22,6 +23,7 @@ pub mod kv_cache;
 mod requant;
 pub mod safetensors;
 pub mod shard;
+pub mod synth;
 pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
