@@ -52,6 +52,8 @@ struct Run {
 /// `VERDICT_TEST_DEVICE=cuda` runs these checks on the GPU (bench/gpu.sh does, with a binary
 /// from `scripts/build-cuda tests`); the CPU otherwise.
 fn device() -> candle_core::Device {
+    // The kernels verdict uses on a GPU (VERDICT_CUDA_MMVQ=1: candle's default ones instead).
+    verdict::models::choose_cuda_kernels();
     match std::env::var("VERDICT_TEST_DEVICE").as_deref() {
         Ok("cuda") => candle_core::Device::new_cuda(0).expect("VERDICT_TEST_DEVICE=cuda: a GPU"),
         Ok("cpu") | Err(_) => candle_core::Device::Cpu,
@@ -90,6 +92,9 @@ fn check(key: &str) {
     let model = Model::load_gguf(&file, &device())
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models)", file.display()));
     let tok = Tokenizer::from_gguf(model.gguf_metadata().expect("GGUF metadata")).unwrap();
+    // Off the CPU, the CPU runs alongside and the largest logit difference is reported.
+    let cpu = (!model.device().is_cpu())
+        .then(|| Model::load_gguf(&file, &candle_core::Device::Cpu).unwrap());
 
     let mut violations = Vec::new();
     for (r, run) in m.runs.iter().enumerate() {
@@ -105,9 +110,24 @@ fn check(key: &str) {
             .unwrap_or(run.ids.len());
         let mut session = model.session();
         let mut logits = last_logits(&session.forward(&run.prompt, Rows::Last).unwrap());
+        let mut cpu_session = cpu.as_ref().map(|m| m.session());
+        let mut cpu_logits = cpu_session
+            .as_mut()
+            .map(|s| last_logits(&s.forward(&run.prompt, Rows::Last).unwrap()));
+        let mut worst = (0f32, 0usize);
         let mut parted = None;
         let mut allowed = Vec::new();
         for (i, (&want, &gap)) in run.ids.iter().zip(&run.gaps).enumerate() {
+            if let Some(c) = &cpu_logits {
+                let d = logits
+                    .iter()
+                    .zip(c)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                if d > worst.0 {
+                    worst = (d, i);
+                }
+            }
             let ours = argmax(&logits);
             if ours != want {
                 let mut sorted = logits.clone();
@@ -134,9 +154,18 @@ fn check(key: &str) {
             if i + 1 < run.ids.len() {
                 // Teacher forcing: continue from llama.cpp's token so the context stays equal.
                 logits = last_logits(&session.forward(&[want], Rows::Last).unwrap());
+                if let Some(s) = cpu_session.as_mut() {
+                    cpu_logits = Some(last_logits(&s.forward(&[want], Rows::Last).unwrap()));
+                }
             }
         }
         let n = run.ids.len();
+        if cpu.is_some() {
+            eprintln!(
+                "{key} run {r}: largest |logit - CPU logit| {:.3} at position {}",
+                worst.0, worst.1
+            );
+        }
         match parted {
             None => eprintln!("{key} run {r}: {n}/{n} greedy tokens equal"),
             Some(p) => eprintln!(

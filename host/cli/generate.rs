@@ -165,6 +165,7 @@ impl DeviceArg {
                          is LD_LIBRARY_PATH pointing at the driver's folder?"
                     );
                 }
+                crate::models::choose_cuda_kernels();
                 candle_core::Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
             }
         }
@@ -460,6 +461,7 @@ pub fn run(args: Args) -> Result<()> {
             "policy_faults": spec.policy_faults,
             "policy": spec.policy,
             "drafter": spec.drafter,
+            "plain_phases": spec.plain_phases,
             "load_s": load_s,
             "stop": stop.name(),
             "device": args.device.to_string(),

@@ -24,7 +24,7 @@ use crate::models::{Model, Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
 use crate::verify::{self, JudgeHead, JudgeScorer};
 pub use adaptive::AdaptiveK;
-pub use stats::SpecStats;
+pub use stats::{PlainPhases, SpecStats};
 
 /// Largest speculation length a request may ask for.
 pub const MAX_K: usize = 64;
@@ -516,11 +516,22 @@ impl Generation {
     /// One autoregressive token.
     fn plain_step(&mut self) -> Result<Vec<u32>> {
         let last = *self.tokens.last().context("no tokens")?;
+        let t0 = Instant::now();
         let out = self.target.forward(&[last], Rows::Last)?;
+        let t1 = Instant::now();
         let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
+        let t2 = Instant::now();
         let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
+        let t3 = Instant::now();
         self.stats.steps += 1;
-        Ok(self.emit(&[t], &[&row]))
+        let out = self.emit(&[t], &[&row]);
+        let p = &mut self.stats.plain_phases;
+        p.steps += 1;
+        p.forward_s += (t1 - t0).as_secs_f64();
+        p.logits_s += (t2 - t1).as_secs_f64();
+        p.sample_s += (t3 - t2).as_secs_f64();
+        p.emit_s += t3.elapsed().as_secs_f64();
+        Ok(out)
     }
 
     fn speculative_step(&mut self, k: usize) -> Result<Vec<u32>> {
@@ -663,27 +674,22 @@ impl Generation {
 
 /// ln softmax(logits)[t] at temperature 1 (the target model's own log-likelihood of `t`), and
 /// the `top_n` most likely tokens with theirs, most likely first (ties: lower id first).
-/// Two passes over the row whatever `top_n` (it is at most [`MAX_TOP_LOGPROBS`], so keeping the
-/// best few in a sorted vector beats sorting the vocabulary).
+/// Runs for every emitted token, so it is two vectorised passes over the row (max, then
+/// log-sum-exp) plus, only when alternatives are asked for, one that keeps the best few in a
+/// sorted vector (`top_n` is at most [`MAX_TOP_LOGPROBS`]: cheaper than sorting the vocabulary).
 pub fn token_logprobs(logits: &[f32], t: u32, top_n: usize) -> (f64, Vec<(u32, f64)>) {
-    let mut max = f32::NEG_INFINITY;
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(top_n + 1);
-    for (i, &x) in logits.iter().enumerate() {
-        max = max.max(x);
-        // Strictly greater: an equal logit at a higher id stays behind the earlier one.
-        if top_n > 0 && (best.len() < top_n || best.last().is_some_and(|&(_, b)| x > b)) {
-            let at = best.partition_point(|&(_, b)| b >= x);
-            best.insert(at, (i as u32, x));
-            best.truncate(top_n);
+    if top_n > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            // Strictly greater: an equal logit at a higher id stays behind the earlier one.
+            if best.len() < top_n || best.last().is_some_and(|&(_, b)| x > b) {
+                let at = best.partition_point(|&(_, b)| b >= x);
+                best.insert(at, (i as u32, x));
+                best.truncate(top_n);
+            }
         }
     }
-    let max = max as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&x| (x as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = sample::log_sum_exp(logits, sample::max(logits));
     let lp = logits
         .get(t as usize)
         .map_or(f64::NEG_INFINITY, |&x| x as f64 - lse);
@@ -700,18 +706,19 @@ mod tests {
         let row = [1.0f32, 3.0, -2.0, 3.0, 0.5];
         let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
         let (lp, top) = token_logprobs(&row, 4, 3);
-        assert!((lp - (0.5 - lse)).abs() < 1e-12);
+        // The exponentials are f32 (see sample::log_sum_exp).
+        assert!((lp - (0.5 - lse)).abs() < 1e-6);
         let ids: Vec<u32> = top.iter().map(|&(i, _)| i).collect();
         // The tie at 3.0 keeps the lower id first, as argmax does.
         assert_eq!(ids, [1, 3, 0]);
-        assert!((top[0].1 - (3.0 - lse)).abs() < 1e-12);
+        assert!((top[0].1 - (3.0 - lse)).abs() < 1e-6);
         assert_eq!(top[0].1, top[1].1);
         let total: f64 = row
             .iter()
             .enumerate()
             .map(|(i, _)| token_logprobs(&row, i as u32, 0).0.exp())
             .sum();
-        assert!((total - 1.0).abs() < 1e-12);
+        assert!((total - 1.0).abs() < 1e-6);
         assert!(token_logprobs(&row, 2, 0).1.is_empty());
         assert_eq!(token_logprobs(&row, 9, 0).0, f64::NEG_INFINITY);
         // More alternatives than tokens: all of them, sorted.

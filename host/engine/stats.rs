@@ -35,6 +35,24 @@ pub struct SpecStats {
     pub drafter: Option<String>,
     /// Speculative steps per drafter that proposed them (several only for `auto`).
     pub drafter_steps: std::collections::BTreeMap<String, u64>,
+    /// Where the time of autoregressive steps goes.
+    pub plain_phases: PlainPhases,
+}
+
+/// Seconds spent in each phase of the autoregressive steps (on a GPU, `forward_s` is the
+/// host's time to queue the forward's kernels and `logits_s` the wait for the device to finish
+/// plus the copy of the logits row: together they say whether decoding is launch-bound).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PlainPhases {
+    pub steps: u64,
+    /// `Session::forward` returning.
+    pub forward_s: f64,
+    /// The logits row on the host.
+    pub logits_s: f64,
+    /// Choosing the token.
+    pub sample_s: f64,
+    /// Appending it: stop check, its log-probability (a pass over the vocabulary), logprobs.
+    pub emit_s: f64,
 }
 
 impl SpecStats {

@@ -28,6 +28,20 @@ pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
 
+/// Chooses candle's quantized CUDA kernels (a process-wide switch in candle; call before
+/// loading models on a GPU): the dequantize-then-dot ones, not candle's default that first
+/// rounds the activations to 8 bits. Measured on an H200 (BENCHMARKS.md): with the default,
+/// greedy SmolLM2 parted from llama.cpp where llama.cpp's top-2 gap was 0.98, its logits up to
+/// 4.7 away from the CPU's; with these, all four fixture prompts agreed 32/32 (logits within
+/// 1.3-2.6 of the CPU's, which itself rounds activations to 8 bits). Decode speed was the same
+/// within that machine's run-to-run spread. `VERDICT_CUDA_MMVQ=1` keeps candle's default.
+pub fn choose_cuda_kernels() {
+    #[cfg(feature = "cuda")]
+    candle_core::quantized::cuda::set_force_dmmv(
+        std::env::var("VERDICT_CUDA_MMVQ").as_deref() != Ok("1"),
+    );
+}
+
 pub use batch::BatchStats;
 pub use error::{ModelError, Result};
 pub use gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
