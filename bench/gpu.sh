@@ -18,7 +18,8 @@
 #                synthetic acceptance (the rate that reproduces the real pair's tokens per step,
 #                see BENCHMARKS.md), and SmolLM2 with prompt lookup under strict and threshold;
 #   6. peer:     Hugging Face transformers, eager and static cache + torch.compile, same shapes.
-# VERDICT_GPU_STEPS=a,b,... runs some of them; VERDICT_GPU_BUDGET (s, default 540) caps the run.
+# VERDICT_GPU_STEPS=a,b,... runs some of them; VERDICT_GPU_BUDGET (s, default 540) caps the run;
+# VERDICT_GPU_REPEAT (default 2) is `bench spec --repeat`: interleaved rounds, median reported.
 #
 # Here (the build machine):
 #   CARGO_TARGET_DIR=/work/target-cuda scripts/build-cuda tests   # verdict + the test binary
@@ -278,6 +279,7 @@ spec() { # label, args...
     shift
     echo "=== bench spec: $label"
     timeout "$(tmo 150)" "$V" bench spec --device "$dev" --humaneval "$he" --prompts 2 \
+        --repeat "${VERDICT_GPU_REPEAT:-2}" \
         --max-tokens $tokens "$@" 2>&1 | grep -v '^bench: '
     [ "${PIPESTATUS[0]}" = 0 ] || row "bench spec: $label" FAIL "" "see the log"
 }

@@ -279,6 +279,7 @@ fn bench_synth_and_spec_check_their_arguments() {
         &["spec", "--target", m, "--device", "tpu"],
         "expected cpu, cuda or cuda:N",
     );
+    fails(&["spec", "--target", m, "--repeat", "0"], "--repeat");
     fails(
         &["synth", "--from", m, "--out", s, "--shape", "gpt-5"],
         "llama-3.1-8b",

@@ -96,6 +96,10 @@ pub struct SpecArgs {
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceArg,
+    /// Rounds over all configurations, interleaved; each row reports its median round and the
+    /// range over the rounds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
     /// Speed runs on random weights (`verdict bench synth`) only: accept each drafted token
     /// with this probability instead of the policy's verdict, e.g. the rate measured on the
     /// real pair (vLLM and llama.cpp offer the same mode). The output is not the target's; the
@@ -316,63 +320,86 @@ fn spec(a: SpecArgs) -> Result<()> {
         ),
         None => None,
     };
+    // Round-robin repeats: each configuration's time is the median of its rounds, so a drift
+    // in the machine's speed (seen on the lent GPU's host) lands on every row alike.
     let mut rows: Vec<Row> = Vec::new();
-    for (name, speculation, policy, adaptive) in configs {
-        let mut row = Row {
-            name: name.clone(),
-            tokens: 0,
-            seconds: 0.0,
-            steps: 0,
-            drafted: 0,
-            accepted: 0,
-        };
-        for prompt in &prompts {
-            let mut g = engine
-                .start(GenerateRequest {
-                    prompt: prompt.clone(),
-                    max_tokens: a.max_tokens,
-                    sampling: SamplingParams::greedy(),
-                    seed: Some(0),
-                    stop_tokens: eos.clone(),
-                    speculation: speculation.clone(),
-                    policy: policy.clone(),
-                    adaptive: Some(adaptive),
-                    ..Default::default()
-                })
-                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            // The prefill is the same for every configuration: time the decode only.
-            g.step()?;
-            let t = Instant::now();
-            while g.finished().is_none() {
+    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..a.repeat {
+        for (c, (name, speculation, policy, adaptive)) in configs.iter().enumerate() {
+            let mut row = Row {
+                name: name.clone(),
+                tokens: 0,
+                seconds: 0.0,
+                steps: 0,
+                drafted: 0,
+                accepted: 0,
+            };
+            for prompt in &prompts {
+                let mut g = engine
+                    .start(GenerateRequest {
+                        prompt: prompt.clone(),
+                        max_tokens: a.max_tokens,
+                        sampling: SamplingParams::greedy(),
+                        seed: Some(0),
+                        stop_tokens: eos.clone(),
+                        speculation: speculation.clone(),
+                        policy: policy.clone(),
+                        adaptive: Some(*adaptive),
+                        ..Default::default()
+                    })
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                // The prefill is the same for every configuration: time the decode only.
                 g.step()?;
+                let t = Instant::now();
+                while g.finished().is_none() {
+                    g.step()?;
+                }
+                row.seconds += t.elapsed().as_secs_f64();
+                let s = g.stats();
+                row.tokens += s.tokens.saturating_sub(1);
+                row.steps += s.steps;
+                row.drafted += s.drafted;
+                row.accepted += s.accepted;
             }
-            row.seconds += t.elapsed().as_secs_f64();
-            let s = g.stats();
-            row.tokens += s.tokens.saturating_sub(1);
-            row.steps += s.steps;
-            row.drafted += s.drafted;
-            row.accepted += s.accepted;
+            eprintln!(
+                "bench: {name} (round {}): {} tokens in {:.2}s",
+                round + 1,
+                row.tokens,
+                row.seconds
+            );
+            if let Some(f) = json.as_mut() {
+                writeln!(
+                    f,
+                    "{}",
+                    serde_json::json!({"config": name, "round": round + 1, "tokens": row.tokens,
+                        "seconds": row.seconds, "steps": row.steps, "drafted": row.drafted,
+                        "accepted": row.accepted})
+                )?;
+            }
+            rounds[c].push(row.seconds);
+            if round == 0 {
+                rows.push(row);
+            }
         }
-        eprintln!(
-            "bench: {name}: {} tokens in {:.2}s",
-            row.tokens, row.seconds
-        );
-        if let Some(f) = json.as_mut() {
-            writeln!(
-                f,
-                "{}",
-                serde_json::json!({"config": name, "tokens": row.tokens, "seconds": row.seconds,
-                    "steps": row.steps, "drafted": row.drafted, "accepted": row.accepted})
-            )?;
-        }
-        rows.push(row);
+    }
+    let mut spread = Vec::with_capacity(rows.len());
+    for (row, times) in rows.iter_mut().zip(&mut rounds) {
+        times.sort_by(f64::total_cmp);
+        row.seconds = times[times.len() / 2];
+        let (lo, hi) = (times[0], times[times.len() - 1]);
+        spread.push((
+            row.tokens as f64 / hi.max(1e-9),
+            row.tokens as f64 / lo.max(1e-9),
+        ));
     }
     let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
+    let ranged = a.repeat > 1;
     println!(
-        "| configuration | tokens | tok/s | tokens/step | accepted/drafted | speed vs autoregressive |"
+        "| configuration | tokens | tok/s{} | tokens/step | accepted/drafted | speed vs autoregressive |",
+        if ranged { " (median; range)" } else { "" }
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    for r in &rows {
+    for (r, (lo, hi)) in rows.iter().zip(&spread) {
         let tps = r.tokens as f64 / r.seconds.max(1e-9);
         let per_step = r.tokens as f64 / r.steps.max(1) as f64;
         let rate = if r.drafted > 0 {
@@ -380,8 +407,13 @@ fn spec(a: SpecArgs) -> Result<()> {
         } else {
             "-".into()
         };
+        let range = if ranged {
+            format!("; {lo:.1}-{hi:.1}")
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {:.1} | {:.2} | {} | {:.2}x |",
+            "| {} | {} | {:.1}{range} | {:.2} | {} | {:.2}x |",
             r.name,
             r.tokens,
             tps,
