@@ -189,7 +189,9 @@ fn llama8b_metadata(src: &HashMap<String, Value>, vocab: usize) -> Vec<(String, 
     let mut meta: Vec<(String, Value)> = src
         .iter()
         .filter(|(k, _)| {
-            k.as_str() != "general.architecture" && !k.starts_with(&format!("{arch}."))
+            k.as_str() != "general.architecture"
+                && k.as_str() != "general.alignment"
+                && !k.starts_with(&format!("{arch}."))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
@@ -253,6 +255,8 @@ pub fn synthesize(
                 content
                     .metadata
                     .iter()
+                    // candle's writer aligns the tensor data to 32 bytes whatever this says.
+                    .filter(|(k, _)| k.as_str() != "general.alignment")
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 infos
