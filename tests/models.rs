@@ -28,6 +28,18 @@ fn tiny(dir: &Path, spec: &TinySpec) -> Model {
     Model::load_gguf(&p, &Device::Cpu).expect("load tiny gguf")
 }
 
+/// Q8_0 takes the same row-wise kernel for any row count, so batched and single forwards match
+/// exactly.
+fn tiny_q8_0(dir: &Path) -> Model {
+    tiny(
+        dir,
+        &TinySpec {
+            dtype: GgmlDType::Q8_0,
+            ..TinySpec::default()
+        },
+    )
+}
+
 /// Logits of each token fed one at a time.
 fn one_by_one(s: &mut Session, toks: &[u32]) -> Vec<Vec<f32>> {
     toks.iter()
@@ -79,13 +91,7 @@ fn batched_forward_equals_single_steps() {
 #[test]
 fn forward_batch_equals_each_sequence_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let m = tiny(
-        dir.path(),
-        &TinySpec {
-            dtype: GgmlDType::Q8_0,
-            ..TinySpec::default()
-        },
-    );
+    let m = tiny_q8_0(dir.path());
     let prefixes: [&[u32]; 3] = [&PROMPT[..3], &PROMPT, &PROMPT[2..7]];
     let inputs: [&[u32]; 3] = [&[11], &[12, 13, 14, 15], &[16]];
     let rows_of = [Rows::Last, Rows::All, Rows::All];
@@ -207,13 +213,7 @@ fn forward_batch_isolates_bad_sequences() {
 #[test]
 fn batching_model_shares_forwards_across_threads() {
     let dir = tempfile::tempdir().unwrap();
-    let m = tiny(
-        dir.path(),
-        &TinySpec {
-            dtype: GgmlDType::Q8_0,
-            ..TinySpec::default()
-        },
-    );
+    let m = tiny_q8_0(dir.path());
     let batching = m.with_batching(4).unwrap();
     let threads = 4;
     let steps = 12;

@@ -92,9 +92,8 @@ impl Drafter for ModelDrafter {
 
 /// softmax(logits)[x] at temperature 1, without materialising the distribution.
 pub fn softmax_at(logits: &[f32], x: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let lse = crate::sample::log_sum_exp(logits, crate::sample::max(logits));
     logits
         .get(x as usize)
-        .map_or(0.0, |&l| (l - max).exp() / sum)
+        .map_or(0.0, |&l| (l as f64 - lse).exp() as f32)
 }

@@ -109,13 +109,16 @@ pub fn log_sum_exp(xs: &[f32], max: f32) -> f64 {
 /// e^x for x <= 0 without a libm call, so that loops over it vectorise: x = n ln2 + r with
 /// |r| <= ln2/2 (ln2 split in two for exactness), e^r by its degree-6 Taylor polynomial
 /// (remainder < 1.2e-7 relative), 2^n from the exponent bits. Below -87 (where e^x is under
-/// f32's normal range) it returns ~1e-38, which a sum of exponentials of logits never notices.
+/// f32's normal range), and for NaN, it returns ~1e-38, which a sum of exponentials of logits
+/// never notices.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 0.0);
+    // max/min, not clamp: NaN becomes the floor (clamp would keep it).
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(-87.0).min(0.0);
     let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
@@ -138,19 +141,17 @@ pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
         return p;
     }
     let inv_t = 1.0 / params.temperature;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max(logits);
     if !max.is_finite() {
         // All -inf (or NaN): nothing to prefer, fall back to the argmax rule.
         p[argmax(logits) as usize] = 1.0;
         return p;
     }
-    let mut sum = 0f64;
+    // NaN logits clamp to the floor (weight ~0); the sum is taken in f64 per block.
     for (pi, &l) in p.iter_mut().zip(logits) {
-        let e = ((l - max) * inv_t).exp();
-        let e = if e.is_finite() { e } else { 0.0 };
-        *pi = e;
-        sum += e as f64;
+        *pi = exp_nonpositive((l - max) * inv_t);
     }
+    let sum: f64 = p.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum();
     let inv = (1.0 / sum) as f32;
     p.iter_mut().for_each(|x| *x *= inv);
 
@@ -293,6 +294,15 @@ mod tests {
             row[n / 2] = 9.0;
             assert_eq!(argmax(&row) as usize, n / 2, "n = {n}");
         }
+    }
+
+    #[test]
+    fn a_nan_logit_gets_no_probability() {
+        let p = probabilities(&[1.0, f32::NAN, 2.0], &params(1.0, 0, 1.0));
+        assert!(p.iter().all(|x| x.is_finite()), "{p:?}");
+        assert!(p[1] < 1e-30);
+        let e = (1f64).exp();
+        assert!((p[2] as f64 - e / (1.0 + e)).abs() < 1e-6, "{p:?}");
     }
 
     #[test]
