@@ -93,6 +93,7 @@ py=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 [ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
 
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 unxz() { # xz, else python's lzma
     if command -v xz >/dev/null; then xz -dc "$1"; else
         "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1"
