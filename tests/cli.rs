@@ -313,3 +313,44 @@ fn bench_synth_and_spec_check_their_arguments() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(stats(&out)["tokens"], 5);
 }
+
+/// `verdict bench forward`: a table row per size, and bad sizes or a context past the model's
+/// length are named.
+#[test]
+fn bench_forward_times_each_size_and_checks_its_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let m = model.to_str().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .args(["bench", "forward", "--model", m])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--tokens", "1,3", "--context", "4", "--rounds", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for n in [1, 3] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {n} |")))
+            .unwrap_or_else(|| panic!("no row for {n} in {stdout}"));
+        let median: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(median > 0.0, "{row}");
+    }
+    for (args, needle) in [
+        (&["--tokens", "0"][..], "`0` is not a positive count"),
+        (&["--tokens", "2,x"][..], "`x` is not a positive count"),
+        (&["--context", "100000"][..], "exceeds the model's context"),
+        (&["--rounds", "0"][..], "--rounds"),
+    ] {
+        let out = run(args);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

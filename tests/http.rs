@@ -1041,6 +1041,14 @@ fn logprobs_match_a_fresh_target_forward_in_every_mode() {
         "hello",
         "abc def",
         "the cat sat on the mat",
+        "why is the sky blue?",
+        "write a haiku about rust",
+        "1 2 3 4 5",
+        "what time is it",
+        "zyx wvu tsr",
+        "Quick brown foxes jump",
+        "numbers: 42, 7, 19",
+        "say something random",
     ]
     .iter()
     .map(|m| {

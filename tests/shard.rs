@@ -2,6 +2,13 @@
 //! in-process communicator) gives the unsharded logits within 1e-4 relative, on tiny models
 //! whose kv heads do not divide by the rank count and on the real Qwen2.5-Coder-1.5B (12 query
 //! heads, 2 kv heads: with 3 ranks the middle one reads both kv heads).
+//!
+//! Quantized tiny models are held to 2e-2 instead: their kernels round each activation row to
+//! int8 per block, so the ranks' partial sums (equal to the whole sum within f32 rounding, about
+//! 1e-7) can flip one rounding in the next layer, which moves logits by about 1e-2 (seen: 8.5e-3
+//! for Q6_K over 2 ranks, where each projection alone agrees within 5e-7). A split cut at the
+//! wrong block or head would be off by order 1. The real model runs dequantized for this reason
+//! (`Model::dequantized`).
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
@@ -33,7 +40,7 @@ fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 /// Prefill, a speculative-style 4-token forward, rollback, then single steps, and a fork: the
 /// sharded session must follow the unsharded one at every call.
-fn check_same(full: &Model, sharded: &Model, prompt: &[u32], more: &[u32], what: &str) {
+fn check_same(full: &Model, sharded: &Model, prompt: &[u32], more: &[u32], what: &str, bound: f32) {
     let (mut a, mut b) = (full.session(), sharded.session());
     let mut worst = rel_diff(
         &rows(&mut b, prompt, Rows::All),
@@ -65,8 +72,8 @@ fn check_same(full: &Model, sharded: &Model, prompt: &[u32], more: &[u32], what:
     assert_eq!(a.len(), b.len());
     eprintln!("{what}: max relative logit difference {worst:e}");
     assert!(
-        worst < 1e-4,
-        "{what}: sharded logits differ by {worst:e} (relative)"
+        worst < bound,
+        "{what}: sharded logits differ by {worst:e} (relative, bound {bound:e})"
     );
 }
 
@@ -117,6 +124,7 @@ fn tiny_models_on_2_and_3_ranks_match_one() {
                 &prompt,
                 &more,
                 &format!("{arch:?} {dtype:?} x{n}"),
+                if dtype == GgmlDType::F32 { 1e-4 } else { 2e-2 },
             );
         }
     }
@@ -215,6 +223,7 @@ fn qwen15_on_2_and_3_ranks_matches_one() {
             &prompt,
             &more,
             &format!("qwen2.5-coder-1.5b f32 x{n}"),
+            1e-4,
         );
     }
 }

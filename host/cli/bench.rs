@@ -1,6 +1,8 @@
 //! `verdict bench spec`: speculative vs autoregressive decoding side by side, in one run on one
 //! machine, on HumanEval prompts. Prints a markdown table of tokens/s, tokens per step and the
 //! speed ratio to autoregressive decoding for every drafter x policy x k asked for.
+//! `verdict bench forward`: the cost of one forward over n new tokens (all rows' logits, as
+//! verification needs), the figure speculation's speed rests on.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ use crate::models::Model;
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::synth::{self, SynthShape};
 use crate::models::tokenizer::Tokenizer;
+use crate::models::transformer::Rows;
 use crate::sample::SamplingParams;
 use candle_core::quantized::GgmlDType;
 
@@ -25,9 +28,34 @@ use candle_core::quantized::GgmlDType;
 pub enum BenchCommand {
     /// Speculative vs autoregressive decoding on HumanEval prompts.
     Spec(SpecArgs),
+    /// The time of one forward over n new tokens after a context, logits for every row (the
+    /// verification forward), per n.
+    Forward(ForwardArgs),
     /// A GGUF with random weights at a real model's layout (GPU speed runs where the real
     /// weights cannot travel), or just the header of a GGUF (metadata, tokenizer, tensor infos).
     Synth(SynthArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct ForwardArgs {
+    /// The model (GGUF).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// New tokens per forward, comma separated.
+    #[arg(long, default_value = "1,8,16")]
+    pub tokens: String,
+    /// Tokens in the KV cache before each timed forward.
+    #[arg(long, default_value_t = 64)]
+    pub context: usize,
+    /// Timed forwards per size, after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: u32,
+    /// CPU threads for the matrix kernels (default: one per physical core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -118,8 +146,75 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Spec(a) => spec(a),
+        BenchCommand::Forward(a) => forward(a),
         BenchCommand::Synth(a) => synth(a),
     }
+}
+
+/// Must run before anything starts a thread (see `--threads`).
+fn forward(a: ForwardArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        crate::cli::generate::configure_threads(n);
+    }
+    let sizes = a
+        .tokens
+        .split(',')
+        .map(|s| match s.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("--tokens: `{s}` is not a positive count"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let largest = sizes.iter().copied().max().unwrap_or(1);
+    let device = a.device.open()?;
+    let model = Model::load_gguf(&a.model, &device)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut s = model.session();
+    if a.context + largest > s.max_len() {
+        bail!(
+            "--context {} + {largest} new tokens exceeds the model's context of {}",
+            a.context,
+            s.max_len()
+        );
+    }
+    // Fixed, spread-out token ids: the cost does not depend on which tokens they are.
+    let vocab = model.config().vocab_size as u64;
+    let ids: Vec<u32> = (0..(a.context + largest) as u64)
+        .map(|i| ((i * 2_654_435_761 + 17) % vocab) as u32)
+        .collect();
+    if a.context > 0 {
+        s.forward(&ids[..a.context], Rows::Last)?;
+    }
+    println!(
+        "{}: forward over n new tokens after {} of context, logits for every row ({} rounds)",
+        a.model.display(),
+        a.context,
+        a.rounds
+    );
+    println!("| new tokens | median ms | min ms | max ms | ms per token |");
+    println!("| --- | --- | --- | --- | --- |");
+    for &n in &sizes {
+        let mut ms = Vec::with_capacity(a.rounds as usize);
+        for round in 0..=a.rounds {
+            let t = Instant::now();
+            let f = s.forward(&ids[a.context..a.context + n], Rows::All)?;
+            // Reading the logits back waits for the device.
+            let _ = f.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+            let dt = t.elapsed().as_secs_f64() * 1e3;
+            s.truncate(a.context)?;
+            if round > 0 {
+                ms.push(dt);
+            }
+        }
+        ms.sort_by(f64::total_cmp);
+        let median = ms[ms.len() / 2];
+        println!(
+            "| {n} | {median:.1} | {:.1} | {:.1} | {:.1} |",
+            ms[0],
+            ms[ms.len() - 1],
+            median / n as f64
+        );
+    }
+    Ok(())
 }
 
 fn synth(a: SynthArgs) -> Result<()> {

@@ -222,7 +222,7 @@ fn parse_top_p(s: &str) -> Result<f32, String> {
 /// Sets the CPU thread count for candle before any of its thread pools exists: rayon's global
 /// pool and candle's own pools read `RAYON_NUM_THREADS`, its quantized kernels'
 /// barrier pool `CANDLE_NUM_THREADS`, each once, when first used.
-fn configure_threads(threads: u32) {
+pub(crate) fn configure_threads(threads: u32) {
     // SAFETY: called by `run` before anything in this process starts a thread (`main` parses
     // the command line and calls `run` first), so no other thread can read the environment.
     unsafe {

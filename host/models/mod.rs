@@ -17,6 +17,7 @@
 mod attention;
 pub mod batch;
 pub mod chat;
+mod cpu_gemm;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;

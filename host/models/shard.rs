@@ -24,7 +24,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
-use super::transformer::{HeadLayout, Layer, Linear, Rows, Weights, needs_row_padding, run_rank};
+use super::transformer::{HeadLayout, Layer, Linear, Rows, Weights, run_rank};
 
 /// Collective operations between the ranks of one sharded sequence. Every rank calls the same
 /// collectives in the same order.
@@ -205,11 +205,7 @@ fn cols_of(m: &QMatMul, c: Range<usize>) -> candle_core::Result<QMatMul> {
 }
 
 fn linear(w: QMatMul, b: Option<Tensor>) -> Linear {
-    Linear {
-        pad_single_row: needs_row_padding(&w),
-        w,
-        b,
-    }
+    Linear::new(w, b)
 }
 
 /// Rows `r` of a projection (column parallel): its bias is split the same way.

@@ -27,6 +27,8 @@ pub(crate) struct Linear {
     pub(crate) b: Option<Tensor>,
     /// See [`needs_row_padding`].
     pub(crate) pad_single_row: bool,
+    /// verdict's own CPU kernel for this weight, where it applies (see `cpu_gemm`).
+    pub(crate) gemm: Option<super::cpu_gemm::Gemm>,
 }
 
 /// candle runs Q6_K matrices through its compact gemv for one row but through repacked
@@ -58,8 +60,24 @@ pub(crate) fn needs_row_padding(w: &QMatMul) -> bool {
 }
 
 impl Linear {
+    pub(crate) fn new(w: QMatMul, b: Option<Tensor>) -> Linear {
+        let gemm = match &w {
+            QMatMul::QTensor(t) => super::cpu_gemm::Gemm::new(t),
+            _ => None,
+        };
+        Linear {
+            // verdict's kernel computes a row the same way in any batch: no padding needed.
+            pad_single_row: gemm.is_none() && needs_row_padding(&w),
+            gemm,
+            w,
+            b,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if self.pad_single_row && x.dim(0)? == 1 {
+        let y = if let Some(g) = &self.gemm {
+            g.forward(x)?
+        } else if self.pad_single_row && x.dim(0)? == 1 {
             // Run one row as two so that it takes the same kernel as a multi-row forward.
             let x2 = Tensor::cat(&[x, x], 0)?;
             self.w.forward(&x2)?.narrow(0, 0, 1)?
@@ -220,11 +238,7 @@ impl Weights {
             check_shape(src, names.lm_head, &[c.vocab_size, h])?;
             fast_matmul(src, names.lm_head, src.matrix(names.lm_head, device)?)?
         };
-        let lm_head = Linear {
-            pad_single_row: needs_row_padding(&lm_head),
-            w: lm_head,
-            b: None,
-        };
+        let lm_head = Linear::new(lm_head, None);
         check_shape(src, names.norm, &[h])?;
         let norm = src.vector(names.norm, device)?;
         let mut layers = Vec::with_capacity(c.n_layers);
@@ -241,11 +255,7 @@ impl Weights {
                     _ => None,
                 };
                 let w = fast_matmul(src, &wn, src.matrix(&wn, device)?)?;
-                Ok(Linear {
-                    pad_single_row: needs_row_padding(&w),
-                    w,
-                    b: bias,
-                })
+                Ok(Linear::new(w, bias))
             };
             let vec = |s: &str| -> Result<Tensor> {
                 let name = n(s);
@@ -459,23 +469,12 @@ impl Model {
                 other => other.clone(),
             })
         };
-        let lin = |l: &Linear| -> Result<Linear> {
-            let w = deq(&l.w)?;
-            Ok(Linear {
-                pad_single_row: needs_row_padding(&w),
-                w,
-                b: l.b.clone(),
-            })
-        };
+        let lin = |l: &Linear| -> Result<Linear> { Ok(Linear::new(deq(&l.w)?, l.b.clone())) };
         let embed = deq(&w.embed)?;
         // A tied lm_head is the embedding's own tensor: dequantize it once.
         let tied = matches!((&w.embed, &w.lm_head.w), (QMatMul::QTensor(a), QMatMul::QTensor(b)) if Arc::ptr_eq(a, b));
         let lm_head = if tied {
-            Linear {
-                pad_single_row: false,
-                w: embed.clone(),
-                b: None,
-            }
+            Linear::new(embed.clone(), None)
         } else {
             lin(&w.lm_head)?
         };
