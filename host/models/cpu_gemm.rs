@@ -16,8 +16,10 @@
 //! (`requant.rs`): a Q5_0 kernel reading the 22-byte blocks as stored measured slower here
 //! than this one on the widened 34 (its per-32-value work dominates, not its bytes).
 //!
-//! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU, or
-//! `VERDICT_CPU_GEMM=0` for A/B measurements), and the caller keeps candle's kernel.
+//! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU, a
+//! type left to candle by default (Q4_K: see `DEFAULT_TYPES`), or `VERDICT_CPU_GEMM=0` for A/B
+//! measurements; `VERDICT_CPU_GEMM=q4k,q6k,q8_0` picks the types), and the caller keeps
+//! candle's kernel.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
@@ -72,9 +74,36 @@ pub(crate) fn available() -> bool {
     }
 }
 
+/// The types this kernel takes: `VERDICT_CPU_GEMM` as a comma-separated list (q4k, q6k, q8_0)
+/// when it is set to one, else the default.
+fn enabled(kind: Kind) -> bool {
+    let name = match kind {
+        Kind::Q4K => "q4k",
+        Kind::Q6K => "q6k",
+        Kind::Q8_0 => "q8_0",
+    };
+    match std::env::var("VERDICT_CPU_GEMM") {
+        Ok(list) if list != "1" => list.split(',').any(|s| s.trim().eq_ignore_ascii_case(name)),
+        _ => DEFAULT_TYPES.contains(&name),
+    }
+}
+
+/// Q4_K stays on candle's 16-row tiles by default. Measured in one session on the 1.5B
+/// (BENCHMARKS.md): this kernel decodes one row about as fast as the tiles (it streams 25% fewer
+/// bytes but does more work per byte), and a 9-row verification forward took 259-353 ms
+/// against the tiles' 195-237. Q6_K (compact here, 52%-larger tiles there) and Q8_0 win at both.
+/// Q4_K's kernel stays for `VERDICT_CPU_GEMM=q4k,q6k,q8_0` and as the base for a multi-column
+/// version.
+const DEFAULT_TYPES: &[&str] = &["q6k", "q8_0"];
+
 impl Gemm {
     /// `None` unless `w` is a CPU Q4_K, Q6_K or Q8_0 matrix and [`available`] holds.
     pub(crate) fn new(w: &Arc<QTensor>) -> Option<Gemm> {
+        Self::for_types(w, enabled)
+    }
+
+    /// As [`Gemm::new`], for the types `take` accepts (tests run every kernel).
+    fn for_types(w: &Arc<QTensor>, take: impl Fn(Kind) -> bool) -> Option<Gemm> {
         if !available() || !matches!(w.device(), Device::Cpu) {
             return None;
         }
@@ -84,7 +113,9 @@ impl Gemm {
             GgmlDType::Q8_0 => Kind::Q8_0,
             _ => return None,
         };
-
+        if !take(kind) {
+            return None;
+        }
         let (n, k) = w.shape().dims2().ok()?;
         let (blk, bytes) = kind.block();
         if k == 0 || !k.is_multiple_of(blk) || w.data().ok()?.len() != n * (k / blk) * bytes {
@@ -525,7 +556,7 @@ mod tests {
             return;
         }
         let w = Arc::new(QTensor::quantize(&random(n, k, 1), dtype).unwrap());
-        let g = Gemm::new(&w).expect("a supported type");
+        let g = Gemm::for_types(&w, |_| true).expect("a supported type");
         for m in [1, 3, 9, 17] {
             let x = random(m, k, 2 + m as u64);
             let got = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
@@ -582,7 +613,7 @@ mod tests {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
             // Big enough to take the thread pool.
             let w = Arc::new(QTensor::quantize(&random(300, 1024, 7), dtype).unwrap());
-            let g = Gemm::new(&w).unwrap();
+            let g = Gemm::for_types(&w, |_| true).unwrap();
             let x = random(13, 1024, 8);
             let all = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             for r in [0, 5, 12] {
@@ -615,12 +646,15 @@ mod tests {
     #[test]
     fn other_types_and_a_zero_row_are_handled() {
         let w = Arc::new(QTensor::quantize(&random(8, 64, 3), GgmlDType::Q4_1).unwrap());
-        assert!(Gemm::new(&w).is_none(), "Q4_1 stays on candle's kernel");
+        assert!(
+            Gemm::for_types(&w, |_| true).is_none(),
+            "Q4_1 stays on candle's kernel"
+        );
         if !available() {
             return;
         }
         let w = Arc::new(QTensor::quantize(&random(16, 256, 3), GgmlDType::Q4K).unwrap());
-        let g = Gemm::new(&w).unwrap();
+        let g = Gemm::for_types(&w, |_| true).unwrap();
         let zeros = Tensor::zeros((2, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
         let y = g.forward(&zeros).unwrap().to_vec2::<f32>().unwrap();
         assert!(y.iter().flatten().all(|&v| v == 0.0));
