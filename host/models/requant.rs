@@ -40,19 +40,12 @@ pub(crate) fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
 /// The matmul form of a weight for this device: Q5_0 on the CPU becomes the equivalent Q8_0;
 /// everything else is returned as is.
 pub(crate) fn for_matmul(w: QMatMul) -> candle_core::Result<QMatMul> {
-    // VERDICT_KEEP_Q5_0=1 keeps the stored encoding (for A/B speed measurements).
-    if std::env::var("VERDICT_KEEP_Q5_0").is_ok_and(|v| v == "1") {
-        return Ok(w);
-    }
-    widen_q5_0(w)
-}
-
-/// A CPU Q5_0 weight as the equivalent Q8_0; anything else unchanged.
-fn widen_q5_0(w: QMatMul) -> candle_core::Result<QMatMul> {
     let QMatMul::QTensor(t) = &w else {
         return Ok(w);
     };
-    if t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
+    // VERDICT_KEEP_Q5_0=1 keeps the stored encoding (for A/B speed measurements).
+    let keep = std::env::var("VERDICT_KEEP_Q5_0").is_ok_and(|v| v == "1");
+    if keep || t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
         return Ok(w);
     }
     let raw = t.data()?;
@@ -77,7 +70,7 @@ mod tests {
         let x = Tensor::from_vec(data, (64, 128), &Device::Cpu).unwrap();
         let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
         let w5 = QMatMul::from_qtensor(q5).unwrap();
-        let w8 = widen_q5_0(w5.clone()).unwrap();
+        let w8 = for_matmul(w5.clone()).unwrap();
         let (QMatMul::QTensor(a), QMatMul::QTensor(b)) = (&w5, &w8) else {
             panic!("quantized weights expected");
         };

@@ -204,23 +204,22 @@ fn cols_of(m: &QMatMul, c: Range<usize>) -> candle_core::Result<QMatMul> {
     })
 }
 
-fn linear(w: QMatMul, b: Option<Tensor>) -> Linear {
-    Linear::new(w, b)
-}
-
 /// Rows `r` of a projection (column parallel): its bias is split the same way.
 fn split_rows(l: &Linear, r: Range<usize>) -> candle_core::Result<Linear> {
     let b = match &l.b {
         Some(b) => Some(b.narrow(0, r.start, r.len())?.contiguous()?),
         None => None,
     };
-    Ok(linear(rows_of(&l.w, r)?, b))
+    Ok(Linear::new(rows_of(&l.w, r)?, b))
 }
 
 /// Input columns `c` of a projection (row parallel): the partial outputs are summed across
 /// ranks, so only rank 0 adds the bias.
 fn split_cols(l: &Linear, c: Range<usize>, rank: usize) -> candle_core::Result<Linear> {
-    Ok(linear(cols_of(&l.w, c)?, l.b.clone().filter(|_| rank == 0)))
+    Ok(Linear::new(
+        cols_of(&l.w, c)?,
+        l.b.clone().filter(|_| rank == 0),
+    ))
 }
 
 /// `units` split into `n` contiguous ranges as evenly as possible.
