@@ -1,4 +1,5 @@
-//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K and Q8_0 weights (x86-64 with AVX-512 VNNI).
+//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0 and Q5_0 weights (x86-64 with AVX-512
+//! VNNI).
 //!
 //! Why not candle's: its x86 fast path repacks Q4_K into tiles with unpacked f32 scales (33%
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
@@ -12,14 +13,16 @@
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
 //! values (for Q8_0). The integer dot products use `vpmaddubsw` + `vpdpwssd` (the k-quants:
 //! the block scales multiply 16-bit pair sums in the same instruction) and `vpdpbusd` (Q8_0,
-//! with the weight's sign moved onto the activation). Q5_0 is widened to Q8_0 at load
-//! (`requant.rs`): a Q5_0 kernel reading the 22-byte blocks as stored measured slower here
-//! than this one on the widened 34 (its per-32-value work dominates, not its bytes).
+//! with the weight's sign moved onto the activation). Q5_0 is the one type read from a copy:
+//! `pack_q5_0` regroups 4 blocks into 88 bytes (the stored size) so that one 64-byte load and
+//! one masked byte add give 64 weights, where reading the 22-byte blocks as stored measured
+//! slower than widening them to Q8_0 (the per-32-value work dominated). Decoding the 0.5B
+//! streams 392 MB per token this way against 485 MB widened.
 //!
 //! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU, a
 //! type left to candle by default (Q4_K: see `DEFAULT_TYPES`), or `VERDICT_CPU_GEMM=0` for A/B
-//! measurements; `VERDICT_CPU_GEMM=q4k,q6k,q8_0` picks the types), and the caller keeps
-//! candle's kernel.
+//! measurements; `VERDICT_CPU_GEMM=q4k,q6k,q8_0,q5_0` picks the types), and the caller keeps
+//! candle's kernel (and `requant.rs` widens Q5_0 to Q8_0 for it).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
@@ -31,6 +34,11 @@ const Q4K_BYTES: usize = 144;
 const Q6K_BYTES: usize = 210;
 const QK8_0: usize = 32;
 const Q8_0_BYTES: usize = 34;
+/// Q5_0 runs on a repacked copy: 4 blocks (128 values) per group of [`Q5_GROUP_BYTES`], the same
+/// bytes per value as stored (see [`pack_q5_0`]).
+const Q5_GROUP: usize = 128;
+const Q5_GROUP_BYTES: usize = 88;
+const Q5_0_BYTES: usize = 22;
 /// Output columns (weight rows) per work item handed to the thread pool.
 const COLS_PER_ITEM: usize = 16;
 /// Activation rows computed together against one unpacked weight block: each pass streams the
@@ -42,12 +50,15 @@ enum Kind {
     Q4K,
     Q6K,
     Q8_0,
+    Q5_0,
 }
 
 /// A quantized `[n, k]` weight that this module multiplies (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
     w: Arc<QTensor>,
+    /// Q5_0's repacked bytes (the other types read `w`'s blocks as stored).
+    packed: Option<Arc<[u8]>>,
     kind: Kind,
     n: usize,
     k: usize,
@@ -81,6 +92,7 @@ fn enabled(kind: Kind) -> bool {
         Kind::Q4K => "q4k",
         Kind::Q6K => "q6k",
         Kind::Q8_0 => "q8_0",
+        Kind::Q5_0 => "q5_0",
     };
     match std::env::var("VERDICT_CPU_GEMM") {
         Ok(list) if list != "1" => list.split(',').any(|s| s.trim().eq_ignore_ascii_case(name)),
@@ -88,16 +100,16 @@ fn enabled(kind: Kind) -> bool {
     }
 }
 
-/// Q4_K stays on candle's 16-row tiles by default. Measured in one session on the 1.5B
-/// (BENCHMARKS.md): this kernel decodes one row about as fast as the tiles (it streams 25% fewer
-/// bytes but does more work per byte), and a 9-row verification forward took 259-353 ms
-/// against the tiles' 195-237. Q6_K (compact here, 52%-larger tiles there) and Q8_0 win at both.
-/// Q4_K's kernel stays for `VERDICT_CPU_GEMM=q4k,q6k,q8_0` and as the base for a multi-column
-/// version.
-const DEFAULT_TYPES: &[&str] = &["q6k", "q8_0"];
+/// Q4_K stays on candle's 16-row tiles by default. Measured on the 1.5B (BENCHMARKS.md): this
+/// kernel decodes one row as fast as the tiles, not faster (it streams 25% fewer bytes but
+/// stalls on its weight loads), and a 9-row verification forward, even with two columns per
+/// pass, took 205-270 ms against the tiles' 186-215. Q6_K (compact here, 52%-larger tiles
+/// there), Q8_0 and Q5_0 win at both. Q4_K's kernel stays for `VERDICT_CPU_GEMM=q4k,...`.
+const DEFAULT_TYPES: &[&str] = &["q6k", "q8_0", "q5_0"];
 
 impl Gemm {
-    /// `None` unless `w` is a CPU Q4_K, Q6_K or Q8_0 matrix and [`available`] holds.
+    /// `None` unless `w` is a CPU Q4_K, Q6_K, Q8_0 or Q5_0 matrix (Q5_0: rows of whole
+    /// 128-value groups) that the kernel is enabled for, and [`available`] holds.
     pub(crate) fn new(w: &Arc<QTensor>) -> Option<Gemm> {
         Self::for_types(w, enabled)
     }
@@ -111,6 +123,7 @@ impl Gemm {
             GgmlDType::Q4K => Kind::Q4K,
             GgmlDType::Q6K => Kind::Q6K,
             GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q5_0 => Kind::Q5_0,
             _ => return None,
         };
         if !take(kind) {
@@ -121,8 +134,13 @@ impl Gemm {
         if k == 0 || !k.is_multiple_of(blk) || w.data().ok()?.len() != n * (k / blk) * bytes {
             return None;
         }
+        let packed = match kind {
+            Kind::Q5_0 => Some(pack_q5_0(&w.data().ok()?).into()),
+            _ => None,
+        };
         Some(Gemm {
             w: Arc::clone(w),
+            packed,
             kind,
             n,
             k,
@@ -138,13 +156,20 @@ impl Gemm {
         let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; m * self.n];
-        let data = self.w.data()?;
-        self.run(&data, &xs, m, &mut out);
+        let stored;
+        let data: &[u8] = match &self.packed {
+            Some(p) => p,
+            None => {
+                stored = self.w.data()?;
+                &stored
+            }
+        };
+        self.run(data, &xs, m, &mut out);
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
     fn run(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
-        let acts = Acts::quantize(xs, m, self.k, self.kind.block().0, self.kind == Kind::Q4K);
+        let acts = Acts::quantize(xs, m, self.k, self.kind);
         let n = self.n;
         let groups = n.div_ceil(COLS_PER_ITEM);
         let out_ptr = out.as_mut_ptr() as usize;
@@ -169,15 +194,57 @@ impl Gemm {
         let mut sums = [0f32; ROWS_PER_PASS];
         for r0 in (0..acts.m).step_by(ROWS_PER_PASS) {
             let rows = r0..acts.m.min(r0 + ROWS_PER_PASS);
-            for c in cols.clone() {
+            let mut cols = cols.clone();
+            #[cfg(target_arch = "x86_64")]
+            if self.kind == Kind::Q4K {
+                // Two columns per pass share each activation load (the multi-row cost); each
+                // column's arithmetic is the one-column kernel's, so results do not change.
+                let mut pair = [[0f32; ROWS_PER_PASS]; 2];
+                while cols.len() >= 2 {
+                    let c = cols.start;
+                    let wr = &w[c * row_bytes..(c + 2) * row_bytes];
+                    let r = rows.clone();
+                    unsafe {
+                        match rows.len() {
+                            1 => x86::q4k::<1, 2>(wr, row_bytes, acts, r, &mut pair),
+                            _ => x86::q4k::<ROWS_PER_PASS, 2>(wr, row_bytes, acts, r, &mut pair),
+                        }
+                    }
+                    for (j, s) in pair.iter().enumerate() {
+                        for (i, r) in rows.clone().enumerate() {
+                            unsafe { *out.add(r * self.n + c + j) = s[i] };
+                        }
+                    }
+                    cols.start += 2;
+                }
+            }
+            for c in cols {
                 let wr = &w[c * row_bytes..(c + 1) * row_bytes];
                 let s = &mut sums[..rows.len()];
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    match self.kind {
-                        Kind::Q4K => x86::q4k(wr, acts, rows.clone(), s),
-                        Kind::Q6K => x86::q6k(wr, acts, rows.clone(), s),
-                        Kind::Q8_0 => x86::q8_0(wr, acts, rows.clone(), s),
+                    const R: usize = ROWS_PER_PASS;
+                    let r = rows.clone();
+                    let one = |s: &mut [f32]| -> [[f32; ROWS_PER_PASS]; 1] {
+                        let mut o = [[0f32; ROWS_PER_PASS]; 1];
+                        o[0][..s.len()].copy_from_slice(s);
+                        o
+                    };
+                    match (self.kind, rows.len()) {
+                        (Kind::Q4K, n) => {
+                            let mut o = one(s);
+                            match n {
+                                1 => x86::q4k::<1, 1>(wr, row_bytes, acts, r, &mut o),
+                                _ => x86::q4k::<R, 1>(wr, row_bytes, acts, r, &mut o),
+                            }
+                            s.copy_from_slice(&o[0][..s.len()]);
+                        }
+                        (Kind::Q6K, 1) => x86::q6k::<1>(wr, acts, r, s),
+                        (Kind::Q6K, _) => x86::q6k::<R>(wr, acts, r, s),
+                        (Kind::Q8_0, 1) => x86::q8_0::<1>(wr, acts, r, s),
+                        (Kind::Q8_0, _) => x86::q8_0::<R>(wr, acts, r, s),
+                        (Kind::Q5_0, 1) => x86::q5_0::<1>(wr, acts, r, s),
+                        (Kind::Q5_0, _) => x86::q5_0::<R>(wr, acts, r, s),
                     }
                 }
                 for (i, r) in rows.clone().enumerate() {
@@ -189,14 +256,65 @@ impl Gemm {
 }
 
 impl Kind {
-    /// (values per block, bytes per block)
+    /// (values per block, bytes per block) of the weights as the kernel reads them.
     fn block(self) -> (usize, usize) {
         match self {
             Kind::Q4K => (QK_K, Q4K_BYTES),
             Kind::Q6K => (QK_K, Q6K_BYTES),
             Kind::Q8_0 => (QK8_0, Q8_0_BYTES),
+            Kind::Q5_0 => (Q5_GROUP, Q5_GROUP_BYTES),
         }
     }
+
+    /// Values per activation scale: 256 for the k-quants (Q8_K), 32 for the others (Q8_0).
+    fn act_block(self) -> usize {
+        match self {
+            Kind::Q4K | Kind::Q6K => QK_K,
+            Kind::Q8_0 | Kind::Q5_0 => QK8_0,
+        }
+    }
+}
+
+/// Whether [`Gemm::new`] takes this Q5_0 matrix, so it can stay Q5_0 at load instead of being
+/// widened to Q8_0 (`requant.rs`): the CPU kernel is on, and rows hold whole 128-value groups.
+pub(crate) fn takes_q5_0(w: &QTensor) -> bool {
+    available()
+        && enabled(Kind::Q5_0)
+        && w.dtype() == GgmlDType::Q5_0
+        && matches!(w.device(), Device::Cpu)
+        && w.shape()
+            .dims2()
+            .is_ok_and(|(_, k)| k > 0 && k.is_multiple_of(Q5_GROUP))
+}
+
+/// Q5_0 blocks (f16 d, 32 fifth bits, 16 bytes of nibbles: `d * (q - 16)`) regrouped per 4
+/// blocks for the kernel: 64 bytes of low nibbles (value t in byte t's low nibble, value 64 + t
+/// in its high nibble, so a row's activations keep their natural order), two u64 masks of the
+/// fifth bits (values 0..64, 64..128), and the four f16 scales. Same values, same bytes (88 per
+/// 128 values, as stored); only the order changes, so that one 64-byte load and one masked add
+/// give 64 weights as bytes 0..=31.
+fn pack_q5_0(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for g in raw.chunks_exact(4 * Q5_0_BYTES) {
+        let mut u = [0u8; Q5_GROUP];
+        for (b, blk) in g.chunks_exact(Q5_0_BYTES).enumerate() {
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            for j in 0..16 {
+                let q = blk[6 + j];
+                u[32 * b + j] = (q & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+                u[32 * b + j + 16] = (q >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            }
+        }
+        out.extend((0..64).map(|t| (u[t] & 0x0f) | (u[64 + t] << 4)));
+        for half in 0..2 {
+            let bits = (0..64).fold(0u64, |m, t| m | (((u[64 * half + t] >> 4) as u64) << t));
+            out.extend_from_slice(&bits.to_le_bytes());
+        }
+        for blk in g.chunks_exact(Q5_0_BYTES) {
+            out.extend_from_slice(&blk[..2]);
+        }
+    }
+    out
 }
 
 /// Activation rows quantized to int8, one f32 scale per `blk` values, with the int sums per 32
@@ -211,12 +329,16 @@ struct Acts {
     /// Per 32-value scales only: each pair of blocks' two scales, each repeated over the 8
     /// lanes that `vpdpbusd` sums that block into (the Q8_0 kernel's one load per pair).
     lanes: Vec<f32>,
+    /// Q5_0 only: -16 times each 4 values' sum, one i32 per `vpdpbusd` lane. The kernel starts
+    /// its dot products from these, which turns its unsigned 0..=31 weights into q - 16.
+    corr: Vec<i32>,
 }
 
 impl Acts {
-    /// `q4k_order`: store each 128 values' 2nd and 3rd 32-value groups swapped, the order in
-    /// which the Q4_K kernel unpacks 64 bytes of nibbles (the test reference's `Acts::position`).
-    fn quantize(xs: &[f32], m: usize, k: usize, blk: usize, q4k_order: bool) -> Acts {
+    /// For Q4_K each 128 values' 2nd and 3rd 32-value groups are stored swapped, the order in
+    /// which its kernel unpacks 64 bytes of nibbles (the test reference's `Acts::position`).
+    fn quantize(xs: &[f32], m: usize, k: usize, kind: Kind) -> Acts {
+        let blk = kind.act_block();
         let mut a = Acts {
             m,
             k,
@@ -225,6 +347,7 @@ impl Acts {
             d: vec![0.0; m * k / blk],
             sum32: vec![0; m * k / 32],
             lanes: Vec::new(),
+            corr: Vec::new(),
         };
         for (b, (x, q)) in xs
             .chunks_exact(blk)
@@ -268,7 +391,13 @@ impl Acts {
         for (s, q) in a.sum32.iter_mut().zip(a.qs.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
-        if q4k_order {
+        if kind == Kind::Q5_0 {
+            a.corr =
+                a.qs.chunks_exact(4)
+                    .map(|q| -16 * q.iter().map(|&v| v as i32).sum::<i32>())
+                    .collect();
+        }
+        if kind == Kind::Q4K {
             for g in a.qs.chunks_exact_mut(128) {
                 let (first, second) = g.split_at_mut(64);
                 first[32..].swap_with_slice(&mut second[..32]);
@@ -291,21 +420,73 @@ impl Acts {
     fn row(&self, r: usize) -> &[i8] {
         &self.qs[r * self.k..(r + 1) * self.k]
     }
+    /// Row `r`'s values, scales, 32-sums and pair scales as raw pointers: the kernels index
+    /// them per block without bounds checks or divisions (perf found a `div` per row and block).
+    fn ptrs(&self, r: usize) -> RowPtrs {
+        let per = self.k / self.blk;
+        RowPtrs {
+            qs: self.row(r).as_ptr(),
+            d: self.d[r * per..(r + 1) * per].as_ptr(),
+            sum32: self.sum32[r * self.k / 32..(r + 1) * self.k / 32].as_ptr(),
+            lanes: if self.lanes.is_empty() {
+                std::ptr::null()
+            } else {
+                self.lanes[r * (self.k / 64) * 16..].as_ptr()
+            },
+            corr: if self.corr.is_empty() {
+                std::ptr::null()
+            } else {
+                self.corr[r * self.k / 4..(r + 1) * self.k / 4].as_ptr()
+            },
+        }
+    }
+    #[cfg(test)]
     fn scale(&self, r: usize, b: usize) -> f32 {
         self.d[r * (self.k / self.blk) + b]
     }
-    fn pair_scales(&self, r: usize, p: usize) -> &[f32] {
-        &self.lanes[(r * (self.k / 64) + p) * 16..][..16]
+}
+
+/// See [`Acts::ptrs`].
+#[derive(Clone, Copy)]
+struct RowPtrs {
+    qs: *const i8,
+    d: *const f32,
+    sum32: *const i16,
+    lanes: *const f32,
+    corr: *const i32,
+}
+
+impl RowPtrs {
+    const NULL: RowPtrs = RowPtrs {
+        qs: std::ptr::null(),
+        d: std::ptr::null(),
+        sum32: std::ptr::null(),
+        lanes: std::ptr::null(),
+        corr: std::ptr::null(),
+    };
+}
+
+/// The rows of one pass as pointers; `R` is the most it holds (1 lets the compiler keep a
+/// single row's accumulators in registers).
+#[inline(always)]
+fn row_ptrs<const R: usize>(acts: &Acts, rows: std::ops::Range<usize>) -> ([RowPtrs; R], usize) {
+    debug_assert!(!rows.is_empty());
+    let mut p = [RowPtrs::NULL; R];
+    // A constant 1 for R = 1 unrolls the row loops and keeps the accumulators in registers.
+    let n = if R == 1 { 1 } else { rows.len().min(R) };
+    for (i, r) in rows.take(R).enumerate() {
+        p[i] = acts.ptrs(r);
     }
+    (p, n)
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// A Q4_K block's eight 6-bit sub-block scales and mins, unpacked from its 12 bytes
-/// (branch-free, on three u32 words).
-#[inline(always)]
+/// A Q4_K block's eight 6-bit sub-block scales and mins, unpacked from its 12 bytes (the
+/// reference for the kernel's SSE version, `x86::scales_mins`).
+#[cfg(test)]
 fn q4k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     const M6: u32 = 0x3f3f_3f3f;
     const M4: u32 = 0x0f0f_0f0f;
@@ -339,13 +520,44 @@ mod x86 {
         }
     }
 
-    /// One Q4_K weight row against activation rows `rows` (in Q4_K order); results into
-    /// `out[i]` for row i.
+    /// [`q4k_scales_mins`] in SSE, 10 vector instructions for about 25 scalar ones (no decode
+    /// speed change measurable on the VM): bytes 0..8 of the result are the scales, 8..16 the
+    /// mins. Reads 16 bytes at `p`, the
+    /// block's 12 packed bytes and 4 of the nibbles after them.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q4k(w: &[u8], acts: &Acts, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn scales_mins(p: *const u8) -> __m128i {
+        let x = unsafe { _mm_loadu_si128(p.cast()) }; // u32 lanes [u0, u1, u2, -]
+        let lo = _mm_and_si128(x, _mm_set1_epi32(0x3f3f_3f3f)); // [sc_lo, mn_lo, ..]
+        let u2 = _mm_shuffle_epi32::<0b1010_1010>(x);
+        let a = _mm_and_si128(
+            _mm_srlv_epi32(u2, _mm_set_epi32(0, 0, 4, 0)),
+            _mm_set1_epi32(0x0f0f_0f0f),
+        );
+        let b = _mm_slli_epi32::<4>(_mm_and_si128(
+            _mm_srli_epi32::<6>(x),
+            _mm_set1_epi32(0x0303_0303),
+        ));
+        let hi = _mm_or_si128(a, b); // [sc_hi, mn_hi, ..]
+        _mm_unpacklo_epi32(lo, hi)
+    }
+
+    /// `C` consecutive Q4_K weight rows (`row_bytes` apart in `w`) against activation rows
+    /// `rows` (in Q4_K order); column j's result for row i into `out[j][i]`. `R` bounds the rows
+    /// (see [`row_ptrs`]). Each column's arithmetic is the same for any `C` and `R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4k<const R: usize, const C: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &mut [[f32; ROWS_PER_PASS]; C],
+    ) {
         let nb = acts.k / QK_K;
-        let mut acc = [_mm512_setzero_ps(); ROWS_PER_PASS];
-        let mut mins = [_mm_setzero_ps(); ROWS_PER_PASS];
+        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * Q4K_BYTES);
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let mut mins = [[_mm_setzero_ps(); R]; C];
         let low = _mm512_set1_epi8(0x0f);
         // 64 bytes of nibbles h hold sub-blocks 4h (low nibbles of the first 32 bytes), 4h+2
         // (low, last 32), 4h+1 and 4h+3 (high): the i16 scale lanes for each of the four.
@@ -355,51 +567,69 @@ mod x86 {
             unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
         });
         for sb in 0..nb {
-            let blk = &w[sb * Q4K_BYTES..(sb + 1) * Q4K_BYTES];
-            unsafe { prefetch(blk.as_ptr(), Q4K_BYTES) };
-            let d = f16_at(blk, 0);
-            let dmin = f16_at(blk, 2);
-            let (sc, mn) = q4k_scales_mins(&blk[4..16]);
-            let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(
-                0,
-                u64::from_le_bytes(sc) as i64,
-            )));
-            let mn16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, u64::from_le_bytes(mn) as i64));
-            let mut wv = [_mm512_setzero_si512(); 4];
-            for h in 0..2 {
-                let x = unsafe { _mm512_loadu_si512(blk.as_ptr().add(16 + 64 * h).cast()) };
-                wv[2 * h] = _mm512_and_si512(x, low);
-                wv[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
-            }
-            let sv: [__m512i; 4] = std::array::from_fn(|v| _mm512_permutexvar_epi16(idx[v], sc16));
-            for (i, r) in rows.clone().enumerate() {
-                let a = &acts.row(r)[sb * QK_K..(sb + 1) * QK_K];
-                let mut dot = _mm512_setzero_si512();
-                for v in 0..4 {
-                    let av = unsafe { _mm512_loadu_si512(a.as_ptr().add(64 * v).cast()) };
-                    dot = _mm512_dpwssd_epi32(dot, _mm512_maddubs_epi16(wv[v], av), sv[v]);
+            let mut d = [0f32; C];
+            let mut dmin = [0f32; C];
+            let mut mn16 = [_mm_setzero_si128(); C];
+            let mut wv = [[_mm512_setzero_si512(); 4]; C];
+            let mut sv = [[_mm512_setzero_si512(); 4]; C];
+            for j in 0..C {
+                let blk = unsafe { w.as_ptr().add(j * row_bytes + sb * Q4K_BYTES) };
+                unsafe { prefetch(blk, Q4K_BYTES) };
+                let head = unsafe { std::slice::from_raw_parts(blk, 16) };
+                d[j] = f16_at(head, 0);
+                dmin[j] = f16_at(head, 2);
+                let scm = unsafe { scales_mins(blk.add(4)) };
+                let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scm));
+                mn16[j] = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(scm));
+                for h in 0..2 {
+                    let x = unsafe { _mm512_loadu_si512(blk.add(16 + 64 * h).cast()) };
+                    wv[j][2 * h] = _mm512_and_si512(x, low);
+                    wv[j][2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
                 }
-                let da = acts.scale(r, sb);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d * da), acc[i]);
-                let s32 = &acts.sum32[(r * acts.k + sb * QK_K) / 32..][..8];
-                let b = unsafe { _mm_loadu_si128(s32.as_ptr().cast()) };
-                let m = _mm_cvtepi32_ps(_mm_madd_epi16(mn16, b));
-                mins[i] = _mm_fmadd_ps(m, _mm_set1_ps(dmin * da), mins[i]);
+                sv[j] = std::array::from_fn(|v| _mm512_permutexvar_epi16(idx[v], sc16));
+            }
+            for i in 0..n {
+                let p = rp[i];
+                let a = unsafe { p.qs.add(sb * QK_K) };
+                let av: [__m512i; 4] =
+                    std::array::from_fn(|v| unsafe { _mm512_loadu_si512(a.add(64 * v).cast()) });
+                let da = unsafe { *p.d.add(sb) };
+                let b = unsafe { _mm_loadu_si128(p.sum32.add(sb * 8).cast()) };
+                for j in 0..C {
+                    let mut dot = _mm512_setzero_si512();
+                    for v in 0..4 {
+                        let pr = _mm512_maddubs_epi16(wv[j][v], av[v]);
+                        dot = _mm512_dpwssd_epi32(dot, pr, sv[j][v]);
+                    }
+                    let s = _mm512_set1_ps(d[j] * da);
+                    acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[j][i]);
+                    let m = _mm_cvtepi32_ps(_mm_madd_epi16(mn16[j], b));
+                    mins[j][i] = _mm_fmadd_ps(m, _mm_set1_ps(dmin[j] * da), mins[j][i]);
+                }
             }
         }
-        for (i, o) in out.iter_mut().enumerate() {
-            let m = mins[i];
-            let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            *o = _mm512_reduce_add_ps(acc[i]) - _mm_cvtss_f32(m);
+        for j in 0..C {
+            for i in 0..n {
+                let m = mins[j][i];
+                let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) - _mm_cvtss_f32(m);
+            }
         }
     }
 
     /// One Q6_K weight row against activation rows `rows`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q6k(w: &[u8], acts: &Acts, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn q6k<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
         let nb = acts.k / QK_K;
-        let mut acc = [_mm512_setzero_ps(); ROWS_PER_PASS];
+        debug_assert!(w.len() >= nb * Q6K_BYTES);
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0x0f);
         let two = _mm512_set1_epi8(0x03);
         let thirty_two = _mm512_set1_epi8(32);
@@ -409,16 +639,15 @@ mod x86 {
             unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
         });
         for sb in 0..nb {
-            let blk = &w[sb * Q6K_BYTES..(sb + 1) * Q6K_BYTES];
-            unsafe { prefetch(blk.as_ptr(), Q6K_BYTES) };
-            let d = f16_at(blk, 208);
-            let sc16 =
-                unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.as_ptr().add(192).cast())) };
+            let blk = unsafe { w.as_ptr().add(sb * Q6K_BYTES) };
+            unsafe { prefetch(blk, Q6K_BYTES) };
+            let d = f16_at(unsafe { std::slice::from_raw_parts(blk.add(208), 2) }, 0);
+            let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192).cast())) };
             let sc512 = _mm512_castsi256_si512(sc16);
             let mut wv = [_mm512_setzero_si512(); 4];
             for h in 0..2 {
-                let l = unsafe { _mm512_loadu_si512(blk.as_ptr().add(64 * h).cast()) };
-                let qh = unsafe { _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * h).cast()) };
+                let l = unsafe { _mm512_loadu_si512(blk.add(64 * h).cast()) };
+                let qh = unsafe { _mm256_loadu_si256(blk.add(128 + 32 * h).cast()) };
                 // bytes 0..32: qh (bits 0-1 for values 0..32), bytes 32..64: qh >> 2 (32..64)
                 let hb =
                     _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
@@ -429,63 +658,69 @@ mod x86 {
                     _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low), hi1);
             }
             let sv: [__m512i; 4] = std::array::from_fn(|c| _mm512_permutexvar_epi16(idx[c], sc512));
-            for (i, r) in rows.clone().enumerate() {
-                let a = &acts.row(r)[sb * QK_K..(sb + 1) * QK_K];
+            for i in 0..n {
+                let p = rp[i];
+                let a = unsafe { p.qs.add(sb * QK_K) };
                 let mut dot = _mm512_setzero_si512();
                 for c in 0..4 {
-                    let av = unsafe { _mm512_loadu_si512(a.as_ptr().add(64 * c).cast()) };
+                    let av = unsafe { _mm512_loadu_si512(a.add(64 * c).cast()) };
                     // The stored 6-bit values are q + 32: sum (q + 32) a - 32 a over each pair.
-                    let p = _mm512_sub_epi16(
+                    let pr = _mm512_sub_epi16(
                         _mm512_maddubs_epi16(wv[c], av),
                         _mm512_maddubs_epi16(thirty_two, av),
                     );
-                    dot = _mm512_dpwssd_epi32(dot, p, sv[c]);
+                    dot = _mm512_dpwssd_epi32(dot, pr, sv[c]);
                 }
-                let s = _mm512_set1_ps(d * acts.scale(r, sb));
+                let s = _mm512_set1_ps(d * unsafe { *p.d.add(sb) });
                 acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
             }
         }
-        for (i, o) in out.iter_mut().enumerate() {
+        for (i, o) in out.iter_mut().enumerate().take(n) {
             *o = _mm512_reduce_add_ps(acc[i]);
         }
     }
 
     /// One Q8_0 weight row against activation rows `rows` (quantized per 32).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q8_0(
+    pub(super) unsafe fn q8_0<const R: usize>(
         w: &[u8],
         acts: &Acts,
         rows: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
         let nb = acts.k / QK8_0;
-        let mut acc = [_mm512_setzero_ps(); ROWS_PER_PASS];
-        let mut tail = [0f32; ROWS_PER_PASS];
+        debug_assert!(w.len() >= nb * Q8_0_BYTES);
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut tail = [0f32; R];
         let zero = _mm512_setzero_si512();
-        for p in 0..nb / 2 {
-            let b0 = &w[2 * p * Q8_0_BYTES..];
-            let b1 = &w[(2 * p + 1) * Q8_0_BYTES..];
-            unsafe { prefetch(b0.as_ptr(), 2 * Q8_0_BYTES) };
+        let wp = w.as_ptr();
+        for pr in 0..nb / 2 {
+            let b0 = unsafe { wp.add(2 * pr * Q8_0_BYTES) };
+            let b1 = unsafe { b0.add(Q8_0_BYTES) };
+            unsafe { prefetch(b0, 2 * Q8_0_BYTES) };
             let q = unsafe {
                 _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.as_ptr().add(2).cast())),
-                    _mm256_loadu_si256(b1.as_ptr().add(2).cast()),
+                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2).cast())),
+                    _mm256_loadu_si256(b1.add(2).cast()),
                     1,
                 )
             };
+            let f16_of = |b: *const u8| f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
             let dw = _mm512_mask_blend_ps(
                 0xff00,
-                _mm512_set1_ps(f16_at(b0, 0)),
-                _mm512_set1_ps(f16_at(b1, 0)),
+                _mm512_set1_ps(f16_of(b0)),
+                _mm512_set1_ps(f16_of(b1)),
             );
             // |w| as u8 against sign(w) * a: the same products, in vpdpbusd's operand types.
             let absq = _mm512_abs_epi8(q);
             let neg = _mm512_movepi8_mask(q);
-            for (i, r) in rows.clone().enumerate() {
-                let a = unsafe { _mm512_loadu_si512(acts.row(r).as_ptr().add(64 * p).cast()) };
+            for i in 0..n {
+                let p = rp[i];
+                let a = unsafe { _mm512_loadu_si512(p.qs.add(64 * pr).cast()) };
                 let a = _mm512_mask_sub_epi8(a, neg, zero, a);
                 let dp = _mm512_dpbusd_epi32(zero, absq, a);
-                let da = unsafe { _mm512_loadu_ps(acts.pair_scales(r, p).as_ptr()) };
+                let da = unsafe { _mm512_loadu_ps(p.lanes.add(16 * pr)) };
                 let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
                 acc[i] = _mm512_fmadd_ps(x, dw, acc[i]);
             }
@@ -497,17 +732,72 @@ mod x86 {
             let d = f16_at(blk, 0);
             let absq = _mm256_abs_epi8(q);
             let neg = _mm256_movepi8_mask(q);
-            for (i, r) in rows.clone().enumerate() {
-                let a = unsafe { _mm256_loadu_si256(acts.row(r).as_ptr().add(32 * b).cast()) };
+            for i in 0..n {
+                let p = rp[i];
+                let a = unsafe { _mm256_loadu_si256(p.qs.add(32 * b).cast()) };
                 let a = _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a);
                 let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), absq, a);
                 let v = _mm512_castsi256_si512(dp);
                 let isum = _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(0x00ff, v));
-                tail[i] = d * acts.scale(r, b) * isum as f32;
+                tail[i] = d * unsafe { *p.d.add(b) } * isum as f32;
             }
         }
-        for (i, o) in out.iter_mut().enumerate() {
+        for (i, o) in out.iter_mut().enumerate().take(n) {
             *o = _mm512_reduce_add_ps(acc[i]) + tail[i];
+        }
+    }
+
+    /// One repacked Q5_0 weight row (see [`pack_q5_0`]) against activation rows `rows`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q5_0<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let ng = acts.k / Q5_GROUP;
+        debug_assert!(w.len() >= ng * Q5_GROUP_BYTES);
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0x0f);
+        let sixteen = _mm512_set1_epi8(16);
+        // Lanes 0..8 take scale 2h, lanes 8..16 scale 2h + 1 (each lane sums 4 of a block's 32).
+        let idx: [__m512i; 2] = std::array::from_fn(|h| {
+            let lanes: [i32; 16] = std::array::from_fn(|i| (2 * h + i / 8) as i32);
+            unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+        });
+        let wp = w.as_ptr();
+        for g in 0..ng {
+            let blk = unsafe { wp.add(g * Q5_GROUP_BYTES) };
+            unsafe { prefetch(blk, Q5_GROUP_BYTES) };
+            let x = unsafe { _mm512_loadu_si512(blk.cast()) };
+            let bits: [__mmask64; 2] = std::array::from_fn(|h| unsafe {
+                blk.add(64 + 8 * h).cast::<u64>().read_unaligned()
+            });
+            let nib = [
+                _mm512_and_si512(x, low),
+                _mm512_and_si512(_mm512_srli_epi16(x, 4), low),
+            ];
+            let wv: [__m512i; 2] =
+                std::array::from_fn(|h| _mm512_mask_add_epi8(nib[h], bits[h], nib[h], sixteen));
+            let sc = unsafe { _mm_cvtph_ps(_mm_loadl_epi64(blk.add(80).cast())) };
+            let sc = _mm512_castps128_ps512(sc);
+            let sv: [__m512; 2] = std::array::from_fn(|h| _mm512_permutexvar_ps(idx[h], sc));
+            for i in 0..n {
+                let p = rp[i];
+                for h in 0..2 {
+                    let o = Q5_GROUP * g + 64 * h;
+                    let a = unsafe { _mm512_loadu_si512(p.qs.add(o).cast()) };
+                    let c = unsafe { _mm512_loadu_si512(p.corr.add(o / 4).cast()) };
+                    let dp = _mm512_dpbusd_epi32(c, wv[h], a);
+                    let da = unsafe { _mm512_loadu_ps(p.lanes.add(o / 4)) };
+                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
+                    acc[i] = _mm512_fmadd_ps(x, sv[h], acc[i]);
+                }
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate().take(n) {
+            *o = _mm512_reduce_add_ps(acc[i]);
         }
     }
 }
@@ -562,7 +852,7 @@ mod tests {
             let got = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let q4k = g.kind == Kind::Q4K;
-            let want = reference(&w, &Acts::quantize(&xs, m, k, g.kind.block().0, q4k), q4k);
+            let want = reference(&w, &Acts::quantize(&xs, m, k, g.kind), q4k);
             let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
             for r in 0..m {
                 for c in 0..n {
@@ -591,6 +881,7 @@ mod tests {
     #[test]
     fn q4k_matches_the_exact_sum() {
         check(GgmlDType::Q4K, 40, 512);
+        check(GgmlDType::Q4K, 37, 768);
     }
 
     #[test]
@@ -605,12 +896,42 @@ mod tests {
     }
 
     #[test]
+    fn q5_0_matches_the_exact_sum() {
+        check(GgmlDType::Q5_0, 35, 128 * 7);
+    }
+
+    #[test]
+    fn q5_0_packing_keeps_every_value() {
+        let w = QTensor::quantize(&random(3, 256, 9), GgmlDType::Q5_0).unwrap();
+        let deq = w.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let deq = deq.to_vec1::<f32>().unwrap();
+        let raw = w.data().unwrap();
+        let packed = pack_q5_0(&raw);
+        assert_eq!(packed.len(), raw.len(), "the same bytes as stored");
+        for (g, grp) in packed.chunks_exact(Q5_GROUP_BYTES).enumerate() {
+            for v in 0..Q5_GROUP {
+                let (t, h) = (v % 64, v / 64);
+                let nib = if h == 0 { grp[t] & 0x0f } else { grp[t] >> 4 };
+                let bits = u64::from_le_bytes(grp[64 + 8 * h..72 + 8 * h].try_into().unwrap());
+                let q = (nib | (((bits >> t) & 1) as u8) << 4) as f32 - 16.0;
+                let d = f16_at(grp, 80 + 2 * (v / 32));
+                assert_eq!(d * q, deq[g * Q5_GROUP + v], "group {g} value {v}");
+            }
+        }
+    }
+
+    #[test]
     fn a_row_does_not_depend_on_the_batch() {
         if !available() {
             eprintln!("skipped: this CPU lacks AVX-512 VNNI");
             return;
         }
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+        ] {
             // Big enough to take the thread pool.
             let w = Arc::new(QTensor::quantize(&random(300, 1024, 7), dtype).unwrap());
             let g = Gemm::for_types(&w, |_| true).unwrap();
@@ -623,6 +944,38 @@ mod tests {
                     all[r],
                     "{dtype:?} row {r}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_column_does_not_depend_on_its_neighbours() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        // Q4_K runs columns in pairs: column 1 pairs with 0 in the whole matrix and with 2 in
+        // rows 1..4 of it; column 3 pairs with 2 there and runs alone here.
+        let w = Arc::new(QTensor::quantize(&random(5, 512, 11), GgmlDType::Q4K).unwrap());
+        let row_bytes = 512 / QK_K * Q4K_BYTES;
+        let part = w.data().unwrap()[row_bytes..4 * row_bytes].to_vec();
+        let st = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Owned(part),
+            &Device::Cpu,
+            GgmlDType::Q4K,
+        )
+        .unwrap();
+        let sub = Arc::new(QTensor::new(st, (3, 512)).unwrap());
+        let (g, gs) = (
+            Gemm::for_types(&w, |_| true).unwrap(),
+            Gemm::for_types(&sub, |_| true).unwrap(),
+        );
+        for m in [1, 4] {
+            let x = random(m, 512, 12);
+            let all = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let some = gs.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for r in 0..m {
+                assert_eq!(all[r][1..4], some[r][..], "m={m} row {r}");
             }
         }
     }
@@ -641,6 +994,19 @@ mod tests {
             s[j + 8] = (sc[j + 4] & 0x0f) | ((mn[j + 4] & 0x0f) << 4);
         }
         assert_eq!(q4k_scales_mins(&s), (sc, mn));
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            for _ in 0..1000 {
+                let mut b = [0u8; 16];
+                rng.fill(&mut b[..]);
+                let v = unsafe { x86::scales_mins(b.as_ptr()) };
+                let mut got = [0u8; 16];
+                unsafe { std::arch::x86_64::_mm_storeu_si128(got.as_mut_ptr().cast(), v) };
+                let (sc, mn) = q4k_scales_mins(&b[..12]);
+                assert_eq!((&got[..8], &got[8..]), (&sc[..], &mn[..]), "{b:?}");
+            }
+        }
     }
 
     #[test]

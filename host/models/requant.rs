@@ -5,7 +5,8 @@
 //! values; a Q8_0 block is `d * q` with `q` an i8 and the same f16 scale per 32 values. Copying
 //! `d` and widening `q` is therefore exact: every dequantized weight and every integer block dot
 //! product is unchanged, only the bytes per weight grow (22 -> 34 per block). Qwen2.5-0.5B's
-//! Q4_K_M file is mostly Q5_0 (its 896-wide rows do not fit 256-wide k-quants).
+//! Q4_K_M file is mostly Q5_0 (its 896-wide rows do not fit 256-wide k-quants). Where verdict's
+//! own Q5_0 kernel applies (`cpu_gemm`, AVX-512 VNNI), the weight stays Q5_0 instead.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use std::borrow::Cow;
@@ -37,24 +38,35 @@ pub(crate) fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The matmul form of a weight for this device: Q5_0 on the CPU becomes the equivalent Q8_0;
-/// everything else is returned as is.
+/// The matmul form of a weight for this device: Q5_0 on the CPU becomes the equivalent Q8_0
+/// unless verdict's Q5_0 kernel takes it; everything else is returned as is.
 pub(crate) fn for_matmul(w: QMatMul) -> candle_core::Result<QMatMul> {
     let QMatMul::QTensor(t) = &w else {
         return Ok(w);
     };
     // VERDICT_KEEP_Q5_0=1 keeps the stored encoding (for A/B speed measurements).
     let keep = std::env::var("VERDICT_KEEP_Q5_0").is_ok_and(|v| v == "1");
-    if keep || t.dtype() != GgmlDType::Q5_0 || !t.device().is_cpu() {
+    // verdict's own Q5_0 kernel reads Q5_0 at its own size (`cpu_gemm`); widen only for candle.
+    if keep
+        || t.dtype() != GgmlDType::Q5_0
+        || !t.device().is_cpu()
+        || super::cpu_gemm::takes_q5_0(t)
+    {
         return Ok(w);
     }
-    let raw = t.data()?;
-    let Some(q8) = q5_0_to_q8_0(&raw) else {
-        return Ok(w);
+    Ok(match widen(t)? {
+        Some(q8) => QMatMul::QTensor(Arc::new(q8)),
+        None => w,
+    })
+}
+
+/// A Q5_0 matrix as the equivalent Q8_0 (`None` if its bytes are not whole blocks).
+fn widen(t: &QTensor) -> candle_core::Result<Option<QTensor>> {
+    let Some(q8) = q5_0_to_q8_0(&t.data()?) else {
+        return Ok(None);
     };
     let storage = QStorage::from_data(Cow::Owned(q8), &t.device(), GgmlDType::Q8_0)?;
-    let converted = QTensor::new(storage, t.shape().clone())?;
-    Ok(QMatMul::QTensor(Arc::new(converted)))
+    Ok(Some(QTensor::new(storage, t.shape().clone())?))
 }
 
 #[cfg(test)]
@@ -69,8 +81,8 @@ mod tests {
             .collect();
         let x = Tensor::from_vec(data, (64, 128), &Device::Cpu).unwrap();
         let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+        let w8 = QMatMul::QTensor(Arc::new(widen(&q5).unwrap().unwrap()));
         let w5 = QMatMul::from_qtensor(q5).unwrap();
-        let w8 = for_matmul(w5.clone()).unwrap();
         let (QMatMul::QTensor(a), QMatMul::QTensor(b)) = (&w5, &w8) else {
             panic!("quantized weights expected");
         };

@@ -24,6 +24,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
+use super::requant::for_matmul;
 use super::transformer::{HeadLayout, Layer, Linear, Rows, Weights, run_rank};
 
 /// Collective operations between the ranks of one sharded sequence. Every rank calls the same
@@ -210,14 +211,15 @@ fn split_rows(l: &Linear, r: Range<usize>) -> candle_core::Result<Linear> {
         Some(b) => Some(b.narrow(0, r.start, r.len())?.contiguous()?),
         None => None,
     };
-    Ok(Linear::new(rows_of(&l.w, r)?, b))
+    Ok(Linear::new(for_matmul(rows_of(&l.w, r)?)?, b))
 }
 
 /// Input columns `c` of a projection (row parallel): the partial outputs are summed across
-/// ranks, so only rank 0 adds the bias.
+/// ranks, so only rank 0 adds the bias. (`for_matmul` widens a Q5_0 part whose width verdict's
+/// Q5_0 kernel does not take, as loading does.)
 fn split_cols(l: &Linear, c: Range<usize>, rank: usize) -> candle_core::Result<Linear> {
     Ok(Linear::new(
-        cols_of(&l.w, c)?,
+        for_matmul(cols_of(&l.w, c)?)?,
         l.b.clone().filter(|_| rank == 0),
     ))
 }
