@@ -233,6 +233,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // Concurrent requests share forwards; a lone request runs exactly as unbatched.
         let target = target.with_batching(max_batch)?;
         let draft = draft.map(|d| d.with_batching(max_batch)).transpose()?;
+        for (m, what) in [(Some(&target), "target"), (draft.as_ref(), "draft")] {
+            if let Some(m) = m {
+                m.warm_up()
+                    .with_context(|| format!("warming up the {what} model"))?;
+            }
+        }
         let engine = Engine::new(EngineConfig {
             target,
             draft,
