@@ -72,6 +72,41 @@ fn greedy(prompt: &[u32], max_tokens: usize, speculation: Speculation) -> Genera
 const PROMPTS: [&[u32]; 3] = [&[1, 2, 3], &[40, 41, 42, 40, 41], &[7; 9]];
 
 #[test]
+fn a_draft_model_reads_the_prompt_in_the_prefill() {
+    use verdict::draft::{Drafter, ModelDrafter};
+    use verdict::sample::Rng64;
+    let dir = tempfile::tempdir().unwrap();
+    let d = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let prompt = [40, 41, 42, 40, 41];
+    let mut early = ModelDrafter::new("model", d.session());
+    early.prefill(&prompt).unwrap();
+    assert_eq!(
+        early.cached(),
+        prompt.len(),
+        "the prompt is in the draft's cache"
+    );
+    early.prefill(&prompt).unwrap();
+    assert_eq!(
+        early.cached(),
+        prompt.len(),
+        "a second prefill reads nothing"
+    );
+    // The proposals after the first target token are the same as without the prefill (q up to
+    // the f32 matmul's rounding, which depends on how many rows a forward has), and only that
+    // token is fed.
+    let mut late = ModelDrafter::new("model", d.session());
+    let ctx = [&prompt[..], &[7]].concat();
+    let s = SamplingParams::greedy();
+    let a = early.propose(&ctx, 4, &s, &mut Rng64::new(1)).unwrap();
+    let b = late.propose(&ctx, 4, &s, &mut Rng64::new(1)).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    for (x, y) in a.q_token.iter().zip(&b.q_token) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "q {x} vs {y}");
+    }
+    assert_eq!(early.cached(), ctx.len() + 3);
+}
+
+#[test]
 fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
     let dir = tempfile::tempdir().unwrap();
     let target = tiny(dir.path(), "t.gguf", spec(1, 3));

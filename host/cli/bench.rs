@@ -331,6 +331,11 @@ fn spec(a: SpecArgs) -> Result<()> {
     } else {
         None
     };
+    // Lazy kernel set-up (candle's Q4_K packing, seconds) would otherwise land in whichever
+    // configuration first runs each matrix size.
+    for m in std::iter::once(&target).chain(draft.as_ref()) {
+        m.warm_up()?;
+    }
     let ks: Vec<usize> = list(&a.k)
         .iter()
         .map(|k| {

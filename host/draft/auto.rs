@@ -167,6 +167,12 @@ impl Drafter for AutoDrafter {
         Ok(Draft::default())
     }
 
+    fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
+        self.candidates
+            .iter_mut()
+            .try_for_each(|c| c.drafter.prefill(prompt))
+    }
+
     fn chooses_k(&self) -> bool {
         self.adaptive
     }

@@ -44,6 +44,13 @@ pub trait Drafter: Send {
         rng: &mut Rng64,
     ) -> Result<Draft>;
 
+    /// Reads the prompt before the first proposal, so that a draft model's prefill happens
+    /// with the target's (in the request's prefill, not in its first decode step). Default:
+    /// nothing to read.
+    fn prefill(&mut self, _prompt: &[u32]) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the drafter picks k itself (up to the `k` it is given) instead of the engine's
     /// adaptive k.
     fn chooses_k(&self) -> bool {

@@ -24,6 +24,11 @@ impl ModelDrafter {
         }
     }
 
+    /// How many context tokens the draft's KV cache holds.
+    pub fn cached(&self) -> usize {
+        self.cached.len()
+    }
+
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let out = self.session.forward(tokens, Rows::Last)?;
         self.cached.extend_from_slice(tokens);
@@ -35,6 +40,16 @@ impl ModelDrafter {
 impl Drafter for ModelDrafter {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
+        // Leave room for one fed token, as `propose` needs; a prompt that fills the draft's
+        // context is left to `propose`, which then drafts nothing.
+        if self.cached.is_empty() && prompt.len() < self.session.max_len() {
+            self.feed(prompt)
+                .with_context(|| format!("drafter {} failed", self.name))?;
+        }
+        Ok(())
     }
 
     fn propose(

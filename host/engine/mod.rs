@@ -487,6 +487,9 @@ impl Generation {
             // Prefill: the whole prompt in one forward, then the first token.
             let prompt = self.tokens.clone();
             let out = self.target.forward(&prompt, Rows::Last)?;
+            if let Some(d) = self.drafter.as_mut() {
+                d.prefill(&prompt)?;
+            }
             let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
             let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
             return Ok(self.emit(&[t], &[&row]));
