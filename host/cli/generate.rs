@@ -282,6 +282,9 @@ pub fn run(args: Args) -> Result<()> {
     let model = Model::load_gguf(path, &device)
         .with_context(|| format!("loading the model {}", path.display()))?;
     let model = shard_target(model, args.shards as usize, &device)?;
+    // Lazy kernel set-up (candle packs Q4_K on first use, seconds for the 1.5B) belongs to the
+    // load, as llama.cpp's repacking does, not to the first decode step it would otherwise slow.
+    model.warm_up().context("warming up the model")?;
     let content = model
         .gguf_metadata()
         .with_context(|| format!("{}: no GGUF metadata", path.display()))?;
@@ -330,11 +333,13 @@ pub fn run(args: Args) -> Result<()> {
             let p = &d["auto:".len()..];
             let m = Model::load_gguf(std::path::Path::new(p), &device)
                 .with_context(|| format!("loading the draft model {p}"))?;
+            m.warm_up().context("warming up the draft model")?;
             (Some(m), Some(DrafterSpec::Auto))
         }
         Some(d) => {
             let m = Model::load_gguf(std::path::Path::new(d), &device)
                 .with_context(|| format!("loading the draft model {d}"))?;
+            m.warm_up().context("warming up the draft model")?;
             (Some(m), Some(DrafterSpec::Model))
         }
     };
