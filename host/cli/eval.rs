@@ -103,6 +103,9 @@ fn run_humaneval(a: HumanevalArgs) -> Result<()> {
         .with_context(|| format!("loading the target {}", target_path.display()))?;
     let draft = Model::load_gguf(&draft_path, &device)
         .with_context(|| format!("loading the draft {}", draft_path.display()))?;
+    // Lazy kernel set-up would otherwise slow whichever configuration runs first.
+    target.warm_up()?;
+    draft.warm_up()?;
     let judge = HeadChoice::parse(&a.judge_head).load(&target)?;
     let needs_judge = configs.iter().any(|c| c.policy.as_deref() == Some("judge"));
     if needs_judge && judge.is_none() {

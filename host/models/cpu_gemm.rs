@@ -225,14 +225,10 @@ impl Gemm {
                 unsafe {
                     const R: usize = ROWS_PER_PASS;
                     let r = rows.clone();
-                    let one = |s: &mut [f32]| -> [[f32; ROWS_PER_PASS]; 1] {
-                        let mut o = [[0f32; ROWS_PER_PASS]; 1];
-                        o[0][..s.len()].copy_from_slice(s);
-                        o
-                    };
                     match (self.kind, rows.len()) {
                         (Kind::Q4K, n) => {
-                            let mut o = one(s);
+                            // A lone last column: the pair kernel with one column.
+                            let mut o = [[0f32; R]; 1];
                             match n {
                                 1 => x86::q4k::<1, 1>(wr, row_bytes, acts, r, &mut o),
                                 _ => x86::q4k::<R, 1>(wr, row_bytes, acts, r, &mut o),
