@@ -116,24 +116,7 @@ impl Gemm {
 
     /// As [`Gemm::new`], for the types `take` accepts (tests run every kernel).
     fn for_types(w: &Arc<QTensor>, take: impl Fn(Kind) -> bool) -> Option<Gemm> {
-        if !available() || !matches!(w.device(), Device::Cpu) {
-            return None;
-        }
-        let kind = match w.dtype() {
-            GgmlDType::Q4K => Kind::Q4K,
-            GgmlDType::Q6K => Kind::Q6K,
-            GgmlDType::Q8_0 => Kind::Q8_0,
-            GgmlDType::Q5_0 => Kind::Q5_0,
-            _ => return None,
-        };
-        if !take(kind) {
-            return None;
-        }
-        let (n, k) = w.shape().dims2().ok()?;
-        let (blk, bytes) = kind.block();
-        if k == 0 || !k.is_multiple_of(blk) || w.data().ok()?.len() != n * (k / blk) * bytes {
-            return None;
-        }
+        let (kind, n, k) = applies(w, take)?;
         let packed = match kind {
             Kind::Q5_0 => Some(pack_q5_0(&w.data().ok()?).into()),
             _ => None,
@@ -274,13 +257,31 @@ impl Kind {
 /// Whether [`Gemm::new`] takes this Q5_0 matrix, so it can stay Q5_0 at load instead of being
 /// widened to Q8_0 (`requant.rs`): the CPU kernel is on, and rows hold whole 128-value groups.
 pub(crate) fn takes_q5_0(w: &QTensor) -> bool {
-    available()
-        && enabled(Kind::Q5_0)
-        && w.dtype() == GgmlDType::Q5_0
-        && matches!(w.device(), Device::Cpu)
-        && w.shape()
-            .dims2()
-            .is_ok_and(|(_, k)| k > 0 && k.is_multiple_of(Q5_GROUP))
+    applies(w, enabled).is_some_and(|(kind, _, _)| kind == Kind::Q5_0)
+}
+
+/// The kernel and `[n, k]` for `w` if a kernel applies: this CPU, a supported type that `take`
+/// accepts, and rows of whole blocks (as the kernel reads them) matching the stored bytes.
+fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usize)> {
+    if !available() || !matches!(w.device(), Device::Cpu) {
+        return None;
+    }
+    let kind = match w.dtype() {
+        GgmlDType::Q4K => Kind::Q4K,
+        GgmlDType::Q6K => Kind::Q6K,
+        GgmlDType::Q8_0 => Kind::Q8_0,
+        GgmlDType::Q5_0 => Kind::Q5_0,
+        _ => return None,
+    };
+    if !take(kind) {
+        return None;
+    }
+    let (n, k) = w.shape().dims2().ok()?;
+    let (blk, bytes) = kind.block();
+    if k == 0 || !k.is_multiple_of(blk) || w.data().ok()?.len() != n * (k / blk) * bytes {
+        return None;
+    }
+    Some((kind, n, k))
 }
 
 /// Q5_0 blocks (f16 d, 32 fifth bits, 16 bytes of nibbles: `d * (q - 16)`) regrouped per 4
