@@ -3,14 +3,17 @@
 # no network there). Checks the GPU against the CPU reference, then measures, and prints one
 # summary table plus the `bench spec` tables:
 #   1. kernels:  tests/kernels.rs, the step kernels vs their CPU reference;
+#   1b.          tests/kernels.rs also checks the decode path (kernels/decode.cu) against the
+#                CPU forward of tiny models of every stored type it reads;
 #   2. greedy:   tests/greedy.rs on the GPU (in the kernels test binary): SmolLM2's greedy tokens
-#                vs llama.cpp's fixture, with verdict's CUDA kernels and with candle's default
-#                ones (models::choose_cuda_kernels), and the largest logit gap to the CPU;
+#                vs llama.cpp's fixture, on verdict's decode path and on candle's ops
+#                (VERDICT_CUDA_FAST=0), and the largest logit gap to the CPU;
 #   3. generate: greedy `verdict generate` on SmolLM2, GPU vs CPU text, and strict speculation
 #                vs plain decoding on the GPU (must be identical);
 #   4. speed:    autoregressive decode tok/s of SmolLM2 and, with random weights (`verdict bench
 #                synth` fills the carried headers), the real Qwen2.5-Coder-0.5B / 1.5B Q4_K_M
-#                layouts, Llama-3.1-8B's dimensions (Q4_K) and the 1.5B with bf16 matrices; the
+#                layouts, Llama-3.1-8B's dimensions (Q4_K) and the 1.5B with bf16 matrices, each
+#                on the decode path with CUDA graphs, without them, and on candle's ops; the
 #                fraction of the card's bandwidth that reaches, and where a step's time goes
 #                (host queueing the kernels / waiting for the logits / sampling / emitting);
 #      serve:    `verdict serve --device cuda` answering 4 concurrent chat requests;
@@ -18,7 +21,8 @@
 #                synthetic acceptance (the rate that reproduces the real pair's tokens per step,
 #                see BENCHMARKS.md), and SmolLM2 with prompt lookup under strict and threshold;
 #   6. peer:     Hugging Face transformers, eager and static cache + torch.compile, same shapes.
-# VERDICT_GPU_STEPS=a,b,... runs some of them; VERDICT_GPU_BUDGET (s, default 540) caps the run;
+# VERDICT_GPU_STEPS=a,b,... runs some of them; VERDICT_GPU_SPEED (default "smol q05 q15 l8b
+# q15-bf16") and VERDICT_GPU_SPEC (default "q15 l8b smol") pick the models of steps 4 and 5; VERDICT_GPU_BUDGET (s, default 540) caps the run;
 # VERDICT_GPU_REPEAT (default 2) is `bench spec --repeat`: interleaved rounds, median reported.
 #
 # Here (the build machine):
@@ -157,17 +161,16 @@ if [ "$dev" = cuda ] && want kernels; then
     fi
 fi
 
-# 2. greedy vs llama.cpp's fixture, on the device (off the CPU, also with candle's default
-# quantized kernels, VERDICT_CUDA_MMVQ=1, which round the activations to 8 bits: see
-# models::choose_cuda_kernels)
-for mmvq in 0 1; do
+# 2. greedy vs llama.cpp's fixture, on the device (off the CPU: verdict's decode path, and
+# candle's ops with VERDICT_CUDA_FAST=0)
+for fast in 1 0; do
     want greedy || break
-    [ $mmvq = 1 ] && [ "$dev" = cpu ] && break
-    VERDICT_CUDA_MMVQ=$mmvq VERDICT_TEST_DEVICE=$dev VERDICT_MODELS=$work timeout "$(tmo 120)" \
+    [ $fast = 0 ] && [ "$dev" = cpu ] && break
+    VERDICT_CUDA_FAST=$fast VERDICT_TEST_DEVICE=$dev VERDICT_MODELS=$work timeout "$(tmo 120)" \
         "$bins/kernels-test" greedy::smollm2 --test-threads=1 --nocapture >"$work/greedy.out" 2>&1
     rc=$?
     cat "$work/greedy.out"
-    row "greedy vs llama.cpp fixture, SmolLM2 ($dev$([ $mmvq = 1 ] && echo ", candle's mmvq"))" \
+    row "greedy vs llama.cpp fixture, SmolLM2 ($dev$([ $fast = 0 ] && echo ", candle's ops"))" \
         "$([ $rc = 0 ] && echo pass || echo "FAIL rc=$rc")" "" \
         "$(grep -c 'greedy tokens equal\|greedy equal up to' "$work/greedy.out") runs; largest |logit - CPU| per run: $(grep -o 'CPU logit| [0-9.]*' "$work/greedy.out" | cut -d' ' -f3 | paste -sd' ')"
 done
@@ -216,25 +219,34 @@ synth() { # name, header, extra args
 if want speed || want spec || want serve; then
 synth q15 "$hdr/qwen2.5-coder-1.5b.hdr"
 synth q05 "$hdr/qwen2.5-coder-0.5b.hdr"
+speed_models=${VERDICT_GPU_SPEED:-smol q05 q15 l8b q15-bf16}
+spec_models=${VERDICT_GPU_SPEC:-q15 l8b smol}
 if [ "$dev" = cuda ]; then
-    synth l8b "$hdr/qwen2.5-coder-1.5b.hdr" --shape llama-3.1-8b
-    synth q15-bf16 "$hdr/qwen2.5-coder-1.5b.hdr" --dtype bf16
+    [[ " $speed_models $spec_models " == *" l8b "* ]] &&
+        synth l8b "$hdr/qwen2.5-coder-1.5b.hdr" --shape llama-3.1-8b
+    [[ " $speed_models " == *" q15-bf16 "* ]] && synth q15-bf16 "$hdr/qwen2.5-coder-1.5b.hdr" --dtype bf16
 fi
 fi
 tokens=128
 [ "$dev" = cpu ] && tokens=16
-# SmolLM2 (real weights) too, and the 1.5B again with candle's default kernels (VERDICT_CUDA_MMVQ=1).
-for run in "$smol" q05 q15 l8b q15-bf16 q15:mmvq; do
-    want speed || break
-    m=${run%%:*}
-    mmvq=0
-    [ "$run" = q15:mmvq ] && { mmvq=1; [ "$dev" = cpu ] && continue; }
+# SmolLM2 (real weights) too. Each model three ways: verdict's decode path with CUDA graphs
+# (the default), the same launching each kernel (VERDICT_CUDA_GRAPHS=0), and candle's ops
+# (VERDICT_CUDA_FAST=0, what every earlier GPU table measured).
+for m in $speed_models; do
+[ "$m" = smol ] && m=$smol
+for way in graphs launches candle; do
+    want speed || break 2
+    run="$m $way"
     file=$work/$m.gguf
     [ "$m" = "$smol" ] && file=$work/$smol
     [ -f "$file" ] || continue
-    VERDICT_CUDA_MMVQ=$mmvq timeout "$(tmo 120)" "$V" generate --model "$file" --device "$dev" --raw \
+    fast=1 graphs=1
+    [ $way = launches ] && graphs=0
+    [ $way = candle ] && fast=0
+    VERDICT_CUDA_FAST=$fast VERDICT_CUDA_GRAPHS=$graphs timeout "$(tmo 120)" "$V" generate --model "$file" --device "$dev" --raw \
         --max-tokens $tokens --temperature 0 --stats --prompt "$prompt" >/dev/null 2>"$work/$m.err"
     rc=$?
+    grep -h "CUDA graph\|decode path off" "$work/$m.err" | head -2
     stats=$(grep '^{' "$work/$m.err" | tail -1)
     if [ $rc != 0 ] || [ -z "$stats" ]; then
         tail -5 "$work/$m.err"
@@ -252,6 +264,7 @@ print(" / ".join(f"{p[k] / n * 1e3:.2f}" for k in ("forward_s", "logits_s", "sam
     frac=""
     [ -n "$bw" ] && frac=$("$py" -c "import sys; print(f'{float(sys.argv[1]) * float(sys.argv[2]) / float(sys.argv[3]):.1%}')" "$tps" "$bytes" "$bw")
     row "autoregressive $run ($dev)" ok "$tps" "decode tok/s; $((bytes / 1000000)) MB/token; ${frac:-?} of bandwidth; ms/step queue/wait/sample/emit $phases"
+done
 done
 
 # 4b. the server on the device: 4 concurrent chat requests (batched forwards); SmolLM2, or
@@ -284,11 +297,12 @@ spec() { # label, args...
         --max-tokens $tokens "$@" 2>&1 | grep -v '^bench: '
     [ "${PIPESTATUS[0]}" = 0 ] || row "bench spec: $label" FAIL "" "see the log"
 }
-want spec && spec "1.5B shape, 0.5B draft, synthetic acceptance $rate" --target "$work/q15.gguf" \
+want_spec() { want spec && [[ " $spec_models " == *" $1 "* ]]; }
+want_spec q15 && spec "1.5B shape, 0.5B draft, synthetic acceptance $rate" --target "$work/q15.gguf" \
     --draft "$work/q05.gguf" --drafters model --k 4,8 --synthetic-acceptance $rate
-want spec && [ -f "$work/l8b.gguf" ] && spec "8B shape, 0.5B draft, synthetic acceptance $rate" \
+want_spec l8b && [ -f "$work/l8b.gguf" ] && spec "8B shape, 0.5B draft, synthetic acceptance $rate" \
     --target "$work/l8b.gguf" --draft "$work/q05.gguf" --drafters model --k 4,8 --synthetic-acceptance $rate
-want spec && [ -f "$work/$smol" ] && spec "SmolLM2 (real weights), strict and threshold" --target "$work/$smol" \
+want_spec smol && [ -f "$work/$smol" ] && spec "SmolLM2 (real weights), strict and threshold" --target "$work/$smol" \
     --drafters prompt-lookup --policies strict,threshold --k 4,8 --judge-head none
 
 # 6. the peer: Hugging Face transformers on the same shapes
@@ -296,7 +310,7 @@ if [ "$dev" = cuda ] && want peer; then
     left=$((budget - ($(date +%s) - t_start)))
     echo "=== transformers (${left}s left)"
     [ $left -gt 60 ] && timeout $left "$py" bench/gpu_peer.py compiled:qwen2.5-coder-1.5b \
-        eager:qwen2.5-coder-1.5b compiled:qwen2.5-coder-0.5b compiled:llama-3.1-8b \
+        compiled:qwen2.5-coder-0.5b compiled:llama-3.1-8b \
         >"$work/peer.out" 2>"$work/peer.err"
     tail -3 "$work/peer.err"
     while read -r l; do

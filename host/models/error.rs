@@ -44,6 +44,9 @@ pub enum ModelError {
     ContextOverflow { len: usize, new: usize, max: usize },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A GPU driver call failed (the CUDA decode path).
+    #[error("GPU: {0}")]
+    Device(String),
     #[error("{context}: {}", candle_msg(source))]
     Candle {
         context: String,

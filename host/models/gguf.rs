@@ -303,6 +303,35 @@ impl GgufFile {
             })
     }
 
+    /// One tensor's bytes as stored (ggml blocks), its type and shape (candle order), for kernels
+    /// that read the blocks themselves (the CUDA decode path).
+    pub fn tensor_bytes(&self, name: &str) -> Result<(Vec<u8>, GgmlDType, Vec<usize>)> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                reason: "missing from the file".into(),
+            })?;
+        let t = info.ggml_dtype;
+        // check_tensor_extents made sure the blocks are whole and inside the file.
+        let bytes = info.shape.elem_count() / t.block_size() * t.type_size();
+        let mut buf = vec![0u8; bytes];
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| ModelError::Tensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            reason: format!("reading {bytes} bytes: {e}"),
+        })?;
+        Ok((buf, t, info.shape.dims().to_vec()))
+    }
+
     fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
         self.content
             .metadata

@@ -10,6 +10,8 @@
 //!   communicator that sums their partial outputs.
 //! - [`synth`]: random weights at a real layout (GPU benchmarks without carrying weights).
 //! - [`batch`]: forwards of concurrent sessions run as one batched forward (same logits).
+//! - `cuda_fast` (`cuda` feature): the forward on a GPU without candle's ops (kernels/decode.cu),
+//!   one CUDA graph per forward shape; sessions of GGUF models on CUDA use it.
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
 //! - [`tokenizer`]: the GGUF's byte-level BPE tokenizer, ids equal to llama.cpp's.
 //! - [`chat`]: the GGUF's chat template, rendered as Hugging Face renders it.
@@ -18,6 +20,7 @@ mod attention;
 pub mod batch;
 pub mod chat;
 mod cpu_gemm;
+mod cuda_fast;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;

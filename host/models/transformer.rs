@@ -11,6 +11,7 @@
 
 use super::attention::CausalAttention;
 use super::batch::{Batcher, Membership};
+use super::cuda_fast::{FastSession, FastWeights};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
@@ -166,6 +167,9 @@ pub struct Model {
     w: Arc<Weights>,
     /// Set by [`Model::with_batching`]: sessions run their forwards through it.
     batcher: Option<Arc<Batcher>>,
+    /// The same weights for the CUDA decode path (`cuda_fast`), where it applies: sessions
+    /// then run there, unbatched.
+    fast: Option<Arc<FastWeights>>,
 }
 
 /// Where a weight comes from: GGUF tensors or safetensors, behind one interface so that both
@@ -346,6 +350,7 @@ impl Model {
             layer: gguf_layer_name,
         };
         let w = Weights::build(cfg, &GgufSource { file: &file }, &names, device, None)?;
+        let fast = FastWeights::load(&file, &w.cfg, &w.inv_freq, device)?;
         let content = file.into_content();
         Ok(Model {
             w: Arc::new(Weights {
@@ -353,6 +358,7 @@ impl Model {
                 ..w
             }),
             batcher: None,
+            fast,
         })
     }
 
@@ -363,6 +369,7 @@ impl Model {
         Ok(Model {
             w: Arc::new(w),
             batcher: None,
+            fast: None,
         })
     }
 
@@ -380,6 +387,7 @@ impl Model {
         Ok(Model {
             w: self.w.clone(),
             batcher,
+            fast: self.fast.clone(),
         })
     }
 
@@ -426,7 +434,11 @@ impl Model {
     /// A new sequence over all layers.
     pub fn session(&self) -> Session {
         let mut s = self.unbatched_session(self.w.cfg.n_layers);
-        if let Some(b) = self.batcher.as_ref().filter(|_| s.tp.is_none()) {
+        if let Some(b) = self
+            .batcher
+            .as_ref()
+            .filter(|_| s.tp.is_none() && s.fast_w.is_none())
+        {
             s.batch = Some(b.join());
         }
         s
@@ -445,6 +457,8 @@ impl Model {
             ),
             batch: None,
             tp: (!self.w.peers.is_empty()).then(|| TpSession::new(&self.w.peers, n_layers)),
+            fast_w: self.fast.clone(),
+            fast: None,
         }
     }
 
@@ -470,6 +484,7 @@ impl Model {
                 ..first
             }),
             batcher: None,
+            fast: None,
         })
     }
 
@@ -527,6 +542,7 @@ impl Model {
                 peers: Vec::new(),
             }),
             batcher: None,
+            fast: None,
         })
     }
 
@@ -559,16 +575,23 @@ pub struct Session {
     batch: Option<Membership>,
     /// The other ranks of a tensor-parallel model, each with its part of this sequence's cache.
     tp: Option<TpSession>,
+    /// The model's CUDA decode path, and this sequence on it (made by the first forward; the
+    /// candle `cache` then stays empty).
+    fast_w: Option<Arc<FastWeights>>,
+    fast: Option<FastSession>,
 }
 
 impl Session {
     /// Number of positions in the KV cache (the next token goes at this position).
     pub fn len(&self) -> usize {
-        self.cache.len()
+        match &self.fast {
+            Some(f) => f.len(),
+            None => self.cache.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cache.is_empty()
+        self.len() == 0
     }
 
     /// The model's context length: `len() + new tokens` may not exceed it.
@@ -594,11 +617,16 @@ impl Session {
             cache: self.cache.fork()?,
             batch: self.batch.as_ref().map(Membership::join_again),
             tp: self.tp.as_ref().map(TpSession::fork).transpose()?,
+            fast_w: self.fast_w.clone(),
+            fast: self.fast.as_ref().map(FastSession::fork).transpose()?,
         })
     }
 
     /// Rolls the KV cache back to `len` positions (speculation rejected the rest).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if let Some(f) = &mut self.fast {
+            return f.truncate(len);
+        }
         self.cache.truncate(len)?;
         match &self.tp {
             Some(tp) => tp.truncate(len),
@@ -609,6 +637,15 @@ impl Session {
     /// Runs `tokens` at positions `len()..len() + tokens.len()` and appends them to the cache.
     /// On a batching model the forward may run together with other sessions' (same result).
     pub fn forward(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
+        if let Some(w) = &self.fast_w {
+            self.check_input(tokens)?;
+            if self.fast.is_none() {
+                self.fast = Some(FastSession::new(w, self.n_layers, self.cache.max_len())?);
+            }
+            if let Some(f) = &mut self.fast {
+                return f.forward(tokens, rows);
+            }
+        }
         if self.tp.is_some() {
             return self.forward_sharded(tokens, rows);
         }
@@ -645,6 +682,8 @@ impl Session {
             ),
             batch: None,
             tp: None,
+            fast_w: None,
+            fast: None,
         }
     }
 
@@ -703,6 +742,13 @@ pub struct BatchItem<'a> {
 /// one model and depth; a session whose input is bad (or whose context is full) gets its own
 /// error and the others still run. Returns one result per item, in order.
 pub fn forward_batch(items: &mut [BatchItem<'_>]) -> Vec<Result<Forward>> {
+    // Sessions on the CUDA decode path run one by one, each on its own stream.
+    if items.iter().any(|it| it.session.fast_w.is_some()) {
+        return items
+            .iter_mut()
+            .map(|it| it.session.forward(it.tokens, it.rows))
+            .collect();
+    }
     let mut results: Vec<Option<Result<Forward>>> = (0..items.len()).map(|_| None).collect();
     let mut ok = Vec::with_capacity(items.len());
     let first = items
