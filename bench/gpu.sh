@@ -300,6 +300,19 @@ spec() { # label, args...
 want_spec() { want spec && [[ " $spec_models " == *" $1 "* ]]; }
 want_spec q15 && spec "1.5B shape, 0.5B draft, synthetic acceptance $rate" --target "$work/q15.gguf" \
     --draft "$work/q05.gguf" --drafters model --k 4,8 --synthetic-acceptance $rate
+# Where a speculative step's time goes (random weights: nothing is accepted, every step drafts 8
+# and verifies 9 rows), ms per step.
+if want_spec q15; then
+    timeout "$(tmo 60)" "$V" generate --model "$work/q15.gguf" --draft "$work/q05.gguf" --policy strict \
+        --k 8 --fixed-k --device "$dev" --raw --max-tokens 64 --temperature 0 --stats --prompt "$prompt" \
+        >/dev/null 2>"$work/phases.err"
+    stats=$(grep '^{' "$work/phases.err" | tail -1)
+    phases=$("$py" -c 'import json, sys; p = json.loads(sys.argv[1])["spec_phases"]; n = max(p["steps"], 1)
+print(" / ".join(f"{p[k] / n * 1e3:.2f}" for k in ("draft_s", "forward_s", "logits_s", "features_s", "policy_s", "commit_s", "emit_s")))' "$stats") ||
+        tail -3 "$work/phases.err"
+    row "speculative step, 1.5B / 0.5B layouts, k=8" "$([ -n "$phases" ] && echo ok || echo FAIL)" "" \
+        "ms/step draft/forward/logits/features/policy/commit/emit $phases"
+fi
 want_spec l8b && [ -f "$work/l8b.gguf" ] && spec "8B shape, 0.5B draft, synthetic acceptance $rate" \
     --target "$work/l8b.gguf" --draft "$work/q05.gguf" --drafters model --k 4,8 --synthetic-acceptance $rate
 want_spec smol && [ -f "$work/$smol" ] && spec "SmolLM2 (real weights), strict and threshold" --target "$work/$smol" \

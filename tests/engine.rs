@@ -155,9 +155,29 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
         Some(DrafterSpec::Model),
         4,
     );
+    let t = std::time::Instant::now();
     let (_, stats) = run(&e, greedy(PROMPTS[0], 41, Speculation::Default));
+    let wall = t.elapsed().as_secs_f64();
     assert_eq!(stats.accepted, stats.drafted, "{stats:?}");
     assert_eq!(stats.steps, 8, "40 tokens in steps of 5: {stats:?}");
+    // Every step was speculative, and its time is split into phases that fit in the run.
+    let p = &stats.spec_phases;
+    assert_eq!((p.steps, stats.plain_phases.steps), (8, 0), "{stats:?}");
+    let phases = [
+        p.draft_s,
+        p.forward_s,
+        p.logits_s,
+        p.features_s,
+        p.policy_s,
+        p.commit_s,
+        p.emit_s,
+    ];
+    assert!(phases.iter().all(|&s| s >= 0.0), "{p:?}");
+    assert!(
+        p.draft_s > 0.0 && p.forward_s > 0.0 && p.features_s > 0.0,
+        "{p:?}"
+    );
+    assert!(phases.iter().sum::<f64>() <= wall, "{p:?} in {wall} s");
 }
 
 /// `auto` picks prompt lookup or the draft model per step from their measured payoff; under

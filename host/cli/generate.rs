@@ -467,6 +467,7 @@ pub fn run(args: Args) -> Result<()> {
             "policy": spec.policy,
             "drafter": spec.drafter,
             "plain_phases": spec.plain_phases,
+            "spec_phases": spec.spec_phases,
             "load_s": load_s,
             "stop": stop.name(),
             "device": args.device.to_string(),

@@ -568,6 +568,7 @@ impl Generation {
         let t_policy = Instant::now();
         let decision = policy.verify(step);
         let policy_s = t_policy.elapsed().as_secs_f64();
+        let t_commit = Instant::now();
         self.stats.policy_seconds += policy_s;
         self.last_policy_seconds = Some(policy_s);
         if let Some(w) = self.trace.as_mut() {
@@ -616,6 +617,8 @@ impl Generation {
         // fed at the next step.
         self.target.truncate(base + 1 + n)?;
         let t_verify = t1.elapsed().as_secs_f64();
+        let commit_s = t_commit.elapsed().as_secs_f64();
+        let t_emit = Instant::now();
 
         let off_argmax = (0..n)
             .filter(|&i| draft.tokens[i] != sample::argmax(&v.logits[i]))
@@ -633,7 +636,17 @@ impl Generation {
         // Position i of the verification scores out[i]: the accepted drafts and the correction
         // or bonus token after them.
         let rows: Vec<&[f32]> = v.logits[..out.len()].iter().map(Vec::as_slice).collect();
-        Ok(self.emit(&out, &rows))
+        let out = self.emit(&out, &rows);
+        let p = &mut self.stats.spec_phases;
+        p.steps += 1;
+        p.draft_s += t_draft;
+        p.forward_s += v.forward_s;
+        p.logits_s += v.logits_s;
+        p.features_s += v.features_s;
+        p.policy_s += policy_s;
+        p.commit_s += commit_s;
+        p.emit_s += t_emit.elapsed().as_secs_f64();
+        Ok(out)
     }
 
     /// A token from p (sampled) or the logits' argmax at T = 0.

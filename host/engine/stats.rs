@@ -37,6 +37,29 @@ pub struct SpecStats {
     pub drafter_steps: std::collections::BTreeMap<String, u64>,
     /// Where the time of autoregressive steps goes.
     pub plain_phases: PlainPhases,
+    /// Where the time of speculative steps goes.
+    pub spec_phases: SpecPhases,
+}
+
+/// Seconds spent in each phase of the speculative steps (those that verified a draft).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SpecPhases {
+    pub steps: u64,
+    /// The drafter proposing (a draft model's forwards, its q rows).
+    pub draft_s: f64,
+    /// The target's forward over [last, drafts] returning.
+    pub forward_s: f64,
+    /// Its logit rows on the host.
+    pub logits_s: f64,
+    /// Every row's features (softmax, top-K, entropy, judge) for the policy.
+    pub features_s: f64,
+    /// The policy call.
+    pub policy_s: f64,
+    /// The step trace (when asked for), the correction or bonus token, and the rollback of the
+    /// target's cache.
+    pub commit_s: f64,
+    /// The drafter observing, and appending the tokens (their log-probabilities, stop checks).
+    pub emit_s: f64,
 }
 
 /// Seconds spent in each phase of the autoregressive steps (on a GPU, `forward_s` is the

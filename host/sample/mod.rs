@@ -119,13 +119,17 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // max/min, not clamp: NaN becomes the floor (clamp would keep it).
     #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(0.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // n as an integer from t's low mantissa bits: no float-to-int cast, which kept the loops
+    // over this function scalar (|n| <= 126 < 2^22).
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 /// Softmax of `logits / temperature` restricted by top-k and top-p, as a full-vocabulary vector
