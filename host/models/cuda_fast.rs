@@ -520,12 +520,7 @@ mod imp {
         }
 
         pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
-            if len > self.len {
-                return Err(ModelError::Invalid(format!(
-                    "truncate to {len} positions, but the session holds only {}",
-                    self.len
-                )));
-            }
+            super::super::kv_cache::check_truncate(len, self.len)?;
             self.len = len;
             Ok(())
         }

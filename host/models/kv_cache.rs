@@ -151,13 +151,18 @@ impl KvCache {
 
     /// Rolls back to `len` positions (the data past it is overwritten by later appends).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len > self.len {
-            return Err(ModelError::Invalid(format!(
-                "truncate to {len} positions, but the session holds only {}",
-                self.len
-            )));
-        }
+        check_truncate(len, self.len)?;
         self.len = len;
         Ok(())
     }
+}
+
+/// A rollback to `len` positions of a sequence holding `held` (any KV cache's rule).
+pub(crate) fn check_truncate(len: usize, held: usize) -> Result<()> {
+    if len > held {
+        return Err(ModelError::Invalid(format!(
+            "truncate to {len} positions, but the session holds only {held}"
+        )));
+    }
+    Ok(())
 }

@@ -87,23 +87,26 @@ pub fn max(xs: &[f32]) -> f32 {
 /// ln sum exp(xs), given their maximum `max` (from [`max`]). The exponentials are f32
 /// (relative error ~2e-7 each) in 8 lanes so the loop vectorises; blocks are summed in f64.
 pub fn log_sum_exp(xs: &[f32], max: f32) -> f64 {
+    max as f64 + lane_sum(xs, |v| exp_nonpositive(v - max)).ln()
+}
+
+/// Sum of f(x) over xs: f32 in 8 lanes (so that the loop vectorises when f has no branch or
+/// libm call), blocks of 1024 summed in f64.
+#[inline(always)]
+pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut total = 0f64;
     for block in xs.chunks(1024) {
         let mut lanes = [0f32; 8];
         let mut it = block.chunks_exact(8);
         for c in &mut it {
             for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += exp_nonpositive(v - max);
+                *l += f(v);
             }
         }
-        let rest: f32 = it
-            .remainder()
-            .iter()
-            .map(|&v| exp_nonpositive(v - max))
-            .sum();
+        let rest: f32 = it.remainder().iter().map(|&v| f(v)).sum();
         total += (rest + lanes.iter().sum::<f32>()) as f64;
     }
-    max as f64 + total.ln()
+    total
 }
 
 /// e^x for x <= 0 without a libm call, so that loops over it vectorise: x = n ln2 + r with

@@ -140,20 +140,7 @@ pub fn top_entries_into(p: &[f32], k: usize, top: &mut Vec<(u32, f32)>) {
 /// this 1.2 ms of every 152k-entry row, the largest part of a speculation step's host work.
 pub fn entropy(p: &[f32]) -> f32 {
     // 0 * ln(smallest normal) = 0: no branch, so the loop vectorises.
-    let term = |x: f32| x * ln_positive(x);
-    let mut total = 0f64;
-    for block in p.chunks(1024) {
-        let mut lanes = [0f32; 8];
-        let mut it = block.chunks_exact(8);
-        for c in &mut it {
-            for (l, &x) in lanes.iter_mut().zip(c) {
-                *l += term(x);
-            }
-        }
-        let rest: f32 = it.remainder().iter().map(|&x| term(x)).sum();
-        total += (rest + lanes.iter().sum::<f32>()) as f64;
-    }
-    -total as f32
+    -crate::sample::lane_sum(p, |x| x * ln_positive(x)) as f32
 }
 
 /// ln x for x > 0 without a libm call (so loops over it vectorise): x = m 2^e with m in
