@@ -59,14 +59,17 @@ struct Run {
 }
 
 /// `VERDICT_TEST_DEVICE=cuda` runs these checks on the GPU (bench/gpu.sh does, with a binary
-/// from `scripts/build-cuda tests`); the CPU otherwise.
+/// from `scripts/build-cuda tests`); the CPU otherwise. `cpu-f32` runs them on the CPU with the
+/// weights dequantized to f32: the arithmetic of the GPU decode path (kernels/decode.cu, equal
+/// to it within ~2e-6 of the logits on tiny models, tests/kernels.rs), for the models whose
+/// files are too large to carry to a GPU machine.
 fn device() -> candle_core::Device {
     // The kernels verdict uses on a GPU (VERDICT_CUDA_MMVQ=1: candle's default ones instead).
     verdict::models::choose_cuda_kernels();
     match std::env::var("VERDICT_TEST_DEVICE").as_deref() {
         Ok("cuda") => candle_core::Device::new_cuda(0).expect("VERDICT_TEST_DEVICE=cuda: a GPU"),
-        Ok("cpu") | Err(_) => candle_core::Device::Cpu,
-        Ok(other) => panic!("VERDICT_TEST_DEVICE={other}: expected cpu or cuda"),
+        Ok("cpu") | Ok("cpu-f32") | Err(_) => candle_core::Device::Cpu,
+        Ok(other) => panic!("VERDICT_TEST_DEVICE={other}: expected cpu, cpu-f32 or cuda"),
     }
 }
 
@@ -100,6 +103,11 @@ fn check(key: &str) {
     let file = models_dir().join(&m.file);
     let model = Model::load_gguf(&file, &device())
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models)", file.display()));
+    let model = if std::env::var("VERDICT_TEST_DEVICE").as_deref() == Ok("cpu-f32") {
+        model.dequantized().expect("dequantizing")
+    } else {
+        model
+    };
     let tok = Tokenizer::from_gguf(model.gguf_metadata().expect("GGUF metadata")).unwrap();
     // Off the CPU, the CPU runs alongside and the largest logit difference is reported.
     let cpu = (!model.device().is_cpu())
