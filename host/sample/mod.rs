@@ -154,11 +154,11 @@ pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
         p[argmax(logits) as usize] = 1.0;
         return p;
     }
-    // NaN logits clamp to the floor (weight ~0); the sum is taken in f64 per block.
+    // NaN logits clamp to the floor (weight ~0); the sum is f32 lanes per block, blocks in f64.
     for (pi, &l) in p.iter_mut().zip(logits) {
         *pi = exp_nonpositive((l - max) * inv_t);
     }
-    let sum: f64 = p.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum();
+    let sum = lane_sum(&p, |x| x);
     let inv = (1.0 / sum) as f32;
     p.iter_mut().for_each(|x| *x *= inv);
 
