@@ -147,38 +147,31 @@ template <int T> __device__ __forceinline__ void oct(const u8* row, int v0, int 
     }
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-    return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-    return x;
+// a + b, or max(a, b).
+template <bool MAX> __device__ __forceinline__ float combine(float a, float b) {
+    return MAX ? fmaxf(a, b) : a + b;
 }
 
+template <bool MAX> __device__ __forceinline__ float warp_reduce(float x) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x = combine<MAX>(x, __shfl_xor_sync(0xffffffffu, x, off));
+    return x;
+}
+__device__ __forceinline__ float warp_sum(float x) { return warp_reduce<false>(x); }
+
 // Sum / max over a block of THREADS threads (every thread gets it). `red` holds THREADS / 32.
-__device__ float block_sum(float x, float* red) {
-    x = warp_sum(x);
+template <bool MAX> __device__ float block_reduce(float x, float* red) {
+    x = warp_reduce<MAX>(x);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) red[warp] = x;
     __syncthreads();
-    float s = 0.f;
-    for (int i = 0; i < THREADS / WARP; i++) s += red[i];
+    float s = red[0];
+    for (int i = 1; i < THREADS / WARP; i++) s = combine<MAX>(s, red[i]);
     return s;
 }
-__device__ float block_max(float x, float* red) {
-    x = warp_max(x);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) red[warp] = x;
-    __syncthreads();
-    float m = red[0];
-    for (int i = 1; i < THREADS / WARP; i++) m = fmaxf(m, red[i]);
-    return m;
-}
+__device__ float block_sum(float x, float* red) { return block_reduce<false>(x, red); }
+__device__ float block_max(float x, float* red) { return block_reduce<true>(x, red); }
 
 // acc[r] += w . x[r][v0 .. v0 + 8] for the R rows in this pass (rows past `rows` skipped).
 template <int R>

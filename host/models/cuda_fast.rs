@@ -160,6 +160,7 @@ mod imp {
     }
 
     /// A matrix from the GGUF in the device layout, with the kernels for its type.
+    #[derive(Clone)]
     struct Matrix {
         _data: Arc<CudaSlice<u8>>,
         ptr: u64,
@@ -172,24 +173,6 @@ mod imp {
         glun: CudaFunction,
         embed: CudaFunction,
         kind: &'static str,
-    }
-
-    impl Clone for Matrix {
-        fn clone(&self) -> Matrix {
-            Matrix {
-                _data: self._data.clone(),
-                ptr: self.ptr,
-                n_out: self.n_out,
-                k: self.k,
-                row_bytes: self.row_bytes,
-                mv1: self.mv1.clone(),
-                mvn: self.mvn.clone(),
-                glu1: self.glu1.clone(),
-                glun: self.glun.clone(),
-                embed: self.embed.clone(),
-                kind: self.kind,
-            }
-        }
     }
 
     /// An f32 vector on the device (norm weights, biases, rotary frequencies).

@@ -639,12 +639,13 @@ impl Session {
     pub fn forward(&mut self, tokens: &[u32], rows: Rows) -> Result<Forward> {
         if let Some(w) = &self.fast_w {
             self.check_input(tokens)?;
-            if self.fast.is_none() {
-                self.fast = Some(FastSession::new(w, self.n_layers, self.cache.max_len())?);
-            }
-            if let Some(f) = &mut self.fast {
-                return f.forward(tokens, rows);
-            }
+            let f = match &mut self.fast {
+                Some(f) => f,
+                None => self
+                    .fast
+                    .insert(FastSession::new(w, self.n_layers, self.cache.max_len())?),
+            };
+            return f.forward(tokens, rows);
         }
         if self.tp.is_some() {
             return self.forward_sharded(tokens, rows);
