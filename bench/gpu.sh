@@ -23,7 +23,10 @@
 #   6. peer:     Hugging Face transformers, eager and static cache + torch.compile, same shapes.
 # VERDICT_GPU_STEPS=a,b,... runs some of them; VERDICT_GPU_SPEED (default "smol q05 q15 l8b
 # q15-bf16") and VERDICT_GPU_SPEC (default "q15 l8b smol") pick the models of steps 4 and 5; VERDICT_GPU_BUDGET (s, default 540) caps the run;
-# VERDICT_GPU_REPEAT (default 2) is `bench spec --repeat`: interleaved rounds, median reported.
+# VERDICT_GPU_REPEAT (default 2) is `bench spec --repeat`: interleaved rounds, median reported;
+# VERDICT_GPU_WAYS (default "graphs launches candle") picks step 4's ways, VERDICT_GPU_PEER the
+# peer's runs (default the three shapes compiled); VERDICT_GPU_STOP_ON_FAIL=1 ends the run when
+# the kernel checks fail.
 #
 # Here (the build machine):
 #   CARGO_TARGET_DIR=/work/target-cuda scripts/build-cuda tests   # verdict + the test binary
@@ -158,6 +161,8 @@ if [ "$dev" = cuda ] && want kernels; then
     else
         row "step kernels vs CPU (tests/kernels)" "$([ $rc = 0 ] && echo pass || echo "FAIL rc=$rc")" "" \
             "$(grep -m1 '^test result' "$work/kernels.out")"
+        # VERDICT_GPU_STOP_ON_FAIL=1: wrong kernels make every timing below meaningless.
+        [ $rc != 0 ] && [ "${VERDICT_GPU_STOP_ON_FAIL:-0}" = 1 ] && { printf '%s\n' "${rows[@]}"; exit 1; }
     fi
 fi
 
@@ -234,7 +239,7 @@ tokens=128
 # (VERDICT_CUDA_FAST=0, what every earlier GPU table measured).
 for m in $speed_models; do
 [ "$m" = smol ] && m=$smol
-for way in graphs launches candle; do
+for way in ${VERDICT_GPU_WAYS:-graphs launches candle}; do
     want speed || break 2
     run="$m $way"
     file=$work/$m.gguf
@@ -294,24 +299,33 @@ spec() { # label, args...
     echo "=== bench spec: $label"
     timeout "$(tmo 150)" "$V" bench spec --device "$dev" --humaneval "$he" --prompts 2 \
         --repeat "${VERDICT_GPU_REPEAT:-2}" \
-        --max-tokens $tokens "$@" 2>&1 | grep -v '^bench: '
+        --max-tokens $tokens "$@" 2>&1 | grep -v '^bench: .* steps)$'
     [ "${PIPESTATUS[0]}" = 0 ] || row "bench spec: $label" FAIL "" "see the log"
 }
 want_spec() { want spec && [[ " $spec_models " == *" $1 "* ]]; }
 want_spec q15 && spec "1.5B shape, 0.5B draft, synthetic acceptance $rate" --target "$work/q15.gguf" \
     --draft "$work/q05.gguf" --drafters model --k 4,8 --synthetic-acceptance $rate
+# The same with each step's rows copied to the host for the features (the engine before the step
+# kernels were wired in).
+want_spec q15 && VERDICT_STEP_KERNELS=0 spec "1.5B shape, 0.5B draft, synthetic acceptance $rate, features on the host" \
+    --target "$work/q15.gguf" --draft "$work/q05.gguf" --drafters model --k 8 --synthetic-acceptance $rate
 # Where a speculative step's time goes (random weights: nothing is accepted, every step drafts 8
-# and verifies 9 rows), ms per step.
+# and verifies 9 rows), ms per step: features and draws on the device (the default), and with
+# the rows copied to the host (VERDICT_STEP_KERNELS=0).
 if want_spec q15; then
-    timeout "$(tmo 60)" "$V" generate --model "$work/q15.gguf" --draft "$work/q05.gguf" --policy strict \
+for sk in 1 0; do
+    VERDICT_STEP_KERNELS=$sk timeout "$(tmo 60)" "$V" generate --model "$work/q15.gguf" --draft "$work/q05.gguf" --policy strict \
         --k 8 --fixed-k --device "$dev" --raw --max-tokens 64 --temperature 0 --stats --prompt "$prompt" \
         >/dev/null 2>"$work/phases.err"
     stats=$(grep '^{' "$work/phases.err" | tail -1)
     phases=$("$py" -c 'import json, sys; p = json.loads(sys.argv[1])["spec_phases"]; n = max(p["steps"], 1)
 print(" / ".join(f"{p[k] / n * 1e3:.2f}" for k in ("draft_s", "forward_s", "logits_s", "features_s", "policy_s", "commit_s", "emit_s")))' "$stats") ||
         tail -3 "$work/phases.err"
-    row "speculative step, 1.5B / 0.5B layouts, k=8" "$([ -n "$phases" ] && echo ok || echo FAIL)" "" \
+    where="features on the device"
+    [ $sk = 0 ] && where="features on the host"
+    row "spec step 1.5B / 0.5B layouts, k=8, $where" "$([ -n "$phases" ] && echo ok || echo FAIL)" "" \
         "ms/step draft/forward/logits/features/policy/commit/emit $phases"
+done
 fi
 want_spec l8b && [ -f "$work/l8b.gguf" ] && spec "8B shape, 0.5B draft, synthetic acceptance $rate" \
     --target "$work/l8b.gguf" --draft "$work/q05.gguf" --drafters model --k 4,8 --synthetic-acceptance $rate
@@ -322,8 +336,8 @@ want_spec smol && [ -f "$work/$smol" ] && spec "SmolLM2 (real weights), strict a
 if [ "$dev" = cuda ] && want peer; then
     left=$((budget - ($(date +%s) - t_start)))
     echo "=== transformers (${left}s left)"
-    [ $left -gt 60 ] && timeout $left "$py" bench/gpu_peer.py compiled:qwen2.5-coder-1.5b \
-        compiled:qwen2.5-coder-0.5b compiled:llama-3.1-8b \
+    [ $left -gt 60 ] && timeout $left "$py" bench/gpu_peer.py ${VERDICT_GPU_PEER:-compiled:qwen2.5-coder-1.5b \
+        compiled:qwen2.5-coder-0.5b compiled:llama-3.1-8b} \
         >"$work/peer.out" 2>"$work/peer.err"
     tail -3 "$work/peer.err"
     while read -r l; do

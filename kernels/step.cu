@@ -81,6 +81,10 @@ __device__ double block_sum(double x, double* scratch) {
 // q [drafted, vocab] or null: the draft's distributions; draft_prob [drafted] out: q_i(x_i).
 // hidden [.., hidden_size] or null: the target's last hidden states; judge [drafted] out:
 //   hidden[i + judge_row0] . judge_w + judge_b (the judge head, standardisation folded in).
+// max_logit, log_z [rows] out: each row's largest logit m and ln sum exp(logits - m) at
+//   temperature 1 (so sample::log_sum_exp = m + log_z), and token_logit [drafted] out:
+//   logits[i][x_i]; with them the engine scores emitted tokens (the target's log-likelihood)
+//   without the rows on the host.
 extern "C" __global__ void __launch_bounds__(BLOCK) step_features(
     const float* __restrict__ logits, unsigned int rows, unsigned int vocab, float inv_t,
     float* __restrict__ probs, unsigned int* __restrict__ argmax, float* __restrict__ entropy,
@@ -88,7 +92,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) step_features(
     const unsigned int* __restrict__ tokens, unsigned int drafted, float* __restrict__ target_prob,
     const float* __restrict__ q, float* __restrict__ draft_prob, const float* __restrict__ hidden,
     unsigned int hidden_size, unsigned int judge_row0, const float* __restrict__ judge_w,
-    float judge_b, float* __restrict__ judge) {
+    float judge_b, float* __restrict__ judge, float* __restrict__ max_logit,
+    float* __restrict__ log_z, float* __restrict__ token_logit) {
     __shared__ Entry best_scratch[WARPS];
     __shared__ double sum_scratch[WARPS];
     const unsigned int row = blockIdx.x;
@@ -108,14 +113,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK) step_features(
 
     // softmax at the temperature; a row without a finite maximum is one-hot at its argmax.
     const bool finite = isfinite(max);
-    double sum = 0.0;
+    const bool unit_t = inv_t == 1.0f;
+    double sum = 0.0, sum1 = 0.0;  // at the temperature, and at 1 (the same when T = 1)
     if (finite) {
         for (unsigned int j = threadIdx.x; j < vocab; j += BLOCK) {
             float x = expf((l[j] - max) * inv_t);
             sum += isfinite(x) ? (double)x : 0.0;
+            if (!unit_t) {
+                float y = expf(l[j] - max);
+                sum1 += isfinite(y) ? (double)y : 0.0;
+            }
         }
     }
     sum = block_sum(sum, sum_scratch);
+    sum1 = unit_t ? sum : block_sum(sum1, sum_scratch);
+    if (threadIdx.x == 0) {
+        max_logit[row] = max;
+        log_z[row] = finite ? (float)log(sum1) : 0.0f;
+    }
     const float inv = finite ? (float)(1.0 / sum) : 0.0f;
     double plogp = 0.0;
     for (unsigned int j = threadIdx.x; j < vocab; j += BLOCK) {
@@ -151,6 +166,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK) step_features(
     if (row < drafted && threadIdx.x == 0) {
         const unsigned int x = tokens[row];
         target_prob[row] = x < vocab ? p[x] : 0.0f;
+        token_logit[row] = x < vocab ? l[x] : -INFINITY;
         if (q != nullptr) draft_prob[row] = x < vocab ? q[(size_t)row * vocab + x] : 0.0f;
     }
 

@@ -265,6 +265,23 @@ fn check_case(kernels: &StepKernels, device: &Device, case: &Case, rng: &mut Std
         let row = &logits[r];
         let p = sample::probabilities(row, &params(case.temperature));
         assert_eq!(f.argmax[r], sample::argmax(row), "{name}: argmax row {r}");
+        // The log-likelihood pieces: max, ln sum exp at T = 1, the drafted token's logit.
+        let m = sample::max(row);
+        assert_eq!(f.max_logit[r], m, "{name}: max logit row {r}");
+        if m.is_finite() {
+            let lse = sample::log_sum_exp(row, m);
+            let got = m as f64 + f.log_z[r] as f64;
+            assert!(
+                (got - lse).abs() <= 1e-5 * lse.abs().max(1.0),
+                "{name}: log-sum-exp row {r}: {got} vs {lse}"
+            );
+        }
+        if r < drafted {
+            assert_eq!(
+                f.token_logit[r], row[tokens[r] as usize],
+                "{name}: token logit row {r}"
+            );
+        }
         let gp = f.probs_row(r).unwrap();
         for (j, (&a, &b)) in gp.iter().zip(&p).enumerate() {
             assert!(close(a, b), "{name}: p[{r}][{j}] {a} vs {b}");
@@ -518,4 +535,120 @@ fn decode_path_matches_the_cpu() {
             "decode path, {arch:?} {dtype:?}: largest logit difference {worst:.2e} of the row maximum"
         );
     }
+}
+
+/// The engine with the step kernels (features, draws and the emitted tokens' log-likelihood on
+/// the GPU, `verify::cuda::DeviceRows`) against the same engine with them on the host: the same
+/// tokens, acceptances and log-likelihood, greedy and seeded sampling, for a draft model, a
+/// self-draft, the judge policy (its logits on the device) and plain decoding.
+#[test]
+fn the_engine_decides_on_the_gpu_as_on_the_host() {
+    use std::sync::Arc;
+    use verdict::decide::{PolicyLimits, PolicyRegistry};
+    use verdict::draft::DrafterSpec;
+    use verdict::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
+    use verdict::models::Model;
+    use verdict::models::testing::{TinySpec, write_tiny_gguf};
+    let device = match cuda::device() {
+        Ok(d) => d,
+        Err(why) => return skip(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, seed: u64, layers: usize| {
+        let path = dir.path().join(name);
+        let spec = TinySpec {
+            seed,
+            layers,
+            vocab: 300,
+            ..TinySpec::default()
+        };
+        write_tiny_gguf(&path, &spec).unwrap();
+        Model::load_gguf(&path, &device).unwrap()
+    };
+    let target = load("target.gguf", 3, 3);
+    let draft = load("draft.gguf", 4, 1);
+    let h = target.config().hidden_size;
+    let head = JudgeHead {
+        weight: (0..h).map(|i| (i as f32 * 0.618).sin()).collect(),
+        bias: 0.5,
+        mean: vec![0.0; h],
+        scale: vec![1.0; h],
+        threshold: 0.5,
+        target: TargetIdentity::of(&target).unwrap(),
+        provenance: Default::default(),
+    };
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default()).unwrap());
+    let gpu = Engine::new(EngineConfig {
+        judge: Some(head),
+        target,
+        draft: Some(draft),
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: Some(DrafterSpec::Model),
+        default_k: 4,
+        adaptive: false,
+        synthetic_acceptance: None,
+    })
+    .unwrap();
+    assert!(
+        gpu.features_on_device(),
+        "the step kernels serve a CUDA target"
+    );
+    let host = gpu.clone().host_features();
+    assert!(!host.features_on_device());
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[40, 41, 42, 40, 41], &[7; 9]];
+    let drafters = [
+        Speculation::Off,
+        Speculation::Draft {
+            drafter: Some(DrafterSpec::Model),
+            k: Some(4),
+        },
+        Speculation::Draft {
+            drafter: Some(DrafterSpec::SelfDraft(1)),
+            k: Some(3),
+        },
+    ];
+    let mut compared = 0;
+    for prompt in prompts {
+        for (d, speculation) in drafters.iter().enumerate() {
+            for temperature in [0.0, 0.8] {
+                for policy in ["strict", "judge"] {
+                    let req = || GenerateRequest {
+                        prompt: prompt.to_vec(),
+                        max_tokens: 24,
+                        sampling: SamplingParams {
+                            temperature,
+                            top_k: 0,
+                            top_p: 1.0,
+                        },
+                        seed: Some(5 + d as u64),
+                        speculation: speculation.clone(),
+                        policy: Some(policy.into()),
+                        ..Default::default()
+                    };
+                    let run = |e: &Engine| {
+                        let mut g = e.start(req()).unwrap();
+                        while g.finished().is_none() {
+                            g.step().unwrap();
+                        }
+                        (g.output().to_vec(), g.stats().clone())
+                    };
+                    let what =
+                        format!("prompt {prompt:?}, {speculation:?}, T={temperature}, {policy}");
+                    let (a, sa) = run(&gpu);
+                    let (b, sb) = run(&host);
+                    assert_eq!(a, b, "{what}: tokens");
+                    assert_eq!(sa.accepted, sb.accepted, "{what}: accepted");
+                    assert_eq!(sa.drafted, sb.drafted, "{what}: drafted");
+                    let (la, lb) = (sa.target_logprob, sb.target_logprob);
+                    assert!(
+                        (la - lb).abs() <= 1e-4 * lb.abs().max(1.0),
+                        "{what}: log-likelihood {la} vs {lb}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    eprintln!("engine on the GPU vs the host: {compared} runs agree");
 }

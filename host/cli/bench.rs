@@ -15,7 +15,7 @@ use clap::{Args as ClapArgs, Subcommand};
 use crate::cli::generate::{DeviceArg, parse_device};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
-use crate::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
+use crate::engine::{Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
 use crate::models::Model;
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::synth::{self, SynthShape};
@@ -434,6 +434,7 @@ fn spec(a: SpecArgs) -> Result<()> {
                 drafted: 0,
                 accepted: 0,
             };
+            let mut phases = SpecPhases::default();
             for prompt in &prompts {
                 let mut g = engine
                     .start(GenerateRequest {
@@ -460,12 +461,19 @@ fn spec(a: SpecArgs) -> Result<()> {
                 row.steps += s.steps;
                 row.drafted += s.drafted;
                 row.accepted += s.accepted;
+                phases.add(&s.spec_phases);
             }
             eprintln!(
-                "bench: {name} (round {}): {} tokens in {:.2}s",
+                "bench: {name} (round {}): {} tokens in {:.2}s ({} steps{})",
                 round + 1,
                 row.tokens,
-                row.seconds
+                row.seconds,
+                row.steps,
+                if phases.steps > 0 {
+                    format!(", {}", phases.per_step_ms())
+                } else {
+                    String::new()
+                }
             );
             if let Some(f) = json.as_mut() {
                 writeln!(

@@ -7,12 +7,16 @@ use anyhow::{Context, Result};
 use super::{Draft, Drafter};
 use crate::models::{Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
+use crate::verify::{self, StepDevice};
 
 pub struct ModelDrafter {
     name: String,
     session: Session,
     /// The tokens whose keys/values are in `session`'s cache, in order.
     cached: Vec<u32>,
+    /// Greedy drafts on a GPU: the argmax and q(x) computed where the logits are, so that only
+    /// two numbers per drafted token come back (`None`: the row is copied to the host).
+    on_device: Option<StepDevice>,
 }
 
 impl ModelDrafter {
@@ -21,7 +25,16 @@ impl ModelDrafter {
             name: name.into(),
             session,
             cached: Vec::new(),
+            on_device: None,
         }
+    }
+
+    /// Greedy drafting scores each row with these step kernels (when they serve this device).
+    pub fn on_device(mut self, device: &StepDevice) -> Self {
+        if device.serves(&SamplingParams::greedy(), false) {
+            self.on_device = Some(device.clone());
+        }
+        self
     }
 
     /// How many context tokens the draft's KV cache holds.
@@ -29,11 +42,22 @@ impl ModelDrafter {
         self.cached.len()
     }
 
-    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<candle_core::Tensor> {
         let out = self.session.forward(tokens, Rows::Last)?;
         self.cached.extend_from_slice(tokens);
-        let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
-        Ok(row)
+        Ok(out.logits)
+    }
+
+    /// The greedy draft token of a `[1, V]` logit row and its q(x) (softmax at T = 1).
+    fn greedy(&self, logits: &candle_core::Tensor) -> Result<(u32, f32)> {
+        if let Some(d) = &self.on_device {
+            let v = verify::score_row(logits, &SamplingParams::greedy(), Some(d))?;
+            let x = v.argmax(0)?;
+            return Ok((x, v.logprob(0, x, 0)?.0.exp() as f32));
+        }
+        let row = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let x = sample::argmax(&row);
+        Ok((x, softmax_at(&row, x)))
     }
 }
 
@@ -86,10 +110,10 @@ impl Drafter for ModelDrafter {
             let (x, qx) = if sampling.is_greedy() {
                 // Greedy drafting proposes the argmax; q(x) is still the model's own softmax so
                 // that lossy policies see a meaningful draft confidence.
-                let x = sample::argmax(&logits);
-                (x, softmax_at(&logits, x))
+                self.greedy(&logits)?
             } else {
-                let q = sample::probabilities(&logits, sampling);
+                let row = logits.squeeze(0)?.to_vec1::<f32>()?;
+                let q = sample::probabilities(&row, sampling);
                 let x = sample::sample(&q, rng.uniform());
                 let qx = q[x as usize];
                 draft.q_rows.push(q);

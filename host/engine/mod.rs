@@ -21,10 +21,11 @@ use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
 use crate::draft::{AutoDrafter, Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
-use crate::sample::{self, Rng64, SamplingParams};
-use crate::verify::{self, JudgeHead, JudgeScorer};
+use crate::sample::{Rng64, SamplingParams};
+pub use crate::verify::token_logprobs;
+use crate::verify::{self, DrawFrom, JudgeHead, JudgeScorer, StepDevice, Verification};
 pub use adaptive::AdaptiveK;
-pub use stats::{PlainPhases, SpecStats};
+pub use stats::{PlainPhases, SpecPhases, SpecStats};
 
 /// Largest speculation length a request may ask for.
 pub const MAX_K: usize = 64;
@@ -61,6 +62,9 @@ pub struct EngineConfig {
 pub struct Engine {
     inner: Arc<EngineConfig>,
     judge: Option<Arc<JudgeScorer>>,
+    /// The step kernels when the target (and the draft model) run on a GPU.
+    step_device: StepDevice,
+    draft_device: StepDevice,
 }
 
 /// What a request asks of the speculation machinery.
@@ -168,14 +172,35 @@ impl Engine {
             }
             None => None,
         };
+        let step_device = StepDevice::for_device(cfg.target.device());
+        let draft_device = match &cfg.draft {
+            Some(d) if d.device().same_device(cfg.target.device()) => step_device.clone(),
+            Some(d) => StepDevice::for_device(d.device()),
+            None => StepDevice::default(),
+        };
         Ok(Engine {
             inner: Arc::new(cfg),
             judge,
+            step_device,
+            draft_device,
         })
     }
 
     pub fn target(&self) -> &Model {
         &self.inner.target
+    }
+
+    /// The same engine with every request's features and draws on the host, also on a GPU
+    /// (what `VERDICT_STEP_KERNELS=0` does at start-up): for comparisons and tests.
+    pub fn host_features(mut self) -> Engine {
+        self.step_device = StepDevice::default();
+        self.draft_device = StepDevice::default();
+        self
+    }
+
+    /// Whether requests (with sampling the kernels support) get their features on the device.
+    pub fn features_on_device(&self) -> bool {
+        self.step_device.serves(&SamplingParams::greedy(), false)
     }
 
     pub fn draft(&self) -> Option<&Model> {
@@ -264,7 +289,9 @@ impl Engine {
                 // Prompt lookup first: it is free whenever it has a proposal.
                 let mut candidates: Vec<Box<dyn Drafter>> = vec![Box::new(PromptLookup::default())];
                 if let Some(draft) = &cfg.draft {
-                    candidates.push(Box::new(ModelDrafter::new("model", draft.session())));
+                    candidates.push(Box::new(
+                        ModelDrafter::new("model", draft.session()).on_device(&self.draft_device),
+                    ));
                 }
                 Some(Box::new(AutoDrafter::new(candidates, k, adaptive)))
             }
@@ -276,7 +303,9 @@ impl Engine {
                         "no draft model is loaded (start with --draft PATH, or use prompt-lookup or self:N)",
                     )
                 })?;
-                Some(Box::new(ModelDrafter::new("model", draft.session())))
+                Some(Box::new(
+                    ModelDrafter::new("model", draft.session()).on_device(&self.draft_device),
+                ))
             }
             Some(DrafterSpec::SelfDraft(n)) => {
                 check_self_layers(&cfg.target, n)?;
@@ -284,7 +313,9 @@ impl Engine {
                     .target
                     .session_layers(n)
                     .map_err(|e| RequestError::new("speculation.draft", e.to_string()))?;
-                Some(Box::new(ModelDrafter::new(format!("self:{n}"), session)))
+                Some(Box::new(
+                    ModelDrafter::new(format!("self:{n}"), session).on_device(&self.step_device),
+                ))
             }
         };
 
@@ -359,6 +390,10 @@ impl Engine {
             stats,
             trace: req.trace,
             last_policy_seconds: None,
+            on_device: self
+                .step_device
+                .serves(&req.sampling, req.logprobs.is_some_and(|n| n > 0))
+                .then(|| self.step_device.clone()),
             logprobs_top: req.logprobs.map(|n| n.min(vocab)),
             logprobs: Vec::new(),
             synthetic: cfg
@@ -439,6 +474,8 @@ pub struct Generation {
     stats: SpecStats,
     trace: Option<Box<dyn Write + Send>>,
     last_policy_seconds: Option<f64>,
+    /// Where the features are computed: on the target's GPU, or (`None`) on the host.
+    on_device: Option<StepDevice>,
     /// Alternatives to record per emitted token; `None` records no logprobs.
     logprobs_top: Option<usize>,
     /// Logprobs of the tokens emitted since the last `take_logprobs`.
@@ -490,9 +527,9 @@ impl Generation {
             if let Some(d) = self.drafter.as_mut() {
                 d.prefill(&prompt)?;
             }
-            let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
-            let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
-            return Ok(self.emit(&[t], &[&row]));
+            let v = verify::score_row(&out.logits, &self.sampling, self.on_device.as_ref())?;
+            let t = v.draw(0, DrawFrom::P, &mut self.rng)?;
+            return self.emit(&[t], &v);
         }
         let emitted = self.tokens.len() - self.prompt_len;
         let remaining = self.max_tokens - emitted;
@@ -522,12 +559,12 @@ impl Generation {
         let t0 = Instant::now();
         let out = self.target.forward(&[last], Rows::Last)?;
         let t1 = Instant::now();
-        let row = out.logits.squeeze(0)?.to_vec1::<f32>()?;
+        let v = verify::score_row(&out.logits, &self.sampling, self.on_device.as_ref())?;
         let t2 = Instant::now();
-        let t = sample::sample_logits(&row, &self.sampling, &mut self.rng);
+        let t = v.draw(0, DrawFrom::P, &mut self.rng)?;
         let t3 = Instant::now();
         self.stats.steps += 1;
-        let out = self.emit(&[t], &[&row]);
+        let out = self.emit(&[t], &v)?;
         let p = &mut self.stats.plain_phases;
         p.steps += 1;
         p.forward_s += (t1 - t0).as_secs_f64();
@@ -562,6 +599,7 @@ impl Generation {
             &mut self.step,
             self.judge.as_deref(),
             &mut self.rng,
+            self.on_device.as_ref(),
         )?;
         let step = &self.step;
         let policy = self.policy.as_mut().context("no policy")?;
@@ -585,32 +623,20 @@ impl Generation {
         }
         let next = if n == kd {
             // Everything accepted: the bonus token from the target's next distribution.
-            self.draw(&v.logits[kd], v.probs.get(kd))
+            v.draw(kd, DrawFrom::P, &mut self.rng)?
         } else {
-            let (logits, p) = (&v.logits[n], v.probs.get(n));
             match correction {
-                Correction::Argmax => sample::argmax(logits),
+                Correction::Argmax => v.argmax(n)?,
                 Correction::Token(t) => t,
-                Correction::Sample => self.draw(logits, p),
-                Correction::Residual => match p {
-                    // T = 0: the residual of a one-hot p is that one-hot.
-                    None => sample::argmax(logits),
-                    Some(p) => {
-                        let q_row;
-                        let q: &[f32] = match draft.q_rows.get(n) {
-                            Some(q) => q,
-                            None => {
-                                let mut one_hot = vec![0f32; p.len()];
-                                if let Some(x) = one_hot.get_mut(draft.tokens[n] as usize) {
-                                    *x = 1.0;
-                                }
-                                q_row = one_hot;
-                                &q_row
-                            }
-                        };
-                        sample::sample(&sample::residual(p, q), self.rng.uniform())
-                    }
-                },
+                Correction::Sample => v.draw(n, DrawFrom::P, &mut self.rng)?,
+                Correction::Residual => v.draw(
+                    n,
+                    DrawFrom::Residual {
+                        q: draft.q_rows.get(n).map(Vec::as_slice),
+                        token: draft.tokens[n],
+                    },
+                    &mut self.rng,
+                )?,
             }
         };
         // Keep the last committed token and the accepted drafts in the cache; the new token is
@@ -620,9 +646,10 @@ impl Generation {
         let commit_s = t_commit.elapsed().as_secs_f64();
         let t_emit = Instant::now();
 
-        let off_argmax = (0..n)
-            .filter(|&i| draft.tokens[i] != sample::argmax(&v.logits[i]))
-            .count();
+        let mut off_argmax = 0;
+        for i in 0..n {
+            off_argmax += usize::from(draft.tokens[i] != v.argmax(i)?);
+        }
         self.stats
             .record_step(kd, n, off_argmax, decision.fault.is_some());
         if let Some(d) = self.drafter.as_mut() {
@@ -635,8 +662,7 @@ impl Generation {
         out.push(next);
         // Position i of the verification scores out[i]: the accepted drafts and the correction
         // or bonus token after them.
-        let rows: Vec<&[f32]> = v.logits[..out.len()].iter().map(Vec::as_slice).collect();
-        let out = self.emit(&out, &rows);
+        let out = self.emit(&out, &v)?;
         let p = &mut self.stats.spec_phases;
         p.steps += 1;
         p.draft_s += t_draft;
@@ -649,27 +675,18 @@ impl Generation {
         Ok(out)
     }
 
-    /// A token from p (sampled) or the logits' argmax at T = 0.
-    fn draw(&mut self, logits: &[f32], p: Option<&Vec<f32>>) -> u32 {
-        match p {
-            Some(p) => sample::sample(p, self.rng.uniform()),
-            None => sample::argmax(logits),
-        }
-    }
-
     /// Appends tokens up to a stop token or max_tokens; returns what was appended.
-    /// `rows[i]` is the target's logit row that scored `tokens[i]` (for the statistics and the
-    /// request's logprobs).
-    fn emit(&mut self, tokens: &[u32], rows: &[&[f32]]) -> Vec<u32> {
+    /// Row i of `v` scored `tokens[i]` (for the statistics and the request's logprobs).
+    fn emit(&mut self, tokens: &[u32], v: &Verification) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(tokens.len());
-        for (&t, &row) in tokens.iter().zip(rows) {
+        for (i, &t) in tokens.iter().enumerate() {
             if self.stop.contains(&t) {
                 self.finished = Some(FinishReason::Stop);
                 break;
             }
             self.tokens.push(t);
             out.push(t);
-            let (lp, top) = token_logprobs(row, t, self.logprobs_top.unwrap_or(0));
+            let (lp, top) = v.logprob(i, t, self.logprobs_top.unwrap_or(0))?;
             self.stats.target_logprob += lp;
             if self.logprobs_top.is_some() {
                 self.logprobs.push(TokenLogprob {
@@ -684,33 +701,8 @@ impl Generation {
             }
         }
         self.stats.tokens += out.len() as u64;
-        out
+        Ok(out)
     }
-}
-
-/// ln softmax(logits)[t] at temperature 1 (the target model's own log-likelihood of `t`), and
-/// the `top_n` most likely tokens with theirs, most likely first (ties: lower id first).
-/// Runs for every emitted token, so it is two vectorised passes over the row (max, then
-/// log-sum-exp) plus, only when alternatives are asked for, one that keeps the best few in a
-/// sorted vector (`top_n` is at most [`MAX_TOP_LOGPROBS`]: cheaper than sorting the vocabulary).
-pub fn token_logprobs(logits: &[f32], t: u32, top_n: usize) -> (f64, Vec<(u32, f64)>) {
-    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top_n + 1);
-    if top_n > 0 {
-        for (i, &x) in logits.iter().enumerate() {
-            // Strictly greater: an equal logit at a higher id stays behind the earlier one.
-            if best.len() < top_n || best.last().is_some_and(|&(_, b)| x > b) {
-                let at = best.partition_point(|&(_, b)| b >= x);
-                best.insert(at, (i as u32, x));
-                best.truncate(top_n);
-            }
-        }
-    }
-    let lse = sample::log_sum_exp(logits, sample::max(logits));
-    let lp = logits
-        .get(t as usize)
-        .map_or(f64::NEG_INFINITY, |&x| x as f64 - lse);
-    let top = best.into_iter().map(|(i, x)| (i, x as f64 - lse)).collect();
-    (lp, top)
 }
 
 #[cfg(test)]

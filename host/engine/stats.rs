@@ -62,6 +62,39 @@ pub struct SpecPhases {
     pub emit_s: f64,
 }
 
+impl SpecPhases {
+    /// Adds another request's phases.
+    pub fn add(&mut self, o: &SpecPhases) {
+        self.steps += o.steps;
+        self.draft_s += o.draft_s;
+        self.forward_s += o.forward_s;
+        self.logits_s += o.logits_s;
+        self.features_s += o.features_s;
+        self.policy_s += o.policy_s;
+        self.commit_s += o.commit_s;
+        self.emit_s += o.emit_s;
+    }
+
+    /// "ms per step draft/forward/logits/features/policy/commit/emit a / b / ...".
+    pub fn per_step_ms(&self) -> String {
+        let n = self.steps.max(1) as f64;
+        let ms = [
+            self.draft_s,
+            self.forward_s,
+            self.logits_s,
+            self.features_s,
+            self.policy_s,
+            self.commit_s,
+            self.emit_s,
+        ]
+        .map(|s| format!("{:.2}", s / n * 1e3));
+        format!(
+            "ms per step draft/forward/logits/features/policy/commit/emit {}",
+            ms.join(" / ")
+        )
+    }
+}
+
 /// Seconds spent in each phase of the autoregressive steps (on a GPU, `forward_s` is the
 /// host's time to queue the forward's kernels and `logits_s` the wait for the device to finish
 /// plus the copy of the logits row: together they say whether decoding is launch-bound).

@@ -92,8 +92,10 @@ mod imp {
     /// kernels/decode.cu as PTX (build.rs).
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
     const MODULE: &str = "verdict_decode";
-    /// `MV_WARPS` and `THREADS` in kernels/decode.cu.
+    /// `MV_WARPS`, `MV_OUTS`, `GLU_OUTS` and `THREADS` in kernels/decode.cu.
     const MV_WARPS: usize = 4;
+    const MV_OUTS: usize = 1;
+    const GLU_OUTS: usize = 1;
     const THREADS: u32 = 128;
     /// Graphs kept per session (one per forward shape: rows, and which rows give logits).
     const MAX_GRAPHS: usize = 16;
@@ -227,7 +229,7 @@ mod imp {
         }
         let hd = cfg.head_dim;
         if hd > 256
-            || !hd.is_multiple_of(2)
+            || !hd.is_multiple_of(4)
             || cfg.n_kv_heads == 0
             || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads)
         {
@@ -605,8 +607,13 @@ mod imp {
             bias: Option<&Vector>,
             residual: bool,
         ) -> Result<()> {
-            let f = if rows == 1 { &m.mv1 } else { &m.mvn };
-            let blocks = m.n_out.div_ceil(MV_WARPS) as u32;
+            // Multi-row passes give each warp several outputs (MV_OUTS).
+            let (f, outs) = if rows == 1 {
+                (&m.mv1, 1)
+            } else {
+                (&m.mvn, MV_OUTS)
+            };
+            let blocks = m.n_out.div_ceil(MV_WARPS * outs) as u32;
             self.launch(
                 f,
                 (blocks, 1, 1),
@@ -743,7 +750,11 @@ mod imp {
                     let g = &l.gate;
                     self.launch(
                         if rows == 1 { &g.glu1 } else { &g.glun },
-                        (ff.div_ceil(MV_WARPS) as u32, 1, 1),
+                        (
+                            ff.div_ceil(MV_WARPS * if rows == 1 { 1 } else { GLU_OUTS }) as u32,
+                            1,
+                            1,
+                        ),
                         (MV_WARPS * 32) as u32,
                         &[
                             A::P(g.ptr),

@@ -6,7 +6,8 @@
 //!
 //! Scope: the features' distribution is softmax at a temperature (what [`super::feature_params`]
 //! gives without top-k / top-p truncation); [`StepKernels::supports`] says whether a request's
-//! sampling parameters fit. Not yet called by the engine.
+//! sampling parameters fit. The engine reaches them through [`super::StepDevice`]; a
+//! [`DeviceRows`] is a verification whose rows never leave the device.
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{CudaDevice, DType, Device, Layout, Storage, Tensor};
@@ -80,6 +81,8 @@ pub struct JudgeInput<'a> {
 pub struct StepFeatures {
     dev: CudaDevice,
     probs: CudaSlice<f32>,
+    /// The input rows (a handle on the same device memory).
+    logits: Tensor,
     /// The drafted tokens x_i.
     pub tokens: Vec<u32>,
     pub rows: usize,
@@ -99,6 +102,12 @@ pub struct StepFeatures {
     pub draft_prob: Option<Vec<f32>>,
     /// Per drafted position: the judge logit, when the input had a judge.
     pub judge: Option<Vec<f32>>,
+    /// Per row: the largest logit m and ln sum exp(logits - m) at temperature 1, so that
+    /// [`crate::sample::log_sum_exp`] of the row is m + log_z.
+    pub max_logit: Vec<f32>,
+    pub log_z: Vec<f32>,
+    /// Per drafted position: the raw logit of x_i.
+    pub token_logit: Vec<f32>,
 }
 
 /// Which distribution one draw uses ([`StepKernels::sample`]).
@@ -238,7 +247,7 @@ impl StepKernels {
             // The regions of `out` as raw pointers (cudarc has no way to hand out several
             // mutable views of one buffer); `out` lives on this stream until the copy below.
             let (base, _sync) = out.device_ptr_mut(&self.stream);
-            let at: Vec<u64> = (0..7)
+            let at: Vec<u64> = (0..OutLayout::PARTS)
                 .map(|i| base + 4 * lay.range(i).start as u64)
                 .collect();
             let mut b = self.stream.launch_builder(&self.features);
@@ -272,7 +281,10 @@ impl StepKernels {
                         .arg(&zero_f);
                 }
             }
-            b.arg(&at[6]); // judge
+            b.arg(&at[6]) // judge
+                .arg(&at[7]) // max logit
+                .arg(&at[8]) // log z
+                .arg(&at[9]); // token logit
             let cfg = LaunchConfig {
                 grid_dim: (rows_u, 1, 1),
                 block_dim: (BLOCK, 1, 1),
@@ -290,6 +302,7 @@ impl StepKernels {
         Ok(StepFeatures {
             dev: self.dev.clone(),
             probs,
+            logits: input.logits.clone(),
             tokens: input.tokens.to_vec(),
             rows,
             vocab,
@@ -301,6 +314,9 @@ impl StepKernels {
             target_prob: floats(lay.range(4)),
             draft_prob: q.is_some().then(|| floats(lay.range(5))),
             judge: judge.is_some().then(|| floats(lay.range(6))),
+            max_logit: floats(lay.range(7)),
+            log_z: floats(lay.range(8)),
+            token_logit: floats(lay.range(9)),
         })
     }
 
@@ -436,13 +452,16 @@ impl StepFeatures {
 }
 
 /// Where each output lives in the one word buffer: argmax, entropy (rows each), top ids, top
-/// probs (rows * K each), target prob, draft prob, judge (drafted each).
+/// probs (rows * K each), target prob, draft prob, judge (drafted each), max logit, log z (rows
+/// each), token logit (drafted).
 struct OutLayout {
-    ends: [usize; 7],
+    ends: [usize; OutLayout::PARTS],
     len: usize,
 }
 
 impl OutLayout {
+    const PARTS: usize = 10;
+
     fn new(rows: usize, drafted: usize, top_k: usize) -> OutLayout {
         let sizes = [
             rows,
@@ -452,8 +471,11 @@ impl OutLayout {
             drafted,
             drafted,
             drafted,
+            rows,
+            rows,
+            drafted,
         ];
-        let mut ends = [0; 7];
+        let mut ends = [0; OutLayout::PARTS];
         let mut at = 0;
         for (e, s) in ends.iter_mut().zip(sizes) {
             at += s;
@@ -506,4 +528,83 @@ fn cuda_f32<'a>(
         len
     );
     Ok(slice.slice(start..start + len))
+}
+
+/// A verification's rows kept on the device ([`super::Verification`]): their features on the
+/// host, the distributions on the device for the draws.
+pub struct DeviceRows {
+    kernels: Arc<StepKernels>,
+    features: StepFeatures,
+    greedy: bool,
+}
+
+impl DeviceRows {
+    pub fn new(
+        kernels: Arc<StepKernels>,
+        features: StepFeatures,
+        sampling: &SamplingParams,
+    ) -> Self {
+        DeviceRows {
+            kernels,
+            features,
+            greedy: sampling.is_greedy(),
+        }
+    }
+
+    pub fn argmax(&self, i: usize) -> Result<u32> {
+        self.features
+            .argmax
+            .get(i)
+            .copied()
+            .with_context(|| format!("row {i} of {} logit rows", self.features.rows))
+    }
+
+    /// As [`super::Verification::draw`]: the argmax at T = 0, else one `step_sample` launch.
+    pub fn draw(
+        &self,
+        i: usize,
+        from: super::DrawFrom,
+        rng: &mut crate::sample::Rng64,
+    ) -> Result<u32> {
+        if self.greedy {
+            return self.argmax(i);
+        }
+        let u = rng.uniform();
+        let q_row;
+        let (q, draw) = match from {
+            super::DrawFrom::P => (None, Draw::P),
+            super::DrawFrom::Residual { q: None, token } => (None, Draw::ResidualOneHot(token)),
+            super::DrawFrom::Residual { q: Some(q), .. } => {
+                // The draft's row, to the device for this one draw.
+                q_row =
+                    Tensor::from_slice(q, (1, q.len()), &Device::Cuda(self.kernels.dev.clone()))?;
+                (Some(&q_row), Draw::Residual(0))
+            }
+        };
+        let out = self.kernels.sample(&self.features, q, &[(i, draw, u)])?;
+        out.first()
+            .copied()
+            .context("step_sample returned no token")
+    }
+
+    /// ln softmax(row i)[t] at temperature 1, from the row's max and log_z and the token's logit
+    /// (known for the drafted token and the argmax; any other token's logit is copied over).
+    pub fn logprob(&self, i: usize, t: u32) -> Result<f64> {
+        let f = &self.features;
+        let (m, log_z) = match (f.max_logit.get(i), f.log_z.get(i)) {
+            (Some(&m), Some(&z)) => (m, z),
+            _ => bail!("row {i} of {} logit rows", f.rows),
+        };
+        if t as usize >= f.vocab {
+            return Ok(f64::NEG_INFINITY);
+        }
+        let logit = if f.argmax[i] == t {
+            m
+        } else if f.tokens.get(i) == Some(&t) {
+            f.token_logit[i]
+        } else {
+            f.logits.get(i)?.get(t as usize)?.to_scalar::<f32>()?
+        };
+        Ok((logit - m) as f64 - log_z as f64)
+    }
 }

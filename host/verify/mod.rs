@@ -14,25 +14,88 @@ use crate::models::{Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
 pub use judge::{HeadChoice, JudgeHead, JudgeScorer};
 
-/// The target's view of one step.
+/// The target's view of one step: the rows' facts the commit needs (argmax, draws, the emitted
+/// tokens' log-likelihood), wherever the rows live.
 pub struct Verification {
-    /// Logit rows, k + 1 of them: row i scores position i (row k is the bonus position).
-    pub logits: Vec<Vec<f32>>,
-    /// The request's sampling distribution p_i per row (T > 0 only; at T = 0 corrections use the
-    /// argmax of `logits`).
-    pub probs: Vec<Vec<f32>>,
-    /// Seconds in the target's forward returning, in bringing the logit rows to the host, and in
-    /// the features (softmax, top-K, entropy, judge) of every row.
+    rows: Scored,
+    /// Seconds in the target's forward returning, in bringing the logit rows (or, on the device,
+    /// their features) to the host, and in the features (softmax, top-K, entropy, judge) of
+    /// every row.
     pub forward_s: f64,
     pub logits_s: f64,
     pub features_s: f64,
+}
+
+enum Scored {
+    /// Row i's logits, and (T > 0 only) the request's sampling distribution p_i; at T = 0
+    /// corrections use the argmax of the logits.
+    Host {
+        logits: Vec<Vec<f32>>,
+        probs: Vec<Vec<f32>>,
+    },
+    /// The rows stay on the GPU; their features came back ([`cuda::StepKernels`]).
+    #[cfg(feature = "cuda")]
+    Device(Box<cuda::DeviceRows>),
+}
+
+/// Which distribution [`Verification::draw`] samples.
+#[derive(Debug, Clone, Copy)]
+pub enum DrawFrom<'a> {
+    /// The row's own p (a bonus token, a `sample` correction).
+    P,
+    /// The residual norm(max(0, p - q)) against the draft's q at this position (`q`), or a
+    /// one-hot on the drafted `token` (a deterministic drafter).
+    Residual { q: Option<&'a [f32]>, token: u32 },
+}
+
+/// Where a request's step features are computed: on the target's GPU when the `cuda` feature is
+/// built, the target runs on CUDA and `VERDICT_STEP_KERNELS` is not `0`; else on the host.
+#[derive(Clone, Default)]
+pub struct StepDevice {
+    #[cfg(feature = "cuda")]
+    kernels: Option<std::sync::Arc<cuda::StepKernels>>,
+}
+
+impl StepDevice {
+    /// The step kernels for `device` when it is a CUDA device (a load failure is logged and
+    /// leaves the host path).
+    pub fn for_device(device: &candle_core::Device) -> StepDevice {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && std::env::var("VERDICT_STEP_KERNELS").as_deref() != Ok("0") {
+            match cuda::StepKernels::new(device) {
+                Ok(k) => {
+                    return StepDevice {
+                        kernels: Some(std::sync::Arc::new(k)),
+                    };
+                }
+                Err(e) => tracing::warn!("step kernels off, features on the host: {e:#}"),
+            }
+        }
+        let _ = device;
+        StepDevice::default()
+    }
+
+    /// Whether a request with these sampling parameters gets its features on the device (the
+    /// kernels compute softmax at a temperature; top-k / top-p truncation runs on the host, as
+    /// do requests that want per-token alternatives, which need whole rows).
+    pub fn serves(&self, sampling: &SamplingParams, wants_rows: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.kernels.is_some() && !wants_rows && cuda::StepKernels::supports(sampling) {
+            return true;
+        }
+        let _ = (sampling, wants_rows);
+        false
+    }
 }
 
 /// Runs the target over `[last, drafts...]`, appending them to its cache (the caller truncates
 /// the rejected ones afterwards). The drafted positions' features replace `step`'s positions
 /// (`step.top_k` entries of top-K each; its other fields are left as they are). With a `judge`,
 /// each drafted position also gets its judge logit, scored on the hidden state at the drafted
-/// token (row i + 1: the row where x_i is the input).
+/// token (row i + 1: the row where x_i is the input). With `on_device` the features are
+/// computed where the rows are (one launch, one small copy back); the caller decides
+/// ([`StepDevice::serves`]).
+#[allow(clippy::too_many_arguments)]
 pub fn verify(
     target: &mut Session,
     last: u32,
@@ -41,6 +104,7 @@ pub fn verify(
     step: &mut Step,
     judge: Option<&JudgeScorer>,
     rng: &mut Rng64,
+    on_device: Option<&StepDevice>,
 ) -> Result<Verification> {
     let mut input = Vec::with_capacity(draft.tokens.len() + 1);
     input.push(last);
@@ -48,11 +112,40 @@ pub fn verify(
     let t0 = std::time::Instant::now();
     let out = target.forward(&input, Rows::All)?;
     let t1 = std::time::Instant::now();
+    let feature_params = feature_params(sampling);
+    step.clear_positions();
+    #[cfg(feature = "cuda")]
+    if let Some(k) = on_device.and_then(|d| d.kernels.as_ref()) {
+        let uniforms: Vec<f32> = draft.tokens.iter().map(|_| rng.uniform()).collect();
+        let judge_in = judge.map(|j| cuda::JudgeInput {
+            hidden: &out.hidden,
+            row0: 1,
+            weight: j.weight(),
+            bias: j.bias(),
+        });
+        let f = k.features(&cuda::StepInput {
+            logits: &out.logits,
+            temperature: feature_params.temperature,
+            tokens: &draft.tokens,
+            top_k: step.top_k as usize,
+            q: None,
+            judge: judge_in,
+        })?;
+        f.push_into(step, &draft.q_token, &uniforms)?;
+        if judge.is_some() {
+            step.judge = f.judge.clone();
+        }
+        return Ok(Verification {
+            rows: Scored::Device(Box::new(cuda::DeviceRows::new(k.clone(), f, sampling))),
+            forward_s: (t1 - t0).as_secs_f64(),
+            logits_s: 0.0,
+            features_s: t1.elapsed().as_secs_f64(),
+        });
+    }
+    let _ = on_device;
     let logits = out.logits.to_vec2::<f32>()?;
     let t2 = std::time::Instant::now();
-    let feature_params = feature_params(sampling);
     let mut probs = Vec::new();
-    step.clear_positions();
     let mut top = Vec::with_capacity(step.top_k as usize + 1);
     for (i, row) in logits.iter().enumerate() {
         let p = sample::probabilities(row, &feature_params);
@@ -68,12 +161,135 @@ pub fn verify(
         step.judge = Some(j.score(&out.hidden.narrow(0, 1, draft.tokens.len())?)?);
     }
     Ok(Verification {
-        logits,
-        probs,
+        rows: Scored::Host { logits, probs },
         forward_s: (t1 - t0).as_secs_f64(),
         logits_s: (t2 - t1).as_secs_f64(),
         features_s: t2.elapsed().as_secs_f64(),
     })
+}
+
+/// One plain (autoregressive) position: `logits` is the target's `[1, V]` row. Where the row
+/// lives, [`Verification::draw`] and [`Verification::logprob`] work as for a step's rows.
+pub fn score_row(
+    logits: &candle_core::Tensor,
+    sampling: &SamplingParams,
+    on_device: Option<&StepDevice>,
+) -> Result<Verification> {
+    let t0 = std::time::Instant::now();
+    #[cfg(feature = "cuda")]
+    if let Some(k) = on_device.and_then(|d| d.kernels.as_ref()) {
+        let f = k.features(&cuda::StepInput {
+            logits,
+            temperature: feature_params(sampling).temperature,
+            tokens: &[],
+            top_k: 1,
+            q: None,
+            judge: None,
+        })?;
+        return Ok(Verification {
+            rows: Scored::Device(Box::new(cuda::DeviceRows::new(k.clone(), f, sampling))),
+            forward_s: 0.0,
+            logits_s: t0.elapsed().as_secs_f64(),
+            features_s: 0.0,
+        });
+    }
+    let _ = on_device;
+    let logits = logits.to_vec2::<f32>()?;
+    let t1 = std::time::Instant::now();
+    let probs = if sampling.is_greedy() {
+        Vec::new()
+    } else {
+        logits
+            .iter()
+            .map(|r| sample::probabilities(r, sampling))
+            .collect()
+    };
+    Ok(Verification {
+        rows: Scored::Host { logits, probs },
+        forward_s: 0.0,
+        logits_s: (t1 - t0).as_secs_f64(),
+        features_s: t1.elapsed().as_secs_f64(),
+    })
+}
+
+impl Verification {
+    /// Row i's argmax: the greedy token at that position.
+    pub fn argmax(&self, i: usize) -> Result<u32> {
+        match &self.rows {
+            Scored::Host { logits, .. } => Ok(sample::argmax(row(logits, i)?)),
+            #[cfg(feature = "cuda")]
+            Scored::Device(d) => d.argmax(i),
+        }
+    }
+
+    /// A token from row i: sampled with the next uniform of `rng` (T > 0), or the argmax (T = 0,
+    /// where the residual of a one-hot p is that one-hot).
+    pub fn draw(&self, i: usize, from: DrawFrom, rng: &mut Rng64) -> Result<u32> {
+        match &self.rows {
+            Scored::Host { logits, probs } => {
+                let Some(p) = probs.get(i) else {
+                    return Ok(sample::argmax(row(logits, i)?));
+                };
+                Ok(match from {
+                    DrawFrom::P => sample::sample(p, rng.uniform()),
+                    DrawFrom::Residual { q: Some(q), .. } => {
+                        sample::sample(&sample::residual(p, q), rng.uniform())
+                    }
+                    DrawFrom::Residual { q: None, token } => {
+                        let mut one_hot = vec![0f32; p.len()];
+                        if let Some(x) = one_hot.get_mut(token as usize) {
+                            *x = 1.0;
+                        }
+                        sample::sample(&sample::residual(p, &one_hot), rng.uniform())
+                    }
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Scored::Device(d) => d.draw(i, from, rng),
+        }
+    }
+
+    /// ln softmax(row i)[t] at temperature 1 (the target's log-likelihood of `t` there), and
+    /// (host rows only; empty on the device) the `top_n` most likely tokens with theirs.
+    pub fn logprob(&self, i: usize, t: u32, top_n: usize) -> Result<(f64, Vec<(u32, f64)>)> {
+        match &self.rows {
+            Scored::Host { logits, .. } => Ok(token_logprobs(row(logits, i)?, t, top_n)),
+            #[cfg(feature = "cuda")]
+            Scored::Device(d) => Ok((d.logprob(i, t)?, Vec::new())),
+        }
+    }
+}
+
+fn row(logits: &[Vec<f32>], i: usize) -> Result<&[f32]> {
+    logits
+        .get(i)
+        .map(Vec::as_slice)
+        .ok_or_else(|| anyhow::anyhow!("row {i} of {} logit rows", logits.len()))
+}
+
+/// ln softmax(logits)[t] at temperature 1 (the target model's own log-likelihood of `t`), and
+/// the `top_n` most likely tokens with theirs, most likely first (ties: lower id first).
+/// Runs for every emitted token, so it is two vectorised passes over the row (max, then
+/// log-sum-exp) plus, only when alternatives are asked for, one that keeps the best few in a
+/// sorted vector (`top_n` is small: cheaper than sorting the vocabulary).
+pub fn token_logprobs(logits: &[f32], t: u32, top_n: usize) -> (f64, Vec<(u32, f64)>) {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top_n + 1);
+    if top_n > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            // Strictly greater: an equal logit at a higher id stays behind the earlier one.
+            if best.len() < top_n || best.last().is_some_and(|&(_, b)| x > b) {
+                let at = best.partition_point(|&(_, b)| b >= x);
+                best.insert(at, (i as u32, x));
+                best.truncate(top_n);
+            }
+        }
+    }
+    let lse = sample::log_sum_exp(logits, sample::max(logits));
+    let lp = logits
+        .get(t as usize)
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - lse);
+    let top = best.into_iter().map(|(i, x)| (i, x as f64 - lse)).collect();
+    (lp, top)
 }
 
 /// The distribution features are computed from: the request's own at T > 0; the model's softmax
