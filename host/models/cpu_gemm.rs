@@ -179,7 +179,7 @@ impl Gemm {
             let rows = r0..acts.m.min(r0 + ROWS_PER_PASS);
             let mut cols = cols.clone();
             #[cfg(target_arch = "x86_64")]
-            if self.kind == Kind::Q4K {
+            if matches!(self.kind, Kind::Q4K | Kind::Q5_0 | Kind::Q8_0) {
                 // Two columns per pass share each activation load (the multi-row cost); each
                 // column's arithmetic is the one-column kernel's, so results do not change.
                 let mut pair = [[0f32; ROWS_PER_PASS]; 2];
@@ -187,10 +187,15 @@ impl Gemm {
                     let c = cols.start;
                     let wr = &w[c * row_bytes..(c + 2) * row_bytes];
                     let r = rows.clone();
+                    const R: usize = ROWS_PER_PASS;
                     unsafe {
-                        match rows.len() {
-                            1 => x86::q4k::<1, 2>(wr, row_bytes, acts, r, &mut pair),
-                            _ => x86::q4k::<ROWS_PER_PASS, 2>(wr, row_bytes, acts, r, &mut pair),
+                        match (self.kind, rows.len()) {
+                            (Kind::Q4K, 1) => x86::q4k::<1, 2>(wr, row_bytes, acts, r, &mut pair),
+                            (Kind::Q4K, _) => x86::q4k::<R, 2>(wr, row_bytes, acts, r, &mut pair),
+                            (Kind::Q8_0, 1) => x86::q8_0::<1, 2>(wr, row_bytes, acts, r, &mut pair),
+                            (Kind::Q8_0, _) => x86::q8_0::<R, 2>(wr, row_bytes, acts, r, &mut pair),
+                            (_, 1) => x86::q5_0::<1, 2>(wr, row_bytes, acts, r, &mut pair),
+                            _ => x86::q5_0::<R, 2>(wr, row_bytes, acts, r, &mut pair),
                         }
                     }
                     for (j, s) in pair.iter().enumerate() {
@@ -220,10 +225,22 @@ impl Gemm {
                         }
                         (Kind::Q6K, 1) => x86::q6k::<1>(wr, acts, r, s),
                         (Kind::Q6K, _) => x86::q6k::<R>(wr, acts, r, s),
-                        (Kind::Q8_0, 1) => x86::q8_0::<1>(wr, acts, r, s),
-                        (Kind::Q8_0, _) => x86::q8_0::<R>(wr, acts, r, s),
-                        (Kind::Q5_0, 1) => x86::q5_0::<1>(wr, acts, r, s),
-                        (Kind::Q5_0, _) => x86::q5_0::<R>(wr, acts, r, s),
+                        (Kind::Q8_0, n) => {
+                            let mut o = [[0f32; R]; 1];
+                            match n {
+                                1 => x86::q8_0::<1, 1>(wr, row_bytes, acts, r, &mut o),
+                                _ => x86::q8_0::<R, 1>(wr, row_bytes, acts, r, &mut o),
+                            }
+                            s.copy_from_slice(&o[0][..s.len()]);
+                        }
+                        (Kind::Q5_0, n) => {
+                            let mut o = [[0f32; R]; 1];
+                            match n {
+                                1 => x86::q5_0::<1, 1>(wr, row_bytes, acts, r, &mut o),
+                                _ => x86::q5_0::<R, 1>(wr, row_bytes, acts, r, &mut o),
+                            }
+                            s.copy_from_slice(&o[0][..s.len()]);
+                        }
                     }
                 }
                 for (i, r) in rows.clone().enumerate() {
@@ -677,85 +694,103 @@ mod x86 {
         }
     }
 
-    /// One Q8_0 weight row against activation rows `rows` (quantized per 32).
+    /// `C` consecutive Q8_0 weight rows (`row_bytes` apart in `w`) against activation rows
+    /// `rows` (quantized per 32); column j's result for row i into `out[j][i]`. The activation
+    /// loads are shared by the C columns; each column's arithmetic is the same for any `C`, `R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q8_0<const R: usize>(
+    pub(super) unsafe fn q8_0<const R: usize, const C: usize>(
         w: &[u8],
+        row_bytes: usize,
         acts: &Acts,
         rows: std::ops::Range<usize>,
-        out: &mut [f32],
+        out: &mut [[f32; ROWS_PER_PASS]; C],
     ) {
         let nb = acts.k / QK8_0;
-        debug_assert!(w.len() >= nb * Q8_0_BYTES);
+        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * Q8_0_BYTES);
         let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut tail = [0f32; R];
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let mut tail = [[0f32; R]; C];
         let zero = _mm512_setzero_si512();
         let wp = w.as_ptr();
+        let f16_of = |b: *const u8| f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
         for pr in 0..nb / 2 {
-            let b0 = unsafe { wp.add(2 * pr * Q8_0_BYTES) };
-            let b1 = unsafe { b0.add(Q8_0_BYTES) };
-            unsafe { prefetch(b0, 2 * Q8_0_BYTES) };
-            let q = unsafe {
-                _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2).cast())),
-                    _mm256_loadu_si256(b1.add(2).cast()),
-                    1,
-                )
-            };
-            let f16_of = |b: *const u8| f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
-            let dw = _mm512_mask_blend_ps(
-                0xff00,
-                _mm512_set1_ps(f16_of(b0)),
-                _mm512_set1_ps(f16_of(b1)),
-            );
-            // |w| as u8 against sign(w) * a: the same products, in vpdpbusd's operand types.
-            let absq = _mm512_abs_epi8(q);
-            let neg = _mm512_movepi8_mask(q);
+            let mut absq = [zero; C];
+            let mut neg = [0 as __mmask64; C];
+            let mut dw = [_mm512_setzero_ps(); C];
+            for j in 0..C {
+                let b0 = unsafe { wp.add(j * row_bytes + 2 * pr * Q8_0_BYTES) };
+                let b1 = unsafe { b0.add(Q8_0_BYTES) };
+                unsafe { prefetch(b0, 2 * Q8_0_BYTES) };
+                let q = unsafe {
+                    _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2).cast())),
+                        _mm256_loadu_si256(b1.add(2).cast()),
+                        1,
+                    )
+                };
+                dw[j] = _mm512_mask_blend_ps(
+                    0xff00,
+                    _mm512_set1_ps(f16_of(b0)),
+                    _mm512_set1_ps(f16_of(b1)),
+                );
+                // |w| as u8 against sign(w) * a: the same products, in vpdpbusd's operand types.
+                absq[j] = _mm512_abs_epi8(q);
+                neg[j] = _mm512_movepi8_mask(q);
+            }
             for i in 0..n {
                 let p = rp[i];
                 let a = unsafe { _mm512_loadu_si512(p.qs.add(64 * pr).cast()) };
-                let a = _mm512_mask_sub_epi8(a, neg, zero, a);
-                let dp = _mm512_dpbusd_epi32(zero, absq, a);
                 let da = unsafe { _mm512_loadu_ps(p.lanes.add(16 * pr)) };
-                let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
-                acc[i] = _mm512_fmadd_ps(x, dw, acc[i]);
+                for j in 0..C {
+                    let sa = _mm512_mask_sub_epi8(a, neg[j], zero, a);
+                    let dp = _mm512_dpbusd_epi32(zero, absq[j], sa);
+                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
+                    acc[j][i] = _mm512_fmadd_ps(x, dw[j], acc[j][i]);
+                }
             }
         }
         if nb % 2 == 1 {
             let b = nb - 1;
-            let blk = &w[b * Q8_0_BYTES..];
-            let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(2).cast()) };
-            let d = f16_at(blk, 0);
-            let absq = _mm256_abs_epi8(q);
-            let neg = _mm256_movepi8_mask(q);
-            for i in 0..n {
-                let p = rp[i];
-                let a = unsafe { _mm256_loadu_si256(p.qs.add(32 * b).cast()) };
-                let a = _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a);
-                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), absq, a);
-                let v = _mm512_castsi256_si512(dp);
-                let isum = _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(0x00ff, v));
-                tail[i] = d * unsafe { *p.d.add(b) } * isum as f32;
+            for j in 0..C {
+                let blk = &w[j * row_bytes + b * Q8_0_BYTES..];
+                let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(2).cast()) };
+                let d = f16_at(blk, 0);
+                let absq = _mm256_abs_epi8(q);
+                let neg = _mm256_movepi8_mask(q);
+                for i in 0..n {
+                    let p = rp[i];
+                    let a = unsafe { _mm256_loadu_si256(p.qs.add(32 * b).cast()) };
+                    let a = _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a);
+                    let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), absq, a);
+                    let v = _mm512_castsi256_si512(dp);
+                    let isum = _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(0x00ff, v));
+                    tail[j][i] = d * unsafe { *p.d.add(b) } * isum as f32;
+                }
             }
         }
-        for (i, o) in out.iter_mut().enumerate().take(n) {
-            *o = _mm512_reduce_add_ps(acc[i]) + tail[i];
+        for j in 0..C {
+            for i in 0..n {
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) + tail[j][i];
+            }
         }
     }
 
-    /// One repacked Q5_0 weight row (see [`pack_q5_0`]) against activation rows `rows`.
+    /// `C` consecutive repacked Q5_0 weight rows (see [`pack_q5_0`]; `row_bytes` apart in `w`)
+    /// against activation rows `rows`; column j's result for row i into `out[j][i]`. The
+    /// activation loads are shared by the C columns (a verify forward's cost is those loads);
+    /// each column's arithmetic is the same for any `C` and `R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q5_0<const R: usize>(
+    pub(super) unsafe fn q5_0<const R: usize, const C: usize>(
         w: &[u8],
+        row_bytes: usize,
         acts: &Acts,
         rows: std::ops::Range<usize>,
-        out: &mut [f32],
+        out: &mut [[f32; ROWS_PER_PASS]; C],
     ) {
         let ng = acts.k / Q5_GROUP;
-        debug_assert!(w.len() >= ng * Q5_GROUP_BYTES);
+        debug_assert!(w.len() >= (C - 1) * row_bytes + ng * Q5_GROUP_BYTES);
         let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
         let low = _mm512_set1_epi8(0x0f);
         let sixteen = _mm512_set1_epi8(16);
         // Lanes 0..8 take scale 2h, lanes 8..16 scale 2h + 1 (each lane sums 4 of a block's 32).
@@ -765,36 +800,44 @@ mod x86 {
         });
         let wp = w.as_ptr();
         for g in 0..ng {
-            let blk = unsafe { wp.add(g * Q5_GROUP_BYTES) };
-            unsafe { prefetch(blk, Q5_GROUP_BYTES) };
-            let x = unsafe { _mm512_loadu_si512(blk.cast()) };
-            let bits: [__mmask64; 2] = std::array::from_fn(|h| unsafe {
-                blk.add(64 + 8 * h).cast::<u64>().read_unaligned()
-            });
-            let nib = [
-                _mm512_and_si512(x, low),
-                _mm512_and_si512(_mm512_srli_epi16(x, 4), low),
-            ];
-            let wv: [__m512i; 2] =
-                std::array::from_fn(|h| _mm512_mask_add_epi8(nib[h], bits[h], nib[h], sixteen));
-            let sc = unsafe { _mm_cvtph_ps(_mm_loadl_epi64(blk.add(80).cast())) };
-            let sc = _mm512_castps128_ps512(sc);
-            let sv: [__m512; 2] = std::array::from_fn(|h| _mm512_permutexvar_ps(idx[h], sc));
+            let mut wv = [[_mm512_setzero_si512(); 2]; C];
+            let mut sv = [[_mm512_setzero_ps(); 2]; C];
+            for j in 0..C {
+                let blk = unsafe { wp.add(j * row_bytes + g * Q5_GROUP_BYTES) };
+                unsafe { prefetch(blk, Q5_GROUP_BYTES) };
+                let x = unsafe { _mm512_loadu_si512(blk.cast()) };
+                let bits: [__mmask64; 2] = std::array::from_fn(|h| unsafe {
+                    blk.add(64 + 8 * h).cast::<u64>().read_unaligned()
+                });
+                let nib = [
+                    _mm512_and_si512(x, low),
+                    _mm512_and_si512(_mm512_srli_epi16(x, 4), low),
+                ];
+                wv[j] =
+                    std::array::from_fn(|h| _mm512_mask_add_epi8(nib[h], bits[h], nib[h], sixteen));
+                let sc = unsafe { _mm_cvtph_ps(_mm_loadl_epi64(blk.add(80).cast())) };
+                let sc = _mm512_castps128_ps512(sc);
+                sv[j] = std::array::from_fn(|h| _mm512_permutexvar_ps(idx[h], sc));
+            }
             for i in 0..n {
                 let p = rp[i];
                 for h in 0..2 {
                     let o = Q5_GROUP * g + 64 * h;
                     let a = unsafe { _mm512_loadu_si512(p.qs.add(o).cast()) };
                     let c = unsafe { _mm512_loadu_si512(p.corr.add(o / 4).cast()) };
-                    let dp = _mm512_dpbusd_epi32(c, wv[h], a);
                     let da = unsafe { _mm512_loadu_ps(p.lanes.add(o / 4)) };
-                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
-                    acc[i] = _mm512_fmadd_ps(x, sv[h], acc[i]);
+                    for j in 0..C {
+                        let dp = _mm512_dpbusd_epi32(c, wv[j][h], a);
+                        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
+                        acc[j][i] = _mm512_fmadd_ps(x, sv[j][h], acc[j][i]);
+                    }
                 }
             }
         }
-        for (i, o) in out.iter_mut().enumerate().take(n) {
-            *o = _mm512_reduce_add_ps(acc[i]);
+        for j in 0..C {
+            for i in 0..n {
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+            }
         }
     }
 }
