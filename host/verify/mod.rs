@@ -131,10 +131,8 @@ pub fn verify(
             q: None,
             judge: judge_in,
         })?;
+        // Judge logits, when computed, go in with each position.
         f.push_into(step, &draft.q_token, &uniforms)?;
-        if judge.is_some() {
-            step.judge = f.judge.clone();
-        }
         return Ok(Verification {
             rows: Scored::Device(Box::new(cuda::DeviceRows::new(k.clone(), f, sampling))),
             forward_s: (t1 - t0).as_secs_f64(),
