@@ -48,16 +48,12 @@ impl ModelDrafter {
         Ok(out.logits)
     }
 
-    /// The greedy draft token of a `[1, V]` logit row and its q(x) (softmax at T = 1).
+    /// The greedy draft token of a `[1, V]` logit row and its q(x) (softmax at T = 1), computed
+    /// where the row is.
     fn greedy(&self, logits: &candle_core::Tensor) -> Result<(u32, f32)> {
-        if let Some(d) = &self.on_device {
-            let v = verify::score_row(logits, &SamplingParams::greedy(), Some(d))?;
-            let x = v.argmax(0)?;
-            return Ok((x, v.logprob(0, x, 0)?.0.exp() as f32));
-        }
-        let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-        let x = sample::argmax(&row);
-        Ok((x, softmax_at(&row, x)))
+        let v = verify::score_row(logits, &SamplingParams::greedy(), self.on_device.as_ref())?;
+        let x = v.argmax(0)?;
+        Ok((x, v.logprob(0, x, 0)?.0.exp() as f32))
     }
 }
 
@@ -127,12 +123,4 @@ impl Drafter for ModelDrafter {
         }
         Ok(draft)
     }
-}
-
-/// softmax(logits)[x] at temperature 1, without materialising the distribution.
-pub fn softmax_at(logits: &[f32], x: u32) -> f32 {
-    let lse = crate::sample::log_sum_exp(logits, crate::sample::max(logits));
-    logits
-        .get(x as usize)
-        .map_or(0.0, |&l| (l as f64 - lse).exp() as f32)
 }

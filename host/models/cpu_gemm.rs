@@ -170,82 +170,35 @@ impl Gemm {
         }
     }
 
-    /// Output columns `cols` for every row. `out` is `[m, n]`.
+    /// Output columns `cols` for every row. `out` is `[m, n]`. Two columns per pass share each
+    /// activation load (the multi-row cost); each column's arithmetic is the one-column
+    /// kernel's, so results do not depend on the pairing.
     unsafe fn columns(&self, w: &[u8], acts: &Acts, cols: std::ops::Range<usize>, out: *mut f32) {
         let (blk, bytes) = self.kind.block();
         let row_bytes = self.k / blk * bytes;
-        let mut sums = [0f32; ROWS_PER_PASS];
+        let mut sums = [[0f32; ROWS_PER_PASS]; 2];
         for r0 in (0..acts.m).step_by(ROWS_PER_PASS) {
             let rows = r0..acts.m.min(r0 + ROWS_PER_PASS);
-            let mut cols = cols.clone();
-            #[cfg(target_arch = "x86_64")]
-            if matches!(self.kind, Kind::Q4K | Kind::Q5_0 | Kind::Q8_0) {
-                // Two columns per pass share each activation load (the multi-row cost); each
-                // column's arithmetic is the one-column kernel's, so results do not change.
-                let mut pair = [[0f32; ROWS_PER_PASS]; 2];
-                while cols.len() >= 2 {
-                    let c = cols.start;
-                    let wr = &w[c * row_bytes..(c + 2) * row_bytes];
-                    let r = rows.clone();
-                    const R: usize = ROWS_PER_PASS;
-                    unsafe {
-                        match (self.kind, rows.len()) {
-                            (Kind::Q4K, 1) => x86::q4k::<1, 2>(wr, row_bytes, acts, r, &mut pair),
-                            (Kind::Q4K, _) => x86::q4k::<R, 2>(wr, row_bytes, acts, r, &mut pair),
-                            (Kind::Q8_0, 1) => x86::q8_0::<1, 2>(wr, row_bytes, acts, r, &mut pair),
-                            (Kind::Q8_0, _) => x86::q8_0::<R, 2>(wr, row_bytes, acts, r, &mut pair),
-                            (_, 1) => x86::q5_0::<1, 2>(wr, row_bytes, acts, r, &mut pair),
-                            _ => x86::q5_0::<R, 2>(wr, row_bytes, acts, r, &mut pair),
-                        }
-                    }
-                    for (j, s) in pair.iter().enumerate() {
-                        for (i, r) in rows.clone().enumerate() {
-                            unsafe { *out.add(r * self.n + c + j) = s[i] };
-                        }
-                    }
-                    cols.start += 2;
-                }
-            }
-            for c in cols {
-                let wr = &w[c * row_bytes..(c + 1) * row_bytes];
-                let s = &mut sums[..rows.len()];
+            let mut c = cols.start;
+            while c < cols.end {
+                let take = (cols.end - c).min(2);
+                let wr = &w[c * row_bytes..(c + take) * row_bytes];
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    const R: usize = ROWS_PER_PASS;
                     let r = rows.clone();
-                    match (self.kind, rows.len()) {
-                        (Kind::Q4K, n) => {
-                            // A lone last column: the pair kernel with one column.
-                            let mut o = [[0f32; R]; 1];
-                            match n {
-                                1 => x86::q4k::<1, 1>(wr, row_bytes, acts, r, &mut o),
-                                _ => x86::q4k::<R, 1>(wr, row_bytes, acts, r, &mut o),
-                            }
-                            s.copy_from_slice(&o[0][..s.len()]);
-                        }
-                        (Kind::Q6K, 1) => x86::q6k::<1>(wr, acts, r, s),
-                        (Kind::Q6K, _) => x86::q6k::<R>(wr, acts, r, s),
-                        (Kind::Q8_0, n) => {
-                            let mut o = [[0f32; R]; 1];
-                            match n {
-                                1 => x86::q8_0::<1, 1>(wr, row_bytes, acts, r, &mut o),
-                                _ => x86::q8_0::<R, 1>(wr, row_bytes, acts, r, &mut o),
-                            }
-                            s.copy_from_slice(&o[0][..s.len()]);
-                        }
-                        (Kind::Q5_0, n) => {
-                            let mut o = [[0f32; R]; 1];
-                            match n {
-                                1 => x86::q5_0::<1, 1>(wr, row_bytes, acts, r, &mut o),
-                                _ => x86::q5_0::<R, 1>(wr, row_bytes, acts, r, &mut o),
-                            }
-                            s.copy_from_slice(&o[0][..s.len()]);
-                        }
+                    if take == 2 {
+                        x86::columns::<2>(self.kind, wr, row_bytes, acts, r, &mut sums);
+                    } else {
+                        let one = (&mut sums[..1]).try_into().expect("one column");
+                        x86::columns::<1>(self.kind, wr, row_bytes, acts, r, one);
                     }
                 }
-                for (i, r) in rows.clone().enumerate() {
-                    unsafe { *out.add(r * self.n + c) = s[i] };
+                for (j, s) in sums.iter().enumerate().take(take) {
+                    for (i, r) in rows.clone().enumerate() {
+                        unsafe { *out.add(r * self.n + c + j) = s[i] };
+                    }
                 }
+                c += take;
             }
         }
     }
@@ -554,6 +507,39 @@ mod x86 {
         ));
         let hi = _mm_or_si128(a, b); // [sc_hi, mn_hi, ..]
         _mm_unpacklo_epi32(lo, hi)
+    }
+
+    /// `C` consecutive weight rows of `kind` (`row_bytes` apart in `w`) against activation rows
+    /// `rows`: column j's result for row i into `out[j][i]`. Q6_K runs column by column.
+    pub(super) unsafe fn columns<const C: usize>(
+        kind: Kind,
+        w: &[u8],
+        row_bytes: usize,
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &mut [[f32; ROWS_PER_PASS]; C],
+    ) {
+        const R: usize = ROWS_PER_PASS;
+        let (r, one) = (rows.clone(), rows.len() == 1);
+        unsafe {
+            match (kind, one) {
+                (Kind::Q4K, true) => q4k::<1, C>(w, row_bytes, acts, r, out),
+                (Kind::Q4K, false) => q4k::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Q5_0, true) => q5_0::<1, C>(w, row_bytes, acts, r, out),
+                (Kind::Q5_0, false) => q5_0::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
+                (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Q6K, _) => {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let (wj, o) = (&w[j * row_bytes..], &mut o[..rows.len()]);
+                        match one {
+                            true => q6k::<1>(wj, acts, rows.clone(), o),
+                            false => q6k::<R>(wj, acts, rows.clone(), o),
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// `C` consecutive Q4_K weight rows (`row_bytes` apart in `w`) against activation rows
