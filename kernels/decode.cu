@@ -19,11 +19,6 @@
 #define MV_WARPS 4
 // Rows of activations one matvec pass keeps accumulators for (a verify forward at k <= 15 is one pass).
 #define MV_ROWS 16
-// Outputs per warp in the multi-row kernels (mvn, glun). More than one lets each activation
-// load feed several weight rows, but the accumulators' registers cut occupancy: 4 (glu 2) made
-// a 9-row forward of the 1.5B 1.8x slower on the H200 (16.4 vs 9.1 ms).
-#define MV_OUTS 1
-#define GLU_OUTS 1
 // Threads of the row-wise kernels (norm, embedding, rope, attention).
 #define THREADS 128
 // Keys per attention tile (scores kept in shared memory).
@@ -201,94 +196,67 @@ __device__ __forceinline__ void dot_rows(const float* w, const float* __restrict
     }
 }
 
-// y[r, o] = W[o] . x[r] (+ bias[o]) (+ res[r, o]) for r < rows, o < n_out. One warp per O
-// outputs; lane l takes values 256 g + 8 l. Each output's sum runs in the same order whatever O
-// and R are (per lane over g, then the warp sum), so a row's result does not depend on how many
-// rows or outputs share the pass: a verify forward scores a position exactly as a one-token
-// forward does. `res` may be `y` itself (the residual stream updated in place): each element is
-// read and written by the same lane.
-template <int T, int R, int O>
+// y[r, o] = W[o] . x[r] (+ bias[o]) (+ res[r, o]) for r < rows, o < n_out. One warp per output;
+// lane l takes values 256 g + 8 l. `res` may be `y` itself (the residual stream updated in
+// place): each element is read and written by the same lane.
+template <int T, int R>
 __device__ void matvec(const u8* __restrict__ w, unsigned long long row_bytes,
                        const float* __restrict__ x, int ldx, float* y, int ldy, int n_out, int k,
                        int rows, const float* __restrict__ bias, const float* res, int ldr) {
     const int lane = threadIdx.x & 31;
-    const int o0 = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * O;
-    if (o0 >= n_out) return;
-    const u8* wr[O];
-#pragma unroll
-    for (int j = 0; j < O; j++) wr[j] = w + (unsigned long long)min(o0 + j, n_out - 1) * row_bytes;
+    const int o = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (o >= n_out) return;
+    const u8* row = w + (unsigned long long)o * row_bytes;
+    const float b = bias ? bias[o] : 0.f;
     for (int r0 = 0; r0 < rows; r0 += R) {
-        float acc[O][R];
+        float acc[R];
 #pragma unroll
-        for (int j = 0; j < O; j++)
-#pragma unroll
-            for (int r = 0; r < R; r++) acc[j][r] = 0.f;
+        for (int r = 0; r < R; r++) acc[r] = 0.f;
 #pragma unroll 2
         for (int v0 = 8 * lane; v0 < k; v0 += 8 * WARP) {
-            float wv[O][8];
-#pragma unroll
-            for (int j = 0; j < O; j++) oct<T>(wr[j], v0, k, wv[j]);
-#pragma unroll
-            for (int j = 0; j < O; j++) dot_rows<R>(wv[j], x, ldx, v0, r0, rows, acc[j]);
+            float wv[8];
+            oct<T>(row, v0, k, wv);
+            dot_rows<R>(wv, x, ldx, v0, r0, rows, acc);
         }
 #pragma unroll
-        for (int j = 0; j < O; j++) {
-            const int o = o0 + j;
-            const float b = (bias && o < n_out) ? bias[o] : 0.f;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float s = warp_sum(acc[j][r]);
-                if (lane == 0 && r0 + r < rows && o < n_out) {
-                    const long long i = (long long)(r0 + r);
-                    y[i * ldy + o] = s + b + (res ? res[i * ldr + o] : 0.f);
-                }
+        for (int r = 0; r < R; r++) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0 && r0 + r < rows) {
+                const long long i = (long long)(r0 + r);
+                y[i * ldy + o] = s + b + (res ? res[i * ldr + o] : 0.f);
             }
         }
     }
 }
 
 // The MLP's first half in one pass: m[r, o] = silu(G[o] . x[r]) * (U[o] . x[r]). Gate and up
-// share a type; one warp computes both rows of O outputs, so x is read once for all of them
-// (sums in the same order as `matvec`'s).
-template <int T, int R, int O>
+// share a type; one warp computes both rows o, so x is read once for the two.
+template <int T, int R>
 __device__ void glu(const u8* __restrict__ g, const u8* __restrict__ u,
                     unsigned long long row_bytes, const float* __restrict__ x, int ldx, float* m,
                     int n_out, int k, int rows) {
     const int lane = threadIdx.x & 31;
-    const int o0 = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * O;
-    if (o0 >= n_out) return;
-    const u8 *grow[O], *urow[O];
-#pragma unroll
-    for (int j = 0; j < O; j++) {
-        const unsigned long long at = (unsigned long long)min(o0 + j, n_out - 1) * row_bytes;
-        grow[j] = g + at;
-        urow[j] = u + at;
-    }
+    const int o = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (o >= n_out) return;
+    const u8* grow = g + (unsigned long long)o * row_bytes;
+    const u8* urow = u + (unsigned long long)o * row_bytes;
     for (int r0 = 0; r0 < rows; r0 += R) {
-        float ag[O][R], au[O][R];
+        float ag[R], au[R];
 #pragma unroll
-        for (int j = 0; j < O; j++)
-#pragma unroll
-            for (int r = 0; r < R; r++) ag[j][r] = 0.f, au[j][r] = 0.f;
+        for (int r = 0; r < R; r++) ag[r] = 0.f, au[r] = 0.f;
 #pragma unroll 2
         for (int v0 = 8 * lane; v0 < k; v0 += 8 * WARP) {
-#pragma unroll
-            for (int j = 0; j < O; j++) {
-                float wg[8], wu[8];
-                oct<T>(grow[j], v0, k, wg);
-                oct<T>(urow[j], v0, k, wu);
-                dot_rows<R>(wg, x, ldx, v0, r0, rows, ag[j]);
-                dot_rows<R>(wu, x, ldx, v0, r0, rows, au[j]);
-            }
+            float wg[8], wu[8];
+            oct<T>(grow, v0, k, wg);
+            oct<T>(urow, v0, k, wu);
+            dot_rows<R>(wg, x, ldx, v0, r0, rows, ag);
+            dot_rows<R>(wu, x, ldx, v0, r0, rows, au);
         }
 #pragma unroll
-        for (int j = 0; j < O; j++) {
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float gs = warp_sum(ag[j][r]), us = warp_sum(au[j][r]);
-                if (lane == 0 && r0 + r < rows && o0 + j < n_out)
-                    m[(long long)(r0 + r) * n_out + o0 + j] = gs / (1.f + expf(-gs)) * us;
-            }
+        for (int r = 0; r < R; r++) {
+            const float gs = warp_sum(ag[r]), us = warp_sum(au[r]);
+            if (lane == 0 && r0 + r < rows)
+                m[(long long)(r0 + r) * n_out + o] = gs / (1.f + expf(-gs)) * us;
         }
     }
 }
@@ -315,16 +283,16 @@ __device__ void embed(const u8* table, unsigned long long row_bytes, const unsig
         int n_out, int k, int rows
 #define KERNELS(name, T)                                                                          \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) mv1_##name(MV_ARGS) {           \
-        matvec<T, 1, 1>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr);              \
+        matvec<T, 1>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr);              \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) mvn_##name(MV_ARGS) {           \
-        matvec<T, MV_ROWS, MV_OUTS>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr);        \
+        matvec<T, MV_ROWS>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr);        \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) glu1_##name(GLU_ARGS) {         \
-        glu<T, 1, 1>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                                    \
+        glu<T, 1>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                                    \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) glun_##name(GLU_ARGS) {         \
-        glu<T, MV_ROWS, GLU_OUTS>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                              \
+        glu<T, MV_ROWS>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                              \
     }                                                                                             \
     extern "C" __global__ void embed_##name(const u8* table, unsigned long long row_bytes,       \
                                             const unsigned int* ids, float* x, int k) {           \
