@@ -3,6 +3,8 @@
 # no network there). Checks the GPU against the CPU reference, then measures, and prints one
 # summary table plus the `bench spec` tables:
 #   1. kernels:  tests/kernels.rs, the step kernels vs their CPU reference;
+#   1a.          and the NCCL communicator of GPU shards (one GPU: a one-rank group; two or more:
+#                a tiny model over GPUs 0 and 1 against one GPU);
 #   1b.          tests/kernels.rs also checks the decode path (kernels/decode.cu) against the
 #                CPU forward of tiny models of every stored type it reads;
 #   2. greedy:   tests/greedy.rs on the GPU (in the kernels test binary): SmolLM2's greedy tokens
@@ -18,7 +20,8 @@
 #                on the decode path with CUDA graphs, without them, and on candle's ops; the
 #                fraction of the card's bandwidth that reaches, and where a step's time goes
 #                (host queueing the kernels / waiting for the logits / sampling / emitting);
-#      serve:    `verdict serve --device cuda` answering 4 concurrent chat requests;
+#      serve:    `verdict serve --device cuda` answering 4 concurrent chat requests (and with
+#                `--shards N` over the GPUs when the machine has several);
 #   5. spec:     `verdict bench spec` on the GPU: the 0.5B draft for the 1.5B and 8B shapes with
 #                synthetic acceptance (the rate that reproduces the real pair's tokens per step,
 #                see BENCHMARKS.md), and SmolLM2 with prompt lookup under strict and threshold;
@@ -120,6 +123,12 @@ py=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# NCCL for GPU shards: cudarc opens `libnccl.so`, the wheels ship only libnccl.so.2.
+nccl=$(ls /opt/torch/.venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2 2>/dev/null | head -1)
+if [ -n "$nccl" ]; then
+    mkdir -p "$work/nccl" && ln -sf "$nccl" "$work/nccl/libnccl.so"
+    export LD_LIBRARY_PATH="$work/nccl:$LD_LIBRARY_PATH"
+fi
 unxz() { # xz, else python's lzma
     if command -v xz >/dev/null; then xz -dc "$1"; else
         "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1"
@@ -185,7 +194,10 @@ if [ "$dev" = cuda ] && want kernels; then
     timeout "$(tmo 120)" "$bins/kernels-test" --skip greedy:: --test-threads=1 --nocapture >"$work/kernels.out" 2>&1
     rc=$?
     cat "$work/kernels.out"
-    if grep -q SKIPPED "$work/kernels.out"; then
+    # The NCCL test (GPU shards) skips its multi-GPU half on a one-GPU machine.
+    row "NCCL shards (tests/kernels)" "$(grep -q 'test shards_on_gpus_sum_through_nccl ... ok' "$work/kernels.out" && echo pass || echo FAIL)" "" \
+        "$(grep -m1 -E '^NCCL [0-9]|SKIPPED NCCL' "$work/kernels.out"); $(grep -m1 -E 'over 2 GPUs|SKIPPED the sharded' "$work/kernels.out")"
+    if grep -q "SKIPPED step kernels" "$work/kernels.out"; then
         row "step kernels vs CPU (tests/kernels)" SKIPPED "" "$(grep -m1 SKIPPED "$work/kernels.out")"
     else
         row "step kernels vs CPU (tests/kernels)" "$([ $rc = 0 ] && echo pass || echo "FAIL rc=$rc")" "" \
@@ -307,24 +319,33 @@ done
 done
 
 # 4b. the server on the device: 4 concurrent chat requests (batched forwards); SmolLM2, or
-# the 1.5B layout when SmolLM2 did not travel
+# the 1.5B layout when SmolLM2 did not travel. 4c. on a machine with several GPUs, the same with
+# the target sharded over them (NCCL; VERDICT_GPU_SHARDS caps the count, default 2).
+serve_check() { # label, extra serve arguments...
+    local label=$1 port=18181
+    shift
+    "$V" serve --model "$served" --device "$dev" --port $port --judge-head none "$@" \
+        >"$work/serve.out" 2>"$work/serve.err" &
+    local server=$!
+    res=$(timeout "$(tmo 90)" "$py" bench/gpu_serve_check.py "http://127.0.0.1:$port" 4)
+    local rc=$?
+    echo "$res"
+    kill $server 2>/dev/null
+    wait $server 2>/dev/null
+    [ $rc = 0 ] || tail -5 "$work/serve.err"
+    row "$label ($(basename "$served" .gguf | cut -c1-12))" "$([ $rc = 0 ] && echo ok || echo "FAIL rc=$rc")" \
+        "$(field tok_s "$(tr -d ' ' <<<"$res")")" "tok/s in all; mean batch $(field mean_batch "$(tr -d ' ' <<<"$res")")"
+}
 if want serve; then
-served=$work/$smol
-[ -f "$served" ] || served=$work/q15.gguf
-port=18181
-"$V" serve --model "$served" --device "$dev" --port $port --judge-head none \
-    >"$work/serve.out" 2>"$work/serve.err" &
-server=$!
-res=$(timeout "$(tmo 90)" "$py" bench/gpu_serve_check.py "http://127.0.0.1:$port" 4)
-rc=$?
-echo "$res"
-kill $server 2>/dev/null
-wait $server 2>/dev/null
-[ $rc = 0 ] || tail -5 "$work/serve.err"
-row "serve --device $dev, 4 concurrent chats ($(basename "$served" .gguf | cut -c1-12))" "$([ $rc = 0 ] && echo ok || echo "FAIL rc=$rc")" \
-    "$(field tok_s "$(tr -d ' ' <<<"$res")")" "tok/s in all; mean batch $(field mean_batch "$(tr -d ' ' <<<"$res")")"
+    served=$work/$smol
+    [ -f "$served" ] || served=$work/q15.gguf
+    serve_check "serve --device $dev, 4 concurrent chats"
+    ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+    shards=$(( ngpu < ${VERDICT_GPU_SHARDS:-2} ? ngpu : ${VERDICT_GPU_SHARDS:-2} ))
+    if [ "$dev" = cuda ] && [ "$shards" -ge 2 ]; then
+        serve_check "serve --device $dev --shards $shards, 4 chats" --shards "$shards"
+    fi
 fi
-
 
 # 5. speculative vs autoregressive on the device
 spec() { # label, args...

@@ -59,6 +59,8 @@ fn miner<'a>(
             rule,
             max_tokens: 24,
             max_per_prompt: 0,
+            draft_temperature: 0.0,
+            seed: 0,
             sandbox: Sandbox::default(),
         },
     }
@@ -206,6 +208,45 @@ fn a_draft_that_always_agrees_has_nothing_to_mine() {
 }
 
 #[test]
+fn a_draft_at_a_temperature_mines_its_draws_reproducibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, target) = tiny(dir.path(), "t.gguf", 5, 2);
+    let (tok, template) = text_tools(&target);
+    // The target drafting for itself agrees everywhere at T = 0 (the test above); its draws
+    // at T = 1.5 part from its argmax, and each parting is a sample.
+    let mut m = miner(&target, &target, &tok, &template, Rule::Rejoin { m: 4 });
+    m.cfg.draft_temperature = 1.5;
+    m.cfg.seed = 7;
+    let problems: Vec<Problem> = (0..2)
+        .map(|i| problem(i, "def check(c):\n    pass\n"))
+        .collect();
+    let a = mine::mine_all(&m, &problems).unwrap();
+    assert!(a.len() >= 2, "draws part from the argmax: {}", a.len());
+    assert!((0..a.len()).all(|j| a.draft_token[j] != a.target_token[j]));
+    assert_eq!(a.meta["draft_temperature"], "1.5");
+    assert_eq!(
+        mine::mine_all(&m, &problems).unwrap(),
+        a,
+        "same seed, same data"
+    );
+    m.cfg.seed = 8;
+    let b = mine::mine_all(&m, &problems).unwrap();
+    assert_ne!(
+        (&b.draft_token, &b.group),
+        (&a.draft_token, &a.group),
+        "another seed draws other tokens"
+    );
+    // A cap labels that many per prompt, spread over the mismatches.
+    m.cfg.max_per_prompt = 1;
+    let c = mine::mine_all(&m, &problems).unwrap();
+    for g in 0..2u32 {
+        let n = c.group.iter().filter(|&&x| x == g).count();
+        assert!(n <= 1, "group {g}: {n} samples");
+    }
+    assert!(!c.is_empty());
+}
+
+#[test]
 fn a_head_trained_on_mined_data_scores_like_its_reference() {
     let dir = tempfile::tempdir().unwrap();
     let (_, target) = tiny(dir.path(), "t.gguf", 6, 2);
@@ -285,6 +326,8 @@ fn cli_errors_are_clear_and_write_nothing() {
     // The held-out half is refused for mining.
     let (ok, err) = run(&["judge", "mine", "--range", "80..90", "--out", &s(&out)]);
     assert!(!ok && err.contains("held out"), "{err}");
+    let (ok, err) = run(&["judge", "mine", "--draft-temperature=-1", "--out", &s(&out)]);
+    assert!(!ok && err.contains("--draft-temperature"), "{err}");
     // A head for another model, and a corrupt head, refused by generate.
     let mut head = verdict::verify::JudgeHead {
         weight: vec![0.1; other.config().hidden_size],

@@ -652,3 +652,106 @@ fn the_engine_decides_on_the_gpu_as_on_the_host() {
     }
     eprintln!("engine on the GPU vs the host: {compared} runs agree");
 }
+
+/// The NCCL communicator of GPU shards (host/models/nccl.rs). On one GPU: the library loads,
+/// a one-rank group's sum is the tensor itself (the op runs on the rank's stream), and two
+/// shards on one GPU are refused clearly (NCCL itself would fail with "Duplicate GPU"). With two
+/// or more GPUs: a tiny model split over GPUs 0 and 1 gives the one-GPU model's logits through
+/// a prefill, a 4-token step, a rollback, single steps and a fork.
+#[test]
+fn shards_on_gpus_sum_through_nccl() {
+    use candle_core::quantized::GgmlDType;
+    use verdict::models::nccl::{self, NcclGroup};
+    use verdict::models::shard::Communicator;
+    use verdict::models::testing::{TinySpec, write_tiny_gguf};
+    use verdict::models::{Arch, Model, Rows};
+    let device = match cuda::device() {
+        Ok(d) => d,
+        Err(why) => return skip(&why),
+    };
+    match nccl::available() {
+        Ok(v) => eprintln!("NCCL {v}"),
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED NCCL shards: {why}");
+            return;
+        }
+    }
+    let one = NcclGroup::new(std::slice::from_ref(&device)).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (3, 40), &device).unwrap();
+    let y = one.rank(0).all_reduce_sum(&x).unwrap();
+    let d = (&y - &x).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(
+        d.to_scalar::<f32>().unwrap(),
+        0.0,
+        "one rank's sum is itself"
+    );
+    let err = NcclGroup::new(&[device.clone(), device.clone()]).unwrap_err();
+    assert!(err.to_string().contains("two shards on GPU"), "{err}");
+    let gpus = match nccl::rank_devices(&device, 2) {
+        Ok(g) => g,
+        Err(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED the sharded forward over GPUs: {why}"
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [GgmlDType::F32, GgmlDType::Q8_0] {
+        let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
+        let spec = TinySpec {
+            arch: Arch::Qwen2,
+            dtype,
+            hidden: 96,
+            heads: 6,
+            kv_heads: 2,
+            intermediate: 192,
+            ..TinySpec::default()
+        };
+        write_tiny_gguf(&path, &spec).unwrap();
+        let full = Model::load_gguf(&path, &device).unwrap();
+        let sharded = full.shard_across(&gpus).unwrap();
+        assert_eq!(sharded.shards(), 2);
+        let rows = |s: &mut verdict::models::Session, t: &[u32], r: Rows| -> Vec<Vec<f32>> {
+            s.forward(t, r).unwrap().logits.to_vec2::<f32>().unwrap()
+        };
+        let rel = |a: Vec<Vec<f32>>, b: Vec<Vec<f32>>| -> f32 {
+            let (mut d, mut m) = (0f32, 0f32);
+            for (x, y) in a.iter().zip(&b) {
+                for (p, q) in x.iter().zip(y) {
+                    d = d.max((p - q).abs());
+                    m = m.max(q.abs());
+                }
+            }
+            d / m
+        };
+        let (mut a, mut b) = (full.session(), sharded.session());
+        let prompt = [5u32, 17, 250, 3, 99, 260, 7, 1, 42];
+        let mut worst = rel(
+            rows(&mut b, &prompt, Rows::All),
+            rows(&mut a, &prompt, Rows::All),
+        );
+        let more = [11u32, 12, 13, 14, 15, 16];
+        worst = worst.max(rel(
+            rows(&mut b, &more[..4], Rows::All),
+            rows(&mut a, &more[..4], Rows::All),
+        ));
+        a.truncate(prompt.len() + 1).unwrap();
+        b.truncate(prompt.len() + 1).unwrap();
+        for &t in &more[4..] {
+            worst = worst.max(rel(
+                rows(&mut b, &[t], Rows::Last),
+                rows(&mut a, &[t], Rows::Last),
+            ));
+        }
+        let (mut fa, mut fb) = (a.fork().unwrap(), b.fork().unwrap());
+        worst = worst.max(rel(
+            rows(&mut fb, &more[..2], Rows::All),
+            rows(&mut fa, &more[..2], Rows::All),
+        ));
+        let bound = if dtype == GgmlDType::F32 { 1e-4 } else { 2e-2 };
+        eprintln!("{dtype:?} over 2 GPUs: max relative logit difference {worst:e}");
+        assert!(worst < bound, "{dtype:?}: {worst:e} (bound {bound:e})");
+    }
+}

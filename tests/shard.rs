@@ -131,6 +131,38 @@ fn tiny_models_on_2_and_3_ranks_match_one() {
 }
 
 #[test]
+fn ranks_on_named_devices_match_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        arch: Arch::Qwen2,
+        dtype: GgmlDType::F32,
+        hidden: 96,
+        heads: 6,
+        kv_heads: 2,
+        intermediate: 192,
+        ..TinySpec::default()
+    };
+    let full = tiny(dir.path(), &spec);
+    let sharded = full.shard_across(&[Device::Cpu, Device::Cpu]).unwrap();
+    assert_eq!(sharded.shards(), 2);
+    check_same(
+        &full,
+        &sharded,
+        &[5, 17, 250, 3, 99],
+        &[11, 12, 13, 14, 15, 16],
+        "2 ranks named",
+        1e-4,
+    );
+    assert_eq!(full.shard_across(&[Device::Cpu]).unwrap().shards(), 1);
+    for err in [
+        full.shard_across(&[]).unwrap_err(),
+        full.shard(0).unwrap_err(),
+    ] {
+        assert!(err.to_string().contains("at least 1"), "{err}");
+    }
+}
+
+#[test]
 fn impossible_splits_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let full = tiny(

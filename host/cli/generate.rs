@@ -72,8 +72,8 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024), allow_hyphen_values = true)]
     pub threads: Option<u32>,
 
-    /// Split the target over N tensor-parallel ranks (threads on the CPU; GPU ranks need the
-    /// NCCL communicator, not built yet).
+    /// Split the target over N tensor-parallel ranks: threads on the CPU, or with a CUDA device
+    /// N GPUs from that one on (one thread each, summed through NCCL).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
 
@@ -172,12 +172,18 @@ impl DeviceArg {
     }
 }
 
-/// `--shards N`: the target split over N tensor-parallel ranks.
+/// `--shards N`: the target split over N tensor-parallel ranks: CPU threads, or N GPUs from
+/// `device`'s ordinal on.
 pub(crate) fn shard_target(model: Model, n: usize, device: &candle_core::Device) -> Result<Model> {
-    if n > 1 && !device.is_cpu() {
-        anyhow::bail!(
-            "--shards {n} on {device:?}: GPU ranks need the NCCL communicator, which this build              does not have yet; shards run on the CPU"
-        );
+    if n > 1 && device.is_cuda() {
+        #[cfg(feature = "cuda")]
+        {
+            let devices = crate::models::nccl::rank_devices(device, n)
+                .map_err(|e| anyhow::anyhow!("--shards {n}: {e}"))?;
+            return model
+                .shard_across(&devices)
+                .with_context(|| format!("--shards {n} over GPUs"));
+        }
     }
     model.shard(n).with_context(|| format!("--shards {n}"))
 }

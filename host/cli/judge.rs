@@ -45,9 +45,16 @@ pub struct MineArgs {
     /// Answer length cap, tokens.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Label at most this many mismatches per prompt, earliest first (0 = all).
+    /// Label at most this many mismatches per prompt, spread evenly over the answer (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_per_prompt: usize,
+    /// The draft proposes its argmax at 0 (what T = 0 speculation sees), else a draw from its
+    /// softmax at this temperature: more mismatches, and more unacceptable ones.
+    #[arg(long, default_value_t = 0.0)]
+    pub draft_temperature: f32,
+    /// Seed of the draft's draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Seconds before a test run is killed.
     #[arg(long, default_value_t = 10)]
     pub test_timeout: u64,
@@ -135,6 +142,12 @@ fn run_mine(a: MineArgs) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
+    if !a.draft_temperature.is_finite() || a.draft_temperature < 0.0 {
+        bail!(
+            "--draft-temperature must be a finite number >= 0, got {}",
+            a.draft_temperature
+        );
+    }
     let problems = humaneval::load(&problems_path, range.clone())?;
     if problems.is_empty() {
         bail!(
@@ -170,6 +183,8 @@ fn run_mine(a: MineArgs) -> Result<()> {
             rule,
             max_tokens: a.max_tokens,
             max_per_prompt: a.max_per_prompt,
+            draft_temperature: a.draft_temperature,
+            seed: a.seed,
             sandbox: Sandbox {
                 timeout: Duration::from_secs(a.test_timeout.max(1)),
                 ..Sandbox::default()

@@ -66,8 +66,8 @@ pub struct ServeArgs {
     /// Where the models run: cpu, cuda or cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = crate::cli::generate::parse_device)]
     pub device: crate::cli::generate::DeviceArg,
-    /// Split the target over N tensor-parallel ranks (threads on the CPU). A sharded target
-    /// does not batch across requests yet.
+    /// Split the target over N tensor-parallel ranks: threads on the CPU, or with a CUDA device
+    /// N GPUs from that one on (NCCL). A sharded target does not batch across requests yet.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
     /// Most requests whose forwards run as one batched forward (target and draft model each;

@@ -1,8 +1,9 @@
 //! Label mining (`verdict judge mine`): where does the draft propose a token the target would not
 //! have chosen, and is that token acceptable anyway?
 //!
-//! Per prompt (T = 0): the target's own continuation `c`; the draft's choice at every position of
-//! `c` by teacher forcing (one batched draft forward); at each mismatch `d_i != c_i` force `d_i`,
+//! Per prompt (the target at T = 0): the target's own continuation `c`; the draft's choice at every
+//! position of `c` by teacher forcing (one batched draft forward; its argmax, or a draw at a
+//! draft temperature > 0, which finds more and worse mismatches); at each mismatch `d_i != c_i` force `d_i`,
 //! keep the target's hidden state at `d_i` (the judge's input, exactly the row verification
 //! scores) and let the target go on. The label comes from one of two rules:
 //! - `tests` (AutoJudge, arXiv 2504.20039): the target finishes the answer after `d_i`; the token
@@ -47,9 +48,23 @@ pub struct MineConfig {
     pub rule: Rule,
     /// Answer length cap (tokens) for the original and forced continuations.
     pub max_tokens: usize,
-    /// Mismatches labelled per prompt at most (0 = all), earliest first.
+    /// Mismatches labelled per prompt at most (0 = all), spread evenly over the answer.
     pub max_per_prompt: usize,
+    /// The draft's choice: its argmax at 0, else a draw from its softmax at this temperature.
+    /// Draws reach the mismatches a weaker draft would make: at T = 0 the 0.5B/1.5B pair
+    /// differs at ~1% of positions, and 86% of those are harmless, too few negatives to learn.
+    pub draft_temperature: f32,
+    /// Seeds the draws (each prompt's from `seed` and its group id).
+    pub seed: u64,
     pub sandbox: Sandbox,
+}
+
+/// `k` of the indices `0..n`, spread evenly (all of them when `k` is 0 or at least `n`).
+pub fn spread(n: usize, k: usize) -> Vec<usize> {
+    if k == 0 || k >= n {
+        return (0..n).collect();
+    }
+    (0..k).map(|j| j * n / k).collect()
 }
 
 /// Mined samples: the target's hidden state at each mismatching drafted token and its label.
@@ -287,19 +302,18 @@ impl Miner<'_> {
         if let Some(s) = stopped {
             full.push(s);
         }
-        let drafted = self.teacher_forced_draft(&prompt, &full)?;
+        let drafted = self.teacher_forced_draft(&prompt, &full, group)?;
         let mismatches: Vec<usize> = (0..full.len()).filter(|&i| drafted[i] != full[i]).collect();
         report.mismatches = mismatches.len();
-        let chosen = if self.cfg.max_per_prompt > 0 {
-            &mismatches[..mismatches.len().min(self.cfg.max_per_prompt)]
-        } else {
-            &mismatches[..]
-        };
+        let chosen: Vec<usize> = spread(mismatches.len(), self.cfg.max_per_prompt)
+            .into_iter()
+            .map(|j| mismatches[j])
+            .collect();
         // The target session holds prompt + full[..at].
         target.truncate(n)?;
         let mut at = 0usize;
         let mut history: Vec<u32> = prompt.clone();
-        for &i in chosen {
+        for &i in &chosen {
             if i > at {
                 target.forward(&full[at..i], Rows::Last)?;
                 history.extend_from_slice(&full[at..i]);
@@ -371,8 +385,14 @@ impl Miner<'_> {
         Ok(prefixes(forced)?.iter().any(|f| orig.contains(f)))
     }
 
-    /// The draft's greedy choice at each position of `cont` after `prompt`, teacher-forced.
-    fn teacher_forced_draft(&self, prompt: &[u32], cont: &[u32]) -> Result<Vec<u32>> {
+    /// The draft's choice at each position of `cont` after `prompt`, teacher-forced: its argmax,
+    /// or a seeded draw at `draft_temperature`.
+    fn teacher_forced_draft(&self, prompt: &[u32], cont: &[u32], group: u32) -> Result<Vec<u32>> {
+        let params = sample::SamplingParams {
+            temperature: self.cfg.draft_temperature,
+            ..Default::default()
+        };
+        let mut rng = sample::Rng64::new(self.cfg.seed ^ (u64::from(group) << 32));
         let mut s = self.draft.session();
         let n = prompt.len();
         if n > 1 {
@@ -386,7 +406,7 @@ impl Miner<'_> {
         for chunk in input.chunks(32) {
             let f = s.forward(chunk, Rows::All)?;
             for row in f.logits.to_vec2::<f32>()? {
-                out.push(sample::argmax(&row));
+                out.push(sample::sample_logits(&row, &params, &mut rng));
             }
         }
         Ok(out)
@@ -489,6 +509,13 @@ pub fn mine_all(miner: &Miner, problems: &[Problem]) -> Result<Dataset> {
         humaneval::check_python()?;
     }
     let mut data = miner.dataset()?;
+    if miner.cfg.draft_temperature > 0.0 {
+        data.meta.insert(
+            "draft_temperature".into(),
+            miner.cfg.draft_temperature.to_string(),
+        );
+        data.meta.insert("seed".into(), miner.cfg.seed.to_string());
+    }
     let (mut mismatches, mut tokens, mut skipped) = (0, 0, 0);
     for (g, p) in problems.iter().enumerate() {
         let t = Instant::now();
@@ -538,6 +565,14 @@ pub fn mine_all(miner: &Miner, problems: &[Problem]) -> Result<Dataset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_picks_evenly_and_all_when_uncapped() {
+        assert_eq!(spread(10, 0), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread(3, 5), vec![0, 1, 2]);
+        assert_eq!(spread(10, 4), vec![0, 2, 5, 7]);
+        assert_eq!(spread(0, 4), Vec::<usize>::new());
+    }
 
     #[test]
     fn lookup_takes_the_latest_longest_match() {

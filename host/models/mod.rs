@@ -7,7 +7,8 @@
 //!   cache; `forward`, `truncate` for speculation rollback).
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
 //! - [`shard`]: tensor parallelism: a model split over ranks (Megatron layout) and the
-//!   communicator that sums their partial outputs.
+//!   communicator that sums their partial outputs; `nccl` (`cuda` feature): the GPU
+//!   communicator, one GPU per rank.
 //! - [`synth`]: random weights at a real layout (GPU benchmarks without carrying weights).
 //! - [`batch`]: forwards of concurrent sessions run as one batched forward (same logits).
 //! - `cuda_fast` (`cuda` feature): the forward on a GPU without candle's ops (kernels/decode.cu),
@@ -24,6 +25,8 @@ mod cuda_fast;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod requant;
 pub mod safetensors;
 pub mod shard;

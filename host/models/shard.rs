@@ -11,16 +11,17 @@
 //! Splits follow quantization blocks: a row-split projection's input columns can only be cut at
 //! a block boundary (256 values for K-quants), which sets the head and MLP granularity.
 //!
-//! [`Communicator`] is the seam to the transport: [`LocalComm`] joins ranks that are threads of
-//! one process (CPU shards, and the tests); a GPU build puts NCCL behind the same trait, one
-//! thread per GPU.
+//! [`Communicator`] is the seam to the transport ([`Transport`]): [`LocalComm`] joins ranks that
+//! are threads of one process on the CPU (a fresh group per sequence); a CUDA build puts NCCL
+//! behind the same trait (`super::nccl`), one thread and one GPU per rank, one communicator per
+//! GPU shared by the model's sequences, which take turns.
 
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 
-use candle_core::Tensor;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{Device, Tensor};
 
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
@@ -155,6 +156,38 @@ impl Communicator for LocalComm {
     }
 }
 
+/// How the ranks of a sharded model exchange their partial sums.
+#[derive(Debug, Clone)]
+pub(crate) enum Transport {
+    /// Threads of this process: each sequence gets its own [`LocalComm`] group.
+    Local,
+    /// NCCL, one GPU per rank, one group for the model.
+    #[cfg(feature = "cuda")]
+    Nccl(Arc<super::nccl::NcclGroup>),
+}
+
+impl Transport {
+    /// One communicator per rank for a new sequence, and the lock its forwards take (if any).
+    fn open(&self, world: usize) -> (Vec<Box<dyn Communicator>>, Option<Transport>) {
+        match self {
+            Transport::Local => (
+                LocalComm::group(world)
+                    .into_iter()
+                    .map(|c| Box::new(c) as Box<dyn Communicator>)
+                    .collect(),
+                None,
+            ),
+            #[cfg(feature = "cuda")]
+            Transport::Nccl(g) => (
+                (0..world)
+                    .map(|r| Box::new(g.rank(r)) as Box<dyn Communicator>)
+                    .collect(),
+                Some(self.clone()),
+            ),
+        }
+    }
+}
+
 /// Width of the quantization blocks along a matrix's input dimension (1 for plain tensors).
 fn in_block(m: &QMatMul) -> usize {
     match m {
@@ -163,8 +196,8 @@ fn in_block(m: &QMatMul) -> usize {
     }
 }
 
-/// Output rows `r` of `[out, in]`.
-fn rows_of(m: &QMatMul, r: Range<usize>) -> candle_core::Result<QMatMul> {
+/// Output rows `r` of `[out, in]`, on `dev`.
+fn rows_of(m: &QMatMul, r: Range<usize>, dev: &Device) -> candle_core::Result<QMatMul> {
     Ok(match m {
         QMatMul::QTensor(t) => {
             let (_, inn) = t.shape().dims2()?;
@@ -172,16 +205,24 @@ fn rows_of(m: &QMatMul, r: Range<usize>) -> candle_core::Result<QMatMul> {
             let row = inn / dt.block_size() * dt.type_size();
             let data = t.data()?;
             let bytes = data[r.start * row..r.end * row].to_vec();
-            let st = QStorage::from_data(Cow::Owned(bytes), &t.device(), dt)?;
+            let st = QStorage::from_data(Cow::Owned(bytes), dev, dt)?;
             QMatMul::QTensor(Arc::new(QTensor::new(st, (r.len(), inn))?))
         }
-        QMatMul::Tensor(t) => QMatMul::Tensor(t.narrow(0, r.start, r.len())?.contiguous()?),
-        QMatMul::TensorF16(t) => QMatMul::TensorF16(t.narrow(0, r.start, r.len())?.contiguous()?),
+        QMatMul::Tensor(t) => QMatMul::Tensor(
+            t.narrow(0, r.start, r.len())?
+                .contiguous()?
+                .to_device(dev)?,
+        ),
+        QMatMul::TensorF16(t) => QMatMul::TensorF16(
+            t.narrow(0, r.start, r.len())?
+                .contiguous()?
+                .to_device(dev)?,
+        ),
     })
 }
 
-/// Input columns `c` of `[out, in]` (block-aligned for quantized matrices).
-fn cols_of(m: &QMatMul, c: Range<usize>) -> candle_core::Result<QMatMul> {
+/// Input columns `c` of `[out, in]` (block-aligned for quantized matrices), on `dev`.
+fn cols_of(m: &QMatMul, c: Range<usize>, dev: &Device) -> candle_core::Result<QMatMul> {
     Ok(match m {
         QMatMul::QTensor(t) => {
             let (out, inn) = t.shape().dims2()?;
@@ -197,30 +238,64 @@ fn cols_of(m: &QMatMul, c: Range<usize>) -> candle_core::Result<QMatMul> {
             for i in 0..out {
                 bytes.extend_from_slice(&data[i * row + b0..i * row + b1]);
             }
-            let st = QStorage::from_data(Cow::Owned(bytes), &t.device(), dt)?;
+            let st = QStorage::from_data(Cow::Owned(bytes), dev, dt)?;
             QMatMul::QTensor(Arc::new(QTensor::new(st, (out, c.len()))?))
         }
-        QMatMul::Tensor(t) => QMatMul::Tensor(t.narrow(1, c.start, c.len())?.contiguous()?),
-        QMatMul::TensorF16(t) => QMatMul::TensorF16(t.narrow(1, c.start, c.len())?.contiguous()?),
+        QMatMul::Tensor(t) => QMatMul::Tensor(
+            t.narrow(1, c.start, c.len())?
+                .contiguous()?
+                .to_device(dev)?,
+        ),
+        QMatMul::TensorF16(t) => QMatMul::TensorF16(
+            t.narrow(1, c.start, c.len())?
+                .contiguous()?
+                .to_device(dev)?,
+        ),
     })
 }
 
+/// `m` whole on `dev` (shared, not copied, when it is there already).
+fn whole_on(m: &QMatMul, dev: &Device) -> candle_core::Result<QMatMul> {
+    Ok(match m {
+        QMatMul::QTensor(t) if !t.device().same_device(dev) => {
+            let st = QStorage::from_data(Cow::Owned(t.data()?.into_owned()), dev, t.dtype())?;
+            QMatMul::QTensor(Arc::new(QTensor::new(st, t.shape().clone())?))
+        }
+        QMatMul::Tensor(t) => QMatMul::Tensor(t.to_device(dev)?),
+        QMatMul::TensorF16(t) => QMatMul::TensorF16(t.to_device(dev)?),
+        other => other.clone(),
+    })
+}
+
+fn bias_on(b: &Option<Tensor>, dev: &Device) -> candle_core::Result<Option<Tensor>> {
+    b.as_ref().map(|b| b.to_device(dev)).transpose()
+}
+
 /// Rows `r` of a projection (column parallel): its bias is split the same way.
-fn split_rows(l: &Linear, r: Range<usize>) -> candle_core::Result<Linear> {
+fn split_rows(l: &Linear, r: Range<usize>, dev: &Device) -> candle_core::Result<Linear> {
     let b = match &l.b {
-        Some(b) => Some(b.narrow(0, r.start, r.len())?.contiguous()?),
+        Some(b) => Some(
+            b.narrow(0, r.start, r.len())?
+                .contiguous()?
+                .to_device(dev)?,
+        ),
         None => None,
     };
-    Ok(Linear::new(for_matmul(rows_of(&l.w, r)?)?, b))
+    Ok(Linear::new(for_matmul(rows_of(&l.w, r, dev)?)?, b))
 }
 
 /// Input columns `c` of a projection (row parallel): the partial outputs are summed across
 /// ranks, so only rank 0 adds the bias. (`for_matmul` widens a Q5_0 part whose width verdict's
 /// Q5_0 kernel does not take, as loading does.)
-fn split_cols(l: &Linear, c: Range<usize>, rank: usize) -> candle_core::Result<Linear> {
+fn split_cols(
+    l: &Linear,
+    c: Range<usize>,
+    rank: usize,
+    dev: &Device,
+) -> candle_core::Result<Linear> {
     Ok(Linear::new(
-        for_matmul(cols_of(&l.w, c)?)?,
-        l.b.clone().filter(|_| rank == 0),
+        for_matmul(cols_of(&l.w, c, dev)?)?,
+        bias_on(&l.b, dev)?.filter(|_| rank == 0),
     ))
 }
 
@@ -229,8 +304,9 @@ fn even(units: usize, n: usize, r: usize) -> Range<usize> {
     r * units / n..(r + 1) * units / n
 }
 
-/// The weights of each of `n` ranks (rank 0 first).
-pub(crate) fn split(w: &Weights, n: usize) -> Result<Vec<Weights>> {
+/// The weights of each rank, rank r on `devices[r]` (rank 0 first).
+pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
+    let n = devices.len();
     let cfg = &w.cfg;
     let (nh, hd) = (cfg.n_heads, cfg.head_dim);
     let group = w.heads.group;
@@ -269,7 +345,7 @@ pub(crate) fn split(w: &Weights, n: usize) -> Result<Vec<Weights>> {
     }
     let ffn_units = cfg.intermediate / b_d;
     let mut ranks = Vec::with_capacity(n);
-    for r in 0..n {
+    for (r, dev) in devices.iter().enumerate() {
         let h = even(head_units, n, r);
         let (h0, h1) = (h.start * unit, h.end * unit);
         let (kv0, kv1) = (h0 / group, (h1 - 1) / group + 1);
@@ -282,27 +358,41 @@ pub(crate) fn split(w: &Weights, n: usize) -> Result<Vec<Weights>> {
             .iter()
             .map(|l| -> candle_core::Result<Layer> {
                 Ok(Layer {
-                    attn_norm: l.attn_norm.clone(),
-                    q: split_rows(&l.q, q_rows.clone())?,
-                    k: split_rows(&l.k, kv_rows.clone())?,
-                    v: split_rows(&l.v, kv_rows.clone())?,
-                    o: split_cols(&l.o, q_rows.clone(), r)?,
-                    ffn_norm: l.ffn_norm.clone(),
-                    gate: split_rows(&l.gate, f0..f1)?,
-                    up: split_rows(&l.up, f0..f1)?,
-                    down: split_cols(&l.down, f0..f1, r)?,
+                    attn_norm: l.attn_norm.to_device(dev)?,
+                    q: split_rows(&l.q, q_rows.clone(), dev)?,
+                    k: split_rows(&l.k, kv_rows.clone(), dev)?,
+                    v: split_rows(&l.v, kv_rows.clone(), dev)?,
+                    o: split_cols(&l.o, q_rows.clone(), r, dev)?,
+                    ffn_norm: l.ffn_norm.to_device(dev)?,
+                    gate: split_rows(&l.gate, f0..f1, dev)?,
+                    up: split_rows(&l.up, f0..f1, dev)?,
+                    down: split_cols(&l.down, f0..f1, r, dev)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| fail(format!("rank {r}: {e}")))?;
+        // Replicated parts: shared where the rank is on the model's device, copied elsewhere.
+        let replicated = || -> candle_core::Result<(QMatMul, Tensor, Linear)> {
+            let embed = whole_on(&w.embed, dev)?;
+            let tied = matches!((&w.embed, &w.lm_head.w), (QMatMul::QTensor(a), QMatMul::QTensor(b)) if Arc::ptr_eq(a, b));
+            let lm_head = if w.device.same_device(dev) {
+                w.lm_head.clone()
+            } else if tied {
+                Linear::new(embed.clone(), None)
+            } else {
+                Linear::new(whole_on(&w.lm_head.w, dev)?, bias_on(&w.lm_head.b, dev)?)
+            };
+            Ok((embed, w.norm.to_device(dev)?, lm_head))
+        };
+        let (embed, norm, lm_head) = replicated().map_err(|e| fail(format!("rank {r}: {e}")))?;
         ranks.push(Weights {
             cfg: cfg.clone(),
-            embed: w.embed.clone(),
+            embed,
             layers,
-            norm: w.norm.clone(),
-            lm_head: w.lm_head.clone(),
+            norm,
+            lm_head,
             inv_freq: w.inv_freq.clone(),
-            device: w.device.clone(),
+            device: dev.clone(),
             gguf: w.gguf.clone(),
             source: w.source.clone(),
             heads: HeadLayout {
@@ -312,6 +402,7 @@ pub(crate) fn split(w: &Weights, n: usize) -> Result<Vec<Weights>> {
                 group,
             },
             peers: Vec::new(),
+            transport: Transport::Local,
         });
     }
     Ok(ranks)
@@ -344,7 +435,10 @@ impl Peer {
 /// The ranks 1.. of one sharded sequence: a thread per rank, each owning that rank's KV cache.
 /// Rank 0 is the [`super::Session`] itself.
 pub(crate) struct TpSession {
-    comm: LocalComm,
+    comm: Box<dyn Communicator>,
+    /// A transport shared with other sequences (NCCL): its turn is taken for each forward.
+    shared: Option<Transport>,
+    transport: Transport,
     peers: Vec<Peer>,
     weights: Vec<Arc<Weights>>,
     n_layers: usize,
@@ -364,14 +458,14 @@ fn peer_loop(
     w: Arc<Weights>,
     n_layers: usize,
     mut cache: KvCache,
-    comm: LocalComm,
+    comm: Box<dyn Communicator>,
     rx: mpsc::Receiver<Cmd>,
     tx: mpsc::Sender<Reply>,
 ) {
     for cmd in rx {
         let reply = match cmd {
             Cmd::Forward(tokens, rows) => Reply::Done(
-                run_rank(&w, n_layers, &mut cache, &tokens, rows, &comm)
+                run_rank(&w, n_layers, &mut cache, &tokens, rows, comm.as_ref())
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
             ),
@@ -385,7 +479,11 @@ fn peer_loop(
 }
 
 impl TpSession {
-    pub(crate) fn new(weights: &[Arc<Weights>], n_layers: usize) -> TpSession {
+    pub(crate) fn new(
+        weights: &[Arc<Weights>],
+        n_layers: usize,
+        transport: &Transport,
+    ) -> TpSession {
         let caches = weights
             .iter()
             .map(|w| {
@@ -398,11 +496,17 @@ impl TpSession {
                 )
             })
             .collect();
-        Self::with_caches(weights, n_layers, caches)
+        Self::with_caches(weights, n_layers, caches, transport)
     }
 
-    fn with_caches(weights: &[Arc<Weights>], n_layers: usize, caches: Vec<KvCache>) -> TpSession {
-        let mut comms = LocalComm::group(weights.len() + 1).into_iter();
+    fn with_caches(
+        weights: &[Arc<Weights>],
+        n_layers: usize,
+        caches: Vec<KvCache>,
+        transport: &Transport,
+    ) -> TpSession {
+        let (comms, shared) = transport.open(weights.len() + 1);
+        let mut comms = comms.into_iter();
         let comm = comms.next().expect("a group has rank 0");
         let mut peers = Vec::with_capacity(weights.len());
         let mut broken = None;
@@ -423,6 +527,8 @@ impl TpSession {
         }
         TpSession {
             comm,
+            shared,
+            transport: transport.clone(),
             peers,
             weights: weights.to_vec(),
             n_layers,
@@ -431,7 +537,19 @@ impl TpSession {
     }
 
     pub(crate) fn comm(&self) -> &dyn Communicator {
-        &self.comm
+        self.comm.as_ref()
+    }
+
+    /// Runs `f` (one whole sharded forward) in this sequence's turn on a shared transport.
+    pub(crate) fn in_turn<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.shared {
+            #[cfg(feature = "cuda")]
+            Some(Transport::Nccl(g)) => {
+                let _turn = g.turn();
+                f()
+            }
+            _ => f(),
+        }
     }
 
     /// Sends the forward to every other rank (rank 0 then runs it and calls [`Self::finish`]).
@@ -493,6 +611,11 @@ impl TpSession {
                 _ => return Err(ModelError::Invalid(format!("rank {} has stopped", i + 1))),
             }
         }
-        Ok(Self::with_caches(&self.weights, self.n_layers, caches))
+        Ok(Self::with_caches(
+            &self.weights,
+            self.n_layers,
+            caches,
+            &self.transport,
+        ))
     }
 }

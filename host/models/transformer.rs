@@ -15,7 +15,7 @@ use super::cuda_fast::{FastSession, FastWeights};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::KvCache;
-use super::shard::{Communicator, TpSession};
+use super::shard::{Communicator, TpSession, Transport};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
@@ -121,6 +121,8 @@ pub(crate) struct Weights {
     pub(crate) heads: HeadLayout,
     /// The other ranks of a tensor-parallel model (this one is rank 0); empty unsharded.
     pub(crate) peers: Vec<Arc<Weights>>,
+    /// How the ranks exchange partial sums (meaningful only with peers).
+    pub(crate) transport: Transport,
 }
 
 /// Which query and kv heads a copy of the weights holds (see `CausalAttention`).
@@ -284,6 +286,7 @@ impl Weights {
         Ok(Weights {
             heads: HeadLayout::full(&cfg),
             peers: Vec::new(),
+            transport: Transport::Local,
             cfg,
             embed,
             layers,
@@ -456,19 +459,38 @@ impl Model {
                 &self.w.device,
             ),
             batch: None,
-            tp: (!self.w.peers.is_empty()).then(|| TpSession::new(&self.w.peers, n_layers)),
+            tp: (!self.w.peers.is_empty())
+                .then(|| TpSession::new(&self.w.peers, n_layers, &self.w.transport)),
             fast_w: self.fast.clone(),
             fast: None,
         }
     }
 
-    /// The same model split over `n` tensor-parallel ranks (Megatron layout: query heads and MLP
-    /// columns split, the kv heads a rank's query heads read held by that rank, one all-reduce
-    /// after the attention output and one after the MLP), each rank run by its own thread and
-    /// summed through an in-process communicator. Logits equal the unsharded model's up to the
-    /// order of the partial sums. `n = 1` returns the model as it is.
+    /// The same model split over `n` tensor-parallel ranks on its own device (Megatron layout:
+    /// query heads and MLP columns split, the kv heads a rank's query heads read held by that
+    /// rank, one all-reduce after the attention output and one after the MLP), each rank run by
+    /// its own thread and summed through an in-process communicator. Logits equal the unsharded
+    /// model's up to the order of the partial sums. `n = 1` returns the model as it is.
     pub fn shard(&self, n: usize) -> Result<Model> {
-        if n == 1 {
+        if n == 0 {
+            return Err(ModelError::Invalid(
+                "the rank count must be at least 1".into(),
+            ));
+        }
+        self.shard_across(&vec![self.w.device.clone(); n])
+    }
+
+    /// The model split over one rank per device, rank r on `devices[r]`: all on the CPU (ranks
+    /// are threads, see [`Model::shard`]), or each on a GPU of its own, summed through NCCL
+    /// (CUDA builds; one thread per GPU). The ranks run candle's ops, not the one-GPU decode
+    /// path.
+    pub fn shard_across(&self, devices: &[Device]) -> Result<Model> {
+        if devices.is_empty() {
+            return Err(ModelError::Invalid(
+                "the rank count must be at least 1".into(),
+            ));
+        }
+        if devices.len() == 1 && devices[0].same_device(&self.w.device) {
             return Ok(self.clone());
         }
         if !self.w.peers.is_empty() || self.batcher.is_some() {
@@ -476,11 +498,28 @@ impl Model {
                 "shard() takes a plain model (not already sharded or batching)".into(),
             ));
         }
-        let mut ranks = super::shard::split(&self.w, n)?;
+        let transport = if devices.iter().all(|d| d.is_cpu()) {
+            Transport::Local
+        } else if devices.iter().all(|d| d.is_cuda()) {
+            #[cfg(feature = "cuda")]
+            {
+                Transport::Nccl(super::nccl::NcclGroup::new(devices)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(ModelError::Invalid(
+                "GPU shards need a CUDA build (--features cuda)".into(),
+            ));
+        } else {
+            return Err(ModelError::Invalid(format!(
+                "shards must all be on the CPU or each on a GPU, got {devices:?}"
+            )));
+        };
+        let mut ranks = super::shard::split(&self.w, devices)?;
         let first = ranks.remove(0);
         Ok(Model {
             w: Arc::new(Weights {
                 peers: ranks.into_iter().map(Arc::new).collect(),
+                transport,
                 ..first
             }),
             batcher: None,
@@ -540,6 +579,7 @@ impl Model {
                 source: w.source.clone(),
                 heads: w.heads,
                 peers: Vec::new(),
+                transport: Transport::Local,
             }),
             batcher: None,
             fast: None,
@@ -698,16 +738,13 @@ impl Session {
             .tp
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("not a sharded session".into()))?;
-        tp.start(tokens, rows)?;
-        let mine = run_rank(
-            &self.w,
-            self.n_layers,
-            &mut self.cache,
-            tokens,
-            rows,
-            tp.comm(),
-        );
-        if let Err(e) = tp.finish() {
+        let (w, n_layers, cache) = (&self.w, self.n_layers, &mut self.cache);
+        let (mine, others) = tp.in_turn(|| -> Result<_> {
+            tp.start(tokens, rows)?;
+            let mine = run_rank(w, n_layers, cache, tokens, rows, tp.comm());
+            Ok((mine, tp.finish()))
+        })?;
+        if let Err(e) = others {
             // Keep rank 0's cache where the others' are.
             self.cache.truncate(before)?;
             return Err(e);
