@@ -312,6 +312,42 @@ fn bench_synth_and_spec_check_their_arguments() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(stats(&out)["tokens"], 5);
+
+    // Prompts of one's own (bench/prompts/coding12.jsonl's format): a row per configuration.
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"Write a function.\"}\n\n{\"prompt\": \"Fix this.\"}\n",
+    )
+    .unwrap();
+    let p = prompts.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args([
+            "bench",
+            "spec",
+            "--target",
+            m,
+            "--draft",
+            m,
+            "--drafters",
+            "model",
+        ])
+        .args(["--k", "2", "--max-tokens", "4", "--prompts-file", p])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("model / strict / k=2"),
+        "{}",
+        text(&out.stdout)
+    );
+    std::fs::write(&prompts, "{\"text\": \"no prompt field\"}\n").unwrap();
+    fails(
+        &["spec", "--target", m, "--prompts-file", p],
+        "line 1 has no string `prompt`",
+    );
+    std::fs::write(&prompts, "\n").unwrap();
+    fails(&["spec", "--target", m, "--prompts-file", p], "no prompts");
 }
 
 /// `verdict bench forward`: a table row per size, and bad sizes or a context past the model's

@@ -114,6 +114,11 @@ pub struct SpecArgs {
     /// HumanEval file (default: the fetched HumanEval.jsonl.gz).
     #[arg(long)]
     pub humaneval: Option<PathBuf>,
+    /// Prompts from this JSONL file instead of HumanEval: one object per line whose `prompt`
+    /// is sent as the user's message as it is (e.g. bench/prompts/coding12.jsonl); --prompts
+    /// still caps how many.
+    #[arg(long, conflicts_with = "humaneval")]
+    pub prompts_file: Option<PathBuf>,
     /// Judge head for policies that need judge logits: `auto` (the shipped head when it matches
     /// the target), `none`, or a head file (safetensors, from `verdict judge train`).
     #[arg(long, value_name = "auto|none|PATH", default_value = "auto")]
@@ -272,6 +277,31 @@ pub fn models_dir() -> PathBuf {
         })
 }
 
+/// The `prompt` of each line of a JSONL file, the first `n`.
+pub fn jsonl_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        let p = v["prompt"].as_str().with_context(|| {
+            format!("{}: line {} has no string `prompt`", path.display(), i + 1)
+        })?;
+        out.push(p.to_string());
+        if out.len() == n {
+            break;
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
 /// HumanEval prompts (`prompt` field) of the held-out half (task ids 82..163), in order.
 pub fn humaneval_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
     let f = std::fs::File::open(path).with_context(|| {
@@ -351,18 +381,27 @@ fn spec(a: SpecArgs) -> Result<()> {
         .context("the target has no GGUF metadata")?;
     let tokenizer = Tokenizer::from_gguf(content)?;
     let template = ChatTemplate::from_gguf(content, &tokenizer)?;
-    let he = a
-        .humaneval
-        .unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
-    let prompts: Vec<Vec<u32>> = humaneval_prompts(&he, a.prompts)?
-        .iter()
-        .map(|p| {
-            let text = template.render(
-                &[Message::user(format!(
-                    "Complete this Python function. Reply with code only.\n```python\n{p}```"
-                ))],
-                true,
-            )?;
+    let messages: Vec<String> = match &a.prompts_file {
+        Some(f) => jsonl_prompts(f, a.prompts)?,
+        None => {
+            let he = a
+                .humaneval
+                .clone()
+                .unwrap_or_else(|| dir.join("HumanEval.jsonl.gz"));
+            humaneval_prompts(&he, a.prompts)?
+                .iter()
+                .map(|p| {
+                    format!(
+                        "Complete this Python function. Reply with code only.\n```python\n{p}```"
+                    )
+                })
+                .collect()
+        }
+    };
+    let prompts: Vec<Vec<u32>> = messages
+        .into_iter()
+        .map(|m| {
+            let text = template.render(&[Message::user(m)], true)?;
             tokenizer.encode(&text, true)
         })
         .collect::<Result<_>>()?;

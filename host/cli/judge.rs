@@ -81,9 +81,13 @@ pub struct TrainArgs {
     pub epochs: usize,
     #[arg(long, default_value_t = 0.01)]
     pub lr: f64,
-    /// L2 regularisation (AdamW weight decay).
-    #[arg(long, default_value_t = 0.05)]
-    pub weight_decay: f64,
+    /// L2 regularisation (AdamW weight decay). Several, comma separated, are each scored by
+    /// cross-validation over the training prompts and the best one trains the head.
+    #[arg(long, value_delimiter = ',', default_value = "0.05")]
+    pub weight_decay: Vec<f64>,
+    /// Folds of that cross-validation (by prompt).
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -225,6 +229,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.validation) {
         bail!("--validation must be in [0, 1), got {}", a.validation);
     }
+    if a.weight_decay.iter().any(|w| !w.is_finite() || *w < 0.0) {
+        bail!("--weight-decay: each must be a finite number >= 0");
+    }
+    if a.folds < 2 {
+        bail!("--folds must be at least 2");
+    }
     if !(0.0..=1.0).contains(&a.precision) {
         bail!("--precision must be in [0, 1], got {}", a.precision);
     }
@@ -233,10 +243,15 @@ fn run_train(a: TrainArgs) -> Result<()> {
         target_precision: a.precision,
         epochs: a.epochs,
         lr: a.lr,
-        weight_decay: a.weight_decay,
+        weight_decays: a.weight_decay.clone(),
+        folds: a.folds,
         seed: a.seed,
     };
     let mut t = train::train(&data, &cfg)?;
+    for (wd, auc) in &t.cv {
+        println!("cv: weight_decay={wd} auc={auc:.3}");
+    }
+    println!("weight_decay: {}", t.weight_decay);
     println!("train:      {}", t.train);
     println!("validation: {}", t.validation);
     let names: Vec<String> = a.data.iter().map(|p| p.display().to_string()).collect();
@@ -249,9 +264,16 @@ fn run_train(a: TrainArgs) -> Result<()> {
         "train".into(),
         format!(
             "precision={} validation={} epochs={} lr={} weight_decay={} seed={}",
-            a.precision, a.validation, a.epochs, a.lr, a.weight_decay, a.seed
+            a.precision, a.validation, a.epochs, a.lr, t.weight_decay, a.seed
         ),
     );
+    if !t.cv.is_empty() {
+        let cv: Vec<String> = t.cv.iter().map(|(w, a)| format!("{w}:{a:.3}")).collect();
+        prov.insert(
+            "metrics.cv".into(),
+            format!("{}-fold auc by weight_decay {}", a.folds, cv.join(" ")),
+        );
+    }
     prov.insert("metrics.train".into(), t.train.to_string());
     prov.insert("metrics.validation".into(), t.validation.to_string());
     t.head.save(&a.out)?;

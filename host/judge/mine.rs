@@ -107,10 +107,20 @@ impl Dataset {
         self.target_token.push(target);
     }
 
-    /// Appends `other` (same hidden size and target); its groups are renumbered after ours.
+    /// Appends `other` (same hidden size and target). Groups are prompts: `other`'s keep the
+    /// numbers of an earlier dataset mined from the same problems (the same prompt mined twice,
+    /// e.g. at another draft temperature, stays one group, so a validation split by group never
+    /// sees a training prompt), and are renumbered after ours otherwise.
     pub fn extend(&mut self, other: &Dataset, what: &str) -> Result<()> {
+        let source = |d: &Dataset| {
+            format!(
+                "group_offset:{}",
+                d.meta.get("problems").map_or("", String::as_str)
+            )
+        };
         if self.hidden_size == 0 {
             *self = other.clone();
+            self.meta.insert(source(other), "0".into());
             return Ok(());
         }
         ensure!(
@@ -123,7 +133,15 @@ impl Dataset {
             other.meta.get("target.sha256") == self.meta.get("target.sha256"),
             "{what} was mined on another target than the other datasets"
         );
-        let offset = self.group.iter().max().map_or(0, |g| g + 1);
+        let key = source(other);
+        let offset = match self.meta.get(&key).and_then(|o| o.parse::<u32>().ok()) {
+            Some(o) => o,
+            None => {
+                let o = self.group.iter().max().map_or(0, |g| g + 1);
+                self.meta.insert(key, o.to_string());
+                o
+            }
+        };
         self.hidden.extend_from_slice(&other.hidden);
         self.label.extend_from_slice(&other.label);
         self.group.extend(other.group.iter().map(|g| g + offset));
@@ -565,6 +583,40 @@ pub fn mine_all(miner: &Miner, problems: &[Problem]) -> Result<Dataset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dataset(problems: &str, groups: &[u32]) -> Dataset {
+        let mut d = Dataset {
+            hidden_size: 2,
+            ..Default::default()
+        };
+        d.meta.insert("problems".into(), problems.into());
+        d.meta.insert("target.sha256".into(), "abc".into());
+        for &g in groups {
+            d.push(&[g as f32, 1.0], g % 2 == 0, g, 1, 2);
+        }
+        d
+    }
+
+    #[test]
+    fn extend_keeps_a_prompt_one_group_across_datasets() {
+        let mut all = Dataset::default();
+        all.extend(&dataset("he lines 0..82", &[0, 3]), "a")
+            .unwrap();
+        all.extend(&dataset("extra lines 0..16", &[0, 1]), "b")
+            .unwrap();
+        // The same HumanEval prompts mined again (another temperature): same groups.
+        all.extend(&dataset("he lines 0..82", &[3, 5]), "c")
+            .unwrap();
+        // The extra prompts again: their groups after HumanEval's, as the first time.
+        all.extend(&dataset("extra lines 0..16", &[1]), "d")
+            .unwrap();
+        assert_eq!(all.group, vec![0, 3, 4, 5, 3, 5, 5]);
+        assert_eq!(all.len(), 7);
+        let mut other = dataset("he lines 0..82", &[0]);
+        other.meta.insert("target.sha256".into(), "def".into());
+        let err = all.extend(&other, "e").unwrap_err();
+        assert!(err.to_string().contains("another target"), "{err}");
+    }
 
     #[test]
     fn spread_picks_evenly_and_all_when_uncapped() {

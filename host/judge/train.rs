@@ -1,6 +1,10 @@
 //! Training (`verdict judge train`): class-weighted, L2-regularised logistic regression on
 //! standardised hidden states (candle autograd + AdamW), a validation split by prompt, and a
-//! threshold chosen on it for a target precision.
+//! threshold chosen on it for a target precision. With several weight decays, each is scored by
+//! k-fold cross-validation over the training prompts (folds by prompt, pooled out-of-fold AUC)
+//! and the best one trains the head: with a few hundred samples in 1536 dimensions the
+//! shrinkage decides more than anything else, and one small validation split is too noisy to
+//! choose it.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +23,10 @@ pub struct TrainConfig {
     pub target_precision: f64,
     pub epochs: usize,
     pub lr: f64,
-    pub weight_decay: f64,
+    /// L2 strengths to choose from (AdamW weight decay); one means no cross-validation.
+    pub weight_decays: Vec<f64>,
+    /// Folds of the cross-validation that chooses among `weight_decays`.
+    pub folds: usize,
     pub seed: u64,
 }
 
@@ -30,7 +37,8 @@ impl Default for TrainConfig {
             target_precision: 0.9,
             epochs: 400,
             lr: 0.01,
-            weight_decay: 0.05,
+            weight_decays: vec![0.05],
+            folds: 5,
             seed: 0,
         }
     }
@@ -61,6 +69,72 @@ pub struct Trained {
     pub head: JudgeHead,
     pub train: Metrics,
     pub validation: Metrics,
+    /// Each weight decay with its cross-validated AUC (empty with one weight decay).
+    pub cv: Vec<(f64, f64)>,
+    /// The weight decay the head was trained with.
+    pub weight_decay: f64,
+}
+
+/// A fixed pseudo-random number in [0, 1) per group (splitmix64 of group + salt).
+fn group_hash(g: u32, salt: u64) -> f64 {
+    let mut z = (g as u64)
+        .wrapping_add(salt)
+        .wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^= z >> 31;
+    z as f64 / u64::MAX as f64
+}
+
+/// Weighted logistic regression on standardised rows `x` (`[n, h]`): weight and bias.
+fn fit(x: &[f32], y: &[u8], h: usize, wd: f64, cfg: &TrainConfig) -> Result<(Vec<f32>, f32)> {
+    let n = y.len();
+    let dev = Device::Cpu;
+    let xt = Tensor::from_slice(x, (n, h), &dev)?;
+    let n_pos = y.iter().filter(|&&v| v == 1).count().max(1) as f32;
+    let n_neg = (n as f32 - n_pos).max(1.0);
+    // Class weights so both classes weigh half of the loss.
+    let sw: Vec<f32> = y
+        .iter()
+        .map(|&v| {
+            if v == 1 {
+                0.5 * n as f32 / n_pos
+            } else {
+                0.5 * n as f32 / n_neg
+            }
+        })
+        .collect();
+    let yt = Tensor::from_vec(y.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, &dev)?;
+    let sw = Tensor::from_vec(sw, n, &dev)?;
+    let w = Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?;
+    let b = Var::from_tensor(&Tensor::zeros(1, DType::F32, &dev)?)?;
+    let mut opt = AdamW::new(
+        vec![w.clone(), b.clone()],
+        ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: wd,
+            ..Default::default()
+        },
+    )?;
+    for _ in 0..cfg.epochs {
+        let z = xt
+            .matmul(&w.as_tensor().unsqueeze(1)?)?
+            .squeeze(1)?
+            .broadcast_add(b.as_tensor())?;
+        // Weighted binary cross-entropy with logits: softplus(z) - y z, stable form.
+        let softplus = z
+            .relu()?
+            .add(&z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
+        let loss = softplus.sub(&yt.mul(&z)?)?.mul(&sw)?.mean(D::Minus1)?;
+        opt.backward_step(&loss)?;
+    }
+    let weight = w.as_tensor().to_vec1::<f32>()?;
+    let bias = b.as_tensor().to_vec1::<f32>()?[0];
+    ensure!(
+        weight.iter().all(|v| v.is_finite()) && bias.is_finite(),
+        "training diverged (non-finite weights); try a lower --lr"
+    );
+    Ok((weight, bias))
 }
 
 /// Trains a head on `data`; the threshold is picked on the validation prompts.
@@ -79,16 +153,7 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
     let mut groups: Vec<u32> = data.group.clone();
     groups.sort_unstable();
     groups.dedup();
-    let is_val = |g: u32| -> bool {
-        // A fixed pseudo-random choice per group (splitmix64 of group + seed).
-        let mut z = (g as u64)
-            .wrapping_add(cfg.seed)
-            .wrapping_add(0x9E3779B97F4A7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^= z >> 31;
-        (z as f64 / u64::MAX as f64) < cfg.validation
-    };
+    let is_val = |g: u32| group_hash(g, cfg.seed) < cfg.validation;
     let (mut tr, mut va): (Vec<usize>, Vec<usize>) =
         (0..data.len()).partition(|&i| !is_val(data.group[i]));
     if groups.len() < 2 || tr.is_empty() || va.is_empty() {
@@ -127,52 +192,48 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
         }
         out
     };
-    let dev = Device::Cpu;
-    let x = Tensor::from_vec(standardised(&tr), (tr.len(), h), &dev)?;
-    let y: Vec<f32> = tr.iter().map(|&i| data.label[i] as f32).collect();
-    let n_pos = y.iter().filter(|&&v| v > 0.5).count().max(1) as f32;
-    let n_neg = (y.len() as f32 - n_pos).max(1.0);
-    // Class weights so both classes weigh half of the loss.
-    let sw: Vec<f32> = y
-        .iter()
-        .map(|&v| {
-            if v > 0.5 {
-                0.5 * y.len() as f32 / n_pos
-            } else {
-                0.5 * y.len() as f32 / n_neg
-            }
-        })
-        .collect();
-    let y = Tensor::from_vec(y, tr.len(), &dev)?;
-    let sw = Tensor::from_vec(sw, tr.len(), &dev)?;
-    let w = Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?;
-    let b = Var::from_tensor(&Tensor::zeros(1, DType::F32, &dev)?)?;
-    let mut opt = AdamW::new(
-        vec![w.clone(), b.clone()],
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    for _ in 0..cfg.epochs {
-        let z = x
-            .matmul(&w.as_tensor().unsqueeze(1)?)?
-            .squeeze(1)?
-            .broadcast_add(b.as_tensor())?;
-        // Weighted binary cross-entropy with logits: softplus(z) - y z, stable form.
-        let softplus = z
-            .relu()?
-            .add(&z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
-        let loss = softplus.sub(&y.mul(&z)?)?.mul(&sw)?.mean(D::Minus1)?;
-        opt.backward_step(&loss)?;
-    }
-    let weight = w.as_tensor().to_vec1::<f32>()?;
-    let bias = b.as_tensor().to_vec1::<f32>()?[0];
     ensure!(
-        weight.iter().all(|v| v.is_finite()) && bias.is_finite(),
-        "training diverged (non-finite weights); try a lower --lr"
+        !cfg.weight_decays.is_empty(),
+        "give at least one weight decay"
     );
+    // Cross-validation over the training prompts picks the weight decay.
+    let mut cv = Vec::new();
+    let mut weight_decay = cfg.weight_decays[0];
+    if cfg.weight_decays.len() > 1 {
+        let folds = cfg.folds.max(2);
+        let fold_of =
+            |i: usize| (group_hash(data.group[i], cfg.seed ^ 0x5eed) * folds as f64) as usize;
+        let mut best = f64::NEG_INFINITY;
+        for &wd in &cfg.weight_decays {
+            let mut oof = Vec::with_capacity(tr.len());
+            for f in 0..folds {
+                let (fit_idx, score_idx): (Vec<usize>, Vec<usize>) =
+                    tr.iter().partition(|&&i| fold_of(i) != f);
+                let fit_y: Vec<u8> = fit_idx.iter().map(|&i| data.label[i]).collect();
+                if score_idx.is_empty() || !fit_y.contains(&0) || !fit_y.contains(&1) {
+                    continue;
+                }
+                let (w, b) = fit(&standardised(&fit_idx), &fit_y, h, wd, cfg)?;
+                let xs = standardised(&score_idx);
+                for (j, &i) in score_idx.iter().enumerate() {
+                    let z: f32 = xs[j * h..(j + 1) * h]
+                        .iter()
+                        .zip(&w)
+                        .map(|(a, c)| a * c)
+                        .sum::<f32>()
+                        + b;
+                    oof.push((z as f64, data.label[i] == 1));
+                }
+            }
+            let a = auc(&oof);
+            cv.push((wd, a));
+            if a > best {
+                (best, weight_decay) = (a, wd);
+            }
+        }
+    }
+    let y: Vec<u8> = tr.iter().map(|&i| data.label[i]).collect();
+    let (weight, bias) = fit(&standardised(&tr), &y, h, weight_decay, cfg)?;
     let target = TargetIdentity {
         architecture: data
             .meta
@@ -210,6 +271,8 @@ pub fn train(data: &Dataset, cfg: &TrainConfig) -> Result<Trained> {
         head,
         train: train_m,
         validation: val_m,
+        cv,
+        weight_decay,
     })
 }
 
@@ -340,6 +403,18 @@ mod tests {
         assert!(t.validation.precision >= 0.85, "{}", t.validation);
         assert!(t.validation.recall > 0.5, "{}", t.validation);
         assert!(t.train.n > t.validation.n);
+        assert!(t.cv.is_empty(), "one weight decay: no cross-validation");
+        // Cross-validation turns down a decay that wipes the weights out every step.
+        let cfg = TrainConfig {
+            weight_decays: vec![200.0, 0.05],
+            epochs: 100,
+            ..TrainConfig::default()
+        };
+        let t = train(&d, &cfg).unwrap();
+        assert_eq!(t.weight_decay, 0.05);
+        assert_eq!(t.cv.len(), 2);
+        assert!(t.cv[1].1 > 0.95 && t.cv[1].1 > t.cv[0].1, "{:?}", t.cv);
+        assert!(t.validation.auc > 0.95, "{}", t.validation);
     }
 
     #[test]
