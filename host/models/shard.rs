@@ -167,23 +167,17 @@ pub(crate) enum Transport {
 }
 
 impl Transport {
-    /// One communicator per rank for a new sequence, and the lock its forwards take (if any).
-    fn open(&self, world: usize) -> (Vec<Box<dyn Communicator>>, Option<Transport>) {
+    /// One communicator per rank for a new sequence.
+    fn open(&self, world: usize) -> Vec<Box<dyn Communicator>> {
         match self {
-            Transport::Local => (
-                LocalComm::group(world)
-                    .into_iter()
-                    .map(|c| Box::new(c) as Box<dyn Communicator>)
-                    .collect(),
-                None,
-            ),
+            Transport::Local => LocalComm::group(world)
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn Communicator>)
+                .collect(),
             #[cfg(feature = "cuda")]
-            Transport::Nccl(g) => (
-                (0..world)
-                    .map(|r| Box::new(g.rank(r)) as Box<dyn Communicator>)
-                    .collect(),
-                Some(self.clone()),
-            ),
+            Transport::Nccl(g) => (0..world)
+                .map(|r| Box::new(g.rank(r)) as Box<dyn Communicator>)
+                .collect(),
         }
     }
 }
@@ -194,6 +188,13 @@ fn in_block(m: &QMatMul) -> usize {
         QMatMul::QTensor(t) => t.dtype().block_size(),
         _ => 1,
     }
+}
+
+/// Indices `r` of `t` along `dim`, as a contiguous tensor on `dev`.
+fn part_on(t: &Tensor, dim: usize, r: &Range<usize>, dev: &Device) -> candle_core::Result<Tensor> {
+    t.narrow(dim, r.start, r.len())?
+        .contiguous()?
+        .to_device(dev)
 }
 
 /// Output rows `r` of `[out, in]`, on `dev`.
@@ -208,16 +209,8 @@ fn rows_of(m: &QMatMul, r: Range<usize>, dev: &Device) -> candle_core::Result<QM
             let st = QStorage::from_data(Cow::Owned(bytes), dev, dt)?;
             QMatMul::QTensor(Arc::new(QTensor::new(st, (r.len(), inn))?))
         }
-        QMatMul::Tensor(t) => QMatMul::Tensor(
-            t.narrow(0, r.start, r.len())?
-                .contiguous()?
-                .to_device(dev)?,
-        ),
-        QMatMul::TensorF16(t) => QMatMul::TensorF16(
-            t.narrow(0, r.start, r.len())?
-                .contiguous()?
-                .to_device(dev)?,
-        ),
+        QMatMul::Tensor(t) => QMatMul::Tensor(part_on(t, 0, &r, dev)?),
+        QMatMul::TensorF16(t) => QMatMul::TensorF16(part_on(t, 0, &r, dev)?),
     })
 }
 
@@ -241,16 +234,8 @@ fn cols_of(m: &QMatMul, c: Range<usize>, dev: &Device) -> candle_core::Result<QM
             let st = QStorage::from_data(Cow::Owned(bytes), dev, dt)?;
             QMatMul::QTensor(Arc::new(QTensor::new(st, (out, c.len()))?))
         }
-        QMatMul::Tensor(t) => QMatMul::Tensor(
-            t.narrow(1, c.start, c.len())?
-                .contiguous()?
-                .to_device(dev)?,
-        ),
-        QMatMul::TensorF16(t) => QMatMul::TensorF16(
-            t.narrow(1, c.start, c.len())?
-                .contiguous()?
-                .to_device(dev)?,
-        ),
+        QMatMul::Tensor(t) => QMatMul::Tensor(part_on(t, 1, &c, dev)?),
+        QMatMul::TensorF16(t) => QMatMul::TensorF16(part_on(t, 1, &c, dev)?),
     })
 }
 
@@ -273,14 +258,7 @@ fn bias_on(b: &Option<Tensor>, dev: &Device) -> candle_core::Result<Option<Tenso
 
 /// Rows `r` of a projection (column parallel): its bias is split the same way.
 fn split_rows(l: &Linear, r: Range<usize>, dev: &Device) -> candle_core::Result<Linear> {
-    let b = match &l.b {
-        Some(b) => Some(
-            b.narrow(0, r.start, r.len())?
-                .contiguous()?
-                .to_device(dev)?,
-        ),
-        None => None,
-    };
+    let b = l.b.as_ref().map(|b| part_on(b, 0, &r, dev)).transpose()?;
     Ok(Linear::new(for_matmul(rows_of(&l.w, r, dev)?)?, b))
 }
 
@@ -295,7 +273,7 @@ fn split_cols(
 ) -> candle_core::Result<Linear> {
     Ok(Linear::new(
         for_matmul(cols_of(&l.w, c, dev)?)?,
-        bias_on(&l.b, dev)?.filter(|_| rank == 0),
+        bias_on(&l.b.clone().filter(|_| rank == 0), dev)?,
     ))
 }
 
@@ -436,8 +414,7 @@ impl Peer {
 /// Rank 0 is the [`super::Session`] itself.
 pub(crate) struct TpSession {
     comm: Box<dyn Communicator>,
-    /// A transport shared with other sequences (NCCL): its turn is taken for each forward.
-    shared: Option<Transport>,
+    /// Its communicators' source; an NCCL group is shared with the model's other sequences.
     transport: Transport,
     peers: Vec<Peer>,
     weights: Vec<Arc<Weights>>,
@@ -505,8 +482,7 @@ impl TpSession {
         caches: Vec<KvCache>,
         transport: &Transport,
     ) -> TpSession {
-        let (comms, shared) = transport.open(weights.len() + 1);
-        let mut comms = comms.into_iter();
+        let mut comms = transport.open(weights.len() + 1).into_iter();
         let comm = comms.next().expect("a group has rank 0");
         let mut peers = Vec::with_capacity(weights.len());
         let mut broken = None;
@@ -527,7 +503,6 @@ impl TpSession {
         }
         TpSession {
             comm,
-            shared,
             transport: transport.clone(),
             peers,
             weights: weights.to_vec(),
@@ -542,13 +517,13 @@ impl TpSession {
 
     /// Runs `f` (one whole sharded forward) in this sequence's turn on a shared transport.
     pub(crate) fn in_turn<T>(&self, f: impl FnOnce() -> T) -> T {
-        match &self.shared {
+        match &self.transport {
             #[cfg(feature = "cuda")]
-            Some(Transport::Nccl(g)) => {
+            Transport::Nccl(g) => {
                 let _turn = g.turn();
                 f()
             }
-            _ => f(),
+            Transport::Local => f(),
         }
     }
 

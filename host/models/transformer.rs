@@ -472,11 +472,6 @@ impl Model {
     /// its own thread and summed through an in-process communicator. Logits equal the unsharded
     /// model's up to the order of the partial sums. `n = 1` returns the model as it is.
     pub fn shard(&self, n: usize) -> Result<Model> {
-        if n == 0 {
-            return Err(ModelError::Invalid(
-                "the rank count must be at least 1".into(),
-            ));
-        }
         self.shard_across(&vec![self.w.device.clone(); n])
     }
 
