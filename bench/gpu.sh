@@ -29,9 +29,11 @@
 # VERDICT_GPU_STEPS=a,b,... runs some of them; VERDICT_GPU_SPEED (default "smol q05 q15 l8b
 # q15-bf16") and VERDICT_GPU_SPEC (default "q15 l8b smol") pick the models of steps 4 and 5; VERDICT_GPU_BUDGET (s, default 540) caps the run;
 # VERDICT_GPU_REPEAT (default 2) is `bench spec --repeat`: interleaved rounds, median reported;
-# VERDICT_GPU_WAYS (default "graphs launches candle") picks step 4's ways, VERDICT_GPU_PEER the
+# VERDICT_GPU_WAYS (default "graphs launches candle"; also "nosplit" / "split1k": graphs with
+# one-row matvecs never split over warps / split from k = 1024) picks step 4's ways, VERDICT_GPU_PEER the
 # peer's runs (default the three shapes compiled); VERDICT_GPU_STOP_ON_FAIL=1 ends the run when
-# the kernel checks fail.
+# the kernel checks fail; VERDICT_GPU_ROWS (default "staged2 warp") names the decode path's other
+# multi-row kernels (VERDICT_CUDA_ROWS) that steps 1 and 5 check and time beside the default.
 #
 # Here (the build machine):
 #   CARGO_TARGET_DIR=/work/target-cuda scripts/build-cuda tests   # verdict + the test binary
@@ -195,7 +197,9 @@ if [ "$dev" = cuda ] && want kernels; then
     rc=$?
     cat "$work/kernels.out"
     # The NCCL test (GPU shards) skips its multi-GPU half on a one-GPU machine.
-    row "NCCL shards (tests/kernels)" "$(grep -q 'test shards_on_gpus_sum_through_nccl ... ok' "$work/kernels.out" && echo pass || echo FAIL)" "" \
+    # (--nocapture interleaves the test's lines with libtest's "test ... ok": look for the version
+    # it prints after loading NCCL, and an overall pass.)
+    row "NCCL shards (tests/kernels)" "$([ $rc = 0 ] && grep -qE '^(test shards_on_gpus_sum_through_nccl \.\.\. )?NCCL [0-9]' "$work/kernels.out" && echo pass || echo FAIL)" "" \
         "$(grep -m1 -E '^NCCL [0-9]|SKIPPED NCCL' "$work/kernels.out"); $(grep -m1 -E 'over 2 GPUs|SKIPPED the sharded' "$work/kernels.out")"
     if grep -q "SKIPPED step kernels" "$work/kernels.out"; then
         row "step kernels vs CPU (tests/kernels)" SKIPPED "" "$(grep -m1 SKIPPED "$work/kernels.out")"
@@ -204,6 +208,20 @@ if [ "$dev" = cuda ] && want kernels; then
             "$(grep -m1 '^test result' "$work/kernels.out")"
         # VERDICT_GPU_STOP_ON_FAIL=1: wrong kernels make every timing below meaningless.
         [ $rc != 0 ] && [ "${VERDICT_GPU_STOP_ON_FAIL:-0}" = 1 ] && { printf '%s\n' "${rows[@]}"; exit 1; }
+        # The decode path's other multi-row kernels (VERDICT_CUDA_ROWS; the run above is the
+        # default), and one-row matvecs split over warps for every k (VERDICT_CUDA_SPLIT_K=256: the
+        # tiny models' rows are shorter than the default's 1024).
+        for rk in ${VERDICT_GPU_ROWS:-staged2 warp} split; do
+            [ "$rk" = staged ] && continue
+            split_k=""
+            [ "$rk" = split ] && split_k=256 rk=staged
+            VERDICT_CUDA_SPLIT_K=$split_k VERDICT_CUDA_ROWS=$rk timeout "$(tmo 60)" "$bins/kernels-test" decode_path --test-threads=1 --nocapture \
+                >"$work/rows.out" 2>&1
+            rc=$?
+            [ $rc = 0 ] || tail -20 "$work/rows.out"
+            row "decode path vs CPU, VERDICT_CUDA_ROWS=$rk SPLIT_K=${split_k:-default}" "$([ $rc = 0 ] && echo pass || echo "FAIL rc=$rc")" "" \
+                "$(grep -m1 '^test result' "$work/rows.out")"
+        done
     fi
 fi
 
@@ -267,11 +285,11 @@ synth() { # name, header, extra args
     shift 2
     "$V" bench synth --from "$from" --out "$work/$name.gguf" "$@" 2>&1 | tail -1
 }
+speed_models=${VERDICT_GPU_SPEED:-smol q05 q15 l8b q15-bf16}
+spec_models=${VERDICT_GPU_SPEC:-q15 l8b smol}
 if want speed || want spec || want serve; then
 synth q15 "$hdr/qwen2.5-coder-1.5b.hdr"
 synth q05 "$hdr/qwen2.5-coder-0.5b.hdr"
-speed_models=${VERDICT_GPU_SPEED:-smol q05 q15 l8b q15-bf16}
-spec_models=${VERDICT_GPU_SPEC:-q15 l8b smol}
 if [ "$dev" = cuda ]; then
     [[ " $speed_models $spec_models " == *" l8b "* ]] &&
         synth l8b "$hdr/qwen2.5-coder-1.5b.hdr" --shape llama-3.1-8b
@@ -291,10 +309,12 @@ for way in ${VERDICT_GPU_WAYS:-graphs launches candle}; do
     file=$work/$m.gguf
     [ "$m" = "$smol" ] && file=$work/$smol
     [ -f "$file" ] || continue
-    fast=1 graphs=1
+    fast=1 graphs=1 split_k=""
     [ $way = launches ] && graphs=0
     [ $way = candle ] && fast=0
-    VERDICT_CUDA_FAST=$fast VERDICT_CUDA_GRAPHS=$graphs timeout "$(tmo 120)" "$V" generate --model "$file" --device "$dev" --raw \
+    [ $way = nosplit ] && split_k=0
+    [ $way = split1k ] && split_k=1024
+    VERDICT_CUDA_SPLIT_K=$split_k VERDICT_CUDA_FAST=$fast VERDICT_CUDA_GRAPHS=$graphs timeout "$(tmo 120)" "$V" generate --model "$file" --device "$dev" --raw \
         --max-tokens $tokens --temperature 0 --stats --prompt "$prompt" >/dev/null 2>"$work/$m.err"
     rc=$?
     grep -h "CUDA graph\|decode path off" "$work/$m.err" | head -2
@@ -367,18 +387,35 @@ want_spec q15 && VERDICT_STEP_KERNELS=0 spec "1.5B shape, 0.5B draft, synthetic 
 # Where a speculative step's time goes (random weights: nothing is accepted, every step drafts 8
 # and verifies 9 rows), ms per step: features and draws on the device (the default), and with
 # the rows copied to the host (VERDICT_STEP_KERNELS=0).
-if want_spec q15; then
-for sk in 1 0; do
-    VERDICT_STEP_KERNELS=$sk timeout "$(tmo 60)" "$V" generate --model "$work/q15.gguf" --draft "$work/q05.gguf" --policy strict \
+step_phases() { # target: ms per k=8 step with the 0.5B layout drafting (draft / forward / ...)
+    timeout "$(tmo 60)" "$V" generate --model "$1" --draft "$work/q05.gguf" --policy strict \
         --k 8 --fixed-k --device "$dev" --raw --max-tokens 64 --temperature 0 --stats --prompt "$prompt" \
         >/dev/null 2>"$work/phases.err"
+    local stats
     stats=$(grep '^{' "$work/phases.err" | tail -1)
-    phases=$("$py" -c 'import json, sys; p = json.loads(sys.argv[1])["spec_phases"]; n = max(p["steps"], 1)
-print(" / ".join(f"{p[k] / n * 1e3:.2f}" for k in ("draft_s", "forward_s", "logits_s", "features_s", "policy_s", "commit_s", "emit_s")))' "$stats") ||
-        tail -3 "$work/phases.err"
-    where="features on the device"
+    "$py" -c 'import json, sys; p = json.loads(sys.argv[1])["spec_phases"]; n = max(p["steps"], 1)
+print(" / ".join(f"{p[k] / n * 1e3:.2f}" for k in ("draft_s", "forward_s", "logits_s", "features_s", "policy_s", "commit_s", "emit_s")))' "$stats" ||
+        tail -3 "$work/phases.err" >&2
+}
+if want_spec q15; then
+# VERDICT_GPU_ROWS: the multi-row kernels to time the verify forward with (decode.cu).
+for rk in staged ${VERDICT_GPU_ROWS:-staged2 warp} host; do
+    [ $rk != host ] && [[ " ${done_rk:-} " == *" $rk "* ]] && continue
+    done_rk="${done_rk:-} $rk"
+    sk=1
+    [ $rk = host ] && sk=0 rk=staged
+    phases=$(VERDICT_CUDA_ROWS=$rk VERDICT_STEP_KERNELS=$sk step_phases "$work/q15.gguf")
+    where="features on the device, rows $rk"
     [ $sk = 0 ] && where="features on the host"
     row "spec step 1.5B / 0.5B layouts, k=8, $where" "$([ -n "$phases" ] && echo ok || echo FAIL)" "" \
+        "ms/step draft/forward/logits/features/policy/commit/emit $phases"
+done
+fi
+# The same split on the 8B shape, the staged multi-row kernels against the previous ones.
+if want_spec l8b && [ -f "$work/l8b.gguf" ]; then
+for rk in staged warp; do
+    phases=$(VERDICT_CUDA_ROWS=$rk step_phases "$work/l8b.gguf")
+    row "spec step 8B / 0.5B layouts, k=8, rows $rk" "$([ -n "$phases" ] && echo ok || echo FAIL)" "" \
         "ms/step draft/forward/logits/features/policy/commit/emit $phases"
 done
 fi

@@ -173,6 +173,18 @@ template <bool MAX> __device__ float block_reduce(float x, float* red) {
 __device__ float block_sum(float x, float* red) { return block_reduce<false>(x, red); }
 __device__ float block_max(float x, float* red) { return block_reduce<true>(x, red); }
 
+// s + w . (a, b), accumulated in order (every matvec kernel sums a lane's values this way).
+__device__ __forceinline__ float dot8(const float* w, float4 a, float4 b, float s) {
+    s = fmaf(w[0], a.x, s);
+    s = fmaf(w[1], a.y, s);
+    s = fmaf(w[2], a.z, s);
+    s = fmaf(w[3], a.w, s);
+    s = fmaf(w[4], b.x, s);
+    s = fmaf(w[5], b.y, s);
+    s = fmaf(w[6], b.z, s);
+    return fmaf(w[7], b.w, s);
+}
+
 // acc[r] += w . x[r][v0 .. v0 + 8] for the R rows in this pass (rows past `rows` skipped).
 template <int R>
 __device__ __forceinline__ void dot_rows(const float* w, const float* __restrict__ x, int ldx,
@@ -182,16 +194,7 @@ __device__ __forceinline__ void dot_rows(const float* w, const float* __restrict
         if (r0 + r < rows) {
             const float4* xr = (const float4*)(x + (long long)(r0 + r) * ldx + v0);
             const float4 a = xr[0], b = xr[1];
-            float s = acc[r];
-            s = fmaf(w[0], a.x, s);
-            s = fmaf(w[1], a.y, s);
-            s = fmaf(w[2], a.z, s);
-            s = fmaf(w[3], a.w, s);
-            s = fmaf(w[4], b.x, s);
-            s = fmaf(w[5], b.y, s);
-            s = fmaf(w[6], b.z, s);
-            s = fmaf(w[7], b.w, s);
-            acc[r] = s;
+            acc[r] = dot8(w, a, b, acc[r]);
         }
     }
 }
@@ -229,6 +232,36 @@ __device__ void matvec(const u8* __restrict__ w, unsigned long long row_bytes,
     }
 }
 
+// `matvec` for one row with the warps of a block splitting one output's k (warp w takes values
+// 256 (w + MV_WARPS i) + 8 l): for long rows (k >= 1024 by default; the MLP's down projection
+// has k = 8960 on the 1.5B) one warp walking all of k waits on many dependent rounds of loads,
+// which bounded the kernel by latency, not bandwidth. The warps' sums are added in a fixed order.
+template <int T>
+__device__ void matvec_split(const u8* __restrict__ w, unsigned long long row_bytes,
+                             const float* __restrict__ x, float* y, int k,
+                             const float* __restrict__ bias, const float* res) {
+    __shared__ float part[MV_WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int o = blockIdx.x;
+    const u8* row = w + (unsigned long long)o * row_bytes;
+    float acc = 0.f;
+#pragma unroll 4
+    for (int v0 = 8 * (lane + WARP * warp); v0 < k; v0 += 8 * WARP * MV_WARPS) {
+        float wv[8];
+        oct<T>(row, v0, k, wv);
+        dot_rows<1>(wv, x, 0, v0, 0, 1, &acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = part[0];
+#pragma unroll
+        for (int i = 1; i < MV_WARPS; i++) s += part[i];
+        y[o] = s + (bias ? bias[o] : 0.f) + (res ? res[o] : 0.f);
+    }
+}
+
 // The MLP's first half in one pass: m[r, o] = silu(G[o] . x[r]) * (U[o] . x[r]). Gate and up
 // share a type; one warp computes both rows o, so x is read once for the two.
 template <int T, int R>
@@ -261,6 +294,129 @@ __device__ void glu(const u8* __restrict__ g, const u8* __restrict__ u,
     }
 }
 
+// The multi-row kernels (a verification's k + 1 rows, a prompt's chunks of 16) with the
+// activations staged in shared memory. Reading them from global memory once per output warp (the
+// `mvn` / `glun` kernels above) made a 9-row forward of the 1.5B cost 3x a one-row forward: a
+// row's activations were fetched n_out times, ~56 GB per forward from L1/L2 against 1.1 GB of
+// weights. Here a block of MVS_WARPS warps stages KC values of each row once and its warps (O
+// outputs each) read them from shared memory. Each lane sums the same values in the same order
+// as `matvec`, so the results are bit-identical.
+#define MVS_WARPS 8
+#define KC 512
+
+// Stages x[r0 + r][c0 .. c0 + n] for r < nr into xs[r][0 .. n] (n a multiple of 4).
+__device__ __forceinline__ void stage_rows(float* xs, const float* __restrict__ x, int ldx, int r0,
+                                           int nr, int c0, int n) {
+    const int n4 = n >> 2;
+    for (int e = threadIdx.x; e < nr * n4; e += MVS_WARPS * WARP) {
+        const int r = e / n4, i = e - r * n4;
+        ((float4*)xs)[r * (KC / 4) + i] =
+            *(const float4*)(x + (long long)(r0 + r) * ldx + c0 + 4 * i);
+    }
+}
+
+// acc[r] += w . xs[r][v .. v + 8] for r < nr.
+template <int R>
+__device__ __forceinline__ void dot_staged(const float* w, const float* xs, int v, int nr,
+                                           float* acc) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (r < nr) {
+            const float4 a = *(const float4*)(xs + r * KC + v), b = *(const float4*)(xs + r * KC + v + 4);
+            acc[r] = dot8(w, a, b, acc[r]);
+        }
+    }
+}
+
+// `matvec` for several rows: warp w of block b computes outputs (b MVS_WARPS + w) O + j, j < O.
+// Every warp joins the block's barriers, also one past n_out.
+template <int T, int R, int O>
+__device__ void matvec_staged(const u8* __restrict__ w, unsigned long long row_bytes,
+                              const float* __restrict__ x, int ldx, float* y, int ldy, int n_out,
+                              int k, int rows, const float* __restrict__ bias, const float* res,
+                              int ldr) {
+    __shared__ __align__(16) float xs[R * KC];
+    const int lane = threadIdx.x & 31;
+    const int o0 = (blockIdx.x * MVS_WARPS + (threadIdx.x >> 5)) * O;
+    const u8* wr[O];
+#pragma unroll
+    for (int j = 0; j < O; j++) wr[j] = w + (unsigned long long)min(o0 + j, n_out - 1) * row_bytes;
+    for (int r0 = 0; r0 < rows; r0 += R) {
+        const int nr = min(R, rows - r0);
+        float acc[O][R];
+#pragma unroll
+        for (int j = 0; j < O; j++)
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[j][r] = 0.f;
+        for (int c0 = 0; c0 < k; c0 += KC) {
+            const int n = min(KC, k - c0);
+            __syncthreads(); // the previous chunk is read
+            stage_rows(xs, x, ldx, r0, nr, c0, n);
+            __syncthreads();
+            if (o0 >= n_out) continue;
+            for (int v = 8 * lane; v < n; v += 8 * WARP) {
+#pragma unroll
+                for (int j = 0; j < O; j++) {
+                    float wv[8];
+                    oct<T>(wr[j], c0 + v, k, wv);
+                    dot_staged<R>(wv, xs, v, nr, acc[j]);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < O; j++) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float s = warp_sum(acc[j][r]);
+                const int o = o0 + j;
+                if (lane == 0 && r < nr && o < n_out) {
+                    const long long i = (long long)(r0 + r);
+                    y[i * ldy + o] = s + (bias ? bias[o] : 0.f) + (res ? res[i * ldr + o] : 0.f);
+                }
+            }
+        }
+    }
+}
+
+// `glu` for several rows, activations staged as in `matvec_staged`; one output per warp.
+template <int T, int R>
+__device__ void glu_staged(const u8* __restrict__ g, const u8* __restrict__ u,
+                           unsigned long long row_bytes, const float* __restrict__ x, int ldx,
+                           float* m, int n_out, int k, int rows) {
+    __shared__ __align__(16) float xs[R * KC];
+    const int lane = threadIdx.x & 31;
+    const int o = blockIdx.x * MVS_WARPS + (threadIdx.x >> 5);
+    const unsigned long long off = (unsigned long long)min(o, n_out - 1) * row_bytes;
+    const u8* grow = g + off;
+    const u8* urow = u + off;
+    for (int r0 = 0; r0 < rows; r0 += R) {
+        const int nr = min(R, rows - r0);
+        float ag[R], au[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) ag[r] = 0.f, au[r] = 0.f;
+        for (int c0 = 0; c0 < k; c0 += KC) {
+            const int n = min(KC, k - c0);
+            __syncthreads();
+            stage_rows(xs, x, ldx, r0, nr, c0, n);
+            __syncthreads();
+            if (o >= n_out) continue;
+            for (int v = 8 * lane; v < n; v += 8 * WARP) {
+                float wg[8], wu[8];
+                oct<T>(grow, c0 + v, k, wg);
+                oct<T>(urow, c0 + v, k, wu);
+                dot_staged<R>(wg, xs, v, nr, ag);
+                dot_staged<R>(wu, xs, v, nr, au);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float gs = warp_sum(ag[r]), us = warp_sum(au[r]);
+            if (lane == 0 && r < nr && o < n_out)
+                m[(long long)(r0 + r) * n_out + o] = gs / (1.f + expf(-gs)) * us;
+        }
+    }
+}
+
 // One row of the embedding table per block: x[r] = dequantized table[ids[r]].
 template <int T>
 __device__ void embed(const u8* table, unsigned long long row_bytes, const unsigned int* ids,
@@ -288,11 +444,23 @@ __device__ void embed(const u8* table, unsigned long long row_bytes, const unsig
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) mvn_##name(MV_ARGS) {           \
         matvec<T, MV_ROWS>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr);        \
     }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) mv1s_##name(MV_ARGS) {          \
+        matvec_split<T>(w, row_bytes, x, y, k, bias, res);                                        \
+    }                                                                                             \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) glu1_##name(GLU_ARGS) {         \
         glu<T, 1>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                                    \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) glun_##name(GLU_ARGS) {         \
         glu<T, MV_ROWS>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                              \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MVS_WARPS * WARP) mvs_##name(MV_ARGS) {          \
+        matvec_staged<T, MV_ROWS, 1>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr); \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MVS_WARPS * WARP) mvs2_##name(MV_ARGS) {         \
+        matvec_staged<T, MV_ROWS, 2>(w, row_bytes, x, ldx, y, ldy, n_out, k, rows, bias, res, ldr); \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MVS_WARPS * WARP) glus_##name(GLU_ARGS) {        \
+        glu_staged<T, MV_ROWS>(g, u, row_bytes, x, ldx, m, n_out, k, rows);                       \
     }                                                                                             \
     extern "C" __global__ void embed_##name(const u8* table, unsigned long long row_bytes,       \
                                             const unsigned int* ids, float* x, int k) {           \

@@ -350,6 +350,50 @@ fn bench_synth_and_spec_check_their_arguments() {
     fails(&["spec", "--target", m, "--prompts-file", p], "no prompts");
 }
 
+/// `verdict bench lookup`: a table of replayed rules over the chosen prompts, and a file without
+/// prompts of the asked kind is named.
+#[test]
+fn bench_lookup_replays_rules_and_checks_its_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let m = model.to_str().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"Rename x to y in x = x + 1\", \"kind\": \"edit\"}\n{\"prompt\": \"Write a sort.\", \"kind\": \"write\"}\n",
+    )
+    .unwrap();
+    let p = prompts.to_str().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .args(["bench", "lookup", "--target", m, "--prompts-file", p])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--kind",
+        "edit",
+        "--max-tokens",
+        "12",
+        "--k",
+        "3",
+        "--rounds",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("1 prompts"), "{stdout}");
+    assert!(stdout.contains("fitted:"), "{stdout}");
+    // The default rule's rows are always listed.
+    assert!(stdout.contains("(default)"), "{stdout}");
+    let out = run(&["--kind", "chat"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("no prompts (of that kind)"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// `verdict bench forward`: a table row per size, and bad sizes or a context past the model's
 /// length are named.
 #[test]

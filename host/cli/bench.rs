@@ -3,6 +3,8 @@
 //! speed ratio to autoregressive decoding for every drafter x policy x k asked for.
 //! `verdict bench forward`: the cost of one forward over n new tokens (all rows' logits, as
 //! verification needs), the figure speculation's speed rests on.
+//! `verdict bench lookup`: prompt lookup's rules replayed on the target's greedy answers with
+//! the measured forward costs (which rule to measure for real).
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -31,6 +33,11 @@ pub enum BenchCommand {
     /// The time of one forward over n new tokens after a context, logits for every row (the
     /// verification forward), per n.
     Forward(ForwardArgs),
+    /// Prompt lookup's rules replayed on the target's greedy answers: strict at T = 0 keeps
+    /// exactly the drafted tokens that equal the answer, so each rule's steps and verified rows
+    /// follow from the answer alone; with the measured forward cost per row count, this predicts
+    /// each rule's speed against autoregressive decoding (to choose which to measure).
+    Lookup(LookupArgs),
     /// A GGUF with random weights at a real model's layout (GPU speed runs where the real
     /// weights cannot travel), or just the header of a GGUF (metadata, tokenizer, tensor infos).
     Synth(SynthArgs),
@@ -49,6 +56,35 @@ pub struct ForwardArgs {
     pub context: usize,
     /// Timed forwards per size, after one warm-up; the median is reported.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: u32,
+    /// CPU threads for the matrix kernels (default: one per physical core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct LookupArgs {
+    /// The target (GGUF; default: the fetched Qwen2.5-Coder-1.5B-Instruct).
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Prompts: one JSON object per line whose `prompt` is the user's message (e.g.
+    /// bench/prompts/coding12.jsonl).
+    #[arg(long)]
+    pub prompts_file: PathBuf,
+    /// Only the lines whose `kind` is this (e.g. `edit`).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Greedy tokens per answer (answers also end at end of turn).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// The largest draft length to replay.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub k: u32,
+    /// Timed forwards per row count (after one warm-up); the median is used.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
     /// CPU threads for the matrix kernels (default: one per physical core).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -93,7 +129,7 @@ fn parse_shape(s: &str) -> Result<SynthShape, String> {
 pub struct SpecArgs {
     #[command(flatten)]
     pub pair: ModelPair,
-    /// Drafters to compare, comma separated: model, prompt-lookup, self:N, auto.
+    /// Drafters to compare, comma separated: model, prompt-lookup, prompt-lookup:N, self:N, auto.
     #[arg(long, default_value = "model,prompt-lookup")]
     pub drafters: String,
     /// Policies to compare, comma separated (name or name@version).
@@ -152,6 +188,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Spec(a) => spec(a),
         BenchCommand::Forward(a) => forward(a),
+        BenchCommand::Lookup(a) => lookup(a),
         BenchCommand::Synth(a) => synth(a),
     }
 }
@@ -217,6 +254,210 @@ fn forward(a: ForwardArgs) -> Result<()> {
             ms[0],
             ms[ms.len() - 1],
             median / n as f64
+        );
+    }
+    Ok(())
+}
+
+/// Steps and verified rows of strict prompt lookup at T = 0 over `answer` (after `prompt`), drafting
+/// with `rule` at most `k` tokens a step. The first answer token comes from the prefill.
+pub fn replay_lookup(
+    rule: &crate::draft::PromptLookup,
+    k: usize,
+    prompt: &[u32],
+    answer: &[u32],
+) -> Vec<usize> {
+    let mut context = prompt.to_vec();
+    context.extend_from_slice(answer);
+    let mut rows = Vec::new();
+    let mut p = 1.min(answer.len());
+    while p < answer.len() {
+        let left = answer.len() - p;
+        let draft = rule.draft(&context[..prompt.len() + p], k.min(left));
+        let accepted = draft
+            .iter()
+            .zip(&answer[p..])
+            .take_while(|(d, a)| d == a)
+            .count();
+        rows.push(draft.len() + 1);
+        p += (accepted + 1).min(left);
+    }
+    rows
+}
+
+/// Least-squares (intercept, slope) of the points; a single point gives a flat line.
+fn fit_line(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len().max(1) as f64;
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(x, y), p| (x + p.0 / n, y + p.1 / n));
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    (my - slope * mx, slope)
+}
+
+/// Must run before anything starts a thread (see `--threads`).
+fn lookup(a: LookupArgs) -> Result<()> {
+    use crate::draft::PromptLookup;
+    if let Some(n) = a.threads {
+        crate::cli::generate::configure_threads(n);
+    }
+    let target_path = a
+        .target
+        .clone()
+        .unwrap_or_else(|| models_dir().join("qwen2.5-coder-1.5b.gguf"));
+    let device = a.device.open()?;
+    let target = Model::load_gguf(&target_path, &device)
+        .with_context(|| format!("loading {}", target_path.display()))?;
+    target.warm_up()?;
+    let content = target
+        .gguf_metadata()
+        .context("the target has no GGUF metadata")?;
+    let tokenizer = Tokenizer::from_gguf(content)?;
+    let template = ChatTemplate::from_gguf(content, &tokenizer)?;
+    let text = std::fs::read_to_string(&a.prompts_file)
+        .with_context(|| format!("cannot read {}", a.prompts_file.display()))?;
+    let mut messages = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {} is not JSON", a.prompts_file.display(), i + 1))?;
+        if a.kind
+            .as_deref()
+            .is_some_and(|k| v["kind"].as_str() != Some(k))
+        {
+            continue;
+        }
+        let p = v["prompt"].as_str().with_context(|| {
+            format!(
+                "{}: line {} has no string `prompt`",
+                a.prompts_file.display(),
+                i + 1
+            )
+        })?;
+        messages.push(p.to_string());
+    }
+    if messages.is_empty() {
+        bail!("{}: no prompts (of that kind)", a.prompts_file.display());
+    }
+    let k = a.k as usize;
+    // The greedy answers, and the forward cost of 1..=k+1 rows after a prompt.
+    let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
+    let engine = Engine::new(EngineConfig {
+        judge: None,
+        target,
+        draft: None,
+        registry,
+        default_policy: "strict".into(),
+        default_drafter: None,
+        default_k: k,
+        adaptive: false,
+        synthetic_acceptance: None,
+    })?;
+    let eos = tokenizer.eos_ids().to_vec();
+    let mut pairs = Vec::new();
+    for m in &messages {
+        let text = template.render(&[Message::user(m.clone())], true)?;
+        let prompt = tokenizer.encode(&text, true)?;
+        let mut g = engine
+            .start(GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens: a.max_tokens,
+                sampling: SamplingParams::greedy(),
+                seed: Some(0),
+                stop_tokens: eos.clone(),
+                speculation: Speculation::Off,
+                ..Default::default()
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        while g.finished().is_none() {
+            g.step()?;
+        }
+        eprintln!("lookup: answer of {} tokens", g.output().len());
+        pairs.push((prompt, g.output().to_vec()));
+    }
+    let mut s = engine.target().session();
+    let context = &pairs[0].0;
+    s.forward(context, Rows::Last)?;
+    let ids: Vec<u32> = pairs[0].1.iter().copied().cycle().take(k + 1).collect();
+    let mut cost = vec![0f64; k + 2];
+    for (n, c) in cost.iter_mut().enumerate().skip(1) {
+        let mut ms = Vec::new();
+        for round in 0..=a.rounds {
+            let t = Instant::now();
+            let f = s.forward(&ids[..n], Rows::All)?;
+            let _ = f.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+            if round > 0 {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            s.truncate(context.len())?;
+        }
+        ms.sort_by(f64::total_cmp);
+        *c = ms[ms.len() / 2];
+    }
+    println!(
+        "forward ms by rows: {}",
+        (1..=k + 1)
+            .map(|n| format!("{n}: {:.1}", cost[n]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // A line through the medians: single medians on a busy CPU are noisy (and not monotonic),
+    // and one outlier would favour whichever draft length it happened to hit.
+    let (a0, b0) = fit_line(&(1..=k + 1).map(|n| (n as f64, cost[n])).collect::<Vec<_>>());
+    for (n, c) in cost.iter_mut().enumerate().skip(1) {
+        *c = a0 + b0 * n as f64;
+    }
+    println!("fitted: {a0:.1} ms + {b0:.1} ms per row");
+    let tokens: usize = pairs.iter().map(|(_, a)| a.len().saturating_sub(1)).sum();
+    let plain = tokens as f64 * cost[1];
+    let mut results = Vec::new();
+    for min_ngram in 1..=3 {
+        for max_ngram in [4, 8, 16] {
+            for per_match in [0, 1, 2] {
+                for kk in 1..=k {
+                    let rule = PromptLookup {
+                        min_ngram,
+                        max_ngram,
+                        per_match,
+                    };
+                    let (mut steps, mut drafted, mut ms) = (0usize, 0usize, 0f64);
+                    for (prompt, answer) in &pairs {
+                        for r in replay_lookup(&rule, kk, prompt, answer) {
+                            steps += 1;
+                            drafted += r - 1;
+                            ms += cost[r];
+                        }
+                    }
+                    results.push((plain / ms.max(1e-9), rule, kk, steps, drafted));
+                }
+            }
+        }
+    }
+    results.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!(
+        "{} prompts, {tokens} decode tokens; predicted speed of strict prompt lookup at T = 0",
+        pairs.len()
+    );
+    println!(
+        "| min n | max n | per match | k | steps | drafted | tokens/step | predicted vs autoregressive |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let default = PromptLookup::default();
+    for (i, (speed, rule, kk, steps, drafted)) in results.iter().enumerate() {
+        if i >= 15 && !(rule == &default && (*kk == 4 || *kk == k)) {
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {kk} | {steps} | {drafted} | {:.2} | {speed:.2}x{} |",
+            rule.min_ngram,
+            rule.max_ngram,
+            rule.per_match,
+            tokens as f64 / (*steps).max(1) as f64,
+            if rule == &default { " (default)" } else { "" }
         );
     }
     Ok(())
@@ -570,4 +811,41 @@ fn spec(a: SpecArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replay_lookup;
+    use crate::draft::PromptLookup;
+
+    #[test]
+    fn lookup_replay_counts_rows_per_step() {
+        let prompt = [7, 1, 2, 3, 4, 5, 6];
+        let answer = [1, 2, 3, 4, 5, 6, 9];
+        // The prefill gives 1; "1" matches -> drafts 2 3 4 5 (all kept, 5 rows), then
+        // "3 4 5 6" matches -> drafts 1 (rejected: the answer says 9, 2 rows).
+        let rule = PromptLookup::with_min(1);
+        assert_eq!(replay_lookup(&rule, 4, &prompt, &answer), vec![5, 2]);
+        // One token per matched token: "1" drafts only 2, then "1 2 3" drafts 4 5 6.
+        let rule = PromptLookup {
+            per_match: 1,
+            ..PromptLookup::with_min(1)
+        };
+        assert_eq!(replay_lookup(&rule, 4, &prompt, &answer), vec![2, 4]);
+        // Nothing to replay past the first token.
+        assert!(replay_lookup(&rule, 4, &prompt, &answer[..1]).is_empty());
+        // The default waits for two matching tokens: "6 1" is new, so a plain step (1 row);
+        // then "1 2" drafts 3 4 5 6, all kept, and the target's 9 ends the answer.
+        assert_eq!(
+            replay_lookup(&PromptLookup::default(), 4, &prompt, &answer),
+            vec![1, 5]
+        );
+    }
+
+    #[test]
+    fn fits_a_line_through_costs() {
+        let (a, b) = super::fit_line(&[(1.0, 90.0), (2.0, 110.0), (3.0, 130.0)]);
+        assert!((a - 70.0).abs() < 1e-9 && (b - 20.0).abs() < 1e-9);
+        assert_eq!(super::fit_line(&[(1.0, 5.0)]), (5.0, 0.0));
+    }
 }

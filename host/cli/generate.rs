@@ -81,10 +81,11 @@ pub struct Args {
     #[arg(long)]
     pub stats: bool,
 
-    /// Speculate: a draft GGUF sharing the model's tokenizer, `prompt-lookup`, `self:N` (the
-    /// model's own first N layers), or `auto:PATH` (per step, prompt lookup or the draft model
-    /// at PATH, whichever is expected to be faster).
-    #[arg(long, value_name = "PATH|prompt-lookup|self:N|auto:PATH")]
+    /// Speculate: a draft GGUF sharing the model's tokenizer, `prompt-lookup` (`prompt-lookup:N`:
+    /// draft only after a match of at least N tokens), `self:N` (the model's own first N
+    /// layers), or `auto:PATH` (per step, prompt lookup or the draft model at PATH, whichever is
+    /// expected to be faster).
+    #[arg(long, value_name = "PATH|prompt-lookup[:N]|self:N|auto:PATH")]
     pub draft: Option<String>,
 
     /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
@@ -332,7 +333,11 @@ pub fn run(args: Args) -> Result<()> {
 
     let (draft_model, drafter) = match args.draft.as_deref() {
         None => (None, None),
-        Some(d) if d == "prompt-lookup" || d.starts_with("self:") => {
+        Some(d)
+            if d == "prompt-lookup"
+                || d.starts_with("prompt-lookup:")
+                || d.starts_with("self:") =>
+        {
             (None, Some(DrafterSpec::parse(d).context("--draft")?))
         }
         Some(d) if d.starts_with("auto:") => {

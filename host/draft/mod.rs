@@ -74,6 +74,8 @@ pub enum DrafterSpec {
     Model,
     /// N-gram prompt lookup.
     PromptLookup,
+    /// Prompt lookup that drafts only after a match of at least N tokens (`prompt-lookup:N`).
+    PromptLookupMin(usize),
     /// The target's first N layers.
     SelfDraft(usize),
     /// Per step, prompt lookup or the draft model, whichever is expected to be faster.
@@ -81,20 +83,32 @@ pub enum DrafterSpec {
 }
 
 impl DrafterSpec {
-    /// Parses `model`, `prompt-lookup` or `self:N`.
+    /// Parses `model`, `prompt-lookup`, `prompt-lookup:N`, `self:N` or `auto`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "model" | "draft" => Ok(DrafterSpec::Model),
             "prompt-lookup" | "prompt_lookup" => Ok(DrafterSpec::PromptLookup),
             "auto" => Ok(DrafterSpec::Auto),
             _ => {
-                if let Some(n) = s.strip_prefix("self:") {
+                if let Some(n) = s.strip_prefix("prompt-lookup:") {
+                    match n.parse::<usize>() {
+                        Ok(n) if (1..=PromptLookup::MAX_NGRAM).contains(&n) => {
+                            Ok(DrafterSpec::PromptLookupMin(n))
+                        }
+                        _ => bail!(
+                            "`{s}`: prompt-lookup:N needs a match length N in 1..={}",
+                            PromptLookup::MAX_NGRAM
+                        ),
+                    }
+                } else if let Some(n) = s.strip_prefix("self:") {
                     match n.parse::<usize>() {
                         Ok(n) if n >= 1 => Ok(DrafterSpec::SelfDraft(n)),
                         _ => bail!("`{s}`: self:N needs a layer count N >= 1"),
                     }
                 } else {
-                    bail!("unknown drafter `{s}` (expected model, prompt-lookup, self:N or auto)")
+                    bail!(
+                        "unknown drafter `{s}` (expected model, prompt-lookup, prompt-lookup:N, self:N or auto)"
+                    )
                 }
             }
         }
@@ -104,6 +118,7 @@ impl DrafterSpec {
         match self {
             DrafterSpec::Model => "model".into(),
             DrafterSpec::PromptLookup => "prompt-lookup".into(),
+            DrafterSpec::PromptLookupMin(n) => format!("prompt-lookup:{n}"),
             DrafterSpec::SelfDraft(n) => format!("self:{n}"),
             DrafterSpec::Auto => "auto".into(),
         }
@@ -111,18 +126,54 @@ impl DrafterSpec {
 }
 
 /// Prompt lookup as a [`Drafter`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PromptLookup {
+    /// The shortest suffix that may match.
     pub min_ngram: usize,
+    /// The longest suffix tried (longer matches are tried first).
     pub max_ngram: usize,
+    /// When > 0, a match of n tokens drafts at most `per_match * n` tokens: a short match
+    /// predicts a short copy, and every drafted token costs a verification row.
+    pub per_match: usize,
 }
 
 impl Default for PromptLookup {
+    /// At least a 2-token match: a single matching token drafts copies the target rarely keeps,
+    /// and each drafted token costs a verification row. Measured (BENCHMARKS.md, session 10):
+    /// `bench lookup` predicts 1.21x against 0.99x for 1-token matches on the code-editing
+    /// prompts and 1.5-1.6x against 1.24x on HumanEval; `bench spec` measured 1.19-1.40x
+    /// against 1.18-1.22x (adaptive k) on the editing prompts.
     fn default() -> Self {
         PromptLookup {
-            min_ngram: 1,
+            min_ngram: 2,
             max_ngram: 4,
+            per_match: 0,
         }
+    }
+}
+
+impl PromptLookup {
+    /// The longest match `prompt-lookup:N` may ask for.
+    pub const MAX_NGRAM: usize = 16;
+
+    /// `prompt-lookup:N`: the default rule, drafting only after a match of at least `n` tokens.
+    pub fn with_min(n: usize) -> Self {
+        let d = PromptLookup::default();
+        PromptLookup {
+            min_ngram: n,
+            max_ngram: d.max_ngram.max(n),
+            ..d
+        }
+    }
+
+    /// The draft for `context`: at most `k` tokens.
+    pub fn draft(&self, context: &[u32], k: usize) -> Vec<u32> {
+        let (mut tokens, n) =
+            prompt_lookup::lookup_match(context, k, self.min_ngram, self.max_ngram);
+        if self.per_match > 0 {
+            tokens.truncate(n * self.per_match);
+        }
+        tokens
     }
 }
 
@@ -138,7 +189,7 @@ impl Drafter for PromptLookup {
         _sampling: &SamplingParams,
         _rng: &mut Rng64,
     ) -> Result<Draft> {
-        let tokens = prompt_lookup::lookup(context, k, self.min_ngram, self.max_ngram);
+        let tokens = self.draft(context, k);
         let q_token = vec![1.0; tokens.len()];
         Ok(Draft {
             tokens,
@@ -163,6 +214,21 @@ mod tests {
             DrafterSpec::parse("self:6").unwrap(),
             DrafterSpec::SelfDraft(6)
         );
+        assert_eq!(
+            DrafterSpec::parse("prompt-lookup:3").unwrap(),
+            DrafterSpec::PromptLookupMin(3)
+        );
+        assert_eq!(DrafterSpec::PromptLookupMin(3).name(), "prompt-lookup:3");
+        for bad in ["prompt-lookup:0", "prompt-lookup:17", "prompt-lookup:x"] {
+            assert!(
+                DrafterSpec::parse(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("match length N in 1..=16"),
+                "{bad}"
+            );
+        }
+        assert_eq!(super::PromptLookup::with_min(6).max_ngram, 6);
         assert!(
             DrafterSpec::parse("self:0")
                 .unwrap_err()

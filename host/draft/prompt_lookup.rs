@@ -4,8 +4,18 @@
 
 /// Find up to `k` tokens that followed the most recent earlier match of the context's suffix.
 pub fn lookup(context: &[u32], k: usize, min_ngram: usize, max_ngram: usize) -> Vec<u32> {
+    lookup_match(context, k, min_ngram, max_ngram).0
+}
+
+/// [`lookup`], and the length n of the suffix that matched (0 when none did).
+pub fn lookup_match(
+    context: &[u32],
+    k: usize,
+    min_ngram: usize,
+    max_ngram: usize,
+) -> (Vec<u32>, usize) {
     if k == 0 || context.len() < 2 {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     for n in (min_ngram.max(1)..=max_ngram).rev() {
         if context.len() <= n {
@@ -19,12 +29,12 @@ pub fn lookup(context: &[u32], k: usize, min_ngram: usize, max_ngram: usize) -> 
                 let from = start + n;
                 let to = (from + k).min(context.len());
                 if from < to {
-                    return context[from..to].to_vec();
+                    return (context[from..to].to_vec(), n);
                 }
             }
         }
     }
-    Vec::new()
+    (Vec::new(), 0)
 }
 
 #[cfg(test)]
@@ -39,6 +49,13 @@ mod tests {
         // The latest match wins.
         let ctx = [1, 2, 7, 1, 2, 8, 1, 2];
         assert_eq!(lookup(&ctx, 1, 1, 2), vec![8]);
+    }
+
+    #[test]
+    fn reports_the_length_of_the_match() {
+        let ctx = [9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3];
+        assert_eq!(super::lookup_match(&ctx, 2, 1, 8), (vec![4, 5], 3));
+        assert_eq!(super::lookup_match(&ctx, 2, 4, 8), (vec![], 0));
     }
 
     #[test]

@@ -296,6 +296,7 @@ impl Engine {
                 Some(Box::new(AutoDrafter::new(candidates, k, adaptive)))
             }
             Some(DrafterSpec::PromptLookup) => Some(Box::new(PromptLookup::default())),
+            Some(DrafterSpec::PromptLookupMin(n)) => Some(Box::new(PromptLookup::with_min(n))),
             Some(DrafterSpec::Model) => {
                 let draft = cfg.draft.as_ref().ok_or_else(|| {
                     RequestError::new(

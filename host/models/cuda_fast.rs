@@ -13,7 +13,9 @@
 //! Q5_0, Q8_0, Q4_K, Q5_K or Q6_K, head size <= 256. [`FastWeights::load`] says why it does not
 //! apply otherwise, and the model keeps candle's path. Sessions on this path are not batched
 //! across requests (each runs on its own stream). `VERDICT_CUDA_FAST=0` turns the path off,
-//! `VERDICT_CUDA_GRAPHS=0` keeps it but launches each kernel (to measure what graphs save).
+//! `VERDICT_CUDA_GRAPHS=0` keeps it but launches each kernel (to measure what graphs save);
+//! `VERDICT_CUDA_ROWS` and `VERDICT_CUDA_SPLIT_K` pick matvec kernel variants, for comparing
+//! them on a device (`MultiRow`, `SPLIT_K`).
 //!
 //! The weights are uploaded a second time beside candle's copy (the candle model still serves
 //! batching, sharding and the dequantized f32 copy), regrouped so that the kernels read each
@@ -92,8 +94,9 @@ mod imp {
     /// kernels/decode.cu as PTX (build.rs).
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
     const MODULE: &str = "verdict_decode";
-    /// `MV_WARPS` and `THREADS` in kernels/decode.cu.
+    /// `MV_WARPS`, `MVS_WARPS` and `THREADS` in kernels/decode.cu.
     const MV_WARPS: usize = 4;
+    const MVS_WARPS: usize = 8;
     const THREADS: u32 = 128;
     /// Graphs kept per session (one per forward shape: rows, and which rows give logits).
     const MAX_GRAPHS: usize = 16;
@@ -168,9 +171,13 @@ mod imp {
         k: usize,
         row_bytes: u64,
         mv1: CudaFunction,
+        mv1s: CudaFunction,
         mvn: CudaFunction,
         glu1: CudaFunction,
         glun: CudaFunction,
+        mvs: CudaFunction,
+        mvs2: CudaFunction,
+        glus: CudaFunction,
         embed: CudaFunction,
         kind: &'static str,
     }
@@ -298,9 +305,13 @@ mod imp {
                     k: shape[1],
                     row_bytes: row_bytes as u64,
                     mv1: func(&format!("mv1_{kd}"))?,
+                    mv1s: func(&format!("mv1s_{kd}"))?,
                     mvn: func(&format!("mvn_{kd}"))?,
                     glu1: func(&format!("glu1_{kd}"))?,
                     glun: func(&format!("glun_{kd}"))?,
+                    mvs: func(&format!("mvs_{kd}"))?,
+                    mvs2: func(&format!("mvs2_{kd}"))?,
+                    glus: func(&format!("glus_{kd}"))?,
                     embed: func(&format!("embed_{kd}"))?,
                     kind: kd,
                 })
@@ -450,6 +461,54 @@ mod imp {
         pos: Buf<i32>,
         graphs: HashMap<Shape, Graph>,
         use_graphs: bool,
+        multi: MultiRow,
+        /// One-row matvecs with k at least this split each output over a block's warps
+        /// (`VERDICT_CUDA_SPLIT_K`, 0 = never; unset or empty: `SPLIT_K`).
+        split_k: usize,
+    }
+
+    /// The k from which a one-row matvec splits each output over MV_WARPS warps. Measured on the
+    /// H200 (BENCHMARKS.md, session 10): from 4096 (the MLP's down projections) the 0.5B / 1.5B /
+    /// 8B layouts decoded 1.14x / 1.08x / 1.09x faster than never; from 1024 (also the 1.5B's
+    /// rows of hidden size 1536) the 1.5B gained another 1.08x, the others the same.
+    const SPLIT_K: usize = 1024;
+
+    fn split_k_from_env() -> Result<usize> {
+        match std::env::var("VERDICT_CUDA_SPLIT_K")
+            .as_deref()
+            .map(str::trim)
+        {
+            Err(_) | Ok("") => Ok(SPLIT_K),
+            Ok(v) => v.parse().map_err(|_| {
+                ModelError::Device(format!(
+                    "VERDICT_CUDA_SPLIT_K={v:?}: expected a row length (0 = never split)"
+                ))
+            }),
+        }
+    }
+
+    /// The kernels of forwards over several rows (`VERDICT_CUDA_ROWS`, to compare them on a
+    /// device): activations staged in shared memory with one or two outputs per warp (`staged`,
+    /// the default; `staged2`), or read from global memory by every output warp (`warp`, the
+    /// kernels before staging).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum MultiRow {
+        Staged,
+        Staged2,
+        Warp,
+    }
+
+    impl MultiRow {
+        fn from_env() -> Result<Self> {
+            match std::env::var("VERDICT_CUDA_ROWS").as_deref() {
+                Err(_) | Ok("") | Ok("staged") => Ok(Self::Staged),
+                Ok("staged2") => Ok(Self::Staged2),
+                Ok("warp") => Ok(Self::Warp),
+                Ok(other) => Err(ModelError::Device(format!(
+                    "VERDICT_CUDA_ROWS={other:?}: expected staged, staged2 or warp"
+                ))),
+            }
+        }
     }
 
     impl std::fmt::Debug for FastSession {
@@ -495,6 +554,8 @@ mod imp {
                 cap: 0,
                 graphs: HashMap::new(),
                 use_graphs: std::env::var("VERDICT_CUDA_GRAPHS").as_deref() != Ok("0"),
+                multi: MultiRow::from_env()?,
+                split_k: split_k_from_env()?,
             })
         }
 
@@ -605,14 +666,19 @@ mod imp {
             bias: Option<&Vector>,
             residual: bool,
         ) -> Result<()> {
-            // One output per warp also for several rows: 4 outputs per warp (sharing each
-            // activation load) made the 1.5B's 9-row forward 1.8x slower on the H200 (registers).
-            let f = if rows == 1 { &m.mv1 } else { &m.mvn };
-            let blocks = m.n_out.div_ceil(MV_WARPS) as u32;
+            // (function, outputs per block, threads per block)
+            let split = rows == 1 && self.split_k > 0 && m.k >= self.split_k;
+            let (f, per_block, threads) = match (rows, self.multi) {
+                (1, _) if split => (&m.mv1s, 1, MV_WARPS * 32),
+                (1, _) => (&m.mv1, MV_WARPS, MV_WARPS * 32),
+                (_, MultiRow::Staged) => (&m.mvs, MVS_WARPS, MVS_WARPS * 32),
+                (_, MultiRow::Staged2) => (&m.mvs2, 2 * MVS_WARPS, MVS_WARPS * 32),
+                (_, MultiRow::Warp) => (&m.mvn, MV_WARPS, MV_WARPS * 32),
+            };
             self.launch(
                 f,
-                (blocks, 1, 1),
-                (MV_WARPS * 32) as u32,
+                (m.n_out.div_ceil(per_block) as u32, 1, 1),
+                threads as u32,
                 &[
                     A::P(m.ptr),
                     A::P(m.row_bytes),
@@ -743,10 +809,15 @@ mod imp {
                 if l.gate.kind == l.up.kind && l.gate.row_bytes == l.up.row_bytes {
                     // Gate, up and silu in one launch.
                     let g = &l.gate;
+                    let (f, warps) = match (rows, self.multi) {
+                        (1, _) => (&g.glu1, MV_WARPS),
+                        (_, MultiRow::Warp) => (&g.glun, MV_WARPS),
+                        _ => (&g.glus, MVS_WARPS),
+                    };
                     self.launch(
-                        if rows == 1 { &g.glu1 } else { &g.glun },
-                        (ff.div_ceil(MV_WARPS) as u32, 1, 1),
-                        (MV_WARPS * 32) as u32,
+                        f,
+                        (ff.div_ceil(warps) as u32, 1, 1),
+                        (warps * 32) as u32,
                         &[
                             A::P(g.ptr),
                             A::P(l.up.ptr),
