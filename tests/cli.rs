@@ -390,7 +390,7 @@ fn bench_lookup_replays_rules_and_checks_its_prompts() {
     let out = run(&["--kind", "chat"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("no prompts (of that kind)"), "{err}");
+    assert!(err.contains("no prompts of kind `chat`"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 

@@ -316,33 +316,7 @@ fn lookup(a: LookupArgs) -> Result<()> {
         .context("the target has no GGUF metadata")?;
     let tokenizer = Tokenizer::from_gguf(content)?;
     let template = ChatTemplate::from_gguf(content, &tokenizer)?;
-    let text = std::fs::read_to_string(&a.prompts_file)
-        .with_context(|| format!("cannot read {}", a.prompts_file.display()))?;
-    let mut messages = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: line {} is not JSON", a.prompts_file.display(), i + 1))?;
-        if a.kind
-            .as_deref()
-            .is_some_and(|k| v["kind"].as_str() != Some(k))
-        {
-            continue;
-        }
-        let p = v["prompt"].as_str().with_context(|| {
-            format!(
-                "{}: line {} has no string `prompt`",
-                a.prompts_file.display(),
-                i + 1
-            )
-        })?;
-        messages.push(p.to_string());
-    }
-    if messages.is_empty() {
-        bail!("{}: no prompts (of that kind)", a.prompts_file.display());
-    }
+    let messages = jsonl_prompts(&a.prompts_file, usize::MAX, a.kind.as_deref())?;
     let k = a.k as usize;
     // The greedy answers, and the forward cost of 1..=k+1 rows after a prompt.
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
@@ -518,8 +492,9 @@ pub fn models_dir() -> PathBuf {
         })
 }
 
-/// The `prompt` of each line of a JSONL file, the first `n`.
-pub fn jsonl_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
+/// The `prompt` of each line of a JSONL file, the first `n` (of those whose `kind` is `kind`,
+/// when given).
+pub fn jsonl_prompts(path: &std::path::Path, n: usize, kind: Option<&str>) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
     let mut out = Vec::new();
@@ -529,6 +504,9 @@ pub fn jsonl_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
         }
         let v: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        if kind.is_some_and(|k| v["kind"].as_str() != Some(k)) {
+            continue;
+        }
         let p = v["prompt"].as_str().with_context(|| {
             format!("{}: line {} has no string `prompt`", path.display(), i + 1)
         })?;
@@ -538,7 +516,10 @@ pub fn jsonl_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
         }
     }
     if out.is_empty() {
-        bail!("{}: no prompts", path.display());
+        match kind {
+            Some(k) => bail!("{}: no prompts of kind `{k}`", path.display()),
+            None => bail!("{}: no prompts", path.display()),
+        }
     }
     Ok(out)
 }
@@ -623,7 +604,7 @@ fn spec(a: SpecArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_gguf(content)?;
     let template = ChatTemplate::from_gguf(content, &tokenizer)?;
     let messages: Vec<String> = match &a.prompts_file {
-        Some(f) => jsonl_prompts(f, a.prompts)?,
+        Some(f) => jsonl_prompts(f, a.prompts, None)?,
         None => {
             let he = a
                 .humaneval
