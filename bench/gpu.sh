@@ -389,7 +389,7 @@ want_spec q15 && VERDICT_STEP_KERNELS=0 spec "1.5B shape, 0.5B draft, synthetic 
 # the rows copied to the host (VERDICT_STEP_KERNELS=0).
 step_phases() { # target: ms per k=8 step with the 0.5B layout drafting (draft / forward / ...)
     timeout "$(tmo 60)" "$V" generate --model "$1" --draft "$work/q05.gguf" --policy strict \
-        --k 8 --fixed-k --device "$dev" --raw --max-tokens 64 --temperature 0 --stats --prompt "$prompt" \
+        --k 8 --fixed-k --device "$dev" --raw --max-tokens $((tokens / 2)) --temperature 0 --stats --prompt "$prompt" \
         >/dev/null 2>"$work/phases.err"
     local stats
     stats=$(grep '^{' "$work/phases.err" | tail -1)
