@@ -18,11 +18,11 @@ use crate::cli::generate::{DeviceArg, parse_device};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
-use crate::models::Model;
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::synth::{self, SynthShape};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::transformer::Rows;
+use crate::models::{Model, Session};
 use crate::sample::SamplingParams;
 use candle_core::quantized::GgmlDType;
 
@@ -235,19 +235,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     println!("| new tokens | median ms | min ms | max ms | ms per token |");
     println!("| --- | --- | --- | --- | --- |");
     for &n in &sizes {
-        let mut ms = Vec::with_capacity(a.rounds as usize);
-        for round in 0..=a.rounds {
-            let t = Instant::now();
-            let f = s.forward(&ids[a.context..a.context + n], Rows::All)?;
-            // Reading the logits back waits for the device.
-            let _ = f.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
-            let dt = t.elapsed().as_secs_f64() * 1e3;
-            s.truncate(a.context)?;
-            if round > 0 {
-                ms.push(dt);
-            }
-        }
-        ms.sort_by(f64::total_cmp);
+        let ms = time_forward(&mut s, &ids[a.context..a.context + n], a.rounds)?;
         let median = ms[ms.len() / 2];
         println!(
             "| {n} | {median:.1} | {:.1} | {:.1} | {:.1} |",
@@ -311,12 +299,8 @@ fn lookup(a: LookupArgs) -> Result<()> {
     let target = Model::load_gguf(&target_path, &device)
         .with_context(|| format!("loading {}", target_path.display()))?;
     target.warm_up()?;
-    let content = target
-        .gguf_metadata()
-        .context("the target has no GGUF metadata")?;
-    let tokenizer = Tokenizer::from_gguf(content)?;
-    let template = ChatTemplate::from_gguf(content, &tokenizer)?;
     let messages = jsonl_prompts(&a.prompts_file, usize::MAX, a.kind.as_deref())?;
+    let (prompts, eos) = chat_prompts(&target, messages)?;
     let k = a.k as usize;
     // The greedy answers, and the forward cost of 1..=k+1 rows after a prompt.
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
@@ -331,11 +315,8 @@ fn lookup(a: LookupArgs) -> Result<()> {
         adaptive: false,
         synthetic_acceptance: None,
     })?;
-    let eos = tokenizer.eos_ids().to_vec();
     let mut pairs = Vec::new();
-    for m in &messages {
-        let text = template.render(&[Message::user(m.clone())], true)?;
-        let prompt = tokenizer.encode(&text, true)?;
+    for prompt in prompts {
         let mut g = engine
             .start(GenerateRequest {
                 prompt: prompt.clone(),
@@ -354,22 +335,11 @@ fn lookup(a: LookupArgs) -> Result<()> {
         pairs.push((prompt, g.output().to_vec()));
     }
     let mut s = engine.target().session();
-    let context = &pairs[0].0;
-    s.forward(context, Rows::Last)?;
+    s.forward(&pairs[0].0, Rows::Last)?;
     let ids: Vec<u32> = pairs[0].1.iter().copied().cycle().take(k + 1).collect();
     let mut cost = vec![0f64; k + 2];
     for (n, c) in cost.iter_mut().enumerate().skip(1) {
-        let mut ms = Vec::new();
-        for round in 0..=a.rounds {
-            let t = Instant::now();
-            let f = s.forward(&ids[..n], Rows::All)?;
-            let _ = f.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
-            if round > 0 {
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            s.truncate(context.len())?;
-        }
-        ms.sort_by(f64::total_cmp);
+        let ms = time_forward(&mut s, &ids[..n], a.rounds)?;
         *c = ms[ms.len() / 2];
     }
     println!(
@@ -435,6 +405,41 @@ fn lookup(a: LookupArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Milliseconds of `rounds` forwards over `tokens` (all rows' logits) after the session's
+/// context, sorted, after one warm-up; the session is truncated back after each.
+fn time_forward(s: &mut Session, tokens: &[u32], rounds: u32) -> Result<Vec<f64>> {
+    let context = s.len();
+    let mut ms = Vec::with_capacity(rounds as usize);
+    for round in 0..=rounds {
+        let t = Instant::now();
+        let f = s.forward(tokens, Rows::All)?;
+        // Reading the logits back waits for the device.
+        let _ = f.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+        let dt = t.elapsed().as_secs_f64() * 1e3;
+        s.truncate(context)?;
+        if round > 0 {
+            ms.push(dt);
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+/// Each message as the user's turn in the target's chat template, as token ids, and the end
+/// tokens generation stops at.
+fn chat_prompts(target: &Model, messages: Vec<String>) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    let content = target
+        .gguf_metadata()
+        .context("the target has no GGUF metadata")?;
+    let tokenizer = Tokenizer::from_gguf(content)?;
+    let template = ChatTemplate::from_gguf(content, &tokenizer)?;
+    let prompts = messages
+        .into_iter()
+        .map(|m| tokenizer.encode(&template.render(&[Message::user(m)], true)?, true))
+        .collect::<Result<_>>()?;
+    Ok((prompts, tokenizer.eos_ids().to_vec()))
 }
 
 fn synth(a: SynthArgs) -> Result<()> {
@@ -598,11 +603,6 @@ fn spec(a: SpecArgs) -> Result<()> {
     if ks.is_empty() {
         bail!("--k: give at least one speculation length");
     }
-    let content = target
-        .gguf_metadata()
-        .context("the target has no GGUF metadata")?;
-    let tokenizer = Tokenizer::from_gguf(content)?;
-    let template = ChatTemplate::from_gguf(content, &tokenizer)?;
     let messages: Vec<String> = match &a.prompts_file {
         Some(f) => jsonl_prompts(f, a.prompts, None)?,
         None => {
@@ -620,13 +620,7 @@ fn spec(a: SpecArgs) -> Result<()> {
                 .collect()
         }
     };
-    let prompts: Vec<Vec<u32>> = messages
-        .into_iter()
-        .map(|m| {
-            let text = template.render(&[Message::user(m)], true)?;
-            tokenizer.encode(&text, true)
-        })
-        .collect::<Result<_>>()?;
+    let (prompts, eos) = chat_prompts(&target, messages)?;
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
     let judge = crate::verify::HeadChoice::parse(&a.judge_head).load(&target)?;
     let engine = Engine::new(EngineConfig {
@@ -674,7 +668,6 @@ fn spec(a: SpecArgs) -> Result<()> {
             }
         }
     }
-    let eos = tokenizer.eos_ids().to_vec();
     let mut json = match &a.json {
         Some(p) => Some(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,

@@ -168,8 +168,7 @@ impl PromptLookup {
 
     /// The draft for `context`: at most `k` tokens.
     pub fn draft(&self, context: &[u32], k: usize) -> Vec<u32> {
-        let (mut tokens, n) =
-            prompt_lookup::lookup_match(context, k, self.min_ngram, self.max_ngram);
+        let (mut tokens, n) = prompt_lookup::lookup(context, k, self.min_ngram, self.max_ngram);
         if self.per_match > 0 {
             tokens.truncate(n * self.per_match);
         }
