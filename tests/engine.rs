@@ -114,7 +114,7 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
     let drafters = [
         (Some(other.clone()), DrafterSpec::Model),
         (Some(target.clone()), DrafterSpec::Model), // a perfect draft: every step takes the bonus path
-        (None, DrafterSpec::PromptLookup),
+        (None, DrafterSpec::PromptLookup(None)),
         (None, DrafterSpec::SelfDraft(1)),
         (None, DrafterSpec::SelfDraft(2)),
         (Some(other.clone()), DrafterSpec::Auto),
@@ -447,7 +447,7 @@ fn bad_requests_name_the_field() {
     bad_t.sampling.temperature = -1.0;
     assert_eq!(err(bad_t).param.as_deref(), Some("temperature"));
     let spec_k = |k| Speculation::Draft {
-        drafter: Some(DrafterSpec::PromptLookup),
+        drafter: Some(DrafterSpec::PromptLookup(None)),
         k: Some(k),
     };
     for k in [0, 65] {

@@ -123,7 +123,7 @@ fn strict_speculation_on_the_real_pair_parts_from_greedy_only_at_near_ties() {
         Some(draft),
         // Prompt lookup on 1-token matches: it drafts on every prompt (the default waits for
         // 2 and may draft nothing in 24 tokens), the most proposals to check.
-        &[DrafterSpec::Model, DrafterSpec::PromptLookupMin(1)],
+        &[DrafterSpec::Model, DrafterSpec::PromptLookup(Some(1))],
         6,
         24,
     );

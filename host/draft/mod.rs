@@ -72,10 +72,9 @@ pub trait Drafter: Send {
 pub enum DrafterSpec {
     /// The server's loaded draft model (`--draft PATH` on the command line).
     Model,
-    /// N-gram prompt lookup.
-    PromptLookup,
-    /// Prompt lookup that drafts only after a match of at least N tokens (`prompt-lookup:N`).
-    PromptLookupMin(usize),
+    /// N-gram prompt lookup: the default rule, or (`prompt-lookup:N`) one that drafts only
+    /// after a match of at least N tokens.
+    PromptLookup(Option<usize>),
     /// The target's first N layers.
     SelfDraft(usize),
     /// Per step, prompt lookup or the draft model, whichever is expected to be faster.
@@ -87,13 +86,13 @@ impl DrafterSpec {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "model" | "draft" => Ok(DrafterSpec::Model),
-            "prompt-lookup" | "prompt_lookup" => Ok(DrafterSpec::PromptLookup),
+            "prompt-lookup" | "prompt_lookup" => Ok(DrafterSpec::PromptLookup(None)),
             "auto" => Ok(DrafterSpec::Auto),
             _ => {
                 if let Some(n) = s.strip_prefix("prompt-lookup:") {
                     match n.parse::<usize>() {
                         Ok(n) if (1..=PromptLookup::MAX_NGRAM).contains(&n) => {
-                            Ok(DrafterSpec::PromptLookupMin(n))
+                            Ok(DrafterSpec::PromptLookup(Some(n)))
                         }
                         _ => bail!(
                             "`{s}`: prompt-lookup:N needs a match length N in 1..={}",
@@ -117,8 +116,8 @@ impl DrafterSpec {
     pub fn name(&self) -> String {
         match self {
             DrafterSpec::Model => "model".into(),
-            DrafterSpec::PromptLookup => "prompt-lookup".into(),
-            DrafterSpec::PromptLookupMin(n) => format!("prompt-lookup:{n}"),
+            DrafterSpec::PromptLookup(None) => "prompt-lookup".into(),
+            DrafterSpec::PromptLookup(Some(n)) => format!("prompt-lookup:{n}"),
             DrafterSpec::SelfDraft(n) => format!("self:{n}"),
             DrafterSpec::Auto => "auto".into(),
         }
@@ -207,7 +206,7 @@ mod tests {
         assert_eq!(DrafterSpec::parse("model").unwrap(), DrafterSpec::Model);
         assert_eq!(
             DrafterSpec::parse("prompt-lookup").unwrap(),
-            DrafterSpec::PromptLookup
+            DrafterSpec::PromptLookup(None)
         );
         assert_eq!(
             DrafterSpec::parse("self:6").unwrap(),
@@ -215,9 +214,9 @@ mod tests {
         );
         assert_eq!(
             DrafterSpec::parse("prompt-lookup:3").unwrap(),
-            DrafterSpec::PromptLookupMin(3)
+            DrafterSpec::PromptLookup(Some(3))
         );
-        assert_eq!(DrafterSpec::PromptLookupMin(3).name(), "prompt-lookup:3");
+        assert_eq!(DrafterSpec::PromptLookup(Some(3)).name(), "prompt-lookup:3");
         for bad in ["prompt-lookup:0", "prompt-lookup:17", "prompt-lookup:x"] {
             assert!(
                 DrafterSpec::parse(bad)

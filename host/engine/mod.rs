@@ -270,7 +270,7 @@ impl Engine {
                     .clone()
                     .or_else(|| cfg.default_drafter.clone())
                     .or_else(|| cfg.draft.as_ref().map(|_| DrafterSpec::Model))
-                    .or(Some(DrafterSpec::PromptLookup)),
+                    .or(Some(DrafterSpec::PromptLookup(None))),
                 k.unwrap_or(cfg.default_k),
             ),
         };
@@ -295,8 +295,9 @@ impl Engine {
                 }
                 Some(Box::new(AutoDrafter::new(candidates, k, adaptive)))
             }
-            Some(DrafterSpec::PromptLookup) => Some(Box::new(PromptLookup::default())),
-            Some(DrafterSpec::PromptLookupMin(n)) => Some(Box::new(PromptLookup::with_min(n))),
+            Some(DrafterSpec::PromptLookup(min)) => Some(Box::new(
+                min.map_or_else(PromptLookup::default, PromptLookup::with_min),
+            )),
             Some(DrafterSpec::Model) => {
                 let draft = cfg.draft.as_ref().ok_or_else(|| {
                     RequestError::new(

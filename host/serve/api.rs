@@ -1,11 +1,12 @@
 //! Request parsing for `/v1/completions` and `/v1/chat/completions`. The body is read as a JSON
 //! value and checked field by field, so that each error names the field and what was wrong with
-//! it (serde's derive reports the first error only, and in its own words). Engine-free: the
-//! result is converted to an engine request in `generate.rs`.
+//! it (serde's derive reports the first error only, and in its own words). Engine-free (only
+//! the drafter spelling is shared with the command line): the result is converted to an engine request in `generate.rs`.
 
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use crate::draft::DrafterSpec;
 
 /// Which endpoint a request came through; it decides the response shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,41 +37,6 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// The drafter a request asks for.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DraftChoice {
-    /// The draft model the server was started with.
-    Model,
-    /// N-gram lookup in the prompt and output.
-    PromptLookup,
-    /// The first N layers of the target.
-    SelfLayers(usize),
-    /// Per step, prompt lookup or the draft model, whichever is expected to be faster.
-    Auto,
-}
-
-impl DraftChoice {
-    /// Parses the CLI / API spelling: `model`, `prompt-lookup`, `self:N` or `auto`.
-    pub fn parse(s: &str) -> Result<DraftChoice, String> {
-        match s {
-            "model" => Ok(DraftChoice::Model),
-            "prompt-lookup" => Ok(DraftChoice::PromptLookup),
-            "auto" => Ok(DraftChoice::Auto),
-            _ => match s.strip_prefix("self:") {
-                Some(n) => match n.parse::<usize>() {
-                    Ok(n) if n >= 1 => Ok(DraftChoice::SelfLayers(n)),
-                    _ => Err(format!(
-                        "`{s}`: self:N needs a layer count N >= 1 (e.g. self:4)"
-                    )),
-                },
-                None => Err(format!(
-                    "unknown drafter `{s}` (expected \"model\", \"prompt-lookup\", \"self:N\" or \"auto\")"
-                )),
-            },
-        }
-    }
-}
-
 /// What the request says about speculation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SpeculationChoice {
@@ -78,7 +44,7 @@ pub enum SpeculationChoice {
     Default,
     Off,
     Draft {
-        draft: Option<DraftChoice>,
+        draft: Option<DrafterSpec>,
         k: Option<usize>,
     },
 }
@@ -598,7 +564,8 @@ fn speculation(v: &Value) -> Result<SpeculationChoice, ApiError> {
                     "draft" => {
                         if let Some(d) = opt(kv, |v| string(&name, v))? {
                             draft = Some(
-                                DraftChoice::parse(&d).map_err(|m| ApiError::invalid(&name, m))?,
+                                DrafterSpec::parse(&d)
+                                    .map_err(|e| ApiError::invalid(&name, e.to_string()))?,
                             );
                         }
                     }
@@ -652,7 +619,7 @@ mod tests {
         assert_eq!(
             r.speculation,
             SpeculationChoice::Draft {
-                draft: Some(DraftChoice::SelfLayers(4)),
+                draft: Some(DrafterSpec::SelfDraft(4)),
                 k: Some(6)
             }
         );
@@ -814,18 +781,36 @@ mod tests {
 
     #[test]
     fn drafter_spellings() {
-        assert_eq!(DraftChoice::parse("model"), Ok(DraftChoice::Model));
-        assert_eq!(DraftChoice::parse("auto"), Ok(DraftChoice::Auto));
-        assert_eq!(
-            DraftChoice::parse("prompt-lookup"),
-            Ok(DraftChoice::PromptLookup)
-        );
-        assert_eq!(
-            DraftChoice::parse("self:12"),
-            Ok(DraftChoice::SelfLayers(12))
-        );
-        assert!(DraftChoice::parse("self:0").is_err());
-        assert!(DraftChoice::parse("self:").is_err());
-        assert!(DraftChoice::parse("draft").is_err());
+        let draft = |d: &str| {
+            let body = format!(r#"{{"prompt":"x","speculation":{{"draft":"{d}"}}}}"#);
+            parse(Endpoint::Completions, body.as_bytes()).map(|p| p.speculation)
+        };
+        for (d, spec) in [
+            ("model", DrafterSpec::Model),
+            ("auto", DrafterSpec::Auto),
+            ("prompt-lookup", DrafterSpec::PromptLookup(None)),
+            ("prompt-lookup:3", DrafterSpec::PromptLookup(Some(3))),
+            ("self:12", DrafterSpec::SelfDraft(12)),
+        ] {
+            assert_eq!(
+                draft(d).unwrap(),
+                SpeculationChoice::Draft {
+                    draft: Some(spec),
+                    k: None
+                },
+                "{d}"
+            );
+        }
+        for (bad, says) in [
+            ("self:0", "N >= 1"),
+            ("self:", "N >= 1"),
+            ("prompt-lookup:0", "match length N"),
+            ("ngram", "unknown drafter `ngram`"),
+        ] {
+            let e = draft(bad).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+            assert_eq!(e.param.as_deref(), Some("speculation.draft"), "{bad}");
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 }

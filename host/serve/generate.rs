@@ -41,7 +41,7 @@ pub struct Outcome {
 pub struct SpeculationReport {
     /// `name@version`; null when the request ran without speculation.
     pub policy: Option<String>,
-    /// `model`, `prompt-lookup` or `self:N`; null without speculation.
+    /// `model`, `prompt-lookup[:N]`, `self:N` or `auto`; null without speculation.
     pub drafter: Option<String>,
     pub steps: u64,
     pub drafted: u64,

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
-use super::api::{self, DraftChoice, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
+use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
 use super::auth::AdminToken;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
@@ -27,7 +27,6 @@ use super::logprobs::{self, TokenEntry};
 use super::metrics::Metrics;
 use super::pool::Pool;
 use crate::decide::PolicyRegistry;
-use crate::draft::DrafterSpec;
 use crate::engine::{self, Engine, GenerateRequest};
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::tokenizer::Tokenizer;
@@ -704,7 +703,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             SpeculationChoice::Default => engine::Speculation::Default,
             SpeculationChoice::Off => engine::Speculation::Off,
             SpeculationChoice::Draft { draft, k } => engine::Speculation::Draft {
-                drafter: draft.as_ref().map(drafter_spec),
+                drafter: draft.clone(),
                 k: *k,
             },
         },
@@ -713,15 +712,6 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         logprobs: p.logprobs,
         ..GenerateRequest::default()
     })
-}
-
-fn drafter_spec(d: &DraftChoice) -> DrafterSpec {
-    match d {
-        DraftChoice::Model => DrafterSpec::Model,
-        DraftChoice::PromptLookup => DrafterSpec::PromptLookup,
-        DraftChoice::SelfLayers(n) => DrafterSpec::SelfDraft(*n),
-        DraftChoice::Auto => DrafterSpec::Auto,
-    }
 }
 
 /// The policy must exist and each parameter must be one it declares, in range.
