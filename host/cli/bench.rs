@@ -17,7 +17,7 @@ use clap::{Args as ClapArgs, Subcommand};
 use crate::cli::generate::{DeviceArg, parse_device};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
-use crate::engine::{Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
+use crate::engine::{AdaptiveK, Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::synth::{self, SynthShape};
 use crate::models::tokenizer::Tokenizer;
@@ -273,6 +273,42 @@ pub fn replay_lookup(
     rows
 }
 
+/// Tokens and seconds of strict prompt lookup at T = 0 over `answer` with adaptive k (the
+/// engine's [`AdaptiveK`], fed the modelled `cost` of each forward by its rows, as the engine
+/// feeds it measured times): what [`replay_lookup`] does for a fixed k.
+pub fn replay_adaptive(
+    rule: &crate::draft::PromptLookup,
+    mut adaptive: AdaptiveK,
+    prompt: &[u32],
+    answer: &[u32],
+    cost: &[f64],
+) -> (usize, f64) {
+    let mut context = prompt.to_vec();
+    context.extend_from_slice(answer);
+    let (mut steps, mut seconds) = (0, 0.0);
+    let mut p = 1.min(answer.len());
+    while p < answer.len() {
+        let left = answer.len() - p;
+        let k = adaptive.next_k().min(left - 1);
+        let draft = if k == 0 {
+            Vec::new()
+        } else {
+            rule.draft(&context[..prompt.len() + p], k)
+        };
+        let accepted = draft
+            .iter()
+            .zip(&answer[p..])
+            .take_while(|(d, a)| d == a)
+            .count();
+        let s = cost[draft.len() + 1];
+        adaptive.observe(draft.len(), accepted, 0.0, s);
+        steps += 1;
+        seconds += s;
+        p += (accepted + 1).min(left);
+    }
+    (steps, seconds)
+}
+
 /// Least-squares (intercept, slope) of the points; a single point gives a flat line.
 fn fit_line(points: &[(f64, f64)]) -> (f64, f64) {
     let n = points.len().max(1) as f64;
@@ -386,6 +422,29 @@ fn lookup(a: LookupArgs) -> Result<()> {
         "{} prompts, {tokens} decode tokens; predicted speed of strict prompt lookup at T = 0",
         pairs.len()
     );
+    // Adaptive k as the engine runs it, under the fitted costs (in seconds, as it measures).
+    let secs: Vec<f64> = cost.iter().map(|c| c / 1e3).collect();
+    for (name, fit) in [
+        ("fitted verify slope", true),
+        ("prior ratio (before session 11)", false),
+    ] {
+        let (mut steps, mut s) = (0, 0.0);
+        for (prompt, answer) in &pairs {
+            let a = if fit {
+                AdaptiveK::new(k)
+            } else {
+                AdaptiveK::without_fit(k)
+            };
+            let (n, t) = replay_adaptive(&PromptLookup::default(), a, prompt, answer, &secs);
+            steps += n;
+            s += t;
+        }
+        println!(
+            "default rule, adaptive k<={k}, {name}: {steps} steps, {:.2} tokens/step, predicted {:.2}x",
+            tokens as f64 / steps.max(1) as f64,
+            plain / (s * 1e3).max(1e-9)
+        );
+    }
     println!(
         "| min n | max n | per match | k | steps | drafted | tokens/step | predicted vs autoregressive |"
     );

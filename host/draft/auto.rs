@@ -4,12 +4,13 @@
 //!
 //! Prompt lookup drafts for free but only when the text repeats itself; a draft model always
 //! has a proposal but costs a forward per token. The target's verify cost is one fit over all
-//! candidates' verifications (`VerifyFit`): drafts of different lengths are what separate its
-//! fixed part from its per-position part. So each step tries the candidates from the
-//! best expected speed down and takes the first that has something to propose, skipping those
-//! expected to be slower than a plain step (no draft at all: then the step is plain). Every
-//! [`EXPLORE_EVERY`]-th step tries the least recently used candidate first, whatever its
-//! estimate, so an estimate that turned pessimistic can recover when the text changes.
+//! candidates' verifications and the plain steps (`VerifyFit`): forwards of different lengths
+//! are what separate its fixed part from its per-position part. So each step tries the
+//! candidates from the best expected speed down and takes the first that has something to
+//! propose, skipping those expected to be slower than a plain step (no draft at all: then the
+//! step is plain). Every [`EXPLORE_EVERY`]-th step tries the least recently used candidate
+//! first, whatever its estimate, so an estimate that turned pessimistic can recover when the
+//! text changes.
 //!
 //! Without adaptation (a seeded request keeps its choices reproducible), the order is fixed:
 //! the candidates as given, each proposing the full k.
@@ -17,54 +18,11 @@
 use anyhow::Result;
 
 use super::{Draft, Drafter};
-use crate::engine::AdaptiveK;
+use crate::engine::{AdaptiveK, VerifyFit};
 use crate::sample::{Rng64, SamplingParams};
 
 /// One step in this many explores the least recently used candidate.
 pub const EXPLORE_EVERY: u64 = 16;
-
-/// Seconds to verify n positions, `fixed + per_position * n`, fitted by least squares over the
-/// verifications of every candidate (decayed, so it follows load changes). The target's cost
-/// does not depend on who drafted, and only drafts of different lengths tell the fixed part
-/// from the per-position part.
-#[derive(Debug, Clone, Default)]
-struct VerifyFit {
-    w: f64,
-    sn: f64,
-    snn: f64,
-    st: f64,
-    snt: f64,
-}
-
-impl VerifyFit {
-    const DECAY: f64 = 0.97;
-
-    fn observe(&mut self, positions: usize, seconds: f64) {
-        let n = positions as f64;
-        let d = Self::DECAY;
-        self.w = d * self.w + 1.0;
-        self.sn = d * self.sn + n;
-        self.snn = d * self.snn + n * n;
-        self.st = d * self.st + seconds;
-        self.snt = d * self.snt + n * seconds;
-    }
-
-    /// `(fixed, per_position)`, once the verifications seen differ enough in length.
-    fn fit(&self) -> Option<(f64, f64)> {
-        if self.w < 2.0 {
-            return None;
-        }
-        let mean_n = self.sn / self.w;
-        let var_n = self.snn / self.w - mean_n * mean_n;
-        if var_n < 0.25 {
-            return None;
-        }
-        let mean_t = self.st / self.w;
-        let per = ((self.snt / self.w - mean_n * mean_t) / var_n).max(0.0);
-        let fixed = (mean_t - per * mean_n).max(0.0);
-        Some((fixed, per))
-    }
-}
 
 struct Candidate {
     drafter: Box<dyn Drafter>,
@@ -150,12 +108,16 @@ impl Drafter for AutoDrafter {
     ) -> Result<Draft> {
         self.steps += 1;
         self.last = None;
+        let fit = self.verify.fit();
         for i in self.order() {
             let c = &mut self.candidates[i];
-            let k_i = if self.adaptive {
-                c.estimate.next_k().min(k)
-            } else {
-                k
+            let k_i = match (self.adaptive, fit) {
+                // The shared fit knows the verify slope from every candidate and plain step.
+                (true, Some((fixed, per))) => {
+                    c.estimate.best_with(|n| fixed + per * n as f64).0.min(k)
+                }
+                (true, None) => c.estimate.next_k().min(k),
+                (false, _) => k,
             };
             let draft = c.drafter.propose(context, k_i, sampling, rng)?;
             if !draft.tokens.is_empty() {
@@ -178,8 +140,10 @@ impl Drafter for AutoDrafter {
     }
 
     fn observe(&mut self, drafted: usize, accepted: usize, draft_s: f64, verify_s: f64) {
-        if drafted > 0 {
-            self.verify.observe(drafted + 1, verify_s);
+        // A plain step (drafted = 0) is the fit's one-position point.
+        self.verify.observe(drafted + 1, verify_s);
+        if drafted == 0 {
+            return;
         }
         if let Some(i) = self.last {
             self.candidates[i]

@@ -58,7 +58,8 @@ pub trait Drafter: Send {
     }
 
     /// The outcome of the last proposal: `drafted` tokens verified, `accepted` of them kept, and
-    /// what drafting and verifying took.
+    /// what drafting and verifying took. `drafted` = 0: a plain step (no proposal, or k = 0)
+    /// whose forward took `verify_s`.
     fn observe(&mut self, _drafted: usize, _accepted: usize, _draft_s: f64, _verify_s: f64) {}
 
     /// Which drafter made the last proposal (for a drafter that delegates; `None`: itself).

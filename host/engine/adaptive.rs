@@ -5,7 +5,9 @@
 //! (1 - a^(k+1)) / (1 - a) tokens (Leviathan et al. 2023) and costs k * t_draft + t_verify(k).
 //! We pick the k in [1, k_max] that maximises tokens per second under running estimates of a,
 //! t_draft and t_verify; the estimates are exponential moving averages so k follows the text
-//! (code boilerplate drafts well, prose less).
+//! (code boilerplate drafts well, prose less). t_verify(n) is a line through the measured
+//! verifications and plain steps ([`VerifyFit`]): on a CPU each verified position costs about
+//! 40% of a one-position forward, on a GPU a few percent, and the best k follows that slope.
 
 /// Running estimates for one request.
 #[derive(Debug, Clone)]
@@ -18,9 +20,56 @@ pub struct AdaptiveK {
     /// Seconds of verification: a fixed part plus a part per verified position.
     t_verify_fixed: f64,
     t_verify_per_pos: f64,
+    /// The line through the measured verify times, once they tell the slope (it then replaces
+    /// the two estimates above); `None`: the estimates alone (see [`AdaptiveK::without_fit`]).
+    fit: Option<VerifyFit>,
 }
 
 const ALPHA: f64 = 0.2;
+
+/// Seconds to verify n positions, `fixed + per_position * n`, fitted by least squares over the
+/// measured verifications and plain steps (n = 1), decayed so it follows load changes. The
+/// target's cost does not depend on who drafted, and only forwards of different lengths tell the
+/// fixed part from the per-position part.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyFit {
+    w: f64,
+    sn: f64,
+    snn: f64,
+    st: f64,
+    snt: f64,
+}
+
+impl VerifyFit {
+    const DECAY: f64 = 0.97;
+
+    /// One forward over `positions` rows that took `seconds`.
+    pub fn observe(&mut self, positions: usize, seconds: f64) {
+        let n = positions as f64;
+        let d = Self::DECAY;
+        self.w = d * self.w + 1.0;
+        self.sn = d * self.sn + n;
+        self.snn = d * self.snn + n * n;
+        self.st = d * self.st + seconds;
+        self.snt = d * self.snt + n * seconds;
+    }
+
+    /// `(fixed, per_position)`, once the forwards seen differ enough in length.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        if self.w < 2.0 {
+            return None;
+        }
+        let mean_n = self.sn / self.w;
+        let var_n = self.snn / self.w - mean_n * mean_n;
+        if var_n < 0.25 {
+            return None;
+        }
+        let mean_t = self.st / self.w;
+        let per = ((self.snt / self.w - mean_n * mean_t) / var_n).max(0.0);
+        let fixed = (mean_t - per * mean_n).max(0.0);
+        Some((fixed, per))
+    }
+}
 
 impl AdaptiveK {
     pub fn new(k_max: usize) -> Self {
@@ -30,6 +79,17 @@ impl AdaptiveK {
             t_draft: 0.0,
             t_verify_fixed: 1.0,
             t_verify_per_pos: 0.05,
+            fit: Some(VerifyFit::default()),
+        }
+    }
+
+    /// The estimate before session 11 (`bench lookup` compares the two): the verify time split
+    /// between its fixed and per-position parts in the prior's 20:1 ratio forever, which makes
+    /// positions look cheap on a CPU.
+    pub fn without_fit(k_max: usize) -> Self {
+        Self {
+            fit: None,
+            ..Self::new(k_max)
         }
     }
 
@@ -40,7 +100,16 @@ impl AdaptiveK {
     /// Expected tokens per unit time of a plain step (no draft: one token per one-position
     /// verify), to compare drafting against.
     pub fn plain_speed(&self) -> f64 {
-        1.0 / (self.t_verify_fixed + self.t_verify_per_pos).max(1e-12)
+        let (fixed, per) = self.verify_line();
+        1.0 / (fixed + per).max(1e-12)
+    }
+
+    /// Seconds to verify n positions as `fixed + per * n`: the fit when there is one.
+    fn verify_line(&self) -> (f64, f64) {
+        self.fit
+            .as_ref()
+            .and_then(VerifyFit::fit)
+            .unwrap_or((self.t_verify_fixed, self.t_verify_per_pos))
     }
 
     /// The k that maximises expected tokens per unit time.
@@ -50,7 +119,8 @@ impl AdaptiveK {
 
     /// That k and its expected tokens per second.
     pub fn best(&self) -> (usize, f64) {
-        self.best_with(|positions| self.t_verify_fixed + positions as f64 * self.t_verify_per_pos)
+        let (fixed, per) = self.verify_line();
+        self.best_with(|positions| fixed + positions as f64 * per)
     }
 
     /// [`Self::best`] with the seconds of verifying n positions given by `verify(n)` (a cost
@@ -70,8 +140,12 @@ impl AdaptiveK {
     }
 
     /// Record one step: `drafted` positions proposed, `accepted` of them kept (a prefix), and the
-    /// measured times.
+    /// measured times. A plain step (`drafted` = 0, its forward as `verify_s`) only adds a point
+    /// to the verify fit.
     pub fn observe(&mut self, drafted: usize, accepted: usize, draft_s: f64, verify_s: f64) {
+        if let Some(fit) = self.fit.as_mut().filter(|_| verify_s > 0.0) {
+            fit.observe(drafted + 1, verify_s);
+        }
         if drafted == 0 {
             return;
         }
@@ -106,6 +180,27 @@ mod tests {
         assert!(good.next_k() >= 12, "good k = {}", good.next_k());
         assert_eq!(bad.next_k(), 1);
         assert!(good.rate() > 0.95 && bad.rate() < 0.05);
+    }
+
+    #[test]
+    fn the_verify_slope_is_fitted_from_plain_steps_and_drafts() {
+        // Half of the drafted positions are kept. A CPU-like target: each verified position
+        // costs 40% of a one-position forward, so drafting 1 token beats drafting 3 (1.5 tokens
+        // per 1.8 forwards against 1.875 per 2.6). A GPU-like target: positions are nearly free,
+        // so long drafts pay.
+        for (per, k_is_small) in [(0.4, true), (0.01, false)] {
+            let cost = |n: usize| 1.0 + per * n as f64;
+            let mut a = AdaptiveK::new(8);
+            for i in 0..60 {
+                a.observe(0, 0, 0.0, cost(1));
+                let d = 1 + i % 4;
+                a.observe(d, d / 2, 0.0, cost(d + 1));
+            }
+            let k = a.next_k();
+            assert_eq!(k == 1, k_is_small, "per-position cost {per}: k = {k}");
+            let plain = a.plain_speed();
+            assert!((plain - 1.0 / cost(1)).abs() < 1e-6, "plain speed {plain}");
+        }
     }
 
     #[test]

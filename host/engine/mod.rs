@@ -24,7 +24,7 @@ use crate::models::{Model, Rows, Session};
 use crate::sample::{Rng64, SamplingParams};
 pub use crate::verify::token_logprobs;
 use crate::verify::{self, DrawFrom, JudgeHead, JudgeScorer, StepDevice, Verification};
-pub use adaptive::AdaptiveK;
+pub use adaptive::{AdaptiveK, VerifyFit};
 pub use stats::{PlainPhases, SpecPhases, SpecStats};
 
 /// Largest speculation length a request may ask for.
@@ -566,6 +566,14 @@ impl Generation {
         let t = v.draw(0, DrawFrom::P, &mut self.rng)?;
         let t3 = Instant::now();
         self.stats.steps += 1;
+        // A plain step is the one-position point of the verify cost that adaptive k fits.
+        let plain_s = (t3 - t0).as_secs_f64();
+        if let Some(d) = self.drafter.as_mut() {
+            d.observe(0, 0, 0.0, plain_s);
+            if let Some(a) = self.adaptive.as_mut().filter(|_| !d.chooses_k()) {
+                a.observe(0, 0, 0.0, plain_s);
+            }
+        }
         let out = self.emit(&[t], &v)?;
         let p = &mut self.stats.plain_phases;
         p.steps += 1;
