@@ -803,6 +803,12 @@ fn spec(a: SpecArgs) -> Result<()> {
             }
         }
     }
+    // Each round's time against the autoregressive time of the same round: a drift between
+    // rounds cancels out of these, where it stays in a ratio of medians.
+    let paired: Vec<(f64, f64, f64)> = rounds
+        .iter()
+        .map(|times| paired_ratio(&rounds[0], times))
+        .collect();
     let mut spread = Vec::with_capacity(rows.len());
     for (row, times) in rows.iter_mut().zip(&mut rounds) {
         times.sort_by(f64::total_cmp);
@@ -816,11 +822,19 @@ fn spec(a: SpecArgs) -> Result<()> {
     let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
     let ranged = a.repeat > 1;
     println!(
-        "| configuration | tokens | tok/s{} | tokens/step | accepted/drafted | speed vs autoregressive |",
-        if ranged { " (median; range)" } else { "" }
+        "| configuration | tokens | tok/s{} | tokens/step | accepted/drafted | speed vs autoregressive{} |",
+        if ranged { " (median; range)" } else { "" },
+        if ranged {
+            " (ratio of medians) | per round (median; range)"
+        } else {
+            ""
+        }
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for (r, (lo, hi)) in rows.iter().zip(&spread) {
+    println!(
+        "| --- | --- | --- | --- | --- | --- |{}",
+        if ranged { " --- |" } else { "" }
+    );
+    for ((r, (lo, hi)), (pm, plo, phi)) in rows.iter().zip(&spread).zip(&paired) {
         let tps = r.tokens as f64 / r.seconds.max(1e-9);
         let per_step = r.tokens as f64 / r.steps.max(1) as f64;
         let rate = if r.drafted > 0 {
@@ -833,8 +847,13 @@ fn spec(a: SpecArgs) -> Result<()> {
         } else {
             String::new()
         };
+        let per_round = if ranged {
+            format!(" {pm:.2}x; {plo:.2}-{phi:.2}x |")
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {:.1}{range} | {:.2} | {} | {:.2}x |",
+            "| {} | {} | {:.1}{range} | {:.2} | {} | {:.2}x |{per_round}",
             r.name,
             r.tokens,
             tps,
@@ -846,9 +865,33 @@ fn spec(a: SpecArgs) -> Result<()> {
     Ok(())
 }
 
+/// The speed ratios `base[r] / times[r]` of each round r: (median, lowest, highest).
+fn paired_ratio(base: &[f64], times: &[f64]) -> (f64, f64, f64) {
+    let mut r: Vec<f64> = base
+        .iter()
+        .zip(times)
+        .map(|(b, t)| b / t.max(1e-9))
+        .collect();
+    if r.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    r.sort_by(f64::total_cmp);
+    (r[r.len() / 2], r[0], r[r.len() - 1])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::replay_lookup;
+    use super::{paired_ratio, replay_lookup};
+
+    #[test]
+    fn per_round_ratios_pair_each_round_with_its_own_baseline() {
+        // The machine slows down in round 2 and the configuration hits a stall in round 3: its
+        // own rounds say 1.25x, 1.25x and 0.6x (median 1.25x), where the ratio of the medians
+        // (12 s against 16 s) would say 0.75x.
+        let (base, times) = ([10.0, 20.0, 12.0], [8.0, 16.0, 20.0]);
+        assert_eq!(paired_ratio(&base, &times), (1.25, 0.6, 1.25));
+        assert!(paired_ratio(&[], &[]).0.is_nan());
+    }
     use crate::draft::PromptLookup;
 
     #[test]
