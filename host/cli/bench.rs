@@ -426,7 +426,7 @@ fn lookup(a: LookupArgs) -> Result<()> {
     let secs: Vec<f64> = cost.iter().map(|c| c / 1e3).collect();
     for (name, fit) in [
         ("fitted verify slope", true),
-        ("prior ratio (before session 11)", false),
+        ("prior ratio, no fit", false),
     ] {
         let (mut steps, mut s) = (0, 0.0);
         for (prompt, answer) in &pairs {

@@ -83,9 +83,9 @@ impl AdaptiveK {
         }
     }
 
-    /// The estimate before session 11 (`bench lookup` compares the two): the verify time split
-    /// between its fixed and per-position parts in the prior's 20:1 ratio forever, which makes
-    /// positions look cheap on a CPU.
+    /// Adaptive k without the fit, as it was before it had one (`bench lookup` compares the
+    /// two): each verify time is split between the fixed and per-position parts in the prior's
+    /// 20:1 ratio forever, which makes positions look cheap on a CPU.
     pub fn without_fit(k_max: usize) -> Self {
         Self {
             fit: None,
