@@ -247,66 +247,34 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Steps and verified rows of strict prompt lookup at T = 0 over `answer` (after `prompt`), drafting
-/// with `rule` at most `k` tokens a step. The first answer token comes from the prefill.
+/// Verified rows of each step of strict prompt lookup at T = 0 over `answer` (after `prompt`),
+/// drafting with `rule`. The first answer token comes from the prefill. `k(left, last)` gives
+/// each step's draft length from the answer tokens still to come and the last step's (drafted,
+/// accepted): a fixed k, or the engine's adaptive k fed what the engine would measure.
 pub fn replay_lookup(
     rule: &crate::draft::PromptLookup,
-    k: usize,
     prompt: &[u32],
     answer: &[u32],
+    mut k: impl FnMut(usize, Option<(usize, usize)>) -> usize,
 ) -> Vec<usize> {
     let mut context = prompt.to_vec();
     context.extend_from_slice(answer);
     let mut rows = Vec::new();
+    let mut last = None;
     let mut p = 1.min(answer.len());
     while p < answer.len() {
         let left = answer.len() - p;
-        let draft = rule.draft(&context[..prompt.len() + p], k.min(left));
+        let draft = rule.draft(&context[..prompt.len() + p], k(left, last));
         let accepted = draft
             .iter()
             .zip(&answer[p..])
             .take_while(|(d, a)| d == a)
             .count();
         rows.push(draft.len() + 1);
+        last = Some((draft.len(), accepted));
         p += (accepted + 1).min(left);
     }
     rows
-}
-
-/// Tokens and seconds of strict prompt lookup at T = 0 over `answer` with adaptive k (the
-/// engine's [`AdaptiveK`], fed the modelled `cost` of each forward by its rows, as the engine
-/// feeds it measured times): what [`replay_lookup`] does for a fixed k.
-pub fn replay_adaptive(
-    rule: &crate::draft::PromptLookup,
-    mut adaptive: AdaptiveK,
-    prompt: &[u32],
-    answer: &[u32],
-    cost: &[f64],
-) -> (usize, f64) {
-    let mut context = prompt.to_vec();
-    context.extend_from_slice(answer);
-    let (mut steps, mut seconds) = (0, 0.0);
-    let mut p = 1.min(answer.len());
-    while p < answer.len() {
-        let left = answer.len() - p;
-        let k = adaptive.next_k().min(left - 1);
-        let draft = if k == 0 {
-            Vec::new()
-        } else {
-            rule.draft(&context[..prompt.len() + p], k)
-        };
-        let accepted = draft
-            .iter()
-            .zip(&answer[p..])
-            .take_while(|(d, a)| d == a)
-            .count();
-        let s = cost[draft.len() + 1];
-        adaptive.observe(draft.len(), accepted, 0.0, s);
-        steps += 1;
-        seconds += s;
-        p += (accepted + 1).min(left);
-    }
-    (steps, seconds)
 }
 
 /// Least-squares (intercept, slope) of the points; a single point gives a flat line.
@@ -354,15 +322,7 @@ fn lookup(a: LookupArgs) -> Result<()> {
     let mut pairs = Vec::new();
     for prompt in prompts {
         let mut g = engine
-            .start(GenerateRequest {
-                prompt: prompt.clone(),
-                max_tokens: a.max_tokens,
-                sampling: SamplingParams::greedy(),
-                seed: Some(0),
-                stop_tokens: eos.clone(),
-                speculation: Speculation::Off,
-                ..Default::default()
-            })
+            .start(greedy(&prompt, a.max_tokens, &eos, Speculation::Off))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         while g.finished().is_none() {
             g.step()?;
@@ -406,7 +366,7 @@ fn lookup(a: LookupArgs) -> Result<()> {
                     };
                     let (mut steps, mut drafted, mut ms) = (0usize, 0usize, 0f64);
                     for (prompt, answer) in &pairs {
-                        for r in replay_lookup(&rule, kk, prompt, answer) {
+                        for r in replay_lookup(&rule, prompt, answer, |left, _| kk.min(left)) {
                             steps += 1;
                             drafted += r - 1;
                             ms += cost[r];
@@ -430,14 +390,20 @@ fn lookup(a: LookupArgs) -> Result<()> {
     ] {
         let (mut steps, mut s) = (0, 0.0);
         for (prompt, answer) in &pairs {
-            let a = if fit {
+            let mut a = if fit {
                 AdaptiveK::new(k)
             } else {
                 AdaptiveK::without_fit(k)
             };
-            let (n, t) = replay_adaptive(&PromptLookup::default(), a, prompt, answer, &secs);
-            steps += n;
-            s += t;
+            // As the engine: observe each step (a plain one too), cap k by what is left.
+            let rows = replay_lookup(&PromptLookup::default(), prompt, answer, |left, last| {
+                if let Some((drafted, accepted)) = last {
+                    a.observe(drafted, accepted, 0.0, secs[drafted + 1]);
+                }
+                a.next_k().min(left - 1)
+            });
+            steps += rows.len();
+            s += rows.iter().map(|&r| secs[r]).sum::<f64>();
         }
         println!(
             "default rule, adaptive k<={k}, {name}: {steps} steps, {:.2} tokens/step, predicted {:.2}x",
@@ -484,6 +450,24 @@ fn time_forward(s: &mut Session, tokens: &[u32], rounds: u32) -> Result<Vec<f64>
     }
     ms.sort_by(f64::total_cmp);
     Ok(ms)
+}
+
+/// A greedy, seeded request for `prompt` that stops at `eos` (what every bench run decodes).
+fn greedy(
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+    speculation: Speculation,
+) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        seed: Some(0),
+        stop_tokens: eos.to_vec(),
+        speculation,
+        ..Default::default()
+    }
 }
 
 /// Each message as the user's turn in the target's chat template, as token ids, and the end
@@ -751,15 +735,9 @@ fn spec(a: SpecArgs) -> Result<()> {
             for prompt in &prompts {
                 let mut g = engine
                     .start(GenerateRequest {
-                        prompt: prompt.clone(),
-                        max_tokens: a.max_tokens,
-                        sampling: SamplingParams::greedy(),
-                        seed: Some(0),
-                        stop_tokens: eos.clone(),
-                        speculation: speculation.clone(),
                         policy: policy.clone(),
                         adaptive: Some(*adaptive),
-                        ..Default::default()
+                        ..greedy(prompt, a.max_tokens, &eos, speculation.clone())
                     })
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
                 // The prefill is the same for every configuration: time the decode only.
@@ -898,24 +876,33 @@ mod tests {
     fn lookup_replay_counts_rows_per_step() {
         let prompt = [7, 1, 2, 3, 4, 5, 6];
         let answer = [1, 2, 3, 4, 5, 6, 9];
+        let fixed = |rule: &PromptLookup, answer: &[u32]| {
+            replay_lookup(rule, &prompt, answer, |left, _| 4.min(left))
+        };
         // The prefill gives 1; "1" matches -> drafts 2 3 4 5 (all kept, 5 rows), then
         // "3 4 5 6" matches -> drafts 1 (rejected: the answer says 9, 2 rows).
         let rule = PromptLookup::with_min(1);
-        assert_eq!(replay_lookup(&rule, 4, &prompt, &answer), vec![5, 2]);
+        assert_eq!(fixed(&rule, &answer), vec![5, 2]);
         // One token per matched token: "1" drafts only 2, then "1 2 3" drafts 4 5 6.
         let rule = PromptLookup {
             per_match: 1,
             ..PromptLookup::with_min(1)
         };
-        assert_eq!(replay_lookup(&rule, 4, &prompt, &answer), vec![2, 4]);
+        assert_eq!(fixed(&rule, &answer), vec![2, 4]);
         // Nothing to replay past the first token.
-        assert!(replay_lookup(&rule, 4, &prompt, &answer[..1]).is_empty());
+        assert!(fixed(&rule, &answer[..1]).is_empty());
         // The default waits for two matching tokens: "6 1" is new, so a plain step (1 row);
         // then "1 2" drafts 3 4 5 6, all kept, and the target's 9 ends the answer.
-        assert_eq!(
-            replay_lookup(&PromptLookup::default(), 4, &prompt, &answer),
-            vec![1, 5]
-        );
+        assert_eq!(fixed(&PromptLookup::default(), &answer), vec![1, 5]);
+        // The k callback sees what is left and the last step's (drafted, accepted).
+        let mut seen = Vec::new();
+        let rule = PromptLookup::with_min(1);
+        let rows = replay_lookup(&rule, &prompt, &answer, |left, last| {
+            seen.push((left, last));
+            4.min(left)
+        });
+        assert_eq!(rows, vec![5, 2]);
+        assert_eq!(seen, vec![(6, None), (1, Some((4, 4)))]);
     }
 
     #[test]

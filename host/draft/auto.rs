@@ -59,30 +59,31 @@ impl AutoDrafter {
         }
     }
 
-    /// The order to try the candidates in this step.
-    fn order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.candidates.len()).collect();
+    /// The candidates to try in this step, in order, each with its draft length (at most `k`).
+    fn order(&self, k: usize) -> Vec<(usize, usize)> {
         if !self.adaptive {
-            return order;
+            return (0..self.candidates.len()).map(|i| (i, k)).collect();
         }
-        // Expected tokens per second of each candidate and of a plain step: with the shared
-        // verify cost once it is known, else each candidate's own estimate.
+        // Each candidate's best k and expected tokens per second, and a plain step's: with the
+        // shared verify cost once it is known (it has every candidate's and plain step's
+        // forwards), else each candidate's own estimate.
         let fit = self.verify.fit();
-        let speeds: Vec<(f64, f64)> = self
+        let best: Vec<((usize, f64), f64)> = self
             .candidates
             .iter()
             .map(|c| match fit {
                 Some((fixed, per)) => (
-                    c.estimate.best_with(|n| fixed + per * n as f64).1,
+                    c.estimate.best_with(|n| fixed + per * n as f64),
                     1.0 / (fixed + per).max(1e-12),
                 ),
-                None => (c.estimate.best().1, c.estimate.plain_speed()),
+                None => (c.estimate.best(), c.estimate.plain_speed()),
             })
             .collect();
+        let mut order: Vec<usize> = (0..self.candidates.len()).collect();
         // Drafting that is not expected to beat a plain step is not tried.
-        order.retain(|&i| speeds[i].0 >= speeds[i].1);
+        order.retain(|&i| best[i].0.1 >= best[i].1);
         // Best expected speed first (a stable sort keeps the given order on ties).
-        order.sort_by(|&a, &b| speeds[b].0.total_cmp(&speeds[a].0));
+        order.sort_by(|&a, &b| best[b].0.1.total_cmp(&best[a].0.1));
         if self.steps % EXPLORE_EVERY == EXPLORE_EVERY - 1
             && let Some(stale) =
                 (0..self.candidates.len()).min_by_key(|&i| self.candidates[i].last_used)
@@ -90,7 +91,7 @@ impl AutoDrafter {
             order.retain(|&i| i != stale);
             order.insert(0, stale); // explored even when its estimate says plain is faster
         }
-        order
+        order.into_iter().map(|i| (i, best[i].0.0.min(k))).collect()
     }
 }
 
@@ -108,17 +109,8 @@ impl Drafter for AutoDrafter {
     ) -> Result<Draft> {
         self.steps += 1;
         self.last = None;
-        let fit = self.verify.fit();
-        for i in self.order() {
+        for (i, k_i) in self.order(k) {
             let c = &mut self.candidates[i];
-            let k_i = match (self.adaptive, fit) {
-                // The shared fit knows the verify slope from every candidate and plain step.
-                (true, Some((fixed, per))) => {
-                    c.estimate.best_with(|n| fixed + per * n as f64).0.min(k)
-                }
-                (true, None) => c.estimate.next_k().min(k),
-                (false, _) => k,
-            };
             let draft = c.drafter.propose(context, k_i, sampling, rng)?;
             if !draft.tokens.is_empty() {
                 c.last_used = self.steps;
