@@ -9,6 +9,7 @@ pub mod cli;
 pub mod decide;
 pub mod draft;
 pub mod engine;
+pub mod files;
 pub mod judge;
 pub mod models;
 pub mod sample;

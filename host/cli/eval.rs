@@ -151,10 +151,10 @@ fn run_humaneval(a: HumanevalArgs) -> Result<()> {
     print!("{}", eval::table(&rows));
     if let Some(p) = &a.json {
         let json = serde_json::to_vec_pretty(&rows)?;
-        crate::verify::judge::write_atomic(p, &json)?;
+        crate::files::write_atomic(p, &json)?;
     }
     if let Some(p) = &a.svg {
-        crate::verify::judge::write_atomic(p, eval::svg(&rows, &title).as_bytes())?;
+        crate::files::write_atomic(p, eval::svg(&rows, &title).as_bytes())?;
     }
     Ok(())
 }

@@ -26,8 +26,9 @@ use sha2::{Digest, Sha256};
 
 use super::builtin;
 use super::policy::{LoadedPolicy, PolicyCounters, PolicyHandle};
-use super::runtime::{PolicyLimits, PolicyRuntime, write_atomic};
+use super::runtime::{PolicyLimits, PolicyRuntime};
 use super::types::{Info, ParamKind};
+use crate::files::write_atomic;
 
 /// Limits on what a policy may declare (a hostile `info` must not bloat the host).
 const MAX_NAME: usize = 64;

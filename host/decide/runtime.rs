@@ -3,7 +3,7 @@
 //! the per-instance `Store` with its memory cap.
 
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use wasmtime::{
 };
 
 use super::types::{FaultKind, Info, Step, Verdict};
+use crate::files::write_atomic;
 
 /// Resource caps for every policy call. The defaults leave a correct policy (a few thousand
 /// instructions per step) orders of magnitude of headroom.
@@ -256,28 +257,6 @@ fn compat_hash(engine: &Engine) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     h.finish()
-}
-
-/// Writes `bytes` to `path` via a temporary file and a rename, so readers (and a restart after a
-/// crash) see either the old file or the complete new one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| anyhow!("cannot rename into {}: {}", path.display(), e.error))?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Formats a wasmtime error with its whole chain (the trap message plus the backtrace context).

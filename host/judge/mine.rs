@@ -21,11 +21,12 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 
 use super::humaneval::{self, Outcome, Problem, Sandbox};
+use crate::files::write_atomic;
 use crate::models::chat::ChatTemplate;
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
 use crate::sample;
-use crate::verify::judge::{TargetIdentity, write_atomic};
+use crate::verify::judge::TargetIdentity;
 
 /// How a mismatch is labelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

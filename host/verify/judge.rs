@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device, Tensor};
 
+use crate::files::write_atomic;
 use crate::models::Model;
 
 const FORMAT: &str = "verdict-judge-head";
@@ -390,32 +391,6 @@ pub fn weights_sha256(path: &Path) -> Result<String> {
         c.insert(key, s.clone());
     }
     Ok(s)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // Readable like any file the user writes (a temporary file starts as 0600).
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = tmp
-            .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644));
-    }
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("cannot sync {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error))?;
-    Ok(())
 }
 
 #[cfg(test)]
