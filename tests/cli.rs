@@ -387,6 +387,51 @@ fn bench_lookup_replays_rules_and_checks_its_prompts() {
     assert!(stdout.contains("fitted:"), "{stdout}");
     // The default rule's rows are always listed.
     assert!(stdout.contains("(default)"), "{stdout}");
+    // --answers: the first run writes the greedy answers, the second replays them without
+    // generating, to the same steps; answers for other prompts, or a broken file, are refused.
+    let answers = dir.path().join("answers.json");
+    let a = answers.to_str().unwrap();
+    let args = [
+        "--kind",
+        "edit",
+        "--max-tokens",
+        "12",
+        "--k",
+        "3",
+        "--rounds",
+        "1",
+        "--answers",
+        a,
+    ];
+    let first = run(&args);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stderr).contains("answer of"));
+    let second = run(&args);
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(
+        !text(&second.stderr).contains("answer of"),
+        "{}",
+        text(&second.stderr)
+    );
+    let steps = |out: &std::process::Output| {
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("default rule") || l.contains("decode tokens"))
+            .map(|l| l.split(", predicted").next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&first).len(), 4, "{}", text(&first.stdout));
+    assert_eq!(steps(&first), steps(&second));
+    let out = run(&["--kind", "write", "--answers", a]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("answers are for other prompts"), "{err}");
+    std::fs::write(&answers, "[[1, 2]").unwrap();
+    let out = run(&["--kind", "edit", "--answers", a]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("not a list of [prompt, answer]"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     let out = run(&["--kind", "chat"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);

@@ -86,6 +86,11 @@ pub struct LookupArgs {
     /// Timed forwards per row count (after one warm-up); the median is used.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
+    /// A JSON file of the prompts' tokens and their greedy answers: read when it exists (the
+    /// answers are not generated again), written otherwise. Replays of new rules then cost
+    /// only the timed forwards.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
     /// CPU threads for the matrix kernels (default: one per physical core).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
@@ -247,8 +252,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Verified rows of each step of strict prompt lookup at T = 0 over `answer` (after `prompt`),
-/// drafting with `rule`. The first answer token comes from the prefill. `k(left, last)` gives
+/// Each step of strict prompt lookup at T = 0 over `answer` (after `prompt`), drafting with
+/// `rule`, as (drafted, accepted); the step verified drafted + 1 rows. The first answer token comes from the prefill. `k(left, last)` gives
 /// each step's draft length from the answer tokens still to come and the last step's (drafted,
 /// accepted): a fixed k, or the engine's adaptive k fed what the engine would measure.
 pub fn replay_lookup(
@@ -256,10 +261,10 @@ pub fn replay_lookup(
     prompt: &[u32],
     answer: &[u32],
     mut k: impl FnMut(usize, Option<(usize, usize)>) -> usize,
-) -> Vec<usize> {
+) -> Vec<(usize, usize)> {
     let mut context = prompt.to_vec();
     context.extend_from_slice(answer);
-    let mut rows = Vec::new();
+    let mut steps = Vec::new();
     let mut last = None;
     let mut p = 1.min(answer.len());
     while p < answer.len() {
@@ -270,11 +275,11 @@ pub fn replay_lookup(
             .zip(&answer[p..])
             .take_while(|(d, a)| d == a)
             .count();
-        rows.push(draft.len() + 1);
+        steps.push((draft.len(), accepted));
         last = Some((draft.len(), accepted));
         p += (accepted + 1).min(left);
     }
-    rows
+    steps
 }
 
 /// Least-squares (intercept, slope) of the points; a single point gives a flat line.
@@ -319,17 +324,46 @@ fn lookup(a: LookupArgs) -> Result<()> {
         adaptive: false,
         synthetic_acceptance: None,
     })?;
-    let mut pairs = Vec::new();
-    for prompt in prompts {
-        let mut g = engine
-            .start(greedy(&prompt, a.max_tokens, &eos, Speculation::Off))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        while g.finished().is_none() {
-            g.step()?;
+    let pairs = match a.answers.as_deref().filter(|p| p.exists()) {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+                serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{}: not a list of [prompt, answer] token lists",
+                        path.display()
+                    )
+                })?;
+            // Answers to other prompts (another prompts file, --kind or template) would replay
+            // the wrong text.
+            if pairs.len() != prompts.len() || pairs.iter().zip(&prompts).any(|(p, q)| &p.0 != q) {
+                bail!(
+                    "{}: its answers are for other prompts than {} gives (delete it to generate them again)",
+                    path.display(),
+                    a.prompts_file.display()
+                );
+            }
+            pairs
         }
-        eprintln!("lookup: answer of {} tokens", g.output().len());
-        pairs.push((prompt, g.output().to_vec()));
-    }
+        None => {
+            let mut pairs = Vec::new();
+            for prompt in prompts {
+                let mut g = engine
+                    .start(greedy(&prompt, a.max_tokens, &eos, Speculation::Off))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                while g.finished().is_none() {
+                    g.step()?;
+                }
+                eprintln!("lookup: answer of {} tokens", g.output().len());
+                pairs.push((prompt, g.output().to_vec()));
+            }
+            if let Some(path) = &a.answers {
+                crate::files::write_atomic(path, serde_json::to_string(&pairs)?.as_bytes())?;
+            }
+            pairs
+        }
+    };
     let mut s = engine.target().session();
     s.forward(&pairs[0].0, Rows::Last)?;
     let ids: Vec<u32> = pairs[0].1.iter().copied().cycle().take(k + 1).collect();
@@ -366,10 +400,10 @@ fn lookup(a: LookupArgs) -> Result<()> {
                     };
                     let (mut steps, mut drafted, mut ms) = (0usize, 0usize, 0f64);
                     for (prompt, answer) in &pairs {
-                        for r in replay_lookup(&rule, prompt, answer, |left, _| kk.min(left)) {
+                        for (d, _) in replay_lookup(&rule, prompt, answer, |left, _| kk.min(left)) {
                             steps += 1;
-                            drafted += r - 1;
-                            ms += cost[r];
+                            drafted += d;
+                            ms += cost[d + 1];
                         }
                     }
                     results.push((plain / ms.max(1e-9), rule, kk, steps, drafted));
@@ -396,14 +430,14 @@ fn lookup(a: LookupArgs) -> Result<()> {
                 AdaptiveK::without_fit(k)
             };
             // As the engine: observe each step (a plain one too), cap k by what is left.
-            let rows = replay_lookup(&PromptLookup::default(), prompt, answer, |left, last| {
+            let replay = replay_lookup(&PromptLookup::default(), prompt, answer, |left, last| {
                 if let Some((drafted, accepted)) = last {
                     a.observe(drafted, accepted, 0.0, secs[drafted + 1]);
                 }
                 a.next_k().min(left - 1)
             });
-            steps += rows.len();
-            s += rows.iter().map(|&r| secs[r]).sum::<f64>();
+            steps += replay.len();
+            s += replay.iter().map(|&(d, _)| secs[d + 1]).sum::<f64>();
         }
         println!(
             "default rule, adaptive k<={k}, {name}: {steps} steps, {:.2} tokens/step, predicted {:.2}x",
@@ -411,6 +445,22 @@ fn lookup(a: LookupArgs) -> Result<()> {
             plain / (s * 1e3).max(1e-9)
         );
     }
+    // The ceiling of any k rule for the default lookup: draft exactly the tokens the target
+    // will keep (k <= --k), known only in hindsight. The gap to adaptive k is what a better
+    // predictor of acceptance could still win; past it, only a cheaper verified row helps.
+    let (mut steps, mut ms) = (0, 0.0);
+    for (prompt, answer) in &pairs {
+        let replay = replay_lookup(&PromptLookup::default(), prompt, answer, |left, _| {
+            k.min(left)
+        });
+        steps += replay.len();
+        ms += replay.iter().map(|&(_, acc)| cost[acc + 1]).sum::<f64>();
+    }
+    println!(
+        "default rule, k<={k} chosen in hindsight (the ceiling of any k rule): {steps} steps, {:.2} tokens/step, predicted {:.2}x",
+        tokens as f64 / steps.max(1) as f64,
+        plain / ms.max(1e-9)
+    );
     println!(
         "| min n | max n | per match | k | steps | drafted | tokens/step | predicted vs autoregressive |"
     );
@@ -878,6 +928,9 @@ mod tests {
         let answer = [1, 2, 3, 4, 5, 6, 9];
         let fixed = |rule: &PromptLookup, answer: &[u32]| {
             replay_lookup(rule, &prompt, answer, |left, _| 4.min(left))
+                .iter()
+                .map(|&(d, _)| d + 1)
+                .collect::<Vec<_>>()
         };
         // The prefill gives 1; "1" matches -> drafts 2 3 4 5 (all kept, 5 rows), then
         // "3 4 5 6" matches -> drafts 1 (rejected: the answer says 9, 2 rows).
@@ -901,7 +954,8 @@ mod tests {
             seen.push((left, last));
             4.min(left)
         });
-        assert_eq!(rows, vec![5, 2]);
+        // (drafted, accepted): 2 3 4 5 kept, then the drafted 1 rejected.
+        assert_eq!(rows, vec![(4, 4), (1, 0)]);
         assert_eq!(seen, vec![(6, None), (1, Some((4, 4)))]);
     }
 
