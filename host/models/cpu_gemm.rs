@@ -510,7 +510,7 @@ mod x86 {
     }
 
     /// `C` consecutive weight rows of `kind` (`row_bytes` apart in `w`) against activation rows
-    /// `rows`: column j's result for row i into `out[j][i]`. Q6_K runs column by column.
+    /// `rows`: column j's result for row i into `out[j][i]`.
     pub(super) unsafe fn columns<const C: usize>(
         kind: Kind,
         w: &[u8],
@@ -529,15 +529,8 @@ mod x86 {
                 (Kind::Q5_0, false) => q5_0::<R, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
-                (Kind::Q6K, _) => {
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let (wj, o) = (&w[j * row_bytes..], &mut o[..rows.len()]);
-                        match one {
-                            true => q6k::<1>(wj, acts, rows.clone(), o),
-                            false => q6k::<R>(wj, acts, rows.clone(), o),
-                        }
-                    }
-                }
+                (Kind::Q6K, true) => q6k::<1, C>(w, row_bytes, acts, r, out),
+                (Kind::Q6K, false) => q6k::<R, C>(w, row_bytes, acts, r, out),
             }
         }
     }
@@ -618,18 +611,22 @@ mod x86 {
         }
     }
 
-    /// One Q6_K weight row against activation rows `rows`.
+    /// `C` consecutive Q6_K weight rows (`row_bytes` apart in `w`) against activation rows
+    /// `rows`; column j's result for row i into `out[j][i]`. The activation loads (and their
+    /// `32 * a` correction) are shared by the C columns; each column's arithmetic is the same
+    /// for any `C` and `R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q6k<const R: usize>(
+    pub(super) unsafe fn q6k<const R: usize, const C: usize>(
         w: &[u8],
+        row_bytes: usize,
         acts: &Acts,
         rows: std::ops::Range<usize>,
-        out: &mut [f32],
+        out: &mut [[f32; ROWS_PER_PASS]; C],
     ) {
         let nb = acts.k / QK_K;
-        debug_assert!(w.len() >= nb * Q6K_BYTES);
+        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * Q6K_BYTES);
         let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
         let low = _mm512_set1_epi8(0x0f);
         let two = _mm512_set1_epi8(0x03);
         let thirty_two = _mm512_set1_epi8(32);
@@ -639,44 +636,53 @@ mod x86 {
             unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
         });
         for sb in 0..nb {
-            let blk = unsafe { w.as_ptr().add(sb * Q6K_BYTES) };
-            unsafe { prefetch(blk, Q6K_BYTES) };
-            let d = f16_at(unsafe { std::slice::from_raw_parts(blk.add(208), 2) }, 0);
-            let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192).cast())) };
-            let sc512 = _mm512_castsi256_si512(sc16);
-            let mut wv = [_mm512_setzero_si512(); 4];
-            for h in 0..2 {
-                let l = unsafe { _mm512_loadu_si512(blk.add(64 * h).cast()) };
-                let qh = unsafe { _mm256_loadu_si256(blk.add(128 + 32 * h).cast()) };
-                // bytes 0..32: qh (bits 0-1 for values 0..32), bytes 32..64: qh >> 2 (32..64)
-                let hb =
-                    _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-                let hi0 = _mm512_slli_epi16(_mm512_and_si512(hb, two), 4);
-                let hi1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), two), 4);
-                wv[2 * h] = _mm512_or_si512(_mm512_and_si512(l, low), hi0);
-                wv[2 * h + 1] =
-                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low), hi1);
+            let mut d = [0f32; C];
+            let mut wv = [[_mm512_setzero_si512(); 4]; C];
+            let mut sv = [[_mm512_setzero_si512(); 4]; C];
+            for j in 0..C {
+                let blk = unsafe { w.as_ptr().add(j * row_bytes + sb * Q6K_BYTES) };
+                unsafe { prefetch(blk, Q6K_BYTES) };
+                d[j] = f16_at(unsafe { std::slice::from_raw_parts(blk.add(208), 2) }, 0);
+                let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192).cast())) };
+                let sc512 = _mm512_castsi256_si512(sc16);
+                for h in 0..2 {
+                    let l = unsafe { _mm512_loadu_si512(blk.add(64 * h).cast()) };
+                    let qh = unsafe { _mm256_loadu_si256(blk.add(128 + 32 * h).cast()) };
+                    // bytes 0..32: qh (bits 0-1 for values 0..32), bytes 32..64: qh >> 2 (32..64)
+                    let hb =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+                    let hi0 = _mm512_slli_epi16(_mm512_and_si512(hb, two), 4);
+                    let hi1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), two), 4);
+                    wv[j][2 * h] = _mm512_or_si512(_mm512_and_si512(l, low), hi0);
+                    wv[j][2 * h + 1] =
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low), hi1);
+                }
+                sv[j] = std::array::from_fn(|c| _mm512_permutexvar_epi16(idx[c], sc512));
             }
-            let sv: [__m512i; 4] = std::array::from_fn(|c| _mm512_permutexvar_epi16(idx[c], sc512));
             for i in 0..n {
                 let p = rp[i];
                 let a = unsafe { p.qs.add(sb * QK_K) };
-                let mut dot = _mm512_setzero_si512();
-                for c in 0..4 {
-                    let av = unsafe { _mm512_loadu_si512(a.add(64 * c).cast()) };
-                    // The stored 6-bit values are q + 32: sum (q + 32) a - 32 a over each pair.
-                    let pr = _mm512_sub_epi16(
-                        _mm512_maddubs_epi16(wv[c], av),
-                        _mm512_maddubs_epi16(thirty_two, av),
-                    );
-                    dot = _mm512_dpwssd_epi32(dot, pr, sv[c]);
+                let av: [__m512i; 4] =
+                    std::array::from_fn(|c| unsafe { _mm512_loadu_si512(a.add(64 * c).cast()) });
+                // The stored 6-bit values are q + 32: sum (q + 32) a - 32 a over each pair.
+                let a32: [__m512i; 4] =
+                    std::array::from_fn(|c| _mm512_maddubs_epi16(thirty_two, av[c]));
+                let da = unsafe { *p.d.add(sb) };
+                for j in 0..C {
+                    let mut dot = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let pr = _mm512_sub_epi16(_mm512_maddubs_epi16(wv[j][c], av[c]), a32[c]);
+                        dot = _mm512_dpwssd_epi32(dot, pr, sv[j][c]);
+                    }
+                    let s = _mm512_set1_ps(d[j] * da);
+                    acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[j][i]);
                 }
-                let s = _mm512_set1_ps(d * unsafe { *p.d.add(sb) });
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
             }
         }
-        for (i, o) in out.iter_mut().enumerate().take(n) {
-            *o = _mm512_reduce_add_ps(acc[i]);
+        for j in 0..C {
+            for i in 0..n {
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+            }
         }
     }
 
@@ -980,28 +986,34 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX-512 VNNI");
             return;
         }
-        // Q4_K runs columns in pairs: column 1 pairs with 0 in the whole matrix and with 2 in
-        // rows 1..4 of it; column 3 pairs with 2 there and runs alone here.
-        let w = Arc::new(QTensor::quantize(&random(5, 512, 11), GgmlDType::Q4K).unwrap());
-        let row_bytes = 512 / QK_K * Q4K_BYTES;
-        let part = w.data().unwrap()[row_bytes..4 * row_bytes].to_vec();
-        let st = candle_core::quantized::QStorage::from_data(
-            std::borrow::Cow::Owned(part),
-            &Device::Cpu,
-            GgmlDType::Q4K,
-        )
-        .unwrap();
-        let sub = Arc::new(QTensor::new(st, (3, 512)).unwrap());
-        let (g, gs) = (
-            Gemm::for_types(&w, |_| true).unwrap(),
-            Gemm::for_types(&sub, |_| true).unwrap(),
-        );
-        for m in [1, 4] {
-            let x = random(m, 512, 12);
-            let all = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            let some = gs.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            for r in 0..m {
-                assert_eq!(all[r][1..4], some[r][..], "m={m} row {r}");
+        // Columns run in pairs: column 1 pairs with 0 in the whole matrix and with 2 in rows
+        // 1..4 of it; column 3 pairs with 2 there and runs alone here.
+        for (dtype, row_bytes) in [
+            (GgmlDType::Q4K, 512 / QK_K * Q4K_BYTES),
+            (GgmlDType::Q6K, 512 / QK_K * Q6K_BYTES),
+            (GgmlDType::Q8_0, 512 / QK8_0 * Q8_0_BYTES),
+            (GgmlDType::Q5_0, 512 / QK8_0 * Q5_0_BYTES),
+        ] {
+            let w = Arc::new(QTensor::quantize(&random(5, 512, 11), dtype).unwrap());
+            let part = w.data().unwrap()[row_bytes..4 * row_bytes].to_vec();
+            let st = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(part),
+                &Device::Cpu,
+                dtype,
+            )
+            .unwrap();
+            let sub = Arc::new(QTensor::new(st, (3, 512)).unwrap());
+            let (g, gs) = (
+                Gemm::for_types(&w, |_| true).unwrap(),
+                Gemm::for_types(&sub, |_| true).unwrap(),
+            );
+            for m in [1, 4] {
+                let x = random(m, 512, 12);
+                let all = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let some = gs.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for r in 0..m {
+                    assert_eq!(all[r][1..4], some[r][..], "{dtype:?} m={m} row {r}");
+                }
             }
         }
     }
