@@ -10,8 +10,8 @@
 #   2. greedy:   tests/greedy.rs on the GPU (in the kernels test binary): SmolLM2's greedy tokens
 #                vs llama.cpp's fixture, on verdict's decode path and on candle's ops
 #                (VERDICT_CUDA_FAST=0), and the largest logit gap to the CPU; the same for the
-#                real Qwen2.5-Coder-0.5B when its parts came (`bench/gpu.sh pack-qwen05`: 8 more
-#                calls, see there);
+#                real Qwen2.5-Coder-0.5B / 1.5B when their parts came (`bench/gpu.sh pack-qwen05`,
+#                `pack-qwen15`: 8 / 18 more calls, see there);
 #   3. generate: greedy `verdict generate` on SmolLM2, GPU vs CPU text, and strict speculation
 #                vs plain decoding on the GPU (must be identical);
 #   4. speed:    autoregressive decode tok/s of SmolLM2 and, with random weights (`verdict bench
@@ -57,19 +57,29 @@ smol=SmolLM2-135M-Instruct.Q4_1.gguf
 # tokens per step (4.71 at k=4, 7.97 at k=8; BENCHMARKS.md, bench spec on CPU).
 rate=0.97
 
-if [ "${1:-}" = pack-qwen05 ]; then
-    # The real Qwen2.5-Coder-0.5B for the greedy check on the GPU (issue 2 item 6): 8 parts of
-    # at most 61 MiB, one per call (bench/out/gpu/q05/N), carried one after another to the same
-    # warm machine (ignored files stay there between calls): runs 1..7 with command "true", the
-    # last one with VERDICT_GPU_STEPS=kernels,greedy (after run 1 of `pack`, which brings the
-    # binaries). bench/gpu.sh joins the parts and checks the sha256 before using them.
+# The real Qwen2.5-Coder files for the greedy check on the GPU (issue 2 item 6).
+real_file() { case $1 in qwen05) echo qwen2.5-coder-0.5b.gguf ;; qwen15) echo qwen2.5-coder-1.5b.gguf ;; esac; }
+real_sha() {
+    case $1 in
+    qwen05) echo 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 ;;
+    qwen15) echo cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 ;;
+    esac
+}
+
+if [ "${1:-}" = pack-qwen05 ] || [ "${1:-}" = pack-qwen15 ]; then
+    # A real model in parts of at most 61 MiB, one per call (bench/out/gpu/<m>/N; the 0.5B takes
+    # 8, the 1.5B 18), carried one after another to the same warm machine (ignored files stay
+    # there between calls): runs 1..N-1 with command "true", the last one with
+    # VERDICT_GPU_STEPS=kernels,greedy (after run 1 of `pack`, which brings the binaries).
+    # bench/gpu.sh joins the parts and checks the sha256 before using them.
     set -e
-    rm -rf "$dir/q05" && mkdir -p "$dir/q05"
-    split -b $((61 * 1048576)) -d -a 1 "$models/qwen2.5-coder-0.5b.gguf" "$dir/q05/part-"
-    for p in "$dir"/q05/part-*; do
-        n=$((${p##*-} + 1))
-        mkdir -p "$dir/q05/$n" && mv "$p" "$dir/q05/$n/"
-        echo "run $n carries $dir/q05/$n: $(($(stat -c %s "$dir/q05/$n/${p##*/}") / 1048576)) MiB"
+    m=${1#pack-}
+    rm -rf "${dir:?}/$m" && mkdir -p "$dir/$m"
+    split -b $((61 * 1048576)) -d -a 2 "$models/$(real_file "$m")" "$dir/$m/part-"
+    for p in "$dir/$m"/part-*; do
+        n=$((10#${p##*-} + 1))
+        mkdir -p "$dir/$m/$n" && mv "$p" "$dir/$m/$n/"
+        echo "run $n carries $dir/$m/$n: $(($(stat -c %s "$dir/$m/$n/${p##*/}") / 1048576)) MiB"
     done
     exit 0
 fi
@@ -159,15 +169,16 @@ else
     cp "$models/$smol" "$work/$smol" 2>/dev/null || echo "no $smol"
 fi
 
-# The real 0.5B, when all its parts came (pack-qwen05): joined and checked.
-q05_sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-if ls "$dir"/q05/*/part-* >/dev/null 2>&1; then
-    cat $(ls "$dir"/q05/*/part-* | sort -t- -k2 -n) >"$work/qwen2.5-coder-0.5b.gguf"
-    if [ "$(sha256sum "$work/qwen2.5-coder-0.5b.gguf" | cut -d' ' -f1)" != $q05_sha ]; then
-        echo "qwen2.5-coder-0.5b.gguf: parts missing or corrupt (sha256 differs)"
-        rm -f "$work/qwen2.5-coder-0.5b.gguf"
+# The real models whose parts all came (pack-qwen05, pack-qwen15): joined and checked.
+for m in qwen05 qwen15; do
+    ls "$dir/$m"/*/part-* >/dev/null 2>&1 || continue
+    f=$work/$(real_file $m)
+    cat $(ls "$dir/$m"/*/part-* | sort -t- -k2 -n) >"$f"
+    if [ "$(sha256sum "$f" | cut -d' ' -f1)" != "$(real_sha $m)" ]; then
+        echo "$(real_file $m): parts missing or corrupt (sha256 differs)"
+        rm -f "$f"
     fi
-fi
+done
 
 # Every step's timeout is capped by what is left of the run's budget (the call is given 560 s);
 # the last 180 s are kept for the peer.
@@ -227,10 +238,10 @@ fi
 
 # 2. greedy vs llama.cpp's fixture, on the device (off the CPU: verdict's decode path, and
 # candle's ops with VERDICT_CUDA_FAST=0)
-for m in smollm2 qwen05; do
+for m in smollm2 qwen05 qwen15; do
 # (each model only when its file came)
 [ $m = smollm2 ] && [ ! -f "$work/$smol" ] && continue
-[ $m = qwen05 ] && [ ! -f "$work/qwen2.5-coder-0.5b.gguf" ] && continue
+[ $m != smollm2 ] && [ ! -f "$work/$(real_file $m)" ] && continue
 for fast in 1 0; do
     want greedy || break 2
     [ $fast = 0 ] && [ "$dev" = cpu ] && break
