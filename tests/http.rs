@@ -422,6 +422,15 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
         assert!(err.get("code").is_some(), "{e}");
         assert_eq!(err["param"].as_str(), *param, "{body}: {e}");
     }
+    // A prompt that fills the context says how long it is, with OpenAI's code for it.
+    let r = s.post_json("/v1/completions", &json!({"prompt": long_prompt}));
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "context_length_exceeded", "{e}");
+    let m = e["message"].as_str().unwrap_or_default();
+    assert!(
+        m.contains("the prompt is 64 tokens") && m.contains("holds 64"),
+        "{m}"
+    );
     // Routing and transport-level abuse.
     assert_eq!(s.get("/v1/nothing").status, 404);
     assert_eq!(s.get("/v1/completions").status, 405);

@@ -665,7 +665,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         return Err(ApiError::invalid(
             field,
             format!(
-                "the {field} is {} tokens; this model's context holds {ctx}, and at least one must be left to generate",
+                "the prompt is {} tokens; this model's context holds {ctx}, and at least one must be left to generate",
                 prompt.len()
             ),
         )
