@@ -87,8 +87,8 @@ pub struct LookupArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
     /// A JSON file of the prompts' tokens and their greedy answers: read when it exists (the
-    /// answers are not generated again), written otherwise. Replays of new rules then cost
-    /// only the timed forwards.
+    /// answers are not generated again, and --max-tokens does not apply), written otherwise.
+    /// Replays of new rules then cost only the timed forwards.
     #[arg(long)]
     pub answers: Option<PathBuf>,
     /// CPU threads for the matrix kernels (default: one per physical core).
@@ -253,9 +253,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
 }
 
 /// Each step of strict prompt lookup at T = 0 over `answer` (after `prompt`), drafting with
-/// `rule`, as (drafted, accepted); the step verified drafted + 1 rows. The first answer token comes from the prefill. `k(left, last)` gives
-/// each step's draft length from the answer tokens still to come and the last step's (drafted,
-/// accepted): a fixed k, or the engine's adaptive k fed what the engine would measure.
+/// `rule`, as (drafted, accepted); the step verified drafted + 1 rows. The first answer token
+/// comes from the prefill. `k(left, last)` gives each step's draft length from the answer tokens
+/// still to come and the last step's (drafted, accepted): a fixed k, or the engine's adaptive k
+/// fed what the engine would measure.
 pub fn replay_lookup(
     rule: &crate::draft::PromptLookup,
     prompt: &[u32],
