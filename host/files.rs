@@ -1,5 +1,5 @@
-//! Files the server and its commands write (compiled policies, manifests, judge heads, mined
-//! samples, evaluation tables): always whole or not at all.
+//! Files the server and its commands write for a later reader (compiled policies, manifests,
+//! judge heads, mined samples, evaluation tables, bench answers): always whole or not at all.
 
 use std::io::Write;
 use std::path::Path;
