@@ -13,11 +13,16 @@
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
 //! values (for Q8_0). The integer dot products use `vpmaddubsw` + `vpdpwssd` (the k-quants:
 //! the block scales multiply 16-bit pair sums in the same instruction) and `vpdpbusd` (Q8_0,
-//! with the weight's sign moved onto the activation). Q5_0 is the one type read from a copy:
-//! `pack_q5_0` regroups 4 blocks into 88 bytes (the stored size) so that one 64-byte load and
-//! one masked byte add give 64 weights, where reading the 22-byte blocks as stored measured
-//! slower than widening them to Q8_0 (the per-32-value work dominated). Decoding the 0.5B
-//! streams 392 MB per token this way against 485 MB widened.
+//! with the weight's sign moved onto the activation). Two types are read from a copy made at
+//! load, of the stored size:
+//! - Q5_0: `pack_q5_0` regroups 4 blocks into 88 bytes so that one 64-byte load and one masked
+//!   byte add give 64 weights, where reading the 22-byte blocks as stored measured slower than
+//!   widening them to Q8_0 (the per-32-value work dominated). Decoding the 0.5B streams 392 MB
+//!   per token this way against 485 MB widened.
+//! - Q6_K: `pack_q6k` interleaves 16 columns, so that one `vpdpbusd` multiplies 4 values of
+//!   all 16 by 4 broadcast activation values. Each extra activation row then costs about half
+//!   of what the per-column kernel spent (the lm_head and half the `ffn_down`s of the 1.5B are
+//!   Q6_K: the verified rows' cost, BENCHMARKS.md session 13).
 //!
 //! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU, a
 //! type left to candle by default (Q4_K: see `DEFAULT_TYPES`), or `VERDICT_CPU_GEMM=0` for A/B
@@ -39,8 +44,12 @@ const Q8_0_BYTES: usize = 34;
 const Q5_GROUP: usize = 128;
 const Q5_GROUP_BYTES: usize = 88;
 const Q5_0_BYTES: usize = 22;
-/// Output columns (weight rows) per work item handed to the thread pool.
-const COLS_PER_ITEM: usize = 16;
+/// Q6_K runs on a repacked copy too: 16 columns per tile, each block of the 16 in
+/// [`Q6K_TILE_BYTES`] (the stored bytes, reordered; see [`pack_q6k`]).
+const Q6K_TILE: usize = 16;
+const Q6K_TILE_BYTES: usize = Q6K_TILE * Q6K_BYTES;
+/// Output columns (weight rows) per work item handed to the thread pool: one Q6_K tile.
+const COLS_PER_ITEM: usize = Q6K_TILE;
 /// Activation rows computed together against one unpacked weight block: each pass streams the
 /// weights once, so this covers a verification forward at the default k_max of 16 (17 rows).
 const ROWS_PER_PASS: usize = 17;
@@ -119,6 +128,7 @@ impl Gemm {
         let (kind, n, k) = applies(w, take)?;
         let packed = match kind {
             Kind::Q5_0 => Some(pack_q5_0(&w.data().ok()?).into()),
+            Kind::Q6K => Some(pack_q6k(&w.data().ok()?, n, k).into()),
             _ => None,
         };
         Some(Gemm {
@@ -170,10 +180,18 @@ impl Gemm {
         }
     }
 
-    /// Output columns `cols` for every row. `out` is `[m, n]`. Two columns per pass share each
-    /// activation load (the multi-row cost); each column's arithmetic is the one-column
-    /// kernel's, so results do not depend on the pairing.
+    /// Output columns `cols` for every row. `out` is `[m, n]`. Q6_K: `cols` is one tile.
+    /// Otherwise two columns per pass share each activation load (the multi-row cost); each
+    /// column's arithmetic is the one-column kernel's, so results do not depend on the pairing.
     unsafe fn columns(&self, w: &[u8], acts: &Acts, cols: std::ops::Range<usize>, out: *mut f32) {
+        if self.kind == Kind::Q6K {
+            // One work item is one tile of 16 columns (COLS_PER_ITEM).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::q6k_tile(w, cols.start / Q6K_TILE, acts, out, self.n)
+            };
+            return;
+        }
         let (blk, bytes) = self.kind.block();
         let row_bytes = self.k / blk * bytes;
         let mut sums = [[0f32; ROWS_PER_PASS]; 2];
@@ -284,6 +302,55 @@ fn pack_q5_0(raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Q6_K blocks (`ql`: 128 bytes of low nibbles, `qh`: 64 bytes of high bit pairs, 16 i8
+/// sub-block scales, f16 d; value `d * sc * (q - 32)`) regrouped 16 columns to a tile, so that
+/// one vector holds 4 consecutive values of each of the 16 columns (`vpdpbusd` with the
+/// activations' 4 values broadcast: one instruction, 16 columns). Per tile and block, for
+/// sub-block `s` (values `16s + 4g + b`, groups g = 0..4, byte b):
+/// - bytes `128s..128s+128`: two vectors of nibbles, `[column j][b]` holding groups 0 and 1
+///   (low and high nibble), then groups 2 and 3;
+/// - bytes `2048 + 64s..`: the high bit pairs, `[j][b]`, groups 0..4 at bits 0, 2, 4, 6;
+/// - bytes `3072 + 16s..`: the 16 columns' scales of sub-block `s`; bytes `3328..3360`: their d.
+///
+/// 3,360 bytes per tile and block: the 16 columns' stored bytes. Columns past `n` are zero.
+fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let nb = k / QK_K;
+    let tiles = n.div_ceil(Q6K_TILE);
+    let mut out = vec![0u8; tiles * nb * Q6K_TILE_BYTES];
+    for c in 0..n {
+        let (t, j) = (c / Q6K_TILE, c % Q6K_TILE);
+        for b in 0..nb {
+            let blk = &raw[(c * nb + b) * Q6K_BYTES..][..Q6K_BYTES];
+            let (ql, qh) = (&blk[..128], &blk[128..192]);
+            // ggml's order: in each half h, byte l of ql/qh gives values 128h + l (+32, +64, +96).
+            let mut q = [0u8; QK_K];
+            for h in 0..2 {
+                for l in 0..32 {
+                    let (lo, hi) = (ql[64 * h + l], qh[32 * h + l]);
+                    let lo2 = ql[64 * h + l + 32];
+                    q[128 * h + l] = (lo & 15) | ((hi & 3) << 4);
+                    q[128 * h + l + 32] = (lo2 & 15) | (((hi >> 2) & 3) << 4);
+                    q[128 * h + l + 64] = (lo >> 4) | (((hi >> 4) & 3) << 4);
+                    q[128 * h + l + 96] = (lo2 >> 4) | (((hi >> 6) & 3) << 4);
+                }
+            }
+            let dst = &mut out[(t * nb + b) * Q6K_TILE_BYTES..][..Q6K_TILE_BYTES];
+            for s in 0..16 {
+                for bb in 0..4 {
+                    let v = |g: usize| q[16 * s + 4 * g + bb];
+                    dst[128 * s + 4 * j + bb] = (v(0) & 15) | ((v(1) & 15) << 4);
+                    dst[128 * s + 64 + 4 * j + bb] = (v(2) & 15) | ((v(3) & 15) << 4);
+                    dst[2048 + 64 * s + 4 * j + bb] =
+                        (v(0) >> 4) | ((v(1) >> 4) << 2) | ((v(2) >> 4) << 4) | ((v(3) >> 4) << 6);
+                }
+                dst[3072 + 16 * s + j] = blk[192 + s];
+            }
+            dst[3328 + 2 * j..3330 + 2 * j].copy_from_slice(&blk[208..210]);
+        }
+    }
+    out
+}
+
 /// Activation rows quantized to int8, one f32 scale per `blk` values, with the int sums per 32
 /// values (Q4_K's mins are dot products with these).
 struct Acts {
@@ -298,6 +365,8 @@ struct Acts {
     lanes: Vec<f32>,
     /// Q5_0 only: -16 times each 4 values' sum, one i32 per `vpdpbusd` lane. The kernel starts
     /// its dot products from these, which turns its unsigned 0..=31 weights into q - 16.
+    /// Q6_K: -32 times each 16 values' sum, where its dot products over the unsigned 0..=63
+    /// weights start.
     corr: Vec<i32>,
 }
 
@@ -358,6 +427,12 @@ impl Acts {
         for (s, q) in a.sum32.iter_mut().zip(a.qs.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
+        if kind == Kind::Q6K {
+            a.corr =
+                a.qs.chunks_exact(16)
+                    .map(|q| -32 * q.iter().map(|&v| v as i32).sum::<i32>())
+                    .collect();
+        }
         if kind == Kind::Q5_0 {
             a.corr =
                 a.qs.chunks_exact(4)
@@ -403,7 +478,8 @@ impl Acts {
             corr: if self.corr.is_empty() {
                 std::ptr::null()
             } else {
-                self.corr[r * self.k / 4..(r + 1) * self.k / 4].as_ptr()
+                let per = self.corr.len() / self.m;
+                self.corr[r * per..(r + 1) * per].as_ptr()
             },
         }
     }
@@ -529,8 +605,7 @@ mod x86 {
                 (Kind::Q5_0, false) => q5_0::<R, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
-                (Kind::Q6K, true) => q6k::<1, C>(w, row_bytes, acts, r, out),
-                (Kind::Q6K, false) => q6k::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Q6K, _) => unreachable!("Q6_K runs on its tiles (q6k_tile)"),
             }
         }
     }
@@ -611,79 +686,96 @@ mod x86 {
         }
     }
 
-    /// `C` consecutive Q6_K weight rows (`row_bytes` apart in `w`) against activation rows
-    /// `rows`; column j's result for row i into `out[j][i]`. The activation loads (and their
-    /// `32 * a` correction) are shared by the C columns; each column's arithmetic is the same
-    /// for any `C` and `R`.
+    /// Q6_K tile `t` (16 columns, see [`pack_q6k`]) for every activation row, into `out`
+    /// (`[m, n]`). Each column's lane does the same operations in the same order whatever the
+    /// number of rows, so a row's result does not depend on the batch.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q6k<const R: usize, const C: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    pub(super) unsafe fn q6k_tile(packed: &[u8], t: usize, acts: &Acts, out: *mut f32, n: usize) {
+        const R: usize = 8;
+        let nb = acts.k / QK_K;
+        let tile = &packed[t * nb * Q6K_TILE_BYTES..(t + 1) * nb * Q6K_TILE_BYTES];
+        let cols = Q6K_TILE.min(n - t * Q6K_TILE);
+        for r0 in (0..acts.m).step_by(R) {
+            let rows = r0..acts.m.min(r0 + R);
+            // A constant 1 keeps a single row's accumulator in a register.
+            let acc = if rows.len() == 1 {
+                let [one] = unsafe { q6k_rows::<1>(tile, acts, rows.clone()) };
+                [one; R]
+            } else {
+                unsafe { q6k_rows::<R>(tile, acts, rows.clone()) }
+            };
+            for (i, r) in rows.enumerate() {
+                let mut v = [0f32; Q6K_TILE];
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), acc[i]) };
+                let dst = unsafe { out.add(r * n + t * Q6K_TILE) };
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, cols) };
+            }
+        }
+    }
+
+    /// Up to `R` rows against one Q6_K tile: one f32 lane per column. Per sub-block, the
+    /// integer sum of `(q - 32)·a` over its 16 values (exact) times `d·sc` into the block's sum
+    /// (a fused multiply-add), and per block that sum times `da` into the result.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q6k_rows<const R: usize>(
+        tile: &[u8],
         acts: &Acts,
         rows: std::ops::Range<usize>,
-        out: &mut [[f32; ROWS_PER_PASS]; C],
-    ) {
-        let nb = acts.k / QK_K;
-        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * Q6K_BYTES);
+    ) -> [__m512; R] {
         let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut blk_acc = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0x0f);
-        let two = _mm512_set1_epi8(0x03);
-        let thirty_two = _mm512_set1_epi8(32);
-        // Chunk c (64 values) takes scales 4c..4c+3, each over 8 of its 32 i16 pair sums.
-        let idx: [__m512i; 4] = std::array::from_fn(|c| {
-            let lanes: [i16; 32] = std::array::from_fn(|i| (4 * c + i / 8) as i16);
-            unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
-        });
-        for sb in 0..nb {
-            let mut d = [0f32; C];
-            let mut wv = [[_mm512_setzero_si512(); 4]; C];
-            let mut sv = [[_mm512_setzero_si512(); 4]; C];
-            for j in 0..C {
-                let blk = unsafe { w.as_ptr().add(j * row_bytes + sb * Q6K_BYTES) };
-                unsafe { prefetch(blk, Q6K_BYTES) };
-                d[j] = f16_at(unsafe { std::slice::from_raw_parts(blk.add(208), 2) }, 0);
-                let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192).cast())) };
-                let sc512 = _mm512_castsi256_si512(sc16);
-                for h in 0..2 {
-                    let l = unsafe { _mm512_loadu_si512(blk.add(64 * h).cast()) };
-                    let qh = unsafe { _mm256_loadu_si256(blk.add(128 + 32 * h).cast()) };
-                    // bytes 0..32: qh (bits 0-1 for values 0..32), bytes 32..64: qh >> 2 (32..64)
-                    let hb =
-                        _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-                    let hi0 = _mm512_slli_epi16(_mm512_and_si512(hb, two), 4);
-                    let hi1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), two), 4);
-                    wv[j][2 * h] = _mm512_or_si512(_mm512_and_si512(l, low), hi0);
-                    wv[j][2 * h + 1] =
-                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low), hi1);
-                }
-                sv[j] = std::array::from_fn(|c| _mm512_permutexvar_epi16(idx[c], sc512));
+        let two = _mm512_set1_epi8(0x30);
+        let bcast = |p: *const i8| unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) };
+        for b in 0..acts.k / QK_K {
+            let blk = unsafe { tile.as_ptr().add(b * Q6K_TILE_BYTES) };
+            // The next block: a tile's blocks are read in order (without this, one row's
+            // forward of the 1.5B measured 60 ms against 53).
+            for o in (0..Q6K_TILE_BYTES).step_by(64) {
+                let p = blk.wrapping_add(Q6K_TILE_BYTES + o);
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
             }
-            for i in 0..n {
-                let p = rp[i];
-                let a = unsafe { p.qs.add(sb * QK_K) };
-                let av: [__m512i; 4] =
-                    std::array::from_fn(|c| unsafe { _mm512_loadu_si512(a.add(64 * c).cast()) });
-                // The stored 6-bit values are q + 32: sum (q + 32) a - 32 a over each pair.
-                let a32: [__m512i; 4] =
-                    std::array::from_fn(|c| _mm512_maddubs_epi16(thirty_two, av[c]));
-                let da = unsafe { *p.d.add(sb) };
-                for j in 0..C {
-                    let mut dot = _mm512_setzero_si512();
-                    for c in 0..4 {
-                        let pr = _mm512_sub_epi16(_mm512_maddubs_epi16(wv[j][c], av[c]), a32[c]);
-                        dot = _mm512_dpwssd_epi32(dot, pr, sv[j][c]);
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(3328).cast()) });
+            for s in 0..16 {
+                let (l0, l1, h) = unsafe {
+                    (
+                        _mm512_loadu_si512(blk.add(128 * s).cast()),
+                        _mm512_loadu_si512(blk.add(128 * s + 64).cast()),
+                        _mm512_loadu_si512(blk.add(2048 + 64 * s).cast()),
+                    )
+                };
+                // (nibble & 15) | (bit pair << 4): the four groups' 6-bit values.
+                let join = |l: __m512i, hp: __m512i| {
+                    _mm512_ternarylogic_epi32::<0xEA>(l, low, _mm512_and_si512(hp, two))
+                };
+                let w = [
+                    join(l0, _mm512_slli_epi16(h, 4)),
+                    join(_mm512_srli_epi16(l0, 4), _mm512_slli_epi16(h, 2)),
+                    join(l1, h),
+                    join(_mm512_srli_epi16(l1, 4), _mm512_srli_epi16(h, 2)),
+                ];
+                let sc = unsafe { _mm_loadu_si128(blk.add(3072 + 16 * s).cast()) };
+                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+                for i in 0..n {
+                    let p = rp[i];
+                    let a = unsafe { p.qs.add(b * QK_K + 16 * s) };
+                    // Starting from -32·Σa turns the unsigned values into q - 32.
+                    let mut dot = _mm512_set1_epi32(unsafe { *p.corr.add(b * 16 + s) });
+                    for (g, &w) in w.iter().enumerate() {
+                        dot = _mm512_dpbusd_epi32(dot, w, bcast(unsafe { a.add(4 * g) }));
                     }
-                    let s = _mm512_set1_ps(d[j] * da);
-                    acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[j][i]);
+                    blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i]);
                 }
             }
-        }
-        for j in 0..C {
             for i in 0..n {
-                out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+                let da = _mm512_set1_ps(unsafe { *rp[i].d.add(b) });
+                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
+                blk_acc[i] = _mm512_setzero_ps();
             }
         }
+        acc
     }
 
     /// `C` consecutive Q8_0 weight rows (`row_bytes` apart in `w`) against activation rows
@@ -948,6 +1040,45 @@ mod tests {
                 let q = (nib | (((bits >> t) & 1) as u8) << 4) as f32 - 16.0;
                 let d = f16_at(grp, 80 + 2 * (v / 32));
                 assert_eq!(d * q, deq[g * Q5_GROUP + v], "group {g} value {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn q6k_packing_keeps_every_value() {
+        // 19 columns: a full tile and a tile of 3 (the rest zero).
+        let (n, k) = (19, 512);
+        let w = QTensor::quantize(&random(n, k, 13), GgmlDType::Q6K).unwrap();
+        let deq = w
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let packed = pack_q6k(&w.data().unwrap(), n, k);
+        let nb = k / QK_K;
+        assert_eq!(
+            packed.len(),
+            2 * nb * Q6K_TILE_BYTES,
+            "the stored size, padded to tiles"
+        );
+        for c in 0..2 * Q6K_TILE {
+            let (t, j) = (c / Q6K_TILE, c % Q6K_TILE);
+            for b in 0..nb {
+                let blk = &packed[(t * nb + b) * Q6K_TILE_BYTES..][..Q6K_TILE_BYTES];
+                let d = f16_at(blk, 3328 + 2 * j);
+                for v in 0..QK_K {
+                    let (s, g, bb) = (v / 16, v % 16 / 4, v % 4);
+                    let lo = blk[128 * s + 64 * (g / 2) + 4 * j + bb];
+                    let nib = if g % 2 == 0 { lo & 15 } else { lo >> 4 };
+                    let hi = (blk[2048 + 64 * s + 4 * j + bb] >> (2 * g)) & 3;
+                    let q = (nib | (hi << 4)) as f32 - 32.0;
+                    let got = d * (blk[3072 + 16 * s + j] as i8 as f32) * q;
+                    let want = deq.get(c).map_or(0.0, |col| col[QK_K * b + v]);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * want.abs(),
+                        "column {c} block {b} value {v}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
