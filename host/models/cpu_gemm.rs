@@ -5,29 +5,30 @@
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
 //! through 52%-larger tiles for several, which round differently; verdict had to feed single
 //! rows as two to keep a k-token verification forward bit-identical to k single-token forwards.
-//! Decoding is bound by the bytes streamed, so this kernel reads the GGUF blocks as stored (no
-//! copy, no repack) and computes every output row with the same instructions in the same order
-//! whatever the number of rows: batch size never changes a result.
+//! Decoding is bound by the bytes streamed, so this module streams about the stored bytes, and
+//! computes every output row with the same instructions in the same order whatever the number
+//! of rows: batch size never changes a result.
 //!
 //! The activations are quantized per row like llama.cpp's: int8 with one f32 scale per 256
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
-//! values (for Q8_0). The integer dot products use `vpmaddubsw` + `vpdpwssd` (the k-quants:
-//! the block scales multiply 16-bit pair sums in the same instruction) and `vpdpbusd` (Q8_0,
-//! with the weight's sign moved onto the activation). Two types are read from a copy made at
-//! load, of the stored size:
-//! - Q5_0: `pack_q5_0` regroups 4 blocks into 88 bytes so that one 64-byte load and one masked
-//!   byte add give 64 weights, where reading the 22-byte blocks as stored measured slower than
-//!   widening them to Q8_0 (the per-32-value work dominated). Decoding the 0.5B streams 392 MB
-//!   per token this way against 485 MB widened.
-//! - Q6_K: `pack_q6k` interleaves 16 columns, so that one `vpdpbusd` multiplies 4 values of
-//!   all 16 by 4 broadcast activation values. Each extra activation row then costs about half
-//!   of what the per-column kernel spent (the lm_head and half the `ffn_down`s of the 1.5B are
-//!   Q6_K: the verified rows' cost, BENCHMARKS.md session 13).
+//! values (for Q8_0). Q8_0 is read as stored (`vpdpbusd`, with the weight's sign moved onto the
+//! activation). The other types are read from a copy made at load:
+//! - Q5_0: `pack_q5_0` regroups 4 blocks into 88 bytes (the stored size) so that one 64-byte
+//!   load and one masked byte add give 64 weights, where reading the 22-byte blocks as stored
+//!   measured slower than widening them to Q8_0 (the per-32-value work dominated). Decoding the
+//!   0.5B streams 392 MB per token this way against 485 MB widened.
+//! - Q4_K and Q6_K: `pack_q4k` and `pack_q6k` interleave 16 columns, so that one `vpdpbusd`
+//!   multiplies 4 values of all 16 by 4 broadcast activation values. Each extra activation row
+//!   costs about half of what the earlier per-column kernels spent (the verified rows' cost,
+//!   BENCHMARKS.md session 13). Per 32 (Q4_K) or 16 (Q6_K) values the integer sum is exact and
+//!   is scaled into one f32 lane per column. Q4_K's 6-bit scales and mins are unpacked to bytes
+//!   (64 bytes more per 16 blocks); Q6_K keeps the stored size.
 //!
-//! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU, a
-//! type left to candle by default (Q4_K: see `DEFAULT_TYPES`), or `VERDICT_CPU_GEMM=0` for A/B
-//! measurements; `VERDICT_CPU_GEMM=q4k,q6k,q8_0,q5_0` picks the types), and the caller keeps
-//! candle's kernel (and `requant.rs` widens Q5_0 to Q8_0 for it).
+//! The copies add to the GGUF's own tensors, which stay for candle's fallback.
+//!
+//! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU,
+//! `VERDICT_CPU_GEMM=0` for A/B measurements, or a type left off `VERDICT_CPU_GEMM=q4k,...`),
+//! and the caller keeps candle's kernel (and `requant.rs` widens Q5_0 to Q8_0 for it).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
@@ -44,12 +45,15 @@ const Q8_0_BYTES: usize = 34;
 const Q5_GROUP: usize = 128;
 const Q5_GROUP_BYTES: usize = 88;
 const Q5_0_BYTES: usize = 22;
-/// Q6_K runs on a repacked copy too: 16 columns per tile, each block of the 16 in
-/// [`Q6K_TILE_BYTES`] (the stored bytes, reordered; see [`pack_q6k`]).
-const Q6K_TILE: usize = 16;
-const Q6K_TILE_BYTES: usize = Q6K_TILE * Q6K_BYTES;
-/// Output columns (weight rows) per work item handed to the thread pool: one Q6_K tile.
-const COLS_PER_ITEM: usize = Q6K_TILE;
+/// Q4_K and Q6_K run on repacked copies: 16 columns per tile, each block of the 16 in
+/// [`Q4K_TILE_BYTES`] or [`Q6K_TILE_BYTES`] (see [`pack_q4k`], [`pack_q6k`]).
+const TILE: usize = 16;
+/// 16 columns' nibbles, their 8 scales and 8 mins as bytes, d and dmin: 64 bytes more than the
+/// 16 stored blocks (the 6-bit scales unpacked).
+const Q4K_TILE_BYTES: usize = 2048 + 128 + 128 + 64;
+const Q6K_TILE_BYTES: usize = TILE * Q6K_BYTES;
+/// Output columns (weight rows) per work item handed to the thread pool: one tile.
+const COLS_PER_ITEM: usize = TILE;
 /// Activation rows computed together against one unpacked weight block: each pass streams the
 /// weights once, so this covers a verification forward at the default k_max of 16 (17 rows).
 const ROWS_PER_PASS: usize = 17;
@@ -109,12 +113,10 @@ fn enabled(kind: Kind) -> bool {
     }
 }
 
-/// Q4_K stays on candle's 16-row tiles by default. Measured on the 1.5B (BENCHMARKS.md): this
-/// kernel decodes one row as fast as the tiles, not faster (it streams 25% fewer bytes but
-/// stalls on its weight loads), and a 9-row verification forward, even with two columns per
-/// pass, took 205-270 ms against the tiles' 186-215. Q6_K (compact here, 52%-larger tiles
-/// there), Q8_0 and Q5_0 win at both. Q4_K's kernel stays for `VERDICT_CPU_GEMM=q4k,...`.
-const DEFAULT_TYPES: &[&str] = &["q6k", "q8_0", "q5_0"];
+/// Every type by default: each wins against candle's kernels at one row and at several
+/// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
+/// the list for A/B measurements.
+const DEFAULT_TYPES: &[&str] = &["q4k", "q6k", "q8_0", "q5_0"];
 
 impl Gemm {
     /// `None` unless `w` is a CPU Q4_K, Q6_K, Q8_0 or Q5_0 matrix (Q5_0: rows of whole
@@ -128,6 +130,7 @@ impl Gemm {
         let (kind, n, k) = applies(w, take)?;
         let packed = match kind {
             Kind::Q5_0 => Some(pack_q5_0(&w.data().ok()?).into()),
+            Kind::Q4K => Some(pack_q4k(&w.data().ok()?, n, k).into()),
             Kind::Q6K => Some(pack_q6k(&w.data().ok()?, n, k).into()),
             _ => None,
         };
@@ -180,15 +183,15 @@ impl Gemm {
         }
     }
 
-    /// Output columns `cols` for every row. `out` is `[m, n]`. Q6_K: `cols` is one tile.
+    /// Output columns `cols` for every row. `out` is `[m, n]`. Q4_K, Q6_K: `cols` is one tile.
     /// Otherwise two columns per pass share each activation load (the multi-row cost); each
     /// column's arithmetic is the one-column kernel's, so results do not depend on the pairing.
     unsafe fn columns(&self, w: &[u8], acts: &Acts, cols: std::ops::Range<usize>, out: *mut f32) {
-        if self.kind == Kind::Q6K {
+        if matches!(self.kind, Kind::Q4K | Kind::Q6K) {
             // One work item is one tile of 16 columns (COLS_PER_ITEM).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                x86::q6k_tile(w, cols.start / Q6K_TILE, acts, out, self.n)
+                x86::tile(self.kind, w, cols.start / TILE, acts, out, self.n)
             };
             return;
         }
@@ -302,6 +305,47 @@ fn pack_q5_0(raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Q4_K blocks (f16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
+/// value `d * sc * q - dmin * mn` in sub-block j of 32) regrouped 16 columns to a tile, like
+/// [`pack_q6k`]. Per tile and block, for sub-block `s` (values `32s + 4g + b`, groups g = 0..8):
+/// - bytes `256s + 64p..`, p = 0..4: `[column j][b]` holding group 2p (low nibble) and 2p + 1
+///   (high nibble);
+/// - bytes `2048 + 16s..`: the 16 columns' scales of sub-block `s`;
+/// - bytes `2176 + 32p..`: `[j][2]` the mins of sub-blocks 2p and 2p + 1 (`vpdpwssd` pairs);
+/// - bytes `2304..2336`: the 16 columns' d, `2336..2368`: their dmin.
+///
+/// Columns past `n` are zero.
+fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let nb = k / QK_K;
+    let mut out = vec![0u8; n.div_ceil(TILE) * nb * Q4K_TILE_BYTES];
+    for c in 0..n {
+        let (t, j) = (c / TILE, c % TILE);
+        for b in 0..nb {
+            let blk = &raw[(c * nb + b) * Q4K_BYTES..][..Q4K_BYTES];
+            let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+            // ggml's order: 32 bytes of nibbles per 64 values, low nibbles first.
+            let q = |v: usize| {
+                let byte = blk[16 + 32 * (v / 64) + v % 32];
+                if v % 64 < 32 { byte & 15 } else { byte >> 4 }
+            };
+            let dst = &mut out[(t * nb + b) * Q4K_TILE_BYTES..][..Q4K_TILE_BYTES];
+            for s in 0..8 {
+                for p in 0..4 {
+                    for bb in 0..4 {
+                        let v = 32 * s + 8 * p + bb;
+                        dst[256 * s + 64 * p + 4 * j + bb] = q(v) | (q(v + 4) << 4);
+                    }
+                }
+                dst[2048 + 16 * s + j] = sc[s];
+                dst[2176 + 32 * (s / 2) + 2 * j + s % 2] = mn[s];
+            }
+            dst[2304 + 2 * j..2306 + 2 * j].copy_from_slice(&blk[0..2]);
+            dst[2336 + 2 * j..2338 + 2 * j].copy_from_slice(&blk[2..4]);
+        }
+    }
+    out
+}
+
 /// Q6_K blocks (`ql`: 128 bytes of low nibbles, `qh`: 64 bytes of high bit pairs, 16 i8
 /// sub-block scales, f16 d; value `d * sc * (q - 32)`) regrouped 16 columns to a tile, so that
 /// one vector holds 4 consecutive values of each of the 16 columns (`vpdpbusd` with the
@@ -315,10 +359,10 @@ fn pack_q5_0(raw: &[u8]) -> Vec<u8> {
 /// 3,360 bytes per tile and block: the 16 columns' stored bytes. Columns past `n` are zero.
 fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     let nb = k / QK_K;
-    let tiles = n.div_ceil(Q6K_TILE);
+    let tiles = n.div_ceil(TILE);
     let mut out = vec![0u8; tiles * nb * Q6K_TILE_BYTES];
     for c in 0..n {
-        let (t, j) = (c / Q6K_TILE, c % Q6K_TILE);
+        let (t, j) = (c / TILE, c % TILE);
         for b in 0..nb {
             let blk = &raw[(c * nb + b) * Q6K_BYTES..][..Q6K_BYTES];
             let (ql, qh) = (&blk[..128], &blk[128..192]);
@@ -371,8 +415,6 @@ struct Acts {
 }
 
 impl Acts {
-    /// For Q4_K each 128 values' 2nd and 3rd 32-value groups are stored swapped, the order in
-    /// which its kernel unpacks 64 bytes of nibbles (the test reference's `Acts::position`).
     fn quantize(xs: &[f32], m: usize, k: usize, kind: Kind) -> Acts {
         let blk = kind.act_block();
         let mut a = Acts {
@@ -423,7 +465,6 @@ impl Acts {
                 }
             }
         }
-        // Sums per natural 32-group; the swap moves whole groups, so they are taken first.
         for (s, q) in a.sum32.iter_mut().zip(a.qs.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
@@ -439,24 +480,7 @@ impl Acts {
                     .map(|q| -16 * q.iter().map(|&v| v as i32).sum::<i32>())
                     .collect();
         }
-        if kind == Kind::Q4K {
-            for g in a.qs.chunks_exact_mut(128) {
-                let (first, second) = g.split_at_mut(64);
-                first[32..].swap_with_slice(&mut second[..32]);
-            }
-        }
         a
-    }
-
-    /// Where natural value `i` of a row is stored: itself, or with bits 5 and 6 of the index
-    /// swapped in Q4_K order (an involution).
-    #[cfg(test)]
-    fn position(i: usize, q4k_order: bool) -> usize {
-        if q4k_order {
-            (i & !0x60) | ((i & 0x20) << 1) | ((i & 0x40) >> 1)
-        } else {
-            i
-        }
     }
 
     fn row(&self, r: usize) -> &[i8] {
@@ -527,9 +551,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// A Q4_K block's eight 6-bit sub-block scales and mins, unpacked from its 12 bytes (the
-/// reference for the kernel's SSE version, `x86::scales_mins`).
-#[cfg(test)]
+/// A Q4_K block's eight 6-bit sub-block scales and mins, unpacked from its 12 bytes.
 fn q4k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     const M6: u32 = 0x3f3f_3f3f;
     const M4: u32 = 0x0f0f_0f0f;
@@ -563,28 +585,6 @@ mod x86 {
         }
     }
 
-    /// [`q4k_scales_mins`] in SSE, 10 vector instructions for about 25 scalar ones (no decode
-    /// speed change measurable on the VM): bytes 0..8 of the result are the scales, 8..16 the
-    /// mins. Reads 16 bytes at `p`, the
-    /// block's 12 packed bytes and 4 of the nibbles after them.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn scales_mins(p: *const u8) -> __m128i {
-        let x = unsafe { _mm_loadu_si128(p.cast()) }; // u32 lanes [u0, u1, u2, -]
-        let lo = _mm_and_si128(x, _mm_set1_epi32(0x3f3f_3f3f)); // [sc_lo, mn_lo, ..]
-        let u2 = _mm_shuffle_epi32::<0b1010_1010>(x);
-        let a = _mm_and_si128(
-            _mm_srlv_epi32(u2, _mm_set_epi32(0, 0, 4, 0)),
-            _mm_set1_epi32(0x0f0f_0f0f),
-        );
-        let b = _mm_slli_epi32::<4>(_mm_and_si128(
-            _mm_srli_epi32::<6>(x),
-            _mm_set1_epi32(0x0303_0303),
-        ));
-        let hi = _mm_or_si128(a, b); // [sc_hi, mn_hi, ..]
-        _mm_unpacklo_epi32(lo, hi)
-    }
-
     /// `C` consecutive weight rows of `kind` (`row_bytes` apart in `w`) against activation rows
     /// `rows`: column j's result for row i into `out[j][i]`.
     pub(super) unsafe fn columns<const C: usize>(
@@ -599,118 +599,125 @@ mod x86 {
         let (r, one) = (rows.clone(), rows.len() == 1);
         unsafe {
             match (kind, one) {
-                (Kind::Q4K, true) => q4k::<1, C>(w, row_bytes, acts, r, out),
-                (Kind::Q4K, false) => q4k::<R, C>(w, row_bytes, acts, r, out),
                 (Kind::Q5_0, true) => q5_0::<1, C>(w, row_bytes, acts, r, out),
                 (Kind::Q5_0, false) => q5_0::<R, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
-                (Kind::Q6K, _) => unreachable!("Q6_K runs on its tiles (q6k_tile)"),
+                (Kind::Q4K | Kind::Q6K, _) => unreachable!("{kind:?} runs on its tiles (tile)"),
             }
         }
     }
 
-    /// `C` consecutive Q4_K weight rows (`row_bytes` apart in `w`) against activation rows
-    /// `rows` (in Q4_K order); column j's result for row i into `out[j][i]`. `R` bounds the rows
-    /// (see [`row_ptrs`]). Each column's arithmetic is the same for any `C` and `R`.
+    /// Tile `t` (16 columns, see [`pack_q4k`], [`pack_q6k`]) of a `kind` matrix for every
+    /// activation row, into `out` (`[m, n]`). Each column's lane does the same operations in
+    /// the same order whatever the number of rows, so a row's result does not depend on the
+    /// batch.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q4k<const R: usize, const C: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    pub(super) unsafe fn tile(
+        kind: Kind,
+        packed: &[u8],
+        t: usize,
         acts: &Acts,
-        rows: std::ops::Range<usize>,
-        out: &mut [[f32; ROWS_PER_PASS]; C],
+        out: *mut f32,
+        n: usize,
     ) {
-        let nb = acts.k / QK_K;
-        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * Q4K_BYTES);
-        let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [[_mm512_setzero_ps(); R]; C];
-        let mut mins = [[_mm_setzero_ps(); R]; C];
-        let low = _mm512_set1_epi8(0x0f);
-        // 64 bytes of nibbles h hold sub-blocks 4h (low nibbles of the first 32 bytes), 4h+2
-        // (low, last 32), 4h+1 and 4h+3 (high): the i16 scale lanes for each of the four.
-        let idx: [__m512i; 4] = std::array::from_fn(|v| {
-            let (h, hi) = (v / 2, v % 2);
-            let lanes: [i16; 32] = std::array::from_fn(|i| (4 * h + hi + 2 * (i / 16)) as i16);
-            unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
-        });
-        for sb in 0..nb {
-            let mut d = [0f32; C];
-            let mut dmin = [0f32; C];
-            let mut mn16 = [_mm_setzero_si128(); C];
-            let mut wv = [[_mm512_setzero_si512(); 4]; C];
-            let mut sv = [[_mm512_setzero_si512(); 4]; C];
-            for j in 0..C {
-                let blk = unsafe { w.as_ptr().add(j * row_bytes + sb * Q4K_BYTES) };
-                unsafe { prefetch(blk, Q4K_BYTES) };
-                let head = unsafe { std::slice::from_raw_parts(blk, 16) };
-                d[j] = f16_at(head, 0);
-                dmin[j] = f16_at(head, 2);
-                let scm = unsafe { scales_mins(blk.add(4)) };
-                let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scm));
-                mn16[j] = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(scm));
-                for h in 0..2 {
-                    let x = unsafe { _mm512_loadu_si512(blk.add(16 + 64 * h).cast()) };
-                    wv[j][2 * h] = _mm512_and_si512(x, low);
-                    wv[j][2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
-                }
-                sv[j] = std::array::from_fn(|v| _mm512_permutexvar_epi16(idx[v], sc16));
-            }
-            for i in 0..n {
-                let p = rp[i];
-                let a = unsafe { p.qs.add(sb * QK_K) };
-                let av: [__m512i; 4] =
-                    std::array::from_fn(|v| unsafe { _mm512_loadu_si512(a.add(64 * v).cast()) });
-                let da = unsafe { *p.d.add(sb) };
-                let b = unsafe { _mm_loadu_si128(p.sum32.add(sb * 8).cast()) };
-                for j in 0..C {
-                    let mut dot = _mm512_setzero_si512();
-                    for v in 0..4 {
-                        let pr = _mm512_maddubs_epi16(wv[j][v], av[v]);
-                        dot = _mm512_dpwssd_epi32(dot, pr, sv[j][v]);
-                    }
-                    let s = _mm512_set1_ps(d[j] * da);
-                    acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[j][i]);
-                    let m = _mm_cvtepi32_ps(_mm_madd_epi16(mn16[j], b));
-                    mins[j][i] = _mm_fmadd_ps(m, _mm_set1_ps(dmin[j] * da), mins[j][i]);
-                }
-            }
-        }
-        for j in 0..C {
-            for i in 0..n {
-                let m = mins[j][i];
-                let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) - _mm_cvtss_f32(m);
-            }
-        }
-    }
-
-    /// Q6_K tile `t` (16 columns, see [`pack_q6k`]) for every activation row, into `out`
-    /// (`[m, n]`). Each column's lane does the same operations in the same order whatever the
-    /// number of rows, so a row's result does not depend on the batch.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q6k_tile(packed: &[u8], t: usize, acts: &Acts, out: *mut f32, n: usize) {
         const R: usize = 8;
-        let nb = acts.k / QK_K;
-        let tile = &packed[t * nb * Q6K_TILE_BYTES..(t + 1) * nb * Q6K_TILE_BYTES];
-        let cols = Q6K_TILE.min(n - t * Q6K_TILE);
+        let bytes = acts.k / QK_K
+            * if kind == Kind::Q4K {
+                Q4K_TILE_BYTES
+            } else {
+                Q6K_TILE_BYTES
+            };
+        let tile = &packed[t * bytes..(t + 1) * bytes];
+        let cols = TILE.min(n - t * TILE);
         for r0 in (0..acts.m).step_by(R) {
             let rows = r0..acts.m.min(r0 + R);
             // A constant 1 keeps a single row's accumulator in a register.
-            let acc = if rows.len() == 1 {
-                let [one] = unsafe { q6k_rows::<1>(tile, acts, rows.clone()) };
-                [one; R]
-            } else {
-                unsafe { q6k_rows::<R>(tile, acts, rows.clone()) }
+            let acc = match (kind, rows.len() == 1) {
+                (Kind::Q4K, true) => {
+                    let [one] = unsafe { q4k_rows::<1>(tile, acts, rows.clone()) };
+                    [one; R]
+                }
+                (Kind::Q4K, false) => unsafe { q4k_rows::<R>(tile, acts, rows.clone()) },
+                (_, true) => {
+                    let [one] = unsafe { q6k_rows::<1>(tile, acts, rows.clone()) };
+                    [one; R]
+                }
+                (_, false) => unsafe { q6k_rows::<R>(tile, acts, rows.clone()) },
             };
             for (i, r) in rows.enumerate() {
-                let mut v = [0f32; Q6K_TILE];
+                let mut v = [0f32; TILE];
                 unsafe { _mm512_storeu_ps(v.as_mut_ptr(), acc[i]) };
-                let dst = unsafe { out.add(r * n + t * Q6K_TILE) };
+                let dst = unsafe { out.add(r * n + t * TILE) };
                 unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, cols) };
             }
         }
+    }
+
+    /// Up to `R` rows against one Q4_K tile: one f32 lane per column. Per 32-value sub-block,
+    /// the integer sum of `q·a` (exact) times `d·sc` into the block's sum (a fused
+    /// multiply-add); per block that sum times `da`, less `dmin·da` times the exact `Σ mn·a`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q4k_rows<const R: usize>(
+        tile: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+    ) -> [__m512; R] {
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut blk_acc = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0x0f);
+        let zero = _mm512_setzero_si512();
+        let bcast = |p: *const i8| unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) };
+        for b in 0..acts.k / QK_K {
+            let blk = unsafe { tile.as_ptr().add(b * Q4K_TILE_BYTES) };
+            // The next block: a tile's blocks are read in order.
+            for o in (0..Q4K_TILE_BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q4K_TILE_BYTES + o).cast());
+            }
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(2304).cast()) });
+            let dmin = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(2336).cast()) });
+            for s in 0..8 {
+                let w: [__m512i; 8] = std::array::from_fn(|g| {
+                    let l = unsafe { _mm512_loadu_si512(blk.add(256 * s + 64 * (g / 2)).cast()) };
+                    if g % 2 == 0 {
+                        _mm512_and_si512(l, low)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16(l, 4), low)
+                    }
+                });
+                let sc = unsafe { _mm_loadu_si128(blk.add(2048 + 16 * s).cast()) };
+                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+                for i in 0..n {
+                    let a = unsafe { rp[i].qs.add(b * QK_K + 32 * s) };
+                    let mut dot = zero;
+                    for (g, &w) in w.iter().enumerate() {
+                        dot = _mm512_dpbusd_epi32(dot, w, bcast(unsafe { a.add(4 * g) }));
+                    }
+                    blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i]);
+                }
+            }
+            let mn: [__m512i; 4] = std::array::from_fn(|p| {
+                let m = unsafe { _mm256_loadu_si256(blk.add(2176 + 32 * p).cast()) };
+                _mm512_cvtepu8_epi16(m)
+            });
+            for i in 0..n {
+                let p = rp[i];
+                // Sub-blocks 2q and 2q + 1's sums as one i32: the pair `vpdpwssd` multiplies.
+                let sums = unsafe { p.sum32.add(8 * b) };
+                let mut mi = zero;
+                for (q, &mn) in mn.iter().enumerate() {
+                    mi = _mm512_dpwssd_epi32(mi, mn, bcast(unsafe { sums.add(2 * q).cast() }));
+                }
+                let da = _mm512_set1_ps(unsafe { *p.d.add(b) });
+                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
+                let dm = _mm512_mul_ps(dmin, da);
+                acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mi), dm, acc[i]);
+                blk_acc[i] = _mm512_setzero_ps();
+            }
+        }
+        acc
     }
 
     /// Up to `R` rows against one Q6_K tile: one f32 lane per column. Per sub-block, the
@@ -734,8 +741,7 @@ mod x86 {
             // The next block: a tile's blocks are read in order (without this, one row's
             // forward of the 1.5B measured 60 ms against 53).
             for o in (0..Q6K_TILE_BYTES).step_by(64) {
-                let p = blk.wrapping_add(Q6K_TILE_BYTES + o);
-                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(Q6K_TILE_BYTES + o).cast());
             }
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(3328).cast()) });
             for s in 0..16 {
@@ -943,7 +949,7 @@ mod tests {
 
     /// The exact value the kernel must reproduce up to float rounding: the weights as stored
     /// (dequantized) times the activations as quantized, summed in f64.
-    fn reference(w: &QTensor, acts: &Acts, q4k_order: bool) -> Vec<f64> {
+    fn reference(w: &QTensor, acts: &Acts) -> Vec<f64> {
         let deq = w
             .dequantize(&Device::Cpu)
             .unwrap()
@@ -952,10 +958,7 @@ mod tests {
         let mut out = vec![0f64; acts.m * deq.len()];
         for r in 0..acts.m {
             let a: Vec<f64> = (0..acts.k)
-                .map(|i| {
-                    acts.row(r)[Acts::position(i, q4k_order)] as f64
-                        * acts.scale(r, i / acts.blk) as f64
-                })
+                .map(|i| acts.row(r)[i] as f64 * acts.scale(r, i / acts.blk) as f64)
                 .collect();
             for (c, wr) in deq.iter().enumerate() {
                 out[r * deq.len() + c] = wr.iter().zip(&a).map(|(&w, &a)| w as f64 * a).sum();
@@ -975,8 +978,7 @@ mod tests {
             let x = random(m, k, 2 + m as u64);
             let got = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let q4k = g.kind == Kind::Q4K;
-            let want = reference(&w, &Acts::quantize(&xs, m, k, g.kind), q4k);
+            let want = reference(&w, &Acts::quantize(&xs, m, k, g.kind));
             let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
             for r in 0..m {
                 for c in 0..n {
@@ -1061,8 +1063,8 @@ mod tests {
             2 * nb * Q6K_TILE_BYTES,
             "the stored size, padded to tiles"
         );
-        for c in 0..2 * Q6K_TILE {
-            let (t, j) = (c / Q6K_TILE, c % Q6K_TILE);
+        for c in 0..2 * TILE {
+            let (t, j) = (c / TILE, c % TILE);
             for b in 0..nb {
                 let blk = &packed[(t * nb + b) * Q6K_TILE_BYTES..][..Q6K_TILE_BYTES];
                 let d = f16_at(blk, 3328 + 2 * j);
@@ -1163,19 +1165,6 @@ mod tests {
             s[j + 8] = (sc[j + 4] & 0x0f) | ((mn[j + 4] & 0x0f) << 4);
         }
         assert_eq!(q4k_scales_mins(&s), (sc, mn));
-        #[cfg(target_arch = "x86_64")]
-        if available() {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-            for _ in 0..1000 {
-                let mut b = [0u8; 16];
-                rng.fill(&mut b[..]);
-                let v = unsafe { x86::scales_mins(b.as_ptr()) };
-                let mut got = [0u8; 16];
-                unsafe { std::arch::x86_64::_mm_storeu_si128(got.as_mut_ptr().cast(), v) };
-                let (sc, mn) = q4k_scales_mins(&b[..12]);
-                assert_eq!((&got[..8], &got[8..]), (&sc[..], &mn[..]), "{b:?}");
-            }
-        }
     }
 
     #[test]

@@ -418,10 +418,10 @@ impl Model {
     }
 
     /// Forwards of 32 and 2 tokens on a scratch sequence, so that lazy kernel set-up happens
-    /// now rather than in the first request: on x86, candle repacks each Q4_K matrix on first
-    /// use, once for its AMX path (32 rows or more) and once for its tiles (fewer). Measured on
-    /// the 2-vCPU VM with the 1.5B + 0.5B pair: the first chat request took 5.9 s against 1.6 s
-    /// for the next one.
+    /// now rather than in the first request: on x86 where `cpu_gemm` does not run (no AVX-512
+    /// VNNI), candle repacks each Q4_K matrix on first use, once for its AMX path (32 rows or
+    /// more) and once for its tiles (fewer). Measured on the 2-vCPU VM with the 1.5B + 0.5B pair
+    /// on candle's kernels: the first chat request took 5.9 s against 1.6 s for the next one.
     pub fn warm_up(&self) -> Result<()> {
         let mut s = self.unbatched_session(self.w.cfg.n_layers);
         let n = 32.min(s.max_len().saturating_sub(2));
