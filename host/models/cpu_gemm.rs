@@ -70,7 +70,7 @@ enum Kind {
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
     w: Arc<QTensor>,
-    /// Q5_0's repacked bytes (the other types read `w`'s blocks as stored).
+    /// The repacked bytes of Q5_0, Q4_K and Q6_K (Q8_0 reads `w`'s blocks as stored).
     packed: Option<Arc<[u8]>>,
     kind: Kind,
     n: usize,
