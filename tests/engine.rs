@@ -882,3 +882,124 @@ fn synthetic_acceptance_replaces_the_verdict_for_speed_runs() {
         "{per_step} accepted per step"
     );
 }
+
+/// Runs `req` to the end; returns the output, its logprobs and the prompt tokens read from the
+/// prompt cache.
+fn run_logged(
+    engine: &Engine,
+    req: GenerateRequest,
+) -> (Vec<u32>, Vec<verdict::engine::TokenLogprob>, usize) {
+    let mut g = engine.start(req).unwrap();
+    let mut logprobs = Vec::new();
+    while g.finished().is_none() {
+        g.step().unwrap();
+        logprobs.extend(g.take_logprobs());
+    }
+    (g.output().to_vec(), logprobs, g.cached_prompt_tokens())
+}
+
+#[test]
+fn the_prompt_cache_skips_a_shared_prefix_and_changes_no_output() {
+    use verdict::engine::PrefixStats;
+    let dir = tempfile::tempdir().unwrap();
+    // Quantized weights: each row is scored on its own, so a prompt prefilled in two pieces
+    // gives the logits of one piece bit for bit.
+    let q8 = |seed, layers| TinySpec {
+        dtype: candle_core::quantized::GgmlDType::Q8_0,
+        ..spec(seed, layers)
+    };
+    let target = tiny(dir.path(), "t.gguf", q8(1, 3));
+    let draft = tiny(dir.path(), "d.gguf", q8(2, 1));
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+    };
+    for (drafter, sampling) in [
+        (Some(DrafterSpec::Model), SamplingParams::greedy()),
+        (Some(DrafterSpec::Auto), sampled),
+        (
+            Some(DrafterSpec::PromptLookup(None)),
+            SamplingParams::greedy(),
+        ),
+        (None, sampled),
+    ] {
+        let what = format!("{drafter:?} at T = {}", sampling.temperature);
+        let fresh = engine(target.clone(), Some(draft.clone()), drafter.clone(), 4);
+        let cached =
+            engine(target.clone(), Some(draft.clone()), drafter, 4).with_prompt_cache(1000);
+        let req = |prompt: &[u32]| GenerateRequest {
+            prompt: prompt.to_vec(),
+            max_tokens: 24,
+            sampling,
+            seed: Some(5),
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        // A first turn, then a second that sends it back with more text (a chat).
+        let first: Vec<u32> = (40..52).collect();
+        let (out1, lp1, hit1) = run_logged(&cached, req(&first));
+        assert_eq!(hit1, 0, "{what}: nothing is cached yet");
+        assert_eq!((out1.clone(), lp1), {
+            let (o, l, _) = run_logged(&fresh, req(&first));
+            (o, l)
+        });
+        let second = [&first[..], &out1, &[7, 8, 9]].concat();
+        let (out2, lp2, hit2) = run_logged(&cached, req(&second));
+        // The target's cache held all but the last emitted token.
+        assert_eq!(
+            hit2,
+            first.len() + out1.len() - 1,
+            "{what}: the first turn is read from the cache"
+        );
+        let (fresh2, fresh_lp2, _) = run_logged(&fresh, req(&second));
+        assert_eq!(out2, fresh2, "{what}: same output");
+        assert_eq!(lp2, fresh_lp2, "{what}: same logprobs, bit for bit");
+        // The second turn extends the first: one entry is left.
+        assert_eq!(cached.prompt_cache_stats().unwrap().entries, 1, "{what}");
+        // The same prompt again: all but its last token come from the cache.
+        let (again, _, hit3) = run_logged(&cached, req(&second));
+        assert_eq!((again, hit3), (out2, second.len() - 1), "{what}");
+        // A prompt that shares nothing misses, and a shorter shared prefix is a partial hit.
+        assert_eq!(run_logged(&cached, req(&[100, 101, 102])).2, 0, "{what}");
+        let partial = [&first[..5], &[200, 201]].concat();
+        let (p_out, p_lp, hit4) = run_logged(&cached, req(&partial));
+        assert_eq!(hit4, 5, "{what}");
+        let (f_out, f_lp, _) = run_logged(&fresh, req(&partial));
+        assert_eq!((p_out, p_lp), (f_out, f_lp), "{what}");
+        assert_eq!(fresh.prompt_cache_stats(), None::<PrefixStats>);
+    }
+}
+
+#[test]
+fn the_prompt_cache_stays_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(2, 1));
+    // Each request leaves ~2 x 20 positions (target and draft model).
+    let e = engine(target, Some(draft), Some(DrafterSpec::Model), 4).with_prompt_cache(100);
+    for i in 0..10u32 {
+        let (out, _, _) = run_logged(&e, greedy(&[60 + i, 1, 2, 3, 4], 16, Speculation::Default));
+        assert_eq!(out.len(), 16);
+        let s = e.prompt_cache_stats().unwrap();
+        assert!(s.positions <= 100, "{s:?}");
+        assert!(s.entries >= 1, "the newest request is kept: {s:?}");
+    }
+    // The least recently used went first: the last request's prompt still hits.
+    assert_eq!(
+        run_logged(&e, greedy(&[69, 1, 2, 3, 4, 5], 4, Speculation::Default)).2,
+        5
+    );
+    assert_eq!(
+        run_logged(&e, greedy(&[60, 1, 2, 3, 4, 5], 4, Speculation::Default)).2,
+        0
+    );
+    // A sequence larger than the whole budget is not kept.
+    let tiny_budget =
+        engine(tiny(dir.path(), "t2.gguf", spec(1, 2)), None, None, 4).with_prompt_cache(8);
+    run_logged(
+        &tiny_budget,
+        greedy(&[1, 2, 3, 4, 5, 6], 8, Speculation::Off),
+    );
+    assert_eq!(tiny_budget.prompt_cache_stats().unwrap().entries, 0);
+}

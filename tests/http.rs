@@ -684,6 +684,58 @@ fn hot_swap_while_16_streams_run() {
 /// the output it gets alone: greedy and seeded sampling, speculative and plain. Q8_0 weights
 /// make every forward row-exact whatever else is in the batch.
 #[test]
+fn a_chat_continued_reads_its_earlier_turns_from_the_prompt_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Q8_0: forwards are row-exact, so the server without a cache must answer the same.
+    let (target, draft) = tiny_models_of(dir.path(), 1024, candle_core::quantized::GgmlDType::Q8_0);
+    let (t, d) = (target.display().to_string(), draft.display().to_string());
+    let log_dir = dir.path().to_path_buf();
+    let cached = Server::start(&["--model", &t, "--draft", &d], None, &log_dir);
+    let plain = Server::start(
+        &["--model", &t, "--draft", &d, "--prompt-cache", "0"],
+        Some(dir),
+        &log_dir,
+    );
+    let turn = |s: &Server, messages: &Value| -> Value {
+        let body = json!({"messages": messages, "max_tokens": 24, "temperature": 0,
+                          "speculation": {"draft": "model", "k": 3}});
+        let r = s.post_json("/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let cached_tokens = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let mut messages = json!([{"role": "system", "content": "you answer in rhymes"},
+                              {"role": "user", "content": "the cat sat on"}]);
+    let first = turn(&cached, &messages);
+    assert_eq!(cached_tokens(&first), Some(0), "{first}");
+    assert_eq!(text_of(&first), text_of(&turn(&plain, &messages)));
+    messages.as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": text_of(&first)}),
+        json!({"role": "user", "content": "and then the dog"}),
+    ]);
+    let second = turn(&cached, &messages);
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let hit = cached_tokens(&second).unwrap();
+    assert!(
+        hit >= first_prompt && hit < second["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "the first turn's prompt ({first_prompt} tokens) comes from the cache: {second}"
+    );
+    let uncached = turn(&plain, &messages);
+    assert_eq!(cached_tokens(&uncached), Some(0));
+    assert_eq!(
+        text_of(&second),
+        text_of(&uncached),
+        "the cache changes no output"
+    );
+    assert_eq!(
+        cached.metric("verdict_cached_prompt_tokens_total"),
+        hit as f64
+    );
+    assert!(cached.metric("verdict_prompt_cache_positions") > hit as f64);
+    assert_eq!(plain.metric("verdict_prompt_cache_positions"), 0.0);
+}
+
+#[test]
 fn concurrent_requests_share_forwards_and_get_their_own_outputs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (target, draft) = tiny_models_of(dir.path(), 4096, candle_core::quantized::GgmlDType::Q8_0);

@@ -26,6 +26,7 @@ text = c.choices[0].text
 assert isinstance(text, str)
 assert c.usage.completion_tokens >= 1
 assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+assert c.usage.prompt_tokens_details.cached_tokens < c.usage.prompt_tokens, c.usage
 spec = c.model_extra["speculation"]
 assert spec["policy"] == "strict@0.1.0", spec
 assert spec["drafter"] == "model", spec
@@ -40,6 +41,13 @@ for chunk in client.completions.create(
     finish = chunk.choices[0].finish_reason or finish
 assert streamed == text, (streamed, text)
 assert finish in ("length", "stop"), finish
+
+# The same prompt again: all but its last token come from the prompt cache, same text.
+again = client.completions.create(
+    model=model, prompt="the cat sat", max_tokens=12, temperature=0, extra_body=extra
+)
+assert again.choices[0].text == text
+assert again.usage.prompt_tokens_details.cached_tokens == c.usage.prompt_tokens - 1, again.usage
 
 # Chat, non-streamed and streamed, with another policy and parameters.
 extra_chat = {"policy": "threshold", "policy_params": {"eps": 0.2}, "speculation": {"draft": "model", "k": 2}}

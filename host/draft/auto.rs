@@ -19,6 +19,7 @@ use anyhow::Result;
 
 use super::{Draft, Drafter};
 use crate::engine::{AdaptiveK, VerifyFit};
+use crate::models::Session;
 use crate::sample::{Rng64, SamplingParams};
 
 /// One step in this many explores the least recently used candidate.
@@ -125,6 +126,27 @@ impl Drafter for AutoDrafter {
         self.candidates
             .iter_mut()
             .try_for_each(|c| c.drafter.prefill(prompt))
+    }
+
+    fn has_sequence(&self) -> bool {
+        self.candidates.iter().any(|c| c.drafter.has_sequence())
+    }
+
+    fn take_sequence(&mut self) -> Option<(Session, Vec<u32>)> {
+        self.candidates
+            .iter_mut()
+            .find_map(|c| c.drafter.take_sequence())
+    }
+
+    fn resume(&mut self, session: Session, tokens: Vec<u32>) {
+        // The one candidate with a draft model takes it (a sequence comes from that model).
+        if let Some(c) = self
+            .candidates
+            .iter_mut()
+            .find(|c| c.drafter.has_sequence())
+        {
+            c.drafter.resume(session, tokens);
+        }
     }
 
     fn chooses_k(&self) -> bool {

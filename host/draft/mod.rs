@@ -11,6 +11,7 @@ pub mod prompt_lookup;
 
 use anyhow::{Result, bail};
 
+use crate::models::Session;
 use crate::sample::{Rng64, SamplingParams};
 pub use auto::AutoDrafter;
 pub use model::ModelDrafter;
@@ -50,6 +51,23 @@ pub trait Drafter: Send {
     fn prefill(&mut self, _prompt: &[u32]) -> Result<()> {
         Ok(())
     }
+
+    /// Whether [`Drafter::take_sequence`] has a draft model's sequence to give.
+    fn has_sequence(&self) -> bool {
+        false
+    }
+
+    /// The draft model's sequence when the request ends, moved out: its session and the tokens
+    /// in its cache, in order (the prompt cache keeps it for the next request with that
+    /// prefix). Default: none (no model, or one that is not the server's draft model).
+    fn take_sequence(&mut self) -> Option<(Session, Vec<u32>)> {
+        None
+    }
+
+    /// Starts the draft model from a cached sequence (`session` holds `tokens`) instead of an
+    /// empty one: the prefill then feeds only what follows. Called before `prefill`. Default:
+    /// dropped.
+    fn resume(&mut self, _session: Session, _tokens: Vec<u32>) {}
 
     /// Whether the drafter picks k itself (up to the `k` it is given) instead of the engine's
     /// adaptive k.

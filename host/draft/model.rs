@@ -12,6 +12,9 @@ use crate::verify::{self, StepDevice};
 pub struct ModelDrafter {
     name: String,
     session: Session,
+    /// Whether the prompt cache may keep this drafter's sequence (the server's draft model; a
+    /// self-draft's layer-limited session is not kept).
+    cacheable: bool,
     /// The tokens whose keys/values are in `session`'s cache, in order.
     cached: Vec<u32>,
     /// Greedy drafts on a GPU: the argmax and q(x) computed where the logits are, so that only
@@ -24,9 +27,16 @@ impl ModelDrafter {
         ModelDrafter {
             name: name.into(),
             session,
+            cacheable: false,
             cached: Vec::new(),
             on_device: None,
         }
+    }
+
+    /// Offers this drafter's sequence to the prompt cache ([`Drafter::sequence`]).
+    pub fn cacheable(mut self) -> Self {
+        self.cacheable = true;
+        self
     }
 
     /// Greedy drafting scores each row with these step kernels (when they serve this device).
@@ -64,12 +74,37 @@ impl Drafter for ModelDrafter {
 
     fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
         // Leave room for one fed token, as `propose` needs; a prompt that fills the draft's
-        // context is left to `propose`, which then drafts nothing.
-        if self.cached.is_empty() && prompt.len() < self.session.max_len() {
-            self.feed(prompt)
+        // context is left to `propose`, which then drafts nothing. A resumed cache keeps what
+        // it shares with the prompt.
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if common < prompt.len() && prompt.len() < self.session.max_len() {
+            self.session.truncate(common)?;
+            self.cached.truncate(common);
+            self.feed(&prompt[common..])
                 .with_context(|| format!("drafter {} failed", self.name))?;
         }
         Ok(())
+    }
+
+    fn has_sequence(&self) -> bool {
+        self.cacheable
+    }
+
+    fn take_sequence(&mut self) -> Option<(Session, Vec<u32>)> {
+        self.cacheable
+            .then(|| (self.session.take(), std::mem::take(&mut self.cached)))
+    }
+
+    fn resume(&mut self, session: Session, tokens: Vec<u32>) {
+        if self.cacheable && session.len() == tokens.len() {
+            self.session = session;
+            self.cached = tokens;
+        }
     }
 
     fn propose(

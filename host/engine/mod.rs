@@ -9,6 +9,7 @@
 //!    next time it drafts).
 
 pub mod adaptive;
+pub mod prefix;
 mod stats;
 
 use std::io::Write;
@@ -25,6 +26,7 @@ use crate::sample::{Rng64, SamplingParams};
 pub use crate::verify::token_logprobs;
 use crate::verify::{self, DrawFrom, JudgeHead, JudgeScorer, StepDevice, Verification};
 pub use adaptive::{AdaptiveK, VerifyFit};
+pub use prefix::{PrefixCache, PrefixStats};
 pub use stats::{PlainPhases, SpecPhases, SpecStats};
 
 /// Largest speculation length a request may ask for.
@@ -65,6 +67,8 @@ pub struct Engine {
     /// The step kernels when the target (and the draft model) run on a GPU.
     step_device: StepDevice,
     draft_device: StepDevice,
+    /// The prompt cache ([`Engine::with_prompt_cache`]); `None`: every request prefills all.
+    prefix: Option<Arc<PrefixCache>>,
 }
 
 /// What a request asks of the speculation machinery.
@@ -183,7 +187,21 @@ impl Engine {
             judge,
             step_device,
             draft_device,
+            prefix: None,
         })
+    }
+
+    /// The same engine with a prompt cache of `positions` (target and draft model together; 0
+    /// turns it off): requests that share a prefix with an earlier request's prompt and output
+    /// skip its prefill ([`prefix`]). Outputs do not change.
+    pub fn with_prompt_cache(mut self, positions: usize) -> Engine {
+        self.prefix = (positions > 0).then(|| Arc::new(PrefixCache::new(positions)));
+        self
+    }
+
+    /// The prompt cache's size now (`None` when off).
+    pub fn prompt_cache_stats(&self) -> Option<PrefixStats> {
+        self.prefix.as_ref().map(|p| p.stats())
     }
 
     pub fn target(&self) -> &Model {
@@ -223,8 +241,7 @@ impl Engine {
     /// Validates a request and sets up its state. Errors name the request field.
     pub fn start(&self, req: GenerateRequest) -> Result<Generation, RequestError> {
         let cfg = &*self.inner;
-        let target = cfg.target.session();
-        let ctx = target.max_len();
+        let ctx = cfg.target.config().context_length;
         if req.prompt.is_empty() {
             return Err(RequestError::new("prompt", "the prompt is empty"));
         }
@@ -290,7 +307,9 @@ impl Engine {
                 let mut candidates: Vec<Box<dyn Drafter>> = vec![Box::new(PromptLookup::default())];
                 if let Some(draft) = &cfg.draft {
                     candidates.push(Box::new(
-                        ModelDrafter::new("model", draft.session()).on_device(&self.draft_device),
+                        ModelDrafter::new("model", draft.session())
+                            .on_device(&self.draft_device)
+                            .cacheable(),
                     ));
                 }
                 Some(Box::new(AutoDrafter::new(candidates, k, adaptive)))
@@ -306,7 +325,9 @@ impl Engine {
                     )
                 })?;
                 Some(Box::new(
-                    ModelDrafter::new("model", draft.session()).on_device(&self.draft_device),
+                    ModelDrafter::new("model", draft.session())
+                        .on_device(&self.draft_device)
+                        .cacheable(),
                 ))
             }
             Some(DrafterSpec::SelfDraft(n)) => {
@@ -359,6 +380,9 @@ impl Engine {
             (None, Vec::new(), 1, None)
         };
 
+        // The target's session, and the draft model's, from the longest cached prefix.
+        let mut drafter = drafter;
+        let (target, cached) = self.resume(&req.prompt, &mut drafter);
         let seed = req.seed.unwrap_or_else(rand::random);
         let mut stats = SpecStats::default();
         if let Some(d) = &drafter {
@@ -370,6 +394,10 @@ impl Engine {
         }
         Ok(Generation {
             target,
+            prefix: self.prefix.clone(),
+            cached,
+            prefilled: false,
+            poisoned: false,
             drafter,
             policy,
             judge,
@@ -402,6 +430,42 @@ impl Engine {
                 .synthetic_acceptance
                 .map(|r| (r, Rng64::new(seed ^ 0x5717))),
         })
+    }
+}
+
+impl Engine {
+    /// The target session for `prompt` and how many of its tokens it already holds: the
+    /// longest cached prefix when the prompt cache has one (the draft model resumes from the
+    /// same entry), else an empty session. A cache that fails is a miss, never a failed request.
+    fn resume(&self, prompt: &[u32], drafter: &mut Option<Box<dyn Drafter>>) -> (Session, usize) {
+        let cfg = &*self.inner;
+        let hit = match self.prefix.as_ref().map(|p| p.lookup(prompt)) {
+            Some(Ok(hit)) => hit,
+            Some(Err(e)) => {
+                tracing::warn!("prompt cache lookup failed, prefilling the whole prompt: {e:#}");
+                None
+            }
+            None => None,
+        };
+        let Some(hit) = hit else {
+            return (cfg.target.session(), 0);
+        };
+        let target = match cfg.target.adopt(hit.target) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("prompt cache: {e:#}; prefilling the whole prompt");
+                return (cfg.target.session(), 0);
+            }
+        };
+        if let (Some((session, tokens)), Some(d), Some(model)) =
+            (hit.draft, drafter.as_mut(), cfg.draft.as_ref())
+        {
+            match model.adopt(session) {
+                Ok(session) => d.resume(session, tokens),
+                Err(e) => tracing::warn!("prompt cache, draft model: {e:#}"),
+            }
+        }
+        (target, hit.len)
     }
 }
 
@@ -457,6 +521,14 @@ pub fn check_same_tokenizer(target: &Model, draft: &Model) -> Result<()> {
 /// One running request.
 pub struct Generation {
     target: Session,
+    /// Where the sequences go when the request ends (the engine's prompt cache).
+    prefix: Option<Arc<PrefixCache>>,
+    /// Prompt tokens the target's cache held from the prompt cache at the start.
+    cached: usize,
+    /// Whether the prompt has been read (the first step).
+    prefilled: bool,
+    /// A step failed part-way: the caches may not match `tokens`, so they are not kept.
+    poisoned: bool,
     drafter: Option<Box<dyn Drafter>>,
     policy: Option<PolicyInstance>,
     judge: Option<Arc<JudgeScorer>>,
@@ -510,6 +582,11 @@ impl Generation {
         self.prompt_len
     }
 
+    /// Prompt tokens read from the prompt cache instead of prefilled.
+    pub fn cached_prompt_tokens(&self) -> usize {
+        self.cached
+    }
+
     /// The logprobs of the tokens emitted since the last call, one per token in order (what
     /// the `step` calls since then returned, concatenated). Empty unless the request set
     /// `logprobs`.
@@ -519,13 +596,21 @@ impl Generation {
 
     /// Runs one step and returns the tokens it emitted (empty once finished).
     pub fn step(&mut self) -> Result<Vec<u32>> {
+        let r = self.step_inner();
+        self.poisoned |= r.is_err();
+        r
+    }
+
+    fn step_inner(&mut self) -> Result<Vec<u32>> {
         if self.finished.is_some() {
             return Ok(Vec::new());
         }
-        if self.target.is_empty() {
-            // Prefill: the whole prompt in one forward, then the first token.
+        if !self.prefilled {
+            // Prefill: the prompt (what the prompt cache did not hold) in one forward, then the
+            // first token.
             let prompt = self.tokens.clone();
-            let out = self.target.forward(&prompt, Rows::Last)?;
+            let out = self.target.forward(&prompt[self.cached..], Rows::Last)?;
+            self.prefilled = true;
             if let Some(d) = self.drafter.as_mut() {
                 d.prefill(&prompt)?;
             }
@@ -685,6 +770,29 @@ impl Generation {
         Ok(out)
     }
 
+    /// Ends the request: its sequences go to the prompt cache (moved, not copied: what the
+    /// target's cache holds of `tokens`, and the draft model's). Dropping a generation does
+    /// the same; calling this first makes sure a follow-up request finds them.
+    pub fn close(mut self) {
+        self.keep_sequences();
+    }
+
+    fn keep_sequences(&mut self) {
+        let Some(prefix) = self.prefix.take() else {
+            return;
+        };
+        if self.poisoned || !self.prefilled {
+            return;
+        }
+        // Positions past `tokens` (drafts after a stop token) are not part of the sequence.
+        let n = self.target.len().min(self.tokens.len());
+        let target = (self.target.take(), self.tokens[..n].to_vec());
+        let draft = self.drafter.as_mut().and_then(|d| d.take_sequence());
+        if let Err(e) = prefix.store(target, draft) {
+            tracing::warn!("prompt cache: cannot keep the request's sequences: {e:#}");
+        }
+    }
+
     /// Appends tokens up to a stop token or max_tokens; returns what was appended.
     /// Row i of `v` scored `tokens[i]` (for the statistics and the request's logprobs).
     fn emit(&mut self, tokens: &[u32], v: &Verification) -> Result<Vec<u32>> {
@@ -712,6 +820,12 @@ impl Generation {
         }
         self.stats.tokens += out.len() as u64;
         Ok(out)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.keep_sequences();
     }
 }
 

@@ -144,6 +144,32 @@ impl KvCache {
         })
     }
 
+    /// A deep copy of the first `len` positions only, in a buffer sized for them (the prompt
+    /// cache keeps and hands out such copies: a long cached sequence shared for a few positions
+    /// copies only those).
+    pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
+        check_truncate(len, self.len)?;
+        let mut c = KvCache::new(
+            self.n_layers,
+            self.n_kv_heads,
+            self.head_dim,
+            self.max_len,
+            &self.device,
+        );
+        if len == 0 {
+            return Ok(c);
+        }
+        c.reserve(len)?;
+        for (dst, src) in c.layers.iter().zip(&self.layers) {
+            dst.k
+                .slice_set(&src.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            dst.v
+                .slice_set(&src.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+        c.len = len;
+        Ok(c)
+    }
+
     /// Makes `n` appended positions part of the cache.
     pub fn commit(&mut self, n: usize) {
         self.len += n;

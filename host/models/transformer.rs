@@ -14,7 +14,7 @@ use super::batch::{Batcher, Membership};
 use super::cuda_fast::{FastSession, FastWeights};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{GgufFile, ModelConfig, RopeStyle};
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, check_truncate};
 use super::shard::{Communicator, TpSession, Transport};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
@@ -447,6 +447,25 @@ impl Model {
         s
     }
 
+    /// Takes `s` (a [`Session::copy_prefix`] of one of this model's sessions over all layers)
+    /// as a new sequence of this model, batched like [`Model::session`]'s.
+    pub fn adopt(&self, mut s: Session) -> Result<Session> {
+        if !Arc::ptr_eq(&s.w, &self.w) || s.n_layers != self.w.cfg.n_layers {
+            return Err(ModelError::Invalid(
+                "adopt: the session belongs to another model (or runs only some layers)".into(),
+            ));
+        }
+        if s.batch.is_none()
+            && let Some(b) = self
+                .batcher
+                .as_ref()
+                .filter(|_| s.tp.is_none() && s.fast_w.is_none())
+        {
+            s.batch = Some(b.join());
+        }
+        Ok(s)
+    }
+
     fn unbatched_session(&self, n_layers: usize) -> Session {
         Session {
             w: self.w.clone(),
@@ -654,6 +673,52 @@ impl Session {
             tp: self.tp.as_ref().map(TpSession::fork).transpose()?,
             fast_w: self.fast_w.clone(),
             fast: self.fast.as_ref().map(FastSession::fork).transpose()?,
+        })
+    }
+
+    /// Moves this sequence out, leaving an empty session in its place (the prompt cache takes a
+    /// finished request's sequence without copying it).
+    pub fn take(&mut self) -> Session {
+        let empty = self.placeholder();
+        std::mem::replace(self, empty)
+    }
+
+    /// Leaves the model's batcher (a session kept aside must not be waited for as a member that
+    /// may step soon); [`Model::adopt`] joins again.
+    pub fn leave_batch(&mut self) {
+        self.batch = None;
+    }
+
+    /// An independent copy of this session's first `len` positions, outside any batcher (the
+    /// prompt cache hands these out; [`Model::adopt`] makes one a member again).
+    pub fn copy_prefix(&self, len: usize) -> Result<Session> {
+        check_truncate(len, self.len())?;
+        let (cache, tp, fast) = match &self.fast {
+            Some(f) => {
+                let mut f = f.fork()?;
+                f.truncate(len)?;
+                (self.cache.copy_prefix(0)?, None, Some(f))
+            }
+            None => {
+                let tp = match &self.tp {
+                    Some(tp) => {
+                        let tp = tp.fork()?;
+                        tp.truncate(len)?;
+                        Some(tp)
+                    }
+                    None => None,
+                };
+                (self.cache.copy_prefix(len)?, tp, None)
+            }
+        };
+        Ok(Session {
+            w: self.w.clone(),
+            n_layers: self.n_layers,
+            cache,
+            batch: None,
+            tp,
+            fast_w: self.fast_w.clone(),
+            fast,
         })
     }
 

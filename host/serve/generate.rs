@@ -32,6 +32,8 @@ pub struct Outcome {
     /// OpenAI's `finish_reason`: "stop" (EOS or a stop string) or "length".
     pub finish_reason: &'static str,
     pub prompt_tokens: usize,
+    /// Prompt tokens read from the prompt cache instead of prefilled.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub speculation: SpeculationReport,
 }
@@ -195,6 +197,8 @@ impl Job {
             }
         };
         metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        let cached_tokens = generation.cached_prompt_tokens();
+        metrics.cached_prompt_tokens.inc_by(cached_tokens as u64);
         if events.send(Event::Started).is_err() {
             metrics.finished("cancelled");
             return;
@@ -327,11 +331,16 @@ impl Job {
             .request_seconds
             .observe(arrived.elapsed().as_secs_f64());
         metrics.finished(finish_reason);
+        let speculation = SpeculationReport::new(stats);
+        // The sequences go to the prompt cache before the client hears the end, so that its
+        // next turn finds them.
+        generation.close();
         let _ = events.send(Event::Done(Outcome {
             finish_reason,
             prompt_tokens,
+            cached_tokens,
             completion_tokens: produced,
-            speculation: SpeculationReport::new(stats),
+            speculation,
         }));
     }
 }

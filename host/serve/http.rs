@@ -444,6 +444,11 @@ fn metrics(app: &App) -> Response<Body> {
                 app.metrics.sync_batches(name, stats);
             }
         }
+        if let Some(p) = e.prompt_cache_stats() {
+            app.metrics
+                .prompt_cache_positions
+                .set(i64::try_from(p.positions).unwrap_or(i64::MAX));
+        }
     }
     let mut r = Response::new(Full::new(Bytes::from(app.metrics.encode())).boxed());
     r.headers_mut().insert(
@@ -747,6 +752,7 @@ fn usage(o: &Outcome) -> Value {
         "prompt_tokens": o.prompt_tokens,
         "completion_tokens": o.completion_tokens,
         "total_tokens": o.prompt_tokens + o.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": o.cached_tokens },
     })
 }
 

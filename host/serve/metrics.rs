@@ -42,6 +42,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RouteStatus, Counter>,
     pub prompt_tokens: Counter,
+    pub cached_prompt_tokens: Counter,
     pub completion_tokens: Counter,
     pub steps: Family<PolicyLabel, Counter>,
     pub drafted: Family<PolicyLabel, Counter>,
@@ -51,6 +52,8 @@ pub struct Metrics {
     pub tokens_per_step: Histogram,
     pub policy_faults: Family<PolicyLabel, Counter>,
     pub queue_depth: Gauge<i64>,
+    /// Positions the prompt cache holds (target and draft model), read at each scrape.
+    pub prompt_cache_positions: Gauge<i64>,
     pub active: Gauge<i64>,
     pub ttft_seconds: Histogram,
     pub inter_token_seconds: Histogram,
@@ -76,6 +79,7 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
+            cached_prompt_tokens: Counter::default(),
             completion_tokens: Counter::default(),
             steps: Family::default(),
             drafted: Family::default(),
@@ -85,6 +89,7 @@ impl Metrics {
             tokens_per_step: Histogram::new(linear_buckets(1.0, 1.0, 17)),
             policy_faults: Family::default(),
             queue_depth: Gauge::default(),
+            prompt_cache_positions: Gauge::default(),
             active: Gauge::default(),
             // 5 ms .. ~80 s
             ttft_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
@@ -110,6 +115,11 @@ impl Metrics {
             "prompt_tokens",
             "Prompt tokens of admitted generations",
             m.prompt_tokens.clone(),
+        );
+        r.register(
+            "cached_prompt_tokens",
+            "Prompt tokens read from the prompt cache instead of prefilled",
+            m.cached_prompt_tokens.clone(),
         );
         r.register(
             "completion_tokens",
@@ -155,6 +165,11 @@ impl Metrics {
             "policy_call_seconds",
             "Latency of one policy verify call (wasm, including fault handling)",
             m.policy_call_seconds.clone(),
+        );
+        r.register(
+            "prompt_cache_positions",
+            "Positions (target and draft model) held by the prompt cache",
+            m.prompt_cache_positions.clone(),
         );
         r.register(
             "queue_depth",

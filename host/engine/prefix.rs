@@ -1,0 +1,193 @@
+//! The prompt cache: the KV caches of finished requests, kept by their tokens, so that a request
+//! starting with the same tokens (a shared system prompt, the earlier turns of a chat, a file sent
+//! again with a new question) skips the prefill of what they share.
+//!
+//! A request ends: its target sequence (prompt and output, as far as the target's cache holds
+//! them) and its draft model's move in (no copy), and leave the batcher. A request
+//! starts: the entry sharing the longest prefix with its prompt hands out a copy of that prefix
+//! (never all of the prompt: the last prompt token is fed again for the first logits), and the
+//! prefill runs only on the rest. Forwards are row-wise, so the logits after a prefill in two
+//! pieces are those of one piece (bit for bit with quantized weights; F32 weights round by the
+//! row count, around 1e-6).
+//!
+//! Memory: the budget counts cached positions of the target and the draft model together
+//! (positions cost `2 x layers x kv_heads x head_dim x 4` bytes each: ~56 KiB for
+//! Qwen2.5-Coder-1.5B; a moved-in buffer may have room for up to twice its positions, as it grew
+//! by doubling). The least recently used entries go first; an entry whose tokens another one
+//! extends is dropped for it.
+
+use std::sync::Mutex;
+
+use anyhow::Result;
+
+use crate::models::Session;
+
+/// One cached sequence: a session holding exactly `tokens`.
+struct Stored {
+    tokens: Vec<u32>,
+    session: Session,
+}
+
+impl Stored {
+    /// Takes a finished request's sequence: `session` holds `tokens` and perhaps more.
+    fn keep((mut session, tokens): (Session, Vec<u32>)) -> Result<Stored> {
+        session.truncate(tokens.len())?;
+        session.leave_batch();
+        Ok(Stored { tokens, session })
+    }
+}
+
+struct Entry {
+    target: Stored,
+    draft: Option<Stored>,
+    /// The cache's clock when the entry was last stored or hit.
+    used: u64,
+}
+
+impl Entry {
+    fn positions(&self) -> usize {
+        self.target.tokens.len() + self.draft.as_ref().map_or(0, |d| d.tokens.len())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    entries: Vec<Entry>,
+    clock: u64,
+}
+
+/// What a hit hands out: copies of the cached prefixes, for a new request's sessions.
+pub struct Hit {
+    /// The target's first `len` positions: the prompt's first `len` tokens.
+    pub target: Session,
+    pub len: usize,
+    /// The draft model's sequence (a session and the tokens it holds), when the entry has one.
+    pub draft: Option<(Session, Vec<u32>)>,
+}
+
+/// The engine's prompt cache (shared by every request; see the module docs).
+pub struct PrefixCache {
+    budget: usize,
+    state: Mutex<State>,
+}
+
+/// What the prompt cache holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    pub entries: usize,
+    /// Cached positions (target and draft model) now held.
+    pub positions: usize,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl PrefixCache {
+    /// A cache holding at most `budget` positions over all entries.
+    pub fn new(budget: usize) -> PrefixCache {
+        PrefixCache {
+            budget,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves whole entries (each insert or removal is one
+        // Vec operation), so the state stays usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> PrefixStats {
+        let s = self.lock();
+        PrefixStats {
+            entries: s.entries.len(),
+            positions: s.entries.iter().map(Entry::positions).sum(),
+        }
+    }
+
+    /// Copies of the longest cached prefix of `prompt` (at most all but its last token), or
+    /// `None` when no entry shares a token with it.
+    pub fn lookup(&self, prompt: &[u32]) -> Result<Option<Hit>> {
+        let cap = prompt.len().saturating_sub(1);
+        let mut s = self.lock();
+        let best = s
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (common_prefix(&e.target.tokens, prompt).min(cap), i))
+            .max();
+        let Some((len, i)) = best.filter(|&(len, _)| len > 0) else {
+            return Ok(None);
+        };
+        s.clock += 1;
+        let clock = s.clock;
+        let e = &mut s.entries[i];
+        e.used = clock;
+        let target = e.target.session.copy_prefix(len)?;
+        let draft = match &e.draft {
+            Some(d) => {
+                let n = common_prefix(&d.tokens, prompt).min(cap);
+                Some((d.session.copy_prefix(n)?, d.tokens[..n].to_vec()))
+            }
+            None => None,
+        };
+        Ok(Some(Hit { target, len, draft }))
+    }
+
+    /// Keeps a finished request's sequences (moved in, not copied): the target session and the
+    /// tokens it holds (a session may hold more positions; they are dropped), and the draft
+    /// model's. Sequences that an entry already holds (its tokens extend these) are dropped.
+    pub fn store(
+        &self,
+        target: (Session, Vec<u32>),
+        draft: Option<(Session, Vec<u32>)>,
+    ) -> Result<()> {
+        let draft_len = draft.as_ref().map_or(0, |d| d.1.len());
+        if target.1.is_empty() || target.1.len() + draft_len > self.budget {
+            return Ok(());
+        }
+        let entry = Entry {
+            target: Stored::keep(target)?,
+            draft: draft.map(Stored::keep).transpose()?,
+            used: 0,
+        };
+        let tokens = &entry.target.tokens;
+        let mut s = self.lock();
+        let covered = s.entries.iter().any(|e| {
+            e.target.tokens.starts_with(tokens)
+                && entry.draft.as_ref().is_none_or(|d| {
+                    e.draft
+                        .as_ref()
+                        .is_some_and(|ed| ed.tokens.starts_with(&d.tokens))
+                })
+        });
+        if covered {
+            return Ok(());
+        }
+        // Entries this one extends are superseded.
+        s.entries.retain(|e| {
+            !(tokens.starts_with(&e.target.tokens)
+                && e.draft.as_ref().is_none_or(|ed| {
+                    entry
+                        .draft
+                        .as_ref()
+                        .is_some_and(|d| d.tokens.starts_with(&ed.tokens))
+                }))
+        });
+        let mut held: usize = s.entries.iter().map(Entry::positions).sum();
+        while held + entry.positions() > self.budget {
+            let Some((oldest, _)) = s.entries.iter().enumerate().min_by_key(|(_, e)| e.used) else {
+                break;
+            };
+            held -= s.entries.swap_remove(oldest).positions();
+        }
+        s.clock += 1;
+        let clock = s.clock;
+        s.entries.push(Entry {
+            used: clock,
+            ..entry
+        });
+        Ok(())
+    }
+}
