@@ -130,19 +130,113 @@ impl View<'_> {
     }
 }
 
-/// Dot product with 8 independent partial sums (vectorises; fixed order, so deterministic).
+/// Rows per work item: the scores of a block's rows and heads stay in L2, their outputs in L1.
+const ROWS_PER_ITEM: usize = 8;
+
+/// Dot product with 8 partial sums in a fixed order, so that a row's scores never depend on
+/// what is computed with it (vectorises along the 8 lanes).
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
     }
+    finish(&acc, a, b)
+}
+
+/// [`dot`] of four vectors with one `k`, each with exactly `dot`'s operations in its order. The
+/// four chains of additions are independent, so they overlap instead of each waiting on its own
+/// previous addition (one `dot` is bound by that latency).
+#[inline]
+fn dot4(q: [&[f32]; 4], k: &[f32]) -> [f32; 4] {
+    let n = q.iter().fold(k.len(), |n, q| n.min(q.len())) / 8;
+    let mut acc = [[0f32; 8]; 4];
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    // SAFETY: AVX is enabled at compile time; every load reads 8 floats at c * 8 < n * 8, within
+    // `k` and each `q[i]`. Multiply then add, lane by lane, as `dot` does (no fused multiply-add:
+    // the same roundings).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut a = [_mm256_setzero_ps(); 4];
+        for c in 0..n {
+            let y = _mm256_loadu_ps(k.as_ptr().add(c * 8));
+            for (ai, qi) in a.iter_mut().zip(&q) {
+                let x = _mm256_loadu_ps(qi.as_ptr().add(c * 8));
+                *ai = _mm256_add_ps(*ai, _mm256_mul_ps(x, y));
+            }
+        }
+        for (dst, ai) in acc.iter_mut().zip(&a) {
+            _mm256_storeu_ps(dst.as_mut_ptr(), *ai);
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+    for c in 0..n {
+        let y = &k[c * 8..c * 8 + 8];
+        for (a, qi) in acc.iter_mut().zip(&q) {
+            let x = &qi[c * 8..c * 8 + 8];
+            for l in 0..8 {
+                a[l] += x[l] * y[l];
+            }
+        }
+    }
+    [
+        finish(&acc[0], q[0], k),
+        finish(&acc[1], q[1], k),
+        finish(&acc[2], q[2], k),
+        finish(&acc[3], q[3], k),
+    ]
+}
+
+/// Keys whose V rows one pass of [`accumulate`] adds to every unit.
+const KEYS_PER_BLOCK: usize = 32;
+
+/// `dst += ps[t] * vrow(t)` for t in order, element by element (each element's additions in
+/// key order, whatever the blocks). With AVX and rows of a multiple of 64, 64 outputs at a time
+/// stay in registers across the keys instead of going through memory for each key.
+#[inline]
+fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    if dst.len().is_multiple_of(64) {
+        // SAFETY: AVX is enabled at compile time; each V row has dst.len() floats (asserted),
+        // and every access is at an offset below dst.len().
+        unsafe {
+            use std::arch::x86_64::*;
+            for o in (0..dst.len()).step_by(64) {
+                let d = dst.as_mut_ptr().add(o);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(d.add(c * 8));
+                }
+                for (t, &p) in ps.iter().enumerate() {
+                    let row = vrow(t);
+                    assert_eq!(row.len(), dst.len());
+                    let (p, r) = (_mm256_set1_ps(p), row.as_ptr().add(o));
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(p, _mm256_loadu_ps(r.add(c * 8))));
+                    }
+                }
+                for (c, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(d.add(c * 8), *a);
+                }
+            }
+            return;
+        }
+    }
+    for (t, &p) in ps.iter().enumerate() {
+        for (o, &x) in dst.iter_mut().zip(vrow(t)) {
+            *o += p * x;
+        }
+    }
+}
+
+/// The partial sums of [`dot`] added in its fixed order, then the tail past the last 8.
+#[inline]
+fn finish(acc: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
+    let tail = a.len().min(b.len()) / 8 * 8;
+    for (x, y) in a[tail..].iter().zip(&b[tail..]) {
         s += x * y;
     }
     s
@@ -184,49 +278,91 @@ impl CustomOp3 for CausalAttention {
         let row_len = nh * hd;
         let mut out = vec![0f32; n * row_len];
         let out_ptr = out.as_mut_ptr() as usize;
-        // One unit = (row i, head h); units write disjoint hd-wide slices of `out`.
-        let units = n * nh;
+        // The query heads of each kv head, computed together: every K and V row is read once
+        // for all of them (and for a block of rows) instead of once per head and row.
+        let groups: Vec<Vec<usize>> = (0..nkv)
+            .map(|g| (0..nh).filter(|&h| self.kv_of(h) == g).collect())
+            .collect();
+        let blocks = n.div_ceil(ROWS_PER_ITEM);
+        let block = n.div_ceil(blocks);
+        // One item = (kv head, block of rows); items write disjoint units of `out`.
+        let items = nkv * blocks;
         let work = |range: std::ops::Range<usize>| {
-            let mut scores: Vec<f32> = Vec::with_capacity(l);
-            for u in range {
-                let (i, h) = (u / nh, u % nh);
-                let g = self.kv_of(h);
-                let qrow = q.row(h, i);
-                let len = pos + i + 1; // causal: keys 0..=pos+i
+            let mut scores: Vec<f32> = Vec::new();
+            let mut sums: Vec<f32> = Vec::new();
+            for it in range {
+                let (g, b) = (it / blocks, it % blocks);
+                let heads = &groups[g];
+                let rows = b * block..((b + 1) * block).min(n);
+                // Unit u = (row rows.start + u / heads.len(), head heads[u % heads.len()]),
+                // which reads keys 0..len(u) (causal).
+                let nu = rows.len() * heads.len();
+                let len = |u: usize| pos + rows.start + u / heads.len() + 1;
+                let lmax = pos + rows.end;
+                let qrow = |u: usize| q.row(heads[u % heads.len()], rows.start + u / heads.len());
                 scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..len {
-                    let s = dot(qrow, k.row(g, j)) * self.scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                // SAFETY: unit u owns out[i*row_len + h*hd .. + hd]; no other unit touches it,
-                // and `out` outlives the pool call.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (out_ptr as *mut f32).add(i * row_len + h * hd),
-                        hd,
-                    )
-                };
-                for (j, &p) in scores.iter().enumerate() {
-                    for (o, &x) in dst.iter_mut().zip(v.row(g, j)) {
-                        *o += p * x;
+                scores.resize(nu * lmax, 0.0);
+                for j in 0..lmax {
+                    let krow = k.row(g, j);
+                    // Units before `first` (earlier rows) do not see key j.
+                    let first = j.saturating_sub(pos + rows.start).min(rows.len()) * heads.len();
+                    let mut u = first;
+                    while u + 4 <= nu {
+                        let d = dot4([qrow(u), qrow(u + 1), qrow(u + 2), qrow(u + 3)], krow);
+                        for (t, x) in d.into_iter().enumerate() {
+                            scores[(u + t) * lmax + j] = x * self.scale;
+                        }
+                        u += 4;
+                    }
+                    for u in u..nu {
+                        scores[u * lmax + j] = dot(qrow(u), krow) * self.scale;
                     }
                 }
-                let inv = 1.0 / sum;
-                dst.iter_mut().for_each(|o| *o *= inv);
+                sums.clear();
+                for u in 0..nu {
+                    let s = &mut scores[u * lmax..u * lmax + len(u)];
+                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut sum = 0f32;
+                    for x in s.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    sums.push(sum);
+                }
+                let dst = |u: usize| {
+                    let (i, h) = (rows.start + u / heads.len(), heads[u % heads.len()]);
+                    // SAFETY: unit (i, h) owns out[i*row_len + h*hd .. + hd]; no other unit
+                    // touches it, and `out` outlives the pool call.
+                    unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (out_ptr as *mut f32).add(i * row_len + h * hd),
+                            hd,
+                        )
+                    }
+                };
+                // Each output element still adds p_j * v_j in key order, as one row alone does;
+                // a block of V rows stays in L1 while every unit adds it.
+                for j0 in (0..lmax).step_by(KEYS_PER_BLOCK) {
+                    let j1 = (j0 + KEYS_PER_BLOCK).min(lmax);
+                    for u in 0..nu {
+                        let end = len(u).min(j1);
+                        if end > j0 {
+                            let ps = &scores[u * lmax + j0..u * lmax + end];
+                            accumulate(dst(u), ps, |t| v.row(g, j0 + t));
+                        }
+                    }
+                }
+                for (u, &sum) in sums.iter().enumerate() {
+                    let inv = 1.0 / sum;
+                    dst(u).iter_mut().for_each(|o| *o *= inv);
+                }
             }
         };
         // Small problems (decode on short contexts) are not worth waking the pool.
-        if units * l * hd < 1 << 15 {
-            work(0..units);
+        if n * nh * l * hd < 1 << 15 {
+            work(0..items);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(units, work);
+            candle_core::utils::barrier_pool().execute_chunked(items, work);
         }
         Ok((CpuStorage::F32(out), Shape::from((n, row_len))))
     }
@@ -292,5 +428,126 @@ mod tests {
         let a: Vec<f32> = one.i(0).unwrap().to_vec1().unwrap();
         let b: Vec<f32> = fast.i(2).unwrap().to_vec1().unwrap();
         assert_eq!(a, b);
+    }
+
+    /// The op's dot product before heads were computed together, kept as the reference.
+    fn dot_ref(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (x, y) in ra.iter().zip(rb) {
+            s += x * y;
+        }
+        s
+    }
+
+    /// One (row, head) at a time, keys in order: the summation order the op must keep.
+    fn per_unit(op: &CausalAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<f32> {
+        let (nh, n, hd) = q.dims3().unwrap();
+        let l = k.dim(1).unwrap();
+        let (q, k, v) = (
+            q.to_vec3::<f32>().unwrap(),
+            k.to_vec3::<f32>().unwrap(),
+            v.to_vec3::<f32>().unwrap(),
+        );
+        let mut out = vec![0f32; n * nh * hd];
+        for i in 0..n {
+            for h in 0..nh {
+                let g = op.kv_of(h);
+                let len = l - n + i + 1;
+                let s: Vec<f32> = (0..len)
+                    .map(|j| dot_ref(&q[h][i], &k[g][j]) * op.scale)
+                    .collect();
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let p: Vec<f32> = s.iter().map(|&x| (x - max).exp()).collect();
+                let sum = p.iter().fold(0f32, |a, &x| a + x);
+                let dst = &mut out[i * nh * hd + h * hd..][..hd];
+                for (j, &pj) in p.iter().enumerate() {
+                    for (o, &x) in dst.iter_mut().zip(&v[g][j]) {
+                        *o += pj * x;
+                    }
+                }
+                let inv = 1.0 / sum;
+                dst.iter_mut().for_each(|o| *o *= inv);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn heads_and_rows_computed_together_keep_each_units_summation_order() {
+        // Many rows (several blocks, the last one short), a long context (the pool runs), the
+        // real models' head sizes (128 and 64, the vector paths), a shard's heads (offset 2,
+        // groups of 4: local heads 0-1 read kv head 0, 2-5 kv head 1), a head size that is not
+        // a multiple of 8.
+        for (op, n, l) in [
+            (
+                CausalAttention {
+                    n_heads: 6,
+                    n_kv_heads: 2,
+                    head_dim: 128,
+                    scale: 0.2,
+                    group: 3,
+                    head_offset: 0,
+                },
+                19,
+                300,
+            ),
+            (
+                CausalAttention {
+                    n_heads: 7,
+                    n_kv_heads: 1,
+                    head_dim: 64,
+                    scale: 0.125,
+                    group: 7,
+                    head_offset: 0,
+                },
+                3,
+                70,
+            ),
+            (
+                CausalAttention {
+                    n_heads: 6,
+                    n_kv_heads: 2,
+                    head_dim: 20,
+                    scale: 0.4,
+                    group: 4,
+                    head_offset: 2,
+                },
+                9,
+                40,
+            ),
+            (
+                CausalAttention {
+                    n_heads: 4,
+                    n_kv_heads: 1,
+                    head_dim: 8,
+                    scale: 1.0,
+                    group: 4,
+                    head_offset: 0,
+                },
+                1,
+                5,
+            ),
+        ] {
+            let k = rand((op.n_kv_heads, l, op.head_dim), 4);
+            let v = rand((op.n_kv_heads, l, op.head_dim), 5);
+            let q = rand((op.n_heads, n, op.head_dim), 6);
+            let got: Vec<f32> = op
+                .forward(&q, &k, &v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, per_unit(&op, &q, &k, &v), "{op:?}, {n} rows, {l} keys");
+        }
     }
 }
