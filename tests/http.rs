@@ -680,15 +680,21 @@ fn hot_swap_while_16_streams_run() {
     assert_eq!(r.json()["speculation"]["policy"], "hostile@2.0.0");
 }
 
-/// Requests that arrive together share target (and draft) forwards, and each still gets exactly
-/// the output it gets alone: greedy and seeded sampling, speculative and plain. Q8_0 weights
-/// make every forward row-exact whatever else is in the batch.
+/// Tiny Q8_0 target and draft (every forward row-exact) in a new temporary directory, and their
+/// paths.
+fn q8_models(context: usize) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (target, draft) =
+        tiny_models_of(dir.path(), context, candle_core::quantized::GgmlDType::Q8_0);
+    let (t, d) = (target.display().to_string(), draft.display().to_string());
+    (dir, t, d)
+}
+
+/// A chat's second turn reads the first from the prompt cache and answers as a server without
+/// the cache does (Q8_0: prefilling in two pieces gives the same logits as one).
 #[test]
 fn a_chat_continued_reads_its_earlier_turns_from_the_prompt_cache() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Q8_0: forwards are row-exact, so the server without a cache must answer the same.
-    let (target, draft) = tiny_models_of(dir.path(), 1024, candle_core::quantized::GgmlDType::Q8_0);
-    let (t, d) = (target.display().to_string(), draft.display().to_string());
+    let (dir, t, d) = q8_models(1024);
     let log_dir = dir.path().to_path_buf();
     let cached = Server::start(&["--model", &t, "--draft", &d], None, &log_dir);
     let plain = Server::start(
@@ -735,11 +741,12 @@ fn a_chat_continued_reads_its_earlier_turns_from_the_prompt_cache() {
     assert_eq!(plain.metric("verdict_prompt_cache_positions"), 0.0);
 }
 
+/// Requests that arrive together share target (and draft) forwards, and each still gets exactly
+/// the output it gets alone: greedy and seeded sampling, speculative and plain. Q8_0 weights
+/// make every forward row-exact whatever else is in the batch.
 #[test]
 fn concurrent_requests_share_forwards_and_get_their_own_outputs() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (target, draft) = tiny_models_of(dir.path(), 4096, candle_core::quantized::GgmlDType::Q8_0);
-    let (t, d) = (target.display().to_string(), draft.display().to_string());
+    let (dir, t, d) = q8_models(4096);
     let log_dir = dir.path().to_path_buf();
     let s = Server::start(
         &[

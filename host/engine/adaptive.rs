@@ -1,11 +1,16 @@
 //! Adaptive speculation length: choose k per step from the request's own acceptance history and
 //! the measured costs of drafting and verifying, instead of a fixed k.
 //!
-//! With a per-token acceptance rate a, a step that drafts k tokens emits on average
-//! (1 - a^(k+1)) / (1 - a) tokens (Leviathan et al. 2023) and costs k * t_draft + t_verify(k).
-//! We pick the k in [1, k_max] that maximises tokens per second under running estimates of a,
-//! t_draft and t_verify; the estimates are exponential moving averages so k follows the text
-//! (code boilerplate drafts well, prose less). t_verify(n) is a line through the measured
+//! A step that drafts k tokens emits 1 + S(1) + ... + S(k) tokens on average, where S(i) is the
+//! chance that the first i drafted tokens are all accepted, and costs k * t_draft +
+//! t_verify(k). With one acceptance rate a for every position, S(i) = a^i and the sum is
+//! (1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023). Acceptances are not independent, though:
+//! prompt lookup copying a file is accepted in long runs, and once a run has started it tends to
+//! go on. So S(i) is the product of per-position acceptance rates (of the positions a step
+//! reached), each estimated from the request's own steps, with the overall rate standing in for
+//! positions seen too rarely. We pick the k in [1, k_max] that maximises tokens per second under
+//! these estimates and running estimates of t_draft and t_verify; all decay so k follows the
+//! text (code boilerplate drafts well, prose less). t_verify(n) is a line through the measured
 //! verifications and plain steps ([`VerifyFit`]): on a CPU each verified position costs about
 //! 40% of a one-position forward, on a GPU a few percent, and the best k follows that slope.
 
@@ -15,6 +20,10 @@ pub struct AdaptiveK {
     k_max: usize,
     /// Acceptance rate estimate (per drafted position reached).
     rate: f64,
+    /// Per position i (index i - 1): steps that reached it (drafted it, with every earlier
+    /// position accepted) and steps that rejected it there, both decayed.
+    reached: Vec<f64>,
+    rejected: Vec<f64>,
     /// Seconds per drafted token (0 for free drafters such as prompt lookup).
     t_draft: f64,
     /// Seconds of verification: a fixed part plus a part per verified position.
@@ -26,6 +35,10 @@ pub struct AdaptiveK {
 }
 
 const ALPHA: f64 = 0.2;
+/// Per-step decay of the per-position counts (about the last 7 steps weigh most).
+const POSITION_DECAY: f64 = 0.85;
+/// Weight of the overall rate in each position's estimate, in steps.
+const POSITION_PRIOR: f64 = 1.0;
 
 /// Seconds to verify n positions, `fixed + per_position * n`, fitted by least squares over the
 /// measured verifications and plain steps (n = 1), decayed so it follows load changes. The
@@ -76,6 +89,8 @@ impl AdaptiveK {
         Self {
             k_max: k_max.max(1),
             rate: 0.7,
+            reached: vec![0.0; k_max.max(1)],
+            rejected: vec![0.0; k_max.max(1)],
             t_draft: 0.0,
             t_verify_fixed: 1.0,
             t_verify_per_pos: 0.05,
@@ -128,8 +143,13 @@ impl AdaptiveK {
     pub fn best_with(&self, verify: impl Fn(usize) -> f64) -> (usize, f64) {
         let a = self.rate.clamp(0.0, 0.999);
         let mut best = (1usize, f64::MIN);
+        // Expected tokens of a k-token draft: the bonus or correction token, plus S(1..=k).
+        let (mut tokens, mut survive) = (1.0, 1.0);
         for k in 1..=self.k_max {
-            let tokens = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
+            let (reached, rejected) = (self.reached[k - 1], self.rejected[k - 1]);
+            let accept = 1.0 - (rejected + POSITION_PRIOR * (1.0 - a)) / (reached + POSITION_PRIOR);
+            survive *= accept.clamp(0.0, 0.999);
+            tokens += survive;
             let cost = k as f64 * self.t_draft + verify(k + 1);
             let speed = tokens / cost.max(1e-12);
             if speed > best.1 * (1.0 + 1e-9) {
@@ -151,6 +171,18 @@ impl AdaptiveK {
         }
         // Positions that were actually tested: the accepted prefix plus the one that failed.
         let tested = (accepted + 1).min(drafted);
+        for (r, j) in self.reached.iter_mut().zip(self.rejected.iter_mut()) {
+            *r *= POSITION_DECAY;
+            *j *= POSITION_DECAY;
+        }
+        for r in self.reached.iter_mut().take(tested) {
+            *r += 1.0;
+        }
+        if accepted < drafted
+            && let Some(j) = self.rejected.get_mut(accepted)
+        {
+            *j += 1.0;
+        }
         let step_rate = accepted as f64 / tested as f64;
         self.rate += ALPHA * (step_rate - self.rate);
         self.t_draft += ALPHA * (draft_s / drafted as f64 - self.t_draft);
@@ -201,6 +233,29 @@ mod tests {
             let plain = a.plain_speed();
             assert!((plain - 1.0 / cost(1)).abs() < 1e-6, "plain speed {plain}");
         }
+    }
+
+    #[test]
+    fn acceptance_in_long_runs_drafts_longer_than_one_rate_would() {
+        // A quarter of the steps reject the first drafted token; the rest accept all 8 (text
+        // copied in runs). One rate for every position (0.75) would make the 8th token worth
+        // 0.75^8 = 0.1 of a token and pick k = 5 at this verify cost; the run goes on once
+        // started, so the later positions are nearly free tokens.
+        let cost = |n: usize| 1.0 + 0.1 * n as f64;
+        let mut a = AdaptiveK::new(16);
+        for i in 0..40 {
+            a.observe(0, 0, 0.0, cost(1));
+            let accepted = if i % 4 == 0 { 0 } else { 8 };
+            a.observe(8, accepted, 0.0, cost(9));
+        }
+        assert!(a.next_k() >= 8, "k = {}", a.next_k());
+        // Independent rejections at the same overall rate keep k short.
+        let mut b = AdaptiveK::new(16);
+        for i in 0..40 {
+            b.observe(0, 0, 0.0, cost(1));
+            b.observe(4, [1, 2, 3, 4][i % 4], 0.0, cost(5));
+        }
+        assert!(b.next_k() < a.next_k(), "{} vs {}", b.next_k(), a.next_k());
     }
 
     #[test]

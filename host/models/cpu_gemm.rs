@@ -57,6 +57,8 @@ const COLS_PER_ITEM: usize = TILE;
 /// Activation rows computed together against one unpacked weight block: each pass streams the
 /// weights once, so this covers a verification forward at the default k_max of 16 (17 rows).
 const ROWS_PER_PASS: usize = 17;
+/// Quantized activations (one byte per value) of a block of rows in [`Gemm::run`].
+const ACT_BLOCK_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -165,6 +167,26 @@ impl Gemm {
     }
 
     fn run(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
+        // Many rows (a prefill) go in blocks whose quantized activations stay in L2 while every
+        // column walks them; one pass over all rows streamed them from memory once per column
+        // tile. Rows are independent (quantized and summed row by row), so blocks change no
+        // result.
+        let block = (ACT_BLOCK_BYTES / self.k).max(8) / 8 * 8;
+        if m > block {
+            for r0 in (0..m).step_by(block) {
+                let r1 = m.min(r0 + block);
+                let (x, o) = (
+                    &xs[r0 * self.k..r1 * self.k],
+                    &mut out[r0 * self.n..r1 * self.n],
+                );
+                self.run_rows(w, x, r1 - r0, o);
+            }
+        } else {
+            self.run_rows(w, xs, m, out);
+        }
+    }
+
+    fn run_rows(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
         let acts = Acts::quantize(xs, m, self.k, self.kind);
         let n = self.n;
         let groups = n.div_ceil(COLS_PER_ITEM);
