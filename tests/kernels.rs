@@ -515,6 +515,17 @@ fn decode_path_matches_the_cpu() {
             Rows::Last,
             "the original after the fork",
         );
+        // A prompt-cache copy of the first positions, taken back by the model and continued.
+        let keep = a.len() - 5;
+        let mut ac = cpu.adopt(a.copy_prefix(keep).unwrap()).unwrap();
+        let mut bc = gpu.adopt(b.copy_prefix(keep).unwrap()).unwrap();
+        check(
+            &mut ac,
+            &mut bc,
+            &toks(3),
+            Rows::All,
+            "a prompt-cache copy continued",
+        );
         check(
             &mut a,
             &mut b,

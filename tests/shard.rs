@@ -38,8 +38,8 @@ fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     d / m
 }
 
-/// Prefill, a speculative-style 4-token forward, rollback, then single steps, and a fork: the
-/// sharded session must follow the unsharded one at every call.
+/// Prefill, a speculative-style 4-token forward, rollback, then single steps, a fork, and a
+/// prompt-cache copy: the sharded session must follow the unsharded one at every call.
 fn check_same(full: &Model, sharded: &Model, prompt: &[u32], more: &[u32], what: &str, bound: f32) {
     let (mut a, mut b) = (full.session(), sharded.session());
     let mut worst = rel_diff(
@@ -68,6 +68,15 @@ fn check_same(full: &Model, sharded: &Model, prompt: &[u32], more: &[u32], what:
     worst = worst.max(rel_diff(
         &rows(&mut b, &[more[3]], Rows::Last),
         &rows(&mut a, &[more[3]], Rows::Last),
+    ));
+    // A prompt-cache copy of the first positions, taken back by the model and continued.
+    let keep = prompt.len() - 1;
+    let mut ca = full.adopt(a.copy_prefix(keep).unwrap()).unwrap();
+    let mut cb = sharded.adopt(b.copy_prefix(keep).unwrap()).unwrap();
+    assert_eq!((ca.len(), cb.len()), (keep, keep));
+    worst = worst.max(rel_diff(
+        &rows(&mut cb, &more[..3], Rows::All),
+        &rows(&mut ca, &more[..3], Rows::All),
     ));
     assert_eq!(a.len(), b.len());
     eprintln!("{what}: max relative logit difference {worst:e}");
