@@ -48,6 +48,17 @@ impl Entry {
     fn positions(&self) -> usize {
         self.target.tokens.len() + self.draft.as_ref().map_or(0, |d| d.tokens.len())
     }
+
+    /// Whether this entry holds all that `other` holds: each of its sequences starts with
+    /// `other`'s.
+    fn covers(&self, other: &Entry) -> bool {
+        self.target.tokens.starts_with(&other.target.tokens)
+            && other.draft.as_ref().is_none_or(|od| {
+                self.draft
+                    .as_ref()
+                    .is_some_and(|d| d.tokens.starts_with(&od.tokens))
+            })
+    }
 }
 
 #[derive(Default)]
@@ -107,7 +118,8 @@ impl PrefixCache {
     }
 
     /// Copies of the longest cached prefix of `prompt` (at most all but its last token), or
-    /// `None` when no entry shares a token with it.
+    /// `None` when no entry shares a token with it. The copies are made under the lock (other
+    /// requests' lookups wait a copy's time: milliseconds, against seconds of prefill saved).
     pub fn lookup(&self, prompt: &[u32]) -> Result<Option<Hit>> {
         let cap = prompt.len().saturating_sub(1);
         let mut s = self.lock();
@@ -152,29 +164,12 @@ impl PrefixCache {
             draft: draft.map(Stored::keep).transpose()?,
             used: 0,
         };
-        let tokens = &entry.target.tokens;
         let mut s = self.lock();
-        let covered = s.entries.iter().any(|e| {
-            e.target.tokens.starts_with(tokens)
-                && entry.draft.as_ref().is_none_or(|d| {
-                    e.draft
-                        .as_ref()
-                        .is_some_and(|ed| ed.tokens.starts_with(&d.tokens))
-                })
-        });
-        if covered {
+        if s.entries.iter().any(|e| e.covers(&entry)) {
             return Ok(());
         }
         // Entries this one extends are superseded.
-        s.entries.retain(|e| {
-            !(tokens.starts_with(&e.target.tokens)
-                && e.draft.as_ref().is_none_or(|ed| {
-                    entry
-                        .draft
-                        .as_ref()
-                        .is_some_and(|d| d.tokens.starts_with(&ed.tokens))
-                }))
-        });
+        s.entries.retain(|e| !entry.covers(e));
         let mut held: usize = s.entries.iter().map(Entry::positions).sum();
         while held + entry.positions() > self.budget {
             let Some((oldest, _)) = s.entries.iter().enumerate().min_by_key(|(_, e)| e.used) else {
