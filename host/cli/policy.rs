@@ -54,7 +54,7 @@ pub enum PolicyCommand {
     /// Run a policy over recorded steps (JSON Lines, see host/decide/trace.rs) and report the
     /// tokens per step and the per-position acceptance: offline policy evaluation.
     Replay {
-        /// A component file (.wasm) or a policy name[@version].
+        /// A component file (.wasm) or a policy `name[@version]`.
         policy: String,
         /// The step trace (one JSON step per line).
         #[arg(long)]

@@ -33,7 +33,7 @@ impl ModelDrafter {
         }
     }
 
-    /// Offers this drafter's sequence to the prompt cache ([`Drafter::sequence`]).
+    /// Offers this drafter's sequence to the prompt cache ([`Drafter::take_sequence`]).
     pub fn cacheable(mut self) -> Self {
         self.cacheable = true;
         self

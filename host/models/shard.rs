@@ -11,7 +11,7 @@
 //! Splits follow quantization blocks: a row-split projection's input columns can only be cut at
 //! a block boundary (256 values for K-quants), which sets the head and MLP granularity.
 //!
-//! [`Communicator`] is the seam to the transport ([`Transport`]): [`LocalComm`] joins ranks that
+//! [`Communicator`] is the seam to the transport (`Transport`): [`LocalComm`] joins ranks that
 //! are threads of one process on the CPU (a fresh group per sequence); a CUDA build puts NCCL
 //! behind the same trait (`super::nccl`), one thread and one GPU per rank, one communicator per
 //! GPU shared by the model's sequences, which take turns.

@@ -48,9 +48,9 @@ pub struct SpeculationReport {
     pub steps: u64,
     pub drafted: u64,
     pub accepted: u64,
-    /// accepted_per_position[i]: steps whose (i+1)-th drafted token was accepted.
+    /// `accepted_per_position[i]`: steps whose (i+1)-th drafted token was accepted.
     pub accepted_per_position: Vec<u64>,
-    /// drafted_per_position[i]: steps that drafted an (i+1)-th token.
+    /// `drafted_per_position[i]`: steps that drafted an (i+1)-th token.
     pub drafted_per_position: Vec<u64>,
     /// Generated tokens per target forward after the prefill (1.0 without speculation).
     pub tokens_per_step: f64,

@@ -247,7 +247,7 @@ impl Verification {
         }
     }
 
-    /// ln softmax(row i)[t] at temperature 1 (the target's log-likelihood of `t` there), and
+    /// `ln softmax(row i)[t]` at temperature 1 (the target's log-likelihood of `t` there), and
     /// (host rows only; empty on the device) the `top_n` most likely tokens with theirs.
     pub fn logprob(&self, i: usize, t: u32, top_n: usize) -> Result<(f64, Vec<(u32, f64)>)> {
         match &self.rows {
@@ -265,7 +265,7 @@ fn row(logits: &[Vec<f32>], i: usize) -> Result<&[f32]> {
         .ok_or_else(|| anyhow::anyhow!("row {i} of {} logit rows", logits.len()))
 }
 
-/// ln softmax(logits)[t] at temperature 1 (the target model's own log-likelihood of `t`), and
+/// `ln softmax(logits)[t]` at temperature 1 (the target model's own log-likelihood of `t`), and
 /// the `top_n` most likely tokens with theirs, most likely first (ties: lower id first).
 /// Runs for every emitted token, so it is two vectorised passes over the row (max, then
 /// log-sum-exp) plus, only when alternatives are asked for, one that keeps the best few in a
@@ -349,7 +349,7 @@ pub fn top_entries_into(p: &[f32], k: usize, top: &mut Vec<(u32, f32)>) {
     }
 }
 
-/// H(p) in nats. The terms p ln p are f32 (ln from [`ln_positive`], relative error ~1e-7) in 8
+/// H(p) in nats. The terms p ln p are f32 (ln from `ln_positive`, relative error ~1e-7) in 8
 /// lanes so that the loop vectorises, and blocks are summed in f64: a libm `ln` per entry made
 /// this 1.2 ms of every 152k-entry row, the largest part of a speculation step's host work.
 pub fn entropy(p: &[f32]) -> f32 {
