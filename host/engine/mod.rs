@@ -431,9 +431,7 @@ impl Engine {
                 .map(|r| (r, Rng64::new(seed ^ 0x5717))),
         })
     }
-}
 
-impl Engine {
     /// The target session for `prompt` and how many of its tokens it already holds: the
     /// longest cached prefix when the prompt cache has one (the draft model resumes from the
     /// same entry), else an empty session. A cache that fails is a miss, never a failed request.
