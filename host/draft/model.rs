@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 
 use super::{Draft, Drafter};
+use crate::engine::prefix::common_prefix;
 use crate::models::{Rows, Session};
 use crate::sample::{self, Rng64, SamplingParams};
 use crate::verify::{self, StepDevice};
@@ -52,6 +53,15 @@ impl ModelDrafter {
         self.cached.len()
     }
 
+    /// Rolls the cache back to the longest prefix it shares with `context`, at most `cap`
+    /// tokens; returns that length.
+    fn rewind(&mut self, context: &[u32], cap: usize) -> Result<usize> {
+        let common = common_prefix(&self.cached, context).min(cap);
+        self.session.truncate(common)?;
+        self.cached.truncate(common);
+        Ok(common)
+    }
+
     fn feed(&mut self, tokens: &[u32]) -> Result<candle_core::Tensor> {
         let out = self.session.forward(tokens, Rows::Last)?;
         self.cached.extend_from_slice(tokens);
@@ -76,15 +86,11 @@ impl Drafter for ModelDrafter {
         // Leave room for one fed token, as `propose` needs; a prompt that fills the draft's
         // context is left to `propose`, which then drafts nothing. A resumed cache keeps what
         // it shares with the prompt.
-        let common = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        if common < prompt.len() && prompt.len() < self.session.max_len() {
-            self.session.truncate(common)?;
-            self.cached.truncate(common);
+        if prompt.len() >= self.session.max_len() {
+            return Ok(());
+        }
+        let common = self.rewind(prompt, prompt.len())?;
+        if common < prompt.len() {
             self.feed(&prompt[common..])
                 .with_context(|| format!("drafter {} failed", self.name))?;
         }
@@ -119,15 +125,7 @@ impl Drafter for ModelDrafter {
             return Ok(draft);
         }
         // Keep the shared prefix, but always feed at least one token to get logits.
-        let common = self
-            .cached
-            .iter()
-            .zip(context)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(context.len() - 1);
-        self.session.truncate(common)?;
-        self.cached.truncate(common);
+        let common = self.rewind(context, context.len() - 1)?;
         // Leave room in the draft's context; a draft that cannot continue just proposes less.
         let room = self.session.max_len().saturating_sub(context.len());
         let k = k.min(room);

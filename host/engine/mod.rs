@@ -300,7 +300,7 @@ impl Engine {
         // Adaptive k follows measured timings, and k decides which positions are drafted and
         // which sampled by the target: a seeded request keeps a fixed k so that it reproduces.
         let adaptive = req.adaptive.unwrap_or(cfg.adaptive && req.seed.is_none());
-        let drafter: Option<Box<dyn Drafter>> = match drafter_spec {
+        let mut drafter: Option<Box<dyn Drafter>> = match drafter_spec {
             None => None,
             Some(DrafterSpec::Auto) => {
                 // Prompt lookup first: it is free whenever it has a proposal.
@@ -381,7 +381,6 @@ impl Engine {
         };
 
         // The target's session, and the draft model's, from the longest cached prefix.
-        let mut drafter = drafter;
         let (target, cached) = self.resume(&req.prompt, &mut drafter);
         let seed = req.seed.unwrap_or_else(rand::random);
         let mut stats = SpecStats::default();

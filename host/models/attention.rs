@@ -197,10 +197,11 @@ const KEYS_PER_BLOCK: usize = 32;
 /// stay in registers across the keys instead of going through memory for each key.
 #[inline]
 fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]) {
+    // Every V row is a row of one view, as long as `dst` (the op checks the shapes).
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-    if dst.len().is_multiple_of(64) {
-        // SAFETY: AVX is enabled at compile time; each V row has dst.len() floats (asserted),
-        // and every access is at an offset below dst.len().
+    if dst.len().is_multiple_of(64) && ps.first().is_none_or(|_| vrow(0).len() == dst.len()) {
+        // SAFETY: AVX is enabled at compile time; the V rows have dst.len() floats (checked on
+        // the first; all are rows of one view), and every access is below dst.len().
         unsafe {
             use std::arch::x86_64::*;
             for o in (0..dst.len()).step_by(64) {
@@ -210,9 +211,7 @@ fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]
                     *a = _mm256_loadu_ps(d.add(c * 8));
                 }
                 for (t, &p) in ps.iter().enumerate() {
-                    let row = vrow(t);
-                    assert_eq!(row.len(), dst.len());
-                    let (p, r) = (_mm256_set1_ps(p), row.as_ptr().add(o));
+                    let (p, r) = (_mm256_set1_ps(p), vrow(t).as_ptr().add(o));
                     for (c, a) in acc.iter_mut().enumerate() {
                         *a = _mm256_add_ps(*a, _mm256_mul_ps(p, _mm256_loadu_ps(r.add(c * 8))));
                     }

@@ -123,25 +123,9 @@ impl KvCache {
         Ok((lc.k.narrow(1, 0, total)?, lc.v.narrow(1, 0, total)?))
     }
 
-    /// A deep copy holding the first `len` positions (a prompt cache reused by a new sequence).
+    /// A deep copy of all positions.
     pub fn fork(&self) -> Result<KvCache> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            layers.push(LayerCache {
-                k: l.k.copy()?,
-                v: l.v.copy()?,
-            });
-        }
-        Ok(KvCache {
-            layers,
-            n_layers: self.n_layers,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim,
-            len: self.len,
-            capacity: self.capacity,
-            max_len: self.max_len,
-            device: self.device.clone(),
-        })
+        self.copy_prefix(self.len)
     }
 
     /// A deep copy of the first `len` positions only, in a buffer sized for them (the prompt

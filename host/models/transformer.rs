@@ -665,15 +665,9 @@ impl Session {
     /// An independent copy of this session (deep-copies the KV cache): e.g. a shared prompt
     /// prefix continued two ways.
     pub fn fork(&self) -> Result<Session> {
-        Ok(Session {
-            w: self.w.clone(),
-            n_layers: self.n_layers,
-            cache: self.cache.fork()?,
-            batch: self.batch.as_ref().map(Membership::join_again),
-            tp: self.tp.as_ref().map(TpSession::fork).transpose()?,
-            fast_w: self.fast_w.clone(),
-            fast: self.fast.as_ref().map(FastSession::fork).transpose()?,
-        })
+        let mut s = self.copy_prefix(self.len())?;
+        s.batch = self.batch.as_ref().map(Membership::join_again);
+        Ok(s)
     }
 
     /// Moves this sequence out, leaving an empty session in its place (the prompt cache takes a
