@@ -132,6 +132,40 @@ fn tiny_model_sampling_is_seeded() {
     );
 }
 
+#[test]
+fn a_logit_bias_forces_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let m = model.to_str().unwrap();
+    let run = |n: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--ignore-eos",
+            "--max-tokens",
+            n,
+            "--logit-bias",
+            "42=100",
+        ];
+        args.extend(extra);
+        let out = verdict(&args);
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let one = run("1", &[]);
+    assert!(!one.is_empty());
+    assert_eq!(run("4", &[]), one.repeat(4));
+    assert_eq!(
+        run(
+            "4",
+            &["--draft", "prompt-lookup", "--frequency-penalty", "0.5"]
+        ),
+        one.repeat(4)
+    );
+}
+
 /// A bad invocation: non-zero exit, an error message containing `needle`, no panic, no stdout.
 fn assert_fails(args: &[&str], needle: &str) {
     let out = verdict(args);
@@ -187,6 +221,18 @@ fn bad_input_gives_clear_errors() {
     assert_fails(&with(&["--temperature", "hot"]), "expected a number");
     assert_fails(&with(&["--top-p", "1.5"]), "top-p must be in (0, 1]");
     assert_fails(&with(&["--top-p", "0"]), "top-p must be in (0, 1]");
+    assert_fails(&with(&["--logit-bias", "5"]), "expected ID=BIAS");
+    assert_fails(&with(&["--logit-bias", "x=1"]), "token id");
+    assert_fails(
+        &with(&["--logit-bias", "99999=1"]),
+        "outside the vocabulary",
+    );
+    assert_fails(&with(&["--logit-bias", "5=101"]), "logit_bias for token 5");
+    assert_fails(
+        &with(&["--frequency-penalty", "3"]),
+        "frequency_penalty must be in",
+    );
+    assert_fails(&with(&["--repetition-penalty", "0"]), "repetition_penalty");
     assert_fails(&with(&["--max-tokens", "0"]), "--max-tokens");
     assert_fails(&with(&["--max-tokens", "-3"]), "--max-tokens");
     assert_fails(&with(&["--top-k", "-1"]), "--top-k");

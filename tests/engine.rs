@@ -14,7 +14,7 @@ use verdict::draft::DrafterSpec;
 use verdict::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
 use verdict::models::testing::{TinySpec, write_tiny_gguf};
 use verdict::models::{Model, Rows};
-use verdict::sample::SamplingParams;
+use verdict::sample::{Penalizer, Penalties, SamplingParams};
 use verdict::verify::JudgeHead;
 use verdict::verify::judge::TargetIdentity;
 
@@ -260,6 +260,25 @@ fn rollback_leaves_the_target_cache_as_if_only_accepted_tokens_were_fed() {
 
 /// Exact distribution of the second generated token: sum over the first.
 fn second_token_distribution(target: &Model, prompt: &[u32], s: &SamplingParams) -> Vec<f64> {
+    second_token_distribution_with(target, prompt, s, &Penalties::default())
+}
+
+/// [`second_token_distribution`] with penalties: the second token's logits see the first as
+/// generated.
+fn second_token_distribution_with(
+    target: &Model,
+    prompt: &[u32],
+    s: &SamplingParams,
+    pens: &Penalties,
+) -> Vec<f64> {
+    let z = Penalizer::new(pens.clone(), prompt);
+    let adjusted = |l: candle_core::Tensor, pending: &[u32]| {
+        let mut row = l.to_vec1::<f32>().unwrap();
+        if let Some(z) = &z {
+            z.apply(&mut row, pending);
+        }
+        row
+    };
     let mut sess = target.session();
     let l1 = sess
         .forward(prompt, Rows::Last)
@@ -267,7 +286,7 @@ fn second_token_distribution(target: &Model, prompt: &[u32], s: &SamplingParams)
         .logits
         .squeeze(0)
         .unwrap();
-    let p1 = verdict::sample::probabilities(&l1.to_vec1::<f32>().unwrap(), s);
+    let p1 = verdict::sample::probabilities(&adjusted(l1, &[]), s);
     let mut out = vec![0f64; p1.len()];
     for (t1, &w) in p1.iter().enumerate() {
         if w == 0.0 {
@@ -280,7 +299,7 @@ fn second_token_distribution(target: &Model, prompt: &[u32], s: &SamplingParams)
             .logits
             .squeeze(0)
             .unwrap();
-        let p2 = verdict::sample::probabilities(&l2.to_vec1::<f32>().unwrap(), s);
+        let p2 = verdict::sample::probabilities(&adjusted(l2, &[t1 as u32]), s);
         for (o, &p) in out.iter_mut().zip(&p2) {
             *o += w as f64 * p as f64;
         }
@@ -367,6 +386,170 @@ fn speculative_sampling_follows_the_target_distribution() {
     assert!(
         stat_wrong > chi2_critical(dof_wrong),
         "chi-square vs q {stat_wrong:.1}"
+    );
+}
+
+/// Greedy decoding of `target` with the penalties applied by this loop's own arithmetic (the
+/// order and operations `Penalties` documents), one single-token forward per token.
+fn reference_penalized_greedy(target: &Model, prompt: &[u32], n: usize, p: &Penalties) -> Vec<u32> {
+    let mut sess = target.session();
+    let mut logits = sess.forward(prompt, Rows::Last).unwrap().logits;
+    let mut out: Vec<u32> = Vec::new();
+    for _ in 0..n {
+        let mut row = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        for &(t, b) in &p.logit_bias {
+            row[t as usize] += b;
+        }
+        for (t, x) in row.iter_mut().enumerate() {
+            let t = t as u32;
+            let c = out.iter().filter(|&&u| u == t).count();
+            if c > 0 || prompt.contains(&t) {
+                *x = if *x > 0.0 {
+                    *x / p.repetition
+                } else {
+                    *x * p.repetition
+                };
+            }
+            if c > 0 {
+                *x -= c as f32 * p.frequency + p.presence;
+            }
+        }
+        let next = verdict::sample::argmax(&row);
+        out.push(next);
+        logits = sess.forward(&[next], Rows::Last).unwrap().logits;
+    }
+    out
+}
+
+/// Penalties and a logit bias change the target's distribution, and speculation follows the
+/// changed one: at T = 0 every drafter emits what plain decoding with the same penalties
+/// emits, which is what a reference loop computing the penalties itself gives.
+#[test]
+fn penalties_adjust_the_target_and_strict_speculation_stays_lossless() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    // Strong penalties change the output; light ones leave repeats for prompt lookup to copy.
+    let strong = Penalties {
+        frequency: 0.7,
+        presence: 0.4,
+        repetition: 1.3,
+        logit_bias: vec![(5, 1.5), (9, -100.0)],
+    };
+    let light = Penalties {
+        frequency: 0.02,
+        logit_bias: vec![(9, -100.0)],
+        ..Penalties::default()
+    };
+    let drafters = [
+        (Some(other.clone()), DrafterSpec::Model),
+        (Some(target.clone()), DrafterSpec::Model),
+        (None, DrafterSpec::PromptLookup(None)),
+        (None, DrafterSpec::SelfDraft(1)),
+        (Some(other.clone()), DrafterSpec::Auto),
+    ];
+    let plain = engine(target.clone(), None, None, 4);
+    let mut drafted = vec![0; drafters.len()];
+    for (pens, prompt) in [&strong, &light]
+        .into_iter()
+        .flat_map(|p| PROMPTS.map(|prompt| (p, prompt)))
+    {
+        let penalized = |speculation| GenerateRequest {
+            penalties: pens.clone(),
+            ..greedy(prompt, 40, speculation)
+        };
+        let reference = reference_penalized_greedy(&target, prompt, 40, pens);
+        let (out, _) = run(&plain, penalized(Speculation::Off));
+        assert_eq!(
+            out, reference,
+            "plain decoding, {pens:?}, prompt {prompt:?}"
+        );
+        if pens == &strong {
+            let (unpenalized, _) = run(&plain, greedy(prompt, 40, Speculation::Off));
+            assert_ne!(
+                out, unpenalized,
+                "the penalties must change the output here"
+            );
+        }
+        assert!(!out.contains(&9), "a -100 bias bans the token");
+        for (i, (draft, spec)) in drafters.iter().enumerate() {
+            for k in [1, 4, 8] {
+                let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
+                let (o, stats) = run(&e, penalized(Speculation::Default));
+                assert_eq!(o, reference, "drafter {spec:?}, k = {k}, prompt {prompt:?}");
+                drafted[i] += stats.drafted;
+            }
+        }
+    }
+    // Penalized text repeats less, so prompt lookup finds fewer matches, but every drafter
+    // was verified somewhere.
+    assert!(drafted.iter().all(|&n| n > 0), "{drafted:?}");
+    // A +100 bias forces its token everywhere, through verification too.
+    let forced = Penalties {
+        logit_bias: vec![(42, 100.0)],
+        ..Penalties::default()
+    };
+    let e = engine(target.clone(), Some(other), Some(DrafterSpec::Model), 4);
+    let (o, _) = run(
+        &e,
+        GenerateRequest {
+            penalties: forced,
+            ..greedy(PROMPTS[0], 12, Speculation::Default)
+        },
+    );
+    assert_eq!(o, vec![42; 12]);
+}
+
+/// At T > 0 speculative sampling draws from the penalized distribution: the second token's
+/// frequencies match the exact mixture with the first token counted as generated, and not the
+/// unpenalized one.
+#[test]
+fn speculative_sampling_follows_the_penalized_distribution() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(5, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
+    let prompt = [10u32, 11, 12];
+    let s = SamplingParams {
+        temperature: 0.15,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let pens = Penalties {
+        presence: 1.0,
+        frequency: 0.5,
+        repetition: 1.5,
+        // 107 is the unpenalized second token in ~84% of draws: a small bias moves much mass.
+        logit_bias: vec![(3, 0.3), (107, -0.2)],
+    };
+    let exact = second_token_distribution_with(&target, &prompt, &s, &pens);
+    let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
+    let n = 3000u64;
+    let mut counts = vec![0u64; exact.len()];
+    for seed in 0..n {
+        let req = GenerateRequest {
+            prompt: prompt.to_vec(),
+            max_tokens: 4,
+            sampling: s,
+            seed: Some(seed),
+            penalties: pens.clone(),
+            ..Default::default()
+        };
+        let mut g = e.start(req).unwrap();
+        g.step().unwrap();
+        g.step().unwrap();
+        counts[g.output()[1] as usize] += 1;
+    }
+    let (stat, dof) = chi_square(&counts, &exact);
+    assert!(dof >= 5, "dof {dof}");
+    assert!(
+        stat < chi2_critical(dof),
+        "chi-square {stat:.1} with {dof} dof"
+    );
+    let plain = second_token_distribution(&target, &prompt, &s);
+    let (stat_plain, dof_plain) = chi_square(&counts, &plain);
+    assert!(
+        stat_plain > chi2_critical(dof_plain),
+        "chi-square vs the unpenalized target {stat_plain:.1}: the test has no power"
     );
 }
 

@@ -741,6 +741,78 @@ fn a_chat_continued_reads_its_earlier_turns_from_the_prompt_cache() {
     assert_eq!(plain.metric("verdict_prompt_cache_positions"), 0.0);
 }
 
+/// `frequency_penalty`, `presence_penalty`, `repetition_penalty` and `logit_bias` change the
+/// output, speculation keeps it exactly (Q8_0: verification rows equal single-token rows), and
+/// logprobs stay the model's own.
+#[test]
+fn penalties_and_logit_bias_change_the_output_and_speculation_keeps_it() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let complete = |extra: Value| -> Value {
+        let mut body = json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 24,
+                              "temperature": 0, "logprobs": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let tokens = |v: &Value| v["choices"][0]["logprobs"]["tokens"].clone();
+    let penalties = json!({"frequency_penalty": 1.5, "presence_penalty": 1.0,
+                           "repetition_penalty": 1.2, "logit_bias": {"7": 3}});
+    let mut off = penalties.clone();
+    off["speculation"] = json!("off");
+    let reference = complete(off);
+    let unpenalized = complete(json!({"speculation": "off"}));
+    assert_ne!(
+        tokens(&reference),
+        tokens(&unpenalized),
+        "penalties change the output"
+    );
+    for spec in [
+        json!({"draft": "model", "k": 3}),
+        json!({"draft": "prompt-lookup", "k": 4}),
+    ] {
+        let mut body = penalties.clone();
+        body["speculation"] = spec.clone();
+        let v = complete(body);
+        assert_eq!(
+            v["choices"][0]["logprobs"], reference["choices"][0]["logprobs"],
+            "speculation {spec}"
+        );
+        assert_eq!(text_of(&v), text_of(&reference));
+    }
+    // A +100 bias forces the token; its reported logprob is the model's own, not the biased
+    // distribution's (which would be ~0).
+    let forced = complete(json!({"logit_bias": {"42": 100}, "max_tokens": 6,
+                                 "speculation": {"draft": "model", "k": 3}}));
+    let lp = &forced["choices"][0]["logprobs"];
+    let toks = lp["tokens"].as_array().unwrap();
+    assert_eq!(toks.len(), 6, "{lp}");
+    assert!(toks.iter().all(|t| *t == toks[0]), "{lp}");
+    let raw: Vec<f64> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(raw.iter().all(|&x| x < -0.1), "{raw:?}");
+    // Out of range: the field is named.
+    for (body, param) in [
+        (json!({"logit_bias": {"99999": 5}}), "logit_bias"),
+        (json!({"frequency_penalty": 2.5}), "frequency_penalty"),
+        (json!({"logit_bias": {"x": 5}}), "logit_bias.x"),
+    ] {
+        let mut b = body.clone();
+        b["prompt"] = json!("hi");
+        let r = s.post_json("/v1/completions", &b);
+        assert_eq!(r.status, 400, "{b}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{b}");
+    }
+}
+
 /// Requests that arrive together share target (and draft) forwards, and each still gets exactly
 /// the output it gets alone: greedy and seeded sampling, speculative and plain. Q8_0 weights
 /// make every forward row-exact whatever else is in the batch.

@@ -3,7 +3,8 @@
     python tests/openai_client.py BASE_URL MODEL_ID
 
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
-`extra_body`, and that an unknown policy is a 400 the client raises as BadRequestError.
+`extra_body`, logprobs, logit_bias and penalties, and that an unknown policy is a 400 the client
+raises as BadRequestError.
 Exits non-zero (AssertionError) on the first mismatch.
 """
 
@@ -96,6 +97,22 @@ for t in content:
     # Greedy: the chosen token is the most likely one.
     assert t.top_logprobs[0].bytes == t.bytes and t.top_logprobs[0].logprob == t.logprob, t
 
+# The client's own penalty and bias fields: a +100 bias forces one token at every position
+# (the tokens as logprobs name them), with speculation on; penalties are accepted.
+forced = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=5,
+    temperature=0,
+    logprobs=True,
+    logit_bias={"42": 100},
+    frequency_penalty=0.5,
+    presence_penalty=0.5,
+    extra_body=extra,
+)
+toks = [t.token for t in forced.choices[0].logprobs.content]
+assert len(toks) == 5 and len(set(toks)) == 1, toks
+
 # Errors arrive as the client's typed exceptions, naming the field.
 try:
     client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})
@@ -112,5 +129,10 @@ try:
     raise AssertionError("top_logprobs without logprobs was accepted")
 except openai.BadRequestError as e:
     assert e.body["param"] == "top_logprobs", e.body
+try:
+    client.completions.create(model=model, prompt="x", max_tokens=2, frequency_penalty=2.5)
+    raise AssertionError("frequency_penalty 2.5 was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "frequency_penalty", e.body
 
 print("openai client: all checks passed")

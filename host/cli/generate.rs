@@ -19,7 +19,7 @@ use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Speculation};
 use crate::models::Model;
-use crate::sample::SamplingParams;
+use crate::sample::{Penalties, SamplingParams};
 
 /// Arguments of `verdict generate`.
 #[derive(ClapArgs, Debug, Clone)]
@@ -55,6 +55,24 @@ pub struct Args {
     /// Keep only the K most likely tokens (0 = all).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub top_k: u32,
+
+    /// Lowers each token's logit by F times the number of times it was generated so far
+    /// (OpenAI's frequency_penalty, -2..=2).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_finite, allow_hyphen_values = true)]
+    pub frequency_penalty: f32,
+
+    /// Lowers the logit of every token generated so far by F (OpenAI's presence_penalty, -2..=2).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_finite, allow_hyphen_values = true)]
+    pub presence_penalty: f32,
+
+    /// Divides positive logits (multiplies negative ones) of tokens in the prompt or the output
+    /// by R (vLLM's repetition_penalty; 1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_finite, allow_hyphen_values = true)]
+    pub repetition_penalty: f32,
+
+    /// Adds BIAS (-100..=100) to token ID's logit, as ID=BIAS; repeat for more tokens.
+    #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_logit_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
 
     /// Seed of the sampling RNG (the same seed gives the same text).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -208,6 +226,17 @@ fn parse_finite(s: &str) -> Result<f32, String> {
         return Err(format!("expected a finite number, got {s}"));
     }
     Ok(v)
+}
+
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=BIAS, got {s:?}"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a token id before '=', got {id:?}"))?;
+    Ok((id, parse_finite(bias.trim())?))
 }
 
 fn parse_temperature(s: &str) -> Result<f32, String> {
@@ -395,6 +424,12 @@ pub fn run(args: Args) -> Result<()> {
             adaptive: Some(!args.fixed_k),
             trace,
             logprobs: None,
+            penalties: Penalties {
+                frequency: args.frequency_penalty,
+                presence: args.presence_penalty,
+                repetition: args.repetition_penalty,
+                logit_bias: args.logit_bias.clone(),
+            },
         })
         .map_err(|e| match &e.param {
             Some(p) => anyhow::anyhow!("{p}: {}", e.message),

@@ -71,7 +71,12 @@ impl ModelDrafter {
     /// The greedy draft token of a `[1, V]` logit row and its q(x) (softmax at T = 1), computed
     /// where the row is.
     fn greedy(&self, logits: &candle_core::Tensor) -> Result<(u32, f32)> {
-        let v = verify::score_row(logits, &SamplingParams::greedy(), self.on_device.as_ref())?;
+        let v = verify::score_row(
+            logits,
+            &SamplingParams::greedy(),
+            None,
+            self.on_device.as_ref(),
+        )?;
         let x = v.argmax(0)?;
         Ok((x, v.logprob(0, x, 0)?.0.exp() as f32))
     }

@@ -22,7 +22,7 @@ use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
 use crate::draft::{AutoDrafter, Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
-use crate::sample::{Rng64, SamplingParams};
+use crate::sample::{Penalizer, Penalties, Rng64, SamplingParams};
 pub use crate::verify::token_logprobs;
 use crate::verify::{self, DrawFrom, JudgeHead, JudgeScorer, StepDevice, Verification};
 pub use adaptive::{AdaptiveK, VerifyFit};
@@ -109,6 +109,8 @@ pub struct GenerateRequest {
     /// (0..=[`MAX_TOP_LOGPROBS`]); read them with [`Generation::take_logprobs`]. `None`: not
     /// recorded.
     pub logprobs: Option<usize>,
+    /// Logit bias and repetition penalties (`Penalties::default()`: none).
+    pub penalties: Penalties,
 }
 
 /// The target's log-probability of one emitted token, at temperature 1 (log-softmax of the
@@ -270,6 +272,9 @@ impl Engine {
         req.sampling
             .validate()
             .map_err(|m| RequestError::new(sampling_field(&m), m))?;
+        req.penalties
+            .validate(vocab)
+            .map_err(|(field, m)| RequestError::new(field, m))?;
         if let Some(n) = req.logprobs
             && n > MAX_TOP_LOGPROBS
         {
@@ -383,6 +388,7 @@ impl Engine {
         // The target's session, and the draft model's, from the longest cached prefix.
         let (target, cached) = self.resume(&req.prompt, &mut drafter);
         let seed = req.seed.unwrap_or_else(rand::random);
+        let penalizer = Penalizer::new(req.penalties, &req.prompt);
         let mut stats = SpecStats::default();
         if let Some(d) = &drafter {
             stats.drafter = Some(d.name());
@@ -421,8 +427,12 @@ impl Engine {
             last_policy_seconds: None,
             on_device: self
                 .step_device
-                .serves(&req.sampling, req.logprobs.is_some_and(|n| n > 0))
+                .serves(
+                    &req.sampling,
+                    req.logprobs.is_some_and(|n| n > 0) || penalizer.is_some(),
+                )
                 .then(|| self.step_device.clone()),
+            penalizer,
             logprobs_top: req.logprobs.map(|n| n.min(vocab)),
             logprobs: Vec::new(),
             synthetic: cfg
@@ -535,6 +545,8 @@ pub struct Generation {
     k_max: usize,
     adaptive: Option<AdaptiveK>,
     sampling: SamplingParams,
+    /// The request's penalties and the counts they read; `None` when it has none.
+    penalizer: Option<Penalizer>,
     rng: Rng64,
     /// Prompt followed by every emitted token. All but the last are in the target's cache.
     tokens: Vec<u32>,
@@ -611,7 +623,12 @@ impl Generation {
             if let Some(d) = self.drafter.as_mut() {
                 d.prefill(&prompt)?;
             }
-            let v = verify::score_row(&out.logits, &self.sampling, self.on_device.as_ref())?;
+            let v = verify::score_row(
+                &out.logits,
+                &self.sampling,
+                self.penalizer.as_ref(),
+                self.on_device.as_ref(),
+            )?;
             let t = v.draw(0, DrawFrom::P, &mut self.rng)?;
             return self.emit(&[t], &v);
         }
@@ -643,7 +660,12 @@ impl Generation {
         let t0 = Instant::now();
         let out = self.target.forward(&[last], Rows::Last)?;
         let t1 = Instant::now();
-        let v = verify::score_row(&out.logits, &self.sampling, self.on_device.as_ref())?;
+        let v = verify::score_row(
+            &out.logits,
+            &self.sampling,
+            self.penalizer.as_ref(),
+            self.on_device.as_ref(),
+        )?;
         let t2 = Instant::now();
         let t = v.draw(0, DrawFrom::P, &mut self.rng)?;
         let t3 = Instant::now();
@@ -688,6 +710,7 @@ impl Generation {
             last,
             &draft,
             &self.sampling,
+            self.penalizer.as_ref(),
             &mut self.step,
             self.judge.as_deref(),
             &mut self.rng,
@@ -801,6 +824,9 @@ impl Generation {
             }
             self.tokens.push(t);
             out.push(t);
+            if let Some(z) = self.penalizer.as_mut() {
+                z.push(t);
+            }
             let (lp, top) = v.logprob(i, t, self.logprobs_top.unwrap_or(0))?;
             self.stats.target_logprob += lp;
             if self.logprobs_top.is_some() {

@@ -1,7 +1,12 @@
 //! Sampling: logits -> probabilities (temperature, top-k, top-p), seeded uniforms, drawing a token,
 //! and the residual distribution norm(max(0, p - q)) that speculative sampling resamples from on a
 //! rejection. Pure Rust on `&[f32]`; the same functions serve plain generation and speculation, so
-//! both draw from exactly the same distribution.
+//! both draw from exactly the same distribution. A request's logit bias and repetition
+//! penalties adjust the logits first (`penalties.rs`).
+
+mod penalties;
+
+pub use penalties::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalizer, Penalties};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::draft::DrafterSpec;
+use crate::sample::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalties};
 
 /// Which endpoint a request came through; it decides the response shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +81,8 @@ pub struct ParsedRequest {
     /// Per-token logprobs with this many alternatives each (completions: `logprobs: N`; chat:
     /// `logprobs: true` with `top_logprobs: N`, N = 0 when absent). `None`: not asked for.
     pub logprobs: Option<usize>,
+    /// `frequency_penalty`, `presence_penalty`, `logit_bias` and vLLM's `repetition_penalty`.
+    pub penalties: Penalties,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -117,6 +120,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         policy_params: Vec::new(),
         speculation: SpeculationChoice::Default,
         logprobs: None,
+        penalties: Penalties::default(),
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -188,23 +192,29 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                 }
             }
             "frequency_penalty" | "presence_penalty" => {
-                if let Some(x) = opt(v, |v| num_range(k, v, -2.0, 2.0))?
-                    && x != 0.0
-                {
-                    return Err(ApiError::invalid(
-                        k,
-                        format!("{k} is not supported (only 0), got {x}"),
-                    ));
+                let max = MAX_PENALTY as f64;
+                if let Some(x) = opt(v, |v| num_range(k, v, -max, max))? {
+                    match k {
+                        "frequency_penalty" => r.penalties.frequency = x as f32,
+                        _ => r.penalties.presence = x as f32,
+                    }
+                }
+            }
+            // vLLM's extension (and llama.cpp's `repeat_penalty`): 1 = off.
+            "repetition_penalty" => {
+                if let Some(x) = opt(v, |v| number(k, v))? {
+                    if !(x > 0.0 && x.is_finite()) {
+                        return Err(ApiError::invalid(
+                            k,
+                            format!("repetition_penalty must be > 0 (1 = off), got {x}"),
+                        ));
+                    }
+                    r.penalties.repetition = x as f32;
                 }
             }
             "logit_bias" => {
-                if let Some(o) = opt(v, |v| object(k, v))?
-                    && !o.is_empty()
-                {
-                    return Err(ApiError::invalid(
-                        k,
-                        "logit_bias is not supported (send {} or null)",
-                    ));
+                if let Some(o) = opt(v, |v| object(k, v))? {
+                    r.penalties.logit_bias = logit_bias(o)?;
                 }
             }
             "logprobs" if chat => chat_logprobs = opt(v, |v| boolean(k, v))?.unwrap_or(false),
@@ -311,6 +321,24 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         _ => {}
     }
     Ok(r)
+}
+
+/// `{"token id": bias, ...}`: ids as decimal strings (JSON keys), biases in [-100, 100]. Whether
+/// an id is in the vocabulary is the engine's check.
+fn logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let max = MAX_LOGIT_BIAS as f64;
+    o.iter()
+        .map(|(key, v)| {
+            let name = format!("logit_bias.{key}");
+            let id = key.trim().parse::<u32>().map_err(|_| {
+                ApiError::invalid(
+                    &name,
+                    format!("logit_bias keys are token ids (non-negative integers), got {key:?}"),
+                )
+            })?;
+            Ok((id, num_range(&name, v, -max, max)? as f32))
+        })
+        .collect()
 }
 
 fn unknown_field(name: &str) -> ApiError {
@@ -727,6 +755,44 @@ mod tests {
             let e = err(Endpoint::Completions, body);
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(*field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn penalties_and_logit_bias() {
+        let pen = |b: &str| {
+            parse(Endpoint::Completions, b.as_bytes())
+                .unwrap()
+                .penalties
+        };
+        assert_eq!(pen(r#"{"prompt":"x"}"#), Penalties::default());
+        assert_eq!(
+            pen(r#"{"prompt":"x","frequency_penalty":null,"logit_bias":null}"#),
+            Penalties::default()
+        );
+        let p = pen(
+            r#"{"prompt":"x","frequency_penalty":0.5,"presence_penalty":-1,
+                "repetition_penalty":1.1,"logit_bias":{"50256":-100," 7":2.5}}"#,
+        );
+        assert_eq!((p.frequency, p.presence, p.repetition), (0.5, -1.0, 1.1));
+        let mut bias = p.logit_bias;
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, 2.5), (50256, -100.0)]);
+        for (extra, field) in [
+            (r#""frequency_penalty":2.5"#, "frequency_penalty"),
+            (r#""presence_penalty":"high""#, "presence_penalty"),
+            (r#""repetition_penalty":0"#, "repetition_penalty"),
+            (r#""repetition_penalty":-1.2"#, "repetition_penalty"),
+            (r#""logit_bias":[1]"#, "logit_bias"),
+            (r#""logit_bias":{"the":5}"#, "logit_bias.the"),
+            (r#""logit_bias":{"-3":5}"#, "logit_bias.-3"),
+            (r#""logit_bias":{"12":101}"#, "logit_bias.12"),
+            (r#""logit_bias":{"12":"5"}"#, "logit_bias.12"),
+        ] {
+            let body = format!(r#"{{"prompt":"x",{extra}}}"#);
+            let e = err(Endpoint::Completions, &body);
+            assert_eq!(e.status, 400, "{body}: {e}");
+            assert_eq!(e.param.as_deref(), Some(field), "{body}: {e}");
         }
     }
 

@@ -715,6 +715,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         policy: p.policy.clone(),
         policy_params: p.policy_params.clone(),
         logprobs: p.logprobs,
+        penalties: p.penalties.clone(),
         ..GenerateRequest::default()
     })
 }

@@ -11,7 +11,7 @@ use anyhow::Result;
 use crate::decide::{Features, Step};
 use crate::draft::Draft;
 use crate::models::{Rows, Session};
-use crate::sample::{self, Rng64, SamplingParams};
+use crate::sample::{self, Penalizer, Rng64, SamplingParams};
 pub use judge::{HeadChoice, JudgeHead, JudgeScorer};
 
 /// The target's view of one step: the rows' facts the commit needs (argmax, draws, the emitted
@@ -27,11 +27,13 @@ pub struct Verification {
 }
 
 enum Scored {
-    /// Row i's logits, and (T > 0 only) the request's sampling distribution p_i; at T = 0
-    /// corrections use the argmax of the logits.
+    /// Row i's logits (after the request's penalties), and (T > 0 only) the request's sampling
+    /// distribution p_i; at T = 0 corrections use the argmax of the logits. `raw`: the model's
+    /// own logits when penalties changed them (logprobs report those).
     Host {
         logits: Vec<Vec<f32>>,
         probs: Vec<Vec<f32>>,
+        raw: Option<Vec<Vec<f32>>>,
     },
     /// The rows stay on the GPU; their features came back ([`cuda::StepKernels`]).
     #[cfg(feature = "cuda")]
@@ -77,7 +79,8 @@ impl StepDevice {
 
     /// Whether a request with these sampling parameters gets its features on the device (the
     /// kernels compute softmax at a temperature; top-k / top-p truncation runs on the host, as
-    /// do requests that want per-token alternatives, which need whole rows).
+    /// do requests that want per-token alternatives or adjust the logits (penalties), which
+    /// need whole rows).
     pub fn serves(&self, sampling: &SamplingParams, wants_rows: bool) -> bool {
         #[cfg(feature = "cuda")]
         if self.kernels.is_some() && !wants_rows && cuda::StepKernels::supports(sampling) {
@@ -94,13 +97,15 @@ impl StepDevice {
 /// each drafted position also gets its judge logit, scored on the hidden state at the drafted
 /// token (row i + 1: the row where x_i is the input). With `on_device` the features are
 /// computed where the rows are (one launch, one small copy back); the caller decides
-/// ([`StepDevice::serves`]).
+/// ([`StepDevice::serves`]). With `penalties`, row i is adjusted as the position after the
+/// generated tokens and the first i drafts (host rows only).
 #[allow(clippy::too_many_arguments)]
 pub fn verify(
     target: &mut Session,
     last: u32,
     draft: &Draft,
     sampling: &SamplingParams,
+    penalties: Option<&Penalizer>,
     step: &mut Step,
     judge: Option<&JudgeScorer>,
     rng: &mut Rng64,
@@ -115,7 +120,11 @@ pub fn verify(
     let feature_params = feature_params(sampling);
     step.clear_positions();
     #[cfg(feature = "cuda")]
-    if let Some(k) = on_device.and_then(|d| d.kernels.as_ref()) {
+    // Penalties need whole rows on the host (the engine does not ask the device then).
+    if let Some(k) = on_device
+        .filter(|_| penalties.is_none())
+        .and_then(|d| d.kernels.as_ref())
+    {
         let uniforms: Vec<f32> = draft.tokens.iter().map(|_| rng.uniform()).collect();
         let judge_in = judge.map(|j| cuda::JudgeInput {
             hidden: &out.hidden,
@@ -141,7 +150,14 @@ pub fn verify(
         });
     }
     let _ = on_device;
-    let logits = out.logits.to_vec2::<f32>()?;
+    let mut logits = out.logits.to_vec2::<f32>()?;
+    let raw = penalties.map(|z| {
+        let raw = logits.clone();
+        for (i, row) in logits.iter_mut().enumerate() {
+            z.apply(row, &draft.tokens[..i.min(draft.tokens.len())]);
+        }
+        raw
+    });
     let t2 = std::time::Instant::now();
     let mut probs = Vec::new();
     let mut top = Vec::with_capacity(step.top_k as usize + 1);
@@ -159,7 +175,7 @@ pub fn verify(
         step.judge = Some(j.score(&out.hidden.narrow(0, 1, draft.tokens.len())?)?);
     }
     Ok(Verification {
-        rows: Scored::Host { logits, probs },
+        rows: Scored::Host { logits, probs, raw },
         forward_s: (t1 - t0).as_secs_f64(),
         logits_s: (t2 - t1).as_secs_f64(),
         features_s: t2.elapsed().as_secs_f64(),
@@ -168,14 +184,20 @@ pub fn verify(
 
 /// One plain (autoregressive) position: `logits` is the target's `[1, V]` row. Where the row
 /// lives, [`Verification::draw`] and [`Verification::logprob`] work as for a step's rows.
+/// `penalties` adjust the row (host rows only).
 pub fn score_row(
     logits: &candle_core::Tensor,
     sampling: &SamplingParams,
+    penalties: Option<&Penalizer>,
     on_device: Option<&StepDevice>,
 ) -> Result<Verification> {
     let t0 = std::time::Instant::now();
     #[cfg(feature = "cuda")]
-    if let Some(k) = on_device.and_then(|d| d.kernels.as_ref()) {
+    // Penalties need whole rows on the host (the engine does not ask the device then).
+    if let Some(k) = on_device
+        .filter(|_| penalties.is_none())
+        .and_then(|d| d.kernels.as_ref())
+    {
         let f = k.features(&cuda::StepInput {
             logits,
             temperature: feature_params(sampling).temperature,
@@ -192,7 +214,12 @@ pub fn score_row(
         });
     }
     let _ = on_device;
-    let logits = logits.to_vec2::<f32>()?;
+    let mut logits = logits.to_vec2::<f32>()?;
+    let raw = penalties.map(|z| {
+        let raw = logits.clone();
+        logits.iter_mut().for_each(|row| z.apply(row, &[]));
+        raw
+    });
     let t1 = std::time::Instant::now();
     let probs = if sampling.is_greedy() {
         Vec::new()
@@ -203,7 +230,7 @@ pub fn score_row(
             .collect()
     };
     Ok(Verification {
-        rows: Scored::Host { logits, probs },
+        rows: Scored::Host { logits, probs, raw },
         forward_s: 0.0,
         logits_s: (t1 - t0).as_secs_f64(),
         features_s: t1.elapsed().as_secs_f64(),
@@ -224,7 +251,7 @@ impl Verification {
     /// where the residual of a one-hot p is that one-hot).
     pub fn draw(&self, i: usize, from: DrawFrom, rng: &mut Rng64) -> Result<u32> {
         match &self.rows {
-            Scored::Host { logits, probs } => {
+            Scored::Host { logits, probs, .. } => {
                 let Some(p) = probs.get(i) else {
                     return Ok(sample::argmax(row(logits, i)?));
                 };
@@ -247,11 +274,16 @@ impl Verification {
         }
     }
 
-    /// `ln softmax(row i)[t]` at temperature 1 (the target's log-likelihood of `t` there), and
-    /// (host rows only; empty on the device) the `top_n` most likely tokens with theirs.
+    /// `ln softmax(row i)[t]` at temperature 1 (the target's log-likelihood of `t` there, from
+    /// its own logits, before any penalties), and (host rows only; empty on the device) the
+    /// `top_n` most likely tokens with theirs.
     pub fn logprob(&self, i: usize, t: u32, top_n: usize) -> Result<(f64, Vec<(u32, f64)>)> {
         match &self.rows {
-            Scored::Host { logits, .. } => Ok(token_logprobs(row(logits, i)?, t, top_n)),
+            Scored::Host { logits, raw, .. } => Ok(token_logprobs(
+                row(raw.as_ref().unwrap_or(logits), i)?,
+                t,
+                top_n,
+            )),
             #[cfg(feature = "cuda")]
             Scored::Device(d) => Ok((d.logprob(i, t)?, Vec::new())),
         }
