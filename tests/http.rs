@@ -273,7 +273,7 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
         ),
         (
             "/v1/completions",
-            r#"{"prompt": "x", "n": 2}"#.into(),
+            r#"{"prompt": "x", "n": 17}"#.into(),
             400,
             Some("n"),
         ),
@@ -811,6 +811,113 @@ fn penalties_and_logit_bias_change_the_output_and_speculation_keeps_it() {
         assert_eq!(r.status, 400, "{b}: {}", r.text());
         assert_eq!(r.json()["error"]["param"], param, "{b}");
     }
+}
+
+/// `n` choices: each is a generation of its own (choice i seeded with seed + i), streamed
+/// chunks carry their choice's index, and usage counts the prompt once.
+#[test]
+fn n_choices_are_separate_generations_of_one_request() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let complete = |extra: Value| -> Value {
+        let mut body = json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 10,
+                              "speculation": {"draft": "model", "k": 3}});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let texts = |v: &Value| -> Vec<String> {
+        let cs = v["choices"].as_array().unwrap();
+        for (i, c) in cs.iter().enumerate() {
+            assert_eq!(c["index"], i, "{v}");
+            assert!(c["finish_reason"].is_string(), "{v}");
+        }
+        cs.iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Greedy: n equal choices, the statistics of n single requests.
+    let one = complete(json!({"temperature": 0, "seed": 1}));
+    let three = complete(json!({"temperature": 0, "seed": 1, "n": 3}));
+    assert_eq!(texts(&three), vec![text_of(&one); 3]);
+    for key in ["completion_tokens", "total_tokens"] {
+        let (a, b) = (
+            one["usage"][key].as_u64().unwrap(),
+            three["usage"][key].as_u64().unwrap(),
+        );
+        let p = one["usage"]["prompt_tokens"].as_u64().unwrap();
+        let want = if key == "total_tokens" {
+            p + 3 * (a - p)
+        } else {
+            3 * a
+        };
+        assert_eq!(b, want, "{key}: {three}");
+    }
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    for key in ["steps", "drafted", "accepted"] {
+        assert_eq!(
+            three["speculation"][key].as_u64().unwrap(),
+            3 * one["speculation"][key].as_u64().unwrap(),
+            "{key}"
+        );
+    }
+    // Sampled: choice i is what a single request seeded with 7 + i gives.
+    let sampled = complete(json!({"temperature": 1, "seed": 7, "n": 3}));
+    let got = texts(&sampled);
+    for (i, text) in got.iter().enumerate() {
+        let single = complete(json!({"temperature": 1, "seed": 7 + i}));
+        assert_eq!(*text, text_of(&single), "choice {i}");
+    }
+    assert!(
+        got[0] != got[1] || got[1] != got[2],
+        "seeds 7, 8, 9 all gave {got:?}"
+    );
+    // Streamed: each index's deltas join into that choice's text; one finish chunk per choice,
+    // the last with the usage.
+    let body = json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 10, "temperature": 1,
+                      "seed": 7, "n": 3, "stream": true,
+                      "speculation": {"draft": "model", "k": 3}});
+    let events = s.open_stream("/v1/completions", &body).collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut joined = vec![String::new(); 3];
+    let mut finished = Vec::new();
+    let mut usage = None;
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        joined[i].push_str(c["text"].as_str().unwrap());
+        if c["finish_reason"].is_string() {
+            finished.push(i);
+        }
+        if !v["usage"].is_null() {
+            assert!(usage.is_none(), "one usage: {events:?}");
+            usage = Some(v["usage"].clone());
+        }
+    }
+    assert_eq!(joined, got);
+    finished.sort();
+    assert_eq!(finished, vec![0, 1, 2]);
+    assert_eq!(usage.as_ref(), Some(&sampled["usage"]));
+    // Chat: n messages.
+    let r = s.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+                "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let cs = v["choices"].as_array().unwrap();
+    assert_eq!(cs.len(), 2, "{v}");
+    assert_eq!(cs[0]["message"], cs[1]["message"]);
+    assert_eq!(cs[1]["index"], 1);
 }
 
 /// Requests that arrive together share target (and draft) forwards, and each still gets exactly

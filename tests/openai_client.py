@@ -113,6 +113,20 @@ forced = client.chat.completions.create(
 toks = [t.token for t in forced.choices[0].logprobs.content]
 assert len(toks) == 5 and len(set(toks)) == 1, toks
 
+# n choices, whole and streamed (chunks name their choice's index).
+two = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=4, temperature=0, n=2, extra_body=extra
+)
+assert [c.index for c in two.choices] == [0, 1], two.choices
+assert two.choices[0].message.content == two.choices[1].message.content, two.choices
+parts = ["", ""]
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=4, temperature=0, n=2, stream=True
+):
+    for c in chunk.choices:
+        parts[c.index] += c.delta.content or ""
+assert parts == [c.message.content for c in two.choices], (parts, two.choices)
+
 # Errors arrive as the client's typed exceptions, naming the field.
 try:
     client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})

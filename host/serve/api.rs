@@ -54,6 +54,8 @@ pub enum SpeculationChoice {
 pub const MAX_K: usize = 64;
 /// At most this many stop strings (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
+/// `n` (choices per request) goes up to this: each choice is a generation of its own.
+pub const MAX_N: usize = 16;
 /// `logprobs: N` on `/v1/completions` goes up to this (OpenAI's legacy limit).
 pub const MAX_COMPLETION_LOGPROBS: usize = 5;
 /// `top_logprobs` on `/v1/chat/completions` goes up to this (OpenAI's limit).
@@ -83,6 +85,8 @@ pub struct ParsedRequest {
     pub logprobs: Option<usize>,
     /// `frequency_penalty`, `presence_penalty`, `logit_bias` and vLLM's `repetition_penalty`.
     pub penalties: Penalties,
+    /// Choices to generate for the prompt (`n`, 1..=[`MAX_N`]).
+    pub n: usize,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -121,6 +125,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         speculation: SpeculationChoice::Default,
         logprobs: None,
         penalties: Penalties::default(),
+        n: 1,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -179,15 +184,19 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                     }
                 }
             }
-            "n" | "best_of" => {
+            "n" => {
+                if let Some(n) = opt(v, |v| int_range(k, v, 1, MAX_N as i64))? {
+                    r.n = n as usize;
+                }
+            }
+            // Generating more and returning the n most likely is not built.
+            "best_of" => {
                 if let Some(n) = opt(v, |v| int_range(k, v, i64::MIN, i64::MAX))?
                     && n != 1
                 {
                     return Err(ApiError::invalid(
                         k,
-                        format!(
-                            "{k} must be 1 (this server returns one choice per request), got {n}"
-                        ),
+                        format!("best_of must be 1 (use n for several choices), got {n}"),
                     ));
                 }
             }
@@ -637,6 +646,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.prompt, Some(PromptInput::Text("hi".into())));
+        assert_eq!(r.n, 1);
         assert_eq!(r.max_tokens, Some(8));
         assert_eq!(r.temperature, 0.0);
         assert_eq!(r.seed, Some(u64::MAX));
@@ -724,7 +734,9 @@ mod tests {
             (r#"{"prompt":"x","max_tokens":1.5}"#, "max_tokens"),
             (r#"{"prompt":"x","temperature":3}"#, "temperature"),
             (r#"{"prompt":"x","top_p":0}"#, "top_p"),
-            (r#"{"prompt":"x","n":2}"#, "n"),
+            (r#"{"prompt":"x","n":0}"#, "n"),
+            (r#"{"prompt":"x","n":17}"#, "n"),
+            (r#"{"prompt":"x","best_of":2}"#, "best_of"),
             (r#"{"prompt":"x","stop":[""]}"#, "stop[0]"),
             (r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#, "stop"),
             (r#"{"prompt":"x","stop":5}"#, "stop"),

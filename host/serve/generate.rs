@@ -65,7 +65,75 @@ pub struct SpeculationReport {
     pub drafter_steps: std::collections::BTreeMap<String, u64>,
 }
 
+impl Outcome {
+    /// One request's outcome from its choices' (`n` > 1), each a generation of its own: the
+    /// prompt counted once, completion tokens and speculation summed.
+    pub fn total(choices: &[&Outcome]) -> Option<Outcome> {
+        let first = choices.first()?;
+        Some(Outcome {
+            finish_reason: first.finish_reason,
+            prompt_tokens: first.prompt_tokens,
+            cached_tokens: choices.iter().map(|o| o.cached_tokens).max().unwrap_or(0),
+            completion_tokens: choices.iter().map(|o| o.completion_tokens).sum(),
+            speculation: SpeculationReport::total(
+                &choices
+                    .iter()
+                    .map(|o| (&o.speculation, o.completion_tokens))
+                    .collect::<Vec<_>>(),
+            ),
+        })
+    }
+}
+
 impl SpeculationReport {
+    /// The sum of several generations' reports (with their generated token counts): counts add
+    /// up, the ratios are recomputed over the whole.
+    fn total(reports: &[(&SpeculationReport, usize)]) -> SpeculationReport {
+        fn add(into: &mut Vec<u64>, xs: &[u64]) {
+            if into.len() < xs.len() {
+                into.resize(xs.len(), 0);
+            }
+            into.iter_mut().zip(xs).for_each(|(a, b)| *a += b);
+        }
+        let mut t = SpeculationReport {
+            policy: reports.first().and_then(|r| r.0.policy.clone()),
+            drafter: reports.first().and_then(|r| r.0.drafter.clone()),
+            steps: 0,
+            drafted: 0,
+            accepted: 0,
+            accepted_per_position: Vec::new(),
+            drafted_per_position: Vec::new(),
+            tokens_per_step: 0.0,
+            policy_faults: 0,
+            accepted_off_argmax: 0,
+            mean_target_logprob: 0.0,
+            drafter_steps: Default::default(),
+        };
+        let (mut stepped_tokens, mut logprob, mut tokens) = (0.0, 0.0, 0usize);
+        for &(r, n) in reports {
+            t.steps += r.steps;
+            t.drafted += r.drafted;
+            t.accepted += r.accepted;
+            add(&mut t.accepted_per_position, &r.accepted_per_position);
+            add(&mut t.drafted_per_position, &r.drafted_per_position);
+            t.policy_faults += r.policy_faults;
+            t.accepted_off_argmax += r.accepted_off_argmax;
+            for (k, v) in &r.drafter_steps {
+                *t.drafter_steps.entry(k.clone()).or_default() += v;
+            }
+            stepped_tokens += r.tokens_per_step * r.steps as f64;
+            logprob += r.mean_target_logprob * n as f64;
+            tokens += n;
+        }
+        if t.steps > 0 {
+            t.tokens_per_step = stepped_tokens / t.steps as f64;
+        }
+        if tokens > 0 {
+            t.mean_target_logprob = logprob / tokens as f64;
+        }
+        t
+    }
+
     fn new(stats: &SpecStats) -> Self {
         SpeculationReport {
             policy: stats.policy.clone(),

@@ -528,31 +528,61 @@ async fn completion(
             .await
             .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let job = Job {
-        served,
-        request: prepared,
-        stop: parsed.stop.clone(),
-        arrived,
-        events: tx,
-        metrics: app.metrics.clone(),
-    };
-    app.pool.submit(Box::new(move || job.run())).map_err(|f| {
-        ApiError::overloaded(
-            f.retry_after_s,
-            format!(
-                "the server is at capacity ({} requests waiting); retry later",
-                f.queued
-            ),
-        )
-    })?;
-    match rx.recv().await {
-        Some(Event::Started) => {}
-        Some(Event::Failed(e)) => return Err(e),
-        Some(_) | None => {
-            return Err(ApiError::internal(
-                "the generation worker stopped before starting",
-            ));
+    // One generation per choice; their events reach this handler on one channel, tagged with
+    // the choice's index. Dropping it (the client left) closes every choice's channel in turn,
+    // which stops its generation.
+    let (all_tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    let mut requests: Vec<GenerateRequest> = (1..parsed.n)
+        .map(|i| choice_request(&prepared, i))
+        .collect();
+    requests.insert(0, prepared);
+    for (i, request) in requests.into_iter().enumerate() {
+        let (tx, mut choice_rx) = mpsc::unbounded_channel();
+        let job = Job {
+            served: served.clone(),
+            request,
+            stop: parsed.stop.clone(),
+            arrived,
+            events: tx,
+            metrics: app.metrics.clone(),
+        };
+        app.pool.submit(Box::new(move || job.run())).map_err(|f| {
+            ApiError::overloaded(
+                f.retry_after_s,
+                format!(
+                    "the server is at capacity ({} requests waiting); retry later",
+                    f.queued
+                ),
+            )
+        })?;
+        let all_tx = all_tx.clone();
+        // Ends when the choice does or the handler is gone (then dropping `choice_rx` tells
+        // the generation, even one still queued, that nobody listens).
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    e = choice_rx.recv() => {
+                        let Some(e) = e else { break };
+                        if all_tx.send((i, e)).is_err() {
+                            break;
+                        }
+                    }
+                    _ = all_tx.closed() => break,
+                }
+            }
+        });
+    }
+    drop(all_tx);
+    let mut started = 0;
+    while started < parsed.n {
+        match rx.recv().await {
+            Some((_, Event::Started)) => started += 1,
+            Some((_, Event::Failed(e))) => return Err(e),
+            Some(_) | None => {
+                return Err(ApiError::internal(
+                    "the generation worker stopped before starting",
+                ));
+            }
         }
     }
     let id = format!(
@@ -572,26 +602,25 @@ async fn completion(
         endpoint,
         include_usage: parsed.include_usage,
         logprobs: parsed.logprobs,
+        n: parsed.n,
     };
     if parsed.stream {
         Ok(sse_response(meta, rx))
     } else {
-        let mut text = String::new();
-        let mut entries = Vec::new();
-        loop {
+        let mut choices: Vec<Choice> = (0..parsed.n).map(|_| Choice::default()).collect();
+        let mut done = 0;
+        while done < parsed.n {
             match rx.recv().await {
-                Some(Event::Delta(d, e)) => {
-                    text.push_str(&d);
-                    entries.extend(e);
+                Some((i, Event::Delta(d, e))) => {
+                    choices[i].text.push_str(&d);
+                    choices[i].entries.extend(e);
                 }
-                Some(Event::Done(o)) => {
-                    return Ok(json_response(
-                        StatusCode::OK,
-                        &meta.full(&text, &entries, &o),
-                    ));
+                Some((i, Event::Done(o))) => {
+                    choices[i].outcome = Some(o);
+                    done += 1;
                 }
-                Some(Event::Failed(e)) => return Err(e),
-                Some(Event::Started) => {}
+                Some((_, Event::Failed(e))) => return Err(e),
+                Some((_, Event::Started)) => {}
                 None => {
                     return Err(ApiError::internal(
                         "the generation worker stopped unexpectedly",
@@ -599,7 +628,50 @@ async fn completion(
                 }
             }
         }
+        Ok(json_response(StatusCode::OK, &meta.full(&choices)))
     }
+}
+
+/// Choice `i`'s copy of a request (`n` > 1): the same prompt and parameters, and a seed of its
+/// own (seed + i) so that seeded choices differ from each other and still reproduce. Every
+/// field is listed, so a new one cannot be forgotten here.
+fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
+    let GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling,
+        seed,
+        stop_tokens,
+        speculation,
+        policy,
+        policy_params,
+        adaptive,
+        trace: _,
+        logprobs,
+        penalties,
+    } = r;
+    GenerateRequest {
+        prompt: prompt.clone(),
+        max_tokens: *max_tokens,
+        sampling: *sampling,
+        seed: seed.map(|s| s.wrapping_add(i as u64)),
+        stop_tokens: stop_tokens.clone(),
+        speculation: speculation.clone(),
+        policy: policy.clone(),
+        policy_params: policy_params.clone(),
+        adaptive: *adaptive,
+        trace: None,
+        logprobs: *logprobs,
+        penalties: penalties.clone(),
+    }
+}
+
+/// One choice's text, logprobs and end, as its events arrive.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    entries: Vec<TokenEntry>,
+    outcome: Option<Outcome>,
 }
 
 /// Turns a parsed request into an engine request: renders the chat, tokenizes, and checks
@@ -746,6 +818,8 @@ struct ResponseMeta {
     include_usage: bool,
     /// The request's number of alternatives per token; `None`: no logprobs asked.
     logprobs: Option<usize>,
+    /// Choices (`n`).
+    n: usize,
 }
 
 fn usage(o: &Outcome) -> Value {
@@ -767,27 +841,38 @@ impl ResponseMeta {
         }
     }
 
-    fn full(&self, text: &str, entries: &[TokenEntry], o: &Outcome) -> Value {
-        let lp = self.logprobs(entries);
-        let choice = match self.endpoint {
-            Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": lp, "finish_reason": o.finish_reason,
-            }),
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": lp,
-                "finish_reason": o.finish_reason,
-            }),
-        };
+    /// The whole (non-streamed) response; `choices` are all finished.
+    fn full(&self, choices: &[Choice]) -> Value {
+        let outcomes: Vec<&Outcome> = choices.iter().filter_map(|c| c.outcome.as_ref()).collect();
+        let json_choices: Vec<Value> = choices
+            .iter()
+            .zip(&outcomes)
+            .enumerate()
+            .map(|(i, (c, o))| {
+                let lp = self.logprobs(&c.entries);
+                match self.endpoint {
+                    Endpoint::Completions => json!({
+                        "index": i, "text": c.text, "logprobs": lp,
+                        "finish_reason": o.finish_reason,
+                    }),
+                    Endpoint::Chat => json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": lp,
+                        "finish_reason": o.finish_reason,
+                    }),
+                }
+            })
+            .collect();
+        let total = Outcome::total(&outcomes);
         json!({
             "id": self.id,
             "object": if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": usage(o),
-            "speculation": o.speculation,
+            "choices": json_choices,
+            "usage": total.as_ref().map_or(Value::Null, usage),
+            "speculation": total.map(|t| t.speculation),
         })
     }
 
@@ -801,11 +886,12 @@ impl ResponseMeta {
         })
     }
 
-    fn delta_chunk(&self, text: &str, entries: &[TokenEntry], first: bool) -> Value {
+    /// New text of choice `index` (`first`: its first chunk, which names the chat role).
+    fn delta_chunk(&self, index: usize, text: &str, entries: &[TokenEntry], first: bool) -> Value {
         let lp = self.logprobs(entries);
         match self.endpoint {
             Endpoint::Completions => self.chunk(json!([{
-                "index": 0, "text": text, "logprobs": lp, "finish_reason": null,
+                "index": index, "text": text, "logprobs": lp, "finish_reason": null,
             }])),
             Endpoint::Chat => {
                 let delta = if first {
@@ -813,32 +899,44 @@ impl ResponseMeta {
                 } else {
                     json!({"content": text})
                 };
-                self.chunk(
-                    json!([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": null}]),
-                )
+                self.chunk(json!([{
+                    "index": index, "delta": delta, "logprobs": lp, "finish_reason": null,
+                }]))
             }
         }
     }
 
-    fn final_chunks(&self, o: &Outcome, first: bool) -> Vec<Value> {
+    /// Choice `index`'s finishing chunk. The last choice to finish (`total`: every choice's
+    /// outcome summed) also carries the usage and speculation statistics, and with
+    /// `include_usage` a usage-only chunk follows.
+    fn final_chunks(
+        &self,
+        index: usize,
+        o: &Outcome,
+        first: bool,
+        total: Option<&Outcome>,
+    ) -> Vec<Value> {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": "", "logprobs": null, "finish_reason": o.finish_reason,
+                "index": index, "text": "", "logprobs": null, "finish_reason": o.finish_reason,
             }),
             Endpoint::Chat => json!({
-                "index": 0,
+                "index": index,
                 "delta": if first { json!({"role": "assistant", "content": ""}) } else { json!({}) },
                 "logprobs": null,
                 "finish_reason": o.finish_reason,
             }),
         };
         let mut last = self.chunk(json!([choice]));
-        last["usage"] = usage(o);
-        last["speculation"] = serde_json::to_value(&o.speculation).unwrap_or(Value::Null);
+        let Some(total) = total else {
+            return vec![last];
+        };
+        last["usage"] = usage(total);
+        last["speculation"] = serde_json::to_value(&total.speculation).unwrap_or(Value::Null);
         let mut out = vec![last];
         if self.include_usage {
             let mut u = self.chunk(json!([]));
-            u["usage"] = usage(o);
+            u["usage"] = usage(total);
             out.push(u);
         }
         out
@@ -854,17 +952,21 @@ fn sse_data(v: &Value) -> Bytes {
 
 /// Server-sent events from the generation's channel, ending in `data: [DONE]`. Dropping this
 /// body (the client went away) closes the channel, which stops the generation.
-fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>) -> Response<Body> {
+fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<(usize, Event)>) -> Response<Body> {
     struct S {
         meta: ResponseMeta,
-        rx: UnboundedReceiver<Event>,
-        first: bool,
+        rx: UnboundedReceiver<(usize, Event)>,
+        /// Per choice: no chunk sent yet.
+        first: Vec<bool>,
+        outcomes: Vec<Option<Outcome>>,
         done: bool,
     }
+    let n = meta.n;
     let state = S {
         meta,
         rx,
-        first: true,
+        first: vec![true; n],
+        outcomes: vec![None; n],
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -873,22 +975,30 @@ fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<Event>) -> Response<Bo
         }
         let bytes = loop {
             match s.rx.recv().await {
-                Some(Event::Delta(d, e)) => {
-                    let b = sse_data(&s.meta.delta_chunk(&d, &e, s.first));
-                    s.first = false;
+                Some((i, Event::Delta(d, e))) => {
+                    let b = sse_data(&s.meta.delta_chunk(i, &d, &e, s.first[i]));
+                    s.first[i] = false;
                     break b;
                 }
-                Some(Event::Started) => continue,
-                Some(Event::Done(o)) => {
+                Some((_, Event::Started)) => continue,
+                Some((i, Event::Done(o))) => {
+                    s.outcomes[i] = Some(o.clone());
+                    let finished: Vec<&Outcome> = s.outcomes.iter().flatten().collect();
+                    let total = (finished.len() == s.meta.n)
+                        .then(|| Outcome::total(&finished))
+                        .flatten();
                     let mut out = Vec::new();
-                    for c in s.meta.final_chunks(&o, s.first) {
+                    for c in s.meta.final_chunks(i, &o, s.first[i], total.as_ref()) {
                         out.extend_from_slice(&sse_data(&c));
                     }
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    s.done = true;
+                    s.first[i] = false;
+                    if total.is_some() {
+                        out.extend_from_slice(b"data: [DONE]\n\n");
+                        s.done = true;
+                    }
                     break Bytes::from(out);
                 }
-                Some(Event::Failed(e)) => {
+                Some((_, Event::Failed(e))) => {
                     let mut out = sse_data(&e.body()).to_vec();
                     out.extend_from_slice(b"data: [DONE]\n\n");
                     s.done = true;
