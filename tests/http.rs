@@ -1389,3 +1389,124 @@ fn logprobs_match_a_fresh_target_forward_in_every_mode() {
     }
     assert_eq!(streamed, kept);
 }
+
+/// `echo` on completions: the text starts with the prompt, and with logprobs every prompt
+/// token after the first is scored as a fresh forward over the prompt scores it (the first has
+/// nulls); `max_tokens: 0` scores the prompt only. The output part is what the request without
+/// echo gets, its offsets after the prompt's text.
+#[test]
+fn echo_scores_the_prompt_and_prefixes_the_text() {
+    use verdict::models::tokenizer::Tokenizer;
+    use verdict::models::{Model, Rows};
+
+    let (dir, t, d) = q8_models(1024);
+    let model = Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    // Longer than one scoring chunk (64 positions), so chunks are joined.
+    let prompt: Vec<u32> = (0..150).map(|i| 30 + (i * 7) % 90).collect();
+    let prompt_text = tok.decode(&prompt, false).unwrap();
+    let complete = |extra: Value| -> Value {
+        let mut body = json!({"prompt": prompt, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let rows = model
+        .session()
+        .forward(&prompt, Rows::All)
+        .unwrap()
+        .logits
+        .to_vec2::<f32>()
+        .unwrap();
+
+    // Score only.
+    let scored = complete(json!({"echo": true, "max_tokens": 0, "logprobs": 2}));
+    assert_eq!(text_of(&scored), prompt_text);
+    assert_eq!(scored["usage"]["completion_tokens"], 0);
+    assert_eq!(scored["choices"][0]["finish_reason"], "length");
+    let lp = &scored["choices"][0]["logprobs"];
+    let lps = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), prompt.len());
+    assert!(lps[0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    for j in 1..prompt.len() {
+        let want = log_softmax(&rows[j - 1])[prompt[j] as usize];
+        let got = lps[j].as_f64().unwrap();
+        assert!(close(got, want), "prompt token {j}: {got} vs {want}");
+        // Two alternatives whose bytes decode to the same text share a key.
+        let top = lp["top_logprobs"][j].as_object().unwrap().len();
+        assert!((1..=2).contains(&top), "{lp}");
+    }
+
+    // Echo with an output, speculative: the prompt's entries, then the plain request's.
+    let plain = complete(json!({"max_tokens": 8, "logprobs": 1}));
+    let echoed = complete(json!({"echo": true, "max_tokens": 8, "logprobs": 1,
+                                 "speculation": {"draft": "model", "k": 3}}));
+    // Scored prompts are read whole, whatever the prompt cache holds (`plain` left it there).
+    assert_eq!(echoed["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        text_of(&echoed),
+        format!("{prompt_text}{}", text_of(&plain))
+    );
+    let (e, p) = (
+        &echoed["choices"][0]["logprobs"],
+        &plain["choices"][0]["logprobs"],
+    );
+    let n = prompt.len();
+    let chars = prompt_text.chars().count() as u64;
+    let arr = |v: &Value, key: &str| v[key].as_array().unwrap().clone();
+    assert_eq!(arr(e, "token_logprobs")[..n], arr(lp, "token_logprobs")[..]);
+    for key in ["tokens", "token_logprobs", "top_logprobs"] {
+        assert_eq!(
+            e[key].as_array().unwrap()[n..],
+            p[key].as_array().unwrap()[..],
+            "{key}"
+        );
+    }
+    let offsets: Vec<u64> = e["text_offset"].as_array().unwrap()[n..]
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let plain_offsets: Vec<u64> = p["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() + chars)
+        .collect();
+    assert_eq!(offsets, plain_offsets);
+    // The prompt's own offsets count its characters.
+    assert_eq!(e["text_offset"][0], 0);
+    assert!(e["text_offset"][n - 1].as_u64().unwrap() < chars);
+
+    // Streamed: the prompt comes first; without logprobs none are sent.
+    let body = json!({"prompt": prompt, "temperature": 0, "echo": true, "max_tokens": 8,
+                      "stream": true});
+    let events = s.open_stream("/v1/completions", &body).collect();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["text"], prompt_text);
+    assert!(first["choices"][0]["logprobs"].is_null());
+    let joined: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| {
+            let v: Value = serde_json::from_str(e).unwrap();
+            v["choices"][0]["text"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(joined, text_of(&echoed));
+
+    // max_tokens 0 needs echo; chat has no echo.
+    let r = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 0}));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "max_tokens");
+    let r = s.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "echo": true}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "echo");
+}

@@ -113,6 +113,15 @@ forced = client.chat.completions.create(
 toks = [t.token for t in forced.choices[0].logprobs.content]
 assert len(toks) == 5 and len(set(toks)) == 1, toks
 
+# echo with max_tokens 0 scores the prompt: its first token has no logprob, the rest do.
+e = client.completions.create(
+    model=model, prompt="the cat sat on the mat", max_tokens=0, echo=True, logprobs=1
+)
+lp = e.choices[0].logprobs
+assert e.choices[0].text == "the cat sat on the mat", e.choices[0].text
+assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+assert len(lp.tokens) >= 2 and all(x <= 0.0 for x in lp.token_logprobs[1:]), lp
+
 # n choices, whole and streamed (chunks name their choice's index).
 two = client.chat.completions.create(
     model=model, messages=messages, max_tokens=4, temperature=0, n=2, extra_body=extra

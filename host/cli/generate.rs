@@ -424,6 +424,7 @@ pub fn run(args: Args) -> Result<()> {
             adaptive: Some(!args.fixed_k),
             trace,
             logprobs: None,
+            prompt_logprobs: None,
             penalties: Penalties {
                 frequency: args.frequency_penalty,
                 presence: args.presence_penalty,

@@ -34,6 +34,8 @@ pub const MAX_K: usize = 64;
 
 /// Most alternatives a request may ask for per emitted token (OpenAI's chat limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Prompt positions per forward when a request scores its prompt.
+const PROMPT_SCORE_ROWS: usize = 64;
 
 /// How the engine is set up at start-up.
 pub struct EngineConfig {
@@ -111,6 +113,11 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Logit bias and repetition penalties (`Penalties::default()`: none).
     pub penalties: Penalties,
+    /// Score the prompt too: each prompt token after the first gets its log-probability given
+    /// the tokens before it, with this many alternatives ([`Generation::take_prompt_logprobs`]).
+    /// Such a request reads its whole prompt (no prompt-cache hit), and may ask for
+    /// `max_tokens` = 0 (score only). `None`: not scored.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// The target's log-probability of one emitted token, at temperature 1 (log-softmax of the
@@ -263,10 +270,18 @@ impl Engine {
                 format!("token id {bad} is outside the vocabulary (size {vocab})"),
             ));
         }
-        if req.max_tokens == 0 {
+        if req.max_tokens == 0 && req.prompt_logprobs.is_none() {
             return Err(RequestError::new(
                 "max_tokens",
-                "max_tokens must be at least 1",
+                "max_tokens must be at least 1 (0 only when scoring the prompt)",
+            ));
+        }
+        if let Some(n) = req.prompt_logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(RequestError::new(
+                "logprobs",
+                format!("at most {MAX_TOP_LOGPROBS} alternatives per prompt token, got {n}"),
             ));
         }
         req.sampling
@@ -385,8 +400,13 @@ impl Engine {
             (None, Vec::new(), 1, None)
         };
 
-        // The target's session, and the draft model's, from the longest cached prefix.
-        let (target, cached) = self.resume(&req.prompt, &mut drafter);
+        // The target's session, and the draft model's, from the longest cached prefix (none
+        // when every prompt position is to be scored).
+        let (target, cached) = if req.prompt_logprobs.is_some() {
+            (cfg.target.session(), 0)
+        } else {
+            self.resume(&req.prompt, &mut drafter)
+        };
         let seed = req.seed.unwrap_or_else(rand::random);
         let penalizer = Penalizer::new(req.penalties, &req.prompt);
         let mut stats = SpecStats::default();
@@ -435,6 +455,8 @@ impl Engine {
             penalizer,
             logprobs_top: req.logprobs.map(|n| n.min(vocab)),
             logprobs: Vec::new(),
+            prompt_logprobs_top: req.prompt_logprobs.map(|n| n.min(vocab)),
+            prompt_logprobs: Vec::new(),
             synthetic: cfg
                 .synthetic_acceptance
                 .map(|r| (r, Rng64::new(seed ^ 0x5717))),
@@ -563,6 +585,10 @@ pub struct Generation {
     logprobs_top: Option<usize>,
     /// Logprobs of the tokens emitted since the last `take_logprobs`.
     logprobs: Vec<TokenLogprob>,
+    /// Alternatives per scored prompt token; `None`: the prompt is not scored.
+    prompt_logprobs_top: Option<usize>,
+    /// The prompt's tokens 1.. scored by the prefill, until `take_prompt_logprobs`.
+    prompt_logprobs: Vec<TokenLogprob>,
     /// [`EngineConfig::synthetic_acceptance`] and its own draws (the request's stay untouched).
     synthetic: Option<(f64, Rng64)>,
 }
@@ -618,13 +644,24 @@ impl Generation {
             // Prefill: the prompt (what the prompt cache did not hold) in one forward, then the
             // first token.
             let prompt = self.tokens.clone();
-            let out = self.target.forward(&prompt[self.cached..], Rows::Last)?;
+            let logits = match self.prompt_logprobs_top {
+                Some(top) => self.score_prompt(&prompt, top)?,
+                None => {
+                    self.target
+                        .forward(&prompt[self.cached..], Rows::Last)?
+                        .logits
+                }
+            };
             self.prefilled = true;
+            if self.max_tokens == 0 {
+                self.finished = Some(FinishReason::Length);
+                return Ok(Vec::new());
+            }
             if let Some(d) = self.drafter.as_mut() {
                 d.prefill(&prompt)?;
             }
             let v = verify::score_row(
-                &out.logits,
+                &logits,
                 &self.sampling,
                 self.penalizer.as_ref(),
                 self.on_device.as_ref(),
@@ -652,6 +689,37 @@ impl Generation {
             return self.plain_step();
         }
         self.speculative_step(k)
+    }
+
+    /// The prefill of a request that scores its prompt: the prompt in chunks of
+    /// [`PROMPT_SCORE_ROWS`] with logits for every row (rows are independent, so chunks change
+    /// no result; the whole prompt's rows at once would hold prompt x vocabulary floats), each
+    /// row scoring the next prompt token. Returns the last row's logits (`[1, V]`): the first
+    /// generated token's distribution.
+    fn score_prompt(&mut self, prompt: &[u32], top: usize) -> Result<candle_core::Tensor> {
+        let mut last = None;
+        for (c, chunk) in prompt.chunks(PROMPT_SCORE_ROWS).enumerate() {
+            let logits = self.target.forward(chunk, Rows::All)?.logits;
+            let rows = logits.to_vec2::<f32>()?;
+            for (j, row) in rows.iter().enumerate() {
+                if let Some(&next) = prompt.get(c * PROMPT_SCORE_ROWS + j + 1) {
+                    let (logprob, top) = verify::token_logprobs(row, next, top);
+                    self.prompt_logprobs.push(TokenLogprob {
+                        token: next,
+                        logprob,
+                        top,
+                    });
+                }
+            }
+            last = Some(logits.narrow(0, chunk.len() - 1, 1)?);
+        }
+        last.context("the prompt is empty")
+    }
+
+    /// The prompt's logprobs (for tokens 1.., the first has no context to be scored in) once
+    /// the prefill has run, when the request asked ([`GenerateRequest::prompt_logprobs`]).
+    pub fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 
     /// One autoregressive token.

@@ -87,6 +87,9 @@ pub struct ParsedRequest {
     pub penalties: Penalties,
     /// Choices to generate for the prompt (`n`, 1..=[`MAX_N`]).
     pub n: usize,
+    /// Completions only: the text starts with the prompt, and logprobs (when asked) cover the
+    /// prompt's tokens too.
+    pub echo: bool,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -126,6 +129,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         logprobs: None,
         penalties: Penalties::default(),
         n: 1,
+        echo: false,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -138,7 +142,8 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             "prompt" if !chat => r.prompt = Some(prompt(v)?),
             "messages" if chat => r.messages = messages(v)?,
             "max_tokens" => {
-                if let Some(n) = opt(v, |v| int_range(k, v, 1, u32::MAX as i64))? {
+                // 0 only with echo (checked after the loop).
+                if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
                     r.max_tokens = Some(n as usize);
                 }
             }
@@ -234,11 +239,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                 r.logprobs = opt(v, |v| int_range(k, v, 0, MAX_COMPLETION_LOGPROBS as i64))?
                     .map(|n| n as usize);
             }
-            "echo" => {
-                if opt(v, |v| boolean(k, v))?.unwrap_or(false) {
-                    return Err(ApiError::invalid(k, "echo is not supported by this server"));
-                }
-            }
+            "echo" if !chat => r.echo = opt(v, |v| boolean(k, v))?.unwrap_or(false),
             "suffix" => {
                 if let Some(s) = opt(v, |v| string(k, v))?
                     && !s.is_empty()
@@ -301,6 +302,12 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             "speculation" => r.speculation = speculation(v)?,
             _ => return Err(unknown_field(k)),
         }
+    }
+    if r.max_tokens == Some(0) && !r.echo {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+        ));
     }
     if chat {
         if top_logprobs.is_some() && !chat_logprobs {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
 use super::http::Served;
-use super::logprobs::{Aligner, TokenEntry};
+use super::logprobs::{self, Aligner, TokenEntry};
 use super::metrics::{Metrics, PolicyLabel, PolicyPosition};
 use super::stop::StopMatcher;
 use crate::engine::{FinishReason, GenerateRequest, SpecStats};
@@ -159,6 +159,8 @@ pub struct Job {
     pub arrived: Instant,
     pub events: UnboundedSender<Event>,
     pub metrics: Arc<Metrics>,
+    /// Send the prompt's text (and, with logprobs, its scored tokens) before the output.
+    pub echo: bool,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -245,6 +247,7 @@ impl Job {
             arrived,
             events,
             metrics,
+            echo,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -253,6 +256,7 @@ impl Job {
         let prompt_tokens = request.prompt.len();
         let max_tokens = request.max_tokens;
         let mut aligner = request.logprobs.is_some().then(Aligner::default);
+        let mut echo_prompt = echo.then(|| request.prompt.clone());
         let mut generation = match served.engine.start(request) {
             Ok(g) => g,
             Err(e) => {
@@ -296,6 +300,30 @@ impl Job {
                     return;
                 }
             };
+            // The echoed prompt goes first, once the prefill has scored it; the output's text
+            // offsets then count from its end.
+            if let Some(prompt) = echo_prompt.take() {
+                let scored = generation.take_prompt_logprobs();
+                match logprobs::echo_entries(&served.tokenizer, &prompt, &scored) {
+                    Ok((text, entries)) => {
+                        let entries = match aligner.as_mut() {
+                            Some(a) => {
+                                *a = Aligner::after(text.chars().count());
+                                entries
+                            }
+                            None => Vec::new(),
+                        };
+                        let _ = events.send(Event::Delta(text, entries));
+                    }
+                    Err(e) => {
+                        metrics.finished("error");
+                        let _ = events.send(Event::Failed(ApiError::internal(format!(
+                            "cannot decode the prompt: {e:#}"
+                        ))));
+                        return;
+                    }
+                }
+            }
             // One per token in `tokens` (when the request asked for logprobs).
             let logprobs = generation.take_logprobs();
             seen.publish(&metrics, generation.stats());

@@ -1,6 +1,7 @@
 //! The HTTP side: routes, request preparation, JSON and server-sent-event responses, the admin
 //! policy routes, and the accept loop with graceful drain on SIGTERM.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -545,6 +546,7 @@ async fn completion(
             arrived,
             events: tx,
             metrics: app.metrics.clone(),
+            echo: parsed.echo,
         };
         app.pool.submit(Box::new(move || job.run())).map_err(|f| {
             ApiError::overloaded(
@@ -573,12 +575,16 @@ async fn completion(
         });
     }
     drop(all_tx);
+    // Every choice must start before the response does (a refused request is an HTTP error,
+    // not a 200 stream); the events of choices already running are kept meanwhile.
+    let mut early = VecDeque::new();
     let mut started = 0;
     while started < parsed.n {
         match rx.recv().await {
             Some((_, Event::Started)) => started += 1,
             Some((_, Event::Failed(e))) => return Err(e),
-            Some(_) | None => {
+            Some(e) => early.push_back(e),
+            None => {
                 return Err(ApiError::internal(
                     "the generation worker stopped before starting",
                 ));
@@ -605,12 +611,16 @@ async fn completion(
         n: parsed.n,
     };
     if parsed.stream {
-        Ok(sse_response(meta, rx))
+        Ok(sse_response(meta, early, rx))
     } else {
         let mut choices: Vec<Choice> = (0..parsed.n).map(|_| Choice::default()).collect();
         let mut done = 0;
         while done < parsed.n {
-            match rx.recv().await {
+            let next = match early.pop_front() {
+                Some(e) => Some(e),
+                None => rx.recv().await,
+            };
+            match next {
                 Some((i, Event::Delta(d, e))) => {
                     choices[i].text.push_str(&d);
                     choices[i].entries.extend(e);
@@ -649,6 +659,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         trace: _,
         logprobs,
         penalties,
+        prompt_logprobs,
     } = r;
     GenerateRequest {
         prompt: prompt.clone(),
@@ -663,6 +674,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         trace: None,
         logprobs: *logprobs,
         penalties: penalties.clone(),
+        prompt_logprobs: *prompt_logprobs,
     }
 }
 
@@ -787,6 +799,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         policy: p.policy.clone(),
         policy_params: p.policy_params.clone(),
         logprobs: p.logprobs,
+        prompt_logprobs: p.logprobs.filter(|_| p.echo),
         penalties: p.penalties.clone(),
         ..GenerateRequest::default()
     })
@@ -952,9 +965,15 @@ fn sse_data(v: &Value) -> Bytes {
 
 /// Server-sent events from the generation's channel, ending in `data: [DONE]`. Dropping this
 /// body (the client went away) closes the channel, which stops the generation.
-fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<(usize, Event)>) -> Response<Body> {
+/// `early`: events that arrived before the response started, sent first.
+fn sse_response(
+    meta: ResponseMeta,
+    early: VecDeque<(usize, Event)>,
+    rx: UnboundedReceiver<(usize, Event)>,
+) -> Response<Body> {
     struct S {
         meta: ResponseMeta,
+        early: VecDeque<(usize, Event)>,
         rx: UnboundedReceiver<(usize, Event)>,
         /// Per choice: no chunk sent yet.
         first: Vec<bool>,
@@ -964,6 +983,7 @@ fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<(usize, Event)>) -> Re
     let n = meta.n;
     let state = S {
         meta,
+        early,
         rx,
         first: vec![true; n],
         outcomes: vec![None; n],
@@ -974,7 +994,11 @@ fn sse_response(meta: ResponseMeta, rx: UnboundedReceiver<(usize, Event)>) -> Re
             return None;
         }
         let bytes = loop {
-            match s.rx.recv().await {
+            let next = match s.early.pop_front() {
+                Some(e) => Some(e),
+                None => s.rx.recv().await,
+            };
+            match next {
                 Some((i, Event::Delta(d, e))) => {
                     let b = sse_data(&s.meta.delta_chunk(i, &d, &e, s.first[i]));
                     s.first[i] = false;

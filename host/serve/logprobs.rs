@@ -27,10 +27,12 @@ const NEG_INF_LOGPROB: f64 = -9999.0;
 pub struct TokenEntry {
     /// The token's bytes (special tokens by their vocabulary text).
     pub bytes: Vec<u8>,
-    pub logprob: f64,
+    /// `None` for an echoed prompt's first token (nothing before it to score it on).
+    pub logprob: Option<f64>,
     /// Alternatives, most likely first.
     pub top: Vec<(Vec<u8>, f64)>,
-    /// Where the token starts in the completion text, in characters.
+    /// Where the token starts in the completion text (after the echoed prompt, if any), in
+    /// characters.
     pub offset: usize,
 }
 
@@ -40,7 +42,7 @@ impl TokenEntry {
         let bytes = |id: u32| tokenizer.piece(id, false).unwrap_or_default().to_vec();
         TokenEntry {
             bytes: bytes(lp.token),
-            logprob: lp.logprob,
+            logprob: Some(lp.logprob),
             top: lp.top.iter().map(|&(id, l)| (bytes(id), l)).collect(),
             offset,
         }
@@ -65,6 +67,15 @@ pub struct Aligner {
 }
 
 impl Aligner {
+    /// An aligner whose text starts `chars` characters in (after an echoed prompt).
+    pub fn after(chars: usize) -> Self {
+        Aligner {
+            decoded: chars,
+            emitted: chars,
+            ..Aligner::default()
+        }
+    }
+
     /// A token went through the detokenizer and produced `text`; `waiting` says whether bytes
     /// of an incomplete character are still held.
     pub fn pushed(&mut self, tokenizer: &Tokenizer, lp: &TokenLogprob, text: &str, waiting: bool) {
@@ -127,6 +138,37 @@ fn finite(x: f64) -> f64 {
     if x.is_finite() { x } else { NEG_INF_LOGPROB }
 }
 
+/// An echoed prompt (`echo` on `/v1/completions`): its text, special tokens included as
+/// written, and one entry per token, each scored by the prefill on the tokens before it
+/// (`scored[j]` is token j + 1's; the first token has none).
+pub fn echo_entries(
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    scored: &[TokenLogprob],
+) -> anyhow::Result<(String, Vec<TokenEntry>)> {
+    let mut stream = tokenizer.stream(false);
+    let mut text = String::new();
+    let mut chars = 0;
+    let mut entries = Vec::with_capacity(prompt.len());
+    for (j, &id) in prompt.iter().enumerate() {
+        let e = match j.checked_sub(1).and_then(|i| scored.get(i)) {
+            Some(lp) => TokenEntry::new(tokenizer, lp, chars),
+            None => TokenEntry {
+                bytes: tokenizer.piece(id, false).unwrap_or_default().to_vec(),
+                logprob: None,
+                top: Vec::new(),
+                offset: chars,
+            },
+        };
+        let piece = stream.push(tokenizer, id)?;
+        chars += piece.chars().count();
+        text.push_str(&piece);
+        entries.push(e);
+    }
+    text.push_str(&stream.finish());
+    Ok((text, entries))
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -141,6 +183,9 @@ pub fn completions_json(entries: &[TokenEntry], top_n: usize) -> Value {
         entries
             .iter()
             .map(|e| {
+                if e.logprob.is_none() {
+                    return Value::Null;
+                }
                 let mut m = Map::new();
                 for (b, l) in &e.top {
                     m.entry(lossy(b)).or_insert_with(|| json!(finite(*l)));
@@ -151,7 +196,7 @@ pub fn completions_json(entries: &[TokenEntry], top_n: usize) -> Value {
     };
     json!({
         "tokens": entries.iter().map(|e| lossy(&e.bytes)).collect::<Vec<_>>(),
-        "token_logprobs": entries.iter().map(|e| finite(e.logprob)).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e.logprob.map(finite)).collect::<Vec<_>>(),
         "top_logprobs": top,
         "text_offset": entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
     })
@@ -164,7 +209,7 @@ pub fn chat_json(entries: &[TokenEntry]) -> Value {
         .map(|e| {
             json!({
                 "token": lossy(&e.bytes),
-                "logprob": finite(e.logprob),
+                "logprob": e.logprob.map(finite),
                 "bytes": e.bytes,
                 "top_logprobs": e.top.iter().map(|(b, l)| json!({
                     "token": lossy(b), "logprob": finite(*l), "bytes": b,
@@ -182,7 +227,7 @@ mod tests {
     fn entry(offset: usize) -> TokenEntry {
         TokenEntry {
             bytes: vec![],
-            logprob: -1.0,
+            logprob: Some(-1.0),
             top: vec![],
             offset,
         }
@@ -236,7 +281,7 @@ mod tests {
     fn shapes() {
         let e = TokenEntry {
             bytes: b"hi".to_vec(),
-            logprob: -0.5,
+            logprob: Some(-0.5),
             top: vec![
                 (b"hi".to_vec(), -0.5),
                 (vec![0xE2], -1.0),
@@ -255,6 +300,15 @@ mod tests {
             json!([{"hi": -0.5, "\u{FFFD}": -1.0, "x": -9999.0}])
         );
         assert!(completions_json(std::slice::from_ref(&e), 0)["top_logprobs"].is_null());
+        // An echoed prompt's first token has nothing to be scored on: nulls.
+        let first = TokenEntry {
+            logprob: None,
+            top: vec![],
+            ..e.clone()
+        };
+        let c = completions_json(&[first, e.clone()], 2);
+        assert_eq!(c["token_logprobs"], json!([null, -0.5]));
+        assert!(c["top_logprobs"][0].is_null() && c["top_logprobs"][1].is_object());
         let ch = chat_json(&[e]);
         let t = &ch["content"][0];
         assert_eq!(t["token"], "hi");
