@@ -417,12 +417,34 @@ fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     out
 }
 
+/// The largest |x|, or NaN when any x is NaN. Lanes of 16 with a NaN flag so that the loop
+/// vectorises (a NaN check per value kept it scalar: most of quantizing a prefill's rows);
+/// max is exact, so the order of the comparisons changes nothing.
+fn abs_max(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut nan = [false; 16];
+    let mut it = xs.chunks_exact(16);
+    for c in &mut it {
+        for ((l, n), &v) in lanes.iter_mut().zip(&mut nan).zip(c) {
+            *l = l.max(v.abs());
+            *n |= v.is_nan();
+        }
+    }
+    let rest = it.remainder();
+    if rest.iter().chain(&lanes).any(|v| v.is_nan()) || nan.iter().any(|&n| n) {
+        return f32::NAN;
+    }
+    rest.iter()
+        .map(|v| v.abs())
+        .chain(lanes)
+        .fold(0f32, f32::max)
+}
+
 /// Activation rows quantized to int8, one f32 scale per `blk` values, with the int sums per 32
 /// values (Q4_K's mins are dot products with these).
 struct Acts {
     m: usize,
     k: usize,
-    blk: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
     sum32: Vec<i16>,
@@ -434,7 +456,21 @@ struct Acts {
     /// Q6_K: -32 times each 16 values' sum, where its dot products over the unsigned 0..=63
     /// weights start.
     corr: Vec<i32>,
+    /// Entries per row of `d`, `sum32`, `lanes` and `corr`.
+    strides: [usize; 4],
+    /// Every row's [`RowPtrs`], made once: the kernels ask for them per row and per tile (or
+    /// column pair), and making them there (slicing, bounds checks) was 2-4% of a prefill.
+    rows: RowTable,
 }
+
+/// [`RowPtrs`] into an [`Acts`]' own vectors.
+struct RowTable(Vec<RowPtrs>);
+
+// SAFETY: the pointers point into the heap buffers of the `Acts` holding the table, which are
+// filled before the table is made and never changed or reallocated afterwards; they are only
+// read, from any thread, while the `Acts` lives.
+unsafe impl Send for RowTable {}
+unsafe impl Sync for RowTable {}
 
 impl Acts {
     fn quantize(xs: &[f32], m: usize, k: usize, kind: Kind) -> Acts {
@@ -442,25 +478,20 @@ impl Acts {
         let mut a = Acts {
             m,
             k,
-            blk,
             qs: vec![0; m * k],
             d: vec![0.0; m * k / blk],
             sum32: vec![0; m * k / 32],
             lanes: Vec::new(),
             corr: Vec::new(),
+            strides: [k / blk, k / 32, 0, 0],
+            rows: RowTable(Vec::new()),
         };
         for (b, (x, q)) in xs
             .chunks_exact(blk)
             .zip(a.qs.chunks_exact_mut(blk))
             .enumerate()
         {
-            let amax = x.iter().fold(0f32, |acc, v| {
-                if acc.is_nan() || v.is_nan() {
-                    f32::NAN
-                } else {
-                    acc.max(v.abs())
-                }
-            });
+            let amax = abs_max(x);
             if amax == 0.0 {
                 continue;
             }
@@ -472,7 +503,10 @@ impl Acts {
             }
             let iscale = 127.0 / amax;
             for (qi, xi) in q.iter_mut().zip(x) {
-                *qi = (xi * iscale).round().clamp(-127.0, 127.0) as i8;
+                let v = (xi * iscale).round().clamp(-127.0, 127.0);
+                // SAFETY: finite (x and amax are) and within i32 after the clamp; the
+                // unchecked cast vectorises where `as` (saturating) kept the loop scalar.
+                *qi = unsafe { v.to_int_unchecked::<i32>() } as i8;
             }
             a.d[b] = 1.0 / iscale;
         }
@@ -502,6 +536,9 @@ impl Acts {
                     .map(|q| -16 * q.iter().map(|&v| v as i32).sum::<i32>())
                     .collect();
         }
+        a.strides[2] = if blk == 32 { (k / 64) * 16 } else { 0 };
+        a.strides[3] = a.corr.len().checked_div(m).unwrap_or(0);
+        a.rows = RowTable((0..m).map(|r| a.make_ptrs(r)).collect());
         a
     }
 
@@ -510,28 +547,32 @@ impl Acts {
     }
     /// Row `r`'s values, scales, 32-sums and pair scales as raw pointers: the kernels index
     /// them per block without bounds checks or divisions (perf found a `div` per row and block).
+    #[inline(always)]
     fn ptrs(&self, r: usize) -> RowPtrs {
-        let per = self.k / self.blk;
+        self.rows.0[r]
+    }
+
+    fn make_ptrs(&self, r: usize) -> RowPtrs {
+        let [d, sum32, lanes, corr] = self.strides;
         RowPtrs {
             qs: self.row(r).as_ptr(),
-            d: self.d[r * per..(r + 1) * per].as_ptr(),
-            sum32: self.sum32[r * self.k / 32..(r + 1) * self.k / 32].as_ptr(),
+            d: self.d[r * d..(r + 1) * d].as_ptr(),
+            sum32: self.sum32[r * sum32..(r + 1) * sum32].as_ptr(),
             lanes: if self.lanes.is_empty() {
                 std::ptr::null()
             } else {
-                self.lanes[r * (self.k / 64) * 16..].as_ptr()
+                self.lanes[r * lanes..].as_ptr()
             },
             corr: if self.corr.is_empty() {
                 std::ptr::null()
             } else {
-                let per = self.corr.len() / self.m;
-                self.corr[r * per..(r + 1) * per].as_ptr()
+                self.corr[r * corr..(r + 1) * corr].as_ptr()
             },
         }
     }
     #[cfg(test)]
     fn scale(&self, r: usize, b: usize) -> f32 {
-        self.d[r * (self.k / self.blk) + b]
+        self.d[r * self.strides[0] + b]
     }
 }
 
@@ -962,6 +1003,37 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn abs_max_is_the_scalar_fold() {
+        let fold = |x: &[f32]| {
+            x.iter().fold(0f32, |acc, v| {
+                if acc.is_nan() || v.is_nan() {
+                    f32::NAN
+                } else {
+                    acc.max(v.abs())
+                }
+            })
+        };
+        let mut x: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 - 50.5).collect();
+        x[7] = -3e38;
+        for len in [0, 1, 15, 16, 17, 32, 255, 256, 300] {
+            let xs = &x[..len];
+            assert_eq!(
+                super::abs_max(xs).to_bits(),
+                fold(xs).to_bits(),
+                "len {len}"
+            );
+        }
+        for at in [0, 5, 16, 250] {
+            let mut y = x.clone();
+            y[at] = f32::NAN;
+            assert!(super::abs_max(&y[..256]).is_nan(), "NaN at {at}");
+            y[at] = f32::NEG_INFINITY;
+            assert_eq!(super::abs_max(&y[..256]), f32::INFINITY);
+        }
+        assert_eq!(super::abs_max(&[-0.0, 0.0]), 0.0);
+    }
+
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Module, Tensor};
@@ -986,7 +1058,9 @@ mod tests {
         let mut out = vec![0f64; acts.m * deq.len()];
         for r in 0..acts.m {
             let a: Vec<f64> = (0..acts.k)
-                .map(|i| acts.row(r)[i] as f64 * acts.scale(r, i / acts.blk) as f64)
+                .map(|i| {
+                    acts.row(r)[i] as f64 * acts.scale(r, i / (acts.k / acts.strides[0])) as f64
+                })
                 .collect();
             for (c, wr) in deq.iter().enumerate() {
                 out[r * deq.len() + c] = wr.iter().zip(&a).map(|(&w, &a)| w as f64 * a).sum();
