@@ -277,6 +277,25 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
             400,
             Some("n"),
         ),
+        // The tiny vocabulary has no fill-in-the-middle tokens.
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "suffix": "y"}"#.into(),
+            400,
+            Some("suffix"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "suffix": "y", "echo": true}"#.into(),
+            400,
+            Some("suffix"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "suffix": "y"}"#.into(),
+            400,
+            Some("suffix"),
+        ),
         (
             "/v1/completions",
             r#"{"prompt": "x", "stop": [1]}"#.into(),
@@ -1087,6 +1106,38 @@ fn smollm2_chat_real_text() {
     let (streamed, _, done) = stream_text(&s.open_stream("/v1/chat/completions", &sreq).collect());
     assert!(done);
     assert_eq!(streamed, text);
+}
+
+/// Fill-in-the-middle with Qwen2.5-Coder's FIM tokens: with a `suffix` the completion is the
+/// code between the prompt and it, ending (at an FIM or end token) where the suffix takes over;
+/// the same prompt without one runs on to max_tokens.
+#[test]
+fn qwen_fills_in_the_middle() {
+    let model = models_dir().join("qwen2.5-coder-0.5b.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let m = model.display().to_string();
+    let s = Server::start(
+        &["--model", &m, "--draft", "prompt-lookup"],
+        Some(dir),
+        &log_dir,
+    );
+    let req = json!({"prompt": "def calc(a, b):\n    return",
+                     "suffix": "\n\nassert calc(2, 3) == 5\n",
+                     "max_tokens": 16, "temperature": 0});
+    let r = s.post_json("/v1/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(text_of(&v).trim(), "a + b", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let mut plain = req.clone();
+    plain.as_object_mut().unwrap().remove("suffix");
+    let p = s.post_json("/v1/completions", &plain).json();
+    assert_eq!(p["choices"][0]["finish_reason"], "length", "{p}");
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64() > p["usage"]["prompt_tokens"].as_u64(),
+        "the suffix and the FIM tokens are in the prompt: {v} vs {p}"
+    );
 }
 
 /// ln softmax(row) in f64.

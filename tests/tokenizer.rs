@@ -132,6 +132,29 @@ fn special_tokens_and_eos() {
 }
 
 #[test]
+fn fill_in_the_middle_tokens() {
+    let qwen = Tokenizer::from_gguf(&read_gguf("qwen2.5-coder-0.5b.gguf")).unwrap();
+    let fim = qwen.fim().expect("Qwen2.5-Coder has FIM tokens");
+    let id = |t: &str| qwen.token_id(t).unwrap();
+    assert_eq!(
+        (fim.prefix, fim.suffix, fim.middle),
+        (
+            id("<|fim_prefix|>"),
+            id("<|fim_suffix|>"),
+            id("<|fim_middle|>")
+        )
+    );
+    for t in ["<|fim_pad|>", "<|file_sep|>", "<|endoftext|>", "<|im_end|>"] {
+        assert!(fim.stops.contains(&id(t)), "{t} ends the middle");
+    }
+    assert_eq!(
+        fim.prompt(None, &[7, 8], &[9]),
+        vec![fim.prefix, 7, 8, fim.suffix, 9, fim.middle]
+    );
+    assert_eq!(fim.prompt(Some(1), &[], &[])[..2], [1, fim.prefix]);
+}
+
+#[test]
 fn draft_and_target_share_a_tokenizer_fingerprint() {
     let q05 = Tokenizer::from_gguf(&read_gguf("qwen2.5-coder-0.5b.gguf")).unwrap();
     let q15 = Tokenizer::from_gguf(&read_gguf("qwen2.5-coder-1.5b.gguf")).unwrap();

@@ -560,6 +560,53 @@ impl Tokenizer {
         self.hf.token_to_id(text)
     }
 
+    /// The model's fill-in-the-middle tokens, found by their text (Qwen2.5-Coder's
+    /// `<|fim_prefix|>` family, or StarCoder's `<fim_prefix>`), as llama.cpp finds them when a
+    /// GGUF names none. `None` when the vocabulary has no complete set.
+    pub fn fim(&self) -> Option<Fim> {
+        const STYLES: [[&str; 7]; 2] = [
+            [
+                "<|fim_prefix|>",
+                "<|fim_suffix|>",
+                "<|fim_middle|>",
+                "<|fim_pad|>",
+                "<|file_sep|>",
+                "<|repo_name|>",
+                "<|endoftext|>",
+            ],
+            [
+                "<fim_prefix>",
+                "<fim_suffix>",
+                "<fim_middle>",
+                "<fim_pad>",
+                "<file_sep>",
+                "<repo_name>",
+                "<|endoftext|>",
+            ],
+        ];
+        STYLES.iter().find_map(|[pre, suf, mid, rest @ ..]| {
+            let (prefix, suffix, middle) = (
+                self.token_id(pre)?,
+                self.token_id(suf)?,
+                self.token_id(mid)?,
+            );
+            // The middle ends where the model starts another FIM field or file.
+            let mut stops: Vec<u32> = [prefix, suffix, middle]
+                .into_iter()
+                .chain(rest.iter().filter_map(|t| self.token_id(t)))
+                .chain(self.eog.iter().copied())
+                .collect();
+            stops.sort_unstable();
+            stops.dedup();
+            Some(Fim {
+                prefix,
+                suffix,
+                middle,
+                stops,
+            })
+        })
+    }
+
     /// The pre-tokenizer name from the GGUF (`tokenizer.ggml.pre`).
     pub fn pre(&self) -> &str {
         &self.pre
@@ -608,6 +655,33 @@ impl Eq for Tokenizer {}
 enum Fragment<'t> {
     Text(&'t str),
     Token(u32),
+}
+
+/// Fill-in-the-middle tokens ([`Tokenizer::fim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fim {
+    pub prefix: u32,
+    pub suffix: u32,
+    pub middle: u32,
+    /// Tokens that end the middle: the FIM markers, file separators and the end-of-generation
+    /// tokens.
+    pub stops: Vec<u32>,
+}
+
+impl Fim {
+    /// The prompt for the text between `prefix` and `suffix` (token ids), in the
+    /// prefix-suffix-middle order these models are trained on: `<pre> prefix <suf> suffix <mid>`,
+    /// after BOS when the model asks for one.
+    pub fn prompt(&self, bos: Option<u32>, prefix: &[u32], suffix: &[u32]) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(prefix.len() + suffix.len() + 4);
+        ids.extend(bos);
+        ids.push(self.prefix);
+        ids.extend_from_slice(prefix);
+        ids.push(self.suffix);
+        ids.extend_from_slice(suffix);
+        ids.push(self.middle);
+        ids
+    }
 }
 
 /// Turns generated ids into text as they arrive, yielding only complete UTF-8: a character whose

@@ -90,6 +90,8 @@ pub struct ParsedRequest {
     /// Completions only: the text starts with the prompt, and logprobs (when asked) cover the
     /// prompt's tokens too.
     pub echo: bool,
+    /// Completions only: text that follows the completion (fill-in-the-middle).
+    pub suffix: Option<String>,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -130,6 +132,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         penalties: Penalties::default(),
         n: 1,
         echo: false,
+        suffix: None,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -240,16 +243,8 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                     .map(|n| n as usize);
             }
             "echo" if !chat => r.echo = opt(v, |v| boolean(k, v))?.unwrap_or(false),
-            "suffix" => {
-                if let Some(s) = opt(v, |v| string(k, v))?
-                    && !s.is_empty()
-                {
-                    return Err(ApiError::invalid(
-                        k,
-                        "suffix is not supported by this server",
-                    ));
-                }
-            }
+            // Fill-in-the-middle: the completion goes between `prompt` and this.
+            "suffix" if !chat => r.suffix = opt(v, |v| string(k, v))?,
             "tools" | "functions" => {
                 if let Some(a) = opt(v, |v| array(k, v))?
                     && !a.is_empty()
@@ -302,6 +297,12 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             "speculation" => r.speculation = speculation(v)?,
             _ => return Err(unknown_field(k)),
         }
+    }
+    if r.suffix.is_some() && r.echo {
+        return Err(ApiError::invalid(
+            "suffix",
+            "suffix (fill-in-the-middle) cannot be combined with echo",
+        ));
     }
     if r.max_tokens == Some(0) && !r.echo {
         return Err(ApiError::invalid(

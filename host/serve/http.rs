@@ -743,6 +743,31 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             )
         }
     };
+    // Fill-in-the-middle: prefix and suffix read as plain text (code, not markup), between the
+    // model's FIM tokens; the middle ends at any of them too.
+    let (prompt, stop_tokens) = match &p.suffix {
+        None => (prompt, tokenizer.eos_ids().to_vec()),
+        Some(suffix) => {
+            let fim = tokenizer.fim().ok_or_else(|| {
+                ApiError::invalid(
+                    "suffix",
+                    "this model's vocabulary has no fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>), so it cannot complete between a prompt and a suffix",
+                )
+            })?;
+            let text = |t: &str, what: &str| {
+                tokenizer.encode(t, false).map_err(|e| {
+                    ApiError::invalid(what, format!("cannot tokenize the {what}: {e:#}"))
+                })
+            };
+            let prefix = match p.prompt.as_ref() {
+                Some(PromptInput::Text(t)) => text(t, "prompt")?,
+                _ => prompt,
+            };
+            let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
+            let ids = fim.prompt(bos, &prefix, &text(suffix, "suffix")?);
+            (ids, fim.stops)
+        }
+    };
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             field,
@@ -787,7 +812,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             top_k: p.top_k,
         },
         seed: p.seed,
-        stop_tokens: tokenizer.eos_ids().to_vec(),
+        stop_tokens,
         speculation: match &p.speculation {
             SpeculationChoice::Default => engine::Speculation::Default,
             SpeculationChoice::Off => engine::Speculation::Off,
