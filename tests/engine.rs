@@ -271,7 +271,7 @@ fn second_token_distribution_with(
     s: &SamplingParams,
     pens: &Penalties,
 ) -> Vec<f64> {
-    let z = Penalizer::new(pens.clone(), prompt);
+    let z = Penalizer::new(pens.clone(), prompt, &[]);
     let adjusted = |l: candle_core::Tensor, pending: &[u32]| {
         let mut row = l.to_vec1::<f32>().unwrap();
         if let Some(z) = &z {
@@ -435,6 +435,7 @@ fn penalties_adjust_the_target_and_strict_speculation_stays_lossless() {
         presence: 0.4,
         repetition: 1.3,
         logit_bias: vec![(5, 1.5), (9, -100.0)],
+        min_tokens: 0,
     };
     let light = Penalties {
         frequency: 0.02,
@@ -520,6 +521,7 @@ fn speculative_sampling_follows_the_penalized_distribution() {
         repetition: 1.5,
         // 107 is the unpenalized second token in ~84% of draws: a small bias moves much mass.
         logit_bias: vec![(3, 0.3), (107, -0.2)],
+        min_tokens: 0,
     };
     let exact = second_token_distribution_with(&target, &prompt, &s, &pens);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
@@ -550,6 +552,55 @@ fn speculative_sampling_follows_the_penalized_distribution() {
     assert!(
         stat_plain > chi2_critical(dof_plain),
         "chi-square vs the unpenalized target {stat_plain:.1}: the test has no power"
+    );
+}
+
+/// `min_tokens` keeps the stop tokens out of the first tokens, counting the drafts under
+/// verification: with a bias that makes the stop token the argmax wherever it is allowed, the
+/// output is exactly `min_tokens` long, however the speculation steps straddle that point.
+#[test]
+fn min_tokens_hold_back_the_stop_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let plain = engine(target.clone(), None, None, 4);
+    let stop = 7;
+    let req = |min_tokens, speculation| GenerateRequest {
+        stop_tokens: vec![stop],
+        penalties: Penalties {
+            min_tokens,
+            logit_bias: vec![(stop, 30.0)],
+            ..Penalties::default()
+        },
+        ..greedy(PROMPTS[1], 40, speculation)
+    };
+    assert!(run(&plain, req(0, Speculation::Off)).0.is_empty());
+    for min in [1, 5, 12] {
+        let (held, _) = run(&plain, req(min, Speculation::Off));
+        assert_eq!(held.len(), min, "{held:?}");
+        assert!(!held.contains(&stop), "{held:?}");
+        for (draft, spec) in [
+            (Some(other.clone()), DrafterSpec::Model),
+            (Some(target.clone()), DrafterSpec::Model),
+            (None, DrafterSpec::PromptLookup(None)),
+        ] {
+            for k in [3, 8] {
+                let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
+                let (out, stats) = run(&e, req(min, Speculation::Default));
+                assert_eq!(
+                    out, held,
+                    "{spec:?}, k = {k}, min_tokens = {min}: {stats:?}"
+                );
+            }
+        }
+    }
+    let too_many = plain.start(GenerateRequest {
+        max_tokens: 5,
+        ..req(6, Speculation::Off)
+    });
+    assert_eq!(
+        too_many.err().and_then(|e| e.param).as_deref(),
+        Some("min_tokens")
     );
 }
 

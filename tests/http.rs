@@ -818,8 +818,36 @@ fn penalties_and_logit_bias_change_the_output_and_speculation_keeps_it() {
         .map(|x| x.as_f64().unwrap())
         .collect();
     assert!(raw.iter().all(|&x| x < -0.1), "{raw:?}");
+    // min_tokens holds back the end token even when a bias forces it; ignore_eos emits it.
+    let tok = {
+        use verdict::models::tokenizer::Tokenizer;
+        let m =
+            verdict::models::Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu)
+                .unwrap();
+        Tokenizer::from_gguf(m.gguf_metadata().unwrap()).unwrap()
+    };
+    let eos = tok.eos_ids()[0].to_string();
+    let ends = |extra: Value| {
+        let mut body = json!({"logit_bias": {&eos: 100}, "max_tokens": 8,
+                              "speculation": {"draft": "model", "k": 3}});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let v = complete(body);
+        (
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+            v["choices"][0]["finish_reason"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    assert_eq!(ends(json!({})), (0, "stop".into()));
+    assert_eq!(ends(json!({"min_tokens": 5})), (5, "stop".into()));
+    assert_eq!(ends(json!({"ignore_eos": true})), (8, "length".into()));
     // Out of range: the field is named.
     for (body, param) in [
+        (json!({"min_tokens": 9, "max_tokens": 8}), "min_tokens"),
         (json!({"logit_bias": {"99999": 5}}), "logit_bias"),
         (json!({"frequency_penalty": 2.5}), "frequency_penalty"),
         (json!({"logit_bias": {"x": 5}}), "logit_bias.x"),
@@ -1560,4 +1588,60 @@ fn echo_scores_the_prompt_and_prefixes_the_text() {
     );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "echo");
+}
+
+/// `/tokenize` gives the ids a request's prompt or chat becomes (its count is the request's
+/// `prompt_tokens`), `/detokenize` turns ids back into text; bad input names the field.
+#[test]
+fn tokenize_and_detokenize() {
+    let s = tiny_server(1024, &[]);
+    let r = s.post_json("/tokenize", &json!({"prompt": "hello there"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let ids: Vec<u64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(v["count"], ids.len());
+    assert_eq!(v["max_model_len"], 1024);
+    let c = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": "hello there", "max_tokens": 1}),
+    );
+    assert_eq!(c.json()["usage"]["prompt_tokens"], ids.len());
+    let d = s.post_json("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(d.status, 200, "{}", d.text());
+    assert_eq!(d.json()["prompt"], "hello there");
+    // A chat counts as the chat request does (template included).
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let t = s
+        .post_json("/tokenize", &json!({"messages": messages}))
+        .json();
+    let chat = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 1}),
+        )
+        .json();
+    assert_eq!(t["count"], chat["usage"]["prompt_tokens"]);
+    for (path, body, param) in [
+        ("/tokenize", json!({}), "prompt"),
+        ("/tokenize", json!({"prompt": 5}), "prompt"),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "messages": []}),
+            "prompt",
+        ),
+        ("/tokenize", json!({"text": "a"}), "text"),
+        ("/detokenize", json!({"tokens": [99999]}), "tokens[0]"),
+        ("/detokenize", json!({"tokens": [1, -1]}), "tokens[1]"),
+        ("/detokenize", json!({}), "tokens"),
+    ] {
+        let r = s.post_json(path, &body);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{path} {body}");
+    }
+    assert_eq!(s.get("/tokenize").status, 405);
 }

@@ -430,6 +430,7 @@ pub fn run(args: Args) -> Result<()> {
                 presence: args.presence_penalty,
                 repetition: args.repetition_penalty,
                 logit_bias: args.logit_bias.clone(),
+                min_tokens: 0,
             },
         })
         .map_err(|e| match &e.param {

@@ -290,6 +290,15 @@ impl Engine {
         req.penalties
             .validate(vocab)
             .map_err(|(field, m)| RequestError::new(field, m))?;
+        if req.penalties.min_tokens > req.max_tokens {
+            return Err(RequestError::new(
+                "min_tokens",
+                format!(
+                    "min_tokens ({}) must not exceed max_tokens ({})",
+                    req.penalties.min_tokens, req.max_tokens
+                ),
+            ));
+        }
         if let Some(n) = req.logprobs
             && n > MAX_TOP_LOGPROBS
         {
@@ -408,7 +417,7 @@ impl Engine {
             self.resume(&req.prompt, &mut drafter)
         };
         let seed = req.seed.unwrap_or_else(rand::random);
-        let penalizer = Penalizer::new(req.penalties, &req.prompt);
+        let penalizer = Penalizer::new(req.penalties, &req.prompt, &req.stop_tokens);
         let mut stats = SpecStats::default();
         if let Some(d) = &drafter {
             stats.drafter = Some(d.name());

@@ -21,7 +21,9 @@ pub const MAX_PENALTY: f32 = 2.0;
 /// 2. `repetition` (r): for each token in the prompt or the output so far, a positive logit is
 ///    divided by r, a negative one multiplied by r (r > 1 discourages repeats);
 /// 3. `frequency` (f) and `presence` (s): `logit[t] -= c_t * f + (c_t > 0) * s`, where `c_t`
-///    counts `t` in the output so far.
+///    counts `t` in the output so far;
+/// 4. `min_tokens` (vLLM's): until that many tokens are generated, the request's stop tokens
+///    get -inf (they cannot end it early).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Penalties {
     pub frequency: f32,
@@ -29,6 +31,7 @@ pub struct Penalties {
     /// 1 = off.
     pub repetition: f32,
     pub logit_bias: Vec<(u32, f32)>,
+    pub min_tokens: usize,
 }
 
 impl Default for Penalties {
@@ -38,17 +41,26 @@ impl Default for Penalties {
             presence: 0.0,
             repetition: 1.0,
             logit_bias: Vec::new(),
+            min_tokens: 0,
         }
     }
 }
 
 impl Penalties {
+    fn with_min_tokens_off(&self) -> Penalties {
+        Penalties {
+            min_tokens: 0,
+            ..self.clone()
+        }
+    }
+
     /// Whether these change no logit.
     pub fn is_off(&self) -> bool {
         self.frequency == 0.0
             && self.presence == 0.0
             && self.repetition == 1.0
             && self.logit_bias.iter().all(|&(_, b)| b == 0.0)
+            && self.min_tokens == 0
     }
 
     /// Checks the ranges; an error names the API field (`frequency_penalty`, ...) and says
@@ -101,12 +113,18 @@ pub struct Penalizer {
     p: Penalties,
     counts: HashMap<u32, u32>,
     prompt: HashSet<u32>,
+    /// Tokens generated so far.
+    generated: usize,
+    /// The stop tokens `min_tokens` holds back.
+    stops: Vec<u32>,
 }
 
 impl Penalizer {
     /// `None` when the penalties change nothing (the request then skips this stage).
-    pub fn new(p: Penalties, prompt: &[u32]) -> Option<Penalizer> {
-        if p.is_off() {
+    /// `stops`: the request's stop tokens (what `min_tokens` holds back).
+    pub fn new(p: Penalties, prompt: &[u32], stops: &[u32]) -> Option<Penalizer> {
+        let holds_stops = p.min_tokens > 0 && !stops.is_empty();
+        if p.with_min_tokens_off().is_off() && !holds_stops {
             return None;
         }
         let prompt = if p.repetition != 1.0 {
@@ -118,12 +136,15 @@ impl Penalizer {
             p,
             counts: HashMap::new(),
             prompt,
+            generated: 0,
+            stops: stops.to_vec(),
         })
     }
 
     /// Records a generated (committed) token.
     pub fn push(&mut self, t: u32) {
         *self.counts.entry(t).or_default() += 1;
+        self.generated += 1;
     }
 
     /// Adjusts `row`, the logits of the position after the generated tokens followed by
@@ -174,6 +195,13 @@ impl Penalizer {
                 adjust(t, 0);
             }
         }
+        if self.generated + pending.len() < self.p.min_tokens {
+            for &t in &self.stops {
+                if let Some(x) = row.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
     }
 }
 
@@ -182,7 +210,7 @@ mod tests {
     use super::*;
 
     fn penalizer(p: Penalties, prompt: &[u32], out: &[u32]) -> Penalizer {
-        let mut z = Penalizer::new(p, prompt).expect("penalties on");
+        let mut z = Penalizer::new(p, prompt, &[]).expect("penalties on");
         out.iter().for_each(|&t| z.push(t));
         z
     }
@@ -218,6 +246,23 @@ mod tests {
     }
 
     #[test]
+    fn min_tokens_hold_back_the_stop_tokens_counting_pending_ones() {
+        let p = Penalties {
+            min_tokens: 3,
+            ..Penalties::default()
+        };
+        let mut z = Penalizer::new(p, &[], &[0, 4]).unwrap();
+        z.push(1);
+        let mut row = vec![1.0f32; 5];
+        z.apply(&mut row, &[2]);
+        assert_eq!(row, [f32::NEG_INFINITY, 1.0, 1.0, 1.0, f32::NEG_INFINITY]);
+        // The third token's row may stop.
+        let mut row = vec![1.0f32; 5];
+        z.apply(&mut row, &[2, 3]);
+        assert_eq!(row, [1.0; 5]);
+    }
+
+    #[test]
     fn bias_comes_first_and_ids_outside_the_row_are_ignored() {
         let p = Penalties {
             repetition: 2.0,
@@ -232,12 +277,19 @@ mod tests {
 
     #[test]
     fn off_is_none_and_ranges_are_checked_by_field() {
-        assert!(Penalizer::new(Penalties::default(), &[1]).is_none());
+        assert!(Penalizer::new(Penalties::default(), &[1], &[2]).is_none());
         let zero_bias = Penalties {
             logit_bias: vec![(3, 0.0)],
             ..Penalties::default()
         };
-        assert!(Penalizer::new(zero_bias, &[1]).is_none());
+        assert!(Penalizer::new(zero_bias, &[1], &[2]).is_none());
+        // min_tokens with no stop token to hold back changes nothing.
+        let min_only = Penalties {
+            min_tokens: 3,
+            ..Penalties::default()
+        };
+        assert!(Penalizer::new(min_only.clone(), &[1], &[]).is_none());
+        assert!(Penalizer::new(min_only, &[1], &[2]).is_some());
         let bad = [
             (
                 Penalties {
@@ -285,6 +337,7 @@ mod tests {
             presence: 2.0,
             repetition: 1.3,
             logit_bias: vec![(9, 100.0)],
+            min_tokens: 4,
         }
         .validate(10)
         .unwrap();

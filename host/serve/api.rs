@@ -92,23 +92,14 @@ pub struct ParsedRequest {
     pub echo: bool,
     /// Completions only: text that follows the completion (fill-in-the-middle).
     pub suffix: Option<String>,
+    /// End-of-generation tokens do not end the output (it runs to max_tokens or a stop string).
+    pub ignore_eos: bool,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
 /// are 400s naming the field.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the request body is not valid JSON: {e} (send a JSON object with Content-Type: application/json)"
-        ))
-    })?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::bad_request(format!(
-            "the request body must be a JSON object, got {}",
-            type_name(&value)
-        )));
-    };
-    parse_object(endpoint, &obj)
+    parse_object(endpoint, &json_object(body)?)
 }
 
 fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
@@ -133,6 +124,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         n: 1,
         echo: false,
         suffix: None,
+        ignore_eos: false,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -229,6 +221,14 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                     r.penalties.repetition = x as f32;
                 }
             }
+            // vLLM's extensions: at least this many tokens before a stop token may end the
+            // output; and EOS tokens that do not end it at all.
+            "min_tokens" => {
+                if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
+                    r.penalties.min_tokens = n as usize;
+                }
+            }
+            "ignore_eos" => r.ignore_eos = opt(v, |v| boolean(k, v))?.unwrap_or(false),
             "logit_bias" => {
                 if let Some(o) = opt(v, |v| object(k, v))? {
                     r.penalties.logit_bias = logit_bias(o)?;
@@ -356,6 +356,80 @@ fn logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
             Ok((id, num_range(&name, v, -max, max)? as f32))
         })
         .collect()
+}
+
+/// What `POST /tokenize` tokenizes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizeInput {
+    Prompt(String),
+    Messages(Vec<ChatMessage>),
+}
+
+/// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`.
+pub fn parse_tokenize(body: &[u8]) -> Result<TokenizeInput, ApiError> {
+    let obj = json_object(body)?;
+    let mut input = None;
+    for (k, v) in &obj {
+        match k.as_str() {
+            "model" => {
+                opt(v, |v| string(k, v))?;
+            }
+            "prompt" => input = Some(TokenizeInput::Prompt(string(k, v)?)),
+            "messages" => input = Some(TokenizeInput::Messages(messages(v)?)),
+            _ => return Err(unknown_field(k)),
+        }
+    }
+    if obj.contains_key("prompt") && obj.contains_key("messages") {
+        return Err(ApiError::invalid(
+            "prompt",
+            "send either `prompt` or `messages`, not both",
+        ));
+    }
+    input.ok_or_else(|| {
+        ApiError::invalid(
+            "prompt",
+            "missing field `prompt` (text) or `messages` (a chat)",
+        )
+    })
+}
+
+/// `POST /detokenize`'s body: `tokens` (ids), and optionally `model`.
+pub fn parse_detokenize(body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let obj = json_object(body)?;
+    let mut tokens = None;
+    for (k, v) in &obj {
+        match k.as_str() {
+            "model" => {
+                opt(v, |v| string(k, v))?;
+            }
+            "tokens" => {
+                let ids = array(k, v)?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| int_range(&format!("tokens[{i}]"), t, 0, u32::MAX as i64))
+                    .map(|r| r.map(|t| t as u32))
+                    .collect::<Result<Vec<u32>, ApiError>>()?;
+                tokens = Some(ids);
+            }
+            _ => return Err(unknown_field(k)),
+        }
+    }
+    tokens.ok_or_else(|| ApiError::invalid("tokens", "missing field `tokens` (token ids)"))
+}
+
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e} (send a JSON object with Content-Type: application/json)"
+        ))
+    })?;
+    match value {
+        Value::Object(o) => Ok(o),
+        other => Err(ApiError::bad_request(format!(
+            "the request body must be a JSON object, got {}",
+            type_name(&other)
+        ))),
+    }
 }
 
 fn unknown_field(name: &str) -> ApiError {

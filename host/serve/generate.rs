@@ -161,6 +161,8 @@ pub struct Job {
     pub metrics: Arc<Metrics>,
     /// Send the prompt's text (and, with logprobs, its scored tokens) before the output.
     pub echo: bool,
+    /// End-of-generation tokens are output like any other.
+    pub ignore_eos: bool,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -248,6 +250,7 @@ impl Job {
             events,
             metrics,
             echo,
+            ignore_eos,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -354,7 +357,7 @@ impl Job {
                     break;
                 }
                 produced += 1;
-                if tokenizer.is_eos(t) {
+                if !ignore_eos && tokenizer.is_eos(t) {
                     ended = Some("stop");
                     break;
                 }

@@ -351,6 +351,20 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/tokenize" => (
+            "/tokenize",
+            match method {
+                Method::POST => tokenize(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/detokenize" => (
+            "/detokenize",
+            match method {
+                Method::POST => detokenize(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
         "/v1/policies" => (
             "/v1/policies",
             match method {
@@ -547,6 +561,7 @@ async fn completion(
             events: tx,
             metrics: app.metrics.clone(),
             echo: parsed.echo,
+            ignore_eos: parsed.ignore_eos,
         };
         app.pool.submit(Box::new(move || job.run())).map_err(|f| {
             ApiError::overloaded(
@@ -686,6 +701,70 @@ struct Choice {
     outcome: Option<Outcome>,
 }
 
+/// `POST /tokenize` (vLLM's shape): the token ids a completion's `prompt` or a chat's
+/// `messages` become, exactly as those requests tokenize them (template, BOS, special tokens),
+/// with their count and the model's context length.
+async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let t = api::parse_tokenize(&body)?;
+    let ctx = served.engine.max_context();
+    let ids = blocking(move || {
+        let tokenizer = &*served.tokenizer;
+        match t {
+            api::TokenizeInput::Prompt(text) => tokenizer.encode_prompt(&text, true).map_err(|e| {
+                ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}"))
+            }),
+            api::TokenizeInput::Messages(messages) => {
+                let msgs: Vec<Message> = messages
+                    .into_iter()
+                    .map(|m| Message::new(m.role, m.content))
+                    .collect();
+                let text = served.chat.render(&msgs, true).map_err(|e| {
+                    ApiError::invalid(
+                        "messages",
+                        format!("the chat template rejected the messages: {e:#}"),
+                    )
+                })?;
+                tokenizer.encode_prompt(&text, true).map_err(|e| {
+                    ApiError::invalid(
+                        "messages",
+                        format!("cannot tokenize the conversation: {e:#}"),
+                    )
+                })
+            }
+        }
+    })
+    .await??;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx}),
+    ))
+}
+
+/// `POST /detokenize` (vLLM's shape): `{"tokens": [...]}` to `{"prompt": text}`, special tokens
+/// written out.
+async fn detokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let ids = api::parse_detokenize(&body)?;
+    let vocab = served.tokenizer.vocab_size();
+    if let Some(i) = ids.iter().position(|&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            format!("tokens[{i}]"),
+            format!(
+                "token id {} is outside the vocabulary (size {vocab})",
+                ids[i]
+            ),
+        ));
+    }
+    let text = served
+        .tokenizer
+        .decode(&ids, false)
+        .map_err(|e| ApiError::invalid("tokens", format!("cannot decode: {e:#}")))?;
+    Ok(json_response(StatusCode::OK, &json!({"prompt": text})))
+}
+
 /// Turns a parsed request into an engine request: renders the chat, tokenizes, and checks
 /// everything that can be checked before queueing (context length, policy and its parameters)
 /// so that a bad request never waits in the queue for its 400.
@@ -745,7 +824,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
     };
     // Fill-in-the-middle: prefix and suffix read as plain text (code, not markup), between the
     // model's FIM tokens; the middle ends at any of them too.
-    let (prompt, stop_tokens) = match &p.suffix {
+    let (prompt, mut stop_tokens) = match &p.suffix {
         None => (prompt, tokenizer.eos_ids().to_vec()),
         Some(suffix) => {
             let fim = tokenizer.fim().ok_or_else(|| {
@@ -768,6 +847,9 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             (ids, fim.stops)
         }
     };
+    if p.ignore_eos {
+        stop_tokens.clear();
+    }
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             field,
