@@ -58,6 +58,24 @@ fn run(engine: &Engine, req: GenerateRequest) -> (Vec<u32>, verdict::engine::Spe
     (g.output().to_vec(), g.stats().clone())
 }
 
+/// `req` speculated by every drafter at every k: each run's name, output and statistics.
+fn each_drafter(
+    target: &Model,
+    drafters: &[(Option<Model>, DrafterSpec)],
+    ks: &[usize],
+    req: impl Fn() -> GenerateRequest,
+) -> Vec<(String, Vec<u32>, verdict::engine::SpecStats)> {
+    let mut runs = Vec::new();
+    for (draft, spec) in drafters {
+        for &k in ks {
+            let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
+            let (out, stats) = run(&e, req());
+            runs.push((format!("drafter {spec:?}, k = {k}"), out, stats));
+        }
+    }
+    runs
+}
+
 fn greedy(prompt: &[u32], max_tokens: usize, speculation: Speculation) -> GenerateRequest {
     GenerateRequest {
         prompt: prompt.to_vec(),
@@ -307,6 +325,38 @@ fn second_token_distribution_with(
     out
 }
 
+/// How often each token came second in `n` seeded speculative runs (the prefill gives the
+/// first, the first speculative step the second), and in how many runs that step rejected a
+/// draft.
+fn second_token_counts(
+    e: &Engine,
+    prompt: &[u32],
+    s: &SamplingParams,
+    pens: &Penalties,
+    n: u64,
+) -> (Vec<u64>, u64) {
+    let vocab = e.target().config().vocab_size;
+    let (mut counts, mut rejected) = (vec![0u64; vocab], 0);
+    for seed in 0..n {
+        let mut g = e
+            .start(GenerateRequest {
+                prompt: prompt.to_vec(),
+                max_tokens: 4,
+                sampling: *s,
+                seed: Some(seed),
+                penalties: pens.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        g.step().unwrap();
+        g.step().unwrap();
+        counts[g.output()[1] as usize] += 1;
+        let st = g.stats();
+        rejected += u64::from(st.drafted > st.accepted);
+    }
+    (counts, rejected)
+}
+
 /// Pearson chi-square of counts against probabilities, bins with expected < 5 pooled; returns
 /// (statistic, degrees of freedom).
 fn chi_square(counts: &[u64], p: &[f64]) -> (f64, usize) {
@@ -352,23 +402,8 @@ fn speculative_sampling_follows_the_target_distribution() {
     let exact = second_token_distribution(&target, &prompt, &s);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
     let n = 3000u64;
-    let mut counts = vec![0u64; exact.len()];
-    let mut drafted_but_rejected = 0;
-    for seed in 0..n {
-        let req = GenerateRequest {
-            prompt: prompt.to_vec(),
-            max_tokens: 4,
-            sampling: s,
-            seed: Some(seed),
-            ..Default::default()
-        };
-        let mut g = e.start(req).unwrap();
-        g.step().unwrap(); // prefill: token 1
-        g.step().unwrap(); // first speculative step: token 2 onwards
-        counts[g.output()[1] as usize] += 1;
-        let st = g.stats();
-        drafted_but_rejected += (st.drafted - st.accepted > 0) as u64;
-    }
+    let (counts, drafted_but_rejected) =
+        second_token_counts(&e, &prompt, &s, &Penalties::default(), n);
     assert!(
         drafted_but_rejected > n / 10,
         "p and q must differ for this test to mean anything"
@@ -473,11 +508,12 @@ fn penalties_adjust_the_target_and_strict_speculation_stays_lossless() {
             );
         }
         assert!(!out.contains(&9), "a -100 bias bans the token");
-        for (i, (draft, spec)) in drafters.iter().enumerate() {
-            for k in [1, 4, 8] {
-                let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
-                let (o, stats) = run(&e, penalized(Speculation::Default));
-                assert_eq!(o, reference, "drafter {spec:?}, k = {k}, prompt {prompt:?}");
+        for (i, d) in drafters.iter().enumerate() {
+            let runs = each_drafter(&target, std::slice::from_ref(d), &[1, 4, 8], || {
+                penalized(Speculation::Default)
+            });
+            for (name, out, stats) in runs {
+                assert_eq!(out, reference, "{name}, prompt {prompt:?}");
                 drafted[i] += stats.drafted;
             }
         }
@@ -525,22 +561,7 @@ fn speculative_sampling_follows_the_penalized_distribution() {
     };
     let exact = second_token_distribution_with(&target, &prompt, &s, &pens);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
-    let n = 3000u64;
-    let mut counts = vec![0u64; exact.len()];
-    for seed in 0..n {
-        let req = GenerateRequest {
-            prompt: prompt.to_vec(),
-            max_tokens: 4,
-            sampling: s,
-            seed: Some(seed),
-            penalties: pens.clone(),
-            ..Default::default()
-        };
-        let mut g = e.start(req).unwrap();
-        g.step().unwrap();
-        g.step().unwrap();
-        counts[g.output()[1] as usize] += 1;
-    }
+    let (counts, _) = second_token_counts(&e, &prompt, &s, &pens, 3000);
     let (stat, dof) = chi_square(&counts, &exact);
     assert!(dof >= 5, "dof {dof}");
     assert!(
@@ -579,19 +600,16 @@ fn min_tokens_hold_back_the_stop_tokens() {
         let (held, _) = run(&plain, req(min, Speculation::Off));
         assert_eq!(held.len(), min, "{held:?}");
         assert!(!held.contains(&stop), "{held:?}");
-        for (draft, spec) in [
+        let drafters = [
             (Some(other.clone()), DrafterSpec::Model),
             (Some(target.clone()), DrafterSpec::Model),
             (None, DrafterSpec::PromptLookup(None)),
-        ] {
-            for k in [3, 8] {
-                let e = engine(target.clone(), draft.clone(), Some(spec.clone()), k);
-                let (out, stats) = run(&e, req(min, Speculation::Default));
-                assert_eq!(
-                    out, held,
-                    "{spec:?}, k = {k}, min_tokens = {min}: {stats:?}"
-                );
-            }
+        ];
+        let runs = each_drafter(&target, &drafters, &[3, 8], || {
+            req(min, Speculation::Default)
+        });
+        for (name, out, stats) in runs {
+            assert_eq!(out, held, "{name}, min_tokens = {min}: {stats:?}");
         }
     }
     let too_many = plain.start(GenerateRequest {

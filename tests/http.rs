@@ -1105,17 +1105,22 @@ fn models_dir() -> std::path::PathBuf {
         })
 }
 
-#[test]
-fn smollm2_chat_real_text() {
-    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+/// A server on one of the fetched real models, drafting by prompt lookup.
+fn real_server(file: &str) -> Server {
+    let model = models_dir().join(file);
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().to_path_buf();
     let m = model.display().to_string();
-    let s = Server::start(
+    Server::start(
         &["--model", &m, "--draft", "prompt-lookup"],
         Some(dir),
         &log_dir,
-    );
+    )
+}
+
+#[test]
+fn smollm2_chat_real_text() {
+    let s = real_server("SmolLM2-135M-Instruct.Q4_1.gguf");
     let req = json!({"model": "SmolLM2-135M-Instruct.Q4_1",
                      "messages": [{"role": "user", "content": "Say hello."}],
                      "max_tokens": 8, "temperature": 0});
@@ -1141,15 +1146,7 @@ fn smollm2_chat_real_text() {
 /// the same prompt without one runs on to max_tokens.
 #[test]
 fn qwen_fills_in_the_middle() {
-    let model = models_dir().join("qwen2.5-coder-0.5b.gguf");
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().to_path_buf();
-    let m = model.display().to_string();
-    let s = Server::start(
-        &["--model", &m, "--draft", "prompt-lookup"],
-        Some(dir),
-        &log_dir,
-    );
+    let s = real_server("qwen2.5-coder-0.5b.gguf");
     let req = json!({"prompt": "def calc(a, b):\n    return",
                      "suffix": "\n\nassert calc(2, 3) == 5\n",
                      "max_tokens": 16, "temperature": 0});

@@ -715,24 +715,7 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             api::TokenizeInput::Prompt(text) => tokenizer.encode_prompt(&text, true).map_err(|e| {
                 ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}"))
             }),
-            api::TokenizeInput::Messages(messages) => {
-                let msgs: Vec<Message> = messages
-                    .into_iter()
-                    .map(|m| Message::new(m.role, m.content))
-                    .collect();
-                let text = served.chat.render(&msgs, true).map_err(|e| {
-                    ApiError::invalid(
-                        "messages",
-                        format!("the chat template rejected the messages: {e:#}"),
-                    )
-                })?;
-                tokenizer.encode_prompt(&text, true).map_err(|e| {
-                    ApiError::invalid(
-                        "messages",
-                        format!("cannot tokenize the conversation: {e:#}"),
-                    )
-                })
-            }
+            api::TokenizeInput::Messages(messages) => chat_prompt(&served, &messages),
         }
     })
     .await??;
@@ -740,6 +723,26 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         StatusCode::OK,
         &json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx}),
     ))
+}
+
+/// A chat's prompt ids: the messages through the model's template, then tokenized.
+fn chat_prompt(served: &Served, messages: &[api::ChatMessage]) -> Result<Vec<u32>, ApiError> {
+    let msgs: Vec<Message> = messages
+        .iter()
+        .map(|m| Message::new(m.role.clone(), m.content.clone()))
+        .collect();
+    let text = served.chat.render(&msgs, true).map_err(|e| {
+        ApiError::invalid(
+            "messages",
+            format!("the chat template rejected the messages: {e:#}"),
+        )
+    })?;
+    served.tokenizer.encode_prompt(&text, true).map_err(|e| {
+        ApiError::invalid(
+            "messages",
+            format!("cannot tokenize the conversation: {e:#}"),
+        )
+    })
 }
 
 /// `POST /detokenize` (vLLM's shape): `{"tokens": [...]}` to `{"prompt": text}`, special tokens
@@ -799,28 +802,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
                 ));
             }
         },
-        Endpoint::Chat => {
-            let msgs: Vec<Message> = p
-                .messages
-                .iter()
-                .map(|m| Message::new(m.role.clone(), m.content.clone()))
-                .collect();
-            let text = served.chat.render(&msgs, true).map_err(|e| {
-                ApiError::invalid(
-                    "messages",
-                    format!("the chat template rejected the messages: {e:#}"),
-                )
-            })?;
-            (
-                tokenizer.encode_prompt(&text, true).map_err(|e| {
-                    ApiError::invalid(
-                        "messages",
-                        format!("cannot tokenize the conversation: {e:#}"),
-                    )
-                })?,
-                "messages",
-            )
-        }
+        Endpoint::Chat => (chat_prompt(served, &p.messages)?, "messages"),
     };
     // Fill-in-the-middle: prefix and suffix read as plain text (code, not markup), between the
     // model's FIM tokens; the middle ends at any of them too.
