@@ -59,6 +59,10 @@ fn completions_chat_streaming_stop_and_stats() {
     );
     let models = s.get("/v1/models").json();
     assert_eq!(models["data"][0]["id"], "tiny-target");
+    assert_eq!(s.get("/v1/models/tiny-target").json(), models["data"][0]);
+    let other = s.get("/v1/models/gpt-4");
+    assert_eq!(other.status, 404);
+    assert_eq!(other.json()["error"]["code"], "model_not_found");
 
     // Non-streamed completion with the draft model.
     let req = json!({"model": "tiny-target", "prompt": "the cat sat on", "max_tokens": 12,

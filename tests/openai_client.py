@@ -16,6 +16,12 @@ base_url, model = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 assert model in [m.id for m in client.models.list().data], "model not listed"
+assert client.models.retrieve(model).id == model
+try:
+    client.models.retrieve("gpt-4")
+    raise AssertionError("an unknown model was found")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
 
 extra = {"policy": "strict", "speculation": {"draft": "model", "k": 3}}
 

@@ -372,6 +372,13 @@ async fn route(
                 _ => allow("GET"),
             },
         ),
+        p if p.starts_with("/v1/models/") => (
+            "/v1/models/{id}",
+            match method {
+                Method::GET => model(app, &percent_decode(&p["/v1/models/".len()..])),
+                _ => allow("GET"),
+            },
+        ),
         p if p.starts_with("/v1/policies/") => {
             let name = percent_decode(&p["/v1/policies/".len()..]);
             (
@@ -476,18 +483,35 @@ fn metrics(app: &App) -> Response<Body> {
 fn models(app: &App) -> Response<Body> {
     json_response(
         StatusCode::OK,
-        &json!({
-            "object": "list",
-            "data": [{
-                "id": app.opts.model_id,
-                "object": "model",
-                "created": app.created,
-                "owned_by": "verdict",
-                "ready": app.served.get().is_some(),
-                "max_context": app.served.get().map(|s| s.engine.max_context()),
-            }]
-        }),
+        &json!({"object": "list", "data": [model_object(app)]}),
     )
+}
+
+fn model_object(app: &App) -> Value {
+    json!({
+        "id": app.opts.model_id,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "verdict",
+        "ready": app.served.get().is_some(),
+        "max_context": app.served.get().map(|s| s.engine.max_context()),
+    })
+}
+
+/// `GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other id.
+fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    if id != app.opts.model_id {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "the model `{id}` does not exist; this server serves `{}`",
+                app.opts.model_id
+            ),
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("model_not_found"));
+    }
+    Ok(json_response(StatusCode::OK, &model_object(app)))
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize, what: &str) -> Result<Bytes, ApiError> {
