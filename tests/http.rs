@@ -919,6 +919,23 @@ fn n_choices_are_separate_generations_of_one_request() {
             "{key}"
         );
     }
+    // A new prompt: choice 0 prefills it and shares it; the others read it from the prompt
+    // cache (all but the last prompt token, which gives the first logits).
+    let before = s.metric("verdict_cached_prompt_tokens_total");
+    let fresh = complete(
+        json!({"prompt": [50, 51, 52, 53, 54, 55, 56], "temperature": 0,
+                                "seed": 1, "n": 3}),
+    );
+    assert_eq!(
+        fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 6,
+        "{fresh}"
+    );
+    assert_eq!(
+        s.metric("verdict_cached_prompt_tokens_total") - before,
+        12.0
+    );
+    let t = texts(&fresh);
+    assert!(t.iter().all(|x| *x == t[0]), "{t:?}");
     // Sampled: choice i is what a single request seeded with 7 + i gives.
     let sampled = complete(json!({"temperature": 1, "seed": 7, "n": 3}));
     let got = texts(&sampled);

@@ -138,6 +138,12 @@ impl Drafter for AutoDrafter {
             .find_map(|c| c.drafter.take_sequence())
     }
 
+    fn copy_sequence(&self) -> Option<Result<(Session, Vec<u32>)>> {
+        self.candidates
+            .iter()
+            .find_map(|c| c.drafter.copy_sequence())
+    }
+
     fn resume(&mut self, session: Session, tokens: Vec<u32>) {
         // The one candidate with a draft model takes it (a sequence comes from that model).
         if let Some(c) = self

@@ -64,6 +64,12 @@ pub trait Drafter: Send {
         None
     }
 
+    /// A copy of the draft model's sequence as it stands (for the prompt cache while the
+    /// request goes on). Default: none.
+    fn copy_sequence(&self) -> Option<Result<(Session, Vec<u32>)>> {
+        None
+    }
+
     /// Starts the draft model from a cached sequence (`session` holds `tokens`) instead of an
     /// empty one: the prefill then feeds only what follows. Called before `prefill`. Default:
     /// dropped.

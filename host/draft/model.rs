@@ -111,6 +111,13 @@ impl Drafter for ModelDrafter {
             .then(|| (self.session.take(), std::mem::take(&mut self.cached)))
     }
 
+    fn copy_sequence(&self) -> Option<Result<(Session, Vec<u32>)>> {
+        self.cacheable.then(|| {
+            let n = self.cached.len();
+            Ok((self.session.copy_prefix(n)?, self.cached.clone()))
+        })
+    }
+
     fn resume(&mut self, session: Session, tokens: Vec<u32>) {
         if self.cacheable && session.len() == tokens.len() {
             self.session = session;

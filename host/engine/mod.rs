@@ -867,6 +867,32 @@ impl Generation {
         Ok(out)
     }
 
+    /// Puts a copy of the prompt's sequences (target and draft model, after the prefill) into
+    /// the prompt cache while this request goes on, so that requests with the same prompt
+    /// (the other choices of an `n` > 1 request) skip its prefill. Returns whether it did
+    /// (no cache, or no prefill yet: nothing to share).
+    pub fn share_prompt(&self) -> Result<bool> {
+        let Some(prefix) = self.prefix.as_ref() else {
+            return Ok(false);
+        };
+        if !self.prefilled || self.poisoned || self.target.len() < self.prompt_len {
+            return Ok(false);
+        }
+        let target = self.target.copy_prefix(self.prompt_len)?;
+        let draft = match self.drafter.as_ref().and_then(|d| d.copy_sequence()) {
+            Some(copy) => {
+                let (session, mut tokens) = copy?;
+                // The draft may hold more than the prompt (its first proposal); keep the prompt.
+                let n = prefix::common_prefix(&tokens, &self.tokens[..self.prompt_len]);
+                tokens.truncate(n);
+                Some((session, tokens))
+            }
+            None => None,
+        };
+        prefix.store((target, self.tokens[..self.prompt_len].to_vec()), draft)?;
+        Ok(true)
+    }
+
     /// Ends the request: its sequences go to the prompt cache (moved, not copied: what the
     /// target's cache holds of `tokens`, and the draft model's). Dropping a generation does
     /// the same; calling this first makes sure a follow-up request finds them.

@@ -20,6 +20,8 @@ use crate::engine::{FinishReason, GenerateRequest, SpecStats};
 #[derive(Debug)]
 pub enum Event {
     Started,
+    /// The prompt is read and its sequences are in the prompt cache (`Job::share_prompt`).
+    Prefilled,
     /// New text, and the logprobs of the tokens it completes (empty unless the request asked;
     /// see [`super::logprobs`] for how they line up with held-back text).
     Delta(String, Vec<TokenEntry>),
@@ -163,6 +165,9 @@ pub struct Job {
     pub echo: bool,
     /// End-of-generation tokens are output like any other.
     pub ignore_eos: bool,
+    /// After the prefill, put a copy of the prompt's sequences into the prompt cache and send
+    /// `Prefilled` (the other choices of its request then start from it).
+    pub share_prompt: bool,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -251,6 +256,7 @@ impl Job {
             metrics,
             echo,
             ignore_eos,
+            mut share_prompt,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -303,6 +309,13 @@ impl Job {
                     return;
                 }
             };
+            // After the first step (the prefill), once.
+            if std::mem::take(&mut share_prompt) {
+                if let Err(e) = generation.share_prompt() {
+                    tracing::warn!("cannot share the prompt's sequences: {e:#}");
+                }
+                let _ = events.send(Event::Prefilled);
+            }
             // The echoed prompt goes first, once the prefill has scored it; the output's text
             // offsets then count from its end.
             if let Some(prompt) = echo_prompt.take() {

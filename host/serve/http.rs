@@ -571,11 +571,17 @@ async fn completion(
     // the choice's index. Dropping it (the client left) closes every choice's channel in turn,
     // which stops its generation.
     let (all_tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
-    let mut requests: Vec<GenerateRequest> = (1..parsed.n)
+    // With a prompt cache, choice 0 prefills alone and shares the prompt's sequences; the other
+    // choices start once it has, and read the prompt from the cache instead of each prefilling
+    // it (a prompt to score is read whole, so those requests start together).
+    let share = parsed.n > 1
+        && served.engine.prompt_cache_stats().is_some()
+        && prepared.prompt_logprobs.is_none();
+    let mut requests: VecDeque<GenerateRequest> = (1..parsed.n)
         .map(|i| choice_request(&prepared, i))
         .collect();
-    requests.insert(0, prepared);
-    for (i, request) in requests.into_iter().enumerate() {
+    requests.push_front(prepared);
+    let submit = |i: usize, request: GenerateRequest| -> Result<(), ApiError> {
         let (tx, mut choice_rx) = mpsc::unbounded_channel();
         let job = Job {
             served: served.clone(),
@@ -586,6 +592,7 @@ async fn completion(
             metrics: app.metrics.clone(),
             echo: parsed.echo,
             ignore_eos: parsed.ignore_eos,
+            share_prompt: share && i == 0,
         };
         app.pool.submit(Box::new(move || job.run())).map_err(|f| {
             ApiError::overloaded(
@@ -612,15 +619,30 @@ async fn completion(
                 }
             }
         });
-    }
-    drop(all_tx);
+        Ok(())
+    };
+    let mut next = 0;
+    let mut submit_up_to = |n: usize, requests: &mut VecDeque<GenerateRequest>| {
+        while next < n {
+            let Some(r) = requests.pop_front() else { break };
+            submit(next, r)?;
+            next += 1;
+        }
+        Ok::<(), ApiError>(())
+    };
+    submit_up_to(if share { 1 } else { parsed.n }, &mut requests)?;
     // Every choice must start before the response does (a refused request is an HTTP error,
     // not a 200 stream); the events of choices already running are kept meanwhile.
     let mut early = VecDeque::new();
     let mut started = 0;
     while started < parsed.n {
-        match rx.recv().await {
+        let e = rx.recv().await;
+        if matches!(e, Some((0, Event::Prefilled | Event::Done(_)))) {
+            submit_up_to(parsed.n, &mut requests)?;
+        }
+        match e {
             Some((_, Event::Started)) => started += 1,
+            Some((_, Event::Prefilled)) => {}
             Some((_, Event::Failed(e))) => return Err(e),
             Some(e) => early.push_back(e),
             None => {
@@ -630,6 +652,7 @@ async fn completion(
             }
         }
     }
+    drop(all_tx);
     let id = format!(
         "{}-{:08x}{:08x}",
         if endpoint == Endpoint::Chat {
@@ -669,7 +692,7 @@ async fn completion(
                     done += 1;
                 }
                 Some((_, Event::Failed(e))) => return Err(e),
-                Some((_, Event::Started)) => {}
+                Some((_, Event::Started | Event::Prefilled)) => {}
                 None => {
                     return Err(ApiError::internal(
                         "the generation worker stopped unexpectedly",
@@ -1117,7 +1140,7 @@ fn sse_response(
                     s.first[i] = false;
                     break b;
                 }
-                Some((_, Event::Started)) => continue,
+                Some((_, Event::Started | Event::Prefilled)) => continue,
                 Some((i, Event::Done(o))) => {
                     s.outcomes[i] = Some(o.clone());
                     let finished: Vec<&Outcome> = s.outcomes.iter().flatten().collect();
