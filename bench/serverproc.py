@@ -1,4 +1,4 @@
-"""Starting `verdict serve` for the bench scripts (bench/load, bench/prompt-cache): find the
+"""Starting `verdict serve` for the bench scripts (bench/load, bench/prompt-cache, bench/n-choices): find the
 binary, start it on a free loopback port, wait until /ready answers. Standard library only."""
 
 import http.client
