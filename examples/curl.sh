@@ -35,6 +35,26 @@ for spec in '{"draft": "prompt-lookup", "k": 6}' '"off"'; do
   }" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["speculation"])'
 done
 
+echo "== fill in the middle (a suffix): the code between the prompt and the suffix"
+curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"prompt\": \"def calc(a, b):\\n    return\",
+  \"suffix\": \"\\n\\nassert calc(2, 3) == 5\\n\", \"max_tokens\": 16, \"temperature\": 0
+}" | python3 -c 'import json,sys; print(repr(json.load(sys.stdin)["choices"][0]["text"]))'
+
+echo "== three sampled choices (one prefill for all), a bias against token 198 (a newline in Qwen's vocabulary), a frequency penalty"
+curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"prompt\": \"# three names for a cat:\\n\", \"max_tokens\": 16,
+  \"n\": 3, \"temperature\": 0.9, \"seed\": 7, \"frequency_penalty\": 0.5,
+  \"logit_bias\": {\"198\": -5}
+}" | python3 -c 'import json,sys; r=json.load(sys.stdin); [print(c["index"], repr(c["text"])) for c in r["choices"]]; print(r["usage"])'
+
+echo "== the log-likelihood of a text under the target (echo, max_tokens 0), and its tokens"
+curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"prompt\": \"def add(a, b):\\n    return a + b\\n\",
+  \"echo\": true, \"max_tokens\": 0, \"logprobs\": 1
+}" | python3 -c 'import json,sys; lp=json.load(sys.stdin)["choices"][0]["logprobs"]["token_logprobs"]; print(len(lp), "tokens, sum of logprobs", round(sum(x for x in lp if x is not None), 3))'
+curl -s "$URL/tokenize" -H 'Content-Type: application/json' -d '{"prompt": "def add(a, b):"}'; echo
+
 echo "== a bad request: a 400 naming the field"
 curl -s "$URL/v1/completions" -H 'Content-Type: application/json' \
   -d '{"prompt": "x", "policy": "threshold", "policy_params": {"epsilon": 1}}'; echo
