@@ -281,6 +281,25 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
             400,
             Some("n"),
         ),
+        // The tiny model's template (ChatML) reads no tools.
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#.into(),
+            400,
+            Some("tools"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {}}]}"#.into(),
+            400,
+            Some("tools[0].function.name"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#.into(),
+            400,
+            Some("tool_choice"),
+        ),
         // The tiny vocabulary has no fill-in-the-middle tokens.
         (
             "/v1/completions",
@@ -1183,6 +1202,78 @@ fn qwen_fills_in_the_middle() {
     assert!(
         v["usage"]["prompt_tokens"].as_u64() > p["usage"]["prompt_tokens"].as_u64(),
         "the suffix and the FIM tokens are in the prompt: {v} vs {p}"
+    );
+}
+
+/// Tools with Qwen2.5-Coder: the template lists the function, the model's `<tool_call>` block
+/// comes back as `message.tool_calls` (arguments as a JSON string, finish reason
+/// "tool_calls"), streamed or not, and a follow-up turn with the call and its result renders.
+#[test]
+fn qwen_calls_a_tool() {
+    let s = real_server("qwen2.5-coder-0.5b.gguf");
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let messages = json!([{"role": "user", "content": "What is the weather in Paris right now?"}]);
+    let req = json!({"messages": messages, "tools": tools, "max_tokens": 40, "temperature": 0});
+    let r = s.post_json("/v1/chat/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather", "{v}");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["city"], "Paris", "{v}");
+    assert!(choice["message"]["content"].is_null(), "{v}");
+    // The same without tools is plain text; with tool_choice "none" too.
+    let mut none = req.clone();
+    none["tool_choice"] = json!("none");
+    let plain = s.post_json("/v1/chat/completions", &none).json();
+    assert!(
+        plain["choices"][0]["message"]["tool_calls"].is_null(),
+        "{plain}"
+    );
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64(),
+        "the tools are in the prompt"
+    );
+    // Streamed: one chunk carries the call (with its index), the finish reason says so.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let events = s.open_stream("/v1/chat/completions", &sreq).collect();
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(streamed.len(), 1, "{events:?}");
+    assert_eq!(streamed[0]["index"], 0);
+    assert_eq!(streamed[0]["function"], call["function"]);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+    );
+    // The next turn: the assistant's call and the tool's answer go back through the template.
+    let follow = json!({"messages": [
+        messages[0],
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "{\"celsius\": 21}"}],
+        "tools": tools, "max_tokens": 24, "temperature": 0});
+    let r = s.post_json("/v1/chat/completions", &follow);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    assert!(
+        answer["usage"]["prompt_tokens"].as_u64() > v["usage"]["prompt_tokens"].as_u64(),
+        "{answer}"
     );
 }
 

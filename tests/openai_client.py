@@ -144,6 +144,16 @@ assert parts == [c.message.content for c in two.choices], (parts, two.choices)
 
 # Errors arrive as the client's typed exceptions, naming the field.
 try:
+    client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=2,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    )
+    raise AssertionError("tools were accepted by a template that reads none")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "tools", e.body
+try:
     client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})
     raise AssertionError("an unknown policy was accepted")
 except openai.BadRequestError as e:

@@ -22,6 +22,13 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls, as templates read them: `[{"type": "function",
+    /// "function": {"name": ..., "arguments": {...}}}]` (arguments as an object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message's answer to this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -29,6 +36,8 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 
@@ -125,17 +134,36 @@ impl ChatTemplate {
     /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the functions the model may call (OpenAI's `tools` list,
+    /// as Hugging Face passes it to templates; one without tool support ignores it).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| anyhow!("chat template: {e:#}"))?;
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
         .map_err(|e| anyhow!("rendering the chat template: {e:#}"))
+    }
+
+    /// Whether the template reads a `tools` list (it mentions `tools`).
+    pub fn takes_tools(&self) -> bool {
+        self.env
+            .get_template(NAME)
+            .is_ok_and(|t| t.source().contains("tools"))
     }
 }
 

@@ -36,6 +36,10 @@ pub enum PromptInput {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls, each `function.arguments` as an object (OpenAI sends
+    /// a JSON string; templates write it out as JSON).
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
 }
 
 /// What the request says about speculation.
@@ -94,6 +98,9 @@ pub struct ParsedRequest {
     pub suffix: Option<String>,
     /// End-of-generation tokens do not end the output (it runs to max_tokens or a stop string).
     pub ignore_eos: bool,
+    /// Chat only: the functions the model may call (OpenAI's `tools`, validated), unless
+    /// `tool_choice` is "none".
+    pub tools: Option<Value>,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -125,10 +132,12 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         echo: false,
         suffix: None,
         ignore_eos: false,
+        tools: None,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
     let mut chat_logprobs = false;
+    let mut tools_off = false;
     let mut top_logprobs = None;
     for (key, v) in obj {
         let k = key.as_str();
@@ -245,13 +254,31 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             "echo" if !chat => r.echo = opt(v, |v| boolean(k, v))?.unwrap_or(false),
             // Fill-in-the-middle: the completion goes between `prompt` and this.
             "suffix" if !chat => r.suffix = opt(v, |v| string(k, v))?,
-            "tools" | "functions" => {
+            "tools" if chat => {
+                if let Some(a) = opt(v, |v| array(k, v))?
+                    && !a.is_empty()
+                {
+                    r.tools = Some(tools(a)?);
+                }
+            }
+            "tool_choice" if chat => match v {
+                Value::Null => {}
+                Value::String(s) if s == "auto" => {}
+                Value::String(s) if s == "none" => tools_off = true,
+                _ => {
+                    return Err(ApiError::invalid(
+                        k,
+                        "tool_choice may be \"auto\" or \"none\" (the output is not constrained to a call)",
+                    ));
+                }
+            },
+            "functions" => {
                 if let Some(a) = opt(v, |v| array(k, v))?
                     && !a.is_empty()
                 {
                     return Err(ApiError::invalid(
                         k,
-                        format!("{k} are not supported by this server"),
+                        "functions (deprecated) are not supported; send tools",
                     ));
                 }
             }
@@ -271,7 +298,6 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             | "metadata"
             | "store"
             | "service_tier"
-            | "tool_choice"
             | "function_call"
             | "parallel_tool_calls" => {}
             "policy" => {
@@ -297,6 +323,9 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
             "speculation" => r.speculation = speculation(v)?,
             _ => return Err(unknown_field(k)),
         }
+    }
+    if tools_off {
+        r.tools = None;
     }
     if r.suffix.is_some() && r.echo {
         return Err(ApiError::invalid(
@@ -571,6 +600,7 @@ fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
         let o = object(&at, m)?;
         let mut role = None;
         let mut content = None;
+        let (mut calls, mut call_id) = (None, None);
         for (k, mv) in o {
             let name = format!("{at}.{k}");
             match k.as_str() {
@@ -582,8 +612,10 @@ fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                     role = Some(r);
                 }
                 "content" => content = Some(message_content(&name, mv)?),
+                "tool_calls" => calls = opt(mv, |v| tool_calls(&name, v))?,
+                "tool_call_id" => call_id = opt(mv, |v| string(&name, v))?,
                 // Accepted and not used by chat templates we render.
-                "name" | "tool_calls" | "tool_call_id" | "function_call" | "refusal" => {}
+                "name" | "function_call" | "refusal" => {}
                 _ => return Err(unknown_field(&name)),
             }
         }
@@ -593,9 +625,72 @@ fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
         out.push(ChatMessage {
             role,
             content: content.unwrap_or_default(),
+            tool_calls: calls,
+            tool_call_id: call_id,
         });
     }
     Ok(out)
+}
+
+/// OpenAI's `tools`: `{"type": "function", "function": {"name": ..., "description"?: ...,
+/// "parameters"?: {...}}}` each, passed on to the chat template as they are.
+fn tools(a: &[Value]) -> Result<Value, ApiError> {
+    for (i, t) in a.iter().enumerate() {
+        let at = format!("tools[{i}]");
+        let o = object(&at, t)?;
+        if o.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::invalid(
+                format!("{at}.type"),
+                "tools may only be {\"type\": \"function\", \"function\": {...}}",
+            ));
+        }
+        let f = object(
+            &format!("{at}.function"),
+            o.get("function").unwrap_or(&Value::Null),
+        )?;
+        match f.get("name").and_then(Value::as_str) {
+            Some(n) if !n.is_empty() => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("{at}.function.name"),
+                    "a function needs a non-empty string `name`",
+                ));
+            }
+        }
+    }
+    Ok(Value::Array(a.to_vec()))
+}
+
+/// An assistant message's `tool_calls`, with each call's `function.arguments` (a JSON string
+/// in OpenAI's API) parsed into the object templates expect.
+fn tool_calls(name: &str, v: &Value) -> Result<Value, ApiError> {
+    let mut calls = Vec::new();
+    for (i, c) in array(name, v)?.iter().enumerate() {
+        let at = format!("{name}[{i}]");
+        let mut c = object(&at, c)?.clone();
+        let f = c
+            .get_mut("function")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("{at}.function"),
+                    "a tool call needs a `function` object",
+                )
+            })?;
+        if !f.get("name").is_some_and(Value::is_string) {
+            return Err(ApiError::invalid(
+                format!("{at}.function.name"),
+                "a tool call needs a string `name`",
+            ));
+        }
+        if let Some(Value::String(s)) = f.get("arguments")
+            && let Ok(parsed) = serde_json::from_str::<Value>(s)
+        {
+            f.insert("arguments".into(), parsed);
+        }
+        calls.push(Value::Object(c));
+    }
+    Ok(Value::Array(calls))
 }
 
 /// A string, null, or an array of `{"type": "text", "text": ...}` parts (joined).
@@ -888,6 +983,53 @@ mod tests {
             assert_eq!(e.status, 400, "{body}: {e}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn tools_and_tool_messages() {
+        let body = br#"{"messages":[
+            {"role":"user","content":"weather?"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+              "function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"21 C"}],
+            "tools":[{"type":"function","function":{"name":"get_weather"}}],"tool_choice":"auto"}"#;
+        let r = parse(Endpoint::Chat, body).unwrap();
+        assert_eq!(
+            r.tools.as_ref().map(|t| t[0]["function"]["name"].clone()),
+            Some("get_weather".into())
+        );
+        // The call's arguments string became the object templates write out.
+        let calls = r.messages[1].tool_calls.as_ref().unwrap();
+        assert_eq!(calls[0]["function"]["arguments"]["city"], "Paris");
+        assert_eq!(r.messages[2].tool_call_id.as_deref(), Some("call_1"));
+        // tool_choice "none": no tools offered.
+        let none = br#"{"messages":[{"role":"user","content":"x"}],
+            "tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#;
+        assert!(parse(Endpoint::Chat, none).unwrap().tools.is_none());
+        let chat =
+            |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{extra}}}"#);
+        for (extra, field) in [
+            (r#""tools":[{"type":"retrieval"}]"#, "tools[0].type"),
+            (r#""tools":[{"type":"function"}]"#, "tools[0].function"),
+            (
+                r#""tools":[{"type":"function","function":{"name":""}}]"#,
+                "tools[0].function.name",
+            ),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (
+                r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
+                "tool_choice",
+            ),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
+        ] {
+            let e = err(Endpoint::Chat, &chat(extra));
+            assert_eq!(e.param.as_deref(), Some(field), "{extra}: {e}");
+        }
+        let bad_call = r#"{"messages":[{"role":"assistant","tool_calls":[{"type":"function"}]}]}"#;
+        assert_eq!(
+            err(Endpoint::Chat, bad_call).param.as_deref(),
+            Some("messages[0].tool_calls[0].function")
+        );
     }
 
     #[test]

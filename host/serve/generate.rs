@@ -168,6 +168,9 @@ pub struct Job {
     /// After the prefill, put a copy of the prompt's sequences into the prompt cache and send
     /// `Prefilled` (the other choices of its request then start from it).
     pub share_prompt: bool,
+    /// Special tokens stay in the text (a reply to a request with tools marks its calls with
+    /// them: `<tool_call>`).
+    pub keep_special: bool,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -257,6 +260,7 @@ impl Job {
             echo,
             ignore_eos,
             mut share_prompt,
+            keep_special,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -285,7 +289,7 @@ impl Job {
             return;
         }
         let tokenizer = &*served.tokenizer;
-        let mut text = tokenizer.stream(true);
+        let mut text = tokenizer.stream(!keep_special);
         let mut stopper = StopMatcher::new(stop);
         let mut seen = Seen::default();
         let mut produced = 0usize;

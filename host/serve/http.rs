@@ -27,6 +27,7 @@ use super::generate::{Event, Job, Outcome};
 use super::logprobs::{self, TokenEntry};
 use super::metrics::Metrics;
 use super::pool::Pool;
+use super::tools;
 use crate::decide::PolicyRegistry;
 use crate::engine::{self, Engine, GenerateRequest};
 use crate::models::chat::{ChatTemplate, Message};
@@ -593,6 +594,7 @@ async fn completion(
             echo: parsed.echo,
             ignore_eos: parsed.ignore_eos,
             share_prompt: share && i == 0,
+            keep_special: parsed.tools.is_some(),
         };
         app.pool.submit(Box::new(move || job.run())).map_err(|f| {
             ApiError::overloaded(
@@ -671,6 +673,7 @@ async fn completion(
         include_usage: parsed.include_usage,
         logprobs: parsed.logprobs,
         n: parsed.n,
+        tools: parsed.tools.is_some(),
     };
     if parsed.stream {
         Ok(sse_response(meta, early, rx))
@@ -762,7 +765,7 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             api::TokenizeInput::Prompt(text) => tokenizer.encode_prompt(&text, true).map_err(|e| {
                 ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}"))
             }),
-            api::TokenizeInput::Messages(messages) => chat_prompt(&served, &messages),
+            api::TokenizeInput::Messages(messages) => chat_prompt(&served, &messages, None),
         }
     })
     .await??;
@@ -773,17 +776,34 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
 }
 
 /// A chat's prompt ids: the messages through the model's template, then tokenized.
-fn chat_prompt(served: &Served, messages: &[api::ChatMessage]) -> Result<Vec<u32>, ApiError> {
+fn chat_prompt(
+    served: &Served,
+    messages: &[api::ChatMessage],
+    tools: Option<&Value>,
+) -> Result<Vec<u32>, ApiError> {
     let msgs: Vec<Message> = messages
         .iter()
-        .map(|m| Message::new(m.role.clone(), m.content.clone()))
+        .map(|m| Message {
+            tool_calls: m.tool_calls.clone(),
+            tool_call_id: m.tool_call_id.clone(),
+            ..Message::new(m.role.clone(), m.content.clone())
+        })
         .collect();
-    let text = served.chat.render(&msgs, true).map_err(|e| {
-        ApiError::invalid(
-            "messages",
-            format!("the chat template rejected the messages: {e:#}"),
-        )
-    })?;
+    if tools.is_some() && !served.chat.takes_tools() {
+        return Err(ApiError::invalid(
+            "tools",
+            "this model's chat template does not read a tools list, so it cannot be offered tools",
+        ));
+    }
+    let text = served
+        .chat
+        .render_with_tools(&msgs, tools, true)
+        .map_err(|e| {
+            ApiError::invalid(
+                "messages",
+                format!("the chat template rejected the messages: {e:#}"),
+            )
+        })?;
     served.tokenizer.encode_prompt(&text, true).map_err(|e| {
         ApiError::invalid(
             "messages",
@@ -849,7 +869,10 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
                 ));
             }
         },
-        Endpoint::Chat => (chat_prompt(served, &p.messages)?, "messages"),
+        Endpoint::Chat => (
+            chat_prompt(served, &p.messages, p.tools.as_ref())?,
+            "messages",
+        ),
     };
     // Fill-in-the-middle: prefix and suffix read as plain text (code, not markup), between the
     // model's FIM tokens; the middle ends at any of them too.
@@ -969,6 +992,9 @@ struct ResponseMeta {
     logprobs: Option<usize>,
     /// Choices (`n`).
     n: usize,
+    /// The request offered tools: replies are read for tool calls (a streamed one is sent
+    /// whole at its end, once it is known whether it is a call).
+    tools: bool,
 }
 
 fn usage(o: &Outcome) -> Value {
@@ -1004,12 +1030,13 @@ impl ResponseMeta {
                         "index": i, "text": c.text, "logprobs": lp,
                         "finish_reason": o.finish_reason,
                     }),
-                    Endpoint::Chat => json!({
-                        "index": i,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": lp,
-                        "finish_reason": o.finish_reason,
-                    }),
+                    Endpoint::Chat => {
+                        let (message, finish) = self.message(&c.text, o.finish_reason);
+                        json!({
+                            "index": i, "message": message, "logprobs": lp,
+                            "finish_reason": finish,
+                        })
+                    }
                 }
             })
             .collect();
@@ -1025,6 +1052,18 @@ impl ResponseMeta {
         })
     }
 
+    /// A chat reply's message and finish reason: with tools offered, the tool calls it makes
+    /// (finish reason "tool_calls"), else its text.
+    fn message(&self, text: &str, finish: &'static str) -> (Value, &'static str) {
+        match self.tools.then(|| tools::parse(text)).flatten() {
+            Some((content, calls)) => (
+                json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                "tool_calls",
+            ),
+            None => (json!({"role": "assistant", "content": text}), finish),
+        }
+    }
+
     fn chunk(&self, choices: Value) -> Value {
         json!({
             "id": self.id,
@@ -1033,6 +1072,30 @@ impl ResponseMeta {
             "model": self.model,
             "choices": choices,
         })
+    }
+
+    /// A whole streamed chat reply to a request with tools, as one chunk: its text, or its tool
+    /// calls (each with its `index`, as OpenAI streams them) and the finish reason to use.
+    fn tool_chunk(
+        &self,
+        index: usize,
+        text: &str,
+        entries: &[TokenEntry],
+        finish: &'static str,
+    ) -> (Value, &'static str) {
+        let (mut message, finish) = self.message(text, finish);
+        if let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) {
+            for (j, c) in calls.iter_mut().enumerate() {
+                c["index"] = json!(j);
+            }
+        }
+        let lp = self.logprobs(entries);
+        (
+            self.chunk(json!([{
+                "index": index, "delta": message, "logprobs": lp, "finish_reason": null,
+            }])),
+            finish,
+        )
     }
 
     /// New text of choice `index` (`first`: its first chunk, which names the chat role).
@@ -1114,6 +1177,8 @@ fn sse_response(
         /// Per choice: no chunk sent yet.
         first: Vec<bool>,
         outcomes: Vec<Option<Outcome>>,
+        /// Per choice, with tools: the reply so far, sent whole at its end.
+        held: Vec<(String, Vec<TokenEntry>)>,
         done: bool,
     }
     let n = meta.n;
@@ -1123,6 +1188,7 @@ fn sse_response(
         rx,
         first: vec![true; n],
         outcomes: vec![None; n],
+        held: vec![Default::default(); n],
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -1135,19 +1201,32 @@ fn sse_response(
                 None => s.rx.recv().await,
             };
             match next {
+                Some((i, Event::Delta(d, e))) if s.meta.tools => {
+                    s.held[i].0.push_str(&d);
+                    s.held[i].1.extend(e);
+                    continue;
+                }
                 Some((i, Event::Delta(d, e))) => {
                     let b = sse_data(&s.meta.delta_chunk(i, &d, &e, s.first[i]));
                     s.first[i] = false;
                     break b;
                 }
                 Some((_, Event::Started | Event::Prefilled)) => continue,
-                Some((i, Event::Done(o))) => {
+                Some((i, Event::Done(mut o))) => {
+                    let mut out = Vec::new();
+                    if s.meta.tools {
+                        let (text, entries) = std::mem::take(&mut s.held[i]);
+                        let (chunk, finish) =
+                            s.meta.tool_chunk(i, &text, &entries, o.finish_reason);
+                        o.finish_reason = finish;
+                        out.extend_from_slice(&sse_data(&chunk));
+                        s.first[i] = false;
+                    }
                     s.outcomes[i] = Some(o.clone());
                     let finished: Vec<&Outcome> = s.outcomes.iter().flatten().collect();
                     let total = (finished.len() == s.meta.n)
                         .then(|| Outcome::total(&finished))
                         .flatten();
-                    let mut out = Vec::new();
                     for c in s.meta.final_chunks(i, &o, s.first[i], total.as_ref()) {
                         out.extend_from_slice(&sse_data(&c));
                     }

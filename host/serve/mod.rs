@@ -23,6 +23,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod pool;
 pub mod stop;
+pub mod tools;
 
 pub use auth::AdminToken;
 pub use error::ApiError;
