@@ -336,3 +336,47 @@ fn malformed_metadata_gives_clear_errors() {
     let e = err_of(c);
     assert!(e.contains("tokenizer.ggml.tokens"), "{e}");
 }
+
+/// Qwen2.5-Coder's own template with tools: the functions are listed in the system turn, an
+/// assistant's call is written as a `<tool_call>` block with its arguments as an object, and
+/// the tool's answer as a `<tool_response>`.
+#[test]
+fn qwen_template_renders_tools_and_calls() {
+    let content = read_gguf("qwen2.5-coder-0.5b.gguf");
+    let tok = Tokenizer::from_gguf(&content).unwrap();
+    let chat = ChatTemplate::from_gguf(&content, &tok).unwrap();
+    assert!(chat.takes_tools());
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let call = serde_json::json!([{"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]);
+    let msgs = [
+        Message::user("weather?"),
+        Message {
+            tool_calls: Some(call),
+            ..Message::assistant("")
+        },
+        Message {
+            tool_call_id: Some("call_1".into()),
+            ..Message::new("tool", "21 C")
+        },
+    ];
+    let text = chat.render_with_tools(&msgs, Some(&tools), true).unwrap();
+    assert!(
+        text.contains("<tools>") && text.contains("\"name\": \"get_weather\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris"}}
+</tool_call>"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("<tool_response>\n21 C\n</tool_response>"),
+        "{text}"
+    );
+    assert!(!chat.render(&msgs[..1], true).unwrap().contains("<tools>"));
+}
