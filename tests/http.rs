@@ -1262,6 +1262,22 @@ fn qwen_calls_a_tool() {
             .iter()
             .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
     );
+    // A reply that is not a call streams as text, in pieces, though tools were offered.
+    let prose = json!({"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+                       "tools": tools, "max_tokens": 24, "temperature": 0});
+    let whole = s.post_json("/v1/chat/completions", &prose).json();
+    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
+    let mut sprose = prose.clone();
+    sprose["stream"] = json!(true);
+    let events = s.open_stream("/v1/chat/completions", &sprose).collect();
+    let (streamed, _, done) = stream_text(&events);
+    assert!(done);
+    assert_eq!(streamed, text_of(&whole));
+    let pieces = events
+        .iter()
+        .filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\""))
+        .count();
+    assert!(pieces > 2, "streamed in {pieces} pieces: {events:?}");
     // The next turn: the assistant's call and the tool's answer go back through the template.
     let follow = json!({"messages": [
         messages[0],

@@ -992,8 +992,8 @@ struct ResponseMeta {
     logprobs: Option<usize>,
     /// Choices (`n`).
     n: usize,
-    /// The request offered tools: replies are read for tool calls (a streamed one is sent
-    /// whole at its end, once it is known whether it is a call).
+    /// The request offered tools: replies are read for tool calls (a stream holds back what
+    /// may be a call until the reply ends, [`tools::Holder`]).
     tools: bool,
 }
 
@@ -1177,8 +1177,8 @@ fn sse_response(
         /// Per choice: no chunk sent yet.
         first: Vec<bool>,
         outcomes: Vec<Option<Outcome>>,
-        /// Per choice, with tools: the reply so far, sent whole at its end.
-        held: Vec<(String, Vec<TokenEntry>)>,
+        /// Per choice, with tools: what is held back from the client (see [`tools::Holder`]).
+        held: Vec<tools::Holder<TokenEntry>>,
         done: bool,
     }
     let n = meta.n;
@@ -1188,7 +1188,7 @@ fn sse_response(
         rx,
         first: vec![true; n],
         outcomes: vec![None; n],
-        held: vec![Default::default(); n],
+        held: (0..n).map(|_| tools::Holder::default()).collect(),
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -1202,9 +1202,12 @@ fn sse_response(
             };
             match next {
                 Some((i, Event::Delta(d, e))) if s.meta.tools => {
-                    s.held[i].0.push_str(&d);
-                    s.held[i].1.extend(e);
-                    continue;
+                    let Some((text, entries)) = s.held[i].push(&d, e) else {
+                        continue;
+                    };
+                    let b = sse_data(&s.meta.delta_chunk(i, &text, &entries, s.first[i]));
+                    s.first[i] = false;
+                    break b;
                 }
                 Some((i, Event::Delta(d, e))) => {
                     let b = sse_data(&s.meta.delta_chunk(i, &d, &e, s.first[i]));
@@ -1215,12 +1218,14 @@ fn sse_response(
                 Some((i, Event::Done(mut o))) => {
                     let mut out = Vec::new();
                     if s.meta.tools {
-                        let (text, entries) = std::mem::take(&mut s.held[i]);
-                        let (chunk, finish) =
-                            s.meta.tool_chunk(i, &text, &entries, o.finish_reason);
-                        o.finish_reason = finish;
-                        out.extend_from_slice(&sse_data(&chunk));
-                        s.first[i] = false;
+                        let (text, entries) = s.held[i].finish();
+                        if !text.is_empty() || !entries.is_empty() {
+                            let (chunk, finish) =
+                                s.meta.tool_chunk(i, &text, &entries, o.finish_reason);
+                            o.finish_reason = finish;
+                            out.extend_from_slice(&sse_data(&chunk));
+                            s.first[i] = false;
+                        }
                     }
                     s.outcomes[i] = Some(o.clone());
                     let finished: Vec<&Outcome> = s.outcomes.iter().flatten().collect();

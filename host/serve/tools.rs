@@ -39,6 +39,72 @@ pub fn parse(text: &str) -> Option<(Option<String>, Vec<Value>)> {
     Some(((!content.is_empty()).then(|| content.to_string()), calls))
 }
 
+/// What a streamed reply to a request with tools holds back: the text streams as it comes until
+/// it may be a call (from a `<tool_call>` tag on, or the whole reply when it starts with `{`, a
+/// bare call object); that part is sent at the end, as calls when it parses as them
+/// ([`parse`]). `E`: what goes with the text (its tokens' logprobs).
+#[derive(Debug)]
+pub struct Holder<E> {
+    text: String,
+    with: Vec<E>,
+    /// `None`: nothing but whitespace yet; `Some(false)`: plain text so far; `Some(true)`: a
+    /// call may be under way, everything is held.
+    call: Option<bool>,
+}
+
+impl<E> Default for Holder<E> {
+    fn default() -> Self {
+        Holder {
+            text: String::new(),
+            with: Vec::new(),
+            call: None,
+        }
+    }
+}
+
+impl<E> Holder<E> {
+    /// Adds a piece of the reply; returns what may be sent now.
+    pub fn push(&mut self, text: &str, with: Vec<E>) -> Option<(String, Vec<E>)> {
+        self.text.push_str(text);
+        self.with.extend(with);
+        if self.call.is_none() {
+            let t = self.text.trim_start();
+            if t.is_empty() {
+                return None;
+            }
+            self.call = Some(t.starts_with('{'));
+        }
+        if self.call == Some(true) {
+            return None;
+        }
+        let send = match self.text.find(OPEN) {
+            Some(at) => {
+                self.call = Some(true);
+                at
+            }
+            // Hold a tail that may be the start of the tag.
+            None => (1..OPEN.len())
+                .rev()
+                .find(|&n| self.text.ends_with(&OPEN[..n]))
+                .map_or(self.text.len(), |n| self.text.len() - n),
+        };
+        if send == 0 {
+            return None;
+        }
+        let rest = self.text.split_off(send);
+        let sent = std::mem::replace(&mut self.text, rest);
+        Some((sent, std::mem::take(&mut self.with)))
+    }
+
+    /// The end of the reply: what is still held.
+    pub fn finish(&mut self) -> (String, Vec<E>) {
+        (
+            std::mem::take(&mut self.text),
+            std::mem::take(&mut self.with),
+        )
+    }
+}
+
 /// `{"name": ..., "arguments": ...}` as OpenAI's call object, or `None` without a string name.
 fn openai_call(call: &Value) -> Option<Value> {
     let name = call.get("name")?.as_str()?;
@@ -72,6 +138,31 @@ mod tests {
         assert_eq!(calls[1]["function"]["arguments"], "{}");
         assert_ne!(calls[0]["id"], calls[1]["id"]);
         assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    }
+
+    #[test]
+    fn a_holder_streams_text_and_holds_what_may_be_a_call() {
+        let mut h = Holder::<u8>::default();
+        assert_eq!(h.push("  ", vec![1]), None);
+        assert_eq!(
+            h.push("Sure. <to", vec![2]),
+            Some(("  Sure. ".to_string(), vec![1, 2]))
+        );
+        // The tag completes: nothing more is sent until the end.
+        assert_eq!(h.push("ol_call>\n{\"name\"", vec![3]), None);
+        assert_eq!(h.push(": \"f\"}</tool_call>", vec![]), None);
+        let (held, with) = h.finish();
+        assert_eq!(with, vec![3]);
+        assert_eq!(parse(&held).unwrap().1[0]["function"]["name"], "f");
+        // A tail that only looked like a tag is sent on.
+        let mut h = Holder::<u8>::default();
+        assert_eq!(h.push("a <", vec![]), Some(("a ".to_string(), vec![])));
+        assert_eq!(h.push("b", vec![]), Some(("<b".to_string(), vec![])));
+        // A reply starting with `{` is held whole.
+        let mut h = Holder::<u8>::default();
+        assert_eq!(h.push("\n{\"name\": \"f\",", vec![]), None);
+        assert_eq!(h.push(" \"arguments\": {}}", vec![]), None);
+        assert_eq!(h.finish().0, "\n{\"name\": \"f\", \"arguments\": {}}");
     }
 
     #[test]
