@@ -47,20 +47,13 @@ impl Default for Penalties {
 }
 
 impl Penalties {
-    fn with_min_tokens_off(&self) -> Penalties {
-        Penalties {
-            min_tokens: 0,
-            ..self.clone()
-        }
-    }
-
-    /// Whether these change no logit.
-    pub fn is_off(&self) -> bool {
+    /// Whether these change no logit with `stops` as the request's stop tokens.
+    pub fn is_off(&self, stops: &[u32]) -> bool {
         self.frequency == 0.0
             && self.presence == 0.0
             && self.repetition == 1.0
             && self.logit_bias.iter().all(|&(_, b)| b == 0.0)
-            && self.min_tokens == 0
+            && (self.min_tokens == 0 || stops.is_empty())
     }
 
     /// Checks the ranges; an error names the API field (`frequency_penalty`, ...) and says
@@ -123,8 +116,7 @@ impl Penalizer {
     /// `None` when the penalties change nothing (the request then skips this stage).
     /// `stops`: the request's stop tokens (what `min_tokens` holds back).
     pub fn new(p: Penalties, prompt: &[u32], stops: &[u32]) -> Option<Penalizer> {
-        let holds_stops = p.min_tokens > 0 && !stops.is_empty();
-        if p.with_min_tokens_off().is_off() && !holds_stops {
+        if p.is_off(stops) {
             return None;
         }
         let prompt = if p.repetition != 1.0 {

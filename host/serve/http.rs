@@ -502,17 +502,22 @@ fn model_object(app: &App) -> Value {
 /// `GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other id.
 fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     if id != app.opts.model_id {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "the model `{id}` does not exist; this server serves `{}`",
-                app.opts.model_id
-            ),
-        )
-        .with_status(StatusCode::NOT_FOUND)
-        .with_code("model_not_found"));
+        return Err(unknown_model(app, id));
     }
     Ok(json_response(StatusCode::OK, &model_object(app)))
+}
+
+/// OpenAI's 404 for a model this server does not serve.
+fn unknown_model(app: &App, id: &str) -> ApiError {
+    ApiError::invalid(
+        "model",
+        format!(
+            "the model `{id}` does not exist; this server serves `{}` (GET /v1/models)",
+            app.opts.model_id
+        ),
+    )
+    .with_status(StatusCode::NOT_FOUND)
+    .with_code("model_not_found")
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize, what: &str) -> Result<Bytes, ApiError> {
@@ -549,15 +554,7 @@ async fn completion(
     if let Some(m) = &parsed.model
         && m != &app.opts.model_id
     {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "the model `{m}` does not exist; this server serves `{}` (GET /v1/models)",
-                app.opts.model_id
-            ),
-        )
-        .with_status(StatusCode::NOT_FOUND)
-        .with_code("model_not_found"));
+        return Err(unknown_model(app, m));
     }
     // Tokenizing and template rendering are CPU work: off the async threads.
     let prepared = {
@@ -578,10 +575,10 @@ async fn completion(
     let share = parsed.n > 1
         && served.engine.prompt_cache_stats().is_some()
         && prepared.prompt_logprobs.is_none();
-    let mut requests: VecDeque<GenerateRequest> = (1..parsed.n)
+    let mut requests: Vec<GenerateRequest> = (1..parsed.n)
         .map(|i| choice_request(&prepared, i))
         .collect();
-    requests.push_front(prepared);
+    requests.insert(0, prepared);
     let submit = |i: usize, request: GenerateRequest| -> Result<(), ApiError> {
         let (tx, mut choice_rx) = mpsc::unbounded_channel();
         let job = Job {
@@ -623,16 +620,10 @@ async fn completion(
         });
         Ok(())
     };
-    let mut next = 0;
-    let mut submit_up_to = |n: usize, requests: &mut VecDeque<GenerateRequest>| {
-        while next < n {
-            let Some(r) = requests.pop_front() else { break };
-            submit(next, r)?;
-            next += 1;
-        }
-        Ok::<(), ApiError>(())
-    };
-    submit_up_to(if share { 1 } else { parsed.n }, &mut requests)?;
+    let mut waiting = requests.into_iter().enumerate();
+    for (i, r) in waiting.by_ref().take(if share { 1 } else { parsed.n }) {
+        submit(i, r)?;
+    }
     // Every choice must start before the response does (a refused request is an HTTP error,
     // not a 200 stream); the events of choices already running are kept meanwhile.
     let mut early = VecDeque::new();
@@ -640,7 +631,9 @@ async fn completion(
     while started < parsed.n {
         let e = rx.recv().await;
         if matches!(e, Some((0, Event::Prefilled | Event::Done(_)))) {
-            submit_up_to(parsed.n, &mut requests)?;
+            for (i, r) in waiting.by_ref() {
+                submit(i, r)?;
+            }
         }
         match e {
             Some((_, Event::Started)) => started += 1,
@@ -762,9 +755,7 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     let ids = blocking(move || {
         let tokenizer = &*served.tokenizer;
         match t {
-            api::TokenizeInput::Prompt(text) => tokenizer.encode_prompt(&text, true).map_err(|e| {
-                ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}"))
-            }),
+            api::TokenizeInput::Prompt(text) => text_prompt(tokenizer, &text),
             api::TokenizeInput::Messages(messages) => chat_prompt(&served, &messages, None),
         }
     })
@@ -773,6 +764,28 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         StatusCode::OK,
         &json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx}),
     ))
+}
+
+/// A completion's text prompt as ids (BOS, special tokens parsed).
+fn text_prompt(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+    tokenizer
+        .encode_prompt(text, true)
+        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}")))
+}
+
+/// Token ids sent by a client must be in the vocabulary; the error names `field[i]`.
+fn check_ids(ids: &[u32], tokenizer: &Tokenizer, field: &str) -> Result<(), ApiError> {
+    let vocab = tokenizer.vocab_size();
+    match ids.iter().position(|&t| t as usize >= vocab) {
+        Some(i) => Err(ApiError::invalid(
+            format!("{field}[{i}]"),
+            format!(
+                "token id {} is outside the vocabulary (size {vocab})",
+                ids[i]
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A chat's prompt ids: the messages through the model's template, then tokenized.
@@ -818,16 +831,7 @@ async fn detokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let ids = api::parse_detokenize(&body)?;
-    let vocab = served.tokenizer.vocab_size();
-    if let Some(i) = ids.iter().position(|&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(
-            format!("tokens[{i}]"),
-            format!(
-                "token id {} is outside the vocabulary (size {vocab})",
-                ids[i]
-            ),
-        ));
-    }
+    check_ids(&ids, &served.tokenizer, "tokens")?;
     let text = served
         .tokenizer
         .decode(&ids, false)
@@ -843,23 +847,9 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
     let engine = &served.engine;
     let (prompt, field) = match p.endpoint {
         Endpoint::Completions => match p.prompt.as_ref() {
-            Some(PromptInput::Text(t)) => (
-                tokenizer.encode_prompt(t, true).map_err(|e| {
-                    ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}"))
-                })?,
-                "prompt",
-            ),
+            Some(PromptInput::Text(t)) => (text_prompt(tokenizer, t)?, "prompt"),
             Some(PromptInput::Tokens(ids)) => {
-                let vocab = tokenizer.vocab_size();
-                if let Some(i) = ids.iter().position(|&t| t as usize >= vocab) {
-                    return Err(ApiError::invalid(
-                        format!("prompt[{i}]"),
-                        format!(
-                            "token id {} is outside the vocabulary (size {vocab})",
-                            ids[i]
-                        ),
-                    ));
-                }
+                check_ids(ids, tokenizer, "prompt")?;
                 (ids.clone(), "prompt")
             }
             None => {
