@@ -48,6 +48,20 @@ curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
   \"logit_bias\": {\"198\": -5}
 }" | python3 -c 'import json,sys; r=json.load(sys.stdin); [print(c["index"], repr(c["text"])) for c in r["choices"]]; print(r["usage"])'
 
+echo "== structured output: a reply that must fit a JSON schema, and one of two words"
+curl -s "$URL/v1/chat/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"max_tokens\": 80, \"temperature\": 0,
+  \"messages\": [{\"role\": \"user\", \"content\": \"Describe a fictional programmer.\"}],
+  \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"person\",
+    \"schema\": {\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\"},
+      \"age\": {\"type\": \"integer\"}, \"languages\": {\"type\": \"array\", \"items\": {\"type\": \"string\"}}},
+      \"required\": [\"name\", \"age\", \"languages\"], \"additionalProperties\": false}}}
+}" | python3 -c 'import json,sys; print(json.loads(json.load(sys.stdin)["choices"][0]["message"]["content"]))'
+curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"prompt\": \"Is Python dynamically typed? Answer:\", \"max_tokens\": 4,
+  \"temperature\": 0, \"guided_choice\": [\" yes\", \" no\"]
+}" | python3 -c 'import json,sys; print(repr(json.load(sys.stdin)["choices"][0]["text"]))'
+
 echo "== the log-likelihood of a text under the target (echo, max_tokens 0), and its tokens"
 curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
   \"model\": \"$MODEL\", \"prompt\": \"def add(a, b):\\n    return a + b\\n\",

@@ -13,8 +13,9 @@ use verdict::decide::{PolicyLimits, PolicyRegistry};
 use verdict::draft::DrafterSpec;
 use verdict::engine::{Engine, EngineConfig, GenerateRequest, Speculation};
 use verdict::models::testing::{TinySpec, write_tiny_gguf};
+use verdict::models::tokenizer::Tokenizer;
 use verdict::models::{Model, Rows};
-use verdict::sample::{Penalizer, Penalties, SamplingParams};
+use verdict::sample::{Constraint, GrammarSpec, Grammars, Penalizer, Penalties, SamplingParams};
 use verdict::verify::JudgeHead;
 use verdict::verify::judge::TargetIdentity;
 
@@ -335,6 +336,26 @@ fn second_token_counts(
     pens: &Penalties,
     n: u64,
 ) -> (Vec<u64>, u64) {
+    second_token_counts_with(
+        e,
+        prompt,
+        s,
+        |_| GenerateRequest {
+            penalties: pens.clone(),
+            ..Default::default()
+        },
+        n,
+    )
+}
+
+/// [`second_token_counts`] of the requests `base(seed)` with the prompt, sampling and seed set.
+fn second_token_counts_with(
+    e: &Engine,
+    prompt: &[u32],
+    s: &SamplingParams,
+    base: impl Fn(u64) -> GenerateRequest,
+    n: u64,
+) -> (Vec<u64>, u64) {
     let vocab = e.target().config().vocab_size;
     let (mut counts, mut rejected) = (vec![0u64; vocab], 0);
     for seed in 0..n {
@@ -344,8 +365,7 @@ fn second_token_counts(
                 max_tokens: 4,
                 sampling: *s,
                 seed: Some(seed),
-                penalties: pens.clone(),
-                ..Default::default()
+                ..base(seed)
             })
             .unwrap();
         g.step().unwrap();
@@ -1254,4 +1274,290 @@ fn the_prompt_cache_stays_within_its_budget() {
         greedy(&[1, 2, 3, 4, 5, 6], 8, Speculation::Off),
     );
     assert_eq!(tiny_budget.prompt_cache_stats().unwrap().entries, 0);
+}
+
+/// The tiny model's tokenizer's grammar for `spec`, ended by `stops`.
+fn constraint(model: &Model, spec: GrammarSpec, stops: &[u32]) -> Constraint {
+    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    Grammars::new(&tok).unwrap().compile(&spec, stops).unwrap()
+}
+
+fn text(model: &Model, ids: &[u32]) -> String {
+    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    tok.decode(ids, false).unwrap()
+}
+
+/// Greedy decoding under a grammar by this loop: one single-token forward per token, each row
+/// masked from a parser fed only the committed tokens (no drafts, no rollback).
+fn reference_constrained_greedy(
+    target: &Model,
+    prompt: &[u32],
+    n: usize,
+    mut c: Constraint,
+) -> Vec<u32> {
+    let mut sess = target.session();
+    let mut logits = sess.forward(prompt, Rows::Last).unwrap().logits;
+    let mut out: Vec<u32> = Vec::new();
+    while out.len() < n {
+        let mut rows = vec![logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap()];
+        assert_eq!(c.mask_rows(&mut rows, &[]).unwrap(), 0);
+        let next = verdict::sample::argmax(&rows[0]);
+        if c.ends(next) {
+            break;
+        }
+        c.push(next).unwrap();
+        out.push(next);
+        logits = sess.forward(&[next], Rows::Last).unwrap().logits;
+    }
+    out
+}
+
+const STOP: u32 = 299;
+
+/// The grammars of the structured-output tests, with a check of the text each must give.
+#[allow(clippy::type_complexity)]
+fn grammar_cases() -> Vec<(GrammarSpec, Box<dyn Fn(&str) -> bool>)> {
+    vec![
+        (
+            GrammarSpec::Regex("[a-f]{3,12}z".into()),
+            Box::new(|t: &str| {
+                t.ends_with('z')
+                    && (3..=12).contains(&(t.len() - 1))
+                    && t[..t.len() - 1].bytes().all(|b| (b'a'..=b'f').contains(&b))
+            }),
+        ),
+        (
+            GrammarSpec::Choice(vec!["alpha".into(), "beta".into(), "gamma delta".into()]),
+            Box::new(|t: &str| ["alpha", "beta", "gamma delta"].contains(&t)),
+        ),
+        (
+            GrammarSpec::JsonSchema(serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "n": {"type": "integer", "minimum": 0, "maximum": 999},
+                    "tag": {"enum": ["x", "y"]}
+                },
+                "required": ["n", "tag"],
+                "additionalProperties": false
+            })),
+            Box::new(|t: &str| {
+                serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| {
+                    v["n"].as_u64().is_some_and(|n| n <= 999)
+                        && (v["tag"] == "x" || v["tag"] == "y")
+                        && v.as_object().unwrap().len() == 2
+                })
+            }),
+        ),
+    ]
+}
+
+/// Structured outputs keep strict lossless: under a grammar, every drafter at every k gives
+/// exactly the greedy output of a plain loop that masks each row itself; that output matches
+/// the grammar and ends there (a stop, not max_tokens), where the unconstrained model would
+/// have gone on to something else.
+#[test]
+fn greedy_speculation_under_a_grammar_equals_constrained_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let drafters = [
+        (Some(other.clone()), DrafterSpec::Model),
+        (Some(target.clone()), DrafterSpec::Model),
+        (None, DrafterSpec::PromptLookup(None)),
+        (None, DrafterSpec::SelfDraft(1)),
+    ];
+    let plain = engine(target.clone(), None, None, 4);
+    let (mut drafted, mut by_grammar) = (0, 0);
+    for (spec, valid) in grammar_cases() {
+        for prompt in PROMPTS {
+            let req = |speculation| GenerateRequest {
+                stop_tokens: vec![STOP],
+                grammar: Some(constraint(&target, spec.clone(), &[STOP])),
+                ..greedy(prompt, 200, speculation)
+            };
+            let reference = reference_constrained_greedy(
+                &target,
+                prompt,
+                200,
+                constraint(&target, spec.clone(), &[STOP]),
+            );
+            let t = text(&target, &reference);
+            assert!(valid(&t), "{spec:?}: {t:?}");
+            let mut g = plain.start(req(Speculation::Off)).unwrap();
+            while g.finished().is_none() {
+                g.step().unwrap();
+            }
+            assert_eq!(g.output(), reference, "plain decoding, {spec:?}");
+            assert_eq!(g.finished(), Some(verdict::engine::FinishReason::Stop));
+            let (free, _) = run(&plain, greedy(prompt, 200, Speculation::Off));
+            assert!(
+                !valid(&text(&target, &free)),
+                "the grammar must matter here"
+            );
+            for (name, out, stats) in
+                each_drafter(&target, &drafters, &[1, 4, 8], || req(Speculation::Default))
+            {
+                assert_eq!(out, reference, "{name}, {spec:?}, prompt {prompt:?}");
+                drafted += stats.drafted;
+                by_grammar += stats.drafter_steps.get("grammar").copied().unwrap_or(0);
+            }
+        }
+    }
+    assert!(drafted > 0);
+    // The text the grammars force (the rest of a choice, JSON keys) was drafted by them.
+    assert!(by_grammar > 0);
+}
+
+/// A lossy policy may accept what the target would not say, never what the grammar bars:
+/// `threshold` with rule 2 and floor 0 accepts every drafted token, yet the output still
+/// matches each grammar.
+#[test]
+fn no_policy_accepts_a_token_outside_the_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let e = engine(target.clone(), Some(other), Some(DrafterSpec::Model), 8);
+    let mut capped = 0;
+    for (spec, valid) in grammar_cases() {
+        for prompt in PROMPTS {
+            let req = GenerateRequest {
+                stop_tokens: vec![STOP],
+                grammar: Some(constraint(&target, spec.clone(), &[STOP])),
+                policy: Some("threshold".into()),
+                policy_params: vec![("rule".into(), 2.0), ("floor".into(), 0.0)],
+                ..greedy(prompt, 200, Speculation::Default)
+            };
+            let (out, stats) = run(&e, req);
+            let t = text(&target, &out);
+            assert!(valid(&t), "{spec:?}, prompt {prompt:?}: {t:?}");
+            capped += stats.drafted - stats.accepted;
+        }
+    }
+    // The drafts left out were refused by the grammar (the policy refuses none).
+    assert!(capped > 0);
+}
+
+/// At T > 0 speculative sampling under a grammar draws from the masked distribution: the
+/// second token's frequencies match the exact mixture (the second row masked after the first
+/// token), and not the unmasked target's.
+#[test]
+fn speculative_sampling_follows_the_masked_distribution() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(5, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
+    let prompt = [10u32, 11, 12];
+    let s = SamplingParams {
+        temperature: 0.6,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let g = constraint(&target, GrammarSpec::Regex("[a-z]{2,}[0-9]".into()), &[]);
+    let mut sess = target.session();
+    let row = |sess: &mut verdict::models::Session, input: &[u32], pending: &[u32]| {
+        let mut c = g.clone();
+        for &t in pending {
+            c.push(t).unwrap();
+        }
+        let mut rows = vec![
+            sess.forward(input, Rows::Last)
+                .unwrap()
+                .logits
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        ];
+        c.mask_rows(&mut rows, &[]).unwrap();
+        verdict::sample::probabilities(&rows[0], &s)
+    };
+    let p1 = row(&mut sess, &prompt, &[]);
+    let mut exact = vec![0f64; p1.len()];
+    for (t1, &w) in p1.iter().enumerate() {
+        if w == 0.0 {
+            continue;
+        }
+        sess.truncate(prompt.len()).unwrap();
+        let p2 = row(&mut sess, &[t1 as u32], &[t1 as u32]);
+        for (o, &p) in exact.iter_mut().zip(&p2) {
+            *o += w as f64 * p as f64;
+        }
+    }
+    let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
+    let (counts, rejected) = second_token_counts_with(
+        &e,
+        &prompt,
+        &s,
+        |_| GenerateRequest {
+            grammar: Some(g.clone()),
+            ..Default::default()
+        },
+        2000,
+    );
+    assert!(
+        rejected > 100,
+        "the drafts must be tested: {rejected} rejections"
+    );
+    let (stat, dof) = chi_square(&counts, &exact);
+    assert!(dof >= 5, "dof {dof}");
+    assert!(
+        stat < chi2_critical(dof),
+        "chi-square {stat:.1} with {dof} dof"
+    );
+    let plain = second_token_distribution(&target, &prompt, &s);
+    let (stat_plain, dof_plain) = chi_square(&counts, &plain);
+    assert!(
+        stat_plain > chi2_critical(dof_plain),
+        "chi-square vs the unmasked target {stat_plain:.1}: the test has no power"
+    );
+}
+
+/// A grammar that is done ends the output even when `min_tokens` bars the stop tokens (the
+/// grammar wins), and a stop token is no way out of a grammar that is not done.
+#[test]
+fn a_finished_grammar_ends_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let e = engine(
+        target.clone(),
+        Some(target.clone()),
+        Some(DrafterSpec::Model),
+        4,
+    );
+    let choice = GrammarSpec::Choice(vec!["ab".into()]);
+    let (out, _) = run(
+        &e,
+        GenerateRequest {
+            stop_tokens: vec![STOP],
+            grammar: Some(constraint(&target, choice.clone(), &[STOP])),
+            penalties: Penalties {
+                min_tokens: 10,
+                logit_bias: vec![(STOP, 100.0)],
+                ..Penalties::default()
+            },
+            ..greedy(PROMPTS[0], 30, Speculation::Default)
+        },
+    );
+    assert_eq!(text(&target, &out), "ab");
+    // The stop token's +100 bias does not end a grammar before it is done.
+    let (out, _) = run(
+        &e,
+        GenerateRequest {
+            stop_tokens: vec![STOP],
+            grammar: Some(constraint(
+                &target,
+                GrammarSpec::Regex("[xy]{4}".into()),
+                &[STOP],
+            )),
+            penalties: Penalties {
+                logit_bias: vec![(STOP, 100.0)],
+                ..Penalties::default()
+            },
+            ..greedy(PROMPTS[0], 30, Speculation::Default)
+        },
+    );
+    let t = text(&target, &out);
+    assert!(
+        t.len() == 4 && t.bytes().all(|b| b == b'x' || b == b'y'),
+        "{t:?}"
+    );
 }

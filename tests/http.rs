@@ -1207,7 +1207,8 @@ fn qwen_fills_in_the_middle() {
 
 /// Tools with Qwen2.5-Coder: the template lists the function, the model's `<tool_call>` block
 /// comes back as `message.tool_calls` (arguments as a JSON string, finish reason
-/// "tool_calls"), streamed or not, and a follow-up turn with the call and its result renders.
+/// "tool_calls"), streamed or not; `tool_choice` "required" or named forces a call; and a
+/// follow-up turn with the call and its result renders.
 #[test]
 fn qwen_calls_a_tool() {
     let s = real_server("qwen2.5-coder-0.5b.gguf");
@@ -1278,6 +1279,40 @@ fn qwen_calls_a_tool() {
         .filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\""))
         .count();
     assert!(pieces > 2, "streamed in {pieces} pieces: {events:?}");
+    // tool_choice "required" forces a call where the model would answer in prose; a named
+    // tool_choice forces that tool, with arguments that fit its schema.
+    let two = json!([tools[0], {"type": "function", "function": {
+        "name": "get_time", "description": "Get the current time in a time zone",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                       "required": ["zone"], "additionalProperties": false}}}]);
+    for (choice, want) in [
+        (json!("required"), None),
+        (
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            Some("get_time"),
+        ),
+    ] {
+        let mut forced = prose.clone();
+        forced["tools"] = two.clone();
+        forced["tool_choice"] = choice.clone();
+        forced["max_tokens"] = json!(60);
+        let v = s.post_json("/v1/chat/completions", &forced).json();
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{choice}: {v}");
+        let call = &c["message"]["tool_calls"][0]["function"];
+        let name = call["name"].as_str().unwrap_or_else(|| panic!("{v}"));
+        let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+        let key = match name {
+            "get_weather" => "city",
+            "get_time" => "zone",
+            _ => panic!("not a tool: {v}"),
+        };
+        assert!(args[key].is_string(), "{v}");
+        if let Some(w) = want {
+            assert_eq!(name, w, "{v}");
+            assert_eq!(args.as_object().unwrap().len(), 1, "{v}");
+        }
+    }
     // The next turn: the assistant's call and the tool's answer go back through the template.
     let follow = json!({"messages": [
         messages[0],
@@ -1769,4 +1804,153 @@ fn tokenize_and_detokenize() {
         assert_eq!(r.json()["error"]["param"], param, "{path} {body}");
     }
     assert_eq!(s.get("/tokenize").status, 405);
+}
+
+/// Structured outputs on the tiny random model: `response_format` (a JSON schema, any JSON
+/// object) and vLLM's `guided_regex` / `guided_choice` constrain what it writes, streamed or
+/// not, in every choice of `n`, with speculation as without; a bad grammar is a 400 naming its
+/// field. (A forced tool call: `qwen_calls_a_tool`, the tiny template has no tools.)
+#[test]
+fn structured_outputs_follow_their_grammar() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let post = |path: &str, extra: Value| -> Value {
+        let mut body = if path.ends_with("chat/completions") {
+            json!({"messages": [{"role": "user", "content": "Some JSON please"}]})
+        } else {
+            json!({"prompt": [40, 41, 42, 43, 40, 41]})
+        };
+        body["max_tokens"] = json!(300);
+        body["temperature"] = json!(0);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json(path, &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let schema = json!({"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                       "ok": {"type": "boolean"}},
+        "required": ["n", "ok"], "additionalProperties": false});
+    let fits = |text: &str| -> bool {
+        serde_json::from_str::<Value>(text).is_ok_and(|v| {
+            v["n"].as_u64().is_some_and(|n| n <= 99)
+                && v["ok"].is_boolean()
+                && v.as_object().unwrap().len() == 2
+        })
+    };
+    let rf = json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "reply", "schema": schema, "strict": true}}});
+    let free = post("/v1/chat/completions", json!({}));
+    assert!(
+        !fits(&text_of(&free)),
+        "the random model must not write it unasked"
+    );
+    let v = post("/v1/chat/completions", rf.clone());
+    assert!(fits(&text_of(&v)), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    for spec in [json!("off"), json!({"draft": "prompt-lookup", "k": 4})] {
+        let mut body = rf.clone();
+        body["speculation"] = spec.clone();
+        assert_eq!(
+            text_of(&post("/v1/chat/completions", body)),
+            text_of(&v),
+            "{spec}"
+        );
+    }
+    let mut sreq = rf.clone();
+    sreq["messages"] = json!([{"role": "user", "content": "Some JSON please"}]);
+    sreq["max_tokens"] = json!(300);
+    sreq["temperature"] = json!(0);
+    sreq["stream"] = json!(true);
+    let (streamed, _, done) = stream_text(&s.open_stream("/v1/chat/completions", &sreq).collect());
+    assert!(done);
+    assert_eq!(streamed, text_of(&v));
+    // Sampled choices each follow it.
+    let mut many = rf.clone();
+    many["n"] = json!(3);
+    many["temperature"] = json!(1.0);
+    many["seed"] = json!(5);
+    let v = post("/v1/chat/completions", many);
+    let cs = v["choices"].as_array().unwrap();
+    assert_eq!(cs.len(), 3);
+    for c in cs {
+        let text = c["message"]["content"].as_str().unwrap();
+        assert!(fits(text), "{text:?}");
+    }
+    // Any JSON object: what the model writes parses as one once it stops.
+    let v = post(
+        "/v1/chat/completions",
+        json!({"response_format": {"type": "json_object"}}),
+    );
+    let text = text_of(&v);
+    assert!(text.trim_start().starts_with('{'), "{text:?}");
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(&text).unwrap().is_object(),
+            "{text:?}"
+        );
+    }
+    // vLLM's fields on completions.
+    let v = post("/v1/completions", json!({"guided_regex": "[a-f]{4,8}z"}));
+    let text = text_of(&v);
+    assert!(
+        text.ends_with('z')
+            && text[..text.len() - 1]
+                .bytes()
+                .all(|b| (b'a'..=b'f').contains(&b)),
+        "{text:?}"
+    );
+    let v = post(
+        "/v1/completions",
+        json!({"guided_choice": ["left", "right"], "n": 2, "temperature": 1.0, "seed": 2}),
+    );
+    for c in v["choices"].as_array().unwrap() {
+        assert!(
+            ["left", "right"].contains(&c["text"].as_str().unwrap()),
+            "{v}"
+        );
+    }
+    let tools = json!([{"type": "function", "function": {"name": "add", "parameters": schema}}]);
+    // Bad grammars, and grammars that cannot go together.
+    let msgs = json!([{"role": "user", "content": "x"}]);
+    for (body, field) in [
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}}),
+            "response_format",
+        ),
+        (json!({"guided_regex": "(unclosed"}), "guided_regex"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (
+            json!({"guided_grammar": "start: undefined_rule"}),
+            "guided_grammar",
+        ),
+        (
+            json!({"guided_regex": "a+", "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice.function.name",
+        ),
+    ] {
+        let mut b = body.clone();
+        b["messages"] = msgs.clone();
+        let r = s.post_json("/v1/chat/completions", &b);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], field, "{body}: {}", r.text());
+    }
+    // The server is fine after all that.
+    assert!(fits(&text_of(&post("/v1/chat/completions", rf))));
 }

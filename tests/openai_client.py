@@ -3,8 +3,9 @@
     python tests/openai_client.py BASE_URL MODEL_ID
 
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
-`extra_body`, logprobs, logit_bias and penalties, and that an unknown policy is a 400 the client
-raises as BadRequestError.
+`extra_body`, logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
+model, `guided_choice`), and that an unknown policy is a 400 the client raises as
+BadRequestError.
 Exits non-zero (AssertionError) on the first mismatch.
 """
 
@@ -142,7 +143,36 @@ for chunk in client.chat.completions.create(
         parts[c.index] += c.delta.content or ""
 assert parts == [c.message.content for c in two.choices], (parts, two.choices)
 
+# Structured outputs: the client's own `parse` sends a pydantic model as a strict JSON schema
+# and reads the reply back into it; vLLM's guided_choice goes through extra_body.
+from typing import Literal
+
+import pydantic
+
+
+class Verdict(pydantic.BaseModel):
+    answer: Literal["yes", "no"]
+    score: int = pydantic.Field(ge=0, le=9)
+
+
+parsed = client.chat.completions.parse(
+    model=model, messages=messages, max_tokens=200, temperature=0, response_format=Verdict
+)
+v = parsed.choices[0].message.parsed
+assert isinstance(v, Verdict) and 0 <= v.score <= 9, parsed
+choice = client.completions.create(
+    model=model, prompt="x", max_tokens=8, temperature=0, extra_body={"guided_choice": ["up", "down"]}
+)
+assert choice.choices[0].text in ("up", "down"), choice
+
 # Errors arrive as the client's typed exceptions, naming the field.
+try:
+    client.chat.completions.create(
+        model=model, messages=messages, max_tokens=2, extra_body={"guided_regex": "(("}
+    )
+    raise AssertionError("a broken regex was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "guided_regex", e.body
 try:
     client.chat.completions.create(
         model=model,

@@ -19,7 +19,7 @@ use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Speculation};
 use crate::models::Model;
-use crate::sample::{Penalties, SamplingParams};
+use crate::sample::{GrammarSpec, Grammars, Penalties, SamplingParams};
 
 /// Arguments of `verdict generate`.
 #[derive(ClapArgs, Debug, Clone)]
@@ -73,6 +73,24 @@ pub struct Args {
     /// Adds BIAS (-100..=100) to token ID's logit, as ID=BIAS; repeat for more tokens.
     #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_logit_bias)]
     pub logit_bias: Vec<(u32, f32)>,
+
+    /// Constrain the output to JSON matching this JSON Schema file (`{"type": "object"}`: any
+    /// object).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub json_schema: Option<PathBuf>,
+
+    /// Constrain the output to text matching this regex, whole.
+    #[arg(
+        long,
+        value_name = "REGEX",
+        group = "constraint",
+        allow_hyphen_values = true
+    )]
+    pub regex: Option<String>,
+
+    /// Constrain the output to this Lark grammar file (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub grammar: Option<PathBuf>,
 
     /// Seed of the sampling RNG (the same seed gives the same text).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -226,6 +244,26 @@ fn parse_finite(s: &str) -> Result<f32, String> {
         return Err(format!("expected a finite number, got {s}"));
     }
     Ok(v)
+}
+
+/// The output's grammar from `--json-schema`, `--regex` or `--grammar`.
+fn grammar_spec(args: &Args) -> Result<Option<GrammarSpec>> {
+    let read = |flag: &str, p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("{flag}: cannot read {}", p.display()))
+    };
+    Ok(if let Some(p) = &args.json_schema {
+        let text = read("--json-schema", p)?;
+        Some(GrammarSpec::JsonSchema(
+            serde_json::from_str(&text)
+                .with_context(|| format!("--json-schema: {} is not JSON", p.display()))?,
+        ))
+    } else if let Some(r) = &args.regex {
+        Some(GrammarSpec::Regex(r.clone()))
+    } else if let Some(p) = &args.grammar {
+        Some(GrammarSpec::Lark(read("--grammar", p)?))
+    } else {
+        None
+    })
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -407,17 +445,26 @@ pub fn run(args: Args) -> Result<()> {
         ))),
         None => None,
     };
+    let stop_tokens = if args.ignore_eos {
+        Vec::new()
+    } else {
+        tok.eos_ids().to_vec()
+    };
+    let grammar = match grammar_spec(&args)? {
+        Some(spec) => Some(
+            Grammars::new(&tok)?
+                .compile(&spec, &stop_tokens)
+                .map_err(|e| anyhow::anyhow!("the grammar: {e}"))?,
+        ),
+        None => None,
+    };
     let mut generation = engine
         .start(GenerateRequest {
             prompt: prompt.clone(),
             max_tokens: args.max_tokens as usize,
             sampling: params,
             seed: Some(args.seed),
-            stop_tokens: if args.ignore_eos {
-                Vec::new()
-            } else {
-                tok.eos_ids().to_vec()
-            },
+            stop_tokens,
             speculation: Speculation::Default,
             policy: speculating.then(|| args.policy.clone()),
             policy_params: args.policy_params.clone(),
@@ -432,6 +479,7 @@ pub fn run(args: Args) -> Result<()> {
                 logit_bias: args.logit_bias.clone(),
                 min_tokens: 0,
             },
+            grammar,
         })
         .map_err(|e| match &e.param {
             Some(p) => anyhow::anyhow!("{p}: {}", e.message),
@@ -514,6 +562,7 @@ pub fn run(args: Args) -> Result<()> {
             "policy_faults": spec.policy_faults,
             "policy": spec.policy,
             "drafter": spec.drafter,
+            "drafter_steps": spec.drafter_steps,
             "plain_phases": spec.plain_phases,
             "spec_phases": spec.spec_phases,
             "load_s": load_s,

@@ -29,6 +29,18 @@ pub struct Draft {
     pub q_rows: Vec<Vec<f32>>,
 }
 
+impl Draft {
+    /// Tokens proposed with certainty (q = 1 each, one-hot rows): prompt lookup's copies, or
+    /// the text a request's grammar forces.
+    pub fn certain(tokens: Vec<u32>) -> Draft {
+        Draft {
+            q_token: vec![1.0; tokens.len()],
+            tokens,
+            q_rows: Vec::new(),
+        }
+    }
+}
+
 /// Proposes continuations. One instance per request (it owns per-sequence state such as a KV
 /// cache).
 pub trait Drafter: Send {

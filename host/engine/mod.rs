@@ -22,7 +22,7 @@ use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
 use crate::draft::{AutoDrafter, Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
-use crate::sample::{Penalizer, Penalties, Rng64, SamplingParams};
+use crate::sample::{Adjust, Constraint, Penalizer, Penalties, Rng64, SamplingParams};
 pub use crate::verify::token_logprobs;
 use crate::verify::{self, DrawFrom, JudgeHead, JudgeScorer, StepDevice, Verification};
 pub use adaptive::{AdaptiveK, VerifyFit};
@@ -118,6 +118,9 @@ pub struct GenerateRequest {
     /// Such a request reads its whole prompt (no prompt-cache hit), and may ask for
     /// `max_tokens` = 0 (score only). `None`: not scored.
     pub prompt_logprobs: Option<usize>,
+    /// The output's grammar (structured outputs), compiled for the target's tokenizer with
+    /// this request's stop tokens ([`crate::sample::Grammars::compile`]).
+    pub grammar: Option<Constraint>,
 }
 
 /// The target's log-probability of one emitted token, at temperature 1 (log-softmax of the
@@ -417,7 +420,10 @@ impl Engine {
             self.resume(&req.prompt, &mut drafter)
         };
         let seed = req.seed.unwrap_or_else(rand::random);
-        let penalizer = Penalizer::new(req.penalties, &req.prompt, &req.stop_tokens);
+        let adjust = Adjust::new(
+            Penalizer::new(req.penalties, &req.prompt, &req.stop_tokens),
+            req.grammar,
+        );
         let mut stats = SpecStats::default();
         if let Some(d) = &drafter {
             stats.drafter = Some(d.name());
@@ -458,10 +464,10 @@ impl Engine {
                 .step_device
                 .serves(
                     &req.sampling,
-                    req.logprobs.is_some_and(|n| n > 0) || penalizer.is_some(),
+                    req.logprobs.is_some_and(|n| n > 0) || adjust.is_some(),
                 )
                 .then(|| self.step_device.clone()),
-            penalizer,
+            adjust,
             logprobs_top: req.logprobs.map(|n| n.min(vocab)),
             logprobs: Vec::new(),
             prompt_logprobs_top: req.prompt_logprobs.map(|n| n.min(vocab)),
@@ -576,8 +582,9 @@ pub struct Generation {
     k_max: usize,
     adaptive: Option<AdaptiveK>,
     sampling: SamplingParams,
-    /// The request's penalties and the counts they read; `None` when it has none.
-    penalizer: Option<Penalizer>,
+    /// The request's penalties (with the counts they read) and grammar; `None` when it has
+    /// neither.
+    adjust: Option<Adjust>,
     rng: Rng64,
     /// Prompt followed by every emitted token. All but the last are in the target's cache.
     tokens: Vec<u32>,
@@ -672,7 +679,7 @@ impl Generation {
             let v = verify::score_row(
                 &logits,
                 &self.sampling,
-                self.penalizer.as_ref(),
+                self.adjust.as_mut(),
                 self.on_device.as_ref(),
             )?;
             let t = v.draw(0, DrawFrom::P, &mut self.rng)?;
@@ -687,17 +694,17 @@ impl Generation {
             return Ok(Vec::new());
         }
         let chooses_k = self.drafter.as_ref().is_some_and(|d| d.chooses_k());
+        // Drafting past max_tokens is wasted; the bonus/correction token needs no slot.
+        let limit = remaining.saturating_sub(1).min(room - 1);
         let k = match &self.adaptive {
             Some(a) if !chooses_k => a.next_k(),
             _ => self.k_max,
         }
-        // Drafting past max_tokens is wasted; the bonus/correction token needs no slot.
-        .min(remaining.saturating_sub(1))
-        .min(room - 1);
+        .min(limit);
         if self.drafter.is_none() || k == 0 {
             return self.plain_step();
         }
-        self.speculative_step(k)
+        self.speculative_step(k, limit)
     }
 
     /// The prefill of a request that scores its prompt: the prompt in chunks of
@@ -740,7 +747,7 @@ impl Generation {
         let v = verify::score_row(
             &out.logits,
             &self.sampling,
-            self.penalizer.as_ref(),
+            self.adjust.as_mut(),
             self.on_device.as_ref(),
         )?;
         let t2 = Instant::now();
@@ -765,17 +772,38 @@ impl Generation {
         Ok(out)
     }
 
-    fn speculative_step(&mut self, k: usize) -> Result<Vec<u32>> {
+    /// One speculation step of up to `k` drafts (`limit` for the text a grammar forces).
+    fn speculative_step(&mut self, k: usize, limit: usize) -> Result<Vec<u32>> {
         let t0 = Instant::now();
-        let drafter = self.drafter.as_mut().context("no drafter")?;
-        let mut draft: Draft = drafter.propose(&self.tokens, k, &self.sampling, &mut self.rng)?;
-        draft.tokens.truncate(k);
+        // Text the request's grammar forces (a JSON key and its quotes) drafts itself, at no
+        // drafter cost: verified like any draft, so strict stays lossless (the target may
+        // split that text into other tokens).
+        // The drafter goes first unless the forced text is two tokens or more; a forced token
+        // fills in where the drafter has nothing.
+        let mut forced = self.adjust.as_mut().map(Adjust::forced).unwrap_or_default();
+        forced.truncate(limit);
+        let mut by_grammar = forced.len() >= 2;
+        let (draft, used) = if by_grammar {
+            (Draft::certain(forced), "grammar".to_string())
+        } else {
+            let drafter = self.drafter.as_mut().context("no drafter")?;
+            let mut draft = drafter.propose(&self.tokens, k, &self.sampling, &mut self.rng)?;
+            draft.tokens.truncate(k);
+            if draft.tokens.is_empty() && !forced.is_empty() {
+                by_grammar = true;
+                (Draft::certain(forced), "grammar".to_string())
+            } else {
+                (
+                    draft,
+                    drafter.last_choice().unwrap_or_else(|| drafter.name()),
+                )
+            }
+        };
         if draft.tokens.is_empty() {
             // Nothing to verify (e.g. prompt lookup found no match): a plain step.
             return self.plain_step();
         }
         let t_draft = t0.elapsed().as_secs_f64();
-        let used = drafter.last_choice().unwrap_or_else(|| drafter.name());
         *self.stats.drafter_steps.entry(used).or_default() += 1;
         let kd = draft.tokens.len();
         let base = self.target.len();
@@ -787,7 +815,7 @@ impl Generation {
             last,
             &draft,
             &self.sampling,
-            self.penalizer.as_ref(),
+            self.adjust.as_mut(),
             &mut self.step,
             self.judge.as_deref(),
             &mut self.rng,
@@ -811,6 +839,18 @@ impl Generation {
             while n < kd && f64::from(rng.uniform()) < *rate {
                 n += 1;
             }
+            correction = Correction::Sample;
+        }
+        // Nothing past the first draft the grammar refuses (a lossy policy may accept it).
+        if n > v.allowed {
+            n = v.allowed;
+            correction = Correction::Sample;
+        }
+        // A policy's own correction token must fit the grammar too.
+        if let Correction::Token(t) = correction
+            && n < kd
+            && !v.allows(n, t)?
+        {
             correction = Correction::Sample;
         }
         let next = if n == kd {
@@ -844,7 +884,8 @@ impl Generation {
         }
         self.stats
             .record_step(kd, n, off_argmax, decision.fault.is_some());
-        if let Some(d) = self.drafter.as_mut() {
+        // The drafter and adaptive k learn from their own proposals only.
+        if let Some(d) = self.drafter.as_mut().filter(|_| !by_grammar) {
             d.observe(kd, n, t_draft, t_verify);
             if let Some(a) = self.adaptive.as_mut().filter(|_| !d.chooses_k()) {
                 a.observe(kd, n, t_draft, t_verify);
@@ -921,14 +962,14 @@ impl Generation {
     fn emit(&mut self, tokens: &[u32], v: &Verification) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(tokens.len());
         for (i, &t) in tokens.iter().enumerate() {
-            if self.stop.contains(&t) {
+            if self.stop.contains(&t) || self.adjust.as_ref().is_some_and(|a| a.ends(t)) {
                 self.finished = Some(FinishReason::Stop);
                 break;
             }
             self.tokens.push(t);
             out.push(t);
-            if let Some(z) = self.penalizer.as_mut() {
-                z.push(t);
+            if let Some(a) = self.adjust.as_mut() {
+                a.push(t)?;
             }
             let (lp, top) = v.logprob(i, t, self.logprobs_top.unwrap_or(0))?;
             self.stats.target_logprob += lp;

@@ -197,8 +197,12 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter::new(indent));
     let written = if sort_keys {
-        // serde_json's own map type keeps keys sorted, so a round trip through it sorts them.
-        serde_json::to_value(value).and_then(|v| v.serialize(&mut ser))
+        // A round trip through serde_json's value, its objects sorted (its maps keep insertion
+        // order when a dependency turns on `preserve_order`).
+        serde_json::to_value(value).and_then(|mut v| {
+            v.sort_all_objects();
+            v.serialize(&mut ser)
+        })
     } else {
         // Straight from the template value, which keeps Python's insertion order.
         value.serialize(&mut ser)

@@ -2,11 +2,67 @@
 //! and the residual distribution norm(max(0, p - q)) that speculative sampling resamples from on a
 //! rejection. Pure Rust on `&[f32]`; the same functions serve plain generation and speculation, so
 //! both draw from exactly the same distribution. A request's logit bias and repetition
-//! penalties adjust the logits first (`penalties.rs`).
+//! penalties adjust the logits first (`penalties.rs`), then its grammar masks them
+//! (`grammar.rs`): [`Adjust`] holds both.
 
+mod grammar;
 mod penalties;
 
+pub use grammar::{Constraint, GrammarSpec, Grammars};
 pub use penalties::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalizer, Penalties};
+
+/// What one request changes in the target's logit rows: its penalties, then its grammar's mask.
+#[derive(Debug, Clone)]
+pub struct Adjust {
+    pub penalties: Option<Penalizer>,
+    pub grammar: Option<Constraint>,
+}
+
+impl Adjust {
+    /// `None` when neither changes anything (the request then skips this stage).
+    pub fn new(penalties: Option<Penalizer>, grammar: Option<Constraint>) -> Option<Adjust> {
+        (penalties.is_some() || grammar.is_some()).then_some(Adjust { penalties, grammar })
+    }
+
+    /// Adjusts `rows`: row i is the position after the output and `drafts[..i]`. Returns how
+    /// many drafts the grammar allows in a row (all of them without a grammar): no step may
+    /// accept more.
+    pub fn rows(&mut self, rows: &mut [Vec<f32>], drafts: &[u32]) -> anyhow::Result<usize> {
+        if let Some(z) = &self.penalties {
+            for (i, row) in rows.iter_mut().enumerate() {
+                z.apply(row, &drafts[..i.min(drafts.len())]);
+            }
+        }
+        match self.grammar.as_mut() {
+            Some(g) => g.mask_rows(rows, drafts),
+            None => Ok(drafts.len()),
+        }
+    }
+
+    /// Records an emitted token.
+    pub fn push(&mut self, t: u32) -> anyhow::Result<()> {
+        if let Some(z) = self.penalties.as_mut() {
+            z.push(t);
+        }
+        match self.grammar.as_mut() {
+            Some(g) => g.push(t),
+            None => Ok(()),
+        }
+    }
+
+    /// The tokens the grammar forces next ([`Constraint::forced`]; empty without a grammar).
+    pub fn forced(&mut self) -> Vec<u32> {
+        self.grammar
+            .as_mut()
+            .map(Constraint::forced)
+            .unwrap_or_default()
+    }
+
+    /// Whether `t` ends the output because the grammar is complete (besides the stop tokens).
+    pub fn ends(&self, t: u32) -> bool {
+        self.grammar.as_ref().is_some_and(|g| g.ends(t))
+    }
+}
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -159,9 +215,11 @@ pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
         p[argmax(logits) as usize] = 1.0;
         return p;
     }
-    // NaN logits clamp to the floor (weight ~0); the sum is f32 lanes per block, blocks in f64.
+    // -inf (a barred token: a grammar, min_tokens) and NaN get exactly 0, not the floor of
+    // `exp_nonpositive`; the sum is f32 lanes per block, blocks in f64.
     for (pi, &l) in p.iter_mut().zip(logits) {
-        *pi = exp_nonpositive((l - max) * inv_t);
+        let e = exp_nonpositive((l - max) * inv_t);
+        *pi = if l > f32::NEG_INFINITY { e } else { 0.0 };
     }
     let sum = lane_sum(&p, |x| x);
     let inv = (1.0 / sum) as f32;

@@ -3,11 +3,11 @@
 //! it (serde's derive reports the first error only, and in its own words). Engine-free (only
 //! the drafter spelling is shared with the command line): the result is converted to an engine request in `generate.rs`.
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use crate::draft::DrafterSpec;
-use crate::sample::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalties};
+use crate::sample::{GrammarSpec, MAX_LOGIT_BIAS, MAX_PENALTY, Penalties};
 
 /// Which endpoint a request came through; it decides the response shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +101,10 @@ pub struct ParsedRequest {
     /// Chat only: the functions the model may call (OpenAI's `tools`, validated), unless
     /// `tool_choice` is "none".
     pub tools: Option<Value>,
+    /// What the output must match, and the field that asked: `response_format` (a JSON object
+    /// or schema), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
+    /// or a `tool_choice` that requires a call (the output is then the call's JSON object).
+    pub grammar: Option<(&'static str, GrammarSpec)>,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -133,11 +137,15 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         suffix: None,
         ignore_eos: false,
         tools: None,
+        grammar: None,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
     let mut chat_logprobs = false;
     let mut tools_off = false;
+    // A tool_choice that forces a call: "required" (any tool) or the one named.
+    let mut tool_forced: Option<Option<String>> = None;
+    let mut grammars: Vec<(&'static str, GrammarSpec)> = Vec::new();
     let mut top_logprobs = None;
     for (key, v) in obj {
         let k = key.as_str();
@@ -265,10 +273,12 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                 Value::Null => {}
                 Value::String(s) if s == "auto" => {}
                 Value::String(s) if s == "none" => tools_off = true,
+                Value::String(s) if s == "required" => tool_forced = Some(None),
+                Value::Object(o) => tool_forced = Some(Some(named_tool(o)?)),
                 _ => {
                     return Err(ApiError::invalid(
                         k,
-                        "tool_choice may be \"auto\" or \"none\" (the output is not constrained to a call)",
+                        "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
                     ));
                 }
             },
@@ -283,14 +293,39 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                 }
             }
             "response_format" => {
-                if let Some(o) = opt(v, |v| object(k, v))? {
-                    let t = o.get("type").and_then(Value::as_str);
-                    if t != Some("text") {
-                        return Err(ApiError::invalid(
-                            k,
-                            "only response_format {\"type\": \"text\"} is supported",
-                        ));
+                if let Some(o) = opt(v, |v| object(k, v))?
+                    && let Some(g) = response_format(o)?
+                {
+                    grammars.push(("response_format", g));
+                }
+            }
+            // vLLM's guided decoding.
+            "guided_json" => {
+                if let Some(schema) = opt(v, |v| json_schema_value(k, v))? {
+                    grammars.push(("guided_json", GrammarSpec::JsonSchema(schema)));
+                }
+            }
+            "guided_regex" => {
+                if let Some(r) = opt(v, |v| string(k, v))? {
+                    grammars.push(("guided_regex", GrammarSpec::Regex(r)));
+                }
+            }
+            "guided_choice" => {
+                if let Some(a) = opt(v, |v| array(k, v))? {
+                    let choices = a
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| string(&format!("{k}[{i}]"), c))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if choices.is_empty() {
+                        return Err(ApiError::invalid(k, "guided_choice must not be empty"));
                     }
+                    grammars.push(("guided_choice", GrammarSpec::Choice(choices)));
+                }
+            }
+            "guided_grammar" => {
+                if let Some(g) = opt(v, |v| string(k, v))? {
+                    grammars.push(("guided_grammar", GrammarSpec::Lark(g)));
                 }
             }
             // Accepted and without effect here.
@@ -327,6 +362,26 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
     if tools_off {
         r.tools = None;
     }
+    if let Some(name) = tool_forced {
+        let tools = r.tools.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "tool_choice",
+                "tool_choice requires a call, but the request offers no tools",
+            )
+        })?;
+        grammars.push(("tool_choice", tool_call_grammar(tools, name.as_deref())?));
+    }
+    if grammars.len() > 1 {
+        let names: Vec<&str> = grammars.iter().map(|(f, _)| *f).collect();
+        return Err(ApiError::invalid(
+            grammars[1].0,
+            format!(
+                "the output can follow one grammar, but {} each set one",
+                names.join(" and ")
+            ),
+        ));
+    }
+    r.grammar = grammars.pop();
     if r.suffix.is_some() && r.echo {
         return Err(ApiError::invalid(
             "suffix",
@@ -367,6 +422,123 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         _ => {}
     }
     Ok(r)
+}
+
+/// OpenAI's `response_format`: `{"type": "text"}` (no grammar), `{"type": "json_object"}` or
+/// `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`.
+fn response_format(o: &Map<String, Value>) -> Result<Option<GrammarSpec>, ApiError> {
+    const K: &str = "response_format";
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(GrammarSpec::json_object())),
+        Some("json_schema") => {
+            let js = object(
+                "response_format.json_schema",
+                o.get("json_schema").unwrap_or(&Value::Null),
+            )?;
+            for (k, v) in js {
+                let name = format!("response_format.json_schema.{k}");
+                match k.as_str() {
+                    "name" | "description" => {
+                        string(&name, v)?;
+                    }
+                    "strict" => {
+                        opt(v, |v| boolean(&name, v))?;
+                    }
+                    "schema" => {}
+                    _ => return Err(unknown_field(&name)),
+                }
+            }
+            Ok(Some(match js.get("schema") {
+                Some(v) => GrammarSpec::JsonSchema(json_schema_value(
+                    "response_format.json_schema.schema",
+                    v,
+                )?),
+                None => GrammarSpec::json_object(),
+            }))
+        }
+        _ => Err(ApiError::invalid(
+            format!("{K}.type"),
+            "response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
+/// A JSON Schema: an object (or `true`), or (vLLM's `guided_json`) a string holding one.
+fn json_schema_value(name: &str, v: &Value) -> Result<Value, ApiError> {
+    let schema = match v {
+        Value::String(s) => serde_json::from_str(s).map_err(|e| {
+            ApiError::invalid(name, format!("{name} is a string but not JSON: {e}"))
+        })?,
+        v => v.clone(),
+    };
+    match schema {
+        Value::Object(_) | Value::Bool(true) => Ok(schema),
+        _ => Err(ApiError::invalid(
+            name,
+            format!("{name} must be a JSON Schema (an object)"),
+        )),
+    }
+}
+
+/// `tool_choice: {"type": "function", "function": {"name": ...}}`: the name.
+fn named_tool(o: &Map<String, Value>) -> Result<String, ApiError> {
+    if o.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(ApiError::invalid(
+            "tool_choice.type",
+            "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        ));
+    }
+    o.get("function")
+        .and_then(|f| f.get("name"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "tool_choice.function.name",
+                "a named tool_choice needs a non-empty string `function.name`",
+            )
+        })
+}
+
+/// The grammar of a forced call: the bare `{"name": ..., "arguments": {...}}` object (the form
+/// [`super::tools::parse`] reads), its name one of the tools (`name`: that one) and its arguments
+/// matching that tool's `parameters` schema.
+fn tool_call_grammar(tools: &Value, name: Option<&str>) -> Result<GrammarSpec, ApiError> {
+    let call = |f: &Value| {
+        let params = match f.get("parameters") {
+            Some(p @ Value::Object(_)) => p.clone(),
+            _ => json!({"type": "object"}),
+        };
+        json!({
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": params},
+            "required": ["name", "arguments"],
+            "additionalProperties": false,
+        })
+    };
+    let functions: Vec<&Value> = tools
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| &t["function"])
+        .filter(|f| name.is_none_or(|n| f["name"] == n))
+        .collect();
+    let schema = match functions.as_slice() {
+        [] => {
+            return Err(ApiError::invalid(
+                "tool_choice.function.name",
+                format!(
+                    "tool_choice names {:?}, which is not among the tools",
+                    name.unwrap_or_default()
+                ),
+            ));
+        }
+        [f] => call(f),
+        many => json!({"anyOf": many.iter().map(|f| call(f)).collect::<Vec<_>>()}),
+    };
+    Ok(GrammarSpec::JsonSchema(schema))
 }
 
 /// `{"token id": bias, ...}`: ids as decimal strings (JSON keys), biases in [-100, 100]. Whether
@@ -1015,16 +1187,60 @@ mod tests {
                 r#""tools":[{"type":"function","function":{"name":""}}]"#,
                 "tools[0].function.name",
             ),
+            // A forced call needs tools to call.
             (r#""tool_choice":"required""#, "tool_choice"),
             (
                 r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
                 "tool_choice",
             ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],
+                   "tool_choice":{"type":"function","function":{"name":"g"}}"#,
+                "tool_choice.function.name",
+            ),
+            (
+                r#""tool_choice":{"type":"function"}"#,
+                "tool_choice.function.name",
+            ),
+            (r#""tool_choice":"sometimes""#, "tool_choice"),
             (r#""functions":[{"name":"f"}]"#, "functions"),
         ] {
             let e = err(Endpoint::Chat, &chat(extra));
             assert_eq!(e.param.as_deref(), Some(field), "{extra}: {e}");
         }
+        // "required": the bare call object of one of the tools; a named choice: that tool's,
+        // its arguments the tool's parameters (any object when it declares none).
+        let tools = r#""tools":[{"type":"function","function":{"name":"f",
+            "parameters":{"type":"object","properties":{"a":{"type":"integer"}}}}},
+            {"type":"function","function":{"name":"g"}}]"#;
+        let forced = |choice: &str| {
+            let r = parse(
+                Endpoint::Chat,
+                chat(&format!("{tools},\"tool_choice\":{choice}")).as_bytes(),
+            )
+            .unwrap();
+            let (field, spec) = r.grammar.unwrap();
+            assert_eq!(field, "tool_choice");
+            match spec {
+                GrammarSpec::JsonSchema(s) => s,
+                other => panic!("{other:?}"),
+            }
+        };
+        let any = forced(r#""required""#);
+        let calls = any["anyOf"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["properties"]["name"]["const"], "f");
+        assert_eq!(
+            calls[0]["properties"]["arguments"]["properties"]["a"]["type"],
+            "integer"
+        );
+        assert_eq!(
+            calls[1]["properties"]["arguments"],
+            json!({"type": "object"})
+        );
+        let g = forced(r#"{"type":"function","function":{"name":"g"}}"#);
+        assert_eq!(g["properties"]["name"]["const"], "g");
+        assert_eq!(g["required"], json!(["name", "arguments"]));
         let bad_call = r#"{"messages":[{"role":"assistant","tool_calls":[{"type":"function"}]}]}"#;
         assert_eq!(
             err(Endpoint::Chat, bad_call).param.as_deref(),
@@ -1113,6 +1329,78 @@ mod tests {
             assert_eq!(e.status, 400, "{bad}");
             assert_eq!(e.param.as_deref(), Some("speculation.draft"), "{bad}");
             assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn response_format_and_guided_fields_give_the_grammar() {
+        let chat =
+            |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{extra}}}"#);
+        let grammar = |extra: &str| {
+            parse(Endpoint::Chat, chat(extra).as_bytes())
+                .unwrap()
+                .grammar
+        };
+        assert_eq!(grammar(r#""response_format":{"type":"text"}"#), None);
+        assert_eq!(
+            grammar(r#""response_format":{"type":"json_object"}"#),
+            Some(("response_format", GrammarSpec::json_object()))
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        assert_eq!(
+            grammar(&format!(
+                r#""response_format":{{"type":"json_schema","json_schema":{{"name":"r","strict":true,"schema":{schema}}}}}"#
+            )),
+            Some(("response_format", GrammarSpec::JsonSchema(schema.clone())))
+        );
+        // vLLM's guided_json takes the schema as an object or as a string.
+        for v in [
+            schema.to_string(),
+            serde_json::to_string(&schema.to_string()).unwrap(),
+        ] {
+            assert_eq!(
+                grammar(&format!(r#""guided_json":{v}"#)),
+                Some(("guided_json", GrammarSpec::JsonSchema(schema.clone())))
+            );
+        }
+        assert_eq!(
+            grammar(r#""guided_regex":"[0-9]+""#),
+            Some(("guided_regex", GrammarSpec::Regex("[0-9]+".into())))
+        );
+        assert_eq!(
+            grammar(r#""guided_choice":["a","b"]"#),
+            Some((
+                "guided_choice",
+                GrammarSpec::Choice(vec!["a".into(), "b".into()])
+            ))
+        );
+        assert_eq!(
+            grammar(r#""guided_grammar":"start: \"x\"""#),
+            Some(("guided_grammar", GrammarSpec::Lark("start: \"x\"".into())))
+        );
+        for (extra, field) in [
+            (
+                r#""response_format":{"type":"yaml"}"#,
+                "response_format.type",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"schema":[1]}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"schema":{},"extra":1}}"#,
+                "response_format.json_schema.extra",
+            ),
+            (r#""guided_json":"{not json""#, "guided_json"),
+            (r#""guided_choice":[1]"#, "guided_choice[0]"),
+            (r#""guided_choice":[]"#, "guided_choice"),
+            (
+                r#""guided_regex":"a","guided_choice":["a"]"#,
+                "guided_choice",
+            ),
+        ] {
+            let e = err(Endpoint::Chat, &chat(extra));
+            assert_eq!(e.param.as_deref(), Some(field), "{extra}: {e}");
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::decide::PolicyRegistry;
 use crate::engine::{self, Engine, GenerateRequest};
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::tokenizer::Tokenizer;
-use crate::sample::SamplingParams;
+use crate::sample::{Grammars, SamplingParams};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -89,6 +89,9 @@ pub type Loader = Box<dyn FnOnce() -> anyhow::Result<Served> + Send + 'static>;
 struct App {
     opts: ServeOptions,
     served: OnceLock<Arc<Served>>,
+    /// The tokenizer's token trie for structured outputs, built by the first request that
+    /// asks for a grammar (an error if this tokenizer cannot end one).
+    grammars: OnceLock<Result<Grammars, String>>,
     registry: Arc<PolicyRegistry>,
     pool: Pool,
     metrics: Arc<Metrics>,
@@ -139,6 +142,7 @@ async fn serve(
     let app = Arc::new(App {
         opts,
         served: OnceLock::new(),
+        grammars: OnceLock::new(),
         registry,
         pool,
         metrics,
@@ -718,6 +722,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         logprobs,
         penalties,
         prompt_logprobs,
+        grammar,
     } = r;
     GenerateRequest {
         prompt: prompt.clone(),
@@ -733,6 +738,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         logprobs: *logprobs,
         penalties: penalties.clone(),
         prompt_logprobs: *prompt_logprobs,
+        grammar: grammar.clone(),
     }
 }
 
@@ -927,6 +933,22 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         None => room,
     };
     check_policy(app, p)?;
+    let grammar = match &p.grammar {
+        Some((field, spec)) => {
+            let grammars = app
+                .grammars
+                .get_or_init(|| Grammars::new(tokenizer).map_err(|e| format!("{e:#}")))
+                .as_ref()
+                .map_err(|e| {
+                    ApiError::invalid(*field, format!("no grammar with this model: {e}"))
+                })?;
+            let c = grammars
+                .compile(spec, &stop_tokens)
+                .map_err(|e| ApiError::invalid(*field, format!("{field}: {e}")))?;
+            Some(c)
+        }
+        None => None,
+    };
     Ok(GenerateRequest {
         prompt,
         max_tokens,
@@ -950,6 +972,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         logprobs: p.logprobs,
         prompt_logprobs: p.logprobs.filter(|_| p.echo),
         penalties: p.penalties.clone(),
+        grammar,
         ..GenerateRequest::default()
     })
 }

@@ -11,13 +11,16 @@ use anyhow::Result;
 use crate::decide::{Features, Step};
 use crate::draft::Draft;
 use crate::models::{Rows, Session};
-use crate::sample::{self, Penalizer, Rng64, SamplingParams};
+use crate::sample::{self, Adjust, Rng64, SamplingParams};
 pub use judge::{HeadChoice, JudgeHead, JudgeScorer};
 
 /// The target's view of one step: the rows' facts the commit needs (argmax, draws, the emitted
 /// tokens' log-likelihood), wherever the rows live.
 pub struct Verification {
     rows: Scored,
+    /// How many drafts the request's grammar allows in a row (all without one): the step
+    /// accepts no more, whatever its policy says.
+    pub allowed: usize,
     /// Seconds in the target's forward returning, in bringing the logit rows (or, on the device,
     /// their features) to the host, and in the features (softmax, top-K, entropy, judge) of
     /// every row.
@@ -27,9 +30,9 @@ pub struct Verification {
 }
 
 enum Scored {
-    /// Row i's logits (after the request's penalties), and (T > 0 only) the request's sampling
-    /// distribution p_i; at T = 0 corrections use the argmax of the logits. `raw`: the model's
-    /// own logits when penalties changed them (logprobs report those).
+    /// Row i's logits (after the request's penalties and grammar mask), and (T > 0 only) the
+    /// request's sampling distribution p_i; at T = 0 corrections use the argmax of the logits.
+    /// `raw`: the model's own logits when the request adjusted them (logprobs report those).
     Host {
         logits: Vec<Vec<f32>>,
         probs: Vec<Vec<f32>>,
@@ -97,15 +100,15 @@ impl StepDevice {
 /// each drafted position also gets its judge logit, scored on the hidden state at the drafted
 /// token (row i + 1: the row where x_i is the input). With `on_device` the features are
 /// computed where the rows are (one launch, one small copy back); the caller decides
-/// ([`StepDevice::serves`]). With `penalties`, row i is adjusted as the position after the
-/// generated tokens and the first i drafts (host rows only).
+/// ([`StepDevice::serves`]). With `adjust` (penalties, a grammar), row i is adjusted as the
+/// position after the generated tokens and the first i drafts (host rows only).
 #[allow(clippy::too_many_arguments)]
 pub fn verify(
     target: &mut Session,
     last: u32,
     draft: &Draft,
     sampling: &SamplingParams,
-    penalties: Option<&Penalizer>,
+    adjust: Option<&mut Adjust>,
     step: &mut Step,
     judge: Option<&JudgeScorer>,
     rng: &mut Rng64,
@@ -120,9 +123,9 @@ pub fn verify(
     let feature_params = feature_params(sampling);
     step.clear_positions();
     #[cfg(feature = "cuda")]
-    // Penalties need whole rows on the host (the engine does not ask the device then).
+    // Adjustments need whole rows on the host (the engine does not ask the device then).
     if let Some(k) = on_device
-        .filter(|_| penalties.is_none())
+        .filter(|_| adjust.is_none())
         .and_then(|d| d.kernels.as_ref())
     {
         let uniforms: Vec<f32> = draft.tokens.iter().map(|_| rng.uniform()).collect();
@@ -144,6 +147,7 @@ pub fn verify(
         f.push_into(step, &draft.q_token, &uniforms)?;
         return Ok(Verification {
             rows: Scored::Device(Box::new(cuda::DeviceRows::new(k.clone(), f, sampling))),
+            allowed: draft.tokens.len(),
             forward_s: (t1 - t0).as_secs_f64(),
             logits_s: 0.0,
             features_s: t1.elapsed().as_secs_f64(),
@@ -151,13 +155,14 @@ pub fn verify(
     }
     let _ = on_device;
     let mut logits = out.logits.to_vec2::<f32>()?;
-    let raw = penalties.map(|z| {
-        let raw = logits.clone();
-        for (i, row) in logits.iter_mut().enumerate() {
-            z.apply(row, &draft.tokens[..i.min(draft.tokens.len())]);
+    let (raw, allowed) = match adjust {
+        Some(a) => {
+            let raw = logits.clone();
+            let allowed = a.rows(&mut logits, &draft.tokens)?;
+            (Some(raw), allowed)
         }
-        raw
-    });
+        None => (None, draft.tokens.len()),
+    };
     let t2 = std::time::Instant::now();
     let mut probs = Vec::new();
     let mut top = Vec::with_capacity(step.top_k as usize + 1);
@@ -176,6 +181,7 @@ pub fn verify(
     }
     Ok(Verification {
         rows: Scored::Host { logits, probs, raw },
+        allowed,
         forward_s: (t1 - t0).as_secs_f64(),
         logits_s: (t2 - t1).as_secs_f64(),
         features_s: t2.elapsed().as_secs_f64(),
@@ -184,18 +190,18 @@ pub fn verify(
 
 /// One plain (autoregressive) position: `logits` is the target's `[1, V]` row. Where the row
 /// lives, [`Verification::draw`] and [`Verification::logprob`] work as for a step's rows.
-/// `penalties` adjust the row (host rows only).
+/// `adjust` changes the row (host rows only).
 pub fn score_row(
     logits: &candle_core::Tensor,
     sampling: &SamplingParams,
-    penalties: Option<&Penalizer>,
+    adjust: Option<&mut Adjust>,
     on_device: Option<&StepDevice>,
 ) -> Result<Verification> {
     let t0 = std::time::Instant::now();
     #[cfg(feature = "cuda")]
-    // Penalties need whole rows on the host (the engine does not ask the device then).
+    // Adjustments need whole rows on the host (the engine does not ask the device then).
     if let Some(k) = on_device
-        .filter(|_| penalties.is_none())
+        .filter(|_| adjust.is_none())
         .and_then(|d| d.kernels.as_ref())
     {
         let f = k.features(&cuda::StepInput {
@@ -208,6 +214,7 @@ pub fn score_row(
         })?;
         return Ok(Verification {
             rows: Scored::Device(Box::new(cuda::DeviceRows::new(k.clone(), f, sampling))),
+            allowed: 0,
             forward_s: 0.0,
             logits_s: t0.elapsed().as_secs_f64(),
             features_s: 0.0,
@@ -215,11 +222,14 @@ pub fn score_row(
     }
     let _ = on_device;
     let mut logits = logits.to_vec2::<f32>()?;
-    let raw = penalties.map(|z| {
-        let raw = logits.clone();
-        logits.iter_mut().for_each(|row| z.apply(row, &[]));
-        raw
-    });
+    let raw = match adjust {
+        Some(a) => {
+            let raw = logits.clone();
+            a.rows(&mut logits, &[])?;
+            Some(raw)
+        }
+        None => None,
+    };
     let t1 = std::time::Instant::now();
     let probs = if sampling.is_greedy() {
         Vec::new()
@@ -231,6 +241,7 @@ pub fn score_row(
     };
     Ok(Verification {
         rows: Scored::Host { logits, probs, raw },
+        allowed: 0,
         forward_s: 0.0,
         logits_s: (t1 - t0).as_secs_f64(),
         features_s: t1.elapsed().as_secs_f64(),
@@ -238,6 +249,17 @@ pub fn score_row(
 }
 
 impl Verification {
+    /// Whether row i gives `t` any chance (false where the request's grammar bars it).
+    pub fn allows(&self, i: usize, t: u32) -> Result<bool> {
+        match &self.rows {
+            Scored::Host { logits, .. } => Ok(row(logits, i)?
+                .get(t as usize)
+                .is_some_and(|x| *x > f32::NEG_INFINITY)),
+            #[cfg(feature = "cuda")]
+            Scored::Device(_) => Ok(true),
+        }
+    }
+
     /// Row i's argmax: the greedy token at that position.
     pub fn argmax(&self, i: usize) -> Result<u32> {
         match &self.rows {
