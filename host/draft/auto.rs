@@ -196,11 +196,7 @@ mod tests {
             _: &SamplingParams,
             _: &mut Rng64,
         ) -> Result<Draft> {
-            Ok(Draft {
-                tokens: vec![self.0; k],
-                q_token: vec![1.0; k],
-                q_rows: Vec::new(),
-            })
+            Ok(Draft::certain(vec![self.0; k]))
         }
     }
 

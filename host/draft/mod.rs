@@ -224,13 +224,7 @@ impl Drafter for PromptLookup {
         _sampling: &SamplingParams,
         _rng: &mut Rng64,
     ) -> Result<Draft> {
-        let tokens = self.draft(context, k);
-        let q_token = vec![1.0; tokens.len()];
-        Ok(Draft {
-            tokens,
-            q_token,
-            q_rows: Vec::new(),
-        })
+        Ok(Draft::certain(self.draft(context, k)))
     }
 }
 

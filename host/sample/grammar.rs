@@ -21,6 +21,9 @@ use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use crate::models::tokenizer::Tokenizer;
 
+/// The most lexer states one request's grammar may build.
+const MAX_LEXER_STATES: usize = 50_000;
+
 /// The whitespace allowed between two JSON tokens.
 const JSON_WHITESPACE: &str = r"( |\n{1,2}[ \t]{0,20})";
 
@@ -140,8 +143,14 @@ impl Grammars {
             tokenizer: tokenizer.clone(),
         });
         let mut factory = ParserFactory::new_simple(&env)?;
-        // Grammar errors go back to the client, not to stderr.
+        // Grammar errors go back to the client, not to stderr, and without the parser's
+        // internals.
         factory.quiet();
+        let limits = factory.limits_mut();
+        limits.verbose_errors = false;
+        // A grammar's lexer may hold this many states (1-2 kB each): a request cannot take
+        // more than ~100 MB this way (llguidance's default allows 250k).
+        limits.max_lexer_states = MAX_LEXER_STATES;
         Ok(Grammars {
             factory: Arc::new(factory),
             eog,
