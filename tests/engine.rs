@@ -418,6 +418,7 @@ fn speculative_sampling_follows_the_target_distribution() {
         temperature: 0.15,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
     };
     let exact = second_token_distribution(&target, &prompt, &s);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
@@ -441,6 +442,38 @@ fn speculative_sampling_follows_the_target_distribution() {
     assert!(
         stat_wrong > chi2_critical(dof_wrong),
         "chi-square vs q {stat_wrong:.1}"
+    );
+}
+
+/// With min-p, speculative sampling draws from the truncated distribution: the second token's
+/// frequencies match the exact mixture with min-p, and not the one without it.
+#[test]
+fn speculative_sampling_follows_min_p() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(5, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
+    let prompt = [10u32, 11, 12];
+    let s = SamplingParams {
+        temperature: 0.5,
+        min_p: 0.2,
+        ..SamplingParams::default()
+    };
+    let exact = second_token_distribution(&target, &prompt, &s);
+    let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
+    let (counts, rejected) = second_token_counts(&e, &prompt, &s, &Penalties::default(), 2000);
+    assert!(rejected > 200, "{rejected} rejections");
+    let (stat, dof) = chi_square(&counts, &exact);
+    assert!(dof >= 5, "dof {dof}");
+    assert!(
+        stat < chi2_critical(dof),
+        "chi-square {stat:.1} with {dof} dof"
+    );
+    let untruncated =
+        second_token_distribution(&target, &prompt, &SamplingParams { min_p: 0.0, ..s });
+    let (stat_full, dof_full) = chi_square(&counts, &untruncated);
+    assert!(
+        stat_full > chi2_critical(dof_full),
+        "chi-square vs no min-p {stat_full:.1}: the test has no power"
     );
 }
 
@@ -570,6 +603,7 @@ fn speculative_sampling_follows_the_penalized_distribution() {
         temperature: 0.15,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
     };
     let pens = Penalties {
         presence: 1.0,
@@ -655,6 +689,7 @@ fn seeded_requests_reproduce() {
             temperature: 0.8,
             top_k: 40,
             top_p: 0.95,
+            min_p: 0.0,
         },
         seed: Some(seed),
         ..Default::default()
@@ -1186,6 +1221,7 @@ fn the_prompt_cache_skips_a_shared_prefix_and_changes_no_output() {
         temperature: 0.8,
         top_k: 40,
         top_p: 0.95,
+        min_p: 0.0,
     };
     for (drafter, sampling) in [
         (Some(DrafterSpec::Model), SamplingParams::greedy()),
@@ -1450,6 +1486,7 @@ fn speculative_sampling_follows_the_masked_distribution() {
         temperature: 0.6,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
     };
     let g = constraint(&target, GrammarSpec::Regex("[a-z]{2,}[0-9]".into()), &[]);
     let mut sess = target.session();

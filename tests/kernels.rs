@@ -80,6 +80,7 @@ fn params(t: f32) -> SamplingParams {
         temperature: t,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
     }
 }
 
@@ -633,6 +634,7 @@ fn the_engine_decides_on_the_gpu_as_on_the_host() {
                             temperature,
                             top_k: 0,
                             top_p: 1.0,
+                            min_p: 0.0,
                         },
                         seed: Some(5 + d as u64),
                         speculation: speculation.clone(),

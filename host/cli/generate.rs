@@ -56,6 +56,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub top_k: u32,
 
+    /// Keep only tokens at least P times as likely as the most likely one (0 = all, <= 1).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_finite, allow_hyphen_values = true)]
+    pub min_p: f32,
+
     /// Lowers each token's logit by F times the number of times it was generated so far
     /// (OpenAI's frequency_penalty, -2..=2).
     #[arg(long, default_value_t = 0.0, value_parser = parse_finite, allow_hyphen_values = true)]
@@ -347,6 +351,7 @@ pub fn run(args: Args) -> Result<()> {
         temperature: args.temperature,
         top_k: args.top_k as usize,
         top_p: args.top_p,
+        min_p: args.min_p,
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let device = args.device.open()?;

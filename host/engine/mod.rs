@@ -514,7 +514,7 @@ impl Engine {
 }
 
 fn sampling_field(message: &str) -> &'static str {
-    ["temperature", "top_p", "top_k"]
+    ["temperature", "top_p", "top_k", "min_p"]
         .into_iter()
         .find(|f| message.starts_with(f))
         .unwrap_or("sampling")

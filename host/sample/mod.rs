@@ -1,9 +1,9 @@
-//! Sampling: logits -> probabilities (temperature, top-k, top-p), seeded uniforms, drawing a token,
-//! and the residual distribution norm(max(0, p - q)) that speculative sampling resamples from on a
-//! rejection. Pure Rust on `&[f32]`; the same functions serve plain generation and speculation, so
-//! both draw from exactly the same distribution. A request's logit bias and repetition
-//! penalties adjust the logits first (`penalties.rs`), then its grammar masks them
-//! (`grammar.rs`): [`Adjust`] holds both.
+//! Sampling: logits -> probabilities (temperature, top-k, top-p, min-p), seeded uniforms,
+//! drawing a token, and the residual distribution norm(max(0, p - q)) that speculative sampling
+//! resamples from on a rejection. Pure Rust on `&[f32]`; the same functions serve plain
+//! generation and speculation, so both draw from exactly the same distribution. A request's
+//! logit bias and repetition penalties adjust the logits first (`penalties.rs`), then its
+//! grammar masks them (`grammar.rs`): [`Adjust`] holds both.
 
 mod grammar;
 mod penalties;
@@ -76,6 +76,9 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of most likely tokens whose mass reaches top_p; 1.0 = no limit.
     pub top_p: f32,
+    /// Keep only tokens at least this fraction as likely as the most likely one (vLLM's and
+    /// llama.cpp's min-p); 0 = no limit.
+    pub min_p: f32,
 }
 
 impl Default for SamplingParams {
@@ -84,6 +87,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
         }
     }
 }
@@ -107,6 +111,9 @@ impl SamplingParams {
         }
         if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         Ok(())
     }
@@ -196,8 +203,9 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
-/// Softmax of `logits / temperature` restricted by top-k and top-p, as a full-vocabulary vector
-/// (zeros outside the kept set). Temperature 0 gives a one-hot at the argmax.
+/// Softmax of `logits / temperature` restricted by top-k, top-p and min-p (the tokens that all
+/// three keep), as a full-vocabulary vector (zeros outside the kept set). Temperature 0 gives a
+/// one-hot at the argmax.
 pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
     let n = logits.len();
     let mut p = vec![0f32; n];
@@ -227,7 +235,15 @@ pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
 
     let limit_k = params.top_k > 0 && params.top_k < n;
     let limit_p = params.top_p < 1.0;
+    // min-p after top-k and top-p (vLLM's order), relative to the most likely token, which
+    // they always keep.
+    let floor = params.min_p * p[argmax(&p) as usize];
     if !(limit_k || limit_p) {
+        if floor > 0.0 {
+            p.iter_mut().filter(|x| **x < floor).for_each(|x| *x = 0.0);
+            let inv = (1.0 / lane_sum(&p, |x| x)) as f32;
+            p.iter_mut().for_each(|x| *x *= inv);
+        }
         return p;
     }
     // Candidate order: probability descending, then id ascending (deterministic on ties).
@@ -255,6 +271,9 @@ pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
                 break;
             }
         }
+    }
+    if floor > 0.0 {
+        kept = order[..kept].partition_point(|&i| p[i as usize] >= floor);
     }
     let mut out = vec![0f32; n];
     let total: f64 = order[..kept].iter().map(|&i| p[i as usize] as f64).sum();
@@ -345,7 +364,42 @@ mod tests {
             temperature: t,
             top_k: k,
             top_p: p,
+            min_p: 0.0,
         }
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_near_the_most_likely() {
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        let with = |k: usize, p: f32, m: f32| {
+            probabilities(
+                &logits,
+                &SamplingParams {
+                    min_p: m,
+                    ..params(1.0, k, p)
+                },
+            )
+        };
+        // Floor 0.1: the 0.05 token goes.
+        assert!(close(
+            &with(0, 1.0, 0.2),
+            &[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]
+        ));
+        // After top-k 3 the floor 0.35 leaves only the first.
+        assert!(close(&with(3, 1.0, 0.7), &[1.0, 0.0, 0.0, 0.0]));
+        // top-p 0.9 keeps three (0.95 reaches it), then floor 0.2 drops 0.15.
+        assert!(close(&with(0, 0.9, 0.4), &[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]));
+        assert!(close(&with(0, 1.0, 0.0), &[0.5, 0.3, 0.15, 0.05]));
+        assert!(
+            SamplingParams {
+                min_p: 1.5,
+                ..SamplingParams::default()
+            }
+            .validate()
+            .unwrap_err()
+            .starts_with("min_p")
+        );
     }
 
     #[test]

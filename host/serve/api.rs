@@ -77,6 +77,8 @@ pub struct ParsedRequest {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
+    /// vLLM's `min_p` (0 = off).
+    pub min_p: f32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub stream: bool,
@@ -123,6 +125,7 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
         temperature: 1.0,
         top_p: 1.0,
         top_k: 0,
+        min_p: 0.0,
         seed: None,
         stop: Vec::new(),
         stream: false,
@@ -178,6 +181,11 @@ fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRe
                         ));
                     }
                     r.top_p = p as f32;
+                }
+            }
+            "min_p" => {
+                if let Some(x) = opt(v, |v| num_range(k, v, 0.0, 1.0))? {
+                    r.min_p = x as f32;
                 }
             }
             "top_k" => {
@@ -1329,6 +1337,21 @@ mod tests {
             assert_eq!(e.status, 400, "{bad}");
             assert_eq!(e.param.as_deref(), Some("speculation.draft"), "{bad}");
             assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn min_p_is_read_and_checked() {
+        let r = parse(Endpoint::Completions, br#"{"prompt":"x","min_p":0.05}"#).unwrap();
+        assert_eq!(r.min_p, 0.05);
+        for bad in [
+            r#"{"prompt":"x","min_p":1.5}"#,
+            r#"{"prompt":"x","min_p":"a"}"#,
+        ] {
+            assert_eq!(
+                err(Endpoint::Completions, bad).param.as_deref(),
+                Some("min_p")
+            );
         }
     }
 

@@ -955,6 +955,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         sampling: SamplingParams {
             temperature: p.temperature,
             top_p: p.top_p,
+            min_p: p.min_p,
             top_k: p.top_k,
         },
         seed: p.seed,

@@ -145,7 +145,7 @@ impl StepKernels {
     /// temperature, no top-k / top-p truncation (the CPU path handles those).
     pub fn supports(params: &SamplingParams) -> bool {
         let f = super::feature_params(params);
-        f.temperature > 0.0 && f.top_k == 0 && f.top_p >= 1.0
+        f.temperature > 0.0 && f.top_k == 0 && f.top_p >= 1.0 && f.min_p <= 0.0
     }
 
     /// Every row's features: one kernel launch and one copy to the host.

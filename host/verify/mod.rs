@@ -353,6 +353,7 @@ pub fn feature_params(sampling: &SamplingParams) -> SamplingParams {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
         }
     } else {
         *sampling
