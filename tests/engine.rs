@@ -401,6 +401,22 @@ fn chi_square(counts: &[u64], p: &[f64]) -> (f64, usize) {
 }
 
 /// Upper 0.1% point of chi-square with `dof` degrees of freedom (Wilson-Hilferty).
+/// The counts fit `exact` (chi-square under the 0.1% critical value, at least 5 degrees of
+/// freedom) and not `wrong` (`what`): the test has the power to tell them apart.
+fn assert_fits_not(counts: &[u64], exact: &[f64], wrong: &[f64], what: &str) {
+    let (stat, dof) = chi_square(counts, exact);
+    assert!(dof >= 5, "dof {dof}");
+    assert!(
+        stat < chi2_critical(dof),
+        "chi-square {stat:.1} with {dof} dof"
+    );
+    let (stat_wrong, dof_wrong) = chi_square(counts, wrong);
+    assert!(
+        stat_wrong > chi2_critical(dof_wrong),
+        "chi-square vs {what} {stat_wrong:.1}: the test has no power"
+    );
+}
+
 fn chi2_critical(dof: usize) -> f64 {
     let k = dof as f64;
     let z = 3.09;
@@ -429,20 +445,9 @@ fn speculative_sampling_follows_the_target_distribution() {
         drafted_but_rejected > n / 10,
         "p and q must differ for this test to mean anything"
     );
-    let (stat, dof) = chi_square(&counts, &exact);
-    assert!(dof >= 5, "dof {dof}");
-    assert!(
-        stat < chi2_critical(dof),
-        "chi-square {stat:.1} with {dof} dof"
-    );
-    // The same check must reject the draft's distribution (the test has power).
     let draft_model = tiny(dir.path(), "d2.gguf", spec(6, 1));
     let wrong = second_token_distribution(&draft_model, &prompt, &s);
-    let (stat_wrong, dof_wrong) = chi_square(&counts, &wrong);
-    assert!(
-        stat_wrong > chi2_critical(dof_wrong),
-        "chi-square vs q {stat_wrong:.1}"
-    );
+    assert_fits_not(&counts, &exact, &wrong, "the draft's q");
 }
 
 /// With min-p, speculative sampling draws from the truncated distribution: the second token's
@@ -462,19 +467,9 @@ fn speculative_sampling_follows_min_p() {
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
     let (counts, rejected) = second_token_counts(&e, &prompt, &s, &Penalties::default(), 2000);
     assert!(rejected > 200, "{rejected} rejections");
-    let (stat, dof) = chi_square(&counts, &exact);
-    assert!(dof >= 5, "dof {dof}");
-    assert!(
-        stat < chi2_critical(dof),
-        "chi-square {stat:.1} with {dof} dof"
-    );
     let untruncated =
         second_token_distribution(&target, &prompt, &SamplingParams { min_p: 0.0, ..s });
-    let (stat_full, dof_full) = chi_square(&counts, &untruncated);
-    assert!(
-        stat_full > chi2_critical(dof_full),
-        "chi-square vs no min-p {stat_full:.1}: the test has no power"
-    );
+    assert_fits_not(&counts, &exact, &untruncated, "no min-p");
 }
 
 /// Greedy decoding of `target` with the penalties applied by this loop's own arithmetic (the
@@ -616,18 +611,8 @@ fn speculative_sampling_follows_the_penalized_distribution() {
     let exact = second_token_distribution_with(&target, &prompt, &s, &pens);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
     let (counts, _) = second_token_counts(&e, &prompt, &s, &pens, 3000);
-    let (stat, dof) = chi_square(&counts, &exact);
-    assert!(dof >= 5, "dof {dof}");
-    assert!(
-        stat < chi2_critical(dof),
-        "chi-square {stat:.1} with {dof} dof"
-    );
     let plain = second_token_distribution(&target, &prompt, &s);
-    let (stat_plain, dof_plain) = chi_square(&counts, &plain);
-    assert!(
-        stat_plain > chi2_critical(dof_plain),
-        "chi-square vs the unpenalized target {stat_plain:.1}: the test has no power"
-    );
+    assert_fits_not(&counts, &exact, &plain, "the unpenalized target");
 }
 
 /// `min_tokens` keeps the stop tokens out of the first tokens, counting the drafts under
@@ -1534,18 +1519,8 @@ fn speculative_sampling_follows_the_masked_distribution() {
         rejected > 100,
         "the drafts must be tested: {rejected} rejections"
     );
-    let (stat, dof) = chi_square(&counts, &exact);
-    assert!(dof >= 5, "dof {dof}");
-    assert!(
-        stat < chi2_critical(dof),
-        "chi-square {stat:.1} with {dof} dof"
-    );
     let plain = second_token_distribution(&target, &prompt, &s);
-    let (stat_plain, dof_plain) = chi_square(&counts, &plain);
-    assert!(
-        stat_plain > chi2_critical(dof_plain),
-        "chi-square vs the unmasked target {stat_plain:.1}: the test has no power"
-    );
+    assert_fits_not(&counts, &exact, &plain, "the unmasked target");
 }
 
 /// A grammar that is done ends the output even when `min_tokens` bars the stop tokens (the
