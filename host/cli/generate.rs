@@ -568,6 +568,7 @@ pub fn run(args: Args) -> Result<()> {
             "policy": spec.policy,
             "drafter": spec.drafter,
             "drafter_steps": spec.drafter_steps,
+            "grammar_cuts": spec.grammar_cuts,
             "plain_phases": spec.plain_phases,
             "spec_phases": spec.spec_phases,
             "load_s": load_s,

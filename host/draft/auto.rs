@@ -101,6 +101,12 @@ impl Drafter for AutoDrafter {
         "auto".into()
     }
 
+    fn constrain(&mut self, grammar: Option<&crate::sample::Constraint>) {
+        for c in &mut self.candidates {
+            c.drafter.constrain(grammar);
+        }
+    }
+
     fn propose(
         &mut self,
         context: &[u32],

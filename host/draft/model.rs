@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use super::{Draft, Drafter};
 use crate::engine::prefix::common_prefix;
 use crate::models::{Rows, Session};
-use crate::sample::{self, Rng64, SamplingParams};
+use crate::sample::{self, Constraint, Rng64, SamplingParams};
 use crate::verify::{self, StepDevice};
 
 pub struct ModelDrafter {
@@ -21,6 +21,9 @@ pub struct ModelDrafter {
     /// Greedy drafts on a GPU: the argmax and q(x) computed where the logits are, so that only
     /// two numbers per drafted token come back (`None`: the row is copied to the host).
     on_device: Option<StepDevice>,
+    /// The request's grammar where its output is ([`Drafter::constrain`]): drafts come from q
+    /// masked by it, so the grammar refuses none of them.
+    grammar: Option<Constraint>,
 }
 
 impl ModelDrafter {
@@ -31,6 +34,7 @@ impl ModelDrafter {
             cacheable: false,
             cached: Vec::new(),
             on_device: None,
+            grammar: None,
         }
     }
 
@@ -85,6 +89,10 @@ impl ModelDrafter {
 impl Drafter for ModelDrafter {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn constrain(&mut self, grammar: Option<&Constraint>) {
+        self.grammar = grammar.cloned();
     }
 
     fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
@@ -148,6 +156,34 @@ impl Drafter for ModelDrafter {
             .feed(&context[common..])
             .with_context(|| format!("drafter {} failed", self.name))?;
         for i in 0..k {
+            if let Some(g) = self.grammar.as_mut() {
+                // Under a grammar: q is the draft's distribution masked by it (the distribution
+                // the token is drawn from, as speculative sampling needs).
+                let mut rows = vec![logits.squeeze(0)?.to_vec1::<f32>()?];
+                g.mask_rows(&mut rows, &[])?;
+                let row = &rows[0];
+                let x = if sampling.is_greedy() {
+                    let x = sample::argmax(row);
+                    let q = sample::probabilities(row, &verify::feature_params(sampling));
+                    draft.q_token.push(q[x as usize]);
+                    x
+                } else {
+                    let q = sample::probabilities(row, sampling);
+                    let x = sample::sample(&q, rng.uniform());
+                    draft.q_token.push(q[x as usize]);
+                    draft.q_rows.push(q);
+                    x
+                };
+                draft.tokens.push(x);
+                if g.ends(x) {
+                    break;
+                }
+                g.push(x)?;
+                if i + 1 < k {
+                    logits = self.feed(&[x])?;
+                }
+                continue;
+            }
             let (x, qx) = if sampling.is_greedy() {
                 // Greedy drafting proposes the argmax; q(x) is still the model's own softmax so
                 // that lossy policies see a meaningful draft confidence.

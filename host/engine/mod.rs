@@ -787,6 +787,9 @@ impl Generation {
             (Draft::certain(forced), "grammar".to_string())
         } else {
             let drafter = self.drafter.as_mut().context("no drafter")?;
+            if let Some(g) = self.adjust.as_ref().and_then(|a| a.grammar.as_ref()) {
+                drafter.constrain(Some(g));
+            }
             let mut draft = drafter.propose(&self.tokens, k, &self.sampling, &mut self.rng)?;
             draft.tokens.truncate(k);
             if draft.tokens.is_empty() && !forced.is_empty() {
@@ -842,6 +845,7 @@ impl Generation {
             correction = Correction::Sample;
         }
         // Nothing past the first draft the grammar refuses (a lossy policy may accept it).
+        self.stats.grammar_cuts += u64::from(v.allowed < kd);
         if n > v.allowed {
             n = v.allowed;
             correction = Correction::Sample;

@@ -35,6 +35,9 @@ pub struct SpecStats {
     pub drafter: Option<String>,
     /// Speculative steps per drafter that proposed them (several only for `auto`).
     pub drafter_steps: std::collections::BTreeMap<String, u64>,
+    /// Steps whose drafts the request's grammar cut short (drafters without a distribution to
+    /// mask: prompt lookup).
+    pub grammar_cuts: u64,
     /// Where the time of autoregressive steps goes.
     pub plain_phases: PlainPhases,
     /// Where the time of speculative steps goes.
