@@ -5,9 +5,11 @@
 //! Like the penalties, the mask is part of the target's distribution for that request, so strict
 //! speculation stays lossless against plain decoding with the same grammar. A verified row is
 //! masked as the position after the output and the drafts before it: the parser consumes the
-//! drafts in turn and rolls them back afterwards. Drafts are proposed unconstrained; the first
-//! one the grammar refuses ends what a step can accept, whatever the policy says (a lossy policy
-//! may accept tokens the target would not choose, never tokens outside the grammar).
+//! drafts in turn and rolls them back afterwards. A draft model drafts from its q masked by a
+//! copy of the parser ([`crate::draft::Drafter::constrain`]); prompt lookup copies unconstrained,
+//! and the first draft the grammar refuses ends what a step can accept, whatever the policy says
+//! (a lossy policy may accept tokens the target would not choose, never tokens outside the
+//! grammar). Text the grammar forces is drafted by it ([`Constraint::forced`]).
 //!
 //! Grammar end: when the parser may stop, the request's end tokens (its stop tokens, or the
 //! tokenizer's end-of-generation tokens) are allowed, and choosing one ends the generation.
