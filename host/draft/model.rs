@@ -156,48 +156,38 @@ impl Drafter for ModelDrafter {
             .feed(&context[common..])
             .with_context(|| format!("drafter {} failed", self.name))?;
         for i in 0..k {
-            if let Some(g) = self.grammar.as_mut() {
-                // Under a grammar: q is the draft's distribution masked by it (the distribution
-                // the token is drawn from, as speculative sampling needs).
-                let mut rows = vec![logits.squeeze(0)?.to_vec1::<f32>()?];
-                g.mask_rows(&mut rows, &[])?;
-                let row = &rows[0];
-                let x = if sampling.is_greedy() {
-                    let x = sample::argmax(row);
-                    let q = sample::probabilities(row, &verify::feature_params(sampling));
-                    draft.q_token.push(q[x as usize]);
-                    x
-                } else {
-                    let q = sample::probabilities(row, sampling);
-                    let x = sample::sample(&q, rng.uniform());
-                    draft.q_token.push(q[x as usize]);
-                    draft.q_rows.push(q);
-                    x
-                };
-                draft.tokens.push(x);
-                if g.ends(x) {
-                    break;
-                }
-                g.push(x)?;
-                if i + 1 < k {
-                    logits = self.feed(&[x])?;
-                }
-                continue;
-            }
-            let (x, qx) = if sampling.is_greedy() {
+            let (x, qx) = if sampling.is_greedy() && self.grammar.is_none() {
                 // Greedy drafting proposes the argmax; q(x) is still the model's own softmax so
                 // that lossy policies see a meaningful draft confidence.
                 self.greedy(&logits)?
             } else {
-                let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-                let q = sample::probabilities(&row, sampling);
-                let x = sample::sample(&q, rng.uniform());
-                let qx = q[x as usize];
-                draft.q_rows.push(q);
-                (x, qx)
+                let mut rows = vec![logits.squeeze(0)?.to_vec1::<f32>()?];
+                if let Some(g) = self.grammar.as_mut() {
+                    // q masked by the grammar: the distribution the token is drawn from, as
+                    // speculative sampling needs.
+                    g.mask_rows(&mut rows, &[])?;
+                }
+                let row = &rows[0];
+                if sampling.is_greedy() {
+                    let x = sample::argmax(row);
+                    let q = sample::probabilities(row, &verify::feature_params(sampling));
+                    (x, q[x as usize])
+                } else {
+                    let q = sample::probabilities(row, sampling);
+                    let x = sample::sample(&q, rng.uniform());
+                    let qx = q[x as usize];
+                    draft.q_rows.push(q);
+                    (x, qx)
+                }
             };
             draft.tokens.push(x);
             draft.q_token.push(qx);
+            if let Some(g) = self.grammar.as_mut() {
+                if g.ends(x) {
+                    break;
+                }
+                g.push(x)?;
+            }
             if i + 1 < k {
                 logits = self.feed(&[x])?;
             }
