@@ -54,7 +54,7 @@ curl -s "$URL/v1/chat/completions" -H 'Content-Type: application/json' -d "{
   \"messages\": [{\"role\": \"user\", \"content\": \"Describe a fictional programmer.\"}],
   \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"person\",
     \"schema\": {\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\"},
-      \"age\": {\"type\": \"integer\"}, \"languages\": {\"type\": \"array\", \"items\": {\"type\": \"string\"}}},
+      \"age\": {\"type\": \"integer\"}, \"languages\": {\"type\": \"array\", \"items\": {\"type\": \"string\"}, \"maxItems\": 4}},
       \"required\": [\"name\", \"age\", \"languages\"], \"additionalProperties\": false}}}
 }" | python3 -c 'import json,sys; print(json.loads(json.load(sys.stdin)["choices"][0]["message"]["content"]))'
 curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{
