@@ -166,6 +166,59 @@ fn a_logit_bias_forces_its_token() {
     );
 }
 
+/// `--regex`, `--json-schema` and `--grammar` constrain what the random model prints, with
+/// speculation as without; a bad grammar is a clear error.
+#[test]
+fn grammars_constrain_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let m = model.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--model", m, "--prompt", "x", "--max-tokens", "200"];
+        args.extend(extra);
+        let out = verdict(&args);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let digits = run(&["--regex", "[0-9]{3}-[0-9]{2}"]);
+    assert!(
+        digits.len() == 6 && digits.as_bytes()[3] == b'-',
+        "{digits:?}"
+    );
+    assert_eq!(
+        run(&["--regex", "[0-9]{3}-[0-9]{2}", "--draft", "prompt-lookup"]),
+        digits
+    );
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let json = run(&["--json-schema", schema.to_str().unwrap()]);
+    let v: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json:?}: {e}"));
+    assert!(v["ok"].is_boolean(), "{json:?}");
+    let lark = dir.path().join("g.lark");
+    std::fs::write(&lark, "start: (\"ab\" | \"cd\") \"!\"\n").unwrap();
+    let t = run(&["--grammar", lark.to_str().unwrap()]);
+    assert!(t == "ab!" || t == "cd!", "{t:?}");
+
+    let fails = |extra: &[&str], needle: &str| {
+        let mut args = vec!["--model", m, "--prompt", "x"];
+        args.extend(extra);
+        assert_fails(&args, needle);
+    };
+    fails(&["--regex", "(("], "the grammar");
+    fails(&["--json-schema", "/nonexistent.json"], "--json-schema");
+    std::fs::write(&schema, "{not json").unwrap();
+    fails(&["--json-schema", schema.to_str().unwrap()], "not JSON");
+    fails(
+        &["--regex", "a", "--grammar", lark.to_str().unwrap()],
+        "cannot be used with",
+    );
+}
+
 /// A bad invocation: non-zero exit, an error message containing `needle`, no panic, no stdout.
 fn assert_fails(args: &[&str], needle: &str) {
     let out = verdict(args);
