@@ -101,7 +101,7 @@ impl Drafter for AutoDrafter {
         "auto".into()
     }
 
-    fn constrain(&mut self, grammar: Option<&crate::sample::Constraint>) {
+    fn constrain(&mut self, grammar: &crate::sample::Constraint) {
         for c in &mut self.candidates {
             c.drafter.constrain(grammar);
         }

@@ -98,10 +98,10 @@ pub trait Drafter: Send {
     /// whose forward took `verify_s`.
     fn observe(&mut self, _drafted: usize, _accepted: usize, _draft_s: f64, _verify_s: f64) {}
 
-    /// The request's grammar where its output is now, before a proposal (`None`: no grammar).
-    /// A drafter with a distribution drafts from it masked by the grammar; the others ignore
-    /// it (the engine accepts no draft the grammar refuses).
-    fn constrain(&mut self, _grammar: Option<&crate::sample::Constraint>) {}
+    /// The request's grammar where its output is now, before each proposal of a request that
+    /// has one. A drafter with a distribution drafts from it masked by the grammar; the others
+    /// ignore it (the engine accepts no draft the grammar refuses).
+    fn constrain(&mut self, _grammar: &crate::sample::Constraint) {}
 
     /// Which drafter made the last proposal (for a drafter that delegates; `None`: itself).
     fn last_choice(&self) -> Option<String> {

@@ -91,8 +91,8 @@ impl Drafter for ModelDrafter {
         self.name.clone()
     }
 
-    fn constrain(&mut self, grammar: Option<&Constraint>) {
-        self.grammar = grammar.cloned();
+    fn constrain(&mut self, grammar: &Constraint) {
+        self.grammar = Some(grammar.clone());
     }
 
     fn prefill(&mut self, prompt: &[u32]) -> Result<()> {

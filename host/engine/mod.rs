@@ -776,32 +776,26 @@ impl Generation {
     fn speculative_step(&mut self, k: usize, limit: usize) -> Result<Vec<u32>> {
         let t0 = Instant::now();
         // Text the request's grammar forces (a JSON key and its quotes) drafts itself, at no
-        // drafter cost: verified like any draft, so strict stays lossless (the target may
-        // split that text into other tokens).
-        // The drafter goes first unless the forced text is two tokens or more; a forced token
-        // fills in where the drafter has nothing.
+        // drafter cost, when it is two tokens or more, or where the drafter has nothing. It is
+        // verified like any draft, so strict stays lossless (the target may split that text
+        // into other tokens).
         let mut forced = self.adjust.as_mut().map(Adjust::forced).unwrap_or_default();
         forced.truncate(limit);
-        let mut by_grammar = forced.len() >= 2;
-        let (draft, used) = if by_grammar {
-            (Draft::certain(forced), "grammar".to_string())
+        let proposed = if forced.len() >= 2 {
+            None
         } else {
             let drafter = self.drafter.as_mut().context("no drafter")?;
             if let Some(g) = self.adjust.as_ref().and_then(|a| a.grammar.as_ref()) {
-                drafter.constrain(Some(g));
+                drafter.constrain(g);
             }
             let mut draft = drafter.propose(&self.tokens, k, &self.sampling, &mut self.rng)?;
             draft.tokens.truncate(k);
-            if draft.tokens.is_empty() && !forced.is_empty() {
-                by_grammar = true;
-                (Draft::certain(forced), "grammar".to_string())
-            } else {
-                (
-                    draft,
-                    drafter.last_choice().unwrap_or_else(|| drafter.name()),
-                )
-            }
+            let name = drafter.last_choice().unwrap_or_else(|| drafter.name());
+            Some((draft, name)).filter(|(d, _)| !d.tokens.is_empty() || forced.is_empty())
         };
+        let by_grammar = proposed.is_none();
+        let (draft, used) =
+            proposed.unwrap_or_else(|| (Draft::certain(forced), "grammar".to_string()));
         if draft.tokens.is_empty() {
             // Nothing to verify (e.g. prompt lookup found no match): a plain step.
             return self.plain_step();

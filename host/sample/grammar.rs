@@ -83,8 +83,8 @@ impl GrammarSpec {
     }
 }
 
-/// The token trie and parser factory of one tokenizer: built once (about a second for a
-/// 150k-token vocabulary), shared by every constrained request.
+/// The token trie and parser factory of one tokenizer: built once (about 0.4 s for Qwen's
+/// 152k-token vocabulary on the build VM), shared by every constrained request.
 #[derive(Clone)]
 pub struct Grammars {
     factory: Arc<ParserFactory>,
@@ -182,7 +182,6 @@ impl Grammars {
             ends,
             eog: self.eog.clone(),
             vocab: self.vocab,
-            saved: Vec::new(),
         })
     }
 }
@@ -198,7 +197,6 @@ pub struct Constraint {
     /// request.
     eog: Vec<u32>,
     vocab: usize,
-    saved: Vec<f32>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -278,12 +276,12 @@ impl Constraint {
                 .matcher
                 .is_accepting()
                 .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
-        self.saved.clear();
-        self.saved.extend(
-            self.ends
-                .iter()
-                .map(|&e| row.get(e as usize).copied().unwrap_or(0.0)),
-        );
+        // The end tokens' logits, for when the grammar may stop.
+        let saved: Vec<f32> = self
+            .ends
+            .iter()
+            .map(|&e| row.get(e as usize).copied().unwrap_or(0.0))
+            .collect();
         let words = mask.as_slice();
         for (w, chunk) in row.chunks_mut(32).enumerate() {
             let bits = words.get(w).copied().unwrap_or(0);
@@ -302,7 +300,7 @@ impl Constraint {
             }
         }
         if accepting {
-            for (&e, &v) in self.ends.iter().zip(&self.saved) {
+            for (&e, &v) in self.ends.iter().zip(&saved) {
                 if let Some(x) = row.get_mut(e as usize) {
                     *x = v;
                 }
