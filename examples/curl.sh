@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # verdict's HTTP API with curl. Start a server first (scripts/serve, or
 # `verdict serve --model FILE.gguf --draft prompt-lookup`), then run this script or copy lines.
-#   VERDICT_URL (default http://127.0.0.1:8080), VERDICT_ADMIN_TOKEN (if --admin-token-file).
+#   VERDICT_URL (default http://127.0.0.1:8080), VERDICT_API_KEY (if the server has API keys),
+#   VERDICT_ADMIN_TOKEN (if --admin-token-file).
 set -euo pipefail
 URL=${VERDICT_URL:-http://127.0.0.1:8080}
+# With API keys every route but /health, /ready and /metrics needs one: each curl below sends it.
+KEY=()
+[ -n "${VERDICT_API_KEY:-}" ] && KEY=(-H "Authorization: Bearer $VERDICT_API_KEY")
+curl() { command curl "${KEY[@]}" "$@"; }
+# Policy uploads and deletes take the admin token when the server has one (else the API key).
+ADMIN=("${KEY[@]}")
+[ -n "${VERDICT_ADMIN_TOKEN:-}" ] && ADMIN=(-H "Authorization: Bearer $VERDICT_ADMIN_TOKEN")
 MODEL=$(curl -s "$URL/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
-AUTH=()
-[ -n "${VERDICT_ADMIN_TOKEN:-}" ] && AUTH=(-H "Authorization: Bearer $VERDICT_ADMIN_TOKEN")
 
 echo "== liveness, readiness, models"
 curl -s "$URL/health"; echo
@@ -26,6 +32,21 @@ curl -sN "$URL/v1/chat/completions" -H 'Content-Type: application/json' -d "{
   \"policy\": \"judge\", \"policy_params\": {\"threshold\": 0.5},
   \"speculation\": {\"draft\": \"model\", \"k\": 8}
 }"; echo
+
+echo "== the Responses API: instructions and input, then a second turn by previous_response_id"
+ID=$(curl -s "$URL/v1/responses" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"instructions\": \"Answer with code only.\", \"temperature\": 0,
+  \"input\": \"A Python expression that reverses a string s.\", \"max_output_tokens\": 32
+}" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["output"][0]["content"][0]["text"], file=sys.stderr); print(r["id"])')
+curl -s "$URL/v1/responses" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"previous_response_id\": \"$ID\", \"temperature\": 0,
+  \"input\": \"Now as a function named rev.\", \"max_output_tokens\": 48
+}" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["output"][0]["content"][0]["text"]); print(r["usage"])'
+echo "== ...streamed: typed events (event: response.output_text.delta ...), no [DONE]"
+curl -sN "$URL/v1/responses" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"input\": \"Say hello in French.\", \"stream\": true,
+  \"max_output_tokens\": 8, \"temperature\": 0
+}" | grep '^event:' | sort | uniq -c
 
 echo "== the lossy threshold policy with prompt lookup, and plain decoding for comparison"
 for spec in '{"draft": "prompt-lookup", "k": 6}' '"off"'; do
@@ -77,9 +98,9 @@ echo "== policies: list, upload a component as a new version (no restart), delet
 curl -s "$URL/v1/policies" | python3 -m json.tool | head -30
 WASM=${POLICY_WASM:-examples/custom-policy/target/wasm32-wasip2/release/custom_policy.wasm}
 if [ -f "$WASM" ]; then
-  curl -s -X PUT "$URL/v1/policies/custom" "${AUTH[@]}" -H 'Content-Type: application/wasm' \
+  command curl -s -X PUT "$URL/v1/policies/custom" "${ADMIN[@]}" -H 'Content-Type: application/wasm' \
     --data-binary @"$WASM"; echo
-  curl -s -X DELETE "$URL/v1/policies/custom" "${AUTH[@]}"; echo
+  command curl -s -X DELETE "$URL/v1/policies/custom" "${ADMIN[@]}"; echo
 else
   echo "(build examples/custom-policy or set POLICY_WASM to try PUT /v1/policies/NAME)"
 fi

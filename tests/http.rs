@@ -1954,3 +1954,385 @@ fn structured_outputs_follow_their_grammar() {
     // The server is fine after all that.
     assert!(fits(&text_of(&post("/v1/chat/completions", rf))));
 }
+
+/// Events of a streamed Responses reply: each block's `event:` line and its data, checked to
+/// agree.
+fn response_events(raw: &str) -> Vec<Value> {
+    raw.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let kind = b.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = b.lines().find_map(|l| l.strip_prefix("data: "));
+            let v: Value = serde_json::from_str(data.unwrap_or_else(|| panic!("{b:?}"))).unwrap();
+            assert_eq!(kind, v["type"].as_str(), "{b}");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn the_responses_api_runs_as_chat() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let chat = |messages: Value, extra: Value| -> Value {
+        let mut body = json!({"messages": messages, "max_tokens": 12, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let respond = |body: Value| -> Value {
+        let r = s.post_json("/v1/responses", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let output_text = |r: &Value| -> String {
+        r["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["type"] == "message")
+            .flat_map(|o| o["content"].as_array().unwrap())
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The same greedy text as the chat request it translates to.
+    let want = chat(
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]),
+        json!({}),
+    );
+    let r = respond(json!({"instructions": "Be brief.", "input": "Hello there",
+                           "max_output_tokens": 12, "temperature": 0}));
+    assert_eq!(r["object"], "response");
+    assert!(r["id"].as_str().unwrap().starts_with("resp_"));
+    assert_eq!(output_text(&r), text_of(&want));
+    assert_eq!(
+        r["usage"]["input_tokens"], want["usage"]["prompt_tokens"],
+        "{r}"
+    );
+    assert_eq!(
+        r["usage"]["output_tokens"],
+        want["usage"]["completion_tokens"]
+    );
+    let finish = want["choices"][0]["finish_reason"].as_str().unwrap();
+    let (status, reason) = if finish == "length" {
+        ("incomplete", json!({"reason": "max_output_tokens"}))
+    } else {
+        ("completed", Value::Null)
+    };
+    assert_eq!(r["status"], status);
+    assert_eq!(r["incomplete_details"], reason);
+    // A developer message is a system message; input items in parts.
+    let r2 = respond(json!({"input": [
+            {"role": "developer", "content": "Be brief."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello "},
+                                                            {"type": "input_text", "text": "there"}]}],
+        "max_output_tokens": 12, "temperature": 0}));
+    assert_eq!(output_text(&r2), text_of(&want));
+    // Streamed: the typed events carry the same text and end with the whole response.
+    let raw = s
+        .request(
+            "POST",
+            "/v1/responses",
+            &[("Content-Type", "application/json")],
+            json!({"instructions": "Be brief.", "input": "Hello there", "stream": true,
+                   "max_output_tokens": 12, "temperature": 0})
+            .to_string()
+            .as_bytes(),
+        )
+        .text();
+    let events = response_events(&raw);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(*kinds.last().unwrap(), format!("response.{status}"));
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, text_of(&want));
+    let last = &events.last().unwrap()["response"];
+    assert_eq!(output_text(last), deltas);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i);
+    }
+    // Continuing a stored response reads the conversation so far (the earlier instructions
+    // are not carried over, as OpenAI's API has it).
+    let first = respond(json!({"input": "Hello there", "max_output_tokens": 8, "temperature": 0}));
+    let next = respond(
+        json!({"input": "And then?", "previous_response_id": first["id"],
+                              "max_output_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(next["previous_response_id"], first["id"]);
+    let want = chat(
+        json!([{"role": "user", "content": "Hello there"},
+               {"role": "assistant", "content": output_text(&first)},
+               {"role": "user", "content": "And then?"}]),
+        json!({"max_tokens": 8}),
+    );
+    assert_eq!(output_text(&next), text_of(&want));
+    // The continuation's prompt starts with the first exchange: read from the prompt cache.
+    assert!(
+        next["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{next}"
+    );
+    // Stored responses: retrieve, delete; `store: false` keeps none.
+    let id = first["id"].as_str().unwrap();
+    let got = s.get(&format!("/v1/responses/{id}"));
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["output"], first["output"]);
+    let r = s.request("DELETE", &format!("/v1/responses/{id}"), &[], b"");
+    assert_eq!(r.json()["deleted"], true);
+    assert_eq!(s.get(&format!("/v1/responses/{id}")).status, 404);
+    let r = s.post_json(
+        "/v1/responses",
+        &json!({"input": "x", "previous_response_id": id, "max_output_tokens": 2}),
+    );
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["param"], "previous_response_id");
+    let unstored = respond(json!({"input": "x", "store": false, "max_output_tokens": 2}));
+    assert_eq!(
+        s.get(&format!(
+            "/v1/responses/{}",
+            unstored["id"].as_str().unwrap()
+        ))
+        .status,
+        404
+    );
+    // A JSON schema in `text.format` holds the output to it.
+    // (Bounded: the random model writes digits forever otherwise.)
+    let schema = json!({"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"], "additionalProperties": false});
+    let r = respond(
+        json!({"input": "JSON please", "max_output_tokens": 60, "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "n", "schema": schema, "strict": true}}}),
+    );
+    let v: Value = serde_json::from_str(&output_text(&r)).unwrap_or_else(|e| panic!("{e}: {r}"));
+    assert!(
+        v["n"].as_u64().is_some_and(|n| n <= 99) && v["ok"].is_boolean(),
+        "{v}"
+    );
+    assert_eq!(r["status"], "completed");
+    // Bad requests name the Responses field.
+    for (body, param) in [
+        (json!({}), "input"),
+        (
+            json!({"input": "x", "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
+        (json!({"input": "x", "max_tokens": 5}), "max_tokens"),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+            "input[0].content[0].type",
+        ),
+        (
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "nope"}}}}),
+            "text.format",
+        ),
+        (json!({"input": "x", "model": "gpt-5"}), "model"),
+        // This tiny model's template has no tools (the real Qwen's test below has).
+        (
+            json!({"input": "x", "tools": [{"type": "function", "name": "f"}]}),
+            "tools",
+        ),
+    ] {
+        let r = s.post_json("/v1/responses", &body);
+        assert!(r.status == 400 || r.status == 404, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text());
+    }
+    let r = s.request("PUT", "/v1/responses", &[], b"{}");
+    assert_eq!(r.status, 405);
+}
+
+#[test]
+fn api_keys_guard_every_route_but_the_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "old-key\nnew-key\n").unwrap();
+    let admin = dir.path().join("admin");
+    std::fs::write(&admin, "root\n").unwrap();
+    let (k, a) = (keys.display().to_string(), admin.display().to_string());
+    let s = tiny_server(
+        256,
+        &[
+            "--api-key-file",
+            &k,
+            "--admin-token-file",
+            &a,
+            "--served-model-name",
+            "team/tiny",
+        ],
+    );
+    let call = |method: &str, path: &str, key: Option<&str>, body: &[u8]| {
+        let h = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(h) = &h {
+            headers.push(("Authorization", h.as_str()));
+        }
+        s.request(method, path, &headers, body)
+    };
+    // Probes and metrics stay open.
+    for path in ["/health", "/ready", "/metrics"] {
+        assert_eq!(s.get(path).status, 200, "{path}");
+    }
+    let chat = json!({"model": "team/tiny", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 3})
+    .to_string();
+    let completion = json!({"prompt": "abc", "max_tokens": 3}).to_string();
+    let responses = json!({"input": "hi", "max_output_tokens": 3}).to_string();
+    let routes: [(&str, &str, &[u8]); 8] = [
+        ("GET", "/v1/models", b""),
+        ("GET", "/v1/models/team%2Ftiny", b""),
+        ("POST", "/v1/chat/completions", chat.as_bytes()),
+        ("POST", "/v1/completions", completion.as_bytes()),
+        ("POST", "/v1/responses", responses.as_bytes()),
+        ("POST", "/tokenize", br#"{"prompt": "abc"}"#),
+        ("POST", "/detokenize", br#"{"tokens": [40, 41]}"#),
+        ("GET", "/v1/policies", b""),
+    ];
+    for (m, path, body) in routes {
+        let r = call(m, path, None, body);
+        assert_eq!(r.status, 401, "{m} {path}: {}", r.text());
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("API key")
+        );
+        assert_eq!(
+            call(m, path, Some("new-ke"), body).status,
+            401,
+            "{m} {path}"
+        );
+        assert_eq!(call(m, path, Some("root"), body).status, 401, "{m} {path}");
+        for key in ["old-key", "new-key"] {
+            let r = call(m, path, Some(key), body);
+            assert_eq!(r.status, 200, "{m} {path} {key}: {}", r.text());
+        }
+    }
+    // The served name is the model's id.
+    let models = call("GET", "/v1/models", Some("old-key"), b"").json();
+    assert_eq!(models["data"][0]["id"], "team/tiny");
+    let other = json!({"model": "tiny-target", "prompt": "a", "max_tokens": 1}).to_string();
+    assert_eq!(
+        call("POST", "/v1/completions", Some("old-key"), other.as_bytes()).status,
+        404
+    );
+    // Admin routes take the admin token, not an API key.
+    let wasm = verdict::decide::builtin_wasm("threshold").expect("built-in threshold");
+    assert_eq!(
+        call("PUT", "/v1/policies/mine", Some("old-key"), wasm).status,
+        401
+    );
+    assert_eq!(
+        call("PUT", "/v1/policies/mine", Some("root"), wasm).status,
+        201
+    );
+    assert_eq!(
+        call("DELETE", "/v1/policies/mine", Some("root"), b"").status,
+        200
+    );
+    assert!(s.metric("verdict_requests_total{route=\"unauthorized\",status=\"401\"}") >= 24.0);
+    drop(s);
+
+    // One key from the command line, no admin token: the key guards the admin routes too.
+    let s = tiny_server(256, &["--api-key", "only"]);
+    let call = |method: &str, path: &str, key: Option<&str>, body: &[u8]| {
+        let h = key.map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> = h.iter().map(|h| ("Authorization", h.as_str())).collect();
+        s.request(method, path, &headers, body)
+    };
+    assert_eq!(call("PUT", "/v1/policies/mine", None, wasm).status, 401);
+    assert_eq!(
+        call("PUT", "/v1/policies/mine", Some("only"), wasm).status,
+        201
+    );
+    assert_eq!(call("GET", "/v1/models", Some("only"), b"").status, 200);
+    // Blank keys and empty key files are refused at start.
+    for args in [vec!["--api-key", " "], vec!["--api-key-file", "/dev/null"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .arg("serve")
+            .args(&args)
+            .args(["--model", "/nonexistent.gguf"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(args[0]), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn qwen_calls_a_tool_through_the_responses_api() {
+    let s = real_server("qwen2.5-coder-0.5b.gguf");
+    let respond = |body: Value| -> Value {
+        let r = s.post_json("/v1/responses", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    // A forced tool call is a function_call item, whole and streamed, and its output goes
+    // back as the next input.
+    let tools = json!([{"type": "function", "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["utc", "cet"]}},
+                       "required": ["zone"], "additionalProperties": false}}]);
+    let call_req = json!({"input": "What time is it in Berlin?", "tools": tools, "tool_choice": "required",
+                          "max_output_tokens": 60, "temperature": 0});
+    let r = respond(call_req.clone());
+    let out = r["output"].as_array().unwrap();
+    assert_eq!(out.len(), 1, "{r}");
+    assert_eq!(out[0]["type"], "function_call");
+    assert_eq!(out[0]["name"], "get_time");
+    let args: Value = serde_json::from_str(out[0]["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        ["utc", "cet"].contains(&args["zone"].as_str().unwrap()),
+        "{args}"
+    );
+    let mut streamed = call_req.clone();
+    streamed["stream"] = json!(true);
+    let raw = s
+        .request(
+            "POST",
+            "/v1/responses",
+            &[],
+            streamed.to_string().as_bytes(),
+        )
+        .text();
+    let events = response_events(&raw);
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.completed");
+    assert_eq!(done["response"]["output"][0]["name"], "get_time");
+    assert_eq!(
+        done["response"]["output"][0]["arguments"],
+        out[0]["arguments"]
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "response.function_call_arguments.done"
+                && e["arguments"] == out[0]["arguments"])
+    );
+    // The call's output goes back as the next input; the model answers from it.
+    let back = respond(
+        json!({"previous_response_id": r["id"], "tools": tools, "tool_choice": "none",
+        "input": [{"type": "function_call_output", "call_id": out[0]["call_id"], "output": "12:34"}],
+        "max_output_tokens": 30, "temperature": 0}),
+    );
+    assert_eq!(back["output"][0]["type"], "message", "{back}");
+    let text = back["output"][0]["content"][0]["text"].as_str().unwrap();
+    // (Only the call's output says 12:34.)
+    assert!(text.contains("12:34"), "{text:?}");
+    assert_eq!(back["previous_response_id"], r["id"]);
+}

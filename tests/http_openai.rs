@@ -1,5 +1,6 @@
 //! The official `openai` Python package against a running `verdict serve` (tiny models written
-//! by the test): completions and chat, streamed and not, verdict's fields via `extra_body`.
+//! by the test), behind an API key: completions, chat and responses, streamed and not, verdict's
+//! fields via `extra_body`.
 //! Python: $VERDICT_TEST_PYTHON, default ~/.cache/verdict/peer-venv/bin/python (has openai).
 
 mod http_common;
@@ -24,7 +25,11 @@ fn official_openai_client() {
     let (target, draft) = tiny_models(dir.path(), 256);
     let log_dir = dir.path().to_path_buf();
     let (t, d) = (target.display().to_string(), draft.display().to_string());
-    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let s = Server::start(
+        &["--model", &t, "--draft", &d, "--api-key", "sk-test-key"],
+        Some(dir),
+        &log_dir,
+    );
     let py = python();
     let out = Command::new(&py)
         .arg(concat!(
@@ -33,6 +38,7 @@ fn official_openai_client() {
         ))
         .arg(s.url())
         .arg("tiny-target")
+        .arg("sk-test-key")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {} (set VERDICT_TEST_PYTHON): {e}", py.display()));
     assert!(

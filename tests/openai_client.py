@@ -1,10 +1,12 @@
 """Drives a running `verdict serve` with the official `openai` package (run by tests/http_openai.rs).
 
-    python tests/openai_client.py BASE_URL MODEL_ID
+    python tests/openai_client.py BASE_URL MODEL_ID API_KEY
 
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
 `extra_body`, logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
-model, `guided_choice`), and that an unknown policy is a 400 the client raises as
+model, `guided_choice`), the Responses API (whole, streamed through the client's own event
+accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
+AuthenticationError, and that an unknown policy is a 400 the client raises as
 BadRequestError.
 Exits non-zero (AssertionError) on the first mismatch.
 """
@@ -13,8 +15,14 @@ import sys
 
 import openai
 
-base_url, model = sys.argv[1], sys.argv[2]
-client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+base_url, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+try:
+    openai.OpenAI(base_url=base_url + "/v1", api_key=key + "x", max_retries=0).models.list()
+    raise AssertionError("a wrong API key was accepted")
+except openai.AuthenticationError as e:
+    assert e.body["code"] == "invalid_api_key", e.body
 
 assert model in [m.id for m in client.models.list().data], "model not listed"
 assert client.models.retrieve(model).id == model
@@ -164,6 +172,64 @@ choice = client.completions.create(
     model=model, prompt="x", max_tokens=8, temperature=0, extra_body={"guided_choice": ["up", "down"]}
 )
 assert choice.choices[0].text in ("up", "down"), choice
+
+# The Responses API: the same greedy text as the chat request it stands for.
+want = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+    max_tokens=10,
+    temperature=0,
+)
+r = client.responses.create(
+    model=model, instructions="Be brief.", input="Hello", max_output_tokens=10, temperature=0
+)
+assert r.output_text == want.choices[0].message.content, (r, want)
+assert r.usage.input_tokens == want.usage.prompt_tokens, r.usage
+assert r.status == ("incomplete" if want.choices[0].finish_reason == "length" else "completed"), r
+# Streamed: the client's accumulator folds the events into the same response.
+with client.responses.stream(
+    model=model,
+    instructions="Be brief.",
+    input="Hello",
+    max_output_tokens=10,
+    temperature=0,
+    extra_body={"speculation": {"draft": "model", "k": 3}},
+) as stream:
+    deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+    if r.status == "completed":
+        final = stream.get_final_response()
+        assert final.output_text == r.output_text, final
+assert deltas == r.output_text, (deltas, r.output_text)
+# A conversation continued by id, then retrieved and deleted.
+r2 = client.responses.create(
+    model=model, input="More", previous_response_id=r.id, max_output_tokens=6, temperature=0
+)
+assert r2.previous_response_id == r.id
+assert client.responses.retrieve(r.id).output_text == r.output_text
+client.responses.delete(r.id)
+try:
+    client.responses.retrieve(r.id)
+    raise AssertionError("a deleted response was found")
+except openai.NotFoundError:
+    pass
+# `parse` with a pydantic model sends a strict JSON schema as text.format.
+parsed = client.responses.parse(
+    model=model, input="Rate it", text_format=Verdict, max_output_tokens=200, temperature=0
+)
+assert isinstance(parsed.output_parsed, Verdict) and 0 <= parsed.output_parsed.score <= 9, parsed
+# Streamed under the schema, the reply ends with the grammar: the accumulator's final response.
+with client.responses.stream(
+    model=model, input="Rate it", text_format=Verdict, max_output_tokens=200, temperature=0
+) as stream:
+    events = [e.type for e in stream]
+    final = stream.get_final_response()
+assert events[0] == "response.created" and events[-1] == "response.completed", events
+assert final.output_parsed == parsed.output_parsed, (final, parsed)
+try:
+    client.responses.create(model=model, input="x", tools=[{"type": "web_search"}])
+    raise AssertionError("a built-in tool was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "tools[0].type", e.body
 
 # Errors arrive as the client's typed exceptions, naming the field.
 try:

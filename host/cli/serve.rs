@@ -12,7 +12,7 @@ use crate::engine::{Engine, EngineConfig, MAX_K};
 use crate::models::Model;
 use crate::models::chat::ChatTemplate;
 use crate::models::tokenizer::Tokenizer;
-use crate::serve::{AdminToken, ServeOptions, Served};
+use crate::serve::{ServeOptions, Served, Tokens};
 
 /// The default pair, as `scripts/fetch-models default` leaves it in the model cache.
 pub const DEFAULT_TARGET: &str = "qwen2.5-coder-1.5b.gguf";
@@ -57,6 +57,18 @@ pub struct ServeArgs {
     /// File holding the bearer token the policy admin routes (PUT, DELETE) require.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// The model id `/v1/models` lists and requests name in `model` (default: the target
+    /// file's name without `.gguf`).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// File of API keys, one per line: every route but /health, /ready and /metrics then
+    /// needs `Authorization: Bearer <key>` (the `openai` client's `api_key`).
+    #[arg(long, conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
+    /// One API key, as --api-key-file's. Prefer the environment variable or the file: a
+    /// command line is visible to every user of the machine.
+    #[arg(long, env = "VERDICT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Requests that may wait for a generation worker; more are answered 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -177,16 +189,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.max_batch == 0 {
         bail!("--max-batch must be at least 1 (1 turns batching off)");
     }
+    let tokens = |f: &PathBuf, flag: &str| -> Result<Tokens> {
+        let text = std::fs::read_to_string(f).with_context(|| format!("{flag} {}", f.display()))?;
+        Tokens::from_lines(&text)
+            .with_context(|| format!("{flag} {}: the file holds no token", f.display()))
+    };
     let admin_token = match &args.admin_token_file {
         None => None,
-        Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("--admin-token-file {}", f.display()))?;
-            Some(AdminToken::new(&text).with_context(|| {
-                format!("--admin-token-file {}: the file is empty", f.display())
-            })?)
-        }
+        Some(f) => Some(tokens(f, "--admin-token-file")?),
     };
+    let api_keys =
+        match (&args.api_key_file, &args.api_key) {
+            (Some(f), _) => Some(tokens(f, "--api-key-file")?),
+            (None, Some(k)) => Some(Tokens::new(k).context(
+                "--api-key (or VERDICT_API_KEY) is blank; unset it to serve without a key",
+            )?),
+            (None, None) => None,
+        };
     let (target_path, draft_path, default_drafter) = resolve_models(&args)?;
     let registry = Arc::new(match &args.policy_dir {
         Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())
@@ -196,16 +215,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
     for e in registry.load_errors() {
         eprintln!("verdict: warning: {e}");
     }
-    let model_id = target_path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let model_id = match &args.served_model_name {
+        Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => {
+            bail!(
+                "--served-model-name must be a non-blank name without control characters, got {n:?}"
+            )
+        }
+        Some(n) => n.clone(),
+        None => target_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    };
     let opts = ServeOptions {
         host: args.host.clone(),
         port: args.port,
         workers: args.workers,
         max_queue: args.max_queue,
         admin_token,
+        api_keys,
         model_id,
         default_policy: args.policy.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout),

@@ -115,7 +115,11 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
     parse_object(endpoint, &json_object(body)?)
 }
 
-fn parse_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+/// [`parse`] of a body already read as a JSON object.
+pub fn parse_object(
+    endpoint: Endpoint,
+    obj: &Map<String, Value>,
+) -> Result<ParsedRequest, ApiError> {
     let mut r = ParsedRequest {
         endpoint,
         model: None,
@@ -626,7 +630,7 @@ pub fn parse_detokenize(body: &[u8]) -> Result<Vec<u32>, ApiError> {
     tokens.ok_or_else(|| ApiError::invalid("tokens", "missing field `tokens` (token ids)"))
 }
 
-fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the request body is not valid JSON: {e} (send a JSON object with Content-Type: application/json)"
@@ -789,7 +793,9 @@ fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                     if r.is_empty() {
                         return Err(ApiError::invalid(name, "role must not be empty"));
                     }
-                    role = Some(r);
+                    // OpenAI's newer name for the system role; chat templates know only
+                    // "system" (Qwen's drops a message with a role it does not know).
+                    role = Some(if r == "developer" { "system".into() } else { r });
                 }
                 "content" => content = Some(message_content(&name, mv)?),
                 "tool_calls" => calls = opt(mv, |v| tool_calls(&name, v))?,

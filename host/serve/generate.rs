@@ -41,7 +41,7 @@ pub struct Outcome {
 }
 
 /// The `speculation` field of every response.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SpeculationReport {
     /// `name@version`; null when the request ran without speculation.
     pub policy: Option<String>,

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -21,12 +21,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
-use super::auth::AdminToken;
+use super::auth::Tokens;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
 use super::logprobs::{self, TokenEntry};
 use super::metrics::Metrics;
 use super::pool::Pool;
+use super::responses;
 use super::tools;
 use crate::decide::PolicyRegistry;
 use crate::engine::{self, Engine, GenerateRequest};
@@ -46,7 +47,11 @@ pub struct ServeOptions {
     pub workers: usize,
     /// Requests that may wait for a worker; more get 429.
     pub max_queue: usize,
-    pub admin_token: Option<AdminToken>,
+    /// The bearer token the policy admin routes (PUT, DELETE) require.
+    pub admin_token: Option<Tokens>,
+    /// The API keys every route but `/health`, `/ready` and `/metrics` requires (OpenAI's
+    /// `Authorization: Bearer <key>`); `None`: those routes are open.
+    pub api_keys: Option<Tokens>,
     /// The id `/v1/models` lists and requests name in `model`.
     pub model_id: String,
     /// The policy a request gets when it names none.
@@ -65,6 +70,7 @@ impl ServeOptions {
             workers: 2,
             max_queue: 64,
             admin_token: None,
+            api_keys: None,
             model_id: model_id.into(),
             default_policy: "strict".into(),
             drain_timeout: Duration::from_secs(60),
@@ -95,6 +101,8 @@ struct App {
     registry: Arc<PolicyRegistry>,
     pool: Pool,
     metrics: Arc<Metrics>,
+    /// Responses API replies kept for `previous_response_id` (bounded, in memory).
+    responses: Mutex<responses::Store>,
     draining: AtomicBool,
     created: u64,
     next_id: AtomicU64,
@@ -131,10 +139,17 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
     let addr = listener.local_addr().context("no local address")?;
-    if opts.admin_token.is_none() && !addr.ip().is_loopback() {
-        tracing::warn!(
-            "listening on {addr} without --admin-token-file: anyone who reaches it can replace policies"
-        );
+    if !addr.ip().is_loopback() {
+        if opts.api_keys.is_none() {
+            tracing::warn!(
+                "listening on {addr} without an API key (--api-key-file or VERDICT_API_KEY): anyone who reaches it can generate"
+            );
+        }
+        if opts.admin_token.is_none() && opts.api_keys.is_none() {
+            tracing::warn!(
+                "listening on {addr} without --admin-token-file: anyone who reaches it can replace policies"
+            );
+        }
     }
     let metrics = Arc::new(Metrics::new());
     let pool = Pool::new(opts.workers, opts.max_queue, metrics.clone())
@@ -146,6 +161,7 @@ async fn serve(
         registry,
         pool,
         metrics,
+        responses: Mutex::default(),
         draining: AtomicBool::new(false),
         created: unix_now(),
         next_id: AtomicU64::new(0),
@@ -284,7 +300,10 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (route, result) = route(&app, method, &path, req).await;
+    let (route, result) = match check_api_key(&app, &method, &path, &req) {
+        Ok(()) => route(&app, method, &path, req).await,
+        Err(e) => ("unauthorized", Err(e)),
+    };
     let resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -356,6 +375,24 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/v1/responses" => (
+            "/v1/responses",
+            match method {
+                Method::POST => create_response(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        p if p.starts_with("/v1/responses/") => {
+            let id = percent_decode(&p["/v1/responses/".len()..]);
+            (
+                "/v1/responses/{id}",
+                match method {
+                    Method::GET => stored_response(app, &id, false),
+                    Method::DELETE => stored_response(app, &id, true),
+                    _ => allow("GET, DELETE"),
+                },
+            )
+        }
         "/tokenize" => (
             "/tokenize",
             match method {
@@ -555,6 +592,220 @@ async fn completion(
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
+    let (early, rx) = start(app, &served, &parsed, arrived).await?;
+    let id = format!(
+        "{}-{}",
+        if endpoint == Endpoint::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        new_id(app)
+    );
+    let meta = ResponseMeta {
+        id,
+        created: unix_now(),
+        model: app.opts.model_id.clone(),
+        endpoint,
+        include_usage: parsed.include_usage,
+        logprobs: parsed.logprobs,
+        n: parsed.n,
+        tools: parsed.tools.is_some(),
+    };
+    if parsed.stream {
+        Ok(sse_response(meta, early, rx))
+    } else {
+        let choices = collect((early, rx), parsed.n).await?;
+        Ok(json_response(StatusCode::OK, &meta.full(&choices)))
+    }
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, run as the chat request it translates to
+/// ([`responses`]).
+async fn create_response(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let arrived = Instant::now();
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let t = responses::translate(&api::json_object(&body)?, |id| {
+        lock(&app.responses).conversation(id)
+    })?;
+    let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
+    let events = start(app, &served, &parsed, arrived)
+        .await
+        .map_err(responses::rename_param)?;
+    let meta = responses::Meta::new(
+        format!("resp_{}", new_id(app)),
+        unix_now(),
+        app.opts.model_id.clone(),
+        &t,
+        parsed.tools.is_some(),
+    );
+    if t.stream {
+        return Ok(response_events(app.clone(), meta, t, events));
+    }
+    let choices = collect(events, 1).await?;
+    let c = &choices[0];
+    let o = c
+        .outcome
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("the generation ended without an outcome"))?;
+    let (r, reply) = meta.full(&c.text, o);
+    if t.store {
+        let mut conversation = t.conversation;
+        conversation.push(reply);
+        lock(&app.responses).insert(meta.id.clone(), r.clone(), conversation);
+    }
+    Ok(json_response(StatusCode::OK, &r))
+}
+
+/// The store stays usable if a thread panicked while holding it (a poisoned lock): its
+/// contents are replaced whole under the lock, never left half-written.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `GET` (or, with `delete`, `DELETE`) `/v1/responses/{id}`.
+fn stored_response(app: &App, id: &str, delete: bool) -> Result<Response<Body>, ApiError> {
+    let mut store = lock(&app.responses);
+    let missing = || {
+        ApiError::not_found(format!(
+            "no stored response `{id}` (responses are kept in memory, the last {}, and only with `store`)",
+            responses::STORE_CAPACITY
+        ))
+    };
+    if delete {
+        if !store.remove(id) {
+            return Err(missing());
+        }
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"id": id, "object": "response", "deleted": true}),
+        ));
+    }
+    let r = store.response(id).ok_or_else(missing)?;
+    Ok(json_response(StatusCode::OK, r))
+}
+
+/// A streamed Responses reply: typed server-sent events (`event: <type>`, `data: <object>`),
+/// from `response.created` to `response.completed` (no `[DONE]` in this API). The finished
+/// reply is stored as when not streamed. Dropping the body stops the generation.
+fn response_events(
+    app: Arc<App>,
+    meta: responses::Meta,
+    t: responses::Translated,
+    (early, rx): Events,
+) -> Response<Body> {
+    struct S {
+        app: Arc<App>,
+        stream: responses::Stream,
+        id: String,
+        t: Option<responses::Translated>,
+        early: VecDeque<(usize, Event)>,
+        rx: UnboundedReceiver<(usize, Event)>,
+        started: bool,
+        done: bool,
+    }
+    fn sse(events: Vec<Value>) -> Bytes {
+        let mut s = String::new();
+        for e in events {
+            s.push_str("event: ");
+            s.push_str(e["type"].as_str().unwrap_or("message"));
+            s.push_str("\ndata: ");
+            s.push_str(&e.to_string());
+            s.push_str("\n\n");
+        }
+        Bytes::from(s)
+    }
+    let state = S {
+        app,
+        id: meta.id.clone(),
+        stream: responses::Stream::new(meta),
+        t: Some(t),
+        early,
+        rx,
+        started: false,
+        done: false,
+    };
+    let body = futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        if !s.started {
+            s.started = true;
+            let b = sse(s.stream.start());
+            return Some((Ok::<_, Infallible>(Frame::data(b)), s));
+        }
+        let bytes = loop {
+            let next = match s.early.pop_front() {
+                Some(e) => Some(e),
+                None => s.rx.recv().await,
+            };
+            match next {
+                Some((_, Event::Delta(d, _))) => {
+                    let events = s.stream.delta(&d);
+                    if !events.is_empty() {
+                        break sse(events);
+                    }
+                }
+                Some((_, Event::Started | Event::Prefilled)) => {}
+                Some((_, Event::Done(o))) => {
+                    let (events, response, reply) = s.stream.done(&o);
+                    if let Some(t) = s.t.take().filter(|t| t.store) {
+                        let mut conversation = t.conversation;
+                        conversation.push(reply);
+                        lock(&s.app.responses).insert(s.id.clone(), response, conversation);
+                    }
+                    s.done = true;
+                    break sse(events);
+                }
+                Some((_, Event::Failed(e))) => {
+                    s.done = true;
+                    break sse(s.stream.failed(&e));
+                }
+                None => {
+                    s.done = true;
+                    let e = ApiError::internal("the generation worker stopped unexpectedly");
+                    break sse(s.stream.failed(&e));
+                }
+            }
+        };
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// A fresh id suffix for a response (unique in this server, not guessable).
+fn new_id(app: &App) -> String {
+    format!(
+        "{:08x}{:08x}",
+        unix_now() as u32,
+        app.next_id.fetch_add(1, Ordering::Relaxed) as u32 ^ rand::random::<u32>()
+    )
+}
+
+/// The events of a request's choices, tagged with the choice's index: those that arrived
+/// before every choice started, and the channel of the rest.
+type Events = (VecDeque<(usize, Event)>, UnboundedReceiver<(usize, Event)>);
+
+/// Prepares a parsed request and starts its generations (one per choice); returns once every
+/// choice has started, so that a refused request is an HTTP error and not a broken stream.
+async fn start(
+    app: &Arc<App>,
+    served: &Arc<Served>,
+    parsed: &ParsedRequest,
+    arrived: Instant,
+) -> Result<Events, ApiError> {
     if let Some(m) = &parsed.model
         && m != &app.opts.model_id
     {
@@ -652,56 +903,37 @@ async fn completion(
         }
     }
     drop(all_tx);
-    let id = format!(
-        "{}-{:08x}{:08x}",
-        if endpoint == Endpoint::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        },
-        unix_now() as u32,
-        app.next_id.fetch_add(1, Ordering::Relaxed) as u32 ^ rand::random::<u32>()
-    );
-    let meta = ResponseMeta {
-        id,
-        created: unix_now(),
-        model: app.opts.model_id.clone(),
-        endpoint,
-        include_usage: parsed.include_usage,
-        logprobs: parsed.logprobs,
-        n: parsed.n,
-        tools: parsed.tools.is_some(),
-    };
-    if parsed.stream {
-        Ok(sse_response(meta, early, rx))
-    } else {
-        let mut choices: Vec<Choice> = (0..parsed.n).map(|_| Choice::default()).collect();
-        let mut done = 0;
-        while done < parsed.n {
-            let next = match early.pop_front() {
-                Some(e) => Some(e),
-                None => rx.recv().await,
-            };
-            match next {
-                Some((i, Event::Delta(d, e))) => {
-                    choices[i].text.push_str(&d);
-                    choices[i].entries.extend(e);
-                }
-                Some((i, Event::Done(o))) => {
-                    choices[i].outcome = Some(o);
-                    done += 1;
-                }
-                Some((_, Event::Failed(e))) => return Err(e),
-                Some((_, Event::Started | Event::Prefilled)) => {}
-                None => {
-                    return Err(ApiError::internal(
-                        "the generation worker stopped unexpectedly",
-                    ));
-                }
+    Ok((early, rx))
+}
+
+/// Every choice's whole text, logprobs and outcome (a request that is not streamed).
+async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, ApiError> {
+    let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+    let mut done = 0;
+    while done < n {
+        let next = match early.pop_front() {
+            Some(e) => Some(e),
+            None => rx.recv().await,
+        };
+        match next {
+            Some((i, Event::Delta(d, e))) => {
+                choices[i].text.push_str(&d);
+                choices[i].entries.extend(e);
+            }
+            Some((i, Event::Done(o))) => {
+                choices[i].outcome = Some(o);
+                done += 1;
+            }
+            Some((_, Event::Failed(e))) => return Err(e),
+            Some((_, Event::Started | Event::Prefilled)) => {}
+            None => {
+                return Err(ApiError::internal(
+                    "the generation worker stopped unexpectedly",
+                ));
             }
         }
-        Ok(json_response(StatusCode::OK, &meta.full(&choices)))
     }
+    Ok(choices)
 }
 
 /// Choice `i`'s copy of a request (`n` > 1): the same prompt and parameters, and a seed of its
@@ -1284,8 +1516,44 @@ fn sse_response(
     r
 }
 
+/// With API keys set, every route but the probes (`/health`, `/ready`) and `/metrics` needs
+/// one. The policy admin routes with an admin token set take that token instead (a client
+/// sends one `Authorization` header).
+fn check_api_key<B>(
+    app: &App,
+    method: &Method,
+    path: &str,
+    req: &Request<B>,
+) -> Result<(), ApiError> {
+    let Some(keys) = &app.opts.api_keys else {
+        return Ok(());
+    };
+    let open = matches!(path, "/health" | "/ready" | "/metrics");
+    let admin = path.starts_with("/v1/policies/")
+        && matches!(*method, Method::PUT | Method::DELETE)
+        && app.opts.admin_token.is_some();
+    if open || admin {
+        return Ok(());
+    }
+    let h = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    if keys.accepts(h) {
+        Ok(())
+    } else if h.is_none() {
+        Err(ApiError::unauthorized(
+            "this server needs an API key: send `Authorization: Bearer <key>`",
+        ))
+    } else {
+        Err(ApiError::unauthorized("the API key is wrong"))
+    }
+}
+
 // ---- policy management -------------------------------------------------------------------
 
+/// The admin routes need the admin token when one is set; without one, an API key when those
+/// are set (checked before routing); else they are open.
 fn require_admin<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
     match &app.opts.admin_token {
         None => Ok(()),

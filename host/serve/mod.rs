@@ -3,11 +3,13 @@
 //!
 //! - [`api`]: request parsing and validation (every error names its field).
 //! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
+//! - [`responses`]: OpenAI's Responses API as a chat request, its output items and typed
+//!   stream events, and the store behind `previous_response_id`.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
 //! - [`pool`]: the generation worker threads and the bounded queue behind 429.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`auth`]: the admin bearer token (constant-time compare).
+//! - [`auth`]: the API keys and the admin token (bearer tokens, constant-time compare).
 //! - [`error`]: OpenAI-style error bodies.
 //!
 //! Policy versions: a request resolves its policy once, when it starts; an upload or delete
@@ -22,9 +24,10 @@ pub mod http;
 pub mod logprobs;
 pub mod metrics;
 pub mod pool;
+pub mod responses;
 pub mod stop;
 pub mod tools;
 
-pub use auth::AdminToken;
+pub use auth::Tokens;
 pub use error::ApiError;
 pub use http::{Loader, ServeOptions, Served, run};

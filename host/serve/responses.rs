@@ -1,0 +1,1230 @@
+//! OpenAI's Responses API (`POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`), on
+//! top of the chat path. A request becomes a chat request:
+//! - input items become messages (`developer` as `system`, function calls as an assistant's
+//!   `tool_calls`, their outputs as `tool` messages);
+//! - `instructions` become a system message before them;
+//! - `text.format` becomes `response_format`, and `max_output_tokens` becomes `max_tokens`;
+//! - flat function tools become chat tools.
+//!
+//! The request then runs as a chat request. Its reply is rendered as output items (a message,
+//! then function calls), or streamed as the API's typed events. Replies are kept in a bounded
+//! in-memory [`Store`], so that `previous_response_id` continues a conversation. Engine-free:
+//! `http.rs` runs the generation.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use super::generate::Outcome;
+use super::tools;
+
+/// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`; the oldest goes
+/// first. Each holds its conversation's text, at most the model's context in tokens.
+pub const STORE_CAPACITY: usize = 256;
+
+/// What a request asked, ready to run as chat and to be echoed in the response object.
+#[derive(Debug, Clone)]
+pub struct Translated {
+    /// The chat request body.
+    pub chat: Map<String, Value>,
+    /// The conversation before this reply as chat messages (the previous response's, then
+    /// this input), without `instructions`: kept with the reply when `store` holds.
+    pub conversation: Vec<Value>,
+    pub store: bool,
+    pub stream: bool,
+    /// The request's settings as the response object repeats them.
+    echo: Map<String, Value>,
+}
+
+/// Fields of a chat request that the Responses API spells otherwise or has not.
+const CHAT_ONLY: &[&str] = &[
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "stream_options",
+    "functions",
+    "function_call",
+    "prompt",
+    "echo",
+    "suffix",
+    "best_of",
+];
+
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
+    ApiError::invalid(param, message)
+}
+
+fn type_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string<'a>(name: &str, v: &'a Value) -> Result<&'a str, ApiError> {
+    v.as_str()
+        .ok_or_else(|| invalid(name, format!("{name} must be a string, got {}", type_of(v))))
+}
+
+fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
+    v.as_object().ok_or_else(|| {
+        invalid(
+            name,
+            format!("{name} must be an object, got {}", type_of(v)),
+        )
+    })
+}
+
+/// Reads a Responses request. `previous` looks up a stored response's conversation.
+pub fn translate(
+    body: &Map<String, Value>,
+    previous: impl FnOnce(&str) -> Option<Vec<Value>>,
+) -> Result<Translated, ApiError> {
+    let mut chat = Map::new();
+    let mut echo = Map::new();
+    let mut input = None;
+    let mut instructions = None;
+    let mut previous_id = None;
+    let mut store = true;
+    let mut stream = false;
+    for (k, v) in body {
+        match k.as_str() {
+            "input" => input = Some(v),
+            "instructions" => {
+                if !v.is_null() {
+                    instructions = Some(string(k, v)?.to_string());
+                }
+                echo.insert(k.clone(), v.clone());
+            }
+            "previous_response_id" => {
+                if !v.is_null() {
+                    previous_id = Some(string(k, v)?.to_string());
+                }
+            }
+            "store" => match v {
+                Value::Null => {}
+                Value::Bool(b) => store = *b,
+                _ => {
+                    return Err(invalid(
+                        k,
+                        format!("store must be a boolean, got {}", type_of(v)),
+                    ));
+                }
+            },
+            "max_output_tokens" => {
+                chat.insert("max_tokens".into(), v.clone());
+                echo.insert(k.clone(), v.clone());
+            }
+            "text" => {
+                if let Some(f) = text_format(v)? {
+                    chat.insert("response_format".into(), f);
+                }
+                echo.insert(k.clone(), v.clone());
+            }
+            "tools" => {
+                chat.insert(k.clone(), tools_of(v)?);
+                echo.insert(k.clone(), v.clone());
+            }
+            "tool_choice" => {
+                chat.insert(k.clone(), tool_choice(v)?);
+                echo.insert(k.clone(), v.clone());
+            }
+            "stream" => {
+                stream = v.as_bool().unwrap_or(false);
+                chat.insert(k.clone(), v.clone());
+            }
+            "truncation" => match v {
+                Value::Null => {}
+                Value::String(s) if s == "disabled" => {}
+                Value::String(s) if s == "auto" => {
+                    return Err(invalid(
+                        k,
+                        "truncation \"auto\" is not supported: an input longer than the context is an error",
+                    ));
+                }
+                _ => return Err(invalid(k, "truncation must be \"disabled\"")),
+            },
+            "background" => {
+                if v.as_bool() == Some(true) {
+                    return Err(invalid(
+                        k,
+                        "background responses are not supported; stream the response instead",
+                    ));
+                }
+            }
+            "include" => match v {
+                Value::Null => {}
+                Value::Array(a) if a.is_empty() => {}
+                _ => {
+                    return Err(invalid(
+                        k,
+                        "include is not supported (no output item has optional parts here)",
+                    ));
+                }
+            },
+            // A model without reasoning has no reasoning settings to apply.
+            "reasoning" => {
+                if !v.is_null() {
+                    object(k, v)?;
+                }
+            }
+            "metadata" | "temperature" | "top_p" | "parallel_tool_calls" => {
+                chat.insert(k.clone(), v.clone());
+                echo.insert(k.clone(), v.clone());
+            }
+            k if CHAT_ONLY.contains(&k) => {
+                return Err(invalid(
+                    k,
+                    format!("unknown field `{k}` (a chat completions field; see the Responses API's own)"),
+                )
+                .with_code("unknown_parameter"));
+            }
+            // Everything else (sampling extensions, verdict's policy and speculation, `model`,
+            // `user`...) means what it means on the chat route, which checks it.
+            _ => {
+                chat.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let input = input.ok_or_else(|| invalid("input", "a response needs `input`"))?;
+    let mut conversation = match &previous_id {
+        None => Vec::new(),
+        Some(id) => previous(id).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "previous_response_id: no stored response `{id}` (responses are kept in memory, the last {STORE_CAPACITY}, and only with `store`)"
+            ))
+            .with_param("previous_response_id")
+        })?,
+    };
+    conversation.extend(input_messages(input)?);
+    let mut messages = Vec::with_capacity(conversation.len() + 1);
+    if let Some(i) = &instructions {
+        messages.push(json!({"role": "system", "content": i}));
+    }
+    messages.extend(conversation.iter().cloned());
+    chat.insert("messages".into(), Value::Array(messages));
+    echo.insert(
+        "previous_response_id".into(),
+        previous_id.map_or(Value::Null, Value::String),
+    );
+    echo.insert("store".into(), Value::Bool(store));
+    Ok(Translated {
+        chat,
+        conversation,
+        store,
+        stream,
+        echo,
+    })
+}
+
+/// The chat route names fields its own way; an error it finds is renamed to the field the
+/// Responses request used.
+pub fn rename_param(mut e: ApiError) -> ApiError {
+    if let Some(p) = &e.param {
+        let renamed = if p == "max_tokens" {
+            Some("max_output_tokens".to_string())
+        } else if let Some(rest) = p.strip_prefix("response_format") {
+            Some(format!("text.format{}", rest.replace(".json_schema", "")))
+        } else if p.starts_with("messages") {
+            Some("input".to_string())
+        } else if p.starts_with("tools[") || p.starts_with("tool_choice") {
+            Some(p.replace(".function.", "."))
+        } else {
+            None
+        };
+        if let Some(r) = renamed {
+            // The message names the field as the chat route knew it.
+            let old = p.split(['[', '.']).next().unwrap_or(p).to_string();
+            let new = match old.as_str() {
+                "response_format" => "text.format".to_string(),
+                _ => r.split(['[', '.']).next().unwrap_or(&r).to_string(),
+            };
+            if old != "messages" && old != new {
+                e.message = e.message.replace(&old, &new);
+            }
+            e.param = Some(r);
+        }
+    }
+    e
+}
+
+/// `text.format` as a chat `response_format` (`None` for plain text).
+fn text_format(v: &Value) -> Result<Option<Value>, ApiError> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let mut format = None;
+    for (k, fv) in object("text", v)? {
+        match k.as_str() {
+            "format" => format = Some(fv),
+            // How long an answer a model writes; these models take no such setting.
+            "verbosity" => {}
+            _ => {
+                return Err(invalid(
+                    format!("text.{k}"),
+                    format!("unknown field `text.{k}`"),
+                ));
+            }
+        }
+    }
+    let Some(f) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let o = object("text.format", f)?;
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let mut schema = Map::new();
+            for (k, fv) in o {
+                match k.as_str() {
+                    "type" => {}
+                    "name" | "schema" | "strict" | "description" => {
+                        schema.insert(k.clone(), fv.clone());
+                    }
+                    _ => {
+                        return Err(invalid(
+                            format!("text.format.{k}"),
+                            format!("unknown field `text.format.{k}`"),
+                        ));
+                    }
+                }
+            }
+            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+        }
+        Some(t) => Err(invalid(
+            "text.format.type",
+            format!(
+                "text.format.type must be \"text\", \"json_object\" or \"json_schema\", got \"{t}\""
+            ),
+        )),
+        None => Err(invalid(
+            "text.format.type",
+            "text.format needs a string `type`",
+        )),
+    }
+}
+
+/// Responses tools (`{"type": "function", "name", "description", "parameters", "strict"}`) as
+/// chat tools.
+fn tools_of(v: &Value) -> Result<Value, ApiError> {
+    let Some(a) = v.as_array() else {
+        return Err(invalid(
+            "tools",
+            format!("tools must be an array, got {}", type_of(v)),
+        ));
+    };
+    let mut out = Vec::with_capacity(a.len());
+    for (i, t) in a.iter().enumerate() {
+        let at = format!("tools[{i}]");
+        let o = object(&at, t)?;
+        match o.get("type").and_then(Value::as_str) {
+            Some("function") => {}
+            Some(t) => {
+                return Err(invalid(
+                    format!("{at}.type"),
+                    format!(
+                        "tool type \"{t}\" is not supported: only \"function\" tools, which the caller runs"
+                    ),
+                ));
+            }
+            None => {
+                return Err(invalid(
+                    format!("{at}.type"),
+                    "a tool needs a string `type`",
+                ));
+            }
+        }
+        let mut f = Map::new();
+        for (k, fv) in o {
+            match k.as_str() {
+                "type" => {}
+                "name" | "description" | "parameters" | "strict" => {
+                    f.insert(k.clone(), fv.clone());
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("{at}.{k}"),
+                        format!("unknown field `{at}.{k}`"),
+                    ));
+                }
+            }
+        }
+        if f.get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err(invalid(
+                format!("{at}.name"),
+                "a function tool needs a non-empty string `name`",
+            ));
+        }
+        out.push(json!({"type": "function", "function": f}));
+    }
+    Ok(Value::Array(out))
+}
+
+fn tool_choice(v: &Value) -> Result<Value, ApiError> {
+    match v {
+        Value::String(_) | Value::Null => Ok(v.clone()),
+        Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+            Some("function") => {
+                let name = o.get("name").ok_or_else(|| {
+                    invalid("tool_choice.name", "a function tool_choice needs `name`")
+                })?;
+                Ok(json!({"type": "function", "function": {"name": name}}))
+            }
+            _ => Err(invalid(
+                "tool_choice.type",
+                "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+            )),
+        },
+        _ => Err(invalid(
+            "tool_choice",
+            format!(
+                "tool_choice must be a string or an object, got {}",
+                type_of(v)
+            ),
+        )),
+    }
+}
+
+/// `input` (a string, or a list of items) as chat messages.
+fn input_messages(v: &Value) -> Result<Vec<Value>, ApiError> {
+    let items = match v {
+        Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
+        Value::Array(a) => a,
+        _ => {
+            return Err(invalid(
+                "input",
+                format!(
+                    "input must be a string or an array of items, got {}",
+                    type_of(v)
+                ),
+            ));
+        }
+    };
+    let mut out: Vec<Value> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let o = object(&at, item)?;
+        let kind = match o.get("type") {
+            None => "message",
+            Some(t) => string(&format!("{at}.type"), t)?,
+        };
+        match kind {
+            "message" => {
+                let role = o
+                    .get("role")
+                    .ok_or_else(|| invalid(format!("{at}.role"), format!("{at} has no `role`")))
+                    .and_then(|r| string(&format!("{at}.role"), r))?;
+                if !matches!(role, "user" | "assistant" | "system" | "developer") {
+                    return Err(invalid(
+                        format!("{at}.role"),
+                        format!(
+                            "role must be \"user\", \"assistant\", \"system\" or \"developer\", got \"{role}\""
+                        ),
+                    ));
+                }
+                let content = content_text(&format!("{at}.content"), o.get("content"))?;
+                out.push(json!({"role": role, "content": content}));
+            }
+            "function_call" => {
+                let field = |k: &str| -> Result<&str, ApiError> {
+                    let name = format!("{at}.{k}");
+                    let v = o.get(k).ok_or_else(|| {
+                        invalid(&name, format!("a function_call item needs `{k}`"))
+                    })?;
+                    string(&name, v)
+                };
+                let call = json!({
+                    "id": field("call_id")?,
+                    "type": "function",
+                    "function": {"name": field("name")?, "arguments": field("arguments")?},
+                });
+                // Calls made together are one assistant turn, as chat templates expect.
+                match out.last_mut() {
+                    Some(m)
+                        if m["role"] == "assistant"
+                            && m.get("tool_calls").is_some_and(Value::is_array) =>
+                    {
+                        m["tool_calls"].as_array_mut().expect("checked").push(call);
+                    }
+                    Some(m) if m["role"] == "assistant" => {
+                        m["tool_calls"] = json!([call]);
+                    }
+                    _ => {
+                        out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]}))
+                    }
+                }
+            }
+            "function_call_output" => {
+                let id = o
+                    .get("call_id")
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("{at}.call_id"),
+                            "a function_call_output item needs `call_id`",
+                        )
+                    })
+                    .and_then(|v| string(&format!("{at}.call_id"), v))?;
+                let output = content_text(&format!("{at}.output"), o.get("output"))?;
+                out.push(json!({"role": "tool", "tool_call_id": id, "content": output}));
+            }
+            // A model without reasoning wrote none; clients pass back what they were given.
+            "reasoning" => {}
+            t => {
+                return Err(invalid(
+                    format!("{at}.type"),
+                    format!(
+                        "input item type \"{t}\" is not supported (only message, function_call, function_call_output)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A message's content: a string, or text parts (`input_text`, `output_text`, `text`).
+fn content_text(name: &str, v: Option<&Value>) -> Result<String, ApiError> {
+    match v {
+        None => Err(invalid(name, format!("{name} is missing"))),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut s = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let pn = format!("{name}[{j}]");
+                let o = object(&pn, p)?;
+                match o.get("type").and_then(Value::as_str) {
+                    Some("input_text" | "output_text" | "text") => {
+                        let t = o.get("text").ok_or_else(|| {
+                            invalid(format!("{pn}.text"), "a text part needs `text`")
+                        })?;
+                        s.push_str(string(&format!("{pn}.text"), t)?);
+                    }
+                    Some(t) => {
+                        return Err(invalid(
+                            format!("{pn}.type"),
+                            format!(
+                                "content part type \"{t}\" is not supported (text models read input_text only)"
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            format!("{pn}.type"),
+                            "a content part needs a string `type`",
+                        ));
+                    }
+                }
+            }
+            Ok(s)
+        }
+        Some(other) => Err(invalid(
+            name,
+            format!(
+                "{name} must be a string or an array of parts, got {}",
+                type_of(other)
+            ),
+        )),
+    }
+}
+
+/// One response's identity and settings, shared by its whole and streamed forms.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub id: String,
+    pub created_at: u64,
+    pub model: String,
+    pub echo: Map<String, Value>,
+    pub tools: bool,
+}
+
+impl Meta {
+    /// `tools`: the reply is read for function calls (tools offered, `tool_choice` not
+    /// "none").
+    pub fn new(id: String, created_at: u64, model: String, t: &Translated, tools: bool) -> Meta {
+        Meta {
+            id,
+            created_at,
+            model,
+            echo: t.echo.clone(),
+            tools,
+        }
+    }
+
+    /// The response object with `status`, `output` and (when finished) `usage`.
+    fn object(&self, status: &str, output: Vec<Value>, outcome: Option<&Outcome>) -> Value {
+        let get = |k: &str, default: Value| self.echo.get(k).cloned().unwrap_or(default);
+        let incomplete = outcome
+            .filter(|o| o.finish_reason == "length")
+            .map(|_| json!({"reason": "max_output_tokens"}));
+        let mut r = json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": null,
+            "incomplete_details": incomplete,
+            "instructions": get("instructions", Value::Null),
+            "max_output_tokens": get("max_output_tokens", Value::Null),
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": get("parallel_tool_calls", json!(true)),
+            "previous_response_id": get("previous_response_id", Value::Null),
+            "store": get("store", json!(true)),
+            "temperature": get("temperature", json!(1.0)),
+            "top_p": get("top_p", json!(1.0)),
+            "text": get("text", json!({"format": {"type": "text"}})),
+            "tool_choice": get("tool_choice", json!("auto")),
+            "tools": get("tools", json!([])),
+            "truncation": "disabled",
+            "metadata": get("metadata", json!({})),
+            "usage": outcome.map_or(Value::Null, usage),
+        });
+        if let Some(o) = outcome {
+            r["speculation"] = serde_json::to_value(&o.speculation).unwrap_or(Value::Null);
+        }
+        r
+    }
+
+    /// The reply's output items: its text as a message (left out when the reply is only calls),
+    /// then its function calls.
+    fn items(&self, text: &str) -> (Vec<Value>, Option<Value>) {
+        let (content, calls) = match self.tools.then(|| tools::parse(text)).flatten() {
+            Some((content, calls)) => (content, calls),
+            None => (Some(text.to_string()), Vec::new()),
+        };
+        let mut items = Vec::new();
+        let mut chat = json!({"role": "assistant", "content": content.clone().unwrap_or_default()});
+        if let Some(c) = content.filter(|c| !c.is_empty() || calls.is_empty()) {
+            items.push(message_item(&self.message_id(), &c, "completed"));
+        }
+        for (j, c) in calls.iter().enumerate() {
+            items.push(call_item(&self.call_item_id(j), c, "completed"));
+        }
+        if !calls.is_empty() {
+            chat["tool_calls"] = Value::Array(calls);
+        }
+        (items, Some(chat))
+    }
+
+    fn message_id(&self) -> String {
+        format!("msg_{}", self.id.trim_start_matches("resp_"))
+    }
+
+    fn call_item_id(&self, j: usize) -> String {
+        format!("fc_{}_{j}", self.id.trim_start_matches("resp_"))
+    }
+
+    /// The whole response to a request that was not streamed, and the reply as a chat message
+    /// (for the store).
+    pub fn full(&self, text: &str, outcome: &Outcome) -> (Value, Value) {
+        let (items, chat) = self.items(text);
+        let status = if outcome.finish_reason == "length" {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        (
+            self.object(status, items, Some(outcome)),
+            chat.unwrap_or(Value::Null),
+        )
+    }
+}
+
+fn usage(o: &Outcome) -> Value {
+    json!({
+        "input_tokens": o.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": o.cached_tokens},
+        "output_tokens": o.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": o.prompt_tokens + o.completion_tokens,
+    })
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    json!({
+        "type": "message",
+        "id": id,
+        "status": status,
+        "role": "assistant",
+        "content": if status == "completed" { json!([text_part(text)]) } else { json!([]) },
+    })
+}
+
+fn text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+/// A chat tool call (`{"id", "function": {"name", "arguments"}}`) as a function-call item.
+fn call_item(id: &str, call: &Value, status: &str) -> Value {
+    json!({
+        "type": "function_call",
+        "id": id,
+        "call_id": call["id"],
+        "name": call["function"]["name"],
+        "arguments": if status == "completed" { call["function"]["arguments"].clone() } else { json!("") },
+        "status": status,
+    })
+}
+
+/// A streamed response's events. Each is an object with its `type` and `sequence_number`; the
+/// server sends it as `event: <type>` and `data: <object>`.
+pub struct Stream {
+    meta: Meta,
+    seq: u64,
+    /// The message item is open (its text streams).
+    open: bool,
+    text: String,
+    held: tools::Holder<()>,
+}
+
+impl Stream {
+    pub fn new(meta: Meta) -> Stream {
+        Stream {
+            meta,
+            seq: 0,
+            open: false,
+            text: String::new(),
+            held: tools::Holder::default(),
+        }
+    }
+
+    fn event(&mut self, kind: &str, mut fields: Value) -> Value {
+        fields["type"] = json!(kind);
+        fields["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        fields
+    }
+
+    /// `response.created` and `response.in_progress`.
+    pub fn start(&mut self) -> Vec<Value> {
+        let r = self.meta.object("in_progress", Vec::new(), None);
+        vec![
+            self.event("response.created", json!({"response": r})),
+            self.event("response.in_progress", json!({"response": r})),
+        ]
+    }
+
+    /// Text for the message item, opening it first.
+    fn text_delta(&mut self, out: &mut Vec<Value>, delta: &str) {
+        if delta.is_empty() {
+            return;
+        }
+        let item_id = self.meta.message_id();
+        if !self.open {
+            self.open = true;
+            let item = message_item(&item_id, "", "in_progress");
+            out.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": item}),
+            ));
+            out.push(self.event(
+                "response.content_part.added",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                       "part": text_part("")}),
+            ));
+        }
+        self.text.push_str(delta);
+        out.push(self.event(
+            "response.output_text.delta",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                   "delta": delta, "logprobs": []}),
+        ));
+    }
+
+    /// New text of the reply (held back while it may be a function call).
+    pub fn delta(&mut self, d: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let send = if self.meta.tools {
+            self.held.push(d, Vec::new()).map(|(t, _)| t)
+        } else {
+            Some(d.to_string())
+        };
+        if let Some(t) = send {
+            self.text_delta(&mut out, &t);
+        }
+        out
+    }
+
+    /// The end of the reply: the held text (as text or calls), each item's `done` events, and
+    /// `response.completed` (or `response.incomplete` at `max_output_tokens`). Returns the
+    /// events, the whole response and the reply as a chat message.
+    pub fn done(&mut self, outcome: &Outcome) -> (Vec<Value>, Value, Value) {
+        let mut out = Vec::new();
+        let (held, _) = self.held.finish();
+        let calls = match self.meta.tools.then(|| tools::parse(&held)).flatten() {
+            Some((content, calls)) => {
+                self.text_delta(&mut out, content.as_deref().unwrap_or(""));
+                calls
+            }
+            None => {
+                self.text_delta(&mut out, &held);
+                Vec::new()
+            }
+        };
+        // A reply with neither text nor calls is one empty message, as when not streamed.
+        if !self.open && calls.is_empty() {
+            let item_id = self.meta.message_id();
+            self.open = true;
+            let item = message_item(&item_id, "", "in_progress");
+            out.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": item}),
+            ));
+            out.push(self.event(
+                "response.content_part.added",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                       "part": text_part("")}),
+            ));
+        }
+        let mut items = Vec::new();
+        if self.open {
+            let item_id = self.meta.message_id();
+            let text = self.text.clone();
+            out.push(self.event(
+                "response.output_text.done",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                       "text": text, "logprobs": []}),
+            ));
+            out.push(self.event(
+                "response.content_part.done",
+                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                       "part": text_part(&text)}),
+            ));
+            let item = message_item(&item_id, &text, "completed");
+            out.push(self.event(
+                "response.output_item.done",
+                json!({"output_index": 0, "item": item}),
+            ));
+            items.push(item);
+        }
+        for (j, c) in calls.iter().enumerate() {
+            let index = items.len();
+            let item_id = self.meta.call_item_id(j);
+            let args = c["function"]["arguments"].clone();
+            out.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": index, "item": call_item(&item_id, c, "in_progress")}),
+            ));
+            out.push(self.event(
+                "response.function_call_arguments.delta",
+                json!({"item_id": item_id, "output_index": index, "delta": args}),
+            ));
+            out.push(self.event(
+                "response.function_call_arguments.done",
+                json!({"item_id": item_id, "output_index": index, "arguments": args}),
+            ));
+            let item = call_item(&item_id, c, "completed");
+            out.push(self.event(
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            ));
+            items.push(item);
+        }
+        let (status, kind) = if outcome.finish_reason == "length" {
+            ("incomplete", "response.incomplete")
+        } else {
+            ("completed", "response.completed")
+        };
+        let response = self.meta.object(status, items, Some(outcome));
+        out.push(self.event(kind, json!({"response": response})));
+        let mut chat = json!({"role": "assistant", "content": self.text});
+        if !calls.is_empty() {
+            chat["tool_calls"] = Value::Array(calls);
+        }
+        (out, response, chat)
+    }
+
+    /// The generation failed after the response started: an `error` event, then
+    /// `response.failed`.
+    pub fn failed(&mut self, e: &ApiError) -> Vec<Value> {
+        let error = json!({"code": e.code.unwrap_or(e.kind), "message": e.message});
+        let mut r = self.meta.object("failed", Vec::new(), None);
+        r["error"] = error.clone();
+        vec![
+            self.event(
+                "error",
+                json!({"code": error["code"], "message": e.message, "param": e.param}),
+            ),
+            self.event("response.failed", json!({"response": r})),
+        ]
+    }
+}
+
+/// Stored responses: each one's object (for `GET`) and its conversation as chat messages,
+/// the reply included (for `previous_response_id`).
+#[derive(Default)]
+pub struct Store {
+    by_id: HashMap<String, (Value, Vec<Value>)>,
+    order: VecDeque<String>,
+}
+
+impl Store {
+    pub fn insert(&mut self, id: String, response: Value, conversation: Vec<Value>) {
+        if self
+            .by_id
+            .insert(id.clone(), (response, conversation))
+            .is_none()
+        {
+            self.order.push_back(id);
+        }
+        while self.order.len() > STORE_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+
+    pub fn response(&self, id: &str) -> Option<&Value> {
+        self.by_id.get(id).map(|(r, _)| r)
+    }
+
+    pub fn conversation(&self, id: &str) -> Option<Vec<Value>> {
+        self.by_id.get(id).map(|(_, c)| c.clone())
+    }
+
+    pub fn remove(&mut self, id: &str) -> bool {
+        let found = self.by_id.remove(id).is_some();
+        if found {
+            self.order.retain(|x| x != id);
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::api::{self, Endpoint};
+    use crate::serve::generate::SpeculationReport;
+
+    fn t(body: Value) -> Result<Translated, ApiError> {
+        translate(body.as_object().unwrap(), |_| None)
+    }
+
+    fn outcome(finish: &'static str) -> Outcome {
+        Outcome {
+            finish_reason: finish,
+            prompt_tokens: 10,
+            cached_tokens: 4,
+            completion_tokens: 3,
+            speculation: SpeculationReport::default(),
+        }
+    }
+
+    #[test]
+    fn a_request_becomes_a_chat_request() {
+        let r = t(json!({
+            "model": "m", "instructions": "Be brief.", "max_output_tokens": 20,
+            "temperature": 0, "policy": "strict",
+            "input": [
+                {"role": "developer", "content": "Use Python."},
+                {"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": "Weather "}, {"type": "input_text", "text": "in Paris?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                {"type": "function_call", "call_id": "c2", "name": "now", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "reasoning", "summary": []},
+            ],
+            "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": true}},
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+        }))
+        .unwrap();
+        let c = &r.chat;
+        assert_eq!(c["max_tokens"], 20);
+        assert_eq!(c["policy"], "strict");
+        assert_eq!(
+            c["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}})
+        );
+        assert_eq!(
+            c["tools"],
+            json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+        );
+        assert_eq!(
+            c["tool_choice"],
+            json!({"type": "function", "function": {"name": "get_weather"}})
+        );
+        let m = c["messages"].as_array().unwrap();
+        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(m[1], json!({"role": "developer", "content": "Use Python."}));
+        assert_eq!(
+            m[2],
+            json!({"role": "user", "content": "Weather in Paris?"})
+        );
+        assert_eq!(m[3]["role"], "assistant");
+        assert_eq!(m[3]["tool_calls"].as_array().unwrap().len(), 2);
+        assert_eq!(m[3]["tool_calls"][1]["function"]["name"], "now");
+        assert_eq!(
+            m[4],
+            json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"})
+        );
+        assert_eq!(m.len(), 5);
+        // The conversation leaves the instructions out.
+        assert_eq!(r.conversation.len(), 4);
+        assert!(r.store && !r.stream);
+        // ...and the chat route reads it, developer as system (one grammar at a time: the
+        // named tool's).
+        let e = api::parse_object(Endpoint::Chat, c).unwrap_err();
+        assert_eq!(rename_param(e).param.as_deref(), Some("tool_choice"));
+        let mut c = c.clone();
+        c.remove("response_format");
+        let p = api::parse_object(Endpoint::Chat, &c).unwrap();
+        assert_eq!(p.messages[1].role, "system");
+        assert_eq!(p.max_tokens, Some(20));
+        assert!(p.grammar.is_some());
+    }
+
+    #[test]
+    fn previous_response_continues_its_conversation() {
+        let prev = vec![
+            json!({"role": "user", "content": "Hi"}),
+            json!({"role": "assistant", "content": "Hello"}),
+        ];
+        let r = translate(
+            json!({"input": "And you?", "previous_response_id": "resp_1", "store": false})
+                .as_object()
+                .unwrap(),
+            |id| (id == "resp_1").then(|| prev.clone()),
+        )
+        .unwrap();
+        assert_eq!(r.conversation.len(), 3);
+        assert_eq!(r.chat["messages"][2]["content"], "And you?");
+        assert!(!r.store);
+        let e = translate(
+            json!({"input": "x", "previous_response_id": "resp_2"})
+                .as_object()
+                .unwrap(),
+            |_| None,
+        )
+        .unwrap_err();
+        assert_eq!(e.status.as_u16(), 404);
+        assert_eq!(e.param.as_deref(), Some("previous_response_id"));
+    }
+
+    #[test]
+    fn bad_requests_name_their_field() {
+        let cases = [
+            (json!({}), "input"),
+            (json!({"input": 3}), "input"),
+            (json!({"input": [{"role": "user"}]}), "input[0].content"),
+            (
+                json!({"input": [{"role": "robot", "content": "x"}]}),
+                "input[0].role",
+            ),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+                "input[0].content[0].type",
+            ),
+            (
+                json!({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}),
+                "input[0].call_id",
+            ),
+            (
+                json!({"input": [{"type": "web_search_call"}]}),
+                "input[0].type",
+            ),
+            (json!({"input": "x", "messages": []}), "messages"),
+            (json!({"input": "x", "max_tokens": 3}), "max_tokens"),
+            (
+                json!({"input": "x", "tools": [{"type": "web_search"}]}),
+                "tools[0].type",
+            ),
+            (
+                json!({"input": "x", "tools": [{"type": "function"}]}),
+                "tools[0].name",
+            ),
+            (
+                json!({"input": "x", "tool_choice": {"type": "file_search"}}),
+                "tool_choice.type",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "yaml"}}}),
+                "text.format.type",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "json_schema", "scheme": {}}}}),
+                "text.format.scheme",
+            ),
+            (json!({"input": "x", "truncation": "auto"}), "truncation"),
+            (json!({"input": "x", "background": true}), "background"),
+            (
+                json!({"input": "x", "include": ["message.output_text.logprobs"]}),
+                "include",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = t(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
+            assert_eq!(e.status.as_u16(), 400, "{body}");
+        }
+        // What the chat route finds is renamed to the Responses field.
+        for (body, param) in [
+            (
+                json!({"input": "x", "max_output_tokens": -1}),
+                "max_output_tokens",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": 3}}}),
+                "text.format.schema",
+            ),
+            (json!({"input": "x", "temperature": "hot"}), "temperature"),
+        ] {
+            let r = t(body.clone()).unwrap();
+            let e = rename_param(api::parse_object(Endpoint::Chat, &r.chat).unwrap_err());
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
+            assert!(
+                !e.message.contains("max_tokens") && !e.message.contains("response_format"),
+                "{e}"
+            );
+        }
+    }
+
+    fn meta(tools: bool) -> Meta {
+        let r = t(json!({"input": "x", "max_output_tokens": 3, "temperature": 0})).unwrap();
+        Meta::new("resp_abc".into(), 7, "m".into(), &r, tools)
+    }
+
+    #[test]
+    fn the_whole_response() {
+        let (r, chat) = meta(false).full("Hi there", &outcome("stop"));
+        assert_eq!(r["object"], "response");
+        assert_eq!(r["status"], "completed");
+        assert_eq!(r["incomplete_details"], Value::Null);
+        assert_eq!(r["output"][0]["content"][0]["text"], "Hi there");
+        assert_eq!(r["output"][0]["id"], "msg_abc");
+        assert_eq!(r["max_output_tokens"], 3);
+        assert_eq!(r["temperature"], 0);
+        assert_eq!(r["usage"]["input_tokens"], 10);
+        assert_eq!(r["usage"]["input_tokens_details"]["cached_tokens"], 4);
+        assert_eq!(r["usage"]["total_tokens"], 13);
+        assert_eq!(chat, json!({"role": "assistant", "content": "Hi there"}));
+        let (r, _) = meta(false).full("Hi", &outcome("length"));
+        assert_eq!(r["status"], "incomplete");
+        assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
+        // With tools, a call is a function_call item and no empty message goes before it.
+        let (r, chat) = meta(true).full(
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>",
+            &outcome("stop"),
+        );
+        let out = r["output"].as_array().unwrap();
+        assert_eq!(out.len(), 1, "{r}");
+        assert_eq!(out[0]["type"], "function_call");
+        assert_eq!(out[0]["name"], "f");
+        assert_eq!(out[0]["arguments"], "{\"x\":1}");
+        assert!(out[0]["call_id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(chat["tool_calls"][0]["function"]["name"], "f");
+    }
+
+    /// The streamed events, folded the way a client does, give the same output as the whole
+    /// response.
+    #[test]
+    fn streamed_events_add_up_to_the_response() {
+        for (tools, pieces) in [
+            (false, vec!["Hel", "lo", " world"]),
+            (
+                true,
+                vec![
+                    "Sure. ",
+                    "<tool_call>\n{\"name\": ",
+                    "\"f\", \"arguments\": {}}\n</tool_call>",
+                ],
+            ),
+            (
+                true,
+                vec!["{\"name\": \"f\", ", "\"arguments\": {\"a\": [1]}}"],
+            ),
+            (false, vec![]),
+        ] {
+            let mut s = Stream::new(meta(tools));
+            let mut events = s.start();
+            for p in &pieces {
+                events.extend(s.delta(p));
+            }
+            let (end, response, _) = s.done(&outcome("stop"));
+            events.extend(end);
+            let (whole, _) = meta(tools).full(&pieces.concat(), &outcome("stop"));
+            assert_eq!(
+                response["output"].as_array().map(Vec::len),
+                whole["output"].as_array().map(Vec::len)
+            );
+            for (a, b) in response["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(whole["output"].as_array().unwrap())
+            {
+                assert_eq!(a["type"], b["type"]);
+                // Text streamed before a call keeps its spaces; the whole reply trims them.
+                let text = |v: &Value| {
+                    v["content"][0]["text"]
+                        .as_str()
+                        .map(|t| t.trim().to_string())
+                };
+                assert_eq!(text(a), text(b));
+                assert_eq!(a["arguments"], b["arguments"]);
+            }
+            let seq: Vec<u64> = events
+                .iter()
+                .map(|e| e["sequence_number"].as_u64().unwrap())
+                .collect();
+            assert_eq!(seq, (0..events.len() as u64).collect::<Vec<_>>());
+            assert_eq!(events[0]["type"], "response.created");
+            assert_eq!(events.last().unwrap()["type"], "response.completed");
+            // Fold: items added, text deltas, then each item's done form.
+            let mut items: Vec<Value> = Vec::new();
+            for e in &events {
+                match e["type"].as_str().unwrap() {
+                    "response.output_item.added" => {
+                        assert_eq!(e["output_index"], items.len());
+                        items.push(e["item"].clone());
+                    }
+                    "response.output_text.delta" => {
+                        let i = e["output_index"].as_u64().unwrap() as usize;
+                        assert_eq!(items[i]["type"], "message");
+                    }
+                    "response.output_item.done" => {
+                        let i = e["output_index"].as_u64().unwrap() as usize;
+                        assert_eq!(items[i]["id"], e["item"]["id"]);
+                        items[i] = e["item"].clone();
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(Value::Array(items), response["output"], "{pieces:?}");
+        }
+        let mut s = Stream::new(meta(false));
+        s.start();
+        s.delta("a");
+        let (end, r, _) = s.done(&outcome("length"));
+        assert_eq!(end.last().unwrap()["type"], "response.incomplete");
+        assert_eq!(r["status"], "incomplete");
+    }
+
+    #[test]
+    fn the_store_keeps_the_latest() {
+        let mut s = Store::default();
+        for i in 0..STORE_CAPACITY + 5 {
+            s.insert(format!("r{i}"), json!(i), vec![json!(i)]);
+        }
+        assert!(s.response("r4").is_none());
+        assert_eq!(s.response("r5"), Some(&json!(5)));
+        assert_eq!(s.conversation("r200"), Some(vec![json!(200)]));
+        assert!(s.remove("r200"));
+        assert!(!s.remove("r200"));
+        assert!(s.conversation("r200").is_none());
+    }
+}
