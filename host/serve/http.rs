@@ -95,8 +95,8 @@ pub type Loader = Box<dyn FnOnce() -> anyhow::Result<Served> + Send + 'static>;
 struct App {
     opts: ServeOptions,
     served: OnceLock<Arc<Served>>,
-    /// The tokenizer's token trie for structured outputs, built by the first request that
-    /// asks for a grammar (an error if this tokenizer cannot end one).
+    /// The tokenizer's token trie for structured outputs, built when the model has loaded (an
+    /// error if this tokenizer cannot end a grammar).
     grammars: OnceLock<Result<Grammars, String>>,
     registry: Arc<PolicyRegistry>,
     pool: Pool,
@@ -180,6 +180,19 @@ async fn serve(
             let t0 = Instant::now();
             match loader() {
                 Ok(served) => {
+                    // The token trie of structured outputs, built now rather than by the first
+                    // request that asks for a grammar (0.4 s for Qwen's vocabulary).
+                    let t1 = Instant::now();
+                    let g = app.grammars.get_or_init(|| {
+                        Grammars::new(&served.tokenizer).map_err(|e| format!("{e:#}"))
+                    });
+                    match g {
+                        Ok(_) => tracing::info!(
+                            "grammar token trie built in {:.2} s",
+                            t1.elapsed().as_secs_f64()
+                        ),
+                        Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
+                    }
                     let _ = app.served.set(Arc::new(served));
                     tracing::info!("model loaded in {:.1} s; ready", t0.elapsed().as_secs_f64());
                     eprintln!("verdict: ready ({:.1} s)", t0.elapsed().as_secs_f64());
