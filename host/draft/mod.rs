@@ -39,6 +39,13 @@ impl Draft {
             q_rows: Vec::new(),
         }
     }
+
+    /// Keeps the first `n` drafted tokens.
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        self.q_token.truncate(n);
+        self.q_rows.truncate(n);
+    }
 }
 
 /// Proposes continuations. One instance per request (it owns per-sequence state such as a KV

@@ -781,6 +781,7 @@ impl Generation {
         // into other tokens).
         let mut forced = self.adjust.as_mut().map(Adjust::forced).unwrap_or_default();
         forced.truncate(limit);
+        let mut cut = false;
         let proposed = if forced.len() >= 2 {
             None
         } else {
@@ -789,13 +790,23 @@ impl Generation {
                 drafter.constrain(g);
             }
             let mut draft = drafter.propose(&self.tokens, k, &self.sampling, &mut self.rng)?;
-            draft.tokens.truncate(k);
+            draft.truncate(k);
+            // A copied draft (prompt lookup) is cut where the grammar refuses it; model
+            // drafters drafted under the grammar and lose nothing here.
+            if let Some(g) = self.adjust.as_mut().and_then(|a| a.grammar.as_mut()) {
+                let fit = g.fitting(&draft.tokens)?;
+                if fit < draft.tokens.len() {
+                    draft.truncate(fit);
+                    cut = true;
+                }
+            }
             let name = drafter.last_choice().unwrap_or_else(|| drafter.name());
             Some((draft, name)).filter(|(d, _)| !d.tokens.is_empty() || forced.is_empty())
         };
         let by_grammar = proposed.is_none();
         let (draft, used) =
             proposed.unwrap_or_else(|| (Draft::certain(forced), "grammar".to_string()));
+        self.stats.grammar_cuts += u64::from(cut);
         if draft.tokens.is_empty() {
             // Nothing to verify (e.g. prompt lookup found no match): a plain step.
             return self.plain_step();
@@ -838,8 +849,10 @@ impl Generation {
             }
             correction = Correction::Sample;
         }
-        // Nothing past the first draft the grammar refuses (a lossy policy may accept it).
-        self.stats.grammar_cuts += u64::from(v.allowed < kd);
+        // Nothing past the first draft the grammar refuses (a lossy policy may accept it). The
+        // cut above leaves none such, save an end token that something else bars (min_tokens);
+        // this cap stands whatever the drafts.
+        self.stats.grammar_cuts += u64::from(v.allowed < kd && !cut);
         if n > v.allowed {
             n = v.allowed;
             correction = Correction::Sample;

@@ -241,6 +241,39 @@ impl Constraint {
         Ok(allowed)
     }
 
+    /// How many of `drafts` the grammar allows in a row, as [`Constraint::mask_rows`] finds
+    /// them but without computing a mask: a drafter that copies text (prompt lookup) has its
+    /// copy cut here, before the target verifies rows no step could accept. The parser's state
+    /// is left as it was.
+    pub fn fitting(&mut self, drafts: &[u32]) -> Result<usize> {
+        let j = drafts
+            .iter()
+            .position(|d| self.ends(*d) || self.eog.contains(d))
+            .unwrap_or(drafts.len());
+        let n = self
+            .matcher
+            .validate_tokens(&drafts[..j])
+            .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+        if n < j || j == drafts.len() || !self.ends(drafts[j]) {
+            return Ok(n);
+        }
+        // drafts[j] ends the output: allowed when the grammar may stop after the ones before.
+        for &d in &drafts[..j] {
+            self.consume(d)?;
+        }
+        let accepting = self.matcher.is_stopped()
+            || self
+                .matcher
+                .is_accepting()
+                .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+        if j > 0 {
+            self.matcher
+                .rollback(j)
+                .map_err(|e| anyhow::anyhow!("grammar: cannot roll back the drafts: {e}"))?;
+        }
+        Ok(j + usize::from(accepting))
+    }
+
     /// The tokens of the text the grammar forces next (a JSON key, punctuation), in the
     /// tokenizer's own split of it; empty when the next token is a choice.
     pub fn forced(&mut self) -> Vec<u32> {
