@@ -2059,6 +2059,46 @@ fn the_responses_api_runs_as_chat() {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["sequence_number"], i);
     }
+    // Logprobs (`include`, `top_logprobs`): the chat request's entries, whole and streamed.
+    let want = chat(
+        json!([{"role": "user", "content": "Hello there"}]),
+        json!({"logprobs": true, "top_logprobs": 2}),
+    );
+    let want_lp = &want["choices"][0]["logprobs"]["content"];
+    assert_eq!(want_lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let lp_req = json!({"input": "Hello there", "max_output_tokens": 12, "temperature": 0,
+        "include": ["message.output_text.logprobs", "reasoning.encrypted_content"],
+        "top_logprobs": 2});
+    let r = respond(lp_req.clone());
+    assert_eq!(&r["output"][0]["content"][0]["logprobs"], want_lp);
+    let mut streamed = lp_req.clone();
+    streamed["stream"] = json!(true);
+    let events = response_events(
+        &s.request(
+            "POST",
+            "/v1/responses",
+            &[],
+            streamed.to_string().as_bytes(),
+        )
+        .text(),
+    );
+    let deltas: Vec<Value> = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .flat_map(|e| e["logprobs"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(&Value::Array(deltas), want_lp);
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.output_text.done")
+        .unwrap();
+    assert_eq!(&done["logprobs"], want_lp);
+    // Without them, none.
+    assert_eq!(
+        respond(json!({"input": "Hello there", "max_output_tokens": 3}))["output"][0]["content"][0]
+            ["logprobs"],
+        json!([])
+    );
     // Continuing a stored response reads the conversation so far (the earlier instructions
     // are not carried over, as OpenAI's API has it).
     let first = respond(json!({"input": "Hello there", "max_output_tokens": 8, "temperature": 0}));

@@ -200,6 +200,18 @@ with client.responses.stream(
         final = stream.get_final_response()
         assert final.output_text == r.output_text, final
 assert deltas == r.output_text, (deltas, r.output_text)
+# Logprobs by `include`, in the client's own types.
+lp = client.responses.create(
+    model=model,
+    input="Hello",
+    max_output_tokens=5,
+    temperature=0,
+    include=["message.output_text.logprobs"],
+    top_logprobs=2,
+)
+entries = lp.output[0].content[0].logprobs
+assert len(entries) == lp.usage.output_tokens, lp
+assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries), entries
 # A conversation continued by id, then retrieved and deleted.
 r2 = client.responses.create(
     model=model, input="More", previous_response_id=r.id, max_output_tokens=6, temperature=0

@@ -665,7 +665,7 @@ async fn create_response(
         .outcome
         .as_ref()
         .ok_or_else(|| ApiError::internal("the generation ended without an outcome"))?;
-    let (r, reply) = meta.full(&c.text, o);
+    let (r, reply) = meta.full(&c.text, &c.entries, o);
     if t.store {
         let mut conversation = t.conversation;
         conversation.push(reply);
@@ -757,8 +757,8 @@ fn response_events(
                 None => s.rx.recv().await,
             };
             match next {
-                Some((_, Event::Delta(d, _))) => {
-                    let events = s.stream.delta(&d);
+                Some((_, Event::Delta(d, e))) => {
+                    let events = s.stream.delta(&d, e);
                     if !events.is_empty() {
                         break sse(events);
                     }

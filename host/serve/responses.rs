@@ -17,6 +17,7 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::generate::Outcome;
+use super::logprobs::{self, TokenEntry};
 use super::tools;
 
 /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`; the oldest goes
@@ -37,6 +38,18 @@ pub struct Translated {
     echo: Map<String, Value>,
 }
 
+/// `include` values about output this server never makes (images, tool-call results, encrypted
+/// reasoning): asking for them adds nothing, as for OpenAI's models that make none.
+const INCLUDE_NOTHING: &[&str] = &[
+    "reasoning.encrypted_content",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+];
+
 /// Fields of a chat request that the Responses API spells otherwise or has not.
 const CHAT_ONLY: &[&str] = &[
     "messages",
@@ -45,7 +58,6 @@ const CHAT_ONLY: &[&str] = &[
     "n",
     "response_format",
     "logprobs",
-    "top_logprobs",
     "stream_options",
     "functions",
     "function_call",
@@ -96,6 +108,7 @@ pub fn translate(
     let mut previous_id = None;
     let mut store = true;
     let mut stream = false;
+    let mut logprobs = false;
     for (k, v) in body {
         match k.as_str() {
             "input" => input = Some(v),
@@ -161,16 +174,36 @@ pub fn translate(
                     ));
                 }
             }
-            "include" => match v {
-                Value::Null => {}
-                Value::Array(a) if a.is_empty() => {}
-                _ => {
-                    return Err(invalid(
-                        k,
-                        "include is not supported (no output item has optional parts here)",
-                    ));
+            "include" => {
+                let items = match v {
+                    Value::Null => &Vec::new(),
+                    Value::Array(a) => a,
+                    _ => {
+                        return Err(invalid(
+                            k,
+                            format!("include must be an array of strings, got {}", type_of(v)),
+                        ));
+                    }
+                };
+                for (i, x) in items.iter().enumerate() {
+                    match string(&format!("include[{i}]"), x)? {
+                        "message.output_text.logprobs" => logprobs = true,
+                        x if INCLUDE_NOTHING.contains(&x) => {}
+                        x => {
+                            return Err(invalid(
+                                format!("include[{i}]"),
+                                format!("unknown include value \"{x}\""),
+                            ));
+                        }
+                    }
                 }
-            },
+            }
+            // The alternatives per token of the output's logprobs (which it implies).
+            "top_logprobs" => {
+                logprobs |= !v.is_null();
+                chat.insert(k.clone(), v.clone());
+                echo.insert(k.clone(), v.clone());
+            }
             // A model without reasoning has no reasoning settings to apply.
             "reasoning" => {
                 if !v.is_null() {
@@ -194,6 +227,9 @@ pub fn translate(
                 chat.insert(k.clone(), v.clone());
             }
         }
+    }
+    if logprobs {
+        chat.insert("logprobs".into(), Value::Bool(true));
     }
     let input = input.ok_or_else(|| invalid("input", "a response needs `input`"))?;
     let mut conversation = match &previous_id {
@@ -599,16 +635,17 @@ impl Meta {
     }
 
     /// The reply's output items: its text as a message (left out when the reply is only calls),
-    /// then its function calls.
-    fn items(&self, text: &str) -> (Vec<Value>, Option<Value>) {
-        let (content, calls) = match self.tools.then(|| tools::parse(text)).flatten() {
-            Some((content, calls)) => (content, calls),
-            None => (Some(text.to_string()), Vec::new()),
+    /// then its function calls. The message carries the tokens' logprobs when it is the whole
+    /// reply (not the text before calls).
+    fn items(&self, text: &str, entries: &[TokenEntry]) -> (Vec<Value>, Option<Value>) {
+        let (content, calls, lp) = match self.tools.then(|| tools::parse(text)).flatten() {
+            Some((content, calls)) => (content, calls, json!([])),
+            None => (Some(text.to_string()), Vec::new(), logprob_list(entries)),
         };
         let mut items = Vec::new();
         let mut chat = json!({"role": "assistant", "content": content.clone().unwrap_or_default()});
         if let Some(c) = content.filter(|c| !c.is_empty() || calls.is_empty()) {
-            items.push(message_item(&self.message_id(), &c, "completed"));
+            items.push(message_item(&self.message_id(), &c, "completed", &lp));
         }
         for (j, c) in calls.iter().enumerate() {
             items.push(call_item(&self.call_item_id(j), c, "completed"));
@@ -629,8 +666,8 @@ impl Meta {
 
     /// The whole response to a request that was not streamed, and the reply as a chat message
     /// (for the store).
-    pub fn full(&self, text: &str, outcome: &Outcome) -> (Value, Value) {
-        let (items, chat) = self.items(text);
+    pub fn full(&self, text: &str, entries: &[TokenEntry], outcome: &Outcome) -> (Value, Value) {
+        let (items, chat) = self.items(text, entries);
         let status = if outcome.finish_reason == "length" {
             "incomplete"
         } else {
@@ -653,18 +690,26 @@ fn usage(o: &Outcome) -> Value {
     })
 }
 
-fn message_item(id: &str, text: &str, status: &str) -> Value {
+fn message_item(id: &str, text: &str, status: &str, logprobs: &Value) -> Value {
     json!({
         "type": "message",
         "id": id,
         "status": status,
         "role": "assistant",
-        "content": if status == "completed" { json!([text_part(text)]) } else { json!([]) },
+        "content": if status == "completed" { json!([text_part(text, logprobs)]) } else { json!([]) },
     })
 }
 
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+fn text_part(text: &str, logprobs: &Value) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
+}
+
+/// Tokens' logprobs in the API's shape (the chat shape's `content` list).
+fn logprob_list(entries: &[TokenEntry]) -> Value {
+    if entries.is_empty() {
+        return json!([]);
+    }
+    logprobs::chat_json(entries)["content"].take()
 }
 
 /// A chat tool call (`{"id", "function": {"name", "arguments"}}`) as a function-call item.
@@ -687,7 +732,9 @@ pub struct Stream {
     /// The message item is open (its text streams).
     open: bool,
     text: String,
-    held: tools::Holder<()>,
+    /// The message's tokens' logprobs so far (when asked for).
+    logprobs: Vec<Value>,
+    held: tools::Holder<TokenEntry>,
 }
 
 impl Stream {
@@ -697,6 +744,7 @@ impl Stream {
             seq: 0,
             open: false,
             text: String::new(),
+            logprobs: Vec::new(),
             held: tools::Holder::default(),
         }
     }
@@ -718,42 +766,53 @@ impl Stream {
     }
 
     /// Text for the message item, opening it first.
-    fn text_delta(&mut self, out: &mut Vec<Value>, delta: &str) {
+    fn text_delta(&mut self, out: &mut Vec<Value>, delta: &str, entries: &[TokenEntry]) {
+        let lp = logprob_list(entries);
+        if let Some(a) = lp.as_array() {
+            self.logprobs.extend(a.iter().cloned());
+        }
         if delta.is_empty() {
             return;
         }
         let item_id = self.meta.message_id();
         if !self.open {
             self.open = true;
-            let item = message_item(&item_id, "", "in_progress");
-            out.push(self.event(
-                "response.output_item.added",
-                json!({"output_index": 0, "item": item}),
-            ));
-            out.push(self.event(
-                "response.content_part.added",
-                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                       "part": text_part("")}),
-            ));
+            self.open_message(out);
         }
         self.text.push_str(delta);
         out.push(self.event(
             "response.output_text.delta",
             json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                   "delta": delta, "logprobs": []}),
+                   "delta": delta, "logprobs": lp}),
+        ));
+    }
+
+    /// `response.output_item.added` and `response.content_part.added` of the message.
+    fn open_message(&mut self, out: &mut Vec<Value>) {
+        let item_id = self.meta.message_id();
+        self.open = true;
+        let item = message_item(&item_id, "", "in_progress", &json!([]));
+        out.push(self.event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item}),
+        ));
+        out.push(self.event(
+            "response.content_part.added",
+            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                   "part": text_part("", &json!([]))}),
         ));
     }
 
     /// New text of the reply (held back while it may be a function call).
-    pub fn delta(&mut self, d: &str) -> Vec<Value> {
+    pub fn delta(&mut self, d: &str, entries: Vec<TokenEntry>) -> Vec<Value> {
         let mut out = Vec::new();
         let send = if self.meta.tools {
-            self.held.push(d, Vec::new()).map(|(t, _)| t)
+            self.held.push(d, entries)
         } else {
-            Some(d.to_string())
+            Some((d.to_string(), entries))
         };
-        if let Some(t) = send {
-            self.text_delta(&mut out, &t);
+        if let Some((t, e)) = send {
+            self.text_delta(&mut out, &t, &e);
         }
         out
     }
@@ -763,47 +822,38 @@ impl Stream {
     /// events, the whole response and the reply as a chat message.
     pub fn done(&mut self, outcome: &Outcome) -> (Vec<Value>, Value, Value) {
         let mut out = Vec::new();
-        let (held, _) = self.held.finish();
+        let (held, entries) = self.held.finish();
         let calls = match self.meta.tools.then(|| tools::parse(&held)).flatten() {
+            // The held tokens were the calls: their logprobs go with no text.
             Some((content, calls)) => {
-                self.text_delta(&mut out, content.as_deref().unwrap_or(""));
+                self.text_delta(&mut out, content.as_deref().unwrap_or(""), &[]);
                 calls
             }
             None => {
-                self.text_delta(&mut out, &held);
+                self.text_delta(&mut out, &held, &entries);
                 Vec::new()
             }
         };
         // A reply with neither text nor calls is one empty message, as when not streamed.
         if !self.open && calls.is_empty() {
-            let item_id = self.meta.message_id();
-            self.open = true;
-            let item = message_item(&item_id, "", "in_progress");
-            out.push(self.event(
-                "response.output_item.added",
-                json!({"output_index": 0, "item": item}),
-            ));
-            out.push(self.event(
-                "response.content_part.added",
-                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                       "part": text_part("")}),
-            ));
+            self.open_message(&mut out);
         }
         let mut items = Vec::new();
         if self.open {
             let item_id = self.meta.message_id();
             let text = self.text.clone();
+            let lp = Value::Array(std::mem::take(&mut self.logprobs));
             out.push(self.event(
                 "response.output_text.done",
                 json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                       "text": text, "logprobs": []}),
+                       "text": text, "logprobs": lp}),
             ));
             out.push(self.event(
                 "response.content_part.done",
                 json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                       "part": text_part(&text)}),
+                       "part": text_part(&text, &lp)}),
             ));
-            let item = message_item(&item_id, &text, "completed");
+            let item = message_item(&item_id, &text, "completed", &lp);
             out.push(self.event(
                 "response.output_item.done",
                 json!({"output_index": 0, "item": item}),
@@ -1062,9 +1112,10 @@ mod tests {
             (json!({"input": "x", "truncation": "auto"}), "truncation"),
             (json!({"input": "x", "background": true}), "background"),
             (
-                json!({"input": "x", "include": ["message.output_text.logprobs"]}),
-                "include",
+                json!({"input": "x", "include": ["message.output_text.probs"]}),
+                "include[0]",
             ),
+            (json!({"input": "x", "include": "all"}), "include"),
         ];
         for (body, param) in cases {
             let e = t(body.clone()).unwrap_err();
@@ -1100,7 +1151,7 @@ mod tests {
 
     #[test]
     fn the_whole_response() {
-        let (r, chat) = meta(false).full("Hi there", &outcome("stop"));
+        let (r, chat) = meta(false).full("Hi there", &[], &outcome("stop"));
         assert_eq!(r["object"], "response");
         assert_eq!(r["status"], "completed");
         assert_eq!(r["incomplete_details"], Value::Null);
@@ -1112,12 +1163,13 @@ mod tests {
         assert_eq!(r["usage"]["input_tokens_details"]["cached_tokens"], 4);
         assert_eq!(r["usage"]["total_tokens"], 13);
         assert_eq!(chat, json!({"role": "assistant", "content": "Hi there"}));
-        let (r, _) = meta(false).full("Hi", &outcome("length"));
+        let (r, _) = meta(false).full("Hi", &[], &outcome("length"));
         assert_eq!(r["status"], "incomplete");
         assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
         // With tools, a call is a function_call item and no empty message goes before it.
         let (r, chat) = meta(true).full(
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>",
+            &[],
             &outcome("stop"),
         );
         let out = r["output"].as_array().unwrap();
@@ -1152,11 +1204,11 @@ mod tests {
             let mut s = Stream::new(meta(tools));
             let mut events = s.start();
             for p in &pieces {
-                events.extend(s.delta(p));
+                events.extend(s.delta(p, Vec::new()));
             }
             let (end, response, _) = s.done(&outcome("stop"));
             events.extend(end);
-            let (whole, _) = meta(tools).full(&pieces.concat(), &outcome("stop"));
+            let (whole, _) = meta(tools).full(&pieces.concat(), &[], &outcome("stop"));
             assert_eq!(
                 response["output"].as_array().map(Vec::len),
                 whole["output"].as_array().map(Vec::len)
@@ -1208,7 +1260,7 @@ mod tests {
         }
         let mut s = Stream::new(meta(false));
         s.start();
-        s.delta("a");
+        s.delta("a", Vec::new());
         let (end, r, _) = s.done(&outcome("length"));
         assert_eq!(end.last().unwrap()["type"], "response.incomplete");
         assert_eq!(r["status"], "incomplete");
