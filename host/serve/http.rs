@@ -685,8 +685,9 @@ fn stored_response(app: &App, id: &str, delete: bool) -> Result<Response<Body>, 
     let mut store = lock(&app.responses);
     let missing = || {
         ApiError::not_found(format!(
-            "no stored response `{id}` (responses are kept in memory, the last {}, and only with `store`)",
-            responses::STORE_CAPACITY
+            "no stored response `{id}` (responses are kept in memory, the last {} up to {} MiB, and only with `store`)",
+            responses::STORE_CAPACITY,
+            responses::STORE_BYTES >> 20
         ))
     };
     if delete {

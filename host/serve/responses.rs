@@ -24,6 +24,10 @@ use super::tools;
 /// first. Each holds its conversation's text, at most the model's context in tokens.
 pub const STORE_CAPACITY: usize = 256;
 
+/// ...and at most this many bytes of them (as JSON) in all, so that long conversations cannot
+/// hold the server's memory: the oldest go first.
+pub const STORE_BYTES: usize = 64 << 20;
+
 /// What a request asked, ready to run as chat and to be echoed in the response object.
 #[derive(Debug, Clone)]
 pub struct Translated {
@@ -236,7 +240,8 @@ pub fn translate(
         None => Vec::new(),
         Some(id) => previous(id).ok_or_else(|| {
             ApiError::not_found(format!(
-                "previous_response_id: no stored response `{id}` (responses are kept in memory, the last {STORE_CAPACITY}, and only with `store`)"
+                "previous_response_id: no stored response `{id}` (responses are kept in memory, the last {STORE_CAPACITY} up to {} MiB, and only with `store`)",
+                STORE_BYTES >> 20
             ))
             .with_param("previous_response_id")
         })?,
@@ -917,40 +922,60 @@ impl Stream {
 /// the reply included (for `previous_response_id`).
 #[derive(Default)]
 pub struct Store {
-    by_id: HashMap<String, (Value, Vec<Value>)>,
+    by_id: HashMap<String, Stored>,
     order: VecDeque<String>,
+    bytes: usize,
+}
+
+struct Stored {
+    response: Value,
+    conversation: Vec<Value>,
+    bytes: usize,
 }
 
 impl Store {
     pub fn insert(&mut self, id: String, response: Value, conversation: Vec<Value>) {
-        if self
-            .by_id
-            .insert(id.clone(), (response, conversation))
-            .is_none()
-        {
-            self.order.push_back(id);
-        }
-        while self.order.len() > STORE_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.by_id.remove(&old);
+        let bytes = response.to_string().len()
+            + conversation
+                .iter()
+                .map(|m| m.to_string().len())
+                .sum::<usize>();
+        self.remove(&id);
+        self.by_id.insert(
+            id.clone(),
+            Stored {
+                response,
+                conversation,
+                bytes,
+            },
+        );
+        self.order.push_back(id);
+        self.bytes += bytes;
+        while self.order.len() > STORE_CAPACITY || self.bytes > STORE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.by_id.remove(&old) {
+                self.bytes -= s.bytes;
             }
         }
     }
 
     pub fn response(&self, id: &str) -> Option<&Value> {
-        self.by_id.get(id).map(|(r, _)| r)
+        self.by_id.get(id).map(|s| &s.response)
     }
 
     pub fn conversation(&self, id: &str) -> Option<Vec<Value>> {
-        self.by_id.get(id).map(|(_, c)| c.clone())
+        self.by_id.get(id).map(|s| s.conversation.clone())
     }
 
     pub fn remove(&mut self, id: &str) -> bool {
-        let found = self.by_id.remove(id).is_some();
-        if found {
-            self.order.retain(|x| x != id);
-        }
-        found
+        let Some(s) = self.by_id.remove(id) else {
+            return false;
+        };
+        self.bytes -= s.bytes;
+        self.order.retain(|x| x != id);
+        true
     }
 }
 
@@ -1278,5 +1303,15 @@ mod tests {
         assert!(s.remove("r200"));
         assert!(!s.remove("r200"));
         assert!(s.conversation("r200").is_none());
+        // Big conversations: the byte budget evicts the oldest first.
+        let big = "x".repeat(STORE_BYTES / 4);
+        for i in 0..5 {
+            s.insert(format!("b{i}"), json!(i), vec![json!(big)]);
+        }
+        assert!(s.response("b0").is_none() && s.response("b1").is_none());
+        assert!(s.response("b4").is_some() && s.response("b2").is_some());
+        assert!(s.bytes <= STORE_BYTES);
+        assert!(s.remove("b4"));
+        assert!(s.bytes < 3 * STORE_BYTES / 4);
     }
 }
