@@ -649,7 +649,8 @@ fn unknown_field(name: &str) -> ApiError {
     ApiError::invalid(name, format!("unknown field `{name}`")).with_code("unknown_parameter")
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How an error names a JSON value's type ("a string", "an array"...).
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

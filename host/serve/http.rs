@@ -788,15 +788,7 @@ fn response_events(
         };
         Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
     });
-    let mut r = Response::new(BodyExt::boxed(StreamBody::new(body)));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
+    event_stream(StreamBody::new(body))
 }
 
 /// A fresh id suffix for a response (unique in this server, not guessable).
@@ -1519,7 +1511,15 @@ fn sse_response(
         };
         Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
     });
-    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    event_stream(StreamBody::new(stream))
+}
+
+/// A server-sent-events response around `body`; proxies are told not to buffer it.
+fn event_stream<B>(body: B) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    let mut r = Response::new(BodyExt::boxed(body));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -1549,18 +1549,32 @@ fn check_api_key<B>(
     if open || admin {
         return Ok(());
     }
+    bearer(
+        keys,
+        req,
+        "this server needs an API key: send `Authorization: Bearer <key>`",
+        "the API key is wrong",
+    )
+}
+
+/// Checks the request's `Authorization: Bearer` against `tokens`; the error says whether the
+/// header was missing or its token wrong.
+fn bearer<B>(
+    tokens: &Tokens,
+    req: &Request<B>,
+    missing: &str,
+    wrong: &str,
+) -> Result<(), ApiError> {
     let h = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if keys.accepts(h) {
+    if tokens.accepts(h) {
         Ok(())
     } else if h.is_none() {
-        Err(ApiError::unauthorized(
-            "this server needs an API key: send `Authorization: Bearer <key>`",
-        ))
+        Err(ApiError::unauthorized(missing))
     } else {
-        Err(ApiError::unauthorized("the API key is wrong"))
+        Err(ApiError::unauthorized(wrong))
     }
 }
 
@@ -1571,21 +1585,12 @@ fn check_api_key<B>(
 fn require_admin<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
     match &app.opts.admin_token {
         None => Ok(()),
-        Some(t) => {
-            let h = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(HeaderValue::as_bytes);
-            if t.accepts(h) {
-                Ok(())
-            } else if h.is_none() {
-                Err(ApiError::unauthorized(
-                    "this route needs `Authorization: Bearer <admin token>`",
-                ))
-            } else {
-                Err(ApiError::unauthorized("the admin token is wrong"))
-            }
-        }
+        Some(t) => bearer(
+            t,
+            req,
+            "this route needs `Authorization: Bearer <admin token>`",
+            "the admin token is wrong",
+        ),
     }
 }
 

@@ -15,6 +15,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde_json::{Map, Value, json};
 
+use super::api::type_name;
 use super::error::ApiError;
 use super::generate::Outcome;
 use super::logprobs::{self, TokenEntry};
@@ -75,27 +76,20 @@ fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
 }
 
-fn type_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn string<'a>(name: &str, v: &'a Value) -> Result<&'a str, ApiError> {
-    v.as_str()
-        .ok_or_else(|| invalid(name, format!("{name} must be a string, got {}", type_of(v))))
+    v.as_str().ok_or_else(|| {
+        invalid(
+            name,
+            format!("{name} must be a string, got {}", type_name(v)),
+        )
+    })
 }
 
 fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
     v.as_object().ok_or_else(|| {
         invalid(
             name,
-            format!("{name} must be an object, got {}", type_of(v)),
+            format!("{name} must be an object, got {}", type_name(v)),
         )
     })
 }
@@ -133,7 +127,7 @@ pub fn translate(
                 _ => {
                     return Err(invalid(
                         k,
-                        format!("store must be a boolean, got {}", type_of(v)),
+                        format!("store must be a boolean, got {}", type_name(v)),
                     ));
                 }
             },
@@ -185,7 +179,7 @@ pub fn translate(
                     _ => {
                         return Err(invalid(
                             k,
-                            format!("include must be an array of strings, got {}", type_of(v)),
+                            format!("include must be an array of strings, got {}", type_name(v)),
                         ));
                     }
                 };
@@ -361,7 +355,7 @@ fn tools_of(v: &Value) -> Result<Value, ApiError> {
     let Some(a) = v.as_array() else {
         return Err(invalid(
             "tools",
-            format!("tools must be an array, got {}", type_of(v)),
+            format!("tools must be an array, got {}", type_name(v)),
         ));
     };
     let mut out = Vec::with_capacity(a.len());
@@ -433,7 +427,7 @@ fn tool_choice(v: &Value) -> Result<Value, ApiError> {
             "tool_choice",
             format!(
                 "tool_choice must be a string or an object, got {}",
-                type_of(v)
+                type_name(v)
             ),
         )),
     }
@@ -449,7 +443,7 @@ fn input_messages(v: &Value) -> Result<Vec<Value>, ApiError> {
                 "input",
                 format!(
                     "input must be a string or an array of items, got {}",
-                    type_of(v)
+                    type_name(v)
                 ),
             ));
         }
@@ -575,7 +569,7 @@ fn content_text(name: &str, v: Option<&Value>) -> Result<String, ApiError> {
             name,
             format!(
                 "{name} must be a string or an array of parts, got {}",
-                type_of(other)
+                type_name(other)
             ),
         )),
     }
