@@ -48,6 +48,17 @@ curl -sN "$URL/v1/responses" -H 'Content-Type: application/json' -d "{
   \"max_output_tokens\": 8, \"temperature\": 0
 }" | grep '^event:' | sort | uniq -c
 
+echo "== Anthropic's Messages API: a system prompt, and the start of the reply to continue (a prefill)"
+curl -s "$URL/v1/messages" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"max_tokens\": 48, \"temperature\": 0, \"system\": \"Answer with code only.\",
+  \"messages\": [{\"role\": \"user\", \"content\": \"A Python function that reverses a string.\"},
+                 {\"role\": \"assistant\", \"content\": \"def rev(s):\"}],
+  \"stop_sequences\": [\"\\n\\n\"]
+}" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(repr(r["content"][0]["text"]), r["stop_reason"], r["usage"])'
+curl -s "$URL/v1/messages/count_tokens" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"How long is this prompt?\"}]
+}"; echo
+
 echo "== the lossy threshold policy with prompt lookup, and plain decoding for comparison"
 for spec in '{"draft": "prompt-lookup", "k": 6}' '"off"'; do
   curl -s "$URL/v1/completions" -H 'Content-Type: application/json' -d "{

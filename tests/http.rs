@@ -2195,6 +2195,271 @@ fn the_responses_api_runs_as_chat() {
     assert_eq!(r.status, 405);
 }
 
+/// Anthropic's Messages API on the tiny models: the chat request it stands for gives the same
+/// text, usage and stop, whole and streamed as the API's events; a final assistant message is
+/// continued (the prompt is the conversation cut after its text); count_tokens; a JSON schema
+/// in `output_config`; errors in the API's shape naming the field.
+#[test]
+fn the_messages_api_runs_as_chat() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let post = |path: &str, body: &Value| -> Value {
+        let r = s.post_json(path, body);
+        assert_eq!(r.status, 200, "{path} {body}: {}", r.text());
+        r.json()
+    };
+    let message_text = |m: &Value| -> String {
+        m["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["type"] == "text")
+            .map(|b| b["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let conversation = json!([{"role": "user", "content": "Hello there"}]);
+    let want = post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+                "max_tokens": 12, "temperature": 0}),
+    );
+    let body = json!({"model": "tiny-target", "system": [{"type": "text", "text": "Be brief."}],
+                      "messages": conversation, "max_tokens": 12, "temperature": 0});
+    let m = post("/v1/messages", &body);
+    assert_eq!(
+        (m["type"].as_str(), m["role"].as_str()),
+        (Some("message"), Some("assistant"))
+    );
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"), "{m}");
+    assert_eq!(message_text(&m), text_of(&want));
+    let reason = match want["choices"][0]["finish_reason"].as_str().unwrap() {
+        "length" => "max_tokens",
+        _ => "end_turn",
+    };
+    assert_eq!(m["stop_reason"], reason, "{m}");
+    assert_eq!(m["stop_sequence"], Value::Null);
+    let u = &m["usage"];
+    assert_eq!(u["output_tokens"], want["usage"]["completion_tokens"]);
+    // The chat request left the prompt in the cache; reads count apart.
+    assert!(u["cache_read_input_tokens"].as_u64().unwrap() > 0, "{u}");
+    assert_eq!(
+        u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap(),
+        want["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(m["speculation"]["drafter"], "model");
+    // count_tokens: the same prompt's length.
+    let n = post("/v1/messages/count_tokens", &body);
+    assert_eq!(n, json!({"input_tokens": want["usage"]["prompt_tokens"]}));
+
+    // Streamed: the API's events, named in `event:` lines, carry the same text and usage.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = response_events(
+        &s.request("POST", "/v1/messages", &[], streamed.to_string().as_bytes())
+            .text(),
+    );
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds[..3],
+        ["message_start", "ping", "content_block_start"],
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert_eq!(
+        events[0]["message"]["usage"]["input_tokens"],
+        want["usage"]["prompt_tokens"]
+    );
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "content_block_delta")
+        .map(|e| {
+            assert_eq!(e["index"], 0);
+            e["delta"]["text"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(text, text_of(&want));
+    let delta = &events[events.len() - 2];
+    assert_eq!(delta["delta"]["stop_reason"], reason);
+    assert_eq!(delta["usage"]["output_tokens"], u["output_tokens"]);
+
+    // A stop sequence from the text ends it there and is named (chat names it too, as vLLM's
+    // `stop_reason`).
+    let long = post(
+        "/v1/messages",
+        &json!({"messages": conversation, "max_tokens": 40, "temperature": 0}),
+    );
+    let full = message_text(&long);
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = (3..chars.len().saturating_sub(2))
+        .map(|i| chars[i..i + 2].iter().collect::<String>())
+        .find(|w: &String| w.trim() == w)
+        .unwrap_or_else(|| panic!("no stop sequence in {full:?}"));
+    let cut = post(
+        "/v1/messages",
+        &json!({"messages": conversation, "max_tokens": 40, "temperature": 0, "stop_sequences": [stop]}),
+    );
+    assert_eq!(cut["stop_reason"], "stop_sequence", "{cut}");
+    assert_eq!(cut["stop_sequence"], stop.as_str());
+    assert_eq!(message_text(&cut), full[..full.find(&stop).unwrap()]);
+    let chat_cut = post(
+        "/v1/chat/completions",
+        &json!({"messages": conversation, "max_tokens": 40, "temperature": 0, "stop": [stop]}),
+    );
+    assert_eq!(chat_cut["choices"][0]["stop_reason"], stop.as_str());
+    assert_eq!(text_of(&chat_cut), message_text(&cut));
+    assert_eq!(want["choices"][0]["stop_reason"], Value::Null);
+
+    // A final assistant message is continued: the prompt is the conversation cut right after
+    // its text, and the reply is what a completion of that prompt writes.
+    let prefilled = json!([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Sure"}]);
+    let ids = post(
+        "/tokenize",
+        &json!({"messages": prefilled, "continue_final_message": true}),
+    )["tokens"]
+        .clone();
+    let prompt = post("/detokenize", &json!({"tokens": ids}))["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fresh = post(
+        "/detokenize",
+        &json!({"tokens": post("/tokenize", &json!({"messages": conversation}))["tokens"]}),
+    )["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(prompt, format!("{fresh}Sure"), "the continued prompt");
+    let completion = post(
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 12, "temperature": 0}),
+    );
+    let m = post(
+        "/v1/messages",
+        &json!({"messages": prefilled, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(message_text(&m), text_of(&completion));
+    assert_eq!(
+        post("/v1/messages/count_tokens", &json!({"messages": prefilled}))["input_tokens"],
+        ids.as_array().unwrap().len()
+    );
+    // The chat route takes vLLM's field for the same.
+    let c = post(
+        "/v1/chat/completions",
+        &json!({"messages": prefilled, "continue_final_message": true, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(text_of(&c), text_of(&completion));
+
+    // A JSON schema in `output_config.format` holds the output to it.
+    let schema = json!({"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"], "additionalProperties": false});
+    let r = post(
+        "/v1/messages",
+        &json!({"messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 60, "temperature": 0,
+                "output_config": {"format": {"type": "json_schema", "schema": schema}}}),
+    );
+    let v: Value = serde_json::from_str(&message_text(&r)).unwrap_or_else(|e| panic!("{e}: {r}"));
+    assert!(
+        v["n"].as_u64().is_some_and(|n| n <= 99) && v["ok"].is_boolean(),
+        "{v}"
+    );
+
+    // Errors: the API's shape, the field named.
+    let user = json!([{"role": "user", "content": "x"}]);
+    for (path, body, status, kind, field) in [
+        (
+            "/v1/messages",
+            json!({"max_tokens": 4}),
+            400,
+            "invalid_request_error",
+            "messages",
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": user, "max_tokens": 0}),
+            400,
+            "invalid_request_error",
+            "max_tokens",
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": user, "stop": ["a"]}),
+            400,
+            "invalid_request_error",
+            "stop_sequences",
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": user, "temperature": 3}),
+            400,
+            "invalid_request_error",
+            "temperature",
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
+            400,
+            "invalid_request_error",
+            "messages[0].content[0].type",
+        ),
+        // This tiny model's template has no tools (the real Qwen's test below has).
+        (
+            "/v1/messages",
+            json!({"messages": user, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}),
+            400,
+            "invalid_request_error",
+            "tools",
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": user, "model": "claude-opus-4-5"}),
+            404,
+            "not_found_error",
+            "claude-opus-4-5",
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": user, "policy": "nope"}),
+            400,
+            "invalid_request_error",
+            "nope",
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"messages": 1}),
+            400,
+            "invalid_request_error",
+            "messages",
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"messages": user, "model": "gpt-5"}),
+            404,
+            "not_found_error",
+            "gpt-5",
+        ),
+    ] {
+        let r = s.post_json(path, &body);
+        assert_eq!(r.status, status, "{path} {body}: {}", r.text());
+        let e = r.json();
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["error"]["type"], kind, "{body}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(field),
+            "{body}: {e}"
+        );
+    }
+    let r = s.request("GET", "/v1/messages", &[], b"");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    let r = s.request("POST", "/v1/messages", &[], b"{not json");
+    assert_eq!((r.status, r.json()["type"].as_str()), (400, Some("error")));
+}
+
 #[test]
 fn api_keys_guard_every_route_but_the_probes() {
     let dir = tempfile::tempdir().unwrap();
@@ -2231,12 +2496,16 @@ fn api_keys_guard_every_route_but_the_probes() {
     .to_string();
     let completion = json!({"prompt": "abc", "max_tokens": 3}).to_string();
     let responses = json!({"input": "hi", "max_output_tokens": 3}).to_string();
-    let routes: [(&str, &str, &[u8]); 8] = [
+    let messages =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).to_string();
+    let routes: [(&str, &str, &[u8]); 10] = [
         ("GET", "/v1/models", b""),
         ("GET", "/v1/models/team%2Ftiny", b""),
         ("POST", "/v1/chat/completions", chat.as_bytes()),
         ("POST", "/v1/completions", completion.as_bytes()),
         ("POST", "/v1/responses", responses.as_bytes()),
+        ("POST", "/v1/messages", messages.as_bytes()),
+        ("POST", "/v1/messages/count_tokens", messages.as_bytes()),
         ("POST", "/tokenize", br#"{"prompt": "abc"}"#),
         ("POST", "/detokenize", br#"{"tokens": [40, 41]}"#),
         ("GET", "/v1/policies", b""),
@@ -2245,13 +2514,25 @@ fn api_keys_guard_every_route_but_the_probes() {
         let r = call(m, path, None, body);
         assert_eq!(r.status, 401, "{m} {path}: {}", r.text());
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
-        assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+        // Anthropic's routes answer in their API's error shape.
+        if path.starts_with("/v1/messages") {
+            assert_eq!(r.json()["type"], "error");
+            assert_eq!(r.json()["error"]["type"], "authentication_error");
+        } else {
+            assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+        }
         assert!(
             r.json()["error"]["message"]
                 .as_str()
                 .unwrap()
                 .contains("API key")
         );
+        // The key may come as `x-api-key` (Anthropic's clients send it so).
+        for (key, status) in [("new-key", 200), ("new-ke", 401), ("root", 401)] {
+            let headers = [("Content-Type", "application/json"), ("x-api-key", key)];
+            let r = s.request(m, path, &headers, body);
+            assert_eq!(r.status, status, "{m} {path} x-api-key {key}: {}", r.text());
+        }
         assert_eq!(
             call(m, path, Some("new-ke"), body).status,
             401,
@@ -2285,7 +2566,7 @@ fn api_keys_guard_every_route_but_the_probes() {
         call("DELETE", "/v1/policies/mine", Some("root"), b"").status,
         200
     );
-    assert!(s.metric("verdict_requests_total{route=\"unauthorized\",status=\"401\"}") >= 24.0);
+    assert!(s.metric("verdict_requests_total{route=\"unauthorized\",status=\"401\"}") >= 50.0);
     drop(s);
 
     // One key from the command line, no admin token: the key guards the admin routes too.
@@ -2375,4 +2656,66 @@ fn qwen_calls_a_tool_through_the_responses_api() {
     // (Only the call's output says 12:34.)
     assert!(text.contains("12:34"), "{text:?}");
     assert_eq!(back["previous_response_id"], r["id"]);
+}
+
+#[test]
+fn qwen_calls_a_tool_through_the_messages_api() {
+    let s = real_server("qwen2.5-coder-0.5b.gguf");
+    let post = |body: &Value| -> Value {
+        let r = s.post_json("/v1/messages", body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let tools = json!([{"name": "get_time", "description": "The time in a zone.",
+        "input_schema": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["utc", "cet"]}},
+                         "required": ["zone"], "additionalProperties": false}}]);
+    let ask = json!({"role": "user", "content": "What time is it in Berlin?"});
+    // A forced call is a tool_use block, whole and streamed.
+    let call_req = json!({"messages": [ask], "tools": tools, "tool_choice": {"type": "any"},
+                          "max_tokens": 60, "temperature": 0});
+    let m = post(&call_req);
+    assert_eq!(m["stop_reason"], "tool_use", "{m}");
+    let uses: Vec<&Value> = m["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["type"] == "tool_use")
+        .collect();
+    assert_eq!(uses.len(), 1, "{m}");
+    assert_eq!(uses[0]["name"], "get_time");
+    assert!(
+        ["utc", "cet"].contains(&uses[0]["input"]["zone"].as_str().unwrap()),
+        "{m}"
+    );
+    let mut streamed = call_req.clone();
+    streamed["stream"] = json!(true);
+    let events = response_events(
+        &s.request("POST", "/v1/messages", &[], streamed.to_string().as_bytes())
+            .text(),
+    );
+    let start = events
+        .iter()
+        .find(|e| e["type"] == "content_block_start" && e["content_block"]["type"] == "tool_use")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(start["content_block"]["name"], "get_time");
+    let json_text: String = events
+        .iter()
+        .filter(|e| e["type"] == "content_block_delta" && e["delta"]["type"] == "input_json_delta")
+        .map(|e| e["delta"]["partial_json"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&json_text).unwrap(),
+        uses[0]["input"]
+    );
+    assert_eq!(events[events.len() - 2]["delta"]["stop_reason"], "tool_use");
+    // Its result goes back in a user turn; the model answers from it.
+    let back = post(
+        &json!({"tools": tools, "tool_choice": {"type": "none"}, "max_tokens": 30, "temperature": 0,
+        "messages": [ask, {"role": "assistant", "content": m["content"]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0]["id"], "content": "12:34"}]}]}),
+    );
+    assert_eq!(back["content"][0]["type"], "text", "{back}");
+    let text = back["content"][0]["text"].as_str().unwrap();
+    // (Only the tool's result says 12:34.)
+    assert!(text.contains("12:34"), "{text:?}");
 }

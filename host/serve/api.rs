@@ -103,6 +103,9 @@ pub struct ParsedRequest {
     /// Chat only: the functions the model may call (OpenAI's `tools`, validated), unless
     /// `tool_choice` is "none".
     pub tools: Option<Value>,
+    /// Chat only (vLLM's `continue_final_message`): the last message is the assistant's, and
+    /// the output continues its text instead of starting a new turn (a "prefill").
+    pub continue_final: bool,
     /// What the output must match, and the field that asked: `response_format` (a JSON object
     /// or schema), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
     /// or a `tool_choice` that requires a call (the output is then the call's JSON object).
@@ -144,6 +147,7 @@ pub fn parse_object(
         suffix: None,
         ignore_eos: false,
         tools: None,
+        continue_final: false,
         grammar: None,
     };
     let chat = endpoint == Endpoint::Chat;
@@ -160,6 +164,9 @@ pub fn parse_object(
             "model" => r.model = opt(v, |v| string(k, v))?,
             "prompt" if !chat => r.prompt = Some(prompt(v)?),
             "messages" if chat => r.messages = messages(v)?,
+            "continue_final_message" if chat => {
+                r.continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
+            }
             "max_tokens" => {
                 // 0 only with echo (checked after the loop).
                 if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
@@ -414,6 +421,12 @@ pub fn parse_object(
             ));
         }
         r.logprobs = chat_logprobs.then(|| top_logprobs.unwrap_or(0) as usize);
+        if r.continue_final && r.messages.last().is_some_and(|m| m.role != "assistant") {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "continue_final_message needs the last message to be the assistant's (the text to continue)",
+            ));
+        }
     }
     match endpoint {
         Endpoint::Completions if r.prompt.is_none() => {
@@ -575,20 +588,25 @@ fn logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenizeInput {
     Prompt(String),
-    Messages(Vec<ChatMessage>),
+    /// A chat, and whether its last (assistant) message is continued.
+    Messages(Vec<ChatMessage>, bool),
 }
 
 /// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`.
 pub fn parse_tokenize(body: &[u8]) -> Result<TokenizeInput, ApiError> {
     let obj = json_object(body)?;
     let mut input = None;
+    let mut continue_final = false;
     for (k, v) in &obj {
         match k.as_str() {
             "model" => {
                 opt(v, |v| string(k, v))?;
             }
             "prompt" => input = Some(TokenizeInput::Prompt(string(k, v)?)),
-            "messages" => input = Some(TokenizeInput::Messages(messages(v)?)),
+            "messages" => input = Some(TokenizeInput::Messages(messages(v)?, false)),
+            "continue_final_message" => {
+                continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
+            }
             _ => return Err(unknown_field(k)),
         }
     }
@@ -598,12 +616,18 @@ pub fn parse_tokenize(body: &[u8]) -> Result<TokenizeInput, ApiError> {
             "send either `prompt` or `messages`, not both",
         ));
     }
-    input.ok_or_else(|| {
-        ApiError::invalid(
+    match input {
+        Some(TokenizeInput::Messages(m, _)) => Ok(TokenizeInput::Messages(m, continue_final)),
+        Some(p) if !continue_final => Ok(p),
+        Some(_) => Err(ApiError::invalid(
+            "continue_final_message",
+            "continue_final_message applies to `messages`",
+        )),
+        None => Err(ApiError::invalid(
             "prompt",
             "missing field `prompt` (text) or `messages` (a chat)",
-        )
-    })
+        )),
+    }
 }
 
 /// `POST /detokenize`'s body: `tokens` (ids), and optionally `model`.

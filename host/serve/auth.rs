@@ -47,6 +47,11 @@ impl Tokens {
         else {
             return false;
         };
+        self.accepts_key(presented)
+    }
+
+    /// Checks a bare token (Anthropic's clients send theirs as `x-api-key: <token>`).
+    pub fn accepts_key(&self, presented: &[u8]) -> bool {
         let d: [u8; 32] = Sha256::digest(presented.trim_ascii()).into();
         // Every digest is compared, so the time does not say which one matched.
         self.digests
@@ -69,6 +74,9 @@ mod tests {
         assert!(!t.accepts(Some(b"s3cret")));
         assert!(!t.accepts(Some(b"Basic s3cret")));
         assert!(!t.accepts(None));
+        assert!(t.accepts_key(b"s3cret"));
+        assert!(!t.accepts_key(b"s3cre"));
+        assert!(!t.accepts_key(b""));
         assert!(Tokens::new("  \n").is_none());
     }
 

@@ -33,6 +33,9 @@ pub enum Event {
 pub struct Outcome {
     /// OpenAI's `finish_reason`: "stop" (EOS or a stop string) or "length".
     pub finish_reason: &'static str,
+    /// The stop string that ended the output (vLLM's `stop_reason`, Anthropic's
+    /// `stop_sequence`).
+    pub stop_sequence: Option<String>,
     pub prompt_tokens: usize,
     /// Prompt tokens read from the prompt cache instead of prefilled.
     pub cached_tokens: usize,
@@ -74,6 +77,7 @@ impl Outcome {
         let first = choices.first()?;
         Some(Outcome {
             finish_reason: first.finish_reason,
+            stop_sequence: first.stop_sequence.clone(),
             prompt_tokens: first.prompt_tokens,
             cached_tokens: choices.iter().map(|o| o.cached_tokens).max().unwrap_or(0),
             completion_tokens: choices.iter().map(|o| o.completion_tokens).sum(),
@@ -294,6 +298,7 @@ impl Job {
         let mut seen = Seen::default();
         let mut produced = 0usize;
         let mut last_emit: Option<Instant> = None;
+        let mut stop_sequence = None;
         let finish_reason = 'steps: loop {
             if events.is_closed() {
                 seen.publish(&metrics, generation.stats());
@@ -396,7 +401,8 @@ impl Job {
                 if let Some(a) = aligner.as_mut() {
                     a.emitted(&pushed.emit);
                 }
-                if pushed.stopped {
+                if pushed.stop.is_some() {
+                    stop_sequence = pushed.stop;
                     let entries = release(&mut aligner, Aligner::release_stopped);
                     if !delta.is_empty() || !entries.is_empty() {
                         let _ = events.send(Event::Delta(std::mem::take(&mut delta), entries));
@@ -422,7 +428,8 @@ impl Job {
                 }
                 delta.push_str(&tail.emit);
                 delta.push_str(&rest);
-                let entries = if tail.stopped {
+                let entries = if tail.stop.is_some() {
+                    stop_sequence = tail.stop;
                     release(&mut aligner, Aligner::release_stopped)
                 } else {
                     release(&mut aligner, Aligner::release_all)
@@ -453,6 +460,7 @@ impl Job {
         generation.close();
         let _ = events.send(Event::Done(Outcome {
             finish_reason,
+            stop_sequence,
             prompt_tokens,
             cached_tokens,
             completion_tokens: produced,

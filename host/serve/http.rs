@@ -25,6 +25,7 @@ use super::auth::Tokens;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
 use super::logprobs::{self, TokenEntry};
+use super::messages;
 use super::metrics::Metrics;
 use super::pool::Pool;
 use super::responses;
@@ -325,7 +326,13 @@ async fn handle(
             } else {
                 tracing::debug!("{route}: {e}");
             }
-            error_response(&e)
+            // Anthropic's clients read errors in their API's shape.
+            let body = if path.starts_with("/v1/messages") {
+                messages::error_body(&e)
+            } else {
+                e.body()
+            };
+            error_response(&e, &body)
         }
     };
     app.metrics.request(route, resp.status().as_u16());
@@ -392,6 +399,20 @@ async fn route(
             "/v1/responses",
             match method {
                 Method::POST => create_response(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/v1/messages" => (
+            "/v1/messages",
+            match method {
+                Method::POST => create_message(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/v1/messages/count_tokens" => (
+            "/v1/messages/count_tokens",
+            match method {
+                Method::POST => count_message_tokens(app, req).await,
                 _ => allow("POST"),
             },
         ),
@@ -485,8 +506,8 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     r
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
-    let mut r = json_response(e.status, &e.body());
+fn error_response(e: &ApiError, body: &Value) -> Response<Body> {
+    let mut r = json_response(e.status, body);
     if let Some(s) = e.retry_after
         && let Ok(v) = HeaderValue::from_str(&s.to_string())
     {
@@ -605,7 +626,7 @@ async fn completion(
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
-    let (early, rx) = start(app, &served, &parsed, arrived).await?;
+    let ((early, rx), _) = start(app, &served, &parsed, arrived).await?;
     let id = format!(
         "{}-{}",
         if endpoint == Endpoint::Chat {
@@ -646,7 +667,7 @@ async fn create_response(
         lock(&app.responses).conversation(id)
     })?;
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
-    let events = start(app, &served, &parsed, arrived)
+    let (events, _) = start(app, &served, &parsed, arrived)
         .await
         .map_err(responses::rename_param)?;
     let meta = responses::Meta::new(
@@ -722,17 +743,6 @@ fn response_events(
         started: bool,
         done: bool,
     }
-    fn sse(events: Vec<Value>) -> Bytes {
-        let mut s = String::new();
-        for e in events {
-            s.push_str("event: ");
-            s.push_str(e["type"].as_str().unwrap_or("message"));
-            s.push_str("\ndata: ");
-            s.push_str(&e.to_string());
-            s.push_str("\n\n");
-        }
-        Bytes::from(s)
-    }
     let state = S {
         app,
         id: meta.id.clone(),
@@ -749,7 +759,7 @@ fn response_events(
         }
         if !s.started {
             s.started = true;
-            let b = sse(s.stream.start());
+            let b = typed_sse(s.stream.start());
             return Some((Ok::<_, Infallible>(Frame::data(b)), s));
         }
         let bytes = loop {
@@ -761,7 +771,7 @@ fn response_events(
                 Some((_, Event::Delta(d, e))) => {
                     let events = s.stream.delta(&d, e);
                     if !events.is_empty() {
-                        break sse(events);
+                        break typed_sse(events);
                     }
                 }
                 Some((_, Event::Started | Event::Prefilled)) => {}
@@ -773,17 +783,146 @@ fn response_events(
                         lock(&s.app.responses).insert(s.id.clone(), response, conversation);
                     }
                     s.done = true;
-                    break sse(events);
+                    break typed_sse(events);
                 }
                 Some((_, Event::Failed(e))) => {
                     s.done = true;
-                    break sse(s.stream.failed(&e));
+                    break typed_sse(s.stream.failed(&e));
                 }
                 None => {
                     s.done = true;
                     let e = ApiError::internal("the generation worker stopped unexpectedly");
-                    break sse(s.stream.failed(&e));
+                    break typed_sse(s.stream.failed(&e));
                 }
+            }
+        };
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
+    });
+    event_stream(StreamBody::new(body))
+}
+
+/// Server-sent events named by their `type` (`event: <type>`, `data: <object>`), as the
+/// Responses and Messages APIs stream them.
+fn typed_sse(events: Vec<Value>) -> Bytes {
+    let mut s = String::new();
+    for e in events {
+        s.push_str("event: ");
+        s.push_str(e["type"].as_str().unwrap_or("message"));
+        s.push_str("\ndata: ");
+        s.push_str(&e.to_string());
+        s.push_str("\n\n");
+    }
+    Bytes::from(s)
+}
+
+/// `POST /v1/messages`: Anthropic's Messages API, run as the chat request it translates to
+/// ([`messages`]).
+async fn create_message(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let arrived = Instant::now();
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let t = messages::translate(&api::json_object(&body)?)?;
+    let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
+    let (events, prompt_tokens) = start(app, &served, &parsed, arrived)
+        .await
+        .map_err(messages::rename_param)?;
+    let meta = messages::Meta {
+        id: format!("msg_{}", new_id(app)),
+        model: app.opts.model_id.clone(),
+        tools: parsed.tools.is_some(),
+    };
+    if t.stream {
+        return Ok(message_events(meta, prompt_tokens, events));
+    }
+    let choices = collect(events, 1).await?;
+    let c = &choices[0];
+    let o = c
+        .outcome
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("the generation ended without an outcome"))?;
+    Ok(json_response(StatusCode::OK, &meta.full(&c.text, o)))
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's length in tokens, as `/v1/messages` would
+/// read it (system, messages, tools).
+async fn count_message_tokens(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let t = messages::translate(&api::json_object(&body)?)?;
+    let p = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
+    if let Some(m) = &p.model
+        && m != &app.opts.model_id
+    {
+        return Err(unknown_model(app, m));
+    }
+    let n = blocking(move || {
+        chat_prompt(&served, &p.messages, p.tools.as_ref(), p.continue_final).map(|ids| ids.len())
+    })
+    .await?
+    .map_err(messages::rename_param)?;
+    Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
+}
+
+/// A streamed Messages reply: its events from `message_start` to `message_stop` (an `error`
+/// event if the generation fails). Dropping the body stops the generation.
+fn message_events(
+    meta: messages::Meta,
+    prompt_tokens: usize,
+    (early, rx): Events,
+) -> Response<Body> {
+    struct S {
+        stream: messages::Stream,
+        early: VecDeque<(usize, Event)>,
+        rx: UnboundedReceiver<(usize, Event)>,
+        started: bool,
+        done: bool,
+    }
+    let state = S {
+        stream: messages::Stream::new(meta),
+        early,
+        rx,
+        started: false,
+        done: false,
+    };
+    let body = futures_util::stream::unfold(state, move |mut s| async move {
+        if s.done {
+            return None;
+        }
+        if !s.started {
+            s.started = true;
+            let b = typed_sse(s.stream.start(prompt_tokens));
+            return Some((Ok::<_, Infallible>(Frame::data(b)), s));
+        }
+        let bytes = loop {
+            let next = match s.early.pop_front() {
+                Some(e) => Some(e),
+                None => s.rx.recv().await,
+            };
+            let events = match next {
+                Some((_, Event::Delta(d, _))) => s.stream.delta(&d),
+                Some((_, Event::Started | Event::Prefilled)) => Vec::new(),
+                Some((_, Event::Done(o))) => {
+                    s.done = true;
+                    s.stream.done(&o)
+                }
+                Some((_, Event::Failed(e))) => {
+                    s.done = true;
+                    s.stream.failed(&e)
+                }
+                None => {
+                    s.done = true;
+                    let e = ApiError::internal("the generation worker stopped unexpectedly");
+                    s.stream.failed(&e)
+                }
+            };
+            if !events.is_empty() {
+                break typed_sse(events);
             }
         };
         Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
@@ -806,12 +945,13 @@ type Events = (VecDeque<(usize, Event)>, UnboundedReceiver<(usize, Event)>);
 
 /// Prepares a parsed request and starts its generations (one per choice); returns once every
 /// choice has started, so that a refused request is an HTTP error and not a broken stream.
+/// Also returns the prompt's length in tokens.
 async fn start(
     app: &Arc<App>,
     served: &Arc<Served>,
     parsed: &ParsedRequest,
     arrived: Instant,
-) -> Result<Events, ApiError> {
+) -> Result<(Events, usize), ApiError> {
     if let Some(m) = &parsed.model
         && m != &app.opts.model_id
     {
@@ -836,6 +976,7 @@ async fn start(
     let share = parsed.n > 1
         && served.engine.prompt_cache_stats().is_some()
         && prepared.prompt_logprobs.is_none();
+    let prompt_tokens = prepared.prompt.len();
     let mut requests: Vec<GenerateRequest> = (1..parsed.n)
         .map(|i| choice_request(&prepared, i))
         .collect();
@@ -909,7 +1050,7 @@ async fn start(
         }
     }
     drop(all_tx);
-    Ok((early, rx))
+    Ok(((early, rx), prompt_tokens))
 }
 
 /// Every choice's whole text, logprobs and outcome (a request that is not streamed).
@@ -1000,7 +1141,9 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         let tokenizer = &*served.tokenizer;
         match t {
             api::TokenizeInput::Prompt(text) => text_prompt(tokenizer, &text),
-            api::TokenizeInput::Messages(messages) => chat_prompt(&served, &messages, None),
+            api::TokenizeInput::Messages(messages, continue_final) => {
+                chat_prompt(&served, &messages, None, continue_final)
+            }
         }
     })
     .await??;
@@ -1037,6 +1180,7 @@ fn chat_prompt(
     served: &Served,
     messages: &[api::ChatMessage],
     tools: Option<&Value>,
+    continue_final: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let msgs: Vec<Message> = messages
         .iter()
@@ -1052,15 +1196,33 @@ fn chat_prompt(
             "this model's chat template does not read a tools list, so it cannot be offered tools",
         ));
     }
-    let text = served
+    let rendered = served
         .chat
-        .render_with_tools(&msgs, tools, true)
+        .render_with_tools(&msgs, tools, !continue_final)
         .map_err(|e| {
             ApiError::invalid(
                 "messages",
                 format!("the chat template rejected the messages: {e:#}"),
             )
         })?;
+    // Continuing the final message: the conversation as written, cut right after that
+    // message's text (before the template closes its turn).
+    let text = match msgs.last().filter(|_| continue_final) {
+        None => rendered,
+        Some(last) => {
+            let end = rendered
+                .rfind(last.content.as_str())
+                .filter(|_| !last.content.is_empty())
+                .map(|at| at + last.content.len())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "continue_final_message",
+                        "the final message cannot be continued: it is empty, or the chat template does not write its text as it is",
+                    )
+                })?;
+            rendered[..end].to_string()
+        }
+    };
     served.tokenizer.encode_prompt(&text, true).map_err(|e| {
         ApiError::invalid(
             "messages",
@@ -1104,7 +1266,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             }
         },
         Endpoint::Chat => (
-            chat_prompt(served, &p.messages, p.tools.as_ref())?,
+            chat_prompt(served, &p.messages, p.tools.as_ref(), p.continue_final)?,
             "messages",
         ),
     };
@@ -1280,13 +1442,13 @@ impl ResponseMeta {
                 match self.endpoint {
                     Endpoint::Completions => json!({
                         "index": i, "text": c.text, "logprobs": lp,
-                        "finish_reason": o.finish_reason,
+                        "finish_reason": o.finish_reason, "stop_reason": o.stop_sequence,
                     }),
                     Endpoint::Chat => {
                         let (message, finish) = self.message(&c.text, o.finish_reason);
                         json!({
                             "index": i, "message": message, "logprobs": lp,
-                            "finish_reason": finish,
+                            "finish_reason": finish, "stop_reason": o.stop_sequence,
                         })
                     }
                 }
@@ -1383,12 +1545,14 @@ impl ResponseMeta {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
                 "index": index, "text": "", "logprobs": null, "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_sequence,
             }),
             Endpoint::Chat => json!({
                 "index": index,
                 "delta": if first { json!({"role": "assistant", "content": ""}) } else { json!({}) },
                 "logprobs": null,
                 "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_sequence,
             }),
         };
         let mut last = self.chunk(json!([choice]));
@@ -1531,7 +1695,7 @@ where
 }
 
 /// With API keys set, every route but the probes (`/health`, `/ready`) and `/metrics` needs
-/// one. The policy admin routes with an admin token set take that token instead (a client
+/// one, as `Authorization: Bearer <key>` or `x-api-key: <key>`. The policy admin routes with an admin token set take that token instead (a client
 /// sends one `Authorization` header).
 fn check_api_key<B>(
     app: &App,
@@ -1548,6 +1712,14 @@ fn check_api_key<B>(
         && app.opts.admin_token.is_some();
     if open || admin {
         return Ok(());
+    }
+    // Anthropic's clients send the key as `x-api-key`.
+    if let Some(k) = req.headers().get("x-api-key") {
+        return if keys.accepts_key(k.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("the API key is wrong"))
+        };
     }
     bearer(
         keys,

@@ -5,6 +5,8 @@
 //! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
 //! - [`responses`]: OpenAI's Responses API as a chat request, its output items and typed
 //!   stream events, and the store behind `previous_response_id`.
+//! - [`messages`]: Anthropic's Messages API as a chat request, its content blocks and stream
+//!   events, and its error shape.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
 //! - [`pool`]: the generation worker threads and the bounded queue behind 429.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod logprobs;
+pub mod messages;
 pub mod metrics;
 pub mod pool;
 pub mod responses;

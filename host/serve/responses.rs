@@ -986,6 +986,7 @@ mod tests {
     fn outcome(finish: &'static str) -> Outcome {
         Outcome {
             finish_reason: finish,
+            stop_sequence: None,
             prompt_tokens: 10,
             cached_tokens: 4,
             completion_tokens: 3,

@@ -13,8 +13,8 @@ pub struct StopMatcher {
 pub struct Pushed {
     /// Text safe to send now.
     pub emit: String,
-    /// A stop string was completed: the generation ends after `emit`.
-    pub stopped: bool,
+    /// The stop string completed (the earliest in the text): the generation ends after `emit`.
+    pub stop: Option<String>,
 }
 
 impl StopMatcher {
@@ -29,7 +29,7 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return Pushed {
                 emit: text.to_string(),
-                stopped: false,
+                stop: None,
             };
         }
         self.held.push_str(text);
@@ -37,15 +37,13 @@ impl StopMatcher {
         let first = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
-        if let Some(at) = first {
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, s)) = first {
+            let stop = Some(s.clone());
             let emit = self.held[..at].to_string();
             self.held.clear();
-            return Pushed {
-                emit,
-                stopped: true,
-            };
+            return Pushed { emit, stop };
         }
         // Hold the longest suffix that is a proper prefix of some stop string.
         let keep = self
@@ -59,10 +57,7 @@ impl StopMatcher {
             .unwrap_or(self.held.len());
         let emit = self.held[..keep].to_string();
         self.held.drain(..keep);
-        Pushed {
-            emit,
-            stopped: false,
-        }
+        Pushed { emit, stop: None }
     }
 
     /// The generation ended without a stop string: release what was held.
@@ -76,17 +71,23 @@ mod tests {
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let (out, stop) = matched(stops, pieces);
+        (out, stop.is_some())
+    }
+
+    /// The output, and the stop string that ended it.
+    fn matched(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
         let mut out = String::new();
         for p in pieces {
             let r = m.push(p);
             out.push_str(&r.emit);
-            if r.stopped {
-                return (out, true);
+            if r.stop.is_some() {
+                return (out, r.stop);
             }
         }
         out.push_str(&m.finish());
-        (out, false)
+        (out, None)
     }
 
     #[test]
@@ -111,7 +112,14 @@ mod tests {
 
     #[test]
     fn earliest_stop_wins_and_unicode() {
-        assert_eq!(run(&["b", "a"], &["xxab"]), ("xx".into(), true));
+        assert_eq!(
+            matched(&["b", "a"], &["xxab"]),
+            ("xx".into(), Some("a".into()))
+        );
+        assert_eq!(
+            matched(&["END", "\n\n"], &["abc E", "N", "D"]),
+            ("abc ".into(), Some("END".into()))
+        );
         assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), true));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
     }
