@@ -1641,3 +1641,146 @@ fn a_finished_grammar_ends_the_output() {
         "{t:?}"
     );
 }
+
+/// A draft model whose lm_head is cut to part of the vocabulary (`Model::with_draft_vocab`,
+/// `--draft-vocab`): its logits are the whole head's at the ids it keeps and -inf elsewhere;
+/// strict speculation with it still emits exactly the target's greedy tokens, and at T > 0 its
+/// draws still follow the target's distribution.
+#[test]
+fn a_draft_with_a_cut_vocabulary_stays_lossless() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let whole = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let keep = |m: Model| m.with_draft_vocab(150, &[290, 291, 299, 7]).unwrap();
+    let cut = keep(tiny(dir.path(), "d.gguf", spec(2, 1)));
+    let kept = |i: usize| i < 150 || [290, 291, 299].contains(&i);
+    for prompt in PROMPTS {
+        let a = whole.session().forward(prompt, Rows::All).unwrap().logits;
+        let b = cut.session().forward(prompt, Rows::All).unwrap().logits;
+        assert_eq!(a.dims(), b.dims());
+        for (ra, rb) in a
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .zip(b.to_vec2::<f32>().unwrap())
+        {
+            for (i, (&x, &y)) in ra.iter().zip(&rb).enumerate() {
+                if kept(i) {
+                    assert_eq!(x, y, "id {i}: the kept rows score as in the whole head");
+                } else {
+                    assert_eq!(y, f32::NEG_INFINITY, "id {i} is cut");
+                }
+            }
+        }
+    }
+    // 0, or a size past the vocabulary, keeps the whole head; shared weights are refused.
+    let same = tiny(dir.path(), "d.gguf", spec(2, 1))
+        .with_draft_vocab(0, &[])
+        .unwrap();
+    let l = same.session().forward(&[1, 2], Rows::Last).unwrap().logits;
+    assert!(l.to_vec2::<f32>().unwrap()[0].iter().all(|x| x.is_finite()));
+    let shared = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let _other = shared.clone();
+    let e = shared.with_draft_vocab(100, &[]).unwrap_err().to_string();
+    assert!(e.contains("shared"), "{e}");
+
+    // Strict at T = 0: the target's greedy tokens, with the cut random draft and with the
+    // target itself cut (a draft right wherever it can propose the token at all).
+    let plain = engine(target.clone(), None, None, 4);
+    let self_cut = keep(tiny(dir.path(), "t.gguf", spec(1, 3)));
+    for prompt in PROMPTS {
+        let (reference, _) = run(&plain, greedy(prompt, 40, Speculation::Off));
+        let outside = reference.iter().filter(|&&t| !kept(t as usize)).count();
+        for (name, draft) in [("cut draft", &cut), ("cut target", &self_cut)] {
+            for k in [1, 3, 8] {
+                let e = engine(
+                    target.clone(),
+                    Some(draft.clone()),
+                    Some(DrafterSpec::Model),
+                    k,
+                );
+                let (out, stats) = run(&e, greedy(prompt, 40, Speculation::Default));
+                assert_eq!(out, reference, "{name}, k = {k}, prompt {prompt:?}");
+                if name == "cut target" && outside == 0 {
+                    assert_eq!(stats.accepted, stats.drafted, "{stats:?}");
+                }
+            }
+        }
+        // The target cut can only miss where the target's token is cut (k = 1: each miss is
+        // one drafted token rejected).
+        let e = engine(
+            target.clone(),
+            Some(self_cut.clone()),
+            Some(DrafterSpec::Model),
+            1,
+        );
+        let (_, stats) = run(&e, greedy(prompt, 40, Speculation::Default));
+        assert!(
+            stats.drafted - stats.accepted <= outside as u64,
+            "{stats:?}, {outside} of the target's tokens cut"
+        );
+    }
+
+    // The ids a request's context holds come back: a cut draft proposes a cut token it has
+    // seen in the context (here the target cut: its argmax), and cannot without it.
+    {
+        use verdict::draft::{Drafter, ModelDrafter};
+        use verdict::sample::Rng64;
+        let mut rng = Rng64::new(3);
+        let (ctx, want) = (0..2000)
+            .find_map(|_| {
+                let ctx: Vec<u32> = (0..4)
+                    .map(|_| 150 + (rng.uniform() * 140.0) as u32)
+                    .collect();
+                let l = target.session().forward(&ctx, Rows::Last).unwrap().logits;
+                let row = l.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+                let x = verdict::sample::argmax(&row);
+                ((150..290).contains(&x) && ctx.contains(&x)).then_some((ctx, x))
+            })
+            .expect("a context whose greedy next token is a cut id it holds");
+        let s = SamplingParams::greedy();
+        let mut d = ModelDrafter::new("model", self_cut.session());
+        let p = d.propose(&ctx, 1, &s, &mut Rng64::new(1)).unwrap();
+        assert_eq!(p.tokens, [want], "context {ctx:?}");
+        // The same id, not in the context: the draft cannot propose it.
+        let other: Vec<u32> = ctx
+            .iter()
+            .map(|&t| if t == want { 149 } else { t })
+            .collect();
+        let l = target.session().forward(&other, Rows::Last).unwrap().logits;
+        let x = verdict::sample::argmax(&l.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+        if x == want {
+            let mut d = ModelDrafter::new("model", self_cut.session());
+            let p = d.propose(&other, 1, &s, &mut Rng64::new(1)).unwrap();
+            assert_ne!(p.tokens, [want], "context {other:?}");
+        }
+    }
+
+    // T > 0: the second token's frequencies fit the target's distribution, not the draft's.
+    let target = tiny(dir.path(), "t5.gguf", spec(5, 2));
+    let draft = tiny(dir.path(), "d6.gguf", spec(6, 1))
+        .with_draft_vocab(120, &[])
+        .unwrap();
+    let prompt = [10u32, 11, 12];
+    let s = SamplingParams {
+        temperature: 0.15,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
+    let exact = second_token_distribution(&target, &prompt, &s);
+    let e = engine(
+        target.clone(),
+        Some(draft.clone()),
+        Some(DrafterSpec::Model),
+        3,
+    );
+    let n = 3000u64;
+    let (counts, rejected) = second_token_counts(&e, &prompt, &s, &Penalties::default(), n);
+    assert!(
+        rejected > n / 10,
+        "p and q must differ for this test to mean anything"
+    );
+    let wrong = second_token_distribution(&draft, &prompt, &s);
+    assert_fits_not(&counts, &exact, &wrong, "the cut draft's q");
+}

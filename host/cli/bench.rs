@@ -7,7 +7,7 @@
 //! the measured forward costs (which rule to measure for real).
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +24,7 @@ use crate::models::tokenizer::Tokenizer;
 use crate::models::transformer::Rows;
 use crate::models::{Model, Session};
 use crate::sample::SamplingParams;
+use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +175,11 @@ pub struct SpecArgs {
     /// range over the rounds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
+    /// The draft model's lm_head cut to its first N ids and the special tokens (plus each
+    /// request's own ids), comma separated; 0 keeps the whole vocabulary; the default is
+    /// `serve`'s. Several values run the draft-model drafters once per value, side by side.
+    #[arg(long, default_value_t = crate::cli::serve::DEFAULT_DRAFT_VOCAB.to_string())]
+    pub draft_vocab: String,
     /// Speed runs on random weights (`verdict bench synth`) only: accept each drafted token
     /// with this probability instead of the policy's verdict, e.g. the rate measured on the
     /// real pair (vLLM and llama.cpp offer the same mode). The output is not the target's; the
@@ -564,6 +570,13 @@ fn synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
+/// Loads a draft model, its lm_head cut to the first `vocab` ids and `specials` (0: whole).
+pub fn draft_model(path: &Path, device: &Device, vocab: usize, specials: &[u32]) -> Result<Model> {
+    let m = Model::load_gguf(path, device)
+        .with_context(|| format!("loading the draft {}", path.display()))?;
+    Ok(m.with_draft_vocab(vocab, specials)?)
+}
+
 /// The target and draft GGUFs of a benchmark or judge command; the default pair from the fetch
 /// cache when not given.
 #[derive(ClapArgs, Debug, Clone)]
@@ -687,14 +700,37 @@ fn spec(a: SpecArgs) -> Result<()> {
         .iter()
         .map(|d| DrafterSpec::parse(d))
         .collect::<Result<_>>()?;
-    let draft = if drafters.contains(&DrafterSpec::Model) || drafters.contains(&DrafterSpec::Auto) {
-        Some(Model::load_gguf(&draft_path, &device)?)
-    } else {
-        None
-    };
+    let vocabs: Vec<usize> = list(&a.draft_vocab)
+        .iter()
+        .map(|v| {
+            v.parse::<usize>()
+                .with_context(|| format!("--draft-vocab: `{v}` is not a number"))
+        })
+        .collect::<Result<_>>()?;
+    if vocabs.is_empty() {
+        bail!("--draft-vocab: give at least one value (0: the whole vocabulary)");
+    }
+    let uses_draft = drafters
+        .iter()
+        .any(|d| matches!(d, DrafterSpec::Model | DrafterSpec::Auto));
+    let specials = Tokenizer::from_gguf(
+        target
+            .gguf_metadata()
+            .context("the target has no GGUF metadata")?,
+    )?
+    .special_ids();
+    // One draft model per vocabulary size (each its own copy of the weights).
+    let mut drafts = Vec::new();
+    for &v in &vocabs {
+        drafts.push(if uses_draft {
+            Some(draft_model(&draft_path, &device, v, &specials)?)
+        } else {
+            None
+        });
+    }
     // Lazy kernel set-up (candle's Q4_K packing, seconds) would otherwise land in whichever
     // configuration first runs each matrix size.
-    for m in std::iter::once(&target).chain(draft.as_ref()) {
+    for m in std::iter::once(&target).chain(drafts.iter().flatten()) {
         m.warm_up()?;
     }
     let ks: Vec<usize> = list(&a.k)
@@ -726,49 +762,65 @@ fn spec(a: SpecArgs) -> Result<()> {
     };
     let (prompts, eos) = chat_prompts(&target, messages)?;
     let registry = Arc::new(PolicyRegistry::in_memory(PolicyLimits::default())?);
-    let judge = crate::verify::HeadChoice::parse(&a.judge_head).load(&target)?;
-    let engine = Engine::new(EngineConfig {
-        judge,
-        target,
-        draft,
-        registry,
-        default_policy: "strict".into(),
-        default_drafter: None,
-        default_k: *ks.iter().max().unwrap_or(&8),
-        adaptive: false,
-        synthetic_acceptance: a.synthetic_acceptance,
-    })?;
+    let mut engines = Vec::with_capacity(drafts.len());
+    for draft in drafts {
+        engines.push(Engine::new(EngineConfig {
+            judge: crate::verify::HeadChoice::parse(&a.judge_head).load(&target)?,
+            target: target.clone(),
+            draft,
+            registry: registry.clone(),
+            default_policy: "strict".into(),
+            default_drafter: None,
+            default_k: *ks.iter().max().unwrap_or(&8),
+            adaptive: false,
+            synthetic_acceptance: a.synthetic_acceptance,
+        })?);
+    }
 
-    let mut configs: Vec<(String, Speculation, Option<String>, bool)> =
-        vec![("autoregressive".into(), Speculation::Off, None, false)];
+    // (label, speculation, policy, adaptive k, engine)
+    let mut configs: Vec<(String, Speculation, Option<String>, bool, usize)> =
+        vec![("autoregressive".into(), Speculation::Off, None, false, 0)];
     for d in &drafters {
-        for p in list(&a.policies) {
-            let label = match a.synthetic_acceptance {
-                Some(r) => format!("{} / synthetic acceptance {r}", d.name()),
-                None => format!("{} / {p}", d.name()),
-            };
-            for &k in &ks {
-                configs.push((
-                    format!("{label} / k={k}"),
-                    Speculation::Draft {
-                        drafter: Some(d.clone()),
-                        k: Some(k),
-                    },
-                    Some(p.clone()),
-                    false,
-                ));
+        let with_draft = matches!(d, DrafterSpec::Model | DrafterSpec::Auto);
+        for (e, &v) in vocabs.iter().enumerate() {
+            if e > 0 && !with_draft {
+                continue;
             }
-            if a.adaptive {
-                let k = *ks.iter().max().unwrap_or(&8);
-                configs.push((
-                    format!("{label} / adaptive k<={k}"),
-                    Speculation::Draft {
-                        drafter: Some(d.clone()),
-                        k: Some(k),
-                    },
-                    Some(p.clone()),
-                    true,
-                ));
+            let vocab = match v {
+                _ if vocabs.len() == 1 || !with_draft => String::new(),
+                0 => " / whole draft vocab".to_string(),
+                v => format!(" / draft vocab {v}"),
+            };
+            for p in list(&a.policies) {
+                let label = match a.synthetic_acceptance {
+                    Some(r) => format!("{}{vocab} / synthetic acceptance {r}", d.name()),
+                    None => format!("{}{vocab} / {p}", d.name()),
+                };
+                for &k in &ks {
+                    configs.push((
+                        format!("{label} / k={k}"),
+                        Speculation::Draft {
+                            drafter: Some(d.clone()),
+                            k: Some(k),
+                        },
+                        Some(p.clone()),
+                        false,
+                        e,
+                    ));
+                }
+                if a.adaptive {
+                    let k = *ks.iter().max().unwrap_or(&8);
+                    configs.push((
+                        format!("{label} / adaptive k<={k}"),
+                        Speculation::Draft {
+                            drafter: Some(d.clone()),
+                            k: Some(k),
+                        },
+                        Some(p.clone()),
+                        true,
+                        e,
+                    ));
+                }
             }
         }
     }
@@ -783,7 +835,8 @@ fn spec(a: SpecArgs) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..a.repeat {
-        for (c, (name, speculation, policy, adaptive)) in configs.iter().enumerate() {
+        for (c, (name, speculation, policy, adaptive, e)) in configs.iter().enumerate() {
+            let engine = &engines[*e];
             let mut row = Row {
                 name: name.clone(),
                 tokens: 0,

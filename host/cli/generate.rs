@@ -128,6 +128,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH|prompt-lookup[:N]|self:N|auto:PATH")]
     pub draft: Option<String>,
 
+    /// The draft model's lm_head keeps only the first N token ids (BPE vocabularies put
+    /// frequent tokens first) and the special tokens; the ids the prompt and output hold are
+    /// added back. 0 keeps the whole vocabulary. Lossless with `strict` either way.
+    #[arg(long, value_name = "N", default_value_t = crate::cli::serve::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
+
     /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
     /// one registered in --policy-dir.
     #[arg(long, default_value = "strict")]
@@ -412,18 +418,19 @@ pub fn run(args: Args) -> Result<()> {
         {
             (None, Some(DrafterSpec::parse(d).context("--draft")?))
         }
-        Some(d) if d.starts_with("auto:") => {
-            let p = &d["auto:".len()..];
-            let m = Model::load_gguf(std::path::Path::new(p), &device)
-                .with_context(|| format!("loading the draft model {p}"))?;
-            m.warm_up().context("warming up the draft model")?;
-            (Some(m), Some(DrafterSpec::Auto))
-        }
         Some(d) => {
-            let m = Model::load_gguf(std::path::Path::new(d), &device)
-                .with_context(|| format!("loading the draft model {d}"))?;
+            let (p, spec) = match d.strip_prefix("auto:") {
+                Some(p) => (p, DrafterSpec::Auto),
+                None => (d, DrafterSpec::Model),
+            };
+            let m = crate::cli::bench::draft_model(
+                std::path::Path::new(p),
+                &device,
+                args.draft_vocab,
+                &tok.special_ids(),
+            )?;
             m.warm_up().context("warming up the draft model")?;
-            (Some(m), Some(DrafterSpec::Model))
+            (Some(m), Some(spec))
         }
     };
     let speculating = drafter.is_some();

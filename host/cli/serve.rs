@@ -14,6 +14,12 @@ use crate::models::chat::ChatTemplate;
 use crate::models::tokenizer::Tokenizer;
 use crate::serve::{ServeOptions, Served, Tokens};
 
+/// `--draft-vocab`'s default: Qwen2.5-Coder-0.5B drafting for the 1.5B with its head cut to the
+/// first 32k ids (plus each request's own) ran at 1.54x autoregressive against 1.34x whole
+/// (adaptive k, HumanEval prompts, BENCHMARKS.md); a vocabulary of at most this many keeps it
+/// whole.
+pub const DEFAULT_DRAFT_VOCAB: usize = 32768;
+
 /// The default pair, as `scripts/fetch-models default` leaves it in the model cache.
 pub const DEFAULT_TARGET: &str = "qwen2.5-coder-1.5b.gguf";
 pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b.gguf";
@@ -34,6 +40,12 @@ pub struct ServeArgs {
     /// autoregressively unless they ask for speculation.
     #[arg(long)]
     pub draft: Option<String>,
+    /// The draft model's lm_head, read for every drafted token, keeps only the first N token
+    /// ids (BPE vocabularies put frequent tokens first) and the special tokens; each request
+    /// adds back the ids its prompt and output hold. 0 keeps the whole vocabulary. Lossless
+    /// with `strict` either way; measured in BENCHMARKS.md.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
     /// Speculation length k; the maximum k unless --fixed-k (requests may override with
     /// speculation.k).
     #[arg(long, default_value_t = 16)]
@@ -62,7 +74,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// File of API keys, one per line: every route but /health, /ready and /metrics then
-    /// needs `Authorization: Bearer <key>` (the `openai` client's `api_key`).
+    /// needs `Authorization: Bearer <key>` (the `openai` client's `api_key`) or `x-api-key:
+    /// <key>` (the `anthropic` client's).
     #[arg(long, conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
     /// One API key, as --api-key-file's. Prefer the environment variable or the file: a
@@ -244,23 +257,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
     let max_batch = args.max_batch;
     let prompt_cache = args.prompt_cache;
+    let draft_vocab = args.draft_vocab;
     let shards = args.shards as usize;
     let device = args.device.open()?;
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &device)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
-        let draft = match &draft_path {
-            Some(p) => Some(
-                Model::load_gguf(p, &device)
-                    .with_context(|| format!("loading the draft {}", p.display()))?,
-            ),
-            None => None,
-        };
         let content = target
             .gguf_metadata()
             .with_context(|| format!("{}: no GGUF metadata (tokenizer)", target_path.display()))?;
         let tokenizer = Tokenizer::from_gguf(content)
             .with_context(|| format!("the tokenizer of {}", target_path.display()))?;
+        let draft = match &draft_path {
+            Some(p) => Some(crate::cli::bench::draft_model(
+                p,
+                &device,
+                draft_vocab,
+                &tokenizer.special_ids(),
+            )?),
+            None => None,
+        };
         let chat = ChatTemplate::from_gguf(content, &tokenizer)
             .with_context(|| format!("the chat template of {}", target_path.display()))?;
         let judge = head_choice.load(&target)?;

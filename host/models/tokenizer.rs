@@ -555,6 +555,14 @@ impl Tokenizer {
         self.kinds.get(id as usize).copied()
     }
 
+    /// Every special (control or user-defined) token: end of turn, tool-call tags, FIM
+    /// markers. A draft model's cut vocabulary keeps these ([`crate::models::Model::with_draft_vocab`]).
+    pub fn special_ids(&self) -> Vec<u32> {
+        (0..self.vocab_size() as u32)
+            .filter(|&i| self.token_kind(i).is_some_and(TokenKind::is_special))
+            .collect()
+    }
+
     /// The id of a token given its vocabulary text (e.g. `"<|im_end|>"`).
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.hf.token_to_id(text)

@@ -30,6 +30,102 @@ pub(crate) struct Linear {
     pub(crate) pad_single_row: bool,
     /// verdict's own CPU kernel for this weight, where it applies (see `cpu_gemm`).
     pub(crate) gemm: Option<super::cpu_gemm::Gemm>,
+    /// An lm_head cut to part of the vocabulary ([`Model::with_draft_vocab`]): the ids its rows
+    /// stand for; the output is widened back to the whole vocabulary, -inf elsewhere.
+    pub(crate) kept: Option<Arc<KeptVocab>>,
+}
+
+/// The vocabulary ids an lm_head cut by [`Model::with_draft_vocab`] still scores: ascending,
+/// disjoint runs `[start, end)`, its rows in that order.
+#[derive(Debug, Clone)]
+pub(crate) struct KeptVocab {
+    runs: Vec<(usize, usize)>,
+    vocab: usize,
+    /// The whole head, for the rows of ids a request adds back ([`KeptVocab::rows`]).
+    full: QMatMul,
+}
+
+impl KeptVocab {
+    /// The runs of `ids` (any order, repeats allowed) within `0..vocab`.
+    fn new(ids: &[u32], vocab: usize, full: QMatMul) -> KeptVocab {
+        let mut ids: Vec<usize> = ids
+            .iter()
+            .map(|&i| i as usize)
+            .filter(|&i| i < vocab)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in ids {
+            match runs.last_mut() {
+                Some((_, end)) if *end == i => *end += 1,
+                _ => runs.push((i, i + 1)),
+            }
+        }
+        KeptVocab { runs, vocab, full }
+    }
+
+    /// Whether the cut head scores `id`.
+    pub(crate) fn keeps(&self, id: u32) -> bool {
+        let id = id as usize;
+        let i = self.runs.partition_point(|&(_, end)| end <= id);
+        self.runs.get(i).is_some_and(|&(start, _)| start <= id)
+    }
+
+    /// The whole head's rows of `ids`, dequantized: `[ids.len() * hidden]`, row-major.
+    pub(crate) fn rows(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let mut out = Vec::new();
+        match &self.full {
+            QMatMul::QTensor(t) => {
+                let (n, k) = t.shape().dims2()?;
+                let data = t.data()?;
+                let len = data.len() / n;
+                for &id in ids {
+                    let at = id as usize * len;
+                    let row = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        t.dtype(),
+                        &data[at..at + len],
+                        vec![1, k],
+                        &Device::Cpu,
+                    )?
+                    .dequantize(&Device::Cpu)?;
+                    out.extend(row.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+            QMatMul::Tensor(m) | QMatMul::TensorF16(m) => {
+                for &id in ids {
+                    let row = m.narrow(0, id as usize, 1)?.flatten_all()?;
+                    out.extend(row.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn len(&self) -> usize {
+        self.runs.iter().map(|(a, b)| b - a).sum()
+    }
+
+    /// `[rows, len]` scores to `[rows, vocab]`: each at its id, -inf at the ids not kept.
+    fn widen(&self, y: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = y.dim(0)?;
+        let gap =
+            |n: usize| Tensor::full(f32::NEG_INFINITY, (rows, n), y.device())?.to_dtype(y.dtype());
+        let mut parts = Vec::with_capacity(2 * self.runs.len() + 1);
+        let (mut at, mut col) = (0, 0);
+        for &(start, end) in &self.runs {
+            if start > at {
+                parts.push(gap(start - at)?);
+            }
+            parts.push(y.narrow(1, col, end - start)?);
+            col += end - start;
+            at = end;
+        }
+        if at < self.vocab {
+            parts.push(gap(self.vocab - at)?);
+        }
+        Tensor::cat(&parts, 1)
+    }
 }
 
 /// candle runs Q6_K matrices through its compact gemv for one row but through repacked
@@ -72,6 +168,7 @@ impl Linear {
             gemm,
             w,
             b,
+            kept: None,
         }
     }
 
@@ -85,8 +182,12 @@ impl Linear {
         } else {
             self.w.forward(x)?
         };
-        match &self.b {
-            Some(b) => y.broadcast_add(b),
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match &self.kept {
+            Some(k) => k.widen(&y),
             None => Ok(y),
         }
     }
@@ -365,6 +466,86 @@ impl Model {
         })
     }
 
+    /// Cuts this model's lm_head to the ids `0..first` and `also` (a draft model: FR-Spec,
+    /// arXiv 2502.14856). A draft reads its whole lm_head for every token it drafts; for the
+    /// 0.5B Qwen that is 37% of the bytes a token reads, and BPE vocabularies put frequent
+    /// tokens at low ids (Qwen's first 32k ids hold 94% of the tokens of code and prose, the
+    /// first 64k 98%). The logits keep their width, -inf at the ids cut, so the draft cannot
+    /// propose those tokens and its q(x) is a distribution over the rest: strict stays
+    /// lossless, at T = 0 and T > 0. `also` should hold the special tokens (end of turn,
+    /// tool-call tags). Only the candle-ops path (the CPU) uses the cut head; the CUDA decode
+    /// path keeps its own. Call it right after loading, before the model is shared.
+    pub fn with_draft_vocab(mut self, first: usize, also: &[u32]) -> Result<Model> {
+        let path = self.w.source.clone();
+        let fail = |reason: String| ModelError::Tensor {
+            path: path.clone(),
+            tensor: "output.weight".into(),
+            reason,
+        };
+        let vocab = self.w.cfg.vocab_size;
+        if first == 0 || first >= vocab {
+            return Ok(self);
+        }
+        let ids: Vec<u32> = (0..first as u32).chain(also.iter().copied()).collect();
+        let kept = KeptVocab::new(&ids, vocab, self.w.lm_head.w.clone());
+        let w = Arc::get_mut(&mut self.w).ok_or_else(|| {
+            fail("the weights are shared: cut the vocabulary right after loading".into())
+        })?;
+        let head = &w.lm_head;
+        let rows = |m: &Tensor| -> candle_core::Result<Tensor> {
+            let parts = kept
+                .runs
+                .iter()
+                .map(|&(a, b)| m.narrow(0, a, b - a))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        };
+        let cut = || -> candle_core::Result<QMatMul> {
+            Ok(match &head.w {
+                QMatMul::QTensor(t) => {
+                    let (n, k) = t.shape().dims2()?;
+                    let data = t.data()?;
+                    // Each row is its own run of blocks.
+                    let row = data.len() / n;
+                    let mut bytes = Vec::with_capacity(kept.len() * row);
+                    for &(a, b) in &kept.runs {
+                        bytes.extend_from_slice(&data[a * row..b * row]);
+                    }
+                    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        t.dtype(),
+                        &bytes,
+                        vec![kept.len(), k],
+                        &w.device,
+                    )?;
+                    QMatMul::QTensor(Arc::new(q))
+                }
+                QMatMul::Tensor(m) => QMatMul::Tensor(rows(m)?),
+                QMatMul::TensorF16(m) => QMatMul::TensorF16(rows(m)?),
+            })
+        };
+        let matrix =
+            cut().map_err(|e| fail(format!("cutting the vocabulary: {}", candle_msg(&e))))?;
+        let bias = match &head.b {
+            Some(b) => Some(
+                Tensor::cat(
+                    &kept
+                        .runs
+                        .iter()
+                        .map(|&(a, e)| b.narrow(0, a, e - a))
+                        .collect::<candle_core::Result<Vec<_>>>()
+                        .map_err(|e| fail(candle_msg(&e)))?,
+                    0,
+                )
+                .map_err(|e| fail(candle_msg(&e)))?,
+            ),
+            None => None,
+        };
+        let mut lm_head = Linear::new(matrix, bias);
+        lm_head.kept = Some(Arc::new(kept));
+        w.lm_head = lm_head;
+        Ok(self)
+    }
+
     /// Loads a Hugging Face checkpoint directory (`config.json` + `*.safetensors`, llama or
     /// qwen2 tensor names). Weights are converted to f32.
     pub fn load_safetensors(dir: &Path, device: &Device) -> Result<Model> {
@@ -636,6 +817,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// The model's cut vocabulary ([`Model::with_draft_vocab`]), when it has one.
+    pub(crate) fn kept_vocab(&self) -> Option<Arc<KeptVocab>> {
+        self.w.lm_head.kept.clone()
+    }
+
     /// Number of positions in the KV cache (the next token goes at this position).
     pub fn len(&self) -> usize {
         match &self.fast {
