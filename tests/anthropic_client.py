@@ -43,7 +43,7 @@ def tools_checks():
         }
     ]
     ask = {"role": "user", "content": "What time is it in Berlin?"}
-    call = client.messages.create(
+    forced = dict(
         model=model,
         messages=[ask],
         tools=tools,
@@ -51,17 +51,11 @@ def tools_checks():
         max_tokens=60,
         extra_body=greedy,
     )
+    call = client.messages.create(**forced)
     assert call.stop_reason == "tool_use", call
     use = [b for b in call.content if b.type == "tool_use"]
     assert len(use) == 1 and use[0].name == "get_time" and use[0].input["zone"] in ("utc", "cet"), call
-    with client.messages.stream(
-        model=model,
-        messages=[ask],
-        tools=tools,
-        tool_choice={"type": "any"},
-        max_tokens=60,
-        extra_body=greedy,
-    ) as s:
+    with client.messages.stream(**forced) as s:
         final = s.get_final_message()
     streamed = [b for b in final.content if b.type == "tool_use"]
     assert final.stop_reason == "tool_use" and streamed[0].input == use[0].input, final

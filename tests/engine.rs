@@ -436,18 +436,32 @@ fn speculative_sampling_follows_the_target_distribution() {
         top_p: 1.0,
         min_p: 0.0,
     };
-    let exact = second_token_distribution(&target, &prompt, &s);
+    let draft_model = tiny(dir.path(), "d2.gguf", spec(6, 1));
+    assert_draws_follow_the_target(&target, draft, &draft_model, &prompt, &s, "the draft's q");
+}
+
+/// 3000 seeded speculative runs of `prompt` with `draft`: the second token's frequencies fit
+/// the target's exact distribution and not `wrong`'s (`what`), and enough drafts were rejected
+/// for that to mean something.
+fn assert_draws_follow_the_target(
+    target: &Model,
+    draft: Model,
+    wrong: &Model,
+    prompt: &[u32],
+    s: &SamplingParams,
+    what: &str,
+) {
+    let exact = second_token_distribution(target, prompt, s);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
     let n = 3000u64;
     let (counts, drafted_but_rejected) =
-        second_token_counts(&e, &prompt, &s, &Penalties::default(), n);
+        second_token_counts(&e, prompt, s, &Penalties::default(), n);
     assert!(
         drafted_but_rejected > n / 10,
         "p and q must differ for this test to mean anything"
     );
-    let draft_model = tiny(dir.path(), "d2.gguf", spec(6, 1));
-    let wrong = second_token_distribution(&draft_model, &prompt, &s);
-    assert_fits_not(&counts, &exact, &wrong, "the draft's q");
+    let wrong = second_token_distribution(wrong, prompt, s);
+    assert_fits_not(&counts, &exact, &wrong, what);
 }
 
 /// With min-p, speculative sampling draws from the truncated distribution: the second token's
@@ -1768,19 +1782,12 @@ fn a_draft_with_a_cut_vocabulary_stays_lossless() {
         top_p: 1.0,
         min_p: 0.0,
     };
-    let exact = second_token_distribution(&target, &prompt, &s);
-    let e = engine(
-        target.clone(),
-        Some(draft.clone()),
-        Some(DrafterSpec::Model),
-        3,
+    assert_draws_follow_the_target(
+        &target,
+        draft.clone(),
+        &draft,
+        &prompt,
+        &s,
+        "the cut draft's q",
     );
-    let n = 3000u64;
-    let (counts, rejected) = second_token_counts(&e, &prompt, &s, &Penalties::default(), n);
-    assert!(
-        rejected > n / 10,
-        "p and q must differ for this test to mean anything"
-    );
-    let wrong = second_token_distribution(&draft, &prompt, &s);
-    assert_fits_not(&counts, &exact, &wrong, "the cut draft's q");
 }

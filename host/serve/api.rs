@@ -702,21 +702,24 @@ fn opt<'a, T>(
 }
 
 fn string(name: &str, v: &Value) -> Result<String, ApiError> {
-    v.as_str()
-        .map(str::to_string)
-        .ok_or_else(|| wrong_type(name, "a string", v))
+    str_of(name, v).map(str::to_string)
+}
+
+/// `v` as a string; the error names the field and what it got.
+pub(crate) fn str_of<'a>(name: &str, v: &'a Value) -> Result<&'a str, ApiError> {
+    v.as_str().ok_or_else(|| wrong_type(name, "a string", v))
 }
 
 fn boolean(name: &str, v: &Value) -> Result<bool, ApiError> {
     v.as_bool().ok_or_else(|| wrong_type(name, "a boolean", v))
 }
 
-fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
+pub(crate) fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
     v.as_object()
         .ok_or_else(|| wrong_type(name, "an object", v))
 }
 
-fn array<'a>(name: &str, v: &'a Value) -> Result<&'a Vec<Value>, ApiError> {
+pub(crate) fn array<'a>(name: &str, v: &'a Value) -> Result<&'a Vec<Value>, ApiError> {
     v.as_array().ok_or_else(|| wrong_type(name, "an array", v))
 }
 

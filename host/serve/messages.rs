@@ -18,7 +18,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::api::type_name;
+use super::api::{array, object, str_of as string, type_name};
 use super::error::ApiError;
 use super::generate::Outcome;
 use super::tools;
@@ -65,33 +65,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
-}
-
-fn string<'a>(name: &str, v: &'a Value) -> Result<&'a str, ApiError> {
-    v.as_str().ok_or_else(|| {
-        invalid(
-            name,
-            format!("{name} must be a string, got {}", type_name(v)),
-        )
-    })
-}
-
-fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
-    v.as_object().ok_or_else(|| {
-        invalid(
-            name,
-            format!("{name} must be an object, got {}", type_name(v)),
-        )
-    })
-}
-
-fn array<'a>(name: &str, v: &'a Value) -> Result<&'a Vec<Value>, ApiError> {
-    v.as_array().ok_or_else(|| {
-        invalid(
-            name,
-            format!("{name} must be an array, got {}", type_name(v)),
-        )
-    })
 }
 
 fn field<'a>(
@@ -298,10 +271,7 @@ fn text_of(name: &str, v: &Value) -> Result<String, ApiError> {
                 let at = format!("{name}[{j}]");
                 let o = object(&at, b)?;
                 match o.get("type").and_then(Value::as_str) {
-                    Some("text") => parts.push(string(
-                        &format!("{at}.text"),
-                        field(o, &at, "text", "a text block")?,
-                    )?),
+                    Some("text") => parts.push(block_text(o, &at)?),
                     Some(t) => return Err(unsupported_block(&at, t)),
                     None => {
                         return Err(invalid(
@@ -385,10 +355,7 @@ fn user_turn(at: &str, content: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
         let bat = format!("{at}[{j}]");
         let o = object(&bat, b)?;
         match block_type(o, &bat)? {
-            "text" => text.push(string(
-                &format!("{bat}.text"),
-                field(o, &bat, "text", "a text block")?,
-            )?),
+            "text" => text.push(block_text(o, &bat)?),
             "tool_result" => {
                 flush(&mut text, out);
                 let id = string(
@@ -427,10 +394,7 @@ fn assistant_turn(at: &str, content: &Value) -> Result<Value, ApiError> {
         let bat = format!("{at}[{j}]");
         let o = object(&bat, b)?;
         match block_type(o, &bat)? {
-            "text" => text.push(string(
-                &format!("{bat}.text"),
-                field(o, &bat, "text", "a text block")?,
-            )?),
+            "text" => text.push(block_text(o, &bat)?),
             "tool_use" => {
                 let id = string(
                     &format!("{bat}.id"),
@@ -457,6 +421,11 @@ fn assistant_turn(at: &str, content: &Value) -> Result<Value, ApiError> {
         m["tool_calls"] = Value::Array(calls);
     }
     Ok(m)
+}
+
+/// A text block's `text`.
+fn block_text<'a>(o: &'a Map<String, Value>, at: &str) -> Result<&'a str, ApiError> {
+    string(&format!("{at}.text"), field(o, at, "text", "a text block")?)
 }
 
 fn block_type<'a>(o: &'a Map<String, Value>, at: &str) -> Result<&'a str, ApiError> {

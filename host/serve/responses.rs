@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde_json::{Map, Value, json};
 
-use super::api::type_name;
+use super::api::{object, str_of as string, type_name};
 use super::error::ApiError;
 use super::generate::Outcome;
 use super::logprobs::{self, TokenEntry};
@@ -74,24 +74,6 @@ const CHAT_ONLY: &[&str] = &[
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
-}
-
-fn string<'a>(name: &str, v: &'a Value) -> Result<&'a str, ApiError> {
-    v.as_str().ok_or_else(|| {
-        invalid(
-            name,
-            format!("{name} must be a string, got {}", type_name(v)),
-        )
-    })
-}
-
-fn object<'a>(name: &str, v: &'a Value) -> Result<&'a Map<String, Value>, ApiError> {
-    v.as_object().ok_or_else(|| {
-        invalid(
-            name,
-            format!("{name} must be an object, got {}", type_name(v)),
-        )
-    })
 }
 
 /// Reads a Responses request. `previous` looks up a stored response's conversation.
