@@ -577,7 +577,7 @@ fn stop_reason(outcome: &Outcome, calls: bool) -> (&'static str, Value) {
 /// Prompt tokens read from the prompt cache count apart, as Anthropic's cache reads do.
 fn usage(o: &Outcome) -> Value {
     json!({
-        "input_tokens": o.prompt_tokens - o.cached_tokens,
+        "input_tokens": o.prompt_tokens.saturating_sub(o.cached_tokens),
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": o.cached_tokens,
         "output_tokens": o.completion_tokens,
