@@ -473,8 +473,8 @@ impl Model {
     /// first 64k 98%). The logits keep their width, -inf at the ids cut, so the draft cannot
     /// propose those tokens and its q(x) is a distribution over the rest: strict stays
     /// lossless, at T = 0 and T > 0. `also` should hold the special tokens (end of turn,
-    /// tool-call tags). Only the candle-ops path (the CPU) uses the cut head; the CUDA decode
-    /// path keeps its own. Call it right after loading, before the model is shared.
+    /// tool-call tags). A model on a GPU keeps its whole head (its decode path has its own).
+    /// Call it right after loading, before the model is shared.
     pub fn with_draft_vocab(mut self, first: usize, also: &[u32]) -> Result<Model> {
         let path = self.w.source.clone();
         let fail = |reason: String| ModelError::Tensor {
@@ -483,7 +483,9 @@ impl Model {
             reason,
         };
         let vocab = self.w.cfg.vocab_size;
-        if first == 0 || first >= vocab {
+        // On a GPU the decode path runs its own whole head, and the ids a request adds back
+        // would be read from device memory: the cut is for the CPU.
+        if first == 0 || first >= vocab || !self.w.device.is_cpu() {
             return Ok(self);
         }
         let ids: Vec<u32> = (0..first as u32).chain(also.iter().copied()).collect();

@@ -163,12 +163,10 @@ pub fn translate(body: &Map<String, Value>) -> Result<Translated, ApiError> {
             // Settings of Anthropic's service with no counterpart here (the prompt cache is
             // automatic: `cache_control` marks nothing it would not keep anyway).
             "service_tier" | "cache_control" | "inference_geo" | "speed" => {}
-            k if UNSUPPORTED.iter().any(|(f, _)| *f == k) => {
-                let why = UNSUPPORTED.iter().find(|(f, _)| *f == k).expect("found").1;
-                return Err(invalid(k, why));
+            k if let Some((_, why)) = UNSUPPORTED.iter().find(|(f, _)| *f == k) => {
+                return Err(invalid(k, *why));
             }
-            k if OPENAI_ONLY.iter().any(|(f, _)| *f == k) => {
-                let use_ = OPENAI_ONLY.iter().find(|(f, _)| *f == k).expect("found").1;
+            k if let Some((_, use_)) = OPENAI_ONLY.iter().find(|(f, _)| *f == k) => {
                 let hint = if use_.is_empty() {
                     "an OpenAI field this API has not".to_string()
                 } else {
