@@ -7,14 +7,14 @@
 //! the measured forward costs (which rule to measure for real).
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 
-use crate::cli::generate::{DeviceArg, parse_device};
+use crate::cli::generate::{DeviceArg, load_draft, parse_device};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{AdaptiveK, Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
@@ -24,7 +24,6 @@ use crate::models::tokenizer::Tokenizer;
 use crate::models::transformer::Rows;
 use crate::models::{Model, Session};
 use crate::sample::SamplingParams;
-use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 
 #[derive(Subcommand, Debug)]
@@ -570,13 +569,6 @@ fn synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads a draft model, its lm_head cut to the first `vocab` ids and `specials` (0: whole).
-pub fn draft_model(path: &Path, device: &Device, vocab: usize, specials: &[u32]) -> Result<Model> {
-    let m = Model::load_gguf(path, device)
-        .with_context(|| format!("loading the draft {}", path.display()))?;
-    Ok(m.with_draft_vocab(vocab, specials)?)
-}
-
 /// The target and draft GGUFs of a benchmark or judge command; the default pair from the fetch
 /// cache when not given.
 #[derive(ClapArgs, Debug, Clone)]
@@ -723,7 +715,7 @@ fn spec(a: SpecArgs) -> Result<()> {
     let mut drafts = Vec::new();
     for &v in &vocabs {
         drafts.push(if uses_draft {
-            Some(draft_model(&draft_path, &device, v, &specials)?)
+            Some(load_draft(&draft_path, &device, v, &specials)?)
         } else {
             None
         });

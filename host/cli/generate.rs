@@ -219,6 +219,19 @@ impl DeviceArg {
     }
 }
 
+/// `--draft-vocab N`: loads a draft model with its lm_head cut to the first `vocab` ids and
+/// `specials` (0: whole), as `serve`, `generate` and `bench spec` load it.
+pub(crate) fn load_draft(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+    vocab: usize,
+    specials: &[u32],
+) -> Result<Model> {
+    let m = Model::load_gguf(path, device)
+        .with_context(|| format!("loading the draft {}", path.display()))?;
+    Ok(m.with_draft_vocab(vocab, specials)?)
+}
+
 /// `--shards N`: the target split over N tensor-parallel ranks: CPU threads, or N GPUs from
 /// `device`'s ordinal on.
 pub(crate) fn shard_target(model: Model, n: usize, device: &candle_core::Device) -> Result<Model> {
@@ -423,7 +436,7 @@ pub fn run(args: Args) -> Result<()> {
                 Some(p) => (p, DrafterSpec::Auto),
                 None => (d, DrafterSpec::Model),
             };
-            let m = crate::cli::bench::draft_model(
+            let m = load_draft(
                 std::path::Path::new(p),
                 &device,
                 args.draft_vocab,

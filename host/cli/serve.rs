@@ -269,7 +269,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let tokenizer = Tokenizer::from_gguf(content)
             .with_context(|| format!("the tokenizer of {}", target_path.display()))?;
         let draft = match &draft_path {
-            Some(p) => Some(crate::cli::bench::draft_model(
+            Some(p) => Some(crate::cli::generate::load_draft(
                 p,
                 &device,
                 draft_vocab,

@@ -106,6 +106,16 @@ impl KeptVocab {
         self.runs.iter().map(|(a, b)| b - a).sum()
     }
 
+    /// The kept rows (dimension 0) of a whole-vocabulary tensor: a weight or a bias.
+    fn gather(&self, m: &Tensor) -> candle_core::Result<Tensor> {
+        let parts = self
+            .runs
+            .iter()
+            .map(|&(a, b)| m.narrow(0, a, b - a))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
     /// `[rows, len]` scores to `[rows, vocab]`: each at its id, -inf at the ids not kept.
     fn widen(&self, y: &Tensor) -> candle_core::Result<Tensor> {
         let rows = y.dim(0)?;
@@ -494,14 +504,6 @@ impl Model {
             fail("the weights are shared: cut the vocabulary right after loading".into())
         })?;
         let head = &w.lm_head;
-        let rows = |m: &Tensor| -> candle_core::Result<Tensor> {
-            let parts = kept
-                .runs
-                .iter()
-                .map(|&(a, b)| m.narrow(0, a, b - a))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
-        };
         let cut = || -> candle_core::Result<QMatMul> {
             Ok(match &head.w {
                 QMatMul::QTensor(t) => {
@@ -521,27 +523,19 @@ impl Model {
                     )?;
                     QMatMul::QTensor(Arc::new(q))
                 }
-                QMatMul::Tensor(m) => QMatMul::Tensor(rows(m)?),
-                QMatMul::TensorF16(m) => QMatMul::TensorF16(rows(m)?),
+                QMatMul::Tensor(m) => QMatMul::Tensor(kept.gather(m)?),
+                QMatMul::TensorF16(m) => QMatMul::TensorF16(kept.gather(m)?),
             })
         };
-        let matrix =
-            cut().map_err(|e| fail(format!("cutting the vocabulary: {}", candle_msg(&e))))?;
-        let bias = match &head.b {
-            Some(b) => Some(
-                Tensor::cat(
-                    &kept
-                        .runs
-                        .iter()
-                        .map(|&(a, e)| b.narrow(0, a, e - a))
-                        .collect::<candle_core::Result<Vec<_>>>()
-                        .map_err(|e| fail(candle_msg(&e)))?,
-                    0,
-                )
-                .map_err(|e| fail(candle_msg(&e)))?,
-            ),
-            None => None,
-        };
+        let cut_vocab =
+            |e: candle_core::Error| fail(format!("cutting the vocabulary: {}", candle_msg(&e)));
+        let matrix = cut().map_err(cut_vocab)?;
+        let bias = head
+            .b
+            .as_ref()
+            .map(|b| kept.gather(b))
+            .transpose()
+            .map_err(cut_vocab)?;
         let mut lm_head = Linear::new(matrix, bias);
         lm_head.kept = Some(Arc::new(kept));
         w.lm_head = lm_head;

@@ -583,6 +583,14 @@ fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
 }
 
 /// OpenAI's 404 for a model this server does not serve.
+/// A request that names a model must name the served one.
+fn check_model(app: &App, p: &ParsedRequest) -> Result<(), ApiError> {
+    match &p.model {
+        Some(m) if m != &app.opts.model_id => Err(unknown_model(app, m)),
+        _ => Ok(()),
+    }
+}
+
 fn unknown_model(app: &App, id: &str) -> ApiError {
     ApiError::invalid(
         "model",
@@ -678,7 +686,13 @@ async fn create_response(
         parsed.tools.is_some(),
     );
     if t.stream {
-        return Ok(response_events(app.clone(), meta, t, events));
+        let stream = ResponseEvents {
+            app: app.clone(),
+            id: meta.id.clone(),
+            stream: responses::Stream::new(meta),
+            t: Some(t),
+        };
+        return Ok(typed_events(stream, events));
     }
     let choices = collect(events, 1).await?;
     let c = &choices[0];
@@ -724,30 +738,86 @@ fn stored_response(app: &App, id: &str, delete: bool) -> Result<Response<Body>, 
     Ok(json_response(StatusCode::OK, r))
 }
 
-/// A streamed Responses reply: typed server-sent events (`event: <type>`, `data: <object>`),
-/// from `response.created` to `response.completed` (no `[DONE]` in this API). The finished
-/// reply is stored as when not streamed. Dropping the body stops the generation.
-fn response_events(
+/// What a typed event stream (the Responses and Messages APIs) makes of a generation's events.
+trait TypedEvents: Send + Sync + 'static {
+    /// The events before any text.
+    fn start(&mut self) -> Vec<Value>;
+    fn delta(&mut self, text: &str, entries: Vec<TokenEntry>) -> Vec<Value>;
+    /// The closing events.
+    fn done(&mut self, outcome: &Outcome) -> Vec<Value>;
+    /// The generation failed after the stream started.
+    fn failed(&mut self, e: &ApiError) -> Vec<Value>;
+}
+
+/// A streamed Responses reply: `response.created` to `response.completed` (no `[DONE]` in this
+/// API); the finished reply is stored as when not streamed.
+struct ResponseEvents {
     app: Arc<App>,
-    meta: responses::Meta,
-    t: responses::Translated,
-    (early, rx): Events,
-) -> Response<Body> {
-    struct S {
-        app: Arc<App>,
-        stream: responses::Stream,
-        id: String,
-        t: Option<responses::Translated>,
+    stream: responses::Stream,
+    id: String,
+    t: Option<responses::Translated>,
+}
+
+impl TypedEvents for ResponseEvents {
+    fn start(&mut self) -> Vec<Value> {
+        self.stream.start()
+    }
+
+    fn delta(&mut self, text: &str, entries: Vec<TokenEntry>) -> Vec<Value> {
+        self.stream.delta(text, entries)
+    }
+
+    fn done(&mut self, outcome: &Outcome) -> Vec<Value> {
+        let (events, response, reply) = self.stream.done(outcome);
+        if let Some(t) = self.t.take().filter(|t| t.store) {
+            let mut conversation = t.conversation;
+            conversation.push(reply);
+            lock(&self.app.responses).insert(self.id.clone(), response, conversation);
+        }
+        events
+    }
+
+    fn failed(&mut self, e: &ApiError) -> Vec<Value> {
+        self.stream.failed(e)
+    }
+}
+
+/// A streamed Messages reply: `message_start` to `message_stop`.
+struct MessageEvents {
+    stream: messages::Stream,
+    prompt_tokens: usize,
+}
+
+impl TypedEvents for MessageEvents {
+    fn start(&mut self) -> Vec<Value> {
+        self.stream.start(self.prompt_tokens)
+    }
+
+    fn delta(&mut self, text: &str, _: Vec<TokenEntry>) -> Vec<Value> {
+        self.stream.delta(text)
+    }
+
+    fn done(&mut self, outcome: &Outcome) -> Vec<Value> {
+        self.stream.done(outcome)
+    }
+
+    fn failed(&mut self, e: &ApiError) -> Vec<Value> {
+        self.stream.failed(e)
+    }
+}
+
+/// Typed server-sent events (`event: <type>`, `data: <object>`) from the generation's channel.
+/// Dropping the body stops the generation.
+fn typed_events(stream: impl TypedEvents, (early, rx): Events) -> Response<Body> {
+    struct S<T> {
+        stream: T,
         early: VecDeque<(usize, Event)>,
         rx: UnboundedReceiver<(usize, Event)>,
         started: bool,
         done: bool,
     }
     let state = S {
-        app,
-        id: meta.id.clone(),
-        stream: responses::Stream::new(meta),
-        t: Some(t),
+        stream,
         early,
         rx,
         started: false,
@@ -767,33 +837,25 @@ fn response_events(
                 Some(e) => Some(e),
                 None => s.rx.recv().await,
             };
-            match next {
-                Some((_, Event::Delta(d, e))) => {
-                    let events = s.stream.delta(&d, e);
-                    if !events.is_empty() {
-                        break typed_sse(events);
-                    }
-                }
-                Some((_, Event::Started | Event::Prefilled)) => {}
+            let events = match next {
+                Some((_, Event::Delta(d, e))) => s.stream.delta(&d, e),
+                Some((_, Event::Started | Event::Prefilled)) => Vec::new(),
                 Some((_, Event::Done(o))) => {
-                    let (events, response, reply) = s.stream.done(&o);
-                    if let Some(t) = s.t.take().filter(|t| t.store) {
-                        let mut conversation = t.conversation;
-                        conversation.push(reply);
-                        lock(&s.app.responses).insert(s.id.clone(), response, conversation);
-                    }
                     s.done = true;
-                    break typed_sse(events);
+                    s.stream.done(&o)
                 }
                 Some((_, Event::Failed(e))) => {
                     s.done = true;
-                    break typed_sse(s.stream.failed(&e));
+                    s.stream.failed(&e)
                 }
                 None => {
                     s.done = true;
                     let e = ApiError::internal("the generation worker stopped unexpectedly");
-                    break typed_sse(s.stream.failed(&e));
+                    s.stream.failed(&e)
                 }
+            };
+            if !events.is_empty() {
+                break typed_sse(events);
             }
         };
         Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
@@ -835,7 +897,11 @@ async fn create_message(
         tools: parsed.tools.is_some(),
     };
     if t.stream {
-        return Ok(message_events(meta, prompt_tokens, events));
+        let stream = MessageEvents {
+            stream: messages::Stream::new(meta),
+            prompt_tokens,
+        };
+        return Ok(typed_events(stream, events));
     }
     let choices = collect(events, 1).await?;
     let c = &choices[0];
@@ -856,78 +922,13 @@ async fn count_message_tokens(
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let t = messages::translate(&api::json_object(&body)?)?;
     let p = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
-    if let Some(m) = &p.model
-        && m != &app.opts.model_id
-    {
-        return Err(unknown_model(app, m));
-    }
+    check_model(app, &p)?;
     let n = blocking(move || {
         chat_prompt(&served, &p.messages, p.tools.as_ref(), p.continue_final).map(|ids| ids.len())
     })
     .await?
     .map_err(messages::rename_param)?;
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
-}
-
-/// A streamed Messages reply: its events from `message_start` to `message_stop` (an `error`
-/// event if the generation fails). Dropping the body stops the generation.
-fn message_events(
-    meta: messages::Meta,
-    prompt_tokens: usize,
-    (early, rx): Events,
-) -> Response<Body> {
-    struct S {
-        stream: messages::Stream,
-        early: VecDeque<(usize, Event)>,
-        rx: UnboundedReceiver<(usize, Event)>,
-        started: bool,
-        done: bool,
-    }
-    let state = S {
-        stream: messages::Stream::new(meta),
-        early,
-        rx,
-        started: false,
-        done: false,
-    };
-    let body = futures_util::stream::unfold(state, move |mut s| async move {
-        if s.done {
-            return None;
-        }
-        if !s.started {
-            s.started = true;
-            let b = typed_sse(s.stream.start(prompt_tokens));
-            return Some((Ok::<_, Infallible>(Frame::data(b)), s));
-        }
-        let bytes = loop {
-            let next = match s.early.pop_front() {
-                Some(e) => Some(e),
-                None => s.rx.recv().await,
-            };
-            let events = match next {
-                Some((_, Event::Delta(d, _))) => s.stream.delta(&d),
-                Some((_, Event::Started | Event::Prefilled)) => Vec::new(),
-                Some((_, Event::Done(o))) => {
-                    s.done = true;
-                    s.stream.done(&o)
-                }
-                Some((_, Event::Failed(e))) => {
-                    s.done = true;
-                    s.stream.failed(&e)
-                }
-                None => {
-                    s.done = true;
-                    let e = ApiError::internal("the generation worker stopped unexpectedly");
-                    s.stream.failed(&e)
-                }
-            };
-            if !events.is_empty() {
-                break typed_sse(events);
-            }
-        };
-        Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
-    });
-    event_stream(StreamBody::new(body))
 }
 
 /// A fresh id suffix for a response (unique in this server, not guessable).
@@ -952,11 +953,7 @@ async fn start(
     parsed: &ParsedRequest,
     arrived: Instant,
 ) -> Result<(Events, usize), ApiError> {
-    if let Some(m) = &parsed.model
-        && m != &app.opts.model_id
-    {
-        return Err(unknown_model(app, m));
-    }
+    check_model(app, parsed)?;
     // Tokenizing and template rendering are CPU work: off the async threads.
     let prepared = {
         let app = app.clone();
