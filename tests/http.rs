@@ -1951,6 +1951,33 @@ fn structured_outputs_follow_their_grammar() {
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         assert_eq!(r.json()["error"]["param"], field, "{body}: {}", r.text());
     }
+    // Grammars that compile and then fail are the request's fault too: a 400 naming the field,
+    // not a server error. One allows no first token (found before the generation starts), one
+    // exceeds llguidance's limits while generating.
+    for (body, field, says) in [
+        (
+            json!({"guided_json": {"$ref": "#"}}),
+            "guided_json",
+            "allows no first token",
+        ),
+        (
+            json!({"guided_regex": "a{1000}{1000}{1000}"}),
+            "guided_regex",
+            "the grammar failed",
+        ),
+    ] {
+        let mut b = body.clone();
+        b["messages"] = msgs.clone();
+        let r = s.post_json("/v1/chat/completions", &b);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let e = r.json();
+        assert_eq!(e["error"]["param"], field, "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{e}"
+        );
+    }
     // The server is fine after all that.
     assert!(fits(&text_of(&post("/v1/chat/completions", rf))));
 }
@@ -2378,6 +2405,14 @@ fn the_messages_api_runs_as_chat() {
             "invalid_request_error",
             "messages",
         ),
+        // Anthropic's API requires it; count_tokens (below, without it) does not.
+        (
+            "/v1/messages",
+            json!({"messages": user}),
+            400,
+            "invalid_request_error",
+            "max_tokens is required",
+        ),
         (
             "/v1/messages",
             json!({"messages": user, "max_tokens": 0}),
@@ -2387,21 +2422,21 @@ fn the_messages_api_runs_as_chat() {
         ),
         (
             "/v1/messages",
-            json!({"messages": user, "stop": ["a"]}),
+            json!({"messages": user, "max_tokens": 4, "stop": ["a"]}),
             400,
             "invalid_request_error",
             "stop_sequences",
         ),
         (
             "/v1/messages",
-            json!({"messages": user, "temperature": 3}),
+            json!({"messages": user, "max_tokens": 4, "temperature": 3}),
             400,
             "invalid_request_error",
             "temperature",
         ),
         (
             "/v1/messages",
-            json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
+            json!({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
             400,
             "invalid_request_error",
             "messages[0].content[0].type",
@@ -2409,21 +2444,21 @@ fn the_messages_api_runs_as_chat() {
         // This tiny model's template has no tools (the real Qwen's test below has).
         (
             "/v1/messages",
-            json!({"messages": user, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}),
+            json!({"messages": user, "max_tokens": 4, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}),
             400,
             "invalid_request_error",
             "tools",
         ),
         (
             "/v1/messages",
-            json!({"messages": user, "model": "claude-opus-4-5"}),
+            json!({"messages": user, "max_tokens": 4, "model": "claude-opus-4-5"}),
             404,
             "not_found_error",
             "claude-opus-4-5",
         ),
         (
             "/v1/messages",
-            json!({"messages": user, "policy": "nope"}),
+            json!({"messages": user, "max_tokens": 4, "policy": "nope"}),
             400,
             "invalid_request_error",
             "nope",

@@ -29,6 +29,26 @@ const MAX_LEXER_STATES: usize = 50_000;
 /// The whitespace allowed between two JSON tokens.
 const JSON_WHITESPACE: &str = r"( |\n{1,2}[ \t]{0,20})";
 
+/// The request's grammar itself failed while the output was being generated: llguidance hit
+/// one of its limits (lexer states, expressions built) or cannot go on from the text so far. The
+/// request is at fault, not the server, so the server answers it as a bad request.
+#[derive(Debug, thiserror::Error)]
+#[error("the grammar failed: {0}")]
+pub struct GrammarError(pub String);
+
+fn grammar_error(e: impl std::fmt::Display) -> anyhow::Error {
+    GrammarError(plain(e)).into()
+}
+
+/// llguidance's message without the marker it appends when verbose errors are off.
+fn plain(e: impl std::fmt::Display) -> String {
+    let s = format!("{e:#}");
+    s.trim_end()
+        .trim_end_matches("<non-verbose/>")
+        .trim_end()
+        .to_string()
+}
+
 /// What the output must match.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GrammarSpec {
@@ -168,10 +188,16 @@ impl Grammars {
             .factory
             .create_parser(spec.top_level()?)
             .map_err(|e| format!("{e:#}"))?;
-        let matcher = Matcher::new(Ok(parser));
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
+        // Some grammars compile but cannot produce a first token (a schema that only refers to
+        // itself): computing the first mask now makes that the request's error, not a failure
+        // at its first step.
+        matcher
+            .compute_mask()
+            .map_err(|e| format!("the grammar allows no first token ({})", plain(e)))?;
         let ends = if stops.is_empty() {
             self.eog.clone()
         } else {
@@ -253,7 +279,7 @@ impl Constraint {
         let n = self
             .matcher
             .validate_tokens(&drafts[..j])
-            .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+            .map_err(grammar_error)?;
         if n < j || j == drafts.len() || !self.ends(drafts[j]) {
             return Ok(n);
         }
@@ -261,11 +287,8 @@ impl Constraint {
         for &d in &drafts[..j] {
             self.consume(d)?;
         }
-        let accepting = self.matcher.is_stopped()
-            || self
-                .matcher
-                .is_accepting()
-                .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+        let accepting =
+            self.matcher.is_stopped() || self.matcher.is_accepting().map_err(grammar_error)?;
         if j > 0 {
             self.matcher
                 .rollback(j)
@@ -288,7 +311,7 @@ impl Constraint {
     fn consume(&mut self, t: u32) -> Result<()> {
         self.matcher
             .consume_token(t)
-            .map_err(|e| anyhow::anyhow!("grammar: token {t} does not fit: {e}"))
+            .map_err(|e| grammar_error(format_args!("token {t} does not fit: {e}")))
     }
 
     /// Sets every token the grammar does not allow next to -inf.
@@ -300,15 +323,9 @@ impl Constraint {
                 self.vocab
             );
         }
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
-        let accepting = self.matcher.is_stopped()
-            || self
-                .matcher
-                .is_accepting()
-                .map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+        let mask = self.matcher.compute_mask_or_eos().map_err(grammar_error)?;
+        let accepting =
+            self.matcher.is_stopped() || self.matcher.is_accepting().map_err(grammar_error)?;
         // The end tokens' logits, for when the grammar may stop.
         let saved: Vec<f32> = self
             .ends

@@ -14,6 +14,7 @@ use super::logprobs::{self, Aligner, TokenEntry};
 use super::metrics::{Metrics, PolicyLabel, PolicyPosition};
 use super::stop::StopMatcher;
 use crate::engine::{FinishReason, GenerateRequest, SpecStats};
+use crate::sample::GrammarError;
 
 /// What a generation reports to its HTTP handler, in order: `Started` or `Failed`, then
 /// `Delta`s, then `Done` (or `Failed`).
@@ -175,6 +176,9 @@ pub struct Job {
     /// Special tokens stay in the text (a reply to a request with tools marks its calls with
     /// them: `<tool_call>`).
     pub keep_special: bool,
+    /// The request field that set its grammar: a grammar that fails while generating is the
+    /// request's error, named by it.
+    pub grammar_field: Option<&'static str>,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -265,6 +269,7 @@ impl Job {
             ignore_eos,
             mut share_prompt,
             keep_special,
+            grammar_field,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -309,12 +314,21 @@ impl Job {
             let tokens = match generation.step() {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::error!("generation step failed: {e:#}");
                     seen.publish(&metrics, generation.stats());
                     metrics.finished("error");
-                    let _ = events.send(Event::Failed(ApiError::internal(format!(
-                        "generation failed: {e:#}"
-                    ))));
+                    let grammar = e.chain().find_map(|c| c.downcast_ref::<GrammarError>());
+                    let err = match grammar {
+                        Some(g) => {
+                            tracing::warn!("a request's grammar failed: {g}");
+                            let field = grammar_field.unwrap_or("grammar");
+                            ApiError::invalid(field, format!("{field}: {g}"))
+                        }
+                        None => {
+                            tracing::error!("generation step failed: {e:#}");
+                            ApiError::internal(format!("generation failed: {e:#}"))
+                        }
+                    };
+                    let _ = events.send(Event::Failed(err));
                     return;
                 }
             };

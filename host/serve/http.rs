@@ -885,8 +885,9 @@ async fn create_message(
 ) -> Result<Response<Body>, ApiError> {
     let arrived = Instant::now();
     let served = served_or_unavailable(app)?;
-    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
-    let t = messages::translate(&api::json_object(&body)?)?;
+    let body = api::json_object(&read_body(req, app.opts.max_body_bytes, "body").await?)?;
+    messages::require_max_tokens(&body)?;
+    let t = messages::translate(&body)?;
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
     let (events, prompt_tokens) = start(app, &served, &parsed, arrived)
         .await
@@ -991,6 +992,7 @@ async fn start(
             ignore_eos: parsed.ignore_eos,
             share_prompt: share && i == 0,
             keep_special: parsed.tools.is_some(),
+            grammar_field: parsed.grammar.as_ref().map(|(field, _)| *field),
         };
         app.pool.submit(Box::new(move || job.run())).map_err(|f| {
             ApiError::overloaded(

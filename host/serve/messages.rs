@@ -77,6 +77,17 @@ fn field<'a>(
         .ok_or_else(|| invalid(format!("{at}.{k}"), format!("{what} needs `{k}`")))
 }
 
+/// `POST /v1/messages` needs `max_tokens`, as Anthropic's API does (`count_tokens` has none).
+pub fn require_max_tokens(body: &Map<String, Value>) -> Result<(), ApiError> {
+    match body.get("max_tokens") {
+        None | Some(Value::Null) => Err(invalid(
+            "max_tokens",
+            "max_tokens is required (the most tokens the reply may have)",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Reads a Messages request (or a `count_tokens` one, which has no `max_tokens`).
 pub fn translate(body: &Map<String, Value>) -> Result<Translated, ApiError> {
     let mut chat = Map::new();
