@@ -1,5 +1,5 @@
-//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0 and Q5_0 weights (x86-64 with AVX-512
-//! VNNI).
+//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 weights (x86-64 with
+//! AVX-512 VNNI).
 //!
 //! Why not candle's: its x86 fast path repacks Q4_K into tiles with unpacked f32 scales (33%
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
@@ -17,6 +17,10 @@
 //!   load and one masked byte add give 64 weights, where reading the 22-byte blocks as stored
 //!   measured slower than widening them to Q8_0 (the per-32-value work dominated). Decoding the
 //!   0.5B streams 392 MB per token this way against 485 MB widened.
+//! - Q4_1 (SmolLM2's body): `pack_q4_1` regroups 2 blocks into 40 bytes (the stored size): one
+//!   32-byte load gives 64 weights, and `d * q + m` is summed as `d * Σ q·a + m * Σ a`, the
+//!   second term from each 4 activations' sum made once per row. candle's Q4_1 kernel is scalar:
+//!   SmolLM2's prefill ran at ~75 tokens/s.
 //! - Q4_K and Q6_K: `pack_q4k` and `pack_q6k` interleave 16 columns, so that one `vpdpbusd`
 //!   multiplies 4 values of all 16 by 4 broadcast activation values. Each extra activation row
 //!   costs about half of what the earlier per-column kernels spent (the verified rows' cost,
@@ -45,6 +49,11 @@ const Q8_0_BYTES: usize = 34;
 const Q5_GROUP: usize = 128;
 const Q5_GROUP_BYTES: usize = 88;
 const Q5_0_BYTES: usize = 22;
+/// Q4_1 runs on a repacked copy: 2 blocks (64 values) per pair of [`Q4_1_PAIR_BYTES`], the same
+/// bytes per value as stored (see [`pack_q4_1`]).
+const Q4_1_PAIR: usize = 64;
+const Q4_1_PAIR_BYTES: usize = 40;
+const Q4_1_BYTES: usize = 20;
 /// Q4_K and Q6_K run on repacked copies: 16 columns per tile, each block of the 16 in
 /// [`Q4K_TILE_BYTES`] or [`Q6K_TILE_BYTES`] (see [`pack_q4k`], [`pack_q6k`]).
 const TILE: usize = 16;
@@ -66,13 +75,14 @@ enum Kind {
     Q6K,
     Q8_0,
     Q5_0,
+    Q4_1,
 }
 
 /// A quantized `[n, k]` weight that this module multiplies (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
     w: Arc<QTensor>,
-    /// The repacked bytes of Q5_0, Q4_K and Q6_K (Q8_0 reads `w`'s blocks as stored).
+    /// The repacked bytes of Q5_0, Q4_1, Q4_K and Q6_K (Q8_0 reads `w`'s blocks as stored).
     packed: Option<Arc<[u8]>>,
     kind: Kind,
     n: usize,
@@ -108,6 +118,7 @@ fn enabled(kind: Kind) -> bool {
         Kind::Q6K => "q6k",
         Kind::Q8_0 => "q8_0",
         Kind::Q5_0 => "q5_0",
+        Kind::Q4_1 => "q4_1",
     };
     match std::env::var("VERDICT_CPU_GEMM") {
         Ok(list) if list != "1" => list.split(',').any(|s| s.trim().eq_ignore_ascii_case(name)),
@@ -118,11 +129,11 @@ fn enabled(kind: Kind) -> bool {
 /// Every type by default: each wins against candle's kernels at one row and at several
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
-const DEFAULT_TYPES: &[&str] = &["q4k", "q6k", "q8_0", "q5_0"];
+const DEFAULT_TYPES: &[&str] = &["q4k", "q6k", "q8_0", "q5_0", "q4_1"];
 
 impl Gemm {
-    /// `None` unless `w` is a CPU Q4_K, Q6_K, Q8_0 or Q5_0 matrix (Q5_0: rows of whole
-    /// 128-value groups) that the kernel is enabled for, and [`available`] holds.
+    /// `None` unless `w` is a CPU Q4_K, Q6_K, Q8_0, Q5_0 or Q4_1 matrix (Q5_0: rows of whole
+    /// 128-value groups, Q4_1: of 64) that the kernel is enabled for, and [`available`] holds.
     pub(crate) fn new(w: &Arc<QTensor>) -> Option<Gemm> {
         Self::for_types(w, enabled)
     }
@@ -132,6 +143,7 @@ impl Gemm {
         let (kind, n, k) = applies(w, take)?;
         let packed = match kind {
             Kind::Q5_0 => Some(pack_q5_0(&w.data().ok()?).into()),
+            Kind::Q4_1 => Some(pack_q4_1(&w.data().ok()?).into()),
             Kind::Q4K => Some(pack_q4k(&w.data().ok()?, n, k).into()),
             Kind::Q6K => Some(pack_q6k(&w.data().ok()?, n, k).into()),
             _ => None,
@@ -255,6 +267,7 @@ impl Kind {
             Kind::Q6K => (QK_K, Q6K_BYTES),
             Kind::Q8_0 => (QK8_0, Q8_0_BYTES),
             Kind::Q5_0 => (Q5_GROUP, Q5_GROUP_BYTES),
+            Kind::Q4_1 => (Q4_1_PAIR, Q4_1_PAIR_BYTES),
         }
     }
 
@@ -262,7 +275,7 @@ impl Kind {
     fn act_block(self) -> usize {
         match self {
             Kind::Q4K | Kind::Q6K => QK_K,
-            Kind::Q8_0 | Kind::Q5_0 => QK8_0,
+            Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_1 => QK8_0,
         }
     }
 }
@@ -284,6 +297,7 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
         GgmlDType::Q6K => Kind::Q6K,
         GgmlDType::Q8_0 => Kind::Q8_0,
         GgmlDType::Q5_0 => Kind::Q5_0,
+        GgmlDType::Q4_1 => Kind::Q4_1,
         _ => return None,
     };
     if !take(kind) {
@@ -323,6 +337,31 @@ fn pack_q5_0(raw: &[u8]) -> Vec<u8> {
         for blk in g.chunks_exact(Q5_0_BYTES) {
             out.extend_from_slice(&blk[..2]);
         }
+    }
+    out
+}
+
+/// Q4_1 blocks (f16 d, f16 m, 16 bytes of nibbles: `d * q + m`, value j in byte j's low nibble
+/// and value 16 + j in its high one) regrouped per 2 blocks for the kernel: 32 bytes of nibbles
+/// (value t of the 64 in byte t's low nibble, value 32 + t in its high nibble, so a row's
+/// activations keep their natural order), then the two d and the two m. Same values, same bytes
+/// (40 per 64 values, as stored); one 32-byte load and two masks give the 64 weights.
+fn pack_q4_1(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for pair in raw.chunks_exact(2 * Q4_1_BYTES) {
+        let mut u = [0u8; Q4_1_PAIR];
+        for (b, blk) in pair.chunks_exact(Q4_1_BYTES).enumerate() {
+            for j in 0..16 {
+                u[32 * b + j] = blk[4 + j] & 0x0f;
+                u[32 * b + j + 16] = blk[4 + j] >> 4;
+            }
+        }
+        out.extend((0..32).map(|t| u[t] | (u[32 + t] << 4)));
+        let (b0, b1) = pair.split_at(Q4_1_BYTES);
+        out.extend_from_slice(&b0[..2]);
+        out.extend_from_slice(&b1[..2]);
+        out.extend_from_slice(&b0[2..4]);
+        out.extend_from_slice(&b1[2..4]);
     }
     out
 }
@@ -456,8 +495,11 @@ struct Acts {
     /// Q6_K: -32 times each 16 values' sum, where its dot products over the unsigned 0..=63
     /// weights start.
     corr: Vec<i32>,
-    /// Entries per row of `d`, `sum32`, `lanes` and `corr`.
-    strides: [usize; 4],
+    /// Q4_1 only: each 4 values' sum times their block's scale, one f32 per `vpdpbusd` lane: the
+    /// kernel multiplies these by the blocks' m (the `m * Σ a` of `Σ (d q + m) a`).
+    msum: Vec<f32>,
+    /// Entries per row of `d`, `sum32`, `lanes`, `corr` and `msum`.
+    strides: [usize; 5],
     /// Every row's [`RowPtrs`], made once: the kernels ask for them per row and per tile (or
     /// column pair), and making them there (slicing, bounds checks) was 2-4% of a prefill.
     rows: RowTable,
@@ -483,7 +525,8 @@ impl Acts {
             sum32: vec![0; m * k / 32],
             lanes: Vec::new(),
             corr: Vec::new(),
-            strides: [k / blk, k / 32, 0, 0],
+            msum: Vec::new(),
+            strides: [k / blk, k / 32, 0, 0, 0],
             rows: RowTable(Vec::new()),
         };
         for (b, (x, q)) in xs
@@ -536,8 +579,16 @@ impl Acts {
                     .map(|q| -16 * q.iter().map(|&v| v as i32).sum::<i32>())
                     .collect();
         }
+        if kind == Kind::Q4_1 {
+            a.msum =
+                a.qs.chunks_exact(4)
+                    .enumerate()
+                    .map(|(i, q)| a.d[i / 8] * q.iter().map(|&v| v as i32).sum::<i32>() as f32)
+                    .collect();
+        }
         a.strides[2] = if blk == 32 { (k / 64) * 16 } else { 0 };
         a.strides[3] = a.corr.len().checked_div(m).unwrap_or(0);
+        a.strides[4] = a.msum.len().checked_div(m).unwrap_or(0);
         a.rows = RowTable((0..m).map(|r| a.make_ptrs(r)).collect());
         a
     }
@@ -553,7 +604,7 @@ impl Acts {
     }
 
     fn make_ptrs(&self, r: usize) -> RowPtrs {
-        let [d, sum32, lanes, corr] = self.strides;
+        let [d, sum32, lanes, corr, msum] = self.strides;
         RowPtrs {
             qs: self.row(r).as_ptr(),
             d: self.d[r * d..(r + 1) * d].as_ptr(),
@@ -567,6 +618,11 @@ impl Acts {
                 std::ptr::null()
             } else {
                 self.corr[r * corr..(r + 1) * corr].as_ptr()
+            },
+            msum: if self.msum.is_empty() {
+                std::ptr::null()
+            } else {
+                self.msum[r * msum..(r + 1) * msum].as_ptr()
             },
         }
     }
@@ -584,6 +640,7 @@ struct RowPtrs {
     sum32: *const i16,
     lanes: *const f32,
     corr: *const i32,
+    msum: *const f32,
 }
 
 impl RowPtrs {
@@ -593,6 +650,7 @@ impl RowPtrs {
         sum32: std::ptr::null(),
         lanes: std::ptr::null(),
         corr: std::ptr::null(),
+        msum: std::ptr::null(),
     };
 }
 
@@ -666,6 +724,8 @@ mod x86 {
                 (Kind::Q5_0, false) => q5_0::<R, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Q4_1, true) => q4_1::<1, C>(w, row_bytes, acts, r, out),
+                (Kind::Q4_1, false) => q4_1::<R, C>(w, row_bytes, acts, r, out),
                 (Kind::Q4K | Kind::Q6K, _) => unreachable!("{kind:?} runs on its tiles (tile)"),
             }
         }
@@ -999,6 +1059,68 @@ mod x86 {
             }
         }
     }
+
+    /// `C` consecutive repacked Q4_1 weight rows (see [`pack_q4_1`]; `row_bytes` apart in `w`)
+    /// against activation rows `rows` (quantized per 32); column j's result for row i into
+    /// `out[j][i]`. Per 64 values: `da · d · Σ q·a` from the unsigned nibbles, plus `m` times
+    /// the row's `da · Σ a` per lane ([`Acts`]' `msum`). The activation loads are shared by the C
+    /// columns; each column's arithmetic is the same for any `C` and `R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4_1<const R: usize, const C: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &mut [[f32; ROWS_PER_PASS]; C],
+    ) {
+        let np = acts.k / Q4_1_PAIR;
+        debug_assert!(w.len() >= (C - 1) * row_bytes + np * Q4_1_PAIR_BYTES);
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let low = _mm256_set1_epi8(0x0f);
+        let zero = _mm512_setzero_si512();
+        // The four f16 after the nibbles are d0, d1, m0, m1: lanes 0..8 take the first block's,
+        // lanes 8..16 the second's.
+        let idx: [__m512i; 2] = std::array::from_fn(|h| {
+            let lanes: [i32; 16] = std::array::from_fn(|i| (2 * h + i / 8) as i32);
+            unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+        });
+        let wp = w.as_ptr();
+        for pr in 0..np {
+            let mut wv = [zero; C];
+            let mut dv = [_mm512_setzero_ps(); C];
+            let mut mv = [_mm512_setzero_ps(); C];
+            for j in 0..C {
+                let blk = unsafe { wp.add(j * row_bytes + pr * Q4_1_PAIR_BYTES) };
+                unsafe { prefetch(blk, Q4_1_PAIR_BYTES) };
+                let x = unsafe { _mm256_loadu_si256(blk.cast()) };
+                let lo = _mm256_and_si256(x, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+                wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                let sc = unsafe { _mm_cvtph_ps(_mm_loadl_epi64(blk.add(32).cast())) };
+                let sc = _mm512_castps128_ps512(sc);
+                dv[j] = _mm512_permutexvar_ps(idx[0], sc);
+                mv[j] = _mm512_permutexvar_ps(idx[1], sc);
+            }
+            for i in 0..n {
+                let p = rp[i];
+                let a = unsafe { _mm512_loadu_si512(p.qs.add(Q4_1_PAIR * pr).cast()) };
+                let da = unsafe { _mm512_loadu_ps(p.lanes.add(16 * pr)) };
+                let ms = unsafe { _mm512_loadu_ps(p.msum.add(16 * pr)) };
+                for j in 0..C {
+                    let dp = _mm512_dpbusd_epi32(zero, wv[j], a);
+                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
+                    acc[j][i] = _mm512_fmadd_ps(x, dv[j], acc[j][i]);
+                    acc[j][i] = _mm512_fmadd_ps(ms, mv[j], acc[j][i]);
+                }
+            }
+        }
+        for j in 0..C {
+            for i in 0..n {
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1129,6 +1251,35 @@ mod tests {
     }
 
     #[test]
+    fn q4_1_matches_the_exact_sum() {
+        // SmolLM2's widths: 576 (9 pairs of blocks) and 1536.
+        check(GgmlDType::Q4_1, 35, 576);
+        check(GgmlDType::Q4_1, 18, 1536);
+    }
+
+    #[test]
+    fn q4_1_packing_keeps_every_value() {
+        let w = QTensor::quantize(&random(3, 192, 9), GgmlDType::Q4_1).unwrap();
+        let deq = w.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let deq = deq.to_vec1::<f32>().unwrap();
+        let raw = w.data().unwrap();
+        let packed = pack_q4_1(&raw);
+        assert_eq!(packed.len(), raw.len(), "the same bytes as stored");
+        for (p, pair) in packed.chunks_exact(Q4_1_PAIR_BYTES).enumerate() {
+            for v in 0..Q4_1_PAIR {
+                let (t, h) = (v % 32, v / 32);
+                let q = if h == 0 { pair[t] & 0x0f } else { pair[t] >> 4 };
+                let (d, m) = (f16_at(pair, 32 + 2 * h), f16_at(pair, 36 + 2 * h));
+                let want = deq[p * Q4_1_PAIR + v];
+                assert!(
+                    (d * q as f32 + m - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                    "pair {p} value {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn q5_0_packing_keeps_every_value() {
         let w = QTensor::quantize(&random(3, 256, 9), GgmlDType::Q5_0).unwrap();
         let deq = w.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
@@ -1198,6 +1349,7 @@ mod tests {
             GgmlDType::Q6K,
             GgmlDType::Q8_0,
             GgmlDType::Q5_0,
+            GgmlDType::Q4_1,
         ] {
             // Big enough to take the thread pool.
             let w = Arc::new(QTensor::quantize(&random(300, 1024, 7), dtype).unwrap());
@@ -1228,6 +1380,7 @@ mod tests {
             (GgmlDType::Q6K, 512 / QK_K * Q6K_BYTES),
             (GgmlDType::Q8_0, 512 / QK8_0 * Q8_0_BYTES),
             (GgmlDType::Q5_0, 512 / QK8_0 * Q5_0_BYTES),
+            (GgmlDType::Q4_1, 512 / QK8_0 * Q4_1_BYTES),
         ] {
             let w = Arc::new(QTensor::quantize(&random(5, 512, 11), dtype).unwrap());
             let part = w.data().unwrap()[row_bytes..4 * row_bytes].to_vec();
@@ -1271,11 +1424,14 @@ mod tests {
 
     #[test]
     fn other_types_and_a_zero_row_are_handled() {
-        let w = Arc::new(QTensor::quantize(&random(8, 64, 3), GgmlDType::Q4_1).unwrap());
+        let w = Arc::new(QTensor::quantize(&random(8, 64, 3), GgmlDType::Q4_0).unwrap());
         assert!(
             Gemm::for_types(&w, |_| true).is_none(),
-            "Q4_1 stays on candle's kernel"
+            "Q4_0 stays on candle's kernel"
         );
+        // Q4_1 rows must hold whole pairs of blocks.
+        let w = Arc::new(QTensor::quantize(&random(8, 96, 3), GgmlDType::Q4_1).unwrap());
+        assert!(Gemm::for_types(&w, |_| true).is_none(), "96 values a row");
         if !available() {
             return;
         }
