@@ -249,6 +249,48 @@ fn batching_model_shares_forwards_across_threads() {
     assert!(m.with_batching(1).unwrap().batch_stats().is_none());
 }
 
+/// A long prefill on a batching model with a chunk size runs as one forward per chunk (other
+/// sequences' steps join those batches), with the same logits and hidden state as one forward;
+/// a chunk that fails leaves the cache as it was.
+#[test]
+fn a_long_prefill_runs_in_chunks_with_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_q8_0(dir.path());
+    let chunked = m.with_batching(4).unwrap().with_prefill_chunk(4);
+    let prompt: Vec<u32> = (0..11).map(|i| (13 * i + 5) % 300).collect();
+    let mut alone = m.session();
+    let want = alone.forward(&prompt, Rows::Last).unwrap();
+    let mut s = chunked.session();
+    let got = s.forward(&prompt, Rows::Last).unwrap();
+    assert_eq!(rows(&got.logits), rows(&want.logits));
+    assert_eq!(rows(&got.hidden), rows(&want.hidden));
+    assert_eq!(s.len(), prompt.len());
+    let st = chunked.batch_stats().unwrap();
+    assert_eq!(
+        (st.forwards, st.sequences),
+        (3, 3),
+        "11 positions in chunks of 4"
+    );
+    // Decoding goes on from the same cache.
+    assert_eq!(
+        rows(&s.forward(&[7], Rows::Last).unwrap().logits),
+        rows(&alone.forward(&[7], Rows::Last).unwrap().logits)
+    );
+    // Verification rows are never split.
+    s.forward(&prompt, Rows::All).unwrap();
+    assert_eq!(chunked.batch_stats().unwrap().forwards, 5);
+    // A bad token in the last chunk: an error, and none of the 11 stays cached.
+    let before = s.len();
+    let mut bad = prompt.clone();
+    bad[10] = 100_000;
+    assert!(s.forward(&bad, Rows::Last).is_err());
+    assert_eq!(s.len(), before);
+    // 0 turns chunking off.
+    let whole = m.with_batching(4).unwrap().with_prefill_chunk(0);
+    whole.session().forward(&prompt, Rows::Last).unwrap();
+    assert_eq!(whole.batch_stats().unwrap().forwards, 1);
+}
+
 #[test]
 fn truncate_then_reforward_equals_fresh_session() {
     let dir = tempfile::tempdir().unwrap();

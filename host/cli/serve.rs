@@ -20,6 +20,10 @@ use crate::serve::{ServeOptions, Served, Tokens};
 /// whole.
 pub const DEFAULT_DRAFT_VOCAB: usize = 32768;
 
+/// Positions per prefill forward when requests batch (`--prefill-chunk`): BENCHMARKS.md,
+/// session 19, measures what a long prompt costs the other streams and itself.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
 /// The default pair, as `scripts/fetch-models default` leaves it in the model cache.
 pub const DEFAULT_TARGET: &str = "qwen2.5-coder-1.5b.gguf";
 pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b.gguf";
@@ -99,6 +103,11 @@ pub struct ServeArgs {
     /// outputs are the same as unbatched). 1 turns batching off.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// Prefill prompts this many positions per forward (0: a whole prompt in one), so that the
+    /// other requests' steps run between the pieces instead of waiting for a long prompt's
+    /// whole prefill. Outputs do not change. Applies with batching on (--max-batch > 1).
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// Prompt cache size in positions (target and draft model together; 0 turns it off): a
     /// request that starts with an earlier request's tokens (a system prompt, the earlier turns
     /// of a chat) skips their prefill. Each position of the default pair costs ~56 KiB (target)
@@ -256,6 +265,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let (k, adaptive, policy) = (args.k, !args.fixed_k, args.policy.clone());
     let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
     let max_batch = args.max_batch;
+    let prefill_chunk = args.prefill_chunk;
     let prompt_cache = args.prompt_cache;
     let draft_vocab = args.draft_vocab;
     let shards = args.shards as usize;
@@ -282,8 +292,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let judge = head_choice.load(&target)?;
         let target = crate::cli::generate::shard_target(target, shards, &device)?;
         // Concurrent requests share forwards; a lone request runs exactly as unbatched.
-        let target = target.with_batching(max_batch)?;
-        let draft = draft.map(|d| d.with_batching(max_batch)).transpose()?;
+        let target = target
+            .with_batching(max_batch)?
+            .with_prefill_chunk(prefill_chunk);
+        let draft = draft
+            .map(|d| {
+                Ok::<_, anyhow::Error>(
+                    d.with_batching(max_batch)?
+                        .with_prefill_chunk(prefill_chunk),
+                )
+            })
+            .transpose()?;
         for (m, what) in [(Some(&target), "target"), (draft.as_ref(), "draft")] {
             if let Some(m) = m {
                 m.warm_up()

@@ -1193,7 +1193,9 @@ mod tests {
     #[test]
     fn q5_0_matches_the_exact_sum() {
         check(GgmlDType::Q5_0, 35, 128 * 7);
-        check(GgmlDType::Q5_0, 19, 32 * 3);
+        // Rows that are not whole 128-value groups (even block counts: candle's own kernel,
+        // the comparison below, asserts that).
+        check(GgmlDType::Q5_0, 19, 32 * 6);
     }
 
     #[test]

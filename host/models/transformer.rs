@@ -571,6 +571,16 @@ impl Model {
         })
     }
 
+    /// With batching on, prompts longer than `chunk` positions are prefilled `chunk` at a time,
+    /// so that the other sequences' steps are not held up by a long prompt (see
+    /// [`super::batch`]); 0 prefills a prompt in one forward. Results do not change.
+    pub fn with_prefill_chunk(self, chunk: usize) -> Model {
+        if let Some(b) = &self.batcher {
+            b.set_prefill_chunk(chunk);
+        }
+        self
+    }
+
     /// Statistics of the batcher, when batching is on.
     pub fn batch_stats(&self) -> Option<super::batch::BatchStats> {
         self.batcher.as_ref().map(|b| b.stats())

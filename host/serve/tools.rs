@@ -1,21 +1,32 @@
 //! Tool calls in a chat reply. Models trained on the Hermes format (Qwen2.5 among them) answer a
 //! request that lists `tools` with `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`
 //! blocks; the small Qwen2.5-Coder models often write the JSON object alone, as their whole
-//! reply, which counts as one call too. OpenAI's API returns the calls as `message.tool_calls`,
+//! reply, or alone in a fenced code block (its first token is a near-tie between the two), and
+//! either counts as one call too. OpenAI's API returns the calls as `message.tool_calls`,
 //! each with its arguments as a JSON string, and the text before the first block as `content`.
 
 use serde_json::{Value, json};
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
+/// How a reply that is one fenced call object starts (after any whitespace).
+const FENCES: [&str; 2] = ["```json\n", "```\n"];
+
+/// The object of a reply that is nothing but one fenced JSON code block.
+fn fenced(text: &str) -> Option<&str> {
+    let t = text.trim();
+    let body = FENCES.iter().find_map(|f| t.strip_prefix(f))?;
+    body.strip_suffix("```")
+}
 
 /// A reply's tool calls, when it makes any: the text before them (`None` when blank) and the
 /// calls in OpenAI's shape. `None` when the reply has no call block, or one that is not a JSON
 /// object with a string `name` (then the reply is plain text, as the model wrote it).
 pub fn parse(text: &str) -> Option<(Option<String>, Vec<Value>)> {
     let Some(start) = text.find(OPEN) else {
-        // A reply that is nothing but one call object.
-        let call: Value = serde_json::from_str(text.trim()).ok()?;
+        // A reply that is nothing but one call object, bare or fenced.
+        let object = fenced(text).unwrap_or(text);
+        let call: Value = serde_json::from_str(object.trim()).ok()?;
         call.get("arguments")?;
         return Some((None, vec![openai_call(&call)?]));
     };
@@ -40,8 +51,8 @@ pub fn parse(text: &str) -> Option<(Option<String>, Vec<Value>)> {
 }
 
 /// What a streamed reply to a request with tools holds back: the text streams as it comes until
-/// it may be a call (from a `<tool_call>` tag on, or the whole reply when it starts with `{`, a
-/// bare call object); that part is sent at the end, as calls when it parses as them
+/// it may be a call (from a `<tool_call>` tag on, or the whole reply when it starts with `{` or
+/// a JSON code fence, a bare or fenced call object); that part is sent at the end, as calls when it parses as them
 /// ([`parse`]). `E`: what goes with the text (its tokens' logprobs).
 #[derive(Debug)]
 pub struct Holder<E> {
@@ -69,10 +80,11 @@ impl<E> Holder<E> {
         self.with.extend(with);
         if self.call.is_none() {
             let t = self.text.trim_start();
-            if t.is_empty() {
+            // Undecided while it may still become a JSON fence.
+            if t.is_empty() || FENCES.iter().any(|f| f.starts_with(t) && f.len() > t.len()) {
                 return None;
             }
-            self.call = Some(t.starts_with('{'));
+            self.call = Some(t.starts_with('{') || FENCES.iter().any(|f| t.starts_with(f)));
         }
         if self.call == Some(true) {
             return None;
@@ -163,6 +175,22 @@ mod tests {
         assert_eq!(h.push("\n{\"name\": \"f\",", vec![]), None);
         assert_eq!(h.push(" \"arguments\": {}}", vec![]), None);
         assert_eq!(h.finish().0, "\n{\"name\": \"f\", \"arguments\": {}}");
+        // So is one starting with a JSON fence, arriving a piece at a time; another fence is
+        // text, sent once it is told apart.
+        let mut h = Holder::<u8>::default();
+        assert_eq!(h.push("``", vec![]), None);
+        assert_eq!(h.push("`json", vec![]), None);
+        assert_eq!(
+            h.push("\n{\"name\": \"f\", \"arguments\": {}}\n```", vec![]),
+            None
+        );
+        assert_eq!(parse(&h.finish().0).unwrap().1[0]["function"]["name"], "f");
+        let mut h = Holder::<u8>::default();
+        assert_eq!(h.push("```", vec![1]), None);
+        assert_eq!(
+            h.push("python\n", vec![2]),
+            Some(("```python\n".to_string(), vec![1, 2]))
+        );
     }
 
     #[test]
@@ -173,6 +201,12 @@ mod tests {
         assert_eq!(content, None);
         assert_eq!(calls[0]["function"]["arguments"], "{\"x\":1}");
         assert!(parse("{\"name\": \"f\"}").is_none());
+        // Fenced alone, as Qwen2.5-Coder also writes it.
+        let fenced = "```json\n{\n  \"name\": \"f\",\n  \"arguments\": {\"x\": 1}\n}\n```";
+        assert_eq!(parse(fenced).unwrap().1[0]["function"]["name"], "f");
+        assert!(parse("```json\n{\"a\": 1}\n```").is_none());
+        assert!(parse("Here:\n```json\n{\"name\": \"f\", \"arguments\": {}}\n```").is_none());
+        assert!(parse("```python\nprint(1)\n```").is_none());
         assert!(parse("{\"a\": 1}").is_none());
         assert!(parse("<tool_call>\nnot json\n</tool_call>").is_none());
         assert!(parse("<tool_call>{\"arguments\": {}}</tool_call>").is_none());
