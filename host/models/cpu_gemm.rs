@@ -310,38 +310,16 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
 ///
 /// The stored bytes (22 per block and column); columns past `n` are zero.
 fn pack_q5_0(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
-    let nb = k / QK8_0;
-    let mut out = vec![0u8; n.div_ceil(TILE) * nb * Q5_0_TILE_BYTES];
-    for c in 0..n {
-        let (t, j) = (c / TILE, c % TILE);
-        for b in 0..nb {
-            let blk = &raw[(c * nb + b) * Q5_0_BYTES..][..Q5_0_BYTES];
-            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-            let q = |v: usize| {
-                let nib = if v < 16 {
-                    blk[6 + v] & 15
-                } else {
-                    blk[6 + v - 16] >> 4
-                };
-                nib | ((((qh >> v) & 1) as u8) << 4)
-            };
-            let dst = &mut out[(t * nb + b) * Q5_0_TILE_BYTES..][..Q5_0_TILE_BYTES];
-            for g in 0..8 {
-                for bb in 0..4 {
-                    let v = 4 * g + bb;
-                    let at = 64 * (g / 2) + 4 * j + bb;
-                    dst[at] |= if g % 2 == 0 {
-                        q(v) & 15
-                    } else {
-                        (q(v) & 15) << 4
-                    };
-                    dst[256 + 8 * g + (4 * j + bb) / 8] |= (q(v) >> 4) << ((4 * j + bb) % 8);
-                }
-            }
-            dst[320 + 2 * j..322 + 2 * j].copy_from_slice(&blk[0..2]);
+    tiles32(raw, n, k, Q5_0_BYTES, |blk, j, dst| {
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let q = |v: usize| stored_nibble(&blk[6..], v) | ((((qh >> v) & 1) as u8) << 4);
+        put_nibbles(dst, j, q);
+        for v in 0..QK8_0 {
+            let bit = 4 * j + v % 4;
+            dst[256 + 8 * (v / 4) + bit / 8] |= (q(v) >> 4) << (bit % 8);
         }
-    }
-    out
+        dst[320 + 2 * j..322 + 2 * j].copy_from_slice(&blk[0..2]);
+    })
 }
 
 /// Q4_1 blocks (f16 d, f16 m, 16 bytes of nibbles: `d * q + m`, value j in byte j's low nibble
@@ -349,31 +327,52 @@ fn pack_q5_0(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
 /// `64p..` the nibbles, `256..288` the 16 columns' d, `288..320` their m. The stored bytes;
 /// columns past `n` are zero.
 fn pack_q4_1(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
-    let nb = k / QK8_0;
-    let mut out = vec![0u8; n.div_ceil(TILE) * nb * Q4_1_TILE_BYTES];
+    tiles32(raw, n, k, Q4_1_BYTES, |blk, j, dst| {
+        put_nibbles(dst, j, |v| stored_nibble(&blk[4..], v));
+        dst[256 + 2 * j..258 + 2 * j].copy_from_slice(&blk[0..2]);
+        dst[288 + 2 * j..290 + 2 * j].copy_from_slice(&blk[2..4]);
+    })
+}
+
+/// The 16-column tiles of a matrix of 32-value blocks of `bytes` each (Q5_0, Q4_1), each tile
+/// block `TILE * bytes`: `fill(block, j, tile block)` writes column j's block into its tile's.
+/// Columns past `n` stay zero.
+fn tiles32(
+    raw: &[u8],
+    n: usize,
+    k: usize,
+    bytes: usize,
+    fill: impl Fn(&[u8], usize, &mut [u8]),
+) -> Vec<u8> {
+    let (nb, tile) = (k / QK8_0, TILE * bytes);
+    let mut out = vec![0u8; n.div_ceil(TILE) * nb * tile];
     for c in 0..n {
         let (t, j) = (c / TILE, c % TILE);
         for b in 0..nb {
-            let blk = &raw[(c * nb + b) * Q4_1_BYTES..][..Q4_1_BYTES];
-            let q = |v: usize| {
-                if v < 16 {
-                    blk[4 + v] & 15
-                } else {
-                    blk[4 + v - 16] >> 4
-                }
-            };
-            let dst = &mut out[(t * nb + b) * Q4_1_TILE_BYTES..][..Q4_1_TILE_BYTES];
-            for g in 0..8 {
-                for bb in 0..4 {
-                    let at = 64 * (g / 2) + 4 * j + bb;
-                    dst[at] |= q(4 * g + bb) << (4 * (g % 2));
-                }
-            }
-            dst[256 + 2 * j..258 + 2 * j].copy_from_slice(&blk[0..2]);
-            dst[288 + 2 * j..290 + 2 * j].copy_from_slice(&blk[2..4]);
+            fill(
+                &raw[(c * nb + b) * bytes..][..bytes],
+                j,
+                &mut out[(t * nb + b) * tile..][..tile],
+            );
         }
     }
     out
+}
+
+/// Value v of a 32-value block's 16 stored nibble bytes (ggml: v in byte v's low nibble, 16 + v
+/// in its high one).
+fn stored_nibble(qs: &[u8], v: usize) -> u8 {
+    if v < 16 { qs[v] & 15 } else { qs[v - 16] >> 4 }
+}
+
+/// Column j's 32 values' low 4 bits into a tile block's nibble planes: byte `64p + 4j + bb`
+/// holds value `8p + bb` (low nibble) and `8p + 4 + bb` (high), so that plane p gives the
+/// groups 2p and 2p + 1 of 4 values for all 16 columns (`x86::nibble_planes`).
+fn put_nibbles(dst: &mut [u8], j: usize, q: impl Fn(usize) -> u8) {
+    for v in 0..QK8_0 {
+        let g = v / 4;
+        dst[64 * (g / 2) + 4 * j + v % 4] |= (q(v) & 15) << (4 * (g % 2));
+    }
 }
 
 /// Q4_K blocks (f16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
@@ -903,6 +902,25 @@ mod x86 {
         acc
     }
 
+    /// The 8 groups of 4 values of a Q5_0 or Q4_1 tile block's 16 columns, as bytes 0..=15
+    /// (see [`put_nibbles`]): group g in its 32-bit lane j for column j.
+    #[inline(always)]
+    unsafe fn nibble_planes(blk: *const u8) -> [__m512i; 8] {
+        // SAFETY: the callers run with AVX-512 (their target features), `blk` is a whole
+        // tile block.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0f);
+            std::array::from_fn(|g| {
+                let l = _mm512_loadu_si512(blk.add(64 * (g / 2)).cast());
+                if g % 2 == 0 {
+                    _mm512_and_si512(l, low)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16(l, 4), low)
+                }
+            })
+        }
+    }
+
     /// Up to `R` rows against one Q5_0 tile ([`pack_q5_0`]): one f32 lane per column.
     /// Per 32-value block the integer sum of `q·a` over the unsigned 0..=31 weights starts from
     /// `-16 Σ a` (so it is `Σ (q - 16)·a`, exact), then times `d·da` into the row's sum.
@@ -915,19 +933,13 @@ mod x86 {
     ) -> [__m512; R] {
         let (rp, n) = row_ptrs::<R>(acts, rows);
         let mut acc = [_mm512_setzero_ps(); R];
-        let low = _mm512_set1_epi8(0x0f);
         let sixteen = _mm512_set1_epi8(16);
         for b in 0..acts.k / QK8_0 {
             let blk = unsafe { next_block(tile, b, Q5_0_TILE_BYTES) };
+            let nib = unsafe { nibble_planes(blk) };
             let w: [__m512i; 8] = std::array::from_fn(|g| {
-                let l = unsafe { _mm512_loadu_si512(blk.add(64 * (g / 2)).cast()) };
-                let nib = if g % 2 == 0 {
-                    _mm512_and_si512(l, low)
-                } else {
-                    _mm512_and_si512(_mm512_srli_epi16(l, 4), low)
-                };
                 let hi: __mmask64 = unsafe { blk.add(256 + 8 * g).cast::<u64>().read_unaligned() };
-                _mm512_mask_add_epi8(nib, hi, nib, sixteen)
+                _mm512_mask_add_epi8(nib[g], hi, nib[g], sixteen)
             });
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(320).cast()) });
             for i in 0..n {
@@ -955,18 +967,10 @@ mod x86 {
     ) -> [__m512; R] {
         let (rp, n) = row_ptrs::<R>(acts, rows);
         let mut acc = [_mm512_setzero_ps(); R];
-        let low = _mm512_set1_epi8(0x0f);
         let zero = _mm512_setzero_si512();
         for b in 0..acts.k / QK8_0 {
             let blk = unsafe { next_block(tile, b, Q4_1_TILE_BYTES) };
-            let w: [__m512i; 8] = std::array::from_fn(|g| {
-                let l = unsafe { _mm512_loadu_si512(blk.add(64 * (g / 2)).cast()) };
-                if g % 2 == 0 {
-                    _mm512_and_si512(l, low)
-                } else {
-                    _mm512_and_si512(_mm512_srli_epi16(l, 4), low)
-                }
-            });
+            let w = unsafe { nibble_planes(blk) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(256).cast()) });
             let m = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(288).cast()) });
             for i in 0..n {
@@ -1209,54 +1213,51 @@ mod tests {
     fn q5_0_and_q4_1_tiles_keep_every_value() {
         // 19 columns: a full tile and a tile of 3 (the rest zero).
         let (n, k) = (19, 96);
-        let w = QTensor::quantize(&random(n, k, 17), GgmlDType::Q5_0).unwrap();
-        let deq = w
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let packed = pack_q5_0(&w.data().unwrap(), n, k);
         let nb = k / QK8_0;
-        assert_eq!(packed.len(), 2 * nb * Q5_0_TILE_BYTES);
-        for c in 0..2 * TILE {
-            let (t, j) = (c / TILE, c % TILE);
-            for b in 0..nb {
-                let blk = &packed[(t * nb + b) * Q5_0_TILE_BYTES..][..Q5_0_TILE_BYTES];
-                let d = f16_at(blk, 320 + 2 * j);
-                for v in 0..QK8_0 {
-                    let (g, bb) = (v / 4, v % 4);
-                    let lo = blk[64 * (g / 2) + 4 * j + bb];
-                    let nib = if g % 2 == 0 { lo & 15 } else { lo >> 4 };
-                    let bits = u64::from_le_bytes(blk[256 + 8 * g..][..8].try_into().unwrap());
-                    let q = (nib | (((bits >> (4 * j + bb)) & 1) as u8) << 4) as f32 - 16.0;
-                    let want = deq.get(c).map_or(0.0, |col| col[QK8_0 * b + v]);
-                    assert_eq!(d * q, want, "column {c} block {b} value {v}");
-                }
-            }
-        }
-        let w = QTensor::quantize(&random(n, k, 18), GgmlDType::Q4_1).unwrap();
-        let deq = w
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let packed = pack_q4_1(&w.data().unwrap(), n, k);
-        assert_eq!(packed.len(), 2 * nb * Q4_1_TILE_BYTES);
-        for c in 0..2 * TILE {
-            let (t, j) = (c / TILE, c % TILE);
-            for b in 0..nb {
-                let blk = &packed[(t * nb + b) * Q4_1_TILE_BYTES..][..Q4_1_TILE_BYTES];
-                let (d, m) = (f16_at(blk, 256 + 2 * j), f16_at(blk, 288 + 2 * j));
-                for v in 0..QK8_0 {
-                    let (g, bb) = (v / 4, v % 4);
-                    let lo = blk[64 * (g / 2) + 4 * j + bb];
-                    let q = if g % 2 == 0 { lo & 15 } else { lo >> 4 };
-                    let want = deq.get(c).map_or(0.0, |col| col[QK8_0 * b + v]);
-                    let got = d * q as f32 + m;
-                    assert!(
-                        (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
-                        "Q4_1 column {c} block {b} value {v}: {got} vs {want}"
-                    );
+        // Value v of column j's block in a tile block, as the kernels read it.
+        let nib = |blk: &[u8], j: usize, v: usize| {
+            let (g, lo) = (v / 4, blk[64 * (v / 8) + 4 * j + v % 4]);
+            (if g % 2 == 0 { lo & 15 } else { lo >> 4 }) as f32
+        };
+        let q5_0 = |blk: &[u8], j: usize, v: usize| {
+            let bits = u64::from_le_bytes(blk[256 + 8 * (v / 4)..][..8].try_into().unwrap());
+            let hi = ((bits >> (4 * j + v % 4)) & 1) as f32;
+            f16_at(blk, 320 + 2 * j) * (nib(blk, j, v) + 16.0 * hi - 16.0)
+        };
+        let q4_1 = |blk: &[u8], j: usize, v: usize| {
+            f16_at(blk, 256 + 2 * j) * nib(blk, j, v) + f16_at(blk, 288 + 2 * j)
+        };
+        type Pack = fn(&[u8], usize, usize) -> Vec<u8>;
+        type Value<'a> = &'a dyn Fn(&[u8], usize, usize) -> f32;
+        let cases: [(GgmlDType, Pack, usize, Value); 2] = [
+            (GgmlDType::Q5_0, pack_q5_0, Q5_0_TILE_BYTES, &q5_0),
+            (GgmlDType::Q4_1, pack_q4_1, Q4_1_TILE_BYTES, &q4_1),
+        ];
+        for (dtype, pack, bytes, value) in cases {
+            let w = QTensor::quantize(&random(n, k, 17), dtype).unwrap();
+            let deq = w
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let packed = pack(&w.data().unwrap(), n, k);
+            assert_eq!(
+                packed.len(),
+                2 * nb * bytes,
+                "{dtype:?}: the stored bytes, in tiles"
+            );
+            for c in 0..2 * TILE {
+                let (t, j) = (c / TILE, c % TILE);
+                for b in 0..nb {
+                    let blk = &packed[(t * nb + b) * bytes..][..bytes];
+                    for v in 0..QK8_0 {
+                        let got = value(blk, j, v);
+                        let want = deq.get(c).map_or(0.0, |col| col[QK8_0 * b + v]);
+                        assert!(
+                            (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                            "{dtype:?} column {c} block {b} value {v}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
