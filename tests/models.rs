@@ -285,6 +285,25 @@ fn a_long_prefill_runs_in_chunks_with_the_same_result() {
     bad[10] = 100_000;
     assert!(s.forward(&bad, Rows::Last).is_err());
     assert_eq!(s.len(), before);
+    // Asked to stop, a prefill ends between chunks: an error, nothing cached, and the question
+    // is asked only inside `interruptible` (and only after the first chunk).
+    let asked = std::rc::Rc::new(std::cell::Cell::new(0));
+    let a = asked.clone();
+    let r = verdict::models::batch::interruptible(
+        move || {
+            a.set(a.get() + 1);
+            true
+        },
+        || s.forward(&prompt, Rows::Last),
+    );
+    assert!(
+        matches!(r, Err(ModelError::Interrupted)),
+        "{:?}",
+        r.map(|_| ())
+    );
+    assert_eq!((asked.get(), s.len()), (1, before));
+    s.forward(&prompt, Rows::Last).unwrap();
+    assert_eq!((asked.get(), s.len()), (1, before + prompt.len()));
     // 0 turns chunking off.
     let whole = m.with_batching(4).unwrap().with_prefill_chunk(0);
     whole.session().forward(&prompt, Rows::Last).unwrap();

@@ -17,7 +17,10 @@
 //! A long prompt is prefilled in chunks ([`Batcher::set_prefill_chunk`]), one batched forward
 //! each: the other sequences' steps join the batches in between instead of waiting for the
 //! whole prompt (a 4000-token prompt is half a minute of the 1.5B's prefill on two cores).
+//! Between chunks the prefill also asks whether its request is still wanted ([`interruptible`]):
+//! a client that leaves during a long prompt stops it there.
 
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -32,6 +35,33 @@ const WINDOW_FRACTION: f64 = 0.1;
 const MAX_WINDOW: Duration = Duration::from_millis(20);
 /// Nor shorter: about what waking a blocked thread takes.
 const MIN_WINDOW: Duration = Duration::from_micros(200);
+
+type Stop = Box<dyn Fn() -> bool>;
+
+thread_local! {
+    /// What a chunked prefill on this thread asks between chunks ([`interruptible`]).
+    static STOP: RefCell<Option<Stop>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `stop` asked between the chunks of every chunked prefill it runs on this thread
+/// (the caller's thread runs the chunk loop; [`Batcher::set_prefill_chunk`]). Once `stop` says
+/// yes, the prefill ends with [`ModelError::Interrupted`] and caches none of its positions. The
+/// server passes "the client has gone", so a long prompt nobody waits for stops early.
+pub fn interruptible<T>(stop: impl Fn() -> bool + 'static, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Stop>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            STOP.with(|s| *s.borrow_mut() = prev);
+        }
+    }
+    let _restore = Restore(STOP.with(|s| s.replace(Some(Box::new(stop)))));
+    f()
+}
+
+fn stop_asked() -> bool {
+    STOP.with(|s| s.borrow().as_ref().is_some_and(|stop| stop()))
+}
 
 /// Counters of one batcher (read with [`super::Model::batch_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -127,7 +157,12 @@ impl Batcher {
         let start = session.len();
         let mut last = None;
         for part in tokens.chunks(chunk) {
-            match self.forward_once(session, part, rows) {
+            let result = if last.is_some() && stop_asked() {
+                Err(ModelError::Interrupted)
+            } else {
+                self.forward_once(session, part, rows)
+            };
+            match result {
                 Ok(f) => last = Some(f),
                 Err(e) => {
                     // As an unchunked forward that failed: none of the tokens stays cached.

@@ -44,6 +44,10 @@ pub enum ModelError {
     ContextOverflow { len: usize, new: usize, max: usize },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A chunked prefill stopped between chunks because its caller asked
+    /// ([`super::batch::interruptible`]); none of its positions stayed cached.
+    #[error("the prefill was interrupted: its request was cancelled")]
+    Interrupted,
     /// A GPU driver call failed (the CUDA decode path).
     #[error("GPU: {0}")]
     Device(String),

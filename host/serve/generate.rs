@@ -311,8 +311,18 @@ impl Job {
                 metrics.finished("cancelled");
                 return;
             }
-            let tokens = match generation.step() {
+            // A long prompt's prefill stops between its chunks once the client has gone.
+            let gone = events.clone();
+            let step =
+                crate::models::batch::interruptible(move || gone.is_closed(), || generation.step());
+            let tokens = match step {
                 Ok(t) => t,
+                Err(_) if events.is_closed() => {
+                    seen.publish(&metrics, generation.stats());
+                    metrics.completion_tokens.inc_by(produced as u64);
+                    metrics.finished("cancelled");
+                    return;
+                }
                 Err(e) => {
                     seen.publish(&metrics, generation.stats());
                     metrics.finished("error");
