@@ -14,9 +14,9 @@
 //! forward time, so a member busy elsewhere (drafting, a policy call) costs at most that
 //! fraction, while members that step in lockstep always share.
 //!
-//! A long prompt is prefilled in chunks ([`Batcher::set_prefill_chunk`]), one batched forward
-//! each: the other sequences' steps join the batches in between instead of waiting for the
-//! whole prompt (a 4000-token prompt is half a minute of the 1.5B's prefill on two cores).
+//! A long prompt is prefilled in chunks ([`super::Model::with_prefill_chunk`]), one batched
+//! forward each: the other sequences' steps join the batches in between instead of waiting for
+//! the whole prompt (a 4000-token prompt is half a minute of the 1.5B's prefill on two cores).
 //! Between chunks the prefill also asks whether its request is still wanted ([`interruptible`]):
 //! a client that leaves during a long prompt stops it there.
 
@@ -44,9 +44,10 @@ thread_local! {
 }
 
 /// Runs `f` with `stop` asked between the chunks of every chunked prefill it runs on this thread
-/// (the caller's thread runs the chunk loop; [`Batcher::set_prefill_chunk`]). Once `stop` says
-/// yes, the prefill ends with [`ModelError::Interrupted`] and caches none of its positions. The
-/// server passes "the client has gone", so a long prompt nobody waits for stops early.
+/// (the caller's thread runs the chunk loop; [`super::Model::with_prefill_chunk`]). Once `stop`
+/// says yes, the prefill ends with [`ModelError::Interrupted`] and caches none of its
+/// positions. The server passes "the client has gone", so a long prompt nobody waits for stops
+/// early.
 pub fn interruptible<T>(stop: impl Fn() -> bool + 'static, f: impl FnOnce() -> T) -> T {
     struct Restore(Option<Stop>);
     impl Drop for Restore {
@@ -142,8 +143,8 @@ impl Batcher {
     }
 
     /// Runs `session`'s forward in the next batch (a long prefill in the next few, see
-    /// [`Batcher::set_prefill_chunk`]). The session is lent to the batching thread and put back
-    /// before this returns; if that thread is gone, it runs here instead.
+    /// [`super::Model::with_prefill_chunk`]). The session is lent to the batching thread and put
+    /// back before this returns; if that thread is gone, it runs here instead.
     pub(crate) fn forward(
         &self,
         session: &mut Session,

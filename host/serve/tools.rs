@@ -52,8 +52,8 @@ pub fn parse(text: &str) -> Option<(Option<String>, Vec<Value>)> {
 
 /// What a streamed reply to a request with tools holds back: the text streams as it comes until
 /// it may be a call (from a `<tool_call>` tag on, or the whole reply when it starts with `{` or
-/// a JSON code fence, a bare or fenced call object); that part is sent at the end, as calls when it parses as them
-/// ([`parse`]). `E`: what goes with the text (its tokens' logprobs).
+/// a JSON code fence, a bare or fenced call object); that part is sent at the end, as calls
+/// when it parses as them ([`parse`]). `E`: what goes with the text (its tokens' logprobs).
 #[derive(Debug)]
 pub struct Holder<E> {
     text: String,
