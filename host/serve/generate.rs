@@ -311,10 +311,14 @@ impl Job {
                 metrics.finished("cancelled");
                 return;
             }
-            // A long prompt's prefill stops between its chunks once the client has gone.
-            let gone = events.clone();
-            let step =
-                crate::models::batch::interruptible(move || gone.is_closed(), || generation.step());
+            // A long prompt's prefill (the steps before the first token) stops between its
+            // chunks once the client has gone.
+            let step = if last_emit.is_none() {
+                let gone = events.clone();
+                crate::models::batch::interruptible(move || gone.is_closed(), || generation.step())
+            } else {
+                generation.step()
+            };
             let tokens = match step {
                 Ok(t) => t,
                 Err(_) if events.is_closed() => {
