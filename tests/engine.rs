@@ -423,6 +423,16 @@ fn chi2_critical(dof: usize) -> f64 {
     k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
 }
 
+/// Plain sampling at temperature `t` (no top-k, top-p or min-p).
+fn at_temperature(t: f32) -> SamplingParams {
+    SamplingParams {
+        temperature: t,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+    }
+}
+
 #[test]
 fn speculative_sampling_follows_the_target_distribution() {
     let dir = tempfile::tempdir().unwrap();
@@ -430,12 +440,7 @@ fn speculative_sampling_follows_the_target_distribution() {
     let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
     let prompt = [10u32, 11, 12];
     // A low temperature sharpens the random models so p and q really differ.
-    let s = SamplingParams {
-        temperature: 0.15,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-    };
+    let s = at_temperature(0.15);
     let draft_model = tiny(dir.path(), "d2.gguf", spec(6, 1));
     assert_draws_follow_the_target(&target, draft, &draft_model, &prompt, &s, "the draft's q");
 }
@@ -608,12 +613,7 @@ fn speculative_sampling_follows_the_penalized_distribution() {
     let target = tiny(dir.path(), "t.gguf", spec(5, 2));
     let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
     let prompt = [10u32, 11, 12];
-    let s = SamplingParams {
-        temperature: 0.15,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-    };
+    let s = at_temperature(0.15);
     let pens = Penalties {
         presence: 1.0,
         frequency: 0.5,
@@ -1549,12 +1549,7 @@ fn speculative_sampling_follows_the_masked_distribution() {
     let target = tiny(dir.path(), "t.gguf", spec(5, 2));
     let draft = tiny(dir.path(), "d.gguf", spec(6, 1));
     let prompt = [10u32, 11, 12];
-    let s = SamplingParams {
-        temperature: 0.6,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-    };
+    let s = at_temperature(0.6);
     let g = constraint(&target, GrammarSpec::Regex("[a-z]{2,}[0-9]".into()), &[]);
     let mut sess = target.session();
     let row = |sess: &mut verdict::models::Session, input: &[u32], pending: &[u32]| {
@@ -1776,12 +1771,7 @@ fn a_draft_with_a_cut_vocabulary_stays_lossless() {
         .with_draft_vocab(120, &[])
         .unwrap();
     let prompt = [10u32, 11, 12];
-    let s = SamplingParams {
-        temperature: 0.15,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-    };
+    let s = at_temperature(0.15);
     assert_draws_follow_the_target(
         &target,
         draft.clone(),

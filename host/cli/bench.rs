@@ -666,6 +666,21 @@ pub fn humaneval_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>
     Ok(out)
 }
 
+/// A comma-separated list of counts given to `flag`; empty is an error saying `if_empty`.
+fn numbers(s: &str, flag: &str, if_empty: &str) -> Result<Vec<usize>> {
+    let out = list(s)
+        .iter()
+        .map(|v| {
+            v.parse::<usize>()
+                .with_context(|| format!("{flag}: `{v}` is not a number"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if out.is_empty() {
+        bail!("{flag}: {if_empty}");
+    }
+    Ok(out)
+}
+
 fn list(s: &str) -> Vec<String> {
     s.split(',')
         .map(str::trim)
@@ -692,16 +707,11 @@ fn spec(a: SpecArgs) -> Result<()> {
         .iter()
         .map(|d| DrafterSpec::parse(d))
         .collect::<Result<_>>()?;
-    let vocabs: Vec<usize> = list(&a.draft_vocab)
-        .iter()
-        .map(|v| {
-            v.parse::<usize>()
-                .with_context(|| format!("--draft-vocab: `{v}` is not a number"))
-        })
-        .collect::<Result<_>>()?;
-    if vocabs.is_empty() {
-        bail!("--draft-vocab: give at least one value (0: the whole vocabulary)");
-    }
+    let vocabs = numbers(
+        &a.draft_vocab,
+        "--draft-vocab",
+        "give at least one value (0: the whole vocabulary)",
+    )?;
     let uses_draft = drafters
         .iter()
         .any(|d| matches!(d, DrafterSpec::Model | DrafterSpec::Auto));
@@ -725,16 +735,7 @@ fn spec(a: SpecArgs) -> Result<()> {
     for m in std::iter::once(&target).chain(drafts.iter().flatten()) {
         m.warm_up()?;
     }
-    let ks: Vec<usize> = list(&a.k)
-        .iter()
-        .map(|k| {
-            k.parse::<usize>()
-                .with_context(|| format!("--k: `{k}` is not a number"))
-        })
-        .collect::<Result<_>>()?;
-    if ks.is_empty() {
-        bail!("--k: give at least one speculation length");
-    }
+    let ks = numbers(&a.k, "--k", "give at least one speculation length")?;
     let messages: Vec<String> = match &a.prompts_file {
         Some(f) => jsonl_prompts(f, a.prompts, None)?,
         None => {
@@ -788,28 +789,23 @@ fn spec(a: SpecArgs) -> Result<()> {
                     Some(r) => format!("{}{vocab} / synthetic acceptance {r}", d.name()),
                     None => format!("{}{vocab} / {p}", d.name()),
                 };
-                for &k in &ks {
+                // Each fixed k, then adaptive k up to the largest.
+                let k_max = *ks.iter().max().unwrap_or(&8);
+                let runs = ks.iter().map(|&k| (k, false));
+                for (k, adaptive) in runs.chain(a.adaptive.then_some((k_max, true))) {
+                    let name = if adaptive {
+                        format!("{label} / adaptive k<={k}")
+                    } else {
+                        format!("{label} / k={k}")
+                    };
                     configs.push((
-                        format!("{label} / k={k}"),
+                        name,
                         Speculation::Draft {
                             drafter: Some(d.clone()),
                             k: Some(k),
                         },
                         Some(p.clone()),
-                        false,
-                        e,
-                    ));
-                }
-                if a.adaptive {
-                    let k = *ks.iter().max().unwrap_or(&8);
-                    configs.push((
-                        format!("{label} / adaptive k<={k}"),
-                        Speculation::Draft {
-                            drafter: Some(d.clone()),
-                            k: Some(k),
-                        },
-                        Some(p.clone()),
-                        true,
+                        adaptive,
                         e,
                     ));
                 }
