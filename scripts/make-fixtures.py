@@ -3,7 +3,7 @@
 
     ~/.cache/verdict/peer-venv/bin/python scripts/make-fixtures.py [tokenizer|chat|greedy ...]
 
-Writes (default: all three):
+Writes (default: all four):
   tests/fixtures/tokenizer.json  token ids of varied strings, per model, parse_special on and off
                                  (llama.cpp's tokenizer through llama-cpp-python, vocab_only)
   tests/fixtures/chat.json       conversations rendered with each model's own chat template by
@@ -11,6 +11,10 @@ Writes (default: all three):
   tests/fixtures/greedy.json     greedy decoding by llama.cpp (2 threads): for a few chat prompts,
                                  32 tokens, each with its top-2 logit gap, so tests can tell a
                                  genuine difference from a near-tie decided by rounding
+  tests/fixtures/peer.json       llama.cpp's logits for the tiny random models of
+                                 verdict::models::testing::peer_specs() (one per architecture
+                                 and rotary variant, f32 weights), which
+                                 `cargo run --example tiny_models` writes
 
 Needs llama-cpp-python (and jinja2, which it depends on). Models are read from $VERDICT_MODELS or
 ~/.cache/verdict/models (scripts/fetch-models puts them there).
@@ -207,9 +211,46 @@ def greedy_fixture():
     return out
 
 
+# Token ids fed to the tiny models (all below their vocabulary of 300), and the ids whose logits
+# the fixture keeps at every position; the last position keeps its whole row.
+PEER_TOKENS = [(i * 37 + 11) % 300 for i in range(48)]
+PEER_PROBES = list(range(0, 300, 19))
+
+
+def peer_fixture():
+    import hashlib
+    import subprocess
+    import tempfile
+
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            ["cargo", "run", "--quiet", "--release", "--example", "tiny_models", "--", tmp],
+            cwd=ROOT, check=True, capture_output=True, text=True,
+        ).stdout.split()
+        for path in out:
+            name = os.path.basename(path).removesuffix(".gguf")
+            with open(path, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+            # An f32 KV cache (llama.cpp's default is f16, which alone moves logits ~3e-3).
+            llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False,
+                        n_threads=THREADS, type_k=0, type_v=0)
+            llm.eval(PEER_TOKENS)
+            scores = np.array(llm.scores[: len(PEER_TOKENS)], dtype=np.float64)
+            models[name] = {
+                "sha256": sha,
+                "probes": [[round(float(r[i]), 5) for i in PEER_PROBES] for r in scores],
+                "argmax": [int(r.argmax()) for r in scores],
+                "last": [round(float(x), 5) for x in scores[-1]],
+            }
+            del llm
+    return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models}
+
+
 def main():
-    which = sys.argv[1:] or ["tokenizer", "chat", "greedy"]
-    makers = {"tokenizer": tokenizer_fixture, "chat": chat_fixture, "greedy": greedy_fixture}
+    which = sys.argv[1:] or ["tokenizer", "chat", "greedy", "peer"]
+    makers = {"tokenizer": tokenizer_fixture, "chat": chat_fixture, "greedy": greedy_fixture,
+              "peer": peer_fixture}
     os.makedirs(OUT, exist_ok=True)
     for name in which:
         if name not in makers:

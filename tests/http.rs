@@ -1786,7 +1786,53 @@ fn tokenize_and_detokenize() {
         )
         .json();
     assert_eq!(t["count"], chat["usage"]["prompt_tokens"]);
+    // vLLM's chat_template_kwargs reach the template (the tiny one has Qwen3's thinking switch),
+    // in /tokenize and in the chat request alike.
+    let vars = json!({"enable_thinking": false});
+    let t_off = s
+        .post_json(
+            "/tokenize",
+            &json!({"messages": messages, "chat_template_kwargs": vars}),
+        )
+        .json();
+    let chat_off = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 1, "chat_template_kwargs": vars}),
+        )
+        .json();
+    let think = s
+        .post_json("/tokenize", &json!({"prompt": "<think>\n\n</think>\n\n"}))
+        .json();
+    let n = |v: &Value| v.as_u64().unwrap();
+    assert_eq!(n(&t_off["count"]), n(&t["count"]) + n(&think["count"]));
+    assert_eq!(t_off["count"], chat_off["usage"]["prompt_tokens"]);
     for (path, body, param) in [
+        (
+            "/tokenize",
+            json!({"messages": messages, "chat_template_kwargs": {"messages": []}}),
+            "chat_template_kwargs.messages",
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "chat_template_kwargs": {}}),
+            "chat_template_kwargs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": messages, "chat_template_kwargs": [1]}),
+            "chat_template_kwargs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": messages, "chat_template_kwargs": {"add_generation_prompt": false}}),
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "chat_template_kwargs": {}}),
+            "chat_template_kwargs",
+        ),
         ("/tokenize", json!({}), "prompt"),
         ("/tokenize", json!({"prompt": 5}), "prompt"),
         (
@@ -2753,4 +2799,84 @@ fn qwen_calls_a_tool_through_the_messages_api() {
     let text = back["content"][0]["text"].as_str().unwrap();
     // (Only the tool's result says 12:34.)
     assert!(text.contains("12:34"), "{text:?}");
+}
+
+/// `--reasoning-parser qwen3`: a chat reply's `<think>` block comes back as
+/// `reasoning_content`, the rest as `content`, whole or streamed (the same split either way);
+/// a reply without the block is all content. The tiny model is made to write the block by a
+/// grammar.
+#[test]
+fn reasoning_is_apart_from_the_answer() {
+    let s = tiny_server(1024, &["--reasoning-parser", "qwen3"]);
+    let messages = json!([{"role": "user", "content": "think first"}]);
+    let ask = |regex: &str, stream: bool| {
+        json!({
+            "messages": messages, "max_tokens": 64, "temperature": 0,
+            "guided_regex": regex, "stream": stream, "logprobs": true,
+        })
+    };
+    let thinking = "<think>[a-z]{3,12}</think>[a-z]{2,8}";
+    let r = s.post_json("/v1/chat/completions", &ask(thinking, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let m = &v["choices"][0]["message"];
+    let thought = m["reasoning_content"].as_str().expect("reasoning_content");
+    let answer = m["content"].as_str().expect("content");
+    assert!(
+        (3..=12).contains(&thought.len()) && thought.chars().all(|c| c.is_ascii_lowercase()),
+        "{m}"
+    );
+    assert!(
+        (2..=8).contains(&answer.len()) && answer.chars().all(|c| c.is_ascii_lowercase()),
+        "{m}"
+    );
+    // The logprobs still cover every token, the tags' too.
+    let lp: String = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(lp, format!("<think>{thought}</think>{answer}"));
+
+    let events = s
+        .open_stream("/v1/chat/completions", &ask(thinking, true))
+        .collect();
+    let (mut streamed_thought, mut streamed_answer) = (String::new(), String::new());
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let d = &c["choices"][0]["delta"];
+        streamed_thought.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        streamed_answer.push_str(d["content"].as_str().unwrap_or(""));
+        assert!(
+            !d.to_string().contains("think>"),
+            "a tag leaked into a delta: {e}"
+        );
+    }
+    assert_eq!(
+        (streamed_thought.as_str(), streamed_answer.as_str()),
+        (thought, answer)
+    );
+
+    // No block: all content, and reasoning_content is null.
+    let v = s
+        .post_json("/v1/chat/completions", &ask("[a-z]{2,8}", false))
+        .json();
+    let m = &v["choices"][0]["message"];
+    assert!(m["reasoning_content"].is_null(), "{m}");
+    assert!(!m["content"].as_str().unwrap().is_empty(), "{m}");
+    // Completions are text: nothing is split there.
+    let v = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "a", "max_tokens": 64, "temperature": 0, "guided_regex": thinking}),
+        )
+        .json();
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("<think>"),
+        "{v}"
+    );
 }

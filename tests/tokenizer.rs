@@ -361,7 +361,9 @@ fn qwen_template_renders_tools_and_calls() {
             ..Message::new("tool", "21 C")
         },
     ];
-    let text = chat.render_with_tools(&msgs, Some(&tools), true).unwrap();
+    let text = chat
+        .render_with_tools(&msgs, Some(&tools), true, None)
+        .unwrap();
     assert!(
         text.contains("<tools>") && text.contains("\"name\": \"get_weather\""),
         "{text}"

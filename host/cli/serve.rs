@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// file's name without `.gguf`).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Chat replies of a reasoning model: its `<think>` block goes to `reasoning_content`,
+    /// the rest to `content` (as vLLM's option of that name). `qwen3`: thinking only inside the
+    /// tags; `deepseek_r1`: everything before `</think>` (its template opens the block).
+    #[arg(long, value_enum)]
+    pub reasoning_parser: Option<crate::serve::reasoning::Parser>,
     /// File of API keys, one per line: every route but /health, /ready and /metrics then
     /// needs `Authorization: Bearer <key>` (the `openai` client's `api_key`) or `x-api-key:
     /// <key>` (the `anthropic` client's).
@@ -259,6 +264,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_id,
         default_policy: args.policy.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        reasoning: args.reasoning_parser,
         ..ServeOptions::new("")
     };
     let reg = registry.clone();

@@ -17,6 +17,15 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}\
 {{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// The template variables the renderer sets itself from the request.
+pub const SERVER_VARS: [&str; 5] = [
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -134,27 +143,32 @@ impl ChatTemplate {
     /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        self.render_with_tools(messages, None, add_generation_prompt)
+        self.render_with_tools(messages, None, add_generation_prompt, None)
     }
 
     /// [`ChatTemplate::render`] with the functions the model may call (OpenAI's `tools` list,
-    /// as Hugging Face passes it to templates; one without tool support ignores it).
+    /// as Hugging Face passes it to templates; one without tool support ignores it) and more
+    /// variables for the template (vLLM's `chat_template_kwargs`, e.g. Qwen3's
+    /// `enable_thinking`). Those cannot replace the [`SERVER_VARS`].
     pub fn render_with_tools(
         &self,
         messages: &[Message],
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
+        vars: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<String> {
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| anyhow!("chat template: {e:#}"))?;
+        // The names listed first win over the spread ones.
         tmpl.render(minijinja::context! {
             messages => messages,
             tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            ..Value::from_serialize(vars)
         })
         .map_err(|e| anyhow!("rendering the chat template: {e:#}"))
     }
@@ -369,6 +383,33 @@ mod tests {
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", "", "").unwrap();
         assert_eq!(t.render(&[Message::user("  hi ")], false).unwrap(), "HI");
+    }
+
+    #[test]
+    fn template_variables_reach_the_template() {
+        // Qwen3's switch: an empty thinking block when `enable_thinking` is false.
+        let t = ChatTemplate::new(
+            "{{ messages[0].content }}|{% if add_generation_prompt %}A:{% if enable_thinking is \
+             defined and enable_thinking is false %}<think></think>{% endif %}{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let vars = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let msgs = [Message::user("hi")];
+        let render = |v: Option<&serde_json::Map<String, serde_json::Value>>| {
+            t.render_with_tools(&msgs, None, true, v).unwrap()
+        };
+        assert_eq!(render(None), "hi|A:");
+        let off = vars(serde_json::json!({"enable_thinking": false}));
+        assert_eq!(render(Some(&off)), "hi|A:<think></think>");
+        let on = vars(serde_json::json!({"enable_thinking": true}));
+        assert_eq!(render(Some(&on)), "hi|A:");
+        // The request's own variables win over a same-named extra one.
+        let clash = vars(
+            serde_json::json!({"messages": [{"content": "x"}], "add_generation_prompt": false}),
+        );
+        assert_eq!(render(Some(&clash)), "hi|A:");
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod stub {
     //! holds them compiles the same and every use is statically dead.
     use super::super::error::Result;
     use super::super::gguf::{GgufFile, ModelConfig};
+    use super::super::rope::Rotary;
     use super::super::transformer::{Forward, Rows};
     use candle_core::Device;
     use std::sync::Arc;
@@ -49,7 +50,7 @@ mod stub {
         pub(crate) fn load(
             _: &GgufFile,
             _: &ModelConfig,
-            _: &[f32],
+            _: &Rotary,
             _: &Device,
         ) -> Result<Option<Arc<FastWeights>>> {
             Ok(None)
@@ -78,7 +79,8 @@ mod stub {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::super::error::{ModelError, Result};
-    use super::super::gguf::{GgufFile, ModelConfig, RopeStyle};
+    use super::super::gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
+    use super::super::rope::Rotary;
     use super::super::transformer::{Forward, Rows};
     use super::MAX_ROWS;
     use candle_core::op::BackpropOp;
@@ -232,6 +234,10 @@ mod imp {
         if std::env::var("VERDICT_CUDA_FAST").as_deref() == Ok("0") {
             return Some("VERDICT_CUDA_FAST=0".into());
         }
+        if cfg.arch == Arch::Qwen3 {
+            // decode.cu has no per-head q/k norm; candle's ops run qwen3 on the GPU.
+            return Some("per-head q/k norms (qwen3)".into());
+        }
         let hd = cfg.head_dim;
         if hd > 256
             || !hd.is_multiple_of(4)
@@ -259,14 +265,19 @@ mod imp {
 
     impl FastWeights {
         /// The weights of `file` for this path, or `None` (and the reason in the log) where it
-        /// does not apply. `inv_freq` is the rotary frequency per dimension pair.
+        /// does not apply. `rotary` gives the frequency of each dimension pair.
         pub(crate) fn load(
             file: &GgufFile,
             cfg: &ModelConfig,
-            inv_freq: &[f32],
+            rotary: &Rotary,
             device: &Device,
         ) -> Result<Option<Arc<FastWeights>>> {
-            if let Some(why) = unsupported(file, cfg, device) {
+            // decode.cu's attention scale is 1 / sqrt(head size): no YaRN magnitude.
+            let why = match rotary.mscale != 1.0 {
+                true => Some(format!("rotary magnitude {} (YaRN)", rotary.mscale)),
+                false => unsupported(file, cfg, device),
+            };
+            if let Some(why) = why {
                 tracing::info!(model = %file.path().display(), "CUDA decode path off: {why}");
                 return Ok(None);
             }
@@ -385,7 +396,7 @@ mod imp {
                 lm_head,
                 norm: vector("output_norm.weight", h)?,
                 layers,
-                inv_freq: upload("rotary frequencies", inv_freq)?,
+                inv_freq: upload("rotary frequencies", &rotary.inv_freq)?,
                 rms_norm: func("rms_norm")?,
                 rope_kv: func("rope_kv")?,
                 attention: func("attention")?,

@@ -21,7 +21,7 @@ pub enum ModelError {
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(
-        "{path}: unknown architecture {arch:?} (general.architecture); verdict supports llama and qwen2"
+        "{path}: unknown architecture {arch:?} (general.architecture); verdict supports llama, qwen2 and qwen3"
     )]
     UnknownArch { path: PathBuf, arch: String },
     #[error("{path}: unsupported tensor type {reason}")]

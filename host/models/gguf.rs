@@ -6,18 +6,21 @@
 //! The tokenizer and chat template read `tokenizer.*` keys through [`GgufFile::content`].
 
 use super::error::{ModelError, Result, candle_msg};
+use super::rope::RopeScaling;
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// The decoder families verdict runs. Both are pre-norm RMSNorm + SwiGLU + RoPE with GQA;
-/// qwen2 adds biases to q/k/v.
+/// The decoder families verdict runs. All are pre-norm RMSNorm + SwiGLU + RoPE with GQA; qwen2
+/// adds biases to q/k/v; qwen3 has none and RMS-normalises each head's q and k before the
+/// rotation (`attn_q_norm`, `attn_k_norm`), with a head size of its own (`attention.key_length`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
 }
 
 impl Arch {
@@ -25,6 +28,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
@@ -32,6 +36,7 @@ impl Arch {
         match s {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
             _ => None,
         }
     }
@@ -64,6 +69,7 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub rope: RopeStyle,
+    pub rope_scaling: RopeScaling,
 }
 
 impl ModelConfig {
@@ -112,6 +118,41 @@ impl ModelConfig {
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return Err(bad("rms_eps", format!("{} is not positive", self.rms_eps)));
+        }
+        let (factor, context) = match self.rope_scaling {
+            RopeScaling::None => (1.0, 1),
+            RopeScaling::Linear { factor } => (factor, 1),
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                ..
+            }
+            | RopeScaling::Llama3 {
+                factor,
+                original_context,
+                ..
+            } => (factor, original_context),
+        };
+        if !(factor.is_finite() && factor > 0.0) || context == 0 {
+            return Err(bad(
+                "rope_scaling",
+                format!(
+                    "{:?}: the factor and original context must be positive",
+                    self.rope_scaling
+                ),
+            ));
+        }
+        if let RopeScaling::Llama3 {
+            low_freq_factor: lo,
+            high_freq_factor: hi,
+            ..
+        } = self.rope_scaling
+            && !(lo > 0.0 && hi > lo)
+        {
+            return Err(bad(
+                "rope_scaling",
+                format!("llama3 needs 0 < low_freq_factor < high_freq_factor, got {lo} and {hi}"),
+            ));
         }
         Ok(())
     }
@@ -400,6 +441,51 @@ impl GgufFile {
         }
     }
 
+    fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        if self.content.metadata.contains_key(key) {
+            self.get_f32(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// `{a}.rope.scaling.*`, read as llama.cpp reads them: the type defaults to linear, the
+    /// factor to 1 (an older file's `rope.scale_linear` stands in for it), and "none" ignores
+    /// the factor. YaRN's original context defaults to the trained one, its betas to 32 and 1.
+    fn rope_scaling(&self, a: &str, context_length: usize) -> Result<RopeScaling> {
+        let key = |k: &str| format!("{a}.rope.scaling.{k}");
+        let kind = match self.content.metadata.contains_key(&key("type")) {
+            true => self.get_str(&key("type"))?.to_string(),
+            false => "linear".to_string(),
+        };
+        let factor = match self.opt_f32(&key("factor"))? {
+            Some(f) => Some(f),
+            None => self.opt_f32(&format!("{a}.rope.scale_linear"))?,
+        }
+        .filter(|&f| f != 0.0)
+        .unwrap_or(1.0);
+        Ok(match kind.as_str() {
+            "none" => RopeScaling::None,
+            "linear" if factor == 1.0 => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor },
+            "yarn" => RopeScaling::Yarn {
+                factor,
+                original_context: self
+                    .opt_usize(&key("original_context_length"))?
+                    .unwrap_or(context_length),
+                beta_fast: self.opt_f32(&key("yarn_beta_fast"))?.unwrap_or(32.0),
+                beta_slow: self.opt_f32(&key("yarn_beta_slow"))?.unwrap_or(1.0),
+                attn_factor: self.opt_f32(&key("attn_factor"))?.unwrap_or(1.0),
+            },
+            other => {
+                return Err(self.meta_err(
+                    &key("type"),
+                    format!("rope scaling {other:?} is not supported (verdict runs none, linear and yarn)"),
+                ));
+            }
+        })
+    }
+
     /// Reads the decoder hyper-parameters (`{arch}.*` keys, llama.cpp's names).
     pub fn config(&self) -> Result<ModelConfig> {
         let arch = self.arch()?;
@@ -425,6 +511,16 @@ impl GgufFile {
         let head_dim = self
             .opt_usize(&format!("{a}.attention.key_length"))?
             .unwrap_or(hidden_size / n_heads);
+        // Every dimension of a head rotates here; a partial rotation would silently differ.
+        let rot_key = format!("{a}.rope.dimension_count");
+        if let Some(n_rot) = self.opt_usize(&rot_key)?
+            && n_rot != head_dim
+        {
+            return Err(self.meta_err(
+                &rot_key,
+                format!("rotating {n_rot} of a head's {head_dim} dimensions is not supported"),
+            ));
+        }
         let embd = self
             .tensor_shape("token_embd.weight")
             .ok_or_else(|| ModelError::Tensor {
@@ -462,8 +558,9 @@ impl GgufFile {
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Qwen3 => RopeStyle::Neox,
             },
+            rope_scaling: self.rope_scaling(a, context_length)?,
         };
         cfg.validate(&self.path)?;
         Ok(cfg)

@@ -28,6 +28,7 @@ pub mod kv_cache;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod requant;
+pub mod rope;
 pub mod safetensors;
 pub mod shard;
 pub mod synth;
@@ -52,4 +53,5 @@ pub fn choose_cuda_kernels() {
 pub use batch::BatchStats;
 pub use error::{ModelError, Result};
 pub use gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
+pub use rope::RopeScaling;
 pub use transformer::{BatchItem, Forward, Model, Rows, Session, forward_batch};

@@ -1,9 +1,10 @@
-//! Hugging Face checkpoints: `config.json` + `*.safetensors` with llama / qwen2 tensor names.
+//! Hugging Face checkpoints: `config.json` + `*.safetensors` with llama / qwen2 / qwen3 tensor names.
 //! Weights are held as f32 (this path serves tests and unquantized checkpoints; GGUF is the
 //! production path).
 
 use super::error::{ModelError, Result, candle_msg};
 use super::gguf::{Arch, ModelConfig, RopeStyle};
+use super::rope::RopeScaling;
 use super::transformer::{Names, WeightSource, Weights};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
@@ -58,6 +59,8 @@ pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
@@ -142,9 +145,77 @@ fn config_from_json(path: &Path, v: &Value, has_lm_head: bool) -> Result<ModelCo
         bos_token_id: token("bos_token_id")?,
         eos_token_id: token("eos_token_id")?,
         rope: RopeStyle::Neox,
+        rope_scaling: rope_scaling(path, v)?,
     };
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// `rope_scaling` of a config.json: absent or `default`, `linear`, `llama3` or `yarn`, with
+/// Hugging Face's defaults. A YaRN `attention_factor` is the whole cos / sin magnitude there.
+fn rope_scaling(path: &Path, v: &Value) -> Result<RopeScaling> {
+    let err = |key: &str, reason: String| ModelError::Metadata {
+        path: path.to_path_buf(),
+        key: format!("rope_scaling.{key}"),
+        reason,
+    };
+    let s = match v.get("rope_scaling") {
+        None | Some(Value::Null) => return Ok(RopeScaling::None),
+        Some(Value::Object(s)) => s,
+        Some(x) => return Err(err("", format!("expected an object, found {x}"))),
+    };
+    let num = |key: &str, default: Option<f64>| -> Result<f32> {
+        match (s.get(key), default) {
+            (None | Some(Value::Null), Some(d)) => Ok(d as f32),
+            (None | Some(Value::Null), None) => Err(err(key, "missing".into())),
+            (Some(x), _) => x
+                .as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| err(key, format!("expected a number, found {x}"))),
+        }
+    };
+    let trained = v
+        .get("max_position_embeddings")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let original = || num("original_max_position_embeddings", Some(trained)).map(|c| c as usize);
+    // Older configs spell it `type`.
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: num("factor", None)?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor", None)?,
+            low_freq_factor: num("low_freq_factor", None)?,
+            high_freq_factor: num("high_freq_factor", None)?,
+            original_context: original()?,
+        },
+        "yarn" => {
+            let factor = num("factor", None)?;
+            let own = 1.0 + 0.1 * factor.ln();
+            RopeScaling::Yarn {
+                factor,
+                original_context: original()?,
+                beta_fast: num("beta_fast", Some(32.0))?,
+                beta_slow: num("beta_slow", Some(1.0))?,
+                attn_factor: num("attention_factor", Some(own as f64))? / own,
+            }
+        }
+        other => {
+            return Err(err(
+                "rope_type",
+                format!(
+                    "{other:?} is not supported (verdict runs default, linear, llama3 and yarn)"
+                ),
+            ));
+        }
+    })
 }
 
 pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {

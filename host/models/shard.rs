@@ -341,6 +341,11 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
                     k: split_rows(&l.k, kv_rows.clone(), dev)?,
                     v: split_rows(&l.v, kv_rows.clone(), dev)?,
                     o: split_cols(&l.o, q_rows.clone(), r, dev)?,
+                    // One norm for every head: each rank keeps it whole.
+                    qk_norm: match &l.qk_norm {
+                        Some((q, k)) => Some((q.to_device(dev)?, k.to_device(dev)?)),
+                        None => None,
+                    },
                     ffn_norm: l.ffn_norm.to_device(dev)?,
                     gate: split_rows(&l.gate, f0..f1, dev)?,
                     up: split_rows(&l.up, f0..f1, dev)?,
@@ -369,7 +374,7 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
             layers,
             norm,
             lm_head,
-            inv_freq: w.inv_freq.clone(),
+            rotary: w.rotary.clone(),
             device: dev.clone(),
             gguf: w.gguf.clone(),
             source: w.source.clone(),

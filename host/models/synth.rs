@@ -120,7 +120,8 @@ fn scale_fields(dtype: GgmlDType) -> &'static [(usize, f32)] {
 /// Random contents for one tensor of `elems` elements.
 fn fill(name: &str, dtype: GgmlDType, elems: usize, noise: &mut Noise) -> Vec<u8> {
     let value = |noise: &mut Noise| {
-        if name.ends_with("norm.weight") {
+        // Norms, and Llama 3.1's rotary factors (divisors, so they must stay positive).
+        if name.ends_with("norm.weight") || name == "rope_freqs.weight" {
             1.0
         } else {
             noise.uniform(0.035) // ~0.02 standard deviation

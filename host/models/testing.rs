@@ -7,6 +7,7 @@
 
 use super::error::{ModelError, Result, candle_msg};
 use super::gguf::Arch;
+use super::rope::RopeScaling;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -25,6 +26,8 @@ pub struct TinySpec {
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// A head size of its own (`attention.key_length`, as qwen3 has); `None`: hidden / heads.
+    pub head_dim: Option<usize>,
     pub intermediate: usize,
     /// Storage type of every matrix (norms and biases are always F32, as in llama.cpp files).
     /// K-quants need `hidden`, `intermediate` multiples of 256; Q4_0/Q8_0 ... multiples of 32.
@@ -35,6 +38,10 @@ pub struct TinySpec {
     pub tied: bool,
     pub rope_theta: f32,
     pub rms_eps: f32,
+    /// Written as llama.cpp's converter writes it: `rope.scaling.*` keys for linear and YaRN,
+    /// a `rope_freqs.weight` tensor of per-pair factors for Llama 3.1's scheme; and as
+    /// `rope_scaling` in the safetensors config.
+    pub rope_scaling: RopeScaling,
 }
 
 impl Default for TinySpec {
@@ -46,6 +53,7 @@ impl Default for TinySpec {
             layers: 2,
             heads: 4,
             kv_heads: 2,
+            head_dim: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
             seed: 0,
@@ -53,6 +61,7 @@ impl Default for TinySpec {
             tied: false,
             rope_theta: 10_000.0,
             rms_eps: 1e-6,
+            rope_scaling: RopeScaling::None,
         }
     }
 }
@@ -60,8 +69,10 @@ impl Default for TinySpec {
 /// Special tokens of the tiny tokenizer, in id order after the merges.
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-/// ChatML, as Qwen2.5 ships it minus the tool-calling branches.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// ChatML, as Qwen2.5 ships it minus the tool-calling branches, with Qwen3's switch: an empty
+/// thinking block after the generation prompt when the request's `chat_template_kwargs` say
+/// `enable_thinking: false`.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}";
 
 /// Merges every tiny tokenizer starts with (each uses only tokens that exist before it).
 const BASE_MERGES: [(&str, &str); 12] = [
@@ -84,7 +95,7 @@ impl TinySpec {
     pub const MAX_VOCAB: usize = Self::MIN_VOCAB + 26 * 26 - 4;
 
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads.max(1)
+        self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
     }
 
     fn check(&self) -> Result<()> {
@@ -100,7 +111,8 @@ impl TinySpec {
         if self.heads == 0 || self.kv_heads == 0 || self.layers == 0 {
             return bad("heads, kv_heads and layers must be positive".into());
         }
-        if !self.hidden.is_multiple_of(self.heads) || !self.heads.is_multiple_of(self.kv_heads) {
+        let heads_split_hidden = self.head_dim.is_some() || self.hidden.is_multiple_of(self.heads);
+        if !heads_split_hidden || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "hidden {} / heads {} / kv_heads {} do not divide",
                 self.hidden, self.heads, self.kv_heads
@@ -215,17 +227,59 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
         }
+        if spec.arch == Arch::Qwen3 {
+            out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, hd)?);
+            out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, hd)?);
+        }
         out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
         out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
         out.push(mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?);
         out.push(mat(format!("{b}.ffn_up.weight"), spec.intermediate, h)?);
         out.push(mat(format!("{b}.ffn_down.weight"), h, spec.intermediate)?);
     }
+    if let Some(ff) = llama3_factors(spec) {
+        let n = ff.len();
+        out.push((
+            "rope_freqs.weight".into(),
+            Tensor::from_vec(ff, n, &Device::Cpu)?,
+        ));
+    }
     out.push(vector("output_norm.weight".into(), 1.0, 0.2, h)?);
     if !spec.tied {
         out.push(mat("output.weight".into(), spec.vocab, h)?);
     }
     Ok(out)
+}
+
+/// Llama 3.1's per-pair frequency factors, computed as llama.cpp's converter computes the
+/// `rope_freqs` tensor from a Hugging Face config (each a divisor of the pair's frequency).
+fn llama3_factors(spec: &TinySpec) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: lo,
+        high_freq_factor: hi,
+        original_context,
+    } = spec.rope_scaling
+    else {
+        return None;
+    };
+    let d = spec.head_dim() as f64;
+    let ctx = original_context as f64;
+    let out = (0..spec.head_dim() / 2)
+        .map(|i| {
+            let freq = 1.0 / (spec.rope_theta as f64).powf(2.0 * i as f64 / d);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < ctx / hi as f64 {
+                1.0
+            } else if wavelen > ctx / lo as f64 {
+                factor
+            } else {
+                let smooth = (ctx / wavelen - lo as f64) / (hi as f64 - lo as f64);
+                (1.0 / ((1.0 - smooth) / factor as f64 + smooth)) as f32
+            }
+        })
+        .collect();
+    Some(out)
 }
 
 /// HF q/k rows -> llama.cpp's order for llama (adjacent pairs rotate together): within each
@@ -249,7 +303,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     let (eot, im_end) = (id("<|endoftext|>"), id("<|im_end|>"));
     use gguf_file::Value as V;
     let strs = |v: &[String]| V::Array(v.iter().map(|s| V::String(s.clone())).collect());
-    let meta: Vec<(String, V)> = vec![
+    let mut meta: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String(a.into())),
         (
             "general.name".into(),
@@ -280,10 +334,39 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             V::U32(spec.head_dim() as u32),
         ),
         (
+            format!("{a}.attention.key_length"),
+            V::U32(spec.head_dim() as u32),
+        ),
+        (
+            format!("{a}.attention.value_length"),
+            V::U32(spec.head_dim() as u32),
+        ),
+        (
             format!("{a}.attention.layer_norm_rms_epsilon"),
             V::F32(spec.rms_eps),
         ),
         (format!("{a}.vocab_size"), V::U32(spec.vocab as u32)),
+    ];
+    match spec.rope_scaling {
+        RopeScaling::None | RopeScaling::Llama3 { .. } => {}
+        RopeScaling::Linear { factor } => {
+            meta.push((format!("{a}.rope.scaling.type"), V::String("linear".into())));
+            meta.push((format!("{a}.rope.scaling.factor"), V::F32(factor)));
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            ..
+        } => {
+            meta.push((format!("{a}.rope.scaling.type"), V::String("yarn".into())));
+            meta.push((format!("{a}.rope.scaling.factor"), V::F32(factor)));
+            meta.push((
+                format!("{a}.rope.scaling.original_context_length"),
+                V::U32(original_context as u32),
+            ));
+        }
+    }
+    meta.extend([
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("qwen2".into())),
         ("tokenizer.ggml.tokens".into(), strs(&tokens)),
@@ -300,7 +383,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             "tokenizer.chat_template".into(),
             V::String(CHATML_TEMPLATE.into()),
         ),
-    ];
+    ]);
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in tiny_weights(spec)? {
         let t = if spec.arch == Arch::Llama && name.ends_with("attn_q.weight") {
@@ -346,6 +429,8 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in tiny_weights(spec)? {
         let hf = match name.as_str() {
+            // Hugging Face keeps the scheme in config.json, not the factors.
+            "rope_freqs.weight" => continue,
             "token_embd.weight" => "model.embed_tokens.weight".to_string(),
             "output_norm.weight" => "model.norm.weight".to_string(),
             "output.weight" => "lm_head.weight".to_string(),
@@ -362,7 +447,12 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     let (tokens, _, _) = tiny_vocab(spec.vocab);
     let id = |s: &str| tokens.iter().position(|t| t == s).unwrap_or(0);
     let config = serde_json::json!({
-        "architectures": [match spec.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+        "architectures": [match spec.arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }],
+        "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
         "vocab_size": spec.vocab,
         "hidden_size": spec.hidden,
@@ -377,6 +467,17 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         "bos_token_id": id("<|endoftext|>"),
         "eos_token_id": id("<|im_end|>"),
         "torch_dtype": "float32",
+        "rope_scaling": match spec.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Yarn { factor, original_context, .. } => serde_json::json!({
+                "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original_context,
+            }),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_context,
+            }),
+        },
     });
     let cfg_text = serde_json::to_string_pretty(&config)
         .map_err(|e| ModelError::Invalid(format!("config.json: {e}")))?;
@@ -386,4 +487,87 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         path: st.clone(),
         reason: format!("writing safetensors failed: {}", candle_msg(&e)),
     })
+}
+
+/// Tiny models that llama.cpp runs too, one per architecture and rotary variant:
+/// `scripts/make-fixtures.py peer` records llama.cpp's logits for them (`examples/tiny_models.rs`
+/// writes the files), and `tests/models.rs` checks verdict's against those. f32 weights, so the
+/// two engines differ only by f32 rounding.
+pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
+    let base = TinySpec {
+        vocab: 300,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 96,
+        context_length: 512,
+        seed: 7,
+        ..TinySpec::default()
+    };
+    vec![
+        (
+            "llama",
+            TinySpec {
+                arch: Arch::Llama,
+                ..base.clone()
+            },
+        ),
+        (
+            "qwen2",
+            TinySpec {
+                arch: Arch::Qwen2,
+                ..base.clone()
+            },
+        ),
+        (
+            "qwen3",
+            TinySpec {
+                arch: Arch::Qwen3,
+                // Wider than hidden / heads (16), as Qwen3-0.6B's 128 against 1024 / 16.
+                head_dim: Some(32),
+                tied: true,
+                ..base.clone()
+            },
+        ),
+        // Llama 3.1's scheme on 16-dimension heads: wavelengths 6 .. 19869 positions, so with
+        // an original context of 256 three pairs keep their frequency, one is mixed and four
+        // are divided by 8.
+        (
+            "llama3-rope",
+            TinySpec {
+                arch: Arch::Llama,
+                rope_scaling: RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_context: 256,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "llama-linear-rope",
+            TinySpec {
+                arch: Arch::Llama,
+                rope_scaling: RopeScaling::Linear { factor: 4.0 },
+                ..base.clone()
+            },
+        ),
+        // YaRN over an original context of 64: pairs 0-2 ramp, the rest are interpolated.
+        (
+            "qwen2-yarn",
+            TinySpec {
+                arch: Arch::Qwen2,
+                rope_scaling: RopeScaling::Yarn {
+                    factor: 4.0,
+                    original_context: 64,
+                    beta_fast: 32.0,
+                    beta_slow: 1.0,
+                    attn_factor: 1.0,
+                },
+                ..base.clone()
+            },
+        ),
+    ]
 }

@@ -13,13 +13,17 @@ use super::attention::CausalAttention;
 use super::batch::{Batcher, Membership};
 use super::cuda_fast::{FastSession, FastWeights};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
-use super::gguf::{GgufFile, ModelConfig, RopeStyle};
+use super::gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
 use super::kv_cache::{KvCache, check_truncate};
+use super::rope::Rotary;
 use super::shard::{Communicator, TpSession, Transport};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// llama.cpp's tensor of per-pair rotary frequency factors (Llama 3.1 and later).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// A projection: quantized (or f32) weight `[out, in]` plus an optional bias `[out]`.
 #[derive(Debug, Clone)]
@@ -210,6 +214,8 @@ pub(crate) struct Layer {
     pub(crate) k: Linear,
     pub(crate) v: Linear,
     pub(crate) o: Linear,
+    /// qwen3: RMSNorm weights `[head_dim]` applied to every head's q and k before the rotation.
+    pub(crate) qk_norm: Option<(Tensor, Tensor)>,
     pub(crate) ffn_norm: Tensor,
     pub(crate) gate: Linear,
     pub(crate) up: Linear,
@@ -223,8 +229,8 @@ pub(crate) struct Weights {
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Linear,
-    /// 1 / theta^(2i/d) for i in 0..d/2: the rotary angle per position of each pair.
-    pub(crate) inv_freq: Vec<f32>,
+    /// The rotary angle per position of each pair, and the magnitude of cos / sin.
+    pub(crate) rotary: Rotary,
     pub(crate) device: Device,
     pub(crate) gguf: Option<Arc<gguf_file::Content>>,
     pub(crate) source: PathBuf,
@@ -374,10 +380,15 @@ impl Weights {
                 let w = fast_matmul(src, &wn, src.matrix(&wn, device)?)?;
                 Ok(Linear::new(w, bias))
             };
-            let vec = |s: &str| -> Result<Tensor> {
+            let vec_of = |s: &str, len: usize| -> Result<Tensor> {
                 let name = n(s);
-                check_shape(src, &name, &[h])?;
+                check_shape(src, &name, &[len])?;
                 src.vector(&name, device)
+            };
+            let vec = |s: &str| vec_of(s, h);
+            let qk_norm = match c.arch {
+                Arch::Qwen3 => Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?)),
+                Arch::Llama | Arch::Qwen2 => None,
             };
             layers.push(Layer {
                 attn_norm: vec("attn_norm")?,
@@ -385,15 +396,36 @@ impl Weights {
                 k: lin("attn_k", Some("attn_k.bias"), [kv_out, h])?,
                 v: lin("attn_v", Some("attn_v.bias"), [kv_out, h])?,
                 o: lin("attn_output", None, [h, q_out])?,
+                qk_norm,
                 ffn_norm: vec("ffn_norm")?,
                 gate: lin("ffn_gate", None, [c.intermediate, h])?,
                 up: lin("ffn_up", None, [c.intermediate, h])?,
                 down: lin("ffn_down", None, [h, c.intermediate])?,
             });
         }
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / d as f32))
-            .collect();
+        // Llama 3.1's per-pair factors, where the file has them.
+        let freq_factors = match src.has(ROPE_FREQS) {
+            true => {
+                check_shape(src, ROPE_FREQS, &[d / 2])?;
+                let t = src.vector(ROPE_FREQS, device)?;
+                Some(t.to_vec1::<f32>().map_err(|e| ModelError::Tensor {
+                    path: src.path().to_path_buf(),
+                    tensor: ROPE_FREQS.into(),
+                    reason: candle_msg(&e),
+                })?)
+            }
+            false => None,
+        };
+        if let Some(ff) = &freq_factors
+            && let Some(bad) = ff.iter().find(|x| !(x.is_finite() && **x > 0.0))
+        {
+            return Err(ModelError::Tensor {
+                path: src.path().to_path_buf(),
+                tensor: ROPE_FREQS.into(),
+                reason: format!("a frequency factor is {bad}; they must be positive"),
+            });
+        }
+        let rotary = Rotary::new(d, c.rope_theta, c.rope_scaling, freq_factors.as_deref());
         Ok(Weights {
             heads: HeadLayout::full(&cfg),
             peers: Vec::new(),
@@ -403,7 +435,7 @@ impl Weights {
             layers,
             norm,
             lm_head,
-            inv_freq,
+            rotary,
             device: device.clone(),
             gguf,
             source: src.path().to_path_buf(),
@@ -464,7 +496,7 @@ impl Model {
             layer: gguf_layer_name,
         };
         let w = Weights::build(cfg, &GgufSource { file: &file }, &names, device, None)?;
-        let fast = FastWeights::load(&file, &w.cfg, &w.inv_freq, device)?;
+        let fast = FastWeights::load(&file, &w.cfg, &w.rotary, device)?;
         let content = file.into_content();
         Ok(Model {
             w: Arc::new(Weights {
@@ -760,6 +792,7 @@ impl Model {
                     k: lin(&l.k)?,
                     v: lin(&l.v)?,
                     o: lin(&l.o)?,
+                    qk_norm: l.qk_norm.clone(),
                     ffn_norm: l.ffn_norm.clone(),
                     gate: lin(&l.gate)?,
                     up: lin(&l.up)?,
@@ -774,7 +807,7 @@ impl Model {
                 layers,
                 norm: w.norm.clone(),
                 lm_head,
-                inv_freq: w.inv_freq.clone(),
+                rotary: w.rotary.clone(),
                 device: w.device.clone(),
                 gguf: w.gguf.clone(),
                 source: w.source.clone(),
@@ -1185,13 +1218,14 @@ fn run(
     let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
     let ropes = segs
         .iter()
-        .map(|s| rope_tables(&w.inv_freq, s.pos, s.tokens.len(), dev))
+        .map(|s| w.rotary.tables(s.pos, s.tokens.len(), dev))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let attn = CausalAttention {
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
-        scale: 1.0 / (hd as f32).sqrt(),
+        // YaRN's magnitude on both q and k, as one factor on their products.
+        scale: w.rotary.mscale * w.rotary.mscale / (hd as f32).sqrt(),
         group: w.heads.group,
         head_offset: w.heads.head_offset,
     };
@@ -1205,8 +1239,18 @@ fn run(
 
     for (li, layer) in w.layers.iter().take(n_layers).enumerate() {
         let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-        let q_all = layer.q.forward(&h)?;
-        let k_all = layer.k.forward(&h)?;
+        let mut q_all = layer.q.forward(&h)?;
+        let mut k_all = layer.k.forward(&h)?;
+        if let Some((qn, kn)) = &layer.qk_norm {
+            // Per head: [rows, heads * hd] seen as [rows, heads, hd], normalised over hd.
+            let per_head = |t: &Tensor, norm: &Tensor, heads: usize| {
+                let rows = t.dim(0)?;
+                candle_nn::ops::rms_norm(&t.reshape((rows, heads, hd))?, norm, cfg.rms_eps)?
+                    .reshape((rows, heads * hd))
+            };
+            q_all = per_head(&q_all, qn, nh)?;
+            k_all = per_head(&k_all, kn, nkv)?;
+        }
         let v_all = layer.v.forward(&h)?;
         let mut ys = Vec::with_capacity(segs.len());
         for ((s, &off), (cos, sin)) in segs.iter_mut().zip(&offsets).zip(&ropes) {
@@ -1295,28 +1339,4 @@ fn run(
         at += len;
     }
     Ok(outs)
-}
-
-/// cos/sin `[n, head_dim/2]` for positions `pos..pos+n`.
-fn rope_tables(
-    inv_freq: &[f32],
-    pos: usize,
-    n: usize,
-    dev: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in pos..pos + n {
-        for &f in inv_freq {
-            // f64 angle: positions in the tens of thousands lose precision in f32.
-            let a = p as f64 * f as f64;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (n, half), dev)?,
-        Tensor::from_vec(sin, (n, half), dev)?,
-    ))
 }

@@ -106,6 +106,9 @@ pub struct ParsedRequest {
     /// Chat only (vLLM's `continue_final_message`): the last message is the assistant's, and
     /// the output continues its text instead of starting a new turn (a "prefill").
     pub continue_final: bool,
+    /// Chat only (vLLM's `chat_template_kwargs`): more variables for the chat template, such as
+    /// Qwen3's `enable_thinking`.
+    pub template_vars: Option<Map<String, Value>>,
     /// What the output must match, and the field that asked: `response_format` (a JSON object
     /// or schema), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
     /// or a `tool_choice` that requires a call (the output is then the call's JSON object).
@@ -148,6 +151,7 @@ pub fn parse_object(
         ignore_eos: false,
         tools: None,
         continue_final: false,
+        template_vars: None,
         grammar: None,
     };
     let chat = endpoint == Endpoint::Chat;
@@ -167,6 +171,7 @@ pub fn parse_object(
             "continue_final_message" if chat => {
                 r.continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
             }
+            "chat_template_kwargs" if chat => r.template_vars = opt(v, |v| template_vars(k, v))?,
             "max_tokens" => {
                 // 0 only with echo (checked after the loop).
                 if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
@@ -588,8 +593,12 @@ fn logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenizeInput {
     Prompt(String),
-    /// A chat, and whether its last (assistant) message is continued.
-    Messages(Vec<ChatMessage>, bool),
+    Messages {
+        messages: Vec<ChatMessage>,
+        /// Whether the last (assistant) message is continued.
+        continue_final: bool,
+        template_vars: Option<Map<String, Value>>,
+    },
 }
 
 /// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`.
@@ -597,16 +606,24 @@ pub fn parse_tokenize(body: &[u8]) -> Result<TokenizeInput, ApiError> {
     let obj = json_object(body)?;
     let mut input = None;
     let mut continue_final = false;
+    let mut vars = None;
     for (k, v) in &obj {
         match k.as_str() {
             "model" => {
                 opt(v, |v| string(k, v))?;
             }
             "prompt" => input = Some(TokenizeInput::Prompt(string(k, v)?)),
-            "messages" => input = Some(TokenizeInput::Messages(messages(v)?, false)),
+            "messages" => {
+                input = Some(TokenizeInput::Messages {
+                    messages: messages(v)?,
+                    continue_final: false,
+                    template_vars: None,
+                })
+            }
             "continue_final_message" => {
                 continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
             }
+            "chat_template_kwargs" => vars = opt(v, |v| template_vars(k, v))?,
             _ => return Err(unknown_field(k)),
         }
     }
@@ -617,12 +634,20 @@ pub fn parse_tokenize(body: &[u8]) -> Result<TokenizeInput, ApiError> {
         ));
     }
     match input {
-        Some(TokenizeInput::Messages(m, _)) => Ok(TokenizeInput::Messages(m, continue_final)),
-        Some(p) if !continue_final => Ok(p),
-        Some(_) => Err(ApiError::invalid(
+        Some(TokenizeInput::Messages { messages, .. }) => Ok(TokenizeInput::Messages {
+            messages,
+            continue_final,
+            template_vars: vars,
+        }),
+        Some(_) if continue_final => Err(ApiError::invalid(
             "continue_final_message",
             "continue_final_message applies to `messages`",
         )),
+        Some(_) if vars.is_some() => Err(ApiError::invalid(
+            "chat_template_kwargs",
+            "chat_template_kwargs applies to `messages`",
+        )),
+        Some(p) => Ok(p),
         None => Err(ApiError::invalid(
             "prompt",
             "missing field `prompt` (text) or `messages` (a chat)",
@@ -667,6 +692,23 @@ pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
             type_name(&other)
         ))),
     }
+}
+
+/// `chat_template_kwargs`: an object of template variables. The ones the server sets itself
+/// (the conversation, the tools, the special tokens) cannot be replaced this way.
+fn template_vars(k: &str, v: &Value) -> Result<Map<String, Value>, ApiError> {
+    let vars = object(k, v)?;
+    for name in vars.keys() {
+        if crate::models::chat::SERVER_VARS.contains(&name.as_str()) {
+            return Err(ApiError::invalid(
+                format!("{k}.{name}"),
+                format!(
+                    "`{name}` is set by the server from the request; it cannot be a template variable"
+                ),
+            ));
+        }
+    }
+    Ok(vars.clone())
 }
 
 fn unknown_field(name: &str) -> ApiError {

@@ -28,6 +28,7 @@ use super::logprobs::{self, TokenEntry};
 use super::messages;
 use super::metrics::Metrics;
 use super::pool::Pool;
+use super::reasoning;
 use super::responses;
 use super::tools;
 use crate::decide::PolicyRegistry;
@@ -61,6 +62,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_policy_bytes: usize,
+    /// Chat replies' thinking goes to `reasoning_content` (vLLM's `--reasoning-parser`).
+    pub reasoning: Option<reasoning::Parser>,
 }
 
 impl ServeOptions {
@@ -77,6 +80,7 @@ impl ServeOptions {
             drain_timeout: Duration::from_secs(60),
             max_body_bytes: 8 << 20,
             max_policy_bytes: 64 << 20,
+            reasoning: None,
         }
     }
 }
@@ -653,6 +657,7 @@ async fn completion(
         logprobs: parsed.logprobs,
         n: parsed.n,
         tools: parsed.tools.is_some(),
+        reasoning: app.opts.reasoning.filter(|_| endpoint == Endpoint::Chat),
     };
     if parsed.stream {
         Ok(sse_response(meta, early, rx))
@@ -924,11 +929,9 @@ async fn count_message_tokens(
     let t = messages::translate(&api::json_object(&body)?)?;
     let p = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
     check_model(app, &p)?;
-    let n = blocking(move || {
-        chat_prompt(&served, &p.messages, p.tools.as_ref(), p.continue_final).map(|ids| ids.len())
-    })
-    .await?
-    .map_err(messages::rename_param)?;
+    let n = blocking(move || chat_prompt(&served, &p).map(|ids| ids.len()))
+        .await?
+        .map_err(messages::rename_param)?;
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
 }
 
@@ -1140,9 +1143,17 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         let tokenizer = &*served.tokenizer;
         match t {
             api::TokenizeInput::Prompt(text) => text_prompt(tokenizer, &text),
-            api::TokenizeInput::Messages(messages, continue_final) => {
-                chat_prompt(&served, &messages, None, continue_final)
-            }
+            api::TokenizeInput::Messages {
+                messages,
+                continue_final,
+                template_vars,
+            } => chat_prompt_of(
+                &served,
+                &messages,
+                None,
+                continue_final,
+                template_vars.as_ref(),
+            ),
         }
     })
     .await??;
@@ -1174,12 +1185,24 @@ fn check_ids(ids: &[u32], tokenizer: &Tokenizer, field: &str) -> Result<(), ApiE
     }
 }
 
+/// A chat request's prompt ids.
+fn chat_prompt(served: &Served, p: &api::ParsedRequest) -> Result<Vec<u32>, ApiError> {
+    chat_prompt_of(
+        served,
+        &p.messages,
+        p.tools.as_ref(),
+        p.continue_final,
+        p.template_vars.as_ref(),
+    )
+}
+
 /// A chat's prompt ids: the messages through the model's template, then tokenized.
-fn chat_prompt(
+fn chat_prompt_of(
     served: &Served,
     messages: &[api::ChatMessage],
     tools: Option<&Value>,
     continue_final: bool,
+    vars: Option<&serde_json::Map<String, Value>>,
 ) -> Result<Vec<u32>, ApiError> {
     let msgs: Vec<Message> = messages
         .iter()
@@ -1197,7 +1220,7 @@ fn chat_prompt(
     }
     let rendered = served
         .chat
-        .render_with_tools(&msgs, tools, !continue_final)
+        .render_with_tools(&msgs, tools, !continue_final, vars)
         .map_err(|e| {
             ApiError::invalid(
                 "messages",
@@ -1264,10 +1287,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
                 ));
             }
         },
-        Endpoint::Chat => (
-            chat_prompt(served, &p.messages, p.tools.as_ref(), p.continue_final)?,
-            "messages",
-        ),
+        Endpoint::Chat => (chat_prompt(served, p)?, "messages"),
     };
     // Fill-in-the-middle: prefix and suffix read as plain text (code, not markup), between the
     // model's FIM tokens; the middle ends at any of them too.
@@ -1408,6 +1428,8 @@ struct ResponseMeta {
     /// The request offered tools: replies are read for tool calls (a stream holds back what
     /// may be a call until the reply ends, [`tools::Holder`]).
     tools: bool,
+    /// Chat replies' thinking goes to `reasoning_content`.
+    reasoning: Option<reasoning::Parser>,
 }
 
 fn usage(o: &Outcome) -> Value {
@@ -1465,9 +1487,21 @@ impl ResponseMeta {
         })
     }
 
-    /// A chat reply's message and finish reason: with tools offered, the tool calls it makes
-    /// (finish reason "tool_calls"), else its text.
+    /// A chat reply's message and finish reason: its thinking apart when the server reads it,
+    /// then, with tools offered, the tool calls the answer makes (finish reason "tool_calls"),
+    /// else its text.
     fn message(&self, text: &str, finish: &'static str) -> (Value, &'static str) {
+        let Some(parser) = self.reasoning else {
+            return self.answer(text, finish);
+        };
+        let (thought, answer) = reasoning::split(parser, text);
+        let (mut m, finish) = self.answer(&answer, finish);
+        m["reasoning_content"] = json!(thought);
+        (m, finish)
+    }
+
+    /// [`ResponseMeta::message`] of the answer alone.
+    fn answer(&self, text: &str, finish: &'static str) -> (Value, &'static str) {
         match self.tools.then(|| tools::parse(text)).flatten() {
             Some((content, calls)) => (
                 json!({"role": "assistant", "content": content, "tool_calls": calls}),
@@ -1496,7 +1530,8 @@ impl ResponseMeta {
         entries: &[TokenEntry],
         finish: &'static str,
     ) -> (Value, &'static str) {
-        let (mut message, finish) = self.message(text, finish);
+        // The thinking has streamed already: this is the answer.
+        let (mut message, finish) = self.answer(text, finish);
         if let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) {
             for (j, c) in calls.iter_mut().enumerate() {
                 c["index"] = json!(j);
@@ -1511,19 +1546,30 @@ impl ResponseMeta {
         )
     }
 
-    /// New text of choice `index` (`first`: its first chunk, which names the chat role).
-    fn delta_chunk(&self, index: usize, text: &str, entries: &[TokenEntry], first: bool) -> Value {
+    /// New text of choice `index` (`first`: its first chunk, which names the chat role), of
+    /// its answer or (chat) its thinking.
+    fn delta_chunk(
+        &self,
+        index: usize,
+        part: reasoning::Part,
+        text: &str,
+        entries: &[TokenEntry],
+        first: bool,
+    ) -> Value {
         let lp = self.logprobs(entries);
         match self.endpoint {
             Endpoint::Completions => self.chunk(json!([{
                 "index": index, "text": text, "logprobs": lp, "finish_reason": null,
             }])),
             Endpoint::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
+                let field = match part {
+                    reasoning::Part::Content => "content",
+                    reasoning::Part::Reasoning => "reasoning_content",
                 };
+                let mut delta = json!({ field: text });
+                if first {
+                    delta["role"] = json!("assistant");
+                }
                 self.chunk(json!([{
                     "index": index, "delta": delta, "logprobs": lp, "finish_reason": null,
                 }]))
@@ -1594,10 +1640,43 @@ fn sse_response(
         outcomes: Vec<Option<Outcome>>,
         /// Per choice, with tools: what is held back from the client (see [`tools::Holder`]).
         held: Vec<tools::Holder<TokenEntry>>,
+        /// Per choice, with a reasoning parser: its thinking apart from its answer.
+        split: Vec<Option<reasoning::Splitter<TokenEntry>>>,
         done: bool,
+    }
+    impl S {
+        /// The chunks for choice `i`'s new pieces: thinking as it comes, the answer through
+        /// the tool-call holder when tools were offered.
+        fn send(
+            &mut self,
+            i: usize,
+            pieces: Vec<(reasoning::Part, String, Vec<TokenEntry>)>,
+        ) -> Vec<u8> {
+            let mut out = Vec::new();
+            for (part, text, entries) in pieces {
+                let (text, entries) = match part {
+                    reasoning::Part::Content if self.meta.tools => {
+                        match self.held[i].push(&text, entries) {
+                            Some(sent) => sent,
+                            None => continue,
+                        }
+                    }
+                    _ => (text, entries),
+                };
+                let chunk = self
+                    .meta
+                    .delta_chunk(i, part, &text, &entries, self.first[i]);
+                out.extend_from_slice(&sse_data(&chunk));
+                self.first[i] = false;
+            }
+            out
+        }
     }
     let n = meta.n;
     let state = S {
+        split: (0..n)
+            .map(|_| meta.reasoning.map(reasoning::Splitter::new))
+            .collect(),
         meta,
         early,
         rx,
@@ -1616,22 +1695,24 @@ fn sse_response(
                 None => s.rx.recv().await,
             };
             match next {
-                Some((i, Event::Delta(d, e))) if s.meta.tools => {
-                    let Some((text, entries)) = s.held[i].push(&d, e) else {
-                        continue;
-                    };
-                    let b = sse_data(&s.meta.delta_chunk(i, &text, &entries, s.first[i]));
-                    s.first[i] = false;
-                    break b;
-                }
                 Some((i, Event::Delta(d, e))) => {
-                    let b = sse_data(&s.meta.delta_chunk(i, &d, &e, s.first[i]));
-                    s.first[i] = false;
-                    break b;
+                    let pieces = match &mut s.split[i] {
+                        Some(split) => split.push(&d, e),
+                        None => vec![(reasoning::Part::Content, d, e)],
+                    };
+                    let out = s.send(i, pieces);
+                    if out.is_empty() {
+                        continue;
+                    }
+                    break Bytes::from(out);
                 }
                 Some((_, Event::Started | Event::Prefilled)) => continue,
                 Some((i, Event::Done(mut o))) => {
-                    let mut out = Vec::new();
+                    let rest = s.split[i]
+                        .as_mut()
+                        .map(|sp| sp.finish())
+                        .unwrap_or_default();
+                    let mut out = s.send(i, rest);
                     if s.meta.tools {
                         let (text, entries) = s.held[i].finish();
                         if !text.is_empty() || !entries.is_empty() {

@@ -9,6 +9,7 @@
 //!   events, and its error shape.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
+//! - [`reasoning`]: a reasoning model's `<think>` block apart from its answer.
 //! - [`pool`]: the generation worker threads and the bounded queue behind 429.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`auth`]: the API keys and the admin token (bearer tokens, constant-time compare).
@@ -27,6 +28,7 @@ pub mod logprobs;
 pub mod messages;
 pub mod metrics;
 pub mod pool;
+pub mod reasoning;
 pub mod responses;
 pub mod stop;
 pub mod tools;

@@ -1,0 +1,20 @@
+//! Writes the tiny random models of `verdict::models::testing::peer_specs()` into a directory,
+//! one `NAME.gguf` each, for `scripts/make-fixtures.py peer` to run llama.cpp on. The files are
+//! the same bytes every time (seeded weights), so tests regenerate them instead of keeping them.
+//!
+//!   cargo run --example tiny_models -- DIR
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use verdict::models::testing::{peer_specs, write_tiny_gguf};
+
+fn main() -> Result<()> {
+    let dir = PathBuf::from(std::env::args().nth(1).context("usage: tiny_models DIR")?);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, spec) in peer_specs() {
+        let path = dir.join(format!("{name}.gguf"));
+        write_tiny_gguf(&path, &spec)?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! A reasoning model's thinking, apart from its answer (vLLM's `--reasoning-parser`, llama.cpp's
+//! `--reasoning-format`): Qwen3 and DeepSeek-R1 write `<think> ... </think>` before the reply,
+//! and clients read the thinking as `reasoning_content` beside `content`.
+//!
+//! One [`Splitter`] serves both a stream (pieces in, labelled pieces out, holding back only what
+//! may be the start of a tag) and a finished reply ([`split`]), so the two always agree.
+
+/// Which models' convention the server reads (`serve --reasoning-parser`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Parser {
+    /// Qwen3: thinking only inside `<think> ... </think>` at the reply's start; a reply that
+    /// does not open with the tag (thinking switched off) is all answer.
+    Qwen3,
+    /// DeepSeek-R1 and its distills: the template opens the thinking in the prompt, so
+    /// everything before `</think>` is thinking (a leading `<think>` is dropped as well).
+    #[value(name = "deepseek_r1")]
+    DeepSeekR1,
+}
+
+const OPEN: &str = "<think>";
+const CLOSE: &str = "</think>";
+
+/// Which field a piece of the reply belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Reasoning,
+    Content,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing but (maybe) the start of `<think>` yet.
+    Start,
+    Thinking,
+    Answer,
+}
+
+/// A reply read piece by piece. `E` goes with the text (its tokens' logprobs) and leaves with
+/// the piece it came in with (or the first one after it, when its text was held back).
+#[derive(Debug)]
+pub struct Splitter<E> {
+    parser: Parser,
+    phase: Phase,
+    held: String,
+    with: Vec<E>,
+}
+
+impl<E> Splitter<E> {
+    pub fn new(parser: Parser) -> Self {
+        Splitter {
+            parser,
+            phase: Phase::Start,
+            held: String::new(),
+            with: Vec::new(),
+        }
+    }
+
+    /// Adds a piece of the reply; returns the labelled pieces that may be sent now.
+    pub fn push(&mut self, text: &str, with: Vec<E>) -> Vec<(Part, String, Vec<E>)> {
+        self.held.push_str(text);
+        self.with.extend(with);
+        let mut out = Vec::new();
+        if self.phase == Phase::Start {
+            let t = self.held.trim_start();
+            if t.len() < OPEN.len() && OPEN.starts_with(t) {
+                return out; // may still become the tag
+            }
+            self.phase = match (t.strip_prefix(OPEN), self.parser) {
+                (Some(rest), _) => {
+                    self.held = rest.to_string();
+                    Phase::Thinking
+                }
+                (None, Parser::DeepSeekR1) => Phase::Thinking,
+                (None, Parser::Qwen3) => Phase::Answer,
+            };
+        }
+        if self.phase == Phase::Thinking {
+            match self.held.find(CLOSE) {
+                Some(at) => {
+                    let answer = self.held.split_off(at + CLOSE.len());
+                    self.held.truncate(at);
+                    let thought = std::mem::replace(&mut self.held, answer);
+                    self.phase = Phase::Answer;
+                    if !thought.is_empty() {
+                        out.push((Part::Reasoning, thought, std::mem::take(&mut self.with)));
+                    }
+                }
+                None => {
+                    // Hold a tail that may be the start of `</think>`.
+                    let keep = (1..CLOSE.len())
+                        .rev()
+                        .find(|&n| self.held.ends_with(&CLOSE[..n]))
+                        .unwrap_or(0);
+                    let tail = self.held.split_off(self.held.len() - keep);
+                    let thought = std::mem::replace(&mut self.held, tail);
+                    if !thought.is_empty() {
+                        out.push((Part::Reasoning, thought, std::mem::take(&mut self.with)));
+                    }
+                    return out;
+                }
+            }
+        }
+        if !self.held.is_empty() || !self.with.is_empty() {
+            let text = std::mem::take(&mut self.held);
+            out.push((Part::Content, text, std::mem::take(&mut self.with)));
+        }
+        out
+    }
+
+    /// The end of the reply: whatever was held back, as the part it was in.
+    pub fn finish(&mut self) -> Vec<(Part, String, Vec<E>)> {
+        let part = match (self.phase, self.parser) {
+            (Phase::Thinking, _) | (Phase::Start, Parser::DeepSeekR1) => Part::Reasoning,
+            (Phase::Answer, _) | (Phase::Start, Parser::Qwen3) => Part::Content,
+        };
+        if self.held.is_empty() && self.with.is_empty() {
+            return Vec::new();
+        }
+        vec![(
+            part,
+            std::mem::take(&mut self.held),
+            std::mem::take(&mut self.with),
+        )]
+    }
+}
+
+/// A finished reply's thinking (`None` when it has none) and answer.
+pub fn split(parser: Parser, text: &str) -> (Option<String>, String) {
+    let mut s = Splitter::<()>::new(parser);
+    let mut pieces = s.push(text, Vec::new());
+    pieces.extend(s.finish());
+    let (mut thought, mut answer) = (None::<String>, String::new());
+    for (part, text, _) in pieces {
+        match part {
+            Part::Reasoning => thought.get_or_insert_with(String::new).push_str(&text),
+            Part::Content => answer.push_str(&text),
+        }
+    }
+    (thought, answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_reply_splits_at_the_tags() {
+        let q = Parser::Qwen3;
+        assert_eq!(
+            split(q, "<think>\nsum them\n</think>\n\nIt is 4."),
+            (Some("\nsum them\n".into()), "\n\nIt is 4.".into())
+        );
+        // Thinking switched off: no tag, all answer; an empty block leaves its blank lines.
+        assert_eq!(split(q, "It is 4."), (None, "It is 4.".into()));
+        assert_eq!(
+            split(q, "<think>\n\n</think>\n\nIt is 4.").1,
+            "\n\nIt is 4."
+        );
+        // Cut off while thinking: all of it is thinking.
+        assert_eq!(
+            split(q, "<think>let me"),
+            (Some("let me".into()), "".into())
+        );
+        assert_eq!(split(q, "<thi"), (None, "<thi".into()));
+        // A tag later in the answer is text.
+        assert_eq!(split(q, "Use <think> tags").1, "Use <think> tags");
+        let r = Parser::DeepSeekR1;
+        assert_eq!(
+            split(r, "sum them</think>It is 4."),
+            (Some("sum them".into()), "It is 4.".into())
+        );
+        assert_eq!(
+            split(r, "still thinking"),
+            (Some("still thinking".into()), "".into())
+        );
+    }
+
+    /// Every way of cutting a reply into pieces gives the same parts as the whole, and no piece
+    /// carries part of a tag.
+    #[test]
+    fn a_stream_splits_as_the_whole_reply() {
+        for parser in [Parser::Qwen3, Parser::DeepSeekR1] {
+            for text in [
+                "<think>\nsum them\n</think>\n\nIt is 4.",
+                "  <think>a</think>b",
+                "plain answer with </think> inside",
+                "<think>never closed </thi",
+                "<th",
+                "x</think>",
+            ] {
+                let whole = split(parser, text);
+                for step in 1..=4 {
+                    let mut s = Splitter::new(parser);
+                    let mut pieces = Vec::new();
+                    let chars: Vec<char> = text.chars().collect();
+                    for (i, chunk) in chars.chunks(step).enumerate() {
+                        let piece: String = chunk.iter().collect();
+                        pieces.extend(s.push(&piece, vec![i]));
+                    }
+                    pieces.extend(s.finish());
+                    let (mut thought, mut answer) = (None::<String>, String::new());
+                    let mut seen = Vec::new();
+                    for (part, t, with) in pieces {
+                        assert!(!t.contains(OPEN) || part == Part::Content, "{t:?}");
+                        seen.extend(with);
+                        match part {
+                            Part::Reasoning => thought.get_or_insert_with(String::new).push_str(&t),
+                            Part::Content => answer.push_str(&t),
+                        }
+                    }
+                    assert_eq!((thought, answer), whole, "{parser:?} {text:?} by {step}");
+                    // Every piece's companion comes out once, in order.
+                    assert_eq!(seen, (0..chars.len().div_ceil(step)).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+}
