@@ -2858,6 +2858,18 @@ fn reasoning_is_apart_from_the_answer() {
         (thought, answer)
     );
 
+    // Anthropic's Messages API: a thinking block, then the answer's text block.
+    let r = s.post_json(
+        "/v1/messages",
+        &json!({"messages": messages, "max_tokens": 64, "temperature": 0,
+                "guided_regex": thinking}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = &r.json()["content"];
+    assert_eq!(c[0]["type"], "thinking", "{c}");
+    assert_eq!(c[0]["thinking"], thought);
+    assert_eq!(c[1], json!({"type": "text", "text": answer}));
+
     // No block: all content, and reasoning_content is null.
     let v = s
         .post_json("/v1/chat/completions", &ask("[a-z]{2,8}", false))

@@ -901,6 +901,7 @@ async fn create_message(
         id: format!("msg_{}", new_id(app)),
         model: app.opts.model_id.clone(),
         tools: parsed.tools.is_some(),
+        reasoning: app.opts.reasoning,
     };
     if t.stream {
         let stream = MessageEvents {

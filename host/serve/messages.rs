@@ -21,6 +21,7 @@ use serde_json::{Map, Value, json};
 use super::api::{array, object, str_of as string, type_name};
 use super::error::ApiError;
 use super::generate::Outcome;
+use super::reasoning;
 use super::tools;
 
 /// What a request asked, ready to run as chat.
@@ -569,6 +570,8 @@ pub struct Meta {
     pub model: String,
     /// The reply is read for tool calls (tools offered, `tool_choice` not "none").
     pub tools: bool,
+    /// A reasoning model's `<think>` block becomes a `thinking` content block.
+    pub reasoning: Option<reasoning::Parser>,
 }
 
 /// Why the reply ended, in this API's words, and the stop sequence that ended it.
@@ -636,8 +639,21 @@ impl Meta {
 
     /// The whole reply to a request that was not streamed.
     pub fn full(&self, text: &str, outcome: &Outcome) -> Value {
-        let (text, calls) = split(self, text);
         let mut content = Vec::new();
+        let answer;
+        let text = match self.reasoning {
+            Some(p) => {
+                let (thought, a) = reasoning::split(p, text);
+                if let Some(t) = thought {
+                    // verdict signs nothing: clients pass the block back, the template drops it.
+                    content.push(json!({"type": "thinking", "thinking": t, "signature": ""}));
+                }
+                answer = a;
+                &answer
+            }
+            None => text,
+        };
+        let (text, calls) = split(self, text);
         if !text.is_empty() || calls.is_empty() {
             content.push(json!({"type": "text", "text": text}));
         }
@@ -655,18 +671,22 @@ impl Meta {
 /// A streamed reply's events, each an object with its `type` (sent as `event: <type>`).
 pub struct Stream {
     meta: Meta,
-    /// Content blocks started so far; the text block, when open, is the last.
+    /// Content blocks started so far; the text or thinking block, when open, is the last.
     blocks: usize,
     text_open: bool,
+    thinking_open: bool,
     held: tools::Holder<()>,
+    split: Option<reasoning::Splitter<()>>,
 }
 
 impl Stream {
     pub fn new(meta: Meta) -> Stream {
         Stream {
+            split: meta.reasoning.map(reasoning::Splitter::new),
             meta,
             blocks: 0,
             text_open: false,
+            thinking_open: false,
             held: tools::Holder::default(),
         }
     }
@@ -682,10 +702,39 @@ impl Stream {
         ]
     }
 
+    /// Closes the thinking block, when one is open (the answer follows it).
+    fn end_thinking(&mut self, out: &mut Vec<Value>) {
+        if self.thinking_open {
+            self.thinking_open = false;
+            out.push(
+                json!({"type": "content_block_delta", "index": self.blocks - 1,
+                            "delta": {"type": "signature_delta", "signature": ""}}),
+            );
+            out.push(json!({"type": "content_block_stop", "index": self.blocks - 1}));
+        }
+    }
+
+    fn thinking(&mut self, out: &mut Vec<Value>, t: &str) {
+        if t.is_empty() {
+            return;
+        }
+        if !self.thinking_open {
+            self.thinking_open = true;
+            out.push(json!({"type": "content_block_start", "index": self.blocks,
+                            "content_block": {"type": "thinking", "thinking": "", "signature": ""}}));
+            self.blocks += 1;
+        }
+        out.push(
+            json!({"type": "content_block_delta", "index": self.blocks - 1,
+                        "delta": {"type": "thinking_delta", "thinking": t}}),
+        );
+    }
+
     fn text(&mut self, out: &mut Vec<Value>, t: &str) {
         if t.is_empty() {
             return;
         }
+        self.end_thinking(out);
         if !self.text_open {
             self.text_open = true;
             out.push(json!({"type": "content_block_start", "index": self.blocks,
@@ -698,33 +747,49 @@ impl Stream {
         );
     }
 
-    /// New text of the reply (held back while it may be a tool call).
+    /// New text of the reply: thinking as it comes, the answer held back while it may be a
+    /// tool call.
     pub fn delta(&mut self, d: &str) -> Vec<Value> {
         let mut out = Vec::new();
-        let send = if self.meta.tools {
-            self.held.push(d, Vec::new()).map(|(t, _)| t)
-        } else {
-            Some(d.to_string())
+        let pieces = match &mut self.split {
+            Some(s) => s.push(d, Vec::new()),
+            None => vec![(reasoning::Part::Content, d.to_string(), Vec::new())],
         };
-        if let Some(t) = send {
-            self.text(&mut out, &t);
-        }
+        self.pieces(&mut out, pieces);
         out
+    }
+
+    fn pieces(&mut self, out: &mut Vec<Value>, pieces: Vec<(reasoning::Part, String, Vec<()>)>) {
+        for (part, t, _) in pieces {
+            match part {
+                reasoning::Part::Reasoning => self.thinking(out, &t),
+                reasoning::Part::Content if self.meta.tools => {
+                    if let Some((t, _)) = self.held.push(&t, Vec::new()) {
+                        self.text(out, &t);
+                    }
+                }
+                reasoning::Part::Content => self.text(out, &t),
+            }
+        }
     }
 
     /// The end: the held text (as text or tool calls), each block's stop, `message_delta`
     /// (the stop reason and the usage) and `message_stop`.
     pub fn done(&mut self, outcome: &Outcome) -> Vec<Value> {
         let mut out = Vec::new();
+        if let Some(rest) = self.split.as_mut().map(|s| s.finish()) {
+            self.pieces(&mut out, rest);
+        }
         let (held, _) = self.held.finish();
         let (text, calls) = split(&self.meta, &held);
         self.text(&mut out, &text);
-        // A reply with neither text nor calls is one empty text block, as when not streamed.
+        self.end_thinking(&mut out);
+        // A reply with neither text nor calls has one empty text block, as when not streamed.
         if !self.text_open && calls.is_empty() {
-            out.push(json!({"type": "content_block_start", "index": 0,
+            out.push(json!({"type": "content_block_start", "index": self.blocks,
                             "content_block": {"type": "text", "text": ""}}));
             self.text_open = true;
-            self.blocks = 1;
+            self.blocks += 1;
         }
         if self.text_open {
             out.push(json!({"type": "content_block_stop", "index": self.blocks - 1}));
@@ -1030,6 +1095,7 @@ mod tests {
             id: "msg_1".into(),
             model: "m".into(),
             tools: true,
+            reasoning: None,
         };
         let m = meta.full("Hello.", &outcome("stop", None));
         assert_eq!(m["content"], json!([{"type": "text", "text": "Hello."}]));
@@ -1069,12 +1135,91 @@ mod tests {
         );
     }
 
+    /// With a reasoning parser, a `<think>` block is a `thinking` content block before the
+    /// answer's blocks, whole or streamed (the same blocks either way).
+    #[test]
+    fn thinking_comes_as_its_own_block() {
+        let meta = Meta {
+            id: "msg_1".into(),
+            model: "m".into(),
+            tools: true,
+            reasoning: Some(reasoning::Parser::Qwen3),
+        };
+        let reply = "<think>\nthe clock</think>\n\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+        let o = outcome("stop", None);
+        let whole = meta.full(reply, &o);
+        assert_eq!(
+            whole["content"][0],
+            json!({"type": "thinking", "thinking": "\nthe clock", "signature": ""})
+        );
+        assert_eq!(whole["content"][1]["type"], "tool_use");
+        assert_eq!(whole["stop_reason"], "tool_use");
+        let mut s = Stream::new(meta.clone());
+        let mut events = Vec::new();
+        let chars: Vec<char> = reply.chars().collect();
+        for piece in chars.chunks(5) {
+            events.extend(s.delta(&piece.iter().collect::<String>()));
+        }
+        events.extend(s.done(&o));
+        let mut content: Vec<Value> = Vec::new();
+        let mut json_parts = String::new();
+        for e in &events {
+            match e["type"].as_str().unwrap() {
+                "content_block_start" => {
+                    assert_eq!(e["index"], content.len());
+                    content.push(e["content_block"].clone());
+                }
+                "content_block_delta" => {
+                    let b = &mut content[e["index"].as_u64().unwrap() as usize];
+                    let d = &e["delta"];
+                    match d["type"].as_str().unwrap() {
+                        "thinking_delta" => {
+                            b["thinking"] = json!(
+                                b["thinking"].as_str().unwrap().to_string()
+                                    + d["thinking"].as_str().unwrap()
+                            )
+                        }
+                        "signature_delta" => b["signature"] = d["signature"].clone(),
+                        "input_json_delta" => {
+                            json_parts.push_str(d["partial_json"].as_str().unwrap())
+                        }
+                        other => panic!("{other}"),
+                    }
+                }
+                "content_block_stop" if content.last().unwrap()["type"] == "tool_use" => {
+                    content.last_mut().unwrap()["input"] =
+                        serde_json::from_str(&json_parts).unwrap();
+                }
+                _ => {}
+            }
+        }
+        content[1]["id"] = whole["content"][1]["id"].clone();
+        assert_eq!(Value::Array(content), whole["content"]);
+        // Thinking alone: the thinking block, then an empty text block.
+        let m = meta.full("<think>hm", &o);
+        assert_eq!(m["content"][0]["thinking"], "hm");
+        assert_eq!(m["content"][1], json!({"type": "text", "text": ""}));
+        let mut s = Stream::new(meta);
+        let mut events = s.delta("<think>hm");
+        events.extend(s.done(&o));
+        let starts: Vec<(&Value, &Value)> = events
+            .iter()
+            .filter(|e| e["type"] == "content_block_start")
+            .map(|e| (&e["index"], &e["content_block"]["type"]))
+            .collect();
+        assert_eq!(
+            starts,
+            [(&json!(0), &json!("thinking")), (&json!(1), &json!("text"))]
+        );
+    }
+
     #[test]
     fn a_streamed_reply_is_the_whole_one_in_events() {
         let meta = Meta {
             id: "msg_1".into(),
             model: "m".into(),
             tools: true,
+            reasoning: None,
         };
         let call = "Sure.\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
         let o = outcome("stop", None);
@@ -1144,6 +1289,7 @@ mod tests {
             id: "m".into(),
             model: "m".into(),
             tools: false,
+            reasoning: None,
         });
         let kinds: Vec<String> = s
             .done(&o)

@@ -32,6 +32,9 @@ enum Phase {
     /// Nothing but (maybe) the start of `<think>` yet.
     Start,
     Thinking,
+    /// Right after `</think>`: the line breaks that separate the answer are dropped (as Qwen3's
+    /// template drops them when the reply goes back into a prompt).
+    AfterThinking,
     Answer,
 }
 
@@ -80,7 +83,7 @@ impl<E> Splitter<E> {
                     let answer = self.held.split_off(at + CLOSE.len());
                     self.held.truncate(at);
                     let thought = std::mem::replace(&mut self.held, answer);
-                    self.phase = Phase::Answer;
+                    self.phase = Phase::AfterThinking;
                     if !thought.is_empty() {
                         out.push((Part::Reasoning, thought, std::mem::take(&mut self.with)));
                     }
@@ -100,6 +103,15 @@ impl<E> Splitter<E> {
                 }
             }
         }
+        if self.phase == Phase::AfterThinking {
+            let answer = self.held.trim_start_matches(['\n', '\r']);
+            if answer.is_empty() {
+                self.held.clear();
+                return out;
+            }
+            self.held = answer.to_string();
+            self.phase = Phase::Answer;
+        }
         if !self.held.is_empty() || !self.with.is_empty() {
             let text = std::mem::take(&mut self.held);
             out.push((Part::Content, text, std::mem::take(&mut self.with)));
@@ -111,7 +123,9 @@ impl<E> Splitter<E> {
     pub fn finish(&mut self) -> Vec<(Part, String, Vec<E>)> {
         let part = match (self.phase, self.parser) {
             (Phase::Thinking, _) | (Phase::Start, Parser::DeepSeekR1) => Part::Reasoning,
-            (Phase::Answer, _) | (Phase::Start, Parser::Qwen3) => Part::Content,
+            (Phase::AfterThinking | Phase::Answer, _) | (Phase::Start, Parser::Qwen3) => {
+                Part::Content
+            }
         };
         if self.held.is_empty() && self.with.is_empty() {
             return Vec::new();
@@ -148,14 +162,11 @@ mod tests {
         let q = Parser::Qwen3;
         assert_eq!(
             split(q, "<think>\nsum them\n</think>\n\nIt is 4."),
-            (Some("\nsum them\n".into()), "\n\nIt is 4.".into())
+            (Some("\nsum them\n".into()), "It is 4.".into())
         );
         // Thinking switched off: no tag, all answer; an empty block leaves its blank lines.
         assert_eq!(split(q, "It is 4."), (None, "It is 4.".into()));
-        assert_eq!(
-            split(q, "<think>\n\n</think>\n\nIt is 4.").1,
-            "\n\nIt is 4."
-        );
+        assert_eq!(split(q, "<think>\n\n</think>\n\nIt is 4.").1, "It is 4.");
         // Cut off while thinking: all of it is thinking.
         assert_eq!(
             split(q, "<think>let me"),
@@ -187,6 +198,8 @@ mod tests {
                 "<think>never closed </thi",
                 "<th",
                 "x</think>",
+                "<think>a</think>\n\n\n",
+                "<think>a</think>\n \nb",
             ] {
                 let whole = split(parser, text);
                 for step in 1..=4 {
