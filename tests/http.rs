@@ -2869,6 +2869,25 @@ fn reasoning_is_apart_from_the_answer() {
     assert_eq!(c[0]["type"], "thinking", "{c}");
     assert_eq!(c[0]["thinking"], thought);
     assert_eq!(c[1], json!({"type": "text", "text": answer}));
+    // OpenAI's Responses API: a reasoning item, then the message.
+    let r = s.post_json(
+        "/v1/responses",
+        &json!({"input": "think first", "max_output_tokens": 64, "temperature": 0,
+                "guided_regex": thinking}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = &r.json()["output"];
+    assert_eq!(out[0]["type"], "reasoning", "{out}");
+    assert_eq!(out[1]["type"], "message", "{out}");
+    let (t, a) = (&out[0]["content"][0]["text"], &out[1]["content"][0]["text"]);
+    assert!(
+        t.as_str().unwrap().chars().all(|c| c.is_ascii_lowercase()),
+        "{out}"
+    );
+    assert!(
+        a.as_str().unwrap().chars().all(|c| c.is_ascii_lowercase()),
+        "{out}"
+    );
 
     // No block: all content, and reasoning_content is null.
     let v = s

@@ -683,13 +683,16 @@ async fn create_response(
     let (events, _) = start(app, &served, &parsed, arrived)
         .await
         .map_err(responses::rename_param)?;
-    let meta = responses::Meta::new(
-        format!("resp_{}", new_id(app)),
-        unix_now(),
-        app.opts.model_id.clone(),
-        &t,
-        parsed.tools.is_some(),
-    );
+    let meta = responses::Meta {
+        reasoning: app.opts.reasoning,
+        ..responses::Meta::new(
+            format!("resp_{}", new_id(app)),
+            unix_now(),
+            app.opts.model_id.clone(),
+            &t,
+            parsed.tools.is_some(),
+        )
+    };
     if t.stream {
         let stream = ResponseEvents {
             app: app.clone(),

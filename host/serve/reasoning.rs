@@ -84,7 +84,8 @@ impl<E> Splitter<E> {
                     self.held.truncate(at);
                     let thought = std::mem::replace(&mut self.held, answer);
                     self.phase = Phase::AfterThinking;
-                    if !thought.is_empty() {
+                    // The tags' tokens go with the thinking, even when it is empty.
+                    if !thought.is_empty() || !self.with.is_empty() {
                         out.push((Part::Reasoning, thought, std::mem::take(&mut self.with)));
                     }
                 }
@@ -106,7 +107,15 @@ impl<E> Splitter<E> {
         if self.phase == Phase::AfterThinking {
             let answer = self.held.trim_start_matches(['\n', '\r']);
             if answer.is_empty() {
+                // The dropped line breaks' tokens stay with the thinking.
                 self.held.clear();
+                if !self.with.is_empty() {
+                    out.push((
+                        Part::Reasoning,
+                        String::new(),
+                        std::mem::take(&mut self.with),
+                    ));
+                }
                 return out;
             }
             self.held = answer.to_string();
@@ -146,6 +155,7 @@ pub fn split(parser: Parser, text: &str) -> (Option<String>, String) {
     let (mut thought, mut answer) = (None::<String>, String::new());
     for (part, text, _) in pieces {
         match part {
+            Part::Reasoning if text.is_empty() => {}
             Part::Reasoning => thought.get_or_insert_with(String::new).push_str(&text),
             Part::Content => answer.push_str(&text),
         }
@@ -217,6 +227,7 @@ mod tests {
                         assert!(!t.contains(OPEN) || part == Part::Content, "{t:?}");
                         seen.extend(with);
                         match part {
+                            Part::Reasoning if t.is_empty() => {}
                             Part::Reasoning => thought.get_or_insert_with(String::new).push_str(&t),
                             Part::Content => answer.push_str(&t),
                         }

@@ -19,6 +19,7 @@ use super::api::{object, str_of as string, type_name};
 use super::error::ApiError;
 use super::generate::Outcome;
 use super::logprobs::{self, TokenEntry};
+use super::reasoning::{self, Part, Splitter};
 use super::tools;
 
 /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`; the oldest goes
@@ -565,6 +566,8 @@ pub struct Meta {
     pub model: String,
     pub echo: Map<String, Value>,
     pub tools: bool,
+    /// A reasoning model's `<think>` block becomes a reasoning item before the message.
+    pub reasoning: Option<reasoning::Parser>,
 }
 
 impl Meta {
@@ -577,6 +580,7 @@ impl Meta {
             model,
             echo: t.echo.clone(),
             tools,
+            reasoning: None,
         }
     }
 
@@ -619,11 +623,24 @@ impl Meta {
     /// then its function calls. The message carries the tokens' logprobs when it is the whole
     /// reply (not the text before calls).
     fn items(&self, text: &str, entries: &[TokenEntry]) -> (Vec<Value>, Option<Value>) {
-        let (content, calls, lp) = match self.tools.then(|| tools::parse(text)).flatten() {
-            Some((content, calls)) => (content, calls, json!([])),
-            None => (Some(text.to_string()), Vec::new(), logprob_list(entries)),
-        };
         let mut items = Vec::new();
+        let (text, entries) = match self.reasoning {
+            Some(p) => {
+                let (thought, answer) = reasoning::split(p, text);
+                if let Some(t) = thought {
+                    items.push(reasoning_item(&self.reasoning_id(), &t, "completed"));
+                }
+                // The answer is the text's tail: its tokens are those from where it starts.
+                let start = text.chars().count() - answer.chars().count();
+                let at = entries.partition_point(|e| e.offset < start);
+                (answer, &entries[at..])
+            }
+            None => (text.to_string(), entries),
+        };
+        let (content, calls, lp) = match self.tools.then(|| tools::parse(&text)).flatten() {
+            Some((content, calls)) => (content, calls, json!([])),
+            None => (Some(text), Vec::new(), logprob_list(entries)),
+        };
         let mut chat = json!({"role": "assistant", "content": content.clone().unwrap_or_default()});
         if let Some(c) = content.filter(|c| !c.is_empty() || calls.is_empty()) {
             items.push(message_item(&self.message_id(), &c, "completed", &lp));
@@ -635,6 +652,10 @@ impl Meta {
             chat["tool_calls"] = Value::Array(calls);
         }
         (items, Some(chat))
+    }
+
+    fn reasoning_id(&self) -> String {
+        format!("rs_{}", self.id.trim_start_matches("resp_"))
     }
 
     fn message_id(&self) -> String {
@@ -681,6 +702,21 @@ fn message_item(id: &str, text: &str, status: &str, logprobs: &Value) -> Value {
     })
 }
 
+/// The thinking as a reasoning item (its text as `reasoning_text` content, no summary).
+fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+    json!({
+        "type": "reasoning",
+        "id": id,
+        "status": status,
+        "summary": [],
+        "content": if status == "completed" { json!([reasoning_part(text)]) } else { json!([]) },
+    })
+}
+
+fn reasoning_part(text: &str) -> Value {
+    json!({"type": "reasoning_text", "text": text})
+}
+
 fn text_part(text: &str, logprobs: &Value) -> Value {
     json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
 }
@@ -716,17 +752,100 @@ pub struct Stream {
     /// The message's tokens' logprobs so far (when asked for).
     logprobs: Vec<Value>,
     held: tools::Holder<TokenEntry>,
+    split: Option<Splitter<TokenEntry>>,
+    /// The reasoning item's text so far; `None`: no thinking yet.
+    thought: Option<String>,
+    /// Finished items that come before the message (the reasoning item).
+    before: Vec<Value>,
 }
 
 impl Stream {
     pub fn new(meta: Meta) -> Stream {
         Stream {
+            split: meta.reasoning.map(Splitter::new),
             meta,
             seq: 0,
             open: false,
             text: String::new(),
             logprobs: Vec::new(),
             held: tools::Holder::default(),
+            thought: None,
+            before: Vec::new(),
+        }
+    }
+
+    /// The message's output index: after the reasoning item, when there is one.
+    fn message_index(&self) -> usize {
+        usize::from(self.thought.is_some())
+    }
+
+    /// Thinking for the reasoning item, opening it first.
+    fn reasoning_delta(&mut self, out: &mut Vec<Value>, delta: &str) {
+        if delta.is_empty() || !self.before.is_empty() {
+            return;
+        }
+        let id = self.meta.reasoning_id();
+        if self.thought.is_none() {
+            self.thought = Some(String::new());
+            out.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": reasoning_item(&id, "", "in_progress")}),
+            ));
+            out.push(self.event(
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                       "part": reasoning_part("")}),
+            ));
+        }
+        if let Some(t) = &mut self.thought {
+            t.push_str(delta);
+        }
+        out.push(self.event(
+            "response.reasoning_text.delta",
+            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": delta}),
+        ));
+    }
+
+    /// Closes the reasoning item, when one is open (the answer follows it).
+    fn end_reasoning(&mut self, out: &mut Vec<Value>) {
+        let Some(text) = self.thought.clone().filter(|_| self.before.is_empty()) else {
+            return;
+        };
+        let id = self.meta.reasoning_id();
+        out.push(self.event(
+            "response.reasoning_text.done",
+            json!({"item_id": id, "output_index": 0, "content_index": 0, "text": text}),
+        ));
+        out.push(self.event(
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": 0, "content_index": 0,
+                   "part": reasoning_part(&text)}),
+        ));
+        let item = reasoning_item(&id, &text, "completed");
+        out.push(self.event(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item}),
+        ));
+        self.before.push(item);
+    }
+
+    /// Labelled pieces of the reply: thinking to the reasoning item, the answer (held back
+    /// while it may be a function call) to the message.
+    fn pieces(&mut self, out: &mut Vec<Value>, pieces: Vec<(Part, String, Vec<TokenEntry>)>) {
+        for (part, t, entries) in pieces {
+            match part {
+                Part::Reasoning => self.reasoning_delta(out, &t),
+                Part::Content => {
+                    let send = if self.meta.tools {
+                        self.held.push(&t, entries)
+                    } else {
+                        Some((t, entries))
+                    };
+                    if let Some((t, e)) = send {
+                        self.text_delta(out, &t, &e);
+                    }
+                }
+            }
         }
     }
 
@@ -761,25 +880,28 @@ impl Stream {
             self.open_message(out);
         }
         self.text.push_str(delta);
+        let index = self.message_index();
         out.push(self.event(
             "response.output_text.delta",
-            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+            json!({"item_id": item_id, "output_index": index, "content_index": 0,
                    "delta": delta, "logprobs": lp}),
         ));
     }
 
     /// `response.output_item.added` and `response.content_part.added` of the message.
     fn open_message(&mut self, out: &mut Vec<Value>) {
+        self.end_reasoning(out);
         let item_id = self.meta.message_id();
+        let index = self.message_index();
         self.open = true;
         let item = message_item(&item_id, "", "in_progress", &json!([]));
         out.push(self.event(
             "response.output_item.added",
-            json!({"output_index": 0, "item": item}),
+            json!({"output_index": index, "item": item}),
         ));
         out.push(self.event(
             "response.content_part.added",
-            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+            json!({"item_id": item_id, "output_index": index, "content_index": 0,
                    "part": text_part("", &json!([]))}),
         ));
     }
@@ -787,14 +909,11 @@ impl Stream {
     /// New text of the reply (held back while it may be a function call).
     pub fn delta(&mut self, d: &str, entries: Vec<TokenEntry>) -> Vec<Value> {
         let mut out = Vec::new();
-        let send = if self.meta.tools {
-            self.held.push(d, entries)
-        } else {
-            Some((d.to_string(), entries))
+        let pieces = match &mut self.split {
+            Some(s) => s.push(d, entries),
+            None => vec![(Part::Content, d.to_string(), entries)],
         };
-        if let Some((t, e)) = send {
-            self.text_delta(&mut out, &t, &e);
-        }
+        self.pieces(&mut out, pieces);
         out
     }
 
@@ -803,6 +922,9 @@ impl Stream {
     /// events, the whole response and the reply as a chat message.
     pub fn done(&mut self, outcome: &Outcome) -> (Vec<Value>, Value, Value) {
         let mut out = Vec::new();
+        if let Some(rest) = self.split.as_mut().map(|s| s.finish()) {
+            self.pieces(&mut out, rest);
+        }
         let (held, entries) = self.held.finish();
         let calls = match self.meta.tools.then(|| tools::parse(&held)).flatten() {
             // The held tokens were the calls: their logprobs go with no text.
@@ -815,29 +937,31 @@ impl Stream {
                 Vec::new()
             }
         };
+        self.end_reasoning(&mut out);
         // A reply with neither text nor calls is one empty message, as when not streamed.
         if !self.open && calls.is_empty() {
             self.open_message(&mut out);
         }
-        let mut items = Vec::new();
+        let mut items = std::mem::take(&mut self.before);
         if self.open {
             let item_id = self.meta.message_id();
+            let index = self.message_index();
             let text = self.text.clone();
             let lp = Value::Array(std::mem::take(&mut self.logprobs));
             out.push(self.event(
                 "response.output_text.done",
-                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                json!({"item_id": item_id, "output_index": index, "content_index": 0,
                        "text": text, "logprobs": lp}),
             ));
             out.push(self.event(
                 "response.content_part.done",
-                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                json!({"item_id": item_id, "output_index": index, "content_index": 0,
                        "part": text_part(&text, &lp)}),
             ));
             let item = message_item(&item_id, &text, "completed", &lp);
             out.push(self.event(
                 "response.output_item.done",
-                json!({"output_index": 0, "item": item}),
+                json!({"output_index": index, "item": item}),
             ));
             items.push(item);
         }
@@ -1266,6 +1390,80 @@ mod tests {
         let (end, r, _) = s.done(&outcome("length"));
         assert_eq!(end.last().unwrap()["type"], "response.incomplete");
         assert_eq!(r["status"], "incomplete");
+    }
+
+    /// With a reasoning parser, a `<think>` block is a reasoning item before the message, whole
+    /// or streamed (the same items, the message's logprobs only the answer's tokens).
+    #[test]
+    fn thinking_is_a_reasoning_item() {
+        let meta = Meta {
+            reasoning: Some(reasoning::Parser::Qwen3),
+            ..meta(false)
+        };
+        let tokens = ["<think>", "plan", " it", "</think>", "\n\n", "Hel", "lo"];
+        let mut offset = 0;
+        let entries: Vec<TokenEntry> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let e = TokenEntry {
+                    bytes: t.as_bytes().to_vec(),
+                    logprob: Some(-0.1 * i as f64),
+                    top: Vec::new(),
+                    offset,
+                };
+                offset += t.chars().count();
+                e
+            })
+            .collect();
+        let o = outcome("stop");
+        let (whole, chat) = meta.full(&tokens.concat(), &entries, &o);
+        let out = whole["output"].as_array().unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0]["type"], "reasoning");
+        assert_eq!(out[0]["content"][0]["text"], "plan it");
+        assert_eq!(out[1]["content"][0]["text"], "Hello");
+        let lp: Vec<&str> = out[1]["content"][0]["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(lp, ["Hel", "lo"]);
+        assert_eq!(chat["content"], "Hello");
+
+        let mut s = Stream::new(meta.clone());
+        let mut events = s.start();
+        for (t, e) in tokens.iter().zip(entries) {
+            events.extend(s.delta(t, vec![e]));
+        }
+        let (end, response, _) = s.done(&o);
+        events.extend(end);
+        assert_eq!(response["output"], whole["output"]);
+        // Fold the events as a client does: items by output index, text by delta.
+        let mut items: Vec<Value> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        for e in &events {
+            let i = e["output_index"].as_u64().unwrap_or(0) as usize;
+            match e["type"].as_str().unwrap() {
+                "response.output_item.added" => {
+                    assert_eq!(i, items.len());
+                    items.push(e["item"].clone());
+                    texts.push(String::new());
+                }
+                "response.reasoning_text.delta" | "response.output_text.delta" => {
+                    texts[i].push_str(e["delta"].as_str().unwrap())
+                }
+                "response.output_item.done" => items[i] = e["item"].clone(),
+                _ => {}
+            }
+        }
+        assert_eq!(Value::Array(items), whole["output"]);
+        assert_eq!(texts, ["plan it", "Hello"]);
+        // Without thinking, the message is the only item, as before.
+        let (plain, _) = meta.full("Hello", &[], &o);
+        assert_eq!(plain["output"].as_array().unwrap().len(), 1);
+        assert_eq!(plain["output"][0]["type"], "message");
     }
 
     #[test]
