@@ -2869,6 +2869,26 @@ fn reasoning_is_apart_from_the_answer() {
     assert_eq!(c[0]["type"], "thinking", "{c}");
     assert_eq!(c[0]["thinking"], thought);
     assert_eq!(c[1], json!({"type": "text", "text": answer}));
+    // Anthropic's `thinking` switch reaches the template as Qwen3's `enable_thinking` (the tiny
+    // template then closes an empty block in the prompt).
+    let count = |thinking: Value| {
+        s.post_json(
+            "/v1/messages/count_tokens",
+            &json!({"messages": messages, "thinking": thinking}),
+        )
+        .json()["input_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let block = s
+        .post_json("/tokenize", &json!({"prompt": "<think>\n\n</think>\n\n"}))
+        .json()["count"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        count(json!({"type": "disabled"})),
+        count(json!({"type": "enabled", "budget_tokens": 1024})) + block
+    );
     // OpenAI's Responses API: a reasoning item, then the message.
     let r = s.post_json(
         "/v1/responses",

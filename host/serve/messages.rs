@@ -156,19 +156,27 @@ pub fn translate(body: &Map<String, Value>) -> Result<Translated, ApiError> {
                     object(k, v)?;
                 }
             }
-            // A model without extended thinking has nothing to apply these to; clients that
-            // always send them still get their answer.
+            // Thinking on or off: the template's `enable_thinking` (Qwen3's switch); templates
+            // without one ignore it, and "auto" leaves the model's default.
             "thinking" => {
                 if !v.is_null() {
                     let o = object(k, v)?;
-                    match o.get("type").and_then(Value::as_str) {
-                        Some("enabled" | "disabled" | "auto") => {}
+                    let on = match o.get("type").and_then(Value::as_str) {
+                        Some("enabled") => Some(true),
+                        Some("disabled") => Some(false),
+                        Some("auto") => None,
                         _ => {
                             return Err(invalid(
                                 "thinking.type",
                                 "thinking.type must be \"enabled\" or \"disabled\"",
                             ));
                         }
+                    };
+                    if let Some(on) = on {
+                        chat.insert(
+                            "chat_template_kwargs".into(),
+                            json!({"enable_thinking": on}),
+                        );
                     }
                 }
             }
@@ -876,6 +884,8 @@ mod tests {
         );
         assert_eq!(c["tools"][0]["function"]["description"], "the time");
         assert!(c.get("metadata").is_none() && c.get("thinking").is_none());
+        // Thinking switched off reaches the template as Qwen3's switch.
+        assert_eq!(c["chat_template_kwargs"], json!({"enable_thinking": false}));
         let m = c["messages"].as_array().unwrap();
         assert_eq!(m.len(), 5);
         assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
