@@ -653,13 +653,8 @@ fn bad_files_give_clear_errors() {
         "{e}"
     );
 
-    // unknown architecture: same length string so offsets stay valid
-    let arch = dir.path().join("arch.gguf");
-    let pos = find(&bytes, b"qwen2").expect("arch string in file");
-    let mut b = bytes.clone();
-    b[pos..pos + 5].copy_from_slice(b"mamba");
-    std::fs::write(&arch, &b).unwrap();
-    let e = expect_err(Model::load_gguf(&arch, &Device::Cpu));
+    // unknown architecture
+    let e = patched_error(dir.path(), "arch.gguf", &bytes, b"qwen2", b"mamba");
     assert!(
         e.contains("arch.gguf") && e.contains("unknown architecture") && e.contains("mamba"),
         "{e}"
@@ -694,11 +689,8 @@ fn bad_files_give_clear_errors() {
     };
     let rope = dir.path().join("rope.gguf");
     write_tiny_gguf(&rope, &yarn).unwrap();
-    let mut b = std::fs::read(&rope).unwrap();
-    let pos = find(&b, b"yarn").expect("scaling type in the file");
-    b[pos..pos + 4].copy_from_slice(b"xpos");
-    std::fs::write(&rope, &b).unwrap();
-    let e = expect_err(Model::load_gguf(&rope, &Device::Cpu));
+    let b = std::fs::read(&rope).unwrap();
+    let e = patched_error(dir.path(), "rope.gguf", &b, b"yarn", b"xpos");
     assert!(
         e.contains("rope.gguf") && e.contains("qwen2.rope.scaling.type") && e.contains("\"xpos\""),
         "{e}"
@@ -745,6 +737,18 @@ fn bad_files_give_clear_errors() {
     // safetensors directory without config.json
     let e = expect_err(Model::load_safetensors(dir.path(), &Device::Cpu));
     assert!(e.contains("config.json"), "{e}");
+}
+
+/// The error of loading `bytes` written as `dir/name` with `from` replaced by `to` (the same
+/// length, so the header's offsets stay valid).
+fn patched_error(dir: &Path, name: &str, bytes: &[u8], from: &[u8], to: &[u8]) -> String {
+    assert_eq!(from.len(), to.len());
+    let pos = find(bytes, from).expect("the string to patch is in the file");
+    let mut b = bytes.to_vec();
+    b[pos..pos + from.len()].copy_from_slice(to);
+    let path = dir.join(name);
+    std::fs::write(&path, &b).unwrap();
+    expect_err(Model::load_gguf(&path, &Device::Cpu))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
