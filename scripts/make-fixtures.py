@@ -215,6 +215,10 @@ def greedy_fixture():
 # the fixture keeps at every position; the last position keeps its whole row.
 PEER_TOKENS = [(i * 37 + 11) % 300 for i in range(48)]
 PEER_PROBES = list(range(0, 300, 19))
+# Strings each tiny model's tokenizer turns into ids (special tokens parsed and not).
+PEER_TEXTS = ["", " ", "the", "hello world", "  two leading spaces", "The Quick Fox",
+              "in the end, it is", "<s>inside</s> the text", "tabs\tand\nnew lines",
+              "h\u00e9llo \u2713", "x  y   z", "thethethe", "<|im_start|>user\nhi<|im_end|>"]
 
 
 def peer_fixture():
@@ -242,6 +246,11 @@ def peer_fixture():
                 "probes": [[round(float(r[i]), 5) for i in PEER_PROBES] for r in scores],
                 "argmax": [int(r.argmax()) for r in scores],
                 "last": [round(float(x), 5) for x in scores[-1]],
+                "tokenized": [
+                    {"text": t, "special": sp,
+                     "ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=sp)}
+                    for t in PEER_TEXTS for sp in (False, True)
+                ],
             }
             del llm
     return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models}

@@ -450,6 +450,15 @@ struct PeerRun {
     probes: Vec<Vec<f32>>,
     argmax: Vec<usize>,
     last: Vec<f32>,
+    /// llama.cpp's ids for strings, special tokens parsed or not (no BOS).
+    tokenized: Vec<PeerTokens>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeerTokens {
+    text: String,
+    special: bool,
+    ids: Vec<u32>,
 }
 
 /// Each architecture and rotary variant computes what llama.cpp computes on the same file: the
@@ -483,6 +492,29 @@ fn tiny_models_match_llama_cpp() {
             "{name}: the tiny model's bytes changed; rerun scripts/make-fixtures.py peer"
         );
         let model = Model::load_gguf(&path, &Device::Cpu).unwrap();
+        // The tokenizer (byte-level BPE, or SentencePiece for llama-spm) gives llama.cpp's ids.
+        let tok = verdict::models::tokenizer::Tokenizer::from_gguf(model.gguf_metadata().unwrap())
+            .unwrap();
+        for t in &run.tokenized {
+            let ids = tok.encode(&t.text, t.special).unwrap();
+            assert_eq!(ids, t.ids, "{name}: {:?} (special {})", t.text, t.special);
+            if !t.special {
+                // Decoding gives the text back, after SentencePiece's leading space.
+                let back = tok.decode(&ids, false).unwrap();
+                let back = match spec.spm {
+                    true => back.strip_prefix(' ').unwrap_or(&back).to_string(),
+                    false => back,
+                };
+                assert_eq!(back, t.text, "{name}: {ids:?}");
+                // In the middle of a sequence, no space goes in front.
+                let cont = tok.encode_continuation(&t.text).unwrap();
+                assert_eq!(
+                    tok.decode(&cont, false).unwrap(),
+                    t.text,
+                    "{name}: {cont:?}"
+                );
+            }
+        }
         let out = rows(
             &model
                 .session()

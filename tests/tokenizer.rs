@@ -299,9 +299,23 @@ fn malformed_metadata_gives_clear_errors() {
 
     let mut c = tiny();
     c.metadata
-        .insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+        .insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
     let e = err_of(c);
-    assert!(e.contains("\"llama\"") && e.contains("gpt2"), "{e}");
+    assert!(
+        e.contains("\"bert\"") && e.contains("gpt2") && e.contains("llama"),
+        "{e}"
+    );
+
+    // SentencePiece: a score per token.
+    let mut c = tiny();
+    c.metadata
+        .insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+    c.metadata.insert(
+        "tokenizer.ggml.scores".into(),
+        Value::Array(vec![Value::F32(0.0)]),
+    );
+    let e = err_of(c);
+    assert!(e.contains("scores has 1 entries"), "{e}");
 
     let mut c = tiny();
     c.metadata.insert(

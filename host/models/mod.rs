@@ -31,6 +31,7 @@ mod requant;
 pub mod rope;
 pub mod safetensors;
 pub mod shard;
+mod spm;
 pub mod synth;
 pub mod testing;
 pub mod tokenizer;

@@ -42,6 +42,10 @@ pub struct TinySpec {
     /// a `rope_freqs.weight` tensor of per-pair factors for Llama 3.1's scheme; and as
     /// `rope_scaling` in the safetensors config.
     pub rope_scaling: RopeScaling,
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`, [`tiny_spm_vocab`])
+    /// instead of the byte-level BPE one; `vocab` between [`TinySpec::MIN_SPM_VOCAB`] and
+    /// [`TinySpec::MAX_SPM_VOCAB`].
+    pub spm: bool,
 }
 
 impl Default for TinySpec {
@@ -62,6 +66,7 @@ impl Default for TinySpec {
             rope_theta: 10_000.0,
             rms_eps: 1e-6,
             rope_scaling: RopeScaling::None,
+            spm: false,
         }
     }
 }
@@ -93,6 +98,8 @@ const BASE_MERGES: [(&str, &str); 12] = [
 impl TinySpec {
     pub const MIN_VOCAB: usize = 256 + BASE_MERGES.len() + SPECIALS.len();
     pub const MAX_VOCAB: usize = Self::MIN_VOCAB + 26 * 26 - 4;
+    pub const MIN_SPM_VOCAB: usize = 3 + 256 + 27;
+    pub const MAX_SPM_VOCAB: usize = Self::MIN_SPM_VOCAB + SPM_PIECES.len();
 
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
@@ -100,13 +107,12 @@ impl TinySpec {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Invalid(format!("TinySpec: {m}")));
-        if !(Self::MIN_VOCAB..=Self::MAX_VOCAB).contains(&self.vocab) {
-            return bad(format!(
-                "vocab {} outside {}..={}",
-                self.vocab,
-                Self::MIN_VOCAB,
-                Self::MAX_VOCAB
-            ));
+        let (lo, hi) = match self.spm {
+            true => (Self::MIN_SPM_VOCAB, Self::MAX_SPM_VOCAB),
+            false => (Self::MIN_VOCAB, Self::MAX_VOCAB),
+        };
+        if !(lo..=hi).contains(&self.vocab) {
+            return bad(format!("vocab {} outside {lo}..={hi}", self.vocab));
         }
         if self.heads == 0 || self.kv_heads == 0 || self.layers == 0 {
             return bad("heads, kv_heads and layers must be positive".into());
@@ -185,6 +191,36 @@ pub fn tiny_vocab(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
         types.push(3);
     }
     (tokens, types, merges)
+}
+
+/// The tiny SentencePiece vocabulary's pieces after `▁` and the letters, best first.
+const SPM_PIECES: [&str; 40] = [
+    "he", "▁t", "th", "▁the", "in", "▁a", "er", "on", "▁th", "re", "an", "▁s", "nd", "▁w", "at",
+    "ou", "ll", "▁o", "▁b", "en", "ed", "▁c", "▁f", "es", "or", "▁m", "ing", "▁p", "ar", "▁in",
+    "▁he", "is", "▁is", "it", "▁it", "le", "▁l", "ro", "ve", "▁d",
+];
+
+/// A SentencePiece vocabulary as llama.cpp's converter writes one: `<unk>`, `<s>`, `</s>`,
+/// the 256 byte tokens `<0xXX>`, `▁`, the letters, then [`SPM_PIECES`], scored best first.
+/// Returns tokens, token types and scores.
+pub fn tiny_spm_vocab(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<f32>) {
+    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    let mut types = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let normal = std::iter::once("▁".to_string())
+        .chain(('a'..='z').map(String::from))
+        .chain(SPM_PIECES.iter().map(|p| p.to_string()));
+    for t in normal.take(vocab.saturating_sub(tokens.len())) {
+        tokens.push(t);
+        types.push(1);
+    }
+    let scores = (0..tokens.len())
+        .map(|i| if types[i] == 1 { -(i as f32) } else { 0.0 })
+        .collect();
+    (tokens, types, scores)
 }
 
 /// Random f32 weights in Hugging Face layout, keyed by GGUF tensor name.
@@ -366,24 +402,45 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             ));
         }
     }
-    meta.extend([
-        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), V::String("qwen2".into())),
-        ("tokenizer.ggml.tokens".into(), strs(&tokens)),
-        (
-            "tokenizer.ggml.token_type".into(),
-            V::Array(types.iter().map(|&t| V::I32(t)).collect()),
-        ),
-        ("tokenizer.ggml.merges".into(), strs(&merges)),
-        ("tokenizer.ggml.bos_token_id".into(), V::U32(eot)),
-        ("tokenizer.ggml.eos_token_id".into(), V::U32(im_end)),
-        ("tokenizer.ggml.padding_token_id".into(), V::U32(eot)),
-        ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            V::String(CHATML_TEMPLATE.into()),
-        ),
-    ]);
+    if spec.spm {
+        let (tokens, types, scores) = tiny_spm_vocab(spec.vocab);
+        meta.extend([
+            ("tokenizer.ggml.model".into(), V::String("llama".into())),
+            ("tokenizer.ggml.tokens".into(), strs(&tokens)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                V::Array(types.iter().map(|&t| V::I32(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores".into(),
+                V::Array(scores.iter().map(|&x| V::F32(x)).collect()),
+            ),
+            ("tokenizer.ggml.unknown_token_id".into(), V::U32(0)),
+            ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+            ("tokenizer.ggml.add_bos_token".into(), V::Bool(true)),
+            ("tokenizer.ggml.add_space_prefix".into(), V::Bool(true)),
+        ]);
+    } else {
+        meta.extend([
+            ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), V::String("qwen2".into())),
+            ("tokenizer.ggml.tokens".into(), strs(&tokens)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                V::Array(types.iter().map(|&t| V::I32(t)).collect()),
+            ),
+            ("tokenizer.ggml.merges".into(), strs(&merges)),
+            ("tokenizer.ggml.bos_token_id".into(), V::U32(eot)),
+            ("tokenizer.ggml.eos_token_id".into(), V::U32(im_end)),
+            ("tokenizer.ggml.padding_token_id".into(), V::U32(eot)),
+            ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
+        ]);
+    }
+    meta.push((
+        "tokenizer.chat_template".into(),
+        V::String(CHATML_TEMPLATE.into()),
+    ));
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in tiny_weights(spec)? {
         let t = if spec.arch == Arch::Llama && name.ends_with("attn_q.weight") {
@@ -551,6 +608,16 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             TinySpec {
                 arch: Arch::Llama,
                 rope_scaling: RopeScaling::Linear { factor: 4.0 },
+                ..base.clone()
+            },
+        ),
+        // A SentencePiece vocabulary (Llama 2, Mistral 7B): the fixture keeps llama.cpp's ids
+        // for a set of strings too.
+        (
+            "llama-spm",
+            TinySpec {
+                arch: Arch::Llama,
+                spm: true,
                 ..base.clone()
             },
         ),

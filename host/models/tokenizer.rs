@@ -15,6 +15,8 @@ use std::fmt;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::quantized::gguf_file::{Content, Value};
 use sha2::{Digest, Sha256};
+
+use super::spm::{self, Spm};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -58,10 +60,14 @@ impl TokenKind {
     }
 }
 
-/// A byte-level BPE tokenizer read from GGUF metadata.
+/// A tokenizer read from GGUF metadata: byte-level BPE (`gpt2`: Qwen, Llama 3, SmolLM2) or
+/// SentencePiece-style (`llama`: Llama 2, Mistral 7B; see `spm`).
 #[derive(Clone)]
 pub struct Tokenizer {
-    hf: tokenizers::Tokenizer,
+    engine: Engine,
+    /// Each token's text as stored, and the first id of each text.
+    texts: Vec<String>,
+    ids: HashMap<String, u32>,
     /// The bytes each id stands for: byte-level decoded for normal tokens, the raw text of
     /// special ones. Decoding is concatenation, so streaming needs no tokenizer state.
     pieces: Vec<Box<[u8]>>,
@@ -224,11 +230,11 @@ impl Tokenizer {
         let model = meta_str(content, "tokenizer.ggml.model")?
             .context("GGUF metadata has no tokenizer.ggml.model: the file carries no tokenizer")?;
         ensure!(
-            model == "gpt2",
-            "unsupported tokenizer.ggml.model {model:?}: only \"gpt2\" (byte-level BPE) is supported"
+            matches!(model, "gpt2" | "llama"),
+            "unsupported tokenizer.ggml.model {model:?}: verdict reads \"gpt2\" (byte-level BPE) \
+             and \"llama\" (SentencePiece)"
         );
         let pre = meta_str(content, "tokenizer.ggml.pre")?.unwrap_or("default");
-        let (regexes, ignore_merges) = pre_tokenizer_for(pre)?;
 
         let tokens = meta_strings(content, "tokenizer.ggml.tokens")?
             .context("GGUF metadata has no tokenizer.ggml.tokens")?;
@@ -260,18 +266,6 @@ impl Tokenizer {
                     .collect::<Result<_>>()?
             }
         };
-        let merges_raw = meta_strings(content, "tokenizer.ggml.merges")?
-            .context("GGUF metadata has no tokenizer.ggml.merges (required for BPE)")?;
-        let merges = merges_raw
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                // Byte-level tokens never contain a space (it is 'Ġ'), so one space separates.
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .with_context(|| format!("tokenizer.ggml.merges[{i}] = {m:?} has no space"))
-            })
-            .collect::<Result<Vec<_>>>()?;
 
         let n = tokens.len() as u32;
         let check_id = |key: &str| -> Result<Option<u32>> {
@@ -288,76 +282,147 @@ impl Tokenizer {
         let eos = check_id("tokenizer.ggml.eos_token_id")?;
         let eot = check_id("tokenizer.ggml.eot_token_id")?;
         let eom = check_id("tokenizer.ggml.eom_token_id")?;
-        let add_bos = match meta(content, "tokenizer.ggml.add_bos_token") {
-            Some(v) => v
-                .to_bool()
-                .map_err(|e| anyhow!("GGUF metadata tokenizer.ggml.add_bos_token: {e}"))?,
-            // llama.cpp's default: llama3-style vocabularies start with BOS, the others do not.
-            None => ignore_merges,
+        let flag = |key: &str| -> Result<Option<bool>> {
+            meta(content, key)
+                .map(|v| v.to_bool().map_err(|e| anyhow!("GGUF metadata {key}: {e}")))
+                .transpose()
         };
 
-        // Byte-level pieces. A normal token whose characters are not all in the byte table was
-        // stored as raw text by its converter; Hugging Face's decoder keeps such text as is.
-        let chars = byte_level_chars();
-        let char_to_byte: HashMap<char, u8> = chars
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        let pieces: Vec<Box<[u8]>> = tokens
-            .iter()
-            .zip(&kinds)
-            .map(|(t, k)| match k {
-                TokenKind::Normal | TokenKind::Byte | TokenKind::Unused => t
-                    .chars()
-                    .map(|c| char_to_byte.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    .unwrap_or_else(|| t.as_bytes().to_vec())
-                    .into_boxed_slice(),
-                _ => t.as_bytes().to_vec().into_boxed_slice(),
-            })
-            .collect();
+        // What decides the ids besides the tokens: the merges (BPE) or the scores (SPM).
+        let mut decisive: Vec<Vec<u8>> = Vec::new();
+        let (engine, pieces, default_bos) = if model == "llama" {
+            let scores: Vec<f32> = match meta(content, "tokenizer.ggml.scores") {
+                None => vec![0.0; tokens.len()],
+                Some(v) => {
+                    let arr = v
+                        .to_vec()
+                        .map_err(|e| anyhow!("GGUF metadata tokenizer.ggml.scores: {e}"))?;
+                    ensure!(
+                        arr.len() == tokens.len(),
+                        "tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {}",
+                        arr.len(),
+                        tokens.len()
+                    );
+                    arr.iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            v.to_f32()
+                                .map_err(|e| anyhow!("tokenizer.ggml.scores[{i}]: {e}"))
+                        })
+                        .collect::<Result<_>>()?
+                }
+            };
+            decisive.extend(scores.iter().map(|x| x.to_le_bytes().to_vec()));
+            let pieces = tokens
+                .iter()
+                .zip(&kinds)
+                .map(|(t, k)| match (k, spm::byte_token(t)) {
+                    (TokenKind::Byte, Some(b)) => vec![b].into_boxed_slice(),
+                    (TokenKind::Normal | TokenKind::UserDefined | TokenKind::Unused, _) => {
+                        spm::piece_bytes(t).into_boxed_slice()
+                    }
+                    _ => t.as_bytes().to_vec().into_boxed_slice(),
+                })
+                .collect();
+            let unk = check_id("tokenizer.ggml.unknown_token_id")?.or_else(|| {
+                kinds
+                    .iter()
+                    .position(|k| *k == TokenKind::Unknown)
+                    .map(|i| i as u32)
+            });
+            let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            decisive.push(vec![u8::from(add_space_prefix)]);
+            let engine = Engine::Spm {
+                spm: Box::new(Spm::new(&tokens, scores, unk)),
+                add_space_prefix,
+            };
+            // llama.cpp's default for SentencePiece vocabularies: BOS first.
+            (engine, pieces, true)
+        } else {
+            let (regexes, ignore_merges) = pre_tokenizer_for(pre)?;
+            let merges_raw = meta_strings(content, "tokenizer.ggml.merges")?
+                .context("GGUF metadata has no tokenizer.ggml.merges (required for BPE)")?;
+            let merges = merges_raw
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    // Byte-level tokens never contain a space (it is 'Ġ'), so one space separates.
+                    m.split_once(' ')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .with_context(|| format!("tokenizer.ggml.merges[{i}] = {m:?} has no space"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            decisive.extend(merges_raw.iter().map(|m| m.as_bytes().to_vec()));
+            // Byte-level pieces. A normal token whose characters are not all in the byte table
+            // was stored as raw text by its converter; Hugging Face's decoder keeps such text.
+            let chars = byte_level_chars();
+            let char_to_byte: HashMap<char, u8> = chars
+                .iter()
+                .enumerate()
+                .map(|(b, &c)| (c, b as u8))
+                .collect();
+            let pieces: Vec<Box<[u8]>> = tokens
+                .iter()
+                .zip(&kinds)
+                .map(|(t, k)| match k {
+                    TokenKind::Normal | TokenKind::Byte | TokenKind::Unused => t
+                        .chars()
+                        .map(|c| char_to_byte.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                        .unwrap_or_else(|| t.as_bytes().to_vec())
+                        .into_boxed_slice(),
+                    _ => t.as_bytes().to_vec().into_boxed_slice(),
+                })
+                .collect();
 
-        let mut vocab = Vocab::default();
+            let mut vocab = Vocab::default();
+            for (id, t) in tokens.iter().enumerate() {
+                // Later duplicates do not steal an earlier id (llama.cpp keeps the first, too).
+                vocab.entry(t.to_string()).or_insert(id as u32);
+            }
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .ignore_merges(ignore_merges)
+                .build()
+                .map_err(|e| anyhow!("building the BPE model from tokenizer.ggml.merges: {e}"))?;
+
+            let mut splits: Vec<PreTokenizerWrapper> = regexes
+                .iter()
+                .map(|r| {
+                    Split::new(
+                        SplitPattern::Regex((*r).to_string()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map(PreTokenizerWrapper::from)
+                    .map_err(|e| anyhow!("compiling the {pre} pre-tokenizer regex {r:?}: {e}"))
+                })
+                .collect::<Result<_>>()?;
+            splits.push(ByteLevel::new(false, false, false).into());
+
+            let mut hf = tokenizers::Tokenizer::new(bpe);
+            hf.with_pre_tokenizer(Some(Sequence::new(splits)));
+            hf.with_decoder(Some(ByteLevelDecoder::default()));
+            // Registered so that `tokenizers` knows them as special; we split them out ourselves
+            // (see `encode`), so its own matching is switched off.
+            let added: Vec<AddedToken> = tokens
+                .iter()
+                .zip(&kinds)
+                .filter(|(_, k)| matches!(k, TokenKind::Control | TokenKind::UserDefined))
+                .map(|(t, k)| {
+                    AddedToken::from(t.to_string(), *k == TokenKind::Control).normalized(false)
+                })
+                .collect();
+            hf.add_special_tokens(&added);
+            hf.set_encode_special_tokens(true);
+            // llama.cpp's default: llama3-style vocabularies start with BOS, the others do not.
+            (Engine::Bpe(Box::new(hf)), pieces, ignore_merges)
+        };
+        let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos);
+        let mut ids = HashMap::with_capacity(tokens.len());
         for (id, t) in tokens.iter().enumerate() {
-            // Later duplicates do not steal an earlier id (llama.cpp keeps the first, too).
-            vocab.entry(t.to_string()).or_insert(id as u32);
+            ids.entry(t.to_string()).or_insert(id as u32);
         }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| anyhow!("building the BPE model from tokenizer.ggml.merges: {e}"))?;
-
-        let mut splits: Vec<PreTokenizerWrapper> = regexes
-            .iter()
-            .map(|r| {
-                Split::new(
-                    SplitPattern::Regex((*r).to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map(PreTokenizerWrapper::from)
-                .map_err(|e| anyhow!("compiling the {pre} pre-tokenizer regex {r:?}: {e}"))
-            })
-            .collect::<Result<_>>()?;
-        splits.push(ByteLevel::new(false, false, false).into());
-
-        let mut hf = tokenizers::Tokenizer::new(bpe);
-        hf.with_pre_tokenizer(Some(Sequence::new(splits)));
-        hf.with_decoder(Some(ByteLevelDecoder::default()));
-        // Registered so that `tokenizers` knows them as special; we split them out ourselves
-        // (see `encode`), so its own matching is switched off.
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&kinds)
-            .filter(|(_, k)| matches!(k, TokenKind::Control | TokenKind::UserDefined))
-            .map(|(t, k)| {
-                AddedToken::from(t.to_string(), *k == TokenKind::Control).normalized(false)
-            })
-            .collect();
-        hf.add_special_tokens(&added);
-        hf.set_encode_special_tokens(true);
 
         let mut specials: Vec<(String, u32, TokenKind)> = tokens
             .iter()
@@ -396,14 +461,16 @@ impl Tokenizer {
             h.update(t.as_bytes());
             h.update([*k as u8]);
         }
-        h.update((merges_raw.len() as u64).to_le_bytes());
-        for m in &merges_raw {
+        h.update((decisive.len() as u64).to_le_bytes());
+        for m in &decisive {
             h.update((m.len() as u64).to_le_bytes());
-            h.update(m.as_bytes());
+            h.update(m);
         }
 
         Ok(Self {
-            hf,
+            engine,
+            texts: tokens.iter().map(|t| t.to_string()).collect(),
+            ids,
             pieces,
             kinds,
             specials,
@@ -420,16 +487,47 @@ impl Tokenizer {
     /// become their ids; without, they are tokenized as plain text. User-defined tokens are
     /// always recognised. No BOS is added (see [`Tokenizer::add_bos`]).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        self.encode_from(text, special, true)
+    }
+
+    /// Ids of text that continues a sequence (a grammar's forced text): as [`Tokenizer::encode`]
+    /// without special tokens, and without the space SentencePiece puts at a text's start.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_from(text, false, false)
+    }
+
+    fn encode_from(&self, text: &str, special: bool, at_start: bool) -> Result<Vec<u32>> {
         let mut out = Vec::new();
+        let mut after_special = at_start;
         for frag in self.partition(text, special) {
-            match frag {
-                Fragment::Token(id) => out.push(id),
-                Fragment::Text(t) => {
-                    let enc = self
-                        .hf
+            match (frag, &self.engine) {
+                (Fragment::Token(id), _) => {
+                    out.push(id);
+                    after_special = true;
+                }
+                (Fragment::Text(t), Engine::Bpe(hf)) => {
+                    let enc = hf
                         .encode_fast(t, false)
                         .map_err(|e| anyhow!("tokenizing {} bytes of text: {e}", t.len()))?;
                     out.extend_from_slice(enc.get_ids());
+                }
+                (
+                    Fragment::Text(t),
+                    Engine::Spm {
+                        spm,
+                        add_space_prefix,
+                    },
+                ) => {
+                    if t.is_empty() {
+                        continue;
+                    }
+                    let mut escaped = String::with_capacity(t.len() + 3);
+                    if *add_space_prefix && after_special {
+                        escaped.push(spm::SPACE);
+                    }
+                    escaped.extend(t.chars().map(|c| if c == ' ' { spm::SPACE } else { c }));
+                    spm.tokenize(&escaped, &mut out);
+                    after_special = false;
                 }
             }
         }
@@ -548,7 +646,7 @@ impl Tokenizer {
 
     /// The text of a token as stored in the vocabulary (byte-level form for normal tokens).
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.hf.id_to_token(id)
+        self.texts.get(id as usize).cloned()
     }
 
     pub fn token_kind(&self, id: u32) -> Option<TokenKind> {
@@ -565,7 +663,7 @@ impl Tokenizer {
 
     /// The id of a token given its vocabulary text (e.g. `"<|im_end|>"`).
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.hf.token_to_id(text)
+        self.ids.get(text).copied()
     }
 
     /// The model's fill-in-the-middle tokens, found by their text (Qwen2.5-Coder's
@@ -645,11 +743,6 @@ impl Tokenizer {
         );
         Ok(())
     }
-
-    /// The underlying Hugging Face tokenizer (its own special-token matching is off).
-    pub fn hf(&self) -> &tokenizers::Tokenizer {
-        &self.hf
-    }
 }
 
 impl PartialEq for Tokenizer {
@@ -659,6 +752,17 @@ impl PartialEq for Tokenizer {
 }
 
 impl Eq for Tokenizer {}
+
+#[derive(Clone)]
+enum Engine {
+    Bpe(Box<tokenizers::Tokenizer>),
+    /// With `add_space_prefix`, a space goes in front of the text and of every piece of text
+    /// that follows a special token (llama.cpp's rule).
+    Spm {
+        spm: Box<Spm>,
+        add_space_prefix: bool,
+    },
+}
 
 enum Fragment<'t> {
     Text(&'t str),

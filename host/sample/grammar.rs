@@ -129,7 +129,7 @@ impl TokenizerEnv for Env {
         match std::str::from_utf8(s) {
             Ok(text) => self
                 .tokenizer
-                .encode(text, false)
+                .encode_continuation(text)
                 .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
             // Part of a character: only the trie can split it.
             Err(_) => self.trie.greedy_tokenize(s),
