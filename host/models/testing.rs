@@ -201,7 +201,7 @@ const SPM_PIECES: [&str; 40] = [
 ];
 
 /// A SentencePiece vocabulary as llama.cpp's converter writes one: `<unk>`, `<s>`, `</s>`,
-/// the 256 byte tokens `<0xXX>`, `▁`, the letters, then [`SPM_PIECES`], scored best first.
+/// the 256 byte tokens `<0xXX>`, `▁`, the letters, then 40 common pieces, scored best first.
 /// Returns tokens, token types and scores.
 pub fn tiny_spm_vocab(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<f32>) {
     let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
