@@ -429,7 +429,7 @@ fn assistant_turn(at: &str, content: &Value) -> Result<Value, ApiError> {
                     "function": {"name": name, "arguments": input.to_string()},
                 }));
             }
-            // This model writes no thinking; clients pass back what they were given.
+            // Past thinking passed back: templates leave it out of the prompt (Qwen3's does).
             "thinking" | "redacted_thinking" => {}
             t => return Err(unsupported_block(&bat, t)),
         }

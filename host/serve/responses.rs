@@ -185,7 +185,8 @@ pub fn translate(
                 chat.insert(k.clone(), v.clone());
                 echo.insert(k.clone(), v.clone());
             }
-            // A model without reasoning has no reasoning settings to apply.
+            // Effort levels have no counterpart here: a reasoning model's thinking is on or off
+            // (`chat_template_kwargs`, e.g. Qwen3's `enable_thinking`).
             "reasoning" => {
                 if !v.is_null() {
                     object(k, v)?;
@@ -498,7 +499,7 @@ fn input_messages(v: &Value) -> Result<Vec<Value>, ApiError> {
                 let output = content_text(&format!("{at}.output"), o.get("output"))?;
                 out.push(json!({"role": "tool", "tool_call_id": id, "content": output}));
             }
-            // A model without reasoning wrote none; clients pass back what they were given.
+            // Past thinking passed back: templates leave it out of the prompt (Qwen3's does).
             "reasoning" => {}
             t => {
                 return Err(invalid(
