@@ -74,10 +74,11 @@ impl Default for TinySpec {
 /// Special tokens of the tiny tokenizer, in id order after the merges.
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-/// ChatML, as Qwen2.5 ships it minus the tool-calling branches, with Qwen3's switch: an empty
-/// thinking block after the generation prompt when the request's `chat_template_kwargs` say
-/// `enable_thinking: false`.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}";
+/// ChatML, as Qwen2.5 ships it minus the tool-calling branches, with a Qwen3-style switch: an
+/// empty thinking block after the generation prompt when the request's `chat_template_kwargs`
+/// say `enable_thinking: false`, an opened one (as newer Qwen templates write) when they say
+/// `true`, and neither when they say nothing.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% elif enable_thinking is defined and enable_thinking %}{{ '<think>\\n' }}{% endif %}{% endif %}";
 
 /// Merges every tiny tokenizer starts with (each uses only tokens that exist before it).
 const BASE_MERGES: [(&str, &str); 12] = [

@@ -638,7 +638,7 @@ async fn completion(
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
-    let ((early, rx), _) = start(app, &served, &parsed, arrived).await?;
+    let ((early, rx), _, open) = start(app, &served, &parsed, arrived).await?;
     let id = format!(
         "{}-{}",
         if endpoint == Endpoint::Chat {
@@ -657,7 +657,9 @@ async fn completion(
         logprobs: parsed.logprobs,
         n: parsed.n,
         tools: parsed.tools.is_some(),
-        reasoning: app.opts.reasoning.filter(|_| endpoint == Endpoint::Chat),
+        reasoning: (app.opts.reasoning)
+            .filter(|_| endpoint == Endpoint::Chat)
+            .map(|p| p.reading(open)),
     };
     if parsed.stream {
         Ok(sse_response(meta, early, rx))
@@ -680,11 +682,11 @@ async fn create_response(
         lock(&app.responses).conversation(id)
     })?;
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
-    let (events, _) = start(app, &served, &parsed, arrived)
+    let (events, _, open) = start(app, &served, &parsed, arrived)
         .await
         .map_err(responses::rename_param)?;
     let meta = responses::Meta {
-        reasoning: app.opts.reasoning,
+        reasoning: app.opts.reasoning.map(|p| p.reading(open)),
         ..responses::Meta::new(
             format!("resp_{}", new_id(app)),
             unix_now(),
@@ -897,14 +899,14 @@ async fn create_message(
     messages::require_max_tokens(&body)?;
     let t = messages::translate(&body)?;
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
-    let (events, prompt_tokens) = start(app, &served, &parsed, arrived)
+    let (events, prompt_tokens, open) = start(app, &served, &parsed, arrived)
         .await
         .map_err(messages::rename_param)?;
     let meta = messages::Meta {
         id: format!("msg_{}", new_id(app)),
         model: app.opts.model_id.clone(),
         tools: parsed.tools.is_some(),
-        reasoning: app.opts.reasoning,
+        reasoning: app.opts.reasoning.map(|p| p.reading(open)),
     };
     if t.stream {
         let stream = MessageEvents {
@@ -960,7 +962,7 @@ async fn start(
     served: &Arc<Served>,
     parsed: &ParsedRequest,
     arrived: Instant,
-) -> Result<(Events, usize), ApiError> {
+) -> Result<(Events, usize, bool), ApiError> {
     check_model(app, parsed)?;
     // Tokenizing and template rendering are CPU work: off the async threads.
     let prepared = {
@@ -982,6 +984,10 @@ async fn start(
         && served.engine.prompt_cache_stats().is_some()
         && prepared.prompt_logprobs.is_none();
     let prompt_tokens = prepared.prompt.len();
+    // The template opened a thinking block for the model (its reply starts inside it).
+    let tail = &prepared.prompt[prompt_tokens.saturating_sub(16)..];
+    let thinking_open = app.opts.reasoning.is_some()
+        && (served.tokenizer.decode(tail, false)).is_ok_and(|t| reasoning::opens_thinking(&t));
     let mut requests: Vec<GenerateRequest> = (1..parsed.n)
         .map(|i| choice_request(&prepared, i))
         .collect();
@@ -1056,7 +1062,7 @@ async fn start(
         }
     }
     drop(all_tx);
-    Ok(((early, rx), prompt_tokens))
+    Ok(((early, rx), prompt_tokens, thinking_open))
 }
 
 /// Every choice's whole text, logprobs and outcome (a request that is not streamed).
@@ -1433,7 +1439,7 @@ struct ResponseMeta {
     /// may be a call until the reply ends, [`tools::Holder`]).
     tools: bool,
     /// Chat replies' thinking goes to `reasoning_content`.
-    reasoning: Option<reasoning::Parser>,
+    reasoning: Option<reasoning::Reading>,
 }
 
 fn usage(o: &Outcome) -> Value {

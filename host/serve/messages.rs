@@ -579,7 +579,7 @@ pub struct Meta {
     /// The reply is read for tool calls (tools offered, `tool_choice` not "none").
     pub tools: bool,
     /// A reasoning model's `<think>` block becomes a `thinking` content block.
-    pub reasoning: Option<reasoning::Parser>,
+    pub reasoning: Option<reasoning::Reading>,
 }
 
 /// Why the reply ended, in this API's words, and the stop sequence that ended it.
@@ -1153,7 +1153,7 @@ mod tests {
             id: "msg_1".into(),
             model: "m".into(),
             tools: true,
-            reasoning: Some(reasoning::Parser::Qwen3),
+            reasoning: Some(reasoning::Parser::Qwen3.reading(false)),
         };
         let reply = "<think>\nthe clock</think>\n\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
         let o = outcome("stop", None);

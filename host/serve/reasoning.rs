@@ -17,6 +17,27 @@ pub enum Parser {
     DeepSeekR1,
 }
 
+impl Parser {
+    /// How this parser reads a reply whose prompt ended inside a thinking block (`open`: the
+    /// template wrote `<think>` for the model, as newer Qwen templates and DeepSeek-R1's do).
+    pub fn reading(self, open: bool) -> Reading {
+        Reading { parser: self, open }
+    }
+}
+
+/// How one reply is read: the server's parser, and whether the prompt opened the thinking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    pub parser: Parser,
+    pub open: bool,
+}
+
+/// Whether a prompt ends inside a thinking block: its text ends with `<think>` (and white
+/// space), so the model starts thinking without writing the tag.
+pub fn opens_thinking(prompt_tail: &str) -> bool {
+    prompt_tail.trim_end().ends_with(OPEN)
+}
+
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
 
@@ -49,10 +70,13 @@ pub struct Splitter<E> {
 }
 
 impl<E> Splitter<E> {
-    pub fn new(parser: Parser) -> Self {
+    pub fn new(reading: Reading) -> Self {
         Splitter {
-            parser,
-            phase: Phase::Start,
+            parser: reading.parser,
+            phase: match reading.open {
+                true => Phase::Thinking,
+                false => Phase::Start,
+            },
             held: String::new(),
             with: Vec::new(),
         }
@@ -148,8 +172,8 @@ impl<E> Splitter<E> {
 }
 
 /// A finished reply's thinking (`None` when it has none) and answer.
-pub fn split(parser: Parser, text: &str) -> (Option<String>, String) {
-    let mut s = Splitter::<()>::new(parser);
+pub fn split(reading: Reading, text: &str) -> (Option<String>, String) {
+    let mut s = Splitter::<()>::new(reading);
     let mut pieces = s.push(text, Vec::new());
     pieces.extend(s.finish());
     let (mut thought, mut answer) = (None::<String>, String::new());
@@ -169,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_finished_reply_splits_at_the_tags() {
-        let q = Parser::Qwen3;
+        let q = Parser::Qwen3.reading(false);
         assert_eq!(
             split(q, "<think>\nsum them\n</think>\n\nIt is 4."),
             (Some("\nsum them\n".into()), "It is 4.".into())
@@ -185,7 +209,7 @@ mod tests {
         assert_eq!(split(q, "<thi"), (None, "<thi".into()));
         // A tag later in the answer is text.
         assert_eq!(split(q, "Use <think> tags").1, "Use <think> tags");
-        let r = Parser::DeepSeekR1;
+        let r = Parser::DeepSeekR1.reading(false);
         assert_eq!(
             split(r, "sum them</think>It is 4."),
             (Some("sum them".into()), "It is 4.".into())
@@ -194,13 +218,28 @@ mod tests {
             split(r, "still thinking"),
             (Some("still thinking".into()), "".into())
         );
+        // The prompt opened the block (newer Qwen templates): the reply starts inside it.
+        let open = Parser::Qwen3.reading(true);
+        assert_eq!(
+            split(open, "plan\n</think>\n\nIt is 4."),
+            (Some("plan\n".into()), "It is 4.".into())
+        );
+        assert_eq!(split(open, "still"), (Some("still".into()), "".into()));
+        assert!(opens_thinking("<|im_start|>assistant\n<think>\n"));
+        assert!(!opens_thinking(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        ));
     }
 
     /// Every way of cutting a reply into pieces gives the same parts as the whole, and no piece
     /// carries part of a tag.
     #[test]
     fn a_stream_splits_as_the_whole_reply() {
-        for parser in [Parser::Qwen3, Parser::DeepSeekR1] {
+        for parser in [
+            Parser::Qwen3.reading(false),
+            Parser::DeepSeekR1.reading(false),
+            Parser::Qwen3.reading(true),
+        ] {
             for text in [
                 "<think>\nsum them\n</think>\n\nIt is 4.",
                 "  <think>a</think>b",

@@ -568,7 +568,7 @@ pub struct Meta {
     pub echo: Map<String, Value>,
     pub tools: bool,
     /// A reasoning model's `<think>` block becomes a reasoning item before the message.
-    pub reasoning: Option<reasoning::Parser>,
+    pub reasoning: Option<reasoning::Reading>,
 }
 
 impl Meta {
@@ -1398,7 +1398,7 @@ mod tests {
     #[test]
     fn thinking_is_a_reasoning_item() {
         let meta = Meta {
-            reasoning: Some(reasoning::Parser::Qwen3),
+            reasoning: Some(reasoning::Parser::Qwen3.reading(false)),
             ..meta(false)
         };
         let tokens = ["<think>", "plan", " it", "</think>", "\n\n", "Hel", "lo"];
