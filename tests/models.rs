@@ -750,6 +750,10 @@ fn bad_files_give_clear_errors() {
             serde_json::json!({"rope_type": "linear", "factor": -2}),
             "must be positive",
         ),
+        (
+            serde_json::json!({"rope_type": "yarn", "factor": 4, "beta_fast": -1}),
+            "positive betas",
+        ),
         (serde_json::json!("yarn"), "expected an object"),
     ] {
         let mut c = config.clone();

@@ -142,6 +142,23 @@ impl ModelConfig {
                 ),
             ));
         }
+        if let RopeScaling::Yarn {
+            beta_fast,
+            beta_slow,
+            attn_factor,
+            ..
+        } = self.rope_scaling
+            && ![beta_fast, beta_slow, attn_factor]
+                .iter()
+                .all(|x| x.is_finite() && *x > 0.0)
+        {
+            return Err(bad(
+                "rope_scaling",
+                format!(
+                    "yarn needs positive betas and attention factor, got {beta_fast}, {beta_slow} and {attn_factor}"
+                ),
+            ));
+        }
         if let RopeScaling::Llama3 {
             low_freq_factor: lo,
             high_freq_factor: hi,
