@@ -143,6 +143,32 @@ fn byte_level_chars() -> [char; 256] {
     table
 }
 
+/// A per-token metadata array (`token_type`, `scores`), each entry read by `read`; `None` when
+/// the file has none. Its length must be the vocabulary's.
+fn per_token<T>(
+    content: &Content,
+    key: &str,
+    n: usize,
+    read: impl Fn(&Value) -> Result<T>,
+) -> Result<Option<Vec<T>>> {
+    let Some(v) = meta(content, key) else {
+        return Ok(None);
+    };
+    let arr = v
+        .to_vec()
+        .map_err(|e| anyhow!("GGUF metadata {key}: {e}"))?;
+    ensure!(
+        arr.len() == n,
+        "{key} has {} entries but tokenizer.ggml.tokens has {n}",
+        arr.len()
+    );
+    arr.iter()
+        .enumerate()
+        .map(|(i, v)| read(v).with_context(|| format!("{key}[{i}]")))
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
 fn meta<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
     content.metadata.get(key)
 }
@@ -244,28 +270,11 @@ impl Tokenizer {
             "tokenizer.ggml.tokens has {} entries, more than u32 ids allow",
             tokens.len()
         );
-        let kinds: Vec<TokenKind> = match meta(content, "tokenizer.ggml.token_type") {
-            None => vec![TokenKind::Normal; tokens.len()],
-            Some(v) => {
-                let arr = v
-                    .to_vec()
-                    .map_err(|e| anyhow!("GGUF metadata tokenizer.ggml.token_type: {e}"))?;
-                ensure!(
-                    arr.len() == tokens.len(),
-                    "tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}",
-                    arr.len(),
-                    tokens.len()
-                );
-                arr.iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        value_as_i64(v)
-                            .and_then(TokenKind::from_gguf)
-                            .with_context(|| format!("tokenizer.ggml.token_type[{i}]"))
-                    })
-                    .collect::<Result<_>>()?
-            }
-        };
+        let kinds: Vec<TokenKind> =
+            per_token(content, "tokenizer.ggml.token_type", tokens.len(), |v| {
+                value_as_i64(v).and_then(TokenKind::from_gguf)
+            })?
+            .unwrap_or_else(|| vec![TokenKind::Normal; tokens.len()]);
 
         let n = tokens.len() as u32;
         let check_id = |key: &str| -> Result<Option<u32>> {
@@ -291,27 +300,11 @@ impl Tokenizer {
         // What decides the ids besides the tokens: the merges (BPE) or the scores (SPM).
         let mut decisive: Vec<Vec<u8>> = Vec::new();
         let (engine, pieces, default_bos) = if model == "llama" {
-            let scores: Vec<f32> = match meta(content, "tokenizer.ggml.scores") {
-                None => vec![0.0; tokens.len()],
-                Some(v) => {
-                    let arr = v
-                        .to_vec()
-                        .map_err(|e| anyhow!("GGUF metadata tokenizer.ggml.scores: {e}"))?;
-                    ensure!(
-                        arr.len() == tokens.len(),
-                        "tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {}",
-                        arr.len(),
-                        tokens.len()
-                    );
-                    arr.iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            v.to_f32()
-                                .map_err(|e| anyhow!("tokenizer.ggml.scores[{i}]: {e}"))
-                        })
-                        .collect::<Result<_>>()?
-                }
-            };
+            let scores: Vec<f32> =
+                per_token(content, "tokenizer.ggml.scores", tokens.len(), |v| {
+                    v.to_f32().map_err(|e| anyhow!("{e}"))
+                })?
+                .unwrap_or_else(|| vec![0.0; tokens.len()]);
             decisive.extend(scores.iter().map(|x| x.to_le_bytes().to_vec()));
             let pieces = tokens
                 .iter()
