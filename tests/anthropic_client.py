@@ -6,7 +6,8 @@ tests/http_openai.rs, against the same server as the `openai` checks).
 `basic` (the tiny models): Anthropic's Messages API gives the same greedy text as OpenAI's chat
 route, whole and streamed through the client's own accumulator; stop sequences and max_tokens as
 stop reasons; usage with prompt-cache reads apart; count_tokens; `parse` with a pydantic model;
-errors as the client's exception classes (wrong key, unknown model, unknown policy).
+a reasoning model's thinking block; errors as the client's exception classes (wrong key,
+unknown model, unknown policy).
 `tools` (a real model whose template reads tools): a forced tool call, streamed too, and its
 result sent back. Exits non-zero (AssertionError) on the first mismatch.
 """
@@ -160,6 +161,20 @@ parsed = client.messages.parse(
     model=model, messages=messages, max_tokens=150, extra_body=greedy, output_format=Verdict
 )
 assert isinstance(parsed.parsed_output, Verdict), parsed
+
+# A reasoning model's thinking (the server runs --reasoning-parser qwen3; a grammar makes the
+# tiny model write a block) is a thinking block before the text, whole and through the
+# client's stream accumulator (thinking_delta, signature_delta).
+think = {**greedy, "guided_regex": "<think>[a-z]{3,8}</think>[a-z]{2,6}"}
+m = client.messages.create(model=model, messages=messages, max_tokens=48, extra_body=think)
+assert [b.type for b in m.content] == ["thinking", "text"], m
+assert m.content[0].thinking.isalpha() and m.content[1].text.isalpha(), m
+with client.messages.stream(model=model, messages=messages, max_tokens=48, extra_body=think) as s:
+    final = s.get_final_message()
+assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
+    ("thinking", m.content[0].thinking),
+    ("text", m.content[1].text),
+], final
 
 # Errors are the API's: the client raises its own classes.
 try:

@@ -1,6 +1,7 @@
 //! The official `openai` and `anthropic` Python packages against a running `verdict serve` (tiny
 //! models written by the test), behind an API key: completions, chat, responses and Anthropic's
-//! messages, streamed and not, verdict's fields via `extra_body`; tool calls through the
+//! messages, streamed and not, verdict's fields via `extra_body`, a reasoning model's thinking
+//! (`--reasoning-parser`) as each client reads it; tool calls through the
 //! `anthropic` client on the real Qwen2.5-Coder-0.5B (the tiny template has no tools).
 //! Python: $VERDICT_TEST_PYTHON, default ~/.cache/verdict/peer-venv/bin/python (has openai).
 
@@ -27,7 +28,16 @@ fn official_openai_client() {
     let log_dir = dir.path().to_path_buf();
     let (t, d) = (target.display().to_string(), draft.display().to_string());
     let s = Server::start(
-        &["--model", &t, "--draft", &d, "--api-key", "sk-test-key"],
+        &[
+            "--model",
+            &t,
+            "--draft",
+            &d,
+            "--api-key",
+            "sk-test-key",
+            "--reasoning-parser",
+            "qwen3",
+        ],
         Some(dir),
         &log_dir,
     );

@@ -6,8 +6,8 @@ Checks completions and chat, streamed and not, with verdict's extra fields passe
 `extra_body`, logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
 accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
-AuthenticationError, and that an unknown policy is a 400 the client raises as
-BadRequestError.
+AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
+an unknown policy is a 400 the client raises as BadRequestError.
 Exits non-zero (AssertionError) on the first mismatch.
 """
 
@@ -261,6 +261,26 @@ try:
     raise AssertionError("tools were accepted by a template that reads none")
 except openai.BadRequestError as e:
     assert e.body["param"] == "tools", e.body
+# A reasoning model's thinking (the server runs --reasoning-parser qwen3; a grammar makes the
+# tiny model write a block): `reasoning_content` beside `content`, whole and streamed, as the
+# client exposes fields it does not know (`model_extra`).
+think = {"guided_regex": "<think>[a-z]{3,8}</think>[a-z]{2,6}"}
+r = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=48, temperature=0, extra_body=think
+)
+m = r.choices[0].message
+thought = (m.model_extra or {}).get("reasoning_content")
+assert thought and thought.isalpha() and m.content and m.content.isalpha(), m
+parts = {"reasoning_content": "", "content": ""}
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=48, temperature=0, extra_body=think, stream=True
+):
+    if chunk.choices:
+        d = chunk.choices[0].delta
+        parts["content"] += d.content or ""
+        parts["reasoning_content"] += (d.model_extra or {}).get("reasoning_content") or ""
+assert parts == {"reasoning_content": thought, "content": m.content}, parts
+
 try:
     client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})
     raise AssertionError("an unknown policy was accepted")
