@@ -6,13 +6,19 @@
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
-use verdict::models::testing::{peer_specs, write_tiny_gguf};
+use verdict::models::testing::{peer_specs, pre_tokenizer_specs, write_tiny_gguf};
 
 fn main() -> Result<()> {
     let dir = PathBuf::from(std::env::args().nth(1).context("usage: tiny_models DIR")?);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for (name, spec) in peer_specs() {
         let path = dir.join(format!("{name}.gguf"));
+        write_tiny_gguf(&path, &spec)?;
+        println!("{}", path.display());
+    }
+    // Tokenizers alone: one file per pre-tokenizer, `pre-NAME.gguf`.
+    for (name, spec) in pre_tokenizer_specs() {
+        let path = dir.join(format!("pre-{name}.gguf"));
         write_tiny_gguf(&path, &spec)?;
         println!("{}", path.display());
     }

@@ -218,7 +218,11 @@ PEER_PROBES = list(range(0, 300, 19))
 # Strings each tiny model's tokenizer turns into ids (special tokens parsed and not).
 PEER_TEXTS = ["", " ", "the", "hello world", "  two leading spaces", "The Quick Fox",
               "in the end, it is", "<s>inside</s> the text", "tabs\tand\nnew lines",
-              "h\u00e9llo \u2713", "x  y   z", "thethethe", "<|im_start|>user\nhi<|im_end|>"]
+              "h\u00e9llo \u2713", "x  y   z", "thethethe", "<|im_start|>user\nhi<|im_end|>",
+              # where pre-tokenizers differ: case changes, contractions, digit runs, slashes,
+              # punctuation before letters, line breaks, tabs, CJK and Hangul
+              "aBab AbBA abAB", "I'm DON'T we'll 'sat", "12 2112 a1b2", "a/b//st (as) -ta",
+              "a.\n\nb.\n  .b", "\tab\t\tst", "(ab)'s 'AB'. as-is", "\u4f60\u597d a\u4e16 \uac00\ub098 \u3053\u3093"]
 
 
 def peer_fixture():
@@ -232,10 +236,24 @@ def peer_fixture():
             ["cargo", "run", "--quiet", "--release", "--example", "tiny_models", "--", tmp],
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout.split()
+        pres = {}
         for path in out:
             name = os.path.basename(path).removesuffix(".gguf")
             with open(path, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
+            if name.startswith("pre-"):
+                try:
+                    llm = Llama(model_path=path, vocab_only=True, verbose=False)
+                except ValueError:
+                    print(f"make-fixtures: llama.cpp cannot load {name}", file=sys.stderr)
+                    continue
+                pres[name.removeprefix("pre-")] = {"sha256": sha, "tokenized": [
+                    {"text": t, "special": sp,
+                     "ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=sp)}
+                    for t in PEER_TEXTS for sp in (False, True)
+                ]}
+                del llm
+                continue
             # An f32 KV cache (llama.cpp's default is f16, which alone moves logits ~3e-3).
             llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False,
                         n_threads=THREADS, type_k=0, type_v=0)
@@ -253,7 +271,7 @@ def peer_fixture():
                 ],
             }
             del llm
-    return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models}
+    return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models, "pre": pres}
 
 
 def main():

@@ -442,6 +442,72 @@ struct PeerFixture {
     tokens: Vec<u32>,
     probe_ids: Vec<usize>,
     models: std::collections::HashMap<String, PeerRun>,
+    /// Tokenizer-only files, by pre-tokenizer.
+    pre: std::collections::HashMap<String, PeerPre>,
+}
+
+#[derive(serde::Deserialize)]
+struct PeerPre {
+    sha256: String,
+    tokenized: Vec<PeerTokens>,
+}
+
+fn peer_fixture() -> PeerFixture {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer.json"),
+    )
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Writes `spec` as `dir/name.gguf` and checks its bytes are those the fixture was made from.
+fn peer_file(dir: &Path, name: &str, spec: &TinySpec, sha256: &str) -> std::path::PathBuf {
+    use sha2::Digest;
+    let path = dir.join(format!("{name}.gguf"));
+    write_tiny_gguf(&path, spec).unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+    assert_eq!(
+        sha, sha256,
+        "{name}: the tiny model's bytes changed; rerun scripts/make-fixtures.py peer"
+    );
+    path
+}
+
+/// Every pre-tokenizer verdict implements splits text where llama.cpp's does: on a vocabulary
+/// whose merges join characters of different classes, 21 strings (case changes,
+/// contractions, digit runs, punctuation, line breaks, CJK) give llama.cpp's ids.
+#[test]
+fn pre_tokenizers_match_llama_cpp() {
+    let fx = peer_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let specs = verdict::models::testing::pre_tokenizer_specs();
+    assert_eq!(
+        specs.len(),
+        fx.pre.len(),
+        "peer.json is for other pre-tokenizers"
+    );
+    let mut distinct = std::collections::HashSet::new();
+    for (name, spec) in specs {
+        let run = &fx.pre[name];
+        let path = peer_file(dir.path(), &format!("pre-{name}"), &spec, &run.sha256);
+        let model = Model::load_gguf(&path, &Device::Cpu).unwrap();
+        let tok = verdict::models::tokenizer::Tokenizer::from_gguf(model.gguf_metadata().unwrap())
+            .unwrap();
+        let mut all = Vec::new();
+        for t in &run.tokenized {
+            let ids = tok.encode(&t.text, t.special).unwrap();
+            assert_eq!(ids, t.ids, "{name}: {:?} (special {})", t.text, t.special);
+            assert_eq!(tok.decode(&ids, false).unwrap(), t.text, "{name}");
+            all.push(ids);
+        }
+        distinct.insert(all);
+    }
+    // The strings tell the pre-tokenizers apart (some share a pattern: gpt-2 and default...).
+    assert!(
+        distinct.len() >= 8,
+        "only {} distinct tokenizations",
+        distinct.len()
+    );
 }
 
 #[derive(serde::Deserialize)]
@@ -468,13 +534,8 @@ struct PeerTokens {
 /// / heads or an unscaled rotation moves logits by 0.1 or more.
 #[test]
 fn tiny_models_match_llama_cpp() {
-    use sha2::Digest;
     const TOL: f32 = 1e-3;
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peer.json"),
-    )
-    .unwrap();
-    let fx: PeerFixture = serde_json::from_str(&text).unwrap();
+    let fx = peer_fixture();
     let dir = tempfile::tempdir().unwrap();
     let specs = verdict::models::testing::peer_specs();
     assert_eq!(
@@ -484,13 +545,7 @@ fn tiny_models_match_llama_cpp() {
     );
     for (name, spec) in specs {
         let run = &fx.models[name];
-        let path = dir.path().join(format!("{name}.gguf"));
-        write_tiny_gguf(&path, &spec).unwrap();
-        let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()));
-        assert_eq!(
-            sha, run.sha256,
-            "{name}: the tiny model's bytes changed; rerun scripts/make-fixtures.py peer"
-        );
+        let path = peer_file(dir.path(), name, &spec, &run.sha256);
         let model = Model::load_gguf(&path, &Device::Cpu).unwrap();
         // The tokenizer (byte-level BPE, or SentencePiece for llama-spm) gives llama.cpp's ids.
         let tok = verdict::models::tokenizer::Tokenizer::from_gguf(model.gguf_metadata().unwrap())

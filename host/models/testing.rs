@@ -46,6 +46,11 @@ pub struct TinySpec {
     /// instead of the byte-level BPE one; `vocab` between [`TinySpec::MIN_SPM_VOCAB`] and
     /// [`TinySpec::MAX_SPM_VOCAB`].
     pub spm: bool,
+    /// This `tokenizer.ggml.pre` over a vocabulary whose merges join every pair of 16
+    /// characters of different classes ([`tiny_cross_vocab`]: letters of both cases, digits,
+    /// punctuation, space, line break), so where a pre-tokenizer splits shows in the ids;
+    /// `vocab` must be [`TinySpec::CROSS_VOCAB`]. `None`: the usual vocabulary, `qwen2`.
+    pub pre: Option<&'static str>,
 }
 
 impl Default for TinySpec {
@@ -67,6 +72,7 @@ impl Default for TinySpec {
             rms_eps: 1e-6,
             rope_scaling: RopeScaling::None,
             spm: false,
+            pre: None,
         }
     }
 }
@@ -100,6 +106,7 @@ impl TinySpec {
     pub const MIN_VOCAB: usize = 256 + BASE_MERGES.len() + SPECIALS.len();
     pub const MAX_VOCAB: usize = Self::MIN_VOCAB + 26 * 26 - 4;
     pub const MIN_SPM_VOCAB: usize = 3 + 256 + 27;
+    pub const CROSS_VOCAB: usize = 256 + CROSS.len() * CROSS.len() + SPECIALS.len();
     pub const MAX_SPM_VOCAB: usize = Self::MIN_SPM_VOCAB + SPM_PIECES.len();
 
     pub fn head_dim(&self) -> usize {
@@ -108,9 +115,10 @@ impl TinySpec {
 
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Invalid(format!("TinySpec: {m}")));
-        let (lo, hi) = match self.spm {
-            true => (Self::MIN_SPM_VOCAB, Self::MAX_SPM_VOCAB),
-            false => (Self::MIN_VOCAB, Self::MAX_VOCAB),
+        let (lo, hi) = match (self.spm, self.pre) {
+            (true, _) => (Self::MIN_SPM_VOCAB, Self::MAX_SPM_VOCAB),
+            (false, Some(_)) => (Self::CROSS_VOCAB, Self::CROSS_VOCAB),
+            (false, None) => (Self::MIN_VOCAB, Self::MAX_VOCAB),
         };
         if !(lo..=hi).contains(&self.vocab) {
             return bad(format!("vocab {} outside {lo}..={hi}", self.vocab));
@@ -192,6 +200,64 @@ pub fn tiny_vocab(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
         types.push(3);
     }
     (tokens, types, merges)
+}
+
+/// The characters [`tiny_cross_vocab`] pairs (byte-level: `Ġ` is a space, `Ċ` a line break).
+const CROSS: [&str; 16] = [
+    "a", "b", "A", "B", "1", "2", "Ġ", "Ċ", "'", ".", "(", "/", "s", "t", "-", "ĉ",
+];
+
+/// Every byte, a merge for every ordered pair of 16 characters of different classes, then the specials: tokens, types
+/// and merges.
+pub fn tiny_cross_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
+    let mut tokens: Vec<String> = byte_level_alphabet()
+        .into_iter()
+        .map(|(_, c)| c.to_string())
+        .collect();
+    let mut merges = Vec::new();
+    for a in CROSS {
+        for b in CROSS {
+            merges.push(format!("{a} {b}"));
+            tokens.push(format!("{a}{b}"));
+        }
+    }
+    let mut types = vec![1i32; tokens.len()];
+    for s in SPECIALS {
+        tokens.push(s.to_string());
+        types.push(3);
+    }
+    (tokens, types, merges)
+}
+
+/// The pre-tokenizers verdict implements, each on a tiny model of its own (1 layer,
+/// [`tiny_cross_vocab`]): `scripts/make-fixtures.py peer` records llama.cpp's ids for them.
+pub fn pre_tokenizer_specs() -> Vec<(&'static str, TinySpec)> {
+    [
+        "qwen2",
+        "qwen35",
+        "llama3",
+        "tekken",
+        "gpt-4o",
+        "deepseek-v3",
+        "deepseek-coder",
+        "seed-coder",
+        "glm4",
+        "smollm",
+        "gpt-2",
+        "default",
+    ]
+    .into_iter()
+    .map(|pre| {
+        let spec = TinySpec {
+            vocab: TinySpec::CROSS_VOCAB,
+            layers: 1,
+            tied: true,
+            pre: Some(pre),
+            ..TinySpec::default()
+        };
+        (pre, spec)
+    })
+    .collect()
 }
 
 /// The tiny SentencePiece vocabulary's pieces after `▁` and the letters, best first.
@@ -335,7 +401,10 @@ fn permute_for_interleaved(t: &Tensor, heads: usize) -> candle_core::Result<Tens
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     spec.check()?;
     let a = spec.arch.name();
-    let (tokens, types, merges) = tiny_vocab(spec.vocab);
+    let (tokens, types, merges) = match spec.pre {
+        Some(_) => tiny_cross_vocab(),
+        None => tiny_vocab(spec.vocab),
+    };
     let id = |s: &str| tokens.iter().position(|t| t == s).unwrap_or(0) as u32;
     let (eot, im_end) = (id("<|endoftext|>"), id("<|im_end|>"));
     use gguf_file::Value as V;
@@ -425,7 +494,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     } else {
         meta.extend([
             ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-            ("tokenizer.ggml.pre".into(), V::String("qwen2".into())),
+            (
+                "tokenizer.ggml.pre".into(),
+                V::String(spec.pre.unwrap_or("qwen2").into()),
+            ),
             ("tokenizer.ggml.tokens".into(), strs(&tokens)),
             (
                 "tokenizer.ggml.token_type".into(),

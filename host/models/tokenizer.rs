@@ -104,8 +104,29 @@ fn pre_tokenizer_for(pre: &str) -> Result<(Vec<&'static str>, bool)> {
     const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
     const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    // Qwen3.5: marks stay with their letters.
+    const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    // Mistral's tekken and GPT-4o's: a word splits where lower case turns to upper.
+    const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const SEED_CODER: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const DEEPSEEK3: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
+    // CJK ideographs, hiragana and katakana (DeepSeek-V3), or ideographs from U+0800 and
+    // Hangul (DeepSeek-Coder), as runs of their own.
+    const CJK_KANA: &str = "[\u{4E00}-\u{9FA5}\u{3040}-\u{309F}\u{30A0}-\u{30FF}]+";
+    const CJK_HANGUL: &str = "[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+";
     Ok(match pre {
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" | "hunyuan" => (vec![QWEN2], false),
+        "qwen35" => (vec![QWEN35], false),
+        "tekken" => (vec![TEKKEN], true),
+        "gpt-4o" | "llama4" | "minimax-m2" => (vec![GPT4O], false),
+        "seed-coder" => (vec![SEED_CODER], false),
+        "glm4" | "chatglm-bpe" => (vec![LLAMA3], false),
+        "deepseek-v3" | "hunyuan-dense" => (vec![r"\p{N}{1,3}", CJK_KANA, DEEPSEEK3], false),
+        "deepseek-coder" => (
+            vec![r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK_HANGUL, r"\p{N}"],
+            false,
+        ),
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
         | "lfm2" => (vec![LLAMA3], true),
         "dbrx" | "smaug-bpe" => (vec![LLAMA3], false),
@@ -120,8 +141,9 @@ fn pre_tokenizer_for(pre: &str) -> Result<(Vec<&'static str>, bool)> {
             false,
         ),
         other => bail!(
-            "unsupported pre-tokenizer {other:?} in tokenizer.ggml.pre (supported: qwen2, llama3, \
-             smollm, starcoder, gpt-2, default and their aliases)"
+            "unsupported pre-tokenizer {other:?} in tokenizer.ggml.pre (supported: qwen2, qwen35, \
+             llama3, tekken, gpt-4o, deepseek-v3, deepseek-coder, seed-coder, glm4, smollm, \
+             starcoder, gpt-2, default and their aliases)"
         ),
     })
 }
