@@ -207,8 +207,8 @@ const CROSS: [&str; 16] = [
     "a", "b", "A", "B", "1", "2", "Ġ", "Ċ", "'", ".", "(", "/", "s", "t", "-", "ĉ",
 ];
 
-/// Every byte, a merge for every ordered pair of 16 characters of different classes, then the specials: tokens, types
-/// and merges.
+/// Every byte, a merge for every ordered pair of 16 characters of different classes, then the
+/// specials: tokens, types and merges.
 pub fn tiny_cross_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
     let mut tokens: Vec<String> = byte_level_alphabet()
         .into_iter()
