@@ -167,7 +167,42 @@ def chat_fixture():
                 rendered.append({"add_generation_prompt": agp,
                                  "text": render(llm, template, conv, agp)})
         out["models"][key] = {"file": MODELS[key], "rendered": rendered}
+    out["thinking_template"] = thinking_template_cases()
     return out
+
+
+# Conversations for tests/fixtures/thinking-template.jinja (a template with Qwen3-style
+# constructs), each rendered with and without tools and with each `enable_thinking` setting.
+THINKING_CONVERSATIONS = CONVERSATIONS + [
+    [{"role": "user", "content": "q"},
+     {"role": "assistant", "content": "<think>\nplan\n</think>\n\nanswer"},
+     {"role": "user", "content": "again"}],
+    [{"role": "system", "content": "  sys  "},
+     {"role": "user", "content": "x"},
+     {"role": "assistant", "content": "<think>a</think>b"}],
+    [{"role": "user", "content": "time?"},
+     {"role": "assistant", "content": "",
+      "tool_calls": [{"type": "function", "function": {"name": "now", "arguments": {"tz": "UTC"}}}]},
+     {"role": "tool", "content": "12:00", "tool_call_id": "c1"},
+     {"role": "tool", "content": "ok", "tool_call_id": "c2"}],
+]
+THINKING_TOOLS = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+
+
+def thinking_template_cases():
+    path = os.path.join(OUT, "thinking-template.jinja")
+    with open(path, encoding="utf-8") as f:
+        template = hf_env().from_string(f.read())
+    cases = []
+    for conv in THINKING_CONVERSATIONS:
+        for tools in (None, THINKING_TOOLS):
+            for extra in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+                for agp in (True, False):
+                    text = template.render(messages=conv, tools=tools, add_generation_prompt=agp,
+                                           bos_token="", eos_token="", **extra)
+                    cases.append({"messages": conv, "tools": tools, "vars": extra,
+                                  "add_generation_prompt": agp, "text": text})
+    return cases
 
 
 GREEDY_PROMPTS = [

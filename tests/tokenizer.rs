@@ -243,6 +243,49 @@ fn chat_templates_render_like_jinja2() {
     );
 }
 
+#[derive(Deserialize)]
+struct ThinkingFixture {
+    thinking_template: Vec<ThinkingCase>,
+}
+
+#[derive(Deserialize)]
+struct ThinkingCase {
+    messages: Vec<Message>,
+    tools: Option<serde_json::Value>,
+    vars: serde_json::Map<String, serde_json::Value>,
+    add_generation_prompt: bool,
+    text: String,
+}
+
+/// A template with Qwen3-style constructs (tests/fixtures/thinking-template.jinja: a namespace
+/// set in a reversed loop, string methods, thinking cut out of earlier turns, tool calls and
+/// responses, `enable_thinking` from `chat_template_kwargs`) renders as Jinja2 renders it, in
+/// 96 cases.
+#[test]
+fn a_thinking_template_renders_like_jinja2() {
+    let source = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/thinking-template.jinja"),
+    )
+    .unwrap();
+    let tmpl = ChatTemplate::new(&source, "", "").unwrap();
+    let fx: ThinkingFixture = fixture("chat.json");
+    assert_eq!(fx.thinking_template.len(), 96);
+    for c in &fx.thinking_template {
+        let vars = (!c.vars.is_empty()).then_some(&c.vars);
+        let got = tmpl
+            .render_with_tools(&c.messages, c.tools.as_ref(), c.add_generation_prompt, vars)
+            .unwrap();
+        assert_eq!(
+            got,
+            c.text,
+            "{:?} tools={} vars={:?}",
+            c.messages,
+            c.tools.is_some(),
+            c.vars
+        );
+    }
+}
+
 // ---- generated vocabularies: structure and error cases ----
 
 fn strings(v: &[&str]) -> Value {
