@@ -115,10 +115,7 @@ impl<E> Splitter<E> {
                 }
                 None => {
                     // Hold a tail that may be the start of `</think>`.
-                    let keep = (1..CLOSE.len())
-                        .rev()
-                        .find(|&n| self.held.ends_with(&CLOSE[..n]))
-                        .unwrap_or(0);
+                    let keep = super::stop::tag_start_len(&self.held, CLOSE);
                     let tail = self.held.split_off(self.held.len() - keep);
                     let thought = std::mem::replace(&mut self.held, tail);
                     if !thought.is_empty() {

@@ -66,6 +66,16 @@ impl StopMatcher {
     }
 }
 
+/// How many bytes at the end of `text` may be the start of `tag` (a proper prefix of it): what a
+/// stream holds back until the next piece tells (a tool-call tag, `</think>`).
+pub fn tag_start_len(text: &str, tag: &str) -> usize {
+    (1..tag.len())
+        .rev()
+        .filter(|&n| tag.is_char_boundary(n))
+        .find(|&n| text.ends_with(&tag[..n]))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +118,17 @@ mod tests {
         let mut m = StopMatcher::new(vec!["xyz".into()]);
         assert_eq!(m.push("abx").emit, "ab");
         assert_eq!(m.push("q").emit, "xq");
+    }
+
+    #[test]
+    fn a_tags_start_is_held() {
+        assert_eq!(tag_start_len("text </th", "</think>"), 4);
+        assert_eq!(tag_start_len("text <", "</think>"), 1);
+        assert_eq!(tag_start_len("text", "</think>"), 0);
+        // The whole tag is found by the caller, not held.
+        assert_eq!(tag_start_len("a</think>", "</think>"), 0);
+        // A tag with a wide character is cut only at its boundaries.
+        assert_eq!(tag_start_len("x\u{2581}", "\u{2581}a"), 3);
     }
 
     #[test]

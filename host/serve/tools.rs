@@ -95,10 +95,7 @@ impl<E> Holder<E> {
                 at
             }
             // Hold a tail that may be the start of the tag.
-            None => (1..OPEN.len())
-                .rev()
-                .find(|&n| self.text.ends_with(&OPEN[..n]))
-                .map_or(self.text.len(), |n| self.text.len() - n),
+            None => self.text.len() - super::stop::tag_start_len(&self.text, OPEN),
         };
         if send == 0 {
             return None;
