@@ -257,7 +257,10 @@ PEER_TEXTS = ["", " ", "the", "hello world", "  two leading spaces", "The Quick 
               # where pre-tokenizers differ: case changes, contractions, digit runs, slashes,
               # punctuation before letters, line breaks, tabs, CJK and Hangul
               "aBab AbBA abAB", "I'm DON'T we'll 'sat", "12 2112 a1b2", "a/b//st (as) -ta",
-              "a.\n\nb.\n  .b", "\tab\t\tst", "(ab)'s 'AB'. as-is", "\u4f60\u597d a\u4e16 \uac00\ub098 \u3053\u3093"]
+              "a.\n\nb.\n  .b", "\tab\t\tst", "(ab)'s 'AB'. as-is", "\u4f60\u597d a\u4e16 \uac00\ub098 \u3053\u3093",
+              # Phi-3's chat tokens: whitespace after them goes, except after <s>, <unk> and
+              # <|endoftext|> (the phi3 models' vocabulary has them)
+              "<|user|>\n hi<|end|>\n<|assistant|>\t ok<|endoftext|> x</s>  y<s> z<|end|>"]
 
 
 def peer_fixture():

@@ -787,10 +787,25 @@ fn bad_files_give_clear_errors() {
     write_tiny_safetensors(&hf, &TinySpec::default()).unwrap();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let ones = [1.0; 8];
     for (scaling, needle) in [
         (
-            serde_json::json!({"rope_type": "longrope", "factor": 4}),
+            serde_json::json!({"rope_type": "dynamic", "factor": 4}),
             "rope_scaling.rope_type",
+        ),
+        // LongRoPE: a factor set missing, of the wrong length (heads of 16 have 8 pairs), or
+        // with a factor that is not positive.
+        (
+            serde_json::json!({"rope_type": "longrope", "long_factor": ones}),
+            "rope_scaling.short_factor",
+        ),
+        (
+            serde_json::json!({"type": "longrope", "short_factor": ones, "long_factor": [1, 2, 3]}),
+            "rope_scaling.long_factor: 3 factors for heads of 16 dimensions (8 pairs)",
+        ),
+        (
+            serde_json::json!({"type": "su", "short_factor": [1, 1, 1, 0, 1, 1, 1, 1], "long_factor": ones}),
+            "0 is not a positive number",
         ),
         (
             serde_json::json!({"rope_type": "llama3", "factor": 8}),
@@ -820,6 +835,38 @@ fn bad_files_give_clear_errors() {
             "{scaling}: {e}"
         );
     }
+
+    // A rotation of part of each head (Phi-4-mini's 0.75) is refused by name.
+    let mut c = config.clone();
+    c["partial_rotary_factor"] = 0.75.into();
+    std::fs::write(hf.join("config.json"), c.to_string()).unwrap();
+    let e = expect_err(Model::load_safetensors(&hf, &Device::Cpu));
+    assert!(
+        e.contains("partial_rotary_factor") && e.contains("0.75"),
+        "{e}"
+    );
+
+    // A LongRoPE GGUF without the factor set its context needs names the tensor.
+    let (_, phi) = verdict::models::testing::peer_specs()
+        .into_iter()
+        .find(|(n, _)| *n == "phi3-longrope")
+        .unwrap();
+    let lr = dir.path().join("longrope.gguf");
+    write_tiny_gguf(&lr, &phi).unwrap();
+    let b = std::fs::read(&lr).unwrap();
+    let e = patched_error(
+        dir.path(),
+        "longrope.gguf",
+        &b,
+        b"rope_factors_long",
+        b"rope_factors_xong",
+    );
+    assert!(
+        e.contains("longrope.gguf")
+            && e.contains("rope_factors_long.weight")
+            && e.contains("missing"),
+        "{e}"
+    );
 
     // not a file at all
     let e = expect_err(Model::load_gguf(dir.path(), &Device::Cpu));

@@ -238,6 +238,10 @@ mod imp {
             // decode.cu has no per-head q/k norm; candle's ops run qwen3 on the GPU.
             return Some("per-head q/k norms (qwen3)".into());
         }
+        if file.has_tensor("blk.0.attn_qkv.weight") || !file.has_tensor("blk.0.ffn_gate.weight") {
+            // The decode path reads q/k/v and gate/up as separate matrices.
+            return Some("fused q/k/v or gate/up matrices (phi3)".into());
+        }
         let hd = cfg.head_dim;
         if hd > 256
             || !hd.is_multiple_of(4)
@@ -274,7 +278,10 @@ mod imp {
         ) -> Result<Option<Arc<FastWeights>>> {
             // decode.cu's attention scale is 1 / sqrt(head size): no YaRN magnitude.
             let why = match rotary.mscale != 1.0 {
-                true => Some(format!("rotary magnitude {} (YaRN)", rotary.mscale)),
+                true => Some(format!(
+                    "rotary magnitude {} (YaRN, LongRoPE)",
+                    rotary.mscale
+                )),
                 false => unsupported(file, cfg, device),
             };
             if let Some(why) = why {

@@ -15,12 +15,15 @@ use std::path::{Path, PathBuf};
 
 /// The decoder families verdict runs. All are pre-norm RMSNorm + SwiGLU + RoPE with GQA; qwen2
 /// adds biases to q/k/v; qwen3 has none and RMS-normalises each head's q and k before the
-/// rotation (`attn_q_norm`, `attn_k_norm`), with a head size of its own (`attention.key_length`).
+/// rotation (`attn_q_norm`, `attn_k_norm`), with a head size of its own (`attention.key_length`);
+/// phi3 stores q/k/v as one matrix (`attn_qkv`) and gate/up as one (`ffn_up`, gate first), and
+/// its long-context versions use LongRoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    Phi3,
 }
 
 impl Arch {
@@ -29,6 +32,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -37,10 +41,17 @@ impl Arch {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
 }
+
+/// llama.cpp's tensor of per-pair rotary frequency factors (Llama 3.1 and later).
+pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
+/// LongRoPE's factor sets (see [`RopeScaling::LongRope`]).
+pub(crate) const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+pub(crate) const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 
 /// How rotary embeddings pair the dimensions of a head. llama.cpp's converter permutes llama's
 /// q/k rows so that adjacent pairs rotate together (interleaved); qwen2 GGUFs and every
@@ -122,6 +133,10 @@ impl ModelConfig {
         let (factor, context) = match self.rope_scaling {
             RopeScaling::None => (1.0, 1),
             RopeScaling::Linear { factor } => (factor, 1),
+            RopeScaling::LongRope {
+                original_context,
+                attn_factor,
+            } => (attn_factor, original_context),
             RopeScaling::Yarn {
                 factor,
                 original_context,
@@ -471,6 +486,18 @@ impl GgufFile {
     /// the factor. YaRN's original context defaults to the trained one, its betas to 32 and 1.
     fn rope_scaling(&self, a: &str, context_length: usize) -> Result<RopeScaling> {
         let key = |k: &str| format!("{a}.rope.scaling.{k}");
+        // LongRoPE: the converter writes the two factor sets as tensors, the original context
+        // and the attention factor as keys, and no type. `rope_freqs` wins, as in llama.cpp.
+        if !self.has_tensor(ROPE_FREQS)
+            && (self.has_tensor(ROPE_FACTORS_LONG) || self.has_tensor(ROPE_FACTORS_SHORT))
+        {
+            return Ok(RopeScaling::LongRope {
+                original_context: self
+                    .opt_usize(&key("original_context_length"))?
+                    .unwrap_or(context_length),
+                attn_factor: self.opt_f32(&key("attn_factor"))?.unwrap_or(1.0),
+            });
+        }
         let kind = match self.content.metadata.contains_key(&key("type")) {
             true => self.get_str(&key("type"))?.to_string(),
             false => "linear".to_string(),
@@ -575,7 +602,7 @@ impl GgufFile {
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 | Arch::Qwen3 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => RopeStyle::Neox,
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
         };

@@ -38,6 +38,30 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_context: usize,
     },
+    /// LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini; Hugging Face's `longrope`, once `su`): two sets
+    /// of per-pair factors that divide the frequencies, `short` for contexts up to
+    /// `original_context` and `long` beyond, and `attn_factor` multiplying cos / sin. The factors
+    /// are tensors (`rope_factors_short.weight`, `rope_factors_long.weight`) that the weights
+    /// loader reads; [`RopeScaling::long_factors`] says which set a context uses.
+    LongRope {
+        original_context: usize,
+        attn_factor: f32,
+    },
+}
+
+impl RopeScaling {
+    /// LongRoPE's choice of factor set, as llama.cpp makes it: by the context a sequence may
+    /// reach (here the model's whole context), never by the current length, so every key in
+    /// the cache was rotated as the query that reads it. (Hugging Face switches sets once a
+    /// sequence passes `original_context`; the two agree up to there when the context is short.)
+    pub fn long_factors(&self, context_length: usize) -> Option<bool> {
+        match *self {
+            RopeScaling::LongRope {
+                original_context, ..
+            } => Some(context_length > original_context),
+            _ => None,
+        }
+    }
 }
 
 /// The rotation a model's heads use: the angle per position of each dimension pair, and the
@@ -50,7 +74,8 @@ pub struct Rotary {
 
 impl Rotary {
     /// The rotation of heads of `head_dim` with base `theta`, stretched by `scaling`.
-    /// `freq_factors` (llama.cpp's `rope_freqs`, one per pair) divide the frequencies first.
+    /// `freq_factors` (llama.cpp's `rope_freqs`, or LongRoPE's chosen set; one per pair) divide
+    /// the frequencies first.
     pub fn new(
         head_dim: usize,
         theta: f32,
@@ -69,6 +94,7 @@ impl Rotary {
         let mut mscale = 1.0;
         match scaling {
             RopeScaling::None => {}
+            RopeScaling::LongRope { attn_factor, .. } => mscale = attn_factor,
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Yarn {
                 factor,
@@ -188,6 +214,24 @@ mod tests {
         let ratio: Vec<f32> = r.inv_freq.iter().zip(&base).map(|(a, b)| a / b).collect();
         assert!(ratio.windows(2).all(|w| w[1] <= w[0] + 1e-6), "{ratio:?}");
         assert!((r.mscale - (1.0 + 0.1 * 4f32.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn longrope_picks_its_factors_by_the_context() {
+        let s = RopeScaling::LongRope {
+            original_context: 4096,
+            attn_factor: 1.19,
+        };
+        assert_eq!(s.long_factors(131_072), Some(true));
+        assert_eq!(s.long_factors(4096), Some(false));
+        assert_eq!(RopeScaling::None.long_factors(131_072), None);
+        // The factors divide as llama.cpp's do; the magnitude is the attention factor.
+        let ff = [1.0, 1.5, 3.0, 9.0];
+        let r = Rotary::new(8, 10_000.0, s, Some(&ff));
+        for ((a, b), f) in r.inv_freq.iter().zip(plain(8)).zip(ff) {
+            assert!((a * f - b).abs() < 1e-7);
+        }
+        assert_eq!(r.mscale, 1.19);
     }
 
     #[test]

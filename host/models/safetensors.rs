@@ -3,7 +3,7 @@
 //! production path).
 
 use super::error::{ModelError, Result, candle_msg};
-use super::gguf::{Arch, ModelConfig, RopeStyle};
+use super::gguf::{Arch, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle};
 use super::rope::RopeScaling;
 use super::transformer::{Names, WeightSource, Weights};
 use candle_core::quantized::QMatMul;
@@ -58,19 +58,29 @@ pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_qkv" => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
+        "ffn_gate_up" => "mlp.gate_up_proj",
         "ffn_down" => "mlp.down_proj",
         other => other,
     };
     format!("{p}.{hf}.{suffix}")
 }
 
-fn config_from_json(path: &Path, v: &Value, has_lm_head: bool) -> Result<ModelConfig> {
+/// LongRoPE's two factor sets from a config.json (short, long), to serve as the tensors a GGUF
+/// stores them in.
+type LongRopeFactors = Option<(Vec<f32>, Vec<f32>)>;
+
+fn config_from_json(
+    path: &Path,
+    v: &Value,
+    has_lm_head: bool,
+) -> Result<(ModelConfig, LongRopeFactors)> {
     let err = |key: &str, reason: String| ModelError::Metadata {
         path: path.to_path_buf(),
         key: key.to_string(),
@@ -125,6 +135,17 @@ fn config_from_json(path: &Path, v: &Value, has_lm_head: bool) -> Result<ModelCo
     if n_heads == 0 {
         return Err(err("num_attention_heads", "is 0".into()));
     }
+    // Phi-4-mini rotates 3/4 of each head; verdict rotates whole heads.
+    let partial = float("partial_rotary_factor", 1.0)?;
+    if partial != 1.0 {
+        return Err(err(
+            "partial_rotary_factor",
+            format!(
+                "rotating {partial} of each head is not supported (verdict rotates whole heads)"
+            ),
+        ));
+    }
+    let (rope_scaling, factors) = rope_scaling(path, v)?;
     let tie = v
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
@@ -145,22 +166,38 @@ fn config_from_json(path: &Path, v: &Value, has_lm_head: bool) -> Result<ModelCo
         bos_token_id: token("bos_token_id")?,
         eos_token_id: token("eos_token_id")?,
         rope: RopeStyle::Neox,
-        rope_scaling: rope_scaling(path, v)?,
+        rope_scaling,
     };
     cfg.validate(path)?;
-    Ok(cfg)
+    if let Some((short, long)) = &factors {
+        for (key, f) in [("short_factor", short), ("long_factor", long)] {
+            if f.len() != cfg.head_dim / 2 {
+                return Err(err(
+                    &format!("rope_scaling.{key}"),
+                    format!(
+                        "{} factors for heads of {} dimensions ({} pairs)",
+                        f.len(),
+                        cfg.head_dim,
+                        cfg.head_dim / 2
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((cfg, factors))
 }
 
-/// `rope_scaling` of a config.json: absent or `default`, `linear`, `llama3` or `yarn`, with
-/// Hugging Face's defaults. A YaRN `attention_factor` is the whole cos / sin magnitude there.
-fn rope_scaling(path: &Path, v: &Value) -> Result<RopeScaling> {
+/// `rope_scaling` of a config.json: absent or `default`, `linear`, `llama3`, `yarn` or
+/// `longrope` (`su`), with Hugging Face's defaults. A YaRN `attention_factor` is the whole
+/// cos / sin magnitude there.
+fn rope_scaling(path: &Path, v: &Value) -> Result<(RopeScaling, LongRopeFactors)> {
     let err = |key: &str, reason: String| ModelError::Metadata {
         path: path.to_path_buf(),
         key: format!("rope_scaling.{key}"),
         reason,
     };
     let s = match v.get("rope_scaling") {
-        None | Some(Value::Null) => return Ok(RopeScaling::None),
+        None | Some(Value::Null) => return Ok((RopeScaling::None, None)),
         Some(Value::Object(s)) => s,
         Some(x) => return Err(err("", format!("expected an object, found {x}"))),
     };
@@ -178,14 +215,51 @@ fn rope_scaling(path: &Path, v: &Value) -> Result<RopeScaling> {
         .get("max_position_embeddings")
         .and_then(Value::as_f64)
         .unwrap_or(0.0);
-    let original = || num("original_max_position_embeddings", Some(trained)).map(|c| c as usize);
+    // Phi-3 keeps the original context beside `rope_scaling`, newer configs inside it.
+    let outer = v
+        .get("original_max_position_embeddings")
+        .and_then(Value::as_f64)
+        .unwrap_or(trained);
+    let original = || num("original_max_position_embeddings", Some(outer)).map(|c| c as usize);
+    let factors = |key: &str| -> Result<Vec<f32>> {
+        let a = s
+            .get(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| err(key, "missing or not a list of numbers".into()))?;
+        a.iter()
+            .map(|x| {
+                x.as_f64()
+                    .filter(|f| f.is_finite() && *f > 0.0)
+                    .map(|f| f as f32)
+                    .ok_or_else(|| err(key, format!("{x} is not a positive number")))
+            })
+            .collect()
+    };
     // Older configs spell it `type`.
     let kind = s
         .get("rope_type")
         .or_else(|| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    Ok(match kind {
+    if matches!(kind, "longrope" | "su") {
+        let original_context = original()?;
+        // Hugging Face's default: from the stretch of the context over the original one.
+        let scale = trained / original_context as f64;
+        let own = if scale <= 1.0 {
+            1.0
+        } else {
+            (1.0 + scale.ln() / (original_context as f64).ln()).sqrt()
+        };
+        let scaling = RopeScaling::LongRope {
+            original_context,
+            attn_factor: num("attention_factor", Some(own))?,
+        };
+        return Ok((
+            scaling,
+            Some((factors("short_factor")?, factors("long_factor")?)),
+        ));
+    }
+    let scaling = match kind {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear {
             factor: num("factor", None)?,
@@ -211,11 +285,12 @@ fn rope_scaling(path: &Path, v: &Value) -> Result<RopeScaling> {
             return Err(err(
                 "rope_type",
                 format!(
-                    "{other:?} is not supported (verdict runs default, linear, llama3 and yarn)"
+                    "{other:?} is not supported (verdict runs default, linear, llama3, yarn and longrope)"
                 ),
             ));
         }
-    })
+    };
+    Ok((scaling, None))
 }
 
 pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
@@ -255,7 +330,17 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
             })?;
         tensors.extend(part);
     }
-    let cfg = config_from_json(&cfg_path, &json, tensors.contains_key("lm_head.weight"))?;
+    let (cfg, factors) =
+        config_from_json(&cfg_path, &json, tensors.contains_key("lm_head.weight"))?;
+    // LongRoPE's factor sets, under the names a GGUF stores them by.
+    if let Some((short, long)) = factors {
+        for (name, f) in [(ROPE_FACTORS_SHORT, short), (ROPE_FACTORS_LONG, long)] {
+            let n = f.len();
+            let t = Tensor::from_vec(f, n, &Device::Cpu)
+                .map_err(|e| ModelError::Invalid(format!("{name}: {}", candle_msg(&e))))?;
+            tensors.insert(name.to_string(), t);
+        }
+    }
     let src = StSource {
         dir: dir.to_path_buf(),
         tensors,

@@ -257,7 +257,7 @@ fn bias_on(b: &Option<Tensor>, dev: &Device) -> candle_core::Result<Option<Tenso
 }
 
 /// Rows `r` of a projection (column parallel): its bias is split the same way.
-fn split_rows(l: &Linear, r: Range<usize>, dev: &Device) -> candle_core::Result<Linear> {
+pub(crate) fn split_rows(l: &Linear, r: Range<usize>, dev: &Device) -> candle_core::Result<Linear> {
     let b = l.b.as_ref().map(|b| part_on(b, 0, &r, dev)).transpose()?;
     Ok(Linear::new(for_matmul(rows_of(&l.w, r, dev)?)?, b))
 }

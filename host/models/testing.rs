@@ -86,6 +86,9 @@ pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 /// `true`, and neither when they say nothing.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% elif enable_thinking is defined and enable_thinking %}{{ '<think>\\n' }}{% endif %}{% endif %}";
 
+/// Phi-3's chat tokens, the last ids of a phi3 spec's SentencePiece vocabulary.
+pub const PHI3_SPECIALS: [&str; 4] = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"];
+
 /// Merges every tiny tokenizer starts with (each uses only tokens that exist before it).
 const BASE_MERGES: [(&str, &str); 12] = [
     ("Ġ", "t"),
@@ -322,9 +325,16 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     for i in 0..spec.layers {
         let b = format!("blk.{i}");
         out.push(vector(format!("{b}.attn_norm.weight"), 1.0, 0.2, h)?);
-        out.push(mat(format!("{b}.attn_q.weight"), q_out, h)?);
-        out.push(mat(format!("{b}.attn_k.weight"), kv_out, h)?);
-        out.push(mat(format!("{b}.attn_v.weight"), kv_out, h)?);
+        let q = mat(format!("{b}.attn_q.weight"), q_out, h)?;
+        let k = mat(format!("{b}.attn_k.weight"), kv_out, h)?;
+        let v = mat(format!("{b}.attn_v.weight"), kv_out, h)?;
+        if spec.arch == Arch::Phi3 {
+            // One matrix, q's rows then k's then v's, as phi3 files store it.
+            let qkv = Tensor::cat(&[&q.1, &k.1, &v.1], 0)?;
+            out.push((format!("{b}.attn_qkv.weight"), qkv));
+        } else {
+            out.extend([q, k, v]);
+        }
         if spec.arch == Arch::Qwen2 {
             out.push(vector(format!("{b}.attn_q.bias"), 0.0, 0.5, q_out)?);
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
@@ -336,8 +346,17 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         }
         out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
         out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
-        out.push(mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?);
-        out.push(mat(format!("{b}.ffn_up.weight"), spec.intermediate, h)?);
+        let gate = mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?;
+        let up = mat(format!("{b}.ffn_up.weight"), spec.intermediate, h)?;
+        if spec.arch == Arch::Phi3 {
+            // phi3's `ffn_up` holds the gate's rows, then the up projection's.
+            out.push((
+                format!("{b}.ffn_up.weight"),
+                Tensor::cat(&[&gate.1, &up.1], 0)?,
+            ));
+        } else {
+            out.extend([gate, up]);
+        }
         out.push(mat(format!("{b}.ffn_down.weight"), h, spec.intermediate)?);
     }
     if let Some(ff) = llama3_factors(spec) {
@@ -345,6 +364,17 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         out.push((
             "rope_freqs.weight".into(),
             Tensor::from_vec(ff, n, &Device::Cpu)?,
+        ));
+    }
+    if let Some((short, long)) = longrope_factors(spec) {
+        let n = short.len();
+        out.push((
+            "rope_factors_long.weight".into(),
+            Tensor::from_vec(long, n, &Device::Cpu)?,
+        ));
+        out.push((
+            "rope_factors_short.weight".into(),
+            Tensor::from_vec(short, n, &Device::Cpu)?,
         ));
     }
     out.push(vector("output_norm.weight".into(), 1.0, 0.2, h)?);
@@ -383,6 +413,30 @@ fn llama3_factors(spec: &TinySpec) -> Option<Vec<f32>> {
         })
         .collect();
     Some(out)
+}
+
+/// LongRoPE's factor sets (short, long) for a [`RopeScaling::LongRope`] spec, shaped as
+/// Phi-3's are: the short ones near 1, the long ones growing with the pair's wavelength.
+pub fn longrope_factors(spec: &TinySpec) -> Option<(Vec<f32>, Vec<f32>)> {
+    let RopeScaling::LongRope { .. } = spec.rope_scaling else {
+        return None;
+    };
+    let n = spec.head_dim() / 2;
+    let at = |i: usize| i as f32 / (n - 1).max(1) as f32;
+    let short = (0..n).map(|i| 1.0 + 0.25 * at(i) * at(i)).collect();
+    let long = (0..n).map(|i| 1.0 + 11.0 * at(i).powf(1.5)).collect();
+    Some((short, long))
+}
+
+/// The attention factor Hugging Face (and llama.cpp's converter) derive for LongRoPE from the
+/// context and the original context.
+pub fn longrope_attn_factor(context: usize, original: usize) -> f32 {
+    let scale = context as f64 / original as f64;
+    if scale <= 1.0 {
+        1.0
+    } else {
+        (1.0 + scale.ln() / (original as f64).ln()).sqrt() as f32
+    }
 }
 
 /// HF q/k rows -> llama.cpp's order for llama (adjacent pairs rotate together): within each
@@ -455,6 +509,16 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     ];
     match spec.rope_scaling {
         RopeScaling::None | RopeScaling::Llama3 { .. } => {}
+        RopeScaling::LongRope {
+            original_context,
+            attn_factor,
+        } => {
+            meta.push((format!("{a}.rope.scaling.attn_factor"), V::F32(attn_factor)));
+            meta.push((
+                format!("{a}.rope.scaling.original_context_length"),
+                V::U32(original_context as u32),
+            ));
+        }
         RopeScaling::Linear { factor } => {
             meta.push((format!("{a}.rope.scaling.type"), V::String("linear".into())));
             meta.push((format!("{a}.rope.scaling.factor"), V::F32(factor)));
@@ -473,7 +537,17 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         }
     }
     if spec.spm {
-        let (tokens, types, scores) = tiny_spm_vocab(spec.vocab);
+        let (mut tokens, mut types, mut scores) = tiny_spm_vocab(spec.vocab);
+        if spec.arch == Arch::Phi3 {
+            // Phi-3's chat tokens in place of the last pieces (control tokens, as its
+            // converter writes them).
+            let n = tokens.len();
+            for (i, t) in PHI3_SPECIALS.iter().enumerate() {
+                tokens[n - PHI3_SPECIALS.len() + i] = t.to_string();
+                types[n - PHI3_SPECIALS.len() + i] = 3;
+                scores[n - PHI3_SPECIALS.len() + i] = 0.0;
+            }
+        }
         meta.extend([
             ("tokenizer.ggml.model".into(), V::String("llama".into())),
             ("tokenizer.ggml.tokens".into(), strs(&tokens)),
@@ -560,7 +634,9 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     for (name, t) in tiny_weights(spec)? {
         let hf = match name.as_str() {
             // Hugging Face keeps the scheme in config.json, not the factors.
-            "rope_freqs.weight" => continue,
+            "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
+                continue;
+            }
             "token_embd.weight" => "model.embed_tokens.weight".to_string(),
             "output_norm.weight" => "model.norm.weight".to_string(),
             "output.weight" => "lm_head.weight".to_string(),
@@ -569,6 +645,10 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                 let (i, s) = rest.split_once('.').unwrap_or(("0", rest));
                 let i: usize = i.parse().unwrap_or(0);
                 let s = s.strip_suffix(".weight").unwrap_or(s);
+                let s = match (spec.arch, s) {
+                    (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
+                    _ => s,
+                };
                 super::safetensors::hf_layer_name(i, s)
             }
         };
@@ -581,6 +661,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -607,8 +688,25 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                 "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_context,
             }),
+            // As Phi-3 128k writes it: the factor sets in the object, the original context
+            // beside it, the attention factor left to the formula unless it differs.
+            RopeScaling::LongRope { attn_factor, original_context } => {
+                let (short, long) = longrope_factors(spec).unwrap_or_default();
+                let mut o = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
+                if attn_factor != longrope_attn_factor(spec.context_length, original_context) {
+                    o["attention_factor"] = attn_factor.into();
+                }
+                o
+            }
         },
     });
+    let mut config = config;
+    if let RopeScaling::LongRope {
+        original_context, ..
+    } = spec.rope_scaling
+    {
+        config["original_max_position_embeddings"] = original_context.into();
+    }
     let cfg_text = serde_json::to_string_pretty(&config)
         .map_err(|e| ModelError::Invalid(format!("config.json: {e}")))?;
     std::fs::write(dir.join("config.json"), cfg_text).map_err(io)?;
@@ -691,6 +789,30 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             TinySpec {
                 arch: Arch::Llama,
                 spm: true,
+                ..base.clone()
+            },
+        ),
+        // Phi-3 mini: q/k/v in one matrix, gate and up in one, a SentencePiece vocabulary
+        // with Phi-3's chat tokens (which, by the model's name, drop the whitespace after them).
+        (
+            "phi3",
+            TinySpec {
+                arch: Arch::Phi3,
+                spm: true,
+                ..base.clone()
+            },
+        ),
+        // Phi-3 128k: LongRoPE over an original context of 64. The context (512 here, 256 in
+        // llama.cpp's run) is past it, so both engines rotate by the long factors.
+        (
+            "phi3-longrope",
+            TinySpec {
+                arch: Arch::Phi3,
+                spm: true,
+                rope_scaling: RopeScaling::LongRope {
+                    original_context: 64,
+                    attn_factor: longrope_attn_factor(512, 64),
+                },
                 ..base.clone()
             },
         ),

@@ -9,7 +9,7 @@
 //! differs from Hugging Face's: control tokens are recognised only when asked (`special = true`),
 //! user-defined tokens always, longest token first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -74,6 +74,8 @@ pub struct Tokenizer {
     kinds: Vec<TokenKind>,
     /// Tokens split out of text before BPE, longest first (llama.cpp's order).
     specials: Vec<(String, u32, TokenKind)>,
+    /// Special tokens that swallow the whitespace after them (llama.cpp's RSTRIP attribute).
+    rstrip: HashSet<u32>,
     pre: String,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -454,6 +456,23 @@ impl Tokenizer {
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
 
+        // llama.cpp gives Phi-3's special tokens the RSTRIP attribute, as Hugging Face's
+        // tokenizer.json marks them, and knows the model by its name alone: the vocabulary
+        // does not say. `<|user|>\nhi` then tokenizes as `<|user|>hi`.
+        let name = meta_str(content, "general.name")?
+            .unwrap_or("")
+            .to_lowercase();
+        let mut rstrip = HashSet::new();
+        if name.contains("phi-3") || name.contains("phi3") {
+            rstrip.extend(specials.iter().map(|s| s.1));
+            rstrip.extend(ids.get("</s>"));
+            for t in ["<unk>", "<s>", "<|endoftext|>"] {
+                if let Some(id) = ids.get(t) {
+                    rstrip.remove(id);
+                }
+            }
+        }
+
         let mut eog: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
         for (id, (t, k)) in tokens.iter().zip(&kinds).enumerate() {
             if matches!(k, TokenKind::Control | TokenKind::UserDefined)
@@ -476,6 +495,12 @@ impl Tokenizer {
             h.update(t.as_bytes());
             h.update([*k as u8]);
         }
+        let mut stripped: Vec<u32> = rstrip.iter().copied().collect();
+        stripped.sort_unstable();
+        h.update((stripped.len() as u64).to_le_bytes());
+        for id in stripped {
+            h.update(id.to_le_bytes());
+        }
         h.update((decisive.len() as u64).to_le_bytes());
         for m in &decisive {
             h.update((m.len() as u64).to_le_bytes());
@@ -489,6 +514,7 @@ impl Tokenizer {
             pieces,
             kinds,
             specials,
+            rstrip,
             pre: pre.to_string(),
             bos,
             eos,
@@ -589,6 +615,10 @@ impl Tokenizer {
                     }
                     next.push(Fragment::Token(*id));
                     t = &t[pos + tok.len()..];
+                    if self.rstrip.contains(id) {
+                        // C's isspace, as llama.cpp strips.
+                        t = t.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+                    }
                 }
                 if !t.is_empty() {
                     next.push(Fragment::Text(t));

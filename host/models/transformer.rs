@@ -13,7 +13,9 @@ use super::attention::CausalAttention;
 use super::batch::{Batcher, Membership};
 use super::cuda_fast::{FastSession, FastWeights};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
-use super::gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
+use super::gguf::{
+    Arch, GgufFile, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, RopeStyle,
+};
 use super::kv_cache::{KvCache, check_truncate};
 use super::rope::Rotary;
 use super::shard::{Communicator, TpSession, Transport};
@@ -21,9 +23,6 @@ use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// llama.cpp's tensor of per-pair rotary frequency factors (Llama 3.1 and later).
-const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// A projection: quantized (or f32) weight `[out, in]` plus an optional bias `[out]`.
 #[derive(Debug, Clone)]
@@ -388,43 +387,94 @@ impl Weights {
             let vec = |s: &str| vec_of(s, h);
             let qk_norm = match c.arch {
                 Arch::Qwen3 => Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?)),
-                Arch::Llama | Arch::Qwen2 => None,
+                Arch::Llama | Arch::Qwen2 | Arch::Phi3 => None,
+            };
+            // One stored matrix cut into consecutive row ranges (phi3's `attn_qkv`, and its
+            // `ffn_up` holding the gate's rows then the up projection's): rows of a quantized
+            // matrix are whole runs of blocks, so each part is a byte range.
+            let fused = |w: &str, b: &str, parts: &[usize]| -> Result<Vec<Linear>> {
+                let whole = lin(w, Some(b), [parts.iter().sum(), h])?;
+                let mut at = 0;
+                let mut out = Vec::with_capacity(parts.len());
+                for &len in parts {
+                    let part =
+                        super::shard::split_rows(&whole, at..at + len, device).map_err(|e| {
+                            ModelError::Tensor {
+                                path: src.path().to_path_buf(),
+                                tensor: n(w),
+                                reason: format!(
+                                    "cutting rows {at}..{}: {}",
+                                    at + len,
+                                    candle_msg(&e)
+                                ),
+                            }
+                        })?;
+                    out.push(part);
+                    at += len;
+                }
+                Ok(out)
+            };
+            let [q, k, v]: [Linear; 3] = if src.has(&n("attn_qkv")) {
+                let parts = fused("attn_qkv", "attn_qkv.bias", &[q_out, kv_out, kv_out])?;
+                parts.try_into().expect("three parts")
+            } else {
+                [
+                    lin("attn_q", Some("attn_q.bias"), [q_out, h])?,
+                    lin("attn_k", Some("attn_k.bias"), [kv_out, h])?,
+                    lin("attn_v", Some("attn_v.bias"), [kv_out, h])?,
+                ]
+            };
+            let [gate, up]: [Linear; 2] = if !src.has(&n("ffn_gate")) && src.has(&n(FFN_GATE_UP)) {
+                let i = c.intermediate;
+                let parts = fused(FFN_GATE_UP, "ffn_gate_up.bias", &[i, i])?;
+                parts.try_into().expect("two parts")
+            } else {
+                [
+                    lin("ffn_gate", None, [c.intermediate, h])?,
+                    lin("ffn_up", None, [c.intermediate, h])?,
+                ]
             };
             layers.push(Layer {
                 attn_norm: vec("attn_norm")?,
-                q: lin("attn_q", Some("attn_q.bias"), [q_out, h])?,
-                k: lin("attn_k", Some("attn_k.bias"), [kv_out, h])?,
-                v: lin("attn_v", Some("attn_v.bias"), [kv_out, h])?,
+                q,
+                k,
+                v,
                 o: lin("attn_output", None, [h, q_out])?,
                 qk_norm,
                 ffn_norm: vec("ffn_norm")?,
-                gate: lin("ffn_gate", None, [c.intermediate, h])?,
-                up: lin("ffn_up", None, [c.intermediate, h])?,
+                gate,
+                up,
                 down: lin("ffn_down", None, [h, c.intermediate])?,
             });
         }
-        // Llama 3.1's per-pair factors, where the file has them.
-        let freq_factors = match src.has(ROPE_FREQS) {
-            true => {
-                check_shape(src, ROPE_FREQS, &[d / 2])?;
-                let t = src.vector(ROPE_FREQS, device)?;
-                Some(t.to_vec1::<f32>().map_err(|e| ModelError::Tensor {
-                    path: src.path().to_path_buf(),
-                    tensor: ROPE_FREQS.into(),
-                    reason: candle_msg(&e),
-                })?)
-            }
-            false => None,
+        // Per-pair factors: Llama 3.1's where the file has them, else LongRoPE's set for this
+        // context.
+        let factors_name = match c.rope_scaling.long_factors(c.context_length) {
+            _ if src.has(ROPE_FREQS) => Some(ROPE_FREQS),
+            Some(true) => Some(ROPE_FACTORS_LONG),
+            Some(false) => Some(ROPE_FACTORS_SHORT),
+            None => None,
         };
-        if let Some(ff) = &freq_factors
-            && let Some(bad) = ff.iter().find(|x| !(x.is_finite() && **x > 0.0))
-        {
-            return Err(ModelError::Tensor {
-                path: src.path().to_path_buf(),
-                tensor: ROPE_FREQS.into(),
-                reason: format!("a frequency factor is {bad}; they must be positive"),
-            });
-        }
+        let freq_factors = match factors_name {
+            Some(name) => {
+                check_shape(src, name, &[d / 2])?;
+                let t = src.vector(name, device)?;
+                let ff = t.to_vec1::<f32>().map_err(|e| ModelError::Tensor {
+                    path: src.path().to_path_buf(),
+                    tensor: name.into(),
+                    reason: candle_msg(&e),
+                })?;
+                if let Some(bad) = ff.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                    return Err(ModelError::Tensor {
+                        path: src.path().to_path_buf(),
+                        tensor: name.into(),
+                        reason: format!("a frequency factor is {bad}; they must be positive"),
+                    });
+                }
+                Some(ff)
+            }
+            None => None,
+        };
         let rotary = Rotary::new(d, c.rope_theta, c.rope_scaling, freq_factors.as_deref());
         Ok(Weights {
             heads: HeadLayout::full(&cfg),
@@ -475,8 +525,15 @@ impl WeightSource for GgufSource<'_> {
     }
 }
 
+/// The name `Weights::build` asks for a fused gate + up projection: phi3's GGUF `ffn_up` of
+/// twice the intermediate size, Hugging Face's `mlp.gate_up_proj`.
+pub(crate) const FFN_GATE_UP: &str = "ffn_gate_up";
+
 /// GGUF names: `blk.N.attn_q.weight`, biases `blk.N.attn_q.bias`.
 fn gguf_layer_name(i: usize, s: &str) -> String {
+    if let Some(rest) = s.strip_prefix(FFN_GATE_UP) {
+        return gguf_layer_name(i, &format!("ffn_up{rest}"));
+    }
     if s.ends_with(".bias") {
         format!("blk.{i}.{s}")
     } else {
