@@ -801,7 +801,7 @@ fn bad_files_give_clear_errors() {
         ),
         (
             serde_json::json!({"type": "longrope", "short_factor": ones, "long_factor": [1, 2, 3]}),
-            "rope_scaling.long_factor: 3 factors for heads of 16 dimensions (8 pairs)",
+            "rope_scaling.long_factor: 3 factors for 16 rotated dimensions (8 pairs)",
         ),
         (
             serde_json::json!({"type": "su", "short_factor": [1, 1, 1, 0, 1, 1, 1, 1], "long_factor": ones}),
@@ -836,13 +836,35 @@ fn bad_files_give_clear_errors() {
         );
     }
 
-    // A rotation of part of each head (Phi-4-mini's 0.75) is refused by name.
-    let mut c = config.clone();
-    c["partial_rotary_factor"] = 0.75.into();
-    std::fs::write(hf.join("config.json"), c.to_string()).unwrap();
-    let e = expect_err(Model::load_safetensors(&hf, &Device::Cpu));
+    // A rotated share of each head outside (0, 1], or one that leaves an odd number of
+    // dimensions (0.2 of 16 truncates to 3).
+    for (partial, needle) in [
+        (1.5, "partial_rotary_factor: 1.5 is not in (0, 1]"),
+        (0.0, "partial_rotary_factor: 0 is not in (0, 1]"),
+        (0.2, "rotating 3 of a head's 16 dimensions"),
+    ] {
+        let mut c = config.clone();
+        c["partial_rotary_factor"] = partial.into();
+        std::fs::write(hf.join("config.json"), c.to_string()).unwrap();
+        let e = expect_err(Model::load_safetensors(&hf, &Device::Cpu));
+        assert!(
+            e.contains("config.json") && e.contains(needle),
+            "{partial}: {e}"
+        );
+    }
+    // ... and in a GGUF: more rotated dimensions than a head has.
+    let wide = dir.path().join("wide-rope.gguf");
+    write_tiny_gguf(
+        &wide,
+        &TinySpec {
+            rope_dims: Some(18),
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let e = expect_err(Model::load_gguf(&wide, &Device::Cpu));
     assert!(
-        e.contains("partial_rotary_factor") && e.contains("0.75"),
+        e.contains("wide-rope.gguf") && e.contains("rotating 18 of a head's 16 dimensions"),
         "{e}"
     );
 

@@ -238,6 +238,12 @@ mod imp {
             // decode.cu has no per-head q/k norm; candle's ops run qwen3 on the GPU.
             return Some("per-head q/k norms (qwen3)".into());
         }
+        if cfg.rope_dims != cfg.head_dim {
+            return Some(format!(
+                "a partial rotation ({} of {} dimensions)",
+                cfg.rope_dims, cfg.head_dim
+            ));
+        }
         if file.has_tensor("blk.0.attn_qkv.weight") || !file.has_tensor("blk.0.ffn_gate.weight") {
             // The decode path reads q/k/v and gate/up as separate matrices.
             return Some("fused q/k/v or gate/up matrices (phi3)".into());

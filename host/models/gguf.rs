@@ -72,6 +72,9 @@ pub struct ModelConfig {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The leading dimensions of each head that rotate (all of them but in Phi-4-mini and the
+    /// like, whose rest pass through unrotated); even, at most `head_dim`.
+    pub rope_dims: usize,
     pub intermediate: usize,
     pub rope_theta: f32,
     pub rms_eps: f32,
@@ -119,6 +122,18 @@ impl ModelConfig {
             return Err(bad(
                 "head_dim",
                 format!("{} is odd; rotary embeddings need pairs", self.head_dim),
+            ));
+        }
+        if self.rope_dims == 0
+            || !self.rope_dims.is_multiple_of(2)
+            || self.rope_dims > self.head_dim
+        {
+            return Err(bad(
+                "rope_dims",
+                format!(
+                    "rotating {} of a head's {} dimensions: it must be a positive even number, at most the head size",
+                    self.rope_dims, self.head_dim
+                ),
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
@@ -555,16 +570,10 @@ impl GgufFile {
         let head_dim = self
             .opt_usize(&format!("{a}.attention.key_length"))?
             .unwrap_or(hidden_size / n_heads);
-        // Every dimension of a head rotates here; a partial rotation would silently differ.
-        let rot_key = format!("{a}.rope.dimension_count");
-        if let Some(n_rot) = self.opt_usize(&rot_key)?
-            && n_rot != head_dim
-        {
-            return Err(self.meta_err(
-                &rot_key,
-                format!("rotating {n_rot} of a head's {head_dim} dimensions is not supported"),
-            ));
-        }
+        // Phi-4-mini and the like rotate the first `dimension_count` of a head.
+        let rope_dims = self
+            .opt_usize(&format!("{a}.rope.dimension_count"))?
+            .unwrap_or(head_dim);
         let embd = self
             .tensor_shape("token_embd.weight")
             .ok_or_else(|| ModelError::Tensor {
@@ -593,6 +602,7 @@ impl GgufFile {
             n_heads,
             n_kv_heads,
             head_dim,
+            rope_dims,
             intermediate,
             rope_theta,
             rms_eps,

@@ -73,7 +73,8 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    /// The rotation of heads of `head_dim` with base `theta`, stretched by `scaling`.
+    /// The rotation of a head's first `head_dim` dimensions (all of them, or the part a
+    /// partial rotation turns) with base `theta`, stretched by `scaling`.
     /// `freq_factors` (llama.cpp's `rope_freqs`, or LongRoPE's chosen set; one per pair) divide
     /// the frequencies first.
     pub fn new(

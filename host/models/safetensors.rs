@@ -135,16 +135,16 @@ fn config_from_json(
     if n_heads == 0 {
         return Err(err("num_attention_heads", "is 0".into()));
     }
-    // Phi-4-mini rotates 3/4 of each head; verdict rotates whole heads.
+    let head_dim = opt_uint("head_dim")?.unwrap_or(hidden_size / n_heads);
+    // Phi-4-mini rotates 3/4 of each head (Hugging Face truncates the product).
     let partial = float("partial_rotary_factor", 1.0)?;
-    if partial != 1.0 {
+    if !(partial > 0.0 && partial <= 1.0) {
         return Err(err(
             "partial_rotary_factor",
-            format!(
-                "rotating {partial} of each head is not supported (verdict rotates whole heads)"
-            ),
+            format!("{partial} is not in (0, 1]"),
         ));
     }
+    let rope_dims = (head_dim as f64 * partial as f64) as usize;
     let (rope_scaling, factors) = rope_scaling(path, v)?;
     let tie = v
         .get("tie_word_embeddings")
@@ -157,7 +157,8 @@ fn config_from_json(
         n_layers: uint("num_hidden_layers")?,
         n_heads,
         n_kv_heads: opt_uint("num_key_value_heads")?.unwrap_or(n_heads),
-        head_dim: opt_uint("head_dim")?.unwrap_or(hidden_size / n_heads),
+        head_dim,
+        rope_dims,
         intermediate: uint("intermediate_size")?,
         rope_theta: float("rope_theta", 10_000.0)?,
         rms_eps: float("rms_norm_eps", 1e-6)?,
@@ -171,14 +172,14 @@ fn config_from_json(
     cfg.validate(path)?;
     if let Some((short, long)) = &factors {
         for (key, f) in [("short_factor", short), ("long_factor", long)] {
-            if f.len() != cfg.head_dim / 2 {
+            if f.len() != cfg.rope_dims / 2 {
                 return Err(err(
                     &format!("rope_scaling.{key}"),
                     format!(
-                        "{} factors for heads of {} dimensions ({} pairs)",
+                        "{} factors for {} rotated dimensions ({} pairs)",
                         f.len(),
-                        cfg.head_dim,
-                        cfg.head_dim / 2
+                        cfg.rope_dims,
+                        cfg.rope_dims / 2
                     ),
                 ));
             }

@@ -28,6 +28,12 @@ pub struct TinySpec {
     pub kv_heads: usize,
     /// A head size of its own (`attention.key_length`, as qwen3 has); `None`: hidden / heads.
     pub head_dim: Option<usize>,
+    /// The leading dimensions of a head that rotate (`rope.dimension_count`, Hugging Face's
+    /// `partial_rotary_factor`); `None`: the whole head.
+    pub rope_dims: Option<usize>,
+    /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
+    /// rules from the name.)
+    pub name: Option<&'static str>,
     pub intermediate: usize,
     /// Storage type of every matrix (norms and biases are always F32, as in llama.cpp files).
     /// K-quants need `hidden`, `intermediate` multiples of 256; Q4_0/Q8_0 ... multiples of 32.
@@ -63,6 +69,8 @@ impl Default for TinySpec {
             heads: 4,
             kv_heads: 2,
             head_dim: None,
+            rope_dims: None,
+            name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
             seed: 0,
@@ -114,6 +122,10 @@ impl TinySpec {
 
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
+    }
+
+    pub fn rope_dims(&self) -> usize {
+        self.rope_dims.unwrap_or_else(|| self.head_dim())
     }
 
     fn check(&self) -> Result<()> {
@@ -396,9 +408,9 @@ fn llama3_factors(spec: &TinySpec) -> Option<Vec<f32>> {
     else {
         return None;
     };
-    let d = spec.head_dim() as f64;
+    let d = spec.rope_dims() as f64;
     let ctx = original_context as f64;
-    let out = (0..spec.head_dim() / 2)
+    let out = (0..spec.rope_dims() / 2)
         .map(|i| {
             let freq = 1.0 / (spec.rope_theta as f64).powf(2.0 * i as f64 / d);
             let wavelen = 2.0 * std::f64::consts::PI / freq;
@@ -421,7 +433,7 @@ pub fn longrope_factors(spec: &TinySpec) -> Option<(Vec<f32>, Vec<f32>)> {
     let RopeScaling::LongRope { .. } = spec.rope_scaling else {
         return None;
     };
-    let n = spec.head_dim() / 2;
+    let n = spec.rope_dims() / 2;
     let at = |i: usize| i as f32 / (n - 1).max(1) as f32;
     let short = (0..n).map(|i| 1.0 + 0.25 * at(i) * at(i)).collect();
     let long = (0..n).map(|i| 1.0 + 11.0 * at(i).powf(1.5)).collect();
@@ -467,7 +479,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ("general.architecture".into(), V::String(a.into())),
         (
             "general.name".into(),
-            V::String(format!("verdict-tiny-{a}")),
+            V::String(
+                spec.name
+                    .map_or_else(|| format!("verdict-tiny-{a}"), String::from),
+            ),
         ),
         ("general.alignment".into(), V::U32(32)),
         (
@@ -491,7 +506,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         (format!("{a}.rope.freq_base"), V::F32(spec.rope_theta)),
         (
             format!("{a}.rope.dimension_count"),
-            V::U32(spec.head_dim() as u32),
+            V::U32(spec.rope_dims() as u32),
         ),
         (
             format!("{a}.attention.key_length"),
@@ -701,6 +716,9 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         },
     });
     let mut config = config;
+    if spec.rope_dims() != spec.head_dim() {
+        config["partial_rotary_factor"] = (spec.rope_dims() as f64 / spec.head_dim() as f64).into();
+    }
     if let RopeScaling::LongRope {
         original_context, ..
     } = spec.rope_scaling
@@ -809,6 +827,23 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             TinySpec {
                 arch: Arch::Phi3,
                 spm: true,
+                rope_scaling: RopeScaling::LongRope {
+                    original_context: 64,
+                    attn_factor: longrope_attn_factor(512, 64),
+                },
+                ..base.clone()
+            },
+        ),
+        // Phi-4-mini: 3/4 of each head rotates (12 of 16 dimensions here), by LongRoPE's
+        // factors; a byte-level BPE vocabulary, tied embeddings, and a name without "phi3"
+        // (Phi-4's keep their whitespace after special tokens).
+        (
+            "phi4-mini",
+            TinySpec {
+                arch: Arch::Phi3,
+                name: Some("verdict tiny phi 4 mini"),
+                rope_dims: Some(12),
+                tied: true,
                 rope_scaling: RopeScaling::LongRope {
                     original_context: 64,
                     attn_factor: longrope_attn_factor(512, 64),

@@ -449,6 +449,7 @@ impl Weights {
         }
         // Per-pair factors: Llama 3.1's where the file has them, else LongRoPE's set for this
         // context.
+        let pairs = c.rope_dims / 2;
         let factors_name = match c.rope_scaling.long_factors(c.context_length) {
             _ if src.has(ROPE_FREQS) => Some(ROPE_FREQS),
             Some(true) => Some(ROPE_FACTORS_LONG),
@@ -457,7 +458,7 @@ impl Weights {
         };
         let freq_factors = match factors_name {
             Some(name) => {
-                check_shape(src, name, &[d / 2])?;
+                check_shape(src, name, &[pairs])?;
                 let t = src.vector(name, device)?;
                 let ff = t.to_vec1::<f32>().map_err(|e| ModelError::Tensor {
                     path: src.path().to_path_buf(),
@@ -475,7 +476,12 @@ impl Weights {
             }
             None => None,
         };
-        let rotary = Rotary::new(d, c.rope_theta, c.rope_scaling, freq_factors.as_deref());
+        let rotary = Rotary::new(
+            c.rope_dims,
+            c.rope_theta,
+            c.rope_scaling,
+            freq_factors.as_deref(),
+        );
         Ok(Weights {
             heads: HeadLayout::full(&cfg),
             peers: Vec::new(),
@@ -1281,8 +1287,12 @@ fn run(
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
-        // YaRN's magnitude on both q and k, as one factor on their products.
-        scale: w.rotary.mscale * w.rotary.mscale / (hd as f32).sqrt(),
+        // The rotation's magnitude (YaRN, LongRoPE) on both q and k, as one factor on their
+        // products, when whole heads rotate; a partial rotation scales its own part (below).
+        scale: match cfg.rope_dims == hd {
+            true => w.rotary.mscale * w.rotary.mscale / (hd as f32).sqrt(),
+            false => 1.0 / (hd as f32).sqrt(),
+        },
         group: w.heads.group,
         head_offset: w.heads.head_offset,
     };
@@ -1327,16 +1337,24 @@ fn run(
                 .reshape((n, nkv, hd))?
                 .transpose(0, 1)?
                 .contiguous()?;
-            let (q, k) = match cfg.rope {
-                RopeStyle::Interleaved => (
-                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-                ),
-                RopeStyle::Neox => (
-                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
-                ),
+            let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
+                let turn = |t: &Tensor| match cfg.rope {
+                    RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, cos, sin),
+                    RopeStyle::Neox => candle_nn::rotary_emb::rope(t, cos, sin),
+                };
+                if cfg.rope_dims == hd {
+                    return turn(t);
+                }
+                // A partial rotation: the leading dimensions turn (and grow by the magnitude),
+                // the rest pass through.
+                let r = cfg.rope_dims;
+                let mut head = turn(&t.narrow(3, 0, r)?.contiguous()?)?;
+                if w.rotary.mscale != 1.0 {
+                    head = (head * w.rotary.mscale as f64)?;
+                }
+                Tensor::cat(&[&head, &t.narrow(3, r, hd - r)?], 3)?.contiguous()
             };
+            let (q, k) = (rotate(&q)?, rotate(&k)?);
             let k = k.squeeze(0)?;
             let (k_seq, v_seq) = s
                 .cache
