@@ -545,6 +545,14 @@ fn tiny_models_match_llama_cpp() {
     );
     for (name, spec) in specs {
         let run = &fx.models[name];
+        // ggml's GELU reads a table at the input rounded to f16 (GGML_GELU_FP16): Gemma's gate
+        // is off by up to 2^-11 relative there, and the logits by ~1e-3 (uniformly from
+        // position 0, where no window applies yet). A wrong window or local rotation moves
+        // them by 0.1 or more.
+        let tol = match spec.arch {
+            Arch::Gemma3 => 4e-3,
+            _ => TOL,
+        };
         let path = peer_file(dir.path(), name, &spec, &run.sha256);
         let model = Model::load_gguf(&path, &Device::Cpu).unwrap();
         // The tokenizer (byte-level BPE, or SentencePiece for llama-spm) gives llama.cpp's ids.
@@ -554,9 +562,10 @@ fn tiny_models_match_llama_cpp() {
             let ids = tok.encode(&t.text, t.special).unwrap();
             assert_eq!(ids, t.ids, "{name}: {:?} (special {})", t.text, t.special);
             if !t.special {
-                // Decoding gives the text back, after SentencePiece's leading space.
+                // Decoding gives the text back, after SentencePiece's leading space (which
+                // Gemma's vocabulary does not add).
                 let back = tok.decode(&ids, false).unwrap();
-                let back = match spec.spm {
+                let back = match spec.spm && spec.arch != Arch::Gemma3 {
                     true => back.strip_prefix(' ').unwrap_or(&back).to_string(),
                     false => back,
                 };
@@ -581,16 +590,19 @@ fn tiny_models_match_llama_cpp() {
         for (i, row) in out.iter().enumerate() {
             let ours: Vec<f32> = fx.probe_ids.iter().map(|&id| row[id]).collect();
             worst = worst.max(max_diff(&ours, &run.probes[i]));
-            assert_eq!(
-                verdict::sample::argmax(row) as usize,
-                run.argmax[i],
-                "{name}: position {i} argmax"
+            // The same argmax, or (within the tolerance) a tie.
+            let (a, b) = (verdict::sample::argmax(row) as usize, run.argmax[i]);
+            assert!(
+                a == b || row[a] - row[b] < 2.0 * tol,
+                "{name}: position {i} argmax {a} ({}) against llama.cpp's {b} ({})",
+                row[a],
+                row[b]
             );
         }
         worst = worst.max(max_diff(out.last().unwrap(), &run.last));
         eprintln!("{name}: largest difference from llama.cpp {worst:.2e}");
         assert!(
-            worst < TOL,
+            worst < tol,
             "{name}: logits differ from llama.cpp by {worst}"
         );
     }
@@ -887,6 +899,46 @@ fn bad_files_give_clear_errors() {
         e.contains("longrope.gguf")
             && e.contains("rope_factors_long.weight")
             && e.contains("missing"),
+        "{e}"
+    );
+
+    // Gemma 3 without its window names the key; a Hugging Face `layer_types` that follows no
+    // pattern of one global layer in n names the first layer off it.
+    let (_, gemma) = verdict::models::testing::peer_specs()
+        .into_iter()
+        .find(|(n, _)| *n == "gemma3")
+        .unwrap();
+    let g = dir.path().join("gemma.gguf");
+    write_tiny_gguf(&g, &gemma).unwrap();
+    let b = std::fs::read(&g).unwrap();
+    let e = patched_error(
+        dir.path(),
+        "gemma.gguf",
+        &b,
+        b"sliding_window",
+        b"sliding_wandow",
+    );
+    assert!(
+        e.contains("gemma.gguf") && e.contains("gemma3.attention.sliding_window"),
+        "{e}"
+    );
+    let hg = dir.path().join("hf-gemma");
+    write_tiny_safetensors(&hg, &gemma).unwrap();
+    Model::load_safetensors(&hg, &Device::Cpu).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hg.join("config.json")).unwrap()).unwrap();
+    let types = [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+    ];
+    c["layer_types"] = serde_json::json!(types.iter().cycle().take(6).collect::<Vec<_>>());
+    std::fs::write(hg.join("config.json"), c.to_string()).unwrap();
+    let e = expect_err(Model::load_safetensors(&hg, &Device::Cpu));
+    assert!(
+        e.contains("layer_types")
+            && e.contains("layer 3 breaks the pattern of one global layer in 2"),
         "{e}"
     );
 

@@ -27,6 +27,9 @@ pub(crate) struct CausalAttention {
     pub scale: f32,
     pub group: usize,
     pub head_offset: usize,
+    /// Sliding-window attention (Gemma 3's local layers): a row at position p reads keys
+    /// `p - window + 1 ..= p` only. 0: every earlier key.
+    pub window: usize,
 }
 
 impl CausalAttention {
@@ -66,12 +69,13 @@ impl CausalAttention {
         // The query heads sharing one kv head become rows of one matmul.
         let q = (q.reshape((nkv, group * n, hd))? * self.scale as f64)?;
         let att = q.matmul(&k.t()?)?; // [nkv, group*n, l]
-        let att = if n > 1 {
+        let window = self.window;
+        let att = if n > 1 || (window > 0 && l > window) {
             let pos = l - n;
+            let seen =
+                move |i: usize, j: usize| j <= pos + i && (window == 0 || pos + i - j < window);
             let mask: Vec<f32> = (0..n)
-                .flat_map(|i| {
-                    (0..l).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY })
-                })
+                .flat_map(|i| (0..l).map(move |j| if seen(i, j) { 0.0 } else { f32::NEG_INFINITY }))
                 .collect();
             let mask = Tensor::from_vec(mask, (n, l), q.device())?;
             att.reshape((nkv, group, n, l))?
@@ -294,14 +298,20 @@ impl CustomOp3 for CausalAttention {
                 let heads = &groups[g];
                 let rows = b * block..((b + 1) * block).min(n);
                 // Unit u = (row rows.start + u / heads.len(), head heads[u % heads.len()]),
-                // which reads keys 0..len(u) (causal).
+                // which reads keys from(u)..len(u) (causal, within the window).
                 let nu = rows.len() * heads.len();
                 let len = |u: usize| pos + rows.start + u / heads.len() + 1;
+                let from = |u: usize| match self.window {
+                    0 => 0,
+                    w => len(u).saturating_sub(w),
+                };
                 let lmax = pos + rows.end;
+                // The block's first row reads from the earliest key.
+                let jmin = from(0);
                 let qrow = |u: usize| q.row(heads[u % heads.len()], rows.start + u / heads.len());
                 scores.clear();
                 scores.resize(nu * lmax, 0.0);
-                for j in 0..lmax {
+                for j in jmin..lmax {
                     let krow = k.row(g, j);
                     // Units before `first` (earlier rows) do not see key j.
                     let first = j.saturating_sub(pos + rows.start).min(rows.len()) * heads.len();
@@ -319,7 +329,7 @@ impl CustomOp3 for CausalAttention {
                 }
                 sums.clear();
                 for u in 0..nu {
-                    let s = &mut scores[u * lmax..u * lmax + len(u)];
+                    let s = &mut scores[u * lmax + from(u)..u * lmax + len(u)];
                     let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     let mut sum = 0f32;
                     for x in s.iter_mut() {
@@ -341,13 +351,13 @@ impl CustomOp3 for CausalAttention {
                 };
                 // Each output element still adds p_j * v_j in key order, as one row alone does;
                 // a block of V rows stays in L1 while every unit adds it.
-                for j0 in (0..lmax).step_by(KEYS_PER_BLOCK) {
+                for j0 in (jmin..lmax).step_by(KEYS_PER_BLOCK) {
                     let j1 = (j0 + KEYS_PER_BLOCK).min(lmax);
                     for u in 0..nu {
-                        let end = len(u).min(j1);
-                        if end > j0 {
-                            let ps = &scores[u * lmax + j0..u * lmax + end];
-                            accumulate(dst(u), ps, |t| v.row(g, j0 + t));
+                        let (beg, end) = (from(u).max(j0), len(u).min(j1));
+                        if end > beg {
+                            let ps = &scores[u * lmax + beg..u * lmax + end];
+                            accumulate(dst(u), ps, |t| v.row(g, beg + t));
                         }
                     }
                 }
@@ -390,6 +400,13 @@ mod tests {
 
     #[test]
     fn custom_op_matches_tensor_ops_and_is_row_independent() {
+        // Whole causal attention, and sliding windows shorter than the rows' reach.
+        for window in [0, 3, 8] {
+            row_independent_with_window(window);
+        }
+    }
+
+    fn row_independent_with_window(window: usize) {
         let op = CausalAttention {
             n_heads: 6,
             n_kv_heads: 2,
@@ -397,6 +414,7 @@ mod tests {
             scale: 0.3,
             group: 3,
             head_offset: 0,
+            window,
         };
         // A cache buffer of capacity 16 holding 11 positions, viewed like the KV cache does.
         let kbuf = rand((2, 16, 20), 1);
@@ -414,7 +432,7 @@ mod tests {
             .unwrap()
             .max_all()
             .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "window {window}");
         // Row 2 alone (position 9, keys 0..=9) gives exactly the same numbers.
         let q2 = q.narrow(1, 2, 1).unwrap().contiguous().unwrap();
         let one = op
@@ -426,7 +444,15 @@ mod tests {
             .unwrap();
         let a: Vec<f32> = one.i(0).unwrap().to_vec1().unwrap();
         let b: Vec<f32> = fast.i(2).unwrap().to_vec1().unwrap();
-        assert_eq!(a, b);
+        assert_eq!(a, b, "window {window}");
+        if window > 0 {
+            // Keys before the window change nothing.
+            let kfar = (k.narrow(1, 0, 2).unwrap() * 7.0).unwrap();
+            let k2 = Tensor::cat(&[&kfar, &k.narrow(1, 2, 8).unwrap()], 1).unwrap();
+            let moved = op.forward(&q2, &k2, &v.narrow(1, 0, 10).unwrap()).unwrap();
+            let m: Vec<f32> = moved.i(0).unwrap().to_vec1().unwrap();
+            assert_eq!(m, a, "window {window}");
+        }
     }
 
     /// The op's dot product before heads were computed together, kept as the reference.
@@ -495,6 +521,7 @@ mod tests {
                     scale: 0.2,
                     group: 3,
                     head_offset: 0,
+                    window: 0,
                 },
                 19,
                 300,
@@ -507,6 +534,7 @@ mod tests {
                     scale: 0.125,
                     group: 7,
                     head_offset: 0,
+                    window: 0,
                 },
                 3,
                 70,
@@ -519,6 +547,7 @@ mod tests {
                     scale: 0.4,
                     group: 4,
                     head_offset: 2,
+                    window: 0,
                 },
                 9,
                 40,
@@ -531,6 +560,7 @@ mod tests {
                     scale: 1.0,
                     group: 4,
                     head_offset: 0,
+                    window: 0,
                 },
                 1,
                 5,

@@ -17,13 +17,18 @@ use std::path::{Path, PathBuf};
 /// adds biases to q/k/v; qwen3 has none and RMS-normalises each head's q and k before the
 /// rotation (`attn_q_norm`, `attn_k_norm`), with a head size of its own (`attention.key_length`);
 /// phi3 stores q/k/v as one matrix (`attn_qkv`) and gate/up as one (`ffn_up`, gate first), and
-/// its long-context versions use LongRoPE.
+/// its long-context versions use LongRoPE; gemma3 scales the embeddings by sqrt(hidden),
+/// normalises q and k per head as qwen3 does, normalises the attention and MLP outputs again
+/// before the residual adds (`post_attention_norm`, `post_ffw_norm`), gates with GELU (tanh)
+/// instead of SiLU, and lets five of every six layers attend to a sliding window only, with a
+/// rotary base of their own ([`SlidingWindow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma3,
 }
 
 impl Arch {
@@ -33,6 +38,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -42,6 +48,8 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
+            // Hugging Face's name for Gemma 3's text model (1B, 270M).
+            "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
         }
     }
@@ -52,6 +60,22 @@ pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
 /// LongRoPE's factor sets (see [`RopeScaling::LongRope`]).
 pub(crate) const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 pub(crate) const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+
+/// Gemma 3's local layers: layer `i` is local unless `i % pattern == pattern - 1` (llama.cpp's
+/// rule; pattern 0: all local). A local layer attends to the last `size` positions and rotates
+/// with base `rope_theta`, unscaled; the global layers use the model's base and scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    pub pattern: usize,
+    pub rope_theta: f32,
+}
+
+impl SlidingWindow {
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.pattern == 0 || layer % self.pattern < self.pattern - 1
+    }
+}
 
 /// How rotary embeddings pair the dimensions of a head. llama.cpp's converter permutes llama's
 /// q/k rows so that adjacent pairs rotate together (interleaved); qwen2 GGUFs and every
@@ -84,6 +108,11 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
     pub rope: RopeStyle,
     pub rope_scaling: RopeScaling,
+    /// Local attention layers, where the model has them (Gemma 3).
+    pub sliding_window: Option<SlidingWindow>,
+    /// What q.k is multiplied by before the softmax (times the rotation's magnitude squared):
+    /// 1 / sqrt(head_dim) but where a model says otherwise (Gemma's `query_pre_attn_scalar`).
+    pub attention_scale: f32,
 }
 
 impl ModelConfig {
@@ -140,6 +169,20 @@ impl ModelConfig {
             return Err(bad(
                 "rope_theta",
                 format!("{} is not positive", self.rope_theta),
+            ));
+        }
+        if let Some(w) = self.sliding_window
+            && (w.size == 0 || !(w.rope_theta.is_finite() && w.rope_theta > 0.0))
+        {
+            return Err(bad(
+                "sliding_window",
+                format!("{w:?}: the window and its rotary base must be positive"),
+            ));
+        }
+        if !(self.attention_scale.is_finite() && self.attention_scale > 0.0) {
+            return Err(bad(
+                "attention_scale",
+                format!("{} is not positive", self.attention_scale),
             ));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
@@ -612,9 +655,29 @@ impl GgufFile {
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma3 => RopeStyle::Neox,
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
+            sliding_window: match arch {
+                // As llama.cpp reads Gemma 3: the window is required, the pattern 6 and the
+                // local base 10000 unless the file says.
+                Arch::Gemma3 => Some(SlidingWindow {
+                    size: self.get_usize(&format!("{a}.attention.sliding_window"))?,
+                    pattern: self
+                        .opt_usize(&format!("{a}.attention.sliding_window_pattern"))?
+                        .unwrap_or(6),
+                    rope_theta: self
+                        .opt_f32(&format!("{a}.rope.freq_base_swa"))?
+                        .unwrap_or(10_000.0),
+                }),
+                _ => None,
+            },
+            // llama.cpp's Gemma 3 rule: 1 / sqrt(head size), but 1 / sqrt(hidden / heads) for
+            // the 27B (62 layers), whose query_pre_attn_scalar is that.
+            attention_scale: match arch {
+                Arch::Gemma3 if n_layers == 62 => 1.0 / ((hidden_size / n_heads) as f32).sqrt(),
+                _ => 1.0 / (head_dim as f32).sqrt(),
+            },
         };
         cfg.validate(&self.path)?;
         Ok(cfg)

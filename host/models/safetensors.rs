@@ -3,7 +3,9 @@
 //! production path).
 
 use super::error::{ModelError, Result, candle_msg};
-use super::gguf::{Arch, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle};
+use super::gguf::{
+    Arch, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle, SlidingWindow,
+};
 use super::rope::RopeScaling;
 use super::transformer::{Names, WeightSource, Weights};
 use candle_core::quantized::QMatMul;
@@ -15,6 +17,9 @@ use std::path::{Path, PathBuf};
 struct StSource {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// Gemma stores each RMSNorm weight as `w` and scales by `1 + w` (llama.cpp's converter
+    /// adds the 1 into the GGUF, so the forward is the same for both).
+    norm_plus_one: bool,
 }
 
 impl WeightSource for StSource {
@@ -36,7 +41,9 @@ impl WeightSource for StSource {
             tensor: name.to_string(),
             reason: "missing from the checkpoint".into(),
         })?;
+        let plus_one = self.norm_plus_one && name.ends_with("norm.weight");
         t.to_dtype(DType::F32)
+            .and_then(|t| if plus_one { t + 1.0 } else { Ok(t) })
             .and_then(|t| t.to_device(device))
             .map_err(|e| ModelError::Tensor {
                 path: self.dir.clone(),
@@ -75,6 +82,18 @@ pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
 /// LongRoPE's two factor sets from a config.json (short, long), to serve as the tensors a GGUF
 /// stores them in.
 type LongRopeFactors = Option<(Vec<f32>, Vec<f32>)>;
+
+/// Gemma's layer names: its `post_attention_layernorm` is the norm on the attention's output,
+/// and the MLP's input norm is `pre_feedforward_layernorm`.
+pub(crate) fn hf_gemma_layer_name(i: usize, s: &str) -> String {
+    let hf = match s {
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" => "pre_feedforward_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        other => return hf_layer_name(i, other),
+    };
+    format!("model.layers.{i}.{hf}.weight")
+}
 
 fn config_from_json(
     path: &Path,
@@ -168,6 +187,18 @@ fn config_from_json(
         eos_token_id: token("eos_token_id")?,
         rope: RopeStyle::Neox,
         rope_scaling,
+        sliding_window: match arch {
+            Arch::Gemma3 => Some(SlidingWindow {
+                size: uint("sliding_window")?,
+                pattern: gemma_pattern(path, v)?,
+                rope_theta: float("rope_local_base_freq", 10_000.0)?,
+            }),
+            _ => None,
+        },
+        attention_scale: match v.get("query_pre_attn_scalar") {
+            None | Some(Value::Null) => 1.0 / (head_dim as f32).sqrt(),
+            Some(_) => 1.0 / float("query_pre_attn_scalar", 0.0)?.sqrt(),
+        },
     };
     cfg.validate(path)?;
     if let Some((short, long)) = &factors {
@@ -186,6 +217,48 @@ fn config_from_json(
         }
     }
     Ok((cfg, factors))
+}
+
+/// Which layers of a Gemma 3 config are local: `sliding_window_pattern` (one global layer in
+/// every so many), or a `layer_types` list, which must follow such a pattern.
+fn gemma_pattern(path: &Path, v: &Value) -> Result<usize> {
+    let err = |key: &str, reason: String| ModelError::Metadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        reason,
+    };
+    if let Some(types) = v.get("layer_types").and_then(Value::as_array) {
+        let global: Vec<bool> = types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(true),
+                Some("sliding_attention") => Ok(false),
+                _ => Err(err("layer_types", format!("{t} is not a known layer type"))),
+            })
+            .collect::<Result<_>>()?;
+        let pattern = global.iter().position(|&g| g).map_or(0, |i| i + 1);
+        let rule = SlidingWindow {
+            size: 1,
+            pattern,
+            rope_theta: 1.0,
+        };
+        if let Some(i) = (0..global.len()).find(|&i| rule.is_local(i) == global[i]) {
+            return Err(err(
+                "layer_types",
+                format!("layer {i} breaks the pattern of one global layer in {pattern}"),
+            ));
+        }
+        return Ok(pattern);
+    }
+    match v.get("sliding_window_pattern") {
+        None | Some(Value::Null) => Ok(6),
+        Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
+            err(
+                "sliding_window_pattern",
+                format!("expected an integer, found {x}"),
+            )
+        }),
+    }
 }
 
 /// `rope_scaling` of a config.json: absent or `default`, `linear`, `llama3`, `yarn` or
@@ -342,15 +415,21 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
             tensors.insert(name.to_string(), t);
         }
     }
+    let gemma = cfg.arch == Arch::Gemma3;
     let src = StSource {
         dir: dir.to_path_buf(),
         tensors,
+        norm_plus_one: gemma,
     };
     let names = Names {
         embed: "model.embed_tokens.weight",
         norm: "model.norm.weight",
         lm_head: "lm_head.weight",
-        layer: hf_layer_name,
+        layer: if gemma {
+            hf_gemma_layer_name
+        } else {
+            hf_layer_name
+        },
     };
     Weights::build(cfg, &src, &names, device, None)
 }

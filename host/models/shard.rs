@@ -350,6 +350,11 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
                     gate: split_rows(&l.gate, f0..f1, dev)?,
                     up: split_rows(&l.up, f0..f1, dev)?,
                     down: split_cols(&l.down, f0..f1, r, dev)?,
+                    // Applied after the all-reduce, to whole rows: replicated.
+                    post_norms: match &l.post_norms {
+                        Some((a, m)) => Some((a.to_device(dev)?, m.to_device(dev)?)),
+                        None => None,
+                    },
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()
@@ -375,6 +380,7 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
             norm,
             lm_head,
             rotary: w.rotary.clone(),
+            rotary_local: w.rotary_local.clone(),
             device: dev.clone(),
             gguf: w.gguf.clone(),
             source: w.source.clone(),

@@ -31,6 +31,9 @@ pub struct TinySpec {
     /// The leading dimensions of a head that rotate (`rope.dimension_count`, Hugging Face's
     /// `partial_rotary_factor`); `None`: the whole head.
     pub rope_dims: Option<usize>,
+    /// Gemma 3's sliding window (`attention.sliding_window`; one global layer in six, the
+    /// local ones at rotary base 10000). Required for gemma3.
+    pub sliding_window: Option<usize>,
     /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
     /// rules from the name.)
     pub name: Option<&'static str>,
@@ -70,6 +73,7 @@ impl Default for TinySpec {
             kv_heads: 2,
             head_dim: None,
             rope_dims: None,
+            sliding_window: None,
             name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
@@ -352,9 +356,18 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
         }
-        if spec.arch == Arch::Qwen3 {
+        if matches!(spec.arch, Arch::Qwen3 | Arch::Gemma3) {
             out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, hd)?);
             out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, hd)?);
+        }
+        if spec.arch == Arch::Gemma3 {
+            out.push(vector(
+                format!("{b}.post_attention_norm.weight"),
+                1.0,
+                0.2,
+                h,
+            )?);
+            out.push(vector(format!("{b}.post_ffw_norm.weight"), 1.0, 0.2, h)?);
         }
         out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
         out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
@@ -522,6 +535,9 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ),
         (format!("{a}.vocab_size"), V::U32(spec.vocab as u32)),
     ];
+    if let Some(w) = spec.sliding_window {
+        meta.push((format!("{a}.attention.sliding_window"), V::U32(w as u32)));
+    }
     match spec.rope_scaling {
         RopeScaling::None | RopeScaling::Llama3 { .. } => {}
         RopeScaling::LongRope {
@@ -578,7 +594,11 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
             ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
             ("tokenizer.ggml.add_bos_token".into(), V::Bool(true)),
-            ("tokenizer.ggml.add_space_prefix".into(), V::Bool(true)),
+            // Gemma's SentencePiece puts no space in front of the text.
+            (
+                "tokenizer.ggml.add_space_prefix".into(),
+                V::Bool(spec.arch != Arch::Gemma3),
+            ),
         ]);
     } else {
         meta.extend([
@@ -652,6 +672,11 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
                 continue;
             }
+            // Gemma stores norms as w of 1 + w.
+            "output_norm.weight" if spec.arch == Arch::Gemma3 => {
+                map.insert("model.norm.weight".into(), (t - 1.0)?);
+                continue;
+            }
             "token_embd.weight" => "model.embed_tokens.weight".to_string(),
             "output_norm.weight" => "model.norm.weight".to_string(),
             "output.weight" => "lm_head.weight".to_string(),
@@ -664,6 +689,11 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                     (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
                     _ => s,
                 };
+                if spec.arch == Arch::Gemma3 {
+                    let t = if s.ends_with("norm") { (t - 1.0)? } else { t };
+                    map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
+                    continue;
+                }
                 super::safetensors::hf_layer_name(i, s)
             }
         };
@@ -677,6 +707,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -716,6 +747,14 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         },
     });
     let mut config = config;
+    if spec.arch == Arch::Gemma3 {
+        config["model_type"] = "gemma3_text".into();
+        config["sliding_window"] = spec.sliding_window.unwrap_or(0).into();
+        config["sliding_window_pattern"] = 6.into();
+        config["rope_local_base_freq"] = 10_000.0.into();
+        config["query_pre_attn_scalar"] = spec.head_dim().into();
+        config["hidden_activation"] = "gelu_pytorch_tanh".into();
+    }
     if spec.rope_dims() != spec.head_dim() {
         config["partial_rotary_factor"] = (spec.rope_dims() as f64 / spec.head_dim() as f64).into();
     }
@@ -848,6 +887,24 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                     original_context: 64,
                     attn_factor: longrope_attn_factor(512, 64),
                 },
+                ..base.clone()
+            },
+        ),
+        // Gemma 3: six layers, so that the last is global (1 in 6); the five local ones see
+        // 8 positions at base 10000, the global one all of them at base 1e6 stretched by
+        // linear scaling (as Gemma 3 4B's global layers). Heads wider than hidden / heads, tied
+        // embeddings, a SentencePiece vocabulary without the leading space.
+        (
+            "gemma3",
+            TinySpec {
+                arch: Arch::Gemma3,
+                layers: 6,
+                head_dim: Some(32),
+                sliding_window: Some(8),
+                rope_theta: 1_000_000.0,
+                rope_scaling: RopeScaling::Linear { factor: 8.0 },
+                tied: true,
+                spm: true,
                 ..base.clone()
             },
         ),

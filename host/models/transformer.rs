@@ -17,7 +17,7 @@ use super::gguf::{
     Arch, GgufFile, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, RopeStyle,
 };
 use super::kv_cache::{KvCache, check_truncate};
-use super::rope::Rotary;
+use super::rope::{RopeScaling, Rotary};
 use super::shard::{Communicator, TpSession, Transport};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
@@ -219,6 +219,8 @@ pub(crate) struct Layer {
     pub(crate) gate: Linear,
     pub(crate) up: Linear,
     pub(crate) down: Linear,
+    /// gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the residual.
+    pub(crate) post_norms: Option<(Tensor, Tensor)>,
 }
 
 #[derive(Debug)]
@@ -230,6 +232,8 @@ pub(crate) struct Weights {
     pub(crate) lm_head: Linear,
     /// The rotary angle per position of each pair, and the magnitude of cos / sin.
     pub(crate) rotary: Rotary,
+    /// The local layers' rotation (`ModelConfig::sliding_window`).
+    pub(crate) rotary_local: Option<Rotary>,
     pub(crate) device: Device,
     pub(crate) gguf: Option<Arc<gguf_file::Content>>,
     pub(crate) source: PathBuf,
@@ -386,8 +390,14 @@ impl Weights {
             };
             let vec = |s: &str| vec_of(s, h);
             let qk_norm = match c.arch {
-                Arch::Qwen3 => Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?)),
+                Arch::Qwen3 | Arch::Gemma3 => {
+                    Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
+                }
                 Arch::Llama | Arch::Qwen2 | Arch::Phi3 => None,
+            };
+            let post_norms = match c.arch {
+                Arch::Gemma3 => Some((vec("post_attention_norm")?, vec("post_ffw_norm")?)),
+                _ => None,
             };
             // One stored matrix cut into consecutive row ranges (phi3's `attn_qkv`, and its
             // `ffn_up` holding the gate's rows then the up projection's): rows of a quantized
@@ -445,6 +455,7 @@ impl Weights {
                 gate,
                 up,
                 down: lin("ffn_down", None, [h, c.intermediate])?,
+                post_norms,
             });
         }
         // Per-pair factors: Llama 3.1's where the file has them, else LongRoPE's set for this
@@ -482,6 +493,9 @@ impl Weights {
             c.rope_scaling,
             freq_factors.as_deref(),
         );
+        let rotary_local = c
+            .sliding_window
+            .map(|w| Rotary::new(c.rope_dims, w.rope_theta, RopeScaling::None, None));
         Ok(Weights {
             heads: HeadLayout::full(&cfg),
             peers: Vec::new(),
@@ -492,6 +506,7 @@ impl Weights {
             norm,
             lm_head,
             rotary,
+            rotary_local,
             device: device.clone(),
             gguf,
             source: src.path().to_path_buf(),
@@ -860,6 +875,7 @@ impl Model {
                     gate: lin(&l.gate)?,
                     up: lin(&l.up)?,
                     down: lin(&l.down)?,
+                    post_norms: l.post_norms.clone(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -871,6 +887,7 @@ impl Model {
                 norm: w.norm.clone(),
                 lm_head,
                 rotary: w.rotary.clone(),
+                rotary_local: w.rotary_local.clone(),
                 device: w.device.clone(),
                 gguf: w.gguf.clone(),
                 source: w.source.clone(),
@@ -1279,22 +1296,34 @@ fn run(
     }
     let ids = Tensor::new(all.as_slice(), dev)?;
     let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
-    let ropes = segs
-        .iter()
-        .map(|s| w.rotary.tables(s.pos, s.tokens.len(), dev))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let attn = CausalAttention {
+    if cfg.arch == Arch::Gemma3 {
+        x = (x * (cfg.hidden_size as f32).sqrt() as f64)?;
+    }
+    let tables = |r: &Rotary| {
+        segs.iter()
+            .map(|s| r.tables(s.pos, s.tokens.len(), dev))
+            .collect::<candle_core::Result<Vec<_>>>()
+    };
+    let ropes = tables(&w.rotary)?;
+    let ropes_local = w.rotary_local.as_ref().map(tables).transpose()?;
+    let attention = |r: &Rotary, window: usize| CausalAttention {
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
         // The rotation's magnitude (YaRN, LongRoPE) on both q and k, as one factor on their
         // products, when whole heads rotate; a partial rotation scales its own part (below).
         scale: match cfg.rope_dims == hd {
-            true => w.rotary.mscale * w.rotary.mscale / (hd as f32).sqrt(),
-            false => 1.0 / (hd as f32).sqrt(),
+            true => r.mscale * r.mscale * cfg.attention_scale,
+            false => cfg.attention_scale,
         },
         group: w.heads.group,
         head_offset: w.heads.head_offset,
+        window,
+    };
+    let attn = attention(&w.rotary, 0);
+    let attn_local = match (&w.rotary_local, cfg.sliding_window) {
+        (Some(r), Some(sw)) => Some(attention(r, sw.size)),
+        _ => None,
     };
     let part = |t: &Tensor, off: usize, n: usize| -> candle_core::Result<Tensor> {
         if single {
@@ -1320,7 +1349,14 @@ fn run(
         }
         let v_all = layer.v.forward(&h)?;
         let mut ys = Vec::with_capacity(segs.len());
-        for ((s, &off), (cos, sin)) in segs.iter_mut().zip(&offsets).zip(&ropes) {
+        // A local layer (Gemma 3) reads a window with a rotation of its own.
+        let (attn, ropes, rotary) = match (&attn_local, &ropes_local, &w.rotary_local) {
+            (Some(a), Some(t), Some(r)) if cfg.sliding_window.is_some_and(|sw| sw.is_local(li)) => {
+                (a, t, r)
+            }
+            _ => (&attn, &ropes, &w.rotary),
+        };
+        for ((s, &off), (cos, sin)) in segs.iter_mut().zip(&offsets).zip(ropes) {
             let n = s.tokens.len();
             // [n, heads*hd] -> [1, heads, n, hd]
             let q = part(&q_all, off, n)?
@@ -1349,8 +1385,8 @@ fn run(
                 // the rest pass through.
                 let r = cfg.rope_dims;
                 let mut head = turn(&t.narrow(3, 0, r)?.contiguous()?)?;
-                if w.rotary.mscale != 1.0 {
-                    head = (head * w.rotary.mscale as f64)?;
+                if rotary.mscale != 1.0 {
+                    head = (head * rotary.mscale as f64)?;
                 }
                 Tensor::cat(&[&head, &t.narrow(3, r, hd - r)?], 3)?.contiguous()
             };
@@ -1367,13 +1403,21 @@ fn run(
         } else {
             Tensor::cat(&ys, 0)?
         };
-        x = (x + reduce(layer.o.forward(&y)?)?)?;
+        let post = |t: Tensor, i: usize| match &layer.post_norms {
+            Some(n) => candle_nn::ops::rms_norm(&t, if i == 0 { &n.0 } else { &n.1 }, cfg.rms_eps),
+            None => Ok(t),
+        };
+        x = (x + post(reduce(layer.o.forward(&y)?)?, 0)?)?;
 
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
         let g = layer.gate.forward(&h)?;
         let u = layer.up.forward(&h)?;
-        let m = (g.silu()? * u)?;
-        x = (x + reduce(layer.down.forward(&m)?)?)?;
+        let m = match cfg.arch {
+            // GELU's tanh form, as Gemma's `gelu_pytorch_tanh`.
+            Arch::Gemma3 => (g.gelu()? * u)?,
+            _ => (g.silu()? * u)?,
+        };
+        x = (x + post(reduce(layer.down.forward(&m)?)?, 1)?)?;
     }
     // The rows each sequence wants, stacked, through the final norm and lm_head in one go.
     let mut picked = Vec::with_capacity(segs.len());
