@@ -550,7 +550,7 @@ fn tiny_models_match_llama_cpp() {
         // position 0, where no window applies yet). A wrong window or local rotation moves
         // them by 0.1 or more.
         let tol = match spec.arch {
-            Arch::Gemma3 => 4e-3,
+            Arch::Gemma2 | Arch::Gemma3 => 4e-3,
             _ => TOL,
         };
         let path = peer_file(dir.path(), name, &spec, &run.sha256);
@@ -565,7 +565,7 @@ fn tiny_models_match_llama_cpp() {
                 // Decoding gives the text back, after SentencePiece's leading space (which
                 // Gemma's vocabulary does not add).
                 let back = tok.decode(&ids, false).unwrap();
-                let back = match spec.spm && spec.arch != Arch::Gemma3 {
+                let back = match spec.spm && !matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) {
                     true => back.strip_prefix(' ').unwrap_or(&back).to_string(),
                     false => back,
                 };
@@ -1107,5 +1107,37 @@ fn synthesized_models_keep_the_layout_and_run() {
                 .logits,
         );
         assert!(max_diff(&logits[3], &real_logits[3]) > 1e-2, "{matrices:?}");
+    }
+}
+
+/// Gemma 2 caps its logits at +-c; a draft's cut vocabulary stays at -inf through the cap (a
+/// capped -inf would be -c, and the draft could propose a token it never scored).
+#[test]
+fn soft_capped_logits_keep_a_cut_vocabulary_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, spec) = verdict::models::testing::peer_specs()
+        .into_iter()
+        .find(|(n, _)| *n == "gemma2")
+        .unwrap();
+    let path = dir.path().join("gemma2.gguf");
+    write_tiny_gguf(&path, &spec).unwrap();
+    let whole = Model::load_gguf(&path, &Device::Cpu).unwrap();
+    let cut = Model::load_gguf(&path, &Device::Cpu)
+        .unwrap()
+        .with_draft_vocab(150, &[290])
+        .unwrap();
+    let prompt = [5u32, 77, 140, 290, 12, 3];
+    let a = rows(&whole.session().forward(&prompt, Rows::All).unwrap().logits);
+    let b = rows(&cut.session().forward(&prompt, Rows::All).unwrap().logits);
+    let cap = spec.softcaps.unwrap().1;
+    for (ra, rb) in a.iter().zip(&b) {
+        assert!(ra.iter().all(|x| x.abs() < cap), "capped below {cap}");
+        for (id, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+            if id < 150 || id == 290 {
+                assert_eq!(x, y, "id {id}: kept ids score as before");
+            } else {
+                assert_eq!(y, f32::NEG_INFINITY, "id {id}: cut");
+            }
+        }
     }
 }

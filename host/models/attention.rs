@@ -30,6 +30,8 @@ pub(crate) struct CausalAttention {
     /// Sliding-window attention (Gemma 3's local layers): a row at position p reads keys
     /// `p - window + 1 ..= p` only. 0: every earlier key.
     pub window: usize,
+    /// Gemma 2's soft cap on the scaled scores, `c * tanh(s / c)`. 0: none.
+    pub softcap: f32,
 }
 
 impl CausalAttention {
@@ -37,6 +39,16 @@ impl CausalAttention {
     #[inline]
     fn kv_of(&self, h: usize) -> usize {
         (self.head_offset + h) / self.group - self.head_offset / self.group
+    }
+
+    /// A scaled score after the soft cap, if any.
+    #[inline]
+    fn capped(&self, s: f32) -> f32 {
+        if self.softcap > 0.0 {
+            self.softcap * (s / self.softcap).tanh()
+        } else {
+            s
+        }
     }
 
     /// Whether the kv heads match the query heads this op holds.
@@ -68,7 +80,11 @@ impl CausalAttention {
         }
         // The query heads sharing one kv head become rows of one matmul.
         let q = (q.reshape((nkv, group * n, hd))? * self.scale as f64)?;
-        let att = q.matmul(&k.t()?)?; // [nkv, group*n, l]
+        let mut att = q.matmul(&k.t()?)?; // [nkv, group*n, l]
+        if self.softcap > 0.0 {
+            let c = self.softcap as f64;
+            att = ((att / c)?.tanh()? * c)?;
+        }
         let window = self.window;
         let att = if n > 1 || (window > 0 && l > window) {
             let pos = l - n;
@@ -319,12 +335,12 @@ impl CustomOp3 for CausalAttention {
                     while u + 4 <= nu {
                         let d = dot4([qrow(u), qrow(u + 1), qrow(u + 2), qrow(u + 3)], krow);
                         for (t, x) in d.into_iter().enumerate() {
-                            scores[(u + t) * lmax + j] = x * self.scale;
+                            scores[(u + t) * lmax + j] = self.capped(x * self.scale);
                         }
                         u += 4;
                     }
                     for u in u..nu {
-                        scores[u * lmax + j] = dot(qrow(u), krow) * self.scale;
+                        scores[u * lmax + j] = self.capped(dot(qrow(u), krow) * self.scale);
                     }
                 }
                 sums.clear();
@@ -401,12 +417,12 @@ mod tests {
     #[test]
     fn custom_op_matches_tensor_ops_and_is_row_independent() {
         // Whole causal attention, and sliding windows shorter than the rows' reach.
-        for window in [0, 3, 8] {
-            row_independent_with_window(window);
+        for (window, softcap) in [(0, 0.0), (3, 0.0), (8, 0.0), (0, 0.5), (3, 0.5)] {
+            row_independent_with(window, softcap);
         }
     }
 
-    fn row_independent_with_window(window: usize) {
+    fn row_independent_with(window: usize, softcap: f32) {
         let op = CausalAttention {
             n_heads: 6,
             n_kv_heads: 2,
@@ -415,6 +431,7 @@ mod tests {
             group: 3,
             head_offset: 0,
             window,
+            softcap,
         };
         // A cache buffer of capacity 16 holding 11 positions, viewed like the KV cache does.
         let kbuf = rand((2, 16, 20), 1);
@@ -522,6 +539,7 @@ mod tests {
                     group: 3,
                     head_offset: 0,
                     window: 0,
+                    softcap: 0.0,
                 },
                 19,
                 300,
@@ -535,6 +553,7 @@ mod tests {
                     group: 7,
                     head_offset: 0,
                     window: 0,
+                    softcap: 0.0,
                 },
                 3,
                 70,
@@ -548,6 +567,7 @@ mod tests {
                     group: 4,
                     head_offset: 2,
                     window: 0,
+                    softcap: 0.0,
                 },
                 9,
                 40,
@@ -561,6 +581,7 @@ mod tests {
                     group: 4,
                     head_offset: 0,
                     window: 0,
+                    softcap: 0.0,
                 },
                 1,
                 5,

@@ -21,13 +21,16 @@ use std::path::{Path, PathBuf};
 /// normalises q and k per head as qwen3 does, normalises the attention and MLP outputs again
 /// before the residual adds (`post_attention_norm`, `post_ffw_norm`), gates with GELU (tanh)
 /// instead of SiLU, and lets five of every six layers attend to a sliding window only, with a
-/// rotary base of their own ([`SlidingWindow`]).
+/// rotary base of their own ([`SlidingWindow`]); gemma2 is gemma3 without the q/k norms, with
+/// every other layer local at the model's base, and with its attention scores and logits
+/// soft-capped (`c * tanh(x / c)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma2,
     Gemma3,
 }
 
@@ -38,6 +41,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -48,6 +52,7 @@ impl Arch {
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
+            "gemma2" => Some(Arch::Gemma2),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -113,6 +118,9 @@ pub struct ModelConfig {
     /// What q.k is multiplied by before the softmax (times the rotation's magnitude squared):
     /// 1 / sqrt(head_dim) but where a model says otherwise (Gemma's `query_pre_attn_scalar`).
     pub attention_scale: f32,
+    /// Gemma 2's soft caps on the attention scores and on the logits.
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
 }
 
 impl ModelConfig {
@@ -178,6 +186,16 @@ impl ModelConfig {
                 "sliding_window",
                 format!("{w:?}: the window and its rotary base must be positive"),
             ));
+        }
+        for (key, cap) in [
+            ("attn_softcap", self.attn_softcap),
+            ("final_softcap", self.final_softcap),
+        ] {
+            if let Some(c) = cap
+                && !(c.is_finite() && c > 0.0)
+            {
+                return Err(bad(key, format!("{c} is not positive")));
+            }
         }
         if !(self.attention_scale.is_finite() && self.attention_scale > 0.0) {
             return Err(bad(
@@ -655,7 +673,9 @@ impl GgufFile {
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma3 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2 | Arch::Gemma3 => {
+                    RopeStyle::Neox
+                }
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
             sliding_window: match arch {
@@ -670,13 +690,39 @@ impl GgufFile {
                         .opt_f32(&format!("{a}.rope.freq_base_swa"))?
                         .unwrap_or(10_000.0),
                 }),
+                // Gemma 2: every other layer local, 4096 positions unless the file says, at
+                // the model's own base.
+                Arch::Gemma2 => Some(SlidingWindow {
+                    size: self
+                        .opt_usize(&format!("{a}.attention.sliding_window"))?
+                        .unwrap_or(4096),
+                    pattern: 2,
+                    rope_theta,
+                }),
                 _ => None,
             },
-            // llama.cpp's Gemma 3 rule: 1 / sqrt(head size), but 1 / sqrt(hidden / heads) for
-            // the 27B (62 layers), whose query_pre_attn_scalar is that.
-            attention_scale: match arch {
-                Arch::Gemma3 if n_layers == 62 => 1.0 / ((hidden_size / n_heads) as f32).sqrt(),
+            // llama.cpp's Gemma rule: 1 / sqrt(head size), but 1 / sqrt(hidden / heads) for
+            // the 27Bs (46 layers in Gemma 2, 62 in Gemma 3), whose query_pre_attn_scalar is
+            // that.
+            attention_scale: match (arch, n_layers) {
+                (Arch::Gemma2, 46) | (Arch::Gemma3, 62) => {
+                    1.0 / ((hidden_size / n_heads) as f32).sqrt()
+                }
                 _ => 1.0 / (head_dim as f32).sqrt(),
+            },
+            attn_softcap: match arch {
+                Arch::Gemma2 => Some(
+                    self.opt_f32(&format!("{a}.attn_logit_softcapping"))?
+                        .unwrap_or(50.0),
+                ),
+                _ => None,
+            },
+            final_softcap: match arch {
+                Arch::Gemma2 => Some(
+                    self.opt_f32(&format!("{a}.final_logit_softcapping"))?
+                        .unwrap_or(30.0),
+                ),
+                _ => None,
             },
         };
         cfg.validate(&self.path)?;

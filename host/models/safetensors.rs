@@ -165,6 +165,13 @@ fn config_from_json(
     }
     let rope_dims = (head_dim as f64 * partial as f64) as usize;
     let (rope_scaling, factors) = rope_scaling(path, v)?;
+    // A soft cap, or null for none.
+    let softcap = |key: &str| -> Result<Option<f32>> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => float(key, 0.0).map(Some),
+        }
+    };
     let tie = v
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
@@ -190,9 +197,22 @@ fn config_from_json(
         sliding_window: match arch {
             Arch::Gemma3 => Some(SlidingWindow {
                 size: uint("sliding_window")?,
-                pattern: gemma_pattern(path, v)?,
+                pattern: gemma_pattern(path, v, 6)?,
                 rope_theta: float("rope_local_base_freq", 10_000.0)?,
             }),
+            Arch::Gemma2 => Some(SlidingWindow {
+                size: opt_uint("sliding_window")?.unwrap_or(4096),
+                pattern: gemma_pattern(path, v, 2)?,
+                rope_theta: float("rope_theta", 10_000.0)?,
+            }),
+            _ => None,
+        },
+        attn_softcap: match arch {
+            Arch::Gemma2 => softcap("attn_logit_softcapping")?,
+            _ => None,
+        },
+        final_softcap: match arch {
+            Arch::Gemma2 => softcap("final_logit_softcapping")?,
             _ => None,
         },
         attention_scale: match v.get("query_pre_attn_scalar") {
@@ -221,7 +241,7 @@ fn config_from_json(
 
 /// Which layers of a Gemma 3 config are local: `sliding_window_pattern` (one global layer in
 /// every so many), or a `layer_types` list, which must follow such a pattern.
-fn gemma_pattern(path: &Path, v: &Value) -> Result<usize> {
+fn gemma_pattern(path: &Path, v: &Value, default: usize) -> Result<usize> {
     let err = |key: &str, reason: String| ModelError::Metadata {
         path: path.to_path_buf(),
         key: key.to_string(),
@@ -251,7 +271,7 @@ fn gemma_pattern(path: &Path, v: &Value) -> Result<usize> {
         return Ok(pattern);
     }
     match v.get("sliding_window_pattern") {
-        None | Some(Value::Null) => Ok(6),
+        None | Some(Value::Null) => Ok(default),
         Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
             err(
                 "sliding_window_pattern",
@@ -415,7 +435,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
             tensors.insert(name.to_string(), t);
         }
     }
-    let gemma = cfg.arch == Arch::Gemma3;
+    let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
     let src = StSource {
         dir: dir.to_path_buf(),
         tensors,

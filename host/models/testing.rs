@@ -34,6 +34,8 @@ pub struct TinySpec {
     /// Gemma 3's sliding window (`attention.sliding_window`; one global layer in six, the
     /// local ones at rotary base 10000). Required for gemma3.
     pub sliding_window: Option<usize>,
+    /// Gemma 2's soft caps on the attention scores and the logits (written as its keys).
+    pub softcaps: Option<(f32, f32)>,
     /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
     /// rules from the name.)
     pub name: Option<&'static str>,
@@ -74,6 +76,7 @@ impl Default for TinySpec {
             head_dim: None,
             rope_dims: None,
             sliding_window: None,
+            softcaps: None,
             name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
@@ -360,7 +363,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, hd)?);
             out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, hd)?);
         }
-        if spec.arch == Arch::Gemma3 {
+        if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) {
             out.push(vector(
                 format!("{b}.post_attention_norm.weight"),
                 1.0,
@@ -538,6 +541,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     if let Some(w) = spec.sliding_window {
         meta.push((format!("{a}.attention.sliding_window"), V::U32(w as u32)));
     }
+    if let Some((attn, last)) = spec.softcaps {
+        meta.push((format!("{a}.attn_logit_softcapping"), V::F32(attn)));
+        meta.push((format!("{a}.final_logit_softcapping"), V::F32(last)));
+    }
     match spec.rope_scaling {
         RopeScaling::None | RopeScaling::Llama3 { .. } => {}
         RopeScaling::LongRope {
@@ -597,7 +604,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             // Gemma's SentencePiece puts no space in front of the text.
             (
                 "tokenizer.ggml.add_space_prefix".into(),
-                V::Bool(spec.arch != Arch::Gemma3),
+                V::Bool(!matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3)),
             ),
         ]);
     } else {
@@ -673,7 +680,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                 continue;
             }
             // Gemma stores norms as w of 1 + w.
-            "output_norm.weight" if spec.arch == Arch::Gemma3 => {
+            "output_norm.weight" if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) => {
                 map.insert("model.norm.weight".into(), (t - 1.0)?);
                 continue;
             }
@@ -689,7 +696,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                     (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
                     _ => s,
                 };
-                if spec.arch == Arch::Gemma3 {
+                if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) {
                     let t = if s.ends_with("norm") { (t - 1.0)? } else { t };
                     map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
                     continue;
@@ -707,6 +714,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
         }],
         "head_dim": spec.head_dim(),
@@ -754,6 +762,14 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["rope_local_base_freq"] = 10_000.0.into();
         config["query_pre_attn_scalar"] = spec.head_dim().into();
         config["hidden_activation"] = "gelu_pytorch_tanh".into();
+    }
+    if spec.arch == Arch::Gemma2 {
+        config["sliding_window"] = spec.sliding_window.unwrap_or(4096).into();
+        config["query_pre_attn_scalar"] = spec.head_dim().into();
+        config["hidden_activation"] = "gelu_pytorch_tanh".into();
+        let (attn, last) = spec.softcaps.unwrap_or((50.0, 30.0));
+        config["attn_logit_softcapping"] = attn.into();
+        config["final_logit_softcapping"] = last.into();
     }
     if spec.rope_dims() != spec.head_dim() {
         config["partial_rotary_factor"] = (spec.rope_dims() as f64 / spec.head_dim() as f64).into();
@@ -903,6 +919,21 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 sliding_window: Some(8),
                 rope_theta: 1_000_000.0,
                 rope_scaling: RopeScaling::Linear { factor: 8.0 },
+                tied: true,
+                spm: true,
+                ..base.clone()
+            },
+        ),
+        // Gemma 2: layers 0 and 2 see 8 positions, 1 and 3 all; soft caps low enough to bite
+        // (the attention scores here reach about 2, the logits about 4).
+        (
+            "gemma2",
+            TinySpec {
+                arch: Arch::Gemma2,
+                layers: 4,
+                head_dim: Some(32),
+                sliding_window: Some(8),
+                softcaps: Some((1.5, 3.0)),
                 tied: true,
                 spm: true,
                 ..base.clone()

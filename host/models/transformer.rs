@@ -393,10 +393,12 @@ impl Weights {
                 Arch::Qwen3 | Arch::Gemma3 => {
                     Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
                 }
-                Arch::Llama | Arch::Qwen2 | Arch::Phi3 => None,
+                Arch::Llama | Arch::Qwen2 | Arch::Phi3 | Arch::Gemma2 => None,
             };
             let post_norms = match c.arch {
-                Arch::Gemma3 => Some((vec("post_attention_norm")?, vec("post_ffw_norm")?)),
+                Arch::Gemma2 | Arch::Gemma3 => {
+                    Some((vec("post_attention_norm")?, vec("post_ffw_norm")?))
+                }
                 _ => None,
             };
             // One stored matrix cut into consecutive row ranges (phi3's `attn_qkv`, and its
@@ -1296,7 +1298,8 @@ fn run(
     }
     let ids = Tensor::new(all.as_slice(), dev)?;
     let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
-    if cfg.arch == Arch::Gemma3 {
+    let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
+    if gemma {
         x = (x * (cfg.hidden_size as f32).sqrt() as f64)?;
     }
     let tables = |r: &Rotary| {
@@ -1319,6 +1322,7 @@ fn run(
         group: w.heads.group,
         head_offset: w.heads.head_offset,
         window,
+        softcap: cfg.attn_softcap.unwrap_or(0.0),
     };
     let attn = attention(&w.rotary, 0);
     let attn_local = match (&w.rotary_local, cfg.sliding_window) {
@@ -1412,10 +1416,10 @@ fn run(
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
         let g = layer.gate.forward(&h)?;
         let u = layer.up.forward(&h)?;
-        let m = match cfg.arch {
+        let m = match gemma {
             // GELU's tanh form, as Gemma's `gelu_pytorch_tanh`.
-            Arch::Gemma3 => (g.gelu()? * u)?,
-            _ => (g.silu()? * u)?,
+            true => (g.gelu()? * u)?,
+            false => (g.silu()? * u)?,
         };
         x = (x + post(reduce(layer.down.forward(&m)?)?, 1)?)?;
     }
@@ -1444,6 +1448,14 @@ fn run(
     let logits = match comm {
         Some(c) if c.rank() > 0 => Tensor::zeros((hidden.dim(0)?, 0), DType::F32, dev)?,
         _ => w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?,
+    };
+    let logits = match cfg.final_softcap {
+        // c * tanh(x / c), keeping the -inf of ids a cut draft vocabulary leaves out.
+        Some(c) => {
+            let capped = ((&logits / c as f64)?.tanh()? * c as f64)?;
+            logits.ge(f32::MIN)?.where_cond(&capped, &logits)?
+        }
+        None => logits,
     };
     if single {
         return Ok(vec![Forward { logits, hidden }]);
