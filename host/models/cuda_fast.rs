@@ -242,6 +242,19 @@ mod imp {
             // decode.cu has no post-norms, GELU gate, sliding window or soft caps.
             return Some("gemma's post-norms, GELU gate and sliding windows".into());
         }
+        if cfg.embedding_scale.is_some()
+            || cfg.residual_scale.is_some()
+            || cfg.logit_scale.is_some()
+            || cfg.attention_scale != 1.0 / (cfg.head_dim as f32).sqrt()
+        {
+            return Some("scaled embeddings, residuals, attention or logits (granite)".into());
+        }
+        if ["attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+            .iter()
+            .any(|t| file.has_tensor(&format!("blk.0.{t}.bias")))
+        {
+            return Some("biases on the output or MLP projections".into());
+        }
         if cfg.rope_dims != cfg.head_dim {
             return Some(format!(
                 "a partial rotation ({} of {} dimensions)",

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 /// instead of SiLU, and lets five of every six layers attend to a sliding window only, with a
 /// rotary base of their own ([`SlidingWindow`]); gemma2 is gemma3 without the q/k norms, with
 /// every other layer local at the model's base, and with its attention scores and logits
-/// soft-capped (`c * tanh(x / c)`).
+/// soft-capped (`c * tanh(x / c)`); granite is llama with four multipliers: on the
+/// embeddings, on each block's output before the residual add, on q.k (in place of
+/// 1 / sqrt(head size)), and a divisor of the logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
@@ -32,6 +34,7 @@ pub enum Arch {
     Phi3,
     Gemma2,
     Gemma3,
+    Granite,
 }
 
 impl Arch {
@@ -43,6 +46,7 @@ impl Arch {
             Arch::Phi3 => "phi3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Granite => "granite",
         }
     }
 
@@ -53,6 +57,7 @@ impl Arch {
             "qwen3" => Some(Arch::Qwen3),
             "phi3" => Some(Arch::Phi3),
             "gemma2" => Some(Arch::Gemma2),
+            "granite" => Some(Arch::Granite),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -121,6 +126,12 @@ pub struct ModelConfig {
     /// Gemma 2's soft caps on the attention scores and on the logits.
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
+    /// Multiplies the token embeddings (Gemma's sqrt(hidden), Granite's `embedding_scale`).
+    pub embedding_scale: Option<f32>,
+    /// Multiplies each attention and MLP output before the residual add (Granite).
+    pub residual_scale: Option<f32>,
+    /// Divides the logits (Granite's `logit_scale`).
+    pub logit_scale: Option<f32>,
 }
 
 impl ModelConfig {
@@ -190,6 +201,9 @@ impl ModelConfig {
         for (key, cap) in [
             ("attn_softcap", self.attn_softcap),
             ("final_softcap", self.final_softcap),
+            ("embedding_scale", self.embedding_scale),
+            ("residual_scale", self.residual_scale),
+            ("logit_scale", self.logit_scale),
         ] {
             if let Some(c) = cap
                 && !(c.is_finite() && c > 0.0)
@@ -631,6 +645,16 @@ impl GgufFile {
         let head_dim = self
             .opt_usize(&format!("{a}.attention.key_length"))?
             .unwrap_or(hidden_size / n_heads);
+        // Granite's switch for a model without rotary embeddings (none is published).
+        let finetuned = format!("{a}.rope.scaling.finetuned");
+        if arch == Arch::Granite
+            && let Some(gguf_file::Value::Bool(false)) = self.content.metadata.get(&finetuned)
+        {
+            return Err(self.meta_err(
+                &finetuned,
+                "a granite model without rotary embeddings is not supported".into(),
+            ));
+        }
         // Phi-4-mini and the like rotate the first `dimension_count` of a head.
         let rope_dims = self
             .opt_usize(&format!("{a}.rope.dimension_count"))?
@@ -672,7 +696,7 @@ impl GgufFile {
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
-                Arch::Llama => RopeStyle::Interleaved,
+                Arch::Llama | Arch::Granite => RopeStyle::Interleaved,
                 Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2 | Arch::Gemma3 => {
                     RopeStyle::Neox
                 }
@@ -708,7 +732,29 @@ impl GgufFile {
                 (Arch::Gemma2, 46) | (Arch::Gemma3, 62) => {
                     1.0 / ((hidden_size / n_heads) as f32).sqrt()
                 }
+                // 0 or absent: the usual scale, as llama.cpp reads it.
+                (Arch::Granite, _) => match self.opt_f32(&format!("{a}.attention.scale"))? {
+                    Some(s) if s != 0.0 => s,
+                    _ => 1.0 / (head_dim as f32).sqrt(),
+                },
                 _ => 1.0 / (head_dim as f32).sqrt(),
+            },
+            embedding_scale: match arch {
+                Arch::Gemma2 | Arch::Gemma3 => Some((hidden_size as f32).sqrt()),
+                Arch::Granite => self
+                    .opt_f32(&format!("{a}.embedding_scale"))?
+                    .filter(|&s| s != 0.0),
+                _ => None,
+            },
+            residual_scale: match arch {
+                Arch::Granite => self
+                    .opt_f32(&format!("{a}.residual_scale"))?
+                    .filter(|&s| s != 0.0),
+                _ => None,
+            },
+            logit_scale: match arch {
+                Arch::Granite => Some(self.get_f32(&format!("{a}.logit_scale"))?),
+                _ => None,
             },
             attn_softcap: match arch {
                 Arch::Gemma2 => Some(

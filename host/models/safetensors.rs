@@ -211,13 +211,27 @@ fn config_from_json(
             Arch::Gemma2 => softcap("attn_logit_softcapping")?,
             _ => None,
         },
+        embedding_scale: match arch {
+            Arch::Gemma2 | Arch::Gemma3 => Some((hidden_size as f32).sqrt()),
+            Arch::Granite => Some(float("embedding_multiplier", 1.0)?),
+            _ => None,
+        },
+        residual_scale: match arch {
+            Arch::Granite => Some(float("residual_multiplier", 1.0)?),
+            _ => None,
+        },
+        logit_scale: match arch {
+            Arch::Granite => Some(float("logits_scaling", 1.0)?),
+            _ => None,
+        },
         final_softcap: match arch {
             Arch::Gemma2 => softcap("final_logit_softcapping")?,
             _ => None,
         },
-        attention_scale: match v.get("query_pre_attn_scalar") {
-            None | Some(Value::Null) => 1.0 / (head_dim as f32).sqrt(),
-            Some(_) => 1.0 / float("query_pre_attn_scalar", 0.0)?.sqrt(),
+        attention_scale: match (v.get("query_pre_attn_scalar"), arch) {
+            (Some(x), _) if !x.is_null() => 1.0 / float("query_pre_attn_scalar", 0.0)?.sqrt(),
+            (_, Arch::Granite) => float("attention_multiplier", 1.0 / (head_dim as f64).sqrt())?,
+            _ => 1.0 / (head_dim as f32).sqrt(),
         },
     };
     cfg.validate(path)?;

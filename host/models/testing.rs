@@ -36,6 +36,8 @@ pub struct TinySpec {
     pub sliding_window: Option<usize>,
     /// Gemma 2's soft caps on the attention scores and the logits (written as its keys).
     pub softcaps: Option<(f32, f32)>,
+    /// Granite's multipliers: embeddings, residual, attention (q.k) and the logits' divisor.
+    pub granite: Option<[f32; 4]>,
     /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
     /// rules from the name.)
     pub name: Option<&'static str>,
@@ -77,6 +79,7 @@ impl Default for TinySpec {
             rope_dims: None,
             sliding_window: None,
             softcaps: None,
+            granite: None,
             name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
@@ -373,6 +376,23 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.post_ffw_norm.weight"), 1.0, 0.2, h)?);
         }
         out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
+        if spec.arch == Arch::Granite {
+            // llama.cpp's optional biases on the output and MLP projections.
+            out.push(vector(format!("{b}.attn_output.bias"), 0.0, 0.5, h)?);
+            out.push(vector(
+                format!("{b}.ffn_gate.bias"),
+                0.0,
+                0.5,
+                spec.intermediate,
+            )?);
+            out.push(vector(
+                format!("{b}.ffn_up.bias"),
+                0.0,
+                0.5,
+                spec.intermediate,
+            )?);
+            out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
+        }
         out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
         let gate = mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?;
         let up = mat(format!("{b}.ffn_up.weight"), spec.intermediate, h)?;
@@ -541,6 +561,12 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     if let Some(w) = spec.sliding_window {
         meta.push((format!("{a}.attention.sliding_window"), V::U32(w as u32)));
     }
+    if let Some([embedding, residual, attention, logit]) = spec.granite {
+        meta.push((format!("{a}.embedding_scale"), V::F32(embedding)));
+        meta.push((format!("{a}.residual_scale"), V::F32(residual)));
+        meta.push((format!("{a}.attention.scale"), V::F32(attention)));
+        meta.push((format!("{a}.logit_scale"), V::F32(logit)));
+    }
     if let Some((attn, last)) = spec.softcaps {
         meta.push((format!("{a}.attn_logit_softcapping"), V::F32(attn)));
         meta.push((format!("{a}.final_logit_softcapping"), V::F32(last)));
@@ -632,9 +658,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     ));
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in tiny_weights(spec)? {
-        let t = if spec.arch == Arch::Llama && name.ends_with("attn_q.weight") {
+        let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite);
+        let t = if llama_rows && name.ends_with("attn_q.weight") {
             permute_for_interleaved(&t, spec.heads)?
-        } else if spec.arch == Arch::Llama && name.ends_with("attn_k.weight") {
+        } else if llama_rows && name.ends_with("attn_k.weight") {
             permute_for_interleaved(&t, spec.kv_heads)?
         } else {
             t
@@ -716,6 +743,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Granite => "GraniteForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -762,6 +790,12 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["rope_local_base_freq"] = 10_000.0.into();
         config["query_pre_attn_scalar"] = spec.head_dim().into();
         config["hidden_activation"] = "gelu_pytorch_tanh".into();
+    }
+    if let Some([embedding, residual, attention, logit]) = spec.granite {
+        config["embedding_multiplier"] = embedding.into();
+        config["residual_multiplier"] = residual.into();
+        config["attention_multiplier"] = attention.into();
+        config["logits_scaling"] = logit.into();
     }
     if spec.arch == Arch::Gemma2 {
         config["sliding_window"] = spec.sliding_window.unwrap_or(4096).into();
@@ -936,6 +970,16 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 softcaps: Some((1.5, 3.0)),
                 tied: true,
                 spm: true,
+                ..base.clone()
+            },
+        ),
+        // Granite 3: llama with its four multipliers (values that move these logits), and the
+        // biases llama.cpp takes on the output and MLP projections.
+        (
+            "granite",
+            TinySpec {
+                arch: Arch::Granite,
+                granite: Some([4.0, 0.5, 0.15, 2.0]),
                 ..base.clone()
             },
         ),

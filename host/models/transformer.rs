@@ -393,7 +393,7 @@ impl Weights {
                 Arch::Qwen3 | Arch::Gemma3 => {
                     Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
                 }
-                Arch::Llama | Arch::Qwen2 | Arch::Phi3 | Arch::Gemma2 => None,
+                Arch::Llama | Arch::Qwen2 | Arch::Phi3 | Arch::Gemma2 | Arch::Granite => None,
             };
             let post_norms = match c.arch {
                 Arch::Gemma2 | Arch::Gemma3 => {
@@ -442,8 +442,8 @@ impl Weights {
                 parts.try_into().expect("two parts")
             } else {
                 [
-                    lin("ffn_gate", None, [c.intermediate, h])?,
-                    lin("ffn_up", None, [c.intermediate, h])?,
+                    lin("ffn_gate", Some("ffn_gate.bias"), [c.intermediate, h])?,
+                    lin("ffn_up", Some("ffn_up.bias"), [c.intermediate, h])?,
                 ]
             };
             layers.push(Layer {
@@ -451,12 +451,12 @@ impl Weights {
                 q,
                 k,
                 v,
-                o: lin("attn_output", None, [h, q_out])?,
+                o: lin("attn_output", Some("attn_output.bias"), [h, q_out])?,
                 qk_norm,
                 ffn_norm: vec("ffn_norm")?,
                 gate,
                 up,
-                down: lin("ffn_down", None, [h, c.intermediate])?,
+                down: lin("ffn_down", Some("ffn_down.bias"), [h, c.intermediate])?,
                 post_norms,
             });
         }
@@ -1299,8 +1299,8 @@ fn run(
     let ids = Tensor::new(all.as_slice(), dev)?;
     let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
     let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
-    if gemma {
-        x = (x * (cfg.hidden_size as f32).sqrt() as f64)?;
+    if let Some(s) = cfg.embedding_scale {
+        x = (x * s as f64)?;
     }
     let tables = |r: &Rotary| {
         segs.iter()
@@ -1407,9 +1407,18 @@ fn run(
         } else {
             Tensor::cat(&ys, 0)?
         };
-        let post = |t: Tensor, i: usize| match &layer.post_norms {
-            Some(n) => candle_nn::ops::rms_norm(&t, if i == 0 { &n.0 } else { &n.1 }, cfg.rms_eps),
-            None => Ok(t),
+        // What a block adds to the residual: normalised again (Gemma), or scaled (Granite).
+        let post = |t: Tensor, i: usize| {
+            let t = match &layer.post_norms {
+                Some(n) => {
+                    candle_nn::ops::rms_norm(&t, if i == 0 { &n.0 } else { &n.1 }, cfg.rms_eps)?
+                }
+                None => t,
+            };
+            match cfg.residual_scale {
+                Some(s) => t * s as f64,
+                None => Ok(t),
+            }
         };
         x = (x + post(reduce(layer.o.forward(&y)?)?, 0)?)?;
 
@@ -1448,6 +1457,10 @@ fn run(
     let logits = match comm {
         Some(c) if c.rank() > 0 => Tensor::zeros((hidden.dim(0)?, 0), DType::F32, dev)?,
         _ => w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?,
+    };
+    let logits = match cfg.logit_scale {
+        Some(s) => (logits / s as f64)?,
+        None => logits,
     };
     let logits = match cfg.final_softcap {
         // c * tanh(x / c), keeping the -inf of ids a cut draft vocabulary leaves out.
