@@ -942,6 +942,24 @@ fn bad_files_give_clear_errors() {
         "{e}"
     );
 
+    // SmolLM3's `no_rope_layers` off the every-fourth pattern names the layer.
+    let (_, smol) = verdict::models::testing::peer_specs()
+        .into_iter()
+        .find(|(n, _)| *n == "smollm3")
+        .unwrap();
+    let hs = dir.path().join("hf-smollm3");
+    write_tiny_safetensors(&hs, &smol).unwrap();
+    Model::load_safetensors(&hs, &Device::Cpu).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hs.join("config.json")).unwrap()).unwrap();
+    c["no_rope_layers"] = serde_json::json!([1, 1, 0, 1, 1]);
+    std::fs::write(hs.join("config.json"), c.to_string()).unwrap();
+    let e = expect_err(Model::load_safetensors(&hs, &Device::Cpu));
+    assert!(
+        e.contains("no_rope_layers") && e.contains("layer 2 is 0"),
+        "{e}"
+    );
+
     // not a file at all
     let e = expect_err(Model::load_gguf(dir.path(), &Device::Cpu));
     assert!(e.contains(&dir.path().display().to_string()), "{e}");

@@ -255,6 +255,9 @@ mod imp {
         {
             return Some("biases on the output or MLP projections".into());
         }
+        if cfg.nope_every.is_some() {
+            return Some("layers without rotary embeddings (smollm3)".into());
+        }
         if cfg.rope_dims != cfg.head_dim {
             return Some(format!(
                 "a partial rotation ({} of {} dimensions)",

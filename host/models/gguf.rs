@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 /// every other layer local at the model's base, and with its attention scores and logits
 /// soft-capped (`c * tanh(x / c)`); granite is llama with four multipliers: on the
 /// embeddings, on each block's output before the residual add, on q.k (in place of
-/// 1 / sqrt(head size)), and a divisor of the logits.
+/// 1 / sqrt(head size)), and a divisor of the logits; smollm3 is llama whose every fourth
+/// layer does not rotate q and k (NoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
@@ -35,6 +36,7 @@ pub enum Arch {
     Gemma2,
     Gemma3,
     Granite,
+    Smollm3,
 }
 
 impl Arch {
@@ -47,6 +49,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Granite => "granite",
+            Arch::Smollm3 => "smollm3",
         }
     }
 
@@ -58,6 +61,7 @@ impl Arch {
             "phi3" => Some(Arch::Phi3),
             "gemma2" => Some(Arch::Gemma2),
             "granite" => Some(Arch::Granite),
+            "smollm3" => Some(Arch::Smollm3),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -132,6 +136,8 @@ pub struct ModelConfig {
     pub residual_scale: Option<f32>,
     /// Divides the logits (Granite's `logit_scale`).
     pub logit_scale: Option<f32>,
+    /// Layer `i` rotates no q or k when `(i + 1) % n == 0` (SmolLM3's NoPE layers, n = 4).
+    pub nope_every: Option<usize>,
 }
 
 impl ModelConfig {
@@ -210,6 +216,9 @@ impl ModelConfig {
             {
                 return Err(bad(key, format!("{c} is not positive")));
             }
+        }
+        if self.nope_every == Some(0) {
+            return Err(bad("nope_every", "is 0".into()));
         }
         if !(self.attention_scale.is_finite() && self.attention_scale > 0.0) {
             return Err(bad(
@@ -696,7 +705,7 @@ impl GgufFile {
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
-                Arch::Llama | Arch::Granite => RopeStyle::Interleaved,
+                Arch::Llama | Arch::Granite | Arch::Smollm3 => RopeStyle::Interleaved,
                 Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2 | Arch::Gemma3 => {
                     RopeStyle::Neox
                 }
@@ -756,6 +765,8 @@ impl GgufFile {
                 Arch::Granite => Some(self.get_f32(&format!("{a}.logit_scale"))?),
                 _ => None,
             },
+            // A constant in llama.cpp, no key.
+            nope_every: (arch == Arch::Smollm3).then_some(4),
             attn_softcap: match arch {
                 Arch::Gemma2 => Some(
                     self.opt_f32(&format!("{a}.attn_logit_softcapping"))?

@@ -224,6 +224,10 @@ fn config_from_json(
             Arch::Granite => Some(float("logits_scaling", 1.0)?),
             _ => None,
         },
+        nope_every: match arch {
+            Arch::Smollm3 => Some(nope_interval(path, v)?),
+            _ => None,
+        },
         final_softcap: match arch {
             Arch::Gemma2 => softcap("final_logit_softcapping")?,
             _ => None,
@@ -293,6 +297,39 @@ fn gemma_pattern(path: &Path, v: &Value, default: usize) -> Result<usize> {
             )
         }),
     }
+}
+
+/// SmolLM3's NoPE layers: `no_rope_layers` (1 where a layer rotates), which must leave out
+/// every n-th layer, or `no_rope_layer_interval` (4 by default).
+fn nope_interval(path: &Path, v: &Value) -> Result<usize> {
+    let err = |key: &str, reason: String| ModelError::Metadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        reason,
+    };
+    let every = match v.get("no_rope_layer_interval") {
+        None | Some(Value::Null) => 4,
+        Some(x) => x.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+            err(
+                "no_rope_layer_interval",
+                format!("{x} is not a positive integer"),
+            )
+        })? as usize,
+    };
+    if let Some(layers) = v.get("no_rope_layers").and_then(Value::as_array) {
+        for (i, x) in layers.iter().enumerate() {
+            let rotates = (i + 1) % every != 0;
+            if x.as_u64() != Some(rotates as u64) {
+                return Err(err(
+                    "no_rope_layers",
+                    format!(
+                        "layer {i} is {x}: verdict runs a NoPE layer every {every} (1 elsewhere)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(every)
 }
 
 /// `rope_scaling` of a config.json: absent or `default`, `linear`, `llama3`, `yarn` or

@@ -658,7 +658,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     ));
     let mut qts: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in tiny_weights(spec)? {
-        let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite);
+        let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
         let t = if llama_rows && name.ends_with("attn_q.weight") {
             permute_for_interleaved(&t, spec.heads)?
         } else if llama_rows && name.ends_with("attn_k.weight") {
@@ -744,6 +744,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Granite => "GraniteForCausalLM",
+            Arch::Smollm3 => "SmolLM3ForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -796,6 +797,12 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["residual_multiplier"] = residual.into();
         config["attention_multiplier"] = attention.into();
         config["logits_scaling"] = logit.into();
+    }
+    if spec.arch == Arch::Smollm3 {
+        let rotates: Vec<u32> = (0..spec.layers)
+            .map(|i| ((i + 1) % 4 != 0) as u32)
+            .collect();
+        config["no_rope_layers"] = rotates.into();
     }
     if spec.arch == Arch::Gemma2 {
         config["sliding_window"] = spec.sliding_window.unwrap_or(4096).into();
@@ -980,6 +987,16 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             TinySpec {
                 arch: Arch::Granite,
                 granite: Some([4.0, 0.5, 0.15, 2.0]),
+                ..base.clone()
+            },
+        ),
+        // SmolLM3: llama whose fourth layer does not rotate (5 layers: the fourth is NoPE).
+        (
+            "smollm3",
+            TinySpec {
+                arch: Arch::Smollm3,
+                layers: 5,
+                tied: true,
                 ..base.clone()
             },
         ),

@@ -393,7 +393,12 @@ impl Weights {
                 Arch::Qwen3 | Arch::Gemma3 => {
                     Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
                 }
-                Arch::Llama | Arch::Qwen2 | Arch::Phi3 | Arch::Gemma2 | Arch::Granite => None,
+                Arch::Llama
+                | Arch::Qwen2
+                | Arch::Phi3
+                | Arch::Gemma2
+                | Arch::Granite
+                | Arch::Smollm3 => None,
             };
             let post_norms = match c.arch {
                 Arch::Gemma2 | Arch::Gemma3 => {
@@ -1394,7 +1399,11 @@ fn run(
                 }
                 Tensor::cat(&[&head, &t.narrow(3, r, hd - r)?], 3)?.contiguous()
             };
-            let (q, k) = (rotate(&q)?, rotate(&k)?);
+            // SmolLM3's NoPE layers attend without positions.
+            let (q, k) = match cfg.nope_every.is_some_and(|n| (li + 1) % n == 0) {
+                true => (q, k),
+                false => (rotate(&q)?, rotate(&k)?),
+            };
             let k = k.squeeze(0)?;
             let (k_seq, v_seq) = s
                 .cache
