@@ -199,6 +199,40 @@ fn strict_greedy_speculation_equals_autoregressive_for_every_drafter() {
     assert!(phases.iter().sum::<f64>() <= wall, "{p:?} in {wall} s");
 }
 
+/// Every architecture and rotary variant (the models `tests/models.rs` checks against
+/// llama.cpp) speculates losslessly: rollback truncates caches that sliding windows, soft caps,
+/// NoPE layers, fused or partial rotations read, and a k-token verification equals k
+/// single-token forwards on each. Past Gemma's window of 8, so its local layers roll back too.
+#[test]
+fn strict_greedy_speculation_is_lossless_on_every_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = [5u32, 77, 140, 12, 3, 77, 140, 9];
+    for (name, spec) in verdict::models::testing::peer_specs() {
+        let target = tiny(dir.path(), &format!("{name}.gguf"), spec.clone());
+        // Another model of the family, with the same tokenizer.
+        let draft_spec = TinySpec {
+            seed: spec.seed + 100,
+            layers: (spec.layers - 1).max(1),
+            ..spec.clone()
+        };
+        let draft = tiny(dir.path(), &format!("{name}-draft.gguf"), draft_spec);
+        let plain = engine(target.clone(), None, None, 4);
+        let (reference, _) = run(&plain, greedy(&prompt, 30, Speculation::Off));
+        let drafters = [
+            (Some(draft), DrafterSpec::Model),
+            (None, DrafterSpec::SelfDraft(1)),
+            (None, DrafterSpec::PromptLookup(None)),
+        ];
+        for run_ in each_drafter(&target, &drafters, &[3, 8], || {
+            greedy(&prompt, 30, Speculation::Default)
+        }) {
+            let (what, out, stats) = run_;
+            assert_eq!(out, reference, "{name}: {what}");
+            assert!(stats.steps >= 1 && stats.tokens == 30, "{name}: {what}");
+        }
+    }
+}
+
 /// `auto` picks prompt lookup or the draft model per step from their measured payoff; under
 /// strict at T = 0 whatever it picks emits the target's own greedy tokens.
 #[test]
