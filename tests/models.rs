@@ -628,6 +628,8 @@ fn safetensors_matches_gguf() {
     specs.extend(
         verdict::models::testing::peer_specs()
             .into_iter()
+            // Mixtral's experts come from GGUF files only.
+            .filter(|(_, spec)| !(spec.arch == Arch::Llama && spec.experts.is_some()))
             .map(|(name, spec)| (name.to_string(), spec)),
     );
     // Past the longest wavelength that the schemes leave alone, so every pair's rotation counts.
@@ -959,6 +961,40 @@ fn bad_files_give_clear_errors() {
         e.contains("no_rope_layers") && e.contains("layer 2 is 0"),
         "{e}"
     );
+
+    // A mixture of experts: more experts used than there are, a Hugging Face config that does
+    // not renormalise the chosen weights, and tensor parallelism, each refused by name.
+    let (_, moe) = verdict::models::testing::peer_specs()
+        .into_iter()
+        .find(|(n, _)| *n == "qwen3moe")
+        .unwrap();
+    let too_many = dir.path().join("moe.gguf");
+    write_tiny_gguf(
+        &too_many,
+        &TinySpec {
+            experts: Some((4, 5, 48)),
+            ..moe.clone()
+        },
+    )
+    .unwrap();
+    let e = expect_err(Model::load_gguf(&too_many, &Device::Cpu));
+    assert!(
+        e.contains("moe.gguf") && e.contains("5 of 4 experts used"),
+        "{e}"
+    );
+    let hm = dir.path().join("hf-moe");
+    write_tiny_safetensors(&hm, &moe).unwrap();
+    let m = Model::load_safetensors(&hm, &Device::Cpu).unwrap();
+    match m.shard(2) {
+        Ok(_) => panic!("a mixture of experts was split over ranks"),
+        Err(e) => assert!(e.to_string().contains("mixture of experts"), "{e}"),
+    }
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hm.join("config.json")).unwrap()).unwrap();
+    c["norm_topk_prob"] = false.into();
+    std::fs::write(hm.join("config.json"), c.to_string()).unwrap();
+    let e = expect_err(Model::load_safetensors(&hm, &Device::Cpu));
+    assert!(e.contains("norm_topk_prob"), "{e}");
 
     // not a file at all
     let e = expect_err(Model::load_gguf(dir.path(), &Device::Cpu));

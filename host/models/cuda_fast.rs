@@ -255,6 +255,9 @@ mod imp {
         {
             return Some("biases on the output or MLP projections".into());
         }
+        if cfg.experts.is_some() {
+            return Some("a mixture of experts".into());
+        }
         if cfg.nope_every.is_some() {
             return Some("layers without rotary embeddings (smollm3)".into());
         }

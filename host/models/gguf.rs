@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 /// soft-capped (`c * tanh(x / c)`); granite is llama with four multipliers: on the
 /// embeddings, on each block's output before the residual add, on q.k (in place of
 /// 1 / sqrt(head size)), and a divisor of the logits; smollm3 is llama whose every fourth
-/// layer does not rotate q and k (NoPE).
+/// layer does not rotate q and k (NoPE); qwen3moe is qwen3 whose MLP is a mixture of experts
+/// ([`Experts`]), as are llama files with `expert_count` (Mixtral).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
@@ -37,6 +38,7 @@ pub enum Arch {
     Gemma3,
     Granite,
     Smollm3,
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -50,6 +52,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::Granite => "granite",
             Arch::Smollm3 => "smollm3",
+            Arch::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -62,6 +65,8 @@ impl Arch {
             "gemma2" => Some(Arch::Gemma2),
             "granite" => Some(Arch::Granite),
             "smollm3" => Some(Arch::Smollm3),
+            // Hugging Face spells it qwen3_moe.
+            "qwen3moe" | "qwen3_moe" => Some(Arch::Qwen3Moe),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -138,6 +143,18 @@ pub struct ModelConfig {
     pub logit_scale: Option<f32>,
     /// Layer `i` rotates no q or k when `(i + 1) % n == 0` (SmolLM3's NoPE layers, n = 4).
     pub nope_every: Option<usize>,
+    /// A mixture of experts in place of every layer's MLP.
+    pub experts: Option<Experts>,
+}
+
+/// A sparse MLP: a router scores `count` experts per row, the `used` best run (each a SwiGLU
+/// MLP of width `intermediate`), and their outputs add up weighted by the router's softmax,
+/// renormalised over the chosen ones (Mixtral's and Qwen3-MoE's rule).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Experts {
+    pub count: usize,
+    pub used: usize,
+    pub intermediate: usize,
 }
 
 impl ModelConfig {
@@ -216,6 +233,17 @@ impl ModelConfig {
             {
                 return Err(bad(key, format!("{c} is not positive")));
             }
+        }
+        if let Some(e) = self.experts
+            && (e.used == 0 || e.used > e.count || e.intermediate == 0)
+        {
+            return Err(bad(
+                "experts",
+                format!(
+                    "{} of {} experts used, {} wide: at least one, at most all, and a width",
+                    e.used, e.count, e.intermediate
+                ),
+            ));
         }
         if self.nope_every == Some(0) {
             return Err(bad("nope_every", "is 0".into()));
@@ -706,9 +734,12 @@ impl GgufFile {
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
                 Arch::Llama | Arch::Granite | Arch::Smollm3 => RopeStyle::Interleaved,
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2 | Arch::Gemma3 => {
-                    RopeStyle::Neox
-                }
+                Arch::Qwen2
+                | Arch::Qwen3
+                | Arch::Qwen3Moe
+                | Arch::Phi3
+                | Arch::Gemma2
+                | Arch::Gemma3 => RopeStyle::Neox,
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
             sliding_window: match arch {
@@ -767,6 +798,19 @@ impl GgufFile {
             },
             // A constant in llama.cpp, no key.
             nope_every: (arch == Arch::Smollm3).then_some(4),
+            experts: match self.opt_usize(&format!("{a}.expert_count"))? {
+                Some(count) if count > 0 => Some(Experts {
+                    count,
+                    used: self.get_usize(&format!("{a}.expert_used_count"))?,
+                    intermediate: self
+                        .opt_usize(&format!("{a}.expert_feed_forward_length"))?
+                        .unwrap_or(intermediate),
+                }),
+                _ if arch == Arch::Qwen3Moe => {
+                    return Err(self.meta_err(&format!("{a}.expert_count"), "missing".into()));
+                }
+                _ => None,
+            },
             attn_softcap: match arch {
                 Arch::Gemma2 => Some(
                     self.opt_f32(&format!("{a}.attn_logit_softcapping"))?

@@ -4,7 +4,7 @@
 
 use super::error::{ModelError, Result, candle_msg};
 use super::gguf::{
-    Arch, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle, SlidingWindow,
+    Arch, Experts, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle, SlidingWindow,
 };
 use super::rope::RopeScaling;
 use super::transformer::{Names, WeightSource, Weights};
@@ -56,6 +56,13 @@ impl WeightSource for StSource {
 /// GGUF-style layer names (as used by `Weights::build`) -> Hugging Face names.
 pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
     let p = format!("model.layers.{i}");
+    // One expert's projection: `ffn_gate.E` -> `mlp.experts.E.gate_proj`.
+    if let Some((what, e)) = s.split_once('.')
+        && let Some(what) = what.strip_prefix("ffn_")
+        && e.bytes().all(|b| b.is_ascii_digit())
+    {
+        return format!("{p}.mlp.experts.{e}.{what}_proj.weight");
+    }
     let (base, suffix) = match s.strip_suffix(".bias") {
         Some(b) => (b, "bias"),
         None => (s, "weight"),
@@ -73,6 +80,7 @@ pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_gate_up" => "mlp.gate_up_proj",
+        "ffn_gate_inp" => "mlp.gate",
         "ffn_down" => "mlp.down_proj",
         other => other,
     };
@@ -226,6 +234,24 @@ fn config_from_json(
         },
         nope_every: match arch {
             Arch::Smollm3 => Some(nope_interval(path, v)?),
+            _ => None,
+        },
+        experts: match arch {
+            Arch::Qwen3Moe => {
+                // verdict renormalises the chosen experts' weights, as Qwen3-MoE does.
+                if v.get("norm_topk_prob").and_then(Value::as_bool) == Some(false) {
+                    return Err(err(
+                        "norm_topk_prob",
+                        "false is not supported (verdict renormalises the chosen experts' weights)"
+                            .into(),
+                    ));
+                }
+                Some(Experts {
+                    count: uint("num_experts")?,
+                    used: uint("num_experts_per_tok")?,
+                    intermediate: uint("moe_intermediate_size")?,
+                })
+            }
             _ => None,
         },
         final_softcap: match arch {

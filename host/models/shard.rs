@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::requant::for_matmul;
-use super::transformer::{HeadLayout, Layer, Linear, Rows, Weights, run_rank};
+use super::transformer::{Ffn, HeadLayout, Layer, Linear, Rows, Weights, run_rank};
 
 /// Collective operations between the ranks of one sharded sequence. Every rank calls the same
 /// collectives in the same order.
@@ -297,13 +297,19 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
     if n == 0 {
         return Err(fail("the rank count must be at least 1".into()));
     }
+    let mut downs = Vec::with_capacity(w.layers.len());
+    for l in &w.layers {
+        match &l.ffn {
+            Ffn::Dense { down, .. } => downs.push(down),
+            Ffn::Moe { .. } => {
+                return Err(fail(
+                    "splitting a mixture of experts over ranks is not built".into(),
+                ));
+            }
+        }
+    }
     let b_o = w.layers.iter().map(|l| in_block(&l.o.w)).max().unwrap_or(1);
-    let b_d = w
-        .layers
-        .iter()
-        .map(|l| in_block(&l.down.w))
-        .max()
-        .unwrap_or(1);
+    let b_d = downs.iter().map(|d| in_block(&d.w)).max().unwrap_or(1);
     // Heads move between ranks in units whose output columns fill whole blocks.
     let unit = (1..=nh)
         .find(|u| nh % u == 0 && (u * hd) % b_o == 0)
@@ -347,9 +353,14 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
                         None => None,
                     },
                     ffn_norm: l.ffn_norm.to_device(dev)?,
-                    gate: split_rows(&l.gate, f0..f1, dev)?,
-                    up: split_rows(&l.up, f0..f1, dev)?,
-                    down: split_cols(&l.down, f0..f1, r, dev)?,
+                    ffn: match &l.ffn {
+                        Ffn::Dense { gate, up, down } => Ffn::Dense {
+                            gate: split_rows(gate, f0..f1, dev)?,
+                            up: split_rows(up, f0..f1, dev)?,
+                            down: split_cols(down, f0..f1, r, dev)?,
+                        },
+                        Ffn::Moe { .. } => unreachable!("refused above"),
+                    },
                     // Applied after the all-reduce, to whole rows: replicated.
                     post_norms: match &l.post_norms {
                         Some((a, m)) => Some((a.to_device(dev)?, m.to_device(dev)?)),

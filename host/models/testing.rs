@@ -38,6 +38,8 @@ pub struct TinySpec {
     pub softcaps: Option<(f32, f32)>,
     /// Granite's multipliers: embeddings, residual, attention (q.k) and the logits' divisor.
     pub granite: Option<[f32; 4]>,
+    /// A mixture of experts in every layer: (count, used, width).
+    pub experts: Option<(usize, usize, usize)>,
     /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
     /// rules from the name.)
     pub name: Option<&'static str>,
@@ -80,6 +82,7 @@ impl Default for TinySpec {
             sliding_window: None,
             softcaps: None,
             granite: None,
+            experts: None,
             name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
@@ -362,7 +365,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
         }
-        if matches!(spec.arch, Arch::Qwen3 | Arch::Gemma3) {
+        if matches!(spec.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3) {
             out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, hd)?);
             out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, hd)?);
         }
@@ -394,6 +397,20 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
         }
         out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
+        if let Some((count, _, ff)) = spec.experts {
+            // The router, and each projection's experts stacked as llama.cpp stores them.
+            out.push(mat(format!("{b}.ffn_gate_inp.weight"), count, h)?);
+            for (what, rows, cols) in [("gate", ff, h), ("up", ff, h), ("down", h, ff)] {
+                let each = (0..count)
+                    .map(|e| Ok(mat(format!("{b}.ffn_{what}.{e}.weight"), rows, cols)?.1))
+                    .collect::<Result<Vec<_>>>()?;
+                out.push((
+                    format!("{b}.ffn_{what}_exps.weight"),
+                    Tensor::stack(&each, 0)?,
+                ));
+            }
+            continue;
+        }
         let gate = mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?;
         let up = mat(format!("{b}.ffn_up.weight"), spec.intermediate, h)?;
         if spec.arch == Arch::Phi3 {
@@ -567,6 +584,11 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         meta.push((format!("{a}.attention.scale"), V::F32(attention)));
         meta.push((format!("{a}.logit_scale"), V::F32(logit)));
     }
+    if let Some((count, used, ff)) = spec.experts {
+        meta.push((format!("{a}.expert_count"), V::U32(count as u32)));
+        meta.push((format!("{a}.expert_used_count"), V::U32(used as u32)));
+        meta.push((format!("{a}.expert_feed_forward_length"), V::U32(ff as u32)));
+    }
     if let Some((attn, last)) = spec.softcaps {
         meta.push((format!("{a}.attn_logit_softcapping"), V::F32(attn)));
         meta.push((format!("{a}.final_logit_softcapping"), V::F32(last)));
@@ -701,6 +723,17 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in tiny_weights(spec)? {
+        // Stacked experts: one matrix each, as Hugging Face stores them.
+        if let Some(rest) = name.strip_suffix("_exps.weight")
+            && let Some((layer, what)) = rest.strip_prefix("blk.").and_then(|r| r.split_once('.'))
+        {
+            let i: usize = layer.parse().unwrap_or(0);
+            for e in 0..t.dim(0)? {
+                let hf = super::safetensors::hf_layer_name(i, &format!("{what}.{e}"));
+                map.insert(hf, t.get(e)?.contiguous()?);
+            }
+            continue;
+        }
         let hf = match name.as_str() {
             // Hugging Face keeps the scheme in config.json, not the factors.
             "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
@@ -745,6 +778,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Granite => "GraniteForCausalLM",
             Arch::Smollm3 => "SmolLM3ForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -797,6 +831,13 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["residual_multiplier"] = residual.into();
         config["attention_multiplier"] = attention.into();
         config["logits_scaling"] = logit.into();
+    }
+    if let Some((count, used, ff)) = spec.experts {
+        config["model_type"] = "qwen3_moe".into();
+        config["num_experts"] = count.into();
+        config["num_experts_per_tok"] = used.into();
+        config["moe_intermediate_size"] = ff.into();
+        config["norm_topk_prob"] = true.into();
     }
     if spec.arch == Arch::Smollm3 {
         let rotates: Vec<u32> = (0..spec.layers)
@@ -996,6 +1037,28 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             TinySpec {
                 arch: Arch::Smollm3,
                 layers: 5,
+                tied: true,
+                ..base.clone()
+            },
+        ),
+        // Mixtral: llama with experts as wide as `feed_forward_length` (GGUF only: verdict
+        // reads no Mixtral safetensors).
+        (
+            "llama-moe",
+            TinySpec {
+                arch: Arch::Llama,
+                intermediate: 48,
+                experts: Some((4, 2, 48)),
+                ..base.clone()
+            },
+        ),
+        // Qwen3-MoE: qwen3 with 4 experts of width 48 per layer, 2 chosen per row.
+        (
+            "qwen3moe",
+            TinySpec {
+                arch: Arch::Qwen3Moe,
+                head_dim: Some(32),
+                experts: Some((4, 2, 48)),
                 tied: true,
                 ..base.clone()
             },

@@ -216,11 +216,27 @@ pub(crate) struct Layer {
     /// qwen3: RMSNorm weights `[head_dim]` applied to every head's q and k before the rotation.
     pub(crate) qk_norm: Option<(Tensor, Tensor)>,
     pub(crate) ffn_norm: Tensor,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
+    pub(crate) ffn: Ffn,
     /// gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the residual.
     pub(crate) post_norms: Option<(Tensor, Tensor)>,
+}
+
+/// A layer's MLP.
+#[derive(Debug, Clone)]
+pub(crate) enum Ffn {
+    /// `down(act(gate(x)) * up(x))`.
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// A mixture of experts (`ModelConfig::experts`): the router's scores, and each expert's
+    /// gate, up and down projections.
+    Moe {
+        router: Linear,
+        experts: Vec<[Linear; 3]>,
+        used: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -390,7 +406,7 @@ impl Weights {
             };
             let vec = |s: &str| vec_of(s, h);
             let qk_norm = match c.arch {
-                Arch::Qwen3 | Arch::Gemma3 => {
+                Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => {
                     Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
                 }
                 Arch::Llama
@@ -441,15 +457,30 @@ impl Weights {
                     lin("attn_v", Some("attn_v.bias"), [kv_out, h])?,
                 ]
             };
-            let [gate, up]: [Linear; 2] = if !src.has(&n("ffn_gate")) && src.has(&n(FFN_GATE_UP)) {
-                let i = c.intermediate;
-                let parts = fused(FFN_GATE_UP, "ffn_gate_up.bias", &[i, i])?;
-                parts.try_into().expect("two parts")
-            } else {
-                [
-                    lin("ffn_gate", Some("ffn_gate.bias"), [c.intermediate, h])?,
-                    lin("ffn_up", Some("ffn_up.bias"), [c.intermediate, h])?,
-                ]
+            let ffn = match c.experts {
+                Some(e) => Ffn::Moe {
+                    router: lin("ffn_gate_inp", None, [e.count, h])?,
+                    experts: experts(src, &n, e, h, device)?,
+                    used: e.used,
+                },
+                None => {
+                    let i = c.intermediate;
+                    let [gate, up]: [Linear; 2] =
+                        if !src.has(&n("ffn_gate")) && src.has(&n(FFN_GATE_UP)) {
+                            let parts = fused(FFN_GATE_UP, "ffn_gate_up.bias", &[i, i])?;
+                            parts.try_into().expect("two parts")
+                        } else {
+                            [
+                                lin("ffn_gate", Some("ffn_gate.bias"), [i, h])?,
+                                lin("ffn_up", Some("ffn_up.bias"), [i, h])?,
+                            ]
+                        };
+                    Ffn::Dense {
+                        gate,
+                        up,
+                        down: lin("ffn_down", Some("ffn_down.bias"), [h, i])?,
+                    }
+                }
             };
             layers.push(Layer {
                 attn_norm: vec("attn_norm")?,
@@ -459,9 +490,7 @@ impl Weights {
                 o: lin("attn_output", Some("attn_output.bias"), [h, q_out])?,
                 qk_norm,
                 ffn_norm: vec("ffn_norm")?,
-                gate,
-                up,
-                down: lin("ffn_down", Some("ffn_down.bias"), [h, c.intermediate])?,
+                ffn,
                 post_norms,
             });
         }
@@ -556,6 +585,90 @@ impl WeightSource for GgufSource<'_> {
 /// The name `Weights::build` asks for a fused gate + up projection: phi3's GGUF `ffn_up` of
 /// twice the intermediate size, Hugging Face's `mlp.gate_up_proj`.
 pub(crate) const FFN_GATE_UP: &str = "ffn_gate_up";
+
+/// A layer's experts: from GGUF's stacked `ffn_{gate,up,down}_exps` (`[count, out, in]`, each
+/// expert a run of whole rows), or one matrix per expert (`ffn_gate.E`: older Mixtral GGUFs,
+/// Hugging Face's `mlp.experts.E.gate_proj`).
+fn experts(
+    src: &dyn WeightSource,
+    n: &dyn Fn(&str) -> String,
+    e: super::gguf::Experts,
+    h: usize,
+    device: &Device,
+) -> Result<Vec<[Linear; 3]>> {
+    let i = e.intermediate;
+    let shapes = [("gate", [i, h]), ("up", [i, h]), ("down", [h, i])];
+    if src.has(&n("ffn_gate_exps")) {
+        let mut stacks = Vec::with_capacity(3);
+        for (what, [rows, cols]) in shapes {
+            let name = n(&format!("ffn_{what}_exps"));
+            check_shape(src, &name, &[e.count, rows, cols])?;
+            let bad = |reason: String| ModelError::Tensor {
+                path: src.path().to_path_buf(),
+                tensor: name.clone(),
+                reason,
+            };
+            // Seen as [count * rows, cols], expert x is rows x * rows ..
+            let whole = match src.matrix(&name, device)? {
+                QMatMul::QTensor(t) => {
+                    let flat = candle_core::quantized::QTensor::new(
+                        candle_core::quantized::QStorage::from_data(
+                            std::borrow::Cow::Owned(
+                                t.data().map_err(|e| bad(candle_msg(&e)))?.into_owned(),
+                            ),
+                            device,
+                            t.dtype(),
+                        )
+                        .map_err(|e| bad(candle_msg(&e)))?,
+                        (e.count * rows, cols),
+                    )
+                    .map_err(|e| bad(candle_msg(&e)))?;
+                    QMatMul::QTensor(Arc::new(flat))
+                }
+                QMatMul::Tensor(t) => QMatMul::Tensor(
+                    t.reshape((e.count * rows, cols))
+                        .map_err(|e| bad(candle_msg(&e)))?,
+                ),
+                QMatMul::TensorF16(t) => QMatMul::TensorF16(
+                    t.reshape((e.count * rows, cols))
+                        .map_err(|e| bad(candle_msg(&e)))?,
+                ),
+            };
+            let whole = Linear::new(fast_matmul(src, &name, whole)?, None);
+            let parts = (0..e.count)
+                .map(|x| super::shard::split_rows(&whole, x * rows..(x + 1) * rows, device))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(|e| bad(format!("cutting the experts apart: {}", candle_msg(&e))))?;
+            stacks.push(parts);
+        }
+        let down = stacks.pop().expect("three");
+        let up = stacks.pop().expect("three");
+        let gate = stacks.pop().expect("three");
+        return Ok(gate
+            .into_iter()
+            .zip(up)
+            .zip(down)
+            .map(|((g, u), d)| [g, u, d])
+            .collect());
+    }
+    (0..e.count)
+        .map(|x| {
+            let one = |what: &str, shape: [usize; 2]| -> Result<Linear> {
+                let name = n(&format!("ffn_{what}.{x}"));
+                check_shape(src, &name, &shape)?;
+                Ok(Linear::new(
+                    fast_matmul(src, &name, src.matrix(&name, device)?)?,
+                    None,
+                ))
+            };
+            Ok([
+                one("gate", [i, h])?,
+                one("up", [i, h])?,
+                one("down", [h, i])?,
+            ])
+        })
+        .collect()
+}
 
 /// GGUF names: `blk.N.attn_q.weight`, biases `blk.N.attn_q.bias`.
 fn gguf_layer_name(i: usize, s: &str) -> String {
@@ -879,9 +992,25 @@ impl Model {
                     o: lin(&l.o)?,
                     qk_norm: l.qk_norm.clone(),
                     ffn_norm: l.ffn_norm.clone(),
-                    gate: lin(&l.gate)?,
-                    up: lin(&l.up)?,
-                    down: lin(&l.down)?,
+                    ffn: match &l.ffn {
+                        Ffn::Dense { gate, up, down } => Ffn::Dense {
+                            gate: lin(gate)?,
+                            up: lin(up)?,
+                            down: lin(down)?,
+                        },
+                        Ffn::Moe {
+                            router,
+                            experts,
+                            used,
+                        } => Ffn::Moe {
+                            router: lin(router)?,
+                            experts: experts
+                                .iter()
+                                .map(|[g, u, d]| Ok([lin(g)?, lin(u)?, lin(d)?]))
+                                .collect::<Result<_>>()?,
+                            used: *used,
+                        },
+                    },
                     post_norms: l.post_norms.clone(),
                 })
             })
@@ -1267,6 +1396,47 @@ pub(crate) fn run_rank(
     }
 }
 
+/// A mixture of experts over the rows of `h`: per row, the router's softmax, its `used` best
+/// experts (the lower id first among equal scores) and their weights renormalised to sum to 1;
+/// each expert runs once on the rows that chose it, and a row's outputs add up in expert order,
+/// so a row's result does not depend on the other rows.
+fn moe(
+    h: &Tensor,
+    router: &Linear,
+    experts: &[[Linear; 3]],
+    used: usize,
+    mlp: impl Fn(&Tensor, &[Linear; 3]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let scores = router.forward(h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    // Per expert: the rows that chose it and their weights.
+    let mut chosen: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
+    for (r, row) in scores.iter().enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let exp: Vec<f32> = row.iter().map(|&x| (x - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+        let top = &order[..used.min(order.len())];
+        let kept: f32 = top.iter().map(|&e| exp[e] / sum).sum();
+        for &e in top {
+            chosen[e].0.push(r as u32);
+            chosen[e].1.push(exp[e] / sum / kept);
+        }
+    }
+    let mut out = h.zeros_like()?;
+    for (e, (rows, weights)) in chosen.into_iter().enumerate() {
+        if rows.is_empty() {
+            continue;
+        }
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, h.device())?;
+        let y = mlp(&h.index_select(&idx, 0)?, &experts[e])?;
+        let w = Tensor::from_vec(weights, (n, 1), h.device())?.to_dtype(y.dtype())?;
+        out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+    }
+    Ok(out)
+}
+
 /// A sequence inside [`run`]: its cache, new tokens at `pos..`, and the rows it wants back.
 struct Seg<'a> {
     cache: &'a mut KvCache,
@@ -1432,14 +1602,24 @@ fn run(
         x = (x + post(reduce(layer.o.forward(&y)?)?, 0)?)?;
 
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-        let g = layer.gate.forward(&h)?;
-        let u = layer.up.forward(&h)?;
-        let m = match gemma {
-            // GELU's tanh form, as Gemma's `gelu_pytorch_tanh`.
-            true => (g.gelu()? * u)?,
-            false => (g.silu()? * u)?,
+        let mlp = |h: &Tensor, gate: &Linear, up: &Linear, down: &Linear| {
+            let (g, u) = (gate.forward(h)?, up.forward(h)?);
+            let m = match gemma {
+                // GELU's tanh form, as Gemma's `gelu_pytorch_tanh`.
+                true => (g.gelu()? * u)?,
+                false => (g.silu()? * u)?,
+            };
+            down.forward(&m)
         };
-        x = (x + post(reduce(layer.down.forward(&m)?)?, 1)?)?;
+        let y = match &layer.ffn {
+            Ffn::Dense { gate, up, down } => mlp(&h, gate, up, down)?,
+            Ffn::Moe {
+                router,
+                experts,
+                used,
+            } => moe(&h, router, experts, *used, |h, [g, u, d]| mlp(h, g, u, d))?,
+        };
+        x = (x + post(reduce(y)?, 1)?)?;
     }
     // The rows each sequence wants, stacked, through the final norm and lm_head in one go.
     let mut picked = Vec::with_capacity(segs.len());
