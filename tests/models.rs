@@ -1195,3 +1195,44 @@ fn soft_capped_logits_keep_a_cut_vocabulary_out() {
         }
     }
 }
+
+/// Quantized experts: a stacked `[experts, out, in]` tensor is cut into one matrix per expert
+/// by whole rows of blocks, so the quantized model tracks its f32 weights, and a batched
+/// forward equals single-token forwards exactly.
+#[test]
+fn quantized_experts_track_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = TinySpec {
+        arch: Arch::Qwen3Moe,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 256,
+        experts: Some((4, 2, 256)),
+        layers: 2,
+        seed: 5,
+        ..TinySpec::default()
+    };
+    let f32m = tiny(dir.path(), &base);
+    let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let p = dir.path().join(format!("moe-{dtype:?}.gguf"));
+        write_tiny_gguf(
+            &p,
+            &TinySpec {
+                dtype,
+                ..base.clone()
+            },
+        )
+        .unwrap();
+        let m = Model::load_gguf(&p, &Device::Cpu).unwrap();
+        let all = rows(&m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+        let inc = one_by_one(&mut m.session(), &PROMPT);
+        for j in 0..PROMPT.len() {
+            assert_eq!(all[j], inc[j], "{dtype:?}: batched vs single at {j}");
+        }
+        let err = max_diff(&all[8], &reference[8]);
+        let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(err < 0.25 * scale, "{dtype:?}: {err} vs scale {scale}");
+    }
+}
