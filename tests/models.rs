@@ -654,10 +654,12 @@ fn safetensors_matches_gguf() {
     }
 }
 
+/// Quantized models track their f32 weights, and batched forwards equal single-token ones.
+/// Also for a mixture of experts: a stacked `[experts, out, in]` tensor is cut into one matrix
+/// per expert by whole rows of blocks.
 #[test]
 fn quantized_tiny_models_run_and_track_f32() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = TinySpec {
+    let dense = TinySpec {
         hidden: 256,
         heads: 4,
         kv_heads: 2,
@@ -666,19 +668,29 @@ fn quantized_tiny_models_run_and_track_f32() {
         seed: 11,
         ..TinySpec::default()
     };
-    let f32m = tiny(dir.path(), &base);
-    let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
-    for (i, dtype) in [
+    let moe = TinySpec {
+        arch: Arch::Qwen3Moe,
+        experts: Some((4, 2, 256)),
+        seed: 5,
+        ..dense.clone()
+    };
+    let every = [
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
         GgmlDType::Q6K,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::F16,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    track_f32(&dense, &every);
+    track_f32(&moe, &[GgmlDType::Q8_0, GgmlDType::Q4K]);
+}
+
+fn track_f32(base: &TinySpec, dtypes: &[GgmlDType]) {
+    let dir = tempfile::tempdir().unwrap();
+    let f32m = tiny(dir.path(), base);
+    let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    for (i, &dtype) in dtypes.iter().enumerate() {
         let p = dir.path().join(format!("q{i}.gguf"));
         write_tiny_gguf(
             &p,
@@ -882,48 +894,31 @@ fn bad_files_give_clear_errors() {
         "{e}"
     );
 
-    // A LongRoPE GGUF without the factor set its context needs names the tensor.
-    let (_, phi) = verdict::models::testing::peer_specs()
-        .into_iter()
-        .find(|(n, _)| *n == "phi3-longrope")
-        .unwrap();
-    let lr = dir.path().join("longrope.gguf");
-    write_tiny_gguf(&lr, &phi).unwrap();
-    let b = std::fs::read(&lr).unwrap();
-    let e = patched_error(
-        dir.path(),
-        "longrope.gguf",
-        &b,
-        b"rope_factors_long",
-        b"rope_factors_xong",
-    );
-    assert!(
-        e.contains("longrope.gguf")
-            && e.contains("rope_factors_long.weight")
-            && e.contains("missing"),
-        "{e}"
-    );
-
-    // Gemma 3 without its window names the key; a Hugging Face `layer_types` that follows no
-    // pattern of one global layer in n names the first layer off it.
-    let (_, gemma) = verdict::models::testing::peer_specs()
-        .into_iter()
-        .find(|(n, _)| *n == "gemma3")
-        .unwrap();
-    let g = dir.path().join("gemma.gguf");
-    write_tiny_gguf(&g, &gemma).unwrap();
-    let b = std::fs::read(&g).unwrap();
-    let e = patched_error(
-        dir.path(),
-        "gemma.gguf",
-        &b,
-        b"sliding_window",
-        b"sliding_wandow",
-    );
-    assert!(
-        e.contains("gemma.gguf") && e.contains("gemma3.attention.sliding_window"),
-        "{e}"
-    );
+    // A LongRoPE GGUF without the factor set its context needs names the tensor; Gemma 3
+    // without its window names the key.
+    let gemma = verdict::models::testing::peer_spec("gemma3").unwrap();
+    for (spec, file, from, to, needle) in [
+        (
+            "phi3-longrope",
+            "longrope.gguf",
+            &b"rope_factors_long"[..],
+            &b"rope_factors_xong"[..],
+            "rope_factors_long.weight: missing",
+        ),
+        (
+            "gemma3",
+            "gemma.gguf",
+            b"sliding_window",
+            b"sliding_wandow",
+            "gemma3.attention.sliding_window",
+        ),
+    ] {
+        let spec = verdict::models::testing::peer_spec(spec).unwrap();
+        let e = spec_patched_error(dir.path(), file, &spec, from, to);
+        assert!(e.contains(file) && e.contains(needle), "{e}");
+    }
+    // A Hugging Face `layer_types` that follows no pattern of one global layer in n names the
+    // first layer off it.
     let hg = dir.path().join("hf-gemma");
     write_tiny_safetensors(&hg, &gemma).unwrap();
     Model::load_safetensors(&hg, &Device::Cpu).unwrap();
@@ -945,10 +940,7 @@ fn bad_files_give_clear_errors() {
     );
 
     // SmolLM3's `no_rope_layers` off the every-fourth pattern names the layer.
-    let (_, smol) = verdict::models::testing::peer_specs()
-        .into_iter()
-        .find(|(n, _)| *n == "smollm3")
-        .unwrap();
+    let smol = verdict::models::testing::peer_spec("smollm3").unwrap();
     let hs = dir.path().join("hf-smollm3");
     write_tiny_safetensors(&hs, &smol).unwrap();
     Model::load_safetensors(&hs, &Device::Cpu).unwrap();
@@ -964,10 +956,7 @@ fn bad_files_give_clear_errors() {
 
     // A mixture of experts: more experts used than there are, a Hugging Face config that does
     // not renormalise the chosen weights, and tensor parallelism, each refused by name.
-    let (_, moe) = verdict::models::testing::peer_specs()
-        .into_iter()
-        .find(|(n, _)| *n == "qwen3moe")
-        .unwrap();
+    let moe = verdict::models::testing::peer_spec("qwen3moe").unwrap();
     let too_many = dir.path().join("moe.gguf");
     write_tiny_gguf(
         &too_many,
@@ -1015,6 +1004,13 @@ fn patched_error(dir: &Path, name: &str, bytes: &[u8], from: &[u8], to: &[u8]) -
     let path = dir.join(name);
     std::fs::write(&path, &b).unwrap();
     expect_err(Model::load_gguf(&path, &Device::Cpu))
+}
+
+/// [`patched_error`] of `spec`'s GGUF, written as `dir/name` first.
+fn spec_patched_error(dir: &Path, name: &str, spec: &TinySpec, from: &[u8], to: &[u8]) -> String {
+    let path = dir.join(format!("orig-{name}"));
+    write_tiny_gguf(&path, spec).unwrap();
+    patched_error(dir, name, &std::fs::read(&path).unwrap(), from, to)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -1169,10 +1165,7 @@ fn synthesized_models_keep_the_layout_and_run() {
 #[test]
 fn soft_capped_logits_keep_a_cut_vocabulary_out() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, spec) = verdict::models::testing::peer_specs()
-        .into_iter()
-        .find(|(n, _)| *n == "gemma2")
-        .unwrap();
+    let spec = verdict::models::testing::peer_spec("gemma2").unwrap();
     let path = dir.path().join("gemma2.gguf");
     write_tiny_gguf(&path, &spec).unwrap();
     let whole = Model::load_gguf(&path, &Device::Cpu).unwrap();
@@ -1193,46 +1186,5 @@ fn soft_capped_logits_keep_a_cut_vocabulary_out() {
                 assert_eq!(y, f32::NEG_INFINITY, "id {id}: cut");
             }
         }
-    }
-}
-
-/// Quantized experts: a stacked `[experts, out, in]` tensor is cut into one matrix per expert
-/// by whole rows of blocks, so the quantized model tracks its f32 weights, and a batched
-/// forward equals single-token forwards exactly.
-#[test]
-fn quantized_experts_track_f32() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = TinySpec {
-        arch: Arch::Qwen3Moe,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 256,
-        experts: Some((4, 2, 256)),
-        layers: 2,
-        seed: 5,
-        ..TinySpec::default()
-    };
-    let f32m = tiny(dir.path(), &base);
-    let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
-        let p = dir.path().join(format!("moe-{dtype:?}.gguf"));
-        write_tiny_gguf(
-            &p,
-            &TinySpec {
-                dtype,
-                ..base.clone()
-            },
-        )
-        .unwrap();
-        let m = Model::load_gguf(&p, &Device::Cpu).unwrap();
-        let all = rows(&m.session().forward(&PROMPT, Rows::All).unwrap().logits);
-        let inc = one_by_one(&mut m.session(), &PROMPT);
-        for j in 0..PROMPT.len() {
-            assert_eq!(all[j], inc[j], "{dtype:?}: batched vs single at {j}");
-        }
-        let err = max_diff(&all[8], &reference[8]);
-        let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(err < 0.25 * scale, "{dtype:?}: {err} vs scale {scale}");
     }
 }

@@ -872,6 +872,14 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     })
 }
 
+/// The spec of [`peer_specs`] named `name`.
+pub fn peer_spec(name: &str) -> Option<TinySpec> {
+    peer_specs()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| s)
+}
+
 /// Tiny models that llama.cpp runs too, one per architecture and rotary variant:
 /// `scripts/make-fixtures.py peer` records llama.cpp's logits for them (`examples/tiny_models.rs`
 /// writes the files), and `tests/models.rs` checks verdict's against those. f32 weights, so the
