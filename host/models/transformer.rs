@@ -217,7 +217,8 @@ pub(crate) struct Layer {
     pub(crate) qk_norm: Option<(Tensor, Tensor)>,
     pub(crate) ffn_norm: Tensor,
     pub(crate) ffn: Ffn,
-    /// gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the residual.
+    /// gemma2 / gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the
+    /// residual adds.
     pub(crate) post_norms: Option<(Tensor, Tensor)>,
 }
 
@@ -608,7 +609,8 @@ fn experts(
                 tensor: name.clone(),
                 reason,
             };
-            // Seen as [count * rows, cols], expert x is rows x * rows ..
+            // Viewed as one [count * rows, cols] matrix, expert x is rows
+            // x * rows..(x + 1) * rows.
             let whole = match src.matrix(&name, device)? {
                 QMatMul::QTensor(t) => {
                     let flat = candle_core::quantized::QTensor::new(
