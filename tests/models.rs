@@ -628,8 +628,6 @@ fn safetensors_matches_gguf() {
     specs.extend(
         verdict::models::testing::peer_specs()
             .into_iter()
-            // Mixtral's experts come from GGUF files only.
-            .filter(|(_, spec)| !(spec.arch == Arch::Llama && spec.experts.is_some()))
             .map(|(name, spec)| (name.to_string(), spec)),
     );
     // Past the longest wavelength that the schemes leave alone, so every pair's rotation counts.

@@ -103,6 +103,22 @@ pub(crate) fn hf_gemma_layer_name(i: usize, s: &str) -> String {
     format!("model.layers.{i}.{hf}.weight")
 }
 
+/// Mixtral's layer names: the router is `block_sparse_moe.gate`, expert E's gate, down and up
+/// projections `block_sparse_moe.experts.E.w1`, `w2` and `w3`.
+pub(crate) fn hf_mixtral_layer_name(i: usize, s: &str) -> String {
+    let p = format!("model.layers.{i}.block_sparse_moe");
+    if s == "ffn_gate_inp" {
+        return format!("{p}.gate.weight");
+    }
+    let expert = |what: &str| s.strip_prefix(what).and_then(|e| e.strip_prefix('.'));
+    for (what, w) in [("ffn_gate", "w1"), ("ffn_down", "w2"), ("ffn_up", "w3")] {
+        if let Some(e) = expert(what).filter(|e| e.bytes().all(|b| b.is_ascii_digit())) {
+            return format!("{p}.experts.{e}.{w}.weight");
+        }
+    }
+    hf_layer_name(i, s)
+}
+
 fn config_from_json(
     path: &Path,
     v: &Value,
@@ -153,10 +169,15 @@ fn config_from_json(
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| err("model_type", "missing or not a string".into()))?;
-    let arch = Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {
-        path: path.to_path_buf(),
-        arch: model_type.to_string(),
-    })?;
+    // Mixtral is llama with experts.
+    let mixtral = model_type == "mixtral";
+    let arch = match mixtral {
+        true => Arch::Llama,
+        false => Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {
+            path: path.to_path_buf(),
+            arch: model_type.to_string(),
+        })?,
+    };
     let hidden_size = uint("hidden_size")?;
     let n_heads = uint("num_attention_heads")?;
     if n_heads == 0 {
@@ -252,6 +273,11 @@ fn config_from_json(
                     intermediate: uint("moe_intermediate_size")?,
                 })
             }
+            _ if mixtral => Some(Experts {
+                count: uint("num_local_experts")?,
+                used: uint("num_experts_per_tok")?,
+                intermediate: uint("intermediate_size")?,
+            }),
             _ => None,
         },
         final_softcap: match arch {
@@ -513,6 +539,7 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
         }
     }
     let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
+    let mixtral = cfg.arch == Arch::Llama && cfg.experts.is_some();
     let src = StSource {
         dir: dir.to_path_buf(),
         tensors,
@@ -522,11 +549,78 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
         embed: "model.embed_tokens.weight",
         norm: "model.norm.weight",
         lm_head: "lm_head.weight",
-        layer: if gemma {
-            hf_gemma_layer_name
-        } else {
-            hf_layer_name
+        layer: match (gemma, mixtral) {
+            (true, _) => hf_gemma_layer_name,
+            (_, true) => hf_mixtral_layer_name,
+            _ => hf_layer_name,
         },
     };
     Weights::build(cfg, &src, &names, device, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hugging Face's names for the MLP variants, as their modeling code defines them (the tiny
+    /// checkpoints are written with these same functions, so only this pins them).
+    #[test]
+    fn mlp_names_follow_each_family() {
+        let cases = [
+            (
+                hf_layer_name(2, "ffn_gate_inp"),
+                "model.layers.2.mlp.gate.weight",
+            ),
+            (
+                hf_layer_name(2, "ffn_down.7"),
+                "model.layers.2.mlp.experts.7.down_proj.weight",
+            ),
+            (
+                hf_layer_name(0, "ffn_gate_up"),
+                "model.layers.0.mlp.gate_up_proj.weight",
+            ),
+            (
+                hf_layer_name(0, "attn_qkv"),
+                "model.layers.0.self_attn.qkv_proj.weight",
+            ),
+            // Mixtral: w1 gates, w3 goes up, w2 comes down.
+            (
+                hf_mixtral_layer_name(1, "ffn_gate_inp"),
+                "model.layers.1.block_sparse_moe.gate.weight",
+            ),
+            (
+                hf_mixtral_layer_name(1, "ffn_gate.3"),
+                "model.layers.1.block_sparse_moe.experts.3.w1.weight",
+            ),
+            (
+                hf_mixtral_layer_name(1, "ffn_up.3"),
+                "model.layers.1.block_sparse_moe.experts.3.w3.weight",
+            ),
+            (
+                hf_mixtral_layer_name(1, "ffn_down.3"),
+                "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+            ),
+            (
+                hf_mixtral_layer_name(1, "attn_q"),
+                "model.layers.1.self_attn.q_proj.weight",
+            ),
+            // Gemma: the post-attention norm is the attention output's, the MLP's input norm
+            // comes before the feed-forward.
+            (
+                hf_gemma_layer_name(4, "post_attention_norm"),
+                "model.layers.4.post_attention_layernorm.weight",
+            ),
+            (
+                hf_gemma_layer_name(4, "ffn_norm"),
+                "model.layers.4.pre_feedforward_layernorm.weight",
+            ),
+            (
+                hf_gemma_layer_name(4, "post_ffw_norm"),
+                "model.layers.4.post_feedforward_layernorm.weight",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
+    }
 }

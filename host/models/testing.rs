@@ -729,7 +729,11 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         {
             let i: usize = layer.parse().unwrap_or(0);
             for e in 0..t.dim(0)? {
-                let hf = super::safetensors::hf_layer_name(i, &format!("{what}.{e}"));
+                let one = format!("{what}.{e}");
+                let hf = match spec.arch {
+                    Arch::Llama => super::safetensors::hf_mixtral_layer_name(i, &one),
+                    _ => super::safetensors::hf_layer_name(i, &one),
+                };
                 map.insert(hf, t.get(e)?.contiguous()?);
             }
             continue;
@@ -761,7 +765,10 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                     map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
                     continue;
                 }
-                super::safetensors::hf_layer_name(i, s)
+                match (spec.arch, spec.experts) {
+                    (Arch::Llama, Some(_)) => super::safetensors::hf_mixtral_layer_name(i, s),
+                    _ => super::safetensors::hf_layer_name(i, s),
+                }
             }
         };
         map.insert(hf, t);
@@ -832,12 +839,22 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["attention_multiplier"] = attention.into();
         config["logits_scaling"] = logit.into();
     }
-    if let Some((count, used, ff)) = spec.experts {
-        config["model_type"] = "qwen3_moe".into();
-        config["num_experts"] = count.into();
-        config["num_experts_per_tok"] = used.into();
-        config["moe_intermediate_size"] = ff.into();
-        config["norm_topk_prob"] = true.into();
+    match (spec.experts, spec.arch) {
+        (Some((count, used, ff)), Arch::Llama) => {
+            config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+            config["model_type"] = "mixtral".into();
+            config["num_local_experts"] = count.into();
+            config["num_experts_per_tok"] = used.into();
+            config["intermediate_size"] = ff.into();
+        }
+        (Some((count, used, ff)), _) => {
+            config["model_type"] = "qwen3_moe".into();
+            config["num_experts"] = count.into();
+            config["num_experts_per_tok"] = used.into();
+            config["moe_intermediate_size"] = ff.into();
+            config["norm_topk_prob"] = true.into();
+        }
+        (None, _) => {}
     }
     if spec.arch == Arch::Smollm3 {
         let rotates: Vec<u32> = (0..spec.layers)
@@ -1049,8 +1066,7 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 ..base.clone()
             },
         ),
-        // Mixtral: llama with experts as wide as `feed_forward_length` (GGUF only: verdict
-        // reads no Mixtral safetensors).
+        // Mixtral: llama with experts as wide as `feed_forward_length`.
         (
             "llama-moe",
             TinySpec {
