@@ -976,6 +976,15 @@ fn bad_files_give_clear_errors() {
         Ok(_) => panic!("a mixture of experts was split over ranks"),
         Err(e) => assert!(e.to_string().contains("mixture of experts"), "{e}"),
     }
+    // Nor OLMo 2, whose q / k norms span the heads that ranks would split.
+    let olmo = tiny(
+        dir.path(),
+        &verdict::models::testing::peer_spec("olmo2").unwrap(),
+    );
+    match olmo.shard(2) {
+        Ok(_) => panic!("olmo2 was split over ranks"),
+        Err(e) => assert!(e.to_string().contains("olmo2"), "{e}"),
+    }
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hm.join("config.json")).unwrap()).unwrap();
     c["norm_topk_prob"] = false.into();

@@ -238,6 +238,9 @@ mod imp {
             // decode.cu has no per-head q/k norm; candle's ops run qwen3 on the GPU.
             return Some("per-head q/k norms (qwen3)".into());
         }
+        if cfg.arch == Arch::Olmo2 {
+            return Some("olmo2's post-norms and whole-row q/k norms".into());
+        }
         if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3) {
             // decode.cu has no post-norms, GELU gate, sliding window or soft caps.
             return Some("gemma's post-norms, GELU gate and sliding windows".into());

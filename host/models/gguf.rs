@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 /// embeddings, on each block's output before the residual add, on q.k (in place of
 /// 1 / sqrt(head size)), and a divisor of the logits; smollm3 is llama whose every fourth
 /// layer does not rotate q and k (NoPE); qwen3moe is qwen3 whose MLP is a mixture of experts
-/// ([`Experts`]), as are llama files with `expert_count` (Mixtral).
+/// ([`Experts`]), as are llama files with `expert_count` (Mixtral); olmo2 normalises no block's
+/// input, only its output (the post-norms), and its q and k over whole rows, all heads at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
@@ -39,6 +40,7 @@ pub enum Arch {
     Granite,
     Smollm3,
     Qwen3Moe,
+    Olmo2,
 }
 
 impl Arch {
@@ -53,6 +55,7 @@ impl Arch {
             Arch::Granite => "granite",
             Arch::Smollm3 => "smollm3",
             Arch::Qwen3Moe => "qwen3moe",
+            Arch::Olmo2 => "olmo2",
         }
     }
 
@@ -67,6 +70,7 @@ impl Arch {
             "smollm3" => Some(Arch::Smollm3),
             // Hugging Face spells it qwen3_moe.
             "qwen3moe" | "qwen3_moe" => Some(Arch::Qwen3Moe),
+            "olmo2" => Some(Arch::Olmo2),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -739,7 +743,8 @@ impl GgufFile {
                 | Arch::Qwen3Moe
                 | Arch::Phi3
                 | Arch::Gemma2
-                | Arch::Gemma3 => RopeStyle::Neox,
+                | Arch::Gemma3
+                | Arch::Olmo2 => RopeStyle::Neox,
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
             sliding_window: match arch {

@@ -549,7 +549,8 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
         embed: "model.embed_tokens.weight",
         norm: "model.norm.weight",
         lm_head: "lm_head.weight",
-        layer: match (gemma, mixtral) {
+        // OLMo 2 names its post-norms as Gemma does.
+        layer: match (gemma || cfg.arch == Arch::Olmo2, mixtral) {
             (true, _) => hf_gemma_layer_name,
             (_, true) => hf_mixtral_layer_name,
             _ => hf_layer_name,

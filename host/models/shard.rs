@@ -297,6 +297,12 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
     if n == 0 {
         return Err(fail("the rank count must be at least 1".into()));
     }
+    if cfg.arch == super::gguf::Arch::Olmo2 {
+        // Its q / k norms span every head of a row, which ranks hold in parts.
+        return Err(fail(
+            "splitting olmo2 over ranks is not built (its q / k norms span all heads)".into(),
+        ));
+    }
     let mut downs = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
         match &l.ffn {
@@ -342,7 +348,7 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
             .iter()
             .map(|l| -> candle_core::Result<Layer> {
                 Ok(Layer {
-                    attn_norm: l.attn_norm.to_device(dev)?,
+                    attn_norm: l.attn_norm.as_ref().map(|n| n.to_device(dev)).transpose()?,
                     q: split_rows(&l.q, q_rows.clone(), dev)?,
                     k: split_rows(&l.k, kv_rows.clone(), dev)?,
                     v: split_rows(&l.v, kv_rows.clone(), dev)?,
@@ -352,7 +358,7 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
                         Some((q, k)) => Some((q.to_device(dev)?, k.to_device(dev)?)),
                         None => None,
                     },
-                    ffn_norm: l.ffn_norm.to_device(dev)?,
+                    ffn_norm: l.ffn_norm.as_ref().map(|n| n.to_device(dev)).transpose()?,
                     ffn: match &l.ffn {
                         Ffn::Dense { gate, up, down } => Ffn::Dense {
                             gate: split_rows(gate, f0..f1, dev)?,

@@ -349,7 +349,10 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     let mut out = vec![mat("token_embd.weight".into(), spec.vocab, h)?];
     for i in 0..spec.layers {
         let b = format!("blk.{i}");
-        out.push(vector(format!("{b}.attn_norm.weight"), 1.0, 0.2, h)?);
+        // OLMo 2 normalises no block's input.
+        if spec.arch != Arch::Olmo2 {
+            out.push(vector(format!("{b}.attn_norm.weight"), 1.0, 0.2, h)?);
+        }
         let q = mat(format!("{b}.attn_q.weight"), q_out, h)?;
         let k = mat(format!("{b}.attn_k.weight"), kv_out, h)?;
         let v = mat(format!("{b}.attn_v.weight"), kv_out, h)?;
@@ -365,11 +368,15 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
         }
+        if spec.arch == Arch::Olmo2 {
+            out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, q_out)?);
+            out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, kv_out)?);
+        }
         if matches!(spec.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3) {
             out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, hd)?);
             out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, hd)?);
         }
-        if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) {
+        if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2) {
             out.push(vector(
                 format!("{b}.post_attention_norm.weight"),
                 1.0,
@@ -396,7 +403,9 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             )?);
             out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
         }
-        out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
+        if spec.arch != Arch::Olmo2 {
+            out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
+        }
         if let Some((count, _, ff)) = spec.experts {
             // The router, and each projection's experts stacked as llama.cpp stores them.
             out.push(mat(format!("{b}.ffn_gate_inp.weight"), count, h)?);
@@ -760,6 +769,11 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                     (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
                     _ => s,
                 };
+                if spec.arch == Arch::Olmo2 {
+                    // Gemma's names for the post-norms, stored as they are.
+                    map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
+                    continue;
+                }
                 if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) {
                     let t = if s.ends_with("norm") { (t - 1.0)? } else { t };
                     map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
@@ -786,6 +800,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Granite => "GraniteForCausalLM",
             Arch::Smollm3 => "SmolLM3ForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Arch::Olmo2 => "Olmo2ForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -1084,6 +1099,14 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 head_dim: Some(32),
                 experts: Some((4, 2, 48)),
                 tied: true,
+                ..base.clone()
+            },
+        ),
+        // OLMo 2: post-norms only, q and k normalised over whole rows.
+        (
+            "olmo2",
+            TinySpec {
+                arch: Arch::Olmo2,
                 ..base.clone()
             },
         ),

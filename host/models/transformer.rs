@@ -208,14 +208,15 @@ impl Linear {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Layer {
-    pub(crate) attn_norm: Tensor,
+    /// RMSNorm weights of the block inputs; OLMo 2 has none.
+    pub(crate) attn_norm: Option<Tensor>,
     pub(crate) q: Linear,
     pub(crate) k: Linear,
     pub(crate) v: Linear,
     pub(crate) o: Linear,
     /// qwen3: RMSNorm weights `[head_dim]` applied to every head's q and k before the rotation.
     pub(crate) qk_norm: Option<(Tensor, Tensor)>,
-    pub(crate) ffn_norm: Tensor,
+    pub(crate) ffn_norm: Option<Tensor>,
     pub(crate) ffn: Ffn,
     /// gemma2 / gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the
     /// residual adds.
@@ -410,6 +411,11 @@ impl Weights {
                 Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => {
                     Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
                 }
+                // Over whole rows: all heads' q (k) normalised together.
+                Arch::Olmo2 => Some((
+                    vec_of("attn_q_norm", q_out)?,
+                    vec_of("attn_k_norm", kv_out)?,
+                )),
                 Arch::Llama
                 | Arch::Qwen2
                 | Arch::Phi3
@@ -417,8 +423,12 @@ impl Weights {
                 | Arch::Granite
                 | Arch::Smollm3 => None,
             };
+            let pre_norm = |s: &str| match c.arch {
+                Arch::Olmo2 => Ok(None),
+                _ => vec(s).map(Some),
+            };
             let post_norms = match c.arch {
-                Arch::Gemma2 | Arch::Gemma3 => {
+                Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2 => {
                     Some((vec("post_attention_norm")?, vec("post_ffw_norm")?))
                 }
                 _ => None,
@@ -484,13 +494,13 @@ impl Weights {
                 }
             };
             layers.push(Layer {
-                attn_norm: vec("attn_norm")?,
+                attn_norm: pre_norm("attn_norm")?,
                 q,
                 k,
                 v,
                 o: lin("attn_output", Some("attn_output.bias"), [h, q_out])?,
                 qk_norm,
-                ffn_norm: vec("ffn_norm")?,
+                ffn_norm: pre_norm("ffn_norm")?,
                 ffn,
                 post_norms,
             });
@@ -1515,7 +1525,11 @@ fn run(
     };
 
     for (li, layer) in w.layers.iter().take(n_layers).enumerate() {
-        let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+        let pre = |x: &Tensor, norm: &Option<Tensor>| match norm {
+            Some(n) => candle_nn::ops::rms_norm(x, n, cfg.rms_eps),
+            None => Ok(x.clone()),
+        };
+        let h = pre(&x, &layer.attn_norm)?;
         let mut q_all = layer.q.forward(&h)?;
         let mut k_all = layer.k.forward(&h)?;
         if let Some((qn, kn)) = &layer.qk_norm {
@@ -1525,8 +1539,13 @@ fn run(
                 candle_nn::ops::rms_norm(&t.reshape((rows, heads, hd))?, norm, cfg.rms_eps)?
                     .reshape((rows, heads * hd))
             };
-            q_all = per_head(&q_all, qn, nh)?;
-            k_all = per_head(&k_all, kn, nkv)?;
+            let norm = |t: &Tensor, n: &Tensor, heads: usize| match n.dim(0)? == hd {
+                true => per_head(t, n, heads),
+                // OLMo 2: the whole row (a shard holds whole models only; see `shard.rs`).
+                false => candle_nn::ops::rms_norm(t, n, cfg.rms_eps),
+            };
+            q_all = norm(&q_all, qn, nh)?;
+            k_all = norm(&k_all, kn, nkv)?;
         }
         let v_all = layer.v.forward(&h)?;
         let mut ys = Vec::with_capacity(segs.len());
@@ -1603,7 +1622,7 @@ fn run(
         };
         x = (x + post(reduce(layer.o.forward(&y)?)?, 0)?)?;
 
-        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+        let h = pre(&x, &layer.ffn_norm)?;
         let mlp = |h: &Tensor, gate: &Linear, up: &Linear, down: &Linear| {
             let (g, u) = (gate.forward(h)?, up.forward(h)?);
             let m = match gemma {
