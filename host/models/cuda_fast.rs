@@ -241,7 +241,7 @@ mod imp {
         if cfg.arch == Arch::Olmo2 {
             return Some("olmo2's post-norms and whole-row q/k norms".into());
         }
-        if matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3) {
+        if cfg.arch.is_gemma() {
             // decode.cu has no post-norms, GELU gate, sliding window or soft caps.
             return Some("gemma's post-norms, GELU gate and sliding windows".into());
         }

@@ -13,33 +13,37 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// The decoder families verdict runs. All are pre-norm RMSNorm + SwiGLU + RoPE with GQA; qwen2
-/// adds biases to q/k/v; qwen3 has none and RMS-normalises each head's q and k before the
-/// rotation (`attn_q_norm`, `attn_k_norm`), with a head size of its own (`attention.key_length`);
-/// phi3 stores q/k/v as one matrix (`attn_qkv`) and gate/up as one (`ffn_up`, gate first), and
-/// its long-context versions use LongRoPE; gemma3 scales the embeddings by sqrt(hidden),
-/// normalises q and k per head as qwen3 does, normalises the attention and MLP outputs again
-/// before the residual adds (`post_attention_norm`, `post_ffw_norm`), gates with GELU (tanh)
-/// instead of SiLU, and lets five of every six layers attend to a sliding window only, with a
-/// rotary base of their own ([`SlidingWindow`]); gemma2 is gemma3 without the q/k norms, with
-/// every other layer local at the model's base, and with its attention scores and logits
-/// soft-capped (`c * tanh(x / c)`); granite is llama with four multipliers: on the
-/// embeddings, on each block's output before the residual add, on q.k (in place of
-/// 1 / sqrt(head size)), and a divisor of the logits; smollm3 is llama whose every fourth
-/// layer does not rotate q and k (NoPE); qwen3moe is qwen3 whose MLP is a mixture of experts
-/// ([`Experts`]), as are llama files with `expert_count` (Mixtral); olmo2 normalises no block's
-/// input, only its output (the post-norms), and its q and k over whole rows, all heads at once.
+/// The decoder families verdict runs. All are RMSNorm + gated MLP + RoPE with GQA; each variant
+/// says what it adds to llama.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
+    /// Llama 2 and 3.x, Mistral, SmolLM2; with `expert_count`, Mixtral's experts ([`Experts`]).
     Llama,
+    /// Biases on q, k and v.
     Qwen2,
+    /// Each head's q and k RMS-normalised before the rotation (`attn_q_norm`, `attn_k_norm`),
+    /// a head size of its own (`attention.key_length`).
     Qwen3,
+    /// q/k/v stored as one matrix (`attn_qkv`), gate and up as one (`ffn_up`, gate first);
+    /// LongRoPE in the long-context versions; a partial rotation in Phi-4-mini.
     Phi3,
+    /// gemma3 without the q/k norms, every other layer local at the model's base, and its
+    /// attention scores and logits soft-capped (`c * tanh(x / c)`).
     Gemma2,
+    /// Embeddings scaled by sqrt(hidden), qwen3's q/k norms, the attention and MLP outputs
+    /// normalised again before the residual adds (`post_attention_norm`, `post_ffw_norm`), a
+    /// GELU (tanh) gate, and five of every six layers attending to a sliding window with a
+    /// rotary base of their own ([`SlidingWindow`]).
     Gemma3,
+    /// Multipliers on the embeddings, on each block's output before the residual add, on q.k
+    /// (in place of 1 / sqrt(head size)), and a divisor of the logits.
     Granite,
+    /// Every fourth layer rotates no q or k (NoPE).
     Smollm3,
+    /// qwen3 whose MLP is a mixture of experts ([`Experts`]).
     Qwen3Moe,
+    /// No norm on a block's input, only on its output (the post-norms), and q and k normalised
+    /// over whole rows, all heads at once.
     Olmo2,
 }
 
@@ -57,6 +61,12 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3moe",
             Arch::Olmo2 => "olmo2",
         }
+    }
+
+    /// Gemma 2 and 3 share the scaled embeddings, the post-norms, the GELU gate and norm
+    /// weights stored as `w` of `1 + w` in Hugging Face checkpoints.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 
     pub fn parse(s: &str) -> Option<Arch> {
@@ -785,7 +795,7 @@ impl GgufFile {
                 _ => 1.0 / (head_dim as f32).sqrt(),
             },
             embedding_scale: match arch {
-                Arch::Gemma2 | Arch::Gemma3 => Some((hidden_size as f32).sqrt()),
+                _ if arch.is_gemma() => Some((hidden_size as f32).sqrt()),
                 Arch::Granite => self
                     .opt_f32(&format!("{a}.embedding_scale"))?
                     .filter(|&s| s != 0.0),

@@ -73,18 +73,18 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    /// The rotation of a head's first `head_dim` dimensions (all of them, or the part a
-    /// partial rotation turns) with base `theta`, stretched by `scaling`.
+    /// The rotation of a head's first `dims` dimensions (all of them, or the part a partial
+    /// rotation turns) with base `theta`, stretched by `scaling`.
     /// `freq_factors` (llama.cpp's `rope_freqs`, or LongRoPE's chosen set; one per pair) divide
     /// the frequencies first.
     pub fn new(
-        head_dim: usize,
+        dims: usize,
         theta: f32,
         scaling: RopeScaling,
         freq_factors: Option<&[f32]>,
     ) -> Rotary {
-        let d = head_dim as f32;
-        let mut inv_freq: Vec<f32> = (0..head_dim / 2)
+        let d = dims as f32;
+        let mut inv_freq: Vec<f32> = (0..dims / 2)
             .map(|i| 1.0 / theta.powf(2.0 * i as f32 / d))
             .collect();
         if let Some(ff) = freq_factors {
@@ -143,7 +143,7 @@ impl Rotary {
         Rotary { inv_freq, mscale }
     }
 
-    /// cos / sin `[n, head_dim / 2]` for positions `pos..pos + n`.
+    /// cos / sin `[n, dims / 2]` for positions `pos..pos + n`.
     pub fn tables(
         &self,
         pos: usize,

@@ -119,6 +119,16 @@ pub(crate) fn hf_mixtral_layer_name(i: usize, s: &str) -> String {
     hf_layer_name(i, s)
 }
 
+/// The layer names of a family's checkpoints (GGUF-style name in, Hugging Face name out).
+pub(crate) fn hf_layer_names(arch: Arch, experts: bool) -> fn(usize, &str) -> String {
+    match arch {
+        // OLMo 2 names its post-norms as Gemma does.
+        Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2 => hf_gemma_layer_name,
+        Arch::Llama if experts => hf_mixtral_layer_name,
+        _ => hf_layer_name,
+    }
+}
+
 fn config_from_json(
     path: &Path,
     v: &Value,
@@ -241,7 +251,7 @@ fn config_from_json(
             _ => None,
         },
         embedding_scale: match arch {
-            Arch::Gemma2 | Arch::Gemma3 => Some((hidden_size as f32).sqrt()),
+            _ if arch.is_gemma() => Some((hidden_size as f32).sqrt()),
             Arch::Granite => Some(float("embedding_multiplier", 1.0)?),
             _ => None,
         },
@@ -538,23 +548,16 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Weights> {
             tensors.insert(name.to_string(), t);
         }
     }
-    let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
-    let mixtral = cfg.arch == Arch::Llama && cfg.experts.is_some();
     let src = StSource {
         dir: dir.to_path_buf(),
         tensors,
-        norm_plus_one: gemma,
+        norm_plus_one: cfg.arch.is_gemma(),
     };
     let names = Names {
         embed: "model.embed_tokens.weight",
         norm: "model.norm.weight",
         lm_head: "lm_head.weight",
-        // OLMo 2 names its post-norms as Gemma does.
-        layer: match (gemma || cfg.arch == Arch::Olmo2, mixtral) {
-            (true, _) => hf_gemma_layer_name,
-            (_, true) => hf_mixtral_layer_name,
-            _ => hf_layer_name,
-        },
+        layer: hf_layer_names(cfg.arch, cfg.experts.is_some()),
     };
     Weights::build(cfg, &src, &names, device, None)
 }

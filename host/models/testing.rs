@@ -661,7 +661,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             // Gemma's SentencePiece puts no space in front of the text.
             (
                 "tokenizer.ggml.add_space_prefix".into(),
-                V::Bool(!matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3)),
+                V::Bool(!spec.arch.is_gemma()),
             ),
         ]);
     } else {
@@ -731,30 +731,29 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut map: HashMap<String, Tensor> = HashMap::new();
+    let layer_name = super::safetensors::hf_layer_names(spec.arch, spec.experts.is_some());
     for (name, t) in tiny_weights(spec)? {
+        // Gemma stores norms as w of 1 + w.
+        let t = match spec.arch.is_gemma() && name.ends_with("norm.weight") {
+            true => (t - 1.0)?,
+            false => t,
+        };
         // Stacked experts: one matrix each, as Hugging Face stores them.
         if let Some(rest) = name.strip_suffix("_exps.weight")
             && let Some((layer, what)) = rest.strip_prefix("blk.").and_then(|r| r.split_once('.'))
         {
             let i: usize = layer.parse().unwrap_or(0);
             for e in 0..t.dim(0)? {
-                let one = format!("{what}.{e}");
-                let hf = match spec.arch {
-                    Arch::Llama => super::safetensors::hf_mixtral_layer_name(i, &one),
-                    _ => super::safetensors::hf_layer_name(i, &one),
-                };
-                map.insert(hf, t.get(e)?.contiguous()?);
+                map.insert(
+                    layer_name(i, &format!("{what}.{e}")),
+                    t.get(e)?.contiguous()?,
+                );
             }
             continue;
         }
         let hf = match name.as_str() {
             // Hugging Face keeps the scheme in config.json, not the factors.
             "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
-                continue;
-            }
-            // Gemma stores norms as w of 1 + w.
-            "output_norm.weight" if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) => {
-                map.insert("model.norm.weight".into(), (t - 1.0)?);
                 continue;
             }
             "token_embd.weight" => "model.embed_tokens.weight".to_string(),
@@ -769,20 +768,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
                     (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
                     _ => s,
                 };
-                if spec.arch == Arch::Olmo2 {
-                    // Gemma's names for the post-norms, stored as they are.
-                    map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
-                    continue;
-                }
-                if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3) {
-                    let t = if s.ends_with("norm") { (t - 1.0)? } else { t };
-                    map.insert(super::safetensors::hf_gemma_layer_name(i, s), t);
-                    continue;
-                }
-                match (spec.arch, spec.experts) {
-                    (Arch::Llama, Some(_)) => super::safetensors::hf_mixtral_layer_name(i, s),
-                    _ => super::safetensors::hf_layer_name(i, s),
-                }
+                layer_name(i, s)
             }
         };
         map.insert(hf, t);

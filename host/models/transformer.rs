@@ -607,79 +607,62 @@ fn experts(
     h: usize,
     device: &Device,
 ) -> Result<Vec<[Linear; 3]>> {
-    let i = e.intermediate;
-    let shapes = [("gate", [i, h]), ("up", [i, h]), ("down", [h, i])];
-    if src.has(&n("ffn_gate_exps")) {
-        let mut stacks = Vec::with_capacity(3);
-        for (what, [rows, cols]) in shapes {
-            let name = n(&format!("ffn_{what}_exps"));
-            check_shape(src, &name, &[e.count, rows, cols])?;
-            let bad = |reason: String| ModelError::Tensor {
-                path: src.path().to_path_buf(),
-                tensor: name.clone(),
-                reason,
-            };
-            // Viewed as one [count * rows, cols] matrix, expert x is rows
-            // x * rows..(x + 1) * rows.
-            let whole = match src.matrix(&name, device)? {
-                QMatMul::QTensor(t) => {
-                    let flat = candle_core::quantized::QTensor::new(
-                        candle_core::quantized::QStorage::from_data(
-                            std::borrow::Cow::Owned(
-                                t.data().map_err(|e| bad(candle_msg(&e)))?.into_owned(),
-                            ),
-                            device,
-                            t.dtype(),
-                        )
-                        .map_err(|e| bad(candle_msg(&e)))?,
-                        (e.count * rows, cols),
-                    )
-                    .map_err(|e| bad(candle_msg(&e)))?;
-                    QMatMul::QTensor(Arc::new(flat))
-                }
-                QMatMul::Tensor(t) => QMatMul::Tensor(
-                    t.reshape((e.count * rows, cols))
-                        .map_err(|e| bad(candle_msg(&e)))?,
-                ),
-                QMatMul::TensorF16(t) => QMatMul::TensorF16(
-                    t.reshape((e.count * rows, cols))
-                        .map_err(|e| bad(candle_msg(&e)))?,
-                ),
-            };
-            let whole = Linear::new(fast_matmul(src, &name, whole)?, None);
-            let parts = (0..e.count)
-                .map(|x| super::shard::split_rows(&whole, x * rows..(x + 1) * rows, device))
-                .collect::<candle_core::Result<Vec<_>>>()
-                .map_err(|e| bad(format!("cutting the experts apart: {}", candle_msg(&e))))?;
-            stacks.push(parts);
+    let stacked = src.has(&n("ffn_gate_exps"));
+    // One projection's matrix for every expert.
+    let each = |what: &str, rows: usize, cols: usize| -> Result<Vec<Linear>> {
+        let linear = |name: &str, m: QMatMul| Ok(Linear::new(fast_matmul(src, name, m)?, None));
+        if !stacked {
+            return (0..e.count)
+                .map(|x| {
+                    let name = n(&format!("ffn_{what}.{x}"));
+                    check_shape(src, &name, &[rows, cols])?;
+                    linear(&name, src.matrix(&name, device)?)
+                })
+                .collect();
         }
-        let down = stacks.pop().expect("three");
-        let up = stacks.pop().expect("three");
-        let gate = stacks.pop().expect("three");
-        return Ok(gate
-            .into_iter()
-            .zip(up)
-            .zip(down)
-            .map(|((g, u), d)| [g, u, d])
-            .collect());
-    }
-    (0..e.count)
-        .map(|x| {
-            let one = |what: &str, shape: [usize; 2]| -> Result<Linear> {
-                let name = n(&format!("ffn_{what}.{x}"));
-                check_shape(src, &name, &shape)?;
-                Ok(Linear::new(
-                    fast_matmul(src, &name, src.matrix(&name, device)?)?,
-                    None,
-                ))
-            };
-            Ok([
-                one("gate", [i, h])?,
-                one("up", [i, h])?,
-                one("down", [h, i])?,
-            ])
-        })
-        .collect()
+        let name = n(&format!("ffn_{what}_exps"));
+        check_shape(src, &name, &[e.count, rows, cols])?;
+        // Expert x is the x-th of `count` equal runs of whole rows.
+        let cut = |m: QMatMul| -> candle_core::Result<Vec<QMatMul>> {
+            let count = e.count;
+            match m {
+                QMatMul::QTensor(t) => {
+                    let data = t.data()?;
+                    let size = data.len() / count;
+                    data.chunks_exact(size)
+                        .map(|part| {
+                            let st = candle_core::quantized::QStorage::from_data(
+                                std::borrow::Cow::Owned(part.to_vec()),
+                                device,
+                                t.dtype(),
+                            )?;
+                            Ok(QMatMul::QTensor(Arc::new(QTensor::new(st, (rows, cols))?)))
+                        })
+                        .collect()
+                }
+                QMatMul::Tensor(t) => (0..count)
+                    .map(|x| Ok(QMatMul::Tensor(t.get(x)?.contiguous()?)))
+                    .collect(),
+                QMatMul::TensorF16(t) => (0..count)
+                    .map(|x| Ok(QMatMul::TensorF16(t.get(x)?.contiguous()?)))
+                    .collect(),
+            }
+        };
+        let parts = cut(src.matrix(&name, device)?).map_err(|err| ModelError::Tensor {
+            path: src.path().to_path_buf(),
+            tensor: name.clone(),
+            reason: format!("cutting the experts apart: {}", candle_msg(&err)),
+        })?;
+        parts.into_iter().map(|m| linear(&name, m)).collect()
+    };
+    let i = e.intermediate;
+    let (gate, up, down) = (each("gate", i, h)?, each("up", i, h)?, each("down", h, i)?);
+    Ok(gate
+        .into_iter()
+        .zip(up)
+        .zip(down)
+        .map(|((g, u), d)| [g, u, d])
+        .collect())
 }
 
 /// GGUF names: `blk.N.attn_q.weight`, biases `blk.N.attn_q.bias`.
@@ -1485,7 +1468,7 @@ fn run(
     }
     let ids = Tensor::new(all.as_slice(), dev)?;
     let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
-    let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
+    let gemma = cfg.arch.is_gemma();
     if let Some(s) = cfg.embedding_scale {
         x = (x * s as f64)?;
     }
