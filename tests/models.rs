@@ -546,11 +546,11 @@ fn tiny_models_match_llama_cpp() {
     for (name, spec) in specs {
         let run = &fx.models[name];
         // ggml's GELU reads a table at the input rounded to f16 (GGML_GELU_FP16): Gemma's gate
-        // is off by up to 2^-11 relative there, and the logits by ~1e-3 (uniformly from
+        // (and StarCoder 2's MLP) is off by up to 2^-11 relative there, and the logits by ~1e-3 (uniformly from
         // position 0, where no window applies yet). A wrong window or local rotation moves
         // them by 0.1 or more.
         let tol = match spec.arch {
-            Arch::Gemma2 | Arch::Gemma3 => 4e-3,
+            Arch::Gemma2 | Arch::Gemma3 | Arch::Starcoder2 => 4e-3,
             _ => TOL,
         };
         let path = peer_file(dir.path(), name, &spec, &run.sha256);
@@ -606,6 +606,69 @@ fn tiny_models_match_llama_cpp() {
             "{name}: logits differ from llama.cpp by {worst}"
         );
     }
+}
+
+/// What Hugging Face configs turn on that GGUF files leave out: a window on every layer
+/// (Mistral 7B v0.1's and StarCoder 2's `sliding_window`; llama.cpp attends to everything), and
+/// Qwen3-MoE's `norm_topk_prob`.
+#[test]
+fn hugging_face_windows_and_expert_renormalisation() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 300).collect();
+    let load = |d: &Path| Model::load_safetensors(d, &Device::Cpu).unwrap();
+    let logits = |m: &Model| rows(&m.session().forward(&prompt, Rows::All).unwrap().logits);
+    let edit = |d: &Path, set: &[(&str, serde_json::Value)]| {
+        let path = d.join("config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (k, v) in set {
+            c[*k] = v.clone();
+        }
+        std::fs::write(&path, c.to_string()).unwrap();
+    };
+    for (name, model_type) in [("llama", "mistral"), ("starcoder2", "starcoder2")] {
+        let d = dir.path().join(name);
+        write_tiny_safetensors(&d, &verdict::models::testing::peer_spec(name).unwrap()).unwrap();
+        edit(&d, &[("sliding_window", serde_json::Value::Null)]);
+        let whole = logits(&load(&d));
+        // Mistral is llama; without a window it is the same model.
+        edit(&d, &[("model_type", model_type.into())]);
+        assert_eq!(logits(&load(&d)), whole, "{model_type} without a window");
+        edit(&d, &[("sliding_window", 8.into())]);
+        let m = load(&d);
+        let every_layer = verdict::models::SlidingWindow {
+            size: 8,
+            pattern: 0,
+            rope_theta: None,
+        };
+        assert_eq!(m.config().sliding_window, Some(every_layer), "{model_type}");
+        let windowed = logits(&m);
+        // The first 8 positions see every key either way; later ones lose the oldest.
+        for (i, (a, b)) in whole.iter().zip(&windowed).enumerate() {
+            let d = max_diff(a, b);
+            match i < 8 {
+                true => assert!(d < 1e-6, "{model_type} position {i}: {d}"),
+                false => assert!(
+                    d > 1e-3,
+                    "{model_type} position {i}: the window changed nothing"
+                ),
+            }
+        }
+    }
+    // Qwen3-MoE's experts' weights renormalised over the chosen ones, or not.
+    let d = dir.path().join("qwen3moe");
+    write_tiny_safetensors(
+        &d,
+        &verdict::models::testing::peer_spec("qwen3moe").unwrap(),
+    )
+    .unwrap();
+    let renormalised = load(&d);
+    assert!(renormalised.config().experts.unwrap().renormalise);
+    edit(&d, &[("norm_topk_prob", false.into())]);
+    let raw = load(&d);
+    assert!(!raw.config().experts.unwrap().renormalise);
+    let (a, b) = (logits(&renormalised), logits(&raw));
+    assert!(a.iter().zip(&b).all(|(a, b)| max_diff(a, b) > 1e-3));
 }
 
 #[test]
@@ -952,8 +1015,8 @@ fn bad_files_give_clear_errors() {
         "{e}"
     );
 
-    // A mixture of experts: more experts used than there are, a Hugging Face config that does
-    // not renormalise the chosen weights, and tensor parallelism, each refused by name.
+    // A mixture of experts: more experts used than there are, and tensor parallelism, each
+    // refused by name.
     let moe = verdict::models::testing::peer_spec("qwen3moe").unwrap();
     let too_many = dir.path().join("moe.gguf");
     write_tiny_gguf(
@@ -985,12 +1048,45 @@ fn bad_files_give_clear_errors() {
         Ok(_) => panic!("olmo2 was split over ranks"),
         Err(e) => assert!(e.to_string().contains("olmo2"), "{e}"),
     }
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hm.join("config.json")).unwrap()).unwrap();
-    c["norm_topk_prob"] = false.into();
-    std::fs::write(hm.join("config.json"), c.to_string()).unwrap();
-    let e = expect_err(Model::load_safetensors(&hm, &Device::Cpu));
-    assert!(e.contains("norm_topk_prob"), "{e}");
+    // Configs verdict does not run, named: Qwen2-MoE with dense layers between the sparse
+    // ones, StarCoder 2 without biases, an activation it lacks; and a Qwen2-MoE GGUF without
+    // its shared expert's gate.
+    let q2 = verdict::models::testing::peer_spec("qwen2moe").unwrap();
+    let hq = dir.path().join("hf-qwen2moe");
+    write_tiny_safetensors(&hq, &q2).unwrap();
+    let sc = verdict::models::testing::peer_spec("starcoder2").unwrap();
+    let hsc = dir.path().join("hf-starcoder2");
+    write_tiny_safetensors(&hsc, &sc).unwrap();
+    for (dir, key, value, expect) in [
+        (&hq, "decoder_sparse_step", serde_json::json!(2), "only 1"),
+        (
+            &hq,
+            "mlp_only_layers",
+            serde_json::json!([1]),
+            "dense layers",
+        ),
+        (&hsc, "use_bias", serde_json::json!(false), "biases"),
+        (&hsc, "hidden_act", serde_json::json!("relu"), "\"relu\""),
+    ] {
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
+        c[key] = value;
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let e = expect_err(Model::load_safetensors(dir, &Device::Cpu));
+        assert!(e.contains(key) && e.contains(expect), "{key}: {e}");
+        std::fs::write(dir.join("config.json"), text).unwrap();
+    }
+    let e = spec_patched_error(
+        dir.path(),
+        "noshexp.gguf",
+        &q2,
+        b"blk.1.ffn_gate_inp_shexp.weight",
+        b"blk.1.ffn_gate_inp_shexp.wEight",
+    );
+    assert!(
+        e.contains("blk.1.ffn_gate_inp_shexp.weight") && e.contains("missing"),
+        "{e}"
+    );
 
     // not a file at all
     let e = expect_err(Model::load_gguf(dir.path(), &Device::Cpu));

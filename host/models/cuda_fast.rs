@@ -79,7 +79,7 @@ mod stub {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::super::error::{ModelError, Result};
-    use super::super::gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
+    use super::super::gguf::{Arch, GgufFile, ModelConfig, NormKind, RopeStyle};
     use super::super::rope::Rotary;
     use super::super::transformer::{Forward, Rows};
     use super::MAX_ROWS;
@@ -244,6 +244,13 @@ mod imp {
         if cfg.arch.is_gemma() {
             // decode.cu has no post-norms, GELU gate, sliding window or soft caps.
             return Some("gemma's post-norms, GELU gate and sliding windows".into());
+        }
+        if cfg.norm != NormKind::Rms || !cfg.gated_mlp {
+            // decode.cu has RMSNorm and the SwiGLU MLP only.
+            return Some("LayerNorm and a plain GELU MLP (starcoder2)".into());
+        }
+        if cfg.sliding_window.is_some() {
+            return Some("sliding-window attention".into());
         }
         if cfg.embedding_scale.is_some()
             || cfg.residual_scale.is_some()
@@ -757,7 +764,7 @@ mod imp {
                     A::P(w.ptr),
                     A::P(y),
                     int(c.hidden_size),
-                    A::F(c.rms_eps),
+                    A::F(c.norm_eps),
                 ],
             )
         }

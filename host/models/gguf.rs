@@ -45,6 +45,12 @@ pub enum Arch {
     /// No norm on a block's input, only on its output (the post-norms), and q and k normalised
     /// over whole rows, all heads at once.
     Olmo2,
+    /// StarCoder 2: LayerNorm (with biases) in place of RMSNorm, a plain GELU MLP (`ffn_up`,
+    /// `ffn_down`, no gate), biases on every projection.
+    Starcoder2,
+    /// qwen2 whose MLP is a mixture of experts whose chosen weights are not renormalised, plus
+    /// a shared expert every row runs, scaled by a sigmoid gate ([`Experts::shared`]).
+    Qwen2Moe,
 }
 
 impl Arch {
@@ -60,6 +66,8 @@ impl Arch {
             Arch::Smollm3 => "smollm3",
             Arch::Qwen3Moe => "qwen3moe",
             Arch::Olmo2 => "olmo2",
+            Arch::Starcoder2 => "starcoder2",
+            Arch::Qwen2Moe => "qwen2moe",
         }
     }
 
@@ -81,6 +89,8 @@ impl Arch {
             // Hugging Face spells it qwen3_moe.
             "qwen3moe" | "qwen3_moe" => Some(Arch::Qwen3Moe),
             "olmo2" => Some(Arch::Olmo2),
+            "starcoder2" => Some(Arch::Starcoder2),
+            "qwen2moe" | "qwen2_moe" => Some(Arch::Qwen2Moe),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -94,14 +104,15 @@ pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
 pub(crate) const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 pub(crate) const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 
-/// Gemma 3's local layers: layer `i` is local unless `i % pattern == pattern - 1` (llama.cpp's
-/// rule; pattern 0: all local). A local layer attends to the last `size` positions and rotates
-/// with base `rope_theta`, unscaled; the global layers use the model's base and scaling.
+/// Local attention layers: layer `i` is local unless `i % pattern == pattern - 1` (llama.cpp's
+/// rule; pattern 0: all local). A local layer attends to the last `size` positions. It rotates
+/// with base `rope_theta`, unscaled, where that is given (Gemma 3), else as the global layers do
+/// (the model's base and scaling).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlidingWindow {
     pub size: usize,
     pub pattern: usize,
-    pub rope_theta: f32,
+    pub rope_theta: Option<f32>,
 }
 
 impl SlidingWindow {
@@ -134,7 +145,14 @@ pub struct ModelConfig {
     pub rope_dims: usize,
     pub intermediate: usize,
     pub rope_theta: f32,
-    pub rms_eps: f32,
+    /// The epsilon of every norm (RMSNorm's or LayerNorm's).
+    pub norm_eps: f32,
+    /// RMSNorm, or LayerNorm (StarCoder 2), on the blocks' inputs and the final hidden state.
+    pub norm: NormKind,
+    /// The MLP's nonlinearity (on the gate, where the MLP has one).
+    pub activation: Activation,
+    /// `down(act(gate(x)) * up(x))`; false: `down(act(up(x)))` (StarCoder 2).
+    pub gated_mlp: bool,
     pub context_length: usize,
     pub tied_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -162,13 +180,35 @@ pub struct ModelConfig {
 }
 
 /// A sparse MLP: a router scores `count` experts per row, the `used` best run (each a SwiGLU
-/// MLP of width `intermediate`), and their outputs add up weighted by the router's softmax,
-/// renormalised over the chosen ones (Mixtral's and Qwen3-MoE's rule).
+/// MLP of width `intermediate`), and their outputs add up weighted by the router's softmax.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Experts {
     pub count: usize,
     pub used: usize,
     pub intermediate: usize,
+    /// The chosen experts' weights divided by their sum (Mixtral's and Qwen3-MoE's rule); false:
+    /// the softmax over all experts as it is (Qwen2-MoE's).
+    pub renormalise: bool,
+    /// The width of a SwiGLU expert every row runs besides the chosen ones, its output scaled by
+    /// `sigmoid(g . x)` (Qwen2-MoE's shared expert).
+    pub shared: Option<usize>,
+}
+
+/// Which norm a model's blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / rms(x) * w`.
+    Rms,
+    /// `(x - mean(x)) / std(x) * w + b`.
+    Layer,
+}
+
+/// An MLP's nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU's tanh form (`gelu_pytorch_tanh`; ggml's `gelu`).
+    GeluTanh,
 }
 
 impl ModelConfig {
@@ -228,7 +268,7 @@ impl ModelConfig {
             ));
         }
         if let Some(w) = self.sliding_window
-            && (w.size == 0 || !(w.rope_theta.is_finite() && w.rope_theta > 0.0))
+            && (w.size == 0 || w.rope_theta.is_some_and(|t| !(t.is_finite() && t > 0.0)))
         {
             return Err(bad(
                 "sliding_window",
@@ -249,13 +289,13 @@ impl ModelConfig {
             }
         }
         if let Some(e) = self.experts
-            && (e.used == 0 || e.used > e.count || e.intermediate == 0)
+            && (e.used == 0 || e.used > e.count || e.intermediate == 0 || e.shared == Some(0))
         {
             return Err(bad(
                 "experts",
                 format!(
-                    "{} of {} experts used, {} wide: at least one, at most all, and a width",
-                    e.used, e.count, e.intermediate
+                    "{} of {} experts used, {} wide (shared: {:?}): at least one, at most all, and widths",
+                    e.used, e.count, e.intermediate, e.shared
                 ),
             ));
         }
@@ -268,8 +308,11 @@ impl ModelConfig {
                 format!("{} is not positive", self.attention_scale),
             ));
         }
-        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
-            return Err(bad("rms_eps", format!("{} is not positive", self.rms_eps)));
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(bad(
+                "norm_eps",
+                format!("{} is not positive", self.norm_eps),
+            ));
         }
         let (factor, context) = match self.rope_scaling {
             RopeScaling::None => (1.0, 1),
@@ -689,7 +732,15 @@ impl GgufFile {
         } else {
             10_000.0 // llama.cpp's default when the key is absent
         };
-        let rms_eps = self.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?;
+        // LayerNorm models name their epsilon so.
+        let norm = match arch {
+            Arch::Starcoder2 => NormKind::Layer,
+            _ => NormKind::Rms,
+        };
+        let norm_eps = self.get_f32(&match norm {
+            NormKind::Layer => format!("{a}.attention.layer_norm_epsilon"),
+            NormKind::Rms => format!("{a}.attention.layer_norm_rms_epsilon"),
+        })?;
         if n_heads == 0 {
             return Err(self.meta_err(&format!("{a}.attention.head_count"), "is 0".into()));
         }
@@ -741,7 +792,14 @@ impl GgufFile {
             rope_dims,
             intermediate,
             rope_theta,
-            rms_eps,
+            norm_eps,
+            norm,
+            activation: match arch {
+                _ if arch.is_gemma() => Activation::GeluTanh,
+                Arch::Starcoder2 => Activation::GeluTanh,
+                _ => Activation::Silu,
+            },
+            gated_mlp: arch != Arch::Starcoder2,
             context_length,
             tied_embeddings,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
@@ -754,7 +812,9 @@ impl GgufFile {
                 | Arch::Phi3
                 | Arch::Gemma2
                 | Arch::Gemma3
-                | Arch::Olmo2 => RopeStyle::Neox,
+                | Arch::Olmo2
+                | Arch::Starcoder2
+                | Arch::Qwen2Moe => RopeStyle::Neox,
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
             sliding_window: match arch {
@@ -765,19 +825,31 @@ impl GgufFile {
                     pattern: self
                         .opt_usize(&format!("{a}.attention.sliding_window_pattern"))?
                         .unwrap_or(6),
-                    rope_theta: self
-                        .opt_f32(&format!("{a}.rope.freq_base_swa"))?
-                        .unwrap_or(10_000.0),
+                    rope_theta: Some(
+                        self.opt_f32(&format!("{a}.rope.freq_base_swa"))?
+                            .unwrap_or(10_000.0),
+                    ),
                 }),
                 // Gemma 2: every other layer local, 4096 positions unless the file says, at
-                // the model's own base.
+                // the model's own rotation.
                 Arch::Gemma2 => Some(SlidingWindow {
                     size: self
                         .opt_usize(&format!("{a}.attention.sliding_window"))?
                         .unwrap_or(4096),
                     pattern: 2,
-                    rope_theta,
+                    rope_theta: None,
                 }),
+                // StarCoder 2 was trained with a window on every layer. llama.cpp's converter
+                // writes no key for it (and llama.cpp attends to everything); where a file
+                // has the key, every layer reads that window.
+                Arch::Starcoder2 => self
+                    .opt_usize(&format!("{a}.attention.sliding_window"))?
+                    .filter(|&w| w > 0)
+                    .map(|size| SlidingWindow {
+                        size,
+                        pattern: 0,
+                        rope_theta: None,
+                    }),
                 _ => None,
             },
             // llama.cpp's Gemma rule: 1 / sqrt(head size), but 1 / sqrt(hidden / heads) for
@@ -814,14 +886,30 @@ impl GgufFile {
             // A constant in llama.cpp, no key.
             nope_every: (arch == Arch::Smollm3).then_some(4),
             experts: match self.opt_usize(&format!("{a}.expert_count"))? {
-                Some(count) if count > 0 => Some(Experts {
-                    count,
-                    used: self.get_usize(&format!("{a}.expert_used_count"))?,
-                    intermediate: self
-                        .opt_usize(&format!("{a}.expert_feed_forward_length"))?
-                        .unwrap_or(intermediate),
-                }),
-                _ if arch == Arch::Qwen3Moe => {
+                Some(count) if count > 0 => {
+                    let used = self.get_usize(&format!("{a}.expert_used_count"))?;
+                    Some(Experts {
+                        count,
+                        used,
+                        // llama.cpp's qwen2moe: the MLP width split over the used experts, and
+                        // the whole width for the shared one, where no key says.
+                        intermediate: self
+                            .opt_usize(&format!("{a}.expert_feed_forward_length"))?
+                            .unwrap_or(match arch {
+                                Arch::Qwen2Moe => intermediate / used.max(1),
+                                _ => intermediate,
+                            }),
+                        renormalise: arch != Arch::Qwen2Moe,
+                        shared: match arch {
+                            Arch::Qwen2Moe => Some(
+                                self.opt_usize(&format!("{a}.expert_shared_feed_forward_length"))?
+                                    .unwrap_or(intermediate),
+                            ),
+                            _ => None,
+                        },
+                    })
+                }
+                _ if matches!(arch, Arch::Qwen3Moe | Arch::Qwen2Moe) => {
                     return Err(self.meta_err(&format!("{a}.expert_count"), "missing".into()));
                 }
                 _ => None,

@@ -53,6 +53,8 @@ pub fn choose_cuda_kernels() {
 
 pub use batch::BatchStats;
 pub use error::{ModelError, Result};
-pub use gguf::{Arch, Experts, GgufFile, ModelConfig, RopeStyle, SlidingWindow};
+pub use gguf::{
+    Activation, Arch, Experts, GgufFile, ModelConfig, NormKind, RopeStyle, SlidingWindow,
+};
 pub use rope::RopeScaling;
 pub use transformer::{BatchItem, Forward, Model, Rows, Session, forward_batch};

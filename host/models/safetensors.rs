@@ -4,7 +4,8 @@
 
 use super::error::{ModelError, Result, candle_msg};
 use super::gguf::{
-    Arch, Experts, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle, SlidingWindow,
+    Activation, Arch, Experts, ModelConfig, NormKind, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
+    RopeStyle, SlidingWindow,
 };
 use super::rope::RopeScaling;
 use super::transformer::{Names, WeightSource, Weights};
@@ -82,6 +83,11 @@ pub(crate) fn hf_layer_name(i: usize, s: &str) -> String {
         "ffn_gate_up" => "mlp.gate_up_proj",
         "ffn_gate_inp" => "mlp.gate",
         "ffn_down" => "mlp.down_proj",
+        // Qwen2-MoE's shared expert and its gate.
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
         other => other,
     };
     format!("{p}.{hf}.{suffix}")
@@ -119,12 +125,26 @@ pub(crate) fn hf_mixtral_layer_name(i: usize, s: &str) -> String {
     hf_layer_name(i, s)
 }
 
+/// StarCoder 2's MLP: `c_fc` up, `c_proj` down.
+pub(crate) fn hf_starcoder2_layer_name(i: usize, s: &str) -> String {
+    let (base, suffix) = match s.strip_suffix(".bias") {
+        Some(b) => (b, "bias"),
+        None => (s, "weight"),
+    };
+    match base {
+        "ffn_up" => format!("model.layers.{i}.mlp.c_fc.{suffix}"),
+        "ffn_down" => format!("model.layers.{i}.mlp.c_proj.{suffix}"),
+        _ => hf_layer_name(i, s),
+    }
+}
+
 /// The layer names of a family's checkpoints (GGUF-style name in, Hugging Face name out).
 pub(crate) fn hf_layer_names(arch: Arch, experts: bool) -> fn(usize, &str) -> String {
     match arch {
         // OLMo 2 names its post-norms as Gemma does.
         Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2 => hf_gemma_layer_name,
         Arch::Llama if experts => hf_mixtral_layer_name,
+        Arch::Starcoder2 => hf_starcoder2_layer_name,
         _ => hf_layer_name,
     }
 }
@@ -179,11 +199,11 @@ fn config_from_json(
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| err("model_type", "missing or not a string".into()))?;
-    // Mixtral is llama with experts.
+    // Mixtral is llama with experts; Mistral is llama (with a window in its first version).
     let mixtral = model_type == "mixtral";
-    let arch = match mixtral {
-        true => Arch::Llama,
-        false => Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {
+    let arch = match model_type {
+        "mixtral" | "mistral" => Arch::Llama,
+        _ => Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {
             path: path.to_path_buf(),
             arch: model_type.to_string(),
         })?,
@@ -215,6 +235,45 @@ fn config_from_json(
         .get("tie_word_embeddings")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let flag = |key: &str| v.get(key).and_then(Value::as_bool);
+    if arch == Arch::Starcoder2 && flag("use_bias") == Some(false) {
+        // The biases are read where the checkpoint has them; say so rather than guess.
+        return Err(err(
+            "use_bias",
+            "false is not supported (verdict's starcoder2 reads its biases)".into(),
+        ));
+    }
+    if arch == Arch::Qwen2Moe {
+        // Every layer sparse: no dense layers between them.
+        if opt_uint("decoder_sparse_step")?.is_some_and(|n| n != 1) {
+            return Err(err(
+                "decoder_sparse_step",
+                "only 1 is supported (every layer a mixture of experts)".into(),
+            ));
+        }
+        if v.get("mlp_only_layers")
+            .and_then(Value::as_array)
+            .is_some_and(|l| !l.is_empty())
+        {
+            return Err(err(
+                "mlp_only_layers",
+                "dense layers among the experts are not supported".into(),
+            ));
+        }
+    }
+    // A window on every layer, where a config names one (Mistral 7B v0.1, StarCoder 2), as
+    // Hugging Face applies it.
+    let window_everywhere = match arch {
+        Arch::Starcoder2 => opt_uint("sliding_window")?,
+        Arch::Llama if model_type == "mistral" => opt_uint("sliding_window")?,
+        _ => None,
+    }
+    .filter(|&w| w > 0)
+    .map(|size| SlidingWindow {
+        size,
+        pattern: 0,
+        rope_theta: None,
+    });
     let cfg = ModelConfig {
         arch,
         vocab_size: uint("vocab_size")?,
@@ -226,7 +285,31 @@ fn config_from_json(
         rope_dims,
         intermediate: uint("intermediate_size")?,
         rope_theta: float("rope_theta", 10_000.0)?,
-        rms_eps: float("rms_norm_eps", 1e-6)?,
+        norm_eps: match arch {
+            Arch::Starcoder2 => float("norm_epsilon", 1e-5)?,
+            _ => float("rms_norm_eps", 1e-6)?,
+        },
+        norm: match arch {
+            Arch::Starcoder2 => NormKind::Layer,
+            _ => NormKind::Rms,
+        },
+        activation: match v
+            .get("hidden_activation")
+            .or_else(|| v.get("hidden_act"))
+            .and_then(Value::as_str)
+        {
+            // Gemma's configs say `gelu` in places but run the tanh form.
+            _ if arch.is_gemma() => Activation::GeluTanh,
+            None | Some("silu" | "swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh" | "gelu_new" | "gelu_fast") => Activation::GeluTanh,
+            Some(other) => {
+                return Err(err(
+                    "hidden_act",
+                    format!("{other:?} is not supported (silu, gelu_pytorch_tanh are)"),
+                ));
+            }
+        },
+        gated_mlp: arch != Arch::Starcoder2,
         context_length: uint("max_position_embeddings")?,
         tied_embeddings: tie || !has_lm_head,
         bos_token_id: token("bos_token_id")?,
@@ -237,14 +320,14 @@ fn config_from_json(
             Arch::Gemma3 => Some(SlidingWindow {
                 size: uint("sliding_window")?,
                 pattern: gemma_pattern(path, v, 6)?,
-                rope_theta: float("rope_local_base_freq", 10_000.0)?,
+                rope_theta: Some(float("rope_local_base_freq", 10_000.0)?),
             }),
             Arch::Gemma2 => Some(SlidingWindow {
                 size: opt_uint("sliding_window")?.unwrap_or(4096),
                 pattern: gemma_pattern(path, v, 2)?,
-                rope_theta: float("rope_theta", 10_000.0)?,
+                rope_theta: None,
             }),
-            _ => None,
+            _ => window_everywhere,
         },
         attn_softcap: match arch {
             Arch::Gemma2 => softcap("attn_logit_softcapping")?,
@@ -268,25 +351,24 @@ fn config_from_json(
             _ => None,
         },
         experts: match arch {
-            Arch::Qwen3Moe => {
-                // verdict renormalises the chosen experts' weights, as Qwen3-MoE does.
-                if v.get("norm_topk_prob").and_then(Value::as_bool) == Some(false) {
-                    return Err(err(
-                        "norm_topk_prob",
-                        "false is not supported (verdict renormalises the chosen experts' weights)"
-                            .into(),
-                    ));
-                }
-                Some(Experts {
-                    count: uint("num_experts")?,
-                    used: uint("num_experts_per_tok")?,
-                    intermediate: uint("moe_intermediate_size")?,
-                })
-            }
+            Arch::Qwen3Moe | Arch::Qwen2Moe => Some(Experts {
+                count: uint("num_experts")?,
+                used: uint("num_experts_per_tok")?,
+                intermediate: uint("moe_intermediate_size")?,
+                // Hugging Face's default for each (Qwen2-MoE's checkpoints say false, Qwen3's
+                // true).
+                renormalise: flag("norm_topk_prob").unwrap_or(arch == Arch::Qwen3Moe),
+                shared: match arch {
+                    Arch::Qwen2Moe => Some(uint("shared_expert_intermediate_size")?),
+                    _ => None,
+                },
+            }),
             _ if mixtral => Some(Experts {
                 count: uint("num_local_experts")?,
                 used: uint("num_experts_per_tok")?,
                 intermediate: uint("intermediate_size")?,
+                renormalise: true,
+                shared: None,
             }),
             _ => None,
         },
@@ -340,7 +422,7 @@ fn gemma_pattern(path: &Path, v: &Value, default: usize) -> Result<usize> {
         let rule = SlidingWindow {
             size: 1,
             pattern,
-            rope_theta: 1.0,
+            rope_theta: None,
         };
         if let Some(i) = (0..global.len()).find(|&i| rule.is_local(i) == global[i]) {
             return Err(err(
@@ -621,6 +703,28 @@ mod tests {
             (
                 hf_gemma_layer_name(4, "post_ffw_norm"),
                 "model.layers.4.post_feedforward_layernorm.weight",
+            ),
+            // StarCoder 2: c_fc goes up, c_proj comes down, each with a bias; LayerNorm biases.
+            (
+                hf_starcoder2_layer_name(3, "ffn_up.bias"),
+                "model.layers.3.mlp.c_fc.bias",
+            ),
+            (
+                hf_starcoder2_layer_name(3, "ffn_down"),
+                "model.layers.3.mlp.c_proj.weight",
+            ),
+            (
+                hf_starcoder2_layer_name(3, "attn_norm.bias"),
+                "model.layers.3.input_layernorm.bias",
+            ),
+            // Qwen2-MoE's shared expert and its gate.
+            (
+                hf_layer_name(1, "ffn_up_shexp"),
+                "model.layers.1.mlp.shared_expert.up_proj.weight",
+            ),
+            (
+                hf_layer_name(1, "ffn_gate_inp_shexp"),
+                "model.layers.1.mlp.shared_expert_gate.weight",
             ),
         ];
         for (got, want) in cases {

@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::requant::for_matmul;
-use super::transformer::{Ffn, HeadLayout, Layer, Linear, Rows, Weights, run_rank};
+use super::transformer::{Ffn, HeadLayout, Layer, Linear, Norm, Rows, Weights, run_rank};
 
 /// Collective operations between the ranks of one sharded sequence. Every rank calls the same
 /// collectives in the same order.
@@ -361,7 +361,10 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
                     ffn_norm: l.ffn_norm.as_ref().map(|n| n.to_device(dev)).transpose()?,
                     ffn: match &l.ffn {
                         Ffn::Dense { gate, up, down } => Ffn::Dense {
-                            gate: split_rows(gate, f0..f1, dev)?,
+                            gate: gate
+                                .as_ref()
+                                .map(|g| split_rows(g, f0..f1, dev))
+                                .transpose()?,
                             up: split_rows(up, f0..f1, dev)?,
                             down: split_cols(down, f0..f1, r, dev)?,
                         },
@@ -377,7 +380,7 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| fail(format!("rank {r}: {e}")))?;
         // Replicated parts: shared where the rank is on the model's device, copied elsewhere.
-        let replicated = || -> candle_core::Result<(QMatMul, Tensor, Linear)> {
+        let replicated = || -> candle_core::Result<(QMatMul, Norm, Linear)> {
             let embed = whole_on(&w.embed, dev)?;
             let tied = matches!((&w.embed, &w.lm_head.w), (QMatMul::QTensor(a), QMatMul::QTensor(b)) if Arc::ptr_eq(a, b));
             let lm_head = if w.device.same_device(dev) {

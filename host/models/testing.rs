@@ -40,6 +40,8 @@ pub struct TinySpec {
     pub granite: Option<[f32; 4]>,
     /// A mixture of experts in every layer: (count, used, width).
     pub experts: Option<(usize, usize, usize)>,
+    /// The width of Qwen2-MoE's shared expert (with `experts`).
+    pub shared_expert: Option<usize>,
     /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
     /// rules from the name.)
     pub name: Option<&'static str>,
@@ -83,6 +85,7 @@ impl Default for TinySpec {
             softcaps: None,
             granite: None,
             experts: None,
+            shared_expert: None,
             name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
@@ -347,11 +350,20 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     let hd = spec.head_dim();
     let (h, q_out, kv_out) = (spec.hidden, spec.heads * hd, spec.kv_heads * hd);
     let mut out = vec![mat("token_embd.weight".into(), spec.vocab, h)?];
+    // StarCoder 2's LayerNorms have biases, and so does each of its projections.
+    let starcoder2 = spec.arch == Arch::Starcoder2;
+    let norm = |name: String| -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![vector(format!("{name}.weight"), 1.0, 0.2, h)?];
+        if starcoder2 {
+            v.push(vector(format!("{name}.bias"), 0.0, 0.5, h)?);
+        }
+        Ok(v)
+    };
     for i in 0..spec.layers {
         let b = format!("blk.{i}");
         // OLMo 2 normalises no block's input.
         if spec.arch != Arch::Olmo2 {
-            out.push(vector(format!("{b}.attn_norm.weight"), 1.0, 0.2, h)?);
+            out.extend(norm(format!("{b}.attn_norm"))?);
         }
         let q = mat(format!("{b}.attn_q.weight"), q_out, h)?;
         let k = mat(format!("{b}.attn_k.weight"), kv_out, h)?;
@@ -363,7 +375,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         } else {
             out.extend([q, k, v]);
         }
-        if spec.arch == Arch::Qwen2 {
+        if matches!(spec.arch, Arch::Qwen2 | Arch::Qwen2Moe | Arch::Starcoder2) {
             out.push(vector(format!("{b}.attn_q.bias"), 0.0, 0.5, q_out)?);
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
@@ -386,6 +398,9 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.post_ffw_norm.weight"), 1.0, 0.2, h)?);
         }
         out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
+        if starcoder2 {
+            out.push(vector(format!("{b}.attn_output.bias"), 0.0, 0.5, h)?);
+        }
         if spec.arch == Arch::Granite {
             // llama.cpp's optional biases on the output and MLP projections.
             out.push(vector(format!("{b}.attn_output.bias"), 0.0, 0.5, h)?);
@@ -404,7 +419,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
         }
         if spec.arch != Arch::Olmo2 {
-            out.push(vector(format!("{b}.ffn_norm.weight"), 1.0, 0.2, h)?);
+            out.extend(norm(format!("{b}.ffn_norm"))?);
         }
         if let Some((count, _, ff)) = spec.experts {
             // The router, and each projection's experts stacked as llama.cpp stores them.
@@ -418,6 +433,26 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
                     Tensor::stack(&each, 0)?,
                 ));
             }
+            if let Some(sh) = spec.shared_expert {
+                out.push(vector(
+                    format!("{b}.ffn_gate_inp_shexp.weight"),
+                    0.0,
+                    0.2,
+                    h,
+                )?);
+                out.push(mat(format!("{b}.ffn_gate_shexp.weight"), sh, h)?);
+                out.push(mat(format!("{b}.ffn_up_shexp.weight"), sh, h)?);
+                out.push(mat(format!("{b}.ffn_down_shexp.weight"), h, sh)?);
+            }
+            continue;
+        }
+        if starcoder2 {
+            // No gate: down(gelu(up(x))), both with biases.
+            let ff = spec.intermediate;
+            out.push(mat(format!("{b}.ffn_up.weight"), ff, h)?);
+            out.push(vector(format!("{b}.ffn_up.bias"), 0.0, 0.5, ff)?);
+            out.push(mat(format!("{b}.ffn_down.weight"), h, ff)?);
+            out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
             continue;
         }
         let gate = mat(format!("{b}.ffn_gate.weight"), spec.intermediate, h)?;
@@ -451,7 +486,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             Tensor::from_vec(short, n, &Device::Cpu)?,
         ));
     }
-    out.push(vector("output_norm.weight".into(), 1.0, 0.2, h)?);
+    out.extend(norm("output_norm".into())?);
     if !spec.tied {
         out.push(mat("output.weight".into(), spec.vocab, h)?);
     }
@@ -579,7 +614,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             V::U32(spec.head_dim() as u32),
         ),
         (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
+            match spec.arch {
+                Arch::Starcoder2 => format!("{a}.attention.layer_norm_epsilon"),
+                _ => format!("{a}.attention.layer_norm_rms_epsilon"),
+            },
             V::F32(spec.rms_eps),
         ),
         (format!("{a}.vocab_size"), V::U32(spec.vocab as u32)),
@@ -597,6 +635,12 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         meta.push((format!("{a}.expert_count"), V::U32(count as u32)));
         meta.push((format!("{a}.expert_used_count"), V::U32(used as u32)));
         meta.push((format!("{a}.expert_feed_forward_length"), V::U32(ff as u32)));
+    }
+    if let Some(sh) = spec.shared_expert {
+        meta.push((
+            format!("{a}.expert_shared_feed_forward_length"),
+            V::U32(sh as u32),
+        ));
     }
     if let Some((attn, last)) = spec.softcaps {
         meta.push((format!("{a}.attn_logit_softcapping"), V::F32(attn)));
@@ -751,6 +795,11 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             }
             continue;
         }
+        // Hugging Face's shared-expert gate is a one-row matrix.
+        let t = match name.ends_with("ffn_gate_inp_shexp.weight") {
+            true => t.unsqueeze(0)?,
+            false => t,
+        };
         let hf = match name.as_str() {
             // Hugging Face keeps the scheme in config.json, not the factors.
             "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
@@ -758,6 +807,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             }
             "token_embd.weight" => "model.embed_tokens.weight".to_string(),
             "output_norm.weight" => "model.norm.weight".to_string(),
+            "output_norm.bias" => "model.norm.bias".to_string(),
             "output.weight" => "lm_head.weight".to_string(),
             n => {
                 let rest = n.strip_prefix("blk.").unwrap_or(n);
@@ -787,6 +837,8 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Smollm3 => "SmolLM3ForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
             Arch::Olmo2 => "Olmo2ForCausalLM",
+            Arch::Starcoder2 => "Starcoder2ForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -849,13 +901,26 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             config["intermediate_size"] = ff.into();
         }
         (Some((count, used, ff)), _) => {
-            config["model_type"] = "qwen3_moe".into();
+            let qwen2 = spec.arch == Arch::Qwen2Moe;
+            config["model_type"] = if qwen2 { "qwen2_moe" } else { "qwen3_moe" }.into();
             config["num_experts"] = count.into();
             config["num_experts_per_tok"] = used.into();
             config["moe_intermediate_size"] = ff.into();
-            config["norm_topk_prob"] = true.into();
+            config["norm_topk_prob"] = (!qwen2).into();
+            if let Some(sh) = spec.shared_expert {
+                config["shared_expert_intermediate_size"] = sh.into();
+                config["decoder_sparse_step"] = 1.into();
+                config["mlp_only_layers"] = serde_json::json!([]);
+            }
         }
         (None, _) => {}
+    }
+    if spec.arch == Arch::Starcoder2 {
+        // As StarCoder 2's configs: a window far past these tests' sequences.
+        config["norm_epsilon"] = spec.rms_eps.into();
+        config["use_bias"] = true.into();
+        config["hidden_act"] = "gelu_pytorch_tanh".into();
+        config["sliding_window"] = spec.sliding_window.unwrap_or(4096).into();
     }
     if spec.arch == Arch::Smollm3 {
         let rotates: Vec<u32> = (0..spec.layers)
@@ -1093,6 +1158,28 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             "olmo2",
             TinySpec {
                 arch: Arch::Olmo2,
+                ..base.clone()
+            },
+        ),
+        // StarCoder 2: LayerNorms with biases, a plain GELU MLP, biases everywhere, tied
+        // embeddings.
+        (
+            "starcoder2",
+            TinySpec {
+                arch: Arch::Starcoder2,
+                rms_eps: 1e-5,
+                tied: true,
+                ..base.clone()
+            },
+        ),
+        // Qwen2-MoE: qwen2 with 4 experts of width 32 (2 per row, their weights not
+        // renormalised) and a shared expert of width 64 behind a sigmoid gate.
+        (
+            "qwen2moe",
+            TinySpec {
+                arch: Arch::Qwen2Moe,
+                experts: Some((4, 2, 32)),
+                shared_expert: Some(64),
                 ..base.clone()
             },
         ),

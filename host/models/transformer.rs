@@ -14,7 +14,8 @@ use super::batch::{Batcher, Membership};
 use super::cuda_fast::{FastSession, FastWeights};
 use super::error::{CandleContext, ModelError, Result, candle_msg};
 use super::gguf::{
-    Arch, GgufFile, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, RopeStyle,
+    Activation, Arch, GgufFile, ModelConfig, NormKind, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
+    ROPE_FREQS, RopeStyle,
 };
 use super::kv_cache::{KvCache, check_truncate};
 use super::rope::{RopeScaling, Rotary};
@@ -206,17 +207,50 @@ impl Linear {
     }
 }
 
+/// A block's input norm, or the final one: RMSNorm, or LayerNorm with its bias, as
+/// `ModelConfig::norm` says.
+#[derive(Debug, Clone)]
+pub(crate) struct Norm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+}
+
+impl Norm {
+    pub(crate) fn forward(&self, x: &Tensor, cfg: &ModelConfig) -> candle_core::Result<Tensor> {
+        match cfg.norm {
+            NormKind::Rms => candle_nn::ops::rms_norm(x, &self.weight, cfg.norm_eps),
+            NormKind::Layer => {
+                // Centred first, then RMS-normalised: the variance of the centred values (as
+                // ggml computes it), not E[x^2] - E[x]^2, which cancels badly in f32.
+                let centred = x.broadcast_sub(&x.mean_keepdim(candle_core::D::Minus1)?)?;
+                let y = candle_nn::ops::rms_norm(&centred, &self.weight, cfg.norm_eps)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    pub(crate) fn to_device(&self, dev: &Device) -> candle_core::Result<Norm> {
+        Ok(Norm {
+            weight: self.weight.to_device(dev)?,
+            bias: self.bias.as_ref().map(|b| b.to_device(dev)).transpose()?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Layer {
-    /// RMSNorm weights of the block inputs; OLMo 2 has none.
-    pub(crate) attn_norm: Option<Tensor>,
+    /// The block inputs' norms; OLMo 2 has none.
+    pub(crate) attn_norm: Option<Norm>,
     pub(crate) q: Linear,
     pub(crate) k: Linear,
     pub(crate) v: Linear,
     pub(crate) o: Linear,
     /// qwen3: RMSNorm weights `[head_dim]` applied to every head's q and k before the rotation.
     pub(crate) qk_norm: Option<(Tensor, Tensor)>,
-    pub(crate) ffn_norm: Option<Tensor>,
+    pub(crate) ffn_norm: Option<Norm>,
     pub(crate) ffn: Ffn,
     /// gemma2 / gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the
     /// residual adds.
@@ -226,9 +260,9 @@ pub(crate) struct Layer {
 /// A layer's MLP.
 #[derive(Debug, Clone)]
 pub(crate) enum Ffn {
-    /// `down(act(gate(x)) * up(x))`.
+    /// `down(act(gate(x)) * up(x))`, or `down(act(up(x)))` without a gate.
     Dense {
-        gate: Linear,
+        gate: Option<Linear>,
         up: Linear,
         down: Linear,
     },
@@ -238,7 +272,18 @@ pub(crate) enum Ffn {
         router: Linear,
         experts: Vec<[Linear; 3]>,
         used: usize,
+        /// The chosen weights divided by their sum.
+        renormalise: bool,
+        shared: Option<Box<SharedExpert>>,
     },
+}
+
+/// An expert every row runs (Qwen2-MoE), its output scaled by `sigmoid(x . gate)`.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedExpert {
+    /// `[hidden, 1]` f32.
+    pub(crate) gate: Tensor,
+    pub(crate) mlp: [Linear; 3],
 }
 
 #[derive(Debug)]
@@ -246,7 +291,7 @@ pub(crate) struct Weights {
     pub(crate) cfg: ModelConfig,
     pub(crate) embed: QMatMul,
     pub(crate) layers: Vec<Layer>,
-    pub(crate) norm: Tensor,
+    pub(crate) norm: Norm,
     pub(crate) lm_head: Linear,
     /// The rotary angle per position of each pair, and the magnitude of cos / sin.
     pub(crate) rotary: Rotary,
@@ -383,8 +428,22 @@ impl Weights {
             fast_matmul(src, names.lm_head, src.matrix(names.lm_head, device)?)?
         };
         let lm_head = Linear::new(lm_head, None);
-        check_shape(src, names.norm, &[h])?;
-        let norm = src.vector(names.norm, device)?;
+        // A LayerNorm's bias sits beside its weight.
+        let norm_of = |name: &str| -> Result<Norm> {
+            check_shape(src, name, &[h])?;
+            let bias = match name.strip_suffix(".weight").map(|b| format!("{b}.bias")) {
+                Some(b) if c.norm == NormKind::Layer && src.has(&b) => {
+                    check_shape(src, &b, &[h])?;
+                    Some(src.vector(&b, device)?)
+                }
+                _ => None,
+            };
+            Ok(Norm {
+                weight: src.vector(name, device)?,
+                bias,
+            })
+        };
+        let norm = norm_of(names.norm)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| (names.layer)(i, s);
@@ -421,11 +480,13 @@ impl Weights {
                 | Arch::Phi3
                 | Arch::Gemma2
                 | Arch::Granite
-                | Arch::Smollm3 => None,
+                | Arch::Smollm3
+                | Arch::Starcoder2
+                | Arch::Qwen2Moe => None,
             };
             let pre_norm = |s: &str| match c.arch {
                 Arch::Olmo2 => Ok(None),
-                _ => vec(s).map(Some),
+                _ => norm_of(&n(s)).map(Some),
             };
             let post_norms = match c.arch {
                 Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2 => {
@@ -473,22 +534,37 @@ impl Weights {
                     router: lin("ffn_gate_inp", None, [e.count, h])?,
                     experts: experts(src, &n, e, h, device)?,
                     used: e.used,
+                    renormalise: e.renormalise,
+                    shared: match e.shared {
+                        Some(i) => Some(Box::new(SharedExpert {
+                            gate: shared_gate(src, &n("ffn_gate_inp_shexp"), h, device)?,
+                            mlp: [
+                                lin("ffn_gate_shexp", None, [i, h])?,
+                                lin("ffn_up_shexp", None, [i, h])?,
+                                lin("ffn_down_shexp", None, [h, i])?,
+                            ],
+                        })),
+                        None => None,
+                    },
                 },
                 None => {
                     let i = c.intermediate;
-                    let [gate, up]: [Linear; 2] =
-                        if !src.has(&n("ffn_gate")) && src.has(&n(FFN_GATE_UP)) {
-                            let parts = fused(FFN_GATE_UP, "ffn_gate_up.bias", &[i, i])?;
-                            parts.try_into().expect("two parts")
-                        } else {
-                            [
-                                lin("ffn_gate", Some("ffn_gate.bias"), [i, h])?,
-                                lin("ffn_up", Some("ffn_up.bias"), [i, h])?,
-                            ]
-                        };
+                    let [gate, up]: [Option<Linear>; 2] = if !c.gated_mlp {
+                        [None, Some(lin("ffn_up", Some("ffn_up.bias"), [i, h])?)]
+                    } else if !src.has(&n("ffn_gate")) && src.has(&n(FFN_GATE_UP)) {
+                        let [g, u]: [Linear; 2] = fused(FFN_GATE_UP, "ffn_gate_up.bias", &[i, i])?
+                            .try_into()
+                            .expect("two parts");
+                        [Some(g), Some(u)]
+                    } else {
+                        [
+                            Some(lin("ffn_gate", Some("ffn_gate.bias"), [i, h])?),
+                            Some(lin("ffn_up", Some("ffn_up.bias"), [i, h])?),
+                        ]
+                    };
                     Ffn::Dense {
                         gate,
-                        up,
+                        up: up.expect("every MLP has an up projection"),
                         down: lin("ffn_down", Some("ffn_down.bias"), [h, i])?,
                     }
                 }
@@ -542,7 +618,8 @@ impl Weights {
         );
         let rotary_local = c
             .sliding_window
-            .map(|w| Rotary::new(c.rope_dims, w.rope_theta, RopeScaling::None, None));
+            .and_then(|w| w.rope_theta)
+            .map(|theta| Rotary::new(c.rope_dims, theta, RopeScaling::None, None));
         Ok(Weights {
             heads: HeadLayout::full(&cfg),
             peers: Vec::new(),
@@ -663,6 +740,21 @@ fn experts(
         .zip(down)
         .map(|((g, u), d)| [g, u, d])
         .collect())
+}
+
+/// Qwen2-MoE's shared-expert gate as a `[hidden, 1]` column: GGUF stores it as `[hidden]`,
+/// Hugging Face as `[1, hidden]`.
+fn shared_gate(src: &dyn WeightSource, name: &str, h: usize, device: &Device) -> Result<Tensor> {
+    if src.shape(name).as_deref() != Some(&[1, h]) {
+        check_shape(src, name, &[h])?;
+    }
+    src.vector(name, device)?
+        .reshape((h, 1))
+        .map_err(|e| ModelError::Tensor {
+            path: src.path().to_path_buf(),
+            tensor: name.to_string(),
+            reason: candle_msg(&e),
+        })
 }
 
 /// GGUF names: `blk.N.attn_q.weight`, biases `blk.N.attn_q.bias`.
@@ -989,7 +1081,7 @@ impl Model {
                     ffn_norm: l.ffn_norm.clone(),
                     ffn: match &l.ffn {
                         Ffn::Dense { gate, up, down } => Ffn::Dense {
-                            gate: lin(gate)?,
+                            gate: gate.as_ref().map(lin).transpose()?,
                             up: lin(up)?,
                             down: lin(down)?,
                         },
@@ -997,6 +1089,8 @@ impl Model {
                             router,
                             experts,
                             used,
+                            renormalise,
+                            shared,
                         } => Ffn::Moe {
                             router: lin(router)?,
                             experts: experts
@@ -1004,6 +1098,17 @@ impl Model {
                                 .map(|[g, u, d]| Ok([lin(g)?, lin(u)?, lin(d)?]))
                                 .collect::<Result<_>>()?,
                             used: *used,
+                            renormalise: *renormalise,
+                            shared: match shared {
+                                Some(s) => {
+                                    let [g, u, d] = &s.mlp;
+                                    Some(Box::new(SharedExpert {
+                                        gate: s.gate.clone(),
+                                        mlp: [lin(g)?, lin(u)?, lin(d)?],
+                                    }))
+                                }
+                                None => None,
+                            },
                         },
                     },
                     post_norms: l.post_norms.clone(),
@@ -1400,6 +1505,7 @@ fn moe(
     router: &Linear,
     experts: &[[Linear; 3]],
     used: usize,
+    renormalise: bool,
     mlp: impl Fn(&Tensor, &[Linear; 3]) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
     let scores = router.forward(h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -1412,7 +1518,10 @@ fn moe(
         let mut order: Vec<usize> = (0..row.len()).collect();
         order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
         let top = &order[..used.min(order.len())];
-        let kept: f32 = top.iter().map(|&e| exp[e] / sum).sum();
+        let kept: f32 = match renormalise {
+            true => top.iter().map(|&e| exp[e] / sum).sum(),
+            false => 1.0,
+        };
         for &e in top {
             chosen[e].0.push(r as u32);
             chosen[e].1.push(exp[e] / sum / kept);
@@ -1468,7 +1577,6 @@ fn run(
     }
     let ids = Tensor::new(all.as_slice(), dev)?;
     let mut x = w.embed.embedding(&ids)?; // [rows, hidden]
-    let gemma = cfg.arch.is_gemma();
     if let Some(s) = cfg.embedding_scale {
         x = (x * s as f64)?;
     }
@@ -1495,10 +1603,11 @@ fn run(
         softcap: cfg.attn_softcap.unwrap_or(0.0),
     };
     let attn = attention(&w.rotary, 0);
-    let attn_local = match (&w.rotary_local, cfg.sliding_window) {
-        (Some(r), Some(sw)) => Some(attention(r, sw.size)),
-        _ => None,
-    };
+    // Local layers rotate as the global ones unless they have a rotation of their own.
+    let rotary_local = w.rotary_local.as_ref().unwrap_or(&w.rotary);
+    let attn_local = cfg
+        .sliding_window
+        .map(|sw| attention(rotary_local, sw.size));
     let part = |t: &Tensor, off: usize, n: usize| -> candle_core::Result<Tensor> {
         if single {
             Ok(t.clone())
@@ -1508,8 +1617,8 @@ fn run(
     };
 
     for (li, layer) in w.layers.iter().take(n_layers).enumerate() {
-        let pre = |x: &Tensor, norm: &Option<Tensor>| match norm {
-            Some(n) => candle_nn::ops::rms_norm(x, n, cfg.rms_eps),
+        let pre = |x: &Tensor, norm: &Option<Norm>| match norm {
+            Some(n) => n.forward(x, cfg),
             None => Ok(x.clone()),
         };
         let h = pre(&x, &layer.attn_norm)?;
@@ -1519,23 +1628,23 @@ fn run(
             // Per head: [rows, heads * hd] seen as [rows, heads, hd], normalised over hd.
             let per_head = |t: &Tensor, norm: &Tensor, heads: usize| {
                 let rows = t.dim(0)?;
-                candle_nn::ops::rms_norm(&t.reshape((rows, heads, hd))?, norm, cfg.rms_eps)?
+                candle_nn::ops::rms_norm(&t.reshape((rows, heads, hd))?, norm, cfg.norm_eps)?
                     .reshape((rows, heads * hd))
             };
             let norm = |t: &Tensor, n: &Tensor, heads: usize| match n.dim(0)? == hd {
                 true => per_head(t, n, heads),
                 // OLMo 2: the whole row (a shard holds whole models only; see `shard.rs`).
-                false => candle_nn::ops::rms_norm(t, n, cfg.rms_eps),
+                false => candle_nn::ops::rms_norm(t, n, cfg.norm_eps),
             };
             q_all = norm(&q_all, qn, nh)?;
             k_all = norm(&k_all, kn, nkv)?;
         }
         let v_all = layer.v.forward(&h)?;
         let mut ys = Vec::with_capacity(segs.len());
-        // A local layer (Gemma 3) reads a window with a rotation of its own.
-        let (attn, ropes, rotary) = match (&attn_local, &ropes_local, &w.rotary_local) {
-            (Some(a), Some(t), Some(r)) if cfg.sliding_window.is_some_and(|sw| sw.is_local(li)) => {
-                (a, t, r)
+        // A local layer reads a window, with a rotation of its own where it has one (Gemma 3).
+        let (attn, ropes, rotary) = match &attn_local {
+            Some(a) if cfg.sliding_window.is_some_and(|sw| sw.is_local(li)) => {
+                (a, ropes_local.as_ref().unwrap_or(&ropes), rotary_local)
             }
             _ => (&attn, &ropes, &w.rotary),
         };
@@ -1594,7 +1703,7 @@ fn run(
         let post = |t: Tensor, i: usize| {
             let t = match &layer.post_norms {
                 Some(n) => {
-                    candle_nn::ops::rms_norm(&t, if i == 0 { &n.0 } else { &n.1 }, cfg.rms_eps)?
+                    candle_nn::ops::rms_norm(&t, if i == 0 { &n.0 } else { &n.1 }, cfg.norm_eps)?
                 }
                 None => t,
             };
@@ -1606,22 +1715,40 @@ fn run(
         x = (x + post(reduce(layer.o.forward(&y)?)?, 0)?)?;
 
         let h = pre(&x, &layer.ffn_norm)?;
-        let mlp = |h: &Tensor, gate: &Linear, up: &Linear, down: &Linear| {
-            let (g, u) = (gate.forward(h)?, up.forward(h)?);
-            let m = match gemma {
-                // GELU's tanh form, as Gemma's `gelu_pytorch_tanh`.
-                true => (g.gelu()? * u)?,
-                false => (g.silu()? * u)?,
+        let act = |t: Tensor| match cfg.activation {
+            Activation::Silu => t.silu(),
+            // candle's `gelu` is the tanh form.
+            Activation::GeluTanh => t.gelu(),
+        };
+        let mlp = |h: &Tensor, gate: Option<&Linear>, up: &Linear, down: &Linear| {
+            let u = up.forward(h)?;
+            let m = match gate {
+                Some(g) => (act(g.forward(h)?)? * u)?,
+                None => act(u)?,
             };
             down.forward(&m)
         };
         let y = match &layer.ffn {
-            Ffn::Dense { gate, up, down } => mlp(&h, gate, up, down)?,
+            Ffn::Dense { gate, up, down } => mlp(&h, gate.as_ref(), up, down)?,
             Ffn::Moe {
                 router,
                 experts,
                 used,
-            } => moe(&h, router, experts, *used, |h, [g, u, d]| mlp(h, g, u, d))?,
+                renormalise,
+                shared,
+            } => {
+                let y = moe(&h, router, experts, *used, *renormalise, |h, [g, u, d]| {
+                    mlp(h, Some(g), u, d)
+                })?;
+                match shared {
+                    Some(s) => {
+                        let [g, u, d] = &s.mlp;
+                        let scale = candle_nn::ops::sigmoid(&h.matmul(&s.gate)?)?;
+                        (y + mlp(&h, Some(g), u, d)?.broadcast_mul(&scale)?)?
+                    }
+                    None => y,
+                }
+            }
         };
         x = (x + post(reduce(y)?, 1)?)?;
     }
@@ -1646,7 +1773,7 @@ fn run(
     } else {
         Tensor::cat(&picked, 0)?
     };
-    let hidden = candle_nn::ops::rms_norm(&x, &w.norm, cfg.rms_eps)?;
+    let hidden = w.norm.forward(&x, cfg)?;
     let logits = match comm {
         Some(c) if c.rank() > 0 => Tensor::zeros((hidden.dim(0)?, 0), DType::F32, dev)?,
         _ => w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?,
