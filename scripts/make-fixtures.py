@@ -262,6 +262,25 @@ PEER_TEXTS = ["", " ", "the", "hello world", "  two leading spaces", "The Quick 
               # <|endoftext|> (the phi3 models' vocabulary has them)
               "<|user|>\n hi<|end|>\n<|assistant|>\t ok<|endoftext|> x</s>  y<s> z<|end|>"]
 
+# The tiny models whose embeddings the fixture keeps (RMSNorm with byte-level BPE, LayerNorm,
+# SentencePiece with BOS), each pooled the three ways llama.cpp pools a text, and the texts.
+PEER_EMBED_MODELS = ["qwen2", "starcoder2", "llama-spm"]
+PEER_EMBED_POOLINGS = {"mean": 1, "cls": 2, "last": 3}
+PEER_EMBED_TEXTS = ["hello world", "in the end, it is", "the"]
+
+
+def peer_embeddings(name, path, sha):
+    """llama.cpp's unit-length embeddings of the texts, per pooling, and the ids it read."""
+    out = {"sha256": sha}
+    for pooling, pooling_type in PEER_EMBED_POOLINGS.items():
+        llm = Llama(model_path=path, embedding=True, pooling_type=pooling_type, n_ctx=256,
+                    verbose=False, n_threads=THREADS, type_k=0, type_v=0)
+        out["ids"] = [llm.tokenize(t.encode("utf-8")) for t in PEER_EMBED_TEXTS]
+        out[pooling] = [[round(float(x), 6) for x in llm.embed(t, normalize=True)]
+                        for t in PEER_EMBED_TEXTS]
+        del llm
+    return out
+
 
 def peer_fixture():
     import hashlib
@@ -269,6 +288,7 @@ def peer_fixture():
     import tempfile
 
     models = {}
+    embeddings = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             ["cargo", "run", "--quiet", "--release", "--example", "tiny_models", "--", tmp],
@@ -292,6 +312,8 @@ def peer_fixture():
                 ]}
                 del llm
                 continue
+            if name in PEER_EMBED_MODELS:
+                embeddings[name] = peer_embeddings(name, path, sha)
             # An f32 KV cache (llama.cpp's default is f16, which alone moves logits ~3e-3).
             llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False,
                         n_threads=THREADS, type_k=0, type_v=0)
@@ -309,7 +331,8 @@ def peer_fixture():
                 ],
             }
             del llm
-    return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models, "pre": pres}
+    return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models, "pre": pres,
+            "embeddings": {"texts": PEER_EMBED_TEXTS, "models": embeddings}}
 
 
 def main():

@@ -2945,3 +2945,150 @@ fn reasoning_is_apart_from_the_answer() {
         "{v}"
     );
 }
+
+/// `/v1/embeddings`: one vector per input, the same for a text however it is sent (string,
+/// list, token ids), floats or base64 of their bytes, cut to `dimensions`; the pooling follows
+/// `--pooling`; bad input names the field.
+#[test]
+fn embeddings_endpoint() {
+    use base64::Engine as _;
+    let s = tiny_server(64, &[]);
+    let vector = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let r = s.post_json("/v1/embeddings", &json!({"input": "hello there"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let one = r.json();
+    assert_eq!(one["object"], "list");
+    assert_eq!(one["data"][0]["object"], "embedding");
+    assert_eq!(one["data"][0]["index"], 0);
+    let hello = vector(&one["data"][0]["embedding"]);
+    assert_eq!(hello.len(), 64, "the tiny model's hidden size");
+    assert!((norm(&hello) - 1.0).abs() < 1e-5);
+    let ids = s
+        .post_json("/tokenize", &json!({"prompt": "hello there"}))
+        .json()["tokens"]
+        .clone();
+    assert_eq!(one["usage"]["prompt_tokens"], ids.as_array().unwrap().len());
+    assert_eq!(one["usage"]["total_tokens"], one["usage"]["prompt_tokens"]);
+    // A list of texts, and the same text as token ids.
+    let two = s
+        .post_json(
+            "/v1/embeddings",
+            &json!({"input": ["the end", "hello there"], "model": "tiny-target"}),
+        )
+        .json();
+    assert_eq!(two["data"][1]["index"], 1);
+    assert_eq!(vector(&two["data"][1]["embedding"]), hello);
+    assert_ne!(vector(&two["data"][0]["embedding"]), hello);
+    let by_ids = s.post_json("/v1/embeddings", &json!({"input": ids})).json();
+    assert_eq!(vector(&by_ids["data"][0]["embedding"]), hello);
+    let nested = s
+        .post_json("/v1/embeddings", &json!({"input": [ids, [5, 6]]}))
+        .json();
+    assert_eq!(vector(&nested["data"][0]["embedding"]), hello);
+    // base64: the little-endian bytes of the same floats.
+    let b = s
+        .post_json(
+            "/v1/embeddings",
+            &json!({"input": "hello there", "encoding_format": "base64"}),
+        )
+        .json();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let floats: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(floats, hello);
+    // `dimensions` keeps the leading values, at unit length again.
+    let cut = s
+        .post_json(
+            "/v1/embeddings",
+            &json!({"input": "hello there", "dimensions": 16}),
+        )
+        .json();
+    let cut = vector(&cut["data"][0]["embedding"]);
+    assert_eq!(cut.len(), 16);
+    assert!((norm(&cut) - 1.0).abs() < 1e-5);
+    let scale = norm(&hello[..16]);
+    assert!(
+        cut.iter()
+            .zip(&hello)
+            .all(|(c, h)| (c * scale - h).abs() < 1e-5)
+    );
+    let long: Vec<u32> = (0..65).map(|i| i % 200).collect();
+    for (body, param) in [
+        (json!({}), "input"),
+        (json!({"input": ""}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({"input": ["a", ""]}), "input[1]"),
+        (json!({"input": [[1, 2], []]}), "input[1]"),
+        (json!({"input": [1, 99999]}), "input[1]"),
+        (json!({"input": [[1], [2, 99999]]}), "input[1][1]"),
+        (json!({"input": [true]}), "input"),
+        (json!({"input": 5}), "input"),
+        (json!({"input": long}), "input"),
+        (
+            json!({"input": "a", "encoding_format": "hex"}),
+            "encoding_format",
+        ),
+        (json!({"input": "a", "dimensions": 0}), "dimensions"),
+        (json!({"input": "a", "dimensions": 65}), "dimensions"),
+        (json!({"input": "a", "temperature": 1}), "temperature"),
+        (json!({"input": "a", "model": "nope"}), "model"),
+    ] {
+        let r = s.post_json("/v1/embeddings", &body);
+        assert!(r.status == 400 || r.status == 404, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text());
+    }
+    let r = s.post_json("/v1/embeddings", &json!({"input": long}));
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    assert_eq!(s.get("/v1/embeddings").status, 405);
+    // Mean pooling gives another vector (llama.cpp's of each pooling: tests/models.rs).
+    let mean = tiny_server(64, &["--pooling", "mean"]);
+    let m = mean
+        .post_json("/v1/embeddings", &json!({"input": "hello there"}))
+        .json();
+    let m = vector(&m["data"][0]["embedding"]);
+    assert!((norm(&m) - 1.0).abs() < 1e-5);
+    assert_ne!(m, hello);
+    // A vocabulary that says `add_eos_token` (embedding models such as Qwen3-Embedding): the
+    // text is read with EOS after it. (The SentencePiece tiny model's `add_bos_token` key,
+    // renamed: BOS stays its default for that vocabulary, on.)
+    let dir = tempfile::tempdir().unwrap();
+    let spm = dir.path().join("spm.gguf");
+    verdict::models::testing::write_tiny_gguf(
+        &spm,
+        &verdict::models::testing::peer_spec("llama-spm").unwrap(),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(&spm).unwrap();
+    let key = b"tokenizer.ggml.add_bos_token";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at..at + key.len()].copy_from_slice(b"tokenizer.ggml.add_eos_token");
+    std::fs::write(&spm, bytes).unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let eos = Server::start(&["--model", spm.to_str().unwrap()], Some(dir), &log_dir);
+    let t = eos
+        .post_json("/tokenize", &json!({"prompt": "the end"}))
+        .json();
+    let e = eos
+        .post_json("/v1/embeddings", &json!({"input": "the end"}))
+        .json();
+    let n = t["count"].as_u64().unwrap();
+    assert_eq!(e["usage"]["prompt_tokens"], n + 1, "{e}");
+    // The same ids sent with EOS appended by the client embed the same.
+    let mut with_eos = t["tokens"].as_array().unwrap().clone();
+    with_eos.push(json!(2));
+    let e2 = eos
+        .post_json("/v1/embeddings", &json!({"input": with_eos}))
+        .json();
+    assert_eq!(e["data"][0]["embedding"], e2["data"][0]["embedding"]);
+}

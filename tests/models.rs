@@ -444,6 +444,23 @@ struct PeerFixture {
     models: std::collections::HashMap<String, PeerRun>,
     /// Tokenizer-only files, by pre-tokenizer.
     pre: std::collections::HashMap<String, PeerPre>,
+    embeddings: PeerEmbeddings,
+}
+
+#[derive(serde::Deserialize)]
+struct PeerEmbeddings {
+    texts: Vec<String>,
+    models: std::collections::HashMap<String, PeerEmbedded>,
+}
+
+/// llama.cpp's unit-length embeddings of each text, per pooling, and the ids it read.
+#[derive(serde::Deserialize)]
+struct PeerEmbedded {
+    sha256: String,
+    ids: Vec<Vec<u32>>,
+    mean: Vec<Vec<f32>>,
+    cls: Vec<Vec<f32>>,
+    last: Vec<Vec<f32>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -605,6 +622,80 @@ fn tiny_models_match_llama_cpp() {
             worst < tol,
             "{name}: logits differ from llama.cpp by {worst}"
         );
+    }
+}
+
+/// `Rows::Hidden` gives every new position's hidden state and no logits, alone or batched
+/// with a sequence that wants logits (whose logits stay its own).
+#[test]
+fn hidden_rows_skip_the_lm_head() {
+    let dir = tempfile::tempdir().unwrap();
+    // Q8_0: the same kernel for any row count, so batched rows equal lone ones exactly.
+    let m = tiny_q8_0(dir.path());
+    let (ids, other) = ([5u32, 17, 250, 3, 99], [7u32, 8, 9]);
+    let all = m.session().forward(&ids, Rows::All).unwrap();
+    let hidden = m.session().forward(&ids, Rows::Hidden).unwrap();
+    assert_eq!(hidden.logits.dims(), [ids.len(), 0]);
+    assert_eq!(rows(&hidden.hidden), rows(&all.hidden));
+    let alone = m.session().forward(&other, Rows::All).unwrap();
+    let (mut a, mut b) = (m.session(), m.session());
+    let mut items = [
+        BatchItem {
+            session: &mut a,
+            tokens: &ids,
+            rows: Rows::Hidden,
+        },
+        BatchItem {
+            session: &mut b,
+            tokens: &other,
+            rows: Rows::All,
+        },
+    ];
+    let out = forward_batch(&mut items);
+    let (h, o) = (out[0].as_ref().unwrap(), out[1].as_ref().unwrap());
+    assert_eq!(h.logits.dims(), [ids.len(), 0]);
+    assert_eq!(rows(&h.hidden), rows(&all.hidden));
+    assert_eq!(rows(&o.logits), rows(&alone.logits));
+}
+
+/// Embeddings (`/v1/embeddings`) pooled the three ways llama.cpp pools them give its vectors,
+/// from the ids it reads (BOS where the vocabulary wants one).
+#[test]
+fn embeddings_match_llama_cpp() {
+    use verdict::models::embed::{Pooling, embed};
+    let fx = peer_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(fx.embeddings.models.len(), 3);
+    for (name, run) in &fx.embeddings.models {
+        let spec = verdict::models::testing::peer_spec(name).unwrap();
+        let model = Model::load_gguf(
+            &peer_file(dir.path(), name, &spec, &run.sha256),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tok = verdict::models::tokenizer::Tokenizer::from_gguf(model.gguf_metadata().unwrap())
+            .unwrap();
+        // ggml's GELU table (see `tiny_models_match_llama_cpp`) moves StarCoder 2's a little.
+        let tol = if spec.arch == Arch::Starcoder2 {
+            2e-3
+        } else {
+            1e-4
+        };
+        for (i, text) in fx.embeddings.texts.iter().enumerate() {
+            let ids = tok.encode_prompt(text, true).unwrap();
+            assert_eq!(ids, run.ids[i], "{name}: {text:?}");
+            for (pooling, want) in [
+                (Pooling::Mean, &run.mean[i]),
+                (Pooling::Cls, &run.cls[i]),
+                (Pooling::Last, &run.last[i]),
+            ] {
+                let v = embed(&model, &ids, pooling).unwrap();
+                let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-5, "{name}: norm {norm}");
+                let d = max_diff(&v, want);
+                assert!(d < tol, "{name} {pooling:?} {text:?}: {d}");
+            }
+        }
     }
 }
 

@@ -7,7 +7,8 @@ Checks completions and chat, streamed and not, with verdict's extra fields passe
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
 accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
-an unknown policy is a 400 the client raises as BadRequestError.
+an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
+for base64 and decodes it; floats on request; `dimensions`).
 Exits non-zero (AssertionError) on the first mismatch.
 """
 
@@ -33,6 +34,22 @@ except openai.NotFoundError as e:
     assert e.body["code"] == "model_not_found", e.body
 
 extra = {"policy": "strict", "speculation": {"draft": "model", "k": 3}}
+
+# Embeddings: the client's default is base64, which it decodes to floats itself.
+emb = client.embeddings.create(model=model, input=["def add(a, b):", "hello"])
+assert [d.index for d in emb.data] == [0, 1], emb
+first = emb.data[0].embedding
+assert len(first) > 0 and abs(sum(x * x for x in first) - 1.0) < 1e-4, first[:4]
+assert emb.usage.prompt_tokens == emb.usage.total_tokens > 0, emb.usage
+floats = client.embeddings.create(model=model, input="def add(a, b):", encoding_format="float")
+assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, first)) < 1e-6
+cut = client.embeddings.create(model=model, input="def add(a, b):", dimensions=8)
+assert len(cut.data[0].embedding) == 8
+try:
+    client.embeddings.create(model=model, input="")
+    raise AssertionError("an empty input was embedded")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "input", e.body
 
 # Completions, non-streamed and streamed: same greedy text.
 c = client.completions.create(

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// tags; `deepseek_r1`: everything before `</think>` (its template opens the block).
     #[arg(long, value_enum)]
     pub reasoning_parser: Option<crate::serve::reasoning::Parser>,
+    /// How /v1/embeddings pools a text's final hidden states: mean, cls or last (default: as
+    /// the GGUF's `pooling_type` says, else the last token's, as vLLM does for a decoder).
+    #[arg(long, value_parser = parse_pooling)]
+    pub pooling: Option<crate::models::embed::Pooling>,
     /// File of API keys, one per line: every route but /health, /ready and /metrics then
     /// needs `Authorization: Bearer <key>` (the `openai` client's `api_key`) or `x-api-key:
     /// <key>` (the `anthropic` client's).
@@ -265,6 +269,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         default_policy: args.policy.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         reasoning: args.reasoning_parser,
+        pooling: args.pooling,
         ..ServeOptions::new("")
     };
     let reg = registry.clone();
@@ -334,4 +339,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         })
     });
     crate::serve::run(opts, registry, loader)
+}
+
+fn parse_pooling(s: &str) -> Result<crate::models::embed::Pooling, String> {
+    crate::models::embed::Pooling::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a pooling (mean, cls or last)"))
 }

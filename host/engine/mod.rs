@@ -250,6 +250,15 @@ impl Engine {
         self.inner.target.config().context_length
     }
 
+    /// The target's embedding of `ids`: its final hidden states pooled, at unit length.
+    pub fn embed(&self, ids: &[u32], pooling: crate::models::embed::Pooling) -> Result<Vec<f32>> {
+        Ok(crate::models::embed::embed(
+            &self.inner.target,
+            ids,
+            pooling,
+        )?)
+    }
+
     /// Validates a request and sets up its state. Errors name the request field.
     pub fn start(&self, req: GenerateRequest) -> Result<Generation, RequestError> {
         let cfg = &*self.inner;

@@ -973,7 +973,7 @@ mod imp {
             let (h, v) = (self.w.cfg.hidden_size, self.w.cfg.vocab_size);
             let (ws, we) = match rows {
                 Rows::Last => (n - 1, n),
-                Rows::All => (0, n),
+                Rows::All | Rows::Hidden => (0, n),
             };
             let wanted = we - ws;
             let logits = Buf::<f32>::new(&self.stream, wanted * v, "logits")?;

@@ -11,6 +11,7 @@
 //!   communicator, one GPU per rank.
 //! - [`synth`]: random weights at a real layout (GPU benchmarks without carrying weights).
 //! - [`batch`]: forwards of concurrent sessions run as one batched forward (same logits).
+//! - [`embed`]: a text's hidden states pooled to one unit-length vector (`/v1/embeddings`).
 //! - `cuda_fast` (`cuda` feature): the forward on a GPU without candle's ops (kernels/decode.cu),
 //!   one CUDA graph per forward shape; sessions of GGUF models on CUDA use it.
 //! - [`testing`]: tiny random models (GGUF and safetensors) for tests and benches.
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod chat;
 mod cpu_gemm;
 mod cuda_fast;
+pub mod embed;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;

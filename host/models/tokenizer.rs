@@ -81,6 +81,9 @@ pub struct Tokenizer {
     eos: Option<u32>,
     eog: Vec<u32>,
     add_bos: bool,
+    /// `tokenizer.ggml.add_eos_token`: embedding models (Qwen3-Embedding) read a text ending in
+    /// EOS, which they pool.
+    add_eos: bool,
     fingerprint: [u8; 32],
 }
 
@@ -436,6 +439,7 @@ impl Tokenizer {
             (Engine::Bpe(Box::new(hf)), pieces, ignore_merges)
         };
         let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos);
+        let add_eos = flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
         let mut ids = HashMap::with_capacity(tokens.len());
         for (id, t) in tokens.iter().enumerate() {
             ids.entry(t.to_string()).or_insert(id as u32);
@@ -520,6 +524,7 @@ impl Tokenizer {
             eos,
             eog,
             add_bos,
+            add_eos,
             fingerprint: h.finalize().into(),
         })
     }
@@ -687,6 +692,12 @@ impl Tokenizer {
     /// Whether the model wants BOS in front of a prompt (`tokenizer.ggml.add_bos_token`).
     pub fn add_bos(&self) -> bool {
         self.add_bos
+    }
+
+    /// Whether the model wants EOS after a text it embeds (`tokenizer.ggml.add_eos_token`;
+    /// llama.cpp appends it wherever it adds special tokens, verdict where it embeds).
+    pub fn add_eos(&self) -> bool {
+        self.add_eos
     }
 
     /// The text of a token as stored in the vocabulary (byte-level form for normal tokens).

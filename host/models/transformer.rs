@@ -335,6 +335,9 @@ pub enum Rows {
     Last,
     /// Every new position (verification).
     All,
+    /// Every new position's hidden state and no logits (`[rows, 0]`): the lm_head does not run
+    /// (embeddings).
+    Hidden,
 }
 
 /// Output of [`Session::forward`].
@@ -1280,7 +1283,20 @@ impl Session {
                     .fast
                     .insert(FastSession::new(w, self.n_layers, self.cache.max_len())?),
             };
-            return f.forward(tokens, rows);
+            // decode.cu always scores its rows: drop them for a hidden-only forward.
+            return match rows {
+                Rows::Hidden => {
+                    let out = f.forward(tokens, Rows::All)?;
+                    Ok(Forward {
+                        logits: out
+                            .logits
+                            .narrow(1, 0, 0)
+                            .ctx(|| "dropping the logits".into())?,
+                        hidden: out.hidden,
+                    })
+                }
+                _ => f.forward(tokens, rows),
+            };
         }
         if self.tp.is_some() {
             return self.forward_sharded(tokens, rows);
@@ -1759,7 +1775,7 @@ fn run(
         let n = s.tokens.len();
         let (start, len) = match s.rows {
             Rows::Last => (off + n - 1, 1),
-            Rows::All => (off, n),
+            Rows::All | Rows::Hidden => (off, n),
         };
         counts.push(len);
         picked.push(if single && len == n {
@@ -1774,7 +1790,9 @@ fn run(
         Tensor::cat(&picked, 0)?
     };
     let hidden = w.norm.forward(&x, cfg)?;
+    let hidden_only = segs.iter().all(|s| s.rows == Rows::Hidden);
     let logits = match comm {
+        _ if hidden_only => Tensor::zeros((hidden.dim(0)?, 0), DType::F32, dev)?,
         Some(c) if c.rank() > 0 => Tensor::zeros((hidden.dim(0)?, 0), DType::F32, dev)?,
         _ => w.lm_head.forward(&hidden)?.to_dtype(DType::F32)?,
     };
@@ -1795,9 +1813,14 @@ fn run(
     }
     let mut outs = Vec::with_capacity(segs.len());
     let mut at = 0;
-    for len in counts {
+    for (s, len) in segs.iter().zip(counts) {
+        let logits = logits.narrow(0, at, len)?;
         outs.push(Forward {
-            logits: logits.narrow(0, at, len)?,
+            // Batched with sequences that want logits: a hidden-only one still gets none.
+            logits: match s.rows {
+                Rows::Hidden => logits.narrow(1, 0, 0)?,
+                _ => logits,
+            },
             hidden: hidden.narrow(0, at, len)?,
         });
         at += len;

@@ -679,6 +679,131 @@ pub fn parse_detokenize(body: &[u8]) -> Result<Vec<u32>, ApiError> {
     tokens.ok_or_else(|| ApiError::invalid("tokens", "missing field `tokens` (token ids)"))
 }
 
+/// One text of an embeddings request: a string, or token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// `POST /v1/embeddings`'s body, as OpenAI's API defines it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingsRequest {
+    pub model: Option<String>,
+    pub inputs: Vec<EmbedInput>,
+    /// `encoding_format: "base64"`: each vector as the base64 of its little-endian f32 bytes.
+    pub base64: bool,
+    /// Keep the leading `dimensions` values (then scale to unit length again).
+    pub dimensions: Option<usize>,
+}
+
+/// The most texts one embeddings request may hold (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+/// `input` is a string, an array of strings, an array of token ids, or an array of arrays of
+/// token ids; `encoding_format` is `float` or `base64`; `user` is accepted and ignored.
+pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, ApiError> {
+    let obj = json_object(body)?;
+    let mut req = EmbeddingsRequest {
+        model: None,
+        inputs: Vec::new(),
+        base64: false,
+        dimensions: None,
+    };
+    for (k, v) in &obj {
+        match k.as_str() {
+            "model" => req.model = opt(v, |v| string(k, v))?,
+            "input" => req.inputs = embed_inputs(v)?,
+            "encoding_format" => {
+                req.base64 = match opt(v, |v| str_of(k, v))? {
+                    None | Some("float") => false,
+                    Some("base64") => true,
+                    Some(other) => {
+                        return Err(ApiError::invalid(
+                            k,
+                            format!(
+                                "encoding_format must be \"float\" or \"base64\", got {other:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            "dimensions" => {
+                req.dimensions =
+                    opt(v, |v| int_range(k, v, 1, u32::MAX as i64))?.map(|d| d as usize)
+            }
+            "user" => {
+                opt(v, |v| string(k, v))?;
+            }
+            _ => return Err(unknown_field(k)),
+        }
+    }
+    if !obj.contains_key("input") {
+        return Err(ApiError::invalid(
+            "input",
+            "missing field `input` (a string, an array of strings, or token ids)",
+        ));
+    }
+    Ok(req)
+}
+
+fn embed_inputs(v: &Value) -> Result<Vec<EmbedInput>, ApiError> {
+    const I: &str = "input";
+    let empty = |name: &str| ApiError::invalid(name, format!("{name} must not be empty"));
+    let inputs = match v {
+        Value::String(s) => vec![EmbedInput::Text(s.clone())],
+        Value::Array(a) if a.is_empty() => return Err(empty(I)),
+        Value::Array(a) => match &a[0] {
+            Value::Number(_) => vec![EmbedInput::Tokens(token_ids(I, a)?)],
+            Value::String(_) => a
+                .iter()
+                .enumerate()
+                .map(|(i, s)| string(&format!("input[{i}]"), s).map(EmbedInput::Text))
+                .collect::<Result<_, _>>()?,
+            Value::Array(_) => a
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let name = format!("input[{i}]");
+                    token_ids(&name, array(&name, t)?).map(EmbedInput::Tokens)
+                })
+                .collect::<Result<_, _>>()?,
+            other => {
+                return Err(ApiError::invalid(
+                    I,
+                    format!(
+                        "input must be a string, an array of strings, token ids or arrays of token ids, got an array of {}",
+                        type_name(other)
+                    ),
+                ));
+            }
+        },
+        _ => return Err(wrong_type(I, "a string or an array", v)),
+    };
+    if inputs.len() > MAX_EMBED_INPUTS {
+        return Err(ApiError::invalid(
+            I,
+            format!(
+                "input holds {} texts; at most {MAX_EMBED_INPUTS} per request",
+                inputs.len()
+            ),
+        ));
+    }
+    for (i, x) in inputs.iter().enumerate() {
+        let blank = match x {
+            EmbedInput::Text(s) => s.is_empty(),
+            EmbedInput::Tokens(t) => t.is_empty(),
+        };
+        if blank {
+            return Err(empty(&match v {
+                Value::String(_) => I.to_string(),
+                _ => format!("input[{i}]"),
+            }));
+        }
+    }
+    Ok(inputs)
+}
+
 pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(

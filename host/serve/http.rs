@@ -34,6 +34,7 @@ use super::tools;
 use crate::decide::PolicyRegistry;
 use crate::engine::{self, Engine, GenerateRequest};
 use crate::models::chat::{ChatTemplate, Message};
+use crate::models::embed::Pooling;
 use crate::models::tokenizer::Tokenizer;
 use crate::sample::{Grammars, SamplingParams};
 
@@ -64,6 +65,9 @@ pub struct ServeOptions {
     pub max_policy_bytes: usize,
     /// Chat replies' thinking goes to `reasoning_content` (vLLM's `--reasoning-parser`).
     pub reasoning: Option<reasoning::Parser>,
+    /// How `/v1/embeddings` pools a text's hidden states; `None`: as the GGUF declares
+    /// (`pooling_type`), else the last token's.
+    pub pooling: Option<Pooling>,
 }
 
 impl ServeOptions {
@@ -81,6 +85,7 @@ impl ServeOptions {
             max_body_bytes: 8 << 20,
             max_policy_bytes: 64 << 20,
             reasoning: None,
+            pooling: None,
         }
     }
 }
@@ -431,6 +436,13 @@ async fn route(
                 },
             )
         }
+        "/v1/embeddings" => (
+            "/v1/embeddings",
+            match method {
+                Method::POST => embeddings(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
         "/tokenize" => (
             "/tokenize",
             match method {
@@ -1170,6 +1182,51 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     Ok(json_response(
         StatusCode::OK,
         &json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx}),
+    ))
+}
+
+/// `POST /v1/embeddings`: one pool job embeds every input (a worker's turn, like a generation;
+/// 429 when the queue is full).
+async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let r = api::parse_embeddings(&body)?;
+    if let Some(m) = r.model.as_ref().filter(|m| **m != app.opts.model_id) {
+        return Err(unknown_model(app, m));
+    }
+    let pooling = match app.opts.pooling {
+        Some(p) => p,
+        None => match served.engine.target().gguf_metadata() {
+            Some(meta) => Pooling::of_gguf(meta)
+                .map_err(|e| ApiError::bad_request(format!("this model gives no embeddings: {e}")))?
+                .unwrap_or(Pooling::Last),
+            None => Pooling::Last,
+        },
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = {
+        let served = served.clone();
+        let r = r.clone();
+        move || {
+            let out = super::embeddings::run(&served, &r, pooling, || tx.is_closed());
+            let _ = tx.send(out);
+        }
+    };
+    app.pool.submit(Box::new(job)).map_err(|f| {
+        ApiError::overloaded(
+            f.retry_after_s,
+            format!(
+                "the server is at capacity ({} requests waiting); retry later",
+                f.queued
+            ),
+        )
+    })?;
+    let (vectors, tokens) = rx
+        .await
+        .map_err(|_| ApiError::internal("the embedding job ended without a result"))??;
+    Ok(json_response(
+        StatusCode::OK,
+        &super::embeddings::body(&app.opts.model_id, r.base64, &vectors, tokens),
     ))
 }
 

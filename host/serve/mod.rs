@@ -7,6 +7,7 @@
 //!   stream events, and the store behind `previous_response_id`.
 //! - [`messages`]: Anthropic's Messages API as a chat request, its content blocks and stream
 //!   events, and its error shape.
+//! - [`embeddings`]: `/v1/embeddings`, the target's pooled hidden states in OpenAI's shape.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
 //! - [`reasoning`]: a reasoning model's `<think>` block apart from its answer.
@@ -21,6 +22,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod http;
