@@ -233,6 +233,60 @@ fn strict_greedy_speculation_is_lossless_on_every_architecture() {
     }
 }
 
+/// Past the point where sliding-window layers drop old keys (a 600-token prompt, window 8), each
+/// drafter's speculation still emits the autoregressive greedy tokens, and a later turn of the
+/// conversation reads its prefix from the prompt cache (within the kept slack) and changes no
+/// output; a prompt sharing only an early part of it is prefilled instead.
+#[test]
+fn speculation_and_the_prompt_cache_past_a_sliding_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        dtype: candle_core::quantized::GgmlDType::Q8_0,
+        context_length: 2048,
+        ..verdict::models::testing::peer_spec("gemma2").unwrap()
+    };
+    let target = tiny(dir.path(), "g.gguf", spec.clone());
+    let draft = tiny(
+        dir.path(),
+        "gd.gguf",
+        TinySpec {
+            seed: 9,
+            layers: 2,
+            ..spec
+        },
+    );
+    let prompt: Vec<u32> = (0..600)
+        .map(|i| [5u32, 77, 140, 12, 3, 9][i % 6] + (i / 90) as u32)
+        .collect();
+    let plain = engine(target.clone(), None, None, 4);
+    let (reference, _) = run(&plain, greedy(&prompt, 40, Speculation::Off));
+    let drafters = [
+        (Some(draft.clone()), DrafterSpec::Model),
+        (None, DrafterSpec::SelfDraft(2)),
+        (None, DrafterSpec::PromptLookup(None)),
+    ];
+    for (what, out, stats) in each_drafter(&target, &drafters, &[8], || {
+        greedy(&prompt, 40, Speculation::Default)
+    }) {
+        assert_eq!(out, reference, "{what}");
+        assert!(stats.steps < 40, "{what}: {stats:?}");
+    }
+    let cached =
+        engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 8).with_prompt_cache(4000);
+    let req = |p: &[u32]| greedy(p, 20, Speculation::Default);
+    let (first, _, hit) = run_logged(&cached, req(&prompt));
+    assert_eq!(hit, 0);
+    let second = [&prompt[..], &first, &[7, 8, 9]].concat();
+    let (out2, _, hit2) = run_logged(&cached, req(&second));
+    assert_eq!(hit2, prompt.len() + first.len() - 1);
+    assert_eq!(out2, run(&plain, req(&second)).0);
+    // Only the first 300 tokens shared: the local layers no longer hold their keys.
+    let third = [&prompt[..300], &[11, 12, 13]].concat();
+    let (out3, _, hit3) = run_logged(&cached, req(&third));
+    assert_eq!(hit3, 0);
+    assert_eq!(out3, run(&plain, req(&third)).0);
+}
+
 /// `auto` picks prompt lookup or the draft model per step from their measured payoff; under
 /// strict at T = 0 whatever it picks emits the target's own greedy tokens.
 #[test]

@@ -625,6 +625,57 @@ fn tiny_models_match_llama_cpp() {
     }
 }
 
+/// A sliding-window layer's cache drops what its window no longer reads (past its slack): fed in
+/// pieces, with speculation-sized rollbacks between them, the model gives the logits of one
+/// forward over the whole sequence (which held every position), while its local layers hold a
+/// bounded number of positions.
+#[test]
+fn sliding_window_caches_drop_old_positions_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Gemma 2's layout (every other layer local, window 8) in Q8_0, whose kernels give a row
+    // the same bits in any batch.
+    let spec = TinySpec {
+        dtype: GgmlDType::Q8_0,
+        context_length: 2048,
+        ..verdict::models::testing::peer_spec("gemma2").unwrap()
+    };
+    let m = tiny(dir.path(), &spec);
+    let ids: Vec<u32> = (0..1200).map(|i| (i * 37 + 11) % 300).collect();
+    let whole = rows(&m.session().forward(&ids, Rows::All).unwrap().logits);
+    let mut s = m.session();
+    let mut at = 0;
+    for (step, n) in [97usize, 1, 1, 5, 64, 3].iter().cycle().enumerate() {
+        if at >= ids.len() {
+            break;
+        }
+        let n = (*n).min(ids.len() - at);
+        // A rejected draft first: 9 wrong tokens fed, then rolled back.
+        if step % 3 == 1 && at > 0 {
+            s.forward(&[1; 9], Rows::All).unwrap();
+            s.truncate(at).unwrap();
+        }
+        let got = rows(&s.forward(&ids[at..at + n], Rows::All).unwrap().logits);
+        for (i, row) in got.iter().enumerate() {
+            assert_eq!(row, &whole[at + i], "position {}", at + i);
+        }
+        at += n;
+    }
+    // 4 layers, 2 of them local: those hold about window + slack + a chunk, not 1200.
+    let held = s.positions_held();
+    assert!(held < 2 * 1200 + 2 * (8 + 256 + 256), "{held}");
+    assert!(held > 2 * 1200, "{held}");
+    // Far back, the local layers no longer hold the keys: refused by name, and the session
+    // still goes on.
+    assert!(!s.can_resume_at(300));
+    let e = s.truncate(300).unwrap_err().to_string();
+    assert!(e.contains("sliding window"), "{e}");
+    let next = rows(&s.forward(&[5], Rows::Last).unwrap().logits);
+    let mut all = ids.clone();
+    all.push(5);
+    let fresh = rows(&m.session().forward(&all, Rows::Last).unwrap().logits);
+    assert_eq!(next, fresh);
+}
+
 /// `Rows::Hidden` gives every new position's hidden state and no logits, alone or batched
 /// with a sequence that wants logits (whose logits stay its own).
 #[test]

@@ -122,7 +122,11 @@ impl ModelDrafter {
     /// Rolls the cache back to the longest prefix it shares with `context`, at most `cap`
     /// tokens; returns that length.
     fn rewind(&mut self, context: &[u32], cap: usize) -> Result<usize> {
-        let common = common_prefix(&self.cached, context).min(cap);
+        let mut common = common_prefix(&self.cached, context).min(cap);
+        // Sliding-window layers keep only so much: from further back, start over.
+        if !self.session.can_resume_at(common) {
+            common = 0;
+        }
         self.session.truncate(common)?;
         self.cached.truncate(common);
         Ok(common)

@@ -936,7 +936,11 @@ impl Generation {
         let Some(prefix) = self.prefix.as_ref() else {
             return Ok(false);
         };
-        if !self.prefilled || self.poisoned || self.target.len() < self.prompt_len {
+        if !self.prefilled
+            || self.poisoned
+            || self.target.len() < self.prompt_len
+            || !self.target.can_resume_at(self.prompt_len)
+        {
             return Ok(false);
         }
         let target = self.target.copy_prefix(self.prompt_len)?;

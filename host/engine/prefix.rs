@@ -124,11 +124,14 @@ impl PrefixCache {
     pub fn lookup(&self, prompt: &[u32]) -> Result<Option<Hit>> {
         let cap = prompt.len().saturating_sub(1);
         let mut s = self.lock();
+        // A sequence whose sliding-window layers dropped the keys a prefix needs cannot give
+        // that prefix.
         let best = s
             .entries
             .iter()
             .enumerate()
             .map(|(i, e)| (common_prefix(&e.target.tokens, prompt).min(cap), i))
+            .filter(|&(len, i)| s.entries[i].target.session.can_resume_at(len))
             .max();
         let Some((len, i)) = best.filter(|&(len, _)| len > 0) else {
             return Ok(None);
@@ -141,7 +144,10 @@ impl PrefixCache {
         let draft = match &e.draft {
             Some(d) => {
                 let n = common_prefix(&d.tokens, prompt).min(cap);
-                Some((d.session.copy_prefix(n)?, d.tokens[..n].to_vec()))
+                match d.session.can_resume_at(n) {
+                    true => Some((d.session.copy_prefix(n)?, d.tokens[..n].to_vec())),
+                    false => None,
+                }
             }
             None => None,
         };
@@ -156,8 +162,14 @@ impl PrefixCache {
         target: (Session, Vec<u32>),
         draft: Option<(Session, Vec<u32>)>,
     ) -> Result<()> {
+        // Sequences that cannot go back to their tokens (a sliding window dropped them) stay
+        // out.
+        let draft = draft.filter(|d| d.0.can_resume_at(d.1.len()));
         let draft_len = draft.as_ref().map_or(0, |d| d.1.len());
-        if target.1.is_empty() || target.1.len() + draft_len > self.budget {
+        if target.1.is_empty()
+            || target.1.len() + draft_len > self.budget
+            || !target.0.can_resume_at(target.1.len())
+        {
             return Ok(());
         }
         let entry = Entry {

@@ -492,18 +492,7 @@ impl TpSession {
         n_layers: usize,
         transport: &Transport,
     ) -> TpSession {
-        let caches = weights
-            .iter()
-            .map(|w| {
-                KvCache::new(
-                    n_layers,
-                    w.heads.n_kv_heads,
-                    w.cfg.head_dim,
-                    w.cfg.context_length,
-                    &w.device,
-                )
-            })
-            .collect();
+        let caches = weights.iter().map(|w| w.new_cache(n_layers)).collect();
         Self::with_caches(weights, n_layers, caches, transport)
     }
 

@@ -407,6 +407,27 @@ fn fast_matmul(src: &dyn WeightSource, name: &str, w: QMatMul) -> Result<QMatMul
 }
 
 impl Weights {
+    /// An empty KV cache for the first `n_layers` layers of these weights, its sliding-window
+    /// layers holding only their window (and the slack to roll back).
+    pub(crate) fn new_cache(&self, n_layers: usize) -> KvCache {
+        let windows: Vec<Option<usize>> = (0..n_layers)
+            .map(|i| {
+                self.cfg
+                    .sliding_window
+                    .filter(|sw| sw.is_local(i))
+                    .map(|sw| sw.size)
+            })
+            .collect();
+        KvCache::new(
+            n_layers,
+            self.heads.n_kv_heads,
+            self.cfg.head_dim,
+            self.cfg.context_length,
+            &self.device,
+        )
+        .with_windows(&windows)
+    }
+
     /// Builds the weights of `cfg` from `src`, checking every shape against the config.
     pub(crate) fn build(
         cfg: ModelConfig,
@@ -977,13 +998,7 @@ impl Model {
         Session {
             w: self.w.clone(),
             n_layers,
-            cache: KvCache::new(
-                n_layers,
-                self.w.heads.n_kv_heads,
-                self.w.cfg.head_dim,
-                self.w.cfg.context_length,
-                &self.w.device,
-            ),
+            cache: self.w.new_cache(n_layers),
             batch: None,
             tp: (!self.w.peers.is_empty())
                 .then(|| TpSession::new(&self.w.peers, n_layers, &self.w.transport)),
@@ -1180,6 +1195,22 @@ impl Session {
         self.w.lm_head.kept.clone()
     }
 
+    /// Whether the sequence can go on from `len` positions (truncated or copied there): its
+    /// sliding-window layers still hold the keys the next row reads (they keep their window
+    /// and `kv_cache::WINDOW_SLACK` positions more).
+    pub fn can_resume_at(&self, len: usize) -> bool {
+        match &self.fast {
+            Some(_) => len <= self.len(),
+            None => self.cache.can_resume_at(len),
+        }
+    }
+
+    /// Positions the KV cache holds over all layers (a sliding-window layer holds about its
+    /// window, not the sequence).
+    pub fn positions_held(&self) -> usize {
+        self.cache.positions_held()
+    }
+
     /// Number of positions in the KV cache (the next token goes at this position).
     pub fn len(&self) -> usize {
         match &self.fast {
@@ -1325,13 +1356,7 @@ impl Session {
         Session {
             w: self.w.clone(),
             n_layers: self.n_layers,
-            cache: KvCache::new(
-                self.n_layers,
-                self.w.heads.n_kv_heads,
-                self.w.cfg.head_dim,
-                self.w.cfg.context_length,
-                &self.w.device,
-            ),
+            cache: self.w.new_cache(self.n_layers),
             batch: None,
             tp: None,
             fast_w: None,
