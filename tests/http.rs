@@ -2961,6 +2961,10 @@ fn embeddings_endpoint() {
             .collect()
     };
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    // Texts of one request run batched: f32 kernels round a batch's rows a little differently.
+    let close = |a: &[f32], b: &[f32]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+    };
     let r = s.post_json("/v1/embeddings", &json!({"input": "hello there"}));
     assert_eq!(r.status, 200, "{}", r.text());
     let one = r.json();
@@ -2984,14 +2988,14 @@ fn embeddings_endpoint() {
         )
         .json();
     assert_eq!(two["data"][1]["index"], 1);
-    assert_eq!(vector(&two["data"][1]["embedding"]), hello);
-    assert_ne!(vector(&two["data"][0]["embedding"]), hello);
+    assert!(close(&vector(&two["data"][1]["embedding"]), &hello));
+    assert!(!close(&vector(&two["data"][0]["embedding"]), &hello));
     let by_ids = s.post_json("/v1/embeddings", &json!({"input": ids})).json();
     assert_eq!(vector(&by_ids["data"][0]["embedding"]), hello);
     let nested = s
         .post_json("/v1/embeddings", &json!({"input": [ids, [5, 6]]}))
         .json();
-    assert_eq!(vector(&nested["data"][0]["embedding"]), hello);
+    assert!(close(&vector(&nested["data"][0]["embedding"]), &hello));
     // base64: the little-endian bytes of the same floats.
     let b = s
         .post_json(

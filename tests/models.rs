@@ -713,7 +713,7 @@ fn hidden_rows_skip_the_lm_head() {
 /// from the ids it reads (BOS where the vocabulary wants one).
 #[test]
 fn embeddings_match_llama_cpp() {
-    use verdict::models::embed::{Pooling, embed};
+    use verdict::models::embed::{Pooling, embed, embed_batch};
     let fx = peer_fixture();
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(fx.embeddings.models.len(), 3);
@@ -732,6 +732,24 @@ fn embeddings_match_llama_cpp() {
         } else {
             1e-4
         };
+        let all: Vec<Vec<u32>> = fx
+            .embeddings
+            .texts
+            .iter()
+            .map(|t| tok.encode_prompt(t, true).unwrap())
+            .collect();
+        for (pooling, want) in [
+            (Pooling::Mean, &run.mean),
+            (Pooling::Cls, &run.cls),
+            (Pooling::Last, &run.last),
+        ] {
+            // The texts together, in one batched forward.
+            let batch = embed_batch(&model, &all, pooling, 2048, |_| true).unwrap();
+            for (v, w) in batch.iter().zip(want) {
+                let d = max_diff(v, w);
+                assert!(d < tol, "{name} {pooling:?} batched: {d}");
+            }
+        }
         for (i, text) in fx.embeddings.texts.iter().enumerate() {
             let ids = tok.encode_prompt(text, true).unwrap();
             assert_eq!(ids, run.ids[i], "{name}: {text:?}");
@@ -748,6 +766,42 @@ fn embeddings_match_llama_cpp() {
             }
         }
     }
+}
+
+/// Texts embedded together run in batched forwards of up to `BATCH_TOKENS` tokens, each text
+/// getting its own vector (Q8_0: bit for bit); asked to stop between forwards, it stops.
+#[test]
+fn embeddings_of_many_texts_run_in_batches() {
+    use verdict::models::embed::{BATCH_TOKENS, Pooling, embed, embed_batch};
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_q8_0(dir.path());
+    // 10 texts of 100 tokens: forwards of 5, 5 at the server's size; one text each at 0.
+    let texts: Vec<Vec<u32>> = (0..10)
+        .map(|t| (0..100).map(|i| ((t * 31 + i * 7) % 300) as u32).collect())
+        .collect();
+    assert_eq!(BATCH_TOKENS / 100, 5);
+    let mut asked = Vec::new();
+    let all = embed_batch(&m, &texts, Pooling::Mean, BATCH_TOKENS, |done| {
+        asked.push(done);
+        true
+    })
+    .unwrap();
+    assert_eq!(asked, [5]);
+    for (t, v) in texts.iter().zip(&all) {
+        assert_eq!(v, &embed(&m, t, Pooling::Mean).unwrap());
+    }
+    let mut asked = Vec::new();
+    let one_by_one = embed_batch(&m, &texts, Pooling::Mean, 0, |done| {
+        asked.push(done);
+        true
+    })
+    .unwrap();
+    assert_eq!(one_by_one, all);
+    assert_eq!(asked, (1..10).collect::<Vec<_>>());
+    let first = embed_batch(&m, &texts, Pooling::Mean, BATCH_TOKENS, |_| false).unwrap();
+    assert_eq!(first, all[..5]);
+    let e = embed_batch(&m, &[vec![1], vec![]], Pooling::Last, 64, |_| true).unwrap_err();
+    assert!(e.to_string().contains("text 1 has no tokens"), "{e}");
 }
 
 /// What Hugging Face configs turn on that GGUF files leave out: a window on every layer

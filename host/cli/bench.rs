@@ -41,6 +41,37 @@ pub enum BenchCommand {
     /// A GGUF with random weights at a real model's layout (GPU speed runs where the real
     /// weights cannot travel), or just the header of a GGUF (metadata, tokenizer, tensor infos).
     Synth(SynthArgs),
+    /// Embeddings of many texts, one text per forward against texts batched into forwards of
+    /// up to N tokens (what `/v1/embeddings` does with a request's texts), per text length.
+    Embed(EmbedArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct EmbedArgs {
+    /// The model (GGUF; default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The texts: consecutive non-empty lines of this file (e.g. host/models/transformer.rs).
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Lines per text, comma separated (one table row each).
+    #[arg(long, default_value = "1,12")]
+    pub lines: String,
+    /// Texts per run.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub texts: u32,
+    /// Batch sizes to time against one text per forward, in tokens, comma separated.
+    #[arg(long, default_value = "512,2048")]
+    pub batch_tokens: String,
+    /// Timed runs of each (alternating order, after a warm-up); the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+    /// CPU threads for the matrix kernels (default: one per physical core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -200,7 +231,101 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Lookup(a) => lookup(a),
         BenchCommand::Synth(a) => synth(a),
+        BenchCommand::Embed(a) => embed(a),
     }
+}
+
+/// A comma-separated list of positive counts (`flag` names it in errors).
+fn counts(list: &str, flag: &str) -> Result<Vec<usize>> {
+    list.split(',')
+        .map(|s| match s.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("{flag}: `{s}` is not a positive count"),
+        })
+        .collect()
+}
+
+/// Must run before anything starts a thread (see `--threads`).
+fn embed(a: EmbedArgs) -> Result<()> {
+    use crate::models::embed::{Pooling, embed_batch};
+    if let Some(n) = a.threads {
+        crate::cli::generate::configure_threads(n);
+    }
+    let lines = counts(&a.lines, "--lines")?;
+    let sizes = counts(&a.batch_tokens, "--batch-tokens")?;
+    let path = a
+        .model
+        .clone()
+        .unwrap_or_else(|| models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let model = Model::load_gguf(&path, &a.device.open()?)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let meta = model
+        .gguf_metadata()
+        .context("the model has no GGUF metadata")?;
+    let tokenizer = Tokenizer::from_gguf(meta)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let source: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    model.warm_up()?;
+    println!(
+        "{}: {} texts of consecutive lines of {}, last-token pooling, median of {} rounds",
+        path.display(),
+        a.texts,
+        a.file.display(),
+        a.rounds
+    );
+    let mut head = "| lines per text | texts | tokens | one per forward (s) |".to_string();
+    let mut rule = "| --- | --- | --- | --- |".to_string();
+    for n in &sizes {
+        head += &format!(" batched, {n} tokens (s) | speed-up |");
+        rule += " --- | --- |";
+    }
+    println!("{head}\n{rule}");
+    for &per in &lines {
+        let texts = source
+            .chunks(per)
+            .take(a.texts as usize)
+            .map(|c| tokenizer.encode(&c.join("\n"), false))
+            .collect::<Result<Vec<_>>>()?;
+        if texts.len() < a.texts as usize {
+            bail!(
+                "{} holds {} texts of {per} lines, fewer than --texts {}",
+                a.file.display(),
+                texts.len(),
+                a.texts
+            );
+        }
+        let tokens: usize = texts.iter().map(Vec::len).sum();
+        // Batch size 0 is one text per forward.
+        let runs: Vec<usize> = std::iter::once(0).chain(sizes.iter().copied()).collect();
+        let mut seconds = vec![Vec::new(); runs.len()];
+        for round in 0..=a.rounds {
+            let order: Vec<usize> = match round % 2 {
+                0 => (0..runs.len()).collect(),
+                _ => (0..runs.len()).rev().collect(),
+            };
+            for i in order {
+                let t0 = std::time::Instant::now();
+                embed_batch(&model, &texts, Pooling::Last, runs[i], |_| true)?;
+                // Round 0 warms up.
+                if round > 0 {
+                    seconds[i].push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let base = median(&mut seconds[0]);
+        let mut row = format!("| {per} | {} | {tokens} | {base:.3} |", texts.len());
+        for s in seconds.iter_mut().skip(1) {
+            let m = median(s);
+            row += &format!(" {m:.3} | {:.2}x |", base / m);
+        }
+        println!("{row}");
+    }
+    Ok(())
 }
 
 /// Must run before anything starts a thread (see `--threads`).
@@ -208,14 +333,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     if let Some(n) = a.threads {
         crate::cli::generate::configure_threads(n);
     }
-    let sizes = a
-        .tokens
-        .split(',')
-        .map(|s| match s.trim().parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => bail!("--tokens: `{s}` is not a positive count"),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let sizes = counts(&a.tokens, "--tokens")?;
     let largest = sizes.iter().copied().max().unwrap_or(1);
     let device = a.device.open()?;
     let model = Model::load_gguf(&a.model, &device)

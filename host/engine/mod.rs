@@ -250,12 +250,21 @@ impl Engine {
         self.inner.target.config().context_length
     }
 
-    /// The target's embedding of `ids`: its final hidden states pooled, at unit length.
-    pub fn embed(&self, ids: &[u32], pooling: crate::models::embed::Pooling) -> Result<Vec<f32>> {
-        Ok(crate::models::embed::embed(
+    /// The target's embeddings of `texts` (see `models::embed::embed_batch`): final hidden
+    /// states pooled, at unit length; texts run together in batched forwards. `go_on` is asked
+    /// between forwards with the texts done so far.
+    pub fn embed(
+        &self,
+        texts: &[Vec<u32>],
+        pooling: crate::models::embed::Pooling,
+        go_on: impl FnMut(usize) -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        Ok(crate::models::embed::embed_batch(
             &self.inner.target,
-            ids,
+            texts,
             pooling,
+            crate::models::embed::BATCH_TOKENS,
+            go_on,
         )?)
     }
 

@@ -5,7 +5,7 @@
 //! too, as vLLM does.
 
 use super::error::{ModelError, Result, candle_msg};
-use super::transformer::{Model, Rows};
+use super::transformer::{BatchItem, Model, Rows, forward_batch};
 use candle_core::quantized::gguf_file;
 
 /// How a sequence's hidden states become one vector.
@@ -66,6 +66,12 @@ impl Pooling {
     }
 }
 
+/// Tokens one batched forward of [`embed_batch`] reads at most in the server (a longer text runs
+/// alone). On the 2-vCPU VM, one-line texts ran faster batched at 512 than one by one, while
+/// texts of 12 lines (~140 tokens) gained nothing at any size (BENCHMARKS.md, `verdict bench
+/// embed`).
+pub const BATCH_TOKENS: usize = 512;
+
 /// The embedding of `ids` (`[hidden]`): their hidden states run through `model` in a fresh
 /// session, pooled, and divided by their L2 norm.
 pub fn embed(model: &Model, ids: &[u32], pooling: Pooling) -> Result<Vec<f32>> {
@@ -73,7 +79,61 @@ pub fn embed(model: &Model, ids: &[u32], pooling: Pooling) -> Result<Vec<f32>> {
         return Err(ModelError::Invalid("nothing to embed: no tokens".into()));
     }
     let mut s = model.session();
-    let hidden = s.forward(ids, Rows::Hidden)?.hidden;
+    pool(&s.forward(ids, Rows::Hidden)?.hidden, pooling)
+}
+
+/// The embeddings of several texts, in order: consecutive texts of up to `batch_tokens` tokens
+/// together ([`BATCH_TOKENS`] in the server; 0: one text per forward) run as one batched
+/// forward (each text its own sequence), which reads the weights once for all of them. Each
+/// text gets the vector it gets alone (up to the rounding of kernels whose result depends on
+/// the row count). `each` runs after every forward with the texts done so far, and stops the
+/// rest when it says so (the client left).
+pub fn embed_batch(
+    model: &Model,
+    texts: &[Vec<u32>],
+    pooling: Pooling,
+    batch_tokens: usize,
+    mut each: impl FnMut(usize) -> bool,
+) -> Result<Vec<Vec<f32>>> {
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ModelError::Invalid(format!(
+            "nothing to embed: text {i} has no tokens"
+        )));
+    }
+    let mut out = Vec::with_capacity(texts.len());
+    let mut at = 0;
+    while at < texts.len() {
+        // A tensor-parallel model runs its sequences one at a time.
+        let mut end = at + 1;
+        let mut tokens = texts[at].len();
+        while model.shards() == 1 && end < texts.len() && tokens + texts[end].len() <= batch_tokens
+        {
+            tokens += texts[end].len();
+            end += 1;
+        }
+        let mut sessions: Vec<_> = (at..end).map(|_| model.session()).collect();
+        let mut items: Vec<BatchItem<'_>> = sessions
+            .iter_mut()
+            .zip(&texts[at..end])
+            .map(|(session, t)| BatchItem {
+                session,
+                tokens: t,
+                rows: Rows::Hidden,
+            })
+            .collect();
+        for f in forward_batch(&mut items) {
+            out.push(pool(&f?.hidden, pooling)?);
+        }
+        at = end;
+        if at < texts.len() && !each(at) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// One text's hidden states (`[rows, hidden]`) pooled and scaled to unit length.
+fn pool(hidden: &candle_core::Tensor, pooling: Pooling) -> Result<Vec<f32>> {
     let rows = hidden
         .to_dtype(candle_core::DType::F32)
         .and_then(|h| h.to_vec2::<f32>())

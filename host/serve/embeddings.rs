@@ -10,8 +10,8 @@ use super::error::ApiError;
 use super::http::Served;
 use crate::models::embed::{Pooling, normalise};
 
-/// Embeds every input in order; `gone` says the client has left (the rest is skipped). Returns
-/// the vectors and the tokens read.
+/// Embeds every input in order (together, in batched forwards); `gone` says the client has left
+/// (the rest is skipped). Returns the vectors and the tokens read.
 pub(super) fn run(
     served: &Served,
     req: &EmbeddingsRequest,
@@ -74,24 +74,20 @@ pub(super) fn run(
         }
         all.push(ids);
     }
-    let mut vectors = Vec::with_capacity(all.len());
-    let mut tokens = 0;
-    for ids in &all {
-        if gone() {
-            return Err(ApiError::bad_request("the client closed the request"));
-        }
-        let mut v = served
-            .engine
-            .embed(ids, pooling)
-            .map_err(|e| ApiError::internal(format!("embedding failed: {e:#}")))?;
-        if let Some(d) = req.dimensions {
-            v.truncate(d);
-            normalise(&mut v);
-        }
-        tokens += ids.len();
-        vectors.push(v);
+    let mut vectors = served
+        .engine
+        .embed(&all, pooling, |_| !gone())
+        .map_err(|e| ApiError::internal(format!("embedding failed: {e:#}")))?;
+    if vectors.len() < all.len() {
+        return Err(ApiError::bad_request("the client closed the request"));
     }
-    Ok((vectors, tokens))
+    if let Some(d) = req.dimensions {
+        for v in &mut vectors {
+            v.truncate(d);
+            normalise(v);
+        }
+    }
+    Ok((vectors, all.iter().map(Vec::len).sum()))
 }
 
 /// OpenAI's response body.
