@@ -412,6 +412,31 @@ fn bench_synth_and_spec_check_their_arguments() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(stats(&out)["tokens"], 5);
 
+    // Embeddings: a row per text length, a speed-up per batch size; bad lists named.
+    let file = dir.path().join("code.txt");
+    std::fs::write(&file, "def a():\n\n    return 1\nx = 2\ny = a() + x\n").unwrap();
+    let f = file.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args(["bench", "embed", "--model", m, "--file", f, "--texts", "2"])
+        .args(["--lines", "1,2", "--batch-tokens", "4,64", "--rounds", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("| 1 | 2 |") && table.contains("| 2 | 2 |"),
+        "{table}"
+    );
+    assert_eq!(table.matches("x |").count(), 4, "{table}");
+    fails(
+        &["embed", "--model", m, "--file", f, "--lines", "0"],
+        "--lines: `0` is not a positive count",
+    );
+    fails(
+        &["embed", "--model", m, "--file", f, "--texts", "9"],
+        "fewer than --texts 9",
+    );
+
     // Prompts of one's own (bench/prompts/coding12.jsonl's format): a row per configuration.
     let prompts = dir.path().join("p.jsonl");
     std::fs::write(
