@@ -51,6 +51,9 @@ pub enum Arch {
     /// qwen2 whose MLP is a mixture of experts whose chosen weights are not renormalised, plus
     /// a shared expert every row runs, scaled by a sigmoid gate ([`Experts::shared`]).
     Qwen2Moe,
+    /// OLMoE: olmo2's q and k normalised over whole rows, but with the usual pre-norms, and a
+    /// mixture of experts whose chosen weights are not renormalised.
+    Olmoe,
 }
 
 impl Arch {
@@ -68,6 +71,7 @@ impl Arch {
             Arch::Olmo2 => "olmo2",
             Arch::Starcoder2 => "starcoder2",
             Arch::Qwen2Moe => "qwen2moe",
+            Arch::Olmoe => "olmoe",
         }
     }
 
@@ -91,6 +95,7 @@ impl Arch {
             "olmo2" => Some(Arch::Olmo2),
             "starcoder2" => Some(Arch::Starcoder2),
             "qwen2moe" | "qwen2_moe" => Some(Arch::Qwen2Moe),
+            "olmoe" => Some(Arch::Olmoe),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -814,7 +819,8 @@ impl GgufFile {
                 | Arch::Gemma3
                 | Arch::Olmo2
                 | Arch::Starcoder2
-                | Arch::Qwen2Moe => RopeStyle::Neox,
+                | Arch::Qwen2Moe
+                | Arch::Olmoe => RopeStyle::Neox,
             },
             rope_scaling: self.rope_scaling(a, context_length)?,
             sliding_window: match arch {
@@ -899,7 +905,7 @@ impl GgufFile {
                                 Arch::Qwen2Moe => intermediate / used.max(1),
                                 _ => intermediate,
                             }),
-                        renormalise: arch != Arch::Qwen2Moe,
+                        renormalise: !matches!(arch, Arch::Qwen2Moe | Arch::Olmoe),
                         shared: match arch {
                             Arch::Qwen2Moe => Some(
                                 self.opt_usize(&format!("{a}.expert_shared_feed_forward_length"))?
@@ -909,7 +915,7 @@ impl GgufFile {
                         },
                     })
                 }
-                _ if matches!(arch, Arch::Qwen3Moe | Arch::Qwen2Moe) => {
+                _ if matches!(arch, Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Olmoe) => {
                     return Err(self.meta_err(&format!("{a}.expert_count"), "missing".into()));
                 }
                 _ => None,

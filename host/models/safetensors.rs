@@ -351,10 +351,14 @@ fn config_from_json(
             _ => None,
         },
         experts: match arch {
-            Arch::Qwen3Moe | Arch::Qwen2Moe => Some(Experts {
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Olmoe => Some(Experts {
                 count: uint("num_experts")?,
                 used: uint("num_experts_per_tok")?,
-                intermediate: uint("moe_intermediate_size")?,
+                // OLMoE's experts are `intermediate_size` wide.
+                intermediate: match arch {
+                    Arch::Olmoe => uint("intermediate_size")?,
+                    _ => uint("moe_intermediate_size")?,
+                },
                 // Hugging Face's default for each (Qwen2-MoE's checkpoints say false, Qwen3's
                 // true).
                 renormalise: flag("norm_topk_prob").unwrap_or(arch == Arch::Qwen3Moe),

@@ -380,7 +380,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
         }
-        if spec.arch == Arch::Olmo2 {
+        if matches!(spec.arch, Arch::Olmo2 | Arch::Olmoe) {
             out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, q_out)?);
             out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, kv_out)?);
         }
@@ -839,6 +839,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Olmo2 => "Olmo2ForCausalLM",
             Arch::Starcoder2 => "Starcoder2ForCausalLM",
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Arch::Olmoe => "OlmoeForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -899,6 +900,12 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             config["num_local_experts"] = count.into();
             config["num_experts_per_tok"] = used.into();
             config["intermediate_size"] = ff.into();
+        }
+        (Some((count, used, ff)), Arch::Olmoe) => {
+            config["num_experts"] = count.into();
+            config["num_experts_per_tok"] = used.into();
+            config["intermediate_size"] = ff.into();
+            config["norm_topk_prob"] = false.into();
         }
         (Some((count, used, ff)), _) => {
             let qwen2 = spec.arch == Arch::Qwen2Moe;
@@ -1169,6 +1176,18 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 arch: Arch::Starcoder2,
                 rms_eps: 1e-5,
                 tied: true,
+                ..base.clone()
+            },
+        ),
+        // OLMoE: q and k normalised over whole rows, 4 experts of width 32 (2 per row, their
+        // weights not renormalised), as many kv heads as heads (as OLMoE-1B-7B).
+        (
+            "olmoe",
+            TinySpec {
+                arch: Arch::Olmoe,
+                kv_heads: 4,
+                intermediate: 32,
+                experts: Some((4, 2, 32)),
                 ..base.clone()
             },
         ),

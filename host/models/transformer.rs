@@ -495,7 +495,7 @@ impl Weights {
                     Some((vec_of("attn_q_norm", d)?, vec_of("attn_k_norm", d)?))
                 }
                 // Over whole rows: all heads' q (k) normalised together.
-                Arch::Olmo2 => Some((
+                Arch::Olmo2 | Arch::Olmoe => Some((
                     vec_of("attn_q_norm", q_out)?,
                     vec_of("attn_k_norm", kv_out)?,
                 )),
@@ -573,22 +573,20 @@ impl Weights {
                 },
                 None => {
                     let i = c.intermediate;
-                    let [gate, up]: [Option<Linear>; 2] = if !c.gated_mlp {
-                        [None, Some(lin("ffn_up", Some("ffn_up.bias"), [i, h])?)]
+                    let up = || lin("ffn_up", Some("ffn_up.bias"), [i, h]);
+                    let (gate, up) = if !c.gated_mlp {
+                        (None, up()?)
                     } else if !src.has(&n("ffn_gate")) && src.has(&n(FFN_GATE_UP)) {
                         let [g, u]: [Linear; 2] = fused(FFN_GATE_UP, "ffn_gate_up.bias", &[i, i])?
                             .try_into()
                             .expect("two parts");
-                        [Some(g), Some(u)]
+                        (Some(g), u)
                     } else {
-                        [
-                            Some(lin("ffn_gate", Some("ffn_gate.bias"), [i, h])?),
-                            Some(lin("ffn_up", Some("ffn_up.bias"), [i, h])?),
-                        ]
+                        (Some(lin("ffn_gate", Some("ffn_gate.bias"), [i, h])?), up()?)
                     };
                     Ffn::Dense {
                         gate,
-                        up: up.expect("every MLP has an up projection"),
+                        up,
                         down: lin("ffn_down", Some("ffn_down.bias"), [h, i])?,
                     }
                 }
@@ -1538,8 +1536,8 @@ pub(crate) fn run_rank(
 }
 
 /// A mixture of experts over the rows of `h`: per row, the router's softmax, its `used` best
-/// experts (the lower id first among equal scores) and their weights renormalised to sum to 1;
-/// each expert runs once on the rows that chose it, and a row's outputs add up in expert order,
+/// experts (the lower id first among equal scores) and their weights (renormalised to sum to 1
+/// with `renormalise`, else the softmax's own); each expert runs once on the rows that chose it, and a row's outputs add up in expert order,
 /// so a row's result does not depend on the other rows.
 fn moe(
     h: &Tensor,
