@@ -1253,6 +1253,9 @@ fn bad_files_give_clear_errors() {
     let sc = verdict::models::testing::peer_spec("starcoder2").unwrap();
     let hsc = dir.path().join("hf-starcoder2");
     write_tiny_safetensors(&hsc, &sc).unwrap();
+    let co = verdict::models::testing::peer_spec("cohere2").unwrap();
+    let hco = dir.path().join("hf-cohere2");
+    write_tiny_safetensors(&hco, &co).unwrap();
     for (dir, key, value, expect) in [
         (&hq, "decoder_sparse_step", serde_json::json!(2), "only 1"),
         (
@@ -1263,6 +1266,8 @@ fn bad_files_give_clear_errors() {
         ),
         (&hsc, "use_bias", serde_json::json!(false), "biases"),
         (&hsc, "hidden_act", serde_json::json!("relu"), "\"relu\""),
+        (&hco, "use_qk_norm", serde_json::json!(true), "q / k norms"),
+        (&hco, "sliding_window", serde_json::Value::Null, "found null"),
     ] {
         let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
         let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -1272,6 +1277,18 @@ fn bad_files_give_clear_errors() {
         assert!(e.contains(key) && e.contains(expect), "{key}: {e}");
         std::fs::write(dir.join("config.json"), text).unwrap();
     }
+    // Command R7B's GGUF without its window.
+    let e = spec_patched_error(
+        dir.path(),
+        "nowindow.gguf",
+        &co,
+        b"cohere2.attention.sliding_window",
+        b"cohere2.attention.sliding_windoW",
+    );
+    assert!(
+        e.contains("cohere2.attention.sliding_window") && e.contains("missing"),
+        "{e}"
+    );
     let e = spec_patched_error(
         dir.path(),
         "noshexp.gguf",

@@ -106,6 +106,8 @@ fn tiny_models_on_2_and_3_ranks_match_one() {
         // LayerNorms (whole on every rank), an MLP without a gate, biases on the row-split
         // projections (added once, by rank 0).
         (Arch::Starcoder2, GgmlDType::F32),
+        // Attention and MLP in parallel: two all-reduces into one residual add.
+        (Arch::Cohere2, GgmlDType::F32),
         (Arch::Qwen2, GgmlDType::Q8_0),
         (Arch::Qwen2, GgmlDType::Q4K),
         (Arch::Qwen2, GgmlDType::Q6K),

@@ -245,9 +245,11 @@ mod imp {
             // decode.cu has no post-norms, GELU gate, sliding window or soft caps.
             return Some("gemma's post-norms, GELU gate and sliding windows".into());
         }
-        if cfg.norm != NormKind::Rms || !cfg.gated_mlp {
-            // decode.cu has RMSNorm and the SwiGLU MLP only.
-            return Some("LayerNorm and a plain GELU MLP (starcoder2)".into());
+        if cfg.norm != NormKind::Rms || !cfg.gated_mlp || cfg.parallel_blocks {
+            // decode.cu has RMSNorm, the SwiGLU MLP and sequential blocks only.
+            return Some(
+                "LayerNorm, a plain GELU MLP or parallel blocks (starcoder2, cohere2)".into(),
+            );
         }
         if cfg.sliding_window.is_some() {
             return Some("sliding-window attention".into());

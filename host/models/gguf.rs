@@ -54,6 +54,10 @@ pub enum Arch {
     /// OLMoE: olmo2's q and k normalised over whole rows, but with the usual pre-norms, and a
     /// mixture of experts whose chosen weights are not renormalised.
     Olmoe,
+    /// Command R7B, Command A: attention and MLP in parallel off one LayerNorm (no bias), three
+    /// of every four layers local (a sliding window, rotated), the fourth global and unrotated,
+    /// logits multiplied by `logit_scale`, tied embeddings.
+    Cohere2,
 }
 
 impl Arch {
@@ -72,6 +76,7 @@ impl Arch {
             Arch::Starcoder2 => "starcoder2",
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Olmoe => "olmoe",
+            Arch::Cohere2 => "cohere2",
         }
     }
 
@@ -96,6 +101,7 @@ impl Arch {
             "starcoder2" => Some(Arch::Starcoder2),
             "qwen2moe" | "qwen2_moe" => Some(Arch::Qwen2Moe),
             "olmoe" => Some(Arch::Olmoe),
+            "cohere2" => Some(Arch::Cohere2),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -158,6 +164,9 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// `down(act(gate(x)) * up(x))`; false: `down(act(up(x)))` (StarCoder 2).
     pub gated_mlp: bool,
+    /// Attention and MLP read the same normalised input and both add to the residual
+    /// (Cohere's blocks); false: the MLP reads the attention's output, normalised again.
+    pub parallel_blocks: bool,
     pub context_length: usize,
     pub tied_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -719,6 +728,17 @@ impl GgufFile {
         })
     }
 
+    /// Command R7B's one global layer in so many (`attention.sliding_window_pattern`, 4 unless
+    /// the file says).
+    fn cohere2_pattern(&self, a: &str) -> Result<usize> {
+        let key = format!("{a}.attention.sliding_window_pattern");
+        match self.opt_usize(&key)? {
+            Some(0) => Err(self.meta_err(&key, "is 0".into())),
+            Some(p) => Ok(p),
+            None => Ok(4),
+        }
+    }
+
     /// Reads the decoder hyper-parameters (`{arch}.*` keys, llama.cpp's names).
     pub fn config(&self) -> Result<ModelConfig> {
         let arch = self.arch()?;
@@ -739,7 +759,7 @@ impl GgufFile {
         };
         // LayerNorm models name their epsilon so.
         let norm = match arch {
-            Arch::Starcoder2 => NormKind::Layer,
+            Arch::Starcoder2 | Arch::Cohere2 => NormKind::Layer,
             _ => NormKind::Rms,
         };
         let norm_eps = self.get_f32(&match norm {
@@ -805,12 +825,15 @@ impl GgufFile {
                 _ => Activation::Silu,
             },
             gated_mlp: arch != Arch::Starcoder2,
+            parallel_blocks: arch == Arch::Cohere2,
             context_length,
             tied_embeddings,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
-                Arch::Llama | Arch::Granite | Arch::Smollm3 => RopeStyle::Interleaved,
+                Arch::Llama | Arch::Granite | Arch::Smollm3 | Arch::Cohere2 => {
+                    RopeStyle::Interleaved
+                }
                 Arch::Qwen2
                 | Arch::Qwen3
                 | Arch::Qwen3Moe
@@ -843,6 +866,13 @@ impl GgufFile {
                         .opt_usize(&format!("{a}.attention.sliding_window"))?
                         .unwrap_or(4096),
                     pattern: 2,
+                    rope_theta: None,
+                }),
+                // Command R7B: three local layers in four, at the model's rotation (the fourth
+                // does not rotate: `nope_every`).
+                Arch::Cohere2 => Some(SlidingWindow {
+                    size: self.get_usize(&format!("{a}.attention.sliding_window"))?,
+                    pattern: self.cohere2_pattern(a)?,
                     rope_theta: None,
                 }),
                 // StarCoder 2 was trained with a window on every layer. llama.cpp's converter
@@ -887,10 +917,19 @@ impl GgufFile {
             },
             logit_scale: match arch {
                 Arch::Granite => Some(self.get_f32(&format!("{a}.logit_scale"))?),
+                // Cohere multiplies by it (0: not at all, as llama.cpp reads it).
+                Arch::Cohere2 => self
+                    .opt_f32(&format!("{a}.logit_scale"))?
+                    .filter(|&s| s != 0.0)
+                    .map(|s| 1.0 / s),
                 _ => None,
             },
-            // A constant in llama.cpp, no key.
-            nope_every: (arch == Arch::Smollm3).then_some(4),
+            // A constant in llama.cpp, no key; Cohere's global layers.
+            nope_every: match arch {
+                Arch::Smollm3 => Some(4),
+                Arch::Cohere2 => Some(self.cohere2_pattern(a)?),
+                _ => None,
+            },
             experts: match self.opt_usize(&format!("{a}.expert_count"))? {
                 Some(count) if count > 0 => {
                     let used = self.get_usize(&format!("{a}.expert_used_count"))?;

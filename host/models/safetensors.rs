@@ -243,6 +243,12 @@ fn config_from_json(
             "false is not supported (verdict's starcoder2 reads its biases)".into(),
         ));
     }
+    if arch == Arch::Cohere2 && flag("use_qk_norm") == Some(true) {
+        return Err(err(
+            "use_qk_norm",
+            "true is not supported (cohere2 without q / k norms is)".into(),
+        ));
+    }
     if arch == Arch::Qwen2Moe {
         // Every layer sparse: no dense layers between them.
         if opt_uint("decoder_sparse_step")?.is_some_and(|n| n != 1) {
@@ -287,10 +293,11 @@ fn config_from_json(
         rope_theta: float("rope_theta", 10_000.0)?,
         norm_eps: match arch {
             Arch::Starcoder2 => float("norm_epsilon", 1e-5)?,
+            Arch::Cohere2 => float("layer_norm_eps", 1e-5)?,
             _ => float("rms_norm_eps", 1e-6)?,
         },
         norm: match arch {
-            Arch::Starcoder2 => NormKind::Layer,
+            Arch::Starcoder2 | Arch::Cohere2 => NormKind::Layer,
             _ => NormKind::Rms,
         },
         activation: match v
@@ -310,11 +317,16 @@ fn config_from_json(
             }
         },
         gated_mlp: arch != Arch::Starcoder2,
+        parallel_blocks: arch == Arch::Cohere2,
         context_length: uint("max_position_embeddings")?,
         tied_embeddings: tie || !has_lm_head,
         bos_token_id: token("bos_token_id")?,
         eos_token_id: token("eos_token_id")?,
-        rope: RopeStyle::Neox,
+        // Cohere's checkpoints rotate adjacent pairs; the others the two halves of a head.
+        rope: match arch {
+            Arch::Cohere2 => RopeStyle::Interleaved,
+            _ => RopeStyle::Neox,
+        },
         rope_scaling,
         sliding_window: match arch {
             Arch::Gemma3 => Some(SlidingWindow {
@@ -325,6 +337,11 @@ fn config_from_json(
             Arch::Gemma2 => Some(SlidingWindow {
                 size: opt_uint("sliding_window")?.unwrap_or(4096),
                 pattern: gemma_pattern(path, v, 2)?,
+                rope_theta: None,
+            }),
+            Arch::Cohere2 => Some(SlidingWindow {
+                size: uint("sliding_window")?,
+                pattern: gemma_pattern(path, v, 4)?,
                 rope_theta: None,
             }),
             _ => window_everywhere,
@@ -344,10 +361,14 @@ fn config_from_json(
         },
         logit_scale: match arch {
             Arch::Granite => Some(float("logits_scaling", 1.0)?),
+            // A multiplier in Cohere's configs.
+            Arch::Cohere2 => Some(1.0 / float("logit_scale", 1.0)?),
             _ => None,
         },
         nope_every: match arch {
             Arch::Smollm3 => Some(nope_interval(path, v)?),
+            // The global layers do not rotate.
+            Arch::Cohere2 => Some(gemma_pattern(path, v, 4)?),
             _ => None,
         },
         experts: match arch {

@@ -110,6 +110,9 @@ pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 /// `true`, and neither when they say nothing.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% elif enable_thinking is defined and enable_thinking %}{{ '<think>\\n' }}{% endif %}{% endif %}";
 
+/// The logit multiplier of tiny cohere2 models (Command R7B's).
+pub const COHERE2_LOGIT_SCALE: f32 = 0.25;
+
 /// Phi-3's chat tokens, the last ids of a phi3 spec's SentencePiece vocabulary.
 pub const PHI3_SPECIALS: [&str; 4] = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"];
 
@@ -418,7 +421,8 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             )?);
             out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
         }
-        if spec.arch != Arch::Olmo2 {
+        // OLMo 2 normalises no block's input; Cohere's MLP reads the attention's.
+        if !matches!(spec.arch, Arch::Olmo2 | Arch::Cohere2) {
             out.extend(norm(format!("{b}.ffn_norm"))?);
         }
         if let Some((count, _, ff)) = spec.experts {
@@ -615,7 +619,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ),
         (
             match spec.arch {
-                Arch::Starcoder2 => format!("{a}.attention.layer_norm_epsilon"),
+                Arch::Starcoder2 | Arch::Cohere2 => format!("{a}.attention.layer_norm_epsilon"),
                 _ => format!("{a}.attention.layer_norm_rms_epsilon"),
             },
             V::F32(spec.rms_eps),
@@ -624,6 +628,13 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     ];
     if let Some(w) = spec.sliding_window {
         meta.push((format!("{a}.attention.sliding_window"), V::U32(w as u32)));
+    }
+    if spec.arch == Arch::Cohere2 {
+        meta.push((format!("{a}.logit_scale"), V::F32(COHERE2_LOGIT_SCALE)));
+        // Required there: a window past these tests' sequences where the spec names none.
+        if spec.sliding_window.is_none() {
+            meta.push((format!("{a}.attention.sliding_window"), V::U32(4096)));
+        }
     }
     if let Some([embedding, residual, attention, logit]) = spec.granite {
         meta.push((format!("{a}.embedding_scale"), V::F32(embedding)));
@@ -840,6 +851,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Starcoder2 => "Starcoder2ForCausalLM",
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
+            Arch::Cohere2 => "Cohere2ForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -921,6 +933,13 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             }
         }
         (None, _) => {}
+    }
+    if spec.arch == Arch::Cohere2 {
+        config["layer_norm_eps"] = spec.rms_eps.into();
+        config["logit_scale"] = COHERE2_LOGIT_SCALE.into();
+        config["sliding_window"] = spec.sliding_window.unwrap_or(4096).into();
+        config["sliding_window_pattern"] = 4.into();
+        config["use_qk_norm"] = false.into();
     }
     if spec.arch == Arch::Starcoder2 {
         // As StarCoder 2's configs: a window far past these tests' sequences.
@@ -1188,6 +1207,19 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 kv_heads: 4,
                 intermediate: 32,
                 experts: Some((4, 2, 32)),
+                ..base.clone()
+            },
+        ),
+        // Command R7B: attention and MLP in parallel off one LayerNorm; layers 0-2 and 4-6 see
+        // 8 positions, rotated, 3 and 7 everything, unrotated; logits times 0.25.
+        (
+            "cohere2",
+            TinySpec {
+                arch: Arch::Cohere2,
+                layers: 8,
+                sliding_window: Some(8),
+                rms_eps: 1e-5,
+                tied: true,
                 ..base.clone()
             },
         ),

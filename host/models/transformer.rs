@@ -506,7 +506,8 @@ impl Weights {
                 | Arch::Granite
                 | Arch::Smollm3
                 | Arch::Starcoder2
-                | Arch::Qwen2Moe => None,
+                | Arch::Qwen2Moe
+                | Arch::Cohere2 => None,
             };
             let pre_norm = |s: &str| match c.arch {
                 Arch::Olmo2 => Ok(None),
@@ -598,7 +599,11 @@ impl Weights {
                 v,
                 o: lin("attn_output", Some("attn_output.bias"), [h, q_out])?,
                 qk_norm,
-                ffn_norm: pre_norm("ffn_norm")?,
+                // Parallel blocks' MLP reads the attention's input norm.
+                ffn_norm: match c.parallel_blocks {
+                    true => None,
+                    false => pre_norm("ffn_norm")?,
+                },
                 ffn,
                 post_norms,
             });
@@ -1751,9 +1756,16 @@ fn run(
                 None => Ok(t),
             }
         };
-        x = (x + post(reduce(layer.o.forward(&y)?)?, 0)?)?;
-
-        let h = pre(&x, &layer.ffn_norm)?;
+        let attn_out = post(reduce(layer.o.forward(&y)?)?, 0)?;
+        // Parallel blocks (Cohere): the MLP reads the attention's input, and the residual takes
+        // both at once (MLP first, as llama.cpp adds them).
+        let (h, attn_out) = match cfg.parallel_blocks {
+            true => (h, Some(attn_out)),
+            false => {
+                x = (x + attn_out)?;
+                (pre(&x, &layer.ffn_norm)?, None)
+            }
+        };
         let act = |t: Tensor| match cfg.activation {
             Activation::Silu => t.silu(),
             // candle's `gelu` is the tanh form.
@@ -1790,6 +1802,9 @@ fn run(
             }
         };
         x = (x + post(reduce(y)?, 1)?)?;
+        if let Some(a) = attn_out {
+            x = (x + a)?;
+        }
     }
     // The rows each sequence wants, stacked, through the final norm and lm_head in one go.
     let mut picked = Vec::with_capacity(segs.len());
