@@ -1267,7 +1267,12 @@ fn bad_files_give_clear_errors() {
         (&hsc, "use_bias", serde_json::json!(false), "biases"),
         (&hsc, "hidden_act", serde_json::json!("relu"), "\"relu\""),
         (&hco, "use_qk_norm", serde_json::json!(true), "q / k norms"),
-        (&hco, "sliding_window", serde_json::Value::Null, "found null"),
+        (
+            &hco,
+            "sliding_window",
+            serde_json::Value::Null,
+            "found null",
+        ),
     ] {
         let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
         let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -1277,6 +1282,15 @@ fn bad_files_give_clear_errors() {
         assert!(e.contains(key) && e.contains(expect), "{key}: {e}");
         std::fs::write(dir.join("config.json"), text).unwrap();
     }
+    // Command R+'s per-head q / k LayerNorms are refused, not skipped.
+    let e = spec_patched_error(
+        dir.path(),
+        "rplus.gguf",
+        &verdict::models::testing::peer_spec("command-r").unwrap(),
+        b"blk.0.attn_output.weight",
+        b"blk.0.attn_q_norm.weight",
+    );
+    assert!(e.contains("attn_q_norm") && e.contains("Command R+"), "{e}");
     // Command R7B's GGUF without its window.
     let e = spec_patched_error(
         dir.path(),

@@ -58,6 +58,8 @@ pub enum Arch {
     /// of every four layers local (a sliding window, rotated), the fourth global and unrotated,
     /// logits multiplied by `logit_scale`, tied embeddings.
     Cohere2,
+    /// Command R: cohere2's parallel blocks and logit scale, every layer global and rotated.
+    CommandR,
 }
 
 impl Arch {
@@ -77,6 +79,7 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Olmoe => "olmoe",
             Arch::Cohere2 => "cohere2",
+            Arch::CommandR => "command-r",
         }
     }
 
@@ -102,6 +105,8 @@ impl Arch {
             "qwen2moe" | "qwen2_moe" => Some(Arch::Qwen2Moe),
             "olmoe" => Some(Arch::Olmoe),
             "cohere2" => Some(Arch::Cohere2),
+            // Hugging Face names Command R's family `cohere`.
+            "command-r" | "cohere" => Some(Arch::CommandR),
             // Hugging Face's name for Gemma 3's text model (1B, 270M).
             "gemma3" | "gemma3_text" => Some(Arch::Gemma3),
             _ => None,
@@ -759,7 +764,7 @@ impl GgufFile {
         };
         // LayerNorm models name their epsilon so.
         let norm = match arch {
-            Arch::Starcoder2 | Arch::Cohere2 => NormKind::Layer,
+            Arch::Starcoder2 | Arch::Cohere2 | Arch::CommandR => NormKind::Layer,
             _ => NormKind::Rms,
         };
         let norm_eps = self.get_f32(&match norm {
@@ -781,6 +786,15 @@ impl GgufFile {
                 &finetuned,
                 "a granite model without rotary embeddings is not supported".into(),
             ));
+        }
+        // Command R+'s q / k LayerNorms (a weight per head) are not built: refuse, never skip.
+        if arch == Arch::CommandR && self.has_tensor("blk.0.attn_q_norm.weight") {
+            return Err(ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: "blk.0.attn_q_norm.weight".into(),
+                reason: "command-r's per-head q / k LayerNorms (Command R+) are not supported"
+                    .into(),
+            });
         }
         // Phi-4-mini and the like rotate the first `dimension_count` of a head.
         let rope_dims = self
@@ -825,13 +839,13 @@ impl GgufFile {
                 _ => Activation::Silu,
             },
             gated_mlp: arch != Arch::Starcoder2,
-            parallel_blocks: arch == Arch::Cohere2,
+            parallel_blocks: matches!(arch, Arch::Cohere2 | Arch::CommandR),
             context_length,
             tied_embeddings,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: token_id("tokenizer.ggml.eos_token_id")?,
             rope: match arch {
-                Arch::Llama | Arch::Granite | Arch::Smollm3 | Arch::Cohere2 => {
+                Arch::Llama | Arch::Granite | Arch::Smollm3 | Arch::Cohere2 | Arch::CommandR => {
                     RopeStyle::Interleaved
                 }
                 Arch::Qwen2
@@ -918,7 +932,7 @@ impl GgufFile {
             logit_scale: match arch {
                 Arch::Granite => Some(self.get_f32(&format!("{a}.logit_scale"))?),
                 // Cohere multiplies by it (0: not at all, as llama.cpp reads it).
-                Arch::Cohere2 => self
+                Arch::Cohere2 | Arch::CommandR => self
                     .opt_f32(&format!("{a}.logit_scale"))?
                     .filter(|&s| s != 0.0)
                     .map(|s| 1.0 / s),

@@ -243,10 +243,10 @@ fn config_from_json(
             "false is not supported (verdict's starcoder2 reads its biases)".into(),
         ));
     }
-    if arch == Arch::Cohere2 && flag("use_qk_norm") == Some(true) {
+    if matches!(arch, Arch::Cohere2 | Arch::CommandR) && flag("use_qk_norm") == Some(true) {
         return Err(err(
             "use_qk_norm",
-            "true is not supported (cohere2 without q / k norms is)".into(),
+            "true is not supported (Cohere's models without q / k norms are)".into(),
         ));
     }
     if arch == Arch::Qwen2Moe {
@@ -293,11 +293,11 @@ fn config_from_json(
         rope_theta: float("rope_theta", 10_000.0)?,
         norm_eps: match arch {
             Arch::Starcoder2 => float("norm_epsilon", 1e-5)?,
-            Arch::Cohere2 => float("layer_norm_eps", 1e-5)?,
+            Arch::Cohere2 | Arch::CommandR => float("layer_norm_eps", 1e-5)?,
             _ => float("rms_norm_eps", 1e-6)?,
         },
         norm: match arch {
-            Arch::Starcoder2 | Arch::Cohere2 => NormKind::Layer,
+            Arch::Starcoder2 | Arch::Cohere2 | Arch::CommandR => NormKind::Layer,
             _ => NormKind::Rms,
         },
         activation: match v
@@ -317,14 +317,14 @@ fn config_from_json(
             }
         },
         gated_mlp: arch != Arch::Starcoder2,
-        parallel_blocks: arch == Arch::Cohere2,
+        parallel_blocks: matches!(arch, Arch::Cohere2 | Arch::CommandR),
         context_length: uint("max_position_embeddings")?,
         tied_embeddings: tie || !has_lm_head,
         bos_token_id: token("bos_token_id")?,
         eos_token_id: token("eos_token_id")?,
         // Cohere's checkpoints rotate adjacent pairs; the others the two halves of a head.
         rope: match arch {
-            Arch::Cohere2 => RopeStyle::Interleaved,
+            Arch::Cohere2 | Arch::CommandR => RopeStyle::Interleaved,
             _ => RopeStyle::Neox,
         },
         rope_scaling,
@@ -362,7 +362,7 @@ fn config_from_json(
         logit_scale: match arch {
             Arch::Granite => Some(float("logits_scaling", 1.0)?),
             // A multiplier in Cohere's configs.
-            Arch::Cohere2 => Some(1.0 / float("logit_scale", 1.0)?),
+            Arch::Cohere2 | Arch::CommandR => Some(1.0 / float("logit_scale", 1.0)?),
             _ => None,
         },
         nope_every: match arch {

@@ -422,7 +422,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
         }
         // OLMo 2 normalises no block's input; Cohere's MLP reads the attention's.
-        if !matches!(spec.arch, Arch::Olmo2 | Arch::Cohere2) {
+        if !matches!(spec.arch, Arch::Olmo2 | Arch::Cohere2 | Arch::CommandR) {
             out.extend(norm(format!("{b}.ffn_norm"))?);
         }
         if let Some((count, _, ff)) = spec.experts {
@@ -619,7 +619,9 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ),
         (
             match spec.arch {
-                Arch::Starcoder2 | Arch::Cohere2 => format!("{a}.attention.layer_norm_epsilon"),
+                Arch::Starcoder2 | Arch::Cohere2 | Arch::CommandR => {
+                    format!("{a}.attention.layer_norm_epsilon")
+                }
                 _ => format!("{a}.attention.layer_norm_rms_epsilon"),
             },
             V::F32(spec.rms_eps),
@@ -628,6 +630,9 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     ];
     if let Some(w) = spec.sliding_window {
         meta.push((format!("{a}.attention.sliding_window"), V::U32(w as u32)));
+    }
+    if spec.arch == Arch::CommandR {
+        meta.push((format!("{a}.logit_scale"), V::F32(COHERE2_LOGIT_SCALE)));
     }
     if spec.arch == Arch::Cohere2 {
         meta.push((format!("{a}.logit_scale"), V::F32(COHERE2_LOGIT_SCALE)));
@@ -852,6 +857,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
             Arch::Cohere2 => "Cohere2ForCausalLM",
+            Arch::CommandR => "CohereForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -933,6 +939,12 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             }
         }
         (None, _) => {}
+    }
+    if spec.arch == Arch::CommandR {
+        config["model_type"] = "cohere".into();
+        config["layer_norm_eps"] = spec.rms_eps.into();
+        config["logit_scale"] = COHERE2_LOGIT_SCALE.into();
+        config["use_qk_norm"] = false.into();
     }
     if spec.arch == Arch::Cohere2 {
         config["layer_norm_eps"] = spec.rms_eps.into();
@@ -1218,6 +1230,16 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 arch: Arch::Cohere2,
                 layers: 8,
                 sliding_window: Some(8),
+                rms_eps: 1e-5,
+                tied: true,
+                ..base.clone()
+            },
+        ),
+        // Command R: cohere2's blocks, every layer global and rotated.
+        (
+            "command-r",
+            TinySpec {
+                arch: Arch::CommandR,
                 rms_eps: 1e-5,
                 tied: true,
                 ..base.clone()

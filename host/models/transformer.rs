@@ -507,7 +507,8 @@ impl Weights {
                 | Arch::Smollm3
                 | Arch::Starcoder2
                 | Arch::Qwen2Moe
-                | Arch::Cohere2 => None,
+                | Arch::Cohere2
+                | Arch::CommandR => None,
             };
             let pre_norm = |s: &str| match c.arch {
                 Arch::Olmo2 => Ok(None),
