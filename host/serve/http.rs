@@ -1019,15 +1019,9 @@ async fn start(
             keep_special: parsed.tools.is_some(),
             grammar_field: parsed.grammar.as_ref().map(|(field, _)| *field),
         };
-        app.pool.submit(Box::new(move || job.run())).map_err(|f| {
-            ApiError::overloaded(
-                f.retry_after_s,
-                format!(
-                    "the server is at capacity ({} requests waiting); retry later",
-                    f.queued
-                ),
-            )
-        })?;
+        app.pool
+            .submit(Box::new(move || job.run()))
+            .map_err(at_capacity)?;
         let all_tx = all_tx.clone();
         // Ends when the choice does or the handler is gone (then dropping `choice_rx` tells
         // the generation, even one still queued, that nobody listens).
@@ -1212,15 +1206,7 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
             let _ = tx.send(out);
         }
     };
-    app.pool.submit(Box::new(job)).map_err(|f| {
-        ApiError::overloaded(
-            f.retry_after_s,
-            format!(
-                "the server is at capacity ({} requests waiting); retry later",
-                f.queued
-            ),
-        )
-    })?;
+    app.pool.submit(Box::new(job)).map_err(at_capacity)?;
     let (vectors, tokens) = rx
         .await
         .map_err(|_| ApiError::internal("the embedding job ended without a result"))??;
@@ -1228,6 +1214,17 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         StatusCode::OK,
         &super::embeddings::body(&app.opts.model_id, r.base64, &vectors, tokens),
     ))
+}
+
+/// The 429 for a job the pool's queue has no room for.
+fn at_capacity(f: super::pool::Full) -> ApiError {
+    ApiError::overloaded(
+        f.retry_after_s,
+        format!(
+            "the server is at capacity ({} requests waiting); retry later",
+            f.queued
+        ),
+    )
 }
 
 /// A completion's text prompt as ids (BOS, special tokens parsed).
