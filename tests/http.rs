@@ -2979,6 +2979,10 @@ fn embeddings_endpoint() {
         .json()["tokens"]
         .clone();
     assert_eq!(one["usage"]["prompt_tokens"], ids.as_array().unwrap().len());
+    assert_eq!(
+        s.metric("verdict_embedded_tokens_total"),
+        ids.as_array().unwrap().len() as f64
+    );
     assert_eq!(one["usage"]["total_tokens"], one["usage"]["prompt_tokens"]);
     // A list of texts, and the same text as token ids.
     let two = s

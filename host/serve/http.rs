@@ -1210,6 +1210,7 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let (vectors, tokens) = rx
         .await
         .map_err(|_| ApiError::internal("the embedding job ended without a result"))??;
+    app.metrics.embedded_tokens.inc_by(tokens as u64);
     Ok(json_response(
         StatusCode::OK,
         &super::embeddings::body(&app.opts.model_id, r.base64, &vectors, tokens),

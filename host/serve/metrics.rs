@@ -44,6 +44,8 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub cached_prompt_tokens: Counter,
     pub completion_tokens: Counter,
+    /// Tokens read by `/v1/embeddings` (not generations: they are not in `prompt_tokens`).
+    pub embedded_tokens: Counter,
     pub steps: Family<PolicyLabel, Counter>,
     pub drafted: Family<PolicyLabel, Counter>,
     pub accepted: Family<PolicyLabel, Counter>,
@@ -80,6 +82,7 @@ impl Metrics {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
             cached_prompt_tokens: Counter::default(),
+            embedded_tokens: Counter::default(),
             completion_tokens: Counter::default(),
             steps: Family::default(),
             drafted: Family::default(),
@@ -115,6 +118,11 @@ impl Metrics {
             "prompt_tokens",
             "Prompt tokens of admitted generations",
             m.prompt_tokens.clone(),
+        );
+        r.register(
+            "embedded_tokens",
+            "Tokens embedded by /v1/embeddings",
+            m.embedded_tokens.clone(),
         );
         r.register(
             "cached_prompt_tokens",
