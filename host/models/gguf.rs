@@ -89,6 +89,39 @@ impl Arch {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 
+    /// The blocks' norm (GGUF and Hugging Face files alike).
+    pub fn norm(self) -> NormKind {
+        match self {
+            Arch::Starcoder2 | Arch::Cohere2 | Arch::CommandR => NormKind::Layer,
+            _ => NormKind::Rms,
+        }
+    }
+
+    /// The MLP's nonlinearity (a Hugging Face config may name another).
+    pub fn activation(self) -> Activation {
+        match self {
+            _ if self.is_gemma() => Activation::GeluTanh,
+            Arch::Starcoder2 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+
+    /// Whether the MLP has a gate (StarCoder 2's does not).
+    pub fn gated_mlp(self) -> bool {
+        self != Arch::Starcoder2
+    }
+
+    /// Whether attention and MLP run side by side off one norm (Cohere's blocks).
+    pub fn parallel_blocks(self) -> bool {
+        matches!(self, Arch::Cohere2 | Arch::CommandR)
+    }
+
+    /// Whether the chosen experts' weights are renormalised (a Hugging Face config may say
+    /// otherwise: `norm_topk_prob`).
+    pub fn renormalises_experts(self) -> bool {
+        !matches!(self, Arch::Qwen2Moe | Arch::Olmoe)
+    }
+
     pub fn parse(s: &str) -> Option<Arch> {
         match s {
             "llama" => Some(Arch::Llama),
@@ -763,10 +796,7 @@ impl GgufFile {
             10_000.0 // llama.cpp's default when the key is absent
         };
         // LayerNorm models name their epsilon so.
-        let norm = match arch {
-            Arch::Starcoder2 | Arch::Cohere2 | Arch::CommandR => NormKind::Layer,
-            _ => NormKind::Rms,
-        };
+        let norm = arch.norm();
         let norm_eps = self.get_f32(&match norm {
             NormKind::Layer => format!("{a}.attention.layer_norm_epsilon"),
             NormKind::Rms => format!("{a}.attention.layer_norm_rms_epsilon"),
@@ -833,13 +863,9 @@ impl GgufFile {
             rope_theta,
             norm_eps,
             norm,
-            activation: match arch {
-                _ if arch.is_gemma() => Activation::GeluTanh,
-                Arch::Starcoder2 => Activation::GeluTanh,
-                _ => Activation::Silu,
-            },
-            gated_mlp: arch != Arch::Starcoder2,
-            parallel_blocks: matches!(arch, Arch::Cohere2 | Arch::CommandR),
+            activation: arch.activation(),
+            gated_mlp: arch.gated_mlp(),
+            parallel_blocks: arch.parallel_blocks(),
             context_length,
             tied_embeddings,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
@@ -958,7 +984,7 @@ impl GgufFile {
                                 Arch::Qwen2Moe => intermediate / used.max(1),
                                 _ => intermediate,
                             }),
-                        renormalise: !matches!(arch, Arch::Qwen2Moe | Arch::Olmoe),
+                        renormalise: arch.renormalises_experts(),
                         shared: match arch {
                             Arch::Qwen2Moe => Some(
                                 self.opt_usize(&format!("{a}.expert_shared_feed_forward_length"))?

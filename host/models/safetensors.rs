@@ -4,8 +4,8 @@
 
 use super::error::{ModelError, Result, candle_msg};
 use super::gguf::{
-    Activation, Arch, Experts, ModelConfig, NormKind, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
-    RopeStyle, SlidingWindow,
+    Activation, Arch, Experts, ModelConfig, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, RopeStyle,
+    SlidingWindow,
 };
 use super::rope::RopeScaling;
 use super::transformer::{Names, WeightSource, Weights};
@@ -296,10 +296,7 @@ fn config_from_json(
             Arch::Cohere2 | Arch::CommandR => float("layer_norm_eps", 1e-5)?,
             _ => float("rms_norm_eps", 1e-6)?,
         },
-        norm: match arch {
-            Arch::Starcoder2 | Arch::Cohere2 | Arch::CommandR => NormKind::Layer,
-            _ => NormKind::Rms,
-        },
+        norm: arch.norm(),
         activation: match v
             .get("hidden_activation")
             .or_else(|| v.get("hidden_act"))
@@ -307,7 +304,8 @@ fn config_from_json(
         {
             // Gemma's configs say `gelu` in places but run the tanh form.
             _ if arch.is_gemma() => Activation::GeluTanh,
-            None | Some("silu" | "swish") => Activation::Silu,
+            None => arch.activation(),
+            Some("silu" | "swish") => Activation::Silu,
             Some("gelu_pytorch_tanh" | "gelu_new" | "gelu_fast") => Activation::GeluTanh,
             Some(other) => {
                 return Err(err(
@@ -316,8 +314,8 @@ fn config_from_json(
                 ));
             }
         },
-        gated_mlp: arch != Arch::Starcoder2,
-        parallel_blocks: matches!(arch, Arch::Cohere2 | Arch::CommandR),
+        gated_mlp: arch.gated_mlp(),
+        parallel_blocks: arch.parallel_blocks(),
         context_length: uint("max_position_embeddings")?,
         tied_embeddings: tie || !has_lm_head,
         bos_token_id: token("bos_token_id")?,
@@ -382,7 +380,7 @@ fn config_from_json(
                 },
                 // Hugging Face's default for each (Qwen2-MoE's checkpoints say false, Qwen3's
                 // true).
-                renormalise: flag("norm_topk_prob").unwrap_or(arch == Arch::Qwen3Moe),
+                renormalise: flag("norm_topk_prob").unwrap_or(arch.renormalises_experts()),
                 shared: match arch {
                     Arch::Qwen2Moe => Some(uint("shared_expert_intermediate_size")?),
                     _ => None,
