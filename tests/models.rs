@@ -572,6 +572,13 @@ fn tiny_models_match_llama_cpp() {
         };
         let path = peer_file(dir.path(), name, &spec, &run.sha256);
         let model = Model::load_gguf(&path, &Device::Cpu).unwrap();
+        // gpt-oss's MXFP4 experts multiply with activations quantized to int8: candle's
+        // kernels round their scales as llama.cpp does (verdict's keep f32 scales, which moves
+        // these logits by ~1e-2).
+        let model = match spec.arch {
+            Arch::GptOss => model.with_candle_kernels().unwrap(),
+            _ => model,
+        };
         // The tokenizer (byte-level BPE, or SentencePiece for llama-spm) gives llama.cpp's ids.
         let tok = verdict::models::tokenizer::Tokenizer::from_gguf(model.gguf_metadata().unwrap())
             .unwrap();
@@ -884,9 +891,11 @@ fn safetensors_matches_gguf() {
         .collect();
     // Qwen3 and the rotary schemes: a Hugging Face config's `rope_scaling` (Llama 3.1's formula,
     // linear, YaRN) must give what llama.cpp's GGUF keys and `rope_freqs` factors give.
+    // (gpt-oss has no Hugging Face form here: its checkpoints are refused.)
     specs.extend(
         verdict::models::testing::peer_specs()
             .into_iter()
+            .filter(|(_, spec)| spec.arch != Arch::GptOss)
             .map(|(name, spec)| (name.to_string(), spec)),
     );
     // Past the longest wavelength that the schemes leave alone, so every pair's rotation counts.
@@ -1135,6 +1144,15 @@ fn bad_files_give_clear_errors() {
             "{partial}: {e}"
         );
     }
+    // gpt-oss's own checkpoints (MXFP4 blocks) are refused by name.
+    let mut c = config.clone();
+    c["model_type"] = "gpt_oss".into();
+    std::fs::write(hf.join("config.json"), c.to_string()).unwrap();
+    let e = expect_err(Model::load_safetensors(&hf, &Device::Cpu));
+    assert!(
+        e.contains("config.json") && e.contains("gpt_oss") && e.contains("GGUF files only"),
+        "{e}"
+    );
     // ... and in a GGUF: more rotated dimensions than a head has.
     let wide = dir.path().join("wide-rope.gguf");
     write_tiny_gguf(
@@ -1169,11 +1187,48 @@ fn bad_files_give_clear_errors() {
             b"sliding_wandow",
             "gemma3.attention.sliding_window",
         ),
+        // gpt-oss without its window, or without a layer's sinks.
+        (
+            "gpt-oss",
+            "gpt-oss-window.gguf",
+            b"sliding_window",
+            b"sliding_wandow",
+            "gpt-oss.attention.sliding_window",
+        ),
+        (
+            "gpt-oss",
+            "gpt-oss-sinks.gguf",
+            b"attn_sinks",
+            b"attn_sonks",
+            "blk.0.attn_sinks.weight: missing",
+        ),
     ] {
         let spec = verdict::models::testing::peer_spec(spec).unwrap();
         let e = spec_patched_error(dir.path(), file, &spec, from, to);
         assert!(e.contains(file) && e.contains(needle), "{e}");
     }
+    // An MXFP4 block whose scale no Q8_0 block holds names the tensor and the block.
+    let oss = dir.path().join("mxfp4.gguf");
+    write_tiny_gguf(
+        &oss,
+        &verdict::models::testing::peer_spec("gpt-oss").unwrap(),
+    )
+    .unwrap();
+    let tensor = "blk.1.ffn_up_exps.weight";
+    let at = {
+        let f = verdict::models::GgufFile::open(&oss).unwrap();
+        let c = f.content();
+        (c.tensor_data_offset + c.tensor_infos[tensor].offset) as usize
+    };
+    let mut b = std::fs::read(&oss).unwrap();
+    // The third block's exponent byte: 2^(200 - 128).
+    b[at + 2 * 17] = 200;
+    std::fs::write(&oss, &b).unwrap();
+    let e = expect_err(Model::load_gguf(&oss, &Device::Cpu));
+    assert!(
+        e.contains("mxfp4.gguf") && e.contains(tensor) && e.contains("block 2: scale 2^72"),
+        "{e}"
+    );
     // A Hugging Face `layer_types` that follows no pattern of one global layer in n names the
     // first layer off it.
     let hg = dir.path().join("hf-gemma");

@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 /// and the kv heads they read (`group` query heads per kv head in the whole model): local head
 /// h reads local kv head `(head_offset + h) / group - head_offset / group`. Unsharded:
 /// `head_offset = 0`, `group = n_heads / n_kv_heads`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct CausalAttention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -32,6 +32,10 @@ pub(crate) struct CausalAttention {
     pub window: usize,
     /// Gemma 2's soft cap on the scaled scores, `c * tanh(s / c)`. 0: none.
     pub softcap: f32,
+    /// gpt-oss's attention sinks: per query head of the whole model (index `head_offset + h`),
+    /// a score that joins the softmax's denominator and attends to nothing, so a row may give
+    /// its keys less than all of its weight (ggml's `soft_max_add_sinks`).
+    pub sinks: Option<std::sync::Arc<[f32]>>,
 }
 
 impl CausalAttention {
@@ -51,9 +55,22 @@ impl CausalAttention {
         }
     }
 
-    /// Whether the kv heads match the query heads this op holds.
+    /// Whether the kv heads match the query heads this op holds, and the sinks the model's
+    /// heads.
     fn consistent(&self) -> bool {
-        self.group > 0 && self.n_heads > 0 && self.n_kv_heads == self.kv_of(self.n_heads - 1) + 1
+        self.group > 0
+            && self.n_heads > 0
+            && self.n_kv_heads == self.kv_of(self.n_heads - 1) + 1
+            && self
+                .sinks
+                .as_ref()
+                .is_none_or(|s| s.len() >= self.head_offset + self.n_heads)
+    }
+
+    /// The sink of local query head `h`, if the model has sinks.
+    #[inline]
+    fn sink(&self, h: usize) -> Option<f32> {
+        self.sinks.as_ref().map(|s| s[self.head_offset + h])
     }
 }
 
@@ -100,7 +117,26 @@ impl CausalAttention {
         } else {
             att
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = match &self.sinks {
+            None => candle_nn::ops::softmax_last_dim(&att)?,
+            // One more column per row, its head's sink, in the softmax and then dropped. Row r
+            // of kv head g is query head g * group + r / n.
+            Some(_) if !self.consistent() => {
+                candle_core::bail!("attention: sinks do not cover the heads of {self:?}")
+            }
+            Some(_) => {
+                let col: Vec<f32> = (0..nkv * group * n)
+                    .map(|i| {
+                        let (g, r) = (i / (group * n), i % (group * n));
+                        self.sink(g * group + r / n).unwrap_or(0.0)
+                    })
+                    .collect();
+                let col = Tensor::from_vec(col, (nkv, group * n, 1), q.device())?
+                    .to_dtype(att.dtype())?;
+                candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&att, &col], 2)?)?
+                    .narrow(2, 0, l)?
+            }
+        };
         att.matmul(&v.contiguous()?)? // [nkv, group*n, hd]
             .reshape((nh, n, hd))?
             .transpose(0, 1)?
@@ -346,11 +382,17 @@ impl CustomOp3 for CausalAttention {
                 sums.clear();
                 for u in 0..nu {
                     let s = &mut scores[u * lmax + from(u)..u * lmax + len(u)];
-                    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    // A sink joins the maximum and, after the keys, the sum (as ggml adds it).
+                    let sink = self.sink(heads[u % heads.len()]);
+                    let start = sink.unwrap_or(f32::NEG_INFINITY);
+                    let max = s.iter().fold(start, |m, &x| m.max(x));
                     let mut sum = 0f32;
                     for x in s.iter_mut() {
                         *x = (*x - max).exp();
                         sum += *x;
+                    }
+                    if let Some(k) = sink {
+                        sum += (k - max).exp();
                     }
                     sums.push(sum);
                 }
@@ -418,11 +460,16 @@ mod tests {
     fn custom_op_matches_tensor_ops_and_is_row_independent() {
         // Whole causal attention, and sliding windows shorter than the rows' reach.
         for (window, softcap) in [(0, 0.0), (3, 0.0), (8, 0.0), (0, 0.5), (3, 0.5)] {
-            row_independent_with(window, softcap);
+            row_independent_with(window, softcap, None);
+        }
+        // gpt-oss's sinks, with and without a window.
+        let sinks: std::sync::Arc<[f32]> = vec![0.5, -1.0, 2.0, 0.0, 3.0, -2.5].into();
+        for window in [0, 3] {
+            row_independent_with(window, 0.0, Some(sinks.clone()));
         }
     }
 
-    fn row_independent_with(window: usize, softcap: f32) {
+    fn row_independent_with(window: usize, softcap: f32, sinks: Option<std::sync::Arc<[f32]>>) {
         let op = CausalAttention {
             n_heads: 6,
             n_kv_heads: 2,
@@ -432,6 +479,7 @@ mod tests {
             head_offset: 0,
             window,
             softcap,
+            sinks,
         };
         // A cache buffer of capacity 16 holding 11 positions, viewed like the KV cache does.
         let kbuf = rand((2, 16, 20), 1);
@@ -507,9 +555,14 @@ mod tests {
                 let s: Vec<f32> = (0..len)
                     .map(|j| dot_ref(&q[h][i], &k[g][j]) * op.scale)
                     .collect();
-                let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                // A sink joins the maximum, then the sum after the keys.
+                let sink = op.sinks.as_ref().map(|s| s[op.head_offset + h]);
+                let max = s
+                    .iter()
+                    .fold(sink.unwrap_or(f32::NEG_INFINITY), |m, &x| m.max(x));
                 let p: Vec<f32> = s.iter().map(|&x| (x - max).exp()).collect();
-                let sum = p.iter().fold(0f32, |a, &x| a + x);
+                let sum =
+                    p.iter().fold(0f32, |a, &x| a + x) + sink.map_or(0.0, |k| (k - max).exp());
                 let dst = &mut out[i * nh * hd + h * hd..][..hd];
                 for (j, &pj) in p.iter().enumerate() {
                     for (o, &x) in dst.iter_mut().zip(&v[g][j]) {
@@ -540,6 +593,7 @@ mod tests {
                     head_offset: 0,
                     window: 0,
                     softcap: 0.0,
+                    sinks: None,
                 },
                 19,
                 300,
@@ -554,6 +608,7 @@ mod tests {
                     head_offset: 0,
                     window: 0,
                     softcap: 0.0,
+                    sinks: None,
                 },
                 3,
                 70,
@@ -568,6 +623,8 @@ mod tests {
                     head_offset: 2,
                     window: 0,
                     softcap: 0.0,
+                    // The model's 8 heads' sinks: this shard reads 2..8 (the 9s are others').
+                    sinks: Some(vec![9.0, 9.0, 0.5, -1.0, 1.5, 0.0, -3.0, 2.0].into()),
                 },
                 9,
                 40,
@@ -582,6 +639,7 @@ mod tests {
                     head_offset: 0,
                     window: 0,
                     softcap: 0.0,
+                    sinks: None,
                 },
                 1,
                 5,
@@ -598,6 +656,51 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             assert_eq!(got, per_unit(&op, &q, &k, &v), "{op:?}, {n} rows, {l} keys");
+        }
+    }
+
+    /// A sink far below the scores changes nothing; one far above them takes the weight from
+    /// every key, so the output shrinks towards 0.
+    #[test]
+    fn sinks_take_weight_from_the_keys() {
+        let op = |sink: f32| CausalAttention {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 16,
+            scale: 0.25,
+            group: 2,
+            head_offset: 0,
+            window: 0,
+            softcap: 0.0,
+            sinks: Some(vec![sink, 0.0].into()),
+        };
+        let (q, k, v) = (
+            rand((2, 3, 16), 7),
+            rand((1, 5, 16), 8),
+            rand((1, 5, 16), 9),
+        );
+        let none = CausalAttention {
+            sinks: None,
+            ..op(0.0)
+        };
+        let of = |o: &CausalAttention| -> Vec<Vec<f32>> {
+            o.forward(&q, &k, &v).unwrap().to_vec2().unwrap()
+        };
+        assert_eq!(
+            of(&op(-1e30)).iter().map(|r| &r[..16]).collect::<Vec<_>>(),
+            of(&none).iter().map(|r| &r[..16]).collect::<Vec<_>>()
+        );
+        let big = of(&op(60.0));
+        let plain = of(&none);
+        for (b, p) in big.iter().zip(&plain) {
+            // Head 0's outputs vanish; head 1's sink (0) is near its scores: it moves them.
+            assert!(b[..16].iter().all(|x| x.abs() < 1e-20), "{b:?}");
+            assert!(
+                b[16..]
+                    .iter()
+                    .zip(&p[16..])
+                    .any(|(x, y)| (x - y).abs() > 1e-3)
+            );
         }
     }
 }

@@ -201,6 +201,12 @@ fn config_from_json(
         .ok_or_else(|| err("model_type", "missing or not a string".into()))?;
     // Mixtral is llama with experts; Mistral is llama (with a window in its first version).
     let mixtral = model_type == "mixtral";
+    if model_type == "gpt_oss" {
+        return Err(err(
+            "model_type",
+            "gpt_oss: its checkpoints keep the experts as MXFP4 blocks, which verdict reads from GGUF files only (llama.cpp's converter writes one)".into(),
+        ));
+    }
     let arch = match model_type {
         "mixtral" | "mistral" => Arch::Llama,
         _ => Arch::parse(model_type).ok_or_else(|| ModelError::UnknownArch {

@@ -375,6 +375,8 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
                         Some((a, m)) => Some((a.to_device(dev)?, m.to_device(dev)?)),
                         None => None,
                     },
+                    // Indexed by the model's head: every rank keeps them all.
+                    sinks: l.sinks.clone(),
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()

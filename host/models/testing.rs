@@ -355,6 +355,7 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     let mut out = vec![mat("token_embd.weight".into(), spec.vocab, h)?];
     // StarCoder 2's LayerNorms have biases, and so does each of its projections.
     let starcoder2 = spec.arch == Arch::Starcoder2;
+    let gpt_oss = spec.arch == Arch::GptOss;
     let norm = |name: String| -> Result<Vec<(String, Tensor)>> {
         let mut v = vec![vector(format!("{name}.weight"), 1.0, 0.2, h)?];
         if starcoder2 {
@@ -378,7 +379,10 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         } else {
             out.extend([q, k, v]);
         }
-        if matches!(spec.arch, Arch::Qwen2 | Arch::Qwen2Moe | Arch::Starcoder2) {
+        if matches!(
+            spec.arch,
+            Arch::Qwen2 | Arch::Qwen2Moe | Arch::Starcoder2 | Arch::GptOss
+        ) {
             out.push(vector(format!("{b}.attn_q.bias"), 0.0, 0.5, q_out)?);
             out.push(vector(format!("{b}.attn_k.bias"), 0.0, 0.5, kv_out)?);
             out.push(vector(format!("{b}.attn_v.bias"), 0.0, 0.5, kv_out)?);
@@ -401,8 +405,23 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             out.push(vector(format!("{b}.post_ffw_norm.weight"), 1.0, 0.2, h)?);
         }
         out.push(mat(format!("{b}.attn_output.weight"), h, q_out)?);
-        if starcoder2 {
+        if starcoder2 || gpt_oss {
             out.push(vector(format!("{b}.attn_output.bias"), 0.0, 0.5, h)?);
+        }
+        if gpt_oss {
+            // Sinks around the scores' size, and the MLP's norm under its gpt-oss name.
+            out.push(vector(
+                format!("{b}.attn_sinks.weight"),
+                0.0,
+                2.0,
+                spec.heads,
+            )?);
+            out.push(vector(
+                format!("{b}.post_attention_norm.weight"),
+                1.0,
+                0.2,
+                h,
+            )?);
         }
         if spec.arch == Arch::Granite {
             // llama.cpp's optional biases on the output and MLP projections.
@@ -421,8 +440,12 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             )?);
             out.push(vector(format!("{b}.ffn_down.bias"), 0.0, 0.5, h)?);
         }
-        // OLMo 2 normalises no block's input; Cohere's MLP reads the attention's.
-        if !matches!(spec.arch, Arch::Olmo2 | Arch::Cohere2 | Arch::CommandR) {
+        // OLMo 2 normalises no block's input; Cohere's MLP reads the attention's; gpt-oss's
+        // is `post_attention_norm` (above).
+        if !matches!(
+            spec.arch,
+            Arch::Olmo2 | Arch::Cohere2 | Arch::CommandR | Arch::GptOss
+        ) {
             out.extend(norm(format!("{b}.ffn_norm"))?);
         }
         if let Some((count, _, ff)) = spec.experts {
@@ -436,6 +459,20 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
                     format!("{b}.ffn_{what}_exps.weight"),
                     Tensor::stack(&each, 0)?,
                 ));
+                if gpt_oss {
+                    // Biases wide enough that some gate and up values pass the clamp at 7.
+                    let spread = if what == "down" { 0.5 } else { 10.0 };
+                    let bias = vector(
+                        format!("{b}.ffn_{what}_exps.bias"),
+                        0.0,
+                        spread,
+                        count * rows,
+                    )?;
+                    out.push((bias.0, bias.1.reshape((count, rows))?));
+                }
+            }
+            if gpt_oss {
+                out.push(vector(format!("{b}.ffn_gate_inp.bias"), 0.0, 0.5, count)?);
             }
             if let Some(sh) = spec.shared_expert {
                 out.push(vector(
@@ -634,8 +671,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     if spec.arch == Arch::CommandR {
         meta.push((format!("{a}.logit_scale"), V::F32(COHERE2_LOGIT_SCALE)));
     }
-    if spec.arch == Arch::Cohere2 {
-        meta.push((format!("{a}.logit_scale"), V::F32(COHERE2_LOGIT_SCALE)));
+    if matches!(spec.arch, Arch::Cohere2 | Arch::GptOss) {
+        if spec.arch == Arch::Cohere2 {
+            meta.push((format!("{a}.logit_scale"), V::F32(COHERE2_LOGIT_SCALE)));
+        }
         // Required there: a window past these tests' sequences where the spec names none.
         if spec.sliding_window.is_none() {
             meta.push((format!("{a}.attention.sliding_window"), V::U32(4096)));
@@ -747,7 +786,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         "tokenizer.chat_template".into(),
         V::String(CHATML_TEMPLATE.into()),
     ));
-    let mut qts: Vec<(String, QTensor)> = Vec::new();
+    let mut tensors: Vec<RawTensor> = Vec::new();
     for (name, t) in tiny_weights(spec)? {
         let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
         let t = if llama_rows && name.ends_with("attn_q.weight") {
@@ -757,7 +796,20 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         } else {
             t
         };
-        let dtype = if t.rank() == 1 {
+        let dims = t.dims().to_vec();
+        // gpt-oss's experts as llama.cpp's converter stores them.
+        if spec.arch == Arch::GptOss && name.ends_with("_exps.weight") {
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            tensors.push(RawTensor {
+                name,
+                ggml_type: MXFP4_ID,
+                dims,
+                data: mxfp4_blocks(&data),
+            });
+            continue;
+        }
+        // Norms and biases are f32, as in llama.cpp's files.
+        let dtype = if t.rank() == 1 || name.ends_with(".bias") {
             GgmlDType::F32
         } else {
             spec.dtype
@@ -767,24 +819,151 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             tensor: name.clone(),
             reason: format!("cannot quantize to {dtype:?}: {}", candle_msg(&e)),
         })?;
-        qts.push((name, q));
+        tensors.push(RawTensor {
+            name,
+            ggml_type: super::gguf::ggml_type_id(dtype),
+            dims,
+            data: q.data()?.into_owned(),
+        });
     }
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).map_err(|source| ModelError::Open {
+    let mut bytes = Vec::new();
+    write_gguf(&mut bytes, &meta, &tensors);
+    std::fs::write(path, bytes).map_err(|source| ModelError::Open {
         path: path.to_path_buf(),
         cause: source,
-    })?;
-    gguf_file::write(&mut f, &meta_refs, &t_refs).map_err(|e| ModelError::Corrupt {
-        path: path.to_path_buf(),
-        reason: format!("writing GGUF failed: {}", candle_msg(&e)),
     })
+}
+
+/// ggml's MXFP4 type id.
+const MXFP4_ID: u32 = 39;
+
+/// A tensor to write: ggml type id, dimensions in candle order, the stored bytes.
+struct RawTensor {
+    name: String,
+    ggml_type: u32,
+    dims: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// f32 weights as MXFP4 blocks, as ggml quantizes them: per 32, the exponent byte
+/// `floor(log2(max |x|)) - 2 + 127` and each weight's nearest code value times 2^(e - 128).
+pub fn mxfp4_blocks(x: &[f32]) -> Vec<u8> {
+    const VALUES: [f32; 16] = [
+        0., 1., 2., 3., 4., 6., 8., 12., 0., -1., -2., -3., -4., -6., -8., -12.,
+    ];
+    let mut out = Vec::with_capacity(x.len() / 32 * 17);
+    for block in x.chunks(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let e = match amax > 0.0 {
+            true => (amax.log2().floor() as i32 - 2 + 127).clamp(0, 255) as u8,
+            false => 0,
+        };
+        let d = 2f32.powi(e as i32 - 128);
+        let code = |v: f32| -> u8 {
+            (0..16u8)
+                .min_by(|&a, &b| {
+                    let err = |i: u8| (VALUES[i as usize] * d - v).abs();
+                    err(a).total_cmp(&err(b))
+                })
+                .unwrap_or(0)
+        };
+        out.push(e);
+        for j in 0..16 {
+            let at = |i: usize| block.get(i).copied().unwrap_or(0.0);
+            out.push(code(at(j)) | (code(at(j + 16)) << 4));
+        }
+    }
+    out
+}
+
+/// A GGUF (version 2, 32-byte alignment) as candle's writer lays it out, with tensors of any
+/// ggml type (candle's writer takes only the types it can quantize to).
+fn write_gguf(w: &mut Vec<u8>, meta: &[(String, gguf_file::Value)], tensors: &[RawTensor]) {
+    fn string(w: &mut Vec<u8>, s: &str) {
+        w.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        w.extend_from_slice(s.as_bytes());
+    }
+    fn type_id(v: &gguf_file::Value) -> u32 {
+        use gguf_file::Value as V;
+        match v {
+            V::U8(_) => 0,
+            V::I8(_) => 1,
+            V::U16(_) => 2,
+            V::I16(_) => 3,
+            V::U32(_) => 4,
+            V::I32(_) => 5,
+            V::F32(_) => 6,
+            V::Bool(_) => 7,
+            V::String(_) => 8,
+            V::Array(_) => 9,
+            V::U64(_) => 10,
+            V::I64(_) => 11,
+            V::F64(_) => 12,
+        }
+    }
+    fn value(w: &mut Vec<u8>, v: &gguf_file::Value) {
+        use gguf_file::Value as V;
+        match v {
+            V::U8(x) => w.push(*x),
+            V::I8(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::U16(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::I16(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::U32(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::I32(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::U64(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::I64(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::F32(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::F64(x) => w.extend_from_slice(&x.to_le_bytes()),
+            V::Bool(x) => w.push(u8::from(*x)),
+            V::String(s) => string(w, s),
+            V::Array(items) => {
+                // An empty array's element type does not matter (candle writes U32's).
+                w.extend_from_slice(&items.first().map_or(4, type_id).to_le_bytes());
+                w.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for item in items {
+                    value(w, item);
+                }
+            }
+        }
+    }
+    let pad = |n: usize| (32 - n % 32) % 32;
+    w.extend_from_slice(&0x4655_4747u32.to_le_bytes());
+    w.extend_from_slice(&2u32.to_le_bytes());
+    w.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    w.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        string(w, k);
+        w.extend_from_slice(&type_id(v).to_le_bytes());
+        value(w, v);
+    }
+    let mut offset = 0;
+    for t in tensors {
+        string(w, &t.name);
+        w.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for &d in t.dims.iter().rev() {
+            w.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        w.extend_from_slice(&t.ggml_type.to_le_bytes());
+        w.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += t.data.len() + pad(t.data.len());
+    }
+    w.resize(w.len() + pad(w.len()), 0);
+    for t in tensors {
+        w.extend_from_slice(&t.data);
+        w.resize(w.len() + pad(t.data.len()), 0);
+    }
 }
 
 /// Writes the same f32 weights as [`write_tiny_gguf`] (before quantization) as a Hugging Face
 /// checkpoint: `dir/config.json` + `dir/model.safetensors`.
 pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     spec.check()?;
+    if spec.arch == Arch::GptOss {
+        // verdict reads gpt-oss from GGUF only (its checkpoints store MXFP4 blocks).
+        return Err(ModelError::Invalid(
+            "TinySpec: gpt-oss has no Hugging Face form here".into(),
+        ));
+    }
     let io = |source| ModelError::Open {
         path: dir.to_path_buf(),
         cause: source,
@@ -858,6 +1037,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             Arch::Olmoe => "OlmoeForCausalLM",
             Arch::Cohere2 => "Cohere2ForCausalLM",
             Arch::CommandR => "CohereForCausalLM",
+            Arch::GptOss => "GptOssForCausalLM",
         }],
         "head_dim": spec.head_dim(),
         "model_type": spec.arch.name(),
@@ -1253,6 +1433,29 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 arch: Arch::Qwen2Moe,
                 experts: Some((4, 2, 32)),
                 shared_expert: Some(64),
+                ..base.clone()
+            },
+        ),
+        // gpt-oss: biases on q, k, v and the output, a sink per head, layers 0 and 2 local
+        // (8 positions), 1 and 3 global, a head size of its own, 4 experts of width 64 (2 per
+        // row) stored as MXFP4, with biases that push some gate and up values past the clamp,
+        // a router bias, and YaRN over an original context of 64.
+        (
+            "gpt-oss",
+            TinySpec {
+                arch: Arch::GptOss,
+                layers: 4,
+                head_dim: Some(32),
+                sliding_window: Some(8),
+                experts: Some((4, 2, 64)),
+                rms_eps: 1e-5,
+                rope_scaling: RopeScaling::Yarn {
+                    factor: 4.0,
+                    original_context: 64,
+                    beta_fast: 32.0,
+                    beta_slow: 1.0,
+                    attn_factor: 1.0,
+                },
                 ..base.clone()
             },
         ),

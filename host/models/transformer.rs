@@ -255,6 +255,9 @@ pub(crate) struct Layer {
     /// gemma2 / gemma3: RMSNorm weights `[hidden]` on the attention and MLP outputs before the
     /// residual adds.
     pub(crate) post_norms: Option<(Tensor, Tensor)>,
+    /// gpt-oss: one learned score per query head (all of the model's heads, also on a shard)
+    /// that joins each softmax's denominator (see [`CausalAttention::sinks`]).
+    pub(crate) sinks: Option<Arc<[f32]>>,
 }
 
 /// A layer's MLP.
@@ -508,7 +511,8 @@ impl Weights {
                 | Arch::Starcoder2
                 | Arch::Qwen2Moe
                 | Arch::Cohere2
-                | Arch::CommandR => None,
+                | Arch::CommandR
+                | Arch::GptOss => None,
             };
             let pre_norm = |s: &str| match c.arch {
                 Arch::Olmo2 => Ok(None),
@@ -557,7 +561,8 @@ impl Weights {
             };
             let ffn = match c.experts {
                 Some(e) => Ffn::Moe {
-                    router: lin("ffn_gate_inp", None, [e.count, h])?,
+                    // gpt-oss's router has a bias.
+                    router: lin("ffn_gate_inp", Some("ffn_gate_inp.bias"), [e.count, h])?,
                     experts: experts(src, &n, e, h, device)?,
                     used: e.used,
                     renormalise: e.renormalise,
@@ -600,13 +605,35 @@ impl Weights {
                 v,
                 o: lin("attn_output", Some("attn_output.bias"), [h, q_out])?,
                 qk_norm,
-                // Parallel blocks' MLP reads the attention's input norm.
-                ffn_norm: match c.parallel_blocks {
-                    true => None,
-                    false => pre_norm("ffn_norm")?,
+                // Parallel blocks' MLP reads the attention's input norm; gpt-oss's files name
+                // the MLP's norm `post_attention_norm`.
+                ffn_norm: match (c.parallel_blocks, c.arch) {
+                    (true, _) => None,
+                    (false, Arch::GptOss) => pre_norm("post_attention_norm")?,
+                    (false, _) => pre_norm("ffn_norm")?,
                 },
                 ffn,
                 post_norms,
+                sinks: match c.arch {
+                    Arch::GptOss => {
+                        let name = n("attn_sinks");
+                        let t = vec_of("attn_sinks", c.n_heads)?;
+                        let v = t.to_vec1::<f32>().map_err(|e| ModelError::Tensor {
+                            path: src.path().to_path_buf(),
+                            tensor: name.clone(),
+                            reason: candle_msg(&e),
+                        })?;
+                        if v.iter().any(|x| !x.is_finite()) {
+                            return Err(ModelError::Tensor {
+                                path: src.path().to_path_buf(),
+                                tensor: name,
+                                reason: "a sink is not finite".into(),
+                            });
+                        }
+                        Some(v.into())
+                    }
+                    _ => None,
+                },
             });
         }
         // Per-pair factors: Llama 3.1's where the file has them, else LongRoPE's set for this
@@ -758,7 +785,32 @@ fn experts(
             tensor: name.clone(),
             reason: format!("cutting the experts apart: {}", candle_msg(&err)),
         })?;
-        parts.into_iter().map(|m| linear(&name, m)).collect()
+        // gpt-oss: a bias per expert, stacked as `[count, rows]`.
+        let bias_name = n(&format!("ffn_{what}_exps.bias"));
+        let biases = match src.has(&bias_name) {
+            true => {
+                check_shape(src, &bias_name, &[e.count, rows])?;
+                let b = src.vector(&bias_name, device)?;
+                (0..e.count)
+                    .map(|x| b.get(x).map(Some))
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .map_err(|err| ModelError::Tensor {
+                        path: src.path().to_path_buf(),
+                        tensor: bias_name.clone(),
+                        reason: candle_msg(&err),
+                    })?
+            }
+            false => vec![None; e.count],
+        };
+        parts
+            .into_iter()
+            .zip(biases)
+            .map(|(m, b)| {
+                let mut l = linear(&name, m)?;
+                l.b = b;
+                Ok(l)
+            })
+            .collect()
     };
     let i = e.intermediate;
     let (gate, up, down) = (each("gate", i, h)?, each("up", i, h)?, each("down", h, i)?);
@@ -1089,6 +1141,34 @@ impl Model {
         } else {
             lin(&w.lm_head)?
         };
+        self.rebuilt(embed, lm_head, &lin)
+    }
+
+    /// The same model multiplying with candle's quantized kernels instead of verdict's CPU
+    /// GEMM (`cpu_gemm`, as `VERDICT_CPU_GEMM=0` does for every model). Both quantize each
+    /// activation row to int8 per block, but candle (like llama.cpp) rounds a Q8_0 block's scale
+    /// to f16 and verdict's kernel keeps it f32; comparisons with llama.cpp's rounding need
+    /// candle's.
+    pub fn with_candle_kernels(&self) -> Result<Model> {
+        let plain = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                gemm: None,
+                pad_single_row: needs_row_padding(&l.w),
+                ..l.clone()
+            })
+        };
+        self.rebuilt(self.w.embed.clone(), plain(&self.w.lm_head)?, &plain)
+    }
+
+    /// This model with `lin` applied to every projection of its layers, and the given
+    /// embedding and lm_head (unsharded, unbatched).
+    fn rebuilt(
+        &self,
+        embed: QMatMul,
+        lm_head: Linear,
+        lin: &dyn Fn(&Linear) -> Result<Linear>,
+    ) -> Result<Model> {
+        let w = &self.w;
         let layers = w
             .layers
             .iter()
@@ -1134,6 +1214,7 @@ impl Model {
                         },
                     },
                     post_norms: l.post_norms.clone(),
+                    sinks: l.sinks.clone(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1586,6 +1667,17 @@ fn moe(
     Ok(out)
 }
 
+/// gpt-oss's gated unit, as ggml's `swiglu_oai` computes it: `x / (1 + exp(-1.702 x)) * (y + 1)`
+/// with `x = min(gate, 7)` and `y = clamp(up, -7, 7)`.
+fn swiglu_oai(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    const ALPHA: f64 = 1.702;
+    const LIMIT: f64 = 7.0;
+    let x = gate.minimum(LIMIT)?;
+    let y = (up.clamp(-LIMIT, LIMIT)? + 1.0)?;
+    let glu = (&x / ((x.affine(-ALPHA, 0.0)?.exp()? + 1.0)?))?;
+    glu * y
+}
+
 /// A sequence inside [`run`]: its cache, new tokens at `pos..`, and the rows it wants back.
 struct Seg<'a> {
     cache: &'a mut KvCache,
@@ -1646,6 +1738,7 @@ fn run(
         head_offset: w.heads.head_offset,
         window,
         softcap: cfg.attn_softcap.unwrap_or(0.0),
+        sinks: None,
     };
     let attn = attention(&w.rotary, 0);
     // Local layers rotate as the global ones unless they have a rotation of their own.
@@ -1692,6 +1785,18 @@ fn run(
                 (a, ropes_local.as_ref().unwrap_or(&ropes), rotary_local)
             }
             _ => (&attn, &ropes, &w.rotary),
+        };
+        // gpt-oss's per-head sinks.
+        let with_sinks;
+        let attn = match &layer.sinks {
+            Some(s) => {
+                with_sinks = CausalAttention {
+                    sinks: Some(s.clone()),
+                    ..attn.clone()
+                };
+                &with_sinks
+            }
+            None => attn,
         };
         for ((s, &off), (cos, sin)) in segs.iter_mut().zip(&offsets).zip(ropes) {
             let n = s.tokens.len();
@@ -1771,10 +1876,14 @@ fn run(
             Activation::Silu => t.silu(),
             // candle's `gelu` is the tanh form.
             Activation::GeluTanh => t.gelu(),
+            Activation::SwigluOai => candle_core::bail!("swiglu_oai needs a gate"),
         };
         let mlp = |h: &Tensor, gate: Option<&Linear>, up: &Linear, down: &Linear| {
             let u = up.forward(h)?;
             let m = match gate {
+                Some(g) if cfg.activation == Activation::SwigluOai => {
+                    swiglu_oai(&g.forward(h)?, &u)?
+                }
                 Some(g) => (act(g.forward(h)?)? * u)?,
                 None => act(u)?,
             };
