@@ -2801,6 +2801,47 @@ fn qwen_calls_a_tool_through_the_messages_api() {
     assert!(text.contains("12:34"), "{text:?}");
 }
 
+/// `--reasoning-parser gpt-oss`: a harmony reply's `analysis` message comes back as
+/// `reasoning_content`, its `final` one as `content`, whole or streamed, and no header reaches
+/// the client. (The tiny vocabulary spells the markers in bytes; the parser reads text.)
+#[test]
+fn harmony_reasoning_is_apart_from_the_answer() {
+    let s = tiny_server(1024, &["--reasoning-parser", "gpt-oss"]);
+    let ask = |stream: bool| {
+        json!({
+            "messages": [{"role": "user", "content": "think first"}], "max_tokens": 200,
+            "temperature": 0, "stream": stream,
+            "guided_regex": r"<\|channel\|>analysis<\|message\|>[a-z]{3,12}<\|end\|><\|start\|>assistant<\|channel\|>final<\|message\|>[a-z]{2,8}",
+        })
+    };
+    let r = s.post_json("/v1/chat/completions", &ask(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let m = &v["choices"][0]["message"];
+    let thought = m["reasoning_content"].as_str().expect("reasoning_content");
+    let answer = m["content"].as_str().expect("content");
+    let lower = |t: &str, n: std::ops::RangeInclusive<usize>| {
+        n.contains(&t.len()) && t.chars().all(|c| c.is_ascii_lowercase())
+    };
+    assert!(lower(thought, 3..=12) && lower(answer, 2..=8), "{m}");
+    let events = s.open_stream("/v1/chat/completions", &ask(true)).collect();
+    let (mut streamed_thought, mut streamed_answer) = (String::new(), String::new());
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let d = &c["choices"][0]["delta"];
+        streamed_thought.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        streamed_answer.push_str(d["content"].as_str().unwrap_or(""));
+        assert!(
+            !d.to_string().contains("<|"),
+            "a marker leaked into a delta: {e}"
+        );
+    }
+    assert_eq!(
+        (streamed_thought.as_str(), streamed_answer.as_str()),
+        (thought, answer)
+    );
+}
+
 /// `--reasoning-parser qwen3`: a chat reply's `<think>` block comes back as
 /// `reasoning_content`, the rest as `content`, whole or streamed (the same split either way);
 /// a reply without the block is all content. The tiny model is made to write the block by a

@@ -330,6 +330,60 @@ fn tiny_vocabulary_encodes_and_decodes() {
     assert!(tmpl.is_fallback());
 }
 
+/// gpt-oss's harmony vocabulary, read as llama.cpp reads it: the message markers print (a
+/// reply's reader needs them), and `<|end|>`, which closes the reasoning before the answer,
+/// ends nothing where `<|return|>` and `<|call|>` end a reply.
+#[test]
+fn harmony_markers_print_and_replies_end_at_return_or_call() {
+    let harmony = |call: &str| {
+        let mut c = tiny();
+        let tokens = [
+            "a",
+            "b",
+            "ab",
+            "Ġ",
+            "Ġab",
+            "<|start|>",
+            "<|channel|>",
+            "<|message|>",
+            "<|end|>",
+            "<|return|>",
+            call,
+            "<|constrain|>",
+        ];
+        c.metadata
+            .insert("tokenizer.ggml.tokens".into(), strings(&tokens));
+        c.metadata.insert(
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(
+                [1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3]
+                    .into_iter()
+                    .map(Value::I32)
+                    .collect(),
+            ),
+        );
+        c.metadata
+            .insert("tokenizer.ggml.eos_token_id".into(), Value::U32(9));
+        Tokenizer::from_gguf(&c).unwrap()
+    };
+    let tok = harmony("<|call|>");
+    assert_eq!(tok.eos_ids(), &[9, 10]);
+    assert_eq!(
+        tok.encode("<|channel|>ab<|message|>ab<|end|>", true)
+            .unwrap(),
+        vec![6, 2, 7, 2, 8]
+    );
+    // Skipping special tokens keeps the markers and drops the end of the reply.
+    assert_eq!(
+        tok.decode(&[5, 6, 2, 7, 4, 8, 9], true).unwrap(),
+        "<|start|><|channel|>ab<|message|> ab<|end|>"
+    );
+    // Without `<|call|>` it is no harmony vocabulary: `<|end|>` ends a reply (Phi-3's does).
+    let other = harmony("<|cull|>");
+    assert_eq!(other.eos_ids(), &[8, 9]);
+    assert_eq!(other.decode(&[2, 8], true).unwrap(), "ab");
+}
+
 fn err_of(content: Content) -> String {
     format!("{:#}", Tokenizer::from_gguf(&content).unwrap_err())
 }

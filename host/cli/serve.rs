@@ -79,7 +79,8 @@ pub struct ServeArgs {
     pub served_model_name: Option<String>,
     /// Chat replies of a reasoning model: its `<think>` block goes to `reasoning_content`,
     /// the rest to `content` (as vLLM's option of that name). `qwen3`: thinking only inside the
-    /// tags; `deepseek_r1`: everything before `</think>` (its template opens the block).
+    /// tags; `deepseek_r1`: everything before `</think>` (its template opens the block);
+    /// `gpt-oss`: harmony's `analysis` channel is the thinking, `final` the answer.
     #[arg(long, value_enum)]
     pub reasoning_parser: Option<crate::serve::reasoning::Parser>,
     /// How /v1/embeddings pools a text's final hidden states: mean, cls or last (default: as

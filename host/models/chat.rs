@@ -124,6 +124,7 @@ impl ChatTemplate {
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| anyhow!("chat template does not compile: {e:#}"))?;
@@ -187,6 +188,90 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
         ErrorKind::InvalidOperation,
         format!("the chat template rejected the conversation: {msg}"),
     ))
+}
+
+/// `strftime_now(format)`: the time now (UTC), as transformers gives templates it: gpt-oss's
+/// and Llama 3's write today's date into the system message with it.
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    strftime(&format, now)
+        .map(Value::from)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {e}")))
+}
+
+/// C's `strftime` of the UTC time `unix` seconds after 1970, for the directives templates use:
+/// `%Y %y %m %d %e %j %H %M %S %a %A %b %B %%`.
+fn strftime(format: &str, unix: u64) -> std::result::Result<String, String> {
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // The civil date of a day count (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let before: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = before[(month - 1) as usize] + day + i64::from(leap && month > 2);
+    // 1970-01-01 was a Thursday.
+    let weekday = (days + 4).rem_euclid(7) as usize;
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:2}")),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('H') => out.push_str(&format!("{:02}", secs / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", secs / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", secs % 60)),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('%') => out.push('%'),
+            Some(other) => return Err(format!("%{other} is not a directive verdict knows")),
+            None => return Err("the format ends in a lone %".into()),
+        }
+    }
+    Ok(out)
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)`, which
@@ -363,6 +448,29 @@ mod tests {
             "{\"name\": \"f\", \"args\": [1, \"é\", {\"a\": null}]}|{\n  \"name\": \"f\",\n  \
              \"args\": [\n    1,\n    \"é\",\n    {\n      \"a\": null\n    }\n  ]\n}|[1.5, 2.0]|[]|\
              {\"args\": [1, \"é\", {\"a\": null}], \"name\": \"f\"}"
+        );
+    }
+
+    #[test]
+    fn strftime_formats_utc_dates() {
+        // 2023-11-14T22:13:20Z, a Tuesday, the 318th day; 2024-02-29 (a leap day) at 05:06:07.
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %e %%", 1_700_000_000).unwrap(),
+            "2023-11-14 22:13:20 Tue Tuesday Nov November 318 23 14 %"
+        );
+        assert_eq!(
+            strftime("%d %b %Y, day %j, %H:%M:%S", 1_709_183_167).unwrap(),
+            "29 Feb 2024, day 060, 05:06:07"
+        );
+        assert_eq!(strftime("%Y-%m-%d", 0).unwrap(), "1970-01-01");
+        assert!(strftime("%Q", 0).unwrap_err().contains("%Q"));
+        assert!(strftime("50%", 0).is_err());
+        // Templates call it (gpt-oss's and Llama 3's date line).
+        let t = ChatTemplate::new("Today: {{ strftime_now('%Y-%m-%d') }}", "", "").unwrap();
+        let today = t.render(&[], false).unwrap();
+        assert!(
+            today.len() == "Today: 2026-12-06".len() && today.starts_with("Today: 2"),
+            "{today}"
         );
     }
 

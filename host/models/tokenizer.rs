@@ -255,6 +255,9 @@ fn meta_strings<'a>(content: &'a Content, key: &str) -> Result<Option<Vec<&'a st
 /// Tokens that end a turn or a generation, by text, as llama.cpp detects them (its end-of-turn
 /// list plus the FIM padding / repository / file separators). Unlike llama.cpp, only control or
 /// user-defined tokens count: Qwen's vocabulary has an ordinary "</s>" that HTML may contain.
+/// gpt-oss's (harmony's) message markers, printed in its replies' text.
+const HARMONY_MARKERS: &[&str] = &["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"];
+
 const END_OF_GENERATION: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
@@ -297,11 +300,33 @@ impl Tokenizer {
             "tokenizer.ggml.tokens has {} entries, more than u32 ids allow",
             tokens.len()
         );
-        let kinds: Vec<TokenKind> =
+        let mut kinds: Vec<TokenKind> =
             per_token(content, "tokenizer.ggml.token_type", tokens.len(), |v| {
                 value_as_i64(v).and_then(TokenKind::from_gguf)
             })?
             .unwrap_or_else(|| vec![TokenKind::Normal; tokens.len()]);
+        // gpt-oss's harmony markers are text its replies are read by (which channel a message
+        // is in: reasoning, answer, tool call), so they print like user-defined tokens, as
+        // llama.cpp prints them.
+        for (t, k) in tokens.iter().zip(kinds.iter_mut()) {
+            if HARMONY_MARKERS.contains(t) {
+                *k = TokenKind::UserDefined;
+            }
+        }
+        // In a harmony vocabulary (`<|return|>` and `<|call|>` end a reply) `<|end|>` closes one
+        // message of several in a reply (the reasoning, before the answer): not an end, and
+        // printed (llama.cpp's rule).
+        let marked = |t: &str| {
+            let id = tokens.iter().position(|x| *x == t)?;
+            matches!(kinds[id], TokenKind::Control | TokenKind::UserDefined).then_some(id as u32)
+        };
+        let message_end = match (marked("<|return|>"), marked("<|call|>"), marked("<|end|>")) {
+            (Some(_), Some(_), Some(end)) => {
+                kinds[end as usize] = TokenKind::UserDefined;
+                Some(end)
+            }
+            _ => None,
+        };
 
         let n = tokens.len() as u32;
         let check_id = |key: &str| -> Result<Option<u32>> {
@@ -487,6 +512,7 @@ impl Tokenizer {
         }
         eog.sort_unstable();
         eog.dedup();
+        eog.retain(|&id| Some(id) != message_end);
 
         let mut h = Sha256::new();
         for part in [model, pre] {

@@ -1,6 +1,7 @@
 //! A reasoning model's thinking, apart from its answer (vLLM's `--reasoning-parser`, llama.cpp's
 //! `--reasoning-format`): Qwen3 and DeepSeek-R1 write `<think> ... </think>` before the reply,
-//! and clients read the thinking as `reasoning_content` beside `content`.
+//! gpt-oss writes harmony messages (an `analysis` channel, then a `final` one), and clients read
+//! the thinking as `reasoning_content` beside `content`.
 //!
 //! One [`Splitter`] serves both a stream (pieces in, labelled pieces out, holding back only what
 //! may be the start of a tag) and a finished reply ([`split`]), so the two always agree.
@@ -15,6 +16,12 @@ pub enum Parser {
     /// everything before `</think>` is thinking (a leading `<think>` is dropped as well).
     #[value(name = "deepseek_r1")]
     DeepSeekR1,
+    /// gpt-oss: the reply is harmony messages, each a header and a body,
+    /// `<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...`;
+    /// the `analysis` channel's bodies are thinking, the others' (`final`, `commentary`) the
+    /// answer, and the headers are dropped (vLLM's `openai_gptoss`).
+    #[value(name = "gpt-oss", alias = "openai_gptoss")]
+    GptOss,
 }
 
 impl Parser {
@@ -40,6 +47,14 @@ pub fn opens_thinking(prompt_tail: &str) -> bool {
 
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
+/// Harmony's markers: a message's header starts with one of the first two and ends with the
+/// third; the fourth ends its body.
+const START: &str = "<|start|>";
+const CHANNEL: &str = "<|channel|>";
+const MESSAGE: &str = "<|message|>";
+const END: &str = "<|end|>";
+/// A harmony header longer than this is not one (the text is read as answer).
+const MAX_HEADER: usize = 256;
 
 /// Which field a piece of the reply belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +72,10 @@ enum Phase {
     /// template drops them when the reply goes back into a prompt).
     AfterThinking,
     Answer,
+    /// Harmony: a message's header (up to `<|message|>`).
+    Header,
+    /// Harmony: a message's body, up to `<|end|>`, and the part it goes to.
+    Body(Part),
 }
 
 /// A reply read piece by piece. `E` goes with the text (its tokens' logprobs) and leaves with
@@ -73,9 +92,11 @@ impl<E> Splitter<E> {
     pub fn new(reading: Reading) -> Self {
         Splitter {
             parser: reading.parser,
-            phase: match reading.open {
-                true => Phase::Thinking,
-                false => Phase::Start,
+            phase: match (reading.parser, reading.open) {
+                // A harmony reply starts with a header, whatever the prompt's end.
+                (Parser::GptOss, _) => Phase::Header,
+                (_, true) => Phase::Thinking,
+                (_, false) => Phase::Start,
             },
             held: String::new(),
             with: Vec::new(),
@@ -87,6 +108,10 @@ impl<E> Splitter<E> {
         self.held.push_str(text);
         self.with.extend(with);
         let mut out = Vec::new();
+        if self.parser == Parser::GptOss {
+            self.push_harmony(&mut out);
+            return out;
+        }
         if self.phase == Phase::Start {
             let t = self.held.trim_start();
             if t.len() < OPEN.len() && OPEN.starts_with(t) {
@@ -98,7 +123,7 @@ impl<E> Splitter<E> {
                     Phase::Thinking
                 }
                 (None, Parser::DeepSeekR1) => Phase::Thinking,
-                (None, Parser::Qwen3) => Phase::Answer,
+                (None, Parser::Qwen3 | Parser::GptOss) => Phase::Answer,
             };
         }
         if self.phase == Phase::Thinking {
@@ -149,13 +174,78 @@ impl<E> Splitter<E> {
         out
     }
 
+    /// Harmony: headers are dropped (their companions go with the next body), bodies go out
+    /// as their channel's part, holding back only what may be the start of `<|end|>`.
+    fn push_harmony(&mut self, out: &mut Vec<(Part, String, Vec<E>)>) {
+        loop {
+            match self.phase {
+                Phase::Body(part) => match self.held.find(END) {
+                    Some(at) => {
+                        let rest = self.held.split_off(at + END.len());
+                        self.held.truncate(at);
+                        let body = std::mem::replace(&mut self.held, rest);
+                        if !body.is_empty() || !self.with.is_empty() {
+                            out.push((part, body, std::mem::take(&mut self.with)));
+                        }
+                        self.phase = Phase::Header;
+                    }
+                    None => {
+                        let keep = super::stop::tag_start_len(&self.held, END);
+                        let tail = self.held.split_off(self.held.len() - keep);
+                        let body = std::mem::replace(&mut self.held, tail);
+                        if !body.is_empty() {
+                            out.push((part, body, std::mem::take(&mut self.with)));
+                        }
+                        return;
+                    }
+                },
+                _ => {
+                    if let Some(at) = self.held.find(MESSAGE) {
+                        let part = match self.held[..at].contains("analysis") {
+                            true => Part::Reasoning,
+                            false => Part::Content,
+                        };
+                        self.held.drain(..at + MESSAGE.len());
+                        self.phase = Phase::Body(part);
+                        continue;
+                    }
+                    // A header opens with a marker and is short; text that cannot be one is
+                    // the answer, as it is.
+                    let t = self.held.as_str();
+                    let opens = [START, CHANNEL]
+                        .iter()
+                        .any(|m| t.starts_with(m) || m.starts_with(t));
+                    if opens && t.len() <= MAX_HEADER {
+                        return;
+                    }
+                    self.phase = Phase::Body(Part::Content);
+                }
+            }
+        }
+    }
+
     /// The end of the reply: whatever was held back, as the part it was in.
     pub fn finish(&mut self) -> Vec<(Part, String, Vec<E>)> {
+        if self.parser == Parser::GptOss {
+            // A body cut off (or ended by `<|return|>` / `<|call|>`) is complete; an unfinished
+            // header is dropped, its companions going out as an empty answer piece.
+            let (part, text) = match self.phase {
+                Phase::Body(part) => (part, std::mem::take(&mut self.held)),
+                _ => {
+                    self.held.clear();
+                    (Part::Content, String::new())
+                }
+            };
+            if text.is_empty() && self.with.is_empty() {
+                return Vec::new();
+            }
+            return vec![(part, text, std::mem::take(&mut self.with))];
+        }
         let part = match (self.phase, self.parser) {
             (Phase::Thinking, _) | (Phase::Start, Parser::DeepSeekR1) => Part::Reasoning,
-            (Phase::AfterThinking | Phase::Answer, _) | (Phase::Start, Parser::Qwen3) => {
-                Part::Content
-            }
+            (Phase::Body(part), _) => part,
+            (Phase::AfterThinking | Phase::Answer | Phase::Header, _)
+            | (Phase::Start, Parser::Qwen3 | Parser::GptOss) => Part::Content,
         };
         if self.held.is_empty() && self.with.is_empty() {
             return Vec::new();
@@ -228,10 +318,60 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn harmony_replies_split_by_channel() {
+        let g = Parser::GptOss.reading(false);
+        assert_eq!(
+            split(
+                g,
+                "<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant<|channel|>final<|message|>It is 4."
+            ),
+            (Some("Add them.".into()), "It is 4.".into())
+        );
+        // No analysis (a low reasoning effort may skip it), or a commentary preamble: answer.
+        assert_eq!(
+            split(g, "<|channel|>final<|message|>It is 4."),
+            (None, "It is 4.".into())
+        );
+        assert_eq!(
+            split(
+                g,
+                "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final<|message|>Done."
+            ),
+            (None, "Checking.Done.".into())
+        );
+        // Cut off in the analysis, or in the next header.
+        assert_eq!(
+            split(g, "<|channel|>analysis<|message|>Let me"),
+            (Some("Let me".into()), "".into())
+        );
+        assert_eq!(
+            split(g, "<|channel|>analysis<|message|>a<|end|><|start|>assis"),
+            (Some("a".into()), "".into())
+        );
+        // Text with no header is the answer as it is; the prompt's end changes nothing.
+        assert_eq!(split(g, "plain <|end|> text"), (None, "plain  text".into()));
+        assert_eq!(
+            split(Parser::GptOss.reading(true), "<|channel|>final<|message|>x"),
+            (None, "x".into())
+        );
+    }
+
     /// Every way of cutting a reply into pieces gives the same parts as the whole, and no piece
     /// carries part of a tag.
     #[test]
     fn a_stream_splits_as_the_whole_reply() {
+        let harmony = [
+            "<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant<|channel|>final<|message|>It is 4.",
+            "<|channel|>final<|message|>x<|end|>",
+            "<|channel|>analysis<|message|>a<|end|><|start|>assis",
+            "<|chan",
+            "plain <|end|> text",
+            "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>",
+        ];
+        for text in harmony {
+            stream_matches_whole(Parser::GptOss.reading(false), text);
+        }
         for parser in [
             Parser::Qwen3.reading(false),
             Parser::DeepSeekR1.reading(false),
@@ -247,32 +387,40 @@ mod tests {
                 "<think>a</think>\n\n\n",
                 "<think>a</think>\n \nb",
             ] {
-                let whole = split(parser, text);
-                for step in 1..=4 {
-                    let mut s = Splitter::new(parser);
-                    let mut pieces = Vec::new();
-                    let chars: Vec<char> = text.chars().collect();
-                    for (i, chunk) in chars.chunks(step).enumerate() {
-                        let piece: String = chunk.iter().collect();
-                        pieces.extend(s.push(&piece, vec![i]));
-                    }
-                    pieces.extend(s.finish());
-                    let (mut thought, mut answer) = (None::<String>, String::new());
-                    let mut seen = Vec::new();
-                    for (part, t, with) in pieces {
-                        assert!(!t.contains(OPEN) || part == Part::Content, "{t:?}");
-                        seen.extend(with);
-                        match part {
-                            Part::Reasoning if t.is_empty() => {}
-                            Part::Reasoning => thought.get_or_insert_with(String::new).push_str(&t),
-                            Part::Content => answer.push_str(&t),
-                        }
-                    }
-                    assert_eq!((thought, answer), whole, "{parser:?} {text:?} by {step}");
-                    // Every piece's companion comes out once, in order.
-                    assert_eq!(seen, (0..chars.len().div_ceil(step)).collect::<Vec<_>>());
+                stream_matches_whole(parser, text);
+            }
+        }
+    }
+
+    fn stream_matches_whole(parser: Reading, text: &str) {
+        // Cut into pieces of 1 to 4 characters, each with its index as the companion.
+        let whole = split(parser, text);
+        for step in 1..=4 {
+            let mut s = Splitter::new(parser);
+            let mut pieces = Vec::new();
+            let chars: Vec<char> = text.chars().collect();
+            for (i, chunk) in chars.chunks(step).enumerate() {
+                let piece: String = chunk.iter().collect();
+                pieces.extend(s.push(&piece, vec![i]));
+            }
+            pieces.extend(s.finish());
+            let (mut thought, mut answer) = (None::<String>, String::new());
+            let mut seen = Vec::new();
+            for (part, t, with) in pieces {
+                assert!(!t.contains(OPEN) || part == Part::Content, "{t:?}");
+                if parser.parser == Parser::GptOss {
+                    assert!(!t.contains("<|"), "{t:?} of {text:?}");
+                }
+                seen.extend(with);
+                match part {
+                    Part::Reasoning if t.is_empty() => {}
+                    Part::Reasoning => thought.get_or_insert_with(String::new).push_str(&t),
+                    Part::Content => answer.push_str(&t),
                 }
             }
+            assert_eq!((thought, answer), whole, "{parser:?} {text:?} by {step}");
+            // Every piece's companion comes out once, in order.
+            assert_eq!(seen, (0..chars.len().div_ceil(step)).collect::<Vec<_>>());
         }
     }
 }
