@@ -2802,11 +2802,31 @@ fn qwen_calls_a_tool_through_the_messages_api() {
 }
 
 /// `--reasoning-parser gpt-oss`: a harmony reply's `analysis` message comes back as
-/// `reasoning_content`, its `final` one as `content`, whole or streamed, and no header reaches
-/// the client. (The tiny vocabulary spells the markers in bytes; the parser reads text.)
+/// `reasoning_content`, its `final` one as `content`, and a message to a function as a tool
+/// call, whole or streamed; no header reaches the client. (The tiny vocabulary spells the
+/// markers in bytes; the parser reads text. `--chat-template` gives the tiny model a template
+/// that lists tools.)
 #[test]
 fn harmony_reasoning_is_apart_from_the_answer() {
-    let s = tiny_server(1024, &["--reasoning-parser", "gpt-oss"]);
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("tools.jinja");
+    std::fs::write(
+        &template,
+        "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}\
+         {% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let template = template.display().to_string();
+    let s = tiny_server(
+        1024,
+        &[
+            "--reasoning-parser",
+            "gpt-oss",
+            "--chat-template",
+            &template,
+        ],
+    );
     let ask = |stream: bool| {
         json!({
             "messages": [{"role": "user", "content": "think first"}], "max_tokens": 200,
@@ -2840,6 +2860,79 @@ fn harmony_reasoning_is_apart_from_the_answer() {
         (streamed_thought.as_str(), streamed_answer.as_str()),
         (thought, answer)
     );
+    // A message to a function is a tool call, whole or streamed.
+    let call = |stream: bool| {
+        json!({
+            "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 200,
+            "temperature": 0, "stream": stream,
+            "tools": [{"type": "function", "function": {"name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "guided_regex": r#"<\|channel\|>analysis<\|message\|>[a-z]{3,12}<\|end\|><\|start\|>assistant<\|channel\|>commentary to=functions\.get_weather <\|constrain\|>json<\|message\|>\{"city": "[a-z]{2,8}"\}"#,
+        })
+    };
+    let v = s.post_json("/v1/chat/completions", &call(false)).json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    let m = &c["message"];
+    assert!(
+        m["reasoning_content"]
+            .as_str()
+            .is_some_and(|t| lower(t, 3..=12)),
+        "{m}"
+    );
+    assert!(m["content"].is_null(), "{m}");
+    let f = &m["tool_calls"][0]["function"];
+    assert_eq!(f["name"], "get_weather", "{m}");
+    let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        args["city"].as_str().is_some_and(|c| lower(c, 2..=8)),
+        "{m}"
+    );
+    let events = s.open_stream("/v1/chat/completions", &call(true)).collect();
+    let (mut names, mut finish) = (Vec::new(), None);
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let ch = &c["choices"][0];
+        for t in ch["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            names.push(t["function"]["name"].clone());
+        }
+        if !ch["finish_reason"].is_null() {
+            finish = Some(ch["finish_reason"].clone());
+        }
+        assert!(!ch.to_string().contains("<|"), "a marker leaked: {e}");
+    }
+    assert_eq!(names, vec![json!("get_weather")]);
+    assert_eq!(finish, Some(json!("tool_calls")));
+    drop(s);
+    // A template file that is missing, or does not compile, stops the server at start.
+    let broken = dir.path().join("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}").unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    for (file, needle) in [
+        (
+            dir.path().join("missing.jinja"),
+            "reading the chat template",
+        ),
+        (broken, "does not compile"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .arg("serve")
+            .args([
+                "--port",
+                "0",
+                "--chat-template",
+                &file.display().to_string(),
+            ])
+            .args(["--model", &target.display().to_string()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(needle),
+            "{err}"
+        );
+    }
 }
 
 /// `--reasoning-parser qwen3`: a chat reply's `<think>` block comes back as

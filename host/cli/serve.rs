@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// `gpt-oss`: harmony's `analysis` channel is the thinking, `final` the answer.
     #[arg(long, value_enum)]
     pub reasoning_parser: Option<crate::serve::reasoning::Parser>,
+    /// A Jinja chat template file to use in place of the GGUF's `tokenizer.chat_template` (as
+    /// vLLM's option of that name): a fixed or extended template, one that lists tools.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
     /// How /v1/embeddings pools a text's final hidden states: mean, cls or last (default: as
     /// the GGUF's `pooling_type` says, else the last token's, as vLLM does for a decoder).
     #[arg(long, value_parser = parse_pooling)]
@@ -282,6 +286,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let draft_vocab = args.draft_vocab;
     let shards = args.shards as usize;
     let device = args.device.open()?;
+    // Read now, so that a missing file fails before the server starts (it compiles with the
+    // model's tokenizer, in the loader).
+    let template = match &args.chat_template {
+        Some(p) => Some((
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the chat template {}", p.display()))?,
+            p.clone(),
+        )),
+        None => None,
+    };
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &device)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
@@ -299,8 +313,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             )?),
             None => None,
         };
-        let chat = ChatTemplate::from_gguf(content, &tokenizer)
-            .with_context(|| format!("the chat template of {}", target_path.display()))?;
+        let chat = match &template {
+            Some((source, path)) => ChatTemplate::for_tokenizer(source, &tokenizer)
+                .with_context(|| format!("the chat template {}", path.display()))?,
+            None => ChatTemplate::from_gguf(content, &tokenizer)
+                .with_context(|| format!("the chat template of {}", target_path.display()))?,
+        };
         let judge = head_choice.load(&target)?;
         let target = crate::cli::generate::shard_target(target, shards, &device)?;
         // Concurrent requests share forwards; a lone request runs exactly as unbatched.

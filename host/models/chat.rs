@@ -98,21 +98,25 @@ impl ChatTemplate {
 
     /// The template stored in the GGUF (`tokenizer.chat_template`), or ChatML when there is none.
     pub fn from_gguf(content: &Content, tokenizer: &Tokenizer) -> Result<Self> {
-        let text = |id: Option<u32>| {
-            id.and_then(|id| tokenizer.token_text(id))
-                .unwrap_or_default()
-        };
-        let (bos, eos) = (text(tokenizer.bos_id()), text(tokenizer.eos_id()));
         match content.metadata.get("tokenizer.chat_template") {
-            None => Ok(Self::chatml(&bos, &eos)),
+            None => {
+                let (bos, eos) = bos_eos(tokenizer);
+                Ok(Self::chatml(&bos, &eos))
+            }
             Some(v) => {
                 let source = v
                     .to_string()
                     .map_err(|e| anyhow!("GGUF metadata tokenizer.chat_template: {e}"))?;
-                Self::new(source, &bos, &eos)
+                Self::for_tokenizer(source, tokenizer)
                     .context("compiling the GGUF's tokenizer.chat_template")
             }
         }
+    }
+
+    /// A template of the caller's (`serve --chat-template`) with `tokenizer`'s BOS and EOS text.
+    pub fn for_tokenizer(source: &str, tokenizer: &Tokenizer) -> Result<Self> {
+        let (bos, eos) = bos_eos(tokenizer);
+        Self::new(source, &bos, &eos)
     }
 
     fn build(source: &str, bos_token: &str, eos_token: &str, fallback: bool) -> Result<Self> {
@@ -180,6 +184,15 @@ impl ChatTemplate {
             .get_template(NAME)
             .is_ok_and(|t| t.source().contains("tools"))
     }
+}
+
+/// The text of the tokenizer's BOS and EOS tokens (empty where it has none).
+fn bos_eos(tokenizer: &Tokenizer) -> (String, String) {
+    let text = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.token_text(id))
+            .unwrap_or_default()
+    };
+    (text(tokenizer.bos_id()), text(tokenizer.eos_id()))
 }
 
 /// Templates call `raise_exception("...")` to reject a conversation (e.g. roles out of order).

@@ -55,6 +55,19 @@ const MESSAGE: &str = "<|message|>";
 const END: &str = "<|end|>";
 /// A harmony header longer than this is not one (the text is read as answer).
 const MAX_HEADER: usize = 256;
+/// How a harmony function call's block ends (its arguments' object, then the tag).
+const CALL_CLOSE: &str = "}</tool_call>";
+
+/// The function a harmony header addresses (`to=functions.NAME`, in the channel's part or the
+/// role's), if any.
+fn recipient(header: &str) -> Option<&str> {
+    const TO: &str = "to=functions.";
+    let rest = &header[header.find(TO)? + TO.len()..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '<')
+        .unwrap_or(rest.len());
+    (end > 0).then(|| &rest[..end])
+}
 
 /// Which field a piece of the reply belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +99,9 @@ pub struct Splitter<E> {
     phase: Phase,
     held: String,
     with: Vec<E>,
+    /// Harmony: the body is a function call's arguments, written out as a Hermes
+    /// `<tool_call>` block (closed at the body's end).
+    call: bool,
 }
 
 impl<E> Splitter<E> {
@@ -100,6 +116,7 @@ impl<E> Splitter<E> {
             },
             held: String::new(),
             with: Vec::new(),
+            call: false,
         }
     }
 
@@ -175,7 +192,9 @@ impl<E> Splitter<E> {
     }
 
     /// Harmony: headers are dropped (their companions go with the next body), bodies go out
-    /// as their channel's part, holding back only what may be the start of `<|end|>`.
+    /// as their channel's part, holding back only what may be the start of `<|end|>`. A
+    /// message to a function (`to=functions.NAME`) becomes a Hermes `<tool_call>` block of
+    /// the answer, which the tool-call reader takes from there (`tools.rs`).
     fn push_harmony(&mut self, out: &mut Vec<(Part, String, Vec<E>)>) {
         loop {
             match self.phase {
@@ -183,7 +202,10 @@ impl<E> Splitter<E> {
                     Some(at) => {
                         let rest = self.held.split_off(at + END.len());
                         self.held.truncate(at);
-                        let body = std::mem::replace(&mut self.held, rest);
+                        let mut body = std::mem::replace(&mut self.held, rest);
+                        if std::mem::take(&mut self.call) {
+                            body.push_str(CALL_CLOSE);
+                        }
                         if !body.is_empty() || !self.with.is_empty() {
                             out.push((part, body, std::mem::take(&mut self.with)));
                         }
@@ -201,9 +223,19 @@ impl<E> Splitter<E> {
                 },
                 _ => {
                     if let Some(at) = self.held.find(MESSAGE) {
-                        let part = match self.held[..at].contains("analysis") {
-                            true => Part::Reasoning,
-                            false => Part::Content,
+                        let header = &self.held[..at];
+                        let part = match (recipient(header), header.contains("analysis")) {
+                            (Some(name), _) => {
+                                let open = format!(
+                                    "<tool_call>{{\"name\": {}, \"arguments\": ",
+                                    serde_json::Value::from(name)
+                                );
+                                out.push((Part::Content, open, std::mem::take(&mut self.with)));
+                                self.call = true;
+                                Part::Content
+                            }
+                            (None, true) => Part::Reasoning,
+                            (None, false) => Part::Content,
                         };
                         self.held.drain(..at + MESSAGE.len());
                         self.phase = Phase::Body(part);
@@ -229,13 +261,16 @@ impl<E> Splitter<E> {
         if self.parser == Parser::GptOss {
             // A body cut off (or ended by `<|return|>` / `<|call|>`) is complete; an unfinished
             // header is dropped, its companions going out as an empty answer piece.
-            let (part, text) = match self.phase {
+            let (part, mut text) = match self.phase {
                 Phase::Body(part) => (part, std::mem::take(&mut self.held)),
                 _ => {
                     self.held.clear();
                     (Part::Content, String::new())
                 }
             };
+            if std::mem::take(&mut self.call) {
+                text.push_str(CALL_CLOSE);
+            }
             if text.is_empty() && self.with.is_empty() {
                 return Vec::new();
             }
@@ -349,6 +384,28 @@ mod tests {
             split(g, "<|channel|>analysis<|message|>a<|end|><|start|>assis"),
             (Some("a".into()), "".into())
         );
+        // A message to a function is a Hermes tool call of the answer (the tool-call reader's
+        // input), its recipient in the channel's part or the role's.
+        for reply in [
+            "<|channel|>analysis<|message|>need it<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}",
+            "<|channel|>analysis<|message|>need it<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Paris\"}<|end|>",
+        ] {
+            let (thought, answer) = split(g, reply);
+            assert_eq!(thought.as_deref(), Some("need it"));
+            assert_eq!(
+                answer,
+                "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>"
+            );
+            let (content, calls) = super::super::tools::parse(&answer).unwrap();
+            assert_eq!(content, None);
+            assert_eq!(calls[0]["function"]["name"], "get_weather");
+            assert_eq!(calls[0]["function"]["arguments"], "{\"city\":\"Paris\"}");
+        }
+        // A built-in tool's recipient (not `functions.`) is no call.
+        assert_eq!(
+            split(g, "<|channel|>commentary to=browser.search<|message|>q").1,
+            "q"
+        );
         // Text with no header is the answer as it is; the prompt's end changes nothing.
         assert_eq!(split(g, "plain <|end|> text"), (None, "plain  text".into()));
         assert_eq!(
@@ -368,6 +425,7 @@ mod tests {
             "<|chan",
             "plain <|end|> text",
             "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>",
+            "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"a\": 1}",
         ];
         for text in harmony {
             stream_matches_whole(Parser::GptOss.reading(false), text);
