@@ -2812,7 +2812,8 @@ fn harmony_reasoning_is_apart_from_the_answer() {
     let template = dir.path().join("tools.jinja");
     std::fs::write(
         &template,
-        "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}\
+        "{% if reasoning_effort %}Reasoning: {{ reasoning_effort }}\n{% endif %}\
+         {% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}\
          {% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
          {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     )
@@ -2903,6 +2904,24 @@ fn harmony_reasoning_is_apart_from_the_answer() {
     }
     assert_eq!(names, vec![json!("get_weather")]);
     assert_eq!(finish, Some(json!("tool_calls")));
+    // OpenAI's `reasoning_effort` reaches the template (gpt-oss's `Reasoning: high` line).
+    let prompt_tokens = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let v = s.post_json("/v1/chat/completions", &body).json();
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let line = s
+        .post_json("/tokenize", &json!({"prompt": "Reasoning: high\n"}))
+        .json()["count"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        prompt_tokens(json!({"reasoning_effort": "high"})),
+        prompt_tokens(json!({})) + line
+    );
     drop(s);
     // A template file that is missing, or does not compile, stops the server at start.
     let broken = dir.path().join("broken.jinja");

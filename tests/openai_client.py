@@ -278,6 +278,17 @@ try:
     raise AssertionError("tools were accepted by a template that reads none")
 except openai.BadRequestError as e:
     assert e.body["param"] == "tools", e.body
+# The client's own `reasoning_effort` reaches the template (this one reads none); a level
+# OpenAI has not is refused by name.
+r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, reasoning_effort="low")
+assert r.choices[0].message.role == "assistant"
+try:
+    client.chat.completions.create(
+        model=model, messages=messages, max_tokens=2, extra_body={"reasoning_effort": "extreme"}
+    )
+    raise AssertionError("an unknown effort was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "reasoning_effort", e.body
 # A reasoning model's thinking (the server runs --reasoning-parser qwen3; a grammar makes the
 # tiny model write a block): `reasoning_content` beside `content`, whole and streamed, as the
 # client exposes fields it does not know (`model_extra`).

@@ -158,6 +158,7 @@ pub fn parse_object(
     // Chat's two logprobs fields are checked together after the loop.
     let mut chat_logprobs = false;
     let mut tools_off = false;
+    let mut effort: Option<String> = None;
     // A tool_choice that forces a call: "required" (any tool) or the one named.
     let mut tool_forced: Option<Option<String>> = None;
     let mut grammars: Vec<(&'static str, GrammarSpec)> = Vec::new();
@@ -172,6 +173,7 @@ pub fn parse_object(
                 r.continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
             }
             "chat_template_kwargs" if chat => r.template_vars = opt(v, |v| template_vars(k, v))?,
+            "reasoning_effort" if chat => effort = opt(v, |v| reasoning_effort(k, v))?,
             "max_tokens" => {
                 // 0 only with echo (checked after the loop).
                 if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
@@ -411,6 +413,13 @@ pub fn parse_object(
             "suffix",
             "suffix (fill-in-the-middle) cannot be combined with echo",
         ));
+    }
+    // The template's own kwargs win over the request's effort.
+    if let Some(e) = effort {
+        r.template_vars
+            .get_or_insert_with(Map::new)
+            .entry("reasoning_effort")
+            .or_insert(Value::String(e));
     }
     if r.max_tokens == Some(0) && !r.echo {
         return Err(ApiError::invalid(
@@ -819,6 +828,19 @@ pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// OpenAI's `reasoning_effort`, which reaches the chat template as the variable of that name
+/// (gpt-oss's template writes it into the system message as `Reasoning: low`).
+pub(crate) fn reasoning_effort(k: &str, v: &Value) -> Result<String, ApiError> {
+    const LEVELS: [&str; 5] = ["none", "minimal", "low", "medium", "high"];
+    match v.as_str() {
+        Some(e) if LEVELS.contains(&e) => Ok(e.to_string()),
+        _ => Err(ApiError::invalid(
+            k,
+            format!("{k} must be one of {LEVELS:?}, got {v}"),
+        )),
+    }
+}
+
 /// `chat_template_kwargs`: an object of template variables. The ones the server sets itself
 /// (the conversation, the tools, the special tokens) cannot be replaced this way.
 fn template_vars(k: &str, v: &Value) -> Result<Map<String, Value>, ApiError> {
@@ -1191,6 +1213,45 @@ mod tests {
             Ok(r) => panic!("{body} parsed: {r:?}"),
             Err(e) => e,
         }
+    }
+
+    /// OpenAI's `reasoning_effort` reaches the chat template as a variable (the request's own
+    /// `chat_template_kwargs` win); a level OpenAI does not have is refused by name.
+    #[test]
+    fn reasoning_effort_is_a_template_variable() {
+        let vars = |body: &str| {
+            parse(Endpoint::Chat, body.as_bytes())
+                .unwrap()
+                .template_vars
+        };
+        let m = r#""messages":[{"role":"user","content":"x"}]"#;
+        assert_eq!(
+            vars(&format!(r#"{{{m},"reasoning_effort":"low"}}"#)),
+            Some(Map::from_iter([("reasoning_effort".into(), json!("low"))]))
+        );
+        assert_eq!(
+            vars(&format!(
+                r#"{{{m},"reasoning_effort":"low","chat_template_kwargs":{{"reasoning_effort":"high","x":1}}}}"#
+            )),
+            Some(Map::from_iter([
+                ("reasoning_effort".into(), json!("high")),
+                ("x".into(), json!(1))
+            ]))
+        );
+        assert_eq!(vars(&format!(r#"{{{m},"reasoning_effort":null}}"#)), None);
+        let e = err(
+            Endpoint::Chat,
+            &format!(r#"{{{m},"reasoning_effort":"extreme"}}"#),
+        );
+        assert!(
+            e.message.contains("reasoning_effort") && e.message.contains("\"high\""),
+            "{e:?}"
+        );
+        let e = err(
+            Endpoint::Completions,
+            r#"{"prompt":"x","reasoning_effort":"low"}"#,
+        );
+        assert!(e.message.contains("reasoning_effort"), "{e:?}");
     }
 
     #[test]

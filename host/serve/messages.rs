@@ -130,8 +130,14 @@ pub fn translate(body: &Map<String, Value>) -> Result<Translated, ApiError> {
                                     chat.insert("response_format".into(), f);
                                 }
                             }
-                            // One effort is all a local model has.
-                            "effort" => {}
+                            // As chat's `reasoning_effort` (gpt-oss's template reads it).
+                            "effort" => {
+                                if !cv.is_null() {
+                                    let e =
+                                        super::api::reasoning_effort("output_config.effort", cv)?;
+                                    chat.insert("reasoning_effort".into(), e.into());
+                                }
+                            }
                             _ => {
                                 return Err(invalid(
                                     format!("output_config.{ck}"),
@@ -886,6 +892,16 @@ mod tests {
         assert!(c.get("metadata").is_none() && c.get("thinking").is_none());
         // Thinking switched off reaches the template as Qwen3's switch.
         assert_eq!(c["chat_template_kwargs"], json!({"enable_thinking": false}));
+        // The effort, as chat's `reasoning_effort`; a level there is not is refused by name.
+        let ask = |effort: Value| {
+            t(
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                     "output_config": {"effort": effort}}),
+            )
+        };
+        assert_eq!(ask(json!("high")).unwrap().chat["reasoning_effort"], "high");
+        let e = ask(json!("max")).unwrap_err();
+        assert!(e.message.contains("output_config.effort"), "{e:?}");
         let m = c["messages"].as_array().unwrap();
         assert_eq!(m.len(), 5);
         assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));

@@ -185,11 +185,14 @@ pub fn translate(
                 chat.insert(k.clone(), v.clone());
                 echo.insert(k.clone(), v.clone());
             }
-            // Effort levels have no counterpart here: a reasoning model's thinking is on or off
-            // (`chat_template_kwargs`, e.g. Qwen3's `enable_thinking`).
+            // The effort reaches the template as chat's `reasoning_effort` does (gpt-oss's
+            // `Reasoning: low`); a summary is not made.
             "reasoning" => {
                 if !v.is_null() {
-                    object(k, v)?;
+                    if let Some(e) = object(k, v)?.get("effort").filter(|e| !e.is_null()) {
+                        let e = super::api::reasoning_effort("reasoning.effort", e)?;
+                        chat.insert("reasoning_effort".into(), e.into());
+                    }
                 }
             }
             "metadata" | "temperature" | "top_p" | "parallel_tool_calls" => {
@@ -1123,6 +1126,21 @@ mod tests {
         let c = &r.chat;
         assert_eq!(c["max_tokens"], 20);
         assert_eq!(c["policy"], "strict");
+        // `reasoning.effort` becomes chat's `reasoning_effort`; a level there is not is
+        // refused by name.
+        let ask = |effort: Value| {
+            t(json!({"input": "x", "reasoning": {"effort": effort, "summary": "auto"}}))
+        };
+        assert_eq!(ask(json!("low")).unwrap().chat["reasoning_effort"], "low");
+        assert!(
+            ask(json!(null))
+                .unwrap()
+                .chat
+                .get("reasoning_effort")
+                .is_none()
+        );
+        let e = ask(json!(3)).unwrap_err();
+        assert!(e.message.contains("reasoning.effort"), "{e:?}");
         assert_eq!(
             c["response_format"],
             json!({"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}})
