@@ -188,11 +188,11 @@ pub fn translate(
             // The effort reaches the template as chat's `reasoning_effort` does (gpt-oss's
             // `Reasoning: low`); a summary is not made.
             "reasoning" => {
-                if !v.is_null() {
-                    if let Some(e) = object(k, v)?.get("effort").filter(|e| !e.is_null()) {
-                        let e = super::api::reasoning_effort("reasoning.effort", e)?;
-                        chat.insert("reasoning_effort".into(), e.into());
-                    }
+                if !v.is_null()
+                    && let Some(e) = object(k, v)?.get("effort").filter(|e| !e.is_null())
+                {
+                    let e = super::api::reasoning_effort("reasoning.effort", e)?;
+                    chat.insert("reasoning_effort".into(), e.into());
                 }
             }
             "metadata" | "temperature" | "top_p" | "parallel_tool_calls" => {
