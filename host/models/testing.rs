@@ -1173,6 +1173,30 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     })
 }
 
+/// gpt-oss's layout at a small scale, for CPU speed comparisons with llama.cpp on the same file
+/// (`bench/cpu-vs-llamacpp --gguf`): 8 layers 768 wide, 12 query and 4 kv heads of 64, every
+/// other layer local (128 positions), 32 experts of width 768 with 4 per token, stored as MXFP4
+/// (453M expert weights, 57M of them read per token), the other matrices Q8_0.
+pub fn gpt_oss_bench_spec() -> TinySpec {
+    TinySpec {
+        arch: Arch::GptOss,
+        vocab: 900,
+        hidden: 768,
+        layers: 8,
+        heads: 12,
+        kv_heads: 4,
+        head_dim: Some(64),
+        sliding_window: Some(128),
+        experts: Some((32, 4, 768)),
+        intermediate: 768,
+        dtype: GgmlDType::Q8_0,
+        context_length: 4096,
+        rms_eps: 1e-5,
+        seed: 11,
+        ..TinySpec::default()
+    }
+}
+
 /// The spec of [`peer_specs`] named `name`.
 pub fn peer_spec(name: &str) -> Option<TinySpec> {
     peer_specs()
