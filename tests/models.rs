@@ -1321,7 +1321,12 @@ fn bad_files_give_clear_errors() {
         ),
         (&hsc, "use_bias", serde_json::json!(false), "biases"),
         (&hsc, "hidden_act", serde_json::json!("relu"), "\"relu\""),
-        (&hco, "use_qk_norm", serde_json::json!(true), "q / k norms"),
+        (
+            &hco,
+            "use_qk_norm",
+            serde_json::json!(true),
+            "only Command R+",
+        ),
         (
             &hco,
             "sliding_window",
@@ -1337,15 +1342,21 @@ fn bad_files_give_clear_errors() {
         assert!(e.contains(key) && e.contains(expect), "{key}: {e}");
         std::fs::write(dir.join("config.json"), text).unwrap();
     }
-    // Command R+'s per-head q / k LayerNorms are refused, not skipped.
+    // Command R+ with a q norm but no k norm names the missing one; its per-head norm weights
+    // are not split over ranks.
+    let rplus = verdict::models::testing::peer_spec("command-r-plus").unwrap();
     let e = spec_patched_error(
         dir.path(),
         "rplus.gguf",
-        &verdict::models::testing::peer_spec("command-r").unwrap(),
-        b"blk.0.attn_output.weight",
-        b"blk.0.attn_q_norm.weight",
+        &rplus,
+        b"blk.0.attn_k_norm.weight",
+        b"blk.0.attn_k_nurm.weight",
     );
-    assert!(e.contains("attn_q_norm") && e.contains("Command R+"), "{e}");
+    assert!(e.contains("blk.0.attn_k_norm.weight: missing"), "{e}");
+    match tiny(dir.path(), &rplus).shard(2) {
+        Ok(_) => panic!("per-head q / k norms were split over ranks"),
+        Err(e) => assert!(e.to_string().contains("Command R+"), "{e}"),
+    }
     // Command R7B's GGUF without its window, a Qwen2-MoE one without its shared expert's
     // gate: each named missing.
     for (spec, name) in [

@@ -959,15 +959,6 @@ impl GgufFile {
                 "a granite model without rotary embeddings is not supported".into(),
             ));
         }
-        // Command R+'s q / k LayerNorms (a weight per head) are not built: refuse, never skip.
-        if arch == Arch::CommandR && self.has_tensor("blk.0.attn_q_norm.weight") {
-            return Err(ModelError::Tensor {
-                path: self.path.clone(),
-                tensor: "blk.0.attn_q_norm.weight".into(),
-                reason: "command-r's per-head q / k LayerNorms (Command R+) are not supported"
-                    .into(),
-            });
-        }
         // Phi-4-mini and the like rotate the first `dimension_count` of a head.
         let rope_dims = self
             .opt_usize(&format!("{a}.rope.dimension_count"))?

@@ -249,10 +249,13 @@ fn config_from_json(
             "false is not supported (verdict's starcoder2 reads its biases)".into(),
         ));
     }
-    if matches!(arch, Arch::Cohere2 | Arch::CommandR) && flag("use_qk_norm") == Some(true) {
+    // Command R+ has per-head q / k LayerNorms; Cohere 2 models have none, and llama.cpp's
+    // cohere2 reads none.
+    if arch == Arch::Cohere2 && flag("use_qk_norm") == Some(true) {
         return Err(err(
             "use_qk_norm",
-            "true is not supported (Cohere's models without q / k norms are)".into(),
+            "true is not supported for cohere2 (only Command R+, model_type cohere, has them)"
+                .into(),
         ));
     }
     if arch == Arch::Qwen2Moe {

@@ -297,6 +297,15 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
     if n == 0 {
         return Err(fail("the rank count must be at least 1".into()));
     }
+    if w.layers
+        .iter()
+        .any(|l| l.qk_norm.as_ref().is_some_and(|(q, _)| q.rank() == 2))
+    {
+        // Command R+'s q / k norms have a weight per head, which ranks would hold in parts.
+        return Err(fail(
+            "splitting per-head q / k norm weights (Command R+) over ranks is not built".into(),
+        ));
+    }
     if cfg.arch == super::gguf::Arch::Olmo2 {
         // Its q / k norms span every head of a row, which ranks hold in parts.
         return Err(fail(

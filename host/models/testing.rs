@@ -42,6 +42,8 @@ pub struct TinySpec {
     pub experts: Option<(usize, usize, usize)>,
     /// The width of Qwen2-MoE's shared expert (with `experts`).
     pub shared_expert: Option<usize>,
+    /// Command R+'s q / k LayerNorms, a weight per head (command-r only).
+    pub qk_norms: bool,
     /// `general.name`; `None`: `verdict-tiny-{arch}`. (llama.cpp reads Phi-3's tokenizer
     /// rules from the name.)
     pub name: Option<&'static str>,
@@ -86,6 +88,7 @@ impl Default for TinySpec {
             granite: None,
             experts: None,
             shared_expert: None,
+            qk_norms: false,
             name: None,
             intermediate: 128,
             dtype: GgmlDType::F32,
@@ -394,6 +397,14 @@ fn tiny_weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         if matches!(spec.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3) {
             out.push(vector(format!("{b}.attn_q_norm.weight"), 1.0, 0.5, hd)?);
             out.push(vector(format!("{b}.attn_k_norm.weight"), 1.0, 0.5, hd)?);
+        }
+        if spec.qk_norms {
+            // A weight per head: `[heads, head_dim]`.
+            for (what, heads) in [("q", spec.heads), ("k", spec.kv_heads)] {
+                let (name, t) =
+                    vector(format!("{b}.attn_{what}_norm.weight"), 1.0, 0.5, heads * hd)?;
+                out.push((name, t.reshape((heads, hd))?));
+            }
         }
         if matches!(spec.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2) {
             out.push(vector(
@@ -809,7 +820,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             continue;
         }
         // Norms and biases are f32, as in llama.cpp's files.
-        let dtype = if t.rank() == 1 || name.ends_with(".bias") {
+        let dtype = if t.rank() == 1 || name.ends_with(".bias") || name.ends_with("_norm.weight") {
             GgmlDType::F32
         } else {
             spec.dtype
@@ -1124,7 +1135,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
         config["model_type"] = "cohere".into();
         config["layer_norm_eps"] = spec.rms_eps.into();
         config["logit_scale"] = COHERE2_LOGIT_SCALE.into();
-        config["use_qk_norm"] = false.into();
+        config["use_qk_norm"] = spec.qk_norms.into();
     }
     if spec.arch == Arch::Cohere2 {
         config["layer_norm_eps"] = spec.rms_eps.into();
@@ -1444,6 +1455,19 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             "command-r",
             TinySpec {
                 arch: Arch::CommandR,
+                rms_eps: 1e-5,
+                tied: true,
+                ..base.clone()
+            },
+        ),
+        // Command R+: command-r with each head's q and k LayerNormed, a weight per head (64
+        // layers: llama.cpp reads the norms from models that deep, as Command R+ is).
+        (
+            "command-r-plus",
+            TinySpec {
+                arch: Arch::CommandR,
+                qk_norms: true,
+                layers: 64,
                 rms_eps: 1e-5,
                 tied: true,
                 ..base.clone()

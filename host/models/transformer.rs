@@ -502,6 +502,18 @@ impl Weights {
                     vec_of("attn_q_norm", q_out)?,
                     vec_of("attn_k_norm", kv_out)?,
                 )),
+                // Command R+: a LayerNorm weight per head, `[heads, head_dim]`.
+                Arch::CommandR if src.has(&n("attn_q_norm")) => {
+                    let per_head = |s: &str, heads: usize| -> Result<Tensor> {
+                        let name = n(s);
+                        check_shape(src, &name, &[heads, d])?;
+                        src.vector(&name, device)
+                    };
+                    Some((
+                        per_head("attn_q_norm", c.n_heads)?,
+                        per_head("attn_k_norm", c.n_kv_heads)?,
+                    ))
+                }
                 Arch::Llama
                 | Arch::Qwen2
                 | Arch::Phi3
@@ -1769,10 +1781,22 @@ fn run(
                 candle_nn::ops::rms_norm(&t.reshape((rows, heads, hd))?, norm, cfg.norm_eps)?
                     .reshape((rows, heads * hd))
             };
-            let norm = |t: &Tensor, n: &Tensor, heads: usize| match n.dim(0)? == hd {
-                true => per_head(t, n, heads),
+            // Command R+: each head LayerNormed (centred, then scaled to unit RMS, as ggml
+            // computes it) with a weight of its own.
+            let per_head_layer = |t: &Tensor, norm: &Tensor, heads: usize| {
+                let rows = t.dim(0)?;
+                let x = t.reshape((rows, heads, hd))?;
+                let centred = x.broadcast_sub(&x.mean_keepdim(2)?)?;
+                let ones = Tensor::ones(hd, centred.dtype(), centred.device())?;
+                candle_nn::ops::rms_norm(&centred, &ones, cfg.norm_eps)?
+                    .broadcast_mul(norm)?
+                    .reshape((rows, heads * hd))
+            };
+            let norm = |t: &Tensor, n: &Tensor, heads: usize| match (n.rank(), n.dim(0)? == hd) {
+                (2, _) => per_head_layer(t, n, heads),
+                (_, true) => per_head(t, n, heads),
                 // OLMo 2: the whole row (a shard holds whole models only; see `shard.rs`).
-                false => candle_nn::ops::rms_norm(t, n, cfg.norm_eps),
+                _ => candle_nn::ops::rms_norm(t, n, cfg.norm_eps),
             };
             q_all = norm(&q_all, qn, nh)?;
             k_all = norm(&k_all, kn, nkv)?;
