@@ -1,5 +1,7 @@
-//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 weights (x86-64 with
-//! AVX-512 VNNI).
+//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0, Q5_0, Q4_1 and MXFP4 weights (x86-64
+//! with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, is read as stored:
+//! each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a Q8_0
+//! block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
 //!
 //! Why not candle's: its x86 fast path repacks Q4_K into tiles with unpacked f32 scales (33%
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
@@ -40,6 +42,11 @@ const QK8_0: usize = 32;
 const Q8_0_BYTES: usize = 34;
 const Q5_0_BYTES: usize = 22;
 const Q4_1_BYTES: usize = 20;
+/// MXFP4 (gpt-oss's experts): an E8M0 exponent byte and 16 bytes of 4-bit codes per 32.
+const MXFP4_BYTES: usize = 17;
+/// MXFP4's code values, doubled to integers (ggml's `kvalues_mxfp4`); the scale 2^(e - 128)
+/// halves them back.
+const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 /// Q4_K, Q6_K, Q5_0 and Q4_1 run on repacked copies: 16 columns per tile, each block of the 16
 /// in its `*_TILE_BYTES` (see [`pack_q4k`], [`pack_q6k`], [`pack_q5_0`], [`pack_q4_1`]).
 const TILE: usize = 16;
@@ -65,13 +72,18 @@ enum Kind {
     Q8_0,
     Q5_0,
     Q4_1,
+    /// Read as stored, like Q8_0: each block's codes through a 16-entry table to int8.
+    Mxfp4,
 }
 
 /// A quantized `[n, k]` weight that this module multiplies (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
-    w: Arc<QTensor>,
-    /// The repacked bytes of Q4_K, Q6_K, Q5_0 and Q4_1 (Q8_0 reads `w`'s blocks as stored).
+    /// The candle tensor whose blocks Q8_0 reads as stored; `None` for MXFP4, which candle
+    /// cannot hold (its blocks are in `packed`, as stored).
+    w: Option<Arc<QTensor>>,
+    /// The repacked bytes of Q4_K, Q6_K, Q5_0 and Q4_1, MXFP4's stored blocks (Q8_0 reads
+    /// `w`'s blocks as stored).
     packed: Option<Arc<[u8]>>,
     kind: Kind,
     n: usize,
@@ -108,6 +120,7 @@ fn enabled(kind: Kind) -> bool {
         Kind::Q8_0 => "q8_0",
         Kind::Q5_0 => "q5_0",
         Kind::Q4_1 => "q4_1",
+        Kind::Mxfp4 => "mxfp4",
     };
     match std::env::var("VERDICT_CPU_GEMM") {
         Ok(list) if list != "1" => list.split(',').any(|s| s.trim().eq_ignore_ascii_case(name)),
@@ -118,7 +131,7 @@ fn enabled(kind: Kind) -> bool {
 /// Every type by default: each wins against candle's kernels at one row and at several
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
-const DEFAULT_TYPES: &[&str] = &["q4k", "q6k", "q8_0", "q5_0", "q4_1"];
+const DEFAULT_TYPES: &[&str] = &["q4k", "q6k", "q8_0", "q5_0", "q4_1", "mxfp4"];
 
 impl Gemm {
     /// `None` unless `w` is a CPU Q4_K, Q6_K, Q8_0, Q5_0 or Q4_1 matrix that the kernel is
@@ -138,12 +151,31 @@ impl Gemm {
             _ => None,
         };
         Some(Gemm {
-            w: Arc::clone(w),
+            w: Some(Arc::clone(w)),
             packed,
             kind,
             n,
             k,
         })
+    }
+
+    /// An `[n, k]` matrix of MXFP4 blocks as stored (`n` rows of `k / 32` blocks), or `None`
+    /// where the kernel does not apply (another CPU, `VERDICT_CPU_GEMM`, a size that is not
+    /// whole blocks).
+    pub(crate) fn mxfp4(blocks: Arc<[u8]>, n: usize, k: usize) -> Option<Gemm> {
+        let whole = k > 0 && k.is_multiple_of(QK8_0) && blocks.len() == n * k / QK8_0 * MXFP4_BYTES;
+        (available() && enabled(Kind::Mxfp4) && whole).then(|| Gemm {
+            w: None,
+            packed: Some(blocks),
+            kind: Kind::Mxfp4,
+            n,
+            k,
+        })
+    }
+
+    /// The weight's `[n, k]`.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
     /// `x [m, k]` (f32, CPU) times the weight transposed: `[m, n]`.
@@ -156,11 +188,14 @@ impl Gemm {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; m * self.n];
         let stored;
-        let data: &[u8] = match &self.packed {
-            Some(p) => p,
-            None => {
-                stored = self.w.data()?;
+        let data: &[u8] = match (&self.packed, &self.w) {
+            (Some(p), _) => p,
+            (None, Some(w)) => {
+                stored = w.data()?;
                 &stored
+            }
+            (None, None) => {
+                candle_core::bail!("cpu_gemm: a {:?} matrix without its blocks", self.kind)
             }
         };
         self.run(data, &xs, m, &mut out);
@@ -188,7 +223,12 @@ impl Gemm {
     }
 
     fn run_rows(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
-        let acts = Acts::quantize(xs, m, self.k, self.kind);
+        // MXFP4 multiplies as Q8_0 does, against the same activations.
+        let act_kind = match self.kind {
+            Kind::Mxfp4 => Kind::Q8_0,
+            k => k,
+        };
+        let acts = Acts::quantize(xs, m, self.k, act_kind);
         let n = self.n;
         let groups = n.div_ceil(COLS_PER_ITEM);
         let out_ptr = out.as_mut_ptr() as usize;
@@ -210,7 +250,7 @@ impl Gemm {
     /// Otherwise two columns per pass share each activation load (the multi-row cost); each
     /// column's arithmetic is the one-column kernel's, so results do not depend on the pairing.
     unsafe fn columns(&self, w: &[u8], acts: &Acts, cols: std::ops::Range<usize>, out: *mut f32) {
-        if self.kind != Kind::Q8_0 {
+        if !matches!(self.kind, Kind::Q8_0 | Kind::Mxfp4) {
             // One work item is one tile of 16 columns (COLS_PER_ITEM).
             #[cfg(target_arch = "x86_64")]
             unsafe {
@@ -257,6 +297,7 @@ impl Kind {
             Kind::Q8_0 => (QK8_0, Q8_0_BYTES),
             Kind::Q5_0 => (QK8_0, Q5_0_BYTES),
             Kind::Q4_1 => (QK8_0, Q4_1_BYTES),
+            Kind::Mxfp4 => (QK8_0, MXFP4_BYTES),
         }
     }
 
@@ -264,9 +305,15 @@ impl Kind {
     fn act_block(self) -> usize {
         match self {
             Kind::Q4K | Kind::Q6K => QK_K,
-            Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_1 => QK8_0,
+            Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Mxfp4 => QK8_0,
         }
     }
+}
+
+/// Whether [`Gemm::mxfp4`] runs here: MXFP4 matrices can then stay MXFP4 at load, instead of
+/// becoming Q8_0 of twice the bytes.
+pub(crate) fn takes_mxfp4() -> bool {
+    available() && enabled(Kind::Mxfp4)
 }
 
 /// Whether [`Gemm::new`] takes this Q5_0 matrix, so it can stay Q5_0 at load instead of being
@@ -705,6 +752,8 @@ mod x86 {
             match (kind, one) {
                 (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
                 (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Mxfp4, true) => mxfp4::<1, C>(w, row_bytes, acts, r, out),
+                (Kind::Mxfp4, false) => mxfp4::<R, C>(w, row_bytes, acts, r, out),
                 _ => unreachable!("{kind:?} runs on its tiles (tile)"),
             }
         }
@@ -1070,6 +1119,112 @@ mod x86 {
             }
         }
     }
+
+    /// MXFP4's scale of a block, 2^(e - 128), as ggml computes it (`e8m0_to_fp32_half`).
+    #[inline(always)]
+    fn mxfp4_scale(e: u8) -> f32 {
+        f32::from_bits(match e {
+            0 | 1 => 0x0020_0000 << e,
+            e => (u32::from(e) - 1) << 23,
+        })
+    }
+
+    /// An MXFP4 block's 32 weights as int8 (the doubled code values), in order: the low
+    /// nibbles are weights 0..16, the high ones 16..32.
+    #[inline(always)]
+    unsafe fn mxfp4_block(b: *const u8, table: __m256i) -> __m256i {
+        unsafe {
+            let q = _mm_loadu_si128(b.add(1).cast());
+            let low = _mm_set1_epi8(0x0f);
+            let codes = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(q, 4), low),
+                _mm_and_si128(q, low),
+            );
+            _mm256_shuffle_epi8(table, codes)
+        }
+    }
+
+    /// [`q8_0`] for `C` MXFP4 weight rows: each block decoded to the int8 a Q8_0 block of the
+    /// same weights holds, with its power-of-two scale, then the same arithmetic in the same
+    /// order, so both give the same bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn mxfp4<const R: usize, const C: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &mut [[f32; ROWS_PER_PASS]; C],
+    ) {
+        let nb = acts.k / QK8_0;
+        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * MXFP4_BYTES);
+        let (rp, n) = row_ptrs::<R>(acts, rows);
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let mut tail = [[0f32; R]; C];
+        let zero = _mm512_setzero_si512();
+        let wp = w.as_ptr();
+        let table =
+            unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr().cast())) };
+        for pr in 0..nb / 2 {
+            let mut absq = [zero; C];
+            let mut neg = [0 as __mmask64; C];
+            let mut dw = [_mm512_setzero_ps(); C];
+            for j in 0..C {
+                let b0 = unsafe { wp.add(j * row_bytes + 2 * pr * MXFP4_BYTES) };
+                let b1 = unsafe { b0.add(MXFP4_BYTES) };
+                unsafe { prefetch(b0, 2 * MXFP4_BYTES) };
+                let q = unsafe {
+                    _mm512_inserti64x4(
+                        _mm512_castsi256_si512(mxfp4_block(b0, table)),
+                        mxfp4_block(b1, table),
+                        1,
+                    )
+                };
+                let (e0, e1) = unsafe { (*b0, *b1) };
+                dw[j] = _mm512_mask_blend_ps(
+                    0xff00,
+                    _mm512_set1_ps(mxfp4_scale(e0)),
+                    _mm512_set1_ps(mxfp4_scale(e1)),
+                );
+                absq[j] = _mm512_abs_epi8(q);
+                neg[j] = _mm512_movepi8_mask(q);
+            }
+            for i in 0..n {
+                let p = rp[i];
+                let a = unsafe { _mm512_loadu_si512(p.qs.add(64 * pr).cast()) };
+                let da = unsafe { _mm512_loadu_ps(p.lanes.add(16 * pr)) };
+                for j in 0..C {
+                    let sa = _mm512_mask_sub_epi8(a, neg[j], zero, a);
+                    let dp = _mm512_dpbusd_epi32(zero, absq[j], sa);
+                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
+                    acc[j][i] = _mm512_fmadd_ps(x, dw[j], acc[j][i]);
+                }
+            }
+        }
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            for (j, tail) in tail.iter_mut().enumerate() {
+                let blk = unsafe { wp.add(j * row_bytes + b * MXFP4_BYTES) };
+                let q = unsafe { mxfp4_block(blk, table) };
+                let d = mxfp4_scale(unsafe { *blk });
+                let absq = _mm256_abs_epi8(q);
+                let neg = _mm256_movepi8_mask(q);
+                for i in 0..n {
+                    let p = rp[i];
+                    let a = unsafe { _mm256_loadu_si256(p.qs.add(32 * b).cast()) };
+                    let a = _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a);
+                    let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), absq, a);
+                    let v = _mm512_castsi256_si512(dp);
+                    let isum = _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(0x00ff, v));
+                    tail[i] = d * unsafe { *p.d.add(b) } * isum as f32;
+                }
+            }
+        }
+        for j in 0..C {
+            for i in 0..n {
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) + tail[j][i];
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1192,6 +1347,41 @@ mod tests {
     fn q8_0_matches_the_exact_sum_with_an_odd_block_count() {
         check(GgmlDType::Q8_0, 33, 32 * 7);
         check(GgmlDType::Q8_0, 16, 896);
+    }
+
+    /// MXFP4 read as stored gives the bits of the Q8_0 kernel on the Q8_0 copy of the same
+    /// weights (`gguf::mxfp4_to_q8_0`): the same int8 values, scales and order. Odd and even
+    /// block counts, one column left over, one row and more rows than a pass.
+    #[test]
+    fn mxfp4_equals_q8_0_of_the_same_weights() {
+        if !available() {
+            return;
+        }
+        for (n, k, m) in [(33, 32 * 7, 1), (16, 896, 5), (9, 64, 20), (2, 32, 3)] {
+            let x = random(n, k, 21)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let blocks = crate::models::testing::mxfp4_blocks(&x);
+            let q8 = crate::models::gguf::mxfp4_to_q8_0(&blocks).unwrap();
+            let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                GgmlDType::Q8_0,
+                &q8,
+                vec![n, k],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let q8_0 = Gemm::new(&Arc::new(t)).expect("the Q8_0 kernel");
+            let mx = Gemm::mxfp4(blocks.into(), n, k).expect("the MXFP4 kernel");
+            let acts = random(m, k, 22);
+            let a = q8_0.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
+            let b = mx.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(a, b, "{n} x {k}, {m} rows");
+            assert!(a.iter().flatten().any(|v| v.abs() > 1e-3));
+        }
+        // Blocks that do not fill the shape are refused.
+        assert!(Gemm::mxfp4(vec![0u8; 17].into(), 2, 32).is_none());
     }
 
     #[test]

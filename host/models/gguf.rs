@@ -746,6 +746,29 @@ impl GgufFile {
         )
     }
 
+    /// An MXFP4 tensor's blocks as stored (`None` for a tensor of another type), for verdict's
+    /// CPU kernel that reads them so (`cpu_gemm`).
+    pub(crate) fn mxfp4_blocks(&self, name: &str) -> Option<Result<Vec<u8>>> {
+        let info = self.content.tensor_infos.get(name)?;
+        if !self.mxfp4.contains(name) {
+            return None;
+        }
+        Some(self.stored(name, info).and_then(|(_, bytes)| {
+            let mut buf = vec![0u8; bytes as usize];
+            let mut f = &self.file;
+            f.seek(SeekFrom::Start(
+                self.content.tensor_data_offset + info.offset,
+            ))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                reason: format!("reading {bytes} bytes: {e}"),
+            })?;
+            Ok(buf)
+        }))
+    }
+
     /// One tensor's bytes as stored (ggml blocks; MXFP4 as Q8_0), its type and shape (candle
     /// order), for kernels that read the blocks themselves (the CUDA decode path).
     pub fn tensor_bytes(&self, name: &str) -> Result<(Vec<u8>, GgmlDType, Vec<usize>)> {

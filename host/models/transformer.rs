@@ -37,6 +37,9 @@ pub(crate) struct Linear {
     /// An lm_head cut to part of the vocabulary ([`Model::with_draft_vocab`]): the ids its rows
     /// stand for; the output is widened back to the whole vocabulary, -inf elsewhere.
     pub(crate) kept: Option<Arc<KeptVocab>>,
+    /// MXFP4 blocks as stored, multiplied by `gemm`; `w` is then an empty stand-in, and
+    /// [`Linear::weight`] makes the Q8_0 copy where candle's kernels need one.
+    pub(crate) mxfp4: Option<Arc<[u8]>>,
 }
 
 /// The vocabulary ids an lm_head cut by [`Model::with_draft_vocab`] still scores: ascending,
@@ -183,7 +186,49 @@ impl Linear {
             w,
             b,
             kept: None,
+            mxfp4: None,
         }
+    }
+
+    /// An `[n, k]` MXFP4 matrix kept as stored, where verdict's CPU kernel multiplies it
+    /// (`cpu_gemm::takes_mxfp4`); `None` where it does not.
+    pub(crate) fn mxfp4(
+        blocks: Arc<[u8]>,
+        n: usize,
+        k: usize,
+        b: Option<Tensor>,
+    ) -> Option<Linear> {
+        let gemm = super::cpu_gemm::Gemm::mxfp4(blocks.clone(), n, k)?;
+        // An empty stand-in: a forward that reached it would fail on the shape, never
+        // compute with it.
+        let w = QMatMul::Tensor(Tensor::zeros((0, k), DType::F32, &Device::Cpu).ok()?);
+        Some(Linear {
+            w,
+            b,
+            pad_single_row: false,
+            gemm: Some(gemm),
+            kept: None,
+            mxfp4: Some(blocks),
+        })
+    }
+
+    /// The weight as a candle matrix: `w`, or the Q8_0 copy of MXFP4 blocks.
+    pub(crate) fn weight(&self) -> candle_core::Result<QMatMul> {
+        let Some(blocks) = &self.mxfp4 else {
+            return Ok(self.w.clone());
+        };
+        let Some(g) = &self.gemm else {
+            candle_core::bail!("an MXFP4 matrix without its kernel");
+        };
+        let (n, k) = g.shape();
+        let q8 = super::gguf::mxfp4_to_q8_0(blocks).map_err(candle_core::Error::Msg)?;
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            candle_core::quantized::GgmlDType::Q8_0,
+            &q8,
+            vec![n, k],
+            &Device::Cpu,
+        )?;
+        QMatMul::from_arc(Arc::new(t))
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -374,6 +419,10 @@ pub(crate) trait WeightSource {
     fn matrix(&self, name: &str, device: &Device) -> Result<QMatMul>;
     /// A small tensor (norm weight, bias) as f32.
     fn vector(&self, name: &str, device: &Device) -> Result<Tensor>;
+    /// An MXFP4 matrix's blocks as stored (`None` for one of another type).
+    fn mxfp4(&self, _name: &str) -> Option<Result<Vec<u8>>> {
+        None
+    }
 }
 
 /// Tensor names of one checkpoint family.
@@ -727,6 +776,9 @@ impl WeightSource for GgufSource<'_> {
             reason: candle_msg(&e),
         })
     }
+    fn mxfp4(&self, name: &str) -> Option<Result<Vec<u8>>> {
+        self.file.mxfp4_blocks(name)
+    }
     fn vector(&self, name: &str, device: &Device) -> Result<Tensor> {
         let t: QTensor = self.file.tensor(name, device)?;
         t.dequantize(device).map_err(|e| ModelError::Tensor {
@@ -766,6 +818,44 @@ fn experts(
         }
         let name = n(&format!("ffn_{what}_exps"));
         check_shape(src, &name, &[e.count, rows, cols])?;
+        // gpt-oss: a bias per expert, stacked as `[count, rows]`.
+        let bias_name = n(&format!("ffn_{what}_exps.bias"));
+        let biases = match src.has(&bias_name) {
+            true => {
+                check_shape(src, &bias_name, &[e.count, rows])?;
+                let b = src.vector(&bias_name, device)?;
+                (0..e.count)
+                    .map(|x| b.get(x).map(Some))
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .map_err(|err| ModelError::Tensor {
+                        path: src.path().to_path_buf(),
+                        tensor: bias_name.clone(),
+                        reason: candle_msg(&err),
+                    })?
+            }
+            false => vec![None; e.count],
+        };
+        // MXFP4 stays as stored where verdict's CPU kernel multiplies it: half the bytes of
+        // the Q8_0 copy, which decoding streams.
+        let stored = match device.is_cpu() && super::cpu_gemm::takes_mxfp4() {
+            true => src.mxfp4(&name).transpose()?,
+            false => None,
+        };
+        if let Some(blocks) = stored {
+            // Expert x is the x-th of `count` equal runs of whole rows.
+            let size = blocks.len() / e.count;
+            return blocks
+                .chunks_exact(size)
+                .zip(biases)
+                .map(|(part, b)| {
+                    Linear::mxfp4(part.into(), rows, cols, b).ok_or_else(|| ModelError::Tensor {
+                        path: src.path().to_path_buf(),
+                        tensor: name.clone(),
+                        reason: format!("{rows} x {cols} MXFP4 blocks do not fit the kernel"),
+                    })
+                })
+                .collect();
+        }
         // Expert x is the x-th of `count` equal runs of whole rows.
         let cut = |m: QMatMul| -> candle_core::Result<Vec<QMatMul>> {
             let count = e.count;
@@ -797,23 +887,6 @@ fn experts(
             tensor: name.clone(),
             reason: format!("cutting the experts apart: {}", candle_msg(&err)),
         })?;
-        // gpt-oss: a bias per expert, stacked as `[count, rows]`.
-        let bias_name = n(&format!("ffn_{what}_exps.bias"));
-        let biases = match src.has(&bias_name) {
-            true => {
-                check_shape(src, &bias_name, &[e.count, rows])?;
-                let b = src.vector(&bias_name, device)?;
-                (0..e.count)
-                    .map(|x| b.get(x).map(Some))
-                    .collect::<candle_core::Result<Vec<_>>>()
-                    .map_err(|err| ModelError::Tensor {
-                        path: src.path().to_path_buf(),
-                        tensor: bias_name.clone(),
-                        reason: candle_msg(&err),
-                    })?
-            }
-            false => vec![None; e.count],
-        };
         parts
             .into_iter()
             .zip(biases)
@@ -1144,7 +1217,8 @@ impl Model {
                 other => other.clone(),
             })
         };
-        let lin = |l: &Linear| -> Result<Linear> { Ok(Linear::new(deq(&l.w)?, l.b.clone())) };
+        let lin =
+            |l: &Linear| -> Result<Linear> { Ok(Linear::new(deq(&l.weight()?)?, l.b.clone())) };
         let embed = deq(&w.embed)?;
         // A tied lm_head is the embedding's own tensor: dequantize it once.
         let tied = matches!((&w.embed, &w.lm_head.w), (QMatMul::QTensor(a), QMatMul::QTensor(b)) if Arc::ptr_eq(a, b));
@@ -1163,9 +1237,12 @@ impl Model {
     /// candle's.
     pub fn with_candle_kernels(&self) -> Result<Model> {
         let plain = |l: &Linear| -> Result<Linear> {
+            let w = l.weight()?;
             Ok(Linear {
                 gemm: None,
-                pad_single_row: needs_row_padding(&l.w),
+                pad_single_row: needs_row_padding(&w),
+                mxfp4: None,
+                w,
                 ..l.clone()
             })
         };
