@@ -462,8 +462,9 @@ const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, 
 /// and an MXFP4 weight is a small integer (the doubled code value) times a power of two, so the
 /// copy is exact wherever f16 holds the power (2^-24 ..= 2^15). A block whose scale is below
 /// that (weights under 4e-7) is rounded to multiples of 2^-24; one above is refused. Q8_0 takes
-/// twice MXFP4's bytes, but candle (and verdict's CPU kernels) multiply it on every device, with
-/// activations quantized to Q8_0 as llama.cpp's MXFP4 kernels quantize them.
+/// twice MXFP4's bytes, but candle multiplies it on every device (the GPU's too), with
+/// activations quantized to Q8_0 as llama.cpp's MXFP4 kernels quantize them; verdict's CPU
+/// kernel reads MXFP4 as stored (`cpu_gemm`).
 pub(crate) fn mxfp4_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
     if !blocks.len().is_multiple_of(MXFP4_BLOCK_BYTES) {
         return Err(format!(
@@ -753,20 +754,25 @@ impl GgufFile {
         if !self.mxfp4.contains(name) {
             return None;
         }
-        Some(self.stored(name, info).and_then(|(_, bytes)| {
-            let mut buf = vec![0u8; bytes as usize];
-            let mut f = &self.file;
-            f.seek(SeekFrom::Start(
-                self.content.tensor_data_offset + info.offset,
-            ))
-            .and_then(|_| f.read_exact(&mut buf))
-            .map_err(|e| ModelError::Tensor {
-                path: self.path.clone(),
-                tensor: name.to_string(),
-                reason: format!("reading {bytes} bytes: {e}"),
-            })?;
-            Ok(buf)
-        }))
+        Some(self.stored_bytes(name, info))
+    }
+
+    /// A tensor's bytes as the file stores them.
+    fn stored_bytes(&self, name: &str, info: &gguf_file::TensorInfo) -> Result<Vec<u8>> {
+        // check_tensor_extents made sure the blocks are whole and inside the file.
+        let (_, bytes) = self.stored(name, info)?;
+        let mut buf = vec![0u8; bytes as usize];
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| ModelError::Tensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            reason: format!("reading {bytes} bytes: {e}"),
+        })?;
+        Ok(buf)
     }
 
     /// One tensor's bytes as stored (ggml blocks; MXFP4 as Q8_0), its type and shape (candle
@@ -782,20 +788,7 @@ impl GgufFile {
                 reason: "missing from the file".into(),
             })?;
         let t = info.ggml_dtype;
-        // check_tensor_extents made sure the blocks are whole and inside the file.
-        let (_, bytes) = self.stored(name, info)?;
-        let bytes = bytes as usize;
-        let mut buf = vec![0u8; bytes];
-        let mut f = &self.file;
-        f.seek(SeekFrom::Start(
-            self.content.tensor_data_offset + info.offset,
-        ))
-        .and_then(|_| f.read_exact(&mut buf))
-        .map_err(|e| ModelError::Tensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            reason: format!("reading {bytes} bytes: {e}"),
-        })?;
+        let mut buf = self.stored_bytes(name, info)?;
         if self.mxfp4.contains(name) {
             buf = mxfp4_to_q8_0(&buf).map_err(|reason| ModelError::Tensor {
                 path: self.path.clone(),
@@ -1186,7 +1179,6 @@ impl GgufFile {
     }
 }
 
-/// Turns candle's header parse errors into the variants users can act on.
 /// The candle type of a ggml type id (ggml's `ggml_type` numbering).
 fn ggml_type(id: u32) -> Option<GgmlDType> {
     use GgmlDType as T;
@@ -1348,6 +1340,7 @@ fn read_tensor_table<R: Read + Seek>(
     Ok(mxfp4)
 }
 
+/// Turns candle's header parse errors into the variants users can act on.
 fn classify_header_error(path: &Path, file_len: u64, e: candle_core::Error) -> ModelError {
     let msg = candle_msg(&e);
     let path = path.to_path_buf();
