@@ -750,10 +750,10 @@ mod x86 {
         let (r, one) = (rows.clone(), rows.len() == 1);
         unsafe {
             match (kind, one) {
-                (Kind::Q8_0, true) => q8_0::<1, C>(w, row_bytes, acts, r, out),
-                (Kind::Q8_0, false) => q8_0::<R, C>(w, row_bytes, acts, r, out),
-                (Kind::Mxfp4, true) => mxfp4::<1, C>(w, row_bytes, acts, r, out),
-                (Kind::Mxfp4, false) => mxfp4::<R, C>(w, row_bytes, acts, r, out),
+                (Kind::Q8_0, true) => stored::<1, C, Q8_0Blocks>(w, row_bytes, acts, r, out),
+                (Kind::Q8_0, false) => stored::<R, C, Q8_0Blocks>(w, row_bytes, acts, r, out),
+                (Kind::Mxfp4, true) => stored::<1, C, Mxfp4Blocks>(w, row_bytes, acts, r, out),
+                (Kind::Mxfp4, false) => stored::<R, C, Mxfp4Blocks>(w, row_bytes, acts, r, out),
                 _ => unreachable!("{kind:?} runs on its tiles (tile)"),
             }
         }
@@ -1039,11 +1039,62 @@ mod x86 {
         acc
     }
 
-    /// `C` consecutive Q8_0 weight rows (`row_bytes` apart in `w`) against activation rows
-    /// `rows` (quantized per 32); column j's result for row i into `out[j][i]`. The activation
-    /// loads are shared by the C columns; each column's arithmetic is the same for any `C`, `R`.
+    /// How [`stored`] reads a block of 32 weights as the file stores it: its int8 values in
+    /// order and its scale.
+    pub(super) trait Int8Blocks {
+        const BYTES: usize;
+        /// # Safety
+        /// `b` points at a whole block; the caller runs with AVX-512 (its target features).
+        unsafe fn block(b: *const u8) -> (__m256i, f32);
+    }
+
+    /// Q8_0: an f16 scale, then the 32 int8.
+    pub(super) struct Q8_0Blocks;
+
+    impl Int8Blocks for Q8_0Blocks {
+        const BYTES: usize = Q8_0_BYTES;
+        #[inline(always)]
+        unsafe fn block(b: *const u8) -> (__m256i, f32) {
+            let d = f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
+            (unsafe { _mm256_loadu_si256(b.add(2).cast()) }, d)
+        }
+    }
+
+    /// MXFP4: an exponent byte `e`, then 16 bytes of codes, weights 0..16 in the low nibbles
+    /// and 16..32 in the high ones; through a 16-entry table (`vpshufb`) each code becomes the
+    /// int8 a Q8_0 block of the same weights holds, and the scale is 2^(e - 128) as ggml
+    /// computes it (`e8m0_to_fp32_half`).
+    pub(super) struct Mxfp4Blocks;
+
+    impl Int8Blocks for Mxfp4Blocks {
+        const BYTES: usize = MXFP4_BYTES;
+        #[inline(always)]
+        unsafe fn block(b: *const u8) -> (__m256i, f32) {
+            unsafe {
+                let table =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr().cast()));
+                let q = _mm_loadu_si128(b.add(1).cast());
+                let low = _mm_set1_epi8(0x0f);
+                let codes = _mm256_set_m128i(
+                    _mm_and_si128(_mm_srli_epi16(q, 4), low),
+                    _mm_and_si128(q, low),
+                );
+                let e = *b;
+                let d = f32::from_bits(match e {
+                    0 | 1 => 0x0020_0000 << e,
+                    e => (u32::from(e) - 1) << 23,
+                });
+                (_mm256_shuffle_epi8(table, codes), d)
+            }
+        }
+    }
+
+    /// `C` consecutive weight rows of `B`'s blocks, read as stored (`row_bytes` apart in `w`),
+    /// against activation rows `rows` (quantized per 32); column j's result for row i into
+    /// `out[j][i]`. The activation loads are shared by the C columns; each column's arithmetic
+    /// is the same for any `C`, `R`, and the same for Q8_0 and MXFP4 blocks of equal weights.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn q8_0<const R: usize, const C: usize>(
+    pub(super) unsafe fn stored<const R: usize, const C: usize, B: Int8Blocks>(
         w: &[u8],
         row_bytes: usize,
         acts: &Acts,
@@ -1051,33 +1102,23 @@ mod x86 {
         out: &mut [[f32; ROWS_PER_PASS]; C],
     ) {
         let nb = acts.k / QK8_0;
-        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * Q8_0_BYTES);
+        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * B::BYTES);
         let (rp, n) = row_ptrs::<R>(acts, rows);
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         let mut tail = [[0f32; R]; C];
         let zero = _mm512_setzero_si512();
         let wp = w.as_ptr();
-        let f16_of = |b: *const u8| f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
         for pr in 0..nb / 2 {
             let mut absq = [zero; C];
             let mut neg = [0 as __mmask64; C];
             let mut dw = [_mm512_setzero_ps(); C];
             for j in 0..C {
-                let b0 = unsafe { wp.add(j * row_bytes + 2 * pr * Q8_0_BYTES) };
-                let b1 = unsafe { b0.add(Q8_0_BYTES) };
-                unsafe { prefetch(b0, 2 * Q8_0_BYTES) };
-                let q = unsafe {
-                    _mm512_inserti64x4(
-                        _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2).cast())),
-                        _mm256_loadu_si256(b1.add(2).cast()),
-                        1,
-                    )
-                };
-                dw[j] = _mm512_mask_blend_ps(
-                    0xff00,
-                    _mm512_set1_ps(f16_of(b0)),
-                    _mm512_set1_ps(f16_of(b1)),
-                );
+                let b0 = unsafe { wp.add(j * row_bytes + 2 * pr * B::BYTES) };
+                let b1 = unsafe { b0.add(B::BYTES) };
+                unsafe { prefetch(b0, 2 * B::BYTES) };
+                let ((q0, d0), (q1, d1)) = unsafe { (B::block(b0), B::block(b1)) };
+                let q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+                dw[j] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
                 // |w| as u8 against sign(w) * a: the same products, in vpdpbusd's operand types.
                 absq[j] = _mm512_abs_epi8(q);
                 neg[j] = _mm512_movepi8_mask(q);
@@ -1096,116 +1137,8 @@ mod x86 {
         }
         if nb % 2 == 1 {
             let b = nb - 1;
-            for j in 0..C {
-                let blk = &w[j * row_bytes + b * Q8_0_BYTES..];
-                let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(2).cast()) };
-                let d = f16_at(blk, 0);
-                let absq = _mm256_abs_epi8(q);
-                let neg = _mm256_movepi8_mask(q);
-                for i in 0..n {
-                    let p = rp[i];
-                    let a = unsafe { _mm256_loadu_si256(p.qs.add(32 * b).cast()) };
-                    let a = _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a);
-                    let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), absq, a);
-                    let v = _mm512_castsi256_si512(dp);
-                    let isum = _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(0x00ff, v));
-                    tail[j][i] = d * unsafe { *p.d.add(b) } * isum as f32;
-                }
-            }
-        }
-        for j in 0..C {
-            for i in 0..n {
-                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) + tail[j][i];
-            }
-        }
-    }
-
-    /// MXFP4's scale of a block, 2^(e - 128), as ggml computes it (`e8m0_to_fp32_half`).
-    #[inline(always)]
-    fn mxfp4_scale(e: u8) -> f32 {
-        f32::from_bits(match e {
-            0 | 1 => 0x0020_0000 << e,
-            e => (u32::from(e) - 1) << 23,
-        })
-    }
-
-    /// An MXFP4 block's 32 weights as int8 (the doubled code values), in order: the low
-    /// nibbles are weights 0..16, the high ones 16..32.
-    #[inline(always)]
-    unsafe fn mxfp4_block(b: *const u8, table: __m256i) -> __m256i {
-        unsafe {
-            let q = _mm_loadu_si128(b.add(1).cast());
-            let low = _mm_set1_epi8(0x0f);
-            let codes = _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(q, 4), low),
-                _mm_and_si128(q, low),
-            );
-            _mm256_shuffle_epi8(table, codes)
-        }
-    }
-
-    /// [`q8_0`] for `C` MXFP4 weight rows: each block decoded to the int8 a Q8_0 block of the
-    /// same weights holds, with its power-of-two scale, then the same arithmetic in the same
-    /// order, so both give the same bits.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn mxfp4<const R: usize, const C: usize>(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-        out: &mut [[f32; ROWS_PER_PASS]; C],
-    ) {
-        let nb = acts.k / QK8_0;
-        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * MXFP4_BYTES);
-        let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [[_mm512_setzero_ps(); R]; C];
-        let mut tail = [[0f32; R]; C];
-        let zero = _mm512_setzero_si512();
-        let wp = w.as_ptr();
-        let table =
-            unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr().cast())) };
-        for pr in 0..nb / 2 {
-            let mut absq = [zero; C];
-            let mut neg = [0 as __mmask64; C];
-            let mut dw = [_mm512_setzero_ps(); C];
-            for j in 0..C {
-                let b0 = unsafe { wp.add(j * row_bytes + 2 * pr * MXFP4_BYTES) };
-                let b1 = unsafe { b0.add(MXFP4_BYTES) };
-                unsafe { prefetch(b0, 2 * MXFP4_BYTES) };
-                let q = unsafe {
-                    _mm512_inserti64x4(
-                        _mm512_castsi256_si512(mxfp4_block(b0, table)),
-                        mxfp4_block(b1, table),
-                        1,
-                    )
-                };
-                let (e0, e1) = unsafe { (*b0, *b1) };
-                dw[j] = _mm512_mask_blend_ps(
-                    0xff00,
-                    _mm512_set1_ps(mxfp4_scale(e0)),
-                    _mm512_set1_ps(mxfp4_scale(e1)),
-                );
-                absq[j] = _mm512_abs_epi8(q);
-                neg[j] = _mm512_movepi8_mask(q);
-            }
-            for i in 0..n {
-                let p = rp[i];
-                let a = unsafe { _mm512_loadu_si512(p.qs.add(64 * pr).cast()) };
-                let da = unsafe { _mm512_loadu_ps(p.lanes.add(16 * pr)) };
-                for j in 0..C {
-                    let sa = _mm512_mask_sub_epi8(a, neg[j], zero, a);
-                    let dp = _mm512_dpbusd_epi32(zero, absq[j], sa);
-                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
-                    acc[j][i] = _mm512_fmadd_ps(x, dw[j], acc[j][i]);
-                }
-            }
-        }
-        if nb % 2 == 1 {
-            let b = nb - 1;
             for (j, tail) in tail.iter_mut().enumerate() {
-                let blk = unsafe { wp.add(j * row_bytes + b * MXFP4_BYTES) };
-                let q = unsafe { mxfp4_block(blk, table) };
-                let d = mxfp4_scale(unsafe { *blk });
+                let (q, d) = unsafe { B::block(wp.add(j * row_bytes + b * B::BYTES)) };
                 let absq = _mm256_abs_epi8(q);
                 let neg = _mm256_movepi8_mask(q);
                 for i in 0..n {
