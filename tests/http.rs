@@ -2801,6 +2801,23 @@ fn qwen_calls_a_tool_through_the_messages_api() {
     assert!(text.contains("12:34"), "{text:?}");
 }
 
+/// A streamed chat reply's `reasoning_content` and `content`, each joined over its deltas;
+/// no delta may hold `tag` (a reasoning parser's markers).
+fn streamed_parts(events: &[String], tag: &str) -> (String, String) {
+    let (mut thought, mut answer) = (String::new(), String::new());
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let d = &c["choices"][0]["delta"];
+        thought.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        answer.push_str(d["content"].as_str().unwrap_or(""));
+        assert!(
+            !d.to_string().contains(tag),
+            "{tag} leaked into a delta: {e}"
+        );
+    }
+    (thought, answer)
+}
+
 /// `--reasoning-parser gpt-oss`: a harmony reply's `analysis` message comes back as
 /// `reasoning_content`, its `final` one as `content`, and a message to a function as a tool
 /// call, whole or streamed; no header reaches the client. (The tiny vocabulary spells the
@@ -2846,20 +2863,9 @@ fn harmony_reasoning_is_apart_from_the_answer() {
     };
     assert!(lower(thought, 3..=12) && lower(answer, 2..=8), "{m}");
     let events = s.open_stream("/v1/chat/completions", &ask(true)).collect();
-    let (mut streamed_thought, mut streamed_answer) = (String::new(), String::new());
-    for e in events.iter().filter(|e| *e != "[DONE]") {
-        let c: Value = serde_json::from_str(e).unwrap();
-        let d = &c["choices"][0]["delta"];
-        streamed_thought.push_str(d["reasoning_content"].as_str().unwrap_or(""));
-        streamed_answer.push_str(d["content"].as_str().unwrap_or(""));
-        assert!(
-            !d.to_string().contains("<|"),
-            "a marker leaked into a delta: {e}"
-        );
-    }
     assert_eq!(
-        (streamed_thought.as_str(), streamed_answer.as_str()),
-        (thought, answer)
+        streamed_parts(&events, "<|"),
+        (thought.into(), answer.into())
     );
     // A message to a function is a tool call, whole or streamed.
     let call = |stream: bool| {
@@ -2995,20 +3001,9 @@ fn reasoning_is_apart_from_the_answer() {
     let events = s
         .open_stream("/v1/chat/completions", &ask(thinking, true))
         .collect();
-    let (mut streamed_thought, mut streamed_answer) = (String::new(), String::new());
-    for e in events.iter().filter(|e| *e != "[DONE]") {
-        let c: Value = serde_json::from_str(e).unwrap();
-        let d = &c["choices"][0]["delta"];
-        streamed_thought.push_str(d["reasoning_content"].as_str().unwrap_or(""));
-        streamed_answer.push_str(d["content"].as_str().unwrap_or(""));
-        assert!(
-            !d.to_string().contains("think>"),
-            "a tag leaked into a delta: {e}"
-        );
-    }
     assert_eq!(
-        (streamed_thought.as_str(), streamed_answer.as_str()),
-        (thought, answer)
+        streamed_parts(&events, "think>"),
+        (thought.into(), answer.into())
     );
 
     // Anthropic's Messages API: a thinking block, then the answer's text block.
