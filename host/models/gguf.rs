@@ -2,8 +2,8 @@
 //! [`ModelConfig`], read tensors.
 //!
 //! candle's `gguf_file::Content` parses the metadata; this module reads the tensor table itself
-//! (candle knows no MXFP4, the type of gpt-oss's experts, which it serves as Q8_0: see
-//! [`mxfp4_to_q8_0`]) and adds the checks candle lacks (magic, truncation of tensor data, which
+//! (candle knows no MXFP4, the type of gpt-oss's experts: verdict's CPU kernel reads it as
+//! stored, `mxfp4_blocks`, and candle's kernels as Q8_0, `mxfp4_to_q8_0`) and adds the checks candle lacks (magic, truncation of tensor data, which
 //! tensor type is unsupported) and typed metadata accessors.
 //! The tokenizer and chat template read `tokenizer.*` keys through [`GgufFile::content`].
 
