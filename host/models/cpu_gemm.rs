@@ -202,6 +202,62 @@ impl Gemm {
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
+    /// Several products in one pass of the thread pool: job i is `xs` (`m` rows, f32) times
+    /// its weight, into `[m, n]`. A mixture of experts runs a layer's chosen experts so: one
+    /// dispatch where one per matrix left the workers waiting between small matmuls. Each
+    /// column's arithmetic is [`Gemm::forward`]'s, so the results are its bits.
+    pub(crate) fn forward_many(jobs: &[(&Gemm, &[f32], usize)]) -> Result<Vec<Vec<f32>>> {
+        let mut data = Vec::with_capacity(jobs.len());
+        for (g, xs, m) in jobs {
+            if xs.len() != m * g.k {
+                candle_core::bail!(
+                    "cpu_gemm: {m} rows of {} for a weight of {}",
+                    xs.len() / m.max(&1),
+                    g.k
+                );
+            }
+            data.push(match (&g.packed, &g.w) {
+                (Some(p), _) => std::borrow::Cow::Borrowed(&p[..]),
+                (None, Some(w)) => w.data()?,
+                (None, None) => {
+                    candle_core::bail!("cpu_gemm: a {:?} matrix without its blocks", g.kind)
+                }
+            });
+        }
+        let acts: Vec<Acts> = jobs
+            .iter()
+            .map(|(g, xs, m)| Acts::quantize(xs, *m, g.k, g.act_kind()))
+            .collect();
+        let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(g, _, m)| vec![0f32; m * g.n]).collect();
+        let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+        // Work item -> (job, its column group), the jobs' groups one after another.
+        let mut first = Vec::with_capacity(jobs.len() + 1);
+        first.push(0);
+        for (g, _, _) in jobs {
+            first.push(first[first.len() - 1] + g.n.div_ceil(COLS_PER_ITEM));
+        }
+        let total = first[jobs.len()];
+        let work = |items: std::ops::Range<usize>| {
+            for it in items {
+                let j = first.partition_point(|&f| f <= it) - 1;
+                let (g, grp) = (jobs[j].0, it - first[j]);
+                let cols = grp * COLS_PER_ITEM..g.n.min((grp + 1) * COLS_PER_ITEM);
+                // SAFETY: each work item writes only its own columns of its job's output.
+                unsafe { g.columns(&data[j], &acts[j], cols, ptrs[j] as *mut f32) }
+            }
+        };
+        candle_core::utils::barrier_pool().execute_chunked(total, work);
+        Ok(outs)
+    }
+
+    /// The activation quantization this kernel reads: MXFP4 multiplies as Q8_0 does.
+    fn act_kind(&self) -> Kind {
+        match self.kind {
+            Kind::Mxfp4 => Kind::Q8_0,
+            k => k,
+        }
+    }
+
     fn run(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
         // Many rows (a prefill) go in blocks whose quantized activations stay in L2 while every
         // column walks them; one pass over all rows streamed them from memory once per column
@@ -223,12 +279,7 @@ impl Gemm {
     }
 
     fn run_rows(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
-        // MXFP4 multiplies as Q8_0 does, against the same activations.
-        let act_kind = match self.kind {
-            Kind::Mxfp4 => Kind::Q8_0,
-            k => k,
-        };
-        let acts = Acts::quantize(xs, m, self.k, act_kind);
+        let acts = Acts::quantize(xs, m, self.k, self.act_kind());
         let n = self.n;
         let groups = n.div_ceil(COLS_PER_ITEM);
         let out_ptr = out.as_mut_ptr() as usize;
@@ -1280,6 +1331,51 @@ mod tests {
     fn q8_0_matches_the_exact_sum_with_an_odd_block_count() {
         check(GgmlDType::Q8_0, 33, 32 * 7);
         check(GgmlDType::Q8_0, 16, 896);
+    }
+
+    /// Several products in one pool pass give each product's own bits: kernels of several
+    /// types, row counts of 1, 3 and more than a pass.
+    #[test]
+    fn forward_many_equals_each_forward() {
+        if !available() {
+            return;
+        }
+        let q = |dtype, n, k, seed| {
+            let w = QTensor::quantize(&random(n, k, seed), dtype).unwrap();
+            Gemm::for_types(&Arc::new(w), |_| true).expect("a kernel")
+        };
+        let x: Vec<f32> = (0..30)
+            .flat_map(|_| (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0))
+            .collect();
+        let blocks = crate::models::testing::mxfp4_blocks(
+            &random(40, 256, 9)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        let gemms = [
+            q(GgmlDType::Q8_0, 33, 256, 1),
+            q(GgmlDType::Q4K, 48, 256, 2),
+            q(GgmlDType::Q5_0, 17, 256, 3),
+            Gemm::mxfp4(blocks.into(), 40, 256).expect("the MXFP4 kernel"),
+        ];
+        for m in [1, 3, 20] {
+            let xs = &x[..m * 256];
+            let jobs: Vec<(&Gemm, &[f32], usize)> = gemms.iter().map(|g| (g, xs, m)).collect();
+            let many = Gemm::forward_many(&jobs).unwrap();
+            for (g, got) in gemms.iter().zip(many) {
+                let t = Tensor::from_vec(xs.to_vec(), (m, 256), &Device::Cpu).unwrap();
+                let one = g
+                    .forward(&t)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(got, one, "{:?}, {m} rows", g.kind);
+            }
+        }
     }
 
     /// MXFP4 read as stored gives the bits of the Q8_0 kernel on the Q8_0 copy of the same

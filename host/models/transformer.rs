@@ -241,6 +241,11 @@ impl Linear {
         } else {
             self.w.forward(x)?
         };
+        self.finish(y)
+    }
+
+    /// The bias, and a cut vocabulary's widening, on the matmul's output `y`.
+    fn finish(&self, y: Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -1721,7 +1726,7 @@ fn moe(
     experts: &[[Linear; 3]],
     used: usize,
     renormalise: bool,
-    mlp: impl Fn(&Tensor, &[Linear; 3]) -> candle_core::Result<Tensor>,
+    combine: impl Fn(Tensor, Tensor) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
     let scores = router.forward(h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     // Per expert: the rows that chose it and their weights.
@@ -1742,18 +1747,103 @@ fn moe(
             chosen[e].1.push(exp[e] / sum / kept);
         }
     }
+    let chosen: Vec<(usize, Tensor, Vec<f32>)> = chosen
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (rows, _))| !rows.is_empty())
+        .map(|(e, (rows, weights))| {
+            let n = rows.len();
+            Ok((e, Tensor::from_vec(rows, n, h.device())?, weights))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let inputs: Vec<Tensor> = chosen
+        .iter()
+        .map(|(_, idx, _)| h.index_select(idx, 0))
+        .collect::<candle_core::Result<_>>()?;
+    let ys = match experts_at_once(&chosen, &inputs, experts, &combine)? {
+        Some(ys) => ys,
+        None => chosen
+            .iter()
+            .zip(&inputs)
+            .map(|((e, _, _), x)| {
+                let [g, u, d] = &experts[*e];
+                d.forward(&combine(g.forward(x)?, u.forward(x)?)?)
+            })
+            .collect::<candle_core::Result<_>>()?,
+    };
     let mut out = h.zeros_like()?;
-    for (e, (rows, weights)) in chosen.into_iter().enumerate() {
-        if rows.is_empty() {
-            continue;
-        }
-        let n = rows.len();
-        let idx = Tensor::from_vec(rows, n, h.device())?;
-        let y = mlp(&h.index_select(&idx, 0)?, &experts[e])?;
+    for ((_, idx, weights), y) in chosen.into_iter().zip(ys) {
+        let n = weights.len();
         let w = Tensor::from_vec(weights, (n, 1), h.device())?.to_dtype(y.dtype())?;
         out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
     }
     Ok(out)
+}
+
+/// The chosen experts' MLPs with one pass of verdict's CPU kernel for all their gate and up
+/// projections and one for their down projections (`Gemm::forward_many`), where every one of
+/// them runs on it: one small matmul per pool dispatch left the workers waiting. `None` where
+/// it does not apply; then each expert runs on its own, with the same results.
+fn experts_at_once(
+    chosen: &[(usize, Tensor, Vec<f32>)],
+    inputs: &[Tensor],
+    experts: &[[Linear; 3]],
+    combine: &impl Fn(Tensor, Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Vec<Tensor>>> {
+    use super::cpu_gemm::Gemm;
+    fn gemm_of(l: &Linear) -> Option<&super::cpu_gemm::Gemm> {
+        l.gemm.as_ref().filter(|_| l.kept.is_none())
+    }
+    let all = chosen
+        .iter()
+        .all(|(e, _, _)| experts[*e].iter().all(|l| gemm_of(l).is_some()));
+    if !all
+        || inputs
+            .iter()
+            .any(|x| !x.device().is_cpu() || x.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    // (its gemm, its input rows as f32, the row count) for each product of one pass.
+    let run = |pairs: Vec<(&Linear, &Tensor)>| -> candle_core::Result<Vec<Tensor>> {
+        let xs: Vec<(usize, Vec<f32>)> = pairs
+            .iter()
+            .map(|(_, x)| Ok((x.dim(0)?, x.flatten_all()?.to_vec1::<f32>()?)))
+            .collect::<candle_core::Result<_>>()?;
+        let jobs: Vec<(&Gemm, &[f32], usize)> = pairs
+            .iter()
+            .zip(&xs)
+            .filter_map(|((l, _), (m, x))| Some((gemm_of(l)?, x.as_slice(), *m)))
+            .collect();
+        if jobs.len() != pairs.len() {
+            candle_core::bail!("an expert's matrix lost its kernel");
+        }
+        let outs = Gemm::forward_many(&jobs)?;
+        pairs
+            .iter()
+            .zip(outs)
+            .zip(&xs)
+            .map(|(((l, _), y), (m, _))| {
+                let n = y.len() / m;
+                l.finish(Tensor::from_vec(y, (*m, n), &Device::Cpu)?)
+            })
+            .collect()
+    };
+    let gate_up = run(chosen
+        .iter()
+        .zip(inputs)
+        .flat_map(|((e, _, _), x)| [(&experts[*e][0], x), (&experts[*e][1], x)])
+        .collect())?;
+    let mids: Vec<Tensor> = gate_up
+        .chunks_exact(2)
+        .map(|gu| combine(gu[0].clone(), gu[1].clone()))
+        .collect::<candle_core::Result<_>>()?;
+    let downs = run(chosen
+        .iter()
+        .zip(&mids)
+        .map(|((e, _, _), m)| (&experts[*e][2], m))
+        .collect())?;
+    Ok(Some(downs))
 }
 
 /// gpt-oss's gated unit, as ggml's `swiglu_oai` computes it: `x / (1 + exp(-1.702 x)) * (y + 1)`
@@ -1979,13 +2069,15 @@ fn run(
             Activation::GeluTanh => t.gelu(),
             Activation::SwigluOai => candle_core::bail!("swiglu_oai needs a gate"),
         };
+        // A gated MLP's unit: the gate's activation times the up projection, or gpt-oss's.
+        let gate_with = |g: Tensor, u: Tensor| match cfg.activation {
+            Activation::SwigluOai => swiglu_oai(&g, &u),
+            _ => act(g)? * u,
+        };
         let mlp = |h: &Tensor, gate: Option<&Linear>, up: &Linear, down: &Linear| {
             let u = up.forward(h)?;
             let m = match gate {
-                Some(g) if cfg.activation == Activation::SwigluOai => {
-                    swiglu_oai(&g.forward(h)?, &u)?
-                }
-                Some(g) => (act(g.forward(h)?)? * u)?,
+                Some(g) => gate_with(g.forward(h)?, u)?,
                 None => act(u)?,
             };
             down.forward(&m)
@@ -1999,8 +2091,8 @@ fn run(
                 renormalise,
                 shared,
             } => {
-                let y = moe(&h, router, experts, *used, *renormalise, |h, [g, u, d]| {
-                    mlp(h, Some(g), u, d)
+                let y = moe(&h, router, experts, *used, *renormalise, |g, u| {
+                    gate_with(g, u)
                 })?;
                 match shared {
                     Some(s) => {
