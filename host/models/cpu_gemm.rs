@@ -187,18 +187,7 @@ impl Gemm {
         let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; m * self.n];
-        let stored;
-        let data: &[u8] = match (&self.packed, &self.w) {
-            (Some(p), _) => p,
-            (None, Some(w)) => {
-                stored = w.data()?;
-                &stored
-            }
-            (None, None) => {
-                candle_core::bail!("cpu_gemm: a {:?} matrix without its blocks", self.kind)
-            }
-        };
-        self.run(data, &xs, m, &mut out);
+        self.run(&self.blocks()?, &xs, m, &mut out);
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
@@ -210,44 +199,68 @@ impl Gemm {
         let mut data = Vec::with_capacity(jobs.len());
         for (g, xs, m) in jobs {
             if xs.len() != m * g.k {
-                candle_core::bail!(
-                    "cpu_gemm: {m} rows of {} for a weight of {}",
-                    xs.len() / m.max(&1),
-                    g.k
-                );
+                candle_core::bail!("cpu_gemm: {} values for {m} rows of {}", xs.len(), g.k);
             }
-            data.push(match (&g.packed, &g.w) {
-                (Some(p), _) => std::borrow::Cow::Borrowed(&p[..]),
-                (None, Some(w)) => w.data()?,
-                (None, None) => {
-                    candle_core::bail!("cpu_gemm: a {:?} matrix without its blocks", g.kind)
-                }
-            });
+            data.push(g.blocks()?);
         }
-        let acts: Vec<Acts> = jobs
-            .iter()
-            .map(|(g, xs, m)| Acts::quantize(xs, *m, g.k, g.act_kind()))
-            .collect();
         let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(g, _, m)| vec![0f32; m * g.n]).collect();
-        let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-        // Work item -> (job, its column group), the jobs' groups one after another.
-        let mut first = Vec::with_capacity(jobs.len() + 1);
+        // Each job's rows in the blocks `run` takes, so their activations stay in L2.
+        let mut parts = Vec::new();
+        for (((g, xs, m), w), out) in jobs.iter().zip(&data).zip(&mut outs) {
+            let block = g.rows_per_block();
+            for r0 in (0..*m).step_by(block) {
+                let r1 = (*m).min(r0 + block);
+                let acts = Acts::quantize(&xs[r0 * g.k..r1 * g.k], r1 - r0, g.k, g.act_kind());
+                parts.push((*g, &w[..], acts, out[r0 * g.n..].as_mut_ptr() as usize));
+            }
+        }
+        Gemm::dispatch(&parts, true);
+        Ok(outs)
+    }
+
+    /// The weight's blocks: the repacked or MXFP4 bytes, or the tensor's as stored.
+    fn blocks(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match (&self.packed, &self.w) {
+            (Some(p), _) => Ok(std::borrow::Cow::Borrowed(&p[..])),
+            (None, Some(w)) => w.data(),
+            (None, None) => {
+                candle_core::bail!("cpu_gemm: a {:?} matrix without its blocks", self.kind)
+            }
+        }
+    }
+
+    /// Activation rows per block of [`Gemm::run`]: their quantized values fill
+    /// [`ACT_BLOCK_BYTES`].
+    fn rows_per_block(&self) -> usize {
+        (ACT_BLOCK_BYTES / self.k).max(8) / 8 * 8
+    }
+
+    /// Products of quantized activations and weight blocks, into `[rows, n]` outputs (their
+    /// addresses), with every part's column groups as the work items of one pool pass
+    /// (`pool`), or here.
+    fn dispatch(parts: &[(&Gemm, &[u8], Acts, usize)], pool: bool) {
+        // Work item -> (part, its column group), the parts' groups one after another.
+        let mut first = Vec::with_capacity(parts.len() + 1);
         first.push(0);
-        for (g, _, _) in jobs {
+        for (g, ..) in parts {
             first.push(first[first.len() - 1] + g.n.div_ceil(COLS_PER_ITEM));
         }
-        let total = first[jobs.len()];
         let work = |items: std::ops::Range<usize>| {
             for it in items {
                 let j = first.partition_point(|&f| f <= it) - 1;
-                let (g, grp) = (jobs[j].0, it - first[j]);
+                let (g, w, acts, out) = &parts[j];
+                let grp = it - first[j];
                 let cols = grp * COLS_PER_ITEM..g.n.min((grp + 1) * COLS_PER_ITEM);
-                // SAFETY: each work item writes only its own columns of its job's output.
-                unsafe { g.columns(&data[j], &acts[j], cols, ptrs[j] as *mut f32) }
+                // SAFETY: each work item writes only its own columns of its part's output.
+                unsafe { g.columns(w, acts, cols, *out as *mut f32) }
             }
         };
-        candle_core::utils::barrier_pool().execute_chunked(total, work);
-        Ok(outs)
+        let total = first[parts.len()];
+        if pool {
+            candle_core::utils::barrier_pool().execute_chunked(total, work);
+        } else {
+            work(0..total);
+        }
     }
 
     /// The activation quantization this kernel reads: MXFP4 multiplies as Q8_0 does.
@@ -263,7 +276,7 @@ impl Gemm {
         // column walks them; one pass over all rows streamed them from memory once per column
         // tile. Rows are independent (quantized and summed row by row), so blocks change no
         // result.
-        let block = (ACT_BLOCK_BYTES / self.k).max(8) / 8 * 8;
+        let block = self.rows_per_block();
         if m > block {
             for r0 in (0..m).step_by(block) {
                 let r1 = m.min(r0 + block);
@@ -280,21 +293,9 @@ impl Gemm {
 
     fn run_rows(&self, w: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
         let acts = Acts::quantize(xs, m, self.k, self.act_kind());
-        let n = self.n;
-        let groups = n.div_ceil(COLS_PER_ITEM);
-        let out_ptr = out.as_mut_ptr() as usize;
-        let work = |items: std::ops::Range<usize>| {
-            for g in items {
-                let cols = g * COLS_PER_ITEM..n.min((g + 1) * COLS_PER_ITEM);
-                // SAFETY: each work item writes only its own columns of `out`.
-                unsafe { self.columns(w, &acts, cols, out_ptr as *mut f32) }
-            }
-        };
-        if m * n * self.k < 1 << 16 {
-            work(0..groups);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(groups, work);
-        }
+        // Small products (one row of a small matrix) are not worth waking the pool.
+        let pool = m * self.n * self.k >= 1 << 16;
+        Gemm::dispatch(&[(self, w, acts, out.as_mut_ptr() as usize)], pool);
     }
 
     /// Output columns `cols` for every row. `out` is `[m, n]`. Tiled types: `cols` is one tile.
@@ -1334,7 +1335,7 @@ mod tests {
     }
 
     /// Several products in one pool pass give each product's own bits: kernels of several
-    /// types, row counts of 1, 3 and more than a pass.
+    /// types, row counts of 1, 3, more than a pass and more than a block.
     #[test]
     fn forward_many_equals_each_forward() {
         if !available() {
@@ -1344,8 +1345,8 @@ mod tests {
             let w = QTensor::quantize(&random(n, k, seed), dtype).unwrap();
             Gemm::for_types(&Arc::new(w), |_| true).expect("a kernel")
         };
-        let x: Vec<f32> = (0..30)
-            .flat_map(|_| (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0))
+        let x: Vec<f32> = (0..1030 * 256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
         let blocks = crate::models::testing::mxfp4_blocks(
             &random(40, 256, 9)
@@ -1360,7 +1361,8 @@ mod tests {
             q(GgmlDType::Q5_0, 17, 256, 3),
             Gemm::mxfp4(blocks.into(), 40, 256).expect("the MXFP4 kernel"),
         ];
-        for m in [1, 3, 20] {
+        // 1030 rows: more than one block of `run` (1024 rows of 256).
+        for m in [1, 3, 20, 1030] {
             let xs = &x[..m * 256];
             let jobs: Vec<(&Gemm, &[f32], usize)> = gemms.iter().map(|g| (g, xs, m)).collect();
             let many = Gemm::forward_many(&jobs).unwrap();
