@@ -1,6 +1,7 @@
 //! Writes the tiny random models of `verdict::models::testing::peer_specs()` into a directory,
 //! one `NAME.gguf` each, for `scripts/make-fixtures.py peer` to run llama.cpp on. The files are
 //! the same bytes every time (seeded weights), so tests regenerate them instead of keeping them.
+//! LoRA adapters of some (`testing::peer_loras`) are `lora-BASE.gguf`.
 //! `--bench` writes only `gpt-oss-bench.gguf`, gpt-oss's layout at a small scale
 //! (`testing::gpt_oss_bench_spec`), for `bench/cpu-vs-llamacpp --gguf`.
 //!
@@ -9,7 +10,8 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use verdict::models::testing::{
-    gpt_oss_bench_spec, peer_specs, pre_tokenizer_specs, write_tiny_gguf,
+    gpt_oss_bench_spec, peer_loras, peer_spec, peer_specs, pre_tokenizer_specs, write_tiny_gguf,
+    write_tiny_lora_gguf,
 };
 
 fn main() -> Result<()> {
@@ -24,6 +26,13 @@ fn main() -> Result<()> {
     for (name, spec) in peer_specs() {
         let path = dir.join(format!("{name}.gguf"));
         write_tiny_gguf(&path, &spec)?;
+        println!("{}", path.display());
+    }
+    // LoRA adapters of some of them, `lora-BASE.gguf`.
+    for (base, lora) in peer_loras() {
+        let spec = peer_spec(base).context("a LoRA's base is a peer spec")?;
+        let path = dir.join(format!("lora-{base}.gguf"));
+        write_tiny_lora_gguf(&path, &spec, &lora)?;
         println!("{}", path.display());
     }
     // Tokenizers alone: one file per pre-tokenizer, `pre-NAME.gguf`.

@@ -264,6 +264,9 @@ PEER_TEXTS = ["", " ", "the", "hello world", "  two leading spaces", "The Quick 
 
 # The tiny models whose embeddings the fixture keeps (RMSNorm with byte-level BPE, LayerNorm,
 # SentencePiece with BOS), each pooled the three ways llama.cpp pools a text, and the texts.
+# The scale LoRA adapters run at (llama.cpp's --lora-scaled), not 1 so that a scale left out shows.
+PEER_LORA_SCALE = 0.7
+
 PEER_EMBED_MODELS = ["qwen2", "starcoder2", "llama-spm"]
 PEER_EMBED_POOLINGS = {"mean": 1, "cls": 2, "last": 3}
 PEER_EMBED_TEXTS = ["hello world", "in the end, it is", "the"]
@@ -295,8 +298,26 @@ def peer_fixture():
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout.split()
         pres = {}
+        loras = {}
         for path in out:
             name = os.path.basename(path).removesuffix(".gguf")
+            if name.startswith("lora-"):
+                base = name.removeprefix("lora-")
+                with open(path, "rb") as f:
+                    sha = hashlib.sha256(f.read()).hexdigest()
+                llm = Llama(model_path=os.path.join(tmp, f"{base}.gguf"), lora_path=path,
+                            lora_scale=PEER_LORA_SCALE, n_ctx=256, logits_all=True,
+                            verbose=False, n_threads=THREADS, type_k=0, type_v=0)
+                llm.eval(PEER_TOKENS)
+                scores = np.array(llm.scores[: len(PEER_TOKENS)], dtype=np.float64)
+                loras[base] = {
+                    "sha256": sha,
+                    "scale": PEER_LORA_SCALE,
+                    "probes": [[round(float(r[i]), 5) for i in PEER_PROBES] for r in scores],
+                    "argmax": [int(r.argmax()) for r in scores],
+                }
+                del llm
+                continue
             with open(path, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
             if name.startswith("pre-"):
@@ -332,6 +353,7 @@ def peer_fixture():
             }
             del llm
     return {"tokens": PEER_TOKENS, "probe_ids": PEER_PROBES, "models": models, "pre": pres,
+            "loras": loras,
             "embeddings": {"texts": PEER_EMBED_TEXTS, "models": embeddings}}
 
 

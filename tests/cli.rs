@@ -32,6 +32,10 @@ fn tiny(dir: &Path) -> PathBuf {
 /// Greedy decoding through the library, to know what the binary must print.
 fn greedy_text(model_path: &Path, prompt: &str, raw: bool, max: usize, ignore_eos: bool) -> String {
     let model = Model::load_gguf(model_path, &candle_core::Device::Cpu).unwrap();
+    greedy_text_of(&model, prompt, raw, max, ignore_eos)
+}
+
+fn greedy_text_of(model: &Model, prompt: &str, raw: bool, max: usize, ignore_eos: bool) -> String {
     let content = model.gguf_metadata().unwrap();
     let tok = Tokenizer::from_gguf(content).unwrap();
     let text = if raw {
@@ -590,5 +594,70 @@ fn bench_forward_times_each_size_and_checks_its_arguments() {
             "{args:?}: {err}"
         );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// `--lora` / `--lora-scaled` apply adapters to the model: the binary prints the adapted
+/// model's greedy text (not the base's); a missing, foreign or badly scaled adapter is a clear
+/// error before any generation.
+#[test]
+fn lora_adapters_from_the_command_line() {
+    use verdict::models::LoraAdapter;
+    use verdict::models::testing::{TinyLora, write_tiny_lora_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let adapter = dir.path().join("adapter.gguf");
+    let lora = TinyLora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["attn_q", "attn_v", "ffn_down", "output"],
+        seed: 5,
+    };
+    write_tiny_lora_gguf(&adapter, &TinySpec::default(), &lora).unwrap();
+    let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
+    let prompt = "<|im_start|>user\nhi<|im_end|>\n";
+    let adapted = Model::load_gguf(&model, &candle_core::Device::Cpu)
+        .unwrap()
+        .with_lora(&[LoraAdapter::load(&adapter, 0.5).unwrap()])
+        .unwrap();
+    let want = greedy_text_of(&adapted, prompt, true, 12, true);
+    assert_ne!(
+        want,
+        greedy_text(&model, prompt, true, 12, true),
+        "the adapter changed nothing"
+    );
+    let common = [
+        "--model",
+        m,
+        "--prompt",
+        prompt,
+        "--raw",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+    ];
+    let out = verdict(&[&common[..], &["--lora-scaled", a, "0.5"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want);
+
+    let missing = dir.path().join("missing.gguf");
+    for (args, says) in [
+        (
+            vec!["--lora", missing.to_str().unwrap()],
+            vec!["--lora", "missing.gguf"],
+        ),
+        (
+            vec!["--lora-scaled", a, "abc"],
+            vec!["--lora-scaled", "abc", "not a number"],
+        ),
+        (vec!["--lora", m], vec!["tiny.gguf", "not a LoRA adapter"]),
+    ] {
+        let out = verdict(&[&common[..], &args[..]].concat());
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!err.contains("panicked"), "{err}");
+        for s in says {
+            assert!(err.contains(s), "{args:?}: {err:?} should say {s:?}");
+        }
     }
 }

@@ -233,6 +233,46 @@ fn strict_greedy_speculation_is_lossless_on_every_architecture() {
     }
 }
 
+/// A target with a LoRA adapter (`Model::with_lora`) speculates losslessly too: every drafter
+/// (the base as its draft, the adapted target's own first layer, prompt lookup) emits the
+/// adapted target's autoregressive greedy tokens, which differ from the base's.
+#[test]
+fn strict_greedy_speculation_is_lossless_with_a_lora_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = [5u32, 77, 140, 12, 3, 77, 140, 9];
+    for (name, lora) in verdict::models::testing::peer_loras() {
+        let spec = TinySpec {
+            dtype: candle_core::quantized::GgmlDType::Q8_0,
+            ..verdict::models::testing::peer_spec(name).unwrap()
+        };
+        let base = tiny(dir.path(), &format!("{name}.gguf"), spec.clone());
+        let adapter = dir.path().join(format!("lora-{name}.gguf"));
+        verdict::models::testing::write_tiny_lora_gguf(&adapter, &spec, &lora).unwrap();
+        let adapter = verdict::models::LoraAdapter::load(&adapter, 1.0).unwrap();
+        let target = base.with_lora(&[adapter]).unwrap();
+        let (reference, _) = run(
+            &engine(target.clone(), None, None, 4),
+            greedy(&prompt, 30, Speculation::Off),
+        );
+        let (plain, _) = run(
+            &engine(base.clone(), None, None, 4),
+            greedy(&prompt, 30, Speculation::Off),
+        );
+        assert_ne!(reference, plain, "{name}: the adapter changed nothing");
+        let drafters = [
+            (Some(base.clone()), DrafterSpec::Model),
+            (None, DrafterSpec::SelfDraft(1)),
+            (None, DrafterSpec::PromptLookup(None)),
+        ];
+        for (what, out, stats) in each_drafter(&target, &drafters, &[3, 8], || {
+            greedy(&prompt, 30, Speculation::Default)
+        }) {
+            assert_eq!(out, reference, "{name}: {what}");
+            assert!(stats.steps >= 1 && stats.tokens == 30, "{name}: {what}");
+        }
+    }
+}
+
 /// Past the point where sliding-window layers drop old keys (a 600-token prompt, window 8), each
 /// drafter's speculation still emits the autoregressive greedy tokens, and a later turn of the
 /// conversation reads its prefix from the prompt cache (within the kept slack) and changes no

@@ -3248,3 +3248,57 @@ fn embeddings_endpoint() {
         .json();
     assert_eq!(e["data"][0]["embedding"], e2["data"][0]["embedding"]);
 }
+
+/// `serve --lora-scaled`: the target answers as the adapted model (not as the base), the same
+/// with speculation (the base draft proposes, the adapted target verifies) as without; a
+/// missing or foreign adapter stops the server at start, naming the file.
+#[test]
+fn serve_applies_lora_adapters() {
+    use verdict::models::testing::{TinyLora, TinySpec, write_tiny_lora_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter.gguf");
+    let lora = TinyLora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["attn_q", "attn_v", "ffn_up", "output"],
+        seed: 9,
+    };
+    write_tiny_lora_gguf(&adapter, &TinySpec::default(), &lora).unwrap();
+    let a = adapter.display().to_string();
+    let ask = |s: &Server, speculation: Value| {
+        let r = s.post_json(
+            "/v1/completions",
+            &json!({"prompt": "the weather", "max_tokens": 16, "temperature": 0,
+                    "ignore_eos": true, "speculation": speculation}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let base = tiny_server(256, &[]);
+    let adapted = tiny_server(256, &["--lora-scaled", &a, "0.8"]);
+    let plain = ask(&adapted, json!("off"));
+    assert_ne!(
+        plain,
+        ask(&base, json!("off")),
+        "the adapter changed nothing"
+    );
+    let drafted = ask(&adapted, json!({"draft": "model", "k": 3}));
+    assert_eq!(drafted, plain, "speculation on the adapted target");
+
+    let (target, _) = tiny_models(dir.path(), 256);
+    let missing = dir.path().join("missing.gguf");
+    for (file, needle) in [(&missing, "missing.gguf"), (&target, "not a LoRA adapter")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .arg("serve")
+            .args(["--port", "0", "--lora", &file.display().to_string()])
+            .args(["--model", &target.display().to_string()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(needle),
+            "{err}"
+        );
+    }
+}

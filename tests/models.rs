@@ -1055,7 +1055,10 @@ fn bad_files_give_clear_errors() {
     // unknown architecture
     let e = patched_error(dir.path(), "arch.gguf", &bytes, b"qwen2", b"mamba");
     assert!(
-        e.contains("arch.gguf") && e.contains("unknown architecture") && e.contains("mamba"),
+        e.contains("arch.gguf")
+            && e.contains("unknown architecture")
+            && e.contains("mamba")
+            && e.contains("gpt-oss"),
         "{e}"
     );
 

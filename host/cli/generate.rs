@@ -20,6 +20,7 @@ use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Speculation};
 use crate::models::Model;
 use crate::sample::{GrammarSpec, Grammars, Penalties, SamplingParams};
+use crate::verify::HeadChoice;
 
 /// Arguments of `verdict generate`.
 #[derive(ClapArgs, Debug, Clone)]
@@ -31,6 +32,9 @@ pub struct Args {
     /// GGUF model file.
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
+
+    #[command(flatten)]
+    pub lora: LoraArgs,
 
     /// The prompt: a user message, wrapped in the model's chat template (see --raw).
     #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
@@ -219,6 +223,80 @@ impl DeviceArg {
     }
 }
 
+/// LoRA adapters on the model (the target), as llama.cpp's `--lora` / `--lora-scaled`.
+#[derive(ClapArgs, Debug, Clone, Default)]
+pub struct LoraArgs {
+    /// A LoRA adapter to apply to the model: llama.cpp's GGUF adapter
+    /// (convert_lora_to_gguf.py) or a PEFT directory (adapter_config.json +
+    /// adapter_model.safetensors). Repeat to stack adapters.
+    #[arg(long = "lora", value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// A LoRA adapter applied at a scale of its own (1 as trained, 0 off).
+    #[arg(long = "lora-scaled", value_names = ["PATH", "SCALE"], num_args = 2, allow_hyphen_values = true)]
+    pub scaled: Vec<String>,
+}
+
+impl LoraArgs {
+    /// The adapters, read (each file checked now, before any model loads).
+    pub fn load(&self) -> Result<Vec<crate::models::LoraAdapter>> {
+        let mut out = Vec::new();
+        let mut all: Vec<(PathBuf, f32)> = self.paths.iter().map(|p| (p.clone(), 1.0)).collect();
+        for pair in self.scaled.chunks(2) {
+            let [path, scale] = pair else {
+                bail!("--lora-scaled takes a PATH and a SCALE");
+            };
+            let s: f32 = scale
+                .parse()
+                .ok()
+                .filter(|s: &f32| s.is_finite())
+                .with_context(|| {
+                    format!("--lora-scaled {path} {scale}: the scale is not a number")
+                })?;
+            all.push((PathBuf::from(path), s));
+        }
+        for (path, scale) in all {
+            out.push(
+                crate::models::LoraAdapter::load(&path, scale)
+                    .with_context(|| format!("--lora {}", path.display()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The judge head to load: `auto` picks no shipped head for an adapted model (the heads
+    /// were trained on the base's hidden states); a head file named is the user's choice.
+    pub fn judge_head(&self, choice: &str, adapters: &[crate::models::LoraAdapter]) -> HeadChoice {
+        match HeadChoice::parse(choice) {
+            HeadChoice::Auto if !adapters.is_empty() => {
+                tracing::info!("LoRA: no shipped judge head (trained on the base model's states)");
+                HeadChoice::None
+            }
+            c => c,
+        }
+    }
+
+    /// `model` with the adapters, or `model` itself when there are none.
+    pub fn apply(&self, model: Model, adapters: &[crate::models::LoraAdapter]) -> Result<Model> {
+        if adapters.is_empty() {
+            return Ok(model);
+        }
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| a.path().display().to_string())
+            .collect();
+        let m = model
+            .with_lora(adapters)
+            .with_context(|| format!("applying the LoRA adapter(s) {}", names.join(", ")))?;
+        tracing::info!(
+            "LoRA: {} adapter(s), {} projection update(s): {}",
+            adapters.len(),
+            adapters.iter().map(|a| a.len()).sum::<usize>(),
+            names.join(", ")
+        );
+        Ok(m)
+    }
+}
+
 /// `--draft-vocab N`: loads a draft model with its lm_head cut to the first `vocab` ids and
 /// `specials` (0: whole), as `serve`, `generate` and `bench spec` load it.
 pub(crate) fn load_draft(
@@ -377,8 +455,10 @@ pub fn run(args: Args) -> Result<()> {
     let path = &args.model;
 
     let t_load = Instant::now();
+    let adapters = args.lora.load()?;
     let model = Model::load_gguf(path, &device)
         .with_context(|| format!("loading the model {}", path.display()))?;
+    let model = args.lora.apply(model, &adapters)?;
     let model = shard_target(model, args.shards as usize, &device)?;
     // Lazy kernel set-up (candle packs Q4_K on first use, seconds for the 1.5B) belongs to the
     // load, as llama.cpp's repacking does, not to the first decode step it would otherwise slow.
@@ -451,7 +531,10 @@ pub fn run(args: Args) -> Result<()> {
         Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())?,
         None => PolicyRegistry::in_memory(PolicyLimits::default())?,
     };
-    let judge = crate::verify::HeadChoice::parse(&args.judge_head).load(&model)?;
+    let judge = args
+        .lora
+        .judge_head(&args.judge_head, &adapters)
+        .load(&model)?;
     let engine = Engine::new(EngineConfig {
         judge,
         target: model,

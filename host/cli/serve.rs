@@ -38,6 +38,8 @@ pub struct ServeArgs {
     /// -0.5B) from the model cache, fetched first if missing.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: crate::cli::generate::LoraArgs,
     /// The default drafter: a draft model (GGUF path, same tokenizer), `prompt-lookup`,
     /// `self:N` (the target's first N layers), or `auto` / `auto:PATH` (per step, prompt lookup
     /// or the draft model, whichever is expected to be faster). Without it requests decode
@@ -279,7 +281,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let reg = registry.clone();
     let (k, adaptive, policy) = (args.k, !args.fixed_k, args.policy.clone());
-    let head_choice = crate::verify::HeadChoice::parse(&args.judge_head);
+    // Read now: a missing or bad adapter stops the server before it starts.
+    let lora = args.lora.clone();
+    let adapters = lora.load()?;
+    let head_choice = lora.judge_head(&args.judge_head, &adapters);
     let max_batch = args.max_batch;
     let prefill_chunk = args.prefill_chunk;
     let prompt_cache = args.prompt_cache;
@@ -299,6 +304,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let loader = Box::new(move || -> Result<Served> {
         let target = Model::load_gguf(&target_path, &device)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
+        let target = lora.apply(target, &adapters)?;
         let content = target
             .gguf_metadata()
             .with_context(|| format!("{}: no GGUF metadata (tokenizer)", target_path.display()))?;

@@ -21,7 +21,8 @@ pub enum ModelError {
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(
-        "{path}: unknown architecture {arch:?} (general.architecture); verdict supports llama, qwen2 and qwen3"
+        "{path}: unknown architecture {arch:?} (general.architecture); verdict supports {}",
+        super::gguf::Arch::ALL.map(super::gguf::Arch::name).join(", ")
     )]
     UnknownArch { path: PathBuf, arch: String },
     #[error("{path}: unsupported tensor type {reason}")]

@@ -70,6 +70,26 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every family, in the order of their names in errors.
+    pub const ALL: [Arch; 16] = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Phi3,
+        Arch::Gemma2,
+        Arch::Gemma3,
+        Arch::Granite,
+        Arch::Smollm3,
+        Arch::Qwen3Moe,
+        Arch::Olmo2,
+        Arch::Starcoder2,
+        Arch::Qwen2Moe,
+        Arch::Olmoe,
+        Arch::Cohere2,
+        Arch::CommandR,
+        Arch::GptOss,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
@@ -1371,6 +1391,36 @@ fn classify_header_error(path: &Path, file_len: u64, e: candle_core::Error) -> M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Arch::ALL` lists every family once (the unknown-architecture error names them), each
+    /// parsed back from its name.
+    #[test]
+    fn every_arch_is_listed_and_parses_from_its_name() {
+        for a in Arch::ALL {
+            assert_eq!(Arch::parse(a.name()), Some(a));
+            // A new family breaks this match: a reminder to list it in `ALL`.
+            match a {
+                Arch::Llama
+                | Arch::Qwen2
+                | Arch::Qwen3
+                | Arch::Phi3
+                | Arch::Gemma2
+                | Arch::Gemma3
+                | Arch::Granite
+                | Arch::Smollm3
+                | Arch::Qwen3Moe
+                | Arch::Olmo2
+                | Arch::Starcoder2
+                | Arch::Qwen2Moe
+                | Arch::Olmoe
+                | Arch::Cohere2
+                | Arch::CommandR
+                | Arch::GptOss => {}
+            }
+        }
+        let names: std::collections::HashSet<_> = Arch::ALL.iter().map(|a| a.name()).collect();
+        assert_eq!(names.len(), Arch::ALL.len());
+    }
 
     /// A Q8_0 block's weights: f16 scale times each int8.
     fn q8_values(block: &[u8]) -> Vec<f32> {

@@ -6,6 +6,7 @@
 //! - [`transformer`]: [`Model`] (shared, quantized weights) and [`Session`] (one sequence's KV
 //!   cache; `forward`, `truncate` for speculation rollback).
 //! - [`kv_cache`]: the preallocated, length-truncated KV cache behind a session.
+//! - [`lora`]: LoRA adapters (llama.cpp GGUF, PEFT), added beside the projections they update.
 //! - [`shard`]: tensor parallelism: a model split over ranks (Megatron layout) and the
 //!   communicator that sums their partial outputs; `nccl` (`cuda` feature): the GPU
 //!   communicator, one GPU per rank.
@@ -27,6 +28,7 @@ pub mod embed;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod requant;
@@ -58,5 +60,6 @@ pub use error::{ModelError, Result};
 pub use gguf::{
     Activation, Arch, Experts, GgufFile, ModelConfig, NormKind, RopeStyle, SlidingWindow,
 };
+pub use lora::LoraAdapter;
 pub use rope::RopeScaling;
 pub use transformer::{BatchItem, Forward, Model, Rows, Session, forward_batch};

@@ -600,16 +600,7 @@ pub fn longrope_attn_factor(context: usize, original: usize) -> f32 {
     }
 }
 
-/// HF q/k rows -> llama.cpp's order for llama (adjacent pairs rotate together): within each
-/// head, row `j * d/2 + i` moves to `2 i + j`.
-fn permute_for_interleaved(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let d = rows / heads;
-    t.reshape((heads, 2, d / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))
-}
+use super::lora::permute_for_interleaved;
 
 /// Writes a random-weight GGUF for `spec` at `path`, with llama.cpp's metadata keys and the tiny
 /// tokenizer (`tokenizer.ggml.model = "gpt2"`, `pre = "qwen2"`, ChatML template).
@@ -968,6 +959,205 @@ fn write_gguf(w: &mut Vec<u8>, meta: &[(String, gguf_file::Value)], tensors: &[R
 /// Writes the same f32 weights as [`write_tiny_gguf`] (before quantization) as a Hugging Face
 /// checkpoint: `dir/config.json` + `dir/model.safetensors`.
 pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
+    write_safetensors_of(dir, spec, tiny_weights(spec)?)
+}
+
+/// A LoRA adapter for a tiny model: random A (`[rank, in]`) and B (`[out, rank]`) for each
+/// projection `targets` names (GGUF names without the layer: `attn_q`, phi3's fused `attn_qkv`
+/// and `ffn_up`; `output` for the lm_head), in every layer.
+#[derive(Debug, Clone)]
+pub struct TinyLora {
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<&'static str>,
+    pub seed: u64,
+}
+
+impl TinyLora {
+    /// The alpha whose `alpha / rank` is the update's factor (0 stands for 1, as in llama.cpp).
+    fn effective_alpha(&self) -> f32 {
+        match self.alpha {
+            0.0 => self.rank as f32,
+            a => a,
+        }
+    }
+
+    /// Each updated matrix's name (`blk.0.attn_q.weight`) with its A and B, rows in Hugging
+    /// Face's order.
+    fn pairs(&self, spec: &TinySpec) -> Result<Vec<(String, Tensor, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, t) in tiny_weights(spec)? {
+            let short = match name.as_str() {
+                "output.weight" => "output",
+                n => match n.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+                    Some((_, s)) => s.strip_suffix(".weight").unwrap_or(s),
+                    None => continue,
+                },
+            };
+            if t.rank() != 2 || !self.targets.contains(&short) {
+                continue;
+            }
+            let (rows, cols) = t.dims2()?;
+            let rng = &mut ChaCha8Rng::seed_from_u64(
+                self.seed
+                    ^ name
+                        .bytes()
+                        .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64),
+            );
+            let mut mat = |r: usize, c: usize| -> Result<Tensor> {
+                let a = (3.0 / c as f32).sqrt();
+                let v: Vec<f32> = (0..r * c).map(|_| rng.random_range(-a..a)).collect();
+                Ok(Tensor::from_vec(v, (r, c), &Device::Cpu)?)
+            };
+            let a = mat(self.rank, cols)?;
+            let b = mat(rows, self.rank)?;
+            out.push((name, a, b));
+        }
+        if out.is_empty() {
+            return Err(ModelError::Invalid(format!(
+                "TinyLora: none of {:?} is a matrix of the tiny {}",
+                self.targets,
+                spec.arch.name()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// Writes `lora` for `spec` as llama.cpp's converter writes adapters (`convert_lora_to_gguf.py`):
+/// f32 `NAME.weight.lora_a` / `lora_b`, llama's q / k rows of B permuted as the base's are.
+pub fn write_tiny_lora_gguf(path: &Path, spec: &TinySpec, lora: &TinyLora) -> Result<()> {
+    use gguf_file::Value as V;
+    let meta: Vec<(String, V)> = vec![
+        (
+            "general.architecture".into(),
+            V::String(spec.arch.name().into()),
+        ),
+        ("general.type".into(), V::String("adapter".into())),
+        ("general.alignment".into(), V::U32(32)),
+        ("adapter.type".into(), V::String("lora".into())),
+        ("adapter.lora.alpha".into(), V::F32(lora.alpha)),
+    ];
+    let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
+    let mut tensors = Vec::new();
+    for (name, a, b) in lora.pairs(spec)? {
+        let b = match name.rsplit('.').nth(1) {
+            Some("attn_q") if llama_rows => permute_for_interleaved(&b, spec.heads)?,
+            Some("attn_k") if llama_rows => permute_for_interleaved(&b, spec.kv_heads)?,
+            _ => b,
+        };
+        for (half, t) in [("lora_a", a), ("lora_b", b)] {
+            tensors.push(RawTensor {
+                name: format!("{name}.{half}"),
+                ggml_type: super::gguf::ggml_type_id(GgmlDType::F32),
+                dims: t.dims().to_vec(),
+                data: t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            });
+        }
+    }
+    let mut bytes = Vec::new();
+    write_gguf(&mut bytes, &meta, &tensors);
+    std::fs::write(path, bytes).map_err(|source| ModelError::Open {
+        path: path.to_path_buf(),
+        cause: source,
+    })
+}
+
+/// The Hugging Face name of a tiny model's matrix (`blk.0.attn_q.weight` ->
+/// `model.layers.0.self_attn.q_proj.weight`), or `None` for what a checkpoint does not keep.
+fn hf_name(spec: &TinySpec, name: &str) -> Option<String> {
+    let layer_name = super::safetensors::hf_layer_names(spec.arch, spec.experts.is_some());
+    Some(match name {
+        // Hugging Face keeps the scheme in config.json, not the factors.
+        "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
+            return None;
+        }
+        "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+        "output_norm.weight" => "model.norm.weight".to_string(),
+        "output_norm.bias" => "model.norm.bias".to_string(),
+        "output.weight" => "lm_head.weight".to_string(),
+        n => {
+            let rest = n.strip_prefix("blk.").unwrap_or(n);
+            let (i, s) = rest.split_once('.').unwrap_or(("0", rest));
+            let i: usize = i.parse().unwrap_or(0);
+            let s = s.strip_suffix(".weight").unwrap_or(s);
+            let s = match (spec.arch, s) {
+                (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
+                _ => s,
+            };
+            layer_name(i, s)
+        }
+    })
+}
+
+/// Writes `lora` for `spec` as PEFT saves an adapter: `dir/adapter_config.json` and
+/// `dir/adapter_model.safetensors` (`base_model.model.NAME.lora_A.weight`, Hugging Face names).
+pub fn write_tiny_peft(dir: &Path, spec: &TinySpec, lora: &TinyLora) -> Result<()> {
+    let io = |source| ModelError::Open {
+        path: dir.to_path_buf(),
+        cause: source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (name, a, b) in lora.pairs(spec)? {
+        let hf = hf_name(spec, &name).unwrap_or(name);
+        let module = hf.strip_suffix(".weight").unwrap_or(&hf).to_string();
+        modules.insert(module.rsplit('.').next().unwrap_or("").to_string());
+        map.insert(format!("base_model.model.{module}.lora_A.weight"), a);
+        map.insert(format!("base_model.model.{module}.lora_B.weight"), b);
+    }
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": lora.rank,
+        // GGUF's alpha 0 means the scale alone; PEFT's would mean nothing: alpha = rank is that.
+        "lora_alpha": lora.effective_alpha(),
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "task_type": "CAUSAL_LM",
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).map_err(io)?;
+    let st = dir.join("adapter_model.safetensors");
+    candle_core::safetensors::save(&map, &st).map_err(|e| ModelError::Corrupt {
+        path: st.clone(),
+        reason: format!("writing safetensors failed: {}", candle_msg(&e)),
+    })
+}
+
+/// [`write_tiny_safetensors`] with `lora`'s update merged into the weights:
+/// `W + scale * alpha / rank * B A` (what applying the adapter at `scale` must equal).
+pub fn write_tiny_safetensors_merged(
+    dir: &Path,
+    spec: &TinySpec,
+    lora: &TinyLora,
+    scale: f32,
+) -> Result<()> {
+    let s = (scale * lora.effective_alpha() / lora.rank as f32) as f64;
+    let updates: HashMap<String, Tensor> = lora
+        .pairs(spec)?
+        .into_iter()
+        .map(|(name, a, b)| Ok((name, (b.matmul(&a)? * s)?)))
+        .collect::<Result<_>>()?;
+    let weights = tiny_weights(spec)?
+        .into_iter()
+        .map(|(name, t)| match updates.get(&name) {
+            Some(u) => Ok((name, (t + u)?)),
+            None => Ok((name, t)),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_safetensors_of(dir, spec, weights)
+}
+
+fn write_safetensors_of(dir: &Path, spec: &TinySpec, weights: Vec<(String, Tensor)>) -> Result<()> {
     spec.check()?;
     if spec.arch == Arch::GptOss {
         // verdict reads gpt-oss from GGUF only (its checkpoints store MXFP4 blocks).
@@ -982,7 +1172,7 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut map: HashMap<String, Tensor> = HashMap::new();
     let layer_name = super::safetensors::hf_layer_names(spec.arch, spec.experts.is_some());
-    for (name, t) in tiny_weights(spec)? {
+    for (name, t) in weights {
         // Gemma stores norms as w of 1 + w.
         let t = match spec.arch.is_gemma() && name.ends_with("norm.weight") {
             true => (t - 1.0)?,
@@ -1006,26 +1196,8 @@ pub fn write_tiny_safetensors(dir: &Path, spec: &TinySpec) -> Result<()> {
             true => t.unsqueeze(0)?,
             false => t,
         };
-        let hf = match name.as_str() {
-            // Hugging Face keeps the scheme in config.json, not the factors.
-            "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight" => {
-                continue;
-            }
-            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
-            "output_norm.weight" => "model.norm.weight".to_string(),
-            "output_norm.bias" => "model.norm.bias".to_string(),
-            "output.weight" => "lm_head.weight".to_string(),
-            n => {
-                let rest = n.strip_prefix("blk.").unwrap_or(n);
-                let (i, s) = rest.split_once('.').unwrap_or(("0", rest));
-                let i: usize = i.parse().unwrap_or(0);
-                let s = s.strip_suffix(".weight").unwrap_or(s);
-                let s = match (spec.arch, s) {
-                    (Arch::Phi3, "ffn_up") => super::transformer::FFN_GATE_UP,
-                    _ => s,
-                };
-                layer_name(i, s)
-            }
+        let Some(hf) = hf_name(spec, &name) else {
+            continue;
         };
         map.insert(hf, t);
     }
@@ -1220,6 +1392,51 @@ pub fn peer_spec(name: &str) -> Option<TinySpec> {
 /// `scripts/make-fixtures.py peer` records llama.cpp's logits for them (`examples/tiny_models.rs`
 /// writes the files), and `tests/models.rs` checks verdict's against those. f32 weights, so the
 /// two engines differ only by f32 rounding.
+/// LoRA adapters on peer models (by the base's name in [`peer_specs`]) that
+/// `scripts/make-fixtures.py peer` runs llama.cpp with (`lora-BASE.gguf`): every projection
+/// and the lm_head of llama; q and v of qwen2 (a common PEFT choice, beside its biases); phi3's
+/// fused q/k/v and gate/up, with alpha 0 (the scale alone).
+pub fn peer_loras() -> Vec<(&'static str, TinyLora)> {
+    vec![
+        (
+            "llama",
+            TinyLora {
+                rank: 4,
+                alpha: 8.0,
+                targets: vec![
+                    "attn_q",
+                    "attn_k",
+                    "attn_v",
+                    "attn_output",
+                    "ffn_gate",
+                    "ffn_up",
+                    "ffn_down",
+                    "output",
+                ],
+                seed: 1,
+            },
+        ),
+        (
+            "qwen2",
+            TinyLora {
+                rank: 8,
+                alpha: 16.0,
+                targets: vec!["attn_q", "attn_v"],
+                seed: 2,
+            },
+        ),
+        (
+            "phi3",
+            TinyLora {
+                rank: 4,
+                alpha: 0.0,
+                targets: vec!["attn_qkv", "ffn_up", "attn_output", "ffn_down"],
+                seed: 3,
+            },
+        ),
+    ]
+}
+
 pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
     let base = TinySpec {
         vocab: 300,

@@ -40,6 +40,9 @@ pub(crate) struct Linear {
     /// MXFP4 blocks as stored, multiplied by `gemm`; `w` is then an empty stand-in, and
     /// [`Linear::weight`] makes the Q8_0 copy where candle's kernels need one.
     pub(crate) mxfp4: Option<Arc<[u8]>>,
+    /// LoRA adapters' updates of this projection ([`Model::with_lora`]), added to the matmul's
+    /// output before the bias.
+    pub(crate) lora: Option<Arc<[super::lora::LoraDelta]>>,
 }
 
 /// The vocabulary ids an lm_head cut by [`Model::with_draft_vocab`] still scores: ascending,
@@ -187,6 +190,7 @@ impl Linear {
             b,
             kept: None,
             mxfp4: None,
+            lora: None,
         }
     }
 
@@ -209,6 +213,7 @@ impl Linear {
             gemm: Some(gemm),
             kept: None,
             mxfp4: Some(blocks),
+            lora: None,
         })
     }
 
@@ -241,6 +246,11 @@ impl Linear {
         } else {
             self.w.forward(x)?
         };
+        let y = self
+            .lora
+            .iter()
+            .flat_map(|l| l.iter())
+            .try_fold(y, |y, d| d.add_to(x, y))?;
         self.finish(y)
     }
 
@@ -464,6 +474,26 @@ fn fast_matmul(src: &dyn WeightSource, name: &str, w: QMatMul) -> Result<QMatMul
 }
 
 impl Weights {
+    /// Whether a LoRA adapter updates any projection ([`Model::with_lora`]).
+    pub(crate) fn has_lora(&self) -> bool {
+        let mlp = |f: &Ffn| match f {
+            Ffn::Dense { gate, up, down } => {
+                gate.iter().chain([up, down]).any(|l| l.lora.is_some())
+            }
+            Ffn::Moe { router, shared, .. } => {
+                router.lora.is_some()
+                    || shared
+                        .as_ref()
+                        .is_some_and(|s| s.mlp.iter().any(|l| l.lora.is_some()))
+            }
+        };
+        self.lm_head.lora.is_some()
+            || self
+                .layers
+                .iter()
+                .any(|l| [&l.q, &l.k, &l.v, &l.o].iter().any(|l| l.lora.is_some()) || mlp(&l.ffn))
+    }
+
     /// An empty KV cache for the first `n_layers` layers of these weights, its sliding-window
     /// layers holding only their window (and the slack to roll back).
     pub(crate) fn new_cache(&self, n_layers: usize) -> KvCache {
@@ -991,6 +1021,11 @@ impl Model {
             fail("the weights are shared: cut the vocabulary right after loading".into())
         })?;
         let head = &w.lm_head;
+        if head.lora.is_some() {
+            return Err(fail(
+                "a LoRA adapter updates this lm_head: cut the vocabulary of a plain model".into(),
+            ));
+        }
         let cut = || -> candle_core::Result<QMatMul> {
             Ok(match &head.w {
                 QMatMul::QTensor(t) => {
@@ -1175,6 +1210,11 @@ impl Model {
         if devices.len() == 1 && devices[0].same_device(&self.w.device) {
             return Ok(self.clone());
         }
+        if self.w.has_lora() {
+            return Err(ModelError::Invalid(
+                "LoRA adapters on a tensor-parallel (sharded) model are not supported".into(),
+            ));
+        }
         if !self.w.peers.is_empty() || self.batcher.is_some() {
             return Err(ModelError::Invalid(
                 "shard() takes a plain model (not already sharded or batching)".into(),
@@ -1222,15 +1262,19 @@ impl Model {
                 other => other.clone(),
             })
         };
-        let lin =
-            |l: &Linear| -> Result<Linear> { Ok(Linear::new(deq(&l.weight()?)?, l.b.clone())) };
+        let lin = |_: &str, l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                lora: l.lora.clone(),
+                ..Linear::new(deq(&l.weight()?)?, l.b.clone())
+            })
+        };
         let embed = deq(&w.embed)?;
         // A tied lm_head is the embedding's own tensor: dequantize it once.
         let tied = matches!((&w.embed, &w.lm_head.w), (QMatMul::QTensor(a), QMatMul::QTensor(b)) if Arc::ptr_eq(a, b));
         let lm_head = if tied {
             Linear::new(embed.clone(), None)
         } else {
-            lin(&w.lm_head)?
+            lin("output", &w.lm_head)?
         };
         self.rebuilt(embed, lm_head, &lin)
     }
@@ -1241,7 +1285,7 @@ impl Model {
     /// to f16 and verdict's kernel keeps it f32; comparisons with llama.cpp's rounding need
     /// candle's.
     pub fn with_candle_kernels(&self) -> Result<Model> {
-        let plain = |l: &Linear| -> Result<Linear> {
+        let plain = |_: &str, l: &Linear| -> Result<Linear> {
             let w = l.weight()?;
             Ok(Linear {
                 gemm: None,
@@ -1251,35 +1295,91 @@ impl Model {
                 ..l.clone()
             })
         };
-        self.rebuilt(self.w.embed.clone(), plain(&self.w.lm_head)?, &plain)
+        self.rebuilt(
+            self.w.embed.clone(),
+            plain("output", &self.w.lm_head)?,
+            &plain,
+        )
     }
 
-    /// This model with `lin` applied to every projection of its layers, and the given
-    /// embedding and lm_head (unsharded, unbatched).
+    /// The same model with the updates of LoRA `adapters` ([`super::lora`]) added beside the
+    /// projections they name (the weights themselves are shared, not copied). Every pair of
+    /// every adapter must fit a projection of this model, or nothing is applied. Runs on
+    /// candle's ops on a GPU (not the CUDA decode path); a tensor-parallel model is refused.
+    pub fn with_lora(&self, adapters: &[super::lora::LoraAdapter]) -> Result<Model> {
+        if !self.w.peers.is_empty() {
+            return Err(ModelError::Invalid(
+                "LoRA adapters on a tensor-parallel (sharded) model are not supported".into(),
+            ));
+        }
+        let deltas = std::cell::RefCell::new(super::lora::resolve(
+            adapters,
+            &super::lora::Base {
+                cfg: &self.w.cfg,
+                from_gguf: self.w.gguf.is_some(),
+                device: &self.w.device,
+            },
+        )?);
+        let lin = |name: &str, l: &Linear| -> Result<Linear> {
+            let mut l = l.clone();
+            if let Some(d) = deltas.borrow_mut().remove(name) {
+                if l.kept.is_some() {
+                    return Err(ModelError::Invalid(
+                        "LoRA: the lm_head's vocabulary is cut (a draft model); adapt the whole head".into(),
+                    ));
+                }
+                let all: Vec<_> = l
+                    .lora
+                    .iter()
+                    .flat_map(|l| l.iter())
+                    .cloned()
+                    .chain(d)
+                    .collect();
+                l.lora = Some(all.into());
+            }
+            Ok(l)
+        };
+        let lm_head = lin("output", &self.w.lm_head)?;
+        let model = self.rebuilt(self.w.embed.clone(), lm_head, &lin)?;
+        // `resolve` names only projections the config implies; one this model lacks is a bug
+        // to report, not an update to drop.
+        if let Some(name) = deltas.borrow().keys().next() {
+            return Err(ModelError::Invalid(format!(
+                "LoRA: the model has no projection {name} to update"
+            )));
+        }
+        Ok(model)
+    }
+
+    /// This model with `lin` applied to every projection of its layers (with its name:
+    /// `blk.N.attn_q`, an expert's `blk.N.ffn_up.E`), and the given embedding and lm_head
+    /// (unsharded, unbatched).
     fn rebuilt(
         &self,
         embed: QMatMul,
         lm_head: Linear,
-        lin: &dyn Fn(&Linear) -> Result<Linear>,
+        lin: &dyn Fn(&str, &Linear) -> Result<Linear>,
     ) -> Result<Model> {
         let w = &self.w;
         let layers = w
             .layers
             .iter()
-            .map(|l| -> Result<Layer> {
+            .enumerate()
+            .map(|(i, l)| -> Result<Layer> {
+                let lin = |s: &str, l: &Linear| lin(&format!("blk.{i}.{s}"), l);
                 Ok(Layer {
                     attn_norm: l.attn_norm.clone(),
-                    q: lin(&l.q)?,
-                    k: lin(&l.k)?,
-                    v: lin(&l.v)?,
-                    o: lin(&l.o)?,
+                    q: lin("attn_q", &l.q)?,
+                    k: lin("attn_k", &l.k)?,
+                    v: lin("attn_v", &l.v)?,
+                    o: lin("attn_output", &l.o)?,
                     qk_norm: l.qk_norm.clone(),
                     ffn_norm: l.ffn_norm.clone(),
                     ffn: match &l.ffn {
                         Ffn::Dense { gate, up, down } => Ffn::Dense {
-                            gate: gate.as_ref().map(lin).transpose()?,
-                            up: lin(up)?,
-                            down: lin(down)?,
+                            gate: gate.as_ref().map(|g| lin("ffn_gate", g)).transpose()?,
+                            up: lin("ffn_up", up)?,
+                            down: lin("ffn_down", down)?,
                         },
                         Ffn::Moe {
                             router,
@@ -1288,10 +1388,17 @@ impl Model {
                             renormalise,
                             shared,
                         } => Ffn::Moe {
-                            router: lin(router)?,
+                            router: lin("ffn_gate_inp", router)?,
                             experts: experts
                                 .iter()
-                                .map(|[g, u, d]| Ok([lin(g)?, lin(u)?, lin(d)?]))
+                                .enumerate()
+                                .map(|(e, [g, u, d])| {
+                                    Ok([
+                                        lin(&format!("ffn_gate.{e}"), g)?,
+                                        lin(&format!("ffn_up.{e}"), u)?,
+                                        lin(&format!("ffn_down.{e}"), d)?,
+                                    ])
+                                })
                                 .collect::<Result<_>>()?,
                             used: *used,
                             renormalise: *renormalise,
@@ -1300,7 +1407,11 @@ impl Model {
                                     let [g, u, d] = &s.mlp;
                                     Some(Box::new(SharedExpert {
                                         gate: s.gate.clone(),
-                                        mlp: [lin(g)?, lin(u)?, lin(d)?],
+                                        mlp: [
+                                            lin("ffn_gate_shexp", g)?,
+                                            lin("ffn_up_shexp", u)?,
+                                            lin("ffn_down_shexp", d)?,
+                                        ],
                                     }))
                                 }
                                 None => None,
