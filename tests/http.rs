@@ -3249,9 +3249,11 @@ fn embeddings_endpoint() {
     assert_eq!(e["data"][0]["embedding"], e2["data"][0]["embedding"]);
 }
 
-/// `serve --lora-scaled`: the target answers as the adapted model (not as the base), the same
-/// with speculation (the base draft proposes, the adapted target verifies) as without; a
-/// missing or foreign adapter stops the server at start, naming the file.
+/// `serve --lora` / `--lora-scaled` adapt the target; `--lora-modules NAME=PATH` serves the
+/// adapted model beside the base, chosen per request by `model` (vLLM's way): listed by
+/// /v1/models, echoed in the response, the same tokens as a server adapted at start, with
+/// speculation (the base draft proposes) as without. A missing or foreign adapter, or a bad
+/// module spec, stops the server at start, naming it.
 #[test]
 fn serve_applies_lora_adapters() {
     use verdict::models::testing::{TinyLora, TinySpec, write_tiny_lora_gguf};
@@ -3265,40 +3267,107 @@ fn serve_applies_lora_adapters() {
     };
     write_tiny_lora_gguf(&adapter, &TinySpec::default(), &lora).unwrap();
     let a = adapter.display().to_string();
-    let ask = |s: &Server, speculation: Value| {
-        let r = s.post_json(
-            "/v1/completions",
-            &json!({"prompt": "the weather", "max_tokens": 16, "temperature": 0,
-                    "ignore_eos": true, "speculation": speculation}),
-        );
+    let ask = |s: &Server, model: Option<&str>, speculation: Value| {
+        let mut body = json!({"prompt": "the weather", "max_tokens": 16, "temperature": 0,
+                              "ignore_eos": true, "speculation": speculation});
+        if let Some(m) = model {
+            body["model"] = m.into();
+        }
+        let r = s.post_json("/v1/completions", &body);
         assert_eq!(r.status, 200, "{}", r.text());
-        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+        let v = r.json();
+        (
+            v["choices"][0]["text"].as_str().unwrap().to_string(),
+            v["model"].as_str().unwrap().to_string(),
+        )
     };
-    let base = tiny_server(256, &[]);
-    let adapted = tiny_server(256, &["--lora-scaled", &a, "0.8"]);
-    let plain = ask(&adapted, json!("off"));
-    assert_ne!(
-        plain,
-        ask(&base, json!("off")),
-        "the adapter changed nothing"
+    let module = format!("ad={a}");
+    let both = tiny_server(256, &["--lora-modules", &module]);
+    let adapted = tiny_server(256, &["--lora", &a]);
+    let scaled = tiny_server(256, &["--lora-scaled", &a, "0.5"]);
+    let (base_text, base_name) = ask(&both, None, json!("off"));
+    let (module_text, module_name) = ask(&both, Some("ad"), json!("off"));
+    assert_eq!(module_name, "ad");
+    assert_ne!(base_name, "ad");
+    assert_ne!(module_text, base_text, "the adapter changed nothing");
+    assert_eq!(ask(&adapted, None, json!("off")).0, module_text);
+    let (half, _) = ask(&scaled, None, json!("off"));
+    assert!(
+        half != module_text && half != base_text,
+        "the scale did nothing"
     );
-    let drafted = ask(&adapted, json!({"draft": "model", "k": 3}));
-    assert_eq!(drafted, plain, "speculation on the adapted target");
+    // The named base model is the base; speculation changes no output.
+    assert_eq!(ask(&both, Some(&base_name), json!("off")).0, base_text);
+    let drafted = json!({"draft": "model", "k": 3});
+    assert_eq!(ask(&both, Some("ad"), drafted.clone()).0, module_text);
+    assert_eq!(ask(&adapted, None, drafted).0, module_text);
+    // Listed, each by id; an unknown name's 404 lists the served ones.
+    let models = both.get("/v1/models").json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [base_name.as_str(), "ad"]);
+    assert_eq!(models["data"][1]["parent"], base_name.as_str());
+    assert_eq!(models["data"][1]["root"], a.as_str());
+    assert_eq!(both.get("/v1/models/ad").status, 200);
+    let r = both.post_json("/v1/completions", &json!({"prompt": "x", "model": "nope"}));
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("`ad`"), "{}", r.text());
+    // Chat answers as the module too.
+    let r = both.post_json(
+        "/v1/chat/completions",
+        &json!({"model": "ad", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "ad");
+    let r = both.post_json("/v1/embeddings", &json!({"model": "ad", "input": "hi"}));
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("LoRA module"), "{}", r.text());
 
     let (target, _) = tiny_models(dir.path(), 256);
     let missing = dir.path().join("missing.gguf");
-    for (file, needle) in [(&missing, "missing.gguf"), (&target, "not a LoRA adapter")] {
+    let t = target.display().to_string();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["--lora".into(), missing.display().to_string()],
+            missing.display().to_string(),
+        ),
+        (
+            vec!["--lora".into(), t.clone()],
+            "not a LoRA adapter".into(),
+        ),
+        (
+            vec!["--lora-modules".into(), format!("m={}", missing.display())],
+            missing.display().to_string(),
+        ),
+        (
+            vec!["--lora-modules".into(), a.clone()],
+            "expected NAME=PATH".into(),
+        ),
+        (
+            vec!["--lora-modules".into(), module.clone(), module.clone()],
+            "already served".into(),
+        ),
+        (
+            vec!["--lora-modules".into(), format!("tiny-target={a}")],
+            "already served".into(),
+        ),
+    ];
+    for (args, needle) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
             .arg("serve")
-            .args(["--port", "0", "--lora", &file.display().to_string()])
-            .args(["--model", &target.display().to_string()])
+            .args(["--port", "0", "--model", &t])
+            .args(&args)
             .output()
             .unwrap();
-        assert!(!out.status.success());
+        assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains(&file.display().to_string()) && err.contains(needle),
-            "{err}"
+            err.contains(&needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
         );
     }
 }

@@ -27,6 +27,17 @@ fn official_openai_client() {
     let (target, draft) = tiny_models(dir.path(), 256);
     let log_dir = dir.path().to_path_buf();
     let (t, d) = (target.display().to_string(), draft.display().to_string());
+    // A LoRA module the client chooses by name.
+    let adapter = dir.path().join("adapter.gguf");
+    let lora = verdict::models::testing::TinyLora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["attn_q", "attn_v", "ffn_up", "output"],
+        seed: 9,
+    };
+    let spec = verdict::models::testing::TinySpec::default();
+    verdict::models::testing::write_tiny_lora_gguf(&adapter, &spec, &lora).unwrap();
+    let module = format!("tiny-ad={}", adapter.display());
     let s = Server::start(
         &[
             "--model",
@@ -37,13 +48,18 @@ fn official_openai_client() {
             "sk-test-key",
             "--reasoning-parser",
             "qwen3",
+            "--lora-modules",
+            &module,
         ],
         Some(dir),
         &log_dir,
     );
-    for script in ["openai_client.py", "anthropic_client.py"] {
-        run_client(&s, script, &["tiny-target", "sk-test-key"]);
-    }
+    run_client(
+        &s,
+        "openai_client.py",
+        &["tiny-target", "sk-test-key", "tiny-ad"],
+    );
+    run_client(&s, "anthropic_client.py", &["tiny-target", "sk-test-key"]);
 }
 
 /// Runs `tests/SCRIPT URL ARGS...` with the test Python; it must print "all checks passed".

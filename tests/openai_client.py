@@ -1,6 +1,6 @@
 """Drives a running `verdict serve` with the official `openai` package (run by tests/http_openai.rs).
 
-    python tests/openai_client.py BASE_URL MODEL_ID API_KEY
+    python tests/openai_client.py BASE_URL MODEL_ID API_KEY [LORA_MODULE]
 
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
 `extra_body`, logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
@@ -8,7 +8,8 @@ model, `guided_choice`), the Responses API (whole, streamed through the client's
 accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
 an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
-for base64 and decodes it; floats on request; `dimensions`).
+for base64 and decodes it; floats on request; `dimensions`), and, given a LoRA module's name,
+that it is listed beside the model and answers chat and completions as itself.
 Exits non-zero (AssertionError) on the first mismatch.
 """
 
@@ -329,5 +330,23 @@ try:
     raise AssertionError("frequency_penalty 2.5 was accepted")
 except openai.BadRequestError as e:
     assert e.body["param"] == "frequency_penalty", e.body
+
+# A LoRA module (serve --lora-modules): a model of its own to the client.
+if len(sys.argv) > 4:
+    module = sys.argv[4]
+    listed = {m.id: m for m in client.models.list().data}
+    assert module in listed and model in listed, listed
+    assert client.models.retrieve(module).id == module
+    ask = [{"role": "user", "content": "the cat sat"}]
+    base = client.chat.completions.create(model=model, messages=ask, max_tokens=12, temperature=0)
+    adapted = client.chat.completions.create(
+        model=module, messages=ask, max_tokens=12, temperature=0, extra_body=extra
+    )
+    assert adapted.model == module and base.model == model, (adapted.model, base.model)
+    assert adapted.choices[0].message.content != base.choices[0].message.content, adapted
+    stream = client.completions.create(
+        model=module, prompt="the cat sat", max_tokens=6, temperature=0, stream=True
+    )
+    assert all(chunk.model == module for chunk in stream)
 
 print("openai client: all checks passed")

@@ -269,7 +269,7 @@ impl LoraArgs {
         match HeadChoice::parse(choice) {
             HeadChoice::Auto if !adapters.is_empty() => {
                 tracing::info!("LoRA: no shipped judge head (trained on the base model's states)");
-                HeadChoice::None
+                HeadChoice::Auto.adapted()
             }
             c => c,
         }

@@ -40,6 +40,11 @@ pub struct ServeArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub lora: crate::cli::generate::LoraArgs,
+    /// A LoRA adapter a request chooses by naming it in `model` (vLLM's `--lora-modules`):
+    /// NAME=PATH, a GGUF adapter or a PEFT directory. Repeat for more; each is listed by
+    /// /v1/models, shares the target's weights, and keeps a prompt cache of its own.
+    #[arg(long = "lora-modules", value_name = "NAME=PATH", num_args = 1..)]
+    pub lora_modules: Vec<String>,
     /// The default drafter: a draft model (GGUF path, same tokenizer), `prompt-lookup`,
     /// `self:N` (the target's first N layers), or `auto` / `auto:PATH` (per step, prompt lookup
     /// or the draft model, whichever is expected to be faster). Without it requests decode
@@ -265,6 +270,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into()),
     };
+    let modules = lora_modules(&args.lora_modules, &model_id)?;
     let opts = ServeOptions {
         host: args.host.clone(),
         port: args.port,
@@ -277,6 +283,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         reasoning: args.reasoning_parser,
         pooling: args.pooling,
+        lora_modules: modules
+            .iter()
+            .map(|(n, a)| (n.clone(), a.path().to_path_buf()))
+            .collect(),
         ..ServeOptions::new("")
     };
     let reg = registry.clone();
@@ -285,6 +295,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let lora = args.lora.clone();
     let adapters = lora.load()?;
     let head_choice = lora.judge_head(&args.judge_head, &adapters);
+    // A module's target is adapted: no shipped head for it (a head file named still applies).
+    let module_head = lora.judge_head(&args.judge_head, &[]).adapted();
     let max_batch = args.max_batch;
     let prefill_chunk = args.prefill_chunk;
     let prompt_cache = args.prompt_cache;
@@ -302,9 +314,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let loader = Box::new(move || -> Result<Served> {
-        let target = Model::load_gguf(&target_path, &device)
+        let base = Model::load_gguf(&target_path, &device)
             .with_context(|| format!("loading the target {}", target_path.display()))?;
-        let target = lora.apply(target, &adapters)?;
+        let target = lora.apply(base.clone(), &adapters)?;
         let content = target
             .gguf_metadata()
             .with_context(|| format!("{}: no GGUF metadata (tokenizer)", target_path.display()))?;
@@ -345,25 +357,69 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     .with_context(|| format!("warming up the {what} model"))?;
             }
         }
-        let engine = Engine::new(EngineConfig {
-            target,
-            draft,
-            registry: reg,
-            default_policy: policy,
-            default_drafter,
-            default_k: k,
-            adaptive,
-            synthetic_acceptance: None,
-            judge,
-        })?
-        .with_prompt_cache(prompt_cache);
+        let engine_of = |target: Model, judge| -> Result<Engine> {
+            Ok(Engine::new(EngineConfig {
+                target,
+                draft: draft.clone(),
+                registry: reg.clone(),
+                default_policy: policy.clone(),
+                default_drafter: default_drafter.clone(),
+                default_k: k,
+                adaptive,
+                synthetic_acceptance: None,
+                judge,
+            })?
+            .with_prompt_cache(prompt_cache))
+        };
+        let engine = engine_of(target, judge)?;
+        // Each module: the base with the --lora adapters and its own, batched apart (its
+        // forwards differ), the same draft (whose batcher all engines share).
+        let mut lora_engines = Vec::with_capacity(modules.len());
+        for (name, adapter) in &modules {
+            let mut all = adapters.clone();
+            all.push(adapter.clone());
+            let t = base
+                .with_lora(&all)
+                .with_context(|| format!("--lora-modules {name}={}", adapter.path().display()))?;
+            let judge = module_head.load(&t)?;
+            let t = crate::cli::generate::shard_target(t, shards, &device)?
+                .with_batching(max_batch)?
+                .with_prefill_chunk(prefill_chunk);
+            lora_engines.push(engine_of(t, judge)?);
+        }
         Ok(Served {
             engine,
+            lora_engines,
             tokenizer: Arc::new(tokenizer),
             chat: Arc::new(chat),
         })
     });
     crate::serve::run(opts, registry, loader)
+}
+
+/// `--lora-modules NAME=PATH ...`: each adapter read now (a bad one stops the server before it
+/// starts), names distinct and apart from the served model's.
+fn lora_modules(
+    specs: &[String],
+    model_id: &str,
+) -> Result<Vec<(String, crate::models::LoraAdapter)>> {
+    let mut out: Vec<(String, crate::models::LoraAdapter)> = Vec::new();
+    for spec in specs {
+        let Some((name, path)) = spec.split_once('=') else {
+            bail!("--lora-modules {spec:?}: expected NAME=PATH");
+        };
+        let name = name.trim();
+        if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            bail!("--lora-modules {spec:?}: the name must be non-blank, without spaces");
+        }
+        if name == model_id || out.iter().any(|(n, _)| n == name) {
+            bail!("--lora-modules {spec:?}: the name {name:?} is already served");
+        }
+        let adapter = crate::models::LoraAdapter::load(std::path::Path::new(path), 1.0)
+            .with_context(|| format!("--lora-modules {name}={path}"))?;
+        out.push((name.to_string(), adapter));
+    }
+    Ok(out)
 }
 
 fn parse_pooling(s: &str) -> Result<crate::models::embed::Pooling, String> {

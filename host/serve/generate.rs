@@ -161,6 +161,8 @@ impl SpeculationReport {
 
 pub struct Job {
     pub served: Arc<Served>,
+    /// The engine the request chose (the base model's, or a LoRA module's).
+    pub engine: crate::engine::Engine,
     pub request: GenerateRequest,
     pub stop: Vec<String>,
     pub arrived: Instant,
@@ -260,6 +262,7 @@ impl Job {
     pub fn run(self) {
         let Job {
             served,
+            engine,
             request,
             stop,
             arrived,
@@ -279,7 +282,7 @@ impl Job {
         let max_tokens = request.max_tokens;
         let mut aligner = request.logprobs.is_some().then(Aligner::default);
         let mut echo_prompt = echo.then(|| request.prompt.clone());
-        let mut generation = match served.engine.start(request) {
+        let mut generation = match engine.start(request) {
             Ok(g) => g,
             Err(e) => {
                 let err = match e.param {

@@ -68,6 +68,9 @@ pub struct ServeOptions {
     /// How `/v1/embeddings` pools a text's hidden states; `None`: as the GGUF declares
     /// (`pooling_type`), else the last token's.
     pub pooling: Option<Pooling>,
+    /// The LoRA modules a request may name in `model` (vLLM's `--lora-modules`): name and
+    /// adapter path, listed by `/v1/models`; their engines are in [`Served::lora_engines`].
+    pub lora_modules: Vec<(String, std::path::PathBuf)>,
 }
 
 impl ServeOptions {
@@ -86,6 +89,7 @@ impl ServeOptions {
             max_policy_bytes: 64 << 20,
             reasoning: None,
             pooling: None,
+            lora_modules: Vec::new(),
         }
     }
 }
@@ -94,6 +98,9 @@ impl ServeOptions {
 /// (text in, text out; the engine works on token ids).
 pub struct Served {
     pub engine: Engine,
+    /// An engine per LoRA module ([`ServeOptions::lora_modules`], same order): the target with
+    /// that adapter (its weights shared with `engine`'s), the same draft and policies.
+    pub lora_engines: Vec<Engine>,
     pub tokenizer: Arc<Tokenizer>,
     pub chat: Arc<ChatTemplate>,
 }
@@ -573,10 +580,30 @@ fn metrics(app: &App) -> Response<Body> {
 }
 
 fn models(app: &App) -> Response<Body> {
-    json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": [model_object(app)]}),
-    )
+    let mut data = vec![model_object(app)];
+    data.extend(
+        app.opts
+            .lora_modules
+            .iter()
+            .map(|(n, _)| module_object(app, n)),
+    );
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// A LoRA module as `/v1/models` lists it (vLLM's shape: `parent` is the base model, `root`
+/// the adapter).
+fn module_object(app: &App, name: &str) -> Value {
+    let root = app
+        .opts
+        .lora_modules
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.display().to_string());
+    let mut v = model_object(app);
+    v["id"] = name.into();
+    v["parent"] = app.opts.model_id.clone().into();
+    v["root"] = root.into();
+    v
 }
 
 fn model_object(app: &App) -> Value {
@@ -592,27 +619,60 @@ fn model_object(app: &App) -> Value {
 
 /// `GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other id.
 fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
-    if id != app.opts.model_id {
-        return Err(unknown_model(app, id));
+    if id == app.opts.model_id {
+        return Ok(json_response(StatusCode::OK, &model_object(app)));
     }
-    Ok(json_response(StatusCode::OK, &model_object(app)))
+    if app.opts.lora_modules.iter().any(|(n, _)| n == id) {
+        return Ok(json_response(StatusCode::OK, &module_object(app, id)));
+    }
+    Err(unknown_model(app, id))
 }
 
 /// OpenAI's 404 for a model this server does not serve.
-/// A request that names a model must name the served one.
+/// A request that names a model must name the served one or one of its LoRA modules.
 fn check_model(app: &App, p: &ParsedRequest) -> Result<(), ApiError> {
-    match &p.model {
-        Some(m) if m != &app.opts.model_id => Err(unknown_model(app, m)),
-        _ => Ok(()),
+    module_of(app, p.model.as_deref()).map(|_| ())
+}
+
+/// The LoRA module `model` names (its index in `lora_modules`), `None` for the base model
+/// (named or not); an unknown name is OpenAI's 404.
+fn module_of(app: &App, model: Option<&str>) -> Result<Option<usize>, ApiError> {
+    match model {
+        None => Ok(None),
+        Some(m) if m == app.opts.model_id => Ok(None),
+        Some(m) => match app.opts.lora_modules.iter().position(|(n, _)| n == m) {
+            Some(i) => Ok(Some(i)),
+            None => Err(unknown_model(app, m)),
+        },
     }
 }
 
+/// The engine and the model name a request is answered with (the module's, or the base's).
+fn engine_of<'a>(
+    app: &App,
+    served: &'a Served,
+    model: Option<&str>,
+) -> Result<(&'a Engine, String), ApiError> {
+    Ok(match module_of(app, model)? {
+        None => (&served.engine, app.opts.model_id.clone()),
+        Some(i) => (
+            served
+                .lora_engines
+                .get(i)
+                .ok_or_else(|| ApiError::internal("a LoRA module without its engine"))?,
+            app.opts.lora_modules[i].0.clone(),
+        ),
+    })
+}
+
 fn unknown_model(app: &App, id: &str) -> ApiError {
+    let mut names = vec![format!("`{}`", app.opts.model_id)];
+    names.extend(app.opts.lora_modules.iter().map(|(n, _)| format!("`{n}`")));
     ApiError::invalid(
         "model",
         format!(
-            "the model `{id}` does not exist; this server serves `{}` (GET /v1/models)",
-            app.opts.model_id
+            "the model `{id}` does not exist; this server serves {} (GET /v1/models)",
+            names.join(", ")
         ),
     )
     .with_status(StatusCode::NOT_FOUND)
@@ -663,7 +723,7 @@ async fn completion(
     let meta = ResponseMeta {
         id,
         created: unix_now(),
-        model: app.opts.model_id.clone(),
+        model: model_name(app, &parsed),
         endpoint,
         include_usage: parsed.include_usage,
         logprobs: parsed.logprobs,
@@ -702,7 +762,7 @@ async fn create_response(
         ..responses::Meta::new(
             format!("resp_{}", new_id(app)),
             unix_now(),
-            app.opts.model_id.clone(),
+            model_name(app, &parsed),
             &t,
             parsed.tools.is_some(),
         )
@@ -916,7 +976,7 @@ async fn create_message(
         .map_err(messages::rename_param)?;
     let meta = messages::Meta {
         id: format!("msg_{}", new_id(app)),
-        model: app.opts.model_id.clone(),
+        model: model_name(app, &parsed),
         tools: parsed.tools.is_some(),
         reasoning: app.opts.reasoning.map(|p| p.reading(open)),
     };
@@ -953,6 +1013,14 @@ async fn count_message_tokens(
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
 }
 
+/// The model a (checked) request is answered as: the LoRA module it names, or the base model.
+fn model_name(app: &App, p: &ParsedRequest) -> String {
+    match module_of(app, p.model.as_deref()) {
+        Ok(Some(i)) => app.opts.lora_modules[i].0.clone(),
+        _ => app.opts.model_id.clone(),
+    }
+}
+
 /// A fresh id suffix for a response (unique in this server, not guessable).
 fn new_id(app: &App) -> String {
     format!(
@@ -975,7 +1043,8 @@ async fn start(
     parsed: &ParsedRequest,
     arrived: Instant,
 ) -> Result<(Events, usize, bool), ApiError> {
-    check_model(app, parsed)?;
+    let (engine, _) = engine_of(app, served, parsed.model.as_deref())?;
+    let engine = engine.clone();
     // Tokenizing and template rendering are CPU work: off the async threads.
     let prepared = {
         let app = app.clone();
@@ -992,9 +1061,8 @@ async fn start(
     // With a prompt cache, choice 0 prefills alone and shares the prompt's sequences; the other
     // choices start once it has, and read the prompt from the cache instead of each prefilling
     // it (a prompt to score is read whole, so those requests start together).
-    let share = parsed.n > 1
-        && served.engine.prompt_cache_stats().is_some()
-        && prepared.prompt_logprobs.is_none();
+    let share =
+        parsed.n > 1 && engine.prompt_cache_stats().is_some() && prepared.prompt_logprobs.is_none();
     let prompt_tokens = prepared.prompt.len();
     // The template opened a thinking block for the model (its reply starts inside it).
     let tail = &prepared.prompt[prompt_tokens.saturating_sub(16)..];
@@ -1008,6 +1076,7 @@ async fn start(
         let (tx, mut choice_rx) = mpsc::unbounded_channel();
         let job = Job {
             served: served.clone(),
+            engine: engine.clone(),
             request,
             stop: parsed.stop.clone(),
             arrived,
@@ -1185,8 +1254,11 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let r = api::parse_embeddings(&body)?;
-    if let Some(m) = r.model.as_ref().filter(|m| **m != app.opts.model_id) {
-        return Err(unknown_model(app, m));
+    if module_of(app, r.model.as_deref())?.is_some() {
+        return Err(ApiError::invalid(
+            "model",
+            "embeddings come from the base model; name it (or no model), not a LoRA module",
+        ));
     }
     let pooling = match app.opts.pooling {
         Some(p) => p,

@@ -285,6 +285,15 @@ impl HeadChoice {
         }
     }
 
+    /// The choice for a target a LoRA adapter changed: no shipped head (they were trained on
+    /// the base's hidden states); a named file stays.
+    pub fn adapted(self) -> HeadChoice {
+        match self {
+            HeadChoice::Auto => HeadChoice::None,
+            c => c,
+        }
+    }
+
     /// Loads the chosen head and checks it against `target`.
     pub fn load(&self, target: &Model) -> Result<Option<JudgeHead>> {
         match self {
