@@ -6,8 +6,8 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use verdict::models::testing::{
-    TinySpec, peer_loras, peer_spec, write_tiny_gguf, write_tiny_lora_gguf, write_tiny_peft,
-    write_tiny_safetensors, write_tiny_safetensors_merged,
+    TinyLora, TinySpec, peer_loras, peer_spec, write_tiny_gguf, write_tiny_lora_gguf,
+    write_tiny_peft, write_tiny_safetensors, write_tiny_safetensors_merged,
 };
 use verdict::models::{LoraAdapter, Model, Rows};
 
@@ -190,8 +190,36 @@ fn peft_and_gguf_adapters_equal_the_merged_weights() {
 #[test]
 fn lora_forwards_are_row_independent() {
     let dir = tempfile::tempdir().unwrap();
-    for (base, spec_lora) in peer_loras() {
-        let spec = peer_spec(base).unwrap();
+    // Also a wider model with a rank-16 adapter, whose multi-row updates run on the thread
+    // pool (one-row ones do not).
+    let wide = (
+        "wide",
+        TinyLora {
+            rank: 16,
+            alpha: 16.0,
+            targets: vec![
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_up",
+                "ffn_down",
+            ],
+            seed: 4,
+        },
+    );
+    for (base, spec_lora) in peer_loras().into_iter().chain([wide]) {
+        let spec = match base {
+            "wide" => TinySpec {
+                hidden: 256,
+                intermediate: 544,
+                heads: 4,
+                kv_heads: 2,
+                layers: 2,
+                ..TinySpec::default()
+            },
+            _ => peer_spec(base).unwrap(),
+        };
         let adapter = dir.path().join(format!("lora-{base}.gguf"));
         write_tiny_lora_gguf(&adapter, &spec, &spec_lora).unwrap();
         // Quantized, as real models are: verdict's kernel sums a row alike in any batch (f32

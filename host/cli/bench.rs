@@ -79,6 +79,8 @@ pub struct ForwardArgs {
     /// The model (GGUF).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub lora: crate::cli::generate::LoraArgs,
     /// New tokens per forward, comma separated.
     #[arg(long, default_value = "1,8,16")]
     pub tokens: String,
@@ -336,8 +338,11 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let sizes = counts(&a.tokens, "--tokens")?;
     let largest = sizes.iter().copied().max().unwrap_or(1);
     let device = a.device.open()?;
+    let adapters = a.lora.load()?;
     let model = Model::load_gguf(&a.model, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    let model = a.lora.apply(model, &adapters)?;
+    model.warm_up().context("warming up the model")?;
     let mut s = model.session();
     if a.context + largest > s.max_len() {
         bail!(
@@ -354,8 +359,12 @@ fn forward(a: ForwardArgs) -> Result<()> {
     if a.context > 0 {
         s.forward(&ids[..a.context], Rows::Last)?;
     }
+    let with = adapters
+        .iter()
+        .map(|l| format!(" + LoRA {}", l.path().display()))
+        .collect::<String>();
     println!(
-        "{}: forward over n new tokens after {} of context, logits for every row ({} rounds)",
+        "{}{with}: forward over n new tokens after {} of context, logits for every row ({} rounds)",
         a.model.display(),
         a.context,
         a.rounds

@@ -985,8 +985,27 @@ impl TinyLora {
     /// Each updated matrix's name (`blk.0.attn_q.weight`) with its A and B, rows in Hugging
     /// Face's order.
     fn pairs(&self, spec: &TinySpec) -> Result<Vec<(String, Tensor, Tensor)>> {
+        let shapes = tiny_weights(spec)?
+            .into_iter()
+            .filter_map(|(name, t)| t.dims2().ok().map(|(r, c)| (name, r, c)));
+        let out = self.pairs_of(shapes)?;
+        if out.is_empty() {
+            return Err(ModelError::Invalid(format!(
+                "TinyLora: none of {:?} is a matrix of the tiny {}",
+                self.targets,
+                spec.arch.name()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// A and B for each `(name, rows, cols)` matrix whose name `targets` names.
+    fn pairs_of(
+        &self,
+        shapes: impl Iterator<Item = (String, usize, usize)>,
+    ) -> Result<Vec<(String, Tensor, Tensor)>> {
         let mut out = Vec::new();
-        for (name, t) in tiny_weights(spec)? {
+        for (name, rows, cols) in shapes {
             let short = match name.as_str() {
                 "output.weight" => "output",
                 n => match n.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
@@ -994,10 +1013,9 @@ impl TinyLora {
                     None => continue,
                 },
             };
-            if t.rank() != 2 || !self.targets.contains(&short) {
+            if !self.targets.contains(&short) {
                 continue;
             }
-            let (rows, cols) = t.dims2()?;
             let rng = &mut ChaCha8Rng::seed_from_u64(
                 self.seed
                     ^ name
@@ -1013,39 +1031,71 @@ impl TinyLora {
             let b = mat(rows, self.rank)?;
             out.push((name, a, b));
         }
-        if out.is_empty() {
-            return Err(ModelError::Invalid(format!(
-                "TinyLora: none of {:?} is a matrix of the tiny {}",
-                self.targets,
-                spec.arch.name()
-            )));
-        }
         Ok(out)
     }
+}
+
+/// Writes a random LoRA adapter (llama.cpp's GGUF form) for the GGUF model at `model`: A and B
+/// for every matrix `lora.targets` names, at the model's shapes (for speed measurements: the
+/// adapter's cost does not depend on its values).
+pub fn write_random_lora_for(model: &Path, out: &Path, lora: &TinyLora) -> Result<()> {
+    let file = super::gguf::GgufFile::open(model)?;
+    let arch = file.get_str("general.architecture")?.to_string();
+    let mut names: Vec<&String> = file.content().tensor_infos.keys().collect();
+    names.sort();
+    let shapes = names
+        .into_iter()
+        .filter_map(|n| match file.tensor_shape(n) {
+            Some(&[rows, cols]) => Some((n.clone(), rows, cols)),
+            _ => None,
+        });
+    let pairs = lora.pairs_of(shapes)?;
+    if pairs.is_empty() {
+        return Err(ModelError::Invalid(format!(
+            "{}: none of {:?} is a matrix of this model",
+            model.display(),
+            lora.targets
+        )));
+    }
+    write_lora_gguf(out, &arch, lora.alpha, pairs)
 }
 
 /// Writes `lora` for `spec` as llama.cpp's converter writes adapters (`convert_lora_to_gguf.py`):
 /// f32 `NAME.weight.lora_a` / `lora_b`, llama's q / k rows of B permuted as the base's are.
 pub fn write_tiny_lora_gguf(path: &Path, spec: &TinySpec, lora: &TinyLora) -> Result<()> {
+    let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
+    let pairs = lora
+        .pairs(spec)?
+        .into_iter()
+        .map(|(name, a, b)| {
+            let b = match name.rsplit('.').nth(1) {
+                Some("attn_q") if llama_rows => permute_for_interleaved(&b, spec.heads)?,
+                Some("attn_k") if llama_rows => permute_for_interleaved(&b, spec.kv_heads)?,
+                _ => b,
+            };
+            Ok((name, a, b))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_lora_gguf(path, spec.arch.name(), lora.alpha, pairs)
+}
+
+/// An adapter file: `pairs` as f32 `NAME.lora_a` / `NAME.lora_b` for a model of `arch`.
+fn write_lora_gguf(
+    path: &Path,
+    arch: &str,
+    alpha: f32,
+    pairs: Vec<(String, Tensor, Tensor)>,
+) -> Result<()> {
     use gguf_file::Value as V;
     let meta: Vec<(String, V)> = vec![
-        (
-            "general.architecture".into(),
-            V::String(spec.arch.name().into()),
-        ),
+        ("general.architecture".into(), V::String(arch.into())),
         ("general.type".into(), V::String("adapter".into())),
         ("general.alignment".into(), V::U32(32)),
         ("adapter.type".into(), V::String("lora".into())),
-        ("adapter.lora.alpha".into(), V::F32(lora.alpha)),
+        ("adapter.lora.alpha".into(), V::F32(alpha)),
     ];
-    let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
     let mut tensors = Vec::new();
-    for (name, a, b) in lora.pairs(spec)? {
-        let b = match name.rsplit('.').nth(1) {
-            Some("attn_q") if llama_rows => permute_for_interleaved(&b, spec.heads)?,
-            Some("attn_k") if llama_rows => permute_for_interleaved(&b, spec.kv_heads)?,
-            _ => b,
-        };
+    for (name, a, b) in pairs {
         for (half, t) in [("lora_a", a), ("lora_b", b)] {
             tensors.push(RawTensor {
                 name: format!("{name}.{half}"),
