@@ -3282,7 +3282,7 @@ fn serve_applies_lora_adapters() {
         )
     };
     let module = format!("ad={a}");
-    let both = tiny_server(256, &["--lora-modules", &module]);
+    let both = tiny_server(256, &["--lora-modules", &module, "--allow-lora-loading"]);
     let adapted = tiny_server(256, &["--lora", &a]);
     let scaled = tiny_server(256, &["--lora-scaled", &a, "0.5"]);
     let (base_text, base_name) = ask(&both, None, json!("off"));
@@ -3326,6 +3326,79 @@ fn serve_applies_lora_adapters() {
     let r = both.post_json("/v1/embeddings", &json!({"model": "ad", "input": "hi"}));
     assert_eq!(r.status, 400);
     assert!(r.text().contains("LoRA module"), "{}", r.text());
+
+    // Modules loaded and unloaded while the server runs (vLLM's routes).
+    let load = |s: &Server, name: &str, path: &str| {
+        s.post_json(
+            "/v1/load_lora_adapter",
+            &json!({"lora_name": name, "lora_path": path}),
+        )
+    };
+    let r = load(&both, "ad2", &a);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        ask(&both, Some("ad2"), json!("off")),
+        (module_text.clone(), "ad2".into())
+    );
+    assert_eq!(both.get("/v1/models").json()["data"][2]["id"], "ad2");
+    for (name, path, status, says) in [
+        ("ad2", a.as_str(), 400, "already served"),
+        ("ad", a.as_str(), 400, "already served"),
+        ("x y", a.as_str(), 400, "spaces"),
+        (
+            "ad3",
+            "/nonexistent/adapter.gguf",
+            400,
+            "/nonexistent/adapter.gguf",
+        ),
+    ] {
+        let r = load(&both, name, path);
+        assert_eq!(r.status, status, "{name} {path}: {}", r.text());
+        assert!(r.text().contains(says), "{}", r.text());
+    }
+    let r = both.post_json("/v1/load_lora_adapter", &json!({"lora_name": "ad3"}));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("lora_path"))
+    );
+    let unload = |s: &Server, name: &str| {
+        s.post_json("/v1/unload_lora_adapter", &json!({"lora_name": name}))
+    };
+    assert_eq!(unload(&both, "ad2").status, 200);
+    let r = both.post_json("/v1/completions", &json!({"prompt": "x", "model": "ad2"}));
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(unload(&both, "ad2").status, 404);
+    assert_eq!(
+        ask(&both, Some("ad"), json!("off")).0,
+        module_text,
+        "the other module stays"
+    );
+    // Off unless asked for; behind the admin token when one is set.
+    let r = load(&adapted, "ad2", &a);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("--allow-lora-loading"), "{}", r.text());
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let guarded = tiny_server(
+        256,
+        &[
+            "--allow-lora-loading",
+            "--admin-token-file",
+            &token.display().to_string(),
+        ],
+    );
+    assert_eq!(load(&guarded, "ad2", &a).status, 401);
+    let body = json!({"lora_name": "ad2", "lora_path": a}).to_string();
+    let r = guarded.request(
+        "POST",
+        "/v1/load_lora_adapter",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer s3cret"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
 
     let (target, _) = tiny_models(dir.path(), 256);
     let missing = dir.path().join("missing.gguf");

@@ -12,7 +12,7 @@ use crate::engine::{Engine, EngineConfig, MAX_K};
 use crate::models::Model;
 use crate::models::chat::ChatTemplate;
 use crate::models::tokenizer::Tokenizer;
-use crate::serve::{ServeOptions, Served, Tokens};
+use crate::serve::{Module, ServeOptions, Served, Tokens};
 
 /// `--draft-vocab`'s default: Qwen2.5-Coder-0.5B drafting for the 1.5B with its head cut to the
 /// first 32k ids (plus each request's own) ran at 1.54x autoregressive against 1.34x whole
@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// /v1/models, shares the target's weights, and keeps a prompt cache of its own.
     #[arg(long = "lora-modules", value_name = "NAME=PATH", num_args = 1..)]
     pub lora_modules: Vec<String>,
+    /// Let POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove LoRA modules
+    /// while the server runs (vLLM's routes). They read adapter files from paths the server
+    /// can reach: set --admin-token-file too unless every client is trusted.
+    #[arg(long)]
+    pub allow_lora_loading: bool,
     /// The default drafter: a draft model (GGUF path, same tokenizer), `prompt-lookup`,
     /// `self:N` (the target's first N layers), or `auto` / `auto:PATH` (per step, prompt lookup
     /// or the draft model, whichever is expected to be faster). Without it requests decode
@@ -283,6 +288,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout),
         reasoning: args.reasoning_parser,
         pooling: args.pooling,
+        allow_lora_loading: args.allow_lora_loading,
         lora_modules: modules
             .iter()
             .map(|(n, a)| (n.clone(), a.path().to_path_buf()))
@@ -357,39 +363,52 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     .with_context(|| format!("warming up the {what} model"))?;
             }
         }
-        let engine_of = |target: Model, judge| -> Result<Engine> {
-            Ok(Engine::new(EngineConfig {
-                target,
-                draft: draft.clone(),
-                registry: reg.clone(),
-                default_policy: policy.clone(),
-                default_drafter: default_drafter.clone(),
-                default_k: k,
-                adaptive,
-                synthetic_acceptance: None,
-                judge,
-            })?
-            .with_prompt_cache(prompt_cache))
+        let engine_of = {
+            let draft = draft.clone();
+            let reg = reg.clone();
+            let default_drafter = default_drafter.clone();
+            move |target: Model, judge| -> Result<Engine> {
+                Ok(Engine::new(EngineConfig {
+                    target,
+                    draft: draft.clone(),
+                    registry: reg.clone(),
+                    default_policy: policy.clone(),
+                    default_drafter: default_drafter.clone(),
+                    default_k: k,
+                    adaptive,
+                    synthetic_acceptance: None,
+                    judge,
+                })?
+                .with_prompt_cache(prompt_cache))
+            }
         };
         let engine = engine_of(target, judge)?;
-        // Each module: the base with the --lora adapters and its own, batched apart (its
-        // forwards differ), the same draft (whose batcher all engines share).
-        let mut lora_engines = Vec::with_capacity(modules.len());
-        for (name, adapter) in &modules {
+        // A module: the base with the --lora adapters and its own, batched apart (its forwards
+        // differ), the same draft (whose batcher every engine shares).
+        let adapt = move |adapter: &crate::models::LoraAdapter| -> Result<Engine> {
             let mut all = adapters.clone();
             all.push(adapter.clone());
-            let t = base
-                .with_lora(&all)
-                .with_context(|| format!("--lora-modules {name}={}", adapter.path().display()))?;
+            let t = base.with_lora(&all)?;
             let judge = module_head.load(&t)?;
             let t = crate::cli::generate::shard_target(t, shards, &device)?
                 .with_batching(max_batch)?
                 .with_prefill_chunk(prefill_chunk);
-            lora_engines.push(engine_of(t, judge)?);
+            engine_of(t, judge)
+        };
+        let mut loaded = Vec::with_capacity(modules.len());
+        for (name, adapter) in &modules {
+            let engine = adapt(adapter)
+                .with_context(|| format!("--lora-modules {name}={}", adapter.path().display()))?;
+            loaded.push(Module {
+                name: name.clone(),
+                root: adapter.path().to_path_buf(),
+                engine,
+            });
         }
         Ok(Served {
             engine,
-            lora_engines,
+            modules: std::sync::RwLock::new(loaded),
+            adapt: Some(Box::new(adapt)),
             tokenizer: Arc::new(tokenizer),
             chat: Arc::new(chat),
         })

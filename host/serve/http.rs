@@ -69,8 +69,12 @@ pub struct ServeOptions {
     /// (`pooling_type`), else the last token's.
     pub pooling: Option<Pooling>,
     /// The LoRA modules a request may name in `model` (vLLM's `--lora-modules`): name and
-    /// adapter path, listed by `/v1/models`; their engines are in [`Served::lora_engines`].
+    /// adapter path, listed by `/v1/models` while the model loads; then [`Served::modules`].
     pub lora_modules: Vec<(String, std::path::PathBuf)>,
+    /// `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` may change the modules (they
+    /// read adapter files the server can reach, so they are off unless asked for; the admin
+    /// token guards them when one is set).
+    pub allow_lora_loading: bool,
 }
 
 impl ServeOptions {
@@ -90,6 +94,7 @@ impl ServeOptions {
             reasoning: None,
             pooling: None,
             lora_modules: Vec::new(),
+            allow_lora_loading: false,
         }
     }
 }
@@ -98,12 +103,28 @@ impl ServeOptions {
 /// (text in, text out; the engine works on token ids).
 pub struct Served {
     pub engine: Engine,
-    /// An engine per LoRA module ([`ServeOptions::lora_modules`], same order): the target with
-    /// that adapter (its weights shared with `engine`'s), the same draft and policies.
-    pub lora_engines: Vec<Engine>,
+    /// The LoRA modules requests may name: each an engine whose target has that adapter (its
+    /// weights shared with `engine`'s), the same draft and policies. Loaded at start
+    /// ([`ServeOptions::lora_modules`]) and, when allowed, while the server runs.
+    pub modules: std::sync::RwLock<Vec<Module>>,
+    /// Builds a module's engine from an adapter (the base target, with the start's `--lora`
+    /// adapters too); `None` where the server cannot adapt its target.
+    pub adapt: Option<Adapt>,
     pub tokenizer: Arc<Tokenizer>,
     pub chat: Arc<ChatTemplate>,
 }
+
+/// A LoRA module: the name requests use, the adapter's path, its engine.
+#[derive(Clone)]
+pub struct Module {
+    pub name: String,
+    pub root: std::path::PathBuf,
+    pub engine: Engine,
+}
+
+/// See [`Served::adapt`].
+pub type Adapt =
+    Box<dyn Fn(&crate::models::LoraAdapter) -> anyhow::Result<Engine> + Send + Sync + 'static>;
 
 /// Loads the engine (models, tokenizer, drafter) after the port is bound, so `/health` answers
 /// while weights load and `/ready` says when they have.
@@ -464,6 +485,20 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/v1/load_lora_adapter" => (
+            "/v1/load_lora_adapter",
+            match method {
+                Method::POST => load_lora_adapter(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/v1/unload_lora_adapter" => (
+            "/v1/unload_lora_adapter",
+            match method {
+                Method::POST => unload_lora_adapter(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
         "/v1/policies" => (
             "/v1/policies",
             match method {
@@ -582,27 +617,36 @@ fn metrics(app: &App) -> Response<Body> {
 fn models(app: &App) -> Response<Body> {
     let mut data = vec![model_object(app)];
     data.extend(
-        app.opts
-            .lora_modules
+        module_list(app)
             .iter()
-            .map(|(n, _)| module_object(app, n)),
+            .map(|(n, p)| module_object(app, n, p)),
     );
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
+/// The LoRA modules' names and adapter paths: those loaded, or while the model loads, those
+/// it will have.
+fn module_list(app: &App) -> Vec<(String, std::path::PathBuf)> {
+    match app.served.get() {
+        Some(s) => lock_read(&s.modules)
+            .iter()
+            .map(|m| (m.name.clone(), m.root.clone()))
+            .collect(),
+        None => app.opts.lora_modules.clone(),
+    }
+}
+
+fn lock_read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A LoRA module as `/v1/models` lists it (vLLM's shape: `parent` is the base model, `root`
 /// the adapter).
-fn module_object(app: &App, name: &str) -> Value {
-    let root = app
-        .opts
-        .lora_modules
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, p)| p.display().to_string());
+fn module_object(app: &App, name: &str, root: &std::path::Path) -> Value {
     let mut v = model_object(app);
     v["id"] = name.into();
     v["parent"] = app.opts.model_id.clone().into();
-    v["root"] = root.into();
+    v["root"] = root.display().to_string().into();
     v
 }
 
@@ -622,52 +666,46 @@ fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     if id == app.opts.model_id {
         return Ok(json_response(StatusCode::OK, &model_object(app)));
     }
-    if app.opts.lora_modules.iter().any(|(n, _)| n == id) {
-        return Ok(json_response(StatusCode::OK, &module_object(app, id)));
+    match module_list(app).into_iter().find(|(n, _)| n == id) {
+        Some((n, p)) => Ok(json_response(StatusCode::OK, &module_object(app, &n, &p))),
+        None => Err(unknown_model(app, id)),
     }
-    Err(unknown_model(app, id))
 }
 
-/// OpenAI's 404 for a model this server does not serve.
 /// A request that names a model must name the served one or one of its LoRA modules.
-fn check_model(app: &App, p: &ParsedRequest) -> Result<(), ApiError> {
-    module_of(app, p.model.as_deref()).map(|_| ())
+fn check_model(app: &App, served: &Served, p: &ParsedRequest) -> Result<(), ApiError> {
+    module_of(app, served, p.model.as_deref()).map(|_| ())
 }
 
-/// The LoRA module `model` names (its index in `lora_modules`), `None` for the base model
-/// (named or not); an unknown name is OpenAI's 404.
-fn module_of(app: &App, model: Option<&str>) -> Result<Option<usize>, ApiError> {
+/// The LoRA module `model` names, `None` for the base model (named or not); an unknown name is
+/// OpenAI's 404.
+fn module_of(app: &App, served: &Served, model: Option<&str>) -> Result<Option<Module>, ApiError> {
     match model {
         None => Ok(None),
         Some(m) if m == app.opts.model_id => Ok(None),
-        Some(m) => match app.opts.lora_modules.iter().position(|(n, _)| n == m) {
-            Some(i) => Ok(Some(i)),
+        Some(m) => match lock_read(&served.modules).iter().find(|x| x.name == m) {
+            Some(x) => Ok(Some(x.clone())),
             None => Err(unknown_model(app, m)),
         },
     }
 }
 
 /// The engine and the model name a request is answered with (the module's, or the base's).
-fn engine_of<'a>(
+fn engine_of(
     app: &App,
-    served: &'a Served,
+    served: &Served,
     model: Option<&str>,
-) -> Result<(&'a Engine, String), ApiError> {
-    Ok(match module_of(app, model)? {
-        None => (&served.engine, app.opts.model_id.clone()),
-        Some(i) => (
-            served
-                .lora_engines
-                .get(i)
-                .ok_or_else(|| ApiError::internal("a LoRA module without its engine"))?,
-            app.opts.lora_modules[i].0.clone(),
-        ),
+) -> Result<(Engine, String), ApiError> {
+    Ok(match module_of(app, served, model)? {
+        None => (served.engine.clone(), app.opts.model_id.clone()),
+        Some(m) => (m.engine, m.name),
     })
 }
 
+/// OpenAI's 404 for a model this server does not serve.
 fn unknown_model(app: &App, id: &str) -> ApiError {
     let mut names = vec![format!("`{}`", app.opts.model_id)];
-    names.extend(app.opts.lora_modules.iter().map(|(n, _)| format!("`{n}`")));
+    names.extend(module_list(app).iter().map(|(n, _)| format!("`{n}`")));
     ApiError::invalid(
         "model",
         format!(
@@ -723,7 +761,7 @@ async fn completion(
     let meta = ResponseMeta {
         id,
         created: unix_now(),
-        model: model_name(app, &parsed),
+        model: model_name(app, &served, &parsed),
         endpoint,
         include_usage: parsed.include_usage,
         logprobs: parsed.logprobs,
@@ -762,7 +800,7 @@ async fn create_response(
         ..responses::Meta::new(
             format!("resp_{}", new_id(app)),
             unix_now(),
-            model_name(app, &parsed),
+            model_name(app, &served, &parsed),
             &t,
             parsed.tools.is_some(),
         )
@@ -976,7 +1014,7 @@ async fn create_message(
         .map_err(messages::rename_param)?;
     let meta = messages::Meta {
         id: format!("msg_{}", new_id(app)),
-        model: model_name(app, &parsed),
+        model: model_name(app, &served, &parsed),
         tools: parsed.tools.is_some(),
         reasoning: app.opts.reasoning.map(|p| p.reading(open)),
     };
@@ -1006,7 +1044,7 @@ async fn count_message_tokens(
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let t = messages::translate(&api::json_object(&body)?)?;
     let p = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
-    check_model(app, &p)?;
+    check_model(app, &served, &p)?;
     let n = blocking(move || chat_prompt(&served, &p).map(|ids| ids.len()))
         .await?
         .map_err(messages::rename_param)?;
@@ -1014,9 +1052,9 @@ async fn count_message_tokens(
 }
 
 /// The model a (checked) request is answered as: the LoRA module it names, or the base model.
-fn model_name(app: &App, p: &ParsedRequest) -> String {
-    match module_of(app, p.model.as_deref()) {
-        Ok(Some(i)) => app.opts.lora_modules[i].0.clone(),
+fn model_name(app: &App, served: &Served, p: &ParsedRequest) -> String {
+    match module_of(app, served, p.model.as_deref()) {
+        Ok(Some(m)) => m.name,
         _ => app.opts.model_id.clone(),
     }
 }
@@ -1044,7 +1082,6 @@ async fn start(
     arrived: Instant,
 ) -> Result<(Events, usize, bool), ApiError> {
     let (engine, _) = engine_of(app, served, parsed.model.as_deref())?;
-    let engine = engine.clone();
     // Tokenizing and template rendering are CPU work: off the async threads.
     let prepared = {
         let app = app.clone();
@@ -1254,7 +1291,7 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let r = api::parse_embeddings(&body)?;
-    if module_of(app, r.model.as_deref())?.is_some() {
+    if module_of(app, &served, r.model.as_deref())?.is_some() {
         return Err(ApiError::invalid(
             "model",
             "embeddings come from the base model; name it (or no model), not a LoRA module",
@@ -1924,8 +1961,9 @@ fn check_api_key<B>(
         return Ok(());
     };
     let open = matches!(path, "/health" | "/ready" | "/metrics");
-    let admin = path.starts_with("/v1/policies/")
+    let admin = (path.starts_with("/v1/policies/")
         && matches!(*method, Method::PUT | Method::DELETE)
+        || LORA_ROUTES.contains(&path))
         && app.opts.admin_token.is_some();
     if open || admin {
         return Ok(());
@@ -1965,6 +2003,135 @@ fn bearer<B>(
     } else {
         Err(ApiError::unauthorized(wrong))
     }
+}
+
+// ---- LoRA modules while the server runs ----------------------------------------------------
+
+/// vLLM's routes that add and remove LoRA modules (`--allow-lora-loading`).
+const LORA_ROUTES: [&str; 2] = ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"];
+
+/// The admin check, the switch, the loaded engine, and the body's `lora_name` (and the
+/// body), for both LoRA routes.
+async fn lora_request(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<(Arc<Served>, String, serde_json::Map<String, Value>), ApiError> {
+    require_admin(app, &req)?;
+    if !app.opts.allow_lora_loading {
+        return Err(ApiError::invalid(
+            "lora_name",
+            "loading LoRA adapters while the server runs is off: start it with --allow-lora-loading",
+        )
+        .with_status(StatusCode::FORBIDDEN)
+        .with_code("lora_loading_off"));
+    }
+    let served = served_or_unavailable(app)?;
+    let body = api::json_object(&read_body(req, app.opts.max_body_bytes, "body").await?)?;
+    let name = match body.get("lora_name") {
+        Some(Value::String(n)) if !n.trim().is_empty() => n.clone(),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "lora_name",
+                format!("`lora_name` must be a non-blank string, got {v}"),
+            ));
+        }
+        None => return Err(ApiError::invalid("lora_name", "`lora_name` is required")),
+    };
+    Ok((served, name, body))
+}
+
+/// `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}`: reads the adapter, builds its
+/// engine, and serves it under that name. The name must be new (vLLM's rule: unload first).
+async fn load_lora_adapter(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (served, name, body) = lora_request(app, req).await?;
+    let path = match body.get("lora_path") {
+        Some(Value::String(p)) if !p.is_empty() => std::path::PathBuf::from(p),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "lora_path",
+                format!("`lora_path` must be a path, got {v}"),
+            ));
+        }
+        None => return Err(ApiError::invalid("lora_path", "`lora_path` is required")),
+    };
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::invalid(
+            "lora_name",
+            format!("the name {name:?} has spaces or control characters"),
+        ));
+    }
+    let taken =
+        |modules: &[Module]| name == app.opts.model_id || modules.iter().any(|m| m.name == name);
+    if taken(&lock_read(&served.modules)) {
+        return Err(ApiError::invalid(
+            "lora_name",
+            format!("the model `{name}` is already served (unload it first)"),
+        )
+        .with_code("lora_name_taken"));
+    }
+    let adapt_served = served.clone();
+    let p = path.clone();
+    let engine = blocking(move || -> Result<Engine, String> {
+        let adapt = adapt_served
+            .adapt
+            .as_ref()
+            .ok_or("this server cannot adapt its target")?;
+        let adapter = crate::models::LoraAdapter::load(&p, 1.0).map_err(|e| e.to_string())?;
+        adapt(&adapter).map_err(|e| format!("{e:#}"))
+    })
+    .await?
+    .map_err(|e| ApiError::invalid("lora_path", e).with_code("invalid_lora_adapter"))?;
+    {
+        let mut modules = served.modules.write().unwrap_or_else(|p| p.into_inner());
+        // Another load of the same name may have finished meanwhile.
+        if taken(&modules) {
+            return Err(ApiError::invalid(
+                "lora_name",
+                format!("the model `{name}` is already served (unload it first)"),
+            )
+            .with_code("lora_name_taken"));
+        }
+        modules.push(Module {
+            name: name.clone(),
+            root: path.clone(),
+            engine,
+        });
+    }
+    tracing::info!("LoRA module `{name}` loaded from {}", path.display());
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "loaded", "lora_name": name, "lora_path": path.display().to_string()}),
+    ))
+}
+
+/// `POST /v1/unload_lora_adapter` `{"lora_name"}`: requests stop naming it; the ones running
+/// finish on the engine they hold.
+async fn unload_lora_adapter(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (served, name, _) = lora_request(app, req).await?;
+    let removed = {
+        let mut modules = served.modules.write().unwrap_or_else(|p| p.into_inner());
+        let before = modules.len();
+        modules.retain(|m| m.name != name);
+        modules.len() < before
+    };
+    if !removed {
+        return Err(
+            ApiError::invalid("lora_name", format!("no LoRA module `{name}` is loaded"))
+                .with_status(StatusCode::NOT_FOUND)
+                .with_code("model_not_found"),
+        );
+    }
+    tracing::info!("LoRA module `{name}` unloaded");
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "unloaded", "lora_name": name}),
+    ))
 }
 
 // ---- policy management -------------------------------------------------------------------

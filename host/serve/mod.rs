@@ -37,4 +37,4 @@ pub mod tools;
 
 pub use auth::Tokens;
 pub use error::ApiError;
-pub use http::{Loader, ServeOptions, Served, run};
+pub use http::{Adapt, Loader, Module, ServeOptions, Served, run};
