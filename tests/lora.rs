@@ -2,12 +2,14 @@
 //! same GGUF adapters, PEFT adapters against the weights merged by hand, the forward's row
 //! independence, and every bad adapter's error.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use verdict::models::testing::{
     TinyLora, TinySpec, peer_loras, peer_spec, write_tiny_gguf, write_tiny_lora_gguf,
-    write_tiny_peft, write_tiny_safetensors, write_tiny_safetensors_merged,
+    write_tiny_lora_gguf_as, write_tiny_peft, write_tiny_safetensors,
+    write_tiny_safetensors_merged,
 };
 use verdict::models::{LoraAdapter, Model, Rows};
 
@@ -179,6 +181,37 @@ fn peft_and_gguf_adapters_equal_the_merged_weights() {
             moved > 0.05,
             "{base}: the update moved logits by {moved} only"
         );
+        // Adapters stored in half precision (convert_lora_to_gguf.py's --outtype, PEFT saved
+        // in bf16) give the same update to their rounding (llama's bf16: 0.06 where the update
+        // moves logits by 6.6; half types read as each other would be far off).
+        let mut halves = Vec::new();
+        for dtype in [GgmlDType::F16, GgmlDType::BF16] {
+            let p = d.join(format!("lora-{base}-{dtype:?}.gguf"));
+            write_tiny_lora_gguf_as(&p, &spec, &spec_lora, dtype).unwrap();
+            halves.push((format!("gguf {dtype:?}"), lora(&p, SCALE)));
+        }
+        let bf16 = d.join(format!("{base}-peft-bf16"));
+        std::fs::create_dir_all(&bf16).unwrap();
+        std::fs::copy(
+            peft.join("adapter_config.json"),
+            bf16.join("adapter_config.json"),
+        )
+        .unwrap();
+        let st =
+            candle_core::safetensors::load(peft.join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, t.to_dtype(candle_core::DType::BF16).unwrap()))
+                .collect::<HashMap<_, _>>();
+        candle_core::safetensors::save(&st, bf16.join("adapter_model.safetensors")).unwrap();
+        halves.push(("peft bf16".into(), lora(&bf16, SCALE)));
+        for (what, adapter) in halves {
+            let diff = max_diff(&rows(&g.with_lora(&[adapter]).unwrap(), &TOKENS), &want);
+            assert!(
+                diff < moved / 10.0,
+                "{base} {what}: {diff} (the update: {moved})"
+            );
+        }
         let off = g.with_lora(&[lora(&adapter, 0.0)]).unwrap();
         assert_eq!(rows(&off, &TOKENS), rows(&g, &TOKENS), "{base}: scale 0");
     }

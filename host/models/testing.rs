@@ -1057,12 +1057,23 @@ pub fn write_random_lora_for(model: &Path, out: &Path, lora: &TinyLora) -> Resul
             lora.targets
         )));
     }
-    write_lora_gguf(out, &arch, lora.alpha, pairs)
+    write_lora_gguf(out, &arch, lora.alpha, pairs, GgmlDType::F32)
 }
 
 /// Writes `lora` for `spec` as llama.cpp's converter writes adapters (`convert_lora_to_gguf.py`):
 /// f32 `NAME.weight.lora_a` / `lora_b`, llama's q / k rows of B permuted as the base's are.
 pub fn write_tiny_lora_gguf(path: &Path, spec: &TinySpec, lora: &TinyLora) -> Result<()> {
+    write_tiny_lora_gguf_as(path, spec, lora, GgmlDType::F32)
+}
+
+/// [`write_tiny_lora_gguf`] with A and B stored as `dtype` (`convert_lora_to_gguf.py`'s
+/// `--outtype`: f32, f16, bf16, q8_0).
+pub fn write_tiny_lora_gguf_as(
+    path: &Path,
+    spec: &TinySpec,
+    lora: &TinyLora,
+    dtype: GgmlDType,
+) -> Result<()> {
     let llama_rows = matches!(spec.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
     let pairs = lora
         .pairs(spec)?
@@ -1076,15 +1087,16 @@ pub fn write_tiny_lora_gguf(path: &Path, spec: &TinySpec, lora: &TinyLora) -> Re
             Ok((name, a, b))
         })
         .collect::<Result<Vec<_>>>()?;
-    write_lora_gguf(path, spec.arch.name(), lora.alpha, pairs)
+    write_lora_gguf(path, spec.arch.name(), lora.alpha, pairs, dtype)
 }
 
-/// An adapter file: `pairs` as f32 `NAME.lora_a` / `NAME.lora_b` for a model of `arch`.
+/// An adapter file: `pairs` as `NAME.lora_a` / `NAME.lora_b` of `dtype` for a model of `arch`.
 fn write_lora_gguf(
     path: &Path,
     arch: &str,
     alpha: f32,
     pairs: Vec<(String, Tensor, Tensor)>,
+    dtype: GgmlDType,
 ) -> Result<()> {
     use gguf_file::Value as V;
     let meta: Vec<(String, V)> = vec![
@@ -1097,16 +1109,12 @@ fn write_lora_gguf(
     let mut tensors = Vec::new();
     for (name, a, b) in pairs {
         for (half, t) in [("lora_a", a), ("lora_b", b)] {
+            let q = QTensor::quantize(&t, dtype)?;
             tensors.push(RawTensor {
                 name: format!("{name}.{half}"),
-                ggml_type: super::gguf::ggml_type_id(GgmlDType::F32),
+                ggml_type: super::gguf::ggml_type_id(dtype),
                 dims: t.dims().to_vec(),
-                data: t
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
+                data: q.data()?.into_owned(),
             });
         }
     }
