@@ -134,8 +134,9 @@ fn lora_adapters_match_llama_cpp() {
 
 /// A PEFT adapter equals its update merged into the weights (`W + scale * alpha / rank * B A`),
 /// on the Hugging Face checkpoint and on the GGUF of the same weights (where llama's q and k
-/// rows are permuted, and so must B's be); the GGUF adapter of the same numbers gives the
-/// same. Scale 0 changes no bit; two adapters add up.
+/// rows are permuted, and so must B's be); the GGUF adapter of the same numbers (B's rows
+/// permuted as llama.cpp's converter does) gives the same on both. Scale 0 changes no bit;
+/// two adapters add up.
 #[test]
 fn peft_and_gguf_adapters_equal_the_merged_weights() {
     let dir = tempfile::tempdir().unwrap();
@@ -165,6 +166,10 @@ fn peft_and_gguf_adapters_equal_the_merged_weights() {
             (
                 "gguf + gguf adapter",
                 g.with_lora(&[lora(&adapter, SCALE)]).unwrap(),
+            ),
+            (
+                "hf + gguf adapter",
+                st.with_lora(&[lora(&adapter, SCALE)]).unwrap(),
             ),
             (
                 "two halves",

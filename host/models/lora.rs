@@ -9,13 +9,14 @@
 //! - PEFT's directories (`adapter_config.json` + `adapter_model.safetensors`): the same pairs
 //!   as `...q_proj.lora_A.weight` / `lora_B.weight` under Hugging Face names;
 //!   `s = scale * lora_alpha / rank` (`/ sqrt(rank)` with `use_rslora`). On a GGUF llama, whose
-//!   q and k rows llama.cpp's converter permuted, B's rows of q and k are permuted the same way.
+//!   q and k rows llama.cpp's converter permuted, B's rows of q and k are permuted the same way
+//!   (and a GGUF adapter's put back in Hugging Face's order on a Hugging Face checkpoint).
 //!
 //! Every pair must name a projection the model has, with its shape: an adapter for another
 //! model is refused, never half applied. Adapters stack (their updates add up).
 
 use super::error::{ModelError, Result, candle_msg};
-use super::gguf::{Arch, GgufFile, ModelConfig, RopeStyle};
+use super::gguf::{Arch, GgufFile, ModelConfig};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -38,14 +39,16 @@ pub(crate) struct LoraDelta {
 const COLS: usize = 256;
 
 impl LoraDelta {
-    fn new(a: Tensor, b: Tensor, scale: f64) -> candle_core::Result<LoraDelta> {
+    /// `a` `[rank, in]` and `b` `[out, rank]`, f32 on the CPU, the update's tensors put on
+    /// `device` (the CPU's loops read the host copies).
+    fn new(a: &Tensor, b: &Tensor, scale: f64, device: &Device) -> candle_core::Result<LoraDelta> {
         let host = (
             a.flatten_all()?.to_vec1::<f32>()?,
             b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
         );
         Ok(LoraDelta {
-            a,
-            b,
+            a: a.contiguous()?.to_device(device)?,
+            b: b.contiguous()?.to_device(device)?,
             host: Arc::new(host),
             scale: scale as f32,
         })
@@ -516,9 +519,8 @@ fn slots(base: &Base) -> BTreeMap<String, Slot> {
         let n = hf_name(l, s);
         n.strip_suffix(".weight").unwrap_or(&n).to_string()
     };
-    let permutes = base.from_gguf
-        && c.rope == RopeStyle::Interleaved
-        && matches!(c.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
+    // llama.cpp's converter permutes these families' q / k rows (and so an adapter's B rows).
+    let permutes = matches!(c.arch, Arch::Llama | Arch::Granite | Arch::Smollm3);
     let mut out = BTreeMap::new();
     let one = |name: String, o: usize, input: usize, hf: String| Slot {
         parts: vec![(name, o)],
@@ -676,25 +678,24 @@ pub(crate) fn resolve(
                 ));
             }
             let fail = |e: candle_core::Error| ad.tensor_err(&shown, candle_msg(&e));
-            let mut b = p.b.clone();
-            if let (Form::Peft, Some(heads)) = (&ad.form, slot.permuted_heads) {
-                b = permute_for_interleaved(&b, heads).map_err(fail)?;
-            }
-            let a =
-                p.a.contiguous()
-                    .and_then(|t| t.to_device(base.device))
-                    .map_err(fail)?;
+            // B's q / k rows in the model's order: a PEFT adapter's (Hugging Face's order) on
+            // a GGUF model permuted, a GGUF adapter's on a Hugging Face checkpoint put back.
+            let b = match (&ad.form, slot.permuted_heads) {
+                (Form::Peft, Some(heads)) if base.from_gguf => {
+                    permute_for_interleaved(&p.b, heads).map_err(fail)?
+                }
+                (Form::Gguf { .. }, Some(heads)) if !base.from_gguf => {
+                    unpermute_for_interleaved(&p.b, heads).map_err(fail)?
+                }
+                _ => p.b.clone(),
+            };
             let mut at = 0;
             for (part, rows) in &slot.parts {
-                let b = b
-                    .narrow(0, at, *rows)
-                    .and_then(|t| t.contiguous())
-                    .and_then(|t| t.to_device(base.device))
-                    .map_err(fail)?;
+                let b = b.narrow(0, at, *rows).map_err(fail)?;
                 at += rows;
                 out.entry(part.clone())
                     .or_default()
-                    .push(LoraDelta::new(a.clone(), b, p.scale).map_err(fail)?);
+                    .push(LoraDelta::new(&p.a, &b, p.scale, base.device).map_err(fail)?);
             }
         }
     }
@@ -707,6 +708,17 @@ pub(crate) fn permute_for_interleaved(t: &Tensor, heads: usize) -> candle_core::
     let (rows, cols) = t.dims2()?;
     let d = rows / heads;
     t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+/// The inverse of [`permute_for_interleaved`]: llama.cpp's q / k rows back in Hugging Face's
+/// order.
+pub(crate) fn unpermute_for_interleaved(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let d = rows / heads;
+    t.reshape((heads, d / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))
@@ -732,7 +744,7 @@ mod tests {
         };
         let a = Tensor::from_vec(rand(rank * input, 1), (rank, input), &dev).unwrap();
         let b = Tensor::from_vec(rand(out * rank, 2), (out, rank), &dev).unwrap();
-        let d = LoraDelta::new(a.clone(), b.clone(), 0.75).unwrap();
+        let d = LoraDelta::new(&a, &b, 0.75, &dev).unwrap();
         for n in [1, rows] {
             let x = Tensor::from_vec(rand(n * input, 3), (n, input), &dev).unwrap();
             let y = Tensor::from_vec(rand(n * out, 4), (n, out), &dev).unwrap();
