@@ -1439,6 +1439,32 @@ fn the_prompt_cache_stays_within_its_budget() {
     assert_eq!(tiny_budget.prompt_cache_stats().unwrap().entries, 0);
 }
 
+/// A Lark grammar may name a special token (`<|im_start|>`, unquoted): it then forces that
+/// token, not its characters (how a forced harmony call asks for gpt-oss's markers); quoted,
+/// the same text is spelled in ordinary tokens.
+#[test]
+fn a_lark_grammar_names_special_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), "t.gguf", spec(1, 1));
+    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    let im_start = tok.token_id("<|im_start|>").unwrap();
+    let stops = tok.eos_ids().to_vec();
+    let mut bare = constraint(
+        &model,
+        GrammarSpec::Lark("start: <|im_start|> \"ab\"".into()),
+        &stops,
+    );
+    assert_eq!(bare.forced().first(), Some(&im_start));
+    let mut quoted = constraint(
+        &model,
+        GrammarSpec::Lark("start: \"<|im_start|>\" \"ab\"".into()),
+        &stops,
+    );
+    let spelled = quoted.forced();
+    assert!(!spelled.contains(&im_start), "{spelled:?}");
+    assert!(text(&model, &spelled).starts_with("<|im_start|>"));
+}
+
 /// The tiny model's tokenizer's grammar for `spec`, ended by `stops`.
 fn constraint(model: &Model, spec: GrammarSpec, stops: &[u32]) -> Constraint {
     let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();

@@ -2910,6 +2910,40 @@ fn harmony_reasoning_is_apart_from_the_answer() {
     }
     assert_eq!(names, vec![json!("get_weather")]);
     assert_eq!(finish, Some(json!("tool_calls")));
+    // A forced call (`tool_choice` required, or naming a tool) is a harmony call message too,
+    // its arguments matching the tool's schema.
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+            "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+            "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"],
+            "additionalProperties": false}}},
+    ]);
+    for (choice, names) in [
+        (json!("required"), vec!["get_weather", "get_time"]),
+        (
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            vec!["get_time"],
+        ),
+    ] {
+        let v = s
+            .post_json(
+                "/v1/chat/completions",
+                &json!({"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 200,
+                        "temperature": 0, "tools": tools, "tool_choice": choice}),
+            )
+            .json();
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{choice}: {v}");
+        let f = &c["message"]["tool_calls"][0]["function"];
+        let name = f["name"].as_str().unwrap_or_default();
+        assert!(names.contains(&name), "{choice}: {v}");
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        let key = if name == "get_time" { "zone" } else { "city" };
+        assert!(args[key].is_string(), "{choice}: {v}");
+        assert!(!v.to_string().contains("<|"), "a marker leaked: {v}");
+    }
     // OpenAI's `reasoning_effort` reaches the template (gpt-oss's `Reasoning: high` line).
     let prompt_tokens = |extra: Value| {
         let mut body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1});

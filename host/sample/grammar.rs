@@ -70,22 +70,7 @@ impl GrammarSpec {
 
     fn top_level(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
-            GrammarSpec::JsonSchema(s) => {
-                let mut s = s.clone();
-                // Whitespace between JSON tokens is bounded, as llama.cpp's JSON grammars bound
-                // it: a space, or line breaks and an indent. llguidance's default (any run of
-                // whitespace) lets a model pad forever. A schema's own `x-guidance` options
-                // stand.
-                if let Some(o) = s.as_object_mut()
-                    && !o.contains_key("x-guidance")
-                {
-                    o.insert(
-                        "x-guidance".into(),
-                        serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
-                    );
-                }
-                TopLevelGrammar::from_json_schema(s)
-            }
+            GrammarSpec::JsonSchema(s) => TopLevelGrammar::from_json_schema(bounded_json(s)),
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             GrammarSpec::Choice(c) => {
@@ -101,6 +86,23 @@ impl GrammarSpec {
             }
         })
     }
+}
+
+/// `schema` with the whitespace between JSON tokens bounded, as llama.cpp's JSON grammars bound
+/// it: a space, or line breaks and an indent. llguidance's default (any run of whitespace) lets
+/// a model pad forever. A schema's own `x-guidance` options stand. (Also for a schema embedded
+/// in a Lark grammar, `%json {...}`.)
+pub fn bounded_json(schema: &serde_json::Value) -> serde_json::Value {
+    let mut s = schema.clone();
+    if let Some(o) = s.as_object_mut()
+        && !o.contains_key("x-guidance")
+    {
+        o.insert(
+            "x-guidance".into(),
+            serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
+        );
+    }
+    s
 }
 
 /// The token trie and parser factory of one tokenizer: built once (about 0.4 s for Qwen's

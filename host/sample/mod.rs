@@ -8,7 +8,7 @@
 mod grammar;
 mod penalties;
 
-pub use grammar::{Constraint, GrammarError, GrammarSpec, Grammars};
+pub use grammar::{Constraint, GrammarError, GrammarSpec, Grammars, bounded_json};
 pub use penalties::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalizer, Penalties};
 
 /// What one request changes in the target's logit rows: its penalties, then its grammar's mask.

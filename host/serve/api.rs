@@ -580,6 +580,50 @@ fn tool_call_grammar(tools: &Value, name: Option<&str>) -> Result<GrammarSpec, A
     Ok(GrammarSpec::JsonSchema(schema))
 }
 
+/// A forced call ([`tool_call_grammar`]'s schema) as gpt-oss writes one, a harmony message to
+/// the function: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>` and the
+/// arguments' JSON (the reply ends with `<|call|>`, an end token). `special(marker)` says
+/// whether the vocabulary holds the marker as a special token (then the grammar asks for that
+/// token, as the model writes it); else the marker is text.
+pub fn harmony_call_grammar(
+    call: &GrammarSpec,
+    special: impl Fn(&str) -> bool,
+) -> Result<GrammarSpec, String> {
+    let GrammarSpec::JsonSchema(schema) = call else {
+        return Err("a forced call's grammar is a JSON schema".into());
+    };
+    let calls: Vec<&Value> = match schema.get("anyOf").and_then(Value::as_array) {
+        Some(many) => many.iter().collect(),
+        None => vec![schema],
+    };
+    let marker = |m: &str| match special(m) {
+        true => m.to_string(),
+        false => format!("{m:?}"),
+    };
+    let mut rules = Vec::with_capacity(calls.len());
+    let mut lark = String::new();
+    for (i, c) in calls.iter().enumerate() {
+        let props = &c["properties"];
+        let name = props["name"]["const"]
+            .as_str()
+            .ok_or("a forced call without a function name")?;
+        let header = serde_json::to_string(&format!("commentary to=functions.{name} "))
+            .map_err(|e| e.to_string())?;
+        lark.push_str(&format!(
+            "call_{i}: {} {header} {} \"json\" {} %json {}\n",
+            marker("<|channel|>"),
+            marker("<|constrain|>"),
+            marker("<|message|>"),
+            crate::sample::bounded_json(&props["arguments"])
+        ));
+        rules.push(format!("call_{i}"));
+    }
+    Ok(GrammarSpec::Lark(format!(
+        "start: {}\n{lark}",
+        rules.join(" | ")
+    )))
+}
+
 /// `{"token id": bias, ...}`: ids as decimal strings (JSON keys), biases in [-100, 100]. Whether
 /// an id is in the vocabulary is the engine's check.
 fn logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -1207,6 +1251,41 @@ fn speculation(v: &Value) -> Result<SpeculationChoice, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A forced call under the gpt-oss parser is a harmony message to each allowed function:
+    /// the markers as special tokens where the vocabulary has them, else as text; the
+    /// arguments' schema embedded with JSON's whitespace bounded.
+    #[test]
+    fn forced_calls_become_harmony_messages() {
+        let tools = json!([
+            {"type": "function", "function": {"name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "get_time"}},
+        ]);
+        let both = tool_call_grammar(&tools, None).unwrap();
+        let GrammarSpec::Lark(g) = harmony_call_grammar(&both, |_| true).unwrap() else {
+            panic!("a Lark grammar");
+        };
+        assert!(g.starts_with("start: call_0 | call_1\n"), "{g}");
+        assert!(
+            g.contains(r#"call_0: <|channel|> "commentary to=functions.get_weather " <|constrain|> "json" <|message|> %json {"#),
+            "{g}"
+        );
+        assert!(g.contains("to=functions.get_time "), "{g}");
+        assert!(g.contains("whitespace_pattern"), "{g}");
+        let one = tool_call_grammar(&tools, Some("get_time")).unwrap();
+        let GrammarSpec::Lark(g) = harmony_call_grammar(&one, |_| false).unwrap() else {
+            panic!("a Lark grammar");
+        };
+        assert!(g.starts_with("start: call_0\n"), "{g}");
+        assert!(
+            g.contains(
+                r#"call_0: "<|channel|>" "commentary to=functions.get_time " "<|constrain|>""#
+            ),
+            "{g}"
+        );
+        assert!(!g.contains("get_weather"), "{g}");
+    }
 
     fn err(endpoint: Endpoint, body: &str) -> ApiError {
         match parse(endpoint, body.as_bytes()) {

@@ -1535,6 +1535,22 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
                 .map_err(|e| {
                     ApiError::invalid(*field, format!("no grammar with this model: {e}"))
                 })?;
+            // gpt-oss calls a function with a harmony message, not a JSON object.
+            let harmony;
+            let spec = match (*field, app.opts.reasoning) {
+                ("tool_choice", Some(reasoning::Parser::GptOss)) => {
+                    let special = |m: &str| {
+                        tokenizer
+                            .token_id(m)
+                            .and_then(|id| tokenizer.token_kind(id))
+                            .is_some_and(|k| k.is_special())
+                    };
+                    harmony = api::harmony_call_grammar(spec, special)
+                        .map_err(|e| ApiError::invalid(*field, e))?;
+                    &harmony
+                }
+                _ => spec,
+            };
             let c = grammars
                 .compile(spec, &stop_tokens)
                 .map_err(|e| ApiError::invalid(*field, format!("{field}: {e}")))?;
