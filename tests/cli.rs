@@ -607,13 +607,7 @@ fn lora_adapters_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(dir.path());
     let adapter = dir.path().join("adapter.gguf");
-    let lora = TinyLora {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["attn_q", "attn_v", "ffn_down", "output"],
-        seed: 5,
-    };
-    write_tiny_lora_gguf(&adapter, &TinySpec::default(), &lora).unwrap();
+    write_tiny_lora_gguf(&adapter, &TinySpec::default(), &TinyLora::small(5)).unwrap();
     let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
     let prompt = "<|im_start|>user\nhi<|im_end|>\n";
     let adapted = Model::load_gguf(&model, &candle_core::Device::Cpu)

@@ -3293,13 +3293,7 @@ fn serve_applies_lora_adapters() {
     use verdict::models::testing::{TinyLora, TinySpec, write_tiny_lora_gguf};
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("adapter.gguf");
-    let lora = TinyLora {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["attn_q", "attn_v", "ffn_up", "output"],
-        seed: 9,
-    };
-    write_tiny_lora_gguf(&adapter, &TinySpec::default(), &lora).unwrap();
+    write_tiny_lora_gguf(&adapter, &TinySpec::default(), &TinyLora::small(9)).unwrap();
     let a = adapter.display().to_string();
     let ask = |s: &Server, model: Option<&str>, speculation: Value| {
         let mut body = json!({"prompt": "the weather", "max_tokens": 16, "temperature": 0,

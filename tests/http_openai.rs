@@ -29,12 +29,7 @@ fn official_openai_client() {
     let (t, d) = (target.display().to_string(), draft.display().to_string());
     // A LoRA module the client chooses by name.
     let adapter = dir.path().join("adapter.gguf");
-    let lora = verdict::models::testing::TinyLora {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["attn_q", "attn_v", "ffn_up", "output"],
-        seed: 9,
-    };
+    let lora = verdict::models::testing::TinyLora::small(9);
     let spec = verdict::models::testing::TinySpec::default();
     verdict::models::testing::write_tiny_lora_gguf(&adapter, &spec, &lora).unwrap();
     let module = format!("tiny-ad={}", adapter.display());

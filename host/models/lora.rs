@@ -69,8 +69,15 @@ impl LoraDelta {
         }
         let (rows, input) = x.dims2()?;
         let (out, rank) = self.b.dims2()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let (a, bt) = (&self.host.0, &self.host.1);
+        if a.len() != rank * input || bt.len() != rank * out || y.dims() != [rows, out] {
+            candle_core::bail!(
+                "LoRA update [{out}, {}] for an input of {input} and an output of {:?}",
+                a.len() / rank.max(1),
+                y.dims()
+            );
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         // Small updates are not worth waking the pool (a rank-16 adapter's one decoding row
         // ran as fast alone; rank 64's ran ~10% faster on the pool: BENCHMARKS.md).
         let pool = rows * rank * (input + out) >= 1 << 18;

@@ -828,12 +828,7 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             data: q.data()?.into_owned(),
         });
     }
-    let mut bytes = Vec::new();
-    write_gguf(&mut bytes, &meta, &tensors);
-    std::fs::write(path, bytes).map_err(|source| ModelError::Open {
-        path: path.to_path_buf(),
-        cause: source,
-    })
+    write_gguf_file(path, &meta, &tensors)
 }
 
 /// ggml's MXFP4 type id.
@@ -876,6 +871,20 @@ pub fn mxfp4_blocks(x: &[f32]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// [`write_gguf`] into the file at `path`.
+fn write_gguf_file(
+    path: &Path,
+    meta: &[(String, gguf_file::Value)],
+    tensors: &[RawTensor],
+) -> Result<()> {
+    let mut bytes = Vec::new();
+    write_gguf(&mut bytes, meta, tensors);
+    std::fs::write(path, bytes).map_err(|source| ModelError::Open {
+        path: path.to_path_buf(),
+        cause: source,
+    })
 }
 
 /// A GGUF (version 2, 32-byte alignment) as candle's writer lays it out, with tensors of any
@@ -974,6 +983,17 @@ pub struct TinyLora {
 }
 
 impl TinyLora {
+    /// A rank-4 adapter of q, v, the MLP's up projection and the lm_head, from `seed`: what
+    /// the command-line and server tests apply to `TinySpec::default()`'s model.
+    pub fn small(seed: u64) -> TinyLora {
+        TinyLora {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["attn_q", "attn_v", "ffn_up", "output"],
+            seed,
+        }
+    }
+
     /// The alpha whose `alpha / rank` is the update's factor (0 stands for 1, as in llama.cpp).
     fn effective_alpha(&self) -> f32 {
         match self.alpha {
@@ -1118,12 +1138,7 @@ fn write_lora_gguf(
             });
         }
     }
-    let mut bytes = Vec::new();
-    write_gguf(&mut bytes, &meta, &tensors);
-    std::fs::write(path, bytes).map_err(|source| ModelError::Open {
-        path: path.to_path_buf(),
-        cause: source,
-    })
+    write_gguf_file(path, &meta, &tensors)
 }
 
 /// The Hugging Face name of a tiny model's matrix (`blk.0.attn_q.weight` ->
