@@ -330,7 +330,7 @@ fn bad_adapters_give_clear_errors() {
     assert_names(&e, &["llama.gguf", "general.type", "not a LoRA adapter"]);
     // No such file.
     let e = err_of(LoraAdapter::load(&d.join("missing.gguf"), 1.0));
-    assert_names(&e, &["missing.gguf"]);
+    assert_names(&e, &["missing.gguf", "LoRA adapter", "no such file"]);
     // A scale that is not a number.
     let e = err_of(LoraAdapter::load(&good, f32::NAN));
     assert_names(&e, &["good.gguf", "scale"]);

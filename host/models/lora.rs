@@ -209,6 +209,12 @@ impl LoraAdapter {
                 path.display()
             )));
         }
+        if !path.exists() {
+            return Err(ModelError::Invalid(format!(
+                "LoRA adapter {}: no such file or directory (a GGUF adapter, or a PEFT directory)",
+                path.display()
+            )));
+        }
         if path.is_dir() {
             load_peft(path, scale as f64)
         } else {
