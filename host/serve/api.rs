@@ -580,11 +580,11 @@ fn tool_call_grammar(tools: &Value, name: Option<&str>) -> Result<GrammarSpec, A
     Ok(GrammarSpec::JsonSchema(schema))
 }
 
-/// A forced call ([`tool_call_grammar`]'s schema) as gpt-oss writes one, a harmony message to
-/// the function: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>` and the
-/// arguments' JSON (the reply ends with `<|call|>`, an end token). `special(marker)` says
-/// whether the vocabulary holds the marker as a special token (then the grammar asks for that
-/// token, as the model writes it); else the marker is text.
+/// A forced call (the JSON schema of `tool_call_grammar`) as gpt-oss writes one, a harmony
+/// message to the function: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`
+/// and the arguments' JSON (the reply ends with `<|call|>`, an end token). `special(marker)`
+/// says whether the vocabulary holds the marker as a special token (then the grammar asks for
+/// that token, as the model writes it); else the marker is text.
 pub fn harmony_call_grammar(
     call: &GrammarSpec,
     special: impl Fn(&str) -> bool,
