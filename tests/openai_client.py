@@ -20,19 +20,34 @@ import openai
 base_url, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=120)
 
-try:
-    openai.OpenAI(base_url=base_url + "/v1", api_key=key + "x", max_retries=0).models.list()
-    raise AssertionError("a wrong API key was accepted")
-except openai.AuthenticationError as e:
-    assert e.body["code"] == "invalid_api_key", e.body
+
+def refused(error, what, call, **fields):
+    """`call()` must fail with `error` whose body holds `fields` (the field at fault, a code);
+    `what` says what happened if it did not."""
+    try:
+        call()
+    except error as e:
+        for k, v in fields.items():
+            assert e.body[k] == v, e.body
+        return
+    raise AssertionError(what)
+
+
+refused(
+    openai.AuthenticationError,
+    "a wrong API key was accepted",
+    lambda: openai.OpenAI(base_url=base_url + "/v1", api_key=key + "x", max_retries=0).models.list(),
+    code="invalid_api_key",
+)
 
 assert model in [m.id for m in client.models.list().data], "model not listed"
 assert client.models.retrieve(model).id == model
-try:
-    client.models.retrieve("gpt-4")
-    raise AssertionError("an unknown model was found")
-except openai.NotFoundError as e:
-    assert e.body["code"] == "model_not_found", e.body
+refused(
+    openai.NotFoundError,
+    "an unknown model was found",
+    lambda: client.models.retrieve("gpt-4"),
+    code="model_not_found",
+)
 
 extra = {"policy": "strict", "speculation": {"draft": "model", "k": 3}}
 
@@ -46,11 +61,12 @@ floats = client.embeddings.create(model=model, input="def add(a, b):", encoding_
 assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, first)) < 1e-6
 cut = client.embeddings.create(model=model, input="def add(a, b):", dimensions=8)
 assert len(cut.data[0].embedding) == 8
-try:
-    client.embeddings.create(model=model, input="")
-    raise AssertionError("an empty input was embedded")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "input", e.body
+refused(
+    openai.BadRequestError,
+    "an empty input was embedded",
+    lambda: client.embeddings.create(model=model, input=""),
+    param="input",
+)
 
 # Completions, non-streamed and streamed: same greedy text.
 c = client.completions.create(
@@ -237,11 +253,7 @@ r2 = client.responses.create(
 assert r2.previous_response_id == r.id
 assert client.responses.retrieve(r.id).output_text == r.output_text
 client.responses.delete(r.id)
-try:
-    client.responses.retrieve(r.id)
-    raise AssertionError("a deleted response was found")
-except openai.NotFoundError:
-    pass
+refused(openai.NotFoundError, "a deleted response was found", lambda: client.responses.retrieve(r.id))
 # `parse` with a pydantic model sends a strict JSON schema as text.format.
 parsed = client.responses.parse(
     model=model, input="Rate it", text_format=Verdict, max_output_tokens=200, temperature=0
@@ -255,41 +267,45 @@ with client.responses.stream(
     final = stream.get_final_response()
 assert events[0] == "response.created" and events[-1] == "response.completed", events
 assert final.output_parsed == parsed.output_parsed, (final, parsed)
-try:
-    client.responses.create(model=model, input="x", tools=[{"type": "web_search"}])
-    raise AssertionError("a built-in tool was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "tools[0].type", e.body
+refused(
+    openai.BadRequestError,
+    "a built-in tool was accepted",
+    lambda: client.responses.create(model=model, input="x", tools=[{"type": "web_search"}]),
+    param="tools[0].type",
+)
 
 # Errors arrive as the client's typed exceptions, naming the field.
-try:
-    client.chat.completions.create(
+refused(
+    openai.BadRequestError,
+    "a broken regex was accepted",
+    lambda: client.chat.completions.create(
         model=model, messages=messages, max_tokens=2, extra_body={"guided_regex": "(("}
-    )
-    raise AssertionError("a broken regex was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "guided_regex", e.body
-try:
-    client.chat.completions.create(
+    ),
+    param="guided_regex",
+)
+refused(
+    openai.BadRequestError,
+    "tools were accepted by a template that reads none",
+    lambda: client.chat.completions.create(
         model=model,
         messages=messages,
         max_tokens=2,
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    )
-    raise AssertionError("tools were accepted by a template that reads none")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "tools", e.body
+    ),
+    param="tools",
+)
 # The client's own `reasoning_effort` reaches the template (this one reads none); a level
 # OpenAI has not is refused by name.
 r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, reasoning_effort="low")
 assert r.choices[0].message.role == "assistant"
-try:
-    client.chat.completions.create(
+refused(
+    openai.BadRequestError,
+    "an unknown effort was accepted",
+    lambda: client.chat.completions.create(
         model=model, messages=messages, max_tokens=2, extra_body={"reasoning_effort": "extreme"}
-    )
-    raise AssertionError("an unknown effort was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "reasoning_effort", e.body
+    ),
+    param="reasoning_effort",
+)
 # A reasoning model's thinking (the server runs --reasoning-parser qwen3; a grammar makes the
 # tiny model write a block): `reasoning_content` beside `content`, whole and streamed, as the
 # client exposes fields it does not know (`model_extra`).
@@ -310,26 +326,30 @@ for chunk in client.chat.completions.create(
         parts["reasoning_content"] += (d.model_extra or {}).get("reasoning_content") or ""
 assert parts == {"reasoning_content": thought, "content": m.content}, parts
 
-try:
-    client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"})
-    raise AssertionError("an unknown policy was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "policy", e.body
-try:
-    client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
-    raise AssertionError("an unknown model was accepted")
-except openai.NotFoundError as e:
-    assert e.body["code"] == "model_not_found", e.body
-try:
-    client.chat.completions.create(model=model, messages=messages, max_tokens=2, top_logprobs=2)
-    raise AssertionError("top_logprobs without logprobs was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "top_logprobs", e.body
-try:
-    client.completions.create(model=model, prompt="x", max_tokens=2, frequency_penalty=2.5)
-    raise AssertionError("frequency_penalty 2.5 was accepted")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "frequency_penalty", e.body
+refused(
+    openai.BadRequestError,
+    "an unknown policy was accepted",
+    lambda: client.completions.create(model=model, prompt="x", max_tokens=2, extra_body={"policy": "nosuch"}),
+    param="policy",
+)
+refused(
+    openai.NotFoundError,
+    "an unknown model was accepted",
+    lambda: client.completions.create(model="gpt-4", prompt="x", max_tokens=2),
+    code="model_not_found",
+)
+refused(
+    openai.BadRequestError,
+    "top_logprobs without logprobs was accepted",
+    lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=2, top_logprobs=2),
+    param="top_logprobs",
+)
+refused(
+    openai.BadRequestError,
+    "frequency_penalty 2.5 was accepted",
+    lambda: client.completions.create(model=model, prompt="x", max_tokens=2, frequency_penalty=2.5),
+    param="frequency_penalty",
+)
 
 # A LoRA module (serve --lora-modules): a model of its own to the client.
 if len(sys.argv) > 4:

@@ -302,7 +302,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let adapters = lora.load()?;
     let head_choice = lora.judge_head(&args.judge_head, &adapters);
     // A module's target is adapted: no shipped head for it (a head file named still applies).
-    let module_head = lora.judge_head(&args.judge_head, &[]).adapted();
+    let module_head = crate::verify::HeadChoice::parse(&args.judge_head).adapted();
     let max_batch = args.max_batch;
     let prefill_chunk = args.prefill_chunk;
     let prompt_cache = args.prompt_cache;

@@ -514,7 +514,6 @@ pub(crate) struct Base<'a> {
 /// stores it fused (phi3's `attn_qkv`, `ffn_up`): each part's name and rows.
 struct Slot {
     parts: Vec<(String, usize)>,
-    out: usize,
     input: usize,
     /// Hugging Face's module name, where the adapter is PEFT's.
     hf: String,
@@ -537,7 +536,6 @@ fn slots(base: &Base) -> BTreeMap<String, Slot> {
     let mut out = BTreeMap::new();
     let one = |name: String, o: usize, input: usize, hf: String| Slot {
         parts: vec![(name, o)],
-        out: o,
         input,
         hf,
         permuted_heads: None,
@@ -562,7 +560,6 @@ fn slots(base: &Base) -> BTreeMap<String, Slot> {
                         (n("attn_k"), kv_out),
                         (n("attn_v"), kv_out),
                     ],
-                    out: q_out + 2 * kv_out,
                     input: h,
                     hf: hf(l, "attn_qkv"),
                     permuted_heads: None,
@@ -604,7 +601,6 @@ fn slots(base: &Base) -> BTreeMap<String, Slot> {
                     "ffn_up",
                     Slot {
                         parts: vec![(n("ffn_gate"), i), (n("ffn_up"), i)],
-                        out: 2 * i,
                         input: h,
                         hf: hf(l, super::transformer::FFN_GATE_UP),
                         permuted_heads: None,
@@ -681,12 +677,13 @@ pub(crate) fn resolve(
             let (out_rows, _) =
                 p.b.dims2()
                     .map_err(|e| ad.tensor_err(&shown, e.to_string()))?;
-            if input != slot.input || out_rows != slot.out {
+            let slot_out: usize = slot.parts.iter().map(|(_, rows)| rows).sum();
+            if input != slot.input || out_rows != slot_out {
                 return Err(ad.tensor_err(
                     &shown,
                     format!(
                         "updates [{out_rows}, {input}], the model's projection is [{}, {}] (an adapter for another model?)",
-                        slot.out, slot.input
+                        slot_out, slot.input
                     ),
                 ));
             }

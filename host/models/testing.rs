@@ -1511,6 +1511,14 @@ pub fn peer_loras() -> Vec<(&'static str, TinyLora)> {
 }
 
 pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
+    // YaRN over an original context of 64 (gpt-oss and qwen2-yarn).
+    let yarn_64 = RopeScaling::Yarn {
+        factor: 4.0,
+        original_context: 64,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        attn_factor: 1.0,
+    };
     let base = TinySpec {
         vocab: 300,
         hidden: 64,
@@ -1787,13 +1795,7 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
                 sliding_window: Some(8),
                 experts: Some((4, 2, 64)),
                 rms_eps: 1e-5,
-                rope_scaling: RopeScaling::Yarn {
-                    factor: 4.0,
-                    original_context: 64,
-                    beta_fast: 32.0,
-                    beta_slow: 1.0,
-                    attn_factor: 1.0,
-                },
+                rope_scaling: yarn_64,
                 ..base.clone()
             },
         ),
@@ -1802,13 +1804,7 @@ pub fn peer_specs() -> Vec<(&'static str, TinySpec)> {
             "qwen2-yarn",
             TinySpec {
                 arch: Arch::Qwen2,
-                rope_scaling: RopeScaling::Yarn {
-                    factor: 4.0,
-                    original_context: 64,
-                    beta_fast: 32.0,
-                    beta_slow: 1.0,
-                    attn_factor: 1.0,
-                },
+                rope_scaling: yarn_64,
                 ..base.clone()
             },
         ),
