@@ -21,10 +21,15 @@
 //! BENCHMARKS.md session 13; a prefill of the 0.5B, whose body is mostly Q5_0, 180 -> 250
 //! tokens/s, session 19). Per 32 (Q4_K, Q5_0, Q4_1) or 16 (Q6_K) values the integer sum is
 //! exact and is scaled into one f32 lane per column. Q4_K's 6-bit scales and mins are unpacked
-//! to bytes (64 bytes more per 16 blocks); the others keep the stored size. Offsets (Q5_0's
-//! `q - 16`, Q4_1's `+ m`) come from each row's per-32 activation sums.
+//! to bytes (64 bytes more per 16 blocks), Q6_K's blocks padded to whole cache lines (32
+//! bytes more); the others keep the stored size. Offsets (Q5_0's `q - 16`, Q4_1's `+ m`) come
+//! from each row's per-32 activation sums. A tile block is laid out in the order the kernel
+//! reads it, front to back, so that the hardware prefetcher streams it.
 //!
-//! The copies add to the GGUF's own tensors, which stay for candle's fallback.
+//! The blocks the kernels read (the tiles, Q8_0's and MXFP4's as stored) are copies on 2 MiB
+//! pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB pages address
+//! translation bound that stream. They add to the GGUF's own tensors, which stay for candle's
+//! fallback.
 //!
 //! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU,
 //! `VERDICT_CPU_GEMM=0` for A/B measurements, or a type left off `VERDICT_CPU_GEMM=q4k,...`),
@@ -34,6 +39,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 use std::sync::Arc;
+
+use super::pages::Pages;
 
 const QK_K: usize = 256;
 const Q4K_BYTES: usize = 144;
@@ -52,8 +59,20 @@ const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, 
 const TILE: usize = 16;
 /// 16 columns' nibbles, their 8 scales and 8 mins as bytes, d and dmin: 64 bytes more than the
 /// 16 stored blocks (the 6-bit scales unpacked).
-const Q4K_TILE_BYTES: usize = 2048 + 128 + 128 + 64;
-const Q6K_TILE_BYTES: usize = TILE * Q6K_BYTES;
+const Q4K_TILE_BYTES: usize = Q4K_QS + 2048;
+/// Where a Q4_K tile block's mins, d, dmin and nibbles start (its scales at 0; see
+/// [`pack_q4k`]).
+const Q4K_MN: usize = 128;
+const Q4K_D: usize = 256;
+const Q4K_DMIN: usize = 288;
+const Q4K_QS: usize = 320;
+/// 16 columns' scales, their d, padding to a cache line, then per sub-block the nibbles and
+/// high bits (see [`pack_q6k`]).
+const Q6K_TILE_BYTES: usize = Q6K_QS + 16 * Q6K_SUB_BYTES;
+/// Where a Q6_K tile block's d and its sub-blocks' values start, and the bytes per sub-block.
+const Q6K_D: usize = 256;
+const Q6K_QS: usize = 320;
+const Q6K_SUB_BYTES: usize = 192;
 /// 16 columns' 32-value Q5_0 or Q4_1 blocks, in the stored bytes.
 const Q5_0_TILE_BYTES: usize = TILE * Q5_0_BYTES;
 const Q4_1_TILE_BYTES: usize = TILE * Q4_1_BYTES;
@@ -79,12 +98,9 @@ enum Kind {
 /// A quantized `[n, k]` weight that this module multiplies (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
-    /// The candle tensor whose blocks Q8_0 reads as stored; `None` for MXFP4, which candle
-    /// cannot hold (its blocks are in `packed`, as stored).
-    w: Option<Arc<QTensor>>,
-    /// The repacked bytes of Q4_K, Q6_K, Q5_0 and Q4_1, MXFP4's stored blocks (Q8_0 reads
-    /// `w`'s blocks as stored).
-    packed: Option<Arc<[u8]>>,
+    /// The blocks the kernels read, on huge pages ([`Pages`]): the repacked tiles of Q4_K,
+    /// Q6_K, Q5_0 and Q4_1, Q8_0's and MXFP4's blocks as stored.
+    blocks: Arc<Pages>,
     kind: Kind,
     n: usize,
     k: usize,
@@ -143,16 +159,16 @@ impl Gemm {
     /// As [`Gemm::new`], for the types `take` accepts (tests run every kernel).
     fn for_types(w: &Arc<QTensor>, take: impl Fn(Kind) -> bool) -> Option<Gemm> {
         let (kind, n, k) = applies(w, take)?;
-        let packed = match kind {
-            Kind::Q5_0 => Some(pack_q5_0(&w.data().ok()?, n, k).into()),
-            Kind::Q4_1 => Some(pack_q4_1(&w.data().ok()?, n, k).into()),
-            Kind::Q4K => Some(pack_q4k(&w.data().ok()?, n, k).into()),
-            Kind::Q6K => Some(pack_q6k(&w.data().ok()?, n, k).into()),
-            _ => None,
+        let data = w.data().ok()?;
+        let blocks = match kind {
+            Kind::Q5_0 => Pages::copy_of(&pack_q5_0(&data, n, k)),
+            Kind::Q4_1 => Pages::copy_of(&pack_q4_1(&data, n, k)),
+            Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k)),
+            Kind::Q6K => Pages::copy_of(&pack_q6k(&data, n, k)),
+            Kind::Q8_0 | Kind::Mxfp4 => Pages::copy_of(&data),
         };
         Some(Gemm {
-            w: Some(Arc::clone(w)),
-            packed,
+            blocks: Arc::new(blocks),
             kind,
             n,
             k,
@@ -162,11 +178,10 @@ impl Gemm {
     /// An `[n, k]` matrix of MXFP4 blocks as stored (`n` rows of `k / 32` blocks), or `None`
     /// where the kernel does not apply (another CPU, `VERDICT_CPU_GEMM`, a size that is not
     /// whole blocks).
-    pub(crate) fn mxfp4(blocks: Arc<[u8]>, n: usize, k: usize) -> Option<Gemm> {
+    pub(crate) fn mxfp4(blocks: Arc<Pages>, n: usize, k: usize) -> Option<Gemm> {
         let whole = k > 0 && k.is_multiple_of(QK8_0) && blocks.len() == n * k / QK8_0 * MXFP4_BYTES;
         (available() && enabled(Kind::Mxfp4) && whole).then(|| Gemm {
-            w: None,
-            packed: Some(blocks),
+            blocks,
             kind: Kind::Mxfp4,
             n,
             k,
@@ -187,7 +202,7 @@ impl Gemm {
         let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; m * self.n];
-        self.run(&self.blocks()?, &xs, m, &mut out);
+        self.run(&self.blocks, &xs, m, &mut out);
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
@@ -196,37 +211,29 @@ impl Gemm {
     /// dispatch where one per matrix left the workers waiting between small matmuls. Each
     /// column's arithmetic is [`Gemm::forward`]'s, so the results are its bits.
     pub(crate) fn forward_many(jobs: &[(&Gemm, &[f32], usize)]) -> Result<Vec<Vec<f32>>> {
-        let mut data = Vec::with_capacity(jobs.len());
         for (g, xs, m) in jobs {
             if xs.len() != m * g.k {
                 candle_core::bail!("cpu_gemm: {} values for {m} rows of {}", xs.len(), g.k);
             }
-            data.push(g.blocks()?);
         }
         let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(g, _, m)| vec![0f32; m * g.n]).collect();
         // Each job's rows in the blocks `run` takes, so their activations stay in L2.
         let mut parts = Vec::new();
-        for (((g, xs, m), w), out) in jobs.iter().zip(&data).zip(&mut outs) {
+        for ((g, xs, m), out) in jobs.iter().zip(&mut outs) {
             let block = g.rows_per_block();
             for r0 in (0..*m).step_by(block) {
                 let r1 = (*m).min(r0 + block);
                 let acts = Acts::quantize(&xs[r0 * g.k..r1 * g.k], r1 - r0, g.k, g.act_kind());
-                parts.push((*g, &w[..], acts, out[r0 * g.n..].as_mut_ptr() as usize));
+                parts.push((
+                    *g,
+                    &g.blocks[..],
+                    acts,
+                    out[r0 * g.n..].as_mut_ptr() as usize,
+                ));
             }
         }
         Gemm::dispatch(&parts, true);
         Ok(outs)
-    }
-
-    /// The weight's blocks: the repacked or MXFP4 bytes, or the tensor's as stored.
-    fn blocks(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
-        match (&self.packed, &self.w) {
-            (Some(p), _) => Ok(std::borrow::Cow::Borrowed(&p[..])),
-            (None, Some(w)) => w.data(),
-            (None, None) => {
-                candle_core::bail!("cpu_gemm: a {:?} matrix without its blocks", self.kind)
-            }
-        }
     }
 
     /// Activation rows per block of [`Gemm::run`]: their quantized values fill
@@ -477,11 +484,13 @@ fn put_nibbles(dst: &mut [u8], j: usize, q: impl Fn(usize) -> u8) {
 /// Q4_K blocks (f16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
 /// value `d * sc * q - dmin * mn` in sub-block j of 32) regrouped 16 columns to a tile, like
 /// [`pack_q6k`]. Per tile and block, for sub-block `s` (values `32s + 4g + b`, groups g = 0..8):
-/// - bytes `256s + 64p..`, p = 0..4: `[column j][b]` holding group 2p (low nibble) and 2p + 1
-///   (high nibble);
-/// - bytes `2048 + 16s..`: the 16 columns' scales of sub-block `s`;
-/// - bytes `2176 + 32p..`: `[j][2]` the mins of sub-blocks 2p and 2p + 1 (`vpdpwssd` pairs);
-/// - bytes `2304..2336`: the 16 columns' d, `2336..2368`: their dmin.
+/// - bytes `16s..`: the 16 columns' scales of sub-block `s`;
+/// - bytes `128 + 32p..`: `[j][2]` the mins of sub-blocks 2p and 2p + 1 (`vpdpwssd` pairs);
+/// - bytes `256..288`: the 16 columns' d, `288..320`: their dmin;
+/// - bytes `320 + 256s + 64p..`, p = 0..4: `[column j][b]` holding group 2p (low nibble) and
+///   2p + 1 (high nibble).
+///
+/// The block is read front to back (the scales first, as [`pack_q6k`]'s).
 ///
 /// Columns past `n` are zero.
 fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
@@ -502,14 +511,14 @@ fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
                 for p in 0..4 {
                     for bb in 0..4 {
                         let v = 32 * s + 8 * p + bb;
-                        dst[256 * s + 64 * p + 4 * j + bb] = q(v) | (q(v + 4) << 4);
+                        dst[Q4K_QS + 256 * s + 64 * p + 4 * j + bb] = q(v) | (q(v + 4) << 4);
                     }
                 }
-                dst[2048 + 16 * s + j] = sc[s];
-                dst[2176 + 32 * (s / 2) + 2 * j + s % 2] = mn[s];
+                dst[16 * s + j] = sc[s];
+                dst[Q4K_MN + 32 * (s / 2) + 2 * j + s % 2] = mn[s];
             }
-            dst[2304 + 2 * j..2306 + 2 * j].copy_from_slice(&blk[0..2]);
-            dst[2336 + 2 * j..2338 + 2 * j].copy_from_slice(&blk[2..4]);
+            dst[Q4K_D + 2 * j..Q4K_D + 2 + 2 * j].copy_from_slice(&blk[0..2]);
+            dst[Q4K_DMIN + 2 * j..Q4K_DMIN + 2 + 2 * j].copy_from_slice(&blk[2..4]);
         }
     }
     out
@@ -520,12 +529,16 @@ fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
 /// one vector holds 4 consecutive values of each of the 16 columns (`vpdpbusd` with the
 /// activations' 4 values broadcast: one instruction, 16 columns). Per tile and block, for
 /// sub-block `s` (values `16s + 4g + b`, groups g = 0..4, byte b):
-/// - bytes `128s..128s+128`: two vectors of nibbles, `[column j][b]` holding groups 0 and 1
-///   (low and high nibble), then groups 2 and 3;
-/// - bytes `2048 + 64s..`: the high bit pairs, `[j][b]`, groups 0..4 at bits 0, 2, 4, 6;
-/// - bytes `3072 + 16s..`: the 16 columns' scales of sub-block `s`; bytes `3328..3360`: their d.
+/// - bytes `16s..`: the 16 columns' scales of sub-block `s`; bytes `256..288`: their d;
+/// - bytes `320 + 192s..`: two vectors of nibbles, `[column j][b]` holding groups 0 and 1
+///   (low and high nibble), then groups 2 and 3; then the high bit pairs, `[j][b]`, groups
+///   0..4 at bits 0, 2, 4, 6.
 ///
-/// 3,360 bytes per tile and block: the 16 columns' stored bytes. Columns past `n` are zero.
+/// The block is read front to back, in whole cache lines: 3,392 bytes per tile and block, the
+/// 16 columns' 3,360 stored bytes and 32 of padding, so that every block starts a line. Read in
+/// three runs (nibbles, high bits, scales) and half the blocks straddling lines, an out-of-cache
+/// matrix streamed at 18 GB/s on two threads against Q4_K's 33 (session 25). Columns past `n`
+/// are zero.
 fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     let nb = k / QK_K;
     let tiles = n.div_ceil(TILE);
@@ -551,14 +564,15 @@ fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
             for s in 0..16 {
                 for bb in 0..4 {
                     let v = |g: usize| q[16 * s + 4 * g + bb];
-                    dst[128 * s + 4 * j + bb] = (v(0) & 15) | ((v(1) & 15) << 4);
-                    dst[128 * s + 64 + 4 * j + bb] = (v(2) & 15) | ((v(3) & 15) << 4);
-                    dst[2048 + 64 * s + 4 * j + bb] =
+                    let at = Q6K_QS + Q6K_SUB_BYTES * s + 4 * j + bb;
+                    dst[at] = (v(0) & 15) | ((v(1) & 15) << 4);
+                    dst[at + 64] = (v(2) & 15) | ((v(3) & 15) << 4);
+                    dst[at + 128] =
                         (v(0) >> 4) | ((v(1) >> 4) << 2) | ((v(2) >> 4) << 4) | ((v(3) >> 4) << 6);
                 }
-                dst[3072 + 16 * s + j] = blk[192 + s];
+                dst[16 * s + j] = blk[192 + s];
             }
-            dst[3328 + 2 * j..3330 + 2 * j].copy_from_slice(&blk[208..210]);
+            dst[Q6K_D + 2 * j..Q6K_D + 2 + 2 * j].copy_from_slice(&blk[208..210]);
         }
     }
     out
@@ -774,9 +788,11 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Bytes ahead of the block being read that the kernels prefetch: the next column's
-    /// blocks follow in memory, and without it the loads stall (perf: ~25% of q4k's samples
-    /// on the instruction after each weight load).
+    /// Bytes ahead of the block being read that the stored-block kernel ([`stored`]: Q8_0,
+    /// MXFP4) prefetches: it reads two columns' rows at once, and without it the loads stall
+    /// (perf: ~25% of the samples on the instruction after each weight load; the 0.5B's
+    /// one-row forward 20.7-20.9 ms without, 18.9-20.1 with, session 25). The tiled types go
+    /// without ([`block_at`]).
     const PREFETCH: usize = 1024;
 
     #[inline(always)]
@@ -867,15 +883,14 @@ mod x86 {
         }
     }
 
-    /// Block `b` of a tile (`bytes` each), with the next block prefetched: a tile's blocks are
-    /// read in order, and without it one row's forward of the 1.5B measured 60 ms against 53.
+    /// Block `b` of a tile (`bytes` each). Not prefetched: a tile's blocks are read in order
+    /// and each thread's tiles follow one another, which the hardware prefetcher streams. A
+    /// software prefetch of the next block (37 lines at once, Q4_K) cost one row's forward of
+    /// the 1.5B 48-51 ms against 38-42 without (session 25, BENCHMARKS.md); every distance
+    /// tried was slower than none.
     #[inline(always)]
-    unsafe fn next_block(tile: &[u8], b: usize, bytes: usize) -> *const u8 {
-        let blk = unsafe { tile.as_ptr().add(b * bytes) };
-        for o in (0..bytes).step_by(64) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(bytes + o).cast()) };
-        }
-        blk
+    unsafe fn block_at(tile: &[u8], b: usize, bytes: usize) -> *const u8 {
+        unsafe { tile.as_ptr().add(b * bytes) }
     }
 
     /// The 4 activation values at `p` in every 32-bit lane (`vpdpbusd`'s shared operand).
@@ -900,19 +915,20 @@ mod x86 {
         let low = _mm512_set1_epi8(0x0f);
         let zero = _mm512_setzero_si512();
         for b in 0..acts.k / QK_K {
-            let blk = unsafe { next_block(tile, b, Q4K_TILE_BYTES) };
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(2304).cast()) });
-            let dmin = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(2336).cast()) });
+            let blk = unsafe { block_at(tile, b, Q4K_TILE_BYTES) };
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q4K_D).cast()) });
+            let dmin = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q4K_DMIN).cast()) });
             for s in 0..8 {
                 let w: [__m512i; 8] = std::array::from_fn(|g| {
-                    let l = unsafe { _mm512_loadu_si512(blk.add(256 * s + 64 * (g / 2)).cast()) };
+                    let at = Q4K_QS + 256 * s + 64 * (g / 2);
+                    let l = unsafe { _mm512_loadu_si512(blk.add(at).cast()) };
                     if g % 2 == 0 {
                         _mm512_and_si512(l, low)
                     } else {
                         _mm512_and_si512(_mm512_srli_epi16(l, 4), low)
                     }
                 });
-                let sc = unsafe { _mm_loadu_si128(blk.add(2048 + 16 * s).cast()) };
+                let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
                 let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
                 for i in 0..n {
                     let a = unsafe { rp[i].qs.add(b * QK_K + 32 * s) };
@@ -924,7 +940,7 @@ mod x86 {
                 }
             }
             let mn: [__m512i; 4] = std::array::from_fn(|p| {
-                let m = unsafe { _mm256_loadu_si256(blk.add(2176 + 32 * p).cast()) };
+                let m = unsafe { _mm256_loadu_si256(blk.add(Q4K_MN + 32 * p).cast()) };
                 _mm512_cvtepu8_epi16(m)
             });
             for i in 0..n {
@@ -961,14 +977,15 @@ mod x86 {
         let low = _mm512_set1_epi8(0x0f);
         let two = _mm512_set1_epi8(0x30);
         for b in 0..acts.k / QK_K {
-            let blk = unsafe { next_block(tile, b, Q6K_TILE_BYTES) };
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(3328).cast()) });
+            let blk = unsafe { block_at(tile, b, Q6K_TILE_BYTES) };
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q6K_D).cast()) });
             for s in 0..16 {
                 let (l0, l1, h) = unsafe {
+                    let q = blk.add(Q6K_QS + Q6K_SUB_BYTES * s);
                     (
-                        _mm512_loadu_si512(blk.add(128 * s).cast()),
-                        _mm512_loadu_si512(blk.add(128 * s + 64).cast()),
-                        _mm512_loadu_si512(blk.add(2048 + 64 * s).cast()),
+                        _mm512_loadu_si512(q.cast()),
+                        _mm512_loadu_si512(q.add(64).cast()),
+                        _mm512_loadu_si512(q.add(128).cast()),
                     )
                 };
                 // (nibble & 15) | (bit pair << 4): the four groups' 6-bit values.
@@ -981,7 +998,7 @@ mod x86 {
                     join(l1, h),
                     join(_mm512_srli_epi16(l1, 4), _mm512_srli_epi16(h, 2)),
                 ];
-                let sc = unsafe { _mm_loadu_si128(blk.add(3072 + 16 * s).cast()) };
+                let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
                 let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
                 for i in 0..n {
                     let p = rp[i];
@@ -1036,7 +1053,7 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); R];
         let sixteen = _mm512_set1_epi8(16);
         for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { next_block(tile, b, Q5_0_TILE_BYTES) };
+            let blk = unsafe { block_at(tile, b, Q5_0_TILE_BYTES) };
             let nib = unsafe { nibble_planes(blk) };
             let w: [__m512i; 8] = std::array::from_fn(|g| {
                 let hi: __mmask64 = unsafe { blk.add(256 + 8 * g).cast::<u64>().read_unaligned() };
@@ -1070,7 +1087,7 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); R];
         let zero = _mm512_setzero_si512();
         for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { next_block(tile, b, Q4_1_TILE_BYTES) };
+            let blk = unsafe { block_at(tile, b, Q4_1_TILE_BYTES) };
             let w = unsafe { nibble_planes(blk) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(256).cast()) });
             let m = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(288).cast()) });
@@ -1359,7 +1376,7 @@ mod tests {
             q(GgmlDType::Q8_0, 33, 256, 1),
             q(GgmlDType::Q4K, 48, 256, 2),
             q(GgmlDType::Q5_0, 17, 256, 3),
-            Gemm::mxfp4(blocks.into(), 40, 256).expect("the MXFP4 kernel"),
+            Gemm::mxfp4(Arc::new(Pages::copy_of(&blocks)), 40, 256).expect("the MXFP4 kernel"),
         ];
         // 1030 rows: more than one block of `run` (1024 rows of 256).
         for m in [1, 3, 20, 1030] {
@@ -1404,7 +1421,8 @@ mod tests {
             )
             .unwrap();
             let q8_0 = Gemm::new(&Arc::new(t)).expect("the Q8_0 kernel");
-            let mx = Gemm::mxfp4(blocks.into(), n, k).expect("the MXFP4 kernel");
+            let mx =
+                Gemm::mxfp4(Arc::new(Pages::copy_of(&blocks)), n, k).expect("the MXFP4 kernel");
             let acts = random(m, k, 22);
             let a = q8_0.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
             let b = mx.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
@@ -1412,7 +1430,7 @@ mod tests {
             assert!(a.iter().flatten().any(|v| v.abs() > 1e-3));
         }
         // Blocks that do not fill the shape are refused.
-        assert!(Gemm::mxfp4(vec![0u8; 17].into(), 2, 32).is_none());
+        assert!(Gemm::mxfp4(Arc::new(Pages::copy_of(&[0u8; 17])), 2, 32).is_none());
     }
 
     #[test]
@@ -1505,14 +1523,15 @@ mod tests {
             let (t, j) = (c / TILE, c % TILE);
             for b in 0..nb {
                 let blk = &packed[(t * nb + b) * Q6K_TILE_BYTES..][..Q6K_TILE_BYTES];
-                let d = f16_at(blk, 3328 + 2 * j);
+                let d = f16_at(blk, 256 + 2 * j);
                 for v in 0..QK_K {
                     let (s, g, bb) = (v / 16, v % 16 / 4, v % 4);
-                    let lo = blk[128 * s + 64 * (g / 2) + 4 * j + bb];
+                    let sub = &blk[320 + 192 * s..][..192];
+                    let lo = sub[64 * (g / 2) + 4 * j + bb];
                     let nib = if g % 2 == 0 { lo & 15 } else { lo >> 4 };
-                    let hi = (blk[2048 + 64 * s + 4 * j + bb] >> (2 * g)) & 3;
+                    let hi = (sub[128 + 4 * j + bb] >> (2 * g)) & 3;
                     let q = (nib | (hi << 4)) as f32 - 32.0;
-                    let got = d * (blk[3072 + 16 * s + j] as i8 as f32) * q;
+                    let got = d * (blk[16 * s + j] as i8 as f32) * q;
                     let want = deq.get(c).map_or(0.0, |col| col[QK_K * b + v]);
                     assert!(
                         (got - want).abs() <= 1e-6 * want.abs(),

@@ -31,6 +31,7 @@ pub mod kv_cache;
 pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+mod pages;
 mod requant;
 pub mod rope;
 pub mod safetensors;

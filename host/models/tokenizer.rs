@@ -254,7 +254,7 @@ fn meta_strings<'a>(content: &'a Content, key: &str) -> Result<Option<Vec<&'a st
 
 /// Tokens that end a turn or a generation, by text, as llama.cpp detects them (its end-of-turn
 /// list plus the FIM padding / repository / file separators). Unlike llama.cpp, only control or
-/// user-defined tokens count: Qwen's vocabulary has an ordinary "</s>" that HTML may contain.
+/// user-defined tokens count: Qwen's vocabulary has an ordinary `"</s>"` that HTML may contain.
 /// gpt-oss's (harmony's) message markers, printed in its replies' text.
 const HARMONY_MARKERS: &[&str] = &["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"];
 

@@ -39,7 +39,7 @@ pub(crate) struct Linear {
     pub(crate) kept: Option<Arc<KeptVocab>>,
     /// MXFP4 blocks as stored, multiplied by `gemm`; `w` is then an empty stand-in, and
     /// [`Linear::weight`] makes the Q8_0 copy where candle's kernels need one.
-    pub(crate) mxfp4: Option<Arc<[u8]>>,
+    pub(crate) mxfp4: Option<Arc<super::pages::Pages>>,
     /// LoRA adapters' updates of this projection ([`Model::with_lora`]), added to the matmul's
     /// output before the bias.
     pub(crate) lora: Option<Arc<[super::lora::LoraDelta]>>,
@@ -197,7 +197,7 @@ impl Linear {
     /// An `[n, k]` MXFP4 matrix kept as stored, where verdict's CPU kernel multiplies it
     /// (`cpu_gemm::takes_mxfp4`); `None` where it does not.
     pub(crate) fn mxfp4(
-        blocks: Arc<[u8]>,
+        blocks: Arc<super::pages::Pages>,
         n: usize,
         k: usize,
         b: Option<Tensor>,
@@ -883,11 +883,12 @@ fn experts(
                 .chunks_exact(size)
                 .zip(biases)
                 .map(|(part, b)| {
-                    Linear::mxfp4(part.into(), rows, cols, b).ok_or_else(|| ModelError::Tensor {
-                        path: src.path().to_path_buf(),
-                        tensor: name.clone(),
-                        reason: format!("{rows} x {cols} MXFP4 blocks do not fit the kernel"),
-                    })
+                    Linear::mxfp4(Arc::new(super::pages::Pages::copy_of(part)), rows, cols, b)
+                        .ok_or_else(|| ModelError::Tensor {
+                            path: src.path().to_path_buf(),
+                            tensor: name.clone(),
+                            reason: format!("{rows} x {cols} MXFP4 blocks do not fit the kernel"),
+                        })
                 })
                 .collect();
         }
