@@ -1,7 +1,7 @@
 //! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0, Q5_0, Q4_1 and MXFP4 weights (x86-64
-//! with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, is read as stored:
-//! each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a Q8_0
-//! block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
+//! with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, keeps its stored
+//! size: each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a
+//! Q8_0 block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
 //!
 //! Why not candle's: its x86 fast path repacks Q4_K into tiles with unpacked f32 scales (33%
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
@@ -13,20 +13,19 @@
 //!
 //! The activations are quantized per row like llama.cpp's: int8 with one f32 scale per 256
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
-//! values (for the others). Q8_0 is read as stored (`vpdpbusd`, with the weight's sign moved
-//! onto the activation), two columns per pass. The other types are read from a copy made at
-//! load: `pack_q4k`, `pack_q6k`, `pack_q5_0` and `pack_q4_1` interleave 16 columns, so that one
-//! `vpdpbusd` multiplies 4 values of all 16 by 4 broadcast activation values. Each extra
+//! values (for the others). The weights are read from a copy made at load: `pack_q4k`,
+//! `pack_q6k`, `pack_q5_0`, `pack_q4_1`, `pack_q8_0` and `pack_mxfp4` interleave 16 columns, so
+//! that one `vpdpbusd` multiplies 4 values of all 16 by 4 broadcast activation values. Each extra
 //! activation row costs about half of what per-column kernels spent (the verified rows' cost,
 //! BENCHMARKS.md session 13; a prefill of the 0.5B, whose body is mostly Q5_0, 180 -> 250
 //! tokens/s, session 19). Per 32 (Q4_K, Q5_0, Q4_1) or 16 (Q6_K) values the integer sum is
 //! exact and is scaled into one f32 lane per column. Q4_K's 6-bit scales and mins are unpacked
 //! to bytes (64 bytes more per 16 blocks), Q6_K's blocks padded to whole cache lines (32
-//! bytes more); the others keep the stored size. Offsets (Q5_0's `q - 16`, Q4_1's `+ m`) come
-//! from each row's per-32 activation sums. A tile block is laid out in the order the kernel
+//! bytes more); the others keep the stored size. Offsets (Q5_0's `q - 16`, Q8_0's `q + 128`
+//! as unsigned bytes, Q4_1's `+ m`) come from each row's per-32 activation sums. A tile block is laid out in the order the kernel
 //! reads it, front to back, so that the hardware prefetcher streams it.
 //!
-//! The blocks the kernels read (the tiles, Q8_0's and MXFP4's as stored) are copies on 2 MiB
+//! The tiles are on 2 MiB
 //! pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB pages address
 //! translation bound that stream. They add to the GGUF's own tensors, which stay for candle's
 //! fallback.
@@ -37,7 +36,6 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
-use half::f16;
 use std::sync::Arc;
 
 use super::pages::Pages;
@@ -76,11 +74,12 @@ const Q6K_SUB_BYTES: usize = 192;
 /// 16 columns' 32-value Q5_0 or Q4_1 blocks, in the stored bytes.
 const Q5_0_TILE_BYTES: usize = TILE * Q5_0_BYTES;
 const Q4_1_TILE_BYTES: usize = TILE * Q4_1_BYTES;
+/// 16 columns' Q8_0 blocks (their values plus 128, then their d) and MXFP4 blocks (their codes
+/// as nibble planes, then their exponent bytes): the stored bytes.
+const Q8_0_TILE_BYTES: usize = TILE * Q8_0_BYTES;
+const MXFP4_TILE_BYTES: usize = TILE * MXFP4_BYTES;
 /// Output columns (weight rows) per work item handed to the thread pool: one tile.
 const COLS_PER_ITEM: usize = TILE;
-/// Activation rows computed together against one unpacked weight block: each pass streams the
-/// weights once, so this covers a verification forward at the default k_max of 16 (17 rows).
-const ROWS_PER_PASS: usize = 17;
 /// Quantized activations (one byte per value) of a block of rows in [`Gemm::run`].
 const ACT_BLOCK_BYTES: usize = 256 * 1024;
 
@@ -91,15 +90,14 @@ enum Kind {
     Q8_0,
     Q5_0,
     Q4_1,
-    /// Read as stored, like Q8_0: each block's codes through a 16-entry table to int8.
+    /// Q8_0's arithmetic: each block's codes through a 16-entry table to int8.
     Mxfp4,
 }
 
 /// A quantized `[n, k]` weight that this module multiplies (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
-    /// The blocks the kernels read, on huge pages ([`Pages`]): the repacked tiles of Q4_K,
-    /// Q6_K, Q5_0 and Q4_1, Q8_0's and MXFP4's blocks as stored.
+    /// The tiles the kernels read, on huge pages ([`Pages`]).
     blocks: Arc<Pages>,
     kind: Kind,
     n: usize,
@@ -165,7 +163,8 @@ impl Gemm {
             Kind::Q4_1 => Pages::copy_of(&pack_q4_1(&data, n, k)),
             Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k)),
             Kind::Q6K => Pages::copy_of(&pack_q6k(&data, n, k)),
-            Kind::Q8_0 | Kind::Mxfp4 => Pages::copy_of(&data),
+            Kind::Q8_0 => Pages::copy_of(&pack_q8_0(&data, n, k)),
+            Kind::Mxfp4 => Pages::copy_of(&pack_mxfp4(&data, n, k)),
         };
         Some(Gemm {
             blocks: Arc::new(blocks),
@@ -178,14 +177,20 @@ impl Gemm {
     /// An `[n, k]` matrix of MXFP4 blocks as stored (`n` rows of `k / 32` blocks), or `None`
     /// where the kernel does not apply (another CPU, `VERDICT_CPU_GEMM`, a size that is not
     /// whole blocks).
-    pub(crate) fn mxfp4(blocks: Arc<Pages>, n: usize, k: usize) -> Option<Gemm> {
+    pub(crate) fn mxfp4(blocks: &[u8], n: usize, k: usize) -> Option<Gemm> {
         let whole = k > 0 && k.is_multiple_of(QK8_0) && blocks.len() == n * k / QK8_0 * MXFP4_BYTES;
         (available() && enabled(Kind::Mxfp4) && whole).then(|| Gemm {
-            blocks,
+            blocks: Arc::new(Pages::copy_of(&pack_mxfp4(blocks, n, k))),
             kind: Kind::Mxfp4,
             n,
             k,
         })
+    }
+
+    /// An MXFP4 matrix's blocks as stored (unpacked from its tiles), for the Q8_0 copy that
+    /// candle's kernels multiply; `None` for the other types, whose tensors candle holds.
+    pub(crate) fn mxfp4_blocks(&self) -> Option<Vec<u8>> {
+        (self.kind == Kind::Mxfp4).then(|| unpack_mxfp4(&self.blocks, self.n, self.k))
     }
 
     /// The weight's `[n, k]`.
@@ -305,45 +310,13 @@ impl Gemm {
         Gemm::dispatch(&[(self, w, acts, out.as_mut_ptr() as usize)], pool);
     }
 
-    /// Output columns `cols` for every row. `out` is `[m, n]`. Tiled types: `cols` is one tile.
-    /// Otherwise two columns per pass share each activation load (the multi-row cost); each
-    /// column's arithmetic is the one-column kernel's, so results do not depend on the pairing.
+    /// Output columns `cols` (one tile of 16, [`COLS_PER_ITEM`]) for every row. `out` is
+    /// `[m, n]`.
     unsafe fn columns(&self, w: &[u8], acts: &Acts, cols: std::ops::Range<usize>, out: *mut f32) {
-        if !matches!(self.kind, Kind::Q8_0 | Kind::Mxfp4) {
-            // One work item is one tile of 16 columns (COLS_PER_ITEM).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::tile(self.kind, w, cols.start / TILE, acts, out, self.n)
-            };
-            return;
-        }
-        let (blk, bytes) = self.kind.block();
-        let row_bytes = self.k / blk * bytes;
-        let mut sums = [[0f32; ROWS_PER_PASS]; 2];
-        for r0 in (0..acts.m).step_by(ROWS_PER_PASS) {
-            let rows = r0..acts.m.min(r0 + ROWS_PER_PASS);
-            let mut c = cols.start;
-            while c < cols.end {
-                let take = (cols.end - c).min(2);
-                let wr = &w[c * row_bytes..(c + take) * row_bytes];
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let r = rows.clone();
-                    if take == 2 {
-                        x86::columns::<2>(self.kind, wr, row_bytes, acts, r, &mut sums);
-                    } else {
-                        let one = (&mut sums[..1]).try_into().expect("one column");
-                        x86::columns::<1>(self.kind, wr, row_bytes, acts, r, one);
-                    }
-                }
-                for (j, s) in sums.iter().enumerate().take(take) {
-                    for (i, r) in rows.clone().enumerate() {
-                        unsafe { *out.add(r * self.n + c + j) = s[i] };
-                    }
-                }
-                c += take;
-            }
-        }
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::tile(self.kind, w, cols.start / TILE, acts, out, self.n)
+        };
     }
 }
 
@@ -357,6 +330,18 @@ impl Kind {
             Kind::Q5_0 => (QK8_0, Q5_0_BYTES),
             Kind::Q4_1 => (QK8_0, Q4_1_BYTES),
             Kind::Mxfp4 => (QK8_0, MXFP4_BYTES),
+        }
+    }
+
+    /// Bytes of a tile block: 16 columns' blocks, as [`pack_q4k`] and the others lay them out.
+    fn tile_bytes(self) -> usize {
+        match self {
+            Kind::Q4K => Q4K_TILE_BYTES,
+            Kind::Q6K => Q6K_TILE_BYTES,
+            Kind::Q8_0 => Q8_0_TILE_BYTES,
+            Kind::Q5_0 => Q5_0_TILE_BYTES,
+            Kind::Q4_1 => Q4_1_TILE_BYTES,
+            Kind::Mxfp4 => MXFP4_TILE_BYTES,
         }
     }
 
@@ -438,6 +423,54 @@ fn pack_q4_1(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
         dst[256 + 2 * j..258 + 2 * j].copy_from_slice(&blk[0..2]);
         dst[288 + 2 * j..290 + 2 * j].copy_from_slice(&blk[2..4]);
     })
+}
+
+/// Q8_0 blocks (f16 d, 32 int8 `q`: `d * q`) regrouped 16 columns to a tile: bytes `64g..`,
+/// g = 0..8, `[column j][b]` holding `q + 128` (`vpdpbusd` multiplies unsigned bytes) of value
+/// `4g + b`; bytes `512..544` the 16 columns' d. The stored size; columns past `n` are zero.
+///
+/// Read as stored, two columns at a time (the weight's sign moved onto the activation), an
+/// out-of-cache matrix streamed at 18 GB/s on two threads where the tiled types reached 30-36
+/// (session 25).
+fn pack_q8_0(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    tiles32(raw, n, k, Q8_0_BYTES, |blk, j, dst| {
+        for v in 0..QK8_0 {
+            dst[64 * (v / 4) + 4 * j + v % 4] = blk[2 + v] ^ 0x80;
+        }
+        dst[512 + 2 * j..514 + 2 * j].copy_from_slice(&blk[0..2]);
+    })
+}
+
+/// MXFP4 blocks (an E8M0 exponent byte, 16 bytes of 4-bit codes: value j in byte j's low
+/// nibble, 16 + j in its high one) regrouped 16 columns to a tile: the codes as nibble planes
+/// ([`put_nibbles`]), then bytes `256..272` the 16 columns' exponents. The stored bytes;
+/// columns past `n` are zero.
+fn pack_mxfp4(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    tiles32(raw, n, k, MXFP4_BYTES, |blk, j, dst| {
+        put_nibbles(dst, j, |v| stored_nibble(&blk[1..], v));
+        dst[256 + j] = blk[0];
+    })
+}
+
+/// [`pack_mxfp4`]'s inverse: the `[n, k]` matrix's blocks in the stored order.
+fn unpack_mxfp4(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let nb = k / QK8_0;
+    let mut out = vec![0u8; n * nb * MXFP4_BYTES];
+    for c in 0..n {
+        let (t, j) = (c / TILE, c % TILE);
+        for b in 0..nb {
+            let src = &tiles[(t * nb + b) * MXFP4_TILE_BYTES..][..MXFP4_TILE_BYTES];
+            let dst = &mut out[(c * nb + b) * MXFP4_BYTES..][..MXFP4_BYTES];
+            dst[0] = src[256 + j];
+            for v in 0..QK8_0 {
+                let g = v / 4;
+                let byte = src[64 * (g / 2) + 4 * j + v % 4];
+                let code = (byte >> (4 * (g % 2))) & 15;
+                dst[1 + v % 16] |= code << (4 * (v / 16));
+            }
+        }
+    }
+    out
 }
 
 /// The 16-column tiles of a matrix of 32-value blocks of `bytes` each (Q5_0, Q4_1), each tile
@@ -609,14 +642,11 @@ struct Acts {
     qs: Vec<i8>,
     d: Vec<f32>,
     sum32: Vec<i16>,
-    /// Per 32-value scales only: each pair of blocks' two scales, each repeated over the 8
-    /// lanes that `vpdpbusd` sums that block into (the Q8_0 kernel's one load per pair).
-    lanes: Vec<f32>,
     /// Q6_K only: -32 times each 16 values' sum, where its dot products over the unsigned
     /// 0..=63 weights start.
     corr: Vec<i32>,
-    /// Entries per row of `d`, `sum32`, `lanes` and `corr`.
-    strides: [usize; 4],
+    /// Entries per row of `d`, `sum32` and `corr`.
+    strides: [usize; 3],
     /// Every row's [`RowPtrs`], made once: the kernels ask for them per row and per tile (or
     /// column pair), and making them there (slicing, bounds checks) was 2-4% of a prefill.
     rows: RowTable,
@@ -640,9 +670,8 @@ impl Acts {
             qs: vec![0; m * k],
             d: vec![0.0; m * k / blk],
             sum32: vec![0; m * k / 32],
-            lanes: Vec::new(),
             corr: Vec::new(),
-            strides: [k / blk, k / 32, 0, 0],
+            strides: [k / blk, k / 32, 0],
             rows: RowTable(Vec::new()),
         };
         for (b, (x, q)) in xs
@@ -669,18 +698,6 @@ impl Acts {
             }
             a.d[b] = 1.0 / iscale;
         }
-        // Q8_0's kernel reads its blocks in pairs (its rows hold an odd block last, read alone).
-        if kind == Kind::Q8_0 {
-            let pairs = k / 64;
-            a.lanes = vec![0.0; m * pairs * 16];
-            for r in 0..m {
-                for p in 0..pairs {
-                    let dst = &mut a.lanes[(r * pairs + p) * 16..][..16];
-                    dst[..8].fill(a.d[r * (k / 32) + 2 * p]);
-                    dst[8..].fill(a.d[r * (k / 32) + 2 * p + 1]);
-                }
-            }
-        }
         for (s, q) in a.sum32.iter_mut().zip(a.qs.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
@@ -690,8 +707,7 @@ impl Acts {
                     .map(|q| -32 * q.iter().map(|&v| v as i32).sum::<i32>())
                     .collect();
         }
-        a.strides[2] = if kind == Kind::Q8_0 { (k / 64) * 16 } else { 0 };
-        a.strides[3] = a.corr.len().checked_div(m).unwrap_or(0);
+        a.strides[2] = a.corr.len().checked_div(m).unwrap_or(0);
         a.rows = RowTable((0..m).map(|r| a.make_ptrs(r)).collect());
         a
     }
@@ -707,16 +723,11 @@ impl Acts {
     }
 
     fn make_ptrs(&self, r: usize) -> RowPtrs {
-        let [d, sum32, lanes, corr] = self.strides;
+        let [d, sum32, corr] = self.strides;
         RowPtrs {
             qs: self.row(r).as_ptr(),
             d: self.d[r * d..(r + 1) * d].as_ptr(),
             sum32: self.sum32[r * sum32..(r + 1) * sum32].as_ptr(),
-            lanes: if self.lanes.is_empty() {
-                std::ptr::null()
-            } else {
-                self.lanes[r * lanes..].as_ptr()
-            },
             corr: if self.corr.is_empty() {
                 std::ptr::null()
             } else {
@@ -736,7 +747,6 @@ struct RowPtrs {
     qs: *const i8,
     d: *const f32,
     sum32: *const i16,
-    lanes: *const f32,
     corr: *const i32,
 }
 
@@ -745,7 +755,6 @@ impl RowPtrs {
         qs: std::ptr::null(),
         d: std::ptr::null(),
         sum32: std::ptr::null(),
-        lanes: std::ptr::null(),
         corr: std::ptr::null(),
     };
 }
@@ -764,8 +773,9 @@ fn row_ptrs<const R: usize>(acts: &Acts, rows: std::ops::Range<usize>) -> ([RowP
     (p, n)
 }
 
+#[cfg(test)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// A Q4_K block's eight 6-bit sub-block scales and mins, unpacked from its 12 bytes.
@@ -788,45 +798,6 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Bytes ahead of the block being read that the stored-block kernel ([`stored`]: Q8_0,
-    /// MXFP4) prefetches: it reads two columns' rows at once, and without it the loads stall
-    /// (perf: ~25% of the samples on the instruction after each weight load; the 0.5B's
-    /// one-row forward 20.7-20.9 ms without, 18.9-20.1 with, session 25). The tiled types go
-    /// without ([`block_at`]).
-    const PREFETCH: usize = 1024;
-
-    #[inline(always)]
-    unsafe fn prefetch(p: *const u8, bytes: usize) {
-        let mut o = 0;
-        while o < bytes {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + o).cast()) };
-            o += 64;
-        }
-    }
-
-    /// `C` consecutive weight rows of `kind` (`row_bytes` apart in `w`) against activation rows
-    /// `rows`: column j's result for row i into `out[j][i]`.
-    pub(super) unsafe fn columns<const C: usize>(
-        kind: Kind,
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-        out: &mut [[f32; ROWS_PER_PASS]; C],
-    ) {
-        const R: usize = ROWS_PER_PASS;
-        let (r, one) = (rows.clone(), rows.len() == 1);
-        unsafe {
-            match (kind, one) {
-                (Kind::Q8_0, true) => stored::<1, C, Q8_0Blocks>(w, row_bytes, acts, r, out),
-                (Kind::Q8_0, false) => stored::<R, C, Q8_0Blocks>(w, row_bytes, acts, r, out),
-                (Kind::Mxfp4, true) => stored::<1, C, Mxfp4Blocks>(w, row_bytes, acts, r, out),
-                (Kind::Mxfp4, false) => stored::<R, C, Mxfp4Blocks>(w, row_bytes, acts, r, out),
-                _ => unreachable!("{kind:?} runs on its tiles (tile)"),
-            }
-        }
-    }
-
     /// Tile `t` (16 columns, see [`pack_q4k`] and the others) of a `kind` matrix for every
     /// activation row, into `out` (`[m, n]`). Each column's lane does the same operations in
     /// the same order whatever the number of rows, so a row's result does not depend on the
@@ -841,38 +812,29 @@ mod x86 {
         n: usize,
     ) {
         const R: usize = 8;
-        let bytes = match kind {
-            Kind::Q4K => acts.k / QK_K * Q4K_TILE_BYTES,
-            Kind::Q6K => acts.k / QK_K * Q6K_TILE_BYTES,
-            Kind::Q5_0 => acts.k / QK8_0 * Q5_0_TILE_BYTES,
-            _ => acts.k / QK8_0 * Q4_1_TILE_BYTES,
-        };
+        let bytes = acts.k / kind.block().0 * kind.tile_bytes();
         let tile = &packed[t * bytes..(t + 1) * bytes];
         let cols = TILE.min(n - t * TILE);
         for r0 in (0..acts.m).step_by(R) {
             let rows = r0..acts.m.min(r0 + R);
             // A constant 1 keeps a single row's accumulator in a register.
-            let acc = match (kind, rows.len() == 1) {
-                (Kind::Q4K, true) => {
-                    let [one] = unsafe { q4k_rows::<1>(tile, acts, rows.clone()) };
-                    [one; R]
-                }
-                (Kind::Q4K, false) => unsafe { q4k_rows::<R>(tile, acts, rows.clone()) },
-                (Kind::Q6K, true) => {
-                    let [one] = unsafe { q6k_rows::<1>(tile, acts, rows.clone()) };
-                    [one; R]
-                }
-                (Kind::Q6K, false) => unsafe { q6k_rows::<R>(tile, acts, rows.clone()) },
-                (Kind::Q5_0, true) => {
-                    let [one] = unsafe { q5_0_rows::<1>(tile, acts, rows.clone()) };
-                    [one; R]
-                }
-                (Kind::Q5_0, false) => unsafe { q5_0_rows::<R>(tile, acts, rows.clone()) },
-                (_, true) => {
-                    let [one] = unsafe { q4_1_rows::<1>(tile, acts, rows.clone()) };
-                    [one; R]
-                }
-                (_, false) => unsafe { q4_1_rows::<R>(tile, acts, rows.clone()) },
+            macro_rules! rows {
+                ($kernel:ident) => {
+                    if rows.len() == 1 {
+                        let [one] = unsafe { $kernel::<1>(tile, acts, rows.clone()) };
+                        [one; R]
+                    } else {
+                        unsafe { $kernel::<R>(tile, acts, rows.clone()) }
+                    }
+                };
+            }
+            let acc = match kind {
+                Kind::Q4K => rows!(q4k_rows),
+                Kind::Q6K => rows!(q6k_rows),
+                Kind::Q5_0 => rows!(q5_0_rows),
+                Kind::Q4_1 => rows!(q4_1_rows),
+                Kind::Q8_0 => rows!(q8_0_rows),
+                Kind::Mxfp4 => rows!(mxfp4_rows),
             };
             for (i, r) in rows.enumerate() {
                 let mut v = [0f32; TILE];
@@ -1108,122 +1070,80 @@ mod x86 {
         acc
     }
 
-    /// How [`stored`] reads a block of 32 weights as the file stores it: its int8 values in
-    /// order and its scale.
-    pub(super) trait Int8Blocks {
-        const BYTES: usize;
-        /// # Safety
-        /// `b` points at a whole block; the caller runs with AVX-512 (its target features).
-        unsafe fn block(b: *const u8) -> (__m256i, f32);
-    }
-
-    /// Q8_0: an f16 scale, then the 32 int8.
-    pub(super) struct Q8_0Blocks;
-
-    impl Int8Blocks for Q8_0Blocks {
-        const BYTES: usize = Q8_0_BYTES;
-        #[inline(always)]
-        unsafe fn block(b: *const u8) -> (__m256i, f32) {
-            let d = f16_at(unsafe { std::slice::from_raw_parts(b, 2) }, 0);
-            (unsafe { _mm256_loadu_si256(b.add(2).cast()) }, d)
-        }
-    }
-
-    /// MXFP4: an exponent byte `e`, then 16 bytes of codes, weights 0..16 in the low nibbles
-    /// and 16..32 in the high ones; through a 16-entry table (`vpshufb`) each code becomes the
-    /// int8 a Q8_0 block of the same weights holds, and the scale is 2^(e - 128) as ggml
-    /// computes it (`e8m0_to_fp32_half`).
-    pub(super) struct Mxfp4Blocks;
-
-    impl Int8Blocks for Mxfp4Blocks {
-        const BYTES: usize = MXFP4_BYTES;
-        #[inline(always)]
-        unsafe fn block(b: *const u8) -> (__m256i, f32) {
-            unsafe {
-                let table =
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr().cast()));
-                let q = _mm_loadu_si128(b.add(1).cast());
-                let low = _mm_set1_epi8(0x0f);
-                let codes = _mm256_set_m128i(
-                    _mm_and_si128(_mm_srli_epi16(q, 4), low),
-                    _mm_and_si128(q, low),
-                );
-                let e = *b;
-                let d = f32::from_bits(match e {
-                    0 | 1 => 0x0020_0000 << e,
-                    e => (u32::from(e) - 1) << 23,
-                });
-                (_mm256_shuffle_epi8(table, codes), d)
-            }
-        }
-    }
-
-    /// `C` consecutive weight rows of `B`'s blocks, read as stored (`row_bytes` apart in `w`),
-    /// against activation rows `rows` (quantized per 32); column j's result for row i into
-    /// `out[j][i]`. The activation loads are shared by the C columns; each column's arithmetic
-    /// is the same for any `C`, `R`, and the same for Q8_0 and MXFP4 blocks of equal weights.
+    /// Up to `R` rows against one Q8_0 tile ([`pack_q8_0`]): per 32-value block, `d·da` times
+    /// the exact integer sum of `q·a`, which `vpdpbusd` sums as `(q + 128)·a - 128·Σa`.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn stored<const R: usize, const C: usize, B: Int8Blocks>(
-        w: &[u8],
-        row_bytes: usize,
+    unsafe fn q8_0_rows<const R: usize>(
+        tile: &[u8],
         acts: &Acts,
         rows: std::ops::Range<usize>,
-        out: &mut [[f32; ROWS_PER_PASS]; C],
+    ) -> [__m512; R] {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..acts.k / QK8_0 {
+            let blk = unsafe { block_at(tile, b, Q8_0_TILE_BYTES) };
+            let w: [__m512i; 8] =
+                std::array::from_fn(|g| unsafe { _mm512_loadu_si512(blk.add(64 * g).cast()) });
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(512).cast()) });
+            unsafe { int8_block_rows(&mut acc, &w, d, acts, rows.clone(), b) };
+        }
+        acc
+    }
+
+    /// Up to `R` rows against one MXFP4 tile ([`pack_mxfp4`]): each code through a 16-entry
+    /// table (`vpshufb`) to the int8 a Q8_0 block of the same weights holds, plus 128, and
+    /// the scale 2^(e - 128) as ggml computes it (`e8m0_to_fp32_half`); then Q8_0's arithmetic,
+    /// with its bits.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn mxfp4_rows<const R: usize>(
+        tile: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+    ) -> [__m512; R] {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let table = std::array::from_fn::<u8, 16, _>(|c| (MXFP4_VALUES[c] as u8) ^ 0x80);
+        let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(table.as_ptr().cast()) });
+        let two = _mm512_set1_epi32(2);
+        for b in 0..acts.k / QK8_0 {
+            let blk = unsafe { block_at(tile, b, MXFP4_TILE_BYTES) };
+            let codes = unsafe { nibble_planes(blk) };
+            let w: [__m512i; 8] = std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]));
+            let e = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(blk.add(256).cast()) });
+            // e >= 2: (e - 1) << 23, a normal float; e = 0 or 1: 2^-128 or 2^-127, subnormal.
+            let normal = _mm512_slli_epi32::<23>(_mm512_sub_epi32(e, _mm512_set1_epi32(1)));
+            let tiny = _mm512_sllv_epi32(_mm512_set1_epi32(0x0020_0000), e);
+            let bits = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, two), normal, tiny);
+            let d = _mm512_castsi512_ps(bits);
+            unsafe { int8_block_rows(&mut acc, &w, d, acts, rows.clone(), b) };
+        }
+        acc
+    }
+
+    /// Block `b` of a tile of int8 weights stored as `q + 128` (`w`, 8 groups of 4 values for
+    /// the 16 columns) with the columns' scales `d`, into each row's `acc`.
+    #[inline(always)]
+    unsafe fn int8_block_rows<const R: usize>(
+        acc: &mut [__m512; R],
+        w: &[__m512i; 8],
+        d: __m512,
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        b: usize,
     ) {
-        let nb = acts.k / QK8_0;
-        debug_assert!(w.len() >= (C - 1) * row_bytes + nb * B::BYTES);
         let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [[_mm512_setzero_ps(); R]; C];
-        let mut tail = [[0f32; R]; C];
-        let zero = _mm512_setzero_si512();
-        let wp = w.as_ptr();
-        for pr in 0..nb / 2 {
-            let mut absq = [zero; C];
-            let mut neg = [0 as __mmask64; C];
-            let mut dw = [_mm512_setzero_ps(); C];
-            for j in 0..C {
-                let b0 = unsafe { wp.add(j * row_bytes + 2 * pr * B::BYTES) };
-                let b1 = unsafe { b0.add(B::BYTES) };
-                unsafe { prefetch(b0, 2 * B::BYTES) };
-                let ((q0, d0), (q1, d1)) = unsafe { (B::block(b0), B::block(b1)) };
-                let q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-                dw[j] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
-                // |w| as u8 against sign(w) * a: the same products, in vpdpbusd's operand types.
-                absq[j] = _mm512_abs_epi8(q);
-                neg[j] = _mm512_movepi8_mask(q);
-            }
-            for i in 0..n {
-                let p = rp[i];
-                let a = unsafe { _mm512_loadu_si512(p.qs.add(64 * pr).cast()) };
-                let da = unsafe { _mm512_loadu_ps(p.lanes.add(16 * pr)) };
-                for j in 0..C {
-                    let sa = _mm512_mask_sub_epi8(a, neg[j], zero, a);
-                    let dp = _mm512_dpbusd_epi32(zero, absq[j], sa);
-                    let x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), da);
-                    acc[j][i] = _mm512_fmadd_ps(x, dw[j], acc[j][i]);
+        for i in 0..n {
+            let p = rp[i];
+            let a = unsafe { p.qs.add(b * QK8_0) };
+            // SAFETY (all the intrinsics): the callers run with AVX-512 (their target
+            // features); `a` holds the block's 32 values.
+            unsafe {
+                let mut dot = _mm512_set1_epi32(-128 * i32::from(*p.sum32.add(b)));
+                for (g, &w) in w.iter().enumerate() {
+                    dot = _mm512_dpbusd_epi32(dot, w, bcast4(a.add(4 * g)));
                 }
-            }
-        }
-        if nb % 2 == 1 {
-            let b = nb - 1;
-            for (j, tail) in tail.iter_mut().enumerate() {
-                let (q, d) = unsafe { B::block(wp.add(j * row_bytes + b * B::BYTES)) };
-                let absq = _mm256_abs_epi8(q);
-                let neg = _mm256_movepi8_mask(q);
-                for i in 0..n {
-                    let p = rp[i];
-                    let a = unsafe { _mm256_loadu_si256(p.qs.add(32 * b).cast()) };
-                    let a = _mm256_mask_sub_epi8(a, neg, _mm256_setzero_si256(), a);
-                    let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), absq, a);
-                    let v = _mm512_castsi256_si512(dp);
-                    let isum = _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(0x00ff, v));
-                    tail[i] = d * unsafe { *p.d.add(b) } * isum as f32;
-                }
-            }
-        }
-        for j in 0..C {
-            for i in 0..n {
-                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) + tail[j][i];
+                let dd = _mm512_mul_ps(d, _mm512_set1_ps(*p.d.add(b)));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, acc[i]);
             }
         }
     }
@@ -1376,7 +1296,7 @@ mod tests {
             q(GgmlDType::Q8_0, 33, 256, 1),
             q(GgmlDType::Q4K, 48, 256, 2),
             q(GgmlDType::Q5_0, 17, 256, 3),
-            Gemm::mxfp4(Arc::new(Pages::copy_of(&blocks)), 40, 256).expect("the MXFP4 kernel"),
+            Gemm::mxfp4(&blocks, 40, 256).expect("the MXFP4 kernel"),
         ];
         // 1030 rows: more than one block of `run` (1024 rows of 256).
         for m in [1, 3, 20, 1030] {
@@ -1421,8 +1341,10 @@ mod tests {
             )
             .unwrap();
             let q8_0 = Gemm::new(&Arc::new(t)).expect("the Q8_0 kernel");
-            let mx =
-                Gemm::mxfp4(Arc::new(Pages::copy_of(&blocks)), n, k).expect("the MXFP4 kernel");
+            let mx = Gemm::mxfp4(&blocks, n, k).expect("the MXFP4 kernel");
+            // The tiles give back the stored blocks (candle's Q8_0 copy is made from them).
+            assert_eq!(mx.mxfp4_blocks().as_deref(), Some(&blocks[..]));
+            assert_eq!(q8_0.mxfp4_blocks(), None);
             let acts = random(m, k, 22);
             let a = q8_0.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
             let b = mx.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
@@ -1430,7 +1352,7 @@ mod tests {
             assert!(a.iter().flatten().any(|v| v.abs() > 1e-3));
         }
         // Blocks that do not fill the shape are refused.
-        assert!(Gemm::mxfp4(Arc::new(Pages::copy_of(&[0u8; 17])), 2, 32).is_none());
+        assert!(Gemm::mxfp4(&[0u8; 17], 2, 32).is_none());
     }
 
     #[test]

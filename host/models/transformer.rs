@@ -37,9 +37,6 @@ pub(crate) struct Linear {
     /// An lm_head cut to part of the vocabulary ([`Model::with_draft_vocab`]): the ids its rows
     /// stand for; the output is widened back to the whole vocabulary, -inf elsewhere.
     pub(crate) kept: Option<Arc<KeptVocab>>,
-    /// MXFP4 blocks as stored, multiplied by `gemm`; `w` is then an empty stand-in, and
-    /// [`Linear::weight`] makes the Q8_0 copy where candle's kernels need one.
-    pub(crate) mxfp4: Option<Arc<super::pages::Pages>>,
     /// LoRA adapters' updates of this projection ([`Model::with_lora`]), added to the matmul's
     /// output before the bias.
     pub(crate) lora: Option<Arc<[super::lora::LoraDelta]>>,
@@ -189,20 +186,14 @@ impl Linear {
             w,
             b,
             kept: None,
-            mxfp4: None,
             lora: None,
         }
     }
 
     /// An `[n, k]` MXFP4 matrix kept as stored, where verdict's CPU kernel multiplies it
     /// (`cpu_gemm::takes_mxfp4`); `None` where it does not.
-    pub(crate) fn mxfp4(
-        blocks: Arc<super::pages::Pages>,
-        n: usize,
-        k: usize,
-        b: Option<Tensor>,
-    ) -> Option<Linear> {
-        let gemm = super::cpu_gemm::Gemm::mxfp4(blocks.clone(), n, k)?;
+    pub(crate) fn mxfp4(blocks: &[u8], n: usize, k: usize, b: Option<Tensor>) -> Option<Linear> {
+        let gemm = super::cpu_gemm::Gemm::mxfp4(blocks, n, k)?;
         // An empty stand-in: a forward that reached it would fail on the shape, never
         // compute with it.
         let w = QMatMul::Tensor(Tensor::zeros((0, k), DType::F32, &Device::Cpu).ok()?);
@@ -212,21 +203,21 @@ impl Linear {
             pad_single_row: false,
             gemm: Some(gemm),
             kept: None,
-            mxfp4: Some(blocks),
             lora: None,
         })
     }
 
     /// The weight as a candle matrix: `w`, or the Q8_0 copy of MXFP4 blocks.
     pub(crate) fn weight(&self) -> candle_core::Result<QMatMul> {
-        let Some(blocks) = &self.mxfp4 else {
+        let Some((g, blocks)) = self
+            .gemm
+            .as_ref()
+            .and_then(|g| Some((g, g.mxfp4_blocks()?)))
+        else {
             return Ok(self.w.clone());
         };
-        let Some(g) = &self.gemm else {
-            candle_core::bail!("an MXFP4 matrix without its kernel");
-        };
         let (n, k) = g.shape();
-        let q8 = super::gguf::mxfp4_to_q8_0(blocks).map_err(candle_core::Error::Msg)?;
+        let q8 = super::gguf::mxfp4_to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
         let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
             candle_core::quantized::GgmlDType::Q8_0,
             &q8,
@@ -883,12 +874,11 @@ fn experts(
                 .chunks_exact(size)
                 .zip(biases)
                 .map(|(part, b)| {
-                    Linear::mxfp4(Arc::new(super::pages::Pages::copy_of(part)), rows, cols, b)
-                        .ok_or_else(|| ModelError::Tensor {
-                            path: src.path().to_path_buf(),
-                            tensor: name.clone(),
-                            reason: format!("{rows} x {cols} MXFP4 blocks do not fit the kernel"),
-                        })
+                    Linear::mxfp4(part, rows, cols, b).ok_or_else(|| ModelError::Tensor {
+                        path: src.path().to_path_buf(),
+                        tensor: name.clone(),
+                        reason: format!("{rows} x {cols} MXFP4 blocks do not fit the kernel"),
+                    })
                 })
                 .collect();
         }
@@ -1291,7 +1281,6 @@ impl Model {
             Ok(Linear {
                 gemm: None,
                 pad_single_row: needs_row_padding(&w),
-                mxfp4: None,
                 w,
                 ..l.clone()
             })
