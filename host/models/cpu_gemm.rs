@@ -27,8 +27,9 @@
 //!
 //! The tiles are on 2 MiB
 //! pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB pages address
-//! translation bound that stream. They add to the GGUF's own tensors, which stay for candle's
-//! fallback.
+//! translation bound that stream. They hold every bit of the matrix (`Gemm::qtensor` unpacks
+//! them back to the stored blocks), so the loader drops candle's copy where nothing else holds
+//! it (`Linear::new`): the weights take about the file's size in memory, not twice it.
 //!
 //! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU,
 //! `VERDICT_CPU_GEMM=0` for A/B measurements, or a type left off `VERDICT_CPU_GEMM=q4k,...`),
@@ -187,10 +188,35 @@ impl Gemm {
         })
     }
 
-    /// An MXFP4 matrix's blocks as stored (unpacked from its tiles), for the Q8_0 copy that
-    /// candle's kernels multiply; `None` for the other types, whose tensors candle holds.
-    pub(crate) fn mxfp4_blocks(&self) -> Option<Vec<u8>> {
-        (self.kind == Kind::Mxfp4).then(|| unpack_mxfp4(&self.blocks, self.n, self.k))
+    /// The matrix as candle holds it, its blocks unpacked from the tiles bit for bit (MXFP4's
+    /// as the Q8_0 copy): the loader drops candle's tensor once the tiles are made, and the
+    /// rare paths that need one (sharding, a cut vocabulary, comparisons with candle's
+    /// kernels) rebuild it.
+    pub(crate) fn qtensor(&self) -> Result<QTensor> {
+        let (n, k) = (self.n, self.k);
+        let (dtype, bytes) = match self.kind {
+            Kind::Q4K => (GgmlDType::Q4K, unpack_q4k(&self.blocks, n, k)),
+            Kind::Q6K => (GgmlDType::Q6K, unpack_q6k(&self.blocks, n, k)),
+            Kind::Q8_0 => (GgmlDType::Q8_0, unpack_q8_0(&self.blocks, n, k)),
+            Kind::Q5_0 => (GgmlDType::Q5_0, unpack_q5_0(&self.blocks, n, k)),
+            Kind::Q4_1 => (GgmlDType::Q4_1, unpack_q4_1(&self.blocks, n, k)),
+            Kind::Mxfp4 => {
+                let blocks = unpack_mxfp4(&self.blocks, n, k);
+                let q8 = super::gguf::mxfp4_to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
+                (GgmlDType::Q8_0, q8)
+            }
+        };
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![n, k],
+            &Device::Cpu,
+        )
+    }
+
+    /// Values per block of the stored type (the unit a matrix splits into by columns).
+    pub(crate) fn values_per_block(&self) -> usize {
+        self.kind.block().0
     }
 
     /// The weight's `[n, k]`.
@@ -452,25 +478,172 @@ fn pack_mxfp4(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     })
 }
 
-/// [`pack_mxfp4`]'s inverse: the `[n, k]` matrix's blocks in the stored order.
-fn unpack_mxfp4(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    let nb = k / QK8_0;
-    let mut out = vec![0u8; n * nb * MXFP4_BYTES];
+/// The inverse of a packer: each column's stored blocks, `unfill(tile block, j, block)`
+/// writing column j's block of `bytes` from its tile block of `tile_bytes`.
+fn untile(
+    tiles: &[u8],
+    n: usize,
+    k: usize,
+    (values, bytes, tile_bytes): (usize, usize, usize),
+    unfill: impl Fn(&[u8], usize, &mut [u8]),
+) -> Vec<u8> {
+    let nb = k / values;
+    let mut out = vec![0u8; n * nb * bytes];
     for c in 0..n {
         let (t, j) = (c / TILE, c % TILE);
         for b in 0..nb {
-            let src = &tiles[(t * nb + b) * MXFP4_TILE_BYTES..][..MXFP4_TILE_BYTES];
-            let dst = &mut out[(c * nb + b) * MXFP4_BYTES..][..MXFP4_BYTES];
-            dst[0] = src[256 + j];
-            for v in 0..QK8_0 {
-                let g = v / 4;
-                let byte = src[64 * (g / 2) + 4 * j + v % 4];
-                let code = (byte >> (4 * (g % 2))) & 15;
-                dst[1 + v % 16] |= code << (4 * (v / 16));
-            }
+            unfill(
+                &tiles[(t * nb + b) * tile_bytes..][..tile_bytes],
+                j,
+                &mut out[(c * nb + b) * bytes..][..bytes],
+            );
         }
     }
     out
+}
+
+/// Column j's 32 values from a tile block's nibble planes ([`put_nibbles`]' inverse).
+fn get_nibble(src: &[u8], j: usize, v: usize) -> u8 {
+    let g = v / 4;
+    (src[64 * (g / 2) + 4 * j + v % 4] >> (4 * (g % 2))) & 15
+}
+
+/// 32 4-bit values into a block's 16 stored bytes (value v in byte v's low nibble, 16 + v in
+/// its high one; [`stored_nibble`]'s inverse).
+fn put_stored_nibbles(qs: &mut [u8], q: impl Fn(usize) -> u8) {
+    for (v, b) in qs.iter_mut().enumerate().take(16) {
+        *b = (q(v) & 15) | ((q(v + 16) & 15) << 4);
+    }
+}
+
+/// [`pack_mxfp4`]'s inverse: the `[n, k]` matrix's blocks in the stored order.
+fn unpack_mxfp4(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(
+        tiles,
+        n,
+        k,
+        (QK8_0, MXFP4_BYTES, MXFP4_TILE_BYTES),
+        |src, j, dst| {
+            dst[0] = src[256 + j];
+            put_stored_nibbles(&mut dst[1..], |v| get_nibble(src, j, v));
+        },
+    )
+}
+
+/// [`pack_q8_0`]'s inverse.
+fn unpack_q8_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(
+        tiles,
+        n,
+        k,
+        (QK8_0, Q8_0_BYTES, Q8_0_TILE_BYTES),
+        |src, j, dst| {
+            dst[0..2].copy_from_slice(&src[512 + 2 * j..514 + 2 * j]);
+            for v in 0..QK8_0 {
+                dst[2 + v] = src[64 * (v / 4) + 4 * j + v % 4] ^ 0x80;
+            }
+        },
+    )
+}
+
+/// [`pack_q4_1`]'s inverse.
+fn unpack_q4_1(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(
+        tiles,
+        n,
+        k,
+        (QK8_0, Q4_1_BYTES, Q4_1_TILE_BYTES),
+        |src, j, dst| {
+            dst[0..2].copy_from_slice(&src[256 + 2 * j..258 + 2 * j]);
+            dst[2..4].copy_from_slice(&src[288 + 2 * j..290 + 2 * j]);
+            put_stored_nibbles(&mut dst[4..], |v| get_nibble(src, j, v));
+        },
+    )
+}
+
+/// [`pack_q5_0`]'s inverse.
+fn unpack_q5_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(
+        tiles,
+        n,
+        k,
+        (QK8_0, Q5_0_BYTES, Q5_0_TILE_BYTES),
+        |src, j, dst| {
+            dst[0..2].copy_from_slice(&src[320 + 2 * j..322 + 2 * j]);
+            let mut qh = 0u32;
+            for v in 0..QK8_0 {
+                let bit = 4 * j + v % 4;
+                qh |= u32::from((src[256 + 8 * (v / 4) + bit / 8] >> (bit % 8)) & 1) << v;
+            }
+            dst[2..6].copy_from_slice(&qh.to_le_bytes());
+            put_stored_nibbles(&mut dst[6..], |v| get_nibble(src, j, v));
+        },
+    )
+}
+
+/// [`pack_q4k`]'s inverse: the scales and mins back into ggml's 12 bytes of 6-bit fields.
+fn unpack_q4k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(
+        tiles,
+        n,
+        k,
+        (QK_K, Q4K_BYTES, Q4K_TILE_BYTES),
+        |src, j, dst| {
+            dst[0..2].copy_from_slice(&src[Q4K_D + 2 * j..Q4K_D + 2 + 2 * j]);
+            dst[2..4].copy_from_slice(&src[Q4K_DMIN + 2 * j..Q4K_DMIN + 2 + 2 * j]);
+            let sc = |s: usize| src[16 * s + j];
+            let mn = |s: usize| src[Q4K_MN + 32 * (s / 2) + 2 * j + s % 2];
+            for i in 0..4 {
+                dst[4 + i] = sc(i) | ((sc(i + 4) >> 4) << 6);
+                dst[8 + i] = mn(i) | ((mn(i + 4) >> 4) << 6);
+                dst[12 + i] = (sc(i + 4) & 15) | ((mn(i + 4) & 15) << 4);
+            }
+            // Value u: sub-block u / 32, group pair p, byte bb, the high nibble for its second 4.
+            let q = |u: usize| {
+                let (s, r) = (u / 32, u % 32);
+                let byte = src[Q4K_QS + 256 * s + 64 * (r / 8) + 4 * j + r % 4];
+                if r % 8 < 4 { byte & 15 } else { byte >> 4 }
+            };
+            for v in 0..QK_K {
+                // ggml's order: 32 bytes of nibbles per 64 values, low nibbles first.
+                let at = 16 + 32 * (v / 64) + v % 32;
+                dst[at] |= q(v) << (4 * ((v % 64) / 32));
+            }
+        },
+    )
+}
+
+/// [`pack_q6k`]'s inverse.
+fn unpack_q6k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(
+        tiles,
+        n,
+        k,
+        (QK_K, Q6K_BYTES, Q6K_TILE_BYTES),
+        |src, j, dst| {
+            let q = |u: usize| {
+                let (s, g, bb) = (u / 16, u % 16 / 4, u % 4);
+                let at = Q6K_QS + Q6K_SUB_BYTES * s + 4 * j + bb;
+                let lo = (src[at + 64 * (g / 2)] >> (4 * (g % 2))) & 15;
+                lo | (((src[at + 128] >> (2 * g)) & 3) << 4)
+            };
+            for h in 0..2 {
+                for l in 0..32 {
+                    let v = |o: usize| q(128 * h + l + o);
+                    dst[64 * h + l] = (v(0) & 15) | ((v(64) & 15) << 4);
+                    dst[64 * h + l + 32] = (v(32) & 15) | ((v(96) & 15) << 4);
+                    dst[128 + 32 * h + l] = (v(0) >> 4)
+                        | ((v(32) >> 4) << 2)
+                        | ((v(64) >> 4) << 4)
+                        | ((v(96) >> 4) << 6);
+                }
+            }
+            for s in 0..16 {
+                dst[192 + s] = src[16 * s + j];
+            }
+            dst[208..210].copy_from_slice(&src[Q6K_D + 2 * j..Q6K_D + 2 + 2 * j]);
+        },
+    )
 }
 
 /// The 16-column tiles of a matrix of 32-value blocks of `bytes` each (Q5_0, Q4_1), each tile
@@ -1342,9 +1515,8 @@ mod tests {
             .unwrap();
             let q8_0 = Gemm::new(&Arc::new(t)).expect("the Q8_0 kernel");
             let mx = Gemm::mxfp4(&blocks, n, k).expect("the MXFP4 kernel");
-            // The tiles give back the stored blocks (candle's Q8_0 copy is made from them).
-            assert_eq!(mx.mxfp4_blocks().as_deref(), Some(&blocks[..]));
-            assert_eq!(q8_0.mxfp4_blocks(), None);
+            // The tiles give back the blocks: candle's Q8_0 copy is made from them.
+            assert_eq!(*mx.qtensor().unwrap().data().unwrap(), q8[..]);
             let acts = random(m, k, 22);
             let a = q8_0.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
             let b = mx.forward(&acts).unwrap().to_vec2::<f32>().unwrap();
@@ -1353,6 +1525,25 @@ mod tests {
         }
         // Blocks that do not fill the shape are refused.
         assert!(Gemm::mxfp4(&[0u8; 17], 2, 32).is_none());
+    }
+
+    #[test]
+    fn every_type_unpacks_to_its_stored_blocks() {
+        // Column counts that leave a part tile; block counts odd and even.
+        for (dtype, n, k) in [
+            (GgmlDType::Q4K, 35, 768),
+            (GgmlDType::Q6K, 19, 512),
+            (GgmlDType::Q8_0, 21, 32 * 5),
+            (GgmlDType::Q5_0, 33, 32 * 6),
+            (GgmlDType::Q4_1, 17, 32 * 7),
+        ] {
+            let t = Arc::new(QTensor::quantize(&random(n, k, 5), dtype).unwrap());
+            let g = Gemm::for_types(&t, |_| true).expect("a kernel for every type");
+            let back = g.qtensor().unwrap();
+            assert_eq!(back.dtype(), dtype);
+            assert_eq!(back.shape().dims(), &[n, k]);
+            assert_eq!(*back.data().unwrap(), *t.data().unwrap(), "{dtype:?}");
+        }
     }
 
     #[test]

@@ -183,9 +183,10 @@ impl Transport {
 }
 
 /// Width of the quantization blocks along a matrix's input dimension (1 for plain tensors).
-fn in_block(m: &QMatMul) -> usize {
-    match m {
-        QMatMul::QTensor(t) => t.dtype().block_size(),
+fn in_block(l: &Linear) -> usize {
+    match (&l.gemm, &l.w) {
+        (Some(g), _) => g.values_per_block(),
+        (None, QMatMul::QTensor(t)) => t.dtype().block_size(),
         _ => 1,
     }
 }
@@ -259,7 +260,7 @@ fn bias_on(b: &Option<Tensor>, dev: &Device) -> candle_core::Result<Option<Tenso
 /// Rows `r` of a projection (column parallel): its bias is split the same way.
 pub(crate) fn split_rows(l: &Linear, r: Range<usize>, dev: &Device) -> candle_core::Result<Linear> {
     let b = l.b.as_ref().map(|b| part_on(b, 0, &r, dev)).transpose()?;
-    Ok(Linear::new(for_matmul(rows_of(&l.w, r, dev)?)?, b))
+    Ok(Linear::new(for_matmul(rows_of(&l.weight()?, r, dev)?)?, b))
 }
 
 /// Input columns `c` of a projection (row parallel): the partial outputs are summed across
@@ -272,7 +273,7 @@ fn split_cols(
     dev: &Device,
 ) -> candle_core::Result<Linear> {
     Ok(Linear::new(
-        for_matmul(cols_of(&l.w, c, dev)?)?,
+        for_matmul(cols_of(&l.weight()?, c, dev)?)?,
         bias_on(&l.b.clone().filter(|_| rank == 0), dev)?,
     ))
 }
@@ -323,8 +324,8 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
             }
         }
     }
-    let b_o = w.layers.iter().map(|l| in_block(&l.o.w)).max().unwrap_or(1);
-    let b_d = downs.iter().map(|d| in_block(&d.w)).max().unwrap_or(1);
+    let b_o = w.layers.iter().map(|l| in_block(&l.o)).max().unwrap_or(1);
+    let b_d = downs.iter().map(|d| in_block(d)).max().unwrap_or(1);
     // Heads move between ranks in units whose output columns fill whole blocks.
     let unit = (1..=nh)
         .find(|u| nh % u == 0 && (u * hd) % b_o == 0)
@@ -399,7 +400,10 @@ pub(crate) fn split(w: &Weights, devices: &[Device]) -> Result<Vec<Weights>> {
             } else if tied {
                 Linear::new(embed.clone(), None)
             } else {
-                Linear::new(whole_on(&w.lm_head.w, dev)?, bias_on(&w.lm_head.b, dev)?)
+                Linear::new(
+                    whole_on(&w.lm_head.weight()?, dev)?,
+                    bias_on(&w.lm_head.b, dev)?,
+                )
             };
             Ok((embed, w.norm.to_device(dev)?, lm_head))
         };

@@ -147,6 +147,18 @@ impl KeptVocab {
 
 /// candle runs Q6_K matrices through its compact gemv for one row but through repacked
 /// AVX2/VNNI tiles for several rows (x86, k % 256 == 0, n % 16 == 0); the two round differently.
+/// An empty `[0, k]` matrix in [`Linear::w`]'s place where verdict's CPU tiles alone hold the
+/// weight: a forward that reached it would fail on the shape, never compute with it.
+fn stand_in(k: usize) -> Option<QMatMul> {
+    Tensor::zeros((0, k), DType::F32, &Device::Cpu)
+        .ok()
+        .map(QMatMul::Tensor)
+}
+
+fn is_stand_in(w: &QMatMul) -> bool {
+    matches!(w, QMatMul::Tensor(t) if t.dims().first() == Some(&0))
+}
+
 /// Feeding single rows as two keeps a row's result independent of the batch size, which makes a
 /// k-token verification forward agree exactly with k single-token forwards. (All other types
 /// take one kernel per type for every row count.)
@@ -179,6 +191,15 @@ impl Linear {
             QMatMul::QTensor(t) => super::cpu_gemm::Gemm::new(t),
             _ => None,
         };
+        // The tiles hold every bit of the matrix: candle's copy is dropped, halving the
+        // weights' memory, unless another part of the model holds it too (a tied lm_head is
+        // the embedding table). [`Linear::weight`] rebuilds it where it is needed.
+        let w = match (&gemm, w) {
+            (Some(g), QMatMul::QTensor(t)) if Arc::strong_count(&t) == 1 => {
+                stand_in(g.shape().1).unwrap_or(QMatMul::QTensor(t))
+            }
+            (_, w) => w,
+        };
         Linear {
             // verdict's kernel computes a row the same way in any batch: no padding needed.
             pad_single_row: gemm.is_none() && needs_row_padding(&w),
@@ -194,9 +215,7 @@ impl Linear {
     /// (`cpu_gemm::takes_mxfp4`); `None` where it does not.
     pub(crate) fn mxfp4(blocks: &[u8], n: usize, k: usize, b: Option<Tensor>) -> Option<Linear> {
         let gemm = super::cpu_gemm::Gemm::mxfp4(blocks, n, k)?;
-        // An empty stand-in: a forward that reached it would fail on the shape, never
-        // compute with it.
-        let w = QMatMul::Tensor(Tensor::zeros((0, k), DType::F32, &Device::Cpu).ok()?);
+        let w = stand_in(k)?;
         Some(Linear {
             w,
             b,
@@ -207,24 +226,13 @@ impl Linear {
         })
     }
 
-    /// The weight as a candle matrix: `w`, or the Q8_0 copy of MXFP4 blocks.
+    /// The weight as a candle matrix: `w`, or, where only verdict's tiles hold it, rebuilt
+    /// from them (MXFP4 blocks as their Q8_0 copy).
     pub(crate) fn weight(&self) -> candle_core::Result<QMatMul> {
-        let Some((g, blocks)) = self
-            .gemm
-            .as_ref()
-            .and_then(|g| Some((g, g.mxfp4_blocks()?)))
-        else {
-            return Ok(self.w.clone());
-        };
-        let (n, k) = g.shape();
-        let q8 = super::gguf::mxfp4_to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
-        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            candle_core::quantized::GgmlDType::Q8_0,
-            &q8,
-            vec![n, k],
-            &Device::Cpu,
-        )?;
-        QMatMul::from_arc(Arc::new(t))
+        match &self.gemm {
+            Some(g) if is_stand_in(&self.w) => QMatMul::from_arc(Arc::new(g.qtensor()?)),
+            _ => Ok(self.w.clone()),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -1007,7 +1015,8 @@ impl Model {
             return Ok(self);
         }
         let ids: Vec<u32> = (0..first as u32).chain(also.iter().copied()).collect();
-        let kept = KeptVocab::new(&ids, vocab, self.w.lm_head.w.clone());
+        let full = self.w.lm_head.weight().map_err(|e| fail(candle_msg(&e)))?;
+        let kept = KeptVocab::new(&ids, vocab, full);
         let w = Arc::get_mut(&mut self.w).ok_or_else(|| {
             fail("the weights are shared: cut the vocabulary right after loading".into())
         })?;
@@ -1018,7 +1027,7 @@ impl Model {
             ));
         }
         let cut = || -> candle_core::Result<QMatMul> {
-            Ok(match &head.w {
+            Ok(match &head.weight()? {
                 QMatMul::QTensor(t) => {
                     let (n, k) = t.shape().dims2()?;
                     let data = t.data()?;
