@@ -25,11 +25,11 @@
 //! as unsigned bytes, Q4_1's `+ m`) come from each row's per-32 activation sums. A tile block is laid out in the order the kernel
 //! reads it, front to back, so that the hardware prefetcher streams it.
 //!
-//! The tiles are on 2 MiB
-//! pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB pages address
-//! translation bound that stream. They hold every bit of the matrix (`Gemm::qtensor` unpacks
-//! them back to the stored blocks), so the loader drops candle's copy where nothing else holds
-//! it (`Linear::new`): the weights take about the file's size in memory, not twice it.
+//! The tiles are on 2 MiB pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB
+//! pages address translation bound that stream. They hold every bit of the matrix
+//! (`Gemm::qtensor` unpacks them back to the stored blocks), so the loader drops candle's copy
+//! where nothing else holds it (`Linear::new`): the weights take about the file's size in
+//! memory, not twice it.
 //!
 //! `Gemm::new` returns `None` where this does not apply (another type, another CPU, the GPU,
 //! `VERDICT_CPU_GEMM=0` for A/B measurements, or a type left off `VERDICT_CPU_GEMM=q4k,...`),
