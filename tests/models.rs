@@ -963,6 +963,7 @@ fn quantized_tiny_models_run_and_track_f32() {
     let every = [
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,

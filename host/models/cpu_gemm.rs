@@ -1,5 +1,5 @@
-//! verdict's own CPU matmul for GGUF's Q4_K, Q6_K, Q8_0, Q5_0, Q4_1 and MXFP4 weights (x86-64
-//! with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, keeps its stored
+//! verdict's own CPU matmul for GGUF's Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_1 and MXFP4 weights
+//! (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, keeps its stored
 //! size: each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a
 //! Q8_0 block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
 //!
@@ -13,17 +13,19 @@
 //!
 //! The activations are quantized per row like llama.cpp's: int8 with one f32 scale per 256
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
-//! values (for the others). The weights are read from a copy made at load: `pack_q4k`,
-//! `pack_q6k`, `pack_q5_0`, `pack_q4_1`, `pack_q8_0` and `pack_mxfp4` interleave 16 columns, so
-//! that one `vpdpbusd` multiplies 4 values of all 16 by 4 broadcast activation values. Each extra
+//! values (for the others). The weights are read from a copy made at load: `pack_q4k` (Q4_K
+//! and Q5_K), `pack_q6k`, `pack_q5_0`, `pack_q4_1`, `pack_q8_0` and `pack_mxfp4` interleave 16
+//! columns, so that one `vpdpbusd` multiplies 4 values of all 16 by 4 broadcast activation
+//! values. Each extra
 //! activation row costs about half of what per-column kernels spent (the verified rows' cost,
 //! BENCHMARKS.md session 13; a prefill of the 0.5B, whose body is mostly Q5_0, 180 -> 250
-//! tokens/s, session 19). Per 32 (Q4_K, Q5_0, Q4_1) or 16 (Q6_K) values the integer sum is
-//! exact and is scaled into one f32 lane per column. Q4_K's 6-bit scales and mins are unpacked
-//! to bytes (64 bytes more per 16 blocks), Q6_K's blocks padded to whole cache lines (32
-//! bytes more); the others keep the stored size. Offsets (Q5_0's `q - 16`, Q8_0's `q + 128`
-//! as unsigned bytes, Q4_1's `+ m`) come from each row's per-32 activation sums. A tile block is laid out in the order the kernel
-//! reads it, front to back, so that the hardware prefetcher streams it.
+//! tokens/s, session 19). Per 32 (Q4_K, Q5_K, Q5_0, Q4_1, Q8_0) or 16 (Q6_K) values the
+//! integer sum is exact and is scaled into one f32 lane per column. The k-quants' 6-bit scales
+//! and mins are unpacked to bytes (64 bytes more per 16 blocks), Q6_K's blocks padded to whole
+//! cache lines (32 bytes more); the others keep the stored size. Offsets (Q5_0's `q - 16`,
+//! Q8_0's `q + 128` as unsigned bytes, Q4_1's `+ m`) come from each row's per-32 activation
+//! sums. A tile block is laid out in the order the kernel reads it, front to back, so that the
+//! hardware prefetcher streams it.
 //!
 //! The tiles are on 2 MiB pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB
 //! pages address translation bound that stream. They hold every bit of the matrix
@@ -44,6 +46,7 @@ use super::pages::Pages;
 const QK_K: usize = 256;
 const Q4K_BYTES: usize = 144;
 const Q6K_BYTES: usize = 210;
+const Q5K_BYTES: usize = 176;
 const QK8_0: usize = 32;
 const Q8_0_BYTES: usize = 34;
 const Q5_0_BYTES: usize = 22;
@@ -65,6 +68,12 @@ const Q4K_MN: usize = 128;
 const Q4K_D: usize = 256;
 const Q4K_DMIN: usize = 288;
 const Q4K_QS: usize = 320;
+/// Q5_K's tile blocks are Q4_K's with each sub-block's fifth bits after its nibbles: 8 groups'
+/// 64-bit masks (one bit per byte of the group's vector), so a sub-block takes 320 bytes, not
+/// 256. (With the masks in a run of their own after the nibbles, a one-row product was slower
+/// than candle's.)
+const Q5K_TILE_BYTES: usize = Q4K_QS + 8 * Q5K_SUB_BYTES;
+const Q5K_SUB_BYTES: usize = 256 + 64;
 /// 16 columns' scales, their d, padding to a cache line, then per sub-block the nibbles and
 /// high bits (see [`pack_q6k`]).
 const Q6K_TILE_BYTES: usize = Q6K_QS + 16 * Q6K_SUB_BYTES;
@@ -87,6 +96,8 @@ const ACT_BLOCK_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Q4K,
+    /// Q4_K's layout and arithmetic with a fifth bit per value.
+    Q5K,
     Q6K,
     Q8_0,
     Q5_0,
@@ -131,6 +142,7 @@ pub(crate) fn available() -> bool {
 fn enabled(kind: Kind) -> bool {
     let name = match kind {
         Kind::Q4K => "q4k",
+        Kind::Q5K => "q5k",
         Kind::Q6K => "q6k",
         Kind::Q8_0 => "q8_0",
         Kind::Q5_0 => "q5_0",
@@ -146,10 +158,10 @@ fn enabled(kind: Kind) -> bool {
 /// Every type by default: each wins against candle's kernels at one row and at several
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
-const DEFAULT_TYPES: &[&str] = &["q4k", "q6k", "q8_0", "q5_0", "q4_1", "mxfp4"];
+const DEFAULT_TYPES: &[&str] = &["q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_1", "mxfp4"];
 
 impl Gemm {
-    /// `None` unless `w` is a CPU Q4_K, Q6_K, Q8_0, Q5_0 or Q4_1 matrix that the kernel is
+    /// `None` unless `w` is a CPU Q4_K, Q5_K, Q6_K, Q8_0, Q5_0 or Q4_1 matrix that the kernel is
     /// enabled for, and [`available`] holds.
     pub(crate) fn new(w: &Arc<QTensor>) -> Option<Gemm> {
         Self::for_types(w, enabled)
@@ -162,7 +174,8 @@ impl Gemm {
         let blocks = match kind {
             Kind::Q5_0 => Pages::copy_of(&pack_q5_0(&data, n, k)),
             Kind::Q4_1 => Pages::copy_of(&pack_q4_1(&data, n, k)),
-            Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k)),
+            Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k, false)),
+            Kind::Q5K => Pages::copy_of(&pack_q4k(&data, n, k, true)),
             Kind::Q6K => Pages::copy_of(&pack_q6k(&data, n, k)),
             Kind::Q8_0 => Pages::copy_of(&pack_q8_0(&data, n, k)),
             Kind::Mxfp4 => Pages::copy_of(&pack_mxfp4(&data, n, k)),
@@ -195,7 +208,8 @@ impl Gemm {
     pub(crate) fn qtensor(&self) -> Result<QTensor> {
         let (n, k) = (self.n, self.k);
         let (dtype, bytes) = match self.kind {
-            Kind::Q4K => (GgmlDType::Q4K, unpack_q4k(&self.blocks, n, k)),
+            Kind::Q4K => (GgmlDType::Q4K, unpack_q4k(&self.blocks, n, k, false)),
+            Kind::Q5K => (GgmlDType::Q5K, unpack_q4k(&self.blocks, n, k, true)),
             Kind::Q6K => (GgmlDType::Q6K, unpack_q6k(&self.blocks, n, k)),
             Kind::Q8_0 => (GgmlDType::Q8_0, unpack_q8_0(&self.blocks, n, k)),
             Kind::Q5_0 => (GgmlDType::Q5_0, unpack_q5_0(&self.blocks, n, k)),
@@ -351,6 +365,7 @@ impl Kind {
     fn block(self) -> (usize, usize) {
         match self {
             Kind::Q4K => (QK_K, Q4K_BYTES),
+            Kind::Q5K => (QK_K, Q5K_BYTES),
             Kind::Q6K => (QK_K, Q6K_BYTES),
             Kind::Q8_0 => (QK8_0, Q8_0_BYTES),
             Kind::Q5_0 => (QK8_0, Q5_0_BYTES),
@@ -363,6 +378,7 @@ impl Kind {
     fn tile_bytes(self) -> usize {
         match self {
             Kind::Q4K => Q4K_TILE_BYTES,
+            Kind::Q5K => Q5K_TILE_BYTES,
             Kind::Q6K => Q6K_TILE_BYTES,
             Kind::Q8_0 => Q8_0_TILE_BYTES,
             Kind::Q5_0 => Q5_0_TILE_BYTES,
@@ -374,7 +390,7 @@ impl Kind {
     /// Values per activation scale: 256 for the k-quants (Q8_K), 32 for the others (Q8_0).
     fn act_block(self) -> usize {
         match self {
-            Kind::Q4K | Kind::Q6K => QK_K,
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
             Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Mxfp4 => QK8_0,
         }
     }
@@ -400,6 +416,7 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
     }
     let kind = match w.dtype() {
         GgmlDType::Q4K => Kind::Q4K,
+        GgmlDType::Q5K => Kind::Q5K,
         GgmlDType::Q6K => Kind::Q6K,
         GgmlDType::Q8_0 => Kind::Q8_0,
         GgmlDType::Q5_0 => Kind::Q5_0,
@@ -582,35 +599,40 @@ fn unpack_q5_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
 }
 
 /// [`pack_q4k`]'s inverse: the scales and mins back into ggml's 12 bytes of 6-bit fields.
-fn unpack_q4k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK_K, Q4K_BYTES, Q4K_TILE_BYTES),
-        |src, j, dst| {
-            dst[0..2].copy_from_slice(&src[Q4K_D + 2 * j..Q4K_D + 2 + 2 * j]);
-            dst[2..4].copy_from_slice(&src[Q4K_DMIN + 2 * j..Q4K_DMIN + 2 + 2 * j]);
-            let sc = |s: usize| src[16 * s + j];
-            let mn = |s: usize| src[Q4K_MN + 32 * (s / 2) + 2 * j + s % 2];
-            for i in 0..4 {
-                dst[4 + i] = sc(i) | ((sc(i + 4) >> 4) << 6);
-                dst[8 + i] = mn(i) | ((mn(i + 4) >> 4) << 6);
-                dst[12 + i] = (sc(i + 4) & 15) | ((mn(i + 4) & 15) << 4);
+fn unpack_q4k(tiles: &[u8], n: usize, k: usize, five: bool) -> Vec<u8> {
+    let (bytes, tile_bytes) = match five {
+        true => (Q5K_BYTES, Q5K_TILE_BYTES),
+        false => (Q4K_BYTES, Q4K_TILE_BYTES),
+    };
+    let (qs, sub) = if five { (48, Q5K_SUB_BYTES) } else { (16, 256) };
+    let unfill = |src: &[u8], j: usize, dst: &mut [u8]| {
+        dst[0..2].copy_from_slice(&src[Q4K_D + 2 * j..Q4K_D + 2 + 2 * j]);
+        dst[2..4].copy_from_slice(&src[Q4K_DMIN + 2 * j..Q4K_DMIN + 2 + 2 * j]);
+        let sc = |s: usize| src[16 * s + j];
+        let mn = |s: usize| src[Q4K_MN + 32 * (s / 2) + 2 * j + s % 2];
+        for i in 0..4 {
+            dst[4 + i] = sc(i) | ((sc(i + 4) >> 4) << 6);
+            dst[8 + i] = mn(i) | ((mn(i + 4) >> 4) << 6);
+            dst[12 + i] = (sc(i + 4) & 15) | ((mn(i + 4) & 15) << 4);
+        }
+        // Value u: sub-block u / 32, group pair p, byte bb, the high nibble for its second 4.
+        let q = |u: usize| {
+            let (s, r) = (u / 32, u % 32);
+            let byte = src[Q4K_QS + sub * s + 64 * (r / 8) + 4 * j + r % 4];
+            if r % 8 < 4 { byte & 15 } else { byte >> 4 }
+        };
+        for v in 0..QK_K {
+            // ggml's order: 32 bytes of nibbles per 64 values, low nibbles first.
+            let at = qs + 32 * (v / 64) + v % 32;
+            dst[at] |= q(v) << (4 * ((v % 64) / 32));
+            if five {
+                let (s, g, bit) = (v / 32, v % 32 / 4, 4 * j + v % 4);
+                let high = (src[Q4K_QS + sub * s + 256 + 8 * g + bit / 8] >> (bit % 8)) & 1;
+                dst[16 + v % 32] |= high << (v / 32);
             }
-            // Value u: sub-block u / 32, group pair p, byte bb, the high nibble for its second 4.
-            let q = |u: usize| {
-                let (s, r) = (u / 32, u % 32);
-                let byte = src[Q4K_QS + 256 * s + 64 * (r / 8) + 4 * j + r % 4];
-                if r % 8 < 4 { byte & 15 } else { byte >> 4 }
-            };
-            for v in 0..QK_K {
-                // ggml's order: 32 bytes of nibbles per 64 values, low nibbles first.
-                let at = 16 + 32 * (v / 64) + v % 32;
-                dst[at] |= q(v) << (4 * ((v % 64) / 32));
-            }
-        },
-    )
+        }
+    };
+    untile(tiles, n, k, (QK_K, bytes, tile_bytes), unfill)
 }
 
 /// [`pack_q6k`]'s inverse.
@@ -699,25 +721,42 @@ fn put_nibbles(dst: &mut [u8], j: usize, q: impl Fn(usize) -> u8) {
 /// The block is read front to back (the scales first, as [`pack_q6k`]'s).
 ///
 /// Columns past `n` are zero.
-fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+///
+/// `five`: Q5_K blocks (the same fields, and 32 bytes of fifth bits `qh` before the nibbles:
+/// value v's in bit v / 32 of byte v % 32): sub-block s at `320 + 320s`, its nibbles, then from
+/// byte 256 of it, 8 bytes per group g, the 64-bit mask of the group's fifth bits (bit
+/// `4j + b`, the byte `vpdpbusd` reads).
+fn pack_q4k(raw: &[u8], n: usize, k: usize, five: bool) -> Vec<u8> {
     let nb = k / QK_K;
-    let mut out = vec![0u8; n.div_ceil(TILE) * nb * Q4K_TILE_BYTES];
+    let (bytes, tile_bytes) = match five {
+        true => (Q5K_BYTES, Q5K_TILE_BYTES),
+        false => (Q4K_BYTES, Q4K_TILE_BYTES),
+    };
+    let (qs, sub) = if five { (48, Q5K_SUB_BYTES) } else { (16, 256) };
+    let mut out = vec![0u8; n.div_ceil(TILE) * nb * tile_bytes];
     for c in 0..n {
         let (t, j) = (c / TILE, c % TILE);
         for b in 0..nb {
-            let blk = &raw[(c * nb + b) * Q4K_BYTES..][..Q4K_BYTES];
+            let blk = &raw[(c * nb + b) * bytes..][..bytes];
             let (sc, mn) = q4k_scales_mins(&blk[4..16]);
             // ggml's order: 32 bytes of nibbles per 64 values, low nibbles first.
             let q = |v: usize| {
-                let byte = blk[16 + 32 * (v / 64) + v % 32];
+                let byte = blk[qs + 32 * (v / 64) + v % 32];
                 if v % 64 < 32 { byte & 15 } else { byte >> 4 }
             };
-            let dst = &mut out[(t * nb + b) * Q4K_TILE_BYTES..][..Q4K_TILE_BYTES];
+            let dst = &mut out[(t * nb + b) * tile_bytes..][..tile_bytes];
             for s in 0..8 {
                 for p in 0..4 {
                     for bb in 0..4 {
                         let v = 32 * s + 8 * p + bb;
-                        dst[Q4K_QS + 256 * s + 64 * p + 4 * j + bb] = q(v) | (q(v + 4) << 4);
+                        dst[Q4K_QS + sub * s + 64 * p + 4 * j + bb] = q(v) | (q(v + 4) << 4);
+                    }
+                }
+                if five {
+                    for v in 32 * s..32 * (s + 1) {
+                        let (g, bit) = (v % 32 / 4, 4 * j + v % 4);
+                        let high = (blk[16 + v % 32] >> (v / 32)) & 1;
+                        dst[Q4K_QS + sub * s + 256 + 8 * g + bit / 8] |= high << (bit % 8);
                     }
                 }
                 dst[16 * s + j] = sc[s];
@@ -1003,6 +1042,7 @@ mod x86 {
             }
             let acc = match kind {
                 Kind::Q4K => rows!(q4k_rows),
+                Kind::Q5K => rows!(q5k_rows),
                 Kind::Q6K => rows!(q6k_rows),
                 Kind::Q5_0 => rows!(q5_0_rows),
                 Kind::Q4_1 => rows!(q4_1_rows),
@@ -1044,23 +1084,56 @@ mod x86 {
         acts: &Acts,
         rows: std::ops::Range<usize>,
     ) -> [__m512; R] {
+        unsafe { k4_rows::<R, false>(tile, acts, rows) }
+    }
+
+    /// [`q4k_rows`] for Q5_K: each group's values gain 16 where their fifth bit is set.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q5k_rows<const R: usize>(
+        tile: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+    ) -> [__m512; R] {
+        unsafe { k4_rows::<R, true>(tile, acts, rows) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn k4_rows<const R: usize, const FIVE: bool>(
+        tile: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+    ) -> [__m512; R] {
+        let (bytes, sub) = match FIVE {
+            true => (Q5K_TILE_BYTES, Q5K_SUB_BYTES),
+            false => (Q4K_TILE_BYTES, 256),
+        };
+        let sixteen = _mm512_set1_epi8(16);
         let (rp, n) = row_ptrs::<R>(acts, rows);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut blk_acc = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0x0f);
         let zero = _mm512_setzero_si512();
         for b in 0..acts.k / QK_K {
-            let blk = unsafe { block_at(tile, b, Q4K_TILE_BYTES) };
+            let blk = unsafe { block_at(tile, b, bytes) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q4K_D).cast()) });
             let dmin = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q4K_DMIN).cast()) });
             for s in 0..8 {
                 let w: [__m512i; 8] = std::array::from_fn(|g| {
-                    let at = Q4K_QS + 256 * s + 64 * (g / 2);
+                    let at = Q4K_QS + sub * s + 64 * (g / 2);
                     let l = unsafe { _mm512_loadu_si512(blk.add(at).cast()) };
-                    if g % 2 == 0 {
+                    let q = if g % 2 == 0 {
                         _mm512_and_si512(l, low)
                     } else {
                         _mm512_and_si512(_mm512_srli_epi16(l, 4), low)
+                    };
+                    if FIVE {
+                        let at = Q4K_QS + sub * s + 256 + 8 * g;
+                        let hi: __mmask64 = unsafe { blk.add(at).cast::<u64>().read_unaligned() };
+                        _mm512_mask_add_epi8(q, hi, q, sixteen)
+                    } else {
+                        q
                     }
                 });
                 let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
@@ -1532,6 +1605,7 @@ mod tests {
         // Column counts that leave a part tile; block counts odd and even.
         for (dtype, n, k) in [
             (GgmlDType::Q4K, 35, 768),
+            (GgmlDType::Q5K, 18, 512),
             (GgmlDType::Q6K, 19, 512),
             (GgmlDType::Q8_0, 21, 32 * 5),
             (GgmlDType::Q5_0, 33, 32 * 6),
@@ -1544,6 +1618,12 @@ mod tests {
             assert_eq!(back.shape().dims(), &[n, k]);
             assert_eq!(*back.data().unwrap(), *t.data().unwrap(), "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn q5k_matches_the_exact_sum() {
+        check(GgmlDType::Q5K, 40, 512);
+        check(GgmlDType::Q5K, 21, 768);
     }
 
     #[test]
@@ -1663,6 +1743,7 @@ mod tests {
         }
         for dtype in [
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q8_0,
             GgmlDType::Q5_0,
@@ -1690,10 +1771,11 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX-512 VNNI");
             return;
         }
-        // Columns run in pairs: column 1 pairs with 0 in the whole matrix and with 2 in rows
-        // 1..4 of it; column 3 pairs with 2 there and runs alone here.
+        // Columns 1..4 are lanes 1..4 of the whole matrix's first tile and lanes 0..3 of the
+        // part's (rows 1..4 of it).
         for (dtype, row_bytes) in [
             (GgmlDType::Q4K, 512 / QK_K * Q4K_BYTES),
+            (GgmlDType::Q5K, 512 / QK_K * Q5K_BYTES),
             (GgmlDType::Q6K, 512 / QK_K * Q6K_BYTES),
             (GgmlDType::Q8_0, 512 / QK8_0 * Q8_0_BYTES),
             (GgmlDType::Q5_0, 512 / QK8_0 * Q5_0_BYTES),
