@@ -966,6 +966,7 @@ fn quantized_tiny_models_run_and_track_f32() {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
         GgmlDType::Q4_1,
+        GgmlDType::Q4_0,
         GgmlDType::Q5_0,
         GgmlDType::F16,
     ];
