@@ -892,8 +892,8 @@ struct Acts {
     corr: Vec<i32>,
     /// Entries per row of `d`, `sum32` and `corr`.
     strides: [usize; 3],
-    /// Every row's [`RowPtrs`], made once: the kernels ask for them per row and per tile (or
-    /// column pair), and making them there (slicing, bounds checks) was 2-4% of a prefill.
+    /// Every row's [`RowPtrs`], made once: the kernels ask for them per row and per tile, and
+    /// making them there (slicing, bounds checks) was 2-4% of a prefill.
     rows: RowTable,
 }
 
@@ -1608,9 +1608,9 @@ mod tests {
         }
     }
 
-    /// MXFP4 read as stored gives the bits of the Q8_0 kernel on the Q8_0 copy of the same
-    /// weights (`gguf::mxfp4_to_q8_0`): the same int8 values, scales and order. Odd and even
-    /// block counts, one column left over, one row and more rows than a pass.
+    /// The MXFP4 kernel gives the bits of the Q8_0 kernel on the Q8_0 copy of the same weights
+    /// (`gguf::mxfp4_to_q8_0`): the same int8 values, scales and order. Odd and even block
+    /// counts, one column left over, one row and more rows than a pass.
     #[test]
     fn mxfp4_equals_q8_0_of_the_same_weights() {
         if !available() {

@@ -145,8 +145,6 @@ impl KeptVocab {
     }
 }
 
-/// candle runs Q6_K matrices through its compact gemv for one row but through repacked
-/// AVX2/VNNI tiles for several rows (x86, k % 256 == 0, n % 16 == 0); the two round differently.
 /// An empty `[0, k]` matrix in [`Linear::w`]'s place where verdict's CPU tiles alone hold the
 /// weight: a forward that reached it would fail on the shape, never compute with it.
 fn stand_in(k: usize) -> Option<QMatMul> {
@@ -159,6 +157,8 @@ fn is_stand_in(w: &QMatMul) -> bool {
     matches!(w, QMatMul::Tensor(t) if t.dims().first() == Some(&0))
 }
 
+/// candle runs Q6_K matrices through its compact gemv for one row but through repacked
+/// AVX2/VNNI tiles for several rows (x86, k % 256 == 0, n % 16 == 0); the two round differently.
 /// Feeding single rows as two keeps a row's result independent of the batch size, which makes a
 /// k-token verification forward agree exactly with k single-token forwards. (All other types
 /// take one kernel per type for every row count.)
