@@ -520,9 +520,10 @@ fn untile(
     tiles: &[u8],
     n: usize,
     k: usize,
-    (values, bytes, tile_bytes): (usize, usize, usize),
+    kind: Kind,
     unfill: impl Fn(&[u8], usize, &mut [u8]),
 ) -> Vec<u8> {
+    let ((values, bytes), tile_bytes) = (kind.block(), kind.tile_bytes());
     let nb = k / values;
     let mut out = vec![0u8; n * nb * bytes];
     for c in 0..n {
@@ -554,89 +555,56 @@ fn put_stored_nibbles(qs: &mut [u8], q: impl Fn(usize) -> u8) {
 
 /// [`pack_mxfp4`]'s inverse: the `[n, k]` matrix's blocks in the stored order.
 fn unpack_mxfp4(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK8_0, MXFP4_BYTES, MXFP4_TILE_BYTES),
-        |src, j, dst| {
-            dst[0] = src[256 + j];
-            put_stored_nibbles(&mut dst[1..], |v| get_nibble(src, j, v));
-        },
-    )
+    untile(tiles, n, k, Kind::Mxfp4, |src, j, dst| {
+        dst[0] = src[256 + j];
+        put_stored_nibbles(&mut dst[1..], |v| get_nibble(src, j, v));
+    })
 }
 
 /// [`pack_q8_0`]'s inverse.
 fn unpack_q8_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK8_0, Q8_0_BYTES, Q8_0_TILE_BYTES),
-        |src, j, dst| {
-            dst[0..2].copy_from_slice(&src[512 + 2 * j..514 + 2 * j]);
-            for v in 0..QK8_0 {
-                dst[2 + v] = src[64 * (v / 4) + 4 * j + v % 4] ^ 0x80;
-            }
-        },
-    )
+    untile(tiles, n, k, Kind::Q8_0, |src, j, dst| {
+        dst[0..2].copy_from_slice(&src[512 + 2 * j..514 + 2 * j]);
+        for v in 0..QK8_0 {
+            dst[2 + v] = src[64 * (v / 4) + 4 * j + v % 4] ^ 0x80;
+        }
+    })
 }
 
 /// [`pack_q4_0`]'s inverse.
 fn unpack_q4_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK8_0, Q4_0_BYTES, Q4_0_TILE_BYTES),
-        |src, j, dst| {
-            dst[0..2].copy_from_slice(&src[256 + 2 * j..258 + 2 * j]);
-            put_stored_nibbles(&mut dst[2..], |v| get_nibble(src, j, v));
-        },
-    )
+    untile(tiles, n, k, Kind::Q4_0, |src, j, dst| {
+        dst[0..2].copy_from_slice(&src[256 + 2 * j..258 + 2 * j]);
+        put_stored_nibbles(&mut dst[2..], |v| get_nibble(src, j, v));
+    })
 }
 
 /// [`pack_q4_1`]'s inverse.
 fn unpack_q4_1(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK8_0, Q4_1_BYTES, Q4_1_TILE_BYTES),
-        |src, j, dst| {
-            dst[0..2].copy_from_slice(&src[256 + 2 * j..258 + 2 * j]);
-            dst[2..4].copy_from_slice(&src[288 + 2 * j..290 + 2 * j]);
-            put_stored_nibbles(&mut dst[4..], |v| get_nibble(src, j, v));
-        },
-    )
+    untile(tiles, n, k, Kind::Q4_1, |src, j, dst| {
+        dst[0..2].copy_from_slice(&src[256 + 2 * j..258 + 2 * j]);
+        dst[2..4].copy_from_slice(&src[288 + 2 * j..290 + 2 * j]);
+        put_stored_nibbles(&mut dst[4..], |v| get_nibble(src, j, v));
+    })
 }
 
 /// [`pack_q5_0`]'s inverse.
 fn unpack_q5_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK8_0, Q5_0_BYTES, Q5_0_TILE_BYTES),
-        |src, j, dst| {
-            dst[0..2].copy_from_slice(&src[320 + 2 * j..322 + 2 * j]);
-            let mut qh = 0u32;
-            for v in 0..QK8_0 {
-                let bit = 4 * j + v % 4;
-                qh |= u32::from((src[256 + 8 * (v / 4) + bit / 8] >> (bit % 8)) & 1) << v;
-            }
-            dst[2..6].copy_from_slice(&qh.to_le_bytes());
-            put_stored_nibbles(&mut dst[6..], |v| get_nibble(src, j, v));
-        },
-    )
+    untile(tiles, n, k, Kind::Q5_0, |src, j, dst| {
+        dst[0..2].copy_from_slice(&src[320 + 2 * j..322 + 2 * j]);
+        let mut qh = 0u32;
+        for v in 0..QK8_0 {
+            let bit = 4 * j + v % 4;
+            qh |= u32::from((src[256 + 8 * (v / 4) + bit / 8] >> (bit % 8)) & 1) << v;
+        }
+        dst[2..6].copy_from_slice(&qh.to_le_bytes());
+        put_stored_nibbles(&mut dst[6..], |v| get_nibble(src, j, v));
+    })
 }
 
 /// [`pack_q4k`]'s inverse: the scales and mins back into ggml's 12 bytes of 6-bit fields.
 fn unpack_q4k(tiles: &[u8], n: usize, k: usize, five: bool) -> Vec<u8> {
-    let (bytes, tile_bytes) = match five {
-        true => (Q5K_BYTES, Q5K_TILE_BYTES),
-        false => (Q4K_BYTES, Q4K_TILE_BYTES),
-    };
+    let kind = if five { Kind::Q5K } else { Kind::Q4K };
     let (qs, sub) = if five { (48, Q5K_SUB_BYTES) } else { (16, 256) };
     let unfill = |src: &[u8], j: usize, dst: &mut [u8]| {
         dst[0..2].copy_from_slice(&src[Q4K_D + 2 * j..Q4K_D + 2 + 2 * j]);
@@ -665,40 +633,32 @@ fn unpack_q4k(tiles: &[u8], n: usize, k: usize, five: bool) -> Vec<u8> {
             }
         }
     };
-    untile(tiles, n, k, (QK_K, bytes, tile_bytes), unfill)
+    untile(tiles, n, k, kind, unfill)
 }
 
 /// [`pack_q6k`]'s inverse.
 fn unpack_q6k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(
-        tiles,
-        n,
-        k,
-        (QK_K, Q6K_BYTES, Q6K_TILE_BYTES),
-        |src, j, dst| {
-            let q = |u: usize| {
-                let (s, g, bb) = (u / 16, u % 16 / 4, u % 4);
-                let at = Q6K_QS + Q6K_SUB_BYTES * s + 4 * j + bb;
-                let lo = (src[at + 64 * (g / 2)] >> (4 * (g % 2))) & 15;
-                lo | (((src[at + 128] >> (2 * g)) & 3) << 4)
-            };
-            for h in 0..2 {
-                for l in 0..32 {
-                    let v = |o: usize| q(128 * h + l + o);
-                    dst[64 * h + l] = (v(0) & 15) | ((v(64) & 15) << 4);
-                    dst[64 * h + l + 32] = (v(32) & 15) | ((v(96) & 15) << 4);
-                    dst[128 + 32 * h + l] = (v(0) >> 4)
-                        | ((v(32) >> 4) << 2)
-                        | ((v(64) >> 4) << 4)
-                        | ((v(96) >> 4) << 6);
-                }
+    untile(tiles, n, k, Kind::Q6K, |src, j, dst| {
+        let q = |u: usize| {
+            let (s, g, bb) = (u / 16, u % 16 / 4, u % 4);
+            let at = Q6K_QS + Q6K_SUB_BYTES * s + 4 * j + bb;
+            let lo = (src[at + 64 * (g / 2)] >> (4 * (g % 2))) & 15;
+            lo | (((src[at + 128] >> (2 * g)) & 3) << 4)
+        };
+        for h in 0..2 {
+            for l in 0..32 {
+                let v = |o: usize| q(128 * h + l + o);
+                dst[64 * h + l] = (v(0) & 15) | ((v(64) & 15) << 4);
+                dst[64 * h + l + 32] = (v(32) & 15) | ((v(96) & 15) << 4);
+                dst[128 + 32 * h + l] =
+                    (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
             }
-            for s in 0..16 {
-                dst[192 + s] = src[16 * s + j];
-            }
-            dst[208..210].copy_from_slice(&src[Q6K_D + 2 * j..Q6K_D + 2 + 2 * j]);
-        },
-    )
+        }
+        for s in 0..16 {
+            dst[192 + s] = src[16 * s + j];
+        }
+        dst[208..210].copy_from_slice(&src[Q6K_D + 2 * j..Q6K_D + 2 + 2 * j]);
+    })
 }
 
 /// The 16-column tiles of a matrix of 32-value blocks of `bytes` each (Q5_0, Q4_1), each tile
@@ -761,10 +721,8 @@ fn put_nibbles(dst: &mut [u8], j: usize, q: impl Fn(usize) -> u8) {
 /// `4j + b`, the byte `vpdpbusd` reads).
 fn pack_q4k(raw: &[u8], n: usize, k: usize, five: bool) -> Vec<u8> {
     let nb = k / QK_K;
-    let (bytes, tile_bytes) = match five {
-        true => (Q5K_BYTES, Q5K_TILE_BYTES),
-        false => (Q4K_BYTES, Q4K_TILE_BYTES),
-    };
+    let kind = if five { Kind::Q5K } else { Kind::Q4K };
+    let (bytes, tile_bytes) = (kind.block().1, kind.tile_bytes());
     let (qs, sub) = if five { (48, Q5K_SUB_BYTES) } else { (16, 256) };
     let mut out = vec![0u8; n.div_ceil(TILE) * nb * tile_bytes];
     for c in 0..n {
