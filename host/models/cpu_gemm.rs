@@ -1022,12 +1022,12 @@ mod x86 {
             let rows = r0..acts.m.min(r0 + R);
             // A constant 1 keeps a single row's accumulator in a register.
             macro_rules! rows {
-                ($kernel:ident) => {
+                ($kernel:ident $(, $block:ty)?) => {
                     if rows.len() == 1 {
-                        let [one] = unsafe { $kernel::<1>(tile, acts, rows.clone()) };
+                        let [one] = unsafe { $kernel::<1 $(, $block)?>(tile, acts, rows.clone()) };
                         [one; R]
                     } else {
-                        unsafe { $kernel::<R>(tile, acts, rows.clone()) }
+                        unsafe { $kernel::<R $(, $block)?>(tile, acts, rows.clone()) }
                     }
                 };
             }
@@ -1035,11 +1035,11 @@ mod x86 {
                 Kind::Q4K => rows!(q4k_rows),
                 Kind::Q5K => rows!(q5k_rows),
                 Kind::Q6K => rows!(q6k_rows),
-                Kind::Q5_0 => rows!(q5_0_rows),
-                Kind::Q4_0 => rows!(q4_0_rows),
+                Kind::Q5_0 => rows!(int_rows, Q5_0Block),
+                Kind::Q4_0 => rows!(int_rows, Q4_0Block),
                 Kind::Q4_1 => rows!(q4_1_rows),
-                Kind::Q8_0 => rows!(q8_0_rows),
-                Kind::Mxfp4 => rows!(mxfp4_rows),
+                Kind::Q8_0 => rows!(int_rows, Q8_0Block),
+                Kind::Mxfp4 => rows!(int_rows, Mxfp4Block),
             };
             for (i, r) in rows.enumerate() {
                 let mut v = [0f32; TILE];
@@ -1239,50 +1239,6 @@ mod x86 {
         }
     }
 
-    /// Up to `R` rows against one Q5_0 tile ([`pack_q5_0`]): one f32 lane per column.
-    /// Per 32-value block the integer sum of `q·a` over the unsigned 0..=31 weights starts from
-    /// `-16 Σ a` (so it is `Σ (q - 16)·a`, exact), then times `d·da` into the row's sum.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q5_0_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        let mut acc = [_mm512_setzero_ps(); R];
-        let sixteen = _mm512_set1_epi8(16);
-        for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { block_at(tile, b, Q5_0_TILE_BYTES) };
-            let nib = unsafe { nibble_planes(blk) };
-            let w: [__m512i; 8] = std::array::from_fn(|g| {
-                let hi: __mmask64 = unsafe { blk.add(256 + 8 * g).cast::<u64>().read_unaligned() };
-                _mm512_mask_add_epi8(nib[g], hi, nib[g], sixteen)
-            });
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(320).cast()) });
-            unsafe { int8_block_rows(&mut acc, &w, 16, d, acts, rows.clone(), b) };
-        }
-        acc
-    }
-
-    /// Up to `R` rows against one Q4_0 tile ([`pack_q4_0`]): per 32-value block, `d·da` times
-    /// the exact integer sum of `(q - 8)·a`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4_0_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { block_at(tile, b, Q4_0_TILE_BYTES) };
-            let w = unsafe { nibble_planes(blk) };
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(256).cast()) });
-            unsafe { int8_block_rows(&mut acc, &w, 8, d, acts, rows.clone(), b) };
-        }
-        acc
-    }
-
     /// Up to `R` rows against one Q4_1 tile ([`pack_q4_1`]): per 32-value block, `d·da` times
     /// the exact integer sum of `q·a`, plus `m` times the row's `da · Σ a`.
     #[inline]
@@ -1317,59 +1273,112 @@ mod x86 {
         acc
     }
 
-    /// Up to `R` rows against one Q8_0 tile ([`pack_q8_0`]): per 32-value block, `d·da` times
-    /// the exact integer sum of `q·a`, which `vpdpbusd` sums as `(q + 128)·a - 128·Σa`.
+    /// How a 32-value tile block of integer weights is read: 8 vectors (groups of 4 values of
+    /// the 16 columns) of `q + OFFSET` as unsigned bytes, and the 16 columns' scales.
+    pub(super) trait IntBlock {
+        const TILE_BYTES: usize;
+        const OFFSET: i32;
+        /// # Safety
+        /// `blk` is a whole tile block; the caller runs with AVX-512 (its target features).
+        unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512);
+    }
+
+    /// Q5_0 ([`pack_q5_0`]): the nibbles, 16 added where the fifth bit is set, so `q + 16`.
+    pub(super) struct Q5_0Block;
+    impl IntBlock for Q5_0Block {
+        const TILE_BYTES: usize = Q5_0_TILE_BYTES;
+        const OFFSET: i32 = 16;
+        #[inline(always)]
+        unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
+            unsafe {
+                let nib = nibble_planes(blk);
+                let sixteen = _mm512_set1_epi8(16);
+                let w = std::array::from_fn(|g| {
+                    let hi: __mmask64 = blk.add(256 + 8 * g).cast::<u64>().read_unaligned();
+                    _mm512_mask_add_epi8(nib[g], hi, nib[g], sixteen)
+                });
+                (w, _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(320).cast())))
+            }
+        }
+    }
+
+    /// Q4_0 ([`pack_q4_0`]): the nibbles are `q + 8`.
+    pub(super) struct Q4_0Block;
+    impl IntBlock for Q4_0Block {
+        const TILE_BYTES: usize = Q4_0_TILE_BYTES;
+        const OFFSET: i32 = 8;
+        #[inline(always)]
+        unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
+            unsafe {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
+                (nibble_planes(blk), d)
+            }
+        }
+    }
+
+    /// Q8_0 ([`pack_q8_0`]): stored as `q + 128`.
+    pub(super) struct Q8_0Block;
+    impl IntBlock for Q8_0Block {
+        const TILE_BYTES: usize = Q8_0_TILE_BYTES;
+        const OFFSET: i32 = 128;
+        #[inline(always)]
+        unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
+            unsafe {
+                let w = std::array::from_fn(|g| _mm512_loadu_si512(blk.add(64 * g).cast()));
+                (w, _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(512).cast())))
+            }
+        }
+    }
+
+    /// MXFP4 ([`pack_mxfp4`]): each code through a 16-entry table (`vpshufb`) to the int8 a
+    /// Q8_0 block of the same weights holds, plus 128, and the scale 2^(e - 128) as ggml
+    /// computes it (`e8m0_to_fp32_half`): then Q8_0's arithmetic, with its bits.
+    pub(super) struct Mxfp4Block;
+    impl IntBlock for Mxfp4Block {
+        const TILE_BYTES: usize = MXFP4_TILE_BYTES;
+        const OFFSET: i32 = 128;
+        #[inline(always)]
+        unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
+            unsafe {
+                let table = std::array::from_fn::<u8, 16, _>(|c| (MXFP4_VALUES[c] as u8) ^ 0x80);
+                let table = _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr().cast()));
+                let codes = nibble_planes(blk);
+                let w = std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]));
+                let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(256).cast()));
+                // e >= 2: (e - 1) << 23, a normal float; e = 0 or 1: 2^-128 or 2^-127,
+                // subnormal.
+                let normal = _mm512_slli_epi32::<23>(_mm512_sub_epi32(e, _mm512_set1_epi32(1)));
+                let tiny = _mm512_sllv_epi32(_mm512_set1_epi32(0x0020_0000), e);
+                let small = _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2));
+                (
+                    w,
+                    _mm512_castsi512_ps(_mm512_mask_blend_epi32(small, normal, tiny)),
+                )
+            }
+        }
+    }
+
+    /// Up to `R` rows against one tile of `B`'s blocks: per 32-value block, `d·da` times the
+    /// exact integer sum of `q·a`, which `vpdpbusd` sums as `(q + OFFSET)·a - OFFSET·Σa`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q8_0_rows<const R: usize>(
+    unsafe fn int_rows<const R: usize, B: IntBlock>(
         tile: &[u8],
         acts: &Acts,
         rows: std::ops::Range<usize>,
     ) -> [__m512; R] {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { block_at(tile, b, Q8_0_TILE_BYTES) };
-            let w: [__m512i; 8] =
-                std::array::from_fn(|g| unsafe { _mm512_loadu_si512(blk.add(64 * g).cast()) });
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(512).cast()) });
-            unsafe { int8_block_rows(&mut acc, &w, 128, d, acts, rows.clone(), b) };
+            let blk = unsafe { block_at(tile, b, B::TILE_BYTES) };
+            let (w, d) = unsafe { B::read(blk) };
+            unsafe { int8_block_rows(&mut acc, &w, B::OFFSET, d, acts, rows.clone(), b) };
         }
         acc
     }
 
-    /// Up to `R` rows against one MXFP4 tile ([`pack_mxfp4`]): each code through a 16-entry
-    /// table (`vpshufb`) to the int8 a Q8_0 block of the same weights holds, plus 128, and
-    /// the scale 2^(e - 128) as ggml computes it (`e8m0_to_fp32_half`); then Q8_0's arithmetic,
-    /// with its bits.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn mxfp4_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        let mut acc = [_mm512_setzero_ps(); R];
-        let table = std::array::from_fn::<u8, 16, _>(|c| (MXFP4_VALUES[c] as u8) ^ 0x80);
-        let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(table.as_ptr().cast()) });
-        let two = _mm512_set1_epi32(2);
-        for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { block_at(tile, b, MXFP4_TILE_BYTES) };
-            let codes = unsafe { nibble_planes(blk) };
-            let w: [__m512i; 8] = std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]));
-            let e = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(blk.add(256).cast()) });
-            // e >= 2: (e - 1) << 23, a normal float; e = 0 or 1: 2^-128 or 2^-127, subnormal.
-            let normal = _mm512_slli_epi32::<23>(_mm512_sub_epi32(e, _mm512_set1_epi32(1)));
-            let tiny = _mm512_sllv_epi32(_mm512_set1_epi32(0x0020_0000), e);
-            let bits = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, two), normal, tiny);
-            let d = _mm512_castsi512_ps(bits);
-            unsafe { int8_block_rows(&mut acc, &w, 128, d, acts, rows.clone(), b) };
-        }
-        acc
-    }
-
-    /// Block `b` of a tile of integer weights stored as `q + offset`, unsigned (`w`, 8 groups of
-    /// 4 values for the 16 columns), with the columns' scales `d`, into each row's `acc`:
-    /// `Σ (q + offset)·a - offset·Σa`, exact, times `d·da`.
+    /// Block `b` of a tile of integer weights stored as `q + offset`, unsigned (`w`), with the
+    /// columns' scales `d`, into each row's `acc`: `Σ (q + offset)·a - offset·Σa`, exact, times
+    /// `d·da`.
     #[inline(always)]
     unsafe fn int8_block_rows<const R: usize>(
         acc: &mut [__m512; R],
