@@ -2278,3 +2278,36 @@ fn run(
     }
     Ok(outs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    /// Where verdict's CPU tiles hold a matrix, candle's copy is dropped (the weights are held
+    /// once) and [`Linear::weight`] gives the same matrix back; a matrix another part of the
+    /// model holds too (a tied lm_head's embedding table) keeps candle's copy.
+    #[test]
+    fn the_tiles_hold_the_only_copy_and_give_it_back() {
+        let x = Tensor::randn(0f32, 1., (40, 512), &Device::Cpu).unwrap();
+        let q = Arc::new(QTensor::quantize(&x, GgmlDType::Q6K).unwrap());
+        let bytes = q.data().unwrap().to_vec();
+        let alone = Linear::new(QMatMul::QTensor(Arc::clone(&q)), None);
+        if alone.gemm.is_none() {
+            eprintln!("skipped: verdict's CPU kernels do not run on this CPU");
+            return;
+        }
+        // `q` is still held here, so that one kept candle's copy.
+        assert!(matches!(&alone.w, QMatMul::QTensor(t) if Arc::ptr_eq(t, &q)));
+        drop(alone);
+        let only = Linear::new(QMatMul::QTensor(q), None);
+        assert!(is_stand_in(&only.w), "candle's copy dropped");
+        match only.weight().unwrap() {
+            QMatMul::QTensor(t) => {
+                assert_eq!(t.dtype(), GgmlDType::Q6K);
+                assert_eq!(*t.data().unwrap(), bytes[..]);
+            }
+            other => panic!("a rebuilt matrix should be quantized: {other:?}"),
+        }
+    }
+}
