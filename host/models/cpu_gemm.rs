@@ -1022,18 +1022,18 @@ mod x86 {
             let rows = r0..acts.m.min(r0 + R);
             // A constant 1 keeps a single row's accumulator in a register.
             macro_rules! rows {
-                ($kernel:ident $(, $block:ty)?) => {
+                ($kernel:ident $(, $param:tt)?) => {
                     if rows.len() == 1 {
-                        let [one] = unsafe { $kernel::<1 $(, $block)?>(tile, acts, rows.clone()) };
+                        let [one] = unsafe { $kernel::<1 $(, $param)?>(tile, acts, rows.clone()) };
                         [one; R]
                     } else {
-                        unsafe { $kernel::<R $(, $block)?>(tile, acts, rows.clone()) }
+                        unsafe { $kernel::<R $(, $param)?>(tile, acts, rows.clone()) }
                     }
                 };
             }
             let acc = match kind {
-                Kind::Q4K => rows!(q4k_rows),
-                Kind::Q5K => rows!(q5k_rows),
+                Kind::Q4K => rows!(q4k_rows, false),
+                Kind::Q5K => rows!(q4k_rows, true),
                 Kind::Q6K => rows!(q6k_rows),
                 Kind::Q5_0 => rows!(int_rows, Q5_0Block),
                 Kind::Q4_0 => rows!(int_rows, Q4_0Block),
@@ -1066,33 +1066,13 @@ mod x86 {
         unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) }
     }
 
-    /// Up to `R` rows against one Q4_K tile: one f32 lane per column. Per 32-value sub-block,
-    /// the integer sum of `q·a` (exact) times `d·sc` into the block's sum (a fused
-    /// multiply-add); per block that sum times `da`, less `dmin·da` times the exact `Σ mn·a`.
+    /// Up to `R` rows against one Q4_K tile (`FIVE`: Q5_K, each group's values 16 more where
+    /// their fifth bit is set): one f32 lane per column. Per 32-value sub-block, the integer
+    /// sum of `q·a` (exact) times `d·sc` into the block's sum (a fused multiply-add); per block
+    /// that sum times `da`, less `dmin·da` times the exact `Σ mn·a`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4k_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        unsafe { k4_rows::<R, false>(tile, acts, rows) }
-    }
-
-    /// [`q4k_rows`] for Q5_K: each group's values gain 16 where their fifth bit is set.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q5k_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        unsafe { k4_rows::<R, true>(tile, acts, rows) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn k4_rows<const R: usize, const FIVE: bool>(
+    unsafe fn q4k_rows<const R: usize, const FIVE: bool>(
         tile: &[u8],
         acts: &Acts,
         rows: std::ops::Range<usize>,

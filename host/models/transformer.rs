@@ -1027,7 +1027,8 @@ impl Model {
             ));
         }
         let cut = || -> candle_core::Result<QMatMul> {
-            Ok(match &head.weight()? {
+            // The whole head, rebuilt once above where only verdict's tiles held it.
+            Ok(match &kept.full {
                 QMatMul::QTensor(t) => {
                     let (n, k) = t.shape().dims2()?;
                     let data = t.data()?;
