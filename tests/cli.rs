@@ -597,6 +597,55 @@ fn bench_forward_times_each_size_and_checks_its_arguments() {
     }
 }
 
+/// `verdict bench gemm`: a row per shape and row count with a positive time where this CPU has
+/// the kernels (or the reason it has none), and bad shapes or types are named.
+#[test]
+fn bench_gemm_times_each_row_count_and_checks_its_arguments() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .args(["bench", "gemm"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--dtype", "q4_k", "--shape", "48x512", "--rows", "1,3,9", "--copies", "1", "--rounds", "2",
+    ]);
+    let stdout = text(&out.stdout);
+    if out.status.success() {
+        for m in [1, 3, 9] {
+            let row = stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("| 48x512 | {m} |")))
+                .unwrap_or_else(|| panic!("no row for {m} in {stdout}"));
+            let median: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
+            assert!(median > 0.0, "{row}");
+        }
+    } else {
+        let err = text(&out.stderr);
+        assert!(err.contains("no CPU kernel for Q4K 48x512 here"), "{err}");
+    }
+    for (args, needle) in [
+        (&["--shape", "48x"][..], "`48x` is not NxK"),
+        (&["--shape", "0x512"][..], "`0x512` is not NxK"),
+        (
+            &["--shape", "16x100"][..],
+            "K must be whole Q4K blocks of 256 values",
+        ),
+        (&["--rows", "0"][..], "`0` is not a positive count"),
+        (&["--dtype", "q9_z"][..], "`q9_z`: unknown tensor type"),
+        (&["--copies", "0"][..], "--copies"),
+    ] {
+        let out = run(args);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 /// `--lora` / `--lora-scaled` apply adapters to the model: the binary prints the adapted
 /// model's greedy text (not the base's); a missing, foreign or badly scaled adapter is a clear
 /// error before any generation.

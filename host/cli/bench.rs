@@ -44,6 +44,33 @@ pub enum BenchCommand {
     /// Embeddings of many texts, one text per forward against texts batched into forwards of
     /// up to N tokens (what `/v1/embeddings` does with a request's texts), per text length.
     Embed(EmbedArgs),
+    /// The CPU matrix kernels on random matrices out of cache: a product's time and rate per
+    /// activation row count (one row is a decode step; 17 a k = 16 verification).
+    Gemm(GemmArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct GemmArgs {
+    /// The matrices' type (q4_k, q5_k, q6_k, q8_0, q5_0, q4_0, q4_1).
+    #[arg(long, default_value = "q4_k", value_parser = parse_dtype)]
+    pub dtype: GgmlDType,
+    /// Matrix shapes, `NxK` (outputs x inputs), comma separated; the defaults are the 1.5B
+    /// target's MLP up and down projections.
+    #[arg(long, default_value = "8960x1536,1536x8960")]
+    pub shape: String,
+    /// Activation rows per product, comma separated.
+    #[arg(long, default_value = "1,8,17,32")]
+    pub rows: String,
+    /// Copies of each matrix multiplied in turn, so none is in cache when it comes round again
+    /// (as a forward's matrices are not).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub copies: u32,
+    /// Timed rounds (over all the copies); min and median are reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: u32,
+    /// CPU threads for the matrix kernels (default: one per physical core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -234,7 +261,69 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Lookup(a) => lookup(a),
         BenchCommand::Synth(a) => synth(a),
         BenchCommand::Embed(a) => embed(a),
+        BenchCommand::Gemm(a) => gemm(a),
     }
+}
+
+fn gemm(a: GemmArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        crate::cli::generate::configure_threads(n);
+    }
+    let rows = counts(&a.rows, "--rows")?;
+    let shapes = a
+        .shape
+        .split(',')
+        .map(|s| {
+            let dims = s.trim().split_once('x').and_then(|(n, k)| {
+                Some((
+                    n.trim().parse::<usize>().ok()?,
+                    k.trim().parse::<usize>().ok()?,
+                ))
+            });
+            match dims {
+                Some((n, k)) if n >= 1 && k >= 1 => Ok((n, k)),
+                _ => bail!("--shape: `{s}` is not NxK with positive N and K"),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    println!(
+        "{:?} products, {} copies per shape, {} rounds",
+        a.dtype, a.copies, a.rounds
+    );
+    println!("| shape | rows | min us | median us | GMAC/s (median) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for &(n, k) in &shapes {
+        let block = a.dtype.block_size();
+        if !k.is_multiple_of(block) {
+            bail!(
+                "--shape {n}x{k}: K must be whole {:?} blocks of {block} values",
+                a.dtype
+            );
+        }
+    }
+    for (n, k) in shapes {
+        let times = crate::models::time_products(
+            a.dtype,
+            (n, k),
+            &rows,
+            a.copies as usize,
+            a.rounds as usize,
+        )
+        .with_context(|| format!("timing {n}x{k}"))?;
+        let Some(times) = times else {
+            bail!(
+                "no CPU kernel for {:?} {n}x{k} here (the kernels need AVX-512 VNNI and whole blocks along K)",
+                a.dtype
+            );
+        };
+        for (m, mut t) in rows.iter().zip(times) {
+            t.sort_by(f64::total_cmp);
+            let median = t[t.len() / 2];
+            let rate = (m * n * k) as f64 / median / 1e3;
+            println!("| {n}x{k} | {m} | {:.0} | {median:.0} | {rate:.1} |", t[0]);
+        }
+    }
+    Ok(())
 }
 
 /// A comma-separated list of positive counts (`flag` names it in errors).

@@ -108,6 +108,47 @@ enum Kind {
     Mxfp4,
 }
 
+/// `verdict bench gemm`: times of products of a random `dtype` `[n, k]` matrix with each of
+/// `rows` activation rows, in microseconds per product, one per round. Each round multiplies
+/// `copies` copies of the matrix in turn, so that with enough copies none is in cache when it
+/// comes round again, as in a forward. `None`: this CPU or type has no kernel here.
+pub(crate) fn time_products(
+    dtype: GgmlDType,
+    (n, k): (usize, usize),
+    rows: &[usize],
+    copies: usize,
+    rounds: usize,
+) -> Result<Option<Vec<Vec<f64>>>> {
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+    let Some(g) = Gemm::new(&Arc::new(QTensor::quantize(&w, dtype)?)) else {
+        return Ok(None);
+    };
+    let copies: Vec<Gemm> = (0..copies.max(1))
+        .map(|_| Gemm {
+            blocks: Arc::new(Pages::copy_of(&g.blocks)),
+            ..g.clone()
+        })
+        .collect();
+    let mut times = Vec::new();
+    for &m in rows {
+        let x = Tensor::randn(0f32, 1.0, (m * k,), &Device::Cpu)?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; m * n];
+        let mut t = Vec::new();
+        // A warm-up round, then the timed ones.
+        for round in 0..=rounds {
+            let start = std::time::Instant::now();
+            for c in &copies {
+                c.run(&c.blocks, &x, m, &mut out);
+            }
+            if round > 0 {
+                t.push(start.elapsed().as_secs_f64() * 1e6 / copies.len() as f64);
+            }
+        }
+        times.push(t);
+    }
+    Ok(Some(times))
+}
+
 /// A quantized `[n, k]` weight that this module multiplies (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemm {
@@ -953,29 +994,6 @@ struct RowPtrs {
     corr: *const i32,
 }
 
-impl RowPtrs {
-    const NULL: RowPtrs = RowPtrs {
-        qs: std::ptr::null(),
-        d: std::ptr::null(),
-        sum32: std::ptr::null(),
-        corr: std::ptr::null(),
-    };
-}
-
-/// The rows of one pass as pointers; `R` is the most it holds (1 lets the compiler keep a
-/// single row's accumulators in registers).
-#[inline(always)]
-fn row_ptrs<const R: usize>(acts: &Acts, rows: std::ops::Range<usize>) -> ([RowPtrs; R], usize) {
-    debug_assert!(!rows.is_empty());
-    let mut p = [RowPtrs::NULL; R];
-    // A constant 1 for R = 1 unrolls the row loops and keeps the accumulators in registers.
-    let n = if R == 1 { 1 } else { rows.len().min(R) };
-    for (i, r) in rows.take(R).enumerate() {
-        p[i] = acts.ptrs(r);
-    }
-    (p, n)
-}
-
 #[cfg(test)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
@@ -1014,38 +1032,106 @@ mod x86 {
         out: *mut f32,
         n: usize,
     ) {
-        const R: usize = 8;
         let bytes = acts.k / kind.block().0 * kind.tile_bytes();
         let tile = &packed[t * bytes..(t + 1) * bytes];
-        let cols = TILE.min(n - t * TILE);
-        for r0 in (0..acts.m).step_by(R) {
-            let rows = r0..acts.m.min(r0 + R);
-            // A constant 1 keeps a single row's accumulator in a register.
-            macro_rules! rows {
-                ($kernel:ident $(, $param:tt)?) => {
-                    if rows.len() == 1 {
-                        let [one] = unsafe { $kernel::<1 $(, $param)?>(tile, acts, rows.clone()) };
-                        [one; R]
-                    } else {
-                        unsafe { $kernel::<R $(, $param)?>(tile, acts, rows.clone()) }
-                    }
-                };
+        let out = Out {
+            at: unsafe { out.add(t * TILE) },
+            n,
+            cols: TILE.min(n - t * TILE),
+        };
+        // Passes of up to 8 rows, their accumulators in registers; later passes find the tile
+        // in cache. (One pass over more rows, their accumulators in memory, measured within
+        // 5% either way: session 26.) One row (a decode step) gets code of its own.
+        for r in (0..acts.m).step_by(8) {
+            let rows = r..acts.m.min(r + 8);
+            match rows.len() {
+                1 => unsafe { pass::<1>(kind, tile, acts, rows, &out) },
+                2..=4 => unsafe { pass::<4>(kind, tile, acts, rows, &out) },
+                _ => unsafe { pass::<8>(kind, tile, acts, rows, &out) },
             }
-            let acc = match kind {
-                Kind::Q4K => rows!(q4k_rows, false),
-                Kind::Q5K => rows!(q4k_rows, true),
-                Kind::Q6K => rows!(q6k_rows),
-                Kind::Q5_0 => rows!(int_rows, Q5_0Block),
-                Kind::Q4_0 => rows!(int_rows, Q4_0Block),
-                Kind::Q4_1 => rows!(q4_1_rows),
-                Kind::Q8_0 => rows!(int_rows, Q8_0Block),
-                Kind::Mxfp4 => rows!(int_rows, Mxfp4Block),
-            };
+        }
+    }
+
+    /// Where a tile's results go: its first column of row 0 in `[m, n]`, and its columns.
+    struct Out {
+        at: *mut f32,
+        n: usize,
+        cols: usize,
+    }
+
+    /// One pass of `rows` over a tile of `kind`, into `out`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pass<const N: usize>(
+        kind: Kind,
+        tile: &[u8],
+        acts: &Acts,
+        rows: std::ops::Range<usize>,
+        out: &Out,
+    ) {
+        let pass = &Pass::<N>::new(acts, rows.clone());
+        let acc = unsafe {
+            match kind {
+                Kind::Q4K => q4k_rows::<N, false>(tile, pass),
+                Kind::Q5K => q4k_rows::<N, true>(tile, pass),
+                Kind::Q6K => q6k_rows(tile, pass),
+                Kind::Q5_0 => int_rows::<N, Q5_0Block>(tile, pass),
+                Kind::Q4_0 => int_rows::<N, Q4_0Block>(tile, pass),
+                Kind::Q4_1 => q4_1_rows(tile, pass),
+                Kind::Q8_0 => int_rows::<N, Q8_0Block>(tile, pass),
+                Kind::Mxfp4 => int_rows::<N, Mxfp4Block>(tile, pass),
+            }
+        };
+        for (i, r) in rows.enumerate() {
+            let mut v = [0f32; TILE];
+            // SAFETY: row `r`'s `cols` columns from `out.at` lie in the caller's output.
+            unsafe {
+                _mm512_storeu_ps(v.as_mut_ptr(), acc[i]);
+                std::ptr::copy_nonoverlapping(v.as_ptr(), out.at.add(r * out.n), out.cols);
+            }
+        }
+    }
+
+    /// The activation rows of one pass, room for `N` (1, 4 or 8): a pass with fewer rows
+    /// repeats its last row's pointers in the spare places, so every row loop runs to the
+    /// constant `N` (unrolled, accumulators in registers) and [`pass`] keeps only the real
+    /// rows' results.
+    struct Pass<const N: usize> {
+        rp: [RowPtrs; N],
+    }
+
+    impl<const N: usize> Pass<N> {
+        #[inline(always)]
+        fn new(acts: &Acts, rows: std::ops::Range<usize>) -> Self {
+            debug_assert!(!rows.is_empty() && rows.len() <= N);
+            let mut rp = [acts.ptrs(rows.end - 1); N];
             for (i, r) in rows.enumerate() {
-                let mut v = [0f32; TILE];
-                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), acc[i]) };
-                let dst = unsafe { out.add(r * n + t * TILE) };
-                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst, cols) };
+                rp[i] = acts.ptrs(r);
+            }
+            Pass { rp }
+        }
+
+        /// For every row `i`, `each(i, init(row) + Σ_g w[g]·a[4g..4g + 4])` with `a = at(row)`,
+        /// the sum per 32-bit lane (`vpdpbusd`). (Interleaving the rows' chains, one weight
+        /// vector against every row in turn, measured the same: session 26.)
+        #[inline(always)]
+        unsafe fn dots<const G: usize>(
+            &self,
+            w: &[__m512i; G],
+            at: impl Fn(&RowPtrs) -> *const i8,
+            init: impl Fn(&RowPtrs) -> __m512i,
+            mut each: impl FnMut(usize, __m512i),
+        ) {
+            let a = self.rp.each_ref().map(at);
+            let mut dot = self.rp.each_ref().map(init);
+            for i in 0..N {
+                for (g, &w) in w.iter().enumerate() {
+                    // SAFETY: the callers run with AVX-512 VNNI; each `a[i]` holds 4·G values.
+                    dot[i] = unsafe { _mm512_dpbusd_epi32(dot[i], w, bcast4(a[i].add(4 * g))) };
+                }
+            }
+            for (i, &dot) in dot.iter().enumerate() {
+                each(i, dot);
             }
         }
     }
@@ -1066,28 +1152,27 @@ mod x86 {
         unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) }
     }
 
-    /// Up to `R` rows against one Q4_K tile (`FIVE`: Q5_K, each group's values 16 more where
-    /// their fifth bit is set): one f32 lane per column. Per 32-value sub-block, the integer
-    /// sum of `q·a` (exact) times `d·sc` into the block's sum (a fused multiply-add); per block
-    /// that sum times `da`, less `dmin·da` times the exact `Σ mn·a`.
+    /// A pass against one Q4_K tile (`FIVE`: Q5_K, each group's values 16 more where their
+    /// fifth bit is set): one f32 lane per column. Per 32-value sub-block, the integer sum of
+    /// `q·a` (exact) times `d·sc` into the block's sum (a fused multiply-add); per block that
+    /// sum times `da`, less `dmin·da` times the exact `Σ mn·a`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4k_rows<const R: usize, const FIVE: bool>(
+    unsafe fn q4k_rows<const N: usize, const FIVE: bool>(
         tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
+        pass: &Pass<N>,
+    ) -> [__m512; N] {
         let (bytes, sub) = match FIVE {
             true => (Q5K_TILE_BYTES, Q5K_SUB_BYTES),
             false => (Q4K_TILE_BYTES, 256),
         };
         let sixteen = _mm512_set1_epi8(16);
-        let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut blk_acc = [_mm512_setzero_ps(); R];
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut blk_acc = [_mm512_setzero_ps(); N];
         let low = _mm512_set1_epi8(0x0f);
         let zero = _mm512_setzero_si512();
-        for b in 0..acts.k / QK_K {
+        let k = tile.len() / bytes * QK_K;
+        for b in 0..k / QK_K {
             let blk = unsafe { block_at(tile, b, bytes) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q4K_D).cast()) });
             let dmin = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q4K_DMIN).cast()) });
@@ -1110,21 +1195,23 @@ mod x86 {
                 });
                 let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
                 let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
-                for i in 0..n {
-                    let a = unsafe { rp[i].qs.add(b * QK_K + 32 * s) };
-                    let mut dot = zero;
-                    for (g, &w) in w.iter().enumerate() {
-                        dot = _mm512_dpbusd_epi32(dot, w, unsafe { bcast4(a.add(4 * g)) });
-                    }
-                    blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i]);
-                }
+                unsafe {
+                    pass.dots(
+                        &w,
+                        |p| p.qs.add(b * QK_K + 32 * s),
+                        |_| zero,
+                        |i, dot| {
+                            blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i])
+                        },
+                    )
+                };
             }
             let mn: [__m512i; 4] = std::array::from_fn(|p| {
                 let m = unsafe { _mm256_loadu_si256(blk.add(Q4K_MN + 32 * p).cast()) };
                 _mm512_cvtepu8_epi16(m)
             });
-            for i in 0..n {
-                let p = rp[i];
+            for i in 0..N {
+                let p = pass.rp[i];
                 // Sub-blocks 2q and 2q + 1's sums as one i32: the pair `vpdpwssd` multiplies.
                 let sums = unsafe { p.sum32.add(8 * b) };
                 let mut mi = zero;
@@ -1141,22 +1228,17 @@ mod x86 {
         acc
     }
 
-    /// Up to `R` rows against one Q6_K tile: one f32 lane per column. Per sub-block, the
-    /// integer sum of `(q - 32)·a` over its 16 values (exact) times `d·sc` into the block's sum
-    /// (a fused multiply-add), and per block that sum times `da` into the result.
+    /// A pass against one Q6_K tile: one f32 lane per column. Per sub-block, the integer sum
+    /// of `(q - 32)·a` over its 16 values (exact) times `d·sc` into the block's sum (a fused
+    /// multiply-add), and per block that sum times `da` into the result.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q6k_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut blk_acc = [_mm512_setzero_ps(); R];
+    unsafe fn q6k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut blk_acc = [_mm512_setzero_ps(); N];
         let low = _mm512_set1_epi8(0x0f);
         let two = _mm512_set1_epi8(0x30);
-        for b in 0..acts.k / QK_K {
+        for b in 0..tile.len() / Q6K_TILE_BYTES {
             let blk = unsafe { block_at(tile, b, Q6K_TILE_BYTES) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q6K_D).cast()) });
             for s in 0..16 {
@@ -1180,19 +1262,20 @@ mod x86 {
                 ];
                 let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
                 let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-                for i in 0..n {
-                    let p = rp[i];
-                    let a = unsafe { p.qs.add(b * QK_K + 16 * s) };
-                    // Starting from -32·Σa turns the unsigned values into q - 32.
-                    let mut dot = _mm512_set1_epi32(unsafe { *p.corr.add(b * 16 + s) });
-                    for (g, &w) in w.iter().enumerate() {
-                        dot = _mm512_dpbusd_epi32(dot, w, unsafe { bcast4(a.add(4 * g)) });
-                    }
-                    blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i]);
-                }
+                unsafe {
+                    pass.dots(
+                        &w,
+                        |p| p.qs.add(b * QK_K + 16 * s),
+                        // Starting from -32·Σa turns the unsigned values into q - 32.
+                        |p| _mm512_set1_epi32(*p.corr.add(b * 16 + s)),
+                        |i, dot| {
+                            blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i])
+                        },
+                    )
+                };
             }
-            for i in 0..n {
-                let da = _mm512_set1_ps(unsafe { *rp[i].d.add(b) });
+            for i in 0..N {
+                let da = _mm512_set1_ps(unsafe { *pass.rp[i].d.add(b) });
                 acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
                 blk_acc[i] = _mm512_setzero_ps();
             }
@@ -1219,36 +1302,33 @@ mod x86 {
         }
     }
 
-    /// Up to `R` rows against one Q4_1 tile ([`pack_q4_1`]): per 32-value block, `d·da` times
-    /// the exact integer sum of `q·a`, plus `m` times the row's `da · Σ a`.
+    /// A pass against one Q4_1 tile ([`pack_q4_1`]): per 32-value block, `d·da` times the
+    /// exact integer sum of `q·a`, plus `m` times the row's `da · Σ a`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4_1_rows<const R: usize>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        let (rp, n) = row_ptrs::<R>(acts, rows);
-        let mut acc = [_mm512_setzero_ps(); R];
+    unsafe fn q4_1_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
         let zero = _mm512_setzero_si512();
-        for b in 0..acts.k / QK8_0 {
+        for b in 0..tile.len() / Q4_1_TILE_BYTES {
             let blk = unsafe { block_at(tile, b, Q4_1_TILE_BYTES) };
             let w = unsafe { nibble_planes(blk) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(256).cast()) });
             let m = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(288).cast()) });
-            for i in 0..n {
-                let p = rp[i];
-                let a = unsafe { p.qs.add(b * QK8_0) };
-                let mut dot = zero;
-                for (g, &w) in w.iter().enumerate() {
-                    dot = _mm512_dpbusd_epi32(dot, w, unsafe { bcast4(a.add(4 * g)) });
-                }
-                let da = unsafe { *p.d.add(b) };
-                let dd = _mm512_mul_ps(d, _mm512_set1_ps(da));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, acc[i]);
-                let sa = da * f32::from(unsafe { *p.sum32.add(b) });
-                acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa), acc[i]);
-            }
+            unsafe {
+                pass.dots(
+                    &w,
+                    |p| p.qs.add(b * QK8_0),
+                    |_| zero,
+                    |i, dot| {
+                        let p = pass.rp[i];
+                        let da = *p.d.add(b);
+                        let dd = _mm512_mul_ps(d, _mm512_set1_ps(da));
+                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, acc[i]);
+                        let sa = da * f32::from(*p.sum32.add(b));
+                        acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa), acc[i]);
+                    },
+                )
+            };
         }
         acc
     }
@@ -1338,52 +1418,29 @@ mod x86 {
         }
     }
 
-    /// Up to `R` rows against one tile of `B`'s blocks: per 32-value block, `d·da` times the
-    /// exact integer sum of `q·a`, which `vpdpbusd` sums as `(q + OFFSET)·a - OFFSET·Σa`.
+    /// A pass against one tile of `B`'s blocks: per 32-value block, `d·da` times the exact
+    /// integer sum of `q·a`, which `vpdpbusd` sums as `(q + OFFSET)·a - OFFSET·Σa`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn int_rows<const R: usize, B: IntBlock>(
-        tile: &[u8],
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-    ) -> [__m512; R] {
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..acts.k / QK8_0 {
-            let blk = unsafe { block_at(tile, b, B::TILE_BYTES) };
-            let (w, d) = unsafe { B::read(blk) };
-            unsafe { int8_block_rows(&mut acc, &w, B::OFFSET, d, acts, rows.clone(), b) };
+    unsafe fn int_rows<const N: usize, B: IntBlock>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..tile.len() / B::TILE_BYTES {
+            // SAFETY (all the intrinsics): this runs with AVX-512 (its target features); each
+            // row holds the block's 32 values.
+            unsafe {
+                let (w, d) = B::read(block_at(tile, b, B::TILE_BYTES));
+                pass.dots(
+                    &w,
+                    |p| p.qs.add(b * QK8_0),
+                    |p| _mm512_set1_epi32(-B::OFFSET * i32::from(*p.sum32.add(b))),
+                    |i, dot| {
+                        let dd = _mm512_mul_ps(d, _mm512_set1_ps(*pass.rp[i].d.add(b)));
+                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, acc[i]);
+                    },
+                )
+            };
         }
         acc
-    }
-
-    /// Block `b` of a tile of integer weights stored as `q + offset`, unsigned (`w`), with the
-    /// columns' scales `d`, into each row's `acc`: `Σ (q + offset)·a - offset·Σa`, exact, times
-    /// `d·da`.
-    #[inline(always)]
-    unsafe fn int8_block_rows<const R: usize>(
-        acc: &mut [__m512; R],
-        w: &[__m512i; 8],
-        offset: i32,
-        d: __m512,
-        acts: &Acts,
-        rows: std::ops::Range<usize>,
-        b: usize,
-    ) {
-        let (rp, n) = row_ptrs::<R>(acts, rows);
-        for i in 0..n {
-            let p = rp[i];
-            let a = unsafe { p.qs.add(b * QK8_0) };
-            // SAFETY (all the intrinsics): the callers run with AVX-512 (their target
-            // features); `a` holds the block's 32 values.
-            unsafe {
-                let mut dot = _mm512_set1_epi32(-offset * i32::from(*p.sum32.add(b)));
-                for (g, &w) in w.iter().enumerate() {
-                    dot = _mm512_dpbusd_epi32(dot, w, bcast4(a.add(4 * g)));
-                }
-                let dd = _mm512_mul_ps(d, _mm512_set1_ps(*p.d.add(b)));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, acc[i]);
-            }
-        }
     }
 }
 

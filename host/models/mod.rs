@@ -23,6 +23,8 @@ mod attention;
 pub mod batch;
 pub mod chat;
 mod cpu_gemm;
+/// `verdict bench gemm`.
+pub(crate) use cpu_gemm::time_products;
 mod cuda_fast;
 pub mod embed;
 pub mod error;
