@@ -965,6 +965,7 @@ fn quantized_tiny_models_run_and_track_f32() {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q3K,
         GgmlDType::Q4_1,
         GgmlDType::Q4_0,
         GgmlDType::Q5_0,
@@ -1005,10 +1006,13 @@ fn track_f32(base: &TinySpec, dtypes: &[GgmlDType]) {
         } else {
             assert_eq!(worst, 0.0, "{dtype:?}: batched vs single");
         }
-        // The quantized model tracks the f32 one (same weights before quantization).
+        // The quantized model tracks the f32 one (same weights before quantization). Three
+        // bits per weight (Q3_K) stray further on these random weights: 0.36 of the scale,
+        // the same with candle's kernels as with verdict's.
         let err = max_diff(&all[8], &reference[8]);
         let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(err < 0.25 * scale, "{dtype:?}: {err} vs scale {scale}");
+        let bound = if dtype == GgmlDType::Q3K { 0.5 } else { 0.25 };
+        assert!(err < bound * scale, "{dtype:?}: {err} vs scale {scale}");
     }
 }
 

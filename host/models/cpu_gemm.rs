@@ -1,4 +1,4 @@
-//! verdict's own CPU matmul for GGUF's Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1 and MXFP4
+//! verdict's own CPU matmul for GGUF's Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1 and MXFP4
 //! weights (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, keeps its stored
 //! size: each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a
 //! Q8_0 block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
@@ -14,15 +14,15 @@
 //! The activations are quantized per row like llama.cpp's: int8 with one f32 scale per 256
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
 //! values (for the others). The weights are read from a copy made at load: `pack_q4k` (Q4_K
-//! and Q5_K), `pack_q6k`, `pack_q5_0`, `pack_q4_0`, `pack_q4_1`, `pack_q8_0` and `pack_mxfp4`
+//! and Q5_K), `pack_q6k`, `pack_q3k`, `pack_q5_0`, `pack_q4_0`, `pack_q4_1`, `pack_q8_0` and `pack_mxfp4`
 //! interleave 16 columns, so that one `vpdpbusd` multiplies 4 values of all 16 by 4 broadcast
 //! activation values. Each extra activation row costs about half of what per-column kernels
 //! spent (the verified rows' cost, BENCHMARKS.md session 13; a prefill of the 0.5B, whose body
 //! is mostly Q5_0, 180 -> 250 tokens/s, session 19). Per 32 (Q4_K, Q5_K, Q5_0, Q4_0, Q4_1,
-//! Q8_0) or 16 (Q6_K) values the integer sum is exact and is scaled into one f32 lane per
+//! Q8_0) or 16 (Q6_K, Q3_K) values the integer sum is exact and is scaled into one f32 lane per
 //! column. The k-quants' 6-bit scales and mins are unpacked to bytes (64 bytes more per 16
-//! blocks), Q6_K's blocks padded to whole cache lines (32 bytes more); the others keep the
-//! stored size. Offsets (Q5_0's `q - 16`, Q4_0's `q - 8`, Q8_0's `q + 128` as unsigned bytes,
+//! blocks), Q6_K's and Q3_K's blocks padded to whole cache lines (32 and 96 bytes more, Q3_K's
+//! 6-bit scales unpacked); the others keep the stored size. Offsets (Q5_0's `q - 16`, Q4_0's `q - 8`, Q8_0's `q + 128` as unsigned bytes,
 //! Q4_1's `+ m`) come from each row's per-32 activation sums. A tile block is laid out in the
 //! order the kernel reads it, front to back, so that the hardware prefetcher streams it.
 //!
@@ -46,6 +46,7 @@ const QK_K: usize = 256;
 const Q4K_BYTES: usize = 144;
 const Q6K_BYTES: usize = 210;
 const Q5K_BYTES: usize = 176;
+const Q3K_BYTES: usize = 110;
 const QK8_0: usize = 32;
 const Q8_0_BYTES: usize = 34;
 const Q5_0_BYTES: usize = 22;
@@ -56,7 +57,7 @@ const MXFP4_BYTES: usize = 17;
 /// MXFP4's code values, doubled to integers (ggml's `kvalues_mxfp4`); the scale 2^(e - 128)
 /// halves them back.
 const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
-/// Q4_K, Q6_K, Q5_0 and Q4_1 run on repacked copies: 16 columns per tile, each block of the 16
+/// Every type runs on a repacked copy: 16 columns per tile, each block of the 16
 /// in its `*_TILE_BYTES` (see [`pack_q4k`], [`pack_q6k`], [`pack_q5_0`], [`pack_q4_1`]).
 const TILE: usize = 16;
 /// 16 columns' nibbles, their 8 scales and 8 mins as bytes, d and dmin: 64 bytes more than the
@@ -81,6 +82,13 @@ const Q6K_TILE_BYTES: usize = Q6K_QS + 16 * Q6K_SUB_BYTES;
 const Q6K_D: usize = 256;
 const Q6K_QS: usize = 320;
 const Q6K_SUB_BYTES: usize = 192;
+/// Q3_K: 16 columns' scales (as signed bytes, `sc - 32`), their d, padding to a cache line,
+/// then per 16-value sub-block the low bit pairs and the high bits (see [`pack_q3k`]): 1856
+/// bytes, 29 cache lines, for 1760 stored.
+const Q3K_TILE_BYTES: usize = Q3K_QS + 16 * Q3K_SUB_BYTES;
+const Q3K_D: usize = 256;
+const Q3K_QS: usize = 320;
+const Q3K_SUB_BYTES: usize = 96;
 /// 16 columns' 32-value Q5_0 or Q4_1 blocks, in the stored bytes.
 const Q5_0_TILE_BYTES: usize = TILE * Q5_0_BYTES;
 const Q4_0_TILE_BYTES: usize = TILE * Q4_0_BYTES;
@@ -99,6 +107,8 @@ enum Kind {
     Q4K,
     /// Q4_K's layout and arithmetic with a fifth bit per value.
     Q5K,
+    /// Q6_K's arithmetic on 3-bit values.
+    Q3K,
     Q6K,
     Q8_0,
     Q5_0,
@@ -186,6 +196,7 @@ fn enabled(kind: Kind) -> bool {
     let name = match kind {
         Kind::Q4K => "q4k",
         Kind::Q5K => "q5k",
+        Kind::Q3K => "q3k",
         Kind::Q6K => "q6k",
         Kind::Q8_0 => "q8_0",
         Kind::Q5_0 => "q5_0",
@@ -202,7 +213,9 @@ fn enabled(kind: Kind) -> bool {
 /// Every type by default: each wins against candle's kernels at one row and at several
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
-const DEFAULT_TYPES: &[&str] = &["q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "mxfp4"];
+const DEFAULT_TYPES: &[&str] = &[
+    "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "mxfp4",
+];
 
 impl Gemm {
     /// `None` unless `w` is a CPU matrix of a type this module multiplies, which it is
@@ -221,6 +234,7 @@ impl Gemm {
             Kind::Q4_1 => Pages::copy_of(&pack_q4_1(&data, n, k)),
             Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k, false)),
             Kind::Q5K => Pages::copy_of(&pack_q4k(&data, n, k, true)),
+            Kind::Q3K => Pages::copy_of(&pack_q3k(&data, n, k)),
             Kind::Q6K => Pages::copy_of(&pack_q6k(&data, n, k)),
             Kind::Q8_0 => Pages::copy_of(&pack_q8_0(&data, n, k)),
             Kind::Mxfp4 => Pages::copy_of(&pack_mxfp4(&data, n, k)),
@@ -255,6 +269,7 @@ impl Gemm {
         let (dtype, bytes) = match self.kind {
             Kind::Q4K => (GgmlDType::Q4K, unpack_q4k(&self.blocks, n, k, false)),
             Kind::Q5K => (GgmlDType::Q5K, unpack_q4k(&self.blocks, n, k, true)),
+            Kind::Q3K => (GgmlDType::Q3K, unpack_q3k(&self.blocks, n, k)),
             Kind::Q6K => (GgmlDType::Q6K, unpack_q6k(&self.blocks, n, k)),
             Kind::Q8_0 => (GgmlDType::Q8_0, unpack_q8_0(&self.blocks, n, k)),
             Kind::Q5_0 => (GgmlDType::Q5_0, unpack_q5_0(&self.blocks, n, k)),
@@ -412,6 +427,7 @@ impl Kind {
         match self {
             Kind::Q4K => (QK_K, Q4K_BYTES),
             Kind::Q5K => (QK_K, Q5K_BYTES),
+            Kind::Q3K => (QK_K, Q3K_BYTES),
             Kind::Q6K => (QK_K, Q6K_BYTES),
             Kind::Q8_0 => (QK8_0, Q8_0_BYTES),
             Kind::Q5_0 => (QK8_0, Q5_0_BYTES),
@@ -426,6 +442,7 @@ impl Kind {
         match self {
             Kind::Q4K => Q4K_TILE_BYTES,
             Kind::Q5K => Q5K_TILE_BYTES,
+            Kind::Q3K => Q3K_TILE_BYTES,
             Kind::Q6K => Q6K_TILE_BYTES,
             Kind::Q8_0 => Q8_0_TILE_BYTES,
             Kind::Q5_0 => Q5_0_TILE_BYTES,
@@ -438,7 +455,7 @@ impl Kind {
     /// Values per activation scale: 256 for the k-quants (Q8_K), 32 for the others (Q8_0).
     fn act_block(self) -> usize {
         match self {
-            Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
+            Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
             Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_0 | Kind::Q4_1 | Kind::Mxfp4 => QK8_0,
         }
     }
@@ -465,6 +482,7 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
     let kind = match w.dtype() {
         GgmlDType::Q4K => Kind::Q4K,
         GgmlDType::Q5K => Kind::Q5K,
+        GgmlDType::Q3K => Kind::Q3K,
         GgmlDType::Q6K => Kind::Q6K,
         GgmlDType::Q8_0 => Kind::Q8_0,
         GgmlDType::Q5_0 => Kind::Q5_0,
@@ -855,6 +873,91 @@ fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     out
 }
 
+/// A Q3_K block's 16 scales (6 bits each, the stored value; `sc - 32` multiplies) from its 12
+/// bytes, as ggml unpacks them: scale i's low 4 bits in byte i (i < 8) or the high nibble of
+/// byte i - 8, its high 2 bits in byte 8 + i % 4 at bit 2·(i / 4).
+fn q3k_scales(s: &[u8]) -> [u8; 16] {
+    std::array::from_fn(|i| {
+        let low = if i < 8 { s[i] & 15 } else { s[i - 8] >> 4 };
+        low | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)
+    })
+}
+
+/// [`q3k_scales`]' inverse.
+fn q3k_pack_scales(sc: &[u8; 16]) -> [u8; 12] {
+    std::array::from_fn(|b| {
+        if b < 8 {
+            (sc[b] & 15) | ((sc[b + 8] & 15) << 4)
+        } else {
+            (0..4).fold(0, |acc, q| {
+                acc | (((sc[4 * q + b - 8] >> 4) & 3) << (2 * q))
+            })
+        }
+    })
+}
+
+/// Value v (0..256) of a stored Q3_K block as unsigned `q + 4` (0..=7): in ggml's order, half
+/// h = v / 128, bit pair j = v % 128 / 32 of byte `32h + v % 32` of `qs`, and the high bit
+/// 4h + j of byte v % 32 of `hmask` (set: `+ 4`, as ggml's "subtract 4 unless set").
+fn q3k_value(blk: &[u8], v: usize) -> u8 {
+    let (h, j, l) = (v / 128, v % 128 / 32, v % 32);
+    let lo = (blk[32 + 32 * h + l] >> (2 * j)) & 3;
+    lo | (((blk[l] >> (4 * h + j)) & 1) << 2)
+}
+
+/// Q3_K blocks (32 bytes of high bits, 64 of bit pairs, 12 of packed 6-bit scales, f16 d:
+/// `d·(sc - 32)·(q - 4)` per 16-value sub-block) regrouped 16 columns to a tile. Per tile block:
+/// - bytes `16s + j`: column j's sub-block s scale minus 32, a signed byte;
+/// - bytes `256..288`: the 16 columns' d; then padding to 320;
+/// - per sub-block s at `320 + 96s`, for its values `4g + bb` (groups g = 0..4): 64 bytes
+///   `[column j][bb]` holding group g's low bit pair at bits 2g, then 4 u64s, group g's high
+///   bits at bit `4j + bb` (the masks `vpdpbusd`'s operand is built with).
+fn pack_q3k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let nb = k / QK_K;
+    let mut out = vec![0u8; n.div_ceil(TILE) * nb * Q3K_TILE_BYTES];
+    for c in 0..n {
+        let (t, j) = (c / TILE, c % TILE);
+        for b in 0..nb {
+            let blk = &raw[(c * nb + b) * Q3K_BYTES..][..Q3K_BYTES];
+            let dst = &mut out[(t * nb + b) * Q3K_TILE_BYTES..][..Q3K_TILE_BYTES];
+            let sc = q3k_scales(&blk[96..108]);
+            for s in 0..16 {
+                dst[16 * s + j] = sc[s].wrapping_sub(32);
+                let sub = &mut dst[Q3K_QS + Q3K_SUB_BYTES * s..][..Q3K_SUB_BYTES];
+                for g in 0..4 {
+                    for bb in 0..4 {
+                        let q = q3k_value(blk, 16 * s + 4 * g + bb);
+                        sub[4 * j + bb] |= (q & 3) << (2 * g);
+                        let bit = 4 * j + bb;
+                        sub[64 + 8 * g + bit / 8] |= (q >> 2) << (bit % 8);
+                    }
+                }
+            }
+            dst[Q3K_D + 2 * j..Q3K_D + 2 + 2 * j].copy_from_slice(&blk[108..110]);
+        }
+    }
+    out
+}
+
+/// [`pack_q3k`]'s inverse: the stored blocks, bit for bit.
+fn unpack_q3k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(tiles, n, k, Kind::Q3K, |src, j, dst| {
+        for v in 0..QK_K {
+            let (s, g, bb) = (v / 16, v % 16 / 4, v % 4);
+            let sub = &src[Q3K_QS + Q3K_SUB_BYTES * s..][..Q3K_SUB_BYTES];
+            let bit = 4 * j + bb;
+            let lo = (sub[4 * j + bb] >> (2 * g)) & 3;
+            let hi = (sub[64 + 8 * g + bit / 8] >> (bit % 8)) & 1;
+            let (h, jj, l) = (v / 128, v % 128 / 32, v % 32);
+            dst[32 + 32 * h + l] |= lo << (2 * jj);
+            dst[l] |= hi << (4 * h + jj);
+        }
+        let sc: [u8; 16] = std::array::from_fn(|s| src[16 * s + j].wrapping_add(32));
+        dst[96..108].copy_from_slice(&q3k_pack_scales(&sc));
+        dst[108..110].copy_from_slice(&src[Q3K_D + 2 * j..Q3K_D + 2 + 2 * j]);
+    })
+}
+
 /// The largest |x|, or NaN when any x is NaN. Lanes of 16 with a NaN flag so that the loop
 /// vectorises (a NaN check per value kept it scalar: most of quantizing a prefill's rows);
 /// max is exact, so the order of the comparisons changes nothing.
@@ -886,8 +989,8 @@ struct Acts {
     qs: Vec<i8>,
     d: Vec<f32>,
     sum32: Vec<i16>,
-    /// Q6_K only: -32 times each 16 values' sum, where its dot products over the unsigned
-    /// 0..=63 weights start.
+    /// Q6_K and Q3_K only: -32 (-4) times each 16 values' sum, where their dot products over
+    /// the unsigned 0..=63 (0..=7) weights start.
     corr: Vec<i32>,
     /// Entries per row of `d`, `sum32` and `corr`.
     strides: [usize; 3],
@@ -945,10 +1048,16 @@ impl Acts {
         for (s, q) in a.sum32.iter_mut().zip(a.qs.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
-        if kind == Kind::Q6K {
+        // The offset of Q6_K's (q - 32) and Q3_K's (q - 4) unsigned values.
+        let offset = match kind {
+            Kind::Q6K => 32,
+            Kind::Q3K => 4,
+            _ => 0,
+        };
+        if offset != 0 {
             a.corr =
                 a.qs.chunks_exact(16)
-                    .map(|q| -32 * q.iter().map(|&v| v as i32).sum::<i32>())
+                    .map(|q| -offset * q.iter().map(|&v| v as i32).sum::<i32>())
                     .collect();
         }
         a.strides[2] = a.corr.len().checked_div(m).unwrap_or(0);
@@ -1074,6 +1183,7 @@ mod x86 {
             match kind {
                 Kind::Q4K => q4k_rows::<N, false>(tile, pass),
                 Kind::Q5K => q4k_rows::<N, true>(tile, pass),
+                Kind::Q3K => q3k_rows(tile, pass),
                 Kind::Q6K => q6k_rows(tile, pass),
                 Kind::Q5_0 => int_rows::<N, Q5_0Block>(tile, pass),
                 Kind::Q4_0 => int_rows::<N, Q4_0Block>(tile, pass),
@@ -1222,6 +1332,53 @@ mod x86 {
                 acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
                 let dm = _mm512_mul_ps(dmin, da);
                 acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mi), dm, acc[i]);
+                blk_acc[i] = _mm512_setzero_ps();
+            }
+        }
+        acc
+    }
+
+    /// A pass against one Q3_K tile ([`pack_q3k`]): Q6_K's arithmetic on values `q + 4` in
+    /// 0..=7, the dot products starting from -4·Σa.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q3k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut blk_acc = [_mm512_setzero_ps(); N];
+        let three = _mm512_set1_epi8(3);
+        let four = _mm512_set1_epi8(4);
+        for b in 0..tile.len() / Q3K_TILE_BYTES {
+            let blk = unsafe { block_at(tile, b, Q3K_TILE_BYTES) };
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q3K_D).cast()) });
+            for s in 0..16 {
+                let sub = unsafe { blk.add(Q3K_QS + Q3K_SUB_BYTES * s) };
+                let pairs = unsafe { _mm512_loadu_si512(sub.cast()) };
+                let w: [__m512i; 4] = std::array::from_fn(|g| {
+                    // A 16-bit shift: each byte's own pair lands in its low 2 bits.
+                    let lo = _mm512_and_si512(
+                        _mm512_srlv_epi16(pairs, _mm512_set1_epi16(2 * g as i16)),
+                        three,
+                    );
+                    let hi: __mmask64 =
+                        unsafe { sub.add(64 + 8 * g).cast::<u64>().read_unaligned() };
+                    _mm512_mask_add_epi8(lo, hi, lo, four)
+                });
+                let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
+                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+                unsafe {
+                    pass.dots(
+                        &w,
+                        |p| p.qs.add(b * QK_K + 16 * s),
+                        |p| _mm512_set1_epi32(*p.corr.add(b * 16 + s)),
+                        |i, dot| {
+                            blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i])
+                        },
+                    )
+                };
+            }
+            for i in 0..N {
+                let da = _mm512_set1_ps(unsafe { *pass.rp[i].d.add(b) });
+                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
                 blk_acc[i] = _mm512_setzero_ps();
             }
         }
@@ -1656,6 +1813,7 @@ mod tests {
             (GgmlDType::Q4K, 35, 768),
             (GgmlDType::Q5K, 18, 512),
             (GgmlDType::Q6K, 19, 512),
+            (GgmlDType::Q3K, 23, 768),
             (GgmlDType::Q8_0, 21, 32 * 5),
             (GgmlDType::Q5_0, 33, 32 * 6),
             (GgmlDType::Q4_0, 20, 32 * 5),
@@ -1668,6 +1826,26 @@ mod tests {
             assert_eq!(back.shape().dims(), &[n, k]);
             assert_eq!(*back.data().unwrap(), *t.data().unwrap(), "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn q3k_matches_the_exact_sum() {
+        check(GgmlDType::Q3K, 40, 512);
+        check(GgmlDType::Q3K, 21, 768);
+    }
+
+    #[test]
+    fn q3k_scales_pack_back_like_ggml() {
+        // Every 6-bit scale distinct, packed by ggml's rule (low nibbles in bytes 0..8, high
+        // bit pairs in bytes 8..12), unpacked, and packed back.
+        let sc: [u8; 16] = std::array::from_fn(|i| (i as u8 * 13 + 7) & 63);
+        let mut s = [0u8; 12];
+        for i in 0..16 {
+            s[i % 8] |= (sc[i] & 15) << (4 * (i / 8));
+            s[8 + i % 4] |= (sc[i] >> 4) << (2 * (i / 4));
+        }
+        assert_eq!(q3k_scales(&s), sc);
+        assert_eq!(q3k_pack_scales(&sc), s);
     }
 
     #[test]
@@ -1798,6 +1976,7 @@ mod tests {
             return;
         }
         for dtype in [
+            GgmlDType::Q3K,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
@@ -1834,6 +2013,7 @@ mod tests {
             (GgmlDType::Q4K, 512 / QK_K * Q4K_BYTES),
             (GgmlDType::Q5K, 512 / QK_K * Q5K_BYTES),
             (GgmlDType::Q6K, 512 / QK_K * Q6K_BYTES),
+            (GgmlDType::Q3K, 512 / QK_K * Q3K_BYTES),
             (GgmlDType::Q8_0, 512 / QK8_0 * Q8_0_BYTES),
             (GgmlDType::Q5_0, 512 / QK8_0 * Q5_0_BYTES),
             (GgmlDType::Q4_0, 512 / QK8_0 * Q4_0_BYTES),
@@ -1881,10 +2061,10 @@ mod tests {
 
     #[test]
     fn other_types_and_a_zero_row_are_handled() {
-        let w = Arc::new(QTensor::quantize(&random(8, 256, 3), GgmlDType::Q3K).unwrap());
+        let w = Arc::new(QTensor::quantize(&random(8, 256, 3), GgmlDType::Q2K).unwrap());
         assert!(
             Gemm::for_types(&w, |_| true).is_none(),
-            "Q3_K stays on candle's kernel"
+            "Q2_K stays on candle's kernel"
         );
         if !available() {
             return;
