@@ -966,6 +966,7 @@ fn quantized_tiny_models_run_and_track_f32() {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
         GgmlDType::Q3K,
+        GgmlDType::Q2K,
         GgmlDType::Q4_1,
         GgmlDType::Q4_0,
         GgmlDType::Q5_0,
@@ -1007,11 +1008,16 @@ fn track_f32(base: &TinySpec, dtypes: &[GgmlDType]) {
             assert_eq!(worst, 0.0, "{dtype:?}: batched vs single");
         }
         // The quantized model tracks the f32 one (same weights before quantization). Three
-        // bits per weight (Q3_K) stray further on these random weights: 0.36 of the scale,
-        // the same with candle's kernels as with verdict's.
+        // and two bits per weight stray further on these random weights: 0.36 (Q3_K) and 0.65
+        // (Q2_K) of the scale, the same with candle's kernels as with verdict's (whose sums
+        // the unit tests check against exact ones).
         let err = max_diff(&all[8], &reference[8]);
         let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));
-        let bound = if dtype == GgmlDType::Q3K { 0.5 } else { 0.25 };
+        let bound = match dtype {
+            GgmlDType::Q3K => 0.5,
+            GgmlDType::Q2K => 0.8,
+            _ => 0.25,
+        };
         assert!(err < bound * scale, "{dtype:?}: {err} vs scale {scale}");
     }
 }

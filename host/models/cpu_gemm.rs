@@ -1,4 +1,4 @@
-//! verdict's own CPU matmul for GGUF's Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1 and MXFP4
+//! verdict's own CPU matmul for GGUF's Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1 and MXFP4
 //! weights (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, keeps its stored
 //! size: each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a
 //! Q8_0 block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
@@ -13,18 +13,20 @@
 //!
 //! The activations are quantized per row like llama.cpp's: int8 with one f32 scale per 256
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
-//! values (for the others). The weights are read from a copy made at load: `pack_q4k` (Q4_K
-//! and Q5_K), `pack_q6k`, `pack_q3k`, `pack_q5_0`, `pack_q4_0`, `pack_q4_1`, `pack_q8_0` and `pack_mxfp4`
-//! interleave 16 columns, so that one `vpdpbusd` multiplies 4 values of all 16 by 4 broadcast
-//! activation values. Each extra activation row costs about half of what per-column kernels
-//! spent (the verified rows' cost, BENCHMARKS.md session 13; a prefill of the 0.5B, whose body
-//! is mostly Q5_0, 180 -> 250 tokens/s, session 19). Per 32 (Q4_K, Q5_K, Q5_0, Q4_0, Q4_1,
-//! Q8_0) or 16 (Q6_K, Q3_K) values the integer sum is exact and is scaled into one f32 lane per
-//! column. The k-quants' 6-bit scales and mins are unpacked to bytes (64 bytes more per 16
-//! blocks), Q6_K's and Q3_K's blocks padded to whole cache lines (32 and 96 bytes more, Q3_K's
-//! 6-bit scales unpacked); the others keep the stored size. Offsets (Q5_0's `q - 16`, Q4_0's `q - 8`, Q8_0's `q + 128` as unsigned bytes,
-//! Q4_1's `+ m`) come from each row's per-32 activation sums. A tile block is laid out in the
-//! order the kernel reads it, front to back, so that the hardware prefetcher streams it.
+//! values (for the others). The weights are read from a copy made at load: `pack_q4k` (Q4_K and
+//! Q5_K), `pack_q6k`, `pack_q3k`, `pack_q2k`, `pack_q5_0`, `pack_q4_0`, `pack_q4_1`,
+//! `pack_q8_0` and `pack_mxfp4` interleave 16 columns, so that one `vpdpbusd` multiplies 4
+//! values of all 16 by 4 broadcast activation values. Each extra activation row costs about
+//! half of what per-column kernels spent (the verified rows' cost, BENCHMARKS.md session 13; a
+//! prefill of the 0.5B, whose body is mostly Q5_0, 180 -> 250 tokens/s, session 19). Per 32
+//! (Q4_K, Q5_K, Q5_0, Q4_0, Q4_1, Q8_0) or 16 (Q6_K, Q3_K, Q2_K) values the integer sum is
+//! exact and is scaled into one f32 lane per column. Q4_K's and Q5_K's 6-bit scales and mins
+//! are unpacked to bytes (64 bytes more per 16 blocks), Q6_K's and Q3_K's blocks padded to whole
+//! cache lines (32 and 96 bytes more, Q3_K's 6-bit scales unpacked); the others keep the stored
+//! size. Offsets (Q2_K's and Q4_K's mins, Q5_0's `q - 16`, Q4_0's `q - 8`, Q8_0's `q + 128` as
+//! unsigned bytes, Q4_1's `+ m`) come from each row's activation sums per 32 values (per 16
+//! for Q2_K, Q3_K and Q6_K). A tile block is laid out in the order the kernel reads it, front
+//! to back, so that the hardware prefetcher streams it.
 //!
 //! The tiles are on 2 MiB pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB
 //! pages address translation bound that stream. They hold every bit of the matrix
@@ -47,6 +49,7 @@ const Q4K_BYTES: usize = 144;
 const Q6K_BYTES: usize = 210;
 const Q5K_BYTES: usize = 176;
 const Q3K_BYTES: usize = 110;
+const Q2K_BYTES: usize = 84;
 const QK8_0: usize = 32;
 const Q8_0_BYTES: usize = 34;
 const Q5_0_BYTES: usize = 22;
@@ -89,6 +92,12 @@ const Q3K_TILE_BYTES: usize = Q3K_QS + 16 * Q3K_SUB_BYTES;
 const Q3K_D: usize = 256;
 const Q3K_QS: usize = 320;
 const Q3K_SUB_BYTES: usize = 96;
+/// Q2_K: 16 columns' scale-and-min bytes (as stored), their d and dmin, then per 16-value
+/// sub-block the bit pairs (see [`pack_q2k`]): 1344 bytes, the stored size, 21 cache lines.
+const Q2K_TILE_BYTES: usize = Q2K_QS + 16 * 64;
+const Q2K_D: usize = 256;
+const Q2K_DMIN: usize = 288;
+const Q2K_QS: usize = 320;
 /// 16 columns' 32-value Q5_0 or Q4_1 blocks, in the stored bytes.
 const Q5_0_TILE_BYTES: usize = TILE * Q5_0_BYTES;
 const Q4_0_TILE_BYTES: usize = TILE * Q4_0_BYTES;
@@ -107,6 +116,8 @@ enum Kind {
     Q4K,
     /// Q4_K's layout and arithmetic with a fifth bit per value.
     Q5K,
+    /// Q4_K's arithmetic (scales and mins) on 16-value sub-blocks of 2-bit values.
+    Q2K,
     /// Q6_K's arithmetic on 3-bit values.
     Q3K,
     Q6K,
@@ -196,6 +207,7 @@ fn enabled(kind: Kind) -> bool {
     let name = match kind {
         Kind::Q4K => "q4k",
         Kind::Q5K => "q5k",
+        Kind::Q2K => "q2k",
         Kind::Q3K => "q3k",
         Kind::Q6K => "q6k",
         Kind::Q8_0 => "q8_0",
@@ -214,7 +226,7 @@ fn enabled(kind: Kind) -> bool {
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
 const DEFAULT_TYPES: &[&str] = &[
-    "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "mxfp4",
+    "q2k", "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "mxfp4",
 ];
 
 impl Gemm {
@@ -234,6 +246,7 @@ impl Gemm {
             Kind::Q4_1 => Pages::copy_of(&pack_q4_1(&data, n, k)),
             Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k, false)),
             Kind::Q5K => Pages::copy_of(&pack_q4k(&data, n, k, true)),
+            Kind::Q2K => Pages::copy_of(&pack_q2k(&data, n, k)),
             Kind::Q3K => Pages::copy_of(&pack_q3k(&data, n, k)),
             Kind::Q6K => Pages::copy_of(&pack_q6k(&data, n, k)),
             Kind::Q8_0 => Pages::copy_of(&pack_q8_0(&data, n, k)),
@@ -269,6 +282,7 @@ impl Gemm {
         let (dtype, bytes) = match self.kind {
             Kind::Q4K => (GgmlDType::Q4K, unpack_q4k(&self.blocks, n, k, false)),
             Kind::Q5K => (GgmlDType::Q5K, unpack_q4k(&self.blocks, n, k, true)),
+            Kind::Q2K => (GgmlDType::Q2K, unpack_q2k(&self.blocks, n, k)),
             Kind::Q3K => (GgmlDType::Q3K, unpack_q3k(&self.blocks, n, k)),
             Kind::Q6K => (GgmlDType::Q6K, unpack_q6k(&self.blocks, n, k)),
             Kind::Q8_0 => (GgmlDType::Q8_0, unpack_q8_0(&self.blocks, n, k)),
@@ -427,6 +441,7 @@ impl Kind {
         match self {
             Kind::Q4K => (QK_K, Q4K_BYTES),
             Kind::Q5K => (QK_K, Q5K_BYTES),
+            Kind::Q2K => (QK_K, Q2K_BYTES),
             Kind::Q3K => (QK_K, Q3K_BYTES),
             Kind::Q6K => (QK_K, Q6K_BYTES),
             Kind::Q8_0 => (QK8_0, Q8_0_BYTES),
@@ -442,6 +457,7 @@ impl Kind {
         match self {
             Kind::Q4K => Q4K_TILE_BYTES,
             Kind::Q5K => Q5K_TILE_BYTES,
+            Kind::Q2K => Q2K_TILE_BYTES,
             Kind::Q3K => Q3K_TILE_BYTES,
             Kind::Q6K => Q6K_TILE_BYTES,
             Kind::Q8_0 => Q8_0_TILE_BYTES,
@@ -455,7 +471,7 @@ impl Kind {
     /// Values per activation scale: 256 for the k-quants (Q8_K), 32 for the others (Q8_0).
     fn act_block(self) -> usize {
         match self {
-            Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
+            Kind::Q2K | Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
             Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_0 | Kind::Q4_1 | Kind::Mxfp4 => QK8_0,
         }
     }
@@ -482,6 +498,7 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
     let kind = match w.dtype() {
         GgmlDType::Q4K => Kind::Q4K,
         GgmlDType::Q5K => Kind::Q5K,
+        GgmlDType::Q2K => Kind::Q2K,
         GgmlDType::Q3K => Kind::Q3K,
         GgmlDType::Q6K => Kind::Q6K,
         GgmlDType::Q8_0 => Kind::Q8_0,
@@ -873,6 +890,66 @@ fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     out
 }
 
+/// Value v (0..256) of a stored Q2_K block's 64 bytes of bit pairs (Q3_K's low bits' order):
+/// bit pair v % 128 / 32 of byte `32·(v / 128) + v % 32`.
+fn q2_pair(qs: &[u8], v: usize) -> u8 {
+    (qs[32 * (v / 128) + v % 32] >> (2 * (v % 128 / 32))) & 3
+}
+
+/// Puts `q` (0..=3), value v of column j's 16-value sub-block (v counted in the block), into a
+/// Q2_K or Q3_K tile block's sub-block plane (`sub`, its 64 bytes): byte `4j + v % 4`, bits
+/// `2·(v % 16 / 4)`.
+fn put_pair(sub: &mut [u8], j: usize, v: usize, q: u8) {
+    sub[4 * j + v % 4] |= q << (2 * (v % 16 / 4));
+}
+
+/// [`put_pair`]'s inverse.
+fn get_pair(sub: &[u8], j: usize, v: usize) -> u8 {
+    (sub[4 * j + v % 4] >> (2 * (v % 16 / 4))) & 3
+}
+
+/// Q2_K blocks (16 bytes of 4-bit scale and 4-bit min per sub-block, 64 of bit pairs, f16 d
+/// and dmin: `d·sc·q - dmin·m` per 16-value sub-block) regrouped 16 columns to a tile. Per tile
+/// block: bytes `16s + j` column j's sub-block s scale-and-min byte as stored; `256..288` the
+/// columns' d, `288..320` their dmin; then per sub-block s at `320 + 64s` its bit pairs, laid
+/// out as Q3_K's ([`put_pair`]). The stored size.
+fn pack_q2k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let nb = k / QK_K;
+    let mut out = vec![0u8; n.div_ceil(TILE) * nb * Q2K_TILE_BYTES];
+    for c in 0..n {
+        let (t, j) = (c / TILE, c % TILE);
+        for b in 0..nb {
+            let blk = &raw[(c * nb + b) * Q2K_BYTES..][..Q2K_BYTES];
+            let dst = &mut out[(t * nb + b) * Q2K_TILE_BYTES..][..Q2K_TILE_BYTES];
+            for s in 0..16 {
+                dst[16 * s + j] = blk[s];
+                let sub = &mut dst[Q2K_QS + 64 * s..][..64];
+                for v in 16 * s..16 * s + 16 {
+                    put_pair(sub, j, v, q2_pair(&blk[16..80], v));
+                }
+            }
+            dst[Q2K_D + 2 * j..Q2K_D + 2 + 2 * j].copy_from_slice(&blk[80..82]);
+            dst[Q2K_DMIN + 2 * j..Q2K_DMIN + 2 + 2 * j].copy_from_slice(&blk[82..84]);
+        }
+    }
+    out
+}
+
+/// [`pack_q2k`]'s inverse: the stored blocks, bit for bit.
+fn unpack_q2k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(tiles, n, k, Kind::Q2K, |src, j, dst| {
+        for v in 0..QK_K {
+            let q = get_pair(&src[Q2K_QS + 64 * (v / 16)..][..64], j, v);
+            dst[16 + 32 * (v / 128) + v % 32] |= q << (2 * (v % 128 / 32));
+        }
+        for s in 0..16 {
+            dst[s] = src[16 * s + j];
+        }
+        dst[80..82].copy_from_slice(&src[Q2K_D + 2 * j..Q2K_D + 2 + 2 * j]);
+        dst[82..84].copy_from_slice(&src[Q2K_DMIN + 2 * j..Q2K_DMIN + 2 + 2 * j]);
+    })
+}
+
 /// A Q3_K block's 16 scales (6 bits each, the stored value; `sc - 32` multiplies) from its 12
 /// bytes, as ggml unpacks them: scale i's low 4 bits in byte i (i < 8) or the high nibble of
 /// byte i - 8, its high 2 bits in byte 8 + i % 4 at bit 2·(i / 4).
@@ -900,9 +977,7 @@ fn q3k_pack_scales(sc: &[u8; 16]) -> [u8; 12] {
 /// h = v / 128, bit pair j = v % 128 / 32 of byte `32h + v % 32` of `qs`, and the high bit
 /// 4h + j of byte v % 32 of `hmask` (set: `+ 4`, as ggml's "subtract 4 unless set").
 fn q3k_value(blk: &[u8], v: usize) -> u8 {
-    let (h, j, l) = (v / 128, v % 128 / 32, v % 32);
-    let lo = (blk[32 + 32 * h + l] >> (2 * j)) & 3;
-    lo | (((blk[l] >> (4 * h + j)) & 1) << 2)
+    q2_pair(&blk[32..96], v) | (((blk[v % 32] >> (4 * (v / 128) + v % 128 / 32)) & 1) << 2)
 }
 
 /// Q3_K blocks (32 bytes of high bits, 64 of bit pairs, 12 of packed 6-bit scales, f16 d:
@@ -924,13 +999,11 @@ fn pack_q3k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
             for s in 0..16 {
                 dst[16 * s + j] = sc[s].wrapping_sub(32);
                 let sub = &mut dst[Q3K_QS + Q3K_SUB_BYTES * s..][..Q3K_SUB_BYTES];
-                for g in 0..4 {
-                    for bb in 0..4 {
-                        let q = q3k_value(blk, 16 * s + 4 * g + bb);
-                        sub[4 * j + bb] |= (q & 3) << (2 * g);
-                        let bit = 4 * j + bb;
-                        sub[64 + 8 * g + bit / 8] |= (q >> 2) << (bit % 8);
-                    }
+                for v in 16 * s..16 * s + 16 {
+                    let q = q3k_value(blk, v);
+                    put_pair(sub, j, v, q & 3);
+                    let bit = 4 * j + v % 4;
+                    sub[64 + 8 * (v % 16 / 4) + bit / 8] |= (q >> 2) << (bit % 8);
                 }
             }
             dst[Q3K_D + 2 * j..Q3K_D + 2 + 2 * j].copy_from_slice(&blk[108..110]);
@@ -943,13 +1016,11 @@ fn pack_q3k(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
 fn unpack_q3k(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
     untile(tiles, n, k, Kind::Q3K, |src, j, dst| {
         for v in 0..QK_K {
-            let (s, g, bb) = (v / 16, v % 16 / 4, v % 4);
-            let sub = &src[Q3K_QS + Q3K_SUB_BYTES * s..][..Q3K_SUB_BYTES];
-            let bit = 4 * j + bb;
-            let lo = (sub[4 * j + bb] >> (2 * g)) & 3;
-            let hi = (sub[64 + 8 * g + bit / 8] >> (bit % 8)) & 1;
+            let sub = &src[Q3K_QS + Q3K_SUB_BYTES * (v / 16)..][..Q3K_SUB_BYTES];
+            let bit = 4 * j + v % 4;
+            let hi = (sub[64 + 8 * (v % 16 / 4) + bit / 8] >> (bit % 8)) & 1;
             let (h, jj, l) = (v / 128, v % 128 / 32, v % 32);
-            dst[32 + 32 * h + l] |= lo << (2 * jj);
+            dst[32 + 32 * h + l] |= get_pair(sub, j, v) << (2 * jj);
             dst[l] |= hi << (4 * h + jj);
         }
         let sc: [u8; 16] = std::array::from_fn(|s| src[16 * s + j].wrapping_add(32));
@@ -992,8 +1063,10 @@ struct Acts {
     /// Q6_K and Q3_K only: -32 (-4) times each 16 values' sum, where their dot products over
     /// the unsigned 0..=63 (0..=7) weights start.
     corr: Vec<i32>,
-    /// Entries per row of `d`, `sum32` and `corr`.
-    strides: [usize; 3],
+    /// Q2_K only: each 16 values' sum (its mins are dot products with these).
+    sum16: Vec<i16>,
+    /// Entries per row of `d`, `sum32`, `corr` and `sum16`.
+    strides: [usize; 4],
     /// Every row's [`RowPtrs`], made once: the kernels ask for them per row and per tile, and
     /// making them there (slicing, bounds checks) was 2-4% of a prefill.
     rows: RowTable,
@@ -1018,7 +1091,8 @@ impl Acts {
             d: vec![0.0; m * k / blk],
             sum32: vec![0; m * k / 32],
             corr: Vec::new(),
-            strides: [k / blk, k / 32, 0],
+            sum16: Vec::new(),
+            strides: [k / blk, k / 32, 0, 0],
             rows: RowTable(Vec::new()),
         };
         for (b, (x, q)) in xs
@@ -1060,7 +1134,14 @@ impl Acts {
                     .map(|q| -offset * q.iter().map(|&v| v as i32).sum::<i32>())
                     .collect();
         }
+        if kind == Kind::Q2K {
+            a.sum16 =
+                a.qs.chunks_exact(16)
+                    .map(|q| q.iter().map(|&v| v as i16).sum())
+                    .collect();
+        }
         a.strides[2] = a.corr.len().checked_div(m).unwrap_or(0);
+        a.strides[3] = a.sum16.len().checked_div(m).unwrap_or(0);
         a.rows = RowTable((0..m).map(|r| a.make_ptrs(r)).collect());
         a
     }
@@ -1076,7 +1157,7 @@ impl Acts {
     }
 
     fn make_ptrs(&self, r: usize) -> RowPtrs {
-        let [d, sum32, corr] = self.strides;
+        let [d, sum32, corr, sum16] = self.strides;
         RowPtrs {
             qs: self.row(r).as_ptr(),
             d: self.d[r * d..(r + 1) * d].as_ptr(),
@@ -1085,6 +1166,11 @@ impl Acts {
                 std::ptr::null()
             } else {
                 self.corr[r * corr..(r + 1) * corr].as_ptr()
+            },
+            sum16: if self.sum16.is_empty() {
+                std::ptr::null()
+            } else {
+                self.sum16[r * sum16..(r + 1) * sum16].as_ptr()
             },
         }
     }
@@ -1101,6 +1187,7 @@ struct RowPtrs {
     d: *const f32,
     sum32: *const i16,
     corr: *const i32,
+    sum16: *const i16,
 }
 
 #[cfg(test)]
@@ -1183,6 +1270,7 @@ mod x86 {
             match kind {
                 Kind::Q4K => q4k_rows::<N, false>(tile, pass),
                 Kind::Q5K => q4k_rows::<N, true>(tile, pass),
+                Kind::Q2K => q2k_rows(tile, pass),
                 Kind::Q3K => q3k_rows(tile, pass),
                 Kind::Q6K => q6k_rows(tile, pass),
                 Kind::Q5_0 => int_rows::<N, Q5_0Block>(tile, pass),
@@ -1338,6 +1426,76 @@ mod x86 {
         acc
     }
 
+    /// A Q2_K or Q3_K sub-block's 4 groups of bit pairs ([`put_pair`]) as bytes 0..=3.
+    #[inline(always)]
+    unsafe fn pair_planes(sub: *const u8) -> [__m512i; 4] {
+        // SAFETY: the callers run with AVX-512 (their target features); `sub` holds 64 bytes.
+        unsafe {
+            let pairs = _mm512_loadu_si512(sub.cast());
+            let three = _mm512_set1_epi8(3);
+            // A 16-bit shift: each byte's own pair lands in its low 2 bits.
+            std::array::from_fn(|g| {
+                let shift = _mm512_set1_epi16(2 * g as i16);
+                _mm512_and_si512(_mm512_srlv_epi16(pairs, shift), three)
+            })
+        }
+    }
+
+    /// A pass against one Q2_K tile ([`pack_q2k`]): Q4_K's arithmetic per 16-value sub-block,
+    /// the integer sum of `q·a` (exact) times `d·sc` into the block's sum; per block that sum
+    /// times `da`, less `dmin·da` times the exact `Σ m·Σa` (`vpdpwssd` over sub-block pairs).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q2k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut blk_acc = [_mm512_setzero_ps(); N];
+        let zero = _mm512_setzero_si512();
+        let low = _mm512_set1_epi32(15);
+        for b in 0..tile.len() / Q2K_TILE_BYTES {
+            let blk = unsafe { block_at(tile, b, Q2K_TILE_BYTES) };
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q2K_D).cast()) });
+            let dmin = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q2K_DMIN).cast()) });
+            let scm =
+                |s: usize| _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) });
+            for s in 0..16 {
+                let w = unsafe { pair_planes(blk.add(Q2K_QS + 64 * s)) };
+                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(scm(s), low)));
+                unsafe {
+                    pass.dots(
+                        &w,
+                        |p| p.qs.add(b * QK_K + 16 * s),
+                        |_| zero,
+                        |i, dot| {
+                            blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i])
+                        },
+                    )
+                };
+            }
+            // Sub-blocks 2q and 2q + 1's mins as the 16-bit pair of each column's lane.
+            let mn: [__m512i; 8] = std::array::from_fn(|q| {
+                let (a, b) = (scm(2 * q), scm(2 * q + 1));
+                _mm512_or_si512(
+                    _mm512_srli_epi32(a, 4),
+                    _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16),
+                )
+            });
+            for i in 0..N {
+                let p = pass.rp[i];
+                let sums = unsafe { p.sum16.add(16 * b) };
+                let mut mi = zero;
+                for (q, &mn) in mn.iter().enumerate() {
+                    mi = _mm512_dpwssd_epi32(mi, mn, unsafe { bcast4(sums.add(2 * q).cast()) });
+                }
+                let da = _mm512_set1_ps(unsafe { *p.d.add(b) });
+                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
+                let dm = _mm512_mul_ps(dmin, da);
+                acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mi), dm, acc[i]);
+                blk_acc[i] = _mm512_setzero_ps();
+            }
+        }
+        acc
+    }
+
     /// A pass against one Q3_K tile ([`pack_q3k`]): Q6_K's arithmetic on values `q + 4` in
     /// 0..=7, the dot products starting from -4·Σa.
     #[inline]
@@ -1345,23 +1503,17 @@ mod x86 {
     unsafe fn q3k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
         let mut acc = [_mm512_setzero_ps(); N];
         let mut blk_acc = [_mm512_setzero_ps(); N];
-        let three = _mm512_set1_epi8(3);
         let four = _mm512_set1_epi8(4);
         for b in 0..tile.len() / Q3K_TILE_BYTES {
             let blk = unsafe { block_at(tile, b, Q3K_TILE_BYTES) };
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q3K_D).cast()) });
             for s in 0..16 {
                 let sub = unsafe { blk.add(Q3K_QS + Q3K_SUB_BYTES * s) };
-                let pairs = unsafe { _mm512_loadu_si512(sub.cast()) };
+                let lo = unsafe { pair_planes(sub) };
                 let w: [__m512i; 4] = std::array::from_fn(|g| {
-                    // A 16-bit shift: each byte's own pair lands in its low 2 bits.
-                    let lo = _mm512_and_si512(
-                        _mm512_srlv_epi16(pairs, _mm512_set1_epi16(2 * g as i16)),
-                        three,
-                    );
                     let hi: __mmask64 =
                         unsafe { sub.add(64 + 8 * g).cast::<u64>().read_unaligned() };
-                    _mm512_mask_add_epi8(lo, hi, lo, four)
+                    _mm512_mask_add_epi8(lo[g], hi, lo[g], four)
                 });
                 let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
                 let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
@@ -1814,6 +1966,7 @@ mod tests {
             (GgmlDType::Q5K, 18, 512),
             (GgmlDType::Q6K, 19, 512),
             (GgmlDType::Q3K, 23, 768),
+            (GgmlDType::Q2K, 29, 512),
             (GgmlDType::Q8_0, 21, 32 * 5),
             (GgmlDType::Q5_0, 33, 32 * 6),
             (GgmlDType::Q4_0, 20, 32 * 5),
@@ -1826,6 +1979,12 @@ mod tests {
             assert_eq!(back.shape().dims(), &[n, k]);
             assert_eq!(*back.data().unwrap(), *t.data().unwrap(), "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn q2k_matches_the_exact_sum() {
+        check(GgmlDType::Q2K, 40, 512);
+        check(GgmlDType::Q2K, 21, 768);
     }
 
     #[test]
@@ -1976,6 +2135,7 @@ mod tests {
             return;
         }
         for dtype in [
+            GgmlDType::Q2K,
             GgmlDType::Q3K,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
@@ -2014,6 +2174,7 @@ mod tests {
             (GgmlDType::Q5K, 512 / QK_K * Q5K_BYTES),
             (GgmlDType::Q6K, 512 / QK_K * Q6K_BYTES),
             (GgmlDType::Q3K, 512 / QK_K * Q3K_BYTES),
+            (GgmlDType::Q2K, 512 / QK_K * Q2K_BYTES),
             (GgmlDType::Q8_0, 512 / QK8_0 * Q8_0_BYTES),
             (GgmlDType::Q5_0, 512 / QK8_0 * Q5_0_BYTES),
             (GgmlDType::Q4_0, 512 / QK8_0 * Q4_0_BYTES),
@@ -2061,10 +2222,10 @@ mod tests {
 
     #[test]
     fn other_types_and_a_zero_row_are_handled() {
-        let w = Arc::new(QTensor::quantize(&random(8, 256, 3), GgmlDType::Q2K).unwrap());
+        let w = Arc::new(QTensor::quantize(&random(8, 32, 3), GgmlDType::Q5_1).unwrap());
         assert!(
             Gemm::for_types(&w, |_| true).is_none(),
-            "Q2_K stays on candle's kernel"
+            "Q5_1 stays on candle's kernel"
         );
         if !available() {
             return;
