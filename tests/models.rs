@@ -968,6 +968,7 @@ fn quantized_tiny_models_run_and_track_f32() {
         GgmlDType::Q3K,
         GgmlDType::Q2K,
         GgmlDType::Q4_1,
+        GgmlDType::Q5_1,
         GgmlDType::Q4_0,
         GgmlDType::Q5_0,
         GgmlDType::F16,

@@ -1,7 +1,8 @@
-//! verdict's own CPU matmul for GGUF's Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1 and MXFP4
-//! weights (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle cannot hold, keeps its stored
-//! size: each block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a
-//! Q8_0 block of the same weights holds, then Q8_0's arithmetic runs, with the same bits.
+//! verdict's own CPU matmul for GGUF's Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1,
+//! Q5_1 and MXFP4 weights (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle
+//! cannot hold, keeps its stored size: each block's 4-bit codes go through a 16-entry table
+//! (`vpshufb`) to the int8 values a Q8_0 block of the same weights holds, then Q8_0's
+//! arithmetic runs, with the same bits.
 //!
 //! Why not candle's: its x86 fast path repacks Q4_K into tiles with unpacked f32 scales (33%
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
@@ -15,18 +16,18 @@
 //! values (Q8_K, for the k-quants, with the sums per 32 that fold Q4_K's mins in) or per 32
 //! values (for the others). The weights are read from a copy made at load: `pack_q4k` (Q4_K and
 //! Q5_K), `pack_q6k`, `pack_q3k`, `pack_q2k`, `pack_q5_0`, `pack_q4_0`, `pack_q4_1`,
-//! `pack_q8_0` and `pack_mxfp4` interleave 16 columns, so that one `vpdpbusd` multiplies 4
-//! values of all 16 by 4 broadcast activation values. Each extra activation row costs about
-//! half of what per-column kernels spent (the verified rows' cost, BENCHMARKS.md session 13; a
-//! prefill of the 0.5B, whose body is mostly Q5_0, 180 -> 250 tokens/s, session 19). Per 32
-//! (Q4_K, Q5_K, Q5_0, Q4_0, Q4_1, Q8_0) or 16 (Q6_K, Q3_K, Q2_K) values the integer sum is
-//! exact and is scaled into one f32 lane per column. Q4_K's and Q5_K's 6-bit scales and mins
-//! are unpacked to bytes (64 bytes more per 16 blocks), Q6_K's and Q3_K's blocks padded to whole
-//! cache lines (32 and 96 bytes more, Q3_K's 6-bit scales unpacked); the others keep the stored
-//! size. Offsets (Q2_K's and Q4_K's mins, Q5_0's `q - 16`, Q4_0's `q - 8`, Q8_0's `q + 128` as
-//! unsigned bytes, Q4_1's `+ m`) come from each row's activation sums per 32 values (per 16
-//! for Q2_K, Q3_K and Q6_K). A tile block is laid out in the order the kernel reads it, front
-//! to back, so that the hardware prefetcher streams it.
+//! `pack_q5_1`, `pack_q8_0` and `pack_mxfp4` interleave 16 columns, so that one `vpdpbusd`
+//! multiplies 4 values of all 16 by 4 broadcast activation values. Each extra activation row
+//! costs about half of what per-column kernels spent (the verified rows' cost, BENCHMARKS.md
+//! session 13; a prefill of the 0.5B, whose body is mostly Q5_0, 180 -> 250 tokens/s, session
+//! 19). Per 32 (Q4_K, Q5_K, Q5_0, Q4_0, Q4_1, Q5_1, Q8_0) or 16 (Q6_K, Q3_K, Q2_K) values the
+//! integer sum is exact and is scaled into one f32 lane per column. Q4_K's and Q5_K's 6-bit
+//! scales and mins are unpacked to bytes (64 bytes more per 16 blocks), Q6_K's and Q3_K's
+//! blocks padded to whole cache lines (32 and 96 bytes more, Q3_K's 6-bit scales unpacked); the
+//! others keep the stored size. Offsets (Q2_K's and Q4_K's mins, Q5_0's `q - 16`, Q4_0's `q -
+//! 8`, Q8_0's `q + 128` as unsigned bytes, Q4_1's and Q5_1's `+ m`) come from each row's
+//! activation sums per 32 values (per 16 for Q2_K, Q3_K and Q6_K). A tile block is laid out in
+//! the order the kernel reads it, front to back, so that the hardware prefetcher streams it.
 //!
 //! The tiles are on 2 MiB pages ([`Pages`]): a one-row forward streams them all, and on 4 KiB
 //! pages address translation bound that stream. They hold every bit of the matrix
@@ -55,6 +56,7 @@ const Q8_0_BYTES: usize = 34;
 const Q5_0_BYTES: usize = 22;
 const Q4_0_BYTES: usize = 18;
 const Q4_1_BYTES: usize = 20;
+const Q5_1_BYTES: usize = 24;
 /// MXFP4 (gpt-oss's experts): an E8M0 exponent byte and 16 bytes of 4-bit codes per 32.
 const MXFP4_BYTES: usize = 17;
 /// MXFP4's code values, doubled to integers (ggml's `kvalues_mxfp4`); the scale 2^(e - 128)
@@ -102,6 +104,7 @@ const Q2K_QS: usize = 320;
 const Q5_0_TILE_BYTES: usize = TILE * Q5_0_BYTES;
 const Q4_0_TILE_BYTES: usize = TILE * Q4_0_BYTES;
 const Q4_1_TILE_BYTES: usize = TILE * Q4_1_BYTES;
+const Q5_1_TILE_BYTES: usize = TILE * Q5_1_BYTES;
 /// 16 columns' Q8_0 blocks (their values plus 128, then their d) and MXFP4 blocks (their codes
 /// as nibble planes, then their exponent bytes): the stored bytes.
 const Q8_0_TILE_BYTES: usize = TILE * Q8_0_BYTES;
@@ -125,6 +128,8 @@ enum Kind {
     Q5_0,
     Q4_0,
     Q4_1,
+    /// Q4_1's arithmetic with a fifth bit per value (Q5_0's).
+    Q5_1,
     /// Q8_0's arithmetic: each block's codes through a 16-entry table to int8.
     Mxfp4,
 }
@@ -214,6 +219,7 @@ fn enabled(kind: Kind) -> bool {
         Kind::Q5_0 => "q5_0",
         Kind::Q4_0 => "q4_0",
         Kind::Q4_1 => "q4_1",
+        Kind::Q5_1 => "q5_1",
         Kind::Mxfp4 => "mxfp4",
     };
     match std::env::var("VERDICT_CPU_GEMM") {
@@ -226,7 +232,7 @@ fn enabled(kind: Kind) -> bool {
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
 const DEFAULT_TYPES: &[&str] = &[
-    "q2k", "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "mxfp4",
+    "q2k", "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "q5_1", "mxfp4",
 ];
 
 impl Gemm {
@@ -244,6 +250,7 @@ impl Gemm {
             Kind::Q5_0 => Pages::copy_of(&pack_q5_0(&data, n, k)),
             Kind::Q4_0 => Pages::copy_of(&pack_q4_0(&data, n, k)),
             Kind::Q4_1 => Pages::copy_of(&pack_q4_1(&data, n, k)),
+            Kind::Q5_1 => Pages::copy_of(&pack_q5_1(&data, n, k)),
             Kind::Q4K => Pages::copy_of(&pack_q4k(&data, n, k, false)),
             Kind::Q5K => Pages::copy_of(&pack_q4k(&data, n, k, true)),
             Kind::Q2K => Pages::copy_of(&pack_q2k(&data, n, k)),
@@ -289,6 +296,7 @@ impl Gemm {
             Kind::Q5_0 => (GgmlDType::Q5_0, unpack_q5_0(&self.blocks, n, k)),
             Kind::Q4_0 => (GgmlDType::Q4_0, unpack_q4_0(&self.blocks, n, k)),
             Kind::Q4_1 => (GgmlDType::Q4_1, unpack_q4_1(&self.blocks, n, k)),
+            Kind::Q5_1 => (GgmlDType::Q5_1, unpack_q5_1(&self.blocks, n, k)),
             Kind::Mxfp4 => {
                 let blocks = unpack_mxfp4(&self.blocks, n, k);
                 let q8 = super::gguf::mxfp4_to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
@@ -448,6 +456,7 @@ impl Kind {
             Kind::Q5_0 => (QK8_0, Q5_0_BYTES),
             Kind::Q4_0 => (QK8_0, Q4_0_BYTES),
             Kind::Q4_1 => (QK8_0, Q4_1_BYTES),
+            Kind::Q5_1 => (QK8_0, Q5_1_BYTES),
             Kind::Mxfp4 => (QK8_0, MXFP4_BYTES),
         }
     }
@@ -464,6 +473,7 @@ impl Kind {
             Kind::Q5_0 => Q5_0_TILE_BYTES,
             Kind::Q4_0 => Q4_0_TILE_BYTES,
             Kind::Q4_1 => Q4_1_TILE_BYTES,
+            Kind::Q5_1 => Q5_1_TILE_BYTES,
             Kind::Mxfp4 => MXFP4_TILE_BYTES,
         }
     }
@@ -472,7 +482,7 @@ impl Kind {
     fn act_block(self) -> usize {
         match self {
             Kind::Q2K | Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
-            Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_0 | Kind::Q4_1 | Kind::Mxfp4 => QK8_0,
+            Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_1 | Kind::Mxfp4 => QK8_0,
         }
     }
 }
@@ -505,6 +515,7 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
         GgmlDType::Q5_0 => Kind::Q5_0,
         GgmlDType::Q4_0 => Kind::Q4_0,
         GgmlDType::Q4_1 => Kind::Q4_1,
+        GgmlDType::Q5_1 => Kind::Q5_1,
         _ => return None,
     };
     if !take(kind) {
@@ -529,14 +540,52 @@ fn applies(w: &QTensor, take: impl Fn(Kind) -> bool) -> Option<(Kind, usize, usi
 /// The stored bytes (22 per block and column); columns past `n` are zero.
 fn pack_q5_0(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
     tiles32(raw, n, k, Q5_0_BYTES, |blk, j, dst| {
-        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-        let q = |v: usize| stored_nibble(&blk[6..], v) | ((((qh >> v) & 1) as u8) << 4);
-        put_nibbles(dst, j, q);
-        for v in 0..QK8_0 {
-            let bit = 4 * j + v % 4;
-            dst[256 + 8 * (v / 4) + bit / 8] |= (q(v) >> 4) << (bit % 8);
-        }
+        put_five_bits(dst, j, &blk[2..6], &blk[6..22]);
         dst[320 + 2 * j..322 + 2 * j].copy_from_slice(&blk[0..2]);
+    })
+}
+
+/// Column j's 32 five-bit values (`qh`: the fifth bits, value v's in bit v; `qs`: the stored
+/// nibbles) into a Q5_0 or Q5_1 tile block: the nibble planes ([`put_nibbles`]) and from byte
+/// 256 the 8 groups' 64-bit masks of fifth bits.
+fn put_five_bits(dst: &mut [u8], j: usize, qh: &[u8], qs: &[u8]) {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    put_nibbles(dst, j, |v| stored_nibble(qs, v));
+    for v in 0..QK8_0 {
+        let bit = 4 * j + v % 4;
+        dst[256 + 8 * (v / 4) + bit / 8] |= (((qh >> v) & 1) as u8) << (bit % 8);
+    }
+}
+
+/// [`put_five_bits`]' inverse: column j's `qh` and stored nibbles.
+fn get_five_bits(src: &[u8], j: usize, dst_qh: &mut [u8], dst_qs: &mut [u8]) {
+    let mut qh = 0u32;
+    for v in 0..QK8_0 {
+        let bit = 4 * j + v % 4;
+        qh |= u32::from((src[256 + 8 * (v / 4) + bit / 8] >> (bit % 8)) & 1) << v;
+    }
+    dst_qh.copy_from_slice(&qh.to_le_bytes());
+    put_stored_nibbles(dst_qs, |v| get_nibble(src, j, v));
+}
+
+/// Q5_1 blocks (f16 d, f16 m, 32 fifth bits, 16 bytes of nibbles: `d * q + m`) regrouped like
+/// Q5_0's ([`put_five_bits`]), then bytes `320..352` the 16 columns' d, `352..384` their m. The
+/// stored bytes; columns past `n` are zero.
+fn pack_q5_1(raw: &[u8], n: usize, k: usize) -> Vec<u8> {
+    tiles32(raw, n, k, Q5_1_BYTES, |blk, j, dst| {
+        put_five_bits(dst, j, &blk[4..8], &blk[8..24]);
+        dst[320 + 2 * j..322 + 2 * j].copy_from_slice(&blk[0..2]);
+        dst[352 + 2 * j..354 + 2 * j].copy_from_slice(&blk[2..4]);
+    })
+}
+
+/// [`pack_q5_1`]'s inverse.
+fn unpack_q5_1(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
+    untile(tiles, n, k, Kind::Q5_1, |src, j, dst| {
+        dst[0..2].copy_from_slice(&src[320 + 2 * j..322 + 2 * j]);
+        dst[2..4].copy_from_slice(&src[352 + 2 * j..354 + 2 * j]);
+        let (qh, qs) = dst[4..].split_at_mut(4);
+        get_five_bits(src, j, qh, qs);
     })
 }
 
@@ -668,13 +717,8 @@ fn unpack_q4_1(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
 fn unpack_q5_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
     untile(tiles, n, k, Kind::Q5_0, |src, j, dst| {
         dst[0..2].copy_from_slice(&src[320 + 2 * j..322 + 2 * j]);
-        let mut qh = 0u32;
-        for v in 0..QK8_0 {
-            let bit = 4 * j + v % 4;
-            qh |= u32::from((src[256 + 8 * (v / 4) + bit / 8] >> (bit % 8)) & 1) << v;
-        }
-        dst[2..6].copy_from_slice(&qh.to_le_bytes());
-        put_stored_nibbles(&mut dst[6..], |v| get_nibble(src, j, v));
+        let (qh, qs) = dst[2..].split_at_mut(4);
+        get_five_bits(src, j, qh, qs);
     })
 }
 
@@ -1275,7 +1319,8 @@ mod x86 {
                 Kind::Q6K => q6k_rows(tile, pass),
                 Kind::Q5_0 => int_rows::<N, Q5_0Block>(tile, pass),
                 Kind::Q4_0 => int_rows::<N, Q4_0Block>(tile, pass),
-                Kind::Q4_1 => q4_1_rows(tile, pass),
+                Kind::Q4_1 => q4_1_rows::<N, false>(tile, pass),
+                Kind::Q5_1 => q4_1_rows::<N, true>(tile, pass),
                 Kind::Q8_0 => int_rows::<N, Q8_0Block>(tile, pass),
                 Kind::Mxfp4 => int_rows::<N, Mxfp4Block>(tile, pass),
             }
@@ -1611,18 +1656,44 @@ mod x86 {
         }
     }
 
-    /// A pass against one Q4_1 tile ([`pack_q4_1`]): per 32-value block, `d·da` times the
-    /// exact integer sum of `q·a`, plus `m` times the row's `da · Σ a`.
+    /// A Q5_0 or Q5_1 tile block's 8 groups of values ([`put_five_bits`]) as bytes 0..=31.
+    #[inline(always)]
+    unsafe fn five_bit_planes(blk: *const u8) -> [__m512i; 8] {
+        // SAFETY: the callers run with AVX-512 (their target features); `blk` is a whole
+        // tile block.
+        unsafe {
+            let nib = nibble_planes(blk);
+            let sixteen = _mm512_set1_epi8(16);
+            std::array::from_fn(|g| {
+                let hi: __mmask64 = blk.add(256 + 8 * g).cast::<u64>().read_unaligned();
+                _mm512_mask_add_epi8(nib[g], hi, nib[g], sixteen)
+            })
+        }
+    }
+
+    /// A pass against one Q4_1 tile ([`pack_q4_1`]; `FIVE`: Q5_1, [`pack_q5_1`]): per
+    /// 32-value block, `d·da` times the exact integer sum of `q·a`, plus `m` times the row's
+    /// `da · Σ a`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4_1_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+    unsafe fn q4_1_rows<const N: usize, const FIVE: bool>(
+        tile: &[u8],
+        pass: &Pass<N>,
+    ) -> [__m512; N] {
         let mut acc = [_mm512_setzero_ps(); N];
         let zero = _mm512_setzero_si512();
-        for b in 0..tile.len() / Q4_1_TILE_BYTES {
-            let blk = unsafe { block_at(tile, b, Q4_1_TILE_BYTES) };
-            let w = unsafe { nibble_planes(blk) };
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(256).cast()) });
-            let m = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(288).cast()) });
+        let (bytes, at_d) = match FIVE {
+            true => (Q5_1_TILE_BYTES, 320),
+            false => (Q4_1_TILE_BYTES, 256),
+        };
+        for b in 0..tile.len() / bytes {
+            let blk = unsafe { block_at(tile, b, bytes) };
+            let w = match FIVE {
+                true => unsafe { five_bit_planes(blk) },
+                false => unsafe { nibble_planes(blk) },
+            };
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(at_d).cast()) });
+            let m = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(at_d + 32).cast()) });
             unsafe {
                 pass.dots(
                     &w,
@@ -1660,13 +1731,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
             unsafe {
-                let nib = nibble_planes(blk);
-                let sixteen = _mm512_set1_epi8(16);
-                let w = std::array::from_fn(|g| {
-                    let hi: __mmask64 = blk.add(256 + 8 * g).cast::<u64>().read_unaligned();
-                    _mm512_mask_add_epi8(nib[g], hi, nib[g], sixteen)
-                });
-                (w, _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(320).cast())))
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(320).cast()));
+                (five_bit_planes(blk), d)
             }
         }
     }
@@ -1971,6 +2037,7 @@ mod tests {
             (GgmlDType::Q5_0, 33, 32 * 6),
             (GgmlDType::Q4_0, 20, 32 * 5),
             (GgmlDType::Q4_1, 17, 32 * 7),
+            (GgmlDType::Q5_1, 22, 32 * 5),
         ] {
             let t = Arc::new(QTensor::quantize(&random(n, k, 5), dtype).unwrap());
             let g = Gemm::for_types(&t, |_| true).expect("a kernel for every type");
@@ -2025,6 +2092,12 @@ mod tests {
         // Rows that are not whole 128-value groups (even block counts: candle's own kernel,
         // the comparison below, asserts that).
         check(GgmlDType::Q5_0, 19, 32 * 6);
+    }
+
+    #[test]
+    fn q5_1_matches_the_exact_sum() {
+        check(GgmlDType::Q5_1, 35, 576);
+        check(GgmlDType::Q5_1, 18, 1536);
     }
 
     #[test]
@@ -2144,6 +2217,7 @@ mod tests {
             GgmlDType::Q5_0,
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_1,
         ] {
             // Big enough to take the thread pool.
             let w = Arc::new(QTensor::quantize(&random(300, 1024, 7), dtype).unwrap());
@@ -2179,6 +2253,7 @@ mod tests {
             (GgmlDType::Q5_0, 512 / QK8_0 * Q5_0_BYTES),
             (GgmlDType::Q4_0, 512 / QK8_0 * Q4_0_BYTES),
             (GgmlDType::Q4_1, 512 / QK8_0 * Q4_1_BYTES),
+            (GgmlDType::Q5_1, 512 / QK8_0 * Q5_1_BYTES),
         ] {
             let w = Arc::new(QTensor::quantize(&random(5, 512, 11), dtype).unwrap());
             let part = w.data().unwrap()[row_bytes..4 * row_bytes].to_vec();
@@ -2222,10 +2297,10 @@ mod tests {
 
     #[test]
     fn other_types_and_a_zero_row_are_handled() {
-        let w = Arc::new(QTensor::quantize(&random(8, 32, 3), GgmlDType::Q5_1).unwrap());
+        let w = Arc::new(QTensor::quantize(&random(8, 32, 3), GgmlDType::F16).unwrap());
         assert!(
             Gemm::for_types(&w, |_| true).is_none(),
-            "Q5_1 stays on candle's kernel"
+            "F16 stays on candle's kernel"
         );
         if !available() {
             return;
