@@ -977,6 +977,53 @@ fn quantized_tiny_models_run_and_track_f32() {
     track_f32(&moe, &[GgmlDType::Q8_0, GgmlDType::Q4K]);
 }
 
+/// A model stored as llama.cpp's IQ4_XS files store one (IQ4_XS where a row is whole 256-value
+/// blocks, here the MLP's down projection; IQ4_NL elsewhere) loads, reads those tensors as Q8_0
+/// of the same weights, gives batched and single-token forwards the same bits, and tracks the
+/// f32 model.
+#[test]
+fn iq4_models_load_run_and_track_f32() {
+    use verdict::models::testing::write_tiny_gguf_iq4;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        intermediate: 256,
+        seed: 9,
+        ..TinySpec::default()
+    };
+    let f32m = tiny(dir.path(), &spec);
+    let reference = rows(&f32m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    let p = dir.path().join("iq4.gguf");
+    write_tiny_gguf_iq4(&p, &spec).unwrap();
+    // Stored at IQ4's 4.5 bits per weight (Q8_0 would take 8.5).
+    let q8 = dir.path().join("q8.gguf");
+    write_tiny_gguf(
+        &q8,
+        &TinySpec {
+            dtype: GgmlDType::Q8_0,
+            ..spec.clone()
+        },
+    )
+    .unwrap();
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64;
+    assert!(size(&p) < 0.7 * size(&q8), "{} vs {}", size(&p), size(&q8));
+    let file = verdict::models::gguf::GgufFile::open(&p).unwrap();
+    let (_, ty, _) = file.tensor_bytes("blk.0.ffn_down.weight").unwrap();
+    assert_eq!(ty, GgmlDType::Q8_0);
+    let m = Model::load_gguf(&p, &Device::Cpu).unwrap();
+    let all = rows(&m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    let inc = one_by_one(&mut m.session(), &PROMPT);
+    for j in 0..PROMPT.len() {
+        assert_eq!(
+            max_diff(&all[j], &inc[j]),
+            0.0,
+            "position {j}: batched vs single"
+        );
+    }
+    let err = max_diff(&all[8], &reference[8]);
+    let scale = reference[8].iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(err < 0.25 * scale, "{err} vs scale {scale}");
+}
+
 fn track_f32(base: &TinySpec, dtypes: &[GgmlDType]) {
     let dir = tempfile::tempdir().unwrap();
     let f32m = tiny(dir.path(), base);

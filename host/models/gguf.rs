@@ -3,8 +3,9 @@
 //!
 //! candle's `gguf_file::Content` parses the metadata; this module reads the tensor table itself
 //! (candle knows no MXFP4, the type of gpt-oss's experts: verdict's CPU kernel reads it as
-//! stored, `mxfp4_blocks`, and candle's kernels as Q8_0, `mxfp4_to_q8_0`) and adds the checks candle lacks (magic, truncation of tensor data, which
-//! tensor type is unsupported) and typed metadata accessors.
+//! stored, `mxfp4_blocks`, and candle's kernels as Q8_0, `mxfp4_to_q8_0`; nor IQ4_NL and
+//! IQ4_XS, read as Q8_0 too) and adds the checks candle lacks (magic, truncation of tensor data,
+//! which tensor type is unsupported) and typed metadata accessors.
 //! The tokenizer and chat template read `tokenizer.*` keys through [`GgufFile::content`].
 
 use super::error::{ModelError, Result, candle_msg};
@@ -465,10 +466,120 @@ pub struct GgufFile {
     path: PathBuf,
     file: File,
     file_len: u64,
-    /// MXFP4 tensors appear here as Q8_0, the type [`GgufFile::tensor`] gives them.
+    /// Tensors of the types candle cannot hold ([`Converted`]) appear here as Q8_0, the type
+    /// [`GgufFile::tensor`] gives them.
     content: gguf_file::Content,
-    /// The tensors stored as MXFP4.
-    mxfp4: std::collections::HashSet<String>,
+    /// Those tensors' stored types.
+    converted: std::collections::HashMap<String, Converted>,
+}
+
+/// The stored types candle cannot hold, read as Q8_0 blocks of the same weights (see each
+/// conversion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Converted {
+    /// gpt-oss's experts ([`mxfp4_to_q8_0`]).
+    Mxfp4,
+    /// [`iq4_nl_to_q8_0`].
+    Iq4Nl,
+    /// [`iq4_xs_to_q8_0`].
+    Iq4Xs,
+}
+
+impl Converted {
+    fn from_id(id: u32) -> Option<Converted> {
+        match id {
+            MXFP4 => Some(Converted::Mxfp4),
+            IQ4_NL => Some(Converted::Iq4Nl),
+            IQ4_XS => Some(Converted::Iq4Xs),
+            _ => None,
+        }
+    }
+
+    /// (name, values per block, bytes per block) as stored.
+    fn block(self) -> (&'static str, usize, usize) {
+        match self {
+            Converted::Mxfp4 => ("MXFP4", 32, MXFP4_BLOCK_BYTES),
+            Converted::Iq4Nl => ("IQ4_NL", 32, IQ4_NL_BLOCK_BYTES),
+            Converted::Iq4Xs => ("IQ4_XS", 256, IQ4_XS_BLOCK_BYTES),
+        }
+    }
+
+    fn to_q8_0(self, blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        match self {
+            Converted::Mxfp4 => mxfp4_to_q8_0(blocks),
+            Converted::Iq4Nl => iq4_nl_to_q8_0(blocks),
+            Converted::Iq4Xs => iq4_xs_to_q8_0(blocks),
+        }
+    }
+}
+
+/// ggml's ids of IQ4_NL and IQ4_XS: 4-bit codes into a fixed table of 16 int8 values (a
+/// non-linear grid), times one f16 scale per 32 weights (IQ4_NL), or times one f16 scale per
+/// 256 and a 6-bit signed multiplier per 32 (IQ4_XS). llama.cpp's IQ4_XS files hold IQ4_NL
+/// where a row is not whole 256-value blocks (e.g. 576-wide SmolLM2, 896-wide Qwen2.5-0.5B).
+const IQ4_NL: u32 = 20;
+const IQ4_XS: u32 = 23;
+const IQ4_NL_BLOCK_BYTES: usize = 18;
+const IQ4_XS_BLOCK_BYTES: usize = 136;
+/// ggml's `kvalues_iq4nl`.
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// 32 weights' codes (16 bytes: weight j in byte j's low nibble, 16 + j in its high one) as the
+/// int8 values they stand for, the Q8_0 block's 32 bytes.
+fn iq4_values(qs: &[u8], out: &mut Vec<u8>) {
+    out.extend(qs.iter().map(|&q| IQ4_VALUES[(q & 15) as usize] as u8));
+    out.extend(qs.iter().map(|&q| IQ4_VALUES[(q >> 4) as usize] as u8));
+}
+
+/// The whole blocks of `blocks` (`bytes` each), or an error naming the type.
+fn whole_blocks<'a>(
+    blocks: &'a [u8],
+    bytes: usize,
+    name: &str,
+) -> std::result::Result<std::slice::ChunksExact<'a, u8>, String> {
+    if !blocks.len().is_multiple_of(bytes) {
+        return Err(format!(
+            "{} bytes are not whole {name} blocks of {bytes}",
+            blocks.len()
+        ));
+    }
+    Ok(blocks.chunks_exact(bytes))
+}
+
+/// IQ4_NL blocks (f16 d, 16 bytes of codes) as Q8_0 blocks: the same d and the codes' table
+/// values, so the same weights exactly.
+pub(crate) fn iq4_nl_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let chunks = whole_blocks(blocks, IQ4_NL_BLOCK_BYTES, "IQ4_NL")?;
+    let mut out = Vec::with_capacity(blocks.len() / IQ4_NL_BLOCK_BYTES * 34);
+    for block in chunks {
+        out.extend_from_slice(&block[..2]);
+        iq4_values(&block[2..], &mut out);
+    }
+    Ok(out)
+}
+
+/// IQ4_XS blocks (f16 d, then per 32 weights a 6-bit multiplier `ls` as 2 high bits in a u16 and
+/// 4 low bits in 4 bytes, then 128 bytes of codes: weight = `d·(ls - 32)·value`) as 8 Q8_0
+/// blocks each, their scale `d·(ls - 32)` rounded to f16 (a relative error of at most 2^-11
+/// on each 32 weights' scale, far under the 4-bit grid's steps; exact wherever the product
+/// fits f16's 11 bits).
+pub(crate) fn iq4_xs_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let chunks = whole_blocks(blocks, IQ4_XS_BLOCK_BYTES, "IQ4_XS")?;
+    let mut out = Vec::with_capacity(blocks.len() / IQ4_XS_BLOCK_BYTES * 8 * 34);
+    for block in chunks {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let high = u16::from_le_bytes([block[2], block[3]]);
+        for ib in 0..8 {
+            let low = (block[4 + ib / 2] >> (4 * (ib % 2))) & 15;
+            let ls = i32::from(low) | ((i32::from(high >> (2 * ib)) & 3) << 4);
+            let scale = half::f16::from_f32(d * (ls - 32) as f32);
+            out.extend_from_slice(&scale.to_bits().to_le_bytes());
+            iq4_values(&block[8 + 16 * ib..8 + 16 * ib + 16], &mut out);
+        }
+    }
+    Ok(out)
 }
 
 /// ggml's id of MXFP4 (OCP microscaling FP4): per 32 weights, one E8M0 exponent byte `e` and 16
@@ -573,8 +684,7 @@ fn ggml_type_name(id: u32) -> &'static str {
     }
 }
 
-const SUPPORTED_TYPES: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, MXFP4";
+const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, MXFP4, IQ4_NL, IQ4_XS";
 
 impl GgufFile {
     /// Opens and parses a GGUF file. Errors name the file and say what is wrong with it.
@@ -639,30 +749,32 @@ impl GgufFile {
         });
         let mut content = gguf_file::Content::read(&mut reader)
             .map_err(|e| classify_header_error(path, file_len, e))?;
-        let mxfp4 = read_tensor_table(&mut reader, &mut content, tensor_count, version, file_len)
-            .map_err(|e| match e {
-            TableError::Io(e) => ModelError::Truncated {
-                path: path.to_path_buf(),
-                reason: format!("the tensor table ends early ({file_len} bytes): {e}"),
-            },
-            TableError::Type(name, id) => ModelError::UnsupportedQuant {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "tensor {name}: ggml type {id} ({}); supported: {SUPPORTED_TYPES}",
-                    ggml_type_name(id)
-                ),
-            },
-            TableError::Bad(reason) => ModelError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("cannot parse the tensor table: {reason}"),
-            },
-        })?;
+        let converted =
+            read_tensor_table(&mut reader, &mut content, tensor_count, version, file_len).map_err(
+                |e| match e {
+                    TableError::Io(e) => ModelError::Truncated {
+                        path: path.to_path_buf(),
+                        reason: format!("the tensor table ends early ({file_len} bytes): {e}"),
+                    },
+                    TableError::Type(name, id) => ModelError::UnsupportedQuant {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "tensor {name}: ggml type {id} ({}); supported: {SUPPORTED_TYPES}",
+                            ggml_type_name(id)
+                        ),
+                    },
+                    TableError::Bad(reason) => ModelError::Corrupt {
+                        path: path.to_path_buf(),
+                        reason: format!("cannot parse the tensor table: {reason}"),
+                    },
+                },
+            )?;
         let this = GgufFile {
             path: path.to_path_buf(),
             file,
             file_len,
             content,
-            mxfp4,
+            converted,
         };
         this.check_tensor_extents()?;
         Ok(this)
@@ -685,9 +797,12 @@ impl GgufFile {
     /// A tensor's stored type (`MXFP4` where it is) and size in bytes, or why it has none.
     fn stored(&self, name: &str, info: &gguf_file::TensorInfo) -> Result<(String, u64)> {
         let elems = info.shape.elem_count();
-        let (ty, block, size) = match self.mxfp4.contains(name) {
-            true => ("MXFP4".to_string(), 32, MXFP4_BLOCK_BYTES),
-            false => (
+        let (ty, block, size) = match self.converted.get(name) {
+            Some(c) => {
+                let (ty, block, size) = c.block();
+                (ty.to_string(), block, size)
+            }
+            None => (
                 format!("{:?}", info.ggml_dtype),
                 info.ggml_dtype.block_size(),
                 info.ggml_dtype.type_size(),
@@ -771,7 +886,7 @@ impl GgufFile {
     /// CPU kernel that reads them so (`cpu_gemm`).
     pub(crate) fn mxfp4_blocks(&self, name: &str) -> Option<Result<Vec<u8>>> {
         let info = self.content.tensor_infos.get(name)?;
-        if !self.mxfp4.contains(name) {
+        if self.converted.get(name) != Some(&Converted::Mxfp4) {
             return None;
         }
         Some(self.stored_bytes(name, info))
@@ -809,11 +924,11 @@ impl GgufFile {
             })?;
         let t = info.ggml_dtype;
         let mut buf = self.stored_bytes(name, info)?;
-        if self.mxfp4.contains(name) {
-            buf = mxfp4_to_q8_0(&buf).map_err(|reason| ModelError::Tensor {
+        if let Some(c) = self.converted.get(name) {
+            buf = c.to_q8_0(&buf).map_err(|reason| ModelError::Tensor {
                 path: self.path.clone(),
                 tensor: name.to_string(),
-                reason: format!("MXFP4 as Q8_0: {reason}"),
+                reason: format!("{} as Q8_0: {reason}", c.block().0),
             })?;
         }
         Ok((buf, t, info.shape.dims().to_vec()))
@@ -1259,15 +1374,15 @@ impl From<std::io::Error> for TableError {
 }
 
 /// Reads the tensor table that follows the metadata into `content` (and the data offset after
-/// it, aligned as `general.alignment` says); returns the names of the MXFP4 tensors, entered as
-/// Q8_0. Every count and length is checked against the bytes the file has left.
+/// it, aligned as `general.alignment` says); returns the tensors of the types candle cannot hold
+/// ([`Converted`]), entered as Q8_0. Every count and length is checked against the bytes the file has left.
 fn read_tensor_table<R: Read + Seek>(
     r: &mut R,
     content: &mut gguf_file::Content,
     count: u64,
     version: u32,
     file_len: u64,
-) -> std::result::Result<std::collections::HashSet<String>, TableError> {
+) -> std::result::Result<std::collections::HashMap<String, Converted>, TableError> {
     let u32_of = |r: &mut R| -> std::io::Result<u32> {
         let mut b = [0u8; 4];
         r.read_exact(&mut b)?;
@@ -1292,7 +1407,7 @@ fn read_tensor_table<R: Read + Seek>(
             left(r)?
         )));
     }
-    let mut mxfp4 = std::collections::HashSet::new();
+    let mut converted = std::collections::HashMap::new();
     for i in 0..count {
         let len = len_of(r)?;
         if len > left(r)? || len > 1 << 16 {
@@ -1328,12 +1443,12 @@ fn read_tensor_table<R: Read + Seek>(
         // ggml lists the fastest-varying dimension first; candle the slowest.
         dims.reverse();
         let id = u32_of(r)?;
-        let ggml_dtype = match id {
-            MXFP4 => {
-                mxfp4.insert(name.clone());
+        let ggml_dtype = match Converted::from_id(id) {
+            Some(c) => {
+                converted.insert(name.clone(), c);
                 GgmlDType::Q8_0
             }
-            _ => ggml_type(id).ok_or_else(|| TableError::Type(name.clone(), id))?,
+            None => ggml_type(id).ok_or_else(|| TableError::Type(name.clone(), id))?,
         };
         let offset = u64_of(r)?;
         content.tensor_infos.insert(
@@ -1357,7 +1472,7 @@ fn read_tensor_table<R: Read + Seek>(
             as u64,
     };
     content.tensor_data_offset = position.div_ceil(alignment) * alignment;
-    Ok(mxfp4)
+    Ok(converted)
 }
 
 /// Turns candle's header parse errors into the variants users can act on.
@@ -1439,6 +1554,75 @@ mod tests {
         (0..32)
             .map(|j| (MXFP4_VALUES[nibble(j) as usize] as f64 * d) as f32)
             .collect()
+    }
+
+    /// IQ4's definition written out (ggml's `dequantize_row_iq4_xs`): per 32 weights the scale
+    /// `d·(ls - 32)` (IQ4_NL: `d`) times the table value of each code, low nibbles first.
+    fn iq4_values_f64(scale: f64, qs: &[u8]) -> Vec<f64> {
+        let code = |j: usize| if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
+        (0..32)
+            .map(|j| scale * IQ4_VALUES[code(j) as usize] as f64)
+            .collect()
+    }
+
+    #[test]
+    fn iq4_nl_becomes_q8_0_of_the_same_weights() {
+        // Every code in both nibbles, at several scales.
+        let codes: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        for d in [1e-6f32, 0.003, 0.5, 7.0] {
+            let d = half::f16::from_f32(d);
+            let mut block = d.to_bits().to_le_bytes().to_vec();
+            block.extend(&codes);
+            let q8 = iq4_nl_to_q8_0(&block).unwrap();
+            let want: Vec<f32> = iq4_values_f64(d.to_f64(), &codes)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            assert_eq!(q8_values(&q8), want, "d = {d}");
+        }
+        let err = iq4_nl_to_q8_0(&[0u8; 19]).unwrap_err();
+        assert!(
+            err.contains("19 bytes are not whole IQ4_NL blocks of 18"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn iq4_xs_becomes_q8_0_within_f16_scales() {
+        // All 64 multipliers over 8 blocks, the 2 high bits of each in `scales_h`.
+        let codes: Vec<u8> = (0..16u8).map(|j| j | ((j * 7 % 16) << 4)).collect();
+        let mut blocks = Vec::new();
+        let mut want = Vec::new();
+        for (n, d) in [0.0123f32, 0.5, 1e-4, 3.0, 0.07, 0.9, 2e-3, 0.25]
+            .iter()
+            .enumerate()
+        {
+            let d = half::f16::from_f32(*d);
+            let ls: Vec<u8> = (0..8).map(|ib| (8 * n + ib) as u8).collect();
+            blocks.extend(d.to_bits().to_le_bytes());
+            let high = (0..8).fold(0u16, |h, ib| h | (u16::from(ls[ib] >> 4) << (2 * ib)));
+            blocks.extend(high.to_le_bytes());
+            blocks.extend((0..4).map(|i| (ls[2 * i] & 15) | ((ls[2 * i + 1] & 15) << 4)));
+            for &l in &ls {
+                blocks.extend(&codes);
+                want.extend(iq4_values_f64(d.to_f64() * (l as f64 - 32.0), &codes));
+            }
+        }
+        let q8 = iq4_xs_to_q8_0(&blocks).unwrap();
+        assert_eq!(q8.len(), 64 * 34);
+        let got: Vec<f32> = q8.chunks_exact(34).flat_map(q8_values).collect();
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            // The scale rounded to f16: within 2^-11 of it.
+            assert!(
+                (g as f64 - w).abs() <= w.abs() * 2f64.powi(-11),
+                "weight {i}: {g} vs {w}"
+            );
+        }
+        let err = iq4_xs_to_q8_0(&[0u8; 137]).unwrap_err();
+        assert!(
+            err.contains("137 bytes are not whole IQ4_XS blocks of 136"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -605,6 +605,17 @@ use super::lora::permute_for_interleaved;
 /// Writes a random-weight GGUF for `spec` at `path`, with llama.cpp's metadata keys and the tiny
 /// tokenizer (`tokenizer.ggml.model = "gpt2"`, `pre = "qwen2"`, ChatML template).
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
+    write_tiny_gguf_as(path, spec, false)
+}
+
+/// [`write_tiny_gguf`] with the matrices (`spec.dtype` aside) stored as llama.cpp's IQ4_XS files
+/// store them: IQ4_XS where a row is whole 256-value blocks, IQ4_NL otherwise
+/// ([`iq4_nl_blocks`], [`iq4_xs_blocks`]).
+pub fn write_tiny_gguf_iq4(path: &Path, spec: &TinySpec) -> Result<()> {
+    write_tiny_gguf_as(path, spec, true)
+}
+
+fn write_tiny_gguf_as(path: &Path, spec: &TinySpec, iq4: bool) -> Result<()> {
     spec.check()?;
     let a = spec.arch.name();
     let (tokens, types, merges) = match spec.pre {
@@ -811,11 +822,23 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             continue;
         }
         // Norms and biases are f32, as in llama.cpp's files.
-        let dtype = if t.rank() == 1 || name.ends_with(".bias") || name.ends_with("_norm.weight") {
-            GgmlDType::F32
-        } else {
-            spec.dtype
-        };
+        let vector = t.rank() == 1 || name.ends_with(".bias") || name.ends_with("_norm.weight");
+        if iq4 && !vector {
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            let xs = dims[dims.len() - 1].is_multiple_of(256);
+            tensors.push(RawTensor {
+                name,
+                ggml_type: if xs { IQ4_XS_ID } else { IQ4_NL_ID },
+                dims,
+                data: if xs {
+                    iq4_xs_blocks(&data)
+                } else {
+                    iq4_nl_blocks(&data)
+                },
+            });
+            continue;
+        }
+        let dtype = if vector { GgmlDType::F32 } else { spec.dtype };
         let q = QTensor::quantize(&t, dtype).map_err(|e| ModelError::Tensor {
             path: path.to_path_buf(),
             tensor: name.clone(),
@@ -831,8 +854,70 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     write_gguf_file(path, &meta, &tensors)
 }
 
-/// ggml's MXFP4 type id.
+/// ggml's MXFP4, IQ4_NL and IQ4_XS type ids.
 const MXFP4_ID: u32 = 39;
+const IQ4_NL_ID: u32 = 20;
+const IQ4_XS_ID: u32 = 23;
+/// ggml's `kvalues_iq4nl`.
+const IQ4_VALUES: [f32; 16] = [
+    -127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.,
+];
+
+/// 32 weights as the IQ4 table's nearest codes at scale `d` (16 bytes: weight j in byte j's low
+/// nibble, 16 + j in its high one).
+fn iq4_codes(block: &[f32], d: f32, out: &mut Vec<u8>) {
+    let code = |v: f32| -> u8 {
+        (0..16u8)
+            .min_by(|&a, &b| {
+                let err = |i: u8| (IQ4_VALUES[i as usize] * d - v).abs();
+                err(a).total_cmp(&err(b))
+            })
+            .unwrap_or(0)
+    };
+    for j in 0..16 {
+        out.push(code(block[j]) | (code(block[j + 16]) << 4));
+    }
+}
+
+/// f32 weights (whole blocks of 32) as IQ4_NL blocks: per 32, an f16 scale `max |x| / 127` and
+/// each weight's nearest table code (a valid encoding, not llama.cpp's searched one).
+pub fn iq4_nl_blocks(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 18);
+    for block in x.chunks_exact(32) {
+        let d = half::f16::from_f32(block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0);
+        out.extend_from_slice(&d.to_bits().to_le_bytes());
+        iq4_codes(block, d.to_f32(), &mut out);
+    }
+    out
+}
+
+/// f32 weights (whole blocks of 256) as IQ4_XS blocks: per 256 an f16 `d`, per 32 a multiplier
+/// `ls - 32` (1..=31 here) nearest to its `max |x| / 127 / d`, and the codes at `d·(ls - 32)`.
+pub fn iq4_xs_blocks(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 256 * 136);
+    for block in x.chunks_exact(256) {
+        let want: Vec<f32> = block
+            .chunks_exact(32)
+            .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+            .collect();
+        let d = half::f16::from_f32(want.iter().fold(0f32, |m, &v| m.max(v)) / 31.0);
+        let ls: Vec<u8> = want
+            .iter()
+            .map(|&w| match d.to_f32() > 0.0 {
+                true => (w / d.to_f32()).round().clamp(1.0, 31.0) as u8 + 32,
+                false => 33,
+            })
+            .collect();
+        out.extend_from_slice(&d.to_bits().to_le_bytes());
+        let high = (0..8).fold(0u16, |h, ib| h | (u16::from(ls[ib] >> 4) << (2 * ib)));
+        out.extend_from_slice(&high.to_le_bytes());
+        out.extend((0..4).map(|i| (ls[2 * i] & 15) | ((ls[2 * i + 1] & 15) << 4)));
+        for (ib, b) in block.chunks_exact(32).enumerate() {
+            iq4_codes(b, d.to_f32() * (f32::from(ls[ib]) - 32.0), &mut out);
+        }
+    }
+    out
+}
 
 /// A tensor to write: ggml type id, dimensions in candle order, the stored bytes.
 struct RawTensor {
