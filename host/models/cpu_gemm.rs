@@ -1,8 +1,9 @@
 //! verdict's own CPU matmul for GGUF's Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, Q4_1,
-//! Q5_1 and MXFP4 weights (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts), which candle
-//! cannot hold, keeps its stored size: each block's 4-bit codes go through a 16-entry table
-//! (`vpshufb`) to the int8 values a Q8_0 block of the same weights holds, then Q8_0's
-//! arithmetic runs, with the same bits.
+//! Q5_1, MXFP4 and IQ4_NL weights (x86-64 with AVX-512 VNNI). MXFP4 (gpt-oss's experts) and
+//! IQ4_NL (IQ4_XS too, as IQ4_NL), which candle cannot hold, keep their stored size: each
+//! block's 4-bit codes go through a 16-entry table (`vpshufb`) to the int8 values a Q8_0 block
+//! of the same weights holds (IQ4_NL's blocks on Q4_0's tiles), then Q8_0's arithmetic runs,
+//! with the same bits.
 //!
 //! Why not candle's: its x86 fast path repacks Q4_K into tiles with unpacked f32 scales (33%
 //! more bytes to stream per token) and runs Q6_K through a compact kernel for one row but
@@ -59,9 +60,14 @@ const Q4_1_BYTES: usize = 20;
 const Q5_1_BYTES: usize = 24;
 /// MXFP4 (gpt-oss's experts): an E8M0 exponent byte and 16 bytes of 4-bit codes per 32.
 const MXFP4_BYTES: usize = 17;
+const IQ4_NL_BYTES: usize = 18;
 /// MXFP4's code values, doubled to integers (ggml's `kvalues_mxfp4`); the scale 2^(e - 128)
 /// halves them back.
 const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+/// IQ4's code values (ggml's `kvalues_iq4nl`).
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 /// Every type runs on a repacked copy: 16 columns per tile, each block of the 16
 /// in its `*_TILE_BYTES` (see [`pack_q4k`], [`pack_q6k`], [`pack_q5_0`], [`pack_q4_1`]).
 const TILE: usize = 16;
@@ -132,6 +138,9 @@ enum Kind {
     Q5_1,
     /// Q8_0's arithmetic: each block's codes through a 16-entry table to int8.
     Mxfp4,
+    /// Q4_0's tiles, the codes through IQ4's table, Q8_0's arithmetic (IQ4_XS comes as these,
+    /// `gguf::iq4_xs_to_iq4_nl`).
+    Iq4Nl,
 }
 
 /// `verdict bench gemm`: times of products of a random `dtype` `[n, k]` matrix with each of
@@ -221,6 +230,7 @@ fn enabled(kind: Kind) -> bool {
         Kind::Q4_1 => "q4_1",
         Kind::Q5_1 => "q5_1",
         Kind::Mxfp4 => "mxfp4",
+        Kind::Iq4Nl => "iq4_nl",
     };
     match std::env::var("VERDICT_CPU_GEMM") {
         Ok(list) if list != "1" => list.split(',').any(|s| s.trim().eq_ignore_ascii_case(name)),
@@ -232,7 +242,7 @@ fn enabled(kind: Kind) -> bool {
 /// (BENCHMARKS.md; Q4_K since its 16-column tiles, session 13). `VERDICT_CPU_GEMM` narrows
 /// the list for A/B measurements.
 const DEFAULT_TYPES: &[&str] = &[
-    "q2k", "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "q5_1", "mxfp4",
+    "q2k", "q3k", "q4k", "q5k", "q6k", "q8_0", "q5_0", "q4_0", "q4_1", "q5_1", "mxfp4", "iq4_nl",
 ];
 
 impl Gemm {
@@ -258,6 +268,7 @@ impl Gemm {
             Kind::Q6K => Pages::copy_of(&pack_q6k(&data, n, k)),
             Kind::Q8_0 => Pages::copy_of(&pack_q8_0(&data, n, k)),
             Kind::Mxfp4 => Pages::copy_of(&pack_mxfp4(&data, n, k)),
+            Kind::Iq4Nl => Pages::copy_of(&pack_q4_0(&data, n, k)),
         };
         Some(Gemm {
             blocks: Arc::new(blocks),
@@ -271,10 +282,26 @@ impl Gemm {
     /// where the kernel does not apply (another CPU, `VERDICT_CPU_GEMM`, a size that is not
     /// whole blocks).
     pub(crate) fn mxfp4(blocks: &[u8], n: usize, k: usize) -> Option<Gemm> {
-        let whole = k > 0 && k.is_multiple_of(QK8_0) && blocks.len() == n * k / QK8_0 * MXFP4_BYTES;
-        (available() && enabled(Kind::Mxfp4) && whole).then(|| Gemm {
-            blocks: Arc::new(Pages::copy_of(&pack_mxfp4(blocks, n, k))),
-            kind: Kind::Mxfp4,
+        Self::stored(Kind::Mxfp4, blocks, n, k, pack_mxfp4)
+    }
+
+    /// [`Gemm::mxfp4`] for IQ4_NL blocks (`gguf::GgufFile::iq4_nl_blocks`).
+    pub(crate) fn iq4_nl(blocks: &[u8], n: usize, k: usize) -> Option<Gemm> {
+        Self::stored(Kind::Iq4Nl, blocks, n, k, pack_q4_0)
+    }
+
+    fn stored(
+        kind: Kind,
+        blocks: &[u8],
+        n: usize,
+        k: usize,
+        pack: fn(&[u8], usize, usize) -> Vec<u8>,
+    ) -> Option<Gemm> {
+        let (values, bytes) = kind.block();
+        let whole = k > 0 && k.is_multiple_of(values) && blocks.len() == n * k / values * bytes;
+        (available() && enabled(kind) && whole).then(|| Gemm {
+            blocks: Arc::new(Pages::copy_of(&pack(blocks, n, k))),
+            kind,
             n,
             k,
         })
@@ -300,6 +327,11 @@ impl Gemm {
             Kind::Mxfp4 => {
                 let blocks = unpack_mxfp4(&self.blocks, n, k);
                 let q8 = super::gguf::mxfp4_to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
+                (GgmlDType::Q8_0, q8)
+            }
+            Kind::Iq4Nl => {
+                let blocks = untile_q4_0(&self.blocks, n, k, Kind::Iq4Nl);
+                let q8 = super::gguf::iq4_nl_to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
                 (GgmlDType::Q8_0, q8)
             }
         };
@@ -401,7 +433,7 @@ impl Gemm {
     /// The activation quantization this kernel reads: MXFP4 multiplies as Q8_0 does.
     fn act_kind(&self) -> Kind {
         match self.kind {
-            Kind::Mxfp4 => Kind::Q8_0,
+            Kind::Mxfp4 | Kind::Iq4Nl => Kind::Q8_0,
             k => k,
         }
     }
@@ -458,6 +490,7 @@ impl Kind {
             Kind::Q4_1 => (QK8_0, Q4_1_BYTES),
             Kind::Q5_1 => (QK8_0, Q5_1_BYTES),
             Kind::Mxfp4 => (QK8_0, MXFP4_BYTES),
+            Kind::Iq4Nl => (QK8_0, IQ4_NL_BYTES),
         }
     }
 
@@ -475,6 +508,7 @@ impl Kind {
             Kind::Q4_1 => Q4_1_TILE_BYTES,
             Kind::Q5_1 => Q5_1_TILE_BYTES,
             Kind::Mxfp4 => MXFP4_TILE_BYTES,
+            Kind::Iq4Nl => Q4_0_TILE_BYTES,
         }
     }
 
@@ -482,7 +516,13 @@ impl Kind {
     fn act_block(self) -> usize {
         match self {
             Kind::Q2K | Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
-            Kind::Q8_0 | Kind::Q5_0 | Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_1 | Kind::Mxfp4 => QK8_0,
+            Kind::Q8_0
+            | Kind::Q5_0
+            | Kind::Q4_0
+            | Kind::Q4_1
+            | Kind::Q5_1
+            | Kind::Mxfp4
+            | Kind::Iq4Nl => QK8_0,
         }
     }
 }
@@ -698,7 +738,12 @@ fn unpack_q8_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
 
 /// [`pack_q4_0`]'s inverse.
 fn unpack_q4_0(tiles: &[u8], n: usize, k: usize) -> Vec<u8> {
-    untile(tiles, n, k, Kind::Q4_0, |src, j, dst| {
+    untile_q4_0(tiles, n, k, Kind::Q4_0)
+}
+
+/// [`unpack_q4_0`] for `kind`'s tiles in Q4_0's layout (IQ4_NL's: its d and codes).
+fn untile_q4_0(tiles: &[u8], n: usize, k: usize, kind: Kind) -> Vec<u8> {
+    untile(tiles, n, k, kind, |src, j, dst| {
         dst[0..2].copy_from_slice(&src[256 + 2 * j..258 + 2 * j]);
         put_stored_nibbles(&mut dst[2..], |v| get_nibble(src, j, v));
     })
@@ -1323,6 +1368,7 @@ mod x86 {
                 Kind::Q5_1 => q4_1_rows::<N, true>(tile, pass),
                 Kind::Q8_0 => int_rows::<N, Q8_0Block>(tile, pass),
                 Kind::Mxfp4 => int_rows::<N, Mxfp4Block>(tile, pass),
+                Kind::Iq4Nl => int_rows::<N, Iq4NlBlock>(tile, pass),
             }
         };
         for (i, r) in rows.enumerate() {
@@ -1793,6 +1839,24 @@ mod x86 {
         }
     }
 
+    /// IQ4_NL (Q4_0's tiles, [`pack_q4_0`]): each code through IQ4's table to its int8 value,
+    /// plus 128, and the f16 d: then Q8_0's arithmetic.
+    pub(super) struct Iq4NlBlock;
+    impl IntBlock for Iq4NlBlock {
+        const TILE_BYTES: usize = Q4_0_TILE_BYTES;
+        const OFFSET: i32 = 128;
+        #[inline(always)]
+        unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
+            unsafe {
+                let table = std::array::from_fn::<u8, 16, _>(|c| (IQ4_VALUES[c] as u8) ^ 0x80);
+                let table = _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr().cast()));
+                let codes = nibble_planes(blk);
+                let w = std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]));
+                (w, _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast())))
+            }
+        }
+    }
+
     /// A pass against one tile of `B`'s blocks: per 32-value block, `d·da` times the exact
     /// integer sum of `q·a`, which `vpdpbusd` sums as `(q + OFFSET)·a - OFFSET·Σa`.
     #[inline]
@@ -2022,6 +2086,49 @@ mod tests {
         }
         // Blocks that do not fill the shape are refused.
         assert!(Gemm::mxfp4(&[0u8; 17], 2, 32).is_none());
+    }
+
+    #[test]
+    fn iq4_equals_q8_0_of_the_same_weights() {
+        use crate::models::testing::{iq4_nl_blocks, iq4_xs_blocks};
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        // IQ4_NL (576: SmolLM2's width), and IQ4_XS as the loader gives it, IQ4_NL blocks.
+        for (n, k, xs) in [(37, 576, false), (21, 512, true)] {
+            let w = random(n, k, 4)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let blocks = match xs {
+                true => super::super::gguf::iq4_xs_to_iq4_nl(&iq4_xs_blocks(&w)).unwrap(),
+                false => iq4_nl_blocks(&w),
+            };
+            let g = Gemm::iq4_nl(&blocks, n, k).unwrap();
+            // The tiles give back the blocks: candle's Q8_0 copy is made from them.
+            let q8 = Arc::new(g.qtensor().unwrap());
+            let want = super::super::gguf::iq4_nl_to_q8_0(&blocks).unwrap();
+            assert_eq!(*q8.data().unwrap(), want[..], "{n} x {k}");
+            let q8g = Gemm::for_types(&q8, |_| true).unwrap();
+            for m in [1, 3, 9, 17] {
+                let x = random(m, k, 30 + m as u64);
+                let a = g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let b = q8g.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                // The codes' table values are the Q8_0 copy's int8s: the same arithmetic.
+                assert_eq!(a, b, "{n} x {k}, {m} rows");
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let exact = reference(&q8, &Acts::quantize(&xs, m, k, Kind::Q8_0));
+                let scale = exact.iter().fold(0f64, |a, v| a.max(v.abs()));
+                for (i, e) in exact.iter().enumerate() {
+                    let got = a[i / n][i % n] as f64;
+                    assert!((got - e).abs() <= 1e-5 * scale, "[{i}]: {got} vs {e}");
+                }
+            }
+        }
+        // Blocks that do not fill the shape are refused.
+        assert!(Gemm::iq4_nl(&[0u8; 18], 2, 32).is_none());
     }
 
     #[test]

@@ -561,13 +561,14 @@ pub(crate) fn iq4_nl_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, Stri
 }
 
 /// IQ4_XS blocks (f16 d, then per 32 weights a 6-bit multiplier `ls` as 2 high bits in a u16 and
-/// 4 low bits in 4 bytes, then 128 bytes of codes: weight = `d·(ls - 32)·value`) as 8 Q8_0
+/// 4 low bits in 4 bytes, then 128 bytes of codes: weight = `d·(ls - 32)·value`) as 8 IQ4_NL
 /// blocks each, their scale `d·(ls - 32)` rounded to f16 (a relative error of at most 2^-11
 /// on each 32 weights' scale, far under the 4-bit grid's steps; exact wherever the product
-/// fits f16's 11 bits).
-pub(crate) fn iq4_xs_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// fits f16's 11 bits). 4.5 bits per weight where IQ4_XS takes 4.25; verdict's CPU kernel
+/// multiplies these, candle's kernels their Q8_0 copy ([`iq4_xs_to_q8_0`]): the same weights.
+pub(crate) fn iq4_xs_to_iq4_nl(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
     let chunks = whole_blocks(blocks, IQ4_XS_BLOCK_BYTES, "IQ4_XS")?;
-    let mut out = Vec::with_capacity(blocks.len() / IQ4_XS_BLOCK_BYTES * 8 * 34);
+    let mut out = Vec::with_capacity(blocks.len() / IQ4_XS_BLOCK_BYTES * 8 * IQ4_NL_BLOCK_BYTES);
     for block in chunks {
         let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
         let high = u16::from_le_bytes([block[2], block[3]]);
@@ -576,10 +577,15 @@ pub(crate) fn iq4_xs_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, Stri
             let ls = i32::from(low) | ((i32::from(high >> (2 * ib)) & 3) << 4);
             let scale = half::f16::from_f32(d * (ls - 32) as f32);
             out.extend_from_slice(&scale.to_bits().to_le_bytes());
-            iq4_values(&block[8 + 16 * ib..8 + 16 * ib + 16], &mut out);
+            out.extend_from_slice(&block[8 + 16 * ib..8 + 16 * ib + 16]);
         }
     }
     Ok(out)
+}
+
+/// IQ4_XS blocks as Q8_0 blocks: [`iq4_xs_to_iq4_nl`], then [`iq4_nl_to_q8_0`].
+pub(crate) fn iq4_xs_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    iq4_nl_to_q8_0(&iq4_xs_to_iq4_nl(blocks)?)
 }
 
 /// ggml's id of MXFP4 (OCP microscaling FP4): per 32 weights, one E8M0 exponent byte `e` and 16
@@ -890,6 +896,25 @@ impl GgufFile {
             return None;
         }
         Some(self.stored_bytes(name, info))
+    }
+
+    /// An IQ4_NL or IQ4_XS tensor's blocks as IQ4_NL (IQ4_XS's through [`iq4_xs_to_iq4_nl`];
+    /// `None` for a tensor of another type), for verdict's CPU kernel.
+    pub(crate) fn iq4_nl_blocks(&self, name: &str) -> Option<Result<Vec<u8>>> {
+        let info = self.content.tensor_infos.get(name)?;
+        let c = *self.converted.get(name)?;
+        let stored = match c {
+            Converted::Iq4Nl | Converted::Iq4Xs => self.stored_bytes(name, info),
+            Converted::Mxfp4 => return None,
+        };
+        Some(stored.and_then(|b| match c {
+            Converted::Iq4Xs => iq4_xs_to_iq4_nl(&b).map_err(|reason| ModelError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                reason: format!("IQ4_XS as IQ4_NL: {reason}"),
+            }),
+            _ => Ok(b),
+        }))
     }
 
     /// A tensor's bytes as the file stores them.

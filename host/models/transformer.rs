@@ -214,8 +214,16 @@ impl Linear {
     /// An `[n, k]` MXFP4 matrix kept as stored, where verdict's CPU kernel multiplies it
     /// (`cpu_gemm::takes_mxfp4`); `None` where it does not.
     pub(crate) fn mxfp4(blocks: &[u8], n: usize, k: usize, b: Option<Tensor>) -> Option<Linear> {
-        let gemm = super::cpu_gemm::Gemm::mxfp4(blocks, n, k)?;
-        let w = stand_in(k)?;
+        Self::tiles_only(super::cpu_gemm::Gemm::mxfp4(blocks, n, k)?, b)
+    }
+
+    /// [`Linear::mxfp4`] for IQ4_NL blocks (IQ4_XS's as IQ4_NL).
+    fn iq4_nl(blocks: &[u8], n: usize, k: usize, b: Option<Tensor>) -> Option<Linear> {
+        Self::tiles_only(super::cpu_gemm::Gemm::iq4_nl(blocks, n, k)?, b)
+    }
+
+    fn tiles_only(gemm: super::cpu_gemm::Gemm, b: Option<Tensor>) -> Option<Linear> {
+        let w = stand_in(gemm.shape().1)?;
         Some(Linear {
             w,
             b,
@@ -437,6 +445,10 @@ pub(crate) trait WeightSource {
     fn mxfp4(&self, _name: &str) -> Option<Result<Vec<u8>>> {
         None
     }
+    /// An IQ4_NL or IQ4_XS matrix's blocks as IQ4_NL (`None` for one of another type).
+    fn iq4_nl(&self, _name: &str) -> Option<Result<Vec<u8>>> {
+        None
+    }
 }
 
 /// Tensor names of one checkpoint family.
@@ -567,6 +579,13 @@ impl Weights {
                     }
                     _ => None,
                 };
+                // IQ4 stays 4.5 bits per weight where verdict's CPU kernel multiplies it.
+                if device.is_cpu()
+                    && let Some(blocks) = src.iq4_nl(&wn).transpose()?
+                    && let Some(l) = Linear::iq4_nl(&blocks, shape[0], shape[1], bias.clone())
+                {
+                    return Ok(l);
+                }
                 let w = fast_matmul(src, &wn, src.matrix(&wn, device)?)?;
                 Ok(Linear::new(w, bias))
             };
@@ -812,6 +831,9 @@ impl WeightSource for GgufSource<'_> {
     }
     fn mxfp4(&self, name: &str) -> Option<Result<Vec<u8>>> {
         self.file.mxfp4_blocks(name)
+    }
+    fn iq4_nl(&self, name: &str) -> Option<Result<Vec<u8>>> {
+        self.file.iq4_nl_blocks(name)
     }
     fn vector(&self, name: &str, device: &Device) -> Result<Tensor> {
         let t: QTensor = self.file.tensor(name, device)?;
