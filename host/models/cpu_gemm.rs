@@ -44,6 +44,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use std::sync::Arc;
 
+use super::gguf::IQ4_VALUES;
 use super::pages::Pages;
 
 const QK_K: usize = 256;
@@ -64,10 +65,6 @@ const IQ4_NL_BYTES: usize = 18;
 /// MXFP4's code values, doubled to integers (ggml's `kvalues_mxfp4`); the scale 2^(e - 128)
 /// halves them back.
 const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
-/// IQ4's code values (ggml's `kvalues_iq4nl`).
-const IQ4_VALUES: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
 /// Every type runs on a repacked copy: 16 columns per tile, each block of the 16
 /// in its `*_TILE_BYTES` (see [`pack_q4k`], [`pack_q6k`], [`pack_q5_0`], [`pack_q4_1`]).
 const TILE: usize = 16;
@@ -1499,20 +1496,16 @@ mod x86 {
                 let m = unsafe { _mm256_loadu_si256(blk.add(Q4K_MN + 32 * p).cast()) };
                 _mm512_cvtepu8_epi16(m)
             });
-            for i in 0..N {
-                let p = pass.rp[i];
-                // Sub-blocks 2q and 2q + 1's sums as one i32: the pair `vpdpwssd` multiplies.
-                let sums = unsafe { p.sum32.add(8 * b) };
-                let mut mi = zero;
-                for (q, &mn) in mn.iter().enumerate() {
-                    mi = _mm512_dpwssd_epi32(mi, mn, unsafe { bcast4(sums.add(2 * q).cast()) });
-                }
-                let da = _mm512_set1_ps(unsafe { *p.d.add(b) });
-                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
-                let dm = _mm512_mul_ps(dmin, da);
-                acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mi), dm, acc[i]);
-                blk_acc[i] = _mm512_setzero_ps();
-            }
+            // Sub-blocks 2q and 2q + 1's sums as one i32: the pair `vpdpwssd` multiplies.
+            unsafe {
+                close_block(
+                    pass,
+                    b,
+                    &mut acc,
+                    &mut blk_acc,
+                    Some((dmin, &mn, |p: &RowPtrs| p.sum32.add(8 * b))),
+                )
+            };
         }
         acc
     }
@@ -1570,19 +1563,15 @@ mod x86 {
                     _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16),
                 )
             });
-            for i in 0..N {
-                let p = pass.rp[i];
-                let sums = unsafe { p.sum16.add(16 * b) };
-                let mut mi = zero;
-                for (q, &mn) in mn.iter().enumerate() {
-                    mi = _mm512_dpwssd_epi32(mi, mn, unsafe { bcast4(sums.add(2 * q).cast()) });
-                }
-                let da = _mm512_set1_ps(unsafe { *p.d.add(b) });
-                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
-                let dm = _mm512_mul_ps(dmin, da);
-                acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mi), dm, acc[i]);
-                blk_acc[i] = _mm512_setzero_ps();
-            }
+            unsafe {
+                close_block(
+                    pass,
+                    b,
+                    &mut acc,
+                    &mut blk_acc,
+                    Some((dmin, &mn, |p: &RowPtrs| p.sum16.add(16 * b))),
+                )
+            };
         }
         acc
     }
@@ -1592,23 +1581,74 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn q3k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
-        let mut acc = [_mm512_setzero_ps(); N];
-        let mut blk_acc = [_mm512_setzero_ps(); N];
         let four = _mm512_set1_epi8(4);
-        for b in 0..tile.len() / Q3K_TILE_BYTES {
-            let blk = unsafe { block_at(tile, b, Q3K_TILE_BYTES) };
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q3K_D).cast()) });
-            for s in 0..16 {
-                let sub = unsafe { blk.add(Q3K_QS + Q3K_SUB_BYTES * s) };
-                let lo = unsafe { pair_planes(sub) };
-                let w: [__m512i; 4] = std::array::from_fn(|g| {
-                    let hi: __mmask64 =
-                        unsafe { sub.add(64 + 8 * g).cast::<u64>().read_unaligned() };
+        unsafe {
+            sub16_rows(tile, pass, Q3K_TILE_BYTES, Q3K_D, |blk, s| {
+                let sub = blk.add(Q3K_QS + Q3K_SUB_BYTES * s);
+                let lo = pair_planes(sub);
+                std::array::from_fn(|g| {
+                    let hi: __mmask64 = sub.add(64 + 8 * g).cast::<u64>().read_unaligned();
                     _mm512_mask_add_epi8(lo[g], hi, lo[g], four)
-                });
-                let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
-                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-                unsafe {
+                })
+            })
+        }
+    }
+
+    /// A pass against one Q6_K tile ([`pack_q6k`]): values `q + 32` in 0..=63, the dot
+    /// products starting from -32·Σa.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q6k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
+        let low = _mm512_set1_epi8(0x0f);
+        let two = _mm512_set1_epi8(0x30);
+        // (nibble & 15) | (bit pair << 4): the four groups' 6-bit values.
+        let join = |l: __m512i, hp: __m512i| {
+            _mm512_ternarylogic_epi32::<0xEA>(l, low, _mm512_and_si512(hp, two))
+        };
+        unsafe {
+            sub16_rows(tile, pass, Q6K_TILE_BYTES, Q6K_D, |blk, s| {
+                let q = blk.add(Q6K_QS + Q6K_SUB_BYTES * s);
+                let (l0, l1, h) = (
+                    _mm512_loadu_si512(q.cast()),
+                    _mm512_loadu_si512(q.add(64).cast()),
+                    _mm512_loadu_si512(q.add(128).cast()),
+                );
+                [
+                    join(l0, _mm512_slli_epi16(h, 4)),
+                    join(_mm512_srli_epi16(l0, 4), _mm512_slli_epi16(h, 2)),
+                    join(l1, h),
+                    join(_mm512_srli_epi16(l1, 4), _mm512_srli_epi16(h, 2)),
+                ]
+            })
+        }
+    }
+
+    /// Q6_K's arithmetic (and Q3_K's), per tile block of `bytes` with its columns' f16 d at
+    /// `d_at` and signed byte scales at the front: per 16-value sub-block `s`, the weights
+    /// `read(block, s)` gives (unsigned, `q + offset`), their integer sum with the row's values
+    /// started from the row's `-offset·Σa` (`corr`, exact) times `d·sc` into the block's sum (a
+    /// fused multiply-add); per block that sum times `da` into the result.
+    #[inline(always)]
+    unsafe fn sub16_rows<const N: usize>(
+        tile: &[u8],
+        pass: &Pass<N>,
+        bytes: usize,
+        d_at: usize,
+        read: impl Fn(*const u8, usize) -> [__m512i; 4],
+    ) -> [__m512; N] {
+        // SAFETY: the callers run with AVX-512.
+        let zero = unsafe { _mm512_setzero_ps() };
+        let (mut acc, mut blk_acc) = ([zero; N], [zero; N]);
+        for b in 0..tile.len() / bytes {
+            // SAFETY (all the intrinsics): the callers run with AVX-512 VNNI; `blk` is a whole
+            // tile block and each row holds the block's values.
+            unsafe {
+                let blk = block_at(tile, b, bytes);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(d_at).cast()));
+                for s in 0..16 {
+                    let w = read(blk, s);
+                    let sc = _mm_loadu_si128(blk.add(16 * s).cast());
+                    let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
                     pass.dots(
                         &w,
                         |p| p.qs.add(b * QK_K + 16 * s),
@@ -1616,71 +1656,49 @@ mod x86 {
                         |i, dot| {
                             blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i])
                         },
-                    )
-                };
-            }
-            for i in 0..N {
-                let da = _mm512_set1_ps(unsafe { *pass.rp[i].d.add(b) });
-                acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
-                blk_acc[i] = _mm512_setzero_ps();
+                    );
+                }
+                close_block(pass, b, &mut acc, &mut blk_acc, NO_MINS);
             }
         }
         acc
     }
 
-    /// A pass against one Q6_K tile: one f32 lane per column. Per sub-block, the integer sum
-    /// of `(q - 32)·a` over its 16 values (exact) times `d·sc` into the block's sum (a fused
-    /// multiply-add), and per block that sum times `da` into the result.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q6k_rows<const N: usize>(tile: &[u8], pass: &Pass<N>) -> [__m512; N] {
-        let mut acc = [_mm512_setzero_ps(); N];
-        let mut blk_acc = [_mm512_setzero_ps(); N];
-        let low = _mm512_set1_epi8(0x0f);
-        let two = _mm512_set1_epi8(0x30);
-        for b in 0..tile.len() / Q6K_TILE_BYTES {
-            let blk = unsafe { block_at(tile, b, Q6K_TILE_BYTES) };
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(Q6K_D).cast()) });
-            for s in 0..16 {
-                let (l0, l1, h) = unsafe {
-                    let q = blk.add(Q6K_QS + Q6K_SUB_BYTES * s);
-                    (
-                        _mm512_loadu_si512(q.cast()),
-                        _mm512_loadu_si512(q.add(64).cast()),
-                        _mm512_loadu_si512(q.add(128).cast()),
-                    )
-                };
-                // (nibble & 15) | (bit pair << 4): the four groups' 6-bit values.
-                let join = |l: __m512i, hp: __m512i| {
-                    _mm512_ternarylogic_epi32::<0xEA>(l, low, _mm512_and_si512(hp, two))
-                };
-                let w = [
-                    join(l0, _mm512_slli_epi16(h, 4)),
-                    join(_mm512_srli_epi16(l0, 4), _mm512_slli_epi16(h, 2)),
-                    join(l1, h),
-                    join(_mm512_srli_epi16(l1, 4), _mm512_srli_epi16(h, 2)),
-                ];
-                let sc = unsafe { _mm_loadu_si128(blk.add(16 * s).cast()) };
-                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
-                unsafe {
-                    pass.dots(
-                        &w,
-                        |p| p.qs.add(b * QK_K + 16 * s),
-                        // Starting from -32·Σa turns the unsigned values into q - 32.
-                        |p| _mm512_set1_epi32(*p.corr.add(b * 16 + s)),
-                        |i, dot| {
-                            blk_acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsc, blk_acc[i])
-                        },
-                    )
-                };
-            }
-            for i in 0..N {
-                let da = _mm512_set1_ps(unsafe { *pass.rp[i].d.add(b) });
+    /// [`close_block`] without mins (Q6_K, Q3_K).
+    #[allow(clippy::type_complexity)]
+    const NO_MINS: Option<(__m512, &[__m512i; 0], fn(&RowPtrs) -> *const i16)> = None;
+
+    /// The end of a k-quant block `b` for every row: its sum times `da` into the result, less,
+    /// with `mins = (dmin, mn, sums)`, `dmin·da` times the exact `Σ mn·Σa` (`vpdpwssd` over pairs
+    /// of sub-blocks: `mn` holds each column's pair of mins, `sums(row)` each row's sub-block
+    /// sums); the block's sum starts again from zero.
+    #[inline(always)]
+    unsafe fn close_block<const N: usize, const M: usize>(
+        pass: &Pass<N>,
+        b: usize,
+        acc: &mut [__m512; N],
+        blk_acc: &mut [__m512; N],
+        mins: Option<(__m512, &[__m512i; M], impl Fn(&RowPtrs) -> *const i16)>,
+    ) {
+        for i in 0..N {
+            let p = &pass.rp[i];
+            // SAFETY (all the intrinsics): the callers run with AVX-512 VNNI; the row's scales
+            // and sums hold block `b`'s.
+            unsafe {
+                let da = _mm512_set1_ps(*p.d.add(b));
                 acc[i] = _mm512_fmadd_ps(blk_acc[i], da, acc[i]);
+                if let Some((dmin, mn, sums)) = &mins {
+                    let sums = sums(p);
+                    let mut mi = _mm512_setzero_si512();
+                    for (q, &mn) in mn.iter().enumerate() {
+                        mi = _mm512_dpwssd_epi32(mi, mn, bcast4(sums.add(2 * q).cast()));
+                    }
+                    let dm = _mm512_mul_ps(*dmin, da);
+                    acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mi), dm, acc[i]);
+                }
                 blk_acc[i] = _mm512_setzero_ps();
             }
         }
-        acc
     }
 
     /// The 8 groups of 4 values of a Q5_0 or Q4_1 tile block's 16 columns, as bytes 0..=15

@@ -4,7 +4,7 @@
 //! candle's `gguf_file::Content` parses the metadata; this module reads the tensor table itself
 //! (candle knows no MXFP4, the type of gpt-oss's experts: verdict's CPU kernel reads it as
 //! stored, `mxfp4_blocks`, and candle's kernels as Q8_0, `mxfp4_to_q8_0`; nor IQ4_NL and
-//! IQ4_XS, read as Q8_0 too) and adds the checks candle lacks (magic, truncation of tensor data,
+//! IQ4_XS, likewise, `iq4_nl_blocks`, IQ4_XS as IQ4_NL) and adds the checks candle lacks (magic, truncation of tensor data,
 //! which tensor type is unsupported) and typed metadata accessors.
 //! The tokenizer and chat template read `tokenizer.*` keys through [`GgufFile::content`].
 
@@ -473,8 +473,8 @@ pub struct GgufFile {
     converted: std::collections::HashMap<String, Converted>,
 }
 
-/// The stored types candle cannot hold, read as Q8_0 blocks of the same weights (see each
-/// conversion).
+/// The stored types candle cannot hold, read as Q8_0 blocks of the same weights (IQ4_XS's
+/// scales rounded to f16; see each conversion).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Converted {
     /// gpt-oss's experts ([`mxfp4_to_q8_0`]).
@@ -522,7 +522,7 @@ const IQ4_XS: u32 = 23;
 const IQ4_NL_BLOCK_BYTES: usize = 18;
 const IQ4_XS_BLOCK_BYTES: usize = 136;
 /// ggml's `kvalues_iq4nl`.
-const IQ4_VALUES: [i8; 16] = [
+pub(crate) const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -603,14 +603,9 @@ const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, 
 /// activations quantized to Q8_0 as llama.cpp's MXFP4 kernels quantize them; verdict's CPU
 /// kernel reads MXFP4 as stored (`cpu_gemm`).
 pub(crate) fn mxfp4_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, String> {
-    if !blocks.len().is_multiple_of(MXFP4_BLOCK_BYTES) {
-        return Err(format!(
-            "{} bytes are not whole MXFP4 blocks of {MXFP4_BLOCK_BYTES}",
-            blocks.len()
-        ));
-    }
+    let chunks = whole_blocks(blocks, MXFP4_BLOCK_BYTES, "MXFP4")?;
     let mut out = Vec::with_capacity(blocks.len() / MXFP4_BLOCK_BYTES * 34);
-    for (b, block) in blocks.chunks_exact(MXFP4_BLOCK_BYTES).enumerate() {
+    for (b, block) in chunks.enumerate() {
         let exp = block[0] as i32 - 128;
         if exp > 15 {
             return Err(format!(

@@ -858,10 +858,6 @@ fn write_tiny_gguf_as(path: &Path, spec: &TinySpec, iq4: bool) -> Result<()> {
 const MXFP4_ID: u32 = 39;
 const IQ4_NL_ID: u32 = 20;
 const IQ4_XS_ID: u32 = 23;
-/// ggml's `kvalues_iq4nl`.
-const IQ4_VALUES: [f32; 16] = [
-    -127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.,
-];
 
 /// 32 weights as the IQ4 table's nearest codes at scale `d` (16 bytes: weight j in byte j's low
 /// nibble, 16 + j in its high one).
@@ -869,7 +865,7 @@ fn iq4_codes(block: &[f32], d: f32, out: &mut Vec<u8>) {
     let code = |v: f32| -> u8 {
         (0..16u8)
             .min_by(|&a, &b| {
-                let err = |i: u8| (IQ4_VALUES[i as usize] * d - v).abs();
+                let err = |i: u8| (f32::from(super::gguf::IQ4_VALUES[i as usize]) * d - v).abs();
                 err(a).total_cmp(&err(b))
             })
             .unwrap_or(0)
