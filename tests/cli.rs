@@ -23,6 +23,16 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A run that failed with `needle` in its error, not a panic.
+fn fails_naming(out: Output, needle: &str, args: &[&str]) {
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(needle),
+        "{args:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
 fn tiny(dir: &Path) -> PathBuf {
     let path = dir.join("tiny.gguf");
     write_tiny_gguf(&path, &TinySpec::default()).expect("tiny GGUF written");
@@ -587,13 +597,7 @@ fn bench_forward_times_each_size_and_checks_its_arguments() {
         (&["--context", "100000"][..], "exceeds the model's context"),
         (&["--rounds", "0"][..], "--rounds"),
     ] {
-        let out = run(args);
-        let err = text(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(needle),
-            "{args:?}: {err}"
-        );
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        fails_naming(run(args), needle, args);
     }
 }
 
@@ -636,13 +640,7 @@ fn bench_gemm_times_each_row_count_and_checks_its_arguments() {
         (&["--dtype", "q9_z"][..], "`q9_z`: unknown tensor type"),
         (&["--copies", "0"][..], "--copies"),
     ] {
-        let out = run(args);
-        let err = text(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(needle),
-            "{args:?}: {err}"
-        );
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        fails_naming(run(args), needle, args);
     }
 }
 
