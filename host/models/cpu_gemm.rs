@@ -44,7 +44,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use std::sync::Arc;
 
-use super::gguf::IQ4_VALUES;
+use super::gguf::{IQ4_VALUES, MXFP4_VALUES};
 use super::pages::Pages;
 
 const QK_K: usize = 256;
@@ -62,9 +62,6 @@ const Q5_1_BYTES: usize = 24;
 /// MXFP4 (gpt-oss's experts): an E8M0 exponent byte and 16 bytes of 4-bit codes per 32.
 const MXFP4_BYTES: usize = 17;
 const IQ4_NL_BYTES: usize = 18;
-/// MXFP4's code values, doubled to integers (ggml's `kvalues_mxfp4`); the scale 2^(e - 128)
-/// halves them back.
-const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 /// Every type runs on a repacked copy: 16 columns per tile, each block of the 16
 /// in its `*_TILE_BYTES` (see [`pack_q4k`], [`pack_q6k`], [`pack_q5_0`], [`pack_q4_1`]).
 const TILE: usize = 16;
@@ -1735,6 +1732,20 @@ mod x86 {
         }
     }
 
+    /// A tile block's 4-bit codes as nibble planes ([`nibble_planes`]), each through the
+    /// 16-entry `values` table (`vpshufb`) to its int8 value plus 128 (MXFP4, IQ4_NL).
+    #[inline(always)]
+    unsafe fn coded_planes(blk: *const u8, values: &[i8; 16]) -> [__m512i; 8] {
+        // SAFETY: the callers run with AVX-512 (their target features); `blk` is a whole
+        // tile block.
+        unsafe {
+            let table = std::array::from_fn::<u8, 16, _>(|c| (values[c] as u8) ^ 0x80);
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr().cast()));
+            let codes = nibble_planes(blk);
+            std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]))
+        }
+    }
+
     /// A pass against one Q4_1 tile ([`pack_q4_1`]; `FIVE`: Q5_1, [`pack_q5_1`]): per
     /// 32-value block, `d·da` times the exact integer sum of `q·a`, plus `m` times the row's
     /// `da · Σ a`.
@@ -1839,10 +1850,7 @@ mod x86 {
         #[inline(always)]
         unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
             unsafe {
-                let table = std::array::from_fn::<u8, 16, _>(|c| (MXFP4_VALUES[c] as u8) ^ 0x80);
-                let table = _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr().cast()));
-                let codes = nibble_planes(blk);
-                let w = std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]));
+                let w = coded_planes(blk, &MXFP4_VALUES);
                 let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(256).cast()));
                 // e >= 2: (e - 1) << 23, a normal float; e = 0 or 1: 2^-128 or 2^-127,
                 // subnormal.
@@ -1866,10 +1874,7 @@ mod x86 {
         #[inline(always)]
         unsafe fn read(blk: *const u8) -> ([__m512i; 8], __m512) {
             unsafe {
-                let table = std::array::from_fn::<u8, 16, _>(|c| (IQ4_VALUES[c] as u8) ^ 0x80);
-                let table = _mm512_broadcast_i32x4(_mm_loadu_si128(table.as_ptr().cast()));
-                let codes = nibble_planes(blk);
-                let w = std::array::from_fn(|g| _mm512_shuffle_epi8(table, codes[g]));
+                let w = coded_planes(blk, &IQ4_VALUES);
                 (w, _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast())))
             }
         }

@@ -517,8 +517,8 @@ impl Converted {
 /// non-linear grid), times one f16 scale per 32 weights (IQ4_NL), or times one f16 scale per
 /// 256 and a 6-bit signed multiplier per 32 (IQ4_XS). llama.cpp's IQ4_XS files hold IQ4_NL
 /// where a row is not whole 256-value blocks (e.g. 576-wide SmolLM2, 896-wide Qwen2.5-0.5B).
-const IQ4_NL: u32 = 20;
-const IQ4_XS: u32 = 23;
+pub(crate) const IQ4_NL: u32 = 20;
+pub(crate) const IQ4_XS: u32 = 23;
 const IQ4_NL_BLOCK_BYTES: usize = 18;
 const IQ4_XS_BLOCK_BYTES: usize = 136;
 /// ggml's `kvalues_iq4nl`.
@@ -591,9 +591,9 @@ pub(crate) fn iq4_xs_to_q8_0(blocks: &[u8]) -> std::result::Result<Vec<u8>, Stri
 /// ggml's id of MXFP4 (OCP microscaling FP4): per 32 weights, one E8M0 exponent byte `e` and 16
 /// bytes of 4-bit E2M1 codes; weight = code value * 2^(e - 128) (ggml stores the code values
 /// doubled: 0, 1, 2, 3, 4, 6, 8, 12 and their negatives).
-const MXFP4: u32 = 39;
+pub(crate) const MXFP4: u32 = 39;
 const MXFP4_BLOCK_BYTES: usize = 17;
-const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+pub(crate) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 /// MXFP4 blocks as Q8_0 blocks of the same weights: a Q8_0 block is an f16 scale and 32 int8s,
 /// and an MXFP4 weight is a small integer (the doubled code value) times a power of two, so the

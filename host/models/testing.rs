@@ -854,24 +854,22 @@ fn write_tiny_gguf_as(path: &Path, spec: &TinySpec, iq4: bool) -> Result<()> {
     write_gguf_file(path, &meta, &tensors)
 }
 
-/// ggml's MXFP4, IQ4_NL and IQ4_XS type ids.
-const MXFP4_ID: u32 = 39;
-const IQ4_NL_ID: u32 = 20;
-const IQ4_XS_ID: u32 = 23;
+use super::gguf::{IQ4_NL as IQ4_NL_ID, IQ4_XS as IQ4_XS_ID, MXFP4 as MXFP4_ID};
 
-/// 32 weights as the IQ4 table's nearest codes at scale `d` (16 bytes: weight j in byte j's low
-/// nibble, 16 + j in its high one).
-fn iq4_codes(block: &[f32], d: f32, out: &mut Vec<u8>) {
+/// Up to 32 weights (the rest zero) as the nearest codes of a 16-entry `values` table at scale
+/// `d` (16 bytes: weight j in byte j's low nibble, 16 + j in its high one): MXFP4's and IQ4's.
+fn table_codes(block: &[f32], values: &[i8; 16], d: f32, out: &mut Vec<u8>) {
     let code = |v: f32| -> u8 {
         (0..16u8)
             .min_by(|&a, &b| {
-                let err = |i: u8| (f32::from(super::gguf::IQ4_VALUES[i as usize]) * d - v).abs();
+                let err = |i: u8| (f32::from(values[i as usize]) * d - v).abs();
                 err(a).total_cmp(&err(b))
             })
             .unwrap_or(0)
     };
+    let at = |i: usize| block.get(i).copied().unwrap_or(0.0);
     for j in 0..16 {
-        out.push(code(block[j]) | (code(block[j + 16]) << 4));
+        out.push(code(at(j)) | (code(at(j + 16)) << 4));
     }
 }
 
@@ -882,7 +880,7 @@ pub fn iq4_nl_blocks(x: &[f32]) -> Vec<u8> {
     for block in x.chunks_exact(32) {
         let d = half::f16::from_f32(block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0);
         out.extend_from_slice(&d.to_bits().to_le_bytes());
-        iq4_codes(block, d.to_f32(), &mut out);
+        table_codes(block, &super::gguf::IQ4_VALUES, d.to_f32(), &mut out);
     }
     out
 }
@@ -909,7 +907,8 @@ pub fn iq4_xs_blocks(x: &[f32]) -> Vec<u8> {
         out.extend_from_slice(&high.to_le_bytes());
         out.extend((0..4).map(|i| (ls[2 * i] & 15) | ((ls[2 * i + 1] & 15) << 4)));
         for (ib, b) in block.chunks_exact(32).enumerate() {
-            iq4_codes(b, d.to_f32() * (f32::from(ls[ib]) - 32.0), &mut out);
+            let scale = d.to_f32() * (f32::from(ls[ib]) - 32.0);
+            table_codes(b, &super::gguf::IQ4_VALUES, scale, &mut out);
         }
     }
     out
@@ -926,9 +925,6 @@ struct RawTensor {
 /// f32 weights as MXFP4 blocks, as ggml quantizes them: per 32, the exponent byte
 /// `floor(log2(max |x|)) - 2 + 127` and each weight's nearest code value times 2^(e - 128).
 pub fn mxfp4_blocks(x: &[f32]) -> Vec<u8> {
-    const VALUES: [f32; 16] = [
-        0., 1., 2., 3., 4., 6., 8., 12., 0., -1., -2., -3., -4., -6., -8., -12.,
-    ];
     let mut out = Vec::with_capacity(x.len() / 32 * 17);
     for block in x.chunks(32) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -937,19 +933,8 @@ pub fn mxfp4_blocks(x: &[f32]) -> Vec<u8> {
             false => 0,
         };
         let d = 2f32.powi(e as i32 - 128);
-        let code = |v: f32| -> u8 {
-            (0..16u8)
-                .min_by(|&a, &b| {
-                    let err = |i: u8| (VALUES[i as usize] * d - v).abs();
-                    err(a).total_cmp(&err(b))
-                })
-                .unwrap_or(0)
-        };
         out.push(e);
-        for j in 0..16 {
-            let at = |i: usize| block.get(i).copied().unwrap_or(0.0);
-            out.push(code(at(j)) | (code(at(j + 16)) << 4));
-        }
+        table_codes(block, &super::gguf::MXFP4_VALUES, d, &mut out);
     }
     out
 }
