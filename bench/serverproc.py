@@ -33,11 +33,12 @@ def get(url, path):
     return r.status, r.read()
 
 
-def start(binary, serve_args, who, ready_timeout=300):
-    """`binary serve --port 0 --host 127.0.0.1 SERVE_ARGS...`; returns (process, url) once
-    /ready answers 200."""
+def start(binary, serve_args, who, ready_timeout=300, env=None):
+    """`binary serve --port 0 --host 127.0.0.1 SERVE_ARGS...` (in `env`, else this process's
+    environment); returns (process, url) once /ready answers 200."""
     cmd = [binary, "serve", "--port", "0", "--host", "127.0.0.1"] + list(serve_args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
     for line in proc.stdout:
         m = re.search(r"listening on (http://\S+)", line)
         if m:

@@ -31,6 +31,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
         Command::Generate(args) => verdict::cli::generate::run(args),
         Command::Policy(args) => verdict::cli::policy::run(args),
@@ -47,4 +48,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Log lines on stderr: warnings (a policy artifact discarded, structured outputs off for a
+/// model, a prompt-cache failure) and, for `serve`, verdict's own info lines (the model loaded,
+/// its KV cache, LoRA modules, policy swaps). `RUST_LOG` overrides, e.g. `RUST_LOG=debug`.
+fn init_logging(serve: bool) {
+    use std::io::IsTerminal;
+    let default = if serve { "warn,verdict=info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Another subscriber already set is not an error worth stopping for.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

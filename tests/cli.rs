@@ -110,6 +110,25 @@ fn tiny_model_stdout_is_only_the_text() {
             assert!(st[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {st}");
         }
     }
+    // An f16 KV cache: the text of greedy decoding on that cache.
+    let args = [
+        "--model",
+        m,
+        "--prompt",
+        "the weather",
+        "--max-tokens",
+        "12",
+    ];
+    let out = verdict(&[&args[..], &["--ignore-eos", "--kv-cache-dtype", "f16"]].concat());
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let half = Model::load_gguf(&model, &candle_core::Device::Cpu)
+        .unwrap()
+        .with_kv_cache_dtype(candle_core::DType::F16)
+        .unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        greedy_text_of(&half, "the weather", false, 12, true)
+    );
 }
 
 #[test]
@@ -306,6 +325,10 @@ fn bad_input_gives_clear_errors() {
     assert_fails(&with(&["--threads", "0"]), "--threads");
     assert_fails(&with(&["--seed", "-1"]), "--seed");
     assert_fails(&with(&["--device", "gpu"]), "expected cpu, cuda or cuda:N");
+    assert_fails(
+        &with(&["--kv-cache-dtype", "q8_0"]),
+        "`q8_0`: a KV cache holds f32, f16 or bf16",
+    );
     if !cfg!(feature = "cuda") {
         assert_fails(&with(&["--device", "cuda:0"]), "without CUDA support");
     }
@@ -580,18 +603,33 @@ fn bench_forward_times_each_size_and_checks_its_arguments() {
             .output()
             .unwrap()
     };
-    let out = run(&["--tokens", "1,3", "--context", "4", "--rounds", "2"]);
+    let out = run(&[
+        "--tokens",
+        "1,3",
+        "--context",
+        "4",
+        "--rounds",
+        "2",
+        "--kv-cache-dtype",
+        "f32,f16,bf16",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     for n in [1, 3] {
-        let row = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("| {n} |")))
-            .unwrap_or_else(|| panic!("no row for {n} in {stdout}"));
-        let median: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
-        assert!(median > 0.0, "{row}");
+        for kv in ["f32", "f16", "bf16"] {
+            let row = stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("| {n} | {kv} |")))
+                .unwrap_or_else(|| panic!("no row for {n}, {kv} in {stdout}"));
+            let median: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+            assert!(median > 0.0, "{row}");
+        }
     }
     for (args, needle) in [
+        (
+            &["--kv-cache-dtype", "f32,q4"][..],
+            "`q4`: a KV cache holds f32, f16 or bf16",
+        ),
         (&["--tokens", "0"][..], "`0` is not a positive count"),
         (&["--tokens", "2,x"][..], "`x` is not a positive count"),
         (&["--context", "100000"][..], "exceeds the model's context"),

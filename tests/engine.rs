@@ -233,6 +233,51 @@ fn strict_greedy_speculation_is_lossless_on_every_architecture() {
     }
 }
 
+/// With f16 or bf16 KV caches (target and draft) strict speculation still emits the target's
+/// autoregressive greedy tokens on the same cache type, on every architecture (sliding windows
+/// rolled back, sinks, soft caps), for each kind of drafter.
+#[test]
+fn strict_greedy_speculation_is_lossless_with_half_precision_caches() {
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = [5u32, 77, 140, 12, 3, 77, 140, 9];
+    for (i, (name, spec)) in verdict::models::testing::peer_specs()
+        .into_iter()
+        .enumerate()
+    {
+        // Both types on the first architectures, one each on the rest (the run stays short).
+        let types: &[DType] = match i {
+            0 | 1 => &[DType::F16, DType::BF16],
+            _ if i % 2 == 0 => &[DType::F16],
+            _ => &[DType::BF16],
+        };
+        let base = tiny(dir.path(), &format!("{name}.gguf"), spec.clone());
+        let draft_spec = TinySpec {
+            seed: spec.seed + 100,
+            layers: (spec.layers - 1).max(1),
+            ..spec.clone()
+        };
+        let draft_base = tiny(dir.path(), &format!("{name}-draft.gguf"), draft_spec);
+        for &dt in types {
+            let target = base.with_kv_cache_dtype(dt).unwrap();
+            let draft = draft_base.with_kv_cache_dtype(dt).unwrap();
+            let plain = engine(target.clone(), None, None, 4);
+            let (reference, _) = run(&plain, greedy(&prompt, 30, Speculation::Off));
+            let drafters = [
+                (Some(draft), DrafterSpec::Model),
+                (None, DrafterSpec::SelfDraft(1)),
+                (None, DrafterSpec::PromptLookup(None)),
+            ];
+            for (what, out, stats) in each_drafter(&target, &drafters, &[3, 8], || {
+                greedy(&prompt, 30, Speculation::Default)
+            }) {
+                assert_eq!(out, reference, "{name}, {dt:?}: {what}");
+                assert!(stats.steps >= 1 && stats.tokens == 30, "{name}: {what}");
+            }
+        }
+    }
+}
+
 /// A target with a LoRA adapter (`Model::with_lora`) speculates losslessly too: every drafter
 /// (the base as its draft, the adapted target's own first layer, prompt lookup) emits the
 /// adapted target's autoregressive greedy tokens, which differ from the base's.

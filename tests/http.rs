@@ -2994,6 +2994,33 @@ fn harmony_reasoning_is_apart_from_the_answer() {
     }
 }
 
+/// `--kv-cache-dtype f16`: the models keep half-precision caches (the log says so, with the
+/// bytes per position), and strict speculation still answers with the target's own greedy text,
+/// whichever the drafter, and again when the prompt cache hands the prompt's positions on.
+#[test]
+fn a_half_precision_kv_cache_serves_the_same_greedy_text_speculating_or_not() {
+    let s = tiny_server(256, &["--kv-cache-dtype", "f16"]);
+    let ask = |speculation: Value| {
+        let r = s.post_json(
+            "/v1/completions",
+            &json!({"prompt": "the cat sat on", "max_tokens": 24, "temperature": 0,
+                    "ignore_eos": true, "speculation": speculation}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        text_of(&r.json())
+    };
+    let plain = ask(json!("off"));
+    assert_eq!(ask(json!({"draft": "model", "k": 3})), plain);
+    assert_eq!(ask(json!({"draft": "prompt-lookup", "k": 4})), plain);
+    assert_eq!(ask(json!("off")), plain);
+    let log = s.log_text();
+    assert!(
+        log.contains("target: KV cache of f16, 0.2 KiB per position")
+            && log.contains("draft: KV cache of f16"),
+        "{log}"
+    );
+}
+
 /// `--reasoning-parser qwen3`: a chat reply's `<think>` block comes back as
 /// `reasoning_content`, the rest as `content`, whole or streamed (the same split either way);
 /// a reply without the block is all content. The tiny model is made to write the block by a

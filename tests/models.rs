@@ -146,6 +146,76 @@ fn forward_batch_equals_each_sequence_alone() {
     assert!(max_diff(&gx[0], &gy[0]) < 1e-4);
 }
 
+/// A KV cache of f16 or bf16: a k-row forward still equals k one-row forwards bit for bit (each
+/// key and value is rounded once, when stored), a rollback and re-forward gives the same bits,
+/// the logits stay close to the f32 cache's, and sequences of different cache types share one
+/// batched forward, each getting its own logits.
+#[test]
+fn half_precision_kv_caches_keep_forwards_exact_and_track_f32() {
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_q8_0(dir.path());
+    assert_eq!(m.kv_cache_dtype(), DType::F32);
+    let reference = rows(&m.session().forward(&PROMPT, Rows::All).unwrap().logits);
+    let f32_weights = tiny(dir.path(), &TinySpec::default());
+    let reference32 = rows(
+        &f32_weights
+            .session()
+            .forward(&PROMPT, Rows::All)
+            .unwrap()
+            .logits,
+    );
+    let scale = reference32
+        .iter()
+        .flatten()
+        .fold(0f32, |a, &x| a.max(x.abs()));
+    for (dt, tol) in [(DType::F16, 2e-3), (DType::BF16, 2e-2)] {
+        let h = m.with_kv_cache_dtype(dt).unwrap();
+        assert_eq!(h.kv_cache_dtype(), dt);
+        let mut a = h.session();
+        let all = rows(&a.forward(&PROMPT, Rows::All).unwrap().logits);
+        let singles = one_by_one(&mut h.session(), &PROMPT);
+        assert_eq!(all, singles, "{dt:?}: batched vs one by one");
+        a.truncate(3).unwrap();
+        let again = rows(&a.forward(&PROMPT[3..], Rows::All).unwrap().logits);
+        assert_eq!(again, all[3..], "{dt:?}: after a rollback");
+        // Against the f32 cache on f32 weights (Q8_0's int8 activations would round the
+        // cache's small differences into larger ones).
+        let h32 = f32_weights.with_kv_cache_dtype(dt).unwrap();
+        let got = rows(&h32.session().forward(&PROMPT, Rows::All).unwrap().logits);
+        let d = got
+            .iter()
+            .zip(&reference32)
+            .map(|(x, y)| max_diff(x, y))
+            .fold(0f32, f32::max);
+        assert!(d > 0.0, "{dt:?}: the cache's rounding changes nothing?");
+        assert!(d < tol * scale, "{dt:?}: {d} against f32 (scale {scale})");
+        // With an f32 sequence in one batched forward.
+        let (mut x, mut y) = (m.session(), h.session());
+        let mut items = [
+            BatchItem {
+                session: &mut x,
+                tokens: &PROMPT,
+                rows: Rows::All,
+            },
+            BatchItem {
+                session: &mut y,
+                tokens: &PROMPT,
+                rows: Rows::All,
+            },
+        ];
+        let mut outs = forward_batch(&mut items).into_iter();
+        assert_eq!(rows(&outs.next().unwrap().unwrap().logits), reference);
+        assert_eq!(rows(&outs.next().unwrap().unwrap().logits), all, "{dt:?}");
+    }
+    let e = m
+        .with_kv_cache_dtype(DType::U8)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("U8") && e.contains("f16"), "{e}");
+}
+
 /// A bad sequence in a batch gets its own error; the others run, and its cache is untouched.
 #[test]
 fn forward_batch_isolates_bad_sequences() {

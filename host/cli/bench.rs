@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 
-use crate::cli::generate::{DeviceArg, load_draft, parse_device};
+use crate::cli::generate::{DeviceArg, load_draft, parse_device, parse_kv_dtype};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{AdaptiveK, Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
@@ -117,6 +117,10 @@ pub struct ForwardArgs {
     /// Timed forwards per size, after one warm-up; the median is reported.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rounds: u32,
+    /// KV cache element types to compare, comma separated (f32, f16, bf16): each size is timed
+    /// on a sequence of each, one after the other.
+    #[arg(long, value_name = "LIST", default_value = "f32")]
+    pub kv_cache_dtype: String,
     /// CPU threads for the matrix kernels (default: one per physical core).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
@@ -245,6 +249,9 @@ pub struct SpecArgs {
     /// table labels these rows.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub synthetic_acceptance: Option<f64>,
+    /// Element type of the KV caches (target and draft model): f32, f16 or bf16.
+    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: candle_core::DType,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -431,13 +438,19 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let model = Model::load_gguf(&a.model, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let model = a.lora.apply(model, &adapters)?;
+    let dtypes = list(&a.kv_cache_dtype)
+        .iter()
+        .map(|d| parse_kv_dtype(d).map_err(|e| anyhow::anyhow!("--kv-cache-dtype {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    if dtypes.is_empty() {
+        bail!("--kv-cache-dtype: give at least one of f32, f16, bf16");
+    }
     model.warm_up().context("warming up the model")?;
-    let mut s = model.session();
-    if a.context + largest > s.max_len() {
+    let max_len = model.config().context_length;
+    if a.context + largest > max_len {
         bail!(
-            "--context {} + {largest} new tokens exceeds the model's context of {}",
+            "--context {} + {largest} new tokens exceeds the model's context of {max_len}",
             a.context,
-            s.max_len()
         );
     }
     // Fixed, spread-out token ids: the cost does not depend on which tokens they are.
@@ -445,8 +458,14 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let ids: Vec<u32> = (0..(a.context + largest) as u64)
         .map(|i| ((i * 2_654_435_761 + 17) % vocab) as u32)
         .collect();
-    if a.context > 0 {
-        s.forward(&ids[..a.context], Rows::Last)?;
+    // One sequence per cache type, each holding the context.
+    let mut sessions = Vec::new();
+    for &d in &dtypes {
+        let mut s = model.with_kv_cache_dtype(d)?.session();
+        if a.context > 0 {
+            s.forward(&ids[..a.context], Rows::Last)?;
+        }
+        sessions.push(s);
     }
     let with = adapters
         .iter()
@@ -458,17 +477,20 @@ fn forward(a: ForwardArgs) -> Result<()> {
         a.context,
         a.rounds
     );
-    println!("| new tokens | median ms | min ms | max ms | ms per token |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| new tokens | KV cache | median ms | min ms | max ms | ms per token |");
+    println!("| --- | --- | --- | --- | --- | --- |");
     for &n in &sizes {
-        let ms = time_forward(&mut s, &ids[a.context..a.context + n], a.rounds)?;
-        let median = ms[ms.len() / 2];
-        println!(
-            "| {n} | {median:.1} | {:.1} | {:.1} | {:.1} |",
-            ms[0],
-            ms[ms.len() - 1],
-            median / n as f64
-        );
+        for (s, d) in sessions.iter_mut().zip(&dtypes) {
+            let ms = time_forward(s, &ids[a.context..a.context + n], a.rounds)?;
+            let median = ms[ms.len() / 2];
+            println!(
+                "| {n} | {} | {median:.1} | {:.1} | {:.1} | {:.1} |",
+                d.as_str(),
+                ms[0],
+                ms[ms.len() - 1],
+                median / n as f64
+            );
+        }
     }
     Ok(())
 }
@@ -918,7 +940,7 @@ fn spec(a: SpecArgs) -> Result<()> {
     let dir = models_dir();
     let (target_path, draft_path) = a.pair.paths();
     let device = a.device.open()?;
-    let target = Model::load_gguf(&target_path, &device)?;
+    let target = Model::load_gguf(&target_path, &device)?.with_kv_cache_dtype(a.kv_cache_dtype)?;
     let drafters: Vec<DrafterSpec> = list(&a.drafters)
         .iter()
         .map(|d| DrafterSpec::parse(d))
@@ -941,7 +963,13 @@ fn spec(a: SpecArgs) -> Result<()> {
     let mut drafts = Vec::new();
     for &v in &vocabs {
         drafts.push(if uses_draft {
-            Some(load_draft(&draft_path, &device, v, &specials)?)
+            Some(load_draft(
+                &draft_path,
+                &device,
+                v,
+                &specials,
+                a.kv_cache_dtype,
+            )?)
         } else {
             None
         });

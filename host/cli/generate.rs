@@ -138,6 +138,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = crate::cli::serve::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
 
+    /// Element type of the KV caches (target and draft model): f32, or f16 / bf16 for half the
+    /// memory per position.
+    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: candle_core::DType,
+
     /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
     /// one registered in --policy-dir.
     #[arg(long, default_value = "strict")]
@@ -298,16 +303,32 @@ impl LoraArgs {
 }
 
 /// `--draft-vocab N`: loads a draft model with its lm_head cut to the first `vocab` ids and
-/// `specials` (0: whole), as `serve`, `generate` and `bench spec` load it.
+/// `specials` (0: whole), its KV caches of element type `kv`, as `serve`, `generate` and `bench
+/// spec` load it.
 pub(crate) fn load_draft(
     path: &std::path::Path,
     device: &candle_core::Device,
     vocab: usize,
     specials: &[u32],
+    kv: candle_core::DType,
 ) -> Result<Model> {
     let m = Model::load_gguf(path, device)
         .with_context(|| format!("loading the draft {}", path.display()))?;
-    Ok(m.with_draft_vocab(vocab, specials)?)
+    // The cut first: it needs the only handle on the weights.
+    let m = m.with_draft_vocab(vocab, specials)?;
+    m.with_kv_cache_dtype(kv)
+        .with_context(|| format!("the draft {}", path.display()))
+}
+
+/// `--kv-cache-dtype`: f32, f16 or bf16.
+pub(crate) fn parse_kv_dtype(s: &str) -> Result<candle_core::DType, String> {
+    use candle_core::DType;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("`{s}`: a KV cache holds f32, f16 or bf16")),
+    }
 }
 
 /// `--shards N`: the target split over N tensor-parallel ranks: CPU threads, or N GPUs from
@@ -459,6 +480,7 @@ pub fn run(args: Args) -> Result<()> {
     let model = Model::load_gguf(path, &device)
         .with_context(|| format!("loading the model {}", path.display()))?;
     let model = args.lora.apply(model, &adapters)?;
+    let model = model.with_kv_cache_dtype(args.kv_cache_dtype)?;
     let model = shard_target(model, args.shards as usize, &device)?;
     // Lazy kernel set-up (candle packs Q4_K on first use, seconds for the 1.5B) belongs to the
     // load, as llama.cpp's repacking does, not to the first decode step it would otherwise slow.
@@ -521,6 +543,7 @@ pub fn run(args: Args) -> Result<()> {
                 &device,
                 args.draft_vocab,
                 &tok.special_ids(),
+                args.kv_cache_dtype,
             )?;
             m.warm_up().context("warming up the draft model")?;
             (Some(m), Some(spec))

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// with `strict` either way; measured in BENCHMARKS.md.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
+    /// Element type of the KV caches (target and draft model, the prompt cache's too): f32, or
+    /// f16 / bf16 for half the memory per position (twice the positions in the same memory).
+    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32", value_parser = crate::cli::generate::parse_kv_dtype)]
+    pub kv_cache_dtype: candle_core::DType,
     /// Speculation length k; the maximum k unless --fixed-k (requests may override with
     /// speculation.k).
     #[arg(long, default_value_t = 16)]
@@ -307,6 +311,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let prefill_chunk = args.prefill_chunk;
     let prompt_cache = args.prompt_cache;
     let draft_vocab = args.draft_vocab;
+    let kv_dtype = args.kv_cache_dtype;
     let shards = args.shards as usize;
     let device = args.device.open()?;
     // Read now, so that a missing file fails before the server starts (it compiles with the
@@ -321,7 +326,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let loader = Box::new(move || -> Result<Served> {
         let base = Model::load_gguf(&target_path, &device)
-            .with_context(|| format!("loading the target {}", target_path.display()))?;
+            .with_context(|| format!("loading the target {}", target_path.display()))?
+            .with_kv_cache_dtype(kv_dtype)?;
         let target = lora.apply(base.clone(), &adapters)?;
         let content = target
             .gguf_metadata()
@@ -334,6 +340,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 &device,
                 draft_vocab,
                 &tokenizer.special_ids(),
+                kv_dtype,
             )?),
             None => None,
         };
@@ -361,6 +368,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             if let Some(m) = m {
                 m.warm_up()
                     .with_context(|| format!("warming up the {what} model"))?;
+                tracing::info!(
+                    "{what}: KV cache of {}, {:.1} KiB per position",
+                    m.kv_cache_dtype().as_str(),
+                    m.kv_bytes_per_position() as f64 / 1024.0
+                );
             }
         }
         let engine_of = {

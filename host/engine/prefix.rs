@@ -11,8 +11,8 @@
 //! row count, around 1e-6).
 //!
 //! Memory: the budget counts cached positions of the target and the draft model together
-//! (positions cost `2 x layers x kv_heads x head_dim x 4` bytes each: ~56 KiB for
-//! Qwen2.5-Coder-1.5B; a moved-in buffer may have room for up to twice its positions, as it grew
+//! (positions cost `2 x layers x kv_heads x head_dim x 4` bytes each, 2 with an f16 / bf16 cache:
+//! ~56 KiB for Qwen2.5-Coder-1.5B in f32; a moved-in buffer may have room for up to twice its positions, as it grew
 //! by doubling). The least recently used entries go first; an entry whose tokens another one
 //! extends is dropped for it.
 

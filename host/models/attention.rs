@@ -87,6 +87,8 @@ impl CausalAttention {
 
     /// The same computation from tensor ops (any device).
     fn forward_tensors(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        // An f16 / bf16 cache is read as f32, as the CPU op reads it.
+        let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let (nh, n, hd) = q.dims3()?;
         let l = k.dim(1)?;
         let (nkv, group) = (self.n_kv_heads, self.group);
@@ -145,20 +147,16 @@ impl CausalAttention {
     }
 }
 
-/// A rank-3 f32 view: slice, start offset, strides of dims 0 and 1 (dim 2 must be unit-stride).
-struct View<'a> {
-    data: &'a [f32],
+/// A rank-3 view: slice, start offset, strides of dims 0 and 1 (dim 2 must be unit-stride).
+struct View<'a, T> {
+    data: &'a [T],
     start: usize,
     s0: usize,
     s1: usize,
     dims: [usize; 3],
 }
 
-fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<View<'a>> {
-    let data = match s {
-        CpuStorage::F32(d) => d.as_slice(),
-        other => candle_core::bail!("attention: {what} must be f32, got {:?}", other.dtype()),
-    };
+fn view<'a, T>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<View<'a, T>> {
     let dims: [usize; 3] = l.dims().try_into().map_err(|_| {
         candle_core::Error::Msg(format!(
             "attention: {what} must be rank 3, got {:?}",
@@ -178,11 +176,82 @@ fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vi
     })
 }
 
-impl View<'_> {
+impl<T> View<'_, T> {
     #[inline]
-    fn row(&self, a: usize, b: usize) -> &[f32] {
+    fn row(&self, a: usize, b: usize) -> &[T] {
         let o = self.start + a * self.s0 + b * self.s1;
         &self.data[o..o + self.dims[2]]
+    }
+}
+
+/// An element of the KV cache: f32, or f16 / bf16, which widen to f32 exactly, so the
+/// arithmetic after the load is the f32 cache's and a row's result still does not depend on what
+/// is computed with it.
+trait Kv: Copy + Send + Sync {
+    fn f32(self) -> f32;
+    /// Eight elements from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Kv for f32 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    #[inline]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Kv for half::f16 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    #[inline]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's; F16C converts exactly, as `to_f32` does.
+        #[cfg(target_feature = "f16c")]
+        unsafe {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+        #[cfg(not(target_feature = "f16c"))]
+        unsafe {
+            let x: [f32; 8] = std::array::from_fn(|i| (*p.add(i)).to_f32());
+            _mm256_loadu_ps(x.as_ptr())
+        }
+    }
+}
+
+impl Kv for half::bf16 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    #[inline]
+    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's. A bf16 is an f32's upper 16 bits.
+        #[cfg(target_feature = "avx2")]
+        unsafe {
+            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+        }
+        #[cfg(not(target_feature = "avx2"))]
+        unsafe {
+            let x: [f32; 8] = std::array::from_fn(|i| (*p.add(i)).to_f32());
+            _mm256_loadu_ps(x.as_ptr())
+        }
     }
 }
 
@@ -192,11 +261,11 @@ const ROWS_PER_ITEM: usize = 8;
 /// Dot product with 8 partial sums in a fixed order, so that a row's scores never depend on
 /// what is computed with it (vectorises along the 8 lanes).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<K: Kv>(a: &[f32], b: &[K]) -> f32 {
     let mut acc = [0f32; 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].f32();
         }
     }
     finish(&acc, a, b)
@@ -206,7 +275,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// four chains of additions are independent, so they overlap instead of each waiting on its own
 /// previous addition (one `dot` is bound by that latency).
 #[inline]
-fn dot4(q: [&[f32]; 4], k: &[f32]) -> [f32; 4] {
+fn dot4<K: Kv>(q: [&[f32]; 4], k: &[K]) -> [f32; 4] {
     let n = q.iter().fold(k.len(), |n, q| n.min(q.len())) / 8;
     let mut acc = [[0f32; 8]; 4];
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
@@ -217,7 +286,7 @@ fn dot4(q: [&[f32]; 4], k: &[f32]) -> [f32; 4] {
         use std::arch::x86_64::*;
         let mut a = [_mm256_setzero_ps(); 4];
         for c in 0..n {
-            let y = _mm256_loadu_ps(k.as_ptr().add(c * 8));
+            let y = K::load8(k.as_ptr().add(c * 8));
             for (ai, qi) in a.iter_mut().zip(&q) {
                 let x = _mm256_loadu_ps(qi.as_ptr().add(c * 8));
                 *ai = _mm256_add_ps(*ai, _mm256_mul_ps(x, y));
@@ -252,7 +321,7 @@ const KEYS_PER_BLOCK: usize = 32;
 /// key order, whatever the blocks). With AVX and rows of a multiple of 64, 64 outputs at a time
 /// stay in registers across the keys instead of going through memory for each key.
 #[inline]
-fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]) {
+fn accumulate<'v, K: Kv + 'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [K]) {
     // Every V row is a row of one view, as long as `dst` (the op checks the shapes).
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
     if dst.len().is_multiple_of(64) && ps.first().is_none_or(|_| vrow(0).len() == dst.len()) {
@@ -269,7 +338,7 @@ fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]
                 for (t, &p) in ps.iter().enumerate() {
                     let (p, r) = (_mm256_set1_ps(p), vrow(t).as_ptr().add(o));
                     for (c, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(p, _mm256_loadu_ps(r.add(c * 8))));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(p, K::load8(r.add(c * 8))));
                     }
                 }
                 for (c, a) in acc.iter().enumerate() {
@@ -281,18 +350,18 @@ fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]
     }
     for (t, &p) in ps.iter().enumerate() {
         for (o, &x) in dst.iter_mut().zip(vrow(t)) {
-            *o += p * x;
+            *o += p * x.f32();
         }
     }
 }
 
 /// The partial sums of [`dot`] added in its fixed order, then the tail past the last 8.
 #[inline]
-fn finish(acc: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
+fn finish<K: Kv>(acc: &[f32; 8], a: &[f32], b: &[K]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     let tail = a.len().min(b.len()) / 8 * 8;
     for (x, y) in a[tail..].iter().zip(&b[tail..]) {
-        s += x * y;
+        s += x * y.f32();
     }
     s
 }
@@ -311,7 +380,37 @@ impl CustomOp3 for CausalAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (view(qs, ql, "q")?, view(ks, kl, "k")?, view(vs, vl, "v")?);
+        let q = match qs {
+            CpuStorage::F32(d) => view(d, ql, "q")?,
+            other => candle_core::bail!("attention: q must be f32, got {:?}", other.dtype()),
+        };
+        match (ks, vs) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.attend(q, view(k, kl, "k")?, view(v, vl, "v")?)
+            }
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.attend(q, view(k, kl, "k")?, view(v, vl, "v")?)
+            }
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.attend(q, view(k, kl, "k")?, view(v, vl, "v")?)
+            }
+            (k, v) => candle_core::bail!(
+                "attention: k and v must both be f32, f16 or bf16, got {:?} and {:?}",
+                k.dtype(),
+                v.dtype()
+            ),
+        }
+    }
+}
+
+impl CausalAttention {
+    /// The CPU op on a cache of element type `K`.
+    fn attend<K: Kv>(
+        &self,
+        q: View<'_, f32>,
+        k: View<'_, K>,
+        v: View<'_, K>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let [nh, n, hd] = q.dims;
         let [nkv, l, khd] = k.dims;
         if nh != self.n_heads
@@ -656,6 +755,71 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             assert_eq!(got, per_unit(&op, &q, &k, &v), "{op:?}, {n} rows, {l} keys");
+        }
+    }
+
+    /// An f16 or bf16 cache gives exactly what the f32 op gives on the same values widened
+    /// (the conversion is exact, the arithmetic after it the same), through the vector paths
+    /// (head sizes 128 and 64), the scalar tail (20) and several blocks of rows; the tensor ops
+    /// other devices run read it too.
+    #[test]
+    fn a_half_precision_cache_reads_as_its_values_in_f32() {
+        use candle_core::DType;
+        for (hd, n, l) in [(128, 19, 300), (64, 3, 70), (20, 9, 40)] {
+            let op = CausalAttention {
+                n_heads: 6,
+                n_kv_heads: 2,
+                head_dim: hd,
+                scale: 0.2,
+                group: 3,
+                head_offset: 0,
+                window: 0,
+                softcap: 0.0,
+                sinks: None,
+            };
+            let q = rand((6, n, hd), 10);
+            let (k, v) = (rand((2, l, hd), 11), rand((2, l, hd), 12));
+            for dt in [DType::F16, DType::BF16] {
+                let (kh, vh) = (k.to_dtype(dt).unwrap(), v.to_dtype(dt).unwrap());
+                let (kw, vw) = (
+                    kh.to_dtype(DType::F32).unwrap(),
+                    vh.to_dtype(DType::F32).unwrap(),
+                );
+                let got: Vec<f32> = op
+                    .forward(&q, &kh, &vh)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want: Vec<f32> = op
+                    .forward(&q, &kw, &vw)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got, want, "{dt:?}, head size {hd}");
+                // Rounding moved the values, so the check above compared something.
+                assert_ne!(kw.to_vec3::<f32>().unwrap(), k.to_vec3::<f32>().unwrap());
+                let slow = op.forward_tensors(&q, &kh, &vh).unwrap();
+                let d = (slow.flatten_all().unwrap()
+                    - Tensor::new(got.as_slice(), &Device::Cpu).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+                assert!(d < 1e-5, "{dt:?}, head size {hd}: {d}");
+            }
+            // Mixed types are refused, naming both.
+            let e = op
+                .forward(&q, &k.to_dtype(DType::F16).unwrap(), &v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("F16") && e.contains("F32"), "{e}");
         }
     }
 

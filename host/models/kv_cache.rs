@@ -11,6 +11,11 @@
 //! (`base`), and once it holds a chunk more than that, its oldest positions are dropped (copied
 //! into a smaller buffer). Attention reads keys relative to the buffer's start, so nothing else
 //! changes; a long Gemma 3 context costs its global layers' length, not every layer's.
+//!
+//! The buffers hold f32, or f16 / bf16 ([`KvCache::with_dtype`]): half the memory, and half the
+//! bytes a long context's attention reads per row. Rows are rounded once, when appended, and
+//! every row (the new ones too) is read back from the buffer, so a k-row forward still equals k
+//! one-row forwards.
 
 use super::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -46,6 +51,8 @@ pub struct KvCache {
     len: usize,
     max_len: usize,
     device: Device,
+    /// Element type of the buffers: F32, F16 or BF16.
+    dtype: DType,
 }
 
 impl KvCache {
@@ -66,7 +73,20 @@ impl KvCache {
             len: 0,
             max_len,
             device: device.clone(),
+            dtype: DType::F32,
         }
+    }
+
+    /// The same cache storing its rows as `dtype`: F32, F16 or BF16 ([`check_dtype`]; the
+    /// attention reads no other).
+    pub fn with_dtype(mut self, dtype: DType) -> KvCache {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Element type of the buffers.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The same cache with layer `i` attending to its last `windows[i]` positions only (and
@@ -100,16 +120,22 @@ impl KvCache {
         self.layers.iter().map(|l| self.len - l.base).sum()
     }
 
-    /// Buffer rows allocated over all layers (each `kv_heads * head_dim` f32 for K and for V).
+    /// Buffer rows allocated over all layers (each `kv_heads * head_dim` elements for K and for
+    /// V).
     pub fn rows_allocated(&self) -> usize {
         self.layers.iter().map(|l| l.capacity).sum()
+    }
+
+    /// Bytes of the buffers allocated over all layers, K and V.
+    pub fn bytes_allocated(&self) -> usize {
+        2 * self.rows_allocated() * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 
     fn buffer(&self, rows: usize) -> Result<(Tensor, Tensor)> {
         let shape = (self.n_kv_heads, rows, self.head_dim);
         Ok((
-            Tensor::zeros(shape, DType::F32, &self.device)?,
-            Tensor::zeros(shape, DType::F32, &self.device)?,
+            Tensor::zeros(shape, self.dtype, &self.device)?,
+            Tensor::zeros(shape, self.dtype, &self.device)?,
         ))
     }
 
@@ -179,8 +205,13 @@ impl KvCache {
                 self.len, lc.capacity
             )));
         }
-        lc.k.slice_set(k, 1, at)?;
-        lc.v.slice_set(v, 1, at)?;
+        if k.dtype() == self.dtype {
+            lc.k.slice_set(k, 1, at)?;
+            lc.v.slice_set(v, 1, at)?;
+        } else {
+            lc.k.slice_set(&k.to_dtype(self.dtype)?, 1, at)?;
+            lc.v.slice_set(&v.to_dtype(self.dtype)?, 1, at)?;
+        }
         Ok((lc.k.narrow(1, 0, at + n)?, lc.v.narrow(1, 0, at + n)?))
     }
 
@@ -239,7 +270,8 @@ impl KvCache {
             self.max_len,
             &self.device,
         )
-        .with_windows(&self.windows);
+        .with_windows(&self.windows)
+        .with_dtype(self.dtype);
         if len == 0 || self.layers.is_empty() {
             return Ok(c);
         }
@@ -312,6 +344,16 @@ impl KvCache {
             }
         }
         Ok(())
+    }
+}
+
+/// The element types a KV cache stores.
+pub fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(ModelError::Invalid(format!(
+            "a KV cache holds f32, f16 or bf16, not {other:?}"
+        ))),
     }
 }
 
@@ -395,5 +437,71 @@ mod tests {
         assert_eq!(c.positions_held(), 0);
         let view = feed(&mut c, 5);
         assert_eq!(first_position(&view), 0.0);
+    }
+
+    /// An f16 / bf16 cache stores each appended row rounded once, half the bytes of f32, and
+    /// rolls back, copies and drops positions like the f32 one.
+    #[test]
+    fn a_half_precision_cache_rounds_rows_once_and_holds_half_the_bytes() {
+        for dt in [DType::F16, DType::BF16] {
+            let w = 4;
+            let mut c = KvCache::new(2, 1, 2, 8192, &Device::Cpu)
+                .with_windows(&[None, Some(w)])
+                .with_dtype(dt);
+            let mut full = KvCache::new(2, 1, 2, 8192, &Device::Cpu).with_windows(&[None, Some(w)]);
+            assert!(check_dtype(dt).is_ok());
+            // 0.1-steps are not exact in either type.
+            let frac = |from: usize, n: usize| {
+                let data: Vec<f32> = (from..from + n)
+                    .flat_map(|p| [p as f32 * 0.1, -(p as f32) * 0.1])
+                    .collect();
+                Tensor::from_vec(data, (1, n, 2), &Device::Cpu).unwrap()
+            };
+            for n in [3, 300, 1, 40] {
+                for cache in [&mut c, &mut full] {
+                    cache.reserve(n).unwrap();
+                    let from = cache.len();
+                    for layer in 0..2 {
+                        let (k, _) = cache.append(layer, &frac(from, n), &frac(from, n)).unwrap();
+                        assert_eq!(k.dtype(), cache.dtype());
+                    }
+                    cache.commit(n);
+                }
+            }
+            assert_eq!(c.rows_allocated(), full.rows_allocated());
+            assert_eq!(2 * c.bytes_allocated(), full.bytes_allocated());
+            // Layer 0's view: every position's f32 value rounded to the type.
+            c.reserve(1).unwrap();
+            let (k, _) = c.append(0, &frac(c.len(), 1), &frac(c.len(), 1)).unwrap();
+            let got = k.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            let want = frac(0, c.len() + 1)
+                .to_dtype(dt)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            assert_eq!(
+                got.to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap()
+            );
+            assert_ne!(
+                got.to_vec1::<f32>().unwrap(),
+                frac(0, c.len() + 1)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            );
+            // Copies keep the type; rollbacks and starting over work as in f32.
+            let copy = c.copy_prefix(c.len() - 5).unwrap();
+            assert_eq!(copy.dtype(), dt);
+            assert_eq!(copy.positions_held(), c.positions_held() - 10);
+            c.truncate(c.len() - 3).unwrap();
+            c.truncate(0).unwrap();
+            assert_eq!(c.dtype(), dt);
+        }
+        let e = check_dtype(DType::U8).unwrap_err().to_string();
+        assert!(e.contains("U8") && e.contains("f16"), "{e}");
     }
 }

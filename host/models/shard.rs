@@ -506,8 +506,12 @@ impl TpSession {
         weights: &[Arc<Weights>],
         n_layers: usize,
         transport: &Transport,
+        kv_dtype: candle_core::DType,
     ) -> TpSession {
-        let caches = weights.iter().map(|w| w.new_cache(n_layers)).collect();
+        let caches = weights
+            .iter()
+            .map(|w| w.new_cache(n_layers).with_dtype(kv_dtype))
+            .collect();
         Self::with_caches(weights, n_layers, caches, transport)
     }
 

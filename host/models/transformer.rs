@@ -428,6 +428,8 @@ pub struct Model {
     /// The same weights for the CUDA decode path (`cuda_fast`), where it applies: sessions
     /// then run there, unbatched.
     fast: Option<Arc<FastWeights>>,
+    /// Element type of its sessions' KV caches ([`Model::with_kv_cache_dtype`]).
+    kv_dtype: DType,
 }
 
 /// Where a weight comes from: GGUF tensors or safetensors, behind one interface so that both
@@ -1011,6 +1013,7 @@ impl Model {
             }),
             batcher: None,
             fast,
+            kv_dtype: DType::F32,
         })
     }
 
@@ -1095,6 +1098,7 @@ impl Model {
             w: Arc::new(w),
             batcher: None,
             fast: None,
+            kv_dtype: DType::F32,
         })
     }
 
@@ -1113,6 +1117,7 @@ impl Model {
             w: self.w.clone(),
             batcher,
             fast: self.fast.clone(),
+            kv_dtype: self.kv_dtype,
         })
     }
 
@@ -1124,6 +1129,36 @@ impl Model {
             b.set_prefill_chunk(chunk);
         }
         self
+    }
+
+    /// The same model whose sessions keep their KV caches as `dtype`: F32 (the default), or
+    /// F16 / BF16 for half the memory per position (and half the bytes a long context's
+    /// attention reads). Each key and value is rounded once, when stored, so a k-row forward
+    /// still gives the bits of k one-row forwards, and speculation stays lossless against
+    /// decoding with the same cache. The CUDA decode path keeps f32 and refuses the others.
+    pub fn with_kv_cache_dtype(&self, dtype: DType) -> Result<Model> {
+        super::kv_cache::check_dtype(dtype)?;
+        if self.fast.is_some() && dtype != DType::F32 {
+            return Err(ModelError::Invalid(format!(
+                "a {dtype:?} KV cache: the CUDA decode path keeps f32 (VERDICT_CUDA_FAST=0 runs candle's ops, which read any)"
+            )));
+        }
+        Ok(Model {
+            kv_dtype: dtype,
+            ..self.clone()
+        })
+    }
+
+    /// Element type of the sessions' KV caches.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Bytes one position takes in a session's KV cache, K and V over all layers (a
+    /// sliding-window layer stops growing past its window).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let c = &self.w.cfg;
+        2 * c.n_layers * c.n_kv_heads * c.head_dim * self.kv_dtype.size_in_bytes()
     }
 
     /// Statistics of the batcher, when batching is on.
@@ -1202,10 +1237,10 @@ impl Model {
         Session {
             w: self.w.clone(),
             n_layers,
-            cache: self.w.new_cache(n_layers),
+            cache: self.w.new_cache(n_layers).with_dtype(self.kv_dtype),
             batch: None,
             tp: (!self.w.peers.is_empty())
-                .then(|| TpSession::new(&self.w.peers, n_layers, &self.w.transport)),
+                .then(|| TpSession::new(&self.w.peers, n_layers, &self.w.transport, self.kv_dtype)),
             fast_w: self.fast.clone(),
             fast: None,
         }
@@ -1269,6 +1304,7 @@ impl Model {
             }),
             batcher: None,
             fast: None,
+            kv_dtype: self.kv_dtype,
         })
     }
 
@@ -1463,6 +1499,7 @@ impl Model {
             }),
             batcher: None,
             fast: None,
+            kv_dtype: self.kv_dtype,
         })
     }
 
@@ -1668,7 +1705,10 @@ impl Session {
         Session {
             w: self.w.clone(),
             n_layers: self.n_layers,
-            cache: self.w.new_cache(self.n_layers),
+            cache: self
+                .w
+                .new_cache(self.n_layers)
+                .with_dtype(self.cache.dtype()),
             batch: None,
             tp: None,
             fast_w: None,
