@@ -77,6 +77,29 @@ fn each_drafter(
     runs
 }
 
+/// 30 greedy tokens after `prompt` speculated by every kind of drafter (`draft` as the draft
+/// model, the target's first layer, prompt lookup) at k = 3 and 8 are `reference`, the target's
+/// autoregressive ones.
+fn assert_each_drafter_emits(
+    what: &str,
+    target: &Model,
+    draft: Model,
+    prompt: &[u32],
+    reference: &[u32],
+) {
+    let drafters = [
+        (Some(draft), DrafterSpec::Model),
+        (None, DrafterSpec::SelfDraft(1)),
+        (None, DrafterSpec::PromptLookup(None)),
+    ];
+    for (how, out, stats) in each_drafter(target, &drafters, &[3, 8], || {
+        greedy(prompt, 30, Speculation::Default)
+    }) {
+        assert_eq!(out, reference, "{what}: {how}");
+        assert!(stats.steps >= 1 && stats.tokens == 30, "{what}: {how}");
+    }
+}
+
 fn greedy(prompt: &[u32], max_tokens: usize, speculation: Speculation) -> GenerateRequest {
     GenerateRequest {
         prompt: prompt.to_vec(),
@@ -218,62 +241,56 @@ fn strict_greedy_speculation_is_lossless_on_every_architecture() {
         let draft = tiny(dir.path(), &format!("{name}-draft.gguf"), draft_spec);
         let plain = engine(target.clone(), None, None, 4);
         let (reference, _) = run(&plain, greedy(&prompt, 30, Speculation::Off));
-        let drafters = [
-            (Some(draft), DrafterSpec::Model),
-            (None, DrafterSpec::SelfDraft(1)),
-            (None, DrafterSpec::PromptLookup(None)),
-        ];
-        for run_ in each_drafter(&target, &drafters, &[3, 8], || {
-            greedy(&prompt, 30, Speculation::Default)
-        }) {
-            let (what, out, stats) = run_;
-            assert_eq!(out, reference, "{name}: {what}");
-            assert!(stats.steps >= 1 && stats.tokens == 30, "{name}: {what}");
-        }
+        assert_each_drafter_emits(name, &target, draft, &prompt, &reference);
     }
 }
 
-/// With f16 or bf16 KV caches (target and draft) strict speculation still emits the target's
-/// autoregressive greedy tokens on the same cache type, on every architecture (sliding windows
-/// rolled back, sinks, soft caps), for each kind of drafter.
+/// With f16, bf16 or Q8_0 KV caches (target and draft) strict speculation still emits the
+/// target's autoregressive greedy tokens on the same cache type, on every architecture (sliding
+/// windows rolled back, sinks, soft caps), for each kind of drafter. Q8_0 runs where the heads
+/// have a multiple of 32 values, and on each architecture with its heads made 32 wide.
 #[test]
-fn strict_greedy_speculation_is_lossless_with_half_precision_caches() {
-    use candle_core::DType;
+fn strict_greedy_speculation_is_lossless_with_narrow_caches() {
+    use verdict::models::KvDtype;
     let dir = tempfile::tempdir().unwrap();
     let prompt = [5u32, 77, 140, 12, 3, 77, 140, 9];
     for (i, (name, spec)) in verdict::models::testing::peer_specs()
         .into_iter()
         .enumerate()
     {
-        // Both types on the first architectures, one each on the rest (the run stays short).
-        let types: &[DType] = match i {
-            0 | 1 => &[DType::F16, DType::BF16],
-            _ if i % 2 == 0 => &[DType::F16],
-            _ => &[DType::BF16],
+        // Every type on the first architectures, two on the rest (the run stays short).
+        let types: &[KvDtype] = match i {
+            0 | 1 => &[KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0],
+            _ if i % 2 == 0 => &[KvDtype::F16, KvDtype::Q8_0],
+            _ => &[KvDtype::Bf16, KvDtype::Q8_0],
         };
-        let base = tiny(dir.path(), &format!("{name}.gguf"), spec.clone());
-        let draft_spec = TinySpec {
-            seed: spec.seed + 100,
-            layers: (spec.layers - 1).max(1),
-            ..spec.clone()
-        };
-        let draft_base = tiny(dir.path(), &format!("{name}-draft.gguf"), draft_spec);
         for &dt in types {
+            let spec = match dt {
+                KvDtype::Q8_0 if spec.head_dim() % 32 != 0 => TinySpec {
+                    head_dim: Some(32),
+                    rope_dims: spec.rope_dims.map(|r| r.min(32)),
+                    ..spec.clone()
+                },
+                _ => spec.clone(),
+            };
+            let base = tiny(dir.path(), &format!("{name}-{dt}.gguf"), spec.clone());
+            let draft_spec = TinySpec {
+                seed: spec.seed + 100,
+                layers: (spec.layers - 1).max(1),
+                ..spec.clone()
+            };
+            let draft = tiny(dir.path(), &format!("{name}-{dt}-draft.gguf"), draft_spec);
             let target = base.with_kv_cache_dtype(dt).unwrap();
-            let draft = draft_base.with_kv_cache_dtype(dt).unwrap();
+            let draft = draft.with_kv_cache_dtype(dt).unwrap();
             let plain = engine(target.clone(), None, None, 4);
             let (reference, _) = run(&plain, greedy(&prompt, 30, Speculation::Off));
-            let drafters = [
-                (Some(draft), DrafterSpec::Model),
-                (None, DrafterSpec::SelfDraft(1)),
-                (None, DrafterSpec::PromptLookup(None)),
-            ];
-            for (what, out, stats) in each_drafter(&target, &drafters, &[3, 8], || {
-                greedy(&prompt, 30, Speculation::Default)
-            }) {
-                assert_eq!(out, reference, "{name}, {dt:?}: {what}");
-                assert!(stats.steps >= 1 && stats.tokens == 30, "{name}: {what}");
-            }
+            assert_each_drafter_emits(
+                &format!("{name}, {dt}"),
+                &target,
+                draft,
+                &prompt,
+                &reference,
+            );
         }
     }
 }
@@ -304,17 +321,7 @@ fn strict_greedy_speculation_is_lossless_with_a_lora_target() {
             greedy(&prompt, 30, Speculation::Off),
         );
         assert_ne!(reference, plain, "{name}: the adapter changed nothing");
-        let drafters = [
-            (Some(base.clone()), DrafterSpec::Model),
-            (None, DrafterSpec::SelfDraft(1)),
-            (None, DrafterSpec::PromptLookup(None)),
-        ];
-        for (what, out, stats) in each_drafter(&target, &drafters, &[3, 8], || {
-            greedy(&prompt, 30, Speculation::Default)
-        }) {
-            assert_eq!(out, reference, "{name}: {what}");
-            assert!(stats.steps >= 1 && stats.tokens == 30, "{name}: {what}");
-        }
+        assert_each_drafter_emits(name, &target, base.clone(), &prompt, &reference);
     }
 }
 

@@ -5,7 +5,7 @@ use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use std::path::Path;
 use verdict::models::testing::{TinySpec, write_tiny_gguf, write_tiny_safetensors};
-use verdict::models::{Arch, BatchItem, Model, ModelError, Rows, Session, forward_batch};
+use verdict::models::{Arch, BatchItem, KvDtype, Model, ModelError, Rows, Session, forward_batch};
 
 fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().expect("logits are a 2-D f32 tensor")
@@ -146,18 +146,24 @@ fn forward_batch_equals_each_sequence_alone() {
     assert!(max_diff(&gx[0], &gy[0]) < 1e-4);
 }
 
-/// A KV cache of f16 or bf16: a k-row forward still equals k one-row forwards bit for bit (each
-/// key and value is rounded once, when stored), a rollback and re-forward gives the same bits,
-/// the logits stay close to the f32 cache's, and sequences of different cache types share one
-/// batched forward, each getting its own logits.
+/// A KV cache of f16, bf16 or Q8_0: a k-row forward still equals k one-row forwards bit for bit
+/// (each key and value is rounded once, when stored), a rollback and re-forward gives the same
+/// bits, the logits stay close to the f32 cache's, and sequences of different cache types share
+/// one batched forward, each getting its own logits. Q8_0 needs a head size of a multiple of 32.
 #[test]
-fn half_precision_kv_caches_keep_forwards_exact_and_track_f32() {
-    use candle_core::DType;
+fn narrow_kv_caches_keep_forwards_exact_and_track_f32() {
     let dir = tempfile::tempdir().unwrap();
-    let m = tiny_q8_0(dir.path());
-    assert_eq!(m.kv_cache_dtype(), DType::F32);
+    let wide_heads = |dtype| TinySpec {
+        dtype,
+        head_dim: Some(32),
+        ..TinySpec::default()
+    };
+    let m = tiny(dir.path(), &wide_heads(GgmlDType::Q8_0));
+    assert_eq!(m.kv_cache_dtype(), KvDtype::F32);
     let reference = rows(&m.session().forward(&PROMPT, Rows::All).unwrap().logits);
-    let f32_weights = tiny(dir.path(), &TinySpec::default());
+    // Against the f32 cache on f32 weights (Q8_0's int8 activations would round the cache's
+    // small differences into larger ones).
+    let f32_weights = tiny(dir.path(), &wide_heads(GgmlDType::F32));
     let reference32 = rows(
         &f32_weights
             .session()
@@ -169,18 +175,24 @@ fn half_precision_kv_caches_keep_forwards_exact_and_track_f32() {
         .iter()
         .flatten()
         .fold(0f32, |a, &x| a.max(x.abs()));
-    for (dt, tol) in [(DType::F16, 2e-3), (DType::BF16, 2e-2)] {
+    for (dt, tol) in [
+        (KvDtype::F16, 2e-3),
+        (KvDtype::Bf16, 2e-2),
+        (KvDtype::Q8_0, 2e-2),
+    ] {
         let h = m.with_kv_cache_dtype(dt).unwrap();
         assert_eq!(h.kv_cache_dtype(), dt);
+        assert_eq!(
+            h.kv_bytes_per_position() * 4,
+            m.kv_bytes_per_position() * dt.row_bytes(32) / 32
+        );
         let mut a = h.session();
         let all = rows(&a.forward(&PROMPT, Rows::All).unwrap().logits);
         let singles = one_by_one(&mut h.session(), &PROMPT);
-        assert_eq!(all, singles, "{dt:?}: batched vs one by one");
+        assert_eq!(all, singles, "{dt}: batched vs one by one");
         a.truncate(3).unwrap();
         let again = rows(&a.forward(&PROMPT[3..], Rows::All).unwrap().logits);
-        assert_eq!(again, all[3..], "{dt:?}: after a rollback");
-        // Against the f32 cache on f32 weights (Q8_0's int8 activations would round the
-        // cache's small differences into larger ones).
+        assert_eq!(again, all[3..], "{dt}: after a rollback");
         let h32 = f32_weights.with_kv_cache_dtype(dt).unwrap();
         let got = rows(&h32.session().forward(&PROMPT, Rows::All).unwrap().logits);
         let d = got
@@ -188,8 +200,8 @@ fn half_precision_kv_caches_keep_forwards_exact_and_track_f32() {
             .zip(&reference32)
             .map(|(x, y)| max_diff(x, y))
             .fold(0f32, f32::max);
-        assert!(d > 0.0, "{dt:?}: the cache's rounding changes nothing?");
-        assert!(d < tol * scale, "{dt:?}: {d} against f32 (scale {scale})");
+        assert!(d > 0.0, "{dt}: the cache's rounding changes nothing?");
+        assert!(d < tol * scale, "{dt}: {d} against f32 (scale {scale})");
         // With an f32 sequence in one batched forward.
         let (mut x, mut y) = (m.session(), h.session());
         let mut items = [
@@ -206,14 +218,15 @@ fn half_precision_kv_caches_keep_forwards_exact_and_track_f32() {
         ];
         let mut outs = forward_batch(&mut items).into_iter();
         assert_eq!(rows(&outs.next().unwrap().unwrap().logits), reference);
-        assert_eq!(rows(&outs.next().unwrap().unwrap().logits), all, "{dt:?}");
+        assert_eq!(rows(&outs.next().unwrap().unwrap().logits), all, "{dt}");
     }
-    let e = m
-        .with_kv_cache_dtype(DType::U8)
+    // Heads of 16 values do not fill a Q8_0 block.
+    let e = tiny_q8_0(dir.path())
+        .with_kv_cache_dtype(KvDtype::Q8_0)
         .map(|_| ())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("U8") && e.contains("f16"), "{e}");
+    assert!(e.contains("multiple of 32") && e.contains("16"), "{e}");
 }
 
 /// A bad sequence in a batch gets its own error; the others run, and its cache is untouched.

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
 
-use crate::cli::generate::{DeviceArg, load_draft, parse_device, parse_kv_dtype};
+use crate::cli::generate::{DeviceArg, load_draft, parse_device};
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{AdaptiveK, Engine, EngineConfig, GenerateRequest, SpecPhases, Speculation};
@@ -22,7 +22,7 @@ use crate::models::chat::{ChatTemplate, Message};
 use crate::models::synth::{self, SynthShape};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::transformer::Rows;
-use crate::models::{Model, Session};
+use crate::models::{KvDtype, Model, Session};
 use crate::sample::SamplingParams;
 use candle_core::quantized::GgmlDType;
 
@@ -117,8 +117,8 @@ pub struct ForwardArgs {
     /// Timed forwards per size, after one warm-up; the median is reported.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rounds: u32,
-    /// KV cache element types to compare, comma separated (f32, f16, bf16): each size is timed
-    /// on a sequence of each, one after the other.
+    /// KV cache types to compare, comma separated (f32, f16, bf16, q8_0): each size is timed on
+    /// a sequence of each, one after the other.
     #[arg(long, value_name = "LIST", default_value = "f32")]
     pub kv_cache_dtype: String,
     /// CPU threads for the matrix kernels (default: one per physical core).
@@ -249,9 +249,9 @@ pub struct SpecArgs {
     /// table labels these rows.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub synthetic_acceptance: Option<f64>,
-    /// Element type of the KV caches (target and draft model): f32, f16 or bf16.
-    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32", value_parser = parse_kv_dtype)]
-    pub kv_cache_dtype: candle_core::DType,
+    /// What the KV caches (target and draft model) store: f32, f16, bf16 or q8_0.
+    #[arg(long, value_name = "f32|f16|bf16|q8_0", default_value = "f32", value_parser = KvDtype::parse)]
+    pub kv_cache_dtype: KvDtype,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -440,10 +440,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let model = a.lora.apply(model, &adapters)?;
     let dtypes = list(&a.kv_cache_dtype)
         .iter()
-        .map(|d| parse_kv_dtype(d).map_err(|e| anyhow::anyhow!("--kv-cache-dtype {e}")))
+        .map(|d| KvDtype::parse(d).map_err(|e| anyhow::anyhow!("--kv-cache-dtype {e}")))
         .collect::<Result<Vec<_>>>()?;
     if dtypes.is_empty() {
-        bail!("--kv-cache-dtype: give at least one of f32, f16, bf16");
+        bail!("--kv-cache-dtype: give at least one of f32, f16, bf16, q8_0");
     }
     model.warm_up().context("warming up the model")?;
     let max_len = model.config().context_length;
@@ -485,7 +485,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             let median = ms[ms.len() / 2];
             println!(
                 "| {n} | {} | {median:.1} | {:.1} | {:.1} | {:.1} |",
-                d.as_str(),
+                d,
                 ms[0],
                 ms[ms.len() - 1],
                 median / n as f64

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::decide::{PolicyLimits, PolicyRegistry};
 use crate::draft::DrafterSpec;
 use crate::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, Speculation};
-use crate::models::Model;
+use crate::models::{KvDtype, Model};
 use crate::sample::{GrammarSpec, Grammars, Penalties, SamplingParams};
 use crate::verify::HeadChoice;
 
@@ -138,10 +138,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = crate::cli::serve::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
 
-    /// Element type of the KV caches (target and draft model): f32, or f16 / bf16 for half the
-    /// memory per position.
-    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32", value_parser = parse_kv_dtype)]
-    pub kv_cache_dtype: candle_core::DType,
+    /// What the KV caches (target and draft model) store: f32; f16 or bf16, half the memory
+    /// per position; q8_0, 8.5 bits per value (CPU).
+    #[arg(long, value_name = "f32|f16|bf16|q8_0", default_value = "f32", value_parser = KvDtype::parse)]
+    pub kv_cache_dtype: KvDtype,
 
     /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
     /// one registered in --policy-dir.
@@ -310,7 +310,7 @@ pub(crate) fn load_draft(
     device: &candle_core::Device,
     vocab: usize,
     specials: &[u32],
-    kv: candle_core::DType,
+    kv: KvDtype,
 ) -> Result<Model> {
     let m = Model::load_gguf(path, device)
         .with_context(|| format!("loading the draft {}", path.display()))?;
@@ -318,17 +318,6 @@ pub(crate) fn load_draft(
     let m = m.with_draft_vocab(vocab, specials)?;
     m.with_kv_cache_dtype(kv)
         .with_context(|| format!("the draft {}", path.display()))
-}
-
-/// `--kv-cache-dtype`: f32, f16 or bf16.
-pub(crate) fn parse_kv_dtype(s: &str) -> Result<candle_core::DType, String> {
-    use candle_core::DType;
-    match s.trim().to_ascii_lowercase().as_str() {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(format!("`{s}`: a KV cache holds f32, f16 or bf16")),
-    }
 }
 
 /// `--shards N`: the target split over N tensor-parallel ranks: CPU threads, or N GPUs from

@@ -62,10 +62,10 @@ pub struct ServeArgs {
     /// with `strict` either way; measured in BENCHMARKS.md.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
-    /// Element type of the KV caches (target and draft model, the prompt cache's too): f32, or
-    /// f16 / bf16 for half the memory per position (twice the positions in the same memory).
-    #[arg(long, value_name = "f32|f16|bf16", default_value = "f32", value_parser = crate::cli::generate::parse_kv_dtype)]
-    pub kv_cache_dtype: candle_core::DType,
+    /// What the KV caches (target and draft model, the prompt cache's too) store: f32; f16 or
+    /// bf16, half the memory per position; q8_0, 8.5 bits per value (CPU).
+    #[arg(long, value_name = "f32|f16|bf16|q8_0", default_value = "f32", value_parser = crate::models::KvDtype::parse)]
+    pub kv_cache_dtype: crate::models::KvDtype,
     /// Speculation length k; the maximum k unless --fixed-k (requests may override with
     /// speculation.k).
     #[arg(long, default_value_t = 16)]
@@ -370,7 +370,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     .with_context(|| format!("warming up the {what} model"))?;
                 tracing::info!(
                     "{what}: KV cache of {}, {:.1} KiB per position",
-                    m.kv_cache_dtype().as_str(),
+                    m.kv_cache_dtype(),
                     m.kv_bytes_per_position() as f64 / 1024.0
                 );
             }

@@ -10,6 +10,7 @@
 //!
 //! Other devices use the same math composed from tensor ops.
 
+use super::kv_cache::{Q8_BLOCK, Q8_BLOCK_BYTES};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -87,6 +88,9 @@ impl CausalAttention {
 
     /// The same computation from tensor ops (any device).
     fn forward_tensors(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        if k.dtype() == candle_core::DType::U8 {
+            candle_core::bail!("attention: a q8_0 KV cache is read on the CPU only");
+        }
         // An f16 / bf16 cache is read as f32, as the CPU op reads it.
         let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let (nh, n, hd) = q.dims3()?;
@@ -184,74 +188,158 @@ impl<T> View<'_, T> {
     }
 }
 
-/// An element of the KV cache: f32, or f16 / bf16, which widen to f32 exactly, so the
-/// arithmetic after the load is the f32 cache's and a row's result still does not depend on what
-/// is computed with it.
+/// An element of a KV cache buffer: f32; f16 / bf16, which widen to f32 exactly; or a byte of
+/// a row of Q8_0 blocks, whose values `d * q` (an f16 times an int8) are exact in f32 too. A
+/// narrow row is widened once per work item ([`widen`]; every unit of the item reads it) and
+/// the arithmetic is the f32 cache's, so a row's result still does not depend on what is
+/// computed with it. Widening V a block of keys at a time keeps the narrow types at f32's speed
+/// (converting at each unit's read cost Q8_0 15-17%: BENCHMARKS.md).
 trait Kv: Copy + Send + Sync {
-    fn f32(self) -> f32;
-    /// Eight elements from `p` as f32 lanes.
+    /// Elements a row of `hd` values takes.
+    fn stored(hd: usize) -> usize {
+        hd
+    }
+    /// The row itself where it is f32 already (nothing to widen).
+    fn as_f32(_row: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// Value `i` of a stored row.
+    fn at(row: &[Self], i: usize) -> f32;
+    /// Values `8c..8c + 8` of a stored row as f32 lanes.
     ///
     /// # Safety
-    /// `p..p + 8` must be readable.
+    /// The row must hold those values.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    unsafe fn load8(row: &[Self], c: usize) -> std::arch::x86_64::__m256;
 }
 
 impl Kv for f32 {
     #[inline]
-    fn f32(self) -> f32 {
-        self
+    fn as_f32(row: &[f32]) -> Option<&[f32]> {
+        Some(row)
+    }
+    #[inline]
+    fn at(row: &[f32], i: usize) -> f32 {
+        row[i]
     }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
     #[inline]
-    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+    unsafe fn load8(row: &[f32], c: usize) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(row.as_ptr().add(c * 8)) }
     }
 }
 
 impl Kv for half::f16 {
     #[inline]
-    fn f32(self) -> f32 {
-        self.to_f32()
+    fn at(row: &[half::f16], i: usize) -> f32 {
+        row[i].to_f32()
     }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
     #[inline]
-    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
+    unsafe fn load8(row: &[half::f16], c: usize) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's; F16C converts exactly, as `to_f32` does.
         #[cfg(target_feature = "f16c")]
         unsafe {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+            use std::arch::x86_64::*;
+            _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(c * 8).cast()))
         }
         #[cfg(not(target_feature = "f16c"))]
         unsafe {
-            let x: [f32; 8] = std::array::from_fn(|i| (*p.add(i)).to_f32());
-            _mm256_loadu_ps(x.as_ptr())
+            load8_by_value(row, c)
         }
     }
 }
 
 impl Kv for half::bf16 {
     #[inline]
-    fn f32(self) -> f32 {
-        self.to_f32()
+    fn at(row: &[half::bf16], i: usize) -> f32 {
+        row[i].to_f32()
     }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
     #[inline]
-    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
+    unsafe fn load8(row: &[half::bf16], c: usize) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's. A bf16 is an f32's upper 16 bits.
         #[cfg(target_feature = "avx2")]
         unsafe {
-            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            use std::arch::x86_64::*;
+            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(row.as_ptr().add(c * 8).cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
         }
         #[cfg(not(target_feature = "avx2"))]
         unsafe {
-            let x: [f32; 8] = std::array::from_fn(|i| (*p.add(i)).to_f32());
-            _mm256_loadu_ps(x.as_ptr())
+            load8_by_value(row, c)
         }
+    }
+}
+
+/// A byte of a row of Q8_0 blocks (`kv_cache::q8_0_rows`): per 32 values an f16 scale, then
+/// 32 int8.
+impl Kv for u8 {
+    fn stored(hd: usize) -> usize {
+        hd / Q8_BLOCK * Q8_BLOCK_BYTES
+    }
+    #[inline]
+    fn at(row: &[u8], i: usize) -> f32 {
+        let b = &row[i / Q8_BLOCK * Q8_BLOCK_BYTES..];
+        half::f16::from_le_bytes([b[0], b[1]]).to_f32() * (b[2 + i % Q8_BLOCK] as i8) as f32
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    #[inline]
+    unsafe fn load8(row: &[u8], c: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's: block c / 4 of the row holds values 8c..8c + 8.
+        #[cfg(target_feature = "avx2")]
+        unsafe {
+            use std::arch::x86_64::*;
+            let b = row.as_ptr().add(c / 4 * Q8_BLOCK_BYTES);
+            let d = half::f16::from_le_bytes([*b, *b.add(1)]).to_f32();
+            let q = _mm_loadl_epi64(b.add(2 + c % 4 * 8).cast());
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                _mm256_set1_ps(d),
+            )
+        }
+        #[cfg(not(target_feature = "avx2"))]
+        unsafe {
+            load8_by_value(row, c)
+        }
+    }
+}
+
+/// [`Kv::load8`] one value at a time, where the conversion has no instruction of its own.
+///
+/// # Safety
+/// As `load8`.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx",
+    not(all(target_feature = "f16c", target_feature = "avx2"))
+))]
+#[inline]
+unsafe fn load8_by_value<K: Kv>(row: &[K], c: usize) -> std::arch::x86_64::__m256 {
+    let x: [f32; 8] = std::array::from_fn(|i| K::at(row, c * 8 + i));
+    // SAFETY: reads the 8 floats of `x`.
+    unsafe { std::arch::x86_64::_mm256_loadu_ps(x.as_ptr()) }
+}
+
+/// The `out.len()` values of a stored row, in f32 (exactly).
+#[inline]
+fn widen<K: Kv>(row: &[K], out: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    let done = {
+        for c in 0..out.len() / 8 {
+            // SAFETY: the row holds `out.len()` values (the op checks the shapes); each store
+            // writes out[8c..8c + 8] within `out`.
+            unsafe {
+                std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr().add(c * 8), K::load8(row, c))
+            };
+        }
+        out.len() / 8 * 8
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+    let done = 0;
+    for (i, o) in out.iter_mut().enumerate().skip(done) {
+        *o = K::at(row, i);
     }
 }
 
@@ -261,11 +349,11 @@ const ROWS_PER_ITEM: usize = 8;
 /// Dot product with 8 partial sums in a fixed order, so that a row's scores never depend on
 /// what is computed with it (vectorises along the 8 lanes).
 #[inline]
-fn dot<K: Kv>(a: &[f32], b: &[K]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l].f32();
+            acc[l] += x[l] * y[l];
         }
     }
     finish(&acc, a, b)
@@ -275,7 +363,7 @@ fn dot<K: Kv>(a: &[f32], b: &[K]) -> f32 {
 /// four chains of additions are independent, so they overlap instead of each waiting on its own
 /// previous addition (one `dot` is bound by that latency).
 #[inline]
-fn dot4<K: Kv>(q: [&[f32]; 4], k: &[K]) -> [f32; 4] {
+fn dot4(q: [&[f32]; 4], k: &[f32]) -> [f32; 4] {
     let n = q.iter().fold(k.len(), |n, q| n.min(q.len())) / 8;
     let mut acc = [[0f32; 8]; 4];
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
@@ -286,7 +374,7 @@ fn dot4<K: Kv>(q: [&[f32]; 4], k: &[K]) -> [f32; 4] {
         use std::arch::x86_64::*;
         let mut a = [_mm256_setzero_ps(); 4];
         for c in 0..n {
-            let y = K::load8(k.as_ptr().add(c * 8));
+            let y = _mm256_loadu_ps(k.as_ptr().add(c * 8));
             for (ai, qi) in a.iter_mut().zip(&q) {
                 let x = _mm256_loadu_ps(qi.as_ptr().add(c * 8));
                 *ai = _mm256_add_ps(*ai, _mm256_mul_ps(x, y));
@@ -321,7 +409,7 @@ const KEYS_PER_BLOCK: usize = 32;
 /// key order, whatever the blocks). With AVX and rows of a multiple of 64, 64 outputs at a time
 /// stay in registers across the keys instead of going through memory for each key.
 #[inline]
-fn accumulate<'v, K: Kv + 'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [K]) {
+fn accumulate<'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) -> &'v [f32]) {
     // Every V row is a row of one view, as long as `dst` (the op checks the shapes).
     #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
     if dst.len().is_multiple_of(64) && ps.first().is_none_or(|_| vrow(0).len() == dst.len()) {
@@ -338,7 +426,7 @@ fn accumulate<'v, K: Kv + 'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) 
                 for (t, &p) in ps.iter().enumerate() {
                     let (p, r) = (_mm256_set1_ps(p), vrow(t).as_ptr().add(o));
                     for (c, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(p, K::load8(r.add(c * 8))));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(p, _mm256_loadu_ps(r.add(c * 8))));
                     }
                 }
                 for (c, a) in acc.iter().enumerate() {
@@ -350,18 +438,18 @@ fn accumulate<'v, K: Kv + 'v>(dst: &mut [f32], ps: &[f32], vrow: impl Fn(usize) 
     }
     for (t, &p) in ps.iter().enumerate() {
         for (o, &x) in dst.iter_mut().zip(vrow(t)) {
-            *o += p * x.f32();
+            *o += p * x;
         }
     }
 }
 
 /// The partial sums of [`dot`] added in its fixed order, then the tail past the last 8.
 #[inline]
-fn finish<K: Kv>(acc: &[f32; 8], a: &[f32], b: &[K]) -> f32 {
+fn finish(acc: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     let tail = a.len().min(b.len()) / 8 * 8;
     for (x, y) in a[tail..].iter().zip(&b[tail..]) {
-        s += x * y.f32();
+        s += x * y;
     }
     s
 }
@@ -394,8 +482,12 @@ impl CustomOp3 for CausalAttention {
             (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                 self.attend(q, view(k, kl, "k")?, view(v, vl, "v")?)
             }
+            // Q8_0 blocks (the only byte format a KV cache holds).
+            (CpuStorage::U8(k), CpuStorage::U8(v)) if self.head_dim.is_multiple_of(Q8_BLOCK) => {
+                self.attend(q, view(k, kl, "k")?, view(v, vl, "v")?)
+            }
             (k, v) => candle_core::bail!(
-                "attention: k and v must both be f32, f16 or bf16, got {:?} and {:?}",
+                "attention: k and v must both be f32, f16, bf16 or q8_0 blocks (a head size of a multiple of 32), got {:?} and {:?}",
                 k.dtype(),
                 v.dtype()
             ),
@@ -416,7 +508,7 @@ impl CausalAttention {
         if nh != self.n_heads
             || nkv != self.n_kv_heads
             || hd != self.head_dim
-            || khd != hd
+            || khd != K::stored(hd)
             || v.dims != k.dims
             || l < n
             || !self.consistent()
@@ -444,6 +536,10 @@ impl CausalAttention {
         let work = |range: std::ops::Range<usize>| {
             let mut scores: Vec<f32> = Vec::new();
             let mut sums: Vec<f32> = Vec::new();
+            // A narrow cache's rows widened once per item (each is read by every unit of it):
+            // one K row, a block of V rows.
+            let mut kbuf = vec![0f32; hd];
+            let mut vbuf = vec![0f32; KEYS_PER_BLOCK * hd];
             for it in range {
                 let (g, b) = (it / blocks, it % blocks);
                 let heads = &groups[g];
@@ -463,7 +559,13 @@ impl CausalAttention {
                 scores.clear();
                 scores.resize(nu * lmax, 0.0);
                 for j in jmin..lmax {
-                    let krow = k.row(g, j);
+                    let krow = match K::as_f32(k.row(g, j)) {
+                        Some(r) => r,
+                        None => {
+                            widen(k.row(g, j), &mut kbuf);
+                            &kbuf
+                        }
+                    };
                     // Units before `first` (earlier rows) do not see key j.
                     let first = j.saturating_sub(pos + rows.start).min(rows.len()) * heads.len();
                     let mut u = first;
@@ -510,11 +612,20 @@ impl CausalAttention {
                 // a block of V rows stays in L1 while every unit adds it.
                 for j0 in (jmin..lmax).step_by(KEYS_PER_BLOCK) {
                     let j1 = (j0 + KEYS_PER_BLOCK).min(lmax);
+                    if K::as_f32(v.row(g, j0)).is_none() {
+                        for j in j0..j1 {
+                            widen(v.row(g, j), &mut vbuf[(j - j0) * hd..][..hd]);
+                        }
+                    }
+                    let vrow = |j: usize| match K::as_f32(v.row(g, j)) {
+                        Some(r) => r,
+                        None => &vbuf[(j - j0) * hd..][..hd],
+                    };
                     for u in 0..nu {
                         let (beg, end) = (from(u).max(j0), len(u).min(j1));
                         if end > beg {
                             let ps = &scores[u * lmax + beg..u * lmax + end];
-                            accumulate(dst(u), ps, |t| v.row(g, beg + t));
+                            accumulate(dst(u), ps, |t| vrow(beg + t));
                         }
                     }
                 }
@@ -758,14 +869,30 @@ mod tests {
         }
     }
 
-    /// An f16 or bf16 cache gives exactly what the f32 op gives on the same values widened
-    /// (the conversion is exact, the arithmetic after it the same), through the vector paths
-    /// (head sizes 128 and 64), the scalar tail (20) and several blocks of rows; the tensor ops
-    /// other devices run read it too.
+    /// An f16, bf16 or Q8_0 cache gives exactly what the f32 op gives on the same values
+    /// widened (the conversion is exact, the arithmetic after it the same), through the vector
+    /// paths (head sizes 128, 64, 32), the scalar tail (20: no Q8_0, which needs whole blocks) and
+    /// several blocks of rows; the tensor ops other devices run read f16 and bf16 too.
     #[test]
-    fn a_half_precision_cache_reads_as_its_values_in_f32() {
+    fn a_narrow_cache_reads_as_its_values_in_f32() {
+        use crate::models::kv_cache::{KvDtype, q8_0_rows};
         use candle_core::DType;
-        for (hd, n, l) in [(128, 19, 300), (64, 3, 70), (20, 9, 40)] {
+        // A stored [a, b, row] tensor and its values widened to f32, [a, b, hd].
+        fn widened(t: &Tensor, dt: KvDtype, hd: usize) -> Tensor {
+            match dt {
+                KvDtype::Q8_0 => {
+                    let (a, b, _) = t.dims3().unwrap();
+                    let bytes: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    let rows = bytes.chunks_exact(<u8 as Kv>::stored(hd));
+                    let vals: Vec<f32> = rows
+                        .flat_map(|r| (0..hd).map(|i| <u8 as Kv>::at(r, i)))
+                        .collect();
+                    Tensor::from_vec(vals, (a, b, hd), &Device::Cpu).unwrap()
+                }
+                _ => t.to_dtype(DType::F32).unwrap(),
+            }
+        }
+        for (hd, n, l) in [(128, 19, 300), (64, 3, 70), (32, 9, 40), (20, 9, 40)] {
             let op = CausalAttention {
                 n_heads: 6,
                 n_kv_heads: 2,
@@ -779,40 +906,38 @@ mod tests {
             };
             let q = rand((6, n, hd), 10);
             let (k, v) = (rand((2, l, hd), 11), rand((2, l, hd), 12));
-            for dt in [DType::F16, DType::BF16] {
-                let (kh, vh) = (k.to_dtype(dt).unwrap(), v.to_dtype(dt).unwrap());
-                let (kw, vw) = (
-                    kh.to_dtype(DType::F32).unwrap(),
-                    vh.to_dtype(DType::F32).unwrap(),
-                );
-                let got: Vec<f32> = op
-                    .forward(&q, &kh, &vh)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want: Vec<f32> = op
-                    .forward(&q, &kw, &vw)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                assert_eq!(got, want, "{dt:?}, head size {hd}");
-                // Rounding moved the values, so the check above compared something.
-                assert_ne!(kw.to_vec3::<f32>().unwrap(), k.to_vec3::<f32>().unwrap());
-                let slow = op.forward_tensors(&q, &kh, &vh).unwrap();
-                let d = (slow.flatten_all().unwrap()
-                    - Tensor::new(got.as_slice(), &Device::Cpu).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-                assert!(d < 1e-5, "{dt:?}, head size {hd}: {d}");
+            for dt in [KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0] {
+                if dt == KvDtype::Q8_0 && hd % 32 != 0 {
+                    let e = q8_0_rows(&k).unwrap_err().to_string();
+                    assert!(e.contains("multiple of 32"), "{e}");
+                    let bytes = Tensor::zeros((2, l, hd), DType::U8, &Device::Cpu).unwrap();
+                    let e = op.forward(&q, &bytes, &bytes).unwrap_err().to_string();
+                    assert!(e.contains("multiple of 32"), "{e}");
+                    continue;
+                }
+                let store = |x: &Tensor| match dt {
+                    KvDtype::Q8_0 => q8_0_rows(x).unwrap(),
+                    _ => x.to_dtype(dt.storage()).unwrap(),
+                };
+                let (ks, vs) = (store(&k), store(&v));
+                let (kw, vw) = (widened(&ks, dt, hd), widened(&vs, dt, hd));
+                let run = |k: &Tensor, v: &Tensor| -> Vec<f32> {
+                    let o = op.forward(&q, k, v).unwrap();
+                    o.flatten_all().unwrap().to_vec1().unwrap()
+                };
+                let got = run(&ks, &vs);
+                assert_eq!(got, run(&kw, &vw), "{dt}, head size {hd}");
+                // Rounding moved the values, but not far.
+                let moved = (&kw - &k).unwrap().abs().unwrap().max_all().unwrap();
+                let moved = moved.to_scalar::<f32>().unwrap();
+                assert!(moved > 0.0 && moved < 0.01, "{dt}: {moved}");
+                if dt != KvDtype::Q8_0 {
+                    let slow = op.forward_tensors(&q, &ks, &vs).unwrap();
+                    let slow: Vec<f32> = slow.flatten_all().unwrap().to_vec1().unwrap();
+                    let d = slow.iter().zip(&got).map(|(a, b)| (a - b).abs());
+                    let d = d.fold(0f32, f32::max);
+                    assert!(d < 1e-5, "{dt}, head size {hd}: {d}");
+                }
             }
             // Mixed types are refused, naming both.
             let e = op

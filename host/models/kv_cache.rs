@@ -12,13 +12,113 @@
 //! into a smaller buffer). Attention reads keys relative to the buffer's start, so nothing else
 //! changes; a long Gemma 3 context costs its global layers' length, not every layer's.
 //!
-//! The buffers hold f32, or f16 / bf16 ([`KvCache::with_dtype`]): half the memory, and half the
-//! bytes a long context's attention reads per row. Rows are rounded once, when appended, and
-//! every row (the new ones too) is read back from the buffer, so a k-row forward still equals k
-//! one-row forwards.
+//! The buffers hold f32, f16 / bf16 (half the memory) or Q8_0 blocks (32 int8 values and an
+//! f16 scale: 8.5 bits per value, llama.cpp's `q8_0` cache type), [`KvDtype`]. Rows are rounded
+//! once, when appended, and every row (the new ones too) is read back from the buffer, so a
+//! k-row forward still equals k one-row forwards.
 
 use super::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
+
+/// What a KV cache stores per value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+    /// Blocks of 32 values: an f16 scale `d` (`max |x| / 127`) then 32 int8 `round(x / d)`, as
+    /// ggml's Q8_0; a row's blocks one after the other, in a U8 buffer. Needs a head size that
+    /// is a multiple of 32.
+    Q8_0,
+}
+
+impl KvDtype {
+    /// `f32`, `f16`, `bf16` or `q8_0`.
+    pub fn parse(s: &str) -> std::result::Result<KvDtype, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            "bf16" => Ok(KvDtype::Bf16),
+            "q8_0" => Ok(KvDtype::Q8_0),
+            _ => Err(format!("`{s}`: a KV cache holds f32, f16, bf16 or q8_0")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+            KvDtype::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The buffers' element type.
+    pub(crate) fn storage(self) -> DType {
+        match self {
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+            KvDtype::Bf16 => DType::BF16,
+            KvDtype::Q8_0 => DType::U8,
+        }
+    }
+
+    /// Elements of the buffer one row of `head_dim` values takes.
+    pub(crate) fn stored_len(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::Q8_0 => head_dim / Q8_BLOCK * Q8_BLOCK_BYTES,
+            _ => head_dim,
+        }
+    }
+
+    /// Bytes one row of `head_dim` values takes.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        self.stored_len(head_dim) * self.storage().size_in_bytes()
+    }
+
+    /// Whether rows of `head_dim` values fit this type (Q8_0: whole blocks).
+    pub fn check_head_dim(self, head_dim: usize) -> Result<()> {
+        if self == KvDtype::Q8_0 && !head_dim.is_multiple_of(Q8_BLOCK) {
+            return Err(ModelError::Invalid(format!(
+                "a q8_0 KV cache needs a head size that is a multiple of {Q8_BLOCK}, this model's is {head_dim}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Values per Q8_0 block, and the bytes it takes (an f16 scale, then the int8 values).
+pub(crate) const Q8_BLOCK: usize = 32;
+pub(crate) const Q8_BLOCK_BYTES: usize = 2 + Q8_BLOCK;
+
+/// `x` (`[a, b, head_dim]`, f32) as Q8_0 blocks, `[a, b, head_dim / 32 * 34]` u8. The scale is
+/// rounded to f16 after the values are divided by it unrounded, as ggml's `quantize_row_q8_0`
+/// defines the type.
+pub(crate) fn q8_0_rows(x: &Tensor) -> Result<Tensor> {
+    let (a, b, hd) = x.dims3()?;
+    KvDtype::Q8_0.check_head_dim(hd)?;
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(data.len() / Q8_BLOCK * Q8_BLOCK_BYTES);
+    for block in data.chunks_exact(Q8_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    Ok(Tensor::from_vec(
+        out,
+        (a, b, hd / Q8_BLOCK * Q8_BLOCK_BYTES),
+        x.device(),
+    )?)
+}
 
 /// Positions added per growth step at minimum.
 const CHUNK: usize = 256;
@@ -51,8 +151,8 @@ pub struct KvCache {
     len: usize,
     max_len: usize,
     device: Device,
-    /// Element type of the buffers: F32, F16 or BF16.
-    dtype: DType,
+    /// What the buffers store per value.
+    dtype: KvDtype,
 }
 
 impl KvCache {
@@ -73,19 +173,19 @@ impl KvCache {
             len: 0,
             max_len,
             device: device.clone(),
-            dtype: DType::F32,
+            dtype: KvDtype::F32,
         }
     }
 
-    /// The same cache storing its rows as `dtype`: F32, F16 or BF16 ([`check_dtype`]; the
-    /// attention reads no other).
-    pub fn with_dtype(mut self, dtype: DType) -> KvCache {
+    /// The same cache storing its rows as `dtype` (Q8_0: the head size must be a multiple of
+    /// 32, [`KvDtype::check_head_dim`]).
+    pub fn with_dtype(mut self, dtype: KvDtype) -> KvCache {
         self.dtype = dtype;
         self
     }
 
-    /// Element type of the buffers.
-    pub fn dtype(&self) -> DType {
+    /// What the buffers store per value.
+    pub fn dtype(&self) -> KvDtype {
         self.dtype
     }
 
@@ -128,14 +228,15 @@ impl KvCache {
 
     /// Bytes of the buffers allocated over all layers, K and V.
     pub fn bytes_allocated(&self) -> usize {
-        2 * self.rows_allocated() * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        2 * self.rows_allocated() * self.n_kv_heads * self.dtype.row_bytes(self.head_dim)
     }
 
     fn buffer(&self, rows: usize) -> Result<(Tensor, Tensor)> {
-        let shape = (self.n_kv_heads, rows, self.head_dim);
+        let shape = (self.n_kv_heads, rows, self.dtype.stored_len(self.head_dim));
+        let dt = self.dtype.storage();
         Ok((
-            Tensor::zeros(shape, self.dtype, &self.device)?,
-            Tensor::zeros(shape, self.dtype, &self.device)?,
+            Tensor::zeros(shape, dt, &self.device)?,
+            Tensor::zeros(shape, dt, &self.device)?,
         ))
     }
 
@@ -205,12 +306,19 @@ impl KvCache {
                 self.len, lc.capacity
             )));
         }
-        if k.dtype() == self.dtype {
-            lc.k.slice_set(k, 1, at)?;
-            lc.v.slice_set(v, 1, at)?;
-        } else {
-            lc.k.slice_set(&k.to_dtype(self.dtype)?, 1, at)?;
-            lc.v.slice_set(&v.to_dtype(self.dtype)?, 1, at)?;
+        match self.dtype {
+            KvDtype::F32 => {
+                lc.k.slice_set(k, 1, at)?;
+                lc.v.slice_set(v, 1, at)?;
+            }
+            KvDtype::Q8_0 => {
+                lc.k.slice_set(&q8_0_rows(k)?, 1, at)?;
+                lc.v.slice_set(&q8_0_rows(v)?, 1, at)?;
+            }
+            d => {
+                lc.k.slice_set(&k.to_dtype(d.storage())?, 1, at)?;
+                lc.v.slice_set(&v.to_dtype(d.storage())?, 1, at)?;
+            }
         }
         Ok((lc.k.narrow(1, 0, at + n)?, lc.v.narrow(1, 0, at + n)?))
     }
@@ -347,16 +455,6 @@ impl KvCache {
     }
 }
 
-/// The element types a KV cache stores.
-pub fn check_dtype(dtype: DType) -> Result<()> {
-    match dtype {
-        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
-        other => Err(ModelError::Invalid(format!(
-            "a KV cache holds f32, f16 or bf16, not {other:?}"
-        ))),
-    }
-}
-
 /// A rollback to `len` positions of a sequence holding `held` (any KV cache's rule).
 pub(crate) fn check_truncate(len: usize, held: usize) -> Result<()> {
     if len > held {
@@ -439,60 +537,62 @@ mod tests {
         assert_eq!(first_position(&view), 0.0);
     }
 
-    /// An f16 / bf16 cache stores each appended row rounded once, half the bytes of f32, and
-    /// rolls back, copies and drops positions like the f32 one.
+    /// An f16 / bf16 / Q8_0 cache stores each appended row rounded once, in half the bytes of
+    /// f32 (Q8_0: 34 per 32 values), and rolls back, copies and drops positions like the f32 one.
     #[test]
-    fn a_half_precision_cache_rounds_rows_once_and_holds_half_the_bytes() {
-        for dt in [DType::F16, DType::BF16] {
+    fn a_narrow_cache_rounds_rows_once_and_holds_fewer_bytes() {
+        let hd = 32;
+        // Values that are exact in none of the types.
+        let frac = |from: usize, n: usize| {
+            let data: Vec<f32> = (from..from + n)
+                .flat_map(|p| (0..hd).map(move |j| p as f32 * 0.1 - j as f32 * 0.013))
+                .collect();
+            Tensor::from_vec(data, (1, n, hd), &Device::Cpu).unwrap()
+        };
+        // What a type keeps of the values, widened to f32.
+        let kept = |dt: KvDtype, x: &Tensor| -> Vec<f32> {
+            let stored = match dt {
+                KvDtype::Q8_0 => q8_0_rows(x).unwrap(),
+                _ => x.to_dtype(dt.storage()).unwrap(),
+            };
+            widen(dt, &stored, hd)
+        };
+        for (dt, bytes) in [(KvDtype::F16, 64), (KvDtype::Bf16, 64), (KvDtype::Q8_0, 34)] {
+            assert_eq!(dt.row_bytes(hd), bytes);
             let w = 4;
-            let mut c = KvCache::new(2, 1, 2, 8192, &Device::Cpu)
+            let mut c = KvCache::new(2, 1, hd, 8192, &Device::Cpu)
                 .with_windows(&[None, Some(w)])
                 .with_dtype(dt);
-            let mut full = KvCache::new(2, 1, 2, 8192, &Device::Cpu).with_windows(&[None, Some(w)]);
-            assert!(check_dtype(dt).is_ok());
-            // 0.1-steps are not exact in either type.
-            let frac = |from: usize, n: usize| {
-                let data: Vec<f32> = (from..from + n)
-                    .flat_map(|p| [p as f32 * 0.1, -(p as f32) * 0.1])
-                    .collect();
-                Tensor::from_vec(data, (1, n, 2), &Device::Cpu).unwrap()
-            };
+            let mut full =
+                KvCache::new(2, 1, hd, 8192, &Device::Cpu).with_windows(&[None, Some(w)]);
             for n in [3, 300, 1, 40] {
                 for cache in [&mut c, &mut full] {
                     cache.reserve(n).unwrap();
                     let from = cache.len();
                     for layer in 0..2 {
                         let (k, _) = cache.append(layer, &frac(from, n), &frac(from, n)).unwrap();
-                        assert_eq!(k.dtype(), cache.dtype());
+                        assert_eq!(k.dtype(), cache.dtype().storage());
                     }
                     cache.commit(n);
                 }
             }
             assert_eq!(c.rows_allocated(), full.rows_allocated());
-            assert_eq!(2 * c.bytes_allocated(), full.bytes_allocated());
-            // Layer 0's view: every position's f32 value rounded to the type.
+            assert_eq!(c.bytes_allocated() * 128, full.bytes_allocated() * bytes);
+            // Layer 0's view: every position's f32 values as the type keeps them.
             c.reserve(1).unwrap();
             let (k, _) = c.append(0, &frac(c.len(), 1), &frac(c.len(), 1)).unwrap();
-            let got = k.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-            let want = frac(0, c.len() + 1)
-                .to_dtype(dt)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap();
-            assert_eq!(
-                got.to_vec1::<f32>().unwrap(),
-                want.to_vec1::<f32>().unwrap()
-            );
-            assert_ne!(
-                got.to_vec1::<f32>().unwrap(),
-                frac(0, c.len() + 1)
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            );
+            let all = frac(0, c.len() + 1);
+            let got = widen(dt, &k, hd);
+            assert_eq!(got, kept(dt, &all), "{dt}");
+            let exact: Vec<f32> = all.flatten_all().unwrap().to_vec1().unwrap();
+            assert_ne!(got, exact, "{dt}");
+            // Within a few steps of each type's precision (bf16: 8 bits) of the largest value.
+            let err = got
+                .iter()
+                .zip(&exact)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let top = exact.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(err < 0.01 * top, "{dt}: {err} of {top}");
             // Copies keep the type; rollbacks and starting over work as in f32.
             let copy = c.copy_prefix(c.len() - 5).unwrap();
             assert_eq!(copy.dtype(), dt);
@@ -501,7 +601,36 @@ mod tests {
             c.truncate(0).unwrap();
             assert_eq!(c.dtype(), dt);
         }
-        let e = check_dtype(DType::U8).unwrap_err().to_string();
-        assert!(e.contains("U8") && e.contains("f16"), "{e}");
+        let e = KvDtype::Q8_0.check_head_dim(20).unwrap_err().to_string();
+        assert!(e.contains("multiple of 32") && e.contains("20"), "{e}");
+        assert!(
+            KvDtype::Q8_0.check_head_dim(64).is_ok() && KvDtype::F16.check_head_dim(20).is_ok()
+        );
+        assert_eq!(KvDtype::parse(" Q8_0 "), Ok(KvDtype::Q8_0));
+        let e = KvDtype::parse("q4_0").unwrap_err();
+        assert!(e.contains("q4_0") && e.contains("f16"), "{e}");
+    }
+
+    /// A stored `[a, b, row]` tensor's values in f32, flattened.
+    fn widen(dt: KvDtype, t: &Tensor, hd: usize) -> Vec<f32> {
+        if dt != KvDtype::Q8_0 {
+            return t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        }
+        let bytes: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
+        bytes
+            .chunks_exact(dt.stored_len(hd))
+            .flat_map(|row| {
+                row.chunks_exact(Q8_BLOCK_BYTES).flat_map(|b| {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    b[2..].iter().map(move |&q| d * (q as i8) as f32)
+                })
+            })
+            .collect()
     }
 }

@@ -63,6 +63,7 @@ pub use error::{ModelError, Result};
 pub use gguf::{
     Activation, Arch, Experts, GgufFile, ModelConfig, NormKind, RopeStyle, SlidingWindow,
 };
+pub use kv_cache::KvDtype;
 pub use lora::LoraAdapter;
 pub use rope::RopeScaling;
 pub use transformer::{BatchItem, Forward, Model, Rows, Session, forward_batch};

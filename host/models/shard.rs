@@ -506,7 +506,7 @@ impl TpSession {
         weights: &[Arc<Weights>],
         n_layers: usize,
         transport: &Transport,
-        kv_dtype: candle_core::DType,
+        kv_dtype: super::kv_cache::KvDtype,
     ) -> TpSession {
         let caches = weights
             .iter()

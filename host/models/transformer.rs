@@ -17,7 +17,7 @@ use super::gguf::{
     Activation, Arch, GgufFile, ModelConfig, NormKind, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
     ROPE_FREQS, RopeStyle,
 };
-use super::kv_cache::{KvCache, check_truncate};
+use super::kv_cache::{KvCache, KvDtype, check_truncate};
 use super::rope::{RopeScaling, Rotary};
 use super::shard::{Communicator, TpSession, Transport};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
@@ -428,8 +428,8 @@ pub struct Model {
     /// The same weights for the CUDA decode path (`cuda_fast`), where it applies: sessions
     /// then run there, unbatched.
     fast: Option<Arc<FastWeights>>,
-    /// Element type of its sessions' KV caches ([`Model::with_kv_cache_dtype`]).
-    kv_dtype: DType,
+    /// What its sessions' KV caches store ([`Model::with_kv_cache_dtype`]).
+    kv_dtype: KvDtype,
 }
 
 /// Where a weight comes from: GGUF tensors or safetensors, behind one interface so that both
@@ -1013,7 +1013,7 @@ impl Model {
             }),
             batcher: None,
             fast,
-            kv_dtype: DType::F32,
+            kv_dtype: KvDtype::F32,
         })
     }
 
@@ -1098,7 +1098,7 @@ impl Model {
             w: Arc::new(w),
             batcher: None,
             fast: None,
-            kv_dtype: DType::F32,
+            kv_dtype: KvDtype::F32,
         })
     }
 
@@ -1131,17 +1131,23 @@ impl Model {
         self
     }
 
-    /// The same model whose sessions keep their KV caches as `dtype`: F32 (the default), or
-    /// F16 / BF16 for half the memory per position (and half the bytes a long context's
-    /// attention reads). Each key and value is rounded once, when stored, so a k-row forward
-    /// still gives the bits of k one-row forwards, and speculation stays lossless against
-    /// decoding with the same cache. The CUDA decode path keeps f32 and refuses the others.
-    pub fn with_kv_cache_dtype(&self, dtype: DType) -> Result<Model> {
-        super::kv_cache::check_dtype(dtype)?;
-        if self.fast.is_some() && dtype != DType::F32 {
+    /// The same model whose sessions keep their KV caches as `dtype`: F32 (the default), F16 /
+    /// BF16 for half the memory per position, or Q8_0 for 8.5 bits per value (the CPU only, a
+    /// head size of a multiple of 32). Each key and value is rounded once, when stored, so a
+    /// k-row forward still gives the bits of k one-row forwards, and speculation stays lossless
+    /// against decoding with the same cache. The CUDA decode path keeps f32 and refuses the
+    /// others.
+    pub fn with_kv_cache_dtype(&self, dtype: KvDtype) -> Result<Model> {
+        dtype.check_head_dim(self.w.cfg.head_dim)?;
+        if self.fast.is_some() && dtype != KvDtype::F32 {
             return Err(ModelError::Invalid(format!(
-                "a {dtype:?} KV cache: the CUDA decode path keeps f32 (VERDICT_CUDA_FAST=0 runs candle's ops, which read any)"
+                "a {dtype} KV cache: the CUDA decode path keeps f32 (VERDICT_CUDA_FAST=0 runs candle's ops, which read f16 and bf16)"
             )));
+        }
+        if dtype == KvDtype::Q8_0 && !self.w.device.is_cpu() {
+            return Err(ModelError::Invalid(
+                "a q8_0 KV cache is read on the CPU only (f16 and bf16 run on any device)".into(),
+            ));
         }
         Ok(Model {
             kv_dtype: dtype,
@@ -1149,8 +1155,8 @@ impl Model {
         })
     }
 
-    /// Element type of the sessions' KV caches.
-    pub fn kv_cache_dtype(&self) -> DType {
+    /// What the sessions' KV caches store.
+    pub fn kv_cache_dtype(&self) -> KvDtype {
         self.kv_dtype
     }
 
@@ -1158,7 +1164,7 @@ impl Model {
     /// sliding-window layer stops growing past its window).
     pub fn kv_bytes_per_position(&self) -> usize {
         let c = &self.w.cfg;
-        2 * c.n_layers * c.n_kv_heads * c.head_dim * self.kv_dtype.size_in_bytes()
+        2 * c.n_layers * c.n_kv_heads * self.kv_dtype.row_bytes(c.head_dim)
     }
 
     /// Statistics of the batcher, when batching is on.
