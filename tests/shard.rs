@@ -14,7 +14,7 @@ use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use std::path::{Path, PathBuf};
 use verdict::models::testing::{TinySpec, write_tiny_gguf};
-use verdict::models::{Arch, Model, Rows, Session};
+use verdict::models::{Arch, KvDtype, Model, Rows, Session};
 
 fn rows(s: &mut Session, toks: &[u32], r: Rows) -> Vec<Vec<f32>> {
     s.forward(toks, r)
@@ -140,6 +140,32 @@ fn tiny_models_on_2_and_3_ranks_match_one() {
                 &format!("{arch:?} {dtype:?} x{n}"),
                 if dtype == GgmlDType::F32 { 1e-4 } else { 2e-2 },
             );
+        }
+    }
+}
+
+/// Ranks keep their part of the cache in the model's KV cache type: f16 or Q8_0 on 2 and 3 ranks
+/// follow the unsharded model on the same type through rollbacks, forks and prompt-cache copies.
+#[test]
+fn ranks_keep_a_narrow_kv_cache_like_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = [5u32, 17, 250, 3, 99, 260, 7, 1, 42];
+    let more = [11u32, 12, 13, 14, 15, 16, 17];
+    let spec = TinySpec {
+        hidden: 96,
+        heads: 6,
+        kv_heads: 2,
+        head_dim: Some(32),
+        intermediate: 192,
+        ..TinySpec::default()
+    };
+    let base = tiny(dir.path(), &spec);
+    for dt in [KvDtype::F16, KvDtype::Q8_0] {
+        let full = base.with_kv_cache_dtype(dt).unwrap();
+        for n in [2, 3] {
+            let sharded = full.shard(n).unwrap();
+            assert_eq!(sharded.kv_cache_dtype(), dt);
+            check_same(&full, &sharded, &prompt, &more, &format!("{dt} x{n}"), 1e-4);
         }
     }
 }
