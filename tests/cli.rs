@@ -325,6 +325,8 @@ fn bad_input_gives_clear_errors() {
     assert_fails(&with(&["--threads", "0"]), "--threads");
     assert_fails(&with(&["--seed", "-1"]), "--seed");
     assert_fails(&with(&["--device", "gpu"]), "expected cpu, cuda or cuda:N");
+    assert_fails(&with(&["--max-model-len", "0"]), "--max-model-len");
+    assert_fails(&with(&["--max-model-len", "999"]), "choose 1..=256");
     assert_fails(
         &with(&["--kv-cache-dtype", "q4_0"]),
         "`q4_0`: a KV cache holds f32, f16, bf16 or q8_0",

@@ -295,6 +295,50 @@ fn strict_greedy_speculation_is_lossless_with_narrow_caches() {
     }
 }
 
+/// A context cap (`Model::with_max_context`) bounds requests: a prompt that fills it is refused
+/// naming the prompt, and generation stops at it with finish reason length, speculating or not,
+/// after the same tokens as the uncapped target's.
+#[test]
+fn a_context_cap_ends_generation_at_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = tiny(dir.path(), "t.gguf", spec(1, 2));
+    let capped = full.with_max_context(20).unwrap();
+    let prompt = [40u32, 41, 42, 40, 41];
+    let (reference, _) = run(
+        &engine(full.clone(), None, None, 4),
+        greedy(&prompt, 40, Speculation::Off),
+    );
+    for drafter in [
+        None,
+        Some(DrafterSpec::PromptLookup(None)),
+        Some(DrafterSpec::SelfDraft(1)),
+    ] {
+        let e = engine(capped.clone(), None, drafter.clone(), 4);
+        let mut g = e.start(greedy(&prompt, 40, Speculation::Default)).unwrap();
+        while g.finished().is_none() {
+            g.step().unwrap();
+        }
+        let out = g.output().to_vec();
+        assert_eq!(
+            g.finished(),
+            Some(verdict::engine::FinishReason::Length),
+            "{drafter:?}"
+        );
+        // The last position is the cap's: 20 - 5 prompt tokens.
+        assert_eq!(out.len(), 15, "{drafter:?}");
+        assert_eq!(out, reference[..15], "{drafter:?}");
+        let long: Vec<u32> = (0..20).collect();
+        let e = e
+            .start(greedy(&long, 4, Speculation::Default))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("prompt") && e.to_string().contains("20"),
+            "{e}"
+        );
+    }
+}
+
 /// A target with a LoRA adapter (`Model::with_lora`) speculates losslessly too: every drafter
 /// (the base as its draft, the adapted target's own first layer, prompt lookup) emits the
 /// adapted target's autoregressive greedy tokens, which differ from the base's.

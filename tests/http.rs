@@ -3021,6 +3021,48 @@ fn a_half_precision_kv_cache_serves_the_same_greedy_text_speculating_or_not() {
     );
 }
 
+/// `--max-model-len 48`: `/v1/models` reports it, a request asking past it is refused naming
+/// `max_tokens` (`context_length_exceeded`), one within it runs; a cap past the model's own
+/// context stops the server at start, naming the flag and the model's context.
+#[test]
+fn a_context_cap_bounds_requests() {
+    let s = tiny_server(256, &["--max-model-len", "48"]);
+    let models = s.get("/v1/models").json();
+    assert_eq!(models["data"][0]["max_model_len"], 48, "{models}");
+    let ask = |max_tokens: u64| {
+        s.post_json(
+            "/v1/completions",
+            &json!({"prompt": "the cat sat on", "max_tokens": max_tokens, "temperature": 0}),
+        )
+    };
+    let r = ask(100);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens"),
+        "{v}"
+    );
+    assert_eq!(ask(8).status, 200);
+    drop(s);
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args(["serve", "--port", "0", "--max-model-len", "1000"])
+        .args(["--model", &target.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--max-model-len") && err.contains("1..=256"),
+        "{err}"
+    );
+}
+
 /// `--reasoning-parser qwen3`: a chat reply's `<think>` block comes back as
 /// `reasoning_content`, the rest as `content`, whole or streamed (the same split either way);
 /// a reply without the block is all content. The tiny model is made to write the block by a

@@ -1577,6 +1577,71 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// `with_max_context`: sequences hold at most the cap (forwards past it are refused like past the
+/// model's own context), the cap keeps the cache type and survives sharding, copies and forks,
+/// and a cap of 0 or past the declared context is an error naming both numbers.
+#[test]
+fn a_context_cap_bounds_every_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path(), &TinySpec::default());
+    let declared = m.config().context_length;
+    assert_eq!(m.max_context(), declared);
+    let capped = m
+        .with_kv_cache_dtype(KvDtype::F16)
+        .unwrap()
+        .with_max_context(12)
+        .unwrap();
+    assert_eq!(
+        (capped.max_context(), capped.kv_cache_dtype()),
+        (12, KvDtype::F16)
+    );
+    for model in [
+        capped.clone(),
+        capped.shard(2).unwrap(),
+        capped.with_batching(4).unwrap(),
+    ] {
+        let mut s = model.session();
+        assert_eq!(s.max_len(), 12);
+        s.forward(&PROMPT, Rows::Last).unwrap();
+        let e = s
+            .forward(&[1, 2, 3, 4], Rows::Last)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("context") && e.contains("12"), "{e}");
+        s.forward(&[1, 2, 3], Rows::Last).unwrap();
+        assert_eq!(s.fork().unwrap().max_len(), 12);
+        assert_eq!(s.copy_prefix(5).unwrap().max_len(), 12);
+    }
+    // The cap and the type in either order; the same logits as the uncapped model.
+    let other = m
+        .with_max_context(12)
+        .unwrap()
+        .with_kv_cache_dtype(KvDtype::F16)
+        .unwrap();
+    assert_eq!(
+        (other.max_context(), other.kv_cache_dtype()),
+        (12, KvDtype::F16)
+    );
+    let uncapped = m.with_kv_cache_dtype(KvDtype::F16).unwrap();
+    assert_eq!(
+        rows(&other.session().forward(&PROMPT, Rows::All).unwrap().logits),
+        rows(
+            &uncapped
+                .session()
+                .forward(&PROMPT, Rows::All)
+                .unwrap()
+                .logits
+        )
+    );
+    for bad in [0, declared + 1] {
+        let e = m.with_max_context(bad).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains(&bad.to_string()) && e.contains(&declared.to_string()),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn context_overflow_and_bad_tokens_are_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -143,6 +143,11 @@ pub struct Args {
     #[arg(long, value_name = "f32|f16|bf16|q8_0", default_value = "f32", value_parser = KvDtype::parse)]
     pub kv_cache_dtype: KvDtype,
 
+    /// Hold at most N positions (prompt and output) per sequence, below the model's own context
+    /// (vLLM's --max-model-len).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_model_len: Option<u32>,
+
     /// Acceptance policy (`name` or `name@version`): a built-in (strict, judge, threshold) or
     /// one registered in --policy-dir.
     #[arg(long, default_value = "strict")]
@@ -470,6 +475,12 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("loading the model {}", path.display()))?;
     let model = args.lora.apply(model, &adapters)?;
     let model = model.with_kv_cache_dtype(args.kv_cache_dtype)?;
+    let model = match args.max_model_len {
+        Some(n) => model
+            .with_max_context(n as usize)
+            .context("--max-model-len")?,
+        None => model,
+    };
     let model = shard_target(model, args.shards as usize, &device)?;
     // Lazy kernel set-up (candle packs Q4_K on first use, seconds for the 1.5B) belongs to the
     // load, as llama.cpp's repacking does, not to the first decode step it would otherwise slow.
@@ -503,7 +514,7 @@ pub fn run(args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty (0 tokens): give --prompt some text");
     }
-    let ctx = model.config().context_length;
+    let ctx = model.max_context();
     if prompt.len() >= ctx {
         bail!(
             "the prompt is {} tokens but {} has a context of {ctx} tokens: nothing is left to \

@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// bf16, half the memory per position; q8_0, 8.5 bits per value (CPU).
     #[arg(long, value_name = "f32|f16|bf16|q8_0", default_value = "f32", value_parser = crate::models::KvDtype::parse)]
     pub kv_cache_dtype: crate::models::KvDtype,
+    /// Hold at most N positions (prompt and output) per sequence, below the model's own
+    /// context (vLLM's flag): longer requests get `context_length_exceeded`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_model_len: Option<u32>,
     /// Speculation length k; the maximum k unless --fixed-k (requests may override with
     /// speculation.k).
     #[arg(long, default_value_t = 16)]
@@ -312,6 +316,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let prompt_cache = args.prompt_cache;
     let draft_vocab = args.draft_vocab;
     let kv_dtype = args.kv_cache_dtype;
+    let max_model_len = args.max_model_len;
     let shards = args.shards as usize;
     let device = args.device.open()?;
     // Read now, so that a missing file fails before the server starts (it compiles with the
@@ -328,6 +333,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let base = Model::load_gguf(&target_path, &device)
             .with_context(|| format!("loading the target {}", target_path.display()))?
             .with_kv_cache_dtype(kv_dtype)?;
+        let base = match max_model_len {
+            Some(n) => base
+                .with_max_context(n as usize)
+                .context("--max-model-len")?,
+            None => base,
+        };
         let target = lora.apply(base.clone(), &adapters)?;
         let content = target
             .gguf_metadata()

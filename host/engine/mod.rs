@@ -245,9 +245,9 @@ impl Engine {
         &self.inner
     }
 
-    /// The target's context length.
+    /// The target's context length (its declared one, or `Model::with_max_context`'s cap).
     pub fn max_context(&self) -> usize {
-        self.inner.target.config().context_length
+        self.inner.target.max_context()
     }
 
     /// The target's embeddings of `texts` (see `models::embed::embed_batch`): final hidden
@@ -271,7 +271,7 @@ impl Engine {
     /// Validates a request and sets up its state. Errors name the request field.
     pub fn start(&self, req: GenerateRequest) -> Result<Generation, RequestError> {
         let cfg = &*self.inner;
-        let ctx = cfg.target.config().context_length;
+        let ctx = cfg.target.max_context();
         if req.prompt.is_empty() {
             return Err(RequestError::new("prompt", "the prompt is empty"));
         }

@@ -94,6 +94,24 @@ impl std::fmt::Display for KvDtype {
     }
 }
 
+/// How a model's sessions keep their KV caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct CacheSpec {
+    pub dtype: KvDtype,
+    /// At most this many positions; 0: the context the model declares.
+    pub max_len: usize,
+}
+
+impl CacheSpec {
+    /// The positions a sequence of a model of `cfg` may hold.
+    pub(crate) fn max_len(&self, cfg: &super::gguf::ModelConfig) -> usize {
+        match self.max_len {
+            0 => cfg.context_length,
+            n => n.min(cfg.context_length),
+        }
+    }
+}
+
 /// Values per Q8_0 block, and the bytes it takes (an f16 scale, then the int8 values).
 pub(crate) const Q8_BLOCK: usize = 32;
 pub(crate) const Q8_BLOCK_BYTES: usize = 2 + Q8_BLOCK;
@@ -187,6 +205,14 @@ impl KvCache {
     /// What the buffers store per value.
     pub fn dtype(&self) -> KvDtype {
         self.dtype
+    }
+
+    /// The type and length another cache needs to be like this one.
+    pub(crate) fn spec(&self) -> CacheSpec {
+        CacheSpec {
+            dtype: self.dtype,
+            max_len: self.max_len,
+        }
     }
 
     /// The same cache with layer `i` attending to its last `windows[i]` positions only (and

@@ -506,12 +506,9 @@ impl TpSession {
         weights: &[Arc<Weights>],
         n_layers: usize,
         transport: &Transport,
-        kv_dtype: super::kv_cache::KvDtype,
+        kv: super::kv_cache::CacheSpec,
     ) -> TpSession {
-        let caches = weights
-            .iter()
-            .map(|w| w.new_cache(n_layers).with_dtype(kv_dtype))
-            .collect();
+        let caches = weights.iter().map(|w| w.new_cache(n_layers, kv)).collect();
         Self::with_caches(weights, n_layers, caches, transport)
     }
 

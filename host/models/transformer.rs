@@ -17,7 +17,7 @@ use super::gguf::{
     Activation, Arch, GgufFile, ModelConfig, NormKind, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
     ROPE_FREQS, RopeStyle,
 };
-use super::kv_cache::{KvCache, KvDtype, check_truncate};
+use super::kv_cache::{CacheSpec, KvCache, KvDtype, check_truncate};
 use super::rope::{RopeScaling, Rotary};
 use super::shard::{Communicator, TpSession, Transport};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
@@ -428,8 +428,9 @@ pub struct Model {
     /// The same weights for the CUDA decode path (`cuda_fast`), where it applies: sessions
     /// then run there, unbatched.
     fast: Option<Arc<FastWeights>>,
-    /// What its sessions' KV caches store ([`Model::with_kv_cache_dtype`]).
-    kv_dtype: KvDtype,
+    /// How its sessions keep their KV caches ([`Model::with_kv_cache_dtype`],
+    /// [`Model::with_max_context`]).
+    kv: CacheSpec,
 }
 
 /// Where a weight comes from: GGUF tensors or safetensors, behind one interface so that both
@@ -507,9 +508,9 @@ impl Weights {
                 .any(|l| [&l.q, &l.k, &l.v, &l.o].iter().any(|l| l.lora.is_some()) || mlp(&l.ffn))
     }
 
-    /// An empty KV cache for the first `n_layers` layers of these weights, its sliding-window
-    /// layers holding only their window (and the slack to roll back).
-    pub(crate) fn new_cache(&self, n_layers: usize) -> KvCache {
+    /// An empty KV cache for the first `n_layers` layers of these weights, as `kv` says, its
+    /// sliding-window layers holding only their window (and the slack to roll back).
+    pub(crate) fn new_cache(&self, n_layers: usize, kv: CacheSpec) -> KvCache {
         let windows: Vec<Option<usize>> = (0..n_layers)
             .map(|i| {
                 self.cfg
@@ -522,10 +523,11 @@ impl Weights {
             n_layers,
             self.heads.n_kv_heads,
             self.cfg.head_dim,
-            self.cfg.context_length,
+            kv.max_len(&self.cfg),
             &self.device,
         )
         .with_windows(&windows)
+        .with_dtype(kv.dtype)
     }
 
     /// Builds the weights of `cfg` from `src`, checking every shape against the config.
@@ -1013,7 +1015,7 @@ impl Model {
             }),
             batcher: None,
             fast,
-            kv_dtype: KvDtype::F32,
+            kv: CacheSpec::default(),
         })
     }
 
@@ -1098,7 +1100,7 @@ impl Model {
             w: Arc::new(w),
             batcher: None,
             fast: None,
-            kv_dtype: KvDtype::F32,
+            kv: CacheSpec::default(),
         })
     }
 
@@ -1117,7 +1119,7 @@ impl Model {
             w: self.w.clone(),
             batcher,
             fast: self.fast.clone(),
-            kv_dtype: self.kv_dtype,
+            kv: self.kv,
         })
     }
 
@@ -1150,21 +1152,48 @@ impl Model {
             ));
         }
         Ok(Model {
-            kv_dtype: dtype,
+            kv: CacheSpec { dtype, ..self.kv },
             ..self.clone()
         })
     }
 
     /// What the sessions' KV caches store.
     pub fn kv_cache_dtype(&self) -> KvDtype {
-        self.kv_dtype
+        self.kv.dtype
+    }
+
+    /// The same model whose sequences hold at most `n` positions (prompt and output), below the
+    /// context the model declares (vLLM's `--max-model-len`, llama.cpp's `-c`): requests longer
+    /// than that are refused, and no cache grows past it. `n` must be in
+    /// `1..=config().context_length`.
+    pub fn with_max_context(&self, n: usize) -> Result<Model> {
+        let declared = self.w.cfg.context_length;
+        if n == 0 || n > declared {
+            return Err(ModelError::Invalid(format!(
+                "a context of {n} positions: choose 1..={declared}, the context {} declares",
+                self.w.source.display()
+            )));
+        }
+        Ok(Model {
+            kv: CacheSpec {
+                max_len: n,
+                ..self.kv
+            },
+            ..self.clone()
+        })
+    }
+
+    /// The most positions a sequence holds: the declared context, or the cap of
+    /// [`Model::with_max_context`].
+    pub fn max_context(&self) -> usize {
+        self.kv.max_len(&self.w.cfg)
     }
 
     /// Bytes one position takes in a session's KV cache, K and V over all layers (a
     /// sliding-window layer stops growing past its window).
     pub fn kv_bytes_per_position(&self) -> usize {
         let c = &self.w.cfg;
-        2 * c.n_layers * c.n_kv_heads * self.kv_dtype.row_bytes(c.head_dim)
+        2 * c.n_layers * c.n_kv_heads * self.kv.dtype.row_bytes(c.head_dim)
     }
 
     /// Statistics of the batcher, when batching is on.
@@ -1243,10 +1272,10 @@ impl Model {
         Session {
             w: self.w.clone(),
             n_layers,
-            cache: self.w.new_cache(n_layers).with_dtype(self.kv_dtype),
+            cache: self.w.new_cache(n_layers, self.kv),
             batch: None,
             tp: (!self.w.peers.is_empty())
-                .then(|| TpSession::new(&self.w.peers, n_layers, &self.w.transport, self.kv_dtype)),
+                .then(|| TpSession::new(&self.w.peers, n_layers, &self.w.transport, self.kv)),
             fast_w: self.fast.clone(),
             fast: None,
         }
@@ -1310,7 +1339,7 @@ impl Model {
             }),
             batcher: None,
             fast: None,
-            kv_dtype: self.kv_dtype,
+            kv: self.kv,
         })
     }
 
@@ -1505,7 +1534,7 @@ impl Model {
             }),
             batcher: None,
             fast: None,
-            kv_dtype: self.kv_dtype,
+            kv: self.kv,
         })
     }
 
@@ -1711,10 +1740,7 @@ impl Session {
         Session {
             w: self.w.clone(),
             n_layers: self.n_layers,
-            cache: self
-                .w
-                .new_cache(self.n_layers)
-                .with_dtype(self.cache.dtype()),
+            cache: self.w.new_cache(self.n_layers, self.cache.spec()),
             batch: None,
             tp: None,
             fast_w: None,

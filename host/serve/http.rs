@@ -658,6 +658,8 @@ fn model_object(app: &App) -> Value {
         "owned_by": "verdict",
         "ready": app.served.get().is_some(),
         "max_context": app.served.get().map(|s| s.engine.max_context()),
+        // vLLM's name for the same number.
+        "max_model_len": app.served.get().map(|s| s.engine.max_context()),
     })
 }
 
