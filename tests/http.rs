@@ -27,6 +27,23 @@ fn tiny_server(context: usize, extra: &[&str]) -> Server {
     Server::start(&args, Some(dir), &log_dir)
 }
 
+/// `verdict serve --model MODEL EXTRA...` must stop before serving: its stderr.
+fn serve_fails(model: &std::path::Path, extra: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            &model.display().to_string(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {extra:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn wait_for(what: &str, server: &Server, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -2665,14 +2682,7 @@ fn api_keys_guard_every_route_but_the_probes() {
     assert_eq!(call("GET", "/v1/models", Some("only"), b"").status, 200);
     // Blank keys and empty key files are refused at start.
     for args in [vec!["--api-key", " "], vec!["--api-key-file", "/dev/null"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-            .arg("serve")
-            .args(&args)
-            .args(["--model", "/nonexistent.gguf"])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = serve_fails(std::path::Path::new("/nonexistent.gguf"), &args);
         assert!(err.contains(args[0]), "{args:?}: {err}");
     }
 }
@@ -2974,19 +2984,7 @@ fn harmony_reasoning_is_apart_from_the_answer() {
         ),
         (broken, "does not compile"),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-            .arg("serve")
-            .args([
-                "--port",
-                "0",
-                "--chat-template",
-                &file.display().to_string(),
-            ])
-            .args(["--model", &target.display().to_string()])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = serve_fails(&target, &["--chat-template", &file.display().to_string()]);
         assert!(
             err.contains(&file.display().to_string()) && err.contains(needle),
             "{err}"
@@ -3050,13 +3048,7 @@ fn a_context_cap_bounds_requests() {
     drop(s);
     let dir = tempfile::tempdir().unwrap();
     let (target, _) = tiny_models(dir.path(), 256);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args(["serve", "--port", "0", "--max-model-len", "1000"])
-        .args(["--model", &target.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails(&target, &["--max-model-len", "1000"]);
     assert!(
         err.contains("--max-model-len") && err.contains("1..=256"),
         "{err}"
@@ -3527,14 +3519,8 @@ fn serve_applies_lora_adapters() {
         ),
     ];
     for (args, needle) in cases {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-            .arg("serve")
-            .args(["--port", "0", "--model", &t])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = serve_fails(std::path::Path::new(&t), &args);
         assert!(
             err.contains(&needle) && !err.contains("panicked"),
             "{args:?}: {err}"
