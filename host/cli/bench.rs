@@ -446,7 +446,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         bail!("--kv-cache-dtype: give at least one of f32, f16, bf16, q8_0");
     }
     model.warm_up().context("warming up the model")?;
-    let max_len = model.config().context_length;
+    let max_len = model.max_context();
     if a.context + largest > max_len {
         bail!(
             "--context {} + {largest} new tokens exceeds the model's context of {max_len}",

@@ -875,23 +875,8 @@ mod tests {
     /// several blocks of rows; the tensor ops other devices run read f16 and bf16 too.
     #[test]
     fn a_narrow_cache_reads_as_its_values_in_f32() {
-        use crate::models::kv_cache::{KvDtype, q8_0_rows};
+        use crate::models::kv_cache::{KvDtype, q8_0_rows, widened};
         use candle_core::DType;
-        // A stored [a, b, row] tensor and its values widened to f32, [a, b, hd].
-        fn widened(t: &Tensor, dt: KvDtype, hd: usize) -> Tensor {
-            match dt {
-                KvDtype::Q8_0 => {
-                    let (a, b, _) = t.dims3().unwrap();
-                    let bytes: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
-                    let rows = bytes.chunks_exact(<u8 as Kv>::stored(hd));
-                    let vals: Vec<f32> = rows
-                        .flat_map(|r| (0..hd).map(|i| <u8 as Kv>::at(r, i)))
-                        .collect();
-                    Tensor::from_vec(vals, (a, b, hd), &Device::Cpu).unwrap()
-                }
-                _ => t.to_dtype(DType::F32).unwrap(),
-            }
-        }
         for (hd, n, l) in [(128, 19, 300), (64, 3, 70), (32, 9, 40), (20, 9, 40)] {
             let op = CausalAttention {
                 n_heads: 6,
@@ -920,7 +905,7 @@ mod tests {
                     _ => x.to_dtype(dt.storage()).unwrap(),
                 };
                 let (ks, vs) = (store(&k), store(&v));
-                let (kw, vw) = (widened(&ks, dt, hd), widened(&vs, dt, hd));
+                let (kw, vw) = (widened(dt, &ks, hd), widened(dt, &vs, hd));
                 let run = |k: &Tensor, v: &Tensor| -> Vec<f32> {
                     let o = op.forward(&q, k, v).unwrap();
                     o.flatten_all().unwrap().to_vec1().unwrap()

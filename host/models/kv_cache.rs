@@ -491,6 +491,25 @@ pub(crate) fn check_truncate(len: usize, held: usize) -> Result<()> {
     Ok(())
 }
 
+/// A stored `[a, b, row]` buffer's values in f32, `[a, b, head_dim]`: the tests' reference
+/// reading of each type, written from its definition apart from the attention's.
+#[cfg(test)]
+pub(crate) fn widened(dtype: KvDtype, t: &Tensor, head_dim: usize) -> Tensor {
+    let (a, b, _) = t.dims3().unwrap();
+    if dtype != KvDtype::Q8_0 {
+        return t.to_dtype(DType::F32).unwrap();
+    }
+    let bytes: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
+    let values: Vec<f32> = bytes
+        .chunks_exact(Q8_BLOCK_BYTES)
+        .flat_map(|blk| {
+            let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            blk[2..].iter().map(move |&q| d * (q as i8) as f32)
+        })
+        .collect();
+    Tensor::from_vec(values, (a, b, head_dim), t.device()).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,6 +584,10 @@ mod tests {
 
     /// An f16 / bf16 / Q8_0 cache stores each appended row rounded once, in half the bytes of
     /// f32 (Q8_0: 34 per 32 values), and rolls back, copies and drops positions like the f32 one.
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn a_narrow_cache_rounds_rows_once_and_holds_fewer_bytes() {
         let hd = 32;
@@ -581,7 +604,7 @@ mod tests {
                 KvDtype::Q8_0 => q8_0_rows(x).unwrap(),
                 _ => x.to_dtype(dt.storage()).unwrap(),
             };
-            widen(dt, &stored, hd)
+            flat(&widened(dt, &stored, hd))
         };
         for (dt, bytes) in [(KvDtype::F16, 64), (KvDtype::Bf16, 64), (KvDtype::Q8_0, 34)] {
             assert_eq!(dt.row_bytes(hd), bytes);
@@ -608,7 +631,7 @@ mod tests {
             c.reserve(1).unwrap();
             let (k, _) = c.append(0, &frac(c.len(), 1), &frac(c.len(), 1)).unwrap();
             let all = frac(0, c.len() + 1);
-            let got = widen(dt, &k, hd);
+            let got = flat(&widened(dt, &k, hd));
             assert_eq!(got, kept(dt, &all), "{dt}");
             let exact: Vec<f32> = all.flatten_all().unwrap().to_vec1().unwrap();
             assert_ne!(got, exact, "{dt}");
@@ -635,28 +658,5 @@ mod tests {
         assert_eq!(KvDtype::parse(" Q8_0 "), Ok(KvDtype::Q8_0));
         let e = KvDtype::parse("q4_0").unwrap_err();
         assert!(e.contains("q4_0") && e.contains("f16"), "{e}");
-    }
-
-    /// A stored `[a, b, row]` tensor's values in f32, flattened.
-    fn widen(dt: KvDtype, t: &Tensor, hd: usize) -> Vec<f32> {
-        if dt != KvDtype::Q8_0 {
-            return t
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-        }
-        let bytes: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
-        bytes
-            .chunks_exact(dt.stored_len(hd))
-            .flat_map(|row| {
-                row.chunks_exact(Q8_BLOCK_BYTES).flat_map(|b| {
-                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    b[2..].iter().map(move |&q| d * (q as i8) as f32)
-                })
-            })
-            .collect()
     }
 }
