@@ -197,6 +197,12 @@ fn a_logit_bias_forces_its_token() {
         ),
         one.repeat(4)
     );
+    // The forced token as a stop token ends the output at once, --ignore-eos or not.
+    assert_eq!(run("4", &["--stop-token-id", "42"]), "");
+    // Barred as a one-token word, the bias cannot force it.
+    let word = one.trim_start().to_string();
+    let barred = run("4", &["--bad-word", &word]);
+    assert!(!barred.contains(&word), "{barred:?}");
 }
 
 /// `--regex`, `--json-schema` and `--grammar` constrain what the random model prints, with
@@ -314,6 +320,11 @@ fn bad_input_gives_clear_errors() {
         "outside the vocabulary",
     );
     assert_fails(&with(&["--logit-bias", "5=101"]), "logit_bias for token 5");
+    assert_fails(
+        &with(&["--stop-token-id", "99999"]),
+        "--stop-token-id 99999 is outside the vocabulary",
+    );
+    assert_fails(&with(&["--bad-word", ""]), "has no tokens");
     assert_fails(
         &with(&["--frequency-penalty", "3"]),
         "frequency_penalty must be in",

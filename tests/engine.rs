@@ -761,7 +761,7 @@ fn penalties_adjust_the_target_and_strict_speculation_stays_lossless() {
         presence: 0.4,
         repetition: 1.3,
         logit_bias: vec![(5, 1.5), (9, -100.0)],
-        min_tokens: 0,
+        ..Penalties::default()
     };
     let light = Penalties {
         frequency: 0.02,
@@ -844,7 +844,7 @@ fn speculative_sampling_follows_the_penalized_distribution() {
         repetition: 1.5,
         // 107 is the unpenalized second token in ~84% of draws: a small bias moves much mass.
         logit_bias: vec![(3, 0.3), (107, -0.2)],
-        min_tokens: 0,
+        ..Penalties::default()
     };
     let exact = second_token_distribution_with(&target, &prompt, &s, &pens);
     let e = engine(target.clone(), Some(draft), Some(DrafterSpec::Model), 3);
@@ -897,6 +897,156 @@ fn min_tokens_hold_back_the_stop_tokens() {
         too_many.err().and_then(|e| e.param).as_deref(),
         Some("min_tokens")
     );
+}
+
+/// Greedy decoding with vLLM's `bad_words` and `allowed_token_ids` masks computed by this
+/// loop itself: a word's last token is barred where the output ends with its other tokens,
+/// and (when `allowed` is not empty) every token outside `allowed` is barred.
+fn reference_masked_greedy(
+    target: &Model,
+    prompt: &[u32],
+    n: usize,
+    bad: &[Vec<u32>],
+    allowed: &[u32],
+) -> Vec<u32> {
+    let mut sess = target.session();
+    let mut logits = sess.forward(prompt, Rows::Last).unwrap().logits;
+    let mut out: Vec<u32> = Vec::new();
+    for _ in 0..n {
+        let mut row = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        for w in bad {
+            let (last, before) = w.split_last().unwrap();
+            if out.ends_with(before) {
+                row[*last as usize] = f32::NEG_INFINITY;
+            }
+        }
+        if !allowed.is_empty() {
+            for (t, x) in row.iter_mut().enumerate() {
+                if !allowed.contains(&(t as u32)) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let next = verdict::sample::argmax(&row);
+        out.push(next);
+        logits = sess.forward(&[next], Rows::Last).unwrap().logits;
+    }
+    out
+}
+
+/// `bad_words` and `allowed_token_ids` mask the target's rows, and speculation verifies
+/// against the masked rows: at T = 0 every drafter emits what the reference loop masking by
+/// itself emits, so strict stays lossless, and no banned sequence or outside token appears.
+/// A request whose masks leave no token at all fails by name instead of emitting one.
+#[test]
+fn bad_words_and_allowed_tokens_mask_the_target_and_strict_stays_lossless() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 3));
+    let other = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let plain = engine(target.clone(), None, None, 4);
+    let drafters = [
+        (Some(other.clone()), DrafterSpec::Model),
+        (Some(target.clone()), DrafterSpec::Model),
+        (None, DrafterSpec::PromptLookup(None)),
+        (None, DrafterSpec::SelfDraft(1)),
+    ];
+    let mut drafted = 0;
+    for prompt in PROMPTS {
+        let (free, _) = run(&plain, greedy(prompt, 40, Speculation::Off));
+        // A one-token word (barred everywhere) and a two-token word the free output holds.
+        let bad = vec![vec![free[1]], vec![free[4], free[5]]];
+        // The free output's other tokens, but not its first one, and two more.
+        let mut allowed: Vec<u32> = free.iter().copied().filter(|&t| t != free[0]).collect();
+        allowed.extend([5, 9]);
+        allowed.sort();
+        allowed.dedup();
+        assert!(allowed.len() > 2, "{free:?}");
+        for (bad, allowed) in [
+            (bad.clone(), vec![]),
+            (vec![], allowed.clone()),
+            (bad, allowed),
+        ] {
+            let masked = |speculation| GenerateRequest {
+                penalties: Penalties {
+                    bad_words: bad.clone(),
+                    allowed: allowed.clone(),
+                    ..Penalties::default()
+                },
+                ..greedy(prompt, 40, speculation)
+            };
+            let reference = reference_masked_greedy(&target, prompt, 40, &bad, &allowed);
+            let (out, _) = run(&plain, masked(Speculation::Off));
+            assert_eq!(
+                out, reference,
+                "plain, {bad:?} / {allowed:?}, prompt {prompt:?}"
+            );
+            assert_ne!(out, free, "the masks must change the output here");
+            for w in &bad {
+                assert!(
+                    !out.windows(w.len()).any(|x| x == w.as_slice()),
+                    "{w:?} in {out:?}"
+                );
+            }
+            if !allowed.is_empty() {
+                assert!(out.iter().all(|t| allowed.contains(t)), "{out:?}");
+            }
+            for (name, o, stats) in each_drafter(&target, &drafters, &[1, 4, 8], || {
+                masked(Speculation::Default)
+            }) {
+                assert_eq!(
+                    o, reference,
+                    "{name}, {bad:?} / {allowed:?}, prompt {prompt:?}"
+                );
+                drafted += stats.drafted;
+            }
+        }
+    }
+    assert!(drafted > 0);
+    // The only allowed token is a stop token that min_tokens holds back: nothing may come.
+    let mut g = plain
+        .start(GenerateRequest {
+            stop_tokens: vec![7],
+            penalties: Penalties {
+                allowed: vec![7],
+                min_tokens: 2,
+                ..Penalties::default()
+            },
+            ..greedy(PROMPTS[0], 8, Speculation::Off)
+        })
+        .unwrap();
+    let e = g.step().unwrap_err();
+    let why = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<verdict::sample::NoTokenAllowed>())
+        .unwrap_or_else(|| panic!("{e:#}"));
+    assert_eq!(why.position, Some(0), "{e:#}");
+    assert!(g.output().is_empty());
+    // Ids outside the vocabulary, and an empty word, are named.
+    for (p, field) in [
+        (
+            Penalties {
+                allowed: vec![1, 1 << 20],
+                ..Penalties::default()
+            },
+            "allowed_token_ids",
+        ),
+        (
+            Penalties {
+                bad_words: vec![vec![3], vec![]],
+                ..Penalties::default()
+            },
+            "bad_words",
+        ),
+    ] {
+        let e = plain
+            .start(GenerateRequest {
+                penalties: p,
+                ..greedy(PROMPTS[0], 8, Speculation::Off)
+            })
+            .err()
+            .unwrap();
+        assert_eq!(e.param.as_deref(), Some(field), "{}", e.message);
+    }
 }
 
 #[test]

@@ -561,6 +561,67 @@ fn a_client_that_disconnects_cancels_its_generation() {
     });
 }
 
+/// `--scheduling-policy priority`: waiting requests start by their `priority` (lower first),
+/// not by arrival. One worker; each queued request is a stream whose response starts only
+/// when the worker takes it, and whose client leaving frees the worker for the next.
+#[test]
+fn waiting_requests_start_by_priority() {
+    let s = tiny_server(4096, &["--workers", "1", "--scheduling-policy", "priority"]);
+    let long = |priority: i64| {
+        json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off",
+               "stream": true, "ignore_eos": true, "priority": priority})
+    };
+    let mut running = s.open_stream("/v1/completions", &long(0));
+    assert!(running.next_event().is_some());
+    let mut waiting = Vec::new();
+    for (name, priority) in [("low", 10), ("high", -5), ("mid", 0)] {
+        let mut c = s.connect();
+        http_common::write_request(
+            &mut c,
+            "POST",
+            "/v1/completions",
+            &[],
+            long(priority).to_string().as_bytes(),
+        )
+        .unwrap();
+        let n = waiting.len() as f64 + 1.0;
+        wait_for("the request to queue", &s, Duration::from_secs(30), || {
+            s.metric("verdict_queue_depth") >= n
+        });
+        waiting.push((name, c));
+    }
+    let answered = |c: &std::net::TcpStream| {
+        c.set_nonblocking(true).unwrap();
+        let r = c.peek(&mut [0u8; 1]);
+        c.set_nonblocking(false).unwrap();
+        matches!(r, Ok(n) if n > 0)
+    };
+    drop(running);
+    for want in ["high", "mid", "low"] {
+        let at = waiting.iter().position(|(n, _)| *n == want).unwrap();
+        wait_for(want, &s, Duration::from_secs(60), || {
+            answered(&waiting[at].1)
+        });
+        for (name, c) in &waiting {
+            if *name != want {
+                assert!(!answered(c), "{name} started beside {want}");
+            }
+        }
+        // Its client leaves: the worker takes the next.
+        let (_, c) = waiting.remove(at);
+        c.shutdown(Shutdown::Both).unwrap();
+    }
+    wait_for("idle workers", &s, Duration::from_secs(60), || {
+        s.metric("verdict_active_generations") == 0.0
+    });
+    // A priority outside i32 is named.
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2, "priority": 1i64 << 40}),
+    );
+    assert_eq!(r.json()["error"]["param"], "priority", "{}", r.text());
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let s = tiny_server(4096, &["--workers", "1", "--max-queue", "1"]);
@@ -900,6 +961,220 @@ fn penalties_and_logit_bias_change_the_output_and_speculation_keeps_it() {
     }
 }
 
+/// vLLM's sampling extensions on both routes: `stop_token_ids` (the token id as
+/// `stop_reason`), `allowed_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`,
+/// `truncate_prompt_tokens`, `return_tokens_as_token_ids` and `stream_options.
+/// continuous_usage_stats`; each keeps speculation's output equal to plain decoding's, and each
+/// bad value is a 400 naming the field.
+#[test]
+fn vllm_sampling_extensions() {
+    let (dir, t, d) = q8_models(256);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let prompt: Vec<u32> = (40..60).collect();
+    let complete = |extra: Value| -> Value {
+        let mut body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                              "logprobs": 0, "return_tokens_as_token_ids": true});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let ids = |v: &Value| -> Vec<u32> {
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let t = t.as_str().unwrap();
+                t.strip_prefix("token_id:")
+                    .unwrap_or_else(|| panic!("{t}"))
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let spec = [
+        json!("off"),
+        json!({"draft": "model", "k": 3}),
+        json!({"draft": "prompt-lookup", "k": 4}),
+    ];
+    let free = complete(json!({"speculation": "off"}));
+    let free_ids = ids(&free);
+    assert_eq!(free_ids.len(), 24);
+    // return_tokens_as_token_ids names the very tokens of the text.
+    let d = s.post_json("/detokenize", &json!({"tokens": free_ids}));
+    assert_eq!(d.json()["prompt"], text_of(&free).as_str());
+
+    // stop_token_ids: the first token new to the output ends it and is its stop_reason.
+    let at = (2..24)
+        .find(|&i| !free_ids[..i].contains(&free_ids[i]))
+        .unwrap();
+    let stop_id = free_ids[at];
+    for sp in &spec {
+        for extra in [json!({}), json!({"ignore_eos": true})] {
+            let mut body = json!({"stop_token_ids": [stop_id], "speculation": sp});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let v = complete(body);
+            assert_eq!(ids(&v), free_ids[..at], "{sp} {extra}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+            assert_eq!(v["choices"][0]["stop_reason"], json!(stop_id));
+        }
+    }
+    // ...streamed too (chat), where the last chunk names it.
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi there"}],
+                              "max_tokens": 20, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let plain_chat = s.post_json(
+        "/v1/chat/completions",
+        &chat(json!({"logprobs": true,
+        "return_tokens_as_token_ids": true})),
+    );
+    let chat_ids: Vec<u32> = plain_chat.json()["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["token"].as_str().unwrap()[9..].parse().unwrap())
+        .collect();
+    // The tiny model repeats one token here: min_tokens holds the stop token back that long.
+    let first = chat_ids[0];
+    let events = s
+        .open_stream(
+            "/v1/chat/completions",
+            &chat(
+                json!({"stream": true, "stop_token_ids": [first], "min_tokens": 5,
+                          "speculation": {"draft": "model", "k": 3}}),
+            ),
+        )
+        .collect();
+    let (_, last, done) = stream_text(&events);
+    let last = last.unwrap();
+    assert!(done);
+    assert_eq!(last["choices"][0]["stop_reason"], json!(first));
+    let cut = chat_ids.iter().skip(5).position(|&t| t == first).unwrap() + 5;
+    assert_eq!(last["usage"]["completion_tokens"], json!(cut));
+
+    // allowed_token_ids: only those tokens, whatever drafts.
+    let allowed: Vec<u32> = vec![free_ids[1], free_ids[at], 50, 51];
+    let mut outs = Vec::new();
+    for sp in &spec {
+        let v = complete(json!({"allowed_token_ids": allowed, "speculation": sp}));
+        let o = ids(&v);
+        assert!(o.iter().all(|t| allowed.contains(t)), "{sp}: {o:?}");
+        outs.push(o);
+    }
+    assert!(outs.iter().all(|o| o == &outs[0]), "{outs:?}");
+    assert_ne!(outs[0], free_ids);
+
+    // include_stop_str_in_output: the stop string ends the text.
+    let text = text_of(&free);
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let before = &text[..text.find(&stop).unwrap()];
+    for include in [false, true] {
+        let v = complete(json!({"stop": [stop], "include_stop_str_in_output": include}));
+        let want = if include {
+            format!("{before}{stop}")
+        } else {
+            before.to_string()
+        };
+        assert_eq!(text_of(&v), want, "include {include}");
+        assert_eq!(v["choices"][0]["stop_reason"], stop.as_str());
+        let mut body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                              "stream": true, "stop": [stop],
+                              "include_stop_str_in_output": include});
+        body["speculation"] = json!({"draft": "model", "k": 3});
+        let (streamed, _, _) = stream_text(&s.open_stream("/v1/completions", &body).collect());
+        assert_eq!(streamed, want, "streamed, include {include}");
+    }
+
+    // skip_special_tokens: a special token forced into the output shows only when asked.
+    let tok = {
+        use verdict::models::tokenizer::Tokenizer;
+        let m =
+            verdict::models::Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu)
+                .unwrap();
+        Tokenizer::from_gguf(m.gguf_metadata().unwrap()).unwrap()
+    };
+    let im_start = tok.token_id("<|im_start|>").unwrap();
+    let forced = json!({"logit_bias": {im_start.to_string(): 100}, "max_tokens": 3});
+    assert_eq!(text_of(&complete(forced.clone())), "");
+    let mut shown = forced;
+    shown["skip_special_tokens"] = json!(false);
+    assert_eq!(text_of(&complete(shown)), "<|im_start|>".repeat(3));
+
+    // truncate_prompt_tokens: the prompt's last N tokens, as if sent alone.
+    let v = complete(json!({"truncate_prompt_tokens": 8}));
+    assert_eq!(v["usage"]["prompt_tokens"], 8);
+    let alone = complete(json!({"prompt": prompt[12..]}));
+    assert_eq!(ids(&v), ids(&alone));
+    // -1 keeps what the context (256) leaves beside max_tokens; without it the prompt is refused.
+    let long: Vec<u32> = (0..300).map(|i| 40 + i % 50).collect();
+    let v = complete(json!({"prompt": long, "max_tokens": 6, "truncate_prompt_tokens": -1}));
+    assert_eq!(v["usage"]["prompt_tokens"], 250);
+    let r = s.post_json("/v1/completions", &json!({"prompt": long, "max_tokens": 6}));
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+
+    // continuous_usage_stats: every chunk counts the tokens so far.
+    let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": true,
+                      "stream_options": {"continuous_usage_stats": true, "include_usage": true},
+                      "speculation": {"draft": "model", "k": 3}});
+    let events = s.open_stream("/v1/completions", &body).collect();
+    let mut counts = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let u = &v["usage"];
+        assert_eq!(u["prompt_tokens"], 20, "{e}");
+        let c = u["completion_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(u["total_tokens"].as_u64(), Some(20 + c), "{e}");
+        counts.push(c);
+    }
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    assert_eq!(counts.last(), Some(&12));
+    assert!(counts[0] < 12, "{counts:?}");
+
+    // Bad values name their field.
+    for (body, param) in [
+        (json!({"stop_token_ids": [99999]}), "stop_token_ids[0]"),
+        (
+            json!({"allowed_token_ids": [1, 99999]}),
+            "allowed_token_ids[1]",
+        ),
+        (json!({"allowed_token_ids": []}), "allowed_token_ids"),
+        (json!({"bad_words": [""]}), "bad_words[0]"),
+        (
+            json!({"truncate_prompt_tokens": 0}),
+            "truncate_prompt_tokens",
+        ),
+        // This server schedules first come, first served.
+        (json!({"priority": 1}), "priority"),
+        // Only a stop token allowed, and min_tokens holds it back: nothing can come.
+        (
+            json!({"allowed_token_ids": [tok.eos_ids()[0]], "min_tokens": 2}),
+            "allowed_token_ids",
+        ),
+    ] {
+        let mut b = body.clone();
+        b["prompt"] = json!("hi");
+        let r = s.post_json("/v1/completions", &b);
+        assert_eq!(r.status, 400, "{b}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{b}");
+    }
+    let ok = s.post_json("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(ok.status, 200, "the server still serves: {}", ok.text());
+}
+
 /// `n` choices: each is a generation of its own (choice i seeded with seed + i), streamed
 /// chunks carry their choice's index, and usage counts the prompt once.
 #[test]
@@ -1196,6 +1471,35 @@ fn smollm2_chat_real_text() {
     let (streamed, _, done) = stream_text(&s.open_stream("/v1/chat/completions", &sreq).collect());
     assert!(done);
     assert_eq!(streamed, text);
+}
+
+/// `bad_words` keeps a word out of real text: SmolLM2 names Paris as France's capital, and
+/// with "Paris" barred (at a text's start and after a space, as vLLM tokenizes it) it writes
+/// something else, the same with prompt lookup drafting as without.
+#[test]
+fn bad_words_keep_a_word_out_of_real_text() {
+    let s = real_server("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let ask = |extra: Value| {
+        let mut req = json!({"messages": [{"role": "user",
+                                           "content": "What is the capital of France? Answer in one sentence, then repeat the answer."}],
+                             "max_tokens": 40, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let r = s.post_json("/v1/chat/completions", &req);
+        assert_eq!(r.status, 200, "{}", r.text());
+        text_of(&r.json())
+    };
+    let free = ask(json!({}));
+    assert!(free.contains("Paris"), "{free:?}");
+    let barred = ask(json!({"bad_words": ["Paris"], "speculation": "off"}));
+    assert!(!barred.contains("Paris"), "{barred:?}");
+    assert!(barred.chars().any(char::is_alphabetic), "{barred:?}");
+    for k in [2, 8] {
+        let spec = ask(json!({"bad_words": ["Paris"],
+                              "speculation": {"draft": "prompt-lookup", "k": k}}));
+        assert_eq!(spec, barred, "prompt lookup, k = {k}");
+    }
 }
 
 /// Fill-in-the-middle with Qwen2.5-Coder's FIM tokens: with a `suffix` the completion is the

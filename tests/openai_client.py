@@ -3,7 +3,7 @@
     python tests/openai_client.py BASE_URL MODEL_ID API_KEY [LORA_MODULE]
 
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
-`extra_body`, logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
+`extra_body` (vLLM's sampling extensions too), logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
 accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
@@ -161,6 +161,42 @@ forced = client.chat.completions.create(
 )
 toks = [t.token for t in forced.choices[0].logprobs.content]
 assert len(toks) == 5 and len(set(toks)) == 1, toks
+
+# vLLM's sampling extensions through extra_body: the tokens named by id, one of them as a stop
+# token (the reply's `stop_reason`, an extra field the client keeps), a bad word, a streamed
+# usage per chunk.
+ids = client.completions.create(
+    model=model,
+    prompt="the cat sat",
+    max_tokens=8,
+    temperature=0,
+    logprobs=0,
+    extra_body={"return_tokens_as_token_ids": True, "speculation": "off"},
+)
+named = [int(t.removeprefix("token_id:")) for t in ids.choices[0].logprobs.tokens]
+cut = next(i for i in range(1, len(named)) if named[i] not in named[:i])
+stopped = client.completions.create(
+    model=model,
+    prompt="the cat sat",
+    max_tokens=8,
+    temperature=0,
+    extra_body={"stop_token_ids": [named[cut]], "bad_words": ["zzz"], **extra},
+)
+assert stopped.usage.completion_tokens == cut, (stopped, named)
+assert stopped.choices[0].stop_reason == named[cut], stopped.choices[0]
+seen = [
+    c.usage.completion_tokens
+    for c in client.completions.create(
+        model=model,
+        prompt="the cat sat",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    )
+    if c.usage is not None
+]
+assert seen and seen == sorted(seen) and seen[-1] == 6, seen
 
 # echo with max_tokens 0 scores the prompt: its first token has no logprob, the rest do.
 e = client.completions.create(

@@ -82,6 +82,16 @@ pub struct Args {
     #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_logit_bias)]
     pub logit_bias: Vec<(u32, f32)>,
 
+    /// A word the output must not hold (vLLM's bad_words: its tokens at the start of a text
+    /// and after a space); repeat for more.
+    #[arg(long = "bad-word", value_name = "WORD", allow_hyphen_values = true)]
+    pub bad_words: Vec<String>,
+
+    /// A token that ends the output besides the model's end-of-turn tokens (also with
+    /// --ignore-eos; vLLM's stop_token_ids); repeat for more.
+    #[arg(long = "stop-token-id", value_name = "ID")]
+    pub stop_token_ids: Vec<u32>,
+
     /// Constrain the output to JSON matching this JSON Schema file (`{"type": "object"}`: any
     /// object).
     #[arg(long, value_name = "FILE", group = "constraint")]
@@ -576,11 +586,24 @@ pub fn run(args: Args) -> Result<()> {
         ))),
         None => None,
     };
-    let stop_tokens = if args.ignore_eos {
+    let mut stop_tokens = if args.ignore_eos {
         Vec::new()
     } else {
         tok.eos_ids().to_vec()
     };
+    if let Some(&t) = args
+        .stop_token_ids
+        .iter()
+        .find(|&&t| t as usize >= tok.vocab_size())
+    {
+        anyhow::bail!(
+            "--stop-token-id {t} is outside the vocabulary (size {})",
+            tok.vocab_size()
+        );
+    }
+    stop_tokens.extend(&args.stop_token_ids);
+    let bad_words = crate::sample::bad_words_ids(&args.bad_words, |w| tok.encode(w, false))
+        .map_err(|e| anyhow::anyhow!("--bad-word: {e}"))?;
     let grammar = match grammar_spec(&args)? {
         Some(spec) => Some(
             Grammars::new(&tok)?
@@ -608,7 +631,8 @@ pub fn run(args: Args) -> Result<()> {
                 presence: args.presence_penalty,
                 repetition: args.repetition_penalty,
                 logit_bias: args.logit_bias.clone(),
-                min_tokens: 0,
+                bad_words,
+                ..Penalties::default()
             },
             grammar,
         })

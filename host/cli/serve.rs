@@ -126,6 +126,11 @@ pub struct ServeArgs {
     /// Generation worker threads (requests generating at once).
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// The order waiting requests start in (vLLM's flag): `fcfs`, by arrival; `priority`, by
+    /// each request's `priority` field (lower first), then arrival. No running request is
+    /// preempted.
+    #[arg(long, value_enum, default_value = "fcfs")]
+    pub scheduling_policy: crate::serve::http::Scheduling,
     /// Where the models run: cpu, cuda or cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = crate::cli::generate::parse_device)]
     pub device: crate::cli::generate::DeviceArg,
@@ -297,6 +302,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         reasoning: args.reasoning_parser,
         pooling: args.pooling,
         allow_lora_loading: args.allow_lora_loading,
+        scheduling: args.scheduling_policy,
         lora_modules: modules
             .iter()
             .map(|(n, a)| (n.clone(), a.path().to_path_buf()))

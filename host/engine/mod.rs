@@ -475,6 +475,7 @@ impl Engine {
             max_tokens: req.max_tokens,
             stop: req.stop_tokens,
             finished: None,
+            stopped_by: None,
             stats,
             trace: req.trace,
             last_policy_seconds: None,
@@ -610,6 +611,8 @@ pub struct Generation {
     max_tokens: usize,
     stop: Vec<u32>,
     finished: Option<FinishReason>,
+    /// The token that ended the output (a stop token, or one the grammar ends on).
+    stopped_by: Option<u32>,
     stats: SpecStats,
     trace: Option<Box<dyn Write + Send>>,
     last_policy_seconds: Option<f64>,
@@ -636,6 +639,11 @@ impl Generation {
 
     pub fn finished(&self) -> Option<FinishReason> {
         self.finished
+    }
+
+    /// The token that ended the output with [`FinishReason::Stop`] (not emitted).
+    pub fn stopped_by(&self) -> Option<u32> {
+        self.stopped_by
     }
 
     pub fn stats(&self) -> &SpecStats {
@@ -997,6 +1005,7 @@ impl Generation {
         for (i, &t) in tokens.iter().enumerate() {
             if self.stop.contains(&t) || self.adjust.as_ref().is_some_and(|a| a.ends(t)) {
                 self.finished = Some(FinishReason::Stop);
+                self.stopped_by = Some(t);
                 break;
             }
             self.tokens.push(t);

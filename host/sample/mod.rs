@@ -9,7 +9,7 @@ mod grammar;
 mod penalties;
 
 pub use grammar::{Constraint, GrammarError, GrammarSpec, Grammars, bounded_json};
-pub use penalties::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalizer, Penalties};
+pub use penalties::{MAX_LOGIT_BIAS, MAX_PENALTY, Penalizer, Penalties, bad_words_ids};
 
 /// What one request changes in the target's logit rows: its penalties, then its grammar's mask.
 #[derive(Debug, Clone)]
@@ -27,16 +27,30 @@ impl Adjust {
     /// Adjusts `rows`: row i is the position after the output and `drafts[..i]`. Returns how
     /// many drafts the grammar allows in a row (all of them without a grammar): no step may
     /// accept more.
+    /// A row that would be read (up to the one after the last allowed draft) with no token
+    /// left is a [`NoTokenAllowed`] error: nothing could be drawn there but a wrong token.
     pub fn rows(&mut self, rows: &mut [Vec<f32>], drafts: &[u32]) -> anyhow::Result<usize> {
         if let Some(z) = &self.penalties {
             for (i, row) in rows.iter_mut().enumerate() {
                 z.apply(row, &drafts[..i.min(drafts.len())]);
             }
         }
-        match self.grammar.as_mut() {
-            Some(g) => g.mask_rows(rows, drafts),
-            None => Ok(drafts.len()),
+        let allowed = match self.grammar.as_mut() {
+            Some(g) => g.mask_rows(rows, drafts)?,
+            None => drafts.len(),
+        };
+        if let Some(i) = rows
+            .iter()
+            .take(allowed + 1)
+            .position(|r| max(r) == f32::NEG_INFINITY)
+        {
+            let generated = self.penalties.as_ref().map(Penalizer::generated);
+            return Err(NoTokenAllowed {
+                position: generated.map(|g| g + i),
+            }
+            .into());
         }
+        Ok(allowed)
     }
 
     /// Records an emitted token.
@@ -62,6 +76,18 @@ impl Adjust {
     pub fn ends(&self, t: u32) -> bool {
         self.grammar.as_ref().is_some_and(|g| g.ends(t))
     }
+}
+
+/// Every token of a row the request needs got -inf: its `allowed_token_ids`, `bad_words`,
+/// `min_tokens` and grammar together leave nothing to generate.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "no token may come next{}: the request's allowed_token_ids, bad_words, min_tokens and output grammar together exclude every token",
+    position.map(|p| format!(" at output position {p}")).unwrap_or_default()
+)]
+pub struct NoTokenAllowed {
+    /// Tokens generated before that row, when known.
+    pub position: Option<usize>,
 }
 
 use rand::{Rng, SeedableRng};

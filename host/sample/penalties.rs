@@ -1,5 +1,6 @@
 //! What a request changes in the target's logits before sampling: OpenAI's `logit_bias`,
-//! `frequency_penalty` and `presence_penalty`, and vLLM's `repetition_penalty`.
+//! `frequency_penalty` and `presence_penalty`, and vLLM's `repetition_penalty`, `min_tokens`,
+//! `allowed_token_ids` and `bad_words`.
 //!
 //! The adjusted logits *are* the target's distribution for that request: the greedy argmax,
 //! the sampling distribution p, the features a policy sees and the residual norm(max(0, p - q))
@@ -23,7 +24,10 @@ pub const MAX_PENALTY: f32 = 2.0;
 /// 3. `frequency` (f) and `presence` (s): `logit[t] -= c_t * f + (c_t > 0) * s`, where `c_t`
 ///    counts `t` in the output so far;
 /// 4. `min_tokens` (vLLM's): until that many tokens are generated, the request's stop tokens
-///    get -inf (they cannot end it early).
+///    get -inf (they cannot end it early);
+/// 5. `bad_words` (vLLM's): a word's last token gets -inf where the output so far ends with the
+///    word's other tokens (a one-token word: everywhere);
+/// 6. `allowed` (vLLM's `allowed_token_ids`): every other token gets -inf.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Penalties {
     pub frequency: f32,
@@ -32,6 +36,10 @@ pub struct Penalties {
     pub repetition: f32,
     pub logit_bias: Vec<(u32, f32)>,
     pub min_tokens: usize,
+    /// The only tokens the output may hold; empty: any.
+    pub allowed: Vec<u32>,
+    /// Token sequences the output must not hold ([`bad_words_ids`] makes them from words).
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for Penalties {
@@ -42,6 +50,8 @@ impl Default for Penalties {
             repetition: 1.0,
             logit_bias: Vec::new(),
             min_tokens: 0,
+            allowed: Vec::new(),
+            bad_words: Vec::new(),
         }
     }
 }
@@ -54,6 +64,8 @@ impl Penalties {
             && self.repetition == 1.0
             && self.logit_bias.iter().all(|&(_, b)| b == 0.0)
             && (self.min_tokens == 0 || stops.is_empty())
+            && self.allowed.is_empty()
+            && self.bad_words.is_empty()
     }
 
     /// Checks the ranges; an error names the API field (`frequency_penalty`, ...) and says
@@ -95,8 +107,53 @@ impl Penalties {
                 ));
             }
         }
+        if let Some(&t) = self.allowed.iter().find(|&&t| t as usize >= vocab) {
+            return Err((
+                "allowed_token_ids",
+                format!("allowed_token_ids names token {t}, outside the vocabulary (size {vocab})"),
+            ));
+        }
+        for (i, w) in self.bad_words.iter().enumerate() {
+            if w.is_empty() {
+                return Err(("bad_words", format!("bad_words[{i}] has no tokens")));
+            }
+            if let Some(&t) = w.iter().find(|&&t| t as usize >= vocab) {
+                return Err((
+                    "bad_words",
+                    format!(
+                        "bad_words[{i}] holds token {t}, outside the vocabulary (size {vocab})"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// The token sequences `bad_words` bans, as vLLM makes them: each word (leading spaces
+/// trimmed) as tokenized at the start of a text, and with a space before it where that is a
+/// different token sequence of the same length (the word in the middle of a text). Each is
+/// banned only in that tokenization, as in vLLM. An error names the word that has no tokens.
+pub fn bad_words_ids(
+    words: &[String],
+    mut encode: impl FnMut(&str) -> anyhow::Result<Vec<u32>>,
+) -> Result<Vec<Vec<u32>>, String> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        let bare = w.trim_start();
+        let ids = encode(bare).map_err(|e| format!("cannot tokenize bad_words[{i}]: {e:#}"))?;
+        if ids.is_empty() {
+            return Err(format!("bad_words[{i}] ({w:?}) has no tokens"));
+        }
+        let spaced = encode(&format!(" {bare}"))
+            .map_err(|e| format!("cannot tokenize bad_words[{i}]: {e:#}"))?;
+        let new_word = spaced.len() == ids.len() && spaced.first() != ids.first();
+        out.push(ids);
+        if new_word && !out.contains(&spaced) {
+            out.push(spaced);
+        }
+    }
+    Ok(out)
 }
 
 /// A request's [`Penalties`] with the tokens they read: how often each token was generated,
@@ -110,6 +167,9 @@ pub struct Penalizer {
     generated: usize,
     /// The stop tokens `min_tokens` holds back.
     stops: Vec<u32>,
+    /// The last generated tokens, as many as the longest bad word's prefix.
+    recent: Vec<u32>,
+    recent_cap: usize,
 }
 
 impl Penalizer {
@@ -124,19 +184,33 @@ impl Penalizer {
         } else {
             HashSet::new()
         };
+        let recent_cap = p.bad_words.iter().map(|w| w.len() - 1).max().unwrap_or(0);
         Some(Penalizer {
             p,
             counts: HashMap::new(),
             prompt,
             generated: 0,
             stops: stops.to_vec(),
+            recent: Vec::new(),
+            recent_cap,
         })
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.generated
     }
 
     /// Records a generated (committed) token.
     pub fn push(&mut self, t: u32) {
         *self.counts.entry(t).or_default() += 1;
         self.generated += 1;
+        if self.recent_cap > 0 {
+            if self.recent.len() == self.recent_cap {
+                self.recent.remove(0);
+            }
+            self.recent.push(t);
+        }
     }
 
     /// Adjusts `row`, the logits of the position after the generated tokens followed by
@@ -194,7 +268,39 @@ impl Penalizer {
                 }
             }
         }
+        for w in &self.p.bad_words {
+            let (last, before) = w.split_last().expect("validated: no empty word");
+            if ends_with(&self.recent, pending, before)
+                && let Some(x) = row.get_mut(*last as usize)
+            {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        if !self.p.allowed.is_empty() {
+            let kept: Vec<Option<f32>> = self
+                .p
+                .allowed
+                .iter()
+                .map(|&t| row.get(t as usize).copied())
+                .collect();
+            row.fill(f32::NEG_INFINITY);
+            for (&t, x) in self.p.allowed.iter().zip(kept) {
+                if let Some(x) = x {
+                    row[t as usize] = x;
+                }
+            }
+        }
     }
+}
+
+/// Whether `recent` followed by `pending` ends with `tail`.
+fn ends_with(recent: &[u32], pending: &[u32], tail: &[u32]) -> bool {
+    if tail.len() > recent.len() + pending.len() {
+        return false;
+    }
+    let from_pending = tail.len().min(pending.len());
+    let (head, own) = tail.split_at(tail.len() - from_pending);
+    pending.ends_with(own) && recent.ends_with(head)
 }
 
 #[cfg(test)]
@@ -268,6 +374,86 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_word_bars_its_last_token_after_its_others_across_output_and_pending() {
+        let p = Penalties {
+            bad_words: vec![vec![4], vec![1, 2, 3]],
+            ..Penalties::default()
+        };
+        let barred = |out: &[u32], pending: &[u32]| {
+            let z = penalizer(p.clone(), &[], out);
+            let mut row = vec![0.0f32; 6];
+            z.apply(&mut row, pending);
+            (0..6u32)
+                .filter(|&t| row[t as usize] == f32::NEG_INFINITY)
+                .collect::<Vec<_>>()
+        };
+        // The one-token word everywhere; the three-token one after "1 2", wherever those are.
+        assert_eq!(barred(&[], &[]), [4]);
+        assert_eq!(barred(&[5, 1, 2], &[]), [3, 4]);
+        assert_eq!(barred(&[5, 1], &[2]), [3, 4]);
+        assert_eq!(barred(&[], &[1, 2]), [3, 4]);
+        assert_eq!(barred(&[1, 2], &[5]), [4]);
+        assert_eq!(barred(&[2, 1], &[]), [4]);
+        // The output kept is only as long as the longest word's prefix.
+        let mut z = penalizer(p.clone(), &[], &[1, 2, 9, 9, 9, 1]);
+        assert_eq!(z.recent, [9, 1]);
+        z.push(2);
+        let mut row = vec![0.0f32; 6];
+        z.apply(&mut row, &[]);
+        assert_eq!(row[3], f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn allowed_tokens_keep_their_adjusted_logits_and_bar_the_rest() {
+        let p = Penalties {
+            allowed: vec![1, 3, 40],
+            logit_bias: vec![(3, 2.0), (2, 5.0)],
+            ..Penalties::default()
+        };
+        let z = penalizer(p, &[], &[]);
+        let mut row = vec![1.0f32; 5];
+        z.apply(&mut row, &[]);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(row, [inf, 1.0, inf, 3.0, inf]);
+    }
+
+    #[test]
+    fn bad_words_are_tokenized_bare_and_after_a_space_as_vllm_does() {
+        // A toy tokenizer: a leading space joins the word into one token (id 100 + len),
+        // otherwise each character is its own token.
+        let encode = |w: &str| -> anyhow::Result<Vec<u32>> {
+            Ok(match w.strip_prefix(' ') {
+                Some(rest) if rest.len() == 2 => vec![100 + rest.len() as u32],
+                Some(rest) => std::iter::once(32)
+                    .chain(rest.bytes().map(u32::from))
+                    .collect(),
+                None => w.bytes().map(u32::from).collect(),
+            })
+        };
+        let words = ["  ab".to_string(), "x".to_string()];
+        // "ab" bare: [97, 98]; " ab": [102], a different length, so not added; "x": [120],
+        // " x": [32, 120], longer, not added either.
+        assert_eq!(
+            bad_words_ids(&words, encode).unwrap(),
+            vec![vec![97, 98], vec![120]]
+        );
+        // A tokenizer where the spaced word is a different sequence of the same length.
+        let same_len = |w: &str| -> anyhow::Result<Vec<u32>> {
+            Ok(match w.strip_prefix(' ') {
+                Some(rest) => rest.bytes().map(|b| u32::from(b) + 1000).collect(),
+                None => w.bytes().map(u32::from).collect(),
+            })
+        };
+        assert_eq!(
+            bad_words_ids(&["hi".to_string()], same_len).unwrap(),
+            vec![vec![104, 105], vec![1104, 1105]]
+        );
+        let none = |_: &str| -> anyhow::Result<Vec<u32>> { Ok(vec![]) };
+        let e = bad_words_ids(&["a".into(), "zz".into()], none).unwrap_err();
+        assert!(e.contains("bad_words[0]"), "{e}");
+    }
+
+    #[test]
     fn off_is_none_and_ranges_are_checked_by_field() {
         assert!(Penalizer::new(Penalties::default(), &[1], &[2]).is_none());
         let zero_bias = Penalties {
@@ -282,6 +468,18 @@ mod tests {
         };
         assert!(Penalizer::new(min_only.clone(), &[1], &[]).is_none());
         assert!(Penalizer::new(min_only, &[1], &[2]).is_some());
+        for masks in [
+            Penalties {
+                allowed: vec![1],
+                ..Penalties::default()
+            },
+            Penalties {
+                bad_words: vec![vec![1]],
+                ..Penalties::default()
+            },
+        ] {
+            assert!(Penalizer::new(masks, &[], &[]).is_some());
+        }
         let bad = [
             (
                 Penalties {
@@ -318,6 +516,27 @@ mod tests {
                 },
                 "logit_bias",
             ),
+            (
+                Penalties {
+                    allowed: vec![3, 10],
+                    ..Penalties::default()
+                },
+                "allowed_token_ids",
+            ),
+            (
+                Penalties {
+                    bad_words: vec![vec![1], vec![]],
+                    ..Penalties::default()
+                },
+                "bad_words",
+            ),
+            (
+                Penalties {
+                    bad_words: vec![vec![1, 12]],
+                    ..Penalties::default()
+                },
+                "bad_words",
+            ),
         ];
         for (p, field) in bad {
             let (f, msg) = p.validate(10).unwrap_err();
@@ -330,6 +549,8 @@ mod tests {
             repetition: 1.3,
             logit_bias: vec![(9, 100.0)],
             min_tokens: 4,
+            allowed: vec![0, 9],
+            bad_words: vec![vec![9], vec![1, 2]],
         }
         .validate(10)
         .unwrap();

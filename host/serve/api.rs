@@ -113,6 +113,26 @@ pub struct ParsedRequest {
     /// or schema), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
     /// or a `tool_choice` that requires a call (the output is then the call's JSON object).
     pub grammar: Option<(&'static str, GrammarSpec)>,
+    /// vLLM's `stop_token_ids`: more tokens that end the output (also with `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// vLLM's `bad_words`: words the output must not hold (tokenized with the model's
+    /// tokenizer into `penalties.bad_words`).
+    pub bad_words: Vec<String>,
+    /// vLLM's `include_stop_str_in_output`: the stop string that ended the output is part of
+    /// its text.
+    pub include_stop: bool,
+    /// vLLM's `skip_special_tokens` (default true): special tokens are left out of the text.
+    pub skip_special: bool,
+    /// vLLM's `truncate_prompt_tokens`: keep only the prompt's last N tokens. `Some(None)`
+    /// (-1): as many as leave room for `max_tokens` in the context.
+    pub truncate_prompt: Option<Option<usize>>,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens as `token_id:N`.
+    pub tokens_as_ids: bool,
+    /// vLLM's `stream_options.continuous_usage_stats`: every streamed chunk carries usage.
+    pub continuous_usage: bool,
+    /// vLLM's `priority`: with the server's `priority` scheduling, a waiting request of a
+    /// lower value starts first.
+    pub priority: i64,
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -153,6 +173,14 @@ pub fn parse_object(
         continue_final: false,
         template_vars: None,
         grammar: None,
+        stop_token_ids: Vec::new(),
+        bad_words: Vec::new(),
+        include_stop: false,
+        skip_special: true,
+        truncate_prompt: None,
+        tokens_as_ids: false,
+        continuous_usage: false,
+        priority: 0,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -222,6 +250,10 @@ pub fn parse_object(
                             "include_usage" => {
                                 r.include_usage = opt(sv, |v| boolean(&name, v))?.unwrap_or(false)
                             }
+                            "continuous_usage_stats" => {
+                                r.continuous_usage =
+                                    opt(sv, |v| boolean(&name, v))?.unwrap_or(false)
+                            }
                             _ => return Err(unknown_field(&name)),
                         }
                     }
@@ -272,6 +304,63 @@ pub fn parse_object(
                 }
             }
             "ignore_eos" => r.ignore_eos = opt(v, |v| boolean(k, v))?.unwrap_or(false),
+            // vLLM's sampling extensions (the token ids are checked against the vocabulary
+            // once the model is known).
+            "stop_token_ids" => {
+                r.stop_token_ids = opt(v, |v| array(k, v))?
+                    .map(|a| token_ids(k, a))
+                    .transpose()?
+                    .unwrap_or_default()
+            }
+            "allowed_token_ids" => {
+                if let Some(a) = opt(v, |v| array(k, v))? {
+                    if a.is_empty() {
+                        return Err(ApiError::invalid(
+                            k,
+                            "allowed_token_ids must name at least one token",
+                        ));
+                    }
+                    r.penalties.allowed = token_ids(k, a)?;
+                }
+            }
+            "bad_words" => {
+                if let Some(a) = opt(v, |v| array(k, v))? {
+                    r.bad_words = a
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| string(&format!("{k}[{i}]"), w))
+                        .collect::<Result<_, _>>()?;
+                    if let Some(i) = r.bad_words.iter().position(|w| w.trim().is_empty()) {
+                        return Err(ApiError::invalid(
+                            format!("{k}[{i}]"),
+                            "bad words must not be empty or only spaces",
+                        ));
+                    }
+                }
+            }
+            "include_stop_str_in_output" => {
+                r.include_stop = opt(v, |v| boolean(k, v))?.unwrap_or(false)
+            }
+            "skip_special_tokens" => r.skip_special = opt(v, |v| boolean(k, v))?.unwrap_or(true),
+            "truncate_prompt_tokens" => {
+                r.truncate_prompt = opt(v, |v| int_range(k, v, -1, u32::MAX as i64))?
+                    .map(|n| match n {
+                        -1 => Ok(None),
+                        0 => Err(ApiError::invalid(
+                            k,
+                            "truncate_prompt_tokens must be at least 1 (or -1: what the context leaves beside max_tokens)",
+                        )),
+                        n => Ok(Some(n as usize)),
+                    })
+                    .transpose()?
+            }
+            "priority" => {
+                r.priority = opt(v, |v| int_range(k, v, i32::MIN as i64, i32::MAX as i64))?
+                    .unwrap_or(0)
+            }
+            "return_tokens_as_token_ids" => {
+                r.tokens_as_ids = opt(v, |v| boolean(k, v))?.unwrap_or(false)
+            }
             "logit_bias" => {
                 if let Some(o) = opt(v, |v| object(k, v))? {
                     r.penalties.logit_bias = logit_bias(o)?;
@@ -1465,6 +1554,67 @@ mod tests {
             let e = err(Endpoint::Completions, body);
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(*field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn vllm_sampling_extensions() {
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            parse(Endpoint::Chat, body.as_bytes())
+        };
+        let r = chat("").unwrap();
+        assert!(r.stop_token_ids.is_empty() && r.bad_words.is_empty());
+        assert!(r.skip_special && !r.include_stop && !r.tokens_as_ids && !r.continuous_usage);
+        assert_eq!(r.truncate_prompt, None);
+        let r = chat(
+            r#","stop_token_ids":[7,9],"allowed_token_ids":[1,2],"bad_words":["foo"," bar baz"],
+               "include_stop_str_in_output":true,"skip_special_tokens":false,
+               "truncate_prompt_tokens":12,"return_tokens_as_token_ids":true,
+               "stream_options":{"include_usage":true,"continuous_usage_stats":true}"#,
+        )
+        .unwrap();
+        assert_eq!(r.stop_token_ids, [7, 9]);
+        assert_eq!(r.penalties.allowed, [1, 2]);
+        assert_eq!(r.bad_words, ["foo", " bar baz"]);
+        assert!(r.include_stop && !r.skip_special && r.tokens_as_ids && r.continuous_usage);
+        assert_eq!(r.truncate_prompt, Some(Some(12)));
+        assert_eq!(
+            chat(r#","truncate_prompt_tokens":-1"#)
+                .unwrap()
+                .truncate_prompt,
+            Some(None)
+        );
+        // null is absent.
+        let r = chat(r#","stop_token_ids":null,"bad_words":null,"skip_special_tokens":null"#);
+        assert!(r.unwrap().skip_special);
+        for (extra, field) in [
+            (r#","stop_token_ids":[-1]"#, "stop_token_ids[0]"),
+            (r#","stop_token_ids":7"#, "stop_token_ids"),
+            (r#","allowed_token_ids":[]"#, "allowed_token_ids"),
+            (r#","allowed_token_ids":[1,"a"]"#, "allowed_token_ids[1]"),
+            (r#","bad_words":"foo""#, "bad_words"),
+            (r#","bad_words":["a","  "]"#, "bad_words[1]"),
+            (r#","bad_words":[3]"#, "bad_words[0]"),
+            (
+                r#","include_stop_str_in_output":1"#,
+                "include_stop_str_in_output",
+            ),
+            (r#","skip_special_tokens":"no""#, "skip_special_tokens"),
+            (r#","truncate_prompt_tokens":0"#, "truncate_prompt_tokens"),
+            (r#","truncate_prompt_tokens":-2"#, "truncate_prompt_tokens"),
+            (
+                r#","return_tokens_as_token_ids":"y""#,
+                "return_tokens_as_token_ids",
+            ),
+            (
+                r#","stream_options":{"continuous_usage_stats":2}"#,
+                "stream_options.continuous_usage_stats",
+            ),
+        ] {
+            let e = chat(extra).unwrap_err();
+            assert_eq!(e.status, 400, "{extra}: {e}");
+            assert_eq!(e.param.as_deref(), Some(field), "{extra}: {e}");
         }
     }
 

@@ -10,11 +10,11 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
 use super::http::Served;
-use super::logprobs::{self, Aligner, TokenEntry};
+use super::logprobs::{self, Aligner, Naming, TokenEntry};
 use super::metrics::{Metrics, PolicyLabel, PolicyPosition};
 use super::stop::StopMatcher;
 use crate::engine::{FinishReason, GenerateRequest, SpecStats};
-use crate::sample::GrammarError;
+use crate::sample::{GrammarError, NoTokenAllowed};
 
 /// What a generation reports to its HTTP handler, in order: `Started` or `Failed`, then
 /// `Delta`s, then `Done` (or `Failed`).
@@ -26,6 +26,9 @@ pub enum Event {
     /// New text, and the logprobs of the tokens it completes (empty unless the request asked;
     /// see [`super::logprobs`] for how they line up with held-back text).
     Delta(String, Vec<TokenEntry>),
+    /// Tokens generated so far (sent before the `Delta` of a step's text), for the usage of
+    /// each streamed chunk (`stream_options.continuous_usage_stats`).
+    Progress(usize),
     Done(Outcome),
     Failed(ApiError),
 }
@@ -37,6 +40,9 @@ pub struct Outcome {
     /// The stop string that ended the output (vLLM's `stop_reason`, Anthropic's
     /// `stop_sequence`).
     pub stop_sequence: Option<String>,
+    /// The token of the request's `stop_token_ids` that ended the output (vLLM's
+    /// `stop_reason` then; not an EOS token).
+    pub stop_token: Option<u32>,
     pub prompt_tokens: usize,
     /// Prompt tokens read from the prompt cache instead of prefilled.
     pub cached_tokens: usize,
@@ -72,6 +78,16 @@ pub struct SpeculationReport {
 }
 
 impl Outcome {
+    /// vLLM's `stop_reason`: the stop string, or the stop token id, that ended the output
+    /// (null at an EOS token, a length limit or a grammar's end).
+    pub fn stop_reason(&self) -> serde_json::Value {
+        match (&self.stop_sequence, self.stop_token) {
+            (Some(s), _) => serde_json::json!(s),
+            (None, Some(t)) => serde_json::json!(t),
+            (None, None) => serde_json::Value::Null,
+        }
+    }
+
     /// One request's outcome from its choices' (`n` > 1), each a generation of its own: the
     /// prompt counted once, completion tokens and speculation summed.
     pub fn total(choices: &[&Outcome]) -> Option<Outcome> {
@@ -79,6 +95,7 @@ impl Outcome {
         Some(Outcome {
             finish_reason: first.finish_reason,
             stop_sequence: first.stop_sequence.clone(),
+            stop_token: first.stop_token,
             prompt_tokens: first.prompt_tokens,
             cached_tokens: choices.iter().map(|o| o.cached_tokens).max().unwrap_or(0),
             completion_tokens: choices.iter().map(|o| o.completion_tokens).sum(),
@@ -181,6 +198,15 @@ pub struct Job {
     /// The request field that set its grammar: a grammar that fails while generating is the
     /// request's error, named by it.
     pub grammar_field: Option<&'static str>,
+    /// The field named when the request's masks leave no token ([`NoTokenAllowed`]).
+    pub mask_field: &'static str,
+    /// The stop string that ends the output is sent with it.
+    pub include_stop: bool,
+    /// Logprobs name tokens `token_id:N`.
+    pub tokens_as_ids: bool,
+    /// The request's own stop tokens (vLLM's `stop_token_ids`): one that ends the output is
+    /// its `stop_reason`.
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -273,6 +299,10 @@ impl Job {
             mut share_prompt,
             keep_special,
             grammar_field,
+            mask_field,
+            include_stop,
+            tokens_as_ids,
+            stop_token_ids,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -280,7 +310,12 @@ impl Job {
         }
         let prompt_tokens = request.prompt.len();
         let max_tokens = request.max_tokens;
-        let mut aligner = request.logprobs.is_some().then(Aligner::default);
+        let naming = if tokens_as_ids {
+            Naming::Ids
+        } else {
+            Naming::Text
+        };
+        let mut aligner = request.logprobs.is_some().then(|| Aligner::new(naming));
         let mut echo_prompt = echo.then(|| request.prompt.clone());
         let mut generation = match engine.start(request) {
             Ok(g) => g,
@@ -302,7 +337,7 @@ impl Job {
         }
         let tokenizer = &*served.tokenizer;
         let mut text = tokenizer.stream(!keep_special);
-        let mut stopper = StopMatcher::new(stop);
+        let mut stopper = StopMatcher::new(stop).including_stop(include_stop);
         let mut seen = Seen::default();
         let mut produced = 0usize;
         let mut last_emit: Option<Instant> = None;
@@ -334,13 +369,15 @@ impl Job {
                     seen.publish(&metrics, generation.stats());
                     metrics.finished("error");
                     let grammar = e.chain().find_map(|c| c.downcast_ref::<GrammarError>());
-                    let err = match grammar {
-                        Some(g) => {
+                    let masked = e.chain().find_map(|c| c.downcast_ref::<NoTokenAllowed>());
+                    let err = match (grammar, masked) {
+                        (Some(g), _) => {
                             tracing::warn!("a request's grammar failed: {g}");
                             let field = grammar_field.unwrap_or("grammar");
                             ApiError::invalid(field, format!("{field}: {g}"))
                         }
-                        None => {
+                        (None, Some(m)) => ApiError::invalid(mask_field, m.to_string()),
+                        (None, None) => {
                             tracing::error!("generation step failed: {e:#}");
                             ApiError::internal(format!("generation failed: {e:#}"))
                         }
@@ -360,11 +397,11 @@ impl Job {
             // offsets then count from its end.
             if let Some(prompt) = echo_prompt.take() {
                 let scored = generation.take_prompt_logprobs();
-                match logprobs::echo_entries(&served.tokenizer, &prompt, &scored) {
+                match logprobs::echo_entries(&served.tokenizer, &prompt, &scored, naming) {
                     Ok((text, entries)) => {
                         let entries = match aligner.as_mut() {
                             Some(a) => {
-                                *a = Aligner::after(text.chars().count());
+                                a.start_after(text.chars().count());
                                 entries
                             }
                             None => Vec::new(),
@@ -436,6 +473,7 @@ impl Job {
                     stop_sequence = pushed.stop;
                     let entries = release(&mut aligner, Aligner::release_stopped);
                     if !delta.is_empty() || !entries.is_empty() {
+                        let _ = events.send(Event::Progress(produced));
                         let _ = events.send(Event::Delta(std::mem::take(&mut delta), entries));
                     }
                     break 'steps "stop";
@@ -466,13 +504,15 @@ impl Job {
                     release(&mut aligner, Aligner::release_all)
                 };
                 if !delta.is_empty() || !entries.is_empty() {
+                    let _ = events.send(Event::Progress(produced));
                     let _ = events.send(Event::Delta(delta, entries));
                 }
                 break reason;
             }
             let entries = release(&mut aligner, Aligner::release);
             if (!delta.is_empty() || !entries.is_empty())
-                && events.send(Event::Delta(delta, entries)).is_err()
+                && (events.send(Event::Progress(produced)).is_err()
+                    || events.send(Event::Delta(delta, entries)).is_err())
             {
                 // The client left; the check at the top of the loop records it.
                 continue;
@@ -486,12 +526,19 @@ impl Job {
             .observe(arrived.elapsed().as_secs_f64());
         metrics.finished(finish_reason);
         let speculation = SpeculationReport::new(stats);
+        // A stop token of the request's own ends it with that token as the reason (an EOS
+        // token, unless EOS is ignored, is a plain end).
+        let stop_token = generation
+            .stopped_by()
+            .filter(|_| finish_reason == "stop" && stop_sequence.is_none())
+            .filter(|t| stop_token_ids.contains(t) && (ignore_eos || !tokenizer.is_eos(*t)));
         // The sequences go to the prompt cache before the client hears the end, so that its
         // next turn finds them.
         generation.close();
         let _ = events.send(Event::Done(Outcome {
             finish_reason,
             stop_sequence,
+            stop_token,
             prompt_tokens,
             cached_tokens,
             completion_tokens: produced,

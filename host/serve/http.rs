@@ -36,7 +36,7 @@ use crate::engine::{self, Engine, GenerateRequest};
 use crate::models::chat::{ChatTemplate, Message};
 use crate::models::embed::Pooling;
 use crate::models::tokenizer::Tokenizer;
-use crate::sample::{Grammars, SamplingParams};
+use crate::sample::{self, Grammars, SamplingParams};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -75,6 +75,19 @@ pub struct ServeOptions {
     /// read adapter files the server can reach, so they are off unless asked for; the admin
     /// token guards them when one is set).
     pub allow_lora_loading: bool,
+    /// With `priority`, waiting requests start in the order of their `priority` field (lower
+    /// first); with `fcfs` in arrival order, and a request may not set one.
+    pub scheduling: Scheduling,
+}
+
+/// vLLM's `--scheduling-policy`: the order in which waiting requests get a worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scheduling {
+    /// First come, first served.
+    #[default]
+    Fcfs,
+    /// By each request's `priority` (lower first), then arrival.
+    Priority,
 }
 
 impl ServeOptions {
@@ -95,6 +108,7 @@ impl ServeOptions {
             pooling: None,
             lora_modules: Vec::new(),
             allow_lora_loading: false,
+            scheduling: Scheduling::Fcfs,
         }
     }
 }
@@ -750,7 +764,7 @@ async fn completion(
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
-    let ((early, rx), _, open) = start(app, &served, &parsed, arrived).await?;
+    let ((early, rx), prompt_tokens, open) = start(app, &served, &parsed, arrived).await?;
     let id = format!(
         "{}-{}",
         if endpoint == Endpoint::Chat {
@@ -766,6 +780,7 @@ async fn completion(
         model: model_name(app, &served, &parsed),
         endpoint,
         include_usage: parsed.include_usage,
+        continuous_usage: parsed.continuous_usage.then_some(prompt_tokens),
         logprobs: parsed.logprobs,
         n: parsed.n,
         tools: parsed.tools.is_some(),
@@ -961,7 +976,7 @@ fn typed_events(stream: impl TypedEvents, (early, rx): Events) -> Response<Body>
             };
             let events = match next {
                 Some((_, Event::Delta(d, e))) => s.stream.delta(&d, e),
-                Some((_, Event::Started | Event::Prefilled)) => Vec::new(),
+                Some((_, Event::Started | Event::Prefilled | Event::Progress(_))) => Vec::new(),
                 Some((_, Event::Done(o))) => {
                     s.done = true;
                     s.stream.done(&o)
@@ -1124,11 +1139,15 @@ async fn start(
             echo: parsed.echo,
             ignore_eos: parsed.ignore_eos,
             share_prompt: share && i == 0,
-            keep_special: parsed.tools.is_some(),
+            keep_special: parsed.tools.is_some() || !parsed.skip_special,
             grammar_field: parsed.grammar.as_ref().map(|(field, _)| *field),
+            mask_field: mask_field(parsed),
+            include_stop: parsed.include_stop,
+            tokens_as_ids: parsed.tokens_as_ids,
+            stop_token_ids: parsed.stop_token_ids.clone(),
         };
         app.pool
-            .submit(Box::new(move || job.run()))
+            .submit_at(parsed.priority, Box::new(move || job.run()))
             .map_err(at_capacity)?;
         let all_tx = all_tx.clone();
         // Ends when the choice does or the handler is gone (then dropping `choice_rx` tells
@@ -1198,7 +1217,7 @@ async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, A
                 done += 1;
             }
             Some((_, Event::Failed(e))) => return Err(e),
-            Some((_, Event::Started | Event::Prefilled)) => {}
+            Some((_, Event::Started | Event::Prefilled | Event::Progress(_))) => {}
             None => {
                 return Err(ApiError::internal(
                     "the generation worker stopped unexpectedly",
@@ -1447,6 +1466,12 @@ async fn detokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
 /// everything that can be checked before queueing (context length, policy and its parameters)
 /// so that a bad request never waits in the queue for its 400.
 fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequest, ApiError> {
+    if p.priority != 0 && app.opts.scheduling == Scheduling::Fcfs {
+        return Err(ApiError::invalid(
+            "priority",
+            "priority needs a server started with --scheduling-policy priority (this one serves requests in arrival order)",
+        ));
+    }
     let tokenizer = &*served.tokenizer;
     let engine = &served.engine;
     let (prompt, field) = match p.endpoint {
@@ -1493,13 +1518,32 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
     if p.ignore_eos {
         stop_tokens.clear();
     }
+    check_ids(&p.stop_token_ids, tokenizer, "stop_token_ids")?;
+    for &t in &p.stop_token_ids {
+        if !stop_tokens.contains(&t) {
+            stop_tokens.push(t);
+        }
+    }
+    check_ids(&p.penalties.allowed, tokenizer, "allowed_token_ids")?;
+    let mut penalties = p.penalties.clone();
+    penalties.bad_words = sample::bad_words_ids(&p.bad_words, |w| tokenizer.encode(w, false))
+        .map_err(|e| ApiError::invalid("bad_words", e))?;
+    let ctx = engine.max_context();
+    // vLLM's truncate_prompt_tokens: the prompt's last N tokens (-1: all that leave room for
+    // max_tokens, or for one token when it is not given).
+    let mut prompt = prompt;
+    if let Some(keep) = p.truncate_prompt {
+        let keep = keep.unwrap_or_else(|| ctx.saturating_sub(p.max_tokens.unwrap_or(1).max(1)));
+        if prompt.len() > keep {
+            prompt.drain(..prompt.len() - keep);
+        }
+    }
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             field,
             format!("{field} is empty (no tokens)"),
         ));
     }
-    let ctx = engine.max_context();
     if prompt.len() >= ctx {
         return Err(ApiError::invalid(
             field,
@@ -1583,10 +1627,24 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         policy_params: p.policy_params.clone(),
         logprobs: p.logprobs,
         prompt_logprobs: p.logprobs.filter(|_| p.echo),
-        penalties: p.penalties.clone(),
+        penalties,
         grammar,
         ..GenerateRequest::default()
     })
+}
+
+/// The field to name when a request's masks leave no token to generate
+/// ([`sample::NoTokenAllowed`]): the narrowest one it set.
+fn mask_field(p: &ParsedRequest) -> &'static str {
+    if !p.penalties.allowed.is_empty() {
+        "allowed_token_ids"
+    } else if let Some((field, _)) = &p.grammar {
+        field
+    } else if !p.bad_words.is_empty() {
+        "bad_words"
+    } else {
+        "min_tokens"
+    }
 }
 
 /// The policy must exist and each parameter must be one it declares, in range.
@@ -1613,6 +1671,9 @@ struct ResponseMeta {
     model: String,
     endpoint: Endpoint,
     include_usage: bool,
+    /// `stream_options.continuous_usage_stats`: every chunk carries its choice's usage so far
+    /// (with the prompt's token count).
+    continuous_usage: Option<usize>,
     /// The request's number of alternatives per token; `None`: no logprobs asked.
     logprobs: Option<usize>,
     /// Choices (`n`).
@@ -1622,6 +1683,15 @@ struct ResponseMeta {
     tools: bool,
     /// Chat replies' thinking goes to `reasoning_content`.
     reasoning: Option<reasoning::Reading>,
+}
+
+/// The usage a streamed chunk carries with `continuous_usage_stats`.
+fn usage_so_far(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
 }
 
 fn usage(o: &Outcome) -> Value {
@@ -1655,13 +1725,13 @@ impl ResponseMeta {
                 match self.endpoint {
                     Endpoint::Completions => json!({
                         "index": i, "text": c.text, "logprobs": lp,
-                        "finish_reason": o.finish_reason, "stop_reason": o.stop_sequence,
+                        "finish_reason": o.finish_reason, "stop_reason": o.stop_reason(),
                     }),
                     Endpoint::Chat => {
                         let (message, finish) = self.message(&c.text, o.finish_reason);
                         json!({
                             "index": i, "message": message, "logprobs": lp,
-                            "finish_reason": finish, "stop_reason": o.stop_sequence,
+                            "finish_reason": finish, "stop_reason": o.stop_reason(),
                         })
                     }
                 }
@@ -1782,18 +1852,21 @@ impl ResponseMeta {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
                 "index": index, "text": "", "logprobs": null, "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_sequence,
+                "stop_reason": o.stop_reason(),
             }),
             Endpoint::Chat => json!({
                 "index": index,
                 "delta": if first { json!({"role": "assistant", "content": ""}) } else { json!({}) },
                 "logprobs": null,
                 "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_sequence,
+                "stop_reason": o.stop_reason(),
             }),
         };
         let mut last = self.chunk(json!([choice]));
         let Some(total) = total else {
+            if let Some(prompt) = self.continuous_usage {
+                last["usage"] = usage_so_far(prompt, o.completion_tokens);
+            }
             return vec![last];
         };
         last["usage"] = usage(total);
@@ -1834,6 +1907,8 @@ fn sse_response(
         held: Vec<tools::Holder<TokenEntry>>,
         /// Per choice, with a reasoning parser: its thinking apart from its answer.
         split: Vec<Option<reasoning::Splitter<TokenEntry>>>,
+        /// Per choice: tokens generated so far.
+        tokens: Vec<usize>,
         done: bool,
     }
     impl S {
@@ -1855,9 +1930,12 @@ fn sse_response(
                     }
                     _ => (text, entries),
                 };
-                let chunk = self
+                let mut chunk = self
                     .meta
                     .delta_chunk(i, part, &text, &entries, self.first[i]);
+                if let Some(prompt) = self.meta.continuous_usage {
+                    chunk["usage"] = usage_so_far(prompt, self.tokens[i]);
+                }
                 out.extend_from_slice(&sse_data(&chunk));
                 self.first[i] = false;
             }
@@ -1875,6 +1953,7 @@ fn sse_response(
         first: vec![true; n],
         outcomes: vec![None; n],
         held: (0..n).map(|_| tools::Holder::default()).collect(),
+        tokens: vec![0; n],
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -1899,6 +1978,10 @@ fn sse_response(
                     break Bytes::from(out);
                 }
                 Some((_, Event::Started | Event::Prefilled)) => continue,
+                Some((i, Event::Progress(n))) => {
+                    s.tokens[i] = n;
+                    continue;
+                }
                 Some((i, Event::Done(mut o))) => {
                     let rest = s.split[i]
                         .as_mut()

@@ -36,10 +36,28 @@ pub struct TokenEntry {
     pub offset: usize,
 }
 
+/// How a token is named in logprobs: its text, or (vLLM's `return_tokens_as_token_ids`)
+/// `token_id:N`, which stays unambiguous where a token's bytes are no character on their own.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    #[default]
+    Text,
+    Ids,
+}
+
+impl Naming {
+    fn bytes(self, tokenizer: &Tokenizer, id: u32) -> Vec<u8> {
+        match self {
+            // An id past the tokenizer's table (a padded vocabulary) has no text: empty bytes.
+            Naming::Text => tokenizer.piece(id, false).unwrap_or_default().to_vec(),
+            Naming::Ids => format!("token_id:{id}").into_bytes(),
+        }
+    }
+}
+
 impl TokenEntry {
-    fn new(tokenizer: &Tokenizer, lp: &TokenLogprob, offset: usize) -> Self {
-        // An id past the tokenizer's table (a padded vocabulary) has no text: empty bytes.
-        let bytes = |id: u32| tokenizer.piece(id, false).unwrap_or_default().to_vec();
+    fn new(tokenizer: &Tokenizer, lp: &TokenLogprob, offset: usize, naming: Naming) -> Self {
+        let bytes = |id: u32| naming.bytes(tokenizer, id);
         TokenEntry {
             bytes: bytes(lp.token),
             logprob: Some(lp.logprob),
@@ -64,22 +82,28 @@ pub struct Aligner {
     decoded: usize,
     /// Characters sent to the client.
     emitted: usize,
+    naming: Naming,
 }
 
 impl Aligner {
-    /// An aligner whose text starts `chars` characters in (after an echoed prompt).
-    pub fn after(chars: usize) -> Self {
+    pub fn new(naming: Naming) -> Self {
         Aligner {
-            decoded: chars,
-            emitted: chars,
+            naming,
             ..Aligner::default()
         }
+    }
+
+    /// The text starts `chars` characters in (after an echoed prompt).
+    pub fn start_after(&mut self, chars: usize) {
+        self.decoded = chars;
+        self.emitted = chars;
     }
 
     /// A token went through the detokenizer and produced `text`; `waiting` says whether bytes
     /// of an incomplete character are still held.
     pub fn pushed(&mut self, tokenizer: &Tokenizer, lp: &TokenLogprob, text: &str, waiting: bool) {
-        self.add(TokenEntry::new(tokenizer, lp, self.decoded), text, waiting);
+        let entry = TokenEntry::new(tokenizer, lp, self.decoded, self.naming);
+        self.add(entry, text, waiting);
     }
 
     fn add(&mut self, entry: TokenEntry, text: &str, waiting: bool) {
@@ -145,6 +169,7 @@ pub fn echo_entries(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     scored: &[TokenLogprob],
+    naming: Naming,
 ) -> anyhow::Result<(String, Vec<TokenEntry>)> {
     let mut stream = tokenizer.stream(false);
     let mut text = String::new();
@@ -152,9 +177,9 @@ pub fn echo_entries(
     let mut entries = Vec::with_capacity(prompt.len());
     for (j, &id) in prompt.iter().enumerate() {
         let e = match j.checked_sub(1).and_then(|i| scored.get(i)) {
-            Some(lp) => TokenEntry::new(tokenizer, lp, chars),
+            Some(lp) => TokenEntry::new(tokenizer, lp, chars, naming),
             None => TokenEntry {
-                bytes: tokenizer.piece(id, false).unwrap_or_default().to_vec(),
+                bytes: naming.bytes(tokenizer, id),
                 logprob: None,
                 top: Vec::new(),
                 offset: chars,

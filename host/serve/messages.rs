@@ -852,6 +852,7 @@ mod tests {
         Outcome {
             finish_reason: finish,
             stop_sequence: stop.map(str::to_string),
+            stop_token: None,
             prompt_tokens: 10,
             cached_tokens: 4,
             completion_tokens: 3,

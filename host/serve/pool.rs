@@ -1,9 +1,12 @@
 //! The generation workers: a fixed set of OS threads (a step is blocking CPU work that must not
-//! run on the async runtime) fed from one bounded FIFO queue. Each worker runs one request to
-//! its end, so at most `workers` generations hold KV caches at once; arrivals past `max_queue`
-//! waiting requests are refused with 429 instead of piling up.
+//! run on the async runtime) fed from one bounded queue. Each worker runs one request to its
+//! end, so at most `workers` generations hold KV caches at once; arrivals past `max_queue`
+//! waiting requests are refused with 429 instead of piling up. Waiting jobs start in order of
+//! priority (lower first, vLLM's convention), then of arrival: with every priority 0 (the
+//! server's `fcfs` policy) the queue is first come, first served.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -14,8 +17,37 @@ use super::metrics::Metrics;
 /// A unit of work: one request's whole generation. Jobs queued when a drain begins still run.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// A waiting job, ordered so that the heap's top is the lowest priority value, then the
+/// earliest arrival.
+struct Queued {
+    key: Reverse<(i64, u64)>,
+    job: Job,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
 struct State {
-    queue: VecDeque<Job>,
+    queue: BinaryHeap<Queued>,
+    /// Jobs submitted so far: each one's arrival number.
+    arrivals: u64,
     busy: usize,
     closed: bool,
     /// Exponential moving average of job durations, for Retry-After.
@@ -55,7 +87,8 @@ impl Pool {
         let workers = workers.max(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                queue: VecDeque::new(),
+                queue: BinaryHeap::new(),
+                arrivals: 0,
                 busy: 0,
                 closed: false,
                 avg_job_s: 1.0,
@@ -81,9 +114,14 @@ impl Pool {
         })
     }
 
-    /// Queues `job`, or refuses when `max_queue` requests already wait (a free worker takes a
-    /// job at once, so an idle server never refuses).
+    /// Queues `job` at priority 0, or refuses when `max_queue` requests already wait (a free
+    /// worker takes a job at once, so an idle server never refuses).
     pub fn submit(&self, job: Job) -> Result<(), Full> {
+        self.submit_at(0, job)
+    }
+
+    /// [`Pool::submit`] at `priority`: it starts before every waiting job of a higher value.
+    pub fn submit_at(&self, priority: i64, job: Job) -> Result<(), Full> {
         let mut st = self.shared.lock();
         let free = self.shared.workers.saturating_sub(st.busy);
         if st.closed || st.queue.len() >= self.shared.max_queue + free {
@@ -94,7 +132,12 @@ impl Pool {
                 queued: st.queue.len(),
             });
         }
-        st.queue.push_back(job);
+        let arrival = st.arrivals;
+        st.arrivals += 1;
+        st.queue.push(Queued {
+            key: Reverse((priority, arrival)),
+            job,
+        });
         self.shared.metrics.queue_depth.set(st.queue.len() as i64);
         drop(st);
         self.shared.ready.notify_one();
@@ -142,10 +185,10 @@ fn worker(s: &Shared) {
         let job = {
             let mut st = s.lock();
             loop {
-                if let Some(job) = st.queue.pop_front() {
+                if let Some(q) = st.queue.pop() {
                     st.busy += 1;
                     s.metrics.queue_depth.set(st.queue.len() as i64);
-                    break job;
+                    break q.job;
                 }
                 if st.closed {
                     return;
@@ -204,6 +247,28 @@ mod tests {
         assert!(pool.drain(Duration::from_secs(10)));
         assert_eq!(done.load(Ordering::SeqCst), 2);
         assert!(pool.submit(Box::new(|| {})).is_err(), "closed after drain");
+    }
+
+    #[test]
+    fn waiting_jobs_start_by_priority_then_arrival() {
+        let pool = Pool::new(1, 8, Arc::new(Metrics::new())).unwrap();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        pool.submit(Box::new(move || {
+            started_tx.send(()).unwrap();
+            gate_rx.recv().unwrap();
+        }))
+        .unwrap();
+        started_rx.recv().unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        for (name, priority) in [("a", 0), ("b", 5), ("c", -1), ("d", 0), ("e", -1)] {
+            let o = order.clone();
+            pool.submit_at(priority, Box::new(move || o.lock().unwrap().push(name)))
+                .unwrap();
+        }
+        gate_tx.send(()).unwrap();
+        assert!(pool.drain(Duration::from_secs(10)));
+        assert_eq!(*order.lock().unwrap(), ["c", "e", "a", "d", "b"]);
     }
 
     #[test]

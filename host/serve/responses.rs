@@ -1097,6 +1097,7 @@ mod tests {
         Outcome {
             finish_reason: finish,
             stop_sequence: None,
+            stop_token: None,
             prompt_tokens: 10,
             cached_tokens: 4,
             completion_tokens: 3,

@@ -6,6 +6,8 @@
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The stop string is sent as part of the text (vLLM's `include_stop_str_in_output`).
+    include: bool,
 }
 
 /// What a piece of new text produced.
@@ -22,7 +24,14 @@ impl StopMatcher {
         StopMatcher {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             held: String::new(),
+            include: false,
         }
+    }
+
+    /// The same matcher sending the stop string that ends the text with it.
+    pub fn including_stop(mut self, include: bool) -> Self {
+        self.include = include;
+        self
     }
 
     pub fn push(&mut self, text: &str) -> Pushed {
@@ -41,7 +50,8 @@ impl StopMatcher {
             .min_by_key(|&(at, _)| at);
         if let Some((at, s)) = first {
             let stop = Some(s.clone());
-            let emit = self.held[..at].to_string();
+            let end = if self.include { at + s.len() } else { at };
+            let emit = self.held[..end].to_string();
             self.held.clear();
             return Pushed { emit, stop };
         }
@@ -98,6 +108,14 @@ mod tests {
         }
         out.push_str(&m.finish());
         (out, None)
+    }
+
+    #[test]
+    fn an_included_stop_string_is_sent_with_the_text() {
+        let mut m = StopMatcher::new(vec!["END".into(), "\n\n".into()]).including_stop(true);
+        assert_eq!(m.push("abc E").emit, "abc ");
+        let p = m.push("ND tail");
+        assert_eq!((p.emit.as_str(), p.stop.as_deref()), ("END", Some("END")));
     }
 
     #[test]
