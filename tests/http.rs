@@ -1175,6 +1175,102 @@ fn vllm_sampling_extensions() {
     assert_eq!(ok.status, 200, "the server still serves: {}", ok.text());
 }
 
+/// Several prompts in one completions request (OpenAI's batched prompts, what evaluation
+/// harnesses send): choice k * n + j is the j-th answer to prompt k, the same as that prompt
+/// sent alone, whole or streamed; usage counts every prompt once; a bad prompt is named by its
+/// index.
+#[test]
+fn a_completions_request_answers_each_of_its_prompts() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    let prompts = [
+        json!([40, 41, 42, 43, 40, 41]),
+        json!("the cat"),
+        json!([7, 8, 9]),
+    ];
+    let ask = |prompt: Value, extra: Value| -> Value {
+        let mut body = json!({"prompt": prompt, "max_tokens": 10, "temperature": 0,
+                              "speculation": {"draft": "model", "k": 3}});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.json()
+    };
+    let alone: Vec<Value> = prompts.iter().map(|p| ask(p.clone(), json!({}))).collect();
+    let all = Value::Array(prompts.to_vec());
+    for extra in [json!({}), json!({"echo": true, "logprobs": 1})] {
+        let alone: Vec<Value> = prompts
+            .iter()
+            .map(|p| ask(p.clone(), extra.clone()))
+            .collect();
+        let mut with_n = extra.clone();
+        with_n["n"] = json!(2);
+        let v = ask(all.clone(), with_n);
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 6, "{v}");
+        for (i, c) in choices.iter().enumerate() {
+            let one = &alone[i / 2]["choices"][0];
+            assert_eq!(c["index"], i, "{v}");
+            assert_eq!(c["text"], one["text"], "choice {i}");
+            assert_eq!(c["logprobs"], one["logprobs"], "choice {i}");
+        }
+        let sum = |key: &str| -> u64 {
+            alone
+                .iter()
+                .map(|a| a["usage"][key].as_u64().unwrap())
+                .sum()
+        };
+        assert_eq!(
+            v["usage"]["prompt_tokens"].as_u64(),
+            Some(sum("prompt_tokens"))
+        );
+        assert_eq!(
+            v["usage"]["completion_tokens"].as_u64(),
+            Some(2 * sum("completion_tokens"))
+        );
+    }
+    // Streamed: each chunk names its choice, and each choice's text is its prompt's answer.
+    let body = json!({"prompt": all, "max_tokens": 10, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
+    let mut texts = vec![String::new(); 3];
+    let mut done = false;
+    for e in s.open_stream("/v1/completions", &body).collect() {
+        if e == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(&e).unwrap();
+        for c in v["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(c["text"].as_str().unwrap());
+            // Each chunk's usage is its own prompt's.
+            let want = alone[i]["usage"]["prompt_tokens"].as_u64().unwrap();
+            if !c["text"].as_str().unwrap().is_empty() {
+                assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some(want), "{e}");
+            }
+        }
+    }
+    assert!(done);
+    let want: Vec<String> = alone.iter().map(text_of).collect();
+    assert_eq!(texts, want);
+    // A bad prompt is named by its index; too many generations by n.
+    for (body, param) in [
+        (json!({"prompt": ["ok", [1, 99999]]}), "prompt[1][1]"),
+        (json!({"prompt": ["ok", ""]}), "prompt[1]"),
+        (
+            json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 2}),
+            "n",
+        ),
+    ] {
+        let r = s.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+}
+
 /// `n` choices: each is a generation of its own (choice i seeded with seed + i), streamed
 /// chunks carry their choice's index, and usage counts the prompt once.
 #[test]
@@ -2889,10 +2985,29 @@ fn api_keys_guard_every_route_but_the_probes() {
         }
         s.request(method, path, &headers, body)
     };
-    // Probes and metrics stay open.
-    for path in ["/health", "/ready", "/metrics"] {
+    // Probes, metrics and the version stay open.
+    for path in ["/health", "/ready", "/metrics", "/version"] {
         assert_eq!(s.get(path).status, 200, "{path}");
     }
+    assert_eq!(
+        s.get("/version").json()["version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    // A client's request id comes back, on answers and on refusals alike.
+    for key in [None, Some("new-key")] {
+        let mut headers = vec![
+            ("X-Request-Id", "req-42"),
+            ("Content-Type", "application/json"),
+        ];
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b.as_str()));
+        }
+        let r = s.request("GET", "/v1/models", &headers, b"");
+        assert_eq!(r.status, if key.is_some() { 200 } else { 401 });
+        assert_eq!(r.header("x-request-id"), Some("req-42"), "{key:?}");
+    }
+    assert_eq!(s.get("/health").header("x-request-id"), None);
     let chat = json!({"model": "team/tiny", "messages": [{"role": "user", "content": "hi"}],
                       "max_tokens": 3})
     .to_string();

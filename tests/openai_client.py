@@ -198,6 +198,16 @@ seen = [
 ]
 assert seen and seen == sorted(seen) and seen[-1] == 6, seen
 
+# Several prompts in one request: a choice per prompt, in order, each the prompt's own answer.
+pair = ["the cat sat", "a dog ran"]
+batch = client.completions.create(model=model, prompt=pair, max_tokens=6, temperature=0)
+singles = [
+    client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0).choices[0].text
+    for p in pair
+]
+assert [c.index for c in batch.choices] == [0, 1], batch.choices
+assert [c.text for c in batch.choices] == singles, (batch.choices, singles)
+
 # echo with max_tokens 0 scores the prompt: its first token has no logprob, the rest do.
 e = client.completions.create(
     model=model, prompt="the cat sat on the mat", max_tokens=0, echo=True, logprobs=1

@@ -111,7 +111,7 @@ pub struct ServeArgs {
     /// the GGUF's `pooling_type` says, else the last token's, as vLLM does for a decoder).
     #[arg(long, value_parser = parse_pooling)]
     pub pooling: Option<crate::models::embed::Pooling>,
-    /// File of API keys, one per line: every route but /health, /ready and /metrics then
+    /// File of API keys, one per line: every route but /health, /ready, /metrics and /version then
     /// needs `Authorization: Bearer <key>` (the `openai` client's `api_key`) or `x-api-key:
     /// <key>` (the `anthropic` client's).
     #[arg(long, conflicts_with = "api_key")]

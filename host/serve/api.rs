@@ -56,10 +56,13 @@ pub enum SpeculationChoice {
 
 /// The largest k a request may ask for.
 pub const MAX_K: usize = 64;
-/// At most this many stop strings (OpenAI's limit).
-pub const MAX_STOP: usize = 4;
+/// At most this many stop strings. OpenAI allows 4; vLLM sets no limit, and evaluation
+/// harnesses send more (a task's every end marker), so a bound only against abuse.
+pub const MAX_STOP: usize = 64;
 /// `n` (choices per request) goes up to this: each choice is a generation of its own.
 pub const MAX_N: usize = 16;
+/// A completions request's prompts times `n` go up to this (each a generation of its own).
+pub const MAX_CHOICES: usize = 64;
 /// `logprobs: N` on `/v1/completions` goes up to this (OpenAI's legacy limit).
 pub const MAX_COMPLETION_LOGPROBS: usize = 5;
 /// `top_logprobs` on `/v1/chat/completions` goes up to this (OpenAI's limit).
@@ -69,8 +72,11 @@ pub const MAX_TOP_LOGPROBS: usize = crate::engine::MAX_TOP_LOGPROBS;
 pub struct ParsedRequest {
     pub endpoint: Endpoint,
     pub model: Option<String>,
-    /// Completions only.
+    /// Completions only: the (first) prompt.
     pub prompt: Option<PromptInput>,
+    /// Completions only: the prompts after the first (OpenAI's batched prompts), each answered
+    /// with `n` choices of its own, in order.
+    pub more_prompts: Vec<PromptInput>,
     /// Chat only.
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<usize>,
@@ -150,6 +156,7 @@ pub fn parse_object(
         endpoint,
         model: None,
         prompt: None,
+        more_prompts: Vec::new(),
         messages: Vec::new(),
         max_tokens: None,
         temperature: 1.0,
@@ -195,7 +202,11 @@ pub fn parse_object(
         let k = key.as_str();
         match k {
             "model" => r.model = opt(v, |v| string(k, v))?,
-            "prompt" if !chat => r.prompt = Some(prompt(v)?),
+            "prompt" if !chat => {
+                let mut all = prompts(v)?.into_iter();
+                r.prompt = all.next();
+                r.more_prompts = all.collect();
+            }
             "messages" if chat => r.messages = messages(v)?,
             "continue_final_message" if chat => {
                 r.continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
@@ -509,6 +520,17 @@ pub fn parse_object(
             .get_or_insert_with(Map::new)
             .entry("reasoning_effort")
             .or_insert(Value::String(e));
+    }
+    let generations = (1 + r.more_prompts.len()) * r.n;
+    if generations > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts with n = {} choices each make {generations} generations; at most {MAX_CHOICES} per request",
+                1 + r.more_prompts.len(),
+                r.n
+            ),
+        ));
     }
     if r.max_tokens == Some(0) && !r.echo {
         return Err(ApiError::invalid(
@@ -1098,30 +1120,35 @@ fn token_ids(name: &str, a: &[Value]) -> Result<Vec<u32>, ApiError> {
         .collect()
 }
 
-fn prompt(v: &Value) -> Result<PromptInput, ApiError> {
+/// A completions `prompt`: a string, token ids, or an array of either (several prompts).
+fn prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
     const P: &str = "prompt";
     match v {
-        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+        Value::String(s) => Ok(vec![PromptInput::Text(s.clone())]),
         Value::Array(a) if a.is_empty() => Err(ApiError::invalid(P, "prompt must not be empty")),
-        Value::Array(a) => match &a[0] {
-            Value::String(_) | Value::Array(_) if a.len() > 1 => Err(ApiError::invalid(
-                P,
-                format!(
-                    "prompt holds {} prompts; this server answers one prompt per request",
-                    a.len()
-                ),
-            )),
-            Value::String(s) => Ok(PromptInput::Text(s.clone())),
-            Value::Array(inner) => Ok(PromptInput::Tokens(token_ids("prompt[0]", inner)?)),
-            Value::Number(_) => Ok(PromptInput::Tokens(token_ids(P, a)?)),
-            other => Err(ApiError::invalid(
-                P,
-                format!(
-                    "prompt must be a string, an array of token ids or a one-element array of either, got an array of {}",
-                    type_name(other)
-                ),
-            )),
-        },
+        Value::Array(a) if a[0].is_number() => Ok(vec![PromptInput::Tokens(token_ids(P, a)?)]),
+        Value::Array(a) => {
+            if a.len() > MAX_CHOICES {
+                return Err(ApiError::invalid(
+                    P,
+                    format!("at most {MAX_CHOICES} prompts per request, got {}", a.len()),
+                ));
+            }
+            a.iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let at = format!("{P}[{i}]");
+                    match p {
+                        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+                        Value::Array(ids) if ids.is_empty() => {
+                            Err(ApiError::invalid(at, "a prompt must not be empty"))
+                        }
+                        Value::Array(ids) => Ok(PromptInput::Tokens(token_ids(&at, ids)?)),
+                        other => Err(wrong_type(&at, "a string or an array of token ids", other)),
+                    }
+                })
+                .collect()
+        }
         _ => Err(wrong_type(P, "a string or an array of token ids", v)),
     }
 }
@@ -1461,18 +1488,39 @@ mod tests {
         assert_eq!(p(r#"{"prompt":["x"]}"#), PromptInput::Text("x".into()));
         assert_eq!(p(r#"{"prompt":[1,2]}"#), PromptInput::Tokens(vec![1, 2]));
         assert_eq!(p(r#"{"prompt":[[3]]}"#), PromptInput::Tokens(vec![3]));
+        // Several prompts: the first, then the others in order.
+        let r = parse(
+            Endpoint::Completions,
+            br#"{"prompt":["a",[4,5],"c"],"n":2}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt, Some(PromptInput::Text("a".into())));
         assert_eq!(
-            err(Endpoint::Completions, r#"{"prompt":["a","b"]}"#)
-                .param
-                .as_deref(),
-            Some("prompt")
+            r.more_prompts,
+            [
+                PromptInput::Tokens(vec![4, 5]),
+                PromptInput::Text("c".into())
+            ]
         );
-        assert_eq!(
-            err(Endpoint::Completions, r#"{"prompt":[1,-2]}"#)
-                .param
-                .as_deref(),
-            Some("prompt[1]")
+        let single = parse(Endpoint::Completions, br#"{"prompt":["a"]}"#).unwrap();
+        assert!(single.more_prompts.is_empty());
+        let many = format!(r#"{{"prompt":{}}}"#, json!(vec!["x"; MAX_CHOICES + 1]));
+        let times_n = format!(
+            r#"{{"prompt":{},"n":2}}"#,
+            json!(vec!["x"; MAX_CHOICES / 2 + 1])
         );
+        for (body, field) in [
+            (r#"{"prompt":[1,-2]}"#, "prompt[1]"),
+            (r#"{"prompt":["a",[1,-2]]}"#, "prompt[1][1]"),
+            (r#"{"prompt":["a",[]]}"#, "prompt[1]"),
+            (r#"{"prompt":["a",7]}"#, "prompt[1]"),
+            (r#"{"prompt":[["a"]]}"#, "prompt[0][0]"),
+            (many.as_str(), "prompt"),
+            (times_n.as_str(), "n"),
+        ] {
+            let e = err(Endpoint::Completions, body);
+            assert_eq!(e.param.as_deref(), Some(field), "{body}: {e}");
+        }
     }
 
     #[test]
@@ -1515,6 +1563,10 @@ mod tests {
 
     #[test]
     fn each_error_names_its_field() {
+        let too_many_stops = format!(
+            r#"{{"prompt":"x","stop":{}}}"#,
+            json!(vec!["a"; MAX_STOP + 1])
+        );
         let cases: &[(&str, &str)] = &[
             (r#"{"prompt":"x","max_tokens":"8"}"#, "max_tokens"),
             (r#"{"prompt":"x","max_tokens":0}"#, "max_tokens"),
@@ -1525,7 +1577,7 @@ mod tests {
             (r#"{"prompt":"x","n":17}"#, "n"),
             (r#"{"prompt":"x","best_of":2}"#, "best_of"),
             (r#"{"prompt":"x","stop":[""]}"#, "stop[0]"),
-            (r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#, "stop"),
+            (too_many_stops.as_str(), "stop"),
             (r#"{"prompt":"x","stop":5}"#, "stop"),
             (r#"{"prompt":"x","stream":"yes"}"#, "stream"),
             (r#"{"prompt":"x","policy":7}"#, "policy"),
@@ -1555,6 +1607,12 @@ mod tests {
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(*field), "{body}: {e}");
         }
+        // More than OpenAI's 4 stop strings, as harnesses send.
+        let five = parse(
+            Endpoint::Completions,
+            br#"{"prompt":"x","stop":["a","b","c","d","e"]}"#,
+        );
+        assert_eq!(five.unwrap().stop.len(), 5);
     }
 
     #[test]

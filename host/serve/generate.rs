@@ -26,9 +26,12 @@ pub enum Event {
     /// New text, and the logprobs of the tokens it completes (empty unless the request asked;
     /// see [`super::logprobs`] for how they line up with held-back text).
     Delta(String, Vec<TokenEntry>),
-    /// Tokens generated so far (sent before the `Delta` of a step's text), for the usage of
-    /// each streamed chunk (`stream_options.continuous_usage_stats`).
-    Progress(usize),
+    /// The prompt's tokens and those generated so far (sent before the `Delta` of a step's
+    /// text), for the usage of each streamed chunk (`stream_options.continuous_usage_stats`).
+    Progress {
+        prompt: usize,
+        completion: usize,
+    },
     Done(Outcome),
     Failed(ApiError),
 }
@@ -88,16 +91,20 @@ impl Outcome {
         }
     }
 
-    /// One request's outcome from its choices' (`n` > 1), each a generation of its own: the
-    /// prompt counted once, completion tokens and speculation summed.
-    pub fn total(choices: &[&Outcome]) -> Option<Outcome> {
+    /// One request's outcome from its choices', each a generation of its own, `per_prompt`
+    /// (`n`) choices to each of its prompts in turn: each prompt counted once, completion tokens
+    /// and speculation summed.
+    pub fn total(choices: &[&Outcome], per_prompt: usize) -> Option<Outcome> {
         let first = choices.first()?;
+        let groups = || choices.chunks(per_prompt.max(1));
         Some(Outcome {
             finish_reason: first.finish_reason,
             stop_sequence: first.stop_sequence.clone(),
             stop_token: first.stop_token,
-            prompt_tokens: first.prompt_tokens,
-            cached_tokens: choices.iter().map(|o| o.cached_tokens).max().unwrap_or(0),
+            prompt_tokens: groups().map(|g| g[0].prompt_tokens).sum(),
+            cached_tokens: groups()
+                .map(|g| g.iter().map(|o| o.cached_tokens).max().unwrap_or(0))
+                .sum(),
             completion_tokens: choices.iter().map(|o| o.completion_tokens).sum(),
             speculation: SpeculationReport::total(
                 &choices
@@ -473,7 +480,10 @@ impl Job {
                     stop_sequence = pushed.stop;
                     let entries = release(&mut aligner, Aligner::release_stopped);
                     if !delta.is_empty() || !entries.is_empty() {
-                        let _ = events.send(Event::Progress(produced));
+                        let _ = events.send(Event::Progress {
+                            prompt: prompt_tokens,
+                            completion: produced,
+                        });
                         let _ = events.send(Event::Delta(std::mem::take(&mut delta), entries));
                     }
                     break 'steps "stop";
@@ -504,14 +514,22 @@ impl Job {
                     release(&mut aligner, Aligner::release_all)
                 };
                 if !delta.is_empty() || !entries.is_empty() {
-                    let _ = events.send(Event::Progress(produced));
+                    let _ = events.send(Event::Progress {
+                        prompt: prompt_tokens,
+                        completion: produced,
+                    });
                     let _ = events.send(Event::Delta(delta, entries));
                 }
                 break reason;
             }
             let entries = release(&mut aligner, Aligner::release);
             if (!delta.is_empty() || !entries.is_empty())
-                && (events.send(Event::Progress(produced)).is_err()
+                && (events
+                    .send(Event::Progress {
+                        prompt: prompt_tokens,
+                        completion: produced,
+                    })
+                    .is_err()
                     || events.send(Event::Delta(delta, entries)).is_err())
             {
                 // The client left; the check at the top of the loop records it.

@@ -365,6 +365,9 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // A client's request id comes back on the response (as vLLM's servers send it), so that
+    // it can match replies and logs through proxies.
+    let request_id = req.headers().get("x-request-id").cloned();
     let (route, result) = match check_api_key(&app, &method, &path, &req) {
         Ok(()) => route(&app, method, &path, req).await,
         Err(e) => ("unauthorized", Err(e)),
@@ -386,6 +389,10 @@ async fn handle(
             error_response(&e, &body)
         }
     };
+    let mut resp = resp;
+    if let Some(id) = request_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
     app.metrics.request(route, resp.status().as_u16());
     Ok(resp)
 }
@@ -422,6 +429,16 @@ async fn route(
             "/metrics",
             match method {
                 Method::GET => Ok(metrics(app)),
+                _ => allow("GET"),
+            },
+        ),
+        "/version" => (
+            "/version",
+            match method {
+                Method::GET => Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"version": env!("CARGO_PKG_VERSION")}),
+                )),
                 _ => allow("GET"),
             },
         ),
@@ -764,7 +781,8 @@ async fn completion(
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
-    let ((early, rx), prompt_tokens, open) = start(app, &served, &parsed, arrived).await?;
+    let ((early, rx), _, open) = start(app, &served, &parsed, arrived).await?;
+    let choices = (1 + parsed.more_prompts.len()) * parsed.n;
     let id = format!(
         "{}-{}",
         if endpoint == Endpoint::Chat {
@@ -780,9 +798,10 @@ async fn completion(
         model: model_name(app, &served, &parsed),
         endpoint,
         include_usage: parsed.include_usage,
-        continuous_usage: parsed.continuous_usage.then_some(prompt_tokens),
+        continuous_usage: parsed.continuous_usage,
         logprobs: parsed.logprobs,
-        n: parsed.n,
+        n: choices,
+        per_prompt: parsed.n,
         tools: parsed.tools.is_some(),
         reasoning: (app.opts.reasoning)
             .filter(|_| endpoint == Endpoint::Chat)
@@ -791,7 +810,7 @@ async fn completion(
     if parsed.stream {
         Ok(sse_response(meta, early, rx))
     } else {
-        let choices = collect((early, rx), parsed.n).await?;
+        let choices = collect((early, rx), choices).await?;
         Ok(json_response(StatusCode::OK, &meta.full(&choices)))
     }
 }
@@ -976,7 +995,7 @@ fn typed_events(stream: impl TypedEvents, (early, rx): Events) -> Response<Body>
             };
             let events = match next {
                 Some((_, Event::Delta(d, e))) => s.stream.delta(&d, e),
-                Some((_, Event::Started | Event::Prefilled | Event::Progress(_))) => Vec::new(),
+                Some((_, Event::Started | Event::Prefilled | Event::Progress { .. })) => Vec::new(),
                 Some((_, Event::Done(o))) => {
                     s.done = true;
                     s.stream.done(&o)
@@ -1099,33 +1118,66 @@ async fn start(
     arrived: Instant,
 ) -> Result<(Events, usize, bool), ApiError> {
     let (engine, _) = engine_of(app, served, parsed.model.as_deref())?;
-    // Tokenizing and template rendering are CPU work: off the async threads.
-    let prepared = {
+    // Tokenizing and template rendering are CPU work: off the async threads. A completions
+    // request may hold several prompts: each is prepared as a request of its own.
+    let prepared: Vec<GenerateRequest> = {
         let app = app.clone();
         let served = served.clone();
         let parsed = parsed.clone();
-        tokio::task::spawn_blocking(move || prepare(&app, &served, &parsed))
-            .await
-            .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            if parsed.more_prompts.is_empty() {
+                return prepare(&app, &served, &parsed).map(|r| vec![r]);
+            }
+            let prompts = parsed.prompt.iter().chain(&parsed.more_prompts);
+            prompts
+                .enumerate()
+                .map(|(k, p)| {
+                    let one = ParsedRequest {
+                        prompt: Some(p.clone()),
+                        more_prompts: Vec::new(),
+                        ..parsed.clone()
+                    };
+                    // An error about the prompt names which one: `prompt[k]...`.
+                    prepare(&app, &served, &one).map_err(|e| {
+                        let at = e.param.as_deref().and_then(|p| p.strip_prefix("prompt"));
+                        match at {
+                            Some(rest) => {
+                                let param = format!("prompt[{k}]{rest}");
+                                e.with_param(param)
+                            }
+                            _ => e,
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
     };
-    // One generation per choice; their events reach this handler on one channel, tagged with
-    // the choice's index. Dropping it (the client left) closes every choice's channel in turn,
-    // which stops its generation.
+    let n = parsed.n;
+    let total = prepared.len() * n;
+    // One generation per choice (choice j of prompt k at index k * n + j); their events reach
+    // this handler on one channel, tagged with the choice's index. Dropping it (the client
+    // left) closes every choice's channel in turn, which stops its generation.
     let (all_tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
-    // With a prompt cache, choice 0 prefills alone and shares the prompt's sequences; the other
-    // choices start once it has, and read the prompt from the cache instead of each prefilling
-    // it (a prompt to score is read whole, so those requests start together).
+    // With a prompt cache, each prompt's choice 0 prefills alone and shares the prompt's
+    // sequences; its other choices start once it has, and read the prompt from the cache
+    // instead of each prefilling it (a prompt to score is read whole, so those requests start
+    // together).
     let share =
-        parsed.n > 1 && engine.prompt_cache_stats().is_some() && prepared.prompt_logprobs.is_none();
-    let prompt_tokens = prepared.prompt.len();
+        n > 1 && engine.prompt_cache_stats().is_some() && prepared[0].prompt_logprobs.is_none();
+    let prompt_tokens = prepared.iter().map(|r| r.prompt.len()).sum();
     // The template opened a thinking block for the model (its reply starts inside it).
-    let tail = &prepared.prompt[prompt_tokens.saturating_sub(16)..];
+    let first = &prepared[0].prompt;
+    let tail = &first[first.len().saturating_sub(16)..];
     let thinking_open = app.opts.reasoning.is_some()
         && (served.tokenizer.decode(tail, false)).is_ok_and(|t| reasoning::opens_thinking(&t));
-    let mut requests: Vec<GenerateRequest> = (1..parsed.n)
-        .map(|i| choice_request(&prepared, i))
-        .collect();
-    requests.insert(0, prepared);
+    let mut requests: Vec<Option<GenerateRequest>> = Vec::with_capacity(total);
+    for r in prepared {
+        let others: Vec<_> = (1..n).map(|j| Some(choice_request(&r, j))).collect();
+        requests.push(Some(r));
+        requests.extend(others);
+    }
     let submit = |i: usize, request: GenerateRequest| -> Result<(), ApiError> {
         let (tx, mut choice_rx) = mpsc::unbounded_channel();
         let job = Job {
@@ -1167,20 +1219,29 @@ async fn start(
         });
         Ok(())
     };
-    let mut waiting = requests.into_iter().enumerate();
-    for (i, r) in waiting.by_ref().take(if share { 1 } else { parsed.n }) {
-        submit(i, r)?;
+    // Choices i.. of `range` not submitted yet.
+    let mut submit_range = |range: std::ops::Range<usize>| -> Result<(), ApiError> {
+        for i in range {
+            if let Some(r) = requests[i].take() {
+                submit(i, r)?;
+            }
+        }
+        Ok(())
+    };
+    for k in 0..total / n {
+        // With sharing, each prompt's choice 0 alone; its others once it has shared.
+        submit_range(k * n..if share { k * n + 1 } else { (k + 1) * n })?;
     }
     // Every choice must start before the response does (a refused request is an HTTP error,
     // not a 200 stream); the events of choices already running are kept meanwhile.
     let mut early = VecDeque::new();
     let mut started = 0;
-    while started < parsed.n {
+    while started < total {
         let e = rx.recv().await;
-        if matches!(e, Some((0, Event::Prefilled | Event::Done(_)))) {
-            for (i, r) in waiting.by_ref() {
-                submit(i, r)?;
-            }
+        if let Some((i, Event::Prefilled | Event::Done(_))) = &e
+            && i % n == 0
+        {
+            submit_range(i + 1..i + n)?;
         }
         match e {
             Some((_, Event::Started)) => started += 1,
@@ -1217,7 +1278,7 @@ async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, A
                 done += 1;
             }
             Some((_, Event::Failed(e))) => return Err(e),
-            Some((_, Event::Started | Event::Prefilled | Event::Progress(_))) => {}
+            Some((_, Event::Started | Event::Prefilled | Event::Progress { .. })) => {}
             None => {
                 return Err(ApiError::internal(
                     "the generation worker stopped unexpectedly",
@@ -1671,13 +1732,14 @@ struct ResponseMeta {
     model: String,
     endpoint: Endpoint,
     include_usage: bool,
-    /// `stream_options.continuous_usage_stats`: every chunk carries its choice's usage so far
-    /// (with the prompt's token count).
-    continuous_usage: Option<usize>,
+    /// `stream_options.continuous_usage_stats`: every chunk carries its choice's usage so far.
+    continuous_usage: bool,
     /// The request's number of alternatives per token; `None`: no logprobs asked.
     logprobs: Option<usize>,
-    /// Choices (`n`).
+    /// Choices: `n` for each prompt.
     n: usize,
+    /// `n`: choices i * n.. answer the request's i-th prompt.
+    per_prompt: usize,
     /// The request offered tools: replies are read for tool calls (a stream holds back what
     /// may be a call until the reply ends, [`tools::Holder`]).
     tools: bool,
@@ -1737,7 +1799,7 @@ impl ResponseMeta {
                 }
             })
             .collect();
-        let total = Outcome::total(&outcomes);
+        let total = Outcome::total(&outcomes, self.per_prompt);
         json!({
             "id": self.id,
             "object": if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
@@ -1864,8 +1926,8 @@ impl ResponseMeta {
         };
         let mut last = self.chunk(json!([choice]));
         let Some(total) = total else {
-            if let Some(prompt) = self.continuous_usage {
-                last["usage"] = usage_so_far(prompt, o.completion_tokens);
+            if self.continuous_usage {
+                last["usage"] = usage_so_far(o.prompt_tokens, o.completion_tokens);
             }
             return vec![last];
         };
@@ -1907,8 +1969,8 @@ fn sse_response(
         held: Vec<tools::Holder<TokenEntry>>,
         /// Per choice, with a reasoning parser: its thinking apart from its answer.
         split: Vec<Option<reasoning::Splitter<TokenEntry>>>,
-        /// Per choice: tokens generated so far.
-        tokens: Vec<usize>,
+        /// Per choice: its prompt's tokens and those generated so far.
+        tokens: Vec<(usize, usize)>,
         done: bool,
     }
     impl S {
@@ -1933,8 +1995,9 @@ fn sse_response(
                 let mut chunk = self
                     .meta
                     .delta_chunk(i, part, &text, &entries, self.first[i]);
-                if let Some(prompt) = self.meta.continuous_usage {
-                    chunk["usage"] = usage_so_far(prompt, self.tokens[i]);
+                if self.meta.continuous_usage {
+                    let (prompt, completion) = self.tokens[i];
+                    chunk["usage"] = usage_so_far(prompt, completion);
                 }
                 out.extend_from_slice(&sse_data(&chunk));
                 self.first[i] = false;
@@ -1953,7 +2016,7 @@ fn sse_response(
         first: vec![true; n],
         outcomes: vec![None; n],
         held: (0..n).map(|_| tools::Holder::default()).collect(),
-        tokens: vec![0; n],
+        tokens: vec![(0, 0); n],
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -1978,8 +2041,8 @@ fn sse_response(
                     break Bytes::from(out);
                 }
                 Some((_, Event::Started | Event::Prefilled)) => continue,
-                Some((i, Event::Progress(n))) => {
-                    s.tokens[i] = n;
+                Some((i, Event::Progress { prompt, completion })) => {
+                    s.tokens[i] = (prompt, completion);
                     continue;
                 }
                 Some((i, Event::Done(mut o))) => {
@@ -2001,7 +2064,7 @@ fn sse_response(
                     s.outcomes[i] = Some(o.clone());
                     let finished: Vec<&Outcome> = s.outcomes.iter().flatten().collect();
                     let total = (finished.len() == s.meta.n)
-                        .then(|| Outcome::total(&finished))
+                        .then(|| Outcome::total(&finished, s.meta.per_prompt))
                         .flatten();
                     for c in s.meta.final_chunks(i, &o, s.first[i], total.as_ref()) {
                         out.extend_from_slice(&sse_data(&c));
@@ -2061,7 +2124,7 @@ fn check_api_key<B>(
     let Some(keys) = &app.opts.api_keys else {
         return Ok(());
     };
-    let open = matches!(path, "/health" | "/ready" | "/metrics");
+    let open = matches!(path, "/health" | "/ready" | "/metrics" | "/version");
     let admin = (path.starts_with("/v1/policies/")
         && matches!(*method, Method::PUT | Method::DELETE)
         || LORA_ROUTES.contains(&path))
