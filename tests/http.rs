@@ -416,7 +416,7 @@ fn bad_input_gets_a_4xx_naming_the_field_and_never_hurts_the_server() {
         ),
         (
             "/v1/completions",
-            r#"{"prompt": "x", "logprobs": 6}"#.into(),
+            r#"{"prompt": "x", "logprobs": 21}"#.into(),
             400,
             Some("logprobs"),
         ),
@@ -1004,6 +1004,11 @@ fn vllm_sampling_extensions() {
     let free = complete(json!({"speculation": "off"}));
     let free_ids = ids(&free);
     assert_eq!(free_ids.len(), 24);
+    // Up to 20 alternatives per token on completions too (vLLM's default bound); named by id,
+    // every one is a key of its own.
+    let wide = complete(json!({"logprobs": 20, "max_tokens": 2}));
+    let top = &wide["choices"][0]["logprobs"]["top_logprobs"][0];
+    assert_eq!(top.as_object().unwrap().len(), 20, "{top}");
     // return_tokens_as_token_ids names the very tokens of the text.
     let d = s.post_json("/detokenize", &json!({"tokens": free_ids}));
     assert_eq!(d.json()["prompt"], text_of(&free).as_str());

@@ -63,8 +63,9 @@ pub const MAX_STOP: usize = 64;
 pub const MAX_N: usize = 16;
 /// A completions request's prompts times `n` go up to this (each a generation of its own).
 pub const MAX_CHOICES: usize = 64;
-/// `logprobs: N` on `/v1/completions` goes up to this (OpenAI's legacy limit).
-pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+/// `logprobs: N` on `/v1/completions` goes up to this: OpenAI's legacy limit is 5, vLLM's
+/// default 20 (what evaluation harnesses may ask for), as on chat.
+pub const MAX_COMPLETION_LOGPROBS: usize = MAX_TOP_LOGPROBS;
 /// `top_logprobs` on `/v1/chat/completions` goes up to this (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = crate::engine::MAX_TOP_LOGPROBS;
 
@@ -1594,7 +1595,7 @@ mod tests {
             (r#"{"prompt":"x","speculation":{"k":0}}"#, "speculation.k"),
             (r#"{"prompt":"x","speculation":{"kk":1}}"#, "speculation.kk"),
             (r#"{"prompt":"x","polcy":"strict"}"#, "polcy"),
-            (r#"{"prompt":"x","logprobs":6}"#, "logprobs"),
+            (r#"{"prompt":"x","logprobs":21}"#, "logprobs"),
             (r#"{"prompt":"x","logprobs":-1}"#, "logprobs"),
             (r#"{"prompt":"x","logprobs":true}"#, "logprobs"),
             (r#"{"prompt":"x","top_logprobs":2}"#, "top_logprobs"),
