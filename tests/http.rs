@@ -622,6 +622,96 @@ fn waiting_requests_start_by_priority() {
     assert_eq!(r.json()["error"]["param"], "priority", "{}", r.text());
 }
 
+/// `--allowed-origins`: a listed web page's scripts may call the server (CORS), the preflight
+/// answered without credentials; another page's get no CORS headers (the browser blocks it);
+/// a server without the option sends none.
+#[test]
+fn listed_web_origins_may_call_from_a_browser() {
+    let s = tiny_server(
+        256,
+        &[
+            "--allowed-origins",
+            "https://app.example,https://b.example",
+            "--api-key",
+            "k1",
+        ],
+    );
+    let preflight = |origin: &str| {
+        s.request(
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                (
+                    "Access-Control-Request-Headers",
+                    "authorization, content-type",
+                ),
+            ],
+            b"",
+        )
+    };
+    let ok = preflight("https://app.example");
+    assert_eq!(ok.status, 204, "{}", ok.text());
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        ok.header("access-control-allow-headers"),
+        Some("authorization, content-type")
+    );
+    assert!(
+        ok.header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    let other = preflight("https://evil.example");
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    assert_ne!(other.status, 204);
+    // The call itself: CORS headers for the listed page, the key still required.
+    let body = json!({"prompt": "hi", "max_tokens": 2}).to_string();
+    let call = |origin: &str, key: Option<&str>| {
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        let mut h = vec![("Origin", origin), ("Content-Type", "application/json")];
+        if let Some(b) = &bearer {
+            h.push(("Authorization", b.as_str()));
+        }
+        s.request("POST", "/v1/completions", &h, body.as_bytes())
+    };
+    let r = call("https://b.example", Some("k1"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://b.example")
+    );
+    assert_eq!(r.header("vary"), Some("Origin"));
+    let refused = call("https://b.example", None);
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        refused.header("access-control-allow-origin"),
+        Some("https://b.example"),
+        "a page can read why it was refused"
+    );
+    assert_eq!(
+        call("https://evil.example", Some("k1")).header("access-control-allow-origin"),
+        None
+    );
+    // Without the option: no CORS at all.
+    let plain = tiny_server(256, &[]);
+    let r = plain.request(
+        "OPTIONS",
+        "/v1/completions",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        b"",
+    );
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    assert_eq!(r.status, 405, "{}", r.text());
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let s = tiny_server(4096, &["--workers", "1", "--max-queue", "1"]);

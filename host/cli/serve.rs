@@ -131,6 +131,11 @@ pub struct ServeArgs {
     /// preempted.
     #[arg(long, value_enum, default_value = "fcfs")]
     pub scheduling_policy: crate::serve::http::Scheduling,
+    /// Web pages whose scripts may call the server from a browser (CORS), as origins
+    /// (`https://app.example`) or `*` for any; comma-separated or repeated. None by default:
+    /// a page the user visits cannot reach a local server unless listed here.
+    #[arg(long, value_delimiter = ',', value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
     /// Where the models run: cpu, cuda or cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = crate::cli::generate::parse_device)]
     pub device: crate::cli::generate::DeviceArg,
@@ -303,6 +308,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         pooling: args.pooling,
         allow_lora_loading: args.allow_lora_loading,
         scheduling: args.scheduling_policy,
+        allowed_origins: args.allowed_origins.clone(),
         lora_modules: modules
             .iter()
             .map(|(n, a)| (n.clone(), a.path().to_path_buf()))

@@ -78,6 +78,9 @@ pub struct ServeOptions {
     /// With `priority`, waiting requests start in the order of their `priority` field (lower
     /// first); with `fcfs` in arrival order, and a request may not set one.
     pub scheduling: Scheduling,
+    /// Web pages (origins, or `*` for any) whose scripts may call the server: CORS headers
+    /// and preflight answers for them. Empty: no CORS, browsers keep pages from calling.
+    pub allowed_origins: Vec<String>,
 }
 
 /// vLLM's `--scheduling-policy`: the order in which waiting requests get a worker.
@@ -109,6 +112,7 @@ impl ServeOptions {
             lora_modules: Vec::new(),
             allow_lora_loading: false,
             scheduling: Scheduling::Fcfs,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -368,6 +372,31 @@ async fn handle(
     // A client's request id comes back on the response (as vLLM's servers send it), so that
     // it can match replies and logs through proxies.
     let request_id = req.headers().get("x-request-id").cloned();
+    let origin = allowed_origin(&app.opts.allowed_origins, &req);
+    // A browser's preflight carries no credentials: answered before the key check.
+    if method == Method::OPTIONS
+        && let Some(origin) = &origin
+        && req.headers().contains_key("access-control-request-method")
+    {
+        let mut r = Response::new(BodyExt::boxed(Full::new(Bytes::new())));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        let h = r.headers_mut();
+        cors_headers(h, origin);
+        h.insert(
+            "access-control-allow-methods",
+            HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+        );
+        let asked = req.headers().get("access-control-request-headers").cloned();
+        h.insert(
+            "access-control-allow-headers",
+            asked.unwrap_or(HeaderValue::from_static(
+                "authorization, content-type, x-api-key, x-request-id",
+            )),
+        );
+        h.insert("access-control-max-age", HeaderValue::from_static("600"));
+        app.metrics.request("preflight", 204);
+        return Ok(r);
+    }
     let (route, result) = match check_api_key(&app, &method, &path, &req) {
         Ok(()) => route(&app, method, &path, req).await,
         Err(e) => ("unauthorized", Err(e)),
@@ -393,8 +422,31 @@ async fn handle(
     if let Some(id) = request_id {
         resp.headers_mut().insert("x-request-id", id);
     }
+    if let Some(origin) = &origin {
+        cors_headers(resp.headers_mut(), origin);
+    }
     app.metrics.request(route, resp.status().as_u16());
     Ok(resp)
+}
+
+/// The request's `Origin` when `allowed` lets it call (`*`: any), as the value to send back.
+fn allowed_origin<B>(allowed: &[String], req: &Request<B>) -> Option<HeaderValue> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/') == text)
+        .then(|| origin.clone())
+}
+
+/// CORS headers for an allowed origin (echoed, so that caches keep answers per origin).
+fn cors_headers(h: &mut hyper::HeaderMap, origin: &HeaderValue) {
+    h.insert("access-control-allow-origin", origin.clone());
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static("x-request-id, retry-after"),
+    );
 }
 
 async fn route(
