@@ -31,7 +31,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve(_)));
+    let (serve, log_requests) = match &cli.command {
+        Command::Serve(a) => (true, !a.disable_log_requests),
+        _ => (false, false),
+    };
+    init_logging(serve, log_requests);
     let result = match cli.command {
         Command::Generate(args) => verdict::cli::generate::run(args),
         Command::Policy(args) => verdict::cli::policy::run(args),
@@ -53,9 +57,14 @@ fn main() -> ExitCode {
 /// Log lines on stderr: warnings (a policy artifact discarded, structured outputs off for a
 /// model, a prompt-cache failure) and, for `serve`, verdict's own info lines (the model loaded,
 /// its KV cache, LoRA modules, policy swaps). `RUST_LOG` overrides, e.g. `RUST_LOG=debug`.
-fn init_logging(serve: bool) {
+fn init_logging(serve: bool, log_requests: bool) {
     use std::io::IsTerminal;
-    let default = if serve { "warn,verdict=info" } else { "warn" };
+    let default = match (serve, log_requests) {
+        (true, true) => "warn,verdict=info",
+        // Each request's lines (`verdict::requests`) off, verdict's other info lines on.
+        (true, false) => "warn,verdict=info,verdict::requests=off",
+        (false, _) => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Another subscriber already set is not an error worth stopping for.

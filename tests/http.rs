@@ -712,6 +712,44 @@ fn listed_web_origins_may_call_from_a_browser() {
     assert_eq!(r.status, 405, "{}", r.text());
 }
 
+/// Each answered request logs a line (method, route, status, time, the client's request id),
+/// and each generation its tokens; probes log none; `--disable-log-requests` turns both off.
+#[test]
+fn each_request_logs_a_line_unless_disabled() {
+    let ask = |s: &Server| {
+        let r = s.request(
+            "POST",
+            "/v1/completions",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Request-Id", "r-7"),
+            ],
+            json!({"prompt": "hi", "max_tokens": 3, "ignore_eos": true})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(s.get("/health").status, 200);
+    };
+    let s = tiny_server(256, &[]);
+    ask(&s);
+    wait_for("the request's line", &s, Duration::from_secs(10), || {
+        s.log_text().contains("POST /v1/completions 200 in")
+    });
+    let log = s.log_text();
+    assert!(log.contains("(x-request-id r-7)"), "{log}");
+    assert!(
+        log.contains("generation ended (length): ") && log.contains(", 3 generated in"),
+        "{log}"
+    );
+    assert!(!log.contains("/health"), "{log}");
+    let quiet = tiny_server(256, &["--disable-log-requests"]);
+    ask(&quiet);
+    let log = quiet.log_text();
+    assert!(log.contains("ready"), "{log}");
+    assert!(!log.contains("verdict::requests"), "{log}");
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let s = tiny_server(4096, &["--workers", "1", "--max-queue", "1"]);

@@ -136,6 +136,10 @@ pub struct ServeArgs {
     /// a page the user visits cannot reach a local server unless listed here.
     #[arg(long, value_delimiter = ',', value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
+    /// No log line per request (vLLM's flag): by default each answered request logs its
+    /// method, route, status and time, and each generation its tokens and speed, on stderr.
+    #[arg(long)]
+    pub disable_log_requests: bool,
     /// Where the models run: cpu, cuda or cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", value_parser = crate::cli::generate::parse_device)]
     pub device: crate::cli::generate::DeviceArg,

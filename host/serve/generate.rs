@@ -544,6 +544,12 @@ impl Job {
             .observe(arrived.elapsed().as_secs_f64());
         metrics.finished(finish_reason);
         let speculation = SpeculationReport::new(stats);
+        let seconds = arrived.elapsed().as_secs_f64();
+        tracing::info!(
+            target: "verdict::requests",
+            "generation ended ({finish_reason}): {prompt_tokens} prompt tokens ({cached_tokens} cached), {produced} generated in {seconds:.2} s, {:.2} per step",
+            speculation.tokens_per_step
+        );
         // A stop token of the request's own ends it with that token as the reason (an EOS
         // token, unless EOS is ignored, is a plain end).
         let stop_token = generation

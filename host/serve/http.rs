@@ -367,6 +367,7 @@ async fn handle(
     _peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let arrived = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     // A client's request id comes back on the response (as vLLM's servers send it), so that
@@ -398,7 +399,7 @@ async fn handle(
         return Ok(r);
     }
     let (route, result) = match check_api_key(&app, &method, &path, &req) {
-        Ok(()) => route(&app, method, &path, req).await,
+        Ok(()) => route(&app, method.clone(), &path, req).await,
         Err(e) => ("unauthorized", Err(e)),
     };
     let resp = match result {
@@ -424,6 +425,21 @@ async fn handle(
     }
     if let Some(origin) = &origin {
         cors_headers(resp.headers_mut(), origin);
+    }
+    // Probes come every few seconds: their lines would drown the others.
+    if !matches!(route, "/health" | "/ready" | "/metrics" | "/version") {
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| format!(" (x-request-id {v})"))
+            .unwrap_or_default();
+        tracing::info!(
+            target: "verdict::requests",
+            "{method} {path} {} in {:.1} ms{id}",
+            resp.status().as_u16(),
+            arrived.elapsed().as_secs_f64() * 1e3
+        );
     }
     app.metrics.request(route, resp.status().as_u16());
     Ok(resp)
