@@ -1002,6 +1002,43 @@ fn bad_words_and_allowed_tokens_mask_the_target_and_strict_stays_lossless() {
         }
     }
     assert!(drafted > 0);
+    // A lossy policy that accepts every draft (threshold's floor at 0) still emits no barred
+    // token: the target itself drafts, proposing the barred tokens it favours unmasked.
+    let accept_all = engine(
+        target.clone(),
+        Some(target.clone()),
+        Some(DrafterSpec::Model),
+        4,
+    );
+    for prompt in PROMPTS {
+        let (free, _) = run(&plain, greedy(prompt, 40, Speculation::Off));
+        let bad = vec![vec![free[1]], vec![free[4], free[5]]];
+        let allowed: Vec<u32> = (0..64)
+            .chain(free.iter().copied())
+            .filter(|&t| t != free[2])
+            .collect();
+        let (out, stats) = run(
+            &accept_all,
+            GenerateRequest {
+                policy: Some("threshold".into()),
+                policy_params: vec![("rule".into(), 2.0), ("floor".into(), 0.0)],
+                penalties: Penalties {
+                    bad_words: bad.clone(),
+                    allowed: allowed.clone(),
+                    ..Penalties::default()
+                },
+                ..greedy(prompt, 40, Speculation::Default)
+            },
+        );
+        assert!(stats.drafted > 0 && stats.accepted > 0, "{stats:?}");
+        for w in &bad {
+            assert!(
+                !out.windows(w.len()).any(|x| x == w.as_slice()),
+                "{w:?} in {out:?}"
+            );
+        }
+        assert!(out.iter().all(|t| allowed.contains(t)), "{out:?}");
+    }
     // The only allowed token is a stop token that min_tokens holds back: nothing may come.
     let mut g = plain
         .start(GenerateRequest {

@@ -1256,11 +1256,34 @@ fn vllm_sampling_extensions() {
     assert_eq!(v["usage"]["prompt_tokens"], 250);
     let r = s.post_json("/v1/completions", &json!({"prompt": long, "max_tokens": 6}));
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    // Without max_tokens, room for completions' default of 16; a max_tokens filling the
+    // context leaves no room for any prompt.
+    let v = complete(json!({"prompt": long, "max_tokens": null, "truncate_prompt_tokens": -1}));
+    assert_eq!(v["usage"]["prompt_tokens"], 240);
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": long, "max_tokens": 256, "truncate_prompt_tokens": -1}),
+    );
+    assert_eq!(r.json()["error"]["param"], "max_tokens", "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
 
-    // continuous_usage_stats: every chunk counts the tokens so far.
+    // continuous_usage_stats (with include_usage, as vLLM reads it): every chunk counts the
+    // tokens so far, an echoed prompt's chunk too.
     let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": true,
                       "stream_options": {"continuous_usage_stats": true, "include_usage": true},
                       "speculation": {"draft": "model", "k": 3}});
+    let mut echoed = body.clone();
+    echoed["echo"] = json!(true);
+    let first: Value =
+        serde_json::from_str(&s.open_stream("/v1/completions", &echoed).collect()[0]).unwrap();
+    assert_eq!(first["usage"]["prompt_tokens"], 20, "{first}");
+    assert_eq!(first["usage"]["completion_tokens"], 0, "{first}");
+    let mut alone = body.clone();
+    alone["stream_options"] = json!({"continuous_usage_stats": true});
+    let first: Value =
+        serde_json::from_str(&s.open_stream("/v1/completions", &alone).collect()[0]).unwrap();
+    assert!(first["usage"].is_null(), "{first}");
     let events = s.open_stream("/v1/completions", &body).collect();
     let mut counts = Vec::new();
     for e in events.iter().filter(|e| *e != "[DONE]") {
@@ -1389,6 +1412,25 @@ fn a_completions_request_answers_each_of_its_prompts() {
     assert!(done);
     let want: Vec<String> = alone.iter().map(text_of).collect();
     assert_eq!(texts, want);
+    // Each prompt's second choice starts once its first has read the prompt (the prompt
+    // cache shares it), not once the first has ended: their chunks interleave, every prompt.
+    let body = json!({"prompt": all, "n": 2, "max_tokens": 200, "ignore_eos": true,
+                      "temperature": 0, "stream": true});
+    let mut order = Vec::new();
+    for e in s.open_stream("/v1/completions", &body).collect() {
+        if let Ok(v) = serde_json::from_str::<Value>(&e) {
+            for c in v["choices"].as_array().unwrap() {
+                if !c["text"].as_str().unwrap().is_empty() {
+                    order.push(c["index"].as_u64().unwrap() as usize);
+                }
+            }
+        }
+    }
+    for k in 0..3 {
+        let first_of_second = order.iter().position(|&i| i == 2 * k + 1).unwrap();
+        let last_of_first = order.iter().rposition(|&i| i == 2 * k).unwrap();
+        assert!(first_of_second < last_of_first, "prompt {k}: {order:?}");
+    }
     // A bad prompt is named by its index; too many generations by n.
     for (body, param) in [
         (json!({"prompt": ["ok", [1, 99999]]}), "prompt[1][1]"),

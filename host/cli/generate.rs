@@ -603,7 +603,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     stop_tokens.extend(&args.stop_token_ids);
     let bad_words = crate::sample::bad_words_ids(&args.bad_words, |w| tok.encode(w, false))
-        .map_err(|e| anyhow::anyhow!("--bad-word: {e}"))?;
+        .map_err(|(_, e)| anyhow::anyhow!("--bad-word: {e}"))?;
     let grammar = match grammar_spec(&args)? {
         Some(spec) => Some(
             Grammars::new(&tok)?

@@ -875,10 +875,11 @@ impl Generation {
             }
             correction = Correction::Sample;
         }
-        // Nothing past the first draft the grammar refuses (a lossy policy may accept it). The
-        // cut above leaves none such, save an end token that something else bars (min_tokens);
-        // this cap stands whatever the drafts.
-        self.stats.grammar_cuts += u64::from(v.allowed < kd && !cut);
+        // Nothing past the first draft the grammar or a mask refuses (a lossy policy may accept
+        // it). The grammar's cut above leaves none such, save an end token that something else
+        // bars (min_tokens); this cap stands whatever the drafts.
+        let grammar = self.adjust.as_ref().is_some_and(|a| a.grammar.is_some());
+        self.stats.grammar_cuts += u64::from(v.allowed < kd && !cut && grammar);
         if n > v.allowed {
             n = v.allowed;
             correction = Correction::Sample;

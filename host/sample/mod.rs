@@ -25,8 +25,8 @@ impl Adjust {
     }
 
     /// Adjusts `rows`: row i is the position after the output and `drafts[..i]`. Returns how
-    /// many drafts the grammar allows in a row (all of them without a grammar): no step may
-    /// accept more.
+    /// many drafts in a row the adjusted rows allow (the grammar, and the masks: a draft whose
+    /// own row bars it ends them): no step may accept more, whatever a lossy policy says.
     /// A row that would be read (up to the one after the last allowed draft) with no token
     /// left is a [`NoTokenAllowed`] error: nothing could be drawn there but a wrong token.
     pub fn rows(&mut self, rows: &mut [Vec<f32>], drafts: &[u32]) -> anyhow::Result<usize> {
@@ -35,10 +35,18 @@ impl Adjust {
                 z.apply(row, &drafts[..i.min(drafts.len())]);
             }
         }
-        let allowed = match self.grammar.as_mut() {
+        let mut allowed = match self.grammar.as_mut() {
             Some(g) => g.mask_rows(rows, drafts)?,
             None => drafts.len(),
         };
+        if self.penalties.is_some() {
+            let barred = |i: usize| {
+                rows.get(i)
+                    .and_then(|r| r.get(drafts[i] as usize))
+                    .is_none_or(|&x| x == f32::NEG_INFINITY)
+            };
+            allowed = (0..allowed).find(|&i| barred(i)).unwrap_or(allowed);
+        }
         if let Some(i) = rows
             .iter()
             .take(allowed + 1)

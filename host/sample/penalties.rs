@@ -133,20 +133,21 @@ impl Penalties {
 /// The token sequences `bad_words` bans, as vLLM makes them: each word (leading spaces
 /// trimmed) as tokenized at the start of a text, and with a space before it where that is a
 /// different token sequence of the same length (the word in the middle of a text). Each is
-/// banned only in that tokenization, as in vLLM. An error names the word that has no tokens.
+/// banned only in that tokenization, as in vLLM. An error gives the index of the word at fault
+/// (one without tokens) and says why.
 pub fn bad_words_ids(
     words: &[String],
     mut encode: impl FnMut(&str) -> anyhow::Result<Vec<u32>>,
-) -> Result<Vec<Vec<u32>>, String> {
+) -> Result<Vec<Vec<u32>>, (usize, String)> {
     let mut out: Vec<Vec<u32>> = Vec::new();
     for (i, w) in words.iter().enumerate() {
         let bare = w.trim_start();
-        let ids = encode(bare).map_err(|e| format!("cannot tokenize bad_words[{i}]: {e:#}"))?;
+        let fail = |e: anyhow::Error| (i, format!("cannot tokenize bad_words[{i}]: {e:#}"));
+        let ids = encode(bare).map_err(fail)?;
         if ids.is_empty() {
-            return Err(format!("bad_words[{i}] ({w:?}) has no tokens"));
+            return Err((i, format!("bad_words[{i}] ({w:?}) has no tokens")));
         }
-        let spaced = encode(&format!(" {bare}"))
-            .map_err(|e| format!("cannot tokenize bad_words[{i}]: {e:#}"))?;
+        let spaced = encode(&format!(" {bare}")).map_err(fail)?;
         let new_word = spaced.len() == ids.len() && spaced.first() != ids.first();
         out.push(ids);
         if new_word && !out.contains(&spaced) {
@@ -449,7 +450,8 @@ mod tests {
             vec![vec![104, 105], vec![1104, 1105]]
         );
         let none = |_: &str| -> anyhow::Result<Vec<u32>> { Ok(vec![]) };
-        let e = bad_words_ids(&["a".into(), "zz".into()], none).unwrap_err();
+        let (i, e) = bad_words_ids(&["a".into(), "zz".into()], none).unwrap_err();
+        assert_eq!(i, 0);
         assert!(e.contains("bad_words[0]"), "{e}");
     }
 

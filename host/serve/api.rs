@@ -131,7 +131,7 @@ pub struct ParsedRequest {
     /// vLLM's `skip_special_tokens` (default true): special tokens are left out of the text.
     pub skip_special: bool,
     /// vLLM's `truncate_prompt_tokens`: keep only the prompt's last N tokens. `Some(None)`
-    /// (-1): as many as leave room for `max_tokens` in the context.
+    /// (-1): as many as leave room for `max_tokens` (16 when not given) in the context.
     pub truncate_prompt: Option<Option<usize>>,
     /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens as `token_id:N`.
     pub tokens_as_ids: bool,
@@ -262,6 +262,7 @@ pub fn parse_object(
                             "include_usage" => {
                                 r.include_usage = opt(sv, |v| boolean(&name, v))?.unwrap_or(false)
                             }
+                            // As in vLLM, it takes effect with include_usage (checked below).
                             "continuous_usage_stats" => {
                                 r.continuous_usage =
                                     opt(sv, |v| boolean(&name, v))?.unwrap_or(false)
@@ -522,6 +523,7 @@ pub fn parse_object(
             .entry("reasoning_effort")
             .or_insert(Value::String(e));
     }
+    r.continuous_usage &= r.include_usage;
     let generations = (1 + r.more_prompts.len()) * r.n;
     if generations > MAX_CHOICES {
         return Err(ApiError::invalid(

@@ -205,8 +205,9 @@ pub struct Job {
     /// The request field that set its grammar: a grammar that fails while generating is the
     /// request's error, named by it.
     pub grammar_field: Option<&'static str>,
-    /// The field named when the request's masks leave no token ([`NoTokenAllowed`]).
-    pub mask_field: &'static str,
+    /// The field named when the request's masks leave no token ([`NoTokenAllowed`]); `None`:
+    /// it set no mask, so such a row is the model's failure.
+    pub mask_field: Option<&'static str>,
     /// The stop string that ends the output is sent with it.
     pub include_stop: bool,
     /// Logprobs name tokens `token_id:N`.
@@ -383,8 +384,10 @@ impl Job {
                             let field = grammar_field.unwrap_or("grammar");
                             ApiError::invalid(field, format!("{field}: {g}"))
                         }
-                        (None, Some(m)) => ApiError::invalid(mask_field, m.to_string()),
-                        (None, None) => {
+                        (None, Some(m)) if let Some(field) = mask_field => {
+                            ApiError::invalid(field, m.to_string())
+                        }
+                        _ => {
                             tracing::error!("generation step failed: {e:#}");
                             ApiError::internal(format!("generation failed: {e:#}"))
                         }
@@ -413,7 +416,7 @@ impl Job {
                             }
                             None => Vec::new(),
                         };
-                        let _ = events.send(Event::Delta(text, entries));
+                        let _ = send_delta(&events, (prompt_tokens, 0), text, entries);
                     }
                     Err(e) => {
                         metrics.finished("error");
@@ -479,13 +482,8 @@ impl Job {
                 if pushed.stop.is_some() {
                     stop_sequence = pushed.stop;
                     let entries = release(&mut aligner, Aligner::release_stopped);
-                    if !delta.is_empty() || !entries.is_empty() {
-                        let _ = events.send(Event::Progress {
-                            prompt: prompt_tokens,
-                            completion: produced,
-                        });
-                        let _ = events.send(Event::Delta(std::mem::take(&mut delta), entries));
-                    }
+                    let counts = (prompt_tokens, produced);
+                    let _ = send_delta(&events, counts, std::mem::take(&mut delta), entries);
                     break 'steps "stop";
                 }
             }
@@ -513,25 +511,11 @@ impl Job {
                 } else {
                     release(&mut aligner, Aligner::release_all)
                 };
-                if !delta.is_empty() || !entries.is_empty() {
-                    let _ = events.send(Event::Progress {
-                        prompt: prompt_tokens,
-                        completion: produced,
-                    });
-                    let _ = events.send(Event::Delta(delta, entries));
-                }
+                let _ = send_delta(&events, (prompt_tokens, produced), delta, entries);
                 break reason;
             }
             let entries = release(&mut aligner, Aligner::release);
-            if (!delta.is_empty() || !entries.is_empty())
-                && (events
-                    .send(Event::Progress {
-                        prompt: prompt_tokens,
-                        completion: produced,
-                    })
-                    .is_err()
-                    || events.send(Event::Delta(delta, entries)).is_err())
-            {
+            if send_delta(&events, (prompt_tokens, produced), delta, entries).is_err() {
                 // The client left; the check at the top of the loop records it.
                 continue;
             }
@@ -569,6 +553,23 @@ impl Job {
             speculation,
         }));
     }
+}
+
+/// Sends new text and its logprobs (nothing when both are empty), after the token counts so far
+/// (prompt, generated). An error: the client has gone.
+fn send_delta(
+    events: &UnboundedSender<Event>,
+    (prompt, completion): (usize, usize),
+    text: String,
+    entries: Vec<TokenEntry>,
+) -> Result<(), ()> {
+    if text.is_empty() && entries.is_empty() {
+        return Ok(());
+    }
+    events
+        .send(Event::Progress { prompt, completion })
+        .map_err(|_| ())?;
+    events.send(Event::Delta(text, entries)).map_err(|_| ())
 }
 
 /// The logprobs to send with a delta (none when the request did not ask).

@@ -395,6 +395,10 @@ async fn handle(
             )),
         );
         h.insert("access-control-max-age", HeaderValue::from_static("600"));
+        h.insert(
+            header::VARY,
+            HeaderValue::from_static("Origin, Access-Control-Request-Headers"),
+        );
         app.metrics.request("preflight", 204);
         return Ok(r);
     }
@@ -425,6 +429,11 @@ async fn handle(
     }
     if let Some(origin) = &origin {
         cors_headers(resp.headers_mut(), origin);
+    }
+    // Answers differ by origin whenever CORS is on: caches must keep them apart.
+    if !app.opts.allowed_origins.is_empty() {
+        resp.headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("Origin"));
     }
     // Probes come every few seconds: their lines would drown the others.
     if !matches!(route, "/health" | "/ready" | "/metrics" | "/version") {
@@ -458,7 +467,6 @@ fn allowed_origin<B>(allowed: &[String], req: &Request<B>) -> Option<HeaderValue
 /// CORS headers for an allowed origin (echoed, so that caches keep answers per origin).
 fn cors_headers(h: &mut hyper::HeaderMap, origin: &HeaderValue) {
     h.insert("access-control-allow-origin", origin.clone());
-    h.insert(header::VARY, HeaderValue::from_static("Origin"));
     h.insert(
         "access-control-expose-headers",
         HeaderValue::from_static("x-request-id, retry-after"),
@@ -1196,15 +1204,15 @@ async fn start(
             if parsed.more_prompts.is_empty() {
                 return prepare(&app, &served, &parsed).map(|r| vec![r]);
             }
+            let mut one = ParsedRequest {
+                more_prompts: Vec::new(),
+                ..parsed.clone()
+            };
             let prompts = parsed.prompt.iter().chain(&parsed.more_prompts);
             prompts
                 .enumerate()
                 .map(|(k, p)| {
-                    let one = ParsedRequest {
-                        prompt: Some(p.clone()),
-                        more_prompts: Vec::new(),
-                        ..parsed.clone()
-                    };
+                    one.prompt = Some(p.clone());
                     // An error about the prompt names which one: `prompt[k]...`.
                     prepare(&app, &served, &one).map_err(|e| {
                         let at = e.param.as_deref().and_then(|p| p.strip_prefix("prompt"));
@@ -1258,7 +1266,7 @@ async fn start(
             metrics: app.metrics.clone(),
             echo: parsed.echo,
             ignore_eos: parsed.ignore_eos,
-            share_prompt: share && i == 0,
+            share_prompt: share && i.is_multiple_of(n),
             keep_special: parsed.tools.is_some() || !parsed.skip_special,
             grammar_field: parsed.grammar.as_ref().map(|(field, _)| *field),
             mask_field: mask_field(parsed),
@@ -1271,13 +1279,19 @@ async fn start(
             .map_err(at_capacity)?;
         let all_tx = all_tx.clone();
         // Ends when the choice does or the handler is gone (then dropping `choice_rx` tells
-        // the generation, even one still queued, that nobody listens).
+        // the generation, even one still queued, that nobody listens). A generation that stops
+        // without a word (a bug that panicked) fails its request instead of leaving it waiting.
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     e = choice_rx.recv() => {
-                        let Some(e) = e else { break };
-                        if all_tx.send((i, e)).is_err() {
+                        let Some(e) = e else {
+                            let e = ApiError::internal("the generation stopped unexpectedly");
+                            let _ = all_tx.send((i, Event::Failed(e)));
+                            break;
+                        };
+                        let last = matches!(e, Event::Done(_) | Event::Failed(_));
+                        if all_tx.send((i, e)).is_err() || last {
                             break;
                         }
                     }
@@ -1307,7 +1321,7 @@ async fn start(
     while started < total {
         let e = rx.recv().await;
         if let Some((i, Event::Prefilled | Event::Done(_))) = &e
-            && i % n == 0
+            && i.is_multiple_of(n)
         {
             submit_range(i + 1..i + n)?;
         }
@@ -1656,13 +1670,28 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
     check_ids(&p.penalties.allowed, tokenizer, "allowed_token_ids")?;
     let mut penalties = p.penalties.clone();
     penalties.bad_words = sample::bad_words_ids(&p.bad_words, |w| tokenizer.encode(w, false))
-        .map_err(|e| ApiError::invalid("bad_words", e))?;
+        .map_err(|(i, e)| ApiError::invalid(format!("bad_words[{i}]"), e))?;
     let ctx = engine.max_context();
     // vLLM's truncate_prompt_tokens: the prompt's last N tokens (-1: all that leave room for
-    // max_tokens, or for one token when it is not given).
+    // max_tokens, 16 when it is not given).
     let mut prompt = prompt;
     if let Some(keep) = p.truncate_prompt {
-        let keep = keep.unwrap_or_else(|| ctx.saturating_sub(p.max_tokens.unwrap_or(1).max(1)));
+        let keep = match keep {
+            Some(n) => n,
+            None => {
+                let reserve = p.max_tokens.unwrap_or(16).max(1);
+                if reserve >= ctx {
+                    return Err(ApiError::invalid(
+                        "max_tokens",
+                        format!(
+                            "max_tokens = {reserve} leaves no room for a prompt in this model's context of {ctx}"
+                        ),
+                    )
+                    .with_code("context_length_exceeded"));
+                }
+                ctx - reserve
+            }
+        };
         if prompt.len() > keep {
             prompt.drain(..prompt.len() - keep);
         }
@@ -1763,16 +1792,17 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
 }
 
 /// The field to name when a request's masks leave no token to generate
-/// ([`sample::NoTokenAllowed`]): the narrowest one it set.
-fn mask_field(p: &ParsedRequest) -> &'static str {
+/// ([`sample::NoTokenAllowed`]): the narrowest one it set. `None` when it set none (then the
+/// model's own row had no number in it: not the request's fault).
+fn mask_field(p: &ParsedRequest) -> Option<&'static str> {
     if !p.penalties.allowed.is_empty() {
-        "allowed_token_ids"
+        Some("allowed_token_ids")
     } else if let Some((field, _)) = &p.grammar {
-        field
+        Some(field)
     } else if !p.bad_words.is_empty() {
-        "bad_words"
+        Some("bad_words")
     } else {
-        "min_tokens"
+        (p.penalties.min_tokens > 0).then_some("min_tokens")
     }
 }
 
@@ -1825,12 +1855,9 @@ fn usage_so_far(prompt_tokens: usize, completion_tokens: usize) -> Value {
 }
 
 fn usage(o: &Outcome) -> Value {
-    json!({
-        "prompt_tokens": o.prompt_tokens,
-        "completion_tokens": o.completion_tokens,
-        "total_tokens": o.prompt_tokens + o.completion_tokens,
-        "prompt_tokens_details": { "cached_tokens": o.cached_tokens },
-    })
+    let mut u = usage_so_far(o.prompt_tokens, o.completion_tokens);
+    u["prompt_tokens_details"] = json!({ "cached_tokens": o.cached_tokens });
+    u
 }
 
 impl ResponseMeta {
