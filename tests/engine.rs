@@ -715,14 +715,31 @@ fn speculative_sampling_follows_min_p() {
     assert_fits_not(&counts, &exact, &untruncated, "no min-p");
 }
 
-/// Greedy decoding of `target` with the penalties applied by this loop's own arithmetic (the
-/// order and operations `Penalties` documents), one single-token forward per token.
-fn reference_penalized_greedy(target: &Model, prompt: &[u32], n: usize, p: &Penalties) -> Vec<u32> {
+/// Greedy decoding of `target`, one single-token forward per token, each row changed by
+/// `adjust(row, output so far)` before its argmax.
+fn reference_greedy(
+    target: &Model,
+    prompt: &[u32],
+    n: usize,
+    mut adjust: impl FnMut(&mut [f32], &[u32]),
+) -> Vec<u32> {
     let mut sess = target.session();
     let mut logits = sess.forward(prompt, Rows::Last).unwrap().logits;
     let mut out: Vec<u32> = Vec::new();
     for _ in 0..n {
         let mut row = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        adjust(&mut row, &out);
+        let next = verdict::sample::argmax(&row);
+        out.push(next);
+        logits = sess.forward(&[next], Rows::Last).unwrap().logits;
+    }
+    out
+}
+
+/// Greedy decoding of `target` with the penalties applied by this loop's own arithmetic (the
+/// order and operations `Penalties` documents).
+fn reference_penalized_greedy(target: &Model, prompt: &[u32], n: usize, p: &Penalties) -> Vec<u32> {
+    reference_greedy(target, prompt, n, |row, out| {
         for &(t, b) in &p.logit_bias {
             row[t as usize] += b;
         }
@@ -740,11 +757,7 @@ fn reference_penalized_greedy(target: &Model, prompt: &[u32], n: usize, p: &Pena
                 *x -= c as f32 * p.frequency + p.presence;
             }
         }
-        let next = verdict::sample::argmax(&row);
-        out.push(next);
-        logits = sess.forward(&[next], Rows::Last).unwrap().logits;
-    }
-    out
+    })
 }
 
 /// Penalties and a logit bias change the target's distribution, and speculation follows the
@@ -909,11 +922,7 @@ fn reference_masked_greedy(
     bad: &[Vec<u32>],
     allowed: &[u32],
 ) -> Vec<u32> {
-    let mut sess = target.session();
-    let mut logits = sess.forward(prompt, Rows::Last).unwrap().logits;
-    let mut out: Vec<u32> = Vec::new();
-    for _ in 0..n {
-        let mut row = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    reference_greedy(target, prompt, n, |row, out| {
         for w in bad {
             let (last, before) = w.split_last().unwrap();
             if out.ends_with(before) {
@@ -927,11 +936,7 @@ fn reference_masked_greedy(
                 }
             }
         }
-        let next = verdict::sample::argmax(&row);
-        out.push(next);
-        logits = sess.forward(&[next], Rows::Last).unwrap().logits;
-    }
-    out
+    })
 }
 
 /// `bad_words` and `allowed_token_ids` mask the target's rows, and speculation verifies

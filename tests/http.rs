@@ -56,6 +56,43 @@ fn wait_for(what: &str, server: &Server, timeout: Duration, mut f: impl FnMut() 
     }
 }
 
+/// `base` with `extra`'s fields set over it.
+fn merged(mut base: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().expect("extra fields: an object") {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// POSTs `body`, which must be answered 200: the answer.
+fn ok_json(s: &Server, path: &str, body: &Value) -> Value {
+    let r = s.post_json(path, body);
+    assert_eq!(r.status, 200, "{body}: {}", r.text());
+    r.json()
+}
+
+/// Sends a completions request without reading the answer: the connection, to read or drop.
+fn send_only(s: &Server, body: &Value) -> std::net::TcpStream {
+    let mut c = s.connect();
+    http_common::write_request(
+        &mut c,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().as_bytes(),
+    )
+    .unwrap();
+    c
+}
+
+/// The tokenizer of a GGUF model file.
+fn tokenizer_of(model: &str) -> verdict::models::tokenizer::Tokenizer {
+    let m =
+        verdict::models::Model::load_gguf(std::path::Path::new(model), &candle_core::Device::Cpu)
+            .unwrap();
+    verdict::models::tokenizer::Tokenizer::from_gguf(m.gguf_metadata().unwrap()).unwrap()
+}
+
 fn text_of(v: &Value) -> String {
     let c = &v["choices"][0];
     c["text"]
@@ -530,17 +567,10 @@ fn a_client_that_disconnects_cancels_its_generation() {
         || s.metric(cancelled) >= 1.0,
     );
     // Non-streamed: the client sends and leaves.
-    let mut c = s.connect();
-    http_common::write_request(
-        &mut c,
-        "POST",
-        "/v1/completions",
-        &[],
-        json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off"})
-            .to_string()
-            .as_bytes(),
-    )
-    .unwrap();
+    let c = send_only(
+        &s,
+        &json!({"prompt": "go", "max_tokens": 4000, "temperature": 0, "speculation": "off"}),
+    );
     wait_for("the request to start", &s, Duration::from_secs(60), || {
         s.metric("verdict_active_generations") >= 1.0
     });
@@ -575,15 +605,7 @@ fn waiting_requests_start_by_priority() {
     assert!(running.next_event().is_some());
     let mut waiting = Vec::new();
     for (name, priority) in [("low", 10), ("high", -5), ("mid", 0)] {
-        let mut c = s.connect();
-        http_common::write_request(
-            &mut c,
-            "POST",
-            "/v1/completions",
-            &[],
-            long(priority).to_string().as_bytes(),
-        )
-        .unwrap();
+        let c = send_only(&s, &long(priority));
         let n = waiting.len() as f64 + 1.0;
         wait_for("the request to queue", &s, Duration::from_secs(30), || {
             s.metric("verdict_queue_depth") >= n
@@ -757,15 +779,7 @@ fn a_full_queue_answers_429_with_retry_after() {
     let mut running = s.open_stream("/v1/completions", &long);
     assert!(running.next_event().is_some());
     // The second waits in the queue (its response only starts when a worker takes it).
-    let mut queued = s.connect();
-    http_common::write_request(
-        &mut queued,
-        "POST",
-        "/v1/completions",
-        &[],
-        long.to_string().as_bytes(),
-    )
-    .unwrap();
+    let queued = send_only(&s, &long);
     wait_for("the queued request", &s, Duration::from_secs(30), || {
         s.metric("verdict_queue_depth") >= 1.0
     });
@@ -998,14 +1012,15 @@ fn penalties_and_logit_bias_change_the_output_and_speculation_keeps_it() {
     let log_dir = dir.path().to_path_buf();
     let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     let complete = |extra: Value| -> Value {
-        let mut body = json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 24,
-                              "temperature": 0, "logprobs": 1});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json("/v1/completions", &body);
-        assert_eq!(r.status, 200, "{body}: {}", r.text());
-        r.json()
+        ok_json(
+            &s,
+            "/v1/completions",
+            &merged(
+                json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 24,
+                              "temperature": 0, "logprobs": 1}),
+                &extra,
+            ),
+        )
     };
     let tokens = |v: &Value| v["choices"][0]["logprobs"]["tokens"].clone();
     let penalties = json!({"frequency_penalty": 1.5, "presence_penalty": 1.0,
@@ -1048,20 +1063,14 @@ fn penalties_and_logit_bias_change_the_output_and_speculation_keeps_it() {
         .collect();
     assert!(raw.iter().all(|&x| x < -0.1), "{raw:?}");
     // min_tokens holds back the end token even when a bias forces it; ignore_eos emits it.
-    let tok = {
-        use verdict::models::tokenizer::Tokenizer;
-        let m =
-            verdict::models::Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu)
-                .unwrap();
-        Tokenizer::from_gguf(m.gguf_metadata().unwrap()).unwrap()
-    };
+    let tok = tokenizer_of(&t);
     let eos = tok.eos_ids()[0].to_string();
     let ends = |extra: Value| {
-        let mut body = json!({"logit_bias": {&eos: 100}, "max_tokens": 8,
-                              "speculation": {"draft": "model", "k": 3}});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = merged(
+            json!({"logit_bias": {&eos: 100}, "max_tokens": 8,
+                              "speculation": {"draft": "model", "k": 3}}),
+            &extra,
+        );
         let v = complete(body);
         (
             v["usage"]["completion_tokens"].as_u64().unwrap(),
@@ -1101,14 +1110,15 @@ fn vllm_sampling_extensions() {
     let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     let prompt: Vec<u32> = (40..60).collect();
     let complete = |extra: Value| -> Value {
-        let mut body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0,
-                              "logprobs": 0, "return_tokens_as_token_ids": true});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json("/v1/completions", &body);
-        assert_eq!(r.status, 200, "{body}: {}", r.text());
-        r.json()
+        ok_json(
+            &s,
+            "/v1/completions",
+            &merged(
+                json!({"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                              "logprobs": 0, "return_tokens_as_token_ids": true}),
+                &extra,
+            ),
+        )
     };
     let ids = |v: &Value| -> Vec<u32> {
         v["choices"][0]["logprobs"]["tokens"]
@@ -1160,12 +1170,11 @@ fn vllm_sampling_extensions() {
     }
     // ...streamed too (chat), where the last chunk names it.
     let chat = |extra: Value| {
-        let mut body = json!({"messages": [{"role": "user", "content": "hi there"}],
-                              "max_tokens": 20, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        body
+        merged(
+            json!({"messages": [{"role": "user", "content": "hi there"}],
+                              "max_tokens": 20, "temperature": 0}),
+            &extra,
+        )
     };
     let plain_chat = s.post_json(
         "/v1/chat/completions",
@@ -1231,13 +1240,7 @@ fn vllm_sampling_extensions() {
     }
 
     // skip_special_tokens: a special token forced into the output shows only when asked.
-    let tok = {
-        use verdict::models::tokenizer::Tokenizer;
-        let m =
-            verdict::models::Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu)
-                .unwrap();
-        Tokenizer::from_gguf(m.gguf_metadata().unwrap()).unwrap()
-    };
+    let tok = tokenizer_of(&t);
     let im_start = tok.token_id("<|im_start|>").unwrap();
     let forced = json!({"logit_bias": {im_start.to_string(): 100}, "max_tokens": 3});
     assert_eq!(text_of(&complete(forced.clone())), "");
@@ -1346,14 +1349,15 @@ fn a_completions_request_answers_each_of_its_prompts() {
         json!([7, 8, 9]),
     ];
     let ask = |prompt: Value, extra: Value| -> Value {
-        let mut body = json!({"prompt": prompt, "max_tokens": 10, "temperature": 0,
-                              "speculation": {"draft": "model", "k": 3}});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json("/v1/completions", &body);
-        assert_eq!(r.status, 200, "{body}: {}", r.text());
-        r.json()
+        ok_json(
+            &s,
+            "/v1/completions",
+            &merged(
+                json!({"prompt": prompt, "max_tokens": 10, "temperature": 0,
+                              "speculation": {"draft": "model", "k": 3}}),
+                &extra,
+            ),
+        )
     };
     let alone: Vec<Value> = prompts.iter().map(|p| ask(p.clone(), json!({}))).collect();
     let all = Value::Array(prompts.to_vec());
@@ -1454,14 +1458,15 @@ fn n_choices_are_separate_generations_of_one_request() {
     let log_dir = dir.path().to_path_buf();
     let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     let complete = |extra: Value| -> Value {
-        let mut body = json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 10,
-                              "speculation": {"draft": "model", "k": 3}});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json("/v1/completions", &body);
-        assert_eq!(r.status, 200, "{body}: {}", r.text());
-        r.json()
+        ok_json(
+            &s,
+            "/v1/completions",
+            &merged(
+                json!({"prompt": [40, 41, 42, 43, 40, 41], "max_tokens": 10,
+                              "speculation": {"draft": "model", "k": 3}}),
+                &extra,
+            ),
+        )
     };
     let texts = |v: &Value| -> Vec<String> {
         let cs = v["choices"].as_array().unwrap();
@@ -1751,15 +1756,10 @@ fn smollm2_chat_real_text() {
 fn bad_words_keep_a_word_out_of_real_text() {
     let s = real_server("SmolLM2-135M-Instruct.Q4_1.gguf");
     let ask = |extra: Value| {
-        let mut req = json!({"messages": [{"role": "user",
-                                           "content": "What is the capital of France? Answer in one sentence, then repeat the answer."}],
-                             "max_tokens": 40, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            req[k] = v.clone();
-        }
-        let r = s.post_json("/v1/chat/completions", &req);
-        assert_eq!(r.status, 200, "{}", r.text());
-        text_of(&r.json())
+        let req = json!({"messages": [{"role": "user",
+                                       "content": "What is the capital of France? Answer in one sentence, then repeat the answer."}],
+                         "max_tokens": 40, "temperature": 0});
+        text_of(&ok_json(&s, "/v1/chat/completions", &merged(req, &extra)))
     };
     let free = ask(json!({}));
     assert!(free.contains("Paris"), "{free:?}");
@@ -2239,13 +2239,11 @@ fn echo_scores_the_prompt_and_prefixes_the_text() {
     let prompt: Vec<u32> = (0..150).map(|i| 30 + (i * 7) % 90).collect();
     let prompt_text = tok.decode(&prompt, false).unwrap();
     let complete = |extra: Value| -> Value {
-        let mut body = json!({"prompt": prompt, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json("/v1/completions", &body);
-        assert_eq!(r.status, 200, "{body}: {}", r.text());
-        r.json()
+        ok_json(
+            &s,
+            "/v1/completions",
+            &merged(json!({"prompt": prompt, "temperature": 0}), &extra),
+        )
     };
     let rows = model
         .session()
@@ -2461,12 +2459,7 @@ fn structured_outputs_follow_their_grammar() {
         };
         body["max_tokens"] = json!(300);
         body["temperature"] = json!(0);
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json(path, &body);
-        assert_eq!(r.status, 200, "{body}: {}", r.text());
-        r.json()
+        ok_json(&s, path, &merged(body, &extra))
     };
     let schema = json!({"type": "object",
         "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -2641,13 +2634,14 @@ fn the_responses_api_runs_as_chat() {
     let log_dir = dir.path().to_path_buf();
     let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     let chat = |messages: Value, extra: Value| -> Value {
-        let mut body = json!({"messages": messages, "max_tokens": 12, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let r = s.post_json("/v1/chat/completions", &body);
-        assert_eq!(r.status, 200, "{}", r.text());
-        r.json()
+        ok_json(
+            &s,
+            "/v1/chat/completions",
+            &merged(
+                json!({"messages": messages, "max_tokens": 12, "temperature": 0}),
+                &extra,
+            ),
+        )
     };
     let respond = |body: Value| -> Value {
         let r = s.post_json("/v1/responses", &body);
