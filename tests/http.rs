@@ -772,6 +772,39 @@ fn each_request_logs_a_line_unless_disabled() {
     assert!(!log.contains("verdict::requests"), "{log}");
 }
 
+/// `--served-model-name` with more names (vLLM's form): each is listed and may be named in
+/// `model`; responses name the first; another name is a 404 listing them; a name twice or
+/// a LoRA module under one of them stops the server.
+#[test]
+fn served_model_names_after_the_first_are_aliases() {
+    let s = tiny_server(256, &["--served-model-name", "team/one", "two"]);
+    let ids: Vec<Value> = s.get("/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("team/one"), json!("two")]);
+    assert_eq!(s.get("/v1/models/two").json()["id"], "two");
+    let v = ok_json(
+        &s,
+        "/v1/completions",
+        &json!({"model": "two", "prompt": "hi", "max_tokens": 2}),
+    );
+    assert_eq!(v["model"], "team/one");
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"model": "three", "prompt": "hi", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 404);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("`team/one`, `two`"), "{msg}");
+    let dir = tempfile::tempdir().unwrap();
+    let (t, _) = tiny_models(dir.path(), 256);
+    let err = serve_fails(&t, &["--served-model-name", "a", "b", "a"]);
+    assert!(err.contains("names \"a\" twice"), "{err}");
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let s = tiny_server(4096, &["--workers", "1", "--max-queue", "1"]);

@@ -94,9 +94,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
     /// The model id `/v1/models` lists and requests name in `model` (default: the target
-    /// file's name without `.gguf`).
-    #[arg(long)]
-    pub served_model_name: Option<String>,
+    /// file's name without `.gguf`). More names after it (vLLM's form) are aliases requests may
+    /// use too; responses name the first.
+    #[arg(long, num_args = 1.., value_name = "NAME")]
+    pub served_model_name: Vec<String>,
     /// Chat replies of a reasoning model: its `<think>` block goes to `reasoning_content`,
     /// the rest to `content` (as vLLM's option of that name). `qwen3`: thinking only inside the
     /// tags; `deepseek_r1`: everything before `</think>` (its template opens the block);
@@ -285,19 +286,33 @@ pub fn run(args: ServeArgs) -> Result<()> {
     for e in registry.load_errors() {
         eprintln!("verdict: warning: {e}");
     }
-    let model_id = match &args.served_model_name {
-        Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => {
+    for (i, n) in args.served_model_name.iter().enumerate() {
+        if n.trim().is_empty() || n.chars().any(char::is_control) {
             bail!(
                 "--served-model-name must be a non-blank name without control characters, got {n:?}"
-            )
+            );
         }
+        if args.served_model_name[..i].contains(n) {
+            bail!("--served-model-name names {n:?} twice");
+        }
+    }
+    let model_id = match args.served_model_name.first() {
         Some(n) => n.clone(),
         None => target_path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into()),
     };
-    let modules = lora_modules(&args.lora_modules, &model_id)?;
+    let aliases = args
+        .served_model_name
+        .iter()
+        .skip(1)
+        .cloned()
+        .collect::<Vec<_>>();
+    let names: Vec<&str> = std::iter::once(model_id.as_str())
+        .chain(aliases.iter().map(String::as_str))
+        .collect();
+    let modules = lora_modules(&args.lora_modules, &names)?;
     let opts = ServeOptions {
         host: args.host.clone(),
         port: args.port,
@@ -306,6 +321,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         admin_token,
         api_keys,
         model_id,
+        model_aliases: aliases,
         default_policy: args.policy.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         reasoning: args.reasoning_parser,
@@ -459,7 +475,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 /// starts), names distinct and apart from the served model's.
 fn lora_modules(
     specs: &[String],
-    model_id: &str,
+    model_names: &[&str],
 ) -> Result<Vec<(String, crate::models::LoraAdapter)>> {
     let mut out: Vec<(String, crate::models::LoraAdapter)> = Vec::new();
     for spec in specs {
@@ -470,7 +486,7 @@ fn lora_modules(
         if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
             bail!("--lora-modules {spec:?}: the name must be non-blank, without spaces");
         }
-        if name == model_id || out.iter().any(|(n, _)| n == name) {
+        if model_names.contains(&name) || out.iter().any(|(n, _)| n == name) {
             bail!("--lora-modules {spec:?}: the name {name:?} is already served");
         }
         let adapter = crate::models::LoraAdapter::load(std::path::Path::new(path), 1.0)

@@ -57,6 +57,9 @@ pub struct ServeOptions {
     pub api_keys: Option<Tokens>,
     /// The id `/v1/models` lists and requests name in `model`.
     pub model_id: String,
+    /// More names of the same model (vLLM's further `--served-model-name`s): listed and
+    /// accepted in `model`; responses name `model_id`.
+    pub model_aliases: Vec<String>,
     /// The policy a request gets when it names none.
     pub default_policy: String,
     /// How long SIGTERM waits for in-flight requests.
@@ -103,6 +106,7 @@ impl ServeOptions {
             admin_token: None,
             api_keys: None,
             model_id: model_id.into(),
+            model_aliases: Vec::new(),
             default_policy: "strict".into(),
             drain_timeout: Duration::from_secs(60),
             max_body_bytes: 8 << 20,
@@ -723,6 +727,11 @@ fn metrics(app: &App) -> Response<Body> {
 
 fn models(app: &App) -> Response<Body> {
     let mut data = vec![model_object(app)];
+    data.extend(app.opts.model_aliases.iter().map(|a| {
+        let mut v = model_object(app);
+        v["id"] = a.clone().into();
+        v
+    }));
     data.extend(
         module_list(app)
             .iter()
@@ -772,13 +781,20 @@ fn model_object(app: &App) -> Value {
 
 /// `GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other id.
 fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
-    if id == app.opts.model_id {
-        return Ok(json_response(StatusCode::OK, &model_object(app)));
+    if is_base_name(app, id) {
+        let mut v = model_object(app);
+        v["id"] = id.into();
+        return Ok(json_response(StatusCode::OK, &v));
     }
     match module_list(app).into_iter().find(|(n, _)| n == id) {
         Some((n, p)) => Ok(json_response(StatusCode::OK, &module_object(app, &n, &p))),
         None => Err(unknown_model(app, id)),
     }
+}
+
+/// Whether `name` names the base model (its id or an alias).
+fn is_base_name(app: &App, name: &str) -> bool {
+    name == app.opts.model_id || app.opts.model_aliases.iter().any(|a| a == name)
 }
 
 /// A request that names a model must name the served one or one of its LoRA modules.
@@ -791,7 +807,7 @@ fn check_model(app: &App, served: &Served, p: &ParsedRequest) -> Result<(), ApiE
 fn module_of(app: &App, served: &Served, model: Option<&str>) -> Result<Option<Module>, ApiError> {
     match model {
         None => Ok(None),
-        Some(m) if m == app.opts.model_id => Ok(None),
+        Some(m) if is_base_name(app, m) => Ok(None),
         Some(m) => match lock_read(&served.modules).iter().find(|x| x.name == m) {
             Some(x) => Ok(Some(x.clone())),
             None => Err(unknown_model(app, m)),
@@ -814,6 +830,7 @@ fn engine_of(
 /// OpenAI's 404 for a model this server does not serve.
 fn unknown_model(app: &App, id: &str) -> ApiError {
     let mut names = vec![format!("`{}`", app.opts.model_id)];
+    names.extend(app.opts.model_aliases.iter().map(|a| format!("`{a}`")));
     names.extend(module_list(app).iter().map(|(n, _)| format!("`{n}`")));
     ApiError::invalid(
         "model",
@@ -2323,7 +2340,7 @@ async fn load_lora_adapter(
         ));
     }
     let taken =
-        |modules: &[Module]| name == app.opts.model_id || modules.iter().any(|m| m.name == name);
+        |modules: &[Module]| is_base_name(app, &name) || modules.iter().any(|m| m.name == name);
     if taken(&lock_read(&served.modules)) {
         return Err(ApiError::invalid(
             "lora_name",
