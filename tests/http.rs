@@ -777,7 +777,19 @@ fn each_request_logs_a_line_unless_disabled() {
 /// a LoRA module under one of them stops the server.
 #[test]
 fn served_model_names_after_the_first_are_aliases() {
-    let s = tiny_server(256, &["--served-model-name", "team/one", "two"]);
+    // vLLM's names of two other options are accepted as well.
+    let s = tiny_server(
+        256,
+        &[
+            "--served-model-name",
+            "team/one",
+            "two",
+            "--max-num-seqs",
+            "3",
+            "--tensor-parallel-size",
+            "1",
+        ],
+    );
     let ids: Vec<Value> = s.get("/v1/models").json()["data"]
         .as_array()
         .unwrap()

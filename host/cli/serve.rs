@@ -124,8 +124,8 @@ pub struct ServeArgs {
     /// Requests that may wait for a generation worker; more are answered 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
-    /// Generation worker threads (requests generating at once).
-    #[arg(long, default_value_t = 8)]
+    /// Generation worker threads (requests generating at once; vLLM's `--max-num-seqs`).
+    #[arg(long, visible_alias = "max-num-seqs", default_value_t = 8)]
     pub workers: usize,
     /// The order waiting requests start in (vLLM's flag): `fcfs`, by arrival; `priority`, by
     /// each request's `priority` field (lower first), then arrival. No running request is
@@ -146,7 +146,12 @@ pub struct ServeArgs {
     pub device: crate::cli::generate::DeviceArg,
     /// Split the target over N tensor-parallel ranks: threads on the CPU, or with a CUDA device
     /// N GPUs from that one on (NCCL). A sharded target does not batch across requests yet.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(
+        long,
+        visible_alias = "tensor-parallel-size",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=64)
+    )]
     pub shards: u32,
     /// Most requests whose forwards run as one batched forward (target and draft model each;
     /// outputs are the same as unbatched). 1 turns batching off.
