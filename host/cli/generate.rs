@@ -128,7 +128,12 @@ pub struct Args {
 
     /// Split the target over N tensor-parallel ranks: threads on the CPU, or with a CUDA device
     /// N GPUs from that one on (one thread each, summed through NCCL).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(
+        long,
+        visible_alias = "tensor-parallel-size",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=64)
+    )]
     pub shards: u32,
 
     /// Print one JSON line of timings and counts on stderr at the end.
