@@ -232,16 +232,23 @@ fn strict_greedy_speculation_is_lossless_on_every_architecture() {
     let prompt = [5u32, 77, 140, 12, 3, 77, 140, 9];
     for (name, spec) in verdict::models::testing::peer_specs() {
         let target = tiny(dir.path(), &format!("{name}.gguf"), spec.clone());
-        // Another model of the family, with the same tokenizer.
-        let draft_spec = TinySpec {
-            seed: spec.seed + 100,
-            layers: (spec.layers - 1).max(1),
-            ..spec.clone()
-        };
-        let draft = tiny(dir.path(), &format!("{name}-draft.gguf"), draft_spec);
+        let draft = tiny(
+            dir.path(),
+            &format!("{name}-draft.gguf"),
+            family_draft(&spec),
+        );
         let plain = engine(target.clone(), None, None, 4);
         let (reference, _) = run(&plain, greedy(&prompt, 30, Speculation::Off));
         assert_each_drafter_emits(name, &target, draft, &prompt, &reference);
+    }
+}
+
+/// Another model of `spec`'s family, with the same tokenizer: a draft for it.
+fn family_draft(spec: &TinySpec) -> TinySpec {
+    TinySpec {
+        seed: spec.seed + 100,
+        layers: (spec.layers - 1).max(1),
+        ..spec.clone()
     }
 }
 
@@ -274,12 +281,11 @@ fn strict_greedy_speculation_is_lossless_with_narrow_caches() {
                 _ => spec.clone(),
             };
             let base = tiny(dir.path(), &format!("{name}-{dt}.gguf"), spec.clone());
-            let draft_spec = TinySpec {
-                seed: spec.seed + 100,
-                layers: (spec.layers - 1).max(1),
-                ..spec.clone()
-            };
-            let draft = tiny(dir.path(), &format!("{name}-{dt}-draft.gguf"), draft_spec);
+            let draft = tiny(
+                dir.path(),
+                &format!("{name}-{dt}-draft.gguf"),
+                family_draft(&spec),
+            );
             let target = base.with_kv_cache_dtype(dt).unwrap();
             let draft = draft.with_kv_cache_dtype(dt).unwrap();
             let plain = engine(target.clone(), None, None, 4);

@@ -439,8 +439,7 @@ async fn handle(
         resp.headers_mut()
             .insert(header::VARY, HeaderValue::from_static("Origin"));
     }
-    // Probes come every few seconds: their lines would drown the others.
-    if !matches!(route, "/health" | "/ready" | "/metrics" | "/version") {
+    if !OPEN_ROUTES.contains(&route) {
         let id = resp
             .headers()
             .get("x-request-id")
@@ -457,6 +456,10 @@ async fn handle(
     app.metrics.request(route, resp.status().as_u16());
     Ok(resp)
 }
+
+/// The probes, metrics and version: open without an API key, and not logged per request
+/// (they come every few seconds).
+const OPEN_ROUTES: &[&str] = &["/health", "/ready", "/metrics", "/version"];
 
 /// The request's `Origin` when `allowed` lets it call (`*`: any), as the value to send back.
 fn allowed_origin<B>(allowed: &[String], req: &Request<B>) -> Option<HeaderValue> {
@@ -726,12 +729,8 @@ fn metrics(app: &App) -> Response<Body> {
 }
 
 fn models(app: &App) -> Response<Body> {
-    let mut data = vec![model_object(app)];
-    data.extend(app.opts.model_aliases.iter().map(|a| {
-        let mut v = model_object(app);
-        v["id"] = a.clone().into();
-        v
-    }));
+    let mut data = vec![model_object(app, &app.opts.model_id)];
+    data.extend(app.opts.model_aliases.iter().map(|a| model_object(app, a)));
     data.extend(
         module_list(app)
             .iter()
@@ -759,16 +758,16 @@ fn lock_read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 /// A LoRA module as `/v1/models` lists it (vLLM's shape: `parent` is the base model, `root`
 /// the adapter).
 fn module_object(app: &App, name: &str, root: &std::path::Path) -> Value {
-    let mut v = model_object(app);
-    v["id"] = name.into();
+    let mut v = model_object(app, name);
     v["parent"] = app.opts.model_id.clone().into();
     v["root"] = root.display().to_string().into();
     v
 }
 
-fn model_object(app: &App) -> Value {
+/// The base model as `/v1/models` lists it, under `id` (its id or an alias).
+fn model_object(app: &App, id: &str) -> Value {
     json!({
-        "id": app.opts.model_id,
+        "id": id,
         "object": "model",
         "created": app.created,
         "owned_by": "verdict",
@@ -782,9 +781,7 @@ fn model_object(app: &App) -> Value {
 /// `GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other id.
 fn model(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     if is_base_name(app, id) {
-        let mut v = model_object(app);
-        v["id"] = id.into();
-        return Ok(json_response(StatusCode::OK, &v));
+        return Ok(json_response(StatusCode::OK, &model_object(app, id)));
     }
     match module_list(app).into_iter().find(|(n, _)| n == id) {
         Some((n, p)) => Ok(json_response(StatusCode::OK, &module_object(app, &n, &p))),
@@ -2236,7 +2233,7 @@ fn check_api_key<B>(
     let Some(keys) = &app.opts.api_keys else {
         return Ok(());
     };
-    let open = matches!(path, "/health" | "/ready" | "/metrics" | "/version");
+    let open = OPEN_ROUTES.contains(&path);
     let admin = (path.starts_with("/v1/policies/")
         && matches!(*method, Method::PUT | Method::DELETE)
         || LORA_ROUTES.contains(&path))
