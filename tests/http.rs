@@ -2385,6 +2385,261 @@ fn echo_scores_the_prompt_and_prefixes_the_text() {
     assert_eq!(r.json()["error"]["param"], "echo");
 }
 
+/// vLLM's `prompt_logprobs`: each prompt token's log-probability, rank and text, and its
+/// most likely alternatives, as the target's own forward pass over the prompt gives them; on
+/// completions per choice, on chat once; refused with a stream.
+#[test]
+fn prompt_logprobs_score_and_rank_each_prompt_token() {
+    use verdict::models::tokenizer::Tokenizer;
+    use verdict::models::{Model, Rows};
+
+    let (dir, t, d) = q8_models(1024);
+    let model = Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    // Longer than one scoring chunk (64 positions).
+    let prompt: Vec<u32> = (0..90).map(|i| 30 + (i * 11) % 97).collect();
+    let rows = model
+        .session()
+        .forward(&prompt, Rows::All)
+        .unwrap()
+        .logits
+        .to_vec2::<f32>()
+        .unwrap();
+    // The reference: row j - 1 scores token j; ranks with ties to the lower id.
+    let rank = |row: &[f32], t: usize| {
+        1 + row
+            .iter()
+            .enumerate()
+            .filter(|&(i, &x)| x > row[t] || (x == row[t] && i < t))
+            .count()
+    };
+    let text =
+        |id: usize| String::from_utf8_lossy(tok.piece(id as u32, false).unwrap()).into_owned();
+    let check = |scores: &Value, top: usize| {
+        let scores = scores.as_array().unwrap_or_else(|| panic!("{scores}"));
+        assert_eq!(scores.len(), prompt.len());
+        assert!(scores[0].is_null());
+        for j in 1..prompt.len() {
+            let row = &rows[j - 1];
+            let lsm = log_softmax(row);
+            let entries = scores[j].as_object().unwrap();
+            let own = prompt[j] as usize;
+            let e = &entries[&own.to_string()];
+            assert!(close(e["logprob"].as_f64().unwrap(), lsm[own]), "{j}: {e}");
+            assert_eq!(e["rank"], rank(row, own), "{j}: {e}");
+            assert_eq!(e["decoded_token"], text(own));
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by_key(|&i| rank(row, i));
+            for (r, &id) in order[..top].iter().enumerate() {
+                let e = &entries[&id.to_string()];
+                assert_eq!(e["rank"], r + 1, "{j}: {id}");
+                assert!(close(e["logprob"].as_f64().unwrap(), lsm[id]));
+            }
+            let extra = usize::from(!order[..top].contains(&own));
+            assert_eq!(entries.len(), top + extra, "{j}: {entries:?}");
+        }
+    };
+    let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 4});
+
+    // Scored alone (max_tokens 0: score only), and with an output, speculative, n = 2.
+    let v = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(
+            body.clone(),
+            &json!({
+        "max_tokens": 0, "prompt_logprobs": 3}),
+        ),
+    );
+    assert_eq!(text_of(&v), "");
+    check(&v["choices"][0]["prompt_logprobs"], 3);
+    let v = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(
+            body.clone(),
+            &json!({
+        "prompt_logprobs": 0, "n": 2, "speculation": {"draft": "model", "k": 3}}),
+        ),
+    );
+    for c in v["choices"].as_array().unwrap() {
+        check(&c["prompt_logprobs"], 0);
+    }
+    assert_eq!(text_of(&v), text_of(&ok_json(&s, "/v1/completions", &body)));
+    // An echo's alternatives stay as many as `logprobs` asks, whatever prompt_logprobs scores.
+    let v = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(
+            body.clone(),
+            &json!({
+        "prompt_logprobs": 5, "echo": true, "logprobs": 1}),
+        ),
+    );
+    check(&v["choices"][0]["prompt_logprobs"], 5);
+    let echo_top = &v["choices"][0]["logprobs"]["top_logprobs"];
+    assert!(
+        echo_top.as_array().unwrap()[1..]
+            .iter()
+            .all(|t| t.as_object().unwrap().len() == 1)
+    );
+    // Not asked for: absent.
+    let plain = ok_json(&s, "/v1/completions", &body);
+    assert!(plain["choices"][0].get("prompt_logprobs").is_none());
+
+    // Chat: once, beside the choices, over the templated prompt.
+    let chat = json!({"messages": [{"role": "user", "content": "the cat sat on the mat"}],
+                      "max_tokens": 3, "temperature": 0, "prompt_logprobs": 2});
+    let v = ok_json(&s, "/v1/chat/completions", &chat);
+    let ids = ok_json(&s, "/tokenize", &json!({"messages": chat["messages"]}))["tokens"].clone();
+    let scores = v["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(scores.len(), ids.as_array().unwrap().len());
+    assert!(
+        scores[0].is_null()
+            && scores[1..]
+                .iter()
+                .all(|e| e.as_object().is_some_and(|m| (2..=3).contains(&m.len())))
+    );
+
+    // Bad values and a stream are named.
+    for (extra, param) in [
+        (json!({"prompt_logprobs": 21}), "prompt_logprobs"),
+        (json!({"prompt_logprobs": -1}), "prompt_logprobs"),
+        (json!({"prompt_logprobs": "3"}), "prompt_logprobs"),
+        (
+            json!({"prompt_logprobs": 1, "stream": true}),
+            "prompt_logprobs",
+        ),
+        (json!({"max_tokens": 0}), "max_tokens"),
+    ] {
+        let r = s.post_json("/v1/completions", &merged(body.clone(), &extra));
+        assert_eq!(r.status, 400, "{extra}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{extra}");
+    }
+    let r = s.post_json(
+        "/v1/messages",
+        &json!({"model": "x", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Anthropic's error shape names no param: the message does.
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("prompt_logprobs"), "{message}");
+}
+
+/// vLLM's `return_token_ids`: the prompt's token ids (what `/tokenize` gives) and each
+/// choice's generated ids, whole or streamed a chunk at a time.
+#[test]
+fn return_token_ids_gives_the_prompt_and_output_tokens() {
+    let s = tiny_server(1024, &[]);
+    let detok = |ids: &Value| -> String {
+        ok_json(&s, "/detokenize", &json!({"tokens": ids}))["prompt"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let prompts = json!(["the cat sat on", "a dog ran to the"]);
+    let body = json!({"prompt": prompts, "n": 2, "max_tokens": 12, "temperature": 0.8,
+                      "seed": 7, "return_token_ids": true,
+                      "speculation": {"draft": "model", "k": 3}});
+    let v = ok_json(&s, "/v1/completions", &body);
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    let mut generated = 0;
+    for (i, c) in choices.iter().enumerate() {
+        let want = ok_json(&s, "/tokenize", &json!({"prompt": prompts[i / 2]}))["tokens"].clone();
+        assert_eq!(c["prompt_token_ids"], want, "choice {i}");
+        let ids = c["token_ids"].as_array().unwrap();
+        generated += ids.len();
+        // Without a stop string, the text is the ids' (an ending EOS decodes to nothing).
+        assert_eq!(
+            detok(&c["token_ids"]),
+            c["text"].as_str().unwrap(),
+            "choice {i}"
+        );
+    }
+    assert_eq!(v["usage"]["completion_tokens"], generated);
+
+    // Streamed: each chunk the tokens since the last, the prompt's with a choice's first.
+    let mut streamed = vec![Vec::new(); 4];
+    let mut firsts = vec![0; 4];
+    for e in s
+        .open_stream(
+            "/v1/completions",
+            &merged(body.clone(), &json!({"stream": true})),
+        )
+        .collect()
+    {
+        if e == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&e).unwrap();
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
+        let i = c["index"].as_u64().unwrap() as usize;
+        streamed[i].extend(c["token_ids"].as_array().unwrap().iter().cloned());
+        if let Some(p) = c.get("prompt_token_ids") {
+            assert_eq!(p, &choices[i]["prompt_token_ids"]);
+            assert!(streamed[i].len() <= choices[i]["token_ids"].as_array().unwrap().len());
+            firsts[i] += 1;
+        }
+    }
+    assert_eq!(firsts, [1; 4]);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(
+            &Value::Array(streamed[i].clone()),
+            &c["token_ids"],
+            "choice {i}"
+        );
+    }
+
+    // Chat: the templated prompt's ids beside the choices, also on the first chunk.
+    let messages = json!([{"role": "user", "content": "hello there"}]);
+    let chat = json!({"messages": messages, "max_tokens": 6, "temperature": 0,
+                      "return_token_ids": true});
+    let want = ok_json(&s, "/tokenize", &json!({"messages": messages}))["tokens"].clone();
+    let v = ok_json(&s, "/v1/chat/completions", &chat);
+    assert_eq!(v["prompt_token_ids"], want);
+    assert_eq!(detok(&v["choices"][0]["token_ids"]), text_of(&v));
+    let events = s
+        .open_stream(
+            "/v1/chat/completions",
+            &merged(chat, &json!({"stream": true})),
+        )
+        .collect();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["prompt_token_ids"], want);
+    let ids: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .flat_map(|e| {
+            let v: Value = serde_json::from_str(e).unwrap();
+            v["choices"][0]["token_ids"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(Value::Array(ids), v["choices"][0]["token_ids"]);
+
+    // Not asked for: absent; a bad value is named.
+    let plain = ok_json(
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert!(plain["choices"][0].get("token_ids").is_none());
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": "x", "return_token_ids": 1}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "return_token_ids");
+}
+
 /// `/tokenize` gives the ids a request's prompt or chat becomes (its count is the request's
 /// `prompt_tokens`), `/detokenize` turns ids back into text; bad input names the field.
 #[test]

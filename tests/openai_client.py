@@ -217,6 +217,22 @@ assert e.choices[0].text == "the cat sat on the mat", e.choices[0].text
 assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
 assert len(lp.tokens) >= 2 and all(x <= 0.0 for x in lp.token_logprobs[1:]), lp
 
+# vLLM's prompt_logprobs and return_token_ids, extra fields the client keeps: the prompt's
+# ids, a score per prompt token after the first (keyed by token id), the output's ids.
+scored = client.completions.create(
+    model=model,
+    prompt="the cat sat on the mat",
+    max_tokens=3,
+    temperature=0,
+    extra_body={"prompt_logprobs": 2, "return_token_ids": True},
+)
+c = scored.choices[0]
+assert len(c.prompt_logprobs) == len(c.prompt_token_ids) >= 2, c
+assert c.prompt_logprobs[0] is None, c.prompt_logprobs
+for tok, entry in zip(c.prompt_token_ids[1:], c.prompt_logprobs[1:]):
+    assert entry[str(tok)]["rank"] >= 1 and entry[str(tok)]["logprob"] <= 0.0, entry
+assert len(c.token_ids) == scored.usage.completion_tokens, c
+
 # n choices, whole and streamed (chunks name their choice's index).
 two = client.chat.completions.create(
     model=model, messages=messages, max_tokens=4, temperature=0, n=2, extra_body=extra

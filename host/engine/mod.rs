@@ -136,6 +136,9 @@ pub struct TokenLogprob {
     /// The most likely tokens at that position with their log-probabilities, most likely first
     /// (ties: lower id first, as the greedy argmax picks).
     pub top: Vec<(u32, f64)>,
+    /// The token's place in that order (1: the most likely); prompt tokens only (an emitted
+    /// token's would cost a pass over the row that no API returns).
+    pub rank: Option<u32>,
 }
 
 /// A request the engine refuses, naming the offending field.
@@ -750,6 +753,7 @@ impl Generation {
                         token: next,
                         logprob,
                         top,
+                        rank: Some(verify::token_rank(row, next)),
                     });
                 }
             }
@@ -1021,6 +1025,7 @@ impl Generation {
                     token: t,
                     logprob: lp,
                     top,
+                    rank: None,
                 });
             }
             if self.tokens.len() - self.prompt_len >= self.max_tokens {
@@ -1042,6 +1047,7 @@ impl Drop for Generation {
 #[cfg(test)]
 mod tests {
     use super::token_logprobs;
+    use crate::verify::token_rank;
 
     #[test]
     fn logprobs_and_sorted_alternatives() {
@@ -1069,5 +1075,9 @@ mod tests {
             all.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
             [1, 3, 0, 4, 2]
         );
+        // Ranks follow that order, ties included; a token past the row comes last.
+        let ranks: Vec<u32> = (0..5).map(|t| token_rank(&row, t)).collect();
+        assert_eq!(ranks, [3, 1, 5, 2, 4]);
+        assert_eq!(token_rank(&row, 9), 6);
     }
 }

@@ -135,6 +135,11 @@ pub struct ParsedRequest {
     pub truncate_prompt: Option<Option<usize>>,
     /// vLLM's `return_tokens_as_token_ids`: logprobs name tokens as `token_id:N`.
     pub tokens_as_ids: bool,
+    /// vLLM's `prompt_logprobs`: each prompt token's log-probability given those before it,
+    /// its rank, and this many most likely alternatives (not streamed).
+    pub prompt_logprobs: Option<usize>,
+    /// vLLM's `return_token_ids`: the response carries the prompt's and each output's token ids.
+    pub return_token_ids: bool,
     /// vLLM's `stream_options.continuous_usage_stats`: every streamed chunk carries usage.
     pub continuous_usage: bool,
     /// vLLM's `priority`: with the server's `priority` scheduling, a waiting request of a
@@ -187,6 +192,8 @@ pub fn parse_object(
         skip_special: true,
         truncate_prompt: None,
         tokens_as_ids: false,
+        prompt_logprobs: None,
+        return_token_ids: false,
         continuous_usage: false,
         priority: 0,
     };
@@ -215,7 +222,7 @@ pub fn parse_object(
             "chat_template_kwargs" if chat => r.template_vars = opt(v, |v| template_vars(k, v))?,
             "reasoning_effort" if chat => effort = opt(v, |v| reasoning_effort(k, v))?,
             "max_tokens" => {
-                // 0 only with echo (checked after the loop).
+                // 0 only with echo or prompt_logprobs (checked after the loop).
                 if let Some(n) = opt(v, |v| int_range(k, v, 0, u32::MAX as i64))? {
                     r.max_tokens = Some(n as usize);
                 }
@@ -374,6 +381,11 @@ pub fn parse_object(
             "return_tokens_as_token_ids" => {
                 r.tokens_as_ids = opt(v, |v| boolean(k, v))?.unwrap_or(false)
             }
+            "prompt_logprobs" => {
+                r.prompt_logprobs =
+                    opt(v, |v| int_range(k, v, 0, MAX_TOP_LOGPROBS as i64))?.map(|n| n as usize);
+            }
+            "return_token_ids" => r.return_token_ids = opt(v, |v| boolean(k, v))?.unwrap_or(false),
             "logit_bias" => {
                 if let Some(o) = opt(v, |v| object(k, v))? {
                     r.penalties.logit_bias = logit_bias(o)?;
@@ -535,10 +547,17 @@ pub fn parse_object(
             ),
         ));
     }
-    if r.max_tokens == Some(0) && !r.echo {
+    if r.max_tokens == Some(0) && !r.echo && r.prompt_logprobs.is_none() {
         return Err(ApiError::invalid(
             "max_tokens",
-            "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+            "max_tokens must be at least 1 (0 only with echo or prompt_logprobs, to score the prompt)",
+        ));
+    }
+    // The prompt's scores come once, with the whole response (as in vLLM).
+    if r.prompt_logprobs.is_some() && r.stream {
+        return Err(ApiError::invalid(
+            "prompt_logprobs",
+            "prompt_logprobs is not available with stream",
         ));
     }
     if chat {
@@ -1628,13 +1647,16 @@ mod tests {
         assert!(r.stop_token_ids.is_empty() && r.bad_words.is_empty());
         assert!(r.skip_special && !r.include_stop && !r.tokens_as_ids && !r.continuous_usage);
         assert_eq!(r.truncate_prompt, None);
+        assert_eq!((r.prompt_logprobs, r.return_token_ids), (None, false));
         let r = chat(
             r#","stop_token_ids":[7,9],"allowed_token_ids":[1,2],"bad_words":["foo"," bar baz"],
                "include_stop_str_in_output":true,"skip_special_tokens":false,
                "truncate_prompt_tokens":12,"return_tokens_as_token_ids":true,
-               "stream_options":{"include_usage":true,"continuous_usage_stats":true}"#,
+               "stream_options":{"include_usage":true,"continuous_usage_stats":true},
+               "prompt_logprobs":4,"return_token_ids":true"#,
         )
         .unwrap();
+        assert_eq!((r.prompt_logprobs, r.return_token_ids), (Some(4), true));
         assert_eq!(r.stop_token_ids, [7, 9]);
         assert_eq!(r.penalties.allowed, [1, 2]);
         assert_eq!(r.bad_words, ["foo", " bar baz"]);
@@ -1672,6 +1694,9 @@ mod tests {
                 r#","stream_options":{"continuous_usage_stats":2}"#,
                 "stream_options.continuous_usage_stats",
             ),
+            (r#","prompt_logprobs":21"#, "prompt_logprobs"),
+            (r#","prompt_logprobs":2,"stream":true"#, "prompt_logprobs"),
+            (r#","return_token_ids":"y""#, "return_token_ids"),
         ] {
             let e = chat(extra).unwrap_err();
             assert_eq!(e.status, 400, "{extra}: {e}");

@@ -27,11 +27,17 @@ pub enum Event {
     /// see [`super::logprobs`] for how they line up with held-back text).
     Delta(String, Vec<TokenEntry>),
     /// The prompt's tokens and those generated so far (sent before the `Delta` of a step's
-    /// text), for the usage of each streamed chunk (`stream_options.continuous_usage_stats`).
+    /// text), for the usage of each streamed chunk (`stream_options.continuous_usage_stats`),
+    /// and the tokens generated since the last `Progress` when the request asked for them
+    /// (vLLM's `return_token_ids`; the `Done` outcome holds those not sent yet).
     Progress {
         prompt: usize,
         completion: usize,
+        tokens: Vec<u32>,
     },
+    /// vLLM's `prompt_logprobs` ([`logprobs::prompt_json`]), once the prefill has scored the
+    /// prompt, before `Done`.
+    PromptLogprobs(serde_json::Value),
     Done(Outcome),
     Failed(ApiError),
 }
@@ -50,6 +56,8 @@ pub struct Outcome {
     /// Prompt tokens read from the prompt cache instead of prefilled.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    /// The generated tokens (`completion_tokens` of them, an ending EOS included).
+    pub token_ids: Vec<u32>,
     pub speculation: SpeculationReport,
 }
 
@@ -106,6 +114,7 @@ impl Outcome {
                 .map(|g| g.iter().map(|o| o.cached_tokens).max().unwrap_or(0))
                 .sum(),
             completion_tokens: choices.iter().map(|o| o.completion_tokens).sum(),
+            token_ids: Vec::new(),
             speculation: SpeculationReport::total(
                 &choices
                     .iter()
@@ -215,6 +224,11 @@ pub struct Job {
     /// The request's own stop tokens (vLLM's `stop_token_ids`): one that ends the output is
     /// its `stop_reason`.
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's `prompt_logprobs`: send the prompt's scores with this many alternatives (the
+    /// engine request scores it with at least as many).
+    pub prompt_logprobs: Option<usize>,
+    /// vLLM's `return_token_ids`: `Progress` carries the new tokens.
+    pub token_ids: bool,
 }
 
 /// Counters already added to the metrics, so each step adds only its difference.
@@ -311,6 +325,8 @@ impl Job {
             include_stop,
             tokens_as_ids,
             stop_token_ids,
+            prompt_logprobs,
+            token_ids,
         } = self;
         if events.is_closed() {
             metrics.finished("cancelled");
@@ -324,7 +340,9 @@ impl Job {
             Naming::Text
         };
         let mut aligner = request.logprobs.is_some().then(|| Aligner::new(naming));
+        let echo_top = request.logprobs.unwrap_or(0);
         let mut echo_prompt = echo.then(|| request.prompt.clone());
+        let mut scored_prompt = prompt_logprobs.map(|top| (request.prompt.clone(), top));
         let mut generation = match engine.start(request) {
             Ok(g) => g,
             Err(e) => {
@@ -348,6 +366,9 @@ impl Job {
         let mut stopper = StopMatcher::new(stop).including_stop(include_stop);
         let mut seen = Seen::default();
         let mut produced = 0usize;
+        // The generated tokens, and (`token_ids`) those not yet sent in a `Progress`.
+        let mut output = Vec::new();
+        let mut unsent = Vec::new();
         let mut last_emit: Option<Instant> = None;
         let mut stop_sequence = None;
         let finish_reason = 'steps: loop {
@@ -403,11 +424,16 @@ impl Job {
                 }
                 let _ = events.send(Event::Prefilled);
             }
-            // The echoed prompt goes first, once the prefill has scored it; the output's text
-            // offsets then count from its end.
+            // The prompt's scores (empty after the prefill, or when not asked for).
+            let scored = generation.take_prompt_logprobs();
+            if let Some((prompt, top)) = scored_prompt.take() {
+                let json = logprobs::prompt_json(&served.tokenizer, &prompt, &scored, top, naming);
+                let _ = events.send(Event::PromptLogprobs(json));
+            }
+            // The echoed prompt goes first; the output's text offsets then count from its end.
             if let Some(prompt) = echo_prompt.take() {
-                let scored = generation.take_prompt_logprobs();
-                match logprobs::echo_entries(&served.tokenizer, &prompt, &scored, naming) {
+                match logprobs::echo_entries(&served.tokenizer, &prompt, &scored, echo_top, naming)
+                {
                     Ok((text, entries)) => {
                         let entries = match aligner.as_mut() {
                             Some(a) => {
@@ -416,7 +442,8 @@ impl Job {
                             }
                             None => Vec::new(),
                         };
-                        let _ = send_delta(&events, (prompt_tokens, 0), text, entries);
+                        let counts = (prompt_tokens, 0);
+                        let _ = send_delta(&events, counts, &mut unsent, text, entries);
                     }
                     Err(e) => {
                         metrics.finished("error");
@@ -457,6 +484,10 @@ impl Job {
                     break;
                 }
                 produced += 1;
+                output.push(t);
+                if token_ids {
+                    unsent.push(t);
+                }
                 if !ignore_eos && tokenizer.is_eos(t) {
                     ended = Some("stop");
                     break;
@@ -483,7 +514,8 @@ impl Job {
                     stop_sequence = pushed.stop;
                     let entries = release(&mut aligner, Aligner::release_stopped);
                     let counts = (prompt_tokens, produced);
-                    let _ = send_delta(&events, counts, std::mem::take(&mut delta), entries);
+                    let text = std::mem::take(&mut delta);
+                    let _ = send_delta(&events, counts, &mut unsent, text, entries);
                     break 'steps "stop";
                 }
             }
@@ -511,11 +543,13 @@ impl Job {
                 } else {
                     release(&mut aligner, Aligner::release_all)
                 };
-                let _ = send_delta(&events, (prompt_tokens, produced), delta, entries);
+                let counts = (prompt_tokens, produced);
+                let _ = send_delta(&events, counts, &mut unsent, delta, entries);
                 break reason;
             }
             let entries = release(&mut aligner, Aligner::release);
-            if send_delta(&events, (prompt_tokens, produced), delta, entries).is_err() {
+            let counts = (prompt_tokens, produced);
+            if send_delta(&events, counts, &mut unsent, delta, entries).is_err() {
                 // The client left; the check at the top of the loop records it.
                 continue;
             }
@@ -550,24 +584,31 @@ impl Job {
             prompt_tokens,
             cached_tokens,
             completion_tokens: produced,
+            token_ids: output,
             speculation,
         }));
     }
 }
 
 /// Sends new text and its logprobs (nothing when both are empty), after the token counts so far
-/// (prompt, generated). An error: the client has gone.
+/// (prompt, generated) and the `unsent` tokens. An error: the client has gone.
 fn send_delta(
     events: &UnboundedSender<Event>,
     (prompt, completion): (usize, usize),
+    unsent: &mut Vec<u32>,
     text: String,
     entries: Vec<TokenEntry>,
 ) -> Result<(), ()> {
     if text.is_empty() && entries.is_empty() {
         return Ok(());
     }
+    let tokens = std::mem::take(unsent);
     events
-        .send(Event::Progress { prompt, completion })
+        .send(Event::Progress {
+            prompt,
+            completion,
+            tokens,
+        })
         .map_err(|_| ())?;
     events.send(Event::Delta(text, entries)).map_err(|_| ())
 }

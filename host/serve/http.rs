@@ -871,7 +871,8 @@ async fn completion(
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let parsed = api::parse(endpoint, &body)?;
-    let ((early, rx), _, open) = start(app, &served, &parsed, arrived).await?;
+    let begun = start(app, &served, &parsed, arrived).await?;
+    let (early, rx) = begun.events;
     let choices = (1 + parsed.more_prompts.len()) * parsed.n;
     let id = format!(
         "{}-{}",
@@ -895,7 +896,12 @@ async fn completion(
         tools: parsed.tools.is_some(),
         reasoning: (app.opts.reasoning)
             .filter(|_| endpoint == Endpoint::Chat)
-            .map(|p| p.reading(open)),
+            .map(|p| p.reading(begun.thinking_open)),
+        prompt_ids: if parsed.return_token_ids {
+            begun.prompts
+        } else {
+            Vec::new()
+        },
     };
     if parsed.stream {
         Ok(sse_response(meta, early, rx))
@@ -918,7 +924,11 @@ async fn create_response(
         lock(&app.responses).conversation(id)
     })?;
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
-    let (events, _, open) = start(app, &served, &parsed, arrived)
+    let Begun {
+        events,
+        thinking_open: open,
+        ..
+    } = start(app, &served, &parsed, arrived)
         .await
         .map_err(responses::rename_param)?;
     let meta = responses::Meta {
@@ -1085,7 +1095,13 @@ fn typed_events(stream: impl TypedEvents, (early, rx): Events) -> Response<Body>
             };
             let events = match next {
                 Some((_, Event::Delta(d, e))) => s.stream.delta(&d, e),
-                Some((_, Event::Started | Event::Prefilled | Event::Progress { .. })) => Vec::new(),
+                Some((
+                    _,
+                    Event::Started
+                    | Event::Prefilled
+                    | Event::Progress { .. }
+                    | Event::PromptLogprobs(_),
+                )) => Vec::new(),
                 Some((_, Event::Done(o))) => {
                     s.done = true;
                     s.stream.done(&o)
@@ -1135,7 +1151,12 @@ async fn create_message(
     messages::require_max_tokens(&body)?;
     let t = messages::translate(&body)?;
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
-    let (events, prompt_tokens, open) = start(app, &served, &parsed, arrived)
+    let Begun {
+        events,
+        prompt_tokens,
+        thinking_open: open,
+        ..
+    } = start(app, &served, &parsed, arrived)
         .await
         .map_err(messages::rename_param)?;
     let meta = messages::Meta {
@@ -1198,15 +1219,25 @@ fn new_id(app: &App) -> String {
 /// before every choice started, and the channel of the rest.
 type Events = (VecDeque<(usize, Event)>, UnboundedReceiver<(usize, Event)>);
 
+/// A request whose generations have all started.
+struct Begun {
+    events: Events,
+    /// The prompts' tokens, all prompts together.
+    prompt_tokens: usize,
+    /// The template opened a thinking block for the model.
+    thinking_open: bool,
+    /// Each prompt's token ids (what the model read, after templates and truncation).
+    prompts: Vec<Vec<u32>>,
+}
+
 /// Prepares a parsed request and starts its generations (one per choice); returns once every
 /// choice has started, so that a refused request is an HTTP error and not a broken stream.
-/// Also returns the prompt's length in tokens.
 async fn start(
     app: &Arc<App>,
     served: &Arc<Served>,
     parsed: &ParsedRequest,
     arrived: Instant,
-) -> Result<(Events, usize, bool), ApiError> {
+) -> Result<Begun, ApiError> {
     let (engine, _) = engine_of(app, served, parsed.model.as_deref())?;
     // Tokenizing and template rendering are CPU work: off the async threads. A completions
     // request may hold several prompts: each is prepared as a request of its own.
@@ -1262,6 +1293,7 @@ async fn start(
     let tail = &first[first.len().saturating_sub(16)..];
     let thinking_open = app.opts.reasoning.is_some()
         && (served.tokenizer.decode(tail, false)).is_ok_and(|t| reasoning::opens_thinking(&t));
+    let prompts = prepared.iter().map(|r| r.prompt.clone()).collect();
     let mut requests: Vec<Option<GenerateRequest>> = Vec::with_capacity(total);
     for r in prepared {
         let others: Vec<_> = (1..n).map(|j| Some(choice_request(&r, j))).collect();
@@ -1287,6 +1319,8 @@ async fn start(
             include_stop: parsed.include_stop,
             tokens_as_ids: parsed.tokens_as_ids,
             stop_token_ids: parsed.stop_token_ids.clone(),
+            prompt_logprobs: parsed.prompt_logprobs,
+            token_ids: parsed.return_token_ids,
         };
         app.pool
             .submit_at(parsed.priority, Box::new(move || job.run()))
@@ -1352,7 +1386,12 @@ async fn start(
         }
     }
     drop(all_tx);
-    Ok(((early, rx), prompt_tokens, thinking_open))
+    Ok(Begun {
+        events: (early, rx),
+        prompt_tokens,
+        thinking_open,
+        prompts,
+    })
 }
 
 /// Every choice's whole text, logprobs and outcome (a request that is not streamed).
@@ -1373,6 +1412,7 @@ async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, A
                 choices[i].outcome = Some(o);
                 done += 1;
             }
+            Some((i, Event::PromptLogprobs(v))) => choices[i].prompt_logprobs = Some(v),
             Some((_, Event::Failed(e))) => return Err(e),
             Some((_, Event::Started | Event::Prefilled | Event::Progress { .. })) => {}
             None => {
@@ -1429,6 +1469,8 @@ struct Choice {
     text: String,
     entries: Vec<TokenEntry>,
     outcome: Option<Outcome>,
+    /// vLLM's `prompt_logprobs`, when asked for.
+    prompt_logprobs: Option<Value>,
 }
 
 /// `POST /tokenize` (vLLM's shape): the token ids a completion's `prompt` or a chat's
@@ -1798,7 +1840,8 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         policy: p.policy.clone(),
         policy_params: p.policy_params.clone(),
         logprobs: p.logprobs,
-        prompt_logprobs: p.logprobs.filter(|_| p.echo),
+        // Scored for an echo's logprobs and for `prompt_logprobs`, with the more alternatives.
+        prompt_logprobs: p.logprobs.filter(|_| p.echo).max(p.prompt_logprobs),
         penalties,
         grammar,
         ..GenerateRequest::default()
@@ -1857,6 +1900,9 @@ struct ResponseMeta {
     tools: bool,
     /// Chat replies' thinking goes to `reasoning_content`.
     reasoning: Option<reasoning::Reading>,
+    /// vLLM's `return_token_ids`: each prompt's token ids (empty: not asked for); choices then
+    /// carry their output's too.
+    prompt_ids: Vec<Vec<u32>>,
 }
 
 /// The usage a streamed chunk carries with `continuous_usage_stats`.
@@ -1893,7 +1939,7 @@ impl ResponseMeta {
             .enumerate()
             .map(|(i, (c, o))| {
                 let lp = self.logprobs(&c.entries);
-                match self.endpoint {
+                let mut choice = match self.endpoint {
                     Endpoint::Completions => json!({
                         "index": i, "text": c.text, "logprobs": lp,
                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason(),
@@ -1905,11 +1951,25 @@ impl ResponseMeta {
                             "finish_reason": finish, "stop_reason": o.stop_reason(),
                         })
                     }
+                };
+                // vLLM's extensions: on each completions choice, its prompt's; chat's once,
+                // beside the choices.
+                if self.endpoint == Endpoint::Completions {
+                    if let Some(p) = &c.prompt_logprobs {
+                        choice["prompt_logprobs"] = p.clone();
+                    }
+                    if let Some(ids) = self.prompt_ids.get(i / self.per_prompt.max(1)) {
+                        choice["prompt_token_ids"] = json!(ids);
+                    }
                 }
+                if !self.prompt_ids.is_empty() {
+                    choice["token_ids"] = json!(o.token_ids);
+                }
+                choice
             })
             .collect();
         let total = Outcome::total(&outcomes, self.per_prompt);
-        json!({
+        let mut response = json!({
             "id": self.id,
             "object": if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
             "created": self.created,
@@ -1917,7 +1977,16 @@ impl ResponseMeta {
             "choices": json_choices,
             "usage": total.as_ref().map_or(Value::Null, usage),
             "speculation": total.map(|t| t.speculation),
-        })
+        });
+        if self.endpoint == Endpoint::Chat {
+            if let Some(p) = choices.first().and_then(|c| c.prompt_logprobs.clone()) {
+                response["prompt_logprobs"] = p;
+            }
+            if let Some(ids) = self.prompt_ids.first() {
+                response["prompt_token_ids"] = json!(ids);
+            }
+        }
+        response
     }
 
     /// A chat reply's message and finish reason: its thinking apart when the server reads it,
@@ -2080,9 +2149,29 @@ fn sse_response(
         split: Vec<Option<reasoning::Splitter<TokenEntry>>>,
         /// Per choice: its prompt's tokens and those generated so far.
         tokens: Vec<(usize, usize)>,
+        /// Per choice (`return_token_ids`): generated tokens not sent yet, and how many came
+        /// in `Progress` events (the outcome holds the rest).
+        ids: Vec<Vec<u32>>,
+        ids_seen: Vec<usize>,
         done: bool,
     }
     impl S {
+        /// vLLM's `return_token_ids` on a chunk of choice `i`: the tokens since its last chunk,
+        /// and with its first chunk its prompt's.
+        fn tag(&mut self, i: usize, chunk: &mut Value) {
+            if self.meta.prompt_ids.is_empty() {
+                return;
+            }
+            chunk["choices"][0]["token_ids"] = json!(std::mem::take(&mut self.ids[i]));
+            if self.first[i] {
+                let prompt = json!(self.meta.prompt_ids.get(i / self.meta.per_prompt.max(1)));
+                match self.meta.endpoint {
+                    Endpoint::Completions => chunk["choices"][0]["prompt_token_ids"] = prompt,
+                    Endpoint::Chat => chunk["prompt_token_ids"] = prompt,
+                }
+            }
+        }
+
         /// The chunks for choice `i`'s new pieces: thinking as it comes, the answer through
         /// the tool-call holder when tools were offered.
         fn send(
@@ -2108,6 +2197,7 @@ fn sse_response(
                     let (prompt, completion) = self.tokens[i];
                     chunk["usage"] = usage_so_far(prompt, completion);
                 }
+                self.tag(i, &mut chunk);
                 out.extend_from_slice(&sse_data(&chunk));
                 self.first[i] = false;
             }
@@ -2126,6 +2216,8 @@ fn sse_response(
         outcomes: vec![None; n],
         held: (0..n).map(|_| tools::Holder::default()).collect(),
         tokens: vec![(0, 0); n],
+        ids: vec![Vec::new(); n],
+        ids_seen: vec![0; n],
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -2150,11 +2242,24 @@ fn sse_response(
                     break Bytes::from(out);
                 }
                 Some((_, Event::Started | Event::Prefilled)) => continue,
-                Some((i, Event::Progress { prompt, completion })) => {
+                Some((
+                    i,
+                    Event::Progress {
+                        prompt,
+                        completion,
+                        tokens,
+                    },
+                )) => {
                     s.tokens[i] = (prompt, completion);
+                    s.ids_seen[i] += tokens.len();
+                    s.ids[i].extend(tokens);
                     continue;
                 }
+                // Refused with a stream (`api::parse`).
+                Some((_, Event::PromptLogprobs(_))) => continue,
                 Some((i, Event::Done(mut o))) => {
+                    let unseen = o.token_ids.get(s.ids_seen[i]..).unwrap_or_default();
+                    s.ids[i].extend_from_slice(unseen);
                     let rest = s.split[i]
                         .as_mut()
                         .map(|sp| sp.finish())
@@ -2163,9 +2268,10 @@ fn sse_response(
                     if s.meta.tools {
                         let (text, entries) = s.held[i].finish();
                         if !text.is_empty() || !entries.is_empty() {
-                            let (chunk, finish) =
+                            let (mut chunk, finish) =
                                 s.meta.tool_chunk(i, &text, &entries, o.finish_reason);
                             o.finish_reason = finish;
+                            s.tag(i, &mut chunk);
                             out.extend_from_slice(&sse_data(&chunk));
                             s.first[i] = false;
                         }
@@ -2175,7 +2281,11 @@ fn sse_response(
                     let total = (finished.len() == s.meta.n)
                         .then(|| Outcome::total(&finished, s.meta.per_prompt))
                         .flatten();
-                    for c in s.meta.final_chunks(i, &o, s.first[i], total.as_ref()) {
+                    let mut chunks = s.meta.final_chunks(i, &o, s.first[i], total.as_ref());
+                    if let Some(c) = chunks.first_mut() {
+                        s.tag(i, c);
+                    }
+                    for c in chunks {
                         out.extend_from_slice(&sse_data(&c));
                     }
                     s.first[i] = false;

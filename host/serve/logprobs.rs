@@ -169,6 +169,7 @@ pub fn echo_entries(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     scored: &[TokenLogprob],
+    top_n: usize,
     naming: Naming,
 ) -> anyhow::Result<(String, Vec<TokenEntry>)> {
     let mut stream = tokenizer.stream(false);
@@ -177,7 +178,12 @@ pub fn echo_entries(
     let mut entries = Vec::with_capacity(prompt.len());
     for (j, &id) in prompt.iter().enumerate() {
         let e = match j.checked_sub(1).and_then(|i| scored.get(i)) {
-            Some(lp) => TokenEntry::new(tokenizer, lp, chars, naming),
+            Some(lp) => {
+                let mut e = TokenEntry::new(tokenizer, lp, chars, naming);
+                // The prompt may be scored with more alternatives, for `prompt_logprobs`.
+                e.top.truncate(top_n);
+                e
+            }
             None => TokenEntry {
                 bytes: naming.bytes(tokenizer, id),
                 logprob: None,
@@ -192,6 +198,37 @@ pub fn echo_entries(
     }
     text.push_str(&stream.finish());
     Ok((text, entries))
+}
+
+/// vLLM's `prompt_logprobs`: null for the first token (nothing before it to score it on),
+/// then per token an object keyed by token id holding the token and its `top_n` most likely
+/// alternatives, each with its log-probability, rank (1: the most likely) and text.
+pub fn prompt_json(
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    scored: &[TokenLogprob],
+    top_n: usize,
+    naming: Naming,
+) -> Value {
+    let entry = |id: u32, logprob: f64, rank: Option<u32>| {
+        json!({
+            "logprob": finite(logprob),
+            "rank": rank,
+            "decoded_token": lossy(&naming.bytes(tokenizer, id)),
+        })
+    };
+    let rows = prompt.iter().enumerate().map(|(j, _)| {
+        let lp = j.checked_sub(1).and_then(|i| scored.get(i))?;
+        let mut m = Map::new();
+        for (r, &(id, l)) in lp.top.iter().take(top_n).enumerate() {
+            m.insert(id.to_string(), entry(id, l, Some(r as u32 + 1)));
+        }
+        // The prompt's own token, where it is not among the alternatives.
+        m.entry(lp.token.to_string())
+            .or_insert_with(|| entry(lp.token, lp.logprob, lp.rank));
+        Some(Value::Object(m))
+    });
+    Value::Array(rows.map(|r| r.unwrap_or(Value::Null)).collect())
 }
 
 fn lossy(b: &[u8]) -> String {

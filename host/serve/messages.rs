@@ -49,6 +49,8 @@ const OPENAI_ONLY: &[(&str, &str)] = &[
     ("instructions", "system"),
     ("max_output_tokens", "max_tokens"),
     ("continue_final_message", ""),
+    ("prompt_logprobs", ""),
+    ("return_token_ids", ""),
 ];
 
 /// Anthropic's own features that a local model has no part for.
@@ -856,6 +858,7 @@ mod tests {
             prompt_tokens: 10,
             cached_tokens: 4,
             completion_tokens: 3,
+            token_ids: Vec::new(),
             speculation: SpeculationReport::default(),
         }
     }

@@ -71,6 +71,8 @@ const CHAT_ONLY: &[&str] = &[
     "echo",
     "suffix",
     "best_of",
+    "prompt_logprobs",
+    "return_token_ids",
 ];
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
@@ -1101,6 +1103,7 @@ mod tests {
             prompt_tokens: 10,
             cached_tokens: 4,
             completion_tokens: 3,
+            token_ids: Vec::new(),
             speculation: SpeculationReport::default(),
         }
     }

@@ -344,6 +344,18 @@ pub fn token_logprobs(logits: &[f32], t: u32, top_n: usize) -> (f64, Vec<(u32, f
     (lp, top)
 }
 
+/// `t`'s place among the logits, 1 for the most likely, in [`token_logprobs`]' order: a tie
+/// goes to the lower id. A token past the row (a padded vocabulary's) comes after them all.
+pub fn token_rank(logits: &[f32], t: u32) -> u32 {
+    let Some(&x) = logits.get(t as usize) else {
+        return logits.len() as u32 + 1;
+    };
+    let (before, after) = logits.split_at(t as usize);
+    let above =
+        before.iter().filter(|&&y| y >= x).count() + after.iter().filter(|&&y| y > x).count();
+    above as u32 + 1
+}
+
 /// The distribution features are computed from: the request's own at T > 0; the model's softmax
 /// (T = 1) at T = 0, where the sampling distribution would be a one-hot that tells a lossy policy
 /// nothing (strict compares the drafted token with the top-1, which is the argmax either way).
