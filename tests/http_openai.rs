@@ -10,16 +10,7 @@ mod http_common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use http_common::{Server, tiny_models};
-
-fn python() -> PathBuf {
-    std::env::var_os("VERDICT_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/verdict/peer-venv/bin/python")
-        })
-}
+use http_common::{Server, python, tiny_models};
 
 #[test]
 fn official_openai_client() {

@@ -87,9 +87,19 @@ pub struct ServeArgs {
     pub policy_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// 0 picks a free port (printed on stdout as `listening on http://ADDR`).
+    /// 0 picks a free port (printed on stdout as `listening on http://ADDR`, or `https://`).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Serve HTTPS with this PEM certificate chain (the server's own first; vLLM's flag).
+    #[arg(long, requires = "ssl_keyfile", value_name = "PEM")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// The PEM private key of --ssl-certfile's certificate.
+    #[arg(long, requires = "ssl_certfile", value_name = "PEM")]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// With --ssl-certfile: clients must present a certificate signed by one of these PEM CA
+    /// certificates (mutual TLS).
+    #[arg(long, requires = "ssl_certfile", value_name = "PEM")]
+    pub ssl_ca_certs: Option<PathBuf>,
     /// File holding the bearer token the policy admin routes (PUT, DELETE) require.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -318,9 +328,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .chain(aliases.iter().map(String::as_str))
         .collect();
     let modules = lora_modules(&args.lora_modules, &names)?;
+    let tls = match (&args.ssl_certfile, &args.ssl_keyfile) {
+        (Some(cert), Some(key)) => Some(crate::serve::tls::Tls::load(
+            cert,
+            key,
+            args.ssl_ca_certs.as_deref(),
+        )?),
+        _ => None,
+    };
     let opts = ServeOptions {
         host: args.host.clone(),
         port: args.port,
+        tls,
         workers: args.workers,
         max_queue: args.max_queue,
         admin_token,

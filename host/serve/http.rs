@@ -18,6 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+
+use super::tls::HANDSHAKE_TIMEOUT;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
@@ -44,8 +46,11 @@ type Body = BoxBody<Bytes, Infallible>;
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub host: String,
-    /// 0 picks a free port; the chosen address is printed as `listening on http://ADDR`.
+    /// 0 picks a free port; the chosen address is printed as `listening on http://ADDR`
+    /// (`https://` with `tls`).
     pub port: u16,
+    /// HTTPS instead of HTTP (`--ssl-certfile`...).
+    pub tls: Option<super::tls::Tls>,
     /// Generation worker threads (requests generating at once).
     pub workers: usize,
     /// Requests that may wait for a worker; more get 429.
@@ -101,6 +106,7 @@ impl ServeOptions {
         ServeOptions {
             host: "127.0.0.1".into(),
             port: 8080,
+            tls: None,
             workers: 2,
             max_queue: 64,
             admin_token: None,
@@ -227,7 +233,12 @@ async fn serve(
         next_id: AtomicU64::new(0),
     });
     // Tests and scripts read this line to find the port.
-    println!("verdict: listening on http://{addr}");
+    let scheme = if app.opts.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("verdict: listening on {scheme}://{addr}");
     {
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -271,6 +282,7 @@ async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
+    let builder = Arc::new(builder);
     let mut loading = true;
     let load_error = loop {
         tokio::select! {
@@ -285,12 +297,36 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let tls = app.opts.tls.clone();
                 let app = app.clone();
                 let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                // The TLS handshake runs in the connection's task, so a slow client holds up
+                // no other.
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let served = match tls {
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(tls) => {
+                            let handshake = tls.acceptor.accept(stream);
+                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!("TLS handshake with {peer} failed: {e}");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake with {peer} timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = served {
                         tracing::debug!("connection from {peer}: {e}");
                     }
                 });

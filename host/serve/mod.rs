@@ -33,6 +33,7 @@ pub mod pool;
 pub mod reasoning;
 pub mod responses;
 pub mod stop;
+pub mod tls;
 pub mod tools;
 
 pub use auth::Tokens;

@@ -12,14 +12,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use serde_json::Value;
+use tokio_rustls::rustls::{ClientConfig, ClientConnection, StreamOwned, pki_types::ServerName};
 use verdict::models::testing::{TinySpec, write_tiny_gguf};
 
 pub struct Server {
     pub child: Child,
     pub addr: String,
     pub log: PathBuf,
+    /// A server started with `--ssl-certfile`: how requests reach it.
+    pub tls: Option<Arc<ClientConfig>>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// The Python with the `openai` and `anthropic` packages: $VERDICT_TEST_PYTHON, default
+/// ~/.cache/verdict/peer-venv/bin/python.
+pub fn python() -> PathBuf {
+    std::env::var_os("VERDICT_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/verdict/peer-venv/bin/python")
+        })
 }
 
 /// A tiny random target (and, with `draft`, a tiny draft with the same tokenizer) in `dir`.
@@ -53,6 +69,17 @@ pub fn tiny_models_of(
 impl Server {
     /// Starts `verdict serve --port 0 ARGS...` and waits until `/ready` answers 200.
     pub fn start(args: &[&str], dir: Option<tempfile::TempDir>, log_dir: &Path) -> Server {
+        Server::start_with(args, dir, log_dir, None)
+    }
+
+    /// [`Server::start`] of a server that speaks HTTPS (its args set `--ssl-certfile`...);
+    /// requests go through `tls`.
+    pub fn start_with(
+        args: &[&str],
+        dir: Option<tempfile::TempDir>,
+        log_dir: &Path,
+        tls: Option<Arc<ClientConfig>>,
+    ) -> Server {
         let log = log_dir.join(format!(
             "server-{}.log",
             std::process::id() as u64 * 1000 + rand_suffix()
@@ -72,7 +99,9 @@ impl Server {
         let addr = loop {
             match lines.next() {
                 Some(Ok(l)) => {
-                    if let Some(a) = l.strip_prefix("verdict: listening on http://") {
+                    let scheme = if tls.is_some() { "https" } else { "http" };
+                    let line = format!("verdict: listening on {scheme}://");
+                    if let Some(a) = l.strip_prefix(&line) {
                         break a.trim().to_string();
                     }
                 }
@@ -91,6 +120,7 @@ impl Server {
             child,
             addr,
             log,
+            tls,
             _dir: dir,
         };
         let t0 = Instant::now();
@@ -115,7 +145,8 @@ impl Server {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn connect(&self) -> TcpStream {
@@ -133,6 +164,19 @@ impl Server {
     ) -> std::io::Result<Response> {
         let mut s = TcpStream::connect(&self.addr)?;
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        if let Some(config) = &self.tls {
+            let name = ServerName::try_from("localhost").unwrap();
+            let conn =
+                ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+            let mut tls = StreamOwned::new(conn, s);
+            write_request(&mut tls, method, path, headers, body)?;
+            let mut raw = Vec::new();
+            // A server that closes without TLS's close_notify still sent its whole answer.
+            match tls.read_to_end(&mut raw) {
+                Err(e) if raw.is_empty() => return Err(e),
+                _ => return Ok(parse_response(&raw)),
+            }
+        }
         let mut w = s.try_clone()?;
         // The server may answer (413) and close before the whole body is sent: write on the
         // side, and keep whatever response arrived even if the connection is then reset.
@@ -274,7 +318,7 @@ fn rand_suffix() -> u64 {
 }
 
 pub fn write_request(
-    s: &mut TcpStream,
+    s: &mut impl Write,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],

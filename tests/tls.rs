@@ -1,0 +1,260 @@
+//! `verdict serve` over HTTPS (`--ssl-certfile`, `--ssl-keyfile`, `--ssl-ca-certs`): a CA and
+//! certificates made by the test, and a rustls client that trusts only that CA.
+
+mod http_common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_common::{Server, tiny_models};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+};
+use serde_json::json;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::{
+    ClientConfig, ClientConnection, RootCertStore, StreamOwned, crypto::aws_lc_rs,
+};
+
+/// A CA, and certificates it signed for the server (`localhost`, 127.0.0.1) and for a client,
+/// written as PEM files in `dir`; also a server certificate from another CA, to mismatch keys.
+struct Pki {
+    ca: CertificateDer<'static>,
+    client: (CertificateDer<'static>, String),
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    // Subjects of their own: a leaf named as its issuer reads as self-signed to OpenSSL.
+    let named = |names: Vec<String>, cn: &str| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p
+    };
+    let mut ca_params = named(Vec::new(), "verdict test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cn = names[0].clone();
+        let cert = named(names, &cn).signed_by(&key, &ca).unwrap();
+        (cert, key)
+    };
+    let (server, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client, client_key) = leaf(vec!["a-client".into()]);
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    write("ca.pem", &ca.pem());
+    write("server.pem", &server.pem());
+    write("server.key", &server_key.serialize_pem());
+    write("other.key", &KeyPair::generate().unwrap().serialize_pem());
+    Pki {
+        ca: ca.der().clone(),
+        client: (client.der().clone(), client_key.serialize_pem()),
+    }
+}
+
+/// A client trusting only the test's CA, presenting `cert` when given.
+fn client(pki: &Pki, cert: Option<&(CertificateDer<'static>, String)>) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let builder = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some((c, key)) => builder
+            .with_client_auth_cert(
+                vec![c.clone()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    Arc::new(config)
+}
+
+fn tls_args(dir: &Path, target: &Path, extra: &[&str]) -> Vec<String> {
+    let p = |name: &str| dir.join(name).display().to_string();
+    let mut args = vec![
+        "--model".to_string(),
+        target.display().to_string(),
+        "--ssl-certfile".into(),
+        p("server.pem"),
+        "--ssl-keyfile".into(),
+        p("server.key"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// HTTPS answers as HTTP does; a plain HTTP request, or a client stuck in its handshake, gets
+/// nothing and holds up no one; HTTP/2 and HTTP/1.1 are offered by ALPN.
+#[test]
+fn serves_https_with_the_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    let pki = make_pki(dir.path());
+    let args = tls_args(dir.path(), &target, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start_with(&args, None, &log_dir, Some(client(&pki, None)));
+
+    // A client that connects and says nothing: the others are still answered.
+    let stalled = TcpStream::connect(&s.addr).unwrap();
+    let body = json!({"prompt": "the cat sat on", "max_tokens": 5, "temperature": 0});
+    let t0 = std::time::Instant::now();
+    let r = s.post_json("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Not after the stalled handshake's timeout (10 s): handshakes run apart.
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 5);
+    assert_eq!(s.get("/health").status, 200);
+
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(&s.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    http_common::write_request(&mut plain, "GET", "/health", &[], b"").unwrap();
+    let mut raw = Vec::new();
+    let _ = plain.read_to_end(&mut raw);
+    assert!(
+        !raw.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+
+    // ALPN: a client that asks for HTTP/2 gets it.
+    let mut h2 = (*client(&pki, None)).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let conn = ClientConnection::new(Arc::new(h2), ServerName::try_from("localhost").unwrap());
+    let mut tls = StreamOwned::new(conn.unwrap(), TcpStream::connect(&s.addr).unwrap());
+    tls.flush().unwrap();
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
+    drop(stalled);
+}
+
+/// With `--ssl-ca-certs` only a client with a certificate from those CAs is served.
+#[test]
+fn client_certificates_are_required_with_ca_certs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    let pki = make_pki(dir.path());
+    let ca = dir.path().join("ca.pem").display().to_string();
+    let args = tls_args(dir.path(), &target, &["--ssl-ca-certs", &ca]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log_dir = dir.path().to_path_buf();
+    let with_cert = client(&pki, Some(&pki.client));
+    let mut s = Server::start_with(&args, None, &log_dir, Some(with_cert));
+    assert_eq!(s.get("/v1/models").status, 200);
+    s.tls = Some(client(&pki, None));
+    let r = s.try_request("GET", "/v1/models", &[], b"");
+    assert!(r.is_err(), "{:?}", r.map(|r| r.status));
+}
+
+/// Missing, empty or mismatched files stop the server before it listens, naming the flag.
+#[test]
+fn bad_certificate_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    make_pki(dir.path());
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let model = target.display().to_string();
+    for (files, want) in [
+        (["missing.pem", "server.key"], "--ssl-certfile"),
+        (["empty.pem", "server.key"], "no certificate"),
+        (["server.pem", "missing.key"], "--ssl-keyfile"),
+        (["server.pem", "server.pem"], "no private key"),
+        (["server.pem", "other.key"], "is the key the certificate's?"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .args(["serve", "--port", "0", "--model", &model])
+            .args([
+                "--ssl-certfile",
+                &p(files[0]),
+                "--ssl-keyfile",
+                &p(files[1]),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{files:?} started");
+        assert!(err.contains(want), "{files:?}: {err}");
+    }
+    // The key without the certificate is a usage error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args([
+            "serve",
+            "--model",
+            &model,
+            "--ssl-keyfile",
+            &p("server.key"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ssl-certfile"));
+}
+
+/// The official `openai` client over HTTPS, trusting the test's CA (as a user points it at
+/// their own): a completion and a streamed chat.
+#[test]
+fn the_openai_client_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    let pki = make_pki(dir.path());
+    let args = tls_args(dir.path(), &target, &["--api-key", "sk-tls"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start_with(&args, None, &log_dir, Some(client(&pki, None)));
+    // 127.0.0.1 is among the certificate's names.
+    let url = format!("{}/v1", s.url());
+    let script = r#"
+import sys, openai
+url, ca = sys.argv[1], sys.argv[2]
+c = openai.OpenAI(base_url=url, api_key="sk-tls", http_client=openai.DefaultHttpxClient(verify=ca))
+r = c.completions.create(model="tiny-target", prompt="the cat", max_tokens=4, temperature=0)
+assert r.usage.completion_tokens == 4, r
+text = "".join(
+    ch.choices[0].delta.content or ""
+    for ch in c.chat.completions.create(
+        model="tiny-target", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        stream=True,
+    )
+    if ch.choices
+)
+assert text, "no streamed text"
+# A client that does not trust the CA is refused before it sends anything.
+try:
+    openai.OpenAI(base_url=url, api_key="sk-tls", max_retries=0).models.list()
+    raise SystemExit("an untrusted certificate was accepted")
+except openai.APIConnectionError:
+    pass
+print("all checks passed")
+"#;
+    let py = http_common::python();
+    let out = std::process::Command::new(&py)
+        .args([
+            "-c",
+            script,
+            &url,
+            &dir.path().join("ca.pem").display().to_string(),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (set VERDICT_TEST_PYTHON): {e}", py.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log_text()
+    );
+}
