@@ -2529,6 +2529,88 @@ fn prompt_logprobs_score_and_rank_each_prompt_token() {
     assert!(message.contains("prompt_logprobs"), "{message}");
 }
 
+/// OpenAI's `best_of`: each prompt's `best_of` generations (those of an `n = best_of` request,
+/// seeds and all), of which the `n` with the highest mean token log-probability come back,
+/// likeliest first; usage counts them all.
+#[test]
+fn best_of_returns_the_likeliest_generations() {
+    let s = tiny_server(1024, &[]);
+    let prompts = json!(["the cat sat on", "a dog ran to the"]);
+    let base = json!({"prompt": prompts, "max_tokens": 10, "temperature": 1.0, "seed": 11,
+                      "speculation": {"draft": "model", "k": 3}});
+    // The candidates, scored from their logprobs.
+    let all = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(base.clone(), &json!({"n": 4, "logprobs": 0})),
+    );
+    let mean = |c: &Value| {
+        let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+        lps.iter().map(|x| x.as_f64().unwrap()).sum::<f64>() / lps.len().max(1) as f64
+    };
+    let candidates: Vec<(String, f64)> = all["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["text"].as_str().unwrap().to_string(), mean(c)))
+        .collect();
+    let texts: std::collections::HashSet<&String> = candidates.iter().map(|(t, _)| t).collect();
+    assert!(
+        texts.len() > 4,
+        "the candidates should differ: {candidates:?}"
+    );
+    let best = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(base.clone(), &json!({"n": 2, "best_of": 4})),
+    );
+    let choices = best["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (k, group) in candidates.chunks(4).enumerate() {
+        let mut ranked = group.to_vec();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for j in 0..2 {
+            let c = &choices[k * 2 + j];
+            assert_eq!(c["index"], k * 2 + j);
+            assert_eq!(
+                c["text"].as_str().unwrap(),
+                ranked[j].0,
+                "prompt {k} rank {j}: {ranked:?}"
+            );
+        }
+    }
+    assert_eq!(best["usage"], all["usage"]);
+    // best_of = n returns every choice in order.
+    let same = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(base.clone(), &json!({"n": 4, "best_of": 4})),
+    );
+    assert_eq!(same["choices"][1]["text"], all["choices"][1]["text"]);
+
+    // Bad values are named.
+    for (extra, param) in [
+        (json!({"n": 3, "best_of": 2}), "best_of"),
+        (json!({"best_of": 0}), "best_of"),
+        (json!({"best_of": 17}), "best_of"),
+        (json!({"best_of": 2, "stream": true}), "best_of"),
+        (
+            json!({"best_of": 16, "prompt": ["a", "b", "c", "d", "e"]}),
+            "best_of",
+        ),
+    ] {
+        let r = s.post_json("/v1/completions", &merged(base.clone(), &extra));
+        assert_eq!(r.status, 400, "{extra}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{extra}");
+    }
+    let r = s.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "best_of": 2}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "best_of");
+}
+
 /// vLLM's `return_token_ids`: the prompt's token ids (what `/tokenize` gives) and each
 /// choice's generated ids, whole or streamed a chunk at a time.
 #[test]

@@ -233,6 +233,17 @@ for tok, entry in zip(c.prompt_token_ids[1:], c.prompt_logprobs[1:]):
     assert entry[str(tok)]["rank"] >= 1 and entry[str(tok)]["logprob"] <= 0.0, entry
 assert len(c.token_ids) == scored.usage.completion_tokens, c
 
+# best_of, a named argument of the client's: one choice back, usage for all three generations.
+best = client.completions.create(
+    model=model, prompt="the cat sat", max_tokens=5, temperature=1, seed=3, best_of=3
+)
+three = client.completions.create(
+    model=model, prompt="the cat sat", max_tokens=5, temperature=1, seed=3, n=3
+)
+assert len(best.choices) == 1, best.choices
+assert best.choices[0].text in [c.text for c in three.choices], (best, three)
+assert best.usage.completion_tokens == three.usage.completion_tokens, (best.usage, three.usage)
+
 # n choices, whole and streamed (chunks name their choice's index).
 two = client.chat.completions.create(
     model=model, messages=messages, max_tokens=4, temperature=0, n=2, extra_body=extra

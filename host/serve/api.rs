@@ -100,6 +100,9 @@ pub struct ParsedRequest {
     pub penalties: Penalties,
     /// Choices to generate for the prompt (`n`, 1..=[`MAX_N`]).
     pub n: usize,
+    /// Completions only (OpenAI's `best_of`, n..=[`MAX_N`]): generations per prompt, of which
+    /// the `n` the target finds likeliest per token are returned. `None`: `n`.
+    pub best_of: Option<usize>,
     /// Completions only: the text starts with the prompt, and logprobs (when asked) cover the
     /// prompt's tokens too.
     pub echo: bool,
@@ -147,6 +150,13 @@ pub struct ParsedRequest {
     pub priority: i64,
 }
 
+impl ParsedRequest {
+    /// Generations per prompt: `best_of` when set, else `n`.
+    pub fn candidates(&self) -> usize {
+        self.best_of.unwrap_or(self.n)
+    }
+}
+
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
 /// are 400s naming the field.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
@@ -179,6 +189,7 @@ pub fn parse_object(
         logprobs: None,
         penalties: Penalties::default(),
         n: 1,
+        best_of: None,
         echo: false,
         suffix: None,
         ignore_eos: false,
@@ -284,7 +295,11 @@ pub fn parse_object(
                     r.n = n as usize;
                 }
             }
-            // Generating more and returning the n most likely is not built.
+            "best_of" if !chat => {
+                r.best_of = opt(v, |v| int_range(k, v, 1, MAX_N as i64))?.map(|n| n as usize);
+            }
+            // Chat has no `best_of` (OpenAI's never had); 1 is what a client copying completions'
+            // defaults sends.
             "best_of" => {
                 if let Some(n) = opt(v, |v| int_range(k, v, i64::MIN, i64::MAX))?
                     && n != 1
@@ -536,14 +551,31 @@ pub fn parse_object(
             .or_insert(Value::String(e));
     }
     r.continuous_usage &= r.include_usage;
-    let generations = (1 + r.more_prompts.len()) * r.n;
+    if let Some(b) = r.best_of {
+        if b < r.n {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!("best_of ({b}) must be at least n ({})", r.n),
+            ));
+        }
+        if r.stream && b > r.n {
+            return Err(ApiError::invalid(
+                "best_of",
+                "best_of above n cannot be streamed (the best are known once all have finished)",
+            ));
+        }
+    }
+    let generations = (1 + r.more_prompts.len()) * r.candidates();
     if generations > MAX_CHOICES {
+        let (field, per) = match r.best_of {
+            Some(b) => ("best_of", format!("best_of = {b} generations")),
+            None => ("n", format!("n = {} choices", r.n)),
+        };
         return Err(ApiError::invalid(
-            "n",
+            field,
             format!(
-                "{} prompts with n = {} choices each make {generations} generations; at most {MAX_CHOICES} per request",
+                "{} prompts with {per} each make {generations} generations; at most {MAX_CHOICES} per request",
                 1 + r.more_prompts.len(),
-                r.n
             ),
         ));
     }
@@ -1584,6 +1616,29 @@ mod tests {
     }
 
     #[test]
+    fn best_of_sets_the_generations_per_prompt() {
+        let r = parse(
+            Endpoint::Completions,
+            br#"{"prompt":"x","n":2,"best_of":5}"#,
+        )
+        .unwrap();
+        assert_eq!((r.n, r.best_of, r.candidates()), (2, Some(5), 5));
+        let r = parse(Endpoint::Completions, br#"{"prompt":"x","n":3}"#).unwrap();
+        assert_eq!((r.best_of, r.candidates()), (None, 3));
+        // As many as n may stream (each is a choice).
+        let r = parse(
+            Endpoint::Completions,
+            br#"{"prompt":"x","best_of":1,"stream":true}"#,
+        );
+        assert!(r.is_ok());
+        let chat = r#"{"messages":[{"role":"user","content":"x"}],"best_of":2}"#;
+        let e = parse(Endpoint::Chat, chat.as_bytes()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("best_of"));
+        let one = chat.replace("2}", "1}");
+        assert!(parse(Endpoint::Chat, one.as_bytes()).is_ok());
+    }
+
+    #[test]
     fn each_error_names_its_field() {
         let too_many_stops = format!(
             r#"{{"prompt":"x","stop":{}}}"#,
@@ -1597,7 +1652,8 @@ mod tests {
             (r#"{"prompt":"x","top_p":0}"#, "top_p"),
             (r#"{"prompt":"x","n":0}"#, "n"),
             (r#"{"prompt":"x","n":17}"#, "n"),
-            (r#"{"prompt":"x","best_of":2}"#, "best_of"),
+            (r#"{"prompt":"x","n":3,"best_of":2}"#, "best_of"),
+            (r#"{"prompt":"x","best_of":2,"stream":true}"#, "best_of"),
             (r#"{"prompt":"x","stop":[""]}"#, "stop[0]"),
             (too_many_stops.as_str(), "stop"),
             (r#"{"prompt":"x","stop":5}"#, "stop"),

@@ -909,7 +909,8 @@ async fn completion(
     let parsed = api::parse(endpoint, &body)?;
     let begun = start(app, &served, &parsed, arrived).await?;
     let (early, rx) = begun.events;
-    let choices = (1 + parsed.more_prompts.len()) * parsed.n;
+    let prompts = 1 + parsed.more_prompts.len();
+    let choices = prompts * parsed.n;
     let id = format!(
         "{}-{}",
         if endpoint == Endpoint::Chat {
@@ -940,10 +941,16 @@ async fn completion(
         },
     };
     if parsed.stream {
+        // `best_of` above `n` is refused with a stream: each generation is a choice.
         Ok(sse_response(meta, early, rx))
     } else {
-        let choices = collect((early, rx), choices).await?;
-        Ok(json_response(StatusCode::OK, &meta.full(&choices)))
+        let candidates = parsed.candidates();
+        let all = collect((early, rx), prompts * candidates).await?;
+        // Usage counts every generation, returned or not.
+        let outcomes: Vec<&Outcome> = all.iter().filter_map(|c| c.outcome.as_ref()).collect();
+        let total = Outcome::total(&outcomes, candidates);
+        let choices = best_of(all, candidates, parsed.n);
+        Ok(json_response(StatusCode::OK, &meta.full(&choices, total)))
     }
 }
 
@@ -1311,7 +1318,7 @@ async fn start(
         .await
         .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
     };
-    let n = parsed.n;
+    let n = parsed.candidates();
     let total = prepared.len() * n;
     // One generation per choice (choice j of prompt k at index k * n + j); their events reach
     // this handler on one channel, tagged with the choice's index. Dropping it (the client
@@ -1459,6 +1466,31 @@ async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, A
         }
     }
     Ok(choices)
+}
+
+/// OpenAI's `best_of`: of each prompt's `candidates` generations, the `n` whose tokens the
+/// target finds likeliest (mean log-probability per token, at temperature 1), likeliest first
+/// (ties: the earlier). With as many candidates as choices, all of them in their order.
+fn best_of(all: Vec<Choice>, candidates: usize, n: usize) -> Vec<Choice> {
+    if candidates <= n {
+        return all;
+    }
+    let score = |c: &Choice| {
+        let s = c
+            .outcome
+            .as_ref()
+            .map(|o| o.speculation.mean_target_logprob);
+        s.filter(|s| !s.is_nan()).unwrap_or(f64::NEG_INFINITY)
+    };
+    let mut all = all.into_iter().peekable();
+    let mut out = Vec::new();
+    while all.peek().is_some() {
+        let mut group: Vec<Choice> = all.by_ref().take(candidates).collect();
+        // A stable sort: equal scores keep their order.
+        group.sort_by(|a, b| score(b).total_cmp(&score(a)));
+        out.extend(group.into_iter().take(n));
+    }
+    out
 }
 
 /// Choice `i`'s copy of a request (`n` > 1): the same prompt and parameters, and a seed of its
@@ -1966,8 +1998,9 @@ impl ResponseMeta {
         }
     }
 
-    /// The whole (non-streamed) response; `choices` are all finished.
-    fn full(&self, choices: &[Choice]) -> Value {
+    /// The whole (non-streamed) response; `choices` are all finished. `total`: the outcome of
+    /// every generation (those `best_of` left out too).
+    fn full(&self, choices: &[Choice], total: Option<Outcome>) -> Value {
         let outcomes: Vec<&Outcome> = choices.iter().filter_map(|c| c.outcome.as_ref()).collect();
         let json_choices: Vec<Value> = choices
             .iter()
@@ -2004,7 +2037,6 @@ impl ResponseMeta {
                 choice
             })
             .collect();
-        let total = Outcome::total(&outcomes, self.per_prompt);
         let mut response = json!({
             "id": self.id,
             "object": if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" },
