@@ -21,46 +21,61 @@ use tokio_rustls::rustls::{
 };
 
 /// A CA, and certificates it signed for the server (`localhost`, 127.0.0.1) and for a client,
-/// written as PEM files in `dir`; also a server certificate from another CA, to mismatch keys.
+/// written as PEM files in `dir` (with a key of no certificate's, `other.key`).
 struct Pki {
-    ca: CertificateDer<'static>,
+    ca: CertifiedIssuer<'static, KeyPair>,
     client: (CertificateDer<'static>, String),
 }
 
+/// Certificate parameters with a subject of their own: a leaf named as its issuer reads as
+/// self-signed to OpenSSL.
+fn named(names: Vec<String>, cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::new(names).unwrap();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p
+}
+
+impl Pki {
+    /// A certificate for `names` signed by the CA: (PEM certificate, PEM key, DER certificate).
+    fn leaf(&self, names: &[&str]) -> (String, String, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cn = names[0].clone();
+        let cert = named(names, &cn).signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().clone())
+    }
+
+    /// Writes a new server certificate and key; returns the certificate.
+    fn write_server(&self, dir: &Path) -> CertificateDer<'static> {
+        let (cert, key, der) = self.leaf(&["localhost", "127.0.0.1"]);
+        std::fs::write(dir.join("server.pem"), cert).unwrap();
+        std::fs::write(dir.join("server.key"), key).unwrap();
+        der
+    }
+}
+
 fn make_pki(dir: &Path) -> Pki {
-    // Subjects of their own: a leaf named as its issuer reads as self-signed to OpenSSL.
-    let named = |names: Vec<String>, cn: &str| {
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p
-    };
     let mut ca_params = named(Vec::new(), "verdict test CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cn = names[0].clone();
-        let cert = named(names, &cn).signed_by(&key, &ca).unwrap();
-        (cert, key)
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let other = KeyPair::generate().unwrap().serialize_pem();
+    std::fs::write(dir.join("other.key"), other).unwrap();
+    let mut pki = Pki {
+        ca,
+        client: (CertificateDer::from(Vec::new()), String::new()),
     };
-    let (server, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
-    let (client, client_key) = leaf(vec!["a-client".into()]);
-    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
-    write("ca.pem", &ca.pem());
-    write("server.pem", &server.pem());
-    write("server.key", &server_key.serialize_pem());
-    write("other.key", &KeyPair::generate().unwrap().serialize_pem());
-    Pki {
-        ca: ca.der().clone(),
-        client: (client.der().clone(), client_key.serialize_pem()),
-    }
+    let (_, client_key, client) = pki.leaf(&["a-client"]);
+    pki.client = (client, client_key);
+    pki.write_server(dir);
+    pki
 }
 
 /// A client trusting only the test's CA, presenting `cert` when given.
 fn client(pki: &Pki, cert: Option<&(CertificateDer<'static>, String)>) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
-    roots.add(pki.ca.clone()).unwrap();
+    roots.add(pki.ca.der().clone()).unwrap();
     let builder = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -257,4 +272,54 @@ print("all checks passed")
         String::from_utf8_lossy(&out.stderr),
         s.log_text()
     );
+}
+
+/// The certificate a TLS handshake with the server presents.
+fn served_certificate(s: &Server, config: &Arc<ClientConfig>) -> CertificateDer<'static> {
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = ClientConnection::new(config.clone(), name).unwrap();
+    let mut tls = StreamOwned::new(conn, TcpStream::connect(&s.addr).unwrap());
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    tls.conn.peer_certificates().unwrap()[0].clone()
+}
+
+/// `--enable-ssl-refresh`: a renewed certificate serves new connections without a restart; a
+/// broken one is logged and the one in use kept.
+#[test]
+fn a_renewed_certificate_is_served_with_ssl_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    let pki = make_pki(dir.path());
+    let first = served_cert_der(dir.path());
+    let args = tls_args(dir.path(), &target, &["--enable-ssl-refresh"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log_dir = dir.path().to_path_buf();
+    let config = client(&pki, None);
+    let s = Server::start_with(&args, None, &log_dir, Some(config.clone()));
+    assert_eq!(served_certificate(&s, &config), first);
+
+    let renewed = pki.write_server(dir.path());
+    let t0 = std::time::Instant::now();
+    while served_certificate(&s, &config) != renewed {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.get("/health").status, 200);
+
+    // A broken file: after two more reads the renewed certificate is still served.
+    std::fs::write(dir.path().join("server.pem"), "garbage\n").unwrap();
+    let t0 = std::time::Instant::now();
+    while !s.log_text().contains("do not load") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(served_certificate(&s, &config), renewed);
+    assert_eq!(s.get("/health").status, 200);
+}
+
+/// The DER of the server certificate PEM file in `dir`.
+fn served_cert_der(dir: &Path) -> CertificateDer<'static> {
+    CertificateDer::from_pem_file(dir.join("server.pem")).unwrap()
 }

@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// certificates (mutual TLS).
     #[arg(long, requires = "ssl_certfile", value_name = "PEM")]
     pub ssl_ca_certs: Option<PathBuf>,
+    /// Read the --ssl-* files again when they change (a renewed certificate; vLLM's flag): new
+    /// connections use them, and files that do not load keep the ones in use.
+    #[arg(long, requires = "ssl_certfile")]
+    pub enable_ssl_refresh: bool,
     /// File holding the bearer token the policy admin routes (PUT, DELETE) require.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -340,6 +344,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         host: args.host.clone(),
         port: args.port,
         tls,
+        tls_refresh: args.enable_ssl_refresh,
         workers: args.workers,
         max_queue: args.max_queue,
         admin_token,

@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub port: u16,
     /// HTTPS instead of HTTP (`--ssl-certfile`...).
     pub tls: Option<super::tls::Tls>,
+    /// Read the TLS files again when they change (`--enable-ssl-refresh`).
+    pub tls_refresh: bool,
     /// Generation worker threads (requests generating at once).
     pub workers: usize,
     /// Requests that may wait for a worker; more get 429.
@@ -107,6 +109,7 @@ impl ServeOptions {
             host: "127.0.0.1".into(),
             port: 8080,
             tls: None,
+            tls_refresh: false,
             workers: 2,
             max_queue: 64,
             admin_token: None,
@@ -239,6 +242,9 @@ async fn serve(
         "http"
     };
     println!("verdict: listening on {scheme}://{addr}");
+    if let Some(tls) = app.opts.tls.clone().filter(|_| app.opts.tls_refresh) {
+        tokio::spawn(tls.refresh(super::tls::REFRESH_EVERY));
+    }
     {
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -297,7 +303,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let tls = app.opts.tls.clone();
+                let tls = app.opts.tls.as_ref().map(super::tls::Tls::acceptor);
                 let app = app.clone();
                 let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
@@ -309,8 +315,8 @@ async fn serve(
                             let conn = builder.serve_connection(TokioIo::new(stream), service);
                             watcher.watch(conn.into_owned()).await
                         }
-                        Some(tls) => {
-                            let handshake = tls.acceptor.accept(stream);
+                        Some(acceptor) => {
+                            let handshake = acceptor.accept(stream);
                             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {
