@@ -277,6 +277,39 @@ fn completions_chat_streaming_stop_and_stats() {
         s.metric("verdict_policy_call_seconds_count") >= 1.0,
         "speculative steps call the policy and time it:\n{text}"
     );
+    // vLLM's names for the same metrics (what its dashboards and routers read), labelled with
+    // the model's name: the same values.
+    let text = s.get("/metrics").text();
+    let m = |name: &str| {
+        let line = text
+            .lines()
+            .find(|l| l.rsplit_once(' ').is_some_and(|(k, _)| k == name));
+        let value = line.and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok());
+        value.unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let model = "model_name=\"tiny-target\"";
+    let generated = m(&format!("vllm:generation_tokens_total{{{model}}}"));
+    assert!(generated > 0.0);
+    assert_eq!(generated, m("verdict_completion_tokens_total"));
+    assert_eq!(
+        m(&format!("vllm:prompt_tokens_total{{{model}}}")),
+        m("verdict_prompt_tokens_total")
+    );
+    let policy = "policy=\"strict@0.1.0\"";
+    assert_eq!(
+        m(&format!(
+            "vllm:spec_decode_num_draft_tokens_total{{{model},{policy}}}"
+        )),
+        m(&format!("verdict_drafted_tokens_total{{{policy}}}"))
+    );
+    assert_eq!(m(&format!("vllm:num_requests_running{{{model}}}")), 0.0);
+    assert_eq!(m(&format!("vllm:num_requests_waiting{{{model}}}")), 0.0);
+    assert_eq!(
+        m(&format!(
+            "vllm:time_to_first_token_seconds_count{{{model}}}"
+        )),
+        m("verdict_time_to_first_token_seconds_count")
+    );
 }
 
 #[test]

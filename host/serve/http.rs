@@ -220,7 +220,7 @@ async fn serve(
             );
         }
     }
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_model(&opts.model_id));
     let pool = Pool::new(opts.workers, opts.max_queue, metrics.clone())
         .context("cannot start the generation workers")?;
     let app = Arc::new(App {

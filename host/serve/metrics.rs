@@ -77,7 +77,14 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("verdict");
+        Self::for_model("model")
+    }
+
+    /// verdict's metrics (`verdict_*`), and the same counters under vLLM's names for the model
+    /// served as `model` ([`Metrics::register_vllm`]).
+    pub fn for_model(model: &str) -> Self {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("verdict");
         let m = Metrics {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
@@ -108,7 +115,7 @@ impl Metrics {
             batch_sync: std::sync::Mutex::new(()),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        let r = registry;
         r.register(
             "requests",
             "HTTP requests by route and status",
@@ -224,7 +231,86 @@ impl Metrics {
             "Sequences in those forwards (divided by batched_forwards: the mean batch size)",
             m.batched_sequences.clone(),
         );
-        Metrics { registry, ..m }
+        m.register_vllm(
+            root.sub_registry_with_label(("model_name".into(), model.to_string().into())),
+        );
+        Metrics {
+            registry: root,
+            ..m
+        }
+    }
+
+    /// vLLM's names (`vllm:...`, labelled `model_name`) for the metrics that mean the same here,
+    /// so dashboards and load-aware routers written for vLLM read verdict unchanged. The
+    /// instances are shared: nothing is counted twice. Speculation counts keep their `policy`
+    /// label (vLLM's sums over it). vLLM's KV-cache usage has no counterpart: each generation
+    /// holds its own cache, grown as it goes.
+    fn register_vllm(&self, r: &mut Registry) {
+        r.register(
+            "vllm:num_requests_running",
+            "Requests generating (verdict_active_generations)",
+            self.active.clone(),
+        );
+        r.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting for a worker (verdict_queue_depth)",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "vllm:prompt_tokens",
+            "Prompt tokens (verdict_prompt_tokens)",
+            self.prompt_tokens.clone(),
+        );
+        r.register(
+            "vllm:generation_tokens",
+            "Generated tokens (verdict_completion_tokens)",
+            self.completion_tokens.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prompt cache (verdict_prompt_tokens)",
+            self.prompt_tokens.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prompt cache (verdict_cached_prompt_tokens)",
+            self.cached_prompt_tokens.clone(),
+        );
+        r.register(
+            "vllm:time_to_first_token_seconds",
+            "From arrival to the first token (verdict_time_to_first_token_seconds)",
+            self.ttft_seconds.clone(),
+        );
+        r.register(
+            "vllm:inter_token_latency_seconds",
+            "Between consecutive tokens (verdict_inter_token_seconds)",
+            self.inter_token_seconds.clone(),
+        );
+        r.register(
+            "vllm:e2e_request_latency_seconds",
+            "From arrival to the last token (verdict_request_seconds)",
+            self.request_seconds.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_drafts",
+            "Speculation steps (verdict_speculation_steps)",
+            self.steps.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_draft_tokens",
+            "Drafted tokens (verdict_drafted_tokens)",
+            self.drafted.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Accepted drafted tokens (verdict_accepted_tokens)",
+            self.accepted.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafted tokens by draft position (verdict_accepted_by_position)",
+            self.accepted_by_position.clone(),
+        );
     }
 
     /// Brings the batch counters up to a model's batcher statistics (called before encoding).
