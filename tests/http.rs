@@ -2500,6 +2500,9 @@ fn prompt_logprobs_score_and_rank_each_prompt_token() {
     for c in v["choices"].as_array().unwrap() {
         check(&c["prompt_logprobs"], 0);
     }
+    // Choice 0 scores the prompt; choice 1 reads it from the prompt cache.
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert!(cached.unwrap() > 0, "{}", v["usage"]);
     assert_eq!(text_of(&v), text_of(&ok_json(&s, "/v1/completions", &body)));
     // An echo's alternatives stay as many as `logprobs` asks, whatever prompt_logprobs scores.
     let v = ok_json(
@@ -2571,15 +2574,29 @@ fn best_of_returns_the_likeliest_generations() {
     let prompts = json!(["the cat sat on", "a dog ran to the"]);
     let base = json!({"prompt": prompts, "max_tokens": 10, "temperature": 1.0, "seed": 11,
                       "speculation": {"draft": "model", "k": 3}});
-    // The candidates, scored from their logprobs.
+    // The candidates, each scored by the target reading it after its prompt: the mean
+    // log-probability of its tokens, the stop token that ended it included.
     let all = ok_json(
         &s,
         "/v1/completions",
-        &merged(base.clone(), &json!({"n": 4, "logprobs": 0})),
+        &merged(base.clone(), &json!({"n": 4, "return_token_ids": true})),
     );
     let mean = |c: &Value| {
-        let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
-        lps.iter().map(|x| x.as_f64().unwrap()).sum::<f64>() / lps.len().max(1) as f64
+        let out = c["token_ids"].as_array().unwrap();
+        let mut ids = c["prompt_token_ids"].as_array().unwrap().clone();
+        ids.extend(out.iter().cloned());
+        let scored = ok_json(
+            &s,
+            "/v1/completions",
+            &json!({"prompt": ids, "max_tokens": 0, "prompt_logprobs": 0}),
+        );
+        let rows = scored["choices"][0]["prompt_logprobs"].as_array().unwrap();
+        let tail = &rows[rows.len() - out.len()..];
+        let lps = tail
+            .iter()
+            .zip(out)
+            .map(|(row, t)| row[t.to_string()]["logprob"].as_f64().unwrap());
+        lps.sum::<f64>() / out.len() as f64
     };
     let candidates: Vec<(String, f64)> = all["choices"]
         .as_array()
@@ -2667,7 +2684,8 @@ fn return_token_ids_gives_the_prompt_and_output_tokens() {
         let want = ok_json(&s, "/tokenize", &json!({"prompt": prompts[i / 2]}))["tokens"].clone();
         assert_eq!(c["prompt_token_ids"], want, "choice {i}");
         let ids = c["token_ids"].as_array().unwrap();
-        generated += ids.len();
+        // The stop token that ended a choice is its last id (not a completion token).
+        generated += ids.len() - usize::from(c["finish_reason"] == "stop");
         // Without a stop string, the text is the ids' (an ending EOS decodes to nothing).
         assert_eq!(
             detok(&c["token_ids"]),
@@ -2676,6 +2694,23 @@ fn return_token_ids_gives_the_prompt_and_output_tokens() {
         );
     }
     assert_eq!(v["usage"]["completion_tokens"], generated);
+    // A stop token of the request's ends the ids, as vLLM's do.
+    let plain = json!({"prompt": "the cat sat on", "max_tokens": 8, "temperature": 0,
+                       "return_token_ids": true});
+    let full = ok_json(&s, "/v1/completions", &plain)["choices"][0]["token_ids"].clone();
+    let ids = full.as_array().unwrap();
+    let cut = (1..ids.len())
+        .find(|&i| !ids[..i].contains(&ids[i]))
+        .unwrap();
+    let stopped = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(plain, &json!({"stop_token_ids": [ids[cut]]})),
+    );
+    let c = &stopped["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["token_ids"], json!(ids[..=cut]));
+    assert_eq!(stopped["usage"]["completion_tokens"], cut);
 
     // Streamed: each chunk the tokens since the last, the prompt's with a choice's first.
     let mut streamed = vec![Vec::new(); 4];

@@ -231,7 +231,8 @@ assert len(c.prompt_logprobs) == len(c.prompt_token_ids) >= 2, c
 assert c.prompt_logprobs[0] is None, c.prompt_logprobs
 for tok, entry in zip(c.prompt_token_ids[1:], c.prompt_logprobs[1:]):
     assert entry[str(tok)]["rank"] >= 1 and entry[str(tok)]["logprob"] <= 0.0, entry
-assert len(c.token_ids) == scored.usage.completion_tokens, c
+# The stop token that ended the output comes last (not a completion token), as in vLLM.
+assert len(c.token_ids) == scored.usage.completion_tokens + (c.finish_reason == "stop"), c
 
 # best_of, a named argument of the client's: one choice back, usage for all three generations.
 best = client.completions.create(

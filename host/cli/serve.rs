@@ -96,10 +96,19 @@ pub struct ServeArgs {
     /// The PEM private key of --ssl-certfile's certificate.
     #[arg(long, requires = "ssl_certfile", value_name = "PEM")]
     pub ssl_keyfile: Option<PathBuf>,
-    /// With --ssl-certfile: clients must present a certificate signed by one of these PEM CA
-    /// certificates (mutual TLS).
+    /// With --ssl-certfile: the PEM CA certificates client certificates are checked against
+    /// (see --ssl-cert-reqs).
     #[arg(long, requires = "ssl_certfile", value_name = "PEM")]
     pub ssl_ca_certs: Option<PathBuf>,
+    /// Client certificates (vLLM's flag, Python's `ssl.CERT_*` numbers): 0 not asked for, 1
+    /// optional (checked against --ssl-ca-certs when given), 2 required (mutual TLS).
+    #[arg(
+        long,
+        default_value = "0",
+        requires = "ssl_ca_certs",
+        value_name = "0|1|2"
+    )]
+    pub ssl_cert_reqs: crate::serve::tls::ClientCerts,
     /// Read the --ssl-* files again when they change (a renewed certificate; vLLM's flag): new
     /// connections use them, and files that do not load keep the ones in use.
     #[arg(long, requires = "ssl_certfile")]
@@ -337,6 +346,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             cert,
             key,
             args.ssl_ca_certs.as_deref(),
+            args.ssl_cert_reqs,
         )?),
         _ => None,
     };

@@ -479,6 +479,7 @@ impl Engine {
             stop: req.stop_tokens,
             finished: None,
             stopped_by: None,
+            stop_logprob: None,
             stats,
             trace: req.trace,
             last_policy_seconds: None,
@@ -614,8 +615,10 @@ pub struct Generation {
     max_tokens: usize,
     stop: Vec<u32>,
     finished: Option<FinishReason>,
-    /// The token that ended the output (a stop token, or one the grammar ends on).
+    /// The token that ended the output (a stop token, or one the grammar ends on), and the
+    /// target's log-probability of it there.
     stopped_by: Option<u32>,
+    stop_logprob: Option<f64>,
     stats: SpecStats,
     trace: Option<Box<dyn Write + Send>>,
     last_policy_seconds: Option<f64>,
@@ -651,6 +654,16 @@ impl Generation {
 
     pub fn stats(&self) -> &SpecStats {
         &self.stats
+    }
+
+    /// The target's mean log-probability (T = 1) per token of the output, the token that ended
+    /// it included (OpenAI's `best_of` ranks by it: an output that ends where the target would
+    /// not have ended it pays for that). `None`: nothing generated and nothing ended it.
+    pub fn mean_logprob(&self) -> Option<f64> {
+        let stop = self.stop_logprob.into_iter();
+        let n = self.stats.tokens + stop.len() as u64;
+        let sum = self.stats.target_logprob + stop.sum::<f64>();
+        (n > 0).then(|| sum / n as f64)
     }
 
     /// The emitted tokens so far (stop tokens excluded).
@@ -1011,6 +1024,7 @@ impl Generation {
             if self.stop.contains(&t) || self.adjust.as_ref().is_some_and(|a| a.ends(t)) {
                 self.finished = Some(FinishReason::Stop);
                 self.stopped_by = Some(t);
+                self.stop_logprob = Some(v.logprob(i, t, 0)?.0);
                 break;
             }
             self.tokens.push(t);

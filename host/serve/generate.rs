@@ -56,8 +56,12 @@ pub struct Outcome {
     /// Prompt tokens read from the prompt cache instead of prefilled.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
-    /// The generated tokens (`completion_tokens` of them, an ending EOS included).
+    /// The generated tokens: `completion_tokens` of them, then the stop token that ended the
+    /// output (EOS or one of `stop_token_ids`), as vLLM's `token_ids` hold it.
     pub token_ids: Vec<u32>,
+    /// The target's mean log-probability per generated token, the ending one included
+    /// ([`crate::engine::Generation::mean_logprob`]): what `best_of` ranks by.
+    pub mean_logprob: Option<f64>,
     pub speculation: SpeculationReport,
 }
 
@@ -115,6 +119,7 @@ impl Outcome {
                 .sum(),
             completion_tokens: choices.iter().map(|o| o.completion_tokens).sum(),
             token_ids: Vec::new(),
+            mean_logprob: None,
             speculation: SpeculationReport::total(
                 &choices
                     .iter()
@@ -574,6 +579,10 @@ impl Job {
             .stopped_by()
             .filter(|_| finish_reason == "stop" && stop_sequence.is_none())
             .filter(|t| stop_token_ids.contains(t) && (ignore_eos || !tokenizer.is_eos(*t)));
+        if finish_reason == "stop" && stop_sequence.is_none() {
+            output.extend(generation.stopped_by());
+        }
+        let mean_logprob = generation.mean_logprob();
         // The sequences go to the prompt cache before the client hears the end, so that its
         // next turn finds them.
         generation.close();
@@ -585,6 +594,7 @@ impl Job {
             cached_tokens,
             completion_tokens: produced,
             token_ids: output,
+            mean_logprob,
             speculation,
         }));
     }

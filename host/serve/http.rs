@@ -289,6 +289,8 @@ async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     let builder = Arc::new(builder);
+    // Dropped when the server stops taking connections: handshakes still under way end.
+    let (stop_handshakes, stopping) = tokio::sync::watch::channel(());
     let mut loading = true;
     let load_error = loop {
         tokio::select! {
@@ -303,39 +305,8 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let tls = app.opts.tls.as_ref().map(super::tls::Tls::acceptor);
-                let app = app.clone();
-                let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
-                // The TLS handshake runs in the connection's task, so a slow client holds up
-                // no other.
-                tokio::spawn(async move {
-                    let served = match tls {
-                        None => {
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Some(acceptor) => {
-                            let handshake = acceptor.accept(stream);
-                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!("TLS handshake with {peer} failed: {e}");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake with {peer} timed out");
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                    };
-                    if let Err(e) = served {
-                        tracing::debug!("connection from {peer}: {e}");
-                    }
-                });
+                tokio::spawn(connection(app.clone(), stream, peer, builder, watcher, stopping.clone()));
             }
             e = &mut load_rx, if loading => {
                 match e {
@@ -349,6 +320,7 @@ async fn serve(
         }
     };
     drop(listener);
+    drop(stop_handshakes);
     app.draining.store(true, Ordering::SeqCst);
     if let Some(e) = load_error {
         return Err(e.context("cannot load the model"));
@@ -375,6 +347,50 @@ async fn serve(
         if drained { "" } else { " (workers still busy)" }
     );
     Ok(())
+}
+
+/// A connection's byte stream: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// One accepted connection, in a task of its own: the TLS handshake when serving HTTPS (here,
+/// so a slow client holds up no other; cut short when the server stops), then HTTP/1.1 or
+/// HTTP/2 until it closes, watched by the graceful shutdown.
+async fn connection(
+    app: Arc<App>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut stopping: tokio::sync::watch::Receiver<()>,
+) {
+    let io: Box<dyn Io> = match app.opts.tls.as_ref().map(super::tls::Tls::acceptor) {
+        None => Box::new(stream),
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        tracing::debug!("TLS handshake with {peer} failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake with {peer} timed out");
+                        return;
+                    }
+                },
+                _ = stopping.changed() => return,
+            }
+        }
+    };
+    let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!("connection from {peer}: {e}");
+    }
 }
 
 /// SIGTERM or SIGINT, as a stream (a second one forces the exit).
@@ -951,7 +967,8 @@ async fn completion(
         Ok(sse_response(meta, early, rx))
     } else {
         let candidates = parsed.candidates();
-        let all = collect((early, rx), prompts * candidates).await?;
+        let mut all = collect((early, rx), prompts * candidates).await?;
+        copy_prompt_logprobs(&mut all, candidates);
         // Usage counts every generation, returned or not.
         let outcomes: Vec<&Outcome> = all.iter().filter_map(|c| c.outcome.as_ref()).collect();
         let total = Outcome::total(&outcomes, candidates);
@@ -1330,12 +1347,15 @@ async fn start(
     // this handler on one channel, tagged with the choice's index. Dropping it (the client
     // left) closes every choice's channel in turn, which stops its generation.
     let (all_tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    // Every choice that echoes a scored prompt scores it (a prompt to score is read whole);
+    // vLLM's `prompt_logprobs` alone are scored by each prompt's choice 0, and copied to the
+    // others (`copy_prompt_logprobs`).
+    let echo_scored = parsed.echo && parsed.logprobs.is_some();
+    let scores = |i: usize| echo_scored || i.is_multiple_of(n);
     // With a prompt cache, each prompt's choice 0 prefills alone and shares the prompt's
     // sequences; its other choices start once it has, and read the prompt from the cache
-    // instead of each prefilling it (a prompt to score is read whole, so those requests start
-    // together).
-    let share =
-        n > 1 && engine.prompt_cache_stats().is_some() && prepared[0].prompt_logprobs.is_none();
+    // instead of each prefilling it.
+    let share = n > 1 && engine.prompt_cache_stats().is_some() && !echo_scored;
     let prompt_tokens = prepared.iter().map(|r| r.prompt.len()).sum();
     // The template opened a thinking block for the model (its reply starts inside it).
     let first = &prepared[0].prompt;
@@ -1345,7 +1365,13 @@ async fn start(
     let prompts = prepared.iter().map(|r| r.prompt.clone()).collect();
     let mut requests: Vec<Option<GenerateRequest>> = Vec::with_capacity(total);
     for r in prepared {
-        let others: Vec<_> = (1..n).map(|j| Some(choice_request(&r, j))).collect();
+        let others: Vec<_> = (1..n)
+            .map(|j| {
+                let mut c = choice_request(&r, j);
+                c.prompt_logprobs = c.prompt_logprobs.filter(|_| scores(j));
+                Some(c)
+            })
+            .collect();
         requests.push(Some(r));
         requests.extend(others);
     }
@@ -1368,7 +1394,7 @@ async fn start(
             include_stop: parsed.include_stop,
             tokens_as_ids: parsed.tokens_as_ids,
             stop_token_ids: parsed.stop_token_ids.clone(),
-            prompt_logprobs: parsed.prompt_logprobs,
+            prompt_logprobs: parsed.prompt_logprobs.filter(|_| scores(i)),
             token_ids: parsed.return_token_ids,
         };
         app.pool
@@ -1474,18 +1500,27 @@ async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, A
     Ok(choices)
 }
 
+/// Each prompt's choices after the first get its `prompt_logprobs` (only its first scores it).
+fn copy_prompt_logprobs(choices: &mut [Choice], per_prompt: usize) {
+    for group in choices.chunks_mut(per_prompt.max(1)) {
+        if let [first, rest @ ..] = group {
+            for c in rest.iter_mut().filter(|c| c.prompt_logprobs.is_none()) {
+                c.prompt_logprobs = first.prompt_logprobs.clone();
+            }
+        }
+    }
+}
+
 /// OpenAI's `best_of`: of each prompt's `candidates` generations, the `n` whose tokens the
-/// target finds likeliest (mean log-probability per token, at temperature 1), likeliest first
-/// (ties: the earlier). With as many candidates as choices, all of them in their order.
+/// target finds likeliest (mean log-probability per token at temperature 1, the token that ended
+/// the output included; [`Outcome::mean_logprob`]), likeliest first (ties: the earlier). With
+/// as many candidates as choices, all of them in their order.
 fn best_of(all: Vec<Choice>, candidates: usize, n: usize) -> Vec<Choice> {
     if candidates <= n {
         return all;
     }
     let score = |c: &Choice| {
-        let s = c
-            .outcome
-            .as_ref()
-            .map(|o| o.speculation.mean_target_logprob);
+        let s = c.outcome.as_ref().and_then(|o| o.mean_logprob);
         s.filter(|s| !s.is_nan()).unwrap_or(f64::NEG_INFINITY)
     };
     let mut all = all.into_iter().peekable();
@@ -2004,6 +2039,11 @@ impl ResponseMeta {
         }
     }
 
+    /// `return_token_ids`: the token ids of choice `i`'s prompt.
+    fn prompt_ids_of(&self, i: usize) -> Option<&Vec<u32>> {
+        self.prompt_ids.get(i / self.per_prompt.max(1))
+    }
+
     /// The whole (non-streamed) response; `choices` are all finished. `total`: the outcome of
     /// every generation (those `best_of` left out too).
     fn full(&self, choices: &[Choice], total: Option<Outcome>) -> Value {
@@ -2033,7 +2073,7 @@ impl ResponseMeta {
                     if let Some(p) = &c.prompt_logprobs {
                         choice["prompt_logprobs"] = p.clone();
                     }
-                    if let Some(ids) = self.prompt_ids.get(i / self.per_prompt.max(1)) {
+                    if let Some(ids) = self.prompt_ids_of(i) {
                         choice["prompt_token_ids"] = json!(ids);
                     }
                 }
@@ -2238,7 +2278,7 @@ fn sse_response(
             }
             chunk["choices"][0]["token_ids"] = json!(std::mem::take(&mut self.ids[i]));
             if self.first[i] {
-                let prompt = json!(self.meta.prompt_ids.get(i / self.meta.per_prompt.max(1)));
+                let prompt = json!(self.meta.prompt_ids_of(i));
                 match self.meta.endpoint {
                     Endpoint::Completions => chunk["choices"][0]["prompt_token_ids"] = prompt,
                     Endpoint::Chat => chunk["prompt_token_ids"] = prompt,

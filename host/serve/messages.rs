@@ -859,6 +859,7 @@ mod tests {
             cached_tokens: 4,
             completion_tokens: 3,
             token_ids: Vec::new(),
+            mean_logprob: None,
             speculation: SpeculationReport::default(),
         }
     }

@@ -1104,6 +1104,7 @@ mod tests {
             cached_tokens: 4,
             completion_tokens: 3,
             token_ids: Vec::new(),
+            mean_logprob: None,
             speculation: SpeculationReport::default(),
         }
     }

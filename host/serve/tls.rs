@@ -1,5 +1,6 @@
 //! HTTPS: the server's certificate and key (vLLM's `--ssl-certfile` and `--ssl-keyfile`), and
-//! optionally the CAs whose client certificates it requires (`--ssl-ca-certs`, mutual TLS).
+//! optionally client certificates checked against CAs (`--ssl-ca-certs`), asked for or
+//! required as `--ssl-cert-reqs` says (Python's `ssl.CERT_*` numbers, as vLLM takes them).
 //! rustls with its default cryptography, aws-lc (post-quantum key exchange, X25519MLKEM768,
 //! where the client offers it); HTTP/2 and HTTP/1.1 by ALPN. The files are read at start, so a
 //! bad one stops the server before it listens; with `--enable-ssl-refresh` they are read again
@@ -28,7 +29,35 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Tls {
     files: Files,
+    /// What the config in use was built from.
+    loaded: Contents,
     config: Arc<ArcSwap<ServerConfig>>,
+}
+
+/// Whether clients present certificates (vLLM's `--ssl-cert-reqs`: 0, 1, 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientCerts {
+    /// 0 (`CERT_NONE`): not asked for.
+    #[default]
+    None,
+    /// 1 (`CERT_OPTIONAL`): asked for, and checked when given.
+    Optional,
+    /// 2 (`CERT_REQUIRED`): a client without one is refused.
+    Required,
+}
+
+impl std::str::FromStr for ClientCerts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "0" => Ok(ClientCerts::None),
+            "1" => Ok(ClientCerts::Optional),
+            "2" => Ok(ClientCerts::Required),
+            _ => Err(format!(
+                "{s:?}: 0 (no client certificates), 1 (optional) or 2 (required)"
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for Tls {
@@ -46,21 +75,35 @@ struct Files {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    client_certs: ClientCerts,
 }
 
 /// The files' bytes, in [`Files`]' order: what a refresh compares.
 type Contents = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 
 impl Tls {
-    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<Tls> {
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        client_certs: ClientCerts,
+    ) -> anyhow::Result<Tls> {
+        if client_certs != ClientCerts::None && client_ca.is_none() {
+            bail!(
+                "--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs (the CAs client certificates are checked against)"
+            );
+        }
         let files = Files {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             client_ca: client_ca.map(Path::to_path_buf),
+            client_certs,
         };
-        let config = files.config(&files.read()?)?;
+        let loaded = files.read()?;
+        let config = files.config(&loaded)?;
         Ok(Tls {
             files,
+            loaded,
             config: Arc::new(ArcSwap::from_pointee(config)),
         })
     }
@@ -75,7 +118,7 @@ impl Tls {
     /// (half-written, a key not the certificate's) are logged and the settings in use kept,
     /// until the files change again.
     pub async fn refresh(self, every: Duration) {
-        let mut seen = self.files.read().ok();
+        let mut seen = self.loaded.clone();
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -94,10 +137,10 @@ impl Tls {
                 }
                 Err(_) => continue,
             };
-            if seen.as_ref() == Some(&contents) {
+            if seen == contents {
                 continue;
             }
-            seen = Some(contents);
+            seen = contents;
             match config {
                 Ok(c) => {
                     self.config.store(Arc::new(c));
@@ -140,7 +183,7 @@ impl Files {
             .with_safe_default_protocol_versions()
             .context("the TLS protocol versions")?;
         let builder = match (client_ca, &self.client_ca) {
-            (Some(pem), Some(path)) => {
+            (Some(pem), Some(path)) if self.client_certs != ClientCerts::None => {
                 let mut roots = RootCertStore::empty();
                 for c in certificates(pem, path, "--ssl-ca-certs")? {
                     roots.add(c).with_context(|| {
@@ -150,7 +193,12 @@ impl Files {
                         )
                     })?;
                 }
-                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                let mut verifier =
+                    WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
+                if self.client_certs == ClientCerts::Optional {
+                    verifier = verifier.allow_unauthenticated();
+                }
+                let verifier = verifier
                     .build()
                     .with_context(|| format!("--ssl-ca-certs {}", path.display()))?;
                 builder.with_client_cert_verifier(verifier)
