@@ -2661,6 +2661,57 @@ fn best_of_returns_the_likeliest_generations() {
     assert_eq!(r.json()["error"]["param"], "best_of");
 }
 
+/// vLLM's `--override-generation-config`: sampling defaults for requests that leave them out;
+/// a request's own values win; a bad config stops the server, naming the key.
+#[test]
+fn generation_defaults_fill_what_requests_leave_out() {
+    let s = tiny_server(
+        1024,
+        &[
+            "--override-generation-config",
+            r#"{"temperature": 0, "max_new_tokens": 3}"#,
+        ],
+    );
+    let tokens = |v: &Value| v["usage"]["completion_tokens"].as_u64().unwrap();
+    let bare = json!({"prompt": "the cat sat on", "ignore_eos": true});
+    let a = ok_json(&s, "/v1/completions", &bare);
+    assert_eq!(tokens(&a), 3);
+    // Greedy, as asked for explicitly.
+    let explicit = merged(bare.clone(), &json!({"temperature": 0, "max_tokens": 3}));
+    assert_eq!(
+        text_of(&a),
+        text_of(&ok_json(&s, "/v1/completions", &explicit))
+    );
+    let five = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(bare.clone(), &json!({"max_tokens": 5})),
+    );
+    assert_eq!(tokens(&five), 5);
+    assert!(text_of(&five).starts_with(&text_of(&a)));
+    // Chat: the default too, and `max_completion_tokens` is the request's own max_tokens.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": true});
+    assert_eq!(tokens(&ok_json(&s, "/v1/chat/completions", &chat)), 3);
+    let four = merged(chat, &json!({"max_completion_tokens": 4}));
+    assert_eq!(tokens(&ok_json(&s, "/v1/chat/completions", &four)), 4);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (target, _) = tiny_models(dir.path(), 256);
+    for (config, want) in [
+        (r#"{"temp": 1}"#, "unknown key \"temp\""),
+        (r#"{"temperature": 5}"#, "temperature"),
+        (r#"{"max_new_tokens": 0}"#, "max_new_tokens"),
+        ("nope", "not a JSON object"),
+    ] {
+        let err = serve_fails(&target, &["--override-generation-config", config]);
+        assert!(err.contains(want), "{config}: {err}");
+        assert!(
+            err.contains("--override-generation-config"),
+            "{config}: {err}"
+        );
+    }
+}
+
 /// vLLM's `return_token_ids`: the prompt's token ids (what `/tokenize` gives) and each
 /// choice's generated ids, whole or streamed a chunk at a time.
 #[test]

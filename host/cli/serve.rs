@@ -113,6 +113,11 @@ pub struct ServeArgs {
     /// connections use them, and files that do not load keep the ones in use.
     #[arg(long, requires = "ssl_certfile")]
     pub enable_ssl_refresh: bool,
+    /// Sampling defaults for requests that leave them out, as a JSON object (vLLM's option):
+    /// temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
+    /// presence_penalty, max_new_tokens (or max_tokens). A request's own values win.
+    #[arg(long, value_name = "JSON", value_parser = parse_generation_defaults)]
+    pub override_generation_config: Option<serde_json::Map<String, serde_json::Value>>,
     /// File holding the bearer token the policy admin routes (PUT, DELETE) require.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -355,6 +360,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         port: args.port,
         tls,
         tls_refresh: args.enable_ssl_refresh,
+        generation_defaults: args.override_generation_config.clone().unwrap_or_default(),
         workers: args.workers,
         max_queue: args.max_queue,
         admin_token,
@@ -538,4 +544,10 @@ fn lora_modules(
 fn parse_pooling(s: &str) -> Result<crate::models::embed::Pooling, String> {
     crate::models::embed::Pooling::parse(s)
         .ok_or_else(|| format!("{s:?} is not a pooling (mean, cls or last)"))
+}
+
+fn parse_generation_defaults(
+    json: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    crate::serve::api::generation_defaults(json)
 }

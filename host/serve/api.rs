@@ -157,6 +157,56 @@ impl ParsedRequest {
     }
 }
 
+/// `--override-generation-config` (vLLM's option): the sampling settings a server applies to
+/// requests that leave them out, by the names it takes and the request field each sets
+/// (`max_new_tokens` is Hugging Face's generation-config name for `max_tokens`).
+const GENERATION_DEFAULTS: &[(&str, &str)] = &[
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("min_p", "min_p"),
+    ("repetition_penalty", "repetition_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+    ("presence_penalty", "presence_penalty"),
+    ("max_new_tokens", "max_tokens"),
+    ("max_tokens", "max_tokens"),
+];
+
+/// Reads `--override-generation-config`'s JSON object into request fields, each value checked
+/// as a request's would be. An error names the key.
+pub fn generation_defaults(json: &str) -> Result<Map<String, Value>, String> {
+    let given: Map<String, Value> = serde_json::from_str(json)
+        .map_err(|e| format!("not a JSON object ({e}), e.g. '{{\"temperature\": 0.7}}'"))?;
+    let mut fields = Map::new();
+    for (k, v) in given {
+        let Some(&(_, field)) = GENERATION_DEFAULTS.iter().find(|(name, _)| *name == k) else {
+            let names: Vec<&str> = GENERATION_DEFAULTS.iter().map(|(n, _)| *n).collect();
+            return Err(format!("unknown key {k:?}; it takes {}", names.join(", ")));
+        };
+        if v.is_null() {
+            return Err(format!("{k}: null (leave the key out)"));
+        }
+        let mut probe = Map::new();
+        probe.insert("prompt".into(), Value::from("x"));
+        probe.insert(field.into(), v.clone());
+        parse_object(Endpoint::Completions, &probe).map_err(|e| format!("{k}: {}", e.message))?;
+        fields.insert(field.into(), v);
+    }
+    Ok(fields)
+}
+
+/// Sets the server's default sampling fields (`generation_defaults`) a request left out (or
+/// sent as null); a request's own `max_completion_tokens` counts as `max_tokens`.
+pub fn with_defaults(obj: &mut Map<String, Value>, defaults: &Map<String, Value>) {
+    for (k, v) in defaults {
+        let given = |f: &str| obj.get(f).is_some_and(|x| !x.is_null());
+        let set = given(k) || (k == "max_tokens" && given("max_completion_tokens"));
+        if !set {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+}
+
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
 /// are 400s naming the field.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
@@ -1613,6 +1663,32 @@ mod tests {
             .as_deref(),
             Some("prompt")
         );
+    }
+
+    #[test]
+    fn generation_defaults_fill_only_what_is_absent() {
+        let d = generation_defaults(r#"{"temperature":0.5,"max_new_tokens":7}"#).unwrap();
+        assert_eq!(d["max_tokens"], 7);
+        let mut o: Map<String, Value> =
+            serde_json::from_str(r#"{"prompt":"x","temperature":null,"max_completion_tokens":3}"#)
+                .unwrap();
+        with_defaults(&mut o, &d);
+        assert_eq!(o["temperature"], 0.5);
+        assert!(!o.contains_key("max_tokens"));
+        let mut o: Map<String, Value> = serde_json::from_str(r#"{"temperature":1}"#).unwrap();
+        with_defaults(&mut o, &d);
+        assert_eq!(
+            (o["temperature"].clone(), o["max_tokens"].clone()),
+            (json!(1), json!(7))
+        );
+        for bad in [
+            r#"{"top_p":0}"#,
+            r#"{"seed":1}"#,
+            r#"{"top_k":null}"#,
+            "[1]",
+        ] {
+            assert!(generation_defaults(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

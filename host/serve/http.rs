@@ -53,6 +53,9 @@ pub struct ServeOptions {
     pub tls: Option<super::tls::Tls>,
     /// Read the TLS files again when they change (`--enable-ssl-refresh`).
     pub tls_refresh: bool,
+    /// Sampling fields set on requests that leave them out (`--override-generation-config`,
+    /// [`api::generation_defaults`]).
+    pub generation_defaults: serde_json::Map<String, Value>,
     /// Generation worker threads (requests generating at once).
     pub workers: usize,
     /// Requests that may wait for a worker; more get 429.
@@ -110,6 +113,7 @@ impl ServeOptions {
             port: 8080,
             tls: None,
             tls_refresh: false,
+            generation_defaults: serde_json::Map::new(),
             workers: 2,
             max_queue: 64,
             admin_token: None,
@@ -928,7 +932,9 @@ async fn completion(
     let arrived = Instant::now();
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
-    let parsed = api::parse(endpoint, &body)?;
+    let mut obj = api::json_object(&body)?;
+    api::with_defaults(&mut obj, &app.opts.generation_defaults);
+    let parsed = api::parse_object(endpoint, &obj)?;
     let begun = start(app, &served, &parsed, arrived).await?;
     let (early, rx) = begun.events;
     let prompts = 1 + parsed.more_prompts.len();
@@ -986,9 +992,10 @@ async fn create_response(
     let arrived = Instant::now();
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
-    let t = responses::translate(&api::json_object(&body)?, |id| {
+    let mut t = responses::translate(&api::json_object(&body)?, |id| {
         lock(&app.responses).conversation(id)
     })?;
+    api::with_defaults(&mut t.chat, &app.opts.generation_defaults);
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
     let Begun {
         events,
@@ -1215,7 +1222,8 @@ async fn create_message(
     let served = served_or_unavailable(app)?;
     let body = api::json_object(&read_body(req, app.opts.max_body_bytes, "body").await?)?;
     messages::require_max_tokens(&body)?;
-    let t = messages::translate(&body)?;
+    let mut t = messages::translate(&body)?;
+    api::with_defaults(&mut t.chat, &app.opts.generation_defaults);
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(messages::rename_param)?;
     let Begun {
         events,
