@@ -266,6 +266,7 @@ fn completions_chat_streaming_stop_and_stats() {
         "verdict_accepted_tokens_total{policy=\"strict@0.1.0\"}",
         "verdict_time_to_first_token_seconds_count",
         "verdict_inter_token_seconds_count",
+        "verdict_queue_seconds_count",
         "verdict_tokens_per_step_count",
         "verdict_queue_depth",
         "verdict_completion_tokens_total",
@@ -309,6 +310,14 @@ fn completions_chat_streaming_stop_and_stats() {
             "vllm:time_to_first_token_seconds_count{{{model}}}"
         )),
         m("verdict_time_to_first_token_seconds_count")
+    );
+    // Each generation waited for its worker once.
+    let queued = m(&format!("vllm:request_queue_time_seconds_count{{{model}}}"));
+    assert_eq!(queued, m("verdict_queue_seconds_count"));
+    assert_eq!(
+        queued,
+        m("verdict_generations_finished_total{reason=\"stop\"}")
+            + m("verdict_generations_finished_total{reason=\"length\"}")
     );
 }
 

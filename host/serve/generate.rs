@@ -333,6 +333,9 @@ impl Job {
             prompt_logprobs,
             token_ids,
         } = self;
+        metrics
+            .queue_seconds
+            .observe(arrived.elapsed().as_secs_f64());
         if events.is_closed() {
             metrics.finished("cancelled");
             return;

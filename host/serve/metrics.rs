@@ -58,6 +58,8 @@ pub struct Metrics {
     pub prompt_cache_positions: Gauge<i64>,
     pub active: Gauge<i64>,
     pub ttft_seconds: Histogram,
+    /// From arrival to a worker taking the generation up.
+    pub queue_seconds: Histogram,
     pub inter_token_seconds: Histogram,
     pub request_seconds: Histogram,
     pub finished: Family<Reason, Counter>,
@@ -103,6 +105,8 @@ impl Metrics {
             active: Gauge::default(),
             // 5 ms .. ~80 s
             ttft_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            // 1 ms .. ~16 s
+            queue_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 0.5 ms .. ~8 s
             inter_token_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
@@ -202,6 +206,11 @@ impl Metrics {
             m.ttft_seconds.clone(),
         );
         r.register(
+            "queue_seconds",
+            "From request arrival to a worker starting its generation",
+            m.queue_seconds.clone(),
+        );
+        r.register(
             "inter_token_seconds",
             "Time between consecutive tokens",
             m.inter_token_seconds.clone(),
@@ -280,6 +289,11 @@ impl Metrics {
             "vllm:time_to_first_token_seconds",
             "From arrival to the first token (verdict_time_to_first_token_seconds)",
             self.ttft_seconds.clone(),
+        );
+        r.register(
+            "vllm:request_queue_time_seconds",
+            "Waiting for a worker (verdict_queue_seconds)",
+            self.queue_seconds.clone(),
         );
         r.register(
             "vllm:inter_token_latency_seconds",
