@@ -2308,22 +2308,32 @@ fn logprobs_match_a_fresh_target_forward_in_every_mode() {
     assert_eq!(streamed, kept);
 }
 
+/// A server on Q8_0 tiny models, the target's tokenizer, and the target's logits at every
+/// position of `prompt` from one forward of its own (what the server's prompt scores must be).
+fn q8_server_scoring(
+    prompt: &[u32],
+) -> (Server, verdict::models::tokenizer::Tokenizer, Vec<Vec<f32>>) {
+    use verdict::models::{Model, Rows};
+    let (dir, t, d) = q8_models(1024);
+    let model = Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu).unwrap();
+    let tok =
+        verdict::models::tokenizer::Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
+    let forward = model.session().forward(prompt, Rows::All).unwrap();
+    let rows = forward.logits.to_vec2::<f32>().unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
+    (s, tok, rows)
+}
+
 /// `echo` on completions: the text starts with the prompt, and with logprobs every prompt
 /// token after the first is scored as a fresh forward over the prompt scores it (the first has
 /// nulls); `max_tokens: 0` scores the prompt only. The output part is what the request without
 /// echo gets, its offsets after the prompt's text.
 #[test]
 fn echo_scores_the_prompt_and_prefixes_the_text() {
-    use verdict::models::tokenizer::Tokenizer;
-    use verdict::models::{Model, Rows};
-
-    let (dir, t, d) = q8_models(1024);
-    let model = Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
-    let log_dir = dir.path().to_path_buf();
-    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     // Longer than one scoring chunk (64 positions), so chunks are joined.
     let prompt: Vec<u32> = (0..150).map(|i| 30 + (i * 7) % 90).collect();
+    let (s, tok, rows) = q8_server_scoring(&prompt);
     let prompt_text = tok.decode(&prompt, false).unwrap();
     let complete = |extra: Value| -> Value {
         ok_json(
@@ -2332,13 +2342,6 @@ fn echo_scores_the_prompt_and_prefixes_the_text() {
             &merged(json!({"prompt": prompt, "temperature": 0}), &extra),
         )
     };
-    let rows = model
-        .session()
-        .forward(&prompt, Rows::All)
-        .unwrap()
-        .logits
-        .to_vec2::<f32>()
-        .unwrap();
 
     // Score only.
     let scored = complete(json!({"echo": true, "max_tokens": 0, "logprobs": 2}));
@@ -2432,23 +2435,9 @@ fn echo_scores_the_prompt_and_prefixes_the_text() {
 /// completions per choice, on chat once; refused with a stream.
 #[test]
 fn prompt_logprobs_score_and_rank_each_prompt_token() {
-    use verdict::models::tokenizer::Tokenizer;
-    use verdict::models::{Model, Rows};
-
-    let (dir, t, d) = q8_models(1024);
-    let model = Model::load_gguf(std::path::Path::new(&t), &candle_core::Device::Cpu).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf_metadata().unwrap()).unwrap();
-    let log_dir = dir.path().to_path_buf();
-    let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
     // Longer than one scoring chunk (64 positions).
     let prompt: Vec<u32> = (0..90).map(|i| 30 + (i * 11) % 97).collect();
-    let rows = model
-        .session()
-        .forward(&prompt, Rows::All)
-        .unwrap()
-        .logits
-        .to_vec2::<f32>()
-        .unwrap();
+    let (s, tok, rows) = q8_server_scoring(&prompt);
     // The reference: row j - 1 scores token j; ranks with ties to the lower id.
     let rank = |row: &[f32], t: usize| {
         1 + row
