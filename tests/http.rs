@@ -2486,6 +2486,28 @@ fn prompt_logprobs_score_and_rank_each_prompt_token() {
     );
     assert_eq!(text_of(&v), "");
     check(&v["choices"][0]["prompt_logprobs"], 3);
+    // Score only, n = 2: each choice scores it (neither generates to share from); and an echo
+    // without logprobs.
+    let v = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(
+            body.clone(),
+            &json!({
+        "max_tokens": 0, "prompt_logprobs": 1, "n": 2}),
+        ),
+    );
+    check(&v["choices"][1]["prompt_logprobs"], 1);
+    let v = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(
+            body.clone(),
+            &json!({
+        "max_tokens": 0, "echo": true, "n": 2}),
+        ),
+    );
+    assert_eq!(v["choices"][1]["text"], tok.decode(&prompt, false).unwrap());
     let v = ok_json(
         &s,
         "/v1/completions",
@@ -2692,6 +2714,24 @@ fn generation_defaults_fill_what_requests_leave_out() {
     assert_eq!(tokens(&ok_json(&s, "/v1/chat/completions", &chat)), 3);
     let four = merged(chat, &json!({"max_completion_tokens": 4}));
     assert_eq!(tokens(&ok_json(&s, "/v1/chat/completions", &four)), 4);
+
+    // A default beyond the room the prompt leaves is capped to it (a request's own is refused).
+    let long = tiny_server(
+        64,
+        &["--override-generation-config", r#"{"max_new_tokens": 500}"#],
+    );
+    let v = ok_json(
+        &long,
+        "/v1/completions",
+        &json!({"prompt": "the cat", "ignore_eos": true}),
+    );
+    let room = 64 - v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(tokens(&v), room);
+    let r = long.post_json(
+        "/v1/completions",
+        &json!({"prompt": "the cat", "max_tokens": 500}),
+    );
+    assert_eq!(r.status, 400);
 
     let dir = tempfile::tempdir().unwrap();
     let (target, _) = tiny_models(dir.path(), 256);

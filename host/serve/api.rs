@@ -196,15 +196,22 @@ pub fn generation_defaults(json: &str) -> Result<Map<String, Value>, String> {
 }
 
 /// Sets the server's default sampling fields (`generation_defaults`) a request left out (or
-/// sent as null); a request's own `max_completion_tokens` counts as `max_tokens`.
+/// sent as null). Not `max_tokens`: a default one is capped to the room the prompt leaves
+/// ([`default_max_tokens`]), where a request's own is refused when it does not fit.
 pub fn with_defaults(obj: &mut Map<String, Value>, defaults: &Map<String, Value>) {
-    for (k, v) in defaults {
-        let given = |f: &str| obj.get(f).is_some_and(|x| !x.is_null());
-        let set = given(k) || (k == "max_tokens" && given("max_completion_tokens"));
-        if !set {
+    for (k, v) in defaults.iter().filter(|(k, _)| *k != "max_tokens") {
+        if obj.get(k).is_none_or(Value::is_null) {
             obj.insert(k.clone(), v.clone());
         }
     }
+}
+
+/// The default `max_tokens` of `generation_defaults` (`max_new_tokens`), if it sets one.
+pub fn default_max_tokens(defaults: &Map<String, Value>) -> Option<usize> {
+    defaults
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
 }
 
 /// Parses a request body. Malformed JSON, wrong types, unknown fields and out-of-range values
@@ -1668,19 +1675,16 @@ mod tests {
     #[test]
     fn generation_defaults_fill_only_what_is_absent() {
         let d = generation_defaults(r#"{"temperature":0.5,"max_new_tokens":7}"#).unwrap();
-        assert_eq!(d["max_tokens"], 7);
+        assert_eq!(default_max_tokens(&d), Some(7));
         let mut o: Map<String, Value> =
-            serde_json::from_str(r#"{"prompt":"x","temperature":null,"max_completion_tokens":3}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"prompt":"x","temperature":null}"#).unwrap();
         with_defaults(&mut o, &d);
         assert_eq!(o["temperature"], 0.5);
+        // max_tokens is capped where the prompt is known, not set here.
         assert!(!o.contains_key("max_tokens"));
         let mut o: Map<String, Value> = serde_json::from_str(r#"{"temperature":1}"#).unwrap();
         with_defaults(&mut o, &d);
-        assert_eq!(
-            (o["temperature"].clone(), o["max_tokens"].clone()),
-            (json!(1), json!(7))
-        );
+        assert_eq!(o["temperature"], 1);
         for bad in [
             r#"{"top_p":0}"#,
             r#"{"seed":1}"#,

@@ -333,13 +333,14 @@ impl Job {
             prompt_logprobs,
             token_ids,
         } = self;
-        metrics
-            .queue_seconds
-            .observe(arrived.elapsed().as_secs_f64());
         if events.is_closed() {
             metrics.finished("cancelled");
             return;
         }
+        // (A choice that reads its prompt from another's waits for that prefill too.)
+        metrics
+            .queue_seconds
+            .observe(arrived.elapsed().as_secs_f64());
         let prompt_tokens = request.prompt.len();
         let max_tokens = request.max_tokens;
         let naming = if tokens_as_ids {

@@ -1359,7 +1359,8 @@ async fn start(
     // vLLM's `prompt_logprobs` alone are scored by each prompt's choice 0, and copied to the
     // others (`copy_prompt_logprobs`).
     let echo_scored = parsed.echo && parsed.logprobs.is_some();
-    let scores = |i: usize| echo_scored || i.is_multiple_of(n);
+    // (A request that only scores its prompt, `max_tokens: 0`, scores it in every choice.)
+    let scores = |i: usize| echo_scored || i.is_multiple_of(n) || parsed.max_tokens == Some(0);
     // With a prompt cache, each prompt's choice 0 prefills alone and shares the prompt's
     // sequences; its other choices start once it has, and read the prompt from the cache
     // instead of each prefilling it.
@@ -1898,9 +1899,13 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             .with_code("context_length_exceeded"));
         }
         Some(n) => n,
-        // OpenAI's defaults: 16 for completions, the rest of the context for chat.
-        None if p.endpoint == Endpoint::Completions => room.min(16),
-        None => room,
+        // The server's default (`--override-generation-config`), else OpenAI's: 16 for
+        // completions, the rest of the context for chat; never more than the room.
+        None => match api::default_max_tokens(&app.opts.generation_defaults) {
+            Some(d) => room.min(d),
+            None if p.endpoint == Endpoint::Completions => room.min(16),
+            None => room,
+        },
     };
     check_policy(app, p)?;
     let grammar = match &p.grammar {
@@ -1957,8 +1962,13 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         policy: p.policy.clone(),
         policy_params: p.policy_params.clone(),
         logprobs: p.logprobs,
-        // Scored for an echo's logprobs and for `prompt_logprobs`, with the more alternatives.
-        prompt_logprobs: p.logprobs.filter(|_| p.echo).max(p.prompt_logprobs),
+        // Scored for an echo's logprobs and for `prompt_logprobs`, with the more alternatives;
+        // a request that only reads its prompt (`max_tokens: 0`) is a scoring one either way.
+        prompt_logprobs: p
+            .logprobs
+            .filter(|_| p.echo)
+            .max(p.prompt_logprobs)
+            .or(Some(0).filter(|_| max_tokens == 0)),
         penalties,
         grammar,
         ..GenerateRequest::default()

@@ -93,6 +93,11 @@ impl Tls {
                 "--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs (the CAs client certificates are checked against)"
             );
         }
+        if client_certs == ClientCerts::None && client_ca.is_some() {
+            tracing::warn!(
+                "--ssl-ca-certs is given but --ssl-cert-reqs is 0 (vLLM's default): clients are not asked for certificates; 2 requires them, 1 checks them when given"
+            );
+        }
         let files = Files {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
