@@ -311,6 +311,12 @@ fn completions_chat_streaming_stop_and_stats() {
         )),
         m("verdict_time_to_first_token_seconds_count")
     );
+    assert_eq!(
+        m(&format!(
+            "vllm:request_success_total{{{model},finished_reason=\"length\"}}"
+        )),
+        m("verdict_generations_finished_total{reason=\"length\"}")
+    );
     // Each generation waited for its worker once.
     let queued = m(&format!("vllm:request_queue_time_seconds_count{{{model}}}"));
     assert_eq!(queued, m("verdict_queue_seconds_count"));

@@ -38,6 +38,12 @@ pub struct Reason {
     pub reason: String,
 }
 
+/// vLLM's label for how a request ended: `stop`, `length` or `abort`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedReason {
+    pub finished_reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RouteStatus, Counter>,
@@ -63,6 +69,8 @@ pub struct Metrics {
     pub inter_token_seconds: Histogram,
     pub request_seconds: Histogram,
     pub finished: Family<Reason, Counter>,
+    /// `finished` by vLLM's name and labels (`vllm:request_success`).
+    vllm_finished: Family<FinishedReason, Counter>,
     pub policy_swaps: Counter<u64, AtomicU64>,
     pub policy_call_seconds: Histogram,
     pub batched_forwards: Family<ModelLabel, Counter>,
@@ -111,6 +119,7 @@ impl Metrics {
             inter_token_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             finished: Family::default(),
+            vllm_finished: Family::default(),
             policy_swaps: Counter::default(),
             // 1 us .. ~16 ms: one wasm `verify` call
             policy_call_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 15)),
@@ -306,6 +315,11 @@ impl Metrics {
             self.request_seconds.clone(),
         );
         r.register(
+            "vllm:request_success",
+            "Finished requests by how they ended: stop, length, abort (verdict_generations_finished)",
+            self.vllm_finished.clone(),
+        );
+        r.register(
             "vllm:spec_decode_num_drafts",
             "Speculation steps (verdict_speculation_steps)",
             self.steps.clone(),
@@ -355,6 +369,17 @@ impl Metrics {
         self.finished
             .get_or_create(&Reason {
                 reason: reason.to_string(),
+            })
+            .inc();
+        // vLLM counts a request its client dropped as aborted, and has no failed ones.
+        let vllm = match reason {
+            "stop" | "length" => reason,
+            "cancelled" => "abort",
+            _ => return,
+        };
+        self.vllm_finished
+            .get_or_create(&FinishedReason {
+                finished_reason: vllm.to_string(),
             })
             .inc();
     }
