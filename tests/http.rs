@@ -2696,6 +2696,8 @@ fn generation_defaults_fill_what_requests_leave_out() {
         &[
             "--override-generation-config",
             r#"{"temperature": 0, "max_new_tokens": 3}"#,
+            "--return-tokens-as-token-ids",
+            "--enable-force-include-usage",
         ],
     );
     let tokens = |v: &Value| v["usage"]["completion_tokens"].as_u64().unwrap();
@@ -2720,6 +2722,31 @@ fn generation_defaults_fill_what_requests_leave_out() {
     assert_eq!(tokens(&ok_json(&s, "/v1/chat/completions", &chat)), 3);
     let four = merged(chat, &json!({"max_completion_tokens": 4}));
     assert_eq!(tokens(&ok_json(&s, "/v1/chat/completions", &four)), 4);
+
+    // vLLM's server-wide switches: tokens by id in logprobs, a usage chunk on every stream.
+    let lp = ok_json(
+        &s,
+        "/v1/completions",
+        &merged(bare.clone(), &json!({"logprobs": 0})),
+    );
+    let names = lp["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        names
+            .iter()
+            .all(|t| t.as_str().unwrap().starts_with("token_id:")),
+        "{names:?}"
+    );
+    let stream = merged(bare.clone(), &json!({"stream": true}));
+    let events = s.open_stream("/v1/completions", &stream).collect();
+    // The usage-only chunk (no choices) that `include_usage` asks for.
+    let usage_only = events.iter().filter(|e| *e != "[DONE]").any(|e| {
+        let v: Value = serde_json::from_str(e).unwrap();
+        v["choices"] == json!([]) && v["usage"]["completion_tokens"] == 3
+    });
+    assert!(usage_only, "{events:?}");
 
     // A default beyond the room the prompt leaves is capped to it (a request's own is refused).
     let long = tiny_server(
@@ -2909,6 +2936,22 @@ fn tokenize_and_detokenize() {
     let d = s.post_json("/detokenize", &json!({"tokens": ids}));
     assert_eq!(d.status, 200, "{}", d.text());
     assert_eq!(d.json()["prompt"], "hello there");
+    // vLLM's return_token_strs: each token's text.
+    let v = ok_json(
+        &s,
+        "/tokenize",
+        &json!({"prompt": "hello there", "return_token_strs": true}),
+    );
+    let strs: Vec<String> = v["token_strs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(strs.len(), ids.len());
+    assert!(strs.concat().ends_with("hello there"), "{strs:?}");
+    let r = s.post_json("/tokenize", &json!({"prompt": "x", "return_token_strs": 1}));
+    assert_eq!(r.json()["error"]["param"], "return_token_strs");
     // A chat counts as the chat request does (template included).
     let messages = json!([{"role": "user", "content": "hi"}]);
     let t = s

@@ -118,6 +118,14 @@ pub struct ServeArgs {
     /// presence_penalty, max_new_tokens (or max_tokens). A request's own values win.
     #[arg(long, value_name = "JSON", value_parser = parse_generation_defaults)]
     pub override_generation_config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Logprobs name every token `token_id:N` (vLLM's flag; a request's
+    /// `return_tokens_as_token_ids` does it for itself).
+    #[arg(long)]
+    pub return_tokens_as_token_ids: bool,
+    /// Every streamed completions and chat response ends with a usage chunk, as with
+    /// `stream_options.include_usage` (vLLM's flag).
+    #[arg(long)]
+    pub enable_force_include_usage: bool,
     /// File holding the bearer token the policy admin routes (PUT, DELETE) require.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -361,6 +369,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tls,
         tls_refresh: args.enable_ssl_refresh,
         generation_defaults: args.override_generation_config.clone().unwrap_or_default(),
+        tokens_as_ids: args.return_tokens_as_token_ids,
+        force_include_usage: args.enable_force_include_usage,
         workers: args.workers,
         max_queue: args.max_queue,
         admin_token,

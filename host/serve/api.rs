@@ -876,17 +876,25 @@ pub enum TokenizeInput {
     },
 }
 
-/// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`.
-pub fn parse_tokenize(body: &[u8]) -> Result<TokenizeInput, ApiError> {
+/// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`;
+/// also whether vLLM's `return_token_strs` asks for each token's text.
+pub fn parse_tokenize(body: &[u8]) -> Result<(TokenizeInput, bool), ApiError> {
     let obj = json_object(body)?;
+    let mut strs = false;
+    let input = tokenize_input(&obj, &mut strs)?;
+    Ok((input, strs))
+}
+
+fn tokenize_input(obj: &Map<String, Value>, strs: &mut bool) -> Result<TokenizeInput, ApiError> {
     let mut input = None;
     let mut continue_final = false;
     let mut vars = None;
-    for (k, v) in &obj {
+    for (k, v) in obj {
         match k.as_str() {
             "model" => {
                 opt(v, |v| string(k, v))?;
             }
+            "return_token_strs" => *strs = opt(v, |v| boolean(k, v))?.unwrap_or(false),
             "prompt" => input = Some(TokenizeInput::Prompt(string(k, v)?)),
             "messages" => {
                 input = Some(TokenizeInput::Messages {

@@ -56,6 +56,10 @@ pub struct ServeOptions {
     /// Sampling fields set on requests that leave them out (`--override-generation-config`,
     /// [`api::generation_defaults`]).
     pub generation_defaults: serde_json::Map<String, Value>,
+    /// Logprobs name tokens `token_id:N` in every completions and chat response.
+    pub tokens_as_ids: bool,
+    /// Every streamed completions and chat response ends with a usage chunk.
+    pub force_include_usage: bool,
     /// Generation worker threads (requests generating at once).
     pub workers: usize,
     /// Requests that may wait for a worker; more get 429.
@@ -114,6 +118,8 @@ impl ServeOptions {
             tls: None,
             tls_refresh: false,
             generation_defaults: serde_json::Map::new(),
+            tokens_as_ids: false,
+            force_include_usage: false,
             workers: 2,
             max_queue: 64,
             admin_token: None,
@@ -934,7 +940,10 @@ async fn completion(
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let mut obj = api::json_object(&body)?;
     api::with_defaults(&mut obj, &app.opts.generation_defaults);
-    let parsed = api::parse_object(endpoint, &obj)?;
+    let mut parsed = api::parse_object(endpoint, &obj)?;
+    // vLLM's server-wide switches for what a request may also ask for itself.
+    parsed.tokens_as_ids |= app.opts.tokens_as_ids;
+    parsed.include_usage |= parsed.stream && app.opts.force_include_usage;
     let begun = start(app, &served, &parsed, arrived).await?;
     let (early, rx) = begun.events;
     let prompts = 1 + parsed.more_prompts.len();
@@ -1597,8 +1606,9 @@ struct Choice {
 async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
-    let t = api::parse_tokenize(&body)?;
+    let (t, strs) = api::parse_tokenize(&body)?;
     let ctx = served.engine.max_context();
+    let tokenizer = served.tokenizer.clone();
     let ids = blocking(move || {
         let tokenizer = &*served.tokenizer;
         match t {
@@ -1617,10 +1627,16 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         }
     })
     .await??;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx}),
-    ))
+    let mut v = json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx});
+    if strs {
+        // Each token's own bytes as text (a piece of a character shows as U+FFFD).
+        let text = |&id: &u32| {
+            let piece = tokenizer.piece(id, false).unwrap_or_default();
+            String::from_utf8_lossy(piece).into_owned()
+        };
+        v["token_strs"] = json!(ids.iter().map(text).collect::<Vec<_>>());
+    }
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 /// `POST /v1/embeddings`: one pool job embeds every input (a worker's turn, like a generation;
