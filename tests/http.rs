@@ -2912,6 +2912,141 @@ fn return_token_ids_gives_the_prompt_and_output_tokens() {
     assert_eq!(r.json()["error"]["param"], "return_token_ids");
 }
 
+/// `/v1/rerank` and `/v1/score` (vLLM's, Jina's and Cohere's shapes): the cosine similarity of
+/// the texts' embeddings, the same as computed from `/v1/embeddings`' vectors; ranked, cut to
+/// `top_n`, paired one-to-many or one-to-one; bad input named.
+#[test]
+fn rerank_and_score_rank_by_embedding_similarity() {
+    let s = tiny_server(1024, &[]);
+    let query = "the cat sat on the mat";
+    let docs = [
+        "a dog ran",
+        "the cat sat",
+        "mat",
+        "an old tree by the river",
+    ];
+    let mut all = vec![query];
+    all.extend(docs);
+    let e = ok_json(&s, "/v1/embeddings", &json!({"input": all}));
+    let vecs: Vec<Vec<f64>> = e["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    let cos = |a: &[f64], b: &[f64]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    let mut want: Vec<(usize, f64)> = (0..docs.len())
+        .map(|i| (i, cos(&vecs[0], &vecs[i + 1])))
+        .collect();
+    want.sort_by(|a, b| b.1.total_cmp(&a.1));
+
+    for path in ["/v1/rerank", "/rerank", "/v2/rerank"] {
+        let docs_json: Vec<Value> = docs.iter().map(|d| json!({"text": d})).collect();
+        let v = ok_json(
+            &s,
+            path,
+            &json!({"query": query, "documents": docs_json, "top_n": 3}),
+        );
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), 3, "{v}");
+        for (r, (i, score)) in results.iter().zip(&want) {
+            assert_eq!(r["index"], *i, "{v}");
+            assert!(
+                (r["relevance_score"].as_f64().unwrap() - score).abs() < 1e-5,
+                "{v}"
+            );
+            assert_eq!(r["document"]["text"], docs[*i]);
+        }
+        assert_eq!(v["usage"]["total_tokens"], e["usage"]["total_tokens"]);
+    }
+    let v = ok_json(
+        &s,
+        "/v1/rerank",
+        &json!({"query": query, "documents": docs, "return_documents": false}),
+    );
+    assert_eq!(v["results"].as_array().unwrap().len(), docs.len());
+    assert!(v["results"][0].get("document").is_none());
+
+    // Score: one text_1 against each text_2, then pairs.
+    let v = ok_json(&s, "/v1/score", &json!({"text_1": query, "text_2": docs}));
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), docs.len());
+    for (j, d) in data.iter().enumerate() {
+        assert_eq!(
+            (d["index"].clone(), d["object"].clone()),
+            (json!(j), json!("score"))
+        );
+        assert!((d["score"].as_f64().unwrap() - cos(&vecs[0], &vecs[j + 1])).abs() < 1e-5);
+    }
+    let v = ok_json(
+        &s,
+        "/score",
+        &json!({"text_1": [docs[0], docs[1]], "text_2": [docs[2], docs[3]]}),
+    );
+    let pair = v["data"][1]["score"].as_f64().unwrap();
+    assert!((pair - cos(&vecs[2], &vecs[4])).abs() < 1e-5, "{v}");
+
+    for (path, body, param) in [
+        ("/v1/rerank", json!({"documents": ["a"]}), "query"),
+        ("/v1/rerank", json!({"query": "q"}), "documents"),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": []}),
+            "documents",
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": [{"txt": "a"}]}),
+            "documents[0].text",
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a", 5]}),
+            "documents[1]",
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a"], "top_n": 0}),
+            "top_n",
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a"], "topn": 1}),
+            "topn",
+        ),
+        (
+            "/v1/score",
+            json!({"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}),
+            "text_2",
+        ),
+        ("/v1/score", json!({"text_2": ["c"]}), "text_1"),
+    ] {
+        let r = s.post_json(path, &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+    // A document too long for the context is named by its place.
+    let long = "word ".repeat(2000);
+    let r = s.post_json(
+        "/v1/rerank",
+        &json!({"query": "q", "documents": ["a", long]}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "documents[1]");
+    assert_eq!(s.get("/v1/rerank").status, 405);
+}
+
 /// `/tokenize` gives the ids a request's prompt or chat becomes (its count is the request's
 /// `prompt_tokens`), `/detokenize` turns ids back into text; bad input names the field.
 #[test]

@@ -978,6 +978,9 @@ pub struct EmbeddingsRequest {
     pub base64: bool,
     /// Keep the leading `dimensions` values (then scale to unit length again).
     pub dimensions: Option<usize>,
+    /// What errors call each input (`/v1/rerank`'s `query`, `documents[i]`...); empty:
+    /// `input` / `input[i]`.
+    pub names: Vec<String>,
 }
 
 /// The most texts one embeddings request may hold (OpenAI's limit).
@@ -992,6 +995,7 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, ApiError> {
         inputs: Vec::new(),
         base64: false,
         dimensions: None,
+        names: Vec::new(),
     };
     for (k, v) in &obj {
         match k.as_str() {
@@ -1028,6 +1032,145 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, ApiError> {
         ));
     }
     Ok(req)
+}
+
+/// `POST /v1/rerank` (Jina's and Cohere's shape, as vLLM serves it): documents ranked by how
+/// close each is to the query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RerankRequest {
+    pub model: Option<String>,
+    pub query: String,
+    pub documents: Vec<String>,
+    /// Only the best `top_n` come back (all when absent).
+    pub top_n: Option<usize>,
+    /// Each result carries its document's text (default true).
+    pub return_documents: bool,
+}
+
+pub fn parse_rerank(body: &[u8]) -> Result<RerankRequest, ApiError> {
+    let obj = json_object(body)?;
+    let mut r = RerankRequest {
+        model: None,
+        query: String::new(),
+        documents: Vec::new(),
+        top_n: None,
+        return_documents: true,
+    };
+    let (mut query, mut documents) = (None, None);
+    for (k, v) in &obj {
+        match k.as_str() {
+            "model" => r.model = opt(v, |v| string(k, v))?,
+            "query" => query = Some(string(k, v)?),
+            "documents" => documents = Some(texts(k, v, true)?),
+            "top_n" => {
+                r.top_n =
+                    opt(v, |v| int_range(k, v, 1, MAX_EMBED_INPUTS as i64))?.map(|n| n as usize)
+            }
+            "return_documents" => r.return_documents = opt(v, |v| boolean(k, v))?.unwrap_or(true),
+            "user" => {
+                opt(v, |v| string(k, v))?;
+            }
+            _ => return Err(unknown_field(k)),
+        }
+    }
+    r.query = query.ok_or_else(|| {
+        ApiError::invalid(
+            "query",
+            "missing field `query` (the text to rank documents by)",
+        )
+    })?;
+    r.documents = documents.ok_or_else(|| {
+        ApiError::invalid("documents", "missing field `documents` (an array of texts)")
+    })?;
+    Ok(r)
+}
+
+/// `POST /v1/score` (vLLM's): how close each `text_2` is to its `text_1` (one `text_1` for all,
+/// or one per `text_2`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreRequest {
+    pub model: Option<String>,
+    pub text_1: Vec<String>,
+    pub text_2: Vec<String>,
+}
+
+pub fn parse_score(body: &[u8]) -> Result<ScoreRequest, ApiError> {
+    let obj = json_object(body)?;
+    let mut r = ScoreRequest {
+        model: None,
+        text_1: Vec::new(),
+        text_2: Vec::new(),
+    };
+    for (k, v) in &obj {
+        match k.as_str() {
+            "model" => r.model = opt(v, |v| string(k, v))?,
+            "text_1" => r.text_1 = texts(k, v, false)?,
+            "text_2" => r.text_2 = texts(k, v, false)?,
+            "user" => {
+                opt(v, |v| string(k, v))?;
+            }
+            _ => return Err(unknown_field(k)),
+        }
+    }
+    for (name, t) in [("text_1", &r.text_1), ("text_2", &r.text_2)] {
+        if t.is_empty() {
+            return Err(ApiError::invalid(
+                name,
+                format!("missing field `{name}` (a text or an array of texts)"),
+            ));
+        }
+    }
+    if r.text_1.len() != 1 && r.text_1.len() != r.text_2.len() {
+        return Err(ApiError::invalid(
+            "text_2",
+            format!(
+                "text_1 has {} texts and text_2 {}: give one text_1 for all, or one per text_2",
+                r.text_1.len(),
+                r.text_2.len()
+            ),
+        ));
+    }
+    if r.text_1.len() + r.text_2.len() > MAX_EMBED_INPUTS {
+        return Err(ApiError::invalid(
+            "text_2",
+            format!("at most {MAX_EMBED_INPUTS} texts per request"),
+        ));
+    }
+    Ok(r)
+}
+
+/// A string or a non-empty array of strings (with `objects`, also Cohere's `{"text": ...}`).
+fn texts(name: &str, v: &Value, objects: bool) -> Result<Vec<String>, ApiError> {
+    let a = match v {
+        Value::String(s) if !objects => return Ok(vec![s.clone()]),
+        _ => array(name, v)?,
+    };
+    if a.is_empty() {
+        return Err(ApiError::invalid(name, format!("{name} must not be empty")));
+    }
+    if a.len() >= MAX_EMBED_INPUTS {
+        return Err(ApiError::invalid(
+            name,
+            format!("at most {} texts per request", MAX_EMBED_INPUTS - 1),
+        ));
+    }
+    a.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let at = format!("{name}[{i}]");
+            match d {
+                Value::String(s) => Ok(s.clone()),
+                Value::Object(o) if objects => match o.get("text") {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    _ => Err(ApiError::invalid(
+                        format!("{at}.text"),
+                        "a document object needs a `text` string",
+                    )),
+                },
+                other => Err(wrong_type(&at, "a string", other)),
+            }
+        })
+        .collect()
 }
 
 fn embed_inputs(v: &Value) -> Result<Vec<EmbedInput>, ApiError> {

@@ -29,9 +29,10 @@ pub(super) fn run(
             format!("dimensions is {d}, but this model's embeddings have {hidden}"),
         ));
     }
-    let name = |i: usize| match req.inputs.len() {
-        1 => "input".to_string(),
-        _ => format!("input[{i}]"),
+    let name = |i: usize| match (req.names.get(i), req.inputs.len()) {
+        (Some(n), _) => n.clone(),
+        (None, 1) => "input".to_string(),
+        (None, _) => format!("input[{i}]"),
     };
     // Tokenize and check every input before the first forward: a bad one fails the request
     // without spending a model pass on the others.
@@ -88,6 +89,43 @@ pub(super) fn run(
         }
     }
     Ok((vectors, all.iter().map(Vec::len).sum()))
+}
+
+/// How close two unit vectors are: their dot product (the cosine of their angle).
+pub(super) fn similarity(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// `/v1/rerank`'s body: the documents by their similarity to the query (the first vector),
+/// most similar first (ties: the earlier), the best `top_n`.
+pub(super) fn rerank_body(
+    id: String,
+    model: &str,
+    r: &super::api::RerankRequest,
+    vectors: &[Vec<f32>],
+    tokens: usize,
+) -> Value {
+    let (query, docs) = vectors
+        .split_first()
+        .map_or((&[][..], &[][..]), |(q, d)| (&q[..], d));
+    let mut ranked: Vec<(usize, f64)> = docs
+        .iter()
+        .map(|d| similarity(query, d))
+        .enumerate()
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked.truncate(r.top_n.unwrap_or(ranked.len()));
+    let results: Vec<Value> = ranked
+        .into_iter()
+        .map(|(i, score)| {
+            let mut v = json!({"index": i, "relevance_score": score});
+            if r.return_documents {
+                v["document"] = json!({"text": r.documents[i]});
+            }
+            v
+        })
+        .collect();
+    json!({"id": id, "model": model, "results": results, "usage": {"total_tokens": tokens}})
 }
 
 /// OpenAI's response body.

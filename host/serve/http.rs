@@ -653,6 +653,20 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/v1/rerank" | "/rerank" | "/v2/rerank" => (
+            "/v1/rerank",
+            match method {
+                Method::POST => rerank(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        "/v1/score" | "/score" => (
+            "/v1/score",
+            match method {
+                Method::POST => score(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
         "/tokenize" => (
             "/tokenize",
             match method {
@@ -1645,7 +1659,21 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let r = api::parse_embeddings(&body)?;
-    if module_of(app, &served, r.model.as_deref())?.is_some() {
+    let (vectors, tokens) = embed(app, &served, r.clone()).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &super::embeddings::body(&app.opts.model_id, r.base64, &vectors, tokens),
+    ))
+}
+
+/// Embeds a request's inputs in one pool job (a worker's turn, like a generation; 429 when
+/// the queue is full), pooled as `--pooling` says, else the GGUF, else by the last token.
+async fn embed(
+    app: &Arc<App>,
+    served: &Arc<Served>,
+    r: api::EmbeddingsRequest,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    if module_of(app, served, r.model.as_deref())?.is_some() {
         return Err(ApiError::invalid(
             "model",
             "embeddings come from the base model; name it (or no model), not a LoRA module",
@@ -1663,7 +1691,6 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = {
         let served = served.clone();
-        let r = r.clone();
         move || {
             let out = super::embeddings::run(&served, &r, pooling, || tx.is_closed());
             let _ = tx.send(out);
@@ -1674,9 +1701,75 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         .await
         .map_err(|_| ApiError::internal("the embedding job ended without a result"))??;
     app.metrics.embedded_tokens.inc_by(tokens as u64);
+    Ok((vectors, tokens))
+}
+
+/// Texts to embed, each named in errors as given.
+fn embedding_of(model: Option<String>, texts: Vec<(String, String)>) -> api::EmbeddingsRequest {
+    let (names, texts): (Vec<String>, Vec<String>) = texts.into_iter().unzip();
+    api::EmbeddingsRequest {
+        model,
+        inputs: texts.into_iter().map(api::EmbedInput::Text).collect(),
+        base64: false,
+        dimensions: None,
+        names,
+    }
+}
+
+/// `POST /v1/rerank` (also `/rerank`, `/v2/rerank`, as vLLM routes it): the documents ranked
+/// by the cosine similarity of their embeddings to the query's (a bi-encoder's score).
+async fn rerank(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let r = api::parse_rerank(&body)?;
+    let docs = r.documents.iter().enumerate();
+    let texts = std::iter::once(("query".to_string(), r.query.clone()))
+        .chain(docs.map(|(i, d)| (format!("documents[{i}]"), d.clone())))
+        .collect();
+    let (vectors, tokens) = embed(app, &served, embedding_of(r.model.clone(), texts)).await?;
+    let id = format!("rerank-{}", new_id(app));
+    let v = super::embeddings::rerank_body(id, &app.opts.model_id, &r, &vectors, tokens);
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// `POST /v1/score` (also `/score`): each `text_2`'s cosine similarity to its `text_1` (the one
+/// `text_1`, or the one at its index), from their embeddings.
+async fn score(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let r = api::parse_score(&body)?;
+    let named = |field: &str, t: &[String]| -> Vec<(String, String)> {
+        let name = |i: usize| match t.len() {
+            1 => field.to_string(),
+            _ => format!("{field}[{i}]"),
+        };
+        t.iter()
+            .enumerate()
+            .map(|(i, x)| (name(i), x.clone()))
+            .collect()
+    };
+    let mut texts = named("text_1", &r.text_1);
+    texts.extend(named("text_2", &r.text_2));
+    let (vectors, tokens) = embed(app, &served, embedding_of(r.model.clone(), texts)).await?;
+    let (firsts, seconds) = vectors.split_at(r.text_1.len());
+    let data: Vec<Value> = seconds
+        .iter()
+        .enumerate()
+        .map(|(j, b)| {
+            let a = &firsts[if firsts.len() == 1 { 0 } else { j }];
+            json!({"index": j, "object": "score", "score": super::embeddings::similarity(a, b)})
+        })
+        .collect();
     Ok(json_response(
         StatusCode::OK,
-        &super::embeddings::body(&app.opts.model_id, r.base64, &vectors, tokens),
+        &json!({
+            "id": format!("score-{}", new_id(app)),
+            "object": "list",
+            "created": unix_now(),
+            "model": app.opts.model_id,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }),
     ))
 }
 
