@@ -2479,50 +2479,20 @@ fn prompt_logprobs_score_and_rank_each_prompt_token() {
         }
     };
     let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 4});
+    let complete = |extra: Value| ok_json(&s, "/v1/completions", &merged(body.clone(), &extra));
 
     // Scored alone (max_tokens 0: score only), and with an output, speculative, n = 2.
-    let v = ok_json(
-        &s,
-        "/v1/completions",
-        &merged(
-            body.clone(),
-            &json!({
-        "max_tokens": 0, "prompt_logprobs": 3}),
-        ),
-    );
+    let v = complete(json!({"max_tokens": 0, "prompt_logprobs": 3}));
     assert_eq!(text_of(&v), "");
     check(&v["choices"][0]["prompt_logprobs"], 3);
     // Score only, n = 2: each choice scores it (neither generates to share from); and an echo
     // without logprobs.
-    let v = ok_json(
-        &s,
-        "/v1/completions",
-        &merged(
-            body.clone(),
-            &json!({
-        "max_tokens": 0, "prompt_logprobs": 1, "n": 2}),
-        ),
-    );
+    let v = complete(json!({"max_tokens": 0, "prompt_logprobs": 1, "n": 2}));
     check(&v["choices"][1]["prompt_logprobs"], 1);
-    let v = ok_json(
-        &s,
-        "/v1/completions",
-        &merged(
-            body.clone(),
-            &json!({
-        "max_tokens": 0, "echo": true, "n": 2}),
-        ),
-    );
+    let v = complete(json!({"max_tokens": 0, "echo": true, "n": 2}));
     assert_eq!(v["choices"][1]["text"], tok.decode(&prompt, false).unwrap());
-    let v = ok_json(
-        &s,
-        "/v1/completions",
-        &merged(
-            body.clone(),
-            &json!({
-        "prompt_logprobs": 0, "n": 2, "speculation": {"draft": "model", "k": 3}}),
-        ),
-    );
+    let v =
+        complete(json!({"prompt_logprobs": 0, "n": 2, "speculation": {"draft": "model", "k": 3}}));
     for c in v["choices"].as_array().unwrap() {
         check(&c["prompt_logprobs"], 0);
     }
@@ -2531,15 +2501,7 @@ fn prompt_logprobs_score_and_rank_each_prompt_token() {
     assert!(cached.unwrap() > 0, "{}", v["usage"]);
     assert_eq!(text_of(&v), text_of(&ok_json(&s, "/v1/completions", &body)));
     // An echo's alternatives stay as many as `logprobs` asks, whatever prompt_logprobs scores.
-    let v = ok_json(
-        &s,
-        "/v1/completions",
-        &merged(
-            body.clone(),
-            &json!({
-        "prompt_logprobs": 5, "echo": true, "logprobs": 1}),
-        ),
-    );
+    let v = complete(json!({"prompt_logprobs": 5, "echo": true, "logprobs": 1}));
     check(&v["choices"][0]["prompt_logprobs"], 5);
     let echo_top = &v["choices"][0]["logprobs"]["top_logprobs"];
     assert!(
@@ -2747,6 +2709,14 @@ fn generation_defaults_fill_what_requests_leave_out() {
         v["choices"] == json!([]) && v["usage"]["completion_tokens"] == 3
     });
     assert!(usage_only, "{events:?}");
+    // Forced usage still lets a request ask for it on every chunk.
+    let each = merged(
+        stream,
+        &json!({"stream_options": {"continuous_usage_stats": true}}),
+    );
+    let events = s.open_stream("/v1/completions", &each).collect();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert!(first["usage"]["completion_tokens"].is_u64(), "{events:?}");
 
     // A default beyond the room the prompt leaves is capped to it (a request's own is refused).
     let long = tiny_server(
@@ -2970,11 +2940,10 @@ fn rerank_and_score_rank_by_embedding_similarity() {
         }
         assert_eq!(v["usage"]["total_tokens"], e["usage"]["total_tokens"]);
     }
-    let v = ok_json(
-        &s,
-        "/v1/rerank",
-        &json!({"query": query, "documents": docs, "return_documents": false}),
-    );
+    // vLLM's default top_n, 0, is all of them.
+    let all_docs =
+        json!({"query": query, "documents": docs, "top_n": 0, "return_documents": false});
+    let v = ok_json(&s, "/v1/rerank", &all_docs);
     assert_eq!(v["results"].as_array().unwrap().len(), docs.len());
     assert!(v["results"][0].get("document").is_none());
 
@@ -3017,8 +2986,23 @@ fn rerank_and_score_rank_by_embedding_similarity() {
         ),
         (
             "/v1/rerank",
-            json!({"query": "q", "documents": ["a"], "top_n": 0}),
+            json!({"query": "q", "documents": ["a"], "top_n": -1}),
             "top_n",
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a", ""]}),
+            "documents[1]",
+        ),
+        (
+            "/v1/score",
+            json!({"text_1": "", "text_2": ["a"]}),
+            "text_1",
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "", "documents": ["a"]}),
+            "query",
         ),
         (
             "/v1/rerank",
@@ -3084,7 +3068,11 @@ fn tokenize_and_detokenize() {
         .map(|t| t.as_str().unwrap().to_string())
         .collect();
     assert_eq!(strs.len(), ids.len());
-    assert!(strs.concat().ends_with("hello there"), "{strs:?}");
+    // As the vocabulary writes them: byte-level `Ġ` for a space.
+    assert!(
+        strs.concat().replace('Ġ', " ").ends_with("hello there"),
+        "{strs:?}"
+    );
     let r = s.post_json("/tokenize", &json!({"prompt": "x", "return_token_strs": 1}));
     assert_eq!(r.json()["error"]["param"], "return_token_strs");
     // A chat counts as the chat request does (template included).

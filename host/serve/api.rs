@@ -1060,11 +1060,13 @@ pub fn parse_rerank(body: &[u8]) -> Result<RerankRequest, ApiError> {
     for (k, v) in &obj {
         match k.as_str() {
             "model" => r.model = opt(v, |v| string(k, v))?,
-            "query" => query = Some(string(k, v)?),
+            "query" => query = Some(non_empty(k, str_of(k, v)?)?),
             "documents" => documents = Some(texts(k, v, true)?),
+            // vLLM's default, 0, means all.
             "top_n" => {
-                r.top_n =
-                    opt(v, |v| int_range(k, v, 1, MAX_EMBED_INPUTS as i64))?.map(|n| n as usize)
+                r.top_n = opt(v, |v| int_range(k, v, 0, MAX_EMBED_INPUTS as i64))?
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
             }
             "return_documents" => r.return_documents = opt(v, |v| boolean(k, v))?.unwrap_or(true),
             "user" => {
@@ -1139,10 +1141,11 @@ pub fn parse_score(body: &[u8]) -> Result<ScoreRequest, ApiError> {
     Ok(r)
 }
 
-/// A string or a non-empty array of strings (with `objects`, also Cohere's `{"text": ...}`).
+/// A non-empty string or a non-empty array of them (with `objects`, also Cohere's
+/// `{"text": ...}`); an empty text is refused, as `/v1/embeddings` refuses it.
 fn texts(name: &str, v: &Value, objects: bool) -> Result<Vec<String>, ApiError> {
     let a = match v {
-        Value::String(s) if !objects => return Ok(vec![s.clone()]),
+        Value::String(s) if !objects => return Ok(vec![non_empty(name, s)?]),
         _ => array(name, v)?,
     };
     if a.is_empty() {
@@ -1159,9 +1162,9 @@ fn texts(name: &str, v: &Value, objects: bool) -> Result<Vec<String>, ApiError> 
         .map(|(i, d)| {
             let at = format!("{name}[{i}]");
             match d {
-                Value::String(s) => Ok(s.clone()),
+                Value::String(s) => non_empty(&at, s),
                 Value::Object(o) if objects => match o.get("text") {
-                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(Value::String(s)) => non_empty(&format!("{at}.text"), s),
                     _ => Err(ApiError::invalid(
                         format!("{at}.text"),
                         "a document object needs a `text` string",
@@ -1171,6 +1174,13 @@ fn texts(name: &str, v: &Value, objects: bool) -> Result<Vec<String>, ApiError> 
             }
         })
         .collect()
+}
+
+fn non_empty(name: &str, s: &str) -> Result<String, ApiError> {
+    match s.is_empty() {
+        true => Err(ApiError::invalid(name, format!("{name} is empty"))),
+        false => Ok(s.to_string()),
+    }
 }
 
 fn embed_inputs(v: &Value) -> Result<Vec<EmbedInput>, ApiError> {

@@ -62,6 +62,12 @@ pub(super) fn run(
                 ids.clone()
             }
         };
+        if ids.is_empty() {
+            return Err(ApiError::invalid(
+                name(i),
+                format!("{} is empty (no tokens to embed)", name(i)),
+            ));
+        }
         if ids.len() > context {
             return Err(ApiError::invalid(
                 name(i),

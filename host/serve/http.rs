@@ -954,10 +954,16 @@ async fn completion(
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let mut obj = api::json_object(&body)?;
     api::with_defaults(&mut obj, &app.opts.generation_defaults);
-    let mut parsed = api::parse_object(endpoint, &obj)?;
     // vLLM's server-wide switches for what a request may also ask for itself.
+    if app.opts.force_include_usage && obj.get("stream") == Some(&Value::Bool(true)) {
+        let options = obj.entry("stream_options").or_insert_with(|| json!({}));
+        // (Not an object: the parser names it.)
+        if let Some(o) = options.as_object_mut() {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let mut parsed = api::parse_object(endpoint, &obj)?;
     parsed.tokens_as_ids |= app.opts.tokens_as_ids;
-    parsed.include_usage |= parsed.stream && app.opts.force_include_usage;
     let begun = start(app, &served, &parsed, arrived).await?;
     let (early, rx) = begun.events;
     let prompts = 1 + parsed.more_prompts.len();
@@ -1643,11 +1649,9 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     .await??;
     let mut v = json!({"tokens": ids, "count": ids.len(), "max_model_len": ctx});
     if strs {
-        // Each token's own bytes as text (a piece of a character shows as U+FFFD).
-        let text = |&id: &u32| {
-            let piece = tokenizer.piece(id, false).unwrap_or_default();
-            String::from_utf8_lossy(piece).into_owned()
-        };
+        // Each token as the vocabulary writes it (`Ġworld`), as vLLM's (Hugging Face's
+        // `convert_ids_to_tokens`).
+        let text = |&id: &u32| tokenizer.token_text(id).unwrap_or_default();
         v["token_strs"] = json!(ids.iter().map(text).collect::<Vec<_>>());
     }
     Ok(json_response(StatusCode::OK, &v))
