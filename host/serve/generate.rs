@@ -56,8 +56,9 @@ pub struct Outcome {
     /// Prompt tokens read from the prompt cache instead of prefilled.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
-    /// The generated tokens: `completion_tokens` of them, then the stop token that ended the
-    /// output (EOS or one of `stop_token_ids`), as vLLM's `token_ids` hold it.
+    /// With `return_token_ids` (else empty): the generated tokens, `completion_tokens` of them,
+    /// then the stop token that ended the output (EOS or one of `stop_token_ids`), as vLLM's
+    /// `token_ids` hold it.
     pub token_ids: Vec<u32>,
     /// The target's mean log-probability per generated token, the ending one included
     /// ([`crate::engine::Generation::mean_logprob`]): what `best_of` ranks by.
@@ -375,7 +376,7 @@ impl Job {
         let mut stopper = StopMatcher::new(stop).including_stop(include_stop);
         let mut seen = Seen::default();
         let mut produced = 0usize;
-        // The generated tokens, and (`token_ids`) those not yet sent in a `Progress`.
+        // With `token_ids`: the generated tokens, and those not yet sent in a `Progress`.
         let mut output = Vec::new();
         let mut unsent = Vec::new();
         let mut last_emit: Option<Instant> = None;
@@ -493,8 +494,8 @@ impl Job {
                     break;
                 }
                 produced += 1;
-                output.push(t);
                 if token_ids {
+                    output.push(t);
                     unsent.push(t);
                 }
                 if !ignore_eos && tokenizer.is_eos(t) {
@@ -583,7 +584,7 @@ impl Job {
             .stopped_by()
             .filter(|_| finish_reason == "stop" && stop_sequence.is_none())
             .filter(|t| stop_token_ids.contains(t) && (ignore_eos || !tokenizer.is_eos(*t)));
-        if finish_reason == "stop" && stop_sequence.is_none() {
+        if token_ids && finish_reason == "stop" && stop_sequence.is_none() {
             output.extend(generation.stopped_by());
         }
         let mean_logprob = generation.mean_logprob();

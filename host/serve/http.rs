@@ -991,11 +991,7 @@ async fn completion(
         reasoning: (app.opts.reasoning)
             .filter(|_| endpoint == Endpoint::Chat)
             .map(|p| p.reading(begun.thinking_open)),
-        prompt_ids: if parsed.return_token_ids {
-            begun.prompts
-        } else {
-            Vec::new()
-        },
+        prompt_ids: begun.prompts,
     };
     if parsed.stream {
         // `best_of` above `n` is refused with a stream: each generation is a choice.
@@ -1329,7 +1325,8 @@ struct Begun {
     prompt_tokens: usize,
     /// The template opened a thinking block for the model.
     thinking_open: bool,
-    /// Each prompt's token ids (what the model read, after templates and truncation).
+    /// With `return_token_ids` (else empty): each prompt's token ids (what the model read,
+    /// after templates and truncation).
     prompts: Vec<Vec<u32>>,
 }
 
@@ -1400,7 +1397,11 @@ async fn start(
     let tail = &first[first.len().saturating_sub(16)..];
     let thinking_open = app.opts.reasoning.is_some()
         && (served.tokenizer.decode(tail, false)).is_ok_and(|t| reasoning::opens_thinking(&t));
-    let prompts = prepared.iter().map(|r| r.prompt.clone()).collect();
+    // Kept only for `return_token_ids`.
+    let prompts = match parsed.return_token_ids {
+        true => prepared.iter().map(|r| r.prompt.clone()).collect(),
+        false => Vec::new(),
+    };
     let mut requests: Vec<Option<GenerateRequest>> = Vec::with_capacity(total);
     for r in prepared {
         let others: Vec<_> = (1..n)
@@ -1663,10 +1664,11 @@ async fn embeddings(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let r = api::parse_embeddings(&body)?;
-    let (vectors, tokens) = embed(app, &served, r.clone()).await?;
+    let base64 = r.base64;
+    let (vectors, tokens) = embed(app, &served, r).await?;
     Ok(json_response(
         StatusCode::OK,
-        &super::embeddings::body(&app.opts.model_id, r.base64, &vectors, tokens),
+        &super::embeddings::body(&app.opts.model_id, base64, &vectors, tokens),
     ))
 }
 
