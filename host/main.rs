@@ -18,6 +18,9 @@ enum Command {
     Policy(verdict::cli::policy::PolicyArgs),
     /// The OpenAI-compatible HTTP server (completions, chat, policy management, metrics).
     Serve(verdict::cli::serve::ServeArgs),
+    /// Run a batch file of OpenAI requests (JSONL, the Batch API's format) offline, answers to a
+    /// file (vLLM's run_batch).
+    RunBatch(verdict::cli::batch::Args),
     /// Benchmarks, measured side by side in one run (results go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(verdict::cli::bench::BenchCommand),
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => verdict::cli::generate::run(args),
         Command::Policy(args) => verdict::cli::policy::run(args),
         Command::Serve(args) => verdict::cli::serve::run(args),
+        Command::RunBatch(args) => verdict::cli::batch::run(args),
         Command::Bench(cmd) => verdict::cli::bench::run(cmd),
         Command::Judge(cmd) => verdict::cli::judge::run(cmd),
         Command::Eval(cmd) => verdict::cli::eval::run(cmd),

@@ -4826,3 +4826,422 @@ fn serve_applies_lora_adapters() {
         );
     }
 }
+
+/// A `multipart/form-data` upload to `/v1/files` (what `client.files.create` sends).
+fn upload(s: &Server, name: &str, purpose: &str, data: &[u8]) -> http_common::Response {
+    let mut body = format!(
+        "--XBOUNDARY\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--XBOUNDARY\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(b"\r\n--XBOUNDARY--\r\n");
+    let ct = [("Content-Type", "multipart/form-data; boundary=XBOUNDARY")];
+    s.request("POST", "/v1/files", &ct, &body)
+}
+
+/// Batch input lines: `(custom_id, url, body)` as JSONL.
+fn batch_file(lines: &[(String, &str, Value)]) -> String {
+    let lines: Vec<String> = (lines.iter())
+        .map(|(id, url, body)| {
+            json!({"custom_id": id, "method": "POST", "url": url, "body": body}).to_string()
+        })
+        .collect();
+    lines.join("\n") + "\n"
+}
+
+/// Polls a batch until it has ended.
+fn wait_batch(s: &Server, id: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let b = s.get(&format!("/v1/batches/{id}")).json();
+        let status = b["status"].as_str().unwrap_or_else(|| panic!("{b}"));
+        if ["completed", "failed", "cancelled", "expired"].contains(&status) {
+            return b;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A stored file's JSONL lines.
+fn file_lines(s: &Server, id: &Value) -> Vec<Value> {
+    let r = s.get(&format!("/v1/files/{}/content", id.as_str().unwrap()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// OpenAI's Batch API: an uploaded JSONL file of requests runs in the background; each line's
+/// answer is the one a direct request gets (the reference: the same bodies posted one by one),
+/// 2xx answers in the output file and the others in the error file, in input order; a file
+/// with bad lines fails the batch naming them; a cancel ends the lines still running; every bad
+/// request is named.
+#[test]
+fn batch_api_runs_uploaded_files_in_the_background() {
+    let s = tiny_server(256, &["--workers", "3", "--max-file-bytes", "20000"]);
+    let bodies = [
+        json!({"prompt": "the cat sat on", "max_tokens": 12, "temperature": 0}),
+        json!({"prompt": "once upon", "max_tokens": 10, "temperature": 0,
+               "speculation": {"draft": "model", "k": 3}}),
+        json!({"prompt": ["a b a b", "zebra"], "max_tokens": 8, "temperature": 0.8, "seed": 5}),
+        json!({"prompt": "hello", "max_tokens": -1}),
+        json!({"prompt": "x y z", "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    ];
+    let lines: Vec<(String, &str, Value)> = (bodies.iter().enumerate())
+        .map(|(i, b)| (format!("job-{i}"), "/v1/completions", b.clone()))
+        .collect();
+    let input = batch_file(&lines);
+    let up = upload(&s, "jobs.jsonl", "batch", input.as_bytes());
+    assert_eq!(up.status, 200, "{}", up.text());
+    let file = up.json();
+    assert_eq!(file["object"], "file");
+    assert_eq!(file["purpose"], "batch");
+    assert_eq!(file["filename"], "jobs.jsonl");
+    assert_eq!(file["bytes"], input.len());
+    let r = s.post_json(
+        "/v1/batches",
+        &json!({"input_file_id": file["id"], "endpoint": "/v1/completions",
+                "completion_window": "24h", "metadata": {"run": "nightly"}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let created = r.json();
+    assert_eq!(created["object"], "batch");
+    assert_eq!(created["status"], "in_progress");
+    assert_eq!(created["request_counts"]["total"], 5);
+    let done = wait_batch(&s, created["id"].as_str().unwrap());
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 5, "completed": 4, "failed": 1})
+    );
+    assert_eq!(done["metadata"], json!({"run": "nightly"}));
+    assert_eq!(done["input_file_id"], file["id"]);
+    for t in ["in_progress_at", "finalizing_at", "completed_at"] {
+        assert!(done[t].as_u64().is_some(), "{t}: {done}");
+    }
+    assert_eq!(done["errors"], Value::Null);
+    let out = file_lines(&s, &done["output_file_id"]);
+    let ids: Vec<&str> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["job-0", "job-1", "job-2", "job-4"]);
+    for line in &out {
+        let i: usize = line["custom_id"].as_str().unwrap()[4..].parse().unwrap();
+        assert!(
+            line["id"].as_str().unwrap().starts_with("batch_req_"),
+            "{line}"
+        );
+        assert_eq!(line["error"], Value::Null);
+        let resp = &line["response"];
+        assert_eq!(resp["status_code"], 200);
+        assert!(resp["request_id"].as_str().unwrap().starts_with("req_"));
+        let direct = s.post_json("/v1/completions", &bodies[i]).json();
+        let got = &resp["body"];
+        assert_eq!(got["object"], "text_completion");
+        assert_eq!(
+            got["choices"].as_array().unwrap().len(),
+            direct["choices"].as_array().unwrap().len()
+        );
+        for (a, b) in got["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(direct["choices"].as_array().unwrap())
+        {
+            assert_eq!(a["text"], b["text"], "line {i}");
+            // Logprobs within rounding (a batched forward, the prompt cache).
+            assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"], "line {i}");
+            let lp = |c: &Value| -> Vec<f64> {
+                (c["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten())
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+            };
+            let (x, y) = (lp(a), lp(b));
+            assert_eq!(x.len(), y.len(), "line {i}");
+            assert!(
+                x.iter().zip(&y).all(|(x, y)| (x - y).abs() < 1e-4),
+                "line {i}: {x:?} {y:?}"
+            );
+        }
+        // (The direct request reads the prompt cache the batch's filled.)
+        for k in ["prompt_tokens", "completion_tokens"] {
+            assert_eq!(got["usage"][k], direct["usage"][k], "line {i}");
+        }
+    }
+    let errors = file_lines(&s, &done["error_file_id"]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["custom_id"], "job-3");
+    assert_eq!(errors[0]["response"]["status_code"], 400);
+    assert_eq!(
+        errors[0]["response"]["body"]["error"]["param"],
+        "max_tokens"
+    );
+    let output = s
+        .get(&format!(
+            "/v1/files/{}",
+            done["output_file_id"].as_str().unwrap()
+        ))
+        .json();
+    assert_eq!(output["purpose"], "batch_output");
+    let listed = s.get("/v1/files").json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 3);
+    assert_eq!(listed["data"][2]["id"], file["id"], "newest first");
+    let inputs = s.get("/v1/files?purpose=batch").json();
+    assert_eq!(inputs["data"].as_array().unwrap().len(), 1);
+    let batches = s.get("/v1/batches?limit=1").json();
+    assert_eq!(batches["data"][0]["id"], done["id"]);
+    assert_eq!(batches["has_more"], false);
+
+    // A file with bad lines fails the batch, each line named; nothing runs.
+    let bad = batch_file(&[
+        ("a".into(), "/v1/completions", json!({"prompt": "x"})),
+        ("b".into(), "/v1/chat/completions", json!({"messages": []})),
+        ("a".into(), "/v1/completions", json!({"prompt": "y"})),
+    ]);
+    let bad_file = upload(&s, "bad.jsonl", "batch", bad.as_bytes()).json();
+    let r = s.post_json(
+        "/v1/batches",
+        &json!({"input_file_id": bad_file["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let failed = r.json();
+    assert_eq!(failed["status"], "failed");
+    let errs: Vec<(u64, &str)> = (failed["errors"]["data"].as_array().unwrap().iter())
+        .map(|e| (e["line"].as_u64().unwrap(), e["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(errs, [(2, "mismatched_url"), (3, "duplicate_custom_id")]);
+    assert_eq!(failed["request_counts"]["total"], 0);
+    assert_eq!(failed["output_file_id"], Value::Null);
+
+    // A cancel: lines not started are not run, running ones end; the answers so far are kept.
+    let long: Vec<(String, &str, Value)> = (0..40)
+        .map(|i| {
+            let body = json!({"prompt": format!("item {i}"), "max_tokens": 200,
+                              "ignore_eos": true, "temperature": 0});
+            (format!("long-{i}"), "/v1/completions", body)
+        })
+        .collect();
+    let long_file = upload(&s, "long.jsonl", "batch", batch_file(&long).as_bytes()).json();
+    let b = s
+        .post_json(
+            "/v1/batches",
+            &json!({"input_file_id": long_file["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
+        )
+        .json();
+    let id = b["id"].as_str().unwrap();
+    let r = s.request("POST", &format!("/v1/batches/{id}/cancel"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "cancelling");
+    let cancelled = wait_batch(&s, id);
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let counts = &cancelled["request_counts"];
+    let (completed, failed) = (
+        counts["completed"].as_u64().unwrap(),
+        counts["failed"].as_u64().unwrap(),
+    );
+    assert_eq!(completed + failed, 40, "{counts}");
+    assert!(failed > 0, "{counts}");
+    let stopped = file_lines(&s, &cancelled["error_file_id"]);
+    assert_eq!(stopped.len() as u64, failed);
+    assert!(
+        stopped
+            .iter()
+            .all(|l| l["error"]["code"] == "batch_cancelled" && l["response"].is_null())
+    );
+    if completed > 0 {
+        assert_eq!(
+            file_lines(&s, &cancelled["output_file_id"]).len() as u64,
+            completed
+        );
+    }
+    let r = s.request("POST", &format!("/v1/batches/{id}/cancel"), &[], b"");
+    assert_eq!(r.status, 409, "{}", r.text());
+
+    // Bad requests, each named.
+    let json_ct = [("Content-Type", "application/json")];
+    let r = s.request("POST", "/v1/files", &json_ct, b"{}");
+    assert_eq!(r.status, 415, "{}", r.text());
+    let r = upload(&s, "x.jsonl", "fine-tune", input.as_bytes());
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("purpose"))
+    );
+    let r = upload(&s, "big.jsonl", "batch", &vec![b' '; 25_000]);
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (413, json!("file"))
+    );
+    let create = |file: &Value, endpoint: &str| {
+        s.post_json(
+            "/v1/batches",
+            &json!({"input_file_id": file, "endpoint": endpoint, "completion_window": "24h"}),
+        )
+    };
+    let r = create(&json!("file-nosuch"), "/v1/completions");
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (404, json!("input_file_id"))
+    );
+    let r = create(&file["id"], "/v1/models");
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("endpoint"))
+    );
+    let r = create(&done["output_file_id"], "/v1/completions");
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("input_file_id"))
+    );
+    assert_eq!(s.get("/v1/batches/batch_nosuch").status, 404);
+    let r = s.get("/v1/files?limit=0");
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("limit"))
+    );
+    assert_eq!(s.request("PUT", "/v1/files", &[], b"").status, 405);
+    let path = format!("/v1/files/{}", file["id"].as_str().unwrap());
+    let r = s.request("DELETE", &path, &[], b"");
+    assert_eq!(
+        r.json(),
+        json!({"id": file["id"], "object": "file", "deleted": true})
+    );
+    assert_eq!(s.get(&path).status, 404);
+    // The batch that read it still lists it.
+    assert_eq!(
+        s.get(&format!("/v1/batches/{}", done["id"].as_str().unwrap()))
+            .json()["input_file_id"],
+        file["id"]
+    );
+}
+
+/// `verdict run-batch`: a file of requests to several routes answered offline, in input
+/// order, each answer the server's own (the reference: a server on the same models); a bad file
+/// is refused before the model loads, naming its lines, with nothing written.
+#[test]
+fn run_batch_answers_a_file_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, d) = tiny_models(dir.path(), 256);
+    let (t, d) = (t.display().to_string(), d.display().to_string());
+    let lines = vec![
+        (
+            "c".to_string(),
+            "/v1/completions",
+            json!({"prompt": "the cat", "max_tokens": 9, "temperature": 0}),
+        ),
+        (
+            "chat".to_string(),
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "temperature": 0}),
+        ),
+        (
+            "e".to_string(),
+            "/v1/embeddings",
+            json!({"input": ["one", "two"]}),
+        ),
+        (
+            "bad".to_string(),
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -1}),
+        ),
+    ];
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, batch_file(&lines)).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = |args: &[&str], stdin: &[u8]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .arg("run-batch")
+            .args(args)
+            .args(["--model", &t, "--draft", &d])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(
+        &[
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("4 requests") && stderr.contains("1 failed"),
+        "{stderr}"
+    );
+    let answers: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = answers
+        .iter()
+        .map(|a| a["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["c", "chat", "e", "bad"]);
+    let s = Server::start(&["--model", &t, "--draft", &d], None, dir.path());
+    for (a, (_, url, body)) in answers.iter().zip(&lines) {
+        let direct = s.post_json(url, body);
+        assert_eq!(a["response"]["status_code"], direct.status, "{a}");
+        let (got, want) = (&a["response"]["body"], direct.json());
+        match *url {
+            "/v1/embeddings" => assert_eq!(got["data"], want["data"]),
+            _ if direct.status == 200 => {
+                assert_eq!(text_of(got), text_of(&want));
+                assert_eq!(
+                    got["usage"]["completion_tokens"],
+                    want["usage"]["completion_tokens"]
+                );
+            }
+            _ => assert_eq!(got["error"]["param"], want["error"]["param"]),
+        }
+    }
+    drop(s);
+
+    // stdin to stdout.
+    let one = batch_file(&lines[..1]);
+    let out = run(&["-i", "-", "-o", "-"], one.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        line["response"]["body"]["choices"][0]["text"],
+        answers[0]["response"]["body"]["choices"][0]["text"]
+    );
+
+    // A bad file: refused, its lines named, no output.
+    let bad = format!(
+        "{}\n{{\"custom_id\": \"c\"}}\nnot json\n",
+        batch_file(&lines[..1]).trim_end()
+    );
+    std::fs::write(&input, bad).unwrap();
+    let fresh = dir.path().join("fresh.jsonl");
+    let out = run(
+        &["-i", input.to_str().unwrap(), "-o", fresh.to_str().unwrap()],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2: custom_id \"c\" is used by an earlier line")
+            || stderr.contains("line 2:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 3: not valid JSON"), "{stderr}");
+    assert!(!fresh.exists());
+}

@@ -8,12 +8,15 @@ model, `guided_choice`), the Responses API (whole, streamed through the client's
 accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
 an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
-for base64 and decodes it; floats on request; `dimensions`), and, given a LoRA module's name,
+for base64 and decodes it; floats on request; `dimensions`), the Batch API (a file uploaded,
+a batch run, its output and error files read back, each answer the direct one), and, given a LoRA module's name,
 that it is listed beside the model and answers chat and completions as itself.
 Exits non-zero (AssertionError) on the first mismatch.
 """
 
+import json
 import sys
+import time
 
 import openai
 
@@ -424,6 +427,63 @@ refused(
     lambda: client.completions.create(model=model, prompt="x", max_tokens=2, frequency_penalty=2.5),
     param="frequency_penalty",
 )
+
+# The Batch API: a JSONL file uploaded, run in the background, its answers read back; each
+# the answer the same request gets directly.
+jobs = [
+    {
+        "custom_id": f"q{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": f"count to {i}"}],
+                 "max_tokens": 6, "temperature": 0},
+    }
+    for i in range(3)
+]
+jobs.append({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": model, "messages": messages, "max_tokens": -1}})
+uploaded = client.files.create(
+    file=("jobs.jsonl", "\n".join(json.dumps(j) for j in jobs).encode()), purpose="batch"
+)
+assert uploaded.purpose == "batch" and uploaded.filename == "jobs.jsonl" and uploaded.bytes > 0, uploaded
+assert client.files.retrieve(uploaded.id).id == uploaded.id
+batch = client.batches.create(
+    input_file_id=uploaded.id,
+    endpoint="/v1/chat/completions",
+    completion_window="24h",
+    metadata={"run": "nightly"},
+)
+deadline = time.time() + 120
+while batch.status not in ("completed", "failed", "cancelled", "expired"):
+    assert time.time() < deadline, batch
+    time.sleep(0.1)
+    batch = client.batches.retrieve(batch.id)
+assert batch.status == "completed", batch
+counts = batch.request_counts
+assert (counts.total, counts.completed, counts.failed) == (4, 3, 1), counts
+assert batch.metadata == {"run": "nightly"}, batch.metadata
+answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+assert [a["custom_id"] for a in answers] == ["q0", "q1", "q2"], answers
+for a, job in zip(answers, jobs):
+    direct = client.chat.completions.create(**job["body"])
+    assert a["response"]["status_code"] == 200, a
+    got = a["response"]["body"]["choices"][0]["message"]["content"]
+    assert got == direct.choices[0].message.content, (got, direct)
+failures = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+assert [f["custom_id"] for f in failures] == ["bad"], failures
+assert failures[0]["response"]["status_code"] == 400, failures
+assert failures[0]["response"]["body"]["error"]["param"] == "max_tokens", failures
+assert batch.id in [b.id for b in client.batches.list()]
+assert uploaded.id in [f.id for f in client.files.list(purpose="batch")]
+refused(openai.ConflictError, "a finished batch was cancelled", lambda: client.batches.cancel(batch.id))
+refused(
+    openai.BadRequestError,
+    "a batch of an unbatchable endpoint was created",
+    lambda: client.batches.create(input_file_id=uploaded.id, endpoint="/v1/models", completion_window="24h"),
+    param="endpoint",
+)
+assert client.files.delete(uploaded.id).deleted
+refused(openai.NotFoundError, "a deleted file was found", lambda: client.files.retrieve(uploaded.id))
 
 # A LoRA module (serve --lora-modules): a model of its own to the client.
 if len(sys.argv) > 4:

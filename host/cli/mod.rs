@@ -1,5 +1,6 @@
 //! The `verdict` command line: one file per subcommand.
 
+pub mod batch;
 pub mod bench;
 pub mod eval;
 pub mod generate;

@@ -207,6 +207,13 @@ pub struct ServeArgs {
     /// Seconds SIGTERM waits for in-flight requests before exiting.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    /// The largest batch input file `POST /v1/files` takes, in bytes (OpenAI's Batch API).
+    #[arg(long, default_value_t = 100 << 20, value_name = "BYTES")]
+    pub max_file_bytes: usize,
+    /// Files (uploads and batch outputs) are kept in memory: uploads beyond this many bytes in
+    /// all are refused until files are deleted.
+    #[arg(long, default_value_t = 1 << 30, value_name = "BYTES")]
+    pub max_file_store_bytes: usize,
 }
 
 fn model_cache() -> PathBuf {
@@ -292,6 +299,14 @@ fn resolve_models(args: &ServeArgs) -> Result<(PathBuf, Option<PathBuf>, Option<
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    let (opts, registry, loader) = setup(args)?;
+    crate::serve::run(opts, registry, loader)
+}
+
+/// The server's options, its policy registry and its model loader, from the flags (`verdict
+/// serve` and `verdict run-batch` share them); files the flags name are read now, so that a
+/// bad one fails before anything starts.
+pub fn setup(args: ServeArgs) -> Result<(ServeOptions, Arc<PolicyRegistry>, crate::serve::Loader)> {
     if args.k == 0 || args.k > MAX_K {
         bail!("--k must be in 1..={MAX_K}, got {}", args.k);
     }
@@ -384,6 +399,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         allow_lora_loading: args.allow_lora_loading,
         scheduling: args.scheduling_policy,
         allowed_origins: args.allowed_origins.clone(),
+        max_file_bytes: args.max_file_bytes,
+        file_store_bytes: args.max_file_store_bytes,
         lora_modules: modules
             .iter()
             .map(|(n, a)| (n.clone(), a.path().to_path_buf()))
@@ -523,7 +540,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             chat: Arc::new(chat),
         })
     });
-    crate::serve::run(opts, registry, loader)
+    Ok((opts, registry, loader))
 }
 
 /// `--lora-modules NAME=PATH ...`: each adapter read now (a bad one stops the server before it

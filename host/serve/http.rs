@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,6 +25,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
 use super::auth::Tokens;
+use super::batch;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
 use super::logprobs::{self, TokenEntry};
@@ -41,6 +43,9 @@ use crate::models::tokenizer::Tokenizer;
 use crate::sample::{self, Grammars, SamplingParams};
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// A request's body: a connection's, or a batch line's ([`dispatch`]).
+type Incoming = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// How `verdict serve` runs (the CLI fills it).
 #[derive(Debug, Clone)]
@@ -80,6 +85,11 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_policy_bytes: usize,
+    /// The largest upload `POST /v1/files` takes.
+    pub max_file_bytes: usize,
+    /// The bytes of all stored files (uploads and batch outputs) beyond which uploads are
+    /// refused.
+    pub file_store_bytes: usize,
     /// Chat replies' thinking goes to `reasoning_content` (vLLM's `--reasoning-parser`).
     pub reasoning: Option<reasoning::Parser>,
     /// How `/v1/embeddings` pools a text's hidden states; `None`: as the GGUF declares
@@ -130,6 +140,8 @@ impl ServeOptions {
             drain_timeout: Duration::from_secs(60),
             max_body_bytes: 8 << 20,
             max_policy_bytes: 64 << 20,
+            max_file_bytes: 100 << 20,
+            file_store_bytes: 1 << 30,
             reasoning: None,
             pooling: None,
             lora_modules: Vec::new(),
@@ -182,9 +194,67 @@ struct App {
     metrics: Arc<Metrics>,
     /// Responses API replies kept for `previous_response_id` (bounded, in memory).
     responses: Mutex<responses::Store>,
+    /// Uploaded files and batches (`/v1/files`, `/v1/batches`; in memory).
+    batches: Mutex<batch::Store>,
+    /// Batch lines running, across batches: at most one per worker.
+    batch_gate: Arc<tokio::sync::Semaphore>,
+    /// Batches to run, to the task that runs them (a batch's lines go through [`route`], which
+    /// starts batches: a channel, not a call, keeps the futures' types apart).
+    batch_tx: mpsc::UnboundedSender<(Arc<batch::Batch>, Vec<batch::Line>)>,
     draining: AtomicBool,
     created: u64,
     next_id: AtomicU64,
+}
+
+impl App {
+    fn new(opts: ServeOptions, registry: Arc<PolicyRegistry>) -> anyhow::Result<Arc<App>> {
+        let metrics = Arc::new(Metrics::for_model(&opts.model_id));
+        let pool = Pool::new(opts.workers, opts.max_queue, metrics.clone())
+            .context("cannot start the generation workers")?;
+        let (batch_tx, mut batches) = mpsc::unbounded_channel();
+        let app = Arc::new(App {
+            batch_tx,
+            batch_gate: Arc::new(tokio::sync::Semaphore::new(opts.workers.max(1))),
+            opts,
+            served: OnceLock::new(),
+            grammars: OnceLock::new(),
+            registry,
+            pool,
+            metrics,
+            responses: Mutex::default(),
+            batches: Mutex::default(),
+            draining: AtomicBool::new(false),
+            created: unix_now(),
+            next_id: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&app);
+        tokio::spawn(async move {
+            while let Some((b, lines)) = batches.recv().await {
+                if let Some(app) = weak.upgrade() {
+                    tokio::spawn(run_batch(app, b, lines));
+                }
+            }
+        });
+        Ok(app)
+    }
+
+    /// The engine is loaded: requests may run.
+    fn loaded(&self, served: Served) {
+        // The token trie of structured outputs, built now rather than by the first request
+        // that asks for a grammar (0.4 s for Qwen's vocabulary).
+        let t1 = Instant::now();
+        let g = self
+            .grammars
+            .get_or_init(|| Grammars::new(&served.tokenizer).map_err(|e| format!("{e:#}")));
+        match g {
+            Ok(_) => tracing::info!(
+                "grammar token trie built in {:.2} s",
+                t1.elapsed().as_secs_f64()
+            ),
+            Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
+        }
+        let _ = self.served.set(Arc::new(served));
+    }
 }
 
 fn unix_now() -> u64 {
@@ -230,21 +300,7 @@ async fn serve(
             );
         }
     }
-    let metrics = Arc::new(Metrics::for_model(&opts.model_id));
-    let pool = Pool::new(opts.workers, opts.max_queue, metrics.clone())
-        .context("cannot start the generation workers")?;
-    let app = Arc::new(App {
-        opts,
-        served: OnceLock::new(),
-        grammars: OnceLock::new(),
-        registry,
-        pool,
-        metrics,
-        responses: Mutex::default(),
-        draining: AtomicBool::new(false),
-        created: unix_now(),
-        next_id: AtomicU64::new(0),
-    });
+    let app = App::new(opts, registry)?;
     // Tests and scripts read this line to find the port.
     let scheme = if app.opts.tls.is_some() {
         "https"
@@ -267,20 +323,7 @@ async fn serve(
             let t0 = Instant::now();
             match loader() {
                 Ok(served) => {
-                    // The token trie of structured outputs, built now rather than by the first
-                    // request that asks for a grammar (0.4 s for Qwen's vocabulary).
-                    let t1 = Instant::now();
-                    let g = app.grammars.get_or_init(|| {
-                        Grammars::new(&served.tokenizer).map_err(|e| format!("{e:#}"))
-                    });
-                    match g {
-                        Ok(_) => tracing::info!(
-                            "grammar token trie built in {:.2} s",
-                            t1.elapsed().as_secs_f64()
-                        ),
-                        Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
-                    }
-                    let _ = app.served.set(Arc::new(served));
+                    app.loaded(served);
                     tracing::info!("model loaded in {:.1} s; ready", t0.elapsed().as_secs_f64());
                     eprintln!("verdict: ready ({:.1} s)", t0.elapsed().as_secs_f64());
                 }
@@ -437,7 +480,7 @@ fn shutdown_signal() -> anyhow::Result<mpsc::UnboundedReceiver<()>> {
 async fn handle(
     app: Arc<App>,
     _peer: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let arrived = Instant::now();
     let method = req.method().clone();
@@ -475,7 +518,7 @@ async fn handle(
         return Ok(r);
     }
     let (route, result) = match check_api_key(&app, &method, &path, &req) {
-        Ok(()) => route(&app, method.clone(), &path, req).await,
+        Ok(()) => route(&app, method.clone(), &path, req.map(BodyExt::boxed_unsync)).await,
         Err(e) => ("unauthorized", Err(e)),
     };
     let resp = match result {
@@ -667,6 +710,61 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/v1/files" => (
+            "/v1/files",
+            match method {
+                Method::POST => upload_file(app, req).await,
+                Method::GET => list(app, req.uri().query(), true),
+                _ => allow("GET, POST"),
+            },
+        ),
+        p if p.starts_with("/v1/files/") => {
+            let rest = &p["/v1/files/".len()..];
+            match rest.strip_suffix("/content") {
+                Some(id) => (
+                    "/v1/files/{id}/content",
+                    match method {
+                        Method::GET => file_content(app, &percent_decode(id)),
+                        _ => allow("GET"),
+                    },
+                ),
+                None => (
+                    "/v1/files/{id}",
+                    match method {
+                        Method::GET => file_object(app, &percent_decode(rest)),
+                        Method::DELETE => delete_file(app, &percent_decode(rest)),
+                        _ => allow("GET, DELETE"),
+                    },
+                ),
+            }
+        }
+        "/v1/batches" => (
+            "/v1/batches",
+            match method {
+                Method::POST => create_batch(app, req).await,
+                Method::GET => list(app, req.uri().query(), false),
+                _ => allow("GET, POST"),
+            },
+        ),
+        p if p.starts_with("/v1/batches/") => {
+            let rest = &p["/v1/batches/".len()..];
+            match rest.strip_suffix("/cancel") {
+                Some(id) => (
+                    "/v1/batches/{id}/cancel",
+                    match method {
+                        Method::POST => cancel_batch(app, &percent_decode(id)),
+                        _ => allow("POST"),
+                    },
+                ),
+                None => (
+                    "/v1/batches/{id}",
+                    match method {
+                        Method::GET => get_batch(app, &percent_decode(rest)),
+                        _ => allow("GET"),
+                    },
+                ),
+            }
+        }
         "/tokenize" => (
             "/tokenize",
             match method {
@@ -1780,6 +1878,269 @@ async fn score(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
 }
 
 /// The 429 for a job the pool's queue has no room for.
+/// `POST /v1/files`: a batch input file (multipart/form-data: `file`, `purpose`).
+async fn upload_file(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let max = app.opts.max_file_bytes;
+    let ct = (req.headers().get(header::CONTENT_TYPE))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Room for the form around the file.
+    let body = read_body(req, max.saturating_add(64 << 10), "file").await?;
+    let up = batch::parse_upload(ct.as_deref(), body).await?;
+    if up.data.len() > max {
+        return Err(ApiError::too_large(
+            "file",
+            format!(
+                "the file has {} bytes; at most {max} (--max-file-bytes)",
+                up.data.len()
+            ),
+        ));
+    }
+    let f = batch::File::new(up.filename, &up.purpose, unix_now(), up.data);
+    let f = lock(&app.batches).upload(f, app.opts.file_store_bytes)?;
+    Ok(json_response(StatusCode::OK, &f.json()))
+}
+
+/// `GET /v1/files` and `GET /v1/batches`: newest first, paged (`limit`, `after`).
+fn list(app: &App, query: Option<&str>, files: bool) -> Result<Response<Body>, ApiError> {
+    let q = batch::parse_query(query, files, percent_decode)?;
+    let store = lock(&app.batches);
+    let page = if files {
+        store.files(&q)?
+    } else {
+        store.batches(&q)?
+    };
+    Ok(json_response(StatusCode::OK, &page))
+}
+
+fn file_object(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(
+        StatusCode::OK,
+        &lock(&app.batches).file(id)?.json(),
+    ))
+}
+
+/// `GET /v1/files/{id}/content`: the file's bytes (a batch's output: JSONL).
+fn file_content(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let f = lock(&app.batches).file(id)?;
+    let mut r = Response::new(Full::new(f.data.clone()).boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(r)
+}
+
+fn delete_file(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let deleted = lock(&app.batches).delete_file(id)?;
+    Ok(json_response(StatusCode::OK, &deleted))
+}
+
+fn get_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(
+        StatusCode::OK,
+        &lock(&app.batches).batch(id)?.json(),
+    ))
+}
+
+/// `POST /v1/batches/{id}/cancel`: lines not started are not run, running ones end; the
+/// answers so far are kept in the output files.
+fn cancel_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let b = lock(&app.batches).batch(id)?;
+    b.cancel(unix_now())?;
+    Ok(json_response(StatusCode::OK, &b.json()))
+}
+
+/// `POST /v1/batches`: checks the input file's lines (a bad one fails the batch, its errors
+/// listed) and runs them in the background.
+async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let create = batch::parse_create(&body)?;
+    let input = (lock(&app.batches).file(&create.input_file_id))
+        .map_err(|e| e.with_param("input_file_id"))?;
+    if input.purpose != batch::PURPOSE {
+        return Err(ApiError::invalid(
+            "input_file_id",
+            format!(
+                "file {} has purpose {:?}; a batch reads a file uploaded with purpose \"{}\"",
+                input.id,
+                input.purpose,
+                batch::PURPOSE
+            ),
+        ));
+    }
+    let lines = batch::parse_input(&input.data, Some(&create.endpoint));
+    let counted = lines.as_ref().map(Vec::len).map_err(Clone::clone);
+    let b = Arc::new(batch::Batch::new(create, unix_now(), counted));
+    lock(&app.batches).add_batch(b.clone());
+    if let Ok(lines) = lines {
+        // (The receiver lives as long as the server.)
+        let _ = app.batch_tx.send((b.clone(), lines));
+    }
+    Ok(json_response(StatusCode::OK, &b.json()))
+}
+
+/// Runs a batch's lines in the background, then stores its output and error files.
+async fn run_batch(app: Arc<App>, b: Arc<batch::Batch>, lines: Vec<batch::Line>) {
+    // Lines wait for the model rather than fail while it loads.
+    while app.served.get().is_none()
+        && !app.draining.load(Ordering::SeqCst)
+        && b.stop(unix_now()).is_none()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop = || {
+        if app.draining.load(Ordering::SeqCst) {
+            Some(batch::Stop::ShuttingDown)
+        } else {
+            b.stop(unix_now())
+        }
+    };
+    let (out, why) = batch::run(
+        lines,
+        app.opts.workers,
+        app.batch_gate.clone(),
+        |url, body| dispatch(&app, url, body),
+        stop,
+        b.cancelled(),
+        |ok| b.count(ok),
+    )
+    .await;
+    let now = unix_now();
+    b.finalizing(now);
+    let (good, bad): (Vec<&Value>, Vec<&Value>) = out.iter().partition(|l| batch::succeeded(l));
+    let (output, errors) = {
+        let mut store = lock(&app.batches);
+        let mut keep = |lines: &[&Value], what: &str| {
+            (!lines.is_empty()).then(|| {
+                let name = format!("{}_{what}.jsonl", b.id);
+                let data = batch::jsonl(lines);
+                store
+                    .keep(batch::File::new(name, "batch_output", now, data))
+                    .id
+                    .clone()
+            })
+        };
+        (keep(&good, "output"), keep(&bad, "error"))
+    };
+    b.finish(why, output, errors, now);
+}
+
+/// A batch line through the route a client's request takes (the batch's creator passed the key
+/// check).
+async fn dispatch(app: &Arc<App>, url: String, body: Bytes) -> batch::Answer {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url.as_str())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    let (name, result) = match req {
+        Ok(req) => route(app, Method::POST, &url, req).await,
+        Err(e) => (
+            "other",
+            Err(ApiError::internal(format!("cannot build the request: {e}"))),
+        ),
+    };
+    let resp = result.unwrap_or_else(|e| error_response(&e, &e.body()));
+    let status = resp.status().as_u16();
+    app.metrics.request(name, status);
+    let bytes = match resp.into_body().collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(never) => match never {},
+    };
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    batch::Answer { status, body }
+}
+
+/// `verdict run-batch`: a batch file's requests (any batchable routes) through the server's
+/// routes, without listening, every line's answer written to `output` in input order (`-`:
+/// stdin, stdout).
+pub fn run_file(
+    opts: ServeOptions,
+    registry: Arc<PolicyRegistry>,
+    loader: Loader,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let stdio = |p: &std::path::Path| p.as_os_str() == "-";
+    let data = if stdio(input) {
+        let mut d = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut d)
+            .context("reading the batch from stdin")?;
+        d
+    } else {
+        std::fs::read(input).with_context(|| format!("reading {}", input.display()))?
+    };
+    let lines = batch::parse_input(&data, None).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| format!("\n  {e}")).collect();
+        anyhow::anyhow!("{}: not a batch file:{}", input.display(), list.concat())
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("verdict-batch")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let app = App::new(opts, registry)?;
+        let t0 = Instant::now();
+        let served = tokio::task::spawn_blocking(loader)
+            .await
+            .context("the model loader panicked")?
+            .context("cannot load the model")?;
+        app.loaded(served);
+        let total = lines.len();
+        eprintln!(
+            "verdict: model loaded in {:.1} s; running {total} requests",
+            t0.elapsed().as_secs_f64()
+        );
+        let finished = std::sync::atomic::AtomicUsize::new(0);
+        let progress = |_ok: bool| {
+            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+            if n * 10 / total != (n - 1) * 10 / total {
+                eprintln!("verdict: {n}/{total} requests done");
+            }
+        };
+        // Never cancelled (the sender lives to the end).
+        let (_cancel, cancelled) = tokio::sync::watch::channel(false);
+        let (out, _) = batch::run(
+            lines,
+            app.opts.workers,
+            app.batch_gate.clone(),
+            |url, body| dispatch(&app, url, body),
+            || None,
+            cancelled,
+            progress,
+        )
+        .await;
+        let all: Vec<&Value> = out.iter().collect();
+        let data = batch::jsonl(&all);
+        if stdio(output) {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&data).context("writing to stdout")?;
+            stdout.flush().context("writing to stdout")?;
+        } else {
+            crate::files::write_atomic(output, &data)?;
+        }
+        let failed = out.iter().filter(|l| !batch::succeeded(l)).count();
+        eprintln!(
+            "verdict: {total} requests in {:.1} s: {} answered, {failed} failed; answers in {}",
+            t0.elapsed().as_secs_f64(),
+            total - failed,
+            output.display()
+        );
+        let app2 = app.clone();
+        let _ = tokio::task::spawn_blocking(move || app2.pool.drain(Duration::from_secs(5))).await;
+        Ok(())
+    })
+}
+
 fn at_capacity(f: super::pool::Full) -> ApiError {
     ApiError::overloaded(
         f.retry_after_s,

@@ -7,6 +7,8 @@
 //!   stream events, and the store behind `previous_response_id`.
 //! - [`messages`]: Anthropic's Messages API as a chat request, its content blocks and stream
 //!   events, and its error shape.
+//! - [`batch`]: OpenAI's Batch API (`/v1/files`, `/v1/batches`) and `verdict run-batch`: JSONL
+//!   files of requests, each line run through its route in the server.
 //! - [`embeddings`]: `/v1/embeddings`, the target's pooled hidden states in OpenAI's shape.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
@@ -22,6 +24,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod embeddings;
 pub mod error;
 pub mod generate;
