@@ -1,13 +1,13 @@
 //! OpenAI's Batch API and `verdict run-batch`: a JSONL file of requests, each line
 //! `{"custom_id", "method": "POST", "url", "body"}`, every line run through the route a
 //! client's request would take, the answers written as JSONL lines of `{"id", "custom_id",
-//! "response": {"status_code", "request_id", "body"}, "error"}` (OpenAI's output format; `error`
-//! is for lines that never got an answer: cancelled or expired).
+//! "response": {"status_code", "request_id", "body"}, "error"}` (OpenAI's output format;
+//! `error` names why a line failed, or why it never got an answer: cancelled, expired).
 //!
 //! The server keeps uploaded files (`/v1/files`) and batches (`/v1/batches`) in memory, bounded
-//! by `--max-file-store-bytes`: they are gone when it stops. Batch lines run at most `workers`
-//! at once across all batches, so interactive requests keep their share of the workers; a line
-//! the queue refuses (429) waits and tries again.
+//! by `--max-file-store-bytes`: they are gone when it stops. Batch lines' generations hold at
+//! most `workers` slots at once across all batches ([`Gate`]), so interactive requests keep
+//! their share of the workers; a line the queue refuses (429) waits and tries again.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -30,6 +30,10 @@ pub const ENDPOINTS: &[&str] = &[
     "/v1/responses",
     "/v1/score",
     "/v1/rerank",
+    // vLLM's other names for them.
+    "/score",
+    "/rerank",
+    "/v2/rerank",
 ];
 
 /// Requests per file (OpenAI's limit).
@@ -50,8 +54,20 @@ pub const PURPOSE: &str = "batch";
 pub struct Line {
     pub custom_id: String,
     pub url: String,
-    /// The request body, as JSON.
-    pub body: Bytes,
+    /// The generations it asks for (prompts times `n` or `best_of`): the share of the workers
+    /// it takes.
+    pub jobs: usize,
+    /// The line as the file holds it (a slice of the file's bytes, shared by every batch of
+    /// that file).
+    raw: Bytes,
+}
+
+impl Line {
+    /// The request body, as JSON (read again from the line, which parsed when it was checked).
+    pub fn body(&self) -> Bytes {
+        let v: Value = serde_json::from_slice(&self.raw).unwrap_or_default();
+        Bytes::from(serde_json::to_vec(&v["body"]).unwrap_or_default())
+    }
 }
 
 /// Why a batch file was refused, in OpenAI's `errors.data` shape.
@@ -91,19 +107,26 @@ impl std::fmt::Display for LineError {
 /// Reads a batch file: every line a request (blank lines skipped), `custom_id`s distinct, every
 /// `url` a batchable route (`endpoint`'s when given), no streaming. All or nothing: any bad line
 /// refuses the file, with the first errors.
-pub fn parse_input(data: &[u8], endpoint: Option<&str>) -> Result<Vec<Line>, Vec<LineError>> {
+pub fn parse_input(data: &Bytes, endpoint: Option<&str>) -> Result<Vec<Line>, Vec<LineError>> {
     let Ok(text) = std::str::from_utf8(data) else {
         return Err(vec![LineError::file(
             "invalid_file",
             "the file is not UTF-8 text",
         )]);
     };
+    // A byte-order mark (Windows editors write one) is not part of the first line.
+    let bom = if text.starts_with('\u{feff}') { 3 } else { 0 };
     let (mut lines, mut errors, mut ids) = (Vec::new(), Vec::new(), HashSet::new());
-    for (i, raw) in text.lines().enumerate() {
-        let raw = raw.trim();
+    let mut start = bom;
+    for (i, piece) in text[bom..].split('\n').enumerate() {
+        let at = start;
+        start += piece.len() + 1;
+        let raw = piece.trim();
         if raw.is_empty() {
             continue;
         }
+        let lead = piece.len() - piece.trim_start().len();
+        let raw_bytes = data.slice(at + lead..at + lead + raw.len());
         if errors.len() == MAX_ERRORS {
             break;
         }
@@ -115,7 +138,12 @@ pub fn parse_input(data: &[u8], endpoint: Option<&str>) -> Result<Vec<Line>, Vec
             break;
         }
         match parse_line(raw, endpoint, &mut ids) {
-            Ok(l) => lines.push(l),
+            Ok((custom_id, url, jobs)) => lines.push(Line {
+                custom_id,
+                url,
+                jobs,
+                raw: raw_bytes,
+            }),
             Err((code, param, message)) => errors.push(LineError {
                 line: Some(i + 1),
                 code,
@@ -136,11 +164,12 @@ pub fn parse_input(data: &[u8], endpoint: Option<&str>) -> Result<Vec<Line>, Vec
 
 type Refusal = (&'static str, Option<&'static str>, String);
 
+/// A line's `custom_id`, `url` and generations.
 fn parse_line(
     raw: &str,
     endpoint: Option<&str>,
     ids: &mut HashSet<String>,
-) -> Result<Line, Refusal> {
+) -> Result<(String, String, usize), Refusal> {
     let v: Value = serde_json::from_str(raw)
         .map_err(|e| ("invalid_json_line", None, format!("not valid JSON: {e}")))?;
     let Value::Object(o) = v else {
@@ -225,8 +254,8 @@ fn parse_line(
             format!("url is {url:?} but the batch's endpoint is {ep:?}"),
         ));
     }
-    let body = match o.get("body") {
-        Some(b @ Value::Object(m)) => {
+    let jobs = match o.get("body") {
+        Some(Value::Object(m)) => {
             if m.get("stream") == Some(&Value::Bool(true)) {
                 return Err((
                     "invalid_body",
@@ -234,7 +263,7 @@ fn parse_line(
                     "body.stream must be false: a batch answers each request whole".into(),
                 ));
             }
-            Bytes::from(serde_json::to_vec(b).unwrap_or_default())
+            jobs(&url, m)
         }
         Some(_) => {
             return Err((
@@ -258,11 +287,25 @@ fn parse_line(
             format!("custom_id {custom_id:?} is used by an earlier line"),
         ));
     }
-    Ok(Line {
-        custom_id,
-        url,
-        body,
-    })
+    Ok((custom_id, url, jobs))
+}
+
+/// The generations a request starts: each prompt's `n` (or `best_of`) for completions, `n` for
+/// chat, one otherwise. (The route checks the values; this only sizes the line's share.)
+fn jobs(url: &str, body: &Map<String, Value>) -> usize {
+    let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+    match url {
+        "/v1/completions" => {
+            let prompts = match body.get("prompt") {
+                // Several prompts: strings or token arrays (an array of ids is one prompt).
+                Some(Value::Array(a)) if a.iter().any(|p| !p.is_number()) => a.len().max(1),
+                _ => 1,
+            };
+            prompts * count("n").max(count("best_of"))
+        }
+        "/v1/chat/completions" => count("n"),
+        _ => 1,
+    }
 }
 
 /// A route's answer to one line.
@@ -277,6 +320,8 @@ pub struct Answer {
 pub enum Stop {
     Cancelled,
     Expired,
+    /// The server is stopping: the batch does not end (with `--batch-dir` it goes on at the
+    /// next start).
     ShuttingDown,
 }
 
@@ -304,109 +349,186 @@ fn suffix() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// An output line for a request its route answered (any status).
-pub fn response_line(custom_id: &str, a: Answer) -> Value {
+/// A line's outcome, as its JSONL output line.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Its request was answered with a 2xx (the line belongs in the output file, not the
+    /// error file).
+    pub ok: bool,
+    /// Its request got no answer: why.
+    pub stopped: Option<Stop>,
+    /// The output line, without its newline.
+    pub json: Bytes,
+}
+
+/// The output line of a request its route answered (any status). A failure also carries
+/// `error` (its code and message), as vLLM's `run_batch` writes them.
+pub fn answered(custom_id: &str, a: Answer) -> Outcome {
     let s = suffix();
-    json!({
+    let ok = (200..300).contains(&a.status);
+    let error = (!ok).then(|| {
+        let e = &a.body["error"];
+        let code = e["code"].as_str().or(e["type"].as_str()).unwrap_or("error");
+        json!({"code": code, "message": e["message"]})
+    });
+    let v = json!({
         "id": format!("batch_req_{s}"),
         "custom_id": custom_id,
         "response": {"status_code": a.status, "request_id": format!("req_{s}"), "body": a.body},
-        "error": null,
-    })
+        "error": error,
+    });
+    Outcome {
+        ok,
+        stopped: None,
+        json: Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+    }
 }
 
-/// An output line for a request that got no answer.
-fn stopped_line(custom_id: &str, why: Stop) -> Value {
-    json!({
+/// The output line of a request that got no answer.
+fn stopped(custom_id: &str, why: Stop) -> Outcome {
+    let v = json!({
         "id": format!("batch_req_{}", suffix()),
         "custom_id": custom_id,
         "response": null,
         "error": why.error(),
-    })
-}
-
-/// The line's request was answered with a 2xx (it belongs in the output file, not the error
-/// file).
-pub fn succeeded(line: &Value) -> bool {
-    line["response"]["status_code"]
-        .as_u64()
-        .is_some_and(|s| (200..300).contains(&s))
+    });
+    Outcome {
+        ok: false,
+        stopped: Some(why),
+        json: Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+    }
 }
 
 /// Lines as a JSONL file.
-pub fn jsonl(lines: &[&Value]) -> Bytes {
+pub fn jsonl<'a>(lines: impl IntoIterator<Item = &'a Outcome>) -> Bytes {
     let mut out = Vec::new();
     for l in lines {
-        // A Value always serialises.
-        let _ = serde_json::to_writer(&mut out, l);
+        out.extend_from_slice(&l.json);
         out.push(b'\n');
     }
     Bytes::from(out)
 }
 
-/// Runs a batch's lines, at most `concurrency` at once and, across batches, as many as `gate`
-/// has permits; returns each line's output in input order and what stopped the run, if
-/// anything did. `call` runs a request (its route in this server); `stop` is asked before each
-/// line starts; `cancelled` ends lines still running when it turns true; `done` hears of each
-/// line answered (true: 2xx). A 429 (the queue is full) waits and tries again.
+/// How many worker slots batch lines may hold at once, across batches: a line takes one per
+/// generation it starts (`Line::jobs`, at most all of them).
+#[derive(Debug, Clone)]
+pub struct Gate {
+    slots: Arc<tokio::sync::Semaphore>,
+    size: u32,
+}
+
+impl Gate {
+    pub fn new(size: usize) -> Self {
+        let size = size.clamp(1, tokio::sync::Semaphore::MAX_PERMITS) as u32;
+        Gate {
+            slots: Arc::new(tokio::sync::Semaphore::new(size as usize)),
+            size,
+        }
+    }
+
+    async fn enter(&self, jobs: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = (jobs.min(self.size as usize) as u32).max(1);
+        self.slots.clone().acquire_many_owned(n).await.ok()
+    }
+
+    #[cfg(test)]
+    fn free(&self) -> usize {
+        self.slots.available_permits()
+    }
+}
+
+/// Tries of a line the queue keeps refusing (429) before its 429 is the answer: about five
+/// minutes (a request larger than the queue is refused even by an idle server).
+const MAX_TRIES: u32 = 64;
+
+/// The waits between tries of a refused line: doubling from the first to the longest.
+const FIRST_WAIT: Duration = Duration::from_millis(200);
+#[cfg(not(test))]
+const LONGEST_WAIT: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const LONGEST_WAIT: Duration = Duration::from_millis(2);
+
+/// Runs lines, at most `concurrency` at once and as many as `gate` lets in across batches;
+/// returns each line's outcome with its index in `lines`, in any order, and what stopped the
+/// run, if anything did. `call` runs a request (its route in this server); `stop` is asked
+/// before each line starts; `cancelled` ends lines waiting or running when it turns true;
+/// `done` hears of each line answered.
 pub async fn run<C, F>(
     lines: Vec<Line>,
     concurrency: usize,
-    gate: Arc<tokio::sync::Semaphore>,
+    gate: &Gate,
     call: C,
     stop: impl Fn() -> Option<Stop>,
     cancelled: tokio::sync::watch::Receiver<bool>,
-    done: impl Fn(bool),
-) -> (Vec<Value>, Option<Stop>)
+    done: impl Fn(usize, &Outcome),
+) -> (Vec<(usize, Outcome)>, Option<Stop>)
 where
     C: Fn(String, Bytes) -> F,
     F: Future<Output = Answer>,
 {
-    let stopped: Mutex<Option<Stop>> = Mutex::new(None);
-    let note = |why: Stop| {
-        let mut s = stopped.lock().unwrap_or_else(|e| e.into_inner());
+    let first_stop: Mutex<Option<Stop>> = Mutex::new(None);
+    let note = |line: &Line, why: Stop| {
+        let mut s = first_stop.lock().unwrap_or_else(|e| e.into_inner());
         s.get_or_insert(why);
+        stopped(&line.custom_id, why)
     };
-    let (call, stop, done, note) = (&call, &stop, &done, &note);
-    let out = futures_util::stream::iter(lines)
-        .map(|line| {
-            let gate = gate.clone();
-            let mut cancelled = cancelled.clone();
-            async move {
-                let Ok(_permit) = gate.acquire_owned().await else {
-                    note(Stop::ShuttingDown);
-                    return stopped_line(&line.custom_id, Stop::ShuttingDown);
-                };
-                let mut wait = Duration::from_millis(200);
-                loop {
-                    if let Some(why) = stop() {
-                        note(why);
-                        done(false);
-                        return stopped_line(&line.custom_id, why);
-                    }
-                    let answer = tokio::select! {
-                        a = call(line.url.clone(), line.body.clone()) => a,
-                        // Dropping the call ends its generation. (A dropped sender: never.)
-                        Ok(_) = cancelled.wait_for(|c| *c) => {
-                            note(Stop::Cancelled);
-                            done(false);
-                            return stopped_line(&line.custom_id, Stop::Cancelled);
-                        }
-                    };
-                    if answer.status == StatusCode::TOO_MANY_REQUESTS.as_u16() {
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                    done((200..300).contains(&answer.status));
-                    return response_line(&line.custom_id, answer);
+    let (call, stop, note, done) = (&call, &stop, &note, &done);
+    let run_line = |line: Line, mut cancelled: tokio::sync::watch::Receiver<bool>| async move {
+        // A cancel is heard while the line waits for a slot, sleeps on a 429 or runs.
+        // (A dropped sender: never.)
+        let mut ended = std::pin::pin!(async move {
+            if cancelled.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        if let Some(why) = stop() {
+            return note(&line, why);
+        }
+        let _slots = tokio::select! {
+            p = gate.enter(line.jobs) => match p {
+                Some(p) => p,
+                None => return note(&line, Stop::ShuttingDown),
+            },
+            _ = &mut ended => return note(&line, Stop::Cancelled),
+        };
+        let body = line.body();
+        let mut wait = FIRST_WAIT.min(LONGEST_WAIT);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            if let Some(why) = stop() {
+                return note(&line, why);
+            }
+            let answer = tokio::select! {
+                // Dropping the call ends its generation.
+                a = call(line.url.clone(), body.clone()) => a,
+                _ = &mut ended => return note(&line, Stop::Cancelled),
+            };
+            if answer.status == StatusCode::TOO_MANY_REQUESTS.as_u16() && tries < MAX_TRIES {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut ended => return note(&line, Stop::Cancelled),
                 }
+                wait = (wait * 2).min(LONGEST_WAIT);
+                continue;
+            }
+            return answered(&line.custom_id, answer);
+        }
+    };
+    let out = futures_util::stream::iter(lines.into_iter().enumerate())
+        .map(|(i, line)| {
+            let f = run_line(line, cancelled.clone());
+            async move {
+                let o = f.await;
+                done(i, &o);
+                (i, o)
             }
         })
-        .buffered(concurrency.max(1))
+        // Unordered: a long line holds up no other.
+        .buffer_unordered(concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
-    let why = *stopped.lock().unwrap_or_else(|e| e.into_inner());
+    let why = *first_stop.lock().unwrap_or_else(|e| e.into_inner());
     (out, why)
 }
 
@@ -646,14 +768,23 @@ impl Batch {
         })
     }
 
-    /// Counts an answered line (`ok`: 2xx) or one that failed.
-    pub fn count(&self, ok: bool) {
+    /// Counts a line answered (2xx: completed, else failed); one that got no answer (cancelled,
+    /// expired) is neither.
+    pub fn count(&self, o: &Outcome) {
         let mut s = self.state();
-        if ok {
-            s.completed += 1;
-        } else {
-            s.failed += 1;
+        match (o.ok, o.stopped) {
+            (true, _) => s.completed += 1,
+            (false, None) => s.failed += 1,
+            (false, Some(_)) => {}
         }
+    }
+
+    /// Whether the batch has ended.
+    pub fn ended(&self) -> bool {
+        matches!(
+            self.state().status,
+            Status::Failed | Status::Completed | Status::Expired | Status::Cancelled
+        )
     }
 
     /// Asks a batch still running to stop: lines not started are not run, running ones end.
@@ -701,7 +832,8 @@ impl Batch {
         }
     }
 
-    /// The outputs are stored: the batch ends as `why` says (nothing: completed).
+    /// The outputs are stored: the batch ends as `why` says (nothing: completed; a shutdown is
+    /// not an end and never comes here).
     pub fn finish(
         &self,
         why: Option<Stop>,
@@ -821,6 +953,9 @@ fn page(items: Vec<(String, Value)>, q: &ListQuery) -> Result<Value, ApiError> {
     }))
 }
 
+/// Ended batches the store keeps listing.
+pub const KEPT_BATCHES: usize = 1000;
+
 /// The files and batches of a server, in creation order.
 #[derive(Debug, Default)]
 pub struct Store {
@@ -854,6 +989,11 @@ impl Store {
         f
     }
 
+    /// The stored files' bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn file(&self, id: &str) -> Result<Arc<File>, ApiError> {
         self.files
             .iter()
@@ -879,8 +1019,19 @@ impl Store {
         page(items, q)
     }
 
+    /// Keeps a batch, forgetting the oldest ended ones beyond [`KEPT_BATCHES`] (their files
+    /// stay until deleted).
     pub fn add_batch(&mut self, b: Arc<Batch>) {
         self.batches.push(b);
+        let ended = self.batches.iter().filter(|b| b.ended()).count();
+        if ended > KEPT_BATCHES {
+            let mut extra = ended - KEPT_BATCHES;
+            self.batches.retain(|b| {
+                let drop = extra > 0 && b.ended();
+                extra -= drop as usize;
+                !drop
+            });
+        }
     }
 
     pub fn batch(&self, id: &str) -> Result<Arc<Batch>, ApiError> {
@@ -989,10 +1140,10 @@ mod tests {
             ),
         ]
         .join("\r\n");
-        let lines = parse_input(ok.as_bytes(), Some("/v1/completions")).unwrap();
+        let lines = parse_input(&Bytes::from(ok), Some("/v1/completions")).unwrap();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1].custom_id, "b");
-        let body: Value = serde_json::from_slice(&lines[0].body).unwrap();
+        let body: Value = serde_json::from_slice(&lines[0].body()).unwrap();
         assert_eq!(body, json!({"prompt": "x"}));
 
         let bad = [
@@ -1010,7 +1161,7 @@ mod tests {
                 .into(),
         ]
         .join("\n");
-        let errors = parse_input(bad.as_bytes(), Some("/v1/completions")).unwrap_err();
+        let errors = parse_input(&Bytes::from(bad), Some("/v1/completions")).unwrap_err();
         let got: Vec<(Option<usize>, &str)> = errors.iter().map(|e| (e.line, e.code)).collect();
         assert_eq!(
             got,
@@ -1035,17 +1186,17 @@ mod tests {
             line("b", "/v1/embeddings", "{}"),
         ]
         .join("\n");
-        assert_eq!(parse_input(mixed.as_bytes(), None).unwrap().len(), 2);
-        let empty = parse_input(b"\n \n", None).unwrap_err();
+        assert_eq!(parse_input(&Bytes::from(mixed), None).unwrap().len(), 2);
+        let empty = parse_input(&Bytes::from_static(b"\n \n"), None).unwrap_err();
         assert_eq!((empty[0].line, empty[0].code), (None, "empty_file"));
         assert_eq!(
-            parse_input(&[0xff, 0xfe], None).unwrap_err()[0].code,
+            parse_input(&Bytes::from_static(&[0xff, 0xfe]), None).unwrap_err()[0].code,
             "invalid_file"
         );
         // Errors stop at the first MAX_ERRORS.
         let many = vec!["{"; 500].join("\n");
         assert_eq!(
-            parse_input(many.as_bytes(), None).unwrap_err().len(),
+            parse_input(&Bytes::from(many), None).unwrap_err().len(),
             MAX_ERRORS
         );
     }
@@ -1099,8 +1250,18 @@ mod tests {
         assert_eq!(b.json()["status"], "in_progress");
         assert_eq!(b.stop(101), None);
         assert_eq!(b.stop(100 + WINDOW_SECS), Some(Stop::Expired));
-        b.count(true);
-        b.count(false);
+        let answer = |status| {
+            answered(
+                "x",
+                Answer {
+                    status,
+                    body: json!({}),
+                },
+            )
+        };
+        b.count(&answer(200));
+        b.count(&answer(500));
+        b.count(&stopped("y", Stop::Cancelled));
         let rx = b.cancelled();
         b.cancel(105).unwrap();
         assert!(*rx.borrow());
@@ -1200,23 +1361,70 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("purpose"));
     }
 
+    fn outcome(o: &Outcome) -> Value {
+        serde_json::from_slice(&o.json).unwrap()
+    }
+
+    #[test]
+    fn lines_keep_their_bytes_and_size_their_share() {
+        // A byte-order mark, CRLF, indentation: each body is its line's.
+        let text = format!(
+            "\u{feff}{}\r\n  {}\n{}",
+            line("a", "/v1/completions", r#"{"prompt": ["x", "y"], "n": 3}"#),
+            line("b", "/v1/chat/completions", r#"{"messages": [], "n": 2}"#),
+            line(
+                "c",
+                "/v1/completions",
+                r#"{"prompt": [1, 2, 3], "best_of": 4, "n": 2}"#
+            ),
+        );
+        let lines = parse_input(&Bytes::from(text), None).unwrap();
+        let jobs: Vec<usize> = lines.iter().map(|l| l.jobs).collect();
+        assert_eq!(jobs, [6, 2, 4]);
+        let body: Value = serde_json::from_slice(&lines[1].body()).unwrap();
+        assert_eq!(body, json!({"messages": [], "n": 2}));
+        // A failed request's line says why in `error` too (as vLLM's run_batch writes it).
+        let bad = answered(
+            "x",
+            Answer {
+                status: 400,
+                body: json!({"error": {"message": "no", "type": "invalid_request_error", "code": null}}),
+            },
+        );
+        let v = outcome(&bad);
+        assert!(!bad.ok);
+        assert_eq!(
+            v["error"],
+            json!({"code": "invalid_request_error", "message": "no"})
+        );
+        assert_eq!(v["response"]["status_code"], 400);
+        let good = answered(
+            "y",
+            Answer {
+                status: 200,
+                body: json!({}),
+            },
+        );
+        assert!(good.ok && outcome(&good)["error"].is_null());
+    }
+
     #[tokio::test]
     async fn run_keeps_order_retries_429_and_stops() {
         let lines: Vec<Line> = (0..6)
             .map(|i| Line {
                 custom_id: format!("r{i}"),
                 url: "/v1/completions".into(),
-                body: Bytes::from(format!("{i}")),
+                jobs: 1,
+                raw: Bytes::from(format!(r#"{{"body": {i}}}"#)),
             })
             .collect();
-        let gate = Arc::new(tokio::sync::Semaphore::new(2));
+        let gate = Gate::new(2);
         let tries = std::sync::atomic::AtomicUsize::new(0);
         let call = |_url: String, body: Bytes| {
             let first = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
             async move {
-                let i: u16 = std::str::from_utf8(&body).unwrap().parse().unwrap();
-                // Later lines answer first: the output keeps input order anyway.
-                tokio::time::sleep(Duration::from_millis(30 - 5 * i as u64)).await;
+                let i: u64 = std::str::from_utf8(&body).unwrap().parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(30 - 5 * i)).await;
                 let status = if first {
                     429
                 } else if i == 3 {
@@ -1232,63 +1440,86 @@ mod tests {
         };
         let ok = std::sync::atomic::AtomicUsize::new(0);
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let (out, why) = run(
+        let (mut out, why) = run(
             lines.clone(),
             3,
-            gate.clone(),
+            &gate,
             call,
             || None,
             rx,
-            |g| {
-                if g {
+            |_, o| {
+                if o.ok {
                     ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             },
         )
         .await;
         assert_eq!(why, None);
-        let ids: Vec<&str> = out
+        out.sort_by_key(|(i, _)| *i);
+        let got: Vec<Value> = out.iter().map(|(_, o)| outcome(o)).collect();
+        let ids: Vec<&str> = got
             .iter()
             .map(|l| l["custom_id"].as_str().unwrap())
             .collect();
         assert_eq!(ids, ["r0", "r1", "r2", "r3", "r4", "r5"]);
         assert_eq!(
-            out[0]["response"]["body"]["i"], 0,
+            got[0]["response"]["body"]["i"], 0,
             "the 429 was tried again"
         );
-        assert_eq!(out.iter().filter(|l| succeeded(l)).count(), 5);
         assert_eq!(ok.load(std::sync::atomic::Ordering::SeqCst), 5);
-        assert_eq!(out[3]["response"]["status_code"], 400);
-        assert_eq!(gate.available_permits(), 2);
+        assert_eq!(got[3]["response"]["status_code"], 400);
+        assert_eq!(gate.free(), 2);
+
+        // A 429 that never clears is, in the end, the answer.
+        let busy = |_: String, _: Bytes| async {
+            Answer {
+                status: 429,
+                body: json!({"error": {"message": "full"}}),
+            }
+        };
+        let (out, _) = run(
+            lines[..1].to_vec(),
+            1,
+            &gate,
+            busy,
+            || None,
+            tx.subscribe(),
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(outcome(&out[0].1)["response"]["status_code"], 429);
 
         // A stop before line 2 leaves the rest unanswered, each line saying why.
-        let started = std::sync::atomic::AtomicUsize::new(0);
-        let stop = || {
-            (started.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2)
-                .then_some(Stop::Expired)
-        };
-        let quick = |_: String, _: Bytes| async {
-            Answer {
-                status: 200,
-                body: json!({}),
+        // (Expired once two lines have run.)
+        let ran = std::sync::atomic::AtomicUsize::new(0);
+        let stop = || (ran.load(std::sync::atomic::Ordering::SeqCst) >= 2).then_some(Stop::Expired);
+        let quick = |_: String, _: Bytes| {
+            ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                Answer {
+                    status: 200,
+                    body: json!({}),
+                }
             }
         };
         let (out, why) = run(
             lines.clone(),
             1,
-            gate.clone(),
+            &gate,
             quick,
             stop,
             tx.subscribe(),
-            |_| {},
+            |_, _| {},
         )
         .await;
         assert_eq!(why, Some(Stop::Expired));
-        assert_eq!(out.iter().filter(|l| succeeded(l)).count(), 2);
-        assert_eq!(out[5]["error"]["code"], "batch_expired");
-        assert_eq!(out[5]["response"], Value::Null);
+        assert_eq!(out.iter().filter(|(_, o)| o.ok).count(), 2);
+        let last = out.iter().find(|(i, _)| *i == 5).unwrap();
+        assert_eq!(last.1.stopped, Some(Stop::Expired));
+        assert_eq!(outcome(&last.1)["error"]["code"], "batch_expired");
+        assert_eq!(outcome(&last.1)["response"], Value::Null);
 
-        // A cancel ends lines that are running.
+        // A cancel ends lines that are running and lines waiting for a slot.
         let slow = |_: String, _: Bytes| async {
             tokio::time::sleep(Duration::from_secs(30)).await;
             Answer {
@@ -1296,15 +1527,24 @@ mod tests {
                 body: json!({}),
             }
         };
+        // One slot taken: one line runs, the others wait for a slot.
+        let held = gate.enter(1).await.unwrap();
         let cancel = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             tx.send_replace(true);
         };
+        let t0 = std::time::Instant::now();
         let ((out, why), ()) = tokio::join!(
-            run(lines, 2, gate, slow, || None, tx.subscribe(), |_| {}),
+            run(lines, 2, &gate, slow, || None, tx.subscribe(), |_, _| {}),
             cancel
         );
+        assert!(t0.elapsed() < Duration::from_secs(5));
         assert_eq!(why, Some(Stop::Cancelled));
-        assert!(out.iter().all(|l| l["error"]["code"] == "batch_cancelled"));
+        assert!(
+            out.iter()
+                .all(|(_, o)| outcome(o)["error"]["code"] == "batch_cancelled")
+        );
+        drop(held);
+        assert_eq!(gate.free(), 2);
     }
 }

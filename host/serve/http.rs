@@ -196,8 +196,8 @@ struct App {
     responses: Mutex<responses::Store>,
     /// Uploaded files and batches (`/v1/files`, `/v1/batches`; in memory).
     batches: Mutex<batch::Store>,
-    /// Batch lines running, across batches: at most one per worker.
-    batch_gate: Arc<tokio::sync::Semaphore>,
+    /// Batch lines running, across batches: at most one generation per worker.
+    batch_gate: batch::Gate,
     /// Batches to run, to the task that runs them (a batch's lines go through [`route`], which
     /// starts batches: a channel, not a call, keeps the futures' types apart).
     batch_tx: mpsc::UnboundedSender<(Arc<batch::Batch>, Vec<batch::Line>)>,
@@ -214,7 +214,7 @@ impl App {
         let (batch_tx, mut batches) = mpsc::unbounded_channel();
         let app = Arc::new(App {
             batch_tx,
-            batch_gate: Arc::new(tokio::sync::Semaphore::new(opts.workers.max(1))),
+            batch_gate: batch::Gate::new(opts.workers),
             opts,
             served: OnceLock::new(),
             grammars: OnceLock::new(),
@@ -1877,7 +1877,6 @@ async fn score(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     ))
 }
 
-/// The 429 for a job the pool's queue has no room for.
 /// `POST /v1/files`: a batch input file (multipart/form-data: `file`, `purpose`).
 async fn upload_file(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let max = app.opts.max_file_bytes;
@@ -1885,7 +1884,29 @@ async fn upload_file(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     // Room for the form around the file.
-    let body = read_body(req, max.saturating_add(64 << 10), "file").await?;
+    let limit = max.saturating_add(64 << 10);
+    let declared = (req.headers().get(header::CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    // Refused before a byte is read: too large, or no room left in the store.
+    if let Some(n) = declared {
+        let too_large = |why: String| Err(ApiError::too_large("file", why));
+        if n > limit {
+            return too_large(format!(
+                "the upload has {n} bytes; a file may have at most {max} (--max-file-bytes)"
+            ));
+        }
+        let room = app
+            .opts
+            .file_store_bytes
+            .saturating_sub(lock(&app.batches).bytes());
+        if n > room.saturating_add(64 << 10) {
+            return too_large(format!(
+                "the upload has {n} bytes and the file store room for {room} more (--max-file-store-bytes): delete files first (DELETE /v1/files/{{id}})"
+            ));
+        }
+    }
+    let body = read_body(req, limit, "file").await?;
     let up = batch::parse_upload(ct.as_deref(), body).await?;
     if up.data.len() > max {
         return Err(ApiError::too_large(
@@ -1954,10 +1975,10 @@ fn cancel_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
 /// `POST /v1/batches`: checks the input file's lines (a bad one fails the batch, its errors
 /// listed) and runs them in the background.
 async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     if app.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
-    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let create = batch::parse_create(&body)?;
     let input = (lock(&app.batches).file(&create.input_file_id))
         .map_err(|e| e.with_param("input_file_id"))?;
@@ -1999,22 +2020,27 @@ async fn run_batch(app: Arc<App>, b: Arc<batch::Batch>, lines: Vec<batch::Line>)
             b.stop(unix_now())
         }
     };
-    let (out, why) = batch::run(
+    let (mut out, why) = batch::run(
         lines,
         app.opts.workers,
-        app.batch_gate.clone(),
+        &app.batch_gate,
         |url, body| dispatch(&app, url, body),
         stop,
         b.cancelled(),
-        |ok| b.count(ok),
+        |_, o| b.count(o),
     )
     .await;
+    if why == Some(batch::Stop::ShuttingDown) {
+        // Not an end: the batch stays in progress.
+        return;
+    }
+    out.sort_unstable_by_key(|(i, _)| *i);
     let now = unix_now();
     b.finalizing(now);
-    let (good, bad): (Vec<&Value>, Vec<&Value>) = out.iter().partition(|l| batch::succeeded(l));
+    let (good, bad): (Vec<_>, Vec<_>) = out.iter().map(|(_, o)| o).partition(|o| o.ok);
     let (output, errors) = {
         let mut store = lock(&app.batches);
-        let mut keep = |lines: &[&Value], what: &str| {
+        let mut keep = |lines: Vec<&batch::Outcome>, what: &str| {
             (!lines.is_empty()).then(|| {
                 let name = format!("{}_{what}.jsonl", b.id);
                 let data = batch::jsonl(lines);
@@ -2024,7 +2050,7 @@ async fn run_batch(app: Arc<App>, b: Arc<batch::Batch>, lines: Vec<batch::Line>)
                     .clone()
             })
         };
-        (keep(&good, "output"), keep(&bad, "error"))
+        (keep(good, "output"), keep(bad, "error"))
     };
     b.finish(why, output, errors, now);
 }
@@ -2077,7 +2103,7 @@ pub fn run_file(
     } else {
         std::fs::read(input).with_context(|| format!("reading {}", input.display()))?
     };
-    let lines = batch::parse_input(&data, None).map_err(|errors| {
+    let lines = batch::parse_input(&Bytes::from(data), None).map_err(|errors| {
         let list: Vec<String> = errors.iter().map(|e| format!("\n  {e}")).collect();
         anyhow::anyhow!("{}: not a batch file:{}", input.display(), list.concat())
     })?;
@@ -2101,7 +2127,7 @@ pub fn run_file(
             t0.elapsed().as_secs_f64()
         );
         let finished = std::sync::atomic::AtomicUsize::new(0);
-        let progress = |_ok: bool| {
+        let progress = |_: usize, _: &batch::Outcome| {
             let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
             if n * 10 / total != (n - 1) * 10 / total {
                 eprintln!("verdict: {n}/{total} requests done");
@@ -2109,18 +2135,18 @@ pub fn run_file(
         };
         // Never cancelled (the sender lives to the end).
         let (_cancel, cancelled) = tokio::sync::watch::channel(false);
-        let (out, _) = batch::run(
+        let (mut out, _) = batch::run(
             lines,
             app.opts.workers,
-            app.batch_gate.clone(),
+            &app.batch_gate,
             |url, body| dispatch(&app, url, body),
             || None,
             cancelled,
             progress,
         )
         .await;
-        let all: Vec<&Value> = out.iter().collect();
-        let data = batch::jsonl(&all);
+        out.sort_unstable_by_key(|(i, _)| *i);
+        let data = batch::jsonl(out.iter().map(|(_, o)| o));
         if stdio(output) {
             let mut stdout = std::io::stdout().lock();
             stdout.write_all(&data).context("writing to stdout")?;
@@ -2128,7 +2154,7 @@ pub fn run_file(
         } else {
             crate::files::write_atomic(output, &data)?;
         }
-        let failed = out.iter().filter(|l| !batch::succeeded(l)).count();
+        let failed = out.iter().filter(|(_, o)| !o.ok).count();
         eprintln!(
             "verdict: {total} requests in {:.1} s: {} answered, {failed} failed; answers in {}",
             t0.elapsed().as_secs_f64(),
@@ -2141,6 +2167,7 @@ pub fn run_file(
     })
 }
 
+/// The 429 for a job the pool's queue has no room for.
 fn at_capacity(f: super::pool::Full) -> ApiError {
     ApiError::overloaded(
         f.retry_after_s,
