@@ -207,6 +207,11 @@ pub struct ServeArgs {
     /// Seconds SIGTERM waits for in-flight requests before exiting.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    /// Keep uploaded files and batches (OpenAI's Batch API) in this directory: a restart lists
+    /// them again and goes on with the batches still running, skipping the lines already
+    /// answered. Without it they live in memory.
+    #[arg(long, env = "VERDICT_BATCH_DIR", value_name = "DIR")]
+    pub batch_dir: Option<PathBuf>,
     /// The largest batch input file `POST /v1/files` takes, in bytes (OpenAI's Batch API).
     #[arg(long, default_value_t = 100 << 20, value_name = "BYTES")]
     pub max_file_bytes: usize,
@@ -399,6 +404,7 @@ pub fn setup(args: ServeArgs) -> Result<(ServeOptions, Arc<PolicyRegistry>, crat
         allow_lora_loading: args.allow_lora_loading,
         scheduling: args.scheduling_policy,
         allowed_origins: args.allowed_origins.clone(),
+        batch_dir: args.batch_dir.clone(),
         max_file_bytes: args.max_file_bytes,
         file_store_bytes: args.max_file_store_bytes,
         lora_modules: modules

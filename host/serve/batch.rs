@@ -5,15 +5,18 @@
 //! `error` names why a line failed, or why it never got an answer: cancelled, expired).
 //!
 //! The server keeps uploaded files (`/v1/files`) and batches (`/v1/batches`) in memory, bounded
-//! by `--max-file-store-bytes`: they are gone when it stops. Batch lines' generations hold at
+//! by `--max-file-store-bytes`, and with `--batch-dir` on disk too ([`Disk`]): a restart lists
+//! them again and goes on with the batches still running. Batch lines' generations hold at
 //! most `workers` slots at once across all batches ([`Gate`]), so interactive requests keep
 //! their share of the workers; a line the queue refuses (429) waits and tries again.
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hyper::StatusCode;
@@ -163,6 +166,24 @@ pub fn parse_input(data: &Bytes, endpoint: Option<&str>) -> Result<Vec<Line>, Ve
 }
 
 type Refusal = (&'static str, Option<&'static str>, String);
+
+/// Every `code` and `param` a [`LineError`] holds (a batch read back from disk takes them from
+/// here).
+const CODES: &[&str] = &[
+    "invalid_file",
+    "too_many_requests",
+    "empty_file",
+    "invalid_json_line",
+    "invalid_request",
+    "invalid_custom_id",
+    "missing_required_parameter",
+    "invalid_method",
+    "invalid_url",
+    "mismatched_url",
+    "invalid_body",
+    "duplicate_custom_id",
+];
+const PARAMS: &[&str] = &["custom_id", "method", "url", "body", "body.stream"];
 
 /// A line's `custom_id`, `url` and generations.
 fn parse_line(
@@ -449,12 +470,12 @@ const LONGEST_WAIT: Duration = Duration::from_secs(5);
 const LONGEST_WAIT: Duration = Duration::from_millis(2);
 
 /// Runs lines, at most `concurrency` at once and as many as `gate` lets in across batches;
-/// returns each line's outcome with its index in `lines`, in any order, and what stopped the
+/// returns each line's outcome with its index, in any order, and what stopped the
 /// run, if anything did. `call` runs a request (its route in this server); `stop` is asked
 /// before each line starts; `cancelled` ends lines waiting or running when it turns true;
 /// `done` hears of each line answered.
 pub async fn run<C, F>(
-    lines: Vec<Line>,
+    lines: Vec<(usize, Line)>,
     concurrency: usize,
     gate: &Gate,
     call: C,
@@ -504,6 +525,11 @@ where
                 a = call(line.url.clone(), body.clone()) => a,
                 _ = &mut ended => return note(&line, Stop::Cancelled),
             };
+            // Refused because the server is stopping (503, or the closed queue's 429): no
+            // answer, so that a restart runs the line again.
+            if !(200..300).contains(&answer.status) && stop() == Some(Stop::ShuttingDown) {
+                return note(&line, Stop::ShuttingDown);
+            }
             if answer.status == StatusCode::TOO_MANY_REQUESTS.as_u16() && tries < MAX_TRIES {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -515,7 +541,7 @@ where
             return answered(&line.custom_id, answer);
         }
     };
-    let out = futures_util::stream::iter(lines.into_iter().enumerate())
+    let out = futures_util::stream::iter(lines)
         .map(|(i, line)| {
             let f = run_line(line, cancelled.clone());
             async move {
@@ -581,6 +607,20 @@ pub enum Status {
 }
 
 impl Status {
+    fn parse(s: &str) -> Option<Status> {
+        [
+            Status::Failed,
+            Status::InProgress,
+            Status::Finalizing,
+            Status::Completed,
+            Status::Expired,
+            Status::Cancelling,
+            Status::Cancelled,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Status::Failed => "failed",
@@ -733,6 +773,72 @@ impl Batch {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch as [`Batch::json`] wrote it (its record in `--batch-dir`); `answers` (the lines
+    /// answered so far, for one still running) recount its requests.
+    pub fn from_json(v: &Value, answers: &[(usize, Outcome)]) -> Option<Batch> {
+        let text = |k: &str| v[k].as_str().map(str::to_owned);
+        let time = |k: &str| v[k].as_u64();
+        let status = Status::parse(v["status"].as_str()?)?;
+        let errors = (v["errors"]["data"].as_array().into_iter().flatten())
+            .map(|e| LineError {
+                line: e["line"].as_u64().map(|n| n as usize),
+                // A code from the set this server writes (they are static).
+                code: CODES
+                    .iter()
+                    .find(|c| e["code"] == **c)
+                    .copied()
+                    .unwrap_or("invalid_request"),
+                param: PARAMS.iter().find(|p| e["param"] == **p).copied(),
+                message: e["message"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        let counts = &v["request_counts"];
+        let count = |k: &str| counts[k].as_u64().unwrap_or(0) as usize;
+        let running = matches!(
+            status,
+            Status::InProgress | Status::Finalizing | Status::Cancelling
+        );
+        let (completed, failed) = if running {
+            let done = answers.iter().filter(|(_, o)| o.stopped.is_none());
+            let ok = done.clone().filter(|(_, o)| o.ok).count();
+            (ok, done.count() - ok)
+        } else {
+            (count("completed"), count("failed"))
+        };
+        let b = Batch {
+            id: text("id")?,
+            create: Create {
+                input_file_id: text("input_file_id")?,
+                endpoint: text("endpoint")?,
+                metadata: v["metadata"].as_object().cloned(),
+            },
+            created_at: time("created_at")?,
+            state: Mutex::new(State {
+                // Finalizing again from the answers.
+                status: if status == Status::Finalizing {
+                    Status::InProgress
+                } else {
+                    status
+                },
+                errors,
+                total: count("total"),
+                completed,
+                failed,
+                output_file_id: text("output_file_id"),
+                error_file_id: text("error_file_id"),
+                in_progress_at: time("in_progress_at"),
+                finalizing_at: None,
+                completed_at: time("completed_at"),
+                failed_at: time("failed_at"),
+                expired_at: time("expired_at"),
+                cancelling_at: time("cancelling_at"),
+                cancelled_at: time("cancelled_at"),
+            }),
+            cancel: tokio::sync::watch::channel(status == Status::Cancelling).0,
+        };
+        Some(b)
     }
 
     pub fn expires_at(&self) -> u64 {
@@ -1021,17 +1127,23 @@ impl Store {
 
     /// Keeps a batch, forgetting the oldest ended ones beyond [`KEPT_BATCHES`] (their files
     /// stay until deleted).
-    pub fn add_batch(&mut self, b: Arc<Batch>) {
+    /// Returns the ids of the batches forgotten.
+    pub fn add_batch(&mut self, b: Arc<Batch>) -> Vec<String> {
         self.batches.push(b);
         let ended = self.batches.iter().filter(|b| b.ended()).count();
+        let mut forgotten = Vec::new();
         if ended > KEPT_BATCHES {
             let mut extra = ended - KEPT_BATCHES;
             self.batches.retain(|b| {
                 let drop = extra > 0 && b.ended();
                 extra -= drop as usize;
+                if drop {
+                    forgotten.push(b.id.clone());
+                }
                 !drop
             });
         }
+        forgotten
     }
 
     pub fn batch(&self, id: &str) -> Result<Arc<Batch>, ApiError> {
@@ -1047,6 +1159,208 @@ impl Store {
             .map(|b| (b.id.clone(), b.json()))
             .collect();
         page(items, q)
+    }
+}
+
+/// Where files and batches outlive the server (`--batch-dir`): `files/ID` (the bytes) and
+/// `files/ID.json` (the file's object), `batches/ID.json` (the batch's object, rewritten as it
+/// changes), and for a batch still running `batches/ID.input` (its lines, whatever becomes of
+/// the input file) and `batches/ID.answers` (each answered line as it comes, `{"index",
+/// "ok", "line"}`). A server that starts on the directory lists them again and goes on with
+/// the batches still running, skipping the lines already answered.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    files: PathBuf,
+    batches: PathBuf,
+}
+
+/// A batch to go on with: its remaining lines (with their indices) and the answers so far.
+pub type Resume = (Arc<Batch>, Vec<(usize, Line)>, Vec<(usize, Outcome)>);
+
+impl Disk {
+    pub fn open(root: &Path) -> anyhow::Result<Disk> {
+        let d = Disk {
+            files: root.join("files"),
+            batches: root.join("batches"),
+        };
+        for dir in [&d.files, &d.batches] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        Ok(d)
+    }
+
+    /// An id as a file name: ids are made here (`file-HEX`, `batch_HEX`), but one read from a
+    /// request names nothing outside the directory.
+    fn name(id: &str) -> Option<&str> {
+        (!id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .then_some(id)
+    }
+
+    pub fn save_file(&self, f: &File) -> anyhow::Result<()> {
+        let id = Disk::name(&f.id).context("a file id that names no file")?;
+        crate::files::write_atomic(&self.files.join(id), &f.data)?;
+        let meta = serde_json::to_vec(&f.json())?;
+        crate::files::write_atomic(&self.files.join(format!("{id}.json")), &meta)
+    }
+
+    pub fn delete_file(&self, id: &str) {
+        if let Some(id) = Disk::name(id) {
+            let _ = std::fs::remove_file(self.files.join(format!("{id}.json")));
+            let _ = std::fs::remove_file(self.files.join(id));
+        }
+    }
+
+    /// Writes the batch's object; `input`: its lines' file, for a batch that starts now.
+    pub fn save_batch(&self, b: &Batch, input: Option<&Bytes>) -> anyhow::Result<()> {
+        let id = Disk::name(&b.id).context("a batch id that names no file")?;
+        if let Some(data) = input {
+            crate::files::write_atomic(&self.batches.join(format!("{id}.input")), data)?;
+        }
+        let record = serde_json::to_vec(&b.json())?;
+        crate::files::write_atomic(&self.batches.join(format!("{id}.json")), &record)?;
+        if b.ended() {
+            // What a restart would need to go on: not needed any more.
+            for ext in ["input", "answers"] {
+                let _ = std::fs::remove_file(self.batches.join(format!("{id}.{ext}")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn forget_batch(&self, id: &str) {
+        if let Some(id) = Disk::name(id) {
+            for ext in ["json", "input", "answers"] {
+                let _ = std::fs::remove_file(self.batches.join(format!("{id}.{ext}")));
+            }
+        }
+    }
+
+    /// Appends an answered line of a running batch (one write: a crash leaves at most a torn
+    /// last line, which a restart skips).
+    pub fn save_answer(&self, batch: &str, index: usize, o: &Outcome) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(id) = Disk::name(batch) else {
+            return Ok(());
+        };
+        let line: Value = serde_json::from_slice(&o.json).unwrap_or_default();
+        let mut rec = serde_json::to_vec(&json!({"index": index, "ok": o.ok, "line": line}))?;
+        rec.push(b'\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.batches.join(format!("{id}.answers")))?
+            .write_all(&rec)
+    }
+
+    /// Everything stored: the files, the batches (oldest first) and those to go on with.
+    /// Entries that do not read are skipped with a warning, never fatal.
+    pub fn load(&self) -> (Vec<File>, Vec<Arc<Batch>>, Vec<Resume>) {
+        let records = |dir: &Path| -> Vec<(String, Value)> {
+            let mut out = Vec::new();
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return out;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let Some(id) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                match std::fs::read(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| Ok(serde_json::from_slice::<Value>(&b)?))
+                {
+                    Ok(v) => out.push((id.to_string(), v)),
+                    Err(e) => tracing::warn!("--batch-dir: skipping {}: {e}", path.display()),
+                }
+            }
+            out.sort_by_key(|(id, v)| (v["created_at"].as_u64().unwrap_or(0), id.clone()));
+            out
+        };
+        let mut files = Vec::new();
+        for (id, v) in records(&self.files) {
+            let Ok(data) = std::fs::read(self.files.join(&id)) else {
+                tracing::warn!("--batch-dir: file {id} has no data; skipped");
+                continue;
+            };
+            files.push(File {
+                id,
+                filename: v["filename"].as_str().unwrap_or("file").to_string(),
+                purpose: v["purpose"].as_str().unwrap_or(PURPOSE).to_string(),
+                created_at: v["created_at"].as_u64().unwrap_or(0),
+                data: Bytes::from(data),
+            });
+        }
+        let (mut batches, mut resumes) = (Vec::new(), Vec::new());
+        for (id, v) in records(&self.batches) {
+            let answers = self.answers(&id);
+            let Some(b) = Batch::from_json(&v, &answers) else {
+                tracing::warn!("--batch-dir: batch {id} does not read; skipped");
+                continue;
+            };
+            let b = Arc::new(b);
+            if !b.ended() {
+                let input = std::fs::read(self.batches.join(format!("{id}.input")));
+                let lines = input
+                    .ok()
+                    .and_then(|d| parse_input(&Bytes::from(d), Some(&b.create.endpoint)).ok());
+                match lines {
+                    Some(lines) => {
+                        let done: HashSet<usize> = answers.iter().map(|(i, _)| *i).collect();
+                        let rest = (lines.into_iter().enumerate())
+                            .filter(|(i, _)| !done.contains(i))
+                            .collect();
+                        resumes.push((b.clone(), rest, answers));
+                    }
+                    None => tracing::warn!(
+                        "--batch-dir: batch {id} has lost its lines; it stays as it was"
+                    ),
+                }
+            }
+            batches.push(b);
+        }
+        (files, batches, resumes)
+    }
+
+    /// A running batch's answers so far (a torn last line skipped).
+    fn answers(&self, id: &str) -> Vec<(usize, Outcome)> {
+        let Ok(text) = std::fs::read_to_string(self.batches.join(format!("{id}.answers"))) else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| {
+                let i = v["index"].as_u64()? as usize;
+                seen.insert(i).then(|| {
+                    let o = Outcome {
+                        ok: v["ok"].as_bool().unwrap_or(false),
+                        stopped: None,
+                        json: Bytes::from(serde_json::to_vec(&v["line"]).unwrap_or_default()),
+                    };
+                    (i, o)
+                })
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    /// A store holding what a `--batch-dir` kept.
+    pub fn with(files: Vec<File>, batches: Vec<Arc<Batch>>) -> Store {
+        let bytes = files.iter().map(|f| f.data.len()).sum();
+        Store {
+            files: files.into_iter().map(Arc::new).collect(),
+            batches,
+            bytes,
+        }
     }
 }
 
@@ -1342,6 +1656,102 @@ mod tests {
         assert_eq!(s.bytes, 4 + 96);
     }
 
+    #[test]
+    fn a_batch_dir_keeps_files_batches_and_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::open(dir.path()).unwrap();
+        let input = Bytes::from(
+            [
+                line("a", "/v1/completions", r#"{"prompt": "x"}"#),
+                line("b", "/v1/completions", r#"{"prompt": "y"}"#),
+                line("c", "/v1/completions", r#"{"prompt": "z"}"#),
+            ]
+            .join("\n"),
+        );
+        let f = File::new("in.jsonl".into(), PURPOSE, 7, input.clone());
+        disk.save_file(&f).unwrap();
+        let gone = File::new("gone.jsonl".into(), PURPOSE, 8, input.clone());
+        disk.save_file(&gone).unwrap();
+        disk.delete_file(&gone.id);
+        let create = Create {
+            input_file_id: f.id.clone(),
+            endpoint: "/v1/completions".into(),
+            metadata: Some(json!({"k": "v"}).as_object().unwrap().clone()),
+        };
+        let running = Batch::new(create.clone(), 10, Ok(3));
+        disk.save_batch(&running, Some(&input)).unwrap();
+        let answer = |status| {
+            answered(
+                "x",
+                Answer {
+                    status,
+                    body: json!({"n": status}),
+                },
+            )
+        };
+        running.count(&answer(200));
+        disk.save_answer(&running.id, 1, &answer(200)).unwrap();
+        disk.save_answer(&running.id, 2, &answer(400)).unwrap();
+        // A crash mid-write leaves a torn last line.
+        {
+            use std::io::Write;
+            let path = dir.path().join(format!("batches/{}.answers", running.id));
+            let mut a = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+            a.write_all(br#"{"index": 0, "ok": tr"#).unwrap();
+        }
+        let failed = Batch::new(
+            create.clone(),
+            11,
+            Err(vec![LineError::file("empty_file", "no")]),
+        );
+        disk.save_batch(&failed, None).unwrap();
+        let ended = Batch::new(create, 12, Ok(1));
+        disk.save_batch(&ended, Some(&input)).unwrap();
+        ended.finish(None, Some("file-o".into()), None, 13);
+        disk.save_batch(&ended, None).unwrap();
+        assert!(
+            !dir.path()
+                .join(format!("batches/{}.input", ended.id))
+                .exists()
+        );
+
+        let (files, batches, resumes) = disk.load();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            (files[0].id.as_str(), &files[0].data),
+            (f.id.as_str(), &input)
+        );
+        let ids: Vec<&str> = batches.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [running.id.as_str(), failed.id.as_str(), ended.id.as_str()]
+        );
+        assert_eq!(batches[0].json()["metadata"], json!({"k": "v"}));
+        assert_eq!(batches[1].json()["errors"]["data"][0]["code"], "empty_file");
+        assert_eq!(batches[2].json()["status"], "completed");
+        assert_eq!(batches[2].json()["output_file_id"], "file-o");
+        // The running batch goes on with line 0 (its torn answer skipped), its counts from
+        // the answers kept.
+        assert_eq!(resumes.len(), 1);
+        let (b, rest, done) = &resumes[0];
+        assert_eq!(b.id, running.id);
+        assert_eq!(
+            b.json()["request_counts"],
+            json!({"total": 3, "completed": 1, "failed": 1})
+        );
+        let rest: Vec<(usize, &str)> = rest
+            .iter()
+            .map(|(i, l)| (*i, l.custom_id.as_str()))
+            .collect();
+        assert_eq!(rest, [(0, "a")]);
+        let mut done: Vec<(usize, bool)> = done.iter().map(|(i, o)| (*i, o.ok)).collect();
+        done.sort();
+        assert_eq!(done, [(1, true), (2, false)]);
+        // Ids from elsewhere name no file outside the directory.
+        assert_eq!(Disk::name("../x"), None);
+        disk.delete_file("../../etc");
+    }
+
     #[tokio::test]
     async fn uploads_read_the_form() {
         let form = "--XX\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n{}\n\r\n--XX--\r\n";
@@ -1410,12 +1820,15 @@ mod tests {
 
     #[tokio::test]
     async fn run_keeps_order_retries_429_and_stops() {
-        let lines: Vec<Line> = (0..6)
-            .map(|i| Line {
-                custom_id: format!("r{i}"),
-                url: "/v1/completions".into(),
-                jobs: 1,
-                raw: Bytes::from(format!(r#"{{"body": {i}}}"#)),
+        let lines: Vec<(usize, Line)> = (0..6)
+            .map(|i| {
+                let line = Line {
+                    custom_id: format!("r{i}"),
+                    url: "/v1/completions".into(),
+                    jobs: 1,
+                    raw: Bytes::from(format!(r#"{{"body": {i}}}"#)),
+                };
+                (i, line)
             })
             .collect();
         let gate = Gate::new(2);

@@ -85,6 +85,9 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_policy_bytes: usize,
+    /// Where uploaded files and batches are kept across restarts (`--batch-dir`); `None`: in
+    /// memory.
+    pub batch_dir: Option<std::path::PathBuf>,
     /// The largest upload `POST /v1/files` takes.
     pub max_file_bytes: usize,
     /// The bytes of all stored files (uploads and batch outputs) beyond which uploads are
@@ -140,6 +143,7 @@ impl ServeOptions {
             drain_timeout: Duration::from_secs(60),
             max_body_bytes: 8 << 20,
             max_policy_bytes: 64 << 20,
+            batch_dir: None,
             max_file_bytes: 100 << 20,
             file_store_bytes: 1 << 30,
             reasoning: None,
@@ -200,7 +204,9 @@ struct App {
     batch_gate: batch::Gate,
     /// Batches to run, to the task that runs them (a batch's lines go through [`route`], which
     /// starts batches: a channel, not a call, keeps the futures' types apart).
-    batch_tx: mpsc::UnboundedSender<(Arc<batch::Batch>, Vec<batch::Line>)>,
+    batch_tx: mpsc::UnboundedSender<batch::Resume>,
+    /// Where files and batches outlive the server (`--batch-dir`).
+    disk: Option<batch::Disk>,
     draining: AtomicBool,
     created: u64,
     next_id: AtomicU64,
@@ -212,8 +218,31 @@ impl App {
         let pool = Pool::new(opts.workers, opts.max_queue, metrics.clone())
             .context("cannot start the generation workers")?;
         let (batch_tx, mut batches) = mpsc::unbounded_channel();
+        let disk = (opts.batch_dir.as_deref())
+            .map(batch::Disk::open)
+            .transpose()
+            .context("--batch-dir")?;
+        let (store, resumes) = match &disk {
+            Some(d) => {
+                let (files, batches, resumes) = d.load();
+                if !files.is_empty() || !batches.is_empty() {
+                    tracing::info!(
+                        "--batch-dir: {} files and {} batches kept, {} going on",
+                        files.len(),
+                        batches.len(),
+                        resumes.len()
+                    );
+                }
+                (batch::Store::with(files, batches), resumes)
+            }
+            None => (batch::Store::default(), Vec::new()),
+        };
+        for r in resumes {
+            let _ = batch_tx.send(r);
+        }
         let app = Arc::new(App {
             batch_tx,
+            disk,
             batch_gate: batch::Gate::new(opts.workers),
             opts,
             served: OnceLock::new(),
@@ -222,16 +251,16 @@ impl App {
             pool,
             metrics,
             responses: Mutex::default(),
-            batches: Mutex::default(),
+            batches: Mutex::new(store),
             draining: AtomicBool::new(false),
             created: unix_now(),
             next_id: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&app);
         tokio::spawn(async move {
-            while let Some((b, lines)) = batches.recv().await {
+            while let Some((b, lines, answered)) = batches.recv().await {
                 if let Some(app) = weak.upgrade() {
-                    tokio::spawn(run_batch(app, b, lines));
+                    tokio::spawn(run_batch(app, b, lines, answered));
                 }
             }
         });
@@ -1919,6 +1948,19 @@ async fn upload_file(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
     }
     let f = batch::File::new(up.filename, &up.purpose, unix_now(), up.data);
     let f = lock(&app.batches).upload(f, app.opts.file_store_bytes)?;
+    if let Some(disk) = &app.disk {
+        let saved = {
+            let (disk, f) = (disk.clone(), f.clone());
+            flat(blocking(move || disk.save_file(&f)).await)
+        };
+        if let Err(e) = saved {
+            let _ = lock(&app.batches).delete_file(&f.id);
+            disk.delete_file(&f.id);
+            return Err(ApiError::internal(format!(
+                "cannot keep the file in --batch-dir: {e:#}"
+            )));
+        }
+    }
     Ok(json_response(StatusCode::OK, &f.json()))
 }
 
@@ -1954,6 +1996,9 @@ fn file_content(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
 
 fn delete_file(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     let deleted = lock(&app.batches).delete_file(id)?;
+    if let Some(disk) = &app.disk {
+        disk.delete_file(id);
+    }
     Ok(json_response(StatusCode::OK, &deleted))
 }
 
@@ -1969,6 +2014,7 @@ fn get_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
 fn cancel_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     let b = lock(&app.batches).batch(id)?;
     b.cancel(unix_now())?;
+    save_batch(app, &b, None);
     Ok(json_response(StatusCode::OK, &b.json()))
 }
 
@@ -1996,16 +2042,46 @@ async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response
     let lines = batch::parse_input(&input.data, Some(&create.endpoint));
     let counted = lines.as_ref().map(Vec::len).map_err(Clone::clone);
     let b = Arc::new(batch::Batch::new(create, unix_now(), counted));
-    lock(&app.batches).add_batch(b.clone());
+    if let Some(disk) = &app.disk {
+        let running = lines.is_ok().then(|| input.data.clone());
+        let (disk, saved) = (disk.clone(), b.clone());
+        flat(blocking(move || disk.save_batch(&saved, running.as_ref())).await).map_err(|e| {
+            ApiError::internal(format!("cannot keep the batch in --batch-dir: {e:#}"))
+        })?;
+    }
+    let forgotten = lock(&app.batches).add_batch(b.clone());
+    if let Some(disk) = &app.disk {
+        forgotten.iter().for_each(|id| disk.forget_batch(id));
+    }
     if let Ok(lines) = lines {
         // (The receiver lives as long as the server.)
-        let _ = app.batch_tx.send((b.clone(), lines));
+        let _ = app.batch_tx.send((
+            b.clone(),
+            lines.into_iter().enumerate().collect(),
+            Vec::new(),
+        ));
     }
     Ok(json_response(StatusCode::OK, &b.json()))
 }
 
-/// Runs a batch's lines in the background, then stores its output and error files.
-async fn run_batch(app: Arc<App>, b: Arc<batch::Batch>, lines: Vec<batch::Line>) {
+/// Writes a batch's record where `--batch-dir` keeps it (a failure is logged: the batch goes on
+/// in memory).
+fn save_batch(app: &App, b: &batch::Batch, input: Option<&Bytes>) {
+    if let Some(disk) = &app.disk
+        && let Err(e) = disk.save_batch(b, input)
+    {
+        tracing::warn!("--batch-dir: cannot save batch {}: {e:#}", b.id);
+    }
+}
+
+/// Runs a batch's lines in the background (those not `answered` before a restart), then
+/// stores its output and error files.
+async fn run_batch(
+    app: Arc<App>,
+    b: Arc<batch::Batch>,
+    lines: Vec<(usize, batch::Line)>,
+    answered: Vec<(usize, batch::Outcome)>,
+) {
     // Lines wait for the model rather than fail while it loads.
     while app.served.get().is_none()
         && !app.draining.load(Ordering::SeqCst)
@@ -2020,6 +2096,16 @@ async fn run_batch(app: Arc<App>, b: Arc<batch::Batch>, lines: Vec<batch::Line>)
             b.stop(unix_now())
         }
     };
+    let done = |i: usize, o: &batch::Outcome| {
+        b.count(o);
+        // An answer is kept as it comes, for a restart; one never answered is not.
+        if let Some(disk) = &app.disk
+            && o.stopped.is_none()
+            && let Err(e) = disk.save_answer(&b.id, i, o)
+        {
+            tracing::warn!("--batch-dir: cannot save an answer of batch {}: {e}", b.id);
+        }
+    };
     let (mut out, why) = batch::run(
         lines,
         app.opts.workers,
@@ -2027,32 +2113,43 @@ async fn run_batch(app: Arc<App>, b: Arc<batch::Batch>, lines: Vec<batch::Line>)
         |url, body| dispatch(&app, url, body),
         stop,
         b.cancelled(),
-        |_, o| b.count(o),
+        done,
     )
     .await;
     if why == Some(batch::Stop::ShuttingDown) {
-        // Not an end: the batch stays in progress.
+        // Not an end: the batch stays in progress (with --batch-dir, to go on at the next start).
         return;
     }
+    out.extend(answered);
     out.sort_unstable_by_key(|(i, _)| *i);
     let now = unix_now();
     b.finalizing(now);
     let (good, bad): (Vec<_>, Vec<_>) = out.iter().map(|(_, o)| o).partition(|o| o.ok);
+    let mut files = Vec::new();
     let (output, errors) = {
         let mut store = lock(&app.batches);
         let mut keep = |lines: Vec<&batch::Outcome>, what: &str| {
             (!lines.is_empty()).then(|| {
                 let name = format!("{}_{what}.jsonl", b.id);
                 let data = batch::jsonl(lines);
-                store
-                    .keep(batch::File::new(name, "batch_output", now, data))
-                    .id
-                    .clone()
+                let f = store.keep(batch::File::new(name, "batch_output", now, data));
+                files.push(f.clone());
+                f.id.clone()
             })
         };
         (keep(good, "output"), keep(bad, "error"))
     };
+    if let Some(disk) = app.disk.clone() {
+        let saved = flat(blocking(move || files.iter().try_for_each(|f| disk.save_file(f))).await);
+        if let Err(e) = saved {
+            tracing::warn!(
+                "--batch-dir: cannot save the outputs of batch {}: {e:#}",
+                b.id
+            );
+        }
+    }
     b.finish(why, output, errors, now);
+    save_batch(&app, &b, None);
 }
 
 /// A batch line through the route a client's request takes (the batch's creator passed the key
@@ -2113,6 +2210,11 @@ pub fn run_file(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // The server's stored batches are not this run's to go on with.
+    let opts = ServeOptions {
+        batch_dir: None,
+        ..opts
+    };
     rt.block_on(async move {
         let app = App::new(opts, registry)?;
         let t0 = Instant::now();
@@ -2136,7 +2238,7 @@ pub fn run_file(
         // Never cancelled (the sender lives to the end).
         let (_cancel, cancelled) = tokio::sync::watch::channel(false);
         let (mut out, _) = batch::run(
-            lines,
+            lines.into_iter().enumerate().collect(),
             app.opts.workers,
             &app.batch_gate,
             |url, body| dispatch(&app, url, body),
@@ -3166,6 +3268,11 @@ fn require_admin<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
             "the admin token is wrong",
         ),
     }
+}
+
+/// A [`blocking`] task's own result, with the task's failure as one more error.
+fn flat<T>(r: Result<anyhow::Result<T>, ApiError>) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{}", e.message))?
 }
 
 async fn blocking<T: Send + 'static>(
