@@ -171,6 +171,7 @@ type Refusal = (&'static str, Option<&'static str>, String);
 /// here).
 const CODES: &[&str] = &[
     "invalid_file",
+    "lines_lost",
     "too_many_requests",
     "empty_file",
     "invalid_json_line",
@@ -364,6 +365,13 @@ impl Stop {
         };
         json!({"code": code, "message": message})
     }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn suffix() -> String {
@@ -570,8 +578,26 @@ pub struct File {
 
 impl File {
     pub fn new(filename: String, purpose: &str, created_at: u64, data: Bytes) -> Self {
+        File::with_id(
+            format!("file-{}", suffix()),
+            filename,
+            purpose,
+            created_at,
+            data,
+        )
+    }
+
+    /// A file whose id is given: a batch's outputs are named after it, so that finalizing
+    /// again (after a restart) replaces them instead of adding more.
+    pub fn with_id(
+        id: String,
+        filename: String,
+        purpose: &str,
+        created_at: u64,
+        data: Bytes,
+    ) -> Self {
         File {
-            id: format!("file-{}", suffix()),
+            id,
             filename,
             purpose: purpose.into(),
             created_at,
@@ -720,6 +746,8 @@ pub struct Batch {
     pub created_at: u64,
     state: Mutex<State>,
     cancel: tokio::sync::watch::Sender<bool>,
+    /// Held while the batch's record is written: a later state never loses to an earlier one.
+    saving: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -768,6 +796,7 @@ impl Batch {
                 cancelled_at: None,
             }),
             cancel: tokio::sync::watch::channel(false).0,
+            saving: Mutex::new(()),
         }
     }
 
@@ -837,6 +866,7 @@ impl Batch {
                 cancelled_at: time("cancelled_at"),
             }),
             cancel: tokio::sync::watch::channel(status == Status::Cancelling).0,
+            saving: Mutex::new(()),
         };
         Some(b)
     }
@@ -927,6 +957,14 @@ impl Batch {
         } else {
             None
         }
+    }
+
+    /// A batch still running that cannot go on (its lines were lost): it fails with `why`.
+    pub fn lost(&self, why: &str, now: u64) {
+        let mut s = self.state();
+        s.status = Status::Failed;
+        s.failed_at = Some(now);
+        s.errors = vec![LineError::file("lines_lost", why)];
     }
 
     /// Every line has its output: writing the files.
@@ -1089,6 +1127,9 @@ impl Store {
 
     /// Stores a batch's output, whatever the limit: its results are not thrown away.
     pub fn keep(&mut self, f: File) -> Arc<File> {
+        if let Some(i) = self.files.iter().position(|old| old.id == f.id) {
+            self.bytes -= self.files.remove(i).data.len();
+        }
         self.bytes += f.data.len();
         let f = Arc::new(f);
         self.files.push(f.clone());
@@ -1172,6 +1213,9 @@ impl Store {
 pub struct Disk {
     files: PathBuf,
     batches: PathBuf,
+    /// The directory's lock, held while the server runs: two servers on one directory would
+    /// both go on with its batches.
+    _lock: Arc<std::fs::File>,
 }
 
 /// A batch to go on with: its remaining lines (with their indices) and the answers so far.
@@ -1179,15 +1223,34 @@ pub type Resume = (Arc<Batch>, Vec<(usize, Line)>, Vec<(usize, Outcome)>);
 
 impl Disk {
     pub fn open(root: &Path) -> anyhow::Result<Disk> {
-        let d = Disk {
-            files: root.join("files"),
-            batches: root.join("batches"),
-        };
-        for dir in [&d.files, &d.batches] {
+        let (files, batches) = (root.join("files"), root.join("batches"));
+        for dir in [&files, &batches] {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        Ok(d)
+        let path = root.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            let r = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                anyhow::bail!(
+                    "{} is in use by another server (its lock file is held)",
+                    root.display()
+                );
+            }
+        }
+        Ok(Disk {
+            files,
+            batches,
+            _lock: Arc::new(lock),
+        })
     }
 
     /// An id as a file name: ids are made here (`file-HEX`, `batch_HEX`), but one read from a
@@ -1214,11 +1277,18 @@ impl Disk {
         }
     }
 
-    /// Writes the batch's object; `input`: its lines' file, for a batch that starts now.
-    pub fn save_batch(&self, b: &Batch, input: Option<&Bytes>) -> anyhow::Result<()> {
+    /// Writes the batch's object; `input`: its lines' file, for a batch that starts now (a
+    /// hard link to the stored file, which is never changed in place; a copy where links fail).
+    pub fn save_batch(&self, b: &Batch, input: Option<&File>) -> anyhow::Result<()> {
         let id = Disk::name(&b.id).context("a batch id that names no file")?;
-        if let Some(data) = input {
-            crate::files::write_atomic(&self.batches.join(format!("{id}.input")), data)?;
+        let _saving = b.saving.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = input {
+            let to = self.batches.join(format!("{id}.input"));
+            let linked = Disk::name(&f.id)
+                .is_some_and(|from| std::fs::hard_link(self.files.join(from), &to).is_ok());
+            if !linked {
+                crate::files::write_atomic(&to, &f.data)?;
+            }
         }
         let record = serde_json::to_vec(&b.json())?;
         crate::files::write_atomic(&self.batches.join(format!("{id}.json")), &record)?;
@@ -1319,9 +1389,16 @@ impl Disk {
                             .collect();
                         resumes.push((b.clone(), rest, answers));
                     }
-                    None => tracing::warn!(
-                        "--batch-dir: batch {id} has lost its lines; it stays as it was"
-                    ),
+                    None => {
+                        tracing::warn!("--batch-dir: batch {id} has lost its lines; it fails");
+                        b.lost(
+                            "the batch's lines were lost (its input copy in --batch-dir is missing or unreadable)",
+                            now(),
+                        );
+                        if let Err(e) = self.save_batch(&b, None) {
+                            tracing::warn!("--batch-dir: cannot save batch {id}: {e:#}");
+                        }
+                    }
                 }
             }
             batches.push(b);
@@ -1329,26 +1406,42 @@ impl Disk {
         (files, batches, resumes)
     }
 
-    /// A running batch's answers so far (a torn last line skipped).
+    /// A running batch's answers so far. A torn record (a crash mid-write) is dropped, and the
+    /// file rewritten without it, so that later answers do not join it.
     fn answers(&self, id: &str) -> Vec<(usize, Outcome)> {
-        let Ok(text) = std::fs::read_to_string(self.batches.join(format!("{id}.answers"))) else {
+        let path = self.batches.join(format!("{id}.answers"));
+        let Ok(data) = std::fs::read(&path) else {
             return Vec::new();
         };
-        let mut seen = HashSet::new();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| {
-                let i = v["index"].as_u64()? as usize;
-                seen.insert(i).then(|| {
-                    let o = Outcome {
-                        ok: v["ok"].as_bool().unwrap_or(false),
-                        stopped: None,
-                        json: Bytes::from(serde_json::to_vec(&v["line"]).unwrap_or_default()),
-                    };
-                    (i, o)
-                })
-            })
-            .collect()
+        let (mut seen, mut out, mut good, mut torn) =
+            (HashSet::new(), Vec::new(), Vec::new(), false);
+        for piece in data.split(|&b| b == b'\n').filter(|p| !p.is_empty()) {
+            let Some(v) = serde_json::from_slice::<Value>(piece).ok() else {
+                torn = true;
+                continue;
+            };
+            let Some(i) = v["index"].as_u64().map(|i| i as usize) else {
+                torn = true;
+                continue;
+            };
+            if !seen.insert(i) {
+                continue;
+            }
+            good.extend_from_slice(piece);
+            good.push(b'\n');
+            let o = Outcome {
+                ok: v["ok"].as_bool().unwrap_or(false),
+                stopped: None,
+                json: Bytes::from(serde_json::to_vec(&v["line"]).unwrap_or_default()),
+            };
+            out.push((i, o));
+        }
+        if (torn || !data.ends_with(b"\n"))
+            && let Err(e) = crate::files::write_atomic(&path, &good)
+        {
+            tracing::warn!("--batch-dir: cannot rewrite {}: {e:#}", path.display());
+        }
+        out
     }
 }
 
@@ -1679,7 +1772,7 @@ mod tests {
             metadata: Some(json!({"k": "v"}).as_object().unwrap().clone()),
         };
         let running = Batch::new(create.clone(), 10, Ok(3));
-        disk.save_batch(&running, Some(&input)).unwrap();
+        disk.save_batch(&running, Some(&f)).unwrap();
         let answer = |status| {
             answered(
                 "x",
@@ -1697,7 +1790,10 @@ mod tests {
             use std::io::Write;
             let path = dir.path().join(format!("batches/{}.answers", running.id));
             let mut a = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-            a.write_all(br#"{"index": 0, "ok": tr"#).unwrap();
+            // Torn inside a character: the file is not UTF-8 any more.
+            let torn = "{\"index\": 0, \"ok\": true, \"line\": \"\u{e9}";
+            // Cut inside the last character.
+            a.write_all(&torn.as_bytes()[..torn.len() - 1]).unwrap();
         }
         let failed = Batch::new(
             create.clone(),
@@ -1705,8 +1801,12 @@ mod tests {
             Err(vec![LineError::file("empty_file", "no")]),
         );
         disk.save_batch(&failed, None).unwrap();
+        let cancelling = Batch::new(create.clone(), 20, Ok(3));
+        disk.save_batch(&cancelling, Some(&f)).unwrap();
+        cancelling.cancel(21).unwrap();
+        disk.save_batch(&cancelling, None).unwrap();
         let ended = Batch::new(create, 12, Ok(1));
-        disk.save_batch(&ended, Some(&input)).unwrap();
+        disk.save_batch(&ended, Some(&f)).unwrap();
         ended.finish(None, Some("file-o".into()), None, 13);
         disk.save_batch(&ended, None).unwrap();
         assert!(
@@ -1724,7 +1824,12 @@ mod tests {
         let ids: Vec<&str> = batches.iter().map(|b| b.id.as_str()).collect();
         assert_eq!(
             ids,
-            [running.id.as_str(), failed.id.as_str(), ended.id.as_str()]
+            [
+                running.id.as_str(),
+                failed.id.as_str(),
+                ended.id.as_str(),
+                cancelling.id.as_str()
+            ]
         );
         assert_eq!(batches[0].json()["metadata"], json!({"k": "v"}));
         assert_eq!(batches[1].json()["errors"]["data"][0]["code"], "empty_file");
@@ -1732,7 +1837,11 @@ mod tests {
         assert_eq!(batches[2].json()["output_file_id"], "file-o");
         // The running batch goes on with line 0 (its torn answer skipped), its counts from
         // the answers kept.
-        assert_eq!(resumes.len(), 1);
+        assert_eq!(resumes.len(), 2);
+        // A cancel saved before the stop still holds: its lines end at once.
+        assert_eq!(resumes[1].0.id, cancelling.id);
+        assert_eq!(resumes[1].0.stop(22), Some(Stop::Cancelled));
+        assert_eq!(resumes[1].0.json()["status"], "cancelling");
         let (b, rest, done) = &resumes[0];
         assert_eq!(b.id, running.id);
         assert_eq!(
@@ -1747,6 +1856,20 @@ mod tests {
         let mut done: Vec<(usize, bool)> = done.iter().map(|(i, o)| (*i, o.ok)).collect();
         done.sort();
         assert_eq!(done, [(1, true), (2, false)]);
+        // The torn record is gone from the file: a later answer starts a line of its own.
+        disk.save_answer(&running.id, 0, &answer(200)).unwrap();
+        assert_eq!(disk.answers(&running.id).len(), 3);
+        // A second server on the directory is refused while the first holds it.
+        let e = Disk::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(disk);
+        let disk = Disk::open(dir.path()).unwrap();
+        // A running batch whose lines are gone fails, saying so.
+        std::fs::remove_file(dir.path().join(format!("batches/{}.input", running.id))).unwrap();
+        let (_, batches, resumes) = disk.load();
+        assert_eq!(resumes.len(), 1);
+        assert_eq!(batches[0].json()["status"], "failed");
+        assert_eq!(batches[0].json()["errors"]["data"][0]["code"], "lines_lost");
         // Ids from elsewhere name no file outside the directory.
         assert_eq!(Disk::name("../x"), None);
         disk.delete_file("../../etc");

@@ -2014,7 +2014,7 @@ fn get_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
 fn cancel_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     let b = lock(&app.batches).batch(id)?;
     b.cancel(unix_now())?;
-    save_batch(app, &b, None);
+    save_batch(app, &b);
     Ok(json_response(StatusCode::OK, &b.json()))
 }
 
@@ -2042,10 +2042,11 @@ async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response
     let lines = batch::parse_input(&input.data, Some(&create.endpoint));
     let counted = lines.as_ref().map(Vec::len).map_err(Clone::clone);
     let b = Arc::new(batch::Batch::new(create, unix_now(), counted));
+    // Written before the batch is listed, with no await between (a dropped request leaves no
+    // batch on disk that the server does not run); the input is a hard link, the record small.
     if let Some(disk) = &app.disk {
-        let running = lines.is_ok().then(|| input.data.clone());
-        let (disk, saved) = (disk.clone(), b.clone());
-        flat(blocking(move || disk.save_batch(&saved, running.as_ref())).await).map_err(|e| {
+        let running = lines.is_ok().then_some(&*input);
+        disk.save_batch(&b, running).map_err(|e| {
             ApiError::internal(format!("cannot keep the batch in --batch-dir: {e:#}"))
         })?;
     }
@@ -2066,9 +2067,9 @@ async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response
 
 /// Writes a batch's record where `--batch-dir` keeps it (a failure is logged: the batch goes on
 /// in memory).
-fn save_batch(app: &App, b: &batch::Batch, input: Option<&Bytes>) {
+fn save_batch(app: &App, b: &batch::Batch) {
     if let Some(disk) = &app.disk
-        && let Err(e) = disk.save_batch(b, input)
+        && let Err(e) = disk.save_batch(b, None)
     {
         tracing::warn!("--batch-dir: cannot save batch {}: {e:#}", b.id);
     }
@@ -2132,15 +2133,27 @@ async fn run_batch(
             (!lines.is_empty()).then(|| {
                 let name = format!("{}_{what}.jsonl", b.id);
                 let data = batch::jsonl(lines);
-                let f = store.keep(batch::File::new(name, "batch_output", now, data));
+                // Named after the batch: finalizing again after a restart replaces it.
+                let id = format!("file-{}-{what}", b.id);
+                let f = store.keep(batch::File::with_id(id, name, "batch_output", now, data));
                 files.push(f.clone());
                 f.id.clone()
             })
         };
         (keep(good, "output"), keep(bad, "error"))
     };
+    b.finish(why, output, errors, now);
     if let Some(disk) = app.disk.clone() {
-        let saved = flat(blocking(move || files.iter().try_for_each(|f| disk.save_file(f))).await);
+        // The record says the batch ended only once its outputs are on disk: otherwise a
+        // restart finalizes it again from the answers kept.
+        let record = b.clone();
+        let saved = flat(
+            blocking(move || {
+                files.iter().try_for_each(|f| disk.save_file(f))?;
+                disk.save_batch(&record, None)
+            })
+            .await,
+        );
         if let Err(e) = saved {
             tracing::warn!(
                 "--batch-dir: cannot save the outputs of batch {}: {e:#}",
@@ -2148,8 +2161,6 @@ async fn run_batch(
             );
         }
     }
-    b.finish(why, output, errors, now);
-    save_batch(&app, &b, None);
 }
 
 /// A batch line through the route a client's request takes (the batch's creator passed the key
