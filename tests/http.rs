@@ -4890,6 +4890,30 @@ fn wait_batch(s: &Server, id: &str) -> Value {
     }
 }
 
+/// `n` completions batch lines (`{prefix}-{i}`) that each generate `tokens` tokens.
+fn long_lines(n: usize, prefix: &str, tokens: usize) -> Vec<(String, &'static str, Value)> {
+    (0..n)
+        .map(|i| {
+            let body = json!({"prompt": format!("item {i}"), "max_tokens": tokens,
+                              "ignore_eos": true, "temperature": 0});
+            (format!("{prefix}-{i}"), "/v1/completions", body)
+        })
+        .collect()
+}
+
+/// Waits until `n` lines of a batch are answered.
+fn wait_answered(s: &Server, id: &str, n: u64) {
+    let t0 = Instant::now();
+    let path = format!("/v1/batches/{id}");
+    while s.get(&path).json()["request_counts"]["completed"].as_u64() < Some(n) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{n} lines not answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A stored file's JSONL lines.
 fn file_lines(s: &Server, id: &Value) -> Vec<Value> {
     let r = s.get(&format!("/v1/files/{}/content", id.as_str().unwrap()));
@@ -5050,13 +5074,7 @@ fn batch_api_runs_uploaded_files_in_the_background() {
     assert_eq!(failed["output_file_id"], Value::Null);
 
     // A cancel: lines not started are not run, running ones end; the answers so far are kept.
-    let long: Vec<(String, &str, Value)> = (0..40)
-        .map(|i| {
-            let body = json!({"prompt": format!("item {i}"), "max_tokens": 200,
-                              "ignore_eos": true, "temperature": 0});
-            (format!("long-{i}"), "/v1/completions", body)
-        })
-        .collect();
+    let long = long_lines(40, "long", 200);
     let long_file = upload(&s, "long.jsonl", "batch", batch_file(&long).as_bytes()).json();
     let b = s
         .post_json(
@@ -5066,11 +5084,7 @@ fn batch_api_runs_uploaded_files_in_the_background() {
         .json();
     let id = b["id"].as_str().unwrap();
     // Cancelled while lines run (one has finished: the workers hold the next ones).
-    let t0 = Instant::now();
-    while s.get(&format!("/v1/batches/{id}")).json()["request_counts"]["completed"] == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no line finished");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_answered(&s, id, 1);
     assert!(s.metric("verdict_active_generations") >= 1.0);
     let r = s.request("POST", &format!("/v1/batches/{id}/cancel"), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -5305,13 +5319,7 @@ fn batches_survive_a_restart_with_batch_dir() {
         kept.to_str().unwrap(),
     ];
     let mut s = Server::start(&args, None, dir.path());
-    let lines: Vec<(String, &str, Value)> = (0..30)
-        .map(|i| {
-            let body = json!({"prompt": format!("item {i}"), "max_tokens": 150,
-                              "ignore_eos": true, "temperature": 0});
-            (format!("r{i}"), "/v1/completions", body)
-        })
-        .collect();
+    let lines = long_lines(30, "r", 150);
     let file = upload(&s, "jobs.jsonl", "batch", batch_file(&lines).as_bytes()).json();
     let other = upload(
         &s,
@@ -5327,15 +5335,7 @@ fn batches_survive_a_restart_with_batch_dir() {
         )
         .json();
     let id = b["id"].as_str().unwrap().to_string();
-    let t0 = Instant::now();
-    while s.get(&format!("/v1/batches/{id}")).json()["request_counts"]["completed"]
-        .as_u64()
-        .unwrap()
-        < 3
-    {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no lines answered");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_answered(&s, &id, 3);
     s.terminate();
     assert!(s.wait_exit(Duration::from_secs(30)).is_some(), "no exit");
     let answers = kept.join(format!("batches/{id}.answers"));
@@ -5359,7 +5359,7 @@ fn batches_survive_a_restart_with_batch_dir() {
         .iter()
         .map(|l| l["custom_id"].as_str().unwrap().to_string())
         .collect();
-    let want: Vec<String> = (0..30).map(|i| format!("r{i}")).collect();
+    let want: Vec<String> = (0..30).map(|i| format!("r-{i}")).collect();
     assert_eq!(ids, want);
     for i in [0, 29] {
         let direct = s.post_json("/v1/completions", &lines[i].2).json();
