@@ -16,8 +16,9 @@ pub struct Args {
     /// "response": {"status_code", "request_id", "body"}, "error"}`. `-`: stdout.
     #[arg(short = 'o', long = "output-file", value_name = "FILE")]
     pub output: PathBuf,
-    /// The model, drafter, policy and sampling flags of `verdict serve` (its network flags do
-    /// not apply).
+    /// The model, drafter, policy and sampling flags of `verdict serve` (its network and TLS
+    /// flags, `--batch-dir` and the `--max-file-*` limits do not apply; nor does the Batch API's
+    /// 50,000-request limit).
     #[command(flatten)]
     pub serve: crate::cli::serve::ServeArgs,
 }

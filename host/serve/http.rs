@@ -2211,7 +2211,7 @@ pub fn run_file(
     } else {
         std::fs::read(input).with_context(|| format!("reading {}", input.display()))?
     };
-    let lines = batch::parse_input(&Bytes::from(data), None).map_err(|errors| {
+    let lines = batch::parse_at_most(&Bytes::from(data), None, usize::MAX).map_err(|errors| {
         let list: Vec<String> = errors.iter().map(|e| format!("\n  {e}")).collect();
         anyhow::anyhow!("{}: not a batch file:{}", input.display(), list.concat())
     })?;
