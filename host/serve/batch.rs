@@ -382,13 +382,6 @@ impl Stop {
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn suffix() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -1408,7 +1401,7 @@ impl Disk {
                         tracing::warn!("--batch-dir: batch {id} has lost its lines; it fails");
                         b.lost(
                             "the batch's lines were lost (its input copy in --batch-dir is missing or unreadable)",
-                            now(),
+                            super::http::unix_now(),
                         );
                         if let Err(e) = self.save_batch(&b, None) {
                             tracing::warn!("--batch-dir: cannot save batch {id}: {e:#}");
