@@ -5,7 +5,8 @@ tests/http_openai.rs, against the same server as the `openai` checks).
 
 `basic` (the tiny models): Anthropic's Messages API gives the same greedy text as OpenAI's chat
 route, whole and streamed through the client's own accumulator; stop sequences and max_tokens as
-stop reasons; usage with prompt-cache reads apart; count_tokens; `parse` with a pydantic model;
+stop reasons; usage with prompt-cache reads apart; count_tokens; a message batch (created,
+polled, its results read, deleted); `parse` with a pydantic model;
 a reasoning model's thinking block; errors as the client's exception classes (wrong key,
 unknown model, unknown policy).
 `tools` (a real model whose template reads tools): a forced tool call, streamed too, and its
@@ -13,6 +14,7 @@ result sent back. Exits non-zero (AssertionError) on the first mismatch.
 """
 
 import sys
+import time
 from typing import Literal
 
 import anthropic
@@ -132,6 +134,47 @@ assert final.usage.input_tokens + final.usage.cache_read_input_tokens == chat.us
 # count_tokens counts the prompt the message would read.
 n = client.messages.count_tokens(model=model, system=system, messages=messages)
 assert n.input_tokens == chat.usage.prompt_tokens, (n, chat.usage)
+
+# Message Batches: the requests run in the background, each result the message a direct
+# request gives (or the error it gets); the client reads them from the batch's results_url,
+# this server's own address.
+batch = client.messages.batches.create(
+    requests=[
+        {
+            "custom_id": "first",
+            "params": dict(
+                model=model, system=system, messages=messages, max_tokens=16, **extra, **greedy
+            ),
+        },
+        {"custom_id": "no-max-tokens", "params": {"model": model, "messages": messages}},
+    ]
+)
+assert batch.type == "message_batch" and batch.id.startswith("msgbatch_"), batch
+deadline = time.time() + 120
+while batch.processing_status != "ended":
+    assert time.time() < deadline, batch
+    time.sleep(0.1)
+    batch = client.messages.batches.retrieve(batch.id)
+counts = batch.request_counts
+assert (counts.succeeded, counts.errored, counts.processing) == (1, 1, 0), batch
+assert batch.ended_at >= batch.created_at and batch.results_url.startswith(base_url), batch
+results = {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
+first, refused = results["first"], results["no-max-tokens"]
+assert first.type == "succeeded" and first.message.content[0].text == text, first
+assert refused.type == "errored" and refused.error.error.type == "invalid_request_error", refused
+assert batch.id in [b.id for b in client.messages.batches.list(limit=5)]
+try:
+    client.messages.batches.cancel(batch.id)
+    raise AssertionError("an ended batch was cancelled")
+except anthropic.ConflictError:
+    pass
+deleted = client.messages.batches.delete(batch.id)
+assert deleted.type == "message_batch_deleted" and deleted.id == batch.id, deleted
+try:
+    client.messages.batches.retrieve(batch.id)
+    raise AssertionError("a deleted batch was found")
+except anthropic.NotFoundError:
+    pass
 
 # A stop sequence taken from the text ends it there, and is named.
 long = client.messages.create(model=model, messages=messages, max_tokens=40, extra_body=greedy)

@@ -5393,3 +5393,317 @@ fn batches_survive_a_restart_with_batch_dir() {
         0.0
     );
 }
+
+/// Anthropic message batch requests: `{custom_id, params}` of the Messages API.
+fn message_requests(n: usize, prefix: &str, tokens: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({"custom_id": format!("{prefix}-{i}"), "params": {
+                "model": "tiny-target", "max_tokens": tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": format!("item {i}")}]}})
+        })
+        .collect()
+}
+
+/// Polls a message batch until its processing has ended.
+fn wait_message_batch(s: &Server, id: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let b = s.get(&format!("/v1/messages/batches/{id}")).json();
+        if b["processing_status"] == "ended" {
+            return b;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A message batch's results, read from its `results_url` (its path: the test client's Host
+/// header has no port).
+fn message_results(s: &Server, b: &Value) -> Vec<Value> {
+    let id = b["id"].as_str().unwrap();
+    let path = format!("/v1/messages/batches/{id}/results");
+    assert_eq!(b["results_url"], format!("http://localhost{path}"), "{b}");
+    let r = s.get(&path);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/x-jsonl"));
+    r.text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Anthropic's Message Batches API: the requests run in the background through the Messages
+/// route, each result what a direct request gets (the reference: the same params posted one by
+/// one) or the error it gets; counts and times as Anthropic's object has them; a cancel leaves
+/// `canceled` results; list pages newest first; an ended batch deletes with its results; bad
+/// batches are refused naming the request, in Anthropic's error shape. The batches are apart
+/// from OpenAI's (`/v1/batches`, `/v1/files` list none of them).
+#[test]
+fn message_batches_run_as_anthropic_runs_them() {
+    let (dir, t, d) = q8_models(1024);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(
+        &["--model", &t, "--draft", &d, "--workers", "2"],
+        Some(dir),
+        &log_dir,
+    );
+    let mut requests = message_requests(3, "m", 10);
+    requests[1]["params"]["stop_sequences"] = json!(["the"]);
+    // Refused when it runs (as Anthropic checks params): an errored result.
+    requests.push(
+        json!({"custom_id": "bad", "params": {"model": "tiny-target",
+        "messages": [{"role": "user", "content": "hi"}]}}),
+    );
+    let r = s.post_json("/v1/messages/batches", &json!({"requests": requests}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let created = r.json();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("msgbatch_"), "{created}");
+    assert_eq!(created["type"], "message_batch");
+    assert_eq!(created["results_url"], Value::Null);
+    assert_eq!(created["archived_at"], Value::Null);
+    let counts = &created["request_counts"];
+    let sum: u64 = ["processing", "succeeded", "errored", "canceled", "expired"]
+        .iter()
+        .map(|k| counts[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, 4, "{created}");
+    let created_at = created["created_at"].as_str().unwrap();
+    assert!(
+        created_at.ends_with('Z') && created_at.contains('T'),
+        "{created}"
+    );
+
+    let done = wait_message_batch(&s, &id);
+    assert_eq!(
+        done["request_counts"],
+        json!({"processing": 0, "succeeded": 3, "errored": 1, "canceled": 0, "expired": 0})
+    );
+    assert!(done["ended_at"].as_str().unwrap() >= created_at, "{done}");
+    assert_eq!(done["cancel_initiated_at"], Value::Null);
+    let results = message_results(&s, &done);
+    let ids: Vec<&str> = (results.iter())
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m-0", "m-1", "m-2", "bad"]);
+    for (i, line) in results[..3].iter().enumerate() {
+        assert_eq!(line["result"]["type"], "succeeded", "{line}");
+        let got = &line["result"]["message"];
+        let direct = s.post_json("/v1/messages", &requests[i]["params"]).json();
+        assert_eq!(got["type"], "message");
+        assert_eq!(got["content"], direct["content"], "request {i}");
+        assert_eq!(got["stop_reason"], direct["stop_reason"], "request {i}");
+        assert_eq!(
+            got["usage"]["output_tokens"], direct["usage"]["output_tokens"],
+            "request {i}"
+        );
+    }
+    let error = &results[3]["result"];
+    assert_eq!(error["type"], "errored");
+    assert_eq!(error["error"]["type"], "error");
+    assert_eq!(error["error"]["error"]["type"], "invalid_request_error");
+    let message = error["error"]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_tokens"), "{message}");
+    // Apart from OpenAI's batches and files.
+    assert_eq!(s.get(&format!("/v1/batches/{id}")).status, 404);
+    assert_eq!(s.get("/v1/batches").json()["data"], json!([]));
+    assert_eq!(s.get("/v1/files").json()["data"], json!([]));
+    let results_file = format!("/v1/files/file-{id}-results");
+    assert_eq!(s.get(&results_file).status, 404);
+    assert_eq!(s.request("DELETE", &results_file, &[], b"").status, 404);
+
+    // A cancel: requests not started are canceled, running ones end.
+    let long = message_requests(12, "long", 200);
+    let r = s.post_json("/v1/messages/batches", &json!({"requests": long}));
+    let cancelled = r.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/messages/batches/{cancelled}");
+    wait_for("a long request done", &s, Duration::from_secs(60), || {
+        s.get(&path).json()["request_counts"]["succeeded"].as_u64() >= Some(1)
+    });
+    // Not ended: no results yet, and not deleted.
+    let early = s.get(&format!("{path}/results"));
+    assert_eq!(early.status, 400, "{}", early.text());
+    assert!(
+        early.text().contains("still processing"),
+        "{}",
+        early.text()
+    );
+    let refused = s.request("DELETE", &path, &[], b"");
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.text().contains("cancel it first"),
+        "{}",
+        refused.text()
+    );
+    let r = s.request("POST", &format!("{path}/cancel"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let canceling = r.json();
+    assert!(
+        ["canceling", "ended"].contains(&canceling["processing_status"].as_str().unwrap()),
+        "{canceling}"
+    );
+    assert!(canceling["cancel_initiated_at"].is_string(), "{canceling}");
+    let ended = wait_message_batch(&s, &cancelled);
+    let c = &ended["request_counts"];
+    let (ok, canceled) = (
+        c["succeeded"].as_u64().unwrap(),
+        c["canceled"].as_u64().unwrap(),
+    );
+    assert!(ok >= 1 && canceled >= 1, "{ended}");
+    assert_eq!(ok + canceled, 12, "{ended}");
+    let results = message_results(&s, &ended);
+    assert_eq!(results.len(), 12);
+    let canceled_lines = (results.iter())
+        .filter(|l| l["result"] == json!({"type": "canceled"}))
+        .count();
+    assert_eq!(canceled_lines as u64, canceled);
+    // Cancelling an ended batch is refused.
+    let again = s.request("POST", &format!("{path}/cancel"), &[], b"");
+    assert_eq!(again.status, 409, "{}", again.text());
+
+    // Listed newest first, paged by after_id and before_id (`beta`, which the clients' beta
+    // routes add, is ignored).
+    let list = s.get("/v1/messages/batches?limit=1&beta=true").json();
+    assert_eq!(list["data"][0]["id"], cancelled.as_str());
+    assert_eq!(
+        (list["has_more"].as_bool(), list["last_id"].as_str()),
+        (Some(true), Some(cancelled.as_str()))
+    );
+    let next = s
+        .get(&format!(
+            "/v1/messages/batches?limit=5&after_id={cancelled}"
+        ))
+        .json();
+    assert_eq!(next["data"][0]["id"], id.as_str());
+    assert_eq!(next["has_more"], false);
+    let back = s
+        .get(&format!("/v1/messages/batches?before_id={id}"))
+        .json();
+    assert_eq!(back["first_id"], cancelled.as_str());
+
+    // Deleted with its results.
+    let r = s.request("DELETE", &path, &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"id": cancelled, "type": "message_batch_deleted"})
+    );
+    let gone = s.get(&path);
+    assert_eq!(gone.status, 404);
+    assert_eq!(
+        gone.json()["error"]["type"],
+        "not_found_error",
+        "{}",
+        gone.text()
+    );
+    assert_eq!(s.get(&format!("{path}/results")).status, 404);
+    assert_eq!(
+        s.get("/v1/messages/batches").json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Bad batches are refused whole, the request named, in Anthropic's error shape.
+    let two = message_requests(2, "x", 4);
+    let cases = [
+        (
+            json!({"requests": [two[0], two[0]]}),
+            "requests[1].custom_id",
+        ),
+        (json!({"requests": []}), "requests"),
+        (
+            json!({"requests": [{"custom_id": "a.b", "params": {}}]}),
+            "requests[0].custom_id",
+        ),
+        (
+            json!({"requests": [{"custom_id": "s", "params": {"stream": true}}]}),
+            "requests[0].params.stream",
+        ),
+    ];
+    for (body, param) in cases {
+        let r = s.post_json("/v1/messages/batches", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let e = r.json();
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(param), "{param}: {message}");
+    }
+    let bad_list = s.get("/v1/messages/batches?limit=0");
+    assert_eq!(bad_list.status, 400);
+    let put = s.request("PUT", "/v1/messages/batches", &[], b"");
+    assert_eq!(put.status, 405);
+}
+
+/// With `--batch-dir` a message batch goes on after a restart from the requests not yet
+/// answered, its results whole and in order; a deleted batch stays deleted, its results gone
+/// from the directory too.
+#[test]
+fn message_batches_survive_a_restart() {
+    let (dir, t, d) = q8_models(1024);
+    let kept = dir.path().join("kept");
+    let args = [
+        "--model",
+        &t,
+        "--draft",
+        &d,
+        "--workers",
+        "2",
+        "--batch-dir",
+        kept.to_str().unwrap(),
+    ];
+    let mut s = Server::start(&args, None, dir.path());
+    let requests = message_requests(20, "r", 150);
+    let r = s.post_json("/v1/messages/batches", &json!({"requests": requests}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/messages/batches/{id}");
+    wait_for("two requests done", &s, Duration::from_secs(60), || {
+        s.get(&path).json()["request_counts"]["succeeded"].as_u64() >= Some(2)
+    });
+    s.terminate();
+    assert!(s.wait_exit(Duration::from_secs(30)).is_some(), "no exit");
+    let answers = kept.join(format!("batches/{id}.answers"));
+    let answered = std::fs::read_to_string(&answers).unwrap().lines().count();
+    assert!((2..20).contains(&answered), "{answered} answers kept");
+
+    let s = Server::start(&args, None, dir.path());
+    let done = wait_message_batch(&s, &id);
+    assert_eq!(done["request_counts"]["succeeded"], 20, "{done}");
+    let ran = s.metric("verdict_requests_total{route=\"/v1/messages\",status=\"200\"}");
+    assert_eq!(ran, (20 - answered) as f64);
+    let results = message_results(&s, &done);
+    let ids: Vec<String> = (results.iter())
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..20).map(|i| format!("r-{i}")).collect();
+    assert_eq!(ids, want);
+    for i in [0, 19] {
+        let direct = s.post_json("/v1/messages", &requests[i]["params"]).json();
+        assert_eq!(
+            results[i]["result"]["message"]["content"], direct["content"],
+            "request {i}"
+        );
+    }
+    wait_for(
+        "the answers file to go",
+        &s,
+        Duration::from_secs(30),
+        || !answers.exists(),
+    );
+    let r = s.request("DELETE", &path, &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(s);
+
+    let s = Server::start(&args, None, dir.path());
+    assert_eq!(s.get(&path).status, 404);
+    let left: Vec<_> = std::fs::read_dir(kept.join("files"))
+        .unwrap()
+        .chain(std::fs::read_dir(kept.join("batches")).unwrap())
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -39,6 +39,10 @@ pub const ENDPOINTS: &[&str] = &[
     "/v2/rerank",
 ];
 
+/// The route of an Anthropic message batch's requests (`/v1/messages/batches`); a batch file's
+/// line may name it too (`verdict run-batch`).
+pub const MESSAGES: &str = "/v1/messages";
+
 /// Requests per file (OpenAI's limit).
 pub const MAX_REQUESTS: usize = 50_000;
 
@@ -268,7 +272,7 @@ fn parse_line(
             ));
         }
     };
-    if !ENDPOINTS.contains(&url.as_str()) {
+    if !ENDPOINTS.contains(&url.as_str()) && url != MESSAGES {
         return Err((
             "invalid_url",
             Some("url"),
@@ -342,6 +346,41 @@ fn jobs(url: &str, body: &Map<String, Value>) -> usize {
         }
         "/v1/chat/completions" => count("n"),
         _ => 1,
+    }
+}
+
+/// Whose Batch API a batch belongs to: it decides the batch's object, its ids and how its
+/// results read (OpenAI's output and error files; Anthropic's one results file,
+/// [`super::message_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    OpenAi,
+    Anthropic,
+}
+
+impl Api {
+    /// Requests a batch may hold.
+    pub fn max_requests(self) -> usize {
+        match self {
+            Api::OpenAi => MAX_REQUESTS,
+            Api::Anthropic => super::message_batch::MAX_REQUESTS,
+        }
+    }
+
+    /// The outcome of a line its route answered.
+    pub fn answered(self, custom_id: &str, a: Answer) -> Outcome {
+        match self {
+            Api::OpenAi => answered(custom_id, a),
+            Api::Anthropic => super::message_batch::answered(custom_id, a),
+        }
+    }
+
+    /// The outcome of a line that got no answer.
+    fn stopped(self, custom_id: &str, why: Stop) -> Outcome {
+        match self {
+            Api::OpenAi => stopped(custom_id, why),
+            Api::Anthropic => super::message_batch::stopped(custom_id, why),
+        }
     }
 }
 
@@ -486,11 +525,13 @@ const LONGEST_WAIT: Duration = Duration::from_secs(5);
 const LONGEST_WAIT: Duration = Duration::from_millis(2);
 
 /// Runs lines, at most `concurrency` at once and as many as `gate` lets in across batches;
-/// returns each line's outcome with its index, in any order, and what stopped the
+/// returns each line's outcome (as `api` writes it) with its index, in any order, and what stopped the
 /// run, if anything did. `call` runs a request (its route in this server); `stop` is asked
 /// before each line starts; `cancelled` ends lines waiting or running when it turns true;
 /// `done` hears of each line answered.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<C, F>(
+    api: Api,
     lines: Vec<(usize, Line)>,
     concurrency: usize,
     gate: &Gate,
@@ -507,7 +548,7 @@ where
     let note = |line: &Line, why: Stop| {
         let mut s = first_stop.lock().unwrap_or_else(|e| e.into_inner());
         s.get_or_insert(why);
-        stopped(&line.custom_id, why)
+        api.stopped(&line.custom_id, why)
     };
     let (call, stop, note, done) = (&call, &stop, &note, &done);
     let run_line = |line: Line, mut cancelled: tokio::sync::watch::Receiver<bool>| async move {
@@ -554,7 +595,7 @@ where
                 wait = (wait * 2).min(LONGEST_WAIT);
                 continue;
             }
-            return answered(&line.custom_id, answer);
+            return api.answered(&line.custom_id, answer);
         }
     };
     let out = futures_util::stream::iter(lines)
@@ -613,6 +654,11 @@ impl File {
         }
     }
 
+    /// An Anthropic batch's results: reached through its batch, never the Files API.
+    fn internal(&self) -> bool {
+        self.purpose == super::message_batch::RESULTS_PURPOSE
+    }
+
     pub fn json(&self) -> Value {
         json!({
             "id": self.id,
@@ -630,7 +676,7 @@ impl File {
 
 /// A batch's state, as OpenAI names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub(super) enum Status {
     Failed,
     InProgress,
     Finalizing,
@@ -750,6 +796,8 @@ pub fn parse_create(body: &[u8]) -> Result<Create, ApiError> {
 #[derive(Debug)]
 pub struct Batch {
     pub id: String,
+    pub api: Api,
+    /// (An Anthropic batch's: its requests' route, [`MESSAGES`], and no input file.)
     pub create: Create,
     pub created_at: u64,
     state: Mutex<State>,
@@ -759,32 +807,57 @@ pub struct Batch {
 }
 
 #[derive(Debug)]
-struct State {
-    status: Status,
+pub(super) struct State {
+    pub(super) status: Status,
     errors: Vec<LineError>,
-    total: usize,
-    completed: usize,
-    failed: usize,
-    output_file_id: Option<String>,
+    pub(super) total: usize,
+    /// Lines answered with a 2xx.
+    pub(super) completed: usize,
+    /// Lines answered otherwise.
+    pub(super) failed: usize,
+    /// Lines never answered: cancelled, expired.
+    pub(super) cancelled: usize,
+    pub(super) expired: usize,
+    /// (An Anthropic batch's results file.)
+    pub(super) output_file_id: Option<String>,
     error_file_id: Option<String>,
     in_progress_at: Option<u64>,
     finalizing_at: Option<u64>,
-    completed_at: Option<u64>,
-    failed_at: Option<u64>,
-    expired_at: Option<u64>,
-    cancelling_at: Option<u64>,
-    cancelled_at: Option<u64>,
+    pub(super) completed_at: Option<u64>,
+    pub(super) failed_at: Option<u64>,
+    pub(super) expired_at: Option<u64>,
+    pub(super) cancelling_at: Option<u64>,
+    pub(super) cancelled_at: Option<u64>,
 }
 
 impl Batch {
     /// A batch of `lines` (the input's check passed) or one failed by the check's errors.
     pub fn new(create: Create, now: u64, lines: Result<usize, Vec<LineError>>) -> Self {
+        Batch::of(Api::OpenAi, create, now, lines)
+    }
+
+    /// An Anthropic message batch of `n` requests (checked whole when it was created).
+    pub fn messages(n: usize, now: u64) -> Self {
+        let create = Create {
+            input_file_id: String::new(),
+            endpoint: MESSAGES.into(),
+            metadata: None,
+        };
+        Batch::of(Api::Anthropic, create, now, Ok(n))
+    }
+
+    fn of(api: Api, create: Create, now: u64, lines: Result<usize, Vec<LineError>>) -> Self {
         let (status, total, errors) = match lines {
             Ok(n) => (Status::InProgress, n, Vec::new()),
             Err(e) => (Status::Failed, 0, e),
         };
+        let prefix = match api {
+            Api::OpenAi => "batch_",
+            Api::Anthropic => "msgbatch_",
+        };
         Batch {
-            id: format!("batch_{}", suffix()),
+            id: format!("{prefix}{}", suffix()),
+            api,
             create,
             created_at: now,
             state: Mutex::new(State {
@@ -793,6 +866,8 @@ impl Batch {
                 total,
                 completed: 0,
                 failed: 0,
+                cancelled: 0,
+                expired: 0,
                 output_file_id: None,
                 error_file_id: None,
                 in_progress_at: (status == Status::InProgress).then_some(now),
@@ -808,7 +883,7 @@ impl Batch {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -837,15 +912,26 @@ impl Batch {
             status,
             Status::InProgress | Status::Finalizing | Status::Cancelling
         );
-        let (completed, failed) = if running {
+        // (Lines never answered are not kept: a restart runs them again.)
+        let (completed, failed, cancelled, expired) = if running {
             let done = answers.iter().filter(|(_, o)| o.stopped.is_none());
             let ok = done.clone().filter(|(_, o)| o.ok).count();
-            (ok, done.count() - ok)
+            (ok, done.count() - ok, 0, 0)
         } else {
-            (count("completed"), count("failed"))
+            (
+                count("completed"),
+                count("failed"),
+                count("cancelled"),
+                count("expired"),
+            )
+        };
+        let api = match v["api"].as_str() {
+            Some("anthropic") => Api::Anthropic,
+            _ => Api::OpenAi,
         };
         let b = Batch {
             id: text("id")?,
+            api,
             create: Create {
                 input_file_id: text("input_file_id")?,
                 endpoint: text("endpoint")?,
@@ -863,6 +949,8 @@ impl Batch {
                 total: count("total"),
                 completed,
                 failed,
+                cancelled,
+                expired,
                 output_file_id: text("output_file_id"),
                 error_file_id: text("error_file_id"),
                 in_progress_at: time("in_progress_at"),
@@ -912,14 +1000,29 @@ impl Batch {
         })
     }
 
-    /// Counts a line answered (2xx: completed, else failed); one that got no answer (cancelled,
-    /// expired) is neither.
+    /// The batch as `--batch-dir` keeps it: OpenAI's object, with whose batch it is and the
+    /// lines never answered (Anthropic's object is made from it, [`Batch::from_json`] reads it).
+    pub fn record(&self) -> Value {
+        let mut v = self.json();
+        if self.api == Api::Anthropic {
+            v["api"] = json!("anthropic");
+        }
+        let s = self.state();
+        v["request_counts"]["cancelled"] = json!(s.cancelled);
+        v["request_counts"]["expired"] = json!(s.expired);
+        v
+    }
+
+    /// Counts a line's outcome: answered with a 2xx (completed) or not (failed), or never
+    /// answered (cancelled, expired; OpenAI's counts leave those out).
     pub fn count(&self, o: &Outcome) {
         let mut s = self.state();
         match (o.ok, o.stopped) {
             (true, _) => s.completed += 1,
             (false, None) => s.failed += 1,
-            (false, Some(_)) => {}
+            (false, Some(Stop::Cancelled)) => s.cancelled += 1,
+            (false, Some(Stop::Expired)) => s.expired += 1,
+            (false, Some(Stop::ShuttingDown)) => {}
         }
     }
 
@@ -1149,17 +1252,24 @@ impl Store {
         self.bytes
     }
 
+    /// A file of the Files API (not an Anthropic batch's results, which are its batch's).
     pub fn file(&self, id: &str) -> Result<Arc<File>, ApiError> {
         self.files
             .iter()
-            .find(|f| f.id == id)
+            .find(|f| f.id == id && !f.internal())
             .cloned()
             .ok_or_else(|| ApiError::not_found(format!("no file {id:?}")))
     }
 
+    /// An Anthropic batch's results.
+    pub fn results(&self, batch: &str) -> Option<Arc<File>> {
+        let id = super::message_batch::results_id(batch);
+        self.files.iter().find(|f| f.id == id).cloned()
+    }
+
     pub fn delete_file(&mut self, id: &str) -> Result<Value, ApiError> {
         let i = (self.files.iter())
-            .position(|f| f.id == id)
+            .position(|f| f.id == id && !f.internal())
             .ok_or_else(|| ApiError::not_found(format!("no file {id:?}")))?;
         let f = self.files.remove(i);
         self.bytes -= f.data.len();
@@ -1168,14 +1278,14 @@ impl Store {
 
     pub fn files(&self, q: &ListQuery) -> Result<Value, ApiError> {
         let items = (self.files.iter())
-            .filter(|f| q.purpose.as_ref().is_none_or(|p| *p == f.purpose))
+            .filter(|f| !f.internal() && q.purpose.as_ref().is_none_or(|p| *p == f.purpose))
             .map(|f| (f.id.clone(), f.json()))
             .collect();
         page(items, q)
     }
 
-    /// Keeps a batch, forgetting the oldest ended ones beyond [`KEPT_BATCHES`] (their files
-    /// stay until deleted).
+    /// Keeps a batch, forgetting the oldest ended ones beyond [`KEPT_BATCHES`] (an OpenAI
+    /// batch's files stay until deleted; an Anthropic batch's results go with it).
     /// Returns the ids of the batches forgotten.
     pub fn add_batch(&mut self, b: Arc<Batch>) -> Vec<String> {
         self.batches.push(b);
@@ -1192,19 +1302,48 @@ impl Store {
                 !drop
             });
         }
+        for id in &forgotten {
+            self.drop_results(id);
+        }
         forgotten
     }
 
-    pub fn batch(&self, id: &str) -> Result<Arc<Batch>, ApiError> {
+    fn drop_results(&mut self, batch: &str) {
+        let id = super::message_batch::results_id(batch);
+        if let Some(i) = self.files.iter().position(|f| f.id == id) {
+            self.bytes -= self.files.remove(i).data.len();
+        }
+    }
+
+    /// One of `api`'s batches.
+    pub fn batch(&self, api: Api, id: &str) -> Result<Arc<Batch>, ApiError> {
         self.batches
             .iter()
-            .find(|b| b.id == id)
+            .find(|b| b.id == id && b.api == api)
             .cloned()
             .ok_or_else(|| ApiError::not_found(format!("no batch {id:?}")))
     }
 
+    /// Forgets an ended batch and, for an Anthropic one, its results.
+    pub fn delete_batch(&mut self, api: Api, id: &str) -> Result<Arc<Batch>, ApiError> {
+        let b = self.batch(api, id)?;
+        if !b.ended() {
+            return Err(ApiError::bad_request(format!(
+                "batch {id} is still running: cancel it first, and delete it once it has ended"
+            )));
+        }
+        self.batches.retain(|x| x.id != id);
+        self.drop_results(id);
+        Ok(b)
+    }
+
+    /// `api`'s batches, oldest first.
+    pub fn batches_of(&self, api: Api) -> impl Iterator<Item = &Arc<Batch>> {
+        self.batches.iter().filter(move |b| b.api == api)
+    }
+
     pub fn batches(&self, q: &ListQuery) -> Result<Value, ApiError> {
-        let items = (self.batches.iter())
+        let items = (self.batches_of(Api::OpenAi))
             .map(|b| (b.id.clone(), b.json()))
             .collect();
         page(items, q)
@@ -1298,7 +1437,7 @@ impl Disk {
                 crate::files::write_atomic(&to, &f.data)?;
             }
         }
-        let record = serde_json::to_vec(&b.json())?;
+        let record = serde_json::to_vec(&b.record())?;
         crate::files::write_atomic(&self.batches.join(format!("{id}.json")), &record)?;
         if b.ended() {
             // What a restart would need to go on: not needed any more.
@@ -1309,11 +1448,13 @@ impl Disk {
         Ok(())
     }
 
+    /// Removes a batch, and an Anthropic batch's results.
     pub fn forget_batch(&self, id: &str) {
         if let Some(id) = Disk::name(id) {
             for ext in ["json", "input", "answers"] {
                 let _ = std::fs::remove_file(self.batches.join(format!("{id}.{ext}")));
             }
+            self.delete_file(&super::message_batch::results_id(id));
         }
     }
 
@@ -1386,9 +1527,10 @@ impl Disk {
             let b = Arc::new(b);
             if !b.ended() {
                 let input = std::fs::read(self.batches.join(format!("{id}.input")));
-                let lines = input
-                    .ok()
-                    .and_then(|d| parse_input(&Bytes::from(d), Some(&b.create.endpoint)).ok());
+                let lines = input.ok().and_then(|d| {
+                    let max = b.api.max_requests();
+                    parse_at_most(&Bytes::from(d), Some(&b.create.endpoint), max).ok()
+                });
                 match lines {
                     Some(lines) => {
                         let done: HashSet<usize> = answers.iter().map(|(i, _)| *i).collect();
@@ -1985,6 +2127,7 @@ mod tests {
         let ok = std::sync::atomic::AtomicUsize::new(0);
         let (tx, rx) = tokio::sync::watch::channel(false);
         let (mut out, why) = run(
+            Api::OpenAi,
             lines.clone(),
             3,
             &gate,
@@ -2021,6 +2164,7 @@ mod tests {
             }
         };
         let (out, _) = run(
+            Api::OpenAi,
             lines[..1].to_vec(),
             1,
             &gate,
@@ -2046,6 +2190,7 @@ mod tests {
             }
         };
         let (out, why) = run(
+            Api::OpenAi,
             lines.clone(),
             1,
             &gate,
@@ -2078,7 +2223,16 @@ mod tests {
         };
         let t0 = std::time::Instant::now();
         let ((out, why), ()) = tokio::join!(
-            run(lines, 2, &gate, slow, || None, tx.subscribe(), |_, _| {}),
+            run(
+                Api::OpenAi,
+                lines,
+                2,
+                &gate,
+                slow,
+                || None,
+                tx.subscribe(),
+                |_, _| {}
+            ),
             cancel
         );
         assert!(t0.elapsed() < Duration::from_secs(5));

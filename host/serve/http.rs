@@ -29,6 +29,7 @@ use super::batch;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
 use super::logprobs::{self, TokenEntry};
+use super::message_batch;
 use super::messages;
 use super::metrics::Metrics;
 use super::pool::Pool;
@@ -700,6 +701,43 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/v1/messages/batches" => (
+            "/v1/messages/batches",
+            match method {
+                Method::POST => create_message_batch(app, req).await,
+                Method::GET => list_message_batches(app, &req),
+                _ => allow("GET, POST"),
+            },
+        ),
+        p if p.starts_with("/v1/messages/batches/") => {
+            let rest = &p["/v1/messages/batches/".len()..];
+            if let Some(id) = rest.strip_suffix("/cancel") {
+                (
+                    "/v1/messages/batches/{id}/cancel",
+                    match method {
+                        Method::POST => cancel_message_batch(app, &percent_decode(id), &req),
+                        _ => allow("POST"),
+                    },
+                )
+            } else if let Some(id) = rest.strip_suffix("/results") {
+                (
+                    "/v1/messages/batches/{id}/results",
+                    match method {
+                        Method::GET => message_batch_results(app, &percent_decode(id)),
+                        _ => allow("GET"),
+                    },
+                )
+            } else {
+                (
+                    "/v1/messages/batches/{id}",
+                    match method {
+                        Method::GET => get_message_batch(app, &percent_decode(rest), &req),
+                        Method::DELETE => delete_message_batch(app, &percent_decode(rest)),
+                        _ => allow("GET, DELETE"),
+                    },
+                )
+            }
+        }
         "/v1/messages/count_tokens" => (
             "/v1/messages/count_tokens",
             match method {
@@ -2005,14 +2043,14 @@ fn delete_file(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
 fn get_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     Ok(json_response(
         StatusCode::OK,
-        &lock(&app.batches).batch(id)?.json(),
+        &lock(&app.batches).batch(batch::Api::OpenAi, id)?.json(),
     ))
 }
 
 /// `POST /v1/batches/{id}/cancel`: lines not started are not run, running ones end; the
 /// answers so far are kept in the output files.
 fn cancel_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
-    let b = lock(&app.batches).batch(id)?;
+    let b = lock(&app.batches).batch(batch::Api::OpenAi, id)?;
     b.cancel(unix_now())?;
     save_batch(app, &b);
     Ok(json_response(StatusCode::OK, &b.json()))
@@ -2042,19 +2080,31 @@ async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response
     let lines = batch::parse_input(&input.data, Some(&create.endpoint));
     let counted = lines.as_ref().map(Vec::len).map_err(Clone::clone);
     let b = Arc::new(batch::Batch::new(create, unix_now(), counted));
+    start_batch(app, &b, lines.ok().map(|l| (&*input, l)))?;
+    Ok(json_response(StatusCode::OK, &b.json()))
+}
+
+/// Lists a new batch and runs its lines in the background (`None`: a batch that failed its
+/// check, only listed).
+fn start_batch(
+    app: &App,
+    b: &Arc<batch::Batch>,
+    run: Option<(&batch::File, Vec<batch::Line>)>,
+) -> Result<(), ApiError> {
     // Written before the batch is listed, with no await between (a dropped request leaves no
-    // batch on disk that the server does not run); the input is a hard link, the record small.
+    // batch on disk that the server does not run); the input is a hard link where it can be,
+    // the record small.
     if let Some(disk) = &app.disk {
-        let running = lines.is_ok().then_some(&*input);
-        disk.save_batch(&b, running).map_err(|e| {
-            ApiError::internal(format!("cannot keep the batch in --batch-dir: {e:#}"))
-        })?;
+        disk.save_batch(b, run.as_ref().map(|(input, _)| *input))
+            .map_err(|e| {
+                ApiError::internal(format!("cannot keep the batch in --batch-dir: {e:#}"))
+            })?;
     }
     let forgotten = lock(&app.batches).add_batch(b.clone());
     if let Some(disk) = &app.disk {
         forgotten.iter().for_each(|id| disk.forget_batch(id));
     }
-    if let Ok(lines) = lines {
+    if let Some((_, lines)) = run {
         // (The receiver lives as long as the server.)
         let _ = app.batch_tx.send((
             b.clone(),
@@ -2062,7 +2112,127 @@ async fn create_batch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response
             Vec::new(),
         ));
     }
-    Ok(json_response(StatusCode::OK, &b.json()))
+    Ok(())
+}
+
+/// Where a client reached this server (`http://host:port`, from the request's authority or
+/// Host header), for the absolute URLs an API hands out; `None` when it names no plain host.
+fn origin(app: &App, req: &Request<Incoming>) -> Option<String> {
+    let host = match req.uri().authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?.to_owned(),
+    };
+    let plain = !host.is_empty()
+        && (host.bytes()).all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b));
+    let scheme = if app.opts.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    plain.then(|| format!("{scheme}://{host}"))
+}
+
+fn message_batch(app: &App, id: &str) -> Result<Arc<batch::Batch>, ApiError> {
+    lock(&app.batches).batch(batch::Api::Anthropic, id)
+}
+
+/// `POST /v1/messages/batches`: checks the requests (a bad one refuses the batch, named) and
+/// runs them in the background.
+async fn create_message_batch(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let origin = origin(app, &req);
+    // A batch's requests may be as large as a batch file.
+    let limit = app.opts.max_body_bytes.max(app.opts.max_file_bytes);
+    let body = read_body(req, limit, "body").await?;
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    let (data, lines) = message_batch::parse_create(&body)?;
+    let b = Arc::new(batch::Batch::messages(lines.len(), unix_now()));
+    // The lines as a file only `--batch-dir` keeps (to go on after a restart).
+    let input = batch::File::new(format!("{}.jsonl", b.id), batch::PURPOSE, unix_now(), data);
+    start_batch(app, &b, Some((&input, lines)))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &message_batch::json(&b, origin.as_deref()),
+    ))
+}
+
+/// `GET /v1/messages/batches`: newest first, paged (`limit`, `after_id`, `before_id`).
+fn list_message_batches(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let q = message_batch::parse_query(req.uri().query(), percent_decode)?;
+    let origin = origin(app, req);
+    let items = (lock(&app.batches).batches_of(batch::Api::Anthropic))
+        .map(|b| (b.id.clone(), message_batch::json(b, origin.as_deref())))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &message_batch::page(items, &q)?,
+    ))
+}
+
+fn get_message_batch(
+    app: &App,
+    id: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let b = message_batch(app, id)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &message_batch::json(&b, origin(app, req).as_deref()),
+    ))
+}
+
+/// `POST /v1/messages/batches/{id}/cancel`: requests not started are not run (`canceled`),
+/// running ones end; the batch ends once they have.
+fn cancel_message_batch(
+    app: &App,
+    id: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let b = message_batch(app, id)?;
+    b.cancel(unix_now())?;
+    save_batch(app, &b);
+    Ok(json_response(
+        StatusCode::OK,
+        &message_batch::json(&b, origin(app, req).as_deref()),
+    ))
+}
+
+/// `DELETE /v1/messages/batches/{id}`: an ended batch and its results.
+fn delete_message_batch(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let b = lock(&app.batches).delete_batch(batch::Api::Anthropic, id)?;
+    if let Some(disk) = &app.disk {
+        disk.forget_batch(&b.id);
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"id": b.id, "type": "message_batch_deleted"}),
+    ))
+}
+
+/// `GET /v1/messages/batches/{id}/results`: the results, JSONL, once processing has ended.
+fn message_batch_results(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let b = message_batch(app, id)?;
+    let Some(f) = lock(&app.batches).results(&b.id) else {
+        return Err(if b.ended() {
+            ApiError::not_found(format!(
+                "batch {id} has no results (its requests were lost)"
+            ))
+        } else {
+            ApiError::bad_request(format!(
+                "batch {id} is still processing: its results are ready once its processing_status is \"ended\""
+            ))
+        });
+    };
+    let mut r = Response::new(Full::new(f.data.clone()).boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-jsonl"),
+    );
+    Ok(r)
 }
 
 /// Writes a batch's record where `--batch-dir` keeps it (a failure is logged: the batch goes on
@@ -2108,6 +2278,7 @@ async fn run_batch(
         }
     };
     let (mut out, why) = batch::run(
+        b.api,
         lines,
         app.opts.workers,
         &app.batch_gate,
@@ -2125,9 +2296,18 @@ async fn run_batch(
     out.sort_unstable_by_key(|(i, _)| *i);
     let now = unix_now();
     b.finalizing(now);
-    let (good, bad): (Vec<_>, Vec<_>) = out.iter().map(|(_, o)| o).partition(|o| o.ok);
     let mut files = Vec::new();
-    let (output, errors) = {
+    let (output, errors) = if b.api == batch::Api::Anthropic {
+        // One results file, every request's result in it.
+        let data = batch::jsonl(out.iter().map(|(_, o)| o));
+        let id = message_batch::results_id(&b.id);
+        let name = format!("{}_results.jsonl", b.id);
+        let purpose = message_batch::RESULTS_PURPOSE;
+        let f = lock(&app.batches).keep(batch::File::with_id(id, name, purpose, now, data));
+        files.push(f.clone());
+        (Some(f.id.clone()), None)
+    } else {
+        let (good, bad): (Vec<_>, Vec<_>) = out.iter().map(|(_, o)| o).partition(|o| o.ok);
         let mut store = lock(&app.batches);
         let mut keep = |lines: Vec<&batch::Outcome>, what: &str| {
             (!lines.is_empty()).then(|| {
@@ -2178,7 +2358,15 @@ async fn dispatch(app: &Arc<App>, url: String, body: Bytes) -> batch::Answer {
             Err(ApiError::internal(format!("cannot build the request: {e}"))),
         ),
     };
-    let resp = result.unwrap_or_else(|e| error_response(&e, &e.body()));
+    let resp = result.unwrap_or_else(|e| {
+        // In the shape a client of that route reads (as [`handle`] gives it).
+        let body = if url.starts_with(batch::MESSAGES) {
+            messages::error_body(&e)
+        } else {
+            e.body()
+        };
+        error_response(&e, &body)
+    });
     let status = resp.status().as_u16();
     app.metrics.request(name, status);
     let bytes = match resp.into_body().collect().await {
@@ -2249,6 +2437,7 @@ pub fn run_file(
         // Never cancelled (the sender lives to the end).
         let (_cancel, cancelled) = tokio::sync::watch::channel(false);
         let (mut out, _) = batch::run(
+            batch::Api::OpenAi,
             lines.into_iter().enumerate().collect(),
             app.opts.workers,
             &app.batch_gate,

@@ -563,7 +563,7 @@ fn output_format(name: &str, v: &Value) -> Result<Option<Value>, ApiError> {
 /// to exceptions; the field at fault leads the message, as this API has no `param`.
 pub fn error_body(e: &ApiError) -> Value {
     let kind = match e.status.as_u16() {
-        400 | 405 | 422 => "invalid_request_error",
+        400 | 405 | 409 | 422 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",

@@ -9,6 +9,8 @@
 //!   events, and its error shape.
 //! - [`batch`]: OpenAI's Batch API (`/v1/files`, `/v1/batches`) and `verdict run-batch`: JSONL
 //!   files of requests, each line run through its route in the server.
+//! - [`message_batch`]: Anthropic's Message Batches API (`/v1/messages/batches`) on the same
+//!   runner and store.
 //! - [`embeddings`]: `/v1/embeddings`, the target's pooled hidden states in OpenAI's shape.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
@@ -30,6 +32,7 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod logprobs;
+pub mod message_batch;
 pub mod messages;
 pub mod metrics;
 pub mod pool;
