@@ -5707,3 +5707,239 @@ fn message_batches_survive_a_restart() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Polls a response until it has left `queued` and `in_progress`.
+fn wait_response(s: &Server, id: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let r = s.get(&format!("/v1/responses/{id}")).json();
+        let status = r["status"].as_str().unwrap_or_else(|| panic!("{r}"));
+        if !["queued", "in_progress"].contains(&status) {
+            return r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Background responses (`background: true`): the request returns at once and the response is
+/// polled to the same output a direct request gets (and continues a conversation); a streamed
+/// one's events are read again from any sequence number; one that has ended stays as it ended
+/// when cancelled; bad uses are refused, named.
+#[test]
+fn background_responses_run_on_after_the_request_returns() {
+    let (dir, t, d) = q8_models(4096);
+    let log_dir = dir.path().to_path_buf();
+    let s = Server::start(
+        &[
+            "--model",
+            &t,
+            "--draft",
+            &d,
+            "--workers",
+            "1",
+            "--max-queue",
+            "1",
+        ],
+        Some(dir),
+        &log_dir,
+    );
+    let body = json!({"instructions": "Be brief.", "input": "Hello there",
+                      "max_output_tokens": 12, "temperature": 0});
+    let direct = s.post_json("/v1/responses", &body).json();
+    let r = s.post_json(
+        "/v1/responses",
+        &merged(body.clone(), &json!({"background": true})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let created = r.json();
+    assert_eq!(created["background"], true);
+    assert!(
+        ["queued", "in_progress"].contains(&created["status"].as_str().unwrap()),
+        "{created}"
+    );
+    assert_eq!(created["output"], json!([]));
+    let id = created["id"].as_str().unwrap();
+    let done = wait_response(&s, id);
+    assert_eq!(done["status"], direct["status"], "{done}");
+    assert_eq!(done["background"], true);
+    assert_eq!(done["output"][0]["content"], direct["output"][0]["content"]);
+    assert_eq!(
+        done["usage"]["output_tokens"],
+        direct["usage"]["output_tokens"]
+    );
+    // It continues a conversation as any stored response does.
+    let next = s.post_json(
+        "/v1/responses",
+        &json!({"input": "More", "previous_response_id": id, "max_output_tokens": 4}),
+    );
+    assert_eq!(next.status, 200, "{}", next.text());
+    // Not streamed: no events to read again; not background: nothing to cancel.
+    let r = s.get(&format!("/v1/responses/{id}?stream=true"));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("stream"))
+    );
+    let r = s.request(
+        "POST",
+        &format!("/v1/responses/{}/cancel", direct["id"].as_str().unwrap()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("only a background response"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        s.request("POST", "/v1/responses/resp_nope/cancel", &[], b"")
+            .status,
+        404
+    );
+    let r = s.post_json(
+        "/v1/responses",
+        &merged(body.clone(), &json!({"background": true, "store": false})),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("background"))
+    );
+
+    // Streamed: the connection gets the events as they come; read again after any of them.
+    let raw = s
+        .request(
+            "POST",
+            "/v1/responses",
+            &[("Content-Type", "application/json")],
+            merged(body.clone(), &json!({"background": true, "stream": true}))
+                .to_string()
+                .as_bytes(),
+        )
+        .text();
+    let events = response_events(&raw);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i);
+    }
+    let last = &events.last().unwrap()["response"];
+    assert_eq!(last["output"][0]["content"], direct["output"][0]["content"]);
+    let sid = last["id"].as_str().unwrap();
+    let again = response_events(
+        &s.get(&format!("/v1/responses/{sid}?stream=true&starting_after=3"))
+            .text(),
+    );
+    assert_eq!(again, events[4..]);
+    assert_eq!(&s.get(&format!("/v1/responses/{sid}")).json(), last);
+
+    // A request the model cannot run fails in the background, as a failed response.
+    let long_input = "word ".repeat(5000);
+    let r = s.post_json(
+        "/v1/responses",
+        &json!({"input": long_input, "max_output_tokens": 4, "background": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let failed = wait_response(&s, r.json()["id"].as_str().unwrap());
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(message.contains("context"), "{message}");
+    // Ended: a cancel leaves it as it ended; a delete forgets it.
+    let r = s.request("POST", &format!("/v1/responses/{id}/cancel"), &[], b"");
+    assert_eq!((r.status, &r.json()), (200, &done));
+    assert_eq!(
+        s.request("DELETE", &format!("/v1/responses/{sid}"), &[], b"")
+            .status,
+        200
+    );
+    assert_eq!(s.get(&format!("/v1/responses/{sid}")).status, 404);
+    assert_eq!(
+        s.get(&format!("/v1/responses/{sid}?stream=true")).status,
+        404
+    );
+}
+
+/// A real model (generating slowly enough to be caught running): a background response that
+/// meets a full queue (one worker busy, one request waiting) waits for room, `queued`, and runs
+/// once there is; a cancel stops a running one's generation and leaves it `cancelled` (again:
+/// the same); a delete cancels one running and forgets it.
+#[test]
+fn background_responses_wait_for_room_and_stop_when_cancelled() {
+    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let m = model.display().to_string();
+    let s = Server::start(
+        &[
+            "--model",
+            &m,
+            "--draft",
+            "prompt-lookup",
+            "--workers",
+            "1",
+            "--max-queue",
+            "1",
+        ],
+        Some(dir),
+        &log_dir,
+    );
+    let cancelled = || s.metric("verdict_generations_finished_total{reason=\"cancelled\"}");
+    let status = |id: &str| s.get(&format!("/v1/responses/{id}")).json()["status"].clone();
+    let create = |max: u64| -> String {
+        let body = json!({"input": "Count to a thousand.", "max_output_tokens": max,
+                          "temperature": 0, "ignore_eos": true, "background": true});
+        let r = s.post_json("/v1/responses", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let busy = create(2000);
+    wait_for(
+        "the long response to run",
+        &s,
+        Duration::from_secs(60),
+        || status(&busy) == "in_progress",
+    );
+    let waiting = create(4);
+    wait_for(
+        "the second to wait in the queue",
+        &s,
+        Duration::from_secs(30),
+        || s.metric("verdict_queue_depth") >= 1.0,
+    );
+    let third = create(4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status(&third), "queued");
+    let before = cancelled();
+    let r = s.request("POST", &format!("/v1/responses/{busy}/cancel"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "cancelled");
+    wait_for(
+        "the generation to stop",
+        &s,
+        Duration::from_secs(30),
+        || cancelled() > before,
+    );
+    assert_eq!(status(&busy), "cancelled");
+    let r = s.request("POST", &format!("/v1/responses/{busy}/cancel"), &[], b"");
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("cancelled"))
+    );
+    for id in [&waiting, &third] {
+        let done = wait_response(&s, id);
+        assert_eq!(done["status"], "incomplete", "{done}");
+        assert_eq!(done["usage"]["output_tokens"], 4);
+    }
+    let gone = create(2000);
+    wait_for("it to run", &s, Duration::from_secs(60), || {
+        status(&gone) == "in_progress"
+    });
+    let before = cancelled();
+    let r = s.request("DELETE", &format!("/v1/responses/{gone}"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.get(&format!("/v1/responses/{gone}")).status, 404);
+    wait_for(
+        "the deleted one to stop",
+        &s,
+        Duration::from_secs(30),
+        || cancelled() > before,
+    );
+}

@@ -5,7 +5,8 @@
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
 `extra_body` (vLLM's sampling extensions too), logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
-accumulator, `parse`, `previous_response_id`, retrieve and delete), that a wrong API key is an
+accumulator, `parse`, `previous_response_id`, retrieve and delete, in the background: polled, its
+stream read again, cancelled), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
 an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
 for base64 and decodes it; floats on request; `dimensions`), the Batch API (a file uploaded,
@@ -329,6 +330,44 @@ r2 = client.responses.create(
 )
 assert r2.previous_response_id == r.id
 assert client.responses.retrieve(r.id).output_text == r.output_text
+# In the background: polled to the same text; a streamed one read again from a sequence number.
+bg = client.responses.create(
+    model=model,
+    instructions="Be brief.",
+    input="Hello",
+    max_output_tokens=10,
+    temperature=0,
+    background=True,
+)
+assert bg.background and bg.status in ("queued", "in_progress"), bg
+deadline = time.time() + 120
+while bg.status in ("queued", "in_progress"):
+    assert time.time() < deadline, bg
+    time.sleep(0.05)
+    bg = client.responses.retrieve(bg.id)
+assert bg.output_text == r.output_text and bg.status == r.status, (bg, r)
+assert client.responses.cancel(bg.id).status == bg.status
+events = list(
+    client.responses.create(
+        model=model,
+        instructions="Be brief.",
+        input="Hello",
+        max_output_tokens=10,
+        temperature=0,
+        background=True,
+        stream=True,
+    )
+)
+assert [e.sequence_number for e in events] == list(range(len(events))), events
+sid = events[-1].response.id
+again = list(client.responses.retrieve(sid, stream=True, starting_after=2))
+assert [e.sequence_number for e in again] == [e.sequence_number for e in events[3:]], again
+assert events[-1].response.output_text == r.output_text, events[-1]
+refused(
+    openai.BadRequestError,
+    "a response not in the background was cancelled",
+    lambda: client.responses.cancel(r.id),
+)
 client.responses.delete(r.id)
 refused(openai.NotFoundError, "a deleted response was found", lambda: client.responses.retrieve(r.id))
 # `parse` with a pydantic model sends a strict JSON schema as text.format.

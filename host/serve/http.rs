@@ -25,6 +25,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
 use super::auth::Tokens;
+use super::background;
 use super::batch;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
@@ -199,6 +200,8 @@ struct App {
     metrics: Arc<Metrics>,
     /// Responses API replies kept for `previous_response_id` (bounded, in memory).
     responses: Mutex<responses::Store>,
+    /// Background responses running, and the last ended.
+    runs: Mutex<background::Runs>,
     /// Uploaded files and batches (`/v1/files`, `/v1/batches`; in memory).
     batches: Mutex<batch::Store>,
     /// Batch lines running, across batches: at most one generation per worker.
@@ -252,6 +255,7 @@ impl App {
             pool,
             metrics,
             responses: Mutex::default(),
+            runs: Mutex::default(),
             batches: Mutex::new(store),
             draining: AtomicBool::new(false),
             created: unix_now(),
@@ -746,15 +750,27 @@ async fn route(
             },
         ),
         p if p.starts_with("/v1/responses/") => {
-            let id = percent_decode(&p["/v1/responses/".len()..]);
-            (
-                "/v1/responses/{id}",
-                match method {
-                    Method::GET => stored_response(app, &id, false),
-                    Method::DELETE => stored_response(app, &id, true),
-                    _ => allow("GET, DELETE"),
-                },
-            )
+            let rest = &p["/v1/responses/".len()..];
+            match rest.strip_suffix("/cancel") {
+                Some(id) => (
+                    "/v1/responses/{id}/cancel",
+                    match method {
+                        Method::POST => cancel_response(app, &percent_decode(id)),
+                        _ => allow("POST"),
+                    },
+                ),
+                None => {
+                    let id = percent_decode(rest);
+                    (
+                        "/v1/responses/{id}",
+                        match method {
+                            Method::GET => stored_response(app, &id, req.uri().query()),
+                            Method::DELETE => delete_response(app, &id),
+                            _ => allow("GET, DELETE"),
+                        },
+                    )
+                }
+            }
         }
         "/v1/embeddings" => (
             "/v1/embeddings",
@@ -1187,6 +1203,18 @@ async fn create_response(
     })?;
     api::with_defaults(&mut t.chat, &app.opts.generation_defaults);
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
+    let mut meta = responses::Meta::new(
+        format!("resp_{}", new_id(app)),
+        unix_now(),
+        model_name(app, &served, &parsed),
+        &t,
+        parsed.tools.is_some(),
+    );
+    if t.background {
+        // Started in its task: the request does not wait for a worker.
+        check_model(app, &served, &parsed).map_err(responses::rename_param)?;
+        return Ok(start_background(app, served, parsed, t, meta, arrived));
+    }
     let Begun {
         events,
         thinking_open: open,
@@ -1194,16 +1222,7 @@ async fn create_response(
     } = start(app, &served, &parsed, arrived)
         .await
         .map_err(responses::rename_param)?;
-    let meta = responses::Meta {
-        reasoning: app.opts.reasoning.map(|p| p.reading(open)),
-        ..responses::Meta::new(
-            format!("resp_{}", new_id(app)),
-            unix_now(),
-            model_name(app, &served, &parsed),
-            &t,
-            parsed.tools.is_some(),
-        )
-    };
+    meta.reasoning = app.opts.reasoning.map(|p| p.reading(open));
     if t.stream {
         let stream = ResponseEvents {
             app: app.clone(),
@@ -1234,27 +1253,205 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `GET` (or, with `delete`, `DELETE`) `/v1/responses/{id}`.
-fn stored_response(app: &App, id: &str, delete: bool) -> Result<Response<Body>, ApiError> {
-    let mut store = lock(&app.responses);
-    let missing = || {
-        ApiError::not_found(format!(
-            "no stored response `{id}` (responses are kept in memory, the last {} up to {} MiB, and only with `store`)",
-            responses::STORE_CAPACITY,
-            responses::STORE_BYTES >> 20
-        ))
-    };
-    if delete {
-        if !store.remove(id) {
-            return Err(missing());
-        }
-        return Ok(json_response(
-            StatusCode::OK,
-            &json!({"id": id, "object": "response", "deleted": true}),
-        ));
+fn missing_response(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no stored response `{id}` (responses are kept in memory, the last {} up to {} MiB, and only with `store`)",
+        responses::STORE_CAPACITY,
+        responses::STORE_BYTES >> 20
+    ))
+}
+
+/// `GET /v1/responses/{id}`: a stored response, or a background one as it stands; with
+/// `stream=true`, a streamed background response's events (after `starting_after`), then
+/// those to come.
+fn stored_response(app: &App, id: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let (stream, after) = background::parse_query(query)?;
+    let run = lock(&app.runs).get(id);
+    if stream {
+        return match run {
+            Some(run) if run.stream => Ok(run_events(run, after)),
+            _ if run.is_some() || lock(&app.responses).response(id).is_some() => {
+                Err(ApiError::invalid(
+                    "stream",
+                    format!(
+                        "response {id} was not created with background and stream: it has no events to read again"
+                    ),
+                ))
+            }
+            _ => Err(missing_response(id)),
+        };
     }
-    let r = store.response(id).ok_or_else(missing)?;
+    if let Some(run) = run {
+        return Ok(json_response(StatusCode::OK, &run.response()));
+    }
+    let store = lock(&app.responses);
+    let r = store.response(id).ok_or_else(|| missing_response(id))?;
     Ok(json_response(StatusCode::OK, r))
+}
+
+/// `DELETE /v1/responses/{id}` (a background response still running is cancelled).
+fn delete_response(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let run = lock(&app.runs).remove(id);
+    if let Some(run) = &run {
+        run.cancel();
+    }
+    if !lock(&app.responses).remove(id) && run.is_none() {
+        return Err(missing_response(id));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"id": id, "object": "response", "deleted": true}),
+    ))
+}
+
+/// `POST /v1/responses/{id}/cancel`: a background response stops (`cancelled`); one that has
+/// ended stays as it ended.
+fn cancel_response(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
+    let Some(run) = lock(&app.runs).get(id) else {
+        if lock(&app.responses).response(id).is_some() {
+            return Err(ApiError::invalid(
+                "response_id",
+                format!(
+                    "response {id} was not created with background: only a background response can be cancelled"
+                ),
+            ));
+        }
+        return Err(missing_response(id));
+    };
+    run.cancel();
+    lock(&app.runs).ended(id);
+    Ok(json_response(StatusCode::OK, &run.response()))
+}
+
+/// Runs a background response on in a task; answers with its `queued` object, or for `stream`
+/// with its events as they come (a reader that leaves stops nothing).
+fn start_background(
+    app: &Arc<App>,
+    served: Arc<Served>,
+    parsed: ParsedRequest,
+    t: responses::Translated,
+    meta: responses::Meta,
+    arrived: Instant,
+) -> Response<Body> {
+    let queued = meta.pending("queued");
+    let cancelled = meta.pending("cancelled");
+    let run = Arc::new(background::Run::new(
+        meta.id.clone(),
+        t.stream,
+        queued,
+        cancelled,
+    ));
+    lock(&app.runs).add(run.clone());
+    let task = tokio::spawn(run_background(
+        app.clone(),
+        run.clone(),
+        (served, parsed, t, meta),
+        arrived,
+    ));
+    run.set_task(task.abort_handle());
+    if run.stream {
+        return run_events(run, None);
+    }
+    json_response(StatusCode::OK, &run.response())
+}
+
+/// A background response's events after `after`, as server-sent events, to its end.
+fn run_events(run: Arc<background::Run>, after: Option<u64>) -> Response<Body> {
+    let events = futures_util::StreamExt::map(run.follow(after), |e| {
+        Ok::<_, Infallible>(Frame::data(typed_sse(e)))
+    });
+    event_stream(StreamBody::new(events))
+}
+
+/// A background response's generation: `queued` until a worker takes it (a full queue is
+/// waited out, not an error), its events kept by its run, its end stored as a response's is.
+async fn run_background(
+    app: Arc<App>,
+    run: Arc<background::Run>,
+    (served, parsed, t, mut meta): (
+        Arc<Served>,
+        ParsedRequest,
+        responses::Translated,
+        responses::Meta,
+    ),
+    arrived: Instant,
+) {
+    let mut wait = Duration::from_millis(200);
+    let begun = loop {
+        match start(&app, &served, &parsed, arrived).await {
+            Ok(b) => break Ok(b),
+            // Room comes as requests finish (not while the server stops).
+            Err(e)
+                if e.status == StatusCode::TOO_MANY_REQUESTS
+                    && !app.draining.load(Ordering::SeqCst) =>
+            {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => break Err(responses::rename_param(e)),
+        }
+    };
+    let Begun {
+        events: (mut early, mut rx),
+        thinking_open,
+        ..
+    } = match begun {
+        Ok(b) => b,
+        Err(e) => {
+            let mut stream = responses::Stream::new(meta);
+            let mut events = stream.start();
+            events.extend(stream.failed(&e));
+            finish_background(&app, &run, events);
+            return;
+        }
+    };
+    meta.reasoning = app.opts.reasoning.map(|p| p.reading(thinking_open));
+    let mut stream = responses::Stream::new(meta);
+    run.push(stream.start());
+    loop {
+        let next = match early.pop_front() {
+            Some(e) => Some(e),
+            None => rx.recv().await,
+        };
+        match next {
+            Some((_, Event::Delta(d, e))) => run.push(stream.delta(&d, e)),
+            Some((
+                _,
+                Event::Started
+                | Event::Prefilled
+                | Event::Progress { .. }
+                | Event::PromptLogprobs(_),
+            )) => {}
+            Some((_, Event::Done(o))) => {
+                let (events, response, reply) = stream.done(&o);
+                let mut conversation = t.conversation;
+                conversation.push(reply);
+                lock(&app.responses).insert(run.id.clone(), response, conversation);
+                finish_background(&app, &run, events);
+                return;
+            }
+            Some((_, Event::Failed(e))) => {
+                finish_background(&app, &run, stream.failed(&e));
+                return;
+            }
+            None => {
+                let e = ApiError::internal("the generation worker stopped unexpectedly");
+                finish_background(&app, &run, stream.failed(&e));
+                return;
+            }
+        }
+    }
+}
+
+/// A background response's last events: its run ends with the object the last one carries.
+fn finish_background(app: &App, run: &background::Run, events: Vec<Value>) {
+    let response = (events.iter().rev())
+        .find_map(|e| e.get("response"))
+        .cloned()
+        .unwrap_or_else(|| run.response());
+    run.push(events);
+    run.finish(response);
+    lock(&app.runs).ended(&run.id);
 }
 
 /// What a typed event stream (the Responses and Messages APIs) makes of a generation's events.

@@ -5,6 +5,8 @@
 //! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
 //! - [`responses`]: OpenAI's Responses API as a chat request, its output items and typed
 //!   stream events, and the store behind `previous_response_id`.
+//! - [`background`]: background responses (`background: true`): polled, cancelled, their
+//!   streams read again.
 //! - [`messages`]: Anthropic's Messages API as a chat request, its content blocks and stream
 //!   events, and its error shape.
 //! - [`batch`]: OpenAI's Batch API (`/v1/files`, `/v1/batches`) and `verdict run-batch`: JSONL
@@ -26,6 +28,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod background;
 pub mod batch;
 pub mod embeddings;
 pub mod error;

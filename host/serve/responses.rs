@@ -40,6 +40,8 @@ pub struct Translated {
     pub conversation: Vec<Value>,
     pub store: bool,
     pub stream: bool,
+    /// Run on after the request returns ([`super::background`]).
+    pub background: bool,
     /// The request's settings as the response object repeats them.
     echo: Map<String, Value>,
 }
@@ -91,6 +93,7 @@ pub fn translate(
     let mut previous_id = None;
     let mut store = true;
     let mut stream = false;
+    let mut background = false;
     let mut logprobs = false;
     for (k, v) in body {
         match k.as_str() {
@@ -149,14 +152,16 @@ pub fn translate(
                 }
                 _ => return Err(invalid(k, "truncation must be \"disabled\"")),
             },
-            "background" => {
-                if v.as_bool() == Some(true) {
+            "background" => match v {
+                Value::Null => {}
+                Value::Bool(b) => background = *b,
+                _ => {
                     return Err(invalid(
                         k,
-                        "background responses are not supported; stream the response instead",
+                        format!("background must be a boolean, got {}", type_name(v)),
                     ));
                 }
-            }
+            },
             "include" => {
                 let items = match v {
                     Value::Null => &Vec::new(),
@@ -218,6 +223,12 @@ pub fn translate(
     if logprobs {
         chat.insert("logprobs".into(), Value::Bool(true));
     }
+    if background && !store {
+        return Err(invalid(
+            "background",
+            "a background response is read back from the store: it needs `store` (true)",
+        ));
+    }
     let input = input.ok_or_else(|| invalid("input", "a response needs `input`"))?;
     let mut conversation = match &previous_id {
         None => Vec::new(),
@@ -241,11 +252,13 @@ pub fn translate(
         previous_id.map_or(Value::Null, Value::String),
     );
     echo.insert("store".into(), Value::Bool(store));
+    echo.insert("background".into(), Value::Bool(background));
     Ok(Translated {
         chat,
         conversation,
         store,
         stream,
+        background,
         echo,
     })
 }
@@ -601,6 +614,7 @@ impl Meta {
             "object": "response",
             "created_at": self.created_at,
             "status": status,
+            "background": get("background", json!(false)),
             "error": null,
             "incomplete_details": incomplete,
             "instructions": get("instructions", Value::Null),
@@ -623,6 +637,12 @@ impl Meta {
             r["speculation"] = serde_json::to_value(&o.speculation).unwrap_or(Value::Null);
         }
         r
+    }
+
+    /// The response object before it has output (a background response's `queued`,
+    /// `cancelled`).
+    pub fn pending(&self, status: &str) -> Value {
+        self.object(status, Vec::new(), None)
     }
 
     /// The reply's output items: its text as a message (left out when the reply is only calls),
@@ -1260,7 +1280,11 @@ mod tests {
                 "text.format.scheme",
             ),
             (json!({"input": "x", "truncation": "auto"}), "truncation"),
-            (json!({"input": "x", "background": true}), "background"),
+            (
+                json!({"input": "x", "background": true, "store": false}),
+                "background",
+            ),
+            (json!({"input": "x", "background": 1}), "background"),
             (
                 json!({"input": "x", "include": ["message.output_text.probs"]}),
                 "include[0]",
