@@ -5,7 +5,7 @@ tests/http_openai.rs, against the same server as the `openai` checks).
 
 `basic` (the tiny models): Anthropic's Messages API gives the same greedy text as OpenAI's chat
 route, whole and streamed through the client's own accumulator; stop sequences and max_tokens as
-stop reasons; usage with prompt-cache reads apart; count_tokens; a message batch (created,
+stop reasons; usage with prompt-cache reads apart; count_tokens; the models route; a message batch (created,
 polled, its results read, deleted); `parse` with a pydantic model;
 a reasoning model's thinking block; errors as the client's exception classes (wrong key,
 unknown model, unknown policy).
@@ -134,6 +134,11 @@ assert final.usage.input_tokens + final.usage.cache_read_input_tokens == chat.us
 # count_tokens counts the prompt the message would read.
 n = client.messages.count_tokens(model=model, system=system, messages=messages)
 assert n.input_tokens == chat.usage.prompt_tokens, (n, chat.usage)
+
+# The models route in the API's shape.
+assert model in [m.id for m in client.models.list()], client.models.list()
+info = client.models.retrieve(model)
+assert (info.id, info.type, info.display_name) == (model, "model", model), info
 
 # Message Batches: the requests run in the background, each result the message a direct
 # request gives (or the error it gets); the client reads them from the batch's results_url,

@@ -114,6 +114,17 @@ fn completions_chat_streaming_stop_and_stats() {
     let models = s.get("/v1/models").json();
     assert_eq!(models["data"][0]["id"], "tiny-target");
     assert_eq!(s.get("/v1/models/tiny-target").json(), models["data"][0]);
+    // Anthropic's fields beside OpenAI's (its clients read the same route).
+    let m = &models["data"][0];
+    assert_eq!(
+        (m["type"].as_str(), m["display_name"].as_str()),
+        (Some("model"), Some("tiny-target"))
+    );
+    assert!(m["created_at"].as_str().unwrap().ends_with('Z'), "{m}");
+    assert_eq!(
+        (models["has_more"].as_bool(), models["first_id"].as_str()),
+        (Some(false), Some("tiny-target"))
+    );
     let other = s.get("/v1/models/gpt-4");
     assert_eq!(other.status, 404);
     assert_eq!(other.json()["error"]["code"], "model_not_found");
@@ -5942,4 +5953,87 @@ fn background_responses_wait_for_room_and_stop_when_cancelled() {
         Duration::from_secs(30),
         || cancelled() > before,
     );
+}
+
+/// SageMaker's routes, as vLLM serves them: `/ping` is `/ready` and open without a key;
+/// `/invocations` runs each request on the route its fields name, with that route's answer
+/// (streamed too) and errors; a body that names none is refused, saying what would.
+#[test]
+fn sagemaker_ping_and_invocations_route_by_fields() {
+    let s = tiny_server(1024, &["--api-key", "sk-k"]);
+    let auth = [
+        ("Authorization", "Bearer sk-k"),
+        ("Content-Type", "application/json"),
+    ];
+    for method in ["GET", "POST"] {
+        let r = s.request(method, "/ping", &[], b"");
+        assert_eq!(
+            (r.status, r.json()["status"].clone()),
+            (200, json!("ready"))
+        );
+    }
+    let post =
+        |path: &str, body: &Value| s.request("POST", path, &auth, body.to_string().as_bytes());
+    let bodies = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 6, "temperature": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "the cat", "max_tokens": 6, "temperature": 0}),
+        ),
+        ("/v1/embeddings", json!({"input": ["a b", "c"]})),
+        (
+            "/v1/rerank",
+            json!({"query": "cat", "documents": ["a cat", "a dog"]}),
+        ),
+        (
+            "/v1/score",
+            json!({"text_1": "cat", "text_2": ["a cat", "a dog"]}),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let (direct, via) = (post(path, body), post("/invocations", body));
+        assert_eq!(
+            (direct.status, via.status),
+            (200, 200),
+            "{path}: {}",
+            via.text()
+        );
+        let (mut a, mut b) = (direct.json(), via.json());
+        // (The second reads the prompt cache the first filled.)
+        for v in [&mut a, &mut b] {
+            for k in ["id", "created", "speculation"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            if let Some(u) = v["usage"].as_object_mut() {
+                u.remove("prompt_tokens_details");
+            }
+        }
+        assert_eq!(a, b, "{path}");
+    }
+    // Streamed, as the chat route streams.
+    let mut streamed = bodies[0].1.clone();
+    streamed["stream"] = json!(true);
+    let raw = post("/invocations", &streamed).text();
+    assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
+    // The route's own errors; no route named; the key is asked as anywhere.
+    let r = post("/invocations", &json!({"prompt": "x", "max_tokens": -1}));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("max_tokens"))
+    );
+    let r = post("/invocations", &json!({"text": "x"}));
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("messages (chat)"), "{}", r.text());
+    let r = s.request(
+        "POST",
+        "/invocations",
+        &[],
+        bodies[1].1.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(s.request("GET", "/invocations", &auth, b"").status, 405);
 }

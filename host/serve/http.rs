@@ -604,7 +604,7 @@ async fn handle(
 
 /// The probes, metrics and version: open without an API key, and not logged per request
 /// (they come every few seconds).
-const OPEN_ROUTES: &[&str] = &["/health", "/ready", "/metrics", "/version"];
+const OPEN_ROUTES: &[&str] = &["/health", "/ready", "/metrics", "/version", "/ping"];
 
 /// The request's `Origin` when `allowed` lets it call (`*`: any), as the value to send back.
 fn allowed_origin<B>(allowed: &[String], req: &Request<B>) -> Option<HeaderValue> {
@@ -668,6 +668,21 @@ async fn route(
                     &json!({"version": env!("CARGO_PKG_VERSION")}),
                 )),
                 _ => allow("GET"),
+            },
+        ),
+        // SageMaker's health check and inference route (as vLLM serves them).
+        "/ping" => (
+            "/ping",
+            match method {
+                Method::GET | Method::POST | Method::HEAD => Ok(ready(app)),
+                _ => allow("GET, POST"),
+            },
+        ),
+        "/invocations" => (
+            "/invocations",
+            match method {
+                Method::POST => invocation(app, req).await,
+                _ => allow("POST"),
             },
         ),
         "/v1/models" => (
@@ -999,7 +1014,14 @@ fn models(app: &App) -> Response<Body> {
             .iter()
             .map(|(n, p)| module_object(app, n, p)),
     );
-    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+    // OpenAI's list, with Anthropic's paging fields (its clients read the same route).
+    let first = data.first().map(|m| m["id"].clone());
+    let last = data.last().map(|m| m["id"].clone());
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": data, "has_more": false,
+                "first_id": first, "last_id": last}),
+    )
 }
 
 /// The LoRA modules' names and adapter paths: those loaded, or while the model loads, those
@@ -1034,6 +1056,10 @@ fn model_object(app: &App, id: &str) -> Value {
         "object": "model",
         "created": app.created,
         "owned_by": "verdict",
+        // Anthropic's fields for the same model.
+        "type": "model",
+        "display_name": id,
+        "created_at": message_batch::rfc3339(app.created),
         "ready": app.served.get().is_some(),
         "max_context": app.served.get().map(|s| s.engine.max_context()),
         // vLLM's name for the same number.
@@ -1123,6 +1149,35 @@ fn served_or_unavailable(app: &App) -> Result<Arc<Served>, ApiError> {
     app.served.get().cloned().ok_or_else(|| {
         ApiError::unavailable("the model is still loading; retry shortly (GET /ready says when)")
     })
+}
+
+/// `POST /invocations`: the request goes to the route its fields name, as vLLM routes
+/// SageMaker's invocations: `messages` chat, `prompt` completions, `input` embeddings, `query`
+/// with `documents` rerank, `text_1` with `text_2` score.
+async fn invocation(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(Request::new(body), app.opts.max_body_bytes, "body").await?;
+    let o = api::json_object(&bytes)?;
+    let has = |k: &str| o.contains_key(k);
+    let req = Request::from_parts(
+        parts,
+        Full::new(bytes).map_err(|e| match e {}).boxed_unsync(),
+    );
+    if has("messages") {
+        completion(app, Endpoint::Chat, req).await
+    } else if has("prompt") {
+        completion(app, Endpoint::Completions, req).await
+    } else if has("input") {
+        embeddings(app, req).await
+    } else if has("query") && has("documents") {
+        rerank(app, req).await
+    } else if has("text_1") && has("text_2") {
+        score(app, req).await
+    } else {
+        Err(ApiError::bad_request(
+            "an invocation's fields name its route: messages (chat), prompt (completions), input (embeddings), query and documents (rerank), or text_1 and text_2 (score)",
+        ))
+    }
 }
 
 async fn completion(
