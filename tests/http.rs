@@ -1048,6 +1048,15 @@ fn hot_swap_while_16_streams_run() {
 
 /// Tiny Q8_0 target and draft (every forward row-exact) in a new temporary directory, and their
 /// paths.
+/// A server on the Q8_0 tiny pair, with `extra` arguments.
+fn q8_server(context: usize, extra: &[&str]) -> Server {
+    let (dir, t, d) = q8_models(context);
+    let log_dir = dir.path().to_path_buf();
+    let mut args = vec!["--model", t.as_str(), "--draft", d.as_str()];
+    args.extend(extra);
+    Server::start(&args, Some(dir), &log_dir)
+}
+
 fn q8_models(context: usize) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (target, draft) =
@@ -5311,6 +5320,43 @@ fn run_batch_answers_a_file_offline() {
     assert!(!fresh.exists());
 }
 
+/// A two-worker server's arguments on `t` and `d` keeping its batches in `kept`.
+fn batch_dir_args(t: &str, d: &str, kept: &std::path::Path) -> Vec<String> {
+    let kept = kept.display().to_string();
+    [
+        "--model",
+        t,
+        "--draft",
+        d,
+        "--workers",
+        "2",
+        "--batch-dir",
+        &kept,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Stops a `--batch-dir` server while batch `id` runs; returns the file of the answers it kept
+/// and how many, checked to be at least `least` of `total`.
+fn stop_mid_batch(
+    mut s: Server,
+    kept: &std::path::Path,
+    id: &str,
+    least: usize,
+    total: usize,
+) -> (std::path::PathBuf, usize) {
+    s.terminate();
+    assert!(s.wait_exit(Duration::from_secs(30)).is_some(), "no exit");
+    let answers = kept.join(format!("batches/{id}.answers"));
+    let answered = std::fs::read_to_string(&answers).unwrap().lines().count();
+    assert!(
+        (least..total).contains(&answered),
+        "{answered} answers kept"
+    );
+    (answers, answered)
+}
+
 /// `--batch-dir`: files and batches outlive the server, and a batch running when it stops goes
 /// on at the next start with only the lines not yet answered (the reference: the answers kept
 /// on disk at the stop, plus the requests the second server runs, are every line once); what
@@ -5321,17 +5367,9 @@ fn batches_survive_a_restart_with_batch_dir() {
     let (t, d) = tiny_models(dir.path(), 256);
     let (t, d) = (t.display().to_string(), d.display().to_string());
     let kept = dir.path().join("kept");
-    let args = [
-        "--model",
-        &t,
-        "--draft",
-        &d,
-        "--workers",
-        "2",
-        "--batch-dir",
-        kept.to_str().unwrap(),
-    ];
-    let mut s = Server::start(&args, None, dir.path());
+    let args = batch_dir_args(&t, &d, &kept);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&args, None, dir.path());
     let lines = long_lines(30, "r", 150);
     let file = upload(&s, "jobs.jsonl", "batch", batch_file(&lines).as_bytes()).json();
     let other = upload(
@@ -5349,11 +5387,7 @@ fn batches_survive_a_restart_with_batch_dir() {
         .json();
     let id = b["id"].as_str().unwrap().to_string();
     wait_answered(&s, &id, 3);
-    s.terminate();
-    assert!(s.wait_exit(Duration::from_secs(30)).is_some(), "no exit");
-    let answers = kept.join(format!("batches/{id}.answers"));
-    let answered = std::fs::read_to_string(&answers).unwrap().lines().count();
-    assert!((3..30).contains(&answered), "{answered} answers kept");
+    let (answers, answered) = stop_mid_batch(s, &kept, &id, 3, 30);
 
     let s = Server::start(&args, None, dir.path());
     let files = s.get("/v1/files").json();
@@ -5452,13 +5486,7 @@ fn message_results(s: &Server, b: &Value) -> Vec<Value> {
 /// from OpenAI's (`/v1/batches`, `/v1/files` list none of them).
 #[test]
 fn message_batches_run_as_anthropic_runs_them() {
-    let (dir, t, d) = q8_models(1024);
-    let log_dir = dir.path().to_path_buf();
-    let s = Server::start(
-        &["--model", &t, "--draft", &d, "--workers", "2"],
-        Some(dir),
-        &log_dir,
-    );
+    let s = q8_server(1024, &["--workers", "2"]);
     let mut requests = message_requests(3, "m", 10);
     requests[1]["params"]["stop_sequences"] = json!(["the"]);
     // Refused when it runs (as Anthropic checks params): an errored result.
@@ -5656,17 +5684,9 @@ fn message_batches_run_as_anthropic_runs_them() {
 fn message_batches_survive_a_restart() {
     let (dir, t, d) = q8_models(1024);
     let kept = dir.path().join("kept");
-    let args = [
-        "--model",
-        &t,
-        "--draft",
-        &d,
-        "--workers",
-        "2",
-        "--batch-dir",
-        kept.to_str().unwrap(),
-    ];
-    let mut s = Server::start(&args, None, dir.path());
+    let args = batch_dir_args(&t, &d, &kept);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&args, None, dir.path());
     let requests = message_requests(20, "r", 150);
     let r = s.post_json("/v1/messages/batches", &json!({"requests": requests}));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -5675,11 +5695,7 @@ fn message_batches_survive_a_restart() {
     wait_for("two requests done", &s, Duration::from_secs(60), || {
         s.get(&path).json()["request_counts"]["succeeded"].as_u64() >= Some(2)
     });
-    s.terminate();
-    assert!(s.wait_exit(Duration::from_secs(30)).is_some(), "no exit");
-    let answers = kept.join(format!("batches/{id}.answers"));
-    let answered = std::fs::read_to_string(&answers).unwrap().lines().count();
-    assert!((2..20).contains(&answered), "{answered} answers kept");
+    let (answers, answered) = stop_mid_batch(s, &kept, &id, 2, 20);
 
     let s = Server::start(&args, None, dir.path());
     let done = wait_message_batch(&s, &id);
@@ -5739,22 +5755,7 @@ fn wait_response(s: &Server, id: &str) -> Value {
 /// when cancelled; bad uses are refused, named.
 #[test]
 fn background_responses_run_on_after_the_request_returns() {
-    let (dir, t, d) = q8_models(4096);
-    let log_dir = dir.path().to_path_buf();
-    let s = Server::start(
-        &[
-            "--model",
-            &t,
-            "--draft",
-            &d,
-            "--workers",
-            "1",
-            "--max-queue",
-            "1",
-        ],
-        Some(dir),
-        &log_dir,
-    );
+    let s = q8_server(4096, &[]);
     let body = json!({"instructions": "Be brief.", "input": "Hello there",
                       "max_output_tokens": 12, "temperature": 0});
     let direct = s.post_json("/v1/responses", &body).json();

@@ -331,14 +331,8 @@ r2 = client.responses.create(
 assert r2.previous_response_id == r.id
 assert client.responses.retrieve(r.id).output_text == r.output_text
 # In the background: polled to the same text; a streamed one read again from a sequence number.
-bg = client.responses.create(
-    model=model,
-    instructions="Be brief.",
-    input="Hello",
-    max_output_tokens=10,
-    temperature=0,
-    background=True,
-)
+hello = dict(model=model, instructions="Be brief.", input="Hello", max_output_tokens=10, temperature=0)
+bg = client.responses.create(**hello, background=True)
 assert bg.background and bg.status in ("queued", "in_progress"), bg
 deadline = time.time() + 120
 while bg.status in ("queued", "in_progress"):
@@ -347,17 +341,7 @@ while bg.status in ("queued", "in_progress"):
     bg = client.responses.retrieve(bg.id)
 assert bg.output_text == r.output_text and bg.status == r.status, (bg, r)
 assert client.responses.cancel(bg.id).status == bg.status
-events = list(
-    client.responses.create(
-        model=model,
-        instructions="Be brief.",
-        input="Hello",
-        max_output_tokens=10,
-        temperature=0,
-        background=True,
-        stream=True,
-    )
-)
+events = list(client.responses.create(**hello, background=True, stream=True))
 assert [e.sequence_number for e in events] == list(range(len(events))), events
 sid = events[-1].response.id
 again = list(client.responses.retrieve(sid, stream=True, starting_after=2))
