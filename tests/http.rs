@@ -3302,6 +3302,14 @@ fn structured_outputs_follow_their_grammar() {
             "{v}"
         );
     }
+    // ...and their newer name.
+    let v = post(
+        "/v1/completions",
+        json!({"structured_outputs": {"choice": ["up", "down"]}, "n": 2, "temperature": 1.0, "seed": 3}),
+    );
+    for c in v["choices"].as_array().unwrap() {
+        assert!(["up", "down"].contains(&c["text"].as_str().unwrap()), "{v}");
+    }
     let tools = json!([{"type": "function", "function": {"name": "add", "parameters": schema}}]);
     // Bad grammars, and grammars that cannot go together.
     let msgs = json!([{"role": "user", "content": "x"}]);
@@ -3319,6 +3327,10 @@ fn structured_outputs_follow_their_grammar() {
             "response_format",
         ),
         (json!({"guided_regex": "(unclosed"}), "guided_regex"),
+        (
+            json!({"structured_outputs": {"regex": "(unclosed"}}),
+            "structured_outputs.regex",
+        ),
         (json!({"guided_choice": []}), "guided_choice"),
         (
             json!({"guided_grammar": "start: undefined_rule"}),

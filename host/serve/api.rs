@@ -120,8 +120,8 @@ pub struct ParsedRequest {
     /// Qwen3's `enable_thinking`.
     pub template_vars: Option<Map<String, Value>>,
     /// What the output must match, and the field that asked: `response_format` (a JSON object
-    /// or schema), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
-    /// or a `tool_choice` that requires a call (the output is then the call's JSON object).
+    /// or schema), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`
+    /// (or the same under `structured_outputs`), or a `tool_choice` that requires a call (the output is then the call's JSON object).
     pub grammar: Option<(&'static str, GrammarSpec)>,
     /// vLLM's `stop_token_ids`: more tokens that end the output (also with `ignore_eos`).
     pub stop_token_ids: Vec<u32>,
@@ -511,33 +511,17 @@ pub fn parse_object(
                     grammars.push(("response_format", g));
                 }
             }
-            // vLLM's guided decoding.
-            "guided_json" => {
-                if let Some(schema) = opt(v, |v| json_schema_value(k, v))? {
-                    grammars.push(("guided_json", GrammarSpec::JsonSchema(schema)));
+            // vLLM's guided decoding: its older fields, and `structured_outputs`.
+            "guided_json" | "guided_regex" | "guided_choice" | "guided_grammar" => {
+                if let Some((field, kind)) = GUIDED.iter().find(|(f, _)| *f == k)
+                    && let Some(g) = guided(field, kind, v)?
+                {
+                    grammars.push((field, g));
                 }
             }
-            "guided_regex" => {
-                if let Some(r) = opt(v, |v| string(k, v))? {
-                    grammars.push(("guided_regex", GrammarSpec::Regex(r)));
-                }
-            }
-            "guided_choice" => {
-                if let Some(a) = opt(v, |v| array(k, v))? {
-                    let choices = a
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| string(&format!("{k}[{i}]"), c))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if choices.is_empty() {
-                        return Err(ApiError::invalid(k, "guided_choice must not be empty"));
-                    }
-                    grammars.push(("guided_choice", GrammarSpec::Choice(choices)));
-                }
-            }
-            "guided_grammar" => {
-                if let Some(g) = opt(v, |v| string(k, v))? {
-                    grammars.push(("guided_grammar", GrammarSpec::Lark(g)));
+            "structured_outputs" => {
+                if let Some(o) = opt(v, |v| object(k, v))? {
+                    grammars.extend(structured_outputs(o)?);
                 }
             }
             // Accepted and without effect here.
@@ -723,6 +707,76 @@ fn response_format(o: &Map<String, Value>) -> Result<Option<GrammarSpec>, ApiErr
             "response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
         )),
     }
+}
+
+/// vLLM's guided-decoding fields: the older top-level ones and `structured_outputs`' keys,
+/// each with the kind of grammar it gives.
+const GUIDED: &[(&str, &str)] = &[
+    ("guided_json", "json"),
+    ("guided_regex", "regex"),
+    ("guided_choice", "choice"),
+    ("guided_grammar", "grammar"),
+    ("structured_outputs.json", "json"),
+    ("structured_outputs.regex", "regex"),
+    ("structured_outputs.choice", "choice"),
+    ("structured_outputs.grammar", "grammar"),
+    ("structured_outputs.json_object", "json_object"),
+];
+
+/// A guided-decoding field's grammar (`kind` as [`GUIDED`] names it); `None` when null.
+fn guided(field: &str, kind: &str, v: &Value) -> Result<Option<GrammarSpec>, ApiError> {
+    Ok(match kind {
+        "json" => opt(v, |v| json_schema_value(field, v))?.map(GrammarSpec::JsonSchema),
+        "regex" => opt(v, |v| string(field, v))?.map(GrammarSpec::Regex),
+        "grammar" => opt(v, |v| string(field, v))?.map(GrammarSpec::Lark),
+        "json_object" => {
+            (opt(v, |v| boolean(field, v))? == Some(true)).then(GrammarSpec::json_object)
+        }
+        _ => match opt(v, |v| array(field, v))? {
+            None => None,
+            Some(a) => {
+                let choices = (a.iter().enumerate())
+                    .map(|(i, c)| string(&format!("{field}[{i}]"), c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if choices.is_empty() {
+                    return Err(ApiError::invalid(
+                        field,
+                        format!("{field} must not be empty"),
+                    ));
+                }
+                Some(GrammarSpec::Choice(choices))
+            }
+        },
+    })
+}
+
+/// vLLM's `structured_outputs` (its newer name for guided decoding): `json`, `regex`,
+/// `choice`, `grammar` or `json_object`; `disable_fallback` means nothing here (one backend).
+fn structured_outputs(
+    o: &Map<String, Value>,
+) -> Result<Vec<(&'static str, GrammarSpec)>, ApiError> {
+    let mut out = Vec::new();
+    for (k, v) in o {
+        let name = format!("structured_outputs.{k}");
+        match GUIDED.iter().find(|(f, _)| *f == name) {
+            Some((field, kind)) => {
+                if let Some(g) = guided(field, kind, v)? {
+                    out.push((*field, g));
+                }
+            }
+            None if k == "disable_fallback" || k.starts_with("_backend") => {}
+            None => {
+                return Err(ApiError::invalid(
+                    name,
+                    format!(
+                        "structured_outputs.{k} is not supported (json, regex, choice, grammar or json_object)"
+                    ),
+                )
+                .with_code("unknown_parameter"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A JSON Schema: an object (or `true`), or (vLLM's `guided_json`) a string holding one.
@@ -2271,6 +2325,29 @@ mod tests {
                 GrammarSpec::Choice(vec!["a".into(), "b".into()])
             ))
         );
+        // vLLM's newer name for them: `structured_outputs`.
+        assert_eq!(
+            grammar(r#""structured_outputs":{"choice":["a"],"disable_fallback":true}"#),
+            Some((
+                "structured_outputs.choice",
+                GrammarSpec::Choice(vec!["a".into()])
+            ))
+        );
+        assert_eq!(
+            grammar(&format!(r#""structured_outputs":{{"json":{schema}}}"#)),
+            Some((
+                "structured_outputs.json",
+                GrammarSpec::JsonSchema(schema.clone())
+            ))
+        );
+        assert_eq!(
+            grammar(r#""structured_outputs":{"json_object":true}"#),
+            Some(("structured_outputs.json_object", GrammarSpec::json_object()))
+        );
+        assert_eq!(
+            grammar(r#""structured_outputs":{"json_object":false}"#),
+            None
+        );
         assert_eq!(
             grammar(r#""guided_grammar":"start: \"x\"""#),
             Some(("guided_grammar", GrammarSpec::Lark("start: \"x\"".into())))
@@ -2294,6 +2371,23 @@ mod tests {
             (
                 r#""guided_regex":"a","guided_choice":["a"]"#,
                 "guided_choice",
+            ),
+            (
+                r#""structured_outputs":{"choice":[2]}"#,
+                "structured_outputs.choice[0]",
+            ),
+            (
+                r#""structured_outputs":{"json_object":"yes"}"#,
+                "structured_outputs.json_object",
+            ),
+            (
+                r#""structured_outputs":{"structural_tag":"x"}"#,
+                "structured_outputs.structural_tag",
+            ),
+            (r#""structured_outputs":[]"#, "structured_outputs"),
+            (
+                r#""structured_outputs":{"regex":"a","choice":["a"]}"#,
+                "structured_outputs.choice",
             ),
         ] {
             let e = err(Endpoint::Chat, &chat(extra));
