@@ -3122,6 +3122,28 @@ fn tokenize_and_detokenize() {
     );
     let r = s.post_json("/tokenize", &json!({"prompt": "x", "return_token_strs": 1}));
     assert_eq!(r.json()["error"]["param"], "return_token_strs");
+    // vLLM's add_special_tokens: false leaves the model's BOS out (the SentencePiece tiny
+    // vocabulary adds one), in /tokenize and in the completion alike.
+    let dir = tempfile::tempdir().unwrap();
+    let spm = dir.path().join("spm.gguf");
+    let spec = verdict::models::testing::peer_spec("llama-spm").unwrap();
+    verdict::models::testing::write_tiny_gguf(&spm, &spec).unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let bos = Server::start(&["--model", spm.to_str().unwrap()], Some(dir), &log_dir);
+    let with = ok_json(&bos, "/tokenize", &json!({"prompt": "the end"}))["tokens"].clone();
+    assert_eq!(with[0], 1, "{with}");
+    let bare = json!({"prompt": "the end", "add_special_tokens": false});
+    let without = ok_json(&bos, "/tokenize", &bare)["tokens"].clone();
+    assert_eq!(without, json!(with.as_array().unwrap()[1..]));
+    let c = ok_json(
+        &bos,
+        "/v1/completions",
+        &merged(bare, &json!({"max_tokens": 1})),
+    );
+    assert_eq!(
+        c["usage"]["prompt_tokens"],
+        without.as_array().unwrap().len()
+    );
     // A chat counts as the chat request does (template included).
     let messages = json!([{"role": "user", "content": "hi"}]);
     let t = s
@@ -3134,6 +3156,48 @@ fn tokenize_and_detokenize() {
         )
         .json();
     assert_eq!(t["count"], chat["usage"]["prompt_tokens"]);
+    // vLLM's add_generation_prompt: false leaves the assistant's turn unopened.
+    let closed = json!({"messages": messages, "add_generation_prompt": false});
+    let shut = ok_json(&s, "/tokenize", &closed);
+    assert!(shut["count"].as_u64() < t["count"].as_u64(), "{shut} {t}");
+    let c = ok_json(
+        &s,
+        "/v1/chat/completions",
+        &merged(closed, &json!({"max_tokens": 1})),
+    );
+    assert_eq!(c["usage"]["prompt_tokens"], shut["count"]);
+    let assistant =
+        json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]);
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": assistant, "continue_final_message": true, "add_generation_prompt": true}),
+        ),
+        (
+            "/tokenize",
+            json!({"messages": assistant, "continue_final_message": true, "add_generation_prompt": true}),
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "x", "add_generation_prompt": false}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "add_generation_prompt": false}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "add_special_tokens": 0}),
+        ),
+    ] {
+        let r = s.post_json(path, &body);
+        assert_eq!(r.status, 400, "{body}");
+        let param = r.json()["error"]["param"].clone();
+        assert!(
+            param.as_str().unwrap().starts_with("add_"),
+            "{body}: {param}"
+        );
+    }
     // vLLM's chat_template_kwargs reach the template (the tiny one has Qwen3's thinking switch),
     // in /tokenize and in the chat request alike.
     let vars = json!({"enable_thinking": false});

@@ -116,6 +116,8 @@ pub struct ParsedRequest {
     /// Chat only (vLLM's `continue_final_message`): the last message is the assistant's, and
     /// the output continues its text instead of starting a new turn (a "prefill").
     pub continue_final: bool,
+    /// vLLM's `add_generation_prompt` and `add_special_tokens`.
+    pub framing: Framing,
     /// Chat only (vLLM's `chat_template_kwargs`): more variables for the chat template, such as
     /// Qwen3's `enable_thinking`.
     pub template_vars: Option<Map<String, Value>>,
@@ -252,6 +254,7 @@ pub fn parse_object(
         ignore_eos: false,
         tools: None,
         continue_final: false,
+        framing: Framing::default(),
         template_vars: None,
         grammar: None,
         stop_token_ids: Vec::new(),
@@ -287,6 +290,8 @@ pub fn parse_object(
             "continue_final_message" if chat => {
                 r.continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
             }
+            "add_generation_prompt" if chat => r.framing.read(k, v)?,
+            "add_special_tokens" => r.framing.read(k, v)?,
             "chat_template_kwargs" if chat => r.template_vars = opt(v, |v| template_vars(k, v))?,
             "reasoning_effort" if chat => effort = opt(v, |v| reasoning_effort(k, v))?,
             "max_tokens" => {
@@ -641,6 +646,7 @@ pub fn parse_object(
             ));
         }
         r.logprobs = chat_logprobs.then(|| top_logprobs.unwrap_or(0) as usize);
+        r.framing.check(r.continue_final)?;
         if r.continue_final && r.messages.last().is_some_and(|m| m.role != "assistant") {
             return Err(ApiError::invalid(
                 "continue_final_message",
@@ -930,16 +936,73 @@ pub enum TokenizeInput {
     },
 }
 
-/// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`;
-/// also whether vLLM's `return_token_strs` asks for each token's text.
-pub fn parse_tokenize(body: &[u8]) -> Result<(TokenizeInput, bool), ApiError> {
-    let obj = json_object(body)?;
-    let mut strs = false;
-    let input = tokenize_input(&obj, &mut strs)?;
-    Ok((input, strs))
+/// How a prompt becomes tokens: vLLM's `add_generation_prompt` (a chat template ends with the
+/// assistant's turn opened; default true) and `add_special_tokens` (the model's BOS is added,
+/// as the GGUF asks; default true; false: only what the text or template writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub generation_prompt: bool,
+    pub special_tokens: bool,
+    /// `add_generation_prompt` was sent true (not the default).
+    asked_generation_prompt: bool,
 }
 
-fn tokenize_input(obj: &Map<String, Value>, strs: &mut bool) -> Result<TokenizeInput, ApiError> {
+impl Default for Framing {
+    fn default() -> Self {
+        Framing {
+            generation_prompt: true,
+            special_tokens: true,
+            asked_generation_prompt: false,
+        }
+    }
+}
+
+impl Framing {
+    fn read(&mut self, k: &str, v: &Value) -> Result<(), ApiError> {
+        let Some(b) = opt(v, |v| boolean(k, v))? else {
+            return Ok(());
+        };
+        if k == "add_generation_prompt" {
+            self.generation_prompt = b;
+            self.asked_generation_prompt = b;
+        } else {
+            self.special_tokens = b;
+        }
+        Ok(())
+    }
+
+    /// A continued final message has no generation prompt: asking for one too is a contradiction.
+    fn check(&self, continue_final: bool) -> Result<(), ApiError> {
+        if continue_final && self.asked_generation_prompt {
+            return Err(ApiError::invalid(
+                "add_generation_prompt",
+                "add_generation_prompt and continue_final_message cannot both be true (a continued message opens no new turn)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the chat template opens the assistant's turn.
+    pub fn opens_turn(&self, continue_final: bool) -> bool {
+        self.generation_prompt && !continue_final
+    }
+}
+
+/// `POST /tokenize`'s body: `prompt` (a string) or `messages` (a chat), and optionally `model`;
+/// also whether vLLM's `return_token_strs` asks for each token's text.
+pub fn parse_tokenize(body: &[u8]) -> Result<(TokenizeInput, bool, Framing), ApiError> {
+    let obj = json_object(body)?;
+    let mut strs = false;
+    let mut framing = Framing::default();
+    let input = tokenize_input(&obj, &mut strs, &mut framing)?;
+    Ok((input, strs, framing))
+}
+
+fn tokenize_input(
+    obj: &Map<String, Value>,
+    strs: &mut bool,
+    framing: &mut Framing,
+) -> Result<TokenizeInput, ApiError> {
     let mut input = None;
     let mut continue_final = false;
     let mut vars = None;
@@ -961,9 +1024,11 @@ fn tokenize_input(obj: &Map<String, Value>, strs: &mut bool) -> Result<TokenizeI
                 continue_final = opt(v, |v| boolean(k, v))?.unwrap_or(false)
             }
             "chat_template_kwargs" => vars = opt(v, |v| template_vars(k, v))?,
+            "add_generation_prompt" | "add_special_tokens" => framing.read(k, v)?,
             _ => return Err(unknown_field(k)),
         }
     }
+    framing.check(continue_final)?;
     if obj.contains_key("prompt") && obj.contains_key("messages") {
         return Err(ApiError::invalid(
             "prompt",
@@ -983,6 +1048,10 @@ fn tokenize_input(obj: &Map<String, Value>, strs: &mut bool) -> Result<TokenizeI
         Some(_) if vars.is_some() => Err(ApiError::invalid(
             "chat_template_kwargs",
             "chat_template_kwargs applies to `messages`",
+        )),
+        Some(_) if obj.contains_key("add_generation_prompt") => Err(ApiError::invalid(
+            "add_generation_prompt",
+            "add_generation_prompt applies to `messages`",
         )),
         Some(p) => Ok(p),
         None => Err(ApiError::invalid(

@@ -2044,13 +2044,13 @@ struct Choice {
 async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
-    let (t, strs) = api::parse_tokenize(&body)?;
+    let (t, strs, framing) = api::parse_tokenize(&body)?;
     let ctx = served.engine.max_context();
     let tokenizer = served.tokenizer.clone();
     let ids = blocking(move || {
         let tokenizer = &*served.tokenizer;
         match t {
-            api::TokenizeInput::Prompt(text) => text_prompt(tokenizer, &text),
+            api::TokenizeInput::Prompt(text) => text_prompt(tokenizer, &text, framing),
             api::TokenizeInput::Messages {
                 messages,
                 continue_final,
@@ -2059,7 +2059,7 @@ async fn tokenize(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
                 &served,
                 &messages,
                 None,
-                continue_final,
+                (continue_final, framing),
                 template_vars.as_ref(),
             ),
         }
@@ -2732,11 +2732,25 @@ fn at_capacity(f: super::pool::Full) -> ApiError {
     )
 }
 
-/// A completion's text prompt as ids (BOS, special tokens parsed).
-fn text_prompt(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
-    tokenizer
-        .encode_prompt(text, true)
+/// A completion's text prompt as ids (special tokens parsed; BOS unless `add_special_tokens`
+/// is false).
+fn text_prompt(
+    tokenizer: &Tokenizer,
+    text: &str,
+    framing: api::Framing,
+) -> Result<Vec<u32>, ApiError> {
+    framed(tokenizer, text, framing)
         .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e:#}")))
+}
+
+/// Text as ids, special tokens parsed; the model's BOS added unless `add_special_tokens` is
+/// false.
+fn framed(tokenizer: &Tokenizer, text: &str, framing: api::Framing) -> anyhow::Result<Vec<u32>> {
+    if framing.special_tokens {
+        tokenizer.encode_prompt(text, true)
+    } else {
+        tokenizer.encode(text, true)
+    }
 }
 
 /// Token ids sent by a client must be in the vocabulary; the error names `field[i]`.
@@ -2760,7 +2774,7 @@ fn chat_prompt(served: &Served, p: &api::ParsedRequest) -> Result<Vec<u32>, ApiE
         served,
         &p.messages,
         p.tools.as_ref(),
-        p.continue_final,
+        (p.continue_final, p.framing),
         p.template_vars.as_ref(),
     )
 }
@@ -2770,7 +2784,7 @@ fn chat_prompt_of(
     served: &Served,
     messages: &[api::ChatMessage],
     tools: Option<&Value>,
-    continue_final: bool,
+    (continue_final, framing): (bool, api::Framing),
     vars: Option<&serde_json::Map<String, Value>>,
 ) -> Result<Vec<u32>, ApiError> {
     let msgs: Vec<Message> = messages
@@ -2789,7 +2803,7 @@ fn chat_prompt_of(
     }
     let rendered = served
         .chat
-        .render_with_tools(&msgs, tools, !continue_final, vars)
+        .render_with_tools(&msgs, tools, framing.opens_turn(continue_final), vars)
         .map_err(|e| {
             ApiError::invalid(
                 "messages",
@@ -2814,7 +2828,7 @@ fn chat_prompt_of(
             rendered[..end].to_string()
         }
     };
-    served.tokenizer.encode_prompt(&text, true).map_err(|e| {
+    framed(&served.tokenizer, &text, framing).map_err(|e| {
         ApiError::invalid(
             "messages",
             format!("cannot tokenize the conversation: {e:#}"),
@@ -2850,7 +2864,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
     let engine = &served.engine;
     let (prompt, field) = match p.endpoint {
         Endpoint::Completions => match p.prompt.as_ref() {
-            Some(PromptInput::Text(t)) => (text_prompt(tokenizer, t)?, "prompt"),
+            Some(PromptInput::Text(t)) => (text_prompt(tokenizer, t, p.framing)?, "prompt"),
             Some(PromptInput::Tokens(ids)) => {
                 check_ids(ids, tokenizer, "prompt")?;
                 (ids.clone(), "prompt")
