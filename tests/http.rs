@@ -6114,3 +6114,46 @@ fn sagemaker_ping_and_invocations_route_by_fields() {
     assert_eq!(r.status, 401);
     assert_eq!(s.request("GET", "/invocations", &auth, b"").status, 405);
 }
+
+/// A batch line's generation waits behind client requests: with the one worker busy, a line
+/// queued first still starts after a client request queued later (a real model, slow enough
+/// that the order shows: the client's answer comes while the line has not run).
+#[test]
+fn batch_lines_queue_behind_client_requests() {
+    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().to_path_buf();
+    let m = model.display().to_string();
+    let s = Server::start(
+        &["--model", &m, "--draft", "prompt-lookup", "--workers", "1"],
+        Some(dir),
+        &log_dir,
+    );
+    let job = |tokens: u64| {
+        json!({"prompt": "Count to a thousand:", "max_tokens": tokens, "temperature": 0,
+               "ignore_eos": true, "speculation": "off"})
+    };
+    let mut stream = job(120);
+    stream["stream"] = json!(true);
+    let mut busy = s.open_stream("/v1/completions", &stream);
+    assert!(busy.next_event().is_some());
+    let lines = [("line".to_string(), "/v1/completions", job(30))];
+    let file = upload(&s, "b.jsonl", "batch", batch_file(&lines).as_bytes()).json();
+    let b = s.post_json(
+        "/v1/batches",
+        &json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "24h"}),
+    );
+    let id = b.json()["id"].as_str().unwrap().to_string();
+    wait_for("the line to queue", &s, Duration::from_secs(30), || {
+        s.metric("verdict_queue_depth") >= 1.0
+    });
+    let client = s.post_json("/v1/completions", &job(10));
+    assert_eq!(client.status, 200, "{}", client.text());
+    let counts = s.get(&format!("/v1/batches/{id}")).json()["request_counts"].clone();
+    assert_eq!(
+        counts["completed"], 0,
+        "the line ran before the client's request"
+    );
+    drop(busy.collect());
+    assert_eq!(wait_batch(&s, &id)["request_counts"]["completed"], 1);
+}

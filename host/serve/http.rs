@@ -1853,8 +1853,11 @@ async fn start(
             prompt_logprobs: parsed.prompt_logprobs.filter(|_| scores(i)),
             token_ids: parsed.return_token_ids,
         };
+        // A batch line's generations queue behind every client request's.
+        let batch_line = BATCH_LINE.try_with(|_| ()).is_ok();
+        let priority = parsed.priority + if batch_line { BATCH_PRIORITY } else { 0 };
         app.pool
-            .submit_at(parsed.priority, Box::new(move || job.run()))
+            .submit_at(priority, Box::new(move || job.run()))
             .map_err(at_capacity)?;
         let all_tx = all_tx.clone();
         // Ends when the choice does or the handler is gone (then dropping `choice_rx` tells
@@ -2595,8 +2598,17 @@ async fn run_batch(
     }
 }
 
+tokio::task_local! {
+    /// Set while a batch line runs through its route ([`dispatch`]).
+    static BATCH_LINE: ();
+}
+
+/// Added to a batch line's priority: its generations wait behind every client request's
+/// (whose `priority` is an i32), in their own order among themselves.
+const BATCH_PRIORITY: i64 = 1 << 32;
+
 /// A batch line through the route a client's request takes (the batch's creator passed the key
-/// check).
+/// check), its generations queued behind client requests'.
 async fn dispatch(app: &Arc<App>, url: String, body: Bytes) -> batch::Answer {
     let req = Request::builder()
         .method(Method::POST)
@@ -2604,7 +2616,11 @@ async fn dispatch(app: &Arc<App>, url: String, body: Bytes) -> batch::Answer {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(body).map_err(|e| match e {}).boxed_unsync());
     let (name, result) = match req {
-        Ok(req) => route(app, Method::POST, &url, req).await,
+        Ok(req) => {
+            BATCH_LINE
+                .scope((), route(app, Method::POST, &url, req))
+                .await
+        }
         Err(e) => (
             "other",
             Err(ApiError::internal(format!("cannot build the request: {e}"))),
