@@ -6157,3 +6157,54 @@ fn batch_lines_queue_behind_client_requests() {
     drop(busy.collect());
     assert_eq!(wait_batch(&s, &id)["request_counts"]["completed"], 1);
 }
+
+/// vLLM's `request_id` and the `X-Request-Id` header name the response (`cmpl-ID`,
+/// `chatcmpl-ID`; the header first), streamed too; an empty one is refused.
+#[test]
+fn a_request_id_names_the_response() {
+    let s = tiny_server(256, &[]);
+    let r = ok_json(
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 2, "request_id": "job-7"}),
+    );
+    assert_eq!(r["id"], "cmpl-job-7");
+    let chat = json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
+                      "request_id": "job-8"});
+    assert_eq!(
+        ok_json(&s, "/v1/chat/completions", &chat)["id"],
+        "chatcmpl-job-8"
+    );
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("X-Request-Id", "trace-1"),
+    ];
+    let r = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        chat.to_string().as_bytes(),
+    );
+    assert_eq!(r.json()["id"], "chatcmpl-trace-1");
+    assert_eq!(r.header("x-request-id"), Some("trace-1"));
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let events = s.open_stream("/v1/chat/completions", &streamed).collect();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["id"], "chatcmpl-job-8");
+    let r = s.post_json("/v1/completions", &json!({"prompt": "a", "request_id": ""}));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("request_id"))
+    );
+    // Without either: an id of the server's own.
+    let own = ok_json(
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 2}),
+    );
+    assert!(
+        own["id"].as_str().unwrap().len() > "cmpl-".len() + 8,
+        "{own}"
+    );
+}

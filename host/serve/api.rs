@@ -150,6 +150,9 @@ pub struct ParsedRequest {
     /// vLLM's `priority`: with the server's `priority` scheduling, a waiting request of a
     /// lower value starts first.
     pub priority: i64,
+    /// vLLM's `request_id`: names the response (`chatcmpl-ID`; a request's `X-Request-Id`
+    /// header first).
+    pub request_id: Option<String>,
 }
 
 impl ParsedRequest {
@@ -267,6 +270,7 @@ pub fn parse_object(
         return_token_ids: false,
         continuous_usage: false,
         priority: 0,
+        request_id: None,
     };
     let chat = endpoint == Endpoint::Chat;
     // Chat's two logprobs fields are checked together after the loop.
@@ -454,6 +458,12 @@ pub fn parse_object(
             "priority" => {
                 r.priority = opt(v, |v| int_range(k, v, i32::MIN as i64, i32::MAX as i64))?
                     .unwrap_or(0)
+            }
+            "request_id" => {
+                r.request_id = opt(v, |v| string(k, v))?;
+                if r.request_id.as_ref().is_some_and(|id| id.is_empty()) {
+                    return Err(ApiError::invalid(k, "request_id must not be empty"));
+                }
             }
             "return_tokens_as_token_ids" => {
                 r.tokens_as_ids = opt(v, |v| boolean(k, v))?.unwrap_or(false)

@@ -1187,6 +1187,10 @@ async fn completion(
 ) -> Result<Response<Body>, ApiError> {
     let arrived = Instant::now();
     let served = served_or_unavailable(app)?;
+    let header_id = (req.headers().get("x-request-id"))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
     let mut obj = api::json_object(&body)?;
     api::with_defaults(&mut obj, &app.opts.generation_defaults);
@@ -1204,14 +1208,15 @@ async fn completion(
     let (early, rx) = begun.events;
     let prompts = 1 + parsed.more_prompts.len();
     let choices = prompts * parsed.n;
+    // Named as vLLM names it: the X-Request-Id header, else the body's `request_id`.
+    let name = (header_id.or_else(|| parsed.request_id.clone())).unwrap_or_else(|| new_id(app));
     let id = format!(
-        "{}-{}",
+        "{}-{name}",
         if endpoint == Endpoint::Chat {
             "chatcmpl"
         } else {
             "cmpl"
         },
-        new_id(app)
     );
     let meta = ResponseMeta {
         id,
