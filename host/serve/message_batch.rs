@@ -125,9 +125,11 @@ pub fn parse_create(body: &[u8]) -> Result<(Bytes, Vec<Line>), ApiError> {
     let data = Bytes::from(data);
     // The lines were checked above; this only cuts them (a refusal here names its request).
     let lines = batch::parse_at_most(&data, Some(batch::MESSAGES), MAX_REQUESTS).map_err(|e| {
-        let e = &e[0];
-        let at = e.line.map(|n| format!("requests[{}]", n - 1));
-        ApiError::invalid(at.unwrap_or_else(|| "requests".into()), e.message.clone())
+        let first = e.first();
+        let at = (first.and_then(|e| e.line)).map(|n| format!("requests[{}]", n.saturating_sub(1)));
+        let message =
+            first.map_or_else(|| "the requests do not read".into(), |e| e.message.clone());
+        ApiError::invalid(at.unwrap_or_else(|| "requests".into()), message)
     })?;
     Ok((data, lines))
 }
