@@ -1828,15 +1828,18 @@ fn models_dir() -> std::path::PathBuf {
 
 /// A server on one of the fetched real models, drafting by prompt lookup.
 fn real_server(file: &str) -> Server {
+    real_server_with(file, &[])
+}
+
+/// [`real_server`] with `extra` arguments.
+fn real_server_with(file: &str, extra: &[&str]) -> Server {
     let model = models_dir().join(file);
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().to_path_buf();
     let m = model.display().to_string();
-    Server::start(
-        &["--model", &m, "--draft", "prompt-lookup"],
-        Some(dir),
-        &log_dir,
-    )
+    let mut args = vec!["--model", m.as_str(), "--draft", "prompt-lookup"];
+    args.extend(extra);
+    Server::start(&args, Some(dir), &log_dir)
 }
 
 #[test]
@@ -5951,23 +5954,9 @@ fn background_responses_run_on_after_the_request_returns() {
 /// the same); a delete cancels one running and forgets it.
 #[test]
 fn background_responses_wait_for_room_and_stop_when_cancelled() {
-    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().to_path_buf();
-    let m = model.display().to_string();
-    let s = Server::start(
-        &[
-            "--model",
-            &m,
-            "--draft",
-            "prompt-lookup",
-            "--workers",
-            "1",
-            "--max-queue",
-            "1",
-        ],
-        Some(dir),
-        &log_dir,
+    let s = real_server_with(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        &["--workers", "1", "--max-queue", "1"],
     );
     let cancelled = || s.metric("verdict_generations_finished_total{reason=\"cancelled\"}");
     let status = |id: &str| s.get(&format!("/v1/responses/{id}")).json()["status"].clone();
@@ -6120,15 +6109,7 @@ fn sagemaker_ping_and_invocations_route_by_fields() {
 /// that the order shows: the client's answer comes while the line has not run).
 #[test]
 fn batch_lines_queue_behind_client_requests() {
-    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().to_path_buf();
-    let m = model.display().to_string();
-    let s = Server::start(
-        &["--model", &m, "--draft", "prompt-lookup", "--workers", "1"],
-        Some(dir),
-        &log_dir,
-    );
+    let s = real_server_with("SmolLM2-135M-Instruct.Q4_1.gguf", &["--workers", "1"]);
     let job = |tokens: u64| {
         json!({"prompt": "Count to a thousand:", "max_tokens": tokens, "temperature": 0,
                "ignore_eos": true, "speculation": "off"})
