@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Ended runs kept for polling and reading their streams again (a finished response stays in
 /// the responses store too, for `GET` and `previous_response_id`).
@@ -221,16 +221,11 @@ pub fn parse_query(query: Option<&str>) -> Result<(bool, Option<u64>), super::er
     Ok((stream, after))
 }
 
-/// A response object with another status (a cancelled one's, from its queued one).
-pub fn with_status(mut response: Value, status: &str) -> Value {
-    response["status"] = json!(status);
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::StreamExt;
+    use serde_json::json;
 
     fn event(seq: u64, kind: &str) -> Value {
         json!({"type": kind, "sequence_number": seq})
@@ -238,7 +233,7 @@ mod tests {
 
     fn run(stream: bool) -> Arc<Run> {
         let queued = json!({"id": "r", "status": "queued"});
-        let cancelled = with_status(queued.clone(), "cancelled");
+        let cancelled = json!({"id": "r", "status": "cancelled"});
         Arc::new(Run::new("r".into(), stream, queued, cancelled))
     }
 
