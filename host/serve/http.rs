@@ -1466,40 +1466,25 @@ async fn run_background(
         }
     };
     meta.reasoning = app.opts.reasoning.map(|p| p.reading(thinking_open));
-    let mut stream = responses::Stream::new(meta);
+    // The same events a streamed response gives (its end stored as theirs is).
+    let mut stream = ResponseEvents {
+        app: app.clone(),
+        id: run.id.clone(),
+        stream: responses::Stream::new(meta),
+        t: Some(t),
+    };
     run.push(stream.start());
     loop {
         let next = match early.pop_front() {
             Some(e) => Some(e),
             None => rx.recv().await,
         };
-        match next {
-            Some((_, Event::Delta(d, e))) => run.push(stream.delta(&d, e)),
-            Some((
-                _,
-                Event::Started
-                | Event::Prefilled
-                | Event::Progress { .. }
-                | Event::PromptLogprobs(_),
-            )) => {}
-            Some((_, Event::Done(o))) => {
-                let (events, response, reply) = stream.done(&o);
-                let mut conversation = t.conversation;
-                conversation.push(reply);
-                lock(&app.responses).insert(run.id.clone(), response, conversation);
-                finish_background(&app, &run, events);
-                return;
-            }
-            Some((_, Event::Failed(e))) => {
-                finish_background(&app, &run, stream.failed(&e));
-                return;
-            }
-            None => {
-                let e = ApiError::internal("the generation worker stopped unexpectedly");
-                finish_background(&app, &run, stream.failed(&e));
-                return;
-            }
+        let (events, done) = typed_step(&mut stream, next);
+        if done {
+            finish_background(&app, &run, events);
+            return;
         }
+        run.push(events);
     }
 }
 
@@ -1613,29 +1598,8 @@ fn typed_events(stream: impl TypedEvents, (early, rx): Events) -> Response<Body>
                 Some(e) => Some(e),
                 None => s.rx.recv().await,
             };
-            let events = match next {
-                Some((_, Event::Delta(d, e))) => s.stream.delta(&d, e),
-                Some((
-                    _,
-                    Event::Started
-                    | Event::Prefilled
-                    | Event::Progress { .. }
-                    | Event::PromptLogprobs(_),
-                )) => Vec::new(),
-                Some((_, Event::Done(o))) => {
-                    s.done = true;
-                    s.stream.done(&o)
-                }
-                Some((_, Event::Failed(e))) => {
-                    s.done = true;
-                    s.stream.failed(&e)
-                }
-                None => {
-                    s.done = true;
-                    let e = ApiError::internal("the generation worker stopped unexpectedly");
-                    s.stream.failed(&e)
-                }
-            };
+            let (events, done) = typed_step(&mut s.stream, next);
+            s.done = done;
             if !events.is_empty() {
                 break typed_sse(events);
             }
@@ -1643,6 +1607,24 @@ fn typed_events(stream: impl TypedEvents, (early, rx): Events) -> Response<Body>
         Some((Ok::<_, Infallible>(Frame::data(bytes)), s))
     });
     event_stream(StreamBody::new(body))
+}
+
+/// What a typed stream makes of the generation's next event (`None`: its worker stopped), and
+/// whether that ended the reply.
+fn typed_step(stream: &mut impl TypedEvents, next: Option<(usize, Event)>) -> (Vec<Value>, bool) {
+    match next {
+        Some((_, Event::Delta(d, e))) => (stream.delta(&d, e), false),
+        Some((
+            _,
+            Event::Started | Event::Prefilled | Event::Progress { .. } | Event::PromptLogprobs(_),
+        )) => (Vec::new(), false),
+        Some((_, Event::Done(o))) => (stream.done(&o), true),
+        Some((_, Event::Failed(e))) => (stream.failed(&e), true),
+        None => {
+            let e = ApiError::internal("the generation worker stopped unexpectedly");
+            (stream.failed(&e), true)
+        }
+    }
 }
 
 /// Server-sent events named by their `type` (`event: <type>`, `data: <object>`), as the
