@@ -290,7 +290,11 @@ fn completions_chat_streaming_stop_and_stats() {
         "speculative steps call the policy and time it:\n{text}"
     );
     // vLLM's names for the same metrics (what its dashboards and routers read), labelled with
-    // the model's name: the same values.
+    // the model's name: the same values. (Read once the last generation has finished its
+    // bookkeeping, which may come just after its client's last byte.)
+    wait_for("no generation running", &s, Duration::from_secs(10), || {
+        s.metric("verdict_active_generations") == 0.0
+    });
     let text = s.get("/metrics").text();
     let m = |name: &str| {
         let line = text
