@@ -6193,3 +6193,240 @@ fn a_request_id_names_the_response() {
         "{own}"
     );
 }
+
+/// The text of a Responses output's message items.
+fn output_text(r: &Value) -> String {
+    (r["output"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter())
+    .filter(|o| o["type"] == "message")
+    .flat_map(|o| o["content"].as_array().unwrap())
+    .map(|c| c["text"].as_str().unwrap().to_string())
+    .collect()
+}
+
+/// OpenAI's Conversations API: a response naming a conversation reads its items as the
+/// context (the same text as the chat request of those turns) and adds its input and output
+/// to it; a response that fails adds nothing. Items are listed, paged, added, read and deleted;
+/// `input_items` lists what a response was generated from; bad uses are refused, named.
+#[test]
+fn conversations_hold_the_turns_of_responses() {
+    let s = q8_server(4096, &[]);
+    let chat = |messages: Value| -> String {
+        text_of(&ok_json(
+            &s,
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 8, "temperature": 0}),
+        ))
+    };
+    let conv = ok_json(
+        &s,
+        "/v1/conversations",
+        &json!({"items": [{"role": "user", "content": "Hello there"}],
+                "metadata": {"topic": "greeting"}}),
+    );
+    assert_eq!(conv["object"], "conversation");
+    assert_eq!(conv["metadata"], json!({"topic": "greeting"}));
+    let id = conv["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("conv_"), "{conv}");
+    assert_eq!(s.get(&format!("/v1/conversations/{id}")).json(), conv);
+    let items = |query: &str| -> Value {
+        let r = s.get(&format!("/v1/conversations/{id}/items{query}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    // A turn: the conversation is its context.
+    let first = ok_json(
+        &s,
+        "/v1/responses",
+        &json!({"input": "And then?", "conversation": id, "max_output_tokens": 8,
+                "temperature": 0}),
+    );
+    assert_eq!(first["conversation"], json!({"id": id}));
+    let a1 = output_text(&first);
+    assert_eq!(
+        a1,
+        chat(json!([{"role": "user", "content": "Hello there"},
+                    {"role": "user", "content": "And then?"}]))
+    );
+    // Its input and output joined the conversation, oldest first with order=asc.
+    let all = items("?order=asc");
+    let data = all["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3, "{all}");
+    assert_eq!(data[1]["content"][0]["text"], "And then?");
+    assert_eq!(data[2]["role"], "assistant");
+    assert_eq!(data[2]["content"][0]["text"], a1.as_str());
+    assert_eq!(data[2]["id"], first["output"][0]["id"]);
+    // A second turn, streamed, named by object.
+    let raw = s
+        .request(
+            "POST",
+            "/v1/responses",
+            &[],
+            json!({"input": "Third", "conversation": {"id": id}, "max_output_tokens": 8,
+                   "temperature": 0, "stream": true})
+            .to_string()
+            .as_bytes(),
+        )
+        .text();
+    let second = response_events(&raw).last().unwrap()["response"].clone();
+    assert_eq!(
+        output_text(&second),
+        chat(json!([{"role": "user", "content": "Hello there"},
+                    {"role": "user", "content": "And then?"},
+                    {"role": "assistant", "content": a1},
+                    {"role": "user", "content": "Third"}]))
+    );
+    assert_eq!(items("")["data"].as_array().unwrap().len(), 5);
+    // Newest first by default, paged.
+    let page = items("?limit=2");
+    assert_eq!(page["has_more"], true);
+    assert_eq!(page["data"][0]["id"], second["output"][0]["id"]);
+    assert_eq!(page["data"][1]["content"][0]["text"], "Third");
+    let next = items(&format!(
+        "?limit=2&after={}",
+        page["last_id"].as_str().unwrap()
+    ));
+    assert_eq!(next["data"][0]["id"], data[2]["id"]);
+    // What the second response was generated from: the four items before it.
+    let sid = second["id"].as_str().unwrap();
+    let input = s
+        .get(&format!("/v1/responses/{sid}/input_items?order=asc"))
+        .json();
+    let input = input["data"].as_array().unwrap();
+    assert_eq!(input.len(), 4);
+    assert_eq!(input[..3], data[..]);
+    // A failing request adds nothing and leaves the conversation free.
+    let bad = s.post_json(
+        "/v1/responses",
+        &json!({"input": "x", "conversation": id, "temperature": "hot"}),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(items("")["data"].as_array().unwrap().len(), 5);
+    // Items added by hand, read, deleted.
+    let added = ok_json(
+        &s,
+        &format!("/v1/conversations/{id}/items"),
+        &json!({"items": [{"type": "message", "role": "user", "content": "Noted"}]}),
+    );
+    let item = added["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(added["first_id"], item.as_str());
+    let got = s.get(&format!("/v1/conversations/{id}/items/{item}"));
+    assert_eq!(got.json()["content"][0]["text"], "Noted");
+    let dup = s.post_json(
+        &format!("/v1/conversations/{id}/items"),
+        &json!({"items": [{"id": item, "role": "user", "content": "again"}]}),
+    );
+    assert_eq!(dup.status, 400);
+    assert_eq!(dup.json()["error"]["param"], "items[0].id");
+    let r = s.request(
+        "DELETE",
+        &format!("/v1/conversations/{id}/items/{item}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.json()["id"], id.as_str(), "{}", r.text());
+    assert_eq!(
+        s.get(&format!("/v1/conversations/{id}/items/{item}"))
+            .status,
+        404
+    );
+    // Metadata is updated.
+    let u = ok_json(
+        &s,
+        &format!("/v1/conversations/{id}"),
+        &json!({"metadata": {"topic": "done"}}),
+    );
+    assert_eq!(u["metadata"]["topic"], "done");
+    // input_items of a continued response: the earlier turn's input and output, then its own.
+    let r1 = ok_json(
+        &s,
+        "/v1/responses",
+        &json!({"input": "Hi", "max_output_tokens": 4}),
+    );
+    let r2 = ok_json(
+        &s,
+        "/v1/responses",
+        &json!({"input": [{"role": "user", "content": "Go on"}],
+                "previous_response_id": r1["id"], "max_output_tokens": 4}),
+    );
+    let listed = s
+        .get(&format!(
+            "/v1/responses/{}/input_items",
+            r2["id"].as_str().unwrap()
+        ))
+        .json();
+    let texts: Vec<&str> = (listed["data"].as_array().unwrap().iter())
+        .map(|i| i["content"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["Go on", output_text(&r1).as_str(), "Hi"],
+        "{listed}"
+    );
+    assert_eq!(listed["first_id"], listed["data"][0]["id"]);
+    // Refused, named.
+    let refused = |method: &str, path: &str, body: Value, status: u16, param: Option<&str>| {
+        let r = s.request(method, path, &[], body.to_string().as_bytes());
+        assert_eq!(r.status, status, "{method} {path} {body}: {}", r.text());
+        if let Some(p) = param {
+            assert_eq!(r.json()["error"]["param"], p, "{}", r.text());
+        }
+    };
+    refused(
+        "POST",
+        "/v1/responses",
+        json!({"input": "x", "conversation": id, "previous_response_id": r1["id"]}),
+        400,
+        Some("conversation"),
+    );
+    refused(
+        "POST",
+        "/v1/conversations",
+        json!({"items": [{"role": "robot", "content": "x"}]}),
+        400,
+        Some("items[0].role"),
+    );
+    refused(
+        "POST",
+        "/v1/conversations",
+        json!({"metadata": {"k": 1}}),
+        400,
+        Some("metadata.k"),
+    );
+    refused("GET", "/v1/conversations", json!({}), 405, None);
+    refused(
+        "GET",
+        &format!("/v1/conversations/{id}/items?order=sideways"),
+        json!({}),
+        400,
+        Some("order"),
+    );
+    refused(
+        "GET",
+        "/v1/responses/resp_nope/input_items",
+        json!({}),
+        404,
+        None,
+    );
+    refused(
+        "GET",
+        "/v1/conversations/conv_nope/items",
+        json!({}),
+        404,
+        None,
+    );
+    let gone = s.request("DELETE", &format!("/v1/conversations/{id}"), &[], b"");
+    assert_eq!(
+        gone.json(),
+        json!({"id": id, "object": "conversation.deleted", "deleted": true})
+    );
+    refused(
+        "POST",
+        "/v1/responses",
+        json!({"input": "x", "conversation": id}),
+        404,
+        Some("conversation"),
+    );
+}

@@ -5,8 +5,9 @@
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
 `extra_body` (vLLM's sampling extensions too), logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
-accumulator, `parse`, `previous_response_id`, retrieve and delete, in the background: polled, its
-stream read again, cancelled), that a wrong API key is an
+accumulator, `parse`, `previous_response_id` and `input_items`, retrieve and delete, in the
+background: polled, its stream read again, cancelled), the Conversations API (items paged, added,
+deleted; responses that read and extend a conversation), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
 an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
 for base64 and decodes it; floats on request; `dimensions`), the Batch API (a file uploaded,
@@ -330,6 +331,32 @@ r2 = client.responses.create(
 )
 assert r2.previous_response_id == r.id
 assert client.responses.retrieve(r.id).output_text == r.output_text
+# What r2 was generated from: r's input and output, then its own (newest first).
+listed = [i.id for i in client.responses.input_items.list(r2.id)]
+assert listed[0].startswith("msg_") and listed[1] == r.output[0].id and len(listed) == 3, listed
+# A conversation: each response reads it and adds its turn; the client pages its items.
+conv = client.conversations.create(
+    items=[{"type": "message", "role": "user", "content": "Hello"}], metadata={"topic": "t"}
+)
+assert conv.metadata == {"topic": "t"} and client.conversations.retrieve(conv.id).id == conv.id
+c1 = client.responses.create(model=model, input="More", conversation=conv.id, max_output_tokens=6, temperature=0)
+assert c1.conversation.id == conv.id, c1
+c2 = client.responses.create(model=model, input="Again", conversation=conv.id, max_output_tokens=6, temperature=0)
+items = list(client.conversations.items.list(conv.id, limit=2, order="asc"))
+assert [i.type for i in items] == ["message"] * 5, items
+assert items[2].id == c1.output[0].id and items[2].content[0].text == c1.output_text, items
+assert items[4].content[0].text == c2.output_text and items[4].role == "assistant", items
+added = client.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "Noted"}])
+assert client.conversations.items.retrieve(added.first_id, conversation_id=conv.id).content[0].text == "Noted"
+client.conversations.items.delete(added.first_id, conversation_id=conv.id)
+assert client.conversations.update(conv.id, metadata={"topic": "u"}).metadata == {"topic": "u"}
+assert client.conversations.delete(conv.id).deleted
+refused(
+    openai.NotFoundError,
+    "a deleted conversation was continued",
+    lambda: client.responses.create(model=model, input="x", conversation=conv.id),
+    param="conversation",
+)
 # In the background: polled to the same text; a streamed one read again from a sequence number.
 hello = dict(model=model, instructions="Be brief.", input="Hello", max_output_tokens=10, temperature=0)
 bg = client.responses.create(**hello, background=True)

@@ -1373,6 +1373,37 @@ fn embed_inputs(v: &Value) -> Result<Vec<EmbedInput>, ApiError> {
     Ok(inputs)
 }
 
+/// `metadata` as OpenAI's objects take it: at most 16 pairs, keys of at most 64 characters,
+/// values strings of at most 512 (`None` for null).
+pub fn metadata(v: &Value) -> Result<Option<Map<String, Value>>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Object(m) => {
+            if m.len() > 16 {
+                return Err(ApiError::invalid(
+                    "metadata",
+                    format!("metadata holds {} keys; at most 16", m.len()),
+                ));
+            }
+            for (k, v) in m {
+                let ok =
+                    k.chars().count() <= 64 && v.as_str().is_some_and(|s| s.chars().count() <= 512);
+                if !ok {
+                    return Err(ApiError::invalid(
+                        format!("metadata.{k}"),
+                        "metadata keys are at most 64 characters and values strings of at most 512",
+                    ));
+                }
+            }
+            Ok(Some(m.clone()))
+        }
+        _ => Err(ApiError::invalid(
+            "metadata",
+            "metadata must be an object of strings",
+        )),
+    }
+}
+
 pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(

@@ -24,6 +24,8 @@ pub struct Run {
     pub id: String,
     /// Created with `stream`: its events are kept for readers.
     pub stream: bool,
+    /// The items it is generated from (`GET /v1/responses/{id}/input_items`).
+    pub input_items: Vec<Value>,
     state: Mutex<State>,
     /// Ticks on every change: readers wait on it.
     changed: tokio::sync::watch::Sender<()>,
@@ -42,10 +44,17 @@ struct State {
 impl Run {
     /// A run whose object is `queued` until it starts; `cancelled` is its object should it be
     /// cancelled.
-    pub fn new(id: String, stream: bool, queued: Value, cancelled: Value) -> Run {
+    pub fn new(
+        id: String,
+        stream: bool,
+        queued: Value,
+        cancelled: Value,
+        input_items: Vec<Value>,
+    ) -> Run {
         Run {
             id,
             stream,
+            input_items,
             state: Mutex::new(State {
                 response: queued,
                 cancelled,
@@ -234,7 +243,7 @@ mod tests {
     fn run(stream: bool) -> Arc<Run> {
         let queued = json!({"id": "r", "status": "queued"});
         let cancelled = json!({"id": "r", "status": "cancelled"});
-        Arc::new(Run::new("r".into(), stream, queued, cancelled))
+        Arc::new(Run::new("r".into(), stream, queued, cancelled, Vec::new()))
     }
 
     #[tokio::test]
@@ -302,7 +311,13 @@ mod tests {
     fn the_last_ended_runs_are_kept() {
         let mut runs = Runs::default();
         for i in 0..KEPT_RUNS + 3 {
-            let r = Arc::new(Run::new(format!("r{i}"), false, json!({}), json!({})));
+            let r = Arc::new(Run::new(
+                format!("r{i}"),
+                false,
+                json!({}),
+                json!({}),
+                Vec::new(),
+            ));
             runs.add(r);
         }
         runs.ended("r0");

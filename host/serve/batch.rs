@@ -757,34 +757,7 @@ pub fn parse_create(body: &[u8]) -> Result<Create, ApiError> {
             format!("completion_window must be \"{COMPLETION_WINDOW}\", got {window:?}"),
         ));
     }
-    let metadata = match o.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => {
-            if m.len() > 16 {
-                return Err(ApiError::invalid(
-                    "metadata",
-                    format!("metadata holds {} keys; at most 16", m.len()),
-                ));
-            }
-            for (k, v) in m {
-                let ok =
-                    k.chars().count() <= 64 && v.as_str().is_some_and(|s| s.chars().count() <= 512);
-                if !ok {
-                    return Err(ApiError::invalid(
-                        format!("metadata.{k}"),
-                        "metadata keys are at most 64 characters and values strings of at most 512",
-                    ));
-                }
-            }
-            Some(m.clone())
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "metadata",
-                "metadata must be an object of strings",
-            ));
-        }
-    };
+    let metadata = super::api::metadata(o.get("metadata").unwrap_or(&Value::Null))?;
     Ok(Create {
         input_file_id,
         endpoint,
@@ -1184,7 +1157,7 @@ pub fn parse_query(
 }
 
 /// A page of a list, newest first unless `ascending`, starting after the `after` id.
-fn page(items: Vec<(String, Value)>, q: &ListQuery) -> Result<Value, ApiError> {
+pub fn page(items: Vec<(String, Value)>, q: &ListQuery) -> Result<Value, ApiError> {
     let mut items = items;
     if !q.ascending {
         items.reverse();

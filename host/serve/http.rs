@@ -27,6 +27,7 @@ use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
 use super::auth::Tokens;
 use super::background;
 use super::batch;
+use super::conversations;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
 use super::logprobs::{self, TokenEntry};
@@ -200,6 +201,8 @@ struct App {
     metrics: Arc<Metrics>,
     /// Responses API replies kept for `previous_response_id` (bounded, in memory).
     responses: Mutex<responses::Store>,
+    /// Conversations (`/v1/conversations`; bounded, in memory), shared with their leases.
+    conversations: Arc<Mutex<conversations::Store>>,
     /// Background responses running, and the last ended.
     runs: Mutex<background::Runs>,
     /// Uploaded files and batches (`/v1/files`, `/v1/batches`; in memory).
@@ -255,6 +258,7 @@ impl App {
             pool,
             metrics,
             responses: Mutex::default(),
+            conversations: Arc::default(),
             runs: Mutex::default(),
             batches: Mutex::new(store),
             draining: AtomicBool::new(false),
@@ -766,6 +770,17 @@ async fn route(
         ),
         p if p.starts_with("/v1/responses/") => {
             let rest = &p["/v1/responses/".len()..];
+            if let Some(id) = rest.strip_suffix("/input_items") {
+                return (
+                    "/v1/responses/{id}/input_items",
+                    match method {
+                        Method::GET => {
+                            response_input_items(app, &percent_decode(id), req.uri().query())
+                        }
+                        _ => allow("GET"),
+                    },
+                );
+            }
             match rest.strip_suffix("/cancel") {
                 Some(id) => (
                     "/v1/responses/{id}/cancel",
@@ -786,6 +801,16 @@ async fn route(
                     )
                 }
             }
+        }
+        "/v1/conversations" => (
+            "/v1/conversations",
+            match method {
+                Method::POST => create_conversation(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
+        p if p.starts_with("/v1/conversations/") => {
+            conversation_route(app, method, &p["/v1/conversations/".len()..], req).await
         }
         "/v1/embeddings" => (
             "/v1/embeddings",
@@ -1258,22 +1283,34 @@ async fn create_response(
     let arrived = Instant::now();
     let served = served_or_unavailable(app)?;
     let body = read_body(req, app.opts.max_body_bytes, "body").await?;
-    let mut t = responses::translate(&api::json_object(&body)?, |id| {
-        lock(&app.responses).conversation(id)
+    let id = format!("resp_{}", new_id(app));
+    // Taken with the conversation's items, in one step; an error before the end lets it go.
+    let mut lease = None;
+    let mut t = responses::translate(&api::json_object(&body)?, &id, |c| match c {
+        responses::Context::Response(p) => Ok(lock(&app.responses).context(p)),
+        responses::Context::Conversation(c) => {
+            Ok(
+                conversations::Lease::take(&app.conversations, c)?.map(|(l, items)| {
+                    lease = Some(l);
+                    items
+                }),
+            )
+        }
     })?;
     api::with_defaults(&mut t.chat, &app.opts.generation_defaults);
     let parsed = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
     let mut meta = responses::Meta::new(
-        format!("resp_{}", new_id(app)),
+        id,
         unix_now(),
         model_name(app, &served, &parsed),
         &t,
         parsed.tools.is_some(),
     );
-    if t.background {
+    let keep = Keep { t, lease };
+    if keep.t.background {
         // Started in its task: the request does not wait for a worker.
         check_model(app, &served, &parsed).map_err(responses::rename_param)?;
-        return Ok(start_background(app, served, parsed, t, meta, arrived));
+        return Ok(start_background(app, served, parsed, keep, meta, arrived));
     }
     let Begun {
         events,
@@ -1283,12 +1320,12 @@ async fn create_response(
         .await
         .map_err(responses::rename_param)?;
     meta.reasoning = app.opts.reasoning.map(|p| p.reading(open));
-    if t.stream {
+    if keep.t.stream {
         let stream = ResponseEvents {
             app: app.clone(),
             id: meta.id.clone(),
             stream: responses::Stream::new(meta),
-            t: Some(t),
+            keep: Some(keep),
         };
         return Ok(typed_events(stream, events));
     }
@@ -1298,13 +1335,30 @@ async fn create_response(
         .outcome
         .as_ref()
         .ok_or_else(|| ApiError::internal("the generation ended without an outcome"))?;
-    let (r, reply) = meta.full(&c.text, &c.entries, o);
-    if t.store {
-        let mut conversation = t.conversation;
-        conversation.push(reply);
-        lock(&app.responses).insert(meta.id.clone(), r.clone(), conversation);
-    }
+    let r = meta.full(&c.text, &c.entries, o);
+    keep.ended(app, &meta.id, &r);
     Ok(json_response(StatusCode::OK, &r))
+}
+
+/// What a response keeps when it ends: its request (the store keeps its input items) and its
+/// hold on its conversation. Dropped instead (the response failed, or its client left), it
+/// keeps nothing and lets the conversation go.
+struct Keep {
+    t: responses::Translated,
+    lease: Option<conversations::Lease>,
+}
+
+impl Keep {
+    fn ended(self, app: &App, id: &str, response: &Value) {
+        if self.t.store {
+            let items = self.t.input_items();
+            lock(&app.responses).insert(id.to_string(), response.clone(), items);
+        }
+        if let Some(lease) = self.lease {
+            let output = response["output"].as_array().into_iter().flatten();
+            lease.commit(self.t.input.iter().chain(output).cloned().collect());
+        }
+    }
 }
 
 /// The store stays usable if a thread panicked while holding it (a poisoned lock): its
@@ -1349,6 +1403,104 @@ fn stored_response(app: &App, id: &str, query: Option<&str>) -> Result<Response<
     Ok(json_response(StatusCode::OK, r))
 }
 
+/// `GET /v1/responses/{id}/input_items`: the items a response was generated from (a
+/// background one's while it runs too), newest first unless `order=asc`.
+fn response_input_items(
+    app: &App,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let q = conversations::parse_query(query, percent_decode)?;
+    let items = match lock(&app.runs).get(id) {
+        Some(run) => run.input_items.clone(),
+        None => (lock(&app.responses).input_items(id))
+            .ok_or_else(|| missing_response(id))?
+            .to_vec(),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &conversations::page(&items, &q)?,
+    ))
+}
+
+/// `POST /v1/conversations`.
+async fn create_conversation(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let body = api::json_object(&body)?;
+    let id = format!("conv_{}", new_id(app));
+    let c = lock(&app.conversations).create(id, unix_now(), &body)?;
+    Ok(json_response(StatusCode::OK, &c))
+}
+
+/// `/v1/conversations/{id}[/items[/{item}]]` (`rest` is the path after `/v1/conversations/`).
+async fn conversation_route(
+    app: &Arc<App>,
+    method: Method,
+    rest: &str,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let allow = |allowed: &str, path: &str| {
+        Err(ApiError::method_not_allowed(format!(
+            "{method} is not allowed on /v1/conversations/{path} (allowed: {allowed})"
+        )))
+    };
+    let ok = |v: Result<Value, ApiError>| v.map(|v| json_response(StatusCode::OK, &v));
+    let store = &app.conversations;
+    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let id = percent_decode(id);
+    match (tail, tail.strip_prefix("items/")) {
+        ("", _) => (
+            "/v1/conversations/{id}",
+            match method {
+                Method::GET => ok(lock(store).get(&id)),
+                Method::POST => match read_body(req, app.opts.max_body_bytes, "body").await {
+                    Ok(b) => ok(api::json_object(&b).and_then(|b| lock(store).update(&id, &b))),
+                    Err(e) => Err(e),
+                },
+                Method::DELETE => ok(lock(store).delete(&id)),
+                _ => allow("GET, POST, DELETE", rest),
+            },
+        ),
+        ("items", _) => (
+            "/v1/conversations/{id}/items",
+            match method {
+                Method::GET => ok(
+                    conversations::parse_query(req.uri().query(), percent_decode)
+                        .and_then(|q| lock(store).items(&id, &q)),
+                ),
+                Method::POST => match read_body(req, app.opts.max_body_bytes, "body").await {
+                    Ok(b) => ok(api::json_object(&b).and_then(|b| {
+                        let tag = format!("{}_", new_id(app));
+                        lock(store).add(&id, &tag, &b)
+                    })),
+                    Err(e) => Err(e),
+                },
+                _ => allow("GET, POST", rest),
+            },
+        ),
+        (_, Some(item)) if !item.is_empty() => {
+            let item = percent_decode(item);
+            (
+                "/v1/conversations/{id}/items/{item_id}",
+                match method {
+                    Method::GET => ok(lock(store).item(&id, &item)),
+                    Method::DELETE => ok(lock(store).delete_item(&id, &item)),
+                    _ => allow("GET, DELETE", rest),
+                },
+            )
+        }
+        _ => (
+            "other",
+            Err(ApiError::not_found(format!(
+                "no route for {method} /v1/conversations/{rest}"
+            ))),
+        ),
+    }
+}
+
 /// `DELETE /v1/responses/{id}` (a background response still running is cancelled).
 fn delete_response(app: &App, id: &str) -> Result<Response<Body>, ApiError> {
     let run = lock(&app.runs).remove(id);
@@ -1389,7 +1541,7 @@ fn start_background(
     app: &Arc<App>,
     served: Arc<Served>,
     parsed: ParsedRequest,
-    t: responses::Translated,
+    keep: Keep,
     meta: responses::Meta,
     arrived: Instant,
 ) -> Response<Body> {
@@ -1397,15 +1549,16 @@ fn start_background(
     let cancelled = meta.pending("cancelled");
     let run = Arc::new(background::Run::new(
         meta.id.clone(),
-        t.stream,
+        keep.t.stream,
         queued,
         cancelled,
+        keep.t.input_items(),
     ));
     lock(&app.runs).add(run.clone());
     let task = tokio::spawn(run_background(
         app.clone(),
         run.clone(),
-        (served, parsed, t, meta),
+        (served, parsed, keep, meta),
         arrived,
     ));
     run.set_task(task.abort_handle());
@@ -1428,12 +1581,7 @@ fn run_events(run: Arc<background::Run>, after: Option<u64>) -> Response<Body> {
 async fn run_background(
     app: Arc<App>,
     run: Arc<background::Run>,
-    (served, parsed, t, mut meta): (
-        Arc<Served>,
-        ParsedRequest,
-        responses::Translated,
-        responses::Meta,
-    ),
+    (served, parsed, keep, mut meta): (Arc<Served>, ParsedRequest, Keep, responses::Meta),
     arrived: Instant,
 ) {
     let mut wait = Duration::from_millis(200);
@@ -1471,7 +1619,7 @@ async fn run_background(
         app: app.clone(),
         id: run.id.clone(),
         stream: responses::Stream::new(meta),
-        t: Some(t),
+        keep: Some(keep),
     };
     run.push(stream.start());
     loop {
@@ -1516,7 +1664,7 @@ struct ResponseEvents {
     app: Arc<App>,
     stream: responses::Stream,
     id: String,
-    t: Option<responses::Translated>,
+    keep: Option<Keep>,
 }
 
 impl TypedEvents for ResponseEvents {
@@ -1529,11 +1677,9 @@ impl TypedEvents for ResponseEvents {
     }
 
     fn done(&mut self, outcome: &Outcome) -> Vec<Value> {
-        let (events, response, reply) = self.stream.done(outcome);
-        if let Some(t) = self.t.take().filter(|t| t.store) {
-            let mut conversation = t.conversation;
-            conversation.push(reply);
-            lock(&self.app.responses).insert(self.id.clone(), response, conversation);
+        let (events, response) = self.stream.done(outcome);
+        if let Some(keep) = self.keep.take() {
+            keep.ended(&self.app, &self.id, &response);
         }
         events
     }

@@ -4,7 +4,9 @@
 //! - [`api`]: request parsing and validation (every error names its field).
 //! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
 //! - [`responses`]: OpenAI's Responses API as a chat request, its output items and typed
-//!   stream events, and the store behind `previous_response_id`.
+//!   stream events, and the store behind `previous_response_id` and `input_items`.
+//! - [`conversations`]: OpenAI's Conversations API: item lists a response reads as its
+//!   context and adds its turn to, one response at a time.
 //! - [`background`]: background responses (`background: true`): polled, cancelled, their
 //!   streams read again.
 //! - [`messages`]: Anthropic's Messages API as a chat request, its content blocks and stream
@@ -30,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod background;
 pub mod batch;
+pub mod conversations;
 pub mod embeddings;
 pub mod error;
 pub mod generate;

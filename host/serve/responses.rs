@@ -8,8 +8,9 @@
 //!
 //! The request then runs as a chat request. Its reply is rendered as output items (a message,
 //! then function calls), or streamed as the API's typed events. Replies are kept in a bounded
-//! in-memory [`Store`], so that `previous_response_id` continues a conversation. Engine-free:
-//! `http.rs` runs the generation.
+//! in-memory [`Store`] with the items they were generated from (`input_items`), so that
+//! `previous_response_id` continues a conversation; `conversation` reads a conversation's items
+//! instead ([`super::conversations`]). Engine-free: `http.rs` runs the generation.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -35,9 +36,13 @@ pub const STORE_BYTES: usize = 64 << 20;
 pub struct Translated {
     /// The chat request body.
     pub chat: Map<String, Value>,
-    /// The conversation before this reply as chat messages (the previous response's, then
-    /// this input), without `instructions`: kept with the reply when `store` holds.
-    pub conversation: Vec<Value>,
+    /// The items before this input (a previous response's input items and output, or a
+    /// conversation's), without `instructions`.
+    pub context: Vec<Value>,
+    /// This request's input as items, each with an `id`.
+    pub input: Vec<Value>,
+    /// The conversation the response belongs to: its input and output join it when it ends.
+    pub conversation: Option<String>,
     pub store: bool,
     pub stream: bool,
     /// Run on after the request returns ([`super::background`]).
@@ -81,16 +86,36 @@ fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
 }
 
-/// Reads a Responses request. `previous` looks up a stored response's conversation.
+/// Where a response's context comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context<'a> {
+    /// `previous_response_id`: that response's input items and output.
+    Response(&'a str),
+    /// `conversation`: its items.
+    Conversation(&'a str),
+}
+
+impl Translated {
+    /// The items the response is generated from, oldest first (`GET .../input_items`).
+    pub fn input_items(&self) -> Vec<Value> {
+        self.context.iter().chain(&self.input).cloned().collect()
+    }
+}
+
+/// Reads a Responses request for response `id` (its input items' ids are made from it).
+/// `lookup` reads the context a request names (`None`: there is no such response or
+/// conversation); it is called once the rest of the request has been read.
 pub fn translate(
     body: &Map<String, Value>,
-    previous: impl FnOnce(&str) -> Option<Vec<Value>>,
+    id: &str,
+    lookup: impl FnOnce(Context<'_>) -> Result<Option<Vec<Value>>, ApiError>,
 ) -> Result<Translated, ApiError> {
     let mut chat = Map::new();
     let mut echo = Map::new();
     let mut input = None;
     let mut instructions = None;
     let mut previous_id = None;
+    let mut conversation = None;
     let mut store = true;
     let mut stream = false;
     let mut background = false;
@@ -108,6 +133,34 @@ pub fn translate(
                 if !v.is_null() {
                     previous_id = Some(string(k, v)?.to_string());
                 }
+            }
+            // A conversation's id, or `{"id": ...}`.
+            "conversation" => match v {
+                Value::Null => {}
+                Value::String(s) => conversation = Some(s.clone()),
+                Value::Object(o) => match o.get("id") {
+                    Some(Value::String(s)) => conversation = Some(s.clone()),
+                    _ => {
+                        return Err(invalid(
+                            "conversation.id",
+                            "conversation must be an id or an object with a string `id`",
+                        ));
+                    }
+                },
+                _ => {
+                    return Err(invalid(
+                        k,
+                        format!(
+                            "conversation must be an id or an object with a string `id`, got {}",
+                            type_name(v)
+                        ),
+                    ));
+                }
+            },
+            "metadata" => {
+                super::api::metadata(v)?;
+                chat.insert(k.clone(), v.clone());
+                echo.insert(k.clone(), v.clone());
             }
             "store" => match v {
                 Value::Null => {}
@@ -202,7 +255,7 @@ pub fn translate(
                     chat.insert("reasoning_effort".into(), e.into());
                 }
             }
-            "metadata" | "temperature" | "top_p" | "parallel_tool_calls" => {
+            "temperature" | "top_p" | "parallel_tool_calls" => {
                 chat.insert(k.clone(), v.clone());
                 echo.insert(k.clone(), v.clone());
             }
@@ -230,37 +283,152 @@ pub fn translate(
         ));
     }
     let input = input.ok_or_else(|| invalid("input", "a response needs `input`"))?;
-    let mut conversation = match &previous_id {
-        None => Vec::new(),
-        Some(id) => previous(id).ok_or_else(|| {
+    let input = items(
+        "input",
+        input,
+        &format!("{}_in", id.trim_start_matches("resp_")),
+    )?;
+    let context = match (&previous_id, &conversation) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "conversation",
+                "previous_response_id and conversation cannot be used together: a response continues one or the other",
+            ));
+        }
+        (None, None) => Vec::new(),
+        (Some(p), None) => lookup(Context::Response(p))?.ok_or_else(|| {
             ApiError::not_found(format!(
-                "previous_response_id: no stored response `{id}` (responses are kept in memory, the last {STORE_CAPACITY} up to {} MiB, and only with `store`)",
+                "previous_response_id: no stored response `{p}` (responses are kept in memory, the last {STORE_CAPACITY} up to {} MiB, and only with `store`)",
                 STORE_BYTES >> 20
             ))
             .with_param("previous_response_id")
         })?,
+        (None, Some(c)) => lookup(Context::Conversation(c))?.ok_or_else(|| {
+            super::conversations::missing(c).with_param("conversation")
+        })?,
     };
-    conversation.extend(input_messages(input)?);
-    let mut messages = Vec::with_capacity(conversation.len() + 1);
+    distinct_ids("input", &context, &input)?;
+    let mut messages = Vec::with_capacity(context.len() + input.len() + 1);
     if let Some(i) = &instructions {
         messages.push(json!({"role": "system", "content": i}));
     }
-    messages.extend(conversation.iter().cloned());
+    // Together, so that calls on both sides of the seam are one assistant turn.
+    let all: Vec<Value> = context.iter().chain(&input).cloned().collect();
+    messages.extend(input_messages("input", &Value::Array(all))?);
     chat.insert("messages".into(), Value::Array(messages));
     echo.insert(
         "previous_response_id".into(),
         previous_id.map_or(Value::Null, Value::String),
     );
+    echo.insert(
+        "conversation".into(),
+        conversation
+            .as_ref()
+            .map_or(Value::Null, |c| json!({"id": c})),
+    );
     echo.insert("store".into(), Value::Bool(store));
     echo.insert("background".into(), Value::Bool(background));
     Ok(Translated {
         chat,
+        context,
+        input,
         conversation,
         store,
         stream,
         background,
         echo,
     })
+}
+
+/// Items (`input`, or a conversation's `items`), read as [`translate`] reads them, each given
+/// an `id` if it has none (`{prefix}_{tag}{index}`) and a `status`; a string is one user
+/// message. Errors name the field as `{name}[i]...`.
+pub fn items(name: &str, v: &Value, tag: &str) -> Result<Vec<Value>, ApiError> {
+    input_messages(name, v)?;
+    let list = match v {
+        Value::String(s) => vec![json!({"type": "message", "role": "user", "content": s})],
+        Value::Array(a) => a.clone(),
+        _ => unreachable!("input_messages took only a string or an array"),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, item) in list.into_iter().enumerate() {
+        let Value::Object(mut o) = item else {
+            unreachable!("input_messages took only objects")
+        };
+        let kind = o
+            .entry("type")
+            .or_insert_with(|| json!("message"))
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let prefix = match kind.as_str() {
+            "message" => "msg",
+            "function_call" => "fc",
+            "function_call_output" => "fco",
+            _ => "rs",
+        };
+        match o.get("id") {
+            Some(Value::String(_)) => {}
+            None | Some(Value::Null) => {
+                o.insert("id".into(), json!(format!("{prefix}_{tag}{i}")));
+            }
+            Some(other) => {
+                return Err(invalid(
+                    format!("{name}[{i}].id"),
+                    format!("an item's id must be a string, got {}", type_name(other)),
+                ));
+            }
+        }
+        if kind == "message" {
+            let assistant = o.get("role").and_then(Value::as_str) == Some("assistant");
+            let part = if assistant {
+                "output_text"
+            } else {
+                "input_text"
+            };
+            match o.get_mut("content") {
+                Some(Value::String(text)) => {
+                    let text = std::mem::take(text);
+                    let mut p = json!({"type": part, "text": text});
+                    if assistant {
+                        p["annotations"] = json!([]);
+                    }
+                    o.insert("content".into(), json!([p]));
+                }
+                Some(Value::Array(parts)) if assistant => {
+                    for p in parts {
+                        if p.get("annotations").is_none() {
+                            p["annotations"] = json!([]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if kind != "reasoning" && o.get("status").is_none_or(Value::is_null) {
+            o.insert("status".into(), json!("completed"));
+        }
+        out.push(Value::Object(o));
+    }
+    Ok(out)
+}
+
+/// Items' ids are distinct, and none is already among `context`'s.
+pub fn distinct_ids(name: &str, context: &[Value], new: &[Value]) -> Result<(), ApiError> {
+    let mut seen: std::collections::HashSet<&str> =
+        context.iter().filter_map(|i| i["id"].as_str()).collect();
+    for (i, item) in new.iter().enumerate() {
+        let id = item["id"].as_str().unwrap_or_default();
+        if !seen.insert(id) {
+            return Err(invalid(
+                format!("{name}[{i}].id"),
+                format!(
+                    "duplicate item id `{id}`: an item with that id is already in the conversation"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The chat route names fields its own way; an error it finds is renamed to the field the
@@ -435,16 +603,16 @@ fn tool_choice(v: &Value) -> Result<Value, ApiError> {
     }
 }
 
-/// `input` (a string, or a list of items) as chat messages.
-fn input_messages(v: &Value) -> Result<Vec<Value>, ApiError> {
+/// Items (a string, or a list of them) as chat messages; errors name `{name}[i]...`.
+fn input_messages(name: &str, v: &Value) -> Result<Vec<Value>, ApiError> {
     let items = match v {
         Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
         Value::Array(a) => a,
         _ => {
             return Err(invalid(
-                "input",
+                name,
                 format!(
-                    "input must be a string or an array of items, got {}",
+                    "{name} must be a string or an array of items, got {}",
                     type_name(v)
                 ),
             ));
@@ -452,7 +620,7 @@ fn input_messages(v: &Value) -> Result<Vec<Value>, ApiError> {
     };
     let mut out: Vec<Value> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let at = format!("input[{i}]");
+        let at = format!("{name}[{i}]");
         let o = object(&at, item)?;
         let kind = match o.get("type") {
             None => "message",
@@ -615,6 +783,7 @@ impl Meta {
             "created_at": self.created_at,
             "status": status,
             "background": get("background", json!(false)),
+            "conversation": get("conversation", Value::Null),
             "error": null,
             "incomplete_details": incomplete,
             "instructions": get("instructions", Value::Null),
@@ -648,7 +817,7 @@ impl Meta {
     /// The reply's output items: its text as a message (left out when the reply is only calls),
     /// then its function calls. The message carries the tokens' logprobs when it is the whole
     /// reply (not the text before calls).
-    fn items(&self, text: &str, entries: &[TokenEntry]) -> (Vec<Value>, Option<Value>) {
+    fn items(&self, text: &str, entries: &[TokenEntry]) -> Vec<Value> {
         let mut items = Vec::new();
         let (text, entries) = match self.reasoning {
             Some(p) => {
@@ -667,17 +836,13 @@ impl Meta {
             Some((content, calls)) => (content, calls, json!([])),
             None => (Some(text), Vec::new(), logprob_list(entries)),
         };
-        let mut chat = json!({"role": "assistant", "content": content.clone().unwrap_or_default()});
         if let Some(c) = content.filter(|c| !c.is_empty() || calls.is_empty()) {
             items.push(message_item(&self.message_id(), &c, "completed", &lp));
         }
         for (j, c) in calls.iter().enumerate() {
             items.push(call_item(&self.call_item_id(j), c, "completed"));
         }
-        if !calls.is_empty() {
-            chat["tool_calls"] = Value::Array(calls);
-        }
-        (items, Some(chat))
+        items
     }
 
     fn reasoning_id(&self) -> String {
@@ -692,19 +857,15 @@ impl Meta {
         format!("fc_{}_{j}", self.id.trim_start_matches("resp_"))
     }
 
-    /// The whole response to a request that was not streamed, and the reply as a chat message
-    /// (for the store).
-    pub fn full(&self, text: &str, entries: &[TokenEntry], outcome: &Outcome) -> (Value, Value) {
-        let (items, chat) = self.items(text, entries);
+    /// The whole response to a request that was not streamed.
+    pub fn full(&self, text: &str, entries: &[TokenEntry], outcome: &Outcome) -> Value {
+        let items = self.items(text, entries);
         let status = if outcome.finish_reason == "length" {
             "incomplete"
         } else {
             "completed"
         };
-        (
-            self.object(status, items, Some(outcome)),
-            chat.unwrap_or(Value::Null),
-        )
+        self.object(status, items, Some(outcome))
     }
 }
 
@@ -945,8 +1106,8 @@ impl Stream {
 
     /// The end of the reply: the held text (as text or calls), each item's `done` events, and
     /// `response.completed` (or `response.incomplete` at `max_output_tokens`). Returns the
-    /// events, the whole response and the reply as a chat message.
-    pub fn done(&mut self, outcome: &Outcome) -> (Vec<Value>, Value, Value) {
+    /// events and the whole response.
+    pub fn done(&mut self, outcome: &Outcome) -> (Vec<Value>, Value) {
         let mut out = Vec::new();
         if let Some(rest) = self.split.as_mut().map(|s| s.finish()) {
             self.pieces(&mut out, rest);
@@ -1021,11 +1182,7 @@ impl Stream {
         };
         let response = self.meta.object(status, items, Some(outcome));
         out.push(self.event(kind, json!({"response": response})));
-        let mut chat = json!({"role": "assistant", "content": self.text});
-        if !calls.is_empty() {
-            chat["tool_calls"] = Value::Array(calls);
-        }
-        (out, response, chat)
+        (out, response)
     }
 
     /// The generation failed after the response started: an `error` event, then
@@ -1044,8 +1201,8 @@ impl Stream {
     }
 }
 
-/// Stored responses: each one's object (for `GET`) and its conversation as chat messages,
-/// the reply included (for `previous_response_id`).
+/// Stored responses: each one's object (for `GET`) and the items it was generated from (for
+/// `input_items`, and with its output for `previous_response_id`).
 #[derive(Default)]
 pub struct Store {
     by_id: HashMap<String, Stored>,
@@ -1055,14 +1212,14 @@ pub struct Store {
 
 struct Stored {
     response: Value,
-    conversation: Vec<Value>,
+    input_items: Vec<Value>,
     bytes: usize,
 }
 
 impl Store {
-    pub fn insert(&mut self, id: String, response: Value, conversation: Vec<Value>) {
+    pub fn insert(&mut self, id: String, response: Value, input_items: Vec<Value>) {
         let bytes = response.to_string().len()
-            + conversation
+            + input_items
                 .iter()
                 .map(|m| m.to_string().len())
                 .sum::<usize>();
@@ -1071,7 +1228,7 @@ impl Store {
             id.clone(),
             Stored {
                 response,
-                conversation,
+                input_items,
                 bytes,
             },
         );
@@ -1091,8 +1248,15 @@ impl Store {
         self.by_id.get(id).map(|s| &s.response)
     }
 
-    pub fn conversation(&self, id: &str) -> Option<Vec<Value>> {
-        self.by_id.get(id).map(|s| s.conversation.clone())
+    /// What a response continuing this one reads: its input items, then its output.
+    pub fn context(&self, id: &str) -> Option<Vec<Value>> {
+        let s = self.by_id.get(id)?;
+        let output = s.response["output"].as_array().into_iter().flatten();
+        Some(s.input_items.iter().chain(output).cloned().collect())
+    }
+
+    pub fn input_items(&self, id: &str) -> Option<&[Value]> {
+        self.by_id.get(id).map(|s| &s.input_items[..])
     }
 
     pub fn remove(&mut self, id: &str) -> bool {
@@ -1112,7 +1276,7 @@ mod tests {
     use crate::serve::generate::SpeculationReport;
 
     fn t(body: Value) -> Result<Translated, ApiError> {
-        translate(body.as_object().unwrap(), |_| None)
+        translate(body.as_object().unwrap(), "resp_t", |_| Ok(None))
     }
 
     fn outcome(finish: &'static str) -> Outcome {
@@ -1193,8 +1357,19 @@ mod tests {
             json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"})
         );
         assert_eq!(m.len(), 5);
-        // The conversation leaves the instructions out.
-        assert_eq!(r.conversation.len(), 4);
+        // The items leave the instructions out, and have ids and statuses.
+        assert_eq!(r.input.len(), 6);
+        assert!(r.context.is_empty());
+        assert_eq!(r.input[0]["id"], "msg_t_in0");
+        assert_eq!(r.input[0]["status"], "completed");
+        assert_eq!(
+            r.input[0]["content"],
+            json!([{"type": "input_text", "text": "Use Python."}])
+        );
+        assert_eq!(r.input[2]["id"], "fc_t_in2");
+        assert_eq!(r.input[4]["id"], "fco_t_in4");
+        assert_eq!(r.input[5]["id"], "rs_t_in5");
+        assert_eq!(r.input_items(), r.input);
         assert!(r.store && !r.stream);
         // ...and the chat route reads it, developer as system (one grammar at a time: the
         // named tool's).
@@ -1210,29 +1385,94 @@ mod tests {
 
     #[test]
     fn previous_response_continues_its_conversation() {
-        let prev = vec![
-            json!({"role": "user", "content": "Hi"}),
-            json!({"role": "assistant", "content": "Hello"}),
-        ];
-        let r = translate(
-            json!({"input": "And you?", "previous_response_id": "resp_1", "store": false})
-                .as_object()
-                .unwrap(),
-            |id| (id == "resp_1").then(|| prev.clone()),
-        )
+        // A stored response's context: its input items, then its output (a message and a call).
+        let mut store = Store::default();
+        let first = t(json!({"input": "Hi"})).unwrap();
+        let reply = json!({"output": [
+            message_item("msg_t", "Hello", "completed", &json!([])),
+            call_item("fc_t_0", &json!({"id": "call_1", "function": {"name": "f", "arguments": "{}"}}), "completed"),
+        ]});
+        store.insert("resp_1".into(), reply, first.input_items());
+        assert_eq!(store.input_items("resp_1").unwrap().len(), 1);
+        let prev = store.context("resp_1").unwrap();
+        assert_eq!(prev.len(), 3);
+        let body = json!({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "2"}],
+                          "previous_response_id": "resp_1", "store": false});
+        let r = translate(body.as_object().unwrap(), "resp_2", |c| {
+            Ok((c == Context::Response("resp_1")).then(|| prev.clone()))
+        })
         .unwrap();
-        assert_eq!(r.conversation.len(), 3);
-        assert_eq!(r.chat["messages"][2]["content"], "And you?");
+        assert_eq!(r.context.len(), 3);
+        assert_eq!(r.input.len(), 1);
+        let m = r.chat["messages"].as_array().unwrap();
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(m[0], json!({"role": "user", "content": "Hi"}));
+        assert_eq!(m[1]["content"], "Hello");
+        assert_eq!(m[1]["tool_calls"][0]["id"], "call_1");
+        assert_eq!(m[2]["role"], "tool");
         assert!(!r.store);
+        assert_eq!(r.input_items().len(), 4);
+        // An item passed again with an id the context has is refused, by name.
+        let again = json!({"input": [prev[1].clone()], "previous_response_id": "resp_1"});
+        let e = translate(again.as_object().unwrap(), "resp_3", |_| {
+            Ok(Some(prev.clone()))
+        })
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("input[0].id"), "{e:?}");
         let e = translate(
             json!({"input": "x", "previous_response_id": "resp_2"})
                 .as_object()
                 .unwrap(),
-            |_| None,
+            "resp_4",
+            |_| Ok(None),
         )
         .unwrap_err();
         assert_eq!(e.status.as_u16(), 404);
         assert_eq!(e.param.as_deref(), Some("previous_response_id"));
+    }
+
+    #[test]
+    fn a_conversation_is_the_context() {
+        let items = vec![json!({"id": "msg_a", "type": "message", "role": "user",
+                                "content": [{"type": "input_text", "text": "Hi"}]})];
+        let body = json!({"input": "Again", "conversation": {"id": "conv_1"}});
+        let mut asked = None;
+        let r = translate(body.as_object().unwrap(), "resp_9", |c| {
+            asked = Some(format!("{c:?}"));
+            Ok(Some(items.clone()))
+        })
+        .unwrap();
+        assert_eq!(asked.as_deref(), Some("Conversation(\"conv_1\")"));
+        assert_eq!(r.conversation.as_deref(), Some("conv_1"));
+        assert_eq!(r.echo["conversation"], json!({"id": "conv_1"}));
+        assert_eq!(r.chat["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(r.input[0]["id"], "msg_9_in0");
+        // By id alone too; a missing one is a 404 naming the field.
+        let e = translate(
+            json!({"input": "x", "conversation": "conv_2"})
+                .as_object()
+                .unwrap(),
+            "resp_9",
+            |_| Ok(None),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (404, Some("conversation"))
+        );
+        // Not with previous_response_id; a bad input is refused before the lookup (which takes
+        // the conversation).
+        for body in [
+            json!({"input": "x", "conversation": "conv_1", "previous_response_id": "resp_1"}),
+            json!({"input": [{"role": "robot", "content": "x"}], "conversation": "conv_1"}),
+            json!({"input": "x", "conversation": 3}),
+        ] {
+            let e = translate(body.as_object().unwrap(), "resp_9", |_| {
+                panic!("looked up for {body}")
+            })
+            .unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{body}");
+        }
     }
 
     #[test]
@@ -1325,7 +1565,7 @@ mod tests {
 
     #[test]
     fn the_whole_response() {
-        let (r, chat) = meta(false).full("Hi there", &[], &outcome("stop"));
+        let r = meta(false).full("Hi there", &[], &outcome("stop"));
         assert_eq!(r["object"], "response");
         assert_eq!(r["status"], "completed");
         assert_eq!(r["incomplete_details"], Value::Null);
@@ -1336,12 +1576,12 @@ mod tests {
         assert_eq!(r["usage"]["input_tokens"], 10);
         assert_eq!(r["usage"]["input_tokens_details"]["cached_tokens"], 4);
         assert_eq!(r["usage"]["total_tokens"], 13);
-        assert_eq!(chat, json!({"role": "assistant", "content": "Hi there"}));
-        let (r, _) = meta(false).full("Hi", &[], &outcome("length"));
+        assert_eq!(r["conversation"], Value::Null);
+        let r = meta(false).full("Hi", &[], &outcome("length"));
         assert_eq!(r["status"], "incomplete");
         assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
         // With tools, a call is a function_call item and no empty message goes before it.
-        let (r, chat) = meta(true).full(
+        let r = meta(true).full(
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>",
             &[],
             &outcome("stop"),
@@ -1352,7 +1592,6 @@ mod tests {
         assert_eq!(out[0]["name"], "f");
         assert_eq!(out[0]["arguments"], "{\"x\":1}");
         assert!(out[0]["call_id"].as_str().unwrap().starts_with("call_"));
-        assert_eq!(chat["tool_calls"][0]["function"]["name"], "f");
     }
 
     /// The streamed events, folded the way a client does, give the same output as the whole
@@ -1380,9 +1619,9 @@ mod tests {
             for p in &pieces {
                 events.extend(s.delta(p, Vec::new()));
             }
-            let (end, response, _) = s.done(&outcome("stop"));
+            let (end, response) = s.done(&outcome("stop"));
             events.extend(end);
-            let (whole, _) = meta(tools).full(&pieces.concat(), &[], &outcome("stop"));
+            let whole = meta(tools).full(&pieces.concat(), &[], &outcome("stop"));
             assert_eq!(
                 response["output"].as_array().map(Vec::len),
                 whole["output"].as_array().map(Vec::len)
@@ -1435,7 +1674,7 @@ mod tests {
         let mut s = Stream::new(meta(false));
         s.start();
         s.delta("a", Vec::new());
-        let (end, r, _) = s.done(&outcome("length"));
+        let (end, r) = s.done(&outcome("length"));
         assert_eq!(end.last().unwrap()["type"], "response.incomplete");
         assert_eq!(r["status"], "incomplete");
     }
@@ -1465,7 +1704,7 @@ mod tests {
             })
             .collect();
         let o = outcome("stop");
-        let (whole, chat) = meta.full(&tokens.concat(), &entries, &o);
+        let whole = meta.full(&tokens.concat(), &entries, &o);
         let out = whole["output"].as_array().unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0]["type"], "reasoning");
@@ -1478,14 +1717,18 @@ mod tests {
             .map(|t| t["token"].as_str().unwrap())
             .collect();
         assert_eq!(lp, ["Hel", "lo"]);
-        assert_eq!(chat["content"], "Hello");
+        // Read back as context, the thinking is left out.
+        assert_eq!(
+            input_messages("input", &whole["output"]).unwrap(),
+            [json!({"role": "assistant", "content": "Hello"})]
+        );
 
         let mut s = Stream::new(meta.clone());
         let mut events = s.start();
         for (t, e) in tokens.iter().zip(entries) {
             events.extend(s.delta(t, vec![e]));
         }
-        let (end, response, _) = s.done(&o);
+        let (end, response) = s.done(&o);
         events.extend(end);
         assert_eq!(response["output"], whole["output"]);
         // Fold the events as a client does: items by output index, text by delta.
@@ -1509,7 +1752,7 @@ mod tests {
         assert_eq!(Value::Array(items), whole["output"]);
         assert_eq!(texts, ["plan it", "Hello"]);
         // Without thinking, the message is the only item, as before.
-        let (plain, _) = meta.full("Hello", &[], &o);
+        let plain = meta.full("Hello", &[], &o);
         assert_eq!(plain["output"].as_array().unwrap().len(), 1);
         assert_eq!(plain["output"][0]["type"], "message");
     }
@@ -1518,14 +1761,15 @@ mod tests {
     fn the_store_keeps_the_latest() {
         let mut s = Store::default();
         for i in 0..STORE_CAPACITY + 5 {
-            s.insert(format!("r{i}"), json!(i), vec![json!(i)]);
+            s.insert(format!("r{i}"), json!({"output": [i]}), vec![json!(i)]);
         }
         assert!(s.response("r4").is_none());
-        assert_eq!(s.response("r5"), Some(&json!(5)));
-        assert_eq!(s.conversation("r200"), Some(vec![json!(200)]));
+        assert_eq!(s.response("r5"), Some(&json!({"output": [5]})));
+        assert_eq!(s.context("r200"), Some(vec![json!(200), json!(200)]));
+        assert_eq!(s.input_items("r200"), Some(&[json!(200)][..]));
         assert!(s.remove("r200"));
         assert!(!s.remove("r200"));
-        assert!(s.conversation("r200").is_none());
+        assert!(s.context("r200").is_none());
         // Big conversations: the byte budget evicts the oldest first.
         let big = "x".repeat(STORE_BYTES / 4);
         for i in 0..5 {
