@@ -1700,6 +1700,39 @@ fn the_prompt_cache_skips_a_shared_prefix_and_changes_no_output() {
     }
 }
 
+/// vLLM's `cache_salt`: a request finds only what requests with its salt left (none: what
+/// unsalted ones left), so one tenant's prompts cannot speed up another's; the output is the
+/// same either way.
+#[test]
+fn the_prompt_cache_is_shared_only_under_one_salt() {
+    let dir = tempfile::tempdir().unwrap();
+    // Quantized: a prompt read in two pieces gives the same logits, bit for bit.
+    let q8 = |seed, layers| TinySpec {
+        dtype: candle_core::quantized::GgmlDType::Q8_0,
+        ..spec(seed, layers)
+    };
+    let target = tiny(dir.path(), "t.gguf", q8(1, 2));
+    let draft = tiny(dir.path(), "d.gguf", q8(2, 1));
+    let e = engine(target, Some(draft), Some(DrafterSpec::Model), 4).with_prompt_cache(1000);
+    let prompt: Vec<u32> = (40..52).collect();
+    let req = |salt: Option<&str>| GenerateRequest {
+        cache_salt: salt.map(str::to_string),
+        ..greedy(&prompt, 8, Speculation::Default)
+    };
+    let (out, _, hit) = run_logged(&e, req(Some("tenant-a")));
+    assert_eq!(hit, 0);
+    // Another salt, or none, misses what tenant a left...
+    let (out_b, _, hit_b) = run_logged(&e, req(Some("tenant-b")));
+    assert_eq!((hit_b, &out_b), (0, &out));
+    let (_, _, hit_none) = run_logged(&e, req(None));
+    assert_eq!(hit_none, 0);
+    // ...which its own salt finds; each salt's entry is kept apart.
+    let (out_a, _, hit_a) = run_logged(&e, req(Some("tenant-a")));
+    assert_eq!((hit_a, &out_a), (prompt.len() - 1, &out));
+    assert_eq!(e.prompt_cache_stats().unwrap().entries, 3);
+    assert_eq!(run_logged(&e, req(None)).2, prompt.len() - 1);
+}
+
 #[test]
 fn the_prompt_cache_stays_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();

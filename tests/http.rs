@@ -1118,6 +1118,29 @@ fn a_chat_continued_reads_its_earlier_turns_from_the_prompt_cache() {
     );
     assert!(cached.metric("verdict_prompt_cache_positions") > hit as f64);
     assert_eq!(plain.metric("verdict_prompt_cache_positions"), 0.0);
+    // vLLM's `cache_salt`: a salted request does not read what unsalted ones left, nor another
+    // salt's; its own salt does. The text is the same throughout.
+    let salted = |salt: &str| -> Value {
+        ok_json(
+            &cached,
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 24, "temperature": 0,
+                    "speculation": {"draft": "model", "k": 3}, "cache_salt": salt}),
+        )
+    };
+    let a = salted("a-secret-of-some-length");
+    assert_eq!(cached_tokens(&a), Some(0), "{a}");
+    assert_eq!(cached_tokens(&salted("another-secret")), Some(0));
+    let again = salted("a-secret-of-some-length");
+    assert!(cached_tokens(&again).unwrap() > 0, "{again}");
+    assert_eq!(text_of(&a), text_of(&second));
+    assert_eq!(text_of(&again), text_of(&second));
+    let r = cached.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "cache_salt": ""}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "cache_salt");
 }
 
 /// `frequency_penalty`, `presence_penalty`, `repetition_penalty` and `logit_bias` change the

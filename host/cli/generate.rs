@@ -640,6 +640,7 @@ pub fn run(args: Args) -> Result<()> {
                 ..Penalties::default()
             },
             grammar,
+            cache_salt: None,
         })
         .map_err(|e| match &e.param {
             Some(p) => anyhow::anyhow!("{p}: {}", e.message),

@@ -121,6 +121,9 @@ pub struct GenerateRequest {
     /// The output's grammar (structured outputs), compiled for the target's tokenizer with
     /// this request's stop tokens ([`crate::sample::Grammars::compile`]).
     pub grammar: Option<Constraint>,
+    /// The prompt cache is shared only among requests with the same salt (see
+    /// [`prefix`]); `None`: among those with none.
+    pub cache_salt: Option<String>,
 }
 
 /// The target's log-probability of one emitted token, at temperature 1 (log-softmax of the
@@ -438,7 +441,7 @@ impl Engine {
         let (target, cached) = if req.prompt_logprobs.is_some() {
             (cfg.target.session(), 0)
         } else {
-            self.resume(&req.prompt, &mut drafter)
+            self.resume(&req.prompt, req.cache_salt.as_deref(), &mut drafter)
         };
         let seed = req.seed.unwrap_or_else(rand::random);
         let adjust = Adjust::new(
@@ -456,6 +459,7 @@ impl Engine {
         Ok(Generation {
             target,
             prefix: self.prefix.clone(),
+            cache_salt: req.cache_salt,
             cached,
             prefilled: false,
             poisoned: false,
@@ -504,9 +508,14 @@ impl Engine {
     /// The target session for `prompt` and how many of its tokens it already holds: the
     /// longest cached prefix when the prompt cache has one (the draft model resumes from the
     /// same entry), else an empty session. A cache that fails is a miss, never a failed request.
-    fn resume(&self, prompt: &[u32], drafter: &mut Option<Box<dyn Drafter>>) -> (Session, usize) {
+    fn resume(
+        &self,
+        prompt: &[u32],
+        salt: Option<&str>,
+        drafter: &mut Option<Box<dyn Drafter>>,
+    ) -> (Session, usize) {
         let cfg = &*self.inner;
-        let hit = match self.prefix.as_ref().map(|p| p.lookup(prompt)) {
+        let hit = match self.prefix.as_ref().map(|p| p.lookup(prompt, salt)) {
             Some(Ok(hit)) => hit,
             Some(Err(e)) => {
                 tracing::warn!("prompt cache lookup failed, prefilling the whole prompt: {e:#}");
@@ -590,6 +599,8 @@ pub struct Generation {
     target: Session,
     /// Where the sequences go when the request ends (the engine's prompt cache).
     prefix: Option<Arc<PrefixCache>>,
+    /// The request's `cache_salt`: its sequences are kept under it.
+    cache_salt: Option<String>,
     /// Prompt tokens the target's cache held from the prompt cache at the start.
     cached: usize,
     /// Whether the prompt has been read (the first step).
@@ -989,7 +1000,11 @@ impl Generation {
             }
             None => None,
         };
-        prefix.store((target, self.tokens[..self.prompt_len].to_vec()), draft)?;
+        prefix.store(
+            (target, self.tokens[..self.prompt_len].to_vec()),
+            draft,
+            self.cache_salt.as_deref(),
+        )?;
         Ok(true)
     }
 
@@ -1011,7 +1026,7 @@ impl Generation {
         let n = self.target.len().min(self.tokens.len());
         let target = (self.target.take(), self.tokens[..n].to_vec());
         let draft = self.drafter.as_mut().and_then(|d| d.take_sequence());
-        if let Err(e) = prefix.store(target, draft) {
+        if let Err(e) = prefix.store(target, draft, self.cache_salt.as_deref()) {
             tracing::warn!("prompt cache: cannot keep the request's sequences: {e:#}");
         }
     }

@@ -10,6 +10,10 @@
 //! pieces are those of one piece (bit for bit with quantized weights; F32 weights round by the
 //! row count, around 1e-6).
 //!
+//! Salts: an entry keeps the `cache_salt` of the request that stored it and is found only by
+//! requests with the same salt (or none by none), so that tenants who salt their requests
+//! apart cannot learn from a fast first token what another sent (vLLM's `cache_salt`).
+//!
 //! Memory: the budget counts cached positions of the target and the draft model together
 //! (positions cost `2 x layers x kv_heads x head_dim x 4` bytes each, 2 with an f16 / bf16 cache:
 //! ~56 KiB for Qwen2.5-Coder-1.5B in f32; a moved-in buffer may have room for up to twice its positions, as it grew
@@ -38,6 +42,7 @@ impl Stored {
 }
 
 struct Entry {
+    salt: Option<String>,
     target: Stored,
     draft: Option<Stored>,
     /// The cache's clock when the entry was last stored or hit.
@@ -52,7 +57,8 @@ impl Entry {
     /// Whether this entry holds all that `other` holds: each of its sequences starts with
     /// `other`'s.
     fn covers(&self, other: &Entry) -> bool {
-        self.target.tokens.starts_with(&other.target.tokens)
+        self.salt == other.salt
+            && self.target.tokens.starts_with(&other.target.tokens)
             && other.draft.as_ref().is_none_or(|od| {
                 self.draft
                     .as_ref()
@@ -118,10 +124,11 @@ impl PrefixCache {
         }
     }
 
-    /// Copies of the longest cached prefix of `prompt` (at most all but its last token), or
-    /// `None` when no entry shares a token with it. The copies are made under the lock (other
-    /// requests' lookups wait a copy's time: milliseconds, against seconds of prefill saved).
-    pub fn lookup(&self, prompt: &[u32]) -> Result<Option<Hit>> {
+    /// Copies of the longest cached prefix of `prompt` (at most all but its last token) among
+    /// the entries stored with `salt`, or `None` when none shares a token with it. The copies
+    /// are made under the lock (other requests' lookups wait a copy's time: milliseconds,
+    /// against seconds of prefill saved).
+    pub fn lookup(&self, prompt: &[u32], salt: Option<&str>) -> Result<Option<Hit>> {
         let cap = prompt.len().saturating_sub(1);
         let mut s = self.lock();
         // A sequence whose sliding-window layers dropped the keys a prefix needs cannot give
@@ -130,6 +137,7 @@ impl PrefixCache {
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.salt.as_deref() == salt)
             .map(|(i, e)| (common_prefix(&e.target.tokens, prompt).min(cap), i))
             .filter(|&(len, i)| s.entries[i].target.session.can_resume_at(len))
             .max();
@@ -156,11 +164,13 @@ impl PrefixCache {
 
     /// Keeps a finished request's sequences (moved in, not copied): the target session and the
     /// tokens it holds (a session may hold more positions; they are dropped), and the draft
-    /// model's. Sequences that an entry already holds (its tokens extend these) are dropped.
+    /// model's, found again only with `salt`. Sequences that an entry with the same salt
+    /// already holds (its tokens extend these) are dropped.
     pub fn store(
         &self,
         target: (Session, Vec<u32>),
         draft: Option<(Session, Vec<u32>)>,
+        salt: Option<&str>,
     ) -> Result<()> {
         // Sequences that cannot go back to their tokens (a sliding window dropped them) stay
         // out.
@@ -173,6 +183,7 @@ impl PrefixCache {
             return Ok(());
         }
         let entry = Entry {
+            salt: salt.map(str::to_string),
             target: Stored::keep(target)?,
             draft: draft.map(Stored::keep).transpose()?,
             used: 0,

@@ -145,6 +145,8 @@ pub struct ParsedRequest {
     pub prompt_logprobs: Option<usize>,
     /// vLLM's `return_token_ids`: the response carries the prompt's and each output's token ids.
     pub return_token_ids: bool,
+    /// vLLM's `cache_salt`: the prompt cache is shared only with requests of the same salt.
+    pub cache_salt: Option<String>,
     /// vLLM's `stream_options.continuous_usage_stats`: every streamed chunk carries usage.
     pub continuous_usage: bool,
     /// vLLM's `priority`: with the server's `priority` scheduling, a waiting request of a
@@ -268,6 +270,7 @@ pub fn parse_object(
         tokens_as_ids: false,
         prompt_logprobs: None,
         return_token_ids: false,
+        cache_salt: None,
         continuous_usage: false,
         priority: 0,
         request_id: None,
@@ -473,6 +476,15 @@ pub fn parse_object(
                     opt(v, |v| int_range(k, v, 0, MAX_TOP_LOGPROBS as i64))?.map(|n| n as usize);
             }
             "return_token_ids" => r.return_token_ids = opt(v, |v| boolean(k, v))?.unwrap_or(false),
+            "cache_salt" => {
+                r.cache_salt = opt(v, |v| string(k, v))?;
+                if r.cache_salt.as_deref() == Some("") {
+                    return Err(ApiError::invalid(
+                        k,
+                        "cache_salt must be a non-empty string (a secret of at least 128 bits keeps other tenants from guessing prompts)",
+                    ));
+                }
+            }
             "logit_bias" => {
                 if let Some(o) = opt(v, |v| object(k, v))? {
                     r.penalties.logit_bias = logit_bias(o)?;

@@ -2145,6 +2145,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         penalties,
         prompt_logprobs,
         grammar,
+        cache_salt,
     } = r;
     GenerateRequest {
         prompt: prompt.clone(),
@@ -2161,6 +2162,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         penalties: penalties.clone(),
         prompt_logprobs: *prompt_logprobs,
         grammar: grammar.clone(),
+        cache_salt: cache_salt.clone(),
     }
 }
 
@@ -3191,6 +3193,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
             .or(Some(0).filter(|_| max_tokens == 0)),
         penalties,
         grammar,
+        cache_salt: p.cache_salt.clone(),
         ..GenerateRequest::default()
     })
 }
