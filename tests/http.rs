@@ -6259,6 +6259,13 @@ fn conversations_hold_the_turns_of_responses() {
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()
     };
+    // What the turn's input counts, its context included (the conversation is only read).
+    let count = ok_json(
+        &s,
+        "/v1/responses/input_tokens",
+        &json!({"input": "And then?", "conversation": id}),
+    );
+    assert_eq!(count["object"], "response.input_tokens");
     // A turn: the conversation is its context.
     let first = ok_json(
         &s,
@@ -6267,6 +6274,10 @@ fn conversations_hold_the_turns_of_responses() {
                 "temperature": 0}),
     );
     assert_eq!(first["conversation"], json!({"id": id}));
+    assert_eq!(
+        count["input_tokens"], first["usage"]["input_tokens"],
+        "{first}"
+    );
     let a1 = output_text(&first);
     assert_eq!(
         a1,
@@ -6389,6 +6400,14 @@ fn conversations_hold_the_turns_of_responses() {
         "{listed}"
     );
     assert_eq!(listed["first_id"], listed["data"][0]["id"]);
+    // Counted: instructions and a previous response's items as the response reads them.
+    let r3 = json!({"instructions": "Be brief.", "input": "Once more",
+                    "previous_response_id": r2["id"], "max_output_tokens": 2});
+    let counted = ok_json(&s, "/v1/responses/input_tokens", &r3);
+    assert_eq!(
+        counted["input_tokens"],
+        ok_json(&s, "/v1/responses", &r3)["usage"]["input_tokens"]
+    );
     // Refused, named.
     let refused = |method: &str, path: &str, body: Value, status: u16, param: Option<&str>| {
         let r = s.request(method, path, &[], body.to_string().as_bytes());
@@ -6419,6 +6438,20 @@ fn conversations_hold_the_turns_of_responses() {
         Some("metadata.k"),
     );
     refused("GET", "/v1/conversations", json!({}), 405, None);
+    refused(
+        "POST",
+        "/v1/responses/input_tokens",
+        json!({"input": [{"role": "robot", "content": "x"}]}),
+        400,
+        Some("input[0].role"),
+    );
+    refused(
+        "POST",
+        "/v1/responses/input_tokens",
+        json!({"input": "x", "previous_response_id": "resp_nope"}),
+        404,
+        Some("previous_response_id"),
+    );
     refused(
         "GET",
         &format!("/v1/conversations/{id}/items?order=sideways"),

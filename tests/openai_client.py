@@ -5,7 +5,7 @@
 Checks completions and chat, streamed and not, with verdict's extra fields passed through
 `extra_body` (vLLM's sampling extensions too), logprobs, logit_bias and penalties, structured outputs (`parse` with a pydantic
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
-accumulator, `parse`, `previous_response_id` and `input_items`, retrieve and delete, in the
+accumulator, `parse`, `previous_response_id`, `input_items` and `input_tokens`, retrieve and delete, in the
 background: polled, its stream read again, cancelled), the Conversations API (items paged, added,
 deleted; responses that read and extend a conversation), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
@@ -330,6 +330,8 @@ r2 = client.responses.create(
     model=model, input="More", previous_response_id=r.id, max_output_tokens=6, temperature=0
 )
 assert r2.previous_response_id == r.id
+counted = client.responses.input_tokens.count(model=model, input="More", previous_response_id=r.id)
+assert counted.input_tokens == r2.usage.input_tokens, (counted, r2.usage)
 assert client.responses.retrieve(r.id).output_text == r.output_text
 # What r2 was generated from: r's input and output, then its own (newest first).
 listed = [i.id for i in client.responses.input_items.list(r2.id)]

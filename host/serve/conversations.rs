@@ -206,6 +206,11 @@ impl Store {
         Ok(out)
     }
 
+    /// A conversation's items (`None`: no such conversation), read without taking it.
+    pub fn items_of(&mut self, id: &str) -> Option<Vec<Value>> {
+        self.get_mut(id).ok().map(|c| c.items.clone())
+    }
+
     pub fn get(&mut self, id: &str) -> Result<Value, ApiError> {
         let c = self.get_mut(id)?;
         Ok(object(id, c))

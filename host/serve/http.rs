@@ -768,6 +768,13 @@ async fn route(
                 _ => allow("POST"),
             },
         ),
+        "/v1/responses/input_tokens" => (
+            "/v1/responses/input_tokens",
+            match method {
+                Method::POST => count_response_tokens(app, req).await,
+                _ => allow("POST"),
+            },
+        ),
         p if p.starts_with("/v1/responses/") => {
             let rest = &p["/v1/responses/".len()..];
             if let Some(id) = rest.strip_suffix("/input_items") {
@@ -1845,6 +1852,34 @@ async fn count_message_tokens(
         .await?
         .map_err(messages::rename_param)?;
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
+}
+
+/// `POST /v1/responses/input_tokens`: the prompt tokens a Responses request makes, its
+/// context (a previous response's or a conversation's items) included; `input` may be left out.
+async fn count_response_tokens(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let served = served_or_unavailable(app)?;
+    let body = read_body(req, app.opts.max_body_bytes, "body").await?;
+    let mut body = api::json_object(&body)?;
+    body.entry("input").or_insert(json!([]));
+    // Read, not taken: counting runs nothing on the conversation.
+    let t = responses::translate(&body, "resp_count", |c| {
+        Ok(match c {
+            responses::Context::Response(p) => lock(&app.responses).context(p),
+            responses::Context::Conversation(c) => lock(&app.conversations).items_of(c),
+        })
+    })?;
+    let p = api::parse_object(Endpoint::Chat, &t.chat).map_err(responses::rename_param)?;
+    check_model(app, &served, &p).map_err(responses::rename_param)?;
+    let n = blocking(move || chat_prompt(&served, &p).map(|ids| ids.len()))
+        .await?
+        .map_err(responses::rename_param)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"object": "response.input_tokens", "input_tokens": n}),
+    ))
 }
 
 /// The model a (checked) request is answered as: the LoRA module it names, or the base model.
