@@ -1050,8 +1050,6 @@ fn hot_swap_while_16_streams_run() {
     assert_eq!(r.json()["speculation"]["policy"], "hostile@2.0.0");
 }
 
-/// Tiny Q8_0 target and draft (every forward row-exact) in a new temporary directory, and their
-/// paths.
 /// A server on the Q8_0 tiny pair, with `extra` arguments.
 fn q8_server(context: usize, extra: &[&str]) -> Server {
     let (dir, t, d) = q8_models(context);
@@ -1061,6 +1059,8 @@ fn q8_server(context: usize, extra: &[&str]) -> Server {
     Server::start(&args, Some(dir), &log_dir)
 }
 
+/// Tiny Q8_0 target and draft (every forward row-exact) in a new temporary directory, and their
+/// paths.
 fn q8_models(context: usize) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (target, draft) =
