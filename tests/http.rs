@@ -6486,3 +6486,66 @@ fn conversations_hold_the_turns_of_responses() {
         Some("conversation"),
     );
 }
+
+/// `--conversation-dir`: a conversation and the turns responses added to it outlive the
+/// server; the next server's response reads them as its context.
+#[test]
+fn conversations_survive_a_restart() {
+    let (dir, t, d) = q8_models(1024);
+    let kept = dir.path().join("conversations");
+    let kept_arg = kept.display().to_string();
+    let args = [
+        "--model",
+        &t,
+        "--draft",
+        &d,
+        "--conversation-dir",
+        &kept_arg,
+    ];
+    let mut s = Server::start(&args, None, dir.path());
+    let conv = ok_json(
+        &s,
+        "/v1/conversations",
+        &json!({"items": [{"role": "user", "content": "Hello there"}], "metadata": {"k": "v"}}),
+    );
+    let id = conv["id"].as_str().unwrap().to_string();
+    let first = ok_json(
+        &s,
+        "/v1/responses",
+        &json!({"input": "And then?", "conversation": id, "max_output_tokens": 6,
+                "temperature": 0}),
+    );
+    let items = s
+        .get(&format!("/v1/conversations/{id}/items?order=asc"))
+        .json();
+    assert_eq!(items["data"].as_array().unwrap().len(), 3, "{items}");
+    s.terminate();
+    assert!(s.wait_exit(Duration::from_secs(30)).is_some());
+
+    let s = Server::start(&args, None, dir.path());
+    assert_eq!(s.get(&format!("/v1/conversations/{id}")).json(), conv);
+    assert_eq!(
+        s.get(&format!("/v1/conversations/{id}/items?order=asc"))
+            .json(),
+        items
+    );
+    let next = ok_json(
+        &s,
+        "/v1/responses",
+        &json!({"input": "Third", "conversation": id, "max_output_tokens": 6,
+                "temperature": 0}),
+    );
+    let want = ok_json(
+        &s,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hello there"},
+                             {"role": "user", "content": "And then?"},
+                             {"role": "assistant", "content": output_text(&first)},
+                             {"role": "user", "content": "Third"}],
+                "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(output_text(&next), text_of(&want));
+    let r = s.request("DELETE", &format!("/v1/conversations/{id}"), &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(std::fs::read_dir(&kept).unwrap().count(), 0);
+}

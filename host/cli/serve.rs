@@ -212,6 +212,11 @@ pub struct ServeArgs {
     /// answered. Without it they live in memory.
     #[arg(long, env = "VERDICT_BATCH_DIR", value_name = "DIR")]
     pub batch_dir: Option<PathBuf>,
+    /// Keep conversations (OpenAI's Conversations API) in this directory, one JSON file each,
+    /// written before a change is answered: a restart finds them all. Without it they live in
+    /// memory (the 1024 last used).
+    #[arg(long, env = "VERDICT_CONVERSATION_DIR", value_name = "DIR")]
+    pub conversation_dir: Option<PathBuf>,
     /// The largest batch input file `POST /v1/files` takes, in bytes (OpenAI's Batch API).
     #[arg(long, default_value_t = 100 << 20, value_name = "BYTES")]
     pub max_file_bytes: usize,
@@ -405,6 +410,7 @@ pub fn setup(args: ServeArgs) -> Result<(ServeOptions, Arc<PolicyRegistry>, crat
         scheduling: args.scheduling_policy,
         allowed_origins: args.allowed_origins.clone(),
         batch_dir: args.batch_dir.clone(),
+        conversation_dir: args.conversation_dir.clone(),
         max_file_bytes: args.max_file_bytes,
         file_store_bytes: args.max_file_store_bytes,
         lora_modules: modules

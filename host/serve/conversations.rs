@@ -4,10 +4,14 @@
 //! when it ends. One response at a time per conversation ([`Lease`]), so that two never read
 //! the same history and interleave their turns.
 //!
-//! Kept in memory like stored responses: bounded in number and bytes, the least recently used
-//! go first. Engine-free: `http.rs` routes the requests and runs the responses.
+//! Kept in memory, bounded in number and bytes (the least recently used go first), and with
+//! `--conversation-dir` on disk too: one JSON file per conversation, written whole (atomically)
+//! on every change before the change is answered, so a restart loses nothing; memory is then
+//! a cache of the files, and a conversation it let go is read again when next used.
+//! Engine-free: `http.rs` routes the requests and runs the responses.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hyper::StatusCode;
@@ -26,6 +30,61 @@ pub const BYTES: usize = 64 << 20;
 
 /// Items one request may add (OpenAI's limit).
 pub const ITEMS_PER_CALL: usize = 20;
+
+/// A conversation as its file holds it.
+#[derive(serde::Serialize)]
+struct Record<'a> {
+    id: &'a str,
+    created_at: u64,
+    metadata: &'a Map<String, Value>,
+    items: Vec<&'a Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Loaded {
+    created_at: u64,
+    metadata: Map<String, Value>,
+    items: Vec<Value>,
+}
+
+/// Writes conversation `id`'s file (with `items`), if the store has a directory.
+fn save(
+    dir: Option<&Path>,
+    id: &str,
+    created_at: u64,
+    metadata: &Map<String, Value>,
+    items: Vec<&Value>,
+) -> Result<(), ApiError> {
+    let Some(dir) = dir else {
+        return Ok(());
+    };
+    let record = Record {
+        id,
+        created_at,
+        metadata,
+        items,
+    };
+    let bytes = serde_json::to_vec(&record).map_err(|e| ApiError::internal(e.to_string()))?;
+    crate::files::write_atomic(&file(dir, id), &bytes).map_err(|e| {
+        tracing::error!("conversation {id}: {e:#}");
+        ApiError::internal(format!(
+            "cannot write conversation {id} to --conversation-dir: nothing was changed"
+        ))
+    })
+}
+
+fn file(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// Ids this server makes (`conv_` and hex) name files; others are never looked for on disk.
+fn names_a_file(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
 
 /// The error for a conversation that is not kept.
 pub fn missing(id: &str) -> ApiError {
@@ -50,6 +109,8 @@ pub struct Store {
     /// Least recently used first.
     order: VecDeque<String>,
     bytes: usize,
+    /// `--conversation-dir`: where each conversation's file is.
+    dir: Option<PathBuf>,
 }
 
 fn object(id: &str, c: &Conversation) -> Value {
@@ -153,8 +214,55 @@ pub fn page(items: &[Value], q: &ListQuery) -> Result<Value, ApiError> {
 }
 
 impl Store {
+    /// A store whose conversations are files in `dir` too (made if missing).
+    pub fn on_disk(dir: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Store {
+            dir: Some(dir.to_path_buf()),
+            ..Store::default()
+        })
+    }
+
+    /// Reads conversation `id` from its file into memory (`Ok(false)`: there is none).
+    fn load(&mut self, id: &str) -> Result<bool, ApiError> {
+        let Some(dir) = self.dir.as_deref().filter(|_| names_a_file(id)) else {
+            return Ok(false);
+        };
+        let bytes = match std::fs::read(file(dir, id)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                tracing::error!("conversation {id}: {e}");
+                return Err(ApiError::internal(format!(
+                    "cannot read conversation {id} from --conversation-dir"
+                )));
+            }
+        };
+        let l: Loaded = serde_json::from_slice(&bytes).map_err(|e| {
+            tracing::error!("conversation {id}: its file is not a conversation: {e}");
+            ApiError::internal(format!(
+                "conversation {id}'s file in --conversation-dir is damaged"
+            ))
+        })?;
+        let bytes = size(&l.items);
+        self.by_id.insert(
+            id.to_string(),
+            Conversation {
+                created_at: l.created_at,
+                metadata: l.metadata,
+                items: l.items,
+                bytes,
+                busy: false,
+            },
+        );
+        self.order.push_back(id.to_string());
+        self.bytes += bytes;
+        self.evict(id);
+        Ok(true)
+    }
+
     fn get_mut(&mut self, id: &str) -> Result<&mut Conversation, ApiError> {
-        if !self.by_id.contains_key(id) {
+        if !self.by_id.contains_key(id) && !self.load(id)? {
             return Err(missing(id));
         }
         // Used: the last to go.
@@ -165,16 +273,22 @@ impl Store {
         Ok(self.by_id.get_mut(id).expect("checked"))
     }
 
-    /// Makes room within the bounds, the least recently used first (`keep` stays).
+    /// Makes room within the bounds, the least recently used first (`keep`, and those a
+    /// response is running on, stay). On disk, they are only let go from memory.
     fn evict(&mut self, keep: &str) {
         while self.order.len() > CAPACITY || self.bytes > BYTES {
-            let Some(at) = self.order.iter().position(|x| x != keep) else {
+            let by_id = &self.by_id;
+            let Some(at) = (self.order.iter())
+                .position(|x| x != keep && !by_id.get(x).is_some_and(|c| c.busy))
+            else {
                 break;
             };
             let old = self.order.remove(at).expect("found");
             if let Some(c) = self.by_id.remove(&old) {
                 self.bytes -= c.bytes;
-                tracing::info!("conversation {old} forgotten to keep the store in bounds");
+                if self.dir.is_none() {
+                    tracing::info!("conversation {old} forgotten to keep the store in bounds");
+                }
             }
         }
     }
@@ -191,6 +305,13 @@ impl Store {
         let tag = format!("{}_", id.trim_start_matches("conv_"));
         let items = new_items(body.get("items"), &tag, false)?;
         let bytes = size(&items);
+        save(
+            self.dir.as_deref(),
+            &id,
+            now,
+            &metadata,
+            items.iter().collect(),
+        )?;
         let c = Conversation {
             created_at: now,
             metadata,
@@ -223,12 +344,30 @@ impl Store {
             .get("metadata")
             .ok_or_else(|| ApiError::invalid("metadata", "`metadata` is required"))?;
         let m = metadata(m)?.unwrap_or_default();
+        let dir = self.dir.clone();
         let c = self.get_mut(id)?;
+        save(
+            dir.as_deref(),
+            id,
+            c.created_at,
+            &m,
+            c.items.iter().collect(),
+        )?;
         c.metadata = m;
         Ok(object(id, c))
     }
 
     pub fn delete(&mut self, id: &str) -> Result<Value, ApiError> {
+        self.get_mut(id)?;
+        if let Some(dir) = &self.dir
+            && let Err(e) = std::fs::remove_file(file(dir, id))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!("conversation {id}: {e}");
+            return Err(ApiError::internal(format!(
+                "cannot delete conversation {id}'s file in --conversation-dir"
+            )));
+        }
         let c = self.by_id.remove(id).ok_or_else(|| missing(id))?;
         self.bytes -= c.bytes;
         self.order.retain(|x| x != id);
@@ -250,8 +389,11 @@ impl Store {
         self.get_mut(id)?;
         only(body, &["items"])?;
         let items = new_items(body.get("items"), tag, true)?;
+        let dir = self.dir.clone();
         let c = self.get_mut(id)?;
         responses::distinct_ids("items", &c.items, &items)?;
+        let all = c.items.iter().chain(&items).collect();
+        save(dir.as_deref(), id, c.created_at, &c.metadata, all)?;
         let out = list(&items);
         let bytes = size(&items);
         c.items.extend(items);
@@ -272,9 +414,15 @@ impl Store {
 
     /// `DELETE /v1/conversations/{id}/items/{item}`: the conversation.
     pub fn delete_item(&mut self, id: &str, item: &str) -> Result<Value, ApiError> {
+        let dir = self.dir.clone();
         let c = self.get_mut(id)?;
         let at =
             (c.items.iter().position(|i| i["id"] == item)).ok_or_else(|| missing_item(id, item))?;
+        let rest = (c.items.iter().enumerate())
+            .filter(|(i, _)| *i != at)
+            .map(|(_, x)| x)
+            .collect();
+        save(dir.as_deref(), id, c.created_at, &c.metadata, rest)?;
         let gone = c.items.remove(at).to_string().len();
         c.bytes -= gone;
         let out = object(id, c);
@@ -307,8 +455,10 @@ impl Lease {
         id: &str,
     ) -> Result<Option<(Lease, Vec<Value>)>, ApiError> {
         let mut s = lock(store);
-        let Ok(c) = s.get_mut(id) else {
-            return Ok(None);
+        let c = match s.get_mut(id) {
+            Ok(c) => c,
+            Err(e) if e.status == StatusCode::NOT_FOUND => return Ok(None),
+            Err(e) => return Err(e),
         };
         if c.busy {
             return Err(ApiError::invalid(
@@ -328,13 +478,22 @@ impl Lease {
         Ok(Some((lease, c.items.clone())))
     }
 
-    /// The response ended: its items join the conversation (unless it was deleted meanwhile).
+    /// The response ended: its items join the conversation (unless it was deleted meanwhile;
+    /// a file that cannot be written is logged: the response has been answered).
     pub fn commit(self, items: Vec<Value>) {
         let mut s = lock(&self.store);
         let bytes = size(&items);
+        let dir = s.dir.clone();
         if let Some(c) = s.by_id.get_mut(&self.id) {
             c.items.extend(items);
             c.bytes += bytes;
+            let _ = save(
+                dir.as_deref(),
+                &self.id,
+                c.created_at,
+                &c.metadata,
+                c.items.iter().collect(),
+            );
             s.bytes += bytes;
             s.evict(&self.id);
         }
@@ -526,6 +685,94 @@ mod tests {
         lease.commit(vec![json!({"id": "msg_s"})]);
         assert!(lock(&store).by_id.is_empty());
         assert_eq!(lock(&store).bytes, 0);
+    }
+
+    #[test]
+    fn on_disk_conversations_outlive_the_store_and_its_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Mutex::new(Store::on_disk(dir.path()).unwrap()));
+        let created = lock(&store)
+            .create(
+                "conv_1".into(),
+                3,
+                &body(
+                    json!({"items": [{"role": "user", "content": "Hi"}], "metadata": {"a": "b"}}),
+                ),
+            )
+            .unwrap();
+        let (lease, _) = Lease::take(&store, "conv_1").unwrap().unwrap();
+        lease.commit(vec![
+            json!({"id": "msg_r", "type": "message", "role": "assistant",
+                                 "content": [{"type": "output_text", "text": "Hello"}]}),
+        ]);
+        (lock(&store).add(
+            "conv_1",
+            "t_",
+            &body(json!({"items": [{"role": "user", "content": "More"}, {"role": "user", "content": "Gone"}]})),
+        ))
+        .unwrap();
+        lock(&store).delete_item("conv_1", "msg_t_1").unwrap();
+        lock(&store)
+            .update("conv_1", &body(json!({"metadata": {"a": "c"}})))
+            .unwrap();
+        let all = lock(&store).items("conv_1", &q("order=asc")).unwrap();
+        assert_eq!(all["data"].as_array().unwrap().len(), 3);
+        // A new store on the directory (a restart) finds it as it was.
+        let mut again = Store::on_disk(dir.path()).unwrap();
+        assert_eq!(
+            again.get("conv_1").unwrap()["created_at"],
+            created["created_at"]
+        );
+        assert_eq!(again.get("conv_1").unwrap()["metadata"], json!({"a": "c"}));
+        assert_eq!(again.items("conv_1", &q("order=asc")).unwrap(), all);
+        // Let go from memory, a conversation is read again from its file.
+        for i in 0..CAPACITY + 1 {
+            again
+                .create(format!("conv_x{i}"), 0, &body(json!({})))
+                .unwrap();
+        }
+        assert!(!again.by_id.contains_key("conv_1"));
+        assert_eq!(again.items("conv_1", &q("order=asc")).unwrap(), all);
+        // Deleted: its file goes. Ids that name no file are never looked for.
+        again.delete("conv_1").unwrap();
+        assert!(!dir.path().join("conv_1.json").exists());
+        assert_eq!(
+            Store::on_disk(dir.path())
+                .unwrap()
+                .get("conv_1")
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(again.get("../conv_x1").unwrap_err().status, 404);
+        // A damaged file is an error that says so, not an empty conversation.
+        std::fs::write(dir.path().join("conv_bad.json"), b"{").unwrap();
+        let e = again.get("conv_bad").unwrap_err();
+        assert_eq!(e.status, 500);
+        assert!(e.message.contains("damaged"), "{e:?}");
+        // A write that fails changes nothing.
+        let gone = tempfile::tempdir().unwrap();
+        let path = gone.path().join("d");
+        let mut s = Store::on_disk(&path).unwrap();
+        s.create("conv_2".into(), 0, &body(json!({}))).unwrap();
+        std::fs::remove_dir_all(&path).unwrap();
+        std::fs::write(&path, b"not a directory").unwrap();
+        let e = s
+            .add(
+                "conv_2",
+                "t_",
+                &body(json!({"items": [{"role": "user", "content": "x"}]})),
+            )
+            .unwrap_err();
+        assert_eq!(e.status, 500);
+        assert!(
+            s.items("conv_2", &q("")).unwrap()["data"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(s.create("conv_3".into(), 0, &body(json!({}))).is_err());
+        assert!(!s.by_id.contains_key("conv_3"));
     }
 
     #[test]

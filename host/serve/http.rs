@@ -91,6 +91,8 @@ pub struct ServeOptions {
     /// Where uploaded files and batches are kept across restarts (`--batch-dir`); `None`: in
     /// memory.
     pub batch_dir: Option<std::path::PathBuf>,
+    /// Where conversations are kept across restarts (`--conversation-dir`); `None`: in memory.
+    pub conversation_dir: Option<std::path::PathBuf>,
     /// The largest upload `POST /v1/files` takes.
     pub max_file_bytes: usize,
     /// The bytes of all stored files (uploads and batch outputs) beyond which uploads are
@@ -147,6 +149,7 @@ impl ServeOptions {
             max_body_bytes: 8 << 20,
             max_policy_bytes: 64 << 20,
             batch_dir: None,
+            conversation_dir: None,
             max_file_bytes: 100 << 20,
             file_store_bytes: 1 << 30,
             reasoning: None,
@@ -247,6 +250,10 @@ impl App {
         for r in resumes {
             let _ = batch_tx.send(r);
         }
+        let conversations = match &opts.conversation_dir {
+            Some(d) => conversations::Store::on_disk(d).context("--conversation-dir")?,
+            None => conversations::Store::default(),
+        };
         let app = Arc::new(App {
             batch_tx,
             disk,
@@ -258,7 +265,7 @@ impl App {
             pool,
             metrics,
             responses: Mutex::default(),
-            conversations: Arc::default(),
+            conversations: Arc::new(Mutex::new(conversations)),
             runs: Mutex::default(),
             batches: Mutex::new(store),
             draining: AtomicBool::new(false),
