@@ -6549,3 +6549,101 @@ fn conversations_survive_a_restart() {
     assert_eq!(r.status, 200);
     assert_eq!(std::fs::read_dir(&kept).unwrap().count(), 0);
 }
+
+/// OpenAI's stored chat completions: `store: true` keeps the answer (streamed too, as the
+/// whole object a client would have gathered) with the messages sent; listed oldest first,
+/// filtered by model and metadata, paged; read, updated, deleted; bad uses refused, named.
+#[test]
+fn stored_chat_completions_are_listed_read_and_deleted() {
+    let s = q8_server(4096, &[]);
+    let messages = json!([{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": [{"type": "text", "text": "Hello"}]}]);
+    let ask = |extra: Value| -> Value {
+        merged(
+            json!({"messages": messages, "max_tokens": 8, "temperature": 0}),
+            &extra,
+        )
+    };
+    let kept = ok_json(
+        &s,
+        "/v1/chat/completions",
+        &ask(json!({"store": true, "metadata": {"team": "a"}, "logprobs": true})),
+    );
+    ok_json(&s, "/v1/chat/completions", &ask(json!({})));
+    let events = s
+        .open_stream(
+            "/v1/chat/completions",
+            &ask(
+                json!({"store": true, "stream": true, "metadata": {"team": "b"},
+                        "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .collect();
+    let (streamed_text, _, _) = stream_text(&events);
+    let usage = (events.iter().filter(|e| *e != "[DONE]"))
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
+        .next_back();
+    let list = s.get("/v1/chat/completions").json();
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{list}");
+    // The first as its client got it, with its metadata.
+    assert_eq!(
+        data[0],
+        merged(kept.clone(), &json!({"metadata": {"team": "a"}}))
+    );
+    // The streamed one as a whole: its text, its usage.
+    assert_eq!(text_of(&data[1]), streamed_text);
+    assert_eq!(text_of(&data[1]), text_of(&kept));
+    assert_eq!(Some(&data[1]["usage"]), usage.as_ref());
+    let sid = data[1]["id"].as_str().unwrap();
+    // Filters and paging.
+    let ids = |path: &str| -> Vec<String> {
+        let v = s.get(path).json();
+        (v["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: {v}"))
+            .iter())
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect()
+    };
+    assert_eq!(ids("/v1/chat/completions?metadata%5Bteam%5D=b"), [sid]);
+    assert_eq!(ids("/v1/chat/completions?order=desc&limit=1"), [sid]);
+    assert_eq!(ids("/v1/chat/completions?model=nope"), Vec::<String>::new());
+    let id = kept["id"].as_str().unwrap();
+    assert_eq!(ids(&format!("/v1/chat/completions?after={id}")), [sid]);
+    assert_eq!(s.get(&format!("/v1/chat/completions/{id}")).json(), data[0]);
+    // The messages sent, with ids; parts as text.
+    let m = s.get(&format!("/v1/chat/completions/{id}/messages")).json();
+    assert_eq!(m["data"][0]["id"], format!("{id}-0"));
+    assert_eq!(m["data"][1]["content"], "Hello");
+    assert_eq!(m["data"][1]["content_parts"][0]["text"], "Hello");
+    // Updated, deleted.
+    let u = ok_json(
+        &s,
+        &format!("/v1/chat/completions/{id}"),
+        &json!({"metadata": {"team": "c"}}),
+    );
+    assert_eq!(u["metadata"], json!({"team": "c"}));
+    let r = s.request("DELETE", &format!("/v1/chat/completions/{id}"), &[], b"");
+    assert_eq!(
+        r.json(),
+        json!({"id": id, "object": "chat.completion.deleted", "deleted": true})
+    );
+    assert_eq!(s.get(&format!("/v1/chat/completions/{id}")).status, 404);
+    // Refused, named.
+    for (body, param) in [
+        (ask(json!({"store": "yes"})), "store"),
+        (
+            ask(json!({"store": true, "metadata": {"k": 1}})),
+            "metadata.k",
+        ),
+    ] {
+        let r = s.post_json("/v1/chat/completions", &body);
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.json()["error"]["param"], param);
+    }
+    let r = s.get("/v1/chat/completions?order=sideways");
+    assert_eq!(r.json()["error"]["param"], "order");
+    assert_eq!(s.get("/v1/chat/completions/nope/messages").status, 404);
+}

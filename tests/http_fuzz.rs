@@ -39,7 +39,8 @@ fn templates() -> Vec<(&'static str, Value)> {
                        {"name": "o", "schema": {"type": "object",
                         "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
                    "guided_choice": null, "chat_template_kwargs": {"x": 1},
-                   "cache_salt": "s", "priority": 0}),
+                   "cache_salt": "s", "priority": 0, "store": true,
+                   "metadata": {"k": "v"}}),
         ),
         (
             "/v1/responses",
@@ -274,6 +275,8 @@ fn mutated_requests_get_named_errors_never_a_crash() {
         "/v1/batches".to_string(),
         "/v1/messages/batches".to_string(),
         "/v1/models".to_string(),
+        "/v1/chat/completions".to_string(),
+        "/v1/chat/completions/chatcmpl-x/messages".to_string(),
         format!("/v1/conversations/{conv}/items"),
         format!("/v1/responses/{resp}/input_items"),
         format!("/v1/responses/{resp}"),

@@ -7,7 +7,8 @@ Checks completions and chat, streamed and not, with verdict's extra fields passe
 model, `guided_choice`), the Responses API (whole, streamed through the client's own event
 accumulator, `parse`, `previous_response_id`, `input_items` and `input_tokens`, retrieve and delete, in the
 background: polled, its stream read again, cancelled), the Conversations API (items paged, added,
-deleted; responses that read and extend a conversation), that a wrong API key is an
+deleted; responses that read and extend a conversation), stored chat completions (listed by
+metadata, read with their messages, updated, deleted), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
 an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
 for base64 and decodes it; floats on request; `dimensions`), the Batch API (a file uploaded,
@@ -336,6 +337,19 @@ assert client.responses.retrieve(r.id).output_text == r.output_text
 # What r2 was generated from: r's input and output, then its own (newest first).
 listed = [i.id for i in client.responses.input_items.list(r2.id)]
 assert listed[0].startswith("msg_") and listed[1] == r.output[0].id and len(listed) == 3, listed
+# Stored chat completions: kept with `store`, listed by metadata, read, updated, deleted.
+kept = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0,
+    store=True, metadata={"run": "client"},
+)
+listed = [c.id for c in client.chat.completions.list(metadata={"run": "client"})]
+assert listed == [kept.id], listed
+got = client.chat.completions.retrieve(kept.id)
+assert got.choices[0].message.content == kept.choices[0].message.content, got
+assert [m.content for m in client.chat.completions.messages.list(kept.id)] == ["Hello"]
+assert client.chat.completions.update(kept.id, metadata={"run": "done"}).metadata == {"run": "done"}
+assert client.chat.completions.delete(kept.id).deleted
+refused(openai.NotFoundError, "a deleted completion was found", lambda: client.chat.completions.retrieve(kept.id))
 # A conversation: each response reads it and adds its turn; the client pages its items.
 conv = client.conversations.create(
     items=[{"type": "message", "role": "user", "content": "Hello"}], metadata={"topic": "t"}

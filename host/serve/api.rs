@@ -147,6 +147,10 @@ pub struct ParsedRequest {
     pub return_token_ids: bool,
     /// vLLM's `cache_salt`: the prompt cache is shared only with requests of the same salt.
     pub cache_salt: Option<String>,
+    /// OpenAI's `store` (chat): the answer is kept for `/v1/chat/completions` to list.
+    pub store: bool,
+    /// OpenAI's `metadata`: kept with a stored answer.
+    pub metadata: Option<Map<String, Value>>,
     /// vLLM's `stream_options.continuous_usage_stats`: every streamed chunk carries usage.
     pub continuous_usage: bool,
     /// vLLM's `priority`: with the server's `priority` scheduling, a waiting request of a
@@ -271,6 +275,8 @@ pub fn parse_object(
         prompt_logprobs: None,
         return_token_ids: false,
         cache_salt: None,
+        store: false,
+        metadata: None,
         continuous_usage: false,
         priority: 0,
         request_id: None,
@@ -551,10 +557,10 @@ pub fn parse_object(
                     grammars.extend(structured_outputs(o)?);
                 }
             }
+            "store" => r.store = opt(v, |v| boolean(k, v))?.unwrap_or(false),
+            "metadata" => r.metadata = metadata(v)?,
             // Accepted and without effect here.
             "user"
-            | "metadata"
-            | "store"
             | "service_tier"
             | "function_call"
             | "parallel_tool_calls" => {}

@@ -1096,7 +1096,7 @@ impl Batch {
 }
 
 /// How a list route pages (`limit`, `after`, `order`, and for files `purpose`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
     pub limit: usize,
     pub after: Option<String>,

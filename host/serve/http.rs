@@ -27,6 +27,7 @@ use super::api::{self, Endpoint, ParsedRequest, PromptInput, SpeculationChoice};
 use super::auth::Tokens;
 use super::background;
 use super::batch;
+use super::chat_store;
 use super::conversations;
 use super::error::ApiError;
 use super::generate::{Event, Job, Outcome};
@@ -204,6 +205,8 @@ struct App {
     metrics: Arc<Metrics>,
     /// Responses API replies kept for `previous_response_id` (bounded, in memory).
     responses: Mutex<responses::Store>,
+    /// Chat completions kept with `store: true` (bounded, in memory).
+    chats: Mutex<chat_store::Store>,
     /// Conversations (`/v1/conversations`; bounded, in memory), shared with their leases.
     conversations: Arc<Mutex<conversations::Store>>,
     /// Background responses running, and the last ended.
@@ -265,6 +268,7 @@ impl App {
             pool,
             metrics,
             responses: Mutex::default(),
+            chats: Mutex::default(),
             conversations: Arc::new(Mutex::new(conversations)),
             runs: Mutex::default(),
             batches: Mutex::new(store),
@@ -714,9 +718,15 @@ async fn route(
             "/v1/chat/completions",
             match method {
                 Method::POST => completion(app, Endpoint::Chat, req).await,
-                _ => allow("POST"),
+                Method::GET => chat_store::parse_query(req.uri().query(), true, percent_decode)
+                    .and_then(|q| lock(&app.chats).list(&q))
+                    .map(|v| json_response(StatusCode::OK, &v)),
+                _ => allow("GET, POST"),
             },
         ),
+        p if p.starts_with("/v1/chat/completions/") => {
+            stored_chat_route(app, method, &p["/v1/chat/completions/".len()..], req).await
+        }
         "/v1/responses" => (
             "/v1/responses",
             match method {
@@ -1273,9 +1283,16 @@ async fn completion(
             .map(|p| p.reading(begun.thinking_open)),
         prompt_ids: begun.prompts,
     };
+    // `store: true` (chat): the answer is kept with the messages sent.
+    let keep: Option<Keeper> = (endpoint == Endpoint::Chat && parsed.store).then(|| {
+        let (app, meta) = (app.clone(), parsed.metadata.clone());
+        let messages = obj.get("messages").and_then(Value::as_array).cloned();
+        Box::new(move |v: Value| lock(&app.chats).insert(v, &messages.unwrap_or_default(), meta))
+            as Keeper
+    });
     if parsed.stream {
         // `best_of` above `n` is refused with a stream: each generation is a choice.
-        Ok(sse_response(meta, early, rx))
+        Ok(sse_response(meta, early, rx, keep))
     } else {
         let candidates = parsed.candidates();
         let mut all = collect((early, rx), prompts * candidates).await?;
@@ -1284,7 +1301,11 @@ async fn completion(
         let outcomes: Vec<&Outcome> = all.iter().filter_map(|c| c.outcome.as_ref()).collect();
         let total = Outcome::total(&outcomes, candidates);
         let choices = best_of(all, candidates, parsed.n);
-        Ok(json_response(StatusCode::OK, &meta.full(&choices, total)))
+        let v = meta.full(&choices, total);
+        if let Some(keep) = keep {
+            keep(v.clone());
+        }
+        Ok(json_response(StatusCode::OK, &v))
     }
 }
 
@@ -1435,6 +1456,49 @@ fn response_input_items(
         StatusCode::OK,
         &conversations::page(&items, &q)?,
     ))
+}
+
+/// `/v1/chat/completions/{id}[/messages]` (`rest`: the path after `/v1/chat/completions/`).
+async fn stored_chat_route(
+    app: &Arc<App>,
+    method: Method,
+    rest: &str,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let allow = |allowed: &str| {
+        Err(ApiError::method_not_allowed(format!(
+            "{method} is not allowed on /v1/chat/completions/{rest} (allowed: {allowed})"
+        )))
+    };
+    let ok = |v: Result<Value, ApiError>| v.map(|v| json_response(StatusCode::OK, &v));
+    if let Some(id) = rest.strip_suffix("/messages") {
+        let id = percent_decode(id);
+        return (
+            "/v1/chat/completions/{id}/messages",
+            match method {
+                Method::GET => {
+                    ok(
+                        chat_store::parse_query(req.uri().query(), false, percent_decode)
+                            .and_then(|q| lock(&app.chats).messages(&id, &q)),
+                    )
+                }
+                _ => allow("GET"),
+            },
+        );
+    }
+    let id = percent_decode(rest);
+    (
+        "/v1/chat/completions/{id}",
+        match method {
+            Method::GET => ok(lock(&app.chats).get(&id)),
+            Method::POST => match read_body(req, app.opts.max_body_bytes, "body").await {
+                Ok(b) => ok(api::json_object(&b).and_then(|b| lock(&app.chats).update(&id, &b))),
+                Err(e) => Err(e),
+            },
+            Method::DELETE => ok(lock(&app.chats).delete(&id)),
+            _ => allow("GET, POST, DELETE"),
+        },
+    )
 }
 
 /// `POST /v1/conversations`.
@@ -3528,12 +3592,19 @@ fn sse_data(v: &Value) -> Bytes {
 /// Server-sent events from the generation's channel, ending in `data: [DONE]`. Dropping this
 /// body (the client went away) closes the channel, which stops the generation.
 /// `early`: events that arrived before the response started, sent first.
+/// What keeps a finished chat completion (`store: true`): given the whole object.
+type Keeper = Box<dyn FnOnce(Value) + Send + Sync>;
+
 fn sse_response(
     meta: ResponseMeta,
     early: VecDeque<(usize, Event)>,
     rx: UnboundedReceiver<(usize, Event)>,
+    keep: Option<Keeper>,
 ) -> Response<Body> {
     struct S {
+        /// With `store`: each choice as a whole, and what keeps the whole answer at the end.
+        kept: Vec<Choice>,
+        keep: Option<Keeper>,
         meta: ResponseMeta,
         early: VecDeque<(usize, Event)>,
         rx: UnboundedReceiver<(usize, Event)>,
@@ -3603,6 +3674,8 @@ fn sse_response(
     }
     let n = meta.n;
     let state = S {
+        kept: (0..n).map(|_| Choice::default()).collect(),
+        keep,
         split: (0..n)
             .map(|_| meta.reasoning.map(reasoning::Splitter::new))
             .collect(),
@@ -3628,6 +3701,10 @@ fn sse_response(
             };
             match next {
                 Some((i, Event::Delta(d, e))) => {
+                    if s.keep.is_some() {
+                        s.kept[i].text.push_str(&d);
+                        s.kept[i].entries.extend(e.iter().cloned());
+                    }
                     let pieces = match &mut s.split[i] {
                         Some(split) => split.push(&d, e),
                         None => vec![(reasoning::Part::Content, d, e)],
@@ -3655,6 +3732,9 @@ fn sse_response(
                 // Refused with a stream (`api::parse`).
                 Some((_, Event::PromptLogprobs(_))) => continue,
                 Some((i, Event::Done(mut o))) => {
+                    if s.keep.is_some() {
+                        s.kept[i].outcome = Some(o.clone());
+                    }
                     let unseen = o.token_ids.get(s.ids_seen[i]..).unwrap_or_default();
                     s.ids[i].extend_from_slice(unseen);
                     let rest = s.split[i]
@@ -3689,6 +3769,9 @@ fn sse_response(
                     if total.is_some() {
                         out.extend_from_slice(b"data: [DONE]\n\n");
                         s.done = true;
+                        if let Some(keep) = s.keep.take() {
+                            keep(s.meta.full(&s.kept, total));
+                        }
                     }
                     break Bytes::from(out);
                 }

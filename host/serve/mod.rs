@@ -5,6 +5,7 @@
 //! - [`http`]: routes, responses (JSON and server-sent events), policy management, drain.
 //! - [`responses`]: OpenAI's Responses API as a chat request, its output items and typed
 //!   stream events, and the store behind `previous_response_id` and `input_items`.
+//! - [`chat_store`]: chat completions kept with `store: true`, listed, read, updated, deleted.
 //! - [`conversations`]: OpenAI's Conversations API: item lists a response reads as its
 //!   context and adds its turn to, one response at a time.
 //! - [`background`]: background responses (`background: true`): polled, cancelled, their
@@ -32,6 +33,7 @@ pub mod api;
 pub mod auth;
 pub mod background;
 pub mod batch;
+pub mod chat_store;
 pub mod conversations;
 pub mod embeddings;
 pub mod error;
