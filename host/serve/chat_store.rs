@@ -6,13 +6,12 @@
 //! Kept in memory, bounded in number and bytes: the oldest go first. Engine-free: `http.rs`
 //! runs the requests and hands their answers here.
 
-use std::collections::{HashMap, VecDeque};
-
 use serde_json::{Map, Value, json};
 
 use super::api::metadata;
 use super::batch::{self, ListQuery};
 use super::error::ApiError;
+use super::kept::Kept;
 
 /// Completions kept...
 pub const CAPACITY: usize = 1024;
@@ -30,15 +29,14 @@ fn missing(id: &str) -> ApiError {
 struct Stored {
     completion: Value,
     messages: Vec<Value>,
-    bytes: usize,
 }
 
-#[derive(Default)]
-pub struct Store {
-    by_id: HashMap<String, Stored>,
-    /// Oldest first.
-    order: VecDeque<String>,
-    bytes: usize,
+pub struct Store(Kept<Stored>);
+
+impl Default for Store {
+    fn default() -> Store {
+        Store(Kept::new(CAPACITY, BYTES))
+    }
 }
 
 /// A list query: paging (`after`, `limit` 1-100, `order`, ascending by default as OpenAI's),
@@ -129,40 +127,16 @@ impl Store {
         let messages = store_messages(&id, messages);
         let bytes = completion.to_string().len()
             + messages.iter().map(|m| m.to_string().len()).sum::<usize>();
-        self.remove(&id);
-        self.by_id.insert(
-            id.clone(),
-            Stored {
-                completion,
-                messages,
-                bytes,
-            },
-        );
-        self.order.push_back(id);
-        self.bytes += bytes;
-        while self.order.len() > CAPACITY || self.bytes > BYTES {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(s) = self.by_id.remove(&old) {
-                self.bytes -= s.bytes;
-            }
-        }
-    }
-
-    fn remove(&mut self, id: &str) -> bool {
-        let Some(s) = self.by_id.remove(id) else {
-            return false;
+        let stored = Stored {
+            completion,
+            messages,
         };
-        self.bytes -= s.bytes;
-        self.order.retain(|x| x != id);
-        true
+        self.0.insert(id, stored, bytes);
     }
 
     /// `GET /v1/chat/completions`.
     pub fn list(&self, q: &Query) -> Result<Value, ApiError> {
-        let items = (self.order.iter())
-            .filter_map(|id| self.by_id.get(id).map(|s| (id, s)))
+        let items = (self.0.iter())
             .filter(|(_, s)| {
                 q.model
                     .as_ref()
@@ -176,7 +150,7 @@ impl Store {
     }
 
     pub fn get(&self, id: &str) -> Result<Value, ApiError> {
-        (self.by_id.get(id))
+        (self.0.get(id))
             .map(|s| s.completion.clone())
             .ok_or_else(|| missing(id))
     }
@@ -194,21 +168,19 @@ impl Store {
             .get("metadata")
             .ok_or_else(|| ApiError::invalid("metadata", "`metadata` is required"))?;
         let m = metadata(m)?.unwrap_or_default();
-        let s = self.by_id.get_mut(id).ok_or_else(|| missing(id))?;
+        let s = self.0.get_mut(id).ok_or_else(|| missing(id))?;
         s.completion["metadata"] = Value::Object(m);
         Ok(s.completion.clone())
     }
 
     pub fn delete(&mut self, id: &str) -> Result<Value, ApiError> {
-        if !self.remove(id) {
-            return Err(missing(id));
-        }
+        self.0.remove(id).ok_or_else(|| missing(id))?;
         Ok(json!({"id": id, "object": "chat.completion.deleted", "deleted": true}))
     }
 
     /// `GET /v1/chat/completions/{id}/messages`.
     pub fn messages(&self, id: &str, q: &Query) -> Result<Value, ApiError> {
-        let s = self.by_id.get(id).ok_or_else(|| missing(id))?;
+        let s = self.0.get(id).ok_or_else(|| missing(id))?;
         let items = (s.messages.iter())
             .map(|m| (m["id"].as_str().unwrap_or_default().to_string(), m.clone()))
             .collect();
@@ -311,6 +283,6 @@ mod tests {
             s.insert(completion(&format!("b{i}"), &big), &[], None);
         }
         assert!(s.get("b0").is_err() && s.get("b3").is_ok());
-        assert!(s.bytes <= BYTES);
+        assert!(s.0.bytes() <= BYTES);
     }
 }

@@ -17,6 +17,7 @@
 //! - [`message_batch`]: Anthropic's Message Batches API (`/v1/messages/batches`) on the same
 //!   runner and store.
 //! - [`embeddings`]: `/v1/embeddings`, the target's pooled hidden states in OpenAI's shape.
+//! - [`kept`]: the bounded, oldest-out map behind the stored responses and chat completions.
 //! - [`generate`]: one request's generation on a worker thread (stop strings, cancellation).
 //! - [`logprobs`]: per-token logprobs lined up with the emitted text, and their JSON shapes.
 //! - [`reasoning`]: a reasoning model's `<think>` block apart from its answer.
@@ -39,6 +40,7 @@ pub mod embeddings;
 pub mod error;
 pub mod generate;
 pub mod http;
+pub mod kept;
 pub mod logprobs;
 pub mod message_batch;
 pub mod messages;

@@ -12,13 +12,12 @@
 //! `previous_response_id` continues a conversation; `conversation` reads a conversation's items
 //! instead ([`super::conversations`]). Engine-free: `http.rs` runs the generation.
 
-use std::collections::{HashMap, VecDeque};
-
 use serde_json::{Map, Value, json};
 
 use super::api::{object, str_of as string, type_name};
 use super::error::ApiError;
 use super::generate::Outcome;
+use super::kept::Kept;
 use super::logprobs::{self, TokenEntry};
 use super::reasoning::{self, Part, Splitter};
 use super::tools;
@@ -1203,17 +1202,17 @@ impl Stream {
 
 /// Stored responses: each one's object (for `GET`) and the items it was generated from (for
 /// `input_items`, and with its output for `previous_response_id`).
-#[derive(Default)]
-pub struct Store {
-    by_id: HashMap<String, Stored>,
-    order: VecDeque<String>,
-    bytes: usize,
+pub struct Store(Kept<Stored>);
+
+impl Default for Store {
+    fn default() -> Store {
+        Store(Kept::new(STORE_CAPACITY, STORE_BYTES))
+    }
 }
 
 struct Stored {
     response: Value,
     input_items: Vec<Value>,
-    bytes: usize,
 }
 
 impl Store {
@@ -1223,49 +1222,30 @@ impl Store {
                 .iter()
                 .map(|m| m.to_string().len())
                 .sum::<usize>();
-        self.remove(&id);
-        self.by_id.insert(
-            id.clone(),
-            Stored {
-                response,
-                input_items,
-                bytes,
-            },
-        );
-        self.order.push_back(id);
-        self.bytes += bytes;
-        while self.order.len() > STORE_CAPACITY || self.bytes > STORE_BYTES {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(s) = self.by_id.remove(&old) {
-                self.bytes -= s.bytes;
-            }
-        }
+        let stored = Stored {
+            response,
+            input_items,
+        };
+        self.0.insert(id, stored, bytes);
     }
 
     pub fn response(&self, id: &str) -> Option<&Value> {
-        self.by_id.get(id).map(|s| &s.response)
+        self.0.get(id).map(|s| &s.response)
     }
 
     /// What a response continuing this one reads: its input items, then its output.
     pub fn context(&self, id: &str) -> Option<Vec<Value>> {
-        let s = self.by_id.get(id)?;
+        let s = self.0.get(id)?;
         let output = s.response["output"].as_array().into_iter().flatten();
         Some(s.input_items.iter().chain(output).cloned().collect())
     }
 
     pub fn input_items(&self, id: &str) -> Option<&[Value]> {
-        self.by_id.get(id).map(|s| &s.input_items[..])
+        self.0.get(id).map(|s| &s.input_items[..])
     }
 
     pub fn remove(&mut self, id: &str) -> bool {
-        let Some(s) = self.by_id.remove(id) else {
-            return false;
-        };
-        self.bytes -= s.bytes;
-        self.order.retain(|x| x != id);
-        true
+        self.0.remove(id).is_some()
     }
 }
 
@@ -1777,8 +1757,8 @@ mod tests {
         }
         assert!(s.response("b0").is_none() && s.response("b1").is_none());
         assert!(s.response("b4").is_some() && s.response("b2").is_some());
-        assert!(s.bytes <= STORE_BYTES);
+        assert!(s.0.bytes() <= STORE_BYTES);
         assert!(s.remove("b4"));
-        assert!(s.bytes < 3 * STORE_BYTES / 4);
+        assert!(s.0.bytes() < 3 * STORE_BYTES / 4);
     }
 }
