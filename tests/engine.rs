@@ -1733,6 +1733,84 @@ fn the_prompt_cache_is_shared_only_under_one_salt() {
     assert_eq!(run_logged(&e, req(None)).2, prompt.len() - 1);
 }
 
+/// OpenAI's predicted outputs: a prediction drafts where the output follows it, and with
+/// strict the output is the target's greedy one whatever the prediction says (right, edited,
+/// or unrelated); the tokens drafted from it are counted accepted or rejected; off the
+/// prediction the request's own drafter proposes; with speculation off it is not used.
+#[test]
+fn a_predicted_output_drafts_and_changes_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = tiny(dir.path(), "t.gguf", spec(1, 2));
+    let draft = tiny(dir.path(), "d.gguf", spec(2, 1));
+    let prompt = [3, 1, 4, 1, 5];
+    let plain_engine = engine(target.clone(), None, None, 8);
+    let (want, _) = run(&plain_engine, greedy(&prompt, 40, Speculation::Off));
+    assert_eq!(want.len(), 40);
+    let mut edited = want.clone();
+    for i in [12, 13, 25] {
+        edited[i] = (edited[i] + 7) % 50;
+    }
+    let unrelated: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 97).collect();
+    for (what, e) in [
+        ("no drafter", plain_engine),
+        (
+            "a draft model",
+            engine(
+                target.clone(),
+                Some(draft.clone()),
+                Some(DrafterSpec::Model),
+                8,
+            ),
+        ),
+    ] {
+        for (name, prediction) in [
+            ("exact", &want),
+            ("edited", &edited),
+            ("unrelated", &unrelated),
+        ] {
+            let req = GenerateRequest {
+                prediction: Some(prediction.clone()),
+                ..greedy(&prompt, 40, Speculation::Default)
+            };
+            let (out, st) = run(&e, req);
+            assert_eq!(out, want, "{what}, {name} prediction");
+            assert!(st.prediction);
+            let from_prediction = st.drafter_steps.get("prediction").copied().unwrap_or(0);
+            match name {
+                // Every drafted token right: a few steps of k + 1 tokens.
+                "exact" => {
+                    assert_eq!(st.prediction_rejected, 0, "{what}: {st:?}");
+                    assert_eq!(st.prediction_accepted, st.accepted);
+                    assert!(st.steps <= 6, "{what}: {st:?}");
+                }
+                // Rejected at the edits, and back on the prediction after each (two output
+                // tokens past an edit re-anchor): 40 tokens in a quarter of the steps.
+                "edited" => {
+                    assert!(st.prediction_rejected >= 2, "{what}: {st:?}");
+                    assert!(st.prediction_accepted >= 25, "{what}: {st:?}");
+                    assert!(from_prediction >= 3 && st.steps <= 12, "{what}: {st:?}");
+                }
+                _ => assert!(st.prediction_accepted <= 2, "{what}: {st:?}"),
+            }
+            // Off the prediction, the draft model proposes.
+            if what == "a draft model" && name == "unrelated" {
+                assert!(
+                    st.drafter_steps.get("model").copied().unwrap_or(0) > 0,
+                    "{st:?}"
+                );
+            }
+        }
+    }
+    // Speculation off: the prediction is not used.
+    let e = engine(target, None, None, 8);
+    let req = GenerateRequest {
+        prediction: Some(want.clone()),
+        ..greedy(&prompt, 40, Speculation::Off)
+    };
+    let (out, st) = run(&e, req);
+    assert_eq!((out, st.prediction, st.drafted), (want, false, 0));
+}
+
 #[test]
 fn the_prompt_cache_stays_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();

@@ -6647,3 +6647,80 @@ fn stored_chat_completions_are_listed_read_and_deleted() {
     assert_eq!(r.json()["error"]["param"], "order");
     assert_eq!(s.get("/v1/chat/completions/nope/messages").status, 404);
 }
+
+/// OpenAI's predicted outputs: a chat request's `prediction` drafts the answer where it agrees
+/// (the same text as without it, strict being lossless), and the usage counts the predicted
+/// tokens accepted and rejected; bad predictions are refused, named.
+#[test]
+fn a_prediction_drafts_the_answer_and_changes_no_text() {
+    let s = q8_server(4096, &[]);
+    let ask = |extra: Value| -> Value {
+        ok_json(
+            &s,
+            "/v1/chat/completions",
+            &merged(
+                json!({"messages": [{"role": "user", "content": "Hello there"}],
+                       "max_tokens": 32, "temperature": 0}),
+                &extra,
+            ),
+        )
+    };
+    let plain = ask(json!({}));
+    let text = text_of(&plain);
+    assert!(plain["usage"].get("completion_tokens_details").is_none());
+    let exact = ask(json!({"prediction": {"type": "content", "content": text}}));
+    assert_eq!(text_of(&exact), text);
+    let details = &exact["usage"]["completion_tokens_details"];
+    // Every predicted token drafted was right; each step adds the target's own next token.
+    let accepted = details["accepted_prediction_tokens"].as_u64().unwrap();
+    let steps = exact["speculation"]["steps"].as_u64().unwrap();
+    assert_eq!(details["rejected_prediction_tokens"], 0, "{exact}");
+    assert_eq!(
+        accepted + steps + 1,
+        plain["usage"]["completion_tokens"].as_u64().unwrap(),
+        "{exact}"
+    );
+    assert!(exact["speculation"]["drafter_steps"]["prediction"].as_u64() > Some(0));
+    // A prediction with an edit in it, given as text parts: the same text.
+    let cut = text.chars().count() / 2;
+    let edited: String = text
+        .chars()
+        .take(cut)
+        .chain("XYZ".chars())
+        .chain(text.chars().skip(cut + 2))
+        .collect();
+    let r = ask(json!({"prediction": {"type": "content",
+                                      "content": [{"type": "text", "text": edited}]}}));
+    assert_eq!(text_of(&r), text);
+    assert!(r["usage"]["completion_tokens_details"]["rejected_prediction_tokens"].is_u64());
+    // Streamed too.
+    let events = s
+        .open_stream(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 32,
+                    "temperature": 0, "stream": true,
+                    "prediction": {"type": "content", "content": text}}),
+        )
+        .collect();
+    assert_eq!(stream_text(&events).0, text);
+    for (prediction, param) in [
+        (json!("text"), "prediction"),
+        (json!({"type": "file", "content": "x"}), "prediction.type"),
+        (json!({"type": "content"}), "prediction.content"),
+        (
+            json!({"type": "content", "content": [{"type": "image"}]}),
+            "prediction.content[0].type",
+        ),
+        (
+            json!({"type": "content", "content": "x", "extra": 1}),
+            "prediction.extra",
+        ),
+    ] {
+        let r = s.post_json(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Hi"}], "prediction": prediction}),
+        );
+        assert_eq!(r.status, 400, "{prediction}");
+        assert_eq!(r.json()["error"]["param"], param, "{prediction}");
+    }
+}

@@ -40,7 +40,8 @@ fn templates() -> Vec<(&'static str, Value)> {
                         "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
                    "guided_choice": null, "chat_template_kwargs": {"x": 1},
                    "cache_salt": "s", "priority": 0, "store": true,
-                   "metadata": {"k": "v"}}),
+                   "metadata": {"k": "v"},
+                   "prediction": {"type": "content", "content": [{"type": "text", "text": "{}"}]}}),
         ),
         (
             "/v1/responses",

@@ -8,7 +8,7 @@ model, `guided_choice`), the Responses API (whole, streamed through the client's
 accumulator, `parse`, `previous_response_id`, `input_items` and `input_tokens`, retrieve and delete, in the
 background: polled, its stream read again, cancelled), the Conversations API (items paged, added,
 deleted; responses that read and extend a conversation), stored chat completions (listed by
-metadata, read with their messages, updated, deleted), that a wrong API key is an
+metadata, read with their messages, updated, deleted), predicted outputs (usage counts), that a wrong API key is an
 AuthenticationError, a reasoning model's `reasoning_content` (whole and streamed), and that
 an unknown policy is a 400 the client raises as BadRequestError, and embeddings (the client asks
 for base64 and decodes it; floats on request; `dimensions`), the Batch API (a file uploaded,
@@ -337,6 +337,17 @@ assert client.responses.retrieve(r.id).output_text == r.output_text
 # What r2 was generated from: r's input and output, then its own (newest first).
 listed = [i.id for i in client.responses.input_items.list(r2.id)]
 assert listed[0].startswith("msg_") and listed[1] == r.output[0].id and len(listed) == 3, listed
+# Predicted outputs: the same text, the predicted tokens counted in the usage.
+plain = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=0
+)
+predicted = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=0,
+    prediction={"type": "content", "content": plain.choices[0].message.content},
+)
+assert predicted.choices[0].message.content == plain.choices[0].message.content, predicted
+details = predicted.usage.completion_tokens_details
+assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens == 0, details
 # Stored chat completions: kept with `store`, listed by metadata, read, updated, deleted.
 kept = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0,

@@ -641,6 +641,7 @@ pub fn run(args: Args) -> Result<()> {
             },
             grammar,
             cache_salt: None,
+            prediction: None,
         })
         .map_err(|e| match &e.param {
             Some(p) => anyhow::anyhow!("{p}: {}", e.message),

@@ -3,10 +3,12 @@
 //! Three drafters behind one trait: a separate draft model sharing the target's tokenizer
 //! ([`ModelDrafter`]), the target's own first layers (self-draft / layer skip: the same type over a
 //! layer-limited session), and prompt lookup ([`PromptLookup`], n-gram copy, no model).
-//! [`AutoDrafter`] picks among them per step.
+//! [`AutoDrafter`] picks among them per step; [`Predicted`] copies a request's predicted output
+//! (OpenAI's `prediction`) and hands the steps off it to the request's own drafter.
 
 mod auto;
 mod model;
+pub mod prediction;
 pub mod prompt_lookup;
 
 use anyhow::{Result, bail};
@@ -15,6 +17,7 @@ use crate::models::Session;
 use crate::sample::{Rng64, SamplingParams};
 pub use auto::AutoDrafter;
 pub use model::ModelDrafter;
+pub use prediction::Predicted;
 
 /// A drafter's proposal for one step.
 #[derive(Debug, Clone, Default)]

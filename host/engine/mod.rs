@@ -19,7 +19,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow};
 
 use crate::decide::{Correction, PolicyInstance, PolicyRegistry, Step, trace};
-use crate::draft::{AutoDrafter, Draft, Drafter, DrafterSpec, ModelDrafter, PromptLookup};
+use crate::draft::{
+    AutoDrafter, Draft, Drafter, DrafterSpec, ModelDrafter, Predicted, PromptLookup,
+};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{Model, Rows, Session};
 use crate::sample::{Adjust, Constraint, Penalizer, Penalties, Rng64, SamplingParams};
@@ -124,6 +126,9 @@ pub struct GenerateRequest {
     /// The prompt cache is shared only among requests with the same salt (see
     /// [`prefix`]); `None`: among those with none.
     pub cache_salt: Option<String>,
+    /// OpenAI's predicted output: tokens the answer is expected to repeat, drafted from
+    /// ([`crate::draft::Predicted`]) unless speculation is off.
+    pub prediction: Option<Vec<u32>>,
 }
 
 /// The target's log-probability of one emitted token, at temperature 1 (log-softmax of the
@@ -356,6 +361,7 @@ impl Engine {
         // Adaptive k follows measured timings, and k decides which positions are drafted and
         // which sampled by the target: a seeded request keeps a fixed k so that it reproduces.
         let adaptive = req.adaptive.unwrap_or(cfg.adaptive && req.seed.is_none());
+        let mut stats_prediction = false;
         let mut drafter: Option<Box<dyn Drafter>> = match drafter_spec {
             None => None,
             Some(DrafterSpec::Auto) => {
@@ -397,6 +403,14 @@ impl Engine {
                 ))
             }
         };
+
+        // A prediction drafts where the output follows it, the request's drafter elsewhere.
+        let predicted = req.prediction.filter(|p| !p.is_empty());
+        let predicted = predicted.filter(|_| !matches!(req.speculation, Speculation::Off));
+        if let Some(p) = predicted {
+            drafter = Some(Box::new(Predicted::new(p, req.prompt.len(), drafter)));
+            stats_prediction = true;
+        }
 
         // The policy is resolved when speculating, and also when a request names one with
         // parameters but no speculation, so that a typo is not silently ignored.
@@ -448,7 +462,10 @@ impl Engine {
             Penalizer::new(req.penalties, &req.prompt, &req.stop_tokens),
             req.grammar,
         );
-        let mut stats = SpecStats::default();
+        let mut stats = SpecStats {
+            prediction: stats_prediction,
+            ..SpecStats::default()
+        };
         if let Some(d) = &drafter {
             stats.drafter = Some(d.name());
             stats.policy = policy.as_ref().map(|p| {
@@ -866,6 +883,7 @@ impl Generation {
             return self.plain_step();
         }
         let t_draft = t0.elapsed().as_secs_f64();
+        let predicted = used == crate::draft::prediction::NAME;
         *self.stats.drafter_steps.entry(used).or_default() += 1;
         let kd = draft.tokens.len();
         let base = self.target.len();
@@ -950,6 +968,10 @@ impl Generation {
         }
         self.stats
             .record_step(kd, n, off_argmax, decision.fault.is_some());
+        if predicted {
+            self.stats.prediction_accepted += n as u64;
+            self.stats.prediction_rejected += (kd - n) as u64;
+        }
         // The drafter and adaptive k learn from their own proposals only.
         if let Some(d) = self.drafter.as_mut().filter(|_| !by_grammar) {
             d.observe(kd, n, t_draft, t_verify);

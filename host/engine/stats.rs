@@ -35,6 +35,11 @@ pub struct SpecStats {
     pub drafter: Option<String>,
     /// Speculative steps per drafter that proposed them (several only for `auto`).
     pub drafter_steps: std::collections::BTreeMap<String, u64>,
+    /// The request sent a predicted output; of the tokens drafted from it, those accepted and
+    /// those rejected (OpenAI's `accepted_prediction_tokens`, `rejected_prediction_tokens`).
+    pub prediction: bool,
+    pub prediction_accepted: u64,
+    pub prediction_rejected: u64,
     /// Steps whose drafts the request's grammar cut short (drafters without a distribution to
     /// mask: prompt lookup).
     pub grammar_cuts: u64,

@@ -151,6 +151,9 @@ pub struct ParsedRequest {
     pub store: bool,
     /// OpenAI's `metadata`: kept with a stored answer.
     pub metadata: Option<Map<String, Value>>,
+    /// OpenAI's `prediction` (predicted outputs): text the answer is expected to repeat, a
+    /// draft to speculate from.
+    pub prediction: Option<String>,
     /// vLLM's `stream_options.continuous_usage_stats`: every streamed chunk carries usage.
     pub continuous_usage: bool,
     /// vLLM's `priority`: with the server's `priority` scheduling, a waiting request of a
@@ -277,6 +280,7 @@ pub fn parse_object(
         cache_salt: None,
         store: false,
         metadata: None,
+        prediction: None,
         continuous_usage: false,
         priority: 0,
         request_id: None,
@@ -558,6 +562,7 @@ pub fn parse_object(
                 }
             }
             "store" => r.store = opt(v, |v| boolean(k, v))?.unwrap_or(false),
+            "prediction" => r.prediction = opt(v, prediction)?,
             "metadata" => r.metadata = metadata(v)?,
             // Accepted and without effect here.
             "user"
@@ -1465,6 +1470,57 @@ fn template_vars(k: &str, v: &Value) -> Result<Map<String, Value>, ApiError> {
         }
     }
     Ok(vars.clone())
+}
+
+/// OpenAI's `prediction`: `{"type": "content", "content": TEXT or [text parts]}`.
+fn prediction(v: &Value) -> Result<String, ApiError> {
+    let o = object("prediction", v)?;
+    for (k, x) in o {
+        match k.as_str() {
+            "type" => {
+                if str_of("prediction.type", x)? != "content" {
+                    return Err(ApiError::invalid(
+                        "prediction.type",
+                        "prediction.type must be \"content\"",
+                    ));
+                }
+            }
+            "content" => {}
+            _ => return Err(unknown_field(&format!("prediction.{k}"))),
+        }
+    }
+    match o.get("content") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut s = String::new();
+            for (i, p) in parts.iter().enumerate() {
+                let at = format!("prediction.content[{i}]");
+                let p = object(&at, p)?;
+                if p.get("type").and_then(Value::as_str) != Some("text") {
+                    return Err(ApiError::invalid(
+                        format!("{at}.type"),
+                        "a predicted content part must be {\"type\": \"text\", \"text\": ...}",
+                    ));
+                }
+                s.push_str(str_of(
+                    &format!("{at}.text"),
+                    p.get("text").unwrap_or(&Value::Null),
+                )?);
+            }
+            Ok(s)
+        }
+        Some(other) => Err(ApiError::invalid(
+            "prediction.content",
+            format!(
+                "prediction.content must be a string or an array of text parts, got {}",
+                type_name(other)
+            ),
+        )),
+        None => Err(ApiError::invalid(
+            "prediction.content",
+            "a prediction needs `content`",
+        )),
+    }
 }
 
 fn unknown_field(name: &str) -> ApiError {

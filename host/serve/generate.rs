@@ -38,7 +38,7 @@ pub enum Event {
     /// vLLM's `prompt_logprobs` ([`logprobs::prompt_json`]), once the prefill has scored the
     /// prompt, before `Done`.
     PromptLogprobs(serde_json::Value),
-    Done(Outcome),
+    Done(Box<Outcome>),
     Failed(ApiError),
 }
 
@@ -91,6 +91,11 @@ pub struct SpeculationReport {
     pub mean_target_logprob: f64,
     /// Speculative steps by the drafter that proposed them (`auto` picks one per step).
     pub drafter_steps: std::collections::BTreeMap<String, u64>,
+    /// With a predicted output: the tokens drafted from it that were accepted, and rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted_prediction_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_prediction_tokens: Option<u64>,
 }
 
 impl Outcome {
@@ -154,7 +159,15 @@ impl SpeculationReport {
             accepted_off_argmax: 0,
             mean_target_logprob: 0.0,
             drafter_steps: Default::default(),
+            accepted_prediction_tokens: None,
+            rejected_prediction_tokens: None,
         };
+        let sum = |f: fn(&SpeculationReport) -> Option<u64>| {
+            let got: Vec<u64> = reports.iter().filter_map(|r| f(r.0)).collect();
+            (!got.is_empty()).then(|| got.iter().sum())
+        };
+        t.accepted_prediction_tokens = sum(|r| r.accepted_prediction_tokens);
+        t.rejected_prediction_tokens = sum(|r| r.rejected_prediction_tokens);
         let (mut stepped_tokens, mut logprob, mut tokens) = (0.0, 0.0, 0usize);
         for &(r, n) in reports {
             t.steps += r.steps;
@@ -194,6 +207,8 @@ impl SpeculationReport {
             accepted_off_argmax: stats.accepted_off_argmax,
             mean_target_logprob: stats.mean_target_logprob(),
             drafter_steps: stats.drafter_steps.clone(),
+            accepted_prediction_tokens: stats.prediction.then_some(stats.prediction_accepted),
+            rejected_prediction_tokens: stats.prediction.then_some(stats.prediction_rejected),
         }
     }
 }
@@ -591,7 +606,7 @@ impl Job {
         // The sequences go to the prompt cache before the client hears the end, so that its
         // next turn finds them.
         generation.close();
-        let _ = events.send(Event::Done(Outcome {
+        let _ = events.send(Event::Done(Box::new(Outcome {
             finish_reason,
             stop_sequence,
             stop_token,
@@ -601,7 +616,7 @@ impl Job {
             token_ids: output,
             mean_logprob,
             speculation,
-        }));
+        })));
     }
 }
 

@@ -2182,7 +2182,7 @@ async fn collect((mut early, mut rx): Events, n: usize) -> Result<Vec<Choice>, A
                 choices[i].entries.extend(e);
             }
             Some((i, Event::Done(o))) => {
-                choices[i].outcome = Some(o);
+                choices[i].outcome = Some(*o);
                 done += 1;
             }
             Some((i, Event::PromptLogprobs(v))) => choices[i].prompt_logprobs = Some(v),
@@ -2252,6 +2252,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         prompt_logprobs,
         grammar,
         cache_salt,
+        prediction,
     } = r;
     GenerateRequest {
         prompt: prompt.clone(),
@@ -2269,6 +2270,7 @@ fn choice_request(r: &GenerateRequest, i: usize) -> GenerateRequest {
         prompt_logprobs: *prompt_logprobs,
         grammar: grammar.clone(),
         cache_salt: cache_salt.clone(),
+        prediction: prediction.clone(),
     }
 }
 
@@ -3173,6 +3175,10 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
     let mut penalties = p.penalties.clone();
     penalties.bad_words = sample::bad_words_ids(&p.bad_words, |w| tokenizer.encode(w, false))
         .map_err(|(i, e)| ApiError::invalid(format!("bad_words[{i}]"), e))?;
+    let prediction = (p.prediction.as_deref())
+        .map(|t| tokenizer.encode(t, false))
+        .transpose()
+        .map_err(|e| ApiError::invalid("prediction", format!("cannot tokenize: {e:#}")))?;
     let ctx = engine.max_context();
     // vLLM's truncate_prompt_tokens: the prompt's last N tokens (-1: all that leave room for
     // max_tokens, 16 when it is not given).
@@ -3300,6 +3306,7 @@ fn prepare(app: &App, served: &Served, p: &ParsedRequest) -> Result<GenerateRequ
         penalties,
         grammar,
         cache_salt: p.cache_salt.clone(),
+        prediction,
         ..GenerateRequest::default()
     })
 }
@@ -3373,6 +3380,13 @@ fn usage_so_far(prompt_tokens: usize, completion_tokens: usize) -> Value {
 fn usage(o: &Outcome) -> Value {
     let mut u = usage_so_far(o.prompt_tokens, o.completion_tokens);
     u["prompt_tokens_details"] = json!({ "cached_tokens": o.cached_tokens });
+    let s = &o.speculation;
+    if let (Some(a), Some(r)) = (s.accepted_prediction_tokens, s.rejected_prediction_tokens) {
+        u["completion_tokens_details"] = json!({
+            "reasoning_tokens": 0, "audio_tokens": 0,
+            "accepted_prediction_tokens": a, "rejected_prediction_tokens": r,
+        });
+    }
     u
 }
 
@@ -3731,7 +3745,8 @@ fn sse_response(
                 }
                 // Refused with a stream (`api::parse`).
                 Some((_, Event::PromptLogprobs(_))) => continue,
-                Some((i, Event::Done(mut o))) => {
+                Some((i, Event::Done(o))) => {
+                    let mut o = *o;
                     if s.keep.is_some() {
                         s.kept[i].outcome = Some(o.clone());
                     }
