@@ -564,8 +564,12 @@ pub fn parse_object(
             "store" => r.store = opt(v, |v| boolean(k, v))?.unwrap_or(false),
             "prediction" => r.prediction = opt(v, prediction)?,
             "metadata" => r.metadata = metadata(v)?,
-            // Accepted and without effect here.
+            // Accepted and without effect here (OpenAI's routing, safety and style hints).
             "user"
+            | "safety_identifier"
+            | "prompt_cache_key"
+            | "prompt_cache_retention"
+            | "verbosity"
             | "service_tier"
             | "function_call"
             | "parallel_tool_calls" => {}

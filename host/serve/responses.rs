@@ -70,7 +70,6 @@ const CHAT_ONLY: &[&str] = &[
     "n",
     "response_format",
     "logprobs",
-    "stream_options",
     "functions",
     "function_call",
     "prompt",
@@ -204,6 +203,19 @@ pub fn translate(
                 }
                 _ => return Err(invalid(k, "truncation must be \"disabled\"")),
             },
+            // Its one setting, obfuscation padding on streamed deltas, is not made here.
+            "stream_options" => {
+                if let Some(o) = (!v.is_null()).then(|| object(k, v)).transpose()?
+                    && let Some(bad) = o.keys().find(|x| *x != "include_obfuscation")
+                {
+                    return Err(invalid(
+                        format!("stream_options.{bad}"),
+                        format!(
+                            "unknown field `stream_options.{bad}` (the Responses API has include_obfuscation)"
+                        ),
+                    ));
+                }
+            }
             "background" => match v {
                 Value::Null => {}
                 Value::Bool(b) => background = *b,
@@ -1412,6 +1424,17 @@ mod tests {
     }
 
     #[test]
+    fn hints_without_effect_are_taken() {
+        let r = t(
+            json!({"input": "x", "stream_options": {"include_obfuscation": false},
+                         "prompt_cache_key": "k", "safety_identifier": "u1"}),
+        )
+        .unwrap();
+        let p = api::parse_object(Endpoint::Chat, &r.chat).unwrap();
+        assert_eq!(p.messages.len(), 1);
+    }
+
+    #[test]
     fn a_conversation_is_the_context() {
         let items = vec![json!({"id": "msg_a", "type": "message", "role": "user",
                                 "content": [{"type": "input_text", "text": "Hi"}]})];
@@ -1479,6 +1502,11 @@ mod tests {
             ),
             (json!({"input": "x", "messages": []}), "messages"),
             (json!({"input": "x", "max_tokens": 3}), "max_tokens"),
+            (
+                json!({"input": "x", "stream_options": {"include_usage": true}}),
+                "stream_options.include_usage",
+            ),
+            (json!({"input": "x", "stream_options": 3}), "stream_options"),
             (
                 json!({"input": "x", "tools": [{"type": "web_search"}]}),
                 "tools[0].type",
