@@ -1,9 +1,11 @@
 //! Predicted outputs (OpenAI's `prediction`): the client sends the text it expects most of the
 //! answer to be (the file it asks to edit, say), and the drafts are copied from it. Where the
 //! output follows the prediction, each step drafts the prediction's next tokens; where the
-//! output leaves it (the edit), the request's own drafter proposes, if it has one, until the
-//! output's last tokens are found in the prediction again (nearest to where the output would
-//! be in it had the edit kept the prediction's length).
+//! output leaves it (the edit), it first guesses that one token replaced another (a renamed
+//! identifier, a changed number) and drafts a few tokens from right after it; failing that, the
+//! request's own drafter proposes, if it has one, until the output's last tokens are found in
+//! the prediction again (nearest to where the output would be in it had the edit kept the
+//! prediction's length).
 //!
 //! The prediction is only a draft: the target verifies every token, so with `strict` the output
 //! is what it would have been without one (at T = 0 the same tokens; at T > 0 the same
@@ -19,6 +21,10 @@ use crate::sample::{Rng64, SamplingParams};
 /// prediction, and the shortest that counts (one token re-joins at too many wrong places).
 const MAX_ANCHOR: usize = 8;
 const MIN_ANCHOR: usize = 2;
+
+/// The most tokens drafted on the guess that one token replaced another: a wrong guess costs
+/// their verification.
+const GUESS_K: usize = 4;
 
 /// The name of the proposals copied from the prediction (in statistics and traces).
 pub const NAME: &str = "prediction";
@@ -38,6 +44,8 @@ pub struct Predicted {
     inner: Option<Box<dyn Drafter>>,
     /// Whether the last proposal was copied from the prediction.
     last_copied: bool,
+    /// `at` is a guess (one token replaced another) that no output token has confirmed yet.
+    guessing: bool,
 }
 
 impl Predicted {
@@ -51,6 +59,7 @@ impl Predicted {
             seen: prompt_len,
             inner,
             last_copied: false,
+            guessing: false,
         }
     }
 
@@ -70,6 +79,7 @@ impl Predicted {
         if let Some(p) = self.at {
             let ahead = &self.prediction[p.min(self.prediction.len())..];
             if ahead.starts_with(new) {
+                self.guessing &= new.is_empty();
                 self.at = Some(p + new.len());
                 return;
             }
@@ -77,6 +87,14 @@ impl Predicted {
             let common = ahead.iter().zip(new).take_while(|(a, b)| a == b).count();
             self.left = (p + common, context.len() - new.len() + common - start);
             self.at = None;
+            let guess_failed = std::mem::take(&mut self.guessing) && common == 0;
+            // The output's last token stands where the prediction has another: guess that it
+            // replaced it, and go on right after (not again straight after a wrong guess).
+            if !guess_failed && common + 1 == new.len() && p + common < self.prediction.len() {
+                self.at = Some(p + common + 1);
+                self.guessing = true;
+                return;
+            }
         }
         let output = &context[start..];
         let (left_at, left_out) = self.left;
@@ -113,6 +131,7 @@ impl Drafter for Predicted {
         self.follow(context);
         if let Some(p) = self.at.filter(|&p| p < self.prediction.len()) {
             self.last_copied = true;
+            let k = if self.guessing { k.min(GUESS_K) } else { k };
             let end = (p + k).min(self.prediction.len());
             return Ok(Draft::certain(self.prediction[p..end].to_vec()));
         }
@@ -187,15 +206,20 @@ mod tests {
         assert_eq!(d.last_choice().as_deref(), Some(NAME));
         ctx.extend([1, 2, 3, 4]);
         assert_eq!(propose(&mut d, &ctx, 3), [5, 6, 7]);
-        // The edit: 50 where 5 6 were. Off the prediction, no drafter of its own: nothing.
+        // The edit: 50 where 5 6 were. First guessed as 50 for 5 alone: on after 5.
         ctx.push(50);
-        assert!(propose(&mut d, &ctx, 3).is_empty());
-        assert_eq!(d.last_choice(), None);
+        assert_eq!(
+            propose(&mut d, &ctx, 8),
+            [6, 7, 8, 9],
+            "a guess drafts a few"
+        );
+        // It was not: no second guess; off the prediction, no drafter of its own: nothing.
         ctx.push(7);
         assert!(
             propose(&mut d, &ctx, 3).is_empty(),
             "one token does not re-anchor"
         );
+        assert_eq!(d.last_choice(), None);
         ctx.push(8);
         // "7 8" is in the prediction, past where the output left it: on from there.
         assert_eq!(propose(&mut d, &ctx, 3), [9, 10, 11]);
@@ -205,12 +229,28 @@ mod tests {
     }
 
     #[test]
+    fn one_token_replaced_is_guessed_at_once() {
+        let prediction: Vec<u32> = (1..=12).collect();
+        let mut d = Predicted::new(prediction, 0, None);
+        let mut ctx = vec![1, 2, 3];
+        assert_eq!(propose(&mut d, &ctx, 8), [4, 5, 6, 7, 8, 9, 10, 11]);
+        // 40 where 4 was: drafts go on from 5, a few at first...
+        ctx.push(40);
+        assert_eq!(propose(&mut d, &ctx, 8), [5, 6, 7, 8]);
+        // ...and in full once the output confirms the guess.
+        ctx.extend([5, 6]);
+        assert_eq!(propose(&mut d, &ctx, 8), [7, 8, 9, 10, 11, 12]);
+    }
+
+    #[test]
     fn re_anchors_nearest_to_where_the_output_would_be() {
         // "1 2" occurs twice; leaving in the middle, the later one is nearer.
         let prediction = vec![1, 2, 3, 9, 9, 1, 2, 4, 5];
         let mut d = Predicted::new(prediction, 0, None);
         let mut ctx = vec![1, 2, 3, 9, 9, 7];
-        assert!(propose(&mut d, &ctx, 2).is_empty());
+        // 7 for 1 is guessed first...
+        assert_eq!(propose(&mut d, &ctx, 2), [2, 4]);
+        // ...wrongly: 1 2 follow, found nearest to where the output would be.
         ctx.extend([1, 2]);
         assert_eq!(propose(&mut d, &ctx, 2), [4, 5]);
         // A match behind where the output left is taken too.
