@@ -131,6 +131,40 @@ fn tiny_model_stdout_is_only_the_text() {
     );
 }
 
+/// `--prediction FILE`: the expected text drafts, the output is greedy's, and the stats line
+/// counts the predicted tokens; a file that cannot be read is named.
+#[test]
+fn a_prediction_file_drafts_and_changes_no_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path());
+    let m = model.to_str().unwrap();
+    let want = greedy_text(&model, "the weather", false, 24, true);
+    let file = dir.path().join("prediction.txt");
+    std::fs::write(&file, &want).unwrap();
+    let f = file.to_str().unwrap();
+    let args = [
+        "--model",
+        m,
+        "--prompt",
+        "the weather",
+        "--max-tokens",
+        "24",
+    ];
+    let out = verdict(&[&args[..], &["--ignore-eos", "--stats", "--prediction", f]].concat());
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want);
+    let st = stats(&out);
+    assert!(st["accepted_prediction_tokens"].as_u64() > Some(0), "{st}");
+    assert!(st["drafter_steps"]["prediction"].as_u64() > Some(0), "{st}");
+    assert!(st["steps"].as_u64() < Some(23), "{st}");
+    let missing = dir.path().join("none.txt");
+    fails_naming(
+        verdict(&[&args[..], &["--prediction", missing.to_str().unwrap()]].concat()),
+        "--prediction",
+        &args,
+    );
+}
+
 #[test]
 fn tiny_model_sampling_is_seeded() {
     let dir = tempfile::tempdir().unwrap();

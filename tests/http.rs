@@ -6681,6 +6681,10 @@ fn a_prediction_drafts_the_answer_and_changes_no_text() {
         "{exact}"
     );
     assert!(exact["speculation"]["drafter_steps"]["prediction"].as_u64() > Some(0));
+    assert_eq!(
+        s.metric("verdict_accepted_prediction_tokens_total"),
+        accepted as f64
+    );
     // A prediction with an edit in it, given as text parts: the same text.
     let cut = text.chars().count() / 2;
     let edited: String = text

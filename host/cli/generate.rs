@@ -110,6 +110,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE", group = "constraint")]
     pub grammar: Option<PathBuf>,
 
+    /// Text the output is expected to repeat (OpenAI's predicted outputs), read from FILE: it
+    /// drafts where the output follows it, the --draft drafter elsewhere. The output is the same
+    /// as without it under `strict`.
+    #[arg(long, value_name = "FILE")]
+    pub prediction: Option<PathBuf>,
+
     /// Seed of the sampling RNG (the same seed gives the same text).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
@@ -564,7 +570,18 @@ pub fn run(args: Args) -> Result<()> {
             (Some(m), Some(spec))
         }
     };
-    let speculating = drafter.is_some();
+    let prediction = match &args.prediction {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("--prediction: cannot read {}", p.display()))?;
+            Some(
+                tok.encode(&text, false)
+                    .context("--prediction: tokenizing")?,
+            )
+        }
+        None => None,
+    };
+    let speculating = drafter.is_some() || prediction.is_some();
     let registry = match &args.policy_dir {
         Some(dir) => PolicyRegistry::open(dir, PolicyLimits::default())?,
         None => PolicyRegistry::in_memory(PolicyLimits::default())?,
@@ -641,7 +658,7 @@ pub fn run(args: Args) -> Result<()> {
             },
             grammar,
             cache_salt: None,
-            prediction: None,
+            prediction,
         })
         .map_err(|e| match &e.param {
             Some(p) => anyhow::anyhow!("{p}: {}", e.message),
@@ -725,6 +742,8 @@ pub fn run(args: Args) -> Result<()> {
             "policy": spec.policy,
             "drafter": spec.drafter,
             "drafter_steps": spec.drafter_steps,
+            "accepted_prediction_tokens": spec.prediction.then_some(spec.prediction_accepted),
+            "rejected_prediction_tokens": spec.prediction.then_some(spec.prediction_rejected),
             "grammar_cuts": spec.grammar_cuts,
             "plain_phases": spec.plain_phases,
             "spec_phases": spec.spec_phases,

@@ -261,6 +261,7 @@ struct Seen {
     faults: u64,
     accepted_pos: Vec<u64>,
     drafted_pos: Vec<u64>,
+    prediction: (u64, u64),
 }
 
 fn add_by_position(
@@ -318,6 +319,11 @@ impl Seen {
             &s.drafted_per_position,
             &mut self.drafted_pos,
         );
+        m.accepted_prediction_tokens
+            .inc_by(s.prediction_accepted.saturating_sub(self.prediction.0));
+        m.rejected_prediction_tokens
+            .inc_by(s.prediction_rejected.saturating_sub(self.prediction.1));
+        self.prediction = (s.prediction_accepted, s.prediction_rejected);
         self.steps = s.steps;
         self.drafted = s.drafted;
         self.accepted = s.accepted;

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub accepted_by_position: Family<PolicyPosition, Counter>,
     pub drafted_by_position: Family<PolicyPosition, Counter>,
     pub tokens_per_step: Histogram,
+    /// Tokens drafted from requests' predicted outputs, accepted and rejected.
+    pub accepted_prediction_tokens: Counter,
+    pub rejected_prediction_tokens: Counter,
     pub policy_faults: Family<PolicyLabel, Counter>,
     pub queue_depth: Gauge<i64>,
     /// Positions the prompt cache holds (target and draft model), read at each scrape.
@@ -107,6 +110,8 @@ impl Metrics {
             accepted_by_position: Family::default(),
             drafted_by_position: Family::default(),
             tokens_per_step: Histogram::new(linear_buckets(1.0, 1.0, 17)),
+            accepted_prediction_tokens: Counter::default(),
+            rejected_prediction_tokens: Counter::default(),
             policy_faults: Family::default(),
             queue_depth: Gauge::default(),
             prompt_cache_positions: Gauge::default(),
@@ -183,6 +188,16 @@ impl Metrics {
             "tokens_per_step",
             "Tokens emitted per speculation step",
             m.tokens_per_step.clone(),
+        );
+        r.register(
+            "accepted_prediction_tokens",
+            "Tokens drafted from requests' predicted outputs (OpenAI's prediction) and accepted",
+            m.accepted_prediction_tokens.clone(),
+        );
+        r.register(
+            "rejected_prediction_tokens",
+            "Tokens drafted from requests' predicted outputs and rejected",
+            m.rejected_prediction_tokens.clone(),
         );
         r.register(
             "policy_faults",
