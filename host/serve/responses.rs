@@ -356,15 +356,21 @@ pub fn translate(
 /// message. Errors name the field as `{name}[i]...`.
 pub fn items(name: &str, v: &Value, tag: &str) -> Result<Vec<Value>, ApiError> {
     input_messages(name, v)?;
+    // (What input_messages took: a string or an array of objects.)
     let list = match v {
         Value::String(s) => vec![json!({"type": "message", "role": "user", "content": s})],
         Value::Array(a) => a.clone(),
-        _ => unreachable!("input_messages took only a string or an array"),
+        _ => {
+            return Err(invalid(
+                name,
+                format!("{name} must be a string or an array"),
+            ));
+        }
     };
     let mut out = Vec::with_capacity(list.len());
     for (i, item) in list.into_iter().enumerate() {
         let Value::Object(mut o) = item else {
-            unreachable!("input_messages took only objects")
+            return Err(invalid(format!("{name}[{i}]"), "an item must be an object"));
         };
         let kind = o
             .entry("type")
