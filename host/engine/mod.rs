@@ -361,7 +361,6 @@ impl Engine {
         // Adaptive k follows measured timings, and k decides which positions are drafted and
         // which sampled by the target: a seeded request keeps a fixed k so that it reproduces.
         let adaptive = req.adaptive.unwrap_or(cfg.adaptive && req.seed.is_none());
-        let mut stats_prediction = false;
         let mut drafter: Option<Box<dyn Drafter>> = match drafter_spec {
             None => None,
             Some(DrafterSpec::Auto) => {
@@ -407,9 +406,9 @@ impl Engine {
         // A prediction drafts where the output follows it, the request's drafter elsewhere.
         let predicted = req.prediction.filter(|p| !p.is_empty());
         let predicted = predicted.filter(|_| !matches!(req.speculation, Speculation::Off));
+        let has_prediction = predicted.is_some();
         if let Some(p) = predicted {
             drafter = Some(Box::new(Predicted::new(p, req.prompt.len(), drafter)));
-            stats_prediction = true;
         }
 
         // The policy is resolved when speculating, and also when a request names one with
@@ -463,7 +462,7 @@ impl Engine {
             req.grammar,
         );
         let mut stats = SpecStats {
-            prediction: stats_prediction,
+            prediction: has_prediction,
             ..SpecStats::default()
         };
         if let Some(d) = &drafter {
