@@ -216,7 +216,37 @@ fn mutated_requests_get_named_errors_never_a_crash() {
     let (t, d) = (target.display().to_string(), draft.display().to_string());
     let log_dir = dir.path().to_path_buf();
     let s = Server::start(&["--model", &t, "--draft", &d], Some(dir), &log_dir);
-    let templates = templates();
+    let mut templates: Vec<(String, Value)> = (templates().into_iter())
+        .map(|(p, b)| (p.to_string(), b))
+        .collect();
+    // Routes under a conversation and a stored completion (made here).
+    let conv = s.post_json("/v1/conversations", &json!({})).json()["id"].clone();
+    let conv = conv.as_str().unwrap();
+    let stored = s.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "store": true}),
+    );
+    let stored = stored.json()["id"].as_str().unwrap().to_string();
+    templates.extend([
+        (
+            format!("/v1/conversations/{conv}/items"),
+            json!({"items": [{"type": "message", "role": "user", "content": "Hi"},
+                             {"type": "function_call_output", "call_id": "c", "output": "1"}]}),
+        ),
+        (
+            format!("/v1/conversations/{conv}"),
+            json!({"metadata": {"k": "v"}}),
+        ),
+        (
+            "/v1/responses".to_string(),
+            json!({"input": [{"role": "user", "content": "Hi"}], "conversation": {"id": conv},
+                   "max_output_tokens": 2}),
+        ),
+        (
+            format!("/v1/chat/completions/{stored}"),
+            json!({"metadata": {"k": "v"}}),
+        ),
+    ]);
     // Each template is valid as it stands.
     for (path, body) in &templates {
         let r = s.post_json(path, body);
