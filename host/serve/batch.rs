@@ -1111,17 +1111,56 @@ pub fn parse_query(
     files: bool,
     decode: impl Fn(&str) -> String,
 ) -> Result<ListQuery, ApiError> {
-    let mut q = ListQuery {
+    let mut purpose = None;
+    let rules = ListRules {
         limit: if files { 10_000 } else { 20 },
+        order: files.then_some(false),
+    };
+    let mut q = parse_list(
+        query,
+        rules,
+        |k, v| {
+            let take = files && k == "purpose";
+            if take {
+                purpose = Some(v);
+            }
+            take
+        },
+        decode,
+    )?;
+    q.purpose = purpose;
+    Ok(q)
+}
+
+/// What a list route's query takes besides `after`.
+#[derive(Debug, Clone, Copy)]
+pub struct ListRules {
+    /// `limit`'s default; it may be up to this or 100, whichever is more.
+    pub limit: usize,
+    /// `Some(ascending by default)` where `order` (`asc`, `desc`) is taken.
+    pub order: Option<bool>,
+}
+
+/// Parses a list route's query string: `limit`, `after`, `order` as `rules` say, and the keys
+/// `extra` takes (it is given each decoded key and value and says whether it took them); any
+/// other key is an error. Errors name the parameter.
+pub fn parse_list(
+    query: Option<&str>,
+    rules: ListRules,
+    mut extra: impl FnMut(&str, String) -> bool,
+    decode: impl Fn(&str) -> String,
+) -> Result<ListQuery, ApiError> {
+    let mut q = ListQuery {
+        limit: rules.limit,
         after: None,
-        ascending: false,
+        ascending: rules.order.unwrap_or(false),
         purpose: None,
     };
-    let max = q.limit.max(100);
+    let max = rules.limit.max(100);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = decode(&v.replace('+', " "));
-        match k {
+        let (k, v) = (decode(k), decode(&v.replace('+', " ")));
+        match k.as_str() {
             "limit" => {
                 q.limit = v
                     .parse()
@@ -1132,7 +1171,7 @@ pub fn parse_query(
                     })?
             }
             "after" => q.after = Some(v),
-            "order" if files => {
+            "order" if rules.order.is_some() => {
                 q.ascending = match v.as_str() {
                     "asc" => true,
                     "desc" => false,
@@ -1144,12 +1183,14 @@ pub fn parse_query(
                     }
                 }
             }
-            "purpose" if files => q.purpose = Some(v),
             other => {
-                return Err(
-                    ApiError::invalid(other, format!("unknown query parameter {other:?}"))
-                        .with_code("unknown_parameter"),
-                );
+                if !extra(other, v) {
+                    return Err(ApiError::invalid(
+                        other,
+                        format!("unknown query parameter {other:?}"),
+                    )
+                    .with_code("unknown_parameter"));
+                }
             }
         }
     }

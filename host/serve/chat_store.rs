@@ -54,34 +54,37 @@ pub fn parse_query(
     filters: bool,
     decode: impl Fn(&str) -> String,
 ) -> Result<Query, ApiError> {
-    let mut rest = Vec::new();
-    let mut q = Query::default();
-    let mut order = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (decode(k), decode(&v.replace('+', " ")));
-        match k.as_str() {
-            "order" => order = Some(v),
-            "model" if filters => q.model = Some(v),
-            k if filters && k.starts_with("metadata[") && k.ends_with(']') => {
-                q.metadata
-                    .push((k["metadata[".len()..k.len() - 1].to_string(), v));
-            }
-            _ => rest.push(pair),
-        }
-    }
-    q.page = batch::parse_query(Some(&rest.join("&")), false, decode)?;
-    q.page.ascending = match order.as_deref() {
-        None | Some("asc") => true,
-        Some("desc") => false,
-        Some(o) => {
-            return Err(ApiError::invalid(
-                "order",
-                format!("order must be \"asc\" or \"desc\", got {o:?}"),
-            ));
-        }
+    let (mut model, mut metadata) = (None, Vec::new());
+    let rules = batch::ListRules {
+        limit: 20,
+        order: Some(true),
     };
-    Ok(q)
+    let page = batch::parse_list(
+        query,
+        rules,
+        |k, v| {
+            if !filters {
+                return false;
+            }
+            if k == "model" {
+                model = Some(v);
+            } else if let Some(key) = k
+                .strip_prefix("metadata[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
+                metadata.push((key.to_string(), v));
+            } else {
+                return false;
+            }
+            true
+        },
+        decode,
+    )?;
+    Ok(Query {
+        page,
+        model,
+        metadata,
+    })
 }
 
 /// The request's messages as the store lists them: each with an `id`

@@ -143,8 +143,8 @@ fn only(body: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
     }
 }
 
-/// `items` of a create request: at most [`ITEMS_PER_CALL`], read as a response's input is;
-/// their missing ids are made from `tag`.
+/// `items` of a request: at most [`ITEMS_PER_CALL`], read as a response's input is; their
+/// missing ids are made from `tag` (distinct ids are checked against what they join).
 fn new_items(v: Option<&Value>, tag: &str, required: bool) -> Result<Vec<Value>, ApiError> {
     let v = match v {
         None | Some(Value::Null) if !required => return Ok(Vec::new()),
@@ -168,9 +168,7 @@ fn new_items(v: Option<&Value>, tag: &str, required: bool) -> Result<Vec<Value>,
             ),
         ));
     }
-    let items = responses::items("items", v, tag)?;
-    responses::distinct_ids("items", &[], &items)?;
-    Ok(items)
+    responses::items("items", v, tag)
 }
 
 /// A list route's query: `limit` (1-100, 20), `order` (`desc` by default), `after`, and
@@ -179,29 +177,16 @@ pub fn parse_query(
     query: Option<&str>,
     decode: impl Fn(&str) -> String,
 ) -> Result<ListQuery, ApiError> {
-    let mut rest = Vec::new();
-    let mut order = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match decode(k).as_str() {
-            "include" | "include[]" => {}
-            "order" => order = Some(decode(&v.replace('+', " "))),
-            _ => rest.push(pair),
-        }
-    }
-    let rest = rest.join("&");
-    let mut q = batch::parse_query(Some(&rest), false, decode)?;
-    q.ascending = match order.as_deref() {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(o) => {
-            return Err(ApiError::invalid(
-                "order",
-                format!("order must be \"asc\" or \"desc\", got {o:?}"),
-            ));
-        }
+    let rules = batch::ListRules {
+        limit: 20,
+        order: Some(false),
     };
-    Ok(q)
+    batch::parse_list(
+        query,
+        rules,
+        |k, _| matches!(k, "include" | "include[]"),
+        decode,
+    )
 }
 
 /// A page of items (ids are their `id`s).
@@ -304,6 +289,7 @@ impl Store {
         let metadata = metadata(body.get("metadata").unwrap_or(&Value::Null))?.unwrap_or_default();
         let tag = format!("{}_", id.trim_start_matches("conv_"));
         let items = new_items(body.get("items"), &tag, false)?;
+        responses::distinct_ids("items", &[], &items)?;
         let bytes = size(&items);
         save(
             self.dir.as_deref(),
